@@ -1,0 +1,10 @@
+/* cuda_stub.c: linked instead of the CUDA part when the package is built without nvcc. */
+#include "../fl_backend.h"
+
+int fl_cuda_compiled(void) { return 0; }
+fl_status fl_cuda_device_count(int *count) { *count = 0; return FL_OK; }
+fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out) {
+    *out = NULL;
+    return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA (no nvcc at install time, or "
+                  "FASTLOAD_CUDA=0); reinstall with nvcc on PATH to use device_map=\"cuda\"");
+}

@@ -1,0 +1,104 @@
+/* fl_backend.h: the interface the model code calls. One table of function pointers per
+ * backend (CPU now, CUDA next). The forward pass (model.c) is written once against it.
+ *
+ * Conventions
+ *  - Pointers named `*_d` live in backend memory (host memory for the CPU backend, device
+ *    memory for CUDA). Every op may be asynchronous on the backend's stream; `sync` waits.
+ *  - Activations are in the backend's activation dtype `act` (FL_F32 on the CPU backend,
+ *    FL_F16/FL_BF16 on CUDA), row-major, one row per token.
+ *  - Ops are at the granularity the fast paths want fused: residual add + RMSNorm, QKV
+ *    projection as one matmul over a concatenated weight, RoPE fused with the KV-cache
+ *    store, gate+up as one matmul followed by SwiGLU. A CUDA graph can capture a decode step
+ *    because no op reads a host value computed by a previous op.
+ *  - Each op returns fl_status; on failure it has called fl_err().
+ */
+#ifndef FL_BACKEND_H
+#define FL_BACKEND_H
+#include "fl_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A weight matrix W of shape [rows, cols] (out_features, in_features), row-major as in
+ * Hugging Face checkpoints. Quantised formats will fill scales/zeros/group_size/bits. */
+typedef struct {
+    fl_dtype dtype;
+    int64_t rows, cols;
+    void *data_d;       /* [rows, cols] for plain dtypes */
+    void *scales_d;     /* quantised formats only (later issues) */
+    void *zeros_d;
+    int group_size, bits;
+} fl_weight;
+
+/* KV cache for a rectangular batch: per layer K and V of [batch, max_len, n_kv_heads, head_dim].
+ * A paged layout (block table) replaces `k_d/v_d` addressing in the continuous-batching issue;
+ * ops reach the cache only through this struct. */
+typedef struct {
+    int n_layers, batch, max_len, n_kv_heads, head_dim;
+    fl_dtype dtype;
+    void **k_d, **v_d;  /* [n_layers] pointers, each [batch, max_len, n_kv_heads, head_dim] */
+} fl_kvcache;
+
+/* Everything attention needs to know about one forward call over a rectangular batch. */
+typedef struct {
+    int batch;               /* B sequences */
+    int n_new;               /* T new tokens per sequence */
+    int start;               /* cache slot of the first new token (same for every sequence) */
+    const int32_t *pos_d;    /* [B*T] rotary positions */
+    const uint8_t *kmask_d;  /* [B*(start+T)] 1 = key slot may be attended (padding); NULL = all */
+} fl_step;
+
+typedef struct fl_backend fl_backend;
+struct fl_backend {
+    const char *name;        /* "cpu", "cuda:0" */
+    fl_dtype act;            /* activation dtype */
+    int n_threads;           /* CPU: OpenMP threads used by ops */
+    void *impl;              /* backend private state (stream, handles, scratch) */
+
+    fl_status (*alloc)(fl_backend *, size_t bytes, void **out_d);
+    void (*free)(fl_backend *, void *p_d);
+    fl_status (*to_backend)(fl_backend *, void *dst_d, const void *src_h, size_t bytes);
+    fl_status (*to_host)(fl_backend *, void *dst_h, const void *src_d, size_t bytes);
+    fl_status (*sync)(fl_backend *);
+    void (*destroy)(fl_backend *);
+
+    /* x[n, d] = emb[tokens[i], :] */
+    fl_status (*embed)(fl_backend *, void *x_d, const int32_t *tokens_d, int n, const fl_weight *emb);
+    /* out = rmsnorm(x) * w                                        x, out: [n, d]; w: [d] (weight dtype) */
+    fl_status (*rmsnorm)(fl_backend *, void *out_d, const void *x_d, const fl_weight *w, int n, float eps);
+    /* resid += delta; out = rmsnorm(resid) * w                     all [n, d] */
+    fl_status (*add_rmsnorm)(fl_backend *, void *out_d, void *resid_d, const void *delta_d,
+                             const fl_weight *w, int n, float eps);
+    /* y[n, W.rows] = x[n, W.cols] @ W^T (+ bias[W.rows] if bias != NULL) */
+    fl_status (*matmul)(fl_backend *, void *y_d, const void *x_d, int n, const fl_weight *W,
+                        const fl_weight *bias);
+    /* qkv[B*T, (nh + 2*nkv) * hd] holds q|k|v per token. Rotate q and k in place (rotate-half
+     * layout, inv_freq[hd/2]) and store k, v into layer `layer` of the cache at slots
+     * start..start+T-1. */
+    fl_status (*rope_store)(fl_backend *, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
+                            int n_heads, const float *inv_freq_d);
+    /* out[B*T, nh*hd] = softmax(q k^T * scale + mask) v over cache slots [0, start+T) with the
+     * causal rule, key padding mask and sliding window (0 = none): key j visible from query
+     * slot i iff j <= i && (window == 0 || i - j < window) && kmask[b, j]. */
+    fl_status (*attention)(fl_backend *, void *out_d, const void *qkv_d, const fl_step *s,
+                           const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
+    /* out[n, f] = silu(gu[n, 0:f]) * gu[n, f:2f] */
+    fl_status (*swiglu)(fl_backend *, void *out_d, const void *gu_d, int n, int f);
+    /* dst[i, :] = src[rows[i], :] for i < n (pick last-token rows before the LM head) */
+    fl_status (*gather_rows)(fl_backend *, void *dst_d, const void *src_d, const int32_t *rows_h,
+                             int n, int d);
+    /* logits (activation dtype) -> float32 on the host, [n, vocab] */
+    fl_status (*logits_to_host)(fl_backend *, float *dst_h, const void *src_d, int n, int vocab);
+};
+
+/* Backends. fl_backend_cpu_create never fails for lack of a device. */
+fl_status fl_backend_cpu_create(int n_threads, fl_backend **out);
+int fl_cuda_compiled(void);                       /* 1 if built with the CUDA part */
+fl_status fl_cuda_device_count(int *count);      /* FL_E_DEVICE with the driver's message */
+fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

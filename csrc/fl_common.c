@@ -1,0 +1,83 @@
+/* fl_common.c: error channel, dtype table, conversions, aligned allocation. */
+#include "fl_common.h"
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static _Thread_local char err_buf[FL_ERR_MAX];
+
+fl_status fl_err(fl_status st, const char *fmt, ...) {
+    va_list ap; va_start(ap, fmt);
+    vsnprintf(err_buf, sizeof err_buf, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
+fl_status fl_err_prefix(fl_status st, const char *fmt, ...) {
+    char pre[FL_ERR_MAX], old[FL_ERR_MAX];
+    va_list ap; va_start(ap, fmt);
+    vsnprintf(pre, sizeof pre, fmt, ap);
+    va_end(ap);
+    memcpy(old, err_buf, sizeof old);
+    snprintf(err_buf, sizeof err_buf, "%s: %s", pre, old);
+    return st;
+}
+
+const char *fl_err_msg(void) { return err_buf; }
+void fl_err_clear(void) { err_buf[0] = 0; }
+
+const fl_dtype_info fl_dtype_table[FL_DTYPE_PLAIN_COUNT] = {
+    [FL_F32] = {"F32", "float32", 4},   [FL_F16] = {"F16", "float16", 2},
+    [FL_BF16] = {"BF16", "bfloat16", 2}, [FL_F64] = {"F64", "float64", 8},
+    [FL_I8] = {"I8", "int8", 1},        [FL_U8] = {"U8", "uint8", 1},
+    [FL_I16] = {"I16", "int16", 2},     [FL_U16] = {"U16", "uint16", 2},
+    [FL_I32] = {"I32", "int32", 4},     [FL_U32] = {"U32", "uint32", 4},
+    [FL_I64] = {"I64", "int64", 8},     [FL_U64] = {"U64", "uint64", 8},
+    [FL_BOOL] = {"BOOL", "bool", 1},
+    [FL_F8_E4M3] = {"F8_E4M3", "float8_e4m3fn", 1}, [FL_F8_E5M2] = {"F8_E5M2", "float8_e5m2", 1},
+};
+
+fl_dtype fl_dtype_from_st_name(const char *s, size_t len) {
+    for (int i = 0; i < FL_DTYPE_PLAIN_COUNT; i++) {
+        const char *n = fl_dtype_table[i].st_name;
+        if (strlen(n) == len && memcmp(n, s, len) == 0) return (fl_dtype)i;
+    }
+    return FL_DTYPE_INVALID;
+}
+
+static inline float load_f(const void *p, fl_dtype t, size_t i) {
+    switch (t) {
+    case FL_F32: return ((const float *)p)[i];
+    case FL_F16: return fl_f16_to_f32(((const uint16_t *)p)[i]);
+    case FL_BF16: return fl_bf16_to_f32(((const uint16_t *)p)[i]);
+    case FL_F64: return (float)((const double *)p)[i];
+    default: return 0.f;
+    }
+}
+
+fl_status fl_convert(void *dst, fl_dtype dt, const void *src, fl_dtype st, size_t n) {
+    int ok_s = st == FL_F32 || st == FL_F16 || st == FL_BF16 || st == FL_F64;
+    int ok_d = dt == FL_F32 || dt == FL_F16 || dt == FL_BF16;
+    if (!ok_s || !ok_d)
+        return fl_err(FL_E_UNSUPPORTED, "cannot convert %s to %s (floating-point tensors only)",
+                      st >= 0 && st < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[st].st_name : "?",
+                      dt >= 0 && dt < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[dt].st_name : "?");
+    if (dt == st) { memcpy(dst, src, n * (size_t)fl_dtype_size(st)); return FL_OK; }
+    switch (dt) {
+    case FL_F32: { float *d = dst; for (size_t i = 0; i < n; i++) d[i] = load_f(src, st, i); break; }
+    case FL_F16: { uint16_t *d = dst; for (size_t i = 0; i < n; i++) d[i] = fl_f32_to_f16(load_f(src, st, i)); break; }
+    case FL_BF16: { uint16_t *d = dst;
+        for (size_t i = 0; i < n; i++) d[i] = fl_f32_to_bf16(load_f(src, st, i)); break; }
+    default: break;
+    }
+    return FL_OK;
+}
+
+void *fl_malloc(size_t n) {
+    void *p = NULL;
+    if (n == 0) n = 64;
+    n = (n + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, n) != 0) return NULL;
+    return p;
+}
+void fl_free(void *p) { free(p); }

@@ -1,0 +1,130 @@
+/* fl_common.h: status codes, the error channel, dtypes and half-precision helpers.
+ *
+ * Every function of the core that can fail returns fl_status. On failure it has written a
+ * message with fl_err() (thread-local, so reader threads and OpenMP workers can report), and
+ * the binding turns (status, message) into a Python exception. Nothing in the core calls
+ * exit(), abort() or assert(): a library never ends the process (STYLE.md, habit 2). */
+#ifndef FL_COMMON_H
+#define FL_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    FL_OK = 0,
+    FL_E_IO,        /* open/read/mmap failed: OSError */
+    FL_E_FORMAT,    /* a file's contents are malformed: fastload.CheckpointError */
+    FL_E_VALUE,     /* a bad argument or config: ValueError */
+    FL_E_NOMEM,     /* allocation failed: MemoryError */
+    FL_E_UNSUPPORTED, /* valid but not supported (dtype, architecture): NotImplementedError */
+    FL_E_DEVICE,    /* CUDA / cuBLAS error: RuntimeError */
+    FL_E_INTERNAL,  /* a bug in fastload: RuntimeError */
+    FL_E_INTERRUPTED, /* a callback asked to stop (KeyboardInterrupt, streamer raised) */
+} fl_status;
+
+#define FL_ERR_MAX 1024
+/* Record a printf-style message for the current thread and return `st`. */
+fl_status fl_err(fl_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* Prefix the current message ("context: message"), e.g. with a file or tensor name. */
+fl_status fl_err_prefix(fl_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+const char *fl_err_msg(void);
+void fl_err_clear(void);
+
+/* Propagate a failing status unchanged. */
+#define FL_TRY(expr) do { fl_status fl_try_st_ = (expr); if (fl_try_st_ != FL_OK) return fl_try_st_; } while (0)
+
+/* Element types. The first block is the safetensors dtype table; quantised block formats
+ * (the GGUF types and, later, AWQ/GPTQ packings) follow so that weight descriptors can name
+ * them without a second enum. */
+typedef enum {
+    FL_F32 = 0, FL_F16, FL_BF16, FL_F64,
+    FL_I8, FL_U8, FL_I16, FL_U16, FL_I32, FL_U32, FL_I64, FL_U64, FL_BOOL,
+    FL_F8_E4M3, FL_F8_E5M2,
+    FL_DTYPE_PLAIN_COUNT, /* plain (element-wise) types end here */
+    FL_DTYPE_INVALID = -1,
+} fl_dtype;
+
+typedef struct {
+    const char *st_name;   /* safetensors spelling ("F16") */
+    const char *np_name;   /* numpy/torch-ish spelling ("float16") */
+    int size;              /* bytes per element */
+} fl_dtype_info;
+
+extern const fl_dtype_info fl_dtype_table[FL_DTYPE_PLAIN_COUNT];
+fl_dtype fl_dtype_from_st_name(const char *s, size_t len); /* FL_DTYPE_INVALID if unknown */
+static inline int fl_dtype_size(fl_dtype t) { return (t >= 0 && t < FL_DTYPE_PLAIN_COUNT) ? fl_dtype_table[t].size : 0; }
+
+/* ---- half-precision scalars (bit-exact, round-to-nearest-even) ---- */
+static inline float fl_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t fl_f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float fl_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) u = sign;
+        else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400u)) { man <<= 1; exp--; }
+            u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) u = sign | 0x7f800000u | (man << 13);
+    else u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t fl_f32_to_f16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          /* overflow -> inf */
+    if (a < 0x38800000u) {                                              /* subnormal or zero */
+        if (a < 0x33000000u) return (uint16_t)sign;
+        uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;
+        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t r = a + 0xc8000fffu + ((a >> 13) & 1u); /* rebias exponent, round to nearest even */
+    return (uint16_t)(sign | (r >> 13));
+}
+
+/* Convert n elements between float types (f32/f16/bf16); other pairs: FL_E_UNSUPPORTED. */
+fl_status fl_convert(void *dst, fl_dtype dt, const void *src, fl_dtype st, size_t n);
+
+/* Checked arithmetic for sizes read from files. Return 0 on overflow. */
+static inline int fl_mul_u64(uint64_t a, uint64_t b, uint64_t *out) {
+    if (a && b > UINT64_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+static inline int fl_add_u64(uint64_t a, uint64_t b, uint64_t *out) {
+    if (b > UINT64_MAX - a) return 0;
+    *out = a + b;
+    return 1;
+}
+
+void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
+void fl_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

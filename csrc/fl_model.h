@@ -1,0 +1,161 @@
+/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 family) as data.
+ *
+ * Architectures differ only through fl_config (filled by the Python architecture table,
+ * fastload/arch.py) and through the tensor-name table that decides which checkpoint tensor
+ * goes to which slot. The forward pass and the generation loop are written once. */
+#ifndef FL_MODEL_H
+#define FL_MODEL_H
+#include "fl_backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FL_MAX_LAYERS 1024
+
+typedef enum { FL_ROPE_DEFAULT = 0, FL_ROPE_LINEAR, FL_ROPE_LLAMA3 } fl_rope_type;
+
+typedef struct {
+    int vocab;               /* vocab_size */
+    int d;                   /* hidden_size */
+    int n_layers;            /* num_hidden_layers */
+    int n_heads;             /* num_attention_heads */
+    int n_kv_heads;          /* num_key_value_heads (grouped-query attention) */
+    int head_dim;            /* head_dim, or hidden_size / num_attention_heads */
+    int ffn;                 /* intermediate_size */
+    int max_pos;             /* max_position_embeddings */
+    float rms_eps;           /* rms_norm_eps */
+    float rope_theta;        /* rope_theta */
+    int rope_type;           /* fl_rope_type */
+    float rope_factor;       /* linear / llama3: factor */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
+    int rope_orig_max_pos;   /* llama3: original_max_position_embeddings */
+    int qkv_bias;            /* Qwen2: q/k/v projections have biases */
+    int tie_embeddings;      /* lm_head shares the embedding matrix */
+    int window[FL_MAX_LAYERS]; /* per-layer sliding window, 0 = full attention */
+} fl_config;
+
+/* Loading slots: which part of the model a checkpoint tensor fills. q/k/v (and gate/up) go
+ * into one concatenated matrix at a row offset, so one matmul serves all three. */
+typedef enum {
+    FL_SLOT_EMBED = 0,   /* [vocab, d] */
+    FL_SLOT_LM_HEAD,     /* [vocab, d] (absent when tied) */
+    FL_SLOT_FINAL_NORM,  /* [d] */
+    FL_SLOT_ATTN_NORM,   /* per layer: [d] */
+    FL_SLOT_Q,           /* [nh*hd, d]   -> wqkv rows [0, nh*hd) */
+    FL_SLOT_K,           /* [nkv*hd, d]  -> wqkv rows [nh*hd, (nh+nkv)*hd) */
+    FL_SLOT_V,           /* [nkv*hd, d]  -> wqkv rows [(nh+nkv)*hd, (nh+2nkv)*hd) */
+    FL_SLOT_Q_BIAS, FL_SLOT_K_BIAS, FL_SLOT_V_BIAS, /* [nh*hd], [nkv*hd], [nkv*hd] -> bqkv */
+    FL_SLOT_O,           /* [d, nh*hd] */
+    FL_SLOT_FFN_NORM,    /* [d] */
+    FL_SLOT_GATE,        /* [ffn, d] -> w_gate_up rows [0, ffn) */
+    FL_SLOT_UP,          /* [ffn, d] -> w_gate_up rows [ffn, 2ffn) */
+    FL_SLOT_DOWN,        /* [d, ffn] */
+    FL_SLOT_COUNT
+} fl_slot;
+extern const char *const fl_slot_names[FL_SLOT_COUNT];
+
+typedef struct {
+    fl_weight attn_norm;  /* [d] */
+    fl_weight wqkv;       /* [(nh + 2*nkv) * hd, d] */
+    fl_weight bqkv;       /* [(nh + 2*nkv) * hd] (rows only; data_d NULL without qkv_bias) */
+    fl_weight wo;         /* [d, nh * hd] */
+    fl_weight ffn_norm;   /* [d] */
+    fl_weight w_gate_up;  /* [2 * ffn, d] */
+    fl_weight w_down;     /* [d, ffn] */
+} fl_layer;
+
+typedef struct {
+    fl_weight embed;      /* [vocab, d] */
+    fl_weight final_norm; /* [d] */
+    fl_weight lm_head;    /* [vocab, d]; same data as embed when tied */
+    fl_layer *layers;     /* [n_layers] */
+} fl_weights;
+
+/* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
+enum { FL_SRC_PLAIN = 0, FL_SRC_GGML = 1 };
+typedef struct {
+    const char *file;     /* for messages */
+    const char *name;     /* tensor name, for messages */
+    const void *data;     /* mapped bytes */
+    uint64_t nbytes;
+    int kind;             /* FL_SRC_PLAIN: type is fl_dtype; FL_SRC_GGML: type is a ggml type id */
+    int type;
+    int ndim;
+    int64_t shape[4];     /* outermost first, as Hugging Face writes it: [rows, cols] */
+} fl_src_tensor;
+
+typedef struct {
+    int slot, layer;      /* fl_slot; layer index (ignored for global slots) */
+    int unpermute_heads;  /* GGUF q/k: undo llama.cpp's rotary row permutation for this many heads */
+    fl_src_tensor src;
+} fl_load_item;
+
+typedef struct {
+    double seconds;
+    uint64_t bytes_read;   /* checkpoint bytes consumed */
+    uint64_t bytes_weights;/* bytes of weights in backend memory */
+    int threads;
+} fl_load_stats;
+
+/* Progress: called from the loading thread with bytes done / total; returns nonzero to abort. */
+typedef int (*fl_progress_fn)(void *ud, uint64_t done, uint64_t total);
+
+typedef struct fl_model {
+    fl_config cfg;
+    fl_dtype wdtype;       /* weight dtype in backend memory */
+    fl_backend *be;
+    void *arena_d;         /* one allocation holds every weight */
+    size_t arena_bytes;
+    fl_weights w;
+    float *inv_freq_d;     /* [head_dim / 2] rotary frequencies after scaling */
+    uint8_t *loaded;       /* [FL_SLOT_COUNT * n_layers] which slots were filled */
+    /* workspace, grown on demand to the largest B*T seen */
+    int ws_tokens;
+    void *ws_x, *ws_xn, *ws_qkv, *ws_att, *ws_delta, *ws_gu, *ws_ff;
+    void *ws_last, *ws_logits;
+    int32_t *ws_tok_d, *ws_pos_d; uint8_t *ws_mask_d;
+    fl_load_stats stats;
+} fl_model;
+
+fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);
+void fl_model_free(fl_model *m);
+/* Convert / dequantise items into the arena (OpenMP over items). Shapes are checked against the
+ * config: a mismatch names the file and tensor. */
+fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud);
+/* After loading: every required slot filled? Names the first missing one. */
+fl_status fl_model_check_complete(const fl_model *m);
+
+fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out);
+void fl_kv_free(fl_model *m, fl_kvcache *kv);
+
+/* One forward step over a rectangular batch. tokens/pos: [B*T] host ints; kmask: [B*(start+T)]
+ * host bytes or NULL. logits_h: [B*T, vocab] (all_logits) or [B, vocab] (last token only). */
+fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
+                     const int32_t *pos, const uint8_t *kmask, int all_logits, float *logits_h);
+
+typedef struct {
+    int max_new_tokens, min_new_tokens;
+    int do_sample;
+    float temperature;       /* <= 0 or 1: no scaling */
+    int top_k;               /* 0: off */
+    float top_p;             /* >= 1: off */
+    float repetition_penalty;/* 1: off */
+    uint64_t seed;
+    const int32_t *eos; int n_eos;
+    int32_t pad_id;
+} fl_gen_params;
+
+/* Streamer: called after each step with the B new tokens (pad for finished rows).
+ * Returns nonzero to stop with FL_E_INTERRUPTED (a Python exception is pending). */
+typedef int (*fl_stream_fn)(void *ud, const int32_t *tokens, int B);
+
+/* ids/mask: [B*T] (mask NULL = all ones; left padding as transformers). out: [B*(T+max_new)],
+ * *n_new: tokens generated per row (the output has T + *n_new columns). */
+fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int B, int T,
+                      const fl_gen_params *p, int32_t *out, int *n_new, fl_stream_fn cb, void *ud);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

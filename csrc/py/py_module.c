@@ -1,0 +1,84 @@
+/* py_module.c: the fastload._C module: exceptions, error translation, build info. */
+#define FL_PY_MAIN
+#include "py_common.h"
+
+PyObject *FlCheckpointError = NULL;
+
+PyObject *fl_py_raise(fl_status st) {
+    const char *msg = fl_err_msg();
+    if (!msg || !*msg) msg = "unknown error";
+    PyObject *exc;
+    switch (st) {
+    case FL_E_IO: exc = PyExc_OSError; break;
+    case FL_E_FORMAT: exc = FlCheckpointError; break;
+    case FL_E_VALUE: exc = PyExc_ValueError; break;
+    case FL_E_NOMEM: exc = PyExc_MemoryError; break;
+    case FL_E_UNSUPPORTED: exc = PyExc_NotImplementedError; break;
+    case FL_E_INTERRUPTED:
+        if (PyErr_Occurred()) return NULL; /* the callback's own exception */
+        exc = PyExc_KeyboardInterrupt; break;
+    default: exc = PyExc_RuntimeError; break;
+    }
+    PyErr_SetString(exc, msg);
+    fl_err_clear();
+    return NULL;
+}
+
+static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    int ndev = 0;
+    PyObject *cuda_err = Py_None;
+    Py_INCREF(Py_None);
+    if (fl_cuda_compiled()) {
+        fl_status st = fl_cuda_device_count(&ndev);
+        if (st != FL_OK) { Py_DECREF(cuda_err); cuda_err = PyUnicode_FromString(fl_err_msg()); fl_err_clear(); ndev = 0; }
+    }
+    int omp = 0;
+#ifdef _OPENMP
+    omp = _OPENMP;
+#endif
+    const char *simd =
+#if defined(__AVX512F__)
+        "avx512f"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        "avx2+fma+f16c"
+#elif defined(__ARM_NEON)
+        "neon"
+#else
+        "generic"
+#endif
+        ;
+    return Py_BuildValue("{s:O,s:i,s:N,s:i,s:s,s:s}",
+                         "cuda_compiled", fl_cuda_compiled() ? Py_True : Py_False,
+                         "cuda_devices", ndev, "cuda_error", cuda_err,
+                         "openmp", omp, "simd", simd, "compiler",
+#if defined(__clang__)
+                         "clang " __clang_version__
+#elif defined(__GNUC__)
+                         "gcc " __VERSION__
+#else
+                         "unknown"
+#endif
+    );
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", py_build_info, METH_NOARGS, "Build and device facts for fastload.info()."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "fastload._C", "fastload C/CUDA core", -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    FlCheckpointError = PyErr_NewExceptionWithDoc("fastload.CheckpointError",
+        "A checkpoint file is malformed (the message names the file and tensor).", PyExc_ValueError, NULL);
+    if (!FlCheckpointError || PyModule_AddObjectRef(m, "CheckpointError", FlCheckpointError) < 0) goto fail;
+    if (fl_py_init_safetensors(m) < 0 || fl_py_init_gguf(m) < 0 || fl_py_init_model(m) < 0) goto fail;
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

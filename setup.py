@@ -1,0 +1,113 @@
+"""Build of fastload's C core (always) and CUDA part (when nvcc is found).
+
+Environment:
+  FASTLOAD_CUDA=auto|0|1     auto (default): build the CUDA part if nvcc is on PATH or in
+                             $CUDA_HOME/bin; 1: require it; 0: CPU only.
+  FASTLOAD_CUDA_ARCHS="75;80;86;89;90"  SM architectures to build (PTX of the last is embedded
+                             too, so newer GPUs JIT-compile it).
+  FASTLOAD_NATIVE=1|0        1 (default): -march=native for the CPU kernels (the package is built
+                             on the machine that runs it, as llama.cpp's GGML_NATIVE); 0: portable.
+  FASTLOAD_DEBUG=1           -O0 -g, for gdb / sanitizers.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import numpy
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "75;80;86;89;90"
+
+
+def env(name, default):
+    return os.environ.get(name, default).strip()
+
+
+def find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+def compiler_accepts(cc, flags):
+    """True if the C compiler accepts `flags` on an empty program (OpenMP, -march=native)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.c")
+        with open(src, "w") as f:
+            f.write("int main(void){return 0;}\n")
+        try:
+            r = subprocess.run([cc, *flags, src, "-o", os.path.join(d, "t")], capture_output=True)
+        except OSError:
+            return False
+        return r.returncode == 0
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        ext = self.extensions[0]
+        cc = self.compiler.compiler_so[0]
+        cflags = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
+                  "-fvisibility=hidden"]
+        cflags += ["-O0", "-g"] if env("FASTLOAD_DEBUG", "0") == "1" else ["-O3"]
+        if env("FASTLOAD_NATIVE", "1") == "1" and compiler_accepts(cc, ["-march=native"]):
+            cflags.append("-march=native")
+        if compiler_accepts(cc, ["-fopenmp"]):
+            cflags.append("-fopenmp")
+            ext.extra_link_args.append("-fopenmp")
+        else:
+            print("fastload: the C compiler has no OpenMP; the CPU backend will use one core", file=sys.stderr)
+        ext.extra_compile_args = cflags
+
+        mode = env("FASTLOAD_CUDA", "auto").lower()
+        nvcc = find_nvcc() if mode != "0" else None
+        if mode == "1" and not nvcc:
+            raise RuntimeError("FASTLOAD_CUDA=1 but nvcc was not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+        if nvcc:
+            self.build_cuda(ext, nvcc)
+        else:
+            ext.sources.append("csrc/cuda/cuda_stub.c")
+            print("fastload: building CPU-only (no nvcc, or FASTLOAD_CUDA=0)", file=sys.stderr)
+        super().build_extensions()
+
+    def build_cuda(self, ext, nvcc):
+        archs = [a.strip() for a in env("FASTLOAD_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";") if a.strip()]
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        objdir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(objdir, exist_ok=True)
+        objs = []
+        for src in sorted(glob.glob("csrc/cuda/*.cu")):
+            obj = os.path.join(objdir, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
+                   "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode]
+            print(" ".join(cmd), file=sys.stderr)
+            subprocess.check_call(cmd)
+            objs.append(obj)
+        ext.extra_objects += objs
+        ext.define_macros.append(("FL_WITH_CUDA", "1"))
+        for libdir in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            p = os.path.join(cuda_root, libdir)
+            if os.path.isdir(p):
+                ext.library_dirs.append(p)
+                ext.runtime_library_dirs.append(p)
+        ext.libraries += ["cudart", "cublas", "cublasLt", "stdc++"]
+
+
+sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/cpu/*.c") + glob.glob("csrc/py/*.c"))
+setup(
+    ext_modules=[Extension("fastload._C", sources=sources, include_dirs=["csrc", numpy.get_include()])],
+    cmdclass={"build_ext": BuildExt},
+)
