@@ -14,12 +14,18 @@ fl_status fl_err(fl_status st, const char *fmt, ...) {
 }
 
 fl_status fl_err_prefix(fl_status st, const char *fmt, ...) {
-    char pre[FL_ERR_MAX], old[FL_ERR_MAX];
-    va_list ap; va_start(ap, fmt);
-    vsnprintf(pre, sizeof pre, fmt, ap);
-    va_end(ap);
+    char old[FL_ERR_MAX];
     memcpy(old, err_buf, sizeof old);
-    snprintf(err_buf, sizeof err_buf, "%s: %s", pre, old);
+    va_list ap; va_start(ap, fmt);
+    int n = vsnprintf(err_buf, sizeof err_buf, fmt, ap);
+    va_end(ap);
+    if (n >= 0 && (size_t)n + 2 < sizeof err_buf) {
+        memcpy(err_buf + n, ": ", 2);
+        size_t room = sizeof err_buf - (size_t)n - 2, len = strlen(old);
+        if (len >= room) len = room - 1;
+        memcpy(err_buf + n + 2, old, len);
+        err_buf[n + 2 + len] = 0;
+    }
     return st;
 }
 
@@ -66,8 +72,7 @@ fl_status fl_convert(void *dst, fl_dtype dt, const void *src, fl_dtype st, size_
     switch (dt) {
     case FL_F32: { float *d = dst; for (size_t i = 0; i < n; i++) d[i] = load_f(src, st, i); break; }
     case FL_F16: { uint16_t *d = dst; for (size_t i = 0; i < n; i++) d[i] = fl_f32_to_f16(load_f(src, st, i)); break; }
-    case FL_BF16: { uint16_t *d = dst;
-        for (size_t i = 0; i < n; i++) d[i] = fl_f32_to_bf16(load_f(src, st, i)); break; }
+    case FL_BF16: { uint16_t *d = dst; for (size_t i = 0; i < n; i++) d[i] = fl_f32_to_bf16(load_f(src, st, i)); break; }
     default: break;
     }
     return FL_OK;

@@ -29,11 +29,18 @@ typedef struct fl_st_file {
     int n;
     fl_st_tensor *t;          /* sorted by begin offset */
     char *metadata;           /* "__metadata__" as a JSON object text, or NULL */
+    int n_meta;               /* "__metadata__" decoded: n_meta (key, value) pairs in file order */
+    char **meta_keys, **meta_vals;
+    int32_t *by_name;         /* tensor indices sorted by name (strcmp), for fl_st_find */
 } fl_st_file;
 
 fl_status fl_st_open(const char *path, fl_st_file **out);   /* errors name the file */
-/* Validate a header held in memory (file_size = total file bytes). Used by fl_st_open and tests. */
+/* Validate a header held in memory (the `len` bytes after the 8-byte length field; data_len =
+ * bytes after the header). Fills f->n, t, metadata, meta_*, by_name (t[i].data stays NULL unless
+ * f->data is set); on failure frees what it allocated and leaves those fields empty. Messages
+ * name the tensor but not the file (fl_st_open prefixes the path). Used by fl_st_open and tests. */
 fl_status fl_st_parse_header(const char *json, uint64_t len, uint64_t data_len, fl_st_file *f);
+/* Free a file from fl_st_open, or a zeroed heap fl_st_file filled by fl_st_parse_header. NULL ok. */
 void fl_st_close(fl_st_file *f);
 int fl_st_find(const fl_st_file *f, const char *name);     /* index or -1 */
 

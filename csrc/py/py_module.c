@@ -19,7 +19,13 @@ PyObject *fl_py_raise(fl_status st) {
         exc = PyExc_KeyboardInterrupt; break;
     default: exc = PyExc_RuntimeError; break;
     }
-    PyErr_SetString(exc, msg);
+    /* Messages carry file paths and tensor names that need not be UTF-8: decode leniently so the
+     * intended exception is raised, not a UnicodeDecodeError. */
+    PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+    if (text) {
+        PyErr_SetObject(exc, text);
+        Py_DECREF(text);
+    }
     fl_err_clear();
     return NULL;
 }
