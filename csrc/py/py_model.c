@@ -1,3 +1,370 @@
-/* py_model.c: placeholder until the model binding lands. */
+/* py_model.c: fastload._C.Model: create from a config dict, load tensors from opened checkpoint
+ * files, forward and generate. The GIL is released during all core work; one lock per model
+ * serialises callers (the workspace and the KV cache are per model). */
 #include "py_common.h"
-int fl_py_init_model(PyObject *m) { (void)m; return 0; }
+#include "pythread.h"
+
+typedef struct {
+    PyObject_HEAD
+    fl_model *m;
+    fl_backend *be;
+    PyThread_type_lock lock;
+} FlPyModel;
+
+static void model_dealloc(FlPyModel *self) {
+    if (self->m) fl_model_free(self->m);
+    if (self->be) self->be->destroy(self->be);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int get_int(PyObject *d, const char *k, int *out, int required, int dflt) {
+    PyObject *v = PyDict_GetItemString(d, k);
+    if (!v || v == Py_None) {
+        if (required) { PyErr_Format(PyExc_KeyError, "model config is missing '%s'", k); return -1; }
+        *out = dflt; return 0;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT32_MIN || x > INT32_MAX) { PyErr_Format(PyExc_ValueError, "model config '%s' = %ld is out of range", k, x); return -1; }
+    *out = (int)x;
+    return 0;
+}
+static int get_float(PyObject *d, const char *k, float *out, float dflt) {
+    PyObject *v = PyDict_GetItemString(d, k);
+    if (!v || v == Py_None) { *out = dflt; return 0; }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+static fl_dtype parse_dtype(const char *s) {
+    if (!strcmp(s, "float32")) return FL_F32;
+    if (!strcmp(s, "float16")) return FL_F16;
+    if (!strcmp(s, "bfloat16")) return FL_BF16;
+    return FL_DTYPE_INVALID;
+}
+
+/* Model(config: dict, dtype: str, device: str, threads: int) */
+static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"config", "dtype", "device", "threads", NULL};
+    PyObject *cfgd;
+    const char *dtype = "float32", *device = "cpu";
+    int threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ssi", kwlist, &PyDict_Type, &cfgd, &dtype, &device, &threads)) return -1;
+    fl_config c;
+    memset(&c, 0, sizeof c);
+    if (get_int(cfgd, "vocab", &c.vocab, 1, 0) || get_int(cfgd, "d", &c.d, 1, 0) ||
+        get_int(cfgd, "n_layers", &c.n_layers, 1, 0) || get_int(cfgd, "n_heads", &c.n_heads, 1, 0) ||
+        get_int(cfgd, "n_kv_heads", &c.n_kv_heads, 1, 0) || get_int(cfgd, "head_dim", &c.head_dim, 1, 0) ||
+        get_int(cfgd, "ffn", &c.ffn, 1, 0) || get_int(cfgd, "max_pos", &c.max_pos, 0, 0) ||
+        get_float(cfgd, "rms_eps", &c.rms_eps, 1e-6f) || get_float(cfgd, "rope_theta", &c.rope_theta, 10000.f) ||
+        get_int(cfgd, "rope_type", &c.rope_type, 0, FL_ROPE_DEFAULT) || get_float(cfgd, "rope_factor", &c.rope_factor, 1.f) ||
+        get_float(cfgd, "rope_low_freq_factor", &c.rope_low_freq_factor, 1.f) ||
+        get_float(cfgd, "rope_high_freq_factor", &c.rope_high_freq_factor, 4.f) ||
+        get_int(cfgd, "rope_orig_max_pos", &c.rope_orig_max_pos, 0, 8192) ||
+        get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
+        return -1;
+    if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(PyExc_ValueError, "num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
+    PyObject *win = PyDict_GetItemString(cfgd, "window");
+    if (win && win != Py_None) {
+        PyObject *seq = PySequence_Fast(win, "model config 'window' must be a sequence of ints");
+        if (!seq) return -1;
+        if (PySequence_Fast_GET_SIZE(seq) != c.n_layers) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "model config 'window' has %zd entries for %d layers", PySequence_Fast_GET_SIZE(seq), c.n_layers);
+            return -1;
+        }
+        for (int l = 0; l < c.n_layers; l++) {
+            long w = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, l));
+            if (w == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
+            c.window[l] = w < 0 ? 0 : (int)w;
+        }
+        Py_DECREF(seq);
+    }
+    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_LLAMA3) { PyErr_SetString(PyExc_ValueError, "unknown rope_type"); return -1; }
+    fl_dtype wd = parse_dtype(dtype);
+    if (wd == FL_DTYPE_INVALID) { PyErr_Format(PyExc_ValueError, "dtype '%s' is not one of float32, float16, bfloat16", dtype); return -1; }
+    fl_status st;
+    if (!strcmp(device, "cpu")) st = fl_backend_cpu_create(threads, &self->be);
+    else if (!strncmp(device, "cuda", 4)) {
+        int dev = 0;
+        if (device[4] == ':') dev = atoi(device + 5);
+        st = fl_backend_cuda_create(dev, wd == FL_F32 ? FL_F16 : wd, &self->be);
+    } else { PyErr_Format(PyExc_ValueError, "device '%s' is not 'cpu' or 'cuda[:N]'", device); return -1; }
+    if (st != FL_OK) { fl_py_raise(st); return -1; }
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_model_create(&c, wd, self->be, &self->m);
+    Py_END_ALLOW_THREADS
+    if (st != FL_OK) { fl_py_raise(st); return -1; }
+    self->lock = PyThread_allocate_lock();
+    if (!self->lock) { PyErr_NoMemory(); return -1; }
+    return 0;
+}
+
+static void lock_model(FlPyModel *self) {
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* Fill `src` from an opened SafetensorsFile or GGUFFile and a tensor name. */
+static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
+    const char *name = PyUnicode_AsUTF8(name_obj);
+    if (!name) return -1;
+    memset(src, 0, sizeof *src);
+    if (PyObject_TypeCheck(file, &FlPySt_Type)) {
+        fl_st_file *f = ((FlPySt *)file)->f;
+        if (!f) { PyErr_SetString(PyExc_ValueError, "safetensors file is closed"); return -1; }
+        int i = fl_st_find(f, name);
+        if (i < 0) { PyErr_Format(PyExc_KeyError, "%s: no tensor '%s'", f->path, name); return -1; }
+        const fl_st_tensor *t = &f->t[i];
+        if (t->ndim > 4) { PyErr_Format(FlCheckpointError, "%s: tensor '%s' has %d dimensions", f->path, name, t->ndim); return -1; }
+        *src = (fl_src_tensor){.file = f->path, .name = t->name, .data = t->data, .nbytes = t->end - t->begin,
+                               .kind = FL_SRC_PLAIN, .type = t->dtype, .ndim = t->ndim};
+        for (int k = 0; k < t->ndim; k++) src->shape[k] = t->shape[k];
+        return 0;
+    }
+    if (PyObject_TypeCheck(file, &FlPyGGUF_Type)) {
+        fl_gguf *g = ((FlPyGGUF *)file)->g;
+        if (!g) { PyErr_SetString(PyExc_ValueError, "GGUF file is closed"); return -1; }
+        int64_t i = fl_gguf_find_tensor(g, name);
+        if (i < 0) { PyErr_Format(PyExc_KeyError, "%s: no tensor '%s'", g->path, name); return -1; }
+        const fl_gguf_tensor *t = &g->tensors[i];
+        *src = (fl_src_tensor){.file = g->path, .name = t->name, .data = t->data, .nbytes = t->nbytes,
+                               .kind = FL_SRC_GGML, .type = t->type, .ndim = t->ndim};
+        for (int k = 0; k < t->ndim; k++) src->shape[k] = t->ne[t->ndim - 1 - k]; /* ggml order -> HF order */
+        return 0;
+    }
+    PyErr_SetString(PyExc_TypeError, "load items need a SafetensorsFile or GGUFFile");
+    return -1;
+}
+
+typedef struct { PyObject *cb; int failed; } progress_ud;
+static int progress_cb(void *ud, uint64_t done, uint64_t total) {
+    progress_ud *p = ud;
+    if (!p->cb || p->failed) return p->failed;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = PyObject_CallFunction(p->cb, "KK", (unsigned long long)done, (unsigned long long)total);
+    if (!r) p->failed = 1;
+    Py_XDECREF(r);
+    if (!p->failed && PyErr_CheckSignals() < 0) p->failed = 1;
+    PyGILState_Release(g);
+    return p->failed;
+}
+
+/* load(items: list[(slot, layer, unpermute_heads, file, name)], progress=None) -> dict */
+static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"items", "progress", NULL};
+    PyObject *items, *progress = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|O", kwlist, &PyList_Type, &items, &progress)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    fl_load_item *arr = PyMem_Calloc((size_t)(n ? n : 1), sizeof *arr);
+    if (!arr) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyList_GET_ITEM(items, i), *file, *name;
+        if (!PyArg_ParseTuple(it, "iiiOU", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name) ||
+            src_from(file, name, &arr[i].src) < 0) { PyMem_Free(arr); return NULL; }
+    }
+    progress_ud ud = {progress == Py_None ? NULL : progress, 0};
+    fl_status st;
+    lock_model(self);
+    PyThreadState *ts = PyEval_SaveThread();
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    st = fl_model_load(self->m, arr, (int)n, progress_cb, &ud);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    PyEval_RestoreThread(ts);
+    PyThread_release_lock(self->lock);
+    PyMem_Free(arr);
+    self->m->stats.seconds += (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+    if (ud.failed) { fl_err_clear(); return NULL; } /* the callback's exception */
+    if (st != FL_OK) return fl_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *model_check_complete(FlPyModel *self, PyObject *noargs) {
+    fl_status st = fl_model_check_complete(self->m);
+    if (st != FL_OK) return fl_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* Contiguous int32 [B, T] view of an array-like; NULL with exception. */
+static PyArrayObject *as_2d(PyObject *o, int typenum, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, typenum, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    if (!a) { PyErr_Clear(); PyErr_Format(PyExc_ValueError, "%s must be a 2-D array of integers [batch, seq_len]", what); }
+    return a;
+}
+
+/* forward(input_ids[B,T], attention_mask=None, position_ids=None) -> float32 logits [B, T, V] */
+static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "attention_mask", "position_ids", NULL};
+    PyObject *ids_o, *mask_o = Py_None, *pos_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO", kwlist, &ids_o, &mask_o, &pos_o)) return NULL;
+    PyArrayObject *ids = as_2d(ids_o, NPY_INT32, "input_ids"), *mask = NULL, *pos = NULL;
+    PyObject *res = NULL;
+    if (!ids) return NULL;
+    const npy_intp B = PyArray_DIM(ids, 0), T = PyArray_DIM(ids, 1);
+    if (B <= 0 || T <= 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty"); goto out; }
+    if (mask_o != Py_None) {
+        if (!(mask = as_2d(mask_o, NPY_UINT8, "attention_mask"))) goto out;
+        if (PyArray_DIM(mask, 0) != B || PyArray_DIM(mask, 1) != T) { PyErr_SetString(PyExc_ValueError, "attention_mask must have the shape of input_ids"); goto out; }
+    }
+    if (pos_o != Py_None) {
+        if (!(pos = as_2d(pos_o, NPY_INT32, "position_ids"))) goto out;
+        if (PyArray_DIM(pos, 0) != B || PyArray_DIM(pos, 1) != T) { PyErr_SetString(PyExc_ValueError, "position_ids must have the shape of input_ids"); goto out; }
+    }
+    const int V = self->m->cfg.vocab;
+    for (npy_intp i = 0; i < B * T; i++) {
+        int32_t t = ((int32_t *)PyArray_DATA(ids))[i];
+        if (t < 0 || t >= V) { PyErr_Format(PyExc_ValueError, "input_ids[%zd][%zd] = %d is outside the vocabulary [0, %d)", (Py_ssize_t)(i / T), (Py_ssize_t)(i % T), t, V); goto out; }
+    }
+    npy_intp dims[3] = {B, T, V};
+    res = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    if (!res) goto out;
+    int32_t *pbuf = PyMem_Malloc((size_t)(B * T) * 4);
+    if (!pbuf) { Py_CLEAR(res); PyErr_NoMemory(); goto out; }
+    for (npy_intp i = 0; i < B * T; i++) pbuf[i] = pos ? ((int32_t *)PyArray_DATA(pos))[i] : (int32_t)(i % T); /* transformers' default: arange */
+    fl_status st;
+    lock_model(self);
+    Py_BEGIN_ALLOW_THREADS
+    fl_kvcache *kv = NULL;
+    st = fl_kv_create(self->m, (int)B, (int)T, &kv);
+    if (st == FL_OK) st = fl_forward(self->m, kv, (int)B, (int)T, 0, PyArray_DATA(ids), pbuf,
+                                     mask ? PyArray_DATA(mask) : NULL, 1, PyArray_DATA((PyArrayObject *)res));
+    fl_kv_free(self->m, kv);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    PyMem_Free(pbuf);
+    if (st != FL_OK) { Py_CLEAR(res); fl_py_raise(st); }
+out:
+    Py_XDECREF(ids); Py_XDECREF(mask); Py_XDECREF(pos);
+    return res;
+}
+
+typedef struct { PyObject *cb; } stream_ud;
+static int stream_cb(void *ud, const int32_t *toks, int B) {
+    stream_ud *s = ud;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int fail = PyErr_CheckSignals() < 0;
+    if (!fail && s->cb) {
+        npy_intp dims[1] = {B};
+        PyObject *arr = PyArray_SimpleNew(1, dims, NPY_INT64);
+        if (!arr) fail = 1;
+        else {
+            for (int b = 0; b < B; b++) ((int64_t *)PyArray_DATA((PyArrayObject *)arr))[b] = toks[b];
+            PyObject *r = PyObject_CallOneArg(s->cb, arr);
+            Py_DECREF(arr);
+            if (!r) fail = 1;
+            Py_XDECREF(r);
+        }
+    }
+    PyGILState_Release(g);
+    return fail;
+}
+
+static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "do_sample",
+                             "temperature", "top_k", "top_p", "repetition_penalty", "seed", "eos_token_ids",
+                             "pad_token_id", "callback", NULL};
+    PyObject *ids_o, *mask_o = Py_None, *eos_o = Py_None, *cb = Py_None;
+    fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f, .pad_id = 0};
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiipfiffKOiO", kwlist, &ids_o, &mask_o, &p.max_new_tokens,
+                                     &p.min_new_tokens, &p.do_sample, &p.temperature, &p.top_k, &p.top_p,
+                                     &p.repetition_penalty, &seed, &eos_o, &p.pad_id, &cb))
+        return NULL;
+    p.seed = seed;
+    PyArrayObject *ids = as_2d(ids_o, NPY_INT32, "input_ids"), *mask = NULL;
+    PyObject *res = NULL;
+    int32_t eos[64];
+    if (!ids) return NULL;
+    const npy_intp B = PyArray_DIM(ids, 0), T = PyArray_DIM(ids, 1);
+    if (mask_o != Py_None) {
+        if (!(mask = as_2d(mask_o, NPY_UINT8, "attention_mask"))) goto out;
+        if (PyArray_DIM(mask, 0) != B || PyArray_DIM(mask, 1) != T) { PyErr_SetString(PyExc_ValueError, "attention_mask must have the shape of input_ids"); goto out; }
+    }
+    if (eos_o != Py_None) {
+        PyObject *seq = PySequence_Fast(eos_o, "eos_token_ids must be a sequence of ints");
+        if (!seq) goto out;
+        Py_ssize_t ne = PySequence_Fast_GET_SIZE(seq);
+        if (ne > 64) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "at most 64 eos token ids"); goto out; }
+        for (Py_ssize_t i = 0; i < ne; i++) {
+            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (v == -1 && PyErr_Occurred()) { Py_DECREF(seq); goto out; }
+            eos[i] = (int32_t)v;
+        }
+        p.n_eos = (int)ne;
+        Py_DECREF(seq);
+    }
+    p.eos = eos;
+    if (p.max_new_tokens < 0) { PyErr_SetString(PyExc_ValueError, "max_new_tokens must be >= 0"); goto out; }
+    const npy_intp total = T + p.max_new_tokens;
+    int32_t *obuf = PyMem_Malloc((size_t)(B * total) * 4 + 4);
+    if (!obuf) { PyErr_NoMemory(); goto out; }
+    stream_ud sud = {cb == Py_None ? NULL : cb};
+    int n_new = 0;
+    fl_status st;
+    lock_model(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_generate(self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, stream_cb, &sud);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st != FL_OK) { PyMem_Free(obuf); fl_py_raise(st); goto out; }
+    npy_intp dims[2] = {B, T + n_new};
+    res = PyArray_SimpleNew(2, dims, NPY_INT64);
+    if (res) {
+        int64_t *o = PyArray_DATA((PyArrayObject *)res);
+        for (npy_intp i = 0; i < B * (T + n_new); i++) o[i] = obuf[i];
+    }
+    PyMem_Free(obuf);
+out:
+    Py_XDECREF(ids); Py_XDECREF(mask);
+    return res;
+}
+
+static PyObject *model_info(FlPyModel *self, void *closure) {
+    fl_model *m = self->m;
+    return Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i}", "device", self->be->name,
+                         "dtype", fl_dtype_table[m->wdtype].np_name, "weight_bytes", (unsigned long long)m->arena_bytes,
+                         "load_seconds", m->stats.seconds, "bytes_read", (unsigned long long)m->stats.bytes_read,
+                         "threads", m->stats.threads, "cpu_threads", self->be->n_threads);
+}
+
+static PyMethodDef model_methods[] = {
+    {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name)."},
+    {"check_complete", (PyCFunction)model_check_complete, METH_NOARGS, "Raise if a required weight was not loaded."},
+    {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS, "Logits for every position."},
+    {"generate", (PyCFunction)(void (*)(void))model_generate, METH_VARARGS | METH_KEYWORDS, "Run the generation loop in C."},
+    {NULL, NULL, 0, NULL},
+};
+static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};
+
+static PyTypeObject FlPyModel_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastload._C.Model",
+    .tp_basicsize = sizeof(FlPyModel),
+    .tp_dealloc = (destructor)model_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A model in backend memory (C core).",
+    .tp_methods = model_methods,
+    .tp_getset = model_getset,
+    .tp_init = (initproc)model_init,
+    .tp_new = PyType_GenericNew,
+};
+
+int fl_py_init_model(PyObject *m) {
+    if (PyType_Ready(&FlPyModel_Type) < 0) return -1;
+    if (PyModule_AddObjectRef(m, "Model", (PyObject *)&FlPyModel_Type) < 0) return -1;
+    PyObject *slots = PyDict_New();
+    if (!slots) return -1;
+    for (int i = 0; i < FL_SLOT_COUNT; i++) {
+        PyObject *v = PyLong_FromLong(i);
+        if (!v || PyDict_SetItemString(slots, fl_slot_names[i], v) < 0) { Py_XDECREF(v); Py_DECREF(slots); return -1; }
+        Py_DECREF(v);
+    }
+    if (PyModule_AddObject(m, "SLOTS", slots) < 0) { Py_DECREF(slots); return -1; }
+    return 0;
+}

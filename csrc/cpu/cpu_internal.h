@@ -1,0 +1,57 @@
+/* cpu_internal.h: helpers shared by the CPU backend's op files. Activations are float32. */
+#ifndef FL_CPU_INTERNAL_H
+#define FL_CPU_INTERNAL_H
+#include "../fl_backend.h"
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* dst[0:n] = (float) src[0:n] for a weight row of dtype t. Loops the compiler vectorises. */
+static inline void cpu_row_to_f32(float *restrict dst, const void *restrict src, fl_dtype t, int64_t n) {
+    switch (t) {
+    case FL_F32: memcpy(dst, src, (size_t)n * 4); break;
+    case FL_BF16: {
+        const uint16_t *s = (const uint16_t *)src;
+        uint32_t *d = (uint32_t *)dst;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+        break;
+    }
+    case FL_F16: {
+        const uint16_t *s = (const uint16_t *)src;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+#elif defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#endif
+        for (; i < n; i++) dst[i] = fl_f16_to_f32(s[i]);
+        break;
+    }
+    default: break;
+    }
+}
+
+static inline float cpu_elem_f32(const void *p, fl_dtype t, int64_t i) {
+    switch (t) {
+    case FL_F32: return ((const float *)p)[i];
+    case FL_F16: return fl_f16_to_f32(((const uint16_t *)p)[i]);
+    case FL_BF16: return fl_bf16_to_f32(((const uint16_t *)p)[i]);
+    default: return 0.f;
+    }
+}
+
+static inline int cpu_threads(const fl_backend *be) { return be->n_threads > 0 ? be->n_threads : 1; }
+
+fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias);
+fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
+                         int n_heads, const float *inv_freq_d);
+fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
+                        const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
+#endif

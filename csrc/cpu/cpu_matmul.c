@@ -1,0 +1,84 @@
+/* cpu_matmul.c: y[n, R] = x[n, C] @ W[R, C]^T (+ bias) with W in f32/f16/bf16, fp32 accumulation.
+ *
+ * Threads split W by blocks of RB rows, so every weight byte is read from memory once per call
+ * whatever n is (decode is bound by that read). Inside a block, a KC-column tile of RB rows is
+ * widened to float32 in a small per-thread buffer (L1-resident) and dotted against every token
+ * row; the RB-accumulator loop shares each x load across RB rows and vectorises. */
+#include "cpu_internal.h"
+#include <stdlib.h>
+
+#define RB 8
+#define KC 1024
+
+static inline void dot_rb(float *restrict acc, const float *restrict w, const float *restrict x, int kc) {
+    const float *w0 = w, *w1 = w + KC, *w2 = w + 2 * KC, *w3 = w + 3 * KC;
+    const float *w4 = w + 4 * KC, *w5 = w + 5 * KC, *w6 = w + 6 * KC, *w7 = w + 7 * KC;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+    for (int k = 0; k < kc; k++) {
+        const float xv = x[k];
+        a0 += w0[k] * xv; a1 += w1[k] * xv; a2 += w2[k] * xv; a3 += w3[k] * xv;
+        a4 += w4[k] * xv; a5 += w5[k] * xv; a6 += w6[k] * xv; a7 += w7[k] * xv;
+    }
+    acc[0] += a0; acc[1] += a1; acc[2] += a2; acc[3] += a3;
+    acc[4] += a4; acc[5] += a5; acc[6] += a6; acc[7] += a7;
+}
+
+static inline float dot1(const float *restrict w, const float *restrict x, int kc) {
+    float a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int k = 0; k < kc; k++) a += w[k] * x[k];
+    return a;
+}
+
+fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias) {
+    if (W->dtype != FL_F32 && W->dtype != FL_F16 && W->dtype != FL_BF16)
+        return fl_err(FL_E_UNSUPPORTED, "CPU matmul: weight dtype %d not supported", (int)W->dtype);
+    const int64_t R = W->rows, C = W->cols;
+    const size_t esz = (size_t)fl_dtype_size(W->dtype);
+    float *y = (float *)y_d;
+    const float *x = (const float *)x_d;
+    const int nt = cpu_threads(be);
+    const int64_t nblk = (R + RB - 1) / RB;
+    float *wbuf = fl_malloc((size_t)nt * RB * KC * sizeof(float));
+    float *accb = fl_malloc((size_t)nt * (size_t)n * RB * sizeof(float));
+    if (!wbuf || !accb) {
+        fl_free(wbuf); fl_free(accb);
+        return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate scratch for %d rows", n);
+    }
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num();
+#else
+        const int tid = 0;
+#endif
+        float *wb = wbuf + (size_t)tid * RB * KC;
+        float *acc = accb + (size_t)tid * (size_t)n * RB;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t r0 = blk * RB;
+            const int rb = (int)(R - r0 < RB ? R - r0 : RB);
+            memset(acc, 0, (size_t)n * RB * sizeof(float));
+            for (int64_t k0 = 0; k0 < C; k0 += KC) {
+                const int kc = (int)(C - k0 < KC ? C - k0 : KC);
+                for (int r = 0; r < rb; r++)
+                    cpu_row_to_f32(wb + r * KC, (const char *)W->data_d + ((size_t)(r0 + r) * (size_t)C + (size_t)k0) * esz,
+                                   W->dtype, kc);
+                for (int i = 0; i < n; i++) {
+                    const float *xi = x + (int64_t)i * C + k0;
+                    if (rb == RB) dot_rb(acc + (size_t)i * RB, wb, xi, kc);
+                    else
+                        for (int r = 0; r < rb; r++) acc[(size_t)i * RB + r] += dot1(wb + r * KC, xi, kc);
+                }
+            }
+            for (int i = 0; i < n; i++)
+                for (int r = 0; r < rb; r++)
+                    y[(int64_t)i * R + r0 + r] = acc[(size_t)i * RB + r] +
+                        (bias && bias->data_d ? cpu_elem_f32(bias->data_d, bias->dtype, r0 + r) : 0.f);
+        }
+    }
+    fl_free(wbuf);
+    fl_free(accb);
+    return FL_OK;
+}

@@ -1,0 +1,88 @@
+/* generate.c: the generation loop. One call runs prefill and every decode step; the host
+ * language is called back only to stream tokens (and to notice Ctrl-C). Semantics follow
+ * transformers' generate: left padding with attention_mask, position_ids = cumsum(mask) - 1,
+ * finished rows emit pad_token_id, stop when every row has produced an eos id. */
+#include "sampling.h"
+#include <math.h>
+#include <stdlib.h>
+
+fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int B, int T,
+                      const fl_gen_params *p, int32_t *out, int *n_new, fl_stream_fn cb, void *ud) {
+    const int V = m->cfg.vocab, maxn = p->max_new_tokens;
+    *n_new = 0;
+    if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "generate: input_ids must have at least one row and one column");
+    if (maxn < 0) return fl_err(FL_E_VALUE, "generate: max_new_tokens must be >= 0");
+    for (int i = 0; i < B * T; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return fl_err(FL_E_VALUE, "input_ids[%d][%d] = %d is outside the vocabulary [0, %d)", i / T, i % T, (int)ids[i], V);
+    const int total = T + maxn;
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)b * total, ids + (size_t)b * T, (size_t)T * 4);
+    if (maxn == 0) return FL_OK;
+
+    fl_kvcache *kv = NULL;
+    FL_TRY(fl_kv_create(m, B, total, &kv));
+    fl_status st = FL_OK;
+    float *logits = malloc((size_t)B * V * sizeof(float));
+    int32_t *pos = malloc((size_t)B * T * 4), *next = malloc((size_t)B * 4), *npos = malloc((size_t)B * 4);
+    int32_t *idx = malloc((size_t)V * 4);
+    uint8_t *kfull = malloc((size_t)B * total), *kcall = malloc((size_t)B * total), *done = calloc((size_t)B, 1);
+    uint8_t *mark = malloc((size_t)V);
+    fl_rng *rng = malloc((size_t)B * sizeof(fl_rng));
+    if (!logits || !pos || !next || !npos || !idx || !kfull || !kcall || !done || !mark || !rng) {
+        st = fl_err(FL_E_NOMEM, "generate: cannot allocate host buffers");
+        goto out;
+    }
+    int any_pad = 0;
+    for (int b = 0; b < B; b++) {
+        int c = 0;
+        for (int t = 0; t < T; t++) {
+            const uint8_t mv = mask ? mask[(size_t)b * T + t] != 0 : 1;
+            kfull[(size_t)b * total + t] = mv;
+            any_pad |= !mv;
+            c += mv;
+            pos[(size_t)b * T + t] = mv ? c - 1 : 1; /* transformers: cumsum - 1, padding -> 1 */
+        }
+        npos[b] = c; /* position of the next token */
+        for (int t = T; t < total; t++) kfull[(size_t)b * total + t] = 1;
+        fl_rng_seed(&rng[b], p->seed + 0x9e3779b97f4a7c15ull * (uint64_t)b);
+    }
+    /* prefill: the key mask of this call is [B, T] */
+    for (int b = 0; b < B; b++) memcpy(kcall + (size_t)b * T, kfull + (size_t)b * total, (size_t)T);
+    st = fl_forward(m, kv, B, T, 0, ids, pos, any_pad ? kcall : NULL, 0, logits);
+    int steps = 0;
+    for (int s = 0; st == FL_OK && s < maxn; s++) {
+        int alive = 0;
+        for (int b = 0; b < B; b++) {
+            int32_t tok;
+            if (done[b]) tok = p->pad_id;
+            else {
+                float *lg = logits + (size_t)b * V;
+                if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
+                    fl_repetition_penalty(lg, V, out + (size_t)b * total, T + s, p->repetition_penalty, mark);
+                if (s < p->min_new_tokens)
+                    for (int e = 0; e < p->n_eos; e++) if (p->eos[e] >= 0 && p->eos[e] < V) lg[p->eos[e]] = -INFINITY;
+                tok = fl_sample(lg, V, p, &rng[b], idx);
+                for (int e = 0; e < p->n_eos; e++) if (tok == p->eos[e]) done[b] = 1;
+            }
+            out[(size_t)b * total + T + s] = tok;
+            next[b] = tok;
+            alive += !done[b];
+        }
+        steps = s + 1;
+        if (cb && cb(ud, next, B)) { st = fl_err(FL_E_INTERRUPTED, "generation interrupted"); break; }
+        if (!alive || s + 1 == maxn) break;
+        const int start = T + s, L = start + 1;
+        for (int b = 0; b < B; b++) memcpy(kcall + (size_t)b * L, kfull + (size_t)b * total, (size_t)L);
+        st = fl_forward(m, kv, B, 1, start, next, npos, any_pad ? kcall : NULL, 0, logits);
+        for (int b = 0; b < B; b++) npos[b]++;
+    }
+    *n_new = steps;
+    /* compact rows to T + steps columns */
+    if (steps < maxn)
+        for (int b = 1; b < B; b++)
+            memmove(out + (size_t)b * (T + steps), out + (size_t)b * total, (size_t)(T + steps) * 4);
+out:
+    fl_kv_free(m, kv);
+    free(logits); free(pos); free(next); free(npos); free(idx); free(kfull); free(kcall); free(done); free(mark); free(rng);
+    return st;
+}

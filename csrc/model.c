@@ -1,0 +1,424 @@
+/* model.c: weight layout (one arena), loading with shape checks, the forward pass.
+ * The forward is written once against fl_backend; architectures differ by fl_config only. */
+#include "fl_model.h"
+#include "gguf.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+const char *const fl_slot_names[FL_SLOT_COUNT] = {
+    "embed_tokens", "lm_head", "final_norm", "input_layernorm", "q_proj", "k_proj", "v_proj",
+    "q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj", "post_attention_layernorm",
+    "gate_proj", "up_proj", "down_proj",
+};
+
+#define ALIGN 256
+static size_t align_up(size_t x) { return (x + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
+
+static fl_status check_config(const fl_config *c) {
+    if (c->vocab <= 0 || c->d <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
+        c->head_dim <= 0 || c->ffn <= 0)
+        return fl_err(FL_E_VALUE, "config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
+                      "num_key_value_heads, head_dim and intermediate_size must be positive");
+    if (c->n_layers > FL_MAX_LAYERS)
+        return fl_err(FL_E_VALUE, "config: num_hidden_layers=%d exceeds %d", c->n_layers, FL_MAX_LAYERS);
+    if (c->n_heads % c->n_kv_heads)
+        return fl_err(FL_E_VALUE, "config: num_attention_heads=%d is not a multiple of num_key_value_heads=%d",
+                      c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2 || c->head_dim > 1024)
+        return fl_err(FL_E_VALUE, "config: head_dim=%d must be even and at most 1024", c->head_dim);
+    if (!(c->rms_eps > 0) || !(c->rope_theta > 0))
+        return fl_err(FL_E_VALUE, "config: rms_norm_eps and rope_theta must be positive");
+    return FL_OK;
+}
+
+/* inv_freq[i] = 1 / theta^(2i/hd), then the configured scaling; float32 as transformers. */
+static void rope_freqs(const fl_config *c, float *f) {
+    const int half = c->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float e = (float)(2 * i) / (float)c->head_dim;
+        f[i] = 1.0f / powf(c->rope_theta, e);
+    }
+    if (c->rope_type == FL_ROPE_LINEAR) {
+        for (int i = 0; i < half; i++) f[i] /= c->rope_factor;
+    } else if (c->rope_type == FL_ROPE_LLAMA3) {
+        const float factor = c->rope_factor, lo = c->rope_low_freq_factor, hi = c->rope_high_freq_factor;
+        const float old = (float)c->rope_orig_max_pos;
+        const float lo_wl = old / lo, hi_wl = old / hi;
+        for (int i = 0; i < half; i++) {
+            const float wl = 2.0f * (float)M_PI / f[i];
+            float v = wl > lo_wl ? f[i] / factor : f[i];
+            if (!(wl < hi_wl) && !(wl > lo_wl)) {
+                const float sm = (old / wl - lo) / (hi - lo);
+                v = (1 - sm) * v / factor + sm * v;
+            }
+            f[i] = v;
+        }
+    }
+}
+
+typedef struct { fl_weight *w; int64_t rows, cols; } wdesc;
+
+/* Visit every weight with its shape; used for sizing and for pointer assignment. */
+static int list_weights(fl_model *m, wdesc *out) {
+    const fl_config *c = &m->cfg;
+    const int64_t qkv = (int64_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    int n = 0;
+    out[n++] = (wdesc){&m->w.embed, c->vocab, c->d};
+    out[n++] = (wdesc){&m->w.final_norm, c->d, 1};
+    if (!c->tie_embeddings) out[n++] = (wdesc){&m->w.lm_head, c->vocab, c->d};
+    for (int l = 0; l < c->n_layers; l++) {
+        fl_layer *L = &m->w.layers[l];
+        out[n++] = (wdesc){&L->attn_norm, c->d, 1};
+        out[n++] = (wdesc){&L->wqkv, qkv, c->d};
+        if (c->qkv_bias) out[n++] = (wdesc){&L->bqkv, qkv, 1};
+        out[n++] = (wdesc){&L->wo, c->d, (int64_t)c->n_heads * c->head_dim};
+        out[n++] = (wdesc){&L->ffn_norm, c->d, 1};
+        out[n++] = (wdesc){&L->w_gate_up, 2 * (int64_t)c->ffn, c->d};
+        out[n++] = (wdesc){&L->w_down, c->d, c->ffn};
+    }
+    return n;
+}
+
+fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out) {
+    *out = NULL;
+    FL_TRY(check_config(cfg));
+    if (wdtype != FL_F32 && wdtype != FL_F16 && wdtype != FL_BF16)
+        return fl_err(FL_E_VALUE, "weight dtype must be float32, float16 or bfloat16");
+    fl_model *m = calloc(1, sizeof *m);
+    if (!m) return fl_err(FL_E_NOMEM, "cannot allocate the model");
+    m->cfg = *cfg;
+    m->wdtype = wdtype;
+    m->be = be;
+    m->w.layers = calloc((size_t)cfg->n_layers, sizeof(fl_layer));
+    m->loaded = calloc((size_t)FL_SLOT_COUNT * (size_t)cfg->n_layers, 1);
+    wdesc *ws = malloc(sizeof(wdesc) * (size_t)(3 + 8 * cfg->n_layers));
+    fl_status st = FL_OK;
+    if (!m->w.layers || !m->loaded || !ws) { st = fl_err(FL_E_NOMEM, "cannot allocate the model tables"); goto fail; }
+    const int nw = list_weights(m, ws);
+    const int es = fl_dtype_size(wdtype);
+    size_t total = 0;
+    for (int i = 0; i < nw; i++) total += align_up((size_t)ws[i].rows * (size_t)ws[i].cols * (size_t)es);
+    const int half = cfg->head_dim / 2;
+    total += align_up((size_t)half * sizeof(float));
+    st = be->alloc(be, total, &m->arena_d);
+    if (st != FL_OK) { fl_err_prefix(st, "allocating %.2f GiB for the weights on %s", total / 1073741824.0, be->name); goto fail; }
+    m->arena_bytes = total;
+    size_t off = 0;
+    for (int i = 0; i < nw; i++) {
+        *ws[i].w = (fl_weight){.dtype = wdtype, .rows = ws[i].rows, .cols = ws[i].cols,
+                               .data_d = (char *)m->arena_d + off};
+        off += align_up((size_t)ws[i].rows * (size_t)ws[i].cols * (size_t)es);
+    }
+    if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
+    m->inv_freq_d = (float *)((char *)m->arena_d + off);
+    float freqs[512];
+    rope_freqs(cfg, freqs);
+    st = be->to_backend(be, m->inv_freq_d, freqs, (size_t)half * sizeof(float));
+    if (st != FL_OK) goto fail;
+    m->stats.bytes_weights = total;
+    free(ws);
+    *out = m;
+    return FL_OK;
+fail:
+    free(ws);
+    fl_model_free(m);
+    return st;
+}
+
+static void ws_release(fl_model *m) {
+    fl_backend *be = m->be;
+    void **bufs[] = {&m->ws_x, &m->ws_xn, &m->ws_qkv, &m->ws_att, &m->ws_delta, &m->ws_gu, &m->ws_ff,
+                     &m->ws_last, &m->ws_logits, (void **)&m->ws_tok_d, (void **)&m->ws_pos_d, (void **)&m->ws_mask_d};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
+        if (*bufs[i]) be->free(be, *bufs[i]);
+        *bufs[i] = NULL;
+    }
+    m->ws_tokens = 0;
+}
+
+void fl_model_free(fl_model *m) {
+    if (!m) return;
+    if (m->be) {
+        ws_release(m);
+        if (m->arena_d) m->be->free(m->be, m->arena_d);
+    }
+    free(m->w.layers);
+    free(m->loaded);
+    free(m);
+}
+
+/* Where a slot's tensor lands: the weight, its first row, and the shape expected. */
+static fl_status slot_target(fl_model *m, int slot, int layer, fl_weight **w, int64_t *row0, int64_t *rows,
+                             int64_t *cols, int *is_vec) {
+    const fl_config *c = &m->cfg;
+    const int64_t q = (int64_t)c->n_heads * c->head_dim, k = (int64_t)c->n_kv_heads * c->head_dim;
+    *row0 = 0; *is_vec = 0;
+    if (slot >= FL_SLOT_ATTN_NORM && (layer < 0 || layer >= c->n_layers))
+        return fl_err(FL_E_VALUE, "layer %d out of range (model has %d layers)", layer, c->n_layers);
+    fl_layer *L = slot >= FL_SLOT_ATTN_NORM ? &m->w.layers[layer] : NULL;
+    switch (slot) {
+    case FL_SLOT_EMBED: *w = &m->w.embed; *rows = c->vocab; *cols = c->d; break;
+    case FL_SLOT_LM_HEAD:
+        if (c->tie_embeddings) return fl_err(FL_E_VALUE, "lm_head given but the config ties embeddings");
+        *w = &m->w.lm_head; *rows = c->vocab; *cols = c->d; break;
+    case FL_SLOT_FINAL_NORM: *w = &m->w.final_norm; *rows = c->d; *cols = 1; *is_vec = 1; break;
+    case FL_SLOT_ATTN_NORM: *w = &L->attn_norm; *rows = c->d; *cols = 1; *is_vec = 1; break;
+    case FL_SLOT_FFN_NORM: *w = &L->ffn_norm; *rows = c->d; *cols = 1; *is_vec = 1; break;
+    case FL_SLOT_Q: *w = &L->wqkv; *rows = q; *cols = c->d; break;
+    case FL_SLOT_K: *w = &L->wqkv; *row0 = q; *rows = k; *cols = c->d; break;
+    case FL_SLOT_V: *w = &L->wqkv; *row0 = q + k; *rows = k; *cols = c->d; break;
+    case FL_SLOT_Q_BIAS: case FL_SLOT_K_BIAS: case FL_SLOT_V_BIAS:
+        if (!c->qkv_bias) return fl_err(FL_E_VALUE, "a q/k/v bias was given but the architecture has none");
+        *w = &L->bqkv; *is_vec = 1; *cols = 1;
+        *row0 = slot == FL_SLOT_Q_BIAS ? 0 : slot == FL_SLOT_K_BIAS ? q : q + k;
+        *rows = slot == FL_SLOT_Q_BIAS ? q : k;
+        break;
+    case FL_SLOT_O: *w = &L->wo; *rows = c->d; *cols = q; break;
+    case FL_SLOT_GATE: *w = &L->w_gate_up; *rows = c->ffn; *cols = c->d; break;
+    case FL_SLOT_UP: *w = &L->w_gate_up; *row0 = c->ffn; *rows = c->ffn; *cols = c->d; break;
+    case FL_SLOT_DOWN: *w = &L->w_down; *rows = c->d; *cols = c->ffn; break;
+    default: return fl_err(FL_E_VALUE, "unknown weight slot %d", slot);
+    }
+    return FL_OK;
+}
+
+static const char *src_type_name(const fl_src_tensor *s) {
+    if (s->kind == FL_SRC_GGML) return fl_ggml_type_name(s->type);
+    return s->type >= 0 && s->type < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[s->type].st_name : "?";
+}
+
+/* Convert one tensor into its place. Runs on a worker thread: errors go to the caller's buffer. */
+static fl_status load_one(fl_model *m, const fl_load_item *it, char *errbuf) {
+    const fl_src_tensor *s = &it->src;
+    fl_weight *w = NULL; int64_t row0 = 0, rows = 0, cols = 0; int is_vec = 0;
+    fl_status st = slot_target(m, it->slot, it->layer, &w, &row0, &rows, &cols, &is_vec);
+    if (st != FL_OK) goto out;
+    int shape_ok = is_vec ? (s->ndim == 1 && s->shape[0] == rows)
+                          : (s->ndim == 2 && s->shape[0] == rows && s->shape[1] == cols);
+    if (!shape_ok) {
+        char got[96] = "", *p = got;
+        for (int i = 0; i < s->ndim && i < 4; i++) p += snprintf(p, got + sizeof got - p, i ? ", %lld" : "%lld", (long long)s->shape[i]);
+        st = is_vec ? fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld]", got, (long long)rows)
+                    : fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld, %lld]", got,
+                             (long long)rows, (long long)cols);
+        goto out;
+    }
+    const uint64_t n = (uint64_t)rows * (uint64_t)cols;
+    uint64_t need, row_bytes;
+    if (s->kind == FL_SRC_GGML) {
+        need = fl_ggml_nbytes(s->type, n);
+        row_bytes = fl_ggml_nbytes(s->type, (uint64_t)cols);
+        if (!need || !row_bytes) { st = fl_err(FL_E_UNSUPPORTED, "GGML type %s cannot be dequantised in rows of %lld", src_type_name(s), (long long)cols); goto out; }
+    } else {
+        const int es = fl_dtype_size((fl_dtype)s->type);
+        if (s->type != FL_F32 && s->type != FL_F16 && s->type != FL_BF16 && s->type != FL_F64) {
+            st = fl_err(FL_E_UNSUPPORTED, "dtype %s cannot be a weight (floating-point types only)", src_type_name(s));
+            goto out;
+        }
+        need = n * (uint64_t)es; row_bytes = (uint64_t)cols * (uint64_t)es;
+    }
+    if (need != s->nbytes) { st = fl_err(FL_E_FORMAT, "holds %llu bytes, %s[%lld x %lld] needs %llu",
+                                          (unsigned long long)s->nbytes, src_type_name(s), (long long)rows, (long long)cols, (unsigned long long)need); goto out; }
+    const size_t es_dst = (size_t)fl_dtype_size(w->dtype);
+    const int hp = it->unpermute_heads;
+    if (hp > 0 && (rows % hp || (rows / hp) % 2)) { st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp); goto out; }
+    const int64_t hd = hp > 0 ? rows / hp : 0;
+    /* Host staging only for backends whose memory is not host memory. */
+    const int host_direct = strcmp(m->be->name, "cpu") == 0;
+    char *dst_base = (char *)w->data_d + (size_t)row0 * (size_t)cols * es_dst;
+    char *stage = host_direct ? dst_base : fl_malloc((size_t)rows * (size_t)cols * es_dst);
+    if (!stage) { st = fl_err(FL_E_NOMEM, "cannot allocate a staging buffer"); goto out; }
+    for (int64_t r = 0; r < rows && st == FL_OK; r++) {
+        int64_t sr = r;
+        if (hp > 0) { /* HF row h*hd + j*hd/2 + i  <-  GGUF row h*hd + 2i + j */
+            const int64_t h = r / hd, within = r % hd, j = within / (hd / 2), i = within % (hd / 2);
+            sr = h * hd + 2 * i + j;
+        }
+        const void *src = (const char *)s->data + (size_t)sr * row_bytes;
+        void *dst = stage + (size_t)r * (size_t)cols * es_dst;
+        st = s->kind == FL_SRC_GGML ? fl_ggml_dequant(s->type, src, (uint64_t)cols, dst, w->dtype)
+                                    : fl_convert(dst, w->dtype, src, (fl_dtype)s->type, (size_t)cols);
+    }
+    if (st == FL_OK && !host_direct) st = m->be->to_backend(m->be, dst_base, stage, (size_t)rows * (size_t)cols * es_dst);
+    if (!host_direct) fl_free(stage);
+out:
+    if (st != FL_OK) {
+        snprintf(errbuf, FL_ERR_MAX, "%s: tensor '%s' (%s): %s", s->file ? s->file : "?", s->name ? s->name : "?",
+                 it->slot >= 0 && it->slot < FL_SLOT_COUNT ? fl_slot_names[it->slot] : "?", fl_err_msg());
+    } else {
+        m->loaded[(size_t)it->slot * (size_t)m->cfg.n_layers + (it->slot >= FL_SLOT_ATTN_NORM ? it->layer : 0)] = 1;
+    }
+    return st;
+}
+
+fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud) {
+    fl_status first = FL_OK;
+    char errbuf[FL_ERR_MAX] = "";
+    uint64_t total = 0, done = 0;
+    for (int i = 0; i < n; i++) total += items[i].src.nbytes;
+    int stop = 0, nthreads = 1;
+#ifdef _OPENMP
+    nthreads = m->be->n_threads > 0 ? m->be->n_threads : omp_get_max_threads();
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int i = 0; i < n; i++) {
+        int skip;
+#pragma omp atomic read
+        skip = stop;
+        if (skip) continue;
+        char eb[FL_ERR_MAX];
+        fl_status st = load_one(m, &items[i], eb);
+#pragma omp critical(fl_load)
+        {
+            if (st != FL_OK && first == FL_OK) { first = st; memcpy(errbuf, eb, sizeof errbuf); stop = 1; }
+            done += items[i].src.nbytes;
+            if (st == FL_OK && cb && !stop && cb(ud, done, total)) { first = FL_E_INTERRUPTED; snprintf(errbuf, sizeof errbuf, "loading interrupted"); stop = 1; }
+        }
+    }
+    m->stats.bytes_read += done;
+    m->stats.threads = nthreads;
+    if (first != FL_OK) return fl_err(first, "%s", errbuf);
+    return FL_OK;
+}
+
+fl_status fl_model_check_complete(const fl_model *m) {
+    const fl_config *c = &m->cfg;
+    for (int s = 0; s < FL_SLOT_COUNT; s++) {
+        const int global = s < FL_SLOT_ATTN_NORM;
+        if (s == FL_SLOT_LM_HEAD && c->tie_embeddings) continue;
+        if ((s == FL_SLOT_Q_BIAS || s == FL_SLOT_K_BIAS || s == FL_SLOT_V_BIAS) && !c->qkv_bias) continue;
+        for (int l = 0; l < (global ? 1 : c->n_layers); l++)
+            if (!m->loaded[(size_t)s * (size_t)c->n_layers + l]) {
+                if (global) return fl_err(FL_E_FORMAT, "missing tensor for %s", fl_slot_names[s]);
+                return fl_err(FL_E_FORMAT, "missing tensor for layer %d %s", l, fl_slot_names[s]);
+            }
+    }
+    return FL_OK;
+}
+
+fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out) {
+    const fl_config *c = &m->cfg;
+    *out = NULL;
+    if (batch <= 0 || max_len <= 0) return fl_err(FL_E_VALUE, "KV cache: batch and length must be positive");
+    fl_kvcache *kv = calloc(1, sizeof *kv);
+    if (!kv) return fl_err(FL_E_NOMEM, "cannot allocate the KV cache table");
+    *kv = (fl_kvcache){.n_layers = c->n_layers, .batch = batch, .max_len = max_len,
+                       .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .dtype = m->be->act};
+    kv->k_d = calloc((size_t)c->n_layers, sizeof(void *));
+    kv->v_d = calloc((size_t)c->n_layers, sizeof(void *));
+    if (!kv->k_d || !kv->v_d) { fl_kv_free(m, kv); return fl_err(FL_E_NOMEM, "cannot allocate the KV cache table"); }
+    const size_t per = align_up((size_t)batch * (size_t)max_len * (size_t)c->n_kv_heads * (size_t)c->head_dim *
+                                (size_t)fl_dtype_size(kv->dtype));
+    void *base = NULL;
+    fl_status st = m->be->alloc(m->be, per * 2 * (size_t)c->n_layers, &base);
+    if (st != FL_OK) {
+        fl_kv_free(m, kv);
+        return fl_err_prefix(st, "KV cache for batch %d x %d positions (%.2f GiB)", batch, max_len,
+                             per * 2.0 * c->n_layers / 1073741824.0);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        kv->k_d[l] = (char *)base + per * (size_t)(2 * l);
+        kv->v_d[l] = (char *)base + per * (size_t)(2 * l + 1);
+    }
+    *out = kv;
+    return FL_OK;
+}
+
+void fl_kv_free(fl_model *m, fl_kvcache *kv) {
+    if (!kv) return;
+    if (kv->k_d && kv->k_d[0]) m->be->free(m->be, kv->k_d[0]);
+    free(kv->k_d);
+    free(kv->v_d);
+    free(kv);
+}
+
+/* Grow the activation workspace to N tokens (and logits to n_logit rows). */
+static fl_status ws_ensure(fl_model *m, int N, int n_logit) {
+    const fl_config *c = &m->cfg;
+    fl_backend *be = m->be;
+    const size_t a = (size_t)fl_dtype_size(be->act);
+    if (N > m->ws_tokens || n_logit > m->ws_tokens) {
+        int cap = N > n_logit ? N : n_logit;
+        ws_release(m);
+        const size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * (size_t)c->head_dim;
+        struct { void **p; size_t bytes; } want[] = {
+            {&m->ws_x, (size_t)cap * c->d * a}, {&m->ws_xn, (size_t)cap * c->d * a},
+            {&m->ws_qkv, (size_t)cap * qkv * a}, {&m->ws_att, (size_t)cap * c->n_heads * c->head_dim * a},
+            {&m->ws_delta, (size_t)cap * c->d * a}, {&m->ws_gu, (size_t)cap * 2 * c->ffn * a},
+            {&m->ws_ff, (size_t)cap * c->ffn * a}, {&m->ws_last, (size_t)cap * c->d * a},
+            {&m->ws_logits, (size_t)cap * c->vocab * a},
+            {(void **)&m->ws_tok_d, (size_t)cap * 4}, {(void **)&m->ws_pos_d, (size_t)cap * 4},
+        };
+        for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+            fl_status st = be->alloc(be, want[i].bytes, want[i].p);
+            if (st != FL_OK) { ws_release(m); return fl_err_prefix(st, "workspace for %d tokens", cap); }
+        }
+        m->ws_tokens = cap;
+    }
+    return FL_OK;
+}
+
+fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
+                     const int32_t *pos, const uint8_t *kmask, int all_logits, float *logits_h) {
+    const fl_config *c = &m->cfg;
+    fl_backend *be = m->be;
+    if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "forward: empty batch");
+    if (B != kv->batch) return fl_err(FL_E_VALUE, "forward: batch %d but the KV cache holds %d", B, kv->batch);
+    if (start < 0 || start + T > kv->max_len)
+        return fl_err(FL_E_VALUE, "forward: positions [%d, %d) exceed the KV cache length %d", start, start + T, kv->max_len);
+    const int N = B * T, L = start + T;
+    FL_TRY(ws_ensure(m, N, all_logits ? N : B));
+    /* The key mask is per call ([B, L]); it lives in its own buffer sized to this call. */
+    uint8_t *kmask_d = NULL;
+    if (kmask) {
+        FL_TRY(be->alloc(be, (size_t)B * L, (void **)&kmask_d));
+        fl_status st = be->to_backend(be, kmask_d, kmask, (size_t)B * L);
+        if (st != FL_OK) { be->free(be, kmask_d); return st; }
+    }
+    fl_status st = FL_OK;
+#define STEP(call) do { st = (call); if (st != FL_OK) goto done; } while (0)
+    STEP(be->to_backend(be, m->ws_tok_d, tokens, (size_t)N * 4));
+    STEP(be->to_backend(be, m->ws_pos_d, pos, (size_t)N * 4));
+    const fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_d};
+    const float scale = 1.0f / sqrtf((float)c->head_dim);
+
+    STEP(be->embed(be, m->ws_x, m->ws_tok_d, N, &m->w.embed));               /* x: [N, d] */
+    for (int l = 0; l < c->n_layers; l++) {
+        const fl_layer *W = &m->w.layers[l];
+        if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps));
+        else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps));
+        STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
+        STEP(be->rope_store(be, m->ws_qkv, &step, kv, l, c->n_heads, m->inv_freq_d));
+        STEP(be->attention(be, m->ws_att, m->ws_qkv, &step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
+        STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
+        STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps));
+        STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
+        STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn));                /* [N, ffn] */
+        STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
+    }
+    STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &m->w.final_norm, N, c->rms_eps));
+    if (all_logits) {
+        STEP(be->matmul(be, m->ws_logits, m->ws_xn, N, &m->w.lm_head, NULL)); /* [N, vocab] */
+        STEP(be->logits_to_host(be, logits_h, m->ws_logits, N, c->vocab));
+    } else {
+        int32_t rows[4096];
+        const int32_t *rp = rows;
+        int32_t *heap = NULL;
+        if (B > 4096) { heap = malloc((size_t)B * 4); if (!heap) { st = fl_err(FL_E_NOMEM, "rows"); goto done; } rp = heap; }
+        for (int b = 0; b < B; b++) (heap ? heap : rows)[b] = b * T + T - 1;
+        st = be->gather_rows(be, m->ws_last, m->ws_xn, rp, B, c->d);
+        free(heap);
+        if (st != FL_OK) goto done;
+        STEP(be->matmul(be, m->ws_logits, m->ws_last, B, &m->w.lm_head, NULL)); /* [B, vocab] */
+        STEP(be->logits_to_host(be, logits_h, m->ws_logits, B, c->vocab));
+    }
+    STEP(be->sync(be));
+#undef STEP
+done:
+    if (kmask_d) be->free(be, kmask_d);
+    return st;
+}

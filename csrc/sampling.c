@@ -1,0 +1,100 @@
+/* sampling.c: see sampling.h. Runs on the host over float32 logits (CPU backend; the CUDA
+ * backend will sample on the device with the same rules). */
+#include "sampling.h"
+#include <math.h>
+#include <stdlib.h>
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t splitmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+void fl_rng_seed(fl_rng *r, uint64_t seed) { for (int i = 0; i < 4; i++) r->s[i] = splitmix(&seed); }
+static uint64_t next_u64(fl_rng *r) {
+    uint64_t *s = r->s, out = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]; s[2] ^= t; s[3] = rotl(s[3], 45);
+    return out;
+}
+double fl_rng_uniform(fl_rng *r) { return (double)(next_u64(r) >> 11) * 0x1.0p-53; }
+
+void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_seen, float p, uint8_t *mark) {
+    memset(mark, 0, (size_t)vocab);
+    for (int i = 0; i < n_seen; i++) {
+        const int32_t t = seen[i];
+        if (t < 0 || t >= vocab || mark[t]) continue;
+        mark[t] = 1;
+        logits[t] = logits[t] < 0 ? logits[t] * p : logits[t] / p;
+    }
+}
+
+int32_t fl_argmax(const float *x, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i; /* first maximum, as torch.argmax */
+    return best;
+}
+
+static const float *cmp_base;
+static int cmp_desc(const void *a, const void *b) {
+    const float x = cmp_base[*(const int32_t *)a], y = cmp_base[*(const int32_t *)b];
+    if (x != y) return x < y ? 1 : -1;
+    return *(const int32_t *)a - *(const int32_t *)b;
+}
+
+/* Partition idx[0:n] so that its first k entries are the k largest logits (quickselect). */
+static void select_top(const float *x, int32_t *idx, int n, int k) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pv = x[idx[(lo + hi) / 2]];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (x[idx[i]] > pv) i++;
+            while (x[idx[j]] < pv) j--;
+            if (i <= j) { int32_t t = idx[i]; idx[i] = idx[j]; idx[j] = t; i++; j--; }
+        }
+        if (k - 1 <= j) hi = j; else if (k - 1 >= i) lo = i; else break;
+    }
+}
+
+int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx) {
+    if (!p->do_sample) return fl_argmax(x, vocab);
+    if (p->temperature > 0 && p->temperature != 1.0f)
+        for (int i = 0; i < vocab; i++) x[i] /= p->temperature;
+    /* Candidates: everything finite, then the top-k (ties with the k-th are kept, as
+     * transformers' TopKLogitsWarper keeps logits >= the k-th value). */
+    int n = 0;
+    for (int i = 0; i < vocab; i++) if (x[i] > -INFINITY) idx[n++] = i;
+    if (n == 0) return fl_argmax(x, vocab);
+    if (p->top_k > 0 && p->top_k < n) {
+        select_top(x, idx, n, p->top_k);
+        float kth = x[idx[0]];
+        for (int i = 1; i < p->top_k; i++) if (x[idx[i]] < kth) kth = x[idx[i]];
+        int m = 0;
+        for (int i = 0; i < vocab; i++) if (x[i] >= kth && x[i] > -INFINITY) idx[m++] = i;
+        n = m;
+    }
+    cmp_base = x;  /* single-threaded use: generation runs one sampler at a time per model */
+    qsort(idx, (size_t)n, sizeof *idx, cmp_desc);
+    const float mx = x[idx[0]];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
+    if (p->top_p > 0 && p->top_p < 1.0f) {
+        /* Keep the smallest prefix whose probability mass reaches top_p (at least one). */
+        double cum = 0;
+        int keep = n;
+        for (int i = 0; i < n; i++) {
+            cum += exp((double)x[idx[i]] - mx) / sum;
+            if (cum >= p->top_p) { keep = i + 1; break; }
+        }
+        n = keep;
+        sum = 0;
+        for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
+    }
+    double u = fl_rng_uniform(rng) * sum, acc = 0;
+    for (int i = 0; i < n; i++) {
+        acc += exp((double)x[idx[i]] - mx);
+        if (u < acc) return idx[i];
+    }
+    return idx[n - 1];
+}

@@ -1,0 +1,17 @@
+/* sampling.h: next-token choice on the host from float32 logits, in transformers' order:
+ * repetition penalty -> min_new_tokens (eos masked) -> temperature -> top-k -> top-p -> draw. */
+#ifndef FL_SAMPLING_H
+#define FL_SAMPLING_H
+#include "fl_model.h"
+
+typedef struct { uint64_t s[4]; } fl_rng;   /* xoshiro256** */
+void fl_rng_seed(fl_rng *r, uint64_t seed);
+double fl_rng_uniform(fl_rng *r);            /* [0, 1) */
+
+/* Penalise (in place) every token id in seen[0:n_seen] once, as transformers'
+ * RepetitionPenaltyLogitsProcessor: logit < 0 ? logit * p : logit / p. */
+void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_seen, float p, uint8_t *scratch);
+/* Choose a token from logits[vocab] (modified in place). idx: scratch of vocab ints. */
+int32_t fl_sample(float *logits, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx);
+int32_t fl_argmax(const float *logits, int vocab);
+#endif
