@@ -1,0 +1,34 @@
+"""fastload: load Hugging Face language models at the speed of the hardware and generate with a
+C/CUDA core, behind transformers' API.
+
+    import fastload
+    tok = fastload.AutoTokenizer.from_pretrained(path)
+    model = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="float16")
+    out = model.generate(**tok("Hello", return_tensors="np"), max_new_tokens=20)
+"""
+from . import _C
+from .modeling import (AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM, GenerationConfig,
+                       from_pretrained, set_seed)
+from .streamers import TextIteratorStreamer, TextStreamer
+from .tokenizer import AutoTokenizer, BatchEncoding, FastTokenizer
+
+CheckpointError = _C.CheckpointError
+__version__ = "0.1.0"
+
+
+def info() -> dict:
+    """What this build of fastload can do here: version, backends, CPU features, CUDA devices."""
+    b = _C.build_info()
+    out = {"version": __version__, "backends": ["cpu"] + (["cuda"] if b["cuda_compiled"] else []), **b}
+    if not b["cuda_compiled"]:
+        out["cuda"] = "not built (no nvcc at install time, or FASTLOAD_CUDA=0): CPU only"
+    elif b["cuda_devices"] == 0:
+        out["cuda"] = f"built, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
+    else:
+        out["cuda"] = f"built, {b['cuda_devices']} device(s)"
+    return out
+
+
+__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
+           "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
+           "CheckpointError", "info", "set_seed", "__version__"]

@@ -1,0 +1,142 @@
+"""CPU decode speed next to this machine's memory-bandwidth bound, with transformers as the peer.
+
+    python benchmarks/cpu_decode.py [--peer-python /path/to/python-with-torch] [--skip-1b]
+
+For each model: tokens/s of batch-1 greedy decode (prompt of 32 tokens, 128 new tokens, eos off),
+the bytes of weights (+ KV cache) read per token, the bound = read bandwidth / bytes per token, and
+the share of the bound reached. The peer runs in a separate interpreter (fastload itself never
+imports torch). Results go to benchmarks/results/cpu-decode-<date>-<host>.json and a table is printed."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import fastload  # noqa: E402
+from fastload import arch as archmod  # noqa: E402
+
+PEER = r'''
+import json, sys, time, torch, transformers
+path, gguf, dtype, T, N, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+torch.set_num_threads(threads)
+kw = {"gguf_file": gguf} if gguf != "-" else {}
+m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kw).eval()
+V = m.config.vocab_size
+ids = torch.randint(3, V - 1, (1, T), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    m.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    t0 = time.perf_counter()
+    out = m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
+    dt = time.perf_counter() - t0
+print(json.dumps({"tokens_per_s": (out.shape[1] - T) / dt, "torch": torch.__version__, "transformers": transformers.__version__}))
+'''
+
+
+def membw():
+    exe = os.path.join(tempfile.gettempdir(), "fastload_membw")
+    subprocess.check_call(["cc", "-O3", "-march=native", "-fopenmp", os.path.join(HERE, "membw.c"), "-o", exe])
+    return json.loads(subprocess.check_output([exe, str(1 << 30)]))["read_GBps"]
+
+
+def bytes_per_token(model, ctx):
+    c = archmod.core_config(model.config, model.arch, model.name_or_path)
+    esz = {"float16": 2, "bfloat16": 2, "float32": 4}[model.dtype]
+    w = model.get_memory_footprint()
+    if not c["tie_embeddings"]:
+        w -= c["vocab"] * c["d"] * esz  # the embedding table is gathered, not streamed
+    kv = 2 * c["n_layers"] * c["n_kv_heads"] * c["head_dim"] * 4 * ctx  # float32 KV cache on the CPU
+    return w + kv
+
+
+def run_fastload(path, dtype, T, N):
+    t0 = time.perf_counter()
+    model = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype=dtype, progress=False)
+    load_s = time.perf_counter() - t0
+    V = model.config["vocab_size"]
+    ids = np.random.default_rng(0).integers(3, V - 1, size=(1, T))
+    model.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=N, eos_token_id=[])
+    dt = time.perf_counter() - t0
+    # prefill share: time a 1-token generation of the same prompt and subtract it
+    t1 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, eos_token_id=[])
+    prefill = time.perf_counter() - t1
+    n = out.shape[1] - T
+    decode_tps = (n - 1) / max(dt - prefill, 1e-9)
+    return model, {"load_s": load_s, "tokens_per_s_e2e": n / dt, "decode_tokens_per_s": decode_tps,
+                   "prefill_s": prefill, "new_tokens": n}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peer-python", default=None)
+    ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    a = ap.parse_args()
+    T, N = 32, a.new_tokens
+    bw = membw()
+    threads = os.cpu_count()
+    rows = []
+    from fastload.demo import demo_model_path
+    demo = demo_model_path()
+    cases = [("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", demo, "-", "float16"),
+             ("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", demo, "-", "float32")]
+    tmp = None
+    if not a.skip_1b:
+        tmp = tempfile.mkdtemp(prefix="fl_llama1b_")
+        sys.path.insert(0, HERE)
+        from synth import write
+        write(tmp, "llama-1b", "bfloat16")
+        cases.append(("Llama-3.2-1B-shaped (random bf16)", tmp, "-", "bfloat16"))
+    for name, path, _, dtype in cases:
+        model, r = run_fastload(path, dtype, T, N)
+        bpt = bytes_per_token(model, T + N // 2)
+        bound = bw * 1e9 / bpt
+        row = {"model": name, "dtype": dtype, "params": model.num_parameters(), **r, "bytes_per_token": bpt,
+               "bound_tokens_per_s": bound, "share_of_bound": r["decode_tokens_per_s"] / bound}
+        if a.peer_python:
+            d, g = (os.path.dirname(path), os.path.basename(path)) if path.endswith(".gguf") else (path, "-")
+            peer_dtype = "float32" if path.endswith(".gguf") else dtype
+            try:
+                pr = json.loads(subprocess.check_output([a.peer_python, "-c", PEER, d, g, peer_dtype, str(T), str(N), str(threads)],
+                                                        stderr=subprocess.DEVNULL).decode().strip().splitlines()[-1])
+                row["peer"] = {"name": "transformers", "dtype": peer_dtype, **pr}
+            except subprocess.CalledProcessError as e:
+                row["peer"] = {"error": str(e)}
+        rows.append(row)
+        del model
+    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    res = {"date": datetime.date.today().isoformat(), "commit": commit, "host": socket.gethostname(), "cpu": cpu,
+           "cores": threads, "read_bandwidth_GBps": bw, "prompt_tokens": T, "new_tokens": N, "results": rows,
+           "fastload": fastload.info()}
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    out = os.path.join(HERE, "results", f"cpu-decode-{res['date']}.json")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"CPU: {cpu}, {threads} cores, read bandwidth {bw:.1f} GB/s (measured), commit {commit}")
+    print(f"{'model':48s} {'dtype':9s} {'decode tok/s':>12s} {'bound tok/s':>11s} {'share':>6s} {'peer tok/s':>11s}")
+    for r in rows:
+        peer = r.get("peer", {}).get("tokens_per_s")
+        print(f"{r['model']:48s} {r['dtype']:9s} {r['decode_tokens_per_s']:12.2f} {r['bound_tokens_per_s']:11.2f} "
+              f"{r['share_of_bound'] * 100:5.1f}% {('%.2f' % peer) if peer else '-':>11s}")
+    print(f"written {out}")
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

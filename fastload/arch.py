@@ -1,0 +1,218 @@
+"""Architectures as data.
+
+Each supported Hugging Face architecture is one row of ARCHITECTURES: how its config.json maps
+onto the core's numeric config, which checkpoint tensor fills which weight slot (Hugging Face
+names and llama.cpp GGUF names), and the flags that differ (q/k/v biases, sliding window, GGUF's
+rotary row permutation). The C forward pass is the same for all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import _C
+
+SLOT = _C.SLOTS  # slot name -> int, from csrc/fl_model.h
+
+ROPE_TYPES = {"default": 0, "linear": 1, "llama3": 2}
+
+# Hugging Face tensor names: (slot, per-layer?) -> name template
+HF_GLOBAL = {
+    "embed_tokens": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+HF_LAYER = {
+    "input_layernorm": "model.layers.{i}.input_layernorm.weight",
+    "q_proj": "model.layers.{i}.self_attn.q_proj.weight",
+    "k_proj": "model.layers.{i}.self_attn.k_proj.weight",
+    "v_proj": "model.layers.{i}.self_attn.v_proj.weight",
+    "q_proj.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "k_proj.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "o_proj": "model.layers.{i}.self_attn.o_proj.weight",
+    "post_attention_layernorm": "model.layers.{i}.post_attention_layernorm.weight",
+    "gate_proj": "model.layers.{i}.mlp.gate_proj.weight",
+    "up_proj": "model.layers.{i}.mlp.up_proj.weight",
+    "down_proj": "model.layers.{i}.mlp.down_proj.weight",
+}
+GGUF_GLOBAL = {"embed_tokens": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
+GGUF_LAYER = {
+    "input_layernorm": "blk.{i}.attn_norm.weight",
+    "q_proj": "blk.{i}.attn_q.weight", "k_proj": "blk.{i}.attn_k.weight", "v_proj": "blk.{i}.attn_v.weight",
+    "q_proj.bias": "blk.{i}.attn_q.bias", "k_proj.bias": "blk.{i}.attn_k.bias", "v_proj.bias": "blk.{i}.attn_v.bias",
+    "o_proj": "blk.{i}.attn_output.weight",
+    "post_attention_layernorm": "blk.{i}.ffn_norm.weight",
+    "gate_proj": "blk.{i}.ffn_gate.weight", "up_proj": "blk.{i}.ffn_up.weight", "down_proj": "blk.{i}.ffn_down.weight",
+}
+# Checkpoint tensors that carry nothing the model needs (recomputed buffers).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str                    # Hugging Face architecture class
+    model_type: str              # config.json "model_type"
+    gguf_arch: str               # GGUF general.architecture
+    qkv_bias: bool = False       # q/k/v projections carry biases (Qwen2)
+    sliding: str = "none"        # "none" | "all" (Mistral: sliding_window on every layer) | "qwen2"
+    gguf_permute_qk: bool = True # llama.cpp permutes q/k rows for its rotary layout (llama arch)
+    # config fields this architecture understands; anything else that changes results raises.
+    extra_ok: tuple = field(default_factory=tuple)
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama"),
+    "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all"),
+    "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, sliding="qwen2", gguf_permute_qk=False),
+}
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def arch_for(config: dict, where: str) -> Arch:
+    names = config.get("architectures") or []
+    for n in names:
+        if n in ARCHITECTURES:
+            return ARCHITECTURES[n]
+    mt = config.get("model_type")
+    for a in ARCHITECTURES.values():
+        if mt == a.model_type and not names:
+            return a
+    raise NotImplementedError(
+        f"{where}: architecture {names or mt!r} is not supported; supported: {supported()}")
+
+
+def _rope(config: dict, where: str):
+    """(theta, type, factor, low, high, orig_max) from rope_theta/rope_scaling (transformers 4)
+    or rope_parameters (transformers 5)."""
+    params = config.get("rope_parameters")
+    scaling = config.get("rope_scaling")
+    theta = config.get("rope_theta")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        scaling = params
+    if theta is None:
+        theta = 10000.0
+    if not scaling:
+        return float(theta), 0, 1.0, 1.0, 4.0, 8192
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype not in ROPE_TYPES:
+        raise NotImplementedError(
+            f"{where}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if rtype == "default":
+        return float(theta), 0, 1.0, 1.0, 4.0, 8192
+    factor = float(scaling.get("factor", 1.0))
+    if rtype == "linear":
+        return float(theta), 1, factor, 1.0, 4.0, 8192
+    return (float(theta), 2, factor, float(scaling.get("low_freq_factor", 1.0)),
+            float(scaling.get("high_freq_factor", 4.0)),
+            int(scaling.get("original_max_position_embeddings", 8192)))
+
+
+def core_config(config: dict, arch: Arch, where: str) -> dict:
+    """Translate a Hugging Face config.json dict into the core's numeric config.
+    Fields that would change results and are not supported raise with the list of what is."""
+    def need(k):
+        if k not in config or config[k] is None:
+            raise ValueError(f"{where}: config is missing '{k}'")
+        return config[k]
+
+    act = config.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise NotImplementedError(f"{where}: hidden_act={act!r} is not supported; supported: silu")
+    for k in ("attention_bias", "mlp_bias"):
+        if config.get(k):
+            raise NotImplementedError(f"{where}: {k}=true is not supported for {arch.name}")
+    n_layers = int(need("num_hidden_layers"))
+    n_heads = int(need("num_attention_heads"))
+    d = int(need("hidden_size"))
+    head_dim = config.get("head_dim") or d // n_heads
+    theta, rtype, factor, low, high, orig = _rope(config, where)
+
+    window = [0] * n_layers
+    sw = config.get("sliding_window")
+    if arch.sliding == "all" and sw:
+        window = [int(sw)] * n_layers
+    elif arch.sliding == "qwen2" and sw and config.get("use_sliding_window"):
+        types = config.get("layer_types")
+        if types:
+            window = [int(sw) if t == "sliding_attention" else 0 for t in types]
+        else:
+            mwl = int(config.get("max_window_layers", n_layers))
+            window = [int(sw) if i >= mwl else 0 for i in range(n_layers)]
+    elif arch.sliding == "none" and config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
+        raise NotImplementedError(f"{where}: layer_types other than full_attention are not supported for {arch.name}")
+
+    return {
+        "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
+        "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": int(head_dim),
+        "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
+        "rms_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
+        "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
+        "rope_orig_max_pos": orig, "qkv_bias": int(arch.qkv_bias),
+        "tie_embeddings": int(bool(config.get("tie_word_embeddings", False))), "window": window,
+    }
+
+
+def tensor_plan(arch: Arch, cfg: dict, gguf: bool):
+    """[(slot_name, layer, checkpoint tensor name, unpermute_heads)] for every weight the model needs."""
+    g, lay = (GGUF_GLOBAL, GGUF_LAYER) if gguf else (HF_GLOBAL, HF_LAYER)
+    plan = [("embed_tokens", 0, g["embed_tokens"], 0), ("final_norm", 0, g["final_norm"], 0)]
+    if not cfg["tie_embeddings"]:
+        plan.append(("lm_head", 0, g["lm_head"], 0))
+    for i in range(cfg["n_layers"]):
+        for slot, tmpl in lay.items():
+            if slot.endswith(".bias") and not cfg["qkv_bias"]:
+                continue
+            heads = 0
+            if gguf and arch.gguf_permute_qk and slot in ("q_proj", "k_proj"):
+                heads = cfg["n_heads"] if slot == "q_proj" else cfg["n_kv_heads"]
+            plan.append((slot, i, tmpl.format(i=i), heads))
+    return plan
+
+
+def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
+    """(arch, Hugging Face-style config dict) from GGUF metadata."""
+    ga = meta.get("general.architecture")
+    if ga not in GGUF_ARCHS:
+        raise NotImplementedError(f"{where}: GGUF architecture {ga!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
+    arch = ARCHITECTURES[GGUF_ARCHS[ga]]
+
+    def m(k, default=None):
+        v = meta.get(f"{ga}.{k}", default)
+        if v is None:
+            raise ValueError(f"{where}: GGUF metadata is missing '{ga}.{k}'")
+        return v
+
+    d = int(m("embedding_length"))
+    n_heads = int(m("attention.head_count"))
+    vocab = meta.get(f"{ga}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    hf = {
+        "architectures": [arch.name], "model_type": arch.model_type, "vocab_size": int(vocab),
+        "hidden_size": d, "num_hidden_layers": int(m("block_count")), "num_attention_heads": n_heads,
+        "num_key_value_heads": int(m("attention.head_count_kv", n_heads)),
+        "intermediate_size": int(m("feed_forward_length")),
+        "max_position_embeddings": int(m("context_length", 2048)),
+        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(m("rope.freq_base", 10000.0)),
+        "head_dim": int(meta.get(f"{ga}.attention.key_length") or d // n_heads),
+        "tie_word_embeddings": False,  # decided by the presence of output.weight (caller)
+        "hidden_act": "silu",
+    }
+    rs = meta.get(f"{ga}.rope.scaling.type")
+    if rs and rs != "none":
+        if rs != "linear":
+            raise NotImplementedError(f"{where}: GGUF rope scaling {rs!r} is not supported; supported: linear")
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta.get(f"{ga}.rope.scaling.factor", 1.0))}
+    sw = meta.get(f"{ga}.attention.sliding_window")
+    if sw:
+        hf["sliding_window"] = int(sw)
+        arch = ARCHITECTURES["MistralForCausalLM"] if ga == "llama" else arch
+    return arch, hf
+
+
+__all__ = ["Arch", "ARCHITECTURES", "arch_for", "core_config", "tensor_plan", "gguf_config", "supported", "SLOT",
+           "IGNORED_SUFFIXES"]

@@ -1,0 +1,95 @@
+"""Settings from the environment and argument normalisation (dtype, device).
+
+Environment variables (explicit arguments always win):
+  FASTLOAD_DEVICE   default device_map: "cpu", "cuda", "cuda:N" or "auto" (default "auto":
+                    CUDA when built with it and a device is present, else CPU)
+  FASTLOAD_DTYPE    default torch_dtype: "auto", "float16", "bfloat16", "float32"
+  FASTLOAD_MODEL    default model for `python -m fastload` (path, .gguf file or hub id)
+  FASTLOAD_QUANT    weight quantisation ("none"; "int8"/"int4" arrive with the quantisation issue)
+  FASTLOAD_THREADS  CPU threads (default: all cores, as OpenMP)
+  FASTLOAD_CACHE    where the demo model is kept (default ~/.cache/fastload)
+"""
+from __future__ import annotations
+
+import os
+
+from . import _C
+
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "auto": "auto",
+}
+
+
+def env(name: str, default=None):
+    v = os.environ.get(name)
+    return v if v not in (None, "") else default
+
+
+def normalize_dtype(dtype, where="torch_dtype") -> str:
+    """Accept strings, numpy dtypes/types and torch dtypes (without importing torch)."""
+    if dtype is None:
+        dtype = env("FASTLOAD_DTYPE", "auto")
+    if isinstance(dtype, str):
+        key = dtype.lower().replace("torch.", "")
+    elif type(dtype).__module__.startswith("torch"):
+        key = str(dtype).replace("torch.", "")
+    else:
+        try:
+            import numpy as np
+            key = np.dtype(dtype).name
+        except TypeError:
+            key = str(dtype)
+    if key not in _DTYPE_ALIASES:
+        raise ValueError(f"{where}={dtype!r} is not supported; use one of float32, float16, bfloat16 or 'auto'")
+    return _DTYPE_ALIASES[key]
+
+
+def cuda_available() -> bool:
+    info = _C.build_info()
+    return bool(info["cuda_compiled"] and info["cuda_devices"] > 0)
+
+
+def normalize_device(device_map=None, device=None) -> str:
+    """device_map as transformers takes it ("cpu", "cuda", "cuda:1", "auto", 0, {"": 0}) -> "cpu"|"cuda:N"."""
+    d = device_map if device_map is not None else device
+    if d is None:
+        d = env("FASTLOAD_DEVICE", "auto")
+    if isinstance(d, dict):
+        vals = set(d.values())
+        if len(vals) != 1:
+            raise NotImplementedError(f"device_map={d!r}: splitting one model over several devices is not supported yet")
+        d = vals.pop()
+    if type(d).__module__.startswith("torch"):
+        d = str(d)
+    if isinstance(d, int):
+        d = f"cuda:{d}"
+    d = str(d).lower()
+    if d == "auto":
+        return "cuda:0" if cuda_available() else "cpu"
+    if d == "cpu":
+        return "cpu"
+    if d == "cuda":
+        return "cuda:0"
+    if d.startswith("cuda:") and d[5:].isdigit():
+        return d
+    raise ValueError(f"device_map={d!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+
+
+def quant_setting(quant=None) -> str:
+    q = (quant if quant is not None else env("FASTLOAD_QUANT", "none")) or "none"
+    q = str(q).lower()
+    if q not in ("none", "no", "off", "0"):
+        raise NotImplementedError(f"quantisation {q!r} (FASTLOAD_QUANT / load_in_8bit / load_in_4bit) is not "
+                                  "implemented yet; weights load as float16/bfloat16/float32")
+    return "none"
+
+
+def cpu_threads() -> int:
+    v = env("FASTLOAD_THREADS")
+    try:
+        return int(v) if v else 0
+    except ValueError:
+        raise ValueError(f"FASTLOAD_THREADS={v!r} is not an integer") from None

@@ -1,0 +1,565 @@
+"""AutoModelForCausalLM: load a checkpoint into the C core and expose transformers' API.
+
+Python only arranges: it reads config.json / GGUF metadata, decides which checkpoint tensor
+fills which slot (fastload/arch.py), and hands the opened files to the core, which validates,
+converts and places every tensor with the GIL released. forward() and generate() are one call
+into the core each (generate calls back per token only to stream and to notice Ctrl-C).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+
+from . import _C
+from . import arch as archmod
+from . import config as cfgmod
+from .hub import resolve
+
+CheckpointError = _C.CheckpointError
+
+# from_pretrained arguments transformers scripts pass that mean nothing here (accepted, ignored):
+IGNORED_LOAD_ARGS = {
+    "low_cpu_mem_usage": "loading always streams tensors into one preallocated arena",
+    "trust_remote_code": "no remote code is ever run; architectures are built in",
+    "attn_implementation": "fastload always uses its own fused attention",
+    "use_flash_attention_2": "fastload always uses its own fused attention",
+    "use_safetensors": "safetensors is always preferred; pickle checkpoints are refused",
+    "token": "only used for hub downloads through huggingface_hub",
+    "use_auth_token": "only used for hub downloads through huggingface_hub",
+    "force_download": "no downloads besides huggingface_hub's own",
+    "resume_download": "no downloads besides huggingface_hub's own",
+    "proxies": "no downloads besides huggingface_hub's own",
+    "offload_folder": "no offloading: the model lives on one device",
+    "offload_state_dict": "no offloading: the model lives on one device",
+    "max_memory": "the model lives on one device",
+    "_fast_init": "weights are never initialised randomly",
+}
+_global_rng = random.Random()
+
+
+def set_seed(seed: int) -> None:
+    """Seed the generator used for sampling when generate() gets no explicit `seed`."""
+    _global_rng.seed(int(seed))
+
+
+class Config(dict):
+    """config.json as a dict with attribute access (like transformers' PretrainedConfig)."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __setattr__(self, k, v):
+        self[k] = v
+
+    def to_dict(self):
+        return dict(self)
+
+
+class GenerationConfig(Config):
+    DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens=None, do_sample=False,
+                    temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, num_beams=1,
+                    num_return_sequences=1, eos_token_id=None, pad_token_id=None, bos_token_id=None)
+
+    def __init__(self, **kw):
+        super().__init__(self.DEFAULTS)
+        self.update(kw)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        p = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
+        with open(p) as f:
+            return cls(**json.load(f))
+
+
+class CausalLMOutput(dict):
+    """logits (and loss when labels are given), by attribute, key or index, as transformers' output."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __getitem__(self, k):
+        if isinstance(k, int):
+            return list(self.values())[k]
+        return super().__getitem__(k)
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _as_numpy(x, name):
+    if x is None:
+        return None
+    if _is_torch(x):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument's name
+        raise TypeError(f"{name} must be an array of token ids, got {type(x).__name__}") from e
+
+
+def _ids2d(x, name):
+    a = _as_numpy(x, name)
+    if a is None:
+        return None
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, seq_len], got {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer) and not np.issubdtype(a.dtype, np.bool_):
+        raise TypeError(f"{name} must hold integers, got {a.dtype}")
+    return a
+
+
+def _to_user(arr, like_torch):
+    if like_torch:
+        return sys.modules["torch"].from_numpy(np.ascontiguousarray(arr))
+    return arr
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal) and/or a user callback."""
+
+    def __init__(self, what, enabled, callback):
+        self.what, self.callback = what, callback
+        self.enabled = enabled if enabled is not None else sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done, total):
+        if self.callback is not None:
+            self.callback(done, total)
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        rate = done / max(now - self.t0, 1e-9) / 1e9
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\rloading {self.what} [{bar:<30}] {frac * 100:5.1f}% {done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.2f} GB/s")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+GEN_KEYS = set(GenerationConfig.DEFAULTS) | {"seed", "use_cache", "streamer", "synced_gpus", "generation_config",
+                                             "return_dict_in_generate", "output_scores", "output_logits",
+                                             "output_attentions", "output_hidden_states", "tokenizer"}
+
+
+class FastModelForCausalLM:
+    """A causal LM held by the C core. Construct with AutoModelForCausalLM.from_pretrained."""
+
+    def __init__(self, core, config, arch, generation_config, device, dtype, name_or_path, load_stats):
+        self._core = core
+        self.config = config
+        self.arch = arch
+        self.generation_config = generation_config
+        self.device = device
+        self.dtype = dtype
+        self.name_or_path = name_or_path
+        self.load_stats = load_stats
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, device_map=None, device=None,
+                        torch_dtype=None, dtype=None, gguf_file=None, revision=None, cache_dir=None, subfolder="",
+                        local_files_only=False, progress=None, progress_callback=None, threads=None,
+                        quantization_config=None, load_in_8bit=False, load_in_4bit=False, **kwargs):
+        if model_args:
+            raise TypeError("from_pretrained takes the model path and keyword arguments only")
+        for k in list(kwargs):
+            if k in IGNORED_LOAD_ARGS:
+                kwargs.pop(k)
+        if kwargs:
+            raise TypeError(f"from_pretrained: unsupported argument(s) {sorted(kwargs)}; they would change the model "
+                            f"and are not implemented. Accepted and ignored: {sorted(IGNORED_LOAD_ARGS)}")
+        if load_in_8bit or load_in_4bit or quantization_config is not None:
+            cfgmod.quant_setting("int8" if load_in_8bit else "int4" if load_in_4bit else "quantization_config")
+        cfgmod.quant_setting()
+        ref = pretrained_model_name_or_path or cfgmod.env("FASTLOAD_MODEL")
+        if ref is None:
+            raise ValueError("no model given: pass a path, .gguf file or hub id (or set FASTLOAD_MODEL)")
+        t0 = time.perf_counter()
+        path = resolve(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        if dtype is not None and torch_dtype is not None and cfgmod.normalize_dtype(dtype) != cfgmod.normalize_dtype(torch_dtype):
+            raise ValueError("dtype and torch_dtype disagree")
+        want_dtype = cfgmod.normalize_dtype(dtype if dtype is not None else torch_dtype)
+        dev = cfgmod.normalize_device(device_map, device)
+        nthreads = threads if threads is not None else cfgmod.cpu_threads()
+
+        gguf_path = None
+        if os.path.isfile(path) and path.endswith(".gguf"):
+            gguf_path = path
+        elif os.path.isdir(path) and gguf_file:
+            gguf_path = os.path.join(path, gguf_file)
+        elif os.path.isdir(path) and not _has_safetensors(path):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                gguf_path = os.path.join(path, ggufs[0])
+        if gguf_path:
+            model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback)
+        else:
+            model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback)
+        model.name_or_path = str(ref)
+        model.load_stats["total_seconds"] = time.perf_counter() - t0
+        return model
+
+    @staticmethod
+    def _finish(core, items, n_files, what, progress, progress_callback):
+        """Hand every (slot, layer, heads, file, name) to the core, check nothing is missing, report."""
+        core.load(items, progress=_Progress(what, progress, progress_callback))
+        core.check_complete()
+        info = core.info
+        secs = info["load_seconds"]
+        return {"seconds": secs, "bytes": info["bytes_read"], "weight_bytes": info["weight_bytes"],
+                "gb_per_s": info["bytes_read"] / secs / 1e9 if secs > 0 else float("inf"),
+                "threads": info["threads"], "files": n_files, "device": info["device"], "dtype": info["dtype"]}
+
+    @classmethod
+    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json")
+        with open(cfg_path) as f:
+            try:
+                hf = Config(json.load(f))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        arch = archmod.arch_for(hf, cfg_path)
+        core_cfg = archmod.core_config(hf, arch, cfg_path)
+        if want_dtype == "auto":
+            cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+            want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
+
+        # shards
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+            shard_names = sorted(set(weight_map.values()))
+            for s in shard_names:
+                if not os.path.isfile(os.path.join(path, s)):
+                    raise CheckpointError(f"{index_path}: shard '{s}' is listed in weight_map but {os.path.join(path, s)} does not exist")
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            weight_map, shard_names = None, ["model.safetensors"]
+        else:
+            if os.path.isfile(os.path.join(path, "pytorch_model.bin")) or any(
+                    f.startswith("pytorch_model") for f in os.listdir(path)):
+                raise CheckpointError(f"{path}: only pickle (.bin) weights found; fastload reads safetensors and GGUF "
+                                      "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or .gguf file")
+
+        files = {s: _C.SafetensorsFile(os.path.join(path, s)) for s in shard_names}
+        where = {}
+        for s, f in files.items():
+            for k in f.keys():
+                where.setdefault(k, s)
+        if weight_map is not None:
+            for name, s in weight_map.items():
+                if name not in files[s]:
+                    raise CheckpointError(f"{os.path.join(path, s)}: tensor '{name}' is listed in {index_path} but not in the shard")
+                where[name] = s
+        core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads)
+        items, used = [], set()
+        for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=False):
+            if name not in where:
+                if slot == "lm_head" and not core_cfg["tie_embeddings"]:
+                    raise CheckpointError(f"{path}: missing tensor '{name}' (config.json has tie_word_embeddings=false)")
+                raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
+            items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
+            used.add(name)
+        unused = [n for n in where if n not in used and not n.endswith(archmod.IGNORED_SUFFIXES)]
+        if unused:
+            warnings.warn(f"{path}: {len(unused)} checkpoint tensor(s) not used by {arch.name}: {unused[:5]}", stacklevel=3)
+        stats = cls._finish(core, items, len(files), os.path.basename(os.path.normpath(path)), progress, progress_callback)
+        for f in files.values():
+            f.close()
+        gen_path = os.path.join(path, "generation_config.json")
+        gen = GenerationConfig.from_pretrained(gen_path) if os.path.isfile(gen_path) else GenerationConfig()
+        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if gen.get(k) is None and hf.get(k) is not None:
+                gen[k] = hf[k]
+        return cls(core, hf, arch, gen, dev, want_dtype, path, stats)
+
+    @classmethod
+    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback):
+        g = _C.GGUFFile(path)
+        meta = g.metadata
+        arch, hf = archmod.gguf_config(meta, path)
+        tensors = {t[0]: t for t in g.tensors()}
+        hf["tie_word_embeddings"] = "output.weight" not in tensors
+        if "token_embd.weight" in tensors:
+            hf["vocab_size"] = int(tensors["token_embd.weight"][3][0])
+        hf = Config(hf)
+        core_cfg = archmod.core_config(hf, arch, path)
+        if want_dtype == "auto":
+            want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
+        core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads)
+        items = []
+        for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=True):
+            if name not in tensors:
+                raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
+            items.append((archmod.SLOT[slot], layer, heads, g, name))
+        stats = cls._finish(core, items, 1, os.path.basename(path), progress, progress_callback)
+        g.close()
+        gen = GenerationConfig()
+        for k, mk in (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                      ("pad_token_id", "tokenizer.ggml.padding_token_id")):
+            if meta.get(mk) is not None:
+                gen[k] = int(meta[mk])
+        hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
+        return cls(core, hf, arch, gen, dev, want_dtype, path, stats)
+
+    # ------------------------------------------------------------------ inference
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        return self.forward(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None,
+                return_dict=None, **kwargs):
+        """Logits for every position, as transformers' forward (position_ids default to 0..T-1 even with
+        left padding, as there). With `labels`, also the mean next-token cross-entropy (ignore index -100)."""
+        for k in kwargs:
+            if k not in ("output_attentions", "output_hidden_states", "token_type_ids") or kwargs[k]:
+                raise TypeError(f"forward: argument {k!r} is not supported")
+        like_torch = _is_torch(input_ids)
+        ids = _ids2d(input_ids, "input_ids")
+        if ids is None:
+            raise ValueError("forward needs input_ids")
+        mask = _ids2d(attention_mask, "attention_mask")
+        pos = _ids2d(position_ids, "position_ids")
+        logits = self._core.forward(ids, None if mask is None else (mask != 0).astype(np.uint8), pos)
+        out = CausalLMOutput(logits=_to_user(logits, like_torch))
+        if labels is not None:
+            lab = _ids2d(labels, "labels")
+            out = CausalLMOutput(loss=_to_user(np.asarray(_ce_loss(logits, lab)), like_torch), logits=out["logits"])
+        return out
+
+    def _gen_settings(self, generation_config, kwargs):
+        gc = GenerationConfig(**self.generation_config)
+        if generation_config is not None:
+            gc.update(dict(generation_config) if isinstance(generation_config, dict) else
+                      {k: v for k, v in vars(generation_config).items() if not k.startswith("_")})
+        unknown = [k for k in kwargs if k not in GEN_KEYS]
+        if unknown:
+            raise TypeError(f"generate: unsupported argument(s) {unknown}; supported: {sorted(GEN_KEYS)}")
+        gc.update({k: v for k, v in kwargs.items() if v is not None})
+        for k, bad in (("num_beams", lambda v: v != 1), ("return_dict_in_generate", bool), ("output_scores", bool),
+                       ("output_logits", bool), ("output_attentions", bool), ("output_hidden_states", bool)):
+            if gc.get(k) is not None and bad(gc.get(k)):
+                raise NotImplementedError(f"generate: {k}={gc.get(k)!r} is not supported (greedy and sampling only, "
+                                          "token ids returned)")
+        return gc
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, inputs=None, **kwargs):
+        """transformers' generate: greedy or sampling; returns [batch, prompt + new] token ids."""
+        if input_ids is None:
+            input_ids = inputs
+        if input_ids is None:
+            raise ValueError("generate needs input_ids")
+        like_torch = _is_torch(input_ids)
+        ids = _ids2d(input_ids, "input_ids")
+        mask = _ids2d(attention_mask, "attention_mask")
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
+        gc = self._gen_settings(generation_config, kwargs)
+        T = ids.shape[1]
+        max_new = gc.get("max_new_tokens")
+        if max_new is None:
+            max_new = int(gc.get("max_length") or 20) - T
+            if max_new <= 0:
+                raise ValueError(f"input length {T} reaches max_length={gc.get('max_length')}; set max_new_tokens")
+        max_new = int(max_new)
+        if max_new < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        min_new = gc.get("min_new_tokens")
+        if min_new is None:
+            min_new = max(0, int(gc.get("min_length") or 0) - T)
+        eos = gc.get("eos_token_id")
+        eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = gc.get("pad_token_id")
+        if pad is None:
+            pad = eos[0] if eos else 0
+        do_sample = bool(gc.get("do_sample"))
+        temp = float(gc.get("temperature") if gc.get("temperature") is not None else 1.0)
+        if do_sample and temp <= 0:
+            raise ValueError(f"temperature={temp} must be strictly positive when do_sample=True")
+        top_k = int(gc.get("top_k") or 0)
+        top_p = float(gc.get("top_p") if gc.get("top_p") is not None else 1.0)
+        rep = float(gc.get("repetition_penalty") or 1.0)
+        if rep <= 0:
+            raise ValueError(f"repetition_penalty={rep} must be strictly positive")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        nrs = int(gc.get("num_return_sequences") or 1)
+        if nrs > 1:
+            if not do_sample:
+                raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+            ids = np.repeat(ids, nrs, axis=0)
+            mask = None if mask is None else np.repeat(mask, nrs, axis=0)
+        seed = gc.get("seed")
+        seed = _global_rng.getrandbits(63) if seed is None else int(seed)
+        cb = None
+        if streamer is not None:
+            streamer.put(_to_user(ids.astype(np.int64), like_torch))
+            cb = (lambda toks: streamer.put(_to_user(toks, like_torch)))
+        try:
+            out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
+                                      max_new_tokens=max_new, min_new_tokens=int(min_new), do_sample=do_sample,
+                                      temperature=temp, top_k=top_k, top_p=top_p, repetition_penalty=rep,
+                                      seed=seed & 0xFFFFFFFFFFFFFFFF, eos_token_ids=eos, pad_token_id=int(pad),
+                                      callback=cb)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        return _to_user(out, like_torch)
+
+    def _chat_messages(self, query, history, role, system):
+        history = list(history or [])
+        msgs = []
+        if system is not None:
+            msgs.append(system if isinstance(system, dict) else {"role": "system", "content": str(system)})
+        for item in history:
+            if isinstance(item, dict):
+                msgs.append(item)
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                msgs += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
+            else:
+                raise ValueError(f"history items must be (query, response) pairs or {{'role', 'content'}} dicts, got {item!r}")
+        msgs.append({"role": role, "content": query})
+        return history, msgs
+
+    def _chat_inputs(self, tokenizer, msgs, gen_kwargs):
+        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True, return_tensors="np")
+        gen_kwargs = dict(gen_kwargs)
+        if gen_kwargs.get("max_new_tokens") is None and gen_kwargs.get("max_length") is None:
+            gen_kwargs["max_new_tokens"] = 512
+        eos = gen_kwargs.get("eos_token_id", self.generation_config.get("eos_token_id"))
+        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        gen_kwargs["eos_token_id"] = eos
+        return enc, gen_kwargs
+
+    @staticmethod
+    def _chat_history(history, query, response, role):
+        if history and isinstance(history[0], dict):
+            return history + [{"role": role, "content": query}, {"role": "assistant", "content": response}]
+        return history + [(query, response)]
+
+    def chat(self, tokenizer, query, history=None, role="user", system=None, **gen_kwargs):
+        """ChatGLM-style chat: returns (response, history). `history` is a list of (query, response)
+        pairs (ChatGLM2) or role/content dicts (ChatGLM3); the returned history keeps the style
+        given (pairs when empty). The prompt is rendered with the tokenizer's chat template."""
+        history, msgs = self._chat_messages(query, history, role, system)
+        enc, gen_kwargs = self._chat_inputs(tokenizer, msgs, gen_kwargs)
+        out = self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
+        response = tokenizer.decode(np.asarray(out)[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return response, self._chat_history(history, query, response, role)
+
+    def stream_chat(self, tokenizer, query, history=None, role="user", system=None, **gen_kwargs):
+        """ChatGLM-style streaming chat: yields (response so far, history) as text arrives."""
+        from .streamers import TextIteratorStreamer
+        history, msgs = self._chat_messages(query, history, role, system)
+        enc, gen_kwargs = self._chat_inputs(tokenizer, msgs, gen_kwargs)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        err = []
+
+        def run():
+            try:
+                self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], streamer=streamer, **gen_kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread (generate ended the streamer)
+                err.append(e)
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        response = ""
+        for piece in streamer:
+            response += piece
+            yield response.strip(), self._chat_history(history, query, response.strip(), role)
+        th.join()
+        if err:
+            raise err[0]
+
+    # ------------------------------------------------------------------ facts
+    def memory_stats(self) -> dict:
+        info = self._core.info
+        return {"device": info["device"], "weights": info["weight_bytes"], "kv_cache": 0, "workspace": None,
+                "note": "the KV cache is allocated per generate() call and freed after it"}
+
+    def get_memory_footprint(self) -> int:
+        return int(self._core.info["weight_bytes"])
+
+    def num_parameters(self) -> int:
+        c = archmod.core_config(self.config, self.arch, self.name_or_path)
+        d, L, ffn, V = c["d"], c["n_layers"], c["ffn"], c["vocab"]
+        q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+        per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0)
+        return V * d * (1 if c["tie_embeddings"] else 2) + d + L * per
+
+    def eval(self):
+        return self
+
+    def __repr__(self):
+        return (f"FastModelForCausalLM({self.arch.name}, {self.name_or_path!r}, device={self.device}, "
+                f"dtype={self.dtype}, params={self.num_parameters() / 1e6:.1f}M)")
+
+
+def _has_safetensors(path):
+    return os.path.isfile(os.path.join(path, "model.safetensors")) or \
+        os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+
+
+def _ce_loss(logits, labels):
+    lg = logits[:, :-1].astype(np.float64)
+    lab = labels[:, 1:]
+    valid = lab != -100
+    if not valid.any():
+        return np.float32("nan")
+    mx = lg.max(-1, keepdims=True)
+    lse = np.log(np.exp(lg - mx).sum(-1)) + mx[..., 0]
+    picked = np.take_along_axis(lg, np.where(valid, lab, 0)[..., None], -1)[..., 0]
+    return np.float32(((lse - picked) * valid).sum() / valid.sum())
+
+
+class AutoModelForCausalLM:
+    """transformers-style entry point: AutoModelForCausalLM.from_pretrained(path, device_map=..., torch_dtype=...)."""
+
+    def __init__(self):
+        raise TypeError("use AutoModelForCausalLM.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:
+        return FastModelForCausalLM.from_pretrained(*args, **kwargs)
+
+
+def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:
+    """Short form of AutoModelForCausalLM.from_pretrained."""
+    return FastModelForCausalLM.from_pretrained(*args, **kwargs)

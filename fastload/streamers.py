@@ -1,0 +1,86 @@
+"""Streamers with transformers' shapes: generate() calls put(prompt_ids) once, then put(new_ids)
+with one id per batch row after every step, then end()."""
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+
+
+class BaseStreamer:
+    def put(self, value):
+        raise NotImplementedError
+
+    def end(self):
+        raise NotImplementedError
+
+
+class TextStreamer(BaseStreamer):
+    """Prints text to stdout as soon as whole words are available (batch size 1)."""
+
+    def __init__(self, tokenizer, skip_prompt=False, **decode_kwargs):
+        self.tokenizer, self.skip_prompt, self.decode_kwargs = tokenizer, skip_prompt, decode_kwargs
+        self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
+
+    def put(self, value):
+        value = np.asarray(value.tolist() if hasattr(value, "tolist") else value)
+        if value.ndim > 1 and value.shape[0] > 1:
+            raise ValueError("TextStreamer only supports batch size 1")
+        if value.ndim > 1:
+            value = value[0]
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(int(v) for v in value.reshape(-1))
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if text.endswith("\n"):
+            printable = text[self.print_len:]
+            self.token_cache, self.print_len = [], 0
+        elif text and _is_cjk(text[-1]):
+            printable = text[self.print_len:]
+            self.print_len += len(printable)
+        else:
+            printable = text[self.print_len: text.rfind(" ") + 1]
+            self.print_len += len(printable)
+        self.on_finalized_text(printable)
+
+    def end(self):
+        if self.token_cache:
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            printable = text[self.print_len:]
+        else:
+            printable = ""
+        self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
+        self.on_finalized_text(printable, stream_end=True)
+
+    def on_finalized_text(self, text, stream_end=False):
+        print(text, flush=True, end="" if not stream_end else None)
+
+
+class TextIteratorStreamer(TextStreamer):
+    """Queues text pieces for a consumer thread: `for piece in streamer: ...` (generate in another thread)."""
+
+    def __init__(self, tokenizer, skip_prompt=False, timeout=None, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        self.text_queue, self.stop_signal, self.timeout = queue.Queue(), object(), timeout
+
+    def on_finalized_text(self, text, stream_end=False):
+        if text:
+            self.text_queue.put(text, timeout=self.timeout)
+        if stream_end:
+            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        value = self.text_queue.get(timeout=self.timeout)
+        if value is self.stop_signal:
+            raise StopIteration
+        return value
+
+
+def _is_cjk(ch):
+    cp = ord(ch)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)

@@ -1,0 +1,286 @@
+"""AutoTokenizer: transformers' tokenizer API over a Hugging Face `tokenizers` tokenizer, read from
+tokenizer.json (+ tokenizer_config.json) or rebuilt from GGUF metadata (fastload/gguf_tokenizer.py).
+
+Decision: padding_side defaults to "left" (tokenizer_config.json's value wins when present, and the
+`padding_side` argument wins over both): fastload is a generation library, and batched generation
+with decoder-only models needs left padding (transformers warns when it is not)."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+import numpy as np
+
+from .hub import resolve
+
+
+class BatchEncoding(dict):
+    """dict of input_ids / attention_mask with attribute access; .to() is a no-op for compatibility."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def _tok_str(v):
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class FastTokenizer:
+    def __init__(self, tokenizer, *, bos_token=None, eos_token=None, unk_token=None, pad_token=None,
+                 chat_template=None, padding_side="left", model_max_length=None, name_or_path="",
+                 clean_up_tokenization_spaces=False, add_bos_token=None, add_eos_token=None):
+        self._tk = tokenizer
+        self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
+        self.pad_token = pad_token
+        self.chat_template = chat_template
+        self.padding_side = padding_side
+        self.model_max_length = model_max_length or int(1e30)
+        self.name_or_path = name_or_path
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, gguf_file=None, padding_side=None, revision=None,
+                        cache_dir=None, local_files_only=False, **kwargs):
+        from tokenizers import Tokenizer
+        path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                       local_files_only=local_files_only)
+        if os.path.isdir(path) and gguf_file:
+            path = os.path.join(path, gguf_file)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                path = os.path.join(path, ggufs[0])
+        if os.path.isfile(path) and path.endswith(".gguf"):
+            from . import _C
+            from .gguf_tokenizer import tokenizer_from_gguf
+            g = _C.GGUFFile(path)
+            try:
+                tk, info = tokenizer_from_gguf(g.metadata)
+            finally:
+                g.close()
+            return cls(tk, bos_token=info.get("bos_token"), eos_token=info.get("eos_token"),
+                       unk_token=info.get("unk_token"), pad_token=info.get("pad_token"),
+                       chat_template=info.get("chat_template"), padding_side=padding_side or "left",
+                       name_or_path=str(pretrained_model_name_or_path),
+                       clean_up_tokenization_spaces=bool(info.get("clean_up_tokenization_spaces", False)),
+                       add_bos_token=info.get("add_bos_token"), add_eos_token=info.get("add_eos_token"))
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (and no .gguf file) to build a tokenizer from")
+        tk = Tokenizer.from_file(tj)
+        conf = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                with open(p, encoding="utf-8") as f:
+                    conf.update(json.load(f))
+        tmpl = conf.get("chat_template")
+        jp = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(jp):
+            with open(jp, encoding="utf-8") as f:
+                tmpl = f.read()
+        elif os.path.isfile(os.path.join(path, "chat_template.json")):
+            with open(os.path.join(path, "chat_template.json"), encoding="utf-8") as f:
+                tmpl = json.load(f).get("chat_template", tmpl)
+        if isinstance(tmpl, list):  # named templates: take "default"
+            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
+        return cls(tk, bos_token=_tok_str(conf.get("bos_token")), eos_token=_tok_str(conf.get("eos_token")),
+                   unk_token=_tok_str(conf.get("unk_token")), pad_token=_tok_str(conf.get("pad_token")),
+                   chat_template=tmpl, padding_side=padding_side or conf.get("padding_side") or "left",
+                   model_max_length=conf.get("model_max_length"), name_or_path=str(pretrained_model_name_or_path),
+                   clean_up_tokenization_spaces=bool(conf.get("clean_up_tokenization_spaces", False)))
+
+    # ---------------------------------------------------------------- vocabulary
+    def _id(self, tok):
+        return None if tok is None else self._tk.token_to_id(tok)
+
+    bos_token_id = property(lambda self: self._id(self.bos_token))
+    eos_token_id = property(lambda self: self._id(self.eos_token))
+    unk_token_id = property(lambda self: self._id(self.unk_token))
+
+    @property
+    def pad_token_id(self):
+        return self._id(self.pad_token)
+
+    @property
+    def vocab_size(self):
+        return self._tk.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self):
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self):
+        return self._tk.get_vocab(with_added_tokens=True)
+
+    @property
+    def all_special_tokens(self):
+        return [t.content for t in self._tk.get_added_tokens_decoder().values() if t.special]
+
+    @property
+    def all_special_ids(self):
+        return [i for i, t in self._tk.get_added_tokens_decoder().items() if t.special]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            i = self._tk.token_to_id(tokens)
+            return self.unk_token_id if i is None else i
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        if isinstance(ids, (int, np.integer)):
+            return self._tk.id_to_token(int(ids))
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._tk.id_to_token(int(i)) for i in ids if int(i) not in special]
+
+    # ---------------------------------------------------------------- encode / decode
+    def encode(self, text, add_special_tokens=True, **kwargs):
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def tokenize(self, text, add_special_tokens=False):
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def __call__(self, text=None, add_special_tokens=True, padding=False, truncation=False, max_length=None,
+                 return_tensors=None, return_attention_mask=True, padding_side=None, **kwargs):
+        if text is None:
+            raise ValueError("tokenizer(...) needs text")
+        for k, v in kwargs.items():
+            if k not in ("return_token_type_ids", "verbose") and v:
+                raise TypeError(f"tokenizer argument {k!r} is not supported")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        encs = self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)
+        ids = [e.ids for e in encs]
+        if truncation and max_length is not None:
+            ids = [x[:max_length] for x in ids]
+        side = padding_side or self.padding_side
+        if padding in (True, "longest", "max_length") or (return_tensors and len(ids) > 1):
+            if not padding and return_tensors:
+                if len({len(x) for x in ids}) > 1:
+                    raise ValueError("sequences of different lengths need padding=True to make a tensor")
+            target = max_length if padding == "max_length" and max_length else max(len(x) for x in ids)
+            pad = self.pad_token_id
+            if pad is None:
+                if len({len(x) for x in ids}) > 1 or padding == "max_length":
+                    raise ValueError("the tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
+                pad = 0
+            masks = [[0] * (target - len(x)) + [1] * len(x) if side == "left" else [1] * len(x) + [0] * (target - len(x)) for x in ids]
+            ids = [[pad] * (target - len(x)) + x if side == "left" else x + [pad] * (target - len(x)) for x in ids]
+        else:
+            masks = [[1] * len(x) for x in ids]
+        out = BatchEncoding(input_ids=ids)
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if single and not return_tensors:
+            out = BatchEncoding({k: v[0] for k, v in out.items()})
+        return self._tensors(out, return_tensors)
+
+    @staticmethod
+    def _tensors(enc, return_tensors):
+        if return_tensors is None:
+            return enc
+        if return_tensors == "np":
+            return BatchEncoding({k: np.asarray(v, dtype=np.int64) for k, v in enc.items()})
+        if return_tensors == "pt":
+            import torch  # only because the caller asked for torch tensors
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in enc.items()})
+        raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'np' or 'pt'")
+
+    def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
+        if type(token_ids).__module__.split(".")[0] == "torch":
+            token_ids = token_ids.tolist()
+        ids = np.asarray(token_ids).reshape(-1).tolist() if not isinstance(token_ids, list) else token_ids
+        if isinstance(ids, int):
+            ids = [ids]
+        text = self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        if clean:
+            for a, b in _CLEANUPS:
+                text = text.replace(a, b)
+        return text
+
+    def batch_decode(self, sequences, **kwargs):
+        if type(sequences).__module__.split(".")[0] == "torch":
+            sequences = sequences.tolist()
+        return [self.decode(s, **kwargs) for s in sequences]
+
+    # ---------------------------------------------------------------- chat template
+    def apply_chat_template(self, conversation, tokenize=True, add_generation_prompt=False, return_tensors=None,
+                            return_dict=False, chat_template=None, continue_final_message=False, tools=None,
+                            documents=None, **kwargs):
+        tmpl = chat_template or self.chat_template
+        if tmpl is None:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json chat_template or GGUF "
+                             "tokenizer.chat_template); pass chat_template=...")
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        convs = conversation if batched else [conversation]
+        env = _jinja_env()
+        compiled = env.from_string(tmpl)
+        texts = []
+        for conv in convs:
+            msgs = [dict(m) for m in conv]
+            text = compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, tools=tools,
+                                   documents=documents, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                   unk_token=self.unk_token or "", pad_token=self.pad_token or "", **kwargs)
+            if continue_final_message and msgs:
+                last = msgs[-1]["content"]
+                text = text[: text.rindex(last) + len(last)] if isinstance(last, str) and last in text else text
+            texts.append(text)
+        if not tokenize:
+            return texts if batched else texts[0]
+        # The template already holds bos/eos where the model wants them: no special tokens added again.
+        enc = self(texts, add_special_tokens=False, padding=True)
+        if return_dict:
+            out = enc if batched or return_tensors else BatchEncoding({k: v[0] for k, v in enc.items()})
+            return self._tensors(out, return_tensors)
+        ids = enc["input_ids"] if batched or return_tensors else enc["input_ids"][0]
+        if return_tensors:
+            return self._tensors(BatchEncoding(input_ids=ids), return_tensors)["input_ids"]
+        return ids
+
+
+_ENV = None
+
+
+def _jinja_env():
+    """The environment transformers renders chat templates with (sandboxed, trim/lstrip blocks)."""
+    global _ENV
+    if _ENV is None:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _ENV = env
+    return _ENV
+
+
+class AutoTokenizer:
+    def __init__(self):
+        raise TypeError("use AutoTokenizer.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(*args, **kwargs) -> FastTokenizer:
+        return FastTokenizer.from_pretrained(*args, **kwargs)
