@@ -40,13 +40,17 @@ typedef struct {
     void **k_d, **v_d;  /* [n_layers] pointers, each [batch, max_len, n_kv_heads, head_dim] */
 } fl_kvcache;
 
-/* Everything attention needs to know about one forward call over a rectangular batch. */
+/* Everything attention needs to know about one forward call over a rectangular batch.
+ * `start` is a host value; a CUDA graph that replays decode steps cannot see host values that
+ * change, so backends read `*start_d` (device memory) instead when it is not NULL. */
 typedef struct {
     int batch;               /* B sequences */
     int n_new;               /* T new tokens per sequence */
     int start;               /* cache slot of the first new token (same for every sequence) */
+    const int32_t *start_d;  /* device copy of start for graph-replayed steps, or NULL */
     const int32_t *pos_d;    /* [B*T] rotary positions */
-    const uint8_t *kmask_d;  /* [B*(start+T)] 1 = key slot may be attended (padding); NULL = all */
+    const uint8_t *kmask_d;  /* [B, kmask_stride] 1 = key slot may be attended (padding); NULL = all */
+    int kmask_stride;        /* row stride of kmask_d (>= start + T) */
 } fl_step;
 
 typedef struct fl_backend fl_backend;
@@ -90,6 +94,9 @@ struct fl_backend {
                              int n, int d);
     /* logits (activation dtype) -> float32 on the host, [n, vocab] */
     fl_status (*logits_to_host)(fl_backend *, float *dst_h, const void *src_d, int n, int vocab);
+
+    /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
+    uint64_t mem_allocated, mem_peak;
 };
 
 /* Backends. fl_backend_cpu_create never fails for lack of a device. */

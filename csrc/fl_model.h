@@ -75,9 +75,10 @@ typedef struct {
 /* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
 enum { FL_SRC_PLAIN = 0, FL_SRC_GGML = 1 };
 typedef struct {
-    const char *file;     /* for messages */
+    const char *file;     /* path: for messages, and for loaders that read with pread / O_DIRECT */
     const char *name;     /* tensor name, for messages */
     const void *data;     /* mapped bytes */
+    uint64_t file_offset; /* where `data` starts in the file */
     uint64_t nbytes;
     int kind;             /* FL_SRC_PLAIN: type is fl_dtype; FL_SRC_GGML: type is a ggml type id */
     int type;
@@ -129,10 +130,19 @@ fl_status fl_model_check_complete(const fl_model *m);
 fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out);
 void fl_kv_free(fl_model *m, fl_kvcache *kv);
 
-/* One forward step over a rectangular batch. tokens/pos: [B*T] host ints; kmask: [B*(start+T)]
- * host bytes or NULL. logits_h: [B*T, vocab] (all_logits) or [B, vocab] (last token only). */
+/* One forward step over a rectangular batch, host arrays in and out. tokens/pos: [B*T];
+ * kmask: [B, kmask_stride] (kmask_stride >= start+T) or NULL. logits_h: [B*T, vocab] float32
+ * (all_logits) or [B, vocab] (last token of each row). */
 fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
-                     const int32_t *pos, const uint8_t *kmask, int all_logits, float *logits_h);
+                     const int32_t *pos, const uint8_t *kmask, int kmask_stride, int all_logits, float *logits_h);
+
+/* The same on backend memory only: no host transfer and no synchronisation, so a CUDA graph
+ * can capture it. tok_d: [B*T]; step->pos_d etc. in backend memory. Logits (activation dtype)
+ * are left in m->ws_logits: [B*T, vocab] (all_logits) or [B, vocab]. The workspace must have
+ * been grown with fl_model_reserve first. */
+fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, const int32_t *tok_d, int all_logits);
+/* Grow the activation workspace to hold n_tokens rows (and n_logits rows of logits). */
+fl_status fl_model_reserve(fl_model *m, int n_tokens, int n_logits);
 
 typedef struct {
     int max_new_tokens, min_new_tokens;

@@ -25,10 +25,10 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
     float *logits = malloc((size_t)B * V * sizeof(float));
     int32_t *pos = malloc((size_t)B * T * 4), *next = malloc((size_t)B * 4), *npos = malloc((size_t)B * 4);
     int32_t *idx = malloc((size_t)V * 4);
-    uint8_t *kfull = malloc((size_t)B * total), *kcall = malloc((size_t)B * total), *done = calloc((size_t)B, 1);
+    uint8_t *kfull = malloc((size_t)B * total), *done = calloc((size_t)B, 1);
     uint8_t *mark = malloc((size_t)V);
     fl_rng *rng = malloc((size_t)B * sizeof(fl_rng));
-    if (!logits || !pos || !next || !npos || !idx || !kfull || !kcall || !done || !mark || !rng) {
+    if (!logits || !pos || !next || !npos || !idx || !kfull || !done || !mark || !rng) {
         st = fl_err(FL_E_NOMEM, "generate: cannot allocate host buffers");
         goto out;
     }
@@ -46,9 +46,8 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
         for (int t = T; t < total; t++) kfull[(size_t)b * total + t] = 1;
         fl_rng_seed(&rng[b], p->seed + 0x9e3779b97f4a7c15ull * (uint64_t)b);
     }
-    /* prefill: the key mask of this call is [B, T] */
-    for (int b = 0; b < B; b++) memcpy(kcall + (size_t)b * T, kfull + (size_t)b * total, (size_t)T);
-    st = fl_forward(m, kv, B, T, 0, ids, pos, any_pad ? kcall : NULL, 0, logits);
+    /* prefill; the key mask keeps its full row stride for every step */
+    st = fl_forward(m, kv, B, T, 0, ids, pos, any_pad ? kfull : NULL, total, 0, logits);
     int steps = 0;
     for (int s = 0; st == FL_OK && s < maxn; s++) {
         int alive = 0;
@@ -71,9 +70,7 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
         steps = s + 1;
         if (cb && cb(ud, next, B)) { st = fl_err(FL_E_INTERRUPTED, "generation interrupted"); break; }
         if (!alive || s + 1 == maxn) break;
-        const int start = T + s, L = start + 1;
-        for (int b = 0; b < B; b++) memcpy(kcall + (size_t)b * L, kfull + (size_t)b * total, (size_t)L);
-        st = fl_forward(m, kv, B, 1, start, next, npos, any_pad ? kcall : NULL, 0, logits);
+        st = fl_forward(m, kv, B, 1, T + s, next, npos, any_pad ? kfull : NULL, total, 0, logits);
         for (int b = 0; b < B; b++) npos[b]++;
     }
     *n_new = steps;
@@ -83,6 +80,6 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
             memmove(out + (size_t)b * (T + steps), out + (size_t)b * total, (size_t)(T + steps) * 4);
 out:
     fl_kv_free(m, kv);
-    free(logits); free(pos); free(next); free(npos); free(idx); free(kfull); free(kcall); free(done); free(mark); free(rng);
+    free(logits); free(pos); free(next); free(npos); free(idx); free(kfull); free(done); free(mark); free(rng);
     return st;
 }

@@ -337,7 +337,7 @@ void fl_kv_free(fl_model *m, fl_kvcache *kv) {
 }
 
 /* Grow the activation workspace to N tokens (and logits to n_logit rows). */
-static fl_status ws_ensure(fl_model *m, int N, int n_logit) {
+fl_status fl_model_reserve(fl_model *m, int N, int n_logit) {
     const fl_config *c = &m->cfg;
     fl_backend *be = m->be;
     const size_t a = (size_t)fl_dtype_size(be->act);
@@ -362,38 +362,21 @@ static fl_status ws_ensure(fl_model *m, int N, int n_logit) {
     return FL_OK;
 }
 
-fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
-                     const int32_t *pos, const uint8_t *kmask, int all_logits, float *logits_h) {
+fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, const int32_t *tok_d, int all_logits) {
     const fl_config *c = &m->cfg;
     fl_backend *be = m->be;
-    if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "forward: empty batch");
-    if (B != kv->batch) return fl_err(FL_E_VALUE, "forward: batch %d but the KV cache holds %d", B, kv->batch);
-    if (start < 0 || start + T > kv->max_len)
-        return fl_err(FL_E_VALUE, "forward: positions [%d, %d) exceed the KV cache length %d", start, start + T, kv->max_len);
-    const int N = B * T, L = start + T;
-    FL_TRY(ws_ensure(m, N, all_logits ? N : B));
-    /* The key mask is per call ([B, L]); it lives in its own buffer sized to this call. */
-    uint8_t *kmask_d = NULL;
-    if (kmask) {
-        FL_TRY(be->alloc(be, (size_t)B * L, (void **)&kmask_d));
-        fl_status st = be->to_backend(be, kmask_d, kmask, (size_t)B * L);
-        if (st != FL_OK) { be->free(be, kmask_d); return st; }
-    }
-    fl_status st = FL_OK;
-#define STEP(call) do { st = (call); if (st != FL_OK) goto done; } while (0)
-    STEP(be->to_backend(be, m->ws_tok_d, tokens, (size_t)N * 4));
-    STEP(be->to_backend(be, m->ws_pos_d, pos, (size_t)N * 4));
-    const fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_d};
+    const int B = step->batch, T = step->n_new, N = B * T;
+    if (N > m->ws_tokens) return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d tokens, %d needed", m->ws_tokens, N);
     const float scale = 1.0f / sqrtf((float)c->head_dim);
-
-    STEP(be->embed(be, m->ws_x, m->ws_tok_d, N, &m->w.embed));               /* x: [N, d] */
+#define STEP(call) FL_TRY(call)
+    STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
     for (int l = 0; l < c->n_layers; l++) {
         const fl_layer *W = &m->w.layers[l];
         if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps));
         else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps));
         STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
-        STEP(be->rope_store(be, m->ws_qkv, &step, kv, l, c->n_heads, m->inv_freq_d));
-        STEP(be->attention(be, m->ws_att, m->ws_qkv, &step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
+        STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d));
+        STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
         STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
         STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps));
         STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
@@ -401,24 +384,45 @@ fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const
         STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
     }
     STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &m->w.final_norm, N, c->rms_eps));
-    if (all_logits) {
+    if (all_logits || T == 1) {
         STEP(be->matmul(be, m->ws_logits, m->ws_xn, N, &m->w.lm_head, NULL)); /* [N, vocab] */
-        STEP(be->logits_to_host(be, logits_h, m->ws_logits, N, c->vocab));
     } else {
-        int32_t rows[4096];
-        const int32_t *rp = rows;
-        int32_t *heap = NULL;
-        if (B > 4096) { heap = malloc((size_t)B * 4); if (!heap) { st = fl_err(FL_E_NOMEM, "rows"); goto done; } rp = heap; }
-        for (int b = 0; b < B; b++) (heap ? heap : rows)[b] = b * T + T - 1;
-        st = be->gather_rows(be, m->ws_last, m->ws_xn, rp, B, c->d);
-        free(heap);
-        if (st != FL_OK) goto done;
+        int32_t rows_s[256];
+        int32_t *rows = B <= 256 ? rows_s : malloc((size_t)B * 4);
+        if (!rows) return fl_err(FL_E_NOMEM, "forward: row list");
+        for (int b = 0; b < B; b++) rows[b] = b * T + T - 1;
+        fl_status st = be->gather_rows(be, m->ws_last, m->ws_xn, rows, B, c->d); /* [B, d] */
+        if (rows != rows_s) free(rows);
+        FL_TRY(st);
         STEP(be->matmul(be, m->ws_logits, m->ws_last, B, &m->w.lm_head, NULL)); /* [B, vocab] */
-        STEP(be->logits_to_host(be, logits_h, m->ws_logits, B, c->vocab));
     }
-    STEP(be->sync(be));
 #undef STEP
-done:
+    return FL_OK;
+}
+
+fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
+                     const int32_t *pos, const uint8_t *kmask, int kmask_stride, int all_logits, float *logits_h) {
+    fl_backend *be = m->be;
+    if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "forward: empty batch");
+    if (B != kv->batch) return fl_err(FL_E_VALUE, "forward: batch %d but the KV cache holds %d", B, kv->batch);
+    if (start < 0 || start + T > kv->max_len)
+        return fl_err(FL_E_VALUE, "forward: positions [%d, %d) exceed the KV cache length %d", start, start + T, kv->max_len);
+    if (kmask && kmask_stride < start + T) return fl_err(FL_E_VALUE, "forward: key mask stride %d < %d", kmask_stride, start + T);
+    const int N = B * T;
+    FL_TRY(fl_model_reserve(m, N, all_logits ? N : B));
+    uint8_t *kmask_d = NULL;
+    fl_status st = FL_OK;
+    if (kmask) {
+        FL_TRY(be->alloc(be, (size_t)B * (size_t)kmask_stride, (void **)&kmask_d));
+        st = be->to_backend(be, kmask_d, kmask, (size_t)B * (size_t)kmask_stride);
+    }
+    if (st == FL_OK) st = be->to_backend(be, m->ws_tok_d, tokens, (size_t)N * 4);
+    if (st == FL_OK) st = be->to_backend(be, m->ws_pos_d, pos, (size_t)N * 4);
+    const fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_d,
+                          .kmask_stride = kmask_stride};
+    if (st == FL_OK) st = fl_forward_core(m, kv, &step, m->ws_tok_d, all_logits);
+    if (st == FL_OK) st = be->logits_to_host(be, logits_h, m->ws_logits, all_logits ? N : B, m->cfg.vocab);
+    if (st == FL_OK) st = be->sync(be);
     if (kmask_d) be->free(be, kmask_d);
     return st;
 }

@@ -57,7 +57,7 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
         const int h = (int)(w % n_heads), bt = (int)(w / n_heads), b = bt / T, t = bt % T;
         const int i = s->start + t, g = h / group;
         const float *q = (const float *)qkv_d + bt * stride + (int64_t)h * hd;
-        const uint8_t *km = s->kmask_d ? s->kmask_d + (int64_t)b * L : NULL;
+        const uint8_t *km = s->kmask_d ? s->kmask_d + (int64_t)b * s->kmask_stride : NULL;
         const float *kb = kc + ((int64_t)b * kv->max_len * nkv + g) * hd;
         const float *vb = vc + ((int64_t)b * kv->max_len * nkv + g) * hd;
         float *o = (float *)out_d + bt * (int64_t)n_heads * hd + (int64_t)h * hd;

@@ -3,13 +3,28 @@
 #include "cpu_internal.h"
 #include <stdlib.h>
 
+/* Each block carries its size in a 64-byte header so that free() can keep the counters true. */
+#define HDR 64
 static fl_status cpu_alloc(fl_backend *be, size_t bytes, void **out) {
-    (void)be;
-    *out = fl_malloc(bytes);
-    if (!*out) return fl_err(FL_E_NOMEM, "cannot allocate %zu bytes of host memory", bytes);
+    char *p = fl_malloc(bytes + HDR);
+    *out = NULL;
+    if (!p) return fl_err(FL_E_NOMEM, "cannot allocate %zu bytes of host memory", bytes);
+    memcpy(p, &bytes, sizeof bytes);
+#pragma omp atomic
+    be->mem_allocated += bytes;
+    if (be->mem_allocated > be->mem_peak) be->mem_peak = be->mem_allocated;
+    *out = p + HDR;
     return FL_OK;
 }
-static void cpu_free(fl_backend *be, void *p) { (void)be; fl_free(p); }
+static void cpu_free(fl_backend *be, void *p) {
+    if (!p) return;
+    char *base = (char *)p - HDR;
+    size_t bytes;
+    memcpy(&bytes, base, sizeof bytes);
+#pragma omp atomic
+    be->mem_allocated -= bytes;
+    fl_free(base);
+}
 static fl_status cpu_copy(fl_backend *be, void *dst, const void *src, size_t bytes) {
     (void)be; memcpy(dst, src, bytes); return FL_OK;
 }

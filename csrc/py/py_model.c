@@ -124,6 +124,7 @@ static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
         const fl_st_tensor *t = &f->t[i];
         if (t->ndim > 4) { PyErr_Format(FlCheckpointError, "%s: tensor '%s' has %d dimensions", f->path, name, t->ndim); return -1; }
         *src = (fl_src_tensor){.file = f->path, .name = t->name, .data = t->data, .nbytes = t->end - t->begin,
+                               .file_offset = 8 + f->header_len + t->begin,
                                .kind = FL_SRC_PLAIN, .type = t->dtype, .ndim = t->ndim};
         for (int k = 0; k < t->ndim; k++) src->shape[k] = t->shape[k];
         return 0;
@@ -135,6 +136,7 @@ static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
         if (i < 0) { PyErr_Format(PyExc_KeyError, "%s: no tensor '%s'", g->path, name); return -1; }
         const fl_gguf_tensor *t = &g->tensors[i];
         *src = (fl_src_tensor){.file = g->path, .name = t->name, .data = t->data, .nbytes = t->nbytes,
+                               .file_offset = g->data_offset + t->offset,
                                .kind = FL_SRC_GGML, .type = t->type, .ndim = t->ndim};
         for (int k = 0; k < t->ndim; k++) src->shape[k] = t->ne[t->ndim - 1 - k]; /* ggml order -> HF order */
         return 0;
@@ -234,7 +236,7 @@ static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
     fl_kvcache *kv = NULL;
     st = fl_kv_create(self->m, (int)B, (int)T, &kv);
     if (st == FL_OK) st = fl_forward(self->m, kv, (int)B, (int)T, 0, PyArray_DATA(ids), pbuf,
-                                     mask ? PyArray_DATA(mask) : NULL, 1, PyArray_DATA((PyArrayObject *)res));
+                                     mask ? PyArray_DATA(mask) : NULL, (int)T, 1, PyArray_DATA((PyArrayObject *)res));
     fl_kv_free(self->m, kv);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
@@ -328,10 +330,12 @@ out:
 
 static PyObject *model_info(FlPyModel *self, void *closure) {
     fl_model *m = self->m;
-    return Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i}", "device", self->be->name,
+    return Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i,s:K,s:K}", "device", self->be->name,
                          "dtype", fl_dtype_table[m->wdtype].np_name, "weight_bytes", (unsigned long long)m->arena_bytes,
                          "load_seconds", m->stats.seconds, "bytes_read", (unsigned long long)m->stats.bytes_read,
-                         "threads", m->stats.threads, "cpu_threads", self->be->n_threads);
+                         "threads", m->stats.threads, "cpu_threads", self->be->n_threads,
+                         "mem_allocated", (unsigned long long)self->be->mem_allocated,
+                         "mem_peak", (unsigned long long)self->be->mem_peak);
 }
 
 static PyMethodDef model_methods[] = {
