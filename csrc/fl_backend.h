@@ -53,6 +53,39 @@ typedef struct {
     int kmask_stride;        /* row stride of kmask_d (>= start + T) */
 } fl_step;
 
+/* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
+enum { FL_SRC_PLAIN = 0, FL_SRC_GGML = 1 };
+typedef struct {
+    const char *file;     /* path: for messages, and for loaders that read with pread / O_DIRECT */
+    const char *name;     /* tensor name, for messages */
+    const void *data;     /* mapped bytes */
+    uint64_t file_offset; /* where `data` starts in the file */
+    uint64_t nbytes;
+    int kind;             /* FL_SRC_PLAIN: type is fl_dtype; FL_SRC_GGML: type is a ggml type id */
+    int type;
+    int ndim;
+    int64_t shape[4];     /* outermost first, as Hugging Face writes it: [rows, cols] */
+} fl_src_tensor;
+
+typedef struct {
+    double seconds;
+    uint64_t bytes_read;   /* checkpoint bytes consumed */
+    uint64_t bytes_weights;/* bytes of weights in backend memory */
+    int threads;
+} fl_load_stats;
+
+/* Progress: called from the loading thread with bytes done / total; returns nonzero to abort. */
+typedef int (*fl_progress_fn)(void *ud, uint64_t done, uint64_t total);
+
+/* A tensor's destination in backend memory, after the model has validated it (shape, bytes). */
+typedef struct {
+    const fl_src_tensor *src;
+    void *dst_d;          /* first destination row in backend memory */
+    fl_dtype dst_dtype;
+    int64_t rows, cols;   /* destination shape (src rows are permuted when unpermute_heads > 0) */
+    int unpermute_heads;
+} fl_load_job;
+
 typedef struct fl_backend fl_backend;
 struct fl_backend {
     const char *name;        /* "cpu", "cuda:0" */
@@ -94,6 +127,11 @@ struct fl_backend {
                              int n, int d);
     /* logits (activation dtype) -> float32 on the host, [n, vocab] */
     fl_status (*logits_to_host)(fl_backend *, float *dst_h, const void *src_d, int n, int vocab);
+
+    /* Optional: a backend's own loading pipeline (CUDA: pread / O_DIRECT into a pinned pool, copies
+     * on several streams, conversion on the device). NULL: the generic path converts on the host
+     * and calls to_backend. Must fill stats->threads (and may add to bytes_read). */
+    fl_status (*load)(fl_backend *, const fl_load_job *jobs, int n, fl_progress_fn cb, void *ud, fl_load_stats *stats);
 
     /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
     uint64_t mem_allocated, mem_peak;

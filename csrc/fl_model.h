@@ -72,35 +72,11 @@ typedef struct {
     fl_layer *layers;     /* [n_layers] */
 } fl_weights;
 
-/* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
-enum { FL_SRC_PLAIN = 0, FL_SRC_GGML = 1 };
-typedef struct {
-    const char *file;     /* path: for messages, and for loaders that read with pread / O_DIRECT */
-    const char *name;     /* tensor name, for messages */
-    const void *data;     /* mapped bytes */
-    uint64_t file_offset; /* where `data` starts in the file */
-    uint64_t nbytes;
-    int kind;             /* FL_SRC_PLAIN: type is fl_dtype; FL_SRC_GGML: type is a ggml type id */
-    int type;
-    int ndim;
-    int64_t shape[4];     /* outermost first, as Hugging Face writes it: [rows, cols] */
-} fl_src_tensor;
-
 typedef struct {
     int slot, layer;      /* fl_slot; layer index (ignored for global slots) */
     int unpermute_heads;  /* GGUF q/k: undo llama.cpp's rotary row permutation for this many heads */
     fl_src_tensor src;
 } fl_load_item;
-
-typedef struct {
-    double seconds;
-    uint64_t bytes_read;   /* checkpoint bytes consumed */
-    uint64_t bytes_weights;/* bytes of weights in backend memory */
-    int threads;
-} fl_load_stats;
-
-/* Progress: called from the loading thread with bytes done / total; returns nonzero to abort. */
-typedef int (*fl_progress_fn)(void *ud, uint64_t done, uint64_t total);
 
 typedef struct fl_model {
     fl_config cfg;

@@ -191,8 +191,8 @@ static const char *src_type_name(const fl_src_tensor *s) {
     return s->type >= 0 && s->type < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[s->type].st_name : "?";
 }
 
-/* Convert one tensor into its place. Runs on a worker thread: errors go to the caller's buffer. */
-static fl_status load_one(fl_model *m, const fl_load_item *it, char *errbuf) {
+/* Check one item against the config and describe its destination. Errors name file and tensor. */
+static fl_status plan_one(fl_model *m, const fl_load_item *it, fl_load_job *job) {
     const fl_src_tensor *s = &it->src;
     fl_weight *w = NULL; int64_t row0 = 0, rows = 0, cols = 0; int is_vec = 0;
     fl_status st = slot_target(m, it->slot, it->layer, &w, &row0, &rows, &cols, &is_vec);
@@ -208,58 +208,74 @@ static fl_status load_one(fl_model *m, const fl_load_item *it, char *errbuf) {
         goto out;
     }
     const uint64_t n = (uint64_t)rows * (uint64_t)cols;
-    uint64_t need, row_bytes;
+    uint64_t need;
     if (s->kind == FL_SRC_GGML) {
         need = fl_ggml_nbytes(s->type, n);
-        row_bytes = fl_ggml_nbytes(s->type, (uint64_t)cols);
-        if (!need || !row_bytes) { st = fl_err(FL_E_UNSUPPORTED, "GGML type %s cannot be dequantised in rows of %lld", src_type_name(s), (long long)cols); goto out; }
+        if (!need || !fl_ggml_nbytes(s->type, (uint64_t)cols)) {
+            st = fl_err(FL_E_UNSUPPORTED, "GGML type %s cannot be dequantised in rows of %lld", src_type_name(s), (long long)cols);
+            goto out;
+        }
     } else {
-        const int es = fl_dtype_size((fl_dtype)s->type);
         if (s->type != FL_F32 && s->type != FL_F16 && s->type != FL_BF16 && s->type != FL_F64) {
             st = fl_err(FL_E_UNSUPPORTED, "dtype %s cannot be a weight (floating-point types only)", src_type_name(s));
             goto out;
         }
-        need = n * (uint64_t)es; row_bytes = (uint64_t)cols * (uint64_t)es;
+        need = n * (uint64_t)fl_dtype_size((fl_dtype)s->type);
     }
-    if (need != s->nbytes) { st = fl_err(FL_E_FORMAT, "holds %llu bytes, %s[%lld x %lld] needs %llu",
-                                          (unsigned long long)s->nbytes, src_type_name(s), (long long)rows, (long long)cols, (unsigned long long)need); goto out; }
-    const size_t es_dst = (size_t)fl_dtype_size(w->dtype);
+    if (need != s->nbytes) {
+        st = fl_err(FL_E_FORMAT, "holds %llu bytes, %s[%lld x %lld] needs %llu", (unsigned long long)s->nbytes,
+                    src_type_name(s), (long long)rows, (long long)cols, (unsigned long long)need);
+        goto out;
+    }
     const int hp = it->unpermute_heads;
-    if (hp > 0 && (rows % hp || (rows / hp) % 2)) { st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp); goto out; }
-    const int64_t hd = hp > 0 ? rows / hp : 0;
-    /* Host staging only for backends whose memory is not host memory. */
-    const int host_direct = strcmp(m->be->name, "cpu") == 0;
-    char *dst_base = (char *)w->data_d + (size_t)row0 * (size_t)cols * es_dst;
-    char *stage = host_direct ? dst_base : fl_malloc((size_t)rows * (size_t)cols * es_dst);
-    if (!stage) { st = fl_err(FL_E_NOMEM, "cannot allocate a staging buffer"); goto out; }
-    for (int64_t r = 0; r < rows && st == FL_OK; r++) {
-        int64_t sr = r;
-        if (hp > 0) { /* HF row h*hd + j*hd/2 + i  <-  GGUF row h*hd + 2i + j */
-            const int64_t h = r / hd, within = r % hd, j = within / (hd / 2), i = within % (hd / 2);
-            sr = h * hd + 2 * i + j;
-        }
-        const void *src = (const char *)s->data + (size_t)sr * row_bytes;
-        void *dst = stage + (size_t)r * (size_t)cols * es_dst;
-        st = s->kind == FL_SRC_GGML ? fl_ggml_dequant(s->type, src, (uint64_t)cols, dst, w->dtype)
-                                    : fl_convert(dst, w->dtype, src, (fl_dtype)s->type, (size_t)cols);
+    if (hp > 0 && (rows % hp || (rows / hp) % 2)) {
+        st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp);
+        goto out;
     }
-    if (st == FL_OK && !host_direct) st = m->be->to_backend(m->be, dst_base, stage, (size_t)rows * (size_t)cols * es_dst);
-    if (!host_direct) fl_free(stage);
+    *job = (fl_load_job){.src = s, .dst_d = (char *)w->data_d + (size_t)row0 * (size_t)cols * (size_t)fl_dtype_size(w->dtype),
+                         .dst_dtype = w->dtype, .rows = rows, .cols = cols, .unpermute_heads = hp};
 out:
-    if (st != FL_OK) {
-        snprintf(errbuf, FL_ERR_MAX, "%s: tensor '%s' (%s): %s", s->file ? s->file : "?", s->name ? s->name : "?",
-                 it->slot >= 0 && it->slot < FL_SLOT_COUNT ? fl_slot_names[it->slot] : "?", fl_err_msg());
-    } else {
-        m->loaded[(size_t)it->slot * (size_t)m->cfg.n_layers + (it->slot >= FL_SLOT_ATTN_NORM ? it->layer : 0)] = 1;
-    }
+    if (st != FL_OK)
+        fl_err_prefix(st, "%s: tensor '%s' (%s)", s->file ? s->file : "?", s->name ? s->name : "?",
+                      it->slot >= 0 && it->slot < FL_SLOT_COUNT ? fl_slot_names[it->slot] : "?");
     return st;
 }
 
-fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud) {
+/* Source row feeding destination row r: llama.cpp stores q/k rows of each head interleaved
+ * (GGUF row h*hd + 2i + j holds Hugging Face row h*hd + j*hd/2 + i). */
+static inline int64_t src_row(const fl_load_job *j, int64_t r) {
+    if (j->unpermute_heads <= 0) return r;
+    const int64_t hd = j->rows / j->unpermute_heads, h = r / hd, within = r % hd;
+    return h * hd + 2 * (within % (hd / 2)) + within / (hd / 2);
+}
+
+/* Generic path: convert / dequantise on the host (into a staging buffer unless the backend's
+ * memory is host memory), then to_backend. Runs on worker threads. */
+static fl_status convert_job(fl_backend *be, const fl_load_job *j) {
+    const fl_src_tensor *s = j->src;
+    const size_t es = (size_t)fl_dtype_size(j->dst_dtype), row_out = (size_t)j->cols * es;
+    const uint64_t row_in = s->kind == FL_SRC_GGML ? fl_ggml_nbytes(s->type, (uint64_t)j->cols)
+                                                   : (uint64_t)j->cols * (uint64_t)fl_dtype_size((fl_dtype)s->type);
+    const int host_direct = strcmp(be->name, "cpu") == 0;
+    char *stage = host_direct ? j->dst_d : fl_malloc((size_t)j->rows * row_out);
+    if (!stage) return fl_err(FL_E_NOMEM, "cannot allocate a staging buffer");
+    fl_status st = FL_OK;
+    for (int64_t r = 0; r < j->rows && st == FL_OK; r++) {
+        const void *src = (const char *)s->data + (size_t)src_row(j, r) * row_in;
+        void *dst = stage + (size_t)r * row_out;
+        st = s->kind == FL_SRC_GGML ? fl_ggml_dequant(s->type, src, (uint64_t)j->cols, dst, j->dst_dtype)
+                                    : fl_convert(dst, j->dst_dtype, src, (fl_dtype)s->type, (size_t)j->cols);
+    }
+    if (st == FL_OK && !host_direct) st = be->to_backend(be, j->dst_d, stage, (size_t)j->rows * row_out);
+    if (!host_direct) fl_free(stage);
+    return st;
+}
+
+static fl_status load_generic(fl_model *m, const fl_load_job *jobs, int n, fl_progress_fn cb, void *ud) {
     fl_status first = FL_OK;
     char errbuf[FL_ERR_MAX] = "";
     uint64_t total = 0, done = 0;
-    for (int i = 0; i < n; i++) total += items[i].src.nbytes;
+    for (int i = 0; i < n; i++) total += jobs[i].src->nbytes;
     int stop = 0, nthreads = 1;
 #ifdef _OPENMP
     nthreads = m->be->n_threads > 0 ? m->be->n_threads : omp_get_max_threads();
@@ -270,19 +286,49 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
 #pragma omp atomic read
         skip = stop;
         if (skip) continue;
-        char eb[FL_ERR_MAX];
-        fl_status st = load_one(m, &items[i], eb);
+        fl_status st = convert_job(m->be, &jobs[i]);
 #pragma omp critical(fl_load)
         {
-            if (st != FL_OK && first == FL_OK) { first = st; memcpy(errbuf, eb, sizeof errbuf); stop = 1; }
-            done += items[i].src.nbytes;
-            if (st == FL_OK && cb && !stop && cb(ud, done, total)) { first = FL_E_INTERRUPTED; snprintf(errbuf, sizeof errbuf, "loading interrupted"); stop = 1; }
+            if (st != FL_OK && first == FL_OK) {
+                first = st;
+                snprintf(errbuf, sizeof errbuf, "%s: tensor '%s': %s", jobs[i].src->file, jobs[i].src->name, fl_err_msg());
+                stop = 1;
+            }
+            done += jobs[i].src->nbytes;
+            if (st == FL_OK && cb && !stop && cb(ud, done, total)) {
+                first = FL_E_INTERRUPTED;
+                snprintf(errbuf, sizeof errbuf, "loading interrupted");
+                stop = 1;
+            }
         }
     }
     m->stats.bytes_read += done;
     m->stats.threads = nthreads;
     if (first != FL_OK) return fl_err(first, "%s", errbuf);
     return FL_OK;
+}
+
+fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud) {
+    fl_load_job *jobs = calloc((size_t)(n > 0 ? n : 1), sizeof *jobs);
+    if (!jobs) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
+    fl_status st = FL_OK;
+    for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &jobs[i]);
+    if (st == FL_OK) {
+        /* Plain-dtype tensors may take the backend's pipeline; GGUF blocks are dequantised on the host. */
+        if (m->be->load) {
+            int np = 0;
+            for (int i = 0; i < n; i++) if (jobs[i].src->kind == FL_SRC_PLAIN) { fl_load_job t = jobs[np]; jobs[np++] = jobs[i]; jobs[i] = t; }
+            st = m->be->load(m->be, jobs, np, cb, ud, &m->stats);
+            if (st == FL_OK && np < n) st = load_generic(m, jobs + np, n - np, cb, ud);
+        } else {
+            st = load_generic(m, jobs, n, cb, ud);
+        }
+    }
+    if (st == FL_OK)
+        for (int i = 0; i < n; i++)
+            m->loaded[(size_t)items[i].slot * (size_t)m->cfg.n_layers + (items[i].slot >= FL_SLOT_ATTN_NORM ? items[i].layer : 0)] = 1;
+    free(jobs);
+    return st;
 }
 
 fl_status fl_model_check_complete(const fl_model *m) {
