@@ -61,12 +61,14 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
                 if (s < p->min_new_tokens)
                     for (int e = 0; e < p->n_eos; e++) if (p->eos[e] >= 0 && p->eos[e] < V) lg[p->eos[e]] = -INFINITY;
                 tok = fl_sample(lg, V, p, &rng[b], idx);
+                if (tok < 0) { st = fl_err(FL_E_NOMEM, "generate: cannot allocate sampling scratch"); break; }
                 for (int e = 0; e < p->n_eos; e++) if (tok == p->eos[e]) done[b] = 1;
             }
             out[(size_t)b * total + T + s] = tok;
             next[b] = tok;
             alive += !done[b];
         }
+        if (st != FL_OK) break;
         steps = s + 1;
         if (cb && cb(ud, next, B)) { st = fl_err(FL_E_INTERRUPTED, "generation interrupted"); break; }
         if (!alive || s + 1 == maxn) break;

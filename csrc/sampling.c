@@ -35,11 +35,22 @@ int32_t fl_argmax(const float *x, int n) {
     return best;
 }
 
-static const float *cmp_base;
+typedef struct { float v; int32_t i; } scored;
 static int cmp_desc(const void *a, const void *b) {
-    const float x = cmp_base[*(const int32_t *)a], y = cmp_base[*(const int32_t *)b];
-    if (x != y) return x < y ? 1 : -1;
-    return *(const int32_t *)a - *(const int32_t *)b;
+    const scored *x = a, *y = b;
+    if (x->v != y->v) return x->v < y->v ? 1 : -1;
+    return x->i - y->i;
+}
+
+/* Sort idx[0:n] by descending logit (ties by id), without shared state: samplers run concurrently. */
+static int sort_desc(const float *x, int32_t *idx, int n) {
+    scored *tmp = malloc((size_t)n * sizeof *tmp);
+    if (!tmp) return -1;
+    for (int i = 0; i < n; i++) tmp[i] = (scored){x[idx[i]], idx[i]};
+    qsort(tmp, (size_t)n, sizeof *tmp, cmp_desc);
+    for (int i = 0; i < n; i++) idx[i] = tmp[i].i;
+    free(tmp);
+    return 0;
 }
 
 /* Partition idx[0:n] so that its first k entries are the k largest logits (quickselect). */
@@ -74,8 +85,7 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
         for (int i = 0; i < vocab; i++) if (x[i] >= kth && x[i] > -INFINITY) idx[m++] = i;
         n = m;
     }
-    cmp_base = x;  /* single-threaded use: generation runs one sampler at a time per model */
-    qsort(idx, (size_t)n, sizeof *idx, cmp_desc);
+    if (sort_desc(x, idx, n) < 0) return -1; /* out of memory: the caller reports it */
     const float mx = x[idx[0]];
     double sum = 0;
     for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);

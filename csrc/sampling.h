@@ -11,7 +11,8 @@ double fl_rng_uniform(fl_rng *r);            /* [0, 1) */
 /* Penalise (in place) every token id in seen[0:n_seen] once, as transformers'
  * RepetitionPenaltyLogitsProcessor: logit < 0 ? logit * p : logit / p. */
 void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_seen, float p, uint8_t *scratch);
-/* Choose a token from logits[vocab] (modified in place). idx: scratch of vocab ints. */
+/* Choose a token from logits[vocab] (modified in place). idx: scratch of vocab ints.
+ * Returns -1 only when memory for sorting cannot be had. */
 int32_t fl_sample(float *logits, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx);
 int32_t fl_argmax(const float *logits, int vocab);
 #endif

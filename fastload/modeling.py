@@ -243,6 +243,29 @@ class FastModelForCausalLM:
     def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+        # shards
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+            shard_names = sorted(set(weight_map.values()))
+            for s in shard_names:
+                if not os.path.isfile(os.path.join(path, s)):
+                    raise CheckpointError(f"{index_path}: shard '{s}' is listed in weight_map but {os.path.join(path, s)} does not exist")
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            weight_map, shard_names = None, ["model.safetensors"]
+        else:
+            if os.path.isfile(os.path.join(path, "pytorch_model.bin")) or any(
+                    f.startswith("pytorch_model") for f in os.listdir(path)):
+                raise CheckpointError(f"{path}: only pickle (.bin) weights found; fastload reads safetensors and GGUF "
+                                      "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or .gguf file")
+
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: no config.json")
@@ -256,27 +279,6 @@ class FastModelForCausalLM:
         if want_dtype == "auto":
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
-
-        # shards
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
-            shard_names = sorted(set(weight_map.values()))
-            for s in shard_names:
-                if not os.path.isfile(os.path.join(path, s)):
-                    raise CheckpointError(f"{index_path}: shard '{s}' is listed in weight_map but {os.path.join(path, s)} does not exist")
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            weight_map, shard_names = None, ["model.safetensors"]
-        else:
-            if os.path.isfile(os.path.join(path, "pytorch_model.bin")) or any(
-                    f.startswith("pytorch_model") for f in os.listdir(path)):
-                raise CheckpointError(f"{path}: only pickle (.bin) weights found; fastload reads safetensors and GGUF "
-                                      "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or .gguf file")
 
         files = {s: _C.SafetensorsFile(os.path.join(path, s)) for s in shard_names}
         where = {}

@@ -3,6 +3,7 @@
  * serialises callers (the workspace and the KV cache are per model). */
 #include "py_common.h"
 #include "pythread.h"
+#include "../sampling.h"
 
 typedef struct {
     PyObject_HEAD
@@ -347,6 +348,50 @@ static PyMethodDef model_methods[] = {
 };
 static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};
 
+/* sample(logits[V] float32, n, do_sample, temperature, top_k, top_p, seed, repetition_penalty=1, seen=None,
+ *        min_eos=None) -> int64[n]: n independent draws through the generation sampler (for tests). */
+static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"logits", "n", "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "seen", NULL};
+    PyObject *lo, *seen_o = Py_None;
+    int n = 1, do_sample = 1, top_k = 0;
+    float temperature = 1.f, top_p = 1.f, rep = 1.f;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ipfifKfO", kwlist, &lo, &n, &do_sample, &temperature, &top_k, &top_p, &seed, &rep, &seen_o)) return NULL;
+    PyArrayObject *l = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
+    if (!l) return NULL;
+    PyArrayObject *seen = NULL;
+    if (seen_o != Py_None && !(seen = (PyArrayObject *)PyArray_FROMANY(seen_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST))) { Py_DECREF(l); return NULL; }
+    const int V = (int)PyArray_DIM(l, 0);
+    npy_intp dims[1] = {n};
+    PyObject *res = PyArray_SimpleNew(1, dims, NPY_INT64);
+    float *buf = PyMem_Malloc((size_t)V * 4);
+    int32_t *idx = PyMem_Malloc((size_t)V * 4);
+    uint8_t *mark = PyMem_Malloc((size_t)V);
+    if (!res || !buf || !idx || !mark || V <= 0 || n < 0) {
+        Py_XDECREF(res); res = NULL;
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sample: bad arguments");
+    } else {
+        fl_gen_params p = {.do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p};
+        fl_rng rng;
+        fl_rng_seed(&rng, seed);
+        for (int i = 0; i < n; i++) {
+            memcpy(buf, PyArray_DATA(l), (size_t)V * 4);
+            if (seen && rep != 1.f) fl_repetition_penalty(buf, V, PyArray_DATA(seen), (int)PyArray_DIM(seen, 0), rep, mark);
+            int32_t t = fl_sample(buf, V, &p, &rng, idx);
+            if (t < 0) { Py_CLEAR(res); PyErr_NoMemory(); break; }
+            ((int64_t *)PyArray_DATA((PyArrayObject *)res))[i] = t;
+        }
+    }
+    PyMem_Free(buf); PyMem_Free(idx); PyMem_Free(mark);
+    Py_DECREF(l); Py_XDECREF(seen);
+    return res;
+}
+
+static PyMethodDef module_methods[] = {
+    {"sample", (PyCFunction)(void (*)(void))py_sample, METH_VARARGS | METH_KEYWORDS, "Draw tokens with the generation sampler (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject FlPyModel_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastload._C.Model",
     .tp_basicsize = sizeof(FlPyModel),
@@ -370,5 +415,5 @@ int fl_py_init_model(PyObject *m) {
         Py_DECREF(v);
     }
     if (PyModule_AddObject(m, "SLOTS", slots) < 0) { Py_DECREF(slots); return -1; }
-    return 0;
+    return PyModule_AddFunctions(m, module_methods);
 }

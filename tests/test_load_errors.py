@@ -1,0 +1,126 @@
+"""Bad checkpoints at the model level: each raises a Python exception that names the file (or
+directory) and what is wrong; nothing crashes or hangs."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import fastload
+from golden_util import model_dir
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A writable copy of the sharded Llama fixture."""
+    for f in model_dir("llama").iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "golden.json":
+            shutil.copy(f, tmp_path)
+    return tmp_path
+
+
+def load(p, **kw):
+    return fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map="cpu", **kw)
+
+
+def edit_json(path, fn):
+    d = json.load(open(path))
+    fn(d)
+    json.dump(d, open(path, "w"))
+
+
+def test_loads(ckpt):
+    assert load(ckpt).config["model_type"] == "llama"
+
+
+def test_missing_shard(ckpt):
+    os.remove(ckpt / "model-00002-of-00003.safetensors")
+    with pytest.raises(fastload.CheckpointError, match=r"model\.safetensors\.index\.json.*model-00002-of-00003\.safetensors"):
+        load(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    idx = ckpt / "model.safetensors.index.json"
+    edit_json(idx, lambda d: d["weight_map"].pop("model.layers.1.mlp.up_proj.weight"))
+    # the shard still holds it, but the index no longer places it: the tensor is found through the shard
+    load(ckpt)
+    # a checkpoint that really lacks a tensor:
+    cfg = ckpt / "config.json"
+    edit_json(cfg, lambda d: d.update(num_hidden_layers=d["num_hidden_layers"] + 1))
+    with pytest.raises(fastload.CheckpointError, match=r"missing tensor 'model\.layers\.3\.input_layernorm\.weight'"):
+        load(ckpt)
+
+
+def test_index_names_tensor_absent_from_shard(ckpt):
+    edit_json(ckpt / "model.safetensors.index.json",
+              lambda d: d["weight_map"].__setitem__("model.layers.0.extra.weight", "model-00001-of-00003.safetensors"))
+    with pytest.raises(fastload.CheckpointError, match=r"model-00001-of-00003\.safetensors.*'model\.layers\.0\.extra\.weight'.*not in the shard"):
+        load(ckpt)
+
+
+def test_config_with_wrong_shape(ckpt):
+    edit_json(ckpt / "config.json", lambda d: d.update(intermediate_size=d["intermediate_size"] + 16))
+    with pytest.raises(fastload.CheckpointError, match=r"\.safetensors: tensor 'model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight'.*does not match the config: expected \[\d+, \d+\]"):
+        load(ckpt)
+
+
+def test_truncated_shard(ckpt):
+    p = ckpt / "model-00003-of-00003.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 100])
+    with pytest.raises(fastload.CheckpointError, match="model-00003-of-00003.safetensors"):
+        load(ckpt)
+
+
+def test_header_longer_than_file(ckpt):
+    p = ckpt / "model-00001-of-00003.safetensors"
+    data = bytearray(p.read_bytes())
+    data[:8] = (len(data) + 10).to_bytes(8, "little")
+    p.write_bytes(bytes(data))
+    with pytest.raises(fastload.CheckpointError, match="model-00001-of-00003.safetensors"):
+        load(ckpt)
+
+
+def test_bad_config_json(ckpt):
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(fastload.CheckpointError, match=r"config\.json: not valid JSON"):
+        load(ckpt)
+
+
+def test_unsupported_architecture_lists_supported(ckpt):
+    edit_json(ckpt / "config.json", lambda d: d.update(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"))
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        load(ckpt)
+
+
+def test_unsupported_rope_scaling(ckpt):
+    edit_json(ckpt / "config.json", lambda d: d.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
+    with pytest.raises(NotImplementedError, match=r"'yarn'.*supported: default, linear, llama3"):
+        load(ckpt)
+
+
+def test_unsupported_activation(ckpt):
+    edit_json(ckpt / "config.json", lambda d: d.update(hidden_act="gelu"))
+    with pytest.raises(NotImplementedError, match="hidden_act='gelu'"):
+        load(ckpt)
+
+
+def test_pickle_only(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    with pytest.raises(fastload.CheckpointError, match="pickle"):
+        load(tmp_path)
+
+
+def test_missing_path():
+    with pytest.raises(FileNotFoundError):
+        load("/nonexistent/model/dir")
+
+
+def test_token_out_of_vocab(ckpt):
+    m = load(ckpt)
+    with pytest.raises(ValueError, match=r"input_ids\[0\]\[1\] = 512 is outside the vocabulary \[0, 512\)"):
+        m(np.array([[1, 512]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m.generate(np.array([[1, -3]]), max_new_tokens=2)
