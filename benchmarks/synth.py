@@ -60,7 +60,8 @@ def random_tensor(rng, name, shape, dtype):
     if name.endswith("norm.weight"):
         x = 1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)
     else:
-        x = rng.standard_normal(n, dtype=np.float32) * (0.5 / np.sqrt(shape[-1]) if len(shape) == 2 else 0.02)
+        x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.5 / np.sqrt(shape[-1]) if len(shape) == 2 else 0.02)
+    x = x.astype(np.float32, copy=False)
     if dtype == "bfloat16":
         u = x.view(np.uint32)
         return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).reshape(shape)

@@ -31,6 +31,66 @@ static inline float dot1(const float *restrict w, const float *restrict x, int k
     return a;
 }
 
+/* ---- decode path (n <= 4): widen weights in registers, 4 rows x n tokens of accumulators ---- */
+#define DR 4
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vf;
+static inline vf vload_w(const void *w, fl_dtype t, int64_t k) {
+    if (t == FL_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k))), 16));
+    if (t == FL_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k)));
+    return _mm512_loadu_ps((const float *)w + k);
+}
+#define VZERO() _mm512_setzero_ps()
+#define VLOADX(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VW 8
+typedef __m256 vf;
+static inline vf vload_w(const void *w, fl_dtype t, int64_t k) {
+    if (t == FL_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k))), 16));
+    if (t == FL_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k)));
+    return _mm256_loadu_ps((const float *)w + k);
+}
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define VZERO() _mm256_setzero_ps()
+#define VLOADX(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VSUM(a) hsum256(a)
+#endif
+
+#ifdef VW
+/* y[i, r0:r0+DR] for i < n (n <= 4): every weight element is loaded once and used n times. */
+static inline void decode_block(float *y, const float *x, int n, const fl_weight *W, int64_t r0, int64_t R, int64_t C) {
+    const size_t es = (size_t)fl_dtype_size(W->dtype);
+    const char *w0 = (const char *)W->data_d + (size_t)r0 * (size_t)C * es;
+    const size_t rs = (size_t)C * es;
+    vf acc[DR][4];
+    for (int r = 0; r < DR; r++) for (int i = 0; i < 4; i++) acc[r][i] = VZERO();
+    int64_t k = 0;
+    for (; k + VW <= C; k += VW) {
+        vf xv[4];
+        for (int i = 0; i < n; i++) xv[i] = VLOADX(x + (int64_t)i * C + k);
+        for (int r = 0; r < DR; r++) {
+            const vf wv = vload_w(w0 + r * rs, W->dtype, k);
+            for (int i = 0; i < n; i++) acc[r][i] = VFMA(wv, xv[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < DR; r++)
+        for (int i = 0; i < n; i++) {
+            float a = VSUM(acc[r][i]);
+            for (int64_t kk = k; kk < C; kk++) a += cpu_elem_f32(w0 + r * rs, W->dtype, kk) * x[(int64_t)i * C + kk];
+            y[(int64_t)i * R + r0 + r] = a;
+        }
+}
+#endif
+
 fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias) {
     if (W->dtype != FL_F32 && W->dtype != FL_F16 && W->dtype != FL_BF16)
         return fl_err(FL_E_UNSUPPORTED, "CPU matmul: weight dtype %d not supported", (int)W->dtype);
@@ -39,6 +99,16 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
     float *y = (float *)y_d;
     const float *x = (const float *)x_d;
     const int nt = cpu_threads(be);
+#ifdef VW
+    if (n <= 4 && R % DR == 0) { /* decode: bound by reading W once */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t blk = 0; blk < R / DR; blk++) decode_block(y, x, n, W, blk * DR, R, C);
+        if (bias && bias->data_d)
+            for (int i = 0; i < n; i++)
+                for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
+        return FL_OK;
+    }
+#endif
     const int64_t nblk = (R + RB - 1) / RB;
     float *wbuf = fl_malloc((size_t)nt * RB * KC * sizeof(float));
     float *accb = fl_malloc((size_t)nt * (size_t)n * RB * sizeof(float));
