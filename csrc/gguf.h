@@ -26,12 +26,15 @@ enum {
 typedef struct {
     const char *key;
     int type;                 /* GGUF_T_* */
-    int arr_type;             /* element type when type == GGUF_T_ARRAY */
+    int arr_type;             /* element type when type == GGUF_T_ARRAY (-1 otherwise) */
     uint64_t n;               /* array length (1 for scalars) */
-    const uint8_t *raw;       /* points into the mapping at the value (after type fields) */
-    /* decoded scalars for convenience */
+    const uint8_t *raw;       /* points into the mapping at the value (after type fields): the scalar,
+                                 the string's bytes, or an array's first element (after elem type + count) */
+    /* decoded scalars for convenience: .u for unsigned ints and bool, .i for signed ints
+       (sign-extended), .f for float32/float64 */
     union { uint64_t u; int64_t i; double f; } num;
     const char *str; uint64_t str_len; /* GGUF_T_STRING (not NUL-terminated in the file) */
+    const uint64_t *str_offs; /* array of strings: offset of element i's length field from raw */
 } fl_gguf_kv;
 
 typedef struct {
@@ -53,6 +56,9 @@ typedef struct fl_gguf {
     fl_gguf_tensor *tensors;
     uint64_t alignment, data_offset;
     char *pool;               /* owned strings (names, keys) */
+    uint64_t *str_offs;       /* backing store of every kv's str_offs */
+    int64_t *tensor_by_name;  /* tensor indices sorted by name (binary search) */
+    int64_t *kv_by_key;       /* kv indices sorted by key */
 } fl_gguf;
 
 fl_status fl_gguf_open(const char *path, fl_gguf **out);  /* errors name the file */
@@ -61,6 +67,7 @@ const fl_gguf_kv *fl_gguf_find_kv(const fl_gguf *g, const char *key);
 int64_t fl_gguf_find_tensor(const fl_gguf *g, const char *name); /* -1 if absent */
 /* Read element i of an array kv (numeric -> double, string -> pointer+len). */
 fl_status fl_gguf_arr_str(const fl_gguf_kv *kv, uint64_t i, const char **s, uint64_t *len);
+fl_status fl_gguf_arr_num(const fl_gguf_kv *kv, uint64_t i, double *v);
 
 /* Block geometry: elements per block and bytes per block (0 if the type is unknown). */
 int fl_ggml_block_elems(int type);
@@ -70,6 +77,8 @@ const char *fl_ggml_type_name(int type);
 uint64_t fl_ggml_nbytes(int type, uint64_t n);
 /* Dequantise n elements (a multiple of the block size) into dst of dtype f32/f16/bf16. */
 fl_status fl_ggml_dequant(int type, const void *src, uint64_t n, void *dst, fl_dtype dst_type);
+/* 1 if fl_ggml_dequant handles the type (F32/F16/BF16/F64, Q4_0..Q8_0, Q2_K..Q8_K). */
+int fl_ggml_can_dequant(int type);
 
 #ifdef __cplusplus
 }
