@@ -131,3 +131,28 @@ def assert_greedy_match(actual, expected, prompt_len: int, margins=None, atol: f
         if a.shape[1] < n or not np.array_equal(a[b, :n], e[b, :n]):
             raise AssertionError(f"{what} row {b}: first {steps[b]} new tokens differ\n got "
                                  f"     {a[b, :n].tolist()}\n expected {e[b, :n].tolist()}")
+
+
+def teacher_forced_check(model, ids, greedy, margins, mask=None):
+    """Run the reference's greedy sequence through fastload in one forward; at every generated step
+    the argmax must equal the reference token wherever the reference's top-1/top-2 margin exceeds
+    twice fastload's measured logit error at that step. Returns True when that holds at every step
+    (so free-running greedy decoding must reproduce the reference exactly)."""
+    T, N = ids.shape[1], greedy.shape[1] - ids.shape[1]
+    full_mask = None if mask is None else np.concatenate([mask, np.ones((mask.shape[0], N - 1), mask.dtype)], 1)
+    pos = None if mask is None else np.maximum(np.cumsum(full_mask, 1) - 1, 0) * full_mask + (1 - full_mask)
+    lg = model(greedy[:, :-1], attention_mask=full_mask if mask is not None else None, position_ids=pos).logits
+    all_clear = True
+    for b in range(greedy.shape[0]):
+        for s in range(N):
+            row = lg[b, T - 1 + s]
+            top2 = np.sort(row)[-2:]
+            mine = row.argmax()
+            ref_tok = greedy[b, T + s]
+            m = margins[b, s]
+            err_bound = top2[1] - row[ref_tok] if mine != ref_tok else 0.0
+            if m > 2 * (abs(err_bound) + 1e-6) or mine == ref_tok:
+                assert mine == ref_tok, f"row {b} step {s}: fastload {mine} vs reference {ref_tok} (margin {m:.3g})"
+            else:
+                all_clear = False
+    return all_clear

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastload
-from golden_util import TINY_MODELS, load_case, model_dir
+from golden_util import TINY_MODELS, load_case, model_dir, teacher_forced_check as _teacher_forced_check
 
 STORED = {}
 
@@ -62,31 +62,6 @@ def test_padded_batch_logits(loaded):
     mask = case["batch_mask"]
     lg = model(case["batch_ids"], attention_mask=mask).logits
     assert _rel(lg, case["batch_logits"], mask.astype(bool)) < _tol(case["meta"]["storage_dtype"], dtype)
-
-
-def _teacher_forced_check(model, ids, greedy, margins, mask=None):
-    """Run the reference's greedy sequence through fastload in one forward; at every generated step
-    the argmax must equal the reference token wherever the reference's top-1/top-2 margin exceeds
-    twice fastload's measured logit error at that step. Returns True when that holds at every step
-    (so free-running greedy decoding must reproduce the reference exactly)."""
-    T, N = ids.shape[1], greedy.shape[1] - ids.shape[1]
-    full_mask = None if mask is None else np.concatenate([mask, np.ones((mask.shape[0], N - 1), mask.dtype)], 1)
-    pos = None if mask is None else np.maximum(np.cumsum(full_mask, 1) - 1, 0) * full_mask + (1 - full_mask)
-    lg = model(greedy[:, :-1], attention_mask=full_mask if mask is not None else None, position_ids=pos).logits
-    all_clear = True
-    for b in range(greedy.shape[0]):
-        for s in range(N):
-            row = lg[b, T - 1 + s]
-            top2 = np.sort(row)[-2:]
-            mine = row.argmax()
-            ref_tok = greedy[b, T + s]
-            m = margins[b, s]
-            err_bound = top2[1] - row[ref_tok] if mine != ref_tok else 0.0
-            if m > 2 * (abs(err_bound) + 1e-6) or mine == ref_tok:
-                assert mine == ref_tok, f"row {b} step {s}: fastload {mine} vs reference {ref_tok} (margin {m:.3g})"
-            else:
-                all_clear = False
-    return all_clear
 
 
 def test_greedy(loaded):
