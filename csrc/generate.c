@@ -6,6 +6,16 @@
 #include <math.h>
 #include <stdlib.h>
 
+#ifdef FL_WITH_CUDA
+/* csrc/cuda/generate_cuda.cu: the same loop with sampling on the device and graph-replayed steps */
+fl_status fl_cuda_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int B, int T,
+                           const fl_gen_params *p, int32_t *out, int *n_new, fl_stream_fn cb, void *ud);
+#endif
+
+/* Prompts are run through the model in chunks of at most this many tokens (all rows together), so
+ * the activation workspace stays bounded for long prompts; the KV cache holds the whole context. */
+#define FL_PREFILL_TOKENS 2048
+
 fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int B, int T,
                       const fl_gen_params *p, int32_t *out, int *n_new, fl_stream_fn cb, void *ud) {
     const int V = m->cfg.vocab, maxn = p->max_new_tokens;
@@ -15,6 +25,9 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
     for (int i = 0; i < B * T; i++)
         if (ids[i] < 0 || ids[i] >= V)
             return fl_err(FL_E_VALUE, "input_ids[%d][%d] = %d is outside the vocabulary [0, %d)", i / T, i % T, (int)ids[i], V);
+#ifdef FL_WITH_CUDA
+    if (strncmp(m->be->name, "cuda", 4) == 0) return fl_cuda_generate(m, ids, mask, B, T, p, out, n_new, cb, ud);
+#endif
     const int total = T + maxn;
     for (int b = 0; b < B; b++) memcpy(out + (size_t)b * total, ids + (size_t)b * T, (size_t)T * 4);
     if (maxn == 0) return FL_OK;
@@ -46,8 +59,20 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
         for (int t = T; t < total; t++) kfull[(size_t)b * total + t] = 1;
         fl_rng_seed(&rng[b], p->seed + 0x9e3779b97f4a7c15ull * (uint64_t)b);
     }
-    /* prefill; the key mask keeps its full row stride for every step */
-    st = fl_forward(m, kv, B, T, 0, ids, pos, any_pad ? kfull : NULL, total, 0, logits);
+    /* prefill in chunks; the key mask keeps its full row stride for every step */
+    const int chunk = FL_PREFILL_TOKENS / B > 0 ? FL_PREFILL_TOKENS / B : 1, tcm = chunk < T ? chunk : T;
+    int32_t *ctok = malloc((size_t)B * tcm * 4), *cpos = malloc((size_t)B * tcm * 4);
+    if (!ctok || !cpos) st = fl_err(FL_E_NOMEM, "generate: cannot allocate host buffers");
+    for (int c0 = 0; st == FL_OK && c0 < T; c0 += tcm) {
+        const int tc = T - c0 < tcm ? T - c0 : tcm;
+        for (int b = 0; b < B; b++) {
+            memcpy(ctok + (size_t)b * tc, ids + (size_t)b * T + c0, (size_t)tc * 4);
+            memcpy(cpos + (size_t)b * tc, pos + (size_t)b * T + c0, (size_t)tc * 4);
+        }
+        st = fl_forward(m, kv, B, tc, c0, ctok, cpos, any_pad ? kfull : NULL, total, 0, logits);
+    }
+    free(ctok);
+    free(cpos);
     int steps = 0;
     for (int s = 0; st == FL_OK && s < maxn; s++) {
         int alive = 0;
