@@ -72,6 +72,7 @@ typedef struct {
     uint64_t bytes_read;   /* checkpoint bytes consumed */
     uint64_t bytes_weights;/* bytes of weights in backend memory */
     int threads;
+    int direct_io;         /* 1 if the backend's loader read some bytes with O_DIRECT (cold page cache) */
 } fl_load_stats;
 
 /* Progress: called from the loading thread with bytes done / total; returns nonzero to abort. */
@@ -142,6 +143,11 @@ fl_status fl_backend_cpu_create(int n_threads, fl_backend **out);
 int fl_cuda_compiled(void);                       /* 1 if built with the CUDA part */
 fl_status fl_cuda_device_count(int *count);      /* FL_E_DEVICE with the driver's message */
 fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out);
+/* Process-wide accounting of fastload's device allocations (csrc/cuda/cuda_memory.cu). */
+void fl_cuda_account(int device, long long delta_bytes);
+fl_status fl_cuda_memory(int device, uint64_t *allocated, uint64_t *peak);
+fl_status fl_cuda_reset_peak(int device);
+fl_status fl_cuda_mem_info(int device, uint64_t *free_bytes, uint64_t *total_bytes);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@ C/CUDA core, behind transformers' API.
     out = model.generate(**tok("Hello", return_tensors="np"), max_new_tokens=20)
 """
 from . import _C
+from . import cuda
 from .modeling import (AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM, GenerationConfig,
                        from_pretrained, set_seed)
 from .streamers import TextIteratorStreamer, TextStreamer
@@ -31,4 +32,4 @@ def info() -> dict:
 
 __all__ = ["AutoModelForCausalLM", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
-           "CheckpointError", "info", "set_seed", "__version__"]
+           "CheckpointError", "info", "set_seed", "cuda", "__version__"]

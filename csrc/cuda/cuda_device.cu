@@ -27,3 +27,7 @@ extern "C" fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend
     return fl_err(FL_E_UNSUPPORTED, "the CUDA backend is not implemented in this version of fastload yet; "
                   "use device_map=\"cpu\"");
 }
+
+// The stream the backend's ops run on. Until the CUDA backend lands no backend can be created,
+// so nothing calls this with a real backend; the default stream keeps the symbol defined.
+extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { (void)be; return 0; }

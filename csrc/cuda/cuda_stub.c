@@ -8,3 +8,10 @@ fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out) {
     return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA (no nvcc at install time, or "
                   "FASTLOAD_CUDA=0); reinstall with nvcc on PATH to use device_map=\"cuda\"");
 }
+void fl_cuda_account(int device, long long delta_bytes) { (void)device; (void)delta_bytes; }
+fl_status fl_cuda_memory(int device, uint64_t *allocated, uint64_t *peak) { (void)device; *allocated = *peak = 0; return FL_OK; }
+fl_status fl_cuda_reset_peak(int device) { (void)device; return FL_OK; }
+fl_status fl_cuda_mem_info(int device, uint64_t *free_bytes, uint64_t *total_bytes) {
+    (void)device; *free_bytes = *total_bytes = 0;
+    return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA");
+}

@@ -68,7 +68,20 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     );
 }
 
+static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
+    (void)self;
+    int dev = 0, reset = 0;
+    if (!PyArg_ParseTuple(args, "i|p", &dev, &reset)) return NULL;
+    uint64_t a = 0, p = 0, f = 0, t = 0;
+    fl_status st = reset ? fl_cuda_reset_peak(dev) : fl_cuda_memory(dev, &a, &p);
+    if (st != FL_OK) return fl_py_raise(st);
+    if (fl_cuda_compiled() && fl_cuda_mem_info(dev, &f, &t) != FL_OK) { fl_err_clear(); f = t = 0; }
+    return Py_BuildValue("{s:K,s:K,s:K,s:K}", "allocated", (unsigned long long)a, "peak", (unsigned long long)p,
+                         "free", (unsigned long long)f, "total", (unsigned long long)t);
+}
+
 static PyMethodDef methods[] = {
+    {"cuda_memory", py_cuda_memory, METH_VARARGS, "cuda_memory(device, reset_peak=False) -> dict of bytes"},
     {"build_info", py_build_info, METH_NOARGS, "Build and device facts for fastload.info()."},
     {NULL, NULL, 0, NULL},
 };
