@@ -303,7 +303,7 @@ static fl_status load_generic(fl_model *m, const fl_load_job *jobs, int n, fl_pr
         }
     }
     m->stats.bytes_read += done;
-    m->stats.threads = nthreads;
+    if (nthreads > m->stats.threads) m->stats.threads = nthreads; /* the backend's loader may have used more */
     if (first != FL_OK) return fl_err(first, "%s", errbuf);
     return FL_OK;
 }
