@@ -1,0 +1,838 @@
+// attention.cu: attention over the KV cache (decode: split-K flash-decoding; prefill:
+// flash-attention-2 style tiles; a simple fallback). API and semantics: attention.cuh.
+//
+// Notation used in the fragment comments: m16n8k16 is mma.sync's tile (A 16x16 row-major,
+// B 16x8 column-major, C 16x8 fp32). In a warp, lane = 4*r + q (r = lane/4 "row group",
+// q = lane%4); the C fragment of a lane holds C[r][2q..2q+1] and C[r+8][2q..2q+1], the A
+// fragment A[r|r+8][2q..2q+1 | 2q+8..2q+9], the B fragment B[2q..2q+1 | 2q+8..2q+9][r]
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16").
+#include "attention.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FL_ATT_TC 1 /* tensor-core paths (mma.sync m16n8k16 f16/bf16, cp.async): sm_80 and newer */
+#else
+#define FL_ATT_TC 0 /* sm_75 (and the host pass): the fast kernels compile to empty bodies */
+#endif
+
+namespace {
+
+constexpr int ATT_THREADS = 128;   // 4 warps in every kernel below
+constexpr int DEC_TILE = 16;       // decode: keys per warp step (the M of S^T = K Q^T)
+constexpr int DEC_HEADS = 8;       // decode: query heads per block (the N of one mma)
+constexpr int SPLIT_ALIGN = 64;    // decode: split length granularity, in keys
+constexpr int MAX_SPLITS = 128;    // decode: bounds the workspace
+constexpr int PF_BM = 64;          // prefill: queries per block (16 per warp)
+constexpr int PF_BN = 64;          // prefill: keys per tile
+constexpr float LOG2E = 1.4426950408889634f;
+static_assert(DEC_TILE == 16 && DEC_HEADS == 8, "the decode fragment layout is one m16n8k16 tile per step");
+
+// Everything a kernel needs, passed by value (one struct so the launches stay readable).
+struct AttArgs {
+    const void *qkv;         // [B*T, (nh + 2*nkv) * hd]
+    void *out;               // [B*T, nh * hd]
+    const void *kc, *vc;     // [B, max_len, nkv, hd]
+    const uint8_t *kmask;    // [B, kmask_stride] or NULL
+    const int32_t *start_d;  // device start or NULL
+    float *ws_acc;           // decode partials: [B, nh, split_stride, hd] (unnormalised)
+    float *ws_ml;            // decode partials: [B, nh, split_stride, 2] (running max in log2 units, sum)
+    int B, T, start, kmask_stride, max_len, nh, nkv, hd, window;
+    float scale_log2;        // scale * log2(e): softmax is computed with exp2
+    int units, slots, split_stride;  // decode split plan inputs (see split_plan)
+    int min_waves;                   // decode: at least this many waves of blocks (tuning)
+    int kv_fast;                     // decode: grid x runs over kv heads (default), else over head subgroups
+};
+
+// ---- decode split plan (host and device must agree) --------------------------------------------
+// units = blocks per split (B * nkv * head subgroups), slots = resident blocks on the device.
+// Split length starts at 512 keys; when that gives under min_waves waves of blocks the splits
+// shrink (to 64 keys at least, MAX_SPLITS at most) to fill min_waves waves; when it gives more
+// they are resized to a whole number of waves. `cap` grows with L, so a grid sized with
+// plan(max_len).cap covers every L <= max_len (CUDA-graph replays with a device start).
+struct SplitPlan { int cap, splits, chunk; };
+__host__ __device__ inline SplitPlan split_plan(int L, int units, int slots, int min_waves) {
+    SplitPlan p = {0, 0, SPLIT_ALIGN};
+    if (L <= 0 || units <= 0) return p;
+    if (slots < 1) slots = 1;
+    const long long base_blocks = (long long)units * ((L + 511) / 512);
+    long long waves = base_blocks / slots;
+    if (waves < min_waves) waves = min_waves;
+    if (waves < 1) waves = 1;
+    long long want = waves * slots / units;
+    const long long lim = MAX_SPLITS < (L + SPLIT_ALIGN - 1) / SPLIT_ALIGN ? MAX_SPLITS : (L + SPLIT_ALIGN - 1) / SPLIT_ALIGN;
+    if (want > lim) want = lim;
+    if (want < 1) want = 1;
+    p.cap = (int)want;
+    int c = (int)((L + want - 1) / want);
+    c = (c + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+    p.chunk = c;
+    p.splits = (L + c - 1) / c;
+    return p;
+}
+
+// ---- element types ---------------------------------------------------------------------------
+template <typename T> struct Elt;
+template <> struct Elt<float> {
+    static __device__ __forceinline__ float to_f(float x) { return x; }
+    static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <> struct Elt<__half> {
+    static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+    static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+    // c += a * b, m16n8k16, fp32 accumulate
+    static __device__ __forceinline__ void mma(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+#if FL_ATT_TC
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+    }
+};
+template <> struct Elt<__nv_bfloat16> {
+    static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+    static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+    static __device__ __forceinline__ void mma(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+#if FL_ATT_TC
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+    }
+};
+
+// ---- warp-level helpers (sm_80 paths only) ------------------------------------------------------
+#if FL_ATT_TC
+// Transpose an 8x8 b16 matrix held as a C-style fragment (lane holds row r, cols 2q..2q+1).
+__device__ __forceinline__ uint32_t movm_t(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
+}
+// 16-byte global -> shared copy; src_bytes 0 writes zeros (rows past the end).
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void *g, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ uint4 ldg16(const void *p) { return __ldg(reinterpret_cast<const uint4 *>(p)); }
+#endif
+
+__device__ __forceinline__ int read_start(const AttArgs &a) { return a.start_d ? __ldg(a.start_d) : a.start; }
+
+// =================================================================================================
+// Decode (T == 1): split-K flash-decoding.
+//
+// Block (g + nkv*sub, split, b) (or (sub, split, b*nkv + g) with kv_fast = 0): kv head g of row b,
+// keys [split*chunk, +chunk) cut to the visible range, query heads g*G + sub*8 .. +8 (G = nh/nkv;
+// heads past G are zero padding). Each of the 4 warps takes 16-key tiles round-robin and keeps
+// its own online softmax; the block merges the warps in shared memory and writes one partial
+// (max, sum, unnormalised acc) per head.
+//
+// The tile math is transposed so that the small dimension (query heads) is mma's N = 8:
+//   S^T[16 keys, 8 heads] = K[16, hd] Q^T[hd, 8]      (A = K straight from global memory)
+//   O^T[hd, 8 heads]    += V^T[hd, 16] P^T[16, 8]     (A = V^T, transposed in registers)
+// Loads are 16 bytes: lane (r, q) reads K[key r | r+8][32c + 8q .. +8]. The contraction index of
+// S^T (the head dim d) is permuted consistently in K and Q, so those 8 elements feed two k-steps
+// directly: logical k = 2q+e <-> d = 32c + 8q + e, k = 8+2q+e <-> d = 32c + 8q + 2 + e (first
+// step), +4/+6 (second). For V the register pairs are 8x8 fragments M_x[key][n] with
+// d = 32c + 8(n/2) + 2x + n%2; movmatrix.trans turns them into A fragments of V^T whose row n
+// is that d. P^T comes from S^T's C fragment by one movmatrix per 8 keys.
+// =================================================================================================
+template <int NC> struct DecTile {
+    uint4 k0[NC], k1[NC], v0[NC], v1[NC];  // keys r and r+8 of the tile, d = 32c + 8q .. +8
+    uint32_t m0, m1;                       // key visible (mask byte, 0 past the range)
+};
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttArgs a) {
+#if FL_ATT_TC
+    constexpr int NC = HD / 32;
+    constexpr int NW = ATT_THREADS / 32;
+    __shared__ float s_acc[NW][DEC_HEADS][HD + 1];  // +1: conflict-free scatter of C fragments
+    __shared__ float s_m[NW][DEC_HEADS], s_l[NW][DEC_HEADS];
+
+#if __CUDA_ARCH__ >= 900
+    // Once every block has started, the combine kernel (launched programmatically) may be scheduled;
+    // it waits for this grid's completion and memory before reading the partials.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, q = lane & 3;
+    const int G = a.nh / a.nkv;
+    const int sub = a.kv_fast ? blockIdx.x / a.nkv : blockIdx.x, split = blockIdx.y;
+    const int b = a.kv_fast ? blockIdx.z : blockIdx.z / a.nkv, g = a.kv_fast ? blockIdx.x % a.nkv : blockIdx.z % a.nkv;
+    const int start = read_start(a);
+    const int L = min(start + 1, a.max_len);  // keys [0, L); query slot i = start
+    const SplitPlan plan = split_plan(L, a.units, a.slots, a.min_waves);
+    if (split >= plan.splits) return;  // grid sized for max_len; the combine reads plan.splits only
+    const int lo = a.window > 0 ? max(0, start - a.window + 1) : 0;
+    const int k0 = max(split * plan.chunk, lo), k1 = min(split * plan.chunk + plan.chunk, L);
+    const int h0 = g * G + sub * DEC_HEADS;
+    const int nreal = min(DEC_HEADS, G - sub * DEC_HEADS);
+    const size_t pbase = ((size_t)b * a.nh + h0) * a.split_stride + split;  // + head * split_stride
+    if (k0 >= k1) {  // split entirely outside the sliding window
+        if (threadIdx.x < nreal) {
+            const size_t p = pbase + (size_t)threadIdx.x * a.split_stride;
+            a.ws_ml[2 * p] = -INFINITY;
+            a.ws_ml[2 * p + 1] = 0.f;
+        }
+        return;
+    }
+
+    // Q^T as B fragments: lane holds Q[head r][32c + 8q .. +8] (zero for padding heads).
+    const T *qkv = static_cast<const T *>(a.qkv);
+    uint4 qf[NC];
+    if (r < nreal) {
+        const T *qp = qkv + (size_t)b * (a.nh + 2 * a.nkv) * HD + (size_t)(h0 + r) * HD + q * 8;
+#pragma unroll
+        for (int c = 0; c < NC; c++) qf[c] = ldg16(qp + c * 32);
+    } else {
+#pragma unroll
+        for (int c = 0; c < NC; c++) qf[c] = make_uint4(0, 0, 0, 0);
+    }
+
+    const size_t kv_row = (size_t)a.nkv * HD;  // elements between consecutive slots of one kv head
+    const T *kb = static_cast<const T *>(a.kc) + ((size_t)b * a.max_len * a.nkv + g) * HD + q * 8;
+    const T *vb = static_cast<const T *>(a.vc) + ((size_t)b * a.max_len * a.nkv + g) * HD + q * 8;
+    const uint8_t *km = a.kmask ? a.kmask + (size_t)b * a.kmask_stride : nullptr;
+    const int ntiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
+
+    auto load = [&](DecTile<NC> &t, int tt) {
+        const int j0 = k0 + tt * DEC_TILE + r, j1 = j0 + 8;
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        const bool in0 = j0 < k1, in1 = j1 < k1;  // past k1: zeros (slots >= L may hold anything)
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            t.k0[c] = in0 ? ldg16(kb + j0 * kv_row + c * 32) : z;
+            t.v0[c] = in0 ? ldg16(vb + j0 * kv_row + c * 32) : z;
+            t.k1[c] = in1 ? ldg16(kb + j1 * kv_row + c * 32) : z;
+            t.v1[c] = in1 ? ldg16(vb + j1 * kv_row + c * 32) : z;
+        }
+        t.m0 = in0 ? (km ? (uint32_t)__ldg(km + j0) : 1u) : 0u;
+        t.m1 = in1 ? (km ? (uint32_t)__ldg(km + j1) : 1u) : 0u;
+    };
+
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2q, 2q+1 (log2 units)
+    float acc[2 * NC][4];                                       // O^T C fragments
+#pragma unroll
+    for (int x = 0; x < 2 * NC; x++) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+    const float sl2 = a.scale_log2;
+
+    auto compute = [&](const DecTile<NC> &t) {
+        float s[4] = {0.f, 0.f, 0.f, 0.f}, s2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            Elt<T>::mma(s, t.k0[c].x, t.k1[c].x, t.k0[c].y, t.k1[c].y, qf[c].x, qf[c].y);
+            Elt<T>::mma(s2, t.k0[c].z, t.k1[c].z, t.k0[c].w, t.k1[c].w, qf[c].z, qf[c].w);
+        }
+        // s[0..1]: key r, heads 2q, 2q+1; s[2..3]: key r+8
+        const float x0 = t.m0 ? (s[0] + s2[0]) * sl2 : -INFINITY, x1 = t.m0 ? (s[1] + s2[1]) * sl2 : -INFINITY;
+        const float x2 = t.m1 ? (s[2] + s2[2]) * sl2 : -INFINITY, x3 = t.m1 ? (s[3] + s2[3]) * sl2 : -INFINITY;
+        float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {  // over the 8 row groups (keys)
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float u0 = mn0 == -INFINITY ? 0.f : mn0, u1 = mn1 == -INFINITY ? 0.f : mn1;  // no inf - inf
+        const float c0 = exp2f(m0 - u0), c1 = exp2f(m1 - u1);
+        const float p0 = exp2f(x0 - u0), p1 = exp2f(x1 - u1), p2 = exp2f(x2 - u0), p3 = exp2f(x3 - u1);
+        l0 = l0 * c0 + p0 + p2;  // lane-partial sums, reduced once at the end
+        l1 = l1 * c1 + p1 + p3;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int x = 0; x < 2 * NC; x++) {
+            acc[x][0] *= c0; acc[x][1] *= c1; acc[x][2] *= c0; acc[x][3] *= c1;
+        }
+        const uint32_t pb0 = movm_t(Elt<T>::pack(p0, p1)), pb1 = movm_t(Elt<T>::pack(p2, p3));
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            Elt<T>::mma(acc[2 * c], movm_t(t.v0[c].x), movm_t(t.v0[c].y), movm_t(t.v1[c].x), movm_t(t.v1[c].y),
+                        pb0, pb1);
+            Elt<T>::mma(acc[2 * c + 1], movm_t(t.v0[c].z), movm_t(t.v0[c].w), movm_t(t.v1[c].z),
+                        movm_t(t.v1[c].w), pb0, pb1);
+        }
+    };
+
+    // Double-buffered in registers: tile tt+NW is in flight while tile tt is computed.
+    DecTile<NC> ta, tb;
+    int tt = warp;
+    if (tt < ntiles) load(ta, tt);
+    while (tt < ntiles) {
+        if (tt + NW < ntiles) load(tb, tt + NW);
+        compute(ta);
+        tt += NW;
+        if (tt >= ntiles) break;
+        if (tt + NW < ntiles) load(ta, tt + NW);
+        compute(tb);
+        tt += NW;
+    }
+
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    // Scatter the warp's O^T fragments: acc[2c + y] rows r / r+8 are d = 32c + 8(r/2) + 2x + r%2
+    // with x = 2y / 2y+1.
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+#pragma unroll
+        for (int y = 0; y < 2; y++) {
+            const int da = 32 * c + 8 * (r >> 1) + 2 * (2 * y) + (r & 1), db = da + 2;
+            s_acc[warp][2 * q][da] = acc[2 * c + y][0];
+            s_acc[warp][2 * q + 1][da] = acc[2 * c + y][1];
+            s_acc[warp][2 * q][db] = acc[2 * c + y][2];
+            s_acc[warp][2 * q + 1][db] = acc[2 * c + y][3];
+        }
+    }
+    if (r == 0) {
+        s_m[warp][2 * q] = m0; s_m[warp][2 * q + 1] = m1;
+        s_l[warp][2 * q] = l0; s_l[warp][2 * q + 1] = l1;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nreal * HD; idx += ATT_THREADS) {
+        const int h = idx / HD, d = idx % HD;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; w++) M = fmaxf(M, s_m[w][h]);
+        float o = 0.f, l = 0.f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < NW; w++) {
+                const float e = exp2f(s_m[w][h] - M);
+                o += e * s_acc[w][h][d];
+                l += e * s_l[w][h];
+            }
+        }
+        const size_t p = pbase + (size_t)h * a.split_stride;
+        a.ws_acc[p * HD + d] = o;
+        if (d == 0) {
+            a.ws_ml[2 * p] = M;
+            a.ws_ml[2 * p + 1] = l;
+        }
+    }
+#endif
+}
+
+// One block per (b, h): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. The split weights
+// are computed once per block; the sum over splits is spread over CMB_THREADS / hd thread groups
+// (independent loads in flight, not one serial loop per d).
+constexpr int CMB_THREADS = 512;
+static_assert(MAX_SPLITS <= CMB_THREADS, "one thread per split for the weights");
+
+__device__ __forceinline__ float block_allreduce(float v, float *s_red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) s_red[warp] = v;
+    __syncthreads();
+    v = s_red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) v = is_max ? fmaxf(v, s_red[w]) : v + s_red[w];
+    __syncthreads();  // s_red is reused
+    return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttArgs a) {
+    __shared__ float s_w[MAX_SPLITS];
+    __shared__ float s_red[CMB_THREADS / 32];
+    __shared__ float s_part[CMB_THREADS];
+    const int bh = blockIdx.x, tid = threadIdx.x, hd = a.hd;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");  // programmatic launch: wait for the split kernel
+#endif
+    const int start = read_start(a);
+    const int L = min(start + 1, a.max_len);
+    const int splits = split_plan(L, a.units, a.slots, a.min_waves).splits;
+    const size_t p0 = (size_t)bh * a.split_stride;
+    float m = -INFINITY, l = 0.f;
+    if (tid < splits) {
+        m = a.ws_ml[2 * (p0 + tid)];
+        l = a.ws_ml[2 * (p0 + tid) + 1];
+    }
+    const float M = block_allreduce(m, s_red, true);
+    const float w = m != -INFINITY ? exp2f(m - M) : 0.f;  // empty split (acc never written): weight 0
+    if (tid < MAX_SPLITS) s_w[tid] = w;
+    const float den = block_allreduce(w * l, s_red, false);  // its barriers also publish s_w
+    const int ngrp = CMB_THREADS / hd, grp = tid / hd, d = tid % hd;
+    float num = 0.f;
+    if (grp < ngrp) {
+#pragma unroll 16
+        for (int s = grp; s < splits; s += ngrp) {
+            const float ws = s_w[s];
+            const float v = ws != 0.f ? a.ws_acc[(p0 + s) * hd + d] : 0.f;  // predicated: no serial branch
+            num += ws * v;
+        }
+    }
+    s_part[tid] = num;
+    __syncthreads();
+    if (tid < hd) {
+        float o = 0.f;
+        for (int g = 0; g < ngrp; g++) o += s_part[g * hd + tid];
+        // T == 1: output row b, column block h (bh = b * nh + h)
+        static_cast<T *>(a.out)[(size_t)bh * hd + tid] = Elt<T>::from_f(den > 0.f ? o / den : 0.f);
+    }
+}
+
+// =================================================================================================
+// Prefill (T > 1): flash-attention-2 forward. Block (head, query tile, b): 64 queries (16 per
+// warp) against 64-key tiles of K and V, double-buffered in shared memory by cp.async, 16-byte
+// chunks XOR-swizzled by row (conflict-free ldmatrix). S = Q K^T and O += P V on mma.sync with
+// fp32 accumulators; P goes from S's C fragments to A fragments in registers. Key tiles outside
+// [first visible key of the first query, last query] are never loaded (causal + sliding window);
+// tiles wholly visible to every query of the block skip the element mask.
+// =================================================================================================
+template <int HD> __device__ __forceinline__ int swz(int row, int col) {
+    return row * HD + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+static_assert(PF_BM == PF_BN, "Q is staged in the second K buffer");
+__host__ __device__ constexpr size_t prefill_smem_bytes(int hd, size_t elt) {
+    return (size_t)(4 * PF_BN) * hd * elt + 2 * PF_BN;  // K[2], V[2], mask[2]; Q staged in K[1]
+}
+
+// MINB: blocks per SM asked of the register allocator. 2 (the default: no spills, 182 registers
+// at hd 128, 8 warps per SM) or 3 (a sandbox variant: 12 warps per SM on sm_90, 168 registers
+// with a few spilled; measured 2-15% slower on an H200).
+template <typename T, int HD, int MINB>
+__global__ void __launch_bounds__(ATT_THREADS, MINB) prefill_kernel(const AttArgs a) {
+#if FL_ATT_TC
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *sK = reinterpret_cast<T *>(smem_raw);
+    T *sV = sK + 2 * PF_BN * HD;
+    T *sQ = sK + PF_BN * HD;  // K stage 1: free until the first prefetch, after Q is in registers
+    uint8_t *sM = reinterpret_cast<uint8_t *>(sV + 2 * PF_BN * HD);
+    constexpr int CH = HD / 8;  // 16-byte chunks per row
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane >> 2, q = lane & 3;
+    // Grid (head, query tile, b) with x fastest: the longest (last) query tiles of every head are
+    // dispatched first, the short ones fill the tail; neighbouring blocks share a kv head in L2.
+    const int qt = gridDim.y - 1 - blockIdx.y;
+    const int h = blockIdx.x, b = blockIdx.z, g = h / (a.nh / a.nkv);
+    const int Tn = a.T;
+    const int start = read_start(a);
+    const int Lc = min(start + Tn, a.max_len);
+    const int t_lo = qt * PF_BM, t_hi = min(t_lo + PF_BM, Tn) - 1;
+    const int i_lo = start + t_lo, i_hi = start + t_hi;
+    const int jmin = a.window > 0 ? max(0, i_lo - a.window + 1) : 0;
+    const int jmax = min(i_hi, Lc - 1);
+    const int kt_begin = jmin / PF_BN;
+    const int n_kt = jmax >= jmin ? jmax / PF_BN - kt_begin + 1 : 0;
+    const size_t qs = (size_t)(a.nh + 2 * a.nkv) * HD;
+    const T *qkv = static_cast<const T *>(a.qkv);
+    const T *kc = static_cast<const T *>(a.kc), *vc = static_cast<const T *>(a.vc);
+    const uint8_t *km = a.kmask ? a.kmask + (size_t)b * a.kmask_stride : nullptr;
+
+    for (int c = tid; c < PF_BM * CH; c += ATT_THREADS) {
+        const int row = c / CH, col = (c % CH) * 8, t = t_lo + row;
+        const bool ok = t < Tn;
+        const T *src = ok ? qkv + (size_t)(b * Tn + t) * qs + (size_t)h * HD + col : qkv;
+        cp_async16(smem_addr(sQ + swz<HD>(row, col)), src, ok ? 16 : 0);
+    }
+    auto load_kv = [&](int kt, int stage) {
+        T *dk = sK + stage * PF_BN * HD, *dv = sV + stage * PF_BN * HD;
+        for (int c = tid; c < PF_BN * CH; c += ATT_THREADS) {
+            const int row = c / CH, col = (c % CH) * 8, j = kt * PF_BN + row;
+            const bool ok = j < Lc;
+            const size_t off = ok ? ((size_t)(b * a.max_len + j) * a.nkv + g) * HD + col : 0;
+            cp_async16(smem_addr(dk + swz<HD>(row, col)), kc + off, ok ? 16 : 0);
+            cp_async16(smem_addr(dv + swz<HD>(row, col)), vc + off, ok ? 16 : 0);
+        }
+        if (km && tid < PF_BN) {
+            const int j = kt * PF_BN + tid;
+            sM[stage * PF_BN + tid] = j < Lc ? km[j] : 0;
+        }
+    };
+    if (n_kt > 0) load_kv(kt_begin, 0);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    uint32_t qa[HD / 16][4];  // A fragments of the warp's 16 query rows
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = kk * 16 + (lane >> 4) * 8;
+        ldsm_x4(qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], smem_addr(sQ + swz<HD>(row, col)));
+    }
+    __syncthreads();  // every warp has its Q before the first prefetch overwrites K stage 1
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int x = 0; x < HD / 8; x++) o[x][0] = o[x][1] = o[x][2] = o[x][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r and r+8 of the warp
+    const int row0 = t_lo + warp * 16 + r;
+    const int i0 = start + row0, i1 = i0 + 8;
+    const float sl2 = a.scale_log2;
+
+    for (int it = 0; it < n_kt; it++) {
+        const int kt = kt_begin + it, stage = it & 1, kbase = kt * PF_BN;
+        if (it + 1 < n_kt) load_kv(kt + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const T *tK = sK + stage * PF_BN * HD, *tV = sV + stage * PF_BN * HD;
+        const uint8_t *tM = sM + stage * PF_BN;
+
+        float s[PF_BN / 8][4];
+#pragma unroll
+        for (int x = 0; x < PF_BN / 8; x++) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+            for (int np = 0; np < PF_BN / 16; np++) {
+                uint32_t b0, b1, b2, b3;
+                const int key = np * 16 + (lane & 7) + (lane >> 4) * 8, col = kk * 16 + ((lane >> 3) & 1) * 8;
+                ldsm_x4(b0, b1, b2, b3, smem_addr(tK + swz<HD>(key, col)));
+                Elt<T>::mma(s[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+                Elt<T>::mma(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
+            }
+        }
+        const bool full = kbase + PF_BN - 1 <= i_lo && (a.window == 0 || i_hi - kbase < a.window) && !km &&
+                          kbase + PF_BN <= Lc;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < PF_BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float x0 = s[nt][e] * sl2, x1 = s[nt][2 + e] * sl2;
+                if (!full) {
+                    const int jl = nt * 8 + 2 * q + e, j = kbase + jl;
+                    const bool kv = j < Lc && (!km || tM[jl]);
+                    if (!(kv && j <= i0 && (a.window == 0 || i0 - j < a.window))) x0 = -INFINITY;
+                    if (!(kv && j <= i1 && (a.window == 0 || i1 - j < a.window))) x1 = -INFINITY;
+                }
+                s[nt][e] = x0;
+                s[nt][2 + e] = x1;
+                mx0 = fmaxf(mx0, x0);
+                mx1 = fmaxf(mx1, x1);
+            }
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {  // the 4 lanes of a row
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float u0 = mn0 == -INFINITY ? 0.f : mn0, u1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float c0 = exp2f(m0 - u0), c1 = exp2f(m1 - u1);
+        m0 = mn0;
+        m1 = mn1;
+        float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < PF_BN / 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - u0); s[nt][1] = exp2f(s[nt][1] - u0);
+            s[nt][2] = exp2f(s[nt][2] - u1); s[nt][3] = exp2f(s[nt][3] - u1);
+            rs0 += s[nt][0] + s[nt][1];
+            rs1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + rs0;
+        l1 = l1 * c1 + rs1;
+#pragma unroll
+        for (int x = 0; x < HD / 8; x++) {
+            o[x][0] *= c0; o[x][1] *= c0; o[x][2] *= c1; o[x][3] *= c1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < PF_BN / 16; kk++) {  // 16 keys: C fragments of n-tiles 2kk, 2kk+1 = A fragment
+            const uint32_t pa0 = Elt<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+            const uint32_t pa1 = Elt<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+            const uint32_t pa2 = Elt<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            const uint32_t pa3 = Elt<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; dp++) {
+                uint32_t b0, b1, b2, b3;
+                const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = dp * 16 + (lane >> 4) * 8;
+                ldsm_x4_t(b0, b1, b2, b3, smem_addr(tV + swz<HD>(key, col)));
+                Elt<T>::mma(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+                Elt<T>::mma(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+            }
+        }
+        __syncthreads();  // this stage is overwritten by the next iteration's prefetch
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;  // no visible key: zeros
+    T *out = static_cast<T *>(a.out);
+    if (row0 < Tn) {
+        T *orow = out + ((size_t)(b * Tn + row0) * a.nh + h) * HD;
+#pragma unroll
+        for (int x = 0; x < HD / 8; x++)
+            *reinterpret_cast<uint32_t *>(orow + x * 8 + 2 * q) = Elt<T>::pack(o[x][0] * inv0, o[x][1] * inv0);
+    }
+    if (row0 + 8 < Tn) {
+        T *orow = out + ((size_t)(b * Tn + row0 + 8) * a.nh + h) * HD;
+#pragma unroll
+        for (int x = 0; x < HD / 8; x++)
+            *reinterpret_cast<uint32_t *>(orow + x * 8 + 2 * q) = Elt<T>::pack(o[x][2] * inv1, o[x][3] * inv1);
+    }
+#endif
+}
+
+// =================================================================================================
+// Fallback: one warp per (b, t, h), keys one at a time, fp32 online softmax. Any dtype, any arch,
+// head_dim <= 256 (lane holds d = lane + 32k).
+// =================================================================================================
+constexpr int SIMPLE_MAXK = 8;
+template <typename T>
+__global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
+    const int lane = threadIdx.x & 31;
+    const long long w = (long long)blockIdx.x * (ATT_THREADS / 32) + (threadIdx.x >> 5);
+    if (w >= (long long)a.B * a.T * a.nh) return;
+    const int h = (int)(w % a.nh), bt = (int)(w / a.nh), b = bt / a.T, t = bt % a.T;
+    const int hd = a.hd, g = h / (a.nh / a.nkv);
+    const int start = read_start(a);
+    const int i = start + t;
+    const int jend = min(i, a.max_len - 1);
+    const int lo = a.window > 0 ? max(0, i - a.window + 1) : 0;
+    const T *qp = static_cast<const T *>(a.qkv) + (size_t)bt * (a.nh + 2 * a.nkv) * hd + (size_t)h * hd;
+    const T *kb = static_cast<const T *>(a.kc) + ((size_t)b * a.max_len * a.nkv + g) * hd;
+    const T *vb = static_cast<const T *>(a.vc) + ((size_t)b * a.max_len * a.nkv + g) * hd;
+    const uint8_t *km = a.kmask ? a.kmask + (size_t)b * a.kmask_stride : nullptr;
+    const size_t kv_row = (size_t)a.nkv * hd;
+    float qv[SIMPLE_MAXK], acc[SIMPLE_MAXK];
+#pragma unroll
+    for (int k = 0; k < SIMPLE_MAXK; k++) {
+        const int d = lane + 32 * k;
+        qv[k] = d < hd ? Elt<T>::to_f(qp[d]) * a.scale_log2 : 0.f;
+        acc[k] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int j = lo; j <= jend; j++) {
+        if (km && !km[j]) continue;
+        const T *kr = kb + (size_t)j * kv_row, *vr = vb + (size_t)j * kv_row;
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < SIMPLE_MAXK; k++) {
+            const int d = lane + 32 * k;
+            if (d < hd) s += qv[k] * Elt<T>::to_f(kr[d]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        const float mn = fmaxf(m, s), c = exp2f(m - mn), p = exp2f(s - mn);
+        l = l * c + p;
+        m = mn;
+#pragma unroll
+        for (int k = 0; k < SIMPLE_MAXK; k++) {
+            const int d = lane + 32 * k;
+            if (d < hd) acc[k] = acc[k] * c + p * Elt<T>::to_f(vr[d]);
+        }
+    }
+    T *op = static_cast<T *>(a.out) + (size_t)bt * a.nh * hd + (size_t)h * hd;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int k = 0; k < SIMPLE_MAXK; k++) {
+        const int d = lane + 32 * k;
+        if (d < hd) op[d] = Elt<T>::from_f(acc[k] * inv);
+    }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+#define FL_ATT_CUDA(call)                                                                                   \
+    do {                                                                                                    \
+        cudaError_t fl_e_ = (call);                                                                         \
+        if (fl_e_ != cudaSuccess)                                                                           \
+            return fl_err(FL_E_DEVICE, "attention: %s failed: %s (%s) at %s:%d", #call,                   \
+                          cudaGetErrorString(fl_e_), cudaGetErrorName(fl_e_), __FILE__, __LINE__);          \
+    } while (0)
+
+// The dtype dispatch (STYLE.md habit 4): binds `scalar_t` to the element type of `act`.
+#define FL_ATT_DISPATCH_HALF(act, ...)                                                  \
+    switch (act) {                                                                      \
+    case FL_F16: { using scalar_t = __half; __VA_ARGS__; } break;                       \
+    case FL_BF16: { using scalar_t = __nv_bfloat16; __VA_ARGS__; } break;               \
+    default: return fl_err(FL_E_INTERNAL, "attention: unexpected dtype %d", (int)act);  \
+    }
+
+static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+template <typename T, int HD>
+static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, size_t ws_bytes, int sms, bool pdl) {
+    // Resident blocks per SM, queried once per instantiation (only steers the split count).
+    static const int occ = [] {
+        int n = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_kernel<T, HD>, ATT_THREADS, 0) !=
+            cudaSuccess) {
+            cudaGetLastError();
+            n = 2;
+        }
+        return n > 0 ? n : 1;
+    }();
+    a.units = a.B * a.nkv * n_sub;
+    a.slots = sms * occ;
+    // Graph-replayable launches size the grid for the longest cache; the kernels read the real
+    // start and let splits past plan(L).splits exit.
+    a.split_stride = a.start_d ? split_plan(a.max_len, a.units, a.slots, a.min_waves).cap
+                               : split_plan(a.start + 1, a.units, a.slots, a.min_waves).splits;
+    const size_t n_part = (size_t)a.B * a.nh * a.split_stride;
+    const size_t need = n_part * (size_t)(HD + 2) * sizeof(float);
+    if (!ws || !aligned16(ws) || ws_bytes < need)
+        return fl_err(FL_E_VALUE, "attention: decode workspace of %zu bytes at %p is too small or misaligned "
+                      "(need %zu, 16-byte aligned; see fl_cuda_attention_workspace)", ws_bytes, ws, need);
+    a.ws_acc = static_cast<float *>(ws);
+    a.ws_ml = a.ws_acc + n_part * HD;
+    const dim3 grid = a.kv_fast ? dim3(a.nkv * n_sub, a.split_stride, a.B) : dim3(n_sub, a.split_stride, a.B * a.nkv);
+    decode_split_kernel<T, HD><<<grid, ATT_THREADS, 0, st>>>(a);
+#if CUDART_VERSION >= 12040
+    if (pdl) {  // programmatic dependent launch (sm_90): hides the combine's launch latency
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(a.B * a.nh);
+        cfg.blockDim = dim3(CMB_THREADS);
+        cfg.dynamicSmemBytes = 0;
+        cfg.stream = st;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        FL_ATT_CUDA(cudaLaunchKernelEx(&cfg, decode_combine_kernel<T>, a));
+        return FL_OK;
+    }
+#endif
+    decode_combine_kernel<T><<<a.B * a.nh, CMB_THREADS, 0, st>>>(a);
+    return FL_OK;
+}
+
+template <typename T, int HD>
+static fl_status launch_prefill(cudaStream_t st, const AttArgs &a, bool alt) {
+    const size_t smem = prefill_smem_bytes(HD, sizeof(T));
+    auto kernel = alt ? prefill_kernel<T, HD, 3> : prefill_kernel<T, HD, 2>;
+    FL_ATT_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    kernel<<<dim3(a.nh, (a.T + PF_BM - 1) / PF_BM, a.B), ATT_THREADS, smem, st>>>(a);
+    return FL_OK;
+}
+
+}  // namespace
+
+extern "C" size_t fl_cuda_attention_workspace(int B, int n_heads, int head_dim, int max_len) {
+    if (B <= 0 || n_heads <= 0 || head_dim <= 0 || max_len <= 0) return 0;
+    const int by_len = (max_len + SPLIT_ALIGN - 1) / SPLIT_ALIGN;
+    const size_t cap = (size_t)(by_len < MAX_SPLITS ? by_len : MAX_SPLITS);
+    return (size_t)B * (size_t)n_heads * cap * ((size_t)head_dim + 2) * sizeof(float);
+}
+
+extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
+                                          int start, const int32_t *start_d, const uint8_t *kmask, int kmask_stride,
+                                          const void *kcache, const void *vcache, int max_len, int n_heads,
+                                          int n_kv_heads, int head_dim, int window, float scale, void *workspace,
+                                          size_t workspace_bytes, int path) {
+    if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
+        return fl_err(FL_E_UNSUPPORTED, "attention: activation dtype %d is not supported (f16, bf16, f32)", (int)act);
+    if (!out || !qkv || !kcache || !vcache) return fl_err(FL_E_VALUE, "attention: NULL tensor pointer");
+    if (B < 1 || T < 1 || max_len < 1 || n_heads < 1 || n_kv_heads < 1 || head_dim < 1 || window < 0)
+        return fl_err(FL_E_VALUE, "attention: bad sizes B=%d T=%d max_len=%d heads=%d/%d head_dim=%d window=%d", B,
+                      T, max_len, n_heads, n_kv_heads, head_dim, window);
+    if (n_heads % n_kv_heads)
+        return fl_err(FL_E_VALUE, "attention: %d query heads are not a multiple of %d kv heads", n_heads, n_kv_heads);
+    if ((long long)B * T * n_heads > 0x7fffffffLL || (long long)B * max_len > 0x7fffffffLL)
+        return fl_err(FL_E_VALUE, "attention: B*T*heads or B*max_len overflows int");
+    if (!start_d) {  // with a device start these are the caller's contract (graph replays)
+        if (start < 0 || start + T > max_len)
+            return fl_err(FL_E_VALUE, "attention: slots %d..%d do not fit a cache of %d", start, start + T - 1,
+                          max_len);
+        if (kmask && kmask_stride < start + T)
+            return fl_err(FL_E_VALUE, "attention: key mask stride %d < %d", kmask_stride, start + T);
+    }
+    if (kmask && kmask_stride < 1) return fl_err(FL_E_VALUE, "attention: key mask stride %d", kmask_stride);
+
+    int dev = 0, major = 0, sms = 1, smem_optin = 0;
+    FL_ATT_CUDA(cudaGetDevice(&dev));
+    FL_ATT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    FL_ATT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    FL_ATT_CUDA(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+
+    AttArgs a = {};
+    a.qkv = qkv; a.out = out; a.kc = kcache; a.vc = vcache; a.kmask = kmask; a.start_d = start_d;
+    a.B = B; a.T = T; a.start = start; a.kmask_stride = kmask_stride; a.max_len = max_len;
+    a.nh = n_heads; a.nkv = n_kv_heads; a.hd = head_dim; a.window = window;
+    a.scale_log2 = scale * LOG2E;
+
+    const int G = n_heads / n_kv_heads, n_sub = (G + DEC_HEADS - 1) / DEC_HEADS;
+    const bool fast_ok = act != FL_F32 && (head_dim == 64 || head_dim == 128) && major >= 8 && aligned16(out) &&
+                         aligned16(qkv) && aligned16(kcache) && aligned16(vcache) &&
+                         (T > 1 ? (size_t)smem_optin >= prefill_smem_bytes(head_dim, 2) &&
+                                      B <= 65535 && (T + PF_BM - 1) / PF_BM <= 65535
+                                : (long long)B * n_kv_heads <= 65535);  // grid y/z limits
+    // Sandbox variants (attention.cuh): bit 0 prefill with 3 blocks/SM; bit 1 decode grid over head
+    // subgroups first (kv heads first is the default: 1-2% faster at B=8, 32k on an H200); bits 2-3
+    // decode min_waves 2 / 4 (slower: up to 35% at B=1). Measurements: dev/cuda/README.md.
+    const int variant = path >= FL_ATT_VARIANT0 ? path - FL_ATT_VARIANT0 : 0;
+    a.kv_fast = !((variant >> 1) & 1);
+    a.min_waves = (variant & 8) ? 4 : (variant & 4) ? 2 : 1;
+    if (path >= FL_ATT_VARIANT0) path = FL_ATT_FAST;
+    if (path == FL_ATT_FAST && !fast_ok)
+        return fl_err(FL_E_UNSUPPORTED, "attention: no fast path for dtype %d head_dim %d on sm_%d", (int)act,
+                      head_dim, major * 10);
+    fl_status s = FL_OK;
+    if (fast_ok && path != FL_ATT_SIMPLE) {
+        if (T == 1) {
+            FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
+                                              ? launch_decode<scalar_t, 64>(st, a, n_sub, workspace, workspace_bytes, sms, major >= 9)
+                                              : launch_decode<scalar_t, 128>(st, a, n_sub, workspace, workspace_bytes, sms, major >= 9));
+        } else {
+            const bool alt = variant & 1;
+            FL_ATT_DISPATCH_HALF(act, s = head_dim == 64 ? launch_prefill<scalar_t, 64>(st, a, alt)
+                                                         : launch_prefill<scalar_t, 128>(st, a, alt));
+        }
+    } else {
+        if (head_dim > 32 * SIMPLE_MAXK)
+            return fl_err(FL_E_UNSUPPORTED, "attention: head_dim %d > %d on the fallback path", head_dim,
+                          32 * SIMPLE_MAXK);
+        const long long rows = (long long)B * T * n_heads;
+        const unsigned blocks = (unsigned)((rows + ATT_THREADS / 32 - 1) / (ATT_THREADS / 32));
+        if (act == FL_F32) simple_kernel<float><<<blocks, ATT_THREADS, 0, st>>>(a);
+        else FL_ATT_DISPATCH_HALF(act, simple_kernel<scalar_t><<<blocks, ATT_THREADS, 0, st>>>(a));
+    }
+    if (s != FL_OK) return s;
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fl_err(FL_E_DEVICE, "attention: kernel launch failed: %s (%s)", cudaGetErrorString(e),
+                      cudaGetErrorName(e));
+    return FL_OK;
+}
+
+extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
+                                       int start, const int32_t *start_d, const uint8_t *kmask, int kmask_stride,
+                                       const void *kcache, const void *vcache, int max_len, int n_heads,
+                                       int n_kv_heads, int head_dim, int window, float scale, void *workspace,
+                                       size_t workspace_bytes) {
+    return fl_cuda_attention_ex(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
+                                n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO);
+}
