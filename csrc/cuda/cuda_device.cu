@@ -1,8 +1,8 @@
-// cuda_device.cu: device discovery for the CUDA part. Built when nvcc is found (setup.py).
-// The CUDA backend's kernels (fl_backend_cuda_create) arrive with the CUDA-backend issue; until
-// then device_map="cuda" raises NotImplementedError with this message, and info() reports devices.
-#include <cuda_runtime.h>
-#include "../fl_backend.h"
+// cuda_device.cu: device discovery and creation of the CUDA backend. Built when nvcc is found
+// (setup.py); cuda_stub.c stands in otherwise. The backend itself is in cuda_backend.cu.
+#include <stdlib.h>
+
+#include "cuda_backend.cuh"
 
 extern "C" int fl_cuda_compiled(void) { return 1; }
 
@@ -18,16 +18,27 @@ extern "C" fl_status fl_cuda_device_count(int *count) {
 }
 
 extern "C" fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out) {
-    (void)act;
     *out = NULL;
     int n = 0;
     FL_TRY(fl_cuda_device_count(&n));
     if (device < 0 || device >= n)
         return fl_err(FL_E_VALUE, "cuda:%d requested but %d CUDA device(s) are visible", device, n);
-    return fl_err(FL_E_UNSUPPORTED, "the CUDA backend is not implemented in this version of fastload yet; "
-                  "use device_map=\"cpu\"");
+    if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA backend: activation dtype %s is not float16, bfloat16 or float32",
+                      fl_cuda_dtype_name(act));
+    int major = 0;
+    FL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (act == FL_BF16 && major < 8)
+        return fl_err(FL_E_UNSUPPORTED, "cuda:%d has compute capability %d.x; bfloat16 needs 8.0 or newer "
+                      "(use dtype=float16)", device, major);
+    fl_backend *be = (fl_backend *)calloc(1, sizeof *be);
+    if (!be) return fl_err(FL_E_NOMEM, "cannot allocate the CUDA backend");
+    const fl_status st = fl_cuda_backend_init(be, device, act);
+    if (st != FL_OK) {
+        if (be->destroy) be->destroy(be);
+        else free(be);
+        return st;
+    }
+    *out = be;
+    return FL_OK;
 }
-
-// The stream the backend's ops run on. Until the CUDA backend lands no backend can be created,
-// so nothing calls this with a real backend; the default stream keeps the symbol defined.
-extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { (void)be; return 0; }

@@ -28,4 +28,5 @@ extern PyTypeObject FlPySt_Type, FlPyGGUF_Type;
 int fl_py_init_safetensors(PyObject *m);
 int fl_py_init_gguf(PyObject *m);
 int fl_py_init_model(PyObject *m);
+int fl_py_init_ops(PyObject *m);  /* run_op: one backend op on numpy arrays (tests) */
 #endif

@@ -92,7 +92,7 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
     else if (!strncmp(device, "cuda", 4)) {
         int dev = 0;
         if (device[4] == ':') dev = atoi(device + 5);
-        st = fl_backend_cuda_create(dev, wd == FL_F32 ? FL_F16 : wd, &self->be);
+        st = fl_backend_cuda_create(dev, wd, &self->be); /* activations in the weight dtype */
     } else { PyErr_Format(PyExc_ValueError, "device '%s' is not 'cpu' or 'cuda[:N]'", device); return -1; }
     if (st != FL_OK) { fl_py_raise(st); return -1; }
     Py_BEGIN_ALLOW_THREADS

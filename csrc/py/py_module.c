@@ -95,7 +95,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     FlCheckpointError = PyErr_NewExceptionWithDoc("fastload.CheckpointError",
         "A checkpoint file is malformed (the message names the file and tensor).", PyExc_ValueError, NULL);
     if (!FlCheckpointError || PyModule_AddObjectRef(m, "CheckpointError", FlCheckpointError) < 0) goto fail;
-    if (fl_py_init_safetensors(m) < 0 || fl_py_init_gguf(m) < 0 || fl_py_init_model(m) < 0) goto fail;
+    if (fl_py_init_safetensors(m) < 0 || fl_py_init_gguf(m) < 0 || fl_py_init_model(m) < 0 || fl_py_init_ops(m) < 0) goto fail;
     return m;
 fail:
     Py_DECREF(m);

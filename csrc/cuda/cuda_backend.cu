@@ -1,0 +1,344 @@
+// cuda_backend.cu: the CUDA backend's function table (fl_backend.h): memory, transfers, sync,
+// and thin adapters from the interface's structs to the op launchers (norm.cuh, rope.cuh,
+// matmul.cuh, attention.cuh). Every op is asynchronous on the backend's stream, makes no host
+// synchronisation and allocates nothing once its scratch has grown, so a decode step can be
+// captured in a CUDA graph.
+//
+// Memory: `alloc`/`free` keep be->mem_allocated/mem_peak and report to the process-wide
+// counters (fl_cuda_account, cuda_memory.cu), which also see the backend's own scratch (cuBLAS
+// workspace, attention workspace, logits staging).
+//
+// dtypes: activations, KV cache and every weight are in the backend's `act` dtype (float16,
+// bfloat16, or float32 through the same templates). A weight of another dtype is refused with
+// FL_E_UNSUPPORTED naming the op: the model must be created with wdtype == be->act on CUDA (the
+// loader converts checkpoint dtypes on the device).
+#include <stdio.h>
+#include <stdlib.h>
+#include <new>
+
+#include "cuda_backend.cuh"
+#include "loader.cuh"
+#include "attention.cuh"
+#include "convert.cuh"
+#include "matmul.cuh"
+#include "norm.cuh"
+#include "rope.cuh"
+// The loading pipeline (loader.cuh, another unit) is wired in fl_cuda_backend_init, see there.
+
+#define IMPL(be) fl_cuda_impl_of(be)
+
+// ---------------------------------------------------------------------------------------------
+// memory and transfers
+// ---------------------------------------------------------------------------------------------
+static fl_status cu_alloc(fl_backend *be, size_t bytes, void **out) {
+    fl_cuda_impl *c = IMPL(be);
+    *out = NULL;
+    FL_TRY(fl_cuda_enter(c));
+    void *p = NULL;
+    const cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();  // an allocation failure is not sticky; clear it for later calls
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        return fl_err(e == cudaErrorMemoryAllocation ? FL_E_NOMEM : FL_E_DEVICE,
+                      "cudaMalloc(%zu bytes) failed at %s:%d on cuda:%d: %s (%s); %.2f GiB free of %.2f GiB",
+                      bytes, __FILE__, __LINE__, c->device, cudaGetErrorString(e), cudaGetErrorName(e),
+                      free_b / 1073741824.0, total_b / 1073741824.0);
+    }
+    {
+        std::lock_guard<std::mutex> g(c->mu);
+        try {
+            c->blocks.push_back(fl_cuda_block{p, bytes});
+        } catch (...) {
+            cudaFree(p);
+            return fl_err(FL_E_NOMEM, "cannot grow the CUDA allocation table");
+        }
+        be->mem_allocated += bytes;
+        if (be->mem_allocated > be->mem_peak) be->mem_peak = be->mem_allocated;
+    }
+    fl_cuda_account(c->device, (long long)bytes);
+    *out = p;
+    return FL_OK;
+}
+
+static void cu_free(fl_backend *be, void *p) {
+    if (!p) return;
+    fl_cuda_impl *c = IMPL(be);
+    size_t bytes = 0;
+    {
+        std::lock_guard<std::mutex> g(c->mu);
+        for (size_t i = c->blocks.size(); i-- > 0;) {
+            if (c->blocks[i].p == p) {
+                bytes = c->blocks[i].bytes;
+                be->mem_allocated -= bytes;
+                c->blocks[i] = c->blocks.back();
+                c->blocks.pop_back();
+                break;
+            }
+        }
+    }
+    fl_cuda_account(c->device, -(long long)bytes);
+    if (cudaSetDevice(c->device) == cudaSuccess) cudaFree(p);  // waits for pending work on p
+    cudaGetLastError();  // free() cannot report; keep the error state clean for the next op
+}
+
+// From pageable host memory, cudaMemcpyAsync returns once the bytes are staged, so `src_h` may
+// be reused or freed on return. From pinned memory the copy is truly asynchronous: the caller
+// keeps the buffer until sync (the loading pipeline does).
+static fl_status cu_to_backend(fl_backend *be, void *dst_d, const void *src_h, size_t bytes) {
+    fl_cuda_impl *c = IMPL(be);
+    if (!bytes) return FL_OK;
+    FL_TRY(fl_cuda_enter(c));
+    FL_CUDA_CHECK(cudaMemcpyAsync(dst_d, src_h, bytes, cudaMemcpyHostToDevice, c->stream));
+    return FL_OK;
+}
+
+static fl_status cu_to_host(fl_backend *be, void *dst_h, const void *src_d, size_t bytes) {
+    fl_cuda_impl *c = IMPL(be);
+    if (!bytes) return FL_OK;
+    FL_TRY(fl_cuda_enter(c));
+    FL_CUDA_CHECK(cudaMemcpyAsync(dst_h, src_d, bytes, cudaMemcpyDeviceToHost, c->stream));
+    FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    return FL_OK;
+}
+
+static fl_status cu_sync(fl_backend *be) {
+    fl_cuda_impl *c = IMPL(be);
+    FL_TRY(fl_cuda_enter(c));
+    FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    FL_CUDA_CHECK(cudaGetLastError());
+    return FL_OK;
+}
+
+// Scratch owned by the backend: not in be->mem_allocated (which counts `alloc`), but in the
+// process-wide counters (fl_cuda_account) like every device byte fastload holds.
+fl_status fl_cuda_grow(fl_backend *be, void **buf, size_t *have, size_t bytes, const char *what) {
+    fl_cuda_impl *c = IMPL(be);
+    if (bytes <= *have) return FL_OK;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    FL_CUDA_CHECK(cudaStreamIsCapturing(c->stream, &cs));
+    if (cs != cudaStreamCaptureStatusNone)
+        return fl_err(FL_E_INTERNAL, "%s needs %zu bytes of scratch on %s, which cannot be allocated while a CUDA "
+                      "graph is captured: run the same shapes once before capturing", what, bytes, c->name);
+    FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));  // the old buffer may still be in use
+    if (*buf) {
+        FL_CUDA_CHECK(cudaFree(*buf));
+        fl_cuda_account(c->device, -(long long)*have);
+    }
+    *buf = NULL;
+    *have = 0;
+    const cudaError_t e = cudaMalloc(buf, bytes);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        *buf = NULL;
+        return fl_err(e == cudaErrorMemoryAllocation ? FL_E_NOMEM : FL_E_DEVICE, "cudaMalloc(%zu bytes) for %s failed on %s: %s",
+                      bytes, what, c->name, cudaGetErrorString(e));
+    }
+    *have = bytes;
+    fl_cuda_account(c->device, (long long)bytes);
+    return FL_OK;
+}
+
+static void cu_destroy(fl_backend *be) {
+    if (!be) return;
+    fl_cuda_impl *c = IMPL(be);
+    if (c) {
+        if (cudaSetDevice(c->device) == cudaSuccess) {
+            if (c->stream) cudaStreamSynchronize(c->stream);
+            if (c->blas) cublasDestroy(c->blas);
+            if (c->blas_ws) cudaFree(c->blas_ws);
+            if (c->attn_ws) cudaFree(c->attn_ws);
+            if (c->scratch) cudaFree(c->scratch);
+            if (c->stream) cudaStreamDestroy(c->stream);
+        }
+        cudaGetLastError();
+        // the counters drop whether or not the frees succeeded (a broken context holds nothing)
+        if (c->blas_ws) fl_cuda_account(c->device, -(long long)FL_CUDA_BLAS_WS_BYTES);
+        if (c->attn_ws) fl_cuda_account(c->device, -(long long)c->attn_ws_bytes);
+        if (c->scratch) fl_cuda_account(c->device, -(long long)c->scratch_bytes);
+        delete c;
+    }
+    free(be);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ops
+// ---------------------------------------------------------------------------------------------
+static fl_status need_act(const fl_backend *be, const fl_weight *w, const char *op) {
+    if (w->dtype != be->act)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA %s: weight dtype %s differs from the activation dtype %s; on CUDA the "
+                      "model's weights must be stored in the activation dtype", op, fl_cuda_dtype_name(w->dtype),
+                      fl_cuda_dtype_name(be->act));
+    return FL_OK;
+}
+
+static fl_status cu_embed(fl_backend *be, void *x_d, const int32_t *tokens_d, int n, const fl_weight *emb) {
+    FL_TRY(need_act(be, emb, "embed"));
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_embed(IMPL(be)->stream, be->act, x_d, tokens_d, n, emb->data_d, emb->rows, emb->cols);
+}
+
+static fl_status cu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const fl_weight *w, int n, float eps) {
+    FL_TRY(need_act(be, w, "rmsnorm"));
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_rmsnorm(IMPL(be)->stream, be->act, out_d, x_d, w->data_d, n, w->rows, eps);
+}
+
+static fl_status cu_add_rmsnorm(fl_backend *be, void *out_d, void *resid_d, const void *delta_d, const fl_weight *w,
+                                int n, float eps) {
+    FL_TRY(need_act(be, w, "add_rmsnorm"));
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_add_rmsnorm(IMPL(be)->stream, be->act, out_d, resid_d, delta_d, w->data_d, n, w->rows, eps);
+}
+
+static fl_status cu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias) {
+    FL_TRY(need_act(be, W, "matmul"));
+    const void *b = bias && bias->data_d ? bias->data_d : NULL;
+    if (b) FL_TRY(need_act(be, bias, "matmul (bias)"));
+    fl_cuda_impl *c = IMPL(be);
+    FL_TRY(fl_cuda_enter(c));
+    return fl_cuda_matmul(c->stream, c->blas, be->act, y_d, x_d, n, W->data_d, W->rows, W->cols, b, c->gemv_up_to,
+                          c->gemv_variant);
+}
+
+static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer, int n_heads,
+                               const float *inv_freq_d) {
+    if (kv->dtype != be->act)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA rope_store: KV cache dtype %s differs from the activation dtype %s",
+                      fl_cuda_dtype_name(kv->dtype), fl_cuda_dtype_name(be->act));
+    if (layer < 0 || layer >= kv->n_layers) return fl_err(FL_E_VALUE, "rope_store: layer %d of %d", layer, kv->n_layers);
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_rope_store(IMPL(be)->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
+                              inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
+                              kv->head_dim);
+}
+
+static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,
+                              int layer, int n_heads, int window, float scale) {
+    fl_cuda_impl *c = IMPL(be);
+    if (kv->dtype != be->act)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA attention: KV cache dtype %s differs from the activation dtype %s",
+                      fl_cuda_dtype_name(kv->dtype), fl_cuda_dtype_name(be->act));
+    if (layer < 0 || layer >= kv->n_layers) return fl_err(FL_E_VALUE, "attention: layer %d of %d", layer, kv->n_layers);
+    FL_TRY(fl_cuda_enter(c));
+    const size_t need = fl_cuda_attention_workspace(s->batch, n_heads, kv->head_dim, kv->max_len);
+    FL_TRY(fl_cuda_grow(be, &c->attn_ws, &c->attn_ws_bytes, need, "attention"));
+    return fl_cuda_attention(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
+                             s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
+                             kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes);
+}
+
+static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f) {
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_swiglu(IMPL(be)->stream, be->act, out_d, gu_d, n, f);
+}
+
+static fl_status cu_gather_rows(fl_backend *be, void *dst_d, const void *src_d, const int32_t *rows_h, int n, int d) {
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_gather_rows(IMPL(be)->stream, be->act, dst_d, src_d, rows_h, n, d);
+}
+
+// Logits: widened to float32 on the device into a scratch buffer (at most
+// FL_CUDA_SCRATCH_MAX_BYTES, so all-token logits of a long prompt go in chunks; stream order
+// keeps a chunk's copy ahead of the next conversion), then copied to the host. The caller syncs.
+static fl_status cu_logits_to_host(fl_backend *be, float *dst_h, const void *src_d, int n, int vocab) {
+    fl_cuda_impl *c = IMPL(be);
+    const size_t total = (size_t)(n > 0 ? n : 0) * (size_t)(vocab > 0 ? vocab : 0);
+    if (!total) return FL_OK;
+    FL_TRY(fl_cuda_enter(c));
+    if (be->act == FL_F32) {
+        FL_CUDA_CHECK(cudaMemcpyAsync(dst_h, src_d, total * 4, cudaMemcpyDeviceToHost, c->stream));
+        return FL_OK;
+    }
+    size_t chunk = total * 4 < FL_CUDA_SCRATCH_MAX_BYTES ? total : FL_CUDA_SCRATCH_MAX_BYTES / 4;
+    FL_TRY(fl_cuda_grow(be, &c->scratch, &c->scratch_bytes, chunk * 4, "logits_to_host"));
+    const size_t es = (size_t)fl_dtype_size(be->act);
+    for (size_t off = 0; off < total; off += chunk) {
+        const size_t cnt = total - off < chunk ? total - off : chunk;
+        FL_TRY(fl_cuda_convert(c->stream, c->scratch, FL_F32, (const char *)src_d + off * es, be->act, cnt));
+        FL_CUDA_CHECK(cudaMemcpyAsync(dst_h + off, c->scratch, cnt * 4, cudaMemcpyDeviceToHost, c->stream));
+    }
+    return FL_OK;
+}
+
+extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ? IMPL(be)->stream : (cudaStream_t)0; }
+
+// ---------------------------------------------------------------------------------------------
+// set-up
+// ---------------------------------------------------------------------------------------------
+// Benchmark / test knobs, read once per backend: FASTLOAD_GEMV_UP_TO=0..8 (matmul uses the GEMV
+// for n up to this, cuBLAS above; default: the measured FL_MATMUL_GEMV_UP_TO) and
+// FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|mma4|mma8 (the GEMV kernel; default auto).
+static fl_status read_knobs(fl_cuda_impl *c) {
+    c->gemv_up_to = -1;
+    c->gemv_variant = FL_GEMV_AUTO;
+    const char *e = getenv("FASTLOAD_GEMV_UP_TO");
+    if (e && *e) {
+        char *end;
+        const long v = strtol(e, &end, 10);
+        if (*end || v < 0 || v > FL_GEMV_MAX_N)
+            return fl_err(FL_E_VALUE, "FASTLOAD_GEMV_UP_TO='%s' is not an integer in 0..%d", e, FL_GEMV_MAX_N);
+        c->gemv_up_to = (int)v;
+    }
+    e = getenv("FASTLOAD_GEMV_VARIANT");
+    if (e && *e) {
+        c->gemv_variant = fl_gemv_variant_from_name(e);
+        if (c->gemv_variant < 0)
+            return fl_err(FL_E_VALUE, "FASTLOAD_GEMV_VARIANT='%s' is not auto, fma1, fma2, fma4, mma4 or mma8", e);
+    }
+    return FL_OK;
+}
+
+static fl_status init_resources(fl_backend *be, fl_cuda_impl *c) {
+    FL_TRY(read_knobs(c));
+    FL_CUDA_CHECK(cudaSetDevice(c->device));
+    FL_CUDA_CHECK(cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, c->device));
+    FL_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    FL_CUBLAS_CHECK(cublasCreate(&c->blas));
+    // cublasSetStream resets the workspace to cuBLAS' own pool, so the stream goes first. With a
+    // workspace of our own, cuBLAS allocates nothing during a call and the call can be captured.
+    FL_CUBLAS_CHECK(cublasSetStream(c->blas, c->stream));
+    FL_CUDA_CHECK(cudaMalloc(&c->blas_ws, FL_CUDA_BLAS_WS_BYTES));
+    fl_cuda_account(c->device, (long long)FL_CUDA_BLAS_WS_BYTES);
+    FL_CUBLAS_CHECK(cublasSetWorkspace(c->blas, c->blas_ws, FL_CUDA_BLAS_WS_BYTES));
+    (void)be;
+    return FL_OK;
+}
+
+// fl_cuda_load works on the calling thread's current device: make this backend's device current
+// and let nothing of ours be in flight on the arena first.
+static fl_status cu_load(fl_backend *be, const fl_load_job *j, int n, fl_progress_fn cb, void *ud, fl_load_stats *st) {
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    FL_TRY(cu_sync(be));
+    return fl_cuda_load(be, j, n, cb, ud, st);
+}
+
+fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
+    fl_cuda_impl *c = new (std::nothrow) fl_cuda_impl();
+    if (!c) return fl_err(FL_E_NOMEM, "cannot allocate the CUDA backend state");
+    c->device = device;
+    snprintf(c->name, sizeof c->name, "cuda:%d", device);
+    *be = fl_backend{};
+    be->name = c->name;
+    be->act = act;
+    be->n_threads = 0;  // host-side work on this backend's behalf (generic loading) uses every core
+    be->impl = c;
+    be->alloc = cu_alloc;
+    be->free = cu_free;
+    be->to_backend = cu_to_backend;
+    be->to_host = cu_to_host;
+    be->sync = cu_sync;
+    be->destroy = cu_destroy;
+    be->embed = cu_embed;
+    be->rmsnorm = cu_rmsnorm;
+    be->add_rmsnorm = cu_add_rmsnorm;
+    be->matmul = cu_matmul;
+    be->rope_store = cu_rope_store;
+    be->attention = cu_attention;
+    be->swiglu = cu_swiglu;
+    be->gather_rows = cu_gather_rows;
+    be->logits_to_host = cu_logits_to_host;
+    // The loading pipeline (loader.cu): pread / O_DIRECT -> pinned pool -> streams -> device.
+    be->load = cu_load;
+    return init_resources(be, c);  // on failure the caller calls be->destroy(be)
+}

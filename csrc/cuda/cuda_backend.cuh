@@ -1,0 +1,61 @@
+// cuda_backend.cuh: the CUDA backend's private state, shared by the table (cuda_backend.cu),
+// device creation (cuda_device.cu) and the loading pipeline (loader.cu).
+//
+// One backend = one device, one non-blocking stream, one cuBLAS handle bound to that stream with
+// a preallocated workspace (so cuBLAS calls can be captured in a CUDA graph), and scratch
+// buffers that grow outside capture only. Every op is asynchronous on `stream`: no host
+// synchronisation and no allocation once the scratch has its size.
+#ifndef FL_CUDA_BACKEND_CUH
+#define FL_CUDA_BACKEND_CUH
+
+#include <mutex>
+#include <vector>
+
+#include "cuda_common.cuh"
+#include "../fl_backend.h"
+
+#define FL_CUDA_BLAS_WS_BYTES ((size_t)32 << 20)      /* cuBLAS workspace (Hopper wants 32 MiB) */
+#define FL_CUDA_SCRATCH_MAX_BYTES ((size_t)64 << 20)  /* logits_to_host staging, chunked above */
+
+typedef struct {
+    void *p;
+    size_t bytes;
+} fl_cuda_block;
+
+typedef struct fl_cuda_impl {
+    int device;
+    char name[24];              /* "cuda:N", be->name points here */
+    int n_sm;                   /* multiprocessors */
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *blas_ws;              /* [FL_CUDA_BLAS_WS_BYTES] */
+    void *attn_ws;              /* attention workspace, fl_cuda_attention_workspace() bytes */
+    size_t attn_ws_bytes;
+    void *scratch;              /* float32 staging for logits_to_host */
+    int gemv_up_to;             /* matmul: GEMV for n <= this (FASTLOAD_GEMV_UP_TO, default -1: tuned) */
+    int gemv_variant;           /* FL_GEMV_* (FASTLOAD_GEMV_VARIANT, default auto) */
+    size_t scratch_bytes;
+    std::mutex mu;              /* guards `blocks` and the memory counters */
+    std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */
+} fl_cuda_impl;
+
+static inline fl_cuda_impl *fl_cuda_impl_of(fl_backend *be) { return (fl_cuda_impl *)be->impl; }
+
+/* Make the backend's device current on the calling thread (ops may come from loader threads). */
+static inline fl_status fl_cuda_enter(fl_cuda_impl *c) {
+    FL_CUDA_CHECK(cudaSetDevice(c->device));
+    return FL_OK;
+}
+
+/* The stream every op of `be` runs on (generation captures and replays its decode step there). */
+extern "C" cudaStream_t fl_cuda_stream(fl_backend *be);
+
+/* Set up `be` (already calloc'd) for `device` with activation dtype `act`: resources + table. */
+fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act);
+
+/* Grow a scratch buffer to `bytes` (not in be->mem_allocated, which counts `alloc`; in the
+ * process-wide fl_cuda_account counters). Refuses to allocate while the stream is being
+ * captured: reserve by running the same shapes once before capturing. */
+fl_status fl_cuda_grow(fl_backend *be, void **buf, size_t *have, size_t bytes, const char *what);
+
+#endif

@@ -1,0 +1,141 @@
+// cuda_common.cuh: what every CUDA file of fastload shares: the checking macros, the one
+// activation-dtype dispatch, and element conversions.
+//
+// Error handling (STYLE.md, habit 2): every CUDA runtime and cuBLAS call goes through
+// FL_CUDA_CHECK / FL_CUBLAS_CHECK, which on failure record
+//   "<statement> failed at <file>:<line> on cuda:<N>: <message> (<error name>)"
+// through fl_err(FL_E_DEVICE, ...) and return that status from the enclosing function (which
+// must therefore return fl_status). Kernel launches are checked with FL_CUDA_CHECK_LAUNCH().
+#ifndef FL_CUDA_COMMON_CUH
+#define FL_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cublas_v2.h>
+#include <stdint.h>
+
+#include "../fl_common.h"
+
+// Device of the calling thread, for messages only (-1 if even that fails).
+static inline int fl_cuda_current_device(void) {
+    int d = -1;
+    if (cudaGetDevice(&d) != cudaSuccess) d = -1;
+    return d;
+}
+
+#define FL_CUDA_CHECK(stmt)                                                                         \
+    do {                                                                                            \
+        cudaError_t fl_cu_e_ = (stmt);                                                              \
+        if (fl_cu_e_ != cudaSuccess)                                                                \
+            return fl_err(FL_E_DEVICE, "%s failed at %s:%d on cuda:%d: %s (%s)", #stmt, __FILE__,   \
+                          __LINE__, fl_cuda_current_device(), cudaGetErrorString(fl_cu_e_),        \
+                          cudaGetErrorName(fl_cu_e_));                                              \
+    } while (0)
+
+#define FL_CUBLAS_CHECK(stmt)                                                                       \
+    do {                                                                                            \
+        cublasStatus_t fl_cb_s_ = (stmt);                                                           \
+        if (fl_cb_s_ != CUBLAS_STATUS_SUCCESS)                                                      \
+            return fl_err(FL_E_DEVICE, "%s failed at %s:%d on cuda:%d: %s (%s)", #stmt, __FILE__,   \
+                          __LINE__, fl_cuda_current_device(), cublasGetStatusString(fl_cb_s_),     \
+                          cublasGetStatusName(fl_cb_s_));                                           \
+    } while (0)
+
+// After a <<<...>>> launch: a bad configuration or a missing kernel image shows up here; faults
+// inside the kernel surface at the next synchronisation (backend->sync).
+#define FL_CUDA_CHECK_LAUNCH() FL_CUDA_CHECK(cudaGetLastError())
+
+static inline const char *fl_cuda_dtype_name(fl_dtype t) {
+    return (t >= 0 && t < FL_DTYPE_PLAIN_COUNT) ? fl_dtype_table[t].np_name : "?";
+}
+
+// The one dtype dispatch (STYLE.md, habit 4): binds the C++ element type `T` for an fl_dtype
+// and expands the body (the variadic part, so it may hold commas) once per supported type.
+// Unsupported dtypes return FL_E_UNSUPPORTED from the enclosing function.
+//   FL_CUDA_DISPATCH(act, T, launch_something<T><<<g, b, 0, st>>>(...););
+#define FL_CUDA_DISPATCH(dt, T, ...)                                                                \
+    switch (dt) {                                                                                   \
+    case FL_F16: { typedef __half T; __VA_ARGS__ } break;                                           \
+    case FL_BF16: { typedef __nv_bfloat16 T; __VA_ARGS__ } break;                                   \
+    case FL_F32: { typedef float T; __VA_ARGS__ } break;                                            \
+    default:                                                                                        \
+        return fl_err(FL_E_UNSUPPORTED, "CUDA: dtype %s is not supported here (float16, bfloat16 " \
+                      "or float32)", fl_cuda_dtype_name(dt));                                       \
+    }
+
+// ---- element conversions (float32 math everywhere) ----
+__device__ __forceinline__ float fl_to_f32(float v) { return v; }
+__device__ __forceinline__ float fl_to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float fl_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float fl_to_f32(double v) { return (float)v; }
+
+template <typename T> __device__ __forceinline__ T fl_from_f32(float v);
+template <> __device__ __forceinline__ float fl_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half fl_from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 fl_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// A 16-byte vector of T (8 halves or 4 floats), widened to float32. `EPV` elements per vector.
+template <typename T> struct fl_vec { static constexpr int EPV = 16 / (int)sizeof(T); };
+
+template <typename T> __device__ __forceinline__ void fl_vec_to_f32(const uint4 &v, float *f);
+template <> __device__ __forceinline__ void fl_vec_to_f32<float>(const uint4 &v, float *f) {
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+}
+template <> __device__ __forceinline__ void fl_vec_to_f32<__half>(const uint4 &v, float *f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __half2 h;
+        memcpy(&h, &w[i], 4);
+        const float2 p = __half22float2(h);
+        f[2 * i] = p.x; f[2 * i + 1] = p.y;
+    }
+}
+template <> __device__ __forceinline__ void fl_vec_to_f32<__nv_bfloat16>(const uint4 &v, float *f) {
+    // bf16 -> f32 is a shift: low half of each word is element 2i, high half element 2i+1.
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// The reverse: EPV floats -> one 16-byte vector of T (round to nearest even).
+template <typename T> __device__ __forceinline__ uint4 fl_f32_to_vec(const float *f) {
+    T e[fl_vec<T>::EPV];
+#pragma unroll
+    for (int i = 0; i < fl_vec<T>::EPV; i++) e[i] = fl_from_f32<T>(f[i]);
+    uint4 v;
+    memcpy(&v, e, 16);
+    return v;
+}
+
+// Loads that bypass L1 for data read exactly once (weights streamed by the GEMV).
+__device__ __forceinline__ uint4 fl_ld_stream(const void *p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+static inline int fl_is_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+// Block-wide float sum for blockDim.x a multiple of 32 (<= 1024); every thread gets the total.
+// `red` is __shared__ float[32]. Contains __syncthreads: call from all threads of the block.
+__device__ __forceinline__ float fl_block_sum(float v, float *red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();  // `red` may still be read by a previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+#endif

@@ -1,0 +1,206 @@
+// norm.cu: row-wise activation ops (see norm.cuh). One kernel template per op over the element
+// type T; each takes the 16-byte vector path when the row length and the pointers allow it and
+// an element path otherwise (odd hidden sizes stay correct, only slower).
+#include "norm.cuh"
+#include "cuda_common.cuh"
+
+#define ROW_THREADS 256
+
+// ---------------------------------------------------------------------------------------------
+// embedding gather: one block per token row
+// ---------------------------------------------------------------------------------------------
+template <typename T, bool VEC>
+__global__ void embed_kernel(T *__restrict__ x, const int32_t *__restrict__ tok, const T *__restrict__ emb,
+                             int64_t vocab, int64_t d) {
+    const int i = blockIdx.x;
+    const int32_t t = tok[i];
+    T *xr = x + (int64_t)i * d;
+    const bool ok = t >= 0 && t < vocab;
+    const T *er = emb + (ok ? (int64_t)t : 0) * d;
+    if (VEC) {
+        const int64_t nv = d / fl_vec<T>::EPV;
+        for (int64_t v = threadIdx.x; v < nv; v += blockDim.x)
+            ((uint4 *)xr)[v] = ok ? ((const uint4 *)er)[v] : make_uint4(0, 0, 0, 0);
+    } else {
+        for (int64_t k = threadIdx.x; k < d; k += blockDim.x) xr[k] = ok ? er[k] : fl_from_f32<T>(0.f);
+    }
+}
+
+fl_status fl_cuda_embed(cudaStream_t st, fl_dtype act, void *x, const int32_t *tok, int n,
+                        const void *emb, int64_t vocab, int64_t d) {
+    if (n <= 0) return FL_OK;
+    FL_CUDA_DISPATCH(act, T, {
+        const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(x) && fl_is_aligned16(emb);
+        if (vec) embed_kernel<T, true><<<n, ROW_THREADS, 0, st>>>((T *)x, tok, (const T *)emb, vocab, d);
+        else embed_kernel<T, false><<<n, ROW_THREADS, 0, st>>>((T *)x, tok, (const T *)emb, vocab, d);
+    });
+    FL_CUDA_CHECK_LAUNCH();
+    return FL_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, optionally fused with the residual add: one block per row, two passes over the row
+// (the second hits L1/L2). With ADD, pass 1 writes resid = round(resid + delta) and the norm is
+// taken of that rounded value, which is what the model keeps.
+// ---------------------------------------------------------------------------------------------
+template <typename T, bool VEC, bool ADD>
+__global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const T *__restrict__ delta,
+                               const T *__restrict__ w, int64_t d, float eps) {
+    __shared__ float red[32];
+    constexpr int E = fl_vec<T>::EPV;
+    const int64_t row = blockIdx.x;
+    // The input row: resid (read and written by this kernel, so no read-only path) or x.
+    const T *xr = ADD ? resid + row * d : x + row * d;
+    T *outr = out + row * d;
+    float ss = 0.f;
+    if (VEC) {
+        const int64_t nv = d / E;
+        for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+            float a[E];
+            fl_vec_to_f32<T>(((const uint4 *)xr)[v], a);
+            if (ADD) {
+                float b[E];
+                fl_vec_to_f32<T>(((const uint4 *)(delta + row * d))[v], b);
+#pragma unroll
+                for (int k = 0; k < E; k++) a[k] += b[k];
+                const uint4 r = fl_f32_to_vec<T>(a);
+                ((uint4 *)(resid + row * d))[v] = r;
+                fl_vec_to_f32<T>(r, a);
+            }
+#pragma unroll
+            for (int k = 0; k < E; k++) ss += a[k] * a[k];
+        }
+    } else {
+        for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+            float a = fl_to_f32(xr[k]);
+            if (ADD) {
+                const T r = fl_from_f32<T>(a + fl_to_f32(delta[row * d + k]));
+                resid[row * d + k] = r;
+                a = fl_to_f32(r);
+            }
+            ss += a * a;
+        }
+    }
+    const float r = rsqrtf(fl_block_sum(ss, red) / (float)d + eps);
+    // Pass 2: each thread re-reads exactly the elements it wrote in pass 1 (same loop), so the
+    // writes to resid are visible to it without a barrier.
+    if (VEC) {
+        const int64_t nv = d / E;
+        for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+            float a[E], g[E];
+            fl_vec_to_f32<T>(((const uint4 *)xr)[v], a);
+            fl_vec_to_f32<T>(((const uint4 *)w)[v], g);
+#pragma unroll
+            for (int k = 0; k < E; k++) a[k] = g[k] * (a[k] * r);
+            ((uint4 *)outr)[v] = fl_f32_to_vec<T>(a);
+        }
+    } else {
+        for (int64_t k = threadIdx.x; k < d; k += blockDim.x)
+            outr[k] = fl_from_f32<T>(fl_to_f32(w[k]) * (fl_to_f32(xr[k]) * r));
+    }
+}
+
+template <typename T, bool ADD>
+static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const void *x, const void *delta,
+                                const void *w, int n, int64_t d, float eps) {
+    const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(w) &&
+                     (ADD ? fl_is_aligned16(resid) && fl_is_aligned16(delta) : fl_is_aligned16(x));
+    if (vec)
+        rmsnorm_kernel<T, true, ADD><<<n, ROW_THREADS, 0, st>>>((T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
+    else
+        rmsnorm_kernel<T, false, ADD><<<n, ROW_THREADS, 0, st>>>((T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
+    FL_CUDA_CHECK_LAUNCH();
+    return FL_OK;
+}
+
+fl_status fl_cuda_rmsnorm(cudaStream_t st, fl_dtype act, void *out, const void *x, const void *w,
+                          int n, int64_t d, float eps) {
+    if (n <= 0) return FL_OK;
+    FL_CUDA_DISPATCH(act, T, return launch_rmsnorm<T, false>(st, out, NULL, x, NULL, w, n, d, eps););
+    return FL_OK;
+}
+
+fl_status fl_cuda_add_rmsnorm(cudaStream_t st, fl_dtype act, void *out, void *resid, const void *delta,
+                              const void *w, int n, int64_t d, float eps) {
+    if (n <= 0) return FL_OK;
+    FL_CUDA_DISPATCH(act, T, return launch_rmsnorm<T, true>(st, out, resid, NULL, delta, w, n, d, eps););
+    return FL_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: out[i, k] = silu(g) * u with g = gu[i, k], u = gu[i, f + k]; grid-stride over n*f.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
+template <typename T, bool VEC>
+__global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f) {
+    constexpr int E = fl_vec<T>::EPV;
+    const int64_t per_row = VEC ? f / E : f, total = (int64_t)n * per_row;
+    for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = v / per_row, k = v % per_row;
+        const T *g = gu + i * 2 * f, *u = g + f;
+        if (VEC) {
+            float a[E], b[E];
+            fl_vec_to_f32<T>(((const uint4 *)g)[k], a);
+            fl_vec_to_f32<T>(((const uint4 *)u)[k], b);
+#pragma unroll
+            for (int e = 0; e < E; e++) a[e] = silu_mul(a[e], b[e]);
+            ((uint4 *)(out + i * f))[k] = fl_f32_to_vec<T>(a);
+        } else {
+            out[i * f + k] = fl_from_f32<T>(silu_mul(fl_to_f32(g[k]), fl_to_f32(u[k])));
+        }
+    }
+}
+
+fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *gu, int n, int64_t f) {
+    if (n <= 0 || f <= 0) return FL_OK;
+    FL_CUDA_DISPATCH(act, T, {
+        const bool vec = f % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(gu);
+        const int64_t work = (int64_t)n * (vec ? f / fl_vec<T>::EPV : f);
+        int64_t blocks = (work + ROW_THREADS - 1) / ROW_THREADS;
+        if (blocks > 65535 * 16) blocks = 65535 * 16;
+        if (vec) swiglu_kernel<T, true><<<(unsigned)blocks, ROW_THREADS, 0, st>>>((T *)out, (const T *)gu, n, f);
+        else swiglu_kernel<T, false><<<(unsigned)blocks, ROW_THREADS, 0, st>>>((T *)out, (const T *)gu, n, f);
+    });
+    FL_CUDA_CHECK_LAUNCH();
+    return FL_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row gather with the row list in the kernel's arguments, FL_GATHER_CHUNK rows per launch.
+// ---------------------------------------------------------------------------------------------
+#define FL_GATHER_CHUNK 256
+struct gather_rows_arg { int32_t r[FL_GATHER_CHUNK]; };
+
+template <typename T, bool VEC>
+__global__ void gather_rows_kernel(T *__restrict__ dst, const T *__restrict__ src, const gather_rows_arg rows, int64_t d) {
+    const int i = blockIdx.x;
+    const T *s = src + (int64_t)rows.r[i] * d;
+    T *o = dst + (int64_t)i * d;
+    if (VEC) {
+        for (int64_t v = threadIdx.x; v < d / fl_vec<T>::EPV; v += blockDim.x) ((uint4 *)o)[v] = ((const uint4 *)s)[v];
+    } else {
+        for (int64_t k = threadIdx.x; k < d; k += blockDim.x) o[k] = s[k];
+    }
+}
+
+fl_status fl_cuda_gather_rows(cudaStream_t st, fl_dtype act, void *dst, const void *src,
+                              const int32_t *rows_h, int n, int64_t d) {
+    for (int i0 = 0; i0 < n; i0 += FL_GATHER_CHUNK) {
+        const int cnt = n - i0 < FL_GATHER_CHUNK ? n - i0 : FL_GATHER_CHUNK;
+        gather_rows_arg a;
+        memset(&a, 0, sizeof a);
+        for (int i = 0; i < cnt; i++) {
+            if (rows_h[i0 + i] < 0) return fl_err(FL_E_VALUE, "gather_rows: row %d is negative", (int)rows_h[i0 + i]);
+            a.r[i] = rows_h[i0 + i];
+        }
+        FL_CUDA_DISPATCH(act, T, {
+            T *o = (T *)dst + (int64_t)i0 * d;
+            const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(dst) && fl_is_aligned16(src);
+            if (vec) gather_rows_kernel<T, true><<<cnt, ROW_THREADS, 0, st>>>(o, (const T *)src, a, d);
+            else gather_rows_kernel<T, false><<<cnt, ROW_THREADS, 0, st>>>(o, (const T *)src, a, d);
+        });
+        FL_CUDA_CHECK_LAUNCH();
+    }
+    return FL_OK;
+}

@@ -1,0 +1,70 @@
+// rope.cu: rotary embedding fused with the KV-cache store (see rope.cuh).
+// One block per token: the block first fills cos/sin of its position for the hd/2 frequencies
+// into shared memory, then rotates every q and k head of the token's row in place, writing the
+// rotated k (and the untouched v) into the cache slot.
+#include "rope.cuh"
+#include "cuda_common.cuh"
+
+#define ROPE_THREADS 256
+
+template <typename T>
+__global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, const int32_t *__restrict__ start_d,
+                                  const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
+                                  T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd) {
+    extern __shared__ float cs[];  // [half] cos, then [half] sin
+    const int half = hd / 2;
+    float *sn = cs + half;
+    const int bt = blockIdx.x, b = bt / n_new, t = bt % n_new;
+    const float p = (float)pos[bt];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        // The angle as a float32 product, as the CPU backend and transformers compute it; its
+        // cos/sin in double precision (untouched by --use_fast_math, unlike sinf/cosf, whose
+        // fast versions lose accuracy for the large angles of long positions), rounded once.
+        const float f = __fmul_rn(p, inv_freq[i]);
+        double s, c;
+        sincos((double)f, &s, &c);
+        cs[i] = (float)c;
+        sn[i] = (float)s;
+    }
+    __syncthreads();
+    const int slot = (start_d ? *start_d : start) + t;
+    const bool store = slot >= 0 && slot < max_len;
+    T *row = qkv + (int64_t)bt * (nh + 2 * nkv) * hd;
+    T *kdst = kcache + ((int64_t)b * max_len + (store ? slot : 0)) * nkv * hd;
+    T *vdst = vcache + ((int64_t)b * max_len + (store ? slot : 0)) * nkv * hd;
+    for (int q = threadIdx.x; q < (nh + nkv) * half; q += blockDim.x) {
+        const int h = q / half, i = q % half;
+        T *v = row + (int64_t)h * hd;
+        const float a = fl_to_f32(v[i]), c = fl_to_f32(v[i + half]);
+        const T ra = fl_from_f32<T>(a * cs[i] - c * sn[i]);
+        const T rc = fl_from_f32<T>(c * cs[i] + a * sn[i]);
+        v[i] = ra;
+        v[i + half] = rc;
+        if (h >= nh && store) {
+            kdst[(h - nh) * hd + i] = ra;
+            kdst[(h - nh) * hd + i + half] = rc;
+        }
+    }
+    if (store) {
+        const T *vsrc = row + (int64_t)(nh + nkv) * hd;
+        for (int e = threadIdx.x; e < nkv * hd; e += blockDim.x) vdst[e] = vsrc[e];
+    }
+}
+
+fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
+                             const int32_t *start_d, const int32_t *pos, const float *inv_freq,
+                             void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
+                             int head_dim) {
+    if (B <= 0 || T <= 0) return FL_OK;
+    if (head_dim <= 0 || head_dim % 2 || head_dim > 1024)
+        return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", head_dim);
+    if (!start_d && (start < 0 || start + T > max_len))
+        return fl_err(FL_E_VALUE, "rope_store: KV cache holds %d positions; slots [%d, %d) requested", max_len, start, start + T);
+    const size_t smem = (size_t)head_dim * sizeof(float);
+    FL_CUDA_DISPATCH(act, T_, {
+        rope_store_kernel<T_><<<B * T, ROPE_THREADS, smem, st>>>((T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
+                                                                 (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim);
+    });
+    FL_CUDA_CHECK_LAUNCH();
+    return FL_OK;
+}

@@ -1,0 +1,17 @@
+// rope.cuh: rotary embedding of q and k (rotate-half layout) fused with the KV-cache store.
+#ifndef FL_CUDA_ROPE_CUH
+#define FL_CUDA_ROPE_CUH
+#include <cuda_runtime.h>
+#include "../fl_common.h"
+
+// qkv: [B*T, (nh + 2*nkv) * hd] (act), rotated in place for q and k; pos: [B*T] int32;
+// inv_freq: [hd/2] float32. The angle is the float32 product (float)pos * inv_freq[i] (as the
+// CPU backend and transformers), its cos/sin evaluated accurately (not the fast-math intrinsics,
+// whose error grows with the angle). Rotated k and v go to kcache/vcache: [B, max_len, nkv, hd]
+// at slot start + t, where start = *start_d when start_d != NULL (graph replay), else `start`.
+// Slots outside [0, max_len) are skipped (the host checks `start`; a device start cannot be).
+fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
+                             const int32_t *start_d, const int32_t *pos, const float *inv_freq,
+                             void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
+                             int head_dim);
+#endif

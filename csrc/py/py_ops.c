@@ -1,0 +1,457 @@
+/* py_ops.c: fastload._C.run_op(device, op, inputs, params) -> dict of numpy arrays.
+ *
+ * Test binding: creates a backend ("cpu" or "cuda[:N]" with params["act"] in float16 / bfloat16 /
+ * float32), uploads float32 numpy inputs converted to the backend's activation dtype (weights
+ * too: weights are stored in the activation dtype), poisons every output buffer (all bytes 0xFF,
+ * a NaN in every float dtype), runs ONE backend op, synchronises, and returns the outputs widened
+ * to float32. Tests run the same op on both backends and compare. After freeing its buffers it
+ * checks that the backend's memory counter is back to zero.
+ *
+ * Ops, inputs (float32 unless noted) -> outputs; params in brackets:
+ *   embed        tokens:int32[n], emb[V, d]                        -> x[n, d]
+ *   rmsnorm      x[n, d], w[d]                                      -> out[n, d]               [eps]
+ *   add_rmsnorm  resid[n, d], delta[n, d], w[d]                     -> out[n, d], resid[n, d]  [eps]
+ *   matmul       x[n, C], W[R, C], bias[R] (optional)               -> y[n, R]
+ *   rope_store   qkv[B*T, (nh+2nkv)*hd], pos:int32[B*T], inv_freq:float32[hd/2],
+ *                k_cache, v_cache[B, max_len, nkv, hd] (optional; else poisoned)
+ *                                                                   -> qkv, k_cache, v_cache
+ *                [B, T, start, n_heads, n_kv_heads, start_on_device]
+ *   attention    qkv, k_cache, v_cache, kmask:uint8[B, stride] (optional) -> out[B*T, nh*hd]
+ *                [B, T, start, n_heads, n_kv_heads, window, scale, start_on_device]
+ *   swiglu       gu[n, 2f]                                          -> out[n, f]
+ *   gather_rows  src[m, d], rows:int32[n] (host)                    -> dst[n, d]
+ *   logits_to_host src[n, vocab]                                    -> out[n, vocab]
+ * (head_dim and max_len are read off the cache / inv_freq shapes.) */
+#include "py_common.h"
+
+#define MAX_BUFS 16
+
+typedef struct {
+    fl_backend *be;
+    void *bufs[MAX_BUFS];
+    int nb;
+    PyObject *inputs, *params, *out;
+    const char *op;
+} op_ctx;
+
+static fl_dtype dtype_from_name(const char *s) {
+    if (!strcmp(s, "float32")) return FL_F32;
+    if (!strcmp(s, "float16")) return FL_F16;
+    if (!strcmp(s, "bfloat16")) return FL_BF16;
+    return FL_DTYPE_INVALID;
+}
+
+static int raise_st(op_ctx *c, fl_status st) {
+    fl_err_prefix(st, "run_op(%s on %s)", c->op, c->be ? c->be->name : "?");
+    fl_py_raise(st);
+    return -1;
+}
+
+static int param_int(op_ctx *c, const char *k, long dflt, long *out) {
+    PyObject *v = PyDict_GetItemString(c->params, k);
+    if (!v) { *out = dflt; return 0; }
+    *out = PyLong_AsLong(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+static int param_float(op_ctx *c, const char *k, double dflt, float *out) {
+    PyObject *v = PyDict_GetItemString(c->params, k);
+    if (!v) { *out = (float)dflt; return 0; }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+/* inputs[name] as a C-contiguous array of `npy` type (a new reference), or NULL: with an
+ * exception if required, without one if optional and absent. ndim checked. */
+static PyArrayObject *get_arr(op_ctx *c, const char *name, int npy, int ndim, int required) {
+    PyObject *v = PyDict_GetItemString(c->inputs, name);
+    if (!v || v == Py_None) {
+        if (required) PyErr_Format(PyExc_KeyError, "run_op(%s): input '%s' is required", c->op, name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(v, npy, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "run_op(%s): input '%s' must have %d dimensions, has %d", c->op, name, ndim,
+                     PyArray_NDIM(a));
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+static int track(op_ctx *c, void *p) {
+    if (c->nb >= MAX_BUFS) { c->be->free(c->be, p); PyErr_SetString(PyExc_RuntimeError, "run_op: too many buffers"); return -1; }
+    c->bufs[c->nb++] = p;
+    return 0;
+}
+
+/* Backend buffer of `bytes`, every byte 0xFF (NaN in f32/f16/bf16). */
+static void *alloc_poisoned(op_ctx *c, size_t bytes) {
+    void *d = NULL;
+    fl_status st = c->be->alloc(c->be, bytes, &d);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    if (track(c, d) < 0) return NULL;
+    char *h = malloc(bytes ? bytes : 1);
+    if (!h) { PyErr_NoMemory(); return NULL; }
+    memset(h, 0xff, bytes);
+    st = c->be->to_backend(c->be, d, h, bytes);
+    free(h);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    return d;
+}
+
+/* Upload raw bytes (int32, uint8, or float32 kept float32). */
+static void *upload_raw(op_ctx *c, PyArrayObject *a) {
+    const size_t bytes = (size_t)PyArray_NBYTES(a);
+    void *d = NULL;
+    fl_status st = c->be->alloc(c->be, bytes, &d);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    if (track(c, d) < 0) return NULL;
+    st = c->be->to_backend(c->be, d, PyArray_DATA(a), bytes);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    return d;
+}
+
+/* Upload a float32 array converted to the activation dtype. */
+static void *upload_act(op_ctx *c, PyArrayObject *a) {
+    const size_t n = (size_t)PyArray_SIZE(a), es = (size_t)fl_dtype_size(c->be->act);
+    void *d = NULL;
+    fl_status st = c->be->alloc(c->be, n * es, &d);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    if (track(c, d) < 0) return NULL;
+    void *h = malloc(n * es + 1);
+    if (!h) { PyErr_NoMemory(); return NULL; }
+    st = fl_convert(h, c->be->act, PyArray_DATA(a), FL_F32, n);
+    if (st == FL_OK) st = c->be->to_backend(c->be, d, h, n * es);
+    free(h);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    return d;
+}
+
+/* Download n = prod(shape) activation-dtype elements into out[name] as float32. */
+static int download(op_ctx *c, const char *name, const void *d, int ndim, const npy_intp *shape) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(ndim, (npy_intp *)shape, NPY_FLOAT32);
+    if (!a) return -1;
+    const size_t n = (size_t)PyArray_SIZE(a), es = (size_t)fl_dtype_size(c->be->act);
+    void *h = malloc(n * es + 1);
+    if (!h) { Py_DECREF(a); PyErr_NoMemory(); return -1; }
+    fl_status st = c->be->to_host(c->be, h, d, n * es);
+    if (st == FL_OK) st = fl_convert(PyArray_DATA(a), FL_F32, h, c->be->act, n);
+    free(h);
+    if (st != FL_OK) { Py_DECREF(a); return raise_st(c, st); }
+    int r = PyDict_SetItemString(c->out, name, (PyObject *)a);
+    Py_DECREF(a);
+    return r;
+}
+
+static fl_weight weight_of(op_ctx *c, void *d, int64_t rows, int64_t cols) {
+    return (fl_weight){.dtype = c->be->act, .rows = rows, .cols = cols, .data_d = d};
+}
+
+#define DIM(a, i) ((int64_t)PyArray_DIM((a), (i)))
+#define BAD(...) do { PyErr_Format(PyExc_ValueError, __VA_ARGS__); goto done; } while (0)
+#define RUN(call) do { fl_status st_ = (call); if (st_ == FL_OK) st_ = c->be->sync(c->be); if (st_ != FL_OK) { raise_st(c, st_); goto done; } } while (0)
+
+static int op_embed(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *tok = get_arr(c, "tokens", NPY_INT32, 1, 1), *emb = tok ? get_arr(c, "emb", NPY_FLOAT32, 2, 1) : NULL;
+    if (!emb) goto done;
+    const int n = (int)DIM(tok, 0);
+    const int64_t V = DIM(emb, 0), d = DIM(emb, 1);
+    void *tok_d = upload_raw(c, tok), *emb_d = tok_d ? upload_act(c, emb) : NULL;
+    void *x_d = emb_d ? alloc_poisoned(c, (size_t)n * d * fl_dtype_size(c->be->act)) : NULL;
+    if (!x_d) goto done;
+    const fl_weight w = weight_of(c, emb_d, V, d);
+    RUN(c->be->embed(c->be, x_d, tok_d, n, &w));
+    npy_intp sh[2] = {n, d};
+    rc = download(c, "x", x_d, 2, sh);
+done:
+    Py_XDECREF(tok); Py_XDECREF(emb);
+    return rc;
+}
+
+static int op_rmsnorm(op_ctx *c, int add) {
+    int rc = -1;
+    float eps;
+    PyArrayObject *x = NULL, *delta = NULL, *w = NULL;
+    if (param_float(c, "eps", 1e-6, &eps) < 0) goto done;
+    x = get_arr(c, add ? "resid" : "x", NPY_FLOAT32, 2, 1);
+    if (!x) goto done;
+    if (add && !(delta = get_arr(c, "delta", NPY_FLOAT32, 2, 1))) goto done;
+    if (!(w = get_arr(c, "w", NPY_FLOAT32, 1, 1))) goto done;
+    const int64_t n = DIM(x, 0), d = DIM(x, 1);
+    if (DIM(w, 0) != d || (delta && (DIM(delta, 0) != n || DIM(delta, 1) != d))) BAD("run_op(%s): shapes disagree", c->op);
+    void *x_d = upload_act(c, x), *delta_d = NULL, *w_d = NULL, *out_d = NULL;
+    if (!x_d) goto done;
+    if (add && !(delta_d = upload_act(c, delta))) goto done;
+    if (!(w_d = upload_act(c, w))) goto done;
+    if (!(out_d = alloc_poisoned(c, (size_t)n * d * fl_dtype_size(c->be->act)))) goto done;
+    const fl_weight wt = weight_of(c, w_d, d, 1);
+    if (add) RUN(c->be->add_rmsnorm(c->be, out_d, x_d, delta_d, &wt, (int)n, eps));
+    else RUN(c->be->rmsnorm(c->be, out_d, x_d, &wt, (int)n, eps));
+    npy_intp sh[2] = {n, d};
+    if (download(c, "out", out_d, 2, sh) < 0) goto done;
+    if (add && download(c, "resid", x_d, 2, sh) < 0) goto done;
+    rc = 0;
+done:
+    Py_XDECREF(x); Py_XDECREF(delta); Py_XDECREF(w);
+    return rc;
+}
+
+static int op_matmul(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *x = get_arr(c, "x", NPY_FLOAT32, 2, 1), *W = x ? get_arr(c, "W", NPY_FLOAT32, 2, 1) : NULL, *b = NULL;
+    if (!W) goto done;
+    b = get_arr(c, "bias", NPY_FLOAT32, 1, 0);
+    if (!b && PyErr_Occurred()) goto done;
+    const int64_t n = DIM(x, 0), C = DIM(x, 1), R = DIM(W, 0);
+    if (DIM(W, 1) != C || (b && DIM(b, 0) != R)) BAD("run_op(matmul): shapes disagree");
+    void *x_d = upload_act(c, x), *W_d = x_d ? upload_act(c, W) : NULL, *b_d = NULL, *y_d = NULL;
+    if (!W_d) goto done;
+    if (b && !(b_d = upload_act(c, b))) goto done;
+    if (!(y_d = alloc_poisoned(c, (size_t)n * R * fl_dtype_size(c->be->act)))) goto done;
+    const fl_weight wt = weight_of(c, W_d, R, C), bt = weight_of(c, b_d, R, 1);
+    RUN(c->be->matmul(c->be, y_d, x_d, (int)n, &wt, b ? &bt : NULL));
+    npy_intp sh[2] = {n, R};
+    rc = download(c, "y", y_d, 2, sh);
+done:
+    Py_XDECREF(x); Py_XDECREF(W); Py_XDECREF(b);
+    return rc;
+}
+
+/* Shared by rope_store and attention: the step, the cache (inputs or poisoned), qkv. */
+typedef struct {
+    long B, T, start, nh, nkv, hd, max_len, on_dev;
+    void *qkv_d, *k_d, *v_d;
+    fl_step step;
+    fl_kvcache kv;
+    void *kp[1], *vp[1];
+} step_ctx;
+
+static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache, int with_inv_freq) {
+    PyArrayObject *kc = NULL, *vc = NULL, *pos = NULL, *km = NULL;
+    int rc = -1;
+    if (param_int(c, "B", 1, &s->B) < 0 || param_int(c, "T", 1, &s->T) < 0 || param_int(c, "start", 0, &s->start) < 0 ||
+        param_int(c, "n_heads", 0, &s->nh) < 0 || param_int(c, "n_kv_heads", 0, &s->nkv) < 0 ||
+        param_int(c, "head_dim", 0, &s->hd) < 0 || param_int(c, "max_len", 0, &s->max_len) < 0 ||
+        param_int(c, "start_on_device", 0, &s->on_dev) < 0)
+        goto done;
+    kc = get_arr(c, "k_cache", NPY_FLOAT32, 4, need_cache);
+    if (!kc && PyErr_Occurred()) goto done;
+    vc = get_arr(c, "v_cache", NPY_FLOAT32, 4, need_cache);
+    if (!vc && PyErr_Occurred()) goto done;
+    if ((kc == NULL) != (vc == NULL)) BAD("run_op(%s): give both k_cache and v_cache or neither", c->op);
+    if (kc) { s->max_len = (long)DIM(kc, 1); s->hd = (long)DIM(kc, 3); }
+    const int64_t N = (int64_t)s->B * s->T, width = (int64_t)(s->nh + 2 * s->nkv) * s->hd;
+    if (s->B <= 0 || s->T <= 0 || s->nh <= 0 || s->nkv <= 0 || s->hd <= 0 || s->nh % s->nkv || s->max_len <= 0 ||
+        s->start < 0 || s->start + s->T > s->max_len)
+        BAD("run_op(%s): bad B/T/start/n_heads/n_kv_heads/head_dim/max_len", c->op);
+    if (DIM(qkv, 0) != N || DIM(qkv, 1) != width) BAD("run_op(%s): qkv must be [%lld, %lld]", c->op, (long long)N, (long long)width);
+    if (kc && (DIM(kc, 0) != s->B || DIM(kc, 2) != s->nkv || DIM(vc, 0) != s->B || DIM(vc, 1) != s->max_len ||
+               DIM(vc, 2) != s->nkv || DIM(vc, 3) != s->hd))
+        BAD("run_op(%s): caches must be [B, max_len, n_kv_heads, head_dim]", c->op);
+    const size_t cache_bytes = (size_t)s->B * s->max_len * s->nkv * s->hd * fl_dtype_size(c->be->act);
+    if (!(s->qkv_d = upload_act(c, qkv))) goto done;
+    s->k_d = kc ? upload_act(c, kc) : alloc_poisoned(c, cache_bytes);
+    if (!s->k_d) goto done;
+    s->v_d = vc ? upload_act(c, vc) : alloc_poisoned(c, cache_bytes);
+    if (!s->v_d) goto done;
+    s->step = (fl_step){.batch = (int)s->B, .n_new = (int)s->T, .start = (int)s->start};
+    if (s->on_dev) {
+        /* the device start is the truth; poison the host one to prove it is not read (not on
+         * the CPU backend, which reads the host value only) */
+        int32_t st32 = (int32_t)s->start;
+        void *sd = NULL;
+        fl_status st = c->be->alloc(c->be, 4, &sd);
+        if (st != FL_OK) { raise_st(c, st); goto done; }
+        if (track(c, sd) < 0) goto done;
+        if ((st = c->be->to_backend(c->be, sd, &st32, 4)) != FL_OK) { raise_st(c, st); goto done; }
+        s->step.start_d = sd;
+        if (strcmp(c->be->name, "cpu") != 0) s->step.start = -12345;
+    }
+    if (with_inv_freq) {
+        if (!(pos = get_arr(c, "pos", NPY_INT32, 1, 1))) goto done;
+        if (DIM(pos, 0) != N) BAD("run_op(%s): pos must have B*T entries", c->op);
+        if (!(s->step.pos_d = upload_raw(c, pos))) goto done;
+    } else {
+        if (!(km = get_arr(c, "kmask", NPY_UINT8, 2, 0)) && PyErr_Occurred()) goto done;
+        if (km) {
+            if (DIM(km, 0) != s->B || DIM(km, 1) < s->start + s->T) BAD("run_op(%s): kmask must be [B, >= start+T]", c->op);
+            if (!(s->step.kmask_d = upload_raw(c, km))) goto done;
+            s->step.kmask_stride = (int)DIM(km, 1);
+        }
+    }
+    s->kp[0] = s->k_d; s->vp[0] = s->v_d;
+    s->kv = (fl_kvcache){.n_layers = 1, .batch = (int)s->B, .max_len = (int)s->max_len, .n_kv_heads = (int)s->nkv,
+                         .head_dim = (int)s->hd, .dtype = c->be->act, .k_d = s->kp, .v_d = s->vp};
+    rc = 0;
+done:
+    Py_XDECREF(kc); Py_XDECREF(vc); Py_XDECREF(pos); Py_XDECREF(km);
+    return rc;
+}
+
+static int op_rope_store(op_ctx *c) {
+    int rc = -1;
+    step_ctx s;
+    memset(&s, 0, sizeof s);
+    PyArrayObject *qkv = get_arr(c, "qkv", NPY_FLOAT32, 2, 1), *inv = qkv ? get_arr(c, "inv_freq", NPY_FLOAT32, 1, 1) : NULL;
+    if (!inv) goto done;
+    if (!PyDict_GetItemString(c->params, "head_dim")) {
+        PyObject *hd = PyLong_FromLong((long)(2 * DIM(inv, 0)));  /* head_dim from inv_freq */
+        if (!hd || PyDict_SetItemString(c->params, "head_dim", hd) < 0) { Py_XDECREF(hd); goto done; }
+        Py_DECREF(hd);
+    }
+    if (setup_step(c, &s, qkv, 0, 1) < 0) goto done;
+    if (DIM(inv, 0) * 2 != s.hd) BAD("run_op(rope_store): inv_freq must have head_dim/2 entries");
+    void *inv_d = upload_raw(c, inv);
+    if (!inv_d) goto done;
+    RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d));
+    npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
+    npy_intp shc[4] = {(npy_intp)s.B, (npy_intp)s.max_len, (npy_intp)s.nkv, (npy_intp)s.hd};
+    if (download(c, "qkv", s.qkv_d, 2, shq) < 0 || download(c, "k_cache", s.k_d, 4, shc) < 0 ||
+        download(c, "v_cache", s.v_d, 4, shc) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(qkv); Py_XDECREF(inv);
+    return rc;
+}
+
+static int op_attention(op_ctx *c) {
+    int rc = -1;
+    step_ctx s;
+    memset(&s, 0, sizeof s);
+    long window;
+    float scale;
+    PyArrayObject *qkv = get_arr(c, "qkv", NPY_FLOAT32, 2, 1);
+    if (!qkv) goto done;
+    if (param_int(c, "window", 0, &window) < 0) goto done;
+    if (setup_step(c, &s, qkv, 1, 0) < 0) goto done;
+    if (param_float(c, "scale", 1.0 / sqrt((double)s.hd), &scale) < 0) goto done;
+    void *out_d = alloc_poisoned(c, (size_t)s.B * s.T * s.nh * s.hd * fl_dtype_size(c->be->act));
+    if (!out_d) goto done;
+    RUN(c->be->attention(c->be, out_d, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, (int)window, scale));
+    npy_intp sh[2] = {(npy_intp)(s.B * s.T), (npy_intp)(s.nh * s.hd)};
+    rc = download(c, "out", out_d, 2, sh);
+done:
+    Py_XDECREF(qkv);
+    return rc;
+}
+
+static int op_swiglu(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *gu = get_arr(c, "gu", NPY_FLOAT32, 2, 1);
+    if (!gu) goto done;
+    const int64_t n = DIM(gu, 0), f = DIM(gu, 1) / 2;
+    if (DIM(gu, 1) % 2) BAD("run_op(swiglu): gu must have an even number of columns");
+    void *gu_d = upload_act(c, gu), *out_d = gu_d ? alloc_poisoned(c, (size_t)n * f * fl_dtype_size(c->be->act)) : NULL;
+    if (!out_d) goto done;
+    RUN(c->be->swiglu(c->be, out_d, gu_d, (int)n, (int)f));
+    npy_intp sh[2] = {n, f};
+    rc = download(c, "out", out_d, 2, sh);
+done:
+    Py_XDECREF(gu);
+    return rc;
+}
+
+static int op_gather_rows(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *src = get_arr(c, "src", NPY_FLOAT32, 2, 1), *rows = src ? get_arr(c, "rows", NPY_INT32, 1, 1) : NULL;
+    if (!rows) goto done;
+    const int64_t m = DIM(src, 0), d = DIM(src, 1), n = DIM(rows, 0);
+    const int32_t *r = (const int32_t *)PyArray_DATA(rows);
+    for (int64_t i = 0; i < n; i++)
+        if (r[i] < 0 || r[i] >= m) BAD("run_op(gather_rows): row %d outside [0, %lld)", (int)r[i], (long long)m);
+    void *src_d = upload_act(c, src), *dst_d = src_d ? alloc_poisoned(c, (size_t)n * d * fl_dtype_size(c->be->act)) : NULL;
+    if (!dst_d) goto done;
+    RUN(c->be->gather_rows(c->be, dst_d, src_d, r, (int)n, (int)d));
+    npy_intp sh[2] = {n, d};
+    rc = download(c, "dst", dst_d, 2, sh);
+done:
+    Py_XDECREF(src); Py_XDECREF(rows);
+    return rc;
+}
+
+static int op_logits_to_host(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *src = get_arr(c, "src", NPY_FLOAT32, 2, 1), *out = NULL;
+    if (!src) goto done;
+    npy_intp sh[2] = {PyArray_DIM(src, 0), PyArray_DIM(src, 1)};
+    void *src_d = upload_act(c, src);
+    if (!src_d) goto done;
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(2, sh, NPY_FLOAT32))) goto done;
+    memset(PyArray_DATA(out), 0xff, (size_t)PyArray_NBYTES(out));
+    RUN(c->be->logits_to_host(c->be, (float *)PyArray_DATA(out), src_d, (int)sh[0], (int)sh[1]));
+    rc = PyDict_SetItemString(c->out, "out", (PyObject *)out);
+done:
+    Py_XDECREF(src); Py_XDECREF(out);
+    return rc;
+}
+
+static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"device", "op", "inputs", "params", NULL};
+    const char *device, *op;
+    PyObject *inputs, *params = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ssO!|O!", kwlist, &device, &op, &PyDict_Type, &inputs, &PyDict_Type, &params))
+        return NULL;
+    op_ctx c;
+    memset(&c, 0, sizeof c);
+    c.op = op;
+    c.inputs = inputs;
+    c.params = params ? PyDict_Copy(params) : PyDict_New();  /* a copy: defaults may be added */
+    if (!c.params) return NULL;
+    const char *act_name = "float32";
+    PyObject *a = PyDict_GetItemString(c.params, "act");
+    if (a && !(act_name = PyUnicode_AsUTF8(a))) { Py_DECREF(c.params); return NULL; }
+    const fl_dtype act = dtype_from_name(act_name);
+    if (act == FL_DTYPE_INVALID) {
+        Py_DECREF(c.params);
+        return PyErr_Format(PyExc_ValueError, "run_op: act '%s' is not float32, float16 or bfloat16", act_name);
+    }
+    fl_status st;
+    if (!strcmp(device, "cpu")) {
+        if (act != FL_F32) { Py_DECREF(c.params); return PyErr_Format(PyExc_ValueError, "run_op: the CPU backend computes in float32"); }
+        st = fl_backend_cpu_create(0, &c.be);
+    } else if (!strncmp(device, "cuda", 4) && (device[4] == 0 || device[4] == ':')) {
+        st = fl_backend_cuda_create(device[4] == ':' ? atoi(device + 5) : 0, act, &c.be);
+    } else {
+        Py_DECREF(c.params);
+        return PyErr_Format(PyExc_ValueError, "run_op: device '%s' is not 'cpu' or 'cuda[:N]'", device);
+    }
+    if (st != FL_OK) { Py_DECREF(c.params); return fl_py_raise(st); }
+    int rc = -1;
+    c.out = PyDict_New();
+    if (c.out) {
+        if (!strcmp(op, "embed")) rc = op_embed(&c);
+        else if (!strcmp(op, "rmsnorm")) rc = op_rmsnorm(&c, 0);
+        else if (!strcmp(op, "add_rmsnorm")) rc = op_rmsnorm(&c, 1);
+        else if (!strcmp(op, "matmul")) rc = op_matmul(&c);
+        else if (!strcmp(op, "rope_store")) rc = op_rope_store(&c);
+        else if (!strcmp(op, "attention")) rc = op_attention(&c);
+        else if (!strcmp(op, "swiglu")) rc = op_swiglu(&c);
+        else if (!strcmp(op, "gather_rows")) rc = op_gather_rows(&c);
+        else if (!strcmp(op, "logits_to_host")) rc = op_logits_to_host(&c);
+        else PyErr_Format(PyExc_ValueError, "run_op: unknown op '%s'", op);
+    }
+    for (int i = 0; i < c.nb; i++) c.be->free(c.be, c.bufs[i]);
+    if (rc == 0 && c.be->mem_allocated != 0) {
+        PyErr_Format(PyExc_RuntimeError, "run_op(%s on %s): the backend reports %llu bytes allocated after every buffer "
+                     "was freed", op, c.be->name, (unsigned long long)c.be->mem_allocated);
+        rc = -1;
+    }
+    c.be->destroy(c.be);
+    Py_DECREF(c.params);
+    if (rc < 0) { Py_XDECREF(c.out); return NULL; }
+    return c.out;
+}
+
+static PyMethodDef methods[] = {
+    {"run_op", (PyCFunction)(void (*)(void))py_run_op, METH_VARARGS | METH_KEYWORDS,
+     "run_op(device, op, inputs, params) -> dict: one backend op on numpy inputs (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+int fl_py_init_ops(PyObject *m) { return PyModule_AddFunctions(m, methods); }

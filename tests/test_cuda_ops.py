@@ -1,0 +1,305 @@
+"""The CUDA backend's ops against the CPU backend, one op at a time, through fastload._C.run_op.
+
+Every test draws fresh random inputs (the seed is in the failure message), rounds them to the
+activation dtype first (so both backends see the same values: the CPU backend computes in float32
+on them), runs the op on "cpu" and on "cuda:0" (float16, bfloat16 and float32 activations), and
+compares. run_op poisons every output buffer with NaN bytes before the op and checks the memory
+counters after it; a NaN in an output never passes.
+
+Tolerances, decided up front per dtype (u = unit roundoff of the activation dtype):
+  - relative L2 error  ||got - ref|| / ||ref||  <  REL_L2[act]
+  - every element      |got - ref|  <=  ELEM_K * u * (|ref| + rms(ref))
+    (one rounding of the output, plus one of an intermediate the model keeps in act, as the
+    residual stream, fit well inside; attention, which rounds its probabilities to act, has
+    ATT_REL_L2 and ATT_ELEM_K instead)
+  - copies (embed, gather_rows, logits_to_host, untouched cache slots): bit-exact.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fastload import _C
+
+_info = _C.build_info()
+if _info["cuda_devices"] == 0:
+    pytest.skip("fastload was built without CUDA" if not _info["cuda_compiled"] else
+                "no CUDA device: " + (_info["cuda_error"] or "0 devices visible"), allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+DEV = os.environ.get("FASTLOAD_TEST_CUDA_DEVICE", "cuda:0")
+ACTS = ["float16", "bfloat16", "float32"]
+REL_L2 = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
+# attention rounds its probabilities to act for the P.V product on the tensor cores (csrc/cuda/attention.cuh)
+ATT_REL_L2 = {"float16": 5e-3, "bfloat16": 2e-2, "float32": 1e-4}
+UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -22}  # f32: fast-math intrinsics, reordered sums
+ELEM_K = 8
+ATT_ELEM_K = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def rng_and_seed():
+    seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+    return np.random.default_rng(seed), seed
+
+
+def to_act(x, act):
+    """Round float32 values to `act` (round to nearest even) and back to float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if act == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if act == "bfloat16":
+        u = x.view(np.uint32).astype(np.uint64)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.astype(np.uint32).view(np.float32)
+    return x
+
+
+def randn(rng, shape, act, scale=1.0):
+    return to_act(rng.standard_normal(shape, dtype=np.float32) * np.float32(scale), act)
+
+
+def run_both(op, inputs, params, act):
+    ref = _C.run_op("cpu", op, inputs, dict(params, act="float32"))
+    got = _C.run_op(DEV, op, inputs, dict(params, act=act))
+    assert set(got) == set(ref)
+    return got, ref
+
+
+def check_close(got, ref, act, what, seed, k=ELEM_K, rel_l2=REL_L2):
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    assert np.isfinite(ref).all(), f"{what}: the CPU reference is not finite (seed {seed})"
+    bad = ~np.isfinite(got)
+    assert not bad.any(), f"{what}: {int(bad.sum())} non-finite outputs (unwritten or NaN), first at " \
+                          f"{np.argwhere(bad)[0].tolist()} (seed {seed})"
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    nref = np.linalg.norm(r)
+    rel = np.linalg.norm(g - r) / (nref if nref > 0 else 1.0)
+    assert rel < rel_l2[act], f"{what} [{act}]: rel-L2 error {rel:.3g} >= {rel_l2[act]} (seed {seed})"
+    rms = math.sqrt(float(np.mean(r * r))) if r.size else 0.0
+    lim = k * UNIT[act] * (np.abs(r) + rms) + 1e-30
+    over = np.abs(g - r) > lim
+    if over.any():
+        i = tuple(np.argwhere(over)[0])
+        pytest.fail(f"{what} [{act}]: {int(over.sum())} elements off, first at {list(i)}: got {g[i]!r}, "
+                    f"ref {r[i]!r}, limit {lim[i]:.3g} (seed {seed})")
+
+
+def check_exact(got, ref, what, seed):
+    assert got.shape == ref.shape
+    assert np.isfinite(got).all(), f"{what}: non-finite outputs (seed {seed})"
+    assert np.array_equal(got, ref), f"{what}: differs at {np.argwhere(got != ref)[0].tolist()} (seed {seed})"
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding, norms, SwiGLU, gathers
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("vocab,d", [(49152, 576), (151936, 200), (1000, 4097)])
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_embed(act, vocab, d, n):
+    rng, seed = rng_and_seed()
+    emb = randn(rng, (vocab, d), act)
+    tokens = rng.integers(0, vocab, n, dtype=np.int32)
+    tokens[0] = vocab - 1
+    got, ref = run_both("embed", {"tokens": tokens, "emb": emb}, {}, act)
+    check_exact(got["x"], emb[tokens], "embed", seed)
+    check_exact(got["x"], ref["x"], "embed vs cpu", seed)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("d", [576, 1000, 4097, 8192])
+@pytest.mark.parametrize("n", [1, 3, 33])
+def test_rmsnorm(act, d, n):
+    rng, seed = rng_and_seed()
+    x = randn(rng, (n, d), act, 3.0)
+    w = to_act(1.0 + 0.2 * rng.standard_normal(d, dtype=np.float32), act)
+    got, ref = run_both("rmsnorm", {"x": x, "w": w}, {"eps": 1e-5}, act)
+    check_close(got["out"], ref["out"], act, "rmsnorm", seed)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("d", [576, 1000, 4097])
+@pytest.mark.parametrize("n", [1, 2, 9, 33])
+def test_add_rmsnorm(act, d, n):
+    rng, seed = rng_and_seed()
+    resid, delta = randn(rng, (n, d), act, 2.0), randn(rng, (n, d), act)
+    w = to_act(1.0 + 0.2 * rng.standard_normal(d, dtype=np.float32), act)
+    got, ref = run_both("add_rmsnorm", {"resid": resid, "delta": delta, "w": w}, {"eps": 1e-6}, act)
+    # The CUDA backend keeps resid in act (rounded), as the model stores it: one rounding.
+    check_close(got["resid"], ref["resid"], act, "add_rmsnorm resid", seed)
+    check_close(got["out"], ref["out"], act, "add_rmsnorm out", seed)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("f", [1000, 4097, 18944])
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_swiglu(act, f, n):
+    rng, seed = rng_and_seed()
+    gu = randn(rng, (n, 2 * f), act, 3.0)
+    got, ref = run_both("swiglu", {"gu": gu}, {}, act)
+    check_close(got["out"], ref["out"], act, "swiglu", seed)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("d", [576, 4097])
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_gather_rows(act, d, n):
+    rng, seed = rng_and_seed()
+    m = 2 * n + 3
+    src = randn(rng, (m, d), act)
+    rows = rng.integers(0, m, n, dtype=np.int32)
+    rows[-1] = m - 1
+    got, ref = run_both("gather_rows", {"src": src, "rows": rows}, {}, act)
+    check_exact(got["dst"], src[rows], "gather_rows", seed)
+    check_exact(got["dst"], ref["dst"], "gather_rows vs cpu", seed)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n,vocab", [(1, 151936), (3, 49152), (33, 1001)])
+def test_logits_to_host(act, n, vocab):
+    rng, seed = rng_and_seed()
+    src = randn(rng, (n, vocab), act, 5.0)
+    got, ref = run_both("logits_to_host", {"src": src}, {}, act)
+    check_exact(got["out"], src, "logits_to_host", seed)
+    check_exact(got["out"], ref["out"], "logits_to_host vs cpu", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul: GEMV (n <= 4 by default) and cuBLAS (larger n), with and without bias; every GEMV
+# kernel variant at every n it takes, through the backend's knobs
+# ----------------------------------------------------------------------------------------------
+MM_SHAPES = [(1000, 576), (4097, 1000), (576, 4097), (37, 3584)]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("R,C", MM_SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul(act, R, C, n, bias):
+    rng, seed = rng_and_seed()
+    x = randn(rng, (n, C), act)
+    W = randn(rng, (R, C), act, 1.0 / math.sqrt(C))
+    inputs = {"x": x, "W": W}
+    if bias:
+        inputs["bias"] = randn(rng, (R,), act)
+    got, ref = run_both("matmul", inputs, {}, act)
+    check_close(got["y"], ref["y"], act, f"matmul n={n} {R}x{C} bias={bias}", seed)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("variant", ["fma1", "fma2", "fma4", "mma4", "mma8"])
+@pytest.mark.parametrize("R,C", [(4097, 1000), (37, 3584), (1000, 576)])
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_gemv_variants(act, variant, R, C, n, monkeypatch):
+    """FASTLOAD_GEMV_UP_TO=8 routes every n <= 8 to the GEMV, FASTLOAD_GEMV_VARIANT picks the kernel."""
+    monkeypatch.setenv("FASTLOAD_GEMV_UP_TO", "8")
+    monkeypatch.setenv("FASTLOAD_GEMV_VARIANT", variant)
+    rng, seed = rng_and_seed()
+    inputs = {"x": randn(rng, (n, C), act), "W": randn(rng, (R, C), act, 1.0 / math.sqrt(C)),
+              "bias": randn(rng, (R,), act)}
+    if variant.startswith("mma") and act == "float32":
+        with pytest.raises(NotImplementedError, match="tensor-core"):
+            _C.run_op(DEV, "matmul", inputs, {"act": act})
+        return
+    got, ref = run_both("matmul", inputs, {}, act)
+    check_close(got["y"], ref["y"], act, f"gemv {variant} n={n} {R}x{C}", seed)
+
+
+def test_gemv_knob_errors(monkeypatch):
+    monkeypatch.setenv("FASTLOAD_GEMV_VARIANT", "fma3")
+    with pytest.raises(ValueError, match="FASTLOAD_GEMV_VARIANT='fma3'"):
+        _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
+
+
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 4, 8, 9])
+def test_matmul_lm_head(act, n):
+    """A vocabulary-sized head (Qwen2.5's 151936 rows) at decode and just past the GEMV."""
+    rng, seed = rng_and_seed()
+    R, C = 151936, 576
+    x = randn(rng, (n, C), act)
+    W = randn(rng, (R, C), act, 1.0 / math.sqrt(C))
+    got, ref = run_both("matmul", {"x": x, "W": W}, {}, act)
+    check_close(got["y"], ref["y"], act, f"lm_head n={n}", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE + KV-cache store, attention
+# ----------------------------------------------------------------------------------------------
+def inv_freq(hd, theta):
+    i = np.arange(hd // 2, dtype=np.float32)
+    return (np.float32(1.0) / np.power(np.float32(theta), (2 * i) / np.float32(hd))).astype(np.float32)
+
+
+ROPE_CASES = [  # B, T, start, nh, nkv, hd, max_len
+    (1, 1, 0, 14, 2, 64, 8),
+    (2, 5, 3, 4, 4, 128, 16),
+    (3, 33, 7, 6, 2, 96, 41),
+    (1, 1, 1023, 32, 8, 128, 1024),
+]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d" % c[:6])
+@pytest.mark.parametrize("on_device", [0, 1])
+def test_rope_store(act, case, on_device):
+    B, T, start, nh, nkv, hd, max_len = case
+    rng, seed = rng_and_seed()
+    qkv = randn(rng, (B * T, (nh + 2 * nkv) * hd), act)
+    pos = rng.integers(0, 32768, B * T, dtype=np.int32)  # large angles: accuracy of cos/sin
+    pos[0] = 0
+    kc, vc = randn(rng, (B, max_len, nkv, hd), act), randn(rng, (B, max_len, nkv, hd), act)
+    inputs = {"qkv": qkv, "pos": pos, "inv_freq": inv_freq(hd, 1e6), "k_cache": kc, "v_cache": vc}
+    params = {"B": B, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "start_on_device": on_device}
+    got, ref = run_both("rope_store", inputs, params, act)
+    check_close(got["qkv"], ref["qkv"], act, "rope_store qkv", seed)
+    check_close(got["k_cache"], ref["k_cache"], act, "rope_store k_cache", seed)
+    check_exact(got["v_cache"], ref["v_cache"], "rope_store v_cache", seed)
+    # slots outside [start, start+T) are untouched
+    outside = np.ones(max_len, bool)
+    outside[start:start + T] = False
+    check_exact(got["k_cache"][:, outside], kc[:, outside], "rope_store: k slots outside the step", seed)
+
+
+ATT_CASES = [  # B, T, start, nh, nkv, hd, max_len, window, kmask kind
+    (2, 1, 37, 14, 2, 64, 64, 0, None),
+    (3, 1, 100, 8, 8, 128, 130, 0, "left-pad"),
+    (2, 33, 0, 4, 2, 64, 40, 0, None),
+    (2, 17, 5, 4, 1, 128, 30, 0, "left-pad"),
+    (1, 9, 20, 6, 2, 128, 29, 6, None),
+    (1, 3, 5, 2, 1, 96, 8, 0, None),
+]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ATT_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d-L%d-w%d-%s" % c)
+@pytest.mark.parametrize("on_device", [0, 1])
+def test_attention(act, case, on_device):
+    B, T, start, nh, nkv, hd, max_len, window, km = case
+    rng, seed = rng_and_seed()
+    qkv = randn(rng, (B * T, (nh + 2 * nkv) * hd), act)
+    kc, vc = randn(rng, (B, max_len, nkv, hd), act), randn(rng, (B, max_len, nkv, hd), act)
+    inputs = {"qkv": qkv, "k_cache": kc, "v_cache": vc}
+    if km == "left-pad":
+        stride = start + T + 3
+        mask = np.ones((B, stride), np.uint8)
+        for b in range(B):
+            mask[b, : int(rng.integers(0, start + 1))] = 0
+        mask[0, :] = 0  # a row with no visible key: zeros
+        inputs["kmask"] = mask
+    params = {"B": B, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "window": window,
+              "scale": 1.0 / math.sqrt(hd), "start_on_device": on_device}
+    got, ref = run_both("attention", inputs, params, act)
+    check_close(got["out"], ref["out"], act, "attention", seed, k=ATT_ELEM_K, rel_l2=ATT_REL_L2)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+def test_bad_device_index():
+    with pytest.raises(ValueError, match=r"cuda:999"):
+        _C.run_op("cuda:999", "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
