@@ -126,16 +126,18 @@ __global__ void __launch_bounds__(NT) sample_kernel(const T *__restrict__ logits
     unsigned lo_key = 0;  // keep x >= key2f(lo_key)
     if (p.top_k > 0 && p.top_k < V) {
         // largest key with count(x >= key) >= k  ==  the k-th largest value
-        unsigned lo = 0, hi = 0xffffffffu;
+        // 64-bit bounds: with 32 bits, hi - lo + 1 overflows to 0 on the first step and never ends.
+        // Search only finite keys: [key(-inf), key(+inf)] (NaN keys would break monotonicity).
+        unsigned long long lo = f2key(-INFINITY), hi = f2key(INFINITY);
         while (lo < hi) {
-            const unsigned mid = lo + (hi - lo + 1) / 2;
-            const float t = key2f(mid);
+            const unsigned long long mid = lo + (hi - lo + 1) / 2;
+            const float t = key2f((unsigned)mid);
             float c = 0;
             for (int i = threadIdx.x; i < V; i += NT) c += x[i] >= t;
             c = block_sum(c, shf);
             if (c >= p.top_k) lo = mid; else hi = mid - 1;
         }
-        lo_key = lo;
+        lo_key = (unsigned)lo;
     }
     const float kth = lo_key ? key2f(lo_key) : -INFINITY;
     if (p.top_p > 0 && p.top_p < 1.f) {
