@@ -241,6 +241,16 @@ def main():
             drop_caches(a.dir)
             hm, L["hf_cold_s"] = time_hf_load(a.dir); free_hf(hm)
         log(json.dumps(L, indent=1, default=str))
+        res["checkpoint"]["bytes"] = ckpt_bytes(a.dir)
+    name = f"gpu-{dev.replace(' ', '_')}-{res['date'][:10]}-{res['commit']}.json"
+
+    def save():
+        for d in (a.results, os.environ.get("OUT")):
+            if d:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, name), "w") as f:
+                    json.dump(res, f, indent=1, default=str)
+    save()
     m, _ = time_fastload_load(a.dir)
     w = m.get_memory_footprint()
     emb = m.config["vocab_size"] * m.config["hidden_size"] * 2
@@ -253,18 +263,22 @@ def main():
         r["roofline_tok_s"] = roofline(32 + 128)
         r["share_of_roofline"] = r["decode_tok_s_per_seq"] / r["roofline_tok_s"]
         log("decode b1", json.dumps(r))
+        save()
     if "prefill" in secs:
         r = res["prefill_2048"] = fl_decode(m, 1, 2048, 2)
         log("prefill 2048", json.dumps(r))
+        save()
     if "batch" in secs:
         r = res["decode_b8"] = fl_decode(m, 8, 32, 256)
         r["vs_b1"] = r["decode_tok_s_total"] / res.get("decode_b1", {}).get("decode_tok_s_per_seq", float("nan"))
         log("decode b8", json.dumps(r))
+        save()
     if "long" in secs:
         r = res["long_32k"] = fl_decode(m, 1, 32768 - 64, 64)
         r["roofline_tok_s"] = roofline(32768 - 32)
         r["share_of_roofline"] = r["decode_tok_s_per_seq"] / r["roofline_tok_s"]
         log("long 32k", json.dumps(r))
+        save()
     res["fastload_memory_after"] = m.memory_stats()
     del m; gc.collect()
     if not a.no_peer and secs & {"decode", "prefill", "batch"}:
@@ -276,19 +290,15 @@ def main():
             P["prefill_2048"] = hf_decode(hm, 1, 2048, 2)
         if "batch" in secs:
             P["eager_b8"] = hf_decode(hm, 8, 32, 256)
-        if "decode" in secs and not a.no_compiled_peer:
+        if ("decode" in secs or "compiled" in secs) and not a.no_compiled_peer:
             try:
                 P["static_compiled_b1"] = hf_decode(hm, 1, 32, 256, compiled=True)
             except Exception as e:  # noqa: BLE001 - recorded, not hidden
                 P["static_compiled_b1"] = {"error": repr(e)[:500]}
         log("peer", json.dumps(P))
+        save()
         free_hf(hm)
-    os.makedirs(a.results, exist_ok=True)
-    name = f"gpu-{dev.replace(' ', '_')}-{res['date'][:10]}-{res['commit']}.json"
-    for d in (a.results, os.environ.get("OUT")):
-        if d:
-            with open(os.path.join(d, name), "w") as f:
-                json.dump(res, f, indent=1, default=str)
+    save()
     table(res)
 
 
