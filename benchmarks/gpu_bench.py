@@ -223,7 +223,6 @@ def main():
         m, _ = time_fastload_load(a.dir)  # page cache warm after this (and the CUDA context made)
         del m; gc.collect()
         L["probe"] = load_probe(a.dir)
-        del m; gc.collect()
         m, L["fastload_warm_s"] = time_fastload_load(a.dir)
         L["fastload_warm_stats"] = m.load_stats
         L["fastload_memory"] = m.memory_stats()
