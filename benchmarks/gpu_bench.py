@@ -175,9 +175,10 @@ def hf_decode(m, B, T, N, compiled=False):
     ids = torch.randint(100, V - 100, (B, T), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     if compiled:
+        # transformers compiles the forward itself for a static cache (generation_config.compile_config);
+        # wrapping forward in torch.compile by hand broke its CUDA-graph outputs (seen 2026-11-21).
         kw["cache_implementation"] = "static"
-        m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
-        for _ in range(2):
+        for _ in range(3):
             m.generate(ids, max_new_tokens=N, min_new_tokens=N, **kw)
     else:
         m.generate(ids, max_new_tokens=4, **kw)
@@ -280,7 +281,7 @@ def main():
         save()
     res["fastload_memory_after"] = m.memory_stats()
     del m; gc.collect()
-    if not a.no_peer and secs & {"decode", "prefill", "batch"}:
+    if not a.no_peer and secs & {"decode", "prefill", "batch", "compiled"}:
         hm, _ = time_hf_load(a.dir)
         P = res["peer"] = {}
         if "decode" in secs:
