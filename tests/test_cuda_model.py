@@ -109,13 +109,15 @@ def test_demo_greedy_equals_transformers_on_gpu(dtype):
     case = load_case("smollm2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                            dtype=getattr(torch, dtype)).cuda().eval()
+    hf.generation_config.eos_token_id = None  # transformers 5 fills eos_token_id=None back from here
     m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cuda", torch_dtype=dtype)
     for p in case["meta"]["prompts"]:
         ids = case[f"{p['key']}_ids"]
         with torch.no_grad():
-            ref = hf.generate(torch.tensor(ids).cuda(), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=2).cpu().numpy()
+            ref = hf.generate(torch.tensor(ids).cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                              eos_token_id=None, pad_token_id=2).cpu().numpy()
         out = m.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
+        assert ref.shape[1] == out.shape[1] == ids.shape[1] + 32
         T = ids.shape[1]
         diff = np.nonzero(out[0, T:T + 32] != ref[0, T:T + 32])[0]
         assert diff.size == 0, f"{p['key']} ({dtype}): first difference at new token {diff[0]}"
