@@ -116,7 +116,7 @@ def test_demo_greedy_equals_transformers_on_gpu(dtype):
         with torch.no_grad():
             ref = hf.generate(torch.tensor(ids).cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False,
                               eos_token_id=None, pad_token_id=2).cpu().numpy()
-        out = m.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None)
+        out = m.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=[])  # [] = no eos (None keeps the config's, as transformers)
         assert ref.shape[1] == out.shape[1] == ids.shape[1] + 32
         T = ids.shape[1]
         diff = np.nonzero(out[0, T:T + 32] != ref[0, T:T + 32])[0]
