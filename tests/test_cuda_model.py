@@ -114,8 +114,11 @@ def test_demo_greedy_equals_transformers_on_gpu(dtype):
     for p in case["meta"]["prompts"]:
         ids = case[f"{p['key']}_ids"]
         with torch.no_grad():
-            ref = hf.generate(torch.tensor(ids).cuda(), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                              eos_token_id=None, pad_token_id=2).cpu().numpy()
+            # an explicit mask: the chat prompt holds token 2 (<|im_end|>), which is also the pad id, and
+            # transformers would otherwise infer a mask that hides those prompt tokens
+            t = torch.tensor(ids).cuda()
+            ref = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=32, min_new_tokens=32,
+                              do_sample=False, eos_token_id=None, pad_token_id=2).cpu().numpy()
         out = m.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=[])  # [] = no eos (None keeps the config's, as transformers)
         assert ref.shape[1] == out.shape[1] == ids.shape[1] + 32
         T = ids.shape[1]
