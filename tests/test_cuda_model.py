@@ -100,7 +100,9 @@ HAVE_PEER = all(importlib.util.find_spec(x) for x in ("torch", "transformers", "
 @pytest.mark.skipif(not HAVE_PEER, reason="torch, transformers and gguf are needed for the GPU peer")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_demo_greedy_equals_transformers_on_gpu(dtype):
-    """The issue's bar: the first 32 greedy tokens of each golden prompt equal transformers' on the GPU."""
+    """The issue's bar: the first 32 greedy tokens of each golden prompt equal transformers' on the GPU,
+    except from a step where transformers' own top-2 logits tie within 2 ulp of the dtype (seen in bf16 only:
+    p1 step 20 and p3 step 24 tie exactly at 0.0 on an H200, 2026-11-21)."""
     path = _demo_path()
     if not path:
         pytest.skip("the demo GGUF is not available here (set FASTLOAD_DEMO_GGUF)")
@@ -117,12 +119,25 @@ def test_demo_greedy_equals_transformers_on_gpu(dtype):
             # an explicit mask: the chat prompt holds token 2 (<|im_end|>), which is also the pad id, and
             # transformers would otherwise infer a mask that hides those prompt tokens
             t = torch.tensor(ids).cuda()
-            ref = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=32, min_new_tokens=32,
-                              do_sample=False, eos_token_id=None, pad_token_id=2).cpu().numpy()
+            r = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=32, min_new_tokens=32,
+                            do_sample=False, eos_token_id=None, pad_token_id=2, output_scores=True,
+                            return_dict_in_generate=True)
+        ref = r.sequences.cpu().numpy()
         out = m.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=[])  # [] = no eos (None keeps the config's, as transformers)
-        assert ref.shape[1] == out.shape[1] == ids.shape[1] + 32
         T = ids.shape[1]
-        diff = np.nonzero(out[0, T:T + 32] != ref[0, T:T + 32])[0]
-        assert diff.size == 0, f"{p['key']} ({dtype}): first difference at new token {diff[0]}"
+        assert ref.shape[1] == out.shape[1] == T + 32
+        diff = np.nonzero(out[0, T:] != ref[0, T:])[0]
+        if diff.size == 0:
+            continue
+        # The one accepted difference: a step where transformers' own top-2 logits are tied within two
+        # units in the last place of the activation dtype (bf16 logits near 20 are spaced 0.125 apart),
+        # so that no order of rounding decides between them. After that the sequences are unrelated.
+        s = int(diff[0])
+        sc = r.scores[s][0].float().cpu().numpy()
+        top2 = np.sort(sc)[-2:]
+        ulp = 2.0 ** (np.floor(np.log2(abs(top2[1]) + 1e-30)) - (7 if dtype == "bfloat16" else 10))
+        assert top2[1] - top2[0] <= 2 * ulp, (
+            f"{p['key']} ({dtype}): differs at new token {s} where transformers' margin is {top2[1] - top2[0]:.4g} "
+            f"(> 2 ulp = {2 * ulp:.3g})")
     del hf
     torch.cuda.empty_cache()
