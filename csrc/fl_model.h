@@ -93,6 +93,7 @@ typedef struct fl_model {
     void *ws_last, *ws_logits;
     int32_t *ws_tok_d, *ws_pos_d; uint8_t *ws_mask_d;
     fl_load_stats stats;
+    uint64_t kv_bytes_last;  /* size of the most recent KV cache (freed after each generate) */
 } fl_model;
 
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);

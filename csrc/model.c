@@ -366,6 +366,7 @@ fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out) {
         return fl_err_prefix(st, "KV cache for batch %d x %d positions (%.2f GiB)", batch, max_len,
                              per * 2.0 * c->n_layers / 1073741824.0);
     }
+    m->kv_bytes_last = (uint64_t)per * 2 * (uint64_t)c->n_layers;
     for (int l = 0; l < c->n_layers; l++) {
         kv->k_d[l] = (char *)base + per * (size_t)(2 * l);
         kv->v_d[l] = (char *)base + per * (size_t)(2 * l + 1);

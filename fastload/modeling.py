@@ -291,6 +291,7 @@ class FastModelForCausalLM:
                 if name not in files[s]:
                     raise CheckpointError(f"{os.path.join(path, s)}: tensor '{name}' is listed in {index_path} but not in the shard")
                 where[name] = s
+        context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads)
         items, used = [], set()
         for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=False):
@@ -311,7 +312,9 @@ class FastModelForCausalLM:
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if gen.get(k) is None and hf.get(k) is not None:
                 gen[k] = hf[k]
-        return cls(core, hf, arch, gen, dev, want_dtype, path, stats)
+        model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
+        model._context_bytes = context
+        return model
 
     @classmethod
     def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback):
@@ -326,6 +329,7 @@ class FastModelForCausalLM:
         core_cfg = archmod.core_config(hf, arch, path)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
+        context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads)
         items = []
         for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=True):
@@ -340,7 +344,9 @@ class FastModelForCausalLM:
             if meta.get(mk) is not None:
                 gen[k] = int(meta[mk])
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
-        return cls(core, hf, arch, gen, dev, want_dtype, path, stats)
+        model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
+        model._context_bytes = context
+        return model
 
     # ------------------------------------------------------------------ inference
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
@@ -513,9 +519,18 @@ class FastModelForCausalLM:
 
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:
+        """Bytes this model holds on its device, by use. The KV cache lives for one generate() call:
+        kv_cache_last is the size of the most recent one (0 now), and peak includes it."""
         info = self._core.info
-        return {"device": info["device"], "weights": info["weight_bytes"], "kv_cache": 0, "workspace": None,
-                "note": "the KV cache is allocated per generate() call and freed after it"}
+        out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
+               "kv_cache_last": info["kv_bytes_last"], "workspace": info["mem_allocated"] - info["weight_bytes"],
+               "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
+        if self.device.startswith("cuda"):
+            from . import cuda
+            free, total = cuda.mem_get_info(self.device)
+            out.update(device_total=total, device_free=free,
+                       context_and_other_processes=getattr(self, "_context_bytes", None))
+        return out
 
     def get_memory_footprint(self) -> int:
         return int(self._core.info["weight_bytes"])
@@ -533,6 +548,16 @@ class FastModelForCausalLM:
     def __repr__(self):
         return (f"FastModelForCausalLM({self.arch.name}, {self.name_or_path!r}, device={self.device}, "
                 f"dtype={self.dtype}, params={self.num_parameters() / 1e6:.1f}M)")
+
+
+def _context_bytes(dev):
+    """Device memory in use that fastload did not allocate (its CUDA context, other processes), taken
+    just before the model's own allocations; None on the CPU."""
+    if not dev.startswith("cuda"):
+        return None
+    from . import cuda
+    free, total = cuda.mem_get_info(dev)
+    return total - free - cuda.memory_allocated(dev)
 
 
 def _has_safetensors(path):
