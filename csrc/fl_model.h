@@ -133,6 +133,12 @@ typedef struct {
     int32_t pad_id;
 } fl_gen_params;
 
+/* transformers' left-padding rules for a batch, shared by the CPU and CUDA generation loops:
+ * kfull[B, total]: the key mask (prompt mask, then 1 for every generated slot); pos[B, T]: rotary
+ * positions cumsum(mask) - 1 with padding at 1; npos[B]: the position of each row's first new token.
+ * mask NULL = all ones. Returns 1 if any prompt slot is padding. */
+int fl_gen_positions(const uint8_t *mask, int B, int T, int total, uint8_t *kfull, int32_t *pos, int32_t *npos);
+
 /* Streamer: called after each step with the B new tokens (pad for finished rows).
  * Returns nonzero to stop with FL_E_INTERRUPTED (a Python exception is pending). */
 typedef int (*fl_stream_fn)(void *ud, const int32_t *tokens, int B);

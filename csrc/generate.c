@@ -16,6 +16,23 @@ fl_status fl_cuda_generate(fl_model *m, const int32_t *ids, const uint8_t *mask,
  * the activation workspace stays bounded for long prompts; the KV cache holds the whole context. */
 #define FL_PREFILL_TOKENS 2048
 
+int fl_gen_positions(const uint8_t *mask, int B, int T, int total, uint8_t *kfull, int32_t *pos, int32_t *npos) {
+    int any_pad = 0;
+    for (int b = 0; b < B; b++) {
+        int c = 0;
+        for (int t = 0; t < T; t++) {
+            const uint8_t mv = mask ? mask[(size_t)b * T + t] != 0 : 1;
+            kfull[(size_t)b * total + t] = mv;
+            any_pad |= !mv;
+            c += mv;
+            pos[(size_t)b * T + t] = mv ? c - 1 : 1; /* transformers: cumsum - 1, padding -> 1 */
+        }
+        npos[b] = c;
+        memset(kfull + (size_t)b * total + T, 1, (size_t)(total - T));
+    }
+    return any_pad;
+}
+
 fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int B, int T,
                       const fl_gen_params *p, int32_t *out, int *n_new, fl_stream_fn cb, void *ud) {
     const int V = m->cfg.vocab, maxn = p->max_new_tokens;
@@ -45,20 +62,8 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
         st = fl_err(FL_E_NOMEM, "generate: cannot allocate host buffers");
         goto out;
     }
-    int any_pad = 0;
-    for (int b = 0; b < B; b++) {
-        int c = 0;
-        for (int t = 0; t < T; t++) {
-            const uint8_t mv = mask ? mask[(size_t)b * T + t] != 0 : 1;
-            kfull[(size_t)b * total + t] = mv;
-            any_pad |= !mv;
-            c += mv;
-            pos[(size_t)b * T + t] = mv ? c - 1 : 1; /* transformers: cumsum - 1, padding -> 1 */
-        }
-        npos[b] = c; /* position of the next token */
-        for (int t = T; t < total; t++) kfull[(size_t)b * total + t] = 1;
-        fl_rng_seed(&rng[b], p->seed + 0x9e3779b97f4a7c15ull * (uint64_t)b);
-    }
+    const int any_pad = fl_gen_positions(mask, B, T, total, kfull, pos, npos);
+    for (int b = 0; b < B; b++) fl_rng_seed(&rng[b], p->seed + 0x9e3779b97f4a7c15ull * (uint64_t)b);
     /* prefill in chunks; the key mask keeps its full row stride for every step */
     const int chunk = FL_PREFILL_TOKENS / B > 0 ? FL_PREFILL_TOKENS / B : 1, tcm = chunk < T ? chunk : T;
     int32_t *ctok = malloc((size_t)B * tcm * 4), *cpos = malloc((size_t)B * tcm * 4);

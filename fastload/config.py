@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from . import _C
+from ._util import is_torch
 
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
@@ -34,7 +35,7 @@ def normalize_dtype(dtype, where="torch_dtype") -> str:
         dtype = env("FASTLOAD_DTYPE", "auto")
     if isinstance(dtype, str):
         key = dtype.lower().replace("torch.", "")
-    elif type(dtype).__module__.startswith("torch"):
+    elif is_torch(dtype):
         key = str(dtype).replace("torch.", "")
     else:
         try:
@@ -62,7 +63,7 @@ def normalize_device(device_map=None, device=None) -> str:
         if len(vals) != 1:
             raise NotImplementedError(f"device_map={d!r}: splitting one model over several devices is not supported yet")
         d = vals.pop()
-    if type(d).__module__.startswith("torch"):
+    if is_torch(d):
         d = str(d)
     if isinstance(d, int):
         d = f"cuda:{d}"

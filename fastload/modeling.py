@@ -21,6 +21,7 @@ import numpy as np
 from . import _C
 from . import arch as archmod
 from . import config as cfgmod
+from ._util import AttrDict, is_torch
 from .hub import resolve
 
 CheckpointError = _C.CheckpointError
@@ -50,14 +51,8 @@ def set_seed(seed: int) -> None:
     _global_rng.seed(int(seed))
 
 
-class Config(dict):
+class Config(AttrDict):
     """config.json as a dict with attribute access (like transformers' PretrainedConfig)."""
-
-    def __getattr__(self, k):
-        try:
-            return self[k]
-        except KeyError:
-            raise AttributeError(k) from None
 
     def __setattr__(self, k, v):
         self[k] = v
@@ -82,14 +77,8 @@ class GenerationConfig(Config):
             return cls(**json.load(f))
 
 
-class CausalLMOutput(dict):
+class CausalLMOutput(AttrDict):
     """logits (and loss when labels are given), by attribute, key or index, as transformers' output."""
-
-    def __getattr__(self, k):
-        try:
-            return self[k]
-        except KeyError:
-            raise AttributeError(k) from None
 
     def __getitem__(self, k):
         if isinstance(k, int):
@@ -100,14 +89,10 @@ class CausalLMOutput(dict):
         return tuple(self.values())
 
 
-def _is_torch(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
 def _as_numpy(x, name):
     if x is None:
         return None
-    if _is_torch(x):
+    if is_torch(x):
         return x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         return x
@@ -359,7 +344,7 @@ class FastModelForCausalLM:
         for k in kwargs:
             if k not in ("output_attentions", "output_hidden_states", "token_type_ids") or kwargs[k]:
                 raise TypeError(f"forward: argument {k!r} is not supported")
-        like_torch = _is_torch(input_ids)
+        like_torch = is_torch(input_ids)
         ids = _ids2d(input_ids, "input_ids")
         if ids is None:
             raise ValueError("forward needs input_ids")
@@ -394,7 +379,7 @@ class FastModelForCausalLM:
             input_ids = inputs
         if input_ids is None:
             raise ValueError("generate needs input_ids")
-        like_torch = _is_torch(input_ids)
+        like_torch = is_torch(input_ids)
         ids = _ids2d(input_ids, "input_ids")
         mask = _ids2d(attention_mask, "attention_mask")
         if mask is not None and mask.shape != ids.shape:

@@ -12,17 +12,12 @@ from datetime import datetime
 
 import numpy as np
 
+from ._util import AttrDict, is_torch
 from .hub import resolve
 
 
-class BatchEncoding(dict):
+class BatchEncoding(AttrDict):
     """dict of input_ids / attention_mask with attribute access; .to() is a no-op for compatibility."""
-
-    def __getattr__(self, k):
-        try:
-            return self[k]
-        except KeyError:
-            raise AttributeError(k) from None
 
     def to(self, *args, **kwargs):
         return self
@@ -201,7 +196,7 @@ class FastTokenizer:
         raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'np' or 'pt'")
 
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
-        if type(token_ids).__module__.split(".")[0] == "torch":
+        if is_torch(token_ids):
             token_ids = token_ids.tolist()
         ids = np.asarray(token_ids).reshape(-1).tolist() if not isinstance(token_ids, list) else token_ids
         if isinstance(ids, int):
@@ -214,7 +209,7 @@ class FastTokenizer:
         return text
 
     def batch_decode(self, sequences, **kwargs):
-        if type(sequences).__module__.split(".")[0] == "torch":
+        if is_torch(sequences):
             sequences = sequences.tolist()
         return [self.decode(s, **kwargs) for s in sequences]
 

@@ -73,19 +73,7 @@ extern "C" fl_status fl_cuda_generate(fl_model *m, const int32_t *ids, const uin
         npos = (int32_t *)malloc(sz_b);
         kfull = (uint8_t *)malloc((size_t)B * total);
         if (!tok_h || !pos_h || !npos || !kfull) { st = fl_err(FL_E_NOMEM, "generate: host buffers"); goto out; }
-        int any_pad = 0;
-        for (int b = 0; b < B; b++) {
-            int c = 0;
-            for (int t = 0; t < T; t++) {
-                const uint8_t mv = mask ? mask[(size_t)b * T + t] != 0 : 1;
-                kfull[(size_t)b * total + t] = mv;
-                any_pad |= !mv;
-                c += mv;
-                pos_h[(size_t)b * T + t] = mv ? c - 1 : 1;  // transformers: cumsum - 1, padding -> 1
-            }
-            npos[b] = c;
-            memset(kfull + (size_t)b * total + T, 1, (size_t)maxn);
-        }
+        const int any_pad = fl_gen_positions(mask, B, T, total, kfull, pos_h, npos);
         CK(cudaMallocHost((void **)&pin, (size_t)(B + 1) * 4));
         CK(cudaMemcpyAsync(g.out, out, sz_out, cudaMemcpyHostToDevice, s));
         CK(cudaMemcpyAsync(kmask_d, kfull, (size_t)B * total, cudaMemcpyHostToDevice, s));
