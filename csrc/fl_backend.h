@@ -92,6 +92,7 @@ struct fl_backend {
     const char *name;        /* "cpu", "cuda:0" */
     fl_dtype act;            /* activation dtype */
     int n_threads;           /* CPU: OpenMP threads used by ops */
+    int host_memory;         /* 1: backend memory is host memory (loaders write into it directly) */
     void *impl;              /* backend private state (stream, handles, scratch) */
 
     fl_status (*alloc)(fl_backend *, size_t bytes, void **out_d);

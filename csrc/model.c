@@ -256,7 +256,7 @@ static fl_status convert_job(fl_backend *be, const fl_load_job *j) {
     const size_t es = (size_t)fl_dtype_size(j->dst_dtype), row_out = (size_t)j->cols * es;
     const uint64_t row_in = s->kind == FL_SRC_GGML ? fl_ggml_nbytes(s->type, (uint64_t)j->cols)
                                                    : (uint64_t)j->cols * (uint64_t)fl_dtype_size((fl_dtype)s->type);
-    const int host_direct = strcmp(be->name, "cpu") == 0;
+    const int host_direct = be->host_memory;
     char *stage = host_direct ? j->dst_d : fl_malloc((size_t)j->rows * row_out);
     if (!stage) return fl_err(FL_E_NOMEM, "cannot allocate a staging buffer");
     fl_status st = FL_OK;
@@ -457,15 +457,18 @@ fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const
     if (kmask && kmask_stride < start + T) return fl_err(FL_E_VALUE, "forward: key mask stride %d < %d", kmask_stride, start + T);
     const int N = B * T;
     FL_TRY(fl_model_reserve(m, N, all_logits ? N : B));
+    /* The key mask: host-memory backends read the caller's array; others get a per-call copy. */
+    const uint8_t *kmask_use = be->host_memory ? kmask : NULL;
     uint8_t *kmask_d = NULL;
     fl_status st = FL_OK;
-    if (kmask) {
+    if (kmask && !be->host_memory) {
         FL_TRY(be->alloc(be, (size_t)B * (size_t)kmask_stride, (void **)&kmask_d));
         st = be->to_backend(be, kmask_d, kmask, (size_t)B * (size_t)kmask_stride);
+        kmask_use = kmask_d;
     }
     if (st == FL_OK) st = be->to_backend(be, m->ws_tok_d, tokens, (size_t)N * 4);
     if (st == FL_OK) st = be->to_backend(be, m->ws_pos_d, pos, (size_t)N * 4);
-    const fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_d,
+    const fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_use,
                           .kmask_stride = kmask_stride};
     if (st == FL_OK) st = fl_forward_core(m, kv, &step, m->ws_tok_d, all_logits);
     if (st == FL_OK) st = be->logits_to_host(be, logits_h, m->ws_logits, all_logits ? N : B, m->cfg.vocab);

@@ -115,7 +115,7 @@ fl_status fl_backend_cpu_create(int n_threads, fl_backend **out) {
     n_threads = 1;
 #endif
     *be = (fl_backend){
-        .name = "cpu", .act = FL_F32, .n_threads = n_threads,
+        .name = "cpu", .act = FL_F32, .n_threads = n_threads, .host_memory = 1,
         .alloc = cpu_alloc, .free = cpu_free, .to_backend = cpu_copy, .to_host = cpu_copy,
         .sync = cpu_sync, .destroy = cpu_destroy,
         .embed = cpu_embed, .rmsnorm = cpu_rmsnorm, .add_rmsnorm = cpu_add_rmsnorm,
