@@ -191,8 +191,11 @@ def test_matmul(act, R, C, n, bias):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", ["fma1", "fma2", "fma4", "mma4", "mma8"])
-@pytest.mark.parametrize("R,C", [(4097, 1000), (37, 3584), (1000, 576)])
+@pytest.mark.parametrize("variant", ["fma1", "fma1s", "fma1p", "fma2", "fma4", "fma1x16", "fma2x8", "mma4", "mma8"])
+# Row lengths: shorter than one full step (1000, 576), whole steps plus a tail (3584: 448 16-byte
+# vectors in bf16), a tail that is not a multiple of 32 vectors (2400 -> 300 / 600 vectors), and
+# a down_proj-like long row with a tail (18952 -> 2369 vectors).
+@pytest.mark.parametrize("R,C", [(4097, 1000), (37, 3584), (1000, 576), (129, 2400), (40, 18952)])
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
 def test_gemv_variants(act, variant, R, C, n, monkeypatch):
     """FASTLOAD_GEMV_UP_TO=8 routes every n <= 8 to the GEMV, FASTLOAD_GEMV_VARIANT picks the kernel."""

@@ -7,6 +7,7 @@
 // fragment A[r|r+8][2q..2q+1 | 2q+8..2q+9], the B fragment B[2q..2q+1 | 2q+8..2q+9][r]
 // (PTX ISA, "Matrix Fragments for mma.m16n8k16").
 #include "attention.cuh"
+#include "cuda_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -180,11 +181,11 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
     __shared__ float s_acc[NW][DEC_HEADS][HD + 1];  // +1: conflict-free scatter of C fragments
     __shared__ float s_m[NW][DEC_HEADS], s_l[NW][DEC_HEADS];
 
-#if __CUDA_ARCH__ >= 900
     // Once every block has started, the combine kernel (launched programmatically) may be scheduled;
-    // it waits for this grid's completion and memory before reading the partials.
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+    // it waits for this grid's completion and memory before reading the partials. This kernel is
+    // itself launched programmatically: q|k|v, the cache and start_d come from earlier kernels.
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, q = lane & 3;
     const int G = a.nh / a.nkv;
     const int sub = a.kv_fast ? blockIdx.x / a.nkv : blockIdx.x, split = blockIdx.y;
@@ -372,9 +373,8 @@ __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttAr
     __shared__ float s_red[CMB_THREADS / 32];
     __shared__ float s_part[CMB_THREADS];
     const int bh = blockIdx.x, tid = threadIdx.x, hd = a.hd;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");  // programmatic launch: wait for the split kernel
-#endif
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // programmatic launch: wait for the split kernel
     const int start = read_start(a);
     const int L = min(start + 1, a.max_len);
     const int splits = split_plan(L, a.units, a.slots, a.min_waves).splits;
@@ -684,7 +684,7 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
 template <typename T, int HD>
-static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, size_t ws_bytes, int sms, bool pdl) {
+static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, size_t ws_bytes, int sms) {
     // Resident blocks per SM, queried once per instantiation (only steers the split count).
     static const int occ = [] {
         int n = 0;
@@ -709,24 +709,10 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     a.ws_acc = static_cast<float *>(ws);
     a.ws_ml = a.ws_acc + n_part * HD;
     const dim3 grid = a.kv_fast ? dim3(a.nkv * n_sub, a.split_stride, a.B) : dim3(n_sub, a.split_stride, a.B * a.nkv);
-    decode_split_kernel<T, HD><<<grid, ATT_THREADS, 0, st>>>(a);
-#if CUDART_VERSION >= 12040
-    if (pdl) {  // programmatic dependent launch (sm_90): hides the combine's launch latency
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(a.B * a.nh);
-        cfg.blockDim = dim3(CMB_THREADS);
-        cfg.dynamicSmemBytes = 0;
-        cfg.stream = st;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        FL_ATT_CUDA(cudaLaunchKernelEx(&cfg, decode_combine_kernel<T>, a));
-        return FL_OK;
-    }
-#endif
-    decode_combine_kernel<T><<<a.B * a.nh, CMB_THREADS, 0, st>>>(a);
+    // Both launches are programmatic where the device allows (fl_launch): the split kernel's
+    // launch hides under rope_store's tail, the combine's under the split kernel's.
+    FL_ATT_CUDA(fl_launch(decode_split_kernel<T, HD>, grid, dim3(ATT_THREADS), 0, st, a));
+    FL_ATT_CUDA(fl_launch(decode_combine_kernel<T>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
     return FL_OK;
 }
 
@@ -804,8 +790,8 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
     if (fast_ok && path != FL_ATT_SIMPLE) {
         if (T == 1) {
             FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
-                                              ? launch_decode<scalar_t, 64>(st, a, n_sub, workspace, workspace_bytes, sms, major >= 9)
-                                              : launch_decode<scalar_t, 128>(st, a, n_sub, workspace, workspace_bytes, sms, major >= 9));
+                                              ? launch_decode<scalar_t, 64>(st, a, n_sub, workspace, workspace_bytes, sms)
+                                              : launch_decode<scalar_t, 128>(st, a, n_sub, workspace, workspace_bytes, sms));
         } else {
             const bool alt = variant & 1;
             FL_ATT_DISPATCH_HALF(act, s = head_dim == 64 ? launch_prefill<scalar_t, 64>(st, a, alt)

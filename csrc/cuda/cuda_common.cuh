@@ -14,6 +14,8 @@
 #include <cuda_bf16.h>
 #include <cublas_v2.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "../fl_common.h"
 
@@ -120,6 +122,62 @@ __device__ __forceinline__ uint4 fl_ld_stream(const void *p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+
+// ---- programmatic dependent launch (PDL, sm_90+) --------------------------------------------
+// A kernel launched with fl_launch() may start while the kernel before it on the stream is
+// still running (once that one's blocks have all started, or called fl_pdl_launch_dependents):
+// its launch latency and prologue hide under the predecessor's tail. The contract, for every
+// kernel launched through fl_launch(): before fl_pdl_wait() it may read only data that no
+// kernel of the stream writes (weights), and it writes nothing; fl_pdl_wait() returns once the
+// predecessor grid has completed and its memory is visible, so (each kernel waiting on its own
+// predecessor) everything earlier on the stream is done. Without PDL (older GPUs,
+// FASTLOAD_PDL=0, a plain <<<>>> launch) both calls are no-ops and ordering is the stream's.
+__device__ __forceinline__ void fl_pdl_wait(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fl_pdl_launch_dependents(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether launches on the current device use PDL: compute capability 9.0+ and FASTLOAD_PDL
+// not "0" (the switch exists for measurements and as a way out). Cached per device.
+static inline bool fl_cuda_pdl_enabled(void) {
+    static int cache[64];  // 0 unknown, 1 off, 2 on; benign race: every writer stores the same value
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (!cache[dev]) {
+        int major = 0;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+        const char *e = getenv("FASTLOAD_PDL");
+        cache[dev] = (major >= 9 && !(e && !strcmp(e, "0"))) ? 2 : 1;
+    }
+    return cache[dev] == 2;
+}
+
+// kernel<<<grid, block, smem, st>>>(args...) with the PDL attribute where enabled. The kernel
+// must follow the contract above (call fl_pdl_wait() before touching activations).
+template <typename... KArgs, typename... Args>
+static inline cudaError_t fl_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                                    Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    if (fl_cuda_pdl_enabled()) {
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+#define FL_LAUNCH(...) FL_CUDA_CHECK(fl_launch(__VA_ARGS__))
 
 static inline int fl_is_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 

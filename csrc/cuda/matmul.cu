@@ -17,12 +17,15 @@
 
 #define GEMV_THREADS 128  /* 4 warps: small blocks spread a short row count over more SMs */
 
-template <typename T, int N, int RPW, int U>
+enum { GEMV_TAIL_SERIAL = 0, GEMV_TAIL_PRED = 1, GEMV_TAIL_WINDOW = 2 };  // how a row's last partial step is read
+
+template <typename T, int N, int RPW, int U, int TAIL>
 __global__ void __launch_bounds__(GEMV_THREADS)
 gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W, const T *__restrict__ bias,
             int64_t R, int64_t C) {
     constexpr int E = fl_vec<T>::EPV;
     static_assert(N * RPW <= 32, "one output per lane");
+    fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
     const int64_t r0 = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + threadIdx.x / 32) * RPW;
     if (r0 >= R) return;  // whole warps only
@@ -38,10 +41,10 @@ gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W,
 #pragma unroll
         for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
 
-    auto fma_vec = [&](const uint4 (&w)[RPW], int64_t idx) {
+    auto fma_vec = [&](const uint4 (&wv)[RPW], int64_t idx) {
         float wf[RPW][E];
 #pragma unroll
-        for (int r = 0; r < RPW; r++) fl_vec_to_f32<T>(w[r], wf[r]);
+        for (int r = 0; r < RPW; r++) fl_vec_to_f32<T>(wv[r], wf[r]);
 #pragma unroll
         for (int i = 0; i < N; i++) {
             float xf[E];
@@ -53,9 +56,12 @@ gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W,
         }
     };
 
+    fl_pdl_wait();  // x comes from the previous kernel
     int64_t base = lane;
-    // Full steps: U vectors of each of the RPW rows, all loads issued before any use.
-    for (; base + 32 * (U - 1) < nv; base += 32 * U) {
+    // Full steps: U vectors of each of the RPW rows, all loads issued before any use. With the
+    // window tail a step runs only when every lane has all U vectors (the same count of steps
+    // for the whole warp), so the vectors done are exactly [0, base - lane).
+    for (; TAIL == GEMV_TAIL_WINDOW ? base - lane + 32 * U <= nv : base + 32 * (U - 1) < nv; base += 32 * U) {
         uint4 w[U][RPW];
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -64,12 +70,39 @@ gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W,
 #pragma unroll
         for (int u = 0; u < U; u++) fma_vec(w[u], base + 32 * u);
     }
-    // Tail: fewer than U vectors left for this lane.
-    for (; base < nv; base += 32) {
-        uint4 w[RPW];
+    if (TAIL == GEMV_TAIL_WINDOW && nv >= 32 * U && base < nv) {
+        // One more full-width step over the LAST 32*U vectors of the row, counting only those
+        // past what the full steps covered (the overlap is re-read from L2): unpredicated loads
+        // with immediate offsets, so no more registers than a full step (36 against 50 for
+        // predicated loads at n = 1, which costs a quarter of the resident warps).
+        const int64_t done = base - lane, wb = nv - 32 * U + lane;
+        uint4 w[U][RPW];
 #pragma unroll
-        for (int r = 0; r < RPW; r++) w[r] = fl_ld_stream(wrow[r] + base);
-        fma_vec(w, base);
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) w[u][r] = fl_ld_stream(wrow[r] + wb + 32 * u);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (wb + 32 * u >= done) fma_vec(w[u], wb + 32 * u);
+    } else if (TAIL == GEMV_TAIL_PRED && base < nv) {
+        // One more step with predicated loads: the tail costs one round trip to memory.
+        uint4 w[U][RPW];
+        const uint4 z = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) w[u][r] = base + 32 * u < nv ? fl_ld_stream(wrow[r] + base + 32 * u) : z;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (base + 32 * u < nv) fma_vec(w[u], base + 32 * u);
+    } else {
+        // One vector at a time: a round trip per remaining vector (the kernel before 2026-11-21 pm).
+        for (; base < nv; base += 32) {
+            uint4 w[RPW];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) w[r] = fl_ld_stream(wrow[r] + base);
+            fma_vec(w, base);
+        }
     }
 
     float mine = 0.f;
@@ -98,6 +131,8 @@ template <typename T>
 __global__ void __launch_bounds__(GEMV_THREADS)
 gemv_scalar_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W, const T *__restrict__ bias,
                    int n, int64_t R, int64_t C) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
     const int lane = threadIdx.x & 31;
     const int64_t row = (int64_t)blockIdx.x * (GEMV_THREADS / 32) + threadIdx.x / 32;
     if (row >= R) return;
@@ -160,6 +195,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 gemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W, const T *__restrict__ bias,
                 int n, int64_t R, int64_t C) {
     __shared__ float red[WARPS][4][32];
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
     const int64_t r0 = (int64_t)blockIdx.x * 16;
     const int64_t ra = r0 + g < R ? r0 + g : R - 1, rb = r0 + g + 8 < R ? r0 + g + 8 : R - 1;
@@ -205,8 +242,7 @@ template <typename T, int WARPS>
 static fl_status launch_gemv_mma(cudaStream_t st, T *y, const T *x, const T *W, const T *bias, int n, int64_t R, int64_t C) {
     const int64_t blocks = (R + 15) / 16;
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "matmul: %lld rows is too many", (long long)R);
-    gemv_mma_kernel<T, WARPS, 4><<<(unsigned)blocks, WARPS * 32, 0, st>>>(y, x, W, bias, n, R, C);
-    FL_CUDA_CHECK_LAUNCH();
+    FL_LAUNCH(gemv_mma_kernel<T, WARPS, 4>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, st, y, x, W, bias, n, R, C);
     return FL_OK;
 }
 
@@ -223,14 +259,12 @@ static int device_cc_major(void) {
     return cache[dev];
 }
 
-template <typename T, int N, int RPW>
+template <typename T, int N, int RPW, int U, int TAIL = GEMV_TAIL_WINDOW>
 static fl_status launch_gemv_rpw(cudaStream_t st, T *y, const T *x, const T *W, const T *bias, int64_t R, int64_t C) {
-    constexpr int U = 8 / RPW;
     const int64_t warps = (R + RPW - 1) / RPW, per_block = GEMV_THREADS / 32;
     const int64_t blocks = (warps + per_block - 1) / per_block;
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "matmul: %lld rows is too many", (long long)R);
-    gemv_kernel<T, N, RPW, U><<<(unsigned)blocks, GEMV_THREADS, 0, st>>>(y, x, W, bias, R, C);
-    FL_CUDA_CHECK_LAUNCH();
+    FL_LAUNCH(gemv_kernel<T, N, RPW, U, TAIL>, dim3((unsigned)blocks), dim3(GEMV_THREADS), 0, st, y, x, W, bias, R, C);
     return FL_OK;
 }
 
@@ -252,6 +286,8 @@ static inline int default_variant(int n, int64_t R, bool mma_ok) {
 int fl_gemv_variant_from_name(const char *s) {
     static const struct { const char *name; int v; } t[] = {
         {"auto", FL_GEMV_AUTO}, {"fma1", FL_GEMV_FMA1}, {"fma2", FL_GEMV_FMA2}, {"fma4", FL_GEMV_FMA4},
+        {"fma1x16", FL_GEMV_FMA1_U16}, {"fma2x8", FL_GEMV_FMA2_U8}, {"fma1s", FL_GEMV_FMA1_SERIAL},
+        {"fma1p", FL_GEMV_FMA1_PRED},
         {"mma4", FL_GEMV_MMA4}, {"mma8", FL_GEMV_MMA8},
     };
     for (size_t i = 0; i < sizeof t / sizeof *t; i++)
@@ -262,9 +298,13 @@ int fl_gemv_variant_from_name(const char *s) {
 template <typename T, int N>
 static fl_status launch_gemv_n(cudaStream_t st, T *y, const T *x, const T *W, const T *bias, int64_t R, int64_t C, int variant) {
     switch (variant) {
-    case FL_GEMV_FMA1: return launch_gemv_rpw<T, N, 1>(st, y, x, W, bias, R, C);
-    case FL_GEMV_FMA2: return launch_gemv_rpw<T, N, 2>(st, y, x, W, bias, R, C);
-    case FL_GEMV_FMA4: return launch_gemv_rpw<T, N, 4>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA1: return launch_gemv_rpw<T, N, 1, 8>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA2: return launch_gemv_rpw<T, N, 2, 4>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA4: return launch_gemv_rpw<T, N, 4, 2>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA1_U16: return launch_gemv_rpw<T, N, 1, 16>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA2_U8: return launch_gemv_rpw<T, N, 2, 8>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA1_SERIAL: return launch_gemv_rpw<T, N, 1, 8, GEMV_TAIL_SERIAL>(st, y, x, W, bias, R, C);
+    case FL_GEMV_FMA1_PRED: return launch_gemv_rpw<T, N, 1, 8, GEMV_TAIL_PRED>(st, y, x, W, bias, R, C);
     default: return fl_err(FL_E_VALUE, "gemv: variant %d unknown", variant);
     }
 }
@@ -279,8 +319,7 @@ fl_status fl_cuda_gemv(cudaStream_t st, fl_dtype act, void *y, const void *x, in
         const bool vec = C % fl_vec<T>::EPV == 0 && fl_is_aligned16(x) && fl_is_aligned16(W);
         if (!vec) {
             const int64_t blocks = (R + GEMV_THREADS / 32 - 1) / (GEMV_THREADS / 32);
-            gemv_scalar_kernel<T><<<(unsigned)blocks, GEMV_THREADS, 0, st>>>(yt, xt, wt, bt, n, R, C);
-            FL_CUDA_CHECK_LAUNCH();
+            FL_LAUNCH(gemv_scalar_kernel<T>, dim3((unsigned)blocks), dim3(GEMV_THREADS), 0, st, yt, xt, wt, bt, n, R, C);
             return FL_OK;
         }
         const bool mma_ok = sizeof(T) == 2 && device_cc_major() >= 8;

@@ -12,6 +12,8 @@
 template <typename T, bool VEC>
 __global__ void embed_kernel(T *__restrict__ x, const int32_t *__restrict__ tok, const T *__restrict__ emb,
                              int64_t vocab, int64_t d) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // the token ids come from the previous step's sampling
     const int i = blockIdx.x;
     const int32_t t = tok[i];
     T *xr = x + (int64_t)i * d;
@@ -31,8 +33,8 @@ fl_status fl_cuda_embed(cudaStream_t st, fl_dtype act, void *x, const int32_t *t
     if (n <= 0) return FL_OK;
     FL_CUDA_DISPATCH(act, T, {
         const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(x) && fl_is_aligned16(emb);
-        if (vec) embed_kernel<T, true><<<n, ROW_THREADS, 0, st>>>((T *)x, tok, (const T *)emb, vocab, d);
-        else embed_kernel<T, false><<<n, ROW_THREADS, 0, st>>>((T *)x, tok, (const T *)emb, vocab, d);
+        if (vec) FL_LAUNCH(embed_kernel<T, true>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)x, tok, (const T *)emb, vocab, d);
+        else FL_LAUNCH(embed_kernel<T, false>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)x, tok, (const T *)emb, vocab, d);
     });
     FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
@@ -47,6 +49,8 @@ template <typename T, bool VEC, bool ADD>
 __global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const T *__restrict__ delta,
                                const T *__restrict__ w, int64_t d, float eps) {
     __shared__ float red[32];
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
     constexpr int E = fl_vec<T>::EPV;
     const int64_t row = blockIdx.x;
     // The input row: resid (read and written by this kernel, so no read-only path) or x.
@@ -106,9 +110,9 @@ static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const v
     const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(w) &&
                      (ADD ? fl_is_aligned16(resid) && fl_is_aligned16(delta) : fl_is_aligned16(x));
     if (vec)
-        rmsnorm_kernel<T, true, ADD><<<n, ROW_THREADS, 0, st>>>((T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
+        FL_LAUNCH(rmsnorm_kernel<T, true, ADD>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
     else
-        rmsnorm_kernel<T, false, ADD><<<n, ROW_THREADS, 0, st>>>((T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
+        FL_LAUNCH(rmsnorm_kernel<T, false, ADD>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
     FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
 }
@@ -134,6 +138,8 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 
 template <typename T, bool VEC>
 __global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
     constexpr int E = fl_vec<T>::EPV;
     const int64_t per_row = VEC ? f / E : f, total = (int64_t)n * per_row;
     for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (int64_t)gridDim.x * blockDim.x) {
@@ -159,8 +165,8 @@ fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *g
         const int64_t work = (int64_t)n * (vec ? f / fl_vec<T>::EPV : f);
         int64_t blocks = (work + ROW_THREADS - 1) / ROW_THREADS;
         if (blocks > 65535 * 16) blocks = 65535 * 16;
-        if (vec) swiglu_kernel<T, true><<<(unsigned)blocks, ROW_THREADS, 0, st>>>((T *)out, (const T *)gu, n, f);
-        else swiglu_kernel<T, false><<<(unsigned)blocks, ROW_THREADS, 0, st>>>((T *)out, (const T *)gu, n, f);
+        if (vec) FL_LAUNCH(swiglu_kernel<T, true>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
+        else FL_LAUNCH(swiglu_kernel<T, false>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
     });
     FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
@@ -174,6 +180,8 @@ struct gather_rows_arg { int32_t r[FL_GATHER_CHUNK]; };
 
 template <typename T, bool VEC>
 __global__ void gather_rows_kernel(T *__restrict__ dst, const T *__restrict__ src, const gather_rows_arg rows, int64_t d) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
     const int i = blockIdx.x;
     const T *s = src + (int64_t)rows.r[i] * d;
     T *o = dst + (int64_t)i * d;
@@ -197,8 +205,8 @@ fl_status fl_cuda_gather_rows(cudaStream_t st, fl_dtype act, void *dst, const vo
         FL_CUDA_DISPATCH(act, T, {
             T *o = (T *)dst + (int64_t)i0 * d;
             const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(dst) && fl_is_aligned16(src);
-            if (vec) gather_rows_kernel<T, true><<<cnt, ROW_THREADS, 0, st>>>(o, (const T *)src, a, d);
-            else gather_rows_kernel<T, false><<<cnt, ROW_THREADS, 0, st>>>(o, (const T *)src, a, d);
+            if (vec) FL_LAUNCH(gather_rows_kernel<T, true>, dim3(cnt), dim3(ROW_THREADS), 0, st, o, (const T *)src, a, d);
+            else FL_LAUNCH(gather_rows_kernel<T, false>, dim3(cnt), dim3(ROW_THREADS), 0, st, o, (const T *)src, a, d);
         });
         FL_CUDA_CHECK_LAUNCH();
     }

@@ -12,6 +12,8 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
                                   const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
                                   T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd) {
     extern __shared__ float cs[];  // [half] cos, then [half] sin
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // positions and q|k|v come from earlier kernels
     const int half = hd / 2;
     float *sn = cs + half;
     const int bt = blockIdx.x, b = bt / n_new, t = bt % n_new;
@@ -62,7 +64,7 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
         return fl_err(FL_E_VALUE, "rope_store: KV cache holds %d positions; slots [%d, %d) requested", max_len, start, start + T);
     const size_t smem = (size_t)head_dim * sizeof(float);
     FL_CUDA_DISPATCH(act, T_, {
-        rope_store_kernel<T_><<<B * T, ROPE_THREADS, smem, st>>>((T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
+        FL_LAUNCH(rope_store_kernel<T_>, dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
                                                                  (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim);
     });
     FL_CUDA_CHECK_LAUNCH();
