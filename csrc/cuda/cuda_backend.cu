@@ -149,6 +149,7 @@ static void cu_destroy(fl_backend *be) {
             if (c->blas_ws) cudaFree(c->blas_ws);
             if (c->attn_ws) cudaFree(c->attn_ws);
             if (c->scratch) cudaFree(c->scratch);
+            if (c->rope_cs) cudaFree(c->rope_cs);
             if (c->stream) cudaStreamDestroy(c->stream);
         }
         cudaGetLastError();
@@ -156,6 +157,7 @@ static void cu_destroy(fl_backend *be) {
         if (c->blas_ws) fl_cuda_account(c->device, -(long long)FL_CUDA_BLAS_WS_BYTES);
         if (c->attn_ws) fl_cuda_account(c->device, -(long long)c->attn_ws_bytes);
         if (c->scratch) fl_cuda_account(c->device, -(long long)c->scratch_bytes);
+        if (c->rope_cs) fl_cuda_account(c->device, -(long long)c->rope_cs_bytes);
         delete c;
     }
     free(be);
@@ -207,10 +209,25 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
         return fl_err(FL_E_UNSUPPORTED, "CUDA rope_store: KV cache dtype %s differs from the activation dtype %s",
                       fl_cuda_dtype_name(kv->dtype), fl_cuda_dtype_name(be->act));
     if (layer < 0 || layer >= kv->n_layers) return fl_err(FL_E_VALUE, "rope_store: layer %d of %d", layer, kv->n_layers);
-    FL_TRY(fl_cuda_enter(IMPL(be)));
-    return fl_cuda_rope_store(IMPL(be)->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
+    fl_cuda_impl *c = IMPL(be);
+    FL_TRY(fl_cuda_enter(c));
+    // Layer 0 of a forward writes cos/sin of every token's position into rope_cs; the other layers
+    // (same positions: one forward = one fl_step) read it. The table is grown outside capture only:
+    // a captured step whose table would not fit (never seen: prefill runs first with more tokens)
+    // computes cos/sin in every layer instead.
+    const size_t need = (size_t)s->batch * (size_t)s->n_new * (size_t)kv->head_dim * sizeof(float);
+    int mode = layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
+    if (layer == 0) {
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        FL_CUDA_CHECK(cudaStreamIsCapturing(c->stream, &cs));
+        if (need > c->rope_cs_bytes && cs == cudaStreamCaptureStatusNone)
+            FL_TRY(fl_cuda_grow(be, (void **)&c->rope_cs, &c->rope_cs_bytes, need, "rope cos/sin"));
+        c->rope_cs_ok = need <= c->rope_cs_bytes;
+    }
+    if (!c->rope_cs_ok) mode = FL_ROPE_TABLE_NONE;
+    return fl_cuda_rope_store(c->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
                               inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                              kv->head_dim);
+                              kv->head_dim, c->rope_cs, mode);
 }
 
 static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,
@@ -268,7 +285,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // ---------------------------------------------------------------------------------------------
 // Benchmark / test knobs, read once per backend: FASTLOAD_GEMV_UP_TO=0..8 (matmul uses the GEMV
 // for n up to this, cuBLAS above; default: the measured FL_MATMUL_GEMV_UP_TO) and
-// FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma1x16|fma2x8|mma4|mma8 (the GEMV kernel; default auto).
+// FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma1x16|fma2x8|fma1s|mma4|mma8 (the GEMV kernel; default auto).
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -284,7 +301,7 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     if (e && *e) {
         c->gemv_variant = fl_gemv_variant_from_name(e);
         if (c->gemv_variant < 0)
-            return fl_err(FL_E_VALUE, "FASTLOAD_GEMV_VARIANT='%s' is not auto, fma1, fma2, fma4, fma1x16, fma2x8, fma1s, fma1p, mma4 or mma8", e);
+            return fl_err(FL_E_VALUE, "FASTLOAD_GEMV_VARIANT='%s' is not auto, fma1, fma2, fma4, fma1x16, fma2x8, fma1s, mma4 or mma8", e);
     }
     return FL_OK;
 }

@@ -10,23 +10,34 @@
 template <typename T>
 __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, const int32_t *__restrict__ start_d,
                                   const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
-                                  T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd) {
+                                  T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd,
+                                  float *__restrict__ table, int table_mode) {
     extern __shared__ float cs[];  // [half] cos, then [half] sin
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // positions and q|k|v come from earlier kernels
     const int half = hd / 2;
     float *sn = cs + half;
     const int bt = blockIdx.x, b = bt / n_new, t = bt % n_new;
-    const float p = (float)pos[bt];
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        // The angle as a float32 product, as the CPU backend and transformers compute it; its
-        // cos/sin in double precision (untouched by --use_fast_math, unlike sinf/cosf, whose
-        // fast versions lose accuracy for the large angles of long positions), rounded once.
-        const float f = __fmul_rn(p, inv_freq[i]);
-        double s, c;
-        sincos((double)f, &s, &c);
-        cs[i] = (float)c;
-        sn[i] = (float)s;
+    const float p = table_mode == FL_ROPE_TABLE_READ ? 0.f : (float)pos[bt];
+    if (table_mode == FL_ROPE_TABLE_READ) {
+        // cos/sin of this token's position, made by layer 0's launch of this forward.
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) cs[i] = table[(int64_t)bt * hd + i];
+    } else {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            // The angle as a float32 product, as the CPU backend and transformers compute it; its
+            // cos/sin in double precision (untouched by --use_fast_math, unlike sinf/cosf, whose
+            // fast versions lose accuracy for the large angles of long positions), rounded once.
+            // That costs a few microseconds per launch, hence the table for the other layers.
+            const float f = __fmul_rn(p, inv_freq[i]);
+            double s, c;
+            sincos((double)f, &s, &c);
+            cs[i] = (float)c;
+            sn[i] = (float)s;
+            if (table_mode == FL_ROPE_TABLE_WRITE) {
+                table[(int64_t)bt * hd + i] = (float)c;
+                table[(int64_t)bt * hd + half + i] = (float)s;
+            }
+        }
     }
     __syncthreads();
     const int slot = (start_d ? *start_d : start) + t;
@@ -56,16 +67,17 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
 fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
-                             int head_dim) {
+                             int head_dim, float *table, int table_mode) {
     if (B <= 0 || T <= 0) return FL_OK;
     if (head_dim <= 0 || head_dim % 2 || head_dim > 1024)
         return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", head_dim);
     if (!start_d && (start < 0 || start + T > max_len))
         return fl_err(FL_E_VALUE, "rope_store: KV cache holds %d positions; slots [%d, %d) requested", max_len, start, start + T);
+    if (table_mode != FL_ROPE_TABLE_NONE && !table) return fl_err(FL_E_INTERNAL, "rope_store: table mode %d without a table", table_mode);
     const size_t smem = (size_t)head_dim * sizeof(float);
     FL_CUDA_DISPATCH(act, T_, {
         FL_LAUNCH(rope_store_kernel<T_>, dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
-                                                                 (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim);
+                                                                 (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode);
     });
     FL_CUDA_CHECK_LAUNCH();
     return FL_OK;

@@ -10,8 +10,12 @@
 // whose error grows with the angle). Rotated k and v go to kcache/vcache: [B, max_len, nkv, hd]
 // at slot start + t, where start = *start_d when start_d != NULL (graph replay), else `start`.
 // Slots outside [0, max_len) are skipped (the host checks `start`; a device start cannot be).
+// table ([B*T, hd] float32: cos of the hd/2 frequencies, then sin) spares the other layers of a
+// forward the accurate cos/sin (a few microseconds per launch): FL_ROPE_TABLE_WRITE computes
+// and stores it (layer 0), FL_ROPE_TABLE_READ uses it (pos and inv_freq unread), NONE neither.
+enum { FL_ROPE_TABLE_NONE = 0, FL_ROPE_TABLE_WRITE = 1, FL_ROPE_TABLE_READ = 2 };
 fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
-                             int head_dim);
+                             int head_dim, float *table, int table_mode);
 #endif
