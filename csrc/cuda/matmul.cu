@@ -2,7 +2,8 @@
 //
 // Decode (n <= 8) is bound by reading W once: R*C*sizeof(T) bytes. The FMA GEMV gives each warp
 // RPW consecutive rows; each lane walks the row in 16-byte vectors (8 halves / 4 floats) with
-// U vectors per row in flight per step (RPW*U = 8 independent 16-byte loads per lane), loads W
+// U vectors per row in flight per step (RPW*U = 8 or 16 independent 16-byte loads per lane; the
+// row's last, partial step is one more step of predicated loads, not a trip per vector), loads W
 // past L1 (it is read once), reads the n token rows of x through L1 (shared by the block's
 // warps and reused for all RPW rows), and accumulates n x RPW dot products in float32. One read
 // of each weight tile serves every token row. A warp reduction then leaves output (i, r) in
@@ -10,6 +11,7 @@
 // byte and becomes issue-bound before the memory is (HBM3e is fast): the tensor-core GEMV
 // below was written for the larger n, but on an H200 cuBLAS streams W faster than both from n = 5
 // on (dev/cuda/NOTES.md), so fl_cuda_matmul sends n >= 5 to cuBLAS (float32 accumulation).
+// Every kernel here is launched with fl_launch (programmatic dependent launch on sm_90+).
 #include <type_traits>
 
 #include "matmul.cuh"
@@ -17,7 +19,7 @@
 
 #define GEMV_THREADS 128  /* 4 warps: small blocks spread a short row count over more SMs */
 
-enum { GEMV_TAIL_SERIAL = 0, GEMV_TAIL_PRED = 1, GEMV_TAIL_WINDOW = 2 };  // how a row's last partial step is read
+enum { GEMV_TAIL_SERIAL = 0, GEMV_TAIL_PRED = 1 };  // how a row's last partial step is read
 
 template <typename T, int N, int RPW, int U, int TAIL>
 __global__ void __launch_bounds__(GEMV_THREADS)
@@ -56,12 +58,12 @@ gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W,
         }
     };
 
-    fl_pdl_wait();  // x comes from the previous kernel
+    // x comes from the previous kernel. Requesting the first step's weights before this wait
+    // (they are never written on the stream) measured 2% slower end to end, not faster.
+    fl_pdl_wait();
     int64_t base = lane;
-    // Full steps: U vectors of each of the RPW rows, all loads issued before any use. With the
-    // window tail a step runs only when every lane has all U vectors (the same count of steps
-    // for the whole warp), so the vectors done are exactly [0, base - lane).
-    for (; TAIL == GEMV_TAIL_WINDOW ? base - lane + 32 * U <= nv : base + 32 * (U - 1) < nv; base += 32 * U) {
+    // Full steps: U vectors of each of the RPW rows, all loads issued before any use.
+    for (; base + 32 * (U - 1) < nv; base += 32 * U) {
         uint4 w[U][RPW];
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -70,33 +72,25 @@ gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W,
 #pragma unroll
         for (int u = 0; u < U; u++) fma_vec(w[u], base + 32 * u);
     }
-    if (TAIL == GEMV_TAIL_WINDOW && nv >= 32 * U && base < nv) {
-        // One more full-width step over the LAST 32*U vectors of the row, counting only those
-        // past what the full steps covered (the overlap is re-read from L2): unpredicated loads
-        // with immediate offsets, so no more registers than a full step (36 against 50 for
-        // predicated loads at n = 1, which costs a quarter of the resident warps).
-        const int64_t done = base - lane, wb = nv - 32 * U + lane;
-        uint4 w[U][RPW];
+    if (TAIL == GEMV_TAIL_PRED) {
+        // The rest in one more step with predicated loads: one round trip to memory, where one
+        // vector at a time cost a round trip per vector (qkv / o_proj rows of 448 vectors: 7
+        // trips -> 2; measured 75% -> 83% of the copy bandwidth, dev/cuda/NOTES.md). The
+        // predicates cost registers (50 against 36 at n = 1) and still win. A variant that
+        // re-read an overlapping last full window instead (36 registers) measured slower.
+        if (base < nv) {
+            uint4 w[U][RPW];
+            const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int u = 0; u < U; u++)
+            for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int r = 0; r < RPW; r++) w[u][r] = fl_ld_stream(wrow[r] + wb + 32 * u);
+                for (int r = 0; r < RPW; r++) w[u][r] = base + 32 * u < nv ? fl_ld_stream(wrow[r] + base + 32 * u) : z;
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (wb + 32 * u >= done) fma_vec(w[u], wb + 32 * u);
-    } else if (TAIL == GEMV_TAIL_PRED && base < nv) {
-        // One more step with predicated loads: the tail costs one round trip to memory.
-        uint4 w[U][RPW];
-        const uint4 z = make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int r = 0; r < RPW; r++) w[u][r] = base + 32 * u < nv ? fl_ld_stream(wrow[r] + base + 32 * u) : z;
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (base + 32 * u < nv) fma_vec(w[u], base + 32 * u);
+            for (int u = 0; u < U; u++)
+                if (base + 32 * u < nv) fma_vec(w[u], base + 32 * u);
+        }
     } else {
-        // One vector at a time: a round trip per remaining vector (the kernel before 2026-11-21 pm).
+        // One vector at a time: a round trip per remaining vector (the kernel up to 2026-11-21).
         for (; base < nv; base += 32) {
             uint4 w[RPW];
 #pragma unroll
@@ -259,7 +253,7 @@ static int device_cc_major(void) {
     return cache[dev];
 }
 
-template <typename T, int N, int RPW, int U, int TAIL = GEMV_TAIL_WINDOW>
+template <typename T, int N, int RPW, int U, int TAIL = GEMV_TAIL_PRED>
 static fl_status launch_gemv_rpw(cudaStream_t st, T *y, const T *x, const T *W, const T *bias, int64_t R, int64_t C) {
     const int64_t warps = (R + RPW - 1) / RPW, per_block = GEMV_THREADS / 32;
     const int64_t blocks = (warps + per_block - 1) / per_block;
@@ -270,15 +264,16 @@ static fl_status launch_gemv_rpw(cudaStream_t st, T *y, const T *x, const T *W, 
 
 // The variant when the caller does not choose, from the H200 measurements in dev/cuda/NOTES.md.
 // Short matrices (qkv, o_proj, down of a 7B model) want the most warps in flight: one row per
-// warp up to n = 3 (two at n = 2). Tall ones (gate|up, lm_head: R >= 16384) reuse each x load
-// over four rows from n = 2 on. n = 4: four rows per warp everywhere. n >= 6 (only reached when
+// warp up to n = 3. Tall ones (gate|up, lm_head: R >= 16384) reuse each x load over four rows
+// from n = 2 on. n = 4: two rows per warp with 16 loads in flight for short matrices with long
+// rows (down: 2709 -> 3547 GB/s), four rows per warp otherwise. n >= 6 (only reached when
 // FASTLOAD_GEMV_UP_TO raises the cuBLAS switch point): the tensor cores, as the FMA kernel is
 // issue-bound there.
-static inline int default_variant(int n, int64_t R, bool mma_ok) {
+static inline int default_variant(int n, int64_t R, int64_t C, bool mma_ok) {
     const bool tall = R >= 16384;
     if (n == 1) return FL_GEMV_FMA1;
-    if (n == 2) return tall ? FL_GEMV_FMA4 : FL_GEMV_FMA2;
-    if (n == 3) return tall ? FL_GEMV_FMA4 : FL_GEMV_FMA1;
+    if (n <= 3) return tall ? FL_GEMV_FMA4 : FL_GEMV_FMA1;
+    if (n == 4) return !tall && C >= 8192 ? FL_GEMV_FMA2_U8 : FL_GEMV_FMA4;
     if (n >= 6 && mma_ok) return FL_GEMV_MMA8;
     return FL_GEMV_FMA4;
 }
@@ -287,7 +282,6 @@ int fl_gemv_variant_from_name(const char *s) {
     static const struct { const char *name; int v; } t[] = {
         {"auto", FL_GEMV_AUTO}, {"fma1", FL_GEMV_FMA1}, {"fma2", FL_GEMV_FMA2}, {"fma4", FL_GEMV_FMA4},
         {"fma1x16", FL_GEMV_FMA1_U16}, {"fma2x8", FL_GEMV_FMA2_U8}, {"fma1s", FL_GEMV_FMA1_SERIAL},
-        {"fma1p", FL_GEMV_FMA1_PRED},
         {"mma4", FL_GEMV_MMA4}, {"mma8", FL_GEMV_MMA8},
     };
     for (size_t i = 0; i < sizeof t / sizeof *t; i++)
@@ -304,7 +298,6 @@ static fl_status launch_gemv_n(cudaStream_t st, T *y, const T *x, const T *W, co
     case FL_GEMV_FMA1_U16: return launch_gemv_rpw<T, N, 1, 16>(st, y, x, W, bias, R, C);
     case FL_GEMV_FMA2_U8: return launch_gemv_rpw<T, N, 2, 8>(st, y, x, W, bias, R, C);
     case FL_GEMV_FMA1_SERIAL: return launch_gemv_rpw<T, N, 1, 8, GEMV_TAIL_SERIAL>(st, y, x, W, bias, R, C);
-    case FL_GEMV_FMA1_PRED: return launch_gemv_rpw<T, N, 1, 8, GEMV_TAIL_PRED>(st, y, x, W, bias, R, C);
     default: return fl_err(FL_E_VALUE, "gemv: variant %d unknown", variant);
     }
 }
@@ -323,7 +316,7 @@ fl_status fl_cuda_gemv(cudaStream_t st, fl_dtype act, void *y, const void *x, in
             return FL_OK;
         }
         const bool mma_ok = sizeof(T) == 2 && device_cc_major() >= 8;
-        if (!variant) variant = default_variant(n, R, mma_ok);
+        if (!variant) variant = default_variant(n, R, C, mma_ok);
         if (variant == FL_GEMV_MMA4 || variant == FL_GEMV_MMA8) {
             if (!mma_ok) return fl_err(FL_E_UNSUPPORTED, "gemv: the tensor-core variant needs 16-bit types and sm_80+");
             if constexpr (sizeof(T) == 2) {

@@ -133,10 +133,10 @@ static int run(fl_dtype act, int batches) {
     const Shape shapes[] = {{"qkv", 4608, 3584}, {"o_proj", 3584, 3584}, {"gate|up", 37888, 3584},
                             {"down", 3584, 18944}, {"lm_head", 152064, 3584}};
     const int ns[] = {1, 2, 4, 8};
-    const int variants[] = {FL_GEMV_AUTO, FL_GEMV_FMA1, FL_GEMV_FMA1_SERIAL, FL_GEMV_FMA1_PRED, FL_GEMV_FMA2,
+    const int variants[] = {FL_GEMV_AUTO, FL_GEMV_FMA1, FL_GEMV_FMA1_SERIAL, FL_GEMV_FMA2,
                             FL_GEMV_FMA4, FL_GEMV_FMA1_U16, FL_GEMV_FMA2_U8, FL_GEMV_MMA8};
-    const char *vnames[] = {"fma1", "fma1s", "fma1p", "fma2", "fma4", "fma1x16", "fma2x8", "mma8"};
-    const int NV = 9;
+    const char *vnames[] = {"fma1", "fma1s", "fma2", "fma4", "fma1x16", "fma2x8", "mma8"};
+    const int NV = 8;
     const cudaDataType_t ct_ = act == FL_F16 ? CUDA_R_16F : CUDA_R_16BF;
     printf("%-8s %6s %6s %2s | %7s %6s |", "shape", "R", "C", "n", "GB/s", "%copy");
     for (int vi = 1; vi < NV; vi++) printf(" %7s", vnames[vi - 1]);
