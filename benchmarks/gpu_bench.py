@@ -205,7 +205,8 @@ def main():
     dev = torch.cuda.get_device_name(0)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": dev,
-           "commit": commit or os.environ.get("FASTLOAD_COMMIT", "unknown"),
+           # FASTLOAD_COMMIT first: the device tool's copy of the tree may carry a stale .git
+           "commit": os.environ.get("FASTLOAD_COMMIT") or commit or "unknown",
            "fastload": fastload.info(), "torch": torch.__version__}
     try:
         import transformers
