@@ -43,6 +43,34 @@ def test_golden_on_gpu(name, dtype):
                        pad_token_id=case["meta"]["pad_token_id"]), case["eos_batch_greedy"])
 
 
+def test_pdl_off_gives_the_same_logits_and_tokens():
+    """Programmatic dependent launch (sm_90+) lets a kernel start before its predecessor ends; a
+    kernel reading its inputs before waiting would show up as different numbers. FASTLOAD_PDL=0
+    (read once per process) runs the same kernels in plain stream order: logits and sampled
+    tokens must be bit-identical."""
+    import subprocess
+    import sys
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import sys; sys.path[:0] = %r\nimport numpy as np, fastload\nfrom golden_util import load_case, model_dir\n"
+        "case = load_case('qwen2'); m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir('qwen2')), "
+        "device_map='cuda', torch_dtype='bfloat16')\n"
+        "lg = m(case['batch_ids'], attention_mask=case['batch_mask']).logits\n"
+        "g = m.generate(case['batch_ids'], attention_mask=case['batch_mask'], do_sample=True, seed=3, max_new_tokens=24, "
+        "eos_token_id=[], pad_token_id=case['meta']['pad_token_id'])\n"
+        "np.save(sys.argv[1], lg); np.save(sys.argv[2], g)\n") % [HERE, os.path.dirname(HERE)]
+    out = {}
+    for pdl in ("1", "0"):
+        d = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fl_pdl_{os.getpid()}_{pdl}")
+        env = dict(os.environ, FASTLOAD_PDL=pdl)
+        r = subprocess.run([sys.executable, "-c", code, d + "_lg.npy", d + "_g.npy"], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[pdl] = (np.load(d + "_lg.npy"), np.load(d + "_g.npy"))
+        os.remove(d + "_lg.npy"); os.remove(d + "_g.npy")
+    np.testing.assert_array_equal(out["1"][0], out["0"][0])
+    np.testing.assert_array_equal(out["1"][1], out["0"][1])
+
+
 def test_gpu_matches_cpu_sampling_rules():
     """Seeded sampling on the GPU is reproducible; top_k=1 equals greedy; min_new_tokens holds."""
     case = load_case("llama")

@@ -143,19 +143,24 @@ __device__ __forceinline__ void fl_pdl_launch_dependents(void) {
 #endif
 }
 
-// Whether launches on the current device use PDL: compute capability 9.0+ and FASTLOAD_PDL
-// not "0" (the switch exists for measurements and as a way out). Cached per device.
-static inline bool fl_cuda_pdl_enabled(void) {
-    static int cache[64];  // 0 unknown, 1 off, 2 on; benign race: every writer stores the same value
+// Compute capability major of the current device (0 if unknown), cached per device.
+static inline int fl_cuda_cc_major(void) {
+    static int cache[64];  // 0 = unknown; benign race: every writer stores the same value
     int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
     if (!cache[dev]) {
         int major = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-        const char *e = getenv("FASTLOAD_PDL");
-        cache[dev] = (major >= 9 && !(e && !strcmp(e, "0"))) ? 2 : 1;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+        cache[dev] = major;
     }
-    return cache[dev] == 2;
+    return cache[dev];
+}
+
+// Whether launches use PDL: compute capability 9.0+ and FASTLOAD_PDL not "0" (the switch exists
+// for measurements and as a way out; read once per process).
+static inline bool fl_cuda_pdl_enabled(void) {
+    static const bool env_off = [] { const char *e = getenv("FASTLOAD_PDL"); return e && !strcmp(e, "0"); }();
+    return !env_off && fl_cuda_cc_major() >= 9;
 }
 
 // kernel<<<grid, block, smem, st>>>(args...) with the PDL attribute where enabled. The kernel

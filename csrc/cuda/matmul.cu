@@ -240,19 +240,6 @@ static fl_status launch_gemv_mma(cudaStream_t st, T *y, const T *x, const T *W, 
     return FL_OK;
 }
 
-// Compute capability major of the current device, cached per device (the tensor-core path needs 8+).
-static int device_cc_major(void) {
-    static int cache[64];  // 0 = unknown; benign race: every writer stores the same value
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-    if (!cache[dev]) {
-        int major = 0;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
-        cache[dev] = major;
-    }
-    return cache[dev];
-}
-
 template <typename T, int N, int RPW, int U, int TAIL = GEMV_TAIL_PRED>
 static fl_status launch_gemv_rpw(cudaStream_t st, T *y, const T *x, const T *W, const T *bias, int64_t R, int64_t C) {
     const int64_t warps = (R + RPW - 1) / RPW, per_block = GEMV_THREADS / 32;
@@ -315,7 +302,7 @@ fl_status fl_cuda_gemv(cudaStream_t st, fl_dtype act, void *y, const void *x, in
             FL_LAUNCH(gemv_scalar_kernel<T>, dim3((unsigned)blocks), dim3(GEMV_THREADS), 0, st, yt, xt, wt, bt, n, R, C);
             return FL_OK;
         }
-        const bool mma_ok = sizeof(T) == 2 && device_cc_major() >= 8;
+        const bool mma_ok = sizeof(T) == 2 && fl_cuda_cc_major() >= 8;
         if (!variant) variant = default_variant(n, R, C, mma_ok);
         if (variant == FL_GEMV_MMA4 || variant == FL_GEMV_MMA8) {
             if (!mma_ok) return fl_err(FL_E_UNSUPPORTED, "gemv: the tensor-core variant needs 16-bit types and sm_80+");
