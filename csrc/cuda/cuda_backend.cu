@@ -285,7 +285,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // ---------------------------------------------------------------------------------------------
 // Benchmark / test knobs, read once per backend: FASTLOAD_GEMV_UP_TO=0..8 (matmul uses the GEMV
 // for n up to this, cuBLAS above; default: the measured FL_MATMUL_GEMV_UP_TO) and
-// FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma1x16|fma2x8|fma1s|mma4|mma8 (the GEMV kernel; default auto).
+// FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma2x8|fma1s|mma4|mma8 (the GEMV kernel; default auto).
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -301,7 +301,7 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     if (e && *e) {
         c->gemv_variant = fl_gemv_variant_from_name(e);
         if (c->gemv_variant < 0)
-            return fl_err(FL_E_VALUE, "FASTLOAD_GEMV_VARIANT='%s' is not auto, fma1, fma2, fma4, fma1x16, fma2x8, fma1s, mma4 or mma8", e);
+            return fl_err(FL_E_VALUE, "FASTLOAD_GEMV_VARIANT='%s' is not auto, fma1, fma2, fma4, fma2x8, fma1s, mma4 or mma8", e);
     }
     return FL_OK;
 }

@@ -20,7 +20,7 @@
 enum {
     FL_GEMV_AUTO = 0,
     FL_GEMV_FMA1 = 1, FL_GEMV_FMA2 = 2, FL_GEMV_FMA4 = 4, /* FMA kernel, 1/2/4 rows per warp, 8 loads per lane in flight */
-    FL_GEMV_FMA1_U16 = 5, FL_GEMV_FMA2_U8 = 6,            /* 1/2 rows per warp, 16 loads per lane in flight */
+    FL_GEMV_FMA2_U8 = 6,                                   /* 2 rows per warp, 16 loads per lane in flight */
     FL_GEMV_FMA1_SERIAL = 7,                               /* fma1 with the serial tail of the first version (A/B) */
     FL_GEMV_MMA4 = 16, FL_GEMV_MMA8 = 17,                  /* tensor cores, 4/8 warps per 16 rows */
 };

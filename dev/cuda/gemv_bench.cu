@@ -134,9 +134,9 @@ static int run(fl_dtype act, int batches) {
                             {"down", 3584, 18944}, {"lm_head", 152064, 3584}};
     const int ns[] = {1, 2, 4, 8};
     const int variants[] = {FL_GEMV_AUTO, FL_GEMV_FMA1, FL_GEMV_FMA1_SERIAL, FL_GEMV_FMA2,
-                            FL_GEMV_FMA4, FL_GEMV_FMA1_U16, FL_GEMV_FMA2_U8, FL_GEMV_MMA8};
-    const char *vnames[] = {"fma1", "fma1s", "fma2", "fma4", "fma1x16", "fma2x8", "mma8"};
-    const int NV = 8;
+                            FL_GEMV_FMA4, FL_GEMV_FMA2_U8, FL_GEMV_MMA8};
+    const char *vnames[] = {"fma1", "fma1s", "fma2", "fma4", "fma2x8", "mma8"};
+    const int NV = 7;
     const cudaDataType_t ct_ = act == FL_F16 ? CUDA_R_16F : CUDA_R_16BF;
     printf("%-8s %6s %6s %2s | %7s %6s |", "shape", "R", "C", "n", "GB/s", "%copy");
     for (int vi = 1; vi < NV; vi++) printf(" %7s", vnames[vi - 1]);
