@@ -16,10 +16,11 @@ t0=$(date +%s)
 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s" >> "$OUT/gpu.txt"
 gcc -O2 -std=gnu11 -c csrc/fl_common.c -o /tmp/fl_common.o
-OBJ=$(ls build/temp*/cuda/{cuda_backend,cuda_device,cuda_memory,norm,rope,matmul,convert,attention}.cu.o)
+gcc -O2 -std=gnu11 -Icsrc -c csrc/safetensors.c -o /tmp/fl_st.o
+OBJ="$(ls build/temp*/cuda/{cuda_backend,cuda_device,cuda_memory,norm,rope,matmul,convert,attention,loader}.cu.o) /tmp/fl_st.o"
 NV="nvcc -O3 -std=c++17 -Icsrc -gencode arch=compute_90,code=sm_90"
-$NV dev/cuda/gemv_bench.cu $OBJ /tmp/fl_common.o -lcublas -o /tmp/gemv_bench > "$OUT/bench_build.log" 2>&1 &
-$NV dev/cuda/graph_check.cu $OBJ /tmp/fl_common.o -lcublas -o /tmp/graph_check > "$OUT/graph_build.log" 2>&1 &
+$NV dev/cuda/gemv_bench.cu $OBJ /tmp/fl_common.o -lcublas -lpthread -o /tmp/gemv_bench > "$OUT/bench_build.log" 2>&1 &
+$NV dev/cuda/graph_check.cu $OBJ /tmp/fl_common.o -lcublas -lpthread -o /tmp/graph_check > "$OUT/graph_build.log" 2>&1 &
 t0=$(date +%s)
 timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_cuda_ops.py ${1:+-k "$1"} > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? in $(( $(date +%s) - t0 )) s" >> "$OUT/pytest.log"
