@@ -75,47 +75,20 @@ __host__ __device__ inline SplitPlan split_plan(int L, int units, int slots, int
     return p;
 }
 
-// ---- element types ---------------------------------------------------------------------------
-template <typename T> struct Elt;
-template <> struct Elt<float> {
-    static __device__ __forceinline__ float to_f(float x) { return x; }
-    static __device__ __forceinline__ float from_f(float x) { return x; }
-};
-template <> struct Elt<__half> {
-    static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-    static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 h = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t *>(&h);
-    }
-    // c += a * b, m16n8k16, fp32 accumulate
-    static __device__ __forceinline__ void mma(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-#if FL_ATT_TC
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-    }
-};
-template <> struct Elt<__nv_bfloat16> {
-    static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-    static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+// ---- element types ----------------------------------------------------------------------------
+// Conversions and the tensor-core product come from cuda_common.cuh (fl_to_f32, fl_from_f32,
+// fl_mma_16816); what is particular here is packing two floats into one 16-bit pair register.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    uint32_t r;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
         __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t *>(&h);
+        memcpy(&r, &h, 4);
+    } else {
+        __half2 h = __floats2half2_rn(lo, hi);
+        memcpy(&r, &h, 4);
     }
-    static __device__ __forceinline__ void mma(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint32_t b0, uint32_t b1) {
-#if FL_ATT_TC
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-    }
-};
+    return r;
+}
 
 // ---- warp-level helpers (sm_80 paths only) ------------------------------------------------------
 #if FL_ATT_TC
@@ -251,8 +224,8 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
         float s[4] = {0.f, 0.f, 0.f, 0.f}, s2[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int c = 0; c < NC; c++) {
-            Elt<T>::mma(s, t.k0[c].x, t.k1[c].x, t.k0[c].y, t.k1[c].y, qf[c].x, qf[c].y);
-            Elt<T>::mma(s2, t.k0[c].z, t.k1[c].z, t.k0[c].w, t.k1[c].w, qf[c].z, qf[c].w);
+            fl_mma_16816<T>(s, t.k0[c].x, t.k1[c].x, t.k0[c].y, t.k1[c].y, qf[c].x, qf[c].y);
+            fl_mma_16816<T>(s2, t.k0[c].z, t.k1[c].z, t.k0[c].w, t.k1[c].w, qf[c].z, qf[c].w);
         }
         // s[0..1]: key r, heads 2q, 2q+1; s[2..3]: key r+8
         const float x0 = t.m0 ? (s[0] + s2[0]) * sl2 : -INFINITY, x1 = t.m0 ? (s[1] + s2[1]) * sl2 : -INFINITY;
@@ -275,12 +248,12 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
         for (int x = 0; x < 2 * NC; x++) {
             acc[x][0] *= c0; acc[x][1] *= c1; acc[x][2] *= c0; acc[x][3] *= c1;
         }
-        const uint32_t pb0 = movm_t(Elt<T>::pack(p0, p1)), pb1 = movm_t(Elt<T>::pack(p2, p3));
+        const uint32_t pb0 = movm_t(pack2<T>(p0, p1)), pb1 = movm_t(pack2<T>(p2, p3));
 #pragma unroll
         for (int c = 0; c < NC; c++) {
-            Elt<T>::mma(acc[2 * c], movm_t(t.v0[c].x), movm_t(t.v0[c].y), movm_t(t.v1[c].x), movm_t(t.v1[c].y),
+            fl_mma_16816<T>(acc[2 * c], movm_t(t.v0[c].x), movm_t(t.v0[c].y), movm_t(t.v1[c].x), movm_t(t.v1[c].y),
                         pb0, pb1);
-            Elt<T>::mma(acc[2 * c + 1], movm_t(t.v0[c].z), movm_t(t.v0[c].w), movm_t(t.v1[c].z),
+            fl_mma_16816<T>(acc[2 * c + 1], movm_t(t.v0[c].z), movm_t(t.v0[c].w), movm_t(t.v1[c].z),
                         movm_t(t.v1[c].w), pb0, pb1);
         }
     };
@@ -404,7 +377,7 @@ __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttAr
         float o = 0.f;
         for (int g = 0; g < ngrp; g++) o += s_part[g * hd + tid];
         // T == 1: output row b, column block h (bh = b * nh + h)
-        static_cast<T *>(a.out)[(size_t)bh * hd + tid] = Elt<T>::from_f(den > 0.f ? o / den : 0.f);
+        static_cast<T *>(a.out)[(size_t)bh * hd + tid] = fl_from_f32<T>(den > 0.f ? o / den : 0.f);
     }
 }
 
@@ -517,8 +490,8 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) prefill_kernel(const AttArg
                 uint32_t b0, b1, b2, b3;
                 const int key = np * 16 + (lane & 7) + (lane >> 4) * 8, col = kk * 16 + ((lane >> 3) & 1) * 8;
                 ldsm_x4(b0, b1, b2, b3, smem_addr(tK + swz<HD>(key, col)));
-                Elt<T>::mma(s[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
-                Elt<T>::mma(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
+                fl_mma_16816<T>(s[2 * np], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b0, b1);
+                fl_mma_16816<T>(s[2 * np + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], b2, b3);
             }
         }
         const bool full = kbase + PF_BN - 1 <= i_lo && (a.window == 0 || i_hi - kbase < a.window) && !km &&
@@ -567,17 +540,17 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) prefill_kernel(const AttArg
         }
 #pragma unroll
         for (int kk = 0; kk < PF_BN / 16; kk++) {  // 16 keys: C fragments of n-tiles 2kk, 2kk+1 = A fragment
-            const uint32_t pa0 = Elt<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-            const uint32_t pa1 = Elt<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-            const uint32_t pa2 = Elt<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            const uint32_t pa3 = Elt<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const uint32_t pa0 = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            const uint32_t pa1 = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            const uint32_t pa2 = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            const uint32_t pa3 = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int dp = 0; dp < HD / 16; dp++) {
                 uint32_t b0, b1, b2, b3;
                 const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = dp * 16 + (lane >> 4) * 8;
                 ldsm_x4_t(b0, b1, b2, b3, smem_addr(tV + swz<HD>(key, col)));
-                Elt<T>::mma(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
-                Elt<T>::mma(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
+                fl_mma_16816<T>(o[2 * dp], pa0, pa1, pa2, pa3, b0, b1);
+                fl_mma_16816<T>(o[2 * dp + 1], pa0, pa1, pa2, pa3, b2, b3);
             }
         }
         __syncthreads();  // this stage is overwritten by the next iteration's prefetch
@@ -595,13 +568,13 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) prefill_kernel(const AttArg
         T *orow = out + ((size_t)(b * Tn + row0) * a.nh + h) * HD;
 #pragma unroll
         for (int x = 0; x < HD / 8; x++)
-            *reinterpret_cast<uint32_t *>(orow + x * 8 + 2 * q) = Elt<T>::pack(o[x][0] * inv0, o[x][1] * inv0);
+            *reinterpret_cast<uint32_t *>(orow + x * 8 + 2 * q) = pack2<T>(o[x][0] * inv0, o[x][1] * inv0);
     }
     if (row0 + 8 < Tn) {
         T *orow = out + ((size_t)(b * Tn + row0 + 8) * a.nh + h) * HD;
 #pragma unroll
         for (int x = 0; x < HD / 8; x++)
-            *reinterpret_cast<uint32_t *>(orow + x * 8 + 2 * q) = Elt<T>::pack(o[x][2] * inv1, o[x][3] * inv1);
+            *reinterpret_cast<uint32_t *>(orow + x * 8 + 2 * q) = pack2<T>(o[x][2] * inv1, o[x][3] * inv1);
     }
 #endif
 }
@@ -631,7 +604,7 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 #pragma unroll
     for (int k = 0; k < SIMPLE_MAXK; k++) {
         const int d = lane + 32 * k;
-        qv[k] = d < hd ? Elt<T>::to_f(qp[d]) * a.scale_log2 : 0.f;
+        qv[k] = d < hd ? fl_to_f32(qp[d]) * a.scale_log2 : 0.f;
         acc[k] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
@@ -642,7 +615,7 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 #pragma unroll
         for (int k = 0; k < SIMPLE_MAXK; k++) {
             const int d = lane + 32 * k;
-            if (d < hd) s += qv[k] * Elt<T>::to_f(kr[d]);
+            if (d < hd) s += qv[k] * fl_to_f32(kr[d]);
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -652,7 +625,7 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 #pragma unroll
         for (int k = 0; k < SIMPLE_MAXK; k++) {
             const int d = lane + 32 * k;
-            if (d < hd) acc[k] = acc[k] * c + p * Elt<T>::to_f(vr[d]);
+            if (d < hd) acc[k] = acc[k] * c + p * fl_to_f32(vr[d]);
         }
     }
     T *op = static_cast<T *>(a.out) + (size_t)bt * a.nh * hd + (size_t)h * hd;
@@ -660,7 +633,7 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 #pragma unroll
     for (int k = 0; k < SIMPLE_MAXK; k++) {
         const int d = lane + 32 * k;
-        if (d < hd) op[d] = Elt<T>::from_f(acc[k] * inv);
+        if (d < hd) op[d] = fl_from_f32<T>(acc[k] * inv);
     }
 }
 

@@ -15,6 +15,7 @@
 #include <cublas_v2.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <type_traits>
 #include <string.h>
 
 #include "../fl_common.h"
@@ -113,6 +114,25 @@ template <typename T> __device__ __forceinline__ uint4 fl_f32_to_vec(const float
     uint4 v;
     memcpy(&v, e, 16);
     return v;
+}
+
+// c[0..3] += A * B on the tensor cores: mma.sync m16n8k16, row.col, T = __half or __nv_bfloat16 inputs
+// (a0..a3: the A fragment, b0, b1: the B fragment, two elements per register), fp32 accumulators.
+// sm_80 and newer; below that (and in the host pass) it compiles to nothing, and callers must
+// not reach it (the GEMV and attention select their tensor-core paths by compute capability).
+template <typename T>
+__device__ __forceinline__ void fl_mma_16816(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                             uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 // Loads that bypass L1 for data read exactly once (weights streamed by the GEMV).

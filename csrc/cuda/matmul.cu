@@ -12,8 +12,6 @@
 // below was written for the larger n, but on an H200 cuBLAS streams W faster than both from n = 5
 // on (dev/cuda/NOTES.md), so fl_cuda_matmul sends n >= 5 to cuBLAS (float32 accumulation).
 // Every kernel here is launched with fl_launch (programmatic dependent launch on sm_90+).
-#include <type_traits>
-
 #include "matmul.cuh"
 #include "cuda_common.cuh"
 
@@ -169,21 +167,6 @@ gemv_scalar_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restri
 // path. Open work: x staged once per block in shared memory (frees 16 registers per lane), more
 // 16-byte loads in flight per SM, wider contiguous row segments per step.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (std::is_same<T, __nv_bfloat16>::value)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
 template <typename T, int WARPS, int U>
 __global__ void __launch_bounds__(WARPS * 32)
 gemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W, const T *__restrict__ bias,
@@ -212,8 +195,8 @@ gemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict_
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            mma_16816<T>(acc, va[u].x, vb[u].x, va[u].y, vb[u].y, vx[u].x, vx[u].y);
-            mma_16816<T>(acc, va[u].z, vb[u].z, va[u].w, vb[u].w, vx[u].z, vx[u].w);
+            fl_mma_16816<T>(acc, va[u].x, vb[u].x, va[u].y, vb[u].y, vx[u].x, vx[u].y);
+            fl_mma_16816<T>(acc, va[u].z, vb[u].z, va[u].w, vb[u].w, vx[u].z, vx[u].w);
         }
     }
 #pragma unroll
