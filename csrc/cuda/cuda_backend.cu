@@ -214,17 +214,16 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
     // Layer 0 of a forward writes cos/sin of every token's position into rope_cs; the other layers
     // (same positions: one forward = one fl_step) read it. The table is grown outside capture only:
     // a captured step whose table would not fit (never seen: prefill runs first with more tokens)
-    // computes cos/sin in every layer instead.
+    // computes cos/sin in every layer instead. The table's size only changes at layer 0, so
+    // `need <= rope_cs_bytes` at a later layer means layer 0 of this forward wrote it.
     const size_t need = (size_t)s->batch * (size_t)s->n_new * (size_t)kv->head_dim * sizeof(float);
-    int mode = layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
-    if (layer == 0) {
+    if (layer == 0 && need > c->rope_cs_bytes) {
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
         FL_CUDA_CHECK(cudaStreamIsCapturing(c->stream, &cs));
-        if (need > c->rope_cs_bytes && cs == cudaStreamCaptureStatusNone)
+        if (cs == cudaStreamCaptureStatusNone)
             FL_TRY(fl_cuda_grow(be, (void **)&c->rope_cs, &c->rope_cs_bytes, need, "rope cos/sin"));
-        c->rope_cs_ok = need <= c->rope_cs_bytes;
     }
-    if (!c->rope_cs_ok) mode = FL_ROPE_TABLE_NONE;
+    const int mode = need > c->rope_cs_bytes ? FL_ROPE_TABLE_NONE : layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
     return fl_cuda_rope_store(c->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
                               inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
                               kv->head_dim, c->rope_cs, mode);

@@ -34,7 +34,6 @@ typedef struct fl_cuda_impl {
     void *scratch;              /* float32 staging for logits_to_host */
     float *rope_cs;             /* [tokens, head_dim] cos|sin of the current forward's positions */
     size_t rope_cs_bytes;
-    bool rope_cs_ok;            /* layer 0 of the current forward filled rope_cs */
     int gemv_up_to;             /* matmul: GEMV for n <= this (FASTLOAD_GEMV_UP_TO, default -1: tuned) */
     int gemv_variant;           /* FL_GEMV_* (FASTLOAD_GEMV_VARIANT, default auto) */
     size_t scratch_bytes;
