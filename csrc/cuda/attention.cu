@@ -638,14 +638,6 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 }
 
 // ---- host side --------------------------------------------------------------------------------
-#define FL_ATT_CUDA(call)                                                                                   \
-    do {                                                                                                    \
-        cudaError_t fl_e_ = (call);                                                                         \
-        if (fl_e_ != cudaSuccess)                                                                           \
-            return fl_err(FL_E_DEVICE, "attention: %s failed: %s (%s) at %s:%d", #call,                   \
-                          cudaGetErrorString(fl_e_), cudaGetErrorName(fl_e_), __FILE__, __LINE__);          \
-    } while (0)
-
 // The dtype dispatch (STYLE.md habit 4): binds `scalar_t` to the element type of `act`.
 #define FL_ATT_DISPATCH_HALF(act, ...)                                                  \
     switch (act) {                                                                      \
@@ -684,8 +676,8 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     const dim3 grid = a.kv_fast ? dim3(a.nkv * n_sub, a.split_stride, a.B) : dim3(n_sub, a.split_stride, a.B * a.nkv);
     // Both launches are programmatic where the device allows (fl_launch): the split kernel's
     // launch hides under rope_store's tail, the combine's under the split kernel's.
-    FL_ATT_CUDA(fl_launch(decode_split_kernel<T, HD>, grid, dim3(ATT_THREADS), 0, st, a));
-    FL_ATT_CUDA(fl_launch(decode_combine_kernel<T>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
+    FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD>, grid, dim3(ATT_THREADS), 0, st, a));
+    FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
     return FL_OK;
 }
 
@@ -693,7 +685,7 @@ template <typename T, int HD>
 static fl_status launch_prefill(cudaStream_t st, const AttArgs &a, bool alt) {
     const size_t smem = prefill_smem_bytes(HD, sizeof(T));
     auto kernel = alt ? prefill_kernel<T, HD, 3> : prefill_kernel<T, HD, 2>;
-    FL_ATT_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     kernel<<<dim3(a.nh, (a.T + PF_BM - 1) / PF_BM, a.B), ATT_THREADS, smem, st>>>(a);
     return FL_OK;
 }
@@ -732,10 +724,10 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
     if (kmask && kmask_stride < 1) return fl_err(FL_E_VALUE, "attention: key mask stride %d", kmask_stride);
 
     int dev = 0, major = 0, sms = 1, smem_optin = 0;
-    FL_ATT_CUDA(cudaGetDevice(&dev));
-    FL_ATT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    FL_ATT_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    FL_ATT_CUDA(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    FL_CUDA_CHECK(cudaGetDevice(&dev));
+    FL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    FL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    FL_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
 
     AttArgs a = {};
     a.qkv = qkv; a.out = out; a.kc = kcache; a.vc = vcache; a.kmask = kmask; a.start_d = start_d;
@@ -780,10 +772,7 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
         else FL_ATT_DISPATCH_HALF(act, simple_kernel<scalar_t><<<blocks, ATT_THREADS, 0, st>>>(a));
     }
     if (s != FL_OK) return s;
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return fl_err(FL_E_DEVICE, "attention: kernel launch failed: %s (%s)", cudaGetErrorString(e),
-                      cudaGetErrorName(e));
+    FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
 }
 
