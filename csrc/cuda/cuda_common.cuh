@@ -202,6 +202,8 @@ static inline cudaError_t fl_launch(void (*kernel)(KArgs...), dim3 grid, dim3 bl
     }
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
+// cudaLaunchKernelEx returns the launch's own errors (bad configuration, no kernel image), so no
+// FL_CUDA_CHECK_LAUNCH() is needed after it.
 #define FL_LAUNCH(...) FL_CUDA_CHECK(fl_launch(__VA_ARGS__))
 
 static inline int fl_is_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }

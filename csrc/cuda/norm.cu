@@ -36,7 +36,6 @@ fl_status fl_cuda_embed(cudaStream_t st, fl_dtype act, void *x, const int32_t *t
         if (vec) FL_LAUNCH(embed_kernel<T, true>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)x, tok, (const T *)emb, vocab, d);
         else FL_LAUNCH(embed_kernel<T, false>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)x, tok, (const T *)emb, vocab, d);
     });
-    FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
 }
 
@@ -113,7 +112,6 @@ static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const v
         FL_LAUNCH(rmsnorm_kernel<T, true, ADD>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
     else
         FL_LAUNCH(rmsnorm_kernel<T, false, ADD>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
-    FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
 }
 
@@ -168,7 +166,6 @@ fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *g
         if (vec) FL_LAUNCH(swiglu_kernel<T, true>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
         else FL_LAUNCH(swiglu_kernel<T, false>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
     });
-    FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
 }
 
@@ -208,7 +205,6 @@ fl_status fl_cuda_gather_rows(cudaStream_t st, fl_dtype act, void *dst, const vo
             if (vec) FL_LAUNCH(gather_rows_kernel<T, true>, dim3(cnt), dim3(ROW_THREADS), 0, st, o, (const T *)src, a, d);
             else FL_LAUNCH(gather_rows_kernel<T, false>, dim3(cnt), dim3(ROW_THREADS), 0, st, o, (const T *)src, a, d);
         });
-        FL_CUDA_CHECK_LAUNCH();
     }
     return FL_OK;
 }

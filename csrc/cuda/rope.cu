@@ -79,6 +79,5 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
         FL_LAUNCH(rope_store_kernel<T_>, dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
                                                                  (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode);
     });
-    FL_CUDA_CHECK_LAUNCH();
     return FL_OK;
 }
