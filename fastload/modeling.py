@@ -8,7 +8,6 @@ into the core each (generate calls back per token only to stream and to notice C
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 
 from . import _C
 from . import arch as archmod
+from . import checks
 from . import config as cfgmod
 from ._util import AttrDict, is_torch
 from .hub import resolve
@@ -72,9 +72,12 @@ class GenerationConfig(Config):
 
     @classmethod
     def from_pretrained(cls, path):
+        """generation_config.json from a directory or file; its values are checked (checks.GENERATION) so
+        that generate() never meets a wrong-typed or out-of-range value from a file."""
         p = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
-        with open(p) as f:
-            return cls(**json.load(f))
+        d = checks.read_json(p)
+        checks.check_generation(d, p)
+        return cls(**d)
 
 
 class CausalLMOutput(AttrDict):
@@ -232,11 +235,10 @@ class FastModelForCausalLM:
         # shards
         index_path = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from None
+            index = checks.read_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if weight_map is None:
+                raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object)")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
             shard_names = sorted(set(weight_map.values()))
@@ -255,11 +257,9 @@ class FastModelForCausalLM:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: no config.json")
-        with open(cfg_path) as f:
-            try:
-                hf = Config(json.load(f))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        hf = checks.read_json(cfg_path)
+        checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
+        hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
         core_cfg = archmod.core_config(hf, arch, cfg_path)
         if want_dtype == "auto":
@@ -308,10 +308,15 @@ class FastModelForCausalLM:
         arch, hf = archmod.gguf_config(meta, path)
         tensors = {t[0]: t for t in g.tensors()}
         hf["tie_word_embeddings"] = "output.weight" not in tensors
+        names = archmod.gguf_names(meta["general.architecture"])
         if "token_embd.weight" in tensors:
-            hf["vocab_size"] = int(tensors["token_embd.weight"][3][0])
+            shape = tensors["token_embd.weight"][3]
+            if len(shape) != 2:
+                raise CheckpointError(f"{path}: tensor 'token_embd.weight' must have 2 dimensions, got {len(shape)}")
+            hf["vocab_size"] = int(shape[0])
+            names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
         hf = Config(hf)
-        core_cfg = archmod.core_config(hf, arch, path)
+        core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
         context = _context_bytes(dev)
@@ -327,7 +332,7 @@ class FastModelForCausalLM:
         for k, mk in (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
                       ("pad_token_id", "tokenizer.ggml.padding_token_id")):
             if meta.get(mk) is not None:
-                gen[k] = int(meta[mk])
+                gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
