@@ -84,7 +84,13 @@ def arch_for(config: dict, where: str) -> Arch:
         if mt == a.model_type and not names:
             return a
     raise NotImplementedError(
-        f"{where}: architecture {names or mt!r} is not supported; supported: {supported()}")
+        f"{where}: architecture {[n[:60] for n in names[:8]] or (mt[:60] if mt else mt)!r} is not supported; supported: {supported()}")
+
+
+def _get(d: dict, k: str, default):
+    """d[k], or default where the key is absent or null (as transformers treats None)."""
+    v = d.get(k)
+    return default if v is None else v
 
 
 def _rope(config: dict, where: str):
@@ -100,18 +106,20 @@ def _rope(config: dict, where: str):
         theta = 10000.0
     if not scaling:
         return float(theta), 0, 1.0, 1.0, 4.0, 8192
-    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    rtype = _get(scaling, "rope_type", _get(scaling, "type", "default"))
     if rtype not in ROPE_TYPES:
         raise NotImplementedError(
             f"{where}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if rtype == "default":
         return float(theta), 0, 1.0, 1.0, 4.0, 8192
-    factor = float(scaling.get("factor", 1.0))
+    factor = float(_get(scaling, "factor", 1.0))
     if rtype == "linear":
         return float(theta), 1, factor, 1.0, 4.0, 8192
-    return (float(theta), 2, factor, float(scaling.get("low_freq_factor", 1.0)),
-            float(scaling.get("high_freq_factor", 4.0)),
-            int(scaling.get("original_max_position_embeddings", 8192)))
+    low, high = float(_get(scaling, "low_freq_factor", 1.0)), float(_get(scaling, "high_freq_factor", 4.0))
+    if high <= low:
+        raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
+                                     f"for llama3 rope, got {high:g} <= {low:g}")
+    return float(theta), 2, factor, low, high, int(_get(scaling, "original_max_position_embeddings", 8192))
 
 
 def core_config(config: dict, arch: Arch, where: str, names: dict | None = None) -> dict:
@@ -126,9 +134,9 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
             raise checks.CheckpointError(f"{where}: config is missing '{(names or {}).get(k, k)}'")
         return config[k]
 
-    act = config.get("hidden_act", "silu")
+    act = _get(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise NotImplementedError(f"{where}: hidden_act={act!r} is not supported; supported: silu")
+        raise NotImplementedError(f"{where}: hidden_act={act[:40]!r} is not supported; supported: silu")
     for k in ("attention_bias", "mlp_bias"):
         if config.get(k):
             raise NotImplementedError(f"{where}: {k}=true is not supported for {arch.name}")
@@ -148,7 +156,7 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
             _known_layer_types(types, where, arch)
             window = [int(sw) if t == "sliding_attention" else 0 for t in types]
         else:
-            mwl = int(config.get("max_window_layers", n_layers))
+            mwl = int(_get(config, "max_window_layers", n_layers))
             window = [int(sw) if i >= mwl else 0 for i in range(n_layers)]
     elif arch.sliding == "none" and config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
         raise NotImplementedError(f"{where}: layer_types other than full_attention are not supported for {arch.name}")
@@ -157,10 +165,10 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
         "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
         "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": int(head_dim),
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
-        "rms_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
+        "rms_eps": float(_get(config, "rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
         "rope_orig_max_pos": orig, "qkv_bias": int(arch.qkv_bias),
-        "tie_embeddings": int(bool(config.get("tie_word_embeddings", False))), "window": window,
+        "tie_embeddings": int(_get(config, "tie_word_embeddings", False)), "window": window,
     }
 
 
