@@ -195,10 +195,6 @@ def check_config(config: dict, where: str, names: dict | None = None) -> None:
         r = config.get(rk)
         if r:
             check(r, ROPE, where, prefix=f"{rk}.")
-            lo, hi = r.get("low_freq_factor"), r.get("high_freq_factor")
-            if r.get("rope_type", r.get("type")) == "llama3" and lo is not None and hi is not None and hi <= lo:
-                raise CheckpointError(f"{where}: '{rk}.high_freq_factor' must be greater than "
-                                      f"'{rk}.low_freq_factor' for llama3 rope, got {_got(hi)} <= {_got(lo)}")
     layers, types = config.get("num_hidden_layers"), config.get("layer_types")
     if layers is not None and types is not None and len(types) != layers:
         raise CheckpointError(f"{where}: 'layer_types' must have one entry per layer "
