@@ -50,8 +50,9 @@ def _finite_pos(name):
     return Key(name, "float", 0, None, lo_open=True)
 
 
-TOKEN_IDS = (Key("eos_token_id", "ids", 0, INT32_MAX), Key("bos_token_id", "ids", 0, INT32_MAX),
-             Key("pad_token_id", "ids", 0, INT32_MAX))
+# eos may be a list (several stop tokens); bos and pad are one id each, as in transformers
+TOKEN_IDS = (Key("eos_token_id", "ids", 0, INT32_MAX), Key("bos_token_id", "int", 0, INT32_MAX),
+             Key("pad_token_id", "int", 0, INT32_MAX))
 
 CONFIG = (
     _pos("vocab_size", MAX_VOCAB), _pos("hidden_size", MAX_HIDDEN), _pos("num_hidden_layers", MAX_LAYERS),
@@ -116,7 +117,7 @@ def _range(k: Key) -> str:
             s = "an integer >= 0"
         else:
             s = f"an integer >= {k.lo}"
-        return s + (f" <= {k.hi}" if k.hi is not None else "")
+        return s + ((" and" if k.lo != 1 else "") + f" <= {k.hi}" if k.hi is not None else "")
     lo = f"{'>' if k.lo_open else '>='} {k.lo:g}" if k.lo is not None else ""
     hi = f"{'<' if k.hi_open else '<='} {k.hi:g}" if k.hi is not None else ""
     if lo and hi and k.lo_open and k.hi_open:
@@ -218,6 +219,11 @@ def check_generation(gen: dict, where: str) -> None:
     if not isinstance(gen, dict):
         raise CheckpointError(f"{where}: must hold a JSON object, got {_got(gen)}")
     check(gen, GENERATION, where)
+    if gen.get("do_sample") is True and gen.get("temperature") == 0:
+        raise CheckpointError(f"{where}: 'temperature' must be > 0 when 'do_sample' is true, got 0")
+    if (gen.get("num_return_sequences") or 1) > 1 and gen.get("do_sample") is not True:
+        raise CheckpointError(f"{where}: 'num_return_sequences' > 1 needs 'do_sample' true (greedy rows would be "
+                              f"identical), got {gen['num_return_sequences']}")
 
 
 def read_json(path: str, limit: int = MAX_JSON_BYTES):

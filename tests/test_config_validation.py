@@ -96,6 +96,7 @@ BAD_CONFIG = [
     ("eos_negative", {"eos_token_id": -1}, "eos_token_id", "-1"),
     ("bos_float", {"bos_token_id": 1.5}, "bos_token_id", "1.5"),
     ("pad_bool", {"pad_token_id": True}, "pad_token_id", "true"),
+    ("bos_list", {"bos_token_id": [1, 2]}, "bos_token_id", "list"),
     # out of range / over a limit
     ("layers_zero", {"num_hidden_layers": 0}, "num_hidden_layers", "positive integer <= 1024"),
     ("layers_negative", {"num_hidden_layers": -3}, "num_hidden_layers", LIM + "1024"),
@@ -251,6 +252,9 @@ BAD_GENERATION = [
     ("eos_empty_list", {"eos_token_id": []}, "eos_token_id", "non-empty"),
     ("pad_inf", {"pad_token_id": float("inf")}, "pad_token_id", "inf"),
     ("bos_dict", {"bos_token_id": {}}, "bos_token_id", "object"),
+    ("sampling_at_temperature_zero", {"do_sample": True, "temperature": 0.0}, "temperature", "do_sample"),
+    ("several_greedy_sequences", {"num_return_sequences": 3}, "num_return_sequences", "do_sample"),
+    ("pad_list", {"pad_token_id": [0]}, "pad_token_id", "list"),
 ]
 
 
