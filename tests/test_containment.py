@@ -351,6 +351,13 @@ def test_gguf_file_argument_must_stay_inside(tmp_path):
             load(d, gguf_file=name)
         with pytest.raises(fastload.CheckpointError, match=why):
             tok(d, gguf_file=name)
+    # a subdirectory is fine for the caller's gguf_file= (hub GGUF repos keep quantisations in folders):
+    # the name passes and the GGUF reader gets to judge the (here broken) file
+    (d / "Q4").mkdir()
+    shutil.copy(tmp_path / "x.gguf", d / "Q4" / "x.gguf")
+    with pytest.raises(fastload.CheckpointError) as e:
+        load(d, gguf_file="Q4/x.gguf")
+    assert "it must be" not in str(e.value) and "x.gguf" in str(e.value)
 
 
 # ------------------------------------------------------------------ JSON files read safely
