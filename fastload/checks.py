@@ -13,9 +13,7 @@ are refused where a bool is wanted. Integers are fine for float fields; numeric 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 from . import _C
@@ -29,7 +27,6 @@ MAX_HEAD_DIM = 1024
 MAX_HIDDEN = 131072
 MAX_FFN = 1048576
 MAX_VOCAB = 2**24
-MAX_JSON_BYTES = 64 << 20  # config.json / generation_config.json / index json: real ones are kilobytes
 
 
 @dataclass(frozen=True)
@@ -224,25 +221,3 @@ def check_generation(gen: dict, where: str) -> None:
     if (gen.get("num_return_sequences") or 1) > 1 and gen.get("do_sample") is not True:
         raise CheckpointError(f"{where}: 'num_return_sequences' > 1 needs 'do_sample' true (greedy rows would be "
                               f"identical), got {gen['num_return_sequences']}")
-
-
-def read_json(path: str, limit: int = MAX_JSON_BYTES):
-    """json.load for a checkpoint's JSON files: every failure (bad UTF-8, bad JSON, nesting too deep,
-    integers too long to convert, a file over `limit` bytes) becomes CheckpointError naming the file."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
-            raise CheckpointError(f"{path}: {size} bytes is over the limit of {limit} bytes for a JSON file")
-        raw = f.read(limit + 1)
-    if len(raw) > limit:
-        raise CheckpointError(f"{path}: over the limit of {limit} bytes for a JSON file")
-    try:
-        return json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (not UTF-8 at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # e.g. an integer literal longer than Python converts (sys.int_info)
-        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:100]})") from None

@@ -1,11 +1,16 @@
 """Resolve a model reference to local files: a directory, a .gguf file, or a hub id
 ("Qwen/Qwen2.5-7B-Instruct") found in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or
-~/.cache/huggingface/hub; layout models--ORG--NAME/{refs,snapshots}). No network is used unless
-huggingface_hub is installed, HF_HUB_OFFLINE is not set, and the model is not in the cache."""
+~/.cache/huggingface/hub; layout models--ORG--NAME/{refs,snapshots,blobs}). No network is used unless
+huggingface_hub is installed, HF_HUB_OFFLINE is not set, and the model is not in the cache.
+
+A snapshot's files are symbolic links into the repository's blobs/ directory; fastload/_files.py
+recognises that layout and follows those links (and no others that leave the snapshot)."""
 from __future__ import annotations
 
 import os
 import re
+
+from . import _files
 
 
 def hf_cache_dir(cache_dir=None) -> str:
@@ -34,12 +39,15 @@ def resolve(ref, revision=None, cache_dir=None, local_files_only=False) -> str:
         raise FileNotFoundError(f"{ref!r} is neither an existing path nor a hub id like 'org/name'")
     cache = hf_cache_dir(cache_dir)
     repo = os.path.join(cache, "models--" + ref.replace("/", "--"))
-    rev = revision or "main"
+    rev = os.fspath(revision or "main")
+    # a revision is a branch / tag ("main", "refs/pr/1") or a commit hash: relative, no ".."
+    _files.check_name(repo, rev, "revision", subdirs=True)
     commit = rev
-    ref_file = os.path.join(repo, "refs", rev)
-    if os.path.isfile(ref_file):
-        with open(ref_file) as f:
-            commit = f.read().strip()
+    ref_file = _files.find_file(os.path.join(repo, "refs"), rev, "ref", subdirs=True) \
+        if os.path.isdir(os.path.join(repo, "refs")) else None
+    if ref_file is not None:  # refs/<branch> holds the commit hash: a plain name, checked like one
+        commit = _files.read_text(ref_file, os.path.join(repo, "refs", rev), _files.REF_LIMIT).strip()
+        _files.check_name(repo, commit, f"commit in refs/{rev}")
     snap = os.path.join(repo, "snapshots", commit)
     if os.path.isdir(snap):
         return snap

@@ -21,6 +21,7 @@ from . import _C
 from . import arch as archmod
 from . import checks
 from . import config as cfgmod
+from . import _files
 from ._util import AttrDict, is_torch
 from .hub import resolve
 
@@ -75,7 +76,8 @@ class GenerationConfig(Config):
         """generation_config.json from a directory or file; its values are checked (checks.GENERATION) so
         that generate() never meets a wrong-typed or out-of-range value from a file."""
         p = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
-        d = checks.read_json(p)
+        real = _files.checkpoint_file(path, "generation_config.json") if os.path.isdir(path) else _files.given_file(p)
+        d = _files.read_json(real, p)
         checks.check_generation(d, p)
         return cls(**d)
 
@@ -174,7 +176,8 @@ class FastModelForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path=None, *model_args, device_map=None, device=None,
                         torch_dtype=None, dtype=None, gguf_file=None, revision=None, cache_dir=None, subfolder="",
                         local_files_only=False, progress=None, progress_callback=None, threads=None,
-                        quantization_config=None, load_in_8bit=False, load_in_4bit=False, **kwargs):
+                        quantization_config=None, load_in_8bit=False, load_in_4bit=False, allow_external_symlinks=None,
+                        **kwargs):
         if model_args:
             raise TypeError("from_pretrained takes the model path and keyword arguments only")
         for k in list(kwargs):
@@ -198,20 +201,23 @@ class FastModelForCausalLM:
         want_dtype = cfgmod.normalize_dtype(dtype if dtype is not None else torch_dtype)
         dev = cfgmod.normalize_device(device_map, device)
         nthreads = threads if threads is not None else cfgmod.cpu_threads()
+        ext = _files.external_symlinks_allowed(allow_external_symlinks)
 
-        gguf_path = None
-        if os.path.isfile(path) and path.endswith(".gguf"):
-            gguf_path = path
+        gguf_path = gguf_real = None
+        if not os.path.isdir(path) and path.endswith(".gguf"):
+            gguf_path = gguf_real = _files.given_file(path)
         elif os.path.isdir(path) and gguf_file:
             gguf_path = os.path.join(path, gguf_file)
+            gguf_real = _files.checkpoint_file(path, gguf_file, "gguf_file argument", allow_external=ext, subdirs=True)
         elif os.path.isdir(path) and not _has_safetensors(path):
             ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
             if len(ggufs) == 1:
                 gguf_path = os.path.join(path, ggufs[0])
+                gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
         if gguf_path:
-            model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback)
+            model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real)
         else:
-            model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback)
+            model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext)
         model.name_or_path = str(ref)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
         return model
@@ -229,24 +235,24 @@ class FastModelForCausalLM:
                 "cache": "cold (O_DIRECT reads)" if info["direct_io"] else "warm (page cache)"}
 
     @classmethod
-    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback):
+    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
-        # shards
+        # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
         index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            index = checks.read_json(index_path)
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if weight_map is None:
-                raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object)")
+        index_real = _files.find_file(path, "model.safetensors.index.json", allow_external=ext)
+        real = {}
+        if index_real:
+            weight_map = _files.read_json(index_real, index_path, _files.INDEX_LIMIT).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
             shard_names = sorted(set(weight_map.values()))
             for s in shard_names:
-                if not os.path.isfile(os.path.join(path, s)):
+                real[s] = _files.find_file(path, s, "shard name in model.safetensors.index.json", allow_external=ext)
+                if real[s] is None:
                     raise CheckpointError(f"{index_path}: shard '{s}' is listed in weight_map but {os.path.join(path, s)} does not exist")
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            weight_map, shard_names = None, ["model.safetensors"]
+        elif (single := _files.find_file(path, "model.safetensors", allow_external=ext)) is not None:
+            weight_map, shard_names, real = None, ["model.safetensors"], {"model.safetensors": single}
         else:
             if os.path.isfile(os.path.join(path, "pytorch_model.bin")) or any(
                     f.startswith("pytorch_model") for f in os.listdir(path)):
@@ -255,9 +261,10 @@ class FastModelForCausalLM:
             raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or .gguf file")
 
         cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
+        cfg_real = _files.find_file(path, "config.json", allow_external=ext)
+        if cfg_real is None:
             raise FileNotFoundError(f"{path}: no config.json")
-        hf = checks.read_json(cfg_path)
+        hf = _files.read_json(cfg_real, cfg_path)
         checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
         hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
@@ -266,7 +273,7 @@ class FastModelForCausalLM:
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
 
-        files = {s: _C.SafetensorsFile(os.path.join(path, s)) for s in shard_names}
+        files = {s: _C.SafetensorsFile(real[s]) for s in shard_names}
         where = {}
         for s, f in files.items():
             for k in f.keys():
@@ -293,7 +300,12 @@ class FastModelForCausalLM:
         for f in files.values():
             f.close()
         gen_path = os.path.join(path, "generation_config.json")
-        gen = GenerationConfig.from_pretrained(gen_path) if os.path.isfile(gen_path) else GenerationConfig()
+        gen_real = _files.find_file(path, "generation_config.json", allow_external=ext)
+        gen = GenerationConfig()
+        if gen_real:
+            gen_file = _files.read_json(gen_real, gen_path)
+            checks.check_generation(gen_file, gen_path)  # so that generate() never meets a bad value from the file
+            gen.update(gen_file)
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if gen.get(k) is None and hf.get(k) is not None:
                 gen[k] = hf[k]
@@ -302,8 +314,8 @@ class FastModelForCausalLM:
         return model
 
     @classmethod
-    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback):
-        g = _C.GGUFFile(path)
+    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None):
+        g = _C.GGUFFile(real or path)  # real: `path` checked and resolved by fastload/_files.py
         meta = g.metadata
         arch, hf = archmod.gguf_config(meta, path)
         tensors = {t[0]: t for t in g.tensors()}
@@ -551,8 +563,9 @@ def _context_bytes(dev):
 
 
 def _has_safetensors(path):
-    return os.path.isfile(os.path.join(path, "model.safetensors")) or \
-        os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    # lexists: a FIFO or directory named model.safetensors is then refused by _load_safetensors, not skipped
+    return os.path.lexists(os.path.join(path, "model.safetensors")) or \
+        os.path.lexists(os.path.join(path, "model.safetensors.index.json"))
 
 
 def _ce_loss(logits, labels):

@@ -12,6 +12,7 @@ from datetime import datetime
 
 import numpy as np
 
+from . import _files
 from ._util import AttrDict, is_torch
 from .hub import resolve
 
@@ -50,20 +51,25 @@ class FastTokenizer:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, gguf_file=None, padding_side=None, revision=None,
-                        cache_dir=None, local_files_only=False, **kwargs):
+                        cache_dir=None, local_files_only=False, allow_external_symlinks=None, **kwargs):
         from tokenizers import Tokenizer
         path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                        local_files_only=local_files_only)
+        # every file goes through fastload/_files.py: plain names, inside the directory, regular files
+        ext = _files.external_symlinks_allowed(allow_external_symlinks)
+        gguf_real = None
         if os.path.isdir(path) and gguf_file:
+            gguf_real = _files.checkpoint_file(path, gguf_file, "gguf_file argument", allow_external=ext, subdirs=True)
             path = os.path.join(path, gguf_file)
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if os.path.isdir(path) and not os.path.lexists(os.path.join(path, "tokenizer.json")):
             ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
             if len(ggufs) == 1:
+                gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
                 path = os.path.join(path, ggufs[0])
-        if os.path.isfile(path) and path.endswith(".gguf"):
+        if not os.path.isdir(path) and path.endswith(".gguf"):
             from . import _C
             from .gguf_tokenizer import tokenizer_from_gguf
-            g = _C.GGUFFile(path)
+            g = _C.GGUFFile(gguf_real or _files.given_file(path))
             try:
                 tk, info = tokenizer_from_gguf(g.metadata)
             finally:
@@ -75,23 +81,22 @@ class FastTokenizer:
                        clean_up_tokenization_spaces=bool(info.get("clean_up_tokenization_spaces", False)),
                        add_bos_token=info.get("add_bos_token"), add_eos_token=info.get("add_eos_token"))
         tj = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(tj):
+        tj_real = _files.find_file(path, "tokenizer.json", allow_external=ext) if os.path.isdir(path) else None
+        if tj_real is None:
             raise FileNotFoundError(f"{path}: no tokenizer.json (and no .gguf file) to build a tokenizer from")
-        tk = Tokenizer.from_file(tj)
+        tk = Tokenizer.from_str(_files.read_text(tj_real, tj, _files.TOKENIZER_LIMIT))  # the Rust side opens no path
         conf = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            p = os.path.join(path, name)
-            if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    conf.update(json.load(f))
+            p = _files.find_file(path, name, allow_external=ext)
+            if p is not None:
+                conf.update(_files.read_json(p, os.path.join(path, name)))
         tmpl = conf.get("chat_template")
-        jp = os.path.join(path, "chat_template.jinja")
-        if os.path.isfile(jp):
-            with open(jp, encoding="utf-8") as f:
-                tmpl = f.read()
-        elif os.path.isfile(os.path.join(path, "chat_template.json")):
-            with open(os.path.join(path, "chat_template.json"), encoding="utf-8") as f:
-                tmpl = json.load(f).get("chat_template", tmpl)
+        jp = _files.find_file(path, "chat_template.jinja", allow_external=ext)
+        cj = _files.find_file(path, "chat_template.json", allow_external=ext) if jp is None else None
+        if jp is not None:
+            tmpl = _files.read_text(jp, os.path.join(path, "chat_template.jinja"))
+        elif cj is not None:
+            tmpl = _files.read_json(cj, os.path.join(path, "chat_template.json")).get("chat_template", tmpl)
         if isinstance(tmpl, list):  # named templates: take "default"
             tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
         return cls(tk, bos_token=_tok_str(conf.get("bos_token")), eos_token=_tok_str(conf.get("eos_token")),

