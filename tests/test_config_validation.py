@@ -194,6 +194,8 @@ def test_unknown_layer_type_is_not_implemented(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the JSON files themselves
 # ------------------------------------------------------------------------------------------------
+# (read by fastload/_files.py read_json, from the containment work; checked here for all three files
+# the loader reads, next to the value checks that follow each read)
 
 DEEP = '{"a": ' + "[" * 200000 + "]" * 200000 + "}"
 BAD_JSON = [
