@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import _C
+from . import checks
 
 SLOT = _C.SLOTS  # slot name -> int, from csrc/fl_model.h
 
@@ -73,6 +74,7 @@ def supported() -> str:
 
 
 def arch_for(config: dict, where: str) -> Arch:
+    checks.check(config, [k for k in checks.CONFIG if k.name in ("architectures", "model_type")], where)
     names = config.get("architectures") or []
     for n in names:
         if n in ARCHITECTURES:
@@ -82,12 +84,18 @@ def arch_for(config: dict, where: str) -> Arch:
         if mt == a.model_type and not names:
             return a
     raise NotImplementedError(
-        f"{where}: architecture {names or mt!r} is not supported; supported: {supported()}")
+        f"{where}: architecture {[n[:60] for n in names[:8]] or (mt[:60] if mt else mt)!r} is not supported; supported: {supported()}")
+
+
+def _get(d: dict, k: str, default):
+    """d[k], or default where the key is absent or null (as transformers treats None)."""
+    v = d.get(k)
+    return default if v is None else v
 
 
 def _rope(config: dict, where: str):
     """(theta, type, factor, low, high, orig_max) from rope_theta/rope_scaling (transformers 4)
-    or rope_parameters (transformers 5)."""
+    or rope_parameters (transformers 5). Types and ranges were checked by checks.check_config."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
     theta = config.get("rope_theta")
@@ -98,31 +106,37 @@ def _rope(config: dict, where: str):
         theta = 10000.0
     if not scaling:
         return float(theta), 0, 1.0, 1.0, 4.0, 8192
-    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    rtype = _get(scaling, "rope_type", _get(scaling, "type", "default"))
     if rtype not in ROPE_TYPES:
         raise NotImplementedError(
             f"{where}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if rtype == "default":
         return float(theta), 0, 1.0, 1.0, 4.0, 8192
-    factor = float(scaling.get("factor", 1.0))
+    factor = float(_get(scaling, "factor", 1.0))
     if rtype == "linear":
         return float(theta), 1, factor, 1.0, 4.0, 8192
-    return (float(theta), 2, factor, float(scaling.get("low_freq_factor", 1.0)),
-            float(scaling.get("high_freq_factor", 4.0)),
-            int(scaling.get("original_max_position_embeddings", 8192)))
+    low, high = float(_get(scaling, "low_freq_factor", 1.0)), float(_get(scaling, "high_freq_factor", 4.0))
+    if high <= low:
+        raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
+                                     f"for llama3 rope, got {high:g} <= {low:g}")
+    return float(theta), 2, factor, low, high, int(_get(scaling, "original_max_position_embeddings", 8192))
 
 
-def core_config(config: dict, arch: Arch, where: str) -> dict:
+def core_config(config: dict, arch: Arch, where: str, names: dict | None = None) -> dict:
     """Translate a Hugging Face config.json dict into the core's numeric config.
+    Every value is checked (checks.check_config) before any arithmetic; `names` maps config keys
+    to the GGUF metadata keys they came from, for messages.
     Fields that would change results and are not supported raise with the list of what is."""
+    checks.check_config(config, where, names)
+
     def need(k):
         if k not in config or config[k] is None:
-            raise ValueError(f"{where}: config is missing '{k}'")
+            raise checks.CheckpointError(f"{where}: config is missing '{(names or {}).get(k, k)}'")
         return config[k]
 
-    act = config.get("hidden_act", "silu")
+    act = _get(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise NotImplementedError(f"{where}: hidden_act={act!r} is not supported; supported: silu")
+        raise NotImplementedError(f"{where}: hidden_act={act[:40]!r} is not supported; supported: silu")
     for k in ("attention_bias", "mlp_bias"):
         if config.get(k):
             raise NotImplementedError(f"{where}: {k}=true is not supported for {arch.name}")
@@ -139,9 +153,10 @@ def core_config(config: dict, arch: Arch, where: str) -> dict:
     elif arch.sliding == "qwen2" and sw and config.get("use_sliding_window"):
         types = config.get("layer_types")
         if types:
+            _known_layer_types(types, where, arch)
             window = [int(sw) if t == "sliding_attention" else 0 for t in types]
         else:
-            mwl = int(config.get("max_window_layers", n_layers))
+            mwl = int(_get(config, "max_window_layers", n_layers))
             window = [int(sw) if i >= mwl else 0 for i in range(n_layers)]
     elif arch.sliding == "none" and config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
         raise NotImplementedError(f"{where}: layer_types other than full_attention are not supported for {arch.name}")
@@ -150,11 +165,18 @@ def core_config(config: dict, arch: Arch, where: str) -> dict:
         "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
         "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": int(head_dim),
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
-        "rms_eps": float(config.get("rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
+        "rms_eps": float(_get(config, "rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
         "rope_orig_max_pos": orig, "qkv_bias": int(arch.qkv_bias),
-        "tie_embeddings": int(bool(config.get("tie_word_embeddings", False))), "window": window,
+        "tie_embeddings": int(_get(config, "tie_word_embeddings", False)), "window": window,
     }
+
+
+def _known_layer_types(types, where, arch):
+    for t in types:
+        if t not in ("full_attention", "sliding_attention"):
+            raise NotImplementedError(f"{where}: layer_types entry {t[:40]!r} is not supported for {arch.name}; "
+                                      "supported: full_attention, sliding_attention")
 
 
 def tensor_plan(arch: Arch, cfg: dict, gguf: bool):
@@ -174,9 +196,17 @@ def tensor_plan(arch: Arch, cfg: dict, gguf: bool):
     return plan
 
 
+def gguf_names(ga: str) -> dict:
+    """config key -> the GGUF metadata key it is read from, for messages."""
+    return {k: f"{ga}.{v}" for k, v in checks.GGUF_KEYS.items()}
+
+
 def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
-    """(arch, Hugging Face-style config dict) from GGUF metadata."""
+    """(arch, Hugging Face-style config dict) from GGUF metadata. Values keep the types the file
+    gave them; core_config checks them (naming the GGUF keys, see gguf_names) before any arithmetic."""
     ga = meta.get("general.architecture")
+    if ga is not None and not isinstance(ga, str):
+        raise checks.CheckpointError(f"{where}: 'general.architecture' must be a string, got {checks._got(ga)}")
     if ga not in GGUF_ARCHS:
         raise NotImplementedError(f"{where}: GGUF architecture {ga!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
     arch = ARCHITECTURES[GGUF_ARCHS[ga]]
@@ -184,35 +214,46 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     def m(k, default=None):
         v = meta.get(f"{ga}.{k}", default)
         if v is None:
-            raise ValueError(f"{where}: GGUF metadata is missing '{ga}.{k}'")
+            raise checks.CheckpointError(f"{where}: GGUF metadata is missing '{ga}.{k}'")
         return v
 
-    d = int(m("embedding_length"))
-    n_heads = int(m("attention.head_count"))
-    vocab = meta.get(f"{ga}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    vocab = meta.get(f"{ga}.vocab_size")
+    if vocab is None:
+        toks = meta.get("tokenizer.ggml.tokens")
+        if toks is not None and not isinstance(toks, list):
+            raise checks.CheckpointError(f"{where}: 'tokenizer.ggml.tokens' must be an array, got {checks._got(toks)}")
+        vocab = len(toks or [])
     hf = {
-        "architectures": [arch.name], "model_type": arch.model_type, "vocab_size": int(vocab),
-        "hidden_size": d, "num_hidden_layers": int(m("block_count")), "num_attention_heads": n_heads,
-        "num_key_value_heads": int(m("attention.head_count_kv", n_heads)),
-        "intermediate_size": int(m("feed_forward_length")),
-        "max_position_embeddings": int(m("context_length", 2048)),
-        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(m("rope.freq_base", 10000.0)),
-        "head_dim": int(meta.get(f"{ga}.attention.key_length") or d // n_heads),
+        "architectures": [arch.name], "model_type": arch.model_type, "vocab_size": vocab or None,
+        "hidden_size": m("embedding_length"), "num_hidden_layers": m("block_count"),
+        "num_attention_heads": m("attention.head_count"),
+        "num_key_value_heads": m("attention.head_count_kv", meta.get(f"{ga}.attention.head_count")),
+        "intermediate_size": m("feed_forward_length"),
+        "max_position_embeddings": m("context_length", 2048),
+        "rms_norm_eps": m("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": m("rope.freq_base", 10000.0),
+        "head_dim": meta.get(f"{ga}.attention.key_length") or None,
         "tie_word_embeddings": False,  # decided by the presence of output.weight (caller)
         "hidden_act": "silu",
     }
+    names = gguf_names(ga)
+    checks.check_config(hf, where, names)
     rs = meta.get(f"{ga}.rope.scaling.type")
+    if rs is not None and not isinstance(rs, str):
+        raise checks.CheckpointError(f"{where}: '{ga}.rope.scaling.type' must be a string, got {checks._got(rs)}")
     if rs and rs != "none":
         if rs != "linear":
-            raise NotImplementedError(f"{where}: GGUF rope scaling {rs!r} is not supported; supported: linear")
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta.get(f"{ga}.rope.scaling.factor", 1.0))}
+            raise NotImplementedError(f"{where}: GGUF rope scaling {rs[:40]!r} is not supported; supported: linear")
+        factor = checks.check_value(checks.ROPE[3], meta.get(f"{ga}.rope.scaling.factor", 1.0), where,
+                                    f"{ga}.rope.scaling.factor")
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     sw = meta.get(f"{ga}.attention.sliding_window")
     if sw:
-        hf["sliding_window"] = int(sw)
+        hf["sliding_window"] = sw
+        checks.check_config(hf, where, names)
         arch = ARCHITECTURES["MistralForCausalLM"] if ga == "llama" else arch
     return arch, hf
 
 
-__all__ = ["Arch", "ARCHITECTURES", "arch_for", "core_config", "tensor_plan", "gguf_config", "supported", "SLOT",
+__all__ = ["Arch", "ARCHITECTURES", "arch_for", "core_config", "tensor_plan", "gguf_config", "gguf_names", "supported", "SLOT",
            "IGNORED_SUFFIXES"]

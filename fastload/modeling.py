@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _C
 from . import arch as archmod
+from . import checks
 from . import config as cfgmod
 from . import _files
 from ._util import AttrDict, is_torch
@@ -72,9 +73,13 @@ class GenerationConfig(Config):
 
     @classmethod
     def from_pretrained(cls, path):
+        """generation_config.json from a directory or file; its values are checked (checks.GENERATION) so
+        that generate() never meets a wrong-typed or out-of-range value from a file."""
         p = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
         real = _files.checkpoint_file(path, "generation_config.json") if os.path.isdir(path) else _files.given_file(p)
-        return cls(**_files.read_json(real, p))
+        d = _files.read_json(real, p)
+        checks.check_generation(d, p)
+        return cls(**d)
 
 
 class CausalLMOutput(AttrDict):
@@ -259,7 +264,9 @@ class FastModelForCausalLM:
         cfg_real = _files.find_file(path, "config.json", allow_external=ext)
         if cfg_real is None:
             raise FileNotFoundError(f"{path}: no config.json")
-        hf = Config(_files.read_json(cfg_real, cfg_path))
+        hf = _files.read_json(cfg_real, cfg_path)
+        checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
+        hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
         core_cfg = archmod.core_config(hf, arch, cfg_path)
         if want_dtype == "auto":
@@ -294,7 +301,11 @@ class FastModelForCausalLM:
             f.close()
         gen_path = os.path.join(path, "generation_config.json")
         gen_real = _files.find_file(path, "generation_config.json", allow_external=ext)
-        gen = GenerationConfig(**_files.read_json(gen_real, gen_path)) if gen_real else GenerationConfig()
+        gen = GenerationConfig()
+        if gen_real:
+            gen_file = _files.read_json(gen_real, gen_path)
+            checks.check_generation(gen_file, gen_path)  # so that generate() never meets a bad value from the file
+            gen.update(gen_file)
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if gen.get(k) is None and hf.get(k) is not None:
                 gen[k] = hf[k]
@@ -309,10 +320,15 @@ class FastModelForCausalLM:
         arch, hf = archmod.gguf_config(meta, path)
         tensors = {t[0]: t for t in g.tensors()}
         hf["tie_word_embeddings"] = "output.weight" not in tensors
+        names = archmod.gguf_names(meta["general.architecture"])
         if "token_embd.weight" in tensors:
-            hf["vocab_size"] = int(tensors["token_embd.weight"][3][0])
+            shape = tensors["token_embd.weight"][3]
+            if len(shape) != 2:
+                raise CheckpointError(f"{path}: tensor 'token_embd.weight' must have 2 dimensions, got {len(shape)}")
+            hf["vocab_size"] = int(shape[0])
+            names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
         hf = Config(hf)
-        core_cfg = archmod.core_config(hf, arch, path)
+        core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
         context = _context_bytes(dev)
@@ -328,7 +344,7 @@ class FastModelForCausalLM:
         for k, mk in (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
                       ("pad_token_id", "tokenizer.ggml.padding_token_id")):
             if meta.get(mk) is not None:
-                gen[k] = int(meta[mk])
+                gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context

@@ -1,0 +1,410 @@
+"""Values from config.json, generation_config.json, the safetensors index and GGUF metadata are
+checked (types, ranges, finiteness, divisibility, the shared limits of issue 7) before any
+arithmetic: a bad value raises exactly CheckpointError naming the file and the key (and the limit
+where one is exceeded); unsupported-but-valid values raise NotImplementedError. Before
+fastload/checks.py these raised RecursionError, TypeError, ZeroDivisionError, OverflowError,
+AttributeError, ValueError, NotImplementedError or loaded silently."""
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+import fastload
+from gguf_util import GGML, GGUFWriter, T
+from golden_util import model_dir
+
+CheckpointError = fastload.CheckpointError
+DROP = object()  # a value meaning "remove this key"
+
+
+def copy_fixture(name, dst):
+    for f in model_dir(name).iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "golden.json":
+            shutil.copy(f, dst)
+    return dst
+
+
+def load(p):
+    return fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map="cpu")
+
+
+def edit(path, changes):
+    d = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is DROP:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    path.write_text(json.dumps(d))  # allow_nan: NaN / Infinity literals, as Python's json reads them
+
+
+def expect(exc, fn, *needles):
+    with pytest.raises(Exception) as ei:
+        fn()
+    assert type(ei.value) is exc, f"{type(ei.value).__name__}: {ei.value}"
+    msg = str(ei.value)
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json (the Llama fixture: hidden 128, 4 heads, 2 kv heads, head_dim 32, 3 layers, vocab 512)
+# ------------------------------------------------------------------------------------------------
+
+LIM = "<= "
+BAD_CONFIG = [
+    # (case id, changes, key named in the message, extra text expected)
+    # wrong type
+    ("vocab_str", {"vocab_size": "512"}, "vocab_size", "'512'"),
+    ("layers_float", {"num_hidden_layers": 3.0}, "num_hidden_layers", "integer"),
+    ("layers_bool", {"num_hidden_layers": True}, "num_hidden_layers", "true"),
+    ("hidden_list", {"hidden_size": [128]}, "hidden_size", "list"),
+    ("heads_dict", {"num_attention_heads": {"n": 4}}, "num_attention_heads", "object"),
+    ("kv_str", {"num_key_value_heads": "2"}, "num_key_value_heads", "integer"),
+    ("head_dim_float", {"head_dim": 32.5}, "head_dim", "integer"),
+    ("ffn_str", {"intermediate_size": "320"}, "intermediate_size", "integer"),
+    ("maxpos_str", {"max_position_embeddings": "128"}, "max_position_embeddings", "integer"),
+    ("eps_str", {"rms_norm_eps": "1e-5"}, "rms_norm_eps", "finite number"),
+    ("eps_bool", {"rms_norm_eps": True}, "rms_norm_eps", "finite number"),
+    ("theta_str", {"rope_theta": "10000"}, "rope_theta", "finite number"),
+    ("rope_scaling_str", {"rope_scaling": "linear"}, "rope_scaling", "object"),
+    ("rope_params_list", {"rope_parameters": [1, 2]}, "rope_parameters", "object"),
+    ("rope_type_int", {"rope_parameters": {"rope_type": 3}}, "rope_parameters.rope_type", "string"),
+    ("rope_factor_str", {"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "rope_parameters.factor", "finite"),
+    ("rope_orig_float", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.5}},
+     "rope_parameters.original_max_position_embeddings", "integer"),
+    ("sliding_str", {"sliding_window": "4096"}, "sliding_window", "integer"),
+    ("use_sliding_str", {"use_sliding_window": "yes"}, "use_sliding_window", "true or false"),
+    ("mwl_str", {"max_window_layers": "2"}, "max_window_layers", "integer"),
+    ("layer_types_str", {"layer_types": "full_attention"}, "layer_types", "list of strings"),
+    ("layer_types_ints", {"layer_types": [1, 2, 3]}, "layer_types", "list of strings"),
+    ("tie_str", {"tie_word_embeddings": "false"}, "tie_word_embeddings", "true or false"),
+    ("tie_int", {"tie_word_embeddings": 0}, "tie_word_embeddings", "true or false"),
+    ("attention_bias_str", {"attention_bias": "false"}, "attention_bias", "true or false"),
+    ("act_list", {"hidden_act": ["silu"]}, "hidden_act", "string"),
+    ("archs_str", {"architectures": "LlamaForCausalLM"}, "architectures", "list of strings"),
+    ("archs_nested", {"architectures": [["LlamaForCausalLM"]]}, "architectures", "list of strings"),
+    ("model_type_int", {"model_type": 5}, "model_type", "string"),
+    ("dtype_int", {"dtype": 16}, "dtype", "string"),
+    ("torch_dtype_list", {"torch_dtype": ["float16"]}, "torch_dtype", "string"),
+    ("eos_str", {"eos_token_id": "2"}, "eos_token_id", "integer"),
+    ("eos_list_str", {"eos_token_id": [2, "x"]}, "eos_token_id", "'x'"),
+    ("eos_negative", {"eos_token_id": -1}, "eos_token_id", "-1"),
+    ("bos_float", {"bos_token_id": 1.5}, "bos_token_id", "1.5"),
+    ("pad_bool", {"pad_token_id": True}, "pad_token_id", "true"),
+    ("bos_list", {"bos_token_id": [1, 2]}, "bos_token_id", "list"),
+    # out of range / over a limit
+    ("layers_zero", {"num_hidden_layers": 0}, "num_hidden_layers", "positive integer <= 1024"),
+    ("layers_negative", {"num_hidden_layers": -3}, "num_hidden_layers", LIM + "1024"),
+    ("layers_over", {"num_hidden_layers": 1025}, "num_hidden_layers", LIM + "1024"),
+    ("heads_zero", {"num_attention_heads": 0, "head_dim": DROP}, "num_attention_heads", "positive integer <= 1024, got 0"),
+    ("heads_over", {"num_attention_heads": 2048}, "num_attention_heads", LIM + "1024"),
+    ("kv_zero", {"num_key_value_heads": 0}, "num_key_value_heads", LIM + "1024"),
+    ("hidden_over", {"hidden_size": 131073}, "hidden_size", LIM + "131072"),
+    ("hidden_zero", {"hidden_size": 0}, "hidden_size", LIM + "131072"),
+    ("ffn_over", {"intermediate_size": 2**20 + 1}, "intermediate_size", LIM + "1048576"),
+    ("vocab_over", {"vocab_size": 2**24 + 1}, "vocab_size", LIM + "16777216"),
+    ("vocab_huge", {"vocab_size": 2**70}, "vocab_size", LIM + "16777216"),
+    ("head_dim_over", {"head_dim": 2048}, "head_dim", LIM + "1024"),
+    ("maxpos_over", {"max_position_embeddings": 2**31}, "max_position_embeddings", LIM + "2147483647"),
+    ("maxpos_zero", {"max_position_embeddings": 0}, "max_position_embeddings", "positive"),
+    ("eps_zero", {"rms_norm_eps": 0}, "rms_norm_eps", "(0, 1)"),
+    ("eps_one", {"rms_norm_eps": 1.5}, "rms_norm_eps", "(0, 1)"),
+    ("theta_negative", {"rope_theta": -5}, "rope_theta", "> 0"),
+    ("rope_theta_in_params_zero", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
+     "rope_parameters.rope_theta", "> 0"),
+    ("rope_factor_zero", {"rope_parameters": {"rope_type": "linear", "factor": 0}}, "rope_parameters.factor", "> 0"),
+    ("rope_low_negative", {"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": -1}},
+     "rope_scaling.low_freq_factor", "> 0"),
+    ("sliding_negative", {"sliding_window": -1}, "sliding_window", "2147483647"),
+    ("sliding_over", {"sliding_window": 2**31}, "sliding_window", "2147483647"),
+    ("mwl_negative", {"max_window_layers": -1}, "max_window_layers", ">= 0"),
+    # not finite (Python's json reads NaN / Infinity; 1e400 is inf; a 400-digit integer overflows float)
+    ("eps_nan", {"rms_norm_eps": float("nan")}, "rms_norm_eps", "nan"),
+    ("theta_inf", {"rope_theta": float("inf")}, "rope_theta", "inf"),
+    ("theta_huge_int", {"rope_theta": 10**400}, "rope_theta", "bits"),
+    ("rope_factor_inf", {"rope_parameters": {"rope_type": "linear", "factor": float("inf")}},
+     "rope_parameters.factor", "inf"),
+    ("rope_high_nan", {"rope_scaling": {"rope_type": "llama3", "factor": 8, "high_freq_factor": float("nan")}},
+     "rope_scaling.high_freq_factor", "nan"),
+    ("rope_orig_inf", {"rope_scaling": {"rope_type": "llama3", "factor": 8, "original_max_position_embeddings":
+                                        float("inf")}}, "rope_scaling.original_max_position_embeddings", "inf"),
+    # relations between values
+    ("kv_not_dividing", {"num_key_value_heads": 3}, "num_key_value_heads", "must divide"),
+    ("kv_over_heads", {"num_key_value_heads": 8}, "num_key_value_heads", "must divide"),
+    ("heads_not_dividing_hidden", {"head_dim": DROP, "num_attention_heads": 3, "num_key_value_heads": 1},
+     "num_attention_heads", "must divide 'hidden_size' (128)"),
+    ("head_dim_odd", {"head_dim": 33}, "head_dim", "even"),
+    ("head_dim_odd_derived", {"head_dim": DROP, "hidden_size": 132, "num_attention_heads": 4}, "head_dim", "even"),
+    ("layer_types_length", {"layer_types": ["full_attention"] * 2}, "layer_types", "num_hidden_layers=3"),
+    ("llama3_high_not_above_low", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                                       "high_freq_factor": 4.0}}, "high_freq_factor", "low_freq_factor"),
+    # missing
+    ("ffn_missing", {"intermediate_size": DROP}, "intermediate_size", "missing"),
+    ("layers_null", {"num_hidden_layers": None}, "num_hidden_layers", "missing"),
+]
+
+
+@pytest.mark.parametrize("changes,key,extra", [c[1:] for c in BAD_CONFIG], ids=[c[0] for c in BAD_CONFIG])
+def test_bad_config_value(tmp_path, changes, key, extra):
+    copy_fixture("llama", tmp_path)
+    edit(tmp_path / "config.json", changes)
+    expect(CheckpointError, lambda: load(tmp_path), str(tmp_path / "config.json") + ":", f"'{key}'", extra)
+
+
+GOOD_CONFIG = [
+    ("float_fields_as_ints", {"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000}}),
+    ("none_means_default", {"tie_word_embeddings": None, "hidden_act": None, "sliding_window": None,
+                            "max_position_embeddings": None, "rms_norm_eps": None, "pad_token_id": None}),
+    ("eos_list", {"eos_token_id": [2, 3]}),
+    ("eos_outside_vocab", {"eos_token_id": 100000}),  # transformers allows it; it never matches
+    ("linear_rope_factor_int", {"rope_parameters": {"rope_type": "linear", "factor": 2, "rope_theta": 10000.0}}),
+]
+
+
+@pytest.mark.parametrize("changes", [c[1] for c in GOOD_CONFIG], ids=[c[0] for c in GOOD_CONFIG])
+def test_valid_config_values_still_load(tmp_path, changes):
+    copy_fixture("llama", tmp_path)
+    edit(tmp_path / "config.json", changes)
+    m = load(tmp_path)
+    assert m.generate(np.array([[1, 5, 7]]), max_new_tokens=2).shape == (1, 5)
+
+
+@pytest.mark.parametrize("layers", [10**6, 10**9, 10**18])
+def test_huge_layer_count_fails_fast(tmp_path, layers):
+    """Before: [0] * num_hidden_layers (and the tensor plan) were built before any limit."""
+    copy_fixture("llama", tmp_path)
+    edit(tmp_path / "config.json", {"num_hidden_layers": layers, "layer_types": DROP})
+    t0 = time.perf_counter()
+    expect(CheckpointError, lambda: load(tmp_path), "config.json", "'num_hidden_layers'", "<= 1024")
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_unknown_layer_type_is_not_implemented(tmp_path):
+    copy_fixture("qwen2", tmp_path)
+    edit(tmp_path / "config.json", {"use_sliding_window": True, "sliding_window": 4,
+                                    "layer_types": ["sliding_attention", "chunked_attention", "full_attention"]})
+    expect(NotImplementedError, lambda: load(tmp_path), "config.json", "chunked_attention")
+
+
+# ------------------------------------------------------------------------------------------------
+# the JSON files themselves
+# ------------------------------------------------------------------------------------------------
+# (read by fastload/_files.py read_json, from the containment work; checked here for all three files
+# the loader reads, next to the value checks that follow each read)
+
+DEEP = '{"a": ' + "[" * 200000 + "]" * 200000 + "}"
+BAD_JSON = [
+    ("deep_nesting", DEEP, "nested too deeply"),
+    ("huge_int_literal", '{"vocab_size": ' + "9" * 5000 + "}", "not valid JSON"),
+    ("not_utf8", b'{"model_type": "\xff\xfe"}', "UTF-8"),
+    ("top_level_list", "[1, 2, 3]", "JSON object"),
+    ("top_level_number", "7", "JSON object"),
+]
+
+
+@pytest.mark.parametrize("fname", ["config.json", "generation_config.json", "model.safetensors.index.json"])
+@pytest.mark.parametrize("content,extra", [c[1:] for c in BAD_JSON], ids=[c[0] for c in BAD_JSON])
+def test_bad_json_file(tmp_path, fname, content, extra):
+    copy_fixture("llama", tmp_path)
+    p = tmp_path / fname
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    expect(CheckpointError, lambda: load(tmp_path), str(p) + ":", extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# generation_config.json: checked at load, so generate() never meets a bad value from a file
+# ------------------------------------------------------------------------------------------------
+
+BAD_GENERATION = [
+    ("temperature_str", {"temperature": "abc"}, "temperature", "'abc'"),
+    ("temperature_negative", {"temperature": -1.0}, "temperature", ">= 0"),
+    ("temperature_nan", {"temperature": float("nan")}, "temperature", "nan"),
+    ("top_k_str", {"top_k": "5"}, "top_k", "integer"),
+    ("top_k_float", {"top_k": 5.5}, "top_k", "integer"),
+    ("top_p_over", {"top_p": 2}, "top_p", "<= 1"),
+    ("top_p_zero", {"top_p": 0}, "top_p", "> 0"),
+    ("rep_zero", {"repetition_penalty": 0}, "repetition_penalty", "> 0"),
+    ("rep_inf", {"repetition_penalty": float("inf")}, "repetition_penalty", "inf"),
+    ("max_length_negative", {"max_length": -1}, "max_length", ">= 0"),
+    ("max_length_huge", {"max_length": 2**40}, "max_length", "2147483647"),
+    ("max_new_float", {"max_new_tokens": 1.5}, "max_new_tokens", "integer"),
+    ("min_new_str", {"min_new_tokens": "1"}, "min_new_tokens", "integer"),
+    ("min_length_list", {"min_length": [1]}, "min_length", "integer"),
+    ("do_sample_str", {"do_sample": "yes"}, "do_sample", "true or false"),
+    ("num_beams_zero", {"num_beams": 0}, "num_beams", "positive integer"),
+    ("nrs_str", {"num_return_sequences": "2"}, "num_return_sequences", "integer"),
+    ("eos_str", {"eos_token_id": "2"}, "eos_token_id", "integer"),
+    ("eos_list_negative", {"eos_token_id": [2, -7]}, "eos_token_id", "-7"),
+    ("eos_empty_list", {"eos_token_id": []}, "eos_token_id", "non-empty"),
+    ("pad_inf", {"pad_token_id": float("inf")}, "pad_token_id", "inf"),
+    ("bos_dict", {"bos_token_id": {}}, "bos_token_id", "object"),
+    ("sampling_at_temperature_zero", {"do_sample": True, "temperature": 0.0}, "temperature", "do_sample"),
+    ("several_greedy_sequences", {"num_return_sequences": 3}, "num_return_sequences", "do_sample"),
+    ("pad_list", {"pad_token_id": [0]}, "pad_token_id", "list"),
+]
+
+
+@pytest.mark.parametrize("changes,key,extra", [c[1:] for c in BAD_GENERATION], ids=[c[0] for c in BAD_GENERATION])
+def test_bad_generation_config_value(tmp_path, changes, key, extra):
+    copy_fixture("llama", tmp_path)
+    edit(tmp_path / "generation_config.json", changes)
+    expect(CheckpointError, lambda: load(tmp_path), str(tmp_path / "generation_config.json") + ":", f"'{key}'", extra)
+
+
+def test_valid_generation_config_values(tmp_path):
+    copy_fixture("llama", tmp_path)
+    edit(tmp_path / "generation_config.json", {"temperature": 1, "top_p": 1, "top_k": 0, "do_sample": False,
+                                               "max_new_tokens": None, "eos_token_id": [2, 3]})
+    assert load(tmp_path).generate(np.array([[1, 5]]), max_new_tokens=1).shape == (1, 3)
+
+
+def test_generation_config_from_pretrained_checks(tmp_path):
+    p = tmp_path / "generation_config.json"
+    p.write_text(json.dumps({"temperature": "hot"}))
+    expect(CheckpointError, lambda: fastload.GenerationConfig.from_pretrained(str(tmp_path)), str(p), "'temperature'")
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF metadata (values are typed by the file, so wrong types are possible there too)
+# ------------------------------------------------------------------------------------------------
+
+D, HEADS, KV, HD, FFN, VOCAB = 64, 4, 2, 16, 96, 32
+GGUF_META = {
+    "general.architecture": ("llama", T.STRING),
+    "llama.block_count": (1, T.UINT32),
+    "llama.embedding_length": (D, T.UINT32),
+    "llama.attention.head_count": (HEADS, T.UINT32),
+    "llama.attention.head_count_kv": (KV, T.UINT32),
+    "llama.feed_forward_length": (FFN, T.UINT32),
+    "llama.context_length": (128, T.UINT32),
+    "llama.attention.layer_norm_rms_epsilon": (1e-5, T.FLOAT32),
+    "llama.rope.freq_base": (10000.0, T.FLOAT32),
+    "tokenizer.ggml.eos_token_id": (2, T.UINT32),
+    "tokenizer.ggml.bos_token_id": (1, T.UINT32),
+}
+
+
+def write_gguf(path, changes=None):
+    """A one-layer Llama GGUF (f32 weights) with metadata GGUF_META updated by changes
+    ({key: (value, type)} or {key: DROP})."""
+    meta = dict(GGUF_META)
+    for k, v in (changes or {}).items():
+        if v is DROP:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    w = GGUFWriter()
+    for k, (v, t) in meta.items():
+        if t == T.ARRAY:
+            w.add(k, v[0], T.ARRAY, v[1])
+        else:
+            w.add(k, v, t)
+    rng = np.random.default_rng(0)
+
+    def t(name, *ne):
+        w.add_tensor(name, (rng.standard_normal(int(np.prod(ne))) * 0.1).astype(np.float32), GGML.F32, list(ne))
+    t("token_embd.weight", D, VOCAB)
+    t("output_norm.weight", D)
+    t("output.weight", D, VOCAB)
+    for name, ne in (("attn_norm", (D,)), ("attn_q", (D, HEADS * HD)), ("attn_k", (D, KV * HD)),
+                     ("attn_v", (D, KV * HD)), ("attn_output", (HEADS * HD, D)), ("ffn_norm", (D,)),
+                     ("ffn_gate", (D, FFN)), ("ffn_up", (D, FFN)), ("ffn_down", (FFN, D))):
+        t(f"blk.0.{name}.weight", *ne)
+    return w.write(str(path))
+
+
+def test_gguf_baseline_loads(tmp_path):
+    m = load(write_gguf(tmp_path / "m.gguf"))
+    assert m.config["num_attention_heads"] == HEADS
+    assert m.generate(np.array([[1, 5]]), max_new_tokens=2).shape == (1, 4)
+
+
+BAD_GGUF = [
+    # wrong type
+    ("arch_uint", {"general.architecture": (5, T.UINT32)}, "general.architecture", "string"),
+    ("arch_array", {"general.architecture": ((["llama"], T.STRING), T.ARRAY)}, "general.architecture", "string"),
+    ("blocks_float", {"llama.block_count": (2.0, T.FLOAT32)}, "llama.block_count", "integer"),
+    ("blocks_str", {"llama.block_count": ("1", T.STRING)}, "llama.block_count", "'1'"),
+    ("blocks_bool", {"llama.block_count": (True, T.BOOL)}, "llama.block_count", "true"),
+    ("heads_array", {"llama.attention.head_count": (([4], T.UINT32), T.ARRAY)}, "llama.attention.head_count", "list"),
+    ("ffn_nan", {"llama.feed_forward_length": (float("nan"), T.FLOAT32)}, "llama.feed_forward_length", "integer"),
+    ("eps_str", {"llama.attention.layer_norm_rms_epsilon": ("tiny", T.STRING)},
+     "llama.attention.layer_norm_rms_epsilon", "finite number"),
+    ("vocab_str", {"llama.vocab_size": ("x", T.STRING)}, "llama.vocab_size", "'x'"),
+    ("tokens_not_array", {"tokenizer.ggml.tokens": ("abc", T.STRING)}, "tokenizer.ggml.tokens", "array"),
+    ("sliding_str", {"llama.attention.sliding_window": ("x", T.STRING)}, "llama.attention.sliding_window", "integer"),
+    ("rope_type_uint", {"llama.rope.scaling.type": (1, T.UINT32)}, "llama.rope.scaling.type", "string"),
+    ("rope_factor_str", {"llama.rope.scaling.type": ("linear", T.STRING),
+                         "llama.rope.scaling.factor": ("2", T.STRING)}, "llama.rope.scaling.factor", "finite"),
+    ("eos_str", {"tokenizer.ggml.eos_token_id": ("x", T.STRING)}, "tokenizer.ggml.eos_token_id", "integer"),
+    ("eos_float_inf", {"tokenizer.ggml.eos_token_id": (float("inf"), T.FLOAT32)}, "tokenizer.ggml.eos_token_id", "inf"),
+    ("pad_negative", {"tokenizer.ggml.padding_token_id": (-1, T.INT32)}, "tokenizer.ggml.padding_token_id", "-1"),
+    # out of range / over a limit
+    ("blocks_zero", {"llama.block_count": (0, T.UINT32)}, "llama.block_count", "<= 1024"),
+    ("blocks_huge", {"llama.block_count": (2**40, T.UINT64)}, "llama.block_count", "<= 1024"),
+    ("heads_zero", {"llama.attention.head_count": (0, T.UINT32)}, "llama.attention.head_count", "<= 1024, got 0"),
+    ("hidden_over", {"llama.embedding_length": (2**20, T.UINT32)}, "llama.embedding_length", "<= 131072"),
+    ("ffn_over", {"llama.feed_forward_length": (2**21, T.UINT32)}, "llama.feed_forward_length", "<= 1048576"),
+    ("context_over", {"llama.context_length": (2**40, T.UINT64)}, "llama.context_length", "<= 2147483647"),
+    ("key_length_over", {"llama.attention.key_length": (4096, T.UINT32)}, "llama.attention.key_length", "<= 1024"),
+    ("sliding_negative", {"llama.attention.sliding_window": (-5, T.INT32)}, "llama.attention.sliding_window", ">= 0"),
+    ("vocab_rows_over", {"llama.vocab_size": (2**25, T.UINT32)}, "llama.vocab_size", "<= 16777216"),
+    ("freq_base_negative", {"llama.rope.freq_base": (-1.0, T.FLOAT32)}, "llama.rope.freq_base", "> 0"),
+    ("eps_zero", {"llama.attention.layer_norm_rms_epsilon": (0.0, T.FLOAT32)},
+     "llama.attention.layer_norm_rms_epsilon", "(0, 1)"),
+    # not finite
+    ("eps_inf", {"llama.attention.layer_norm_rms_epsilon": (float("inf"), T.FLOAT32)},
+     "llama.attention.layer_norm_rms_epsilon", "inf"),
+    ("freq_base_nan", {"llama.rope.freq_base": (float("nan"), T.FLOAT64)}, "llama.rope.freq_base", "nan"),
+    ("rope_factor_inf", {"llama.rope.scaling.type": ("linear", T.STRING),
+                         "llama.rope.scaling.factor": (float("inf"), T.FLOAT32)}, "llama.rope.scaling.factor", "inf"),
+    # relations
+    ("kv_not_dividing", {"llama.attention.head_count_kv": (3, T.UINT32)}, "llama.attention.head_count_kv", "must divide"),
+    ("heads_not_dividing_hidden", {"llama.attention.head_count": (3, T.UINT32), "llama.attention.head_count_kv":
+                                   (1, T.UINT32)}, "llama.attention.head_count", "must divide 'llama.embedding_length'"),
+    ("key_length_odd", {"llama.attention.key_length": (15, T.UINT32)}, "llama.attention.key_length", "even"),
+    # missing
+    ("blocks_missing", {"llama.block_count": DROP}, "llama.block_count", "missing"),
+]
+
+
+@pytest.mark.parametrize("changes,key,extra", [c[1:] for c in BAD_GGUF], ids=[c[0] for c in BAD_GGUF])
+def test_bad_gguf_metadata(tmp_path, changes, key, extra):
+    path = write_gguf(tmp_path / "m.gguf", changes)
+    expect(CheckpointError, lambda: load(path), path + ":", f"'{key}'", extra)
+
+
+def test_gguf_unsupported_rope_scaling_is_not_implemented(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", {"llama.rope.scaling.type": ("yarn", T.STRING)})
+    expect(NotImplementedError, lambda: load(path), path, "'yarn'")
+
+
+def test_gguf_unsupported_architecture_is_not_implemented(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", {"general.architecture": ("falcon", T.STRING)})
+    expect(NotImplementedError, lambda: load(path), path, "'falcon'")
+
+
+# ------------------------------------------------------------------------------------------------
+# the schema itself
+# ------------------------------------------------------------------------------------------------
+
+def test_messages_name_key_and_limit():
+    from fastload import checks
+    with pytest.raises(CheckpointError) as ei:
+        checks.check_config({"num_attention_heads": 0}, "/x/config.json")
+    assert str(ei.value) == "/x/config.json: 'num_attention_heads' must be a positive integer <= 1024, got 0"
+
+
+def test_message_does_not_echo_long_content():
+    from fastload import checks
+    with pytest.raises(CheckpointError) as ei:
+        checks.check_config({"model_type": 0, "hidden_act": "x" * 10000}, "/x/config.json")
+    assert len(str(ei.value)) < 200
+    with pytest.raises(CheckpointError) as ei:
+        checks.check_config({"architectures": "secret" * 1000}, "/x/config.json")
+    assert "secret" not in str(ei.value) and "6000 characters" in str(ei.value)
