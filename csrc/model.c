@@ -20,15 +20,16 @@ const char *const fl_slot_names[FL_SLOT_COUNT] = {
 /* The config's values are hostile until checked (they come from config.json or GGUF metadata,
  * or straight from a caller of fastload._C.Model): every dimension is bounded here, before any
  * size is computed from it, and the limit is named in the error. With these bounds no product
- * below overflows, but the sizes are still computed with checked arithmetic (fl_mul3_size). */
+ * below overflows, but the sizes are still computed with checked arithmetic (fl_mul3_size).
+ * Errors are FL_E_FORMAT (fastload.CheckpointError, a ValueError): the values come from a checkpoint. */
 static fl_status check_dim(const char *name, int v, int max) {
-    if (v <= 0 || v > max) return fl_err(FL_E_VALUE, "config: %s=%d must be in [1, %d]", name, v, max);
+    if (v <= 0 || v > max) return fl_err(FL_E_FORMAT, "config: %s=%d must be in [1, %d]", name, v, max);
     return FL_OK;
 }
 
 static fl_status check_pos_float(const char *name, float v, int below_one) {
     if (!isfinite(v) || !(v > 0) || (below_one && !(v < 1)))
-        return fl_err(FL_E_VALUE, "config: %s=%g must be a finite number in (0, %s)", name, (double)v, below_one ? "1" : "inf");
+        return fl_err(FL_E_FORMAT, "config: %s=%g must be a finite number in (0, %s)", name, (double)v, below_one ? "1" : "inf");
     return FL_OK;
 }
 
@@ -41,27 +42,27 @@ static fl_status check_config(const fl_config *c) {
     FL_TRY(check_dim("head_dim", c->head_dim, FL_MAX_HEAD_DIM));
     FL_TRY(check_dim("intermediate_size", c->ffn, FL_MAX_FFN));
     if (c->n_heads % c->n_kv_heads)
-        return fl_err(FL_E_VALUE, "config: num_attention_heads=%d is not a multiple of num_key_value_heads=%d",
+        return fl_err(FL_E_FORMAT, "config: num_attention_heads=%d is not a multiple of num_key_value_heads=%d",
                       c->n_heads, c->n_kv_heads);
     if (c->head_dim % 2)
-        return fl_err(FL_E_VALUE, "config: head_dim=%d must be even and at most %d", c->head_dim, FL_MAX_HEAD_DIM);
+        return fl_err(FL_E_FORMAT, "config: head_dim=%d must be even and at most %d", c->head_dim, FL_MAX_HEAD_DIM);
     if (c->max_pos < 0)
-        return fl_err(FL_E_VALUE, "config: max_position_embeddings=%d must be in [0, 2^31-1]", c->max_pos);
+        return fl_err(FL_E_FORMAT, "config: max_position_embeddings=%d must be in [0, 2^31-1]", c->max_pos);
     FL_TRY(check_pos_float("rms_norm_eps", c->rms_eps, 1));
     FL_TRY(check_pos_float("rope_theta", c->rope_theta, 0));
     if (c->rope_type < FL_ROPE_DEFAULT || c->rope_type > FL_ROPE_LLAMA3)
-        return fl_err(FL_E_VALUE, "config: unknown rope_type %d", c->rope_type);
+        return fl_err(FL_E_FORMAT, "config: unknown rope_type %d", c->rope_type);
     if (c->rope_type != FL_ROPE_DEFAULT) FL_TRY(check_pos_float("rope_scaling.factor", c->rope_factor, 0));
     if (c->rope_type == FL_ROPE_LLAMA3) {
         FL_TRY(check_pos_float("rope_scaling.low_freq_factor", c->rope_low_freq_factor, 0));
         FL_TRY(check_pos_float("rope_scaling.high_freq_factor", c->rope_high_freq_factor, 0));
         if (c->rope_orig_max_pos <= 0)
-            return fl_err(FL_E_VALUE, "config: rope_scaling.original_max_position_embeddings=%d must be in [1, 2^31-1]",
+            return fl_err(FL_E_FORMAT, "config: rope_scaling.original_max_position_embeddings=%d must be in [1, 2^31-1]",
                           c->rope_orig_max_pos);
     }
     for (int l = 0; l < c->n_layers; l++)
         if (c->window[l] < 0)
-            return fl_err(FL_E_VALUE, "config: sliding window of layer %d = %d must be in [0, 2^31-1]", l, c->window[l]);
+            return fl_err(FL_E_FORMAT, "config: sliding window of layer %d = %d must be in [0, 2^31-1]", l, c->window[l]);
     return FL_OK;
 }
 
@@ -143,12 +144,12 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
     size_t total = 0;
     for (int i = 0; i < nw; i++)
         if (!add_block(&total, ws[i].rows, ws[i].cols, es)) {
-            st = fl_err(FL_E_VALUE, "config: the weights' total size overflows (weight %d of %d: %lld x %lld)", i, nw,
+            st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows (weight %d of %d: %lld x %lld)", i, nw,
                         (long long)ws[i].rows, (long long)ws[i].cols);
             goto fail;
         }
     if (!add_block(&total, half, 1, sizeof(float))) {
-        st = fl_err(FL_E_VALUE, "config: the weights' total size overflows");
+        st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows");
         goto fail;
     }
     st = be->alloc(be, total, &m->arena_d);

@@ -23,23 +23,23 @@ static void model_dealloc(FlPyModel *self) {
 
 /* Config values arrive from config.json / GGUF metadata (through fastload/arch.py) or from any
  * caller of fastload._C.Model: a value of the wrong type, or one that does not fit a C int, is a
- * ValueError naming the key, never a TypeError / OverflowError or a silent truncation. The
+ * CheckpointError (a ValueError) naming the key, never a TypeError / OverflowError or a silent truncation. The
  * ranges themselves are checked by fl_model_create (check_config in model.c). */
 static int get_int(PyObject *d, const char *k, int *out, int required, int dflt) {
     PyObject *v = PyDict_GetItemString(d, k);
     if (!v || v == Py_None) {
-        if (required) { PyErr_Format(PyExc_ValueError, "model config is missing '%s'", k); return -1; }
+        if (required) { PyErr_Format(FlCheckpointError, "model config is missing '%s'", k); return -1; }
         *out = dflt; return 0;
     }
     if (!PyLong_Check(v)) {
-        PyErr_Format(PyExc_ValueError, "model config '%s' must be an integer, not %.100s", k, Py_TYPE(v)->tp_name);
+        PyErr_Format(FlCheckpointError, "model config '%s' must be an integer, not %.100s", k, Py_TYPE(v)->tp_name);
         return -1;
     }
     int ovf = 0;
     long long x = PyLong_AsLongLongAndOverflow(v, &ovf);
     if (x == -1 && PyErr_Occurred()) return -1;
     if (ovf || x < INT32_MIN || x > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "model config '%s' is out of range (does not fit in a 32-bit int)", k);
+        PyErr_Format(FlCheckpointError, "model config '%s' is out of range (does not fit in a 32-bit int)", k);
         return -1;
     }
     *out = (int)x;
@@ -49,7 +49,7 @@ static int get_float(PyObject *d, const char *k, float *out, float dflt) {
     PyObject *v = PyDict_GetItemString(d, k);
     if (!v || v == Py_None) { *out = dflt; return 0; }
     if (!PyFloat_Check(v) && !PyLong_Check(v)) {
-        PyErr_Format(PyExc_ValueError, "model config '%s' must be a number, not %.100s", k, Py_TYPE(v)->tp_name);
+        PyErr_Format(FlCheckpointError, "model config '%s' must be a number, not %.100s", k, Py_TYPE(v)->tp_name);
         return -1;
     }
     double x = PyFloat_AsDouble(v);
@@ -90,14 +90,14 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         get_int(cfgd, "rope_orig_max_pos", &c.rope_orig_max_pos, 0, 8192) ||
         get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
         return -1;
-    if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(PyExc_ValueError, "num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
+    if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(FlCheckpointError, "config: num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
     PyObject *win = PyDict_GetItemString(cfgd, "window");
     if (win && win != Py_None) {
         PyObject *seq = PySequence_Fast(win, "model config 'window' must be a sequence of ints");
         if (!seq) return -1;
         if (PySequence_Fast_GET_SIZE(seq) != c.n_layers) {
             Py_DECREF(seq);
-            PyErr_Format(PyExc_ValueError, "model config 'window' has %zd entries for %d layers", PySequence_Fast_GET_SIZE(seq), c.n_layers);
+            PyErr_Format(FlCheckpointError, "model config 'window' has %zd entries for %d layers", PySequence_Fast_GET_SIZE(seq), c.n_layers);
             return -1;
         }
         for (int l = 0; l < c.n_layers; l++) {
@@ -107,14 +107,14 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
             if (w == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
             if (!PyLong_Check(item) || ovf || w > INT32_MAX) {
                 Py_DECREF(seq);
-                PyErr_Format(PyExc_ValueError, "model config 'window'[%d] must be an integer in [0, 2^31-1]", l);
+                PyErr_Format(FlCheckpointError, "model config 'window'[%d] must be an integer in [0, 2^31-1]", l);
                 return -1;
             }
             c.window[l] = w < 0 ? 0 : (int)w; /* negative: full attention, as before */
         }
         Py_DECREF(seq);
     }
-    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_LLAMA3) { PyErr_SetString(PyExc_ValueError, "unknown rope_type"); return -1; }
+    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_LLAMA3) { PyErr_SetString(FlCheckpointError, "config: unknown rope_type"); return -1; }
     fl_dtype wd = parse_dtype(dtype);
     if (wd == FL_DTYPE_INVALID) { PyErr_Format(PyExc_ValueError, "dtype '%s' is not one of float32, float16, bfloat16", dtype); return -1; }
     fl_status st;
