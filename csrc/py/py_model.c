@@ -25,21 +25,38 @@ static void model_dealloc(FlPyModel *self) {
  * caller of fastload._C.Model: a value of the wrong type, or one that does not fit a C int, is a
  * CheckpointError (a ValueError) naming the key, never a TypeError / OverflowError or a silent truncation. The
  * ranges themselves are checked by fl_model_create (check_config in model.c). */
+/* The config.json spelling of a key of the dict fastload/arch.py builds, for messages. */
+static const char *hf_key(const char *k) {
+    static const char *const map[][2] = {
+        {"vocab", "vocab_size"}, {"d", "hidden_size"}, {"n_layers", "num_hidden_layers"},
+        {"n_heads", "num_attention_heads"}, {"n_kv_heads", "num_key_value_heads"}, {"head_dim", "head_dim"},
+        {"ffn", "intermediate_size"}, {"max_pos", "max_position_embeddings"}, {"rms_eps", "rms_norm_eps"},
+        {"rope_theta", "rope_theta"}, {"rope_factor", "rope_scaling.factor"},
+        {"rope_low_freq_factor", "rope_scaling.low_freq_factor"},
+        {"rope_high_freq_factor", "rope_scaling.high_freq_factor"},
+        {"rope_orig_max_pos", "rope_scaling.original_max_position_embeddings"},
+        {"tie_embeddings", "tie_word_embeddings"}, {"window", "sliding_window"},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof *map; i++)
+        if (!strcmp(map[i][0], k)) return map[i][1];
+    return k;
+}
+
 static int get_int(PyObject *d, const char *k, int *out, int required, int dflt) {
     PyObject *v = PyDict_GetItemString(d, k);
     if (!v || v == Py_None) {
-        if (required) { PyErr_Format(FlCheckpointError, "model config is missing '%s'", k); return -1; }
+        if (required) { PyErr_Format(FlCheckpointError, "model config is missing '%s' (%s)", k, hf_key(k)); return -1; }
         *out = dflt; return 0;
     }
     if (!PyLong_Check(v)) {
-        PyErr_Format(FlCheckpointError, "model config '%s' must be an integer, not %.100s", k, Py_TYPE(v)->tp_name);
+        PyErr_Format(FlCheckpointError, "model config '%s' (%s) must be an integer, not %.100s", k, hf_key(k), Py_TYPE(v)->tp_name);
         return -1;
     }
     int ovf = 0;
     long long x = PyLong_AsLongLongAndOverflow(v, &ovf);
     if (x == -1 && PyErr_Occurred()) return -1;
     if (ovf || x < INT32_MIN || x > INT32_MAX) {
-        PyErr_Format(FlCheckpointError, "model config '%s' is out of range (does not fit in a 32-bit int)", k);
+        PyErr_Format(FlCheckpointError, "model config '%s' (%s) is out of range (does not fit in a 32-bit int)", k, hf_key(k));
         return -1;
     }
     *out = (int)x;
@@ -49,7 +66,7 @@ static int get_float(PyObject *d, const char *k, float *out, float dflt) {
     PyObject *v = PyDict_GetItemString(d, k);
     if (!v || v == Py_None) { *out = dflt; return 0; }
     if (!PyFloat_Check(v) && !PyLong_Check(v)) {
-        PyErr_Format(FlCheckpointError, "model config '%s' must be a number, not %.100s", k, Py_TYPE(v)->tp_name);
+        PyErr_Format(FlCheckpointError, "model config '%s' (%s) must be a number, not %.100s", k, hf_key(k), Py_TYPE(v)->tp_name);
         return -1;
     }
     double x = PyFloat_AsDouble(v);
