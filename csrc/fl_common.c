@@ -1,8 +1,15 @@
 /* fl_common.c: error channel, dtype table, conversions, aligned allocation. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* strerror_r returning char * */
+#endif
 #include "fl_common.h"
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 static _Thread_local char err_buf[FL_ERR_MAX];
 
@@ -86,3 +93,43 @@ void *fl_malloc(size_t n) {
     return p;
 }
 void fl_free(void *p) { free(p); }
+
+static const char *file_kind(mode_t m) {
+    if (S_ISFIFO(m)) return "FIFO";
+    if (S_ISCHR(m)) return "character device";
+    if (S_ISBLK(m)) return "block device";
+    if (S_ISSOCK(m)) return "socket";
+    if (S_ISDIR(m)) return "directory";
+    return "special file";
+}
+
+fl_status fl_open_regular(const char *path, int extra_flags, int *fd_out, uint64_t *size) {
+    char eb[128];
+    struct stat before, sb;
+    *fd_out = -1;
+    if (!path) return fl_err(FL_E_VALUE, "fl_open_regular: path is NULL");
+    if (stat(path, &before) != 0)
+        return fl_err(FL_E_IO, "%s: cannot open: %s", path, strerror_r(errno, eb, sizeof eb));
+    if (!S_ISREG(before.st_mode))
+        return fl_err(FL_E_IO, "%s: not a regular file (%s)", path, file_kind(before.st_mode));
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | extra_flags);
+    if (fd < 0) return fl_err(FL_E_IO, "%s: cannot open: %s", path, strerror_r(errno, eb, sizeof eb));
+    if (fstat(fd, &sb) != 0) {
+        fl_status st = fl_err(FL_E_IO, "%s: cannot stat: %s", path, strerror_r(errno, eb, sizeof eb));
+        close(fd);
+        return st;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        close(fd);
+        return fl_err(FL_E_IO, "%s: not a regular file (%s)", path, file_kind(sb.st_mode));
+    }
+    if (sb.st_dev != before.st_dev || sb.st_ino != before.st_ino) {
+        close(fd);
+        return fl_err(FL_E_IO, "%s: the file was replaced while it was being opened", path);
+    }
+    const int fl = fcntl(fd, F_GETFL);
+    if (fl != -1) (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    *fd_out = fd;
+    if (size) *size = (uint64_t)sb.st_size;
+    return FL_OK;
+}

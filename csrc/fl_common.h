@@ -121,6 +121,56 @@ static inline int fl_add_u64(uint64_t a, uint64_t b, uint64_t *out) {
     return 1;
 }
 
+/* size_t and int64 variants, and products of three (a shape's rows * cols * element size).
+ * Every size, offset and count that comes from a file or a config goes through these. */
+static inline int fl_mul_size(size_t a, size_t b, size_t *out) {
+    if (a && b > SIZE_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+static inline int fl_add_size(size_t a, size_t b, size_t *out) {
+    if (b > SIZE_MAX - a) return 0;
+    *out = a + b;
+    return 1;
+}
+static inline int fl_mul3_size(size_t a, size_t b, size_t c, size_t *out) {
+    size_t t;
+    return fl_mul_size(a, b, &t) && fl_mul_size(t, c, out);
+}
+/* Round x up to a multiple of the power of two `al`; 0 on overflow. */
+static inline int fl_align_size(size_t x, size_t al, size_t *out) {
+    size_t t;
+    if (!fl_add_size(x, al - 1, &t)) return 0;
+    *out = t & ~(al - 1);
+    return 1;
+}
+/* Signed 64-bit; both operands may be negative. */
+static inline int fl_mul_i64(int64_t a, int64_t b, int64_t *out) {
+#if defined(__GNUC__) || defined(__clang__)
+    return !__builtin_mul_overflow(a, b, out);
+#else
+    if (a == 0 || b == 0) { *out = 0; return 1; }
+    if ((a == -1 && b == INT64_MIN) || (b == -1 && a == INT64_MIN)) return 0;
+    if (a > 0 ? (b > 0 ? a > INT64_MAX / b : b < INT64_MIN / a)
+              : (b > 0 ? a < INT64_MIN / b : a < INT64_MAX / b)) return 0;
+    *out = a * b;
+    return 1;
+#endif
+}
+static inline int fl_add_i64(int64_t a, int64_t b, int64_t *out) {
+    if ((b > 0 && a > INT64_MAX - b) || (b < 0 && a < INT64_MIN - b)) return 0;
+    *out = a + b;
+    return 1;
+}
+
+/* Open `path` read-only, refusing anything but a regular file before a blocking open can hang
+ * on it: stat() first (FIFO, device, socket, directory: FL_E_IO "not a regular file (FIFO)"),
+ * then open with O_NONBLOCK (a FIFO swapped in between cannot block) and fstat the descriptor,
+ * which must still be a regular file, and the same one (st_dev, st_ino). `extra_flags` are
+ * or-ed into O_RDONLY | O_CLOEXEC (e.g. O_DIRECT); O_NONBLOCK is cleared again after the
+ * checks. On success *fd is the descriptor and *size (if not NULL) the file size. */
+fl_status fl_open_regular(const char *path, int extra_flags, int *fd, uint64_t *size);
+
 void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
 void fl_free(void *p);
 

@@ -11,7 +11,14 @@
 extern "C" {
 #endif
 
-#define FL_MAX_LAYERS 1024
+/* Limits on config values (issue 7), checked by fl_model_create before any size is computed;
+ * fastload/arch.py validates config.json against the same numbers. */
+#define FL_MAX_LAYERS 1024          /* num_hidden_layers */
+#define FL_MAX_HEADS 1024           /* num_attention_heads */
+#define FL_MAX_HEAD_DIM 1024        /* head_dim (even) */
+#define FL_MAX_HIDDEN 131072        /* hidden_size */
+#define FL_MAX_FFN 1048576          /* intermediate_size */
+#define FL_MAX_VOCAB 16777216       /* vocab_size (2^24) */
 
 typedef enum { FL_ROPE_DEFAULT = 0, FL_ROPE_LINEAR, FL_ROPE_LLAMA3 } fl_rope_type;
 

@@ -39,6 +39,8 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
     *n_new = 0;
     if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "generate: input_ids must have at least one row and one column");
     if (maxn < 0) return fl_err(FL_E_VALUE, "generate: max_new_tokens must be >= 0");
+    if ((int64_t)T + maxn > INT32_MAX || (int64_t)B * ((int64_t)T + maxn) > INT32_MAX)
+        return fl_err(FL_E_VALUE, "generate: %d rows of %d + %d tokens is too many", B, T, maxn);
     for (int i = 0; i < B * T; i++)
         if (ids[i] < 0 || ids[i] >= V)
             return fl_err(FL_E_VALUE, "input_ids[%d][%d] = %d is outside the vocabulary [0, %d)", i / T, i % T, (int)ids[i], V);

@@ -112,10 +112,13 @@ static fl_status cur_u64(cursor *c, uint64_t *v, const char *what) {
     return FL_OK;
 }
 
-/* A GGUF string: u64 length + bytes (no NUL). Returns a pointer into the mapping. */
-static fl_status cur_str(cursor *c, const char **s, uint64_t *len, const char *what) {
+/* A GGUF string: u64 length + bytes (no NUL), at most `max` bytes. Returns a pointer into the mapping. */
+static fl_status cur_str(cursor *c, const char **s, uint64_t *len, uint64_t max, const char *what) {
     uint64_t n;
     FL_TRY(cur_u64(c, &n, what));
+    if (n > max)
+        return fl_err(FL_E_FORMAT, "%s: %s at offset %" PRIu64 " claims a length of %" PRIu64
+                      " bytes, more than the limit of %" PRIu64, c->path, what, c->pos - 8, n, max);
     if (n > cur_left(c))
         return fl_err(FL_E_FORMAT, "%s: %s at offset %" PRIu64 " claims a length of %" PRIu64
                       " bytes but only %" PRIu64 " remain in the file", c->path, what, c->pos - 8, n, cur_left(c));
@@ -230,7 +233,7 @@ static fl_status parse_header(fl_gguf *g, int fill, parse_counts *cnt) {
     for (uint64_t i = 0; i < g->n_kv; i++) {
         const char *key; uint64_t klen; uint32_t type;
         snprintf(what, sizeof what, "key of metadata entry %" PRIu64, i);
-        FL_TRY(cur_str(&c, &key, &klen, what));
+        FL_TRY(cur_str(&c, &key, &klen, FL_GGUF_MAX_KEY, what));
         char kname[160];
         show_name(kname, sizeof kname, key, klen);
         snprintf(what, sizeof what, "type of metadata key '%s'", kname);
@@ -254,7 +257,7 @@ static fl_status parse_header(fl_gguf *g, int fill, parse_counts *cnt) {
 
         if (type == GGUF_T_STRING) {
             const char *s; uint64_t slen;
-            FL_TRY(cur_str(&c, &s, &slen, what));
+            FL_TRY(cur_str(&c, &s, &slen, FL_GGUF_MAX_STR, what));
             if (fill) { kv->raw = (const uint8_t *)s; kv->str = s; kv->str_len = slen; }
         } else if (type == GGUF_T_ARRAY) {
             uint32_t et; uint64_t n;
@@ -263,6 +266,9 @@ static fl_status parse_header(fl_gguf *g, int fill, parse_counts *cnt) {
             if (et == GGUF_T_ARRAY)
                 return fl_err(FL_E_UNSUPPORTED, "%s: metadata key '%s' is an array of arrays, which fastload does not read",
                               g->path, kname);
+            if (n > FL_GGUF_MAX_ARRAY)
+                return fl_err(FL_E_FORMAT, "%s: metadata key '%s' claims %" PRIu64 " elements, more than the limit of %u (2^24)",
+                              g->path, kname, n, (unsigned)FL_GGUF_MAX_ARRAY);
             if (fill) { kv->arr_type = (int)et; kv->n = n; kv->raw = c.base + c.pos; }
             if (et == GGUF_T_STRING) {
                 if (n > cur_left(&c) / 8)
@@ -275,7 +281,7 @@ static fl_status parse_header(fl_gguf *g, int fill, parse_counts *cnt) {
                 for (uint64_t j = 0; j < n; j++) {
                     const char *s; uint64_t slen;
                     if (fill) g->str_offs[str_pos + j] = c.pos - start;
-                    FL_TRY(cur_str(&c, &s, &slen, what));
+                    FL_TRY(cur_str(&c, &s, &slen, FL_GGUF_MAX_STR, what));
                 }
                 str_pos += n;
             } else {
@@ -303,7 +309,7 @@ static fl_status parse_header(fl_gguf *g, int fill, parse_counts *cnt) {
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         const char *name; uint64_t nlen; uint32_t ndim, type;
         snprintf(what, sizeof what, "name of tensor %" PRIu64, i);
-        FL_TRY(cur_str(&c, &name, &nlen, what));
+        FL_TRY(cur_str(&c, &name, &nlen, FL_GGUF_MAX_KEY, what));
         char tname[200];
         show_name(tname, sizeof tname, name, nlen);
         snprintf(what, sizeof what, "shape of tensor '%s'", tname);
@@ -502,48 +508,34 @@ fl_status fl_gguf_open(const char *path, fl_gguf **out) {
     memcpy(g->path, path, plen + 1);
 
     fl_status st = FL_OK;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        st = fl_err(FL_E_IO, "%s: cannot open: %s", path, strerror(errno));
-        goto fail;
-    }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        st = fl_err(FL_E_IO, "%s: cannot stat: %s", path, strerror(errno));
-        close(fd);
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        st = fl_err(FL_E_IO, "%s: not a regular file", path);
-        close(fd);
-        goto fail;
-    }
-    if (sb.st_size <= 0) {
+    int fd;
+    uint64_t fsize;
+    /* special files (a FIFO named like a checkpoint would block a plain open) are refused first */
+    if ((st = fl_open_regular(path, 0, &fd, &fsize)) != FL_OK) goto fail;
+    if (fsize == 0) {
         st = fl_err(FL_E_FORMAT, "%s: the file is empty (0 bytes), not a GGUF file", path);
         close(fd);
         goto fail;
     }
-    if ((uint64_t)sb.st_size > (uint64_t)SIZE_MAX) {
+    if (fsize > (uint64_t)SIZE_MAX) {
         st = fl_err(FL_E_IO, "%s: file too large to map", path);
         close(fd);
         goto fail;
     }
-    void *m = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *m = mmap(NULL, (size_t)fsize, PROT_READ, MAP_PRIVATE, fd, 0);
     int map_errno = errno;
     close(fd);
     if (m == MAP_FAILED) {
-        st = fl_err(FL_E_IO, "%s: mmap of %lld bytes failed: %s", path, (long long)sb.st_size, strerror(map_errno));
+        st = fl_err(FL_E_IO, "%s: mmap of %" PRIu64 " bytes failed: %s", path, fsize, strerror(map_errno));
         goto fail;
     }
     g->map = m;
-    g->size = (size_t)sb.st_size;
+    g->size = (size_t)fsize;
 
     /* fixed header */
     if (g->size < 4 || memcmp(g->map, "GGUF", 4) != 0) {
-        unsigned char mg[4] = {0, 0, 0, 0};
-        memcpy(mg, g->map, g->size < 4 ? g->size : 4);
-        st = fl_err(FL_E_FORMAT, "%s: not a GGUF file: bad magic %02x %02x %02x %02x (expected \"GGUF\")",
-                    path, mg[0], mg[1], mg[2], mg[3]);
+        /* the bytes found are not quoted: the file may be any file */
+        st = fl_err(FL_E_FORMAT, "%s: not a GGUF file: bad magic (the file does not start with \"GGUF\")", path);
         goto fail;
     }
     if (g->size < GGUF_HEADER_BYTES) {
@@ -561,6 +553,16 @@ fl_status fl_gguf_open(const char *path, fl_gguf **out) {
     }
     memcpy(&g->n_tensors, g->map + 8, 8);
     memcpy(&g->n_kv, g->map + 16, 8);
+    if (g->n_kv > FL_GGUF_MAX_KV) {
+        st = fl_err(FL_E_FORMAT, "%s: header claims %" PRIu64 " metadata entries, more than the limit of %u (2^20)",
+                    path, g->n_kv, (unsigned)FL_GGUF_MAX_KV);
+        goto fail;
+    }
+    if (g->n_tensors > FL_GGUF_MAX_TENSORS) {
+        st = fl_err(FL_E_FORMAT, "%s: header claims %" PRIu64 " tensors, more than the limit of %u (2^20)",
+                    path, g->n_tensors, (unsigned)FL_GGUF_MAX_TENSORS);
+        goto fail;
+    }
     {
         const uint64_t left = g->size - GGUF_HEADER_BYTES;
         uint64_t need_kv = 0, need_t = 0, need = 0;

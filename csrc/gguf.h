@@ -8,6 +8,14 @@
 extern "C" {
 #endif
 
+/* Limits checked before anything sized by these counts is allocated (issue 7; the Python
+ * validation in fastload/ uses the same numbers). */
+#define FL_GGUF_MAX_KV (1u << 20)        /* metadata entries */
+#define FL_GGUF_MAX_TENSORS (1u << 20)   /* tensor infos */
+#define FL_GGUF_MAX_ARRAY (1u << 24)     /* elements of one metadata array */
+#define FL_GGUF_MAX_STR (1u << 24)       /* bytes of one metadata string */
+#define FL_GGUF_MAX_KEY 65535u           /* bytes of a key or a tensor name */
+
 /* GGUF metadata value types (gguf spec) */
 enum {
     GGUF_T_UINT8 = 0, GGUF_T_INT8, GGUF_T_UINT16, GGUF_T_INT16, GGUF_T_UINT32, GGUF_T_INT32,

@@ -16,23 +16,62 @@ const char *const fl_slot_names[FL_SLOT_COUNT] = {
 };
 
 #define ALIGN 256
-static size_t align_up(size_t x) { return (x + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
+
+/* The config's values are hostile until checked (they come from config.json or GGUF metadata,
+ * or straight from a caller of fastload._C.Model): every dimension is bounded here, before any
+ * size is computed from it, and the limit is named in the error. With these bounds no product
+ * below overflows, but the sizes are still computed with checked arithmetic (fl_mul3_size).
+ * Errors are FL_E_FORMAT (fastload.CheckpointError, a ValueError): the values come from a checkpoint. */
+static fl_status check_dim(const char *name, int v, int max) {
+    if (v <= 0 || v > max) return fl_err(FL_E_FORMAT, "config: %s=%d must be in [1, %d]", name, v, max);
+    return FL_OK;
+}
+
+static fl_status check_pos_float(const char *name, float v, int below_one) {
+    if (!isfinite(v) || !(v > 0) || (below_one && !(v < 1)))
+        return fl_err(FL_E_FORMAT, "config: %s=%g must be a finite number in (0, %s)", name, (double)v, below_one ? "1" : "inf");
+    return FL_OK;
+}
 
 static fl_status check_config(const fl_config *c) {
-    if (c->vocab <= 0 || c->d <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
-        c->head_dim <= 0 || c->ffn <= 0)
-        return fl_err(FL_E_VALUE, "config: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, "
-                      "num_key_value_heads, head_dim and intermediate_size must be positive");
-    if (c->n_layers > FL_MAX_LAYERS)
-        return fl_err(FL_E_VALUE, "config: num_hidden_layers=%d exceeds %d", c->n_layers, FL_MAX_LAYERS);
+    FL_TRY(check_dim("vocab_size", c->vocab, FL_MAX_VOCAB));
+    FL_TRY(check_dim("hidden_size", c->d, FL_MAX_HIDDEN));
+    FL_TRY(check_dim("num_hidden_layers", c->n_layers, FL_MAX_LAYERS));
+    FL_TRY(check_dim("num_attention_heads", c->n_heads, FL_MAX_HEADS));
+    FL_TRY(check_dim("num_key_value_heads", c->n_kv_heads, c->n_heads));
+    FL_TRY(check_dim("head_dim", c->head_dim, FL_MAX_HEAD_DIM));
+    FL_TRY(check_dim("intermediate_size", c->ffn, FL_MAX_FFN));
     if (c->n_heads % c->n_kv_heads)
-        return fl_err(FL_E_VALUE, "config: num_attention_heads=%d is not a multiple of num_key_value_heads=%d",
+        return fl_err(FL_E_FORMAT, "config: num_attention_heads=%d is not a multiple of num_key_value_heads=%d",
                       c->n_heads, c->n_kv_heads);
-    if (c->head_dim % 2 || c->head_dim > 1024)
-        return fl_err(FL_E_VALUE, "config: head_dim=%d must be even and at most 1024", c->head_dim);
-    if (!(c->rms_eps > 0) || !(c->rope_theta > 0))
-        return fl_err(FL_E_VALUE, "config: rms_norm_eps and rope_theta must be positive");
+    if (c->head_dim % 2)
+        return fl_err(FL_E_FORMAT, "config: head_dim=%d must be even and at most %d", c->head_dim, FL_MAX_HEAD_DIM);
+    if (c->max_pos < 0)
+        return fl_err(FL_E_FORMAT, "config: max_position_embeddings=%d must be in [0, 2^31-1]", c->max_pos);
+    FL_TRY(check_pos_float("rms_norm_eps", c->rms_eps, 1));
+    FL_TRY(check_pos_float("rope_theta", c->rope_theta, 0));
+    if (c->rope_type < FL_ROPE_DEFAULT || c->rope_type > FL_ROPE_LLAMA3)
+        return fl_err(FL_E_FORMAT, "config: unknown rope_type %d", c->rope_type);
+    if (c->rope_type != FL_ROPE_DEFAULT) FL_TRY(check_pos_float("rope_scaling.factor", c->rope_factor, 0));
+    if (c->rope_type == FL_ROPE_LLAMA3) {
+        FL_TRY(check_pos_float("rope_scaling.low_freq_factor", c->rope_low_freq_factor, 0));
+        FL_TRY(check_pos_float("rope_scaling.high_freq_factor", c->rope_high_freq_factor, 0));
+        if (c->rope_orig_max_pos <= 0)
+            return fl_err(FL_E_FORMAT, "config: rope_scaling.original_max_position_embeddings=%d must be in [1, 2^31-1]",
+                          c->rope_orig_max_pos);
+    }
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->window[l] < 0)
+            return fl_err(FL_E_FORMAT, "config: sliding window of layer %d = %d must be in [0, 2^31-1]", l, c->window[l]);
     return FL_OK;
+}
+
+/* Bytes of a rows x cols x es block rounded up to ALIGN, added to *total; 0 on overflow. */
+static int add_block(size_t *total, int64_t rows, int64_t cols, size_t es) {
+    size_t b;
+    if (rows < 0 || cols < 0) return 0;
+    return fl_mul3_size((size_t)rows, (size_t)cols, es, &b) && fl_align_size(b, ALIGN, &b) &&
+           fl_add_size(*total, b, total);
 }
 
 /* inv_freq[i] = 1 / theta^(2i/hd), then the configured scaling; float32 as transformers. */
@@ -65,7 +104,7 @@ typedef struct { fl_weight *w; int64_t rows, cols; } wdesc;
 /* Visit every weight with its shape; used for sizing and for pointer assignment. */
 static int list_weights(fl_model *m, wdesc *out) {
     const fl_config *c = &m->cfg;
-    const int64_t qkv = (int64_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    const int64_t qkv = ((int64_t)c->n_heads + 2 * (int64_t)c->n_kv_heads) * c->head_dim; /* bounded by check_config */
     int n = 0;
     out[n++] = (wdesc){&m->w.embed, c->vocab, c->d};
     out[n++] = (wdesc){&m->w.final_norm, c->d, 1};
@@ -93,17 +132,26 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
     m->cfg = *cfg;
     m->wdtype = wdtype;
     m->be = be;
+    /* n_layers <= FL_MAX_LAYERS (check_config): these table sizes are small */
     m->w.layers = calloc((size_t)cfg->n_layers, sizeof(fl_layer));
     m->loaded = calloc((size_t)FL_SLOT_COUNT * (size_t)cfg->n_layers, 1);
-    wdesc *ws = malloc(sizeof(wdesc) * (size_t)(3 + 8 * cfg->n_layers));
+    wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)cfg->n_layers)); /* list_weights writes <= 3 + 7 per layer */
     fl_status st = FL_OK;
     if (!m->w.layers || !m->loaded || !ws) { st = fl_err(FL_E_NOMEM, "cannot allocate the model tables"); goto fail; }
     const int nw = list_weights(m, ws);
-    const int es = fl_dtype_size(wdtype);
+    const size_t es = (size_t)fl_dtype_size(wdtype);
+    const int half = cfg->head_dim / 2; /* <= 512: fits freqs[] below */
     size_t total = 0;
-    for (int i = 0; i < nw; i++) total += align_up((size_t)ws[i].rows * (size_t)ws[i].cols * (size_t)es);
-    const int half = cfg->head_dim / 2;
-    total += align_up((size_t)half * sizeof(float));
+    for (int i = 0; i < nw; i++)
+        if (!add_block(&total, ws[i].rows, ws[i].cols, es)) {
+            st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows (weight %d of %d: %lld x %lld)", i, nw,
+                        (long long)ws[i].rows, (long long)ws[i].cols);
+            goto fail;
+        }
+    if (!add_block(&total, half, 1, sizeof(float))) {
+        st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows");
+        goto fail;
+    }
     st = be->alloc(be, total, &m->arena_d);
     if (st != FL_OK) { fl_err_prefix(st, "allocating %.2f GiB for the weights on %s", total / 1073741824.0, be->name); goto fail; }
     m->arena_bytes = total;
@@ -111,11 +159,11 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
     for (int i = 0; i < nw; i++) {
         *ws[i].w = (fl_weight){.dtype = wdtype, .rows = ws[i].rows, .cols = ws[i].cols,
                                .data_d = (char *)m->arena_d + off};
-        off += align_up((size_t)ws[i].rows * (size_t)ws[i].cols * (size_t)es);
+        add_block(&off, ws[i].rows, ws[i].cols, es); /* cannot overflow: the same sum as `total` */
     }
     if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
     m->inv_freq_d = (float *)((char *)m->arena_d + off);
-    float freqs[512];
+    float freqs[FL_MAX_HEAD_DIM / 2];
     rope_freqs(cfg, freqs);
     st = be->to_backend(be, m->inv_freq_d, freqs, (size_t)half * sizeof(float));
     if (st != FL_OK) goto fail;
@@ -350,6 +398,11 @@ fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out) {
     const fl_config *c = &m->cfg;
     *out = NULL;
     if (batch <= 0 || max_len <= 0) return fl_err(FL_E_VALUE, "KV cache: batch and length must be positive");
+    size_t per, all;
+    if (!fl_mul3_size((size_t)batch, (size_t)max_len, (size_t)c->n_kv_heads, &per) ||
+        !fl_mul3_size(per, (size_t)c->head_dim, (size_t)fl_dtype_size(m->be->act), &per) ||
+        !fl_align_size(per, ALIGN, &per) || !fl_mul3_size(per, 2, (size_t)c->n_layers, &all))
+        return fl_err(FL_E_VALUE, "KV cache for batch %d x %d positions: the size overflows", batch, max_len);
     fl_kvcache *kv = calloc(1, sizeof *kv);
     if (!kv) return fl_err(FL_E_NOMEM, "cannot allocate the KV cache table");
     *kv = (fl_kvcache){.n_layers = c->n_layers, .batch = batch, .max_len = max_len,
@@ -357,10 +410,8 @@ fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out) {
     kv->k_d = calloc((size_t)c->n_layers, sizeof(void *));
     kv->v_d = calloc((size_t)c->n_layers, sizeof(void *));
     if (!kv->k_d || !kv->v_d) { fl_kv_free(m, kv); return fl_err(FL_E_NOMEM, "cannot allocate the KV cache table"); }
-    const size_t per = align_up((size_t)batch * (size_t)max_len * (size_t)c->n_kv_heads * (size_t)c->head_dim *
-                                (size_t)fl_dtype_size(kv->dtype));
     void *base = NULL;
-    fl_status st = m->be->alloc(m->be, per * 2 * (size_t)c->n_layers, &base);
+    fl_status st = m->be->alloc(m->be, all, &base);
     if (st != FL_OK) {
         fl_kv_free(m, kv);
         return fl_err_prefix(st, "KV cache for batch %d x %d positions (%.2f GiB)", batch, max_len,
@@ -390,18 +441,26 @@ fl_status fl_model_reserve(fl_model *m, int N, int n_logit) {
     const size_t a = (size_t)fl_dtype_size(be->act);
     if (N > m->ws_tokens || n_logit > m->ws_tokens) {
         int cap = N > n_logit ? N : n_logit;
+        if (cap <= 0) return fl_err(FL_E_VALUE, "workspace for %d tokens: must be positive", cap);
         ws_release(m);
-        const size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * (size_t)c->head_dim;
-        struct { void **p; size_t bytes; } want[] = {
-            {&m->ws_x, (size_t)cap * c->d * a}, {&m->ws_xn, (size_t)cap * c->d * a},
-            {&m->ws_qkv, (size_t)cap * qkv * a}, {&m->ws_att, (size_t)cap * c->n_heads * c->head_dim * a},
-            {&m->ws_delta, (size_t)cap * c->d * a}, {&m->ws_gu, (size_t)cap * 2 * c->ffn * a},
-            {&m->ws_ff, (size_t)cap * c->ffn * a}, {&m->ws_last, (size_t)cap * c->d * a},
-            {&m->ws_logits, (size_t)cap * c->vocab * a},
-            {(void **)&m->ws_tok_d, (size_t)cap * 4}, {(void **)&m->ws_pos_d, (size_t)cap * 4},
+        const size_t qkv = ((size_t)c->n_heads + 2 * (size_t)c->n_kv_heads) * (size_t)c->head_dim; /* bounded */
+        const size_t att = (size_t)c->n_heads * (size_t)c->head_dim;
+        /* per-token widths (bounded by check_config); times cap with checked arithmetic */
+        struct { void **p; size_t width, es; } want[] = {
+            {&m->ws_x, (size_t)c->d, a}, {&m->ws_xn, (size_t)c->d, a},
+            {&m->ws_qkv, qkv, a}, {&m->ws_att, att, a},
+            {&m->ws_delta, (size_t)c->d, a}, {&m->ws_gu, 2 * (size_t)c->ffn, a},
+            {&m->ws_ff, (size_t)c->ffn, a}, {&m->ws_last, (size_t)c->d, a},
+            {&m->ws_logits, (size_t)c->vocab, a},
+            {(void **)&m->ws_tok_d, 1, 4}, {(void **)&m->ws_pos_d, 1, 4},
         };
         for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
-            fl_status st = be->alloc(be, want[i].bytes, want[i].p);
+            size_t bytes;
+            if (!fl_mul3_size((size_t)cap, want[i].width, want[i].es, &bytes)) {
+                ws_release(m);
+                return fl_err(FL_E_VALUE, "workspace for %d tokens: the size overflows", cap);
+            }
+            fl_status st = be->alloc(be, bytes, want[i].p);
             if (st != FL_OK) { ws_release(m); return fl_err_prefix(st, "workspace for %d tokens", cap); }
         }
         m->ws_tokens = cap;
@@ -452,9 +511,11 @@ fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const
     fl_backend *be = m->be;
     if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "forward: empty batch");
     if (B != kv->batch) return fl_err(FL_E_VALUE, "forward: batch %d but the KV cache holds %d", B, kv->batch);
-    if (start < 0 || start + T > kv->max_len)
-        return fl_err(FL_E_VALUE, "forward: positions [%d, %d) exceed the KV cache length %d", start, start + T, kv->max_len);
+    if (start < 0 || (int64_t)start + T > kv->max_len)
+        return fl_err(FL_E_VALUE, "forward: positions [%d, %lld) exceed the KV cache length %d", start,
+                      (long long)start + T, kv->max_len);
     if (kmask && kmask_stride < start + T) return fl_err(FL_E_VALUE, "forward: key mask stride %d < %d", kmask_stride, start + T);
+    if ((int64_t)B * T > INT32_MAX) return fl_err(FL_E_VALUE, "forward: batch %d x %d tokens is too many", B, T);
     const int N = B * T;
     FL_TRY(fl_model_reserve(m, N, all_logits ? N : B));
     /* The key mask: host-memory backends read the caller's array; others get a per-call copy. */

@@ -469,9 +469,12 @@ def test_bad_magic_and_version(tmp_path):
 
 def test_huge_counts(tmp_path):
     w = valid_writer()
-    for n_kv, n_t in ((2**64 - 1, None), (10**6, None), (None, 2**63), (None, 10**6), (2**40, 2**40)):
+    # over the 2^20 limits: refused by the limit; under them: by the bytes left in the file
+    for n_kv, n_t, why in ((2**64 - 1, None, "limit of 1048576"), (10**6, None, "impossible"),
+                           (None, 2**63, "limit of 1048576"), (None, 10**6, "impossible"),
+                           (2**40, 2**40, "limit of 1048576")):
         path = write_bytes(tmp_path, w.to_bytes(n_kv=n_kv, n_tensors=n_t), "huge.gguf")
-        expect_error(path, CheckpointError, "impossible")
+        expect_error(path, CheckpointError, why)
     # plausible count, but more entries than the file holds
     expect_error(write_bytes(tmp_path, w.to_bytes(n_kv=6), "more.gguf"), CheckpointError)
 

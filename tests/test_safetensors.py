@@ -259,7 +259,7 @@ def test_header_length_larger_than_file(tmp_path):
 
 @pytest.mark.parametrize("length", [100 * 2**20 + 1, 2**40, 2**64 - 1])
 def test_header_larger_than_cap(tmp_path, length):
-    expect_error(tmp_path, struct.pack("<Q", length) + b"{}", f"header length {length} exceeds the limit")
+    expect_error(tmp_path, struct.pack("<Q", length) + b"{}", "header length field exceeds the limit of 104857600 bytes")
 
 
 def test_empty_header(tmp_path):
@@ -336,7 +336,7 @@ def test_shape_overflow(tmp_path):
 
 def test_negative_dim(tmp_path):
     header = {"x": {"dtype": "F32", "shape": [2, -1], "data_offsets": [0, 8]}}
-    expect_error(tmp_path, st_util.pack(header, bytes(8)), "tensor 'x'", "'shape' dimension 1 is negative (-1)")
+    expect_error(tmp_path, st_util.pack(header, bytes(8)), "tensor 'x'", "'shape' dimension 1 is negative (header byte")
 
 
 def test_negative_and_reversed_offsets(tmp_path):
@@ -356,7 +356,7 @@ def test_missing_field(tmp_path, field):
 @pytest.mark.parametrize("entry, complaint", [
     ({"dtype": 5, "shape": [2], "data_offsets": [0, 8]}, "'dtype' must be a string"),
     ({"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}, "'shape' must be an array"),
-    ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "'shape' dimension 0 must be an integer, got 2.0"),
+    ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "'shape' dimension 0 must be an integer (a non-integer number at header byte"),
     ({"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}, "'shape' dimension 0 must be a non-negative integer"),
     ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}, "got more than two numbers"),
     ({"dtype": "F32", "shape": [2], "data_offsets": [8]}, "got one number"),
@@ -396,11 +396,11 @@ def test_metadata_values_must_be_strings(tmp_path):
 
 
 @pytest.mark.parametrize("text, complaint", [
-    (b"hello world!", "header does not start with '{' (found 'h')"),
+    (b"hello world!", "header does not start with '{': not a safetensors file"),
     (b" {}", "header does not start with '{'"),
-    (b"[]", "header does not start with '{' (found '[')"),
+    (b"[]", "header does not start with '{': not a safetensors file"),
     (b"{", "header ends at byte 1 (cut short?)"),
-    (b'{"a":{"dtype":"F32",}}', "invalid JSON in header at byte 20: expected a field name (string) (found '}')"),
+    (b'{"a":{"dtype":"F32",}}', "invalid JSON in header at byte 20: expected a field name (string)"),
     (b'{"a" {}}', "invalid JSON in header at byte 5: expected ':'"),
     (b'{} x', "invalid JSON in header at byte 3: unexpected data after the header's JSON object"),
     (b'{"__metadata__":{},}', "expected a tensor name"),

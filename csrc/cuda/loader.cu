@@ -564,14 +564,20 @@ fl_status check_jobs(const fl_load_job *jobs, int n) {
 
 fl_status open_file(ld_file *f, int direct_mode) {
     char eb[128];
-    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
-    if (f->fd < 0) return fl_err(FL_E_IO, "%s: cannot open: %s", f->path, strerror_r(errno, eb, sizeof eb));
+    // special files are refused before a blocking open (fl_open_regular), here as in fl_st_open
+    FL_TRY(fl_open_regular(f->path, 0, &f->fd, nullptr));
     struct stat sb;
     if (fstat(f->fd, &sb) != 0) return fl_err(FL_E_IO, "%s: fstat: %s", f->path, strerror_r(errno, eb, sizeof eb));
     f->size = (uint64_t)sb.st_size;
     if (direct_mode != 0) {
         posix_fadvise(f->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-        f->fd_direct = open(f->path, O_RDONLY | O_CLOEXEC | O_DIRECT);  // -1 (tmpfs, ...): buffered
+        // -1 (tmpfs, ...): buffered; also when the path no longer names the same regular file
+        struct stat sd;
+        if (fl_open_regular(f->path, O_DIRECT, &f->fd_direct, nullptr) != FL_OK) f->fd_direct = -1;
+        else if (fstat(f->fd_direct, &sd) != 0 || sd.st_dev != sb.st_dev || sd.st_ino != sb.st_ino) {
+            close(f->fd_direct);
+            f->fd_direct = -1;
+        }
     } else {
         posix_fadvise(f->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     }
@@ -583,8 +589,10 @@ fl_status open_file(ld_file *f, int direct_mode) {
             void *m = mmap(nullptr, (size_t)f->size, PROT_READ, MAP_SHARED, f->fd, 0);
             if (m != MAP_FAILED) f->map = (uint8_t *)m;
         }
-        if (!f->map && (f->fd_probe = open(f->path, O_RDONLY | O_CLOEXEC)) >= 0)
+        if (!f->map && fl_open_regular(f->path, 0, &f->fd_probe, nullptr) == FL_OK)
             posix_fadvise(f->fd_probe, 0, 0, POSIX_FADV_RANDOM);
+        else if (!f->map)
+            f->fd_probe = -1;
     }
     return FL_OK;
 }

@@ -4,6 +4,8 @@
 #include "py_common.h"
 #include "pythread.h"
 #include "../sampling.h"
+#include <float.h>
+#include <math.h>
 
 typedef struct {
     PyObject_HEAD
@@ -19,23 +21,61 @@ static void model_dealloc(FlPyModel *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Config values arrive from config.json / GGUF metadata (through fastload/arch.py) or from any
+ * caller of fastload._C.Model: a value of the wrong type, or one that does not fit a C int, is a
+ * CheckpointError (a ValueError) naming the key, never a TypeError / OverflowError or a silent truncation. The
+ * ranges themselves are checked by fl_model_create (check_config in model.c). */
+/* The config.json spelling of a key of the dict fastload/arch.py builds, for messages. */
+static const char *hf_key(const char *k) {
+    static const char *const map[][2] = {
+        {"vocab", "vocab_size"}, {"d", "hidden_size"}, {"n_layers", "num_hidden_layers"},
+        {"n_heads", "num_attention_heads"}, {"n_kv_heads", "num_key_value_heads"}, {"head_dim", "head_dim"},
+        {"ffn", "intermediate_size"}, {"max_pos", "max_position_embeddings"}, {"rms_eps", "rms_norm_eps"},
+        {"rope_theta", "rope_theta"}, {"rope_factor", "rope_scaling.factor"},
+        {"rope_low_freq_factor", "rope_scaling.low_freq_factor"},
+        {"rope_high_freq_factor", "rope_scaling.high_freq_factor"},
+        {"rope_orig_max_pos", "rope_scaling.original_max_position_embeddings"},
+        {"tie_embeddings", "tie_word_embeddings"}, {"window", "sliding_window"},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof *map; i++)
+        if (!strcmp(map[i][0], k)) return map[i][1];
+    return k;
+}
+
 static int get_int(PyObject *d, const char *k, int *out, int required, int dflt) {
     PyObject *v = PyDict_GetItemString(d, k);
     if (!v || v == Py_None) {
-        if (required) { PyErr_Format(PyExc_KeyError, "model config is missing '%s'", k); return -1; }
+        if (required) { PyErr_Format(FlCheckpointError, "model config is missing '%s' (%s)", k, hf_key(k)); return -1; }
         *out = dflt; return 0;
     }
-    long x = PyLong_AsLong(v);
+    if (!PyLong_Check(v)) {
+        PyErr_Format(FlCheckpointError, "model config '%s' (%s) must be an integer, not %.100s", k, hf_key(k), Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int ovf = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &ovf);
     if (x == -1 && PyErr_Occurred()) return -1;
-    if (x < INT32_MIN || x > INT32_MAX) { PyErr_Format(PyExc_ValueError, "model config '%s' = %ld is out of range", k, x); return -1; }
+    if (ovf || x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(FlCheckpointError, "model config '%s' (%s) is out of range (does not fit in a 32-bit int)", k, hf_key(k));
+        return -1;
+    }
     *out = (int)x;
     return 0;
 }
 static int get_float(PyObject *d, const char *k, float *out, float dflt) {
     PyObject *v = PyDict_GetItemString(d, k);
     if (!v || v == Py_None) { *out = dflt; return 0; }
+    if (!PyFloat_Check(v) && !PyLong_Check(v)) {
+        PyErr_Format(FlCheckpointError, "model config '%s' (%s) must be a number, not %.100s", k, hf_key(k), Py_TYPE(v)->tp_name);
+        return -1;
+    }
     double x = PyFloat_AsDouble(v);
-    if (x == -1.0 && PyErr_Occurred()) return -1;
+    if (x == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+        x = HUGE_VAL; /* an int too large for a double: rejected as not finite by check_config */
+    }
+    if (isfinite(x) && (x > FLT_MAX || x < -FLT_MAX)) x = x > 0 ? HUGE_VAL : -HUGE_VAL;
     *out = (float)x;
     return 0;
 }
@@ -67,24 +107,31 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         get_int(cfgd, "rope_orig_max_pos", &c.rope_orig_max_pos, 0, 8192) ||
         get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
         return -1;
-    if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(PyExc_ValueError, "num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
+    if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(FlCheckpointError, "config: num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
     PyObject *win = PyDict_GetItemString(cfgd, "window");
     if (win && win != Py_None) {
         PyObject *seq = PySequence_Fast(win, "model config 'window' must be a sequence of ints");
         if (!seq) return -1;
         if (PySequence_Fast_GET_SIZE(seq) != c.n_layers) {
             Py_DECREF(seq);
-            PyErr_Format(PyExc_ValueError, "model config 'window' has %zd entries for %d layers", PySequence_Fast_GET_SIZE(seq), c.n_layers);
+            PyErr_Format(FlCheckpointError, "model config 'window' has %zd entries for %d layers", PySequence_Fast_GET_SIZE(seq), c.n_layers);
             return -1;
         }
         for (int l = 0; l < c.n_layers; l++) {
-            long w = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, l));
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, l);
+            int ovf = 0;
+            long long w = PyLong_Check(item) ? PyLong_AsLongLongAndOverflow(item, &ovf) : 0;
             if (w == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
-            c.window[l] = w < 0 ? 0 : (int)w;
+            if (!PyLong_Check(item) || ovf || w > INT32_MAX) {
+                Py_DECREF(seq);
+                PyErr_Format(FlCheckpointError, "model config 'window'[%d] must be an integer in [0, 2^31-1]", l);
+                return -1;
+            }
+            c.window[l] = w < 0 ? 0 : (int)w; /* negative: full attention, as before */
         }
         Py_DECREF(seq);
     }
-    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_LLAMA3) { PyErr_SetString(PyExc_ValueError, "unknown rope_type"); return -1; }
+    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_LLAMA3) { PyErr_SetString(FlCheckpointError, "config: unknown rope_type"); return -1; }
     fl_dtype wd = parse_dtype(dtype);
     if (wd == FL_DTYPE_INVALID) { PyErr_Format(PyExc_ValueError, "dtype '%s' is not one of float32, float16, bfloat16", dtype); return -1; }
     fl_status st;
@@ -212,6 +259,7 @@ static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
     if (!ids) return NULL;
     const npy_intp B = PyArray_DIM(ids, 0), T = PyArray_DIM(ids, 1);
     if (B <= 0 || T <= 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty"); goto out; }
+    if (B > INT32_MAX / T) { PyErr_Format(PyExc_ValueError, "input_ids of %zd x %zd tokens is too large", (Py_ssize_t)B, (Py_ssize_t)T); goto out; }
     if (mask_o != Py_None) {
         if (!(mask = as_2d(mask_o, NPY_UINT8, "attention_mask"))) goto out;
         if (PyArray_DIM(mask, 0) != B || PyArray_DIM(mask, 1) != T) { PyErr_SetString(PyExc_ValueError, "attention_mask must have the shape of input_ids"); goto out; }
@@ -298,6 +346,11 @@ static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
         for (Py_ssize_t i = 0; i < ne; i++) {
             long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
             if (v == -1 && PyErr_Occurred()) { Py_DECREF(seq); goto out; }
+            if (v < INT32_MIN || v > INT32_MAX) {
+                Py_DECREF(seq);
+                PyErr_Format(PyExc_ValueError, "eos token id %ld is out of range", v);
+                goto out;
+            }
             eos[i] = (int32_t)v;
         }
         p.n_eos = (int)ne;
@@ -305,6 +358,11 @@ static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
     }
     p.eos = eos;
     if (p.max_new_tokens < 0) { PyErr_SetString(PyExc_ValueError, "max_new_tokens must be >= 0"); goto out; }
+    if (T > INT32_MAX - p.max_new_tokens || (T + p.max_new_tokens > 0 && B > INT32_MAX / (T + p.max_new_tokens))) {
+        PyErr_Format(PyExc_ValueError, "input_ids of %zd x %zd tokens plus max_new_tokens=%d is too large",
+                     (Py_ssize_t)B, (Py_ssize_t)T, p.max_new_tokens);
+        goto out;
+    }
     const npy_intp total = T + p.max_new_tokens;
     int32_t *obuf = PyMem_Malloc((size_t)(B * total) * 4 + 4);
     if (!obuf) { PyErr_NoMemory(); goto out; }
