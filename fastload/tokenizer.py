@@ -12,6 +12,7 @@ from datetime import datetime
 
 import numpy as np
 
+from ._C import CheckpointError
 from ._util import AttrDict, is_torch
 from .hub import resolve
 
@@ -23,10 +24,98 @@ class BatchEncoding(AttrDict):
         return self
 
 
-def _tok_str(v):
+def tokenizers_call(source, what):
+    """fastload.gguf_tokenizer.tokenizers_call, imported when first used (it imports tokenizers)."""
+    from .gguf_tokenizer import tokenizers_call as call
+    return call(source, what)
+
+
+class _CheckedTokenizer:
+    """tokenizers.Tokenizer's constructors for tokenizer.json: whatever the library raises on a file it
+    cannot use (a plain Exception for malformed JSON or structure, a Rust panic for some inconsistent
+    vocabularies) becomes CheckpointError naming the file; the result must then encode and decode a
+    short probe text (the same failures surface there for some inconsistencies)."""
+
+    @staticmethod
+    def _probe(tk, source):
+        with tokenizers_call(source, "encoding and decoding a probe text with the tokenizer"):
+            tk.decode(tk.encode("Hello, world! 123", add_special_tokens=True).ids, skip_special_tokens=False)
+        return tk
+
+    @classmethod
+    def from_file(cls, path):
+        from tokenizers import Tokenizer
+        with tokenizers_call(str(path), "reading the tokenizer"):
+            tk = Tokenizer.from_file(str(path))
+        return cls._probe(tk, str(path))
+
+    @classmethod
+    def from_str(cls, text, source="tokenizer.json"):
+        from tokenizers import Tokenizer
+        with tokenizers_call(str(source), "reading the tokenizer"):
+            tk = Tokenizer.from_str(text)
+        return cls._probe(tk, str(source))
+
+    @classmethod
+    def from_buffer(cls, data, source="tokenizer.json"):
+        from tokenizers import Tokenizer
+        with tokenizers_call(str(source), "reading the tokenizer"):
+            tk = Tokenizer.from_buffer(data)
+        return cls._probe(tk, str(source))
+
+
+def _tok_str(v, key, source):
+    """A special token of tokenizer_config.json / special_tokens_map.json: a string, or an AddedToken
+    dict whose "content" is one (transformers writes both), or null."""
     if isinstance(v, dict):
-        return v.get("content")
+        v = v.get("content")
+    if v is not None and not isinstance(v, str):
+        raise CheckpointError(f"{source}: {key} is {type(v).__name__}, not a token string (or a dict with a "
+                              "string \"content\")")
     return v
+
+
+def _chat_template(tmpl, source):
+    """chat_template: a string, or transformers' list of named templates ({"name", "template"}; the one
+    named "default", else the first)."""
+    if tmpl is None or isinstance(tmpl, str):
+        return tmpl
+    if isinstance(tmpl, list):
+        for i, t in enumerate(tmpl):
+            if not (isinstance(t, dict) and isinstance(t.get("template"), str)
+                    and isinstance(t.get("name", ""), str)):
+                raise CheckpointError(f"{source}: chat_template[{i}] is not a {{\"name\": str, \"template\": str}} "
+                                      "entry")
+        return next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
+    raise CheckpointError(f"{source}: chat_template is {type(tmpl).__name__}, not a string or a list of named "
+                          "templates")
+
+
+def _checked_config(conf, tmpl, path):
+    """The values from_pretrained takes from tokenizer_config.json (+ special_tokens_map.json,
+    chat_template.jinja/.json), type-checked: a wrong type is a CheckpointError naming the file and key.
+    Tolerated: model_max_length beyond 2^63 or non-finite (transformers writes 1e30 for "no limit") means
+    no limit; AddedToken dicts for special tokens."""
+    source = os.path.join(str(path), "tokenizer_config.json")
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
+    out = {k: _tok_str(conf.get(k), k, source) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    out["chat_template"] = _chat_template(tmpl, source)
+    side = conf.get("padding_side")
+    if side not in (None, "left", "right"):
+        raise CheckpointError(f"{source}: padding_side must be \"left\" or \"right\"")
+    out["padding_side"] = side
+    mml = conf.get("model_max_length")
+    if mml is not None:
+        if isinstance(mml, bool) or not isinstance(mml, (int, float)) or mml != mml or mml < 0:
+            raise CheckpointError(f"{source}: model_max_length must be a non-negative number")
+        mml = int(mml) if mml < 2 ** 63 else None  # None: no limit
+    out["model_max_length"] = mml
+    clean = conf.get("clean_up_tokenization_spaces", False)
+    if not isinstance(clean, bool) and clean is not None:
+        raise CheckpointError(f"{source}: clean_up_tokenization_spaces is {type(clean).__name__}, not a bool")
+    out["clean_up_tokenization_spaces"] = bool(clean)
+    return out
 
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -51,7 +140,7 @@ class FastTokenizer:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, gguf_file=None, padding_side=None, revision=None,
                         cache_dir=None, local_files_only=False, **kwargs):
-        from tokenizers import Tokenizer
+        Tokenizer = _CheckedTokenizer  # tokenizer.json constructors that raise CheckpointError
         path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                        local_files_only=local_files_only)
         if os.path.isdir(path) and gguf_file:
@@ -65,7 +154,7 @@ class FastTokenizer:
             from .gguf_tokenizer import tokenizer_from_gguf
             g = _C.GGUFFile(path)
             try:
-                tk, info = tokenizer_from_gguf(g.metadata)
+                tk, info = tokenizer_from_gguf(g.metadata, str(path))
             finally:
                 g.close()
             return cls(tk, bos_token=info.get("bos_token"), eos_token=info.get("eos_token"),
@@ -92,13 +181,12 @@ class FastTokenizer:
         elif os.path.isfile(os.path.join(path, "chat_template.json")):
             with open(os.path.join(path, "chat_template.json"), encoding="utf-8") as f:
                 tmpl = json.load(f).get("chat_template", tmpl)
-        if isinstance(tmpl, list):  # named templates: take "default"
-            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
-        return cls(tk, bos_token=_tok_str(conf.get("bos_token")), eos_token=_tok_str(conf.get("eos_token")),
-                   unk_token=_tok_str(conf.get("unk_token")), pad_token=_tok_str(conf.get("pad_token")),
-                   chat_template=tmpl, padding_side=padding_side or conf.get("padding_side") or "left",
-                   model_max_length=conf.get("model_max_length"), name_or_path=str(pretrained_model_name_or_path),
-                   clean_up_tokenization_spaces=bool(conf.get("clean_up_tokenization_spaces", False)))
+        conf = _checked_config(conf, tmpl, path)
+        return cls(tk, bos_token=conf["bos_token"], eos_token=conf["eos_token"],
+                   unk_token=conf["unk_token"], pad_token=conf["pad_token"],
+                   chat_template=conf["chat_template"], padding_side=padding_side or conf["padding_side"] or "left",
+                   model_max_length=conf["model_max_length"], name_or_path=str(pretrained_model_name_or_path),
+                   clean_up_tokenization_spaces=conf["clean_up_tokenization_spaces"])
 
     # ---------------------------------------------------------------- vocabulary
     def _id(self, tok):
