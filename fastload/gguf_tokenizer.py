@@ -113,17 +113,19 @@ def _is_panic(e: BaseException) -> bool:
 
 
 @contextmanager
-def tokenizers_call(source: str, what: str):
+def tokenizers_call(source: str, what: str, panics_only: bool = False):
     """Turn a failure of the `tokenizers` library inside the block (a plain Exception, or a Rust panic,
-    which is a BaseException) into CheckpointError naming `source` and `what` was being built.
-    KeyboardInterrupt, SystemExit, MemoryError and our own errors pass through unchanged."""
+    which is a BaseException) into CheckpointError naming `source` and `what` was being done.
+    KeyboardInterrupt, SystemExit, MemoryError and our own errors pass through unchanged; with
+    `panics_only` (encode/decode at run time, where a plain exception means a bad argument) only panics
+    are converted."""
     try:
         yield
     except (CheckpointError, NotImplementedError, MemoryError, RecursionError):
         raise
     except BaseException as e:
-        if not (isinstance(e, Exception) or _is_panic(e)):
-            raise  # KeyboardInterrupt, SystemExit, GeneratorExit
+        if not (_is_panic(e) or (isinstance(e, Exception) and not panics_only)):
+            raise  # KeyboardInterrupt, SystemExit, GeneratorExit; argument errors at run time
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if len(msg) > 200:
             msg = msg[:200] + "..."

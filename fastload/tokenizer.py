@@ -24,10 +24,10 @@ class BatchEncoding(AttrDict):
         return self
 
 
-def tokenizers_call(source, what):
+def tokenizers_call(source, what, panics_only=False):
     """fastload.gguf_tokenizer.tokenizers_call, imported when first used (it imports tokenizers)."""
     from .gguf_tokenizer import tokenizers_call as call
-    return call(source, what)
+    return call(source, what, panics_only)
 
 
 class _CheckedTokenizer:
@@ -231,11 +231,19 @@ class FastTokenizer:
         return [self._tk.id_to_token(int(i)) for i in ids if int(i) not in special]
 
     # ---------------------------------------------------------------- encode / decode
+    # A tokenizer file can be consistent enough to load and still make the Rust library panic on some
+    # input (e.g. a Strip decoder longer than a token): that panic (a BaseException) becomes
+    # CheckpointError naming the tokenizer; plain exceptions (bad arguments) pass through.
+    def _guard(self, what):
+        return tokenizers_call(self.name_or_path or "tokenizer", what, panics_only=True)
+
     def encode(self, text, add_special_tokens=True, **kwargs):
-        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        with self._guard("encoding"):
+            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def tokenize(self, text, add_special_tokens=False):
-        return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
+        with self._guard("encoding"):
+            return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
 
     def __call__(self, text=None, add_special_tokens=True, padding=False, truncation=False, max_length=None,
                  return_tensors=None, return_attention_mask=True, padding_side=None, **kwargs):
@@ -246,7 +254,8 @@ class FastTokenizer:
                 raise TypeError(f"tokenizer argument {k!r} is not supported")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        encs = self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)
+        with self._guard("encoding"):
+            encs = self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)
         ids = [e.ids for e in encs]
         if truncation and max_length is not None:
             ids = [x[:max_length] for x in ids]
@@ -289,7 +298,9 @@ class FastTokenizer:
         ids = np.asarray(token_ids).reshape(-1).tolist() if not isinstance(token_ids, list) else token_ids
         if isinstance(ids, int):
             ids = [ids]
-        text = self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        with self._guard("decoding"):
+            text = self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         if clean:
             for a, b in _CLEANUPS:
