@@ -25,6 +25,13 @@ builds when it loads a GGUF (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`
    post-processor adds BOS/EOS per `tokenizer.ggml.add_bos_token` / `add_eos_token` (a "llama"
    vocabulary without the flag gets add_bos_token=True, as llama.cpp and transformers do).
 
+Hostile files: the metadata is checked before the tokenizers library sees it (types, array lengths
+against tokenizer.ggml.tokens, ids inside the vocabulary, distinct tokens, merges that use only
+vocabulary tokens, MAX_VOCAB tokens of at most MAX_TOKEN_BYTES bytes), merges are rebuilt from scores
+in O(total characters) plus a sort, capped at MAX_MERGE_CHARS, and every call into the library runs
+under `tokenizers_call`, which turns its exceptions and Rust panics (pyo3_runtime.PanicException, a
+BaseException) into CheckpointError naming the file; nothing else escapes at load time.
+
 Only `tokenizers` is needed (no transformers at run time). Metadata strings may carry lone
 surrogates (fastload._C.GGUFFile decodes with errors="surrogateescape"); tokens are re-decoded with
 errors="replace" because the Rust side only takes valid Unicode.
@@ -279,14 +286,14 @@ def _tokens(meta: _Meta) -> list[str]:
     return tokens
 
 
-def _check_unique(meta: _Meta, strings: list[str], how: str = "") -> dict[str, int]:
+def _check_unique(meta: _Meta, tokens: list[str]) -> dict[str, int]:
     """token -> id; a repeated token would leave a hole in the ids that later added tokens fill,
     giving two tokens one id, so it is an error."""
     vocab = {}
-    for i, t in enumerate(strings):
+    for i, t in enumerate(tokens):
         j = vocab.setdefault(t, i)
         if j != i:
-            raise meta.error(f"tokenizer.ggml.tokens[{i}]", f"{_short(t)} repeats tokens[{j}]{how}; "
+            raise meta.error(f"tokenizer.ggml.tokens[{i}]", f"{_short(t)} repeats tokens[{j}]; "
                              "token strings must be distinct")
     return vocab
 
@@ -325,8 +332,11 @@ def _file_merges(meta: _Meta, vocab: dict[str, int]) -> list[tuple[str, str]] | 
 def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
-    vocab = _check_unique(meta, spelled, " after GPT-2 byte-level respelling")
+    _check_unique(meta, tokens)
+    # A respelled token may equal another token (a user-defined "  " stored raw next to the BPE's "ĠĠ"):
+    # the later id wins, as in transformers, and real files do this, so it is not an error.
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
     merges = _file_merges(meta, vocab)
     if merges is None:
         scores = _scores(meta, len(tokens))

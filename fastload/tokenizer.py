@@ -96,11 +96,15 @@ def _checked_config(conf, tmpl, path):
     chat_template.jinja/.json), type-checked: a wrong type is a CheckpointError naming the file and key.
     Tolerated: model_max_length beyond 2^63 or non-finite (transformers writes 1e30 for "no limit") means
     no limit; AddedToken dicts for special tokens."""
-    source = os.path.join(str(path), "tokenizer_config.json")
+    source = os.path.join(str(path), "tokenizer_config.json")  # (or special_tokens_map.json, merged into it)
     if not isinstance(conf, dict):
         raise CheckpointError(f"{source}: not a JSON object")
     out = {k: _tok_str(conf.get(k), k, source) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    out["chat_template"] = _chat_template(tmpl, source)
+    tmpl_source = source
+    if not os.path.isfile(os.path.join(str(path), "chat_template.jinja")) and \
+            os.path.isfile(os.path.join(str(path), "chat_template.json")):
+        tmpl_source = os.path.join(str(path), "chat_template.json")
+    out["chat_template"] = _chat_template(tmpl, tmpl_source)
     side = conf.get("padding_side")
     if side not in (None, "left", "right"):
         raise CheckpointError(f"{source}: padding_side must be \"left\" or \"right\"")

@@ -295,3 +295,13 @@ def test_bad_tokenizer_config(tmp_path, tokenizer_json, name):
     config, match = CONFIG_CASES[name]
     with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: " + match):
         AutoTokenizer.from_pretrained(model_dir(tmp_path, tokenizer_json, config))
+
+
+def test_byte_level_respelling_may_repeat_a_token():
+    """A user-defined token stored raw ("  ") whose GPT-2 respelling is another token ("ĠĠ"): tolerated
+    (the later id wins, as transformers does); only a token repeated as the file spells it is an error."""
+    tokens = ["a", "\u0120", "\u0120\u0120", "  ", "<|endoftext|>"]
+    tok, _ = tokenizer_from_gguf(gpt2_meta(tokens, ["\u0120 \u0120"], **{"tokenizer.ggml.token_type": [1, 1, 1, 4, 3]}))
+    assert tok.encode("a").ids == [0]
+    with pytest.raises(CheckpointError, match=r"tokenizer\.ggml\.tokens\[3\] 'a' repeats tokens\[0\]"):
+        tokenizer_from_gguf(gpt2_meta(["a", "b", "ab", "a"], ["a b"]), "F.gguf")
