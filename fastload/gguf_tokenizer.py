@@ -304,9 +304,15 @@ def _scores(meta: _Meta, n: int) -> list[float] | None:
         return None
     out = []
     for i, s in enumerate(scores):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or s != s:
-            raise meta.error(f"tokenizer.ggml.scores[{i}]", "is not a number" if s == s else "is NaN")
-        out.append(float(s))
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise meta.error(f"tokenizer.ggml.scores[{i}]", "is not a number")
+        try:
+            s = float(s)  # (infinities order fine; NaN would make the merge order arbitrary)
+        except OverflowError:
+            raise meta.error(f"tokenizer.ggml.scores[{i}]", "is out of range") from None
+        if s != s:
+            raise meta.error(f"tokenizer.ggml.scores[{i}]", "is NaN")
+        out.append(s)
     return out
 
 

@@ -253,6 +253,10 @@ def _edit_json(fn):
 JSON_CASES = {
     "not JSON": (lambda tj: "{not json", r"tokenizer\.json: reading the tokenizer: the tokenizers library failed"),
     "model a number": (_edit_json(lambda tj: tj.__setitem__("model", 5)), r"tokenizer\.json: reading the tokenizer"),
+    "added token content a number": (_edit_json(lambda tj: tj["added_tokens"][0].__setitem__("content", 5)),
+                                     r"tokenizer\.json: reading the tokenizer"),
+    "merge of unknown tokens": (_edit_json(lambda tj: tj["model"]["merges"].append(["zz", "qq"])),
+                                r"tokenizer\.json: reading the tokenizer"),
     # deserializes, then panics ("no entry found for key") on the first encode
     "template names a missing special token": (
         _edit_json(lambda tj: tj["post_processor"].__setitem__("special_tokens", {})),
