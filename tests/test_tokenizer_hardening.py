@@ -110,6 +110,14 @@ def test_token_length_limit():
         tokenizer_from_gguf(gpt2_meta(tokens, ["a b"]), "F.gguf")
 
 
+def test_vocabulary_size_limit():
+    """More than 2^24 tokens (the project's vocab_size limit): refused before any token is looked at."""
+    tokens = ("a",) * ((1 << 24) + 1)  # one shared string: 128 MiB of references
+    with pytest.raises(CheckpointError, match=r"F\.gguf: GGUF tokenizer\.ggml\.tokens has 16777217 entries; the limit "
+                                              r"is 16777216"):
+        tokenizer_from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens}, "F.gguf")
+
+
 # ------------------------------------------------------------------ inconsistent GGUF tokenizer metadata
 
 def _set(key, value):
@@ -143,6 +151,8 @@ SPM_CASES = {
                   r"tokenizer\.ggml\.scores\[0\] is NaN"),
     "no merges nor scores": (lambda m: {k: v for k, v in m.items() if k != "tokenizer.ggml.scores"},
                              r"tokenizer\.ggml\.merges and tokenizer\.ggml\.scores are both missing"),
+    "score too large for a float": (lambda m: {**m, "tokenizer.ggml.scores": [10 ** 400] + m["tokenizer.ggml.scores"][1:]},
+                                    r"tokenizer\.ggml\.scores\[0\] is out of range"),
     "bos id outside": (_set("tokenizer.ggml.bos_token_id", 408), r"tokenizer\.ggml\.bos_token_id = 408 is outside"),
     "eos id negative": (_set("tokenizer.ggml.eos_token_id", -1), r"tokenizer\.ggml\.eos_token_id = -1 is outside"),
     "unk id a string": (_set("tokenizer.ggml.unknown_token_id", "0"), r"tokenizer\.ggml\.unknown_token_id is str"),
