@@ -120,19 +120,22 @@ def _is_panic(e: BaseException) -> bool:
 
 
 @contextmanager
-def tokenizers_call(source: str, what: str, panics_only: bool = False):
-    """Turn a failure of the `tokenizers` library inside the block (a plain Exception, or a Rust panic,
-    which is a BaseException) into CheckpointError naming `source` and `what` was being done.
-    KeyboardInterrupt, SystemExit, MemoryError and our own errors pass through unchanged; with
-    `panics_only` (encode/decode at run time, where a plain exception means a bad argument) only panics
-    are converted."""
+def tokenizers_call(source: str, what: str, convert: str = "all"):
+    """Turn a failure of the `tokenizers` library inside the block (a Rust panic, which is a
+    BaseException, or an exception) into CheckpointError naming `source` and `what` was being done.
+    `convert`: "all" (any Exception: the block only calls the library with values we checked),
+    "bare" (only `Exception` itself, which is what the library raises for a file it cannot use, and
+    panics: for blocks that also run other code) or "panics" (encode/decode at run time, where an
+    exception means a bad argument). KeyboardInterrupt, SystemExit, MemoryError and our own errors pass
+    through unchanged."""
     try:
         yield
     except (CheckpointError, NotImplementedError, MemoryError, RecursionError):
         raise
     except BaseException as e:
-        if not (_is_panic(e) or (isinstance(e, Exception) and not panics_only)):
-            raise  # KeyboardInterrupt, SystemExit, GeneratorExit; argument errors at run time
+        if not (_is_panic(e) or (convert == "all" and isinstance(e, Exception))
+                or (convert == "bare" and type(e) is Exception)):
+            raise  # KeyboardInterrupt, SystemExit, GeneratorExit; other errors of the block
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if len(msg) > 200:
             msg = msg[:200] + "..."

@@ -6,6 +6,7 @@ Decision: padding_side defaults to "left" (tokenizer_config.json's value wins wh
 with decoder-only models needs left padding (transformers warns when it is not)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -24,44 +25,30 @@ class BatchEncoding(AttrDict):
         return self
 
 
-def tokenizers_call(source, what, panics_only=False):
+def tokenizers_call(source, what, convert="all"):
     """fastload.gguf_tokenizer.tokenizers_call, imported when first used (it imports tokenizers)."""
     from .gguf_tokenizer import tokenizers_call as call
-    return call(source, what, panics_only)
+    return call(source, what, convert)
 
 
-class _CheckedTokenizer:
-    """tokenizers.Tokenizer's constructors for tokenizer.json: whatever the library raises on a file it
-    cannot use (a plain Exception for malformed JSON or structure, a Rust panic for some inconsistent
-    vocabularies) becomes CheckpointError naming the file; the result must then encode and decode a
-    short probe text (the same failures surface there for some inconsistencies)."""
+def _library_errors_to_checkpoint_error(from_pretrained):
+    """Wraps FastTokenizer.from_pretrained (a classmethod): what the tokenizers library raises on a
+    tokenizer.json it cannot use (a bare Exception for malformed JSON or structure, a Rust panic, a
+    BaseException, for some inconsistent vocabularies) becomes CheckpointError naming the file; then the
+    tokenizer must encode and decode a short probe text (some inconsistencies only surface there)."""
+    func = from_pretrained.__func__
 
-    @staticmethod
-    def _probe(tk, source):
+    @functools.wraps(func)
+    def wrapper(cls, pretrained_model_name_or_path, *args, **kwargs):
+        name = str(pretrained_model_name_or_path)
+        source = name if name.endswith(".gguf") else os.path.join(name, "tokenizer.json")
+        with tokenizers_call(source, "reading the tokenizer", convert="bare"):
+            tok = func(cls, pretrained_model_name_or_path, *args, **kwargs)
         with tokenizers_call(source, "encoding and decoding a probe text with the tokenizer"):
-            tk.decode(tk.encode("Hello, world! 123", add_special_tokens=True).ids, skip_special_tokens=False)
-        return tk
+            tok._tk.decode(tok._tk.encode("Hello, world! 123", add_special_tokens=True).ids, skip_special_tokens=False)
+        return tok
 
-    @classmethod
-    def from_file(cls, path):
-        from tokenizers import Tokenizer
-        with tokenizers_call(str(path), "reading the tokenizer"):
-            tk = Tokenizer.from_file(str(path))
-        return cls._probe(tk, str(path))
-
-    @classmethod
-    def from_str(cls, text, source="tokenizer.json"):
-        from tokenizers import Tokenizer
-        with tokenizers_call(str(source), "reading the tokenizer"):
-            tk = Tokenizer.from_str(text)
-        return cls._probe(tk, str(source))
-
-    @classmethod
-    def from_buffer(cls, data, source="tokenizer.json"):
-        from tokenizers import Tokenizer
-        with tokenizers_call(str(source), "reading the tokenizer"):
-            tk = Tokenizer.from_buffer(data)
-        return cls._probe(tk, str(source))
+    return classmethod(wrapper)
 
 
 def _tok_str(v, key, source):
@@ -75,20 +62,22 @@ def _tok_str(v, key, source):
     return v
 
 
-def _chat_template(tmpl, source):
-    """chat_template: a string, or transformers' list of named templates ({"name", "template"}; the one
-    named "default", else the first)."""
-    if tmpl is None or isinstance(tmpl, str):
-        return tmpl
-    if isinstance(tmpl, list):
-        for i, t in enumerate(tmpl):
-            if not (isinstance(t, dict) and isinstance(t.get("template"), str)
-                    and isinstance(t.get("name", ""), str)):
-                raise CheckpointError(f"{source}: chat_template[{i}] is not a {{\"name\": str, \"template\": str}} "
-                                      "entry")
-        return next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
-    raise CheckpointError(f"{source}: chat_template is {type(tmpl).__name__}, not a string or a list of named "
-                          "templates")
+def _template_source(path):
+    """The file a chat template came from (for errors)."""
+    if not os.path.isfile(os.path.join(str(path), "chat_template.jinja")) and \
+            os.path.isfile(os.path.join(str(path), "chat_template.json")):
+        return os.path.join(str(path), "chat_template.json")
+    return os.path.join(str(path), "tokenizer_config.json")
+
+
+def _named_template(tmpl, path):
+    """transformers' list of named chat templates ({"name", "template"}): the one named "default", else
+    the first."""
+    for i, t in enumerate(tmpl):
+        if not (isinstance(t, dict) and isinstance(t.get("template"), str) and isinstance(t.get("name", ""), str)):
+            raise CheckpointError(f"{_template_source(path)}: chat_template[{i}] is not a "
+                                  "{\"name\": str, \"template\": str} entry")
+    return next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
 
 
 def _checked_config(conf, tmpl, path):
@@ -100,11 +89,10 @@ def _checked_config(conf, tmpl, path):
     if not isinstance(conf, dict):
         raise CheckpointError(f"{source}: not a JSON object")
     out = {k: _tok_str(conf.get(k), k, source) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    tmpl_source = source
-    if not os.path.isfile(os.path.join(str(path), "chat_template.jinja")) and \
-            os.path.isfile(os.path.join(str(path), "chat_template.json")):
-        tmpl_source = os.path.join(str(path), "chat_template.json")
-    out["chat_template"] = _chat_template(tmpl, tmpl_source)
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise CheckpointError(f"{_template_source(path)}: chat_template is {type(tmpl).__name__}, not a string or "
+                              "a list of named templates")
+    out["chat_template"] = tmpl
     side = conf.get("padding_side")
     if side not in (None, "left", "right"):
         raise CheckpointError(f"{source}: padding_side must be \"left\" or \"right\"")
@@ -141,10 +129,11 @@ class FastTokenizer:
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
 
     # ---------------------------------------------------------------- construction
+    @_library_errors_to_checkpoint_error
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, gguf_file=None, padding_side=None, revision=None,
                         cache_dir=None, local_files_only=False, **kwargs):
-        Tokenizer = _CheckedTokenizer  # tokenizer.json constructors that raise CheckpointError
+        from tokenizers import Tokenizer
         path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                        local_files_only=local_files_only)
         if os.path.isdir(path) and gguf_file:
@@ -185,6 +174,8 @@ class FastTokenizer:
         elif os.path.isfile(os.path.join(path, "chat_template.json")):
             with open(os.path.join(path, "chat_template.json"), encoding="utf-8") as f:
                 tmpl = json.load(f).get("chat_template", tmpl)
+        if isinstance(tmpl, list):  # named templates: take "default"
+            tmpl = _named_template(tmpl, path)
         conf = _checked_config(conf, tmpl, path)
         return cls(tk, bos_token=conf["bos_token"], eos_token=conf["eos_token"],
                    unk_token=conf["unk_token"], pad_token=conf["pad_token"],
@@ -239,7 +230,7 @@ class FastTokenizer:
     # input (e.g. a Strip decoder longer than a token): that panic (a BaseException) becomes
     # CheckpointError naming the tokenizer; plain exceptions (bad arguments) pass through.
     def _guard(self, what):
-        return tokenizers_call(self.name_or_path or "tokenizer", what, panics_only=True)
+        return tokenizers_call(self.name_or_path or "tokenizer", what, convert="panics")
 
     def encode(self, text, add_special_tokens=True, **kwargs):
         with self._guard("encoding"):
