@@ -13,9 +13,9 @@ from datetime import datetime
 
 import numpy as np
 
-from ._C import CheckpointError
 from ._util import AttrDict, is_torch
 from .hub import resolve
+from ._C import CheckpointError  # (after .hub: the import block of the containment branch stays apart)
 
 
 class BatchEncoding(AttrDict):
