@@ -39,7 +39,6 @@ errors="replace" because the Rust side only takes valid Unicode.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
