@@ -6,6 +6,7 @@ Decision: padding_side defaults to "left" (tokenizer_config.json's value wins wh
 with decoder-only models needs left padding (transformers warns when it is not)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -15,6 +16,7 @@ import numpy as np
 from . import _files
 from ._util import AttrDict, is_torch
 from .hub import resolve
+from ._C import CheckpointError  # (after .hub: the import block of the containment branch stays apart)
 
 
 class BatchEncoding(AttrDict):
@@ -24,10 +26,89 @@ class BatchEncoding(AttrDict):
         return self
 
 
-def _tok_str(v):
+def tokenizers_call(source, what, convert="all"):
+    """fastload.gguf_tokenizer.tokenizers_call, imported when first used (it imports tokenizers)."""
+    from .gguf_tokenizer import tokenizers_call as call
+    return call(source, what, convert)
+
+
+def _library_errors_to_checkpoint_error(from_pretrained):
+    """Wraps FastTokenizer.from_pretrained (a classmethod): what the tokenizers library raises on a
+    tokenizer.json it cannot use (a bare Exception for malformed JSON or structure, a Rust panic, a
+    BaseException, for some inconsistent vocabularies) becomes CheckpointError naming the file; then the
+    tokenizer must encode and decode a short probe text (some inconsistencies only surface there)."""
+    func = from_pretrained.__func__
+
+    @functools.wraps(func)
+    def wrapper(cls, pretrained_model_name_or_path, *args, **kwargs):
+        name = str(pretrained_model_name_or_path)
+        source = name if name.endswith(".gguf") else os.path.join(name, "tokenizer.json")
+        with tokenizers_call(source, "reading the tokenizer", convert="bare"):
+            tok = func(cls, pretrained_model_name_or_path, *args, **kwargs)
+        with tokenizers_call(source, "encoding and decoding a probe text with the tokenizer"):
+            tok._tk.decode(tok._tk.encode("Hello, world! 123", add_special_tokens=True).ids, skip_special_tokens=False)
+        return tok
+
+    return classmethod(wrapper)
+
+
+def _tok_str(v, key, source):
+    """A special token of tokenizer_config.json / special_tokens_map.json: a string, or an AddedToken
+    dict whose "content" is one (transformers writes both), or null."""
     if isinstance(v, dict):
-        return v.get("content")
+        v = v.get("content")
+    if v is not None and not isinstance(v, str):
+        raise CheckpointError(f"{source}: {key} is {type(v).__name__}, not a token string (or a dict with a "
+                              "string \"content\")")
     return v
+
+
+def _template_source(path):
+    """The file a chat template came from (for errors)."""
+    if not os.path.isfile(os.path.join(str(path), "chat_template.jinja")) and \
+            os.path.isfile(os.path.join(str(path), "chat_template.json")):
+        return os.path.join(str(path), "chat_template.json")
+    return os.path.join(str(path), "tokenizer_config.json")
+
+
+def _named_template(tmpl, path):
+    """transformers' list of named chat templates ({"name", "template"}): the one named "default", else
+    the first."""
+    for i, t in enumerate(tmpl):
+        if not (isinstance(t, dict) and isinstance(t.get("template"), str) and isinstance(t.get("name", ""), str)):
+            raise CheckpointError(f"{_template_source(path)}: chat_template[{i}] is not a "
+                                  "{\"name\": str, \"template\": str} entry")
+    return next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
+
+
+def _checked_config(conf, tmpl, path):
+    """The values from_pretrained takes from tokenizer_config.json (+ special_tokens_map.json,
+    chat_template.jinja/.json), type-checked: a wrong type is a CheckpointError naming the file and key.
+    Tolerated: model_max_length beyond 2^63 or non-finite (transformers writes 1e30 for "no limit") means
+    no limit; AddedToken dicts for special tokens."""
+    source = os.path.join(str(path), "tokenizer_config.json")  # (or special_tokens_map.json, merged into it)
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
+    out = {k: _tok_str(conf.get(k), k, source) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise CheckpointError(f"{_template_source(path)}: chat_template is {type(tmpl).__name__}, not a string or "
+                              "a list of named templates")
+    out["chat_template"] = tmpl
+    side = conf.get("padding_side")
+    if side not in (None, "left", "right"):
+        raise CheckpointError(f"{source}: padding_side must be \"left\" or \"right\"")
+    out["padding_side"] = side
+    mml = conf.get("model_max_length")
+    if mml is not None:
+        if isinstance(mml, bool) or not isinstance(mml, (int, float)) or mml != mml or mml < 0:
+            raise CheckpointError(f"{source}: model_max_length must be a non-negative number")
+        mml = int(mml) if mml < 2 ** 63 else None  # None: no limit
+    out["model_max_length"] = mml
+    clean = conf.get("clean_up_tokenization_spaces", False)
+    if not isinstance(clean, bool) and clean is not None:
+        raise CheckpointError(f"{source}: clean_up_tokenization_spaces is {type(clean).__name__}, not a bool")
+    out["clean_up_tokenization_spaces"] = bool(clean)
+    return out
 
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -49,6 +130,7 @@ class FastTokenizer:
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
 
     # ---------------------------------------------------------------- construction
+    @_library_errors_to_checkpoint_error
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, gguf_file=None, padding_side=None, revision=None,
                         cache_dir=None, local_files_only=False, allow_external_symlinks=None, **kwargs):
@@ -71,7 +153,7 @@ class FastTokenizer:
             from .gguf_tokenizer import tokenizer_from_gguf
             g = _C.GGUFFile(gguf_real or _files.given_file(path))
             try:
-                tk, info = tokenizer_from_gguf(g.metadata)
+                tk, info = tokenizer_from_gguf(g.metadata, str(path))
             finally:
                 g.close()
             return cls(tk, bos_token=info.get("bos_token"), eos_token=info.get("eos_token"),
@@ -98,12 +180,13 @@ class FastTokenizer:
         elif cj is not None:
             tmpl = _files.read_json(cj, os.path.join(path, "chat_template.json")).get("chat_template", tmpl)
         if isinstance(tmpl, list):  # named templates: take "default"
-            tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
-        return cls(tk, bos_token=_tok_str(conf.get("bos_token")), eos_token=_tok_str(conf.get("eos_token")),
-                   unk_token=_tok_str(conf.get("unk_token")), pad_token=_tok_str(conf.get("pad_token")),
-                   chat_template=tmpl, padding_side=padding_side or conf.get("padding_side") or "left",
-                   model_max_length=conf.get("model_max_length"), name_or_path=str(pretrained_model_name_or_path),
-                   clean_up_tokenization_spaces=bool(conf.get("clean_up_tokenization_spaces", False)))
+            tmpl = _named_template(tmpl, path)
+        conf = _checked_config(conf, tmpl, path)
+        return cls(tk, bos_token=conf["bos_token"], eos_token=conf["eos_token"],
+                   unk_token=conf["unk_token"], pad_token=conf["pad_token"],
+                   chat_template=conf["chat_template"], padding_side=padding_side or conf["padding_side"] or "left",
+                   model_max_length=conf["model_max_length"], name_or_path=str(pretrained_model_name_or_path),
+                   clean_up_tokenization_spaces=conf["clean_up_tokenization_spaces"])
 
     # ---------------------------------------------------------------- vocabulary
     def _id(self, tok):
@@ -148,11 +231,19 @@ class FastTokenizer:
         return [self._tk.id_to_token(int(i)) for i in ids if int(i) not in special]
 
     # ---------------------------------------------------------------- encode / decode
+    # A tokenizer file can be consistent enough to load and still make the Rust library panic on some
+    # input (e.g. a Strip decoder longer than a token): that panic (a BaseException) becomes
+    # CheckpointError naming the tokenizer; plain exceptions (bad arguments) pass through.
+    def _guard(self, what):
+        return tokenizers_call(self.name_or_path or "tokenizer", what, convert="panics")
+
     def encode(self, text, add_special_tokens=True, **kwargs):
-        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        with self._guard("encoding"):
+            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def tokenize(self, text, add_special_tokens=False):
-        return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
+        with self._guard("encoding"):
+            return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
 
     def __call__(self, text=None, add_special_tokens=True, padding=False, truncation=False, max_length=None,
                  return_tensors=None, return_attention_mask=True, padding_side=None, **kwargs):
@@ -163,7 +254,8 @@ class FastTokenizer:
                 raise TypeError(f"tokenizer argument {k!r} is not supported")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        encs = self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)
+        with self._guard("encoding"):
+            encs = self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)
         ids = [e.ids for e in encs]
         if truncation and max_length is not None:
             ids = [x[:max_length] for x in ids]
@@ -206,7 +298,9 @@ class FastTokenizer:
         ids = np.asarray(token_ids).reshape(-1).tolist() if not isinstance(token_ids, list) else token_ids
         if isinstance(ids, int):
             ids = [ids]
-        text = self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        with self._guard("decoding"):
+            text = self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         if clean:
             for a, b in _CLEANUPS:
