@@ -152,21 +152,10 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
         st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows");
         goto fail;
     }
-    st = be->alloc(be, total, &m->arena_d);
-    if (st != FL_OK) { fl_err_prefix(st, "allocating %.2f GiB for the weights on %s", total / 1073741824.0, be->name); goto fail; }
-    m->arena_bytes = total;
-    size_t off = 0;
-    for (int i = 0; i < nw; i++) {
-        *ws[i].w = (fl_weight){.dtype = wdtype, .rows = ws[i].rows, .cols = ws[i].cols,
-                               .data_d = (char *)m->arena_d + off};
-        add_block(&off, ws[i].rows, ws[i].cols, es); /* cannot overflow: the same sum as `total` */
-    }
+    for (int i = 0; i < nw; i++) /* shapes now; data_d once the arena exists (arena_alloc) */
+        *ws[i].w = (fl_weight){.dtype = wdtype, .rows = ws[i].rows, .cols = ws[i].cols, .data_d = NULL};
     if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
-    m->inv_freq_d = (float *)((char *)m->arena_d + off);
-    float freqs[FL_MAX_HEAD_DIM / 2];
-    rope_freqs(cfg, freqs);
-    st = be->to_backend(be, m->inv_freq_d, freqs, (size_t)half * sizeof(float));
-    if (st != FL_OK) goto fail;
+    m->arena_bytes = total;
     m->stats.bytes_weights = total;
     free(ws);
     *out = m;
@@ -175,6 +164,36 @@ fail:
     free(ws);
     fl_model_free(m);
     return st;
+}
+
+/* The weight arena is allocated only once every tensor of a load has been checked against the config
+ * (fl_model_load): a tiny hostile file whose config names huge dimensions costs an error, never an
+ * allocation its tensors do not justify. Lays the weights out in list_weights order and writes inv_freq. */
+static fl_status arena_alloc(fl_model *m) {
+    if (m->arena_d) return FL_OK;
+    fl_backend *be = m->be;
+    const fl_config *cfg = &m->cfg;
+    wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)cfg->n_layers)); /* list_weights writes <= 3 + 7 per layer */
+    if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");
+    fl_status st = be->alloc(be, m->arena_bytes, &m->arena_d);
+    if (st != FL_OK) {
+        free(ws);
+        m->arena_d = NULL;
+        return fl_err_prefix(st, "allocating %.2f GiB for the weights on %s", m->arena_bytes / 1073741824.0, be->name);
+    }
+    const int nw = list_weights(m, ws);
+    const size_t es = (size_t)fl_dtype_size(m->wdtype);
+    size_t off = 0;
+    for (int i = 0; i < nw; i++) {
+        ws[i].w->data_d = (char *)m->arena_d + off;
+        add_block(&off, ws[i].rows, ws[i].cols, es); /* cannot overflow: the same sum as arena_bytes */
+    }
+    free(ws);
+    if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
+    m->inv_freq_d = (float *)((char *)m->arena_d + off);
+    float freqs[FL_MAX_HEAD_DIM / 2];
+    rope_freqs(cfg, freqs);
+    return be->to_backend(be, m->inv_freq_d, freqs, (size_t)(cfg->head_dim / 2) * sizeof(float));
 }
 
 static void ws_release(fl_model *m) {
@@ -280,7 +299,8 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, fl_load_job *job)
         st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp);
         goto out;
     }
-    *job = (fl_load_job){.src = s, .dst_d = (char *)w->data_d + (size_t)row0 * (size_t)cols * (size_t)fl_dtype_size(w->dtype),
+    /* before the arena exists (the checking pass of fl_model_load) there is no destination yet */
+    *job = (fl_load_job){.src = s, .dst_d = w->data_d ? (char *)w->data_d + (size_t)row0 * (size_t)cols * (size_t)fl_dtype_size(w->dtype) : NULL,
                          .dst_dtype = w->dtype, .rows = rows, .cols = cols, .unpermute_heads = hp};
 out:
     if (st != FL_OK)
@@ -360,7 +380,12 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
     fl_load_job *jobs = calloc((size_t)(n > 0 ? n : 1), sizeof *jobs);
     if (!jobs) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
     fl_status st = FL_OK;
+    /* Check every item first, then allocate the arena, then plan again with the real destinations. */
     for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &jobs[i]);
+    if (st == FL_OK && !m->arena_d) {
+        st = arena_alloc(m);
+        for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &jobs[i]);
+    }
     if (st == FL_OK) {
         /* Plain-dtype tensors may take the backend's pipeline; GGUF blocks are dequantised on the host. */
         if (m->be->load) {
@@ -397,6 +422,7 @@ fl_status fl_model_check_complete(const fl_model *m) {
 fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out) {
     const fl_config *c = &m->cfg;
     *out = NULL;
+    if (!m->arena_d) return fl_err(FL_E_VALUE, "the model's weights are not loaded");
     if (batch <= 0 || max_len <= 0) return fl_err(FL_E_VALUE, "KV cache: batch and length must be positive");
     size_t per, all;
     if (!fl_mul3_size((size_t)batch, (size_t)max_len, (size_t)c->n_kv_heads, &per) ||

@@ -289,3 +289,29 @@ def test_unparsed_header_bytes_not_quoted(tmp_path, header, offset):
     assert offset in msg, msg
     for leak in ("secret", "(found", "Zsecret", "1234567", "7654321", "99999999", "0xff", "secr"):
         assert leak not in msg, msg
+
+
+def test_no_weight_arena_before_the_tensors_are_checked(tmp_path):
+    # A config at the allowed limits (hidden 2^17, vocabulary 2^24, ffn 2^20) beside a tiny checkpoint
+    # asked for a multi-terabyte arena before any tensor was looked at (MemoryError on the CPU, a real
+    # device allocation on CUDA). The arena is now allocated only once every tensor matched the config:
+    # the first mismatching tensor is the error, and nothing that size is ever requested.
+    import json
+    import shutil
+    from golden_util import model_dir
+    for f in model_dir("llama").iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "golden.json":
+            shutil.copy(f, tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg.update(hidden_size=2**17, intermediate_size=2**20, vocab_size=2**24, num_attention_heads=128,
+               num_key_value_heads=128, head_dim=1024)
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    rc, out, err = run_py(f"""
+        import fastload
+        try:
+            fastload.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, device_map="cpu", torch_dtype="float32")
+        except BaseException as e:
+            print(type(e).__name__, e)
+        """, as_limit=4 << 30)
+    assert rc == 0, err
+    assert out.startswith("CheckpointError") and "embed_tokens" in out and "shape" in out, out
