@@ -35,10 +35,12 @@ Modes:
     FUZZ_PY_COLLECT=DIR python3 fuzz/fuzz_python.py ...            triage: record each distinct finding
         (exception type + innermost fastload frame) as DIR/<sig>.input + DIR/<sig>.txt and go on; hangs
         are cut at FUZZ_PY_HANG_S seconds (default 3) by an interval timer and recorded as findings too.
-    FUZZ_PY_DESCRIBE=1 with one input prints the checkpoint it builds (the mutations chosen).
+    FUZZ_PY_DESCRIBE=1 with one input prints the checkpoint it builds (the mutations chosen);
+    FUZZ_PY_DUMP=DIR also copies it to DIR, to load by hand (symlinks and FIFOs kept as such).
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
@@ -74,6 +76,7 @@ CANARY = "root:x:0:0:FUZZ-CANARY-OUTSIDE-FILE"
 COLLECT = os.environ.get("FUZZ_PY_COLLECT")
 DESCRIBE = os.environ.get("FUZZ_PY_DESCRIBE") == "1"
 HANG_S = float(os.environ.get("FUZZ_PY_HANG_S", "3"))
+DUMP = os.environ.get("FUZZ_PY_DUMP")
 
 
 class Finding(Exception):
@@ -423,7 +426,8 @@ def build_gguf(fdp, root, d, log):
             if w.kvs:
                 del w.kvs[fdp.ConsumeIntInRange(0, len(w.kvs) - 1)]
         elif k == 4:  # vocabulary
-            toks = next((v for key, vt, v, at in w.kvs if key == "tokenizer.ggml.tokens"), None)
+            toks = next((v for key, vt, v, at in w.kvs if key == "tokenizer.ggml.tokens" and vt == T.ARRAY
+                         and isinstance(v, list)), None)
             if toks is not None:
                 toks = list(toks)
                 j = fdp.ConsumeIntInRange(0, 5)
@@ -541,6 +545,49 @@ def escaped(path, root, what):
     return None
 
 
+# issue 7's shared limits (notes/common.md): a checkpoint that loads must have its values inside them
+LIMITS = {"num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024),
+          "head_dim": (2, 1024), "hidden_size": (1, 131072), "intermediate_size": (1, 1048576),
+          "vocab_size": (1, 2**24), "max_position_embeddings": (0, 2**31 - 1), "sliding_window": (0, 2**31 - 1)}
+
+
+def check_accepted_config(path):
+    """After a successful load of a safetensors directory: config.json's numbers within the limits."""
+    p = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if not p or not os.path.isfile(p) or path.endswith(".gguf"):
+        return
+    try:
+        with open(p, "rb") as f:
+            cfg = json.loads(f.read())
+    except Exception:  # noqa: BLE001 - the loader read it its own way; nothing to compare
+        return
+    if not isinstance(cfg, dict):
+        return
+
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    bad = []
+    for k, (lo, hi) in LIMITS.items():
+        v = cfg.get(k)
+        if num(v) and not (math.isfinite(v) and lo <= v <= hi):
+            bad.append(f"{k}={v!r} outside [{lo}, {hi}]")
+    hd = cfg.get("head_dim")
+    if num(hd) and math.isfinite(hd) and hd % 2:
+        bad.append(f"head_dim={hd!r} is odd")
+    h, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if num(h) and num(kv) and math.isfinite(h) and math.isfinite(kv) and kv and (kv > h or h % kv):
+        bad.append(f"num_key_value_heads={kv!r} does not divide num_attention_heads={h!r}")
+    eps = cfg.get("rms_norm_eps")
+    if num(eps) and not (math.isfinite(eps) and 0 < eps < 1):
+        bad.append(f"rms_norm_eps={eps!r} outside (0, 1)")
+    theta = cfg.get("rope_theta")
+    if num(theta) and not (math.isfinite(theta) and theta > 0):
+        bad.append(f"rope_theta={theta!r} is not finite > 0")
+    if bad:
+        raise Finding(f"the model loaded with config values outside issue 7's limits: {'; '.join(bad)}")
+
+
 def run_one(path, root):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -553,6 +600,7 @@ def run_one(path, root):
             why = escaped(path, root, "model")
             if why:
                 raise Finding(f"the model loaded although {why}")
+            check_accepted_config(path)
             v = int(model.config.get("vocab_size") or 0)
             if v >= 3:
                 model(np.array([[1, 2]], dtype=np.int64))
@@ -575,14 +623,37 @@ _ROOT = None
 
 
 def setup_root():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    root = tempfile.mkdtemp(prefix="fl-fuzz-", dir=base)
+    if DUMP:  # kept after the run: the dumped checkpoint's symlinks point into it
+        root = os.path.abspath(DUMP) + ".root"
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+    else:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        root = tempfile.mkdtemp(prefix="fl-fuzz-", dir=base)
+        atexit.register(shutil.rmtree, root, True)
     cfg, tensors = ST_TEMPLATES[0]
     with open(os.path.join(root, "outside.safetensors"), "wb") as f:
         f.write(tm.st_file(tensors))
     with open(os.path.join(root, "secret.txt"), "w") as f:
         f.write(CANARY + "\n" * 20)
     return root
+
+
+def dump(d, out):
+    """Copy the built checkpoint to `out` as it is (symlinks as symlinks, FIFOs as FIFOs)."""
+    shutil.rmtree(out, ignore_errors=True)
+    for dirpath, dirnames, filenames in os.walk(d):
+        rel = os.path.relpath(dirpath, d)
+        os.makedirs(os.path.join(out, rel), exist_ok=True)
+        for n in filenames + [x for x in dirnames if os.path.islink(os.path.join(dirpath, x))]:
+            src, dst = os.path.join(dirpath, n), os.path.join(out, rel, n)
+            st = os.lstat(src)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), dst)
+            elif stat.S_ISFIFO(st.st_mode):
+                os.mkfifo(dst)
+            else:
+                shutil.copyfile(src, dst)
 
 
 def signature(e):
@@ -608,6 +679,9 @@ def TestOneInput(data: bytes):
     if DESCRIBE:
         print("\n".join(log), file=sys.stderr)
         print("files:", sorted(os.listdir(d)), "path:", path, file=sys.stderr)
+    if DUMP:
+        dump(d, DUMP)
+        print(f"checkpoint written to {DUMP} (load: {os.path.join(DUMP, os.path.relpath(path, d))})", file=sys.stderr)
     if not COLLECT:
         run_one(path, root)
         return
