@@ -141,6 +141,10 @@ class Deep:
     def __init__(self, n, kind):
         self.n, self.kind = n, kind
 
+    def __str__(self):  # where a string is needed (GGUF string values): a short nesting as text
+        k = min(self.n, 40)
+        return "[" * k + "]" * k if self.kind == "[" else '{"a":' * k + "1" + "}" * k
+
 
 def weird_value(fdp, depth=0):
     k = fdp.ConsumeIntInRange(0, 13)
@@ -434,7 +438,7 @@ def build_gguf(fdp, root, d, log):
                 if j == 0 and toks:
                     toks[fdp.ConsumeIntInRange(0, len(toks) - 1)] = fdp.PickValueInList(toks)  # duplicate
                 elif j == 1:
-                    toks.append("a" * fdp.PickValueInList([100, 1000, 5000, 20000]))  # one very long token
+                    toks.append("a" * fdp.PickValueInList([100, 1000, 5000, 20000, 200000]))  # one very long token
                 elif j == 2 and toks:
                     toks[fdp.ConsumeIntInRange(0, len(toks) - 1)] = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 8))
                 elif j == 3:
