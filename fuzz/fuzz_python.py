@@ -24,7 +24,8 @@ ALLOW-LIST (anything else is a finding and is re-raised, so that atheris reports
   pyo3's PanicException (a BaseException), and any exception after a successful load.
   Also findings: a message that shows the contents of a file outside the checkpoint (a canary file
   and /etc/passwd), and a load that succeeds through a shard name or symlink leading outside the
-  model directory. Hangs are caught by libFuzzer's -timeout (run.sh passes -timeout=10); crashes of
+  model directory. Hangs are caught by libFuzzer's -timeout (run.sh passes -timeout=10), and an OSError
+  'Interrupted system call' (a blocking open of a FIFO cut by libFuzzer's SIGALRM) is a hang too; crashes of
   the C extension by atheris's signal handlers.
 
 Limits: the process runs under RLIMIT_AS = 2 GiB (FUZZ_PY_AS_MB to change) and FASTLOAD_THREADS=1.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -508,6 +510,10 @@ def allowed(e, root):
     if isinstance(e, (fastload.CheckpointError, NotImplementedError)):
         return True
     if isinstance(e, OSError):
+        if e.errno == errno.EINTR or "Interrupted system call" in msg:
+            # libFuzzer's periodic SIGALRM (or the triage timer) interrupted a blocking call: the load
+            # was stuck, e.g. opening a FIFO. A hang, not a clean failure.
+            raise Finding(f"the load blocked in a system call until a signal interrupted it: {msg[:300]}") from e
         return root in msg or (e.filename is not None and root in str(e.filename))
     return False
 
