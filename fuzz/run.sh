@@ -4,7 +4,7 @@
 #   bash fuzz/run.sh build             build the libFuzzer harnesses into fuzz/build/
 #   bash fuzz/run.sh short [SECONDS]   each C harness and the Python harness for SECONDS (default 20);
 #                                      exits non-zero on any finding (what CI runs)
-#   bash fuzz/run.sh long RUNS         each C harness for RUNS executions; prints a summary
+#   bash fuzz/run.sh long RUNS [JOBS]  each C harness for RUNS executions (in JOBS processes); prints a summary
 #   bash fuzz/run.sh python SECONDS    the Python (atheris) harness for SECONDS
 #   bash fuzz/run.sh repro FILE...     run the crashers given (or all of fuzz/crashers/) once each
 #
@@ -112,8 +112,12 @@ short() {
     echo "fuzz: short run clean"
 }
 
+# long RUNS [JOBS]: RUNS executions per harness in all; with JOBS > 1, JOBS processes of each harness
+# (seeds 1..JOBS, RUNS/JOBS executions each, one shared scratch corpus) run at once and their
+# executions are summed: how the 10^7 runs of record are made on a many-core machine.
 long() {
-    local runs="${1:?usage: run.sh long RUNS}" fail=0
+    local runs="${1:?usage: run.sh long RUNS [JOBS]}" jobs="${2:-1}" fail=0
+    [ "$jobs" -gt 1 ] && { long_parallel "$runs" "$jobs"; return; }
     need_build
     mkdir -p "$BUILD/logs"
     echo "# fastload fuzz run: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -129,6 +133,37 @@ long() {
         summarise "$h" "$log" "$rc"
         echo "                   wall=$((t1 - t0))s"
         [ "$rc" != 0 ] && fail=1
+    done
+    [ "$fail" = 0 ] && echo "result: 0 findings" || { echo "result: FINDINGS"; exit 1; }
+}
+
+long_parallel() {
+    local runs="$1" jobs="$2" fail=0 per=$(( ($1 + $2 - 1) / $2 ))
+    need_build
+    mkdir -p "$BUILD/logs"
+    local cc; cc="$(find_clang)"
+    echo "# fastload fuzz run: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit:  $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- csrc fuzz 2>/dev/null || echo ' (dirty)')"
+    echo "machine: $(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
+    if [ -n "$cc" ]; then echo "clang:   $("$cc" --version | head -1)"; else echo "clang:   none here (harnesses built on another machine)"; fi
+    echo "runs:    $runs per harness = $jobs processes x $per (-seed=1..$jobs)"
+    for h in "${HARNESSES[@]}"; do
+        local t0 t1 pids=() total=0 rc=0 k
+        t0=$(date +%s)
+        for k in $(seq 1 "$jobs"); do
+            run_c "$h" "$BUILD/logs/$h-long-$k.log" -runs="$per" -seed="$k" & pids+=($!)
+        done
+        for k in "${!pids[@]}"; do wait "${pids[$k]}" || rc=$?; done
+        t1=$(date +%s)
+        for k in $(seq 1 "$jobs"); do
+            local e; e="$(grep -oE 'stat::number_of_executed_units: +[0-9]+' "$BUILD/logs/$h-long-$k.log" | awk '{print $2}' | tail -1)"
+            total=$((total + ${e:-0}))
+        done
+        local found; found="$(ls "$BUILD/findings/$h/" 2>/dev/null | wc -l)"
+        local cov; cov="$(grep -ohE 'cov: [0-9]+' "$BUILD"/logs/"$h"-long-*.log | awk '{print $2}' | sort -n | tail -1)"
+        printf '%-18s executions=%s (%d processes) wall=%ss exec/s=%s max_cov=%s findings=%s rc=%s\n' "$h" "$total" "$jobs" \
+            "$((t1 - t0))" "$((total / (t1 - t0 > 0 ? t1 - t0 : 1)))" "${cov:-?}" "$found" "$rc"
+        [ "$rc" != 0 ] || [ "$found" != 0 ] && fail=1
     done
     [ "$fail" = 0 ] && echo "result: 0 findings" || { echo "result: FINDINGS"; exit 1; }
 }
@@ -183,7 +218,7 @@ repro() {
 case "${1:-}" in
     build) build ;;
     short) short "${2:-20}" ;;
-    long) long "${2:-}" ;;
+    long) long "${2:-}" "${3:-1}" ;;
     python) python_run "${2:-}" ;;
     repro) shift; repro "$@" ;;
     *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
