@@ -16,8 +16,13 @@ echo "pytest rc=$?: $(tail -1 "$OUT/pytest_gpu.log")"; grep -E "^(FAILED|ERROR)"
 timeout 120 python3 -m pytest -q -n 8 tests/test_hardening_core.py tests/test_config_validation.py tests/test_containment.py \
     tests/test_tokenizer_hardening.py > "$OUT/pytest_hardening_cpu.log" 2>&1
 echo "cpu hardening rc=$?: $(tail -1 "$OUT/pytest_hardening_cpu.log")"
-# memcheck: every GPU test file under the sanitizer, xdist workers included (--target-processes all).
-timeout ${MEMCHECK_SECONDS:-330} compute-sanitizer --tool memcheck --leak-check full --target-processes all --error-exitcode 9 \
-    python3 -m pytest -q -p no:cacheprovider -n 12 --timeout 300 $GPU_TESTS > "$OUT/memcheck.log" 2>&1
-echo "memcheck rc=$?: $(grep -cE '^=+ (Invalid|Program hit|Leaked|Uninitialized|ERROR)' "$OUT/memcheck.log") error lines;" \
-     "$(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | sort | uniq -c | tr '\n' ' ') $(grep -E 'passed|failed' "$OUT/memcheck.log" | tail -1)"
+# memcheck, one sanitised process over the GPU test files that load checkpoints (hostile ones included) and
+# run the model (not the torch peer, whose own CUDA would be checked too); the kernels' own sweeps
+# (test_cuda_ops.py, 800+ cases) do not fit one device call under memcheck: their tail cases are
+# checked by dev/cuda/final_check.sh. (xdist workers under --target-processes all did not
+# start within 270 s on an H200: each worker's start under the sanitizer is slow.)
+MEMCHECK_TESTS=${MEMCHECK_TESTS:-"tests/test_cuda_hardening.py tests/test_cuda_model.py"}
+timeout ${MEMCHECK_SECONDS:-300} compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
+    python3 -m pytest -q -p no:cacheprovider -p no:xdist -p no:benchmark --timeout 280 -rs -k "not transformers" $MEMCHECK_TESTS > "$OUT/memcheck.log" 2>&1
+echo "memcheck rc=$?: $(grep -cE '^=+ +(Invalid|Program hit|Leaked|Uninitialized)' "$OUT/memcheck.log") error lines;" \
+     "$(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E 'passed|failed' "$OUT/memcheck.log" | tail -1)"
