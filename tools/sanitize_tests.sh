@@ -11,9 +11,9 @@
 # that fastload._C is the sanitized module (FASTLOAD_TEST_EXPECT_C). Subprocesses started by the tests inherit
 # PYTHONPATH and LD_PRELOAD, so they are checked too.
 #
-# Any sanitizer report fails the run, also one from a subprocess whose exit status a test did not look at:
-# reports go to $T/san.<pid> files (pytest's fd capture would swallow them together with the aborted
-# process's output), which are printed at the end.
+# Any sanitizer report fails the run: the first one aborts its process. ASan's reports also go to
+# $T/san.<pid> files, printed at the end, so one from a subprocess whose exit status a test did not look at
+# fails the run too; UBSan's go to stderr (pytest runs with --capture=sys so they are not swallowed).
 #
 # Environment: FASTLOAD_SANITIZE (default address,undefined); SANITIZE_KEEP=DIR builds in DIR and keeps it.
 set -euo pipefail
@@ -96,7 +96,9 @@ done
 [ ${#args[@]} -gt 0 ] || args=(-q "$ROOT/tests")
 t0=$SECONDS
 set +e
-(cd "$T/pkg" && "$PY" -m pytest -p no:cacheprovider "${args[@]}")
+# --capture=sys: pytest's default fd-level capture would swallow a report written to fd 2 by a process
+# that then aborts (UBSan ignores log_path next to the ASan runtime: its reports always go to stderr).
+(cd "$T/pkg" && "$PY" -m pytest -p no:cacheprovider --capture=sys "${args[@]}")
 rc=$?
 set -e
 reports=$(ls "$T"/san.* 2>/dev/null || true)
