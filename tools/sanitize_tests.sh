@@ -13,7 +13,7 @@
 #
 # Any sanitizer report fails the run: the first one aborts its process. ASan's reports also go to
 # $T/san.<pid> files, printed at the end, so one from a subprocess whose exit status a test did not look at
-# fails the run too; UBSan's go to stderr (pytest runs with --capture=sys so they are not swallowed).
+# fails the run too; UBSan's go to stderr (pytest runs with -s so they are not swallowed).
 #
 # Environment: FASTLOAD_SANITIZE (default address,undefined); SANITIZE_KEEP=DIR builds in DIR and keeps it.
 set -euo pipefail
@@ -96,9 +96,10 @@ done
 [ ${#args[@]} -gt 0 ] || args=(-q "$ROOT/tests")
 t0=$SECONDS
 set +e
-# --capture=sys: pytest's default fd-level capture would swallow a report written to fd 2 by a process
-# that then aborts (UBSan ignores log_path next to the ASan runtime: its reports always go to stderr).
-(cd "$T/pkg" && "$PY" -m pytest -p no:cacheprovider --capture=sys "${args[@]}")
+# -s (no capture): pytest's fd-level capture would swallow a report written to fd 2 by a process that
+# then aborts (UBSan ignores log_path next to the ASan runtime: its reports always go to stderr), and
+# --capture=sys breaks tests that call faulthandler.enable().
+(cd "$T/pkg" && "$PY" -m pytest -p no:cacheprovider -s "${args[@]}")
 rc=$?
 set -e
 reports=$(ls "$T"/san.* 2>/dev/null || true)
