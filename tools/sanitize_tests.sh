@@ -23,7 +23,7 @@ PY=${PYTHON:-python3}
 
 if [ -n "${SANITIZE_KEEP:-}" ]; then
     T=$(mkdir -p "$SANITIZE_KEEP" && cd "$SANITIZE_KEEP" && pwd)
-    rm -rf "$T/pkg" "$T/lib" "$T"/san.*
+    rm -rf "${T:?}/pkg" "${T:?}/lib" "${T:?}"/san.*
 else
     T=$(mktemp -d "${TMPDIR:-/tmp}/fastload-sanitize.XXXXXX")
     trap 'rm -rf "$T"' EXIT
