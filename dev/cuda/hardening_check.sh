@@ -19,10 +19,15 @@ echo "cpu hardening rc=$?: $(tail -1 "$OUT/pytest_hardening_cpu.log")"
 # memcheck, one sanitised process over the GPU test files that load checkpoints (hostile ones included) and
 # run the model (not the torch peer, whose own CUDA would be checked too); the kernels' own sweeps
 # (test_cuda_ops.py, 800+ cases) do not fit one device call under memcheck: their tail cases are
-# checked by dev/cuda/final_check.sh. (xdist workers under --target-processes all did not
-# start within 270 s on an H200: each worker's start under the sanitizer is slow.)
+# checked by dev/cuda/final_check.sh. Expected: one "Program hit cudaErrorMemoryAllocation" (the test
+# that asks for more memory than the device has, on purpose) and nothing else.
+# Not used, and why: xdist workers under --target-processes all did not start within 270 s;
+# --leak-check full reports every model still alive at interpreter exit (session fixtures) as leaked,
+# and under it test_memory_accounting_and_load_peak saw one backend (33 MiB) still counted after `del m`
+# when it ran after test_cuda_hardening.py (never without the leak checker, nor in any pair of tests).
 MEMCHECK_TESTS=${MEMCHECK_TESTS:-"tests/test_cuda_hardening.py tests/test_cuda_model.py"}
-timeout ${MEMCHECK_SECONDS:-300} compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
-    python3 -m pytest -q -p no:cacheprovider -p no:xdist -p no:benchmark --timeout 280 -rs -k "not transformers" $MEMCHECK_TESTS > "$OUT/memcheck.log" 2>&1
-echo "memcheck rc=$?: $(grep -cE '^=+ +(Invalid|Program hit|Leaked|Uninitialized)' "$OUT/memcheck.log") error lines;" \
+timeout ${MEMCHECK_SECONDS:-300} compute-sanitizer --tool memcheck --target-processes application-only \
+    python3 -m pytest -q -p no:cacheprovider -p no:xdist -p no:benchmark -rs -k "not transformers" $MEMCHECK_TESTS \
+    > "$OUT/memcheck.log" 2>&1
+echo "memcheck rc=$?: $(grep -E '^=+ +(Invalid|Program hit|Uninitialized)' "$OUT/memcheck.log" | sort | uniq -c | tr '\n' ' ')" \
      "$(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) $(grep -E 'passed|failed' "$OUT/memcheck.log" | tail -1)"
