@@ -301,7 +301,9 @@ def build_st_dir(fdp, root, d, log):
     for n, field, v in header_edits:
         if n in header:
             if field == "data_offsets" and v is None:
-                b, _ = header[n]["data_offsets"]
+                # an earlier edit may have replaced the offsets with 0-3 arbitrary numbers
+                cur = header[n].get("data_offsets")
+                b = cur[0] if isinstance(cur, list) and len(cur) == 2 and isinstance(cur[0], int) else 0
                 header[n]["data_offsets"] = [b, b]
                 # the rest of the region no longer tiles: shift the others back is not needed for a
                 # zero-size tensor at the end; otherwise the parser rejects it, which is fine
@@ -574,25 +576,25 @@ def check_accepted_config(path):
     if not isinstance(cfg, dict):
         return
 
-    def num(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    def num(v):  # a finite number (an int of any size: math.isfinite would overflow converting it)
+        return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
 
     bad = []
     for k, (lo, hi) in LIMITS.items():
         v = cfg.get(k)
-        if num(v) and not (math.isfinite(v) and lo <= v <= hi):
+        if isinstance(v, float) and not math.isfinite(v) or num(v) and not lo <= v <= hi:
             bad.append(f"{k}={v!r} outside [{lo}, {hi}]")
     hd = cfg.get("head_dim")
-    if num(hd) and math.isfinite(hd) and hd % 2:
+    if num(hd) and hd % 2:
         bad.append(f"head_dim={hd!r} is odd")
     h, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
-    if num(h) and num(kv) and math.isfinite(h) and math.isfinite(kv) and kv and (kv > h or h % kv):
+    if num(h) and num(kv) and kv and (kv > h or h % kv):
         bad.append(f"num_key_value_heads={kv!r} does not divide num_attention_heads={h!r}")
     eps = cfg.get("rms_norm_eps")
-    if num(eps) and not (math.isfinite(eps) and 0 < eps < 1):
+    if (num(eps) or isinstance(eps, float)) and not (num(eps) and 0 < eps < 1):
         bad.append(f"rms_norm_eps={eps!r} outside (0, 1)")
     theta = cfg.get("rope_theta")
-    if num(theta) and not (math.isfinite(theta) and theta > 0):
+    if (num(theta) or isinstance(theta, float)) and not (num(theta) and theta > 0):
         bad.append(f"rope_theta={theta!r} is not finite > 0")
     if bad:
         raise Finding(f"the model loaded with config values outside issue 7's limits: {'; '.join(bad)}")
@@ -673,6 +675,32 @@ def signature(e):
     return f"{type(e).__name__}@{where}"
 
 
+BUILD_SKIPS = {}  # signature -> inputs skipped because the harness could not build a checkpoint from them
+
+
+def build_skipped(e, data, log):
+    """A builder failed on its own account (a combination of mutations it cannot write). The builders
+    only use numpy, json, struct and the test writers (fuzz/tiny_models.py, tests/*_util.py), never
+    fastload, so nothing caught here can be a finding about the library: the input is skipped and
+    counted (stderr at the 1st, 10th, 100th, ... skip of each kind; in triage mode also recorded as
+    DIR/HarnessBuild@<where>-<hash>.input / .txt, to be fixed in the builder)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+    sig = f"HarnessBuild@{type(e).__name__}@{where}"
+    n = BUILD_SKIPS[sig] = BUILD_SKIPS.get(sig, 0) + 1
+    if math.log10(n).is_integer():
+        print(f"\nfuzz_python: skipped an input the harness could not build ({n}x {sig}: {str(e)[:200]}); "
+              f"{sum(BUILD_SKIPS.values())} skipped in all", file=sys.stderr, flush=True)
+    if COLLECT and n == 1:
+        os.makedirs(COLLECT, exist_ok=True)
+        out = os.path.join(COLLECT, f"{sig.replace('/', '_').replace(':', '_')}-"
+                                    f"{hashlib.sha1(sig.encode()).hexdigest()[:10]}")
+        with open(out + ".input", "wb") as f:
+            f.write(data)
+        with open(out + ".txt", "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(f"{sig}\n\n" + "".join(traceback.format_exception(e)) + "\nbuilt:\n" + "\n".join(log) + "\n")
+
+
 def TestOneInput(data: bytes):
     global _ROOT
     if _ROOT is None:
@@ -685,7 +713,11 @@ def TestOneInput(data: bytes):
     log = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy's overflow warnings from the test writers
-        path = build_gguf(fdp, root, d, log) if fdp.ConsumeIntInRange(0, 2) == 0 else build_st_dir(fdp, root, d, log)
+        try:
+            path = build_gguf(fdp, root, d, log) if fdp.ConsumeIntInRange(0, 2) == 0 else build_st_dir(fdp, root, d, log)
+        except Exception as e:  # noqa: BLE001 - see build_skipped: the builders never call fastload
+            build_skipped(e, data, log)
+            return
     if DESCRIBE:
         print("\n".join(log), file=sys.stderr)
         print("files:", sorted(os.listdir(d)), "path:", path, file=sys.stderr)
