@@ -173,7 +173,13 @@ def check_value(k: Key, v, where: str, name: str | None = None):
 
 
 def check(d: dict, schema, where: str, names: dict | None = None, prefix: str = "") -> None:
-    """Apply a schema to d: every key present and not None must fit its row."""
+    """Apply a schema to d: every key present and not None must fit its row. A token id of exactly -1
+    is the old "no such token" sentinel (early Llama conversions wrote "pad_token_id": -1): it becomes
+    None, i.e. unset, so those checkpoints keep loading; any other negative id is an error."""
+    for k in TOKEN_IDS:
+        v = d.get(k.name)
+        if k in schema and isinstance(v, int) and not isinstance(v, bool) and v == -1:
+            d[k.name] = None
     for k in schema:
         v = d.get(k.name)
         if v is not None:
