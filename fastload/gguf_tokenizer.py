@@ -337,6 +337,19 @@ def _file_merges(meta: _Meta, vocab: dict[str, int]) -> list[tuple[str, str]] | 
     return out
 
 
+def _merges(meta: _Meta, vocab: dict, tokens: list[str], kind: str) -> list:
+    """The file's merges, or (when it has none) the merges implied by its token scores; the scores are
+    checked either way."""
+    merges = _file_merges(meta, vocab)
+    scores = _scores(meta, len(tokens))
+    if merges is not None:
+        return merges
+    if scores is None:
+        raise meta.error("tokenizer.ggml.merges", f"and tokenizer.ggml.scores are both missing: a {kind} "
+                         "vocabulary needs one of them")
+    return _merges_from_scores(tokens, scores, meta.source)
+
+
 def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -345,16 +358,8 @@ def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
     # the later id wins, as in transformers, and real files do this, so it is not an error.
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
-    merges = _file_merges(meta, vocab)
-    if merges is None:
-        scores = _scores(meta, len(tokens))
-        if scores is None:
-            raise meta.error("tokenizer.ggml.merges", "and tokenizer.ggml.scores are both missing: a byte-level "
-                             "vocabulary needs one of them")
-        # (as transformers: the merges come from the tokens as the file spells them)
-        merges = _merges_from_scores(tokens, scores, meta.source)
-    else:
-        _scores(meta, len(tokens))
+    # (as transformers: merges rebuilt from scores come from the tokens as the file spells them)
+    merges = _merges(meta, vocab, tokens, "byte-level")
     with tokenizers_call(meta.source, "building the byte-level BPE model from tokenizer.ggml.*"):
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                             end_of_word_suffix="", fuse_unk=False))
@@ -365,15 +370,7 @@ def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
 
 def _build_llama(tokens: list[str], meta: _Meta, architecture: str | None) -> Tokenizer:
     vocab = _check_unique(meta, tokens)
-    merges = _file_merges(meta, vocab)
-    if merges is None:
-        scores = _scores(meta, len(tokens))
-        if scores is None:
-            raise meta.error("tokenizer.ggml.merges", "and tokenizer.ggml.scores are both missing: a sentencepiece "
-                             "vocabulary needs one of them")
-        merges = _merges_from_scores(tokens, scores, meta.source)
-    else:
-        _scores(meta, len(tokens))
+    merges = _merges(meta, vocab, tokens, "sentencepiece")
     with tokenizers_call(meta.source, "building the sentencepiece BPE model from tokenizer.ggml.*"):
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
         tok.normalizer = None
