@@ -46,7 +46,14 @@ ENV_ALLOW = "FASTLOAD_ALLOW_EXTERNAL_SYMLINKS"
 def show(name, limit=100) -> str:
     """repr of a name for an error message, cut to `limit` characters."""
     r = repr(name)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
+    if len(r) <= limit:
+        return r
+    if not isinstance(name, (str, bytes)):
+        return r[: limit - 3] + "..."
+    cut = name[: max(1, limit - 8)]  # the repr of a prefix, closed, then "...": the quotes still delimit the name
+    while len(repr(cut)) > limit - 3 and len(cut) > 1:
+        cut = cut[:-1]
+    return repr(cut) + "..."
 
 
 def external_symlinks_allowed(arg=None) -> bool:

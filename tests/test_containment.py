@@ -117,7 +117,7 @@ def fifo_never_opened(path):
 def test_absolute_shard_name(ckpt):
     outside = move_out(ckpt, SHARD)
     set_shard(ckpt, str(outside))  # today: the weights from elsewhere load
-    with pytest.raises(fastload.CheckpointError, match=r"model: shard name in model\.safetensors\.index\.json '/.*' is an absolute path"):
+    with pytest.raises(fastload.CheckpointError, match=r"model: shard name in model\.safetensors\.index\.json '/[^']*'(\.\.\.)? is an absolute path"):
         load(ckpt)
 
 
