@@ -77,9 +77,14 @@ class GenerationConfig(Config):
         that generate() never meets a wrong-typed or out-of-range value from a file."""
         p = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
         real = _files.checkpoint_file(path, "generation_config.json") if os.path.isdir(path) else _files.given_file(p)
-        d = _files.read_json(real, p)
-        checks.check_generation(d, p)
-        return cls(**d)
+        return cls(**cls._read(real, p))
+
+    @staticmethod
+    def _read(real, shown) -> dict:
+        """The file's values, checked so that generate() never meets a wrong-typed or out-of-range one."""
+        d = _files.read_json(real, shown)
+        checks.check_generation(d, shown)
+        return d
 
 
 class CausalLMOutput(AttrDict):
@@ -303,9 +308,7 @@ class FastModelForCausalLM:
         gen_real = _files.find_file(path, "generation_config.json", allow_external=ext)
         gen = GenerationConfig()
         if gen_real:
-            gen_file = _files.read_json(gen_real, gen_path)
-            checks.check_generation(gen_file, gen_path)  # so that generate() never meets a bad value from the file
-            gen.update(gen_file)
+            gen.update(GenerationConfig._read(gen_real, gen_path))
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if gen.get(k) is None and hf.get(k) is not None:
                 gen[k] = hf[k]
