@@ -13,6 +13,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -219,10 +220,17 @@ class FastModelForCausalLM:
             if len(ggufs) == 1:
                 gguf_path = os.path.join(path, ggufs[0])
                 gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
-        if gguf_path:
-            model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real)
-        else:
-            model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext)
+        try:
+            if gguf_path:
+                model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real)
+            else:
+                model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext)
+        except BaseException as e:
+            # The loaders' frames hold the half-built core (its weight arena, on the GPU too) and the open files;
+            # a traceback kept by the caller (a notebook's sys.last_traceback, a logged exception) would keep
+            # them alive. Clear those finished frames' locals: the message names what went wrong.
+            traceback.clear_frames(e.__traceback__)
+            raise
         model.name_or_path = str(ref)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
         return model

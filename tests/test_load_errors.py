@@ -124,3 +124,20 @@ def test_token_out_of_vocab(ckpt):
         m(np.array([[1, 512]]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         m.generate(np.array([[1, -3]]), max_new_tokens=2)
+
+
+def test_failed_load_frees_the_core_even_if_the_exception_is_kept(ckpt):
+    """A notebook keeps the last exception (sys.last_traceback); its frames must not keep the half-built
+    model (on CUDA, its device memory) or the open shards alive."""
+    import gc
+    edit_json(ckpt / "config.json", lambda d: d.update(intermediate_size=d["intermediate_size"] + 8))
+    try:
+        load(ckpt)
+    except fastload.CheckpointError as e:
+        kept = e
+    gc.collect()
+    tb, held = kept.__traceback__, []
+    while tb is not None:
+        held += [k for k, v in tb.tb_frame.f_locals.items() if isinstance(v, (fastload._C.Model, fastload._C.SafetensorsFile))]
+        tb = tb.tb_next
+    assert not held, f"the kept traceback still holds {held}"
