@@ -131,8 +131,8 @@ class GenerationConfig(Config):
         try:
             return self[k]
         except KeyError:
-            if k in self.FIELDS:
-                return _UNSUPPORTED_FIELDS.get(k, _REFUSED_FIELDS.get(k))
+            if k in self.FIELDS:  # a transformers field fastload has no default for: None, as transformers 5
+                return None
             raise AttributeError(k) from None
 
     def __delitem__(self, k):
@@ -245,8 +245,9 @@ class GenerationConfig(Config):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        """transformers' from_dict: config_dict then kwargs (kwargs win); return_unused_kwargs=True also returns
-        the kwargs that are not generation fields (they are still kept as custom entries, as there)."""
+        """transformers' from_dict: config_dict then kwargs (kwargs win; names that are not generation fields
+        become custom entries, as there); return_unused_kwargs=True also returns what update() did not use,
+        which, as in transformers 5.24, is then empty."""
         if not isinstance(config_dict, dict):
             raise TypeError(f"GenerationConfig.from_dict needs a dict, got {type(config_dict).__name__}")
         return_unused = kwargs.pop("return_unused_kwargs", False)
