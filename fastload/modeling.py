@@ -67,16 +67,17 @@ class Config(AttrDict):
 # A config or generate() argument that sets one of them to anything else is refused (never silently ignored);
 # fields that cannot change greedy/sampling output (cache, compile, assistant and beam-only settings) are accepted.
 _UNSUPPORTED_FIELDS = {
-    "early_stopping": None, "max_time": None, "stop_strings": None, "use_mtp": False, "min_p": None, "top_h": None,
+    "max_time": None, "stop_strings": None, "use_mtp": False, "min_p": None, "top_h": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "sequence_bias": None, "token_healing": False, "guidance_scale": None, "watermarking_config": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "penalty_alpha": None, "dola_layers": None,
-    "diversity_penalty": 0.0, "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
+    "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
 }
 _HARMLESS_FIELDS = {
-    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "length_penalty", "renormalize_logits",
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "early_stopping", "length_penalty",
+    "diversity_penalty", "renormalize_logits",
     "remove_invalid_values", "encoder_no_repeat_ngram_size", "decoder_start_token_id", "is_assistant",
     "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold", "max_matching_ngram_size",
     "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "compile_config",
@@ -221,7 +222,7 @@ class GenerationConfig(Config):
     def to_json_string(self, use_diff=True, ignore_metadata=False, keys_to_pop=None) -> str:
         import json
         d = self.to_diff_dict() if use_diff else self.to_dict()
-        for k in keys_to_pop or ():
+        for k in tuple(keys_to_pop or ()) + (_METADATA_FIELDS if ignore_metadata else ()):
             d.pop(k, None)
         try:
             return json.dumps(_jsonable(d), indent=2, sort_keys=True) + "\n"
@@ -288,8 +289,7 @@ class GenerationConfig(Config):
             shown, real = path, None
         else:
             if not os.path.isdir(path):
-                path = resolve(ref, revision=None if revision == "main" else revision, cache_dir=cache_dir,
-                               local_files_only=local_files_only)
+                path = resolve(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
             if subfolder:
                 _files.check_name(path, subfolder, "subfolder", subdirs=True)
                 path = os.path.join(path, subfolder)
