@@ -63,22 +63,255 @@ class Config(AttrDict):
         return dict(self)
 
 
+# Fields of transformers' GenerationConfig that fastload does not implement, with the value that means "off".
+# A config or generate() argument that sets one of them to anything else is refused (never silently ignored);
+# fields that cannot change greedy/sampling output (cache, compile, assistant and beam-only settings) are accepted.
+_UNSUPPORTED_FIELDS = {
+    "max_time": None, "stop_strings": None, "use_mtp": False, "min_p": None, "top_h": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "token_healing": False, "guidance_scale": None, "watermarking_config": None,
+    "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "penalty_alpha": None, "dola_layers": None,
+    "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
+}
+_HARMLESS_FIELDS = {
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "early_stopping", "length_penalty",
+    "diversity_penalty", "renormalize_logits",
+    "remove_invalid_values", "encoder_no_repeat_ngram_size", "decoder_start_token_id", "is_assistant",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold", "max_matching_ngram_size",
+    "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "compile_config",
+    "disable_compile", "continuous_batching_config", "low_memory", "prefill_chunk_size",
+}
+# refused by generate() when set (fastload returns token ids from greedy search or sampling)
+_REFUSED_FIELDS = {"num_beams": 1, "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+                   "output_attentions": False, "output_hidden_states": False}
+# transformers' bookkeeping entries: never generation settings
+_METADATA_FIELDS = ("_from_model_config", "_commit_hash", "_original_object_hash", "transformers_version")
+
+
 class GenerationConfig(Config):
+    """transformers' GenerationConfig as a dict with attribute access. Reading a field nobody set gives the
+    global default (DEFAULTS; None for the transformers fields fastload does not implement).
+
+    The object remembers which fields were set explicitly (constructor keywords, `gc.x = v`, `gc["x"] = v`,
+    update(), from_pretrained/from_dict): generate() takes exactly those from a config passed to it and keeps the
+    model's generation_config (then DEFAULTS) for the rest, as transformers 5 does. transformers decides "not
+    set" by comparing with None; fastload's fields read as their defaults, so it tracks the assignments instead:
+    a field set to a value equal to the default still wins over the model's value, and a field explicitly set to
+    None (e.g. `eos_token_id=None`) means None there too (no eos), where transformers refills it from the model."""
+
     DEFAULTS = dict(max_length=20, max_new_tokens=None, min_length=0, min_new_tokens=None, do_sample=False,
                     temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, num_beams=1,
                     num_return_sequences=1, eos_token_id=None, pad_token_id=None, bos_token_id=None)
+    # every name transformers' GenerationConfig has as an attribute (update() uses these, others are unused)
+    FIELDS = frozenset(DEFAULTS) | frozenset(_UNSUPPORTED_FIELDS) | _HARMLESS_FIELDS | frozenset(_REFUSED_FIELDS)
 
     def __init__(self, **kw):
-        super().__init__(self.DEFAULTS)
-        self.update(kw)
+        dict.__init__(self, self.DEFAULTS)
+        object.__setattr__(self, "_set", set())
+        for k in _METADATA_FIELDS:
+            kw.pop(k, None)
+        for k, v in kw.items():  # as transformers' constructor: unknown keys become custom entries
+            self[k] = v
+
+    # ---- tracking: every way of writing a field marks it as set
+    def __setitem__(self, k, v):
+        dict.__setitem__(self, k, v)
+        self._set.add(k)
+
+    def __setattr__(self, k, v):
+        if k.startswith("_"):
+            object.__setattr__(self, k, v)
+        else:
+            self[k] = v
+
+    def __getattr__(self, k):
+        if k.startswith("__"):
+            raise AttributeError(k)
+        try:
+            return self[k]
+        except KeyError:
+            if k in self.FIELDS:  # a transformers field fastload has no default for: None, as transformers 5
+                return None
+            raise AttributeError(k) from None
+
+    def __delitem__(self, k):
+        dict.__delitem__(self, k)
+        self._set.discard(k)
+        if k in self.DEFAULTS:  # back to unset: the default reads again
+            dict.__setitem__(self, k, self.DEFAULTS[k])
+
+    def __delattr__(self, k):
+        try:
+            del self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def pop(self, k, *default):
+        had = k in self
+        v = dict.pop(self, k, *default)
+        if had:
+            self._set.discard(k)
+            if k in self.DEFAULTS:
+                dict.__setitem__(self, k, self.DEFAULTS[k])
+        return v
+
+    def setdefault(self, k, v=None):
+        if k not in self:
+            self[k] = v
+        return self[k]
+
+    def clear(self):
+        dict.clear(self)
+        dict.update(self, self.DEFAULTS)
+        self._set.clear()
+
+    def popitem(self):
+        raise TypeError("GenerationConfig.popitem is not supported; use pop(name)")
+
+    def update(self, *args, defaults_only=False, allow_custom_entries=False, **kwargs):
+        """transformers' update(**kwargs): sets the given fields that GenerationConfig has (or, with
+        allow_custom_entries=True, any name) and returns the unused ones as a dict. defaults_only=True only fills
+        fields not set yet. A positional dict (dict.update's form) is taken like keywords, any key accepted."""
+        if len(args) > 1:
+            raise TypeError(f"update expected at most 1 positional argument, got {len(args)}")
+        if args:
+            other = args[0]
+            items = other.items() if hasattr(other, "items") else other
+            for k, v in items:
+                if not defaults_only or k not in self._set:
+                    self[k] = v
+        used = []
+        for k, v in kwargs.items():
+            if (allow_custom_entries and k not in self.FIELDS and k not in self) or k in self.FIELDS or k in self:
+                if not defaults_only or k not in self._set:
+                    self[k] = v
+                used.append(k)
+        return {k: v for k, v in kwargs.items() if k not in used}
+
+    # ---- copies keep what was set
+    def copy(self):
+        new = type(self).__new__(type(self))
+        dict.__init__(new, self)
+        object.__setattr__(new, "_set", set(self._set))
+        return new
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        dict.__init__(new, {k: copy.deepcopy(v, memo) for k, v in self.items()})
+        object.__setattr__(new, "_set", set(self._set))
+        return new
+
+    def __reduce__(self):
+        return (_rebuild_generation_config, (type(self), dict(self), sorted(self._set)))
+
+    # ---- transformers' serialisation API
+    def to_dict(self) -> dict:
+        """Every field with its value (defaults included), a deep copy."""
+        return copy.deepcopy(dict(self))
+
+    def to_diff_dict(self) -> dict:
+        """The fields set explicitly (what generate() takes from this object and save_pretrained writes).
+        transformers keeps the fields that differ from a default GenerationConfig() instead."""
+        return copy.deepcopy({k: v for k, v in self.items() if k in self._set})
+
+    def to_json_string(self, use_diff=True, ignore_metadata=False, keys_to_pop=None) -> str:
+        import json
+        d = self.to_diff_dict() if use_diff else self.to_dict()
+        for k in tuple(keys_to_pop or ()) + (_METADATA_FIELDS if ignore_metadata else ()):
+            d.pop(k, None)
+        try:
+            return json.dumps(_jsonable(d), indent=2, sort_keys=True) + "\n"
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"GenerationConfig: a value cannot be written as JSON ({e})") from None
+
+    def to_json_file(self, json_file_path, use_diff=True, keys_to_pop=None) -> None:
+        text = self.to_json_string(use_diff=use_diff, keys_to_pop=keys_to_pop)
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def save_pretrained(self, save_directory, config_file_name=None, push_to_hub=False, **kwargs):
+        """Writes the explicitly set fields to save_directory/generation_config.json (created if needed)."""
+        if push_to_hub:
+            raise NotImplementedError("GenerationConfig.save_pretrained: push_to_hub is not supported by fastload")
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        self.to_json_file(os.path.join(save_directory, config_file_name or "generation_config.json"))
 
     @classmethod
-    def from_pretrained(cls, path):
-        """generation_config.json from a directory or file; its values are checked (checks.GENERATION) so
-        that generate() never meets a wrong-typed or out-of-range value from a file."""
-        p = os.path.join(path, "generation_config.json") if os.path.isdir(path) else path
-        real = _files.checkpoint_file(path, "generation_config.json") if os.path.isdir(path) else _files.given_file(p)
-        return cls(**cls._read(real, p))
+    def from_dict(cls, config_dict, **kwargs):
+        """transformers' from_dict: config_dict then kwargs (kwargs win; names that are not generation fields
+        become custom entries, as there); return_unused_kwargs=True also returns what update() did not use,
+        which, as in transformers 5.24, is then empty."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"GenerationConfig.from_dict needs a dict, got {type(config_dict).__name__}")
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        kwargs.pop("_from_auto", None)
+        kwargs.pop("_from_pipeline", None)
+        config = cls(**{**config_dict, **kwargs})
+        unused = config.update(**kwargs)
+        return (config, unused) if return_unused else config
+
+    def __repr__(self):
+        try:
+            body = self.to_json_string(use_diff=False)
+        except TypeError:
+            body = dict.__repr__(self)
+        return f"{type(self).__name__} {body}"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name, config_file_name=None, cache_dir=None, force_download=False,
+                        local_files_only=False, token=None, revision="main", *, proxies=None, subfolder="",
+                        trust_remote_code=None, **kwargs):
+        """transformers' from_pretrained: a directory, a hub id (found through fastload/hub.py, as the model's
+        from_pretrained), a generation_config.json path, or a .gguf file / a directory holding one GGUF and no
+        generation_config.json (eos/bos/pad from its tokenizer.ggml.* metadata). Values from a file are checked
+        (checks.GENERATION) so that generate() never meets a wrong-typed or out-of-range value; keyword arguments
+        that are generation fields override them and return_unused_kwargs=True also returns the others, as
+        transformers. token/force_download/proxies/trust_remote_code are accepted and ignored (no remote code,
+        downloads only through huggingface_hub)."""
+        import errno
+        del force_download, token, proxies, trust_remote_code  # accepted, meaningless here
+        for k in ("use_auth_token", "resume_download", "_from_auto", "_from_pipeline", "_commit_hash"):
+            kwargs.pop(k, None)
+        if kwargs.pop("_from_model_config", False):
+            raise NotImplementedError("GenerationConfig.from_pretrained: _from_model_config is not supported")
+        name = config_file_name or "generation_config.json"
+        ref = os.fspath(pretrained_model_name)
+        path = os.path.expanduser(ref)
+        if os.path.isfile(path):
+            shown, real = path, None
+        else:
+            if not os.path.isdir(path):
+                path = resolve(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+            if subfolder:
+                _files.check_name(path, subfolder, "subfolder", subdirs=True)
+                path = os.path.join(path, subfolder)
+            shown, real = os.path.join(path, name), None
+            if os.path.isdir(path):
+                real = _files.find_file(path, name, subdirs=True)
+                if real is None and config_file_name is None:
+                    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+                    if len(ggufs) == 1:
+                        shown = os.path.join(path, ggufs[0])
+                        real = _files.checkpoint_file(path, ggufs[0], "GGUF file")
+            if real is None:
+                raise OSError(errno.ENOENT, f"{ref} does not appear to have a file named {name}"
+                              + (f" (in {path})" if path != ref else ""), shown)
+        if real is None:
+            real = _files.given_file(shown)
+        if shown.endswith(".gguf") or _is_gguf(real):
+            d = _gguf_generation_config(_gguf_metadata(real), shown).to_diff_dict()
+        else:
+            d = cls._read(real, shown)
+        d = {k: v for k, v in d.items() if v is not None}  # null in a file: unset (as absent), as transformers
+        return cls.from_dict(d, **kwargs)
 
     @staticmethod
     def _read(real, shown) -> dict:
@@ -86,6 +319,182 @@ class GenerationConfig(Config):
         d = _files.read_json(real, shown)
         checks.check_generation(d, shown)
         return d
+
+
+def _rebuild_generation_config(cls, items, explicit):
+    new = cls.__new__(cls)
+    dict.__init__(new, items)
+    object.__setattr__(new, "_set", set(explicit))
+    return new
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic) or is_torch(v):
+        return _jsonable(v.tolist())
+    return v
+
+
+_GGUF_GENERATION_KEYS = (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                         ("pad_token_id", "tokenizer.ggml.padding_token_id"))
+
+
+def _gguf_generation_config(meta, path) -> GenerationConfig:
+    """A GGUF file's generation settings: eos/bos/pad from its tokenizer.ggml.* metadata (checked token ids)."""
+    gen = GenerationConfig()
+    for k, mk in _GGUF_GENERATION_KEYS:
+        if meta.get(mk) is not None:
+            gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+    return gen
+
+
+def _is_gguf(real) -> bool:
+    with open(real, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _gguf_metadata(real) -> dict:
+    g = _C.GGUFFile(real)
+    try:
+        return g.metadata
+    finally:
+        g.close()
+
+
+def _explicit(obj, what="generation_config") -> dict:
+    """The settings a generation config sets explicitly, as a new dict (lists copied): fastload's
+    GenerationConfig (its tracked fields), a dict (every key), or anything with transformers' to_diff_dict()/
+    to_dict() (its fields that are not None; None means unset there). Metadata entries are dropped."""
+    if obj is None:
+        return {}
+    if isinstance(obj, GenerationConfig):
+        d = {k: v for k, v in obj.items() if k in obj._set}
+    elif isinstance(obj, dict):
+        d = dict(obj)
+    else:
+        d = None
+        for meth in ("to_diff_dict", "to_dict"):
+            f = getattr(obj, meth, None)
+            if callable(f):
+                d = f()
+                break
+        if not isinstance(d, dict):
+            raise TypeError(f"{what} must be a GenerationConfig (fastload's or transformers') or a dict, "
+                            f"got {type(obj).__name__}")
+        d = {k: v for k, v in d.items() if v is not None}
+    return {k: list(v) if isinstance(v, list) else v for k, v in d.items() if k not in _METADATA_FIELDS}
+
+
+def _end_streamer(streamer, exc):
+    """generate() failed: end the streamer so that a consumer waiting on it never hangs. fastload's streamers
+    also carry the exception to the consumer; another streamer (transformers') gets end()."""
+    fail = getattr(streamer, "_end_with_error", None)
+    try:
+        if callable(fail):
+            fail(exc)
+        else:
+            streamer.end()
+    except BaseException as e2:  # noqa: BLE001 - the caller must see the original error; note this one on it
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"(ending the streamer also failed: {e2!r})")
+
+
+def _int_arg(gc, k, lo, default=None):
+    v = gc.get(k)
+    if v is None:
+        return default
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        if is_torch(v) and getattr(v, "ndim", 1) == 0 and not v.is_floating_point():
+            v = int(v.item())
+        else:
+            raise TypeError(f"generate: {k} must be an integer, got {v!r}")
+    v = int(v)
+    if v < lo:
+        raise ValueError(f"generate: {k} must be >= {lo}, got {v}")
+    return v
+
+
+def _float_arg(gc, k, default):
+    v = gc.get(k)
+    if v is None:
+        return default
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"generate: {k} must be a number, got {v!r}")
+    v = float(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"generate: {k} must be finite, got {v}")
+    return v
+
+
+def _token_ids(gc, k):
+    v = gc.get(k)
+    if v is None:
+        return []
+    if is_torch(v) or isinstance(v, np.ndarray):
+        v = v.tolist()
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for x in vals:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"generate: {k} must be a token id (an integer >= 0) or a list of them, got {v!r}")
+        out.append(int(x))
+    return out
+
+
+def _off(k, v, neutral) -> bool:
+    if v is None or v is False or (isinstance(v, (list, tuple, dict, str)) and not v and neutral is None):
+        return True
+    if k == "guidance_scale" and v == 1:
+        return True
+    try:
+        return bool(v == neutral)
+    except Exception:  # noqa: BLE001 - an array or other object: not the neutral value
+        return False
+
+
+def _resolve_settings(gc, layers) -> dict:
+    """Checked, typed values of a merged config. `layers` ((name, explicit dict), ...), last wins, say where a
+    refused value came from."""
+    def source(k):
+        for name, d in reversed(layers):
+            if k in d:
+                return name
+        return "generate"
+    for k, neutral in _REFUSED_FIELDS.items():
+        if not _off(k, gc.get(k), neutral):
+            raise NotImplementedError(f"{source(k)}: {k}={gc.get(k)!r} is not supported (greedy and sampling only, "
+                                      "token ids returned)")
+    for k, neutral in _UNSUPPORTED_FIELDS.items():
+        if not _off(k, gc.get(k), neutral):
+            raise TypeError(f"{source(k)}: unsupported argument {k}={gc.get(k)!r}: fastload implements greedy search "
+                            "and sampling (temperature, top_k, top_p, repetition_penalty, min/max lengths); "
+                            f"leave {k} unset (or {neutral!r}) or pass {k}={neutral!r} to override the model's")
+    r = dict(max_new_tokens=_int_arg(gc, "max_new_tokens", 0), max_length=_int_arg(gc, "max_length", 0, 20),
+             min_new_tokens=_int_arg(gc, "min_new_tokens", 0), min_length=_int_arg(gc, "min_length", 0, 0),
+             top_k=_int_arg(gc, "top_k", 0, 0), num_return_sequences=_int_arg(gc, "num_return_sequences", 1, 1),
+             temperature=_float_arg(gc, "temperature", 1.0), top_p=_float_arg(gc, "top_p", 1.0),
+             repetition_penalty=_float_arg(gc, "repetition_penalty", 1.0),
+             eos_token_id=_token_ids(gc, "eos_token_id"), pad_token_id=_token_ids(gc, "pad_token_id"),
+             seed=_int_arg(gc, "seed", -(1 << 63)))
+    ds = gc.get("do_sample")
+    if ds is not None and not isinstance(ds, (bool, np.bool_, int)):
+        raise TypeError(f"generate: do_sample must be True or False, got {ds!r}")
+    r["do_sample"] = bool(ds)
+    if len(r["pad_token_id"]) > 1:
+        raise ValueError(f"generate: pad_token_id must be one token id, got {gc.get('pad_token_id')!r}")
+    r["pad_token_id"] = r["pad_token_id"][0] if r["pad_token_id"] else None
+    if r["do_sample"] and r["temperature"] <= 0:
+        raise ValueError(f"temperature={r['temperature']} must be strictly positive when do_sample=True")
+    if r["repetition_penalty"] <= 0:
+        raise ValueError(f"repetition_penalty={r['repetition_penalty']} must be strictly positive")
+    if not 0 < r["top_p"] <= 1:
+        raise ValueError(f"top_p={r['top_p']} must be in (0, 1]")
+    if r["num_return_sequences"] > 1 and not r["do_sample"]:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+    return r
 
 
 class CausalLMOutput(AttrDict):
@@ -351,11 +760,7 @@ class FastModelForCausalLM:
             items.append((archmod.SLOT[slot], layer, heads, g, name))
         stats = cls._finish(core, items, 1, os.path.basename(path), progress, progress_callback)
         g.close()
-        gen = GenerationConfig()
-        for k, mk in (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
-                      ("pad_token_id", "tokenizer.ggml.padding_token_id")):
-            if meta.get(mk) is not None:
-                gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+        gen = _gguf_generation_config(meta, path)
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
@@ -386,23 +791,39 @@ class FastModelForCausalLM:
         return out
 
     def _gen_settings(self, generation_config, kwargs):
-        gc = GenerationConfig(**self.generation_config)
-        if generation_config is not None:
-            gc.update(dict(generation_config) if isinstance(generation_config, dict) else
-                      {k: v for k, v in vars(generation_config).items() if not k.startswith("_")})
-        unknown = [k for k in kwargs if k not in GEN_KEYS]
+        """The settings one generate() call uses, as transformers 5 merges them: the passed generation_config's
+        explicitly set fields over the model's generation_config over the defaults, then every keyword argument
+        (None included) over all of them. Neither the model's config nor the passed one is changed. Values are
+        checked here (types, ranges, unsupported fields), so callers can validate before starting a thread."""
+        unknown = [k for k in kwargs if k not in GEN_KEYS and k not in GenerationConfig.FIELDS]
         if unknown:
             raise TypeError(f"generate: unsupported argument(s) {unknown}; supported: {sorted(GEN_KEYS)}")
-        gc.update({k: v for k, v in kwargs.items() if v is not None})
-        for k, bad in (("num_beams", lambda v: v != 1), ("return_dict_in_generate", bool), ("output_scores", bool),
-                       ("output_logits", bool), ("output_attentions", bool), ("output_hidden_states", bool)):
-            if gc.get(k) is not None and bad(gc.get(k)):
-                raise NotImplementedError(f"generate: {k}={gc.get(k)!r} is not supported (greedy and sampling only, "
-                                          "token ids returned)")
+        layers = (("model.generation_config", _explicit(self.generation_config, "model.generation_config")),
+                  ("generate: generation_config", _explicit(generation_config)),
+                  ("generate", {k: v for k, v in kwargs.items() if k != "streamer"}))
+        gc = GenerationConfig()
+        for _, d in layers:
+            gc.update(d)
+        _resolve_settings(gc, layers)
         return gc
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, inputs=None, **kwargs):
-        """transformers' generate: greedy or sampling; returns [batch, prompt + new] token ids."""
+        """transformers' generate: greedy or sampling; returns [batch, prompt + new] token ids.
+        `generation_config` (fastload's or transformers' GenerationConfig, or a dict) is merged with the model's
+        generation_config as transformers does (see _gen_settings). With a `streamer`, every error (bad
+        arguments included, and KeyboardInterrupt) ends it before it is raised: fastload's TextIteratorStreamer
+        then raises the same exception in the thread that iterates it, so a consumer never waits forever."""
+        try:
+            out = self._generate(input_ids, attention_mask, generation_config, streamer, inputs, kwargs)
+        except BaseException as e:
+            if streamer is not None:
+                _end_streamer(streamer, e)
+            raise
+        if streamer is not None:
+            streamer.end()
+        return out
+
+    def _generate(self, input_ids, attention_mask, generation_config, streamer, inputs, kwargs):
         if input_ids is None:
             input_ids = inputs
         if input_ids is None:
@@ -412,56 +833,35 @@ class FastModelForCausalLM:
         mask = _ids2d(attention_mask, "attention_mask")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
-        gc = self._gen_settings(generation_config, kwargs)
+        r = _resolve_settings(self._gen_settings(generation_config, kwargs), ())
         T = ids.shape[1]
-        max_new = gc.get("max_new_tokens")
+        max_new = r["max_new_tokens"]
         if max_new is None:
-            max_new = int(gc.get("max_length") or 20) - T
+            max_new = r["max_length"] - T
             if max_new <= 0:
-                raise ValueError(f"input length {T} reaches max_length={gc.get('max_length')}; set max_new_tokens")
-        max_new = int(max_new)
-        if max_new < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        min_new = gc.get("min_new_tokens")
+                raise ValueError(f"input length {T} reaches max_length={r['max_length']}; set max_new_tokens")
+        min_new = r["min_new_tokens"]
         if min_new is None:
-            min_new = max(0, int(gc.get("min_length") or 0) - T)
-        eos = gc.get("eos_token_id")
-        eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        pad = gc.get("pad_token_id")
+            min_new = max(0, r["min_length"] - T)
+        eos = r["eos_token_id"]
+        pad = r["pad_token_id"]
         if pad is None:
             pad = eos[0] if eos else 0
-        do_sample = bool(gc.get("do_sample"))
-        temp = float(gc.get("temperature") if gc.get("temperature") is not None else 1.0)
-        if do_sample and temp <= 0:
-            raise ValueError(f"temperature={temp} must be strictly positive when do_sample=True")
-        top_k = int(gc.get("top_k") or 0)
-        top_p = float(gc.get("top_p") if gc.get("top_p") is not None else 1.0)
-        rep = float(gc.get("repetition_penalty") or 1.0)
-        if rep <= 0:
-            raise ValueError(f"repetition_penalty={rep} must be strictly positive")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        nrs = int(gc.get("num_return_sequences") or 1)
+        nrs = r["num_return_sequences"]
         if nrs > 1:
-            if not do_sample:
-                raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
             ids = np.repeat(ids, nrs, axis=0)
             mask = None if mask is None else np.repeat(mask, nrs, axis=0)
-        seed = gc.get("seed")
-        seed = _global_rng.getrandbits(63) if seed is None else int(seed)
+        seed = r["seed"]
+        seed = _global_rng.getrandbits(63) if seed is None else seed
         cb = None
         if streamer is not None:
             streamer.put(_to_user(ids.astype(np.int64), like_torch))
             cb = (lambda toks: streamer.put(_to_user(toks, like_torch)))
-        try:
-            out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
-                                      max_new_tokens=max_new, min_new_tokens=int(min_new), do_sample=do_sample,
-                                      temperature=temp, top_k=top_k, top_p=top_p, repetition_penalty=rep,
-                                      seed=seed & 0xFFFFFFFFFFFFFFFF, eos_token_ids=eos, pad_token_id=int(pad),
-                                      callback=cb)
-        finally:
-            if streamer is not None:
-                streamer.end()
+        out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
+                                  max_new_tokens=max_new, min_new_tokens=min_new, do_sample=r["do_sample"],
+                                  temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],
+                                  repetition_penalty=r["repetition_penalty"], seed=seed & 0xFFFFFFFFFFFFFFFF,
+                                  eos_token_ids=eos, pad_token_id=int(pad), callback=cb)
         return _to_user(out, like_torch)
 
     def _chat_messages(self, query, history, role, system):
@@ -480,16 +880,24 @@ class FastModelForCausalLM:
         return history, msgs
 
     def _chat_inputs(self, tokenizer, msgs, gen_kwargs):
+        """The prompt and generate()'s arguments for chat/stream_chat: the merged settings (checked here, in the
+        caller's thread), max_new_tokens=512 unless a length was given, and the tokenizer's eos added."""
         enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True, return_tensors="np")
         gen_kwargs = dict(gen_kwargs)
-        if gen_kwargs.get("max_new_tokens") is None and gen_kwargs.get("max_length") is None:
-            gen_kwargs["max_new_tokens"] = 512
-        eos = gen_kwargs.get("eos_token_id", self.generation_config.get("eos_token_id"))
-        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        streamer = gen_kwargs.pop("streamer", None)
+        passed = gen_kwargs.pop("generation_config", None)
+        gc = self._gen_settings(passed, gen_kwargs)
+        user = {**_explicit(passed), **gen_kwargs}
+        if gc.get("max_new_tokens") is None and user.get("max_length") is None:
+            gc["max_new_tokens"] = 512
+        eos = _resolve_settings(gc, ())["eos_token_id"]
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
-        gen_kwargs["eos_token_id"] = eos
-        return enc, gen_kwargs
+        gc["eos_token_id"] = eos
+        out = {"generation_config": gc}
+        if streamer is not None:
+            out["streamer"] = streamer
+        return enc, out
 
     @staticmethod
     def _chat_history(history, query, response, role):
@@ -508,18 +916,21 @@ class FastModelForCausalLM:
         return response, self._chat_history(history, query, response, role)
 
     def stream_chat(self, tokenizer, query, history=None, role="user", system=None, **gen_kwargs):
-        """ChatGLM-style streaming chat: yields (response so far, history) as text arrives."""
+        """ChatGLM-style streaming chat: yields (response so far, history) as text arrives. Bad arguments raise
+        here before any thread starts; an error in the generating thread is raised here at once (the streamer
+        carries it)."""
         from .streamers import TextIteratorStreamer
         history, msgs = self._chat_messages(query, history, role, system)
         enc, gen_kwargs = self._chat_inputs(tokenizer, msgs, gen_kwargs)
+        if "streamer" in gen_kwargs:
+            raise TypeError("stream_chat makes its own streamer; pass streamer= to chat() or generate() instead")
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        err = []
 
         def run():
             try:
                 self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], streamer=streamer, **gen_kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread (generate ended the streamer)
-                err.append(e)
+            except BaseException:  # noqa: BLE001 - generate handed it to the streamer, which raises it below
+                pass
         th = threading.Thread(target=run, daemon=True)
         th.start()
         response = ""
@@ -527,8 +938,6 @@ class FastModelForCausalLM:
             response += piece
             yield response.strip(), self._chat_history(history, query, response.strip(), role)
         th.join()
-        if err:
-            raise err[0]
 
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:

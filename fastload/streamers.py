@@ -1,5 +1,7 @@
 """Streamers with transformers' shapes: generate() calls put(prompt_ids) once, then put(new_ids)
-with one id per batch row after every step, then end()."""
+with one id per batch row after every step, then end(). When generate fails (bad arguments included) it
+calls _end_with_error(exc) on fastload's streamers instead of end(): TextIteratorStreamer then raises that
+exception in the thread that iterates it, so a consumer never waits for an end that will not come."""
 from __future__ import annotations
 
 import queue
@@ -13,6 +15,10 @@ class BaseStreamer:
 
     def end(self):
         raise NotImplementedError
+
+    def _end_with_error(self, exc):
+        """generate() failed with exc: end the stream (the text so far is still delivered)."""
+        self.end()
 
 
 class TextStreamer(BaseStreamer):
@@ -57,18 +63,47 @@ class TextStreamer(BaseStreamer):
         print(text, flush=True, end="" if not stream_end else None)
 
 
+class _Failure:
+    """Queued instead of the stop signal when generate failed: __next__ raises the exception."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+
 class TextIteratorStreamer(TextStreamer):
-    """Queues text pieces for a consumer thread: `for piece in streamer: ...` (generate in another thread)."""
+    """Queues text pieces for a consumer thread: `for piece in streamer: ...` (generate in another thread).
+    If generate fails, the iteration yields the text produced so far and then raises generate's exception (the
+    same object) in the iterating thread; transformers' streamer would wait for ever (or until `timeout`)."""
 
     def __init__(self, tokenizer, skip_prompt=False, timeout=None, **decode_kwargs):
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.text_queue, self.stop_signal, self.timeout = queue.Queue(), object(), timeout
+        self._error = None
 
     def on_finalized_text(self, text, stream_end=False):
         if text:
             self.text_queue.put(text, timeout=self.timeout)
         if stream_end:
-            self.text_queue.put(self.stop_signal, timeout=self.timeout)
+            err, self._error = self._error, None
+            self.text_queue.put(self.stop_signal if err is None else _Failure(err), timeout=self.timeout)
+
+    def end(self):
+        try:
+            super().end()
+        except BaseException as e:  # decoding the last text failed: the consumer still gets an end, with e
+            self._error = None
+            self.text_queue.put(_Failure(e))
+            raise
+
+    def _end_with_error(self, exc):
+        self._error = exc
+        try:
+            super().end()  # the text so far, then the failure (on_finalized_text queues it last)
+        except BaseException:  # noqa: BLE001 - exc is what the consumer must see
+            pass
+        if self._error is not None:  # end() failed before queueing the failure
+            self._error = None
+            self.text_queue.put(_Failure(exc))
 
     def __iter__(self):
         return self
@@ -77,6 +112,8 @@ class TextIteratorStreamer(TextStreamer):
         value = self.text_queue.get(timeout=self.timeout)
         if value is self.stop_signal:
             raise StopIteration
+        if isinstance(value, _Failure):
+            raise value.exc
         return value
 
 
