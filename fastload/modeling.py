@@ -8,7 +8,9 @@ into the core each (generate calls back per token only to stream and to notice C
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import random
 import sys
 import threading
@@ -44,6 +46,205 @@ IGNORED_LOAD_ARGS = {
     "offload_state_dict": "no offloading: the model lives on one device",
     "max_memory": "the model lives on one device",
     "_fast_init": "weights are never initialised randomly",
+    "use_cache": "fastload always keeps a KV cache while generating; the output is the same either way",
+}
+
+# The GGUF tensor types the core dequantises at load (csrc/gguf.c, fl_ggml_dequant), for messages.
+GGUF_TYPES = "F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K"
+_QUANT_NAMES = {"awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8", "aqlm": "AQLM", "eetq": "EETQ", "hqq": "HQQ",
+                "exl2": "EXL2", "mxfp4": "MXFP4", "bitnet": "BitNet", "vptq": "VPTQ", "spqr": "SpQR"}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class ModelDevice(str):
+    """model.device: the device string ("cpu", "cuda:0"), as before, that also answers torch.device's
+    `.type` ("cpu" / "cuda") and `.index` (None on the CPU). Compares equal to the same string, or to a
+    torch.device whose str() is the same ("cuda:0"; like torch, "cuda" != "cuda:0")."""
+    __slots__ = ()
+
+    @property
+    def type(self) -> str:
+        return self.split(":")[0]
+
+    @property
+    def index(self):
+        return int(self.split(":")[1]) if ":" in self else None
+
+    def __eq__(self, other):
+        if isinstance(other, str) or is_torch(other):
+            return str.__eq__(self, str(other))
+        return NotImplemented
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = str.__hash__
+
+
+def _dtype_key(x):
+    """'float32' / 'float16' / 'bfloat16' for a dtype given any way (string alias, torch dtype, numpy
+    dtype), None for anything else; torch is never imported."""
+    if isinstance(x, str):
+        key = x.lower().replace("torch.", "")
+    elif is_torch(x):
+        key = str(x).replace("torch.", "")
+    else:
+        try:
+            key = np.dtype(x).name
+        except (TypeError, ValueError):
+            return None
+    v = cfgmod._DTYPE_ALIASES.get(key)
+    return None if v == "auto" else v
+
+
+class ModelDType(str):
+    """model.dtype: the weight dtype's name ("float16"), as before, shaped like a torch dtype: `.itemsize`,
+    `.is_floating_point`, and equality that accepts torch dtypes (`model.dtype == torch.float16`, compared
+    through str() without importing torch), numpy dtypes and the aliases "fp16", "half", "bf16", "float"..."""
+    __slots__ = ()
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[str(self)]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return True
+
+    @property
+    def is_complex(self) -> bool:
+        return False
+
+    @property
+    def is_signed(self) -> bool:
+        return True
+
+    def __eq__(self, other):
+        key = _dtype_key(other)
+        return key is not None and key == str(self)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+
+def _check_device(dev, arg, value):
+    """A CUDA device asked for where there is none: a clear error naming the argument."""
+    if not dev.startswith("cuda"):
+        return
+    b = _C.build_info()
+    if not b["cuda_compiled"]:
+        raise NotImplementedError(f"{arg}={value!r}: fastload was built without CUDA (no nvcc at install time, or "
+                                  f"FASTLOAD_CUDA=0), so only the CPU is available; use {arg}='cpu'")
+    n, idx = int(b["cuda_devices"]), int(dev[5:])
+    if n == 0:
+        raise RuntimeError(f"{arg}={value!r}: no CUDA device is usable here ({b.get('cuda_error') or 'none found'}); "
+                           f"use {arg}='cpu'")
+    if idx >= n:
+        raise ValueError(f"{arg}={value!r}: cuda:{idx} does not exist (this machine has {n} CUDA device(s): "
+                         f"cuda:0 .. cuda:{n - 1})")
+
+
+def _check_not_quantised(hf, path):
+    """config.json with a quantization_config: say what it is and what fastload loads, before looking for tensors."""
+    q = hf.get("quantization_config") if isinstance(hf, dict) else None
+    if not q:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if isinstance(method, str) and method:
+        shown = method[:40]
+        name = _QUANT_NAMES.get(shown.lower(), shown)
+        what = f"a {name}-quantised checkpoint (config.json quantization_config.quant_method={shown!r})"
+    else:
+        what = "a quantised checkpoint (config.json has a quantization_config)"
+    raise NotImplementedError(
+        f"{path} is {what}; fastload loads float32/float16/bfloat16 safetensors and GGUF ({GGUF_TYPES}, "
+        "dequantised at load) today; quantised safetensors checkpoints arrive with issue 9")
+
+
+def _stamp(real):
+    """(size, mtime_ns, inode) of a checkpoint file, to notice a change before reloading from it."""
+    st = os.stat(real)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def generation_config_dict(gc) -> dict:
+    """The values of a GenerationConfig that generation_config.json gets: those that are not None and
+    differ from the defaults (transformers writes its non-default values too)."""
+    d = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc)
+    dflt = getattr(type(gc), "DEFAULTS", {})
+    out = {}
+    for k, v in d.items():
+        if v is None or k.startswith("_") or (k in dflt and dflt[k] == v and type(dflt[k]) is type(v)):
+            continue
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue  # not a generation setting a file can hold (an object set by a caller)
+        out[k] = v
+    return out
+
+
+def _shard_limit(max_shard_size) -> int:
+    """transformers' convert_file_size_to_int: an int (bytes) or "5GB" / "500MB" / "1GiB" / "10KB"."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        n = max_shard_size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(GIB|MIB|KIB|GB|MB|KB|B)?\s*", str(max_shard_size), re.I)
+        if not m:
+            raise ValueError(f"max_shard_size={max_shard_size!r} is not a size: use bytes or '5GB', '500MB', '1GiB'")
+        mult = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, None: 1}
+        unit = m.group(2)
+        n = int(m.group(1)) * mult[unit.upper() if unit else None]
+        if unit and unit.endswith("b") and unit.upper() in ("GB", "MB", "KB"):
+            n //= 8  # "5Gb": gigabits, as transformers reads it
+    if n <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r} must be positive")
+    return n
+
+
+_ST_DTYPES = {"float32": ("F32", "<f4"), "float16": ("F16", "<u2"), "bfloat16": ("BF16", "<u2")}
+
+
+def _write_safetensors(path, entries, export):
+    """Write one safetensors file: 8-byte little-endian header length, the header JSON (padded with spaces
+    to 8 bytes, __metadata__ {"format": "pt"}), then the tensors back to back in header order.
+    entries: [(name, shape, dtype, nbytes, key)]; export(key) -> (dtype, array) gives each tensor's data,
+    one at a time, so no more than one tensor is held in host memory. Written to a temporary name and
+    renamed, so a failed save leaves no half-written file under the final name."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype, nbytes, _ in entries:
+        header[name] = {"dtype": _ST_DTYPES[dtype][0], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(len(hb).to_bytes(8, "little"))
+            fh.write(hb)
+            for name, shape, dtype, nbytes, key in entries:
+                dt, arr = export(key)
+                if dt != dtype or tuple(arr.shape) != tuple(shape) or arr.nbytes != nbytes:
+                    raise RuntimeError(f"save_pretrained: {name}: the core returned {dt} {arr.shape}, "
+                                       f"expected {dtype} {tuple(shape)}")
+                fh.write(np.ascontiguousarray(arr, dtype=_ST_DTYPES[dtype][1]).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# save_pretrained arguments transformers scripts pass that mean nothing here (accepted, ignored):
+IGNORED_SAVE_ARGS = {
+    "is_main_process": "one process writes (no distributed saving)",
+    "save_function": "files are written directly (safetensors only)",
+    "token": "no upload: push_to_hub is not supported",
+    "save_peft_format": "no adapters",
+    "save_original_format": "the weights are written with Hugging Face names already",
 }
 _global_rng = random.Random()
 
@@ -172,10 +373,11 @@ class FastModelForCausalLM:
         self.config = config
         self.arch = arch
         self.generation_config = generation_config
-        self.device = device
-        self.dtype = dtype
+        self.device = ModelDevice(device)
+        self.dtype = ModelDType(dtype)
         self.name_or_path = name_or_path
         self.load_stats = load_stats
+        self._source = None  # what the weights were loaded from (files and their stamps), for .half() / .to()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -205,7 +407,15 @@ class FastModelForCausalLM:
         if dtype is not None and torch_dtype is not None and cfgmod.normalize_dtype(dtype) != cfgmod.normalize_dtype(torch_dtype):
             raise ValueError("dtype and torch_dtype disagree")
         want_dtype = cfgmod.normalize_dtype(dtype if dtype is not None else torch_dtype)
+        # device= (ChatGLM scripts pass it) means the same as device_map=; both given and different is refused
+        # rather than one silently winning.
+        if device is not None and device_map is not None and \
+                cfgmod.normalize_device(device_map) != cfgmod.normalize_device(None, device):
+            raise ValueError(f"device_map={device_map!r} and device={device!r} disagree; pass one of them")
         dev = cfgmod.normalize_device(device_map, device)
+        arg = "device_map" if device_map is not None else "device" if device is not None else "FASTLOAD_DEVICE"
+        _check_device(dev, arg, device_map if device_map is not None else device if device is not None
+                      else cfgmod.env("FASTLOAD_DEVICE", "auto"))
         nthreads = threads if threads is not None else cfgmod.cpu_threads()
         ext = _files.external_symlinks_allowed(allow_external_symlinks)
 
@@ -233,6 +443,7 @@ class FastModelForCausalLM:
             raise
         model.name_or_path = str(ref)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
+        model._source.update(threads=nthreads)
         return model
 
     @staticmethod
@@ -251,6 +462,9 @@ class FastModelForCausalLM:
     def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+        cfg_first = _files.find_file(path, "config.json", allow_external=ext)
+        if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
+            _check_not_quantised(_files.read_json(cfg_first, os.path.join(path, "config.json")), path)
         # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
         index_path = os.path.join(path, "model.safetensors.index.json")
         index_real = _files.find_file(path, "model.safetensors.index.json", allow_external=ext)
@@ -286,6 +500,7 @@ class FastModelForCausalLM:
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
 
+        stamps = {r: _stamp(r) for r in [cfg_real, index_real, *real.values()] if r}
         files = {s: _C.SafetensorsFile(real[s]) for s in shard_names}
         where = {}
         for s, f in files.items():
@@ -322,23 +537,15 @@ class FastModelForCausalLM:
                 gen[k] = hf[k]
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
+        model._source = {"kind": "safetensors", "path": path, "ext": ext, "files": stamps}
         return model
 
     @classmethod
     def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None):
+        stamps = {real or path: _stamp(real or path)}
         g = _C.GGUFFile(real or path)  # real: `path` checked and resolved by fastload/_files.py
         meta = g.metadata
-        arch, hf = archmod.gguf_config(meta, path)
-        tensors = {t[0]: t for t in g.tensors()}
-        hf["tie_word_embeddings"] = "output.weight" not in tensors
-        names = archmod.gguf_names(meta["general.architecture"])
-        if "token_embd.weight" in tensors:
-            shape = tensors["token_embd.weight"][3]
-            if len(shape) != 2:
-                raise CheckpointError(f"{path}: tensor 'token_embd.weight' must have 2 dimensions, got {len(shape)}")
-            hf["vocab_size"] = int(shape[0])
-            names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
-        hf = Config(hf)
+        arch, hf, names, tensors = _gguf_hf_config(g, path)
         core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
@@ -352,13 +559,11 @@ class FastModelForCausalLM:
         stats = cls._finish(core, items, 1, os.path.basename(path), progress, progress_callback)
         g.close()
         gen = GenerationConfig()
-        for k, mk in (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
-                      ("pad_token_id", "tokenizer.ggml.padding_token_id")):
-            if meta.get(mk) is not None:
-                gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+        gen.update(_gguf_token_ids(meta, path))
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
+        model._source = {"kind": "gguf", "path": path, "real": real, "files": stamps}
         return model
 
     # ------------------------------------------------------------------ inference
@@ -561,6 +766,32 @@ class FastModelForCausalLM:
     def __repr__(self):
         return (f"FastModelForCausalLM({self.arch.name}, {self.name_or_path!r}, device={self.device}, "
                 f"dtype={self.dtype}, params={self.num_parameters() / 1e6:.1f}M)")
+
+
+def _gguf_hf_config(g, path):
+    """(arch, Hugging Face-style Config, config key -> GGUF key names, {tensor name: info}) of an opened GGUF."""
+    meta = g.metadata
+    arch, hf = archmod.gguf_config(meta, path)
+    tensors = {t[0]: t for t in g.tensors()}
+    hf["tie_word_embeddings"] = "output.weight" not in tensors
+    names = archmod.gguf_names(meta["general.architecture"])
+    if "token_embd.weight" in tensors:
+        shape = tensors["token_embd.weight"][3]
+        if len(shape) != 2:
+            raise CheckpointError(f"{path}: tensor 'token_embd.weight' must have 2 dimensions, got {len(shape)}")
+        hf["vocab_size"] = int(shape[0])
+        names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
+    return arch, Config(hf), names, tensors
+
+
+def _gguf_token_ids(meta, path) -> dict:
+    """eos / bos / pad token ids from GGUF metadata, checked."""
+    out = {}
+    for k, mk in (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                  ("pad_token_id", "tokenizer.ggml.padding_token_id")):
+        if meta.get(mk) is not None:
+            out[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+    return out
 
 
 def _context_bytes(dev):
