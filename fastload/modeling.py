@@ -760,12 +760,226 @@ class FastModelForCausalLM:
         per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0)
         return V * d * (1 if c["tie_embeddings"] else 2) + d + L * per
 
+    # ------------------------------------------------------------------ torch.nn.Module-style conversions
     def eval(self):
+        """A no-op returning the model: fastload is inference only (no dropout, no training mode)."""
         return self
+
+    def train(self, mode: bool = True):
+        """train(False) is a no-op returning the model; train() / train(True) raise: fastload is inference only."""
+        if mode:
+            raise NotImplementedError("train(): fastload is for inference only (no gradients, no training mode); "
+                                      "train(False) and eval() are accepted")
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """requires_grad_(False) is a no-op returning the model; True raises (no gradients in fastload)."""
+        if requires_grad:
+            raise NotImplementedError("requires_grad_(True): fastload computes no gradients (inference only)")
+        return self
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    def half(self):
+        """The weights as float16 (see to())."""
+        return self._convert(dtype="float16", what="half()")
+
+    def float(self):
+        """The weights as float32 (see to())."""
+        return self._convert(dtype="float32", what="float()")
+
+    def bfloat16(self):
+        """The weights as bfloat16 (see to())."""
+        return self._convert(dtype="bfloat16", what="bfloat16()")
+
+    def cuda(self, device=None):
+        """Move the model to a CUDA device (default cuda:0; an int or 'cuda:N' picks another) (see to())."""
+        d = 0 if device is None else device
+        dev = cfgmod.normalize_device(d if not isinstance(d, str) or d.startswith("cuda") else f"cuda:{d}")
+        _check_device(dev, "cuda(device)", device)
+        return self._convert(device=dev, what="cuda()")
+
+    def cpu(self):
+        """Move the model to the CPU (see to())."""
+        return self._convert(device="cpu", what="cpu()")
+
+    def to(self, *args, device=None, dtype=None, non_blocking=False, copy=False, memory_format=None):
+        """torch.nn.Module.to: .to(device), .to(dtype), .to(device, dtype), .to(device=..., dtype=...).
+        Returns the model itself (converted in place), as torch does; non_blocking / copy / memory_format are
+        accepted and ignored. See _convert for how weights are converted or moved."""
+        for a in args:
+            if _dtype_key(a) is not None and not (isinstance(a, str) and a.lower().startswith(("cpu", "cuda"))):
+                if dtype is not None:
+                    raise TypeError(f"to(): two dtypes given ({dtype!r} and {a!r})")
+                dtype = a
+            elif isinstance(a, (str, int)) and not isinstance(a, bool) or (is_torch(a) and type(a).__name__ == "device"):
+                if device is not None:
+                    raise TypeError(f"to(): two devices given ({device!r} and {a!r})")
+                device = a
+            else:
+                raise TypeError(f"to(): {a!r} is neither a device ('cpu', 'cuda', 'cuda:N', an index) nor a dtype "
+                                "(float32, float16, bfloat16)")
+        dev = want = None
+        if device is not None:
+            if isinstance(device, str) and device.lower() == "auto":
+                raise ValueError("to(device='auto'): name the device ('cpu', 'cuda', 'cuda:N')")
+            dev = cfgmod.normalize_device(device)
+            _check_device(dev, "to(device)", device)
+        if dtype is not None:
+            want = _dtype_key(dtype)
+            if want is None:
+                raise ValueError(f"to(dtype={dtype!r}): fastload holds float32, float16 or bfloat16 weights")
+        return self._convert(dtype=want, device=dev, what="to()")
+
+    def _convert(self, dtype=None, device=None, what="to()"):
+        """Convert / move the weights: nothing when the model already is so, else the weights are reloaded
+        from the checkpoint files the model was loaded from, with the new dtype and on the new device
+        (loading is as fast as a conversion, and converting from the source avoids double rounding: a
+        float16 model turned bfloat16 gets the checkpoint's values rounded once, not twice). The files must
+        be unchanged since the load (size, mtime and inode of each are compared): otherwise an error names
+        the file and asks for from_pretrained again. The new weights are loaded first and swapped in only
+        on success: if the reload fails, the model keeps its weights and stays usable."""
+        dtype = dtype or str(self.dtype)
+        device = device or str(self.device)
+        if dtype == self.dtype and device == self.device:
+            return self
+        src = self._source
+        if not src:
+            raise RuntimeError(f"{what}: this model does not know the files it was loaded from; load it with "
+                               f"from_pretrained(..., torch_dtype={dtype!r}, device_map={device!r}) instead")
+        _check_source(src["files"], what)
+        threads = src.get("threads") or 0
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first load already warned about unused tensors
+            if src["kind"] == "gguf":
+                new = type(self)._load_gguf(src["path"], dtype, device, threads, False, None, real=src.get("real"))
+            else:
+                new = type(self)._load_safetensors(src["path"], dtype, device, threads, False, None, ext=src["ext"])
+        if new._source["files"] != src["files"]:  # a file changed while it was being read again
+            del new
+            _check_source(src["files"], what)
+            raise RuntimeError(f"{what}: the checkpoint files changed while the weights were reloaded; "
+                               "call from_pretrained again")
+        self._core = new._core
+        self.device, self.dtype = ModelDevice(device), ModelDType(dtype)
+        self._context_bytes = new._context_bytes
+        stats = new.load_stats
+        stats["total_seconds"] = time.perf_counter() - t0
+        stats["reloaded_by"] = what
+        self.load_stats = stats
+        return self
+
+    # ------------------------------------------------------------------ saving
+    def _hf_config_to_save(self) -> dict:
+        """A complete Hugging Face config.json for what the model holds (also for a GGUF-loaded model)."""
+        cfg = {k: v for k, v in dict(self.config).items() if v is not None}
+        cfg["architectures"] = [self.arch.name]
+        cfg["model_type"] = self.arch.model_type
+        cfg["dtype"] = cfg["torch_dtype"] = str(self.dtype)  # transformers 5 reads dtype, 4.x torch_dtype
+        c = archmod.core_config(self.config, self.arch, self.name_or_path)
+        cfg.setdefault("num_key_value_heads", c["n_kv_heads"])
+        cfg.setdefault("head_dim", c["head_dim"])
+        cfg.setdefault("tie_word_embeddings", bool(c["tie_embeddings"]))
+        cfg.setdefault("hidden_act", "silu")
+        cfg.setdefault("rms_norm_eps", c["rms_eps"])
+        cfg.setdefault("rope_theta", c["rope_theta"])
+        return cfg
+
+    def save_pretrained(self, save_directory, safe_serialization=True, max_shard_size="5GB", push_to_hub=False,
+                        state_dict=None, variant=None, **kwargs):
+        """Write what the model holds, as transformers does: config.json (dtype set to the model's dtype; a
+        complete Hugging Face config for a GGUF-loaded model), generation_config.json, and the weights as
+        safetensors with Hugging Face tensor names (lm_head omitted when tied), sharded as
+        model-0000i-of-0000n.safetensors with model.safetensors.index.json above max_shard_size. The weights
+        are read from the core: after .half() they are float16; a GGUF model's are dequantised (and its q/k
+        rows in Hugging Face order). Stale weight files of an earlier save in the directory are removed."""
+        for k in kwargs:
+            if k not in IGNORED_SAVE_ARGS:
+                raise TypeError(f"save_pretrained: unsupported argument {k!r}; accepted and ignored: "
+                                f"{sorted(IGNORED_SAVE_ARGS)}")
+        if push_to_hub:
+            raise NotImplementedError("save_pretrained(push_to_hub=True): fastload never uploads; push the saved "
+                                      "directory with huggingface_hub")
+        if state_dict is not None:
+            raise NotImplementedError("save_pretrained(state_dict=...): fastload saves the weights the model holds")
+        if variant is not None:
+            raise NotImplementedError("save_pretrained(variant=...): variant file names are not written")
+        if not safe_serialization:
+            raise NotImplementedError("save_pretrained(safe_serialization=False): fastload writes safetensors only "
+                                      "(never pickle)")
+        limit = _shard_limit(max_shard_size)
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"save_pretrained: {save_directory} is a file, not a directory")
+        os.makedirs(save_directory, exist_ok=True)
+
+        c = archmod.core_config(self.config, self.arch, self.name_or_path)
+        q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+        d, ffn, V = c["d"], c["ffn"], c["vocab"]
+        shapes = {"embed_tokens": (V, d), "lm_head": (V, d), "final_norm": (d,), "input_layernorm": (d,),
+                  "post_attention_layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d),
+                  "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (d, q),
+                  "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
+        dt, es = str(self.dtype), self.dtype.itemsize
+        entries = []
+        for slot, layer, name, _ in archmod.tensor_plan(self.arch, c, gguf=False):
+            shape = shapes[slot]
+            entries.append((name, shape, dt, int(np.prod(shape)) * es, (archmod.SLOT[slot], layer)))
+        shards, cur, size = [], [], 0  # huggingface_hub's split: a new shard when the next tensor would overflow
+        for e in entries:
+            if cur and size + e[3] > limit:
+                shards.append(cur)
+                cur, size = [], 0
+            cur.append(e)
+            size += e[3]
+        shards.append(cur)
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        core = self._core
+        for fname, shard in zip(names, shards):
+            _write_safetensors(os.path.join(save_directory, fname), shard, lambda key: core.export(*key))
+        index_path = os.path.join(save_directory, "model.safetensors.index.json")
+        if n > 1:
+            index = {"metadata": {"total_parameters": self.num_parameters(), "total_size": sum(e[3] for e in entries)},
+                     "weight_map": {e[0]: fname for fname, shard in zip(names, shards) for e in shard}}
+            with open(index_path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for f in os.listdir(save_directory):  # an earlier save's weights would be read with the new ones
+            if (re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", f) and f not in names) or \
+                    (n == 1 and f == "model.safetensors.index.json"):
+                os.unlink(os.path.join(save_directory, f))
+        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self._hf_config_to_save(), indent=2, sort_keys=True, default=_json_default) + "\n")
+        with open(os.path.join(save_directory, "generation_config.json"), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(generation_config_dict(self.generation_config), indent=2, sort_keys=True) + "\n")
 
     def __repr__(self):
         return (f"FastModelForCausalLM({self.arch.name}, {self.name_or_path!r}, device={self.device}, "
                 f"dtype={self.dtype}, params={self.num_parameters() / 1e6:.1f}M)")
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+def _check_source(files, what):
+    """Every checkpoint file the model was loaded from is still the same (size, mtime_ns, inode)."""
+    for real, stamp in files.items():
+        try:
+            now = _stamp(real)
+        except OSError as e:
+            raise FileNotFoundError(f"{what}: {real}, which the model was loaded from, is gone ({e.strerror}); "
+                                    "converting reloads the weights from the checkpoint files: call from_pretrained "
+                                    "again") from None
+        if now != stamp:
+            raise RuntimeError(f"{what}: {real} changed since the model was loaded from it (size, mtime or inode "
+                               "differ); converting reloads the weights from the checkpoint files: call "
+                               "from_pretrained again")
 
 
 def _gguf_hf_config(g, path):
@@ -831,6 +1045,77 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:
         return FastModelForCausalLM.from_pretrained(*args, **kwargs)
+
+
+class AutoModel(AutoModelForCausalLM):
+    """The same as AutoModelForCausalLM (ChatGLM scripts load with AutoModel): fastload's models are causal LMs."""
+
+    def __init__(self):
+        raise TypeError("use AutoModel.from_pretrained(...)")
+
+
+# AutoConfig.from_pretrained arguments that only concern downloads or remote code (accepted, ignored):
+_CONFIG_HUB_ARGS = ("trust_remote_code", "token", "use_auth_token", "force_download", "resume_download", "proxies",
+                    "_from_auto", "code_revision")
+
+
+class AutoConfig:
+    """transformers-style AutoConfig: AutoConfig.from_pretrained(path or hub id or .gguf) -> Config."""
+
+    def __init__(self):
+        raise TypeError("use AutoConfig.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path, *, revision=None, cache_dir=None, local_files_only=False,
+                        subfolder="", gguf_file=None, return_unused_kwargs=False, allow_external_symlinks=None,
+                        **kwargs):
+        """The model's Config: config.json checked as from_pretrained checks it (fastload/checks.py), or for a
+        .gguf (a file, gguf_file=, or a directory holding one GGUF and no config.json) the config fastload
+        derives from its metadata. Keyword arguments naming config keys override the file's values, as in
+        transformers; hub arguments (trust_remote_code, token, ...) are accepted and ignored."""
+        for k in _CONFIG_HUB_ARGS:
+            kwargs.pop(k, None)
+        path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                       local_files_only=local_files_only)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        ext = _files.external_symlinks_allowed(allow_external_symlinks)
+        gguf_path = gguf_real = None
+        if not os.path.isdir(path):
+            if not path.endswith(".gguf"):
+                if os.path.basename(path) == "config.json":
+                    path = os.path.dirname(path) or "."
+                else:
+                    raise ValueError(f"{path}: not a model directory, config.json or .gguf file")
+            else:
+                gguf_path = gguf_real = _files.given_file(path)
+        elif gguf_file:
+            gguf_path = os.path.join(path, gguf_file)
+            gguf_real = _files.checkpoint_file(path, gguf_file, "gguf_file argument", allow_external=ext, subdirs=True)
+        elif _files.find_file(path, "config.json", allow_external=ext) is None:
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                gguf_path = os.path.join(path, ggufs[0])
+                gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
+        if gguf_path:
+            g = _C.GGUFFile(gguf_real)
+            try:
+                arch, hf, names, _ = _gguf_hf_config(g, gguf_path)
+                archmod.core_config(hf, arch, gguf_path, names)
+                hf.update(_gguf_token_ids(g.metadata, gguf_path))
+            finally:
+                g.close()
+        else:
+            cfg_path = os.path.join(path, "config.json")
+            hf = Config(_files.read_json(_files.checkpoint_file(path, "config.json", allow_external=ext), cfg_path))
+            checks.check_config(hf, cfg_path)
+        unused = {}
+        for k, v in kwargs.items():
+            if k in hf:
+                hf[k] = v
+            else:
+                unused[k] = v
+        return (hf, unused) if return_unused_kwargs else hf
 
 
 def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:
