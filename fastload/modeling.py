@@ -130,20 +130,20 @@ class ModelDType(str):
     __hash__ = str.__hash__
 
 
-def _check_device(dev, arg, value):
-    """A CUDA device asked for where there is none: a clear error naming the argument."""
+def _check_device(dev, shown, fix):
+    """A CUDA device asked for where there is none: a clear error naming the argument (`shown`, e.g.
+    "device_map='cuda'") and what to do instead (`fix`)."""
     if not dev.startswith("cuda"):
         return
     b = _C.build_info()
     if not b["cuda_compiled"]:
-        raise NotImplementedError(f"{arg}={value!r}: fastload was built without CUDA (no nvcc at install time, or "
-                                  f"FASTLOAD_CUDA=0), so only the CPU is available; use {arg}='cpu'")
+        raise NotImplementedError(f"{shown}: fastload was built without CUDA (no nvcc at install time, or "
+                                  f"FASTLOAD_CUDA=0), so only the CPU is available; {fix}")
     n, idx = int(b["cuda_devices"]), int(dev[5:])
     if n == 0:
-        raise RuntimeError(f"{arg}={value!r}: no CUDA device is usable here ({b.get('cuda_error') or 'none found'}); "
-                           f"use {arg}='cpu'")
+        raise RuntimeError(f"{shown}: no CUDA device is usable here ({b.get('cuda_error') or 'none found'}); {fix}")
     if idx >= n:
-        raise ValueError(f"{arg}={value!r}: cuda:{idx} does not exist (this machine has {n} CUDA device(s): "
+        raise ValueError(f"{shown}: cuda:{idx} does not exist (this machine has {n} CUDA device(s): "
                          f"cuda:0 .. cuda:{n - 1})")
 
 
@@ -414,8 +414,8 @@ class FastModelForCausalLM:
             raise ValueError(f"device_map={device_map!r} and device={device!r} disagree; pass one of them")
         dev = cfgmod.normalize_device(device_map, device)
         arg = "device_map" if device_map is not None else "device" if device is not None else "FASTLOAD_DEVICE"
-        _check_device(dev, arg, device_map if device_map is not None else device if device is not None
-                      else cfgmod.env("FASTLOAD_DEVICE", "auto"))
+        value = device_map if device_map is not None else device if device is not None else cfgmod.env("FASTLOAD_DEVICE")
+        _check_device(dev, f"{arg}={value!r}", f"use {arg}='cpu'")
         nthreads = threads if threads is not None else cfgmod.cpu_threads()
         ext = _files.external_symlinks_allowed(allow_external_symlinks)
 
@@ -798,7 +798,7 @@ class FastModelForCausalLM:
         """Move the model to a CUDA device (default cuda:0; an int or 'cuda:N' picks another) (see to())."""
         d = 0 if device is None else device
         dev = cfgmod.normalize_device(d if not isinstance(d, str) or d.startswith("cuda") else f"cuda:{d}")
-        _check_device(dev, "cuda(device)", device)
+        _check_device(dev, f"cuda({'' if device is None else repr(device)})", "keep the model on the CPU")
         return self._convert(device=dev, what="cuda()")
 
     def cpu(self):
@@ -814,7 +814,8 @@ class FastModelForCausalLM:
                 if dtype is not None:
                     raise TypeError(f"to(): two dtypes given ({dtype!r} and {a!r})")
                 dtype = a
-            elif isinstance(a, (str, int)) and not isinstance(a, bool) or (is_torch(a) and type(a).__name__ == "device"):
+            elif (isinstance(a, str) and re.fullmatch(r"(cpu|cuda|cuda:\d+|auto)", a.lower())) or \
+                    (isinstance(a, int) and not isinstance(a, bool)) or is_torch(a):
                 if device is not None:
                     raise TypeError(f"to(): two devices given ({device!r} and {a!r})")
                 device = a
@@ -826,7 +827,7 @@ class FastModelForCausalLM:
             if isinstance(device, str) and device.lower() == "auto":
                 raise ValueError("to(device='auto'): name the device ('cpu', 'cuda', 'cuda:N')")
             dev = cfgmod.normalize_device(device)
-            _check_device(dev, "to(device)", device)
+            _check_device(dev, f"to({device!r})", "keep the model on the CPU")
         if dtype is not None:
             want = _dtype_key(dtype)
             if want is None:
