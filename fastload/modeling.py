@@ -386,6 +386,9 @@ class FastModelForCausalLM:
                         local_files_only=False, progress=None, progress_callback=None, threads=None,
                         quantization_config=None, load_in_8bit=False, load_in_4bit=False, allow_external_symlinks=None,
                         **kwargs):
+        """transformers' from_pretrained. `device=` (ChatGLM scripts pass it) means the same as `device_map=`;
+        given both, they must name the same device (a ValueError otherwise, rather than one silently winning).
+        A CUDA device where none is usable raises, naming the argument."""
         if model_args:
             raise TypeError("from_pretrained takes the model path and keyword arguments only")
         for k in list(kwargs):
@@ -841,7 +844,8 @@ class FastModelForCausalLM:
         float16 model turned bfloat16 gets the checkpoint's values rounded once, not twice). The files must
         be unchanged since the load (size, mtime and inode of each are compared): otherwise an error names
         the file and asks for from_pretrained again. The new weights are loaded first and swapped in only
-        on success: if the reload fails, the model keeps its weights and stays usable."""
+        on success: if the reload fails, the model keeps its weights and stays usable. While it runs, both
+        copies of the weights exist (on the same GPU for a dtype change there: room for both is needed)."""
         dtype = dtype or str(self.dtype)
         device = device or str(self.device)
         if dtype == self.dtype and device == self.device:
