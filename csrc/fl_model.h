@@ -111,6 +111,11 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
 /* After loading: every required slot filled? Names the first missing one. */
 fl_status fl_model_check_complete(const fl_model *m);
 
+/* The weight `slot` (fl_slot) of `layer` fills: *w, its first row *row0 and the slot's shape
+ * [*rows, *cols] (*is_vec: a vector, cols 1). Errors for a slot the config does not have. */
+fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight **w, int64_t *row0, int64_t *rows,
+                             int64_t *cols, int *is_vec);
+
 fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out);
 void fl_kv_free(fl_model *m, fl_kvcache *kv);
 

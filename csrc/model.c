@@ -253,6 +253,15 @@ static fl_status slot_target(fl_model *m, int slot, int layer, fl_weight **w, in
     return FL_OK;
 }
 
+/* The weight a slot fills, its first row there and its shape: for reading weights back (Model.export). */
+fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight **w, int64_t *row0, int64_t *rows,
+                             int64_t *cols, int *is_vec) {
+    fl_weight *wt = NULL;
+    FL_TRY(slot_target(m, slot, layer, &wt, row0, rows, cols, is_vec));
+    *w = wt;
+    return FL_OK;
+}
+
 static const char *src_type_name(const fl_src_tensor *s) {
     if (s->kind == FL_SRC_GGML) return fl_ggml_type_name(s->type);
     return s->type >= 0 && s->type < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[s->type].st_name : "?";

@@ -8,8 +8,8 @@ C/CUDA core, behind transformers' API.
 """
 from . import _C
 from . import cuda
-from .modeling import (AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM, GenerationConfig,
-                       from_pretrained, set_seed)
+from .modeling import (AutoConfig, AutoModel, AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM,
+                       GenerationConfig, from_pretrained, set_seed)
 from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer, BatchEncoding, FastTokenizer
 
@@ -30,6 +30,6 @@ def info() -> dict:
     return out
 
 
-__all__ = ["AutoModelForCausalLM", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
+__all__ = ["AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
            "CheckpointError", "info", "set_seed", "cuda", "__version__"]

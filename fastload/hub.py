@@ -7,6 +7,7 @@ A snapshot's files are symbolic links into the repository's blobs/ directory; fa
 recognises that layout and follows those links (and no others that leave the snapshot)."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -30,11 +31,27 @@ def _offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+_WINDOWS_DRIVE_RE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def looks_local(ref: str) -> bool:
+    """A reference that can only be a path: ./x, ../x, /x, ~/x, '.', '..', C:\\x, anything with a backslash
+    or os.sep, or with more than the one slash of 'org/name'. Such a reference is never looked up on the hub."""
+    if ref in (".", "..") or ref.startswith(("./", "../", "/", "~", ".\\", "..\\")):
+        return True
+    if _WINDOWS_DRIVE_RE.match(ref) or "\\" in ref or (os.sep != "/" and os.sep in ref):
+        return True
+    return ref.count("/") > 1
+
+
 def resolve(ref, revision=None, cache_dir=None, local_files_only=False) -> str:
     ref = os.fspath(ref)
     p = os.path.expanduser(ref)
     if os.path.exists(p):
         return p
+    if looks_local(ref):
+        raise FileNotFoundError(errno.ENOENT, "no such file or directory (a local path: the Hugging Face hub is not "
+                                "consulted for it)", ref)
     if not _REPO_RE.match(ref):
         raise FileNotFoundError(f"{ref!r} is neither an existing path nor a hub id like 'org/name'")
     cache = hf_cache_dir(cache_dir)

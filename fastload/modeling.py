@@ -8,7 +8,9 @@ into the core each (generate calls back per token only to stream and to notice C
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import random
 import sys
 import threading
@@ -44,6 +46,205 @@ IGNORED_LOAD_ARGS = {
     "offload_state_dict": "no offloading: the model lives on one device",
     "max_memory": "the model lives on one device",
     "_fast_init": "weights are never initialised randomly",
+    "use_cache": "fastload always keeps a KV cache while generating; the output is the same either way",
+}
+
+# The GGUF tensor types the core dequantises at load (csrc/gguf.c, fl_ggml_dequant), for messages.
+GGUF_TYPES = "F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K"
+_QUANT_NAMES = {"awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8", "aqlm": "AQLM", "eetq": "EETQ", "hqq": "HQQ",
+                "exl2": "EXL2", "mxfp4": "MXFP4", "bitnet": "BitNet", "vptq": "VPTQ", "spqr": "SpQR"}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class ModelDevice(str):
+    """model.device: the device string ("cpu", "cuda:0"), as before, that also answers torch.device's
+    `.type` ("cpu" / "cuda") and `.index` (None on the CPU). Compares equal to the same string, or to a
+    torch.device whose str() is the same ("cuda:0"; like torch, "cuda" != "cuda:0")."""
+    __slots__ = ()
+
+    @property
+    def type(self) -> str:
+        return self.split(":")[0]
+
+    @property
+    def index(self):
+        return int(self.split(":")[1]) if ":" in self else None
+
+    def __eq__(self, other):
+        if isinstance(other, str) or is_torch(other):
+            return str.__eq__(self, str(other))
+        return NotImplemented
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = str.__hash__
+
+
+def _dtype_key(x):
+    """'float32' / 'float16' / 'bfloat16' for a dtype given any way (string alias, torch dtype, numpy
+    dtype), None for anything else; torch is never imported."""
+    if isinstance(x, str):
+        key = x.lower().replace("torch.", "")
+    elif is_torch(x):
+        key = str(x).replace("torch.", "")
+    else:
+        try:
+            key = np.dtype(x).name
+        except (TypeError, ValueError):
+            return None
+    v = cfgmod._DTYPE_ALIASES.get(key)
+    return None if v == "auto" else v
+
+
+class ModelDType(str):
+    """model.dtype: the weight dtype's name ("float16"), as before, shaped like a torch dtype: `.itemsize`,
+    `.is_floating_point`, and equality that accepts torch dtypes (`model.dtype == torch.float16`, compared
+    through str() without importing torch), numpy dtypes and the aliases "fp16", "half", "bf16", "float"..."""
+    __slots__ = ()
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[str(self)]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return True
+
+    @property
+    def is_complex(self) -> bool:
+        return False
+
+    @property
+    def is_signed(self) -> bool:
+        return True
+
+    def __eq__(self, other):
+        key = _dtype_key(other)
+        return key is not None and key == str(self)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+
+def _check_device(dev, shown, fix):
+    """A CUDA device asked for where there is none: a clear error naming the argument (`shown`, e.g.
+    "device_map='cuda'") and what to do instead (`fix`)."""
+    if not dev.startswith("cuda"):
+        return
+    b = _C.build_info()
+    if not b["cuda_compiled"]:
+        raise NotImplementedError(f"{shown}: fastload was built without CUDA (no nvcc at install time, or "
+                                  f"FASTLOAD_CUDA=0), so only the CPU is available; {fix}")
+    n, idx = int(b["cuda_devices"]), int(dev[5:])
+    if n == 0:
+        raise RuntimeError(f"{shown}: no CUDA device is usable here ({b.get('cuda_error') or 'none found'}); {fix}")
+    if idx >= n:
+        raise ValueError(f"{shown}: cuda:{idx} does not exist (this machine has {n} CUDA device(s): "
+                         f"cuda:0 .. cuda:{n - 1})")
+
+
+def _check_not_quantised(hf, path):
+    """config.json with a quantization_config: say what it is and what fastload loads, before looking for tensors."""
+    q = hf.get("quantization_config") if isinstance(hf, dict) else None
+    if not q:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if isinstance(method, str) and method:
+        shown = method[:40]
+        name = _QUANT_NAMES.get(shown.lower(), shown)
+        what = f"a {name}-quantised checkpoint (config.json quantization_config.quant_method={shown!r})"
+    else:
+        what = "a quantised checkpoint (config.json has a quantization_config)"
+    raise NotImplementedError(
+        f"{path} is {what}; fastload loads float32/float16/bfloat16 safetensors and GGUF ({GGUF_TYPES}, "
+        "dequantised at load) today; quantised safetensors checkpoints arrive with issue 9")
+
+
+def _stamp(real):
+    """(size, mtime_ns, inode) of a checkpoint file, to notice a change before reloading from it."""
+    st = os.stat(real)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def generation_config_dict(gc) -> dict:
+    """What generation_config.json gets: the explicitly set values of a fastload GenerationConfig (its
+    to_diff_dict(), as transformers writes its non-default values), without None, bookkeeping entries
+    (transformers_version, read from the file) and objects a file cannot hold."""
+    d = gc.to_diff_dict() if hasattr(gc, "to_diff_dict") else dict(gc)
+    out = {}
+    for k, v in d.items():
+        if v is None or k.startswith("_") or k == "transformers_version":
+            continue
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue  # not a generation setting a file can hold (an object set by a caller)
+        out[k] = v
+    return out
+
+
+def _shard_limit(max_shard_size) -> int:
+    """transformers' convert_file_size_to_int: an int (bytes) or "5GB" / "500MB" / "1GiB" / "10KB"."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        n = max_shard_size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(GIB|MIB|KIB|GB|MB|KB|B)?\s*", str(max_shard_size), re.I)
+        if not m:
+            raise ValueError(f"max_shard_size={max_shard_size!r} is not a size: use bytes or '5GB', '500MB', '1GiB'")
+        mult = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, None: 1}
+        unit = m.group(2)
+        n = int(m.group(1)) * mult[unit.upper() if unit else None]
+        if unit and unit.endswith("b") and unit.upper() in ("GB", "MB", "KB"):
+            n //= 8  # "5Gb": gigabits, as transformers reads it
+    if n <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r} must be positive")
+    return n
+
+
+_ST_DTYPES = {"float32": ("F32", "<f4"), "float16": ("F16", "<u2"), "bfloat16": ("BF16", "<u2")}
+
+
+def _write_safetensors(path, entries, export):
+    """Write one safetensors file: 8-byte little-endian header length, the header JSON (padded with spaces
+    to 8 bytes, __metadata__ {"format": "pt"}), then the tensors back to back in header order.
+    entries: [(name, shape, dtype, nbytes, key)]; export(key) -> (dtype, array) gives each tensor's data,
+    one at a time, so no more than one tensor is held in host memory. Written to a temporary name and
+    renamed, so a failed save leaves no half-written file under the final name."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype, nbytes, _ in entries:
+        header[name] = {"dtype": _ST_DTYPES[dtype][0], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(len(hb).to_bytes(8, "little"))
+            fh.write(hb)
+            for name, shape, dtype, nbytes, key in entries:
+                dt, arr = export(key)
+                if dt != dtype or tuple(arr.shape) != tuple(shape) or arr.nbytes != nbytes:
+                    raise RuntimeError(f"save_pretrained: {name}: the core returned {dt} {arr.shape}, "
+                                       f"expected {dtype} {tuple(shape)}")
+                fh.write(np.ascontiguousarray(arr, dtype=_ST_DTYPES[dtype][1]).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# save_pretrained arguments transformers scripts pass that mean nothing here (accepted, ignored):
+IGNORED_SAVE_ARGS = {
+    "is_main_process": "one process writes (no distributed saving)",
+    "save_function": "files are written directly (safetensors only)",
+    "token": "no upload: push_to_hub is not supported",
+    "save_peft_format": "no adapters",
+    "save_original_format": "the weights are written with Hugging Face names already",
 }
 _global_rng = random.Random()
 
@@ -581,10 +782,11 @@ class FastModelForCausalLM:
         self.config = config
         self.arch = arch
         self.generation_config = generation_config
-        self.device = device
-        self.dtype = dtype
+        self.device = ModelDevice(device)
+        self.dtype = ModelDType(dtype)
         self.name_or_path = name_or_path
         self.load_stats = load_stats
+        self._source = None  # what the weights were loaded from (files and their stamps), for .half() / .to()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -593,6 +795,9 @@ class FastModelForCausalLM:
                         local_files_only=False, progress=None, progress_callback=None, threads=None,
                         quantization_config=None, load_in_8bit=False, load_in_4bit=False, allow_external_symlinks=None,
                         **kwargs):
+        """transformers' from_pretrained. `device=` (ChatGLM scripts pass it) means the same as `device_map=`;
+        given both, they must name the same device (a ValueError otherwise, rather than one silently winning).
+        A CUDA device where none is usable raises, naming the argument."""
         if model_args:
             raise TypeError("from_pretrained takes the model path and keyword arguments only")
         for k in list(kwargs):
@@ -614,7 +819,15 @@ class FastModelForCausalLM:
         if dtype is not None and torch_dtype is not None and cfgmod.normalize_dtype(dtype) != cfgmod.normalize_dtype(torch_dtype):
             raise ValueError("dtype and torch_dtype disagree")
         want_dtype = cfgmod.normalize_dtype(dtype if dtype is not None else torch_dtype)
+        # device= (ChatGLM scripts pass it) means the same as device_map=; both given and different is refused
+        # rather than one silently winning.
+        if device is not None and device_map is not None and \
+                cfgmod.normalize_device(device_map) != cfgmod.normalize_device(None, device):
+            raise ValueError(f"device_map={device_map!r} and device={device!r} disagree; pass one of them")
         dev = cfgmod.normalize_device(device_map, device)
+        arg = "device_map" if device_map is not None else "device" if device is not None else "FASTLOAD_DEVICE"
+        value = device_map if device_map is not None else device if device is not None else cfgmod.env("FASTLOAD_DEVICE")
+        _check_device(dev, f"{arg}={value!r}", f"use {arg}='cpu'")
         nthreads = threads if threads is not None else cfgmod.cpu_threads()
         ext = _files.external_symlinks_allowed(allow_external_symlinks)
 
@@ -642,6 +855,7 @@ class FastModelForCausalLM:
             raise
         model.name_or_path = str(ref)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
+        model._source.update(threads=nthreads)
         return model
 
     @staticmethod
@@ -660,6 +874,9 @@ class FastModelForCausalLM:
     def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+        cfg_first = _files.find_file(path, "config.json", allow_external=ext)
+        if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
+            _check_not_quantised(_files.read_json(cfg_first, os.path.join(path, "config.json")), path)
         # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
         index_path = os.path.join(path, "model.safetensors.index.json")
         index_real = _files.find_file(path, "model.safetensors.index.json", allow_external=ext)
@@ -695,6 +912,7 @@ class FastModelForCausalLM:
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
 
+        stamps = {r: _stamp(r) for r in [cfg_real, index_real, *real.values()] if r}
         files = {s: _C.SafetensorsFile(real[s]) for s in shard_names}
         where = {}
         for s, f in files.items():
@@ -731,23 +949,15 @@ class FastModelForCausalLM:
                 gen[k] = hf[k]
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
+        model._source = {"kind": "safetensors", "path": path, "ext": ext, "files": stamps}
         return model
 
     @classmethod
     def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None):
+        stamps = {real or path: _stamp(real or path)}
         g = _C.GGUFFile(real or path)  # real: `path` checked and resolved by fastload/_files.py
         meta = g.metadata
-        arch, hf = archmod.gguf_config(meta, path)
-        tensors = {t[0]: t for t in g.tensors()}
-        hf["tie_word_embeddings"] = "output.weight" not in tensors
-        names = archmod.gguf_names(meta["general.architecture"])
-        if "token_embd.weight" in tensors:
-            shape = tensors["token_embd.weight"][3]
-            if len(shape) != 2:
-                raise CheckpointError(f"{path}: tensor 'token_embd.weight' must have 2 dimensions, got {len(shape)}")
-            hf["vocab_size"] = int(shape[0])
-            names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
-        hf = Config(hf)
+        arch, hf, names, tensors = _gguf_hf_config(g, path)
         core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
@@ -764,6 +974,7 @@ class FastModelForCausalLM:
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
+        model._source = {"kind": "gguf", "path": path, "real": real, "files": stamps}
         return model
 
     # ------------------------------------------------------------------ inference
@@ -804,6 +1015,15 @@ class FastModelForCausalLM:
         gc = GenerationConfig()
         for _, d in layers:
             gc.update(d)
+        # A sampling rule fastload does not implement, set by the model's own generation_config.json (not by this
+        # call): warn and generate without it rather than refuse every generate() of that model. Passed by the
+        # caller, the same field is an error (_resolve_settings).
+        for k, neutral in _UNSUPPORTED_FIELDS.items():
+            if k in layers[0][1] and not any(k in d for _, d in layers[1:]) and not _off(k, gc.get(k), neutral):
+                warnings.warn(f"{self.name_or_path}: the model's generation config sets {k}={gc.get(k)!r}, which "
+                              f"fastload does not implement; generating without it (pass {k}={neutral!r} to silence)",
+                              stacklevel=3)
+                gc[k] = None
         _resolve_settings(gc, layers)
         return gc
 
@@ -964,12 +1184,244 @@ class FastModelForCausalLM:
         per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0)
         return V * d * (1 if c["tie_embeddings"] else 2) + d + L * per
 
+    # ------------------------------------------------------------------ torch.nn.Module-style conversions
     def eval(self):
+        """A no-op returning the model: fastload is inference only (no dropout, no training mode)."""
         return self
+
+    def train(self, mode: bool = True):
+        """train(False) is a no-op returning the model; train() / train(True) raise: fastload is inference only."""
+        if mode:
+            raise NotImplementedError("train(): fastload is for inference only (no gradients, no training mode); "
+                                      "train(False) and eval() are accepted")
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """requires_grad_(False) is a no-op returning the model; True raises (no gradients in fastload)."""
+        if requires_grad:
+            raise NotImplementedError("requires_grad_(True): fastload computes no gradients (inference only)")
+        return self
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    def half(self):
+        """The weights as float16 (see to())."""
+        return self._convert(dtype="float16", what="half()")
+
+    def float(self):
+        """The weights as float32 (see to())."""
+        return self._convert(dtype="float32", what="float()")
+
+    def bfloat16(self):
+        """The weights as bfloat16 (see to())."""
+        return self._convert(dtype="bfloat16", what="bfloat16()")
+
+    def cuda(self, device=None):
+        """Move the model to a CUDA device (default cuda:0; an int or 'cuda:N' picks another) (see to())."""
+        d = 0 if device is None else device
+        dev = cfgmod.normalize_device(d if not isinstance(d, str) or d.startswith("cuda") else f"cuda:{d}")
+        _check_device(dev, f"cuda({'' if device is None else repr(device)})", "keep the model on the CPU")
+        return self._convert(device=dev, what="cuda()")
+
+    def cpu(self):
+        """Move the model to the CPU (see to())."""
+        return self._convert(device="cpu", what="cpu()")
+
+    def to(self, *args, device=None, dtype=None, non_blocking=False, copy=False, memory_format=None):
+        """torch.nn.Module.to: .to(device), .to(dtype), .to(device, dtype), .to(device=..., dtype=...).
+        Returns the model itself (converted in place), as torch does; non_blocking / copy / memory_format are
+        accepted and ignored. See _convert for how weights are converted or moved."""
+        for a in args:
+            if _dtype_key(a) is not None and not (isinstance(a, str) and a.lower().startswith(("cpu", "cuda"))):
+                if dtype is not None:
+                    raise TypeError(f"to(): two dtypes given ({dtype!r} and {a!r})")
+                dtype = a
+            elif (isinstance(a, str) and re.fullmatch(r"(cpu|cuda|cuda:\d+|auto)", a.lower())) or \
+                    (isinstance(a, int) and not isinstance(a, bool)) or is_torch(a):
+                if device is not None:
+                    raise TypeError(f"to(): two devices given ({device!r} and {a!r})")
+                device = a
+            else:
+                raise TypeError(f"to(): {a!r} is neither a device ('cpu', 'cuda', 'cuda:N', an index) nor a dtype "
+                                "(float32, float16, bfloat16)")
+        dev = want = None
+        if device is not None:
+            if isinstance(device, str) and device.lower() == "auto":
+                raise ValueError("to(device='auto'): name the device ('cpu', 'cuda', 'cuda:N')")
+            dev = cfgmod.normalize_device(device)
+            _check_device(dev, f"to({device!r})", "keep the model on the CPU")
+        if dtype is not None:
+            want = _dtype_key(dtype)
+            if want is None:
+                raise ValueError(f"to(dtype={dtype!r}): fastload holds float32, float16 or bfloat16 weights")
+        return self._convert(dtype=want, device=dev, what="to()")
+
+    def _convert(self, dtype=None, device=None, what="to()"):
+        """Convert / move the weights: nothing when the model already is so, else the weights are reloaded
+        from the checkpoint files the model was loaded from, with the new dtype and on the new device
+        (loading is as fast as a conversion, and converting from the source avoids double rounding: a
+        float16 model turned bfloat16 gets the checkpoint's values rounded once, not twice). The files must
+        be unchanged since the load (size, mtime and inode of each are compared): otherwise an error names
+        the file and asks for from_pretrained again. The new weights are loaded first and swapped in only
+        on success: if the reload fails, the model keeps its weights and stays usable. While it runs, both
+        copies of the weights exist (on the same GPU for a dtype change there: room for both is needed)."""
+        dtype = dtype or str(self.dtype)
+        device = device or str(self.device)
+        if dtype == self.dtype and device == self.device:
+            return self
+        src = self._source
+        if not src:
+            raise RuntimeError(f"{what}: this model does not know the files it was loaded from; load it with "
+                               f"from_pretrained(..., torch_dtype={dtype!r}, device_map={device!r}) instead")
+        _check_source(src["files"], what)
+        threads = src.get("threads") or 0
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the first load already warned about unused tensors
+            if src["kind"] == "gguf":
+                new = type(self)._load_gguf(src["path"], dtype, device, threads, False, None, real=src.get("real"))
+            else:
+                new = type(self)._load_safetensors(src["path"], dtype, device, threads, False, None, ext=src["ext"])
+        if new._source["files"] != src["files"]:  # a file changed while it was being read again
+            del new
+            _check_source(src["files"], what)
+            raise RuntimeError(f"{what}: the checkpoint files changed while the weights were reloaded; "
+                               "call from_pretrained again")
+        self._core = new._core
+        self.device, self.dtype = ModelDevice(device), ModelDType(dtype)
+        self._context_bytes = new._context_bytes
+        stats = new.load_stats
+        stats["total_seconds"] = time.perf_counter() - t0
+        stats["reloaded_by"] = what
+        self.load_stats = stats
+        return self
+
+    # ------------------------------------------------------------------ saving
+    def _hf_config_to_save(self) -> dict:
+        """A complete Hugging Face config.json for what the model holds (also for a GGUF-loaded model)."""
+        cfg = {k: v for k, v in dict(self.config).items() if v is not None}
+        cfg["architectures"] = [self.arch.name]
+        cfg["model_type"] = self.arch.model_type
+        cfg["dtype"] = cfg["torch_dtype"] = str(self.dtype)  # transformers 5 reads dtype, 4.x torch_dtype
+        c = archmod.core_config(self.config, self.arch, self.name_or_path)
+        cfg.setdefault("num_key_value_heads", c["n_kv_heads"])
+        cfg.setdefault("head_dim", c["head_dim"])
+        cfg.setdefault("tie_word_embeddings", bool(c["tie_embeddings"]))
+        cfg.setdefault("hidden_act", "silu")
+        cfg.setdefault("rms_norm_eps", c["rms_eps"])
+        cfg.setdefault("rope_theta", c["rope_theta"])
+        return cfg
+
+    def save_pretrained(self, save_directory, safe_serialization=True, max_shard_size="5GB", push_to_hub=False,
+                        state_dict=None, variant=None, **kwargs):
+        """Write what the model holds, as transformers does: config.json (dtype set to the model's dtype; a
+        complete Hugging Face config for a GGUF-loaded model), generation_config.json, and the weights as
+        safetensors with Hugging Face tensor names (lm_head omitted when tied), sharded as
+        model-0000i-of-0000n.safetensors with model.safetensors.index.json above max_shard_size. The weights
+        are read from the core: after .half() they are float16; a GGUF model's are dequantised (and its q/k
+        rows in Hugging Face order). Stale weight files of an earlier save in the directory are removed."""
+        for k in kwargs:
+            if k not in IGNORED_SAVE_ARGS:
+                raise TypeError(f"save_pretrained: unsupported argument {k!r}; accepted and ignored: "
+                                f"{sorted(IGNORED_SAVE_ARGS)}")
+        if push_to_hub:
+            raise NotImplementedError("save_pretrained(push_to_hub=True): fastload never uploads; push the saved "
+                                      "directory with huggingface_hub")
+        if state_dict is not None:
+            raise NotImplementedError("save_pretrained(state_dict=...): fastload saves the weights the model holds")
+        if variant is not None:
+            raise NotImplementedError("save_pretrained(variant=...): variant file names are not written")
+        if not safe_serialization:
+            raise NotImplementedError("save_pretrained(safe_serialization=False): fastload writes safetensors only "
+                                      "(never pickle)")
+        limit = _shard_limit(max_shard_size)
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"save_pretrained: {save_directory} is a file, not a directory")
+        os.makedirs(save_directory, exist_ok=True)
+
+        c = archmod.core_config(self.config, self.arch, self.name_or_path)
+        q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+        d, ffn, V = c["d"], c["ffn"], c["vocab"]
+        shapes = {"embed_tokens": (V, d), "lm_head": (V, d), "final_norm": (d,), "input_layernorm": (d,),
+                  "post_attention_layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d),
+                  "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (d, q),
+                  "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
+        dt, es = str(self.dtype), self.dtype.itemsize
+        entries = []
+        for slot, layer, name, _ in archmod.tensor_plan(self.arch, c, gguf=False):
+            shape = shapes[slot]
+            entries.append((name, shape, dt, int(np.prod(shape)) * es, (archmod.SLOT[slot], layer)))
+        shards, cur, size = [], [], 0  # huggingface_hub's split: a new shard when the next tensor would overflow
+        for e in entries:
+            if cur and size + e[3] > limit:
+                shards.append(cur)
+                cur, size = [], 0
+            cur.append(e)
+            size += e[3]
+        shards.append(cur)
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        core = self._core
+        for fname, shard in zip(names, shards):
+            _write_safetensors(os.path.join(save_directory, fname), shard, lambda key: core.export(*key))
+        index_path = os.path.join(save_directory, "model.safetensors.index.json")
+        if n > 1:
+            index = {"metadata": {"total_parameters": self.num_parameters(), "total_size": sum(e[3] for e in entries)},
+                     "weight_map": {e[0]: fname for fname, shard in zip(names, shards) for e in shard}}
+            with open(index_path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for f in os.listdir(save_directory):  # an earlier save's weights would be read with the new ones
+            if (re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", f) and f not in names) or \
+                    (n == 1 and f == "model.safetensors.index.json"):
+                os.unlink(os.path.join(save_directory, f))
+        with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self._hf_config_to_save(), indent=2, sort_keys=True, default=_json_default) + "\n")
+        with open(os.path.join(save_directory, "generation_config.json"), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(generation_config_dict(self.generation_config), indent=2, sort_keys=True) + "\n")
 
     def __repr__(self):
         return (f"FastModelForCausalLM({self.arch.name}, {self.name_or_path!r}, device={self.device}, "
                 f"dtype={self.dtype}, params={self.num_parameters() / 1e6:.1f}M)")
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+def _check_source(files, what):
+    """Every checkpoint file the model was loaded from is still the same (size, mtime_ns, inode)."""
+    for real, stamp in files.items():
+        try:
+            now = _stamp(real)
+        except OSError as e:
+            raise FileNotFoundError(f"{what}: {real}, which the model was loaded from, is gone ({e.strerror}); "
+                                    "converting reloads the weights from the checkpoint files: call from_pretrained "
+                                    "again") from None
+        if now != stamp:
+            raise RuntimeError(f"{what}: {real} changed since the model was loaded from it (size, mtime or inode "
+                               "differ); converting reloads the weights from the checkpoint files: call "
+                               "from_pretrained again")
+
+
+def _gguf_hf_config(g, path):
+    """(arch, Hugging Face-style Config, config key -> GGUF key names, {tensor name: info}) of an opened GGUF."""
+    meta = g.metadata
+    arch, hf = archmod.gguf_config(meta, path)
+    tensors = {t[0]: t for t in g.tensors()}
+    hf["tie_word_embeddings"] = "output.weight" not in tensors
+    names = archmod.gguf_names(meta["general.architecture"])
+    if "token_embd.weight" in tensors:
+        shape = tensors["token_embd.weight"][3]
+        if len(shape) != 2:
+            raise CheckpointError(f"{path}: tensor 'token_embd.weight' must have 2 dimensions, got {len(shape)}")
+        hf["vocab_size"] = int(shape[0])
+        names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
+    return arch, Config(hf), names, tensors
 
 
 def _context_bytes(dev):
@@ -1009,6 +1461,77 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:
         return FastModelForCausalLM.from_pretrained(*args, **kwargs)
+
+
+class AutoModel(AutoModelForCausalLM):
+    """The same as AutoModelForCausalLM (ChatGLM scripts load with AutoModel): fastload's models are causal LMs."""
+
+    def __init__(self):
+        raise TypeError("use AutoModel.from_pretrained(...)")
+
+
+# AutoConfig.from_pretrained arguments that only concern downloads or remote code (accepted, ignored):
+_CONFIG_HUB_ARGS = ("trust_remote_code", "token", "use_auth_token", "force_download", "resume_download", "proxies",
+                    "_from_auto", "code_revision")
+
+
+class AutoConfig:
+    """transformers-style AutoConfig: AutoConfig.from_pretrained(path or hub id or .gguf) -> Config."""
+
+    def __init__(self):
+        raise TypeError("use AutoConfig.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path, *, revision=None, cache_dir=None, local_files_only=False,
+                        subfolder="", gguf_file=None, return_unused_kwargs=False, allow_external_symlinks=None,
+                        **kwargs):
+        """The model's Config: config.json checked as from_pretrained checks it (fastload/checks.py), or for a
+        .gguf (a file, gguf_file=, or a directory holding one GGUF and no config.json) the config fastload
+        derives from its metadata. Keyword arguments naming config keys override the file's values, as in
+        transformers; hub arguments (trust_remote_code, token, ...) are accepted and ignored."""
+        for k in _CONFIG_HUB_ARGS:
+            kwargs.pop(k, None)
+        path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                       local_files_only=local_files_only)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        ext = _files.external_symlinks_allowed(allow_external_symlinks)
+        gguf_path = gguf_real = None
+        if not os.path.isdir(path):
+            if not path.endswith(".gguf"):
+                if os.path.basename(path) == "config.json":
+                    path = os.path.dirname(path) or "."
+                else:
+                    raise ValueError(f"{path}: not a model directory, config.json or .gguf file")
+            else:
+                gguf_path = gguf_real = _files.given_file(path)
+        elif gguf_file:
+            gguf_path = os.path.join(path, gguf_file)
+            gguf_real = _files.checkpoint_file(path, gguf_file, "gguf_file argument", allow_external=ext, subdirs=True)
+        elif _files.find_file(path, "config.json", allow_external=ext) is None:
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) == 1:
+                gguf_path = os.path.join(path, ggufs[0])
+                gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
+        if gguf_path:
+            g = _C.GGUFFile(gguf_real)
+            try:
+                arch, hf, names, _ = _gguf_hf_config(g, gguf_path)
+                archmod.core_config(hf, arch, gguf_path, names)
+                hf.update(_gguf_generation_config(g.metadata, gguf_path).to_diff_dict())
+            finally:
+                g.close()
+        else:
+            cfg_path = os.path.join(path, "config.json")
+            hf = Config(_files.read_json(_files.checkpoint_file(path, "config.json", allow_external=ext), cfg_path))
+            checks.check_config(hf, cfg_path)
+        unused = {}
+        for k, v in kwargs.items():
+            if k in hf:
+                hf[k] = v
+            else:
+                unused[k] = v
+        return (hf, unused) if return_unused_kwargs else hf
 
 
 def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:

@@ -257,3 +257,14 @@ def test_chat_takes_a_config(demo_model, demo_tok):
     r, _ = demo_model.chat(demo_tok, "What is 2+3?", generation_config=GenerationConfig(max_new_tokens=2))
     full, _ = demo_model.chat(demo_tok, "What is 2+3?", max_new_tokens=40)
     assert len(demo_tok.encode(r, add_special_tokens=False)) <= 2 < len(demo_tok.encode(full, add_special_tokens=False))
+
+
+def test_unimplemented_field_from_the_models_own_file_warns(tmp_path, case):
+    """A sampling rule fastload does not implement, set by the model's generation_config.json: generate()
+    warns and generates without it (the model stays usable); the same field passed by the caller is an error."""
+    m = load(tmp_path / "ck", {"eos_token_id": EOS, "no_repeat_ngram_size": 3})
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size=3"):
+        out = m.generate(case["single_ids"], max_new_tokens=8)
+    assert out[0, 17:].tolist() == GREEDY_NEW[:4]  # and the model's eos still stops it
+    with pytest.raises(TypeError, match="no_repeat_ngram_size"):
+        m.generate(case["single_ids"], max_new_tokens=8, no_repeat_ngram_size=2)

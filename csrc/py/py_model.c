@@ -399,11 +399,43 @@ static PyObject *model_info(FlPyModel *self, void *closure) {
                          "kv_bytes_last", (unsigned long long)m->kv_bytes_last);
 }
 
+/* export(slot, layer) -> (dtype name, ndarray): a copy of what the model holds for one slot (the rows of
+ * wqkv / w_gate_up / bqkv it filled), float32, or the uint16 bit pattern for float16 / bfloat16; shape
+ * [rows, cols], or [rows] for a vector. Read with be->to_host under the model lock (for save_pretrained). */
+static PyObject *model_export(FlPyModel *self, PyObject *args) {
+    int slot, layer;
+    if (!PyArg_ParseTuple(args, "ii", &slot, &layer)) return NULL;
+    if (slot < 0 || slot >= FL_SLOT_COUNT) return PyErr_Format(PyExc_ValueError, "export: unknown slot %d", slot);
+    fl_model *m = self->m;
+    if (!m->arena_d) return PyErr_Format(PyExc_ValueError, "export: the model holds no weights (not loaded)");
+    const fl_weight *w = NULL;
+    int64_t row0 = 0, rows = 0, cols = 0;
+    int is_vec = 0;
+    fl_status st = fl_model_slot_rows(m, slot, layer, &w, &row0, &rows, &cols, &is_vec);
+    if (st != FL_OK) return fl_py_raise(st);
+    if (!w->data_d) return PyErr_Format(PyExc_ValueError, "export: slot %s holds no data", fl_slot_names[slot]);
+    const size_t es = (size_t)fl_dtype_size(w->dtype);
+    npy_intp dims[2] = {(npy_intp)rows, (npy_intp)cols};
+    PyObject *arr = PyArray_SimpleNew(is_vec ? 1 : 2, dims, w->dtype == FL_F32 ? NPY_FLOAT32 : NPY_UINT16);
+    if (!arr) return NULL;
+    /* rows, cols and row0 come from the config the arena was sized with: the range lies inside the arena */
+    const char *src = (const char *)w->data_d + (size_t)row0 * (size_t)cols * es;
+    const size_t nbytes = (size_t)rows * (size_t)cols * es;
+    lock_model(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = self->be->to_host(self->be, PyArray_DATA((PyArrayObject *)arr), src, nbytes);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st != FL_OK) { Py_DECREF(arr); return fl_py_raise(st); }
+    return Py_BuildValue("(sN)", fl_dtype_table[w->dtype].np_name, arr);
+}
+
 static PyMethodDef model_methods[] = {
     {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name)."},
     {"check_complete", (PyCFunction)model_check_complete, METH_NOARGS, "Raise if a required weight was not loaded."},
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS, "Logits for every position."},
     {"generate", (PyCFunction)(void (*)(void))model_generate, METH_VARARGS | METH_KEYWORDS, "Run the generation loop in C."},
+    {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights."},
     {NULL, NULL, 0, NULL},
 };
 static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};
