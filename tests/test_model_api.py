@@ -482,3 +482,19 @@ def test_save_from_gpu(tmp_path):
     m2 = fastload.from_pretrained(str(tmp_path), device_map="cuda")
     assert m2.dtype == "bfloat16"
     np.testing.assert_array_equal(logits(m2), logits(m))
+
+
+@pytest.mark.parametrize("src", ["demo", QWEN2], ids=["demo-gguf", "qwen2-tied-bias"])
+def test_transformers_loads_what_save_pretrained_wrote(tmp_path, src, request):
+    """transformers (where it and torch are installed: the GPU machine) loads the directory save_pretrained
+    wrote, and its float32 logits agree with fastload's: the names, shapes, dtypes and config are transformers'."""
+    torch = pytest.importorskip("torch", reason="torch is not installed here (the peer check runs on the GPU machine)")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed here")
+    path = request.getfixturevalue("demo_gguf") if src == "demo" else src
+    m = fastload.from_pretrained(path, device_map="cpu", torch_dtype="float32")
+    m.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ids = np.array([[1, 504, 3458, 314, 253, 1345, 30]]) if src == "demo" else IDS
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits(m, ids), theirs, rtol=1e-4, atol=1e-4)
