@@ -404,6 +404,9 @@ class FastTokenizer:
         ids = self._encode_ids(texts, add_special_tokens, trunc, max_length)
         ids, masks = self._pad(ids, pad, max_length, pad_to_multiple_of, padding_side or self.padding_side,
                                force_equal=bool(return_tensors) and len(ids) > 1)
+        if return_tensors and len({len(x) for x in ids}) > 1:
+            raise ValueError(f"sequences longer than max_length={max_length} stay longer without truncation=True, "
+                             "so they cannot make one tensor")
         out = BatchEncoding(input_ids=ids)
         if return_attention_mask is None or return_attention_mask:
             out["attention_mask"] = masks

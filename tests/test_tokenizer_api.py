@@ -93,6 +93,8 @@ def test_call_max_length_batches(tok):
     assert enc["input_ids"].shape == (len(TEXTS), 3)
     enc = tok(TEXTS, max_length=3, padding=True)  # padding without truncation: max_length does not cut (transformers)
     assert [len(x) for x in enc["input_ids"]] == [7] * len(TEXTS)
+    with pytest.raises(ValueError, match="truncation=True"):  # longer rows stay longer: no ragged tensor
+        tok(TEXTS, max_length=3, padding="max_length", return_tensors="np")
 
 
 # ---------------------------------------------------------------- special token setters
