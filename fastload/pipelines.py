@@ -378,8 +378,9 @@ def _device_arg(device):
         return None
     if isinstance(device, bool):
         raise ValueError(f"device={device!r} is not a device")
-    if isinstance(device, int):
-        return "cpu" if device < 0 else f"cuda:{device}"
+    if isinstance(device, int):  # transformers: -1 is the CPU, N the Nth accelerator, or the CPU when there is none
+        from . import cuda
+        return f"cuda:{device}" if device >= 0 and cuda.is_available() else "cpu"
     return str(device)
 
 

@@ -133,6 +133,7 @@ _NEUTRAL_KWARGS = {
     "split_special_tokens": lambda v: not v,
     "stride": lambda v: not v,
     "text_pair": lambda v: v is None,
+    "return_attention_mask": lambda v: True,
 }
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -377,7 +378,7 @@ class FastTokenizer:
         """transformers' encode: the token ids of one text, a list, or with return_tensors="np"/"pt" a
         [1, n] array/tensor. truncation/max_length/padding as transformers (max_length alone truncates,
         special tokens kept); text_pair and stride are not supported (NotImplementedError)."""
-        self._check_kwargs("encode", dict(kwargs, text_pair=text_pair, stride=stride), allowed=("return_attention_mask",))
+        self._check_kwargs("encode", dict(kwargs, text_pair=text_pair, stride=stride))
         if not isinstance(text, str):
             raise TypeError(f"encode(text): text must be a string, got {type(text).__name__} "
                             "(use tokenizer(list_of_texts) or batch encoding for several)")
@@ -392,12 +393,19 @@ class FastTokenizer:
         with self._guard("encoding"):
             return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
 
-    def __call__(self, text=None, add_special_tokens=True, padding=False, truncation=None, max_length=None,
-                 return_tensors=None, return_attention_mask=True, padding_side=None, pad_to_multiple_of=None,
-                 **kwargs):
+    def __call__(self, text=None, text_pair=None, text_target=None, text_pair_target=None, add_special_tokens=True,
+                 padding=False, truncation=None, max_length=None, stride=0, is_split_into_words=False,
+                 pad_to_multiple_of=None, padding_side=None, return_tensors=None, return_token_type_ids=None,
+                 return_attention_mask=None, **kwargs):
+        """transformers' tokenizer(...) with the same positional order; text pairs and targets (seq2seq)
+        are not supported and raise NotImplementedError."""
         if text is None:
             raise ValueError("tokenizer(...) needs text")
-        self._check_kwargs("tokenizer", kwargs)
+        self._check_kwargs("tokenizer", dict(kwargs, text_pair=text_pair, stride=stride,
+                                             is_split_into_words=is_split_into_words,
+                                             return_token_type_ids=return_token_type_ids))
+        if text_target is not None or text_pair_target is not None:
+            raise NotImplementedError("tokenizer(text_target=...): targets of sequence-to-sequence models are not supported")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         pad, trunc, max_length = self._strategies(padding, truncation, max_length)

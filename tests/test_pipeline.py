@@ -224,6 +224,9 @@ def test_tiny_fixture_from_paths(tokdir):
     p2 = fastload.pipeline(model=str(model_dir("llama")), tokenizer=str(tokdir), device=-1,
                            model_kwargs={"torch_dtype": "float32"})
     assert p2.task == "text-generation" and p2.model.device == "cpu"
+    if not fastload.cuda.is_available():  # transformers: device=0 without an accelerator runs on the CPU
+        p3 = fastload.pipeline("text-generation", model=str(model_dir("llama")), tokenizer=str(tokdir), device=0)
+        assert p3.model.device == "cpu"
 
 
 def test_gguf_path_loads_its_own_tokenizer(demo_gguf):

@@ -85,6 +85,9 @@ def test_encode_arguments_are_never_silently_ignored(tok):
     with pytest.raises(TypeError, match="bogus"):
         tok("hello", bogus=False)
     assert tok.encode("hello", verbose=False, return_attention_mask=True) == [1, 4]
+    with pytest.raises(NotImplementedError, match="text_pair"):  # transformers' positional order: (text, text_pair)
+        tok("hello", "world")
+    assert tok("hello", return_attention_mask=False) == {"input_ids": [1, 4]}
 
 
 def test_call_max_length_batches(tok):
