@@ -53,16 +53,19 @@ def _is_message(m):
 
 
 def _diff_dict(gc) -> dict:
-    """The fields of a generation config that differ from the defaults (transformers' to_diff_dict)."""
+    """The fields of a generation config that differ from the global defaults (transformers' to_diff_dict,
+    which the pipeline uses to decide what is "set"; fastload's to_diff_dict may also hold fields set
+    explicitly to their default value, which transformers does not count)."""
     if gc is None:
         return {}
     if hasattr(gc, "to_diff_dict"):
-        d = dict(gc.to_diff_dict())
-        d.pop("transformers_version", None)
-        return d
-    items = gc.items() if isinstance(gc, dict) else ((k, v) for k, v in vars(gc).items() if not k.startswith("_"))
-    defaults = modeling.GenerationConfig.DEFAULTS
-    return {k: v for k, v in items if k not in defaults or defaults[k] != v}
+        items = dict(gc.to_diff_dict()).items()
+    elif isinstance(gc, dict):
+        items = gc.items()
+    else:
+        items = ((k, v) for k, v in vars(gc).items() if not k.startswith("_"))
+    defaults = getattr(modeling.GenerationConfig, "DEFAULTS", {})
+    return {k: v for k, v in items if k != "transformers_version" and (k not in defaults or defaults[k] != v)}
 
 
 _SAMPLING_PARAMS = {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}

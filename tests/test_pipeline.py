@@ -159,6 +159,9 @@ def test_model_generation_config_wins_over_pipeline_defaults(tokdir):
     p("hello")
     kw = rec.calls[-1]
     assert "max_new_tokens" not in kw and "temperature" not in kw  # the model's own values apply in generate
+    rec3 = _Recorder({"do_sample": False, "max_new_tokens": None})  # set to the defaults: not "set" (transformers)
+    fastload.pipeline("text-generation", model=rec3, tokenizer=str(tokdir))("hello")
+    assert rec3.calls[-1]["do_sample"] is True and rec3.calls[-1]["max_new_tokens"] == 256
     rec2 = _Recorder()
     gc = fastload.GenerationConfig(max_new_tokens=5)
     before = copy.deepcopy(dict(gc))
