@@ -149,6 +149,18 @@ void fl_cuda_account(int device, long long delta_bytes);
 fl_status fl_cuda_memory(int device, uint64_t *allocated, uint64_t *peak);
 fl_status fl_cuda_reset_peak(int device);
 fl_status fl_cuda_mem_info(int device, uint64_t *free_bytes, uint64_t *total_bytes);
+/* fastload.cuda's device questions (csrc/cuda/cuda_device.cu, cuda_memory.cu; cuda_stub.c without CUDA).
+ * Every device byte fastload holds is one cudaMalloc / cudaFree (no caching allocator), so
+ * "reserved" equals "allocated"; what fastload caches is the loader's pinned *host* pool. */
+typedef struct {
+    char name[256];
+    uint64_t total_memory;           /* bytes */
+    int major, minor;                /* compute capability */
+    int multi_processor_count;
+} fl_cuda_props;
+fl_status fl_cuda_device_props(int device, fl_cuda_props *out); /* FL_E_VALUE: no such device */
+fl_status fl_cuda_synchronize(int device);        /* waits for all work fastload queued on the device */
+void fl_cuda_empty_cache(void);                   /* frees the loader's kept pinned host buffers */
 
 #ifdef __cplusplus
 }

@@ -10,6 +10,7 @@ from . import _C
 from . import cuda
 from .modeling import (AutoConfig, AutoModel, AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM,
                        GenerationConfig, from_pretrained, set_seed)
+from .pipelines import pipeline
 from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer, BatchEncoding, FastTokenizer
 
@@ -32,4 +33,4 @@ def info() -> dict:
 
 __all__ = ["AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
-           "CheckpointError", "info", "set_seed", "cuda", "__version__"]
+           "CheckpointError", "info", "set_seed", "cuda", "pipeline", "__version__"]

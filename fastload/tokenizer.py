@@ -108,8 +108,33 @@ def _checked_config(conf, tmpl, path):
     if not isinstance(clean, bool) and clean is not None:
         raise CheckpointError(f"{source}: clean_up_tokenization_spaces is {type(clean).__name__}, not a bool")
     out["clean_up_tokenization_spaces"] = bool(clean)
+    for k in ("add_bos_token", "add_eos_token"):
+        if conf.get(k) is not None and not isinstance(conf.get(k), bool):
+            raise CheckpointError(f"{source}: {k} is {type(conf.get(k)).__name__}, not a bool")
+        out[k] = conf.get(k)
+    side = conf.get("truncation_side")
+    if side not in (None, "left", "right"):
+        raise CheckpointError(f"{source}: truncation_side must be \"left\" or \"right\"")
+    out["truncation_side"] = side
     return out
 
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+LARGE_INTEGER = int(1e20)  # transformers: a model_max_length above this means "no limit"
+# keyword arguments of transformers' encode()/__call__ accepted when they ask for nothing fastload lacks
+_NEUTRAL_KWARGS = {
+    "verbose": lambda v: v is None or isinstance(v, bool),
+    "return_token_type_ids": lambda v: not v,
+    "return_overflowing_tokens": lambda v: not v,
+    "return_special_tokens_mask": lambda v: not v,
+    "return_offsets_mapping": lambda v: not v,
+    "return_length": lambda v: not v,
+    "is_split_into_words": lambda v: not v,
+    "split_special_tokens": lambda v: not v,
+    "stride": lambda v: not v,
+    "text_pair": lambda v: v is None,
+    "return_attention_mask": lambda v: True,
+}
 
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -118,7 +143,7 @@ _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 class FastTokenizer:
     def __init__(self, tokenizer, *, bos_token=None, eos_token=None, unk_token=None, pad_token=None,
                  chat_template=None, padding_side="left", model_max_length=None, name_or_path="",
-                 clean_up_tokenization_spaces=False, add_bos_token=None, add_eos_token=None):
+                 clean_up_tokenization_spaces=False, add_bos_token=None, add_eos_token=None, truncation_side="right"):
         self._tk = tokenizer
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
         self.pad_token = pad_token
@@ -128,6 +153,7 @@ class FastTokenizer:
         self.name_or_path = name_or_path
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        self.truncation_side = truncation_side
 
     # ---------------------------------------------------------------- construction
     @_library_errors_to_checkpoint_error
@@ -186,19 +212,45 @@ class FastTokenizer:
                    unk_token=conf["unk_token"], pad_token=conf["pad_token"],
                    chat_template=conf["chat_template"], padding_side=padding_side or conf["padding_side"] or "left",
                    model_max_length=conf["model_max_length"], name_or_path=str(pretrained_model_name_or_path),
-                   clean_up_tokenization_spaces=conf["clean_up_tokenization_spaces"])
+                   clean_up_tokenization_spaces=conf["clean_up_tokenization_spaces"],
+                   add_bos_token=conf["add_bos_token"], add_eos_token=conf["add_eos_token"],
+                   truncation_side=conf["truncation_side"] or "right")
 
     # ---------------------------------------------------------------- vocabulary
     def _id(self, tok):
         return None if tok is None else self._tk.token_to_id(tok)
 
-    bos_token_id = property(lambda self: self._id(self.bos_token))
-    eos_token_id = property(lambda self: self._id(self.eos_token))
-    unk_token_id = property(lambda self: self._id(self.unk_token))
+    # bos/eos/unk/pad: the token strings are the state; the *_token_id properties read them through the
+    # vocabulary and their setters set the token of that id (None clears it), as transformers does.
+    def __setattr__(self, key, value):
+        if key in _SPECIAL_TOKENS and value is not None and not isinstance(value, str):
+            if isinstance(getattr(value, "content", None), str):  # a tokenizers / transformers AddedToken
+                value = value.content
+            else:
+                raise ValueError(f"{key} must be a token string (or None), got {type(value).__name__}; "
+                                 f"set {key}_id to give a token id")
+        object.__setattr__(self, key, value)
+
+    def _set_id(self, name, value):
+        if value is None:
+            setattr(self, name, None)
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}_id must be an int token id or None, got {type(value).__name__}")
+        tok = self._tk.id_to_token(int(value)) if 0 <= int(value) < 2 ** 32 else None
+        if tok is None:
+            raise ValueError(f"{name}_id={int(value)} is not a token id of this tokenizer (ids 0..{len(self) - 1})")
+        setattr(self, name, tok)
+
+    bos_token_id = property(lambda self: self._id(self.bos_token), lambda self, v: self._set_id("bos_token", v))
+    eos_token_id = property(lambda self: self._id(self.eos_token), lambda self, v: self._set_id("eos_token", v))
+    unk_token_id = property(lambda self: self._id(self.unk_token), lambda self, v: self._set_id("unk_token", v))
+    pad_token_id = property(lambda self: self._id(self.pad_token), lambda self, v: self._set_id("pad_token", v))
 
     @property
-    def pad_token_id(self):
-        return self._id(self.pad_token)
+    def special_tokens_map(self) -> dict:
+        """The named special tokens that are set (bos/eos/unk/pad), as transformers' special_tokens_map."""
+        return {k: getattr(self, k) for k in _SPECIAL_TOKENS if getattr(self, k) is not None}
 
     @property
     def vocab_size(self):
@@ -237,45 +289,134 @@ class FastTokenizer:
     def _guard(self, what):
         return tokenizers_call(self.name_or_path or "tokenizer", what, convert="panics")
 
-    def encode(self, text, add_special_tokens=True, **kwargs):
+    @staticmethod
+    def _check_kwargs(where, kwargs, allowed=()):
+        """transformers' encode/__call__ arguments: those asking for nothing fastload lacks are accepted;
+        any other value raises NotImplementedError, an unknown name TypeError (never silently ignored)."""
+        for k, v in kwargs.items():
+            if k in allowed:
+                continue
+            if k not in _NEUTRAL_KWARGS:
+                raise TypeError(f"{where}: unexpected argument {k!r}")
+            if not _NEUTRAL_KWARGS[k](v):
+                raise NotImplementedError(f"{where}: {k}={v!r} is not supported")
+
+    def _strategies(self, padding, truncation, max_length):
+        """transformers' _get_padding_truncation_strategies for one sequence per text: returns
+        (pad: None | "longest" | "max_length", truncate: bool, max_length)."""
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+                                       or max_length < 0):
+            raise ValueError(f"max_length must be a non-negative int, got {max_length!r}")
+        if max_length is not None and padding is False and truncation is None:
+            truncation = True  # transformers: max_length alone truncates ("longest_first")
+        if padding in (False, None, "do_not_pad"):
+            pad = None
+        elif padding in (True, "longest"):
+            pad = "longest"
+        elif padding == "max_length":
+            pad = "max_length"
+        else:
+            raise ValueError(f"padding={padding!r}: use True/'longest', 'max_length', False/'do_not_pad'")
+        if truncation in (False, None, "do_not_truncate"):
+            trunc = False
+        elif truncation in (True, "longest_first", "only_first"):
+            trunc = True
+        elif truncation == "only_second":
+            raise ValueError("truncation='only_second' needs a second sequence (text_pair), which is not supported")
+        else:
+            raise ValueError(f"truncation={truncation!r}: use True/'longest_first', 'only_first', False/'do_not_truncate'")
+        if max_length is None:
+            limit = self.model_max_length if self.model_max_length <= LARGE_INTEGER else None
+            if pad == "max_length":
+                pad = pad if limit is not None else None
+                max_length = limit
+            if trunc:
+                trunc = limit is not None
+                max_length = limit
+        return pad, trunc, None if max_length is None else int(max_length)
+
+    def _encode_ids(self, texts, add_special_tokens, truncate, max_length):
+        """Token ids per text; truncation keeps the special tokens the post-processor adds (as the Rust
+        tokenizer's own truncation does for transformers), cutting on self.truncation_side."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"text must be a string or a list of strings, got an item of type {type(t).__name__}")
         with self._guard("encoding"):
-            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+            if not truncate:
+                return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)]
+            n_special = self._tk.num_special_tokens_to_add(False) if add_special_tokens else 0
+            out = []
+            for e in self._tk.encode_batch(texts, add_special_tokens=False):
+                e.truncate(max(0, max_length - n_special), 0, self.truncation_side)
+                out.append(self._tk.post_process(e, None, add_special_tokens).ids)
+            return out
+
+    def _pad(self, ids, pad, max_length, pad_to_multiple_of, side, force_equal):
+        """Pads to the longest (or max_length) on `side`; returns (ids, masks)."""
+        masks = [[1] * len(x) for x in ids]
+        if pad is None and not force_equal:
+            return ids, masks
+        if pad is None and len({len(x) for x in ids}) > 1:
+            raise ValueError("sequences of different lengths need padding=True to make a tensor")
+        target = max_length if pad == "max_length" and max_length is not None else max((len(x) for x in ids), default=0)
+        if pad is not None and pad_to_multiple_of:
+            target = -(-target // int(pad_to_multiple_of)) * int(pad_to_multiple_of)
+        pad_id = self.pad_token_id
+        if pad_id is None:
+            if any(len(x) != target for x in ids):
+                raise ValueError("the tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
+            pad_id = 0
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r} must be 'left' or 'right'")
+        n = [max(0, target - len(x)) for x in ids]
+        if side == "left":
+            return ([[pad_id] * k + x for x, k in zip(ids, n)], [[0] * k + m for m, k in zip(masks, n)])
+        return ([x + [pad_id] * k for x, k in zip(ids, n)], [m + [0] * k for m, k in zip(masks, n)])
+
+    def encode(self, text, text_pair=None, add_special_tokens=True, padding=False, truncation=None, max_length=None,
+               stride=0, padding_side=None, return_tensors=None, pad_to_multiple_of=None, **kwargs):
+        """transformers' encode: the token ids of one text, a list, or with return_tensors="np"/"pt" a
+        [1, n] array/tensor. truncation/max_length/padding as transformers (max_length alone truncates,
+        special tokens kept); text_pair and stride are not supported (NotImplementedError)."""
+        self._check_kwargs("encode", dict(kwargs, text_pair=text_pair, stride=stride))
+        if not isinstance(text, str):
+            raise TypeError(f"encode(text): text must be a string, got {type(text).__name__} "
+                            "(use tokenizer(list_of_texts) or batch encoding for several)")
+        pad, trunc, max_length = self._strategies(padding, truncation, max_length)
+        ids = self._encode_ids([text], add_special_tokens, trunc, max_length)
+        ids, _ = self._pad(ids, pad, max_length, pad_to_multiple_of, padding_side or self.padding_side, False)
+        if return_tensors is None:
+            return ids[0]
+        return self._tensors(BatchEncoding(input_ids=ids), return_tensors)["input_ids"]
 
     def tokenize(self, text, add_special_tokens=False):
         with self._guard("encoding"):
             return self._tk.encode(text, add_special_tokens=add_special_tokens).tokens
 
-    def __call__(self, text=None, add_special_tokens=True, padding=False, truncation=False, max_length=None,
-                 return_tensors=None, return_attention_mask=True, padding_side=None, **kwargs):
+    def __call__(self, text=None, text_pair=None, text_target=None, text_pair_target=None, add_special_tokens=True,
+                 padding=False, truncation=None, max_length=None, stride=0, is_split_into_words=False,
+                 pad_to_multiple_of=None, padding_side=None, return_tensors=None, return_token_type_ids=None,
+                 return_attention_mask=None, **kwargs):
+        """transformers' tokenizer(...) with the same positional order; text pairs and targets (seq2seq)
+        are not supported and raise NotImplementedError."""
         if text is None:
             raise ValueError("tokenizer(...) needs text")
-        for k, v in kwargs.items():
-            if k not in ("return_token_type_ids", "verbose") and v:
-                raise TypeError(f"tokenizer argument {k!r} is not supported")
+        self._check_kwargs("tokenizer", dict(kwargs, text_pair=text_pair, stride=stride,
+                                             is_split_into_words=is_split_into_words,
+                                             return_token_type_ids=return_token_type_ids))
+        if text_target is not None or text_pair_target is not None:
+            raise NotImplementedError("tokenizer(text_target=...): targets of sequence-to-sequence models are not supported")
         single = isinstance(text, str)
         texts = [text] if single else list(text)
-        with self._guard("encoding"):
-            encs = self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)
-        ids = [e.ids for e in encs]
-        if truncation and max_length is not None:
-            ids = [x[:max_length] for x in ids]
-        side = padding_side or self.padding_side
-        if padding in (True, "longest", "max_length") or (return_tensors and len(ids) > 1):
-            if not padding and return_tensors:
-                if len({len(x) for x in ids}) > 1:
-                    raise ValueError("sequences of different lengths need padding=True to make a tensor")
-            target = max_length if padding == "max_length" and max_length else max(len(x) for x in ids)
-            pad = self.pad_token_id
-            if pad is None:
-                if len({len(x) for x in ids}) > 1 or padding == "max_length":
-                    raise ValueError("the tokenizer has no pad_token; set tokenizer.pad_token = tokenizer.eos_token")
-                pad = 0
-            masks = [[0] * (target - len(x)) + [1] * len(x) if side == "left" else [1] * len(x) + [0] * (target - len(x)) for x in ids]
-            ids = [[pad] * (target - len(x)) + x if side == "left" else x + [pad] * (target - len(x)) for x in ids]
-        else:
-            masks = [[1] * len(x) for x in ids]
+        pad, trunc, max_length = self._strategies(padding, truncation, max_length)
+        ids = self._encode_ids(texts, add_special_tokens, trunc, max_length)
+        ids, masks = self._pad(ids, pad, max_length, pad_to_multiple_of, padding_side or self.padding_side,
+                               force_equal=bool(return_tensors) and len(ids) > 1)
+        if return_tensors and len({len(x) for x in ids}) > 1:
+            raise ValueError(f"sequences longer than max_length={max_length} stay longer without truncation=True, "
+                             "so they cannot make one tensor")
         out = BatchEncoding(input_ids=ids)
-        if return_attention_mask:
+        if return_attention_mask is None or return_attention_mask:
             out["attention_mask"] = masks
         if single and not return_tensors:
             out = BatchEncoding({k: v[0] for k, v in out.items()})
@@ -312,6 +453,56 @@ class FastTokenizer:
             sequences = sequences.tolist()
         return [self.decode(s, **kwargs) for s in sequences]
 
+    # ---------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory, legacy_format=None, filename_prefix=None, push_to_hub=False,
+                        save_jinja_files=True, **kwargs) -> tuple:
+        """transformers' save_pretrained: writes tokenizer_config.json (special tokens, padding_side,
+        model_max_length, clean_up_tokenization_spaces, add_bos/eos_token when known, tokenizer_class),
+        special_tokens_map.json (transformers 5 no longer writes it; older loaders read it),
+        chat_template.jinja (when there is a template) and tokenizer.json, and returns their paths.
+        Works for GGUF-rebuilt tokenizers too: the directory then loads without the GGUF file. Files are
+        replaced, never written through (an existing symlink is replaced, not followed)."""
+        if push_to_hub:
+            raise NotImplementedError("save_pretrained(push_to_hub=True): fastload does not upload; save, then use "
+                                      "huggingface_hub's upload_folder")
+        if legacy_format:
+            raise ValueError("legacy_format=True: there is no slow (sentencepiece/vocab file) tokenizer to save; "
+                             "tokenizer.json is the format")
+        if kwargs:
+            raise TypeError(f"save_pretrained: unexpected argument(s) {sorted(kwargs)}")
+        save_directory = os.fspath(save_directory)
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise NotADirectoryError(f"save_pretrained: {save_directory} exists and is not a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        pre = (filename_prefix + "-") if filename_prefix else ""
+        special = self.special_tokens_map
+        conf = dict(special)
+        conf.update(clean_up_tokenization_spaces=bool(self.clean_up_tokenization_spaces),
+                    model_max_length=int(self.model_max_length), padding_side=self.padding_side,
+                    tokenizer_class="PreTrainedTokenizerFast")
+        if self.truncation_side != "right":
+            conf["truncation_side"] = self.truncation_side
+        for k in ("add_bos_token", "add_eos_token"):
+            if getattr(self, k) is not None:
+                conf[k] = bool(getattr(self, k))
+        written = []
+        config_path = os.path.join(save_directory, pre + "tokenizer_config.json")
+        special_path = os.path.join(save_directory, pre + "special_tokens_map.json")
+        template_path = os.path.join(save_directory, pre + "chat_template.jinja")
+        if self.chat_template is not None and not save_jinja_files:
+            conf["chat_template"] = self.chat_template
+        _write_file(config_path, json.dumps(conf, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        written.append(config_path)
+        _write_file(special_path, json.dumps(special, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        written.append(special_path)
+        if self.chat_template is not None and save_jinja_files:
+            _write_file(template_path, self.chat_template)
+            written.append(template_path)
+        tj = os.path.join(save_directory, pre + "tokenizer.json")
+        _write_file(tj, self._tk.to_str(pretty=True))
+        written.append(tj)
+        return tuple(written)
+
     # ---------------------------------------------------------------- chat template
     def apply_chat_template(self, conversation, tokenize=True, add_generation_prompt=False, return_tensors=None,
                             return_dict=False, chat_template=None, continue_final_message=False, tools=None,
@@ -345,6 +536,21 @@ class FastTokenizer:
         if return_tensors:
             return self._tensors(BatchEncoding(input_ids=ids), return_tensors)["input_ids"]
         return ids
+
+
+def _write_file(path, text):
+    """Writes `text` (UTF-8) to a temporary file beside `path`, then renames it over `path`: a reader never
+    sees half a file, and a symlink at `path` is replaced rather than written through."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 _ENV = None

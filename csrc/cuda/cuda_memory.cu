@@ -1,6 +1,8 @@
 // cuda_memory.cu: process-wide accounting of the device memory fastload allocates, per device,
 // for fastload.cuda.memory_allocated() / max_memory_allocated() / reset_peak_memory_stats().
 // The backend's alloc/free report every allocation here (fl_cuda_account).
+// Every device allocation is a direct cudaMalloc / cudaFree (cuda_backend.cu cu_alloc / cu_free and its
+// workspaces, loader.cu staging ring), so fastload.cuda.memory_reserved() == memory_allocated().
 #include <cuda_runtime.h>
 #include <atomic>
 #include "../fl_backend.h"
@@ -40,3 +42,9 @@ extern "C" fl_status fl_cuda_mem_info(int device, uint64_t *free_b, uint64_t *to
     *total_b = t;
     return FL_OK;
 }
+
+// fastload.cuda.empty_cache: device memory is never cached (every buffer above is one cudaMalloc,
+// released by cudaFree when its owner goes), so the only thing to give back is the loader's kept
+// pinned host buffers (loader.cu; a no-op while a load is using them).
+extern "C" void fl_cuda_load_release_pool(void);
+extern "C" void fl_cuda_empty_cache(void) { fl_cuda_load_release_pool(); }

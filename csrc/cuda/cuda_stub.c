@@ -15,3 +15,10 @@ fl_status fl_cuda_mem_info(int device, uint64_t *free_bytes, uint64_t *total_byt
     (void)device; *free_bytes = *total_bytes = 0;
     return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA");
 }
+/* Without CUDA there is no device: properties are an error, synchronizing and emptying caches no-ops. */
+fl_status fl_cuda_device_props(int device, fl_cuda_props *out) {
+    (void)device; (void)out;
+    return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA (no nvcc at install time, or FASTLOAD_CUDA=0)");
+}
+fl_status fl_cuda_synchronize(int device) { (void)device; return FL_OK; }
+void fl_cuda_empty_cache(void) {}

@@ -80,7 +80,44 @@ static PyObject *py_cuda_memory(PyObject *self, PyObject *args) {
                          "free", (unsigned long long)f, "total", (unsigned long long)t);
 }
 
+static PyObject *py_cuda_device_props(PyObject *self, PyObject *args) {
+    (void)self;
+    int dev = 0;
+    if (!PyArg_ParseTuple(args, "i", &dev)) return NULL;
+    fl_cuda_props p;
+    fl_status st = fl_cuda_device_props(dev, &p);
+    if (st != FL_OK) return fl_py_raise(st);
+    PyObject *name = PyUnicode_DecodeUTF8(p.name, (Py_ssize_t)strlen(p.name), "replace");
+    if (!name) return NULL;
+    return Py_BuildValue("{s:N,s:K,s:i,s:i,s:i}", "name", name, "total_memory", (unsigned long long)p.total_memory,
+                         "major", p.major, "minor", p.minor, "multi_processor_count", p.multi_processor_count);
+}
+
+static PyObject *py_cuda_synchronize(PyObject *self, PyObject *args) {
+    (void)self;
+    int dev = 0;
+    if (!PyArg_ParseTuple(args, "i", &dev)) return NULL;
+    fl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_cuda_synchronize(dev);
+    Py_END_ALLOW_THREADS
+    if (st != FL_OK) return fl_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_cuda_empty_cache(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    Py_BEGIN_ALLOW_THREADS
+    fl_cuda_empty_cache();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"cuda_device_props", py_cuda_device_props, METH_VARARGS,
+     "cuda_device_props(device) -> dict(name, total_memory, major, minor, multi_processor_count)"},
+    {"cuda_synchronize", py_cuda_synchronize, METH_VARARGS, "cuda_synchronize(device): wait for the device's work"},
+    {"cuda_empty_cache", py_cuda_empty_cache, METH_NOARGS, "Free the loader's kept pinned host buffers."},
     {"cuda_memory", py_cuda_memory, METH_VARARGS, "cuda_memory(device, reset_peak=False) -> dict of bytes"},
     {"build_info", py_build_info, METH_NOARGS, "Build and device facts for fastload.info()."},
     {NULL, NULL, 0, NULL},
