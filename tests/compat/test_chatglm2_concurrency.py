@@ -4,7 +4,7 @@ model.eval(), model.chat(tokenizer, query, history=[])), five queries answered i
 ThreadPoolExecutor, then torch.cuda's memory report; and the README's streaming loop over model.stream_chat
 (cli_demo.py). Adapted: the import (fastload for transformers, fastload.cuda for torch.cuda), the model path,
 DEVICE = "cuda" only when fastload.cuda.is_available() (the one change CI needs), English queries, and
-max_new_tokens=32 on chat (ChatGLM's chat defaults to max_length=8192) to keep CI fast. Every wait is bounded."""
+max_new_tokens=24 on chat (ChatGLM's chat defaults to max_length=8192) to keep CI fast. Every wait is bounded."""
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +27,7 @@ def chatglm2_script(path, max_workers):
     model = model.eval()
 
     def ask(q):
-        response, history = model.chat(tokenizer, q, history=[], max_new_tokens=32)
+        response, history = model.chat(tokenizer, q, history=[], max_new_tokens=24)
         return response
 
     t0 = time.time()
@@ -52,9 +52,8 @@ def chatglm2_script(path, max_workers):
     return model, tokenizer, loop, pooled, report
 
 
-@pytest.mark.parametrize("max_workers", [2, 5])
-def test_chatglm2_loop_and_thread_pool(model_path, max_workers):
-    model, tokenizer, loop, pooled, report = chatglm2_script(model_path, max_workers)
+def test_chatglm2_loop_and_thread_pool(model_path):
+    model, tokenizer, loop, pooled, report = chatglm2_script(model_path, max_workers=5)
     assert pooled == loop  # greedy: the same answers however the calls are scheduled
     assert all(r.strip() for r in loop)
     assert "Paris" in loop[1]
@@ -72,15 +71,15 @@ def test_chatglm2_stream_chat(model_path):
     model = transformers.AutoModel.from_pretrained(model_path, trust_remote_code=True, device=DEVICE)
     model = model.eval()
     query, history = "What is the capital of France?", []
-    want, _ = model.chat(tokenizer, query, history=[], max_new_tokens=32)
+    want, _ = model.chat(tokenizer, query, history=[], max_new_tokens=24)
     current_length, pieces, response = 0, [], ""
-    for response, history in model.stream_chat(tokenizer, query, history=history, max_new_tokens=32):
+    for response, history in model.stream_chat(tokenizer, query, history=history, max_new_tokens=24):
         pieces.append(response[current_length:])
         current_length = len(response)
     assert response == want == "".join(pieces).strip()
     assert history == [(query, response)]
     # a second turn with that history is accepted and differs from a fresh start only in the prompt
-    response2, history2 = model.chat(tokenizer, "And of Germany?", history=history, max_new_tokens=32)
+    response2, history2 = model.chat(tokenizer, "And of Germany?", history=history, max_new_tokens=24)
     assert history2[:1] == history and history2[-1] == ("And of Germany?", response2) and response2.strip()
 
 
@@ -95,17 +94,17 @@ def test_chatglm2_readme_model_chains(model_path, tokenizer):
     model = transformers.AutoModel.from_pretrained(model_path, trust_remote_code=True, torch_dtype="float16").float()
     assert str(model.dtype).endswith("float32")
     model = model.eval()
-    r32, _ = model.chat(tokenizer, QUERIES[1], history=[], max_new_tokens=32)
+    r32, _ = model.chat(tokenizer, QUERIES[1], history=[], max_new_tokens=24)
     assert "Paris" in r32
     m = transformers.AutoModel.from_pretrained(model_path, trust_remote_code=True, torch_dtype="float32")
     assert m.half() is m or str(m.half().dtype).endswith("float16")
     m = m.half()
     assert str(m.dtype).endswith("float16")
     ref = transformers.AutoModel.from_pretrained(model_path, trust_remote_code=True, torch_dtype="float16")
-    a, _ = m.chat(tokenizer, QUERIES[0], history=[], max_new_tokens=32)
-    b, _ = ref.chat(tokenizer, QUERIES[0], history=[], max_new_tokens=32)
+    a, _ = m.chat(tokenizer, QUERIES[0], history=[], max_new_tokens=24)
+    b, _ = ref.chat(tokenizer, QUERIES[0], history=[], max_new_tokens=24)
     assert a == b
     # chains that change nothing return a usable model
     m = m.to("cpu").eval().train(False).to(m.dtype)
     assert str(m.device) == "cpu" and str(m.dtype).endswith("float16")
-    assert m.chat(tokenizer, QUERIES[0], history=[], max_new_tokens=32)[0] == a
+    assert m.chat(tokenizer, QUERIES[0], history=[], max_new_tokens=24)[0] == a

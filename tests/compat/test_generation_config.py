@@ -48,9 +48,8 @@ def test_generation_config_modified_field_by_field(model, tokenizer):
     msgs = [{"role": "user", "content": "What is 2+3?"}]
     ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="np")
     ref = model.generate(ids, max_new_tokens=30)
-    for gc in (GenerationConfig(max_new_tokens=30), GenerationConfig(max_new_tokens=30, do_sample=False),
-               GenerationConfig(max_new_tokens=30, repetition_penalty=1.0),
-               GenerationConfig(max_new_tokens=30, top_k=50, top_p=1.0, temperature=1.0)):
+    for gc in (GenerationConfig(max_new_tokens=30, do_sample=False),
+               GenerationConfig(max_new_tokens=30, top_k=50, top_p=1.0, temperature=1.0, repetition_penalty=1.0)):
         out = model.generate(ids, generation_config=gc)
         assert np.array_equal(out, ref), f"{dict(gc)} changed the answer"
     gc = GenerationConfig(max_new_tokens=30, eos_token_id=None)

@@ -3,7 +3,7 @@ docs/source/en/perplexity.md): encodings of "\\n\\n".join(texts), a sliding wind
 stride, targets masked with -100 outside the window's new part, outputs = model(input_ids, labels=target_ids),
 ppl = exp(mean of the windows' losses). Adapted: the import, the model path, a short English text instead of
 wikitext-2 (no datasets in CI), numpy for torch ("np", np.exp, np.stack, .copy(); "pt" too where torch is
-installed), `.shape[1]` for torch's `.size(1)` (it works with both), and a scaled-down window (64/32) besides the
+installed), `.shape[1]` for torch's `.size(1)` (it works with both), and a scaled-down window (24/12) besides the
 guide's (max_position_embeddings/512) so that the stride loop runs more than once on the short text.
 The result must equal a perplexity computed independently in numpy from model(input_ids).logits."""
 import numpy as np
@@ -14,13 +14,7 @@ import fastload as transformers
 TEXTS = [
     "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure in "
     "Paris. Its base is square, measuring 125 metres on each side.",
-    "During its construction, the Eiffel Tower surpassed the Washington Monument to become the tallest man-made "
-    "structure in the world, a title it held for 41 years until the Chrysler Building in New York City was "
-    "finished in 1930.",
-    "It was the first structure to reach a height of 300 metres. Due to the addition of a broadcasting aerial at "
-    "the top of the tower in 1957, it is now taller than the Chrysler Building by 5.2 metres.",
-    "Excluding transmitters, the Eiffel Tower is the second tallest free-standing structure in France after the "
-    "Millau Viaduct.",
+    "It was the first structure to reach a height of 300 metres.",
 ]
 
 
@@ -74,10 +68,10 @@ def numpy_perplexity(model, windows):
 
 @pytest.mark.parametrize("window", ["guide", "small"])
 def test_perplexity_loop(model, tokenizer, tensors, window):
-    max_length, stride = (model.config.max_position_embeddings, 512) if window == "guide" else (64, 32)
+    max_length, stride = (model.config.max_position_embeddings, 512) if window == "guide" else (24, 12)
     ppl, windows, seq_len = guide_perplexity(model, tokenizer, tensors, max_length, stride)
-    assert seq_len > 100
-    assert len(windows) == (1 if window == "guide" else -(-(seq_len - 64) // 32) + 1)
+    assert seq_len > 40
+    assert len(windows) == (1 if window == "guide" else -(-(seq_len - 24) // 12) + 1)
     ppl = tensors.item(ppl)
     want = numpy_perplexity(model, windows)
     assert np.isfinite(ppl) and 1 < ppl < 1000

@@ -40,7 +40,7 @@ def test_pipeline_chat(model_path, model, tokenizer):
     assert "Paris" in chat[-1]["content"] and "<|im_end|>" not in chat[-1]["content"]
     # a conversation continued with the pipeline's own output
     follow = chat + [{"role": "user", "content": "And of Germany?"}]
-    out2 = pipe(follow, max_new_tokens=20, do_sample=False)
+    out2 = pipe(follow, max_new_tokens=4, do_sample=False)
     assert out2[0]["generated_text"][:-1] == follow and out2[0]["generated_text"][-1]["role"] == "assistant"
 
 
