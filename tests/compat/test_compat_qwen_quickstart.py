@@ -5,7 +5,7 @@ the 135M demo model rambles past 512 tokens otherwise, so the eos check would sa
 import numpy as np
 
 import fastload as transformers
-from compat_util import greedy_by_forward
+from compat_util import assert_greedy_by_forward
 
 AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
@@ -55,4 +55,4 @@ def test_qwen_quickstart(model_path, tensors):
     assert new.index(eos) == len(new) - 1
     # equals the greedy answer computed another way: chat template tokenised directly, argmax of forward logits
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    assert greedy_by_forward(model, ids, new) == new
+    assert_greedy_by_forward(model, ids, new)
