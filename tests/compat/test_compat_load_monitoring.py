@@ -1,5 +1,5 @@
 """A load-time monitoring script of the field reports: wall time (time.time) and perf_counter around
-from_pretrained, the loader's own statistics, process and device memory before and after, then the usual
+from_pretrained (AutoConfig read first, to print the model's size), the loader's own statistics, process and device memory before and after, then the usual
 `del model; gc.collect(); torch.cuda.empty_cache()`. Adapted: the import (fastload for transformers,
 fastload.cuda for torch.cuda), the model paths (a tiny sharded safetensors fixture and the demo GGUF), torch_dtype
 (torch.float16 where torch is installed, "float16" otherwise), RSS read from /proc instead of psutil."""
@@ -28,6 +28,8 @@ def gpu_mb():
 
 
 def monitor_load(path, torch_dtype):
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
+    print(f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}")
     before = (rss_mb(), gpu_mb())
     print(f"before load: rss {before[0]:.0f} MiB, gpu {before[1]:.0f} MiB")
     t0, p0 = time.time(), time.perf_counter()
@@ -39,6 +41,8 @@ def monitor_load(path, torch_dtype):
     after = (rss_mb(), gpu_mb())
     print(f"after load: rss {after[0]:.0f} MiB, gpu {after[1]:.0f} MiB, peak gpu {torch_cuda.max_memory_allocated() / 2 ** 20:.0f} MiB")
     stats = dict(model.load_stats)
+    stats["config_agrees"] = all(config[k] == model.config[k] for k in ("num_hidden_layers", "hidden_size",
+                                                                         "vocab_size", "num_attention_heads"))
     ref = weakref.ref(model)
     del model
     gc.collect()
@@ -55,6 +59,7 @@ def test_load_monitoring(which, tensors, request):
     for k in ("seconds", "bytes", "gb_per_s", "total_seconds", "device", "dtype"):
         assert k in stats, k
     assert stats["dtype"] == "float16" and stats["bytes"] > 0
+    assert stats["config_agrees"]  # AutoConfig read the same config the model was built from
     assert 0 <= stats["seconds"] <= stats["total_seconds"] <= perf
     assert ref() is None, "the model is still alive after del + gc.collect()"
     assert released[1] <= before[1]  # device memory is back (0 on the CPU)
