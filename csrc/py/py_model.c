@@ -159,12 +159,21 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-/* Take the model for one call (GIL held). The thread that holds it can only be running Python
+/* The plain model lock, for short calls that neither run core work nor call back (no re-entry). */
+static inline void lock_model(FlPyModel *self) {
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* Take the model for one load / forward / generate (GIL held). The thread that holds it can only be running Python
  * code inside a callback of its own call (a streamer calling forward on the same model): a CPU
  * model lets that nested call run (between decode steps the model holds no state a forward
  * breaks: each call has its own KV cache and rereads the workspace); loading, and a CUDA model
  * (graphs, streams), refuse it instead of waiting for themselves forever. Returns -1 with an exception. */
-static int lock_model(FlPyModel *self, int loading) {
+static int enter_model(FlPyModel *self, int loading) {
     const unsigned long me = PyThread_get_thread_ident();
     if (self->depth > 0 && self->owner == me) {
         if (loading || self->loading || !on_compute_thread(self)) {
@@ -176,17 +185,13 @@ static int lock_model(FlPyModel *self, int loading) {
         self->depth++;
         return 0;
     }
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
+    lock_model(self);
     self->owner = me;
     self->depth = 1;
     self->loading = loading;
     return 0;
 }
-static void unlock_model(FlPyModel *self) {
+static void leave_model(FlPyModel *self) {
     if (--self->depth > 0) return;
     self->owner = 0;
     self->loading = 0;
@@ -283,12 +288,12 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     progress_ud ud = {progress == Py_None ? NULL : progress, 0, NULL, 0, 0};
     load_args la = {self->m, arr, (int)n, &ud};
     fl_status st = FL_OK;
-    if (lock_model(self, 1) < 0) { PyMem_Free(arr); return NULL; }
+    if (enter_model(self, 1) < 0) { PyMem_Free(arr); return NULL; }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     const int rc = run_core(self, load_job, &la, &st);
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    unlock_model(self);
+    leave_model(self);
     PyMem_Free(arr);
     self->m->stats.seconds += (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
     if (rc < 0) { fl_err_clear(); return NULL; } /* a callback's exception, or KeyboardInterrupt */
@@ -353,10 +358,10 @@ static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
     fl_status st = FL_OK;
     forward_args fa = {self->m, (int)B, (int)T, PyArray_DATA(ids), pbuf, mask ? PyArray_DATA(mask) : NULL,
                        PyArray_DATA((PyArrayObject *)res)};
-    int rc = lock_model(self, 0);
+    int rc = enter_model(self, 0);
     if (rc == 0) {
         rc = run_core(self, forward_job, &fa, &st);
-        unlock_model(self);
+        leave_model(self);
     }
     PyMem_Free(pbuf);
     if (rc < 0) { fl_err_clear(); Py_CLEAR(res); }
@@ -463,10 +468,10 @@ static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
     int n_new = 0;
     fl_status st = FL_OK;
     generate_args ga = {self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, &sud};
-    int rc = lock_model(self, 0);
+    int rc = enter_model(self, 0);
     if (rc == 0) {
         rc = run_core(self, generate_job, &ga, &st);
-        unlock_model(self);
+        leave_model(self);
     }
     if (rc < 0) { fl_err_clear(); PyMem_Free(obuf); goto out; }
     if (st != FL_OK) { PyMem_Free(obuf); fl_py_raise(st); goto out; }
