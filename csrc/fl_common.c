@@ -39,6 +39,14 @@ fl_status fl_err_prefix(fl_status st, const char *fmt, ...) {
 const char *fl_err_msg(void) { return err_buf; }
 void fl_err_clear(void) { err_buf[0] = 0; }
 
+static _Thread_local const int *cancel_flag;
+const int *fl_cancel_flag(const int *flag) {
+    const int *old = cancel_flag;
+    cancel_flag = flag;
+    return old;
+}
+int fl_cancel_requested(void) { return cancel_flag && __atomic_load_n(cancel_flag, __ATOMIC_RELAXED); }
+
 const fl_dtype_info fl_dtype_table[FL_DTYPE_PLAIN_COUNT] = {
     [FL_F32] = {"F32", "float32", 4},   [FL_F16] = {"F16", "float16", 2},
     [FL_BF16] = {"BF16", "bfloat16", 2}, [FL_F64] = {"F64", "float64", 8},

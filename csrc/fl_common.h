@@ -43,6 +43,12 @@ fl_status fl_err_prefix(fl_status st, const char *fmt, ...)
 const char *fl_err_msg(void);
 void fl_err_clear(void);
 
+/* Cooperative cancellation of a long core call. The thread that runs the call may publish a flag
+ * (thread-local; returns the previous one, NULL = none); long loops poll fl_cancel_requested()
+ * on that thread and stop with FL_E_INTERRUPTED (fl_forward between layers). */
+const int *fl_cancel_flag(const int *flag);
+int fl_cancel_requested(void);
+
 /* Propagate a failing status unchanged. */
 #define FL_TRY(expr) do { fl_status fl_try_st_ = (expr); if (fl_try_st_ != FL_OK) return fl_try_st_; } while (0)
 

@@ -513,6 +513,7 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, cons
     STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
     for (int l = 0; l < c->n_layers; l++) {
         const fl_layer *W = &m->w.layers[l];
+        if (fl_cancel_requested()) return fl_err(FL_E_INTERRUPTED, "interrupted"); /* Ctrl-C in a long forward */
         if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps));
         else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps));
         STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */

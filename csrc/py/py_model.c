@@ -2,6 +2,7 @@
  * files, forward and generate. The GIL is released during all core work; one lock per model
  * serialises callers (the workspace and the KV cache are per model). */
 #include "py_common.h"
+#include "py_exec.h"
 #include "pythread.h"
 #include "../sampling.h"
 #include <float.h>
@@ -12,7 +13,14 @@ typedef struct {
     fl_model *m;
     fl_backend *be;
     PyThread_type_lock lock;
+    unsigned long owner; /* thread holding `lock` (GIL held to read or write) */
+    int depth;           /* calls of `owner` in progress: > 1 when a callback called this model again */
+    int loading;         /* the outermost call is load */
 } FlPyModel;
+
+/* CPU models run their core calls on the process-wide compute thread (py_exec.c): one OpenMP
+ * team, whichever Python thread calls. CUDA models run on the caller's thread. */
+static int on_compute_thread(const FlPyModel *self) { return self->be->host_memory && !strcmp(self->be->name, "cpu"); }
 
 static void model_dealloc(FlPyModel *self) {
     if (self->m) fl_model_free(self->m);
@@ -151,12 +159,53 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-static void lock_model(FlPyModel *self) {
+/* The plain model lock, for short calls that neither run core work nor call back (no re-entry). */
+static inline void lock_model(FlPyModel *self) {
     if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
         Py_BEGIN_ALLOW_THREADS
         PyThread_acquire_lock(self->lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
     }
+}
+
+/* Take the model for one load / forward / generate (GIL held). The thread that holds it can only be running Python
+ * code inside a callback of its own call (a streamer calling forward on the same model): a CPU
+ * model lets that nested call run (between decode steps the model holds no state a forward
+ * breaks: each call has its own KV cache and rereads the workspace); loading, and a CUDA model
+ * (graphs, streams), refuse it instead of waiting for themselves forever. Returns -1 with an exception. */
+static int enter_model(FlPyModel *self, int loading) {
+    const unsigned long me = PyThread_get_thread_ident();
+    if (self->depth > 0 && self->owner == me) {
+        if (loading || self->loading || !on_compute_thread(self)) {
+            PyErr_SetString(PyExc_RuntimeError, self->loading || loading
+                            ? "a model cannot be used from a callback of its own load"
+                            : "a CUDA model cannot be called from a callback of its own forward/generate");
+            return -1;
+        }
+        self->depth++;
+        return 0;
+    }
+    lock_model(self);
+    self->owner = me;
+    self->depth = 1;
+    self->loading = loading;
+    return 0;
+}
+static void leave_model(FlPyModel *self) {
+    if (--self->depth > 0) return;
+    self->owner = 0;
+    self->loading = 0;
+    PyThread_release_lock(self->lock);
+}
+
+/* Run fn on the compute thread (CPU model) or here with the GIL released (CUDA model).
+ * Returns 0 with *st, or -1 with a Python exception (a callback's, or KeyboardInterrupt). */
+static int run_core(FlPyModel *self, fl_exec_fn fn, void *arg, fl_status *st) {
+    if (on_compute_thread(self)) return fl_exec_run(fn, arg, st);
+    Py_BEGIN_ALLOW_THREADS
+    *st = fn(NULL, arg);
+    Py_END_ALLOW_THREADS
+    return 0;
 }
 
 /* Fill `src` from an opened SafetensorsFile or GGUFFile and a tensor name. */
@@ -193,17 +242,34 @@ static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
     return -1;
 }
 
-typedef struct { PyObject *cb; int failed; } progress_ud;
-static int progress_cb(void *ud, uint64_t done, uint64_t total) {
+typedef struct { PyObject *cb; int failed; fl_exec_job *job; uint64_t done, total; } progress_ud;
+static int progress_py(void *ud) { /* GIL held, in the calling thread */
     progress_ud *p = ud;
-    if (!p->cb || p->failed) return p->failed;
-    PyGILState_STATE g = PyGILState_Ensure();
-    PyObject *r = PyObject_CallFunction(p->cb, "KK", (unsigned long long)done, (unsigned long long)total);
+    PyObject *r = PyObject_CallFunction(p->cb, "KK", (unsigned long long)p->done, (unsigned long long)p->total);
     if (!r) p->failed = 1;
     Py_XDECREF(r);
     if (!p->failed && PyErr_CheckSignals() < 0) p->failed = 1;
+    return p->failed;
+}
+/* Called by the loader (under its critical section) after each tensor. */
+static int progress_cb(void *ud, uint64_t done, uint64_t total) {
+    progress_ud *p = ud;
+    if (p->job && fl_exec_cancelled(p->job)) return 1; /* Ctrl-C seen by the waiting caller */
+    if (!p->cb || p->failed) return p->failed;
+    p->done = done;
+    p->total = total;
+    if (p->job) return fl_exec_callback(p->job, progress_py, p);
+    PyGILState_STATE g = PyGILState_Ensure();
+    progress_py(p);
     PyGILState_Release(g);
     return p->failed;
+}
+
+typedef struct { fl_model *m; fl_load_item *arr; int n; progress_ud *ud; } load_args;
+static fl_status load_job(fl_exec_job *job, void *arg) {
+    load_args *a = arg;
+    a->ud->job = job;
+    return fl_model_load(a->m, a->arr, a->n, progress_cb, a->ud);
 }
 
 /* load(items: list[(slot, layer, unpermute_heads, file, name)], progress=None) -> dict */
@@ -219,19 +285,19 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
         if (!PyArg_ParseTuple(it, "iiiOU", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name) ||
             src_from(file, name, &arr[i].src) < 0) { PyMem_Free(arr); return NULL; }
     }
-    progress_ud ud = {progress == Py_None ? NULL : progress, 0};
-    fl_status st;
-    lock_model(self);
-    PyThreadState *ts = PyEval_SaveThread();
+    progress_ud ud = {progress == Py_None ? NULL : progress, 0, NULL, 0, 0};
+    load_args la = {self->m, arr, (int)n, &ud};
+    fl_status st = FL_OK;
+    if (enter_model(self, 1) < 0) { PyMem_Free(arr); return NULL; }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    st = fl_model_load(self->m, arr, (int)n, progress_cb, &ud);
+    const int rc = run_core(self, load_job, &la, &st);
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    PyEval_RestoreThread(ts);
-    PyThread_release_lock(self->lock);
+    leave_model(self);
     PyMem_Free(arr);
     self->m->stats.seconds += (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
-    if (ud.failed) { fl_err_clear(); return NULL; } /* the callback's exception */
+    if (rc < 0) { fl_err_clear(); return NULL; } /* a callback's exception, or KeyboardInterrupt */
+    if (ud.failed) { fl_err_clear(); return NULL; } /* the callback's exception (CUDA: raised in this thread) */
     if (st != FL_OK) return fl_py_raise(st);
     Py_RETURN_NONE;
 }
@@ -247,6 +313,16 @@ static PyArrayObject *as_2d(PyObject *o, int typenum, const char *what) {
     PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, typenum, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
     if (!a) { PyErr_Clear(); PyErr_Format(PyExc_ValueError, "%s must be a 2-D array of integers [batch, seq_len]", what); }
     return a;
+}
+
+typedef struct { fl_model *m; int B, T; const int32_t *ids, *pos; const uint8_t *mask; float *logits; } forward_args;
+static fl_status forward_job(fl_exec_job *job, void *arg) {
+    forward_args *a = arg;
+    fl_kvcache *kv = NULL;
+    fl_status st = fl_kv_create(a->m, a->B, a->T, &kv);
+    if (st == FL_OK) st = fl_forward(a->m, kv, a->B, a->T, 0, a->ids, a->pos, a->mask, a->T, 1, a->logits);
+    fl_kv_free(a->m, kv);
+    return st;
 }
 
 /* forward(input_ids[B,T], attention_mask=None, position_ids=None) -> float32 logits [B, T, V] */
@@ -279,42 +355,64 @@ static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
     int32_t *pbuf = PyMem_Malloc((size_t)(B * T) * 4);
     if (!pbuf) { Py_CLEAR(res); PyErr_NoMemory(); goto out; }
     for (npy_intp i = 0; i < B * T; i++) pbuf[i] = pos ? ((int32_t *)PyArray_DATA(pos))[i] : (int32_t)(i % T); /* transformers' default: arange */
-    fl_status st;
-    lock_model(self);
-    Py_BEGIN_ALLOW_THREADS
-    fl_kvcache *kv = NULL;
-    st = fl_kv_create(self->m, (int)B, (int)T, &kv);
-    if (st == FL_OK) st = fl_forward(self->m, kv, (int)B, (int)T, 0, PyArray_DATA(ids), pbuf,
-                                     mask ? PyArray_DATA(mask) : NULL, (int)T, 1, PyArray_DATA((PyArrayObject *)res));
-    fl_kv_free(self->m, kv);
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
+    fl_status st = FL_OK;
+    forward_args fa = {self->m, (int)B, (int)T, PyArray_DATA(ids), pbuf, mask ? PyArray_DATA(mask) : NULL,
+                       PyArray_DATA((PyArrayObject *)res)};
+    int rc = enter_model(self, 0);
+    if (rc == 0) {
+        rc = run_core(self, forward_job, &fa, &st);
+        leave_model(self);
+    }
     PyMem_Free(pbuf);
-    if (st != FL_OK) { Py_CLEAR(res); fl_py_raise(st); }
+    if (rc < 0) { fl_err_clear(); Py_CLEAR(res); }
+    else if (st != FL_OK) { Py_CLEAR(res); fl_py_raise(st); }
 out:
     Py_XDECREF(ids); Py_XDECREF(mask); Py_XDECREF(pos);
     return res;
 }
 
-typedef struct { PyObject *cb; } stream_ud;
-static int stream_cb(void *ud, const int32_t *toks, int B) {
+typedef struct { PyObject *cb; fl_exec_job *job; const int32_t *toks; int B; } stream_ud;
+static int stream_py(void *ud) { /* GIL held, in the calling thread */
     stream_ud *s = ud;
-    PyGILState_STATE g = PyGILState_Ensure();
     int fail = PyErr_CheckSignals() < 0;
     if (!fail && s->cb) {
-        npy_intp dims[1] = {B};
+        npy_intp dims[1] = {s->B};
         PyObject *arr = PyArray_SimpleNew(1, dims, NPY_INT64);
         if (!arr) fail = 1;
         else {
-            for (int b = 0; b < B; b++) ((int64_t *)PyArray_DATA((PyArrayObject *)arr))[b] = toks[b];
+            for (int b = 0; b < s->B; b++) ((int64_t *)PyArray_DATA((PyArrayObject *)arr))[b] = s->toks[b];
             PyObject *r = PyObject_CallOneArg(s->cb, arr);
             Py_DECREF(arr);
             if (!r) fail = 1;
             Py_XDECREF(r);
         }
     }
+    return fail;
+}
+/* Called by the generation loop after each step. On the compute thread without a Python callback
+ * nothing is handed off: the waiting caller notices Ctrl-C itself and cancels the job. */
+static int stream_cb(void *ud, const int32_t *toks, int B) {
+    stream_ud *s = ud;
+    s->toks = toks;
+    s->B = B;
+    if (s->job) {
+        if (fl_exec_cancelled(s->job)) return 1;
+        return s->cb ? fl_exec_callback(s->job, stream_py, s) : 0;
+    }
+    PyGILState_STATE g = PyGILState_Ensure();
+    int fail = stream_py(s);
     PyGILState_Release(g);
     return fail;
+}
+
+typedef struct {
+    fl_model *m; const int32_t *ids; const uint8_t *mask; int B, T; const fl_gen_params *p;
+    int32_t *out; int *n_new; stream_ud *sud;
+} generate_args;
+static fl_status generate_job(fl_exec_job *job, void *arg) {
+    generate_args *a = arg;
+    a->sud->job = job;
+    return fl_generate(a->m, a->ids, a->mask, a->B, a->T, a->p, a->out, a->n_new, stream_cb, a->sud);
 }
 
 static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
@@ -366,14 +464,16 @@ static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
     const npy_intp total = T + p.max_new_tokens;
     int32_t *obuf = PyMem_Malloc((size_t)(B * total) * 4 + 4);
     if (!obuf) { PyErr_NoMemory(); goto out; }
-    stream_ud sud = {cb == Py_None ? NULL : cb};
+    stream_ud sud = {cb == Py_None ? NULL : cb, NULL, NULL, 0};
     int n_new = 0;
-    fl_status st;
-    lock_model(self);
-    Py_BEGIN_ALLOW_THREADS
-    st = fl_generate(self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, stream_cb, &sud);
-    Py_END_ALLOW_THREADS
-    PyThread_release_lock(self->lock);
+    fl_status st = FL_OK;
+    generate_args ga = {self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, &sud};
+    int rc = enter_model(self, 0);
+    if (rc == 0) {
+        rc = run_core(self, generate_job, &ga, &st);
+        leave_model(self);
+    }
+    if (rc < 0) { fl_err_clear(); PyMem_Free(obuf); goto out; }
     if (st != FL_OK) { PyMem_Free(obuf); fl_py_raise(st); goto out; }
     npy_intp dims[2] = {B, T + n_new};
     res = PyArray_SimpleNew(2, dims, NPY_INT64);
