@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import platform
 import socket
 import statistics
@@ -111,7 +112,8 @@ def main():
     table = "\n".join(lines)
     print(table)
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"cpu-concurrency-{info['date'][:10]}-{host}{'-' + a.label if a.label else ''}")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", a.label).strip("-")  # the label is free text; file names stay plain
+    stem = os.path.join(a.out, f"cpu-concurrency-{info['date'][:10]}-{host}{'-' + slug if slug else ''}")
     with open(stem + ".json", "w") as f:
         json.dump(info, f, indent=1)
     with open(stem + ".md", "w") as f:

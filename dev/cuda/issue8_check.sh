@@ -5,7 +5,7 @@
 # tests skip there and run in CI. Logs to $OUT.
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
-export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1
+export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 FASTLOAD_SKIP_DEMO=1
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; nproc; date -u;
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/device.txt"
