@@ -1151,12 +1151,20 @@ class FastModelForCausalLM:
                 self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], streamer=streamer, **gen_kwargs)
             except BaseException:  # noqa: BLE001 - generate handed it to the streamer, which raises it below
                 pass
-        th = threading.Thread(target=run, daemon=True)
+        th = threading.Thread(target=run, daemon=True, name="fastload-stream_chat")
         th.start()
         response = ""
-        for piece in streamer:
-            response += piece
-            yield response.strip(), self._chat_history(history, query, response.strip(), role)
+        finished = False
+        try:
+            for piece in streamer:
+                response += piece
+                yield response.strip(), self._chat_history(history, query, response.strip(), role)
+            finished = True
+        finally:
+            if not finished:
+                # The consumer stopped early (broke out of its loop, closed the generator, or raised): stop the
+                # generation at its next token instead of letting it run to max_new_tokens holding the model.
+                streamer.cancel()
         th.join()
 
     # ------------------------------------------------------------------ facts

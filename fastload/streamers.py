@@ -70,6 +70,10 @@ class _Failure:
         self.exc = exc
 
 
+class GenerationCancelled(Exception):
+    """Raised in the generating thread when the consumer cancelled its TextIteratorStreamer."""
+
+
 class TextIteratorStreamer(TextStreamer):
     """Queues text pieces for a consumer thread: `for piece in streamer: ...` (generate in another thread).
     If generate fails, the iteration yields the text produced so far and then raises generate's exception (the
@@ -79,6 +83,18 @@ class TextIteratorStreamer(TextStreamer):
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.text_queue, self.stop_signal, self.timeout = queue.Queue(), object(), timeout
         self._error = None
+        self._cancelled = False
+
+    def cancel(self):
+        """Ask the generate() feeding this streamer to stop: its next token raises GenerationCancelled in the
+        generating thread (the model is free again within one decode step). For a consumer that stops reading
+        early; stream_chat calls it when its generator is closed. (fastload's own; transformers has no such call.)"""
+        self._cancelled = True
+
+    def put(self, value):
+        if self._cancelled:
+            raise GenerationCancelled("the consumer of this TextIteratorStreamer cancelled the generation")
+        super().put(value)
 
     def on_finalized_text(self, text, stream_end=False):
         if text:

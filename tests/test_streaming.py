@@ -184,3 +184,32 @@ def test_stream_chat_error_mid_generation(demo_model, demo_tok):
         bounded(run)
     ok = bounded(lambda: list(demo_model.stream_chat(demo_tok, "What is 2+3?", max_new_tokens=30)))
     assert "5" in ok[-1][0]
+
+
+def test_stream_chat_closed_early_stops_the_generation(demo_model, demo_tok):
+    """A consumer that stops reading stream_chat early must not leave the generation running to max_new_tokens
+    (holding the model for every other caller): the generating thread ends within a decode step."""
+    before = set(threading.enumerate())
+    gen = demo_model.stream_chat(demo_tok, "Count from one to a thousand.", max_new_tokens=4000, min_new_tokens=4000)
+    first, _ = next(gen)
+    workers = set(threading.enumerate()) - before  # the generating thread stream_chat started
+    assert first and workers
+    gen.close()  # as `break` out of the consumer's loop does
+    for t in workers:
+        t.join(timeout=30)
+    assert not [t for t in workers if t.is_alive()], "generation kept running after the consumer left"
+    # the model answers the next caller at once
+    out = demo_model.generate(demo_tok("Hi", return_tensors="np")["input_ids"], max_new_tokens=2)
+    assert out.shape[1] >= 2
+
+
+def test_text_iterator_streamer_cancel(model, ids):
+    """TextIteratorStreamer.cancel(): the generate() feeding it raises GenerationCancelled at its next token,
+    and the consumer's loop ends with that error instead of waiting."""
+    from fastload.streamers import GenerationCancelled
+    s = TextIteratorStreamer(IdsTokenizer(), skip_prompt=True, timeout=WAIT)
+    s.cancel()
+    with pytest.raises(GenerationCancelled):
+        model.generate(ids, max_new_tokens=50, min_new_tokens=50, streamer=s)
+    with pytest.raises(GenerationCancelled):
+        list(s)
