@@ -251,7 +251,9 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     if sw:
         hf["sliding_window"] = sw
         checks.check_config(hf, where, names)
-        arch = ARCHITECTURES["MistralForCausalLM"] if ga == "llama" else arch
+        if ga == "llama":  # llama.cpp writes Mistral as "llama" + a sliding window: say Mistral in the config too
+            arch = ARCHITECTURES["MistralForCausalLM"]
+            hf.update(architectures=[arch.name], model_type=arch.model_type)
     return arch, hf
 
 

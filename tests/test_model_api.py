@@ -498,3 +498,15 @@ def test_transformers_loads_what_save_pretrained_wrote(tmp_path, src, request):
     with torch.no_grad():
         theirs = ref(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(logits(m, ids), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_llama_with_sliding_window_is_mistral_in_its_config(tmp_path):
+    """llama.cpp writes Mistral as general.architecture "llama" plus a sliding window: the model runs as Mistral,
+    and model.config / AutoConfig say so (they said LlamaForCausalLM while model.arch was Mistral)."""
+    from gguf_util import T
+    p = tmp_path / "m.gguf"
+    write_gguf(p, {"llama.attention.sliding_window": (4, T.UINT32)})
+    m = fastload.from_pretrained(str(p), device_map="cpu")
+    assert m.arch.name == "MistralForCausalLM"
+    assert m.config["architectures"] == ["MistralForCausalLM"] and m.config["model_type"] == "mistral"
+    assert fastload.AutoConfig.from_pretrained(str(p))["architectures"] == ["MistralForCausalLM"]
