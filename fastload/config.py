@@ -29,10 +29,9 @@ def env(name: str, default=None):
     return v if v not in (None, "") else default
 
 
-def normalize_dtype(dtype, where="torch_dtype") -> str:
-    """Accept strings, numpy dtypes/types and torch dtypes (without importing torch)."""
-    if dtype is None:
-        dtype = env("FASTLOAD_DTYPE", "auto")
+def dtype_key(dtype):
+    """The canonical name ("float32", "float16", "bfloat16" or "auto") of a dtype given any way: a string alias,
+    a numpy dtype or type, a torch dtype (torch is never imported); None for anything else."""
     if isinstance(dtype, str):
         key = dtype.lower().replace("torch.", "")
     elif is_torch(dtype):
@@ -41,11 +40,19 @@ def normalize_dtype(dtype, where="torch_dtype") -> str:
         try:
             import numpy as np
             key = np.dtype(dtype).name
-        except TypeError:
-            key = str(dtype)
-    if key not in _DTYPE_ALIASES:
+        except (TypeError, ValueError):
+            return None
+    return _DTYPE_ALIASES.get(key)
+
+
+def normalize_dtype(dtype, where="torch_dtype") -> str:
+    """Accept strings, numpy dtypes/types and torch dtypes (without importing torch)."""
+    if dtype is None:
+        dtype = env("FASTLOAD_DTYPE", "auto")
+    key = dtype_key(dtype)
+    if key is None:
         raise ValueError(f"{where}={dtype!r} is not supported; use one of float32, float16, bfloat16 or 'auto'")
-    return _DTYPE_ALIASES[key]
+    return key
 
 
 def cuda_available() -> bool:

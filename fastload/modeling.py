@@ -83,18 +83,8 @@ class ModelDevice(str):
 
 
 def _dtype_key(x):
-    """'float32' / 'float16' / 'bfloat16' for a dtype given any way (string alias, torch dtype, numpy
-    dtype), None for anything else; torch is never imported."""
-    if isinstance(x, str):
-        key = x.lower().replace("torch.", "")
-    elif is_torch(x):
-        key = str(x).replace("torch.", "")
-    else:
-        try:
-            key = np.dtype(x).name
-        except (TypeError, ValueError):
-            return None
-    v = cfgmod._DTYPE_ALIASES.get(key)
+    """'float32' / 'float16' / 'bfloat16' for a dtype given any way, None for anything else (and for "auto")."""
+    v = cfgmod.dtype_key(x)
     return None if v == "auto" else v
 
 
