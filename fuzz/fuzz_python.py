@@ -12,6 +12,7 @@ byte flips / truncation of the written files. Then:
 
     fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu")   (+ one forward if it loads)
     fastload.AutoTokenizer.from_pretrained(path)                            (+ encode/decode if it loads)
+    fastload.AutoConfig.from_pretrained(path), fastload.GenerationConfig.from_pretrained(path)
 
 ALLOW-LIST (anything else is a finding and is re-raised, so that atheris reports it and saves the input):
   - fastload.CheckpointError (a ValueError subclass): a malformed / hostile checkpoint;
@@ -522,7 +523,8 @@ def allowed(e, root):
 
 def escaped(path, root, what):
     """Did the loaded checkpoint come through a link or shard name leaving the model directory?
-    what: "model" (config.json, weights, index, shards) or "tokenizer" (tokenizer files, GGUF)."""
+    what: "model" (config.json, weights, index, shards), "tokenizer" (tokenizer files, GGUF), "config"
+    (config.json or GGUF) or "generation config" (generation_config.json or GGUF)."""
     d = path if os.path.isdir(path) else os.path.dirname(path)
     names = os.listdir(d)
     ggufs = {n for n in names if n.endswith(".gguf")}
@@ -532,6 +534,9 @@ def escaped(path, root, what):
     elif what == "tokenizer":
         used = ({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
                 if os.path.lexists(os.path.join(d, "tokenizer.json")) else ggufs)
+    elif what in ("config", "generation config"):
+        name = "config.json" if what == "config" else "generation_config.json"
+        used = {name} if os.path.lexists(os.path.join(d, name)) else ggufs
     elif os.path.lexists(idx):
         used = {"config.json", "model.safetensors.index.json"}
         try:
@@ -628,6 +633,19 @@ def run_one(path, root):
                 raise Finding(f"the tokenizer loaded although {why}")
             ids = tok("hello abc\n!")["input_ids"]
             tok.decode(ids)
+        # the config readers issue 8 added: AutoConfig (config.json or GGUF metadata) and
+        # GenerationConfig.from_pretrained (generation_config.json or GGUF metadata)
+        for what, read in (("config", fastload.AutoConfig.from_pretrained),
+                           ("generation config", fastload.GenerationConfig.from_pretrained)):
+            try:
+                read(path)
+            except BaseException as e:  # noqa: BLE001
+                if isinstance(e, (KeyboardInterrupt, SystemExit, Hang, Finding)) or not allowed(e, root):
+                    raise
+            else:
+                why = escaped(path, root, what)
+                if why:
+                    raise Finding(f"the {what} was read although {why}")
 
 
 # ------------------------------------------------------------------------------------------------
