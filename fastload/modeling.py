@@ -8,6 +8,7 @@ into the core each (generate calls back per token only to stream and to notice C
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -411,7 +412,6 @@ class GenerationConfig(Config):
         return copy.deepcopy({k: v for k, v in self.items() if k in self._set})
 
     def to_json_string(self, use_diff=True, ignore_metadata=False, keys_to_pop=None) -> str:
-        import json
         d = self.to_diff_dict() if use_diff else self.to_dict()
         for k in tuple(keys_to_pop or ()) + (_METADATA_FIELDS if ignore_metadata else ()):
             d.pop(k, None)
@@ -467,7 +467,6 @@ class GenerationConfig(Config):
         that are generation fields override them and return_unused_kwargs=True also returns the others, as
         transformers. token/force_download/proxies/trust_remote_code are accepted and ignored (no remote code,
         downloads only through huggingface_hub)."""
-        import errno
         del force_download, token, proxies, trust_remote_code  # accepted, meaningless here
         for k in ("use_auth_token", "resume_download", "_from_auto", "_from_pipeline", "_commit_hash"):
             kwargs.pop(k, None)
@@ -995,7 +994,8 @@ class FastModelForCausalLM:
         """The settings one generate() call uses, as transformers 5 merges them: the passed generation_config's
         explicitly set fields over the model's generation_config over the defaults, then every keyword argument
         (None included) over all of them. Neither the model's config nor the passed one is changed. Values are
-        checked here (types, ranges, unsupported fields), so callers can validate before starting a thread."""
+        checked here (types, ranges, unsupported fields), so callers can validate before starting a thread.
+        Returns (the merged GenerationConfig, its checked and typed values from _resolve_settings)."""
         unknown = [k for k in kwargs if k not in GEN_KEYS and k not in GenerationConfig.FIELDS]
         if unknown:
             raise TypeError(f"generate: unsupported argument(s) {unknown}; supported: {sorted(GEN_KEYS)}")
@@ -1014,8 +1014,7 @@ class FastModelForCausalLM:
                               f"fastload does not implement; generating without it (pass {k}={neutral!r} to silence)",
                               stacklevel=3)
                 gc[k] = None
-        _resolve_settings(gc, layers)
-        return gc
+        return gc, _resolve_settings(gc, layers)
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, inputs=None, **kwargs):
         """transformers' generate: greedy or sampling; returns [batch, prompt + new] token ids.
@@ -1043,7 +1042,7 @@ class FastModelForCausalLM:
         mask = _ids2d(attention_mask, "attention_mask")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
-        r = _resolve_settings(self._gen_settings(generation_config, kwargs), ())
+        _, r = self._gen_settings(generation_config, kwargs)
         T = ids.shape[1]
         max_new = r["max_new_tokens"]
         if max_new is None:
@@ -1096,11 +1095,11 @@ class FastModelForCausalLM:
         gen_kwargs = dict(gen_kwargs)
         streamer = gen_kwargs.pop("streamer", None)
         passed = gen_kwargs.pop("generation_config", None)
-        gc = self._gen_settings(passed, gen_kwargs)
+        gc, r = self._gen_settings(passed, gen_kwargs)
         user = {**_explicit(passed), **gen_kwargs}
         if gc.get("max_new_tokens") is None and user.get("max_length") is None:
             gc["max_new_tokens"] = 512
-        eos = _resolve_settings(gc, ())["eos_token_id"]
+        eos = r["eos_token_id"]
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         gc["eos_token_id"] = eos
@@ -1500,7 +1499,7 @@ class AutoConfig:
                 if os.path.basename(path) == "config.json":
                     path = os.path.dirname(path) or "."
                 else:
-                    raise ValueError(f"{path}: not a model directory, config.json or .gguf file")
+                    raise CheckpointError(f"{path}: not a model directory, config.json or .gguf file")
             else:
                 gguf_path = gguf_real = _files.given_file(path)
         elif gguf_file:
