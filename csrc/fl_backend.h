@@ -21,14 +21,18 @@ extern "C" {
 #endif
 
 /* A weight matrix W of shape [rows, cols] (out_features, in_features), row-major as in
- * Hugging Face checkpoints. Quantised formats will fill scales/zeros/group_size/bits. */
+ * Hugging Face checkpoints. dtype FL_QUANT: a quantised weight, layout in csrc/quant.h
+ * (codes in data_d, per-group scales / offsets, optional act-order column permutation). */
 typedef struct {
     fl_dtype dtype;
     int64_t rows, cols;
-    void *data_d;       /* [rows, cols] for plain dtypes */
-    void *scales_d;     /* quantised formats only (later issues) */
-    void *zeros_d;
+    void *data_d;       /* [rows, cols] for plain dtypes; FL_QUANT: codes uint8 [rows, cols * bits / 8] */
+    void *scales_d;     /* FL_QUANT: sdtype [rows, cols / group_size] */
+    void *zeros_d;      /* FL_QUANT: sdtype [rows, cols / group_size] offsets, or NULL (symmetric) */
+    int32_t *perm_d;    /* FL_QUANT: int32 [cols] act-order column order, or NULL */
     int group_size, bits;
+    fl_dtype sdtype;    /* FL_QUANT: FL_F16 or FL_F32 (scales and offsets) */
+    int code;           /* FL_QUANT: FL_QCODE_INT / FL_QCODE_NF4 (quant.h) */
 } fl_weight;
 
 /* KV cache for a rectangular batch: per layer K and V of [batch, max_len, n_kv_heads, head_dim].
@@ -102,14 +106,14 @@ struct fl_backend {
     fl_status (*sync)(fl_backend *);
     void (*destroy)(fl_backend *);
 
-    /* x[n, d] = emb[tokens[i], :] */
+    /* x[n, d] = emb[tokens[i], :] (emb may be FL_QUANT: rows are dequantised) */
     fl_status (*embed)(fl_backend *, void *x_d, const int32_t *tokens_d, int n, const fl_weight *emb);
     /* out = rmsnorm(x) * w                                        x, out: [n, d]; w: [d] (weight dtype) */
     fl_status (*rmsnorm)(fl_backend *, void *out_d, const void *x_d, const fl_weight *w, int n, float eps);
     /* resid += delta; out = rmsnorm(resid) * w                     all [n, d] */
     fl_status (*add_rmsnorm)(fl_backend *, void *out_d, void *resid_d, const void *delta_d,
                              const fl_weight *w, int n, float eps);
-    /* y[n, W.rows] = x[n, W.cols] @ W^T (+ bias[W.rows] if bias != NULL) */
+    /* y[n, W.rows] = x[n, W.cols] @ W^T (+ bias[W.rows] if bias != NULL). W may be FL_QUANT. */
     fl_status (*matmul)(fl_backend *, void *y_d, const void *x_d, int n, const fl_weight *W,
                         const fl_weight *bias);
     /* qkv[B*T, (nh + 2*nkv) * hd] holds q|k|v per token. Rotate q and k in place (rotate-half
@@ -129,6 +133,12 @@ struct fl_backend {
                              int n, int d);
     /* logits (activation dtype) -> float32 on the host, [n, vocab] */
     fl_status (*logits_to_host)(fl_backend *, float *dst_h, const void *src_d, int n, int vocab);
+
+    /* Quantisation at load: rows [row0, row0 + rows) of the FL_QUANT weight W (its layout from
+     * fl_q_layout_for_scheme) from src_d[rows, W.cols] of dtype src_dtype (f32/f16/bf16), both in backend
+     * memory. Bit-identical to fl_q_quantize_rows. */
+    fl_status (*quantize)(fl_backend *, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src_d,
+                          fl_dtype src_dtype);
 
     /* Optional: a backend's own loading pipeline (CUDA: pread / O_DIRECT into a pinned pool, copies
      * on several streams, conversion on the device). NULL: the generic path converts on the host

@@ -60,6 +60,7 @@ typedef enum {
     FL_I8, FL_U8, FL_I16, FL_U16, FL_I32, FL_U32, FL_I64, FL_U64, FL_BOOL,
     FL_F8_E4M3, FL_F8_E5M2,
     FL_DTYPE_PLAIN_COUNT, /* plain (element-wise) types end here */
+    FL_QUANT = 32,        /* a quantised weight (csrc/quant.h): fl_dtype_size() is 0, the layout is in fl_weight */
     FL_DTYPE_INVALID = -1,
 } fl_dtype;
 

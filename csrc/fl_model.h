@@ -6,6 +6,7 @@
 #ifndef FL_MODEL_H
 #define FL_MODEL_H
 #include "fl_backend.h"
+#include "quant.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -82,12 +83,19 @@ typedef struct {
 typedef struct {
     int slot, layer;      /* fl_slot; layer index (ignored for global slots) */
     int unpermute_heads;  /* GGUF q/k: undo llama.cpp's rotary row permutation for this many heads */
-    fl_src_tensor src;
+    fl_src_tensor src;    /* the tensor; for GPTQ / AWQ: qweight */
+    /* GPTQ / AWQ (csrc/quant.h): packing != 0, src is qweight and these are its companions */
+    int packing;          /* 0, FL_PACK_GPTQ, FL_PACK_AWQ */
+    int qbits, qgroup, qzero_offset;
+    fl_src_tensor qzeros, scales, g_idx; /* g_idx.data NULL: none */
 } fl_load_item;
 
 typedef struct fl_model {
     fl_config cfg;
-    fl_dtype wdtype;       /* weight dtype in backend memory */
+    fl_dtype wdtype;       /* float weight dtype in backend memory (embeddings, norms, unquantised weights) */
+    fl_quant_cfg quant;    /* quantisation at load (fl_model_set_quant); zero: none */
+    uint64_t bytes_quant;  /* bytes of quantised weights (codes + scales + offsets + perms) in the arena */
+    int n_quant;           /* weights held quantised */
     fl_backend *be;
     void *arena_d;         /* one allocation holds every weight */
     size_t arena_bytes;
@@ -105,6 +113,8 @@ typedef struct fl_model {
 
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);
 void fl_model_free(fl_model *m);
+/* Quantisation at load for the float tensors of the next fl_model_load (before the first load). */
+fl_status fl_model_set_quant(fl_model *m, const fl_quant_cfg *q);
 /* Convert / dequantise items into the arena (OpenMP over items). Shapes are checked against the
  * config: a mismatch names the file and tensor. */
 fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud);

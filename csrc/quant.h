@@ -1,0 +1,137 @@
+/* quant.h: fastload's one quantised weight format (issue 9) and the conversions into it.
+ *
+ * A quantised weight is an fl_weight with dtype == FL_QUANT. Every source (quantisation at load,
+ * GGUF blocks, GPTQ, AWQ) is converted into this one layout; every kernel (CPU and CUDA) reads only it.
+ *
+ * Layout of W[rows, cols] (row-major like Hugging Face's [out_features, in_features]; groups run
+ * along a row, so the format shards by rows freely and by columns at group boundaries, and an
+ * expert of a Mixture-of-Experts layer is just another fl_weight):
+ *   data_d   uint8 [rows, cols * bits / 8]  the codes q, unsigned. bits == 4: byte k of a row holds
+ *                                           column 2k in its low nibble and 2k+1 in its high nibble.
+ *                                           bits == 8: one byte per column.
+ *   scales_d sdtype [rows, cols / group_size]   s, one per group (sdtype FL_F16 or FL_F32)
+ *   zeros_d  sdtype [rows, cols / group_size]   m, the group's offset, or NULL (see below)
+ *   perm_d   int32 [cols] or NULL               act-order (GPTQ g_idx): column j of this weight
+ *                                               multiplies x[perm[j]] (kernels gather x first)
+ * group_size divides cols and is a multiple of 16 (cols itself when the weight has one group per row:
+ * "per output channel"). The value of code q in column c of row r, g = c / group_size:
+ *   code == FL_QCODE_INT, zeros_d != NULL:  w = s[r,g] * q + m[r,g]                 ("min" / asymmetric form)
+ *   code == FL_QCODE_INT, zeros_d == NULL:  w = s[r,g] * (q - 2^(bits-1))           (symmetric form)
+ *   code == FL_QCODE_NF4 (bits 4):          w = s[r,g] * fl_nf4_table[q] (+ m[r,g] if zeros_d)
+ * Arithmetic: a kernel may form w in float32 as fmaf(q, s, m) with m = -s * 2^(bits-1) for the symmetric
+ * form (exact: a power-of-two multiple). fl_q_dequant_rows is the reference every kernel is tested against.
+ *
+ * Why scales can be float32: a product like GGUF K-quants' d * sc (fp16 * 6-bit int) or GPTQ's
+ * s * zero has more significant bits than fp16 holds; float32 keeps those sources exact.
+ * Sources and what they become (exact unless said otherwise):
+ *   int8 at load   bits 8, symmetric, fp16 s = fp16(absmax / 127), group = cols (per channel) or given
+ *   int4 at load   bits 4, asymmetric (min form), group 128, fp16 s = fp16((max - min) / 15), m = fp16(min)
+ *   nf4  at load   bits 4, NF4 code book, group 64, fp16 s = fp16(absmax)        (bitsandbytes' nf4)
+ *                  Quantisation at load is LOSSY by definition; the CPU and CUDA quantisers are
+ *                  bit-identical (IEEE division, round-half-even), see fl_q_quantize_rows.
+ *   GGUF Q4_0      bits 4, symmetric, group 32, fp16 s = d               (w = d * (q - 8))
+ *   GGUF Q4_1      bits 4, min form, group 32, fp16 s = d, m = m
+ *   GGUF Q8_0      bits 8, symmetric, group 32, fp16 s = d               (q + 128 stored)
+ *   GGUF Q5_0      bits 8 (5-bit values in bytes), symmetric, group 32, fp16 s = d  (q5 - 16 + 128 stored)
+ *   GGUF Q5_1      bits 8, min form, group 32, fp16 s = d, m = m
+ *   GGUF Q4_K      bits 4, min form, group 32, fp32 s = d * sc, m = -dmin * mn
+ *   GGUF Q5_K      bits 8, min form, group 32, fp32 s = d * sc, m = -dmin * mn
+ *   GGUF Q6_K      bits 8, symmetric, group 16, fp32 s = d * sc          (q6 - 32 + 128 stored)
+ *   GPTQ sym       bits 4/8, symmetric, the checkpoint's group, fp16 s    (only when every zero is 2^(bits-1))
+ *   GPTQ / AWQ     bits 4/8, min form, fp32 s = scale, m = -scale * zero  (exact in fp32)
+ *   g_idx          columns sorted by group (stable), perm_d = that order; a g_idx whose groups are not
+ *                  all group_size columns is refused (it cannot be written as contiguous groups)
+ * 5- and 6-bit GGUF types are stored one byte per value: exact, at 8 bits plus scales per weight.
+ *
+ * Several checkpoint tensors fused into one weight (q|k|v, gate|up) must share one layout. When they
+ * differ (a Q4_K_M GGUF mixes Q4_K and Q6_K) the fused weight takes the common layout that holds each part
+ * exactly: the larger bits, the smallest group, fp32 scales if any part has them, offsets if any part has
+ * them (fl_q_common_layout). A fused weight mixing plain float and quantised parts is dequantised to the
+ * model's float dtype.
+ */
+#ifndef FL_QUANT_H
+#define FL_QUANT_H
+#include "fl_backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { FL_QCODE_INT = 0, FL_QCODE_NF4 = 1 };
+
+/* bitsandbytes' NF4 code book (the 16 quantiles of N(0,1) scaled to [-1, 1]), index = code. */
+extern const float fl_nf4_table[16];
+
+/* Quantisation at load: which scheme, for which weights. */
+typedef enum { FL_QS_NONE = 0, FL_QS_INT8, FL_QS_INT4, FL_QS_NF4 } fl_qscheme;
+typedef struct {
+    int scheme;        /* fl_qscheme for the linear layers (q/k/v/o, gate/up/down) */
+    int group_size;    /* 0: the scheme's default (int8: per channel, int4: 128, nf4: 64) */
+    int lm_head;       /* fl_qscheme for an untied lm_head; FL_QS_NONE keeps it in the float dtype.
+                          (Embeddings and norms always stay in the float dtype.) */
+    int lm_head_group; /* 0: default for that scheme */
+    int gguf_dequantize; /* 1: GGUF quantised tensors are dequantised to the float dtype (the old behaviour) */
+} fl_quant_cfg;
+
+/* The layout of one quantised weight, independent of where its bytes are. */
+typedef struct {
+    int bits;          /* 4 or 8 */
+    int group_size;    /* divides cols; multiple of 16 */
+    fl_dtype sdtype;   /* FL_F16 or FL_F32 */
+    int has_zeros;     /* zeros_d present (min form) */
+    int code;          /* FL_QCODE_INT / FL_QCODE_NF4 */
+    int has_perm;      /* perm_d present */
+} fl_qlayout;
+
+/* Check a layout for a [rows, cols] weight; FL_E_VALUE / FL_E_UNSUPPORTED with a message naming the
+ * value that is wrong (bits, group size not dividing cols, ...). */
+fl_status fl_q_check(const fl_qlayout *L, int64_t rows, int64_t cols);
+/* Bytes of each part: codes, scales, zeros (0 without), perm (0 without). Overflow: FL_E_VALUE. */
+fl_status fl_q_sizes(const fl_qlayout *L, int64_t rows, int64_t cols, size_t *data, size_t *scales, size_t *zeros,
+                     size_t *perm);
+/* The layout of an fl_weight that is FL_QUANT. */
+fl_qlayout fl_q_layout_of(const fl_weight *w);
+/* The smallest layout holding a and b exactly (see the header comment). */
+fl_qlayout fl_q_common_layout(const fl_qlayout *a, const fl_qlayout *b);
+/* The layout a ggml type converts into; FL_E_UNSUPPORTED (listing the supported types) otherwise. */
+fl_status fl_q_layout_for_ggml(int ggml_type, fl_qlayout *out);
+/* The layout quantisation at load produces for a [rows, cols] weight. */
+fl_status fl_q_layout_for_scheme(int scheme, int group_size, int64_t cols, fl_qlayout *out);
+
+/* --- host-memory operations (w's pointers are host pointers; the CPU backend's memory is host memory) --- */
+/* Reference dequantisation of rows [r0, r0 + n) into out[n, cols] float32 (perm applied: out column j
+ * is the weight's column j, i.e. it multiplies x[perm[j]]). */
+fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *out);
+/* Quantise rows [r0, r0+n) of w (layout from fl_q_layout_for_scheme) from src[n, cols] of dtype st
+ * (f32/f16/bf16). Bit-identical to the CUDA quantiser. */
+fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t n, const void *src, fl_dtype st);
+/* Repack one row of ggml blocks (cols elements) into row r of w, whose layout may be wider than the
+ * type's own (fl_q_common_layout): exact in every case. */
+fl_status fl_q_from_ggml_row(const fl_weight *w, int64_t r, int ggml_type, const void *src, int64_t cols);
+
+/* GPTQ / AWQ tensors of one linear layer [out_features = rows, in_features = cols], as the checkpoint
+ * stores them (see fastload/quant.py and tests/quant_fixtures.py for the packings):
+ *   GPTQ: qweight int32 [cols * bits / 32, rows] (codes packed along the input dim, low bits first),
+ *         qzeros int32 [ngroups, rows * bits / 32] (packed along the output dim), scales f16 [ngroups, rows],
+ *         g_idx int32 [cols] or NULL. zero_offset: 1 for the AutoGPTQ / GPTQModel v1 convention (stored
+ *         zero = zero - 1), 0 for v2 / gptqmodel "checkpoint_format": "gptq_v2".
+ *   AWQ (GEMM): qweight int32 [cols, rows * bits / 32] packed along the output dim in the order
+ *         0, 2, 4, 6, 1, 3, 5, 7; qzeros int32 [ngroups, rows * bits / 32] same order; scales f16 [ngroups, rows].
+ * Writes rows [r0, r0 + n) of w: the caller has chosen w's layout with fl_q_layout_for_packed. */
+enum { FL_PACK_GPTQ = 1, FL_PACK_AWQ = 2 };
+typedef struct {
+    int packing;               /* FL_PACK_GPTQ / FL_PACK_AWQ */
+    int bits, group_size;      /* group_size -1 in the config: one group (cols) */
+    int zero_offset;           /* GPTQ: 1 (v1 checkpoints) or 0 */
+    const int32_t *qweight, *qzeros, *g_idx; /* host (mapped) memory; g_idx may be NULL */
+    const uint16_t *scales;    /* fp16 */
+    int64_t rows, cols, ngroups;
+} fl_packed_src;
+/* Validate shapes / values (g_idx in range, groups of equal size) and choose the layout. */
+fl_status fl_q_layout_for_packed(const fl_packed_src *p, fl_qlayout *out);
+fl_status fl_q_from_packed(const fl_weight *w, const fl_packed_src *p, int64_t r0, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
