@@ -203,7 +203,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         if args.cmd != "perplexity":
             raise
         print(f"python -m fastload perplexity: error: {e}", file=sys.stderr)
