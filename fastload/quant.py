@@ -318,11 +318,11 @@ def from_any(obj, source="quantization_config"):
     shown = f"{source}={_shown(obj)}"
     method = d.get("quant_method")
     method = getattr(method, "value", method)
+    if method == "fastload" or (method is None and "scheme" in d):  # fastload's own (QuantConfig.to_dict's shape)
+        return QuantConfig.from_dict(d, shown)
     if d.get("load_in_8bit") or d.get("load_in_4bit") or d.get("_load_in_8bit") or d.get("_load_in_4bit") \
             or method == "bitsandbytes":
         return from_bitsandbytes(d, shown)
-    if method in (None, "fastload") and "scheme" in d:
-        return QuantConfig.from_dict(d, shown)
     if method in ("gptq", "awq"):
         return CheckpointMethod(method, shown)
     if method is None:
