@@ -988,6 +988,10 @@ class FastModelForCausalLM:
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
             used.add(name)
+        if packed is not None and not any(len(it) == 6 for it in items):
+            warnings.warn(f"{path}: config.json has a {packed.name} quantization_config but no layer is stored "
+                          "packed (no '.qweight' tensors): loaded as a float checkpoint", stacklevel=3)
+            packed = None
         unused = [n for n in where if n not in used and not n.endswith(archmod.IGNORED_SUFFIXES)]
         if unused:
             warnings.warn(f"{path}: {len(unused)} checkpoint tensor(s) not used by {arch.name}: {unused[:5]}", stacklevel=3)

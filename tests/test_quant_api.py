@@ -712,3 +712,15 @@ def test_cli_info_with_quant(capsys):
     out = json.loads(capsys.readouterr().out)["model"]
     assert out["is_quantized"] and out["quantization_config"]["scheme"] == "int8"
     assert out["memory"]["quantized_bytes"] > 0 and "int8 per-channel" in out["memory"]["layouts"]
+
+
+def test_gptq_config_over_float_tensors(recording, tmp_path):
+    """A float export that kept its GPTQ quantization_config: loads as float, with a warning (not called GPTQ)."""
+    d = tmp_path / "m"
+    shutil.copytree(ROPE3, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="no layer is stored packed"):
+        s = seen_load(d)
+    assert s["kw"] == {} and all(len(it) == 5 for it in s["items"])
