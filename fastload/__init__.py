@@ -12,6 +12,7 @@ from . import evaluate
 from .modeling import (AutoConfig, AutoModel, AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM,
                        GenerationConfig, from_pretrained, set_seed)
 from .pipelines import pipeline
+from .quant import QuantConfig
 from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer, BatchEncoding, FastTokenizer
 
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 
 def info() -> dict:
-    """What this build of fastload can do here: version, backends, CPU features, CUDA devices."""
+    """What this build of fastload can do here: version, backends, CPU features, CUDA devices, quantisation."""
     b = _C.build_info()
     out = {"version": __version__, "backends": ["cpu"] + (["cuda"] if b["cuda_compiled"] else []), **b}
     if not b["cuda_compiled"]:
@@ -29,9 +30,13 @@ def info() -> dict:
         out["cuda"] = f"built, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
     else:
         out["cuda"] = f"built, {b['cuda_devices']} device(s)"
+    from . import quant
+    out["quantization"] = {"at_load": list(quant.SCHEMES), "checkpoints": list(quant.SUPPORTED_CHECKPOINTS),
+                           "gguf_kept_quantised": list(quant.GGUF_KEPT),
+                           "gguf_dequantised": list(quant.GGUF_DEQUANTISED)}
     return out
 
 
 __all__ = ["AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
-           "CheckpointError", "info", "set_seed", "cuda", "evaluate", "pipeline", "__version__"]
+           "CheckpointError", "info", "set_seed", "cuda", "evaluate", "pipeline", "QuantConfig", "__version__"]

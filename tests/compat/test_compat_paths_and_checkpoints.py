@@ -36,28 +36,29 @@ def _quantized_checkpoint(tmp_path, quant):
                                      {"version": "gemm", "zero_point": True})}
     (d / "config.json").write_text(json.dumps(cfg))
     shutil.copy(src / "generation_config.json", d / "generation_config.json")
-    names = transformers._C.SafetensorsFile(str(src / "model.safetensors")).keys()
+    f = transformers._C.SafetensorsFile(str(src / "model.safetensors"))
     tensors = {}
-    for k in names:
+    for k in f.keys():
         if k.endswith("_proj.weight"):
             base = k[: -len(".weight")]
             tensors[base + ".qweight"] = np.zeros((4, 8), np.int32)
             tensors[base + ".qzeros"] = np.zeros((1, 8), np.int32)
             tensors[base + ".scales"] = np.ones((1, 8), np.float16)
-        else:  # norms, embeddings, biases keep their names; their values do not matter here
-            tensors[k] = np.zeros((2,), np.float16)
+        else:  # norms, embeddings, biases as they are
+            tensors[k] = np.array(f.get(k))
     st_util.write(str(d / "model.safetensors"), tensors)
     return str(d)
 
 
 @pytest.mark.parametrize("quant, name", [("gptq", "GPTQ"), ("awq", "AWQ")])
-def test_quantized_checkpoint_is_named(tmp_path, quant, name):
+def test_quantized_checkpoint_with_wrong_shapes_is_named(tmp_path, quant, name):
+    """GPTQ / AWQ checkpoints load since issue 9 (tests/test_quant_api.py loads real ones); these qweight / qzeros /
+    scales have shapes that do not fit the layers: a CheckpointError naming a projection, not a crash."""
     path = _quantized_checkpoint(tmp_path, quant)
-    with pytest.raises(NotImplementedError) as e:
+    with pytest.raises(transformers.CheckpointError) as e:
         AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="auto")
     msg = str(e.value)
-    assert name in msg.upper() or name in msg, msg
-    assert "gguf" in msg.lower() or "safetensors" in msg.lower(), f"the message should say which formats work: {msg}"
+    assert "_proj" in msg, msg
     assert "missing tensor" not in msg
 
 
