@@ -741,7 +741,7 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
     tensor("token_embd.weight", "token_embd", V, D, 1.0)
     norm("output_norm.weight")
     if not tied:
-        tensor("output.weight", "output", V, D, 0.1)
+        tensor("output.weight", "output", V, D, 0.3)
     dims = {"attn_q": (H * hd, D), "attn_k": (KV * hd, D), "attn_v": (KV * hd, D), "attn_output": (D, H * hd),
             "ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F)}
     for i in range(s["layers"]):
@@ -755,3 +755,50 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
     wq.write(str(path))
     wr.write(str(ref_path))
     return str(path), str(ref_path)
+
+
+# ================================================================================================
+# the fixture set (tests/test_quant_checkpoints.py and tests/fixtures/make_quant_fixtures.py)
+# ================================================================================================
+
+# id -> (kind, arguments). GPTQ ids: bits, group, sym / asym, v1 / v2, act-order; the tiny models have
+# in_features 128 (256 for down_proj), so g128 is one group for most layers and two for down_proj.
+CASES = {
+    "gptq-4b-g32-sym-v1": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": True}, tool="gptqmodel")),
+    "gptq-4b-g32-asym-v1-actorder": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False, "desc_act": True},
+                                                  tool="autogptq", seed=1)),
+    "gptq-4b-g64-asym-v2-qwen2": ("gptq", dict(cfg={"bits": 4, "group_size": 64, "sym": False,
+                                                    "checkpoint_format": "gptq_v2"}, arch="qwen2", seed=2)),
+    "gptq-4b-g16-sym-actorder-qwen2": ("gptq", dict(cfg={"bits": 4, "group_size": 16, "desc_act": True},
+                                                    arch="qwen2", tool="transformers", seed=3)),
+    "gptq-8b-g128-sym-v1": ("gptq", dict(cfg={"bits": 8, "group_size": 128}, tool="autogptq", seed=4)),
+    "gptq-8b-gall-asym-v2-actorder": ("gptq", dict(cfg={"bits": 8, "group_size": -1, "sym": False, "desc_act": True,
+                                                        "checkpoint_format": "gptq_v2"}, seed=5)),
+    "gptq-4b-g32-asym-lmhead-sharded": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False,
+                                                          "lm_head": True}, files=3, seed=6)),
+    "awq-g32": ("awq", dict(group_size=32, seed=7)),
+    "awq-g64-qwen2": ("awq", dict(group_size=64, arch="qwen2", seed=8)),
+    "awq-g128-not-converted": ("awq", dict(group_size=128, modules_to_not_convert=["model.layers.1.mlp"], seed=9)),
+    "awq-gall-sharded": ("awq", dict(group_size=-1, files=2, seed=10)),
+}
+for _t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+    CASES[f"gguf-{_t}"] = ("gguf", dict(types=_t, seed=20 + len(CASES)))
+CASES["gguf-Q4_K_M"] = ("gguf", dict(types=Q4_K_M, seed=40))                         # q/k Q4_K, v Q6_K, ...
+CASES["gguf-Q8_0-embed-tied"] = ("gguf", dict(types=dict({r: "Q4_1" for r in GGUF_ROLES}, token_embd="Q8_0"),
+                                              tied=True, seed=41))                    # like the demo model
+CASES["gguf-mixed-all"] = ("gguf", dict(types={"attn_q": "Q4_0", "attn_k": "Q5_1", "attn_v": "Q8_0",
+                                               "attn_output": "Q5_K", "ffn_gate": "Q4_1", "ffn_up": "Q6_K",
+                                               "ffn_down": "Q5_0", "output": "Q4_K"}, seed=42))
+
+
+def write_case(case_id, out_dir):
+    """Write fixture `case_id` (a key of CASES) under out_dir; returns (quantised path, float reference path)."""
+    kind, kw = CASES[case_id]
+    kw = dict(kw)
+    base = os.path.join(str(out_dir), case_id)
+    if kind == "gptq":
+        cfg = kw.pop("cfg")
+        return write_gptq_checkpoint(base, cfg, **kw)
+    if kind == "awq":
+        return write_awq_checkpoint(base, **kw)
+    return write_quant_gguf(base + ".gguf", **kw)
