@@ -259,7 +259,7 @@ def test_awq_shapes_that_disagree(tmp_path, tensor, shape):
 
 
 # (scales are not in the list: AutoGPTQ's pack stores them in the layer's dtype, so bf16 / f32 scales exist)
-@pytest.mark.parametrize("tensor,dtype", [("qweight", np.float32), ("qweight", np.uint8), ("qzeros", np.float16),
+@pytest.mark.parametrize("tensor,dtype", [("qweight", np.float32), ("qweight", np.uint8), ("qzeros", np.float32),
                                           ("g_idx", np.float32)])
 def test_gptq_wrong_dtypes(tmp_path, tensor, dtype):
     q, f = gptq(tmp_path)
