@@ -34,6 +34,8 @@ GPTQ (AutoGPTQ, GPTQModel, transformers + optimum; one linear layer, W[out_featu
   the word; GPTQModel's comment in convert_gptq_v1_to_v2_format_module calls this the ~13% overflow of
   sym=False v1 checkpoints): the v1 fixtures keep every zero >= 1, which is still a valid quantisation.
   config.json quantization_config keys:
+    older AutoGPTQ (and many published checkpoints): no checkpoint_format, "is_marlin_format": false instead
+      (AutoGPTQ config.py from_quant_config still reads is_marlin_format; a missing checkpoint_format means "gptq").
     AutoGPTQ auto_gptq/quantization/config.py BaseQuantizeConfig.to_dict: bits, group_size, damp_percent,
       desc_act, static_groups, sym, true_sequential, model_name_or_path, model_file_base_name,
       quant_method "gptq", checkpoint_format "gptq".
@@ -241,6 +243,10 @@ def gptq_quant_config(bits=4, group_size=128, sym=True, desc_act=False, checkpoi
         return {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
                 "static_groups": False, "sym": sym, "true_sequential": True, "model_name_or_path": None,
                 "model_file_base_name": None, "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    if tool == "autogptq-0.6":  # older AutoGPTQ: no checkpoint_format, is_marlin_format false (v1 implied)
+        return {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
+                "static_groups": False, "sym": sym, "true_sequential": True, "model_name_or_path": None,
+                "model_file_base_name": None, "is_marlin_format": False, "quant_method": "gptq"}
     if tool == "gptqmodel":
         return {"bits": bits, "checkpoint_format": checkpoint_format, "desc_act": desc_act,
                 "group_size": group_size, "lm_head": lm_head,
@@ -456,11 +462,12 @@ def _is_linear(mod, lm_head=False):
 
 
 def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0, tool="gptqmodel", files=1,
-                          **shape):
+                          g_idx=True, **shape):
     """A tiny GPTQ model in `path` and its dequantised float32 reference in `ref_dir` (default path + "-ref").
     cfg: the quantisation settings, keys as in quantization_config: bits (4|8), group_size (-1 = one group),
     sym, desc_act (a random act-order permutation per layer, groups of equal size), checkpoint_format
     ("gptq" = v1, zero stored minus 1 | "gptq_v2"), lm_head (quantise an untied lm_head, GPTQModel's option).
+    g_idx=False leaves the g_idx tensors out (older GPTQ-for-LLaMa checkpoints; only without desc_act).
     Returns (path, ref_dir)."""
     c = {"bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq", "lm_head": False}
     c.update(cfg or {})
@@ -472,6 +479,10 @@ def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0,
 
     def quantise(mod, w):
         t = gptq_tensors(w, bits, gs, c["sym"], c["desc_act"], zero_offset, rng)
+        if not g_idx:
+            assert not c["desc_act"], "act-order needs g_idx"
+            t.pop("g_idx")
+            return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], None, bits, zero_offset, gs)
         return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, zero_offset)
 
     return _write_quantised(path, ref_dir or str(path) + "-ref", mcfg, qc, float_weights(mcfg, seed), quantise,
@@ -772,6 +783,9 @@ CASES = {
     "gptq-4b-g16-sym-actorder-qwen2": ("gptq", dict(cfg={"bits": 4, "group_size": 16, "desc_act": True},
                                                     arch="qwen2", tool="transformers", seed=3)),
     "gptq-8b-g128-sym-v1": ("gptq", dict(cfg={"bits": 8, "group_size": 128}, tool="autogptq", seed=4)),
+    "gptq-4b-g32-asym-no-g_idx": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False}, g_idx=False,
+                                               seed=12)),
+    "gptq-4b-g128-sym-old-autogptq": ("gptq", dict(cfg={"bits": 4, "group_size": 128}, tool="autogptq-0.6", seed=11)),
     "gptq-8b-gall-asym-v2-actorder": ("gptq", dict(cfg={"bits": 8, "group_size": -1, "sym": False, "desc_act": True,
                                                         "checkpoint_format": "gptq_v2"}, seed=5)),
     "gptq-4b-g32-asym-lmhead-sharded": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False,

@@ -296,7 +296,14 @@ def test_gptq_unknown_checkpoint_format(tmp_path, fmt):
     expect(q, ERRORS, fmt)
 
 
-@pytest.mark.parametrize("version", ["gemv", "gemv_fast", "exllama"])
+def test_gptq_marlin_format_flag_is_refused(tmp_path):
+    """Older AutoGPTQ marks Marlin-repacked checkpoints with is_marlin_format: a different packing."""
+    q, _ = gptq(tmp_path, sym=True)
+    set_qc(q, is_marlin_format=True)
+    expect(q, ERRORS, "marlin")
+
+
+@pytest.mark.parametrize("version", ["gemv", "gemv_fast", "llm-awq"])   # transformers' AwqFormat values
 def test_awq_other_packings_are_refused(tmp_path, version):
     q, _ = awq(tmp_path)
     set_qc(q, version=version)

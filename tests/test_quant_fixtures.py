@@ -319,3 +319,15 @@ def test_gguf_blocks_against_gguf_py():
         raw = qf.random_blocks(kind, 12, rng)
         got = dequantize(raw.reshape(-1), getattr(GGMLQuantizationType, kind)).reshape(12, -1)
         np.testing.assert_array_equal(np.asarray(got, F32), qf.decode_blocks(kind, raw), err_msg=kind)
+
+
+def test_gptq_checkpoint_without_g_idx(tmp_path):
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": False}, g_idx=False)
+    qt = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    rt = qf.read_safetensors(os.path.join(r, "model.safetensors"))
+    assert not [k for k in qt if k.endswith(".g_idx")]
+    p = "model.layers.0.mlp.down_proj."
+    np.testing.assert_array_equal(rt[p + "weight"], qf.dequant_gptq(qt[p + "qweight"], qt[p + "qzeros"],
+                                                                    qt[p + "scales"], None, 4, 1, 32))
+    with pytest.raises(AssertionError):
+        qf.write_gptq_checkpoint(tmp_path / "h", {"desc_act": True}, g_idx=False)
