@@ -145,20 +145,24 @@ def _f16(x):
 # GPTQ
 # ================================================================================================
 
-def gptq_g_idx(in_features, group_size, desc_act=False, rng=None):
-    """(g_idx int32 [in], perm): perm[g*gs:(g+1)*gs] are the columns of group g (quantisation order)."""
+def gptq_g_idx(in_features, group_size, desc_act=False, rng=None, perm=None):
+    """(g_idx int32 [in], perm): perm[g*gs:(g+1)*gs] are the columns of group g (quantisation order).
+    With desc_act the order is `perm` if given, else a random permutation (GPTQ's argsort of the Hessian's
+    diagonal, descending: layers fed the same input, q/k/v or gate/up, have the same Hessian and so the
+    same order)."""
     gs = in_features if group_size == -1 else group_size
     if in_features % gs:
         raise ValueError(f"group_size {gs} does not divide in_features {in_features}")
-    perm = np.arange(in_features)
-    if desc_act:
+    if not desc_act:
+        perm = np.arange(in_features)
+    elif perm is None:
         perm = (rng or np.random.default_rng(0)).permutation(in_features)
     invperm = np.argsort(perm)
     g_idx = (np.arange(in_features) // gs)[invperm].astype(np.int32)
     return g_idx, perm
 
 
-def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None):
+def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None, perm=None):
     """Quantise W[out, in] float32 as AutoGPTQ's quantizer does per group (no Hessian update).
     Returns dict codes [out, in] (int64), zeros [n_groups, out] (int64, the true zero point),
     scales float16 [n_groups, out], g_idx int32 [in]."""
@@ -166,7 +170,7 @@ def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offs
     W = np.asarray(W, F32)
     out_f, in_f = W.shape
     gs = in_f if group_size == -1 else group_size
-    g_idx, perm = gptq_g_idx(in_f, group_size, desc_act, rng)
+    g_idx, perm = gptq_g_idx(in_f, group_size, desc_act, rng, perm)
     ng = in_f // gs
     maxq = (1 << bits) - 1
     codes = np.zeros((out_f, in_f), np.int64)
@@ -230,9 +234,9 @@ def dequant_gptq(qweight, qzeros, scales, g_idx=None, bits=4, zero_offset=1, gro
     return (s[g].T * (codes - zeros[g].T).astype(F32)).astype(F32)
 
 
-def gptq_tensors(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None):
+def gptq_tensors(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None, perm=None):
     """Quantise and pack one linear layer: {"qweight", "qzeros", "scales", "g_idx"}."""
-    p = gptq_quantize(W, bits, group_size, sym, desc_act, zero_offset, rng)
+    p = gptq_quantize(W, bits, group_size, sym, desc_act, zero_offset, rng, perm)
     return gptq_pack(p["codes"], p["zeros"], p["scales"], p["g_idx"], bits, zero_offset)
 
 
@@ -461,13 +465,24 @@ def _is_linear(mod, lm_head=False):
     return any(mod.endswith("." + s) for s in LINEARS) or (lm_head and mod == "lm_head")
 
 
+def _input_group(mod):
+    """Linears fed the same input share GPTQ's act-order permutation: q/k/v, gate/up."""
+    for a, b in (("self_attn.k_proj", "self_attn.q_proj"), ("self_attn.v_proj", "self_attn.q_proj"),
+                 ("mlp.up_proj", "mlp.gate_proj")):
+        if mod.endswith(a):
+            return mod[:-len(a)] + b
+    return mod
+
+
 def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0, tool="gptqmodel", files=1,
-                          g_idx=True, **shape):
+                          g_idx=True, shared_perm=True, **shape):
     """A tiny GPTQ model in `path` and its dequantised float32 reference in `ref_dir` (default path + "-ref").
     cfg: the quantisation settings, keys as in quantization_config: bits (4|8), group_size (-1 = one group),
     sym, desc_act (a random act-order permutation per layer, groups of equal size), checkpoint_format
     ("gptq" = v1, zero stored minus 1 | "gptq_v2"), lm_head (quantise an untied lm_head, GPTQModel's option).
     g_idx=False leaves the g_idx tensors out (older GPTQ-for-LLaMa checkpoints; only without desc_act).
+    With desc_act, q/k/v and gate/up share one random permutation, as real checkpoints do (the same input
+    gives the same Hessian); shared_perm=False gives every linear its own (for an error test).
     Returns (path, ref_dir)."""
     c = {"bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq", "lm_head": False}
     c.update(cfg or {})
@@ -475,10 +490,14 @@ def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0,
     bits, gs = c["bits"], c["group_size"]
     zero_offset = 0 if c["checkpoint_format"] == "gptq_v2" else 1
     rng = np.random.default_rng(seed + 1000)
+    perms = {}
     qc = gptq_quant_config(bits, gs, c["sym"], c["desc_act"], c["checkpoint_format"], tool, c["lm_head"])
 
     def quantise(mod, w):
-        t = gptq_tensors(w, bits, gs, c["sym"], c["desc_act"], zero_offset, rng)
+        key = _input_group(mod) if shared_perm else mod
+        if key not in perms:
+            perms[key] = rng.permutation(w.shape[1])
+        t = gptq_tensors(w, bits, gs, c["sym"], c["desc_act"], zero_offset, rng, perms[key])
         if not g_idx:
             assert not c["desc_act"], "act-order needs g_idx"
             t.pop("g_idx")

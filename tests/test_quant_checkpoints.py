@@ -8,10 +8,13 @@ Tolerances (max abs logit error, relative to the reference's max |logit|, about 
 - FORWARD_REL 5e-4: forward() of several tokens runs the prefill path, float32 activations on exactly the
   dequantised weights; an honest float32 implementation differs by about 1e-4 absolute (summation order,
   tests/fixtures/README.md), a packing bug (nibble order, zero offset, group of a column) by whole units.
-- DECODE_REL 2e-2: a one-token forward and generate's steps may use a decode kernel that quantises activations
-  to int8 per 32 values as llama.cpp does (about 0.5% error per matmul); greedy tokens are compared up to the
-  first step whose reference margin (top1 - top2) is below GREEDY_MARGIN_REL * max |logit|, and the prompts
-  are picked so that the first steps have large margins (the comparison is never vacuous).
+- DECODE_REL 6e-2: a one-token forward and generate's steps may use a decode kernel that quantises activations
+  to int8 per 32 values as llama.cpp does. A numpy simulation of exactly that on these fixtures (float weights,
+  activations rounded to int8 per 32 before every quantised matmul) moves one-token logits by 1.7-1.8% of
+  max |logit| (median) and 3.3% at most over 37 tokens; a packing bug moves them by more than 100%.
+  Greedy tokens are compared up to the first step whose reference margin (top1 - top2) is below
+  GREEDY_MARGIN_REL * max |logit| (twice the worst simulated error), and the prompts are picked so that their
+  first two steps have larger margins (the comparison is never vacuous).
 """
 import json
 import os
@@ -25,8 +28,8 @@ import st_util
 from fastload import CheckpointError
 
 FORWARD_REL = 5e-4
-DECODE_REL = 2e-2
-GREEDY_MARGIN_REL = 2.5e-2
+DECODE_REL = 6e-2
+GREEDY_MARGIN_REL = 7e-2
 NEW = 8
 HAS_CUDA = fastload.cuda.is_available()
 ALL = list(qf.CASES)
@@ -91,7 +94,7 @@ def margins_of(m, seq, T):
 
 def pick_prompts(mr, V):
     """Two prompts of 10 tokens (ids 3..V-1) whose greedy continuations under the reference have margins
-    >= 2 * GREEDY_MARGIN_REL * max|logit| at their first two steps: the best two of 32 random prompts
+    >= 1.2 * GREEDY_MARGIN_REL * max|logit| at their first two steps: the best two of 32 random prompts
     (one batched generate and one forward; deterministic)."""
     ids = np.random.default_rng(1000).integers(3, V, (32, 10))
     g = np.asarray(mr.generate(ids, max_new_tokens=2, do_sample=False))
@@ -100,7 +103,7 @@ def pick_prompts(mr, V):
     mg = (s[..., -1] - s[..., -2]).min(axis=1) / np.abs(lg).max(axis=(1, 2))
     mg[np.isin(g[:, 10:], (0, 1, 2)).any(axis=1)] = -1          # a row that met eos / pad is no candidate
     best = np.argsort(-mg)[:2]
-    assert mg[best].min() >= 2 * GREEDY_MARGIN_REL, f"no prompts with clear margins ({mg[best]}): change the seed"
+    assert mg[best].min() >= 1.2 * GREEDY_MARGIN_REL, f"no prompts with clear margins ({mg[best]}): change the seed"
     return ids[best]
 
 
@@ -317,9 +320,19 @@ def test_awq_without_zero_point_is_refused(tmp_path):
 
 
 def test_gptq_pack_dtype_other_than_int32(tmp_path):
-    q, _ = gptq(tmp_path)
+    """GPTQModel can pack into int16 words (pack_dtype): qweight [in * bits / 16, out] I16. Not the layout the
+    repacker reads: refused naming the tensor (the config's pack_dtype alone, with int32 tensors, may load)."""
+    q, f = gptq(tmp_path)
+    t = qf.read_safetensors(f)
+    for k, ax in ((f"{MOD}.qweight", 0), (f"{MOD}.qzeros", 1)):
+        w = t[k].view(np.uint32)                          # 16-bit words: the low half first, along the packed dim
+        halves = np.stack([w & 0xFFFF, w >> 16], axis=ax + 1).astype(np.uint16)
+        shape = list(w.shape)
+        shape[ax] *= 2
+        t[k] = halves.reshape(shape).view(np.int16)
+    st_util.write(f, t)
     set_qc(q, pack_dtype="int16")
-    expect(q, ERRORS, "int16")
+    expect(q, ERRORS, "model.safetensors", MOD)
 
 
 def test_group_size_not_dividing_in_features(tmp_path):
@@ -348,7 +361,7 @@ def test_g_idx_out_of_range(tmp_path, bad):
     g = qf.read_safetensors(f)[f"{MOD}.g_idx"].copy()
     g[5] = bad
     qf.rewrite_safetensors(f, {f"{MOD}.g_idx": g})
-    expect(q, ERRORS, "model.safetensors", f"{MOD}.g_idx")
+    expect(q, ERRORS, "model.safetensors", MOD, "g_idx", str(bad))
 
 
 def test_g_idx_with_unequal_groups(tmp_path):
@@ -357,7 +370,15 @@ def test_g_idx_with_unequal_groups(tmp_path):
     g = qf.read_safetensors(f)[f"{MOD}.g_idx"].copy()
     g[np.nonzero(g == 1)[0][0]] = 0                          # group 0: 33 columns, group 1: 31
     qf.rewrite_safetensors(f, {f"{MOD}.g_idx": g})
-    expect(q, ERRORS, "model.safetensors", f"{MOD}.g_idx")
+    expect(q, ERRORS, "model.safetensors", MOD, "g_idx")
+
+
+def test_fused_parts_with_different_act_order(tmp_path):
+    """q/k/v (and gate/up) share GPTQ's permutation in real checkpoints (same input, same Hessian); fastload
+    fuses them into one weight with one column order, so parts with different g_idx orders are refused by name
+    (they would need separate weights)."""
+    q, _ = qf.write_gptq_checkpoint(tmp_path / "g", {"desc_act": True, "sym": False}, shared_perm=False)
+    expect(q, ERRORS, "model.safetensors", "model.layers.0.self_attn.", "g_idx")
 
 
 @pytest.mark.parametrize("kind,tensor", [("gptq", "qweight"), ("gptq", "qzeros"), ("gptq", "scales"),

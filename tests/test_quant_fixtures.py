@@ -331,3 +331,17 @@ def test_gptq_checkpoint_without_g_idx(tmp_path):
                                                                     qt[p + "scales"], None, 4, 1, 32))
     with pytest.raises(AssertionError):
         qf.write_gptq_checkpoint(tmp_path / "h", {"desc_act": True}, g_idx=False)
+
+
+def test_act_order_permutation_shared_by_layers_with_one_input(tmp_path):
+    q, _ = qf.write_gptq_checkpoint(tmp_path / "g", {"desc_act": True})
+    t = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    p = "model.layers.1."
+    g = {s: t[p + s + ".g_idx"] for s in qf.LINEARS}
+    assert (g["self_attn.q_proj"] == g["self_attn.k_proj"]).all() and (g["self_attn.q_proj"] == g["self_attn.v_proj"]).all()
+    assert (g["mlp.gate_proj"] == g["mlp.up_proj"]).all()
+    assert not (g["self_attn.q_proj"] == g["self_attn.o_proj"]).all()
+    assert not (t["model.layers.0.self_attn.q_proj.g_idx"] == g["self_attn.q_proj"]).all()
+    q2, _ = qf.write_gptq_checkpoint(tmp_path / "h", {"desc_act": True}, shared_perm=False)
+    t2 = qf.read_safetensors(os.path.join(q2, "model.safetensors"))
+    assert not (t2[p + "self_attn.q_proj.g_idx"] == t2[p + "self_attn.k_proj.g_idx"]).all()
