@@ -504,8 +504,12 @@ def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0,
             return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], None, bits, zero_offset, gs)
         return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, zero_offset)
 
-    return _write_quantised(path, ref_dir or str(path) + "-ref", mcfg, qc, float_weights(mcfg, seed), quantise,
-                            lambda m: _is_linear(m, c["lm_head"]), files)
+    out = _write_quantised(path, ref_dir or str(path) + "-ref", mcfg, qc, float_weights(mcfg, seed), quantise,
+                           lambda m: _is_linear(m, c["lm_head"]), files)
+    if tool.startswith("autogptq"):  # AutoGPTQ also saves quantize_config.json (config.py QUANT_CONFIG_FILENAME)
+        with open(os.path.join(str(path), "quantize_config.json"), "w") as f:
+            json.dump(qc, f, indent=2)
+    return out
 
 
 def write_awq_checkpoint(path, *, group_size=32, arch="llama", ref_dir=None, seed=0, modules_to_not_convert=None,
@@ -729,14 +733,17 @@ def quant_tensor(type_name, rows, cols, rng, std=0.1):
 
 GGUF_SHAPE = dict(vocab=96, hidden=256, ffn=512, layers=2, heads=4, kv=2)   # K-quants need rows of 256
 GGUF_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# like llama.cpp's Q4_K_M: Q4_K with Q6_K for attn_v and ffn_down in some layers (here layer 0, not layer 1),
+# a Q6_K output and a Q4_K token embedding; "N.role" keys override a role in layer N
 Q4_K_M = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
-          "ffn_up": "Q4_K", "ffn_down": "Q6_K", "output": "Q6_K", "token_embd": "Q4_K"}
+          "ffn_up": "Q4_K", "ffn_down": "Q6_K", "1.attn_v": "Q4_K", "1.ffn_down": "Q4_K", "output": "Q6_K",
+          "token_embd": "Q4_K"}
 
 
 def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shape):
     """A tiny llama GGUF whose tensors have the ggml types in `types` ({role: type name}; roles: attn_q,
-    attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, token_embd, output; a plain type name means all
-    seven linear roles; missing roles are F32), and its float reference `ref_path` (default path with
+    attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, token_embd, output, and "N.role" for layer N
+    only; a plain type name means all seven linear roles; missing roles are F32), and its float reference `ref_path` (default path with
     "-ref.gguf"): the same file with every tensor F32 holding the exact values. Returns (path, ref_path)."""
     if isinstance(types, str):
         types = {r: types for r in GGUF_ROLES}
@@ -756,8 +763,8 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
         wq.add(k, v, t)
         wr.add(k, v, t)
 
-    def tensor(name, role, rows, cols, std):
-        ty = types.get(role, "F32")
+    def tensor(name, role, rows, cols, std, layer=None):
+        ty = types.get(f"{layer}.{role}", types.get(role, "F32"))
         raw, val = quant_tensor(ty, rows, cols, rng, std)
         ne = [cols, rows]
         wq.add_tensor(name, raw, GGUF_TYPES[ty], ne)
@@ -780,7 +787,7 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
                 norm(f"blk.{i}.{role}.weight")
             else:
                 rows, cols = dims[role]
-                tensor(f"blk.{i}.{role}.weight", role, rows, cols, 0.15 if role != "ffn_down" else 0.1)
+                tensor(f"blk.{i}.{role}.weight", role, rows, cols, 0.15 if role != "ffn_down" else 0.1, i)
     ref_path = ref_path or (str(path)[:-5] if str(path).endswith(".gguf") else str(path)) + "-ref.gguf"
     wq.write(str(path))
     wr.write(str(ref_path))

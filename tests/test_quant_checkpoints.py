@@ -395,5 +395,5 @@ def test_truncated_quantised_tensor(tmp_path, kind, tensor):
 def test_truncated_quantised_gguf(tmp_path):
     p, _ = qf.write_quant_gguf(tmp_path / "m.gguf", qf.Q4_K_M)
     raw = open(p, "rb").read()
-    open(p, "wb").write(raw[:-100])                     # the last tensor: blk.1.ffn_down.weight (Q6_K)
+    open(p, "wb").write(raw[:-100])                     # the last tensor: blk.1.ffn_down.weight (Q4_K)
     expect(p, CheckpointError, "m.gguf", "blk.1.ffn_down.weight")

@@ -205,7 +205,8 @@ def test_gguf_files_and_fastloads_dequantiser(tmp_path):
     assert rp.endswith("m-ref.gguf")
     with _C.GGUFFile(qp) as f:
         types = {t[0]: t[1] for t in f.tensors()}
-    assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+    assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.0.attn_v.weight"] == "Q6_K"
+    assert types["blk.1.attn_v.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q6_K"
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
     assert types["blk.0.attn_norm.weight"] == "F32"
     for a, b in ((qp, rp), (q2, r2)):
