@@ -34,6 +34,8 @@ GPTQ (AutoGPTQ, GPTQModel, transformers + optimum; one linear layer, W[out_featu
   the word; GPTQModel's comment in convert_gptq_v1_to_v2_format_module calls this the ~13% overflow of
   sym=False v1 checkpoints): the v1 fixtures keep every zero >= 1, which is still a valid quantisation.
   config.json quantization_config keys:
+    older AutoGPTQ (and many published checkpoints): no checkpoint_format, "is_marlin_format": false instead
+      (AutoGPTQ config.py from_quant_config still reads is_marlin_format; a missing checkpoint_format means "gptq").
     AutoGPTQ auto_gptq/quantization/config.py BaseQuantizeConfig.to_dict: bits, group_size, damp_percent,
       desc_act, static_groups, sym, true_sequential, model_name_or_path, model_file_base_name,
       quant_method "gptq", checkpoint_format "gptq".
@@ -143,20 +145,24 @@ def _f16(x):
 # GPTQ
 # ================================================================================================
 
-def gptq_g_idx(in_features, group_size, desc_act=False, rng=None):
-    """(g_idx int32 [in], perm): perm[g*gs:(g+1)*gs] are the columns of group g (quantisation order)."""
+def gptq_g_idx(in_features, group_size, desc_act=False, rng=None, perm=None):
+    """(g_idx int32 [in], perm): perm[g*gs:(g+1)*gs] are the columns of group g (quantisation order).
+    With desc_act the order is `perm` if given, else a random permutation (GPTQ's argsort of the Hessian's
+    diagonal, descending: layers fed the same input, q/k/v or gate/up, have the same Hessian and so the
+    same order)."""
     gs = in_features if group_size == -1 else group_size
     if in_features % gs:
         raise ValueError(f"group_size {gs} does not divide in_features {in_features}")
-    perm = np.arange(in_features)
-    if desc_act:
+    if not desc_act:
+        perm = np.arange(in_features)
+    elif perm is None:
         perm = (rng or np.random.default_rng(0)).permutation(in_features)
     invperm = np.argsort(perm)
     g_idx = (np.arange(in_features) // gs)[invperm].astype(np.int32)
     return g_idx, perm
 
 
-def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None):
+def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None, perm=None):
     """Quantise W[out, in] float32 as AutoGPTQ's quantizer does per group (no Hessian update).
     Returns dict codes [out, in] (int64), zeros [n_groups, out] (int64, the true zero point),
     scales float16 [n_groups, out], g_idx int32 [in]."""
@@ -164,7 +170,7 @@ def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offs
     W = np.asarray(W, F32)
     out_f, in_f = W.shape
     gs = in_f if group_size == -1 else group_size
-    g_idx, perm = gptq_g_idx(in_f, group_size, desc_act, rng)
+    g_idx, perm = gptq_g_idx(in_f, group_size, desc_act, rng, perm)
     ng = in_f // gs
     maxq = (1 << bits) - 1
     codes = np.zeros((out_f, in_f), np.int64)
@@ -228,9 +234,9 @@ def dequant_gptq(qweight, qzeros, scales, g_idx=None, bits=4, zero_offset=1, gro
     return (s[g].T * (codes - zeros[g].T).astype(F32)).astype(F32)
 
 
-def gptq_tensors(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None):
+def gptq_tensors(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offset=1, rng=None, perm=None):
     """Quantise and pack one linear layer: {"qweight", "qzeros", "scales", "g_idx"}."""
-    p = gptq_quantize(W, bits, group_size, sym, desc_act, zero_offset, rng)
+    p = gptq_quantize(W, bits, group_size, sym, desc_act, zero_offset, rng, perm)
     return gptq_pack(p["codes"], p["zeros"], p["scales"], p["g_idx"], bits, zero_offset)
 
 
@@ -241,6 +247,10 @@ def gptq_quant_config(bits=4, group_size=128, sym=True, desc_act=False, checkpoi
         return {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
                 "static_groups": False, "sym": sym, "true_sequential": True, "model_name_or_path": None,
                 "model_file_base_name": None, "quant_method": "gptq", "checkpoint_format": checkpoint_format}
+    if tool == "autogptq-0.6":  # older AutoGPTQ: no checkpoint_format, is_marlin_format false (v1 implied)
+        return {"bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": desc_act,
+                "static_groups": False, "sym": sym, "true_sequential": True, "model_name_or_path": None,
+                "model_file_base_name": None, "is_marlin_format": False, "quant_method": "gptq"}
     if tool == "gptqmodel":
         return {"bits": bits, "checkpoint_format": checkpoint_format, "desc_act": desc_act,
                 "group_size": group_size, "lm_head": lm_head,
@@ -455,12 +465,24 @@ def _is_linear(mod, lm_head=False):
     return any(mod.endswith("." + s) for s in LINEARS) or (lm_head and mod == "lm_head")
 
 
+def _input_group(mod):
+    """Linears fed the same input share GPTQ's act-order permutation: q/k/v, gate/up."""
+    for a, b in (("self_attn.k_proj", "self_attn.q_proj"), ("self_attn.v_proj", "self_attn.q_proj"),
+                 ("mlp.up_proj", "mlp.gate_proj")):
+        if mod.endswith(a):
+            return mod[:-len(a)] + b
+    return mod
+
+
 def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0, tool="gptqmodel", files=1,
-                          **shape):
+                          g_idx=True, shared_perm=True, **shape):
     """A tiny GPTQ model in `path` and its dequantised float32 reference in `ref_dir` (default path + "-ref").
     cfg: the quantisation settings, keys as in quantization_config: bits (4|8), group_size (-1 = one group),
     sym, desc_act (a random act-order permutation per layer, groups of equal size), checkpoint_format
     ("gptq" = v1, zero stored minus 1 | "gptq_v2"), lm_head (quantise an untied lm_head, GPTQModel's option).
+    g_idx=False leaves the g_idx tensors out (older GPTQ-for-LLaMa checkpoints; only without desc_act).
+    With desc_act, q/k/v and gate/up share one random permutation, as real checkpoints do (the same input
+    gives the same Hessian); shared_perm=False gives every linear its own (for an error test).
     Returns (path, ref_dir)."""
     c = {"bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq", "lm_head": False}
     c.update(cfg or {})
@@ -468,14 +490,26 @@ def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0,
     bits, gs = c["bits"], c["group_size"]
     zero_offset = 0 if c["checkpoint_format"] == "gptq_v2" else 1
     rng = np.random.default_rng(seed + 1000)
+    perms = {}
     qc = gptq_quant_config(bits, gs, c["sym"], c["desc_act"], c["checkpoint_format"], tool, c["lm_head"])
 
     def quantise(mod, w):
-        t = gptq_tensors(w, bits, gs, c["sym"], c["desc_act"], zero_offset, rng)
+        key = _input_group(mod) if shared_perm else mod
+        if key not in perms:
+            perms[key] = rng.permutation(w.shape[1])
+        t = gptq_tensors(w, bits, gs, c["sym"], c["desc_act"], zero_offset, rng, perms[key])
+        if not g_idx:
+            assert not c["desc_act"], "act-order needs g_idx"
+            t.pop("g_idx")
+            return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], None, bits, zero_offset, gs)
         return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, zero_offset)
 
-    return _write_quantised(path, ref_dir or str(path) + "-ref", mcfg, qc, float_weights(mcfg, seed), quantise,
-                            lambda m: _is_linear(m, c["lm_head"]), files)
+    out = _write_quantised(path, ref_dir or str(path) + "-ref", mcfg, qc, float_weights(mcfg, seed), quantise,
+                           lambda m: _is_linear(m, c["lm_head"]), files)
+    if tool.startswith("autogptq"):  # AutoGPTQ also saves quantize_config.json (config.py QUANT_CONFIG_FILENAME)
+        with open(os.path.join(str(path), "quantize_config.json"), "w") as f:
+            json.dump(qc, f, indent=2)
+    return out
 
 
 def write_awq_checkpoint(path, *, group_size=32, arch="llama", ref_dir=None, seed=0, modules_to_not_convert=None,
@@ -699,14 +733,17 @@ def quant_tensor(type_name, rows, cols, rng, std=0.1):
 
 GGUF_SHAPE = dict(vocab=96, hidden=256, ffn=512, layers=2, heads=4, kv=2)   # K-quants need rows of 256
 GGUF_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# like llama.cpp's Q4_K_M: Q4_K with Q6_K for attn_v and ffn_down in some layers (here layer 0, not layer 1),
+# a Q6_K output and a Q4_K token embedding; "N.role" keys override a role in layer N
 Q4_K_M = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
-          "ffn_up": "Q4_K", "ffn_down": "Q6_K", "output": "Q6_K", "token_embd": "Q4_K"}
+          "ffn_up": "Q4_K", "ffn_down": "Q6_K", "1.attn_v": "Q4_K", "1.ffn_down": "Q4_K", "output": "Q6_K",
+          "token_embd": "Q4_K"}
 
 
 def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shape):
     """A tiny llama GGUF whose tensors have the ggml types in `types` ({role: type name}; roles: attn_q,
-    attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, token_embd, output; a plain type name means all
-    seven linear roles; missing roles are F32), and its float reference `ref_path` (default path with
+    attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down, token_embd, output, and "N.role" for layer N
+    only; a plain type name means all seven linear roles; missing roles are F32), and its float reference `ref_path` (default path with
     "-ref.gguf"): the same file with every tensor F32 holding the exact values. Returns (path, ref_path)."""
     if isinstance(types, str):
         types = {r: types for r in GGUF_ROLES}
@@ -726,8 +763,8 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
         wq.add(k, v, t)
         wr.add(k, v, t)
 
-    def tensor(name, role, rows, cols, std):
-        ty = types.get(role, "F32")
+    def tensor(name, role, rows, cols, std, layer=None):
+        ty = types.get(f"{layer}.{role}", types.get(role, "F32"))
         raw, val = quant_tensor(ty, rows, cols, rng, std)
         ne = [cols, rows]
         wq.add_tensor(name, raw, GGUF_TYPES[ty], ne)
@@ -741,7 +778,7 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
     tensor("token_embd.weight", "token_embd", V, D, 1.0)
     norm("output_norm.weight")
     if not tied:
-        tensor("output.weight", "output", V, D, 0.1)
+        tensor("output.weight", "output", V, D, 0.3)
     dims = {"attn_q": (H * hd, D), "attn_k": (KV * hd, D), "attn_v": (KV * hd, D), "attn_output": (D, H * hd),
             "ffn_gate": (F, D), "ffn_up": (F, D), "ffn_down": (D, F)}
     for i in range(s["layers"]):
@@ -750,8 +787,58 @@ def write_quant_gguf(path, types=None, ref_path=None, seed=0, tied=False, **shap
                 norm(f"blk.{i}.{role}.weight")
             else:
                 rows, cols = dims[role]
-                tensor(f"blk.{i}.{role}.weight", role, rows, cols, 0.15 if role != "ffn_down" else 0.1)
+                tensor(f"blk.{i}.{role}.weight", role, rows, cols, 0.15 if role != "ffn_down" else 0.1, i)
     ref_path = ref_path or (str(path)[:-5] if str(path).endswith(".gguf") else str(path)) + "-ref.gguf"
     wq.write(str(path))
     wr.write(str(ref_path))
     return str(path), str(ref_path)
+
+
+# ================================================================================================
+# the fixture set (tests/test_quant_checkpoints.py and tests/fixtures/make_quant_fixtures.py)
+# ================================================================================================
+
+# id -> (kind, arguments). GPTQ ids: bits, group, sym / asym, v1 / v2, act-order; the tiny models have
+# in_features 128 (256 for down_proj), so g128 is one group for most layers and two for down_proj.
+CASES = {
+    "gptq-4b-g32-sym-v1": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": True}, tool="gptqmodel")),
+    "gptq-4b-g32-asym-v1-actorder": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False, "desc_act": True},
+                                                  tool="autogptq", seed=1)),
+    "gptq-4b-g64-asym-v2-qwen2": ("gptq", dict(cfg={"bits": 4, "group_size": 64, "sym": False,
+                                                    "checkpoint_format": "gptq_v2"}, arch="qwen2", seed=2)),
+    "gptq-4b-g16-sym-actorder-qwen2": ("gptq", dict(cfg={"bits": 4, "group_size": 16, "desc_act": True},
+                                                    arch="qwen2", tool="transformers", seed=3)),
+    "gptq-8b-g128-sym-v1": ("gptq", dict(cfg={"bits": 8, "group_size": 128}, tool="autogptq", seed=4)),
+    "gptq-4b-g32-asym-no-g_idx": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False}, g_idx=False,
+                                               seed=12)),
+    "gptq-4b-g128-sym-old-autogptq": ("gptq", dict(cfg={"bits": 4, "group_size": 128}, tool="autogptq-0.6", seed=11)),
+    "gptq-8b-gall-asym-v2-actorder": ("gptq", dict(cfg={"bits": 8, "group_size": -1, "sym": False, "desc_act": True,
+                                                        "checkpoint_format": "gptq_v2"}, seed=5)),
+    "gptq-4b-g32-asym-lmhead-sharded": ("gptq", dict(cfg={"bits": 4, "group_size": 32, "sym": False,
+                                                          "lm_head": True}, files=3, seed=6)),
+    "awq-g32": ("awq", dict(group_size=32, seed=7)),
+    "awq-g64-qwen2": ("awq", dict(group_size=64, arch="qwen2", seed=8)),
+    "awq-g128-not-converted": ("awq", dict(group_size=128, modules_to_not_convert=["model.layers.1.mlp"], seed=9)),
+    "awq-gall-sharded": ("awq", dict(group_size=-1, files=2, seed=10)),
+}
+for _t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+    CASES[f"gguf-{_t}"] = ("gguf", dict(types=_t, seed=20 + len(CASES)))
+CASES["gguf-Q4_K_M"] = ("gguf", dict(types=Q4_K_M, seed=40))                         # q/k Q4_K, v Q6_K, ...
+CASES["gguf-Q8_0-embed-tied"] = ("gguf", dict(types=dict({r: "Q4_1" for r in GGUF_ROLES}, token_embd="Q8_0"),
+                                              tied=True, seed=41))                    # like the demo model
+CASES["gguf-mixed-all"] = ("gguf", dict(types={"attn_q": "Q4_0", "attn_k": "Q5_1", "attn_v": "Q8_0",
+                                               "attn_output": "Q5_K", "ffn_gate": "Q4_1", "ffn_up": "Q6_K",
+                                               "ffn_down": "Q5_0", "output": "Q4_K"}, seed=42))
+
+
+def write_case(case_id, out_dir):
+    """Write fixture `case_id` (a key of CASES) under out_dir; returns (quantised path, float reference path)."""
+    kind, kw = CASES[case_id]
+    kw = dict(kw)
+    base = os.path.join(str(out_dir), case_id)
+    if kind == "gptq":
+        cfg = kw.pop("cfg")
+        return write_gptq_checkpoint(base, cfg, **kw)
+    if kind == "awq":
+        return write_awq_checkpoint(base, **kw)
+    return write_quant_gguf(base + ".gguf", **kw)

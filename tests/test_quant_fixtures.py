@@ -205,7 +205,8 @@ def test_gguf_files_and_fastloads_dequantiser(tmp_path):
     assert rp.endswith("m-ref.gguf")
     with _C.GGUFFile(qp) as f:
         types = {t[0]: t[1] for t in f.tensors()}
-    assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.1.attn_v.weight"] == "Q6_K"
+    assert types["blk.1.attn_q.weight"] == "Q4_K" and types["blk.0.attn_v.weight"] == "Q6_K"
+    assert types["blk.1.attn_v.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q6_K"
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
     assert types["blk.0.attn_norm.weight"] == "F32"
     for a, b in ((qp, rp), (q2, r2)):
@@ -306,3 +307,42 @@ def test_unpacking_like_the_tools_with_torch():
     got = ((iw - iz.repeat_interleave(32, dim=0)).float() * torch.from_numpy(a["scales"]).float()
            .repeat_interleave(32, dim=0)).numpy().T
     np.testing.assert_array_equal(got, qf.dequant_awq(a["qweight"], a["qzeros"], a["scales"], 32))
+
+
+def test_gguf_blocks_against_gguf_py():
+    """Optional: llama.cpp's own Python package (gguf-py, gguf.quants.dequantize) reads the blocks the same way
+    (checked with gguf 0.19.0: bit-identical for every type)."""
+    pytest.importorskip("gguf")
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+    rng = np.random.default_rng(5)
+    for kind in KINDS:
+        raw = qf.random_blocks(kind, 12, rng)
+        got = dequantize(raw.reshape(-1), getattr(GGMLQuantizationType, kind)).reshape(12, -1)
+        np.testing.assert_array_equal(np.asarray(got, F32), qf.decode_blocks(kind, raw), err_msg=kind)
+
+
+def test_gptq_checkpoint_without_g_idx(tmp_path):
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": False}, g_idx=False)
+    qt = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    rt = qf.read_safetensors(os.path.join(r, "model.safetensors"))
+    assert not [k for k in qt if k.endswith(".g_idx")]
+    p = "model.layers.0.mlp.down_proj."
+    np.testing.assert_array_equal(rt[p + "weight"], qf.dequant_gptq(qt[p + "qweight"], qt[p + "qzeros"],
+                                                                    qt[p + "scales"], None, 4, 1, 32))
+    with pytest.raises(AssertionError):
+        qf.write_gptq_checkpoint(tmp_path / "h", {"desc_act": True}, g_idx=False)
+
+
+def test_act_order_permutation_shared_by_layers_with_one_input(tmp_path):
+    q, _ = qf.write_gptq_checkpoint(tmp_path / "g", {"desc_act": True})
+    t = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    p = "model.layers.1."
+    g = {s: t[p + s + ".g_idx"] for s in qf.LINEARS}
+    assert (g["self_attn.q_proj"] == g["self_attn.k_proj"]).all() and (g["self_attn.q_proj"] == g["self_attn.v_proj"]).all()
+    assert (g["mlp.gate_proj"] == g["mlp.up_proj"]).all()
+    assert not (g["self_attn.q_proj"] == g["self_attn.o_proj"]).all()
+    assert not (t["model.layers.0.self_attn.q_proj.g_idx"] == g["self_attn.q_proj"]).all()
+    q2, _ = qf.write_gptq_checkpoint(tmp_path / "h", {"desc_act": True}, shared_perm=False)
+    t2 = qf.read_safetensors(os.path.join(q2, "model.safetensors"))
+    assert not (t2[p + "self_attn.q_proj.g_idx"] == t2[p + "self_attn.k_proj.g_idx"]).all()
