@@ -272,3 +272,17 @@ def test_gpu_model_matches_cpu(ckpt, tok, model):
         b = evaluate.perplexity(gm, tok, TEXT, **kw)
         assert b["tokens"] == a["tokens"]
         assert rel(b["loglikelihood"], a["loglikelihood"]) < 1e-4
+
+
+def test_committed_text_is_intact():
+    """benchmarks/data/devils_dictionary.txt: at least 100 KB of UTF-8, the checksum its README records."""
+    import hashlib
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = open(os.path.join(root, "benchmarks", "data", "devils_dictionary.txt"), "rb").read()
+    text = data.decode("utf-8")
+    assert len(data) >= 100_000 and "\r" not in text
+    digest = hashlib.sha256(data).hexdigest()
+    readme = open(os.path.join(root, "benchmarks", "data", "README.md"), encoding="utf-8").read()
+    assert digest == "31443f0fb26e5e3bb84051c17e04b4bf3ad31604190598e4ccfd826fdd070bb4" and digest in readme
+    assert (evaluate.count_words(text), evaluate.count_bytes(text)) == (60817, 382581)
