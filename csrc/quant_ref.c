@@ -181,10 +181,12 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
             const size_t gi = (size_t)r * (size_t)ng + (size_t)g;
             if (scheme == FL_QS_INT4) {
                 float mn = src_val(src, st, sb + (size_t)c0), mx = mn;
-                for (int64_t c = c0; c < c0 + G; c++) {
+                for (int64_t c = c0; c < c0 + G; c++) { /* -0 < +0, as the CUDA quantiser's PTX min / max: C's
+                                                           fminf / fmaxf may return either zero, which made a row of
+                                                           zeros of both signs give s = -0 here and +0 there */
                     const float x = src_val(src, st, sb + (size_t)c);
-                    mn = fminf(mn, x);
-                    mx = fmaxf(mx, x);
+                    if (x < mn || (x == mn && signbit(x))) mn = x;
+                    if (x > mx || (x == mx && !signbit(x))) mx = x;
                 }
                 const float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
                 const float m = fl_f16_to_f32(fl_f32_to_f16(mn));
