@@ -307,9 +307,15 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
             j++;
         }
     }
-    for (int r = 0; r < RR; r++)
-        for (int t = 0; t < N; t++)
-            y[(size_t)t * (size_t)R + (size_t)(r0 + r)] = hsum_ps(acc[r][t]) + hsum_ps(off[r][t]);
+    for (int t = 0; t < N; t++) {
+        float *yt = y + (size_t)t * (size_t)R + (size_t)r0;
+        if (RR == 4) { /* the 4 rows' sums in one vector: two rounds of hadd, then the two halves */
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(acc[0][t], off[0][t]), _mm256_add_ps(acc[1][t], off[1][t])),
+                                            _mm256_hadd_ps(_mm256_add_ps(acc[2][t], off[2][t]), _mm256_add_ps(acc[3][t], off[3][t])));
+            _mm_storeu_ps(yt, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        } else
+            for (int r = 0; r < RR; r++) yt[r] = hsum_ps(_mm256_add_ps(acc[r][t], off[r][t]));
+    }
 }
 
 #define QDEC_CASE(N_, RR_)                                                                          \
