@@ -130,7 +130,7 @@ class QuantConfig:
     lm_head_group: int = 0
     gguf: str = "keep"
     compute_dtype: object = None
-    _source: str = field(default="quantization_config", repr=False, compare=False)
+    _source: str = field(default="quantization_config", init=False, repr=False, compare=False)  # for messages
 
     def __post_init__(self):
         self.scheme = _choice(self.scheme, SCHEMES + ("none",), "QuantConfig scheme")
