@@ -5,6 +5,7 @@ Environment:
                              $CUDA_HOME/bin; 1: require it; 0: CPU only.
   FASTLOAD_CUDA_ARCHS="75;80;86;89;90"  SM architectures to build (PTX of the last is embedded
                              too, so newer GPUs JIT-compile it).
+  FASTLOAD_NVCC_JOBS=N       nvcc processes run side by side (default: one per core).
   FASTLOAD_NATIVE=1|0        1 (default): -march=native for the CPU kernels (the package is built
                              on the machine that runs it, as llama.cpp's GGML_NATIVE); 0: portable.
   FASTLOAD_DEBUG=1           -O0 -g, for gdb / sanitizers.
@@ -111,14 +112,22 @@ class BuildExt(build_ext):
         cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         objdir = os.path.join(self.build_temp, "cuda")
         os.makedirs(objdir, exist_ok=True)
-        objs = []
+        cmds, objs = [], []
         for src in sorted(glob.glob("csrc/cuda/*.cu")):
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
-                   "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode]
+            cmds.append([nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
+                         "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode])
+            objs.append(obj)
+        # nvcc compiles one file per process: run them side by side (one per core, FASTLOAD_NVCC_JOBS to choose).
+        jobs = int(env("FASTLOAD_NVCC_JOBS", str(os.cpu_count() or 1)) or 1)
+
+        def compile_one(cmd):
             print(" ".join(cmd), file=sys.stderr)
             subprocess.check_call(cmd)
-            objs.append(obj)
+
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(compile_one, cmds))
         ext.extra_objects += objs
         ext.define_macros.append(("FL_WITH_CUDA", "1"))
         for libdir in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):

@@ -126,6 +126,13 @@ fl_status fl_model_check_complete(const fl_model *m);
 fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight **w, int64_t *row0, int64_t *rows,
                              int64_t *cols, int *is_vec);
 
+/* The model's weights one by one, in arena order (lm_head only when untied), for Model.layouts(): weight i, its
+ * name ("embed", "final_norm", "lm_head", "layers.N.attn_norm|wqkv|bqkv|wo|ffn_norm|w_gate_up|w_down") and its
+ * bytes in backend memory (codes + scales + offsets + perm of a quantised weight). */
+int fl_model_n_weights(const fl_model *m);
+fl_status fl_model_weight_info(fl_model *m, int i, const fl_weight **w, char *name, size_t cap, uint64_t *bytes);
+uint64_t fl_weight_bytes(const fl_weight *w);
+
 fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_kvcache **out);
 void fl_kv_free(fl_model *m, fl_kvcache *kv);
 

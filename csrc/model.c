@@ -166,36 +166,6 @@ fail:
     return st;
 }
 
-/* The weight arena is allocated only once every tensor of a load has been checked against the config
- * (fl_model_load): a tiny hostile file whose config names huge dimensions costs an error, never an
- * allocation its tensors do not justify. Lays the weights out in list_weights order and writes inv_freq. */
-static fl_status arena_alloc(fl_model *m) {
-    if (m->arena_d) return FL_OK;
-    fl_backend *be = m->be;
-    const fl_config *cfg = &m->cfg;
-    wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)cfg->n_layers)); /* list_weights writes <= 3 + 7 per layer */
-    if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");
-    fl_status st = be->alloc(be, m->arena_bytes, &m->arena_d);
-    if (st != FL_OK) {
-        free(ws);
-        m->arena_d = NULL;
-        return fl_err_prefix(st, "allocating %.2f GiB for the weights on %s", m->arena_bytes / 1073741824.0, be->name);
-    }
-    const int nw = list_weights(m, ws);
-    const size_t es = (size_t)fl_dtype_size(m->wdtype);
-    size_t off = 0;
-    for (int i = 0; i < nw; i++) {
-        ws[i].w->data_d = (char *)m->arena_d + off;
-        add_block(&off, ws[i].rows, ws[i].cols, es); /* cannot overflow: the same sum as arena_bytes */
-    }
-    free(ws);
-    if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
-    m->inv_freq_d = (float *)((char *)m->arena_d + off);
-    float freqs[FL_MAX_HEAD_DIM / 2];
-    rope_freqs(cfg, freqs);
-    return be->to_backend(be, m->inv_freq_d, freqs, (size_t)(cfg->head_dim / 2) * sizeof(float));
-}
-
 static void ws_release(fl_model *m) {
     fl_backend *be = m->be;
     void **bufs[] = {&m->ws_x, &m->ws_xn, &m->ws_qkv, &m->ws_att, &m->ws_delta, &m->ws_gu, &m->ws_ff,
@@ -262,60 +232,404 @@ fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight *
     return FL_OK;
 }
 
+/* ---- per-weight layouts -------------------------------------------------------------------------------------
+ * Weight ids: 0 embed, 1 final_norm, 2 lm_head, then 7 per layer in fl_layer's field order. */
+_Static_assert(sizeof(fl_layer) == 7 * sizeof(fl_weight), "fl_layer holds exactly 7 fl_weight fields");
+static const char *const layer_fields[7] = {"attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w_gate_up", "w_down"};
+
+static int n_weight_ids(const fl_model *m) { return 3 + 7 * m->cfg.n_layers; }
+static int weight_id(const fl_model *m, const fl_weight *w) {
+    if (w == &m->w.embed) return 0;
+    if (w == &m->w.final_norm) return 1;
+    if (w == &m->w.lm_head) return 2;
+    const size_t off = (size_t)((const char *)w - (const char *)m->w.layers);
+    return 3 + (int)(off / sizeof(fl_layer)) * 7 + (int)(off % sizeof(fl_layer) / sizeof(fl_weight));
+}
+static void weight_name(const fl_model *m, int id, char *buf, size_t cap) {
+    if (id < 3) snprintf(buf, cap, "%s", id == 0 ? "embed" : id == 1 ? "final_norm" : "lm_head");
+    else snprintf(buf, cap, "layers.%d.%s", (id - 3) / 7, layer_fields[(id - 3) % 7]);
+}
+
+/* Bytes of each part of a weight (float: all in *data). */
+static fl_status weight_sizes(const fl_weight *w, const fl_qlayout *L, size_t *data, size_t *scales, size_t *zeros,
+                              size_t *perm) {
+    if (w->dtype == FL_QUANT) return fl_q_sizes(L, w->rows, w->cols, data, scales, zeros, perm);
+    *scales = *zeros = *perm = 0;
+    if (!fl_mul3_size((size_t)w->rows, (size_t)w->cols, (size_t)fl_dtype_size(w->dtype), data))
+        return fl_err(FL_E_FORMAT, "the size of a [%lld, %lld] weight overflows", (long long)w->rows, (long long)w->cols);
+    return FL_OK;
+}
+
+uint64_t fl_weight_bytes(const fl_weight *w) {
+    size_t a = 0, b = 0, c = 0, d = 0;
+    fl_qlayout L = {0};
+    if (w->dtype == FL_QUANT) L = fl_q_layout_of(w);
+    if (weight_sizes(w, &L, &a, &b, &c, &d) != FL_OK) { fl_err_clear(); return 0; }
+    return (uint64_t)a + b + c + d;
+}
+
+/* The weight arena is allocated only once every tensor of a load has been checked against the config
+ * (fl_model_load): a tiny hostile file whose config names huge dimensions costs an error, never an
+ * allocation its tensors do not justify. Lays the weights out in list_weights order, each part (float data,
+ * or codes, scales, offsets, perm of a quantised weight) ALIGN-ed, then inv_freq. lay[weight id] is the
+ * layout of each FL_QUANT weight (decided by decide_layouts). */
+static fl_status arena_alloc(fl_model *m, const fl_qlayout *lay) {
+    if (m->arena_d) return FL_OK;
+    fl_backend *be = m->be;
+    const fl_config *cfg = &m->cfg;
+    wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)cfg->n_layers)); /* list_weights writes <= 3 + 7 per layer */
+    if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");
+    const int nw = list_weights(m, ws);
+    size_t total = 0;
+    uint64_t qbytes = 0;
+    int nq = 0;
+    fl_status st = FL_OK;
+    for (int i = 0; i < nw && st == FL_OK; i++) {
+        const fl_weight *w = ws[i].w;
+        size_t part[4];
+        st = weight_sizes(w, &lay[weight_id(m, w)], &part[0], &part[1], &part[2], &part[3]);
+        for (int k = 0; k < 4 && st == FL_OK; k++)
+            if (part[k] && !add_block(&total, 1, (int64_t)part[k], 1))
+                st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows");
+        if (st == FL_OK && w->dtype == FL_QUANT) { qbytes += (uint64_t)part[0] + part[1] + part[2] + part[3]; nq++; }
+    }
+    if (st == FL_OK && !add_block(&total, cfg->head_dim / 2, 1, sizeof(float)))
+        st = fl_err(FL_E_FORMAT, "config: the weights' total size overflows");
+    if (st == FL_OK) {
+        st = be->alloc(be, total, &m->arena_d);
+        if (st != FL_OK) {
+            m->arena_d = NULL;
+            st = fl_err_prefix(st, "allocating %.2f GiB for the weights on %s", total / 1073741824.0, be->name);
+        }
+    }
+    if (st != FL_OK) { free(ws); return st; }
+    m->arena_bytes = total;
+    m->stats.bytes_weights = total;
+    m->bytes_quant = qbytes;
+    m->n_quant = nq;
+    size_t off = 0;
+    for (int i = 0; i < nw; i++) {
+        fl_weight *w = ws[i].w;
+        size_t part[4];
+        weight_sizes(w, &lay[weight_id(m, w)], &part[0], &part[1], &part[2], &part[3]); /* checked above */
+        void *p[4] = {NULL, NULL, NULL, NULL};
+        for (int k = 0; k < 4; k++)
+            if (part[k]) { p[k] = (char *)m->arena_d + off; add_block(&off, 1, (int64_t)part[k], 1); }
+        w->data_d = p[0];
+        if (w->dtype == FL_QUANT) { w->scales_d = p[1]; w->zeros_d = p[2]; w->perm_d = (int32_t *)p[3]; }
+    }
+    free(ws);
+    if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
+    m->inv_freq_d = (float *)((char *)m->arena_d + off);
+    float freqs[FL_MAX_HEAD_DIM / 2];
+    rope_freqs(cfg, freqs);
+    return be->to_backend(be, m->inv_freq_d, freqs, (size_t)(cfg->head_dim / 2) * sizeof(float));
+}
+
+fl_status fl_model_set_quant(fl_model *m, const fl_quant_cfg *q) {
+    if (m->arena_d) return fl_err(FL_E_VALUE, "quantisation settings must be given before the first load");
+    if (q->scheme < FL_QS_NONE || q->scheme > FL_QS_NF4 || q->lm_head < FL_QS_NONE || q->lm_head > FL_QS_NF4)
+        return fl_err(FL_E_VALUE, "unknown quantisation scheme %d / lm_head scheme %d", q->scheme, q->lm_head);
+    if (q->group_size < 0 || q->lm_head_group < 0)
+        return fl_err(FL_E_VALUE, "quantisation group size %d / lm_head group size %d must be >= 0 (0: the default)",
+                      q->group_size, q->lm_head_group);
+    m->quant = *q;
+    return FL_OK;
+}
+
+int fl_model_n_weights(const fl_model *m) {
+    const fl_config *c = &m->cfg;
+    return 2 + !c->tie_embeddings + c->n_layers * (6 + !!c->qkv_bias);
+}
+
+fl_status fl_model_weight_info(fl_model *m, int i, const fl_weight **w, char *name, size_t cap, uint64_t *bytes) {
+    const fl_config *c = &m->cfg;
+    const int ng = 2 + !c->tie_embeddings, per = 6 + !!c->qkv_bias;
+    if (i < 0 || i >= fl_model_n_weights(m)) return fl_err(FL_E_VALUE, "weight %d out of range", i);
+    int id;
+    if (i < ng) id = i;
+    else {
+        const int l = (i - ng) / per;
+        int f = (i - ng) % per;
+        if (!c->qkv_bias && f >= 2) f++; /* no bqkv */
+        id = 3 + 7 * l + f;
+    }
+    const fl_weight *wt = id == 0 ? &m->w.embed : id == 1 ? &m->w.final_norm : id == 2 ? &m->w.lm_head
+                                   : (const fl_weight *)&m->w.layers[(id - 3) / 7] + (id - 3) % 7;
+    *w = wt;
+    weight_name(m, id, name, cap);
+    *bytes = fl_weight_bytes(wt);
+    return FL_OK;
+}
+
 static const char *src_type_name(const fl_src_tensor *s) {
     if (s->kind == FL_SRC_GGML) return fl_ggml_type_name(s->type);
     return s->type >= 0 && s->type < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[s->type].st_name : "?";
 }
 
-/* Check one item against the config and describe its destination. Errors name file and tensor. */
-static fl_status plan_one(fl_model *m, const fl_load_item *it, fl_load_job *job) {
+static int ggml_is_float(int t) { return t == GGML_F32 || t == GGML_F16 || t == GGML_BF16 || t == GGML_F64; }
+
+/* One item's plan: its job (the float path and the backend's loader use it as before), its destination weight
+ * and first row, and what the source is on its own. */
+enum { SRC_FLOAT = 0, SRC_QUANT, SRC_SCHEME };
+typedef struct {
+    fl_load_job job;
+    const fl_load_item *it;
+    fl_weight *w;
+    int64_t row0;
+    int wid;
+    int kind;          /* SRC_FLOAT: float values (plain, GGUF float, or GGUF blocks to dequantise);
+                          SRC_QUANT: GGUF blocks / GPTQ / AWQ kept quantised (layout L);
+                          SRC_SCHEME: float values to quantise at load with `scheme` (layout L) */
+    int scheme;
+    fl_qlayout L;
+    fl_packed_src pk;  /* GPTQ / AWQ items */
+    uint64_t nbytes;   /* checkpoint bytes this item reads (progress, bytes_read) */
+} qplan;
+
+static void shape_str(const fl_src_tensor *s, char *got, size_t cap) {
+    char *p = got;
+    got[0] = 0;
+    for (int i = 0; i < s->ndim && i < 4; i++) p += snprintf(p, (size_t)(got + cap - p), i ? ", %lld" : "%lld", (long long)s->shape[i]);
+}
+
+/* A GPTQ / AWQ companion (or qweight itself): dtype, shape [d0, d1] (d1 < 0: 1-D [d0]) and byte count. */
+static fl_status check_packed_tensor(const fl_src_tensor *t, const char *role, fl_dtype dt, int64_t d0, int64_t d1,
+                                     const fl_src_tensor *qw) {
+    char got[96], where[600] = "";
+    if (t->file && qw->file && strcmp(t->file, qw->file)) snprintf(where, sizeof where, " in %s", t->file);
+    if (!t->data && t->nbytes) return fl_err(FL_E_FORMAT, "%s '%s'%s has no data", role, t->name ? t->name : "?", where);
+    if (t->kind != FL_SRC_PLAIN || t->type != dt)
+        return fl_err(FL_E_FORMAT, "%s '%s'%s is %s, not %s", role, t->name ? t->name : "?", where, src_type_name(t),
+                      fl_dtype_table[dt].st_name);
+    const int nd = d1 < 0 ? 1 : 2;
+    if (t->ndim != nd || t->shape[0] != d0 || (nd == 2 && t->shape[1] != d1)) {
+        shape_str(t, got, sizeof got);
+        if (nd == 1)
+            return fl_err(FL_E_FORMAT, "%s '%s'%s has shape [%s], expected [%lld]", role, t->name ? t->name : "?", where, got,
+                          (long long)d0);
+        return fl_err(FL_E_FORMAT, "%s '%s'%s has shape [%s], expected [%lld, %lld]", role, t->name ? t->name : "?", where,
+                      got, (long long)d0, (long long)d1);
+    }
+    const uint64_t need = (uint64_t)d0 * (uint64_t)(nd == 2 ? d1 : 1) * (uint64_t)fl_dtype_size(dt); /* bounded by the config */
+    if (t->nbytes != need)
+        return fl_err(FL_E_FORMAT, "%s '%s'%s holds %llu bytes, its shape needs %llu (truncated?)", role, t->name ? t->name : "?",
+                      where, (unsigned long long)t->nbytes, (unsigned long long)need);
+    return FL_OK;
+}
+
+/* GPTQ / AWQ item: every tensor's dtype, shape and size against the config's [rows, cols] and the packing,
+ * then fl_q_layout_for_packed (bits, group size, g_idx, zero points). */
+static fl_status plan_packed(const fl_load_item *it, int64_t rows, int64_t cols, fl_packed_src *pk, fl_qlayout *L) {
+    const char *pn = it->packing == FL_PACK_AWQ ? "AWQ" : it->packing == FL_PACK_GPTQ ? "GPTQ" : NULL;
+    if (!pn) return fl_err(FL_E_VALUE, "packing %d is neither GPTQ nor AWQ", it->packing);
+    const int bits = it->qbits;
+    if (it->packing == FL_PACK_AWQ && bits != 4)
+        return fl_err(FL_E_UNSUPPORTED, "AWQ with bits=%d is not supported (AWQ's GEMM packing is 4-bit)", bits);
+    if (bits != 4 && bits != 8) return fl_err(FL_E_UNSUPPORTED, "GPTQ with bits=%d is not supported (4 and 8 are)", bits);
+    const int per = 32 / bits;
+    if (rows % per) return fl_err(FL_E_FORMAT, "%s: out_features %lld is not a multiple of %d", pn, (long long)rows, per);
+    if (it->packing == FL_PACK_GPTQ && cols % per)
+        return fl_err(FL_E_FORMAT, "GPTQ: in_features %lld is not a multiple of %d", (long long)cols, per);
+    const fl_src_tensor *qw = &it->src;
+    if (it->packing == FL_PACK_GPTQ) FL_TRY(check_packed_tensor(qw, "qweight", FL_I32, cols / per, rows, qw));
+    else FL_TRY(check_packed_tensor(qw, "qweight", FL_I32, cols, rows / per, qw));
+    /* the number of groups is what scales holds; its shape must be [ngroups, rows] */
+    const int64_t ng = it->scales.ndim == 2 ? it->scales.shape[0] : -1;
+    if (ng <= 0 || ng > cols) {
+        char got[96];
+        shape_str(&it->scales, got, sizeof got);
+        return fl_err(FL_E_FORMAT, "scales '%s' has shape [%s], expected [groups, %lld] with 1 <= groups <= %lld",
+                      it->scales.name ? it->scales.name : "?", got, (long long)rows, (long long)cols);
+    }
+    FL_TRY(check_packed_tensor(&it->scales, "scales", FL_F16, ng, rows, qw));
+    FL_TRY(check_packed_tensor(&it->qzeros, "qzeros", FL_I32, ng, rows / per, qw));
+    if (it->g_idx.data) FL_TRY(check_packed_tensor(&it->g_idx, "g_idx", FL_I32, cols, -1, qw));
+    *pk = (fl_packed_src){.packing = it->packing, .bits = bits, .group_size = it->qgroup, .zero_offset = it->qzero_offset,
+                          .qweight = qw->data, .qzeros = it->qzeros.data, .scales = it->scales.data,
+                          .g_idx = it->g_idx.data,
+                          .rows = rows, .cols = cols, .ngroups = ng};
+    return fl_q_layout_for_packed(pk, L);
+}
+
+static int is_linear_slot(int slot) {
+    return slot == FL_SLOT_Q || slot == FL_SLOT_K || slot == FL_SLOT_V || slot == FL_SLOT_O || slot == FL_SLOT_GATE ||
+           slot == FL_SLOT_UP || slot == FL_SLOT_DOWN;
+}
+
+/* Check one item against the config and describe its source and destination. Errors name file and tensor. */
+static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
     const fl_src_tensor *s = &it->src;
     fl_weight *w = NULL; int64_t row0 = 0, rows = 0, cols = 0; int is_vec = 0;
+    memset(qp, 0, sizeof *qp);
+    qp->it = it;
     fl_status st = slot_target(m, it->slot, it->layer, &w, &row0, &rows, &cols, &is_vec);
     if (st != FL_OK) goto out;
-    int shape_ok = is_vec ? (s->ndim == 1 && s->shape[0] == rows)
-                          : (s->ndim == 2 && s->shape[0] == rows && s->shape[1] == cols);
-    if (!shape_ok) {
-        char got[96] = "", *p = got;
-        for (int i = 0; i < s->ndim && i < 4; i++) p += snprintf(p, got + sizeof got - p, i ? ", %lld" : "%lld", (long long)s->shape[i]);
-        st = is_vec ? fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld]", got, (long long)rows)
-                    : fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld, %lld]", got,
-                             (long long)rows, (long long)cols);
-        goto out;
-    }
-    const uint64_t n = (uint64_t)rows * (uint64_t)cols;
-    uint64_t need;
-    if (s->kind == FL_SRC_GGML) {
-        need = fl_ggml_nbytes(s->type, n);
-        if (!need || !fl_ggml_nbytes(s->type, (uint64_t)cols)) {
-            st = fl_err(FL_E_UNSUPPORTED, "GGML type %s cannot be dequantised in rows of %lld", src_type_name(s), (long long)cols);
-            goto out;
-        }
-    } else {
-        if (s->type != FL_F32 && s->type != FL_F16 && s->type != FL_BF16 && s->type != FL_F64) {
-            st = fl_err(FL_E_UNSUPPORTED, "dtype %s cannot be a weight (floating-point types only)", src_type_name(s));
-            goto out;
-        }
-        need = n * (uint64_t)fl_dtype_size((fl_dtype)s->type);
-    }
-    if (need != s->nbytes) {
-        st = fl_err(FL_E_FORMAT, "holds %llu bytes, %s[%lld x %lld] needs %llu", (unsigned long long)s->nbytes,
-                    src_type_name(s), (long long)rows, (long long)cols, (unsigned long long)need);
-        goto out;
-    }
+    qp->w = w; qp->row0 = row0; qp->wid = weight_id(m, w);
+    qp->nbytes = s->nbytes;
     const int hp = it->unpermute_heads;
-    if (hp > 0 && (rows % hp || (rows / hp) % 2)) {
-        st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp);
-        goto out;
+    if (it->packing) {
+        if (is_vec) { st = fl_err(FL_E_VALUE, "a GPTQ / AWQ tensor cannot fill a vector (norm or bias)"); goto out; }
+        if (hp > 0) { st = fl_err(FL_E_VALUE, "GPTQ / AWQ rows cannot be un-permuted"); goto out; }
+        st = plan_packed(it, rows, cols, &qp->pk, &qp->L);
+        if (st != FL_OK) goto out;
+        qp->kind = SRC_QUANT;
+        qp->nbytes += it->qzeros.nbytes + it->scales.nbytes + (qp->pk.g_idx ? it->g_idx.nbytes : 0);
+    } else {
+        int shape_ok = is_vec ? (s->ndim == 1 && s->shape[0] == rows)
+                              : (s->ndim == 2 && s->shape[0] == rows && s->shape[1] == cols);
+        if (!shape_ok) {
+            char got[96];
+            shape_str(s, got, sizeof got);
+            st = is_vec ? fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld]", got, (long long)rows)
+                        : fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld, %lld]", got,
+                                 (long long)rows, (long long)cols);
+            goto out;
+        }
+        const uint64_t n = (uint64_t)rows * (uint64_t)cols;
+        uint64_t need;
+        if (s->kind == FL_SRC_GGML) {
+            need = fl_ggml_nbytes(s->type, n);
+            if (!need || !fl_ggml_nbytes(s->type, (uint64_t)cols)) {
+                st = fl_err(FL_E_UNSUPPORTED, "GGML type %s cannot be dequantised in rows of %lld", src_type_name(s), (long long)cols);
+                goto out;
+            }
+            if (!fl_ggml_can_dequant(s->type)) {
+                st = fl_err(FL_E_UNSUPPORTED, "GGML type %s is not supported (supported: F32, F16, BF16, F64, Q4_0, Q4_1, "
+                            "Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K; kept quantised: Q4_0, Q4_1, Q5_0, Q5_1, "
+                            "Q8_0, Q4_K, Q5_K, Q6_K)", src_type_name(s));
+                goto out;
+            }
+        } else {
+            if (s->type != FL_F32 && s->type != FL_F16 && s->type != FL_BF16 && s->type != FL_F64) {
+                st = fl_err(FL_E_UNSUPPORTED, "dtype %s cannot be a weight (floating-point types only)", src_type_name(s));
+                goto out;
+            }
+            need = n * (uint64_t)fl_dtype_size((fl_dtype)s->type);
+        }
+        if (need != s->nbytes) {
+            st = fl_err(FL_E_FORMAT, "holds %llu bytes, %s[%lld x %lld] needs %llu", (unsigned long long)s->nbytes,
+                        src_type_name(s), (long long)rows, (long long)cols, (unsigned long long)need);
+            goto out;
+        }
+        if (hp > 0 && (rows % hp || (rows / hp) % 2)) {
+            st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp);
+            goto out;
+        }
+        /* What the source becomes on its own (decide_layouts then settles each weight from all its parts). */
+        const int gguf_blocks = s->kind == FL_SRC_GGML && !ggml_is_float(s->type);
+        if (gguf_blocks && !is_vec && !m->quant.gguf_dequantize && fl_q_layout_for_ggml(s->type, &qp->L) == FL_OK) {
+            qp->kind = SRC_QUANT;  /* GGUF blocks stay quantised, embeddings included (a tied model's LM head) */
+        } else if (gguf_blocks) {
+            fl_err_clear();
+            qp->kind = SRC_FLOAT;  /* dequantised (gguf_dequantize, or a type that is not kept quantised: Q2_K, Q3_K, Q8_K) */
+        } else if (!is_vec && ((is_linear_slot(it->slot) && m->quant.scheme != FL_QS_NONE) ||
+                               (it->slot == FL_SLOT_LM_HEAD && m->quant.lm_head != FL_QS_NONE))) {
+            qp->kind = SRC_SCHEME;
+            qp->scheme = it->slot == FL_SLOT_LM_HEAD ? m->quant.lm_head : m->quant.scheme;
+            st = fl_q_layout_for_scheme(qp->scheme, it->slot == FL_SLOT_LM_HEAD ? m->quant.lm_head_group : m->quant.group_size,
+                                        cols, &qp->L);
+            if (st != FL_OK) goto out;
+        } else {
+            qp->kind = SRC_FLOAT;
+        }
     }
-    /* before the arena exists (the checking pass of fl_model_load) there is no destination yet */
-    *job = (fl_load_job){.src = s, .dst_d = w->data_d ? (char *)w->data_d + (size_t)row0 * (size_t)cols * (size_t)fl_dtype_size(w->dtype) : NULL,
-                         .dst_dtype = w->dtype, .rows = rows, .cols = cols, .unpermute_heads = hp};
+    /* before the arena exists (the checking pass of fl_model_load) there is no destination yet; a quantised
+     * destination's rows are addressed through w and row0, not dst_d */
+    const int fdst = w->data_d && w->dtype != FL_QUANT;
+    qp->job = (fl_load_job){.src = s, .dst_d = fdst ? (char *)w->data_d + (size_t)row0 * (size_t)cols * (size_t)fl_dtype_size(w->dtype) : NULL,
+                            .dst_dtype = w->dtype, .rows = rows, .cols = cols, .unpermute_heads = hp};
 out:
     if (st != FL_OK)
         fl_err_prefix(st, "%s: tensor '%s' (%s)", s->file ? s->file : "?", s->name ? s->name : "?",
                       it->slot >= 0 && it->slot < FL_SLOT_COUNT ? fl_slot_names[it->slot] : "?");
     return st;
+}
+
+static int layout_eq(const fl_qlayout *a, const fl_qlayout *b) {
+    return a->bits == b->bits && a->group_size == b->group_size && a->sdtype == b->sdtype && a->has_zeros == b->has_zeros &&
+           a->code == b->code && a->has_perm == b->has_perm;
+}
+
+/* Two parts of one fused weight with act order must permute the columns the same way (their g_idx are equal). */
+static int same_gidx(const qplan *a, const qplan *b) {
+    if (!a->pk.g_idx || !b->pk.g_idx || a->pk.cols != b->pk.cols || a->L.group_size != b->L.group_size) return 0;
+    return !memcmp(a->pk.g_idx, b->pk.g_idx, (size_t)a->pk.cols * 4);
+}
+
+static fl_status err_item(fl_status st, const qplan *p) {
+    const fl_src_tensor *s = &p->it->src;
+    return fl_err_prefix(st, "%s: tensor '%s' (%s)", s->file ? s->file : "?", s->name ? s->name : "?",
+                         fl_slot_names[p->it->slot]);
+}
+
+/* First load: settle each weight's dtype / layout from the parts that fill it (lay[weight id]).
+ *   any float part, scheme parts mixed with kept-quantised parts, or different code books  -> the float dtype
+ *   parts quantised at load -> the scheme's layout; kept-quantised parts -> their common layout
+ * Act-order permutations of fused parts must be equal. */
+static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout *lay) {
+    const int nid = n_weight_ids(m);
+    typedef struct { int nfloat, nquant, nscheme, mixed, first; } acc_t;
+    acc_t *acc = calloc((size_t)nid, sizeof *acc);
+    if (!acc) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
+    for (int i = 0; i < nid; i++) acc[i].first = -1;
+    for (int i = 0; i < n; i++) {
+        const qplan *p = &ps[i];
+        acc_t *a = &acc[p->wid];
+        if (p->kind == SRC_FLOAT) { a->nfloat++; continue; }
+        if (p->kind == SRC_QUANT) a->nquant++; else a->nscheme++;
+        if (a->first < 0) { a->first = i; lay[p->wid] = p->L; continue; }
+        fl_qlayout *L = &lay[p->wid];
+        if (p->kind == SRC_SCHEME) { if (!layout_eq(L, &p->L)) a->mixed = 1; }
+        else if (L->code != p->L.code) a->mixed = 1;
+        else *L = fl_q_common_layout(L, &p->L);
+    }
+    fl_status st = FL_OK;
+    for (int i = 0; i < n && st == FL_OK; i++) {
+        const qplan *p = &ps[i];
+        const acc_t *a = &acc[p->wid];
+        const int quant = !a->nfloat && !a->mixed && !(a->nquant && a->nscheme) && (a->nquant || a->nscheme);
+        if (!quant) { p->w->dtype = m->wdtype; continue; }
+        const fl_qlayout *L = &lay[p->wid];
+        if (L->has_perm && i != a->first) {
+            const qplan *f = &ps[a->first];
+            if (!same_gidx(f, p)) {
+                char wn[48];
+                weight_name(m, p->wid, wn, sizeof wn);
+                st = fl_err(FL_E_UNSUPPORTED, "%s: tensors '%s' and '%s', fused into %s, have different act-order "
+                            "permutations (g_idx): fastload needs one column order per fused weight",
+                            f->it->src.file ? f->it->src.file : "?", f->it->src.name ? f->it->src.name : "?",
+                            p->it->src.name ? p->it->src.name : "?", wn);
+                break;
+            }
+        }
+        fl_weight *w = p->w;
+        w->dtype = FL_QUANT;
+        w->bits = L->bits;
+        w->group_size = L->group_size;
+        w->sdtype = L->sdtype;
+        w->code = L->code;
+        if ((st = fl_q_check(L, w->rows, w->cols)) != FL_OK) st = err_item(st, p);
+    }
+    free(acc);
+    return st;
+}
+
+/* Later loads into an existing arena: the weights' layouts are fixed; each part must fit its weight. */
+static fl_status check_fits(const qplan *p) {
+    const fl_weight *w = p->w;
+    if (w->dtype != FL_QUANT) return FL_OK; /* any source converts to the float dtype */
+    const fl_qlayout W = fl_q_layout_of(w);
+    int ok;
+    if (p->kind == SRC_FLOAT) ok = 0;
+    else if (p->kind == SRC_SCHEME) ok = layout_eq(&W, &p->L);
+    else {
+        const fl_qlayout c = fl_q_common_layout(&W, &p->L);
+        ok = W.code == p->L.code && W.has_perm == p->L.has_perm && layout_eq(&c, &W);
+    }
+    if (ok) return FL_OK;
+    return err_item(fl_err(FL_E_UNSUPPORTED, "the weight it fills was made %s by an earlier load and cannot hold this tensor "
+                           "exactly", "quantised"), p);
 }
 
 /* Source row feeding destination row r: llama.cpp stores q/k rows of each head interleaved
@@ -326,7 +640,7 @@ static inline int64_t src_row(const fl_load_job *j, int64_t r) {
     return h * hd + 2 * (within % (hd / 2)) + within / (hd / 2);
 }
 
-/* Generic path: convert / dequantise on the host (into a staging buffer unless the backend's
+/* Generic path, float destination: convert / dequantise on the host (into a staging buffer unless the backend's
  * memory is host memory), then to_backend. Runs on worker threads. */
 static fl_status convert_job(fl_backend *be, const fl_load_job *j) {
     const fl_src_tensor *s = j->src;
@@ -348,11 +662,155 @@ static fl_status convert_job(fl_backend *be, const fl_load_job *j) {
     return st;
 }
 
-static fl_status load_generic(fl_model *m, const fl_load_job *jobs, int n, fl_progress_fn cb, void *ud) {
+/* Rows [row0, row0 + rows) of a quantised weight as a weight of their own (the same layout; perm only in the
+ * view of row 0, so that the parts of a fused weight write it once). */
+static fl_weight qview(const fl_weight *w, int64_t row0, int64_t rows) {
+    fl_weight v = *w;
+    const size_t cb = (size_t)w->cols * (size_t)w->bits / 8, sb = (size_t)(w->cols / w->group_size) * (size_t)fl_dtype_size(w->sdtype);
+    v.rows = rows;
+    v.data_d = (char *)w->data_d + (size_t)row0 * cb;
+    v.scales_d = (char *)w->scales_d + (size_t)row0 * sb;
+    v.zeros_d = w->zeros_d ? (char *)w->zeros_d + (size_t)row0 * sb : NULL;
+    v.perm_d = row0 == 0 ? w->perm_d : NULL;
+    return v;
+}
+
+/* A host copy of the view's layout (staging for a backend whose memory is not host memory, or a temporary). */
+static fl_status qhost_alloc(const fl_weight *v, const fl_qlayout *L, fl_weight *h, void **block, size_t part[4]) {
+    FL_TRY(fl_q_sizes(L, v->rows, v->cols, &part[0], &part[1], &part[2], &part[3]));
+    const size_t a[4] = {(part[0] + 63) & ~(size_t)63, (part[1] + 63) & ~(size_t)63, (part[2] + 63) & ~(size_t)63, part[3]};
+    char *b = fl_malloc(a[0] + a[1] + a[2] + a[3]);
+    if (!b) return fl_err(FL_E_NOMEM, "cannot allocate a staging buffer of %.1f MiB", (a[0] + a[1] + a[2] + a[3]) / 1048576.0);
+    *h = *v;
+    h->dtype = FL_QUANT; h->bits = L->bits; h->group_size = L->group_size; h->sdtype = L->sdtype; h->code = L->code;
+    h->data_d = b;
+    h->scales_d = b + a[0];
+    h->zeros_d = L->has_zeros ? b + a[0] + a[1] : NULL;
+    h->perm_d = L->has_perm ? (int32_t *)(b + a[0] + a[1] + a[2]) : NULL;
+    *block = b;
+    return FL_OK;
+}
+
+/* Float rows of a source (plain or GGUF float) as float32, un-permuted: rows [r, r + k) of the job. */
+static fl_status rows_f32(const fl_load_job *j, int64_t r, int64_t k, float *out) {
+    const fl_src_tensor *s = j->src;
+    const uint64_t row_in = s->kind == FL_SRC_GGML ? fl_ggml_nbytes(s->type, (uint64_t)j->cols)
+                                                   : (uint64_t)j->cols * (uint64_t)fl_dtype_size((fl_dtype)s->type);
+    for (int64_t i = 0; i < k; i++) {
+        const void *src = (const char *)s->data + (size_t)src_row(j, r + i) * row_in;
+        float *dst = out + (size_t)i * (size_t)j->cols;
+        FL_TRY(s->kind == FL_SRC_GGML ? fl_ggml_dequant(s->type, src, (uint64_t)j->cols, dst, FL_F32)
+                                      : fl_convert(dst, FL_F32, src, (fl_dtype)s->type, (size_t)j->cols));
+    }
+    return FL_OK;
+}
+
+/* Quantise a float source into the host weight h (rows of the job) with fl_q_quantize_rows: straight from the
+ * mapping when the rows are in order and f32 / f16 / bf16, else through float32 (exact for those dtypes: the
+ * quantiser widens to float32 itself; float64 is rounded to float32 first, as on the GPU). */
+static fl_status quantize_host(const fl_weight *h, int scheme, const fl_load_job *j) {
+    const fl_src_tensor *s = j->src;
+    if (s->kind == FL_SRC_PLAIN && j->unpermute_heads <= 0 && (s->type == FL_F32 || s->type == FL_F16 || s->type == FL_BF16))
+        return fl_q_quantize_rows(h, scheme, 0, j->rows, s->data, (fl_dtype)s->type);
+    const int64_t chunk = 64;
+    float *tmp = fl_malloc((size_t)chunk * (size_t)j->cols * sizeof(float));
+    if (!tmp) return fl_err(FL_E_NOMEM, "cannot allocate a conversion buffer");
+    fl_status st = FL_OK;
+    for (int64_t r = 0; r < j->rows && st == FL_OK; r += chunk) {
+        const int64_t k = j->rows - r < chunk ? j->rows - r : chunk;
+        st = rows_f32(j, r, k, tmp);
+        if (st == FL_OK) st = fl_q_quantize_rows(h, scheme, r, k, tmp, FL_F32);
+    }
+    fl_free(tmp);
+    return st;
+}
+
+/* A GPTQ / AWQ part of a float weight (a fused weight mixing float and quantised parts): repack into a host
+ * temporary in its own layout, dequantise (fl_q_dequant_rows), undo the act-order column order, convert. */
+static fl_status packed_to_float(fl_backend *be, const qplan *p) {
+    const fl_load_job *j = &p->job;
+    fl_weight tmp = {.dtype = FL_QUANT, .rows = j->rows, .cols = j->cols};
+    void *block = NULL;
+    size_t part[4];
+    FL_TRY(qhost_alloc(&tmp, &p->L, &tmp, &block, part));
+    const size_t es = (size_t)fl_dtype_size(j->dst_dtype), row_out = (size_t)j->cols * es;
+    const int host_direct = be->host_memory;
+    const int64_t chunk = 64;
+    float *f = fl_malloc((size_t)chunk * (size_t)j->cols * sizeof(float) * 2);
+    char *stage = host_direct ? j->dst_d : fl_malloc((size_t)j->rows * row_out);
+    fl_status st = !f || !stage ? fl_err(FL_E_NOMEM, "cannot allocate a conversion buffer") : FL_OK;
+    if (st == FL_OK) st = fl_q_from_packed(&tmp, &p->pk, 0, j->rows);
+    for (int64_t r = 0; r < j->rows && st == FL_OK; r += chunk) {
+        const int64_t k = j->rows - r < chunk ? j->rows - r : chunk;
+        float *out = f, *hf = f + (size_t)chunk * (size_t)j->cols;
+        st = fl_q_dequant_rows(&tmp, r, k, out);
+        for (int64_t i = 0; i < k && st == FL_OK; i++) {
+            const float *row = out + (size_t)i * (size_t)j->cols;
+            if (tmp.perm_d) { /* out column c multiplies x[perm[c]]: it is the checkpoint's column perm[c] */
+                for (int64_t c = 0; c < j->cols; c++) hf[tmp.perm_d[c]] = row[c];
+                row = hf;
+            }
+            st = fl_convert(stage + (size_t)(r + i) * row_out, j->dst_dtype, row, FL_F32, (size_t)j->cols);
+        }
+    }
+    if (st == FL_OK && !host_direct) st = be->to_backend(be, j->dst_d, stage, (size_t)j->rows * row_out);
+    if (!host_direct) fl_free(stage);
+    fl_free(f);
+    fl_free(block);
+    return st;
+}
+
+/* Generic path, quantised destination: GGUF rows repacked (rows move whole, so un-permuting works as for floats),
+ * GPTQ / AWQ repacked, float sources quantised; written in place on a host-memory backend, else into a host
+ * staging copy of the rows whose codes / scales / offsets / perm then go to the backend. */
+static fl_status quant_job(fl_backend *be, const qplan *p) {
+    const fl_load_job *j = &p->job;
+    const fl_weight v = qview(p->w, p->row0, j->rows);
+    const fl_qlayout L = fl_q_layout_of(&v);
+    fl_weight h = v;
+    void *block = NULL;
+    size_t part[4] = {0, 0, 0, 0};
+    if (!be->host_memory) FL_TRY(qhost_alloc(&v, &L, &h, &block, part));
+    fl_status st = FL_OK;
+    const fl_src_tensor *s = j->src;
+    if (p->kind == SRC_QUANT && p->it->packing) {
+        st = fl_q_from_packed(&h, &p->pk, 0, j->rows);
+    } else if (p->kind == SRC_QUANT) {
+        const uint64_t row_in = fl_ggml_nbytes(s->type, (uint64_t)j->cols);
+        for (int64_t r = 0; r < j->rows && st == FL_OK; r++)
+            st = fl_q_from_ggml_row(&h, r, s->type, (const char *)s->data + (size_t)src_row(j, r) * row_in, j->cols);
+    } else {
+        st = quantize_host(&h, p->scheme, j);
+    }
+    if (block) {
+        if (st == FL_OK) st = be->to_backend(be, v.data_d, h.data_d, part[0]);
+        if (st == FL_OK) st = be->to_backend(be, v.scales_d, h.scales_d, part[1]);
+        if (st == FL_OK && v.zeros_d) st = be->to_backend(be, v.zeros_d, h.zeros_d, part[2]);
+        if (st == FL_OK && v.perm_d) st = be->to_backend(be, v.perm_d, h.perm_d, part[3]);
+        fl_free(block);
+    }
+    return st;
+}
+
+static fl_status run_plan(fl_backend *be, const qplan *p) {
+    if (p->w->dtype == FL_QUANT) return quant_job(be, p);
+    if (p->it->packing) return packed_to_float(be, p);
+    return convert_job(be, &p->job);
+}
+
+/* Progress over the phases of one load (backend loader, quantisation batches, generic path): each phase reports
+ * its own (done, total); the caller sees one count over the whole load. */
+typedef struct { fl_progress_fn cb; void *ud; uint64_t base, total; } prog_t;
+static int prog_cb(void *u, uint64_t done, uint64_t total) {
+    prog_t *p = u;
+    (void)total;
+    return p->cb ? p->cb(p->ud, p->base + done, p->total) : 0;
+}
+
+static fl_status load_generic(fl_model *m, qplan *const *ps, int n, prog_t *pg) {
     fl_status first = FL_OK;
     char errbuf[FL_ERR_MAX] = "";
-    uint64_t total = 0, done = 0;
-    for (int i = 0; i < n; i++) total += jobs[i].src->nbytes;
+    uint64_t done = 0;
     int stop = 0, nthreads = 1;
 #ifdef _OPENMP
     nthreads = m->be->n_threads > 0 ? m->be->n_threads : omp_get_max_threads();
@@ -363,16 +821,16 @@ static fl_status load_generic(fl_model *m, const fl_load_job *jobs, int n, fl_pr
 #pragma omp atomic read
         skip = stop;
         if (skip) continue;
-        fl_status st = convert_job(m->be, &jobs[i]);
+        fl_status st = run_plan(m->be, ps[i]);
 #pragma omp critical(fl_load)
         {
             if (st != FL_OK && first == FL_OK) {
                 first = st;
-                snprintf(errbuf, sizeof errbuf, "%s: tensor '%s': %s", jobs[i].src->file, jobs[i].src->name, fl_err_msg());
+                snprintf(errbuf, sizeof errbuf, "%s: tensor '%s': %s", ps[i]->job.src->file, ps[i]->job.src->name, fl_err_msg());
                 stop = 1;
             }
-            done += jobs[i].src->nbytes;
-            if (st == FL_OK && cb && !stop && cb(ud, done, total)) {
+            done += ps[i]->nbytes;
+            if (st == FL_OK && !stop && prog_cb(pg, done, 0)) {
                 first = FL_E_INTERRUPTED;
                 snprintf(errbuf, sizeof errbuf, "loading interrupted");
                 stop = 1;
@@ -380,36 +838,139 @@ static fl_status load_generic(fl_model *m, const fl_load_job *jobs, int n, fl_pr
         }
     }
     m->stats.bytes_read += done;
+    pg->base += done;
     if (nthreads > m->stats.threads) m->stats.threads = nthreads; /* the backend's loader may have used more */
     if (first != FL_OK) return fl_err(first, "%s", errbuf);
     return FL_OK;
 }
 
-fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud) {
-    fl_load_job *jobs = calloc((size_t)(n > 0 ? n : 1), sizeof *jobs);
-    if (!jobs) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
-    fl_status st = FL_OK;
-    /* Check every item first, then allocate the arena, then plan again with the real destinations. */
-    for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &jobs[i]);
-    if (st == FL_OK && !m->arena_d) {
-        st = arena_alloc(m);
-        for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &jobs[i]);
+/* The backend's own loader (CUDA) for plain tensors. */
+static fl_status backend_load(fl_model *m, const fl_load_job *jobs, int n, prog_t *pg) {
+    if (n == 0) return FL_OK;
+    const int direct = m->stats.direct_io, threads = m->stats.threads;
+    uint64_t sum = 0;
+    for (int i = 0; i < n; i++) sum += jobs[i].src->nbytes;
+    fl_status st = m->be->load(m->be, jobs, n, prog_cb, pg, &m->stats);
+    m->stats.direct_io |= direct;
+    if (threads > m->stats.threads) m->stats.threads = threads;
+    pg->base += sum;
+    return st;
+}
+
+/* Quantisation at load on a backend with its own loader (CUDA): plain float tensors stream into a device scratch
+ * buffer (as many as fit: 1 GiB, or the largest tensor), in their own float dtype (float64 as float32), and the
+ * backend's quantize op writes each into its rows of the quantised weight; then the next batch. The float
+ * weights never pass through host memory. */
+static fl_status quantize_on_device(fl_model *m, qplan *const *ps, int n, prog_t *pg) {
+    if (n == 0) return FL_OK;
+    fl_backend *be = m->be;
+    if (!be->quantize)
+        return fl_err(FL_E_UNSUPPORTED, "quantisation at load is not available on %s (the backend has no quantize op)", be->name);
+    size_t largest = 0, total = 0;
+    for (int i = 0; i < n; i++) {
+        const fl_load_job *j = &ps[i]->job;
+        const fl_dtype dt = j->src->type == FL_F64 ? FL_F32 : (fl_dtype)j->src->type;
+        size_t b = 0;
+        fl_mul3_size((size_t)j->rows, (size_t)j->cols, (size_t)fl_dtype_size(dt), &b); /* bounded by the config */
+        b = (b + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+        if (b > largest) largest = b;
+        total += b;
     }
-    if (st == FL_OK) {
-        /* Plain-dtype tensors may take the backend's pipeline; GGUF blocks are dequantised on the host. */
-        if (m->be->load) {
-            int np = 0;
-            for (int i = 0; i < n; i++) if (jobs[i].src->kind == FL_SRC_PLAIN) { fl_load_job t = jobs[np]; jobs[np++] = jobs[i]; jobs[i] = t; }
-            st = m->be->load(m->be, jobs, np, cb, ud, &m->stats);
-            if (st == FL_OK && np < n) st = load_generic(m, jobs + np, n - np, cb, ud);
-        } else {
-            st = load_generic(m, jobs, n, cb, ud);
+    size_t cap = total < ((size_t)1 << 30) ? total : ((size_t)1 << 30);
+    if (cap < largest) cap = largest;
+    void *scratch = NULL;
+    fl_status st = be->alloc(be, cap, &scratch);
+    if (st != FL_OK && cap > largest) { fl_err_clear(); cap = largest; st = be->alloc(be, cap, &scratch); }
+    if (st != FL_OK) return fl_err_prefix(st, "a %.2f GiB buffer for quantisation at load on %s", cap / 1073741824.0, be->name);
+    fl_load_job *jobs = calloc((size_t)n, sizeof *jobs);
+    if (!jobs) { be->free(be, scratch); return fl_err(FL_E_NOMEM, "cannot allocate the load plan"); }
+    for (int i = 0; i < n && st == FL_OK;) {
+        size_t off = 0;
+        int k = 0;
+        while (i + k < n) {
+            fl_load_job j = ps[i + k]->job;
+            j.dst_dtype = j.src->type == FL_F64 ? FL_F32 : (fl_dtype)j.src->type;
+            const size_t b = ((size_t)j.rows * (size_t)j.cols * (size_t)fl_dtype_size(j.dst_dtype) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+            if (k > 0 && off + b > cap) break;
+            j.dst_d = (char *)scratch + off;
+            jobs[k++] = j;
+            off += b;
         }
+        st = backend_load(m, jobs, k, pg);
+        for (int t = 0; t < k && st == FL_OK; t++) {
+            const qplan *p = ps[i + t];
+            st = be->quantize(be, p->w, p->scheme, p->row0, jobs[t].rows, jobs[t].dst_d, jobs[t].dst_dtype);
+            if (st != FL_OK) st = err_item(st, p);
+        }
+        if (st == FL_OK) st = be->sync(be); /* the next batch overwrites the scratch */
+        i += k;
+    }
+    free(jobs);
+    be->sync(be);
+    be->free(be, scratch);
+    return st;
+}
+
+fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud) {
+    qplan *plans = calloc((size_t)(n > 0 ? n : 1), sizeof *plans);
+    qplan **order = calloc((size_t)(n > 0 ? n : 1), sizeof *order);
+    fl_load_job *fast = calloc((size_t)(n > 0 ? n : 1), sizeof *fast);
+    fl_qlayout *lay = NULL;
+    fl_status st = FL_OK;
+    if (!plans || !order || !fast) { st = fl_err(FL_E_NOMEM, "cannot allocate the load plan"); goto done; }
+    /* Check every item first, settle the layouts, allocate the arena, then plan again with the real destinations. */
+    for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &plans[i]);
+    if (st == FL_OK && !m->arena_d) {
+        lay = calloc((size_t)n_weight_ids(m), sizeof *lay);
+        if (!lay) st = fl_err(FL_E_NOMEM, "cannot allocate the load plan");
+        if (st == FL_OK) st = decide_layouts(m, plans, n, lay);
+        if (st == FL_OK) st = arena_alloc(m, lay);
+        if (st != FL_OK && !m->arena_d) { /* nothing loaded: the weights are float again, as fl_model_create left them */
+            wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)m->cfg.n_layers));
+            if (ws) {
+                const int nw = list_weights(m, ws);
+                for (int i = 0; i < nw; i++) ws[i].w->dtype = m->wdtype;
+                free(ws);
+            }
+        }
+        for (int i = 0; i < n && st == FL_OK; i++) st = plan_one(m, &items[i], &plans[i]);
+    } else {
+        for (int i = 0; i < n && st == FL_OK; i++) st = check_fits(&plans[i]);
+    }
+    if (st != FL_OK) goto done;
+    prog_t pg = {cb, ud, 0, 0};
+    for (int i = 0; i < n; i++) pg.total += plans[i].nbytes;
+    if (m->be->load) {
+        /* Plain float tensors into float weights take the backend's pipeline (unchanged), plain float tensors into
+         * quantised weights are quantised on the device while they stream, the rest converts on the host. */
+        int nf = 0, nq = 0, ng = 0;
+        for (int i = 0; i < n; i++) {
+            qplan *p = &plans[i];
+            if (p->job.src->kind == FL_SRC_PLAIN && !p->it->packing && p->w->dtype != FL_QUANT) fast[nf++] = p->job;
+        }
+        for (int i = 0; i < n; i++) {
+            qplan *p = &plans[i];
+            if (p->job.src->kind == FL_SRC_PLAIN && !p->it->packing && p->w->dtype == FL_QUANT) order[nq++] = p;
+        }
+        for (int i = 0; i < n; i++) {
+            qplan *p = &plans[i];
+            if (p->job.src->kind != FL_SRC_PLAIN || p->it->packing) order[nq + ng++] = p;
+        }
+        st = backend_load(m, fast, nf, &pg);
+        if (st == FL_OK) st = quantize_on_device(m, order, nq, &pg);
+        if (st == FL_OK) st = load_generic(m, order + nq, ng, &pg);
+    } else {
+        for (int i = 0; i < n; i++) order[i] = &plans[i];
+        st = load_generic(m, order, n, &pg);
     }
     if (st == FL_OK)
         for (int i = 0; i < n; i++)
             m->loaded[(size_t)items[i].slot * (size_t)m->cfg.n_layers + (items[i].slot >= FL_SLOT_ATTN_NORM ? items[i].layer : 0)] = 1;
-    free(jobs);
+done:
+    free(plans);
+    free(order);
+    free(fast);
+    free(lay);
     return st;
 }
 

@@ -8,6 +8,7 @@ C/CUDA core, behind transformers' API.
 """
 from . import _C
 from . import cuda
+from . import evaluate
 from .modeling import (AutoConfig, AutoModel, AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM,
                        GenerationConfig, from_pretrained, set_seed)
 from .pipelines import pipeline
@@ -38,4 +39,4 @@ def info() -> dict:
 
 __all__ = ["AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
-           "CheckpointError", "info", "set_seed", "cuda", "pipeline", "QuantConfig", "__version__"]
+           "CheckpointError", "info", "set_seed", "cuda", "evaluate", "pipeline", "QuantConfig", "__version__"]

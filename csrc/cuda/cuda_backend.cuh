@@ -36,6 +36,12 @@ typedef struct fl_cuda_impl {
     size_t rope_cs_bytes;
     int gemv_up_to;             /* matmul: GEMV for n <= this (FASTLOAD_GEMV_UP_TO, default -1: tuned) */
     int gemv_variant;           /* FL_GEMV_* (FASTLOAD_GEMV_VARIANT, default auto) */
+    void *qws;                  /* quantised matmul, n > qgemv_up_to: dequantised row chunk (act) */
+    size_t qws_bytes;
+    void *qx;                   /* quantised matmul with act-order: x gathered into the codes' order */
+    size_t qx_bytes;
+    int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
+    int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|fma|mma|generic) */
     size_t scratch_bytes;
     std::mutex mu;              /* guards `blocks` and the memory counters */
     std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */

@@ -95,13 +95,80 @@ static fl_dtype parse_dtype(const char *s) {
     return FL_DTYPE_INVALID;
 }
 
-/* Model(config: dict, dtype: str, device: str, threads: int) */
+/* Model(quant=...): {"scheme": "int8"|"int4"|"nf4"|"none", "group_size": int (0: the scheme's default),
+ * "lm_head": scheme (default: "int8" when scheme is int4 / nf4, else scheme), "lm_head_group": int,
+ * "gguf": "keep"|"dequantize"}. None values mean the default. */
+static int quant_scheme(PyObject *v, const char *key, int *out) {
+    static const char *const names[] = {"none", "int8", "int4", "nf4"};
+    const char *s = PyUnicode_Check(v) ? PyUnicode_AsUTF8(v) : NULL;
+    if (!s) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "quant['%s'] must be one of 'int8', 'int4', 'nf4', 'none', not %.100R", key, v);
+        return -1;
+    }
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(s, names[i])) { *out = i; return 0; } /* FL_QS_NONE, FL_QS_INT8, FL_QS_INT4, FL_QS_NF4 */
+    PyErr_Format(PyExc_ValueError, "quant['%s'] = '%s' is not one of 'int8', 'int4', 'nf4', 'none'", key, s);
+    return -1;
+}
+static int quant_int(PyObject *v, const char *key, int *out) {
+    int ovf = 0;
+    long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLongAndOverflow(v, &ovf) : -1;
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (!PyLong_Check(v) || PyBool_Check(v) || ovf || x < 0 || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "quant['%s'] must be an integer >= 0 (0: the default), not %.100R", key, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+static int parse_quant(PyObject *q, fl_quant_cfg *c) {
+    memset(c, 0, sizeof *c);
+    if (!q || q == Py_None) return 0;
+    if (!PyDict_Check(q)) { PyErr_Format(PyExc_TypeError, "quant must be a dict or None, not %.100s", Py_TYPE(q)->tp_name); return -1; }
+    static const char *const known[] = {"scheme", "group_size", "lm_head", "lm_head_group", "gguf"};
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(q, &pos, &k, &v)) {
+        const char *ks = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        int ok = 0;
+        for (size_t i = 0; ks && i < sizeof known / sizeof *known; i++) ok |= !strcmp(ks, known[i]);
+        if (!ok) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "quant: unknown key %.100R (known: scheme, group_size, lm_head, lm_head_group, gguf)", k);
+            return -1;
+        }
+    }
+    PyObject *sc = PyDict_GetItemString(q, "scheme"), *g = PyDict_GetItemString(q, "group_size"),
+             *lh = PyDict_GetItemString(q, "lm_head"), *lg = PyDict_GetItemString(q, "lm_head_group"),
+             *gg = PyDict_GetItemString(q, "gguf");
+    if (sc && sc != Py_None && quant_scheme(sc, "scheme", &c->scheme) < 0) return -1;
+    if (g && g != Py_None && quant_int(g, "group_size", &c->group_size) < 0) return -1;
+    c->lm_head = c->scheme == FL_QS_INT4 || c->scheme == FL_QS_NF4 ? FL_QS_INT8 : c->scheme;
+    if (lh && lh != Py_None && quant_scheme(lh, "lm_head", &c->lm_head) < 0) return -1;
+    if (lg && lg != Py_None && quant_int(lg, "lm_head_group", &c->lm_head_group) < 0) return -1;
+    if (gg && gg != Py_None) {
+        const char *s = PyUnicode_Check(gg) ? PyUnicode_AsUTF8(gg) : NULL;
+        if (s && !strcmp(s, "keep")) c->gguf_dequantize = 0;
+        else if (s && !strcmp(s, "dequantize")) c->gguf_dequantize = 1;
+        else {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "quant['gguf'] must be 'keep' or 'dequantize', not %.100R", gg);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Model(config: dict, dtype: str, device: str, threads: int, quant: dict | None) */
 static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"config", "dtype", "device", "threads", NULL};
-    PyObject *cfgd;
+    static char *kwlist[] = {"config", "dtype", "device", "threads", "quant", NULL};
+    PyObject *cfgd, *quant = Py_None;
     const char *dtype = "float32", *device = "cpu";
     int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ssi", kwlist, &PyDict_Type, &cfgd, &dtype, &device, &threads)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ssiO", kwlist, &PyDict_Type, &cfgd, &dtype, &device, &threads, &quant)) return -1;
+    fl_quant_cfg qc;
+    if (parse_quant(quant, &qc) < 0) return -1;
     fl_config c;
     memset(&c, 0, sizeof c);
     if (get_int(cfgd, "vocab", &c.vocab, 1, 0) || get_int(cfgd, "d", &c.d, 1, 0) ||
@@ -154,6 +221,7 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
     st = fl_model_create(&c, wd, self->be, &self->m);
     Py_END_ALLOW_THREADS
     if (st != FL_OK) { fl_py_raise(st); return -1; }
+    if ((st = fl_model_set_quant(self->m, &qc)) != FL_OK) { fl_py_raise(st); return -1; }
     self->lock = PyThread_allocate_lock();
     if (!self->lock) { PyErr_NoMemory(); return -1; }
     return 0;
@@ -242,6 +310,62 @@ static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
     return -1;
 }
 
+/* The 6th element of a load item: {"packing": "gptq"|"awq", "bits": 4|8, "group_size": int (-1: whole row),
+ * "zero_offset": 1|0 (GPTQ v1 / v2; default 1 for GPTQ), "qzeros": (file, name), "scales": (file, name),
+ * "g_idx": (file, name) or None}; the item's own tensor is qweight. */
+static int packed_companion(PyObject *d, const char *key, Py_ssize_t i, int required, fl_src_tensor *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v || v == Py_None) {
+        if (!required) return 0;
+        PyErr_Format(PyExc_ValueError, "load item %zd: packed['%s'] is missing", i, key);
+        return -1;
+    }
+    if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(v, 1))) {
+        PyErr_Format(PyExc_TypeError, "load item %zd: packed['%s'] must be a tuple (file, tensor name)", i, key);
+        return -1;
+    }
+    return src_from(PyTuple_GET_ITEM(v, 0), PyTuple_GET_ITEM(v, 1), out);
+}
+static int packed_int(PyObject *d, const char *key, Py_ssize_t i, int dflt, int *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v || v == Py_None) {
+        if (dflt == INT32_MIN) { PyErr_Format(PyExc_ValueError, "load item %zd: packed['%s'] is missing", i, key); return -1; }
+        *out = dflt;
+        return 0;
+    }
+    int ovf = 0;
+    long long x = PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &ovf) : 0;
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (!PyLong_Check(v) || ovf || x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "load item %zd: packed['%s'] must be an integer, not %.100R", i, key, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+static int packed_from(PyObject *d, Py_ssize_t i, fl_load_item *it) {
+    if (!PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "load item %zd: the 6th element must be a dict describing the GPTQ / AWQ packing", i);
+        return -1;
+    }
+    PyObject *pk = PyDict_GetItemString(d, "packing");
+    const char *ps = pk && PyUnicode_Check(pk) ? PyUnicode_AsUTF8(pk) : NULL;
+    if (ps && !strcmp(ps, "gptq")) it->packing = FL_PACK_GPTQ;
+    else if (ps && !strcmp(ps, "awq")) it->packing = FL_PACK_AWQ;
+    else {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "load item %zd: packed['packing'] must be 'gptq' or 'awq', not %.100R", i, pk ? pk : Py_None);
+        return -1;
+    }
+    if (packed_int(d, "bits", i, INT32_MIN, &it->qbits) < 0 || packed_int(d, "group_size", i, INT32_MIN, &it->qgroup) < 0 ||
+        packed_int(d, "zero_offset", i, it->packing == FL_PACK_GPTQ ? 1 : 0, &it->qzero_offset) < 0)
+        return -1;
+    return packed_companion(d, "qzeros", i, 1, &it->qzeros) < 0 || packed_companion(d, "scales", i, 1, &it->scales) < 0 ||
+                   packed_companion(d, "g_idx", i, 0, &it->g_idx) < 0
+               ? -1
+               : 0;
+}
+
 typedef struct { PyObject *cb; int failed; fl_exec_job *job; uint64_t done, total; } progress_ud;
 static int progress_py(void *ud) { /* GIL held, in the calling thread */
     progress_ud *p = ud;
@@ -272,7 +396,7 @@ static fl_status load_job(fl_exec_job *job, void *arg) {
     return fl_model_load(a->m, a->arr, a->n, progress_cb, a->ud);
 }
 
-/* load(items: list[(slot, layer, unpermute_heads, file, name)], progress=None) -> dict */
+/* load(items: list[(slot, layer, unpermute_heads, file, name[, packed])], progress=None) -> None */
 static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"items", "progress", NULL};
     PyObject *items, *progress = Py_None;
@@ -281,9 +405,17 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     fl_load_item *arr = PyMem_Calloc((size_t)(n ? n : 1), sizeof *arr);
     if (!arr) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *it = PyList_GET_ITEM(items, i), *file, *name;
-        if (!PyArg_ParseTuple(it, "iiiOU", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name) ||
-            src_from(file, name, &arr[i].src) < 0) { PyMem_Free(arr); return NULL; }
+        PyObject *it = PyList_GET_ITEM(items, i), *file, *name, *packed = Py_None;
+        if (!PyTuple_Check(it) || (PyTuple_GET_SIZE(it) != 5 && PyTuple_GET_SIZE(it) != 6)) {
+            PyErr_Format(PyExc_TypeError, "load item %zd must be a tuple (slot, layer, heads, file, name[, packed])", i);
+            PyMem_Free(arr);
+            return NULL;
+        }
+        if (!PyArg_ParseTuple(it, "iiiOU|O", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name, &packed) ||
+            src_from(file, name, &arr[i].src) < 0 || (packed != Py_None && packed_from(packed, i, &arr[i]) < 0)) {
+            PyMem_Free(arr);
+            return NULL;
+        }
     }
     progress_ud ud = {progress == Py_None ? NULL : progress, 0, NULL, 0, 0};
     load_args la = {self->m, arr, (int)n, &ud};
@@ -489,7 +621,7 @@ out:
 
 static PyObject *model_info(FlPyModel *self, void *closure) {
     fl_model *m = self->m;
-    return Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i,s:K,s:K,s:O,s:K}", "device", self->be->name,
+    PyObject *d = Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i,s:K,s:K,s:O,s:K}", "device", self->be->name,
                          "dtype", fl_dtype_table[m->wdtype].np_name, "weight_bytes", (unsigned long long)m->arena_bytes,
                          "load_seconds", m->stats.seconds, "bytes_read", (unsigned long long)m->stats.bytes_read,
                          "threads", m->stats.threads, "cpu_threads", self->be->n_threads,
@@ -497,6 +629,103 @@ static PyObject *model_info(FlPyModel *self, void *closure) {
                          "mem_peak", (unsigned long long)self->be->mem_peak,
                          "direct_io", m->stats.direct_io ? Py_True : Py_False,
                          "kv_bytes_last", (unsigned long long)m->kv_bytes_last);
+    if (!d) return NULL;
+    /* issue 9: how many weights are held quantised and the bytes of quantised / float weights */
+    uint64_t fbytes = 0;
+    char name[64];
+    for (int i = 0, nw = fl_model_n_weights(m); i < nw; i++) {
+        const fl_weight *w;
+        uint64_t b;
+        if (fl_model_weight_info(m, i, &w, name, sizeof name, &b) == FL_OK && w->dtype != FL_QUANT) fbytes += b;
+    }
+    PyObject *a = PyLong_FromLong(m->n_quant), *b = PyLong_FromUnsignedLongLong(m->bytes_quant),
+             *c = PyLong_FromUnsignedLongLong(fbytes);
+    if (!a || !b || !c || PyDict_SetItemString(d, "quantized_weights", a) < 0 || PyDict_SetItemString(d, "quantized_bytes", b) < 0 ||
+        PyDict_SetItemString(d, "float_bytes", c) < 0)
+        Py_CLEAR(d);
+    Py_XDECREF(a); Py_XDECREF(b); Py_XDECREF(c);
+    return d;
+}
+
+static const char *weight_dtype_name(const fl_weight *w) {
+    if (w->dtype != FL_QUANT) return fl_dtype_table[w->dtype].np_name;
+    if (w->code == FL_QCODE_NF4) return "nf4";
+    return w->bits == 8 ? "int8" : "int4";
+}
+
+/* layouts() -> [{"name", "dtype", "bits", "group_size", "scale_dtype", "zeros", "perm", "bytes", "rows", "cols"}]:
+ * one dict per weight in arena order (lm_head only when untied). Float weights: bits 16 / 32, group_size 0,
+ * scale_dtype None. */
+static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
+    fl_model *m = self->m;
+    const int nw = fl_model_n_weights(m);
+    PyObject *out = PyList_New(nw);
+    if (!out) return NULL;
+    char name[64];
+    for (int i = 0; i < nw; i++) {
+        const fl_weight *w;
+        uint64_t bytes;
+        fl_status st = fl_model_weight_info(m, i, &w, name, sizeof name, &bytes);
+        if (st != FL_OK) { Py_DECREF(out); return fl_py_raise(st); }
+        const int q = w->dtype == FL_QUANT;
+        PyObject *d = Py_BuildValue("{s:s,s:s,s:i,s:i,s:z,s:O,s:O,s:K,s:L,s:L}", "name", name, "dtype", weight_dtype_name(w),
+                                    "bits", q ? w->bits : 8 * fl_dtype_size(w->dtype), "group_size", q ? w->group_size : 0,
+                                    "scale_dtype", q ? fl_dtype_table[w->sdtype].np_name : NULL,
+                                    "zeros", q && w->zeros_d ? Py_True : Py_False, "perm", q && w->perm_d ? Py_True : Py_False,
+                                    "bytes", (unsigned long long)bytes, "rows", (long long)w->rows, "cols", (long long)w->cols);
+        if (!d) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, i, d);
+    }
+    return out;
+}
+
+/* export of a quantised weight: its rows dequantised to float32 (fl_q_dequant_rows on a host copy of the codes,
+ * scales, offsets and perm), in the checkpoint's column order (an act-order perm undone). save_pretrained
+ * therefore writes a quantised model as a float32 checkpoint: the values the model computes with, not its packing. */
+typedef struct { const fl_weight *w; int64_t row0, rows; float *out; fl_backend *be; } export_args;
+static fl_status export_quant_core(export_args *a) {
+    const fl_weight *w = a->w;
+    const int64_t C = w->cols, R = a->rows;
+    const size_t cb = (size_t)C * (size_t)w->bits / 8, sb = (size_t)(C / w->group_size) * (size_t)fl_dtype_size(w->sdtype);
+    const size_t nc = cb * (size_t)R, ns = sb * (size_t)R, np = w->perm_d ? (size_t)C * 4 : 0;
+    char *h = fl_malloc(nc + 2 * ns + np + (size_t)C * 4 + 64);
+    if (!h) return fl_err(FL_E_NOMEM, "export: cannot allocate a host copy of the weight");
+    fl_weight hw = *w;
+    hw.rows = R;
+    hw.data_d = h;
+    hw.scales_d = h + nc;
+    hw.zeros_d = w->zeros_d ? h + nc + ns : NULL;
+    hw.perm_d = w->perm_d ? (int32_t *)(h + nc + 2 * ns) : NULL;
+    float *tmp = (float *)(h + nc + 2 * ns + np);
+    fl_backend *be = a->be;
+    fl_status st = be->to_host(be, hw.data_d, (const char *)w->data_d + (size_t)a->row0 * cb, nc);
+    if (st == FL_OK) st = be->to_host(be, hw.scales_d, (const char *)w->scales_d + (size_t)a->row0 * sb, ns);
+    if (st == FL_OK && w->zeros_d) st = be->to_host(be, hw.zeros_d, (const char *)w->zeros_d + (size_t)a->row0 * sb, ns);
+    if (st == FL_OK && w->perm_d) st = be->to_host(be, hw.perm_d, w->perm_d, np);
+    if (st == FL_OK) st = be->sync(be);
+    if (st == FL_OK) st = fl_q_dequant_rows(&hw, 0, R, a->out);
+    if (st == FL_OK && hw.perm_d) /* column c multiplies x[perm[c]]: it is the checkpoint's column perm[c] */
+        for (int64_t r = 0; r < R; r++) {
+            float *row = a->out + (size_t)r * (size_t)C;
+            memcpy(tmp, row, (size_t)C * 4);
+            for (int64_t c = 0; c < C; c++) row[hw.perm_d[c]] = tmp[c];
+        }
+    fl_free(h);
+    return st;
+}
+static PyObject *export_quant(FlPyModel *self, const fl_weight *w, int64_t row0, int64_t rows) {
+    npy_intp dims[2] = {(npy_intp)rows, (npy_intp)w->cols};
+    PyObject *arr = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!arr) return NULL;
+    export_args a = {w, row0, rows, PyArray_DATA((PyArrayObject *)arr), self->be};
+    fl_status st;
+    lock_model(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = export_quant_core(&a);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (st != FL_OK) { Py_DECREF(arr); return fl_py_raise(st); }
+    return Py_BuildValue("(sN)", "float32", arr);
 }
 
 /* export(slot, layer) -> (dtype name, ndarray): a copy of what the model holds for one slot (the rows of
@@ -514,6 +743,7 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
     fl_status st = fl_model_slot_rows(m, slot, layer, &w, &row0, &rows, &cols, &is_vec);
     if (st != FL_OK) return fl_py_raise(st);
     if (!w->data_d) return PyErr_Format(PyExc_ValueError, "export: slot %s holds no data", fl_slot_names[slot]);
+    if (w->dtype == FL_QUANT) return export_quant(self, w, row0, rows);
     const size_t es = (size_t)fl_dtype_size(w->dtype);
     npy_intp dims[2] = {(npy_intp)rows, (npy_intp)cols};
     PyObject *arr = PyArray_SimpleNew(is_vec ? 1 : 2, dims, w->dtype == FL_F32 ? NPY_FLOAT32 : NPY_UINT16);
@@ -531,11 +761,13 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
 }
 
 static PyMethodDef model_methods[] = {
-    {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name)."},
+    {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name[, packed])."},
     {"check_complete", (PyCFunction)model_check_complete, METH_NOARGS, "Raise if a required weight was not loaded."},
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS, "Logits for every position."},
     {"generate", (PyCFunction)(void (*)(void))model_generate, METH_VARARGS | METH_KEYWORDS, "Run the generation loop in C."},
-    {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights."},
+    {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights "
+     "(a quantised weight dequantised to float32)."},
+    {"layouts", (PyCFunction)model_layouts, METH_NOARGS, "layouts() -> list of dicts: each weight's dtype / quantised layout and bytes."},
     {NULL, NULL, 0, NULL},
 };
 static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};

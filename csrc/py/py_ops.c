@@ -21,8 +21,21 @@
  *   swiglu       gu[n, 2f]                                          -> out[n, f]
  *   gather_rows  src[m, d], rows:int32[n] (host)                    -> dst[n, d]
  *   logits_to_host src[n, vocab]                                    -> out[n, vocab]
+ *   qmatmul      x[n, C], q:uint8[R, C*bits/8], scales[R, C/g], zeros[R, C/g] (optional), perm:int32[C]
+ *                (optional), bias[R] (optional)                     -> y[n, R]
+ *                [bits (default from q's shape), group_size (default C / scales' columns),
+ *                 sdtype "float16" (default) | "float32", code 0 (int, default) | 1 (nf4)]
+ *   qembed       tokens:int32[n], q:uint8[V, d*bits/8], scales, zeros (optional), perm (optional) -> x[n, d]
+ *                [bits (required), group_size, sdtype, code as qmatmul]
+ *   quantize     src[R, C] (converted to src_dtype)                 -> q:uint8, scales, zeros (min form only)
+ *                [scheme "int8" | "int4" | "nf4" (required), group_size (0: the scheme's default),
+ *                 src_dtype "float32" (default) | "float16" | "bfloat16", row0, rows (default all rows;
+ *                 codes and scales of the rows outside stay poisoned: 0xFF bytes)]
+ * Scales and offsets go up as float32 converted to sdtype and come back widened to float32; codes and
+ * perm are uploaded as they are (perm values are checked on the host first).
  * (head_dim and max_len are read off the cache / inv_freq shapes.) */
 #include "py_common.h"
+#include "../quant.h"
 
 #define MAX_BUFS 16
 
@@ -218,6 +231,192 @@ static int op_matmul(op_ctx *c) {
     rc = download(c, "y", y_d, 2, sh);
 done:
     Py_XDECREF(x); Py_XDECREF(W); Py_XDECREF(b);
+    return rc;
+}
+
+/* ---- quantised weights ---- */
+static int param_str(op_ctx *c, const char *k, const char *dflt, const char **out) {
+    PyObject *v = PyDict_GetItemString(c->params, k);
+    if (!v) { *out = dflt; return 0; }
+    if (!PyUnicode_Check(v)) { PyErr_Format(PyExc_TypeError, "run_op(%s): param '%s' must be a string", c->op, k); return -1; }
+    return (*out = PyUnicode_AsUTF8(v)) ? 0 : -1;
+}
+
+/* Upload a float32 array converted to dtype t. */
+static void *upload_as(op_ctx *c, PyArrayObject *a, fl_dtype t) {
+    const size_t n = (size_t)PyArray_SIZE(a), es = (size_t)fl_dtype_size(t);
+    void *d = NULL;
+    fl_status st = c->be->alloc(c->be, n * es, &d);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    if (track(c, d) < 0) return NULL;
+    void *h = malloc(n * es + 1);
+    if (!h) { PyErr_NoMemory(); return NULL; }
+    st = fl_convert(h, t, PyArray_DATA(a), FL_F32, n);
+    if (st == FL_OK) st = c->be->to_backend(c->be, d, h, n * es);
+    free(h);
+    if (st != FL_OK) { raise_st(c, st); return NULL; }
+    return d;
+}
+
+/* Download into out[name]: uint8 bytes as they are (npy NPY_UINT8), or elements of dtype t widened to float32. */
+static int download_as(op_ctx *c, const char *name, const void *d, int ndim, const npy_intp *shape, int npy, fl_dtype t) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_SimpleNew(ndim, (npy_intp *)shape, npy);
+    if (!a) return -1;
+    const size_t n = (size_t)PyArray_SIZE(a), es = npy == NPY_UINT8 ? 1 : (size_t)fl_dtype_size(t);
+    void *h = malloc(n * es + 1);
+    if (!h) { Py_DECREF(a); PyErr_NoMemory(); return -1; }
+    fl_status st = c->be->to_host(c->be, h, d, n * es);
+    if (st == FL_OK) {
+        if (npy == NPY_UINT8) memcpy(PyArray_DATA(a), h, n);
+        else st = fl_convert(PyArray_DATA(a), FL_F32, h, t, n);
+    }
+    free(h);
+    if (st != FL_OK) { Py_DECREF(a); return raise_st(c, st); }
+    int r = PyDict_SetItemString(c->out, name, (PyObject *)a);
+    Py_DECREF(a);
+    return r;
+}
+
+typedef struct { PyArrayObject *q, *sc, *z, *perm; } qarrs;
+static void qarrs_free(qarrs *a) { Py_XDECREF(a->q); Py_XDECREF(a->sc); Py_XDECREF(a->z); Py_XDECREF(a->perm); }
+
+/* Reads q / scales / zeros / perm and the layout params, checks them against each other and against
+ * cols C (C < 0: from q's shape and bits), uploads them and fills *w. */
+static int q_weight(op_ctx *c, int64_t C, int bits_required, qarrs *a, fl_weight *w) {
+    long bits, group, code;
+    const char *sdt;
+    if (!(a->q = get_arr(c, "q", NPY_UINT8, 2, 1)) || !(a->sc = get_arr(c, "scales", NPY_FLOAT32, 2, 1))) return -1;
+    if (!(a->z = get_arr(c, "zeros", NPY_FLOAT32, 2, 0)) && PyErr_Occurred()) return -1;
+    if (!(a->perm = get_arr(c, "perm", NPY_INT32, 1, 0)) && PyErr_Occurred()) return -1;
+    const int64_t R = DIM(a->q, 0), qb = DIM(a->q, 1);
+    if (bits_required && !PyDict_GetItemString(c->params, "bits"))
+        return PyErr_Format(PyExc_KeyError, "run_op(%s): param 'bits' is required", c->op), -1;
+    if (param_int(c, "bits", C > 0 && qb * 8 % C == 0 ? (long)(qb * 8 / C) : 0, &bits) < 0) return -1;
+    if (C < 0) C = (bits == 4 || bits == 8) ? qb * 8 / bits : 0;
+    if (param_int(c, "group_size", DIM(a->sc, 1) > 0 && C % DIM(a->sc, 1) == 0 ? (long)(C / DIM(a->sc, 1)) : 0, &group) < 0 ||
+        param_int(c, "code", FL_QCODE_INT, &code) < 0 || param_str(c, "sdtype", "float16", &sdt) < 0)
+        return -1;
+    const fl_dtype sd = dtype_from_name(sdt);
+    if (sd != FL_F16 && sd != FL_F32)
+        return PyErr_Format(PyExc_ValueError, "run_op(%s): sdtype '%s' is not float16 or float32", c->op, sdt), -1;
+    fl_qlayout L = {.bits = (int)bits, .group_size = (int)group, .sdtype = sd, .has_zeros = a->z != NULL,
+                    .code = (int)code, .has_perm = a->perm != NULL};
+    fl_status st = fl_q_check(&L, R, C);
+    if (st != FL_OK) return raise_st(c, st);
+    const int64_t ng = C / group;
+    if (qb != C * bits / 8)
+        return PyErr_Format(PyExc_ValueError, "run_op(%s): q must be [%lld, %lld] for %lld columns of %ld bits", c->op,
+                            (long long)R, (long long)(C * bits / 8), (long long)C, bits), -1;
+    if (DIM(a->sc, 0) != R || DIM(a->sc, 1) != ng)
+        return PyErr_Format(PyExc_ValueError, "run_op(%s): scales must be [%lld, %lld]", c->op, (long long)R, (long long)ng), -1;
+    if (a->z && (DIM(a->z, 0) != R || DIM(a->z, 1) != ng))
+        return PyErr_Format(PyExc_ValueError, "run_op(%s): zeros must be [%lld, %lld]", c->op, (long long)R, (long long)ng), -1;
+    if (a->perm) {
+        if (DIM(a->perm, 0) != C)
+            return PyErr_Format(PyExc_ValueError, "run_op(%s): perm must have %lld entries", c->op, (long long)C), -1;
+        const int32_t *p = (const int32_t *)PyArray_DATA(a->perm);
+        for (int64_t j = 0; j < C; j++)
+            if (p[j] < 0 || p[j] >= C)
+                return PyErr_Format(PyExc_ValueError, "run_op(%s): perm[%lld] = %d is outside [0, %lld)", c->op,
+                                    (long long)j, (int)p[j], (long long)C), -1;
+    }
+    *w = (fl_weight){.dtype = FL_QUANT, .rows = R, .cols = C, .group_size = (int)group, .bits = (int)bits, .sdtype = sd,
+                     .code = (int)code};
+    if (!(w->data_d = upload_raw(c, a->q)) || !(w->scales_d = upload_as(c, a->sc, sd))) return -1;
+    if (a->z && !(w->zeros_d = upload_as(c, a->z, sd))) return -1;
+    if (a->perm && !(w->perm_d = upload_raw(c, a->perm))) return -1;
+    return 0;
+}
+
+static int op_qmatmul(op_ctx *c) {
+    int rc = -1;
+    qarrs a = {0};
+    fl_weight w;
+    PyArrayObject *x = get_arr(c, "x", NPY_FLOAT32, 2, 1), *b = NULL;
+    if (!x) goto done;
+    const int64_t n = DIM(x, 0), C = DIM(x, 1);
+    if (q_weight(c, C, 0, &a, &w) < 0) goto done;
+    const int64_t R = w.rows;
+    if (!(b = get_arr(c, "bias", NPY_FLOAT32, 1, 0)) && PyErr_Occurred()) goto done;
+    if (b && DIM(b, 0) != R) BAD("run_op(qmatmul): bias must have %lld entries", (long long)R);
+    void *x_d = upload_act(c, x), *b_d = NULL, *y_d = NULL;
+    if (!x_d) goto done;
+    if (b && !(b_d = upload_act(c, b))) goto done;
+    if (!(y_d = alloc_poisoned(c, (size_t)n * R * fl_dtype_size(c->be->act)))) goto done;
+    const fl_weight bt = weight_of(c, b_d, R, 1);
+    RUN(c->be->matmul(c->be, y_d, x_d, (int)n, &w, b ? &bt : NULL));
+    npy_intp sh[2] = {n, R};
+    rc = download(c, "y", y_d, 2, sh);
+done:
+    Py_XDECREF(x); Py_XDECREF(b); qarrs_free(&a);
+    return rc;
+}
+
+static int op_qembed(op_ctx *c) {
+    int rc = -1;
+    qarrs a = {0};
+    fl_weight w;
+    PyArrayObject *tok = get_arr(c, "tokens", NPY_INT32, 1, 1);
+    if (!tok || q_weight(c, -1, 1, &a, &w) < 0) goto done;
+    const int n = (int)DIM(tok, 0);
+    const int64_t d = w.cols;
+    void *tok_d = upload_raw(c, tok), *x_d = tok_d ? alloc_poisoned(c, (size_t)n * d * fl_dtype_size(c->be->act)) : NULL;
+    if (!x_d) goto done;
+    RUN(c->be->embed(c->be, x_d, tok_d, n, &w));
+    npy_intp sh[2] = {n, d};
+    rc = download(c, "x", x_d, 2, sh);
+done:
+    Py_XDECREF(tok); qarrs_free(&a);
+    return rc;
+}
+
+static int op_quantize(op_ctx *c) {
+    int rc = -1;
+    long group, row0, rows;
+    const char *scheme_s, *src_s;
+    PyArrayObject *src = get_arr(c, "src", NPY_FLOAT32, 2, 1);
+    if (!src) goto done;
+    const int64_t R = DIM(src, 0), C = DIM(src, 1);
+    if (!PyDict_GetItemString(c->params, "scheme")) {
+        PyErr_Format(PyExc_KeyError, "run_op(quantize): param 'scheme' is required");
+        goto done;
+    }
+    if (param_str(c, "scheme", "", &scheme_s) < 0 || param_str(c, "src_dtype", "float32", &src_s) < 0 ||
+        param_int(c, "group_size", 0, &group) < 0 || param_int(c, "row0", 0, &row0) < 0 ||
+        param_int(c, "rows", (long)R - row0, &rows) < 0)
+        goto done;
+    const int scheme = !strcmp(scheme_s, "int8") ? FL_QS_INT8 : !strcmp(scheme_s, "int4") ? FL_QS_INT4
+                     : !strcmp(scheme_s, "nf4") ? FL_QS_NF4 : -1;
+    if (scheme < 0) BAD("run_op(quantize): scheme '%s' is not int8, int4 or nf4", scheme_s);
+    const fl_dtype sdt = dtype_from_name(src_s);
+    if (sdt == FL_DTYPE_INVALID) BAD("run_op(quantize): src_dtype '%s' is not float32, float16 or bfloat16", src_s);
+    if (group < 0 || group > INT32_MAX) BAD("run_op(quantize): group_size %ld is not valid", group);
+    if (row0 < 0 || rows < 0 || row0 + rows > R) BAD("run_op(quantize): rows [%ld, %ld) outside [0, %lld)", row0, row0 + rows, (long long)R);
+    fl_qlayout L;
+    size_t db, sb, zb;
+    fl_status st = fl_q_layout_for_scheme(scheme, (int)group, C, &L);
+    if (st == FL_OK) st = fl_q_sizes(&L, R, C, &db, &sb, &zb, NULL);
+    if (st != FL_OK) { raise_st(c, st); goto done; }
+    if (!c->be->quantize) {
+        PyErr_Format(PyExc_NotImplementedError, "run_op(quantize): the %s backend has no quantize op", c->be->name);
+        goto done;
+    }
+    fl_weight w = {.dtype = FL_QUANT, .rows = R, .cols = C, .group_size = L.group_size, .bits = L.bits, .sdtype = L.sdtype,
+                   .code = L.code};
+    if (!(w.data_d = alloc_poisoned(c, db)) || !(w.scales_d = alloc_poisoned(c, sb))) goto done;
+    if (L.has_zeros && !(w.zeros_d = alloc_poisoned(c, zb))) goto done;
+    void *src_d = upload_as(c, src, sdt);
+    if (!src_d) goto done;
+    const size_t srow = (size_t)C * (size_t)fl_dtype_size(sdt);
+    RUN(c->be->quantize(c->be, &w, scheme, row0, rows, (const char *)src_d + (size_t)row0 * srow, sdt));
+    npy_intp shq[2] = {R, C * L.bits / 8}, shs[2] = {R, C / L.group_size};
+    if (download_as(c, "q", w.data_d, 2, shq, NPY_UINT8, FL_U8) < 0 ||
+        download_as(c, "scales", w.scales_d, 2, shs, NPY_FLOAT32, L.sdtype) < 0 ||
+        (w.zeros_d && download_as(c, "zeros", w.zeros_d, 2, shs, NPY_FLOAT32, L.sdtype) < 0))
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(src);
     return rc;
 }
 
@@ -434,6 +633,9 @@ static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
         else if (!strcmp(op, "swiglu")) rc = op_swiglu(&c);
         else if (!strcmp(op, "gather_rows")) rc = op_gather_rows(&c);
         else if (!strcmp(op, "logits_to_host")) rc = op_logits_to_host(&c);
+        else if (!strcmp(op, "qmatmul")) rc = op_qmatmul(&c);
+        else if (!strcmp(op, "qembed")) rc = op_qembed(&c);
+        else if (!strcmp(op, "quantize")) rc = op_quantize(&c);
         else PyErr_Format(PyExc_ValueError, "run_op: unknown op '%s'", op);
     }
     for (int i = 0; i < c.nb; i++) c.be->free(c.be, c.bufs[i]);

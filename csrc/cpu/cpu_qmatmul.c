@@ -1,0 +1,393 @@
+/* cpu_qmatmul.c: the CPU backend's kernels for quantised weights (csrc/quant.h's format).
+ *
+ *  - cpu_q_widen: columns [k0, k0 + kc) of one row dequantised to float32 (the tile-widening step of
+ *    cpu_matmul.c's GEMM, used for prefill and as the portable path for every layout), equal to
+ *    fl_q_dequant_rows bit for bit (w = fmaf(q, s, m), m = -s * 2^(bits-1) for the symmetric form).
+ *  - cpu_q_embed: the embedding rows of tokens, dequantised (act-order perm: scattered back).
+ *  - cpu_quantize: the backend's quantize op (fl_q_quantize_rows over rows split among threads).
+ */
+#include "cpu_internal.h"
+#include "../quant.h"
+#include <stdlib.h>
+
+static inline float q_sval(const void *p, fl_dtype t, size_t i) {
+    return t == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* dst[0:kc] = dequantised W[r, k0:k0+kc]; k0 and kc are multiples of 16 (groups are), so every chunk of
+ * 16 columns lies in one group. */
+void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0, int kc) {
+    const int64_t C = W->cols, G = W->group_size, ng = C / G;
+    const int bits = W->bits;
+    const uint8_t *q = (const uint8_t *)W->data_d + (size_t)r * (size_t)(C * bits / 8);
+    const size_t g0 = (size_t)r * (size_t)ng;
+    const float off = (float)(1 << (bits - 1));
+    for (int j = 0; j < kc; j += 16) {
+        const int64_t c = k0 + j;
+        const size_t gi = g0 + (size_t)(c / G);
+        const float s = q_sval(W->scales_d, W->sdtype, gi);
+        float *d = dst + j;
+        if (W->code == FL_QCODE_NF4) {
+            const uint8_t *b = q + c / 2;
+            if (W->zeros_d) {
+                const float m = q_sval(W->zeros_d, W->sdtype, gi);
+                for (int t = 0; t < 8; t++) {
+                    d[2 * t] = fmaf(fl_nf4_table[b[t] & 15], s, m);
+                    d[2 * t + 1] = fmaf(fl_nf4_table[b[t] >> 4], s, m);
+                }
+            } else
+                for (int t = 0; t < 8; t++) {
+                    d[2 * t] = s * fl_nf4_table[b[t] & 15];
+                    d[2 * t + 1] = s * fl_nf4_table[b[t] >> 4];
+                }
+            continue;
+        }
+        const float m = W->zeros_d ? q_sval(W->zeros_d, W->sdtype, gi) : -s * off;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m128i codes;
+        if (bits == 4) {
+            const __m128i b = _mm_loadl_epi64((const __m128i *)(q + c / 2)), m4 = _mm_set1_epi8(15);
+            codes = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+        } else
+            codes = _mm_loadu_si128((const __m128i *)(q + c));
+        const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+        _mm256_storeu_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), vs, vm));
+        _mm256_storeu_ps(d + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))), vs, vm));
+#else
+        if (bits == 4) {
+            const uint8_t *b = q + c / 2;
+            for (int t = 0; t < 8; t++) {
+                d[2 * t] = fmaf((float)(b[t] & 15), s, m);
+                d[2 * t + 1] = fmaf((float)(b[t] >> 4), s, m);
+            }
+        } else
+            for (int t = 0; t < 16; t++) d[t] = fmaf((float)q[c + t], s, m);
+#endif
+    }
+}
+
+fl_status cpu_q_embed(fl_backend *be, float *x, const int32_t *tokens, int n, const fl_weight *emb) {
+    const int64_t d = emb->cols;
+    float *tmp = NULL;
+    if (emb->perm_d) {
+        for (int64_t j = 0; j < d; j++)
+            if (emb->perm_d[j] < 0 || emb->perm_d[j] >= d)
+                return fl_err(FL_E_VALUE, "quantised embedding: perm[%lld] = %d outside [0, %lld)", (long long)j,
+                              (int)emb->perm_d[j], (long long)d);
+        if (!(tmp = fl_malloc((size_t)n * (size_t)d * sizeof(float))))
+            return fl_err(FL_E_NOMEM, "quantised embedding: cannot allocate %d rows", n);
+    }
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (n > 8)
+    for (int i = 0; i < n; i++) {
+        float *o = tmp ? tmp + (size_t)i * (size_t)d : x + (size_t)i * (size_t)d;
+        for (int64_t k0 = 0; k0 < d; k0 += 4096) cpu_q_widen(o + k0, emb, tokens[i], k0, (int)(d - k0 < 4096 ? d - k0 : 4096));
+        if (tmp) /* stored column j is the embedding's column perm[j] */
+            for (int64_t j = 0; j < d; j++) x[(size_t)i * (size_t)d + (size_t)emb->perm_d[j]] = o[j];
+    }
+    fl_free(tmp);
+    return FL_OK;
+}
+
+fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src_d,
+                       fl_dtype src_dtype) {
+    /* one call on no rows validates everything (layout, scheme, range) before the threads start */
+    if (rows < 0 || row0 < 0 || row0 + rows > W->rows)
+        return fl_err(FL_E_VALUE, "quantize: rows [%lld, %lld) outside [0, %lld)", (long long)row0,
+                      (long long)(row0 + rows), (long long)W->rows);
+    FL_TRY(fl_q_quantize_rows(W, scheme, row0, 0, src_d, src_dtype));
+    const size_t srow = (size_t)W->cols * (size_t)fl_dtype_size(src_dtype);
+    fl_status st = FL_OK;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (rows >= 64)
+    for (int64_t r = 0; r < rows; r++) {
+        fl_status s1 = fl_q_quantize_rows(W, scheme, row0 + r, 1, (const char *)src_d + (size_t)r * srow, src_dtype);
+        if (s1 != FL_OK) {
+#pragma omp critical(fl_cpu_quantize)
+            st = s1;
+        }
+    }
+    return st;
+}
+
+/* ---- decode (n <= QDEC_N): integer dot products, as llama.cpp's ----
+ *
+ * ACTIVATIONS ARE QUANTISED TO INT8 in this path, per block of 32 values of each x row, as llama.cpp does
+ * (its Q8_0 / Q8_1 activations): dx_b = max|x_b| / 127, x8 = rint(x * 127 / max|x_b|), kept with dx_b
+ * in float32 (llama.cpp rounds dx_b to fp16) and sum(x8_b). Each x value moves by at most dx_b / 2, so
+ * |y - x @ W^T| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (plus float32 rounding); when x is already
+ * integers * dx_b the result equals the float one to float rounding (tests/test_quant_ops.py checks both).
+ * Taken when group_size % 32 == 0 and the code is integer (NF4 and 16-column groups use the float path).
+ *
+ * 4-bit codes (0..15, unsigned) go against x8 with _mm256_maddubs_epi16 (pairs at most 15 * 127 * 2: no
+ * saturation), two blocks per step: the 32 code bytes of blocks A, B give [A low nibbles | B low nibbles] =
+ * the even columns and [A high | B high] = the odd ones, so x8 is stored in that order (quant_x); the two
+ * maddubs are added as int16 (at most 2 * 3810) and summed to int32 with _mm256_madd_epi16(ones): lanes 0-3
+ * are A's, 4-7 B's. 8-bit codes are made signed (q - 128 by xor 0x80) and multiplied with llama.cpp's sign
+ * trick (maddubs(|q'|, sign(x8, q')): pairs at most 128 * 127 * 2 < 2^15). Then per block
+ *   y += s * dx_b * dot_b          (an FMA on the int32 sums converted to float; s * dx_b a lane broadcast)
+ *   y += m * dx_b * sum(x8_b)      m = the offset (min form) or -8 s (4-bit symmetric), 8 blocks per FMA
+ * and for the 8-bit min form dot_b gets 128 * sum(x8_b) added as an integer (w = s * (q' + 128) + m), so no
+ * float cancellation. Rows go in blocks of qdec_rr(n) so x loads are shared; threads split the row blocks
+ * (one parallel region, static schedule). */
+#define QDEC_N 4
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QDOT 1
+
+typedef struct {
+    int64_t nb, nb8;   /* blocks of 32 per row; nb rounded up to 8 (the row stride of dx and xs, zero-padded) */
+    int8_t *x8;        /* [n][nb][32]; 4-bit weights: pairs of blocks (2p, 2p+1) hold the 16 even columns of
+                          each, then the 16 odd ones of each (a lone last block: its evens, then its odds) */
+    float *dx;         /* [n][nb8] */
+    float *xs;         /* [n][nb8]: dx_b * sum(x8_b) */
+    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x8_b) in each of 8 lanes (8-bit min form) */
+} qx_t;
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One block of 32 floats to int8: returns dx, sets *sum; deint: even columns first, then odd ones. */
+static inline float quant_block32(const float *x, int8_t *out, int *sum, int deint) {
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
+                 v3 = _mm256_loadu_ps(x + 24), sg = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sg, v0), _mm256_andnot_ps(sg, v1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sg, v2), _mm256_andnot_ps(sg, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id);
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rm));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rm));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rm));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rm));
+    const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s1 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0x4e));
+    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1));
+    *sum = _mm_cvtsi128_si32(s1);
+    /* packs work per 128-bit lane: the bytes come out as 0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31 */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (deint) { /* per lane: evens then odds; then the lanes' evens together and odds together */
+        const __m256i sh = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, sh), 0xd8);
+    }
+    _mm256_storeu_si256((__m256i *)out, b);
+    return amax / 127.0f;
+}
+
+static void quant_x(qx_t *X, const float *x, int n, int64_t C, int bits) {
+    for (int t = 0; t < n; t++)
+        for (int64_t b = 0; b < X->nb; b++) {
+            const int64_t i = (int64_t)t * X->nb + b;
+            int sum;
+            const float d = quant_block32(x + (size_t)t * (size_t)C + (size_t)b * 32, X->x8 + (size_t)i * 32, &sum, bits == 4);
+            X->dx[(size_t)t * (size_t)X->nb8 + (size_t)b] = d;
+            X->xs[(size_t)t * (size_t)X->nb8 + (size_t)b] = d * (float)sum;
+            _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
+            if (bits == 4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
+                __m256i *p = (__m256i *)(X->x8 + (size_t)(i - 1) * 32);
+                const __m256i A = _mm256_loadu_si256(p), B = _mm256_loadu_si256(p + 1);
+                _mm256_storeu_si256(p, _mm256_permute2x128_si256(A, B, 0x20));
+                _mm256_storeu_si256(p + 1, _mm256_permute2x128_si256(A, B, 0x31));
+            }
+        }
+}
+
+static inline float ld_s(const void *p, size_t i, int f16) {
+    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* 16 bytes of 4-bit codes -> 32 unsigned bytes: the low nibbles (even columns), then the high ones. */
+static inline __m256i q4_expand(const uint8_t *p) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+}
+
+/* 8 per-block values of one row from block c0 on: group 32 reads 8 in a row (cnt < 0: -cnt valid, 8
+ * readable, the rest zeroed), larger groups repeat each group's value over its blocks. */
+static inline __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int bpg, int f16) {
+    if (bpg == 1) {
+        const size_t i = g0 + (size_t)c0;
+        if (cnt == 8 || cnt < 0) {
+            const __m256 v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                                 : _mm256_loadu_ps((const float *)p + i);
+            if (cnt == 8) return v;
+            const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(-cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+        }
+    }
+    if (cnt < 0) cnt = -cnt;
+    float tmp[8] = {0};
+    for (int j = 0; j < cnt; j++) tmp[j] = ld_s(p, g0 + (size_t)((c0 + j) / bpg), f16);
+    return _mm256_loadu_ps(tmp);
+}
+
+/* y[t, r0:r0+RR] for t < N. kind: 0 = 4-bit (offset m, or -8 s when symmetric), 1 = 8-bit symmetric,
+ * 2 = 8-bit min form. Blocks go 8 at a time: their scales, offsets and dx in vectors, each block's
+ * s * dx_b a lane broadcast (vpermps); 4-bit codes go two blocks (32 bytes) per step. */
+static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
+                                                            const qx_t *X, const int N, const int RR, const int kind) {
+    const int64_t nb = X->nb, ng = W->cols / W->group_size;
+    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16, bpg = W->group_size / 32;
+    const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
+    const uint8_t *q[4];
+    size_t gr[4];
+    __m256 acc[4][QDEC_N], off[4][QDEC_N];
+    for (int r = 0; r < RR; r++) {
+        q[r] = (const uint8_t *)W->data_d + (size_t)(r0 + r) * rowbytes;
+        gr[r] = (size_t)(r0 + r) * (size_t)ng;
+        for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
+    }
+    const __m256i ones = _mm256_set1_epi16(1), x80 = _mm256_set1_epi8((char)0x80), m4 = _mm256_set1_epi8(15);
+    const __m256i pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (int64_t c0 = 0; c0 < nb; c0 += 8) {
+        const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
+        __m256 ds[4][QDEC_N];
+        for (int r = 0; r < RR; r++) {
+            /* a row's last chunk: 8 values may be read (masked) unless they run past the last row's end */
+            const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
+            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
+            __m256 m8 = _mm256_setzero_ps();
+            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, sc, bpg, f16);
+            else if (kind == 0) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
+            for (int t = 0; t < N; t++) {
+                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0; /* x side: padded with zeros */
+                ds[r][t] = _mm256_mul_ps(s8, _mm256_loadu_ps(X->dx + xi));
+                if (kind != 1 || W->zeros_d) off[r][t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(X->xs + xi), off[r][t]);
+            }
+        }
+        for (int j = 0; j < cnt;) {
+            const int64_t b = c0 + j;
+            if (kind == 0 && j + 1 < cnt) { /* two blocks: 32 code bytes, x as [evens A|evens B], [odds A|odds B] */
+                const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(j), pairlanes);
+                __m256i xe[QDEC_N], xo[QDEC_N];
+                for (int t = 0; t < N; t++) {
+                    const __m256i *xp = (const __m256i *)(X->x8 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
+                    xe[t] = _mm256_loadu_si256(xp);
+                    xo[t] = _mm256_loadu_si256(xp + 1);
+                }
+                for (int r = 0; r < RR; r++) {
+                    const __m256i cb = _mm256_loadu_si256((const __m256i *)(q[r] + b * 16));
+                    const __m256i lo = _mm256_and_si256(cb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(cb, 4), m4);
+                    for (int t = 0; t < N; t++) {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[t]), _mm256_maddubs_epi16(hi, xo[t]));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane),
+                                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc[r][t]);
+                    }
+                }
+                j += 2;
+                continue;
+            }
+            const __m256i lane = _mm256_set1_epi32(j);
+            __m256i xv[QDEC_N];
+            for (int t = 0; t < N; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(X->x8 + ((size_t)t * (size_t)nb + (size_t)b) * 32));
+            for (int r = 0; r < RR; r++) {
+                __m256i qv, qa = _mm256_setzero_si256();
+                if (kind == 0) qv = q4_expand(q[r] + b * 16);
+                else {
+                    qv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
+                    qa = _mm256_abs_epi8(qv);
+                }
+                for (int t = 0; t < N; t++) {
+                    const __m256i p = kind == 0 ? _mm256_maddubs_epi16(qv, xv[t])
+                                                : _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xv[t], qv));
+                    __m256i i32 = _mm256_madd_epi16(p, ones);
+                    if (kind == 2)
+                        i32 = _mm256_add_epi32(i32, _mm256_loadu_si256((const __m256i *)(X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 8)));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane), _mm256_cvtepi32_ps(i32), acc[r][t]);
+                }
+            }
+            j++;
+        }
+    }
+    for (int r = 0; r < RR; r++)
+        for (int t = 0; t < N; t++)
+            y[(size_t)t * (size_t)R + (size_t)(r0 + r)] = hsum_ps(acc[r][t]) + hsum_ps(off[r][t]);
+}
+
+#define QDEC_CASE(N_, RR_)                                                                          \
+    case N_:                                                                                        \
+        if (rr == RR_) {                                                                            \
+            if (kind == 0) qdec_rows(y, R, W, r0, X, N_, RR_, 0);                                   \
+            else if (kind == 1) qdec_rows(y, R, W, r0, X, N_, RR_, 1);                              \
+            else qdec_rows(y, R, W, r0, X, N_, RR_, 2);                                             \
+        } else {                                                                                    \
+            for (int64_t r = r0; r < r0 + rr; r++) {                                                \
+                if (kind == 0) qdec_rows(y, R, W, r, X, N_, 1, 0);                                  \
+                else if (kind == 1) qdec_rows(y, R, W, r, X, N_, 1, 1);                             \
+                else qdec_rows(y, R, W, r, X, N_, 1, 2);                                            \
+            }                                                                                       \
+        }                                                                                           \
+        break;
+
+static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
+
+/* rows [r0, r0 + rr) (rr == qdec_rr(n) or a tail) */
+static void qdec_block(float *y, int64_t R, const fl_weight *W, int64_t r0, int rr, const qx_t *X, int n, int kind) {
+    switch (n) {
+    QDEC_CASE(1, 4)
+    QDEC_CASE(2, 2)
+    QDEC_CASE(3, 1)
+    QDEC_CASE(4, 1)
+    default: break;
+    }
+}
+
+static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
+    const int64_t R = W->rows, C = W->cols;
+    qx_t X = {.nb = C / 32};
+    X.nb8 = (X.nb + 7) / 8 * 8;
+    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
+    char *mem = fl_malloc(nbt * 64 + nbt8 * 8);
+    if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
+    X.bs16 = (int32_t *)mem;
+    X.x8 = (int8_t *)(mem + nbt * 32);
+    X.dx = (float *)(mem + nbt * 64);
+    X.xs = (float *)(mem + nbt * 64 + nbt8 * 4);
+    memset(X.dx, 0, nbt8 * 8);
+    quant_x(&X, x, n, C, W->bits);
+    const int kind = W->bits == 4 ? 0 : W->zeros_d ? 2 : 1, rr = qdec_rr(n);
+    const int64_t nblk = (R + rr - 1) / rr;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t r0 = blk * rr;
+        qdec_block(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
+    }
+    fl_free(mem);
+    return FL_OK;
+}
+#endif
+
+/* y[n, R] = x[n, C] @ dequant(W)^T (+ bias). Act-order weights first gather x (xg[:, j] = x[:, perm[j]]). */
+fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias) {
+    const fl_qlayout L = fl_q_layout_of(W);
+    FL_TRY(fl_q_check(&L, W->rows, W->cols));
+    const int64_t C = W->cols, R = W->rows;
+    float *xg = NULL;
+    if (W->perm_d) {
+        if (!(xg = fl_malloc((size_t)n * (size_t)C * sizeof(float))))
+            return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the gathered input (%d x %lld)", n, (long long)C);
+        for (int i = 0; i < n; i++)
+            for (int64_t j = 0; j < C; j++) xg[(size_t)i * (size_t)C + (size_t)j] = x[(size_t)i * (size_t)C + (size_t)W->perm_d[j]];
+        x = xg;
+    }
+    fl_status st;
+#ifdef QDOT
+    if (n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0) {
+        st = qdec(be, y, x, n, W);
+        if (st == FL_OK && bias && bias->data_d)
+            for (int i = 0; i < n; i++)
+                for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
+    } else
+#endif
+        st = cpu_gemm(be, y, x, n, W, bias);
+    fl_free(xg);
+    return st;
+}

@@ -1,0 +1,944 @@
+// qmatmul.cu: quantised weights on the CUDA backend (see qmatmul.cuh; the format is csrc/quant.h).
+//
+// Values. Column c of row r, g = c / group_size, code q (an unsigned 4- or 8-bit integer):
+//   integer codes:  w = fmaf(q, s, m), m = zeros[r, g], or -s * 2^(bits-1) without zeros (exact:
+//                   a power-of-two multiple of s), which is quant.h's s * (q - 2^(bits-1));
+//   NF4:            w = fmaf(nf4[q], s, m), m = zeros[r, g] or 0.
+// A 16-column "sub-block" (8 bytes of 4-bit codes, 16 bytes of 8-bit codes) always lies inside one
+// group (group_size is a multiple of 16), so every kernel works in sub-blocks with one (s, m) each.
+// q becomes a float exactly with the magic-number trick: the byte placed in the mantissa of 2^23
+// (one PRMT), minus 2^23 (one FADD).
+//
+// Decode GEMV (qgemv_kernel): the structure of matmul.cu's gemv_kernel. A warp owns RPW consecutive
+// rows; each lane walks its rows in 16-byte vectors of codes (32 columns of 4-bit, 16 of 8-bit),
+// U vectors per row in flight (loads past L1: the codes are read once), then for each 16-column
+// sub-block reads (s, m) through L1 (4-bit with group 128: four lanes share one), dequantises into
+// float32 registers, and accumulates against the n token rows of x (read through L1, shared by the
+// block's warps and reused for the RPW rows). A warp reduction leaves output (i, r) in lane
+// i*RPW + r. The group of a sub-block is a multiply-high by a magic reciprocal (exact for the sizes
+// where it is used, checked on the host), not a division.
+// Bytes read per token: codes + scales + offsets, once; x and y are small. Instruction budget (the
+// doubt to measure first): at 4.2 TB/s an H200 can issue ~127 instructions per 16-byte vector of
+// codes. The FMA kernel spends ~5 per weight at n = 1 for 4-bit (extract, FADD, FFMA for w; convert
+// x, FFMA), ~160 per vector, and ~2 more per weight for each further token row: issue-bound, worse
+// with n. Hence qgemv_mma_kernel (below): integer codes become exact small integers in f16/bf16
+// pairs fed to mma.sync, the group's scale is applied once per 64-byte chunk of a row, ~70
+// instructions per vector whatever n is. Default (FASTLOAD_QGEMV=auto): tensor cores from n = 2
+// where the layout allows (integer codes, groups of whole chunks: 128 columns of 4-bit, 64 of
+// 8-bit), the FMA kernel at n = 1 and for NF4 / small groups. Not yet measured: which is faster at
+// n = 1 (FASTLOAD_QGEMV=mma / fma force one; dev/cuda/NOTES.md has the bf16 GEMV numbers).
+// qgemv_generic_kernel: any alignment, any activation dtype, one warp per row, runtime layout; the
+// fallback (float32 activations, rows of 4-bit codes that are not whole 16-byte vectors).
+//
+// Prefill (n > qgemv_up_to): dequantise W into a workspace of the activation dtype, at most
+// FL_QDEQ_CHUNK_BYTES at a time (the lm_head never needs a full copy), and multiply each chunk with
+// cuBLAS (ldc = R), like fl_cuda_matmul. Tensor-core tiles fed directly from the codes (dequantised
+// in shared memory, no workspace round trip) are the alternative; this was chosen for simplicity
+// and is to be measured against the issue's target (prefill 2048 with int4 <= 1.5x bf16).
+//
+// Quantisation at load (qquantize_kernel): one warp per (row, group), the exact rules of
+// fl_q_quantize_rows. The build uses --use_fast_math (flush-to-zero, approximate division), so the
+// arithmetic that decides a code or a scale is written in PTX without .ftz: div.rn, sub.rn, min,
+// max, abs, cvt.rni; fp16 rounding is __float2half_rn.
+#include <stdio.h>
+
+#include "qmatmul.cuh"
+#include "cuda_backend.cuh"
+#include "cuda_common.cuh"
+#include "../quant.h"
+
+#define QG_THREADS 128   /* GEMV blocks: 4 warps, like matmul.cu */
+#define QD_THREADS 256   /* dequant / embed / quantise blocks */
+
+// bitsandbytes' NF4 code book, the same literals as fl_nf4_table (quant.h).
+#define FL_NF4_VALUES                                                                                \
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f, \
+        -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f, \
+        0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,        \
+        0.7229568362236023f, 1.0f
+__constant__ float c_nf4[16] = {FL_NF4_VALUES};
+static const float h_nf4[16] = {FL_NF4_VALUES};
+
+// A quantised weight as the kernels see it.
+struct fl_qw {
+    const uint8_t *q;      // codes [R, rb]
+    const void *s, *m;     // scales, offsets (m may be NULL) [R, ng], float16 or float32
+    const int32_t *perm;   // [C] or NULL
+    int64_t R, C, rb;      // rows, columns, bytes of codes per row
+    int bits, gs, code, s32, ng;  // s32: scales are float32; ng: groups per row
+};
+
+static fl_qw qw_of(const fl_weight *W) {
+    fl_qw w;
+    w.q = (const uint8_t *)W->data_d;
+    w.s = W->scales_d;
+    w.m = W->zeros_d;
+    w.perm = W->perm_d;
+    w.R = W->rows;
+    w.C = W->cols;
+    w.rb = W->cols * W->bits / 8;
+    w.bits = W->bits;
+    w.gs = W->group_size;
+    w.code = W->code;
+    w.s32 = W->sdtype == FL_F32;
+    w.ng = (int)(W->cols / W->group_size);
+    return w;
+}
+
+fl_status fl_cuda_qcheck(const fl_weight *W, const char *op) {
+    if (W->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "CUDA %s: the weight is not quantised", op);
+    if (W->bits != 4 && W->bits != 8)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA %s: quantised weight with bits %d (4 or 8 are supported)", op, W->bits);
+    if (W->code != FL_QCODE_INT && W->code != FL_QCODE_NF4)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA %s: quantised weight with code %d (0 = integer, 1 = NF4)", op, W->code);
+    if (W->code == FL_QCODE_NF4 && W->bits != 4)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA %s: the NF4 code book needs bits 4, not %d", op, W->bits);
+    if (W->sdtype != FL_F16 && W->sdtype != FL_F32)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA %s: quantised weight with scale dtype %s (float16 or float32)", op,
+                      fl_cuda_dtype_name(W->sdtype));
+    if (W->rows < 0 || W->cols <= 0 || W->group_size <= 0 || W->group_size % 16 || W->cols % W->group_size)
+        return fl_err(FL_E_VALUE, "CUDA %s: quantised weight [%lld, %lld] with group_size %d (a multiple of 16 that "
+                      "divides the columns is needed)", op, (long long)W->rows, (long long)W->cols, W->group_size);
+    if (W->cols / W->group_size > INT32_MAX)
+        return fl_err(FL_E_VALUE, "CUDA %s: %lld groups per row is too many", op, (long long)(W->cols / W->group_size));
+    if (W->rows > 0 && (!W->data_d || !W->scales_d))
+        return fl_err(FL_E_INTERNAL, "CUDA %s: quantised weight without codes or scales", op);
+    return FL_OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+// device helpers
+// ---------------------------------------------------------------------------------------------
+// Byte J of u as an exact float (the byte in the mantissa of 2^23, minus 2^23).
+template <int J>
+__device__ __forceinline__ float byte_f32(uint32_t u) {
+    return __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7650u | J)) - 8388608.f;
+}
+
+__device__ __forceinline__ float ld_scale(const void *p, int s32, int64_t i) {
+    return s32 ? __ldg((const float *)p + i) : __half2float(__ldg((const __half *)p + i));
+}
+template <typename S> __device__ __forceinline__ float ld_s(const S *p, int64_t i) { return fl_to_f32(__ldg(p + i)); }
+
+// w[k] = the value of column k of a 16-column sub-block whose codes are c[0..3] (8-bit) or c[0..1]
+// (4-bit: byte j holds column 2j in its low nibble, 2j + 1 in its high nibble).
+template <int BITS, bool NF4>
+__device__ __forceinline__ void deq16(const uint32_t *c, float s, float m, const float *tab, float *w) {
+    if constexpr (BITS == 8) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w[4 * i + 0] = fmaf(byte_f32<0>(c[i]), s, m);
+            w[4 * i + 1] = fmaf(byte_f32<1>(c[i]), s, m);
+            w[4 * i + 2] = fmaf(byte_f32<2>(c[i]), s, m);
+            w[4 * i + 3] = fmaf(byte_f32<3>(c[i]), s, m);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const uint32_t lo = c[i] & 0x0F0F0F0Fu, hi = (c[i] >> 4) & 0x0F0F0F0Fu;
+            if constexpr (NF4) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    w[8 * i + 2 * j] = fmaf(tab[(lo >> (8 * j)) & 15u], s, m);
+                    w[8 * i + 2 * j + 1] = fmaf(tab[(hi >> (8 * j)) & 15u], s, m);
+                }
+            } else {
+                w[8 * i + 0] = fmaf(byte_f32<0>(lo), s, m);
+                w[8 * i + 1] = fmaf(byte_f32<0>(hi), s, m);
+                w[8 * i + 2] = fmaf(byte_f32<1>(lo), s, m);
+                w[8 * i + 3] = fmaf(byte_f32<1>(hi), s, m);
+                w[8 * i + 4] = fmaf(byte_f32<2>(lo), s, m);
+                w[8 * i + 5] = fmaf(byte_f32<2>(hi), s, m);
+                w[8 * i + 6] = fmaf(byte_f32<3>(lo), s, m);
+                w[8 * i + 7] = fmaf(byte_f32<3>(hi), s, m);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void deq16_rt(const fl_qw &W, const uint32_t *c, float s, float m, const float *tab,
+                                         float *w) {
+    if (W.bits == 8) deq16<8, false>(c, s, m, tab, w);
+    else if (W.code == FL_QCODE_NF4) deq16<4, true>(c, s, m, tab, w);
+    else deq16<4, false>(c, s, m, tab, w);
+}
+
+// The codes of sub-block `sub` of row r: 16-byte (8-bit) or 8-byte (4-bit) loads when the codes'
+// base is 16-byte aligned (then every sub-block is: a row is C * bits / 8 bytes, C % 16 == 0),
+// byte loads otherwise.
+__device__ __forceinline__ void load16(const fl_qw &W, int64_t r, int64_t sub, bool vec, uint32_t *c) {
+    const uint8_t *p = W.q + r * W.rb + sub * (2 * W.bits);
+    c[0] = c[1] = c[2] = c[3] = 0;
+    if (vec) {
+        if (W.bits == 8) {
+            const uint4 v = __ldg((const uint4 *)p);
+            c[0] = v.x; c[1] = v.y; c[2] = v.z; c[3] = v.w;
+        } else {
+            const uint2 v = __ldg((const uint2 *)p);
+            c[0] = v.x; c[1] = v.y;
+        }
+    } else {
+        const int nb = 2 * W.bits;  // 8 or 16 bytes; unrolled so that c stays in registers
+#pragma unroll
+        for (int b = 0; b < 16; b++)
+            if (b < nb) c[b >> 2] |= (uint32_t)p[b] << (8 * (b & 3));
+    }
+}
+
+// (s, m) of group g of row r, with the symmetric / NF4 defaults when there are no offsets.
+__device__ __forceinline__ void scale_of(const fl_qw &W, int64_t r, int64_t g, float &s, float &m) {
+    const int64_t i = r * W.ng + g;
+    s = ld_scale(W.s, W.s32, i);
+    m = W.m ? ld_scale(W.m, W.s32, i) : W.code == FL_QCODE_NF4 ? 0.f : -s * (float)(1 << (W.bits - 1));
+}
+
+__device__ __forceinline__ void load_tab(float *tab) {
+    if (threadIdx.x < 16) tab[threadIdx.x] = c_nf4[threadIdx.x];
+    __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode GEMV, fast path: 16-bit activations, rows of whole 16-byte vectors
+// ---------------------------------------------------------------------------------------------
+template <typename T, typename S, int BITS, bool NF4, int N, int RPW, int U>
+__global__ void __launch_bounds__(QG_THREADS)
+qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T *__restrict__ bias, uint32_t gmagic) {
+    constexpr int E = fl_vec<T>::EPV, SB = BITS == 4 ? 2 : 1;
+    static_assert(N * RPW <= 32, "one output per lane");
+    static_assert(16 % E == 0, "16-column sub-blocks of whole x vectors");
+    __shared__ float tab[16];
+    if (NF4) load_tab(tab);
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31;
+    const int64_t r0 = ((int64_t)blockIdx.x * (QG_THREADS / 32) + threadIdx.x / 32) * RPW;
+    if (r0 >= W.R) return;  // whole warps only
+    const int64_t nv = W.rb / 16, C = W.C;
+    const uint4 *wrow[RPW];
+    int64_t srow[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        const int64_t rr = r0 + r < W.R ? r0 + r : W.R - 1;
+        wrow[r] = (const uint4 *)(W.q + rr * W.rb);
+        srow[r] = rr * W.ng;
+    }
+    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    const uint32_t gs16 = (uint32_t)(W.gs / 16);
+    constexpr float HALF = (float)(1 << (BITS - 1));
+
+    float acc[N][RPW];
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
+
+    auto fma_vec = [&](const uint4 (&wv)[RPW], int64_t v) {
+#pragma unroll
+        for (int sb = 0; sb < SB; sb++) {
+            const uint32_t sub = (uint32_t)(v * SB + sb);
+            const uint32_t g = gs16 == 1 ? sub : __umulhi(sub, gmagic);
+            float wf[RPW][16];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const float s = ld_s(sc, srow[r] + g);
+                const float m = zc ? ld_s(zc, srow[r] + g) : NF4 ? 0.f : -s * HALF;
+                uint32_t c[4];
+                if (BITS == 8) {
+                    c[0] = wv[r].x; c[1] = wv[r].y; c[2] = wv[r].z; c[3] = wv[r].w;
+                } else if (sb == 0) {
+                    c[0] = wv[r].x; c[1] = wv[r].y; c[2] = c[3] = 0;
+                } else {
+                    c[0] = wv[r].z; c[1] = wv[r].w; c[2] = c[3] = 0;
+                }
+                deq16<BITS, NF4>(c, s, m, tab, wf[r]);
+            }
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                const uint4 *xp = (const uint4 *)(x + (int64_t)i * C + (int64_t)sub * 16);
+#pragma unroll
+                for (int h = 0; h < 16 / E; h++) {
+                    float xf[E];
+                    fl_vec_to_f32<T>(__ldg(xp + h), xf);
+#pragma unroll
+                    for (int r = 0; r < RPW; r++)
+#pragma unroll
+                        for (int e = 0; e < E; e++) acc[i][r] = fmaf(wf[r][h * E + e], xf[e], acc[i][r]);
+                }
+            }
+        }
+    };
+
+    fl_pdl_wait();  // x comes from the previous kernel
+    int64_t base = lane;
+    for (; base + 32 * (U - 1) < nv; base += 32 * U) {
+        uint4 w[U][RPW];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) w[u][r] = fl_ld_stream(wrow[r] + base + 32 * u);
+#pragma unroll
+        for (int u = 0; u < U; u++) fma_vec(w[u], base + 32 * u);
+    }
+    if (base < nv) {  // the row's last partial step: one more round of predicated loads
+        uint4 w[U][RPW];
+        const uint4 z = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) w[u][r] = base + 32 * u < nv ? fl_ld_stream(wrow[r] + base + 32 * u) : z;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (base + 32 * u < nv) fma_vec(w[u], base + 32 * u);
+    }
+
+    float mine = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            float v = acc[i][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == i * RPW + r) mine = v;
+        }
+    if (lane < N * RPW) {
+        const int i = lane / RPW, r = lane % RPW;
+        const int64_t row = r0 + r;
+        if (row < W.R) {
+            if (bias) mine += fl_to_f32(bias[row]);
+            y[(int64_t)i * W.R + row] = fl_from_f32<T>(mine);
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// decode GEMV on the tensor cores (sm_80+), integer codes: cost per weight that does not grow with n
+// ---------------------------------------------------------------------------------------------
+// One block per 16-row tile of W, its WARPS warps splitting the row into "chunks" of 64 bytes of codes
+// per row (128 columns of 4-bit, 64 of 8-bit), U chunks in flight per warp. In a chunk, lane
+// (g = lane / 4, t = lane % 4) loads 16 bytes of row g and of row g + 8 (its quarter of the chunk,
+// CPL = 32 or 16 columns) and token g's x over the same columns (zeros for g >= n). The codes become
+// exact integers in T pairs (4-bit: the nibble OR-ed into the mantissa of 1024 (f16) / 128 (bf16),
+// minus that; 8-bit f16: the byte under 1024 the same way; 8-bit bf16: the float32 trick, packed) with
+// the symmetric offset 2^(bits-1) subtracted in the same step, and mma.sync m16n8k16 (float32
+// accumulators) gives the chunk's sum of q * x for 16 rows x 8 tokens. The sum over k does not care
+// which column sits in which k slot as long as A and B agree: 4-bit pairs are the nibbles (p, p + 4)
+// of a 32-bit word, so x is paired the same way with one PRMT per pair. A chunk lies in one group
+// (the kernel is used when the group size is a multiple of the chunk's columns), so the scale is
+// applied once per chunk to the partial fragment: acc += s * sum(q x) (+ m * sum(x), the second sum
+// from one more mma with A = ones, min form only). The warps' fragments are summed through shared
+// memory; lane (g, t) of warp 0 then holds rows g, g + 8 x tokens 2t, 2t + 1.
+// NF4 and groups smaller than a chunk take the FMA kernel.
+template <typename T> struct qmma_k;
+template <> struct qmma_k<__half> {
+    static constexpr uint32_t MAGIC = 0x64006400u;  // 1024.0 in each half
+    static constexpr float BASE = 1024.f;
+    static constexpr uint32_t ONES = 0x3C003C00u;   // 1.0, 1.0
+};
+template <> struct qmma_k<__nv_bfloat16> {
+    static constexpr uint32_t MAGIC = 0x43004300u;  // 128.0 in each half (mantissa step 1 in [128, 256))
+    static constexpr float BASE = 128.f;
+    static constexpr uint32_t ONES = 0x3F803F80u;
+};
+
+// packed a - (v, v) in T (exact here: both are small integers the type holds)
+template <typename T>
+__device__ __forceinline__ uint32_t qsub2(uint32_t a, float v) {
+    if constexpr (std::is_same<T, __half>::value) {
+        __half2 h;
+        memcpy(&h, &a, 4);
+        h = __hsub2(h, __float2half2_rn(v));
+        memcpy(&a, &h, 4);
+    } else {
+        __nv_bfloat162 h;
+        memcpy(&h, &a, 4);
+        h = __hsub2(h, __float2bfloat162_rn(v));
+        memcpy(&a, &h, 4);
+    }
+    return a;
+}
+
+// The pair (byte J, byte J + 1) of u minus `off` as exact integers in T, low half first.
+template <typename T, int J>
+__device__ __forceinline__ uint32_t qbyte_pair(uint32_t u, float off) {
+    if constexpr (std::is_same<T, __half>::value) {
+        // bytes under 0x64: 1024 + byte in each half
+        return qsub2<T>(__byte_perm(u, 0x64646464u, J == 0 ? 0x4140u : 0x4342u), 1024.f + off);
+    } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(byte_f32<J>(u) - off, byte_f32<J + 1>(u) - off);
+        uint32_t r;
+        memcpy(&r, &h, 4);
+        return r;
+    }
+}
+
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U>
+__global__ void __launch_bounds__(WARPS * 32)
+qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T *__restrict__ bias, int n,
+                 uint32_t cmagic) {
+    constexpr int CPC = BITS == 4 ? 128 : 64, CPL = CPC / 4;  // columns per chunk, per lane
+    constexpr float OFF = ZEROS ? 0.f : (float)(1 << (BITS - 1));
+    __shared__ float red[WARPS][4][32];
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t r0 = (int64_t)blockIdx.x * 16, R = W.R;
+    const int64_t ra = r0 + g < R ? r0 + g : R - 1, rb = r0 + g + 8 < R ? r0 + g + 8 : R - 1;
+    const uint4 *wa = (const uint4 *)(W.q + ra * W.rb) + t, *wb = (const uint4 *)(W.q + rb * W.rb) + t;
+    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    const int64_t sa = ra * W.ng, sbi = rb * W.ng;
+    const int64_t nchunk = W.rb / 64;
+    const uint32_t cpg = (uint32_t)(W.gs / CPC);  // chunks per group
+    const bool has_x = g < n;
+    const uint4 *xg = (const uint4 *)(x + (int64_t)(has_x ? g : 0) * W.C + t * CPL);  // + chunk * CPC elements
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    fl_pdl_wait();  // x comes from the previous kernel
+    for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += WARPS * U) {
+        uint4 va[U], vb[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const bool ok = c0 + u < nchunk;
+            va[u] = ok ? fl_ld_stream(wa + 4 * (c0 + u)) : z;
+            vb[u] = ok ? fl_ld_stream(wb + 4 * (c0 + u)) : z;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t ch = c0 + u;
+            if (ch >= nchunk) break;  // the same for the whole warp
+            uint32_t xw[CPL / 2];
+#pragma unroll
+            for (int h = 0; h < CPL / 8; h++) {
+                const uint4 v = has_x ? __ldg(xg + ch * (CPC / 8) + h) : z;
+                xw[4 * h] = v.x; xw[4 * h + 1] = v.y; xw[4 * h + 2] = v.z; xw[4 * h + 3] = v.w;
+            }
+            const uint32_t ca[4] = {va[u].x, va[u].y, va[u].z, va[u].w}, cb[4] = {vb[u].x, vb[u].y, vb[u].z, vb[u].w};
+            float part[4] = {0.f, 0.f, 0.f, 0.f}, xs[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if constexpr (BITS == 4) {
+                    // word i: nibble p is column 8i + p; pair P_p = (nibble p, nibble p + 4)
+                    uint32_t pa[4], pb[4];
+#pragma unroll
+                    for (int p = 0; p < 4; p++) {
+                        pa[p] = qsub2<T>(((ca[i] >> (4 * p)) & 0x000F000Fu) | qmma_k<T>::MAGIC, qmma_k<T>::BASE + OFF);
+                        pb[p] = qsub2<T>(((cb[i] >> (4 * p)) & 0x000F000Fu) | qmma_k<T>::MAGIC, qmma_k<T>::BASE + OFF);
+                    }
+                    // x words 4i..4i+3 hold columns (8i, 8i+1) .. (8i+6, 8i+7)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const uint32_t b0 = __byte_perm(xw[4 * i + h], xw[4 * i + h + 2], 0x5410u);  // (8i+2h, 8i+2h+4)
+                        const uint32_t b1 = __byte_perm(xw[4 * i + h], xw[4 * i + h + 2], 0x7632u);  // (8i+2h+1, 8i+2h+5)
+                        fl_mma_16816<T>(part, pa[2 * h], pb[2 * h], pa[2 * h + 1], pb[2 * h + 1], b0, b1);
+                        if (ZEROS) fl_mma_16816<T>(xs, qmma_k<T>::ONES, qmma_k<T>::ONES, qmma_k<T>::ONES, qmma_k<T>::ONES, b0, b1);
+                    }
+                } else {
+                    // word i: columns 4i..4i+3; x words 2i, 2i+1 hold (4i, 4i+1), (4i+2, 4i+3)
+                    const uint32_t a0 = qbyte_pair<T, 0>(ca[i], OFF), a2 = qbyte_pair<T, 2>(ca[i], OFF);
+                    const uint32_t a1 = qbyte_pair<T, 0>(cb[i], OFF), a3 = qbyte_pair<T, 2>(cb[i], OFF);
+                    fl_mma_16816<T>(part, a0, a1, a2, a3, xw[2 * i], xw[2 * i + 1]);
+                    if (ZEROS) fl_mma_16816<T>(xs, qmma_k<T>::ONES, qmma_k<T>::ONES, qmma_k<T>::ONES, qmma_k<T>::ONES, xw[2 * i], xw[2 * i + 1]);
+                }
+            }
+            const uint32_t grp = cpg == 1 ? (uint32_t)ch : __umulhi((uint32_t)ch, cmagic);
+            const float s_a = ld_s(sc, sa + grp), s_b = ld_s(sc, sbi + grp);
+            if (ZEROS) {
+                const float m_a = ld_s(zc, sa + grp), m_b = ld_s(zc, sbi + grp);
+                acc[0] = fmaf(s_a, part[0], fmaf(m_a, xs[0], acc[0]));
+                acc[1] = fmaf(s_a, part[1], fmaf(m_a, xs[1], acc[1]));
+                acc[2] = fmaf(s_b, part[2], fmaf(m_b, xs[2], acc[2]));
+                acc[3] = fmaf(s_b, part[3], fmaf(m_b, xs[3], acc[3]));
+            } else {
+                acc[0] = fmaf(s_a, part[0], acc[0]);
+                acc[1] = fmaf(s_a, part[1], acc[1]);
+                acc[2] = fmaf(s_b, part[2], acc[2]);
+                acc[3] = fmaf(s_b, part[3], acc[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) red[warp][k][lane] = acc[k];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int w = 1; w < WARPS; w++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc[k] += red[w][k][lane];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int64_t row = r0 + g + (k >> 1) * 8;
+        const int tok = 2 * t + (k & 1);
+        if (row < R && tok < n) y[(int64_t)tok * R + row] = fl_from_f32<T>(acc[k] + (bias ? fl_to_f32(bias[row]) : 0.f));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode GEMV, generic: any act dtype, any alignment; one warp per row, runtime layout
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(QG_THREADS)
+qgemv_generic_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T *__restrict__ bias, int n,
+                     bool vec) {
+    __shared__ float tab[16];
+    load_tab(tab);
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31;
+    const int64_t r = (int64_t)blockIdx.x * (QG_THREADS / 32) + threadIdx.x / 32;
+    if (r >= W.R) return;
+    fl_pdl_wait();
+    float acc[FL_GEMV_MAX_N_Q];
+#pragma unroll
+    for (int i = 0; i < FL_GEMV_MAX_N_Q; i++) acc[i] = 0.f;
+    const int64_t nsub = W.C / 16;
+    for (int64_t sub = lane; sub < nsub; sub += 32) {
+        uint32_t c[4];
+        load16(W, r, sub, vec, c);
+        float s, m, w[16];
+        scale_of(W, r, sub * 16 / W.gs, s, m);
+        deq16_rt(W, c, s, m, tab, w);
+#pragma unroll
+        for (int i = 0; i < FL_GEMV_MAX_N_Q; i++) {
+            if (i >= n) break;
+            const T *xi = x + (int64_t)i * W.C + sub * 16;
+#pragma unroll
+            for (int k = 0; k < 16; k++) acc[i] = fmaf(w[k], fl_to_f32(xi[k]), acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < FL_GEMV_MAX_N_Q; i++) {
+        if (i >= n) break;
+        float v = acc[i];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) y[(int64_t)i * W.R + r] = fl_from_f32<T>(v + (bias ? fl_to_f32(bias[r]) : 0.f));
+    }
+}
+
+// xg[i, j] = x[i, perm[j]] (act-order weights: the GEMV then reads xg in the codes' column order)
+template <typename T>
+__global__ void qgather_kernel(T *__restrict__ xg, const T *__restrict__ x, const int32_t *__restrict__ perm, int n,
+                               int64_t C) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // x from the previous kernel; xg may still be read by the previous GEMV
+    const int64_t total = (int64_t)n * C;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = k / C, j = k - i * C;
+        const int32_t p = perm[j];
+        xg[k] = p >= 0 && p < C ? x[i * C + p] : fl_from_f32<T>(0.f);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dequantisation of rows [r0, r0 + rows) into out[rows, C] (act), columns scattered through perm
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(QD_THREADS)
+qdequant_kernel(T *__restrict__ out, const fl_qw W, int64_t r0, int64_t rows, bool vec) {
+    constexpr int E = fl_vec<T>::EPV;
+    __shared__ float tab[16];
+    load_tab(tab);
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // `out` may still be read by the previous chunk's GEMM
+    const int64_t nsub = W.C / 16, total = rows * nsub;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t rl = k / nsub, sub = k - rl * nsub, r = r0 + rl;
+        uint32_t c[4];
+        load16(W, r, sub, vec, c);
+        float s, m, w[16];
+        scale_of(W, r, sub * 16 / W.gs, s, m);
+        deq16_rt(W, c, s, m, tab, w);
+        T *o = out + rl * W.C;
+        if (W.perm) {
+#pragma unroll
+            for (int e = 0; e < 16; e++) {
+                const int32_t p = W.perm[sub * 16 + e];
+                if (p >= 0 && p < W.C) o[p] = fl_from_f32<T>(w[e]);
+            }
+        } else {
+            // the workspace is ours (cudaMalloc, rows of C % 16 == 0 elements): 16-byte aligned
+#pragma unroll
+            for (int h = 0; h < 16 / E; h++) ((uint4 *)(o + sub * 16))[h] = fl_f32_to_vec<T>(w + h * E);
+        }
+    }
+}
+
+template <typename T>
+__global__ void qadd_bias_kernel(T *__restrict__ y, const T *__restrict__ bias, int n, int64_t R) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
+    const int64_t total = (int64_t)n * R;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x)
+        y[k] = fl_from_f32<T>(fl_to_f32(y[k]) + fl_to_f32(bias[k % R]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding rows: one block per token
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(QD_THREADS)
+qembed_kernel(T *__restrict__ x, const int32_t *__restrict__ tok, const fl_qw W, bool vec) {
+    __shared__ float tab[16];
+    load_tab(tab);
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // the token ids come from the previous step's sampling
+    const int64_t i = blockIdx.x;
+    const int32_t t = tok[i];
+    const bool ok = t >= 0 && t < W.R;
+    T *xr = x + i * W.C;
+    const int64_t nsub = W.C / 16;
+    for (int64_t sub = threadIdx.x; sub < nsub; sub += blockDim.x) {
+        float w[16];
+        if (ok) {
+            uint32_t c[4];
+            load16(W, t, sub, vec, c);
+            float s, m;
+            scale_of(W, t, sub * 16 / W.gs, s, m);
+            deq16_rt(W, c, s, m, tab, w);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 16; e++) w[e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < 16; e++) {
+            // act-order: the code in column j is the embedding's element perm[j]
+            const int64_t col = W.perm ? (int64_t)W.perm[sub * 16 + e] : sub * 16 + e;
+            if (col >= 0 && col < W.C) xr[col] = fl_from_f32<T>(w[e]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantisation at load: one warp per (row, group); IEEE arithmetic without flush-to-zero
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float ieee_div(float a, float b) {
+    float r;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_sub(float a, float b) {
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_min(float a, float b) {  // a NaN operand loses, like fminf
+    float r;
+    asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_max(float a, float b) {
+    float r;
+    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_abs(float a) {
+    float r;
+    asm("abs.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+__device__ __forceinline__ float ieee_rint(float a) {  // round half to even
+    float r;
+    asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
+    return r;
+}
+__device__ __forceinline__ float f16_round(float a) { return __half2float(__float2half_rn(a)); }
+
+struct fl_qmid { float v[15]; };  // NF4 decision points, computed on the host as the CPU does
+
+template <typename ST>
+__global__ void __launch_bounds__(QD_THREADS)
+qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, int64_t C, int gs, int scheme,
+                 int64_t row0, int64_t rows, const ST *__restrict__ src, const fl_qmid mid) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // src may come from the previous kernel (a conversion on the device)
+    const int lane = threadIdx.x & 31;
+    const int64_t ng = C / gs;
+    const int64_t wid = (int64_t)blockIdx.x * (QD_THREADS / 32) + threadIdx.x / 32;
+    if (wid >= rows * ng) return;
+    const int64_t rl = wid / ng, g = wid - rl * ng, r = row0 + rl, c0 = g * gs;
+    const ST *x = src + rl * C + c0;
+    const int64_t si = r * ng + g;
+    auto sstore = [&](void *p, float v) {
+        if (s32) ((float *)p)[si] = v;
+        else ((__half *)p)[si] = __float2half_rn(v);  // v is already a float16 value: exact
+    };
+    if (scheme == FL_QS_INT4) {
+        const float first = fl_to_f32(x[0]);
+        float mn = first, mx = first;
+        for (int j = lane; j < gs; j += 32) {
+            const float v = fl_to_f32(x[j]);
+            mn = ieee_min(mn, v);
+            mx = ieee_max(mx, v);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            mn = ieee_min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+            mx = ieee_max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        }
+        const float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
+        const float m = f16_round(mn);
+        if (lane == 0) {
+            sstore(scales, s);
+            sstore(zeros, m);
+        }
+        uint8_t *qr = q + r * (C / 2) + c0 / 2;
+        for (int j = 2 * lane; j < gs; j += 64) {
+            unsigned v[2];
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                v[e] = s == 0.0f ? 0u
+                                 : (unsigned)ieee_min(ieee_max(ieee_rint(ieee_div(ieee_sub(fl_to_f32(x[j + e]), m), s)),
+                                                               0.0f), 15.0f);
+            qr[j / 2] = (uint8_t)(v[0] | (v[1] << 4));
+        }
+    } else {
+        float amax = 0.0f;
+        for (int j = lane; j < gs; j += 32) amax = ieee_max(amax, ieee_abs(fl_to_f32(x[j])));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = ieee_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (scheme == FL_QS_INT8) {
+            const float s = f16_round(ieee_div(amax, 127.0f));
+            if (lane == 0) sstore(scales, s);
+            uint8_t *qr = q + r * C + c0;
+            for (int j = lane; j < gs; j += 32)
+                qr[j] = s == 0.0f ? 128
+                                  : (uint8_t)((int)ieee_min(ieee_max(ieee_rint(ieee_div(fl_to_f32(x[j]), s)), -127.0f),
+                                                            127.0f) + 128);
+        } else {  // nf4
+            const float s = f16_round(amax);
+            if (lane == 0) sstore(scales, s);
+            uint8_t *qr = q + r * (C / 2) + c0 / 2;
+            for (int j = 2 * lane; j < gs; j += 64) {
+                unsigned k[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float v = s == 0.0f ? 0.0f : ieee_div(fl_to_f32(x[j + e]), s);
+                    unsigned cnt = 0;
+#pragma unroll
+                    for (int t = 0; t < 15; t++) cnt += v > mid.v[t];
+                    k[e] = cnt;
+                }
+                qr[j / 2] = (uint8_t)(k[0] | (k[1] << 4));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+static unsigned grid_for(int64_t work, int threads, int n_sm) {
+    int64_t b = (work + threads - 1) / threads;
+    const int64_t cap = (int64_t)(n_sm > 0 ? n_sm : 132) * 16;
+    if (b > cap) b = cap;
+    return (unsigned)(b > 0 ? b : 1);
+}
+
+template <typename T, typename S, int BITS, bool NF4, int N>
+static fl_status launch_qgemv_n(cudaStream_t st, T *y, const T *x, const fl_qw &W, const T *bias, uint32_t gmagic) {
+    // One row per warp for n <= 2 (the most warps in flight); two for larger n, which reuse each x
+    // load for both rows. 8 16-byte loads of codes per lane in flight either way.
+    constexpr int RPW = N <= 2 ? 1 : 2, U = 8 / RPW;
+    const int64_t warps = (W.R + RPW - 1) / RPW, per_block = QG_THREADS / 32;
+    const int64_t blocks = (warps + per_block - 1) / per_block;
+    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
+    FL_LAUNCH(qgemv_kernel<T, S, BITS, NF4, N, RPW, U>, dim3((unsigned)blocks), dim3(QG_THREADS), 0, st, y, x, W,
+              bias, gmagic);
+    return FL_OK;
+}
+
+template <typename T, typename S, int BITS, bool NF4>
+static fl_status launch_qgemv(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint32_t gm) {
+    switch (n) {
+    case 1: return launch_qgemv_n<T, S, BITS, NF4, 1>(st, y, x, W, bias, gm);
+    case 2: return launch_qgemv_n<T, S, BITS, NF4, 2>(st, y, x, W, bias, gm);
+    case 3: return launch_qgemv_n<T, S, BITS, NF4, 3>(st, y, x, W, bias, gm);
+    case 4: return launch_qgemv_n<T, S, BITS, NF4, 4>(st, y, x, W, bias, gm);
+    case 5: return launch_qgemv_n<T, S, BITS, NF4, 5>(st, y, x, W, bias, gm);
+    case 6: return launch_qgemv_n<T, S, BITS, NF4, 6>(st, y, x, W, bias, gm);
+    case 7: return launch_qgemv_n<T, S, BITS, NF4, 7>(st, y, x, W, bias, gm);
+    default: return launch_qgemv_n<T, S, BITS, NF4, 8>(st, y, x, W, bias, gm);
+    }
+}
+
+template <typename T, typename S>
+static fl_status launch_qgemv_fmt(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias,
+                                  uint32_t gm) {
+    if (W.bits == 8) return launch_qgemv<T, S, 8, false>(st, y, x, n, W, bias, gm);
+    if (W.code == FL_QCODE_NF4) return launch_qgemv<T, S, 4, true>(st, y, x, n, W, bias, gm);
+    return launch_qgemv<T, S, 4, false>(st, y, x, n, W, bias, gm);
+}
+
+#define QMMA_WARPS 4
+#define QMMA_U 4
+
+template <typename T, typename S, int BITS, bool ZEROS>
+static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint32_t cm) {
+    const int64_t blocks = (W.R + 15) / 16;
+    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
+    FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, QMMA_WARPS, QMMA_U>, dim3((unsigned)blocks), dim3(QMMA_WARPS * 32), 0,
+              st, y, x, W, bias, n, cm);
+    return FL_OK;
+}
+
+template <typename T, typename S>
+static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint32_t cm) {
+    const bool z = W.m != nullptr;
+    if (W.bits == 8) return z ? launch_qmma<T, S, 8, true>(st, y, x, n, W, bias, cm) : launch_qmma<T, S, 8, false>(st, y, x, n, W, bias, cm);
+    return z ? launch_qmma<T, S, 4, true>(st, y, x, n, W, bias, cm) : launch_qmma<T, S, 4, false>(st, y, x, n, W, bias, cm);
+}
+
+static cudaDataType_t qcuda_type(fl_dtype t) { return t == FL_F16 ? CUDA_R_16F : t == FL_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+// The GEMV for n in 1..FL_GEMV_MAX_N_Q; x already in the codes' column order.
+static fl_status qgemv(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W, const void *bias) {
+    cudaStream_t st = c->stream;
+    const uint32_t gs16 = (uint32_t)(W.gs / 16);
+    // multiply-high by ceil(2^32 / gs16) is floor(sub / gs16) for every sub-block index sub when
+    // (C / 16) * gs16 <= 2^32 (error term below 1 / gs16); larger rows take the generic kernel.
+    const bool magic_ok = (uint64_t)(W.C / 16) * (uint64_t)gs16 <= (1ull << 32);
+    const uint32_t gm = gs16 > 1 ? (uint32_t)(((1ull << 32) + gs16 - 1) / gs16) : 0u;
+    const bool fast = (act == FL_F16 || act == FL_BF16) && W.rb % 16 == 0 && fl_is_aligned16(W.q) &&
+                      fl_is_aligned16(x) && magic_ok && c->qgemv_variant != FL_QGEMV_GENERIC;
+    // The tensor-core kernel: integer codes whose groups are whole 64-byte chunks of a row, sm_80+;
+    // by default from n = 2 on (FASTLOAD_QGEMV=mma: also n = 1, =fma: never).
+    const int cpc = W.bits == 4 ? 128 : 64;
+    const bool mma_ok = fast && W.code == FL_QCODE_INT && W.gs % cpc == 0 && fl_cuda_cc_major() >= 8 &&
+                        (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32);
+    const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || (c->qgemv_variant == FL_QGEMV_AUTO && n >= 2));
+    const uint32_t cpg = (uint32_t)(W.gs / cpc);
+    const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
+    FL_CUDA_DISPATCH(act, T, {
+        T *yt = (T *)y;
+        const T *xt = (const T *)x, *bt = (const T *)bias;
+        if constexpr (sizeof(T) == 2) {
+            if (use_mma) {
+                if (W.s32) return launch_qmma_fmt<T, float>(st, yt, xt, n, W, bt, cm);
+                return launch_qmma_fmt<T, __half>(st, yt, xt, n, W, bt, cm);
+            }
+            if (fast) {
+                if (W.s32) return launch_qgemv_fmt<T, float>(st, yt, xt, n, W, bt, gm);
+                return launch_qgemv_fmt<T, __half>(st, yt, xt, n, W, bt, gm);
+            }
+        }
+        const int64_t blocks = (W.R + QG_THREADS / 32 - 1) / (QG_THREADS / 32);
+        if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
+        FL_LAUNCH(qgemv_generic_kernel<T>, dim3((unsigned)blocks), dim3(QG_THREADS), 0, st, yt, xt, W, bt, n,
+                  fl_is_aligned16(W.q));
+    });
+    return FL_OK;
+}
+
+fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const fl_weight *Wt, const void *bias) {
+    FL_TRY(fl_cuda_qcheck(Wt, "matmul"));
+    if (n <= 0 || Wt->rows <= 0) return FL_OK;
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    const fl_dtype act = be->act;
+    if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA quantised matmul: activation dtype %s", fl_cuda_dtype_name(act));
+    const fl_qw W = qw_of(Wt);
+    const size_t es = (size_t)fl_dtype_size(act);
+    const int up_to = c->qgemv_up_to < 0 ? FL_QGEMV_UP_TO : c->qgemv_up_to;
+    // Act-order weights need x in the codes' column order for the GEMV. The workspace for it is grown
+    // to FL_GEMV_MAX_N_Q rows whatever n is, so the prefill (n large, which does not use it) already
+    // leaves it large enough for the decode steps captured after it.
+    if (W.perm) {
+        FL_TRY(fl_cuda_grow(be, &c->qx, &c->qx_bytes, (size_t)FL_GEMV_MAX_N_Q * (size_t)W.C * es,
+                            "quantised matmul (act-order x)"));
+    }
+    if (n <= up_to && n <= FL_GEMV_MAX_N_Q) {
+        const void *xs = x;
+        if (W.perm) {
+            FL_CUDA_DISPATCH(act, T, {
+                FL_LAUNCH(qgather_kernel<T>, dim3(grid_for((int64_t)n * W.C, QD_THREADS, c->n_sm)), dim3(QD_THREADS), 0,
+                          c->stream, (T *)c->qx, (const T *)x, W.perm, n, W.C);
+            });
+            xs = c->qx;
+        }
+        return qgemv(c, act, y, xs, n, W, bias);
+    }
+
+    // Prefill: dequantised row chunks + cuBLAS.
+    if (W.R > INT32_MAX || W.C > INT32_MAX)
+        return fl_err(FL_E_VALUE, "quantised matmul: %lld x %lld is beyond cuBLAS' int sizes", (long long)W.R,
+                      (long long)W.C);
+    const size_t row_bytes = (size_t)W.C * es;
+    int64_t chunk = (int64_t)(FL_QDEQ_CHUNK_BYTES / row_bytes);
+    if (chunk < 1) chunk = 1;
+    if (chunk > W.R) chunk = W.R;
+    FL_TRY(fl_cuda_grow(be, &c->qws, &c->qws_bytes, (size_t)chunk * row_bytes, "quantised matmul (dequantised rows)"));
+    const float alpha = 1.f, beta = 0.f;
+    const cudaDataType_t t = qcuda_type(act);
+    const bool vec = fl_is_aligned16(W.q);
+    for (int64_t r0 = 0; r0 < W.R; r0 += chunk) {
+        const int64_t rows = W.R - r0 < chunk ? W.R - r0 : chunk;
+        FL_CUDA_DISPATCH(act, T, {
+            FL_LAUNCH(qdequant_kernel<T>, dim3(grid_for(rows * (W.C / 16), QD_THREADS, c->n_sm)), dim3(QD_THREADS), 0,
+                      c->stream, (T *)c->qws, W, r0, rows, vec);
+        });
+        FL_CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, n, (int)W.C, &alpha, c->qws, t,
+                                     (int)W.C, x, t, (int)W.C, &beta, (char *)y + (size_t)r0 * es, t, (int)W.R,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    if (bias) {
+        FL_CUDA_DISPATCH(act, T, {
+            FL_LAUNCH(qadd_bias_kernel<T>, dim3(grid_for((int64_t)n * W.R, QD_THREADS, c->n_sm)), dim3(QD_THREADS), 0,
+                      c->stream, (T *)y, (const T *)bias, n, W.R);
+        });
+    }
+    return FL_OK;
+}
+
+fl_status fl_cuda_qembed(fl_backend *be, void *x, const int32_t *tok, int n, const fl_weight *emb) {
+    FL_TRY(fl_cuda_qcheck(emb, "embed"));
+    if (n <= 0) return FL_OK;
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    const fl_qw W = qw_of(emb);
+    FL_CUDA_DISPATCH(be->act, T, {
+        FL_LAUNCH(qembed_kernel<T>, dim3((unsigned)n), dim3(QD_THREADS), 0, c->stream, (T *)x, tok, W,
+                  fl_is_aligned16(W.q));
+    });
+    return FL_OK;
+}
+
+fl_status fl_cuda_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src,
+                           fl_dtype src_dtype) {
+    FL_TRY(fl_cuda_qcheck(W, "quantize"));
+    const int want_bits = scheme == FL_QS_INT8 ? 8 : 4;
+    const int want_code = scheme == FL_QS_NF4 ? FL_QCODE_NF4 : FL_QCODE_INT;
+    const bool want_zeros = scheme == FL_QS_INT4;
+    if (scheme != FL_QS_INT8 && scheme != FL_QS_INT4 && scheme != FL_QS_NF4)
+        return fl_err(FL_E_VALUE, "CUDA quantize: scheme %d is not int8 (1), int4 (2) or nf4 (3)", scheme);
+    if (W->bits != want_bits || W->code != want_code || (W->zeros_d != NULL) != want_zeros || W->perm_d)
+        return fl_err(FL_E_INTERNAL, "CUDA quantize: the weight's layout (bits %d, code %d, zeros %d, perm %d) is not "
+                      "the scheme's", W->bits, W->code, W->zeros_d != NULL, W->perm_d != NULL);
+    if (row0 < 0 || rows < 0 || row0 + rows > W->rows)
+        return fl_err(FL_E_VALUE, "CUDA quantize: rows [%lld, %lld) outside [0, %lld)", (long long)row0,
+                      (long long)(row0 + rows), (long long)W->rows);
+    if (rows == 0) return FL_OK;
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    fl_qmid mid;
+    for (int i = 0; i < 15; i++) mid.v[i] = (h_nf4[i] + h_nf4[i + 1]) * 0.5f;  // as fl_q_quantize_rows
+    const int64_t ng = W->cols / W->group_size, warps = rows * ng, per_block = QD_THREADS / 32;
+    const int64_t blocks = (warps + per_block - 1) / per_block;
+    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "CUDA quantize: %lld groups is too many", (long long)warps);
+    const int s32 = W->sdtype == FL_F32;
+    switch (src_dtype) {
+    case FL_F32:
+        FL_LAUNCH(qquantize_kernel<float>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, c->stream, (uint8_t *)W->data_d,
+                  W->scales_d, W->zeros_d, s32, W->cols, W->group_size, scheme, row0, rows, (const float *)src, mid);
+        break;
+    case FL_F16:
+        FL_LAUNCH(qquantize_kernel<__half>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, c->stream,
+                  (uint8_t *)W->data_d, W->scales_d, W->zeros_d, s32, W->cols, W->group_size, scheme, row0, rows,
+                  (const __half *)src, mid);
+        break;
+    case FL_BF16:
+        FL_LAUNCH(qquantize_kernel<__nv_bfloat16>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, c->stream,
+                  (uint8_t *)W->data_d, W->scales_d, W->zeros_d, s32, W->cols, W->group_size, scheme, row0, rows,
+                  (const __nv_bfloat16 *)src, mid);
+        break;
+    default:
+        return fl_err(FL_E_UNSUPPORTED, "CUDA quantize: source dtype %s (float32, float16 or bfloat16)",
+                      fl_cuda_dtype_name(src_dtype));
+    }
+    return FL_OK;
+}

@@ -1,0 +1,36 @@
+// qmatmul.cuh: the CUDA backend's ops on quantised weights (fl_weight with dtype FL_QUANT, layout in
+// csrc/quant.h): matmul, embedding rows, and quantisation at load. Activations are the backend's
+// `act` (float16 / bfloat16; float32 works through the generic kernels), accumulation float32.
+//
+//  matmul, n <= qgemv_up_to (default FL_QGEMV_UP_TO = 8): a dequantising GEMV that reads the codes,
+//      scales and offsets once for all n token rows (decode; bound by those bytes).
+//  matmul, larger n (prefill): W dequantised into a workspace of `act` in row chunks of at most
+//      FL_QDEQ_CHUNK_BYTES, each chunk multiplied by cuBLAS (ldc = R).
+//  perm_d (act-order): the GEMV gathers x[:, perm] into a small workspace first; the prefill path
+//      writes the dequantised columns to their x positions instead.
+// Every launcher is asynchronous on the backend's stream, reads no host value computed on the device
+// and allocates only through fl_cuda_grow (which refuses during graph capture): a decode step on
+// quantised weights can be captured once the same shapes ran outside capture (generate's prefill).
+#ifndef FL_CUDA_QMATMUL_CUH
+#define FL_CUDA_QMATMUL_CUH
+#include "../fl_backend.h"
+
+#define FL_QGEMV_UP_TO 8                               /* default: GEMV for n <= this, dequant + cuBLAS above */
+#define FL_QDEQ_CHUNK_BYTES ((size_t)256 << 20)        /* dequantised rows per cuBLAS call, at most */
+#define FL_GEMV_MAX_N_Q 8                              /* the quantised GEMV takes 1..8 token rows */
+/* GEMV kernel choice (FASTLOAD_QGEMV): auto = tensor cores from n = 2 where the layout allows, the FMA
+ * kernel otherwise; fma / mma force one (where it applies); generic = the fallback kernel only. */
+enum { FL_QGEMV_AUTO = 0, FL_QGEMV_GENERIC = 1, FL_QGEMV_FMA = 2, FL_QGEMV_MMA = 3 };
+
+// Validate W's quantised layout (bits, group size, scale dtype, code, pointers): FL_E_VALUE /
+// FL_E_UNSUPPORTED naming `op` and the value that is wrong.
+fl_status fl_cuda_qcheck(const fl_weight *W, const char *op);
+// y[n, W.rows] = x[n, W.cols] @ dequant(W)^T (+ bias[W.rows], in act). W->dtype == FL_QUANT.
+fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const fl_weight *W, const void *bias);
+// x[i, :] = dequant(emb)[tok[i], :] in act (a token outside [0, rows) gives zeros, like fl_cuda_embed).
+fl_status fl_cuda_qembed(fl_backend *be, void *x, const int32_t *tok, int n, const fl_weight *emb);
+// Rows [row0, row0 + rows) of W from src[rows, W.cols] (f32 / f16 / bf16, device memory), with the rules
+// of fl_q_quantize_rows (csrc/quant.h), bit for bit.
+fl_status fl_cuda_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src,
+                           fl_dtype src_dtype);
+#endif

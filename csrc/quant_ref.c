@@ -1,0 +1,224 @@
+/* quant_ref.c: the reference side of fastload's quantised weight format (csrc/quant.h):
+ * layout checks and sizes, the layout of quantisation at load, the reference dequantisation every
+ * kernel is tested against, and the host quantiser that the CUDA quantiser matches bit for bit.
+ *
+ * Reference dequantisation (fl_q_dequant_rows), per code q of column c, g = c / group_size:
+ *   min form        w = fmaf(q, s, m)                       (one rounding)
+ *   symmetric       w = s * (q - 2^(bits-1))                (one rounding; equals fmaf(q, s, -s * 2^(bits-1)))
+ *   NF4             w = s * nf4[q], or fmaf(nf4[q], s, m) with offsets
+ *
+ * Quantisation at load (fl_q_quantize_rows), all in float32 on the source widened exactly; per group:
+ *   int8  amax = max|x|; s = f32(fp16(amax / 127)); q = s == 0 ? 128 : clamp(rintf(x / s), -127, 127) + 128
+ *   int4  mn = min x, mx = max x; s = f32(fp16((mx - mn) / 15)); m = f32(fp16(mn));
+ *         q = s == 0 ? 0 : clamp(rintf((x - m) / s), 0, 15)
+ *   nf4   amax = max|x|; s = f32(fp16(amax)); v = s == 0 ? 0 : x / s; q = #{i < 15 : v > mid[i]},
+ *         mid[i] = (nf4[i] + nf4[i + 1]) * 0.5f
+ * max / min / clamp are fmaxf / fminf (a NaN operand loses: NaN inputs do not poison a group's scale,
+ * a NaN value clamps to the low end), rintf rounds half to even (the default rounding mode). */
+#include "quant.h"
+#include <math.h>
+
+const float fl_nf4_table[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+fl_status fl_q_check(const fl_qlayout *L, int64_t rows, int64_t cols) {
+    if (rows < 0 || cols <= 0)
+        return fl_err(FL_E_VALUE, "quantised weight shape [%lld, %lld] is not valid", (long long)rows, (long long)cols);
+    if (L->bits != 4 && L->bits != 8)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: bits %d is not supported (4 or 8)", L->bits);
+    if (L->code != FL_QCODE_INT && L->code != FL_QCODE_NF4)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: code %d is not supported (0 = integer, 1 = NF4)", L->code);
+    if (L->code == FL_QCODE_NF4 && L->bits != 4)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: the NF4 code book needs bits 4, not %d", L->bits);
+    if (L->sdtype != FL_F16 && L->sdtype != FL_F32)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: scale dtype %d is not supported (float16 or float32)",
+                      (int)L->sdtype);
+    if (L->group_size <= 0)
+        return fl_err(FL_E_VALUE, "quantised weight: group_size %d is not positive", L->group_size);
+    if (cols % L->group_size)
+        return fl_err(FL_E_VALUE, "quantised weight: group_size %d does not divide cols %lld", L->group_size,
+                      (long long)cols);
+    if (L->group_size % 16)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: group_size %d is not a multiple of 16", L->group_size);
+    return FL_OK;
+}
+
+fl_status fl_q_sizes(const fl_qlayout *L, int64_t rows, int64_t cols, size_t *data, size_t *scales, size_t *zeros,
+                     size_t *perm) {
+    FL_TRY(fl_q_check(L, rows, cols));
+    const size_t ng = (size_t)(cols / L->group_size), es = (size_t)fl_dtype_size(L->sdtype);
+    size_t d, s, p = 0;
+    if ((size_t)cols > SIZE_MAX / 8 || !fl_mul_size((size_t)rows, (size_t)cols * (size_t)L->bits / 8, &d) ||
+        !fl_mul3_size((size_t)rows, ng, es, &s) || (L->has_perm && !fl_mul_size((size_t)cols, 4, &p)))
+        return fl_err(FL_E_VALUE, "quantised weight [%lld, %lld]: size overflows", (long long)rows, (long long)cols);
+    if (data) *data = d;
+    if (scales) *scales = s;
+    if (zeros) *zeros = L->has_zeros ? s : 0;
+    if (perm) *perm = p;
+    return FL_OK;
+}
+
+fl_qlayout fl_q_layout_of(const fl_weight *w) {
+    return (fl_qlayout){.bits = w->bits, .group_size = w->group_size, .sdtype = w->sdtype,
+                        .has_zeros = w->zeros_d != NULL, .code = w->code, .has_perm = w->perm_d != NULL};
+}
+
+static const char *scheme_name(int scheme) {
+    switch (scheme) {
+    case FL_QS_INT8: return "int8";
+    case FL_QS_INT4: return "int4";
+    case FL_QS_NF4: return "nf4";
+    case FL_QS_NONE: return "none";
+    default: return "?";
+    }
+}
+
+/* Default groups: int8 per channel (cols), int4 128, nf4 64. When the default does not divide cols
+ * (SmolLM2's 576 columns and int4's 128), the largest multiple of 16 below it that divides cols is
+ * used (576: 96). An explicit group_size must divide cols. */
+fl_status fl_q_layout_for_scheme(int scheme, int group_size, int64_t cols, fl_qlayout *out) {
+    fl_qlayout L = {.sdtype = FL_F16, .code = FL_QCODE_INT};
+    int dflt;
+    switch (scheme) {
+    case FL_QS_INT8: L.bits = 8; dflt = 0; break;
+    case FL_QS_INT4: L.bits = 4; L.has_zeros = 1; dflt = 128; break;
+    case FL_QS_NF4: L.bits = 4; L.code = FL_QCODE_NF4; dflt = 64; break;
+    default: return fl_err(FL_E_VALUE, "quantisation scheme %d is not int8, int4 or nf4", scheme);
+    }
+    if (cols <= 0 || cols > INT32_MAX)
+        return fl_err(FL_E_VALUE, "%s quantisation: cols %lld is not valid", scheme_name(scheme), (long long)cols);
+    if (group_size < 0)
+        return fl_err(FL_E_VALUE, "%s quantisation: group_size %d is negative", scheme_name(scheme), group_size);
+    if (group_size > 0) L.group_size = group_size;
+    else if (dflt == 0) L.group_size = (int)cols;
+    else {
+        if (cols % 16)
+            return fl_err(FL_E_VALUE, "%s quantisation: cols %lld is not a multiple of 16", scheme_name(scheme),
+                          (long long)cols);
+        int g = dflt;
+        while (g > 16 && cols % g) g -= 16;
+        L.group_size = g;
+    }
+    fl_status st = fl_q_check(&L, 1, cols);
+    if (st != FL_OK) return fl_err_prefix(st, "%s quantisation", scheme_name(scheme));
+    *out = L;
+    return FL_OK;
+}
+
+static inline float sval(const void *p, fl_dtype t, size_t i) {
+    return t == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
+}
+static inline void sstore(void *p, fl_dtype t, size_t i, float v) {
+    if (t == FL_F32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = fl_f32_to_f16(v);
+}
+
+fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *out) {
+    if (w->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "fl_q_dequant_rows: weight is not quantised");
+    const fl_qlayout L = fl_q_layout_of(w);
+    FL_TRY(fl_q_check(&L, w->rows, w->cols));
+    if (r0 < 0 || n < 0 || r0 + n > w->rows)
+        return fl_err(FL_E_VALUE, "fl_q_dequant_rows: rows [%lld, %lld) outside [0, %lld)", (long long)r0,
+                      (long long)(r0 + n), (long long)w->rows);
+    const int64_t C = w->cols, ng = C / L.group_size, rowbytes = C * L.bits / 8;
+    const float off = -(float)(1 << (L.bits - 1));
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = r0 + i;
+        const uint8_t *q = (const uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
+        float *o = out + (size_t)i * (size_t)C;
+        for (int64_t c = 0; c < C; c++) {
+            const unsigned code = L.bits == 8 ? q[c] : (c & 1 ? q[c >> 1] >> 4 : q[c >> 1] & 15u);
+            const size_t gi = (size_t)r * (size_t)ng + (size_t)(c / L.group_size);
+            const float s = sval(w->scales_d, L.sdtype, gi);
+            float v;
+            if (L.code == FL_QCODE_NF4)
+                v = w->zeros_d ? fmaf(fl_nf4_table[code], s, sval(w->zeros_d, L.sdtype, gi)) : s * fl_nf4_table[code];
+            else if (w->zeros_d) v = fmaf((float)code, s, sval(w->zeros_d, L.sdtype, gi));
+            else v = s * ((float)code + off);
+            o[c] = v;
+        }
+    }
+    return FL_OK;
+}
+
+static inline float src_val(const void *p, fl_dtype t, size_t i) {
+    switch (t) {
+    case FL_F16: return fl_f16_to_f32(((const uint16_t *)p)[i]);
+    case FL_BF16: return fl_bf16_to_f32(((const uint16_t *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
+}
+
+fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t n, const void *src, fl_dtype st) {
+    if (w->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: weight is not quantised");
+    if (st != FL_F32 && st != FL_F16 && st != FL_BF16)
+        return fl_err(FL_E_UNSUPPORTED, "quantisation at load: source dtype %d is not float32, float16 or bfloat16",
+                      (int)st);
+    const fl_qlayout L = fl_q_layout_of(w);
+    FL_TRY(fl_q_check(&L, w->rows, w->cols));
+    fl_qlayout want;
+    FL_TRY(fl_q_layout_for_scheme(scheme, L.group_size, w->cols, &want));
+    if (L.bits != want.bits || L.code != want.code || L.has_zeros != want.has_zeros)
+        return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: the weight's layout (bits %d, code %d, zeros %d) is not %s's",
+                      L.bits, L.code, L.has_zeros, scheme_name(scheme));
+    if (L.has_perm) return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: quantisation at load has no column order");
+    if (r0 < 0 || n < 0 || r0 + n > w->rows)
+        return fl_err(FL_E_VALUE, "fl_q_quantize_rows: rows [%lld, %lld) outside [0, %lld)", (long long)r0,
+                      (long long)(r0 + n), (long long)w->rows);
+    const int64_t C = w->cols, G = L.group_size, ng = C / G, rowbytes = C * L.bits / 8;
+    float mid[15];
+    for (int i = 0; i < 15; i++) mid[i] = (fl_nf4_table[i] + fl_nf4_table[i + 1]) * 0.5f;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = r0 + i;
+        uint8_t *q = (uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
+        const size_t sb = (size_t)i * (size_t)C;
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c0 = g * G;
+            const size_t gi = (size_t)r * (size_t)ng + (size_t)g;
+            if (scheme == FL_QS_INT4) {
+                float mn = src_val(src, st, sb + (size_t)c0), mx = mn;
+                for (int64_t c = c0; c < c0 + G; c++) {
+                    const float x = src_val(src, st, sb + (size_t)c);
+                    mn = fminf(mn, x);
+                    mx = fmaxf(mx, x);
+                }
+                const float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
+                const float m = fl_f16_to_f32(fl_f32_to_f16(mn));
+                sstore(w->scales_d, L.sdtype, gi, s);
+                sstore(w->zeros_d, L.sdtype, gi, m);
+                for (int64_t c = c0; c < c0 + G; c++) {
+                    const float x = src_val(src, st, sb + (size_t)c);
+                    const unsigned v = s == 0.0f ? 0u : (unsigned)fminf(fmaxf(rintf((x - m) / s), 0.0f), 15.0f);
+                    if (c & 1) q[c >> 1] = (uint8_t)((q[c >> 1] & 15u) | (v << 4));
+                    else q[c >> 1] = (uint8_t)v;
+                }
+            } else {
+                float amax = 0.0f;
+                for (int64_t c = c0; c < c0 + G; c++) amax = fmaxf(amax, fabsf(src_val(src, st, sb + (size_t)c)));
+                if (scheme == FL_QS_INT8) {
+                    const float s = fl_f16_to_f32(fl_f32_to_f16(amax / 127.0f));
+                    sstore(w->scales_d, L.sdtype, gi, s);
+                    for (int64_t c = c0; c < c0 + G; c++) {
+                        const float x = src_val(src, st, sb + (size_t)c);
+                        q[c] = s == 0.0f ? 128 : (uint8_t)((int)fminf(fmaxf(rintf(x / s), -127.0f), 127.0f) + 128);
+                    }
+                } else { /* nf4 */
+                    const float s = fl_f16_to_f32(fl_f32_to_f16(amax));
+                    sstore(w->scales_d, L.sdtype, gi, s);
+                    for (int64_t c = c0; c < c0 + G; c++) {
+                        const float v = s == 0.0f ? 0.0f : src_val(src, st, sb + (size_t)c) / s;
+                        unsigned k = 0;
+                        for (int j = 0; j < 15; j++) k += v > mid[j];
+                        if (c & 1) q[c >> 1] = (uint8_t)((q[c >> 1] & 15u) | (k << 4));
+                        else q[c >> 1] = (uint8_t)k;
+                    }
+                }
+            }
+        }
+    }
+    return FL_OK;
+}

@@ -1,0 +1,370 @@
+"""The CPU backend's quantised-weight ops (csrc/cpu/cpu_qmatmul.c, csrc/quant_ref.c) through _C.run_op.
+
+Everything is checked against numpy written here from the format's documented formulas (csrc/quant.h),
+independently of the C reference:
+  - w = s * q + m (min form), s * (q - 2^(bits-1)) (symmetric), s * nf4[q] (+ m) (NF4); column j of a
+    weight with act-order perm multiplies x[perm[j]].
+  - quantisation at load: the rules in quant_ref.c / the issue's notes (float32 arithmetic, IEEE division,
+    round half to even, fp16 scales), compared bit for bit.
+
+Tolerances. The float path (prefill, and every layout the integer path does not take) computes
+x @ dequant(W)^T in float32: |err| <= 2^-20 * (|x| @ |W|^T) is far above float32 accumulation error at
+these sizes and far below any wrong code / scale / group / perm, which moves a result by O(|x||w|).
+The decode path for n <= DECODE_N rows of x and groups that are multiples of 32 quantises x to int8 per
+block of 32 values (dx_b = max|x_b| / 127, as llama.cpp's Q8 activations): each x value moves by at most
+dx_b / 2, so |err| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (+ the float32 rounding term); the test checks
+exactly that bound, and checks an exact match (float tolerance) when x is already integers * dx_b.
+"""
+import numpy as np
+import pytest
+
+from fastload import _C
+
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], dtype=np.float32)
+DECODE_N = 4   # csrc/cpu/cpu_qmatmul.c: n <= this uses int8 activations when group_size % 32 == 0
+F32_K = 2.0 ** -20
+
+
+def uses_int8_x(n, group_size, code):
+    return n <= DECODE_N and group_size % 32 == 0 and code == 0
+
+
+def rng_seed():
+    seed = int(np.random.SeedSequence().entropy % (2 ** 32))
+    return np.random.default_rng(seed), seed
+
+
+def sround(a, sdtype):
+    a = np.asarray(a, np.float32)
+    return a.astype(np.float16).astype(np.float32) if sdtype == "float16" else a
+
+
+def unpack(q, bits):
+    if bits == 8:
+        return q.astype(np.int64)
+    R, B = q.shape
+    out = np.empty((R, 2 * B), np.int64)
+    out[:, 0::2] = q & 15
+    out[:, 1::2] = q >> 4
+    return out
+
+
+def pack(codes, bits):
+    codes = np.asarray(codes, np.uint8)
+    if bits == 8:
+        return codes.copy()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def np_dequant(q, scales, zeros, bits, group, code):
+    """float64 values of the documented formula, rounded once to float32 (= the fmaf form)."""
+    c = unpack(q, bits).astype(np.float64)
+    s = np.repeat(scales.astype(np.float64), group, axis=1)
+    if code == 1:
+        v = s * NF4.astype(np.float64)[c.astype(np.int64)]
+    elif zeros is None:
+        v = s * (c - 2 ** (bits - 1))
+    else:
+        v = s * c
+    if zeros is not None:
+        v = v + np.repeat(zeros.astype(np.float64), group, axis=1)
+    return v.astype(np.float32)
+
+
+def random_qweight(rng, R, C, bits, group, sdtype, zeros, code):
+    hi = 16 if bits == 4 else 256
+    codes = rng.integers(0, hi, size=(R, C))
+    q = pack(codes, bits)
+    ng = C // group
+    scales = sround(rng.uniform(0.5, 2.0, size=(R, ng)) * (0.05 if bits == 4 else 0.005), sdtype)
+    z = sround(rng.uniform(-0.4, 0.4, size=(R, ng)), sdtype) if zeros else None
+    return q, scales, z
+
+
+def q_inputs(q, scales, zeros, perm=None):
+    d = {"q": q, "scales": scales}
+    if zeros is not None:
+        d["zeros"] = zeros
+    if perm is not None:
+        d["perm"] = perm
+    return d
+
+
+def check_qmatmul(x, W, y, group, code, seed, exact_x=False):
+    """y against x @ W^T (W already in stored column order, x already gathered)."""
+    ref = x.astype(np.float64) @ W.astype(np.float64).T
+    absprod = np.abs(x.astype(np.float64)) @ np.abs(W.astype(np.float64)).T
+    tol = F32_K * absprod + 1e-30
+    n, C = x.shape
+    if uses_int8_x(n, group, code) and not exact_x:
+        xb = np.abs(x.astype(np.float64)).reshape(n, C // 32, 32).max(axis=2) / 127.0   # dx_b per token, block
+        wb = np.abs(W.astype(np.float64)).reshape(W.shape[0], C // 32, 32).sum(axis=2)  # sum |w| per row, block
+        tol = tol + (xb / 2) @ wb.T * (1 + 1e-5)
+    err = np.abs(y.astype(np.float64) - ref)
+    bad = err > tol
+    assert not bad.any(), (f"seed {seed}: {bad.sum()} of {bad.size} wrong, worst err {err.max():.3g} "
+                           f"tol there {tol.flat[np.argmax(err - tol)]:.3g}")
+
+
+# ------------------------------------------------------------------------------------------------
+# qmatmul
+# ------------------------------------------------------------------------------------------------
+LAYOUTS = [  # bits, group, sdtype, zeros, code
+    (4, 32, "float16", True, 0),    # GGUF Q4_1
+    (4, 32, "float16", False, 0),   # GGUF Q4_0
+    (8, 32, "float16", False, 0),   # GGUF Q8_0
+    (8, 32, "float32", True, 0),    # GGUF Q5_1 / Q5_K
+    (8, 16, "float32", False, 0),   # GGUF Q6_K
+    (4, 128, "float16", True, 0),   # int4 at load
+    (4, 64, "float16", False, 1),   # nf4 at load
+    (4, 64, "float32", True, 1),    # NF4 with offsets
+    (8, 96, "float16", False, 0),   # int8 per channel (cols 96 groups)
+    (4, 48, "float32", True, 0),    # a group that is not a multiple of 32
+]
+
+
+@pytest.mark.parametrize("bits,group,sdtype,zeros,code", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 17, 64])
+def test_qmatmul_matches_numpy_dequant(bits, group, sdtype, zeros, code, n):
+    rng, seed = rng_seed()
+    C = group * 3 if group * 3 >= 96 else group * 6   # several groups per row
+    for R in (1, 7, 13, 37):                           # row tails of every row block
+        q, s, z = random_qweight(rng, R, C, bits, group, sdtype, zeros, code)
+        x = rng.standard_normal((n, C)).astype(np.float32)
+        bias = rng.standard_normal(R).astype(np.float32) if R == 13 else None
+        inp = dict(q_inputs(q, s, z), x=x)
+        if bias is not None:
+            inp["bias"] = bias
+        y = _C.run_op("cpu", "qmatmul", inp, {"bits": bits, "group_size": group, "sdtype": sdtype, "code": code})["y"]
+        W = np_dequant(q, s, z, bits, group, code)
+        assert y.shape == (n, R)
+        if bias is not None:
+            y = y - bias
+        check_qmatmul(x, W, y, group, code, seed)
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+@pytest.mark.parametrize("bits,zeros", [(4, True), (8, False)])
+def test_qmatmul_perm(n, bits, zeros):
+    rng, seed = rng_seed()
+    R, C, group = 21, 128, 32
+    q, s, z = random_qweight(rng, R, C, bits, group, "float16", zeros, 0)
+    perm = rng.permutation(C).astype(np.int32)
+    x = rng.standard_normal((n, C)).astype(np.float32)
+    y = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z, perm), x=x), {"bits": bits, "group_size": group})["y"]
+    W = np_dequant(q, s, z, bits, group, 0)
+    check_qmatmul(x[:, perm], W, y, group, 0, seed)
+    # the same weight with its columns put back in order, and no perm: the same product
+    Wo = np.empty_like(W)
+    Wo[:, perm] = W
+    assert np.allclose(x @ Wo.T, x[:, perm] @ W.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("bits,zeros", [(4, True), (4, False), (8, False), (8, True)])
+def test_qmatmul_decode_exact_when_x_is_representable(n, bits, zeros):
+    """x = integers * dx per block of 32 (max |integer| 127): activation quantisation loses nothing,
+    so the decode path must match the float result to float tolerance."""
+    rng, seed = rng_seed()
+    R, C, group = 19, 256, 32
+    q, s, z = random_qweight(rng, R, C, bits, group, "float16", zeros, 0)
+    ints = rng.integers(-127, 128, size=(n, C))
+    ints[:, ::32] = 127 * np.where(rng.random((n, C // 32)) < 0.5, -1, 1)  # every block's max |int| is 127
+    dx = (2.0 ** rng.integers(-8, 0, size=(n, C // 32))).astype(np.float32)  # exact: powers of two
+    x = (ints * np.repeat(dx, 32, axis=1)).astype(np.float32)
+    y = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z), x=x), {"bits": bits, "group_size": group})["y"]
+    check_qmatmul(x, np_dequant(q, s, z, bits, group, 0), y, group, 0, seed, exact_x=True)
+
+
+def test_qmatmul_zero_and_large_inputs():
+    """A zero x row, a row with one huge value, and a weight with zero scales."""
+    rng, seed = rng_seed()
+    R, C, group = 16, 64, 32
+    q, s, z = random_qweight(rng, R, C, 8, group, "float16", False, 0)
+    s[3] = 0
+    x = rng.standard_normal((3, C)).astype(np.float32)
+    x[0] = 0
+    x[2, 5] = 1e4
+    y = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z), x=x), {"bits": 8, "group_size": group})["y"]
+    W = np_dequant(q, s, z, 8, group, 0)
+    assert np.all(y[0] == 0) and np.all(y[:, 3] == 0)
+    check_qmatmul(x, W, y, group, 0, seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# qembed
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits,group,sdtype,zeros,code", LAYOUTS)
+def test_qembed(bits, group, sdtype, zeros, code):
+    rng, _ = rng_seed()
+    V, d = 50, group * 4
+    q, s, z = random_qweight(rng, V, d, bits, group, sdtype, zeros, code)
+    tok = rng.integers(0, V, size=23).astype(np.int32)
+    params = {"bits": bits, "group_size": group, "sdtype": sdtype, "code": code}
+    x = _C.run_op("cpu", "qembed", dict(q_inputs(q, s, z), tokens=tok), params)["x"]
+    W = np_dequant(q, s, z, bits, group, code)
+    np.testing.assert_array_equal(x, W[tok])
+
+
+def test_qembed_perm_and_bad_token():
+    rng, _ = rng_seed()
+    V, d = 10, 64
+    q, s, z = random_qweight(rng, V, d, 4, 32, "float16", True, 0)
+    perm = rng.permutation(d).astype(np.int32)
+    tok = np.array([3, 0, 9], np.int32)
+    x = _C.run_op("cpu", "qembed", dict(q_inputs(q, s, z, perm), tokens=tok), {"bits": 4})["x"]
+    W = np_dequant(q, s, z, 4, 32, 0)
+    want = np.empty_like(W)
+    want[:, perm] = W      # stored column j is the embedding's column perm[j]
+    np.testing.assert_array_equal(x, want[tok])
+    with pytest.raises(ValueError, match="token id 10 is outside the vocabulary"):
+        _C.run_op("cpu", "qembed", dict(q_inputs(q, s, z), tokens=np.array([10], np.int32)), {"bits": 4})
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize: the rules, bit for bit
+# ------------------------------------------------------------------------------------------------
+def f16(a):
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+def to_src_dtype(x, dt):
+    x = np.ascontiguousarray(x, np.float32)
+    if dt == "float16":
+        return f16(x)
+    if dt == "bfloat16":
+        u = x.view(np.uint32).astype(np.uint64)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.astype(np.uint32).view(np.float32)
+    return x
+
+
+def np_quantize(x, scheme, group):
+    """The quantisation-at-load rules in numpy float32: returns codes [R, C], scales, zeros or None."""
+    x = np.asarray(x, np.float32)
+    R, C = x.shape
+    g = x.reshape(R, C // group, group)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if scheme == "int8":
+            amax = np.abs(g).max(axis=2)
+            s = f16(amax / np.float32(127.0))
+            v = np.rint(g / s[..., None]).astype(np.float32)
+            codes = np.where(s[..., None] == 0, 128, np.fmin(np.fmax(v, -127), 127).astype(np.int64) + 128)
+            return codes.reshape(R, C), s, None
+        if scheme == "int4":
+            mn, mx = g.min(axis=2), g.max(axis=2)
+            s = f16((mx - mn) / np.float32(15.0))
+            m = f16(mn)
+            v = np.rint((g - m[..., None]) / s[..., None]).astype(np.float32)
+            codes = np.where(s[..., None] == 0, 0, np.fmin(np.fmax(v, 0), 15).astype(np.int64))
+            return codes.reshape(R, C), s, m
+        amax = np.abs(g).max(axis=2)
+        s = f16(amax)
+        v = np.where(s[..., None] == 0, np.float32(0), g / s[..., None]).astype(np.float32)
+        mid = ((NF4[:-1] + NF4[1:]) * np.float32(0.5)).astype(np.float32)
+        codes = (v[..., None] > mid).sum(axis=-1)
+        return codes.reshape(R, C), s, None
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int8", 32), ("int4", 0), ("int4", 64), ("nf4", 0), ("nf4", 32)])
+@pytest.mark.parametrize("src_dtype", ["float32", "float16", "bfloat16"])
+def test_quantize_rules_bit_exact(scheme, group, src_dtype):
+    rng, seed = rng_seed()
+    R, C = 37, 256
+    x = to_src_dtype(rng.standard_normal((R, C)) * rng.uniform(0.01, 3, size=(R, 1)), src_dtype)
+    x[1] = 0                       # an all-zero row: s = 0
+    x[2, :] = 0.25                 # a constant row: int4 s = 0
+    x[3, ::7] = 0.5 * np.sign(x[3, ::7] + 1e-9)  # ties: x / s lands on halves
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": scheme, "group_size": group, "src_dtype": src_dtype})
+    g = group or {"int8": C, "int4": 128, "nf4": 64}[scheme]
+    codes, s, m = np_quantize(x, scheme, g)
+    bits = 8 if scheme == "int8" else 4
+    np.testing.assert_array_equal(o["q"], pack(codes, bits), err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(o["scales"], s, err_msg=f"seed {seed}")
+    if m is None:
+        assert "zeros" not in o
+    else:
+        np.testing.assert_array_equal(o["zeros"], m, err_msg=f"seed {seed}")
+    # and what it produced is a weight the matmul reads: within half a step of the source per element
+    code = 1 if scheme == "nf4" else 0
+    W = np_dequant(o["q"], o["scales"], o.get("zeros"), bits, g, code)
+    if scheme != "nf4":
+        step = np.repeat(o["scales"], g, axis=1)
+        assert np.all(np.abs(W - x) <= step * 0.5 + 2e-3 * np.abs(x) + 1e-6)
+
+
+def test_quantize_half_way_ties_round_to_even():
+    # amax 127 -> s = 1: x / s is exact, so x = k + 0.5 shows the rounding rule directly
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0] = 127.0
+    x[0, 1:6] = [0.5, 1.5, 2.5, -0.5, -2.5]
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int8"})
+    assert o["scales"][0, 0] == 1.0
+    assert list(o["q"][0, :6].astype(int) - 128) == [127, 0, 2, 2, 0, -2]
+
+
+def test_quantize_default_int4_group_falls_back_to_a_divisor():
+    """int4's default group 128 does not divide 576 (SmolLM2's width): the largest multiple of 16 below
+    it that does (96) is used; an explicit group that does not divide is refused."""
+    x = np.random.default_rng(0).standard_normal((4, 576)).astype(np.float32)
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int4"})
+    assert o["scales"].shape == (4, 6)
+    assert _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "nf4"})["scales"].shape == (4, 9)
+    with pytest.raises(ValueError, match="group_size 128 does not divide cols 576"):
+        _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int4", "group_size": 128})
+
+
+def test_quantize_row_range_leaves_other_rows():
+    x = np.random.default_rng(1).standard_normal((10, 64)).astype(np.float32)
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int4", "group_size": 32, "row0": 3, "rows": 4})
+    full = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int4", "group_size": 32})
+    np.testing.assert_array_equal(o["q"][3:7], full["q"][3:7])
+    np.testing.assert_array_equal(o["scales"][3:7], full["scales"][3:7])
+    assert np.all(o["q"][:3] == 0xFF) and np.all(o["q"][7:] == 0xFF)
+    assert np.all(np.isnan(o["scales"][:3])) and np.all(np.isnan(o["zeros"][7:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------
+def _qm(params, R=2, C=576, qcols=None, sc=None, **extra):
+    inp = {"x": np.zeros((1, C), np.float32), "q": np.zeros((R, qcols if qcols else C // 2), np.uint8),
+           "scales": np.ones((R, sc if sc else C // 32), np.float32)}
+    inp.update(extra)
+    return _C.run_op("cpu", "qmatmul", inp, params)
+
+
+def test_errors_name_the_value():
+    with pytest.raises(ValueError, match="group_size 100 does not divide cols 576"):
+        _qm({"bits": 4, "group_size": 100})
+    with pytest.raises(NotImplementedError, match="bits 3 is not supported"):
+        _qm({"bits": 3, "group_size": 32})
+    with pytest.raises(NotImplementedError, match="group_size 24 is not a multiple of 16"):
+        _qm({"bits": 4, "group_size": 24}, C=48, sc=2)
+    with pytest.raises(NotImplementedError, match="NF4 code book needs bits 4, not 8"):
+        _qm({"bits": 8, "group_size": 32, "code": 1}, qcols=576)
+    with pytest.raises(ValueError, match="sdtype 'bfloat16' is not float16 or float32"):
+        _qm({"bits": 4, "group_size": 32, "sdtype": "bfloat16"})
+    with pytest.raises(ValueError, match=r"q must be \[2, 288\]"):
+        _qm({"bits": 4, "group_size": 32}, qcols=200)
+    with pytest.raises(ValueError, match=r"scales must be \[2, 18\]"):
+        _qm({"bits": 4, "group_size": 32}, sc=9)
+    with pytest.raises(ValueError, match=r"zeros must be \[2, 18\]"):
+        _qm({"bits": 4, "group_size": 32}, zeros=np.zeros((2, 17), np.float32))
+    with pytest.raises(ValueError, match=r"perm\[1\] = 576 is outside \[0, 576\)"):
+        _qm({"bits": 4, "group_size": 32}, perm=np.array([0, 576] + [0] * 574, np.int32))
+    with pytest.raises(ValueError, match="group_size 0 is not positive"):
+        _qm({"bits": 4, "group_size": 0})
+    x = np.zeros((4, 64), np.float32)
+    with pytest.raises(ValueError, match="scheme 'int3' is not int8, int4 or nf4"):
+        _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int3"})
+    with pytest.raises(ValueError, match="int8 quantisation: .*group_size 48 does not divide cols 64"):
+        _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int8", "group_size": 48})
+    with pytest.raises(ValueError, match="cols 40 is not a multiple of 16"):
+        _C.run_op("cpu", "quantize", {"src": np.zeros((2, 40), np.float32)}, {"scheme": "int4"})
+    with pytest.raises(KeyError, match="'bits' is required"):
+        _C.run_op("cpu", "qembed", {"tokens": np.zeros(1, np.int32), "q": np.zeros((2, 32), np.uint8),
+                                    "scales": np.ones((2, 1), np.float32)}, {})
