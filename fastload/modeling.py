@@ -916,6 +916,10 @@ class FastModelForCausalLM:
         packed = None
         if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
             packed = _checkpoint_quant(_files.read_json(cfg_first, os.path.join(path, "config.json")), path)
+        if packed is None and (qc_real := _files.find_file(path, "quantize_config.json", allow_external=ext)):
+            # older AutoGPTQ exports describe their packing only there (quant_method "gptq" unless it says otherwise)
+            qc = _files.read_json(qc_real, os.path.join(path, "quantize_config.json"))
+            packed = _checkpoint_quant({"quantization_config": {"quant_method": "gptq", **qc}}, path)
         qcore = quantmod.reconcile(quant, packed, path)
         # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
         index_path = os.path.join(path, "model.safetensors.index.json")
@@ -985,6 +989,10 @@ class FastModelForCausalLM:
                                           f"nor is there a float '{name}') needed by {arch.name}")
                 if slot == "lm_head" and not core_cfg["tie_embeddings"]:
                     raise CheckpointError(f"{path}: missing tensor '{name}' (config.json has tie_word_embeddings=false)")
+                if name.endswith(".weight") and name[:-len(".weight")] + ".qweight" in where:
+                    raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}; the checkpoint has "
+                                          f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "
+                                          "quantize_config.json has a quantization_config saying how it is packed")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
             used.add(name)

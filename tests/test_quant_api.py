@@ -785,3 +785,24 @@ def test_gptq_config_over_float_tensors(recording, tmp_path):
     with pytest.warns(UserWarning, match="no layer is stored packed"):
         s = seen_load(d)
     assert s["kw"] == {} and all(len(it) == 5 for it in s["items"])
+
+
+def test_autogptq_quantize_config_json(recording, tmp_path):
+    """Older AutoGPTQ exports describe the packing only in quantize_config.json; without either file the
+    missing-tensor error says what is missing."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    qd, _ = write_packed_pair(tmp_path, ROPE3, qc, 32)
+    cfg = json.loads((qd / "config.json").read_text())
+    del cfg["quantization_config"]
+    (qd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fastload.CheckpointError, match=r"missing tensor 'model.layers.0.self_attn.q_proj.weight' .*"
+                                                       r"has 'model.layers.0.self_attn.q_proj.qweight' but neither"):
+        fastload.from_pretrained(str(qd), device_map="cpu")
+    (qd / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+                                                         "damp_percent": 0.01, "true_sequential": True}))
+    s = seen_load(qd)
+    assert sum(len(it) == 6 for it in s["items"]) == 7 * 2
+    assert s["items"][-1][5]["zero_offset"] == 1 and s["items"][-1][5]["group_size"] == 32
+    (qd / "quantize_config.json").write_text(json.dumps({"bits": 3, "group_size": 32}))
+    with pytest.raises(NotImplementedError, match="bits=3"):
+        fastload.from_pretrained(str(qd), device_map="cpu")
