@@ -916,6 +916,10 @@ class FastModelForCausalLM:
         packed = None
         if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
             packed = _checkpoint_quant(_files.read_json(cfg_first, os.path.join(path, "config.json")), path)
+        if packed is None and (qc_real := _files.find_file(path, "quantize_config.json", allow_external=ext)):
+            # older AutoGPTQ exports describe their packing only there (quant_method "gptq" unless it says otherwise)
+            qc = _files.read_json(qc_real, os.path.join(path, "quantize_config.json"))
+            packed = _checkpoint_quant({"quantization_config": {"quant_method": "gptq", **qc}}, path)
         qcore = quantmod.reconcile(quant, packed, path)
         # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
         index_path = os.path.join(path, "model.safetensors.index.json")
@@ -985,6 +989,10 @@ class FastModelForCausalLM:
                                           f"nor is there a float '{name}') needed by {arch.name}")
                 if slot == "lm_head" and not core_cfg["tie_embeddings"]:
                     raise CheckpointError(f"{path}: missing tensor '{name}' (config.json has tie_word_embeddings=false)")
+                if name.endswith(".weight") and name[:-len(".weight")] + ".qweight" in where:
+                    raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}; the checkpoint has "
+                                          f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "
+                                          "quantize_config.json has a quantization_config saying how it is packed")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
             used.add(name)
@@ -1377,13 +1385,18 @@ class FastModelForCausalLM:
         return self
 
     # ------------------------------------------------------------------ saving
+    def _save_dtype(self) -> str:
+        """The dtype save_pretrained writes: the model's, or float32 for a quantised model (the core exports its
+        quantised weights dequantised to float32, exactly the values it computes with; float ones are widened)."""
+        return "float32" if self.is_quantized else str(self.dtype)
+
     def _hf_config_to_save(self) -> dict:
         """A complete Hugging Face config.json for what the model holds (also for a GGUF-loaded model)."""
         cfg = {k: v for k, v in dict(self.config).items() if v is not None}
         cfg.pop("quantization_config", None)  # the weights are written in the float dtype, not packed
         cfg["architectures"] = [self.arch.name]
         cfg["model_type"] = self.arch.model_type
-        cfg["dtype"] = cfg["torch_dtype"] = str(self.dtype)  # transformers 5 reads dtype, 4.x torch_dtype
+        cfg["dtype"] = cfg["torch_dtype"] = self._save_dtype()  # transformers 5 reads dtype, 4.x torch_dtype
         c = archmod.core_config(self.config, self.arch, self.name_or_path)
         cfg.setdefault("num_key_value_heads", c["n_kv_heads"])
         cfg.setdefault("head_dim", c["head_dim"])
@@ -1401,8 +1414,9 @@ class FastModelForCausalLM:
         model-0000i-of-0000n.safetensors with model.safetensors.index.json above max_shard_size. The weights
         are read from the core: after .half() they are float16; a GGUF model's are dequantised (and its q/k
         rows in Hugging Face order). Stale weight files of an earlier save in the directory are removed.
-        A quantised model (at load, GPTQ / AWQ, GGUF) is saved with its weights read back in the float dtype
-        and without quantization_config (differs from transformers, which writes the packed weights)."""
+        A quantised model (at load, GPTQ / AWQ, GGUF kept quantised) is saved as a float32 checkpoint of the values
+        it computes with (quantised weights dequantised exactly, float ones widened), without quantization_config
+        (differs from transformers, which writes the packed weights)."""
         for k in kwargs:
             if k not in IGNORED_SAVE_ARGS:
                 raise TypeError(f"save_pretrained: unsupported argument {k!r}; accepted and ignored: "
@@ -1430,7 +1444,8 @@ class FastModelForCausalLM:
                   "post_attention_layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d),
                   "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (d, q),
                   "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
-        dt, es = str(self.dtype), self.dtype.itemsize
+        dt = self._save_dtype()
+        es = _ITEMSIZE[dt]
         entries = []
         for slot, layer, name, _ in archmod.tensor_plan(self.arch, c, gguf=False):
             shape = shapes[slot]
@@ -1447,7 +1462,7 @@ class FastModelForCausalLM:
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         core = self._core
         for fname, shard in zip(names, shards):
-            _write_safetensors(os.path.join(save_directory, fname), shard, lambda key: core.export(*key))
+            _write_safetensors(os.path.join(save_directory, fname), shard, lambda key: _export_as(core.export(*key), dt))
         index_path = os.path.join(save_directory, "model.safetensors.index.json")
         if n > 1:
             index = {"metadata": {"total_parameters": self.num_parameters(), "total_size": sum(e[3] for e in entries)},
@@ -1466,6 +1481,17 @@ class FastModelForCausalLM:
     def __repr__(self):
         return (f"FastModelForCausalLM({self.arch.name}, {self.name_or_path!r}, device={self.device}, "
                 f"dtype={self.dtype}, params={self.num_parameters() / 1e6:.1f}M)")
+
+
+def _export_as(exported, dtype):
+    """core.export's (dtype name, array) as `dtype`: float16 / bfloat16 bits widened exactly to float32 (a quantised
+    model is saved in float32); anything else is passed on unchanged for _write_safetensors to check."""
+    dt, arr = exported
+    if dtype == "float32" and dt == "float16":
+        return "float32", np.asarray(arr).view(np.float16).astype(np.float32)
+    if dtype == "float32" and dt == "bfloat16":
+        return "float32", (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
+    return dt, arr
 
 
 def _json_default(v):

@@ -20,7 +20,8 @@ dtype). Embeddings (and so a tied LM head) and norms stay in the float dtype (`t
 quantised tensors stay as the file has them (`gguf="keep"`, the default, with or without a scheme);
 `gguf="dequantize"` expands them to the float dtype at load as fastload did before.
 
-Pre-quantised checkpoints are detected from config.json's `quantization_config` (`checkpoint_format`):
+Pre-quantised checkpoints are detected from config.json's `quantization_config` (or, for older AutoGPTQ exports,
+quantize_config.json):
 GPTQ (bits 4 or 8, any group size or -1, sym or not, with or without act-order `g_idx`; checkpoint_format
 "gptq" (stored zeros minus one) or "gptq_v2") and AWQ (version / format "gemm", bits 4, zero_point true).
 Each linear layer P is read from P.qweight, P.qzeros, P.scales (and P.g_idx for GPTQ) and repacked at load;
@@ -130,7 +131,7 @@ class QuantConfig:
     lm_head_group: int = 0
     gguf: str = "keep"
     compute_dtype: object = None
-    _source: str = field(default="quantization_config", repr=False, compare=False)
+    _source: str = field(default="quantization_config", init=False, repr=False, compare=False)  # for messages
 
     def __post_init__(self):
         self.scheme = _choice(self.scheme, SCHEMES + ("none",), "QuantConfig scheme")
