@@ -6,7 +6,7 @@
 Two ways to cut a long text into windows the model can take:
 
 * **rolling** (the default; lm-evaluation-harness's `loglikelihood_rolling`, used by its wikitext-style tasks).
-  The text is tokenised without special tokens and every token is scored exactly once, in windows of `context`
+  The text is tokenised without special tokens (see add_special_tokens) and every token is scored exactly once, in windows of `context`
   tokens: the first window is the prefix token (bos, else eos) followed by the first context-1 tokens and
   scores the first `context` tokens; each later window scores the next `context` tokens (fewer in the last) and
   is fed the `context` tokens just before each scored one, so a window's first scored token sees one token of the
@@ -133,17 +133,14 @@ def _encode(tokenizer, text, add_special_tokens):
 def _window_logits(model, ids):
     """float32 logits [T, vocab] of one window (a row of token ids) through model.forward."""
     out = model.forward(np.ascontiguousarray(ids, dtype=np.int64)[None, :])
-    logits = out["logits"] if isinstance(out, dict) else out.logits
-    if type(logits).__module__.split(".")[0] == "torch":  # a torch model given directly (never imported here)
-        logits = logits.detach().float().cpu().numpy()
-    logits = np.asarray(logits)
+    logits = np.asarray(out["logits"] if isinstance(out, dict) else out.logits)
     if logits.ndim != 3 or logits.shape[0] != 1 or logits.shape[1] != len(ids):
         raise ValueError(f"model.forward returned logits of shape {logits.shape} for {len(ids)} tokens")
     return logits[0]
 
 
 def _scored_loglik(logits, rows, targets, chunk=256):
-    """Sum and per-token log p(target) of logits[rows] (float32) computed in float64, `chunk` rows at a time."""
+    """log p(targets[i]) from the row logits[rows[i]] (float32 logits, float64 arithmetic), `chunk` rows at a time."""
     out = np.empty(len(rows), dtype=np.float64)
     for i in range(0, len(rows), chunk):
         x = logits[rows[i:i + chunk]].astype(np.float64)
@@ -197,9 +194,11 @@ def perplexity(model, tokenizer, text, context=None, stride=None, *, add_special
       max_position_embeddings for the models fastload loads; see default_context).
     stride: None for lm-evaluation-harness's rolling windows; an int in 1..context for transformers'
       strided sliding window (see the module docstring for both).
-    add_special_tokens: how the text is tokenised. Default False for rolling windows (the harness up to v0.4.9 for
-      causal models; the prefix token stands in for bos; with tokenizers that add nothing it is also what later
-      versions do) and the tokenizer's own default, True, for the strided recipe (`tokenizer(text)` there).
+    add_special_tokens: how the text is tokenised. Default False for rolling windows (what the harness passes for
+      causal models up to v0.4.9.1, the prefix token standing in for bos; from v0.4.9.2 it leaves the tokenizer's
+      default, the same for tokenizers that add no special tokens, e.g. SmolLM2's, while a bos-adding tokenizer
+      then has bos both as prefix and as first scored token: pass True to reproduce that) and True for the
+      strided recipe (`tokenizer(text)` there).
     prefix_token_id: the token the first rolling window starts with; default bos, else eos (the harness's
       prefix_token_id).
     progress: None or a callable(done_tokens, total_tokens) called after each window.

@@ -142,7 +142,9 @@ def test_rolling_several_windows_by_hand(model, tok):
 def test_documents_are_pooled(model, tok):
     a, b = "one two three", "four\nfive"
     ra, rb = (evaluate.perplexity(model, tok, x, context=8) for x in (a, b))
-    r = evaluate.perplexity(model, tok, [a, b], context=8)
+    calls = []
+    r = evaluate.perplexity(model, tok, [a, b], context=8, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(len(a), len(a) + len(b)), (len(a) + len(b), len(a) + len(b))]
     assert r["documents"] == 2 and r["words"] == 5 and r["bytes"] == len(a) + len(b)
     assert rel(r["loglikelihood"], ra["loglikelihood"] + rb["loglikelihood"]) < 1e-12
     assert rel(r["word_perplexity"], math.exp(-(ra["loglikelihood"] + rb["loglikelihood"]) / 5)) < 1e-12
