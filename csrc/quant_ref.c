@@ -181,13 +181,18 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
             const size_t gi = (size_t)r * (size_t)ng + (size_t)g;
             if (scheme == FL_QS_INT4) {
                 float mn = src_val(src, st, sb + (size_t)c0), mx = mn;
-                for (int64_t c = c0; c < c0 + G; c++) { /* -0 < +0, as the CUDA quantiser's PTX min / max: C's
-                                                           fminf / fmaxf may return either zero, which made a row of
-                                                           zeros of both signs give s = -0 here and +0 there */
+                int pos_zero = 0;
+                for (int64_t c = c0; c < c0 + G; c++) {
                     const float x = src_val(src, st, sb + (size_t)c);
-                    if (x < mn || (x == mn && signbit(x))) mn = x;
-                    if (x > mx || (x == mx && !signbit(x))) mx = x;
+                    pos_zero |= x == 0.0f && !signbit(x);
+                    if (x < mn) mn = x;
+                    if (x > mx) mx = x;
                 }
+                /* The sign of a zero min / max is stated, not left to fminf / fmaxf (either zero may come back):
+                 * +0 when any element of the group is +0, else -0. The CUDA quantiser restates it the same way
+                 * (a row of mixed-sign zeros gave scale -0 here and +0 there in the first H200 run). */
+                if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
+                if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
                 const float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
                 const float m = fl_f16_to_f32(fl_f32_to_f16(mn));
                 sstore(w->scales_d, L.sdtype, gi, s);
