@@ -158,6 +158,13 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
+    const __m256 un = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)),
+                                   _mm256_or_ps(_mm256_cmp_ps(v2, v2, _CMP_UNORD_Q), _mm256_cmp_ps(v3, v3, _CMP_UNORD_Q)));
+    if (_mm256_movemask_ps(un)) { /* a NaN (max_ps would drop it): the outputs of this x row become NaN */
+        _mm256_storeu_si256((__m256i *)out, _mm256_setzero_si256());
+        *sum = 0;
+        return NAN;
+    }
     const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m256 vid = _mm256_set1_ps(id);
     const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
