@@ -194,6 +194,21 @@ def test_qmatmul_zero_and_large_inputs():
     check_qmatmul(x, W, y, group, 0, seed)
 
 
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("bits,zeros", [(4, True), (8, False)])
+def test_qmatmul_nan_in_x_propagates(n, bits, zeros):
+    """A NaN in a row of x makes that row's outputs NaN on every path (the decode path's int8
+    quantisation of x must not drop it as max|x| would), and leaves the other rows alone."""
+    rng, seed = rng_seed()
+    R, C, group = 12, 128, 32
+    q, s, z = random_qweight(rng, R, C, bits, group, "float16", zeros, 0)
+    x = rng.standard_normal((n, C)).astype(np.float32)
+    x[n - 1, 37] = np.nan
+    y = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z), x=x), {"bits": bits, "group_size": group})["y"]
+    assert np.all(np.isnan(y[n - 1])), f"seed {seed}"
+    assert np.all(np.isfinite(y[: n - 1])), f"seed {seed}"
+
+
 # ------------------------------------------------------------------------------------------------
 # qembed
 # ------------------------------------------------------------------------------------------------

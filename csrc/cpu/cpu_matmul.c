@@ -155,11 +155,11 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
     if (W->dtype == FL_QUANT) return cpu_qmatmul(be, (float *)y_d, (const float *)x_d, n, W, bias); /* cpu_qmatmul.c */
     if (W->dtype != FL_F32 && W->dtype != FL_F16 && W->dtype != FL_BF16)
         return fl_err(FL_E_UNSUPPORTED, "CPU matmul: weight dtype %d not supported", (int)W->dtype);
-    const int64_t R = W->rows, C = W->cols;
     float *y = (float *)y_d;
     const float *x = (const float *)x_d;
-    const int nt = cpu_threads(be);
 #ifdef VW
+    const int64_t R = W->rows, C = W->cols;
+    const int nt = cpu_threads(be);
     if (n <= 4 && R % DR == 0) { /* decode: bound by reading W once */
         if (n == 1 && R % DR1 == 0) {
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -213,9 +213,9 @@ fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_wei
                                    W->dtype, kc);
                 /* tokens in threes against the tile's rows in fours (x rows stay in L1 while the tile streams
                  * from L2), then the token and row remainders */
-                const int rb4 = rb & ~3;
                 int i0 = 0;
 #ifdef VW
+                const int rb4 = rb & ~3;
                 for (; i0 + 3 <= n; i0 += 3) {
                     const float *xi = x + (int64_t)i0 * C + k0;
                     for (int r = 0; r < rb4; r += 4) dot_4x3(acc + (size_t)i0 * GB + r, wb + r * KC, xi, C, kc);

@@ -15,54 +15,49 @@ static inline float q_sval(const void *p, fl_dtype t, size_t i) {
 }
 
 /* dst[0:kc] = dequantised W[r, k0:k0+kc]; k0 and kc are multiples of 16 (groups are), so every chunk of
- * 16 columns lies in one group. */
+ * 16 columns lies in one group. Scales and offsets are read once per group segment. */
 void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0, int kc) {
     const int64_t C = W->cols, G = W->group_size, ng = C / G;
-    const int bits = W->bits;
+    const int bits = W->bits, nf4 = W->code == FL_QCODE_NF4;
     const uint8_t *q = (const uint8_t *)W->data_d + (size_t)r * (size_t)(C * bits / 8);
-    const size_t g0 = (size_t)r * (size_t)ng;
     const float off = (float)(1 << (bits - 1));
-    for (int j = 0; j < kc; j += 16) {
-        const int64_t c = k0 + j;
-        const size_t gi = g0 + (size_t)(c / G);
-        const float s = q_sval(W->scales_d, W->sdtype, gi);
-        float *d = dst + j;
-        if (W->code == FL_QCODE_NF4) {
-            const uint8_t *b = q + c / 2;
-            if (W->zeros_d) {
-                const float m = q_sval(W->zeros_d, W->sdtype, gi);
-                for (int t = 0; t < 8; t++) {
-                    d[2 * t] = fmaf(fl_nf4_table[b[t] & 15], s, m);
-                    d[2 * t + 1] = fmaf(fl_nf4_table[b[t] >> 4], s, m);
-                }
-            } else
-                for (int t = 0; t < 8; t++) {
-                    d[2 * t] = s * fl_nf4_table[b[t] & 15];
-                    d[2 * t + 1] = s * fl_nf4_table[b[t] >> 4];
-                }
-            continue;
-        }
-        const float m = W->zeros_d ? q_sval(W->zeros_d, W->sdtype, gi) : -s * off;
 #if defined(__AVX2__) && defined(__FMA__)
-        __m128i codes;
-        if (bits == 4) {
-            const __m128i b = _mm_loadl_epi64((const __m128i *)(q + c / 2)), m4 = _mm_set1_epi8(15);
-            codes = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
-        } else
-            codes = _mm_loadu_si128((const __m128i *)(q + c));
-        const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
-        _mm256_storeu_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), vs, vm));
-        _mm256_storeu_ps(d + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))), vs, vm));
-#else
-        if (bits == 4) {
-            const uint8_t *b = q + c / 2;
-            for (int t = 0; t < 8; t++) {
-                d[2 * t] = fmaf((float)(b[t] & 15), s, m);
-                d[2 * t + 1] = fmaf((float)(b[t] >> 4), s, m);
-            }
-        } else
-            for (int t = 0; t < 16; t++) d[t] = fmaf((float)q[c + t], s, m);
+    const __m256 tlo = _mm256_loadu_ps(fl_nf4_table), thi = _mm256_loadu_ps(fl_nf4_table + 8);
 #endif
+    for (int64_t c = k0; c < k0 + kc;) {
+        const int64_t g = c / G, cend = (g + 1) * G < k0 + kc ? (g + 1) * G : k0 + kc;
+        const size_t gi = (size_t)r * (size_t)ng + (size_t)g;
+        const float s = q_sval(W->scales_d, W->sdtype, gi);
+        const int hz = W->zeros_d != NULL;
+        const float m = hz ? q_sval(W->zeros_d, W->sdtype, gi) : nf4 ? 0.0f : -s * off;
+        for (; c < cend; c += 16) {
+            float *d = dst + (c - k0);
+#if defined(__AVX2__) && defined(__FMA__)
+            __m128i codes;
+            if (bits == 4) {
+                const __m128i b = _mm_loadl_epi64((const __m128i *)(q + c / 2)), m4 = _mm_set1_epi8(15);
+                codes = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+            } else
+                codes = _mm_loadu_si128((const __m128i *)(q + c));
+            const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+            for (int h = 0; h < 2; h++) {
+                const __m256i ci = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(codes, 8) : codes);
+                __m256 v;
+                if (nf4) { /* table lookup: lanes of codes 8..15 (bit 3 set) take the upper half */
+                    const __m256 t = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, ci), _mm256_permutevar8x32_ps(thi, ci),
+                                                      _mm256_castsi256_ps(_mm256_slli_epi32(ci, 28)));
+                    v = hz ? _mm256_fmadd_ps(t, vs, vm) : _mm256_mul_ps(vs, t);
+                } else
+                    v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ci), vs, vm);
+                _mm256_storeu_ps(d + 8 * h, v);
+            }
+#else
+            for (int t = 0; t < 16; t++) {
+                const unsigned code = bits == 8 ? q[c + t] : (t & 1 ? q[(c + t) / 2] >> 4 : q[(c + t) / 2] & 15u);
+                d[t] = nf4 ? (hz ? fmaf(fl_nf4_table[code], s, m) : s * fl_nf4_table[code]) : fmaf((float)code, s, m);
+            }
+#endif
+        }
     }
 }
 
@@ -158,6 +153,13 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float amax = _mm_cvtss_f32(m4);
+    const __m256 un = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)),
+                                   _mm256_or_ps(_mm256_cmp_ps(v2, v2, _CMP_UNORD_Q), _mm256_cmp_ps(v3, v3, _CMP_UNORD_Q)));
+    if (_mm256_movemask_ps(un)) { /* a NaN (max_ps would drop it): the outputs of this x row become NaN */
+        _mm256_storeu_si256((__m256i *)out, _mm256_setzero_si256());
+        *sum = 0;
+        return NAN;
+    }
     const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m256 vid = _mm256_set1_ps(id);
     const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -375,7 +377,7 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias) {
     const fl_qlayout L = fl_q_layout_of(W);
     FL_TRY(fl_q_check(&L, W->rows, W->cols));
-    const int64_t C = W->cols, R = W->rows;
+    const int64_t C = W->cols;
     float *xg = NULL;
     if (W->perm_d) {
         if (!(xg = fl_malloc((size_t)n * (size_t)C * sizeof(float))))
@@ -387,6 +389,7 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     fl_status st;
 #ifdef QDOT
     if (n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0) {
+        const int64_t R = W->rows;
         st = qdec(be, y, x, n, W);
         if (st == FL_OK && bias && bias->data_d)
             for (int i = 0; i < n; i++)
