@@ -99,16 +99,16 @@ typedef struct {
 static const char *sd_name(fl_dtype t) { return t == FL_F32 ? "float32" : t == FL_F16 ? "float16" : "?"; }
 
 /* Can w's layout hold a source of layout P exactly (bits, group, offsets, scale type, code book)? */
-static fl_status check_holds(const fl_weight *w, const fl_qlayout *P, const char *what) {
+static fl_status check_holds(const fl_weight *w, const fl_qlayout *P, const char *what, const char *what2) {
     if (!w || w->dtype != FL_QUANT || !w->data_d || !w->scales_d)
-        return fl_err(FL_E_VALUE, "%s: the destination is not a quantised weight with codes and scales", what);
+        return fl_err(FL_E_VALUE, "%s%s: the destination is not a quantised weight with codes and scales", what, what2);
     if ((w->bits != 4 && w->bits != 8) || w->group_size <= 0 || w->cols % w->group_size)
-        return fl_err(FL_E_VALUE, "%s: the destination's layout (bits %d, group %d, %lld columns) is invalid", what,
+        return fl_err(FL_E_VALUE, "%s%s: the destination's layout (bits %d, group %d, %lld columns) is invalid", what, what2,
                       w->bits, w->group_size, (long long)w->cols);
     if (w->bits < P->bits || P->group_size % w->group_size || w->code != P->code || (P->has_zeros && !w->zeros_d) ||
         (P->sdtype == FL_F32 && w->sdtype != FL_F32))
-        return fl_err(FL_E_VALUE, "%s (bits %d, group %d, %s scales%s) does not fit the destination's layout "
-                      "(bits %d, group %d, %s scales%s)", what, P->bits, P->group_size, sd_name(P->sdtype),
+        return fl_err(FL_E_VALUE, "%s%s (bits %d, group %d, %s scales%s) does not fit the destination's layout "
+                      "(bits %d, group %d, %s scales%s)", what, what2, P->bits, P->group_size, sd_name(P->sdtype),
                       P->has_zeros ? ", offsets" : "", w->bits, w->group_size, sd_name(w->sdtype),
                       w->zeros_d ? ", offsets" : "");
     return FL_OK;
@@ -127,24 +127,18 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     const int bits = w->bits, has_z = w->zeros_d != NULL;
     if (q->group % G) return fl_err(FL_E_INTERNAL, "repack: source group %d is not a multiple of %lld", q->group, (long long)G);
     if (!has_z && q->m) return fl_err(FL_E_INTERNAL, "repack: a source with offsets cannot be stored symmetric");
-    const int shift = has_z ? 0 : (1 << (bits - 1)) - q->off; /* stored code = v + shift */
-    const unsigned top = 1u << bits;
-    uint8_t *dst = (uint8_t *)w->data_d + (size_t)r * (size_t)(C * bits / 8);
-    unsigned bad = 0;
+    /* stored code = v + shift, in range by construction: the decoders give codes below 2^srcbits and check_holds
+     * has made sure bits >= srcbits (a symmetric v - off lies in [-2^(srcbits-1), 2^(srcbits-1))). uint8
+     * arithmetic so that the loops vectorise. */
+    const uint8_t shift = (uint8_t)(has_z ? 0 : (1 << (bits - 1)) - q->off);
+    uint8_t *restrict dst = (uint8_t *)w->data_d + (size_t)r * (size_t)(C * bits / 8);
+    const uint8_t *restrict v = q->v;
     if (bits == 8) {
-        for (int64_t c = 0; c < C; c++) {
-            const unsigned code = (unsigned)(q->v[c] + shift);
-            bad |= code >= top;
-            dst[c] = (uint8_t)code;
-        }
+        for (int64_t c = 0; c < C; c++) dst[c] = (uint8_t)(v[c] + shift);
     } else {
-        for (int64_t k = 0; k < C / 2; k++) {
-            const unsigned lo = (unsigned)(q->v[2 * k] + shift), hi = (unsigned)(q->v[2 * k + 1] + shift);
-            bad |= (lo >= top) | (hi >= top);
-            dst[k] = (uint8_t)(lo | (hi << 4));
-        }
+        for (int64_t k = 0; k < C / 2; k++)
+            dst[k] = (uint8_t)((uint8_t)(v[2 * k] + shift) | (uint8_t)((uint8_t)(v[2 * k + 1] + shift) << 4));
     }
-    if (bad) return fl_err(FL_E_INTERNAL, "repack: a code does not fit %d bits", bits);
     const int64_t per = q->group / G; /* destination groups per source group */
     for (int64_t g = 0; g < ng; g++) {
         const int64_t sg = g / per;
@@ -274,18 +268,49 @@ static fl_status rowbuf_get(rowbuf *b, int64_t cols, int64_t ngroups, qrow *q) {
     return FL_OK;
 }
 
+/* Q4_0, Q4_1 and Q8_0 into their own layout (the demo model, and most 4-/8-bit GGUF files): the same values as the
+ * generic path, moved without the intermediate row. fp16 scales and offsets are copied bit for bit. */
+static int own_layout_fast(const fl_weight *w, int t) {
+    if (w->group_size != 32 || w->sdtype != FL_F16 || w->code != FL_QCODE_INT) return 0;
+    if (t == GGML_Q4_0) return w->bits == 4 && !w->zeros_d;
+    if (t == GGML_Q4_1) return w->bits == 4 && w->zeros_d;
+    if (t == GGML_Q8_0) return w->bits == 8 && !w->zeros_d;
+    return 0;
+}
+static fl_status fast_row(const fl_weight *w, int64_t r, int t, const void *src, int64_t nb) {
+    const uint8_t *restrict x = src;
+    const size_t cb = (size_t)w->cols * (size_t)w->bits / 8;
+    uint8_t *restrict dst = (uint8_t *)w->data_d + (size_t)r * cb;
+    uint16_t *sc = (uint16_t *)w->scales_d + (size_t)r * (size_t)nb, *zs = w->zeros_d ? (uint16_t *)w->zeros_d + (size_t)r * (size_t)nb : NULL;
+    if (t == GGML_Q8_0) {
+        for (int64_t b = 0; b < nb; b++, x += 34, dst += 32) {
+            memcpy(&sc[b], x, 2);
+            for (int j = 0; j < 32; j++) dst[j] = (uint8_t)(x[2 + j] ^ 0x80); /* int8 q + 128 */
+        }
+        return FL_OK;
+    }
+    const int bb = t == GGML_Q4_1 ? 20 : 18, qo = bb - 16;
+    for (int64_t b = 0; b < nb; b++, x += bb, dst += 16) {
+        memcpy(&sc[b], x, 2);
+        if (zs) memcpy(&zs[b], x + 2, 2);
+        const uint8_t *q = x + qo; /* byte j: value j in the low nibble, value j + 16 in the high one */
+        for (int k = 0; k < 8; k++) dst[k] = (uint8_t)((q[2 * k] & 0xF) | (q[2 * k + 1] << 4));
+        for (int k = 0; k < 8; k++) dst[8 + k] = (uint8_t)((q[2 * k] >> 4) | (q[2 * k + 1] & 0xF0));
+    }
+    return FL_OK;
+}
+
 fl_status fl_q_from_ggml_row(const fl_weight *w, int64_t r, int ggml_type, const void *src, int64_t cols) {
     fl_qlayout P;
     FL_TRY(fl_q_layout_for_ggml(ggml_type, &P));
-    char what[48];
-    snprintf(what, sizeof what, "ggml type %s", fl_ggml_type_name(ggml_type));
-    FL_TRY(check_holds(w, &P, what));
+    FL_TRY(check_holds(w, &P, "ggml type ", fl_ggml_type_name(ggml_type)));
     const int blck = fl_ggml_block_elems(ggml_type);
     if (!src || cols != w->cols || cols <= 0 || cols % blck || r < 0 || r >= w->rows)
-        return fl_err(FL_E_VALUE, "repack %s: row %lld of %lld columns does not fit the destination [%lld, %lld] "
-                      "(or is not a multiple of the block size %d)", what, (long long)r, (long long)cols,
+        return fl_err(FL_E_VALUE, "repack ggml type %s: row %lld of %lld columns does not fit the destination [%lld, %lld] "
+                      "(or is not a multiple of the block size %d)", fl_ggml_type_name(ggml_type), (long long)r, (long long)cols,
                       (long long)w->rows, (long long)w->cols, blck);
     const int64_t nb = cols / blck;
+    if (own_layout_fast(w, ggml_type)) return fast_row(w, r, ggml_type, src, nb);
     rowbuf buf;
     qrow q;
     FL_TRY(rowbuf_get(&buf, cols, cols / P.group_size, &q));
@@ -409,7 +434,7 @@ fl_status fl_q_from_packed(const fl_weight *w, const fl_packed_src *p, int64_t r
     fl_qlayout P;
     FL_TRY(fl_q_layout_for_packed(p, &P));
     const char *pn = pk_name(p);
-    FL_TRY(check_holds(w, &P, pn));
+    FL_TRY(check_holds(w, &P, pn, ""));
     if (w->rows != p->rows || w->cols != p->cols || r0 < 0 || n < 0 || r0 > p->rows - n)
         return fl_err(FL_E_VALUE, "%s: rows [%lld, %lld) of a [%lld, %lld] weight do not fit the destination [%lld, %lld]",
                       pn, (long long)r0, (long long)(r0 + n), (long long)p->rows, (long long)p->cols, (long long)w->rows,

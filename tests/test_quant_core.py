@@ -574,6 +574,7 @@ QCFG = dict(vocab=96, d=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, f
 
 
 def write_plain_model(path, cfg=QCFG, dtype=np.float32, seed=0):
+    """A tiny float checkpoint (Hugging Face names) with random weights in `dtype`."""
     rng = np.random.default_rng(seed)
     t = {}
     for l in range(cfg["n_layers"]):
@@ -756,3 +757,58 @@ def test_bad_scheme_group_names_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"m\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' \(q_proj\)"):
         _C.Model(QCFG, quant={"scheme": "int4", "group_size": 96}).load(plain_items(f))
     f.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a device): the same weights as on the CPU, bit for bit
+# ------------------------------------------------------------------------------------------------
+
+def _cuda_available():
+    import fastload
+    return fastload.cuda.is_available()
+
+
+needs_cuda = pytest.mark.skipif(not _cuda_available(), reason="no CUDA device here: the GPU load paths run on the GPU machine")
+
+
+@needs_cuda
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("src_dtype", [np.float32, np.float16])
+def test_cuda_quantise_at_load_equals_cpu(tmp_path, scheme, src_dtype):
+    # on the GPU the float weights stream into a device buffer and the backend's quantize op writes them: the codes,
+    # scales and offsets must be the CPU's (fl_q_quantize_rows) exactly, so the dequantised exports are equal
+    write_plain_model(tmp_path / "m.safetensors", dtype=src_dtype)
+    f = _C.SafetensorsFile(str(tmp_path / "m.safetensors"))
+    cores = {}
+    for dev in ("cpu", "cuda"):
+        cores[dev] = _C.Model(QCFG, dtype="float16", device=dev, quant={"scheme": scheme})
+        cores[dev].load(plain_items(f))
+    f.close()
+    assert cores["cpu"].layouts() == cores["cuda"].layouts()
+    a, b = export_all(cores["cpu"]), export_all(cores["cuda"])
+    for k in a:
+        assert bits_equal(a[k], b[k]), k
+    ids = np.random.default_rng(4).integers(0, QCFG["vocab"], size=(2, 8)).astype(np.int32)
+    np.testing.assert_allclose(cores["cuda"].forward(ids), cores["cpu"].forward(ids), rtol=2e-2, atol=2e-2)
+
+
+@needs_cuda
+def test_cuda_gguf_and_gptq_equal_cpu(tmp_path):
+    types = {"q_proj": GGML.Q4_K, "k_proj": GGML.Q4_K, "v_proj": GGML.Q6_K, "gate_proj": GGML.Q4_1,
+             "up_proj": GGML.Q4_0, "down_proj": GGML.Q5_K, "o_proj": GGML.Q8_0, "embed_tokens": GGML.Q8_0}
+    g = _C.GGUFFile(write_gguf(tmp_path / "m.gguf", types, seed=9))
+    cores = {dev: _C.Model(GCFG, dtype="float16", device=dev) for dev in ("cpu", "cuda")}
+    for c in cores.values():
+        c.load(gguf_items(g))
+    g.close()
+    assert cores["cpu"].layouts() == cores["cuda"].layouts()
+    for slot, _, _ in GGUF_LINEAR:
+        assert bits_equal(cores["cpu"].export(S[slot], 0)[1], cores["cuda"].export(S[slot], 0)[1]), slot
+    items, ref = write_packed_model(tmp_path / "p.safetensors", act_order=True)
+    f = _C.SafetensorsFile(str(tmp_path / "p.safetensors"))
+    gpu = _C.Model(PCFG, dtype="float16", device="cuda")
+    gpu.load(items(f))
+    f.close()
+    assert layout_of(gpu, "layers.0.wqkv")["perm"]
+    for slot in HF:
+        assert bits_equal(gpu.export(S[slot], 0)[1], ref[slot]), slot
