@@ -315,7 +315,9 @@ def quant_inputs(rng, R, C, kind):
         if R > 5:
             x[5] *= np.float32(1e4)
         if R > 6:
-            x[6] *= np.float32(1e-30)                                   # scales flush to 0 in fp16
+            x[6] *= np.float32(1e-4)                                    # float16 subnormal scales / sources
+        # (not tested: a group whose minimum or maximum is a tie of +0 and -0; the sign of the zero
+        # stored then follows the C library's fminf / fmaxf, see qquantize_kernel)
     return x
 
 
@@ -331,8 +333,6 @@ def to_src(x, src_dtype):
 def test_quantize_bit_exact(scheme, src_dtype, R, C, gs, kind):
     rng, seed = rng_and_seed()
     x = to_src(quant_inputs(rng, R, C, kind), src_dtype)
-    if src_dtype == "float16" and kind == "special":
-        x = np.nan_to_num(x, posinf=60000.0, neginf=-60000.0)
     params = {"scheme": scheme, "group_size": gs, "src_dtype": src_dtype}
     got = _C.run_op(DEV, "quantize", {"src": x}, dict(params, act="float16"))
     ref = _C.run_op("cpu", "quantize", {"src": x}, dict(params, act="float32"))

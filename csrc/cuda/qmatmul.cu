@@ -192,6 +192,10 @@ __device__ __forceinline__ void scale_of(const fl_qw &W, int64_t r, int64_t g, f
     m = W.m ? ld_scale(W.m, W.s32, i) : W.code == FL_QCODE_NF4 ? 0.f : -s * (float)(1 << (W.bits - 1));
 }
 
+// Ask L1 for the line of p now (a hint, no register): the scales of a step are requested with its
+// codes instead of one memory round trip after them.
+__device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ void load_tab(float *tab) {
     if (threadIdx.x < 16) tab[threadIdx.x] = c_nf4[threadIdx.x];
     __syncthreads();
@@ -267,9 +271,26 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T 
         }
     };
 
+    // The scales / offsets of the vectors of one step, requested before its codes (a lane's groups
+    // of a step span a few 128-byte lines; without this the scale loads were a second round trip).
+    auto prefetch_scales = [&](int64_t b) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (b + 32 * u >= nv) break;
+            const uint32_t sub = (uint32_t)((b + 32 * u) * SB);
+            const uint32_t g = gs16 == 1 ? sub : __umulhi(sub, gmagic);
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                prefetch_l1(sc + srow[r] + g);
+                if (zc) prefetch_l1(zc + srow[r] + g);
+            }
+        }
+    };
+
     fl_pdl_wait();  // x comes from the previous kernel
     int64_t base = lane;
     for (; base + 32 * (U - 1) < nv; base += 32 * U) {
+        prefetch_scales(base);
         uint4 w[U][RPW];
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -279,6 +300,7 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T 
         for (int u = 0; u < U; u++) fma_vec(w[u], base + 32 * u);
     }
     if (base < nv) {  // the row's last partial step: one more round of predicated loads
+        prefetch_scales(base);
         uint4 w[U][RPW];
         const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
@@ -398,6 +420,15 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const bool ok = c0 + u < nchunk;
+            if (ok && t == 0) {  // this chunk's scales (and offsets) for rows g, g + 8, with its codes
+                const uint32_t grp = cpg == 1 ? (uint32_t)(c0 + u) : __umulhi((uint32_t)(c0 + u), cmagic);
+                prefetch_l1(sc + sa + grp);
+                prefetch_l1(sc + sbi + grp);
+                if (ZEROS) {
+                    prefetch_l1(zc + sa + grp);
+                    prefetch_l1(zc + sbi + grp);
+                }
+            }
             va[u] = ok ? fl_ld_stream(wa + 4 * (c0 + u)) : z;
             vb[u] = ok ? fl_ld_stream(wb + 4 * (c0 + u)) : z;
         }
@@ -663,16 +694,23 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
     if (scheme == FL_QS_INT4) {
         const float first = fl_to_f32(x[0]);
         float mn = first, mx = first;
+        bool pos_zero = false;
         for (int j = lane; j < gs; j += 32) {
             const float v = fl_to_f32(x[j]);
             mn = ieee_min(mn, v);
             mx = ieee_max(mx, v);
+            pos_zero |= __float_as_uint(v) == 0u;
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             mn = ieee_min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
             mx = ieee_max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         }
+        // A tie of zeros: the CPU's running fminf / fmaxf (glibc 2.36) give +0 as soon as one +0 takes
+        // part, -0 only when every zero is -0; the warp's order cannot follow that, so it is restated.
+        pos_zero = __any_sync(0xffffffffu, pos_zero);
+        if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
+        if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
         const float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
         const float m = f16_round(mn);
         if (lane == 0) {
