@@ -158,10 +158,17 @@ def run_qmatmul(act, R, C, gs, fmt, n, seed_rng, bias=False, perm=False):
     cpu = _C.run_op("cpu", "qmatmul", inputs, dict(params, act="float32"))["y"]
     what = f"qmatmul {fmt} n={n} {R}x{C} g={gs} bias={bias} perm={perm}"
     check_close(got, ref_matmul(inputs["x"], inputs, params), act, what + " vs numpy", seed, sum_len=C)
-    check_close(got, cpu, act, what + " vs cpu", seed, sum_len=C)
+    if n <= CPU_APPROX_N:
+        # The CPU backend's decode path quantises x to int8 per 32 values (integer dot products, as
+        # llama.cpp does): ~0.5% error by design, so the CPU is only a loose second reference there.
+        rel = np.linalg.norm(got.astype(np.float64) - cpu) / max(np.linalg.norm(cpu.astype(np.float64)), 1e-30)
+        assert rel < 3e-2, f"{what} [{act}] vs cpu: rel-L2 error {rel:.3g} (seed {seed})"
+    else:
+        check_close(got, cpu, act, what + " vs cpu", seed, sum_len=C)
 
 
 NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 300]
+CPU_APPROX_N = 8  # token counts where the CPU backend may take its int8-activation decode path (n <= 4 today)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +180,8 @@ NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 300]
 @pytest.mark.parametrize("gs", [64, 128])
 def test_qmatmul_formats(act, fmt, n, gs):
     """Every format at every token count: the GEMV (n <= 8; group 128: the tensor-core kernel for
-    integer codes from n = 2, group 64: the FMA kernel for 4-bit, the tensor cores for 8-bit) and
-    the dequantised-rows path (n > 8)."""
+    integer codes, group 64: the FMA kernel for 4-bit, the tensor cores for 8-bit; NF4: the FMA
+    kernel) and the dequantised-rows path (n > 8)."""
     run_qmatmul(act, 131, 1536, gs, fmt, n, rng_and_seed(), bias=n in (3, 9))
 
 

@@ -23,10 +23,11 @@
 // x, FFMA), ~160 per vector, and ~2 more per weight for each further token row: issue-bound, worse
 // with n. Hence qgemv_mma_kernel (below): integer codes become exact small integers in f16/bf16
 // pairs fed to mma.sync, the group's scale is applied once per 64-byte chunk of a row, ~70
-// instructions per vector whatever n is. Default (FASTLOAD_QGEMV=auto): tensor cores from n = 2
-// where the layout allows (integer codes, groups of whole chunks: 128 columns of 4-bit, 64 of
-// 8-bit), the FMA kernel at n = 1 and for NF4 / small groups. Not yet measured: which is faster at
-// n = 1 (FASTLOAD_QGEMV=mma / fma force one; dev/cuda/NOTES.md has the bf16 GEMV numbers).
+// instructions per vector whatever n is. Default (FASTLOAD_QGEMV=auto): the tensor cores wherever
+// the layout allows (integer codes, groups of whole chunks: 128 columns of 4-bit, 64 of 8-bit), the
+// FMA kernel for NF4 and smaller groups. Not yet measured on a GPU: whether the tensor-core kernel
+// streams as well as the FMA one at n = 1 (matmul.cu's bf16 tensor-core GEMV did not);
+// FASTLOAD_QGEMV=fma / mma force one for the A/B (dev/cuda/NOTES.md has the bf16 GEMV numbers).
 // qgemv_generic_kernel: any alignment, any activation dtype, one warp per row, runtime layout; the
 // fallback (float32 activations, rows of 4-bit codes that are not whole 16-byte vectors).
 //
@@ -837,11 +838,11 @@ static fl_status qgemv(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, in
     const bool fast = (act == FL_F16 || act == FL_BF16) && W.rb % 16 == 0 && fl_is_aligned16(W.q) &&
                       fl_is_aligned16(x) && magic_ok && c->qgemv_variant != FL_QGEMV_GENERIC;
     // The tensor-core kernel: integer codes whose groups are whole 64-byte chunks of a row, sm_80+;
-    // by default from n = 2 on (FASTLOAD_QGEMV=mma: also n = 1, =fma: never).
+    // by default at every n (FASTLOAD_QGEMV=fma: never; the FMA kernel then takes them).
     const int cpc = W.bits == 4 ? 128 : 64;
     const bool mma_ok = fast && W.code == FL_QCODE_INT && W.gs % cpc == 0 && fl_cuda_cc_major() >= 8 &&
                         (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32);
-    const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || (c->qgemv_variant == FL_QGEMV_AUTO && n >= 2));
+    const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
     FL_CUDA_DISPATCH(act, T, {
