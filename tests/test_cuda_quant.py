@@ -158,10 +158,17 @@ def run_qmatmul(act, R, C, gs, fmt, n, seed_rng, bias=False, perm=False):
     cpu = _C.run_op("cpu", "qmatmul", inputs, dict(params, act="float32"))["y"]
     what = f"qmatmul {fmt} n={n} {R}x{C} g={gs} bias={bias} perm={perm}"
     check_close(got, ref_matmul(inputs["x"], inputs, params), act, what + " vs numpy", seed, sum_len=C)
-    check_close(got, cpu, act, what + " vs cpu", seed, sum_len=C)
+    if n <= CPU_APPROX_N:
+        # The CPU backend's decode path quantises x to int8 per 32 values (integer dot products, as
+        # llama.cpp does): ~0.5% error by design, so the CPU is only a loose second reference there.
+        rel = np.linalg.norm(got.astype(np.float64) - cpu) / max(np.linalg.norm(cpu.astype(np.float64)), 1e-30)
+        assert rel < 3e-2, f"{what} [{act}] vs cpu: rel-L2 error {rel:.3g} (seed {seed})"
+    else:
+        check_close(got, cpu, act, what + " vs cpu", seed, sum_len=C)
 
 
 NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 300]
+CPU_APPROX_N = 8  # token counts where the CPU backend may take its int8-activation decode path (n <= 4 today)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +180,8 @@ NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 300]
 @pytest.mark.parametrize("gs", [64, 128])
 def test_qmatmul_formats(act, fmt, n, gs):
     """Every format at every token count: the GEMV (n <= 8; group 128: the tensor-core kernel for
-    integer codes from n = 2, group 64: the FMA kernel for 4-bit, the tensor cores for 8-bit) and
-    the dequantised-rows path (n > 8)."""
+    integer codes, group 64: the FMA kernel for 4-bit, the tensor cores for 8-bit; NF4: the FMA
+    kernel) and the dequantised-rows path (n > 8)."""
     run_qmatmul(act, 131, 1536, gs, fmt, n, rng_and_seed(), bias=n in (3, 9))
 
 
@@ -315,7 +322,9 @@ def quant_inputs(rng, R, C, kind):
         if R > 5:
             x[5] *= np.float32(1e4)
         if R > 6:
-            x[6] *= np.float32(1e-30)                                   # scales flush to 0 in fp16
+            x[6] *= np.float32(1e-4)                                    # float16 subnormal scales / sources
+        # (not tested: a group whose minimum or maximum is a tie of +0 and -0; the sign of the zero
+        # stored then follows the C library's fminf / fmaxf, see qquantize_kernel)
     return x
 
 
@@ -331,8 +340,6 @@ def to_src(x, src_dtype):
 def test_quantize_bit_exact(scheme, src_dtype, R, C, gs, kind):
     rng, seed = rng_and_seed()
     x = to_src(quant_inputs(rng, R, C, kind), src_dtype)
-    if src_dtype == "float16" and kind == "special":
-        x = np.nan_to_num(x, posinf=60000.0, neginf=-60000.0)
     params = {"scheme": scheme, "group_size": gs, "src_dtype": src_dtype}
     got = _C.run_op(DEV, "quantize", {"src": x}, dict(params, act="float16"))
     ref = _C.run_op("cpu", "quantize", {"src": x}, dict(params, act="float32"))
@@ -383,3 +390,79 @@ def test_quantize_then_qmatmul(act, scheme):
     rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     assert rel < {"int8": 0.02, "int4": 0.15, "nf4": 0.15}[scheme], f"{scheme}: rel error {rel:.3g} (seed {seed})"
 
+
+
+# ----------------------------------------------------------------------------------------------
+# whole model: quantisation at load on the device, CUDA-graph decode, PDL
+# ----------------------------------------------------------------------------------------------
+def _load_quantized(scheme, dtype):
+    """The tiny Qwen2 fixture quantised at load on the GPU; skipped where this build's Python layer
+    does not offer quantisation at load yet (the kernels are tested above either way)."""
+    import fastload
+    from golden_util import model_dir
+    try:
+        m = fastload.AutoModelForCausalLM.from_pretrained(
+            str(model_dir("qwen2")), device_map="cuda", torch_dtype=dtype,
+            quantization_config={"quant_method": "fastload", "scheme": scheme})
+    except TypeError as e:
+        pytest.skip(f"quantisation at load is not offered here: {e}")
+    if not m._core.info.get("quantized_weights"):
+        pytest.skip("quantisation at load is not wired in this build (0 quantized_weights)")
+    return m
+
+
+MODEL_TOL = {"float16": 1e-2, "bfloat16": 5e-2}  # test_cuda_model.py's logit tolerances
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_quantized_model_graph_decode_matches_forward(scheme, dtype):
+    """generate decodes with the GEMV inside a captured CUDA graph; one forward over the whole
+    sequence multiplies dequantised rows with cuBLAS. The two must agree: logits of a short forward
+    (<= 8 tokens: the GEMV) against the long one, and every greedy token is the long forward's argmax
+    wherever its top-1 / top-2 margin exceeds the tolerance."""
+    m = _load_quantized(scheme, dtype)
+    ids = np.array([[1, 17, 230, 5, 99, 412], [1, 8, 64, 300, 21, 7]], dtype=np.int64)
+    g = m.generate(ids, max_new_tokens=14, eos_token_id=[], do_sample=False)
+    assert g.shape == (2, 20)
+    lg = np.asarray(m(g).logits, dtype=np.float64)                 # 20 tokens per row: dequantised rows + cuBLAS
+    short = np.asarray(m(g[:, :4]).logits, dtype=np.float64)       # 8 token rows in all: the GEMV
+    scale = np.abs(lg).max()
+    assert np.abs(short - lg[:, :4]).max() / scale < MODEL_TOL[dtype]
+    for b in range(2):
+        for t in range(ids.shape[1], g.shape[1]):
+            row = lg[b, t - 1]
+            top = np.sort(row)[-2:]
+            if top[1] - top[0] > 2 * MODEL_TOL[dtype] * scale:
+                assert int(np.argmax(row)) == int(g[b, t]), f"{scheme} {dtype}: row {b} step {t}"
+
+
+def test_quantized_model_pdl_off_is_bit_identical():
+    """The quantised kernels follow the PDL contract (nothing read from the previous kernel before
+    fl_pdl_wait, nothing written before it): FASTLOAD_PDL=0 must give the same bits."""
+    import subprocess
+    import sys
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import sys; sys.path[:0] = %r\nimport numpy as np, fastload\nfrom golden_util import model_dir\n"
+        "ids = np.array([[1, 17, 230, 5, 99, 412], [1, 8, 64, 300, 21, 7]])\n"
+        "out = []\n"
+        "for s in ('int8', 'int4', 'nf4'):\n"
+        "    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir('qwen2')), device_map='cuda', "
+        "torch_dtype='bfloat16', quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
+        "    out.append(np.asarray(m(ids).logits, np.float32))\n"
+        "    out.append(np.asarray(m(ids[:, :3]).logits, np.float32))\n"
+        "    out.append(m.generate(ids, do_sample=True, seed=3, max_new_tokens=16, eos_token_id=[]).astype(np.float32))\n"
+        "np.savez(sys.argv[1], *out)\n") % [HERE, os.path.dirname(HERE)]
+    got = {}
+    for pdl in ("1", "0"):
+        f = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fl_qpdl_{os.getpid()}_{pdl}.npz")
+        r = subprocess.run([sys.executable, "-c", code, f], env=dict(os.environ, FASTLOAD_PDL=pdl),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with np.load(f) as z:
+            got[pdl] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+        os.remove(f)
+    for a, b in zip(got["1"], got["0"]):
+        np.testing.assert_array_equal(a, b)

@@ -23,10 +23,11 @@
 // x, FFMA), ~160 per vector, and ~2 more per weight for each further token row: issue-bound, worse
 // with n. Hence qgemv_mma_kernel (below): integer codes become exact small integers in f16/bf16
 // pairs fed to mma.sync, the group's scale is applied once per 64-byte chunk of a row, ~70
-// instructions per vector whatever n is. Default (FASTLOAD_QGEMV=auto): tensor cores from n = 2
-// where the layout allows (integer codes, groups of whole chunks: 128 columns of 4-bit, 64 of
-// 8-bit), the FMA kernel at n = 1 and for NF4 / small groups. Not yet measured: which is faster at
-// n = 1 (FASTLOAD_QGEMV=mma / fma force one; dev/cuda/NOTES.md has the bf16 GEMV numbers).
+// instructions per vector whatever n is. Default (FASTLOAD_QGEMV=auto): the tensor cores wherever
+// the layout allows (integer codes, groups of whole chunks: 128 columns of 4-bit, 64 of 8-bit), the
+// FMA kernel for NF4 and smaller groups. Not yet measured on a GPU: whether the tensor-core kernel
+// streams as well as the FMA one at n = 1 (matmul.cu's bf16 tensor-core GEMV did not);
+// FASTLOAD_QGEMV=fma / mma force one for the A/B (dev/cuda/NOTES.md has the bf16 GEMV numbers).
 // qgemv_generic_kernel: any alignment, any activation dtype, one warp per row, runtime layout; the
 // fallback (float32 activations, rows of 4-bit codes that are not whole 16-byte vectors).
 //
@@ -192,6 +193,10 @@ __device__ __forceinline__ void scale_of(const fl_qw &W, int64_t r, int64_t g, f
     m = W.m ? ld_scale(W.m, W.s32, i) : W.code == FL_QCODE_NF4 ? 0.f : -s * (float)(1 << (W.bits - 1));
 }
 
+// Ask L1 for the line of p now (a hint, no register): the scales of a step are requested with its
+// codes instead of one memory round trip after them.
+__device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ void load_tab(float *tab) {
     if (threadIdx.x < 16) tab[threadIdx.x] = c_nf4[threadIdx.x];
     __syncthreads();
@@ -267,9 +272,26 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T 
         }
     };
 
+    // The scales / offsets of the vectors of one step, requested before its codes (a lane's groups
+    // of a step span a few 128-byte lines; without this the scale loads were a second round trip).
+    auto prefetch_scales = [&](int64_t b) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (b + 32 * u >= nv) break;
+            const uint32_t sub = (uint32_t)((b + 32 * u) * SB);
+            const uint32_t g = gs16 == 1 ? sub : __umulhi(sub, gmagic);
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                prefetch_l1(sc + srow[r] + g);
+                if (zc) prefetch_l1(zc + srow[r] + g);
+            }
+        }
+    };
+
     fl_pdl_wait();  // x comes from the previous kernel
     int64_t base = lane;
     for (; base + 32 * (U - 1) < nv; base += 32 * U) {
+        prefetch_scales(base);
         uint4 w[U][RPW];
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -279,6 +301,7 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T 
         for (int u = 0; u < U; u++) fma_vec(w[u], base + 32 * u);
     }
     if (base < nv) {  // the row's last partial step: one more round of predicated loads
+        prefetch_scales(base);
         uint4 w[U][RPW];
         const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
@@ -398,6 +421,15 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const bool ok = c0 + u < nchunk;
+            if (ok && t == 0) {  // this chunk's scales (and offsets) for rows g, g + 8, with its codes
+                const uint32_t grp = cpg == 1 ? (uint32_t)(c0 + u) : __umulhi((uint32_t)(c0 + u), cmagic);
+                prefetch_l1(sc + sa + grp);
+                prefetch_l1(sc + sbi + grp);
+                if (ZEROS) {
+                    prefetch_l1(zc + sa + grp);
+                    prefetch_l1(zc + sbi + grp);
+                }
+            }
             va[u] = ok ? fl_ld_stream(wa + 4 * (c0 + u)) : z;
             vb[u] = ok ? fl_ld_stream(wb + 4 * (c0 + u)) : z;
         }
@@ -663,16 +695,23 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
     if (scheme == FL_QS_INT4) {
         const float first = fl_to_f32(x[0]);
         float mn = first, mx = first;
+        bool pos_zero = false;
         for (int j = lane; j < gs; j += 32) {
             const float v = fl_to_f32(x[j]);
             mn = ieee_min(mn, v);
             mx = ieee_max(mx, v);
+            pos_zero |= __float_as_uint(v) == 0u;
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             mn = ieee_min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
             mx = ieee_max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         }
+        // A tie of zeros: the CPU's running fminf / fmaxf (glibc 2.36) give +0 as soon as one +0 takes
+        // part, -0 only when every zero is -0; the warp's order cannot follow that, so it is restated.
+        pos_zero = __any_sync(0xffffffffu, pos_zero);
+        if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
+        if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
         const float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
         const float m = f16_round(mn);
         if (lane == 0) {
@@ -799,11 +838,11 @@ static fl_status qgemv(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, in
     const bool fast = (act == FL_F16 || act == FL_BF16) && W.rb % 16 == 0 && fl_is_aligned16(W.q) &&
                       fl_is_aligned16(x) && magic_ok && c->qgemv_variant != FL_QGEMV_GENERIC;
     // The tensor-core kernel: integer codes whose groups are whole 64-byte chunks of a row, sm_80+;
-    // by default from n = 2 on (FASTLOAD_QGEMV=mma: also n = 1, =fma: never).
+    // by default at every n (FASTLOAD_QGEMV=fma: never; the FMA kernel then takes them).
     const int cpc = W.bits == 4 ? 128 : 64;
     const bool mma_ok = fast && W.code == FL_QCODE_INT && W.gs % cpc == 0 && fl_cuda_cc_major() >= 8 &&
                         (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32);
-    const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || (c->qgemv_variant == FL_QGEMV_AUTO && n >= 2));
+    const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
     FL_CUDA_DISPATCH(act, T, {

@@ -18,8 +18,9 @@
 #define FL_QGEMV_UP_TO 8                               /* default: GEMV for n <= this, dequant + cuBLAS above */
 #define FL_QDEQ_CHUNK_BYTES ((size_t)256 << 20)        /* dequantised rows per cuBLAS call, at most */
 #define FL_GEMV_MAX_N_Q 8                              /* the quantised GEMV takes 1..8 token rows */
-/* GEMV kernel choice (FASTLOAD_QGEMV): auto = tensor cores from n = 2 where the layout allows, the FMA
- * kernel otherwise; fma / mma force one (where it applies); generic = the fallback kernel only. */
+/* GEMV kernel choice (FASTLOAD_QGEMV): auto = tensor cores where the layout allows (integer codes, groups
+ * of whole 64-byte chunks), the FMA kernel otherwise; fma / mma force one (mma where it applies);
+ * generic = the fallback kernel only. */
 enum { FL_QGEMV_AUTO = 0, FL_QGEMV_GENERIC = 1, FL_QGEMV_FMA = 2, FL_QGEMV_MMA = 3 };
 
 // Validate W's quantised layout (bits, group size, scale dtype, code, pointers): FL_E_VALUE /
