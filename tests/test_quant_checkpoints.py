@@ -189,6 +189,21 @@ def test_gptq_format_key_of_transformers(tmp_path):
     assert_close(logits(load(q), ids), logits(load_ref(r), ids), FORWARD_REL, "format key")
 
 
+@pytest.mark.parametrize("dynamic", [{"-:model\\.layers\\.1\\.mlp\\..*": {}},
+                                     {"+:.*down_proj": {"bits": 8, "group_size": 64}}], ids=["skip", "bits"])
+def test_gptq_dynamic_overrides_load_right_or_are_refused(tmp_path, dynamic):
+    """GPTQModel's per-module "dynamic" overrides (modules left float, or other bits / group size): either the
+    logits match the dequantised reference, or loading refuses naming "dynamic" (never a silent misreading)."""
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": False, "dynamic": dynamic})
+    ids = np.random.default_rng(2).integers(3, 320, (1, 12))
+    try:
+        m = load(q)
+    except NotImplementedError as e:
+        assert "dynamic" in str(e), str(e)
+        return
+    assert_close(logits(m, ids), logits(load_ref(r), ids), FORWARD_REL, "dynamic")
+
+
 # ---------------------------------------------------------------- GPU (the lead runs these on the GPU machine)
 CUDA_CASES = ["gptq-4b-g32-asym-v1-actorder", "gptq-8b-g128-sym-v1", "gptq-4b-g64-asym-v2-qwen2", "awq-g32",
               "awq-g128-not-converted", "gguf-Q4_K_M", "gguf-Q4_1", "gguf-Q5_K", "gguf-mixed-all"]
