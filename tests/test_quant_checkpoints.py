@@ -199,7 +199,8 @@ def test_gptq_dynamic_overrides_load_right_or_are_refused(tmp_path, dynamic):
     try:
         m = load(q)
     except NotImplementedError as e:
-        assert "dynamic" in str(e), str(e)
+        msg = str(e).replace(str(q), "<dir>")              # the directory holds the test's name
+        assert "dynamic" in msg, msg
         return
     assert_close(logits(m, ids), logits(load_ref(r), ids), FORWARD_REL, "dynamic")
 
