@@ -361,3 +361,16 @@ def test_gptq_dynamic_overrides(tmp_path):
     p = "model.layers.0.mlp.down_proj."
     np.testing.assert_array_equal(rt[p + "weight"], qf.dequant_gptq(qt[p + "qweight"], qt[p + "qzeros"],
                                                                     qt[p + "scales"], qt[p + "g_idx"], 8, 1))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_gptq_scales_in_other_dtypes(tmp_path, scale_dtype):
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"sym": False}, scale_dtype=scale_dtype)
+    raw = open(os.path.join(q, "model.safetensors"), "rb").read()
+    hdr = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    p = "model.layers.0.mlp.down_proj."
+    assert hdr[p + "scales"]["dtype"] == {"float32": "F32", "bfloat16": "BF16"}[scale_dtype]
+    qt = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    rt = qf.read_safetensors(os.path.join(r, "model.safetensors"))
+    np.testing.assert_array_equal(rt[p + "weight"], qf.dequant_gptq(qt[p + "qweight"], qt[p + "qzeros"],
+                                                                    qt[p + "scales"], qt[p + "g_idx"], 4, 1))
