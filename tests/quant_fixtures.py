@@ -230,7 +230,7 @@ def dequant_gptq(qweight, qzeros, scales, g_idx=None, bits=4, zero_offset=1, gro
         gs = in_f if group_size in (None, -1) else group_size
         g_idx = np.arange(in_f) // gs
     g = np.asarray(g_idx, np.int64)
-    s = np.asarray(scales, np.float16).astype(F32)
+    s = np.asarray(scales).astype(F32)         # float16 (or bfloat16 / float32 values) widened exactly
     return (s[g].T * (codes - zeros[g].T).astype(F32)).astype(F32)
 
 
@@ -474,38 +474,72 @@ def _input_group(mod):
     return mod
 
 
+def _dynamic_rule(mod, dynamic):
+    """GPTQModel's per-module overrides (quantization_config "dynamic": {"-:regex": {}} leaves matching modules
+    unquantised, "+:regex" or a bare regex: {"bits": 8, ...} overrides settings; regexes matched with re.match).
+    Returns None (skip), or a dict of overrides."""
+    import re
+    for k, v in (dynamic or {}).items():
+        neg = k.startswith("-:")
+        pat = k[2:] if k[:2] in ("-:", "+:") else k
+        if re.match(pat, mod):
+            return None if neg else dict(v)
+    return {}
+
+
 def write_gptq_checkpoint(path, cfg=None, *, arch="llama", ref_dir=None, seed=0, tool="gptqmodel", files=1,
-                          g_idx=True, shared_perm=True, **shape):
+                          g_idx=True, shared_perm=True, scale_dtype="float16", **shape):
     """A tiny GPTQ model in `path` and its dequantised float32 reference in `ref_dir` (default path + "-ref").
     cfg: the quantisation settings, keys as in quantization_config: bits (4|8), group_size (-1 = one group),
     sym, desc_act (a random act-order permutation per layer, groups of equal size), checkpoint_format
     ("gptq" = v1, zero stored minus 1 | "gptq_v2"), lm_head (quantise an untied lm_head, GPTQModel's option).
+    cfg may hold GPTQModel's "dynamic" per-module overrides (see _dynamic_rule): skipped modules stay float16.
     g_idx=False leaves the g_idx tensors out (older GPTQ-for-LLaMa checkpoints; only without desc_act).
+    scale_dtype "bfloat16" / "float32" stores the scales so (AutoGPTQ's qlinear_cuda.py pack casts them to
+    the layer's dtype: a bfloat16 model gets bfloat16 scales); the reference uses the stored values.
     With desc_act, q/k/v and gate/up share one random permutation, as real checkpoints do (the same input
     gives the same Hessian); shared_perm=False gives every linear its own (for an error test).
     Returns (path, ref_dir)."""
     c = {"bits": 4, "group_size": 32, "sym": True, "desc_act": False, "checkpoint_format": "gptq", "lm_head": False}
     c.update(cfg or {})
+    dynamic = c.pop("dynamic", None)
     mcfg = model_config(arch, tie=False if c["lm_head"] else None, **shape)
     bits, gs = c["bits"], c["group_size"]
     zero_offset = 0 if c["checkpoint_format"] == "gptq_v2" else 1
     rng = np.random.default_rng(seed + 1000)
     perms = {}
     qc = gptq_quant_config(bits, gs, c["sym"], c["desc_act"], c["checkpoint_format"], tool, c["lm_head"])
+    if dynamic is not None:
+        qc["dynamic"] = dynamic
 
     def quantise(mod, w):
+        o = dict(c, **_dynamic_rule(mod, dynamic))
+        b, g = o["bits"], o["group_size"]
         key = _input_group(mod) if shared_perm else mod
         if key not in perms:
             perms[key] = rng.permutation(w.shape[1])
-        t = gptq_tensors(w, bits, gs, c["sym"], c["desc_act"], zero_offset, rng, perms[key])
+        t = gptq_tensors(w, b, g, o["sym"], o["desc_act"], zero_offset, rng, perms[key])
+        if scale_dtype == "float32":
+            t["scales"] = t["scales"].astype(F32)
+        elif scale_dtype == "bfloat16":
+            bits16 = st_util.bf16_bits(t["scales"].astype(F32))
+            t["scales"] = ("BF16", bits16)
+            deq = dequant_gptq(t["qweight"], t["qzeros"], st_util.bf16_to_f32(bits16), t.get("g_idx") if g_idx else None,
+                               b, zero_offset, g)
+            if not g_idx:
+                t.pop("g_idx")
+            return t, deq
         if not g_idx:
-            assert not c["desc_act"], "act-order needs g_idx"
+            assert not o["desc_act"], "act-order needs g_idx"
             t.pop("g_idx")
-            return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], None, bits, zero_offset, gs)
-        return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, zero_offset)
+            return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], None, b, zero_offset, g)
+        return t, dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], b, zero_offset)
+
+    def quantised(m):
+        return _is_linear(m, c["lm_head"]) and _dynamic_rule(m, dynamic) is not None
 
     out = _write_quantised(path, ref_dir or str(path) + "-ref", mcfg, qc, float_weights(mcfg, seed), quantise,
-                           lambda m: _is_linear(m, c["lm_head"]), files)
+                           quantised, files)
     if tool.startswith("autogptq"):  # AutoGPTQ also saves quantize_config.json (config.py QUANT_CONFIG_FILENAME)
         with open(os.path.join(str(path), "quantize_config.json"), "w") as f:
             json.dump(qc, f, indent=2)
@@ -542,7 +576,7 @@ _ST_NP = {v: k for k, v in st_util.NP_TO_ST.items()}
 
 
 def read_safetensors(path):
-    """{name: numpy array} in file order (numpy only)."""
+    """{name: numpy array} in file order (numpy only; BF16 tensors come back as their float32 values)."""
     raw = open(path, "rb").read()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
@@ -551,6 +585,9 @@ def read_safetensors(path):
     out = {}
     for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         a, b = e["data_offsets"]
+        if e["dtype"] == "BF16":    # as the float32 values
+            out[name] = st_util.bf16_to_f32(np.frombuffer(raw[base + a:base + b], np.uint16)).reshape(e["shape"])
+            continue
         out[name] = np.frombuffer(raw[base + a:base + b], dtype=_ST_NP[e["dtype"]]).reshape(e["shape"]).copy()
     return out
 

@@ -8,12 +8,13 @@ Tolerances (max abs logit error, relative to the reference's max |logit|, about 
 - FORWARD_REL 5e-4: forward() of several tokens runs the prefill path, float32 activations on exactly the
   dequantised weights; an honest float32 implementation differs by about 1e-4 absolute (summation order,
   tests/fixtures/README.md), a packing bug (nibble order, zero offset, group of a column) by whole units.
-- DECODE_REL 6e-2: a one-token forward and generate's steps may use a decode kernel that quantises activations
+- DECODE_REL 8e-2: a one-token forward and generate's steps may use a decode kernel that quantises activations
   to int8 per 32 values as llama.cpp does. A numpy simulation of exactly that on these fixtures (float weights,
   activations rounded to int8 per 32 before every quantised matmul) moves one-token logits by 1.7-1.8% of
-  max |logit| (median) and 3.3% at most over 37 tokens; a packing bug moves them by more than 100%.
+  max |logit| (median) and 3.3% at most over 37 tokens; the CPU kernels measured 1.5-2.1% (median) and 3.5%
+  at most over every fixture; a packing bug moves them by more than 100%.
   Greedy tokens are compared up to the first step whose reference margin (top1 - top2) is below
-  GREEDY_MARGIN_REL * max |logit| (twice the worst simulated error), and the prompts are picked so that their
+  GREEDY_MARGIN_REL * max |logit| (twice the worst measured error), and the prompts are picked so that their
   first two steps have larger margins (the comparison is never vacuous).
 """
 import json
@@ -28,7 +29,7 @@ import st_util
 from fastload import CheckpointError
 
 FORWARD_REL = 5e-4
-DECODE_REL = 6e-2
+DECODE_REL = 8e-2
 GREEDY_MARGIN_REL = 7e-2
 NEW = 8
 HAS_CUDA = fastload.cuda.is_available()
@@ -186,6 +187,39 @@ def test_gptq_format_key_of_transformers(tmp_path):
     json.dump(cfg, open(p, "w"))
     ids = np.random.default_rng(1).integers(3, 320, (1, 12))
     assert_close(logits(load(q), ids), logits(load_ref(r), ids), FORWARD_REL, "format key")
+
+
+@pytest.mark.parametrize("dynamic", [{"-:model\\.layers\\.1\\.mlp\\..*": {}},
+                                     {"+:.*down_proj": {"bits": 8, "group_size": 64}}], ids=["skip", "bits"])
+def test_gptq_dynamic_overrides_load_right_or_are_refused(tmp_path, dynamic):
+    """GPTQModel's per-module "dynamic" overrides (modules left float, or other bits / group size): either the
+    logits match the dequantised reference, or loading refuses naming "dynamic" (never a silent misreading)."""
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": False, "dynamic": dynamic})
+    ids = np.random.default_rng(2).integers(3, 320, (1, 12))
+    try:
+        m = load(q)
+    except NotImplementedError as e:
+        msg = str(e).replace(str(q), "<dir>")              # the directory holds the test's name
+        assert "dynamic" in msg, msg
+        return
+    assert_close(logits(m, ids), logits(load_ref(r), ids), FORWARD_REL, "dynamic")
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_gptq_scales_not_float16_load_right_or_are_refused(tmp_path, scale_dtype):
+    """AutoGPTQ stores scales in the layer's dtype (qlinear_cuda.py pack), so bfloat16 / float32 scales exist:
+    either the logits match the reference (both convert exactly to quant.h's float32 scales), or loading refuses
+    naming the scales tensor and its dtype (never a misreading)."""
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": False},
+                                    scale_dtype=scale_dtype)
+    ids = np.random.default_rng(3).integers(3, 320, (1, 12))
+    try:
+        m = load(q)
+    except ERRORS as e:
+        msg = str(e).replace(str(q), "<dir>")
+        assert ".scales" in msg and {"float32": "F32", "bfloat16": "BF16"}[scale_dtype] in msg, msg
+        return
+    assert_close(logits(m, ids), logits(load_ref(r), ids), FORWARD_REL, scale_dtype + " scales")
 
 
 # ---------------------------------------------------------------- GPU (the lead runs these on the GPU machine)

@@ -346,3 +346,31 @@ def test_act_order_permutation_shared_by_layers_with_one_input(tmp_path):
     q2, _ = qf.write_gptq_checkpoint(tmp_path / "h", {"desc_act": True}, shared_perm=False)
     t2 = qf.read_safetensors(os.path.join(q2, "model.safetensors"))
     assert not (t2[p + "self_attn.q_proj.g_idx"] == t2[p + "self_attn.k_proj.g_idx"]).all()
+
+
+def test_gptq_dynamic_overrides(tmp_path):
+    dyn = {"-:model\\.layers\\.1\\.mlp\\..*": {}, "+:.*down_proj": {"bits": 8, "group_size": 64}}
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "dynamic": dyn})
+    assert json.load(open(os.path.join(q, "config.json")))["quantization_config"]["dynamic"] == dyn
+    qt = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    assert qt["model.layers.1.mlp.up_proj.weight"].dtype == np.float16 and "model.layers.1.mlp.up_proj.qweight" not in qt
+    assert qt["model.layers.1.self_attn.q_proj.qweight"].shape == (16, 128)          # 4 bit
+    assert qt["model.layers.0.mlp.down_proj.qweight"].shape == (64, 128)             # 8 bit, in 256
+    assert qt["model.layers.0.mlp.down_proj.scales"].shape == (4, 128)               # group 64
+    rt = qf.read_safetensors(os.path.join(r, "model.safetensors"))
+    p = "model.layers.0.mlp.down_proj."
+    np.testing.assert_array_equal(rt[p + "weight"], qf.dequant_gptq(qt[p + "qweight"], qt[p + "qzeros"],
+                                                                    qt[p + "scales"], qt[p + "g_idx"], 8, 1))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_gptq_scales_in_other_dtypes(tmp_path, scale_dtype):
+    q, r = qf.write_gptq_checkpoint(tmp_path / "g", {"sym": False}, scale_dtype=scale_dtype)
+    raw = open(os.path.join(q, "model.safetensors"), "rb").read()
+    hdr = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    p = "model.layers.0.mlp.down_proj."
+    assert hdr[p + "scales"]["dtype"] == {"float32": "F32", "bfloat16": "BF16"}[scale_dtype]
+    qt = qf.read_safetensors(os.path.join(q, "model.safetensors"))
+    rt = qf.read_safetensors(os.path.join(r, "model.safetensors"))
+    np.testing.assert_array_equal(rt[p + "weight"], qf.dequant_gptq(qt[p + "qweight"], qt[p + "qzeros"],
+                                                                    qt[p + "scales"], qt[p + "g_idx"], 4, 1))
