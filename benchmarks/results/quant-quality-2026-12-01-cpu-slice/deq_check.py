@@ -1,10 +1,11 @@
+"""Quantised kernels vs float on the dequantised weights: python3 deq_check.py int4 nf4 (see README.md here)."""
 import sys, tempfile, os, json
 import fastload
 from fastload import evaluate
 from fastload.demo import demo_model_path
 g = demo_model_path()
 tok = fastload.AutoTokenizer.from_pretrained(g)
-text = open("/work/wt-qppl/benchmarks/data/devils_dictionary.txt").read()[:2000]
+text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "data", "devils_dictionary.txt")).read()[:2000]
 d = tempfile.mkdtemp()
 ref = fastload.AutoModelForCausalLM.from_pretrained(g, device_map="cpu", torch_dtype="float16", quantization_config=fastload.QuantConfig(gguf="dequantize"))
 ref.save_pretrained(d + "/ref"); del ref
