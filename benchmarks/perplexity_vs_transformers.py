@@ -189,13 +189,10 @@ def main():
                     64, 32, device, torch, rows)
         if not args.skip_demo:
             gguf = demo_model_path()
-            try:
-                src = fastload.AutoModelForCausalLM.from_pretrained(gguf, device_map="cpu", torch_dtype="float32",
-                                                                    quantization_config={"gguf": "dequantize"})
-            except (NotImplementedError, TypeError, ValueError) as e:
-                print(f"note: quantization_config={{'gguf': 'dequantize'}} refused ({e}); loading the GGUF plainly "
-                      "(before issue 9 fastload always dequantises GGUF weights at load)")
-                src = fastload.AutoModelForCausalLM.from_pretrained(gguf, device_map="cpu", torch_dtype="float32")
+            # float32 weights dequantised from the GGUF (save_pretrained writes what the model holds; a model that
+            # kept the GGUF quantised is dequantised on export too, so either load gives the same file)
+            kw = {"quantization_config": fastload.QuantConfig(gguf="dequantize")} if hasattr(fastload, "QuantConfig") else {}
+            src = fastload.AutoModelForCausalLM.from_pretrained(gguf, device_map="cpu", torch_dtype="float32", **kw)
             d = os.path.join(tmp, "demo")
             src.save_pretrained(d)
             del src

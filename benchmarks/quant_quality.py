@@ -5,10 +5,10 @@
 Modes, each scored with fastload.evaluate.perplexity (lm-evaluation-harness rolling windows) on
 benchmarks/data/devils_dictionary.txt with the GGUF's tokenizer:
   fp16     the reference: the demo GGUF (SmolLM2-135M-Instruct, Q4_1) with its weights dequantised, float16
-           (from_pretrained(demo, quantization_config={"gguf": "dequantize"}, torch_dtype="float16"))
+           (from_pretrained(demo, quantization_config=QuantConfig(gguf="dequantize"), torch_dtype="float16"))
   int8     that float reference written with save_pretrained (float16 safetensors) and loaded with int8 quantisation
-           at load; int4 and nf4 likewise (each loaded as FASTLOAD_QUANT=<scheme>, which the issue makes the same as
-           load_in_8bit / load_in_4bit / quantization_config)
+           at load (from_pretrained(dir, quantization_config="int8"), the same as load_in_8bit=True / FASTLOAD_QUANT);
+           int4 and nf4 likewise
   gguf     the GGUF as shipped (Q4_1 kept quantised once issue 9 lands)
 Targets (issue 9): word perplexity of int8 within 1% of fp16, int4 within 6%, nf4 within 6%.
 Each row also says whether the weights really were held quantised (the core's info["quantized_weights"] and
@@ -17,7 +17,6 @@ byte counts, when the build reports them): a mode that silently loaded float wei
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -33,22 +32,10 @@ TEXT_PATH = os.path.join(HERE, "data", "devils_dictionary.txt")
 TARGETS = {"int8": 1.0, "int4": 6.0, "nf4": 6.0}  # max % increase of word perplexity over fp16
 
 
-@contextlib.contextmanager
-def quant_env(scheme):
-    old = os.environ.get("FASTLOAD_QUANT")
-    os.environ["FASTLOAD_QUANT"] = scheme
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTLOAD_QUANT", None)
-        else:
-            os.environ["FASTLOAD_QUANT"] = old
-
-
 def weights_info(model):
+    """Bytes of weights and whether they are held quantised (model.is_quantized and the core's counts)."""
     info = dict(getattr(model, "_core").info)
-    out = {"weight_bytes": info.get("weight_bytes")}
+    out = {"weight_bytes": info.get("weight_bytes"), "is_quantized": getattr(model, "is_quantized", None)}
     for k in ("quantized_weights", "quantized_bytes", "float_bytes"):
         if k in info:
             out[k] = info[k]
@@ -57,20 +44,26 @@ def weights_info(model):
 
 def load_reference(fastload, gguf, device):
     """The demo model dequantised to float16, and how it was obtained."""
+    if hasattr(fastload, "QuantConfig"):
+        cfg, shown = fastload.QuantConfig(gguf="dequantize"), 'QuantConfig(gguf="dequantize")'
+    else:
+        cfg, shown = {"scheme": "none", "gguf": "dequantize"}, '{"scheme": "none", "gguf": "dequantize"}'
     try:
         m = fastload.AutoModelForCausalLM.from_pretrained(gguf, device_map=device, torch_dtype="float16",
-                                                         quantization_config={"gguf": "dequantize"})
-        return m, 'from_pretrained(demo, quantization_config={"gguf": "dequantize"}, torch_dtype="float16")'
+                                                         quantization_config=cfg)
+        if weights_info(m).get("quantized_weights"):
+            sys.exit(f"quant_quality: quantization_config={shown} still loaded quantised weights: no float reference")
+        return m, f'from_pretrained(demo, quantization_config={shown}, torch_dtype="float16")'
     except (NotImplementedError, TypeError, ValueError) as e:
         why = f"{type(e).__name__}: {e}"
     # Before issue 9 every GGUF is dequantised at load, so the plain load is the float reference; after it, the plain
     # load keeps Q4_1 and cannot stand in for the reference.
     m = fastload.AutoModelForCausalLM.from_pretrained(gguf, device_map=device, torch_dtype="float16")
     if weights_info(m).get("quantized_weights"):
-        sys.exit("quant_quality: this fastload keeps the GGUF quantised but refused "
-                 f'quantization_config={{"gguf": "dequantize"}} ({why}); no float reference can be loaded')
-    print(f"note: quantization_config={{'gguf': 'dequantize'}} refused ({why}); this fastload dequantises GGUF "
-          "weights at load anyway, so the plain float16 load is the reference")
+        sys.exit(f"quant_quality: this fastload keeps the GGUF quantised but refused quantization_config={shown} "
+                 f"({why}); no float reference can be loaded")
+    print(f"note: quantization_config={shown} refused ({why}); this fastload dequantises GGUF weights at load "
+          "anyway, so the plain float16 load is the reference")
     return m, 'from_pretrained(demo, torch_dtype="float16") (dequantised at load; the gguf="dequantize" form was refused)'
 
 
@@ -79,7 +72,8 @@ def main():
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when fastload sees one)")
     ap.add_argument("--context", type=int, default=2048, help="rolling window length in tokens")
     ap.add_argument("--max-chars", type=int, default=None, help="score only the first N characters (quick CPU runs)")
-    ap.add_argument("--modes", default="fp16,int8,int4,nf4,gguf")
+    ap.add_argument("--modes", default="fp16,int8,int4,nf4,gguf",
+                    help="comma-separated; SCHEME:GROUP (e.g. int4:32) adds a mode with that group size")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "quant-quality.json"))
     args = ap.parse_args()
     import fastload
@@ -113,21 +107,22 @@ def main():
         ref, how = load_reference(fastload, gguf, device)
         score("fp16", ref, how)
         ref_dir = os.path.join(tmp, "fp16")
-        if any(m in modes for m in ("int8", "int4", "nf4")):
+        if any(m.split(":")[0] in ("int8", "int4", "nf4") for m in modes):
             ref.save_pretrained(ref_dir)
         del ref
-        for scheme in ("int8", "int4", "nf4"):
-            if scheme not in modes:
-                continue
+        for scheme in [m for m in modes if m.split(":")[0] in ("int8", "int4", "nf4")]:
+            # "int4" is the scheme's default group; "int4:32" asks for group_size 32 (not a target row)
+            name, _, group = scheme.partition(":")
+            qcfg = {"scheme": name, "group_size": int(group)} if group else name
             t0 = time.perf_counter()
             try:
-                with quant_env(scheme):
-                    m = fastload.AutoModelForCausalLM.from_pretrained(ref_dir, device_map=device, torch_dtype="float16")
+                m = fastload.AutoModelForCausalLM.from_pretrained(ref_dir, device_map=device, torch_dtype="float16",
+                                                                 quantization_config=qcfg)
             except (NotImplementedError, ValueError, TypeError) as e:
                 rows[scheme] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{scheme:5s} could not be loaded: {type(e).__name__}: {e}", flush=True)
                 continue
-            score(scheme, m, f"save_pretrained(fp16 reference) then from_pretrained with FASTLOAD_QUANT={scheme}",
+            score(scheme, m, f"save_pretrained(fp16 reference) then from_pretrained(quantization_config={qcfg!r})",
                   {"load_seconds": time.perf_counter() - t0})
             del m
         if "gguf" in modes:
@@ -145,6 +140,8 @@ def main():
         row["word_ppl_vs_fp16_pct"] = pct = 100.0 * (row["word_perplexity"] / base - 1.0)
         quantised = bool(row.get("quantized_weights"))
         row["held_quantised"] = quantised if "quantized_weights" in row else None
+        if name == "gguf" and not quantised:
+            row["note"] = "this fastload dequantises the GGUF at load: the row equals fp16"
         if name in TARGETS:
             ok = pct <= TARGETS[name] and quantised
             verdict[name] = {"target_pct": TARGETS[name], "pct": pct, "held_quantised": row["held_quantised"],
