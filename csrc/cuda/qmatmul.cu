@@ -42,6 +42,8 @@
 // arithmetic that decides a code or a scale is written in PTX without .ftz: div.rn, sub.rn, min,
 // max, abs, cvt.rni; fp16 rounding is __float2half_rn.
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "qmatmul.cuh"
 #include "cuda_backend.cuh"
@@ -806,15 +808,30 @@ static fl_status launch_qgemv_fmt(cudaStream_t st, T *y, const T *x, int n, cons
     return launch_qgemv<T, S, 4, false>(st, y, x, n, W, bias, gm);
 }
 
-#define QMMA_WARPS 4
+#define QMMA_WARPS 8  /* default; FASTLOAD_QMMA_WARPS picks 4, 8 or 16 */
 #define QMMA_U 4
 
 template <typename T, typename S, int BITS, bool ZEROS>
 static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint32_t cm) {
     const int64_t blocks = (W.R + 15) / 16;
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
-    FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, QMMA_WARPS, QMMA_U>, dim3((unsigned)blocks), dim3(QMMA_WARPS * 32), 0,
-              st, y, x, W, bias, n, cm);
+    // Warps per 16-row tile: FASTLOAD_QMMA_WARPS=4|8|16 (read once). ncu on the H200 (2026-12-01): with 4 warps the
+    // 16-row tiles of a 3584-row weight are 224 blocks on 132 SMs, ~10% achieved occupancy and 18% of DRAM bandwidth
+    // for down_proj; more warps per tile put more of each long row in flight.
+    static int warps = -1;
+    if (warps < 0) {
+        const char *e = getenv("FASTLOAD_QMMA_WARPS");
+        warps = e && (!strcmp(e, "4") || !strcmp(e, "16")) ? atoi(e) : QMMA_WARPS;
+    }
+    if (warps == 4)
+        FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, 4, QMMA_U>, dim3((unsigned)blocks), dim3(4 * 32), 0, st, y, x, W,
+                  bias, n, cm);
+    else if (warps == 16)
+        FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, 16, QMMA_U>, dim3((unsigned)blocks), dim3(16 * 32), 0, st, y, x,
+                  W, bias, n, cm);
+    else
+        FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, 8, QMMA_U>, dim3((unsigned)blocks), dim3(8 * 32), 0, st, y, x, W,
+                  bias, n, cm);
     return FL_OK;
 }
 
@@ -901,6 +918,9 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
                       (long long)W.C);
     const size_t row_bytes = (size_t)W.C * es;
     int64_t chunk = (int64_t)(FL_QDEQ_CHUNK_BYTES / row_bytes);
+    // Whole multiples of 256 rows: a chunk of odd rows (gate|up of a 7B: 256 MiB / 7168 B = 37449) sent cuBLAS to an
+    // sm75 "align1" CUTLASS kernel, 7.5 ms where the aligned GEMM takes ~0.4 ms (ncu on the H200, 2026-12-01).
+    if (chunk >= 256) chunk -= chunk % 256;
     if (chunk < 1) chunk = 1;
     if (chunk > W.R) chunk = W.R;
     FL_TRY(fl_cuda_grow(be, &c->qws, &c->qws_bytes, (size_t)chunk * row_bytes, "quantised matmul (dequantised rows)"));
