@@ -185,6 +185,7 @@ def main(argv=None):
                             help="quantise the weights at load (as FASTLOAD_QUANT)")
             sp.add_argument("--max-chars", type=int, default=None, help="score only the first N characters of the file")
             sp.add_argument("--json", action="store_true", help="print the result as JSON")
+        if name in ("generate", "chat"):
             sp.add_argument("--max-new-tokens", type=int, default=256)
             sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
             sp.add_argument("--temperature", type=float, default=0.7)
