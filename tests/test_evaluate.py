@@ -250,6 +250,17 @@ def test_cli(model, tok, ckpt, tmp_path):
         assert k in js
 
 
+def test_cli_generate_options_stay_with_generate(ckpt):
+    """Adding the perplexity command must leave generate's options alone (an edit once moved them under it)."""
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main(["generate", "--model", str(ckpt), "--device", "cpu", "--prompt", "ab", "--raw", "--no-stream",
+                   "--max-new-tokens", "2", "--seed", "1"])
+    assert rc == 0
+    with pytest.raises(SystemExit), redirect_stderr(io.StringIO()):
+        main(["perplexity", "--model", str(ckpt), "--file", "x", "--max-new-tokens", "2"])
+
+
 def test_cli_bad_input(ckpt, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
