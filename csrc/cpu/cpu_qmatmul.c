@@ -124,6 +124,19 @@ fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t r
  * float cancellation. Rows go in blocks of qdec_rr(n) so x loads are shared; threads split the row blocks
  * (one parallel region, static schedule). */
 #define QDEC_N 4
+
+/* FASTLOAD_CPU_QDOT=int8 takes the integer path above for decode; anything else (the default, "exact") keeps
+ * the float path: the integer path quantises activations to int8 like llama.cpp, which on the demo model (an
+ * outlier-heavy 135M model) turns its greedy answers into llama.cpp's (the same text token for token) instead
+ * of transformers' on the dequantised weights; fastload's default is the float answer. Read once. */
+static __attribute__((unused)) int qdot_enabled(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("FASTLOAD_CPU_QDOT");
+        v = e && !strcmp(e, "int8");
+    }
+    return v;
+}
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QDOT 1
 
@@ -388,7 +401,7 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     }
     fl_status st;
 #ifdef QDOT
-    if (n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0) {
+    if (n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0 && qdot_enabled()) {
         const int64_t R = W->rows;
         st = qdec(be, y, x, n, W);
         if (st == FL_OK && bias && bias->data_d)
