@@ -33,12 +33,12 @@
 //
 // First H200 run (benchmarks/results/issue9-2026-12-01, before the software pipelining and the
 // dequantisation grid below): decode b1 int8 54%, int4 28%, nf4 24% of the roofline, flat in n
-// for the tensor-core kernel (int4 batch 8 = 8.2x batch 1); prefill 2048 4.2x bf16's TTFT.
+// for the tensor-core kernel (int4 batch 8 = 8.2x batch 1); prefill 2048 4.2x bf16's TTFT (mostly an
+// odd-row chunk that sent cuBLAS to an align1 kernel, see the chunk size in fl_cuda_qmatmul).
 //
 // Prefill (n > qgemv_up_to): dequantise W into a workspace of the activation dtype, at most
-// FL_QDEQ_CHUNK_BYTES at a time (the lm_head never needs a full copy; chunks of whole 8 rows so each
-// chunk's output is 16-byte aligned for cuBLAS), and multiply each chunk with cuBLAS (ldc = R), like
-// fl_cuda_matmul. Tensor-core tiles fed directly from the codes (dequantised
+// FL_QDEQ_CHUNK_BYTES at a time (the lm_head never needs a full copy), and multiply each chunk with
+// cuBLAS (ldc = R), like fl_cuda_matmul. Tensor-core tiles fed directly from the codes (dequantised
 // in shared memory, no workspace round trip) are the alternative; this was chosen for simplicity
 // and is to be measured against the issue's target (prefill 2048 with int4 <= 1.5x bf16).
 //
@@ -931,7 +931,6 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
                       (long long)W.C);
     const size_t row_bytes = (size_t)W.C * es;
     int64_t chunk = (int64_t)(FL_QDEQ_CHUNK_BYTES / row_bytes);
-    if (chunk >= 8) chunk &= ~(int64_t)7;  // chunks of 8 rows: each chunk's y (ldc = R) starts 16-byte aligned
     if (chunk < 1) chunk = 1;
     if (chunk > W.R) chunk = W.R;
     FL_TRY(fl_cuda_grow(be, &c->qws, &c->qws_bytes, (size_t)chunk * row_bytes, "quantised matmul (dequantised rows)"));
