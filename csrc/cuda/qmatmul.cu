@@ -31,6 +31,11 @@
 // qgemv_generic_kernel: any alignment, any activation dtype, one warp per row, runtime layout; the
 // fallback (float32 activations, rows of 4-bit codes that are not whole 16-byte vectors).
 //
+// First H200 run (benchmarks/results/issue9-2026-12-01, before the software pipelining and the
+// dequantisation grid below): decode b1 int8 54%, int4 28%, nf4 24% of the roofline, flat in n
+// for the tensor-core kernel (int4 batch 8 = 8.2x batch 1); prefill 2048 4.2x bf16's TTFT (mostly an
+// odd-row chunk that sent cuBLAS to an align1 kernel, see the chunk size in fl_cuda_qmatmul).
+//
 // Prefill (n > qgemv_up_to): dequantise W into a workspace of the activation dtype, at most
 // FL_QDEQ_CHUNK_BYTES at a time (the lm_head never needs a full copy), and multiply each chunk with
 // cuBLAS (ldc = R), like fl_cuda_matmul. Tensor-core tiles fed directly from the codes (dequantised
@@ -290,26 +295,34 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T 
         }
     };
 
+    // U vectors of each row per step, predicated past the row's end; the next step's loads are
+    // issued before this step is computed (software pipelining: the first H200 run streamed at a
+    // quarter of the bandwidth with load-then-compute steps, dequantisation being much more work
+    // per byte than matmul.cu's 16-bit GEMV).
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    auto load_step = [&](int64_t b, uint4 (&wv)[U][RPW]) {
+        prefetch_scales(b);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) wv[u][r] = b + 32 * u < nv ? fl_ld_stream(wrow[r] + b + 32 * u) : z;
+    };
+
     fl_pdl_wait();  // x comes from the previous kernel
     int64_t base = lane;
-    for (; base + 32 * (U - 1) < nv; base += 32 * U) {
-        prefetch_scales(base);
-        uint4 w[U][RPW];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int r = 0; r < RPW; r++) w[u][r] = fl_ld_stream(wrow[r] + base + 32 * u);
+    uint4 w[U][RPW];
+    load_step(base, w);
+    for (; base + 32 * (U - 1) < nv; base += 32 * U) {  // full steps
+        uint4 wn[U][RPW];
+        load_step(base + 32 * U, wn);
 #pragma unroll
         for (int u = 0; u < U; u++) fma_vec(w[u], base + 32 * u);
-    }
-    if (base < nv) {  // the row's last partial step: one more round of predicated loads
-        prefetch_scales(base);
-        uint4 w[U][RPW];
-        const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
-            for (int r = 0; r < RPW; r++) w[u][r] = base + 32 * u < nv ? fl_ld_stream(wrow[r] + base + 32 * u) : z;
+            for (int r = 0; r < RPW; r++) w[u][r] = wn[u][r];
+    }
+    if (base < nv) {  // the row's last partial step, loaded by the last full step (or above)
 #pragma unroll
         for (int u = 0; u < U; u++)
             if (base + 32 * u < nv) fma_vec(w[u], base + 32 * u);
@@ -417,14 +430,14 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
     const uint4 *xg = (const uint4 *)(x + (int64_t)(has_x ? g : 0) * W.C + t * CPL);  // + chunk * CPC elements
     const uint4 z = make_uint4(0, 0, 0, 0);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    fl_pdl_wait();  // x comes from the previous kernel
-    for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += WARPS * U) {
-        uint4 va[U], vb[U];
+    // U chunks per warp and step; the next step's codes are requested before this step is computed
+    // (software pipelining, see qgemv_kernel).
+    auto load_step = [&](int64_t cb, uint4 (&A)[U], uint4 (&B)[U]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const bool ok = c0 + u < nchunk;
+            const bool ok = cb + u < nchunk;
             if (ok && t == 0) {  // this chunk's scales (and offsets) for rows g, g + 8, with its codes
-                const uint32_t grp = cpg == 1 ? (uint32_t)(c0 + u) : __umulhi((uint32_t)(c0 + u), cmagic);
+                const uint32_t grp = cpg == 1 ? (uint32_t)(cb + u) : __umulhi((uint32_t)(cb + u), cmagic);
                 prefetch_l1(sc + sa + grp);
                 prefetch_l1(sc + sbi + grp);
                 if (ZEROS) {
@@ -432,9 +445,16 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
                     prefetch_l1(zc + sbi + grp);
                 }
             }
-            va[u] = ok ? fl_ld_stream(wa + 4 * (c0 + u)) : z;
-            vb[u] = ok ? fl_ld_stream(wb + 4 * (c0 + u)) : z;
+            A[u] = ok ? fl_ld_stream(wa + 4 * (cb + u)) : z;
+            B[u] = ok ? fl_ld_stream(wb + 4 * (cb + u)) : z;
         }
+    };
+    fl_pdl_wait();  // x comes from the previous kernel
+    uint4 va[U], vb[U];
+    load_step((int64_t)warp * U, va, vb);
+    for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += WARPS * U) {
+        uint4 na[U], nb[U];
+        load_step(c0 + WARPS * U, na, nb);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t ch = c0 + u;
@@ -487,6 +507,11 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
                 acc[2] = fmaf(s_b, part[2], acc[2]);
                 acc[3] = fmaf(s_b, part[3], acc[3]);
             }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            va[u] = na[u];
+            vb[u] = nb[u];
         }
     }
 #pragma unroll
@@ -564,6 +589,8 @@ __global__ void qgather_kernel(T *__restrict__ xg, const T *__restrict__ x, cons
 // ---------------------------------------------------------------------------------------------
 // dequantisation of rows [r0, r0 + rows) into out[rows, C] (act), columns scattered through perm
 // ---------------------------------------------------------------------------------------------
+// Thread = one 16-column sub-block (blockIdx.x, threadIdx.x), rows strided by gridDim.y: the column,
+// its group and its place in a row are computed once, no 64-bit division per element.
 template <typename T>
 __global__ void __launch_bounds__(QD_THREADS)
 qdequant_kernel(T *__restrict__ out, const fl_qw W, int64_t r0, int64_t rows, bool vec) {
@@ -571,14 +598,17 @@ qdequant_kernel(T *__restrict__ out, const fl_qw W, int64_t r0, int64_t rows, bo
     __shared__ float tab[16];
     load_tab(tab);
     fl_pdl_launch_dependents();
+    const int64_t nsub = W.C / 16;
+    const int64_t sub = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (sub >= nsub) return;
+    const int64_t grp = sub / (W.gs / 16);
     fl_pdl_wait();  // `out` may still be read by the previous chunk's GEMM
-    const int64_t nsub = W.C / 16, total = rows * nsub;
-    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t rl = k / nsub, sub = k - rl * nsub, r = r0 + rl;
+    for (int64_t rl = blockIdx.y; rl < rows; rl += gridDim.y) {
+        const int64_t r = r0 + rl;
         uint32_t c[4];
         load16(W, r, sub, vec, c);
         float s, m, w[16];
-        scale_of(W, r, sub * 16 / W.gs, s, m);
+        scale_of(W, r, grp, s, m);
         deq16_rt(W, c, s, m, tab, w);
         T *o = out + rl * W.C;
         if (W.perm) {
@@ -929,9 +959,10 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     const bool vec = fl_is_aligned16(W.q);
     for (int64_t r0 = 0; r0 < W.R; r0 += chunk) {
         const int64_t rows = W.R - r0 < chunk ? W.R - r0 : chunk;
+        const int64_t nsub = W.C / 16;
+        const dim3 grid((unsigned)((nsub + QD_THREADS - 1) / QD_THREADS), (unsigned)(rows < 65535 ? rows : 65535));
         FL_CUDA_DISPATCH(act, T, {
-            FL_LAUNCH(qdequant_kernel<T>, dim3(grid_for(rows * (W.C / 16), QD_THREADS, c->n_sm)), dim3(QD_THREADS), 0,
-                      c->stream, (T *)c->qws, W, r0, rows, vec);
+            FL_LAUNCH(qdequant_kernel<T>, grid, dim3(QD_THREADS), 0, c->stream, (T *)c->qws, W, r0, rows, vec);
         });
         FL_CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, n, (int)W.C, &alpha, c->qws, t,
                                      (int)W.C, x, t, (int)W.C, &beta, (char *)y + (size_t)r0 * es, t, (int)W.R,
