@@ -4,7 +4,7 @@
  * down 576x1536) + lm_head 49152x576, every weight its own buffer (96 MB: streamed from memory as in a
  * real step, not from cache).
  *
- *   cc -O3 -march=native -fopenmp -std=gnu11 -Icsrc benchmarks/cpu_qmatmul_bench.c csrc/cpu/*.c \
+ *   cc -O3 -march=native -fopenmp -std=gnu11 -Icsrc benchmarks/cpu_qmatmul_bench.c csrc/cpu/[a-z]*.c \
  *      csrc/quant_ref.c csrc/fl_common.c -o /tmp/qbench -lm
  *   /tmp/qbench THREADS N STEPS      (N rows of x: 1 = decode; 512 = a prompt, lm_head then on 1 row)
  *
