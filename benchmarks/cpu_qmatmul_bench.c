@@ -1,0 +1,49 @@
+/* cpu_qmatmul_bench.c: the CPU backend's quantised matmul on the demo model's shapes (SmolLM2-135M as the
+ * Q4_1 GGUF becomes: bits 4, min form, group 32, fp16 s and m; the tied Q8_0 embedding as lm_head: bits 8,
+ * symmetric, group 32), one decode step's worth: 30 layers x (qkv 960x576, o 576x576, gate|up 3072x576,
+ * down 576x1536) + lm_head 49152x576, every weight its own buffer (96 MB: streamed from memory as in a
+ * real step, not from cache).
+ *
+ *   cc -O3 -march=native -fopenmp -std=gnu11 -Icsrc benchmarks/cpu_qmatmul_bench.c csrc/cpu/[a-z]*.c \
+ *      csrc/quant_ref.c csrc/fl_common.c -o /tmp/qbench -lm
+ *   /tmp/qbench THREADS N STEPS      (N rows of x: 1 = decode; 512 = a prompt, lm_head then on 1 row)
+ *
+ * Prints the best of 3 per step, in wall time and in process CPU time (the second is what to compare on
+ * a machine shared with other work: with 1 thread it does not count time spent descheduled). */
+#include "cpu/cpu_internal.h"
+#include "quant.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+static double now(int cpu){struct timespec t;clock_gettime(cpu?CLOCK_PROCESS_CPUTIME_ID:CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
+static fl_weight mk(int R,int C,int bits,int zeros){
+    fl_weight W={.dtype=FL_QUANT,.rows=R,.cols=C,.group_size=32,.bits=bits,.sdtype=FL_F16,.code=0};
+    size_t db=(size_t)R*C*bits/8, sb=(size_t)R*(C/32)*2;
+    W.data_d=fl_malloc(db); W.scales_d=fl_malloc(sb); if(zeros) W.zeros_d=fl_malloc(sb);
+    for(size_t i=0;i<db;i++)((uint8_t*)W.data_d)[i]=rand();
+    for(size_t i=0;i<sb/2;i++){((uint16_t*)W.scales_d)[i]=fl_f32_to_f16(0.01f); if(W.zeros_d)((uint16_t*)W.zeros_d)[i]=fl_f32_to_f16(-0.1f);}
+    return W;
+}
+int main(int argc,char**argv){
+  int nt=argc>1?atoi(argv[1]):2, n=argc>2?atoi(argv[2]):1, toks=argc>3?atoi(argv[3]):50;
+  fl_backend*be; fl_backend_cpu_create(nt,&be);
+  fl_weight L[30][4]; int Rs[4]={960,576,3072,576}, Cs[4]={576,576,576,1536};
+  for(int l=0;l<30;l++)for(int k=0;k<4;k++)L[l][k]=mk(Rs[k],Cs[k],4,1);
+  fl_weight H=mk(49152,576,8,0);
+  float*x=fl_malloc(4*(size_t)n*3072),*y=fl_malloc(4*(size_t)n*49152);
+  for(int i=0;i<n*3072;i++)x[i]=(rand()%1000)/500.f-1;
+  for(int cpu=0;cpu<2;cpu++){
+    double best=1e9,bb=1e9,bh=1e9;
+    for(int rep=0;rep<3;rep++){
+      double t0=now(cpu), tb=0, th=0;
+      for(int t=0;t<toks;t++){
+        double a=now(cpu);
+        for(int l=0;l<30;l++)for(int k=0;k<4;k++)be->matmul(be,y,x,n,&L[l][k],NULL);
+        double b=now(cpu); be->matmul(be,y,x,n>4?1:n,&H,NULL); double c=now(cpu);
+        tb+=b-a; th+=c-b;
+      }
+      double dt=(now(cpu)-t0)/toks; if(dt<best){best=dt;bb=tb/toks;bh=th/toks;}
+    }
+    printf("%s threads=%d n=%d: %.3f ms/token (body %.3f, lm_head %.3f) -> %.1f tok/s (x n); %.1f GB/s\n",cpu?"cpu-time":"wall",nt,n,best*1e3,bb*1e3,bh*1e3,n/best, 96.4e6/best/1e9);
+  }
+}
