@@ -1385,18 +1385,13 @@ class FastModelForCausalLM:
         return self
 
     # ------------------------------------------------------------------ saving
-    def _save_dtype(self) -> str:
-        """The dtype save_pretrained writes: the model's, or float32 for a quantised model (the core exports its
-        quantised weights dequantised to float32, exactly the values it computes with; float ones are widened)."""
-        return "float32" if self.is_quantized else str(self.dtype)
-
     def _hf_config_to_save(self) -> dict:
         """A complete Hugging Face config.json for what the model holds (also for a GGUF-loaded model)."""
         cfg = {k: v for k, v in dict(self.config).items() if v is not None}
         cfg.pop("quantization_config", None)  # the weights are written in the float dtype, not packed
         cfg["architectures"] = [self.arch.name]
         cfg["model_type"] = self.arch.model_type
-        cfg["dtype"] = cfg["torch_dtype"] = self._save_dtype()  # transformers 5 reads dtype, 4.x torch_dtype
+        cfg["dtype"] = cfg["torch_dtype"] = str(self.dtype)  # transformers 5 reads dtype, 4.x torch_dtype
         c = archmod.core_config(self.config, self.arch, self.name_or_path)
         cfg.setdefault("num_key_value_heads", c["n_kv_heads"])
         cfg.setdefault("head_dim", c["head_dim"])
@@ -1414,9 +1409,10 @@ class FastModelForCausalLM:
         model-0000i-of-0000n.safetensors with model.safetensors.index.json above max_shard_size. The weights
         are read from the core: after .half() they are float16; a GGUF model's are dequantised (and its q/k
         rows in Hugging Face order). Stale weight files of an earlier save in the directory are removed.
-        A quantised model (at load, GPTQ / AWQ, GGUF kept quantised) is saved as a float32 checkpoint of the values
-        it computes with (quantised weights dequantised exactly, float ones widened), without quantization_config
-        (differs from transformers, which writes the packed weights)."""
+        A quantised model (at load, GPTQ / AWQ, GGUF kept quantised) is saved as a float checkpoint in its dtype: the
+        core exports each quantised weight dequantised to float32, rounded here to the model's dtype (to nearest
+        even), without quantization_config (differs from transformers, which writes the packed weights; the round
+        trip keeps the dtype, as transformers' does)."""
         for k in kwargs:
             if k not in IGNORED_SAVE_ARGS:
                 raise TypeError(f"save_pretrained: unsupported argument {k!r}; accepted and ignored: "
@@ -1444,8 +1440,7 @@ class FastModelForCausalLM:
                   "post_attention_layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d),
                   "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (d, q),
                   "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
-        dt = self._save_dtype()
-        es = _ITEMSIZE[dt]
+        dt, es = str(self.dtype), self.dtype.itemsize
         entries = []
         for slot, layer, name, _ in archmod.tensor_plan(self.arch, c, gguf=False):
             shape = shapes[slot]
@@ -1484,14 +1479,19 @@ class FastModelForCausalLM:
 
 
 def _export_as(exported, dtype):
-    """core.export's (dtype name, array) as `dtype`: float16 / bfloat16 bits widened exactly to float32 (a quantised
-    model is saved in float32); anything else is passed on unchanged for _write_safetensors to check."""
+    """core.export's (dtype name, array) in the dtype save_pretrained writes: a quantised weight comes dequantised as
+    float32 and is rounded to nearest even into float16 / bfloat16 (as raw uint16 bits, like the core's own exports);
+    anything else is passed on unchanged for _write_safetensors to check."""
     dt, arr = exported
-    if dtype == "float32" and dt == "float16":
-        return "float32", np.asarray(arr).view(np.float16).astype(np.float32)
-    if dtype == "float32" and dt == "bfloat16":
-        return "float32", (np.asarray(arr).astype(np.uint32) << 16).view(np.float32)
-    return dt, arr
+    if dt != "float32" or dtype == "float32":
+        return dt, arr
+    a = np.ascontiguousarray(arr, dtype=np.float32)
+    if dtype == "float16":
+        return dtype, a.astype(np.float16).view(np.uint16)
+    u = a.view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    bits[np.isnan(a)] = 0x7FC0
+    return dtype, bits
 
 
 def _json_default(v):

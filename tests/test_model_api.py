@@ -409,17 +409,17 @@ def test_save_gguf_model_as_hugging_face_checkpoint(tmp_path):
 
 
 def test_save_demo_model(tmp_path, demo_gguf):
-    """The demo model (Q4_1 GGUF kept quantised, tied, q/k rows unpermuted at load) saved as float32 safetensors:
-    the values it computes with (Q4_1's d * q + m needs more bits than float16 holds)."""
+    """The demo model (Q4_1 GGUF kept quantised, tied, q/k rows unpermuted at load) saved as float16 safetensors
+    (its Q4_1 weights dequantised and rounded to float16)."""
     m = fastload.from_pretrained(demo_gguf, device_map="cpu", torch_dtype="float16")
     ids = np.array([[1, 504, 3458, 314, 253, 1345, 30]])
     m.save_pretrained(tmp_path)
     t = saved_tensors(tmp_path)
     assert "lm_head.weight" not in t and len(t) == 2 + 9 * 30
     m2 = load(tmp_path)
-    assert m2.dtype == "float32" and m2.config["tie_word_embeddings"] is True
-    ref = logits(m2, ids)
-    np.testing.assert_allclose(logits(m, ids), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert m2.dtype == "float16" and m2.config["tie_word_embeddings"] is True
+    a, b = logits(m2, ids), logits(m, ids)
+    assert np.sqrt(np.mean((a - b) ** 2)) < 1e-2 * np.sqrt(np.mean(b ** 2))
 
 
 def test_save_arguments(tmp_path):

@@ -727,14 +727,22 @@ def test_environment_and_compute_dtype_end_to_end(monkeypatch):
 
 
 def test_save_quantised_model(tmp_path):
-    """Saved as a float32 checkpoint of the values the model computes with, without quantization_config."""
+    """Saved dequantised in the model's dtype, rounded to nearest even, without quantization_config."""
     m = load(ROPE3, load_in_4bit=True)
     m.save_pretrained(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float16"
+    with _C.SafetensorsFile(os.path.join(ROPE3, "model.safetensors")) as f:
+        src = np.array(f.get("model.layers.1.mlp.down_proj.weight")).astype(np.float32)
+        lm = np.array(f.get("lm_head.weight")).astype(np.float32)
+    with _C.SafetensorsFile(str(tmp_path / "out" / "model.safetensors")) as f:
+        got = np.array(f.get("model.layers.1.mlp.down_proj.weight"))
+        got_lm = np.array(f.get("lm_head.weight"))
+    np.testing.assert_array_equal(got, dequant_at_load(src, "int4", 0).astype(np.float16))
+    np.testing.assert_array_equal(got_lm, dequant_at_load(lm, "int8", 0).astype(np.float16))
     back = load(tmp_path / "out")
-    assert not back.is_quantized and back.dtype == "float32"
-    same_logits(m, tmp_path / "out")
+    assert not back.is_quantized and back.dtype == "float16"
+    close(logits(back), logits(m), 0.01)
 
 
 @pytest.mark.parametrize("src,qc,group,act", [
