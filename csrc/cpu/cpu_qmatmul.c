@@ -485,9 +485,16 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
         for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
     }
     const __m256i x80 = _mm256_set1_epi8((char)0x80), m4 = _mm256_set1_epi16(15);
+    /* software prefetch of the codes >= 2 KB ahead, as main's int8 kernel does (947bc65: the decode step
+     * stalled on code loads at 1 thread) */
+    const size_t pfrows = (size_t)(2048 + rowbytes - 1) / rowbytes > (size_t)RR ? (2048 + rowbytes - 1) / rowbytes : (size_t)RR;
     for (int64_t c0 = 0; c0 < nb; c0 += 8) {
         const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
         __m256 ds[4][QDEC_N];
+        for (int r = 0; r < RR; r++) { /* the same chunk pfrows rows on */
+            const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
+            for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+        }
         for (int r = 0; r < RR; r++) {
             const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
             const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
