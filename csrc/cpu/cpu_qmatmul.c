@@ -125,17 +125,22 @@ fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t r
  * (one parallel region, static schedule). */
 #define QDEC_N 4
 
-/* FASTLOAD_CPU_QDOT=int8 takes the integer path above for decode; anything else (the default, "exact") keeps
- * the float path: the integer path quantises activations to int8 like llama.cpp, which on the demo model (an
- * outlier-heavy 135M model) turns its greedy answers into llama.cpp's (the same text token for token) instead
- * of transformers' on the dequantised weights; fastload's default is the float answer. Read once. */
-static __attribute__((unused)) int qdot_enabled(void) {
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("FASTLOAD_CPU_QDOT");
-        v = e && !strcmp(e, "int8");
-    }
-    return v;
+/* Which decode path, from FASTLOAD_CPU_QDOT (read on every call: a getenv per matmul is negligible, and tests
+ * can switch it with os.environ):
+ *   unset / "int16" (the default): int16 activations (qdec16 below), nearly the speed of the int8 path and
+ *                   float-precise (error 2^-16 of each block's max): the demo model's greedy text is
+ *                   transformers' answer on the dequantised weights;
+ *   "int8":         int8 activations as llama.cpp (above): the fastest; on the demo model (an outlier-heavy
+ *                   135M model) it gives llama.cpp's greedy text token for token instead of transformers';
+ *   "exact"/"float": the float path (widen the codes, float32 GEMM), the slowest.
+ * Any other value is the default. */
+enum { QDOT_FLOAT = 0, QDOT_INT8 = 1, QDOT_INT16 = 2 };
+static __attribute__((unused)) int qdot_mode(void) {
+    const char *e = getenv("FASTLOAD_CPU_QDOT");
+    if (!e || !*e) return QDOT_INT16;
+    if (!strcmp(e, "int8")) return QDOT_INT8;
+    if (!strcmp(e, "exact") || !strcmp(e, "float")) return QDOT_FLOAT;
+    return QDOT_INT16;
 }
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QDOT 1
@@ -392,6 +397,212 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
     fl_free(mem);
     return FL_OK;
 }
+
+/* ---- decode (n <= QDEC_N) with INT16 activations: the default ----
+ *
+ * The same structure as the int8 path above, with x quantised per block of 32 values to int16:
+ * dx_b = max|x_b| / 32767 (float32), x16 = rint(x / dx_b) (a zero block: dx 0, x16 0), kept with dx_b and
+ * sum(x16_b). Each x value moves by at most dx_b / 2 = 1.5e-5 of its block's max, so
+ * |y - x @ W^T| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (plus float32 rounding): float precision in practice
+ * (tests/test_quant_ops.py checks this bound, and that it is tighter than the int8 path can meet).
+ * 4-bit codes: 16 code bytes -> 16 int16 lanes (_mm256_cvtepu8_epi16), low nibbles = the even columns,
+ * high = the odd ones; x16 is stored per block as its 16 even-column values then its 16 odd ones, so
+ * madd_epi16(lo, x_even) + madd_epi16(hi, x_odd) gives 8 int32 partial sums (at most 4 * 15 * 32767 each).
+ * 8-bit codes: q' = q - 128 (xor 0x80), sign-extended 16 at a time, madd_epi16 with x16 (at most
+ * 4 * 128 * 32767 per lane), and for the min form 128 * sum(x16_b) added as an integer (16 * sum per lane).
+ * Then per block y += s * dx_b * dot_b and the offset term m * dx_b * sum(x16_b) as in the int8 path. */
+typedef struct {
+    int64_t nb, nb8;
+    int16_t *x16;      /* [n][nb][32]; 4-bit weights: each block's 16 even columns, then its 16 odd ones */
+    float *dx;         /* [n][nb8] (zero-padded) */
+    float *xs;         /* [n][nb8]: dx_b * sum(x16_b) */
+    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x16_b) in each lane (8-bit min form) */
+} qx16_t;
+
+static inline float quant_block16(const float *x, int16_t *out, int *sum, int deint) {
+    const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
+                 v3 = _mm256_loadu_ps(x + 24), sg = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sg, v0), _mm256_andnot_ps(sg, v1)),
+                              _mm256_max_ps(_mm256_andnot_ps(sg, v2), _mm256_andnot_ps(sg, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 un = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)),
+                                   _mm256_or_ps(_mm256_cmp_ps(v2, v2, _CMP_UNORD_Q), _mm256_cmp_ps(v3, v3, _CMP_UNORD_Q)));
+    const int nan = _mm256_movemask_ps(un) != 0;
+    if (nan || !(amax > 0.0f)) { /* a NaN (max_ps would drop it): this x row's outputs become NaN; or all zeros */
+        _mm256_storeu_si256((__m256i *)out, _mm256_setzero_si256());
+        _mm256_storeu_si256((__m256i *)(out + 16), _mm256_setzero_si256());
+        *sum = 0;
+        return nan ? NAN : 0.0f;
+    }
+    const float d = amax / 32767.0f;
+    /* the quotient clamped: with a subnormal amax, d loses precision (or is 0) and x / d could leave the range */
+    const __m256 vd = _mm256_set1_ps(d), lim = _mm256_set1_ps(32767.0f), nlim = _mm256_set1_ps(-32767.0f);
+    const int rm = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#define QB16(v) _mm256_cvtps_epi32(_mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v, vd), nlim), lim), rm))
+    const __m256i i0 = QB16(v0), i1 = QB16(v1), i2 = QB16(v2), i3 = QB16(v3);
+#undef QB16
+    const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s1 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0x4e));
+    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1));
+    *sum = _mm_cvtsi128_si32(s1);
+    /* packs per 128-bit lane: [0-3 8-11 | 4-7 12-15]; permute4x64 0xd8 puts columns 0-15 in order */
+    __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
+    __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8);
+    if (deint) { /* per lane evens then odds; then [evens 0-15 | odds 0-15], [evens 16-31 | odds 16-31] */
+        const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, sh), 0xd8);
+        b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, sh), 0xd8);
+        const __m256i e = _mm256_permute2x128_si256(a, b, 0x20), o = _mm256_permute2x128_si256(a, b, 0x31);
+        a = e;
+        b = o;
+    }
+    _mm256_storeu_si256((__m256i *)out, a);
+    _mm256_storeu_si256((__m256i *)(out + 16), b);
+    return d;
+}
+
+static void quant_x16(qx16_t *X, const float *x, int n, int64_t C, int bits) {
+    for (int t = 0; t < n; t++)
+        for (int64_t b = 0; b < X->nb; b++) {
+            const int64_t i = (int64_t)t * X->nb + b;
+            int sum;
+            const float d = quant_block16(x + (size_t)t * (size_t)C + (size_t)b * 32, X->x16 + (size_t)i * 32, &sum, bits == 4);
+            X->dx[(size_t)t * (size_t)X->nb8 + (size_t)b] = d;
+            X->xs[(size_t)t * (size_t)X->nb8 + (size_t)b] = d * (float)sum;
+            _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
+        }
+}
+
+/* y[t, r0:r0+RR] for t < N; kind as qdec_rows. One block of 32 columns per step. */
+static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
+                                                              const qx16_t *X, const int N, const int RR, const int kind) {
+    const int64_t nb = X->nb, ng = W->cols / W->group_size;
+    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16, bpg = W->group_size / 32;
+    const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
+    const uint8_t *q[4];
+    size_t gr[4];
+    __m256 acc[4][QDEC_N], off[4][QDEC_N];
+    for (int r = 0; r < RR; r++) {
+        q[r] = (const uint8_t *)W->data_d + (size_t)(r0 + r) * rowbytes;
+        gr[r] = (size_t)(r0 + r) * (size_t)ng;
+        for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
+    }
+    const __m256i x80 = _mm256_set1_epi8((char)0x80), m4 = _mm256_set1_epi16(15);
+    /* software prefetch of the codes >= 2 KB ahead, as main's int8 kernel does (947bc65: the decode step
+     * stalled on code loads at 1 thread) */
+    const size_t pfrows = (size_t)(2048 + rowbytes - 1) / rowbytes > (size_t)RR ? (2048 + rowbytes - 1) / rowbytes : (size_t)RR;
+    for (int64_t c0 = 0; c0 < nb; c0 += 8) {
+        const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
+        __m256 ds[4][QDEC_N];
+        for (int r = 0; r < RR; r++) { /* the same chunk pfrows rows on */
+            const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
+            for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+        }
+        for (int r = 0; r < RR; r++) {
+            const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
+            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
+            __m256 m8 = _mm256_setzero_ps();
+            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, sc, bpg, f16);
+            else if (kind == 0) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
+            for (int t = 0; t < N; t++) {
+                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0;
+                ds[r][t] = _mm256_mul_ps(s8, _mm256_loadu_ps(X->dx + xi));
+                if (kind != 1 || W->zeros_d) off[r][t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(X->xs + xi), off[r][t]);
+            }
+        }
+        for (int j = 0; j < cnt; j++) {
+            const int64_t b = c0 + j;
+            const __m256i lane = _mm256_set1_epi32(j);
+            __m256i xa[QDEC_N], xb[QDEC_N];
+            for (int t = 0; t < N; t++) {
+                const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
+                xa[t] = _mm256_loadu_si256(xp);
+                xb[t] = _mm256_loadu_si256(xp + 1);
+            }
+            for (int r = 0; r < RR; r++) {
+                __m256i ca, cb;
+                if (kind == 0) { /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
+                    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
+                    ca = _mm256_and_si256(c, m4);
+                    cb = _mm256_srli_epi16(c, 4);
+                } else {
+                    const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
+                    ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+                    cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+                }
+                for (int t = 0; t < N; t++) {
+                    __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
+                    if (kind == 2)
+                        i32 = _mm256_add_epi32(i32, _mm256_loadu_si256((const __m256i *)(X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 8)));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane), _mm256_cvtepi32_ps(i32), acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < N; t++) {
+        float *yt = y + (size_t)t * (size_t)R + (size_t)r0;
+        if (RR == 4) {
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(acc[0][t], off[0][t]), _mm256_add_ps(acc[1][t], off[1][t])),
+                                            _mm256_hadd_ps(_mm256_add_ps(acc[2][t], off[2][t]), _mm256_add_ps(acc[3][t], off[3][t])));
+            _mm_storeu_ps(yt, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        } else
+            for (int r = 0; r < RR; r++) yt[r] = hsum_ps(_mm256_add_ps(acc[r][t], off[r][t]));
+    }
+}
+
+#define QDEC16_CASE(N_, RR_)                                                                        \
+    case N_:                                                                                        \
+        if (rr == RR_) {                                                                            \
+            if (kind == 0) qdec16_rows(y, R, W, r0, X, N_, RR_, 0);                                 \
+            else if (kind == 1) qdec16_rows(y, R, W, r0, X, N_, RR_, 1);                            \
+            else qdec16_rows(y, R, W, r0, X, N_, RR_, 2);                                           \
+        } else {                                                                                    \
+            for (int64_t r = r0; r < r0 + rr; r++) {                                                \
+                if (kind == 0) qdec16_rows(y, R, W, r, X, N_, 1, 0);                                \
+                else if (kind == 1) qdec16_rows(y, R, W, r, X, N_, 1, 1);                           \
+                else qdec16_rows(y, R, W, r, X, N_, 1, 2);                                          \
+            }                                                                                       \
+        }                                                                                           \
+        break;
+
+static void qdec16_block(float *y, int64_t R, const fl_weight *W, int64_t r0, int rr, const qx16_t *X, int n, int kind) {
+    switch (n) {
+    QDEC16_CASE(1, 4)
+    QDEC16_CASE(2, 2)
+    QDEC16_CASE(3, 1)
+    QDEC16_CASE(4, 1)
+    default: break;
+    }
+}
+
+static fl_status qdec16(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
+    const int64_t R = W->rows, C = W->cols;
+    qx16_t X = {.nb = C / 32};
+    X.nb8 = (X.nb + 7) / 8 * 8;
+    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
+    char *mem = fl_malloc(nbt * 96 + nbt8 * 8);
+    if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
+    X.bs16 = (int32_t *)mem;
+    X.x16 = (int16_t *)(mem + nbt * 32);
+    X.dx = (float *)(mem + nbt * 96);
+    X.xs = (float *)(mem + nbt * 96 + nbt8 * 4);
+    memset(X.dx, 0, nbt8 * 8);
+    quant_x16(&X, x, n, C, W->bits);
+    const int kind = W->bits == 4 ? 0 : W->zeros_d ? 2 : 1, rr = qdec_rr(n);
+    const int64_t nblk = (R + rr - 1) / rr;
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t r0 = blk * rr;
+        qdec16_block(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
+    }
+    fl_free(mem);
+    return FL_OK;
+}
 #endif
 
 /* y[n, R] = x[n, C] @ dequant(W)^T (+ bias). Act-order weights first gather x (xg[:, j] = x[:, perm[j]]). */
@@ -409,9 +620,10 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     }
     fl_status st;
 #ifdef QDOT
-    if (n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0 && qdot_enabled()) {
+    const int mode = n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
+    if (mode != QDOT_FLOAT) {
         const int64_t R = W->rows;
-        st = qdec(be, y, x, n, W);
+        st = mode == QDOT_INT8 ? qdec(be, y, x, n, W) : qdec16(be, y, x, n, W);
         if (st == FL_OK && bias && bias->data_d)
             for (int i = 0; i < n; i++)
                 for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
