@@ -3,8 +3,12 @@
 Environment:
   FASTLOAD_CUDA=auto|0|1     auto (default): build the CUDA part if nvcc is on PATH or in
                              $CUDA_HOME/bin; 1: require it; 0: CPU only.
-  FASTLOAD_CUDA_ARCHS="75;80;86;89;90"  SM architectures to build (PTX of the last is embedded
-                             too, so newer GPUs JIT-compile it).
+  FASTLOAD_CUDA_ARCHS="80;90"  SM architectures to build (PTX of the last is embedded too, so newer
+                             GPUs JIT-compile it). Default: the GPUs nvidia-smi sees on this machine (the
+                             package is built where it runs, like -march=native), else 80 (SASS for sm_80/86/89,
+                             PTX JIT-compiled on newer GPUs). One architecture keeps the build short: the
+                             quantised kernels (csrc/cuda/qmatmul.cu) are many template instances, and five
+                             architectures took over 12 minutes on 2 cores.
   FASTLOAD_NVCC_JOBS=N       nvcc processes run side by side (default: one per core).
   FASTLOAD_NATIVE=1|0        1 (default): -march=native for the CPU kernels (the package is built
                              on the machine that runs it, as llama.cpp's GGML_NATIVE); 0: portable.
@@ -28,7 +32,18 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "75;80;86;89;90"
+DEFAULT_ARCHS = "80"
+
+
+def local_archs():
+    """Compute capabilities of the GPUs nvidia-smi sees ("90;80"), or None."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    caps = sorted({c.strip().replace(".", "") for c in r.stdout.split() if c.strip().replace(".", "").isdigit()})
+    return ";".join(caps) if r.returncode == 0 and caps else None
 
 
 def env(name, default):
@@ -104,7 +119,9 @@ class BuildExt(build_ext):
         super().build_extensions()
 
     def build_cuda(self, ext, nvcc):
-        archs = [a.strip() for a in env("FASTLOAD_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";") if a.strip()]
+        want = env("FASTLOAD_CUDA_ARCHS", "") or local_archs() or DEFAULT_ARCHS
+        archs = [a.strip() for a in want.replace(",", ";").split(";") if a.strip()]
+        print(f"fastload: CUDA architectures {';'.join(archs)}", file=sys.stderr)
         gencode = []
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
