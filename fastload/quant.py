@@ -319,7 +319,9 @@ def from_any(obj, source="quantization_config"):
     shown = f"{source}={_shown(obj)}"
     method = d.get("quant_method")
     method = getattr(method, "value", method)
-    if method == "fastload" or (method is None and "scheme" in d):  # fastload's own (QuantConfig.to_dict's shape)
+    # fastload's own (QuantConfig.to_dict's shape), also without a scheme when every key is one of its settings:
+    # {"gguf": "dequantize"} is QuantConfig(gguf="dequantize")
+    if method == "fastload" or (method is None and ("scheme" in d or (d and set(d) <= set(_QC_KEYS)))):
         return QuantConfig.from_dict(d, shown)
     if d.get("load_in_8bit") or d.get("load_in_4bit") or d.get("_load_in_8bit") or d.get("_load_in_4bit") \
             or method == "bitsandbytes":

@@ -814,3 +814,13 @@ def test_autogptq_quantize_config_json(recording, tmp_path):
     (qd / "quantize_config.json").write_text(json.dumps({"bits": 3, "group_size": 32}))
     with pytest.raises(NotImplementedError, match="bits=3"):
         fastload.from_pretrained(str(qd), device_map="cpu")
+
+
+def test_fastload_dict_without_scheme():
+    """{"gguf": "dequantize"} alone is fastload's own setting (QuantConfig(gguf="dequantize")), not a dict with no
+    quant_method; a dict with no known key still raises naming what is accepted."""
+    from fastload import quant
+    qc = quant.from_any({"gguf": "dequantize"})
+    assert isinstance(qc, quant.QuantConfig) and qc.gguf == "dequantize" and qc.scheme == "none"
+    with pytest.raises(ValueError, match="no quant_method"):
+        quant.from_any({"bits": 4})
