@@ -179,9 +179,8 @@ CPU_APPROX_N = 8  # token counts where the CPU backend may take its int8-activat
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("gs", [64, 128])
 def test_qmatmul_formats(act, fmt, n, gs):
-    """Every format at every token count: the GEMV (n <= 8; group 128: the tensor-core kernel for
-    integer codes, group 64: the FMA kernel for 4-bit, the tensor cores for 8-bit; NF4: the FMA
-    kernel) and the dequantised-rows path (n > 8)."""
+    """Every format at every token count: the GEMV (n <= 8; integer codes: the dp2a kernel on int16 x;
+    NF4: the FMA kernel) and the dequantised-rows path (n > 8)."""
     run_qmatmul(act, 131, 1536, gs, fmt, n, rng_and_seed(), bias=n in (3, 9))
 
 
@@ -211,15 +210,33 @@ def test_qmatmul_perm(act, fmt, n, R, C, gs):
 
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
-@pytest.mark.parametrize("variant", ["fma", "mma", "generic"])
+@pytest.mark.parametrize("variant", ["dp", "fma", "mma", "generic"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min", "nf4-f16"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (40, 18944, 128), (37, 1024, 1024), (33, 640, 64)])
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
 def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
-    """FASTLOAD_QGEMV=fma|mma|generic forces one GEMV kernel (where the layout allows it: NF4 and
-    groups smaller than a 64-byte chunk of a row fall back to the FMA kernel under mma)."""
+    """FASTLOAD_QGEMV=dp|fma|mma|generic forces one GEMV kernel (where the layout allows it: NF4 and
+    groups smaller than a 64-byte chunk of a row fall back to the FMA kernel under mma, NF4 under dp)."""
     monkeypatch.setenv("FASTLOAD_QGEMV", variant)
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 2))
+
+
+@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r2u2", "r8u1"])
+@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
+@pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 576, 32), (1000, 640, 64)])
+def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
+    """FASTLOAD_QDP_CFG picks the dp2a GEMV's rows per warp / vectors per step at n = 1: every choice, with
+    row groups past the last row (R % 8), rows split over a block's warps (C = 18944) and small groups."""
+    monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
+    run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
+
+
+def test_qdp_cfg_knob_error(monkeypatch):
+    monkeypatch.setenv("FASTLOAD_QDP_CFG", "r9u9")
+    with pytest.raises(ValueError, match="FASTLOAD_QDP_CFG='r9u9'"):
+        _C.run_op(DEV, "qmatmul", {"x": np.zeros((1, 64), np.float32), "q": np.zeros((4, 64), np.uint8),
+                                   "scales": np.ones((4, 1), np.float32)},
+                  {"bits": 8, "group_size": 64, "sdtype": "float16", "code": 0, "act": "bfloat16"})
 
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
@@ -237,7 +254,7 @@ def test_qgemv_knob_errors(monkeypatch):
         _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
     monkeypatch.setenv("FASTLOAD_QGEMV_UP_TO", "8")
     monkeypatch.setenv("FASTLOAD_QGEMV", "fast")
-    with pytest.raises(ValueError, match="FASTLOAD_QGEMV='fast' is not auto, fma, mma or generic"):
+    with pytest.raises(ValueError, match="FASTLOAD_QGEMV='fast' is not auto, dp, fma, mma or generic"):
         _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
 
 

@@ -154,6 +154,7 @@ static void cu_destroy(fl_backend *be) {
             if (c->rope_cs) cudaFree(c->rope_cs);
             if (c->qws) cudaFree(c->qws);
             if (c->qx) cudaFree(c->qx);
+            if (c->qxq) cudaFree(c->qxq);
             if (c->stream) cudaStreamDestroy(c->stream);
         }
         cudaGetLastError();
@@ -164,6 +165,7 @@ static void cu_destroy(fl_backend *be) {
         if (c->rope_cs) fl_cuda_account(c->device, -(long long)c->rope_cs_bytes);
         if (c->qws) fl_cuda_account(c->device, -(long long)c->qws_bytes);
         if (c->qx) fl_cuda_account(c->device, -(long long)c->qx_bytes);
+        if (c->qxq) fl_cuda_account(c->device, -(long long)c->qxq_bytes);
         delete c;
     }
     free(be);
@@ -307,8 +309,8 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // for n up to this, cuBLAS above; default: the measured FL_MATMUL_GEMV_UP_TO) and
 // FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma2x8|fma1s|mma4|mma8 (the GEMV kernel; default auto).
 // Quantised weights: FASTLOAD_QGEMV_UP_TO=0..8 (GEMV for n up to this, dequantise + cuBLAS above;
-// default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|fma|mma|generic (the GEMV kernel: tensor cores, the
-// FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
+// default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|dp|fma|mma|generic (the GEMV kernel: integer dot products,
+// tensor cores, the FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -328,7 +330,16 @@ static fl_status read_knobs(fl_cuda_impl *c) {
         else if (!strcmp(q, "generic")) c->qgemv_variant = FL_QGEMV_GENERIC;
         else if (!strcmp(q, "fma")) c->qgemv_variant = FL_QGEMV_FMA;
         else if (!strcmp(q, "mma")) c->qgemv_variant = FL_QGEMV_MMA;
-        else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, fma, mma or generic", q);
+        else if (!strcmp(q, "dp")) c->qgemv_variant = FL_QGEMV_DP;
+        else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, dp, fma, mma or generic", q);
+    }
+    c->qdp_cfg = -1;
+    q = getenv("FASTLOAD_QDP_CFG");
+    if (q && *q) {
+        static const char *names[] = {"r4u2", "r4u1", "r2u2", "r8u1"};
+        for (int i = 0; i < 4; i++)
+            if (!strcmp(q, names[i])) c->qdp_cfg = i;
+        if (c->qdp_cfg < 0) return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s' is not r4u2, r4u1, r2u2 or r8u1", q);
     }
     const char *e = getenv("FASTLOAD_GEMV_UP_TO");
     if (e && *e) {

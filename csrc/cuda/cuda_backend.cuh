@@ -37,11 +37,14 @@ typedef struct fl_cuda_impl {
     int gemv_up_to;             /* matmul: GEMV for n <= this (FASTLOAD_GEMV_UP_TO, default -1: tuned) */
     int gemv_variant;           /* FL_GEMV_* (FASTLOAD_GEMV_VARIANT, default auto) */
     void *qws;                  /* quantised matmul, n > qgemv_up_to: dequantised row chunk (act) */
+    void *qxq;                  /* quantised matmul, dp2a GEMV: x as int16 + per-vector (scale, sum) */
+    size_t qxq_bytes;
     size_t qws_bytes;
     void *qx;                   /* quantised matmul with act-order: x gathered into the codes' order */
     size_t qx_bytes;
     int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
-    int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|fma|mma|generic) */
+    int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
+    int qdp_cfg;                /* dp2a GEMV at n = 1 (FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1 -> 0..3; -1 default) */
     size_t scratch_bytes;
     std::mutex mu;              /* guards `blocks` and the memory counters */
     std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */

@@ -531,6 +531,228 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 }
 
 // ---------------------------------------------------------------------------------------------
+// decode GEMV on integer dot products (dp2a): int16 activations, the CPU backend's default numerics
+// ---------------------------------------------------------------------------------------------
+// Why: at n = 1 the FMA kernel spends ~5 instructions per 4-bit weight and the tensor-core kernel
+// ~2 (dequantising into f16 pairs) plus mma.sync work that is 7/8 padding; an H200 streaming 4-bit
+// codes at 4.2 TB/s can issue about 4 instructions per weight in all. Integer dot products do not
+// dequantise at all: x is quantised once per call (qx_prep_kernel, one thread per 16-byte vector
+// of codes' worth of columns) to int16 with one float scale per vector (dx = amax / 32767, error
+// below 2^-15 of the vector's largest |x|, the CPU's FASTLOAD_CPU_QDOT=int16), and for each 32-bit
+// word of codes the GEMV spends 3 logic ops (split the nibbles) and 4 dp2a.lo/hi (int16 pair x two
+// unsigned bytes, int32 accumulate): ~0.25 instructions per weight, 16 dp2a per 16-byte vector.
+// Per (row, vector, token): y += s * (dx * dot) + m * sum(x), m = the offset (or -s * 2^(bits-1)),
+// sum(x) over the vector's columns in float32 (exact x, not the int16 copy). Vectors lie inside one
+// group (group_size % columns-per-vector == 0, checked by the caller).
+// Layout of xq (what makes one uint4 of x feed one 32-bit word of codes): 8-bit codes, natural order
+// (word k = columns 4k..4k+3 pairs with int16 x[4k..4k+3], two words); 4-bit codes (byte j = columns
+// 2j (low nibble), 2j+1), per 8 columns the int16 order 0, 2, 4, 6, 1, 3, 5, 7, so that the low
+// nibbles (x & 0x0F0F0F0F: columns 0, 2, 4, 6) meet x words 0, 1 and the high nibbles words 2, 3.
+// Act-order perm is folded into the prep (x gathered while it is quantised).
+// Work split: a warp owns a group of RPW rows (4 at n <= 2), U = 2 vectors of each in flight per lane
+// (8 loads of 16 bytes, what matmul.cu's bf16 GEMV keeps in flight; the first step issued before
+// fl_pdl_wait: codes are weights). Rows longer than 4 steps of a warp (down_proj: 592 vectors) are
+// split over the block's 4 warps, partial sums reduced through shared memory. First H200 run of a
+// version with 1..8 warps per row group, 2 vectors per lane: gate_up 2.1 TB/s, o/qkv 0.9 TB/s under ncu
+// (blocks too short-lived, 25% occupancy at 98 registers).
+#define QDP_WARPS 4  /* warps per block of the dp2a GEMV */
+#ifndef QDP_MIN_BLOCKS
+#define QDP_MIN_BLOCKS 1  /* 6 (80 registers) or 8 (64) spilled 40-440 bytes per thread */
+#endif
+
+__device__ __forceinline__ int dp2lo(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int dp2hi(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ uint32_t pack_i16(int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); }
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(QD_THREADS)
+qx_prep_kernel(int16_t *__restrict__ xq, float2 *__restrict__ xd, const T *__restrict__ x,
+               const int32_t *__restrict__ perm, int n, int64_t C) {
+    constexpr int VC = BITS == 4 ? 32 : 16, E = fl_vec<T>::EPV;
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();  // x from the previous kernel; xq may still be read by the previous GEMV
+    const int64_t nv = C / VC, total = (int64_t)n * nv;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = k / nv, v = k - i * nv;
+        float f[VC];
+        if (perm) {
+#pragma unroll
+            for (int j = 0; j < VC; j++) {
+                const int32_t p = perm[v * VC + j];
+                f[j] = p >= 0 && p < C ? fl_to_f32(x[i * C + p]) : 0.f;
+            }
+        } else {
+            const uint4 *p = (const uint4 *)(x + i * C + v * VC);
+#pragma unroll
+            for (int h = 0; h < VC / E; h++) fl_vec_to_f32<T>(p[h], f + h * E);
+        }
+        float amax = 0.f, sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < VC; j++) {
+            amax = fmaxf(amax, fabsf(f[j]));
+            sum += f[j];
+        }
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        int q[VC];
+#pragma unroll
+        for (int j = 0; j < VC; j++) q[j] = max(-32767, min(32767, __float2int_rn(f[j] * inv)));
+        uint32_t w[VC / 2];
+#pragma unroll
+        for (int b = 0; b < VC / 8; b++) {
+            if (BITS == 4) {
+                w[4 * b + 0] = pack_i16(q[8 * b + 0], q[8 * b + 2]);
+                w[4 * b + 1] = pack_i16(q[8 * b + 4], q[8 * b + 6]);
+                w[4 * b + 2] = pack_i16(q[8 * b + 1], q[8 * b + 3]);
+                w[4 * b + 3] = pack_i16(q[8 * b + 5], q[8 * b + 7]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; e++) w[4 * b + e] = pack_i16(q[8 * b + 2 * e], q[8 * b + 2 * e + 1]);
+            }
+        }
+        uint4 *o = (uint4 *)(xq + k * VC);
+#pragma unroll
+        for (int h = 0; h < VC / 8; h++) o[h] = make_uint4(w[4 * h], w[4 * h + 1], w[4 * h + 2], w[4 * h + 3]);
+        xd[k] = make_float2(amax * (1.f / 32767.f), sum);
+    }
+}
+
+// sum over the 16-byte vector of codes c of q * xq (int32)
+template <int BITS>
+__device__ __forceinline__ int qdot_vec(const uint4 &c, const uint4 *xv) {
+    int d = 0;
+    if constexpr (BITS == 4) {
+        const uint32_t cw[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint32_t lo = cw[k] & 0x0F0F0F0Fu, hi = (cw[k] >> 4) & 0x0F0F0F0Fu;
+            d = dp2lo(xv[k].x, lo, d);
+            d = dp2hi(xv[k].y, lo, d);
+            d = dp2lo(xv[k].z, hi, d);
+            d = dp2hi(xv[k].w, hi, d);
+        }
+    } else {
+        d = dp2lo(xv[0].x, c.x, d);
+        d = dp2hi(xv[0].y, c.x, d);
+        d = dp2lo(xv[0].z, c.y, d);
+        d = dp2hi(xv[0].w, c.y, d);
+        d = dp2lo(xv[1].x, c.z, d);
+        d = dp2hi(xv[1].y, c.z, d);
+        d = dp2lo(xv[1].z, c.w, d);
+        d = dp2hi(xv[1].w, c.w, d);
+    }
+    return d;
+}
+
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U>
+__global__ void __launch_bounds__(QDP_WARPS * 32, QDP_MIN_BLOCKS)
+qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
+                const T *__restrict__ bias, uint32_t gmagic, int n, int split) {  // n <= N token rows
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;  // columns per vector of codes, uint4 of xq per vector
+    constexpr float HALF = (float)(1 << (BITS - 1));
+    __shared__ float red[QDP_WARPS][N * RPW];
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int grp = warp / split, part = warp - grp * split;  // row group of the block, this warp's share of it
+    const int64_t r0 = ((int64_t)blockIdx.x * (QDP_WARPS / split) + grp) * RPW, R = W.R, nv = W.rb / 16, C = W.C;
+    const int64_t rlast = R - 1;
+    const uint4 *wbase = (const uint4 *)(W.q + (r0 < R ? r0 : rlast) * W.rb);
+    const int64_t rstride = W.rb / 16;  // uint4 per row
+    int rmax = (int)(R - r0 < RPW ? R - r0 : RPW) - 1;  // rows past the end read the last row (results dropped)
+    if (rmax < 0) rmax = 0;
+    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    const int64_t sbase = (r0 < R ? r0 : rlast) * W.ng;
+    const int64_t step = (int64_t)split * 32 * U;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    float acc[N][RPW];
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
+    int64_t v0 = (int64_t)part * 32 * U + lane;
+    uint4 w[U][RPW];
+    auto load = [&](int64_t vb) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const int64_t v = vb + 32 * u;
+                w[u][r] = v < nv ? fl_ld_stream(wbase + (int64_t)(r < rmax ? r : rmax) * rstride + v) : z;
+            }
+    };
+    load(v0);  // codes are weights: issued before the wait
+    fl_pdl_wait();  // xq / xd come from the prep kernel
+    for (; v0 < nv; v0 += step) {
+        if (v0 != (int64_t)part * 32 * U + lane) load(v0);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t v = v0 + 32 * u;
+            if (v >= nv) break;
+            const uint32_t g = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
+            float sr[RPW], mr[RPW];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const int64_t si = sbase + (int64_t)(r < rmax ? r : rmax) * W.ng + g;
+                sr[r] = ld_s(sc, si);
+                mr[r] = ZEROS ? ld_s(zc, si) : -sr[r] * HALF;
+            }
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                if (i >= n) break;
+                uint4 xv[XV];
+                const uint4 *xp = (const uint4 *)(xq + (int64_t)i * C + v * VC);
+#pragma unroll
+                for (int h = 0; h < XV; h++) xv[h] = __ldg(xp + h);
+                const float2 d = __ldg(xd + (int64_t)i * nv + v);
+#pragma unroll
+                for (int r = 0; r < RPW; r++) {
+                    const int dot = qdot_vec<BITS>(w[u][r], xv);
+                    acc[i][r] = fmaf(sr[r], d.x * (float)dot, fmaf(mr[r], d.y, acc[i][r]));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            float t = acc[i][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+            acc[i][r] = t;
+        }
+    if (split > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int i = 0; i < N; i++)
+#pragma unroll
+                for (int r = 0; r < RPW; r++) red[warp][i * RPW + r] = acc[i][r];
+        __syncthreads();
+        if (part != 0 || lane >= N * RPW) return;
+        const int i = lane / RPW, r = lane % RPW;
+        float t = 0.f;
+        for (int k = 0; k < split; k++) t += red[warp + k][lane];
+        const int64_t row = r0 + r;
+        if (row < R && i < n) y[(int64_t)i * R + row] = fl_from_f32<T>(t + (bias ? fl_to_f32(bias[row]) : 0.f));
+    } else if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < N; i++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const int64_t row = r0 + r;
+                if (row < R && i < n) y[(int64_t)i * R + row] = fl_from_f32<T>(acc[i][r] + (bias ? fl_to_f32(bias[row]) : 0.f));
+            }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // decode GEMV, generic: any act dtype, any alignment; one warp per row, runtime layout
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -870,6 +1092,103 @@ static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const
     return z ? launch_qmma<T, S, 4, true>(st, y, x, n, W, bias, cm) : launch_qmma<T, S, 4, false>(st, y, x, n, W, bias, cm);
 }
 
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U>
+static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                                const T *bias, uint32_t gm, int n) {
+    const int64_t nv = W.rb / 16;
+    // A warp per group of RPW rows, U vectors of each in flight per lane (RPW * U loads of 16 bytes;
+    // matmul.cu's bf16 GEMV keeps 8); rows of more than 4 steps of a warp are split over the block's warps.
+    const int split = nv > 4 * 32 * U ? QDP_WARPS : 1;
+    const int64_t groups = (W.R + RPW - 1) / RPW, per_block = QDP_WARPS / split;
+    const int64_t blocks = (groups + per_block - 1) / per_block;
+    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
+    FL_LAUNCH(qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U>, dim3((unsigned)blocks), dim3(32 * QDP_WARPS), 0, st, y, xq,
+              xd, W, bias, gm, n, split);
+    return FL_OK;
+}
+
+// FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1 (rows per warp, vectors per row per step) at n = 1, for A/B runs
+// (c->qdp_cfg, read per backend). Default: 4-bit r4u1, 8-bit r8u1. H200, Qwen2.5-7B-shaped decode b1
+// tok/s (whole model, 2026-12-01):
+//            r4u2  r4u1  r2u2  r8u1
+//   int8     363   362   374   383
+//   int4     429   449   406   437
+template <typename T, typename S, int BITS, bool ZEROS, int N>
+static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                              const T *bias, uint32_t gm, int n, int cfg) {
+    if constexpr (N == 1) {
+        switch (cfg >= 0 ? cfg : BITS == 4 ? 1 : 3) {
+        case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1>(st, y, xq, xd, W, bias, gm, n);
+        case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2>(st, y, xq, xd, W, bias, gm, n);
+        case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1>(st, y, xq, xd, W, bias, gm, n);
+        default: break;
+        }
+    }
+    return launch_qdp_cfg<T, S, BITS, ZEROS, N, N <= 2 ? 4 : 2, 2>(st, y, xq, xd, W, bias, gm, n);
+}
+
+template <typename T, typename S, int BITS, bool ZEROS>
+static fl_status launch_qdp(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, const T *bias,
+                            uint32_t gm, int n, int cfg) {
+    if (n <= 1) return launch_qdp_n<T, S, BITS, ZEROS, 1>(st, y, xq, xd, W, bias, gm, n, cfg);
+    if (n <= 2) return launch_qdp_n<T, S, BITS, ZEROS, 2>(st, y, xq, xd, W, bias, gm, n, cfg);
+    if (n <= 4) return launch_qdp_n<T, S, BITS, ZEROS, 4>(st, y, xq, xd, W, bias, gm, n, cfg);
+    return launch_qdp_n<T, S, BITS, ZEROS, 8>(st, y, xq, xd, W, bias, gm, n, cfg);
+}
+
+template <typename T, typename S>
+static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                                const T *bias, uint32_t gm, int n, int cfg) {
+    const bool z = W.m != nullptr;
+    if (W.bits == 4)
+        return z ? launch_qdp<T, S, 4, true>(st, y, xq, xd, W, bias, gm, n, cfg)
+                 : launch_qdp<T, S, 4, false>(st, y, xq, xd, W, bias, gm, n, cfg);
+    return z ? launch_qdp<T, S, 8, true>(st, y, xq, xd, W, bias, gm, n, cfg)
+             : launch_qdp<T, S, 8, false>(st, y, xq, xd, W, bias, gm, n, cfg);
+}
+
+// The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
+// The caller has checked the layout (qdp_ok) and grown c->qxq (qdp_ws_bytes).
+static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W,
+                          const void *bias) {
+    cudaStream_t st = c->stream;
+    const int vc = W.bits == 4 ? 32 : 16;
+    const int64_t nv = W.C / vc;
+    const uint32_t vpg = (uint32_t)(W.gs / vc);
+    const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;  // exact: nv * vpg <= 2^32 (qdp_ok)
+    int16_t *xq = (int16_t *)c->qxq;
+    float2 *xd = (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)W.C * 2);
+    const unsigned grid = grid_for((int64_t)n * nv, QD_THREADS, c->n_sm);
+    if (act == FL_BF16) {
+        typedef __nv_bfloat16 T;
+        if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
+        else FL_LAUNCH(qx_prep_kernel<T, 8>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
+        return W.s32 ? launch_qdp_fmt<T, float>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg)
+                     : launch_qdp_fmt<T, __half>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg);
+    }
+    if (act == FL_F16) {
+        typedef __half T;
+        if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
+        else FL_LAUNCH(qx_prep_kernel<T, 8>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
+        return W.s32 ? launch_qdp_fmt<T, float>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg)
+                     : launch_qdp_fmt<T, __half>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg);
+    }
+    return fl_err(FL_E_INTERNAL, "quantised matmul: the dp2a GEMV needs 16-bit activations");
+}
+
+static size_t qdp_ws_bytes(int64_t C) {  // xq [MAX_N, C] int16, then xd [MAX_N, C / 16] float2
+    return (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2 + (size_t)FL_GEMV_MAX_N_Q * (size_t)(C / 16) * sizeof(float2);
+}
+
+// Whether the dp2a GEMV takes this weight: integer codes, 16-bit activations, whole aligned 16-byte
+// vectors, groups of whole vectors, the group index exact by multiply-high.
+static bool qdp_ok(fl_dtype act, const fl_qw &W, const void *x) {
+    const int vc = W.bits == 4 ? 32 : 16;
+    return (act == FL_F16 || act == FL_BF16) && W.code == FL_QCODE_INT && W.gs % vc == 0 && W.rb % 16 == 0 &&
+           fl_is_aligned16(W.q) && fl_is_aligned16(x) && fl_cuda_cc_major() >= 7 &&
+           (uint64_t)(W.C / vc) * (uint64_t)(W.gs / vc) <= (1ull << 32);
+}
+
 static cudaDataType_t qcuda_type(fl_dtype t) { return t == FL_F16 ? CUDA_R_16F : t == FL_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 // The GEMV for n in 1..FL_GEMV_MAX_N_Q; x already in the codes' column order.
@@ -928,6 +1247,12 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
         FL_TRY(fl_cuda_grow(be, &c->qx, &c->qx_bytes, (size_t)FL_GEMV_MAX_N_Q * (size_t)W.C * es,
                             "quantised matmul (act-order x)"));
     }
+    // The dp2a GEMV (default for integer codes at n <= FL_QDP_UP_TO, the tensor-core kernel above; FASTLOAD_QGEMV=dp
+    // forces it at every n, mma|fma|generic the others): its x workspace is grown at every call whatever n is.
+    const bool dp = qdp_ok(act, W, x) && (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_DP);
+    if (dp) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+    if (dp && n <= up_to && n <= FL_GEMV_MAX_N_Q && (n <= FL_QDP_UP_TO || c->qgemv_variant == FL_QGEMV_DP))
+        return qgemv_dp(c, act, y, x, n, W, bias);
     if (n <= up_to && n <= FL_GEMV_MAX_N_Q) {
         const void *xs = x;
         if (W.perm) {
