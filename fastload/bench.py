@@ -788,7 +788,7 @@ def cmd_load(args):
             "vs_raw_read": "raw read seconds / this row's seconds (1.0 = the files' read rate; above 1 is possible "
                            "warm when the raw read's threads are fewer than the loader's)",
             "peer": peer, "notes": notes}
-    return _finish(out, "load", ref, rows, LOAD_COLUMNS, meta)
+    return _finish(out, "load", ref, rows, LOAD_COLUMNS, meta, LOAD_COLUMNS[:-1])
 
 
 def _load_transformers_peer(ref, args, files, kinds, repeat, record):
