@@ -298,17 +298,29 @@ class Outputs:
                 except OSError as e:
                     raise BenchError(f"{self.option} {self.path}: cannot write {os.path.basename(final[ext])} "
                                      f"({e.strerror})") from None
-            for ext, tmp in zip(("csv", "json"), tmps):
-                os.replace(tmp, final[ext])
+            renamed = []
+            try:
+                for ext, tmp in zip(("csv", "json"), tmps):
+                    os.replace(tmp, final[ext])
+                    renamed.append(final[ext])
+            except OSError as e:
+                for f in renamed:  # a CSV without its JSON is a half-written result: neither stays
+                    try:
+                        os.unlink(f)
+                    except OSError:
+                        pass
+                raise BenchError(f"{self.option} {self.path}: cannot rename the results into place "
+                                 f"({e.strerror or e})") from None
             tmps = []
             return final["csv"], final["json"]
         finally:
+            failed = bool(tmps)
             for tmp in tmps:
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
-            if tmps:
+            if failed:
                 for d in made:  # directories this call created, innermost first, only while empty
                     try:
                         os.rmdir(d)
@@ -823,6 +835,10 @@ def read_queries(path):
             raw = fh.read()
     except IsADirectoryError:
         raise BenchError(f"--queries {path}: is a directory, not a text file") from None
+    except FileNotFoundError:
+        raise BenchError(f"--queries {path}: no such file") from None
+    except OSError as e:
+        raise BenchError(f"--queries {path}: cannot be read ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
