@@ -734,7 +734,7 @@ def cmd_load(args):
     ref = model_ref(args)
     model, first_s = load_fastload(ref, args)  # also finds the files and warms the cache
     files = sorted(model._source["files"]) if getattr(model, "_source", None) else []
-    device = str(model.device)
+    device, loader_cache = str(model.device), model.load_stats.get("cache")
     del model
     gc.collect()
     if not files:
@@ -796,7 +796,7 @@ def cmd_load(args):
         rows.append(r)
     meta = {"benchmark": "load", "model": str(ref), "files": files, "bytes": nbytes,
             "environment": environment(device), "first_load_seconds": first_s, "repeat": repeat,
-            "cold_method": cold_how,
+            "cold_method": cold_how, "loader_reports": loader_cache,
             "vs_raw_read": "raw read seconds / this row's seconds (1.0 = the files' read rate; above 1 is possible "
                            "warm when the raw read's threads are fewer than the loader's)",
             "peer": peer, "notes": notes}
@@ -920,15 +920,15 @@ def weights_info(model):
     return out
 
 
-def load_reference(fastload, path, device, threads=None):
-    """(model, how): `path` in float16 with nothing quantised (a GGUF dequantised). Raises BenchError when this
-    fastload cannot give a float reference."""
+def load_reference(fastload, path, device, threads=None, dtype="float16"):
+    """(model, how): `path` in `dtype` (float16) with nothing quantised (a GGUF dequantised). Raises BenchError
+    when this fastload cannot give a float reference."""
     kw = {} if threads is None else {"threads": threads}
     is_gguf = str(path).endswith(".gguf")
     cfg = fastload.QuantConfig(gguf="dequantize") if is_gguf else "none"
     shown = 'QuantConfig(gguf="dequantize")' if is_gguf else '"none"'
     try:
-        m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map=device, torch_dtype="float16",
+        m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map=device, torch_dtype=dtype,
                                                          quantization_config=cfg, **kw)
     except (NotImplementedError, TypeError) as e:
         raise BenchError(f"{path}: no float16 reference: quantization_config={shown} was refused "
@@ -936,7 +936,7 @@ def load_reference(fastload, path, device, threads=None):
     if weights_info(m).get("quantized_weights"):
         raise BenchError(f"{path}: quantization_config={shown} still loaded quantised weights (a quantised "
                          "checkpoint?): no float reference")
-    return m, f'from_pretrained(model, quantization_config={shown}, torch_dtype="float16")'
+    return m, f'from_pretrained(model, quantization_config={shown}, torch_dtype={dtype!r})'
 
 
 def _decode_speed(model, tok, n):
@@ -953,8 +953,10 @@ def _decode_speed(model, tok, n):
     return n / (time.perf_counter() - t0)
 
 
-def perplexity_modes(path, tok, text, modes, device=None, context=None, generate_length=0, threads=None, log=print):
-    """Score every mode on `text` and return {mode: row}. Modes: "fp16" (the float16 reference, always first),
+def perplexity_modes(path, tok, text, modes, device=None, context=None, generate_length=0, threads=None, log=print,
+                     dtype="float16"):
+    """Score every mode on `text` and return {mode: row}. Modes: "fp16" (the float reference in `dtype`, float16
+    unless asked otherwise, always first),
     "int8" / "int4" / "nf4" (quantised at load; "int4:32" sets the group size) and "gguf" (a .gguf as shipped).
     A GGUF's quantised modes are loaded from the reference written with save_pretrained (float16 safetensors), a
     directory's from the directory itself. A mode that cannot be loaded gets {"error": ...}."""
@@ -986,7 +988,7 @@ def perplexity_modes(path, tok, text, modes, device=None, context=None, generate
     tmp = tempfile.mkdtemp(prefix="fastload-bench-ppl-")
     try:
         t0 = time.perf_counter()
-        ref, how = load_reference(fastload, path, device, threads)
+        ref, how = load_reference(fastload, path, device, threads, dtype)
         score("fp16", ref, how, {"load_seconds": time.perf_counter() - t0})
         src = path
         if is_gguf and any(m.split(":")[0] in ("int8", "int4", "nf4") for m in modes):
@@ -998,7 +1000,7 @@ def perplexity_modes(path, tok, text, modes, device=None, context=None, generate
             scheme, _, group = mode.partition(":")
             if scheme == "gguf":
                 t0 = time.perf_counter()
-                m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map=device, torch_dtype="float16", **kw)
+                m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map=device, torch_dtype=dtype, **kw)
                 score("gguf", m, "from_pretrained(GGUF as shipped)", {"load_seconds": time.perf_counter() - t0})
                 del m
                 gc.collect()
@@ -1006,7 +1008,7 @@ def perplexity_modes(path, tok, text, modes, device=None, context=None, generate
             qcfg = {"scheme": scheme, "group_size": int(group)} if group else scheme
             t0 = time.perf_counter()
             try:
-                m = fastload.AutoModelForCausalLM.from_pretrained(src, device_map=device, torch_dtype="float16",
+                m = fastload.AutoModelForCausalLM.from_pretrained(src, device_map=device, torch_dtype=dtype,
                                                                  quantization_config=qcfg, **kw)
             except (NotImplementedError, ValueError, TypeError) as e:
                 rows[mode] = {"error": f"{type(e).__name__}: {e}"}
@@ -1077,11 +1079,12 @@ def cmd_perplexity(args):
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     device = args.device
     threads = _positive("--threads", args.threads) if args.threads is not None else None
+    dtype = args.dtype if args.dtype not in (None, "auto") else "float16"
     res = perplexity_modes(ref, tok, text, modes, device=device, context=args.context,
-                           generate_length=args.generate_length, threads=threads)
+                           generate_length=args.generate_length, threads=threads, dtype=dtype)
     rows = [{"mode": k, **v} for k, v in res.items()]
     dev = res["fp16"]["device"]
-    meta = {"benchmark": "perplexity", "model": str(ref), "text": path, "max_chars": args.max_chars,
+    meta = {"benchmark": "perplexity", "model": str(ref), "text": path, "max_chars": args.max_chars, "dtype": dtype,
             "context": args.context, "method": "rolling windows (lm-evaluation-harness loglikelihood_rolling)",
             "tokens_per_s": "scoring (forward passes over the text); decode_tokens_per_s: greedy generation of "
                             f"{args.generate_length} tokens after a short prompt",
