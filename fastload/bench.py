@@ -463,10 +463,15 @@ def load_transformers(ref, args):
     import transformers
     path, extra = _hf_source(ref)
     dt = args.dtype or "auto"
-    kw = {"torch_dtype": dt if dt == "auto" else getattr(torch, dt),
-          "device_map": ("auto" if (args.device in (None, "auto") and torch.cuda.is_available())
-                         else (args.device if args.device not in (None, "auto") else "cpu")),
+    ver = tuple(int(x) for x in (transformers.__version__.split(".") + ["0", "0"])[:2] if x.isdigit())
+    dkey = "dtype" if ver >= (4, 56) else "torch_dtype"  # transformers renamed torch_dtype= to dtype= in 4.56
+    kw = {dkey: dt if dt == "auto" else getattr(torch, dt),
           "attn_implementation": "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"}
+    if args.device in (None, "auto"):
+        if torch.cuda.is_available():
+            kw["device_map"] = "auto"  # Qwen's DEVICE_MAP; on the CPU no device_map (transformers' own default)
+    elif args.device != "cpu":
+        kw["device_map"] = args.device
     q = getattr(args, "quant", None)
     if q in ("int8", "int4", "nf4"):  # the same request through bitsandbytes
         kw["quantization_config"] = transformers.BitsAndBytesConfig(

@@ -263,3 +263,94 @@ def test_command_line_exit_status(tmp_path):
     assert r.returncode == 2
     assert "error: --context_length: 'x' is not a whole number" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ --peer transformers
+def _fake_peer(monkeypatch):
+    """Stand-ins for torch and transformers with just what bench's peer code calls (CI has neither): the peer's
+    flow and rows are checked here; its real numbers come from a machine with both installed."""
+    import contextlib
+    import types
+
+    import numpy as np
+    torch = types.ModuleType("torch")
+    torch.long, torch.float16 = np.int64, np.float16
+    torch.full = lambda shape, v, dtype=None, device=None: np.full(shape, v, dtype=np.int64)
+    torch.ones_like = np.ones_like
+    torch.no_grad = contextlib.nullcontext
+    torch.cuda = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0)
+    tf = types.ModuleType("transformers")
+    tf.__version__ = "5.0.0"
+    tf.set_seed = lambda s: None
+    seen = {}
+
+    class Model:
+        device, dtype = "cpu", "torch.float32"
+
+        def __init__(self):
+            self.generation_config = types.SimpleNamespace(min_length=0, max_new_tokens=None)
+
+        def eval(self):
+            return self
+
+        def generate(self, input_ids=None, attention_mask=None, generation_config=None):
+            seen.setdefault("lengths", []).append(input_ids.shape[1])
+            return np.zeros((input_ids.shape[0], generation_config.min_length), dtype=np.int64)
+
+    def model_from_pretrained(path, **kw):
+        seen["model_kw"] = dict(kw, path=path)
+        return Model()
+
+    tf.AutoModelForCausalLM = types.SimpleNamespace(from_pretrained=model_from_pretrained)
+    tf.AutoTokenizer = types.SimpleNamespace(from_pretrained=lambda path, **kw: (
+        lambda text, add_special_tokens=True: {"input_ids": [7] * (len(text) // len(text[:1] or "x"))}))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "transformers", tf)
+    monkeypatch.setattr(bench, "_peer_missing", lambda name="transformers": None)
+    monkeypatch.setattr(bench, "_version", lambda dist: "0-fake")
+    return seen
+
+
+def test_speed_peer_rows(tmp_path, monkeypatch, demo_gguf):
+    seen = _fake_peer(monkeypatch)
+    out = tmp_path / "o"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--context_length", "1", "3", "--generate_length", "2",
+                 "--peer", "transformers", "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    assert [(r["engine"], int(r["context_length_per_experiment"])) for r in rows] == [
+        ("fastload", 1), ("fastload", 3), ("transformers", 1), ("transformers", 3)]
+    assert seen["lengths"] == [1, 3]
+    # a .gguf file goes to transformers as its directory plus gguf_file=, dtype= (transformers >= 4.56's name)
+    kw = seen["model_kw"]
+    assert kw["path"] == os.path.dirname(demo_gguf) and kw["gguf_file"] == os.path.basename(demo_gguf)
+    assert kw["dtype"] == "auto" and "device_map" not in kw and kw["attn_implementation"] in ("sdpa", "flash_attention_2")
+    t = [r for r in rows if r["engine"] == "transformers"]
+    assert all(float(r["tokens_per_second"]) > 0 and r["dtype"] == "float32" for r in t)
+    assert "error" not in doc["peer"]["transformers"]
+
+
+def test_load_peer_rows(tmp_path, monkeypatch, demo_gguf):
+    _fake_peer(monkeypatch)
+    out = tmp_path / "o"
+    assert _run(["bench", "load", "--model", demo_gguf, "--repeat", "1", "--no-cold", "--peer", "transformers",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    assert [(r["engine"], r["cache"]) for r in rows] == [("fastload", "warm"), ("raw read", "warm"),
+                                                          ("transformers", "warm")]
+    assert float(rows[2]["seconds_median"]) > 0 and float(rows[2]["vs_raw_read"]) > 0
+    assert any("--no-cold" in n for n in doc["notes"])
+
+
+def test_peer_failure_keeps_fastload_rows(tmp_path, monkeypatch, capsys, demo_gguf):
+    _fake_peer(monkeypatch)
+
+    def boom(path, **kw):
+        raise OSError("no such checkpoint for transformers")
+    monkeypatch.setattr(sys.modules["transformers"].AutoModelForCausalLM, "from_pretrained", boom)
+    out = tmp_path / "o"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--generate_length", "2", "--peer", "transformers",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, _, doc = _results(out)
+    assert [r["engine"] for r in rows] == ["fastload"]
+    assert "no such checkpoint for transformers" in doc["peer"]["transformers"]["error"]
+    assert "--peer transformers failed" in capsys.readouterr().out
