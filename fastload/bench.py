@@ -32,9 +32,11 @@ names and renamed at the end: a failed or interrupted run leaves nothing half wr
 
 Real-scale commands (a GPU machine; Qwen2.5-7B-Instruct; see README "Benchmarks from the command line"):
   python -m fastload bench speed --model_id_or_path Qwen/Qwen2.5-7B-Instruct \\
-      --context_length 1 6144 14336 30720 --generate_length 2048 --gpus 0 --peer transformers --outputs_dir outputs/speed
+      --context_length 1 6144 14336 30720 --generate_length 2048 --gpus 0 --peer transformers \\
+      --outputs_dir outputs/speed
   python -m fastload bench load --model Qwen/Qwen2.5-7B-Instruct --repeat 3 --peer transformers
-  python -m fastload bench concurrency --model THUDM/chatglm2-6b --max_new_tokens 256
+  python -m fastload bench concurrency --model Qwen/Qwen2.5-7B-Instruct --max_new_tokens 256  (ChatGLM2 itself is not an
+      architecture fastload loads)
   python -m fastload bench perplexity --model Qwen/Qwen2.5-7B-Instruct --context 2048
 """
 from __future__ import annotations
@@ -128,7 +130,8 @@ def add_parser(sub):
     _quant_arg(sp)
     _peer_arg(sp)
     sp.add_argument("--context_length", "--context-length", dest="context_length", nargs="+", default=["1"],
-                    help="prompt lengths in tokens, several allowed (default 1; Qwen's: 1 6144 14336 30720 63488 129024)")
+                    help="prompt lengths in tokens, several allowed (default 1; Qwen's: 1 6144 14336 30720 63488 "
+                         "129024)")
     sp.add_argument("--generate_length", "--generate-length", dest="generate_length", type=int, default=2048,
                     help="new tokens per experiment (default 2048, Qwen's GENERATE_LENGTH_PER_EXPERIMENT)")
     sp.add_argument("--gpus", default=None, help="sets CUDA_VISIBLE_DEVICES, as Qwen's (e.g. 0 or 0,1); fastload "
@@ -734,7 +737,8 @@ LOAD_COLUMNS = ["engine", "cache", "runs", "seconds_median", "seconds_min", "byt
 
 def cmd_load(args):
     repeat = _positive("--repeat", args.repeat)
-    threads = _positive("--read_threads", args.read_threads) if args.read_threads is not None else min(8, os.cpu_count() or 1)
+    threads = (_positive("--read_threads", args.read_threads) if args.read_threads is not None
+               else min(8, os.cpu_count() or 1))
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
     model, first_s = load_fastload(ref, args)  # also finds the files and warms the cache
@@ -797,7 +801,8 @@ def cmd_load(args):
     for (engine, cache), r in results.items():
         raw = results.get(("raw read", cache))
         r["gb_per_s"] = round(nbytes / r["seconds_median"] / 1e9, 4) if r["seconds_median"] > 0 else None
-        r["vs_raw_read"] = round(raw["seconds_median"] / r["seconds_median"], 4) if raw and r["seconds_median"] > 0 else None
+        r["vs_raw_read"] = (round(raw["seconds_median"] / r["seconds_median"], 4) if raw and r["seconds_median"] > 0
+                            else None)
         rows.append(r)
     meta = {"benchmark": "load", "model": str(ref), "files": files, "bytes": nbytes,
             "environment": environment(device), "first_load_seconds": first_s, "repeat": repeat,
