@@ -559,6 +559,7 @@ def cmd_speed(args):
         print(f"fastload  context {n:>7}  {gen} new tokens in {secs:.2f} s: {gen / secs:.2f} tokens/s", flush=True)
     del model
     gc.collect()
+    fastload.cuda.empty_cache()  # the GPU memory and pinned buffers go back before the peer loads
     peer = {}
     if "transformers" in args.peer:
         peer["transformers"] = _speed_transformers(ref, args, lengths, gen, rows)
