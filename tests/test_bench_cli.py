@@ -1,0 +1,359 @@
+"""`python -m fastload bench {speed,load,concurrency,perplexity}` (issue 10 parts 1 and 4): each subcommand on the
+demo model with tiny sizes writes one CSV and one JSON whose contents are sane (columns, row counts, positive
+numbers, the environment); bad arguments give a clear error and leave no file behind. No timing is asserted."""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastload import bench
+from fastload.__main__ import main
+
+QWEN_COLUMNS = ["model_id_or_path", "batch_size", "context_length_per_experiment", "generate_length_per_experiment",
+                "use_flash_attn", "comment", "tokens_per_second", "max_gpu_memory_cost_gb"]
+
+
+def _run(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def _results(d):
+    """(csv rows, csv header, json document) of the one result pair in d; nothing else may be there."""
+    names = sorted(os.listdir(d))
+    assert len(names) == 2, names
+    (c,), (j,) = glob.glob(os.path.join(d, "*.csv")), glob.glob(os.path.join(d, "*.json"))
+    assert os.path.splitext(c)[0] == os.path.splitext(j)[0]
+    with open(c, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames
+    with open(j) as fh:
+        doc = json.load(fh)
+    assert doc["columns"] == header
+    assert len(doc["rows"]) == len(rows)
+    env = doc["environment"]
+    assert env["date"][:4].isdigit() and env["versions"]["fastload"] and env["versions"]["numpy"]
+    assert env["device"] and env["device_name"]
+    assert "git_commit" in env
+    return rows, header, doc
+
+
+def _no_files(root):
+    return [os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs]
+
+
+def test_speed_on_the_demo_model(tmp_path, monkeypatch, capsys, demo_gguf):
+    monkeypatch.delenv("FASTLOAD_MODEL", raising=False)  # no model named: the demo model
+    out = tmp_path / "speed"
+    rc = _run(["bench", "speed", "--context_length", "1", "5", "--generate_length", "3", "--outputs_dir", str(out)])
+    assert rc in (0, None)
+    rows, header, doc = _results(out)
+    assert header[:8] == QWEN_COLUMNS  # Qwen's CSV columns first, in its order
+    assert [int(r["context_length_per_experiment"]) for r in rows] == [1, 5]
+    for r in rows:
+        assert r["engine"] == "fastload" and r["model_id_or_path"] == demo_gguf
+        assert int(r["batch_size"]) == 1 and int(r["generate_length_per_experiment"]) == 3
+        assert float(r["tokens_per_second"]) > 0 and float(r["seconds"]) > 0
+        assert float(r["max_gpu_memory_cost_gb"]) >= 0 and float(r["peak_memory_gb"]) > 0
+        if r["device"].startswith("cuda"):
+            assert float(r["max_gpu_memory_cost_gb"]) > 0
+    assert doc["benchmark"] == "speed" and doc["seed"] == 1024
+    shown = capsys.readouterr().out
+    assert "tokens_per_second" in shown and "wrote " in shown
+
+
+def test_speed_spellings_and_missing_peer(tmp_path, capsys, demo_gguf):
+    """--model_id_or_path, --context_length a,b and --outputs-dir; --peer transformers says why it did not run."""
+    if bench._peer_missing() is None:
+        pytest.skip("torch and transformers are installed: the peer would run (a GPU-machine measurement)")
+    out = tmp_path / "a" / "b"  # created at the end
+    rc = _run(["bench", "speed", "--model_id_or_path", demo_gguf, "--context_length", "2,3", "--generate_length", "2",
+               "--peer", "transformers", "--comment", "ci", "--outputs-dir", str(out)])
+    assert rc in (0, None)
+    rows, _, doc = _results(out)
+    assert [int(r["context_length_per_experiment"]) for r in rows] == [2, 3]
+    assert {r["comment"] for r in rows} == {"ci"}
+    assert "not installed" in doc["peer"]["transformers"]["error"]
+    assert "not installed" in capsys.readouterr().out
+
+
+def test_context_length_parsing():
+    assert bench._context_lengths(["1,6144", "14336", "30720"]) == [1, 6144, 14336, 30720]
+    with pytest.raises(bench.BenchError, match="'6k' is not a whole number"):
+        bench._context_lengths(["1", "6k"])
+    with pytest.raises(bench.BenchError, match="at least 1"):
+        bench._context_lengths(["0"])
+
+
+def test_load_on_the_demo_model(tmp_path, demo_gguf):
+    out = tmp_path / "load"
+    assert _run(["bench", "load", "--model", demo_gguf, "--repeat", "1", "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    kinds = {(r["engine"], r["cache"]) for r in rows}
+    assert {("fastload", "warm"), ("raw read", "warm")} <= kinds
+    if doc["cold_method"]:  # where this process can evict the file's pages
+        assert {("fastload", "cold"), ("raw read", "cold")} <= kinds
+    else:
+        assert any("cold loads not measured" in n for n in doc["notes"])
+    size = os.path.getsize(demo_gguf)
+    assert doc["bytes"] == size and doc["files"] == [os.path.realpath(demo_gguf)]
+    for r in rows:
+        assert int(r["bytes"]) == size and int(r["runs"]) == 1
+        assert float(r["seconds_median"]) > 0 and float(r["gb_per_s"]) > 0 and float(r["vs_raw_read"]) > 0
+    assert all(float(r["core_seconds_median"]) > 0 for r in rows if r["engine"] == "fastload")
+
+
+def test_resident_fraction_and_drop(tmp_path):
+    """The cold-cache helpers: a file just written is (partly) cached; after drop_page_cache, where it works, the
+    fraction it reports is small; where it cannot, it says why."""
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(1 << 20))
+    frac = bench.resident_fraction([str(p)])
+    if frac is None:
+        pytest.skip("mincore is not available here")
+    assert 0.0 <= frac <= 1.0
+    try:
+        how, left = bench.drop_page_cache([str(p)])
+    except bench.BenchError as e:
+        assert str(e)  # a reason
+        return
+    assert how and (left is None or left <= 0.05)
+
+
+def test_concurrency_on_the_demo_model(tmp_path, demo_gguf):
+    q = tmp_path / "queries.txt"
+    q.write_text("What is the capital of France?\n\nSay hello.\n", encoding="utf-8")
+    out = tmp_path / "conc"
+    rc = _run(["bench", "concurrency", "--model", demo_gguf, "--queries", str(q), "--max_new_tokens", "2",
+               "--outputs_dir", str(out)])
+    assert rc in (0, None)
+    rows, header, doc = _results(out)
+    assert [r["mode"] for r in rows] == ["for-loop", "ThreadPoolExecutor(2)"]  # one worker per query by default
+    assert doc["queries_list"] == ["What is the capital of France?", "Say hello."]
+    for r in rows:
+        assert int(r["queries"]) == 2 and float(r["wall_s"]) > 0 and int(r["new_tokens"]) > 0
+        assert float(r["tokens_per_s"]) > 0 and r["same_answers_as_loop"] == "True"  # greedy: same answers
+        now, peak = float(r["memory_allocated_mb"]), float(r["max_memory_allocated_mb"])
+        assert now > 0 and peak >= now
+    assert len(doc["answers"]["loop"]) == 2 and doc["answers"]["loop"] == doc["answers"]["pool"]
+
+
+def test_concurrency_default_queries_are_the_reports_five():
+    assert len(bench.QUERIES) == 5 and all(isinstance(q, str) and q for q in bench.QUERIES)
+
+
+def test_perplexity_on_the_demo_model(tmp_path, demo_gguf):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6, encoding="utf-8")
+    out = tmp_path / "ppl"
+    rc = _run(["bench", "perplexity", "--model", demo_gguf, "--file", str(text), "--modes", "int8,gguf",
+               "--context", "32", "--generate_length", "2", "--outputs_dir", str(out)])
+    assert rc in (0, None)
+    rows, header, doc = _results(out)
+    by = {r["mode"]: r for r in rows}
+    assert list(by) == ["fp16", "int8", "gguf"]  # the fp16 reference always first
+    for r in rows:
+        assert float(r["perplexity"]) > 1 and float(r["word_perplexity"]) > 1 and int(r["tokens"]) > 0
+        assert float(r["tokens_per_s"]) > 0 and float(r["decode_tokens_per_s"]) > 0
+        assert int(r["weight_bytes"]) > 0 and int(r["peak_memory_bytes"]) >= int(r["weight_bytes"])
+    assert by["int8"]["held_quantised"] == "True" and by["gguf"]["held_quantised"] == "True"
+    assert int(by["int8"]["weight_bytes"]) < int(by["fp16"]["weight_bytes"])
+    assert by["fp16"]["word_ppl_vs_fp16_pct"] == "" and by["int8"]["word_ppl_vs_fp16_pct"] != ""
+
+
+# ------------------------------------------------------------------------------------------------ bad arguments
+@pytest.mark.parametrize("argv, message", [
+    (["speed", "--context_length", "1", "abc"], "--context_length: 'abc' is not a whole number"),
+    (["speed", "--context_length", "0"], "--context_length: 0 must be at least 1"),
+    (["speed", "--generate_length", "0"], "--generate_length must be at least 1"),
+    (["speed", "--gpus", "first"], "--gpus 'first'"),
+    (["speed", "--model_id_or_path", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file"),
+    (["load", "--model", "/nonexistent/dir"], "/nonexistent/dir: no such file"),
+    (["load", "--repeat", "0"], "--repeat must be at least 1"),
+    (["concurrency", "--queries", "/nonexistent/q.txt"], "/nonexistent/q.txt"),
+    (["concurrency", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["perplexity", "--modes", "int8,int3"], "--modes: 'int3' is not one of"),
+    (["perplexity", "--context", "1"], "--context must be at least 2"),
+])
+def test_bad_arguments_clear_error_nothing_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert _run(["bench"] + argv + ["--outputs_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m fastload bench {argv[0]}: error:" in err and message in err, err
+    assert not out.exists() and _no_files(tmp_path) == []
+
+
+def test_too_long_context_refused_before_running(tmp_path, capsys, demo_gguf):
+    out = tmp_path / "out"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--context_length", "1", "9000", "--generate_length", "8",
+                 "--outputs_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--context_length 9000 + --generate_length 8 = 9008 tokens" in err and "max_position_embeddings" in err
+    assert not out.exists()
+
+
+def test_empty_queries_file(tmp_path, capsys):
+    q = tmp_path / "q.txt"
+    q.write_text("\n  \n", encoding="utf-8")
+    assert _run(["bench", "concurrency", "--queries", str(q), "--outputs_dir", str(tmp_path / "o")]) == 2
+    assert "no queries" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("cmd", ["speed", "load", "concurrency", "perplexity"])
+def test_outputs_dir_under_a_file(tmp_path, capsys, cmd):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    assert _run(["bench", cmd, "--outputs_dir", str(f / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "--outputs_dir" in err and "is a file, not a directory" in err
+    assert _no_files(tmp_path) == [str(f)] and f.read_text() == "x"
+    assert _run(["bench", cmd, "--outputs-dir", str(f)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_outputs_dir_not_writable(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root may write into any directory: permissions cannot make it unwritable")
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        assert _run(["bench", "speed", "--outputs_dir", str(d / "x")]) == 2
+        assert "not writable" in capsys.readouterr().err
+        assert os.listdir(d) == []
+    finally:
+        d.chmod(0o700)
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """The CSV and JSON are renamed into place together: when the second rename fails the first is taken back,
+    the temporary files are removed and the directories this write created are removed too."""
+    target = tmp_path / "new" / "dir"
+    o = bench.Outputs(str(target))
+    real = os.replace
+    calls = []
+
+    def flaky(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(bench.os, "replace", flaky)
+    with pytest.raises(bench.BenchError, match="cannot rename"):
+        o.write("x", [{"a": 1}], ["a"], {"environment": {}})
+    assert len(calls) == 2 and not (tmp_path / "new").exists()
+    monkeypatch.setattr(bench.os, "replace", real)
+    c, j = o.write("x", [{"a": 1, "b": 2}], ["a"], {"k": "v"})
+    assert open(c).read() == "a\n1\n" and json.load(open(j))["rows"] == [{"a": 1, "b": 2}]
+    assert sorted(os.listdir(target)) == ["x.csv", "x.json"]
+
+
+def test_command_line_exit_status(tmp_path):
+    """The real command: exit status 2 and a one-line error, no traceback."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(bench.__file__))]
+                                                      + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, "-m", "fastload", "bench", "speed", "--context_length", "x",
+                        "--outputs_dir", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "error: --context_length: 'x' is not a whole number" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ --peer transformers
+def _fake_peer(monkeypatch):
+    """Stand-ins for torch and transformers with just what bench's peer code calls (CI has neither): the peer's
+    flow and rows are checked here; its real numbers come from a machine with both installed."""
+    import contextlib
+    import types
+
+    import numpy as np
+    torch = types.ModuleType("torch")
+    torch.long, torch.float16 = np.int64, np.float16
+    torch.full = lambda shape, v, dtype=None, device=None: np.full(shape, v, dtype=np.int64)
+    torch.ones_like = np.ones_like
+    torch.no_grad = contextlib.nullcontext
+    torch.cuda = types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0)
+    tf = types.ModuleType("transformers")
+    tf.__version__ = "5.0.0"
+    tf.set_seed = lambda s: None
+    seen = {}
+
+    class Model:
+        device, dtype = "cpu", "torch.float32"
+
+        def __init__(self):
+            self.generation_config = types.SimpleNamespace(min_length=0, max_new_tokens=None)
+
+        def eval(self):
+            return self
+
+        def generate(self, input_ids=None, attention_mask=None, generation_config=None):
+            seen.setdefault("lengths", []).append(input_ids.shape[1])
+            return np.zeros((input_ids.shape[0], generation_config.min_length), dtype=np.int64)
+
+    def model_from_pretrained(path, **kw):
+        seen["model_kw"] = dict(kw, path=path)
+        return Model()
+
+    tf.AutoModelForCausalLM = types.SimpleNamespace(from_pretrained=model_from_pretrained)
+    tf.AutoTokenizer = types.SimpleNamespace(from_pretrained=lambda path, **kw: (
+        lambda text, add_special_tokens=True: {"input_ids": [7] * (len(text) // len(text[:1] or "x"))}))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "transformers", tf)
+    monkeypatch.setattr(bench, "_peer_missing", lambda name="transformers": None)
+    monkeypatch.setattr(bench, "_version", lambda dist: "0-fake")
+    return seen
+
+
+def test_speed_peer_rows(tmp_path, monkeypatch, demo_gguf):
+    seen = _fake_peer(monkeypatch)
+    out = tmp_path / "o"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--context_length", "1", "3", "--generate_length", "2",
+                 "--peer", "transformers", "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    assert [(r["engine"], int(r["context_length_per_experiment"])) for r in rows] == [
+        ("fastload", 1), ("fastload", 3), ("transformers", 1), ("transformers", 3)]
+    assert seen["lengths"] == [1, 3]
+    # a .gguf file goes to transformers as its directory plus gguf_file=, dtype= (transformers >= 4.56's name)
+    kw = seen["model_kw"]
+    assert kw["path"] == os.path.dirname(demo_gguf) and kw["gguf_file"] == os.path.basename(demo_gguf)
+    assert kw["dtype"] == "auto" and "device_map" not in kw
+    assert kw["attn_implementation"] in ("sdpa", "flash_attention_2")
+    t = [r for r in rows if r["engine"] == "transformers"]
+    assert all(float(r["tokens_per_second"]) > 0 and r["dtype"] == "float32" for r in t)
+    assert "error" not in doc["peer"]["transformers"]
+
+
+def test_load_peer_rows(tmp_path, monkeypatch, demo_gguf):
+    _fake_peer(monkeypatch)
+    out = tmp_path / "o"
+    assert _run(["bench", "load", "--model", demo_gguf, "--repeat", "1", "--no-cold", "--peer", "transformers",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    assert [(r["engine"], r["cache"]) for r in rows] == [("fastload", "warm"), ("raw read", "warm"),
+                                                          ("transformers", "warm")]
+    assert float(rows[2]["seconds_median"]) > 0 and float(rows[2]["vs_raw_read"]) > 0
+    assert any("--no-cold" in n for n in doc["notes"])
+
+
+def test_peer_failure_keeps_fastload_rows(tmp_path, monkeypatch, capsys, demo_gguf):
+    _fake_peer(monkeypatch)
+
+    def boom(path, **kw):
+        raise OSError("no such checkpoint for transformers")
+    monkeypatch.setattr(sys.modules["transformers"].AutoModelForCausalLM, "from_pretrained", boom)
+    out = tmp_path / "o"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--generate_length", "2", "--peer", "transformers",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, _, doc = _results(out)
+    assert [r["engine"] for r in rows] == ["fastload"]
+    assert "no such checkpoint for transformers" in doc["peer"]["transformers"]["error"]
+    assert "--peer transformers failed" in capsys.readouterr().out
