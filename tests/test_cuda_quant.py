@@ -221,7 +221,7 @@ def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 2))
 
 
-@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r2u2", "r8u1"])
+@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r2u2", "r8u1", "r1u4", "r2u4"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 576, 32), (1000, 640, 64)])
 def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):

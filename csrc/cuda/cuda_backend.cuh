@@ -44,7 +44,7 @@ typedef struct fl_cuda_impl {
     size_t qx_bytes;
     int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
     int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
-    int qdp_cfg;                /* dp2a GEMV at n = 1 (FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1 -> 0..3; -1 default) */
+    int qdp_cfg;                /* dp2a GEMV at n = 1 (FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1|r1u4|r2u4 -> 0..5; -1 default) */
     size_t scratch_bytes;
     std::mutex mu;              /* guards `blocks` and the memory counters */
     std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */

@@ -572,56 +572,43 @@ __device__ __forceinline__ int dp2hi(uint32_t a, uint32_t b, int c) {
 }
 __device__ __forceinline__ uint32_t pack_i16(int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); }
 
+// One lane per column: a vector's VC columns are VC consecutive lanes (a warp holds 32 / VC vectors), its
+// amax and sum are shuffle reductions, each lane stores its int16 at the column's place in the codes' order.
+// (The first version, one thread per vector looping over its columns, took 3.4 us for C = 3584: on the
+// critical path before each GEMV's x loads.)
 template <typename T, int BITS>
 __global__ void __launch_bounds__(QD_THREADS)
 qx_prep_kernel(int16_t *__restrict__ xq, float2 *__restrict__ xd, const T *__restrict__ x,
                const int32_t *__restrict__ perm, int n, int64_t C) {
-    constexpr int VC = BITS == 4 ? 32 : 16, E = fl_vec<T>::EPV;
+    constexpr int VC = BITS == 4 ? 32 : 16;
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // x from the previous kernel; xq may still be read by the previous GEMV
-    const int64_t nv = C / VC, total = (int64_t)n * nv;
-    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = k / nv, v = k - i * nv;
-        float f[VC];
+    const int64_t total = (int64_t)n * C;  // one thread per element; C % VC == 0, so vectors never straddle warps
+    const int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool on = k < total;
+    const int64_t i = on ? k / C : 0, c = on ? k - i * C : 0;
+    float f = 0.f;
+    if (on) {
         if (perm) {
-#pragma unroll
-            for (int j = 0; j < VC; j++) {
-                const int32_t p = perm[v * VC + j];
-                f[j] = p >= 0 && p < C ? fl_to_f32(x[i * C + p]) : 0.f;
-            }
+            const int32_t p = perm[c];
+            f = p >= 0 && p < C ? fl_to_f32(x[i * C + p]) : 0.f;
         } else {
-            const uint4 *p = (const uint4 *)(x + i * C + v * VC);
-#pragma unroll
-            for (int h = 0; h < VC / E; h++) fl_vec_to_f32<T>(p[h], f + h * E);
+            f = fl_to_f32(x[k]);
         }
-        float amax = 0.f, sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < VC; j++) {
-            amax = fmaxf(amax, fabsf(f[j]));
-            sum += f[j];
-        }
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        int q[VC];
-#pragma unroll
-        for (int j = 0; j < VC; j++) q[j] = max(-32767, min(32767, __float2int_rn(f[j] * inv)));
-        uint32_t w[VC / 2];
-#pragma unroll
-        for (int b = 0; b < VC / 8; b++) {
-            if (BITS == 4) {
-                w[4 * b + 0] = pack_i16(q[8 * b + 0], q[8 * b + 2]);
-                w[4 * b + 1] = pack_i16(q[8 * b + 4], q[8 * b + 6]);
-                w[4 * b + 2] = pack_i16(q[8 * b + 1], q[8 * b + 3]);
-                w[4 * b + 3] = pack_i16(q[8 * b + 5], q[8 * b + 7]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 4; e++) w[4 * b + e] = pack_i16(q[8 * b + 2 * e], q[8 * b + 2 * e + 1]);
-            }
-        }
-        uint4 *o = (uint4 *)(xq + k * VC);
-#pragma unroll
-        for (int h = 0; h < VC / 8; h++) o[h] = make_uint4(w[4 * h], w[4 * h + 1], w[4 * h + 2], w[4 * h + 3]);
-        xd[k] = make_float2(amax * (1.f / 32767.f), sum);
     }
+    float amax = fabsf(f), sum = f;
+#pragma unroll
+    for (int o = VC / 2; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o, VC));
+        sum += __shfl_xor_sync(0xffffffffu, sum, o, VC);
+    }
+    if (!on) return;
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    const int q = max(-32767, min(32767, __float2int_rn(f * inv)));
+    const int j = (int)(c & 7);
+    const int64_t dst = BITS == 4 ? (k & ~(int64_t)7) + ((j & 1) ? 4 + (j >> 1) : (j >> 1)) : k;
+    xq[dst] = (int16_t)q;
+    if ((c & (VC - 1)) == 0) xd[k / VC] = make_float2(amax * (1.f / 32767.f), sum);
 }
 
 // sum over the 16-byte vector of codes c of q * xq (int32)
@@ -1107,12 +1094,14 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
     return FL_OK;
 }
 
-// FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1 (rows per warp, vectors per row per step) at n = 1, for A/B runs
+// FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1|r1u4|r2u4 (rows per warp, vectors per row per step) at n = 1, for A/B runs
 // (c->qdp_cfg, read per backend). Default: 4-bit r4u1, 8-bit r8u1. H200, Qwen2.5-7B-shaped decode b1
 // tok/s (whole model, 2026-12-01):
-//            r4u2  r4u1  r2u2  r8u1
-//   int8     363   362   374   383
-//   int4     429   449   406   437
+//            r4u2  r4u1  r2u2  r8u1  r1u4  r2u4
+//   int8     363   362   374   383   357   369
+//   int4     429   449   406   437   299   380
+// (the last two columns and r4u1 465 / r8u1 389 with the warp-per-vector x prep; one row per warp loses x's
+// reuse across rows.)
 template <typename T, typename S, int BITS, bool ZEROS, int N>
 static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                               const T *bias, uint32_t gm, int n, int cfg) {
@@ -1121,6 +1110,8 @@ static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const fl
         case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1>(st, y, xq, xd, W, bias, gm, n);
         case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2>(st, y, xq, xd, W, bias, gm, n);
         case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1>(st, y, xq, xd, W, bias, gm, n);
+        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 1, 4>(st, y, xq, xd, W, bias, gm, n);
+        case 5: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 4>(st, y, xq, xd, W, bias, gm, n);
         default: break;
         }
     }
@@ -1153,12 +1144,13 @@ static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x,
                           const void *bias) {
     cudaStream_t st = c->stream;
     const int vc = W.bits == 4 ? 32 : 16;
-    const int64_t nv = W.C / vc;
     const uint32_t vpg = (uint32_t)(W.gs / vc);
     const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;  // exact: nv * vpg <= 2^32 (qdp_ok)
     int16_t *xq = (int16_t *)c->qxq;
     float2 *xd = (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)W.C * 2);
-    const unsigned grid = grid_for((int64_t)n * nv, QD_THREADS, c->n_sm);
+    const int64_t pblocks = ((int64_t)n * W.C + QD_THREADS - 1) / QD_THREADS;  // one thread per element
+    if (pblocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %d x %lld is too many", n, (long long)W.C);
+    const unsigned grid = (unsigned)pblocks;
     if (act == FL_BF16) {
         typedef __nv_bfloat16 T;
         if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
