@@ -9,12 +9,27 @@
  *
  * Quantisation at load (fl_q_quantize_rows), all in float32 on the source widened exactly; per group:
  *   int8  amax = max|x|; s = f32(fp16(amax / 127)); q = s == 0 ? 128 : clamp(rintf(x / s), -127, 127) + 128
- *   int4  mn = min x, mx = max x; s = f32(fp16((mx - mn) / 15)); m = f32(fp16(mn));
- *         q = s == 0 ? 0 : clamp(rintf((x - m) / s), 0, 15)
+ *   int4  a search over 22 (scale, offset) candidates, the one with the least squared error kept:
+ *         mn = min x, mx = max x (a zero min / max is +0 when any element is +0, else -0);
+ *         candidate 0 (round to nearest): s = f32(fp16((mx - mn) / 15)), m = f32(fp16(mn)); if s == 0 every
+ *           code is 0 and that is the result (no search);
+ *         E(s, m) = sum over the group in column order of e * e, e = fmaf(q, s, m) - x, accumulated as
+ *           err = fmaf(e, e, err) from +0, q = clamp(rintf((x - m) / s), 0, 15) (the codes stored for (s, m));
+ *         sx = sum of x in column order (float adds from +0); r = mx - mn;
+ *         candidates k = 1..21 (llama.cpp's make_qkx2_quants, unweighted): is = ((float)(139 + k) / 10) / r
+ *           (the step count 14.0, 14.1, .. 16.0 over the range); l = clamp(rintf((x - mn) * is), 0, 15);
+ *           sl = sum l, sl2 = sum l * l (exact integers), sxl = fmaf(x, l, sxl) in column order from +0;
+ *           D = G * sl2 - sl * sl (int64); skipped when D <= 0; with Gf, slf, sl2f, Df = (float) of each:
+ *           s = f32(fp16(fmaf(Gf, sxl, -(sx * slf)) / Df)), m = f32(fp16(fmaf(sl2f, sx, -(slf * sxl)) / Df))
+ *           (the least-squares fit of x ~ s * l + m); skipped unless 0 < s <= 65504 and |m| <= 65504;
+ *         the kept candidate is the first with the least E (a later one must be strictly smaller; a NaN E
+ *           never wins, and a NaN E of candidate 0 keeps candidate 0); codes q as in E with its (s, m).
  *   nf4   amax = max|x|; s = f32(fp16(amax)); v = s == 0 ? 0 : x / s; q = #{i < 15 : v > mid[i]},
  *         mid[i] = (nf4[i] + nf4[i + 1]) * 0.5f
  * max / min / clamp are fmaxf / fminf (a NaN operand loses: NaN inputs do not poison a group's scale,
- * a NaN value clamps to the low end), rintf rounds half to even (the default rounding mode). */
+ * a NaN value clamps to the low end), rintf rounds half to even (the default rounding mode). Every
+ * multiply-add that decides a code or a choice is an explicit fmaf (the compiler may not contract others);
+ * the CUDA quantiser (qquantize_kernel) computes the same values with IEEE PTX, one candidate per lane. */
 #include "quant.h"
 #include <math.h>
 
@@ -153,6 +168,52 @@ static inline float src_val(const void *p, fl_dtype t, size_t i) {
     }
 }
 
+/* int4's squared error E(s, m) of a group (the rules at the top; s != 0). */
+static float int4_err(const void *src, fl_dtype st, size_t b, int64_t G, float s, float m) {
+    float err = 0.0f;
+    for (int64_t c = 0; c < G; c++) {
+        const float x = src_val(src, st, b + (size_t)c);
+        const float q = fminf(fmaxf(rintf((x - m) / s), 0.0f), 15.0f);
+        const float e = fmaf(q, s, m) - x;
+        err = fmaf(e, e, err);
+    }
+    return err;
+}
+
+/* int4's candidates 1..21 (the rules at the top): *s, *m come in as candidate 0 and leave as the kept one. */
+static void int4_search(const void *src, fl_dtype st, size_t b, int64_t G, float mn, float mx, float *s, float *m) {
+    float best = int4_err(src, st, b, G, *s, *m);
+    if (best != best) return;
+    float sx = 0.0f;
+    for (int64_t c = 0; c < G; c++) sx += src_val(src, st, b + (size_t)c);
+    const float r = mx - mn, Gf = (float)G;
+    for (int k = 1; k <= FL_Q4_CANDIDATES; k++) {
+        const float is = ((float)(139 + k) / 10.0f) / r;
+        int64_t sl = 0, sl2 = 0;
+        float sxl = 0.0f;
+        for (int64_t c = 0; c < G; c++) {
+            const float x = src_val(src, st, b + (size_t)c);
+            const int l = (int)fminf(fmaxf(rintf((x - mn) * is), 0.0f), 15.0f);
+            sl += l;
+            sl2 += l * l;
+            sxl = fmaf(x, (float)l, sxl);
+        }
+        const int64_t D = G * sl2 - sl * sl;
+        if (D <= 0) continue;
+        const float Df = (float)D, slf = (float)sl, sl2f = (float)sl2;
+        const float p = sx * slf, p2 = slf * sxl;
+        const float cs = fl_f16_to_f32(fl_f32_to_f16(fmaf(Gf, sxl, -p) / Df));
+        const float cm = fl_f16_to_f32(fl_f32_to_f16(fmaf(sl2f, sx, -p2) / Df));
+        if (!(cs > 0.0f && cs <= 65504.0f && cm >= -65504.0f && cm <= 65504.0f)) continue;
+        const float e = int4_err(src, st, b, G, cs, cm);
+        if (e < best) {
+            best = e;
+            *s = cs;
+            *m = cm;
+        }
+    }
+}
+
 fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t n, const void *src, fl_dtype st) {
     if (w->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: weight is not quantised");
     if (st != FL_F32 && st != FL_F16 && st != FL_BF16)
@@ -193,8 +254,9 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                  * (a row of mixed-sign zeros gave scale -0 here and +0 there in the first H200 run). */
                 if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
                 if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
-                const float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
-                const float m = fl_f16_to_f32(fl_f32_to_f16(mn));
+                float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
+                float m = fl_f16_to_f32(fl_f32_to_f16(mn));
+                if (s != 0.0f) int4_search(src, st, sb + (size_t)c0, G, mn, mx, &s, &m);
                 sstore(w->scales_d, L.sdtype, gi, s);
                 sstore(w->zeros_d, L.sdtype, gi, m);
                 for (int64_t c = c0; c < c0 + G; c++) {

@@ -309,6 +309,75 @@ def to_src_dtype(x, dt):
     return x
 
 
+def np_fmaf(a, b, c):
+    """fmaf in float32 (one rounding) for finite values: the exact product in float64, the sum's rounding error
+    (TwoSum) breaking a float64 result that lands on a float32 half-way point."""
+    a, b, c = (np.asarray(v, np.float32) for v in (a, b, c))
+    p = a.astype(np.float64) * b
+    t = p + c
+    bb = t - p
+    err = (p - (t - bb)) + (c - bb)
+    with np.errstate(invalid="ignore"):
+        fix = np.isfinite(t) & (err != 0)
+        t = np.where(fix, np.nextafter(t, np.where(err > 0, np.inf, -np.inf)), t)
+    return t.astype(np.float32)
+
+
+Q4_CANDIDATES = 21  # FL_Q4_CANDIDATES (csrc/quant.h)
+
+
+def np_int4_search(g):
+    """int4's (scale, offset) per group (rows of g [N, G]): the search of fl_q_quantize_rows (csrc/quant_ref.c),
+    column by column in the C order so that every float32 sum rounds the same way."""
+    g = np.asarray(g, np.float32)
+    N, G = g.shape
+    f32 = np.float32
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mn, mx = g.min(axis=1), g.max(axis=1)
+        s0 = f16((mx - mn) / f32(15.0))
+        m0 = f16(mn)
+
+        def err_of(s, m):
+            err = np.zeros(N, f32)
+            for c in range(G):
+                x = g[:, c]
+                q = np.fmin(np.fmax(np.rint((x - m) / s), f32(0)), f32(15)).astype(f32)
+                e = (np_fmaf(q, s, m) - x).astype(f32)
+                err = np_fmaf(e, e, err)
+            return err
+
+        live = s0 != 0
+        best = err_of(s0, m0)
+        bs, bm = s0.copy(), m0.copy()
+        sx = np.zeros(N, f32)
+        for c in range(G):
+            sx = (sx + g[:, c]).astype(f32)
+        r = (mx - mn).astype(f32)
+        for k in range(1, Q4_CANDIDATES + 1):
+            iscale = ((f32(139 + k) / f32(10.0)) / r).astype(f32)
+            sl = np.zeros(N, np.int64)
+            sl2 = np.zeros(N, np.int64)
+            sxl = np.zeros(N, f32)
+            for c in range(G):
+                x = g[:, c]
+                l = np.fmin(np.fmax(np.rint((x - mn) * iscale), f32(0)), f32(15))
+                l = np.nan_to_num(l).astype(np.int64)
+                sl += l
+                sl2 += l * l
+                sxl = np_fmaf(x, l.astype(f32), sxl)
+            D = G * sl2 - sl * sl
+            Df, slf, sl2f = D.astype(f32), sl.astype(f32), sl2.astype(f32)
+            p, p2 = (sx * slf).astype(f32), (slf * sxl).astype(f32)
+            cs = f16(np_fmaf(f32(G), sxl, -p) / Df)
+            cm = f16(np_fmaf(sl2f, sx, -p2) / Df)
+            ok = live & (D > 0) & (cs > 0) & (cs <= 65504) & (cm >= -65504) & (cm <= 65504)
+            e = err_of(np.where(ok, cs, f32(1)), np.where(ok, cm, f32(0)))
+            better = ok & (e < best)
+            best = np.where(better, e, best)
+            bs, bm = np.where(better, cs, bs), np.where(better, cm, bm)
+    return bs.astype(f32), bm.astype(f32)
+
+
 def np_quantize(x, scheme, group):
     """The quantisation-at-load rules in numpy float32: returns codes [R, C], scales, zeros or None."""
     x = np.asarray(x, np.float32)
@@ -322,9 +391,8 @@ def np_quantize(x, scheme, group):
             codes = np.where(s[..., None] == 0, 128, np.fmin(np.fmax(v, -127), 127).astype(np.int64) + 128)
             return codes.reshape(R, C), s, None
         if scheme == "int4":
-            mn, mx = g.min(axis=2), g.max(axis=2)
-            s = f16((mx - mn) / np.float32(15.0))
-            m = f16(mn)
+            s, m = np_int4_search(g.reshape(-1, group))
+            s, m = s.reshape(R, C // group), m.reshape(R, C // group)
             v = np.rint((g - m[..., None]) / s[..., None]).astype(np.float32)
             codes = np.where(s[..., None] == 0, 0, np.fmin(np.fmax(v, 0), 15).astype(np.int64))
             return codes.reshape(R, C), s, m
@@ -358,9 +426,17 @@ def test_quantize_rules_bit_exact(scheme, group, src_dtype):
     # and what it produced is a weight the matmul reads: within half a step of the source per element
     code = 1 if scheme == "nf4" else 0
     W = np_dequant(o["q"], o["scales"], o.get("zeros"), bits, g, code)
-    if scheme != "nf4":
+    if scheme == "int8":
         step = np.repeat(o["scales"], g, axis=1)
         assert np.all(np.abs(W - x) <= step * 0.5 + 2e-3 * np.abs(x) + 1e-6)
+    elif scheme == "int4":  # the search keeps round to nearest unless it finds a smaller squared error
+        xg = x.reshape(R, C // g, g).astype(np.float64)
+        mn, mx = xg.min(axis=2, keepdims=True), xg.max(axis=2, keepdims=True)
+        s0, m0 = f16((mx - mn) / 15.0), f16(mn)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rtn = np.where(s0 == 0, m0, np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0)
+        got = ((W.reshape(R, C // g, g) - xg) ** 2).sum(axis=2)
+        assert np.all(got <= ((rtn - xg) ** 2).sum(axis=2) * (1 + 1e-5) + 1e-30)
 
 
 def test_quantize_half_way_ties_round_to_even():

@@ -703,7 +703,81 @@ __device__ __forceinline__ float ieee_rint(float a) {  // round half to even
     asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
     return r;
 }
+__device__ __forceinline__ float ieee_add(float a, float b) {
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_mul(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_fma(float a, float b, float c) {
+    float r;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+    return r;
+}
 __device__ __forceinline__ float f16_round(float a) { return __half2float(__float2half_rn(a)); }
+
+// int4's squared error E(s, m) of a group, in column order (int4_err in csrc/quant_ref.c)
+template <typename ST>
+__device__ float q4_err(const ST *__restrict__ x, int gs, float s, float m) {
+    float err = 0.0f;
+    for (int j = 0; j < gs; j++) {
+        const float v = fl_to_f32(x[j]);
+        const float q = ieee_min(ieee_max(ieee_rint(ieee_div(ieee_sub(v, m), s)), 0.0f), 15.0f);
+        const float e = ieee_sub(ieee_fma(q, s, m), v);
+        err = ieee_fma(e, e, err);
+    }
+    return err;
+}
+
+// int4's search (int4_search in csrc/quant_ref.c), one candidate per lane: lane 0 is round to nearest (s, m),
+// lane k in 1..FL_Q4_CANDIDATES the k-th least-squares candidate; every lane's sums run in column order like the
+// CPU's, and the first candidate with the least error wins (a (error bits, lane) minimum over the warp).
+template <typename ST>
+__device__ void q4_search(const ST *__restrict__ x, int gs, int lane, float mn, float mx, float *s, float *m) {
+    float cs = *s, cm = *m;
+    bool ok = lane <= FL_Q4_CANDIDATES;
+    if (lane >= 1 && ok) {
+        float sx = 0.0f;
+        for (int j = 0; j < gs; j++) sx = ieee_add(sx, fl_to_f32(x[j]));
+        const float is = ieee_div(ieee_div((float)(139 + lane), 10.0f), ieee_sub(mx, mn));
+        long long sl = 0, sl2 = 0;
+        float sxl = 0.0f;
+        for (int j = 0; j < gs; j++) {
+            const float v = fl_to_f32(x[j]);
+            const int l = (int)ieee_min(ieee_max(ieee_rint(ieee_mul(ieee_sub(v, mn), is)), 0.0f), 15.0f);
+            sl += l;
+            sl2 += l * l;
+            sxl = ieee_fma(v, (float)l, sxl);
+        }
+        const long long D = (long long)gs * sl2 - sl * sl;
+        if (D <= 0) {
+            ok = false;
+        } else {
+            const float Df = __ll2float_rn(D), slf = __ll2float_rn(sl), sl2f = __ll2float_rn(sl2);
+            const float p = ieee_mul(sx, slf), p2 = ieee_mul(slf, sxl);
+            cs = f16_round(ieee_div(ieee_fma((float)gs, sxl, -p), Df));
+            cm = f16_round(ieee_div(ieee_fma(sl2f, sx, -p2), Df));
+            ok = cs > 0.0f && cs <= 65504.0f && cm >= -65504.0f && cm <= 65504.0f;
+        }
+    }
+    const float e = ok ? q4_err(x, gs, cs, cm) : 0.0f;
+    unsigned eb = __float_as_uint(e);  // e >= +0: its bits order like the floats; NaN counts as +inf (never wins)
+    if ((eb & 0x7fffffffu) > 0x7f800000u) eb = 0x7f800000u;
+    unsigned long long key = ok ? ((unsigned long long)eb << 32) | (unsigned)lane : ~0ull;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
+        key = other < key ? other : key;
+    }
+    const unsigned e0 = __shfl_sync(0xffffffffu, __float_as_uint(e), 0);
+    const int win = (e0 & 0x7fffffffu) > 0x7f800000u ? 0 : (int)(key & 0xffffffffu);  // NaN at lane 0 keeps it
+    *s = __shfl_sync(0xffffffffu, cs, win);
+    *m = __shfl_sync(0xffffffffu, cm, win);
+}
 
 struct fl_qmid { float v[15]; };  // NF4 decision points, computed on the host as the CPU does
 
@@ -744,8 +818,9 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
         pos_zero = __any_sync(0xffffffffu, pos_zero);
         if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
         if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
-        const float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
-        const float m = f16_round(mn);
+        float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
+        float m = f16_round(mn);
+        if (s != 0.0f) q4_search(x, gs, lane, mn, mx, &s, &m);  // s is the same in every lane: no divergence
         if (lane == 0) {
             sstore(scales, s);
             sstore(zeros, m);
