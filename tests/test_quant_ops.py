@@ -323,12 +323,33 @@ def np_fmaf(a, b, c):
     return t.astype(np.float32)
 
 
-Q4_CANDIDATES = 21  # FL_Q4_CANDIDATES (csrc/quant.h)
+Q4_CANDIDATES = 11  # FL_Q4_CANDIDATES (csrc/quant.h)
+
+
+def np_clamp15(v):
+    t = np.where(v > 0, v, np.float32(0))  # a NaN gives 0, as fminf(fmaxf(v, 0), 15)
+    return np.where(t < 15, t, np.float32(15)).astype(np.float32)
+
+
+def np_sum32(terms, step):
+    """A strided group sum of fl_q_quantize_rows: 32 partials (element c into partial c % 32, in column order,
+    p = step(p, c)), then for o = 16 .. 1: p[j] = p[j] + p[j + o] for j < o. terms: the group length G."""
+    p = [None] * 32
+    for c in range(terms):
+        j = c % 32
+        p[j] = step(np.float32(0) if p[j] is None else p[j], c)
+    p = [np.float32(0) if v is None else v for v in p]
+    o = 16
+    while o:
+        for j in range(o):
+            p[j] = (p[j] + p[j + o]).astype(np.float32)
+        o //= 2
+    return np.asarray(p[0], np.float32)
 
 
 def np_int4_search(g):
     """int4's (scale, offset) per group (rows of g [N, G]): the search of fl_q_quantize_rows (csrc/quant_ref.c),
-    column by column in the C order so that every float32 sum rounds the same way."""
+    with its strided sums, so that every float32 sum rounds the same way."""
     g = np.asarray(g, np.float32)
     N, G = g.shape
     f32 = np.float32
@@ -338,37 +359,30 @@ def np_int4_search(g):
         m0 = f16(mn)
 
         def err_of(s, m):
-            err = np.zeros(N, f32)
-            for c in range(G):
+            inv = (f32(1.0) / s).astype(f32)
+
+            def step(p, c):
                 x = g[:, c]
-                q = np.fmin(np.fmax(np.rint((x - m) / s), f32(0)), f32(15)).astype(f32)
+                q = np_clamp15(np.rint((x - m) * inv))
                 e = (np_fmaf(q, s, m) - x).astype(f32)
-                err = np_fmaf(e, e, err)
-            return err
+                return np_fmaf(e, e, p)
+            return np_sum32(G, step)
 
         live = s0 != 0
-        best = err_of(s0, m0)
+        best = err_of(np.where(live, s0, f32(1)), m0)
         bs, bm = s0.copy(), m0.copy()
-        sx = np.zeros(N, f32)
-        for c in range(G):
-            sx = (sx + g[:, c]).astype(f32)
+        sx = np_sum32(G, lambda p, c: (p + g[:, c]).astype(f32))
         r = (mx - mn).astype(f32)
         for k in range(1, Q4_CANDIDATES + 1):
-            iscale = ((f32(139 + k) / f32(10.0)) / r).astype(f32)
-            sl = np.zeros(N, np.int64)
-            sl2 = np.zeros(N, np.int64)
-            sxl = np.zeros(N, f32)
-            for c in range(G):
-                x = g[:, c]
-                l = np.fmin(np.fmax(np.rint((x - mn) * iscale), f32(0)), f32(15))
-                l = np.nan_to_num(l).astype(np.int64)
-                sl += l
-                sl2 += l * l
-                sxl = np_fmaf(x, l.astype(f32), sxl)
+            iscale = ((f32(69 + k) / f32(5.0)) / r).astype(f32)
+            L = np.nan_to_num(np_clamp15(np.rint((g - mn[:, None]) * iscale[:, None]))).astype(np.int64)
+            sl, sl2 = L.sum(axis=1), (L * L).sum(axis=1)
+            Lf = L.astype(f32)
+            sxl = np_sum32(G, lambda p, c: np_fmaf(g[:, c], Lf[:, c], p))
             D = G * sl2 - sl * sl
             Df, slf, sl2f = D.astype(f32), sl.astype(f32), sl2.astype(f32)
-            p, p2 = (sx * slf).astype(f32), (slf * sxl).astype(f32)
-            cs = f16(np_fmaf(f32(G), sxl, -p) / Df)
+            p1, p2 = (sx * slf).astype(f32), (slf * sxl).astype(f32)
+            cs = f16(np_fmaf(f32(G), sxl, -p1) / Df)
             cm = f16(np_fmaf(sl2f, sx, -p2) / Df)
             ok = live & (D > 0) & (cs > 0) & (cs <= 65504) & (cm >= -65504) & (cm <= 65504)
             e = err_of(np.where(ok, cs, f32(1)), np.where(ok, cm, f32(0)))
@@ -393,8 +407,10 @@ def np_quantize(x, scheme, group):
         if scheme == "int4":
             s, m = np_int4_search(g.reshape(-1, group))
             s, m = s.reshape(R, C // group), m.reshape(R, C // group)
-            v = np.rint((g - m[..., None]) / s[..., None]).astype(np.float32)
-            codes = np.where(s[..., None] == 0, 0, np.fmin(np.fmax(v, 0), 15).astype(np.int64))
+            with np.errstate(divide="ignore"):
+                inv = (np.float32(1.0) / s).astype(np.float32)
+            v = np.rint((g - m[..., None]) * inv[..., None]).astype(np.float32)
+            codes = np.where(s[..., None] == 0, 0, np_clamp15(v).astype(np.int64))
             return codes.reshape(R, C), s, m
         amax = np.abs(g).max(axis=2)
         s = f16(amax)
@@ -404,7 +420,8 @@ def np_quantize(x, scheme, group):
         return codes.reshape(R, C), s, None
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int8", 32), ("int4", 0), ("int4", 64), ("nf4", 0), ("nf4", 32)])
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int8", 32), ("int4", 0), ("int4", 64), ("int4", 16), ("nf4", 0),
+                                          ("nf4", 32)])
 @pytest.mark.parametrize("src_dtype", ["float32", "float16", "bfloat16"])
 def test_quantize_rules_bit_exact(scheme, group, src_dtype):
     rng, seed = rng_seed()
@@ -437,6 +454,24 @@ def test_quantize_rules_bit_exact(scheme, group, src_dtype):
             rtn = np.where(s0 == 0, m0, np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0)
         got = ((W.reshape(R, C // g, g) - xg) ** 2).sum(axis=2)
         assert np.all(got <= ((rtn - xg) ** 2).sum(axis=2) * (1 + 1e-5) + 1e-30)
+
+
+@pytest.mark.parametrize("group", [128, 96, 64])
+def test_quantize_int4_search_beats_round_to_nearest(group):
+    """int4's (scale, offset) search lowers the weights' error: on Gaussian rows with a few outliers, the relative
+    (Frobenius) error is at least 5% below plain round to nearest over each group's min / max (issue 9's quality
+    targets: round to nearest left int4 at +79% word perplexity on the demo model)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 1152)).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] *= 6
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int4", "group_size": group})
+    W = np_dequant(o["q"], o["scales"], o["zeros"], 4, group, 0)
+    xg = x.reshape(64, -1, group).astype(np.float32)
+    mn, mx = xg.min(axis=2, keepdims=True), xg.max(axis=2, keepdims=True)
+    s0, m0 = f16((mx - mn) / np.float32(15)), f16(mn)
+    rtn = (np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0).reshape(x.shape)
+    err, err_rtn = np.linalg.norm(W - x), np.linalg.norm(rtn - x)
+    assert err <= 0.95 * err_rtn, (err / np.linalg.norm(x), err_rtn / np.linalg.norm(x))
 
 
 def test_quantize_half_way_ties_round_to_even():

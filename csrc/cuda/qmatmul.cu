@@ -720,63 +720,77 @@ __device__ __forceinline__ float ieee_fma(float a, float b, float c) {
 }
 __device__ __forceinline__ float f16_round(float a) { return __half2float(__float2half_rn(a)); }
 
-// int4's squared error E(s, m) of a group, in column order (int4_err in csrc/quant_ref.c)
-template <typename ST>
-__device__ float q4_err(const ST *__restrict__ x, int gs, float s, float m) {
-    float err = 0.0f;
-    for (int j = 0; j < gs; j++) {
-        const float v = fl_to_f32(x[j]);
-        const float q = ieee_min(ieee_max(ieee_rint(ieee_div(ieee_sub(v, m), s)), 0.0f), 15.0f);
-        const float e = ieee_sub(ieee_fma(q, s, m), v);
-        err = ieee_fma(e, e, err);
-    }
-    return err;
+// int4's search (int4_search in csrc/quant_ref.c): the warp works through the candidates one after another, lane j
+// taking the elements j, j + 32, .. of the group (the CPU's partial j); the butterfly of IEEE adds leaves every lane
+// with the CPU's tree sum (a + b == b + a bit for bit). Errors are >= +0: their bits order like the floats, and
+// a NaN error never compares below.
+__device__ __forceinline__ float warp_sum32(float p) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) p = ieee_add(p, __shfl_xor_sync(0xffffffffu, p, o));
+    return p;
+}
+__device__ __forceinline__ long long warp_isum(long long v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float clamp15(float v) {  // fminf(fmaxf(v, 0), 15): a NaN gives 0
+    const float t = v > 0.0f ? v : 0.0f;
+    return t < 15.0f ? t : 15.0f;
+}
+__device__ __forceinline__ bool err_below(float e, float best) {
+    const unsigned eb = __float_as_uint(e);
+    return (eb & 0x7fffffffu) <= 0x7f800000u && eb < __float_as_uint(best);
 }
 
-// int4's search (int4_search in csrc/quant_ref.c), one candidate per lane: lane 0 is round to nearest (s, m),
-// lane k in 1..FL_Q4_CANDIDATES the k-th least-squares candidate; every lane's sums run in column order like the
-// CPU's, and the first candidate with the least error wins (a (error bits, lane) minimum over the warp).
+template <typename ST>
+__device__ float q4_err(const ST *__restrict__ x, int gs, int lane, float s, float m) {
+    const float inv = ieee_div(1.0f, s);
+    float p = 0.0f;
+    for (int j = lane; j < gs; j += 32) {
+        const float v = fl_to_f32(x[j]);
+        const float q = clamp15(ieee_rint(ieee_mul(ieee_sub(v, m), inv)));
+        const float e = ieee_sub(ieee_fma(q, s, m), v);
+        p = ieee_fma(e, e, p);
+    }
+    return warp_sum32(p);
+}
+
 template <typename ST>
 __device__ void q4_search(const ST *__restrict__ x, int gs, int lane, float mn, float mx, float *s, float *m) {
-    float cs = *s, cm = *m;
-    bool ok = lane <= FL_Q4_CANDIDATES;
-    if (lane >= 1 && ok) {
-        float sx = 0.0f;
-        for (int j = 0; j < gs; j++) sx = ieee_add(sx, fl_to_f32(x[j]));
-        const float is = ieee_div(ieee_div((float)(139 + lane), 10.0f), ieee_sub(mx, mn));
-        long long sl = 0, sl2 = 0;
-        float sxl = 0.0f;
-        for (int j = 0; j < gs; j++) {
+    float best = q4_err(x, gs, lane, *s, *m);
+    if ((__float_as_uint(best) & 0x7fffffffu) > 0x7f800000u) return;  // NaN: round to nearest stays
+    float p = 0.0f;
+    for (int j = lane; j < gs; j += 32) p = ieee_add(p, fl_to_f32(x[j]));
+    const float sx = warp_sum32(p), r = ieee_sub(mx, mn), Gf = (float)gs;
+    for (int k = 1; k <= FL_Q4_CANDIDATES; k++) {
+        const float is = ieee_div(ieee_div((float)(69 + k), 5.0f), r);
+        int il = 0, il2 = 0;
+        float pxl = 0.0f;
+        for (int j = lane; j < gs; j += 32) {
             const float v = fl_to_f32(x[j]);
-            const int l = (int)ieee_min(ieee_max(ieee_rint(ieee_mul(ieee_sub(v, mn), is)), 0.0f), 15.0f);
-            sl += l;
-            sl2 += l * l;
-            sxl = ieee_fma(v, (float)l, sxl);
+            const float l = clamp15(ieee_rint(ieee_mul(ieee_sub(v, mn), is)));
+            const int li = (int)l;
+            il += li;
+            il2 += li * li;
+            pxl = ieee_fma(v, l, pxl);
         }
+        const long long sl = warp_isum(il), sl2 = warp_isum(il2);
+        const float sxl = warp_sum32(pxl);
         const long long D = (long long)gs * sl2 - sl * sl;
-        if (D <= 0) {
-            ok = false;
-        } else {
-            const float Df = __ll2float_rn(D), slf = __ll2float_rn(sl), sl2f = __ll2float_rn(sl2);
-            const float p = ieee_mul(sx, slf), p2 = ieee_mul(slf, sxl);
-            cs = f16_round(ieee_div(ieee_fma((float)gs, sxl, -p), Df));
-            cm = f16_round(ieee_div(ieee_fma(sl2f, sx, -p2), Df));
-            ok = cs > 0.0f && cs <= 65504.0f && cm >= -65504.0f && cm <= 65504.0f;
+        if (D <= 0) continue;
+        const float Df = __ll2float_rn(D), slf = __ll2float_rn(sl), sl2f = __ll2float_rn(sl2);
+        const float p1 = ieee_mul(sx, slf), p2 = ieee_mul(slf, sxl);
+        const float cs = f16_round(ieee_div(ieee_fma(Gf, sxl, -p1), Df));
+        const float cm = f16_round(ieee_div(ieee_fma(sl2f, sx, -p2), Df));
+        if (!(cs > 0.0f && cs <= 65504.0f && cm >= -65504.0f && cm <= 65504.0f)) continue;
+        const float e = q4_err(x, gs, lane, cs, cm);
+        if (err_below(e, best)) {
+            best = e;
+            *s = cs;
+            *m = cm;
         }
     }
-    const float e = ok ? q4_err(x, gs, cs, cm) : 0.0f;
-    unsigned eb = __float_as_uint(e);  // e >= +0: its bits order like the floats; NaN counts as +inf (never wins)
-    if ((eb & 0x7fffffffu) > 0x7f800000u) eb = 0x7f800000u;
-    unsigned long long key = ok ? ((unsigned long long)eb << 32) | (unsigned)lane : ~0ull;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned long long other = __shfl_xor_sync(0xffffffffu, key, o);
-        key = other < key ? other : key;
-    }
-    const unsigned e0 = __shfl_sync(0xffffffffu, __float_as_uint(e), 0);
-    const int win = (e0 & 0x7fffffffu) > 0x7f800000u ? 0 : (int)(key & 0xffffffffu);  // NaN at lane 0 keeps it
-    *s = __shfl_sync(0xffffffffu, cs, win);
-    *m = __shfl_sync(0xffffffffu, cm, win);
 }
 
 struct fl_qmid { float v[15]; };  // NF4 decision points, computed on the host as the CPU does
@@ -820,18 +834,19 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
         if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
         float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
         float m = f16_round(mn);
-        if (s != 0.0f) q4_search(x, gs, lane, mn, mx, &s, &m);  // s is the same in every lane: no divergence
+        if (s != 0.0f) q4_search(x, gs, lane, mn, mx, &s, &m);  // s, mn, mx are the same in every lane
         if (lane == 0) {
             sstore(scales, s);
             sstore(zeros, m);
         }
         uint8_t *qr = q + r * (C / 2) + c0 / 2;
+        const float inv = s == 0.0f ? 0.0f : ieee_div(1.0f, s);
         for (int j = 2 * lane; j < gs; j += 64) {
             unsigned v[2];
 #pragma unroll
             for (int e = 0; e < 2; e++)
                 v[e] = s == 0.0f ? 0u
-                                 : (unsigned)ieee_min(ieee_max(ieee_rint(ieee_div(ieee_sub(fl_to_f32(x[j + e]), m), s)),
+                                 : (unsigned)ieee_min(ieee_max(ieee_rint(ieee_mul(ieee_sub(fl_to_f32(x[j + e]), m), inv)),
                                                                0.0f), 15.0f);
             qr[j / 2] = (uint8_t)(v[0] | (v[1] << 4));
         }
