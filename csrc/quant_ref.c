@@ -213,28 +213,30 @@ static void int4_search(const float *x, int64_t G, float mn, float mx, float *s,
     const float sx = tree32(p), r = mx - mn, Gf = (float)G;
     for (int k = 1; k <= FL_Q4_CANDIDATES; k++) {
         const float is = ((float)(69 + k) / 5.0f) / r;
-        int32_t il[Q4_P] = {0}, il2[Q4_P] = {0};
-        float pxl[Q4_P] = {0};
-        int64_t c = 0;
-        for (; c + Q4_P <= G; c += Q4_P)
-            for (int j = 0; j < Q4_P; j++) {
-                const float l = clamp15(rintf((x[c + j] - mn) * is));
-                const int32_t li = (int32_t)l;
-                il[j] += li;
-                il2[j] += li * li;
-                pxl[j] = fmaf(x[c + j], l, pxl[j]);
-            }
-        for (int j = 0; c + j < G; j++) {
-            const float l = clamp15(rintf((x[c + j] - mn) * is));
-            const int32_t li = (int32_t)l;
-            il[j] += li;
-            il2[j] += li * li;
-            pxl[j] = fmaf(x[c + j], l, pxl[j]);
-        }
+        /* sl, sl2 are exact integers: partials held as floats are exact while G * 225 / 32 < 2^24 (the loop then
+         * vectorises), int64 partials beyond that */
+        float fl[Q4_P] = {0}, fl2[Q4_P] = {0}, pxl[Q4_P] = {0};
         int64_t sl = 0, sl2 = 0;
+        int64_t c = 0;
+        if (G <= (1 << 21)) {
+            for (; c + Q4_P <= G; c += Q4_P)
+                for (int j = 0; j < Q4_P; j++) {
+                    const float l = clamp15(rintf((x[c + j] - mn) * is));
+                    fl[j] += l;
+                    fl2[j] = fmaf(l, l, fl2[j]);
+                    pxl[j] = fmaf(x[c + j], l, pxl[j]);
+                }
+        }
+        for (; c < G; c++) {
+            const int j = (int)(c % Q4_P);
+            const float l = clamp15(rintf((x[c] - mn) * is));
+            sl += (int64_t)l;
+            sl2 += (int64_t)l * (int64_t)l;
+            pxl[j] = fmaf(x[c], l, pxl[j]);
+        }
         for (int j = 0; j < Q4_P; j++) {
-            sl += il[j];
-            sl2 += il2[j];
+            sl += (int64_t)fl[j];
+            sl2 += (int64_t)fl2[j];
         }
         const float sxl = tree32(pxl);
         const int64_t D = G * sl2 - sl * sl;
