@@ -27,7 +27,9 @@
  *         the kept candidate is the first with the least E (a later one must be strictly smaller; a NaN E
  *           never wins, and a NaN E of candidate 0 keeps candidate 0).
  *   nf4   amax = max|x|; s = f32(fp16(amax)); v = s == 0 ? 0 : x / s; q = #{i < 15 : v > mid[i]},
- *         mid[i] = (nf4[i] + nf4[i + 1]) * 0.5f
+ *         mid[i] = (nf4[i] + nf4[i + 1]) * 0.5f; the sign of s is searched (the code book is not symmetric: 8
+ *         levels above 0, 7 below): when s != 0, -s is kept if E(-s) < E(s) (strictly; a NaN E never wins), E(t) the
+ *         strided sum (as int4's) of e * e, e = fmaf(nf4[q(t)], t, -x), q(t) the codes for scale t.
  * max / min / clamp are fmaxf / fminf (a NaN operand loses: NaN inputs do not poison a group's scale,
  * a NaN value clamps to the low end), rintf rounds half to even (the default rounding mode). Every
  * multiply-add that decides a code or a choice is an explicit fmaf (the compiler may not contract others);
@@ -255,6 +257,19 @@ static void int4_search(const float *x, int64_t G, float mn, float mx, float *s,
     }
 }
 
+/* nf4's E(t) of a group x[0..G-1] (t != 0) */
+static float nf4_err(const float *x, int64_t G, float t, const float *mid) {
+    float p[Q4_P] = {0};
+    for (int64_t c = 0; c < G; c++) {
+        const float v = x[c] / t;
+        unsigned k = 0;
+        for (int i = 0; i < 15; i++) k += v > mid[i];
+        const float e = fmaf(fl_nf4_table[k], t, -x[c]);
+        p[c % Q4_P] = fmaf(e, e, p[c % Q4_P]);
+    }
+    return tree32(p);
+}
+
 fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t n, const void *src, fl_dtype st) {
     if (w->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: weight is not quantised");
     if (st != FL_F32 && st != FL_F16 && st != FL_BF16)
@@ -274,8 +289,8 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
     const int64_t C = w->cols, G = L.group_size, ng = C / G, rowbytes = C * L.bits / 8;
     float mid[15];
     for (int i = 0; i < 15; i++) mid[i] = (fl_nf4_table[i] + fl_nf4_table[i + 1]) * 0.5f;
-    float *xb = NULL;  /* int4: a group widened to float32 (not needed for a float32 source) */
-    if (scheme == FL_QS_INT4 && st != FL_F32 && n > 0 && !(xb = (float *)malloc((size_t)G * sizeof(float))))
+    float *xb = NULL;  /* int4 / nf4: a group widened to float32 (not needed for a float32 source) */
+    if (scheme != FL_QS_INT8 && st != FL_F32 && n > 0 && !(xb = (float *)malloc((size_t)G * sizeof(float))))
         return fl_err(FL_E_NOMEM, "quantisation at load: %lld floats for a group", (long long)G);
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = r0 + i;
@@ -324,7 +339,15 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                         q[c] = s == 0.0f ? 128 : (uint8_t)((int)fminf(fmaxf(rintf(x / s), -127.0f), 127.0f) + 128);
                     }
                 } else { /* nf4 */
-                    const float s = fl_f16_to_f32(fl_f32_to_f16(amax));
+                    float s = fl_f16_to_f32(fl_f32_to_f16(amax));
+                    if (s != 0.0f) {
+                        const float *x = xb;
+                        if (st == FL_F32) x = (const float *)src + sb + (size_t)c0;
+                        else
+                            for (int64_t c = 0; c < G; c++) xb[c] = src_val(src, st, sb + (size_t)(c0 + c));
+                        const float ep = nf4_err(x, G, s, mid), en = nf4_err(x, G, -s, mid);
+                        if (en < ep) s = -s;
+                    }
                     sstore(w->scales_d, L.sdtype, gi, s);
                     for (int64_t c = c0; c < c0 + G; c++) {
                         const float v = s == 0.0f ? 0.0f : src_val(src, st, sb + (size_t)c) / s;

