@@ -64,6 +64,9 @@ extern const float fl_nf4_table[16];
 
 /* Quantisation at load: which scheme, for which weights. */
 typedef enum { FL_QS_NONE = 0, FL_QS_INT8, FL_QS_INT4, FL_QS_NF4 } fl_qscheme;
+/* int4 quantisation at load: the number of searched (scale, offset) candidates after round-to-nearest
+ * (the rules at fl_q_quantize_rows, csrc/quant_ref.c). */
+#define FL_Q4_CANDIDATES 11
 typedef struct {
     int scheme;        /* fl_qscheme for the linear layers (q/k/v/o, gate/up/down) */
     int group_size;    /* 0: the scheme's default (int8: per channel, int4: 128, nf4: 64) */

@@ -9,14 +9,34 @@
  *
  * Quantisation at load (fl_q_quantize_rows), all in float32 on the source widened exactly; per group:
  *   int8  amax = max|x|; s = f32(fp16(amax / 127)); q = s == 0 ? 128 : clamp(rintf(x / s), -127, 127) + 128
- *   int4  mn = min x, mx = max x; s = f32(fp16((mx - mn) / 15)); m = f32(fp16(mn));
- *         q = s == 0 ? 0 : clamp(rintf((x - m) / s), 0, 15)
+ *   int4  a search over 12 (scale, offset) candidates, the one with the least squared error kept:
+ *         mn = min x, mx = max x (a zero min / max is +0 when any element is +0, else -0);
+ *         candidate 0 (round to nearest): s = f32(fp16((mx - mn) / 15)), m = f32(fp16(mn)); if s == 0 every
+ *           code is 0 and that is the result (no search);
+ *         codes for (s, m): q = clamp(rintf((x - m) * i), 0, 15), i = 1.0f / s (also the codes stored);
+ *         a group sum S(f) is strided: partial p[j] (j < 32, from +0) takes the elements c = j, j + 32, .. in
+ *           that order, then for o = 16, 8, 4, 2, 1: p[j] = p[j] + p[j + o] for j < o; S = p[0];
+ *         E(s, m) = S with p[j] = fmaf(e, e, p[j]), e = fmaf(q, s, m) - x;
+ *         sx = S with p[j] = p[j] + x; r = mx - mn;
+ *         candidates k = 1..11 (llama.cpp's make_qkx2_quants, unweighted): is = ((float)(69 + k) / 5) / r
+ *           (step counts 14.0, 14.2, .. 16.0 over the range); l = clamp(rintf((x - mn) * is), 0, 15);
+ *           sl = sum l, sl2 = sum l * l (exact integers), sxl = S with p[j] = fmaf(x, l, p[j]);
+ *           D = G * sl2 - sl * sl (int64); skipped when D <= 0; with Gf, slf, sl2f, Df = (float) of each:
+ *           s = f32(fp16(fmaf(Gf, sxl, -(sx * slf)) / Df)), m = f32(fp16(fmaf(sl2f, sx, -(slf * sxl)) / Df))
+ *           (the least-squares fit of x ~ s * l + m); skipped unless 0 < s <= 65504 and |m| <= 65504;
+ *         the kept candidate is the first with the least E (a later one must be strictly smaller; a NaN E
+ *           never wins, and a NaN E of candidate 0 keeps candidate 0).
  *   nf4   amax = max|x|; s = f32(fp16(amax)); v = s == 0 ? 0 : x / s; q = #{i < 15 : v > mid[i]},
- *         mid[i] = (nf4[i] + nf4[i + 1]) * 0.5f
+ *         mid[i] = (nf4[i] + nf4[i + 1]) * 0.5f; the sign of s is searched (the code book is not symmetric: 8
+ *         levels above 0, 7 below): when s != 0, -s is kept if E(-s) < E(s) (strictly; a NaN E never wins), E(t) the
+ *         strided sum (as int4's) of e * e, e = fmaf(nf4[q(t)], t, -x), q(t) the codes for scale t.
  * max / min / clamp are fmaxf / fminf (a NaN operand loses: NaN inputs do not poison a group's scale,
- * a NaN value clamps to the low end), rintf rounds half to even (the default rounding mode). */
+ * a NaN value clamps to the low end), rintf rounds half to even (the default rounding mode). Every
+ * multiply-add that decides a code or a choice is an explicit fmaf (the compiler may not contract others);
+ * the CUDA quantiser (qquantize_kernel) computes the same values with IEEE PTX, lane j of a warp taking partial j. */
 #include "quant.h"
 #include <math.h>
+#include <stdlib.h>
 
 const float fl_nf4_table[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -153,6 +173,103 @@ static inline float src_val(const void *p, fl_dtype t, size_t i) {
     }
 }
 
+/* int4's search (the rules at the top). Sums over a group are strided over 32 partials combined in a fixed tree,
+ * the order of the CUDA quantiser's warp (lane j takes partial j); the partial loops vectorise. */
+#define Q4_P 32
+/* clamp(v, 0, 15) as fminf(fmaxf(v, 0), 15) gives it (a NaN gives 0), written so that the loops vectorise */
+static inline float clamp15(float v) {
+    const float t = v > 0.0f ? v : 0.0f;
+    return t < 15.0f ? t : 15.0f;
+}
+static float tree32(float *p) {
+    for (int o = Q4_P / 2; o > 0; o >>= 1)
+        for (int j = 0; j < o; j++) p[j] = p[j] + p[j + o];
+    return p[0];
+}
+
+/* E(s, m) of a group x[0..G-1] (s != 0) */
+static float int4_err(const float *x, int64_t G, float s, float m) {
+    float p[Q4_P] = {0};
+    const float inv = 1.0f / s;
+    int64_t c = 0;
+    for (; c + Q4_P <= G; c += Q4_P)
+        for (int j = 0; j < Q4_P; j++) {
+            const float q = clamp15(rintf((x[c + j] - m) * inv));
+            const float e = fmaf(q, s, m) - x[c + j];
+            p[j] = fmaf(e, e, p[j]);
+        }
+    for (int j = 0; c + j < G; j++) {
+        const float q = clamp15(rintf((x[c + j] - m) * inv));
+        const float e = fmaf(q, s, m) - x[c + j];
+        p[j] = fmaf(e, e, p[j]);
+    }
+    return tree32(p);
+}
+
+/* candidates 1..FL_Q4_CANDIDATES: *s, *m come in as candidate 0 and leave as the kept one */
+static void int4_search(const float *x, int64_t G, float mn, float mx, float *s, float *m) {
+    float best = int4_err(x, G, *s, *m);
+    if (best != best) return;
+    float p[Q4_P] = {0};
+    for (int64_t c = 0; c < G; c++) p[c % Q4_P] = p[c % Q4_P] + x[c];
+    const float sx = tree32(p), r = mx - mn, Gf = (float)G;
+    for (int k = 1; k <= FL_Q4_CANDIDATES; k++) {
+        const float is = ((float)(69 + k) / 5.0f) / r;
+        /* sl, sl2 are exact integers: partials held as floats are exact while G * 225 / 32 < 2^24 (the loop then
+         * vectorises), int64 partials beyond that */
+        float fl[Q4_P] = {0}, fl2[Q4_P] = {0}, pxl[Q4_P] = {0};
+        int64_t sl = 0, sl2 = 0;
+        int64_t c = 0;
+        if (G <= (1 << 21)) {
+            for (; c + Q4_P <= G; c += Q4_P)
+                for (int j = 0; j < Q4_P; j++) {
+                    const float l = clamp15(rintf((x[c + j] - mn) * is));
+                    fl[j] += l;
+                    fl2[j] = fmaf(l, l, fl2[j]);
+                    pxl[j] = fmaf(x[c + j], l, pxl[j]);
+                }
+        }
+        for (; c < G; c++) {
+            const int j = (int)(c % Q4_P);
+            const float l = clamp15(rintf((x[c] - mn) * is));
+            sl += (int64_t)l;
+            sl2 += (int64_t)l * (int64_t)l;
+            pxl[j] = fmaf(x[c], l, pxl[j]);
+        }
+        for (int j = 0; j < Q4_P; j++) {
+            sl += (int64_t)fl[j];
+            sl2 += (int64_t)fl2[j];
+        }
+        const float sxl = tree32(pxl);
+        const int64_t D = G * sl2 - sl * sl;
+        if (D <= 0) continue;
+        const float Df = (float)D, slf = (float)sl, sl2f = (float)sl2;
+        const float p1 = sx * slf, p2 = slf * sxl;
+        const float cs = fl_f16_to_f32(fl_f32_to_f16(fmaf(Gf, sxl, -p1) / Df));
+        const float cm = fl_f16_to_f32(fl_f32_to_f16(fmaf(sl2f, sx, -p2) / Df));
+        if (!(cs > 0.0f && cs <= 65504.0f && cm >= -65504.0f && cm <= 65504.0f)) continue;
+        const float e = int4_err(x, G, cs, cm);
+        if (e < best) {
+            best = e;
+            *s = cs;
+            *m = cm;
+        }
+    }
+}
+
+/* nf4's E(t) of a group x[0..G-1] (t != 0) */
+static float nf4_err(const float *x, int64_t G, float t, const float *mid) {
+    float p[Q4_P] = {0};
+    for (int64_t c = 0; c < G; c++) {
+        const float v = x[c] / t;
+        unsigned k = 0;
+        for (int i = 0; i < 15; i++) k += v > mid[i];
+        const float e = fmaf(fl_nf4_table[k], t, -x[c]);
+        p[c % Q4_P] = fmaf(e, e, p[c % Q4_P]);
+    }
+    return tree32(p);
+}
+
 fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t n, const void *src, fl_dtype st) {
     if (w->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: weight is not quantised");
     if (st != FL_F32 && st != FL_F16 && st != FL_BF16)
@@ -172,6 +289,9 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
     const int64_t C = w->cols, G = L.group_size, ng = C / G, rowbytes = C * L.bits / 8;
     float mid[15];
     for (int i = 0; i < 15; i++) mid[i] = (fl_nf4_table[i] + fl_nf4_table[i + 1]) * 0.5f;
+    float *xb = NULL;  /* int4 / nf4: a group widened to float32 (not needed for a float32 source) */
+    if (scheme != FL_QS_INT8 && st != FL_F32 && n > 0 && !(xb = (float *)malloc((size_t)G * sizeof(float))))
+        return fl_err(FL_E_NOMEM, "quantisation at load: %lld floats for a group", (long long)G);
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = r0 + i;
         uint8_t *q = (uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
@@ -180,28 +300,33 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
             const int64_t c0 = g * G;
             const size_t gi = (size_t)r * (size_t)ng + (size_t)g;
             if (scheme == FL_QS_INT4) {
-                float mn = src_val(src, st, sb + (size_t)c0), mx = mn;
+                const float *x = xb;
+                if (st == FL_F32) x = (const float *)src + sb + (size_t)c0;
+                else
+                    for (int64_t c = 0; c < G; c++) xb[c] = src_val(src, st, sb + (size_t)(c0 + c));
+                float mn = x[0], mx = mn;
                 int pos_zero = 0;
-                for (int64_t c = c0; c < c0 + G; c++) {
-                    const float x = src_val(src, st, sb + (size_t)c);
-                    pos_zero |= x == 0.0f && !signbit(x);
-                    if (x < mn) mn = x;
-                    if (x > mx) mx = x;
+                for (int64_t c = 0; c < G; c++) {
+                    pos_zero |= x[c] == 0.0f && !signbit(x[c]);
+                    if (x[c] < mn) mn = x[c];
+                    if (x[c] > mx) mx = x[c];
                 }
                 /* The sign of a zero min / max is stated, not left to fminf / fmaxf (either zero may come back):
                  * +0 when any element of the group is +0, else -0. The CUDA quantiser restates it the same way
                  * (a row of mixed-sign zeros gave scale -0 here and +0 there in the first H200 run). */
                 if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
                 if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
-                const float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
-                const float m = fl_f16_to_f32(fl_f32_to_f16(mn));
+                float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
+                float m = fl_f16_to_f32(fl_f32_to_f16(mn));
+                if (s != 0.0f) int4_search(x, G, mn, mx, &s, &m);
                 sstore(w->scales_d, L.sdtype, gi, s);
                 sstore(w->zeros_d, L.sdtype, gi, m);
-                for (int64_t c = c0; c < c0 + G; c++) {
-                    const float x = src_val(src, st, sb + (size_t)c);
-                    const unsigned v = s == 0.0f ? 0u : (unsigned)fminf(fmaxf(rintf((x - m) / s), 0.0f), 15.0f);
-                    if (c & 1) q[c >> 1] = (uint8_t)((q[c >> 1] & 15u) | (v << 4));
-                    else q[c >> 1] = (uint8_t)v;
+                const float inv = s == 0.0f ? 0.0f : 1.0f / s;
+                for (int64_t c = 0; c < G; c++) {
+                    const unsigned v = s == 0.0f ? 0u : (unsigned)fminf(fmaxf(rintf((x[c] - m) * inv), 0.0f), 15.0f);
+                    const int64_t cc = c0 + c;
+                    if (cc & 1) q[cc >> 1] = (uint8_t)((q[cc >> 1] & 15u) | (v << 4));
+                    else q[cc >> 1] = (uint8_t)v;
                 }
             } else {
                 float amax = 0.0f;
@@ -214,7 +339,15 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                         q[c] = s == 0.0f ? 128 : (uint8_t)((int)fminf(fmaxf(rintf(x / s), -127.0f), 127.0f) + 128);
                     }
                 } else { /* nf4 */
-                    const float s = fl_f16_to_f32(fl_f32_to_f16(amax));
+                    float s = fl_f16_to_f32(fl_f32_to_f16(amax));
+                    if (s != 0.0f) {
+                        const float *x = xb;
+                        if (st == FL_F32) x = (const float *)src + sb + (size_t)c0;
+                        else
+                            for (int64_t c = 0; c < G; c++) xb[c] = src_val(src, st, sb + (size_t)(c0 + c));
+                        const float ep = nf4_err(x, G, s, mid), en = nf4_err(x, G, -s, mid);
+                        if (en < ep) s = -s;
+                    }
                     sstore(w->scales_d, L.sdtype, gi, s);
                     for (int64_t c = c0; c < c0 + G; c++) {
                         const float v = s == 0.0f ? 0.0f : src_val(src, st, sb + (size_t)c) / s;
@@ -227,5 +360,6 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
             }
         }
     }
+    free(xb);
     return FL_OK;
 }

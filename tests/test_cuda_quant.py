@@ -352,7 +352,7 @@ def to_src(x, src_dtype):
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
 @pytest.mark.parametrize("src_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("R,C,gs", [(7, 3584, 0), (33, 1024, 0), (9, 1536, 64), (5, 2048, 16), (8, 480, 48),
-                                    (3, 256, 256)])
+                                    (3, 256, 256), (6, 576, 0)])  # 576: int4's default group falls back to 96
 @pytest.mark.parametrize("kind", ["normal", "special"])
 def test_quantize_bit_exact(scheme, src_dtype, R, C, gs, kind):
     rng, seed = rng_and_seed()

@@ -638,12 +638,15 @@ def dequant_at_load(w, scheme, group):
         if scheme == "int8":
             s = _f16(np.abs(x).max(-1, keepdims=True) / np.float32(127.0))
             out = s * np.where(s == 0, 0, np.clip(np.rint(x / s), -127, 127)).astype(np.float32)
-        elif scheme == "int4":
-            mn, mx = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-            s, m = _f16((mx - mn) / np.float32(15.0)), _f16(mn)
-            out = s * np.where(s == 0, 0, np.clip(np.rint((x - m) / s), 0, 15)).astype(np.float32) + m
-        else:
-            s = _f16(np.abs(x).max(-1, keepdims=True))
+        elif scheme == "int4":  # the (scale, offset) search of csrc/quant_ref.c, its numpy mirror in test_quant_ops
+            from test_quant_ops import np_clamp15, np_int4_search
+            s, m = np_int4_search(x.reshape(-1, g))
+            s, m = s.reshape(rows, cols // g, 1), m.reshape(rows, cols // g, 1)
+            inv = (np.float32(1.0) / s).astype(np.float32)
+            out = s * np.where(s == 0, 0, np_clamp15(np.rint((x - m) * inv))).astype(np.float32) + m
+        else:  # nf4: the sign of the scale is searched (test_quant_ops.np_nf4_scale)
+            from test_quant_ops import np_nf4_scale
+            s = np_nf4_scale(x.reshape(-1, g)).reshape(rows, cols // g, 1)
             v = np.where(s == 0, 0, x / s).astype(np.float32)
             out = s * NF4_TABLE[(v[..., None] > NF4_MID).sum(-1)]
     return out.astype(np.float32).reshape(rows, cols)

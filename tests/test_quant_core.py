@@ -640,14 +640,15 @@ def test_quantise_at_load_layouts(tmp_path, case):
     assert layout_of(core, "embed")["dtype"] == "float32"  # embeddings and norms stay in the float dtype
     assert layout_of(core, "lm_head")["dtype"] == lm
     assert core.info["quantized_weights"] == 4 * QCFG["n_layers"] + (lm != "float32")
-    # the dequantised weights are the originals within half a quantisation step (of the scheme each weight has)
+    # the dequantised weights are the originals within half a quantisation step (of the scheme each weight has);
+    # int4's (scale, offset) search may clip a group's extremes to lower its squared error: within one step
     step = {"int8": 1 / 127, "int4": 2 / 15, "nf4": 0.28, "float32": 0}
     orig = st_util_read(f)
     got = export_all(core)
     for k, v in orig.items():
         scheme = lm if k == "lm_head.weight" else "float32" if ("norm" in k or "embed" in k) else dt
         err = np.abs(got[k] - v).max()
-        assert err <= 0.51 * step[scheme] * np.abs(v).max(), (k, scheme, err)
+        assert err <= (1.0 if scheme == "int4" else 0.51) * step[scheme] * np.abs(v).max(), (k, scheme, err)
     f.close()
 
 

@@ -309,6 +309,109 @@ def to_src_dtype(x, dt):
     return x
 
 
+def np_fmaf(a, b, c):
+    """fmaf in float32 (one rounding) for finite values: the exact product in float64, the sum's rounding error
+    (TwoSum) breaking a float64 result that lands on a float32 half-way point."""
+    a, b, c = (np.asarray(v, np.float32) for v in (a, b, c))
+    p = a.astype(np.float64) * b
+    t = p + c
+    bb = t - p
+    err = (p - (t - bb)) + (c - bb)
+    with np.errstate(invalid="ignore"):
+        fix = np.isfinite(t) & (err != 0)
+        t = np.where(fix, np.nextafter(t, np.where(err > 0, np.inf, -np.inf)), t)
+    return t.astype(np.float32)
+
+
+Q4_CANDIDATES = 11  # FL_Q4_CANDIDATES (csrc/quant.h)
+
+
+def np_clamp15(v):
+    t = np.where(v > 0, v, np.float32(0))  # a NaN gives 0, as fminf(fmaxf(v, 0), 15)
+    return np.where(t < 15, t, np.float32(15)).astype(np.float32)
+
+
+def np_sum32(terms, step):
+    """A strided group sum of fl_q_quantize_rows: 32 partials (element c into partial c % 32, in column order,
+    p = step(p, c)), then for o = 16 .. 1: p[j] = p[j] + p[j + o] for j < o. terms: the group length G."""
+    p = [None] * 32
+    for c in range(terms):
+        j = c % 32
+        p[j] = step(np.float32(0) if p[j] is None else p[j], c)
+    p = [np.float32(0) if v is None else v for v in p]
+    o = 16
+    while o:
+        for j in range(o):
+            p[j] = (p[j] + p[j + o]).astype(np.float32)
+        o //= 2
+    return np.asarray(p[0], np.float32)
+
+
+def np_int4_search(g):
+    """int4's (scale, offset) per group (rows of g [N, G]): the search of fl_q_quantize_rows (csrc/quant_ref.c),
+    with its strided sums, so that every float32 sum rounds the same way."""
+    g = np.asarray(g, np.float32)
+    N, G = g.shape
+    f32 = np.float32
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        mn, mx = g.min(axis=1), g.max(axis=1)
+        s0 = f16((mx - mn) / f32(15.0))
+        m0 = f16(mn)
+
+        def err_of(s, m):
+            inv = (f32(1.0) / s).astype(f32)
+
+            def step(p, c):
+                x = g[:, c]
+                q = np_clamp15(np.rint((x - m) * inv))
+                e = (np_fmaf(q, s, m) - x).astype(f32)
+                return np_fmaf(e, e, p)
+            return np_sum32(G, step)
+
+        live = s0 != 0
+        best = err_of(np.where(live, s0, f32(1)), m0)
+        bs, bm = s0.copy(), m0.copy()
+        sx = np_sum32(G, lambda p, c: (p + g[:, c]).astype(f32))
+        r = (mx - mn).astype(f32)
+        for k in range(1, Q4_CANDIDATES + 1):
+            iscale = ((f32(69 + k) / f32(5.0)) / r).astype(f32)
+            L = np.nan_to_num(np_clamp15(np.rint((g - mn[:, None]) * iscale[:, None]))).astype(np.int64)
+            sl, sl2 = L.sum(axis=1), (L * L).sum(axis=1)
+            Lf = L.astype(f32)
+            sxl = np_sum32(G, lambda p, c: np_fmaf(g[:, c], Lf[:, c], p))
+            D = G * sl2 - sl * sl
+            Df, slf, sl2f = D.astype(f32), sl.astype(f32), sl2.astype(f32)
+            p1, p2 = (sx * slf).astype(f32), (slf * sxl).astype(f32)
+            cs = f16(np_fmaf(f32(G), sxl, -p1) / Df)
+            cm = f16(np_fmaf(sl2f, sx, -p2) / Df)
+            ok = live & (D > 0) & (cs > 0) & (cs <= 65504) & (cm >= -65504) & (cm <= 65504)
+            e = err_of(np.where(ok, cs, f32(1)), np.where(ok, cm, f32(0)))
+            better = ok & (e < best)
+            best = np.where(better, e, best)
+            bs, bm = np.where(better, cs, bs), np.where(better, cm, bm)
+    return bs.astype(f32), bm.astype(f32)
+
+
+def np_nf4_scale(g):
+    """nf4's scale per group (rows of g [N, G]): f16(amax), negated when that lowers the strided squared error."""
+    g = np.asarray(g, np.float32)
+    N, G = g.shape
+    mid = ((NF4[:-1] + NF4[1:]) * np.float32(0.5)).astype(np.float32)
+    s = f16(np.abs(g).max(axis=1))
+
+    def err_of(t):
+        def step(p, c):
+            x = g[:, c]
+            v = (x / t).astype(np.float32)
+            e = np_fmaf(NF4[(v[:, None] > mid).sum(axis=1)], t, -x)
+            return np_fmaf(e, e, p)
+        return np_sum32(G, step)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ep, en = err_of(s), err_of(-s)
+    return np.where((s != 0) & (en < ep), -s, s).astype(np.float32)
+
+
 def np_quantize(x, scheme, group):
     """The quantisation-at-load rules in numpy float32: returns codes [R, C], scales, zeros or None."""
     x = np.asarray(x, np.float32)
@@ -322,21 +425,22 @@ def np_quantize(x, scheme, group):
             codes = np.where(s[..., None] == 0, 128, np.fmin(np.fmax(v, -127), 127).astype(np.int64) + 128)
             return codes.reshape(R, C), s, None
         if scheme == "int4":
-            mn, mx = g.min(axis=2), g.max(axis=2)
-            s = f16((mx - mn) / np.float32(15.0))
-            m = f16(mn)
-            v = np.rint((g - m[..., None]) / s[..., None]).astype(np.float32)
-            codes = np.where(s[..., None] == 0, 0, np.fmin(np.fmax(v, 0), 15).astype(np.int64))
+            s, m = np_int4_search(g.reshape(-1, group))
+            s, m = s.reshape(R, C // group), m.reshape(R, C // group)
+            with np.errstate(divide="ignore"):
+                inv = (np.float32(1.0) / s).astype(np.float32)
+            v = np.rint((g - m[..., None]) * inv[..., None]).astype(np.float32)
+            codes = np.where(s[..., None] == 0, 0, np_clamp15(v).astype(np.int64))
             return codes.reshape(R, C), s, m
-        amax = np.abs(g).max(axis=2)
-        s = f16(amax)
+        s = np_nf4_scale(g.reshape(-1, group)).reshape(R, C // group)
         v = np.where(s[..., None] == 0, np.float32(0), g / s[..., None]).astype(np.float32)
         mid = ((NF4[:-1] + NF4[1:]) * np.float32(0.5)).astype(np.float32)
         codes = (v[..., None] > mid).sum(axis=-1)
         return codes.reshape(R, C), s, None
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int8", 32), ("int4", 0), ("int4", 64), ("nf4", 0), ("nf4", 32)])
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int8", 32), ("int4", 0), ("int4", 64), ("int4", 16), ("nf4", 0),
+                                          ("nf4", 32)])
 @pytest.mark.parametrize("src_dtype", ["float32", "float16", "bfloat16"])
 def test_quantize_rules_bit_exact(scheme, group, src_dtype):
     rng, seed = rng_seed()
@@ -358,9 +462,51 @@ def test_quantize_rules_bit_exact(scheme, group, src_dtype):
     # and what it produced is a weight the matmul reads: within half a step of the source per element
     code = 1 if scheme == "nf4" else 0
     W = np_dequant(o["q"], o["scales"], o.get("zeros"), bits, g, code)
-    if scheme != "nf4":
+    if scheme == "int8":
         step = np.repeat(o["scales"], g, axis=1)
         assert np.all(np.abs(W - x) <= step * 0.5 + 2e-3 * np.abs(x) + 1e-6)
+    elif scheme == "int4":  # the search keeps round to nearest unless it finds a smaller squared error
+        xg = x.reshape(R, C // g, g).astype(np.float64)
+        mn, mx = xg.min(axis=2, keepdims=True), xg.max(axis=2, keepdims=True)
+        s0, m0 = f16((mx - mn) / 15.0), f16(mn)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rtn = np.where(s0 == 0, m0, np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0)
+        got = ((W.reshape(R, C // g, g) - xg) ** 2).sum(axis=2)
+        assert np.all(got <= ((rtn - xg) ** 2).sum(axis=2) * (1 + 1e-5) + 1e-30)
+
+
+@pytest.mark.parametrize("group", [128, 96, 64])
+def test_quantize_int4_search_beats_round_to_nearest(group):
+    """int4's (scale, offset) search lowers the weights' error: on Gaussian rows with a few outliers, the relative
+    (Frobenius) error is at least 5% below plain round to nearest over each group's min / max (issue 9's quality
+    targets: round to nearest left int4 at +79% word perplexity on the demo model)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 1152)).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] *= 6
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "int4", "group_size": group})
+    W = np_dequant(o["q"], o["scales"], o["zeros"], 4, group, 0)
+    xg = x.reshape(64, -1, group).astype(np.float32)
+    mn, mx = xg.min(axis=2, keepdims=True), xg.max(axis=2, keepdims=True)
+    s0, m0 = f16((mx - mn) / np.float32(15)), f16(mn)
+    rtn = (np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0).reshape(x.shape)
+    err, err_rtn = np.linalg.norm(W - x), np.linalg.norm(rtn - x)
+    assert err <= 0.95 * err_rtn, (err / np.linalg.norm(x), err_rtn / np.linalg.norm(x))
+
+
+def test_quantize_nf4_sign_search():
+    """nf4's code book has 8 levels above 0 and 7 below: a group whose mass leans to the negative side is stored
+    with a negative scale when that lowers its squared error, so the error is below plain absmax scaling."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 512)).astype(np.float32)
+    x[:32] = -np.abs(x[:32])  # rows that lean negative
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": "nf4", "group_size": 64})
+    assert (o["scales"][:32] < 0).mean() > 0.5, "negative-leaning groups keep a positive scale"
+    W = np_dequant(o["q"], o["scales"], None, 4, 64, 1)
+    xg = x.reshape(64, -1, 64)
+    s0 = f16(np.abs(xg).max(axis=2, keepdims=True))
+    mid = ((NF4[:-1] + NF4[1:]) * np.float32(0.5)).astype(np.float32)
+    rtn = (NF4[((xg / s0)[..., None] > mid).sum(-1)] * s0).reshape(x.shape)
+    assert np.linalg.norm(W - x) <= 0.97 * np.linalg.norm(rtn - x)
 
 
 def test_quantize_half_way_ties_round_to_even():

@@ -912,9 +912,113 @@ __device__ __forceinline__ float ieee_rint(float a) {  // round half to even
     asm("cvt.rni.f32.f32 %0, %1;" : "=f"(r) : "f"(a));
     return r;
 }
+__device__ __forceinline__ float ieee_add(float a, float b) {
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_mul(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_fma(float a, float b, float c) {
+    float r;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+    return r;
+}
 __device__ __forceinline__ float f16_round(float a) { return __half2float(__float2half_rn(a)); }
 
+// int4's search (int4_search in csrc/quant_ref.c): the warp works through the candidates one after another, lane j
+// taking the elements j, j + 32, .. of the group (the CPU's partial j); the butterfly of IEEE adds leaves every lane
+// with the CPU's tree sum (a + b == b + a bit for bit). Errors are >= +0: their bits order like the floats, and
+// a NaN error never compares below.
+__device__ __forceinline__ float warp_sum32(float p) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) p = ieee_add(p, __shfl_xor_sync(0xffffffffu, p, o));
+    return p;
+}
+__device__ __forceinline__ long long warp_isum(long long v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float clamp15(float v) {  // fminf(fmaxf(v, 0), 15): a NaN gives 0
+    const float t = v > 0.0f ? v : 0.0f;
+    return t < 15.0f ? t : 15.0f;
+}
+__device__ __forceinline__ bool err_below(float e, float best) {  // e < best, both >= +0, false with a NaN
+    const unsigned eb = __float_as_uint(e), bb = __float_as_uint(best);
+    return (eb & 0x7fffffffu) <= 0x7f800000u && (bb & 0x7fffffffu) <= 0x7f800000u && eb < bb;
+}
+
+template <typename ST>
+__device__ float q4_err(const ST *__restrict__ x, int gs, int lane, float s, float m) {
+    const float inv = ieee_div(1.0f, s);
+    float p = 0.0f;
+    for (int j = lane; j < gs; j += 32) {
+        const float v = fl_to_f32(x[j]);
+        const float q = clamp15(ieee_rint(ieee_mul(ieee_sub(v, m), inv)));
+        const float e = ieee_sub(ieee_fma(q, s, m), v);
+        p = ieee_fma(e, e, p);
+    }
+    return warp_sum32(p);
+}
+
+template <typename ST>
+__device__ void q4_search(const ST *__restrict__ x, int gs, int lane, float mn, float mx, float *s, float *m) {
+    float best = q4_err(x, gs, lane, *s, *m);
+    if ((__float_as_uint(best) & 0x7fffffffu) > 0x7f800000u) return;  // NaN: round to nearest stays
+    float p = 0.0f;
+    for (int j = lane; j < gs; j += 32) p = ieee_add(p, fl_to_f32(x[j]));
+    const float sx = warp_sum32(p), r = ieee_sub(mx, mn), Gf = (float)gs;
+    for (int k = 1; k <= FL_Q4_CANDIDATES; k++) {
+        const float is = ieee_div(ieee_div((float)(69 + k), 5.0f), r);
+        int il = 0, il2 = 0;
+        float pxl = 0.0f;
+        for (int j = lane; j < gs; j += 32) {
+            const float v = fl_to_f32(x[j]);
+            const float l = clamp15(ieee_rint(ieee_mul(ieee_sub(v, mn), is)));
+            const int li = (int)l;
+            il += li;
+            il2 += li * li;
+            pxl = ieee_fma(v, l, pxl);
+        }
+        const long long sl = warp_isum(il), sl2 = warp_isum(il2);
+        const float sxl = warp_sum32(pxl);
+        const long long D = (long long)gs * sl2 - sl * sl;
+        if (D <= 0) continue;
+        const float Df = __ll2float_rn(D), slf = __ll2float_rn(sl), sl2f = __ll2float_rn(sl2);
+        const float p1 = ieee_mul(sx, slf), p2 = ieee_mul(slf, sxl);
+        const float cs = f16_round(ieee_div(ieee_fma(Gf, sxl, -p1), Df));
+        const float cm = f16_round(ieee_div(ieee_fma(sl2f, sx, -p2), Df));
+        if (!(cs > 0.0f && cs <= 65504.0f && cm >= -65504.0f && cm <= 65504.0f)) continue;
+        const float e = q4_err(x, gs, lane, cs, cm);
+        if (err_below(e, best)) {
+            best = e;
+            *s = cs;
+            *m = cm;
+        }
+    }
+}
+
 struct fl_qmid { float v[15]; };  // NF4 decision points, computed on the host as the CPU does
+
+// nf4's E(t) (nf4_err in csrc/quant_ref.c), strided like q4_err
+template <typename ST>
+__device__ float nf4_err(const ST *__restrict__ x, int gs, int lane, float t, const fl_qmid &mid) {
+    float p = 0.0f;
+    for (int j = lane; j < gs; j += 32) {
+        const float v = fl_to_f32(x[j]);
+        const float d = ieee_div(v, t);
+        unsigned cnt = 0;
+#pragma unroll
+        for (int i = 0; i < 15; i++) cnt += d > mid.v[i];
+        const float e = ieee_fma(c_nf4[cnt], t, -v);
+        p = ieee_fma(e, e, p);
+    }
+    return warp_sum32(p);
+}
 
 template <typename ST>
 __global__ void __launch_bounds__(QD_THREADS)
@@ -953,19 +1057,21 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
         pos_zero = __any_sync(0xffffffffu, pos_zero);
         if (mn == 0.0f) mn = pos_zero ? 0.0f : -0.0f;
         if (mx == 0.0f) mx = pos_zero ? 0.0f : -0.0f;
-        const float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
-        const float m = f16_round(mn);
+        float s = f16_round(ieee_div(ieee_sub(mx, mn), 15.0f));
+        float m = f16_round(mn);
+        if (s != 0.0f) q4_search(x, gs, lane, mn, mx, &s, &m);  // s, mn, mx are the same in every lane
         if (lane == 0) {
             sstore(scales, s);
             sstore(zeros, m);
         }
         uint8_t *qr = q + r * (C / 2) + c0 / 2;
+        const float inv = s == 0.0f ? 0.0f : ieee_div(1.0f, s);
         for (int j = 2 * lane; j < gs; j += 64) {
             unsigned v[2];
 #pragma unroll
             for (int e = 0; e < 2; e++)
                 v[e] = s == 0.0f ? 0u
-                                 : (unsigned)ieee_min(ieee_max(ieee_rint(ieee_div(ieee_sub(fl_to_f32(x[j + e]), m), s)),
+                                 : (unsigned)ieee_min(ieee_max(ieee_rint(ieee_mul(ieee_sub(fl_to_f32(x[j + e]), m), inv)),
                                                                0.0f), 15.0f);
             qr[j / 2] = (uint8_t)(v[0] | (v[1] << 4));
         }
@@ -983,7 +1089,8 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
                                   : (uint8_t)((int)ieee_min(ieee_max(ieee_rint(ieee_div(fl_to_f32(x[j]), s)), -127.0f),
                                                             127.0f) + 128);
         } else {  // nf4
-            const float s = f16_round(amax);
+            float s = f16_round(amax);
+            if (s != 0.0f && err_below(nf4_err(x, gs, lane, -s, mid), nf4_err(x, gs, lane, s, mid))) s = -s;
             if (lane == 0) sstore(scales, s);
             uint8_t *qr = q + r * (C / 2) + c0 / 2;
             for (int j = 2 * lane; j < gs; j += 64) {
