@@ -1083,6 +1083,7 @@ def cmd_perplexity(args):
     text = _read_text(path, args.max_chars)
     if not text.strip():
         raise BenchError(f"--file {path}: the text is empty")
+    _modes(args.modes, True)  # the names, before the model is resolved (which may fetch the demo model)
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
     modes = _modes(args.modes, str(ref).endswith(".gguf"))
