@@ -107,6 +107,9 @@ def test_notebook_runs(name, demo_gguf, tmp_path, monkeypatch):
     # the kernel is a child of this process: it imports this tree's fastload and draws with Agg
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # one compute thread: two OpenMP threads on 2 shared cores spin at barriers while other work runs, and a
+    # notebook then took 5x longer (23 s against 4 s for the quickstart); the C paths are the same
+    monkeypatch.setenv("FASTLOAD_THREADS", "1")
     monkeypatch.setenv("FASTLOAD_DEMO_GGUF", demo_gguf)
     for var in ("FASTLOAD_MODEL", "FASTLOAD_DEVICE", "FASTLOAD_QUANT"):
         monkeypatch.delenv(var, raising=False)
