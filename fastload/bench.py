@@ -1075,6 +1075,8 @@ def cmd_perplexity(args):
         _positive("--max_chars", args.max_chars)
     if args.generate_length is not None and args.generate_length < 0:
         raise BenchError(f"--generate_length must be 0 or more, got {args.generate_length}")
+    _modes(args.modes, True)  # the names, before the text and the model (which may fetch the demo model)
+    out = Outputs(args.outputs_dir)
     path = args.file or DEFAULT_TEXT
     if args.file is None and not os.path.isfile(path):
         raise BenchError(f"--file: give a UTF-8 text to score (the default {DEFAULT_TEXT} is part of a fastload "
@@ -1083,8 +1085,6 @@ def cmd_perplexity(args):
     text = _read_text(path, args.max_chars)
     if not text.strip():
         raise BenchError(f"--file {path}: the text is empty")
-    _modes(args.modes, True)  # the names, before the model is resolved (which may fetch the demo model)
-    out = Outputs(args.outputs_dir)
     ref = model_ref(args)
     modes = _modes(args.modes, str(ref).endswith(".gguf"))
     import fastload
