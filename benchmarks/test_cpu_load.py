@@ -6,8 +6,13 @@ import importlib.util
 
 
 def test_cpu_load(record, demo_model, bench_cli, bench_full):
-    argv = ["load", "--model", demo_model, "--device", "cpu", "--repeat", "3" if bench_full else "1"]
-    if not bench_full:
+    load_benchmark(record, bench_cli, demo_model, "cpu", bench_full, suffix=".gguf")
+
+
+def load_benchmark(record, bench_cli, model, device, full, suffix):
+    """`bench load` on `model`, recorded with the raw read rate as the ceiling (shared with test_gpu.py)."""
+    argv = ["load", "--model", model, "--device", device, "--repeat", "3" if full else "1"]
+    if not full:
         argv.append("--no-cold")  # evicting the page cache is slow on a shared CI machine
     if all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
         argv += ["--peer", "transformers"]
@@ -26,7 +31,8 @@ def test_cpu_load(record, demo_model, bench_cli, bench_full):
         figures["raw_read_cold_s"] = rows[("raw read", "cold")]["seconds_median"]
     record(figures, unit="GB/s", ceiling=raw["gb_per_s"], ceiling_how="raw read of the same file: " + raw["how"],
            peer=peer,
-           config={"model": demo_model, "repeat": fl["runs"], "notes": doc["notes"]})
+           device=device, config={"model": model, "repeat": fl["runs"], "notes": doc["notes"]})
     assert doc["bytes"] > 0 and fl["bytes"] == doc["bytes"]
     assert fl["runs"] >= 1 and fl["seconds_median"] > 0 and raw["seconds_median"] > 0
-    assert doc["files"] and all(f.endswith(".gguf") for f in doc["files"])
+    assert doc["files"] and all(f.endswith(suffix) for f in doc["files"])
+    return doc
