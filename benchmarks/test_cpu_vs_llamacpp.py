@@ -28,18 +28,12 @@ def test_cpu_quant_vs_llamacpp(record, demo_model, bench_full):
     try:
         prompt_ids = llm.tokenize(q.PROMPT.encode(), add_bos=False)
         pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
-        q.fastload_rep(m, prompt_ids, pp_ids[:16], 2)  # warm-up, as the script
-        q.llama_rep(llm, prompt_ids, pp_ids[:16], 2)
-        fl_gen, fl_pp, ll_gen, ll_pp = [], [], [], []
-        for _ in range(reps):
-            a, b, fl_toks = q.fastload_rep(m, prompt_ids, pp_ids, n_gen)
-            c, d, _og, _op, ll_toks = q.llama_rep(llm, prompt_ids, pp_ids, n_gen)
-            fl_gen.append(a); fl_pp.append(b); ll_gen.append(c); ll_pp.append(d)
+        r = q.compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=16)
     finally:
-        llm.close() if hasattr(llm, "close") else None
-    same = 0
-    while same < min(len(fl_toks), len(ll_toks)) and fl_toks[same] == ll_toks[same]:
-        same += 1
+        if hasattr(llm, "close"):
+            llm.close()
+    fl_gen, fl_pp, ll_gen, ll_pp = r["fl_gen"], r["fl_pp"], r["ll_gen"], r["ll_pp"]
+    fl_toks, ll_toks, same = r["fl_tokens"], r["ll_tokens"], r["same_tokens"]
     med = statistics.median
     record({"generation_tokens_per_s": med(fl_gen), "prompt_tokens_per_s": med(fl_pp),
             "weight_bytes": int(info["weight_bytes"]), "file_tensor_bytes": int(file_tensor_bytes),
