@@ -43,10 +43,33 @@ print(json.dumps({"tokens_per_s": (out.shape[1] - T) / dt, "torch": torch.__vers
 '''
 
 
-def membw():
-    exe = os.path.join(tempfile.gettempdir(), "fastload_membw")
-    subprocess.check_call(["cc", "-O3", "-march=native", "-fopenmp", os.path.join(HERE, "membw.c"), "-o", exe])
-    return json.loads(subprocess.check_output([exe, str(1 << 30)]))["read_GBps"]
+def membw(nbytes=1 << 30):
+    """Read bandwidth in GB/s: benchmarks/membw.c (OpenMP sum over `nbytes`), or, where no C compiler with
+    OpenMP is at hand, numpy summing the same array (single-threaded: a lower ceiling)."""
+    return membw_info(nbytes)["read_GBps"]
+
+
+def membw_info(nbytes=1 << 30):
+    """{"read_GBps", "how"}: the ceiling of CPU decode (shared with benchmarks/test_cpu_decode.py)."""
+    exe = os.path.join(tempfile.gettempdir(), f"fastload_membw_{os.getuid()}")
+    try:
+        if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(os.path.join(HERE, "membw.c")):
+            subprocess.run(["cc", "-O3", "-march=native", "-fopenmp", os.path.join(HERE, "membw.c"), "-o", exe],
+                           check=True, capture_output=True)
+        r = json.loads(subprocess.check_output([exe, str(int(nbytes))]))
+        return {"read_GBps": r["read_GBps"], "how": f"benchmarks/membw.c, {r['threads']} OpenMP threads, "
+                                                    f"{nbytes >> 20} MiB, best of 10"}
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        a = np.ones(int(nbytes) // 4, np.float32)
+        best = min(_timed(a.sum) for _ in range(5))
+        return {"read_GBps": a.nbytes / best / 1e9, "how": f"numpy float32 sum of {nbytes >> 20} MiB, best of 5 "
+                                                           "(no C compiler with OpenMP)"}
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def bytes_per_token(model, ctx):
@@ -79,6 +102,19 @@ def run_fastload(path, dtype, T, N):
                    "prefill_s": prefill, "new_tokens": n}
 
 
+def run_peer(python, path, dtype, T, N, threads):
+    """transformers' decode tokens/s on the same checkpoint, in a separate interpreter `python` (torch never enters
+    fastload's process); {"error": ...} when it fails."""
+    d, g = (os.path.dirname(path), os.path.basename(path)) if path.endswith(".gguf") else (path, "-")
+    peer_dtype = "float32" if path.endswith(".gguf") else dtype
+    try:
+        pr = json.loads(subprocess.check_output([python, "-c", PEER, d, g, peer_dtype, str(T), str(N), str(threads)],
+                                                stderr=subprocess.DEVNULL).decode().strip().splitlines()[-1])
+        return {"name": "transformers", "dtype": peer_dtype, **pr}
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError) as e:
+        return {"error": str(e)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer-python", default=None)
@@ -107,14 +143,7 @@ def main():
         row = {"model": name, "dtype": dtype, "params": model.num_parameters(), **r, "bytes_per_token": bpt,
                "bound_tokens_per_s": bound, "share_of_bound": r["decode_tokens_per_s"] / bound}
         if a.peer_python:
-            d, g = (os.path.dirname(path), os.path.basename(path)) if path.endswith(".gguf") else (path, "-")
-            peer_dtype = "float32" if path.endswith(".gguf") else dtype
-            try:
-                pr = json.loads(subprocess.check_output([a.peer_python, "-c", PEER, d, g, peer_dtype, str(T), str(N), str(threads)],
-                                                        stderr=subprocess.DEVNULL).decode().strip().splitlines()[-1])
-                row["peer"] = {"name": "transformers", "dtype": peer_dtype, **pr}
-            except subprocess.CalledProcessError as e:
-                row["peer"] = {"error": str(e)}
+            row["peer"] = run_peer(a.peer_python, path, dtype, T, N, threads)
         rows.append(row)
         del model
     commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

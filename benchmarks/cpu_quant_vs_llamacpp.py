@@ -85,6 +85,29 @@ def llama_rep(llm, prompt_ids, pp_ids, n_gen):
     return gen, pp, own_gen, own_pp, toks
 
 
+def compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=64, log=print):
+    """Warm both, then `reps` alternating reps (fastload, llama.cpp, ...): lists of tokens/s per rep, llama.cpp's own
+    counters, the greedy tokens of the first rep and how many agree before the first difference. Shared with
+    benchmarks/test_cpu_vs_llamacpp.py."""
+    fastload_rep(m, prompt_ids, pp_ids[:warm], 4)  # page cache, first-call allocations
+    llama_rep(llm, prompt_ids, pp_ids[:warm], 4)
+    r = {k: [] for k in ("fl_gen", "fl_pp", "ll_gen", "ll_pp", "ll_own_gen", "ll_own_pp")}
+    r["same_tokens"] = None
+    for rep in range(reps):
+        g1, p1, fl_toks = fastload_rep(m, prompt_ids, pp_ids, n_gen)
+        g2, p2, og, op, ll_toks = llama_rep(llm, prompt_ids, pp_ids, n_gen)
+        for k, v in zip(("fl_gen", "fl_pp", "ll_gen", "ll_pp", "ll_own_gen", "ll_own_pp"), (g1, p1, g2, p2, og, op)):
+            r[k].append(v)
+        if r["same_tokens"] is None:  # how many greedy tokens agree before the first difference
+            k = 0
+            while k < min(len(fl_toks), len(ll_toks)) and fl_toks[k] == ll_toks[k]:
+                k += 1
+            r["same_tokens"], r["fl_tokens"], r["ll_tokens"] = k, fl_toks, ll_toks
+        log(f"rep {rep}: generation fastload {g1:7.1f} llama.cpp {g2:7.1f} tok/s | "
+            f"prompt {len(pp_ids)}: fastload {p1:7.1f} llama.cpp {p2:7.1f} tok/s")
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a GGUF file (default: the demo model)")
@@ -110,24 +133,9 @@ def main():
     V = llm.n_vocab()
     pp_ids = np.random.default_rng(0).integers(100, V - 100, size=a.pp).tolist()
 
-    # warm both (page cache, first-call allocations)
-    fastload_rep(m, prompt_ids, pp_ids[:64], 4)
-    llama_rep(llm, prompt_ids, pp_ids[:64], 4)
-
-    fl_gen, fl_pp, ll_gen, ll_pp, ll_own_gen, ll_own_pp = [], [], [], [], [], []
-    same_tokens = None
-    for rep in range(a.reps):
-        g1, p1, fl_toks = fastload_rep(m, prompt_ids, pp_ids, a.gen)
-        g2, p2, og, op, ll_toks = llama_rep(llm, prompt_ids, pp_ids, a.gen)
-        fl_gen.append(g1); fl_pp.append(p1); ll_gen.append(g2); ll_pp.append(p2)
-        ll_own_gen.append(og); ll_own_pp.append(op)
-        if same_tokens is None:  # how many greedy tokens agree before the first difference
-            k = 0
-            while k < min(len(fl_toks), len(ll_toks)) and fl_toks[k] == ll_toks[k]:
-                k += 1
-            same_tokens = k
-        print(f"rep {rep}: generation fastload {g1:7.1f} llama.cpp {g2:7.1f} tok/s | "
-              f"prompt {a.pp}: fastload {p1:7.1f} llama.cpp {p2:7.1f} tok/s", flush=True)
+    r = compare(m, llm, prompt_ids, pp_ids, a.gen, a.reps)
+    fl_gen, fl_pp, ll_gen, ll_pp = r["fl_gen"], r["fl_pp"], r["ll_gen"], r["ll_pp"]
+    ll_own_gen, ll_own_pp, same_tokens = r["ll_own_gen"], r["ll_own_pp"], r["same_tokens"]
 
     med = statistics.median
     res = {

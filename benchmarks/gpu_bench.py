@@ -191,6 +191,19 @@ def hf_decode(m, B, T, N, compiled=False):
             "decode_tok_s_per_seq": (n - 1) / (dt - ttft), "decode_tok_s_total": B * (n - 1) / (dt - ttft)}
 
 
+def roofline_fn(m, bw):
+    """roofline(ctx, B=1) -> decode steps/s bound: `bw` (D2D copy bytes/s) over the bytes a step reads (every weight
+    but the embedding table once, + each row's bf16 KV cache at context ctx). Shared with benchmarks/test_gpu.py."""
+    w = m.get_memory_footprint()
+    emb = m.config["vocab_size"] * m.config["hidden_size"] * 2
+    c = m.config
+    kv_per_tok = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) * 2
+
+    def roofline(ctx, B=1):
+        return bw / (w - emb + B * kv_per_tok * ctx)  # steps/s: weights once per step + each row's KV
+    return roofline
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/fl_qwen7b")
@@ -253,12 +266,7 @@ def main():
                     json.dump(res, f, indent=1, default=str)
     save()
     m, _ = time_fastload_load(a.dir)
-    w = m.get_memory_footprint()
-    emb = m.config["vocab_size"] * m.config["hidden_size"] * 2
-    c = m.config
-    kv_per_tok = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) * 2
-    def roofline(ctx, B=1):
-        return bw / (w - emb + B * kv_per_tok * ctx)  # steps/s: weights once per step + each row's KV
+    roofline = roofline_fn(m, bw)
     if "decode" in secs:
         r = res["decode_b1"] = fl_decode(m, 1, 32, 256)
         r["roofline_tok_s"] = roofline(32 + 128)

@@ -1,0 +1,52 @@
+"""CPU quantised decode and prompt processing against llama.cpp on the same GGUF and thread count
+(benchmarks/cpu_quant_vs_llamacpp.py's measurement: fastload_rep, llama_rep). Skips without llama_cpp."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+
+import numpy as np
+import pytest
+
+
+def test_cpu_quant_vs_llamacpp(record, demo_model, bench_full):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: no llama.cpp peer")
+    import fastload
+    from fastload import _C
+
+    import cpu_quant_vs_llamacpp as q
+    threads = min(2, os.cpu_count() or 1)
+    n_gen, n_pp, reps = (128, 512, 5) if bench_full else (16, 64, 1)
+    g = _C.GGUFFile(demo_model)
+    file_tensor_bytes = sum(t[4] for t in g.tensors())
+    g.close()
+    m = fastload.AutoModelForCausalLM.from_pretrained(demo_model, threads=threads)
+    info = m._core.info
+    llm = llama_cpp.Llama(model_path=demo_model, n_threads=threads, n_threads_batch=threads,
+                          n_ctx=n_pp + n_gen + 64, n_batch=n_pp, verbose=False)
+    try:
+        prompt_ids = llm.tokenize(q.PROMPT.encode(), add_bos=False)
+        pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
+        r = q.compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=16)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+    fl_gen, fl_pp, ll_gen, ll_pp = r["fl_gen"], r["fl_pp"], r["ll_gen"], r["ll_pp"]
+    fl_toks, ll_toks, same = r["fl_tokens"], r["ll_tokens"], r["same_tokens"]
+    med = statistics.median
+    record({"generation_tokens_per_s": med(fl_gen), "prompt_tokens_per_s": med(fl_pp),
+            "weight_bytes": int(info["weight_bytes"]), "file_tensor_bytes": int(file_tensor_bytes),
+            "quantized_weights": int(info.get("quantized_weights", 0)),
+            "greedy_tokens_equal_before_first_difference": same},
+           unit="tok/s", peer={"name": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+                               "generation_tokens_per_s": med(ll_gen), "prompt_tokens_per_s": med(ll_pp)},
+           config={"model": demo_model, "threads": threads, "generation_tokens": n_gen, "prompt_tokens": n_pp,
+                   "reps": reps})
+    # correctness: the GGUF really stays quantised (weights near the file's tensor bytes), both produced the asked
+    # number of tokens, figures finite
+    assert info.get("quantized_weights", 0) > 0
+    assert int(info["weight_bytes"]) <= 1.1 * file_tensor_bytes
+    assert len(fl_toks) == n_gen + 1 and len(ll_toks) == n_gen
+    assert all(math.isfinite(x) and x > 0 for x in fl_gen + fl_pp + ll_gen + ll_pp)
+    assert fl_toks[0] == ll_toks[0]  # the first greedy token of the same prompt agrees
