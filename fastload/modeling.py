@@ -1039,6 +1039,14 @@ class FastModelForCausalLM:
             items.append((archmod.SLOT[slot], layer, heads, g, name))
         stats = cls._finish(core, items, 1, os.path.basename(path), progress, progress_callback)
         g.close()
+        scheme = quant.scheme if isinstance(quant, quantmod.QuantConfig) else None
+        if scheme not in (None, "none") and not quantmod.report(core).get("quantized_weights"):
+            # The core quantises float sources only: a GGUF's quantised blocks expanded by gguf="dequantize" stay in
+            # the float dtype. Refused rather than handing back a float model that claims to be quantised.
+            raise NotImplementedError(
+                f"{path}: quantization_config asks for {scheme} with gguf='dequantize', but quantising a GGUF's "
+                "dequantised blocks at load is not supported (nothing was quantised); use gguf='keep' (the file's own "
+                "quantisation, kept exactly) or save_pretrained() the dequantised model and load that with the scheme")
         gen = _gguf_generation_config(meta, path)
         hf.update({k: gen[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")})
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)

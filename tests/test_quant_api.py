@@ -778,6 +778,13 @@ def test_gguf_keeps_its_quantised_tensors(demo_gguf):
     assert ms["weights"] < 0.5 * old.memory_stats()["weights"]
 
 
+def test_gguf_dequantize_with_a_scheme_is_refused(demo_gguf):
+    """A scheme with gguf='dequantize' on a block-quantised GGUF used to load a float16 model that reported
+    is_quantized / load_in_4bit with no quantised weight: refused, naming the file and what to do instead."""
+    with pytest.raises(NotImplementedError, match=r"Q4_1\.gguf: quantization_config asks for int4 with gguf='dequantize'"):
+        load(demo_gguf, quantization_config=fastload.QuantConfig("int4", gguf="dequantize"))
+
+
 def test_cli_info_with_quant(capsys):
     from fastload.__main__ import main
     assert main(["info", "--model", ROPE3, "--device", "cpu", "--quant", "int8"]) == 0
