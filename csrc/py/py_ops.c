@@ -127,21 +127,24 @@ static void *upload_raw(op_ctx *c, PyArrayObject *a) {
     return d;
 }
 
-/* Upload a float32 array converted to the activation dtype. */
-static void *upload_act(op_ctx *c, PyArrayObject *a) {
-    const size_t n = (size_t)PyArray_SIZE(a), es = (size_t)fl_dtype_size(c->be->act);
+/* Upload a float32 array converted to dtype t. */
+static void *upload_as(op_ctx *c, PyArrayObject *a, fl_dtype t) {
+    const size_t n = (size_t)PyArray_SIZE(a), es = (size_t)fl_dtype_size(t);
     void *d = NULL;
     fl_status st = c->be->alloc(c->be, n * es, &d);
     if (st != FL_OK) { raise_st(c, st); return NULL; }
     if (track(c, d) < 0) return NULL;
     void *h = malloc(n * es + 1);
     if (!h) { PyErr_NoMemory(); return NULL; }
-    st = fl_convert(h, c->be->act, PyArray_DATA(a), FL_F32, n);
+    st = fl_convert(h, t, PyArray_DATA(a), FL_F32, n);
     if (st == FL_OK) st = c->be->to_backend(c->be, d, h, n * es);
     free(h);
     if (st != FL_OK) { raise_st(c, st); return NULL; }
     return d;
 }
+
+/* Upload a float32 array converted to the activation dtype. */
+static void *upload_act(op_ctx *c, PyArrayObject *a) { return upload_as(c, a, c->be->act); }
 
 /* Download n = prod(shape) activation-dtype elements into out[name] as float32. */
 static int download(op_ctx *c, const char *name, const void *d, int ndim, const npy_intp *shape) {
@@ -242,21 +245,6 @@ static int param_str(op_ctx *c, const char *k, const char *dflt, const char **ou
     return (*out = PyUnicode_AsUTF8(v)) ? 0 : -1;
 }
 
-/* Upload a float32 array converted to dtype t. */
-static void *upload_as(op_ctx *c, PyArrayObject *a, fl_dtype t) {
-    const size_t n = (size_t)PyArray_SIZE(a), es = (size_t)fl_dtype_size(t);
-    void *d = NULL;
-    fl_status st = c->be->alloc(c->be, n * es, &d);
-    if (st != FL_OK) { raise_st(c, st); return NULL; }
-    if (track(c, d) < 0) return NULL;
-    void *h = malloc(n * es + 1);
-    if (!h) { PyErr_NoMemory(); return NULL; }
-    st = fl_convert(h, t, PyArray_DATA(a), FL_F32, n);
-    if (st == FL_OK) st = c->be->to_backend(c->be, d, h, n * es);
-    free(h);
-    if (st != FL_OK) { raise_st(c, st); return NULL; }
-    return d;
-}
 
 /* Download into out[name]: uint8 bytes as they are (npy NPY_UINT8), or elements of dtype t widened to float32. */
 static int download_as(op_ctx *c, const char *name, const void *d, int ndim, const npy_intp *shape, int npy, fl_dtype t) {
