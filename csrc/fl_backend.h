@@ -108,11 +108,15 @@ struct fl_backend {
 
     /* x[n, d] = emb[tokens[i], :] (emb may be FL_QUANT: rows are dequantised) */
     fl_status (*embed)(fl_backend *, void *x_d, const int32_t *tokens_d, int n, const fl_weight *emb);
-    /* out = rmsnorm(x) * w                                        x, out: [n, d]; w: [d] (weight dtype) */
-    fl_status (*rmsnorm)(fl_backend *, void *out_d, const void *x_d, const fl_weight *w, int n, float eps);
-    /* resid += delta; out = rmsnorm(resid) * w                     all [n, d] */
+    /* out = rmsnorm(x) * w                                        x, out: [n, d]; w: [d] (weight dtype)
+     * next: the weight of the matmul that reads `out` as the very next op (NULL: none or unknown); a
+     * backend may use it to write `out` in that matmul's own input form as well (CUDA: the dp2a GEMV's
+     * int16 x), which the matmul then takes instead of preparing it. The result is the same either way. */
+    fl_status (*rmsnorm)(fl_backend *, void *out_d, const void *x_d, const fl_weight *w, int n, float eps,
+                         const fl_weight *next);
+    /* resid += delta; out = rmsnorm(resid) * w                     all [n, d]; next as above */
     fl_status (*add_rmsnorm)(fl_backend *, void *out_d, void *resid_d, const void *delta_d,
-                             const fl_weight *w, int n, float eps);
+                             const fl_weight *w, int n, float eps, const fl_weight *next);
     /* y[n, W.rows] = x[n, W.cols] @ W^T (+ bias[W.rows] if bias != NULL). W may be FL_QUANT. */
     fl_status (*matmul)(fl_backend *, void *y_d, const void *x_d, int n, const fl_weight *W,
                         const fl_weight *bias);
@@ -126,8 +130,8 @@ struct fl_backend {
      * slot i iff j <= i && (window == 0 || i - j < window) && kmask[b, j]. */
     fl_status (*attention)(fl_backend *, void *out_d, const void *qkv_d, const fl_step *s,
                            const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
-    /* out[n, f] = silu(gu[n, 0:f]) * gu[n, f:2f] */
-    fl_status (*swiglu)(fl_backend *, void *out_d, const void *gu_d, int n, int f);
+    /* out[n, f] = silu(gu[n, 0:f]) * gu[n, f:2f]; next as for rmsnorm */
+    fl_status (*swiglu)(fl_backend *, void *out_d, const void *gu_d, int n, int f, const fl_weight *next);
     /* dst[i, :] = src[rows[i], :] for i < n (pick last-token rows before the LM head) */
     fl_status (*gather_rows)(fl_backend *, void *dst_d, const void *src_d, const int32_t *rows_h,
                              int n, int d);
@@ -147,6 +151,10 @@ struct fl_backend {
 
     /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
     uint64_t mem_allocated, mem_peak;
+    /* Matmul calls that took their input as the op before them wrote it (the `next` hint of rmsnorm /
+     * swiglu; CUDA: the dp2a GEMV's int16 x) instead of preparing it themselves. Counts calls made on
+     * the host (a CUDA graph replay repeats the captured ones without counting). */
+    uint64_t fused_inputs;
 };
 
 /* Backends. fl_backend_cpu_create never fails for lack of a device. */

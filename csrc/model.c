@@ -1075,19 +1075,20 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, cons
     for (int l = 0; l < c->n_layers; l++) {
         const fl_layer *W = &m->w.layers[l];
         if (fl_cancel_requested()) return fl_err(FL_E_INTERRUPTED, "interrupted"); /* Ctrl-C in a long forward */
-        if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps));
-        else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps));
+        if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps, &W->wqkv));
+        else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps, &W->wqkv));
         STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
         STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d));
         STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
         STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
-        STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps));
+        STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));
         STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
-        STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn));                /* [N, ffn] */
+        STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));    /* [N, ffn] */
         STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
     }
-    STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &m->w.final_norm, N, c->rms_eps));
-    if (all_logits || T == 1) {
+    const int whole = all_logits || T == 1;  /* logits of every row: the LM head reads ws_xn right after the norm */
+    STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &m->w.final_norm, N, c->rms_eps, whole ? &m->w.lm_head : NULL));
+    if (whole) {
         STEP(be->matmul(be, m->ws_logits, m->ws_xn, N, &m->w.lm_head, NULL)); /* [N, vocab] */
     } else {
         int32_t rows_s[256];

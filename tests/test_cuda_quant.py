@@ -13,6 +13,7 @@ weights to the activation dtype before cuBLAS (one more rounding per weight, wel
 limits: its error sums like a random walk, ~0.3 u rms(ref) against a limit of 8 u rms(ref)).
 """
 import math
+import json
 import os
 
 import numpy as np
@@ -483,3 +484,57 @@ def test_quantized_model_pdl_off_is_bit_identical():
         os.remove(f)
     for a, b in zip(got["1"], got["0"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_quantized_model_qx_fuse_bit_identical():
+    """RMSNorm and SwiGLU write the dp2a GEMV's int16 x themselves when the matmul after them takes it
+    (FASTLOAD_QX_FUSE=1, the default): the same bits as the GEMV's own prep (FASTLOAD_QX_FUSE=0), in an
+    eager forward at 1 and 2 token rows, a prefill and a graph-captured decode. The core counts the
+    matmuls that took a fused input: with fusion on it is exactly the eligible weights (integer codes,
+    groups of whole 16-byte code vectors, no act-order perm) among qkv / gate_up / down per layer and the
+    LM head, per eager forward; with fusion off it is 0."""
+    import subprocess
+    import sys
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import sys, json; sys.path[:0] = %r\nimport numpy as np, fastload\nfrom golden_util import model_dir\n"
+        "ids = np.array([[1, 17, 230, 5, 99, 412], [1, 8, 64, 300, 21, 7]])\n"
+        "out, counts = [], []\n"
+        "for s, dt in (('int8', 'bfloat16'), ('int4', 'bfloat16'), ('int4', 'float16'), ('nf4', 'bfloat16')):\n"
+        "    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir('qwen2')), device_map='cuda', "
+        "torch_dtype=dt, quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
+        "    lay = {l['name']: l for l in m._core.layouts()}\n"
+        "    c0 = m._core.info['fused_matmul_inputs']\n"
+        "    out.append(np.asarray(m(ids[:1, :1]).logits, np.float32))\n"
+        "    out.append(np.asarray(m(ids[:, :1]).logits, np.float32))\n"
+        "    counts.append([m._core.info['fused_matmul_inputs'] - c0, lay])\n"
+        "    out.append(np.asarray(m(ids).logits, np.float32))\n"
+        "    out.append(m.generate(ids, do_sample=True, seed=3, max_new_tokens=12, eos_token_id=[]).astype(np.float32))\n"
+        "np.savez(sys.argv[1], *out)\n"
+        "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n") % [HERE, os.path.dirname(HERE)]
+    got, cnt = {}, {}
+    for fuse in ("1", "0"):
+        f = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fl_qxf_{os.getpid()}_{fuse}.npz")
+        r = subprocess.run([sys.executable, "-c", code, f], env=dict(os.environ, FASTLOAD_QX_FUSE=fuse),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with np.load(f) as z:
+            got[fuse] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+        with open(f + ".json") as fh:
+            cnt[fuse] = json.load(fh)
+        os.remove(f)
+        os.remove(f + ".json")
+    for a, b in zip(got["1"], got["0"]):
+        np.testing.assert_array_equal(a, b)
+
+    def eligible(l):
+        vc = 32 if l["bits"] == 4 else 16
+        return l["dtype"] in ("int4", "int8") and l["group_size"] % vc == 0 and not l["perm"]
+
+    for (n1, lay), (n0, _) in zip(cnt["1"], cnt["0"]):
+        names = [k for k in lay if k.endswith((".wqkv", ".w_gate_up", ".w_down")) or k == "lm_head"]
+        want = 2 * sum(eligible(lay[k]) for k in names)  # two eager forwards (1 and 2 token rows)
+        assert n0 == 0
+        assert n1 == want, (n1, want, {k: (lay[k]["dtype"], lay[k]["group_size"]) for k in names})
+    assert cnt["1"][1][0] > 0  # int4 bfloat16: the fusion ran at all

@@ -63,7 +63,10 @@ static inline void rmsnorm_row(float *restrict out, const float *restrict x, con
     }
 }
 
-static fl_status cpu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const fl_weight *w, int n, float eps) {
+/* `next` (the matmul that reads out) is a hint the CPU backend does not use: its matmuls quantise x themselves */
+static fl_status cpu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const fl_weight *w, int n, float eps,
+                             const fl_weight *next) {
+    (void)next;
     const int64_t d = w->rows;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (n > 4)
     for (int i = 0; i < n; i++) rmsnorm_row((float *)out_d + i * d, (const float *)x_d + i * d, w, d, eps);
@@ -71,7 +74,8 @@ static fl_status cpu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const
 }
 
 static fl_status cpu_add_rmsnorm(fl_backend *be, void *out_d, void *resid_d, const void *delta_d,
-                                 const fl_weight *w, int n, float eps) {
+                                 const fl_weight *w, int n, float eps, const fl_weight *next) {
+    (void)next;
     const int64_t d = w->rows;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (n > 4)
     for (int i = 0; i < n; i++) {
@@ -84,7 +88,8 @@ static fl_status cpu_add_rmsnorm(fl_backend *be, void *out_d, void *resid_d, con
     return FL_OK;
 }
 
-static fl_status cpu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f) {
+static fl_status cpu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f, const fl_weight *next) {
+    (void)next;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (n > 1)
     for (int i = 0; i < n; i++) {
         const float *g = (const float *)gu_d + (int64_t)i * 2 * f, *u = g + f;

@@ -192,17 +192,29 @@ static fl_status cu_embed(fl_backend *be, void *x_d, const int32_t *tokens_d, in
     return fl_cuda_embed(IMPL(be)->stream, be->act, x_d, tokens_d, n, emb->data_d, emb->rows, emb->cols);
 }
 
-static fl_status cu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const fl_weight *w, int n, float eps) {
+// RMSNorm / SwiGLU whose output feeds the matmul with `next` (NULL: unknown) right after: for a quantised
+// weight that will take the dp2a GEMV, the op also writes that GEMV's int16 x (fl_cuda_qx_target), one
+// kernel fewer per matmul.
+static fl_status cu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const fl_weight *w, int n, float eps,
+                            const fl_weight *next) {
     FL_TRY(need_act(be, w, "rmsnorm"));
     FL_TRY(fl_cuda_enter(IMPL(be)));
-    return fl_cuda_rmsnorm(IMPL(be)->stream, be->act, out_d, x_d, w->data_d, n, w->rows, eps);
+    fl_qx_dst qd;
+    FL_TRY(fl_cuda_qx_target(be, next, out_d, n, w->rows, &qd));
+    FL_TRY(fl_cuda_rmsnorm(IMPL(be)->stream, be->act, out_d, x_d, w->data_d, n, w->rows, eps, qd));
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    return FL_OK;
 }
 
 static fl_status cu_add_rmsnorm(fl_backend *be, void *out_d, void *resid_d, const void *delta_d, const fl_weight *w,
-                                int n, float eps) {
+                                int n, float eps, const fl_weight *next) {
     FL_TRY(need_act(be, w, "add_rmsnorm"));
     FL_TRY(fl_cuda_enter(IMPL(be)));
-    return fl_cuda_add_rmsnorm(IMPL(be)->stream, be->act, out_d, resid_d, delta_d, w->data_d, n, w->rows, eps);
+    fl_qx_dst qd;
+    FL_TRY(fl_cuda_qx_target(be, next, out_d, n, w->rows, &qd));
+    FL_TRY(fl_cuda_add_rmsnorm(IMPL(be)->stream, be->act, out_d, resid_d, delta_d, w->data_d, n, w->rows, eps, qd));
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    return FL_OK;
 }
 
 static fl_status cu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias) {
@@ -260,9 +272,13 @@ static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, co
                              kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes);
 }
 
-static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f) {
+static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f, const fl_weight *next) {
     FL_TRY(fl_cuda_enter(IMPL(be)));
-    return fl_cuda_swiglu(IMPL(be)->stream, be->act, out_d, gu_d, n, f);
+    fl_qx_dst qd;
+    FL_TRY(fl_cuda_qx_target(be, next, out_d, n, f, &qd));
+    FL_TRY(fl_cuda_swiglu(IMPL(be)->stream, be->act, out_d, gu_d, n, f, qd));
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    return FL_OK;
 }
 
 static fl_status cu_gather_rows(fl_backend *be, void *dst_d, const void *src_d, const int32_t *rows_h, int n, int d) {
@@ -311,6 +327,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // Quantised weights: FASTLOAD_QGEMV_UP_TO=0..8 (GEMV for n up to this, dequantise + cuBLAS above;
 // default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|dp|fma|mma|generic (the GEMV kernel: integer dot products,
 // tensor cores, the FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
+// FASTLOAD_QX_FUSE=1|0: RMSNorm / SwiGLU write the dp2a GEMV's int16 x for the matmul after them (default 1).
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -332,6 +349,12 @@ static fl_status read_knobs(fl_cuda_impl *c) {
         else if (!strcmp(q, "mma")) c->qgemv_variant = FL_QGEMV_MMA;
         else if (!strcmp(q, "dp")) c->qgemv_variant = FL_QGEMV_DP;
         else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, dp, fma, mma or generic", q);
+    }
+    c->qx_fuse = 1;
+    q = getenv("FASTLOAD_QX_FUSE");
+    if (q && *q) {
+        if (!strcmp(q, "0")) c->qx_fuse = 0;
+        else if (strcmp(q, "1")) return fl_err(FL_E_VALUE, "FASTLOAD_QX_FUSE='%s' is not 0 or 1", q);
     }
     c->qdp_cfg = -1;
     q = getenv("FASTLOAD_QDP_CFG");

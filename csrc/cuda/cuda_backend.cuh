@@ -8,6 +8,7 @@
 #ifndef FL_CUDA_BACKEND_CUH
 #define FL_CUDA_BACKEND_CUH
 
+#include <atomic>
 #include <mutex>
 #include <vector>
 
@@ -46,6 +47,12 @@ typedef struct fl_cuda_impl {
     int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
     int qdp_cfg;                /* dp2a GEMV at n = 1 (FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1|r1u4|r2u4 -> 0..5; -1 default) */
     size_t scratch_bytes;
+    std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */
+    uint64_t qx_seq;            /* op_seq of the op that wrote the dp2a GEMV's x into qxq (0: none pending) */
+    const void *qx_x;           /* ... for the matmul on this x, */
+    const void *qx_q;           /* ... this weight's codes */
+    int qx_n;                   /* ... and this many rows (fl_cuda_qx_target, qmatmul.cuh) */
+    int qx_fuse;                /* FASTLOAD_QX_FUSE: 1 (default) RMSNorm / SwiGLU write the dp2a GEMV's x; 0 off */
     std::mutex mu;              /* guards `blocks` and the memory counters */
     std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */
 } fl_cuda_impl;
@@ -55,6 +62,7 @@ static inline fl_cuda_impl *fl_cuda_impl_of(fl_backend *be) { return (fl_cuda_im
 /* Make the backend's device current on the calling thread (ops may come from loader threads). */
 static inline fl_status fl_cuda_enter(fl_cuda_impl *c) {
     FL_CUDA_CHECK(cudaSetDevice(c->device));
+    c->op_seq++;
     return FL_OK;
 }
 

@@ -3,6 +3,7 @@
 // an element path otherwise (odd hidden sizes stay correct, only slower).
 #include "norm.cuh"
 #include "cuda_common.cuh"
+#include "qx.cuh"
 
 #define ROW_THREADS 256
 
@@ -44,9 +45,10 @@ fl_status fl_cuda_embed(cudaStream_t st, fl_dtype act, void *x, const int32_t *t
 // (the second hits L1/L2). With ADD, pass 1 writes resid = round(resid + delta) and the norm is
 // taken of that rounded value, which is what the model keeps.
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool VEC, bool ADD>
+// QB (4 or 8, VEC with 8 elements per vector only): also write out as the dp2a GEMV's int16 x (qx.cuh).
+template <typename T, bool VEC, bool ADD, int QB>
 __global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const T *__restrict__ delta,
-                               const T *__restrict__ w, int64_t d, float eps) {
+                               const T *__restrict__ w, int64_t d, float eps, fl_qx_dst qd) {
     __shared__ float red[32];
     fl_pdl_launch_dependents();
     fl_pdl_wait();
@@ -87,7 +89,29 @@ __global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const 
     const float r = rsqrtf(fl_block_sum(ss, red) / (float)d + eps);
     // Pass 2: each thread re-reads exactly the elements it wrote in pass 1 (same loop), so the
     // writes to resid are visible to it without a barrier.
-    if (VEC) {
+    if constexpr (QB != 0 && E == 8) {
+        // the loop runs the same count on every lane (fl_qx_store8 shuffles); d % 32 == 0 (caller)
+        const int64_t nv = d / E;
+        for (int64_t v0 = 0; v0 < nv; v0 += blockDim.x) {
+            const int64_t v = v0 + threadIdx.x;
+            const bool on = v < nv;
+            float a[E];
+            if (on) {
+                float g[E];
+                fl_vec_to_f32<T>(((const uint4 *)xr)[v], a);
+                fl_vec_to_f32<T>(((const uint4 *)w)[v], g);
+#pragma unroll
+                for (int k = 0; k < E; k++) a[k] = g[k] * (a[k] * r);
+                const uint4 o = fl_f32_to_vec<T>(a);
+                ((uint4 *)outr)[v] = o;
+                fl_vec_to_f32<T>(o, a);  // the int16 copy is of the rounded output, as a separate prep reads it
+            } else {
+#pragma unroll
+                for (int k = 0; k < E; k++) a[k] = 0.f;
+            }
+            fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, on);
+        }
+    } else if (VEC) {
         const int64_t nv = d / E;
         for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
             float a[E], g[E];
@@ -105,27 +129,31 @@ __global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const 
 
 template <typename T, bool ADD>
 static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const void *x, const void *delta,
-                                const void *w, int n, int64_t d, float eps) {
+                                const void *w, int n, int64_t d, float eps, const fl_qx_dst &qd) {
     const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(w) &&
                      (ADD ? fl_is_aligned16(resid) && fl_is_aligned16(delta) : fl_is_aligned16(x));
-    if (vec)
-        FL_LAUNCH(rmsnorm_kernel<T, true, ADD>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
-    else
-        FL_LAUNCH(rmsnorm_kernel<T, false, ADD>, dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps);
+    const int qb = vec && fl_vec<T>::EPV == 8 && d % 32 == 0 ? qd.bits : 0;
+    if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "rmsnorm: the dp2a GEMV's x cannot be written for d = %lld", (long long)d);
+#define FL_RMS(VEC_, QB_) FL_LAUNCH((rmsnorm_kernel<T, VEC_, ADD, QB_>), dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps, qd)
+    if (qb == 4) FL_RMS(true, 4);
+    else if (qb == 8) FL_RMS(true, 8);
+    else if (vec) FL_RMS(true, 0);
+    else FL_RMS(false, 0);
+#undef FL_RMS
     return FL_OK;
 }
 
 fl_status fl_cuda_rmsnorm(cudaStream_t st, fl_dtype act, void *out, const void *x, const void *w,
-                          int n, int64_t d, float eps) {
+                          int n, int64_t d, float eps, const fl_qx_dst &qd) {
     if (n <= 0) return FL_OK;
-    FL_CUDA_DISPATCH(act, T, return launch_rmsnorm<T, false>(st, out, NULL, x, NULL, w, n, d, eps););
+    FL_CUDA_DISPATCH(act, T, return launch_rmsnorm<T, false>(st, out, NULL, x, NULL, w, n, d, eps, qd););
     return FL_OK;
 }
 
 fl_status fl_cuda_add_rmsnorm(cudaStream_t st, fl_dtype act, void *out, void *resid, const void *delta,
-                              const void *w, int n, int64_t d, float eps) {
+                              const void *w, int n, int64_t d, float eps, const fl_qx_dst &qd) {
     if (n <= 0) return FL_OK;
-    FL_CUDA_DISPATCH(act, T, return launch_rmsnorm<T, true>(st, out, resid, NULL, delta, w, n, d, eps););
+    FL_CUDA_DISPATCH(act, T, return launch_rmsnorm<T, true>(st, out, resid, NULL, delta, w, n, d, eps, qd););
     return FL_OK;
 }
 
@@ -156,14 +184,49 @@ __global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int
     }
 }
 
-fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *gu, int n, int64_t f) {
+// SwiGLU that also writes the dp2a GEMV's int16 x (qx.cuh): 8 elements per thread, f % 32 == 0, the loop
+// bound the same on every lane of a warp (fl_qx_store8 shuffles within lane groups).
+template <typename T, int QB>
+__global__ void swiglu_qx_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f, fl_qx_dst qd) {
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
+    const int64_t per_row = f / 8, total = (int64_t)n * per_row, stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t lane = threadIdx.x & 31;
+    for (int64_t v0 = (int64_t)blockIdx.x * blockDim.x + (threadIdx.x - lane); v0 < total; v0 += stride) {
+        const int64_t v = v0 + lane;
+        const bool on = v < total;
+        const int64_t i = on ? v / per_row : 0, k = on ? v - i * per_row : 0;
+        float a[8];
+        if (on) {
+            const T *g = gu + i * 2 * f, *u = g + f;
+            float b[8];
+            fl_vec_to_f32<T>(((const uint4 *)g)[k], a);
+            fl_vec_to_f32<T>(((const uint4 *)u)[k], b);
+#pragma unroll
+            for (int e = 0; e < 8; e++) a[e] = silu_mul(a[e], b[e]);
+            const uint4 o = fl_f32_to_vec<T>(a);
+            ((uint4 *)(out + i * f))[k] = o;
+            fl_vec_to_f32<T>(o, a);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) a[e] = 0.f;
+        }
+        fl_qx_store8<QB>(qd.xq, qd.xd, a, on ? v * 8 : 0, on);
+    }
+}
+
+fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *gu, int n, int64_t f, const fl_qx_dst &qd) {
     if (n <= 0 || f <= 0) return FL_OK;
     FL_CUDA_DISPATCH(act, T, {
         const bool vec = f % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(gu);
         const int64_t work = (int64_t)n * (vec ? f / fl_vec<T>::EPV : f);
         int64_t blocks = (work + ROW_THREADS - 1) / ROW_THREADS;
         if (blocks > 65535 * 16) blocks = 65535 * 16;
-        if (vec) FL_LAUNCH(swiglu_kernel<T, true>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
+        const int qb = vec && fl_vec<T>::EPV == 8 && f % 32 == 0 ? qd.bits : 0;
+        if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "swiglu: the dp2a GEMV's x cannot be written for f = %lld", (long long)f);
+        if (qb == 4) FL_LAUNCH((swiglu_qx_kernel<T, 4>), dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f, qd);
+        else if (qb == 8) FL_LAUNCH((swiglu_qx_kernel<T, 8>), dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f, qd);
+        else if (vec) FL_LAUNCH(swiglu_kernel<T, true>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
         else FL_LAUNCH(swiglu_kernel<T, false>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
     });
     return FL_OK;

@@ -51,6 +51,7 @@
 #include <string.h>
 
 #include "qmatmul.cuh"
+#include "qx.cuh"
 #include "cuda_backend.cuh"
 #include "cuda_common.cuh"
 #include "../quant.h"
@@ -570,45 +571,38 @@ __device__ __forceinline__ int dp2hi(uint32_t a, uint32_t b, int c) {
     asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
-__device__ __forceinline__ uint32_t pack_i16(int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); }
 
-// One lane per column: a vector's VC columns are VC consecutive lanes (a warp holds 32 / VC vectors), its
-// amax and sum are shuffle reductions, each lane stores its int16 at the column's place in the codes' order.
+// One thread per 8 columns (one uint4 of x when there is no perm), the numerics and layout of
+// fl_qx_store8 (qx.cuh), which RMSNorm and SwiGLU also call when they write x for this GEMV directly.
 // (The first version, one thread per vector looping over its columns, took 3.4 us for C = 3584: on the
-// critical path before each GEMV's x loads.)
+// critical path before each GEMV's x loads; one lane per column came next.)
 template <typename T, int BITS>
 __global__ void __launch_bounds__(QD_THREADS)
 qx_prep_kernel(int16_t *__restrict__ xq, float2 *__restrict__ xd, const T *__restrict__ x,
                const int32_t *__restrict__ perm, int n, int64_t C) {
-    constexpr int VC = BITS == 4 ? 32 : 16;
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // x from the previous kernel; xq may still be read by the previous GEMV
-    const int64_t total = (int64_t)n * C;  // one thread per element; C % VC == 0, so vectors never straddle warps
-    const int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool on = k < total;
-    const int64_t i = on ? k / C : 0, c = on ? k - i * C : 0;
-    float f = 0.f;
-    if (on) {
-        if (perm) {
-            const int32_t p = perm[c];
-            f = p >= 0 && p < C ? fl_to_f32(x[i * C + p]) : 0.f;
-        } else {
-            f = fl_to_f32(x[k]);
-        }
-    }
-    float amax = fabsf(f), sum = f;
+    const int64_t total = (int64_t)n * (C / 8);  // C % VC == 0: a vector's lanes are one aligned lane group
+    const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool on = t < total;
+    const int64_t k0 = on ? t * 8 : 0, i = k0 / C, c0 = k0 - i * C;
+    float a[8];
+    if (!on) {
 #pragma unroll
-    for (int o = VC / 2; o > 0; o >>= 1) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o, VC));
-        sum += __shfl_xor_sync(0xffffffffu, sum, o, VC);
+        for (int e = 0; e < 8; e++) a[e] = 0.f;
+    } else if (perm) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int32_t p = perm[c0 + e];
+            a[e] = p >= 0 && p < C ? fl_to_f32(x[i * C + p]) : 0.f;
+        }
+    } else if constexpr (fl_vec<T>::EPV == 8) {
+        fl_vec_to_f32<T>(*(const uint4 *)(x + k0), a);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) a[e] = fl_to_f32(x[k0 + e]);
     }
-    if (!on) return;
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-    const int q = max(-32767, min(32767, __float2int_rn(f * inv)));
-    const int j = (int)(c & 7);
-    const int64_t dst = BITS == 4 ? (k & ~(int64_t)7) + ((j & 1) ? 4 + (j >> 1) : (j >> 1)) : k;
-    xq[dst] = (int16_t)q;
-    if ((c & (VC - 1)) == 0) xd[k / VC] = make_float2(amax * (1.f / 32767.f), sum);
+    fl_qx_store8<BITS>(xq, xd, a, k0, on);
 }
 
 // sum over the 16-byte vector of codes c of q * xq (int32)
@@ -1245,33 +1239,35 @@ static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const 
              : launch_qdp<T, S, 8, false>(st, y, xq, xd, W, bias, gm, n, cfg);
 }
 
+static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
+static float2 *qdp_xd(fl_cuda_impl *c, int64_t C) { return (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2); }
+
 // The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
-// The caller has checked the layout (qdp_ok) and grown c->qxq (qdp_ws_bytes).
-static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W,
-                          const void *bias) {
+// The caller has checked the layout (qdp_ok) and grown c->qxq (qdp_ws_bytes). x_ready: the op before
+// (RMSNorm / SwiGLU through fl_cuda_qx_target) has already written x there, so there is no prep.
+template <typename T>
+static fl_status qgemv_dp_t(fl_cuda_impl *c, T *y, const T *x, int n, const fl_qw &W, const T *bias, bool x_ready) {
     cudaStream_t st = c->stream;
     const int vc = W.bits == 4 ? 32 : 16;
     const uint32_t vpg = (uint32_t)(W.gs / vc);
     const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;  // exact: nv * vpg <= 2^32 (qdp_ok)
-    int16_t *xq = (int16_t *)c->qxq;
-    float2 *xd = (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)W.C * 2);
-    const int64_t pblocks = ((int64_t)n * W.C + QD_THREADS - 1) / QD_THREADS;  // one thread per element
-    if (pblocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %d x %lld is too many", n, (long long)W.C);
-    const unsigned grid = (unsigned)pblocks;
-    if (act == FL_BF16) {
-        typedef __nv_bfloat16 T;
-        if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
-        else FL_LAUNCH(qx_prep_kernel<T, 8>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
-        return W.s32 ? launch_qdp_fmt<T, float>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg)
-                     : launch_qdp_fmt<T, __half>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg);
+    int16_t *xq = qdp_xq(c);
+    float2 *xd = qdp_xd(c, W.C);
+    if (!x_ready) {
+        const int64_t blocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
+        if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %d x %lld is too many", n, (long long)W.C);
+        if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, st, xq, xd, x, W.perm, n, W.C);
+        else FL_LAUNCH(qx_prep_kernel<T, 8>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, st, xq, xd, x, W.perm, n, W.C);
     }
-    if (act == FL_F16) {
-        typedef __half T;
-        if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
-        else FL_LAUNCH(qx_prep_kernel<T, 8>, dim3(grid), dim3(QD_THREADS), 0, st, xq, xd, (const T *)x, W.perm, n, W.C);
-        return W.s32 ? launch_qdp_fmt<T, float>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg)
-                     : launch_qdp_fmt<T, __half>(st, (T *)y, xq, xd, W, (const T *)bias, gm, n, c->qdp_cfg);
-    }
+    return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg)
+                 : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg);
+}
+
+static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W,
+                          const void *bias, bool x_ready) {
+    if (act == FL_BF16)
+        return qgemv_dp_t<__nv_bfloat16>(c, (__nv_bfloat16 *)y, (const __nv_bfloat16 *)x, n, W, (const __nv_bfloat16 *)bias, x_ready);
+    if (act == FL_F16) return qgemv_dp_t<__half>(c, (__half *)y, (const __half *)x, n, W, (const __half *)bias, x_ready);
     return fl_err(FL_E_INTERNAL, "quantised matmul: the dp2a GEMV needs 16-bit activations");
 }
 
@@ -1286,6 +1282,43 @@ static bool qdp_ok(fl_dtype act, const fl_qw &W, const void *x) {
     return (act == FL_F16 || act == FL_BF16) && W.code == FL_QCODE_INT && W.gs % vc == 0 && W.rb % 16 == 0 &&
            fl_is_aligned16(W.q) && fl_is_aligned16(x) && fl_cuda_cc_major() >= 7 &&
            (uint64_t)(W.C / vc) * (uint64_t)(W.gs / vc) <= (1ull << 32);
+}
+
+// The dp2a GEMV's layout conditions and the kernel choice (FASTLOAD_QGEMV) allow it for this weight ...
+static bool qdp_layout(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x) {
+    return qdp_ok(act, W, x) && (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_DP);
+}
+// ... and at this many token rows.
+static bool qdp_at(const fl_cuda_impl *c, int n) {
+    const int up_to = c->qgemv_up_to < 0 ? FL_QGEMV_UP_TO : c->qgemv_up_to;
+    return n <= up_to && n <= FL_GEMV_MAX_N_Q && (n <= FL_QDP_UP_TO || c->qgemv_variant == FL_QGEMV_DP);
+}
+
+fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst) {
+    dst->bits = 0;
+    dst->xq = NULL;
+    dst->xd = NULL;
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    if (!next || next->dtype != FL_QUANT || !c->qx_fuse || n <= 0) return FL_OK;
+    if (fl_cuda_qcheck(next, "matmul") != FL_OK) {  // the matmul itself will report it
+        fl_err_clear();
+        return FL_OK;
+    }
+    const fl_qw W = qw_of(next);
+    if (W.perm || W.C != cols || cols % 8 != 0 || !qdp_layout(c, be->act, W, x) || !qdp_at(c, n)) return FL_OK;
+    FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+    dst->bits = W.bits;
+    dst->xq = qdp_xq(c);
+    dst->xd = qdp_xd(c, W.C);
+    return FL_OK;
+}
+
+void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n) {
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    c->qx_seq = c->op_seq;
+    c->qx_x = x;
+    c->qx_q = next->data_d;
+    c->qx_n = n;
 }
 
 static cudaDataType_t qcuda_type(fl_dtype t) { return t == FL_F16 ? CUDA_R_16F : t == FL_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
@@ -1337,6 +1370,11 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
         return fl_err(FL_E_UNSUPPORTED, "CUDA quantised matmul: activation dtype %s", fl_cuda_dtype_name(act));
     const fl_qw W = qw_of(Wt);
+    // x already written for the dp2a GEMV by the op just before this one (fl_cuda_qx_target), for this weight
+    const bool x_ready = c->qx_seq != 0 && c->qx_seq + 1 == c->op_seq && c->qx_x == x && c->qx_q == (const void *)W.q &&
+                         c->qx_n == n;
+    c->qx_seq = 0;
+    if (x_ready) be->fused_inputs++;
     const size_t es = (size_t)fl_dtype_size(act);
     const int up_to = c->qgemv_up_to < 0 ? FL_QGEMV_UP_TO : c->qgemv_up_to;
     // Act-order weights need x in the codes' column order for the GEMV. The workspace for it is grown
@@ -1348,10 +1386,9 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     }
     // The dp2a GEMV (default for integer codes at n <= FL_QDP_UP_TO, the tensor-core kernel above; FASTLOAD_QGEMV=dp
     // forces it at every n, mma|fma|generic the others): its x workspace is grown at every call whatever n is.
-    const bool dp = qdp_ok(act, W, x) && (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_DP);
+    const bool dp = qdp_layout(c, act, W, x);
     if (dp) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
-    if (dp && n <= up_to && n <= FL_GEMV_MAX_N_Q && (n <= FL_QDP_UP_TO || c->qgemv_variant == FL_QGEMV_DP))
-        return qgemv_dp(c, act, y, x, n, W, bias);
+    if (dp && qdp_at(c, n)) return qgemv_dp(c, act, y, x, n, W, bias, x_ready);
     if (n <= up_to && n <= FL_GEMV_MAX_N_Q) {
         const void *xs = x;
         if (W.perm) {

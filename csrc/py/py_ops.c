@@ -205,8 +205,8 @@ static int op_rmsnorm(op_ctx *c, int add) {
     if (!(w_d = upload_act(c, w))) goto done;
     if (!(out_d = alloc_poisoned(c, (size_t)n * d * fl_dtype_size(c->be->act)))) goto done;
     const fl_weight wt = weight_of(c, w_d, d, 1);
-    if (add) RUN(c->be->add_rmsnorm(c->be, out_d, x_d, delta_d, &wt, (int)n, eps));
-    else RUN(c->be->rmsnorm(c->be, out_d, x_d, &wt, (int)n, eps));
+    if (add) RUN(c->be->add_rmsnorm(c->be, out_d, x_d, delta_d, &wt, (int)n, eps, NULL));
+    else RUN(c->be->rmsnorm(c->be, out_d, x_d, &wt, (int)n, eps, NULL));
     npy_intp sh[2] = {n, d};
     if (download(c, "out", out_d, 2, sh) < 0) goto done;
     if (add && download(c, "resid", x_d, 2, sh) < 0) goto done;
@@ -535,7 +535,7 @@ static int op_swiglu(op_ctx *c) {
     if (DIM(gu, 1) % 2) BAD("run_op(swiglu): gu must have an even number of columns");
     void *gu_d = upload_act(c, gu), *out_d = gu_d ? alloc_poisoned(c, (size_t)n * f * fl_dtype_size(c->be->act)) : NULL;
     if (!out_d) goto done;
-    RUN(c->be->swiglu(c->be, out_d, gu_d, (int)n, (int)f));
+    RUN(c->be->swiglu(c->be, out_d, gu_d, (int)n, (int)f, NULL));
     npy_intp sh[2] = {n, f};
     rc = download(c, "out", out_d, 2, sh);
 done:

@@ -21,13 +21,13 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -n 6 --timeout 120 --timeou
     ${TESTS:-tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_load.py} > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
-[ -n "${GEMV:-1}" ] && { timeout 120 /tmp/gemv_bench bf16 > "$OUT/gemv_bf16.log" 2>&1; echo "gemv rc=$?"; cat "$OUT/gemv_bf16.log" | cut -c1-150; }
+[ -n "${GEMV-1}" ] && { timeout 120 /tmp/gemv_bench bf16 > "$OUT/gemv_bf16.log" 2>&1; echo "gemv rc=$?"; cat "$OUT/gemv_bf16.log" | cut -c1-150; }
 wait $ck; tail -3 /tmp/ckpt.log
 bw=$(python3 -c "import sys; sys.path.insert(0,'benchmarks'); import gpu_bench; print(gpu_bench.d2d_bandwidth()/1e9)")
 echo "D2D $bw GB/s"
 IFS=';' read -ra SETS <<< "${AB:-FASTLOAD_PDL=1;FASTLOAD_PDL=0}"
 for s in "${SETS[@]}"; do
-    env $s python3 dev/cuda/decode_ab.py --bw-gbs "$bw" --label "$s" ${AB_ARGS:-} 2>&1 | tail -2 | tee -a "$OUT/ab.jsonl"
+    env $s python3 dev/cuda/decode_ab.py --bw-gbs "$bw" --label "$s" ${AB_ARGS:-} 2>&1 | grep -E "^\{|Error" | tee -a "$OUT/ab.jsonl"
 done
 if [ -n "${NCU:-}" ]; then
     timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv python3 dev/cuda/ncu_step.py /tmp/fl_qwen7b \

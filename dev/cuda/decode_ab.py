@@ -27,12 +27,19 @@ def main():
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--label", default="")
+    ap.add_argument("--quant", default="bf16", help="comma list of bf16|int8|int4|nf4 (quantised at load), one line each")
     a = ap.parse_args()
     if a.bw_gbs <= 0:
         from gpu_bench import d2d_bandwidth
         a.bw_gbs = d2d_bandwidth() / 1e9
+    for mode in a.quant.split(","):
+        run(a, mode)
+
+
+def run(a, mode):
     import fastload
-    m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map="cuda", torch_dtype="bfloat16", progress=False)
+    kw = {} if mode == "bf16" else {"quantization_config": {"quant_method": "fastload", "scheme": mode}}
+    m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map="cuda", torch_dtype="bfloat16", progress=False, **kw)
     c = m.config
     ids = np.random.default_rng(0).integers(100, c["vocab_size"] - 100, size=(a.batch, 32))
     m.generate(ids, max_new_tokens=4, eos_token_id=[])
@@ -45,7 +52,9 @@ def main():
     kv = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * 2 * (32 + a.new // 2)
     roof = a.bw_gbs * 1e9 / (w + a.batch * kv)
     tok = float(np.median(rates))
-    print(json.dumps({"label": a.label, "env": {k: v for k, v in os.environ.items() if k.startswith("FASTLOAD_")},
+    fused = m._core.info.get("fused_matmul_inputs", 0)
+    del m
+    print(json.dumps({"label": a.label, "mode": mode, "fused_matmul_inputs": fused, "env": {k: v for k, v in os.environ.items() if k.startswith("FASTLOAD_")},
                       "batch": a.batch, "tok_s_per_seq": round(tok, 1), "runs": [round(r, 1) for r in rates],
                       "roofline_tok_s": round(roof, 1), "share": round(tok / roof, 4),
                       "tokens_sha": hashlib.sha1(np.asarray(out).tobytes()).hexdigest()[:12]}), flush=True)

@@ -1,0 +1,50 @@
+// qx.cuh: x for the dp2a decode GEMV (qmatmul.cu's qgemv_dp_kernel), written by one device function so
+// that the GEMV's own prep kernel and the ops that produce x (RMSNorm, SwiGLU: norm.cu) give the same
+// bits. One thread holds 8 consecutive columns of one token row (columns c0..c0+7, c0 % 8 == 0);
+// a vector of VC columns (32 for 4-bit codes, 16 for 8-bit) is G = VC / 8 consecutive lanes,
+// G-aligned. Per vector: amax = max |x| and sum = sum x (float32: each lane's 8 values in order, then
+// the xor-shuffle tree over the G lanes), dx = amax / 32767, q = clamp(rint(x * 32767 / amax)).
+// Stored: xq[i * C + c] int16 in the codes' column order (8-bit: natural; 4-bit: per 8 columns the
+// order 0, 2, 4, 6, 1, 3, 5, 7, so one uint4 of xq meets one 32-bit word of nibbles), and
+// xd[i * (C / VC) + v] = (dx, sum). Every lane of the warp must call it (inactive lanes with on =
+// false and zeros), as the shuffles span the warp's G-lane groups.
+#ifndef FL_CUDA_QX_CUH
+#define FL_CUDA_QX_CUH
+#include <stdint.h>
+#include <cuda_runtime.h>
+
+// k0 = i * C + c0: the flat index of the thread's first column (C % VC == 0, so k0 / VC is the vector).
+template <int BITS>
+__device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *__restrict__ xd, const float (&a)[8],
+                                             int64_t k0, bool on) {
+    constexpr int G = (BITS == 4 ? 32 : 16) / 8;
+    float amax = 0.f, sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        amax = fmaxf(amax, fabsf(a[e]));
+        sum += a[e];
+    }
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o, G));
+        sum += __shfl_xor_sync(0xffffffffu, sum, o, G);
+    }
+    if (!on) return;
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    int q[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) q[e] = max(-32767, min(32767, __float2int_rn(a[e] * inv)));
+    auto pk = [](int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); };
+    const uint4 w = BITS == 4 ? make_uint4(pk(q[0], q[2]), pk(q[4], q[6]), pk(q[1], q[3]), pk(q[5], q[7]))
+                              : make_uint4(pk(q[0], q[1]), pk(q[2], q[3]), pk(q[4], q[5]), pk(q[6], q[7]));
+    *(uint4 *)(xq + k0) = w;
+    if ((threadIdx.x & (G - 1)) == 0) xd[k0 / (G * 8)] = make_float2(amax * (1.f / 32767.f), sum);
+}
+
+// Where a producer writes x for the dp2a GEMV of the matmul that follows it (bits 0: do not).
+struct fl_qx_dst {
+    int bits;
+    int16_t *xq;
+    float2 *xd;
+};
+#endif
