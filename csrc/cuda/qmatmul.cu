@@ -555,7 +555,10 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 // fl_pdl_wait: codes are weights). Rows longer than 4 steps of a warp (down_proj: 592 vectors) are
 // split over the block's 4 warps, partial sums reduced through shared memory. First H200 run of a
 // version with 1..8 warps per row group, 2 vectors per lane: gate_up 2.1 TB/s, o/qkv 0.9 TB/s under ncu
-// (blocks too short-lived, 25% occupancy at 98 registers).
+// (blocks too short-lived, 25% occupancy at 98 registers). Tried and dropped (H200, 7B-shaped, same run,
+// 2026-12-01): each block first asking the copy engine for its rows in L2 (cp.async.bulk.prefetch.L2 of
+// its codes and scales, before fl_pdl_wait; the same in qgemv_mma_kernel) made decode slower: int4 b1
+// 476 -> 451 tok/s, int8 399 -> 367, int4 b8 285 -> 276 per sequence.
 #define QDP_WARPS 4  /* warps per block of the dp2a GEMV */
 #ifndef QDP_MIN_BLOCKS
 #define QDP_MIN_BLOCKS 1  /* 6 (80 registers) or 8 (64) spilled 40-440 bytes per thread */

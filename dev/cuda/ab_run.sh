@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: build for this GPU, CUDA op + model tests, the GEMV benchmark, then decode A/B
-# runs (dev/cuda/decode_ab.py) under the settings in $AB (';'-separated env assignments).
+# runs (dev/cuda/decode_ab.py) under the settings in $AB (';'-separated env assignments), each with every
+# '|'-separated argument set in $AB_ARGS.
 #   OUT=/tmp/o AB="FASTLOAD_PDL=1;FASTLOAD_PDL=0" bash dev/cuda/ab_run.sh
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
@@ -26,8 +27,11 @@ wait $ck; tail -3 /tmp/ckpt.log
 bw=$(python3 -c "import sys; sys.path.insert(0,'benchmarks'); import gpu_bench; print(gpu_bench.d2d_bandwidth()/1e9)")
 echo "D2D $bw GB/s"
 IFS=';' read -ra SETS <<< "${AB:-FASTLOAD_PDL=1;FASTLOAD_PDL=0}"
+IFS='|' read -ra ARGSETS <<< "${AB_ARGS:- }"  # '|'-separated argument sets for decode_ab.py, each run per setting
 for s in "${SETS[@]}"; do
-    env $s python3 dev/cuda/decode_ab.py --bw-gbs "$bw" --label "$s" ${AB_ARGS:-} 2>&1 | grep -E "^\{|Error" | tee -a "$OUT/ab.jsonl"
+    for a in "${ARGSETS[@]}"; do
+        env $s python3 dev/cuda/decode_ab.py --bw-gbs "$bw" --label "$s" $a 2>&1 | grep -E "^\{|Error" | tee -a "$OUT/ab.jsonl"
+    done
 done
 if [ -n "${NCU:-}" ]; then
     timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum --csv python3 dev/cuda/ncu_step.py /tmp/fl_qwen7b \
