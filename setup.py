@@ -10,6 +10,8 @@ Environment:
                              quantised kernels (csrc/cuda/qmatmul.cu) are many template instances, and five
                              architectures took over 12 minutes on 2 cores.
   FASTLOAD_NVCC_JOBS=N       nvcc processes run side by side (default: one per core).
+  FASTLOAD_CUDA_REBUILD=1    compile every .cu file again (default: an object whose recorded hash of nvcc's
+                             version, flags, source and csrc/ headers still matches is reused).
   FASTLOAD_NATIVE=1|0        1 (default): -march=native for the CPU kernels (the package is built
                              on the machine that runs it, as llama.cpp's GGML_NATIVE); 0: portable.
   FASTLOAD_DEBUG=1           -O0 -g, for gdb / sanitizers.
@@ -130,17 +132,42 @@ class BuildExt(build_ext):
         objdir = os.path.join(self.build_temp, "cuda")
         os.makedirs(objdir, exist_ok=True)
         cmds, objs = [], []
+        # An object is reused when its .sha file matches the hash of the nvcc command, the source and every
+        # header under csrc/ (content, not times: objects built on another machine for the same nvcc and
+        # flags, copied into build_temp/cuda, are reused too). FASTLOAD_CUDA_REBUILD=1 ignores them.
+        import hashlib
+        hdr = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
+        for h in sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)):
+            with open(h, "rb") as f:
+                hdr.update(h.encode() + b"\0" + f.read())
         for src in sorted(glob.glob("csrc/cuda/*.cu")):
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
-            cmds.append([nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
-                         "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode])
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
+                   "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode]
+            with open(src, "rb") as f:
+                flags = " ".join(a for a in cmd[1:] if a != obj)  # not the object's path: build_temp differs per Python
+                key = hashlib.sha256(flags.encode() + hdr.digest() + f.read()).hexdigest()
             objs.append(obj)
+            try:
+                with open(obj + ".sha") as f:
+                    fresh = f.read().strip() == key and os.path.exists(obj) and env("FASTLOAD_CUDA_REBUILD", "0") != "1"
+            except OSError:
+                fresh = False
+            if fresh:
+                print(f"fastload: {obj} is up to date", file=sys.stderr)
+            else:
+                cmds.append((cmd, obj, key))
         # nvcc compiles one file per process: run them side by side (one per core, FASTLOAD_NVCC_JOBS to choose).
         jobs = int(env("FASTLOAD_NVCC_JOBS", str(os.cpu_count() or 1)) or 1)
 
-        def compile_one(cmd):
+        def compile_one(job):
+            cmd, obj, key = job
             print(" ".join(cmd), file=sys.stderr)
+            if os.path.exists(obj + ".sha"):
+                os.remove(obj + ".sha")
             subprocess.check_call(cmd)
+            with open(obj + ".sha", "w") as f:
+                f.write(key + "\n")
 
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

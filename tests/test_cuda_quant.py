@@ -180,8 +180,9 @@ CPU_APPROX_N = 8  # token counts where the CPU backend may take its int8-activat
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("gs", [64, 128])
 def test_qmatmul_formats(act, fmt, n, gs):
-    """Every format at every token count: the GEMV (n <= 8; integer codes: the dp2a kernel on int16 x;
-    NF4: the FMA kernel) and the dequantised-rows path (n > 8)."""
+    """Every format at every token count: the GEMV (n <= 8; integer codes: the dp2a kernel on int16 x at
+    1-2 rows, tensor cores at 3-8; NF4: dp2a through int16 table lookups at 1-2 rows, the FMA kernel at 3-8)
+    and the dequantised-rows path (n > 8)."""
     run_qmatmul(act, 131, 1536, gs, fmt, n, rng_and_seed(), bias=n in (3, 9))
 
 
@@ -217,7 +218,8 @@ def test_qmatmul_perm(act, fmt, n, R, C, gs):
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
 def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
     """FASTLOAD_QGEMV=dp|fma|mma|generic forces one GEMV kernel (where the layout allows it: NF4 and
-    groups smaller than a 64-byte chunk of a row fall back to the FMA kernel under mma, NF4 under dp)."""
+    groups smaller than a 64-byte chunk of a row fall back to the FMA kernel under mma, NF4 under dp at
+    more than 2 rows)."""
     monkeypatch.setenv("FASTLOAD_QGEMV", variant)
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 2))
 
@@ -230,6 +232,26 @@ def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
     row groups past the last row (R % 8), rows split over a block's warps (C = 18944) and small groups."""
     monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
+
+
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_nf4_dp_table(act, n):
+    """The dp2a GEMV replaces each NF4 code by t16 = rint(nf4 * 32767) held as two byte tables: row r's codes
+    are all r (r = 0..15), scale 1, x = ones (int16 x exactly 32767, dx = 1 / 32767), so y[r] = C * t16[r] /
+    32767 and any table byte that is off by more than a few units shows against C * nf4[r] at the output's
+    precision (float16: 2^-11 relative)."""
+    C = 64
+    q = np.repeat((np.arange(16, dtype=np.uint8) * 17)[:, None], C // 2, axis=1)  # both nibbles = r
+    inputs = {"q": q, "scales": np.ones((16, 1), np.float32), "x": np.ones((n, C), np.float32)}
+    got = _C.run_op(DEV, "qmatmul", inputs, {"bits": 4, "group_size": C, "sdtype": "float32", "code": 1,
+                                               "act": act})["y"].astype(np.float64)
+    t16 = np.rint(NF4.astype(np.float32) * np.float32(32767)).astype(np.float64) / 32767
+    assert np.abs(t16 - NF4).max() < 1.5e-5
+    tol = 2.0 ** (-10 if act == "float16" else -7)
+    for i in range(n):
+        np.testing.assert_allclose(got[i], C * t16, rtol=tol, atol=1e-6)
+        np.testing.assert_allclose(got[i], C * NF4.astype(np.float64), rtol=tol, atol=1e-3)
 
 
 def test_qdp_cfg_knob_error(monkeypatch):
@@ -530,7 +552,7 @@ def test_quantized_model_qx_fuse_bit_identical():
 
     def eligible(l):
         vc = 32 if l["bits"] == 4 else 16
-        return l["dtype"] in ("int4", "int8") and l["group_size"] % vc == 0 and not l["perm"]
+        return l["dtype"] in ("int4", "int8", "nf4") and l["group_size"] % vc == 0 and not l["perm"]
 
     for (n1, lay), (n0, _) in zip(cnt["1"], cnt["0"]):
         names = [k for k in lay if k.endswith((".wqkv", ".w_gate_up", ".w_down")) or k == "lm_head"]

@@ -10,13 +10,16 @@ cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d
 export FASTLOAD_CUDA_ARCHS=${FASTLOAD_CUDA_ARCHS:-$cap}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
+source dev/cuda/use_objs.sh
 FASTLOAD_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 ( python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_bench; gpu_bench.make_checkpoint('/tmp/fl_qwen7b')" > /tmp/ckpt.log 2>&1 ) &
 ck=$!
-gcc -O2 -std=gnu11 -c csrc/fl_common.c -o /tmp/fl_common.o; gcc -O2 -std=gnu11 -Icsrc -c csrc/safetensors.c -o /tmp/fl_st.o
-OBJ=$(ls build/temp*/cuda/{cuda_backend,cuda_device,cuda_memory,norm,rope,matmul,convert,attention,loader}.cu.o)
-nvcc -O3 -std=c++17 -Icsrc -arch=sm_$cap dev/cuda/gemv_bench.cu $OBJ /tmp/fl_common.o /tmp/fl_st.o -lcublas -lpthread -o /tmp/gemv_bench > /tmp/bench_build.log 2>&1 || head -20 /tmp/bench_build.log
+if [ -n "${GEMV-1}" ]; then  # GEMV= (empty) skips the bf16 GEMV micro-benchmark
+    gcc -O2 -std=gnu11 -c csrc/fl_common.c -o /tmp/fl_common.o; gcc -O2 -std=gnu11 -Icsrc -c csrc/safetensors.c -o /tmp/fl_st.o
+    OBJ=$(ls build/temp*/cuda/{cuda_backend,cuda_device,cuda_memory,norm,rope,matmul,convert,attention,loader}.cu.o)
+    nvcc -O3 -std=c++17 -Icsrc -arch=sm_$cap dev/cuda/gemv_bench.cu $OBJ /tmp/fl_common.o /tmp/fl_st.o -lcublas -lpthread -o /tmp/gemv_bench > /tmp/bench_build.log 2>&1 || head -20 /tmp/bench_build.log
+fi
 t0=$(date +%s)
 timeout 300 python3 -m pytest -q -p no:cacheprovider -n 6 --timeout 120 --timeout-method=thread -rfE \
     ${TESTS:-tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_load.py} > "$OUT/pytest.log" 2>&1
