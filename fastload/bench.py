@@ -21,7 +21,9 @@ names and renamed at the end: a failed or interrupted run leaves nothing half wr
   load         from_pretrained time, warm (page cache) and cold (the files' pages evicted first, where the OS
                lets this process do it: posix_fadvise(DONTNEED) checked with mincore, else
                /proc/sys/vm/drop_caches; said in the table when neither works), against the raw read rate of the
-               same files (parallel 16 MiB preads, no parsing) and transformers with --peer transformers.
+               same files (parallel 16 MiB preads, no parsing), on a CUDA device the PCIe ceiling (a row "PCIe
+               host-to-device", cache "any": pinned host-to-device copy rate, _C.cuda_h2d_bandwidth; a note says
+               why when it is not measured) and transformers with --peer transformers.
   concurrency  the ChatGLM2 field report: five queries (or --queries FILE) answered with model.chat in a for-loop,
                then through ThreadPoolExecutor(max_workers); wall time, tokens/s, whether the answers equal the
                loop's, current and peak memory (fastload.cuda's memory_allocated / max_memory_allocated on a GPU,
@@ -732,6 +734,36 @@ def raw_read(paths, threads, chunk=16 * MiB):
             os.close(fd)
 
 
+PCIE_ENGINE = "PCIe host-to-device"
+PCIE_BYTES, PCIE_REPEATS = 256 * MiB, 5
+
+
+def pcie_ceiling(device, nbytes, size=PCIE_BYTES, repeats=PCIE_REPEATS):
+    """bench load's PCIe reference row for a model on a CUDA device: the rate of host-to-device copies of `size`
+    bytes from pinned memory (_C.cuda_h2d_bandwidth: cudaHostAlloc'd buffer, one warm-up copy, then `repeats`
+    cudaMemcpyAsync timed with CUDA events), with seconds = the checkpoint's `nbytes` at that rate: no load onto
+    the GPU can be faster. Raises BenchError saying why it was not measured (a CPU model, a CPU-only build, no
+    device)."""
+    dev = str(device)
+    if not dev.startswith("cuda"):
+        raise BenchError(f"the model is on {dev}: no host-to-device copy in its load")
+    from . import _C, cuda
+    fn = getattr(_C, "cuda_h2d_bandwidth", None)
+    if fn is None:
+        raise BenchError("this fastload build has no _C.cuda_h2d_bandwidth")
+    try:
+        idx = cuda._dev(dev)
+        gbps = fn(idx, size, repeats)
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+        raise BenchError(str(e)) from None
+    secs = nbytes / (gbps * 1e9)
+    return {"engine": PCIE_ENGINE, "cache": "any", "runs": repeats, "times": [secs], "seconds_median": secs,
+            "seconds_min": secs, "bytes": nbytes, "core_seconds_median": None,
+            "how": f"cudaMemcpyAsync of {size // MiB} MiB from cudaHostAlloc'd (pinned) memory to {dev}, {repeats} "
+                   f"copies after a warm-up, timed with CUDA events: {gbps:.2f} GB/s; seconds = the checkpoint's bytes "
+                   "at that rate (a bound for any load onto the GPU, warm or cold)"}
+
+
 LOAD_COLUMNS = ["engine", "cache", "runs", "seconds_median", "seconds_min", "bytes", "gb_per_s", "vs_raw_read",
                 "core_seconds_median", "how"]
 
@@ -793,6 +825,12 @@ def cmd_load(args):
         record("raw read", cache, rr, f"{threads} threads of 16 MiB preads, nothing parsed" +
                (f"; pages evicted by {cold_how}" if cache == "cold" else ""))
         print(f"{cache}: fastload {statistics.median(runs):.3f} s, raw read {statistics.median(rr):.3f} s", flush=True)
+    try:
+        pcie = pcie_ceiling(device, nbytes)
+        results[(PCIE_ENGINE, pcie["cache"])] = pcie
+        print(f"PCIe host-to-device (pinned): {nbytes / pcie['seconds_median'] / 1e9:.2f} GB/s", flush=True)
+    except BenchError as e:
+        notes.append(f"PCIe ceiling not measured: {e}")
     peer = {}
     if "transformers" in args.peer:
         peer["transformers"] = _load_transformers_peer(ref, args, files, kinds, repeat, record)
