@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import math
 import os
 
@@ -27,39 +26,10 @@ def _have(*mods):
     return all(importlib.util.find_spec(m) is not None for m in mods)
 
 
-def write_word_tokenizer(d):
-    """A word-level tokenizer.json (+ tokenizer_config.json) for a synthetic checkpoint that has none."""
-    if os.path.isfile(os.path.join(d, "tokenizer.json")):
-        return
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    with open(os.path.join(d, "config.json")) as fh:
-        cfg = json.load(fh)
-    words = ["<unk>", "<|endoftext|>", "the", "a", "of", "and", "to", "in", "is", "that"]
-    vocab = {w: i for i, w in enumerate(words)}
-    eos = cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    if isinstance(eos, int) and eos >= len(vocab):
-        vocab["<|im_end|>"] = eos  # the model's eos id, so that eos handling sees a real token
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(d, "tokenizer.json"))
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
-                   "eos_token": "<|im_end|>" if "<|im_end|>" in vocab else "<|endoftext|>",
-                   "model_max_length": cfg.get("max_position_embeddings", 32768)}, fh)
-
-
 @pytest.fixture(scope="module")
 def qwen7b(cuda_device):
-    d = os.environ.get("FASTLOAD_BENCH_QWEN7B_DIR", "/tmp/fl_qwen7b")
-    if not os.path.isfile(os.path.join(d, "config.json")):
-        if _have("torch", "safetensors"):
-            gpu_bench.make_checkpoint(d)  # torch draws the numbers on the GPU: fast
-        else:
-            import synth
-            synth.write(d, "qwen2.5-7b", "bfloat16")
-    write_word_tokenizer(d)
-    return d
+    import synth
+    return synth.bench_checkpoint(os.environ.get("FASTLOAD_BENCH_QWEN7B_DIR", "/tmp/fl_qwen7b"))
 
 
 @pytest.fixture(scope="module")

@@ -438,3 +438,32 @@ def test_h2d_bandwidth_on_the_gpu():
         _C.cuda_h2d_bandwidth(0, 1 << 20, 0)
     with pytest.raises(ValueError, match="bytes"):
         _C.cuda_h2d_bandwidth(0, 0, 1)
+
+
+def test_concurrency_several_pools_and_repeats(tmp_path, demo_gguf):
+    """benchmarks/cpu_concurrency.py's measurement (loop against pools of several sizes, median of interleaved
+    runs) is `bench concurrency --max_workers 1 3 --repeat 2` now: one row per pool, every run's wall time kept."""
+    q = tmp_path / "queries.txt"
+    q.write_text("Say hello.\nWhat is 2+3?\n", encoding="utf-8")
+    out = tmp_path / "conc"
+    assert _run(["bench", "concurrency", "--model", demo_gguf, "--queries", str(q), "--max_new_tokens", "2",
+                 "--max_workers", "1", "3", "--repeat", "2", "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    assert [r["mode"] for r in rows] == ["for-loop", "ThreadPoolExecutor(1)", "ThreadPoolExecutor(3)"]
+    assert [int(r["workers"]) for r in rows] == [1, 1, 3]
+    for r in doc["rows"]:
+        assert r["runs"] == 2 and len(r["walls_s"]) == 2 and min(r["walls_s"]) <= r["wall_s"] <= max(r["walls_s"])
+        assert r["same_answers_as_loop"] is True
+    assert doc["answers"]["loop"] == doc["answers"]["pool"] == doc["answers"]["pool(3)"]
+    assert doc["repeat"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_workers", "2", "0"], "--max_workers must be at least 1"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+])
+def test_concurrency_bad_pool_arguments(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert _run(["bench", "concurrency", *argv, "--outputs_dir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
