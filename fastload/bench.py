@@ -199,7 +199,11 @@ def run(args):
 
 # ---------------------------------------------------------------------------------------------- environment
 def _git_commit():
-    """(commit, dirty) of the fastload checkout this module runs from, or (None, None) outside one."""
+    """(commit, dirty) of the fastload checkout this module runs from, or (None, None) outside one. FASTLOAD_COMMIT,
+    when set, is the commit (dirty unknown): an installed copy (pip install .) has no .git, and a copied tree (a GPU
+    machine's) may carry a stale one."""
+    if os.environ.get("FASTLOAD_COMMIT"):
+        return os.environ["FASTLOAD_COMMIT"].strip(), None
     root = os.path.dirname(HERE)
     if not os.path.exists(os.path.join(root, ".git")):
         return None, None

@@ -467,3 +467,10 @@ def test_concurrency_bad_pool_arguments(tmp_path, capsys, argv, message):
     assert _run(["bench", "concurrency", *argv, "--outputs_dir", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_environment_commit_from_fastload_commit(monkeypatch):
+    """An installed copy (pip install . on a GPU machine) has no .git: FASTLOAD_COMMIT names the commit measured."""
+    monkeypatch.setenv("FASTLOAD_COMMIT", "abc1234")
+    env = bench.environment("cpu")
+    assert env["git_commit"] == "abc1234" and env["git_dirty"] is None
