@@ -126,20 +126,24 @@ def test_gpu_decode(record, fl_model, hf_model, d2d, bench_full, case):
 @pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_gpu_quant(record, qwen7b, fl_model, d2d, bench_full, mode):
     """quant_gpu.py's per-mode figures: load, weight memory, decode batch 1 against the roofline of the bytes the
-    quantised step reads; bitsandbytes in the same run when installed."""
+    quantised step reads, decode batch 8, time to first token of a 2048-token prompt; bitsandbytes in the same run
+    when installed."""
     import quant_gpu
     N = 128 if bench_full else 32
     m, rec = quant_gpu.fl_load(qwen7b, mode, reps=3 if bench_full else 1)
     assert m is not None, rec
     try:
         r = gpu_bench.fl_decode(m, 1, 32, N)
+        r8 = gpu_bench.fl_decode(m, 8, 32, N)
+        pf = gpu_bench.fl_decode(m, 1, 2048, 2)
         ceiling = None
         if d2d:
             step, _how = quant_gpu.bytes_per_step(m, m.get_memory_footprint())
             ceiling = d2d / (step + quant_gpu.kv_bytes_per_token(m.config) * (32 + N // 2))
         figures = {"decode_tok_s_per_seq": r["decode_tok_s_per_seq"], "load_s": rec["load_s"],
                    "weights_bytes": rec["weights_bytes"], "quantized_weights": rec["quantized_weights"],
-                   "ttft_s": r["ttft_s"]}
+                   "ttft_s": r["ttft_s"], "decode_b8_tok_s_total": r8["decode_tok_s_total"],
+                   "prefill_2048_ttft_s": pf["ttft_s"]}
     finally:
         del m
         gc.collect()
@@ -159,4 +163,4 @@ def test_gpu_quant(record, qwen7b, fl_model, d2d, bench_full, mode):
     # really quantised: the core holds quantised weights, in fewer bytes than the bf16 model
     assert rec["quantized_weights"] > 0
     assert rec["weights_bytes"] < fl_model.get_memory_footprint()
-    assert r["new"] == N
+    assert r["new"] == N and r8["batch"] == 8 and r8["new"] == N
