@@ -441,8 +441,8 @@ def test_h2d_bandwidth_on_the_gpu():
 
 
 def test_concurrency_several_pools_and_repeats(tmp_path, demo_gguf):
-    """The former benchmarks/cpu_concurrency.py's measurement (loop against pools of several sizes, median of interleaved
-    runs) is `bench concurrency --max_workers 1 3 --repeat 2` now: one row per pool, every run's wall time kept."""
+    """The former benchmarks/cpu_concurrency.py's measurement (loop against pools of several sizes, median of
+    interleaved runs) is `bench concurrency --max_workers 1 3 --repeat 2` now: one row per pool, every run's wall time kept."""
     q = tmp_path / "queries.txt"
     q.write_text("Say hello.\nWhat is 2+3?\n", encoding="utf-8")
     out = tmp_path / "conc"
