@@ -276,4 +276,6 @@ done
 [ -n "$(ls "$WORK/notebooks" 2>/dev/null)" ] && tar -C "$WORK" -cf "$OUT/notebooks.tar" notebooks
 cp "$PERSIST/device.txt" "$PERSIST/timings.txt" "$LOGS/" 2>/dev/null
 tar -C "$PERSIST" -cf "$OUT/logs.tar" logs
+echo "stage timings so far (every call of this machine):"; cat "$PERSIST/timings.txt" 2>/dev/null
 echo "== done in $(( $(now) - T0 )) s; in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+sleep 1  # tee (the log's copy in $OUT) writes its last lines
