@@ -22,11 +22,17 @@
 # /tmp/issue10) across calls of one warm machine: a stage whose result is there is not run again (RERUN="speed load"
 # to measure again), and every call packs all of them.
 #
-# One call (~6.5 min with GEN=256, ~7.5 with GEN=512; the whole table at GEN=2048 does not fit in one 10-minute call):
+# The tree (~15 MB) + .whl (~15 MB) + carried pieces must stay under 64 MiB a call; the demo GGUF (98 MB) travels in 3
+# pieces, one a call (`split -n 3 ~/.cache/fastload/SmolLM2-135M-Instruct.Q4_1.gguf` into .demo1/demo.part-aa,
+# .demo2/demo.part-ab, .demo3/demo.part-ac: 32.8 MB each); a warm machine keeps what earlier calls brought.
+# One call (~6.5 min with GEN=256, ~7.5 with GEN=512; 01/04/05 skipped without the whole demo GGUF; the table at
+# GEN=2048 does not fit in one 10-minute call):
 #   GEN=256 FASTLOAD_COMMIT=<commit> dev/cuda/issue10_gpu.sh                    carry: [".whl"]
-# The issue's table (GEN=2048), two calls on one warm machine (the second within 30 s of the first's end):
-#   FASTLOAD_COMMIT=<commit> dev/cuda/issue10_gpu.sh                 # install ckpt load, speed starts; ~9 min
-#   FASTLOAD_COMMIT=<commit> STAGES="speed nb" dev/cuda/issue10_gpu.sh   # waits for speed, then nb; ~4-5 min
+# The issue's table (GEN=2048) and all five notebooks: three calls on one warm machine, each within 30 s of the last:
+#   FASTLOAD_COMMIT=<c> dev/cuda/issue10_gpu.sh                        carry [".whl", ".demo1"]  ~7.5 min: install, ckpt,
+#                                                                      load; speed starts and runs on after the call
+#   FASTLOAD_COMMIT=<c> STAGES="speed nb" dev/cuda/issue10_gpu.sh      carry [".demo2"]  ~6 min: waits for speed, 02/03
+#   FASTLOAD_COMMIT=<c> STAGES="nb" dev/cuda/issue10_gpu.sh            carry [".demo3"]  ~2 min: all five notebooks
 #
 # Environment: GEN (2048), LENGTHS ("1 6144 14336 30720"), PEER (transformers; "" for fastload alone), REPEAT (3, load
 # repeats), BUDGET_S (560: this call's wall budget; the speed wait stops in time for the stages after it), CKPT
