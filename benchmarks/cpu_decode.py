@@ -1,19 +1,16 @@
-"""CPU decode speed next to this machine's memory-bandwidth bound, with transformers as the peer.
+"""CPU decode speed next to this machine's memory-bandwidth bound, with transformers as the peer: the functions of
+benchmarks/test_cpu_decode.py, which measures and records (`python -m pytest benchmarks -k cpu_decode`).
 
-    python benchmarks/cpu_decode.py [--peer-python /path/to/python-with-torch] [--skip-1b]
+    python benchmarks/cpu_decode.py [pytest options]     # = that benchmark at full size (benchmarks/suite.py)
 
 For each model: tokens/s of batch-1 greedy decode (prompt of 32 tokens, 128 new tokens, eos off),
 the bytes of weights (+ KV cache) read per token, the bound = read bandwidth / bytes per token, and
 the share of the bound reached. The peer runs in a separate interpreter (fastload itself never
-imports torch). Results go to benchmarks/results/cpu-decode-<date>-<host>.json and a table is printed."""
+imports torch): FASTLOAD_BENCH_PEER_PYTHON names one with torch + transformers, else this one when it has them."""
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -115,57 +112,6 @@ def run_peer(python, path, dtype, T, N, threads):
         return {"error": str(e)}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--peer-python", default=None)
-    ap.add_argument("--skip-1b", action="store_true")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    a = ap.parse_args()
-    T, N = 32, a.new_tokens
-    bw = membw()
-    threads = os.cpu_count()
-    rows = []
-    from fastload.demo import demo_model_path
-    demo = demo_model_path()
-    cases = [("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", demo, "-", "float16"),
-             ("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", demo, "-", "float32")]
-    tmp = None
-    if not a.skip_1b:
-        tmp = tempfile.mkdtemp(prefix="fl_llama1b_")
-        sys.path.insert(0, HERE)
-        from synth import write
-        write(tmp, "llama-1b", "bfloat16")
-        cases.append(("Llama-3.2-1B-shaped (random bf16)", tmp, "-", "bfloat16"))
-    for name, path, _, dtype in cases:
-        model, r = run_fastload(path, dtype, T, N)
-        bpt = bytes_per_token(model, T + N // 2)
-        bound = bw * 1e9 / bpt
-        row = {"model": name, "dtype": dtype, "params": model.num_parameters(), **r, "bytes_per_token": bpt,
-               "bound_tokens_per_s": bound, "share_of_bound": r["decode_tokens_per_s"] / bound}
-        if a.peer_python:
-            row["peer"] = run_peer(a.peer_python, path, dtype, T, N, threads)
-        rows.append(row)
-        del model
-    commit = subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    res = {"date": datetime.date.today().isoformat(), "commit": commit, "host": socket.gethostname(), "cpu": cpu,
-           "cores": threads, "read_bandwidth_GBps": bw, "prompt_tokens": T, "new_tokens": N, "results": rows,
-           "fastload": fastload.info()}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    out = os.path.join(HERE, "results", f"cpu-decode-{res['date']}.json")
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"CPU: {cpu}, {threads} cores, read bandwidth {bw:.1f} GB/s (measured), commit {commit}")
-    print(f"{'model':48s} {'dtype':9s} {'decode tok/s':>12s} {'bound tok/s':>11s} {'share':>6s} {'peer tok/s':>11s}")
-    for r in rows:
-        peer = r.get("peer", {}).get("tokens_per_s")
-        print(f"{r['model']:48s} {r['dtype']:9s} {r['decode_tokens_per_s']:12.2f} {r['bound_tokens_per_s']:11.2f} "
-              f"{r['share_of_bound'] * 100:5.1f}% {('%.2f' % peer) if peer else '-':>11s}")
-    print(f"written {out}")
-    if tmp:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 if __name__ == "__main__":
-    main()
+    import suite
+    suite.main("test_cpu_decode.py")

@@ -1,6 +1,8 @@
-"""fastload against llama.cpp on the CPU with the same GGUF file and thread count (issue 9's CPU target).
+"""fastload against llama.cpp on the CPU with the same GGUF file and thread count (issue 9's CPU target): the
+functions of benchmarks/test_cpu_vs_llamacpp.py, which measures and records (`python -m pytest benchmarks -k
+llamacpp`; skips without llama-cpp-python).
 
-    python benchmarks/cpu_quant_vs_llamacpp.py [--model F.gguf] [--threads 2] [--reps 5] [--out DIR]
+    python benchmarks/cpu_quant_vs_llamacpp.py [pytest options]   # = that benchmark at full size (benchmarks/suite.py)
 
 Both libraries run in this one process, alternating rep by rep (fastload, llama.cpp, fastload, ...), so
 both see the same machine load; medians are reported. Per rep:
@@ -13,27 +15,13 @@ both see the same machine load; medians are reported. Per rep:
   - resident weight memory: fastload's core.info["weight_bytes"] (every weight byte it holds) against
     the file's tensor bytes (sum of the GGUF tensors' sizes).
 The issue's targets: generation >= 1.2x llama.cpp, prompt processing >= 1.0x, weights <= 1.1x the
-file's tensor bytes. JSON goes to benchmarks/results/cpu-quant-vs-llamacpp-<date>/ (or --out).
+file's tensor bytes.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-import fastload  # noqa: E402
-import fastload.demo  # noqa: E402
-from fastload import _C  # noqa: E402
 
 PROMPT = "The history of the printing press begins with"
 
@@ -108,78 +96,6 @@ def compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=64, log=print):
     return r
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="a GGUF file (default: the demo model)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--pp", type=int, default=512)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    import llama_cpp
-
-    path = a.model or fastload.demo.demo_model_path()
-    g = _C.GGUFFile(path)
-    file_tensor_bytes = sum(t[4] for t in g.tensors())
-    types = sorted({t[1] for t in g.tensors()})
-    g.close()
-
-    m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=a.threads)
-    info = m._core.info
-    llm = llama_cpp.Llama(model_path=path, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=a.pp + a.gen + 64,
-                          n_batch=a.pp, verbose=False)
-    prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False)
-    V = llm.n_vocab()
-    pp_ids = np.random.default_rng(0).integers(100, V - 100, size=a.pp).tolist()
-
-    r = compare(m, llm, prompt_ids, pp_ids, a.gen, a.reps)
-    fl_gen, fl_pp, ll_gen, ll_pp = r["fl_gen"], r["fl_pp"], r["ll_gen"], r["ll_pp"]
-    ll_own_gen, ll_own_pp, same_tokens = r["ll_own_gen"], r["ll_own_pp"], r["same_tokens"]
-
-    med = statistics.median
-    res = {
-        "date": datetime.date.today().isoformat(),
-        "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-        "simd": fastload.info().get("simd") if hasattr(fastload, "info") else None,
-        "threads": a.threads, "model": path, "gguf_types": types,
-        "fastload_commit": subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True,
-                                          text=True).stdout.strip(),
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
-        "generation_tokens": a.gen, "prompt_tokens_generation": len(prompt_ids), "prompt_processing_tokens": a.pp,
-        "reps": a.reps,
-        "fastload": {"generation_tok_s": fl_gen, "prompt_tok_s": fl_pp,
-                     "generation_median": med(fl_gen), "prompt_median": med(fl_pp)},
-        "llama_cpp": {"generation_tok_s": ll_gen, "prompt_tok_s": ll_pp,
-                      "generation_median": med(ll_gen), "prompt_median": med(ll_pp),
-                      "own_counter_generation_tok_s": ll_own_gen, "own_counter_prompt_tok_s": ll_own_pp},
-        "ratio_generation": med(fl_gen) / med(ll_gen), "ratio_prompt": med(fl_pp) / med(ll_pp),
-        "greedy_tokens_equal_before_first_difference": same_tokens,
-        "fastload_weight_bytes": int(info["weight_bytes"]),
-        "fastload_quantized_bytes": int(info.get("quantized_bytes", 0)),
-        "fastload_float_bytes": int(info.get("float_bytes", 0)),
-        "file_tensor_bytes": int(file_tensor_bytes),
-        "weight_bytes_over_file": int(info["weight_bytes"]) / file_tensor_bytes,
-        "load_avg_1min": os.getloadavg()[0],
-    }
-    print(f"\n{'':24s}{'fastload':>12s}{'llama.cpp':>12s}{'ratio':>8s}  target")
-    print(f"{'generation tok/s':24s}{med(fl_gen):12.1f}{med(ll_gen):12.1f}{res['ratio_generation']:8.2f}  >= 1.2")
-    print(f"{'prompt %d tok/s' % a.pp:24s}{med(fl_pp):12.1f}{med(ll_pp):12.1f}{res['ratio_prompt']:8.2f}  >= 1.0")
-    print(f"{'weights MB':24s}{info['weight_bytes'] / 1e6:12.1f}{file_tensor_bytes / 1e6:12.1f}"
-          f"{res['weight_bytes_over_file']:8.3f}  <= 1.1 (file's tensor bytes)")
-    def med_or_none(xs):
-        xs = [x for x in xs if x]
-        return f"{med(xs):.1f}" if xs else "n/a"
-    print(f"llama.cpp's own counters (median): generation {med_or_none(ll_own_gen)}, prompt {med_or_none(ll_own_pp)} "
-          f"tok/s; greedy tokens equal before the first difference: {same_tokens}")
-    out = a.out or os.path.join(HERE, "results", f"cpu-quant-vs-llamacpp-{res['date']}")
-    os.makedirs(out, exist_ok=True)
-    fn = os.path.join(out, f"result-{datetime.datetime.now().strftime('%H%M%S')}.json")
-    with open(fn, "w") as f:
-        json.dump(res, f, indent=1)
-    print("wrote", fn)
-
-
 if __name__ == "__main__":
-    main()
+    import suite
+    suite.main("test_cpu_vs_llamacpp.py")

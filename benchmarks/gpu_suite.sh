@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine: build fastload for this GPU, run the GPU tests, then the GPU benchmark.
-#   STAGES="build tests bench" SECTIONS=load,decode,prefill,batch,long benchmarks/gpu_suite.sh
-# Logs and JSON go to $OUT (the device tool) or ./gpu_out.
+# On a GPU machine: build fastload for this GPU, run the GPU tests, then the GPU benchmarks (benchmarks/test_gpu.py at
+# full size: load, Qwen's speed table, decode batch 1 / 8, prefill, 32k context, quantised modes).
+#   STAGES="build tests bench" BENCH_K="decode or load" CKPT=/tmp/fl_qwen7b benchmarks/gpu_suite.sh
+# Logs and JSON go to $OUT (the device tool) or ./gpu_out (the benchmarks' JSON in $OUT/bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -17,5 +18,6 @@ if [[ " $STAGES " == *" tests "* ]]; then
   python3 -m pytest -q -rs ${TESTS:-tests/test_cuda_ops.py tests/test_cuda_model.py tests/test_cuda_load.py} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  python3 benchmarks/gpu_bench.py --dir "${CKPT:-/tmp/fl_qwen7b}" --sections "${SECTIONS:-load,decode,prefill,batch,long}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+  FASTLOAD_BENCH_QWEN7B_DIR="${CKPT:-/tmp/fl_qwen7b}" python3 -m pytest -q -rs -p no:cacheprovider benchmarks/test_gpu.py \
+      --bench-full --bench-results "$OUT/bench" ${BENCH_K:+-k "$BENCH_K"} ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi

@@ -1,7 +1,11 @@
 """fastload.evaluate.perplexity against the same numbers computed with transformers (torch), same token ids, same
 windows. Needs torch + transformers (the GPU machine has both; no network).
 
-    python3 benchmarks/perplexity_vs_transformers.py [--device cuda] [--out benchmarks/results/perplexity-vs-transformers.json]
+    python3 benchmarks/perplexity_vs_transformers.py [--device cuda] [--outputs_dir DIR]
+
+Prints a table and writes perplexity-vs-transformers_<models>_<UTC time>.csv and .json into --outputs_dir (default
+benchmarks/results/perplexity-vs-transformers) with fastload.bench's writer (device, date, versions, commit; written
+whole or not at all), as `python -m fastload bench` does.
 
 Models:
   * tiny: the random-weight safetensors fixtures tests/fixtures/llama (bf16, 3 shards) and tests/fixtures/qwen2
@@ -19,23 +23,26 @@ windows and the arithmetic after the logits are the same definitions.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import re
 import shutil
 import sys
 import tempfile
 import time
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 TEXT_PATH = os.path.join(HERE, "data", "devils_dictionary.txt")
 KEYS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+PVT_COLUMNS = (["model", "method", "context", "stride", "device", "tokens", "windows", "words", "bytes"]
+               + [f"{side}_{k}" for k in KEYS + ("recipe_perplexity",) for side in ("fastload", "transformers",
+                                                                                     "rel_diff")]
+               + ["transformers_version"])
+PVT_SHOWN = ["model", "method", "context", "stride", "tokens", "fastload_perplexity", "transformers_perplexity",
+             "rel_diff_perplexity", "rel_diff_word_perplexity", "rel_diff_bits_per_byte"]
 
 
 class ByteTokenizer:
@@ -167,8 +174,15 @@ def main():
     ap.add_argument("--demo-context", type=int, default=2048)
     ap.add_argument("--demo-stride", type=int, default=512)
     ap.add_argument("--skip-demo", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "perplexity-vs-transformers.json"))
+    ap.add_argument("--outputs_dir", "--outputs-dir", dest="outputs_dir",
+                    default=os.path.join(HERE, "results", "perplexity-vs-transformers"),
+                    help="where the CSV and JSON go (fastload.bench.Outputs)")
     args = ap.parse_args()
+    from fastload import bench
+    try:
+        out = bench.Outputs(args.outputs_dir)  # checked before the work, written at the end
+    except bench.BenchError as e:
+        sys.exit(f"perplexity_vs_transformers: {e}")
     try:
         import torch
         import transformers  # noqa: F401
@@ -202,15 +216,15 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     worst = max(v for r in rows for v in r["rel_diff"].values())
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "device": device,
-           "torch": torch.__version__, "fastload": fastload.__version__,
-           "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor(),
-           "text": os.path.relpath(TEXT_PATH, ROOT), "worst_rel_diff": worst, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"worst relative difference {worst:.2e}; wrote {args.out}")
-
+    for r in rows:  # flat columns for the CSV; the JSON keeps the nested dicts too
+        for side in ("fastload", "transformers", "rel_diff"):
+            r.update({f"{side}_{k}": v for k, v in r[side].items()})
+    models = "-".join(dict.fromkeys(r["model"] for r in rows))
+    meta = {"benchmark": "perplexity-vs-transformers", "model": models, "environment": bench.environment(device),
+            "text": os.path.relpath(TEXT_PATH, ROOT), "worst_rel_diff": worst,
+            "method": "lm-evaluation-harness rolling windows and transformers' strided recipe, both sides float32",
+            "notes": [f"worst relative difference {worst:.2e}"]}
+    bench._finish(out, "perplexity-vs-transformers", models, rows, PVT_COLUMNS, meta, PVT_SHOWN)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Quality of fastload's quantised modes on the demo model (issue 9's quality targets), fastload only.
 
-    python3 benchmarks/quant_quality.py [--device cuda] [--context 2048] [--max-chars N] [--out benchmarks/results/quant-quality.json]
+    python3 benchmarks/quant_quality.py [--device cuda] [--context 2048] [--max-chars N] [--outputs_dir DIR]
 
 Modes, each scored with fastload.evaluate.perplexity (lm-evaluation-harness rolling windows) on
 benchmarks/data/devils_dictionary.txt with the GGUF's tokenizer:
@@ -11,7 +11,9 @@ benchmarks/data/devils_dictionary.txt with the GGUF's tokenizer:
            int4 and nf4 likewise
   gguf     the GGUF as shipped (Q4_1 kept quantised once issue 9 lands)
 The loading and scoring are fastload.bench.perplexity_modes (`python -m fastload bench perplexity` runs the same
-for any model); this script adds the issue-9 targets and verdicts.
+for any model); this script adds the issue-9 targets and verdicts. It prints the table and writes
+quant-quality_<model>_<UTC time>.csv and .json into --outputs_dir (default benchmarks/results/quant-quality) with
+fastload.bench's writer (device, date, versions, commit; written whole or not at all).
 Targets (issue 9): word perplexity of int8 within 1% of fp16, int4 within 6%, nf4 within 6%.
 Each row also says whether the weights really were held quantised (the core's info["quantized_weights"] and
 byte counts, when the build reports them): a mode that silently loaded float weights is flagged, not passed.
@@ -19,11 +21,8 @@ byte counts, when the build reports them): a mode that silently loaded float wei
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,10 +38,17 @@ def main():
     ap.add_argument("--max-chars", type=int, default=None, help="score only the first N characters (quick CPU runs)")
     ap.add_argument("--modes", default="fp16,int8,int4,nf4,gguf",
                     help="comma-separated; SCHEME:GROUP (e.g. int4:32) adds a mode with that group size")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "quant-quality.json"))
+    ap.add_argument("--outputs_dir", "--outputs-dir", dest="outputs_dir",
+                    default=os.path.join(HERE, "results", "quant-quality"),
+                    help="where the CSV and JSON go (fastload.bench.Outputs)")
     args = ap.parse_args()
     import fastload
+    from fastload import bench
     from fastload.bench import BenchError, perplexity_modes
+    try:
+        out = bench.Outputs(args.outputs_dir)  # checked before the work, written at the end
+    except BenchError as e:
+        sys.exit(f"quant_quality: {e}")
     from fastload.demo import demo_model_path
     device = args.device or ("cuda" if fastload.cuda.is_available() else "cpu")
     gguf = demo_model_path()
@@ -83,16 +89,12 @@ def main():
         tgt = f"  target <= {v['target_pct']:.0f}%: {'PASS' if v['pass'] else 'FAIL'}" if v else ""
         held = {True: "", False: "  (weights NOT held quantised)", None: "  (quantised? not reported)"}[row["held_quantised"]]
         print(f"  {name:5s} {row['word_perplexity']:10.4f}  {row['word_ppl_vs_fp16_pct']:+7.3f}%{tgt}{held}")
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "device": device,
-           "fastload": fastload.__version__, "model": os.path.basename(gguf),
-           "text": os.path.relpath(TEXT_PATH, ROOT), "max_chars": args.max_chars, "context": args.context,
-           "method": "rolling (lm-evaluation-harness loglikelihood_rolling)", "targets_pct": TARGETS,
-           "verdict": verdict, "modes": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"wrote {args.out}")
-
+    meta = {"benchmark": "quant-quality", "model": os.path.basename(gguf), "environment": bench.environment(device),
+            "text": os.path.relpath(TEXT_PATH, ROOT), "max_chars": args.max_chars, "context": args.context,
+            "method": "rolling (lm-evaluation-harness loglikelihood_rolling)", "targets_pct": TARGETS,
+            "verdict": verdict, "notes": []}
+    table = [{"mode": k, **v} for k, v in rows.items()]
+    bench._finish(out, "quant-quality", gguf, table, bench.PPL_COLUMNS + ["note"], meta, bench.PPL_SHOWN)
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,12 @@ SHAPES = {
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False, sliding_window=131072,
                        max_window_layers=28, bos_token_id=151643, eos_token_id=151645),
+    # a Qwen2-architecture model of a few hundred kB: CPU runs of the GPU scripts' steps (dev/cuda/issue10_gpu.sh)
+    "qwen2-tiny": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=1024, hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False, sliding_window=4096,
+                       max_window_layers=2, bos_token_id=1, eos_token_id=1023),
 }
 ST_DTYPE = {"float16": ("F16", np.float16), "bfloat16": ("BF16", None), "float32": ("F32", np.float32)}
 
@@ -107,10 +113,60 @@ def write(out, shape_name, dtype, shard_bytes=2 << 30, seed=0):
     return total
 
 
+def write_word_tokenizer(d):
+    """A word-level tokenizer.json (+ tokenizer_config.json) for a synthetic checkpoint that has none (random weights
+    have no real vocabulary; `bench speed` and transformers need a tokenizer). Needs the tokenizers package."""
+    if os.path.isfile(os.path.join(d, "tokenizer.json")):
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    with open(os.path.join(d, "config.json")) as fh:
+        cfg = json.load(fh)
+    words = ["<unk>", "<|endoftext|>", "the", "a", "of", "and", "to", "in", "is", "that"]
+    vocab = {w: i for i, w in enumerate(words)}
+    eos = cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if isinstance(eos, int) and eos >= len(vocab):
+        vocab["<|im_end|>"] = eos  # the model's eos id, so that eos handling sees a real token
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as fh:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+                   "eos_token": "<|im_end|>" if "<|im_end|>" in vocab else "<|endoftext|>",
+                   "model_max_length": cfg.get("max_position_embeddings", 32768)}, fh)
+
+
+def bench_checkpoint(d, shape="qwen2.5-7b", dtype="bfloat16"):
+    """The benchmarks' synthetic checkpoint in `d` with a word-level tokenizer, made once (a `d` with config.json is
+    kept): torch draws the numbers on the GPU when torch, safetensors and a CUDA device are there (~15 s for the 7B
+    shape, gpu_bench.make_checkpoint), else numpy (minutes for the 7B shape). Returns d."""
+    if not os.path.isfile(os.path.join(d, "config.json")):
+        fast = False
+        if shape == "qwen2.5-7b" and dtype == "bfloat16":
+            try:
+                import torch
+                import safetensors  # noqa: F401
+                fast = torch.cuda.is_available()
+            except ImportError:
+                pass
+        if fast:
+            import gpu_bench
+            gpu_bench.make_checkpoint(d, shape)
+        else:
+            write(d, shape, dtype)
+    write_word_tokenizer(d)
+    return d
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(ST_DTYPE))
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", action="store_true", help="also a word-level tokenizer (for bench speed)")
     a = ap.parse_args()
-    print(f"wrote {write(a.out, a.shape, a.dtype) / 1e9:.2f} GB to {a.out}")
+    if a.tokenizer:
+        bench_checkpoint(a.out, a.shape, a.dtype)
+        print(f"{a.out}: {a.shape} {a.dtype} with a word-level tokenizer")
+    else:
+        print(f"wrote {write(a.out, a.shape, a.dtype) / 1e9:.2f} GB to {a.out}")

@@ -1,5 +1,6 @@
 """CPU decode tokens/s on the demo model next to the memory-bandwidth ceiling (benchmarks/cpu_decode.py's
-measurement: cpu_decode.run_fastload, bytes_per_token, membw_info), transformers as the peer when installed."""
+measurement: cpu_decode.run_fastload, bytes_per_token, membw_info), transformers as the peer when installed here or in
+the Python FASTLOAD_BENCH_PEER_PYTHON names (the peer runs in its own process)."""
 from __future__ import annotations
 
 import importlib.util
@@ -34,12 +35,13 @@ def test_cpu_decode(record, request, bench_full, case):
     model, r = cpu_decode.run_fastload(path, dtype, T, N)
     bpt = cpu_decode.bytes_per_token(model, T + N // 2)
     bound = bw["read_GBps"] * 1e9 / bpt
-    peer = None
-    if all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
-        p = cpu_decode.run_peer(sys.executable, path, dtype, T, N, os.cpu_count())
+    peer_python = os.environ.get("FASTLOAD_BENCH_PEER_PYTHON")  # an interpreter with torch + transformers
+    if peer_python or all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        p = cpu_decode.run_peer(peer_python or sys.executable, path, dtype, T, N, os.cpu_count())
         peer = {"name": "transformers", "decode_tokens_per_s": p.get("tokens_per_s"), **p}
     else:
-        peer = {"skipped": "torch / transformers not installed"}
+        peer = {"skipped": "torch / transformers not installed (FASTLOAD_BENCH_PEER_PYTHON names a Python that has "
+                           "them)"}
     record({"decode_tokens_per_s": r["decode_tokens_per_s"], "tokens_per_s_e2e": r["tokens_per_s_e2e"],
             "prefill_s": r["prefill_s"], "load_s": r["load_s"], "bytes_per_token": bpt,
             "read_bandwidth_GBps": bw["read_GBps"], "params": model.num_parameters()},

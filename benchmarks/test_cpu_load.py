@@ -1,5 +1,6 @@
 """Load time of the demo model against the raw read rate of its file (`python -m fastload bench load`'s
-measurement, fastload.bench.cmd_load), transformers as the peer when installed."""
+measurement, fastload.bench.cmd_load), transformers as the peer when installed; on a GPU (test_gpu.py) the PCIe
+host-to-device copy rate too."""
 from __future__ import annotations
 
 import importlib.util
@@ -26,6 +27,9 @@ def load_benchmark(record, bench_cli, model, device, full, suffix):
             {"skipped": "torch / transformers not installed"})
     figures = {"warm_GBps": fl["gb_per_s"], "warm_s": fl["seconds_median"], "bytes": doc["bytes"],
                "core_warm_s": fl["core_seconds_median"], "raw_read_warm_s": raw["seconds_median"]}
+    pcie = rows.get(("PCIe host-to-device", "any"))  # a GPU run: the pinned host-to-device copy rate
+    if pcie:
+        figures["pcie_h2d_GBps"] = pcie["gb_per_s"]
     if ("fastload", "cold") in rows:
         figures["cold_s"] = rows[("fastload", "cold")]["seconds_median"]
         figures["raw_read_cold_s"] = rows[("raw read", "cold")]["seconds_median"]

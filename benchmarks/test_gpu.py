@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import math
 import os
 
@@ -27,39 +26,10 @@ def _have(*mods):
     return all(importlib.util.find_spec(m) is not None for m in mods)
 
 
-def write_word_tokenizer(d):
-    """A word-level tokenizer.json (+ tokenizer_config.json) for a synthetic checkpoint that has none."""
-    if os.path.isfile(os.path.join(d, "tokenizer.json")):
-        return
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    with open(os.path.join(d, "config.json")) as fh:
-        cfg = json.load(fh)
-    words = ["<unk>", "<|endoftext|>", "the", "a", "of", "and", "to", "in", "is", "that"]
-    vocab = {w: i for i, w in enumerate(words)}
-    eos = cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    if isinstance(eos, int) and eos >= len(vocab):
-        vocab["<|im_end|>"] = eos  # the model's eos id, so that eos handling sees a real token
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(d, "tokenizer.json"))
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as fh:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
-                   "eos_token": "<|im_end|>" if "<|im_end|>" in vocab else "<|endoftext|>",
-                   "model_max_length": cfg.get("max_position_embeddings", 32768)}, fh)
-
-
 @pytest.fixture(scope="module")
 def qwen7b(cuda_device):
-    d = os.environ.get("FASTLOAD_BENCH_QWEN7B_DIR", "/tmp/fl_qwen7b")
-    if not os.path.isfile(os.path.join(d, "config.json")):
-        if _have("torch", "safetensors"):
-            gpu_bench.make_checkpoint(d)  # torch draws the numbers on the GPU: fast
-        else:
-            import synth
-            synth.write(d, "qwen2.5-7b", "bfloat16")
-    write_word_tokenizer(d)
-    return d
+    import synth
+    return synth.bench_checkpoint(os.environ.get("FASTLOAD_BENCH_QWEN7B_DIR", "/tmp/fl_qwen7b"))
 
 
 @pytest.fixture(scope="module")
@@ -156,20 +126,24 @@ def test_gpu_decode(record, fl_model, hf_model, d2d, bench_full, case):
 @pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_gpu_quant(record, qwen7b, fl_model, d2d, bench_full, mode):
     """quant_gpu.py's per-mode figures: load, weight memory, decode batch 1 against the roofline of the bytes the
-    quantised step reads; bitsandbytes in the same run when installed."""
+    quantised step reads, decode batch 8, time to first token of a 2048-token prompt; bitsandbytes in the same run
+    when installed."""
     import quant_gpu
     N = 128 if bench_full else 32
     m, rec = quant_gpu.fl_load(qwen7b, mode, reps=3 if bench_full else 1)
     assert m is not None, rec
     try:
         r = gpu_bench.fl_decode(m, 1, 32, N)
+        r8 = gpu_bench.fl_decode(m, 8, 32, N)
+        pf = gpu_bench.fl_decode(m, 1, 2048, 2)
         ceiling = None
         if d2d:
             step, _how = quant_gpu.bytes_per_step(m, m.get_memory_footprint())
             ceiling = d2d / (step + quant_gpu.kv_bytes_per_token(m.config) * (32 + N // 2))
         figures = {"decode_tok_s_per_seq": r["decode_tok_s_per_seq"], "load_s": rec["load_s"],
                    "weights_bytes": rec["weights_bytes"], "quantized_weights": rec["quantized_weights"],
-                   "ttft_s": r["ttft_s"]}
+                   "ttft_s": r["ttft_s"], "decode_b8_tok_s_total": r8["decode_tok_s_total"],
+                   "prefill_2048_ttft_s": pf["ttft_s"]}
     finally:
         del m
         gc.collect()
@@ -189,4 +163,4 @@ def test_gpu_quant(record, qwen7b, fl_model, d2d, bench_full, mode):
     # really quantised: the core holds quantised weights, in fewer bytes than the bf16 model
     assert rec["quantized_weights"] > 0
     assert rec["weights_bytes"] < fl_model.get_memory_footprint()
-    assert r["new"] == N
+    assert r["new"] == N and r8["batch"] == 8 and r8["new"] == N

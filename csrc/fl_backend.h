@@ -179,6 +179,10 @@ typedef struct {
 fl_status fl_cuda_device_props(int device, fl_cuda_props *out); /* FL_E_VALUE: no such device */
 fl_status fl_cuda_synchronize(int device);        /* waits for all work fastload queued on the device */
 void fl_cuda_empty_cache(void);                   /* frees the loader's kept pinned host buffers */
+/* The PCIe ceiling of a load (fastload.bench load): GB/s (1e9 bytes/s) of `repeats` cudaMemcpyAsync host-to-device
+ * copies of `bytes` from pinned (cudaHostAlloc) memory after one warm-up copy, timed with CUDA events. Allocates and
+ * frees its own buffers. FL_E_VALUE: bad arguments or no such device; FL_E_UNSUPPORTED without CUDA. */
+fl_status fl_cuda_h2d_bandwidth(int device, uint64_t bytes, int repeats, double *gb_per_s);
 
 #ifdef __cplusplus
 }

@@ -21,9 +21,12 @@ names and renamed at the end: a failed or interrupted run leaves nothing half wr
   load         from_pretrained time, warm (page cache) and cold (the files' pages evicted first, where the OS
                lets this process do it: posix_fadvise(DONTNEED) checked with mincore, else
                /proc/sys/vm/drop_caches; said in the table when neither works), against the raw read rate of the
-               same files (parallel 16 MiB preads, no parsing) and transformers with --peer transformers.
+               same files (parallel 16 MiB preads, no parsing), on a CUDA device the PCIe ceiling (a row "PCIe
+               host-to-device", cache "any": pinned host-to-device copy rate, _C.cuda_h2d_bandwidth; a note says
+               why when it is not measured) and transformers with --peer transformers.
   concurrency  the ChatGLM2 field report: five queries (or --queries FILE) answered with model.chat in a for-loop,
-               then through ThreadPoolExecutor(max_workers); wall time, tokens/s, whether the answers equal the
+               then through ThreadPoolExecutor(max_workers) (several --max_workers: one pool each; --repeat N:
+               the median of N interleaved runs); wall time, tokens/s, whether the answers equal the
                loop's, current and peak memory (fastload.cuda's memory_allocated / max_memory_allocated on a GPU,
                the process's RSS and peak RSS on the CPU).
   perplexity   every quantisation mode (fp16 reference, int8, int4, nf4 at load, the GGUF as shipped) scored with
@@ -156,8 +159,12 @@ def add_parser(sub):
     sp.add_argument("--queries", default=None,
                     help="a UTF-8 file, one query per line (default: the ChatGLM2 report's five queries)")
     sp.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=64)
-    sp.add_argument("--max_workers", "--max-workers", "--workers", dest="max_workers", type=int, default=None,
-                    help="threads of the pool (default: one per query, as the report's max_workers=5)")
+    sp.add_argument("--max_workers", "--max-workers", "--workers", dest="max_workers", type=int, nargs="+",
+                    default=None, help="threads of the pool; several values (1 2 4 10) give one pool row each "
+                                       "(default: one per query, as the report's max_workers=5)")
+    sp.add_argument("--repeat", type=int, default=1, help="runs of each mode, interleaved so that a change in the "
+                                                         "machine's load hits every mode alike; the median wall "
+                                                         "time is reported (default 1)")
     sp.set_defaults(fn_bench=cmd_concurrency)
 
     sp = bsub.add_parser("perplexity", help="perplexity, memory and tokens/s of every quantisation mode")
@@ -192,7 +199,11 @@ def run(args):
 
 # ---------------------------------------------------------------------------------------------- environment
 def _git_commit():
-    """(commit, dirty) of the fastload checkout this module runs from, or (None, None) outside one."""
+    """(commit, dirty) of the fastload checkout this module runs from, or (None, None) outside one. FASTLOAD_COMMIT,
+    when set, is the commit (dirty unknown): an installed copy (pip install .) has no .git, and a copied tree (a GPU
+    machine's) may carry a stale one."""
+    if os.environ.get("FASTLOAD_COMMIT"):
+        return os.environ["FASTLOAD_COMMIT"].strip(), None
     root = os.path.dirname(HERE)
     if not os.path.exists(os.path.join(root, ".git")):
         return None, None
@@ -732,6 +743,36 @@ def raw_read(paths, threads, chunk=16 * MiB):
             os.close(fd)
 
 
+PCIE_ENGINE = "PCIe host-to-device"
+PCIE_BYTES, PCIE_REPEATS = 256 * MiB, 5
+
+
+def pcie_ceiling(device, nbytes, size=PCIE_BYTES, repeats=PCIE_REPEATS):
+    """bench load's PCIe reference row for a model on a CUDA device: the rate of host-to-device copies of `size`
+    bytes from pinned memory (_C.cuda_h2d_bandwidth: cudaHostAlloc'd buffer, one warm-up copy, then `repeats`
+    cudaMemcpyAsync timed with CUDA events), with seconds = the checkpoint's `nbytes` at that rate: no load onto
+    the GPU can be faster. Raises BenchError saying why it was not measured (a CPU model, a CPU-only build, no
+    device)."""
+    dev = str(device)
+    if not dev.startswith("cuda"):
+        raise BenchError(f"the model is on {dev}: no host-to-device copy in its load")
+    from . import _C, cuda
+    fn = getattr(_C, "cuda_h2d_bandwidth", None)
+    if fn is None:
+        raise BenchError("this fastload build has no _C.cuda_h2d_bandwidth")
+    try:
+        idx = cuda._dev(dev)
+        gbps = fn(idx, size, repeats)
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+        raise BenchError(str(e)) from None
+    secs = nbytes / (gbps * 1e9)
+    return {"engine": PCIE_ENGINE, "cache": "any", "runs": repeats, "times": [secs], "seconds_median": secs,
+            "seconds_min": secs, "bytes": nbytes, "core_seconds_median": None,
+            "how": f"cudaMemcpyAsync of {size // MiB} MiB from cudaHostAlloc'd (pinned) memory to {dev}, {repeats} "
+                   f"copies after a warm-up, timed with CUDA events: {gbps:.2f} GB/s; seconds = the checkpoint's bytes "
+                   "at that rate (a bound for any load onto the GPU, warm or cold)"}
+
+
 LOAD_COLUMNS = ["engine", "cache", "runs", "seconds_median", "seconds_min", "bytes", "gb_per_s", "vs_raw_read",
                 "core_seconds_median", "how"]
 
@@ -793,6 +834,12 @@ def cmd_load(args):
         record("raw read", cache, rr, f"{threads} threads of 16 MiB preads, nothing parsed" +
                (f"; pages evicted by {cold_how}" if cache == "cold" else ""))
         print(f"{cache}: fastload {statistics.median(runs):.3f} s, raw read {statistics.median(rr):.3f} s", flush=True)
+    try:
+        pcie = pcie_ceiling(device, nbytes)
+        results[(PCIE_ENGINE, pcie["cache"])] = pcie
+        print(f"PCIe host-to-device (pinned): {nbytes / pcie['seconds_median'] / 1e9:.2f} GB/s", flush=True)
+    except BenchError as e:
+        notes.append(f"PCIe ceiling not measured: {e}")
     peer = {}
     if "transformers" in args.peer:
         peer["transformers"] = _load_transformers_peer(ref, args, files, kinds, repeat, record)
@@ -869,14 +916,17 @@ def _memory_now(device, model):
     return now, peak, "process RSS / peak RSS (CPU)"
 
 
-CONC_COLUMNS = ["mode", "workers", "queries", "wall_s", "new_tokens", "tokens_per_s", "speedup_vs_loop",
-                "same_answers_as_loop", "memory_allocated_mb", "max_memory_allocated_mb", "memory"]
+CONC_COLUMNS = ["mode", "workers", "queries", "runs", "wall_s", "walls_s", "new_tokens", "tokens_per_s",
+                "speedup_vs_loop", "same_answers_as_loop", "memory_allocated_mb", "max_memory_allocated_mb", "memory"]
 
 
 def cmd_concurrency(args):
     queries = read_queries(args.queries) if args.queries else list(QUERIES)
     mnt = _positive("--max_new_tokens", args.max_new_tokens)
-    workers = _positive("--max_workers", args.max_workers) if args.max_workers is not None else len(queries)
+    workers = ([_positive("--max_workers", w) for w in args.max_workers] if args.max_workers
+               else [len(queries)])
+    workers = list(dict.fromkeys(workers))
+    repeat = _positive("--repeat", args.repeat)
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
     import fastload
@@ -889,35 +939,50 @@ def cmd_concurrency(args):
         return response
 
     ask(queries[0])  # warm-up: first touch of the weights, the thread team
-    rows, answers = [], {}
-    for mode in ("loop", "pool"):
-        _reset_peaks(device)
-        t0 = time.perf_counter()
-        if mode == "loop":
-            got = [ask(q) for q in queries]
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as ex:
-                got = list(ex.map(ask, queries))
-        wall = time.perf_counter() - t0
-        now, peak, kind = _memory_now(device, model)
-        answers[mode] = got
+    modes = [("loop", 1)] + [(f"pool({w})", w) for w in workers]
+    walls = {m: [] for m, _ in modes}
+    answers, memory = {}, {}
+    for _ in range(repeat):  # interleaved: a change in the machine's load hits every mode alike
+        for mode, w in modes:
+            _reset_peaks(device)
+            t0 = time.perf_counter()
+            if mode == "loop":
+                got = [ask(q) for q in queries]
+            else:
+                with ThreadPoolExecutor(max_workers=w) as ex:
+                    got = list(ex.map(ask, queries))
+            walls[mode].append(time.perf_counter() - t0)
+            now, peak, kind = _memory_now(device, model)
+            prev = memory.get(mode)
+            memory[mode] = (now, max(peak or 0, prev[1] or 0) if prev else peak, kind)
+            answers.setdefault(mode, got)
+            print(f"{'for-loop' if mode == 'loop' else f'ThreadPoolExecutor({w})'}: {walls[mode][-1]:.2f} s",
+                  flush=True)
+    rows = []
+    for mode, w in modes:
+        got, wall = answers[mode], statistics.median(walls[mode])
+        now, peak, kind = memory[mode]
         ntok = sum(len(np.asarray(tok(a, add_special_tokens=False)["input_ids"]).reshape(-1)) for a in got)
-        rows.append({"mode": "for-loop" if mode == "loop" else f"ThreadPoolExecutor({workers})",
-                     "workers": 1 if mode == "loop" else workers, "queries": len(queries), "wall_s": round(wall, 4),
-                     "new_tokens": ntok, "tokens_per_s": round(ntok / wall, 4) if wall > 0 else None,
+        rows.append({"mode": "for-loop" if mode == "loop" else f"ThreadPoolExecutor({w})", "workers": w,
+                     "queries": len(queries), "runs": repeat, "wall_s": round(wall, 4),
+                     "walls_s": [round(x, 4) for x in walls[mode]], "new_tokens": ntok,
+                     "tokens_per_s": round(ntok / wall, 4) if wall > 0 else None,
                      "same_answers_as_loop": got == answers["loop"],
                      "memory_allocated_mb": round(now / MiB, 2) if now is not None else None,
                      "max_memory_allocated_mb": round(peak / MiB, 2) if peak is not None else None, "memory": kind})
-        print(f"{rows[-1]['mode']}: {wall:.2f} s, {ntok} tokens", flush=True)
     for r in rows:
         r["speedup_vs_loop"] = round(rows[0]["wall_s"] / r["wall_s"], 4) if r["wall_s"] > 0 else None
+    shown_answers = {"loop": answers["loop"], "pool": answers[modes[1][0]]}  # "pool": the first pool size's
+    shown_answers.update({m: answers[m] for m, _ in modes[2:]})
     meta = {"benchmark": "concurrency", "source": "the ChatGLM2 field report (model.chat in a for-loop and through "
             "ThreadPoolExecutor, then torch.cuda's memory report)", "model": str(ref), "environment":
-            environment(device), "load_seconds": load_s, "max_new_tokens": mnt, "greedy": True,
-            "queries_list": queries, "answers": answers, "model_memory": model.memory_stats(),
+            environment(device), "load_seconds": load_s, "max_new_tokens": mnt, "greedy": True, "repeat": repeat,
+            "queries_list": queries, "answers": shown_answers, "model_memory": model.memory_stats(),
             "new_tokens": "tokens of the answers re-encoded (the eos a finished answer ends with is not counted)",
+            "wall_s": f"median of {repeat} run(s) per mode, modes interleaved (walls_s: every run)",
             "notes": []}
-    return _finish(out, "concurrency", ref, rows, CONC_COLUMNS, meta, [c for c in CONC_COLUMNS if c != "memory"])
+    return _finish(out, "concurrency", ref, rows, CONC_COLUMNS, meta,
+                   [c for c in CONC_COLUMNS if c not in ("memory", "walls_s")])
 
 
 # ---------------------------------------------------------------------------------------------- perplexity

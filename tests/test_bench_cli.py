@@ -357,3 +357,120 @@ def test_peer_failure_keeps_fastload_rows(tmp_path, monkeypatch, capsys, demo_gg
     assert [r["engine"] for r in rows] == ["fastload"]
     assert "no such checkpoint for transformers" in doc["peer"]["transformers"]["error"]
     assert "--peer transformers failed" in capsys.readouterr().out
+
+
+# ---- bench load's PCIe ceiling (issue 10: "bar chart with the disk and PCIe ceilings drawn in")
+import fastload  # noqa: E402
+
+CUDA_BUILT = fastload._C.build_info()["cuda_compiled"]
+
+
+def test_load_pcie_row_skipped_on_the_cpu_with_a_reason(tmp_path, demo_gguf):
+    out = tmp_path / "o"
+    assert _run(["bench", "load", "--model", demo_gguf, "--device", "cpu", "--repeat", "1", "--no-cold",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, _, doc = _results(out)
+    assert bench.PCIE_ENGINE not in {r["engine"] for r in rows}
+    assert any(n.startswith("PCIe ceiling not measured: the model is on cpu") for n in doc["notes"]), doc["notes"]
+
+
+@pytest.mark.skipif(CUDA_BUILT, reason="this build has CUDA: the CPU-only refusal is not what it does")
+def test_h2d_bandwidth_without_cuda_says_why():
+    from fastload import _C
+    with pytest.raises(NotImplementedError, match="without CUDA"):
+        _C.cuda_h2d_bandwidth()
+    with pytest.raises(NotImplementedError, match="without CUDA"):
+        _C.cuda_h2d_bandwidth(0, 1 << 20, 2)
+    with pytest.raises(bench.BenchError, match="without CUDA"):
+        bench.pcie_ceiling("cuda", 1 << 30)
+    with pytest.raises(bench.BenchError, match="the model is on cpu"):
+        bench.pcie_ceiling("cpu", 1 << 30)
+
+
+def test_pcie_row_from_the_measured_rate(monkeypatch):
+    from fastload import _C, cuda
+    calls = []
+
+    def fake(device, nbytes, repeats):
+        calls.append((device, nbytes, repeats))
+        return 50.0
+    monkeypatch.setattr(_C, "cuda_h2d_bandwidth", fake, raising=False)
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    row = bench.pcie_ceiling("cuda:1", 10 ** 9)
+    assert calls == [(1, bench.PCIE_BYTES, bench.PCIE_REPEATS)]
+    assert row["engine"] == bench.PCIE_ENGINE and row["cache"] == "any" and row["bytes"] == 10 ** 9
+    assert row["seconds_median"] == pytest.approx(0.02) and "pinned" in row["how"]
+
+
+def test_load_writes_the_pcie_row_when_measured(tmp_path, monkeypatch, demo_gguf):
+    """The row as a GPU run writes it (the measurement faked: no GPU here): one row, cache 'any', the checkpoint's
+    bytes at the copy rate, gb_per_s the rate, no vs_raw_read."""
+    seen = {}
+
+    def fake(device, nbytes, size=bench.PCIE_BYTES, repeats=bench.PCIE_REPEATS):
+        seen["device"] = device
+        secs = nbytes / 40e9
+        return {"engine": bench.PCIE_ENGINE, "cache": "any", "runs": repeats, "times": [secs], "seconds_median": secs,
+                "seconds_min": secs, "bytes": nbytes, "core_seconds_median": None, "how": "fake 40 GB/s"}
+    monkeypatch.setattr(bench, "pcie_ceiling", fake)
+    out = tmp_path / "o"
+    assert _run(["bench", "load", "--model", demo_gguf, "--device", "cpu", "--repeat", "1", "--no-cold",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, _, doc = _results(out)
+    assert seen["device"] == "cpu"
+    pcie = [r for r in rows if r["engine"] == bench.PCIE_ENGINE]
+    assert len(pcie) == 1 and pcie[0]["cache"] == "any"
+    assert float(pcie[0]["gb_per_s"]) == pytest.approx(40.0) and pcie[0]["vs_raw_read"] == ""
+    assert not any("PCIe" in n for n in doc["notes"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not fastload.cuda.is_available(), reason="no CUDA device here")
+def test_h2d_bandwidth_on_the_gpu():
+    from fastload import _C, cuda
+    before = cuda.memory_allocated(0)
+    gbps = _C.cuda_h2d_bandwidth(0, 64 << 20, 3)
+    assert 1.0 < gbps < 1000.0  # PCIe 3 x16 is ~12 GB/s, PCIe 5 x16 ~55, NVLink-C2C ~400
+    assert cuda.memory_allocated(0) == before  # its device buffer was counted and given back
+    with pytest.raises(ValueError, match="visible"):
+        _C.cuda_h2d_bandwidth(cuda.device_count(), 1 << 20, 1)
+    with pytest.raises(ValueError, match="repeats"):
+        _C.cuda_h2d_bandwidth(0, 1 << 20, 0)
+    with pytest.raises(ValueError, match="bytes"):
+        _C.cuda_h2d_bandwidth(0, 0, 1)
+
+
+def test_concurrency_several_pools_and_repeats(tmp_path, demo_gguf):
+    """The former benchmarks/cpu_concurrency.py's measurement (loop against pools of several sizes, median of
+    interleaved runs) is `bench concurrency --max_workers 1 3 --repeat 2` now: one row per pool, every run's wall time kept."""
+    q = tmp_path / "queries.txt"
+    q.write_text("Say hello.\nWhat is 2+3?\n", encoding="utf-8")
+    out = tmp_path / "conc"
+    assert _run(["bench", "concurrency", "--model", demo_gguf, "--queries", str(q), "--max_new_tokens", "2",
+                 "--max_workers", "1", "3", "--repeat", "2", "--outputs_dir", str(out)]) in (0, None)
+    rows, header, doc = _results(out)
+    assert [r["mode"] for r in rows] == ["for-loop", "ThreadPoolExecutor(1)", "ThreadPoolExecutor(3)"]
+    assert [int(r["workers"]) for r in rows] == [1, 1, 3]
+    for r in doc["rows"]:
+        assert r["runs"] == 2 and len(r["walls_s"]) == 2 and min(r["walls_s"]) <= r["wall_s"] <= max(r["walls_s"])
+        assert r["same_answers_as_loop"] is True
+    assert doc["answers"]["loop"] == doc["answers"]["pool"] == doc["answers"]["pool(3)"]
+    assert doc["repeat"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_workers", "2", "0"], "--max_workers must be at least 1"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+])
+def test_concurrency_bad_pool_arguments(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert _run(["bench", "concurrency", *argv, "--outputs_dir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_environment_commit_from_fastload_commit(monkeypatch):
+    """An installed copy (pip install . on a GPU machine) has no .git: FASTLOAD_COMMIT names the commit measured."""
+    monkeypatch.setenv("FASTLOAD_COMMIT", "abc1234")
+    env = bench.environment("cpu")
+    assert env["git_commit"] == "abc1234" and env["git_dirty"] is None

@@ -128,3 +128,59 @@ def test_notebook_runs(name, demo_gguf, tmp_path, monkeypatch):
     else:
         assert "2 + 3 = 5" in text  # the chat answer (greedy)
         assert "'weights':" in text  # memory_stats()
+
+
+def _bench_json(argv, out):
+    """Run `python -m fastload bench ARGV --outputs_dir OUT` here and return (path, document) of the JSON."""
+    import argparse
+    import json
+    from fastload import bench
+    ap = argparse.ArgumentParser()
+    bench.add_parser(ap.add_subparsers(dest="cmd"))
+    args = ap.parse_args(["bench", *argv, "--outputs_dir", str(out)])
+    _csv, path = args.fn_bench(args)
+    with open(path, encoding="utf-8") as fh:
+        return path, json.load(fh)
+
+
+@pytest.mark.parametrize("name", ["02_load_time", "03_speed_benchmark"])
+def test_notebook_draws_results_json(name, demo_gguf, tmp_path, monkeypatch):
+    """results_json: the notebook draws the numbers of an earlier `bench` run (a GPU run's, for the committed outputs)
+    instead of measuring again; 02 draws a PCIe reference row (cache "any") as a line and names it."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f'{", ".join(missing)} not installed (pip install -e ".[notebooks]")')
+    if os.environ.get("FASTLOAD_TEST_EXPECT_C"):
+        pytest.skip("sanitized run: no Jupyter kernel under ASan")
+    import json
+
+    import execute
+    from fastload import bench
+    monkeypatch.setenv("FASTLOAD_THREADS", "1")
+    if name == "02_load_time":
+        path, doc = _bench_json(["load", "--model", demo_gguf, "--device", "cpu", "--repeat", "1", "--no-cold"],
+                                tmp_path / "src")
+        n = doc["bytes"]
+        doc["rows"].append({"engine": bench.PCIE_ENGINE, "cache": "any", "runs": 5, "seconds_median": n / 50e9,
+                            "seconds_min": n / 50e9, "bytes": n, "gb_per_s": 50.0, "vs_raw_read": None,
+                            "core_seconds_median": None, "how": "a GPU run's row"})
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+    else:
+        path, doc = _bench_json(["speed", "--model", demo_gguf, "--device", "cpu", "--context_length", "1", "4",
+                                 "--generate_length", "2"], tmp_path / "src")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    # a model that does not exist: the notebook must not load anything when it draws a JSON
+    params = {"results_json": path, "device": "cpu", "outputs_dir": str(tmp_path / "out"),
+              "model": str(tmp_path / "no-such-model")}
+    nb = execute.execute(os.path.join(NB_DIR, name + ".ipynb"), params, cwd=str(tmp_path), timeout=120)
+    outs = _outputs(nb)
+    assert not [o for o in outs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outs if o.output_type == "stream")
+    assert f"drawn from {path}" in text and "$ python -m fastload bench" not in text
+    assert any("image/png" in o.get("data", {}) for o in outs)
+    assert not os.path.exists(tmp_path / "out")  # nothing measured, nothing written
+    if name == "02_load_time":
+        assert "reference: PCIe host-to-device (any): 50 GB/s" in text
+        assert "reference: raw read (warm)" in text

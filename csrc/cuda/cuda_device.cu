@@ -79,3 +79,67 @@ extern "C" fl_status fl_cuda_synchronize(int device) {
                       cudaGetErrorName(e));
     return FL_OK;
 }
+
+// fastload.bench load's PCIe ceiling: the rate of host-to-device copies from pinned memory, what the loader's
+// copies from its pinned pool can reach at best. One warm-up copy, then `repeats` copies on one stream between
+// two events. Every buffer is freed and the calling thread's device restored on every path.
+extern "C" fl_status fl_cuda_h2d_bandwidth(int device, uint64_t bytes, int repeats, double *gb_per_s) {
+    *gb_per_s = 0;
+    if (bytes == 0 || bytes > (1ull << 40))
+        return fl_err(FL_E_VALUE, "cuda_h2d_bandwidth: bytes must be between 1 and 2^40, got %llu",
+                      (unsigned long long)bytes);
+    if (repeats < 1 || repeats > 1000)
+        return fl_err(FL_E_VALUE, "cuda_h2d_bandwidth: repeats must be between 1 and 1000, got %d", repeats);
+    int n = 0;
+    FL_TRY(fl_cuda_device_count(&n));
+    if (device < 0 || device >= n)
+        return fl_err(FL_E_VALUE, "cuda:%d requested but %d CUDA device(s) are visible", device, n);
+    int prev = 0;
+    FL_CUDA_CHECK(cudaGetDevice(&prev));
+    FL_CUDA_CHECK(cudaSetDevice(device));
+    void *host = NULL, *dev = NULL;
+    cudaStream_t stream = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    cudaError_t e = cudaSuccess;
+    const char *what = "";
+    float ms = 0.0f;
+    bool counted = false;
+#define FL_H2D_STEP(stmt)                                                                                     \
+    do {                                                                                                      \
+        e = (stmt);                                                                                           \
+        if (e != cudaSuccess) { what = #stmt; goto done; }                                                    \
+    } while (0)
+    FL_H2D_STEP(cudaHostAlloc(&host, (size_t)bytes, cudaHostAllocDefault));
+    memset(host, 0x5a, (size_t)bytes);  // every page touched before the clock starts
+    FL_H2D_STEP(cudaMalloc(&dev, (size_t)bytes));
+    fl_cuda_account(device, (long long)bytes);
+    counted = true;
+    FL_H2D_STEP(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    FL_H2D_STEP(cudaEventCreate(&e0));
+    FL_H2D_STEP(cudaEventCreate(&e1));
+    FL_H2D_STEP(cudaMemcpyAsync(dev, host, (size_t)bytes, cudaMemcpyHostToDevice, stream));  // warm-up
+    FL_H2D_STEP(cudaEventRecord(e0, stream));
+    for (int i = 0; i < repeats; i++)
+        FL_H2D_STEP(cudaMemcpyAsync(dev, host, (size_t)bytes, cudaMemcpyHostToDevice, stream));
+    FL_H2D_STEP(cudaEventRecord(e1, stream));
+    FL_H2D_STEP(cudaEventSynchronize(e1));
+    FL_H2D_STEP(cudaEventElapsedTime(&ms, e0, e1));
+#undef FL_H2D_STEP
+done:
+    if (stream) cudaStreamSynchronize(stream);
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (stream) cudaStreamDestroy(stream);
+    if (dev) cudaFree(dev);
+    if (counted) fl_cuda_account(device, -(long long)bytes);
+    if (host) cudaFreeHost(host);
+    cudaSetDevice(prev);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return fl_err(FL_E_DEVICE, "%s failed on cuda:%d: %s (%s)", what, device, cudaGetErrorString(e),
+                      cudaGetErrorName(e));
+    }
+    if (!(ms > 0.0f)) return fl_err(FL_E_DEVICE, "cuda:%d: the copies were timed at %g ms", device, (double)ms);
+    *gb_per_s = (double)bytes * (double)repeats / ((double)ms * 1e-3) / 1e9;
+    return FL_OK;
+}

@@ -113,7 +113,26 @@ static PyObject *py_cuda_empty_cache(PyObject *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_cuda_h2d_bandwidth(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *names[] = {"device", "bytes", "repeats", NULL};
+    int dev = 0, repeats = 5;
+    unsigned long long bytes = 256ull << 20;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iKi:cuda_h2d_bandwidth", names, &dev, &bytes, &repeats)) return NULL;
+    double gbps = 0;
+    fl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_cuda_h2d_bandwidth(dev, (uint64_t)bytes, repeats, &gbps);
+    Py_END_ALLOW_THREADS
+    if (st != FL_OK) return fl_py_raise(st);
+    return PyFloat_FromDouble(gbps);
+}
+
 static PyMethodDef methods[] = {
+    {"cuda_h2d_bandwidth", (PyCFunction)(void (*)(void))py_cuda_h2d_bandwidth, METH_VARARGS | METH_KEYWORDS,
+     "cuda_h2d_bandwidth(device=0, bytes=256 MiB, repeats=5) -> GB/s (1e9 bytes/s) of host-to-device copies from "
+     "pinned memory (the PCIe ceiling of a load); NotImplementedError without CUDA, ValueError for a device that "
+     "is not visible"},
     {"cuda_device_props", py_cuda_device_props, METH_VARARGS,
      "cuda_device_props(device) -> dict(name, total_memory, major, minor, multi_processor_count)"},
     {"cuda_synchronize", py_cuda_synchronize, METH_VARARGS, "cuda_synchronize(device): wait for the device's work"},

@@ -21,11 +21,13 @@ if [[ " $STAGES " == *" build "* ]]; then
   echo "build $(( $(date +%s) - t0 )) s" | tee -a "$OUT/device.txt"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  timeout ${BENCH_SECONDS:-400} python3 benchmarks/quant_gpu.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
+  # benchmarks/test_gpu.py::test_gpu_quant at full size (quant_gpu.py runs it); BENCH_ARGS are pytest options (-k int4)
+  timeout ${BENCH_SECONDS:-400} python3 benchmarks/quant_gpu.py --bench-results "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
+      | tee "$OUT/bench.log" | tail -60
 fi
 if [[ " $STAGES " == *" ppl "* ]]; then
   timeout ${PPL_SECONDS:-120} python3 benchmarks/perplexity_vs_transformers.py --device cuda --skip-demo \
-      --out "$OUT/perplexity-vs-transformers.json" 2>&1 | tee "$OUT/ppl.log" | tail -15
+      --outputs_dir "$OUT/ppl" 2>&1 | tee "$OUT/ppl.log" | tail -15
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   timeout ${PYTEST_SECONDS:-300} python3 -m pytest -q -n 8 --timeout 200 --timeout-method=thread -rs -p no:cacheprovider \
