@@ -126,7 +126,7 @@ if has install; then
     end install 0 "already installed: $msg"
   else
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)
-    ( cd "$REPO" && FASTLOAD_CUDA=1 FASTLOAD_CUDA_ARCHS=${cap:-90} timeout 400 python3 -m pip install -v \
+    ( cd "$REPO" && source dev/cuda/use_objs.sh && FASTLOAD_CUDA=1 FASTLOAD_CUDA_ARCHS=${cap:-90} timeout 400 python3 -m pip install -v \
         --no-build-isolation --no-deps --no-index --no-cache-dir . ) > "$LOGS/install.log" 2>&1
     rc=$?
     [ $rc = 0 ] || { echo "install failed (rc=$rc), the end of its log:"; grep -E "error|Error" "$LOGS/install.log" | head -10; tail -15 "$LOGS/install.log"; }
