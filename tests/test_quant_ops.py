@@ -354,7 +354,7 @@ def np_int4_search(g):
     N, G = g.shape
     f32 = np.float32
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        mn, mx = g.min(axis=1), g.max(axis=1)
+        mn, mx = np.fmin.reduce(g, axis=1), np.fmax.reduce(g, axis=1)  # a NaN element skipped, as fminf / fmaxf
         s0 = f16((mx - mn) / f32(15.0))
         m0 = f16(mn)
 
@@ -397,7 +397,7 @@ def np_nf4_scale(g):
     g = np.asarray(g, np.float32)
     N, G = g.shape
     mid = ((NF4[:-1] + NF4[1:]) * np.float32(0.5)).astype(np.float32)
-    s = f16(np.abs(g).max(axis=1))
+    s = f16(np.fmax.reduce(np.abs(g), axis=1, initial=0))  # fmaxf from 0: NaN skipped
 
     def err_of(t):
         def step(p, c):
@@ -419,7 +419,7 @@ def np_quantize(x, scheme, group):
     g = x.reshape(R, C // group, group)
     with np.errstate(divide="ignore", invalid="ignore"):
         if scheme == "int8":
-            amax = np.abs(g).max(axis=2)
+            amax = np.fmax.reduce(np.abs(g), axis=2, initial=0)  # fmaxf from 0: NaN skipped
             s = f16(amax / np.float32(127.0))
             v = np.rint(g / s[..., None]).astype(np.float32)
             codes = np.where(s[..., None] == 0, 128, np.fmin(np.fmax(v, -127), 127).astype(np.int64) + 128)
@@ -473,6 +473,56 @@ def test_quantize_rules_bit_exact(scheme, group, src_dtype):
             rtn = np.where(s0 == 0, m0, np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0)
         got = ((W.reshape(R, C // g, g) - xg) ** 2).sum(axis=2)
         assert np.all(got <= ((rtn - xg) ** 2).sum(axis=2) * (1 + 1e-5) + 1e-30)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "nf4"])
+def test_quantize_nan_elements_are_skipped_as_on_cuda(scheme):
+    """A NaN weight element is skipped by the group's min / max / absmax (fminf / fmaxf, the CUDA quantiser's
+    IEEE min.f32 / max.f32) wherever it sits, the first column included: the CPU int4 quantiser used to start
+    min / max from x[0] with < / >, so a NaN in column 0 made the whole group's scale NaN on the CPU only.
+    An all-NaN group: int4's min / max are NaN (scale, offset NaN), int8's / nf4's absmax starts from 0 (scale 0);
+    the NaN element itself gets the code a NaN clamps to."""
+    rng, seed = rng_seed()
+    R, C, G = 6, 128, 64
+    x = rng.standard_normal((R, C)).astype(np.float32)
+    x[0, 0] = np.nan          # first element of the first group
+    x[1, 64] = np.nan         # first element of the second group
+    x[2, 37] = np.nan         # inside a group
+    x[3, 0:64:3] = np.nan     # many, first included
+    x[4, 64:] = np.nan        # a whole group of NaNs
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": scheme, "group_size": G, "src_dtype": "float32"})
+    codes, s, m = np_quantize(x, scheme, G)
+    assert np.isfinite(s[:4]).all() and np.isfinite(s[5]).all()
+    assert np.isnan(s[4, 1]) if scheme == "int4" else s[4, 1] == 0
+    np.testing.assert_array_equal(o["scales"], s, err_msg=f"seed {seed}")
+    if m is not None:
+        np.testing.assert_array_equal(o["zeros"], m, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(o["q"], pack(codes, 8 if scheme == "int8" else 4), err_msg=f"seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int4", "int8", "nf4"])
+def test_quantize_nan_elements_cuda_matches_cpu(scheme):
+    """The same NaN rows quantised on the GPU: bit for bit the CPU's answer (runs on a CUDA build with a GPU)."""
+    info = _C.build_info()
+    if info["cuda_devices"] == 0:
+        pytest.skip("fastload was built without CUDA" if not info["cuda_compiled"] else "no CUDA device")
+    import os
+    dev = os.environ.get("FASTLOAD_TEST_CUDA_DEVICE", "cuda:0")
+    rng, seed = rng_seed()
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    x[0, 0] = x[1, 64] = x[2, 37] = np.nan
+    x[3, 0:64:3] = np.nan
+    x[4, 64:] = np.nan
+    p = {"scheme": scheme, "group_size": 64, "src_dtype": "float32"}
+    got = _C.run_op(dev, "quantize", {"src": x}, dict(p, act="float32"))
+    ref = _C.run_op("cpu", "quantize", {"src": x}, dict(p, act="float32"))
+    assert set(got) == set(ref)
+    for k in ref:
+        g, r = got[k], ref[k]
+        if g.dtype == np.float32:
+            g, r = g.view(np.uint32), r.view(np.uint32)
+        assert np.array_equal(g, r), f"{scheme}: {k} differs between CUDA and CPU (seed {seed})"
 
 
 @pytest.mark.parametrize("group", [128, 96, 64])
