@@ -152,6 +152,8 @@ typedef struct {
     float *dx;         /* [n][nb8] */
     float *xs;         /* [n][nb8]: dx_b * sum(x8_b) */
     int32_t *bs16;     /* [n][nb][8]: 16 * sum(x8_b) in each of 8 lanes (8-bit min form) */
+    int32_t *gidx;     /* [nb8]: qdec_gidx */
+    int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
 } qx_t;
 
 static inline float hsum_ps(__m256 v) {
@@ -230,23 +232,38 @@ static inline __m256i q4_expand(const uint8_t *p) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
 }
 
-/* 8 per-block values of one row from block c0 on: group 32 reads 8 in a row (cnt < 0: -cnt valid, 8
- * readable, the rest zeroed), larger groups repeat each group's value over its blocks. */
-static inline __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int bpg, int f16) {
-    if (bpg == 1) {
-        const size_t i = g0 + (size_t)c0;
-        if (cnt == 8 || cnt < 0) {
-            const __m256 v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-                                 : _mm256_loadu_ps((const float *)p + i);
-            if (cnt == 8) return v;
-            const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(-cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
-        }
+/* For block b < nb8 of a row: gidx[b] = min(b / bpg, ng - 1) - gq[b / 8], gq[k] = 8k / bpg (bpg = group_size / 32
+ * blocks per group): the groups a chunk of 8 blocks touches are gq.. gq + 7 at most, gidx says which one block b
+ * takes (0..7, nondecreasing in a chunk). Made once per matmul, so that the chunk loop has no division. */
+static void qdec_gidx(int32_t *gidx, int64_t *gq, int64_t nb8, int bpg, int64_t ng) {
+    for (int64_t b = 0; b < nb8; b++) {
+        const int64_t g = b / bpg < ng - 1 ? b / bpg : ng - 1;
+        if (!(b & 7)) gq[b / 8] = b / bpg;
+        gidx[b] = (int32_t)(g - gq[b / 8]);
     }
-    if (cnt < 0) cnt = -cnt;
-    float tmp[8] = {0};
-    for (int j = 0; j < cnt; j++) tmp[j] = ld_s(p, g0 + (size_t)((c0 + j) / bpg), f16);
-    return _mm256_loadu_ps(tmp);
+}
+
+/* 8 per-block values (scales or offsets) of one row from block c0 on: the (at most 8) groups chunk c0 touches,
+ * from group g0 + gq[c0 / 8] (g0 the row's first), in one vector load spread over the blocks with one vpermps
+ * (gidx: group 32 the identity, group 64 0 0 1 1 2 2 3 3, per channel all 0); a load past total (the end of the
+ * scales: the last rows) goes through a scalar copy. cnt < 8 (a row's last chunk): lanes from cnt on are zeroed.
+ * (The first version looped over the 8 blocks with a division and a scalar load each when bpg > 1: group 64
+ * decoded at 1/3 of group 32's speed, benchmarks/results/cpu-qdecode-2026-12-01.) */
+static inline __attribute__((always_inline)) __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int f16,
+                                                              const int32_t *gidx, const int64_t *gq, size_t total) {
+    const size_t i = g0 + (size_t)gq[c0 / 8];
+    __m256 v;
+    if (i + 8 <= total)
+        v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))) : _mm256_loadu_ps((const float *)p + i);
+    else {
+        float tmp[8] = {0};
+        for (int j = 0; j <= gidx[c0 + 7]; j++) tmp[j] = ld_s(p, i + (size_t)j, f16);
+        v = _mm256_loadu_ps(tmp);
+    }
+    v = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i *)(gidx + c0)));
+    if (cnt == 8) return v;
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
 }
 
 /* y[t, r0:r0+RR] for t < N. kind: 0 = 4-bit (offset m, or -8 s when symmetric), 1 = 8-bit symmetric,
@@ -255,7 +272,7 @@ static inline __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, in
 static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
                                                             const qx_t *X, const int N, const int RR, const int kind) {
     const int64_t nb = X->nb, ng = W->cols / W->group_size;
-    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16, bpg = W->group_size / 32;
+    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16;
     const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
     const uint8_t *q[4];
     size_t gr[4];
@@ -279,11 +296,9 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
             for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
         }
         for (int r = 0; r < RR; r++) {
-            /* a row's last chunk: 8 values may be read (masked) unless they run past the last row's end */
-            const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
-            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
+            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
             __m256 m8 = _mm256_setzero_ps();
-            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, sc, bpg, f16);
+            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
             else if (kind == 0) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
             for (int t = 0; t < N; t++) {
                 const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0; /* x side: padded with zeros */
@@ -379,13 +394,16 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
     qx_t X = {.nb = C / 32};
     X.nb8 = (X.nb + 7) / 8 * 8;
     const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
-    char *mem = fl_malloc(nbt * 64 + nbt8 * 8);
+    char *mem = fl_malloc(nbt * 64 + nbt8 * 12 + nbt8 / 8 * 8);
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
     X.x8 = (int8_t *)(mem + nbt * 32);
     X.dx = (float *)(mem + nbt * 64);
     X.xs = (float *)(mem + nbt * 64 + nbt8 * 4);
+    X.gidx = (int32_t *)(mem + nbt * 64 + nbt8 * 8);
+    X.gq = (int64_t *)(mem + nbt * 64 + nbt8 * 12);
     memset(X.dx, 0, nbt8 * 8);
+    qdec_gidx(X.gidx, X.gq, X.nb8, W->group_size / 32, C / W->group_size);
     quant_x(&X, x, n, C, W->bits);
     const int kind = W->bits == 4 ? 0 : W->zeros_d ? 2 : 1, rr = qdec_rr(n);
     const int64_t nblk = (R + rr - 1) / rr;
@@ -417,6 +435,8 @@ typedef struct {
     float *dx;         /* [n][nb8] (zero-padded) */
     float *xs;         /* [n][nb8]: dx_b * sum(x16_b) */
     int32_t *bs16;     /* [n][nb][8]: 16 * sum(x16_b) in each lane (8-bit min form) */
+    int32_t *gidx;     /* [nb8]: qdec_gidx */
+    int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
 } qx16_t;
 
 static inline float quant_block16(const float *x, int16_t *out, int *sum, int deint) {
@@ -482,7 +502,7 @@ static void quant_x16(qx16_t *X, const float *x, int n, int64_t C, int bits) {
 static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
                                                               const qx16_t *X, const int N, const int RR, const int kind) {
     const int64_t nb = X->nb, ng = W->cols / W->group_size;
-    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16, bpg = W->group_size / 32;
+    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16;
     const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
     const uint8_t *q[4];
     size_t gr[4];
@@ -504,10 +524,9 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
             for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
         }
         for (int r = 0; r < RR; r++) {
-            const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
-            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
+            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
             __m256 m8 = _mm256_setzero_ps();
-            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, sc, bpg, f16);
+            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
             else if (kind == 0) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
             for (int t = 0; t < N; t++) {
                 const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0;
@@ -585,13 +604,16 @@ static fl_status qdec16(fl_backend *be, float *y, const float *x, int n, const f
     qx16_t X = {.nb = C / 32};
     X.nb8 = (X.nb + 7) / 8 * 8;
     const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
-    char *mem = fl_malloc(nbt * 96 + nbt8 * 8);
+    char *mem = fl_malloc(nbt * 96 + nbt8 * 12 + nbt8 / 8 * 8);
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
     X.x16 = (int16_t *)(mem + nbt * 32);
     X.dx = (float *)(mem + nbt * 96);
     X.xs = (float *)(mem + nbt * 96 + nbt8 * 4);
+    X.gidx = (int32_t *)(mem + nbt * 96 + nbt8 * 8);
+    X.gq = (int64_t *)(mem + nbt * 96 + nbt8 * 12);
     memset(X.dx, 0, nbt8 * 8);
+    qdec_gidx(X.gidx, X.gq, X.nb8, W->group_size / 32, C / W->group_size);
     quant_x16(&X, x, n, C, W->bits);
     const int kind = W->bits == 4 ? 0 : W->zeros_d ? 2 : 1, rr = qdec_rr(n);
     const int64_t nblk = (R + rr - 1) / rr;
