@@ -116,3 +116,31 @@ def test_nf4_table_bound():
     its rounding stays within 2^-15 of each code book value (relative to the group's scale)."""
     assert np.abs(NF4_T).max() == 2 ** NF4_K and 4 * 2 ** NF4_K * 32767 < 2 ** 31
     assert NF4_ERR.max() <= 2.0 ** -(NF4_K + 1)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 96, 128])
+def test_nf4_decode_is_the_int16_table_exactly(zeros, group):
+    """x already int16 * 2^-10 per block (each block's max 32767 * 2^-10: its quantisation is exact), so the NF4
+    decode path must equal x @ (s * T[q] / 2^14 (+ m))^T to float tolerance, T = rint(nf4 * 2^14): this pins the
+    table itself (one entry off by 1 moves results by 2^-14 * s * |x|, far outside 2^-20)."""
+    rng, seed = rng_seed()
+    C = COLS[group]
+    for n in (1, 2, 3, 4):
+        for R in (1, 4, 7, 37):
+            codes = rng.integers(0, 16, size=(R, C))
+            q = pack(codes, 4)
+            s = sround(rng.uniform(0.5, 2.0, size=(R, C // group)) * 0.05, "float16")
+            z = sround(rng.uniform(-0.4, 0.4, size=(R, C // group)), "float16") if zeros else None
+            xi = rng.integers(-32767, 32768, size=(n, C))
+            xi.reshape(n, C // 32, 32)[:, :, 0] = 32767                    # every block's max: dx = 2^-10 exactly
+            x = (xi * 2.0 ** -10).astype(np.float32)
+            y = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z), x=x),
+                          {"bits": 4, "group_size": group, "sdtype": "float16", "code": 1})["y"]
+            Wt = NF4_T[codes] / 2 ** NF4_K * np.repeat(s.astype(np.float64), group, axis=1)
+            if zeros:
+                Wt = Wt + np.repeat(z.astype(np.float64), group, axis=1)
+            ref = x.astype(np.float64) @ Wt.T
+            tol = F32_K * (np.abs(x.astype(np.float64)) @ np.abs(Wt).T) + 1e-30
+            err = np.abs(y - ref)
+            assert (err <= tol).all(), f"seed {seed} n={n} R={R}: worst err {err.max():.3g}"

@@ -33,7 +33,8 @@ QDOT_IMAX = {"int16": 32767, "int8": 127, "exact": None}   # FASTLOAD_CPU_QDOT -
 
 
 def uses_int_x(n, group_size, code):
-    return n <= DECODE_N and group_size % 32 == 0 and code == 0
+    """Whether the decode path quantises x (NF4 too, always to int16: tests/test_cpu_qdecode.py has its bounds)."""
+    return n <= DECODE_N and group_size % 32 == 0
 
 
 @pytest.fixture(params=["int16", "int8", "exact"])
@@ -112,14 +113,18 @@ def q_inputs(q, scales, zeros, perm=None):
     return d
 
 
-def check_qmatmul(x, W, y, group, code, seed, exact_x=False, qdot="int16"):
-    """y against x @ W^T (W already in stored column order, x already gathered)."""
+def check_qmatmul(x, W, y, group, code, seed, exact_x=False, qdot="int16", scales=None):
+    """y against x @ W^T (W already in stored column order, x already gathered). NF4 on the decode path also
+    moves each weight by its int16 table's rounding, at most 2^-15 * |s| (tests/test_cpu_qdecode.py)."""
     ref = x.astype(np.float64) @ W.astype(np.float64).T
     absprod = np.abs(x.astype(np.float64)) @ np.abs(W.astype(np.float64)).T
     tol = F32_K * absprod + 1e-30
     n, C = x.shape
     if uses_int_x(n, group, code) and not exact_x and QDOT_IMAX[qdot]:
         tol = tol + int_x_tol(x, W, qdot)
+        if code == 1:
+            tol = tol + 2.0 ** -15 * (np.abs(x.astype(np.float64)) @ np.repeat(np.abs(scales.astype(np.float64)),
+                                                                               group, axis=1).T)
     err = np.abs(y.astype(np.float64) - ref)
     bad = err > tol
     assert not bad.any(), (f"seed {seed}: {bad.sum()} of {bad.size} wrong, worst err {err.max():.3g} "
@@ -162,7 +167,7 @@ def test_qmatmul_matches_numpy_dequant(bits, group, sdtype, zeros, code, n, qdot
         assert y.shape == (n, R)
         if bias is not None:
             y = y - bias
-        check_qmatmul(x, W, y, group, code, seed, qdot=qdot)
+        check_qmatmul(x, W, y, group, code, seed, qdot=qdot, scales=s)
 
 
 @pytest.mark.parametrize("n", [1, 3, 17])

@@ -521,7 +521,8 @@ static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
 QDEC_BLOCK(qdec_block8, 0)
 QDEC_BLOCK(qdec_block16, 1)
 
-/* y[n, R] = x[n, C] @ dequant(W)^T for n <= QDEC_N; x16: INT16 activations (NF4 always), else INT8 */
+/* y[n, R] = x[n, C] @ dequant(W)^T for n <= QDEC_N; x16: INT16 activations (NF4 always: FASTLOAD_CPU_QDOT=int8
+ * gives NF4 weights int16 activations too, as there is no int8 NF4 kernel), else INT8 */
 static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, int x16) {
     const int64_t R = W->rows, C = W->cols;
     const int kind = qdec_kind(W);
@@ -575,7 +576,7 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     }
     fl_status st;
 #ifdef QDOT
-    const int mode = n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
+    const int mode = n >= 1 && n <= QDEC_N && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
     if (mode != QDOT_FLOAT) {
         const int64_t R = W->rows;
         st = qdec(be, y, x, n, W, mode == QDOT_INT16);
