@@ -371,7 +371,8 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
         for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
     }
     const __m256i ones = _mm256_set1_epi16(1), x80 = _mm256_set1_epi8((char)0x80), m4b = _mm256_set1_epi8(15),
-                  m4w = _mm256_set1_epi16(15), pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+                  m4w = _mm256_set1_epi16(15), pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                  nf4sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     /* NF4: T's low and high bytes (qx_t), in both 128-bit lanes */
     const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_lo)),
                   thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_hi));
@@ -417,8 +418,9 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
                         ca = _mm256_and_si256(c, m4w);
                         cb = _mm256_srli_epi16(c, 4);
                     } else if (kind == QK_NF4) { /* [low nibbles | high nibbles] -> T[q] as int16 */
-                        const __m128i c = _mm_loadu_si128((const __m128i *)(q[r] + b * 16)), m4 = _mm_set1_epi8(15);
-                        const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
+                        /* the 16 bytes in both lanes (a load, no shuffle), the upper lane shifted by 4 */
+                        const __m256i c = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
+                        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(c, nf4sh), m4b);
                         const __m256i wl = _mm256_shuffle_epi8(tlo, idx), wh = _mm256_shuffle_epi8(thi, idx);
                         ca = _mm256_unpacklo_epi8(wl, wh);
                         cb = _mm256_unpackhi_epi8(wl, wh);
