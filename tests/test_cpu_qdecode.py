@@ -144,3 +144,22 @@ def test_nf4_decode_is_the_int16_table_exactly(zeros, group):
             tol = F32_K * (np.abs(x.astype(np.float64)) @ np.abs(Wt).T) + 1e-30
             err = np.abs(y - ref)
             assert (err <= tol).all(), f"seed {seed} n={n} R={R}: worst err {err.max():.3g}"
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("qdot", ["int16", "int8"])
+def test_nf4_decode_nan_in_x_propagates(zeros, qdot, monkeypatch):
+    """A NaN in row t of x makes row t's outputs NaN on the NF4 integer path too (its block's dx is NaN), and only
+    those: the other rows stay finite."""
+    monkeypatch.setenv("FASTLOAD_CPU_QDOT", qdot)
+    rng, seed = rng_seed()
+    C, R, group = 320, 9, 64
+    codes = rng.integers(0, 16, size=(R, C))
+    s = sround(rng.uniform(0.5, 2.0, size=(R, C // group)) * 0.05, "float16")
+    z = sround(rng.uniform(-0.4, 0.4, size=(R, C // group)), "float16") if zeros else None
+    for n in (1, 2, 3, 4):
+        x = rng.standard_normal((n, C)).astype(np.float32)
+        x[n - 1, 100] = np.nan
+        y = _C.run_op("cpu", "qmatmul", dict(q_inputs(pack(codes, 4), s, z), x=x),
+                      {"bits": 4, "group_size": group, "sdtype": "float16", "code": 1})["y"]
+        assert np.isnan(y[n - 1]).all() and np.isfinite(y[:n - 1]).all(), f"seed {seed} n={n}"

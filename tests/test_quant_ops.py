@@ -10,7 +10,7 @@ independently of the C reference:
 Tolerances. The float path (prefill, and every layout the integer path does not take) computes
 x @ dequant(W)^T in float32: |err| <= 2^-20 * (|x| @ |W|^T) is far above float32 accumulation error at
 these sizes and far below any wrong code / scale / group / perm, which moves a result by O(|x||w|).
-The decode path for n <= DECODE_N rows of x and integer codes in groups that are multiples of 32 quantises
+The decode path for n <= DECODE_N rows of x and groups that are multiples of 32 (NF4 too) quantises
 x per block of 32 values, chosen by FASTLOAD_CPU_QDOT (read by the C code on every call, so the tests set
 it with monkeypatch): unset / "int16" (the default) to int16 (dx_b = max|x_b| / 32767), "int8" to int8
 (dx_b = max|x_b| / 127, as llama.cpp's Q8 activations), "exact" / "float" keeps the float path. Each x value
