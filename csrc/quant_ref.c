@@ -308,8 +308,10 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                 int pos_zero = 0;
                 for (int64_t c = 0; c < G; c++) {
                     pos_zero |= x[c] == 0.0f && !signbit(x[c]);
-                    if (x[c] < mn) mn = x[c];
-                    if (x[c] > mx) mx = x[c];
+                    /* fminf / fmaxf: a NaN element is skipped (also at x[0]), as the CUDA quantiser's IEEE
+                     * min.f32 / max.f32; only a group of NaNs gives a NaN min / max (then scale and offset NaN) */
+                    mn = fminf(mn, x[c]);
+                    mx = fmaxf(mx, x[c]);
                 }
                 /* The sign of a zero min / max is stated, not left to fminf / fmaxf (either zero may come back):
                  * +0 when any element of the group is +0, else -0. The CUDA quantiser restates it the same way

@@ -10,7 +10,7 @@ independently of the C reference:
 Tolerances. The float path (prefill, and every layout the integer path does not take) computes
 x @ dequant(W)^T in float32: |err| <= 2^-20 * (|x| @ |W|^T) is far above float32 accumulation error at
 these sizes and far below any wrong code / scale / group / perm, which moves a result by O(|x||w|).
-The decode path for n <= DECODE_N rows of x and integer codes in groups that are multiples of 32 quantises
+The decode path for n <= DECODE_N rows of x and groups that are multiples of 32 (NF4 too) quantises
 x per block of 32 values, chosen by FASTLOAD_CPU_QDOT (read by the C code on every call, so the tests set
 it with monkeypatch): unset / "int16" (the default) to int16 (dx_b = max|x_b| / 32767), "int8" to int8
 (dx_b = max|x_b| / 127, as llama.cpp's Q8 activations), "exact" / "float" keeps the float path. Each x value
@@ -33,7 +33,8 @@ QDOT_IMAX = {"int16": 32767, "int8": 127, "exact": None}   # FASTLOAD_CPU_QDOT -
 
 
 def uses_int_x(n, group_size, code):
-    return n <= DECODE_N and group_size % 32 == 0 and code == 0
+    """Whether the decode path quantises x (NF4 too, always to int16: tests/test_cpu_qdecode.py has its bounds)."""
+    return n <= DECODE_N and group_size % 32 == 0
 
 
 @pytest.fixture(params=["int16", "int8", "exact"])
@@ -112,14 +113,18 @@ def q_inputs(q, scales, zeros, perm=None):
     return d
 
 
-def check_qmatmul(x, W, y, group, code, seed, exact_x=False, qdot="int16"):
-    """y against x @ W^T (W already in stored column order, x already gathered)."""
+def check_qmatmul(x, W, y, group, code, seed, exact_x=False, qdot="int16", scales=None):
+    """y against x @ W^T (W already in stored column order, x already gathered). NF4 on the decode path also
+    moves each weight by its int16 table's rounding, at most 2^-15 * |s| (tests/test_cpu_qdecode.py)."""
     ref = x.astype(np.float64) @ W.astype(np.float64).T
     absprod = np.abs(x.astype(np.float64)) @ np.abs(W.astype(np.float64)).T
     tol = F32_K * absprod + 1e-30
     n, C = x.shape
     if uses_int_x(n, group, code) and not exact_x and QDOT_IMAX[qdot]:
         tol = tol + int_x_tol(x, W, qdot)
+        if code == 1:
+            tol = tol + 2.0 ** -15 * (np.abs(x.astype(np.float64)) @ np.repeat(np.abs(scales.astype(np.float64)),
+                                                                               group, axis=1).T)
     err = np.abs(y.astype(np.float64) - ref)
     bad = err > tol
     assert not bad.any(), (f"seed {seed}: {bad.sum()} of {bad.size} wrong, worst err {err.max():.3g} "
@@ -162,7 +167,7 @@ def test_qmatmul_matches_numpy_dequant(bits, group, sdtype, zeros, code, n, qdot
         assert y.shape == (n, R)
         if bias is not None:
             y = y - bias
-        check_qmatmul(x, W, y, group, code, seed, qdot=qdot)
+        check_qmatmul(x, W, y, group, code, seed, qdot=qdot, scales=s)
 
 
 @pytest.mark.parametrize("n", [1, 3, 17])
@@ -354,7 +359,7 @@ def np_int4_search(g):
     N, G = g.shape
     f32 = np.float32
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        mn, mx = g.min(axis=1), g.max(axis=1)
+        mn, mx = np.fmin.reduce(g, axis=1), np.fmax.reduce(g, axis=1)  # a NaN element skipped, as fminf / fmaxf
         s0 = f16((mx - mn) / f32(15.0))
         m0 = f16(mn)
 
@@ -397,7 +402,7 @@ def np_nf4_scale(g):
     g = np.asarray(g, np.float32)
     N, G = g.shape
     mid = ((NF4[:-1] + NF4[1:]) * np.float32(0.5)).astype(np.float32)
-    s = f16(np.abs(g).max(axis=1))
+    s = f16(np.fmax.reduce(np.abs(g), axis=1, initial=0))  # fmaxf from 0: NaN skipped
 
     def err_of(t):
         def step(p, c):
@@ -419,7 +424,7 @@ def np_quantize(x, scheme, group):
     g = x.reshape(R, C // group, group)
     with np.errstate(divide="ignore", invalid="ignore"):
         if scheme == "int8":
-            amax = np.abs(g).max(axis=2)
+            amax = np.fmax.reduce(np.abs(g), axis=2, initial=0)  # fmaxf from 0: NaN skipped
             s = f16(amax / np.float32(127.0))
             v = np.rint(g / s[..., None]).astype(np.float32)
             codes = np.where(s[..., None] == 0, 128, np.fmin(np.fmax(v, -127), 127).astype(np.int64) + 128)
@@ -473,6 +478,56 @@ def test_quantize_rules_bit_exact(scheme, group, src_dtype):
             rtn = np.where(s0 == 0, m0, np.clip(np.rint((xg - m0) / s0), 0, 15) * s0 + m0)
         got = ((W.reshape(R, C // g, g) - xg) ** 2).sum(axis=2)
         assert np.all(got <= ((rtn - xg) ** 2).sum(axis=2) * (1 + 1e-5) + 1e-30)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "nf4"])
+def test_quantize_nan_elements_are_skipped_as_on_cuda(scheme):
+    """A NaN weight element is skipped by the group's min / max / absmax (fminf / fmaxf, the CUDA quantiser's
+    IEEE min.f32 / max.f32) wherever it sits, the first column included: the CPU int4 quantiser used to start
+    min / max from x[0] with < / >, so a NaN in column 0 made the whole group's scale NaN on the CPU only.
+    An all-NaN group: int4's min / max are NaN (scale, offset NaN), int8's / nf4's absmax starts from 0 (scale 0);
+    the NaN element itself gets the code a NaN clamps to."""
+    rng, seed = rng_seed()
+    R, C, G = 6, 128, 64
+    x = rng.standard_normal((R, C)).astype(np.float32)
+    x[0, 0] = np.nan          # first element of the first group
+    x[1, 64] = np.nan         # first element of the second group
+    x[2, 37] = np.nan         # inside a group
+    x[3, 0:64:3] = np.nan     # many, first included
+    x[4, 64:] = np.nan        # a whole group of NaNs
+    o = _C.run_op("cpu", "quantize", {"src": x}, {"scheme": scheme, "group_size": G, "src_dtype": "float32"})
+    codes, s, m = np_quantize(x, scheme, G)
+    assert np.isfinite(s[:4]).all() and np.isfinite(s[5]).all()
+    assert np.isnan(s[4, 1]) if scheme == "int4" else s[4, 1] == 0
+    np.testing.assert_array_equal(o["scales"], s, err_msg=f"seed {seed}")
+    if m is not None:
+        np.testing.assert_array_equal(o["zeros"], m, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(o["q"], pack(codes, 8 if scheme == "int8" else 4), err_msg=f"seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int4", "int8", "nf4"])
+def test_quantize_nan_elements_cuda_matches_cpu(scheme):
+    """The same NaN rows quantised on the GPU: bit for bit the CPU's answer (runs on a CUDA build with a GPU)."""
+    info = _C.build_info()
+    if info["cuda_devices"] == 0:
+        pytest.skip("fastload was built without CUDA" if not info["cuda_compiled"] else "no CUDA device")
+    import os
+    dev = os.environ.get("FASTLOAD_TEST_CUDA_DEVICE", "cuda:0")
+    rng, seed = rng_seed()
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    x[0, 0] = x[1, 64] = x[2, 37] = np.nan
+    x[3, 0:64:3] = np.nan
+    x[4, 64:] = np.nan
+    p = {"scheme": scheme, "group_size": 64, "src_dtype": "float32"}
+    got = _C.run_op(dev, "quantize", {"src": x}, dict(p, act="float32"))
+    ref = _C.run_op("cpu", "quantize", {"src": x}, dict(p, act="float32"))
+    assert set(got) == set(ref)
+    for k in ref:
+        g, r = got[k], ref[k]
+        if g.dtype == np.float32:
+            g, r = g.view(np.uint32), r.view(np.uint32)
+        assert np.array_equal(g, r), f"{scheme}: {k} differs between CUDA and CPU (seed {seed})"
 
 
 @pytest.mark.parametrize("group", [128, 96, 64])

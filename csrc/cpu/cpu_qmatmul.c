@@ -105,29 +105,49 @@ fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t r
 
 /* ---- decode (n <= QDEC_N): integer dot products, as llama.cpp's ----
  *
- * ACTIVATIONS ARE QUANTISED TO INT8 in this path, per block of 32 values of each x row, as llama.cpp does
- * (its Q8_0 / Q8_1 activations): dx_b = max|x_b| / 127, x8 = rint(x * 127 / max|x_b|), kept with dx_b
- * in float32 (llama.cpp rounds dx_b to fp16) and sum(x8_b). Each x value moves by at most dx_b / 2, so
- * |y - x @ W^T| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (plus float32 rounding); when x is already
- * integers * dx_b the result equals the float one to float rounding (tests/test_quant_ops.py checks both).
- * Taken when group_size % 32 == 0 and the code is integer (NF4 and 16-column groups use the float path).
+ * One kernel (qdec_rows) with two activation modes, chosen by FASTLOAD_CPU_QDOT (qdot_mode below):
+ * ACTIVATIONS ARE QUANTISED per block of 32 values of each x row, to INT16 (the default: dx_b = max|x_b| / 32767,
+ * x16 = rint(x / dx_b), clamped to +-32767) or to INT8 as llama.cpp does (its Q8_0 / Q8_1 activations:
+ * dx_b = max|x_b| / 127, x8 = rint(x * 127 / max|x_b|); llama.cpp rounds dx_b to fp16, here it stays float32),
+ * kept with dx_b and sum(x_b) (a zero block: dx 0, codes 0). Each x value moves by at most dx_b / 2, so
+ * |y - x @ W^T| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (plus float32 rounding): 1.5e-5 of each block's max for int16,
+ * float precision in practice; when x is already integers * dx_b the result equals the float one to float
+ * rounding (tests/test_quant_ops.py and tests/test_cpu_qdecode.py check these bounds).
+ * Taken when group_size % 32 == 0 (16-column groups, e.g. Q6_K's, use the float path).
  *
- * 4-bit codes (0..15, unsigned) go against x8 with _mm256_maddubs_epi16 (pairs at most 15 * 127 * 2: no
- * saturation), two blocks per step: the 32 code bytes of blocks A, B give [A low nibbles | B low nibbles] =
- * the even columns and [A high | B high] = the odd ones, so x8 is stored in that order (quant_x); the two
- * maddubs are added as int16 (at most 2 * 3810) and summed to int32 with _mm256_madd_epi16(ones): lanes 0-3
- * are A's, 4-7 B's. 8-bit codes are made signed (q - 128 by xor 0x80) and multiplied with llama.cpp's sign
- * trick (maddubs(|q'|, sign(x8, q')): pairs at most 128 * 127 * 2 < 2^15). Then per block
+ * Weight kinds (qdec_kind): 0 = 4-bit integer codes, 1 = 8-bit symmetric, 2 = 8-bit min form, 3 = NF4 (int16
+ * activations in both modes: the int8 mode has no NF4 weights of its own).
+ * INT16 activations, one block of 32 columns per step, madd_epi16(wa, xa) + madd_epi16(wb, xb) = 8 int32 partial
+ * sums of 4 products each:
+ *   4-bit: 16 code bytes -> 16 int16 lanes (_mm256_cvtepu8_epi16), low nibbles = the even columns, high = the odd
+ *          ones; x16 per block: its 16 even-column values, then its 16 odd ones (at most 4 * 15 * 32767 a lane).
+ *   8-bit: q' = q - 128 (xor 0x80), sign-extended 16 at a time (at most 4 * 128 * 32767 a lane); for the min form
+ *          128 * sum(x16_b) added as an integer (16 * sum per lane).
+ *   NF4:   w16 = T[q], T = rint(nf4 * 2^NF4_K) as int16 (NF4_K = 14: |T| <= 2^14, so a lane holds at most
+ *          4 * 2^14 * 32767 = 2147418112 < 2^31), looked up 32 codes at a time with _mm256_shuffle_epi8 on the
+ *          nibbles (T's low bytes and high bytes as two 16-byte tables, re-joined by unpack); w = s * T[q] / 2^14
+ *          (+ m): the table's rounding moves a weight by at most s * 2^-15 (|T[q] / 2^14 - nf4[q]| <= 2^-15, the
+ *          largest 1.6e-5 of s, code 10); tests/test_cpu_qdecode.py adds exactly that term to the bound.
+ *          The lookup gives per 128-bit lane [low nibbles of bytes 0-7 | high nibbles of bytes 0-7] and
+ *          [bytes 8-15 likewise], so x16 per block is [even columns 0-14 | odd 1-15], [even 16-30 | odd 17-31].
+ * INT8 activations (llama.cpp's arithmetic): 4-bit codes (0..15, unsigned) go against x8 with
+ * _mm256_maddubs_epi16 (pairs at most 15 * 127 * 2: no saturation), two blocks per step: the 32 code bytes of
+ * blocks A, B give [A low nibbles | B low nibbles] = the even columns and [A high | B high] = the odd ones, so x8
+ * is stored in that order (quant_x); the two maddubs are added as int16 (at most 2 * 3810) and summed to int32
+ * with _mm256_madd_epi16(ones): lanes 0-3 are A's, 4-7 B's. 8-bit codes are made signed (q - 128 by xor 0x80) and
+ * multiplied with llama.cpp's sign trick (maddubs(|q'|, sign(x8, q')): pairs at most 128 * 127 * 2 < 2^15).
+ * Then in both modes, per block
  *   y += s * dx_b * dot_b          (an FMA on the int32 sums converted to float; s * dx_b a lane broadcast)
- *   y += m * dx_b * sum(x8_b)      m = the offset (min form) or -8 s (4-bit symmetric), 8 blocks per FMA
- * and for the 8-bit min form dot_b gets 128 * sum(x8_b) added as an integer (w = s * (q' + 128) + m), so no
+ *   y += m * dx_b * sum(x_b)       m = the offset (min form) or -8 s (4-bit symmetric), 8 blocks per FMA
+ * and for the 8-bit min form dot_b gets 128 * sum(x_b) added as an integer (w = s * (q' + 128) + m), so no
  * float cancellation. Rows go in blocks of qdec_rr(n) so x loads are shared; threads split the row blocks
  * (one parallel region, static schedule). */
 #define QDEC_N 4
+#define NF4_K 14
 
 /* Which decode path, from FASTLOAD_CPU_QDOT (read on every call: a getenv per matmul is negligible, and tests
  * can switch it with os.environ):
- *   unset / "int16" (the default): int16 activations (qdec16 below), nearly the speed of the int8 path and
+ *   unset / "int16" (the default): int16 activations (qdec's INT16 mode), nearly the speed of the int8 path and
  *                   float-precise (error 2^-16 of each block's max): the demo model's greedy text is
  *                   transformers' answer on the dequantised weights;
  *   "int8":         int8 activations as llama.cpp (above): the fastest; on the demo model (an outlier-heavy
@@ -145,13 +165,19 @@ static __attribute__((unused)) int qdot_mode(void) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QDOT 1
 
+
 typedef struct {
     int64_t nb, nb8;   /* blocks of 32 per row; nb rounded up to 8 (the row stride of dx and xs, zero-padded) */
-    int8_t *x8;        /* [n][nb][32]; 4-bit weights: pairs of blocks (2p, 2p+1) hold the 16 even columns of
-                          each, then the 16 odd ones of each (a lone last block: its evens, then its odds) */
+    int8_t *x8;        /* INT8 mode [n][nb][32]; 4-bit weights: pairs of blocks (2p, 2p+1) hold the 16 even columns
+                          of each, then the 16 odd ones of each (a lone last block: its evens, then its odds) */
+    int16_t *x16;      /* INT16 mode [n][nb][32]; 4-bit weights: each block's 16 even columns, then its 16 odd
+                          ones; NF4: [evens 0-14 | odds 1-15], [evens 16-30 | odds 17-31] */
     float *dx;         /* [n][nb8] */
-    float *xs;         /* [n][nb8]: dx_b * sum(x8_b) */
-    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x8_b) in each of 8 lanes (8-bit min form) */
+    float *xs;         /* [n][nb8]: dx_b * sum(x_b) */
+    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x_b) in each of 8 lanes (8-bit min form) */
+    int32_t *gidx;     /* [nb8]: qdec_gidx */
+    int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
+    uint8_t t_lo[16], t_hi[16]; /* NF4: the low and high bytes of T[q] = rint(nf4[q] * 2^NF4_K) (int16) */
 } qx_t;
 
 static inline float hsum_ps(__m256 v) {
@@ -202,223 +228,8 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     return amax / 127.0f;
 }
 
-static void quant_x(qx_t *X, const float *x, int n, int64_t C, int bits) {
-    for (int t = 0; t < n; t++)
-        for (int64_t b = 0; b < X->nb; b++) {
-            const int64_t i = (int64_t)t * X->nb + b;
-            int sum;
-            const float d = quant_block32(x + (size_t)t * (size_t)C + (size_t)b * 32, X->x8 + (size_t)i * 32, &sum, bits == 4);
-            X->dx[(size_t)t * (size_t)X->nb8 + (size_t)b] = d;
-            X->xs[(size_t)t * (size_t)X->nb8 + (size_t)b] = d * (float)sum;
-            _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
-            if (bits == 4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
-                __m256i *p = (__m256i *)(X->x8 + (size_t)(i - 1) * 32);
-                const __m256i A = _mm256_loadu_si256(p), B = _mm256_loadu_si256(p + 1);
-                _mm256_storeu_si256(p, _mm256_permute2x128_si256(A, B, 0x20));
-                _mm256_storeu_si256(p + 1, _mm256_permute2x128_si256(A, B, 0x31));
-            }
-        }
-}
-
-static inline float ld_s(const void *p, size_t i, int f16) {
-    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* 16 bytes of 4-bit codes -> 32 unsigned bytes: the low nibbles (even columns), then the high ones. */
-static inline __m256i q4_expand(const uint8_t *p) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
-}
-
-/* 8 per-block values of one row from block c0 on: group 32 reads 8 in a row (cnt < 0: -cnt valid, 8
- * readable, the rest zeroed), larger groups repeat each group's value over its blocks. */
-static inline __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int bpg, int f16) {
-    if (bpg == 1) {
-        const size_t i = g0 + (size_t)c0;
-        if (cnt == 8 || cnt < 0) {
-            const __m256 v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-                                 : _mm256_loadu_ps((const float *)p + i);
-            if (cnt == 8) return v;
-            const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(-cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
-        }
-    }
-    if (cnt < 0) cnt = -cnt;
-    float tmp[8] = {0};
-    for (int j = 0; j < cnt; j++) tmp[j] = ld_s(p, g0 + (size_t)((c0 + j) / bpg), f16);
-    return _mm256_loadu_ps(tmp);
-}
-
-/* y[t, r0:r0+RR] for t < N. kind: 0 = 4-bit (offset m, or -8 s when symmetric), 1 = 8-bit symmetric,
- * 2 = 8-bit min form. Blocks go 8 at a time: their scales, offsets and dx in vectors, each block's
- * s * dx_b a lane broadcast (vpermps); 4-bit codes go two blocks (32 bytes) per step. */
-static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
-                                                            const qx_t *X, const int N, const int RR, const int kind) {
-    const int64_t nb = X->nb, ng = W->cols / W->group_size;
-    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16, bpg = W->group_size / 32;
-    const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
-    const uint8_t *q[4];
-    size_t gr[4];
-    __m256 acc[4][QDEC_N], off[4][QDEC_N];
-    for (int r = 0; r < RR; r++) {
-        q[r] = (const uint8_t *)W->data_d + (size_t)(r0 + r) * rowbytes;
-        gr[r] = (size_t)(r0 + r) * (size_t)ng;
-        for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
-    }
-    const __m256i ones = _mm256_set1_epi16(1), x80 = _mm256_set1_epi8((char)0x80), m4 = _mm256_set1_epi8(15);
-    const __m256i pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    /* Software prefetch of the codes: at 1 thread on the Zen 3 VM the decode step was stalled on code loads
-     * (perf: the cycles sat on the first use of each load); prefetching the rows that come after this block
-     * measured 1.3-1.8x on the demo model's shapes (lm_head 4.6 -> 2.3 ms, process CPU time, noisy machine). */
-    const size_t pfrows = (size_t)(2048 + rowbytes - 1) / rowbytes > (size_t)RR ? (2048 + rowbytes - 1) / rowbytes : (size_t)RR;
-    for (int64_t c0 = 0; c0 < nb; c0 += 8) {
-        const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
-        __m256 ds[4][QDEC_N];
-        for (int r = 0; r < RR; r++) { /* the same chunk pfrows rows on (>= 2 KB ahead in the code stream) */
-            const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
-            for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
-        }
-        for (int r = 0; r < RR; r++) {
-            /* a row's last chunk: 8 values may be read (masked) unless they run past the last row's end */
-            const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
-            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
-            __m256 m8 = _mm256_setzero_ps();
-            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, sc, bpg, f16);
-            else if (kind == 0) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
-            for (int t = 0; t < N; t++) {
-                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0; /* x side: padded with zeros */
-                ds[r][t] = _mm256_mul_ps(s8, _mm256_loadu_ps(X->dx + xi));
-                if (kind != 1 || W->zeros_d) off[r][t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(X->xs + xi), off[r][t]);
-            }
-        }
-        for (int j = 0; j < cnt;) {
-            const int64_t b = c0 + j;
-            if (kind == 0 && j + 1 < cnt) { /* two blocks: 32 code bytes, x as [evens A|evens B], [odds A|odds B] */
-                const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(j), pairlanes);
-                __m256i xe[QDEC_N], xo[QDEC_N];
-                for (int t = 0; t < N; t++) {
-                    const __m256i *xp = (const __m256i *)(X->x8 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
-                    xe[t] = _mm256_loadu_si256(xp);
-                    xo[t] = _mm256_loadu_si256(xp + 1);
-                }
-                for (int r = 0; r < RR; r++) {
-                    const __m256i cb = _mm256_loadu_si256((const __m256i *)(q[r] + b * 16));
-                    const __m256i lo = _mm256_and_si256(cb, m4), hi = _mm256_and_si256(_mm256_srli_epi16(cb, 4), m4);
-                    for (int t = 0; t < N; t++) {
-                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[t]), _mm256_maddubs_epi16(hi, xo[t]));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane),
-                                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc[r][t]);
-                    }
-                }
-                j += 2;
-                continue;
-            }
-            const __m256i lane = _mm256_set1_epi32(j);
-            __m256i xv[QDEC_N];
-            for (int t = 0; t < N; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(X->x8 + ((size_t)t * (size_t)nb + (size_t)b) * 32));
-            for (int r = 0; r < RR; r++) {
-                __m256i qv, qa = _mm256_setzero_si256();
-                if (kind == 0) qv = q4_expand(q[r] + b * 16);
-                else {
-                    qv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
-                    qa = _mm256_abs_epi8(qv);
-                }
-                for (int t = 0; t < N; t++) {
-                    const __m256i p = kind == 0 ? _mm256_maddubs_epi16(qv, xv[t])
-                                                : _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xv[t], qv));
-                    __m256i i32 = _mm256_madd_epi16(p, ones);
-                    if (kind == 2)
-                        i32 = _mm256_add_epi32(i32, _mm256_loadu_si256((const __m256i *)(X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 8)));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane), _mm256_cvtepi32_ps(i32), acc[r][t]);
-                }
-            }
-            j++;
-        }
-    }
-    for (int t = 0; t < N; t++) {
-        float *yt = y + (size_t)t * (size_t)R + (size_t)r0;
-        if (RR == 4) { /* the 4 rows' sums in one vector: two rounds of hadd, then the two halves */
-            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(acc[0][t], off[0][t]), _mm256_add_ps(acc[1][t], off[1][t])),
-                                            _mm256_hadd_ps(_mm256_add_ps(acc[2][t], off[2][t]), _mm256_add_ps(acc[3][t], off[3][t])));
-            _mm_storeu_ps(yt, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-        } else
-            for (int r = 0; r < RR; r++) yt[r] = hsum_ps(_mm256_add_ps(acc[r][t], off[r][t]));
-    }
-}
-
-#define QDEC_CASE(N_, RR_)                                                                          \
-    case N_:                                                                                        \
-        if (rr == RR_) {                                                                            \
-            if (kind == 0) qdec_rows(y, R, W, r0, X, N_, RR_, 0);                                   \
-            else if (kind == 1) qdec_rows(y, R, W, r0, X, N_, RR_, 1);                              \
-            else qdec_rows(y, R, W, r0, X, N_, RR_, 2);                                             \
-        } else {                                                                                    \
-            for (int64_t r = r0; r < r0 + rr; r++) {                                                \
-                if (kind == 0) qdec_rows(y, R, W, r, X, N_, 1, 0);                                  \
-                else if (kind == 1) qdec_rows(y, R, W, r, X, N_, 1, 1);                             \
-                else qdec_rows(y, R, W, r, X, N_, 1, 2);                                            \
-            }                                                                                       \
-        }                                                                                           \
-        break;
-
-static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
-
-/* rows [r0, r0 + rr) (rr == qdec_rr(n) or a tail) */
-static void qdec_block(float *y, int64_t R, const fl_weight *W, int64_t r0, int rr, const qx_t *X, int n, int kind) {
-    switch (n) {
-    QDEC_CASE(1, 4)
-    QDEC_CASE(2, 2)
-    QDEC_CASE(3, 1)
-    QDEC_CASE(4, 1)
-    default: break;
-    }
-}
-
-static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
-    const int64_t R = W->rows, C = W->cols;
-    qx_t X = {.nb = C / 32};
-    X.nb8 = (X.nb + 7) / 8 * 8;
-    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
-    char *mem = fl_malloc(nbt * 64 + nbt8 * 8);
-    if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
-    X.bs16 = (int32_t *)mem;
-    X.x8 = (int8_t *)(mem + nbt * 32);
-    X.dx = (float *)(mem + nbt * 64);
-    X.xs = (float *)(mem + nbt * 64 + nbt8 * 4);
-    memset(X.dx, 0, nbt8 * 8);
-    quant_x(&X, x, n, C, W->bits);
-    const int kind = W->bits == 4 ? 0 : W->zeros_d ? 2 : 1, rr = qdec_rr(n);
-    const int64_t nblk = (R + rr - 1) / rr;
-#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
-    for (int64_t blk = 0; blk < nblk; blk++) {
-        const int64_t r0 = blk * rr;
-        qdec_block(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
-    }
-    fl_free(mem);
-    return FL_OK;
-}
-
-/* ---- decode (n <= QDEC_N) with INT16 activations: the default ----
- *
- * The same structure as the int8 path above, with x quantised per block of 32 values to int16:
- * dx_b = max|x_b| / 32767 (float32), x16 = rint(x / dx_b) (a zero block: dx 0, x16 0), kept with dx_b and
- * sum(x16_b). Each x value moves by at most dx_b / 2 = 1.5e-5 of its block's max, so
- * |y - x @ W^T| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (plus float32 rounding): float precision in practice
- * (tests/test_quant_ops.py checks this bound, and that it is tighter than the int8 path can meet).
- * 4-bit codes: 16 code bytes -> 16 int16 lanes (_mm256_cvtepu8_epi16), low nibbles = the even columns,
- * high = the odd ones; x16 is stored per block as its 16 even-column values then its 16 odd ones, so
- * madd_epi16(lo, x_even) + madd_epi16(hi, x_odd) gives 8 int32 partial sums (at most 4 * 15 * 32767 each).
- * 8-bit codes: q' = q - 128 (xor 0x80), sign-extended 16 at a time, madd_epi16 with x16 (at most
- * 4 * 128 * 32767 per lane), and for the min form 128 * sum(x16_b) added as an integer (16 * sum per lane).
- * Then per block y += s * dx_b * dot_b and the offset term m * dx_b * sum(x16_b) as in the int8 path. */
-typedef struct {
-    int64_t nb, nb8;
-    int16_t *x16;      /* [n][nb][32]; 4-bit weights: each block's 16 even columns, then its 16 odd ones */
-    float *dx;         /* [n][nb8] (zero-padded) */
-    float *xs;         /* [n][nb8]: dx_b * sum(x16_b) */
-    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x16_b) in each lane (8-bit min form) */
-} qx16_t;
-
+/* One block of 32 floats to int16: returns dx, sets *sum. deint 1 (NF4): per 128-bit lane the even columns, then
+ * the odd ones ([0 2 .. 14 | 1 3 .. 15], [16 .. 30 | 17 .. 31]); 2 (4-bit): all 16 even columns, then the odd ones. */
 static inline float quant_block16(const float *x, int16_t *out, int *sum, int deint) {
     const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
                  v3 = _mm256_loadu_ps(x + 24), sg = _mm256_set1_ps(-0.0f);
@@ -452,37 +263,104 @@ static inline float quant_block16(const float *x, int16_t *out, int *sum, int de
     /* packs per 128-bit lane: [0-3 8-11 | 4-7 12-15]; permute4x64 0xd8 puts columns 0-15 in order */
     __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
     __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8);
-    if (deint) { /* per lane evens then odds; then [evens 0-15 | odds 0-15], [evens 16-31 | odds 16-31] */
+    if (deint) { /* per lane evens then odds; for 4-bit then [evens 0-15 | odds 0-15], [evens 16-31 | odds 16-31] */
         const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                             0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
         a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, sh), 0xd8);
         b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, sh), 0xd8);
-        const __m256i e = _mm256_permute2x128_si256(a, b, 0x20), o = _mm256_permute2x128_si256(a, b, 0x31);
-        a = e;
-        b = o;
+        if (deint == 2) {
+            const __m256i e = _mm256_permute2x128_si256(a, b, 0x20), o = _mm256_permute2x128_si256(a, b, 0x31);
+            a = e;
+            b = o;
+        }
     }
     _mm256_storeu_si256((__m256i *)out, a);
     _mm256_storeu_si256((__m256i *)(out + 16), b);
     return d;
 }
 
-static void quant_x16(qx16_t *X, const float *x, int n, int64_t C, int bits) {
+static inline float ld_s(const void *p, size_t i, int f16) {
+    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* 16 bytes of 4-bit codes -> 32 unsigned bytes: the low nibbles (even columns), then the high ones. */
+static inline __m256i q4_expand(const uint8_t *p) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+}
+
+/* For block b < nb8 of a row: gidx[b] = min(b / bpg, ng - 1) - gq[b / 8], gq[k] = 8k / bpg (bpg = group_size / 32
+ * blocks per group): the groups a chunk of 8 blocks touches are gq.. gq + 7 at most, gidx says which one block b
+ * takes (0..7, nondecreasing in a chunk). Made once per matmul, so that the chunk loop has no division. */
+static void qdec_gidx(int32_t *gidx, int64_t *gq, int64_t nb8, int bpg, int64_t ng) {
+    for (int64_t b = 0; b < nb8; b++) {
+        const int64_t g = b / bpg < ng - 1 ? b / bpg : ng - 1;
+        if (!(b & 7)) gq[b / 8] = b / bpg;
+        gidx[b] = (int32_t)(g - gq[b / 8]);
+    }
+}
+
+/* 8 per-block values (scales or offsets) of one row from block c0 on: the (at most 8) groups chunk c0 touches,
+ * from group g0 + gq[c0 / 8] (g0 the row's first), in one vector load spread over the blocks with one vpermps
+ * (gidx: group 32 the identity, group 64 0 0 1 1 2 2 3 3, per channel all 0); a load past total (the end of the
+ * scales: the last rows) goes through a scalar copy. cnt < 8 (a row's last chunk): lanes from cnt on are zeroed.
+ * (The first version looped over the 8 blocks with a division and a scalar load each when bpg > 1: group 64
+ * decoded at 1/3 of group 32's speed, benchmarks/results/cpu-qdecode-2026-12-01.) */
+static inline __attribute__((always_inline)) __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int f16,
+                                                              const int32_t *gidx, const int64_t *gq, size_t total) {
+    const size_t i = g0 + (size_t)gq[c0 / 8];
+    __m256 v;
+    if (i + 8 <= total)
+        v = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))) : _mm256_loadu_ps((const float *)p + i);
+    else {
+        float tmp[8] = {0};
+        for (int j = 0; j <= gidx[c0 + 7]; j++) tmp[j] = ld_s(p, i + (size_t)j, f16);
+        v = _mm256_loadu_ps(tmp);
+    }
+    v = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i *)(gidx + c0)));
+    if (cnt == 8) return v;
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
+}
+
+enum { QK_INT4 = 0, QK_INT8 = 1, QK_INT8_MIN = 2, QK_NF4 = 3 };
+static int qdec_kind(const fl_weight *W) {
+    return W->code == FL_QCODE_NF4 ? QK_NF4 : W->bits == 4 ? QK_INT4 : W->zeros_d ? QK_INT8_MIN : QK_INT8;
+}
+
+/* x's blocks quantised for the weight's kind: x16 (the INT16 mode) or x8, with dx, xs, bs16 */
+static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
     for (int t = 0; t < n; t++)
         for (int64_t b = 0; b < X->nb; b++) {
             const int64_t i = (int64_t)t * X->nb + b;
+            const float *xb = x + (size_t)t * (size_t)C + (size_t)b * 32;
             int sum;
-            const float d = quant_block16(x + (size_t)t * (size_t)C + (size_t)b * 32, X->x16 + (size_t)i * 32, &sum, bits == 4);
+            float d;
+            if (X->x16)
+                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, kind == QK_INT4 ? 2 : kind == QK_NF4 ? 1 : 0);
+            else {
+                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4);
+                if (kind == QK_INT4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
+                    __m256i *p = (__m256i *)(X->x8 + (size_t)(i - 1) * 32);
+                    const __m256i A = _mm256_loadu_si256(p), B = _mm256_loadu_si256(p + 1);
+                    _mm256_storeu_si256(p, _mm256_permute2x128_si256(A, B, 0x20));
+                    _mm256_storeu_si256(p + 1, _mm256_permute2x128_si256(A, B, 0x31));
+                }
+            }
             X->dx[(size_t)t * (size_t)X->nb8 + (size_t)b] = d;
             X->xs[(size_t)t * (size_t)X->nb8 + (size_t)b] = d * (float)sum;
             _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
         }
 }
 
-/* y[t, r0:r0+RR] for t < N; kind as qdec_rows. One block of 32 columns per step. */
-static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
-                                                              const qx16_t *X, const int N, const int RR, const int kind) {
+/* y[t, r0:r0+RR] for t < N, weight kind `kind`, activations int16 (X16) or int8. Blocks go 8 at a time: their
+ * scales, offsets and dx in vectors, each block's s * dx_b a lane broadcast (vpermps); INT16: one block per step;
+ * INT8: 4-bit codes two blocks (32 bytes) per step. N, RR, kind, X16 are constants in each instance. */
+static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
+                                                            const qx_t *X, const int N, const int RR, const int kind,
+                                                            const int X16) {
     const int64_t nb = X->nb, ng = W->cols / W->group_size;
-    const int bits = kind == 0 ? 4 : 8, f16 = W->sdtype == FL_F16, bpg = W->group_size / 32;
+    const int bits = kind == QK_INT8 || kind == QK_INT8_MIN ? 8 : 4, f16 = W->sdtype == FL_F16;
     const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
     const uint8_t *q[4];
     size_t gr[4];
@@ -492,61 +370,118 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
         gr[r] = (size_t)(r0 + r) * (size_t)ng;
         for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
     }
-    const __m256i x80 = _mm256_set1_epi8((char)0x80), m4 = _mm256_set1_epi16(15);
-    /* software prefetch of the codes >= 2 KB ahead, as main's int8 kernel does (947bc65: the decode step
-     * stalled on code loads at 1 thread) */
+    const __m256i ones = _mm256_set1_epi16(1), x80 = _mm256_set1_epi8((char)0x80), m4b = _mm256_set1_epi8(15),
+                  m4w = _mm256_set1_epi16(15), pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                  nf4sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    /* NF4: T's low and high bytes (qx_t), in both 128-bit lanes */
+    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_lo)),
+                  thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_hi));
+    /* Software prefetch of the codes: at 1 thread on the Zen 3 VM the decode step was stalled on code loads
+     * (perf: the cycles sat on the first use of each load); prefetching the rows that come after this block
+     * measured 1.3-1.8x on the demo model's shapes (lm_head 4.6 -> 2.3 ms, process CPU time, noisy machine). */
     const size_t pfrows = (size_t)(2048 + rowbytes - 1) / rowbytes > (size_t)RR ? (2048 + rowbytes - 1) / rowbytes : (size_t)RR;
+    /* NF4: T / 2^NF4_K folded into the scale (a power of two: exact) */
+    const __m256 sfold = _mm256_set1_ps(kind == QK_NF4 ? 1.0f / (float)(1 << NF4_K) : 1.0f);
     for (int64_t c0 = 0; c0 < nb; c0 += 8) {
         const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
         __m256 ds[4][QDEC_N];
-        for (int r = 0; r < RR; r++) { /* the same chunk pfrows rows on */
+        for (int r = 0; r < RR; r++) { /* the same chunk pfrows rows on (>= 2 KB ahead in the code stream) */
             const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
             for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
         }
         for (int r = 0; r < RR; r++) {
-            const int sc = cnt == 8 ? 8 : gr[r] + (size_t)c0 + 8 <= (size_t)R * (size_t)ng ? -cnt : cnt;
-            const __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, sc, bpg, f16);
+            __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
             __m256 m8 = _mm256_setzero_ps();
-            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, sc, bpg, f16);
-            else if (kind == 0) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
+            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
+            else if (kind == QK_INT4) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
+            if (kind == QK_NF4) s8 = _mm256_mul_ps(s8, sfold);
             for (int t = 0; t < N; t++) {
-                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0;
+                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0; /* x side: padded with zeros */
                 ds[r][t] = _mm256_mul_ps(s8, _mm256_loadu_ps(X->dx + xi));
-                if (kind != 1 || W->zeros_d) off[r][t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(X->xs + xi), off[r][t]);
+                if (kind == QK_INT4 || W->zeros_d) off[r][t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(X->xs + xi), off[r][t]);
             }
         }
-        for (int j = 0; j < cnt; j++) {
+        for (int j = 0; j < cnt;) {
             const int64_t b = c0 + j;
-            const __m256i lane = _mm256_set1_epi32(j);
-            __m256i xa[QDEC_N], xb[QDEC_N];
-            for (int t = 0; t < N; t++) {
-                const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
-                xa[t] = _mm256_loadu_si256(xp);
-                xb[t] = _mm256_loadu_si256(xp + 1);
-            }
-            for (int r = 0; r < RR; r++) {
-                __m256i ca, cb;
-                if (kind == 0) { /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
-                    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
-                    ca = _mm256_and_si256(c, m4);
-                    cb = _mm256_srli_epi16(c, 4);
-                } else {
-                    const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
-                    ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
-                    cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
-                }
+            if (X16) { /* one block: 32 int16 x, two madd_epi16 per row and token */
+                const __m256i lane = _mm256_set1_epi32(j);
+                __m256i xa[QDEC_N], xb[QDEC_N];
                 for (int t = 0; t < N; t++) {
-                    __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
-                    if (kind == 2)
-                        i32 = _mm256_add_epi32(i32, _mm256_loadu_si256((const __m256i *)(X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 8)));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane), _mm256_cvtepi32_ps(i32), acc[r][t]);
+                    const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
+                    xa[t] = _mm256_loadu_si256(xp);
+                    xb[t] = _mm256_loadu_si256(xp + 1);
                 }
+                for (int r = 0; r < RR; r++) {
+                    __m256i ca, cb;
+                    if (kind == QK_INT4) { /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
+                        const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
+                        ca = _mm256_and_si256(c, m4w);
+                        cb = _mm256_srli_epi16(c, 4);
+                    } else if (kind == QK_NF4) { /* [low nibbles | high nibbles] -> T[q] as int16 */
+                        /* the 16 bytes in both lanes (a load, no shuffle), the upper lane shifted by 4 */
+                        const __m256i c = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
+                        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(c, nf4sh), m4b);
+                        const __m256i wl = _mm256_shuffle_epi8(tlo, idx), wh = _mm256_shuffle_epi8(thi, idx);
+                        ca = _mm256_unpacklo_epi8(wl, wh);
+                        cb = _mm256_unpackhi_epi8(wl, wh);
+                    } else {
+                        const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
+                        ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+                        cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+                    }
+                    for (int t = 0; t < N; t++) {
+                        __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
+                        if (kind == QK_INT8_MIN)
+                            i32 = _mm256_add_epi32(i32, _mm256_loadu_si256((const __m256i *)(X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 8)));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane), _mm256_cvtepi32_ps(i32), acc[r][t]);
+                    }
+                }
+                j++;
+            } else if (kind == QK_INT4 && j + 1 < cnt) { /* two blocks: 32 code bytes, x as [evens A|evens B], [odds A|odds B] */
+                const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(j), pairlanes);
+                __m256i xe[QDEC_N], xo[QDEC_N];
+                for (int t = 0; t < N; t++) {
+                    const __m256i *xp = (const __m256i *)(X->x8 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
+                    xe[t] = _mm256_loadu_si256(xp);
+                    xo[t] = _mm256_loadu_si256(xp + 1);
+                }
+                for (int r = 0; r < RR; r++) {
+                    const __m256i cb = _mm256_loadu_si256((const __m256i *)(q[r] + b * 16));
+                    const __m256i lo = _mm256_and_si256(cb, m4b), hi = _mm256_and_si256(_mm256_srli_epi16(cb, 4), m4b);
+                    for (int t = 0; t < N; t++) {
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[t]), _mm256_maddubs_epi16(hi, xo[t]));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane),
+                                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc[r][t]);
+                    }
+                }
+                j += 2;
+            } else { /* int8 x, one block */
+                const __m256i lane = _mm256_set1_epi32(j);
+                __m256i xv[QDEC_N];
+                for (int t = 0; t < N; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(X->x8 + ((size_t)t * (size_t)nb + (size_t)b) * 32));
+                for (int r = 0; r < RR; r++) {
+                    __m256i qv, qa = _mm256_setzero_si256();
+                    if (kind == QK_INT4) qv = q4_expand(q[r] + b * 16);
+                    else {
+                        qv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
+                        qa = _mm256_abs_epi8(qv);
+                    }
+                    for (int t = 0; t < N; t++) {
+                        const __m256i p = kind == QK_INT4 ? _mm256_maddubs_epi16(qv, xv[t])
+                                                          : _mm256_maddubs_epi16(qa, _mm256_sign_epi8(xv[t], qv));
+                        __m256i i32 = _mm256_madd_epi16(p, ones);
+                        if (kind == QK_INT8_MIN)
+                            i32 = _mm256_add_epi32(i32, _mm256_loadu_si256((const __m256i *)(X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 8)));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(ds[r][t], lane), _mm256_cvtepi32_ps(i32), acc[r][t]);
+                    }
+                }
+                j++;
             }
         }
     }
     for (int t = 0; t < N; t++) {
         float *yt = y + (size_t)t * (size_t)R + (size_t)r0;
-        if (RR == 4) {
+        if (RR == 4) { /* the 4 rows' sums in one vector: two rounds of hadd, then the two halves */
             const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(acc[0][t], off[0][t]), _mm256_add_ps(acc[1][t], off[1][t])),
                                             _mm256_hadd_ps(_mm256_add_ps(acc[2][t], off[2][t]), _mm256_add_ps(acc[3][t], off[3][t])));
             _mm_storeu_ps(yt, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
@@ -555,50 +490,73 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
     }
 }
 
-#define QDEC16_CASE(N_, RR_)                                                                        \
+static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
+
+/* one instance per (kind, mode) for rows [r0, r0 + RR_); NF4 has only the INT16 mode */
+#define QDEC_ROWS(N_, RR_, R0_, X16_)                                                               \
+    switch (kind) {                                                                                 \
+    case QK_INT4: qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT4, X16_); break;                        \
+    case QK_INT8: qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT8, X16_); break;                        \
+    case QK_INT8_MIN: qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT8_MIN, X16_); break;                \
+    default: if (X16_) qdec_rows(y, R, W, R0_, X, N_, RR_, QK_NF4, 1); break;                       \
+    }
+/* n rows of x: a full block of qdec_rr(n) rows, or a tail row by row */
+#define QDEC_CASE(N_, RR_, X16_)                                                                    \
     case N_:                                                                                        \
         if (rr == RR_) {                                                                            \
-            if (kind == 0) qdec16_rows(y, R, W, r0, X, N_, RR_, 0);                                 \
-            else if (kind == 1) qdec16_rows(y, R, W, r0, X, N_, RR_, 1);                            \
-            else qdec16_rows(y, R, W, r0, X, N_, RR_, 2);                                           \
-        } else {                                                                                    \
-            for (int64_t r = r0; r < r0 + rr; r++) {                                                \
-                if (kind == 0) qdec16_rows(y, R, W, r, X, N_, 1, 0);                                \
-                else if (kind == 1) qdec16_rows(y, R, W, r, X, N_, 1, 1);                           \
-                else qdec16_rows(y, R, W, r, X, N_, 1, 2);                                          \
-            }                                                                                       \
-        }                                                                                           \
+            QDEC_ROWS(N_, RR_, r0, X16_)                                                            \
+        } else                                                                                      \
+            for (int64_t r = r0; r < r0 + rr; r++) { QDEC_ROWS(N_, 1, r, X16_) }                    \
         break;
 
-static void qdec16_block(float *y, int64_t R, const fl_weight *W, int64_t r0, int rr, const qx16_t *X, int n, int kind) {
-    switch (n) {
-    QDEC16_CASE(1, 4)
-    QDEC16_CASE(2, 2)
-    QDEC16_CASE(3, 1)
-    QDEC16_CASE(4, 1)
-    default: break;
+/* rows [r0, r0 + rr) (rr == qdec_rr(n) or a tail), one function per activation mode */
+#define QDEC_BLOCK(NAME_, X16_)                                                                     \
+    static void NAME_(float *y, int64_t R, const fl_weight *W, int64_t r0, int rr, const qx_t *X, int n, int kind) { \
+        switch (n) {                                                                                \
+        QDEC_CASE(1, 4, X16_)                                                                       \
+        QDEC_CASE(2, 2, X16_)                                                                       \
+        QDEC_CASE(3, 1, X16_)                                                                       \
+        QDEC_CASE(4, 1, X16_)                                                                       \
+        default: break;                                                                             \
+        }                                                                                           \
     }
-}
+QDEC_BLOCK(qdec_block8, 0)
+QDEC_BLOCK(qdec_block16, 1)
 
-static fl_status qdec16(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
+/* y[n, R] = x[n, C] @ dequant(W)^T for n <= QDEC_N; x16: INT16 activations (NF4 always: FASTLOAD_CPU_QDOT=int8
+ * gives NF4 weights int16 activations too, as there is no int8 NF4 kernel), else INT8 */
+static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, int x16) {
     const int64_t R = W->rows, C = W->cols;
-    qx16_t X = {.nb = C / 32};
+    const int kind = qdec_kind(W);
+    if (kind == QK_NF4) x16 = 1;
+    qx_t X = {.nb = C / 32};
     X.nb8 = (X.nb + 7) / 8 * 8;
-    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
-    char *mem = fl_malloc(nbt * 96 + nbt8 * 8);
+    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, xb = x16 ? 64 : 32;
+    /* bs16 [n][nb][8] int32, x [n][nb][32], dx and xs [n][nb8], gidx [nb8], gq [nb8 / 8] */
+    char *mem = fl_malloc(nbt * (32 + xb) + nbt8 * 12 + nbt8 / 8 * 8);
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
-    X.x16 = (int16_t *)(mem + nbt * 32);
-    X.dx = (float *)(mem + nbt * 96);
-    X.xs = (float *)(mem + nbt * 96 + nbt8 * 4);
+    if (x16) X.x16 = (int16_t *)(mem + nbt * 32);
+    else X.x8 = (int8_t *)(mem + nbt * 32);
+    X.dx = (float *)(mem + nbt * (32 + xb));
+    X.xs = (float *)(mem + nbt * (32 + xb) + nbt8 * 4);
+    X.gidx = (int32_t *)(mem + nbt * (32 + xb) + nbt8 * 8);
+    X.gq = (int64_t *)(mem + nbt * (32 + xb) + nbt8 * 12);
     memset(X.dx, 0, nbt8 * 8);
-    quant_x16(&X, x, n, C, W->bits);
-    const int kind = W->bits == 4 ? 0 : W->zeros_d ? 2 : 1, rr = qdec_rr(n);
+    qdec_gidx(X.gidx, X.gq, X.nb8, W->group_size / 32, C / W->group_size);
+    for (int i = 0; i < 16; i++) { /* nf4 * 2^NF4_K is exact in float32; lrintf rounds it half to even */
+        const uint16_t v = (uint16_t)(int16_t)lrintf(fl_nf4_table[i] * (float)(1 << NF4_K));
+        X.t_lo[i] = (uint8_t)(v & 0xff);
+        X.t_hi[i] = (uint8_t)(v >> 8);
+    }
+    quant_x(&X, x, n, C, kind);
+    const int rr = qdec_rr(n);
     const int64_t nblk = (R + rr - 1) / rr;
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
     for (int64_t blk = 0; blk < nblk; blk++) {
         const int64_t r0 = blk * rr;
-        qdec16_block(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
+        if (x16) qdec_block16(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
+        else qdec_block8(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
     }
     fl_free(mem);
     return FL_OK;
@@ -620,10 +578,10 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     }
     fl_status st;
 #ifdef QDOT
-    const int mode = n >= 1 && n <= QDEC_N && L.code == FL_QCODE_INT && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
+    const int mode = n >= 1 && n <= QDEC_N && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
     if (mode != QDOT_FLOAT) {
         const int64_t R = W->rows;
-        st = mode == QDOT_INT8 ? qdec(be, y, x, n, W) : qdec16(be, y, x, n, W);
+        st = qdec(be, y, x, n, W, mode == QDOT_INT16);
         if (st == FL_OK && bias && bias->data_d)
             for (int i = 0; i < n; i++)
                 for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
