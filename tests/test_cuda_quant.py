@@ -477,11 +477,33 @@ def test_quantized_model_graph_decode_matches_forward(scheme, dtype):
                 assert int(np.argmax(row)) == int(g[b, t]), f"{scheme} {dtype}: row {b} step {t}"
 
 
+def _arrays_per_setting(code, env_name, values):
+    """Run `code` (a Python program that saves arrays with np.savez to argv[1] and may write JSON to argv[1] +
+    '.json') once per value of the environment variable env_name, each in a fresh process (the knobs are read
+    once per backend): {value: (arrays in saved order, the JSON or None)}."""
+    import subprocess
+    import sys
+    out = {}
+    for v in values:
+        f = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fl_{env_name.lower()}_{os.getpid()}_{v}.npz")
+        r = subprocess.run([sys.executable, "-c", code, f], env=dict(os.environ, **{env_name: v}),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with np.load(f) as z:
+            arrays = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+        os.remove(f)
+        extra = None
+        if os.path.exists(f + ".json"):
+            with open(f + ".json") as fh:
+                extra = json.load(fh)
+            os.remove(f + ".json")
+        out[v] = (arrays, extra)
+    return out
+
+
 def test_quantized_model_pdl_off_is_bit_identical():
     """The quantised kernels follow the PDL contract (nothing read from the previous kernel before
     fl_pdl_wait, nothing written before it): FASTLOAD_PDL=0 must give the same bits."""
-    import subprocess
-    import sys
     _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
     HERE = os.path.dirname(os.path.abspath(__file__))
     code = (
@@ -495,16 +517,8 @@ def test_quantized_model_pdl_off_is_bit_identical():
         "    out.append(np.asarray(m(ids[:, :3]).logits, np.float32))\n"
         "    out.append(m.generate(ids, do_sample=True, seed=3, max_new_tokens=16, eos_token_id=[]).astype(np.float32))\n"
         "np.savez(sys.argv[1], *out)\n") % [HERE, os.path.dirname(HERE)]
-    got = {}
-    for pdl in ("1", "0"):
-        f = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fl_qpdl_{os.getpid()}_{pdl}.npz")
-        r = subprocess.run([sys.executable, "-c", code, f], env=dict(os.environ, FASTLOAD_PDL=pdl),
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        with np.load(f) as z:
-            got[pdl] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
-        os.remove(f)
-    for a, b in zip(got["1"], got["0"]):
+    got = _arrays_per_setting(code, "FASTLOAD_PDL", ("1", "0"))
+    for a, b in zip(got["1"][0], got["0"][0]):
         np.testing.assert_array_equal(a, b)
 
 
@@ -515,8 +529,6 @@ def test_quantized_model_qx_fuse_bit_identical():
     matmuls that took a fused input: with fusion on it is exactly the eligible weights (integer codes,
     groups of whole 16-byte code vectors, no act-order perm) among qkv / gate_up / down per layer and the
     LM head, per eager forward; with fusion off it is 0."""
-    import subprocess
-    import sys
     _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
     HERE = os.path.dirname(os.path.abspath(__file__))
     code = (
@@ -535,19 +547,9 @@ def test_quantized_model_qx_fuse_bit_identical():
         "    out.append(m.generate(ids, do_sample=True, seed=3, max_new_tokens=12, eos_token_id=[]).astype(np.float32))\n"
         "np.savez(sys.argv[1], *out)\n"
         "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n") % [HERE, os.path.dirname(HERE)]
-    got, cnt = {}, {}
-    for fuse in ("1", "0"):
-        f = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fl_qxf_{os.getpid()}_{fuse}.npz")
-        r = subprocess.run([sys.executable, "-c", code, f], env=dict(os.environ, FASTLOAD_QX_FUSE=fuse),
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        with np.load(f) as z:
-            got[fuse] = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
-        with open(f + ".json") as fh:
-            cnt[fuse] = json.load(fh)
-        os.remove(f)
-        os.remove(f + ".json")
-    for a, b in zip(got["1"], got["0"]):
+    res = _arrays_per_setting(code, "FASTLOAD_QX_FUSE", ("1", "0"))
+    cnt = {k: v[1] for k, v in res.items()}
+    for a, b in zip(res["1"][0], res["0"][0]):
         np.testing.assert_array_equal(a, b)
 
     def eligible(l):
