@@ -102,8 +102,9 @@ typedef struct fl_model {
     fl_weights w;
     float *inv_freq_d;     /* [head_dim / 2] rotary frequencies after scaling */
     uint8_t *loaded;       /* [FL_SLOT_COUNT * n_layers] which slots were filled */
-    /* workspace, grown on demand to the largest B*T seen */
-    int ws_tokens;
+    /* workspace, grown on demand to the largest B*T seen; logits (and the last-row gather) to the largest
+     * number of logit rows asked for, which is B, not B*T, for generation's prefill */
+    int ws_tokens, ws_logit_rows;
     void *ws_x, *ws_xn, *ws_qkv, *ws_att, *ws_delta, *ws_gu, *ws_ff;
     void *ws_last, *ws_logits;
     int32_t *ws_tok_d, *ws_pos_d; uint8_t *ws_mask_d;

@@ -175,6 +175,7 @@ static void ws_release(fl_model *m) {
         *bufs[i] = NULL;
     }
     m->ws_tokens = 0;
+    m->ws_logit_rows = 0;
 }
 
 void fl_model_free(fl_model *m) {
@@ -1030,36 +1031,47 @@ void fl_kv_free(fl_model *m, fl_kvcache *kv) {
     free(kv);
 }
 
-/* Grow the activation workspace to N tokens (and logits to n_logit rows). */
+/* Grow the activation workspace to N tokens and the logits to n_logit rows (the logits are [rows, vocab]: a
+ * prompt of 2048 tokens of a 152k-vocabulary model would hold 600 MB of 16-bit logits if they followed N). */
+static fl_status ws_grow(fl_model *m, void **p, size_t rows, size_t width, size_t es, const char *what) {
+    fl_backend *be = m->be;
+    size_t bytes;
+    if (!fl_mul3_size(rows, width, es, &bytes))
+        return fl_err(FL_E_VALUE, "workspace (%s) for %zu rows: the size overflows", what, rows);
+    if (*p) be->free(be, *p);
+    *p = NULL;
+    fl_status st = be->alloc(be, bytes, p);
+    return st == FL_OK ? FL_OK : fl_err_prefix(st, "workspace (%s) for %zu rows", what, rows);
+}
+
 fl_status fl_model_reserve(fl_model *m, int N, int n_logit) {
     const fl_config *c = &m->cfg;
-    fl_backend *be = m->be;
-    const size_t a = (size_t)fl_dtype_size(be->act);
-    if (N > m->ws_tokens || n_logit > m->ws_tokens) {
-        int cap = N > n_logit ? N : n_logit;
-        if (cap <= 0) return fl_err(FL_E_VALUE, "workspace for %d tokens: must be positive", cap);
-        ws_release(m);
+    const size_t a = (size_t)fl_dtype_size(m->be->act);
+    if (N <= 0 || n_logit <= 0) return fl_err(FL_E_VALUE, "workspace for %d tokens, %d logit rows: must be positive", N, n_logit);
+    if (N > m->ws_tokens) {
         const size_t qkv = ((size_t)c->n_heads + 2 * (size_t)c->n_kv_heads) * (size_t)c->head_dim; /* bounded */
         const size_t att = (size_t)c->n_heads * (size_t)c->head_dim;
-        /* per-token widths (bounded by check_config); times cap with checked arithmetic */
+        /* per-token widths (bounded by check_config); times N with checked arithmetic */
         struct { void **p; size_t width, es; } want[] = {
             {&m->ws_x, (size_t)c->d, a}, {&m->ws_xn, (size_t)c->d, a},
             {&m->ws_qkv, qkv, a}, {&m->ws_att, att, a},
             {&m->ws_delta, (size_t)c->d, a}, {&m->ws_gu, 2 * (size_t)c->ffn, a},
-            {&m->ws_ff, (size_t)c->ffn, a}, {&m->ws_last, (size_t)c->d, a},
-            {&m->ws_logits, (size_t)c->vocab, a},
+            {&m->ws_ff, (size_t)c->ffn, a},
             {(void **)&m->ws_tok_d, 1, 4}, {(void **)&m->ws_pos_d, 1, 4},
         };
+        m->ws_tokens = 0;
         for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
-            size_t bytes;
-            if (!fl_mul3_size((size_t)cap, want[i].width, want[i].es, &bytes)) {
-                ws_release(m);
-                return fl_err(FL_E_VALUE, "workspace for %d tokens: the size overflows", cap);
-            }
-            fl_status st = be->alloc(be, bytes, want[i].p);
-            if (st != FL_OK) { ws_release(m); return fl_err_prefix(st, "workspace for %d tokens", cap); }
+            fl_status st = ws_grow(m, want[i].p, (size_t)N, want[i].width, want[i].es, "activations");
+            if (st != FL_OK) { ws_release(m); return st; }
         }
-        m->ws_tokens = cap;
+        m->ws_tokens = N;
+    }
+    if (n_logit > m->ws_logit_rows) {
+        m->ws_logit_rows = 0;
+        fl_status st = ws_grow(m, &m->ws_last, (size_t)n_logit, (size_t)c->d, a, "last rows");
+        if (st == FL_OK) st = ws_grow(m, &m->ws_logits, (size_t)n_logit, (size_t)c->vocab, a, "logits");
+        if (st != FL_OK) { ws_release(m); return st; }
+        m->ws_logit_rows = n_logit;
     }
     return FL_OK;
 }
@@ -1069,6 +1081,9 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, cons
     fl_backend *be = m->be;
     const int B = step->batch, T = step->n_new, N = B * T;
     if (N > m->ws_tokens) return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d tokens, %d needed", m->ws_tokens, N);
+    const int rows = all_logits || T == 1 ? N : B;  /* logit rows this forward writes */
+    if (rows > m->ws_logit_rows)
+        return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d logit rows, %d needed", m->ws_logit_rows, rows);
     const float scale = 1.0f / sqrtf((float)c->head_dim);
 #define STEP(call) FL_TRY(call)
     STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
