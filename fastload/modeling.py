@@ -1250,7 +1250,8 @@ class FastModelForCausalLM:
         """Bytes this model holds on its device, by use. The KV cache lives for one generate() call:
         kv_cache_last is the size of the most recent one (0 now), and peak includes it. quantized_weights /
         quantized_bytes (codes with their scales and offsets) / float_bytes split the weights, and layouts sums
-        them per kind ({"int4 g128": {"weights": n, "bytes": b}, "float16": {...}})."""
+        them per kind ({"int4 g128": {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the
+        largest step (per token) plus logits of the most logit rows asked for (one per sequence in generate)."""
         info = self._core.info
         out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
                "kv_cache_last": info["kv_bytes_last"], "workspace": info["mem_allocated"] - info["weight_bytes"],
