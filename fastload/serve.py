@@ -150,6 +150,8 @@ class Server:
         self._jobs = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
+        # requests answered / cancelled by their client, tokens generated (all in /health)
+        self.stats = {"completed": 0, "cancelled": 0, "generated_tokens": 0}
         self._worker = threading.Thread(target=self._work, daemon=True, name="fastload-serve-worker")
         self._worker.start()
 
@@ -161,7 +163,8 @@ class Server:
                 return
             with self._lock:
                 self._waiting -= 1
-            if job.cancelled:
+            if job.cancelled:  # its client went away while it waited
+                self.stats["cancelled"] += 1
                 continue
             try:
                 job.fn(job)
@@ -230,7 +233,10 @@ class Server:
         if opts is not None and not isinstance(opts, dict):
             raise _bad("stream_options must be an object", "stream_options", "invalid_type")
         include_usage = bool((opts or {}).get("include_usage", False))
-        kw = {"eos_token_id": self.eos}
+        ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate exactly max_tokens tokens
+        if not isinstance(ignore_eos, bool):
+            raise _bad("ignore_eos must be a boolean", "ignore_eos", "invalid_type")
+        kw = {"eos_token_id": [] if ignore_eos else self.eos}
         if temp == 0:
             kw["do_sample"] = False
         elif temp is not None or top_p is not None:
@@ -326,20 +332,21 @@ class Server:
                         st = _RequestStreamer(self.tokenizer, s["stops"], lambda t, k=k: emit(("text", k, t)))
                         job.streamer = st
                         if job.cancelled:
-                            return
+                            raise GenerationCancelled("the client of this request went away")
                         x = np.asarray([ids], dtype=np.int64)
                         try:
                             self.model.generate(x, attention_mask=np.ones_like(x), max_new_tokens=s["max_tokens"],
                                                 streamer=st, **kw)
                         except _StopStringHit:
                             pass
-                        if st.hit_stop or (st.ids and st.ids[-1] in self.eos) or len(st.ids) < s["max_tokens"]:
-                            reason = "stop"
-                        else:
-                            reason = "length"
+                        finally:
+                            self.stats["generated_tokens"] += len(st.ids)
+                        eos_end = bool(st.ids) and st.ids[-1] in kw["eos_token_id"]
+                        reason = "stop" if st.hit_stop or eos_end or len(st.ids) < s["max_tokens"] else "length"
                         emit(("end", k, reason, len(st.ids)))
                         idx += 1
             except GenerationCancelled:
+                self.stats["cancelled"] += 1
                 return
             except ServeError as e:
                 emit(("error", e))
@@ -347,6 +354,7 @@ class Server:
                 emit(("error", _bad(str(e))))
             except Exception as e:  # noqa: BLE001
                 emit(("error", ServeError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            self.stats["completed"] += 1
             emit(("done",))
         return self._submit(run)
 
@@ -372,7 +380,7 @@ class Server:
             return body
 
         async def health(request):
-            return JSONResponse({"status": "ok", "model": self.model_id, "waiting": self._waiting})
+            return JSONResponse({"status": "ok", "model": self.model_id, "waiting": self._waiting, **self.stats})
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
