@@ -82,6 +82,7 @@ class _RequestStreamer(TextIteratorStreamer):
         self.stops, self.emit = stops, emit
         self.ids, self.sent, self.text, self.hit_stop = [], 0, "", False
         self._prompt_seen = False
+        self._p = self._r = 0  # the window of ids decoded at each step: ids[_p:] against ids[_p:_r]
 
     def put(self, value):
         if self._cancelled:
@@ -90,22 +91,27 @@ class _RequestStreamer(TextIteratorStreamer):
             self._prompt_seen = True
             return
         self.ids.extend(int(v) for v in np.asarray(value).reshape(-1))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self.text = text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        # incremental detokenisation (as vLLM's): decode a short window of ids and take what it adds to the text
+        # decoded at the previous step, so each token costs O(1) and not a decode of the whole completion; the
+        # window starts a few tokens back so word joins and multi-byte characters decode as in the whole text
+        dec = self.tokenizer.decode
+        new = dec(self.ids[self._p:], skip_special_tokens=True)
+        before = dec(self.ids[self._p:self._r], skip_special_tokens=True)
+        old_len = len(self.text)
+        if len(new) > len(before) and not new.endswith("\ufffd"):
+            self.text += new[len(before):]
+            self._p, self._r = self._r, len(self.ids)
+        text = self.text
+        cut = min((i for i in (text.find(s, max(0, old_len - len(s) + 1)) for s in self.stops) if i >= 0),
+                  default=-1)
         if cut >= 0:
             self.text, self.hit_stop = text[:cut], True
             self._flush(cut)
             raise _StopStringHit("stop string reached")
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe -= 1
-        for s in self.stops:  # hold back a tail that may grow into a stop string
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        self._flush(safe)
+        held = 0  # hold back the longest tail that may still grow into a stop string
+        for s in self.stops:
+            held = max([held] + [k for k in range(1, len(s)) if text.endswith(s[:k])])
+        self._flush(len(text) - held)
 
     def _flush(self, upto):
         if upto > self.sent:
@@ -113,6 +119,9 @@ class _RequestStreamer(TextIteratorStreamer):
             self.sent = upto
 
     def end(self):
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)  # once: what a held-back tail became
+        if full.startswith(self.text[:self.sent]):
+            self.text = full
         self._flush(len(self.text))
 
     def _end_with_error(self, exc):

@@ -224,6 +224,38 @@ def test_queue_full_429_and_disconnect_frees_model(server, client):
     assert r.usage.completion_tokens == 2
 
 
+def test_unit_streamer_stop_and_holdback(demo_tok):
+    from fastload.serve import _RequestStreamer, _StopStringHit
+    ids = demo_tok("Hello there, my dear world of wonders")["input_ids"]
+    out = []
+    st = _RequestStreamer(demo_tok, ["world", "wond"], out.append)
+    st.put(np.asarray([ids[:1]]))  # the prompt
+    with pytest.raises(_StopStringHit):
+        for t in ids:
+            st.put(np.asarray([t]))
+    assert "".join(out) == "Hello there, my dear " and st.hit_stop
+    out2 = []
+    st = _RequestStreamer(demo_tok, [], out2.append)
+    st.put(np.asarray([ids[:1]]))
+    for t in ids:
+        st.put(np.asarray([t]))
+    st.end()
+    assert "".join(out2) == demo_tok.decode(ids, skip_special_tokens=True)
+
+
+def test_client_gone_while_waiting_cancels(server):
+    health = lambda: httpx.get(server.base + "/health").json()  # noqa: E731
+    before = health()
+    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": server.context - 16, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(server.base + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    _wait(lambda: health()["cancelled"] == before["cancelled"] + 1, "the abandoned request to be cancelled")
+    r = httpx.post(server.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert health()["generated_tokens"] - before["generated_tokens"] < body["max_tokens"] // 2
+
+
 def test_cli_parses_serve():
     import argparse
     from fastload.serve import add_parser
