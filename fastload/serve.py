@@ -129,11 +129,19 @@ class _RequestStreamer(TextIteratorStreamer):
 
 
 class _Job:
-    def __init__(self, fn):
-        self.fn, self.cancelled, self.streamer = fn, False, None
+    def __init__(self, server, fn):
+        self.server, self.fn, self.cancelled, self.streamer, self.state = server, fn, False, None, "waiting"
 
     def cancel(self):
-        self.cancelled = True
+        """The client went away: a waiting job leaves the queue's count at once, a running one stops at its next
+        token (the streamer's cancel)."""
+        srv = self.server
+        with srv._lock:
+            self.cancelled = True
+            if self.state == "waiting":
+                self.state = "dropped"
+                srv._waiting -= 1
+                srv.stats["cancelled"] += 1
         st = self.streamer
         if st is not None:
             st.cancel()
@@ -171,17 +179,17 @@ class Server:
             if job is None:
                 return
             with self._lock:
+                if job.state == "dropped":  # its client went away while it waited (counted by cancel())
+                    continue
+                job.state = "running"
                 self._waiting -= 1
-            if job.cancelled:  # its client went away while it waited
-                self.stats["cancelled"] += 1
-                continue
             try:
                 job.fn(job)
             except BaseException:  # noqa: BLE001 - job.fn reports its own errors; the worker must live on
                 pass
 
     def _submit(self, fn):
-        job = _Job(fn)
+        job = _Job(self, fn)
         with self._lock:
             if self._waiting >= self.max_queue:
                 raise ServeError(429, f"too many requests waiting (--max-queue {self.max_queue}); retry later",
@@ -206,7 +214,7 @@ class Server:
         """Validated sampling settings: (n, max_tokens or None, stops, generate kwargs without max_new_tokens)."""
         for k in ("logprobs", "echo", "tools", "functions", "suffix", "logit_bias", "top_logprobs"):
             v = body.get(k)
-            if v not in (None, False, [], {}, 0) and not (k == "logprobs" and v is False):
+            if v not in (None, False, [], {}, 0, ""):
                 raise _bad(f"{k} is not supported by this server", k, "unsupported_parameter")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("best_of is not supported by this server", "best_of", "unsupported_parameter")
@@ -257,17 +265,17 @@ class Server:
         return {"n": n, "max_tokens": max_tokens, "stops": stops, "seed": seed, "kw": kw, "stream": stream,
                 "include_usage": include_usage}
 
-    def _prompt_ids(self, ids, max_tokens, default_max):
+    def _prompt_ids(self, ids, max_tokens, default_max, param):
         T = len(ids)
         if T == 0:
-            raise _bad("the prompt is empty", "prompt", "invalid_value")
+            raise _bad("the prompt is empty", param, "invalid_value")
         if self.context:
             if max_tokens is None:
                 max_tokens = min(default_max, self.context - T) if default_max else self.context - T
             if T + max_tokens > self.context:
                 raise _bad(f"This model's maximum context length is {self.context} tokens. However, you requested "
                            f"{T + max_tokens} tokens ({T} in the messages, {max_tokens} in the completion). Please "
-                           f"reduce the length of the messages or completion.", "messages", "context_length_exceeded")
+                           f"reduce the length of the messages or completion.", param, "context_length_exceeded")
         elif max_tokens is None:
             max_tokens = default_max or 16
         return max_tokens
@@ -303,7 +311,7 @@ class Server:
         except Exception as e:  # noqa: BLE001 - a template that rejects these messages (roles, order)
             raise _bad(f"the chat template rejected the messages: {e}", "messages") from None
         ids = [int(t) for t in np.asarray(enc["input_ids"])[0]]
-        s["max_tokens"] = self._prompt_ids(ids, s["max_tokens"], None)
+        s["max_tokens"] = self._prompt_ids(ids, s["max_tokens"], None, "messages")
         s["prompts"] = [ids]
         return s
 
@@ -321,7 +329,7 @@ class Server:
             raise _bad("at most 64 choices (prompts x n) per request", "n", "invalid_value")
         ids = [[int(t) for t in self.tokenizer(x)["input_ids"]] for x in prompts]
         mt = s["max_tokens"]
-        s["max_tokens"] = min(self._prompt_ids(x, mt, 16) for x in ids)
+        s["max_tokens"] = min(self._prompt_ids(x, mt, 16, "prompt") for x in ids)
         s["prompts"] = ids
         return s
 

@@ -200,6 +200,12 @@ def test_queue_full_429_and_disconnect_frees_model(server, client):
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(ln for ln in lines if ln).startswith("data: ")  # it is generating
+            # a waiting request whose client gives up leaves the queue at once (its slot is free again)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                           timeout=httpx.Timeout(60, read=0.5))
+            _wait(lambda: health()["cancelled"] == before["cancelled"] + 1 and health()["waiting"] == 0,
+                  "the abandoned waiting request to leave the queue")
             # MAX_QUEUE requests may wait behind it ...
             waiter = {}
             th = threading.Thread(target=lambda: waiter.setdefault("r", client.completions.create(
@@ -215,7 +221,7 @@ def test_queue_full_429_and_disconnect_frees_model(server, client):
     th.join(60)
     assert not th.is_alive(), "the waiting request did not complete after the stream's client went away"
     assert waiter["r"].usage.completion_tokens == 2
-    _wait(lambda: health()["cancelled"] == before["cancelled"] + 1, "the stream's generation to be cancelled")
+    _wait(lambda: health()["cancelled"] == before["cancelled"] + 2, "the stream's generation to be cancelled")
     h = health()
     assert h["waiting"] == 0
     # the cancelled request generated far fewer tokens than it asked for
