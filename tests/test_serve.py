@@ -1,0 +1,271 @@
+"""python -m fastload serve (fastload/serve.py): the OpenAI-compatible server on the demo model, driven by the
+official `openai` client (and httpx for raw bodies) against one live uvicorn server per module."""
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the [serve] extra (starlette) is not installed")
+uvicorn = pytest.importorskip("uvicorn", reason="the [serve] extra (uvicorn) is not installed")
+openai = pytest.importorskip("openai", reason="the openai client (the [test] extra) is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx (installed with openai) is not installed")
+
+from fastload.serve import Server  # noqa: E402
+
+MAX_QUEUE = 1
+Q = [{"role": "user", "content": "What is 2+3?"}]
+
+
+@pytest.fixture(scope="module")
+def server(demo_model, demo_tok):
+    srv = Server(demo_model, demo_tok, model_id="demo", max_queue=MAX_QUEUE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    us = uvicorn.Server(uvicorn.Config(srv.app(), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=us.run, daemon=True, name="test-serve-uvicorn")
+    th.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        if us.started:
+            break
+        time.sleep(0.05)
+    assert us.started, "uvicorn did not start"
+    srv.base = base
+    yield srv
+    us.should_exit = True
+    th.join(10)
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def _chat_ids(tok, msgs):
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True, return_tensors="np")
+    return enc
+
+
+def test_health_and_models(server, client):
+    h = httpx.get(server.base + "/health").json()
+    assert h["status"] == "ok" and h["model"] == "demo"
+    assert [m.id for m in client.models.list().data] == ["demo"]
+
+
+def test_chat_greedy_equals_model_chat(server, client, demo_model, demo_tok):
+    r = client.chat.completions.create(model="demo", messages=Q, max_tokens=8, temperature=0)
+    want, _ = demo_model.chat(demo_tok, Q[0]["content"], max_new_tokens=8, do_sample=False)
+    assert r.choices[0].message.content.strip() == want
+    assert r.choices[0].message.role == "assistant"
+    # token-exact: the same ids as model.generate on the chat template's prompt
+    enc = _chat_ids(demo_tok, Q)
+    out = np.asarray(demo_model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=8,
+                                         do_sample=False, eos_token_id=[demo_tok.eos_token_id]))
+    new = out[0, enc["input_ids"].shape[1]:]
+    assert r.choices[0].message.content == demo_tok.decode(new, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == enc["input_ids"].shape[1]
+    assert r.usage.completion_tokens == len(new)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    eos_end = new[-1] == demo_tok.eos_token_id
+    assert r.choices[0].finish_reason == ("stop" if eos_end or len(new) < 8 else "length")
+
+
+def test_stream_concatenates_to_answer(client):
+    full = client.chat.completions.create(model="demo", messages=Q, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model="demo", messages=Q, max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": "demo", "messages": Q, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert all(ln.startswith("data: ") for ln in lines)
+    json.loads(lines[-2][6:])  # the chunks before are JSON
+
+
+def test_n_choices_with_seed(client):
+    kw = dict(model="demo", messages=Q, max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
+    a = client.chat.completions.create(n=2, **kw)
+    # choice i samples with seed + i: the same as n=1 requests with those seeds (so seeded answers repeat)
+    ones = [client.chat.completions.create(n=1, **{**kw, "seed": 1234 + i}) for i in range(2)]
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [o.choices[0].message.content for o in ones]
+    assert a.usage.prompt_tokens == ones[0].usage.prompt_tokens  # the prompt is counted once
+    assert a.usage.completion_tokens == sum(o.usage.completion_tokens for o in ones)
+
+
+def test_stop_strings(client):
+    kw = dict(model="demo", prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    assert " 8" in full, full
+    r = client.completions.create(stop=" 8", **kw)
+    assert r.choices[0].text == full[:full.index(" 8")]
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 12
+    r2 = client.completions.create(stop=["zzz", " 7", " 8"], **kw)  # the first one reached ends it
+    assert r2.choices[0].text == full[:full.index(" 7")]
+    s = client.completions.create(stop=" 8", stream=True, **kw)
+    assert "".join(c.choices[0].text for c in s) == r.choices[0].text
+
+
+def test_completions_prompts_and_usage(client, demo_tok):
+    prompts = ["The capital of France is", "1+1="]
+    r = client.completions.create(model="demo", prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    for p, c in zip(prompts, r.choices):
+        single = client.completions.create(model="demo", prompt=p, max_tokens=4, temperature=0)
+        assert c.text == single.choices[0].text
+        assert single.usage.prompt_tokens == len(demo_tok(p)["input_ids"])
+    assert r.usage.prompt_tokens == sum(len(demo_tok(p)["input_ids"]) for p in prompts)
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+
+
+def _post(server, path, content):
+    r = httpx.post(server.base + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+    return r.status_code, r.json()
+
+
+@pytest.mark.parametrize("body, param", [
+    ("{not json", None),
+    ("[1, 2]", None),
+    (json.dumps({"messages": Q, "temperature": 2.5}), "temperature"),
+    (json.dumps({"messages": Q, "temperature": "hot"}), "temperature"),
+    (json.dumps({"messages": Q, "top_p": 0}), "top_p"),
+    (json.dumps({"messages": Q, "top_p": 1.5}), "top_p"),
+    (json.dumps({"messages": Q, "n": 0}), "n"),
+    (json.dumps({"messages": Q, "max_tokens": 0}), "max_tokens"),
+    (json.dumps({"messages": Q, "max_tokens": "8"}), "max_tokens"),
+    (json.dumps({"messages": Q, "stop": 3}), "stop"),
+    (json.dumps({"messages": Q, "seed": 1.5}), "seed"),
+    (json.dumps({"messages": Q, "stream": "yes"}), "stream"),
+    (json.dumps({"messages": "hi"}), "messages"),
+    (json.dumps({"messages": [{"content": "no role"}]}), "messages[0]"),
+])
+def test_bad_requests_are_400(server, body, param):
+    status, err = _post(server, "/v1/chat/completions", body)
+    assert status == 400, err
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["param"] == param
+
+
+def test_bad_completion_prompt_and_unknown_model(server, client):
+    status, err = _post(server, "/v1/completions", json.dumps({"prompt": 42}))
+    assert status == 400 and err["error"]["param"] == "prompt"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_too_long_prompt_is_400(server, client):
+    long = "hello " * (server.context + 10)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt=long, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:  # prompt fits, prompt + max_tokens does not
+        client.chat.completions.create(model="demo", messages=Q, max_tokens=server.context)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def _wait(cond, what, limit=60):
+    for _ in range(int(limit / 0.02)):
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_queue_full_429_and_disconnect_frees_model(server, client):
+    health = lambda: httpx.get(server.base + "/health").json()  # noqa: E731
+    before = health()
+    # hold the model busy: a streamed request that would generate for minutes (ignore_eos: no early end)
+    busy = {"model": "demo", "prompt": "Once upon a time", "max_tokens": server.context - 16, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as hc:
+        with hc.stream("POST", server.base + "/v1/completions", json=busy) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln).startswith("data: ")  # it is generating
+            # a waiting request whose client gives up leaves the queue at once (its slot is free again)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                           timeout=httpx.Timeout(60, read=0.5))
+            _wait(lambda: health()["cancelled"] == before["cancelled"] + 1 and health()["waiting"] == 0,
+                  "the abandoned waiting request to leave the queue")
+            # MAX_QUEUE requests may wait behind it ...
+            waiter = {}
+            th = threading.Thread(target=lambda: waiter.setdefault("r", client.completions.create(
+                model="demo", prompt="Hi", max_tokens=2, temperature=0)))
+            th.start()
+            _wait(lambda: health()["waiting"] == MAX_QUEUE, "the second request to wait")
+            # ... one more is refused
+            with pytest.raises(openai.RateLimitError) as e:
+                client.completions.create(model="demo", prompt="Hi", max_tokens=2)
+            assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
+            # the client of the busy stream goes away mid-stream
+        # leaving the block closed the connection: its generation stops and the waiting request runs
+    th.join(60)
+    assert not th.is_alive(), "the waiting request did not complete after the stream's client went away"
+    assert waiter["r"].usage.completion_tokens == 2
+    _wait(lambda: health()["cancelled"] == before["cancelled"] + 2, "the stream's generation to be cancelled")
+    h = health()
+    assert h["waiting"] == 0
+    # the cancelled request generated far fewer tokens than it asked for
+    assert h["generated_tokens"] - before["generated_tokens"] < busy["max_tokens"] // 2
+    r = client.completions.create(model="demo", prompt="Hi", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+def test_unit_streamer_stop_and_holdback(demo_tok):
+    from fastload.serve import _RequestStreamer, _StopStringHit
+    ids = demo_tok("Hello there, my dear world of wonders")["input_ids"]
+    out = []
+    st = _RequestStreamer(demo_tok, ["world", "wond"], out.append)
+    st.put(np.asarray([ids[:1]]))  # the prompt
+    with pytest.raises(_StopStringHit):
+        for t in ids:
+            st.put(np.asarray([t]))
+    assert "".join(out) == "Hello there, my dear " and st.hit_stop
+    out2 = []
+    st = _RequestStreamer(demo_tok, [], out2.append)
+    st.put(np.asarray([ids[:1]]))
+    for t in ids:
+        st.put(np.asarray([t]))
+    st.end()
+    assert "".join(out2) == demo_tok.decode(ids, skip_special_tokens=True)
+
+
+def test_client_gone_while_waiting_cancels(server):
+    health = lambda: httpx.get(server.base + "/health").json()  # noqa: E731
+    before = health()
+    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": server.context - 16, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(server.base + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    _wait(lambda: health()["cancelled"] == before["cancelled"] + 1, "the abandoned request to be cancelled")
+    r = httpx.post(server.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert health()["generated_tokens"] - before["generated_tokens"] < body["max_tokens"] // 2
+
+
+def test_cli_parses_serve():
+    import argparse
+    from fastload.serve import add_parser
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["serve", "--port", "9", "--max-queue", "3", "--quant", "int8", "--host", "0.0.0.0"])
+    assert (a.port, a.max_queue, a.quant, a.host, a.model) == (9, 3, "int8", "0.0.0.0", None)
