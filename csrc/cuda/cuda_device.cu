@@ -19,12 +19,18 @@ extern "C" fl_status fl_cuda_device_count(int *count) {
     return FL_OK;
 }
 
-extern "C" fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out) {
-    *out = NULL;
+// FL_E_VALUE unless `device` is one of the visible CUDA devices (FL_E_DEVICE without a driver).
+static fl_status check_device(int device) {
     int n = 0;
     FL_TRY(fl_cuda_device_count(&n));
     if (device < 0 || device >= n)
         return fl_err(FL_E_VALUE, "cuda:%d requested but %d CUDA device(s) are visible", device, n);
+    return FL_OK;
+}
+
+extern "C" fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out) {
+    *out = NULL;
+    FL_TRY(check_device(device));
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
         return fl_err(FL_E_UNSUPPORTED, "CUDA backend: activation dtype %s is not float16, bfloat16 or float32",
                       fl_cuda_dtype_name(act));
@@ -48,10 +54,7 @@ extern "C" fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend
 // fastload.cuda.get_device_properties / get_device_name.
 extern "C" fl_status fl_cuda_device_props(int device, fl_cuda_props *out) {
     memset(out, 0, sizeof *out);
-    int n = 0;
-    FL_TRY(fl_cuda_device_count(&n));
-    if (device < 0 || device >= n)
-        return fl_err(FL_E_VALUE, "cuda:%d requested but %d CUDA device(s) are visible", device, n);
+    FL_TRY(check_device(device));
     cudaDeviceProp p;
     FL_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
     snprintf(out->name, sizeof out->name, "%s", p.name);
@@ -65,10 +68,7 @@ extern "C" fl_status fl_cuda_device_props(int device, fl_cuda_props *out) {
 // fastload.cuda.synchronize: every stream fastload uses on the device (cudaDeviceSynchronize), the
 // calling thread's current device restored afterwards.
 extern "C" fl_status fl_cuda_synchronize(int device) {
-    int n = 0;
-    FL_TRY(fl_cuda_device_count(&n));
-    if (device < 0 || device >= n)
-        return fl_err(FL_E_VALUE, "cuda:%d requested but %d CUDA device(s) are visible", device, n);
+    FL_TRY(check_device(device));
     int prev = 0;
     FL_CUDA_CHECK(cudaGetDevice(&prev));
     FL_CUDA_CHECK(cudaSetDevice(device));
@@ -90,10 +90,7 @@ extern "C" fl_status fl_cuda_h2d_bandwidth(int device, uint64_t bytes, int repea
                       (unsigned long long)bytes);
     if (repeats < 1 || repeats > 1000)
         return fl_err(FL_E_VALUE, "cuda_h2d_bandwidth: repeats must be between 1 and 1000, got %d", repeats);
-    int n = 0;
-    FL_TRY(fl_cuda_device_count(&n));
-    if (device < 0 || device >= n)
-        return fl_err(FL_E_VALUE, "cuda:%d requested but %d CUDA device(s) are visible", device, n);
+    FL_TRY(check_device(device));
     int prev = 0;
     FL_CUDA_CHECK(cudaGetDevice(&prev));
     FL_CUDA_CHECK(cudaSetDevice(device));
