@@ -564,16 +564,19 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 #define QDP_MIN_BLOCKS 1  /* 6 (80 registers) or 8 (64) spilled 40-440 bytes per thread */
 #endif
 
-__device__ __forceinline__ int dp2lo(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int dp2hi(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
+// d = c + dot(int16 pair a, byte pair of b): .lo takes b's bytes 0-1, .hi bytes 2-3; b unsigned (u32) or signed
+// (the _ss forms, for NF4's high table bytes).
+#define FL_DP2A(NAME, OP)                                                                  \
+    __device__ __forceinline__ int NAME(uint32_t a, uint32_t b, int c) {                 \
+        int d;                                                                           \
+        asm(OP " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));                   \
+        return d;                                                                        \
+    }
+FL_DP2A(dp2lo, "dp2a.lo.s32.u32")
+FL_DP2A(dp2hi, "dp2a.hi.s32.u32")
+FL_DP2A(dp2lo_ss, "dp2a.lo.s32.s32")
+FL_DP2A(dp2hi_ss, "dp2a.hi.s32.s32")
+#undef FL_DP2A
 
 // One thread per 8 columns (one uint4 of x when there is no perm), the numerics and layout of
 // fl_qx_store8 (qx.cuh), which RMSNorm and SwiGLU also call when they write x for this GEMV directly.
@@ -648,17 +651,6 @@ __device__ __forceinline__ int qdot_vec(const uint4 &c, const uint4 *xv) {
 #define QNF_HI1 0x00f4e8dbu
 #define QNF_HI2 0x2b1f140au
 #define QNF_HI3 0x7f5c4838u
-
-__device__ __forceinline__ int dp2lo_ss(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.lo.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int dp2hi_ss(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp2a.hi.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
 
 // The table bytes of the 8 codes of word w (byte j: column 2j in the low nibble, 2j + 1 in the high one):
 // ev = columns 0, 2, 4, 6 and od = 1, 3, 5, 7 (the x layout of 4-bit codes), from table t (4 words).
