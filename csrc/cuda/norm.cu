@@ -89,13 +89,13 @@ __global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const 
     const float r = rsqrtf(fl_block_sum(ss, red) / (float)d + eps);
     // Pass 2: each thread re-reads exactly the elements it wrote in pass 1 (same loop), so the
     // writes to resid are visible to it without a barrier.
-    if constexpr (QB != 0 && E == 8) {
-        // the loop runs the same count on every lane (fl_qx_store8 shuffles); d % 32 == 0 (caller)
+    if (VEC) {
+        // The loop bound is the same on every lane: with QB, fl_qx_store8 shuffles across lanes (d % 32 == 0).
         const int64_t nv = d / E;
         for (int64_t v0 = 0; v0 < nv; v0 += blockDim.x) {
             const int64_t v = v0 + threadIdx.x;
             const bool on = v < nv;
-            float a[E];
+            float a[E] = {};  // lanes past the row give zeros to the int16 copy
             if (on) {
                 float g[E];
                 fl_vec_to_f32<T>(((const uint4 *)xr)[v], a);
@@ -104,22 +104,9 @@ __global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const 
                 for (int k = 0; k < E; k++) a[k] = g[k] * (a[k] * r);
                 const uint4 o = fl_f32_to_vec<T>(a);
                 ((uint4 *)outr)[v] = o;
-                fl_vec_to_f32<T>(o, a);  // the int16 copy is of the rounded output, as a separate prep reads it
-            } else {
-#pragma unroll
-                for (int k = 0; k < E; k++) a[k] = 0.f;
+                if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);  // the int16 copy is of the rounded output
             }
-            fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, on);
-        }
-    } else if (VEC) {
-        const int64_t nv = d / E;
-        for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-            float a[E], g[E];
-            fl_vec_to_f32<T>(((const uint4 *)xr)[v], a);
-            fl_vec_to_f32<T>(((const uint4 *)w)[v], g);
-#pragma unroll
-            for (int k = 0; k < E; k++) a[k] = g[k] * (a[k] * r);
-            ((uint4 *)outr)[v] = fl_f32_to_vec<T>(a);
+            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, on);
         }
     } else {
         for (int64_t k = threadIdx.x; k < d; k += blockDim.x)
@@ -162,61 +149,42 @@ fl_status fl_cuda_add_rmsnorm(cudaStream_t st, fl_dtype act, void *out, void *re
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
-template <typename T, bool VEC>
-__global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f) {
+// QB (4 or 8, VEC with 8 elements per vector, f % 32 == 0): out is also written as the dp2a GEMV's int16 x
+// (qx.cuh). The loop bound is the same on every lane of a warp (fl_qx_store8 shuffles within lane groups).
+template <typename T, bool VEC, int QB>
+__global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f, fl_qx_dst qd) {
     fl_pdl_launch_dependents();
     fl_pdl_wait();
     constexpr int E = fl_vec<T>::EPV;
-    const int64_t per_row = VEC ? f / E : f, total = (int64_t)n * per_row;
-    for (int64_t v = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = v / per_row, k = v % per_row;
-        const T *g = gu + i * 2 * f, *u = g + f;
-        if (VEC) {
-            float a[E], b[E];
-            fl_vec_to_f32<T>(((const uint4 *)g)[k], a);
-            fl_vec_to_f32<T>(((const uint4 *)u)[k], b);
-#pragma unroll
-            for (int e = 0; e < E; e++) a[e] = silu_mul(a[e], b[e]);
-            ((uint4 *)(out + i * f))[k] = fl_f32_to_vec<T>(a);
-        } else {
-            out[i * f + k] = fl_from_f32<T>(silu_mul(fl_to_f32(g[k]), fl_to_f32(u[k])));
-        }
-    }
-}
-
-// SwiGLU that also writes the dp2a GEMV's int16 x (qx.cuh): 8 elements per thread, f % 32 == 0, the loop
-// bound the same on every lane of a warp (fl_qx_store8 shuffles within lane groups).
-template <typename T, int QB>
-__global__ void swiglu_qx_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f, fl_qx_dst qd) {
-    fl_pdl_launch_dependents();
-    fl_pdl_wait();
-    const int64_t per_row = f / 8, total = (int64_t)n * per_row, stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t per_row = VEC ? f / E : f, total = (int64_t)n * per_row, stride = (int64_t)gridDim.x * blockDim.x;
     const int64_t lane = threadIdx.x & 31;
     for (int64_t v0 = (int64_t)blockIdx.x * blockDim.x + (threadIdx.x - lane); v0 < total; v0 += stride) {
         const int64_t v = v0 + lane;
         const bool on = v < total;
         const int64_t i = on ? v / per_row : 0, k = on ? v - i * per_row : 0;
-        float a[8];
-        if (on) {
-            const T *g = gu + i * 2 * f, *u = g + f;
-            float b[8];
-            fl_vec_to_f32<T>(((const uint4 *)g)[k], a);
-            fl_vec_to_f32<T>(((const uint4 *)u)[k], b);
+        const T *g = gu + i * 2 * f, *u = g + f;
+        if (VEC) {
+            float a[E] = {};  // lanes past the end give zeros to the int16 copy
+            if (on) {
+                float b[E];
+                fl_vec_to_f32<T>(((const uint4 *)g)[k], a);
+                fl_vec_to_f32<T>(((const uint4 *)u)[k], b);
 #pragma unroll
-            for (int e = 0; e < 8; e++) a[e] = silu_mul(a[e], b[e]);
-            const uint4 o = fl_f32_to_vec<T>(a);
-            ((uint4 *)(out + i * f))[k] = o;
-            fl_vec_to_f32<T>(o, a);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; e++) a[e] = 0.f;
+                for (int e = 0; e < E; e++) a[e] = silu_mul(a[e], b[e]);
+                const uint4 o = fl_f32_to_vec<T>(a);
+                ((uint4 *)(out + i * f))[k] = o;
+                if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);
+            }
+            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, on ? v * 8 : 0, on);
+        } else if (on) {
+            out[i * f + k] = fl_from_f32<T>(silu_mul(fl_to_f32(g[k]), fl_to_f32(u[k])));
         }
-        fl_qx_store8<QB>(qd.xq, qd.xd, a, on ? v * 8 : 0, on);
     }
 }
 
 fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *gu, int n, int64_t f, const fl_qx_dst &qd) {
     if (n <= 0 || f <= 0) return FL_OK;
+#define FL_SWIGLU(VEC_, QB_) FL_LAUNCH((swiglu_kernel<T, VEC_, QB_>), dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f, qd)
     FL_CUDA_DISPATCH(act, T, {
         const bool vec = f % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(gu);
         const int64_t work = (int64_t)n * (vec ? f / fl_vec<T>::EPV : f);
@@ -224,11 +192,12 @@ fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *g
         if (blocks > 65535 * 16) blocks = 65535 * 16;
         const int qb = vec && fl_vec<T>::EPV == 8 && f % 32 == 0 ? qd.bits : 0;
         if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "swiglu: the dp2a GEMV's x cannot be written for f = %lld", (long long)f);
-        if (qb == 4) FL_LAUNCH((swiglu_qx_kernel<T, 4>), dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f, qd);
-        else if (qb == 8) FL_LAUNCH((swiglu_qx_kernel<T, 8>), dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f, qd);
-        else if (vec) FL_LAUNCH(swiglu_kernel<T, true>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
-        else FL_LAUNCH(swiglu_kernel<T, false>, dim3((unsigned)blocks), dim3(ROW_THREADS), 0, st, (T *)out, (const T *)gu, n, f);
+        if (qb == 4) FL_SWIGLU(true, 4);
+        else if (qb == 8) FL_SWIGLU(true, 8);
+        else if (vec) FL_SWIGLU(true, 0);
+        else FL_SWIGLU(false, 0);
     });
+#undef FL_SWIGLU
     return FL_OK;
 }
 
