@@ -133,17 +133,36 @@ class BuildExt(build_ext):
         os.makedirs(objdir, exist_ok=True)
         cmds, objs = [], []
         # An object is reused when its .sha file matches the hash of the nvcc command, the source and every
-        # header under csrc/ (content, not times: objects built on another machine for the same nvcc and
-        # flags, copied into build_temp/cuda, are reused too). FASTLOAD_CUDA_REBUILD=1 ignores them.
+        # header it includes from csrc/, directly or not (content, not times: objects built on another machine
+        # for the same nvcc and flags, copied into build_temp/cuda, are reused too). FASTLOAD_CUDA_REBUILD=1
+        # ignores them. Only the headers a .cu file reaches count, so a change to a host-only header (the
+        # engine's, the Python layer's) does not recompile the CUDA objects.
         import hashlib
-        hdr = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
-        for h in sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)):
-            with open(h, "rb") as f:
-                hdr.update(h.encode() + b"\0" + f.read())
+        import re
+        nvcc_id = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode()).digest()
+        inc_re = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+        def local_headers(path, seen):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            for name in inc_re.findall(text):
+                for base in (os.path.dirname(path), "csrc"):
+                    h = os.path.normpath(os.path.join(base, name))
+                    if os.path.isfile(h):
+                        if h not in seen:
+                            seen.add(h)
+                            local_headers(h, seen)
+                        break
+            return seen
+
         for src in sorted(glob.glob("csrc/cuda/*.cu")):
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
                    "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode]
+            hdr = hashlib.sha256(nvcc_id)
+            for h in sorted(local_headers(src, set())):
+                with open(h, "rb") as f:
+                    hdr.update(h.encode() + b"\0" + f.read())
             with open(src, "rb") as f:
                 flags = " ".join(a for a in cmd[1:] if a != obj)  # not the object's path: build_temp differs per Python
                 key = hashlib.sha256(flags.encode() + hdr.digest() + f.read()).hexdigest()

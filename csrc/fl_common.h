@@ -25,6 +25,7 @@ typedef enum {
     FL_E_DEVICE,    /* CUDA / cuBLAS error: RuntimeError */
     FL_E_INTERNAL,  /* a bug in fastload: RuntimeError */
     FL_E_INTERRUPTED, /* a callback asked to stop (KeyboardInterrupt, streamer raised) */
+    FL_E_BUSY,      /* a queue is full (the engine's waiting requests): fastload.EngineBusy */
 } fl_status;
 
 #define FL_ERR_MAX 1024
@@ -177,6 +178,19 @@ static inline int fl_add_i64(int64_t a, int64_t b, int64_t *out) {
  * or-ed into O_RDONLY | O_CLOEXEC (e.g. O_DIRECT); O_NONBLOCK is cleared again after the
  * checks. On success *fd is the descriptor and *size (if not NULL) the file size. */
 fl_status fl_open_regular(const char *path, int extra_flags, int *fd, uint64_t *size);
+
+/* Paged KV-cache addressing (continuous batching, csrc/engine.c). Without a block table a cache is
+ * rectangular: row b's slot j is slot b * max_len + j of each layer's [rows, n_kv_heads, head_dim]
+ * array. With one, the array is a pool of pages of (1 << page_shift) slots and row b's slot j is
+ * slot btab[b * btab_stride + (j >> page_shift)] * page + (j % page); a row then holds at most
+ * btab_stride pages. starts (per row) replaces the one start shared by every row. All pointers are
+ * backend memory; a CUDA graph replay reads their contents afresh. */
+typedef struct {
+    const int32_t *starts_d;  /* [B] cache slot of each row's first new token, or NULL: the step's start */
+    const int32_t *btab_d;    /* [B, btab_stride] page ids, or NULL: rectangular */
+    int btab_stride;          /* pages per row in btab_d */
+    int page_shift;           /* log2 of the slots per page */
+} fl_kv_paging;
 
 void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
 void fl_free(void *p);

@@ -12,12 +12,39 @@ static inline void rotate(float *v, const float *cs, const float *sn, int half) 
     }
 }
 
+/* Where row b's slot j lives (fl_kv_paging): rectangular or through the block table. */
+static inline int row_start(const fl_step *s, int b) { return s->pg.starts_d ? s->pg.starts_d[b] : s->start; }
+static inline int64_t kv_slot(const fl_step *s, const fl_kvcache *kv, int b, int j) {
+    if (!s->pg.btab_d) return (int64_t)b * kv->max_len + j;
+    const int sh = s->pg.page_shift;
+    return ((int64_t)s->pg.btab_d[(int64_t)b * s->pg.btab_stride + (j >> sh)] << sh) | (j & ((1 << sh) - 1));
+}
+
+/* The slots a step writes must exist: rows fit max_len, and every page they touch is in the pool
+ * (the tables are host memory here, so the check is cheap; the engine builds them). */
+static fl_status check_slots(const fl_step *s, const fl_kvcache *kv) {
+    for (int b = 0; b < s->batch; b++) {
+        const int st = row_start(s, b);
+        if (st < 0 || (int64_t)st + s->n_new > kv->max_len)
+            return fl_err(FL_E_VALUE, "KV cache holds %d positions; row %d asks for slots [%d, %lld)", kv->max_len, b,
+                          st, (long long)st + s->n_new);
+        if (!s->pg.btab_d) continue;
+        if (kv->n_pages <= 0 || s->pg.page_shift != kv->page_shift || (int64_t)s->pg.btab_stride << kv->page_shift < kv->max_len)
+            return fl_err(FL_E_VALUE, "a block table needs a paged KV cache of the same page size");
+        for (int p = 0; p <= (st + s->n_new - 1) >> kv->page_shift; p++) {
+            const int32_t id = s->pg.btab_d[(int64_t)b * s->pg.btab_stride + p];
+            if (id < 0 || id >= kv->n_pages)
+                return fl_err(FL_E_VALUE, "block table row %d page %d names page %d of a pool of %d", b, p, (int)id, kv->n_pages);
+        }
+    }
+    return FL_OK;
+}
+
 fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
                          int n_heads, const float *inv_freq) {
     const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads, half = hd / 2;
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
-    if (s->start + T > kv->max_len)
-        return fl_err(FL_E_VALUE, "KV cache holds %d positions; %d requested", kv->max_len, s->start + T);
+    FL_TRY(check_slots(s, kv));
     float *kc = (float *)kv->k_d[layer], *vc = (float *)kv->v_d[layer];
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (B * T > 1)
     for (int bt = 0; bt < B * T; bt++) {
@@ -30,7 +57,7 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
         }
         float *row = (float *)qkv_d + bt * stride;
         for (int h = 0; h < n_heads + nkv; h++) rotate(row + h * hd, cs, sn, half);
-        const int64_t slot = ((int64_t)b * kv->max_len + s->start + t) * nkv * hd;
+        const int64_t slot = kv_slot(s, kv, b, row_start(s, b) + t) * nkv * hd;
         memcpy(kc + slot, row + (int64_t)n_heads * hd, (size_t)nkv * hd * sizeof(float));
         memcpy(vc + slot, row + (int64_t)(n_heads + nkv) * hd, (size_t)nkv * hd * sizeof(float));
     }
@@ -40,7 +67,9 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
                         const fl_kvcache *kv, int layer, int n_heads, int window, float scale) {
     const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads;
-    const int L = s->start + T, group = n_heads / nkv;
+    int L = 0, group = n_heads / nkv;
+    FL_TRY(check_slots(s, kv));
+    for (int b = 0; b < B; b++) if (row_start(s, b) + T > L) L = row_start(s, b) + T;
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
     const float *kc = (const float *)kv->k_d[layer], *vc = (const float *)kv->v_d[layer];
     const int nt = cpu_threads(be);
@@ -55,18 +84,17 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
         float *sc = scratch;
 #endif
         const int h = (int)(w % n_heads), bt = (int)(w / n_heads), b = bt / T, t = bt % T;
-        const int i = s->start + t, g = h / group;
+        const int i = row_start(s, b) + t, g = h / group;
         const float *q = (const float *)qkv_d + bt * stride + (int64_t)h * hd;
         const uint8_t *km = s->kmask_d ? s->kmask_d + (int64_t)b * s->kmask_stride : NULL;
-        const float *kb = kc + ((int64_t)b * kv->max_len * nkv + g) * hd;
-        const float *vb = vc + ((int64_t)b * kv->max_len * nkv + g) * hd;
+        const float *kb = kc + (int64_t)g * hd, *vb = vc + (int64_t)g * hd; /* + kv_slot(j) rows */
         float *o = (float *)out_d + bt * (int64_t)n_heads * hd + (int64_t)h * hd;
         const int j0 = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
         float mx = -FLT_MAX;
         int any = 0;
         for (int j = j0; j <= i; j++) {
             if (km && !km[j]) { sc[j] = -INFINITY; continue; }
-            const float *k = kb + (int64_t)j * nkv * hd;
+            const float *k = kb + kv_slot(s, kv, b, j) * nkv * hd;
             float a = 0;
 #pragma omp simd reduction(+ : a)
             for (int e = 0; e < hd; e++) a += q[e] * k[e];
@@ -85,7 +113,7 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
         for (int j = j0; j <= i; j++) {
             if (sc[j] == 0.f) continue;
             const float p = sc[j] * inv;
-            const float *v = vb + (int64_t)j * nkv * hd;
+            const float *v = vb + kv_slot(s, kv, b, j) * nkv * hd;
 #pragma omp simd
             for (int e = 0; e < hd; e++) o[e] += p * v[e];
         }

@@ -36,9 +36,12 @@ static_assert(DEC_TILE == 16 && DEC_HEADS == 8, "the decode fragment layout is o
 struct AttArgs {
     const void *qkv;         // [B*T, (nh + 2*nkv) * hd]
     void *out;               // [B*T, nh * hd]
-    const void *kc, *vc;     // [B, max_len, nkv, hd]
+    const void *kc, *vc;     // [B, max_len, nkv, hd], or a pool of pages [n_pages << page_shift, nkv, hd]
     const uint8_t *kmask;    // [B, kmask_stride] or NULL
     const int32_t *start_d;  // device start or NULL
+    const int32_t *starts_d; // [B] per-row starts or NULL (fl_kv_paging)
+    const int32_t *btab;     // [B, btab_stride] page ids or NULL: rectangular cache
+    int btab_stride, page_shift;
     float *ws_acc;           // decode partials: [B, nh, split_stride, hd] (unnormalised)
     float *ws_ml;            // decode partials: [B, nh, split_stride, 2] (running max in log2 units, sum)
     int B, T, start, kmask_stride, max_len, nh, nkv, hd, window;
@@ -120,7 +123,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
 __device__ __forceinline__ uint4 ldg16(const void *p) { return __ldg(reinterpret_cast<const uint4 *>(p)); }
 #endif
 
-__device__ __forceinline__ int read_start(const AttArgs &a) { return a.start_d ? __ldg(a.start_d) : a.start; }
+// Row b's first new slot, and where its slot j is in the cache (fl_kv_paging, fl_common.h).
+__device__ __forceinline__ int read_start(const AttArgs &a, int b) {
+    return a.starts_d ? __ldg(a.starts_d + b) : a.start_d ? __ldg(a.start_d) : a.start;
+}
+__device__ __forceinline__ size_t kv_slot(const AttArgs &a, int b, int j) {
+    if (!a.btab) return (size_t)b * a.max_len + j;
+    const int page = __ldg(a.btab + (size_t)b * a.btab_stride + (j >> a.page_shift));
+    return ((size_t)page << a.page_shift) | (size_t)(j & ((1 << a.page_shift) - 1));
+}
 
 // =================================================================================================
 // Decode (T == 1): split-K flash-decoding.
@@ -163,7 +174,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
     const int G = a.nh / a.nkv;
     const int sub = a.kv_fast ? blockIdx.x / a.nkv : blockIdx.x, split = blockIdx.y;
     const int b = a.kv_fast ? blockIdx.z : blockIdx.z / a.nkv, g = a.kv_fast ? blockIdx.x % a.nkv : blockIdx.z % a.nkv;
-    const int start = read_start(a);
+    const int start = read_start(a, b);
     const int L = min(start + 1, a.max_len);  // keys [0, L); query slot i = start
     const SplitPlan plan = split_plan(L, a.units, a.slots, a.min_waves);
     if (split >= plan.splits) return;  // grid sized for max_len; the combine reads plan.splits only
@@ -194,8 +205,8 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
     }
 
     const size_t kv_row = (size_t)a.nkv * HD;  // elements between consecutive slots of one kv head
-    const T *kb = static_cast<const T *>(a.kc) + ((size_t)b * a.max_len * a.nkv + g) * HD + q * 8;
-    const T *vb = static_cast<const T *>(a.vc) + ((size_t)b * a.max_len * a.nkv + g) * HD + q * 8;
+    const T *kb = static_cast<const T *>(a.kc) + (size_t)g * HD + q * 8;  // + kv_slot(b, j) * kv_row
+    const T *vb = static_cast<const T *>(a.vc) + (size_t)g * HD + q * 8;
     const uint8_t *km = a.kmask ? a.kmask + (size_t)b * a.kmask_stride : nullptr;
     const int ntiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
 
@@ -203,12 +214,13 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
         const int j0 = k0 + tt * DEC_TILE + r, j1 = j0 + 8;
         const uint4 z = make_uint4(0, 0, 0, 0);
         const bool in0 = j0 < k1, in1 = j1 < k1;  // past k1: zeros (slots >= L may hold anything)
+        const size_t o0 = in0 ? kv_slot(a, b, j0) * kv_row : 0, o1 = in1 ? kv_slot(a, b, j1) * kv_row : 0;
 #pragma unroll
         for (int c = 0; c < NC; c++) {
-            t.k0[c] = in0 ? ldg16(kb + j0 * kv_row + c * 32) : z;
-            t.v0[c] = in0 ? ldg16(vb + j0 * kv_row + c * 32) : z;
-            t.k1[c] = in1 ? ldg16(kb + j1 * kv_row + c * 32) : z;
-            t.v1[c] = in1 ? ldg16(vb + j1 * kv_row + c * 32) : z;
+            t.k0[c] = in0 ? ldg16(kb + o0 + c * 32) : z;
+            t.v0[c] = in0 ? ldg16(vb + o0 + c * 32) : z;
+            t.k1[c] = in1 ? ldg16(kb + o1 + c * 32) : z;
+            t.v1[c] = in1 ? ldg16(vb + o1 + c * 32) : z;
         }
         t.m0 = in0 ? (km ? (uint32_t)__ldg(km + j0) : 1u) : 0u;
         t.m1 = in1 ? (km ? (uint32_t)__ldg(km + j1) : 1u) : 0u;
@@ -348,7 +360,7 @@ __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttAr
     const int bh = blockIdx.x, tid = threadIdx.x, hd = a.hd;
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // programmatic launch: wait for the split kernel
-    const int start = read_start(a);
+    const int start = read_start(a, bh / a.nh);
     const int L = min(start + 1, a.max_len);
     const int splits = split_plan(L, a.units, a.slots, a.min_waves).splits;
     const size_t p0 = (size_t)bh * a.split_stride;
@@ -417,7 +429,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) prefill_kernel(const AttArg
     const int qt = gridDim.y - 1 - blockIdx.y;
     const int h = blockIdx.x, b = blockIdx.z, g = h / (a.nh / a.nkv);
     const int Tn = a.T;
-    const int start = read_start(a);
+    const int start = read_start(a, b);
     const int Lc = min(start + Tn, a.max_len);
     const int t_lo = qt * PF_BM, t_hi = min(t_lo + PF_BM, Tn) - 1;
     const int i_lo = start + t_lo, i_hi = start + t_hi;
@@ -441,7 +453,7 @@ __global__ void __launch_bounds__(ATT_THREADS, MINB) prefill_kernel(const AttArg
         for (int c = tid; c < PF_BN * CH; c += ATT_THREADS) {
             const int row = c / CH, col = (c % CH) * 8, j = kt * PF_BN + row;
             const bool ok = j < Lc;
-            const size_t off = ok ? ((size_t)(b * a.max_len + j) * a.nkv + g) * HD + col : 0;
+            const size_t off = ok ? (kv_slot(a, b, j) * a.nkv + g) * HD + col : 0;
             cp_async16(smem_addr(dk + swz<HD>(row, col)), kc + off, ok ? 16 : 0);
             cp_async16(smem_addr(dv + swz<HD>(row, col)), vc + off, ok ? 16 : 0);
         }
@@ -591,13 +603,12 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
     if (w >= (long long)a.B * a.T * a.nh) return;
     const int h = (int)(w % a.nh), bt = (int)(w / a.nh), b = bt / a.T, t = bt % a.T;
     const int hd = a.hd, g = h / (a.nh / a.nkv);
-    const int start = read_start(a);
+    const int start = read_start(a, b);
     const int i = start + t;
     const int jend = min(i, a.max_len - 1);
     const int lo = a.window > 0 ? max(0, i - a.window + 1) : 0;
     const T *qp = static_cast<const T *>(a.qkv) + (size_t)bt * (a.nh + 2 * a.nkv) * hd + (size_t)h * hd;
-    const T *kb = static_cast<const T *>(a.kc) + ((size_t)b * a.max_len * a.nkv + g) * hd;
-    const T *vb = static_cast<const T *>(a.vc) + ((size_t)b * a.max_len * a.nkv + g) * hd;
+    const T *kb = static_cast<const T *>(a.kc) + (size_t)g * hd, *vb = static_cast<const T *>(a.vc) + (size_t)g * hd;
     const uint8_t *km = a.kmask ? a.kmask + (size_t)b * a.kmask_stride : nullptr;
     const size_t kv_row = (size_t)a.nkv * hd;
     float qv[SIMPLE_MAXK], acc[SIMPLE_MAXK];
@@ -610,7 +621,8 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
     float m = -INFINITY, l = 0.f;
     for (int j = lo; j <= jend; j++) {
         if (km && !km[j]) continue;
-        const T *kr = kb + (size_t)j * kv_row, *vr = vb + (size_t)j * kv_row;
+        const size_t o = kv_slot(a, b, j) * kv_row;
+        const T *kr = kb + o, *vr = vb + o;
         float s = 0.f;
 #pragma unroll
         for (int k = 0; k < SIMPLE_MAXK; k++) {
@@ -664,7 +676,7 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     a.slots = sms * occ;
     // Graph-replayable launches size the grid for the longest cache; the kernels read the real
     // start and let splits past plan(L).splits exit.
-    a.split_stride = a.start_d ? split_plan(a.max_len, a.units, a.slots, a.min_waves).cap
+    a.split_stride = a.start_d || a.starts_d ? split_plan(a.max_len, a.units, a.slots, a.min_waves).cap
                                : split_plan(a.start + 1, a.units, a.slots, a.min_waves).splits;
     const size_t n_part = (size_t)a.B * a.nh * a.split_stride;
     const size_t need = n_part * (size_t)(HD + 2) * sizeof(float);
@@ -703,7 +715,7 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
                                           int start, const int32_t *start_d, const uint8_t *kmask, int kmask_stride,
                                           const void *kcache, const void *vcache, int max_len, int n_heads,
                                           int n_kv_heads, int head_dim, int window, float scale, void *workspace,
-                                          size_t workspace_bytes, int path) {
+                                          size_t workspace_bytes, int path, const fl_kv_paging *pg) {
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
         return fl_err(FL_E_UNSUPPORTED, "attention: activation dtype %d is not supported (f16, bf16, f32)", (int)act);
     if (!out || !qkv || !kcache || !vcache) return fl_err(FL_E_VALUE, "attention: NULL tensor pointer");
@@ -714,7 +726,13 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
         return fl_err(FL_E_VALUE, "attention: %d query heads are not a multiple of %d kv heads", n_heads, n_kv_heads);
     if ((long long)B * T * n_heads > 0x7fffffffLL || (long long)B * max_len > 0x7fffffffLL)
         return fl_err(FL_E_VALUE, "attention: B*T*heads or B*max_len overflows int");
-    if (!start_d) {  // with a device start these are the caller's contract (graph replays)
+    const fl_kv_paging pz = {};
+    if (!pg) pg = &pz;
+    if (pg->btab_d && (pg->page_shift < 0 || pg->page_shift > 20 || pg->btab_stride < 1 ||
+                       (long long)pg->btab_stride << pg->page_shift < max_len))
+        return fl_err(FL_E_VALUE, "attention: block table of %d pages of 2^%d slots for max_len %d", pg->btab_stride,
+                      pg->page_shift, max_len);
+    if (!start_d && !pg->starts_d) {  // with a device start these are the caller's contract (graph replays)
         if (start < 0 || start + T > max_len)
             return fl_err(FL_E_VALUE, "attention: slots %d..%d do not fit a cache of %d", start, start + T - 1,
                           max_len);
@@ -731,6 +749,7 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
 
     AttArgs a = {};
     a.qkv = qkv; a.out = out; a.kc = kcache; a.vc = vcache; a.kmask = kmask; a.start_d = start_d;
+    a.starts_d = pg->starts_d; a.btab = pg->btab_d; a.btab_stride = pg->btab_stride; a.page_shift = pg->page_shift;
     a.B = B; a.T = T; a.start = start; a.kmask_stride = kmask_stride; a.max_len = max_len;
     a.nh = n_heads; a.nkv = n_kv_heads; a.hd = head_dim; a.window = window;
     a.scale_log2 = scale * LOG2E;
@@ -780,7 +799,7 @@ extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out,
                                        int start, const int32_t *start_d, const uint8_t *kmask, int kmask_stride,
                                        const void *kcache, const void *vcache, int max_len, int n_heads,
                                        int n_kv_heads, int head_dim, int window, float scale, void *workspace,
-                                       size_t workspace_bytes) {
+                                       size_t workspace_bytes, const fl_kv_paging *pg) {
     return fl_cuda_attention_ex(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
-                                n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO);
+                                n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg);
 }

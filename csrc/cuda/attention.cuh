@@ -45,7 +45,7 @@ extern "C" {
 fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
                             const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                             const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
-                            float scale, void *workspace, size_t workspace_bytes);
+                            float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg);
 size_t fl_cuda_attention_workspace(int B, int n_heads, int head_dim, int max_len);
 
 // Same, with the path forced (dev/cuda/attention_test.cu): FL_ATT_AUTO as above, FL_ATT_SIMPLE the
@@ -56,7 +56,8 @@ enum { FL_ATT_AUTO = 0, FL_ATT_SIMPLE = 1, FL_ATT_FAST = 2, FL_ATT_VARIANT0 = 16
 fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
                                const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim,
-                               int window, float scale, void *workspace, size_t workspace_bytes, int path);
+                               int window, float scale, void *workspace, size_t workspace_bytes, int path,
+                               const fl_kv_paging *pg);
 
 #ifdef __cplusplus
 }

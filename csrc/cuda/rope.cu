@@ -11,7 +11,7 @@ template <typename T>
 __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, const int32_t *__restrict__ start_d,
                                   const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
                                   T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd,
-                                  float *__restrict__ table, int table_mode) {
+                                  float *__restrict__ table, int table_mode, const fl_kv_paging pg) {
     extern __shared__ float cs[];  // [half] cos, then [half] sin
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // positions and q|k|v come from earlier kernels
@@ -40,11 +40,16 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
         }
     }
     __syncthreads();
-    const int slot = (start_d ? *start_d : start) + t;
+    const int slot = (pg.starts_d ? pg.starts_d[b] : start_d ? *start_d : start) + t;
     const bool store = slot >= 0 && slot < max_len;
     T *row = qkv + (int64_t)bt * (nh + 2 * nkv) * hd;
-    T *kdst = kcache + ((int64_t)b * max_len + (store ? slot : 0)) * nkv * hd;
-    T *vdst = vcache + ((int64_t)b * max_len + (store ? slot : 0)) * nkv * hd;
+    // row b's slot in the cache (fl_kv_paging): rectangular, or a page of the pool through the block table
+    int64_t at = (int64_t)b * max_len + (store ? slot : 0);
+    if (pg.btab_d && store)
+        at = ((int64_t)pg.btab_d[(int64_t)b * pg.btab_stride + (slot >> pg.page_shift)] << pg.page_shift) |
+             (slot & ((1 << pg.page_shift) - 1));
+    T *kdst = kcache + at * nkv * hd;
+    T *vdst = vcache + at * nkv * hd;
     for (int q = threadIdx.x; q < (nh + nkv) * half; q += blockDim.x) {
         const int h = q / half, i = q % half;
         T *v = row + (int64_t)h * hd;
@@ -67,17 +72,22 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
 fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
-                             int head_dim, float *table, int table_mode) {
+                             int head_dim, float *table, int table_mode, const fl_kv_paging *pg) {
     if (B <= 0 || T <= 0) return FL_OK;
     if (head_dim <= 0 || head_dim % 2 || head_dim > 1024)
         return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", head_dim);
-    if (!start_d && (start < 0 || start + T > max_len))
+    const fl_kv_paging pz = {};
+    if (!pg) pg = &pz;
+    if (pg->btab_d && (pg->page_shift < 0 || pg->page_shift > 20 || (long long)pg->btab_stride << pg->page_shift < max_len))
+        return fl_err(FL_E_VALUE, "rope_store: block table of %d pages of 2^%d slots for max_len %d", pg->btab_stride,
+                      pg->page_shift, max_len);
+    if (!start_d && !pg->starts_d && (start < 0 || start + T > max_len))
         return fl_err(FL_E_VALUE, "rope_store: KV cache holds %d positions; slots [%d, %d) requested", max_len, start, start + T);
     if (table_mode != FL_ROPE_TABLE_NONE && !table) return fl_err(FL_E_INTERNAL, "rope_store: table mode %d without a table", table_mode);
     const size_t smem = (size_t)head_dim * sizeof(float);
     FL_CUDA_DISPATCH(act, T_, {
         FL_LAUNCH(rope_store_kernel<T_>, dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
-                                                                 (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode);
+                                                                 (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg);
     });
     return FL_OK;
 }

@@ -17,5 +17,5 @@ enum { FL_ROPE_TABLE_NONE = 0, FL_ROPE_TABLE_WRITE = 1, FL_ROPE_TABLE_READ = 2 }
 fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
-                             int head_dim, float *table, int table_mode);
+                             int head_dim, float *table, int table_mode, const fl_kv_paging *pg);
 #endif

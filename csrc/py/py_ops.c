@@ -418,27 +418,55 @@ typedef struct {
 } step_ctx;
 
 static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache, int with_inv_freq) {
-    PyArrayObject *kc = NULL, *vc = NULL, *pos = NULL, *km = NULL;
+    PyArrayObject *kc = NULL, *vc = NULL, *pos = NULL, *km = NULL, *bt = NULL, *sts = NULL;
+    long page_shift = 0;
     int rc = -1;
     if (param_int(c, "B", 1, &s->B) < 0 || param_int(c, "T", 1, &s->T) < 0 || param_int(c, "start", 0, &s->start) < 0 ||
         param_int(c, "n_heads", 0, &s->nh) < 0 || param_int(c, "n_kv_heads", 0, &s->nkv) < 0 ||
         param_int(c, "head_dim", 0, &s->hd) < 0 || param_int(c, "max_len", 0, &s->max_len) < 0 ||
         param_int(c, "start_on_device", 0, &s->on_dev) < 0)
         goto done;
-    kc = get_arr(c, "k_cache", NPY_FLOAT32, 4, need_cache);
+    /* paged (fl_kv_paging): block_table [B, nb] int32 and page_shift; the caches are then pools [n_pages, page, nkv,
+     * hd] (page = 1 << page_shift) and max_len is nb * page. starts [B] int32: per-row starts (paged or not). */
+    if (!(bt = get_arr(c, "block_table", NPY_INT32, 2, 0)) && PyErr_Occurred()) goto done;
+    if (!(sts = get_arr(c, "starts", NPY_INT32, 1, 0)) && PyErr_Occurred()) goto done;
+    if (param_int(c, "page_shift", 0, &page_shift) < 0) goto done;
+    if (bt && (page_shift < 0 || page_shift > 12)) BAD("run_op(%s): page_shift must be in [0, 12]", c->op);
+    kc = get_arr(c, "k_cache", NPY_FLOAT32, 4, need_cache || bt);
     if (!kc && PyErr_Occurred()) goto done;
     vc = get_arr(c, "v_cache", NPY_FLOAT32, 4, need_cache);
     if (!vc && PyErr_Occurred()) goto done;
     if ((kc == NULL) != (vc == NULL)) BAD("run_op(%s): give both k_cache and v_cache or neither", c->op);
     if (kc) { s->max_len = (long)DIM(kc, 1); s->hd = (long)DIM(kc, 3); }
+    long n_pages = 0;
+    if (bt) {
+        if (DIM(kc, 1) != (1L << page_shift)) BAD("run_op(%s): paged caches must be [n_pages, 1 << page_shift, nkv, hd]", c->op);
+        n_pages = (long)DIM(kc, 0);
+        if (DIM(bt, 0) != s->B) BAD("run_op(%s): block_table must have B rows", c->op);
+        s->max_len = (long)DIM(bt, 1) << page_shift;
+        for (npy_intp i = 0; i < PyArray_SIZE(bt); i++) {
+            const int32_t id = ((const int32_t *)PyArray_DATA(bt))[i];
+            if (id < 0 || id >= n_pages) BAD("run_op(%s): block_table entry %d is not a page of %ld", c->op, (int)id, n_pages);
+        }
+    }
+    if (sts) {
+        if (DIM(sts, 0) != s->B) BAD("run_op(%s): starts must have B entries", c->op);
+        for (long b = 0; b < s->B; b++) {
+            const int32_t v = ((const int32_t *)PyArray_DATA(sts))[b];
+            if (v < 0 || v + s->T > s->max_len) BAD("run_op(%s): starts[%ld] = %d does not fit max_len %ld", c->op, b, (int)v, s->max_len);
+        }
+    }
     const int64_t N = (int64_t)s->B * s->T, width = (int64_t)(s->nh + 2 * s->nkv) * s->hd;
     if (s->B <= 0 || s->T <= 0 || s->nh <= 0 || s->nkv <= 0 || s->hd <= 0 || s->nh % s->nkv || s->max_len <= 0 ||
         s->start < 0 || s->start + s->T > s->max_len)
         BAD("run_op(%s): bad B/T/start/n_heads/n_kv_heads/head_dim/max_len", c->op);
     if (DIM(qkv, 0) != N || DIM(qkv, 1) != width) BAD("run_op(%s): qkv must be [%lld, %lld]", c->op, (long long)N, (long long)width);
-    if (kc && (DIM(kc, 0) != s->B || DIM(kc, 2) != s->nkv || DIM(vc, 0) != s->B || DIM(vc, 1) != s->max_len ||
-               DIM(vc, 2) != s->nkv || DIM(vc, 3) != s->hd))
+    if (kc && !bt && (DIM(kc, 0) != s->B || DIM(kc, 2) != s->nkv || DIM(vc, 0) != s->B || DIM(vc, 1) != s->max_len ||
+                      DIM(vc, 2) != s->nkv || DIM(vc, 3) != s->hd))
         BAD("run_op(%s): caches must be [B, max_len, n_kv_heads, head_dim]", c->op);
+    if (bt && (DIM(kc, 2) != s->nkv || DIM(vc, 0) != DIM(kc, 0) || DIM(vc, 1) != DIM(kc, 1) || DIM(vc, 2) != s->nkv ||
+               DIM(vc, 3) != s->hd))
+        BAD("run_op(%s): paged caches must both be [n_pages, page, n_kv_heads, head_dim]", c->op);
     const size_t cache_bytes = (size_t)s->B * s->max_len * s->nkv * s->hd * fl_dtype_size(c->be->act);
     if (!(s->qkv_d = upload_act(c, qkv))) goto done;
     s->k_d = kc ? upload_act(c, kc) : alloc_poisoned(c, cache_bytes);
@@ -473,9 +501,18 @@ static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache
     s->kp[0] = s->k_d; s->vp[0] = s->v_d;
     s->kv = (fl_kvcache){.n_layers = 1, .batch = (int)s->B, .max_len = (int)s->max_len, .n_kv_heads = (int)s->nkv,
                          .head_dim = (int)s->hd, .dtype = c->be->act, .k_d = s->kp, .v_d = s->vp};
+    if (bt) {
+        s->kv.batch = 0;
+        s->kv.n_pages = (int)n_pages;
+        s->kv.page_shift = (int)page_shift;
+        if (!(s->step.pg.btab_d = upload_raw(c, bt))) goto done;
+        s->step.pg.btab_stride = (int)DIM(bt, 1);
+        s->step.pg.page_shift = (int)page_shift;
+    }
+    if (sts && !(s->step.pg.starts_d = upload_raw(c, sts))) goto done;
     rc = 0;
 done:
-    Py_XDECREF(kc); Py_XDECREF(vc); Py_XDECREF(pos); Py_XDECREF(km);
+    Py_XDECREF(kc); Py_XDECREF(vc); Py_XDECREF(pos); Py_XDECREF(km); Py_XDECREF(bt); Py_XDECREF(sts);
     return rc;
 }
 
@@ -497,6 +534,7 @@ static int op_rope_store(op_ctx *c) {
     RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d));
     npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
     npy_intp shc[4] = {(npy_intp)s.B, (npy_intp)s.max_len, (npy_intp)s.nkv, (npy_intp)s.hd};
+    if (s.kv.n_pages) { shc[0] = s.kv.n_pages; shc[1] = (npy_intp)1 << s.kv.page_shift; }
     if (download(c, "qkv", s.qkv_d, 2, shq) < 0 || download(c, "k_cache", s.k_d, 4, shc) < 0 ||
         download(c, "v_cache", s.v_d, 4, shc) < 0)
         goto done;

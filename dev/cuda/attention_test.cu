@@ -234,7 +234,7 @@ static void run_case(Problem &p, int start, int window, bool use_mask, bool use_
     fl_err_clear();
     fl_status st = fl_cuda_attention_ex(0, p.dt, p.d_out, p.d_qkv, p.B, p.T, host_start, use_sd ? p.d_start : nullptr,
                                         use_mask ? p.d_kmask : nullptr, p.stride, p.d_kc, p.d_vc, p.max_len, p.sh.nh,
-                                        p.sh.nkv, p.sh.hd, window, scale, p.d_ws, p.ws_bytes, path);
+                                        p.sh.nkv, p.sh.hd, window, scale, p.d_ws, p.ws_bytes, path, nullptr);
     CK(cudaDeviceSynchronize());
     double err = NAN;
     long nans = 0;
@@ -293,7 +293,7 @@ static void graph_test(fl_dtype dt, Shape sh, int window, Rng &rng) {
     CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
     const fl_status st = fl_cuda_attention(s, dt, p.d_out, p.d_qkv, B, 1, start0, p.d_start, p.d_kmask, p.stride,
                                            p.d_kc, p.d_vc, max_len, sh.nh, sh.nkv, sh.hd, window,
-                                           1.0f / sqrtf((float)sh.hd), p.d_ws, p.ws_bytes);
+                                           1.0f / sqrtf((float)sh.hd), p.d_ws, p.ws_bytes, nullptr);
     CK(cudaStreamEndCapture(s, &graph));
     CK(cudaGraphInstantiate(&exec, graph, 0));
     const int starts[] = {100, 37, 1000, 4095, 0, 2047};
@@ -345,16 +345,16 @@ static void error_tests() {
     struct { const char *what; fl_status want; fl_status got; } t[4];
     t[0] = {"workspace too small", FL_E_VALUE,
             fl_cuda_attention(0, FL_BF16, p.d_out, p.d_qkv, 1, 1, 10, nullptr, nullptr, 0, p.d_kc, p.d_vc, 64, 28, 4,
-                              128, 0, 0.1f, p.d_ws, 16)};
+                              128, 0, 0.1f, p.d_ws, 16, nullptr)};
     t[1] = {"start + T > max_len", FL_E_VALUE,
             fl_cuda_attention(0, FL_BF16, p.d_out, p.d_qkv, 1, 1, 64, nullptr, nullptr, 0, p.d_kc, p.d_vc, 64, 28, 4,
-                              128, 0, 0.1f, p.d_ws, p.ws_bytes)};
+                              128, 0, 0.1f, p.d_ws, p.ws_bytes, nullptr)};
     t[2] = {"heads not a multiple", FL_E_VALUE,
             fl_cuda_attention(0, FL_BF16, p.d_out, p.d_qkv, 1, 1, 10, nullptr, nullptr, 0, p.d_kc, p.d_vc, 64, 28, 5,
-                              128, 0, 0.1f, p.d_ws, p.ws_bytes)};
+                              128, 0, 0.1f, p.d_ws, p.ws_bytes, nullptr)};
     t[3] = {"f64 activations", FL_E_UNSUPPORTED,
             fl_cuda_attention(0, FL_F64, p.d_out, p.d_qkv, 1, 1, 10, nullptr, nullptr, 0, p.d_kc, p.d_vc, 64, 28, 4,
-                              128, 0, 0.1f, p.d_ws, p.ws_bytes)};
+                              128, 0, 0.1f, p.d_ws, p.ws_bytes, nullptr)};
     CK(cudaDeviceSynchronize());
     for (auto &x : t) {
         char line[256];
@@ -443,7 +443,7 @@ static double bench_decode(fl_dtype dt, Shape sh, int B, int ctx, int max_len, b
     auto launch = [&](int l) {
         const fl_status st = fl_cuda_attention_ex(s, dt, out, qkv, B, 1, start, use_sd ? sd : nullptr, nullptr, 0,
                                                   (char *)k + layer_elems * 2 * l, (char *)v + layer_elems * 2 * l,
-                                                  max_len, sh.nh, sh.nkv, sh.hd, 0, scale, ws, wsb, path);
+                                                  max_len, sh.nh, sh.nkv, sh.hd, 0, scale, ws, wsb, path, nullptr);
         if (st != FL_OK) { fprintf(stderr, "decode bench: %s\n", fl_err_msg()); exit(2); }
     };
     launch(0);  // outside the capture: first-call set-up (occupancy query) happens here
@@ -496,7 +496,7 @@ static void profile_decode(Shape sh) {
         fill_random(k, FL_BF16, n, 1, 1.f); fill_random(v, FL_BF16, n, 2, 1.f); fill_random(qkv, FL_BF16, qkv_n, 3, 3.f);
         for (int it = 0; it < 2; it++)
             if (fl_cuda_attention(0, FL_BF16, out, qkv, B, 1, ctx - 1, nullptr, nullptr, 0, k, v, ctx, sh.nh, sh.nkv,
-                                  sh.hd, 0, 0.088f, ws, wsb) != FL_OK) { fprintf(stderr, "%s\n", fl_err_msg()); exit(2); }
+                                  sh.hd, 0, 0.088f, ws, wsb, nullptr) != FL_OK) { fprintf(stderr, "%s\n", fl_err_msg()); exit(2); }
         CK(cudaDeviceSynchronize());
         printf("profiled %s B=%d ctx=%d: 2 launches (KV %.1f MB)\n", sh.name, B, ctx, 4.0 * n / 1e6);
         CK(cudaFree(k)); CK(cudaFree(v)); CK(cudaFree(qkv)); CK(cudaFree(out)); CK(cudaFree(ws));
@@ -517,7 +517,7 @@ static void bench_prefill(fl_dtype dt, Shape sh, int B, int T, int window, int p
     const float scale = 1.0f / sqrtf((float)sh.hd);
     auto launch = [&] {
         const fl_status st = fl_cuda_attention_ex(0, dt, out, qkv, B, T, 0, nullptr, nullptr, 0, k, v, T, sh.nh,
-                                                  sh.nkv, sh.hd, window, scale, nullptr, 0, path);
+                                                  sh.nkv, sh.hd, window, scale, nullptr, 0, path, nullptr);
         if (st != FL_OK) { fprintf(stderr, "prefill bench: %s\n", fl_err_msg()); exit(2); }
     };
     cudaEvent_t e0, e1;
