@@ -35,13 +35,16 @@ typedef struct {
     int code;           /* FL_QUANT: FL_QCODE_INT / FL_QCODE_NF4 (quant.h) */
 } fl_weight;
 
-/* KV cache for a rectangular batch: per layer K and V of [batch, max_len, n_kv_heads, head_dim].
- * A paged layout (block table) replaces `k_d/v_d` addressing in the continuous-batching issue;
- * ops reach the cache only through this struct. */
+/* KV cache: per layer K and V of [rows, n_kv_heads, head_dim]. Rectangular (fl_kv_create):
+ * rows = batch * max_len, row b's slot j at b * max_len + j. Paged (fl_kv_create_paged, the engine):
+ * rows = n_pages << page_shift, addressed through the step's block table (fl_kv_paging); batch is
+ * then 0 and max_len the longest row a block table can describe. Ops reach the cache only through
+ * this struct and the step. */
 typedef struct {
     int n_layers, batch, max_len, n_kv_heads, head_dim;
     fl_dtype dtype;
-    void **k_d, **v_d;  /* [n_layers] pointers, each [batch, max_len, n_kv_heads, head_dim] */
+    void **k_d, **v_d;  /* [n_layers] pointers */
+    int n_pages, page_shift; /* paged: pool size in pages, log2 slots per page; 0, 0 rectangular */
 } fl_kvcache;
 
 /* Everything attention needs to know about one forward call over a rectangular batch.
@@ -55,6 +58,7 @@ typedef struct {
     const int32_t *pos_d;    /* [B*T] rotary positions */
     const uint8_t *kmask_d;  /* [B, kmask_stride] 1 = key slot may be attended (padding); NULL = all */
     int kmask_stride;        /* row stride of kmask_d (>= start + T) */
+    fl_kv_paging pg;         /* per-row starts and block table (zero: one start, rectangular cache) */
 } fl_step;
 
 /* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
@@ -148,6 +152,19 @@ struct fl_backend {
      * on several streams, conversion on the device). NULL: the generic path converts on the host
      * and calls to_backend. Must fill stats->threads (and may add to bytes_read). */
     fl_status (*load)(fl_backend *, const fl_load_job *jobs, int n, fl_progress_fn cb, void *ud, fl_load_stats *stats);
+
+    /* Optional (CUDA): record what fn(ud) enqueues into a replayable graph (*graph), replay one (inputs it reads
+     * are read afresh), free one. NULL on backends without graphs: callers run fn every time. A graph holds the
+     * addresses of the buffers it touched; `scratch_epoch` counts every time a buffer a forward uses was
+     * reallocated (the backend's scratch, the model's workspace), after which older graphs must not be replayed. */
+    fl_status (*graph_capture)(fl_backend *, fl_status (*fn)(void *ud), void *ud, void **graph);
+    fl_status (*graph_replay)(fl_backend *, void *graph);
+    void (*graph_free)(fl_backend *, void *graph);
+    uint64_t scratch_epoch;
+    /* Optional: dst_h[i] = the index of the largest of logits row i ([n, vocab], activation dtype; the lowest
+     * index among equal ones, as fl_argmax over the same logits widened to float32). Waits for the result.
+     * NULL: callers take the logits to the host. */
+    fl_status (*argmax_rows)(fl_backend *, int32_t *dst_h, const void *logits_d, int n, int vocab);
 
     /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
     uint64_t mem_allocated, mem_peak;

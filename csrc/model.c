@@ -1040,6 +1040,7 @@ static fl_status ws_grow(fl_model *m, void **p, size_t rows, size_t width, size_
         return fl_err(FL_E_VALUE, "workspace (%s) for %zu rows: the size overflows", what, rows);
     if (*p) be->free(be, *p);
     *p = NULL;
+    be->scratch_epoch++; /* captured graphs (the engine's) that used the old buffer are stale */
     fl_status st = be->alloc(be, bytes, p);
     return st == FL_OK ? FL_OK : fl_err_prefix(st, "workspace (%s) for %zu rows", what, rows);
 }

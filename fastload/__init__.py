@@ -17,6 +17,7 @@ from .streamers import TextIteratorStreamer, TextStreamer
 from .tokenizer import AutoTokenizer, BatchEncoding, FastTokenizer
 
 CheckpointError = _C.CheckpointError
+EngineBusy = _C.EngineBusy
 __version__ = "0.1.0"
 
 
@@ -39,4 +40,4 @@ def info() -> dict:
 
 __all__ = ["AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
-           "CheckpointError", "info", "set_seed", "cuda", "evaluate", "pipeline", "QuantConfig", "__version__"]
+           "CheckpointError", "EngineBusy", "info", "set_seed", "cuda", "evaluate", "pipeline", "QuantConfig", "__version__"]

@@ -25,6 +25,7 @@ from . import _C
 from . import arch as archmod
 from . import checks
 from . import config as cfgmod
+from . import engine as enginemod
 from . import quant as quantmod
 from . import _files
 from ._util import AttrDict, is_torch
@@ -766,6 +767,7 @@ class FastModelForCausalLM:
         self.load_stats = load_stats
         self._source = None  # what the weights were loaded from (files and their stamps), for .half() / .to()
         self._quant = None   # {"config": quantization_config dict or None, "scheme": at-load scheme or None}
+        self._engine = None  # fastload/engine.py: the scheduler behind generate / chat (made on first use)
 
     # ------------------------------------------------------------------ quantisation (fastload/quant.py)
     def _set_quant(self, quant, packed, gguf=False):
@@ -838,6 +840,7 @@ class FastModelForCausalLM:
         for k in list(kwargs):
             if k in IGNORED_LOAD_ARGS:
                 kwargs.pop(k)
+        eng_opts = enginemod.options(**{k: kwargs.pop(k) for k in list(kwargs) if k in enginemod.ENGINE_KEYS})
         if kwargs:
             raise TypeError(f"from_pretrained: unsupported argument(s) {sorted(kwargs)}; they would change the model "
                             f"and are not implemented. Accepted and ignored: {sorted(IGNORED_LOAD_ARGS)}")
@@ -892,6 +895,7 @@ class FastModelForCausalLM:
             traceback.clear_frames(e.__traceback__)
             raise
         model.name_or_path = str(ref)
+        model._engine = enginemod.Engine(model, eng_opts)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
         model._source.update(threads=nthreads)
         return model
@@ -1155,6 +1159,11 @@ class FastModelForCausalLM:
         if streamer is not None:
             streamer.put(_to_user(ids.astype(np.int64), like_torch))
             cb = (lambda toks: streamer.put(_to_user(toks, like_torch)))
+        eng = self._engine_handle()
+        if eng.opts["engine"] and (streamer is None or ids.shape[0] == 1):
+            put = None if streamer is None else (lambda t: streamer.put(_to_user(np.array([t], dtype=np.int64), like_torch)))
+            out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put)
+            return _to_user(out, like_torch)
         out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
                                   max_new_tokens=max_new, min_new_tokens=min_new, do_sample=r["do_sample"],
                                   temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],
@@ -1245,6 +1254,31 @@ class FastModelForCausalLM:
                 streamer.cancel()
         th.join()
 
+    def _engine_handle(self):
+        if self._engine is None:
+            self._engine = enginemod.Engine(self, enginemod.options())
+        return self._engine
+
+    def configure_engine(self, **kwargs):
+        """Change the engine settings (fastload/engine.py: kv_cache_memory, max_num_seqs, max_queue, engine,
+        prefill_chunk, kv_page_tokens). Takes effect at once when no request is running: the pool is freed and
+        made again at the next generate."""
+        unknown = sorted(set(kwargs) - set(enginemod.ENGINE_KEYS))
+        if unknown:
+            raise TypeError(f"configure_engine: unknown setting(s) {unknown}; known: {list(enginemod.ENGINE_KEYS)}")
+        old = self._engine_handle()
+        opts = enginemod.options(**{**{k: v for k, v in old.opts.items() if k in enginemod.ENGINE_KEYS}, **kwargs})
+        if old._started:
+            self._core.engine_stop()  # refuses while requests run
+        self._engine = enginemod.Engine(self, opts)
+        return self
+
+    def engine_stats(self):
+        """The engine's counters (None before the first generate): pool pages (n_pages, page_tokens, pages_used,
+        pages_cached: prompt pages kept for reuse), requests waiting / running, steps, decode_rows, prefill_tokens,
+        prefix_hit_tokens (prompt tokens taken from shared pages), preemptions, peaks."""
+        return self._engine_handle().stats()
+
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:
         """Bytes this model holds on its device, by use. The KV cache lives for one generate() call:
@@ -1253,8 +1287,14 @@ class FastModelForCausalLM:
         them per kind ({"int4 g128": {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the
         largest step (per token) plus logits of the most logit rows asked for (one per sequence in generate)."""
         info = self._core.info
+        es = self._engine_handle().stats() or {}
+        pool = es.get("pool_bytes", 0)
+        page_bytes = pool // (es["n_pages"] + 1) if es else 0
         out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
-               "kv_cache_last": info["kv_bytes_last"], "workspace": info["mem_allocated"] - info["weight_bytes"],
+               "kv_cache_last": info["kv_bytes_last"], "kv_cache_pool": pool,
+               "kv_cache_pool_used": es.get("pages_used", 0) * page_bytes,
+               "kv_cache_pool_cached": es.get("pages_cached", 0) * page_bytes,
+               "workspace": info["mem_allocated"] - info["weight_bytes"] - pool,
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
         q = quantmod.report(self._core)  # weights = quantized_bytes (codes, scales, offsets) + float_bytes
         if q:
@@ -1385,6 +1425,8 @@ class FastModelForCausalLM:
                                "call from_pretrained again")
         self._core = new._core
         self._quant = new._quant
+        if self._engine is not None:  # the old core keeps its engine until its last request is gone
+            self._engine = enginemod.Engine(self, self._engine.opts)
         self.device, self.dtype = ModelDevice(device), ModelDType(dtype)
         self._context_bytes = new._context_bytes
         stats = new.load_stats

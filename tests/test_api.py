@@ -224,9 +224,11 @@ def test_progress_callback():
 def test_prefill_workspace_holds_logits_of_the_last_rows_only():
     """generate's prefill asks for B rows of logits, not B * T: the workspace grows per token by the activations
     only (d, q|k|v, attention, residual, gate|up, ffn, ids, positions), never by the vocabulary (a 2048-token prompt
-    of a 152k-vocabulary model used to hold ~600 MB of 16-bit logits on the GPU)."""
+    of a 152k-vocabulary model used to hold ~600 MB of 16-bit logits on the GPU). engine=False: the one-call path
+    (the engine reserves its workspace once, for prefill_chunk tokens and max_num_seqs logit rows)."""
     from golden_util import model_dir
-    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("qwen2")), device_map="cpu", torch_dtype="float32")
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("qwen2")), device_map="cpu", torch_dtype="float32",
+                                                      engine=False)
     c = m.config
     d, f, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
     per_token = 4 * (2 * d + (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd

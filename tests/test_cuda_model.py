@@ -107,7 +107,10 @@ def test_memory_accounting_and_load_peak():
 
 
 def test_cuda_error_is_an_exception_and_process_lives():
-    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("llama")), device_map="cuda", torch_dtype="float16")
+    """engine=False: one call's own KV cache of batch x length far beyond the device (the engine instead holds
+    tokens in a pool sized once: test_cuda_engine.py)."""
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("llama")), device_map="cuda", torch_dtype="float16",
+                                                      engine=False)
     ids = load_case("llama")["single_ids"]
     with pytest.raises((MemoryError, RuntimeError)):
         m.generate(np.repeat(ids, 64, 0), max_new_tokens=2_000_000_000 // 64)  # KV cache far beyond the device

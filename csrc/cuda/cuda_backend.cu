@@ -24,6 +24,7 @@
 #include "matmul.cuh"
 #include "norm.cuh"
 #include "qmatmul.cuh"
+#include "sample.cuh"
 #include "rope.cuh"
 // The loading pipeline (loader.cuh, another unit) is wired in fl_cuda_backend_init, see there.
 
@@ -123,6 +124,7 @@ fl_status fl_cuda_grow(fl_backend *be, void **buf, size_t *have, size_t bytes, c
         return fl_err(FL_E_INTERNAL, "%s needs %zu bytes of scratch on %s, which cannot be allocated while a CUDA "
                       "graph is captured: run the same shapes once before capturing", what, bytes, c->name);
     FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));  // the old buffer may still be in use
+    be->scratch_epoch++;                               // graphs holding the old address are stale
     if (*buf) {
         FL_CUDA_CHECK(cudaFree(*buf));
         fl_cuda_account(c->device, -(long long)*have);
@@ -254,7 +256,7 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
     const int mode = need > c->rope_cs_bytes ? FL_ROPE_TABLE_NONE : layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
     return fl_cuda_rope_store(c->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
                               inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                              kv->head_dim, c->rope_cs, mode);
+                              kv->head_dim, c->rope_cs, mode, &s->pg);
 }
 
 static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,
@@ -269,7 +271,7 @@ static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, co
     FL_TRY(fl_cuda_grow(be, &c->attn_ws, &c->attn_ws_bytes, need, "attention"));
     return fl_cuda_attention(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
                              s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                             kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes);
+                             kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg);
 }
 
 static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f, const fl_weight *next) {
@@ -314,6 +316,48 @@ static fl_status cu_quantize(fl_backend *be, const fl_weight *W, int scheme, int
                              const void *src_d, fl_dtype src_dtype) {
     FL_TRY(fl_cuda_enter(IMPL(be)));
     return fl_cuda_quantize(be, W, scheme, row0, rows, src_d, src_dtype);
+}
+
+// Graphs for callers that replay a step many times (the engine's decode step, csrc/engine.c).
+static fl_status cu_graph_capture(fl_backend *be, fl_status (*fn)(void *), void *ud, void **out) {
+    fl_cuda_impl *c = IMPL(be);
+    *out = NULL;
+    FL_TRY(fl_cuda_enter(c));
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t x = NULL;
+    FL_CUDA_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    const fl_status st = fn(ud);
+    const cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    if (st != FL_OK) {
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();
+        return st;
+    }
+    if (e != cudaSuccess) return fl_err(FL_E_DEVICE, "capturing a CUDA graph: %s", cudaGetErrorString(e));
+    const cudaError_t ie = cudaGraphInstantiate(&x, g, 0);
+    cudaGraphDestroy(g);
+    if (ie != cudaSuccess) return fl_err(FL_E_DEVICE, "instantiating a CUDA graph: %s", cudaGetErrorString(ie));
+    *out = x;
+    return FL_OK;
+}
+static fl_status cu_graph_replay(fl_backend *be, void *graph) {
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    FL_CUDA_CHECK(cudaGraphLaunch((cudaGraphExec_t)graph, IMPL(be)->stream));
+    return FL_OK;
+}
+static void cu_graph_free(fl_backend *be, void *graph) {
+    (void)be;
+    if (graph) cudaGraphExecDestroy((cudaGraphExec_t)graph);
+}
+static fl_status cu_argmax_rows(fl_backend *be, int32_t *dst_h, const void *logits_d, int n, int vocab) {
+    fl_cuda_impl *c = IMPL(be);
+    if (n <= 0) return FL_OK;
+    FL_TRY(fl_cuda_enter(c));
+    FL_TRY(fl_cuda_grow(be, &c->scratch, &c->scratch_bytes, (size_t)n * 4, "argmax_rows"));
+    FL_TRY(fl_cuda_argmax_rows(c->stream, be->act, logits_d, n, vocab, (int32_t *)c->scratch));
+    FL_CUDA_CHECK(cudaMemcpyAsync(dst_h, c->scratch, (size_t)n * 4, cudaMemcpyDeviceToHost, c->stream));
+    FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    return FL_OK;
 }
 
 extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ? IMPL(be)->stream : (cudaStream_t)0; }
@@ -432,6 +476,10 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->gather_rows = cu_gather_rows;
     be->logits_to_host = cu_logits_to_host;
     be->quantize = cu_quantize;
+    be->graph_capture = cu_graph_capture;
+    be->graph_replay = cu_graph_replay;
+    be->graph_free = cu_graph_free;
+    be->argmax_rows = cu_argmax_rows;
     // The loading pipeline (loader.cu): pread / O_DIRECT -> pinned pool -> streams -> device.
     be->load = cu_load;
     return init_resources(be, c);  // on failure the caller calls be->destroy(be)

@@ -215,3 +215,35 @@ extern "C" fl_status fl_cuda_advance(cudaStream_t st, int B, int T, int total, c
     CK(cudaGetLastError());
     return FL_OK;
 }
+
+// ---- argmax of each row (the engine's greedy rows: csrc/engine.c) ------------------------------
+// fl_argmax's rule over the float32 widening of the logits: the first maximum; a row with nothing
+// above -inf (all -inf) gives 0.
+template <typename T>
+__global__ void __launch_bounds__(NT) argmax_rows_kernel(const T *__restrict__ logits, int V, int32_t *__restrict__ out) {
+    __shared__ float shv[NT / 32];
+    __shared__ int shi[NT / 32];
+    const T *row = logits + (size_t)blockIdx.x * V;
+    float v = -INFINITY;
+    int i = 0x7fffffff;
+    for (int j = threadIdx.x; j < V; j += NT) {
+        const float x = to_f(row[j]);
+        if (x > v) { v = x; i = j; }  // j rises: the first maximum of this thread's share
+    }
+    block_argmax(v, i, shv, shi);
+    if (threadIdx.x == 0) out[blockIdx.x] = i == 0x7fffffff ? 0 : i;
+}
+
+extern "C" fl_status fl_cuda_argmax_rows(cudaStream_t st, fl_dtype act, const void *logits, int n, int V, int32_t *out) {
+    if (n <= 0) return FL_OK;
+    if (V <= 0) return fl_err(FL_E_VALUE, "argmax_rows: vocab %d", V);
+    switch (act) {
+    case FL_F32: argmax_rows_kernel<float><<<n, NT, 0, st>>>((const float *)logits, V, out); break;
+    case FL_F16: argmax_rows_kernel<__half><<<n, NT, 0, st>>>((const __half *)logits, V, out); break;
+    case FL_BF16: argmax_rows_kernel<__nv_bfloat16><<<n, NT, 0, st>>>((const __nv_bfloat16 *)logits, V, out); break;
+    default: return fl_err(FL_E_UNSUPPORTED, "argmax_rows: dtype %d", (int)act);
+    }
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return fl_err(FL_E_DEVICE, "argmax_rows: %s", cudaGetErrorString(e));
+    return FL_OK;
+}

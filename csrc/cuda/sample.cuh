@@ -32,6 +32,8 @@ extern "C" {
 // Choose sampled[b] from logits [B, V] (act dtype) for each row; rows already done are skipped.
 fl_status fl_cuda_sample(cudaStream_t st, fl_dtype act, const void *logits, int B, int V, int T, int total,
                          const fl_cuda_sampling *p, const fl_cuda_gen_state *g);
+// out[i] = argmax of logits row i ([n, V], act dtype; first maximum; 0 for a row of -inf), on the stream.
+fl_status fl_cuda_argmax_rows(cudaStream_t st, fl_dtype act, const void *logits, int n, int V, int32_t *out);
 // Write sampled tokens into out[:, T + step], mark eos rows done, set next/pos/start/step/alive.
 fl_status fl_cuda_advance(cudaStream_t st, int B, int T, int total, const fl_cuda_sampling *p, const fl_cuda_gen_state *g);
 #ifdef __cplusplus

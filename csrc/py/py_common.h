@@ -17,6 +17,8 @@
 
 /* fastload.CheckpointError (subclass of ValueError): a checkpoint file is malformed. */
 extern PyObject *FlCheckpointError;
+/* fastload.EngineBusy (subclass of RuntimeError): the engine's queue of waiting requests is full. */
+extern PyObject *FlEngineBusy;
 /* Raise the Python exception for `st` with the thread's fl_err message; returns NULL. */
 PyObject *fl_py_raise(fl_status st);
 
@@ -29,4 +31,5 @@ int fl_py_init_safetensors(PyObject *m);
 int fl_py_init_gguf(PyObject *m);
 int fl_py_init_model(PyObject *m);
 int fl_py_init_ops(PyObject *m);  /* run_op: one backend op on numpy arrays (tests) */
+int fl_py_init_engine(PyObject *m); /* the Request type (py_engine.c) */
 #endif

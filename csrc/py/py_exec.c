@@ -39,6 +39,7 @@ struct fl_exec_job {
     char err[FL_ERR_MAX];
     int cancel;             /* read lock-free with __atomic loads; the core polls it through fl_cancel */
     int queued, done, refs; /* under mu */
+    int posted;             /* fl_exec_post: nobody waits; fn runs even when cancelled (it must clean up) */
     /* callback hand-off (under mu) */
     int (*cb)(void *);
     void *cb_arg;
@@ -74,7 +75,7 @@ static void job_run(fl_exec_job *j) {
     pthread_mutex_lock(&mu);
     j->up = running;
     running = j;
-    const int cancelled = __atomic_load_n(&j->cancel, __ATOMIC_RELAXED) || exiting;
+    const int cancelled = (__atomic_load_n(&j->cancel, __ATOMIC_RELAXED) || exiting) && !j->posted;
     pthread_mutex_unlock(&mu);
     const int *prev = fl_cancel_flag(&j->cancel);
     fl_err_clear();
@@ -201,6 +202,34 @@ static void stash_exception(PyObject **et, PyObject **ev, PyObject **etb) {
     if (!PyErr_Occurred()) return;
     if (*et) { PyErr_Clear(); return; }
     PyErr_Fetch(et, ev, etb);
+}
+
+int fl_exec_post(fl_exec_fn fn, void *arg) {
+    pthread_once(&once, exec_init);
+    fl_exec_job *j = calloc(1, sizeof *j);
+    if (!j) return ENOMEM;
+    j->fn = fn;
+    j->arg = arg;
+    j->refs = 1; /* the runner's only */
+    j->posted = 1;
+    pthread_cond_init(&j->caller_cv, &cv_attr);
+    pthread_cond_init(&j->worker_cv, &cv_attr);
+    pthread_mutex_lock(&mu);
+    const int rc = started ? 0 : start_thread();
+    if (rc != 0) {
+        pthread_mutex_unlock(&mu);
+        pthread_cond_destroy(&j->caller_cv);
+        pthread_cond_destroy(&j->worker_cv);
+        free(j);
+        return rc;
+    }
+    if (exiting) __atomic_store_n(&j->cancel, 1, __ATOMIC_RELAXED);
+    j->queued = 1;
+    if (q_tail) q_tail->next = j; else q_head = j;
+    q_tail = j;
+    pthread_cond_signal(&queue_cv);
+    pthread_mutex_unlock(&mu);
+    return 0;
 }
 
 int fl_exec_run(fl_exec_fn fn, void *arg, fl_status *st_out) {

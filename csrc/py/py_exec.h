@@ -33,6 +33,11 @@ int fl_exec_run(fl_exec_fn fn, void *arg, fl_status *st);
  * Calls for one job must not overlap (the core calls progress under a critical section). */
 int fl_exec_callback(fl_exec_job *job, int (*py)(void *arg), void *arg);
 
+/* Queue fn(job, arg) on the compute thread without waiting for it (no GIL needed; no callbacks).
+ * fn runs even when the job is cancelled (interpreter exit): it checks fl_exec_cancelled and must
+ * release what it holds. Returns 0, or an errno value if the thread cannot be started. */
+int fl_exec_post(fl_exec_fn fn, void *arg);
+
 /* Nonzero once the job should stop (Ctrl-C in the waiting caller, interpreter exit). */
 int fl_exec_cancelled(const fl_exec_job *job);
 

@@ -3,6 +3,7 @@
  * serialises callers (the workspace and the KV cache are per model). */
 #include "py_common.h"
 #include "py_exec.h"
+#include "py_engine.h"
 #include "pythread.h"
 #include "../sampling.h"
 #include <float.h>
@@ -16,6 +17,7 @@ typedef struct {
     unsigned long owner; /* thread holding `lock` (GIL held to read or write) */
     int depth;           /* calls of `owner` in progress: > 1 when a callback called this model again */
     int loading;         /* the outermost call is load */
+    fl_engine *eng;      /* continuous batching (engine_start), or NULL */
 } FlPyModel;
 
 /* CPU models run their core calls on the process-wide compute thread (py_exec.c): one OpenMP
@@ -23,6 +25,13 @@ typedef struct {
 static int on_compute_thread(const FlPyModel *self) { return self->be->host_memory && !strcmp(self->be->name, "cpu"); }
 
 static void model_dealloc(FlPyModel *self) {
+    if (self->eng) { /* no Request holds this model any more: every request is released */
+        fl_engine *e = self->eng;
+        self->eng = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        fl_engine_free(e);
+        Py_END_ALLOW_THREADS
+    }
     if (self->m) fl_model_free(self->m);
     if (self->be) self->be->destroy(self->be);
     if (self->lock) PyThread_free_lock(self->lock);
@@ -418,6 +427,11 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
         }
     }
     progress_ud ud = {progress == Py_None ? NULL : progress, 0, NULL, 0, 0};
+    if (self->eng) {
+        PyMem_Free(arr);
+        PyErr_SetString(PyExc_RuntimeError, "load: the model's engine is running (engine_stop() first)");
+        return NULL;
+    }
     load_args la = {self->m, arr, (int)n, &ud};
     fl_status st = FL_OK;
     if (enter_model(self, 1) < 0) { PyMem_Free(arr); return NULL; }
@@ -447,13 +461,15 @@ static PyArrayObject *as_2d(PyObject *o, int typenum, const char *what) {
     return a;
 }
 
-typedef struct { fl_model *m; int B, T; const int32_t *ids, *pos; const uint8_t *mask; float *logits; } forward_args;
+typedef struct { fl_model *m; int B, T; const int32_t *ids, *pos; const uint8_t *mask; float *logits; fl_engine *eng; } forward_args;
 static fl_status forward_job(fl_exec_job *job, void *arg) {
     forward_args *a = arg;
     fl_kvcache *kv = NULL;
+    if (a->eng) fl_engine_lock_model(a->eng); /* not in the middle of an engine step (same workspace) */
     fl_status st = fl_kv_create(a->m, a->B, a->T, &kv);
     if (st == FL_OK) st = fl_forward(a->m, kv, a->B, a->T, 0, a->ids, a->pos, a->mask, a->T, 1, a->logits);
     fl_kv_free(a->m, kv);
+    if (a->eng) fl_engine_unlock_model(a->eng);
     return st;
 }
 
@@ -489,7 +505,7 @@ static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
     for (npy_intp i = 0; i < B * T; i++) pbuf[i] = pos ? ((int32_t *)PyArray_DATA(pos))[i] : (int32_t)(i % T); /* transformers' default: arange */
     fl_status st = FL_OK;
     forward_args fa = {self->m, (int)B, (int)T, PyArray_DATA(ids), pbuf, mask ? PyArray_DATA(mask) : NULL,
-                       PyArray_DATA((PyArrayObject *)res)};
+                       PyArray_DATA((PyArrayObject *)res), self->eng};
     int rc = enter_model(self, 0);
     if (rc == 0) {
         rc = run_core(self, forward_job, &fa, &st);
@@ -539,12 +555,15 @@ static int stream_cb(void *ud, const int32_t *toks, int B) {
 
 typedef struct {
     fl_model *m; const int32_t *ids; const uint8_t *mask; int B, T; const fl_gen_params *p;
-    int32_t *out; int *n_new; stream_ud *sud;
+    int32_t *out; int *n_new; stream_ud *sud; fl_engine *eng;
 } generate_args;
 static fl_status generate_job(fl_exec_job *job, void *arg) {
     generate_args *a = arg;
     a->sud->job = job;
-    return fl_generate(a->m, a->ids, a->mask, a->B, a->T, a->p, a->out, a->n_new, stream_cb, a->sud);
+    if (a->eng) fl_engine_lock_model(a->eng);
+    const fl_status st = fl_generate(a->m, a->ids, a->mask, a->B, a->T, a->p, a->out, a->n_new, stream_cb, a->sud);
+    if (a->eng) fl_engine_unlock_model(a->eng);
+    return st;
 }
 
 static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
@@ -599,7 +618,7 @@ static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
     stream_ud sud = {cb == Py_None ? NULL : cb, NULL, NULL, 0};
     int n_new = 0;
     fl_status st = FL_OK;
-    generate_args ga = {self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, &sud};
+    generate_args ga = {self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, &sud, self->eng};
     int rc = enter_model(self, 0);
     if (rc == 0) {
         rc = run_core(self, generate_job, &ga, &st);
@@ -761,6 +780,115 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
     return Py_BuildValue("(sN)", fl_dtype_table[w->dtype].np_name, arr);
 }
 
+/* ---- the engine (csrc/engine.h): many callers, continuous batching, paged KV cache ---------------------------- */
+/* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0) */
+static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"kv_bytes", "page_tokens", "max_batch", "prefill_chunk", "max_waiting", "max_context", NULL};
+    fl_engine_cfg cfg = {0};
+    unsigned long long kvb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiii", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
+                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context))
+        return NULL;
+    cfg.kv_bytes = kvb;
+    if (self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is already running"); return NULL; }
+    if (cfg.page_tokens < 0 || cfg.max_batch < 0 || cfg.prefill_chunk < 0 || cfg.max_waiting < 0 || cfg.max_context < 0) {
+        PyErr_SetString(PyExc_ValueError, "engine_start: sizes must be >= 0 (0: the default)");
+        return NULL;
+    }
+    fl_status st;
+    fl_engine *e = NULL;
+    if (enter_model(self, 0) < 0) return NULL;
+    const int cpu = on_compute_thread(self);
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_engine_create(self->m, &cfg, cpu ? fl_py_exec_kick : NULL, NULL, &e);
+    Py_END_ALLOW_THREADS
+    leave_model(self);
+    if (st != FL_OK) return fl_py_raise(st);
+    self->eng = e;
+    Py_RETURN_NONE;
+}
+
+/* engine_stop(): cancel every request and free the pool (requests still held by callers end cancelled). */
+static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
+    (void)noargs;
+    fl_engine *e = self->eng;
+    if (!e) Py_RETURN_NONE;
+    self->eng = NULL;
+    /* Requests hold the model, not the engine: a live one would point at freed memory. Refuse while any exists. */
+    fl_engine_stats s;
+    fl_engine_get_stats(e, &s);
+    if (s.waiting || s.running) {
+        self->eng = e;
+        PyErr_SetString(PyExc_RuntimeError, "engine_stop: requests are still running (cancel them and wait first)");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fl_engine_free(e);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* engine_submit(ids[n] int, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1, top_k=0, top_p=1,
+ *               repetition_penalty=1, seed=0, eos_token_ids=None) -> Request */
+static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                             "repetition_penalty", "seed", "eos_token_ids", NULL};
+    PyObject *ids_o, *eos_o = Py_None;
+    fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffKO", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
+                                     &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed, &eos_o))
+        return NULL;
+    if (!self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is not running (engine_start first)"); return NULL; }
+    p.seed = seed;
+    int32_t eos[64];
+    if (eos_o != Py_None) {
+        PyObject *seq = PySequence_Fast(eos_o, "eos_token_ids must be a sequence of ints");
+        if (!seq) return NULL;
+        const Py_ssize_t ne = PySequence_Fast_GET_SIZE(seq);
+        if (ne > 64) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "at most 64 eos token ids"); return NULL; }
+        for (Py_ssize_t i = 0; i < ne; i++) {
+            const long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if ((v == -1 && PyErr_Occurred()) || v < INT32_MIN || v > INT32_MAX) {
+                Py_DECREF(seq);
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "eos token id %ld is out of range", v);
+                return NULL;
+            }
+            eos[i] = (int32_t)v;
+        }
+        p.n_eos = (int)ne;
+        Py_DECREF(seq);
+    }
+    p.eos = eos;
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROMANY(ids_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    if (!ids) { PyErr_Clear(); PyErr_SetString(PyExc_ValueError, "input_ids must be a 1-D array of integers"); return NULL; }
+    const npy_intp n = PyArray_DIM(ids, 0);
+    if (n > INT32_MAX) { Py_DECREF(ids); PyErr_SetString(PyExc_ValueError, "input_ids is too long"); return NULL; }
+    fl_request *r = NULL;
+    fl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_engine_submit(self->eng, PyArray_DATA(ids), (int)n, &p, &r);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(ids);
+    if (st != FL_OK) return fl_py_raise(st);
+    return fl_py_request_wrap((PyObject *)self, r, (int)n);
+}
+
+static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {
+    (void)noargs;
+    if (!self->eng) Py_RETURN_NONE;
+    fl_engine_stats s;
+    fl_engine_get_stats(self->eng, &s);
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i}", "n_pages", s.n_pages,
+                         "page_tokens", s.page_tokens, "pages_used", s.pages_used, "pages_cached", s.pages_cached,
+                         "pool_bytes", (unsigned long long)s.pool_bytes, "waiting", s.waiting, "running", s.running,
+                         "steps", (unsigned long long)s.steps, "decode_rows", (unsigned long long)s.decode_rows,
+                         "prefill_tokens", (unsigned long long)s.prefill_tokens,
+                         "prefix_hit_tokens", (unsigned long long)s.prefix_hit_tokens,
+                         "preemptions", (unsigned long long)s.preemptions, "peak_pages_used", s.peak_pages_used,
+                         "peak_running", s.peak_running);
+}
+
 static PyMethodDef model_methods[] = {
     {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name[, packed])."},
     {"check_complete", (PyCFunction)model_check_complete, METH_NOARGS, "Raise if a required weight was not loaded."},
@@ -769,6 +897,12 @@ static PyMethodDef model_methods[] = {
     {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights "
      "(a quantised weight dequantised to float32)."},
     {"layouts", (PyCFunction)model_layouts, METH_NOARGS, "layouts() -> list of dicts: each weight's dtype / quantised layout and bytes."},
+    {"engine_start", (PyCFunction)(void (*)(void))model_engine_start, METH_VARARGS | METH_KEYWORDS,
+     "engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0)."},
+    {"engine_stop", (PyCFunction)model_engine_stop, METH_NOARGS, "Free the engine (no request may be running)."},
+    {"engine_submit", (PyCFunction)(void (*)(void))model_engine_submit, METH_VARARGS | METH_KEYWORDS,
+     "engine_submit(input_ids[n], max_new_tokens, ...) -> Request."},
+    {"engine_stats", (PyCFunction)model_engine_stats, METH_NOARGS, "The engine's pool and request counts, or None."},
     {NULL, NULL, 0, NULL},
 };
 static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};

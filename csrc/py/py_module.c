@@ -3,6 +3,7 @@
 #include "py_common.h"
 
 PyObject *FlCheckpointError = NULL;
+PyObject *FlEngineBusy = NULL;
 
 PyObject *fl_py_raise(fl_status st) {
     const char *msg = fl_err_msg();
@@ -14,6 +15,7 @@ PyObject *fl_py_raise(fl_status st) {
     case FL_E_VALUE: exc = PyExc_ValueError; break;
     case FL_E_NOMEM: exc = PyExc_MemoryError; break;
     case FL_E_UNSUPPORTED: exc = PyExc_NotImplementedError; break;
+    case FL_E_BUSY: exc = FlEngineBusy; break;
     case FL_E_INTERRUPTED:
         if (PyErr_Occurred()) return NULL; /* the callback's own exception */
         exc = PyExc_KeyboardInterrupt; break;
@@ -151,7 +153,13 @@ PyMODINIT_FUNC PyInit__C(void) {
     FlCheckpointError = PyErr_NewExceptionWithDoc("fastload.CheckpointError",
         "A checkpoint file is malformed (the message names the file and tensor).", PyExc_ValueError, NULL);
     if (!FlCheckpointError || PyModule_AddObjectRef(m, "CheckpointError", FlCheckpointError) < 0) goto fail;
-    if (fl_py_init_safetensors(m) < 0 || fl_py_init_gguf(m) < 0 || fl_py_init_model(m) < 0 || fl_py_init_ops(m) < 0) goto fail;
+    FlEngineBusy = PyErr_NewExceptionWithDoc("fastload.EngineBusy",
+                                             "The model's queue of waiting requests is full (max_waiting): try again later.",
+                                             PyExc_RuntimeError, NULL);
+    if (!FlEngineBusy || PyModule_AddObjectRef(m, "EngineBusy", FlEngineBusy) < 0) goto fail;
+    if (fl_py_init_safetensors(m) < 0 || fl_py_init_gguf(m) < 0 || fl_py_init_model(m) < 0 || fl_py_init_ops(m) < 0 ||
+        fl_py_init_engine(m) < 0)
+        goto fail;
     return m;
 fail:
     Py_DECREF(m);

@@ -1,0 +1,877 @@
+/* engine.c: continuous batching over a paged KV cache (see engine.h for the design).
+ *
+ * Locking: one mutex (mu) guards the queue, the running set, the page pool and every request's
+ * public fields; the step runs its forward passes without it (under model_mu), so callers can
+ * submit, wait and cancel while the device works. Only the driver thread changes a running
+ * request's pages and tokens; callers read tokens under mu. */
+#include "engine.h"
+#include "sampling.h"
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { RQ_WAITING = 0, RQ_PREFILL, RQ_DECODE, RQ_DONE };
+#define FL_ENGINE_MAX_EOS 64
+
+struct fl_request {
+    fl_engine *e;
+    int refs;                 /* the caller's and the engine's */
+    int state;
+    int cancel;
+    uint64_t seq;             /* arrival order: the oldest is served first, the newest preempted first */
+    int32_t *toks;            /* prompt, then every generated token: [n_prompt + n_out] of cap */
+    int n_prompt, n_out, cap;
+    int n_cached;             /* leading tokens whose K/V are in the cache */
+    int32_t *pages;           /* block-table row: the pages of slots [0, n_pages * page) */
+    int n_pages, n_reg;       /* pages held; leading pages that are (in) the prefix table */
+    fl_gen_params p;
+    int32_t eos[FL_ENGINE_MAX_EOS];
+    fl_rng rng;
+    fl_status st;
+    char err[FL_ERR_MAX];
+    pthread_cond_t cv;
+    fl_request *next;         /* waiting queue */
+};
+
+/* The page pool with its prefix table (chained hash over a page's tokens and the page before it). */
+typedef struct {
+    int n, shift, page;
+    int *ref;                 /* holders of each page */
+    int *free_stack, n_free;
+    int *parent;              /* table pages: the page before (-1: first); -2: not in the table */
+    int32_t *ptok;            /* [n, page] tokens of table pages */
+    int *bucket, nb, *hnext;  /* hash chains */
+    uint64_t *hash;
+    int *lru_prev, *lru_next, lru_head, lru_tail, n_cached; /* table pages nobody holds, oldest first */
+} pool_t;
+
+struct fl_engine {
+    fl_model *m;
+    fl_engine_cfg cfg;
+    fl_kvcache kv;            /* the paged cache (batch 0) */
+    void *kv_base;
+    pool_t pool;
+    pthread_mutex_t mu, model_mu;
+    pthread_cond_t idle_cv;
+    int driving, closing;
+    fl_engine_kick_fn kick;
+    void *kick_ud;
+    fl_request *wait_head, *wait_tail;
+    int n_waiting;
+    fl_request **run;         /* [max_batch] admitted requests (prefill or decode) */
+    int n_run;
+    uint64_t next_seq;
+    fl_engine_stats st;
+    /* step scratch (driver only) */
+    float *logits;            /* [max_batch, vocab] */
+    int32_t *idx; uint8_t *mark;
+    int32_t *h_tok, *h_pos, *h_starts, *h_btab; /* host: [max(max_batch, chunk)], [max_batch * max_pages] */
+    void *d_starts, *d_btab;  /* backend copies (NULL on host-memory backends: the host arrays are used) */
+    int max_pages;            /* pages of the longest request: max_context / page */
+    fl_request **rows;        /* [max_batch] this step's decode rows */
+    int null_page;            /* a page outside the pool: padding rows of a graph-replayed step write there */
+    int32_t *h_next;          /* [max_batch] tokens chosen on the device (argmax_rows) */
+    uint8_t *h_greedy;        /* [max_batch] row takes the device argmax */
+    /* decode graphs (backends with graph_capture), one per batch bucket, valid while the backend's scratch_epoch
+     * is the one they were captured at */
+    int n_buckets;
+    void **graph;
+    uint64_t *graph_epoch;
+    struct { fl_engine *e; int B; } cap;
+    fl_engine *reg_next;      /* every live engine, for fork() */
+};
+
+/* fork(): the child has no driver thread, and a lock the parent's driver held would stay held there forever.
+ * Around fork every engine's locks are taken (a step in flight finishes its forward first); the child then
+ * marks the parent's requests cancelled (nobody in the child waits for them; the next step drops them) and
+ * knows no driver runs. */
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static fl_engine *reg_head;
+static pthread_once_t reg_once = PTHREAD_ONCE_INIT;
+static void fork_prepare(void) {
+    pthread_mutex_lock(&reg_mu);
+    for (fl_engine *e = reg_head; e; e = e->reg_next) {
+        pthread_mutex_lock(&e->model_mu);
+        pthread_mutex_lock(&e->mu);
+    }
+}
+static void fork_parent(void) {
+    for (fl_engine *e = reg_head; e; e = e->reg_next) {
+        pthread_mutex_unlock(&e->mu);
+        pthread_mutex_unlock(&e->model_mu);
+    }
+    pthread_mutex_unlock(&reg_mu);
+}
+static void fork_child(void) {
+    for (fl_engine *e = reg_head; e; e = e->reg_next) {
+        for (fl_request *r = e->wait_head; r; r = r->next) r->cancel = 1;
+        for (int i = 0; i < e->n_run; i++) e->run[i]->cancel = 1;
+        e->driving = 0;
+        pthread_mutex_unlock(&e->mu);
+        pthread_mutex_unlock(&e->model_mu);
+    }
+    pthread_mutex_unlock(&reg_mu);
+}
+static void reg_init(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+/* ---- page pool ------------------------------------------------------------------------------ */
+static uint64_t page_hash(int parent, const int32_t *t, int n) {
+    uint64_t h = 1469598103934665603ull ^ (uint64_t)(uint32_t)parent;
+    for (int i = 0; i < n; i++) { h ^= (uint32_t)t[i]; h *= 1099511628211ull; h ^= h >> 29; }
+    return h;
+}
+static void lru_unlink(pool_t *P, int id) {
+    const int a = P->lru_prev[id], b = P->lru_next[id];
+    if (a >= 0) P->lru_next[a] = b; else P->lru_head = b;
+    if (b >= 0) P->lru_prev[b] = a; else P->lru_tail = a;
+    P->lru_prev[id] = P->lru_next[id] = -1;
+    P->n_cached--;
+}
+static void table_remove(pool_t *P, int id) {
+    int *pp = &P->bucket[P->hash[id] % (uint64_t)P->nb];
+    while (*pp >= 0 && *pp != id) pp = &P->hnext[*pp];
+    if (*pp == id) *pp = P->hnext[id];
+    P->parent[id] = -2;
+}
+/* A free page: never used or released, else the least recently released table page. -1: none. */
+static int page_alloc(pool_t *P) {
+    int id = -1;
+    if (P->n_free) id = P->free_stack[--P->n_free];
+    else if (P->lru_head >= 0) {
+        id = P->lru_head;
+        lru_unlink(P, id);
+        table_remove(P, id);
+    }
+    if (id >= 0) P->ref[id] = 1;
+    return id;
+}
+static void page_take(pool_t *P, int id) {
+    if (P->ref[id]++ == 0) lru_unlink(P, id);
+}
+static void page_release(pool_t *P, int id) {
+    if (--P->ref[id] > 0) return;
+    if (P->parent[id] != -2) { /* keep it findable, reusable last */
+        P->lru_prev[id] = P->lru_tail;
+        P->lru_next[id] = -1;
+        if (P->lru_tail >= 0) P->lru_next[P->lru_tail] = id; else P->lru_head = id;
+        P->lru_tail = id;
+        P->n_cached++;
+    } else {
+        P->free_stack[P->n_free++] = id;
+    }
+}
+static int table_find(pool_t *P, int parent, const int32_t *t) {
+    const uint64_t h = page_hash(parent, t, P->page);
+    for (int id = P->bucket[h % (uint64_t)P->nb]; id >= 0; id = P->hnext[id])
+        if (P->hash[id] == h && P->parent[id] == parent &&
+            !memcmp(P->ptok + (size_t)id * P->page, t, (size_t)P->page * 4))
+            return id;
+    return -1;
+}
+/* Enter page id (held, full of tokens t after `parent`); 0 if an equal page is already there. */
+static int table_insert(pool_t *P, int id, int parent, const int32_t *t) {
+    if (table_find(P, parent, t) >= 0) return 0;
+    const uint64_t h = page_hash(parent, t, P->page);
+    P->hash[id] = h;
+    P->parent[id] = parent;
+    memcpy(P->ptok + (size_t)id * P->page, t, (size_t)P->page * 4);
+    P->hnext[id] = P->bucket[h % (uint64_t)P->nb];
+    P->bucket[h % (uint64_t)P->nb] = id;
+    return 1;
+}
+static int pool_init(pool_t *P, int n, int shift) {
+    memset(P, 0, sizeof *P);
+    P->n = n; P->shift = shift; P->page = 1 << shift; P->nb = 2 * n + 1;
+    P->ref = calloc((size_t)n, sizeof(int));
+    P->free_stack = malloc((size_t)n * sizeof(int));
+    P->parent = malloc((size_t)n * sizeof(int));
+    P->ptok = malloc((size_t)n * (size_t)P->page * 4);
+    P->bucket = malloc((size_t)P->nb * sizeof(int));
+    P->hnext = malloc((size_t)n * sizeof(int));
+    P->hash = calloc((size_t)n, sizeof(uint64_t));
+    P->lru_prev = malloc((size_t)n * sizeof(int));
+    P->lru_next = malloc((size_t)n * sizeof(int));
+    if (!P->ref || !P->free_stack || !P->parent || !P->ptok || !P->bucket || !P->hnext || !P->hash || !P->lru_prev || !P->lru_next)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        P->free_stack[i] = n - 1 - i; /* page 0 first */
+        P->parent[i] = -2;
+        P->lru_prev[i] = P->lru_next[i] = -1;
+    }
+    for (int i = 0; i < P->nb; i++) P->bucket[i] = -1;
+    P->n_free = n;
+    P->lru_head = P->lru_tail = -1;
+    return 0;
+}
+static void pool_free(pool_t *P) {
+    free(P->ref); free(P->free_stack); free(P->parent); free(P->ptok); free(P->bucket); free(P->hnext);
+    free(P->hash); free(P->lru_prev); free(P->lru_next);
+}
+static int pages_available(const pool_t *P) { return P->n_free + P->n_cached; }
+
+/* ---- requests --------------------------------------------------------------------------------- */
+static void req_unref(fl_request *r) { /* under mu */
+    if (--r->refs) return;
+    pthread_cond_destroy(&r->cv);
+    free(r->toks);
+    free(r->pages);
+    free(r);
+}
+static void release_pages(fl_engine *e, fl_request *r) { /* under mu */
+    for (int i = 0; i < r->n_pages; i++) page_release(&e->pool, r->pages[i]);
+    r->n_pages = r->n_reg = 0;
+    r->n_cached = 0;
+}
+static void run_remove(fl_engine *e, fl_request *r) {
+    for (int i = 0; i < e->n_run; i++)
+        if (e->run[i] == r) {
+            memmove(e->run + i, e->run + i + 1, (size_t)(e->n_run - i - 1) * sizeof *e->run);
+            e->n_run--;
+            return;
+        }
+}
+/* Finish r (running or waiting) with status st; frees its pages, wakes its waiters. Under mu. */
+static void finish(fl_engine *e, fl_request *r, fl_status st, const char *msg) {
+    if (r->state == RQ_DONE) return;
+    if (r->state == RQ_WAITING) {
+        fl_request **pp = &e->wait_head, *prev = NULL;
+        while (*pp && *pp != r) { prev = *pp; pp = &(*pp)->next; }
+        if (*pp) {
+            *pp = r->next;
+            if (e->wait_tail == r) e->wait_tail = prev;
+            e->n_waiting--;
+        }
+    } else {
+        run_remove(e, r);
+    }
+    release_pages(e, r);
+    r->state = RQ_DONE;
+    r->st = st;
+    if (st != FL_OK) snprintf(r->err, sizeof r->err, "%s", msg ? msg : "error");
+    pthread_cond_broadcast(&r->cv);
+    req_unref(r); /* the engine's reference */
+}
+/* Back to the head of the queue, to be read again (prompt + output so far). Under mu. */
+static void preempt(fl_engine *e, fl_request *r) {
+    run_remove(e, r);
+    release_pages(e, r);
+    r->state = RQ_WAITING;
+    r->next = e->wait_head;
+    e->wait_head = r;
+    if (!e->wait_tail) e->wait_tail = r;
+    e->n_waiting++;
+    e->st.preemptions++;
+}
+
+/* A page for slot `slot` of r (held pages cover [0, n_pages * page)); when the pool is dry, preempt the
+ * newest running request other than r, then r itself if it is the newest. Returns 0 with the page held,
+ * -1 if r was preempted, -2 if r alone cannot fit (the caller fails it). Under mu. */
+static int ensure_page(fl_engine *e, fl_request *r, int slot) {
+    pool_t *P = &e->pool;
+    while ((slot >> P->shift) >= r->n_pages) {
+        const int id = page_alloc(P);
+        if (id >= 0) { r->pages[r->n_pages++] = id; continue; }
+        fl_request *victim = NULL;
+        for (int i = 0; i < e->n_run; i++)
+            if (e->run[i] != r && e->run[i]->n_pages > 0 && (!victim || e->run[i]->seq > victim->seq)) victim = e->run[i];
+        if (victim && victim->seq > r->seq) { preempt(e, victim); continue; }
+        if (victim) { preempt(e, r); return -1; }  /* r is the newest holder: it waits instead */
+        return -2;
+    }
+    return 0;
+}
+
+/* ---- one step ----------------------------------------------------------------------------------- */
+static fl_status upload(fl_engine *e, void **dst_d, const void *src, size_t bytes, size_t cap) {
+    fl_backend *be = e->m->be;
+    if (be->host_memory) { *dst_d = (void *)src; return FL_OK; }
+    (void)cap;
+    return be->to_backend(be, *dst_d, src, bytes);
+}
+
+/* Batch buckets of graph-replayed decode steps: 1, 2, 4, 8, then multiples of 8. */
+static int bucket_of(int B) { return B <= 1 ? 0 : B <= 2 ? 1 : B <= 4 ? 2 : 2 + (B + 7) / 8; }
+static int bucket_rows(int k) { return k < 3 ? 1 << k : 8 * (k - 2); }
+
+static fl_status capture_fn(void *ud) {
+    fl_engine *e = ud;
+    fl_model *m = e->m;
+    fl_kvcache kv = e->kv;
+    kv.max_len = e->max_pages << e->pool.shift;
+    fl_step s;
+    memset(&s, 0, sizeof s);
+    s.batch = e->cap.B; s.n_new = 1; s.pos_d = m->ws_pos_d;
+    s.pg.starts_d = e->d_starts; s.pg.btab_d = e->d_btab; s.pg.btab_stride = e->max_pages; s.pg.page_shift = e->pool.shift;
+    return fl_forward_core(m, &kv, &s, m->ws_tok_d, 0);
+}
+
+/* Forward B rows of T tokens (host arrays: tokens/pos [B*T], starts [B], btab [B, stride]), leaving each row's
+ * last logits in the workspace; then the rows' next tokens: h_next[b] from the device argmax where h_greedy[b]
+ * (and the backend has one), the float logits of the others in e->logits. Under model_mu, not mu.
+ * Decode steps (T = 1) on a backend with graphs run with a fixed table stride, padded to a batch bucket (padding
+ * rows write the null page), eagerly the first time for a bucket and replayed after. */
+static fl_status engine_forward(fl_engine *e, int B, int T, int stride) {
+    fl_model *m = e->m;
+    fl_backend *be = m->be;
+    const int V = m->cfg.vocab;
+    int rows = B, k = -1;
+    if (T == 1 && be->graph_capture) {
+        k = bucket_of(B);
+        rows = bucket_rows(k);
+        if (rows > e->cfg.max_batch) rows = e->cfg.max_batch;
+        for (int b = B; b < rows; b++) {
+            e->h_tok[b] = 0;
+            e->h_pos[b] = 0;
+            e->h_starts[b] = 0;
+        }
+        /* every row gets the full stride: rows [0, B) were written with `stride` entries, spread them out */
+        for (int b = B - 1; b >= 0; b--) {
+            memmove(e->h_btab + (size_t)b * e->max_pages, e->h_btab + (size_t)b * stride, (size_t)stride * 4);
+            for (int j = stride; j < e->max_pages; j++) e->h_btab[(size_t)b * e->max_pages + j] = e->null_page;
+        }
+        for (int b = B; b < rows; b++)
+            for (int j = 0; j < e->max_pages; j++) e->h_btab[(size_t)b * e->max_pages + j] = e->null_page;
+        stride = e->max_pages;
+    }
+    FL_TRY(fl_model_reserve(m, rows * T, rows));
+    FL_TRY(be->to_backend(be, m->ws_tok_d, e->h_tok, (size_t)rows * T * 4));
+    FL_TRY(be->to_backend(be, m->ws_pos_d, e->h_pos, (size_t)rows * T * 4));
+    void *starts_d = e->d_starts, *btab_d = e->d_btab;
+    FL_TRY(upload(e, &starts_d, e->h_starts, (size_t)rows * 4, 0));
+    FL_TRY(upload(e, &btab_d, e->h_btab, (size_t)rows * stride * 4, 0));
+    if (k >= 0 && e->graph[k] && e->graph_epoch[k] == be->scratch_epoch) {
+        FL_TRY(be->graph_replay(be, e->graph[k]));
+    } else {
+        fl_kvcache kv = e->kv;
+        kv.max_len = stride << e->pool.shift; /* the longest row this block table describes */
+        fl_step s;
+        memset(&s, 0, sizeof s);
+        s.batch = rows; s.n_new = T; s.pos_d = m->ws_pos_d;
+        s.pg.starts_d = starts_d; s.pg.btab_d = btab_d; s.pg.btab_stride = stride; s.pg.page_shift = e->pool.shift;
+        FL_TRY(fl_forward_core(m, &kv, &s, m->ws_tok_d, 0));
+        if (k >= 0) { /* record this bucket's step for the next time (the eager run grew every buffer it needs) */
+            if (e->graph[k]) be->graph_free(be, e->graph[k]);
+            e->graph[k] = NULL;
+            e->cap.e = e;
+            e->cap.B = rows;
+            const uint64_t epoch = be->scratch_epoch;
+            if (be->graph_capture(be, capture_fn, e, &e->graph[k]) == FL_OK) e->graph_epoch[k] = epoch;
+            else { e->graph[k] = NULL; fl_err_clear(); } /* not capturable: this bucket stays eager */
+        }
+    }
+    const size_t es = (size_t)fl_dtype_size(be->act);
+    int any_greedy = 0;
+    for (int b = 0; b < B; b++) any_greedy |= e->h_greedy[b];
+    if (be->argmax_rows && any_greedy) FL_TRY(be->argmax_rows(be, e->h_next, m->ws_logits, B, V));
+    for (int b = 0; b < B; b++)
+        if (!be->argmax_rows || !e->h_greedy[b])
+            FL_TRY(be->logits_to_host(be, e->logits + (size_t)b * V, (const char *)m->ws_logits + (size_t)b * V * es, 1, V));
+    return be->sync(be);
+}
+
+/* A row whose next token is the plain argmax: greedy, no repetition penalty, eos no longer masked. */
+static int plain_greedy(const fl_request *r) {
+    return !r->p.do_sample && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
+           r->n_out >= r->p.min_new_tokens;
+}
+
+/* Choose r's next token from logits row lg; append it; finish r if it is done. Under mu. */
+static void take_token(fl_engine *e, fl_request *r, float *lg, int b) {
+    const int V = e->m->cfg.vocab, n_total = r->n_prompt + r->n_out;
+    const fl_gen_params *p = &r->p;
+    int32_t tok;
+    if (e->m->be->argmax_rows && e->h_greedy[b]) {
+        tok = e->h_next[b];
+    } else {
+        if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
+            fl_repetition_penalty(lg, V, r->toks, n_total, p->repetition_penalty, e->mark);
+        if (r->n_out < p->min_new_tokens)
+            for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
+        tok = fl_sample(lg, V, p, &r->rng, e->idx);
+    }
+    if (tok < 0) { finish(e, r, FL_E_NOMEM, "generate: cannot allocate sampling scratch"); return; }
+    r->toks[n_total] = tok;
+    r->n_out++;
+    int stop = r->n_out >= p->max_new_tokens || n_total + 1 >= e->cfg.max_context;
+    for (int i = 0; i < p->n_eos; i++) stop |= tok == p->eos[i];
+    pthread_cond_broadcast(&r->cv);
+    if (stop) finish(e, r, FL_OK, NULL);
+}
+
+static void fail_all(fl_engine *e, fl_request **rs, int n, fl_status st, const char *msg) {
+    for (int i = 0; i < n; i++) finish(e, rs[i], st, msg);
+}
+
+static int cmp_seq(const void *a, const void *b) {
+    const fl_request *x = *(fl_request *const *)a, *y = *(fl_request *const *)b;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+int fl_engine_step(fl_engine *e) {
+    pool_t *P = &e->pool;
+    const int V = e->m->cfg.vocab, page = P->page;
+    char msg[FL_ERR_MAX];
+    pthread_mutex_lock(&e->mu);
+    /* 1. cancellations */
+    for (int i = e->n_run - 1; i >= 0; i--)
+        if (__atomic_load_n(&e->run[i]->cancel, __ATOMIC_RELAXED)) finish(e, e->run[i], FL_E_INTERRUPTED, "cancelled");
+    for (fl_request *r = e->wait_head, *nx; r; r = nx) {
+        nx = r->next;
+        if (__atomic_load_n(&r->cancel, __ATOMIC_RELAXED)) finish(e, r, FL_E_INTERRUPTED, "cancelled");
+    }
+    /* 2. admission: FIFO while the batch has room and the pool can hold the prompts being read */
+    int reading = 0;
+    for (int i = 0; i < e->n_run; i++)
+        if (e->run[i]->state == RQ_PREFILL)
+            reading += (e->run[i]->n_prompt + e->run[i]->n_out - e->run[i]->n_cached + page) / page;
+    while (e->wait_head && e->n_run < e->cfg.max_batch) {
+        fl_request *r = e->wait_head;
+        const int need = (r->n_prompt + r->n_out + page) / page;
+        if (e->n_run > 0 && pages_available(P) - reading < need) break;
+        e->wait_head = r->next;
+        if (!e->wait_head) e->wait_tail = NULL;
+        e->n_waiting--;
+        r->next = NULL;
+        r->state = RQ_PREFILL;
+        e->run[e->n_run++] = r;
+        reading += need;
+    }
+    qsort(e->run, (size_t)e->n_run, sizeof *e->run, cmp_seq);
+    if (e->n_run > e->st.peak_running) e->st.peak_running = e->n_run;
+
+    /* 3. decode rows: every request generating, with a page for its next slot (which may preempt others) */
+    for (;;) {
+        fl_request *need = NULL;
+        for (int i = 0; i < e->n_run && !need; i++)
+            if (e->run[i]->state == RQ_DECODE && (e->run[i]->n_cached >> P->shift) >= e->run[i]->n_pages) need = e->run[i];
+        if (!need) break;
+        if (ensure_page(e, need, need->n_cached) == -2) {
+            snprintf(msg, sizeof msg, "the KV cache pool (%d pages of %d tokens) cannot hold this request's %d tokens; "
+                     "give the model more kv_cache_memory", P->n, page, need->n_cached + 1);
+            finish(e, need, FL_E_NOMEM, msg);
+        }
+    }
+    int B = 0;
+    int stride = 1;
+    for (int i = 0; i < e->n_run; i++) {
+        fl_request *r = e->run[i];
+        if (r->state != RQ_DECODE) continue;
+        e->rows[B++] = r;
+        if (r->n_pages > stride) stride = r->n_pages;
+    }
+    for (int b = 0; b < B; b++) {
+        fl_request *r = e->rows[b];
+        e->h_tok[b] = r->toks[r->n_cached];
+        e->h_pos[b] = r->n_cached;
+        e->h_starts[b] = r->n_cached;
+        e->h_greedy[b] = (uint8_t)plain_greedy(r);
+        memcpy(e->h_btab + (size_t)b * stride, r->pages, (size_t)r->n_pages * 4);
+        for (int k = r->n_pages; k < stride; k++) e->h_btab[(size_t)b * stride + k] = r->pages[0]; /* never read */
+    }
+    pthread_mutex_unlock(&e->mu);
+
+    if (B > 0) {
+        pthread_mutex_lock(&e->model_mu);
+        fl_err_clear();
+        const fl_status st = engine_forward(e, B, 1, stride);
+        pthread_mutex_unlock(&e->model_mu);
+        pthread_mutex_lock(&e->mu);
+        if (st != FL_OK) {
+            snprintf(msg, sizeof msg, "%s", fl_err_msg());
+            fail_all(e, e->rows, B, st, msg);
+        } else {
+            e->st.decode_rows += (uint64_t)B;
+            for (int b = 0; b < B; b++) {
+                fl_request *r = e->rows[b];
+                if (r->state != RQ_DECODE) continue; /* cancelled meanwhile: finish() ran */
+                r->n_cached++;
+                take_token(e, r, e->logits + (size_t)b * V, b);
+            }
+        }
+        pthread_mutex_unlock(&e->mu);
+    }
+
+    /* 4. one prefill chunk of the oldest request reading its prompt */
+    pthread_mutex_lock(&e->mu);
+    fl_request *pr = NULL;
+    for (int i = 0; i < e->n_run && !pr; i++) if (e->run[i]->state == RQ_PREFILL) pr = e->run[i];
+    int T = 0, c0 = 0, done_prompt = 0;
+    if (pr) {
+        const int n_total = pr->n_prompt + pr->n_out;
+        if (pr->n_cached == 0 && pr->n_pages == 0) {
+            /* the prefix table: full pages of the prompt but its last token (whose logits are needed) */
+            int parent = -1;
+            while ((pr->n_pages + 1) * page <= n_total - 1) {
+                const int id = table_find(P, parent, pr->toks + (size_t)pr->n_pages * page);
+                if (id < 0) break;
+                page_take(P, id);
+                pr->pages[pr->n_pages++] = id;
+                parent = id;
+            }
+            pr->n_reg = pr->n_pages;
+            pr->n_cached = pr->n_pages * page;
+            e->st.prefix_hit_tokens += (uint64_t)pr->n_cached;
+        }
+        c0 = pr->n_cached;
+        T = n_total - c0 < e->cfg.prefill_chunk ? n_total - c0 : e->cfg.prefill_chunk;
+        const int rc = ensure_page(e, pr, c0 + T - 1);
+        if (rc == -2) {
+            snprintf(msg, sizeof msg, "the KV cache pool (%d pages of %d tokens) cannot hold this request's %d tokens; "
+                     "give the model more kv_cache_memory", P->n, page, c0 + T);
+            finish(e, pr, FL_E_NOMEM, msg);
+            pr = NULL;
+        } else if (rc == -1) {
+            pr = NULL; /* preempted: waits for pages */
+        } else {
+            for (int t = 0; t < T; t++) {
+                e->h_tok[t] = pr->toks[c0 + t];
+                e->h_pos[t] = c0 + t;
+            }
+            e->h_starts[0] = c0;
+            e->h_greedy[0] = (uint8_t)plain_greedy(pr);
+            memcpy(e->h_btab, pr->pages, (size_t)pr->n_pages * 4);
+            done_prompt = c0 + T == n_total;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (pr) {
+        pthread_mutex_lock(&e->model_mu);
+        fl_err_clear();
+        const fl_status st = engine_forward(e, 1, T, pr->n_pages);
+        pthread_mutex_unlock(&e->model_mu);
+        pthread_mutex_lock(&e->mu);
+        if (st != FL_OK) {
+            snprintf(msg, sizeof msg, "%s", fl_err_msg());
+            finish(e, pr, st, msg);
+        } else if (pr->state == RQ_PREFILL) {
+            pr->n_cached = c0 + T;
+            e->st.prefill_tokens += (uint64_t)T;
+            /* enter the pages this chunk filled into the prefix table, in order */
+            while (pr->n_reg < pr->n_pages && (pr->n_reg + 1) * page <= pr->n_cached) {
+                const int k = pr->n_reg, parent = k ? pr->pages[k - 1] : -1;
+                if (k && P->parent[parent] == -2) break; /* the chain is broken: stop */
+                if (!table_insert(P, pr->pages[k], parent, pr->toks + (size_t)k * page)) break;
+                pr->n_reg++;
+            }
+            if (done_prompt) {
+                pr->state = RQ_DECODE;
+                take_token(e, pr, e->logits, 0);
+            }
+        }
+        pthread_mutex_unlock(&e->mu);
+    }
+
+    pthread_mutex_lock(&e->mu);
+    e->st.steps++;
+    const int used = P->n - P->n_free - P->n_cached;
+    if (used > e->st.peak_pages_used) e->st.peak_pages_used = used;
+    const int more = e->n_run > 0 || e->wait_head != NULL;
+    if (!more) {
+        e->driving = 0;
+        pthread_cond_broadcast(&e->idle_cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return more;
+}
+
+fl_status fl_engine_run(fl_engine *e) {
+    while (fl_engine_step(e)) {
+    }
+    return FL_OK;
+}
+
+void fl_engine_cancel_all(fl_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    for (fl_request *r = e->wait_head; r; r = r->next) __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED);
+    for (int i = 0; i < e->n_run; i++) __atomic_store_n(&e->run[i]->cancel, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- public API ---------------------------------------------------------------------------------- */
+static void *driver_main(void *arg) {
+    fl_engine_run((fl_engine *)arg);
+    return NULL;
+}
+static int default_kick(void *ud, fl_engine *e) {
+    (void)ud;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t tid;
+    const int rc = pthread_create(&tid, &attr, driver_main, e);
+    pthread_attr_destroy(&attr);
+    return rc;
+}
+
+fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_kick_fn kick, void *kick_ud, fl_engine **out) {
+    *out = NULL;
+    if (!m->arena_d) return fl_err(FL_E_VALUE, "engine: the model's weights are not loaded");
+    fl_engine_cfg cfg = *cfg_in;
+    if (cfg.page_tokens <= 0) cfg.page_tokens = 16;
+    if (cfg.max_batch <= 0) cfg.max_batch = 64;
+    if (cfg.prefill_chunk <= 0) cfg.prefill_chunk = 512;
+    if (cfg.max_context <= 0) cfg.max_context = m->cfg.max_pos > 0 ? m->cfg.max_pos : 4096;
+    if (cfg.page_tokens & (cfg.page_tokens - 1) || cfg.page_tokens > 4096)
+        return fl_err(FL_E_VALUE, "engine: page_tokens=%d must be a power of two up to 4096", cfg.page_tokens);
+    if (cfg.max_batch > 4096 || cfg.prefill_chunk > 65536)
+        return fl_err(FL_E_VALUE, "engine: max_batch %d (at most 4096) or prefill_chunk %d (at most 65536)", cfg.max_batch, cfg.prefill_chunk);
+    int shift = 0;
+    while ((1 << shift) < cfg.page_tokens) shift++;
+    const fl_config *c = &m->cfg;
+    const size_t es = (size_t)fl_dtype_size(m->be->act);
+    size_t slot_bytes; /* one token's K (or V) in one layer */
+    if (!fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, es, &slot_bytes))
+        return fl_err(FL_E_VALUE, "engine: KV slot size overflows");
+    const double page_all = (double)slot_bytes * 2.0 * c->n_layers * cfg.page_tokens; /* one page, K and V, every layer */
+    const double n_pages_d = floor((double)cfg.kv_bytes / page_all);
+    if (n_pages_d < 1)
+        return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes holds no page (one page of %d tokens is %.0f bytes)",
+                      (unsigned long long)cfg.kv_bytes, cfg.page_tokens, page_all);
+    if (n_pages_d > (double)INT32_MAX / 2) /* page ids are int32 in the block tables */
+        return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes is too many pages", (unsigned long long)cfg.kv_bytes);
+    const int n_pages = (int)n_pages_d;
+    fl_engine *e = calloc(1, sizeof *e);
+    if (!e) return fl_err(FL_E_NOMEM, "engine: cannot allocate");
+    e->m = m;
+    e->cfg = cfg;
+    e->kick = kick ? kick : default_kick;
+    e->kick_ud = kick_ud;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->model_mu, NULL);
+    pthread_cond_init(&e->idle_cv, NULL);
+    fl_status st = FL_OK;
+    const size_t layer_bytes = slot_bytes * ((size_t)(n_pages + 1) << shift); /* K of one layer; + the null page */
+    const size_t layer_al = (layer_bytes + 255) & ~(size_t)255;
+    e->kv = (fl_kvcache){.n_layers = c->n_layers, .batch = 0, .max_len = cfg.max_context, .n_kv_heads = c->n_kv_heads,
+                         .head_dim = c->head_dim, .dtype = m->be->act, .n_pages = n_pages + 1, .page_shift = shift};
+    e->null_page = n_pages;
+    e->kv.k_d = calloc((size_t)c->n_layers, sizeof(void *));
+    e->kv.v_d = calloc((size_t)c->n_layers, sizeof(void *));
+    e->max_pages = (cfg.max_context + cfg.page_tokens - 1) / cfg.page_tokens + 1;
+    const int rows = cfg.max_batch > cfg.prefill_chunk ? cfg.max_batch : cfg.prefill_chunk;
+    e->run = calloc((size_t)cfg.max_batch, sizeof *e->run);
+    e->rows = calloc((size_t)cfg.max_batch, sizeof *e->rows);
+    e->logits = malloc((size_t)cfg.max_batch * (size_t)c->vocab * sizeof(float));
+    e->idx = malloc((size_t)c->vocab * 4);
+    e->mark = malloc((size_t)c->vocab);
+    e->h_tok = malloc((size_t)rows * 4);
+    e->h_pos = malloc((size_t)rows * 4);
+    e->h_starts = malloc((size_t)cfg.max_batch * 4);
+    e->h_btab = malloc((size_t)cfg.max_batch * (size_t)e->max_pages * 4);
+    e->h_next = malloc((size_t)cfg.max_batch * 4);
+    e->h_greedy = calloc((size_t)rows, 1);
+    e->n_buckets = bucket_of(cfg.max_batch) + 1;
+    e->graph = calloc((size_t)e->n_buckets, sizeof(void *));
+    e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
+    if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->h_tok || !e->h_pos ||
+        !e->h_starts || !e->h_btab || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch) {
+        st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
+        goto fail;
+    }
+    st = m->be->alloc(m->be, layer_al * 2 * (size_t)c->n_layers, &e->kv_base);
+    if (st != FL_OK) {
+        st = fl_err_prefix(st, "engine: the KV cache pool of %d pages (%.2f GiB)", n_pages, layer_al * 2.0 * c->n_layers / 1073741824.0);
+        goto fail;
+    }
+    if (pool_init(&e->pool, n_pages, shift) < 0) { /* host tables: after the pool, which fails first when too big */
+        st = fl_err(FL_E_NOMEM, "engine: cannot allocate the page tables of %d pages", n_pages);
+        goto fail;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        e->kv.k_d[l] = (char *)e->kv_base + layer_al * (size_t)(2 * l);
+        e->kv.v_d[l] = (char *)e->kv_base + layer_al * (size_t)(2 * l + 1);
+    }
+    /* the workspace for the largest step now, so that it never moves under a captured graph later */
+    st = fl_model_reserve(m, rows, cfg.max_batch);
+    if (st != FL_OK) goto fail;
+    if (!m->be->host_memory) {
+        st = m->be->alloc(m->be, (size_t)cfg.max_batch * 4, &e->d_starts);
+        if (st == FL_OK) st = m->be->alloc(m->be, (size_t)cfg.max_batch * (size_t)e->max_pages * 4, &e->d_btab);
+        if (st != FL_OK) goto fail;
+    }
+    pthread_once(&reg_once, reg_init);
+    pthread_mutex_lock(&reg_mu);
+    e->reg_next = reg_head;
+    reg_head = e;
+    pthread_mutex_unlock(&reg_mu);
+    e->st.n_pages = n_pages;
+    e->st.page_tokens = cfg.page_tokens;
+    e->st.pool_bytes = (uint64_t)layer_al * 2 * (uint64_t)c->n_layers;
+    *out = e;
+    return FL_OK;
+fail:
+    fl_engine_free(e);
+    return st;
+}
+
+void fl_engine_free(fl_engine *e) {
+    if (!e) return;
+    pthread_mutex_lock(&reg_mu);
+    for (fl_engine **pp = &reg_head; *pp; pp = &(*pp)->reg_next)
+        if (*pp == e) { *pp = e->reg_next; break; }
+    pthread_mutex_unlock(&reg_mu);
+    fl_engine_cancel_all(e);
+    pthread_mutex_lock(&e->mu);
+    e->closing = 1;
+    while (e->driving) pthread_cond_wait(&e->idle_cv, &e->mu);
+    while (e->wait_head) finish(e, e->wait_head, FL_E_INTERRUPTED, "the engine was closed");
+    while (e->n_run) finish(e, e->run[0], FL_E_INTERRUPTED, "the engine was closed");
+    pthread_mutex_unlock(&e->mu);
+    fl_backend *be = e->m->be;
+    if (e->kv_base) be->free(be, e->kv_base);
+    if (e->d_starts) be->free(be, e->d_starts);
+    if (e->d_btab) be->free(be, e->d_btab);
+    for (int k = 0; e->graph && k < e->n_buckets; k++)
+        if (e->graph[k]) be->graph_free(be, e->graph[k]);
+    free(e->graph); free(e->graph_epoch); free(e->h_next); free(e->h_greedy);
+    free(e->kv.k_d); free(e->kv.v_d);
+    free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark);
+    free(e->h_tok); free(e->h_pos); free(e->h_starts); free(e->h_btab);
+    pool_free(&e->pool);
+    pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->model_mu);
+    pthread_cond_destroy(&e->idle_cv);
+    free(e);
+}
+
+fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen_params *p, fl_request **out) {
+    *out = NULL;
+    const int V = e->m->cfg.vocab, page = e->pool.page;
+    if (n <= 0) return fl_err(FL_E_VALUE, "generate: the prompt is empty");
+    if (p->max_new_tokens < 0) return fl_err(FL_E_VALUE, "generate: max_new_tokens must be >= 0");
+    if (p->n_eos < 0 || p->n_eos > FL_ENGINE_MAX_EOS) return fl_err(FL_E_VALUE, "generate: at most %d eos token ids", FL_ENGINE_MAX_EOS);
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V) return fl_err(FL_E_VALUE, "input_ids[%d] = %d is outside the vocabulary [0, %d)", i, (int)ids[i], V);
+    if (n >= e->cfg.max_context)
+        return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens leaves no room in the model's context of %d tokens", n, e->cfg.max_context);
+    if ((int64_t)n + 1 > (int64_t)e->pool.n * page)
+        return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens does not fit the KV cache pool of %d tokens (kv_cache_memory)", n,
+                      e->pool.n * page);
+    fl_request *r = calloc(1, sizeof *r);
+    const int64_t want = (int64_t)n + (p->max_new_tokens < e->cfg.max_context ? p->max_new_tokens : e->cfg.max_context) + 1;
+    r->cap = (int)(want < e->cfg.max_context + 1 ? want : e->cfg.max_context + 1);
+    if (r) {
+        r->toks = malloc((size_t)r->cap * 4);
+        r->pages = malloc((size_t)e->max_pages * 4);
+    }
+    if (!r || !r->toks || !r->pages) {
+        if (r) { free(r->toks); free(r->pages); }
+        free(r);
+        return fl_err(FL_E_NOMEM, "generate: cannot allocate the request");
+    }
+    memcpy(r->toks, ids, (size_t)n * 4);
+    r->n_prompt = n;
+    r->e = e;
+    r->p = *p;
+    if (p->n_eos) memcpy(r->eos, p->eos, (size_t)p->n_eos * 4);
+    r->p.eos = r->eos;
+    fl_rng_seed(&r->rng, p->seed);
+    pthread_cond_init(&r->cv, NULL);
+    r->refs = 2;
+    r->state = RQ_WAITING;
+    pthread_mutex_lock(&e->mu);
+    if (e->closing) {
+        pthread_mutex_unlock(&e->mu);
+        r->refs = 1;
+        req_unref(r);
+        return fl_err(FL_E_INTERRUPTED, "the engine is closing");
+    }
+    if (e->cfg.max_waiting > 0 && e->n_waiting >= e->cfg.max_waiting) {
+        const int w = e->n_waiting;
+        pthread_mutex_unlock(&e->mu);
+        r->refs = 1;
+        req_unref(r);
+        return fl_err(FL_E_BUSY, "the engine's queue is full (%d requests waiting)", w);
+    }
+    if (p->max_new_tokens == 0) { /* nothing to generate */
+        r->state = RQ_DONE;
+        r->refs = 1;
+        pthread_mutex_unlock(&e->mu);
+        *out = r;
+        return FL_OK;
+    }
+    r->seq = e->next_seq++;
+    if (e->wait_tail) e->wait_tail->next = r; else e->wait_head = r;
+    e->wait_tail = r;
+    e->n_waiting++;
+    const int kick = !e->driving;
+    if (kick) e->driving = 1;
+    pthread_mutex_unlock(&e->mu);
+    if (kick) {
+        const int rc = e->kick(e->kick_ud, e);
+        if (rc) {
+            pthread_mutex_lock(&e->mu);
+            e->driving = 0;
+            finish(e, r, FL_E_INTERNAL, "no driver");
+            req_unref(r);
+            pthread_mutex_unlock(&e->mu);
+            errno = rc;
+            return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
+        }
+    }
+    *out = r;
+    return FL_OK;
+}
+
+int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {
+    fl_engine *e = r->e;
+    pthread_mutex_lock(&e->mu);
+    struct timespec dl;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_sec += timeout_ms / 1000;
+        dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }
+    }
+    while (r->n_out <= have && r->state != RQ_DONE) {
+        if (timeout_ms < 0) pthread_cond_wait(&r->cv, &e->mu);
+        else if (pthread_cond_timedwait(&r->cv, &e->mu, &dl) == ETIMEDOUT) break;
+    }
+    const int n = r->n_out;
+    *done = r->state == RQ_DONE;
+    pthread_mutex_unlock(&e->mu);
+    return n;
+}
+
+void fl_request_tokens(fl_request *r, int from, int to, int32_t *dst) {
+    pthread_mutex_lock(&r->e->mu);
+    if (to > r->n_out) to = r->n_out;
+    if (from < to) memcpy(dst, r->toks + r->n_prompt + from, (size_t)(to - from) * 4);
+    pthread_mutex_unlock(&r->e->mu);
+}
+
+fl_status fl_request_status(fl_request *r, char *msg, size_t cap) {
+    pthread_mutex_lock(&r->e->mu);
+    const fl_status st = r->state == RQ_DONE ? r->st : FL_OK;
+    if (msg && cap) snprintf(msg, cap, "%s", st != FL_OK ? r->err : "");
+    pthread_mutex_unlock(&r->e->mu);
+    return st;
+}
+
+void fl_request_cancel(fl_request *r) { __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED); }
+
+void fl_request_release(fl_request *r) {
+    if (!r) return;
+    fl_engine *e = r->e;
+    pthread_mutex_lock(&e->mu);
+    if (r->state != RQ_DONE) __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED); /* nobody waits for it any more */
+    req_unref(r);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void fl_engine_lock_model(fl_engine *e) { pthread_mutex_lock(&e->model_mu); }
+void fl_engine_unlock_model(fl_engine *e) { pthread_mutex_unlock(&e->model_mu); }
+
+void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s) {
+    pthread_mutex_lock(&e->mu);
+    *s = e->st;
+    s->pages_cached = e->pool.n_cached;
+    s->pages_used = e->pool.n - e->pool.n_free - e->pool.n_cached;
+    s->waiting = e->n_waiting;
+    s->running = e->n_run;
+    pthread_mutex_unlock(&e->mu);
+}

@@ -1,0 +1,173 @@
+/* py_engine.c: fastload._C.Request (one request of a model's engine, csrc/engine.h) and the
+ * engine's driver for CPU models.
+ *
+ * A Request keeps its model object alive (the engine lives in it). wait() releases the GIL and
+ * wakes every 50 ms to run signal handlers, so Ctrl-C in the main thread cancels the request and
+ * raises KeyboardInterrupt; dropping the last reference cancels a request still running.
+ *
+ * CPU models drive their engine on the process's compute thread (py_exec.c), one step per job,
+ * re-posted while requests remain: one OpenMP team, and other CPU work queued in between runs
+ * between two steps instead of waiting for the engine to go idle. */
+#include "py_common.h"
+#include "py_engine.h"
+#include "py_exec.h"
+#include "../engine.h"
+#include <errno.h>
+
+#define FL_WAIT_SLICE_MS 50
+
+static fl_status step_job(fl_exec_job *job, void *arg) {
+    fl_engine *e = arg;
+    if (fl_exec_cancelled(job)) { /* interpreter exit: finish every request so nothing waits for a driver */
+        fl_engine_cancel_all(e);
+        while (fl_engine_step(e)) {
+        }
+        return FL_OK;
+    }
+    if (fl_engine_step(e) && fl_exec_post(step_job, e) != 0)
+        while (fl_engine_step(e)) { /* cannot queue: run the rest here */
+        }
+    return FL_OK;
+}
+
+int fl_py_exec_kick(void *ud, fl_engine *e) {
+    (void)ud;
+    return fl_exec_post(step_job, e);
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;   /* the _C.Model */
+    fl_request *r;
+    int n_prompt;
+} FlPyRequest;
+
+static void req_dealloc(FlPyRequest *self) {
+    if (self->r) {
+        fl_request *r = self->r;
+        self->r = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        fl_request_release(r);
+        Py_END_ALLOW_THREADS
+    }
+    Py_XDECREF(self->owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* wait(have=0, timeout=None) -> (n, done): block until more than `have` tokens exist or the request is
+ * finished (or `timeout` seconds pass). */
+static PyObject *req_wait(FlPyRequest *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"have", "timeout", NULL};
+    int have = 0;
+    PyObject *to = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iO", kwlist, &have, &to)) return NULL;
+    double timeout = -1;
+    if (to != Py_None) {
+        timeout = PyFloat_AsDouble(to);
+        if (timeout == -1 && PyErr_Occurred()) return NULL;
+        if (timeout < 0) timeout = 0;
+    }
+    int n = 0, done = 0;
+    double waited = 0;
+    for (;;) {
+        int slice = FL_WAIT_SLICE_MS;
+        if (timeout >= 0 && (timeout - waited) * 1000 < slice) slice = (int)((timeout - waited) * 1000);
+        if (slice < 0) slice = 0;
+        Py_BEGIN_ALLOW_THREADS
+        n = fl_request_wait(self->r, have, slice, &done);
+        Py_END_ALLOW_THREADS
+        if (n > have || done) break;
+        waited += slice / 1000.0;
+        if (timeout >= 0 && waited >= timeout) break;
+        if (PyErr_CheckSignals() < 0) {
+            fl_request_cancel(self->r);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(iO)", n, done ? Py_True : Py_False);
+}
+
+/* tokens(start=0, stop=None) -> int64 array of generated tokens [start, stop) */
+static PyObject *req_tokens(FlPyRequest *self, PyObject *args) {
+    int from = 0, to = -1, done = 0;
+    if (!PyArg_ParseTuple(args, "|ii", &from, &to)) return NULL;
+    int n = fl_request_wait(self->r, INT32_MAX, 0, &done);
+    if (to < 0 || to > n) to = n;
+    if (from < 0) from = 0;
+    if (from > to) from = to;
+    int32_t *tmp = PyMem_Malloc((size_t)(to - from) * 4 + 4);
+    if (!tmp) return PyErr_NoMemory();
+    fl_request_tokens(self->r, from, to, tmp);
+    npy_intp dims[1] = {to - from};
+    PyObject *a = PyArray_SimpleNew(1, dims, NPY_INT64);
+    if (a) for (int i = 0; i < to - from; i++) ((int64_t *)PyArray_DATA((PyArrayObject *)a))[i] = tmp[i];
+    PyMem_Free(tmp);
+    return a;
+}
+
+/* check(): raise the request's error if it failed; returns whether it is finished. */
+static PyObject *req_check(FlPyRequest *self, PyObject *noargs) {
+    (void)noargs;
+    char msg[FL_ERR_MAX];
+    int done = 0;
+    fl_request_wait(self->r, INT32_MAX, 0, &done);
+    const fl_status st = fl_request_status(self->r, msg, sizeof msg);
+    if (st != FL_OK) {
+        if (st == FL_E_INTERRUPTED) {
+            PyErr_SetString(PyExc_RuntimeError, msg);
+            return NULL;
+        }
+        fl_err(st, "%s", msg);
+        return fl_py_raise(st);
+    }
+    return PyBool_FromLong(done);
+}
+
+static PyObject *req_cancel(FlPyRequest *self, PyObject *noargs) {
+    (void)noargs;
+    fl_request_cancel(self->r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *req_n_prompt(FlPyRequest *self, void *c) {
+    (void)c;
+    return PyLong_FromLong(self->n_prompt);
+}
+
+static PyMethodDef req_methods[] = {
+    {"wait", (PyCFunction)(void (*)(void))req_wait, METH_VARARGS | METH_KEYWORDS,
+     "wait(have=0, timeout=None) -> (n, done): until more than `have` tokens are generated or the request ends."},
+    {"tokens", (PyCFunction)req_tokens, METH_VARARGS, "tokens(start=0, stop=None) -> int64 array of generated ids."},
+    {"check", (PyCFunction)req_check, METH_NOARGS, "Raise the request's error if it failed; return whether it finished."},
+    {"cancel", (PyCFunction)req_cancel, METH_NOARGS, "Stop the request; its KV pages are freed at the next step."},
+    {NULL, NULL, 0, NULL},
+};
+static PyGetSetDef req_getset[] = {{"n_prompt", (getter)req_n_prompt, NULL, "prompt tokens", NULL}, {NULL}};
+
+static PyTypeObject FlPyRequest_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastload._C.Request",
+    .tp_basicsize = sizeof(FlPyRequest),
+    .tp_dealloc = (destructor)req_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One request of a model's engine (made by Model.engine_submit).",
+    .tp_methods = req_methods,
+    .tp_getset = req_getset,
+};
+
+PyObject *fl_py_request_wrap(PyObject *owner, fl_request *r, int n_prompt) {
+    FlPyRequest *o = PyObject_New(FlPyRequest, &FlPyRequest_Type);
+    if (!o) {
+        fl_request_release(r);
+        return NULL;
+    }
+    Py_INCREF(owner);
+    o->owner = owner;
+    o->r = r;
+    o->n_prompt = n_prompt;
+    return (PyObject *)o;
+}
+
+int fl_py_init_engine(PyObject *m) {
+    if (PyType_Ready(&FlPyRequest_Type) < 0) return -1;
+    return PyModule_AddObjectRef(m, "Request", (PyObject *)&FlPyRequest_Type);
+}

@@ -1,0 +1,161 @@
+"""The engine behind generate / chat (csrc/engine.h): every call is a request to one scheduler per model, which
+batches whatever requests are running into each decode step (continuous batching) and keeps their keys and values
+in one pool of fixed-size pages (a paged KV cache).
+
+So a ThreadPoolExecutor of callers runs as one batch instead of one caller at a time, KV memory follows the tokens in
+use (not batch x max_length), requests that start with the same pages of prompt (a system prompt) share them, and
+nothing changes for a single caller: the same tokens (greedy output of a request is the same as alone), the same
+speed within noise.
+
+Settings, at from_pretrained or later with model.configure_engine():
+  kv_cache_memory   the pool: bytes (int), or a fraction (0 < f <= 1) of the device memory free when the engine
+                    starts (first generate). Default: CUDA 0.4 of free memory, CPU 2 GiB; never more than
+                    max_num_seqs full contexts. memory_stats() reports it.
+  max_num_seqs      requests decoded together per step (vLLM's name; default 64). More wait in the queue.
+  max_queue         waiting requests allowed before generate raises fastload.EngineBusy (default: no limit).
+  engine            False runs each generate call on its own as before (one rectangular batch, its own KV cache);
+                    also FASTLOAD_ENGINE=0.
+"""
+import threading
+
+import numpy as np
+
+from . import config as cfgmod
+
+ENGINE_KEYS = ("kv_cache_memory", "max_num_seqs", "max_queue", "engine", "prefill_chunk", "kv_page_tokens")
+_GOLDEN = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None, prefill_chunk=None,
+            kv_page_tokens=None) -> dict:
+    """Check and normalise the engine settings (from_pretrained / configure_engine arguments)."""
+    if engine is None:
+        env = cfgmod.env("FASTLOAD_ENGINE")
+        engine = True if env is None else env.strip().lower() not in ("0", "false", "no", "off")
+    if kv_cache_memory is not None:
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
+            raise TypeError(f"kv_cache_memory must be bytes (int) or a fraction of free memory (float), "
+                            f"not {type(kv_cache_memory).__name__}")
+        if isinstance(kv_cache_memory, float) and not 0 < kv_cache_memory <= 1:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory}: a fraction must be in (0, 1]; give bytes as an int")
+        if isinstance(kv_cache_memory, int) and kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes must be positive")
+    for name, v, lo, hi in (("max_num_seqs", max_num_seqs, 1, 4096), ("max_queue", max_queue, 0, 1 << 30),
+                            ("prefill_chunk", prefill_chunk, 16, 65536), ("kv_page_tokens", kv_page_tokens, 1, 4096)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            raise ValueError(f"{name}={v!r} must be an integer in [{lo}, {hi}]")
+    if kv_page_tokens is not None and kv_page_tokens & (kv_page_tokens - 1):
+        raise ValueError(f"kv_page_tokens={kv_page_tokens} must be a power of two")
+    return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs or 64,
+            "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk or 512, "kv_page_tokens": kv_page_tokens or 16}
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    nh = c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // nh
+    nkv = getattr(c, "num_key_value_heads", None) or nh
+    es = 4 if model.device == "cpu" else 2  # the CPU backend keeps the cache in float32, CUDA in the activation dtype
+    return 2 * c.num_hidden_layers * nkv * hd * es
+
+
+def pool_bytes(model, opts) -> int:
+    """The pool size the engine will get: kv_cache_memory resolved against the device now."""
+    per_tok = kv_bytes_per_token(model)
+    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    cap = per_tok * ctx * opts["max_num_seqs"] + per_tok * opts["kv_page_tokens"]
+    want = opts["kv_cache_memory"]
+    if isinstance(want, int):
+        return want
+    if model.device.startswith("cuda"):
+        from . import cuda
+        free, _ = cuda.mem_get_info(model.device)
+        return int(min(cap, (want if want is not None else 0.4) * free))
+    if want is None:
+        return int(min(cap, 2 << 30))
+    try:
+        import os
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 << 30
+    return int(min(cap, want * avail))
+
+
+class Engine:
+    """One model's engine handle (the core engine starts on first use and lives as long as the model)."""
+
+    def __init__(self, model, opts):
+        self.model = model
+        self.opts = opts
+        self._lock = threading.Lock()
+        self._started = False
+
+    def core(self):
+        if not self._started:
+            with self._lock:
+                if not self._started:
+                    m = self.model
+                    self.model._core.engine_start(pool_bytes(m, self.opts), page_tokens=self.opts["kv_page_tokens"],
+                                                  max_batch=self.opts["max_num_seqs"],
+                                                  prefill_chunk=self.opts["prefill_chunk"],
+                                                  max_waiting=self.opts["max_queue"],
+                                                  max_context=int(getattr(m.config, "max_position_embeddings", 0) or 0))
+                    self._started = True
+        return self.model._core
+
+    def stats(self):
+        return self.model._core.engine_stats() if self._started else None
+
+    def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, streamer=None, on_token=None):
+        """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with
+        pad after a row's end, as transformers' generate. streamer: B == 1 only (put per token)."""
+        core = self.core()
+        B, T = ids.shape
+        reqs = []
+        try:
+            for b in range(B):
+                row = ids[b] if mask is None else ids[b][mask[b] != 0]
+                if row.size == 0:
+                    raise ValueError(f"input row {b} has no token (its attention_mask is all zeros)")
+                reqs.append(core.engine_submit(
+                    row.astype(np.int32), max_new_tokens=int(max_new), min_new_tokens=int(min_new),
+                    do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
+                    top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
+                    seed=(seed + _GOLDEN * b) & _M64, eos_token_ids=eos))
+            if streamer is not None or on_token is not None:
+                q = reqs[0]
+                have = 0
+                while True:
+                    n, done = q.wait(have)
+                    if n > have:
+                        for t in q.tokens(have, n):
+                            if streamer is not None:
+                                streamer.put(np.array([t], dtype=np.int64))
+                            if on_token is not None:
+                                on_token(int(t))
+                        have = n
+                    if done:
+                        break
+            outs = []
+            for q in reqs:
+                while not q.wait(1 << 30)[1]:
+                    pass
+                q.check()
+                outs.append(q.tokens())
+        except BaseException:
+            for q in reqs:
+                q.cancel()
+            try:  # the next step drops them: return once their pages are back in the pool
+                for q in reqs:
+                    while not q.wait(1 << 30, timeout=10.0)[1]:
+                        pass
+            except BaseException:  # noqa: BLE001 - a second Ctrl-C: leave them to the engine
+                pass
+            raise
+        n_new = max((len(o) for o in outs), default=0)
+        out = np.full((B, T + n_new), pad, dtype=np.int64)
+        out[:, :T] = ids
+        for b, o in enumerate(outs):
+            out[b, T:T + len(o)] = o
+        return out

@@ -1,0 +1,292 @@
+"""The engine (issue 11 parts 1-2, csrc/engine.h): continuous batching over a paged KV cache, on the CPU backend.
+
+What must hold whatever the batch: every request's tokens are those of the same request alone (greedy, and sampling
+with its seed); the pool holds requests by their tokens, not their max_new_tokens, and preempts instead of failing
+when it runs dry; prompts that share leading pages share them; cancelled or finished requests give their pages back;
+a request that can never fit gets an error naming kv_cache_memory. Paged attention itself is checked against each
+row alone on a rectangular cache. No timing assertions.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastload
+from fastload import _C
+from golden_util import model_dir
+from paged_util import paged_attention, paged_case, per_row_reference
+
+
+def load(name="qwen2", **kw):
+    return fastload.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), device_map="cpu", torch_dtype="float32",
+                                                         threads=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load()
+
+
+def prompts(n, seed=0, lo=3, hi=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 500, size=int(rng.integers(lo, hi))).astype(np.int64) for _ in range(n)]
+
+
+_legacy = []
+
+
+def alone(model, p, **kw):
+    """The request through the one-call path (engine=False: its own rectangular KV cache, batch 1), on the same
+    checkpoint as `model` (every model here is the qwen2 fixture in float32)."""
+    if not _legacy:
+        _legacy.append(load(engine=False))
+    return _legacy[0].generate(p[None], **kw)[0, len(p):]
+
+
+def page_bytes(model, page):
+    c = model.config
+    hd = c.hidden_size // c.num_attention_heads
+    return page * 2 * c.num_hidden_layers * c.num_key_value_heads * hd * 4
+
+
+# ---- paged attention (the op) ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,T,nh,nkv,hd,L,shift,window", [
+    (3, 1, 4, 2, 64, 40, 2, 0),      # decode, rows at different lengths
+    (2, 7, 6, 2, 32, 50, 3, 0),      # a prompt chunk per row
+    (4, 1, 8, 8, 16, 33, 0, 5),      # one-slot pages, sliding window
+    (1, 16, 2, 1, 128, 64, 4, 0),
+])
+def test_cpu_paged_attention_matches_each_row_alone(B, T, nh, nkv, hd, L, shift, window):
+    rng = np.random.default_rng(B * 100 + T)
+    case = paged_case(rng, B, T, nh, nkv, hd, L, shift)
+    got = paged_attention("cpu", case, window)
+    ref = per_row_reference(case, window)
+    assert np.array_equal(got, ref)  # same arithmetic, addressed through the table
+
+
+def test_cpu_paged_rope_store_writes_through_the_table():
+    rng = np.random.default_rng(5)
+    B, T, nh, nkv, hd, L, shift = 3, 4, 2, 1, 16, 24, 2
+    case = paged_case(rng, B, T, nh, nkv, hd, L, shift)
+    inv = (1.0 / (10000.0 ** (np.arange(hd // 2, dtype=np.float32) * 2 / hd))).astype(np.float32)
+    pos = np.concatenate([np.arange(s, s + T) for s in case["starts"]]).astype(np.int32)
+    got = _C.run_op("cpu", "rope_store", {"qkv": case["qkv"], "pos": pos, "inv_freq": inv, "k_cache": case["kp"],
+                                          "v_cache": case["vp"], "block_table": case["table"], "starts": case["starts"]},
+                    {"B": B, "T": T, "n_heads": nh, "n_kv_heads": nkv, "page_shift": shift, "act": "float32"})
+    page = 1 << shift
+    for b in range(B):
+        ref = _C.run_op("cpu", "rope_store", {"qkv": case["qkv"][b * T:(b + 1) * T], "pos": pos[b * T:(b + 1) * T],
+                                              "inv_freq": inv, "k_cache": case["kc"][b:b + 1],
+                                              "v_cache": case["vc"][b:b + 1]},
+                        {"B": 1, "T": T, "start": int(case["starts"][b]), "n_heads": nh, "n_kv_heads": nkv,
+                         "act": "float32"})
+        assert np.array_equal(got["qkv"][b * T:(b + 1) * T], ref["qkv"])
+        for j in range(L):
+            pg, off = case["table"][b, j // page], j % page
+            assert np.array_equal(got["k_cache"][pg, off], ref["k_cache"][0, j]), (b, j)
+            assert np.array_equal(got["v_cache"][pg, off], ref["v_cache"][0, j]), (b, j)
+
+
+def test_paged_op_rejects_bad_tables():
+    rng = np.random.default_rng(1)
+    case = paged_case(rng, 2, 1, 2, 1, 16, 12, 2)
+    case["table"] = case["table"].copy()
+    case["table"][1, 0] = case["kp"].shape[0]  # past the pool
+    with pytest.raises(ValueError, match="block_table"):
+        paged_attention("cpu", case)
+
+
+# ---- the engine ------------------------------------------------------------------------------------------------
+def test_concurrent_greedy_equals_alone(qwen):
+    ps = prompts(12, seed=1)
+    ref = [alone(qwen, p, max_new_tokens=10) for p in ps]
+    with ThreadPoolExecutor(12) as ex:
+        outs = list(ex.map(lambda p: qwen.generate(p[None], max_new_tokens=10)[0, len(p):], ps))
+    for i, (a, b) in enumerate(zip(ref, outs)):
+        assert np.array_equal(a, b), f"request {i}: {list(b)} != alone {list(a)}"
+    st = qwen.engine_stats()
+    assert st["peak_running"] > 1, st          # they did run together
+    assert st["pages_used"] == 0 and st["running"] == 0 and st["waiting"] == 0, st
+
+
+def test_sampling_with_seed_is_the_same_batched_or_alone(qwen):
+    ps = prompts(6, seed=2)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
+    ref = [alone(qwen, p, seed=7, **kw) for p in ps]
+    with ThreadPoolExecutor(6) as ex:
+        outs = list(ex.map(lambda p: qwen.generate(p[None], seed=7, **kw)[0, len(p):], ps))
+    for a, b in zip(ref, outs):
+        assert np.array_equal(a, b)
+
+
+def test_batched_generate_with_left_padding_matches_rows_alone(qwen):
+    ps = prompts(4, seed=3, lo=3, hi=12)
+    T = max(len(p) for p in ps)
+    ids = np.zeros((4, T), np.int64)
+    mask = np.zeros((4, T), np.int64)
+    for b, p in enumerate(ps):
+        ids[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    out = qwen.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    assert out.shape == (4, T + 6) and np.array_equal(out[:, :T], ids)
+    for b, p in enumerate(ps):
+        assert np.array_equal(out[b, T:], alone(qwen, p, max_new_tokens=6)), b
+
+
+def test_rows_ending_early_are_padded_as_transformers(qwen):
+    ps = prompts(3, seed=4)
+    first = [alone(qwen, p, max_new_tokens=5) for p in ps]
+    eos = int(first[0][1])  # row 0 stops at its second token
+    T = max(len(p) for p in ps)
+    ids = np.zeros((3, T), np.int64)
+    mask = np.zeros((3, T), np.int64)
+    for b, p in enumerate(ps):
+        ids[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    out = qwen.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos, pad_token_id=499)
+    legacy = load(engine=False).generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos, pad_token_id=499)
+    assert np.array_equal(out, legacy)
+
+
+def test_small_pool_preempts_and_keeps_outputs():
+    m = load(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16)
+    ps = prompts(6, seed=5, lo=8, hi=16)
+    ref = [alone(m, p, max_new_tokens=12, eos_token_id=[]) for p in ps]
+    with ThreadPoolExecutor(6) as ex:
+        outs = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=12, eos_token_id=[])[0, len(p):], ps))
+    for a, b in zip(ref, outs):
+        assert np.array_equal(a, b)
+    st = m.engine_stats()
+    assert st["n_pages"] == 14 and st["preemptions"] > 0 and st["peak_pages_used"] <= 14, st
+    assert st["pages_used"] == 0
+
+
+def test_pool_serves_requests_by_tokens_not_max_new_tokens():
+    """8 requests each allowed 4096 new tokens stop at eos after a few: a pool far smaller than 8 x 4096 tokens
+    serves them all at once, and holds only their real tokens."""
+    base = load()
+    ps = prompts(8, seed=6, lo=5, hi=9)
+    firsts = [alone(base, p, max_new_tokens=3, eos_token_id=[]) for p in ps]
+    m = load(kv_cache_memory=page_bytes(base, 4) * 32, kv_page_tokens=4, max_num_seqs=8)
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda i: m.generate(ps[i][None], max_new_tokens=4096, eos_token_id=int(firsts[i][2]))[0],
+                           range(8)))
+    for i, o in enumerate(outs):
+        assert o[-1] == firsts[i][2] and len(o) <= len(ps[i]) + 3
+    st = m.engine_stats()
+    assert st["preemptions"] == 0 and st["peak_pages_used"] <= 32, st  # 8 x 4096 tokens would be 8192 pages
+
+
+def test_shared_prompt_pages_are_shared():
+    m = load(kv_page_tokens=4, max_num_seqs=16)
+    rng = np.random.default_rng(7)
+    system = rng.integers(3, 500, size=40)
+    ps = [np.concatenate([system, rng.integers(3, 500, size=3)]) for _ in range(8)]
+    ref = [alone(m, p, max_new_tokens=4, eos_token_id=[]) for p in ps]
+    outs = [None] * 8
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=4, eos_token_id=[])[0, len(p):], ps))
+    for a, b in zip(ref, outs):
+        assert np.array_equal(a, b)
+    st = m.engine_stats()
+    # 10 shared pages of the system prompt; each request's own tail (3 prompt + 4 new tokens, at most 3 pages)
+    assert st["prefix_hit_tokens"] >= 7 * 40, st
+    assert st["peak_pages_used"] <= 1.2 * (10 + 8 * 3), st
+
+
+def test_prompt_that_can_never_fit_is_refused():
+    base = load()
+    m = load(kv_cache_memory=page_bytes(base, 4) * 4, kv_page_tokens=4)  # 16 tokens
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        m.generate(np.arange(3, 23)[None], max_new_tokens=2)
+    with pytest.raises(MemoryError, match="kv_cache_memory"):
+        m.generate(np.arange(3, 13)[None], max_new_tokens=20, eos_token_id=[])  # grows past the pool alone
+    assert m.engine_stats()["pages_used"] == 0
+    assert len(m.generate(np.arange(3, 8)[None], max_new_tokens=3)[0]) <= 8  # and it still serves
+
+
+def test_context_limit_stops_like_max_length():
+    m = load()
+    ctx = m.config.max_position_embeddings
+    with pytest.raises(ValueError, match="context"):
+        m.generate(np.full((1, ctx), 5), max_new_tokens=1)
+
+
+def test_streamer_cancel_frees_pages(qwen):
+    from fastload.streamers import TextIteratorStreamer
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, **kw):
+            return " ".join(str(int(i)) for i in ids)
+
+    st = TextIteratorStreamer(Tok(), skip_prompt=True)
+    raised = []
+
+    def run():
+        try:
+            qwen.generate(np.arange(3, 20)[None], max_new_tokens=500, eos_token_id=[], streamer=st)
+        except Exception as e:  # noqa: BLE001 - the cancellation, checked below
+            raised.append(e)
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    it = iter(st)
+    next(it)
+    st.cancel()
+    th.join(30)
+    assert not th.is_alive() and raised and "cancelled" in str(raised[0])
+    s = qwen.engine_stats()
+    assert s["running"] == 0 and s["pages_used"] == 0, s
+
+
+def test_engine_busy_when_queue_is_full():
+    m = load(max_num_seqs=1, max_queue=1)
+    core = m._engine_handle().core()
+    r1 = core.engine_submit(np.arange(3, 10, dtype=np.int32), max_new_tokens=400, eos_token_ids=[])
+    r1.wait(0)  # r1 runs: the one row of every step
+    r2 = core.engine_submit(np.arange(3, 10, dtype=np.int32), max_new_tokens=400, eos_token_ids=[])  # waits
+    with pytest.raises(fastload.EngineBusy, match="queue is full"):
+        core.engine_submit(np.arange(3, 10, dtype=np.int32), max_new_tokens=2)
+    r1.cancel()
+    r2.cancel()
+    assert r1.wait(1 << 30)[1] and r2.wait(1 << 30)[1]
+    with pytest.raises(RuntimeError, match="cancelled"):
+        r2.check()
+
+
+def test_engine_off_uses_the_one_call_path():
+    m = load(engine=False)
+    out = m.generate(np.arange(3, 9)[None], max_new_tokens=3)
+    assert out.shape[1] <= 9 and m.engine_stats() is None
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        load(kv_cache_memory=1.5)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        load(max_num_seqs=0)
+    with pytest.raises(ValueError, match="power of two"):
+        load(kv_page_tokens=12)
+    m = load()
+    with pytest.raises(TypeError, match="unknown"):
+        m.configure_engine(kv_cache=5)
+    m.configure_engine(kv_cache_memory=1 << 20)
+    m.generate(np.arange(3, 9)[None], max_new_tokens=2)
+    assert m.memory_stats()["kv_cache_pool"] >= (1 << 20) * 0.9
+
+
+def test_memory_stats_report_the_pool(qwen):
+    qwen.generate(np.arange(3, 9)[None], max_new_tokens=2)
+    ms = qwen.memory_stats()
+    assert ms["kv_cache_pool"] > 0 and ms["kv_cache_pool_used"] == 0
+    assert ms["workspace"] >= 0 and ms["allocated"] >= ms["weights"] + ms["kv_cache_pool"]
+
+
+def test_chat_from_a_thread_pool_matches_the_loop(demo_model, demo_tok):
+    qs = ["What is 2+2?", "Name a colour.", "Say hello.", "What is the capital of France?", "Count to three."]
+    loop = [demo_model.chat(demo_tok, q, max_new_tokens=12)[0] for q in qs]
+    with ThreadPoolExecutor(5) as ex:
+        pool = list(ex.map(lambda q: demo_model.chat(demo_tok, q, max_new_tokens=12)[0], qs))
+    assert pool == loop
