@@ -17,6 +17,7 @@ Settings, at from_pretrained or later with model.configure_engine():
                     also FASTLOAD_ENGINE=0.
 """
 import threading
+import weakref
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class Engine:
     """One model's engine handle (the core engine starts on first use and lives as long as the model)."""
 
     def __init__(self, model, opts):
-        self.model = model
+        self._model = weakref.ref(model)  # the model holds this handle: no reference cycle keeps its weights alive
         self.opts = opts
         self._lock = threading.Lock()
         self._started = False
@@ -95,17 +96,17 @@ class Engine:
         if not self._started:
             with self._lock:
                 if not self._started:
-                    m = self.model
-                    self.model._core.engine_start(pool_bytes(m, self.opts), page_tokens=self.opts["kv_page_tokens"],
+                    m = self._model()
+                    m._core.engine_start(pool_bytes(m, self.opts), page_tokens=self.opts["kv_page_tokens"],
                                                   max_batch=self.opts["max_num_seqs"],
                                                   prefill_chunk=self.opts["prefill_chunk"],
                                                   max_waiting=self.opts["max_queue"],
                                                   max_context=int(getattr(m.config, "max_position_embeddings", 0) or 0))
                     self._started = True
-        return self.model._core
+        return self._model()._core
 
     def stats(self):
-        return self.model._core.engine_stats() if self._started else None
+        return self._model()._core.engine_stats() if self._started else None
 
     def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, streamer=None, on_token=None):
         """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with

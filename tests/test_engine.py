@@ -290,3 +290,14 @@ def test_chat_from_a_thread_pool_matches_the_loop(demo_model, demo_tok):
     with ThreadPoolExecutor(5) as ex:
         pool = list(ex.map(lambda q: demo_model.chat(demo_tok, q, max_new_tokens=12)[0], qs))
     assert pool == loop
+
+
+def test_dropping_the_model_frees_its_engine():
+    import gc
+    import weakref
+    m = load()
+    m.generate(np.arange(3, 9)[None], max_new_tokens=2)
+    core = weakref.ref(m._core)
+    del m
+    assert core() is None  # no reference cycle through the engine handle: the pool goes with the model
+    gc.collect()
