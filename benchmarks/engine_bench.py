@@ -47,7 +47,7 @@ def sync(model):
 
 
 def gen(model, ids, n):
-    return model.generate(ids[None], max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
+    return model.generate(ids[None], max_new_tokens=n, eos_token_id=[])  # no eos: every request runs its n tokens
 
 
 def scenario_single(m, legacy, rng, V, args, res):
@@ -85,8 +85,8 @@ def scenario_many(m, legacy, rng, V, args, res):
     N, n, W = 64, args.many_tokens, 32
     ps = [ids_for(rng, V, 64) for _ in range(N)]
     batch = np.stack(ps)
-    _, t_batch = timed(lambda: legacy.generate(batch, max_new_tokens=n, min_new_tokens=n, eos_token_id=[]))
-    _, t_batch_eng = timed(lambda: m.generate(batch, max_new_tokens=n, min_new_tokens=n, eos_token_id=[]))
+    _, t_batch = timed(lambda: legacy.generate(batch, max_new_tokens=n, eos_token_id=[]))
+    _, t_batch_eng = timed(lambda: m.generate(batch, max_new_tokens=n, eos_token_id=[]))
     with ThreadPoolExecutor(W) as ex:
         _, t_threads = timed(lambda: list(ex.map(lambda p: gen(m, p, n), ps)))
     k = args.loop_sample
@@ -108,7 +108,7 @@ def _ttft_itl(m, p, n):
     """Time to first token and the gaps between later tokens of one request, from its token stream."""
     core = m._engine_handle().core()
     t0 = time.perf_counter()
-    r = core.engine_submit(p.astype(np.int32), max_new_tokens=n, min_new_tokens=n, eos_token_ids=[])
+    r = core.engine_submit(p.astype(np.int32), max_new_tokens=n, eos_token_ids=[])
     stamps, have = [], 0
     while True:
         k, done = r.wait(have)
@@ -143,13 +143,12 @@ def scenario_mixed(m, rng, V, args, res):
     r = {"requests": N, "prompt_tokens": int(lens.sum()), "new_tokens": int(outs.sum()), "wall_s": wall,
          "output_tok_s": float(outs.sum()) / wall, "total_tok_s": float(lens.sum() + outs.sum()) / wall,
          "ttft_ms": {q: pct(ttft, q) for q in (50, 90, 99)}, "itl_ms": {q: pct(itl, q) for q in (50, 90, 99)}}
-    # TTFT of one 1024-token request alone, and while 31 others decode
-    p = ids_for(rng, V, 1024)
-    alone = statistics.median([_ttft_itl(m, p, 4)[0] for _ in range(3)])
+    # TTFT of one 1024-token request alone, and while 31 others decode (fresh prompts: no shared pages)
+    alone = statistics.median([_ttft_itl(m, ids_for(rng, V, 1024), 4)[0] for _ in range(3)])
     stop = threading.Event()
     bg = [ids_for(rng, V, 128) for _ in range(31)]
     core = m._engine_handle().core()
-    reqs = [core.engine_submit(q.astype(np.int32), max_new_tokens=4000, min_new_tokens=4000, eos_token_ids=[]) for q in bg]
+    reqs = [core.engine_submit(q.astype(np.int32), max_new_tokens=4000, eos_token_ids=[]) for q in bg]
     for q in reqs:
         q.wait(0)  # every one is decoding
     busy = statistics.median([_ttft_itl(m, ids_for(rng, V, 1024), 4)[0] for _ in range(3)])

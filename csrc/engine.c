@@ -28,6 +28,7 @@ struct fl_request {
     int n_cached;             /* leading tokens whose K/V are in the cache */
     int32_t *pages;           /* block-table row: the pages of slots [0, n_pages * page) */
     int n_pages, n_reg;       /* pages held; leading pages that are (in) the prefix table */
+    int pgen;                 /* bumped whenever its pages are given back (the device block table may be stale) */
     fl_gen_params p;
     int32_t eos[FL_ENGINE_MAX_EOS];
     fl_rng rng;
@@ -70,7 +71,13 @@ struct fl_engine {
     float *logits;            /* [max_batch, vocab] */
     int32_t *idx; uint8_t *mark;
     int32_t *h_tok, *h_pos, *h_starts, *h_btab; /* host: [max(max_batch, chunk)], [max_batch * max_pages] */
-    void *d_starts, *d_btab;  /* backend copies (NULL on host-memory backends: the host arrays are used) */
+    int32_t *h_in;            /* tokens | positions | starts of one step, packed for one copy */
+    void *d_in, *d_btab;      /* their backend copies (NULL on host-memory backends: the host arrays are used) */
+    int in_cap;               /* ints in h_in / d_in */
+    /* what the device block table holds (graph-replayed decode steps only upload it when it changed) */
+    int btab_rows, btab_ok;
+    uint64_t *sig_seq;
+    int *sig_gen, *sig_np;
     int max_pages;            /* pages of the longest request: max_context / page */
     fl_request **rows;        /* [max_batch] this step's decode rows */
     int null_page;            /* a page outside the pool: padding rows of a graph-replayed step write there */
@@ -223,6 +230,7 @@ static void req_unref(fl_request *r) { /* under mu */
 }
 static void release_pages(fl_engine *e, fl_request *r) { /* under mu */
     for (int i = 0; i < r->n_pages; i++) page_release(&e->pool, r->pages[i]);
+    r->pgen++;
     r->n_pages = r->n_reg = 0;
     r->n_cached = 0;
 }
@@ -286,13 +294,6 @@ static int ensure_page(fl_engine *e, fl_request *r, int slot) {
 }
 
 /* ---- one step ----------------------------------------------------------------------------------- */
-static fl_status upload(fl_engine *e, void **dst_d, const void *src, size_t bytes, size_t cap) {
-    fl_backend *be = e->m->be;
-    if (be->host_memory) { *dst_d = (void *)src; return FL_OK; }
-    (void)cap;
-    return be->to_backend(be, *dst_d, src, bytes);
-}
-
 /* Batch buckets of graph-replayed decode steps: 1, 2, 4, 8, then multiples of 8. */
 static int bucket_of(int B) { return B <= 1 ? 0 : B <= 2 ? 1 : B <= 4 ? 2 : 2 + (B + 7) / 8; }
 static int bucket_rows(int k) { return k < 3 ? 1 << k : 8 * (k - 2); }
@@ -302,47 +303,74 @@ static fl_status capture_fn(void *ud) {
     fl_model *m = e->m;
     fl_kvcache kv = e->kv;
     kv.max_len = e->max_pages << e->pool.shift;
+    const int rows = e->cap.B;
+    int32_t *in = e->d_in;
     fl_step s;
     memset(&s, 0, sizeof s);
-    s.batch = e->cap.B; s.n_new = 1; s.pos_d = m->ws_pos_d;
-    s.pg.starts_d = e->d_starts; s.pg.btab_d = e->d_btab; s.pg.btab_stride = e->max_pages; s.pg.page_shift = e->pool.shift;
-    return fl_forward_core(m, &kv, &s, m->ws_tok_d, 0);
+    s.batch = rows; s.n_new = 1; s.pos_d = in + rows;
+    s.pg.starts_d = in + 2 * rows; s.pg.btab_d = e->d_btab; s.pg.btab_stride = e->max_pages; s.pg.page_shift = e->pool.shift;
+    return fl_forward_core(m, &kv, &s, in, 0);
 }
 
-/* Forward B rows of T tokens (host arrays: tokens/pos [B*T], starts [B], btab [B, stride]), leaving each row's
- * last logits in the workspace; then the rows' next tokens: h_next[b] from the device argmax where h_greedy[b]
- * (and the backend has one), the float logits of the others in e->logits. Under model_mu, not mu.
+/* The block table of this step's rows rq[0:B] (their pages, the null page past them and in padding rows up to
+ * `rows`), `stride` entries a row, into the backend. A graph-replayed decode step (graph != 0, stride = max_pages)
+ * skips it when the device already holds exactly this (same requests, same pages: the usual step, which adds a page
+ * to a row only every page_tokens tokens). */
+static fl_status put_btab(fl_engine *e, fl_request **rq, int B, int rows, int stride, int graph, const int32_t **btab_d) {
+    fl_backend *be = e->m->be;
+    *btab_d = be->host_memory ? e->h_btab : e->d_btab;
+    if (graph && e->btab_ok && e->btab_rows == rows) {
+        int same = 1;
+        for (int b = 0; b < B && same; b++)
+            same = e->sig_seq[b] == rq[b]->seq && e->sig_gen[b] == rq[b]->pgen && e->sig_np[b] == rq[b]->n_pages;
+        for (int b = B; b < rows && same; b++) same = e->sig_np[b] == -1;
+        if (same) return FL_OK;
+    }
+    for (int b = 0; b < rows; b++) {
+        int32_t *row = e->h_btab + (size_t)b * stride;
+        const int np = b < B ? rq[b]->n_pages : 0;
+        if (np) memcpy(row, rq[b]->pages, (size_t)np * 4);
+        for (int j = np; j < stride; j++) row[j] = e->null_page;
+        e->sig_seq[b] = b < B ? rq[b]->seq : 0;
+        e->sig_gen[b] = b < B ? rq[b]->pgen : 0;
+        e->sig_np[b] = b < B ? np : -1;
+    }
+    e->btab_ok = graph;
+    e->btab_rows = rows;
+    if (be->host_memory) return FL_OK;
+    return be->to_backend(be, e->d_btab, e->h_btab, (size_t)rows * stride * 4);
+}
+
+/* Forward the rows rq[0:B], T tokens each (host arrays h_tok / h_pos [B*T], h_starts [B]), leaving each row's last
+ * logits in the workspace; then the rows' next tokens: h_next[b] from the device argmax where h_greedy[b] (and the
+ * backend has one), the float logits of the others in e->logits. Under model_mu, not mu.
  * Decode steps (T = 1) on a backend with graphs run with a fixed table stride, padded to a batch bucket (padding
- * rows write the null page), eagerly the first time for a bucket and replayed after. */
-static fl_status engine_forward(fl_engine *e, int B, int T, int stride) {
+ * rows write the null page), eagerly the first time for a bucket and replayed after. Tokens, positions and starts
+ * go to the backend in one copy; the block table only when it changed. */
+static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
     fl_model *m = e->m;
     fl_backend *be = m->be;
     const int V = m->cfg.vocab;
-    int rows = B, k = -1;
+    int rows = B, k = -1, stride = 1;
+    for (int b = 0; b < B; b++) if (rq[b]->n_pages > stride) stride = rq[b]->n_pages;
     if (T == 1 && be->graph_capture) {
         k = bucket_of(B);
         rows = bucket_rows(k);
         if (rows > e->cfg.max_batch) rows = e->cfg.max_batch;
-        for (int b = B; b < rows; b++) {
-            e->h_tok[b] = 0;
-            e->h_pos[b] = 0;
-            e->h_starts[b] = 0;
-        }
-        /* every row gets the full stride: rows [0, B) were written with `stride` entries, spread them out */
-        for (int b = B - 1; b >= 0; b--) {
-            memmove(e->h_btab + (size_t)b * e->max_pages, e->h_btab + (size_t)b * stride, (size_t)stride * 4);
-            for (int j = stride; j < e->max_pages; j++) e->h_btab[(size_t)b * e->max_pages + j] = e->null_page;
-        }
-        for (int b = B; b < rows; b++)
-            for (int j = 0; j < e->max_pages; j++) e->h_btab[(size_t)b * e->max_pages + j] = e->null_page;
         stride = e->max_pages;
     }
-    FL_TRY(fl_model_reserve(m, rows * T, rows));
-    FL_TRY(be->to_backend(be, m->ws_tok_d, e->h_tok, (size_t)rows * T * 4));
-    FL_TRY(be->to_backend(be, m->ws_pos_d, e->h_pos, (size_t)rows * T * 4));
-    void *starts_d = e->d_starts, *btab_d = e->d_btab;
-    FL_TRY(upload(e, &starts_d, e->h_starts, (size_t)rows * 4, 0));
-    FL_TRY(upload(e, &btab_d, e->h_btab, (size_t)rows * stride * 4, 0));
+    const int n = rows * T;
+    if (2 * n + rows > e->in_cap) return fl_err(FL_E_INTERNAL, "engine: step of %d x %d tokens exceeds its buffers", rows, T);
+    int32_t *in = e->h_in;
+    memcpy(in, e->h_tok, (size_t)B * T * 4);
+    memcpy(in + n, e->h_pos, (size_t)B * T * 4);
+    memcpy(in + 2 * n, e->h_starts, (size_t)B * 4);
+    for (int i = B * T; i < n; i++) in[i] = in[n + i] = 0; /* padding rows: token 0 at slot 0 of the null page */
+    for (int b = B; b < rows; b++) in[2 * n + b] = 0;
+    FL_TRY(fl_model_reserve(m, n, rows));
+    const int32_t *in_d = be->host_memory ? e->h_in : e->d_in, *btab_d = NULL;
+    if (!be->host_memory) FL_TRY(be->to_backend(be, e->d_in, in, (size_t)(2 * n + rows) * 4));
+    FL_TRY(put_btab(e, rq, B, rows, stride, k >= 0, &btab_d));
     if (k >= 0 && e->graph[k] && e->graph_epoch[k] == be->scratch_epoch) {
         FL_TRY(be->graph_replay(be, e->graph[k]));
     } else {
@@ -350,9 +378,9 @@ static fl_status engine_forward(fl_engine *e, int B, int T, int stride) {
         kv.max_len = stride << e->pool.shift; /* the longest row this block table describes */
         fl_step s;
         memset(&s, 0, sizeof s);
-        s.batch = rows; s.n_new = T; s.pos_d = m->ws_pos_d;
-        s.pg.starts_d = starts_d; s.pg.btab_d = btab_d; s.pg.btab_stride = stride; s.pg.page_shift = e->pool.shift;
-        FL_TRY(fl_forward_core(m, &kv, &s, m->ws_tok_d, 0));
+        s.batch = rows; s.n_new = T; s.pos_d = in_d + n;
+        s.pg.starts_d = in_d + 2 * n; s.pg.btab_d = btab_d; s.pg.btab_stride = stride; s.pg.page_shift = e->pool.shift;
+        FL_TRY(fl_forward_core(m, &kv, &s, in_d, 0));
         if (k >= 0) { /* record this bucket's step for the next time (the eager run grew every buffer it needs) */
             if (e->graph[k]) be->graph_free(be, e->graph[k]);
             e->graph[k] = NULL;
@@ -373,10 +401,11 @@ static fl_status engine_forward(fl_engine *e, int B, int T, int stride) {
     return be->sync(be);
 }
 
-/* A row whose next token is the plain argmax: greedy, no repetition penalty, eos no longer masked. */
+/* A row whose next token is the plain argmax: greedy, no repetition penalty, no eos id masked (min_new_tokens
+ * reached, or no eos ids at all). */
 static int plain_greedy(const fl_request *r) {
     return !r->p.do_sample && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
-           r->n_out >= r->p.min_new_tokens;
+           (r->n_out >= r->p.min_new_tokens || r->p.n_eos == 0);
 }
 
 /* Choose r's next token from logits row lg; append it; finish r if it is done. Under mu. */
@@ -456,28 +485,21 @@ int fl_engine_step(fl_engine *e) {
         }
     }
     int B = 0;
-    int stride = 1;
-    for (int i = 0; i < e->n_run; i++) {
-        fl_request *r = e->run[i];
-        if (r->state != RQ_DECODE) continue;
-        e->rows[B++] = r;
-        if (r->n_pages > stride) stride = r->n_pages;
-    }
+    for (int i = 0; i < e->n_run; i++)
+        if (e->run[i]->state == RQ_DECODE) e->rows[B++] = e->run[i];
     for (int b = 0; b < B; b++) {
         fl_request *r = e->rows[b];
         e->h_tok[b] = r->toks[r->n_cached];
         e->h_pos[b] = r->n_cached;
         e->h_starts[b] = r->n_cached;
         e->h_greedy[b] = (uint8_t)plain_greedy(r);
-        memcpy(e->h_btab + (size_t)b * stride, r->pages, (size_t)r->n_pages * 4);
-        for (int k = r->n_pages; k < stride; k++) e->h_btab[(size_t)b * stride + k] = r->pages[0]; /* never read */
     }
     pthread_mutex_unlock(&e->mu);
 
     if (B > 0) {
         pthread_mutex_lock(&e->model_mu);
         fl_err_clear();
-        const fl_status st = engine_forward(e, B, 1, stride);
+        const fl_status st = engine_forward(e, e->rows, B, 1);
         pthread_mutex_unlock(&e->model_mu);
         pthread_mutex_lock(&e->mu);
         if (st != FL_OK) {
@@ -533,7 +555,6 @@ int fl_engine_step(fl_engine *e) {
             }
             e->h_starts[0] = c0;
             e->h_greedy[0] = (uint8_t)plain_greedy(pr);
-            memcpy(e->h_btab, pr->pages, (size_t)pr->n_pages * 4);
             done_prompt = c0 + T == n_total;
         }
     }
@@ -541,7 +562,7 @@ int fl_engine_step(fl_engine *e) {
     if (pr) {
         pthread_mutex_lock(&e->model_mu);
         fl_err_clear();
-        const fl_status st = engine_forward(e, 1, T, pr->n_pages);
+        const fl_status st = engine_forward(e, &pr, 1, T);
         pthread_mutex_unlock(&e->model_mu);
         pthread_mutex_lock(&e->mu);
         if (st != FL_OK) {
@@ -663,12 +684,18 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->h_starts = malloc((size_t)cfg.max_batch * 4);
     e->h_btab = malloc((size_t)cfg.max_batch * (size_t)e->max_pages * 4);
     e->h_next = malloc((size_t)cfg.max_batch * 4);
+    e->in_cap = 2 * rows + cfg.max_batch;
+    e->h_in = malloc((size_t)e->in_cap * 4);
+    e->sig_seq = calloc((size_t)cfg.max_batch, sizeof(uint64_t));
+    e->sig_gen = calloc((size_t)cfg.max_batch, sizeof(int));
+    e->sig_np = calloc((size_t)cfg.max_batch, sizeof(int));
     e->h_greedy = calloc((size_t)rows, 1);
     e->n_buckets = bucket_of(cfg.max_batch) + 1;
     e->graph = calloc((size_t)e->n_buckets, sizeof(void *));
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
     if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->h_tok || !e->h_pos ||
-        !e->h_starts || !e->h_btab || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch) {
+        !e->h_starts || !e->h_btab || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
+        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np) {
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
         goto fail;
     }
@@ -689,7 +716,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     st = fl_model_reserve(m, rows, cfg.max_batch);
     if (st != FL_OK) goto fail;
     if (!m->be->host_memory) {
-        st = m->be->alloc(m->be, (size_t)cfg.max_batch * 4, &e->d_starts);
+        st = m->be->alloc(m->be, (size_t)e->in_cap * 4, &e->d_in);
         if (st == FL_OK) st = m->be->alloc(m->be, (size_t)cfg.max_batch * (size_t)e->max_pages * 4, &e->d_btab);
         if (st != FL_OK) goto fail;
     }
@@ -723,11 +750,12 @@ void fl_engine_free(fl_engine *e) {
     pthread_mutex_unlock(&e->mu);
     fl_backend *be = e->m->be;
     if (e->kv_base) be->free(be, e->kv_base);
-    if (e->d_starts) be->free(be, e->d_starts);
+    if (e->d_in) be->free(be, e->d_in);
     if (e->d_btab) be->free(be, e->d_btab);
     for (int k = 0; e->graph && k < e->n_buckets; k++)
         if (e->graph[k]) be->graph_free(be, e->graph[k]);
     free(e->graph); free(e->graph_epoch); free(e->h_next); free(e->h_greedy);
+    free(e->h_in); free(e->sig_seq); free(e->sig_gen); free(e->sig_np);
     free(e->kv.k_d); free(e->kv.v_d);
     free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark);
     free(e->h_tok); free(e->h_pos); free(e->h_starts); free(e->h_btab);

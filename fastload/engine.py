@@ -13,6 +13,9 @@ Settings, at from_pretrained or later with model.configure_engine():
                     max_num_seqs full contexts. memory_stats() reports it.
   max_num_seqs      requests decoded together per step (vLLM's name; default 64). More wait in the queue.
   max_queue         waiting requests allowed before generate raises fastload.EngineBusy (default: no limit).
+  prefill_chunk     prompt tokens read per step, between two decode steps of the running requests (default: CUDA
+                    2048, CPU 512): larger starts a newcomer sooner, smaller keeps the others' inter-token gaps short.
+  kv_page_tokens    tokens per KV page (a power of two, default 16).
   engine            False runs each generate call on its own as before (one rectangular batch, its own KV cache);
                     also FASTLOAD_ENGINE=0.
 """
@@ -49,7 +52,7 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
     if kv_page_tokens is not None and kv_page_tokens & (kv_page_tokens - 1):
         raise ValueError(f"kv_page_tokens={kv_page_tokens} must be a power of two")
     return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs or 64,
-            "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk or 512, "kv_page_tokens": kv_page_tokens or 16}
+            "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk, "kv_page_tokens": kv_page_tokens or 16}
 
 
 def kv_bytes_per_token(model) -> int:
@@ -99,7 +102,8 @@ class Engine:
                     m = self._model()
                     m._core.engine_start(pool_bytes(m, self.opts), page_tokens=self.opts["kv_page_tokens"],
                                                   max_batch=self.opts["max_num_seqs"],
-                                                  prefill_chunk=self.opts["prefill_chunk"],
+                                                  prefill_chunk=self.opts["prefill_chunk"] or
+                                                  (2048 if str(m.device).startswith("cuda") else 512),
                                                   max_waiting=self.opts["max_queue"],
                                                   max_context=int(getattr(m.config, "max_position_embeddings", 0) or 0))
                     self._started = True
