@@ -75,11 +75,15 @@ struct fl_engine {
     void *d_in, *d_btab;      /* their backend copies (NULL on host-memory backends: the host arrays are used) */
     int in_cap;               /* ints in h_in / d_in */
     /* what the device block table holds (graph-replayed decode steps only upload it when it changed) */
-    int btab_rows, btab_ok;
+    int btab_rows, btab_ok, btab_stride;
+    int n_lbuckets;           /* decode graphs per batch bucket: table lengths 256, 512, ... up to max_pages */
     uint64_t *sig_seq;
     int *sig_gen, *sig_np;
     int max_pages;            /* pages of the longest request: max_context / page */
     fl_request **rows;        /* [max_batch] this step's decode rows */
+    fl_request **prows;       /* [max_batch] this step's prefill rows, */
+    int *pc0, *pT;            /* ... their first slot and chunk length, */
+    int32_t *plast;           /* ... and the index of their chunk's last token (fl_model.last_rows) */
     int null_page;            /* a page outside the pool: padding rows of a graph-replayed step write there */
     int32_t *h_next;          /* [max_batch] tokens chosen on the device (argmax_rows) */
     uint8_t *h_greedy;        /* [max_batch] row takes the device argmax */
@@ -88,7 +92,7 @@ struct fl_engine {
     int n_buckets;
     void **graph;
     uint64_t *graph_epoch;
-    struct { fl_engine *e; int B; } cap;
+    struct { fl_engine *e; int B, stride; } cap;
     fl_engine *reg_next;      /* every live engine, for fork() */
 };
 
@@ -302,13 +306,13 @@ static fl_status capture_fn(void *ud) {
     fl_engine *e = ud;
     fl_model *m = e->m;
     fl_kvcache kv = e->kv;
-    kv.max_len = e->max_pages << e->pool.shift;
+    kv.max_len = e->cap.stride << e->pool.shift;
     const int rows = e->cap.B;
     int32_t *in = e->d_in;
     fl_step s;
     memset(&s, 0, sizeof s);
     s.batch = rows; s.n_new = 1; s.pos_d = in + rows;
-    s.pg.starts_d = in + 2 * rows; s.pg.btab_d = e->d_btab; s.pg.btab_stride = e->max_pages; s.pg.page_shift = e->pool.shift;
+    s.pg.starts_d = in + 2 * rows; s.pg.btab_d = e->d_btab; s.pg.btab_stride = e->cap.stride; s.pg.page_shift = e->pool.shift;
     return fl_forward_core(m, &kv, &s, in, 0);
 }
 
@@ -319,7 +323,7 @@ static fl_status capture_fn(void *ud) {
 static fl_status put_btab(fl_engine *e, fl_request **rq, int B, int rows, int stride, int graph, const int32_t **btab_d) {
     fl_backend *be = e->m->be;
     *btab_d = be->host_memory ? e->h_btab : e->d_btab;
-    if (graph && e->btab_ok && e->btab_rows == rows) {
+    if (graph && e->btab_ok && e->btab_rows == rows && e->btab_stride == stride) {
         int same = 1;
         for (int b = 0; b < B && same; b++)
             same = e->sig_seq[b] == rq[b]->seq && e->sig_gen[b] == rq[b]->pgen && e->sig_np[b] == rq[b]->n_pages;
@@ -337,6 +341,7 @@ static fl_status put_btab(fl_engine *e, fl_request **rq, int B, int rows, int st
     }
     e->btab_ok = graph;
     e->btab_rows = rows;
+    e->btab_stride = stride;
     if (be->host_memory) return FL_OK;
     return be->to_backend(be, e->d_btab, e->h_btab, (size_t)rows * stride * 4);
 }
@@ -351,13 +356,23 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
     fl_model *m = e->m;
     fl_backend *be = m->be;
     const int V = m->cfg.vocab;
+    const int shift = e->pool.shift;
     int rows = B, k = -1, stride = 1;
-    for (int b = 0; b < B; b++) if (rq[b]->n_pages > stride) stride = rq[b]->n_pages;
+    for (int b = 0; b < B; b++) { /* pages that cover every slot written, padding included */
+        const int need = (e->h_starts[b] + T + (1 << shift) - 1) >> shift;
+        if (need > stride) stride = need;
+    }
     if (T == 1 && be->graph_capture) {
-        k = bucket_of(B);
-        rows = bucket_rows(k);
+        /* a graph per batch bucket and length bucket: the table describes 256 << lb slots, the smallest such
+         * length that holds every row (the attention grid is sized by it: not by the longest context the model
+         * allows, whose splits would mostly launch to exit) */
+        int lb = 0;
+        while ((256 << lb) < (stride << shift) && lb + 1 < e->n_lbuckets) lb++;
+        stride = ((256 << lb) + (1 << shift) - 1) >> shift;
+        if (stride > e->max_pages) stride = e->max_pages;
+        rows = bucket_rows(bucket_of(B));
         if (rows > e->cfg.max_batch) rows = e->cfg.max_batch;
-        stride = e->max_pages;
+        k = bucket_of(B) * e->n_lbuckets + lb;
     }
     const int n = rows * T;
     if (2 * n + rows > e->in_cap) return fl_err(FL_E_INTERNAL, "engine: step of %d x %d tokens exceeds its buffers", rows, T);
@@ -386,6 +401,7 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
             e->graph[k] = NULL;
             e->cap.e = e;
             e->cap.B = rows;
+            e->cap.stride = stride;
             const uint64_t epoch = be->scratch_epoch;
             if (be->graph_capture(be, capture_fn, e, &e->graph[k]) == FL_OK) e->graph_epoch[k] = epoch;
             else { e->graph[k] = NULL; fl_err_clear(); } /* not capturable: this bucket stays eager */
@@ -517,70 +533,106 @@ int fl_engine_step(fl_engine *e) {
         pthread_mutex_unlock(&e->mu);
     }
 
-    /* 4. one prefill chunk of the oldest request reading its prompt */
+    /* 4. prefill: the oldest requests reading their prompts, each its next chunk, together in one forward as many as
+     * fit prefill_chunk tokens when padded (at the right) to the longest chunk */
     pthread_mutex_lock(&e->mu);
-    fl_request *pr = NULL;
-    for (int i = 0; i < e->n_run && !pr; i++) if (e->run[i]->state == RQ_PREFILL) pr = e->run[i];
-    int T = 0, c0 = 0, done_prompt = 0;
-    if (pr) {
-        const int n_total = pr->n_prompt + pr->n_out;
-        if (pr->n_cached == 0 && pr->n_pages == 0) {
+    int np = 0, T = 0;
+    for (int i = 0; i < e->n_run && np < e->cfg.max_batch; i++) {
+        fl_request *r = e->run[i];
+        if (r->state != RQ_PREFILL) continue;
+        const int n_total = r->n_prompt + r->n_out;
+        if (r->n_cached == 0 && r->n_pages == 0) {
+            /* a request that starts with the same page as one already chosen waits a step, to share it then */
+            int twin = 0;
+            for (int k = 0; k < np && !twin; k++) {
+                const fl_request *o = e->prows[k];
+                twin = o->n_pages == 0 && e->pc0[k] == 0 && n_total > page && o->n_prompt + o->n_out > page &&
+                       !memcmp(o->toks, r->toks, (size_t)page * 4);
+            }
+            if (twin) continue;
             /* the prefix table: full pages of the prompt but its last token (whose logits are needed) */
             int parent = -1;
-            while ((pr->n_pages + 1) * page <= n_total - 1) {
-                const int id = table_find(P, parent, pr->toks + (size_t)pr->n_pages * page);
+            while ((r->n_pages + 1) * page <= n_total - 1) {
+                const int id = table_find(P, parent, r->toks + (size_t)r->n_pages * page);
                 if (id < 0) break;
                 page_take(P, id);
-                pr->pages[pr->n_pages++] = id;
+                r->pages[r->n_pages++] = id;
                 parent = id;
             }
-            pr->n_reg = pr->n_pages;
-            pr->n_cached = pr->n_pages * page;
-            e->st.prefix_hit_tokens += (uint64_t)pr->n_cached;
+            r->n_reg = r->n_pages;
+            r->n_cached = r->n_pages * page;
+            e->st.prefix_hit_tokens += (uint64_t)r->n_cached;
         }
-        c0 = pr->n_cached;
-        T = n_total - c0 < e->cfg.prefill_chunk ? n_total - c0 : e->cfg.prefill_chunk;
-        const int rc = ensure_page(e, pr, c0 + T - 1);
-        if (rc == -2) {
+        const int c0 = r->n_cached;
+        const int t = n_total - c0 < e->cfg.prefill_chunk ? n_total - c0 : e->cfg.prefill_chunk;
+        const int Tn = t > T ? t : T;
+        if (np > 0 && (np + 1) * Tn > e->cfg.prefill_chunk) break;
+        e->prows[np] = r;
+        e->pc0[np] = c0;
+        e->pT[np] = t;
+        np++;
+        T = Tn;
+    }
+    /* pages for every chosen chunk (this may preempt newer requests, chosen ones included, or the chunk's own) */
+    for (int k = 0; k < np; k++) {
+        fl_request *r = e->prows[k];
+        if (r->state != RQ_PREFILL) continue;
+        if (ensure_page(e, r, e->pc0[k] + e->pT[k] - 1) == -2) {
             snprintf(msg, sizeof msg, "the KV cache pool (%d pages of %d tokens) cannot hold this request's %d tokens; "
-                     "give the model more kv_cache_memory", P->n, page, c0 + T);
-            finish(e, pr, FL_E_NOMEM, msg);
-            pr = NULL;
-        } else if (rc == -1) {
-            pr = NULL; /* preempted: waits for pages */
-        } else {
-            for (int t = 0; t < T; t++) {
-                e->h_tok[t] = pr->toks[c0 + t];
-                e->h_pos[t] = c0 + t;
-            }
-            e->h_starts[0] = c0;
-            e->h_greedy[0] = (uint8_t)plain_greedy(pr);
-            done_prompt = c0 + T == n_total;
+                     "give the model more kv_cache_memory", P->n, page, e->pc0[k] + e->pT[k]);
+            finish(e, r, FL_E_NOMEM, msg);
         }
     }
+    int nb = 0;
+    T = 0;
+    for (int k = 0; k < np; k++)
+        if (e->prows[k]->state == RQ_PREFILL && e->prows[k]->n_cached == e->pc0[k]) {
+            e->prows[nb] = e->prows[k];
+            e->pc0[nb] = e->pc0[k];
+            e->pT[nb] = e->pT[k];
+            if (e->pT[nb] > T) T = e->pT[nb];
+            nb++;
+        }
+    for (int k = 0; k < nb; k++) {
+        fl_request *r = e->prows[k];
+        const int c0 = e->pc0[k], t = e->pT[k];
+        for (int j = 0; j < T; j++) { /* padding after the chunk: token 0, its slots go to pages past the row's */
+            e->h_tok[k * T + j] = j < t ? r->toks[c0 + j] : 0;
+            e->h_pos[k * T + j] = c0 + j;
+        }
+        e->h_starts[k] = c0;
+        e->h_greedy[k] = (uint8_t)plain_greedy(r);
+        e->plast[k] = t - 1;
+    }
     pthread_mutex_unlock(&e->mu);
-    if (pr) {
+    if (nb > 0) {
         pthread_mutex_lock(&e->model_mu);
         fl_err_clear();
-        const fl_status st = engine_forward(e, &pr, 1, T);
+        e->m->last_rows = e->plast;
+        const fl_status st = engine_forward(e, e->prows, nb, T);
+        e->m->last_rows = NULL;
         pthread_mutex_unlock(&e->model_mu);
         pthread_mutex_lock(&e->mu);
         if (st != FL_OK) {
             snprintf(msg, sizeof msg, "%s", fl_err_msg());
-            finish(e, pr, st, msg);
-        } else if (pr->state == RQ_PREFILL) {
-            pr->n_cached = c0 + T;
-            e->st.prefill_tokens += (uint64_t)T;
-            /* enter the pages this chunk filled into the prefix table, in order */
-            while (pr->n_reg < pr->n_pages && (pr->n_reg + 1) * page <= pr->n_cached) {
-                const int k = pr->n_reg, parent = k ? pr->pages[k - 1] : -1;
-                if (k && P->parent[parent] == -2) break; /* the chain is broken: stop */
-                if (!table_insert(P, pr->pages[k], parent, pr->toks + (size_t)k * page)) break;
-                pr->n_reg++;
-            }
-            if (done_prompt) {
-                pr->state = RQ_DECODE;
-                take_token(e, pr, e->logits, 0);
+            fail_all(e, e->prows, nb, st, msg);
+        } else {
+            for (int k = 0; k < nb; k++) {
+                fl_request *r = e->prows[k];
+                if (r->state != RQ_PREFILL) continue;
+                r->n_cached = e->pc0[k] + e->pT[k];
+                e->st.prefill_tokens += (uint64_t)e->pT[k];
+                /* enter the pages this chunk filled into the prefix table, in order */
+                while (r->n_reg < r->n_pages && (r->n_reg + 1) * page <= r->n_cached) {
+                    const int j = r->n_reg, parent = j ? r->pages[j - 1] : -1;
+                    if (j && P->parent[parent] == -2) break; /* the chain is broken: stop */
+                    if (!table_insert(P, r->pages[j], parent, r->toks + (size_t)j * page)) break;
+                    r->n_reg++;
+                }
+                if (r->n_cached == r->n_prompt + r->n_out) {
+                    r->state = RQ_DECODE;
+                    take_token(e, r, e->logits + (size_t)k * V, k);
+                }
             }
         }
         pthread_mutex_unlock(&e->mu);
@@ -676,6 +728,10 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     const int rows = cfg.max_batch > cfg.prefill_chunk ? cfg.max_batch : cfg.prefill_chunk;
     e->run = calloc((size_t)cfg.max_batch, sizeof *e->run);
     e->rows = calloc((size_t)cfg.max_batch, sizeof *e->rows);
+    e->prows = calloc((size_t)cfg.max_batch, sizeof *e->prows);
+    e->pc0 = calloc((size_t)cfg.max_batch, sizeof(int));
+    e->pT = calloc((size_t)cfg.max_batch, sizeof(int));
+    e->plast = calloc((size_t)cfg.max_batch, sizeof(int32_t));
     e->logits = malloc((size_t)cfg.max_batch * (size_t)c->vocab * sizeof(float));
     e->idx = malloc((size_t)c->vocab * 4);
     e->mark = malloc((size_t)c->vocab);
@@ -690,12 +746,14 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->sig_gen = calloc((size_t)cfg.max_batch, sizeof(int));
     e->sig_np = calloc((size_t)cfg.max_batch, sizeof(int));
     e->h_greedy = calloc((size_t)rows, 1);
-    e->n_buckets = bucket_of(cfg.max_batch) + 1;
+    e->n_lbuckets = 1;
+    while ((256 << (e->n_lbuckets - 1)) < (e->max_pages << shift) && e->n_lbuckets < 20) e->n_lbuckets++;
+    e->n_buckets = (bucket_of(cfg.max_batch) + 1) * e->n_lbuckets;
     e->graph = calloc((size_t)e->n_buckets, sizeof(void *));
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
     if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->h_tok || !e->h_pos ||
         !e->h_starts || !e->h_btab || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
-        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np) {
+        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast) {
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
         goto fail;
     }
@@ -756,6 +814,7 @@ void fl_engine_free(fl_engine *e) {
         if (e->graph[k]) be->graph_free(be, e->graph[k]);
     free(e->graph); free(e->graph_epoch); free(e->h_next); free(e->h_greedy);
     free(e->h_in); free(e->sig_seq); free(e->sig_gen); free(e->sig_np);
+    free(e->prows); free(e->pc0); free(e->pT); free(e->plast);
     free(e->kv.k_d); free(e->kv.v_d);
     free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark);
     free(e->h_tok); free(e->h_pos); free(e->h_starts); free(e->h_btab);

@@ -110,6 +110,9 @@ typedef struct fl_model {
     int32_t *ws_tok_d, *ws_pos_d; uint8_t *ws_mask_d;
     fl_load_stats stats;
     uint64_t kv_bytes_last;  /* size of the most recent KV cache (freed after each generate) */
+    /* fl_forward_core without all_logits: the token of row b whose logits are wanted is last_rows[b] (host, [B]) when
+     * set, else T - 1 (the engine's prefill of right-padded prompt chunks sets it for one call) */
+    const int32_t *last_rows;
 } fl_model;
 
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);

@@ -1110,7 +1110,7 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, cons
         int32_t rows_s[256];
         int32_t *rows = B <= 256 ? rows_s : malloc((size_t)B * 4);
         if (!rows) return fl_err(FL_E_NOMEM, "forward: row list");
-        for (int b = 0; b < B; b++) rows[b] = b * T + T - 1;
+        for (int b = 0; b < B; b++) rows[b] = b * T + (m->last_rows ? m->last_rows[b] : T - 1);
         fl_status st = be->gather_rows(be, m->ws_last, m->ws_xn, rows, B, c->d); /* [B, d] */
         if (rows != rows_s) free(rows);
         FL_TRY(st);
