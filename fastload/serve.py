@@ -12,9 +12,10 @@ small pure-Python packages. uvicorn is the standard ASGI server; Starlette's Str
 that goes away under it and cancels the stream, which cancels the generation.
 
 Layering: the server calls only the public model API (tokenizer.apply_chat_template / tokenizer(...),
-model.generate with a streamer derived from fastload's TextIteratorStreamer, and that streamer's cancel()), so the
-batching engine of issue 11 parts 1-2 can replace what is below generate() without touching this file. Until then
-calls on one model run one at a time: one worker thread runs the requests in arrival order, off the event loop.
+model.generate with a streamer derived from fastload's TextIteratorStreamer, and that streamer's cancel()). Requests
+run on --max-concurrency worker threads (default: the model engine's max_num_seqs), off the event loop; their
+generate calls meet in the engine (fastload/engine.py), which batches whatever is running into each decode step.
+With the engine off (engine=False / FASTLOAD_ENGINE=0) one worker runs them one at a time.
 
 Decisions (also in the README's "Serving" section):
 - `n` choices are n generate calls one after another; with `seed` choice i samples with seed + i (so choice 0 of
@@ -29,7 +30,7 @@ Decisions (also in the README's "Serving" section):
   tokens up to the one that completed it).
 - A model name other than the served one (its id, or the --model reference as given) is a 404, code
   "model_not_found", as OpenAI answers; a missing model field is accepted.
-- More than --max-queue requests waiting (the running one not counted) is a 429, code "queue_full", with
+- More than --max-queue requests waiting for a worker (the running ones not counted) is a 429, code "queue_full", with
   Retry-After: 1. A client that disconnects (mid-stream, or while waiting for a non-streamed answer) cancels its
   request: a waiting one is dropped, a running one stops at its next token.
 """
@@ -150,9 +151,16 @@ class _Job:
 class Server:
     """The model, its tokenizer and the request queue; `app()` is the Starlette application."""
 
-    def __init__(self, model, tokenizer, model_id=None, max_queue=32, aliases=()):
+    def __init__(self, model, tokenizer, model_id=None, max_queue=32, aliases=(), concurrency=None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if concurrency is None:
+            eng = getattr(model, "_engine_handle", None)
+            opts = eng().opts if eng else {"engine": False}
+            concurrency = opts["max_num_seqs"] if opts["engine"] else 1
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.model_id = model_id or _model_id(getattr(model, "name_or_path", None) or "model")
         self.names = {self.model_id, *aliases}
@@ -169,8 +177,10 @@ class Server:
         self._waiting = 0
         # requests answered / cancelled by their client, tokens generated (all in /health)
         self.stats = {"completed": 0, "cancelled": 0, "generated_tokens": 0}
-        self._worker = threading.Thread(target=self._work, daemon=True, name="fastload-serve-worker")
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._work, daemon=True, name=f"fastload-serve-worker-{i}")
+                         for i in range(concurrency)]
+        for w in self._workers:
+            w.start()
 
     # ------------------------------------------------------------------ the worker
     def _work(self):
@@ -199,7 +209,12 @@ class Server:
         return job
 
     def close(self):
-        self._jobs.put(None)
+        for _ in self._workers:
+            self._jobs.put(None)
+
+    def _count(self, key, n=1):
+        with self._lock:
+            self.stats[key] += n
 
     # ------------------------------------------------------------------ requests
     def _check_model(self, body):
@@ -357,13 +372,13 @@ class Server:
                         except _StopStringHit:
                             pass
                         finally:
-                            self.stats["generated_tokens"] += len(st.ids)
+                            self._count("generated_tokens", len(st.ids))
                         eos_end = bool(st.ids) and st.ids[-1] in kw["eos_token_id"]
                         reason = "stop" if st.hit_stop or eos_end or len(st.ids) < s["max_tokens"] else "length"
                         emit(("end", k, reason, len(st.ids)))
                         idx += 1
             except GenerationCancelled:
-                self.stats["cancelled"] += 1
+                self._count("cancelled")
                 return
             except ServeError as e:
                 emit(("error", e))
@@ -371,7 +386,7 @@ class Server:
                 emit(("error", _bad(str(e))))
             except Exception as e:  # noqa: BLE001
                 emit(("error", ServeError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
-            self.stats["completed"] += 1
+            self._count("completed")
             emit(("done",))
         return self._submit(run)
 
@@ -570,7 +585,10 @@ def add_parser(sub):
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=32,
-                    help="requests allowed to wait behind the running one; more get 429 (default 32)")
+                    help="requests allowed to wait for a worker; more get 429 (default 32)")
+    sp.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=None,
+                    help="requests generating at once (worker threads; their steps are batched by the engine; "
+                         "default: the engine's max_num_seqs, 64)")
     sp.add_argument("--served-model-name", dest="served_model_name", default=None,
                     help="the model id in /v1/models and answers (default: the file or directory name)")
     sp.add_argument("--log-level", dest="log_level", default="info")
@@ -588,8 +606,10 @@ def cmd_serve(args):
     from .__main__ import _load, _model_ref
     ref = _model_ref(args)
     tok, model = _load(args)
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise SystemExit(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     server = Server(model, tok, model_id=args.served_model_name or _model_id(ref), max_queue=args.max_queue,
-                    aliases=(str(ref),))
+                    aliases=(str(ref),), concurrency=args.max_concurrency)
     print(f"fastload serve: {server.model_id} on http://{args.host}:{args.port}/v1", flush=True)
     import uvicorn
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
