@@ -112,9 +112,11 @@ class Engine:
     def stats(self):
         return self._model()._core.engine_stats() if self._started else None
 
-    def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, streamer=None, on_token=None):
+    def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, streamer=None, on_token=None, stops=(),
+                 tokenizer=None):
         """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with
-        pad after a row's end, as transformers' generate. streamer: B == 1 only (put per token)."""
+        pad after a row's end, as transformers' generate. on_token(t): B == 1 only, called per token. stops: strings
+        that end a row at the token completing one (transformers' stop_strings), decoded with tokenizer."""
         core = self.core()
         B, T = ids.shape
         reqs = []
@@ -128,26 +130,9 @@ class Engine:
                     do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
                     top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
                     seed=(seed + _GOLDEN * b) & _M64, eos_token_ids=eos))
-            if streamer is not None or on_token is not None:
-                q = reqs[0]
-                have = 0
-                while True:
-                    n, done = q.wait(have)
-                    if n > have:
-                        for t in q.tokens(have, n):
-                            if streamer is not None:
-                                streamer.put(np.array([t], dtype=np.int64))
-                            if on_token is not None:
-                                on_token(int(t))
-                        have = n
-                    if done:
-                        break
-            outs = []
-            for q in reqs:
-                while not q.wait(1 << 30)[1]:
-                    pass
-                q.check()
-                outs.append(q.tokens())
+            if streamer is not None and on_token is None:
+                on_token = lambda t: streamer.put(np.array([t], dtype=np.int64))  # noqa: E731
+            outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer) for b, q in enumerate(reqs)]
         except BaseException:
             for q in reqs:
                 q.cancel()
@@ -164,3 +149,46 @@ class Engine:
         for b, o in enumerate(outs):
             out[b, T:T + len(o)] = o
         return out
+
+    @staticmethod
+    def _collect(q, on_token, stops, tokenizer):
+        """A request's tokens once it ends: token by token when they are streamed or checked for stop strings."""
+        if on_token is None and not stops:
+            while not q.wait(1 << 30)[1]:
+                pass
+            q.check()
+            return q.tokens()
+        stop = _StopCheck(stops, tokenizer) if stops else None
+        have = 0
+        while True:
+            n, done = q.wait(have)
+            for t in q.tokens(have, n):
+                have += 1
+                if on_token is not None:
+                    on_token(int(t))
+                if stop is not None and stop.hit(int(t)):
+                    q.cancel()  # ends here; the tokens it made meanwhile are dropped
+                    while not q.wait(1 << 30, timeout=10.0)[1]:
+                        pass
+                    return q.tokens(0, have)
+            if done:
+                q.check()
+                return q.tokens(0, have)
+
+
+class _StopCheck:
+    """Whether a stop string was just completed, token by token: it is in the text of the last tokens and was not
+    before the newest one (transformers' stop_strings: the row ends with the token that completes one). Decodes a
+    window of the last tokens, long enough for the longest stop string, not the whole answer each time."""
+
+    def __init__(self, stops, tokenizer):
+        self.stops, self.tok = list(stops), tokenizer
+        self.window = max(len(s) for s in self.stops) + 4
+        self.ids = []
+
+    def hit(self, t) -> bool:
+        self.ids.append(t)
+        w = self.ids[-self.window:]
+        cur = self.tok.decode(w, skip_special_tokens=False)
+        prev = self.tok.decode(w[:-1], skip_special_tokens=False) if len(w) > 1 else ""
+        return any(s in cur and s not in prev for s in self.stops)

@@ -249,7 +249,7 @@ class Config(AttrDict):
 # A config or generate() argument that sets one of them to anything else is refused (never silently ignored);
 # fields that cannot change greedy/sampling output (cache, compile, assistant and beam-only settings) are accepted.
 _UNSUPPORTED_FIELDS = {
-    "max_time": None, "stop_strings": None, "use_mtp": False, "min_p": None, "top_h": None,
+    "max_time": None, "use_mtp": False, "min_p": None, "top_h": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -659,6 +659,15 @@ def _resolve_settings(gc, layers) -> dict:
              repetition_penalty=_float_arg(gc, "repetition_penalty", 1.0),
              eos_token_id=_token_ids(gc, "eos_token_id"), pad_token_id=_token_ids(gc, "pad_token_id"),
              seed=_int_arg(gc, "seed", -(1 << 63)))
+    ss = gc.get("stop_strings")
+    if ss is None:
+        ss = []
+    elif isinstance(ss, str):
+        ss = [ss]
+    if not isinstance(ss, (list, tuple)) or not all(isinstance(x, str) and x for x in ss):
+        raise TypeError(f"{source('stop_strings')}: stop_strings must be a non-empty string or a list of them, "
+                        f"got {gc.get('stop_strings')!r}")
+    r["stop_strings"] = list(ss)
     ds = gc.get("do_sample")
     if ds is not None and not isinstance(ds, (bool, np.bool_, int)):
         raise TypeError(f"generate: do_sample must be True or False, got {ds!r}")
@@ -750,7 +759,7 @@ class _Progress:
 
 GEN_KEYS = set(GenerationConfig.DEFAULTS) | {"seed", "use_cache", "streamer", "synced_gpus", "generation_config",
                                              "return_dict_in_generate", "output_scores", "output_logits",
-                                             "output_attentions", "output_hidden_states", "tokenizer"}
+                                             "output_attentions", "output_hidden_states", "tokenizer", "stop_strings"}
 
 
 class FastModelForCausalLM:
@@ -1130,6 +1139,8 @@ class FastModelForCausalLM:
             input_ids = inputs
         if input_ids is None:
             raise ValueError("generate needs input_ids")
+        kwargs = dict(kwargs)
+        tokenizer = kwargs.pop("tokenizer", None)
         like_torch = is_torch(input_ids)
         ids = _ids2d(input_ids, "input_ids")
         mask = _ids2d(attention_mask, "attention_mask")
@@ -1160,9 +1171,17 @@ class FastModelForCausalLM:
             streamer.put(_to_user(ids.astype(np.int64), like_torch))
             cb = (lambda toks: streamer.put(_to_user(toks, like_torch)))
         eng = self._engine_handle()
+        stops = r["stop_strings"]
+        if stops and tokenizer is None:
+            raise ValueError("generate: stop_strings need the tokenizer: pass tokenizer=tok (as transformers)")
+        if stops and not eng.opts["engine"]:
+            raise NotImplementedError("generate: stop_strings run through the engine; this model has engine=False")
+        if stops and streamer is not None and ids.shape[0] > 1:
+            raise NotImplementedError("generate: stop_strings with a streamer need a batch of one row")
         if eng.opts["engine"] and (streamer is None or ids.shape[0] == 1):
             put = None if streamer is None else (lambda t: streamer.put(_to_user(np.array([t], dtype=np.int64), like_torch)))
-            out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put)
+            out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
+                               stops=stops, tokenizer=tokenizer)
             return _to_user(out, like_torch)
         out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
                                   max_new_tokens=max_new, min_new_tokens=min_new, do_sample=r["do_sample"],
@@ -1253,6 +1272,43 @@ class FastModelForCausalLM:
                 # generation at its next token instead of letting it run to max_new_tokens holding the model.
                 streamer.cancel()
         th.join()
+
+    # ------------------------------------------------------------------ FastLLM's API
+    def _own_tokenizer(self):
+        """The model's own tokenizer (FastLLM's models carry one): loaded once from where the model came from."""
+        tok = getattr(self, "_tokenizer", None)
+        if tok is None:
+            from .tokenizer import AutoTokenizer
+            tok = self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+        return tok
+
+    @staticmethod
+    def _fastllm_kwargs(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, gen_kwargs):
+        kw = dict(gen_kwargs)
+        for k, v in (("max_new_tokens", max_length), ("do_sample", do_sample), ("top_p", top_p), ("top_k", top_k),
+                     ("temperature", temperature), ("repetition_penalty", repeat_penalty)):
+            if v is not None:
+                kw[k] = v
+        return kw
+
+    def response(self, query, history=None, max_length=None, do_sample=None, top_p=None, top_k=None, temperature=None,
+                 repeat_penalty=None, **gen_kwargs) -> str:
+        """FastLLM's model.response(query, history): the answer as a string, with the model's own tokenizer and chat
+        template (as chat()). max_length is the most new tokens (FastLLM's output limit), repeat_penalty the
+        repetition penalty; other settings as generate(). Safe from any number of threads (the engine batches)."""
+        kw = self._fastllm_kwargs(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, gen_kwargs)
+        return self.chat(self._own_tokenizer(), query, history=history, **kw)[0]
+
+    def stream_response(self, query, history=None, max_length=None, do_sample=None, top_p=None, top_k=None,
+                        temperature=None, repeat_penalty=None, one_by_one=True, **gen_kwargs):
+        """FastLLM's model.stream_response: yields the answer as it is generated, each new piece (one_by_one=True,
+        FastLLM's default) or the whole answer so far. Closing the generator stops the generation."""
+        kw = self._fastllm_kwargs(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, gen_kwargs)
+        prev = ""
+        for resp, _ in self.stream_chat(self._own_tokenizer(), query, history=history, **kw):
+            if resp != prev:
+                yield resp[len(prev):] if one_by_one and resp.startswith(prev) else resp
+                prev = resp
 
     def _engine_handle(self):
         if self._engine is None:

@@ -333,3 +333,46 @@ def test_same_first_page_waits_to_share_it():
         assert r.wait(1 << 30)[1] and np.array_equal(r.tokens(), a)
     st = m.engine_stats()
     assert st["prefix_hit_tokens"] >= 5 * 24, st  # the first reads the 6 shared pages, the others take them
+
+
+# ---- part 3: the shapes people use ------------------------------------------------------------------------------
+def test_stop_strings_end_a_request_at_the_completing_token(demo_model, demo_tok):
+    enc = demo_tok("1, 2, 3, 4, 5,", return_tensors="np")
+    n = enc["input_ids"].shape[1]
+    full = demo_model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    text = demo_tok.decode(full[0, n:])
+    assert " 8" in text, text
+    out = demo_model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=[], stop_strings=" 8",
+                              tokenizer=demo_tok)
+    got = demo_tok.decode(out[0, n:])
+    assert got.endswith(" 8") and text.startswith(got) and out.shape[1] < full.shape[1]
+    out2 = demo_model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=[], stop_strings=["zq", " 7"],
+                               tokenizer=demo_tok)
+    assert demo_tok.decode(out2[0, n:]).endswith(" 7")
+    assert demo_model.engine_stats()["pages_used"] == 0
+    with pytest.raises(ValueError, match="tokenizer"):
+        demo_model.generate(**enc, max_new_tokens=4, stop_strings=" 8")
+    with pytest.raises(TypeError, match="stop_strings"):
+        demo_model.generate(**enc, max_new_tokens=4, stop_strings=[""], tokenizer=demo_tok)
+
+
+def test_fastllm_response_and_stream_response(demo_model, demo_tok):
+    want = demo_model.chat(demo_tok, "What is 2+3?", max_new_tokens=16)[0]
+    assert demo_model.response("What is 2+3?", max_length=16) == want
+    pieces = list(demo_model.stream_response("What is 2+3?", max_length=16))
+    assert len(pieces) > 1 and "".join(pieces) == want
+    whole = list(demo_model.stream_response("What is 2+3?", max_length=16, one_by_one=False))
+    assert whole[-1] == want and all(want.startswith(w) for w in whole)
+
+
+def test_stream_chat_from_threads_each_gets_its_own_answer(demo_model, demo_tok):
+    qs = ["Say hello.", "Name a colour.", "What is 2+3?"]
+    alone = [demo_model.chat(demo_tok, q, max_new_tokens=10)[0] for q in qs]
+
+    def streamed(q):
+        last = ""
+        for resp, _ in demo_model.stream_chat(demo_tok, q, max_new_tokens=10):
+            last = resp
+        return last
+    with ThreadPoolExecutor(3) as ex:
+        assert list(ex.map(streamed, qs)) == alone
