@@ -567,6 +567,10 @@ int fl_engine_step(fl_engine *e) {
         const int t = n_total - c0 < e->cfg.prefill_chunk ? n_total - c0 : e->cfg.prefill_chunk;
         const int Tn = t > T ? t : T;
         if (np > 0 && (np + 1) * Tn > e->cfg.prefill_chunk) break;
+        /* Without graphs (the CPU backend) one prompt a forward: there the matmul's kernel depends on the number of
+         * rows (integer dot products up to 16, float above), so a prompt read beside others could round differently
+         * from the same prompt alone; the CPU is compute-bound, so reading prompts together would save little. */
+        if (np > 0 && !e->m->be->graph_capture) break;
         e->prows[np] = r;
         e->pc0[np] = c0;
         e->pT[np] = t;

@@ -11,7 +11,8 @@ Settings, at from_pretrained or later with model.configure_engine():
   kv_cache_memory   the pool: bytes (int), or a fraction (0 < f <= 1) of the device memory free when the engine
                     starts (first generate). Default: CUDA 0.4 of free memory, CPU 2 GiB; never more than
                     max_num_seqs full contexts. memory_stats() reports it.
-  max_num_seqs      requests decoded together per step (vLLM's name; default 64). More wait in the queue.
+  max_num_seqs      requests decoded together per step (vLLM's name; default 64 on CUDA, 16 on the CPU). More wait in
+                    the queue.
   max_queue         waiting requests allowed before generate raises fastload.EngineBusy (default: no limit).
   prefill_chunk     prompt tokens read per step, between two decode steps of the running requests (default: CUDA
                     2048, CPU 512): larger starts a newcomer sooner, smaller keeps the others' inter-token gaps short.
@@ -51,8 +52,16 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
             raise ValueError(f"{name}={v!r} must be an integer in [{lo}, {hi}]")
     if kv_page_tokens is not None and kv_page_tokens & (kv_page_tokens - 1):
         raise ValueError(f"kv_page_tokens={kv_page_tokens} must be a power of two")
-    return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs or 64,
+    return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs,
             "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk, "kv_page_tokens": kv_page_tokens or 16}
+
+
+def max_num_seqs(model, opts) -> int:
+    """Requests per decode step: max_num_seqs, else 64 on CUDA and 16 on the CPU (where up to 16 rows run in passes of
+    4 through the decode kernels, each row the same bits as alone; a CPU is compute-bound long before 64)."""
+    if opts["max_num_seqs"]:
+        return opts["max_num_seqs"]
+    return 64 if str(model.device).startswith("cuda") else 16
 
 
 def kv_bytes_per_token(model) -> int:
@@ -68,7 +77,7 @@ def pool_bytes(model, opts) -> int:
     """The pool size the engine will get: kv_cache_memory resolved against the device now."""
     per_tok = kv_bytes_per_token(model)
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    cap = per_tok * ctx * opts["max_num_seqs"] + per_tok * opts["kv_page_tokens"]
+    cap = per_tok * ctx * max_num_seqs(model, opts) + per_tok * opts["kv_page_tokens"]
     want = opts["kv_cache_memory"]
     if isinstance(want, int):
         return want
@@ -101,7 +110,7 @@ class Engine:
                 if not self._started:
                     m = self._model()
                     m._core.engine_start(pool_bytes(m, self.opts), page_tokens=self.opts["kv_page_tokens"],
-                                                  max_batch=self.opts["max_num_seqs"],
+                                                  max_batch=max_num_seqs(m, self.opts),
                                                   prefill_chunk=self.opts["prefill_chunk"] or
                                                   (2048 if str(m.device).startswith("cuda") else 512),
                                                   max_waiting=self.opts["max_queue"],

@@ -157,7 +157,8 @@ class Server:
         if concurrency is None:
             eng = getattr(model, "_engine_handle", None)
             opts = eng().opts if eng else {"engine": False}
-            concurrency = opts["max_num_seqs"] if opts["engine"] else 1
+            from .engine import max_num_seqs
+            concurrency = max_num_seqs(model, opts) if opts["engine"] else 1
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.concurrency = concurrency

@@ -676,8 +676,10 @@ def test_quantise_at_load_logits_equal_dequantised_model(tmp_path, case):
     np.testing.assert_allclose(lq, lf, rtol=1e-4, atol=1e-4)
 
 
-def test_packed_logits_equal_dequantised_model(tmp_path):
-    """GPTQ with act order and AWQ: logits equal the float model on the exported (exact) weights. Needs qcpu's kernels."""
+def test_packed_logits_equal_dequantised_model(tmp_path, monkeypatch):
+    """GPTQ with act order and AWQ: logits equal the float model on the exported (exact) weights. Needs qcpu's kernels.
+    FASTLOAD_CPU_QDOT=exact: x unquantised (the integer path for up to 16 rows would add its int16 rounding)."""
+    monkeypatch.setenv("FASTLOAD_CPU_QDOT", "exact")
     for kw in (dict(bits=4, group=32, act_order=True), dict(packing="awq", bits=4, group=32), dict(bits=8, group=64, sym=True)):
         items, ref_w = write_packed_model(tmp_path / "m.safetensors", **kw)
         f = _C.SafetensorsFile(str(tmp_path / "m.safetensors"))

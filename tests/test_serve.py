@@ -295,7 +295,8 @@ QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hello.", "What is the capita
 
 def test_concurrent_requests_share_engine_steps(server_many, demo_model, demo_tok):
     """8 clients at once: every answer equals the same request alone, and the engine ran them together."""
-    assert server_many.concurrency == demo_model._engine_handle().opts["max_num_seqs"]
+    from fastload.engine import max_num_seqs
+    assert server_many.concurrency == max_num_seqs(demo_model, demo_model._engine_handle().opts)
     c = openai.OpenAI(base_url=server_many.base + "/v1", api_key="x", max_retries=0, timeout=120)
     ask = lambda q: c.chat.completions.create(  # noqa: E731
         model="demo", messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0).choices[0].message.content

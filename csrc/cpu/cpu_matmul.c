@@ -160,13 +160,20 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
 #ifdef VW
     const int64_t R = W->rows, C = W->cols;
     const int nt = cpu_threads(be);
-    if (n <= 4 && R % DR == 0) { /* decode: bound by reading W once */
-        if (n == 1 && R % DR1 == 0) {
+    /* decode: bound by reading W. Up to 16 rows of x (the engine's batched decode steps) in passes of 4, so that a
+     * row's result is the same bits in any batch as alone (the GEMM's blocking is not); past 16 (prefill) the GEMM. */
+    if (n <= 16 && R % DR == 0) {
+        for (int i0 = 0; i0 < n; i0 += 4) {
+            const int k = n - i0 < 4 ? n - i0 : 4;
+            float *yk = y + (size_t)i0 * (size_t)R;
+            const float *xk = x + (size_t)i0 * (size_t)C;
+            if (k == 1 && R % DR1 == 0) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t blk = 0; blk < R / DR1; blk++) decode_block1(y, x, W, blk * DR1, C);
-        } else {
+                for (int64_t blk = 0; blk < R / DR1; blk++) decode_block1(yk, xk, W, blk * DR1, C);
+            } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int64_t blk = 0; blk < R / DR; blk++) decode_block(y, x, n, W, blk * DR, R, C);
+                for (int64_t blk = 0; blk < R / DR; blk++) decode_block(yk, xk, k, W, blk * DR, R, C);
+            }
         }
         if (bias && bias->data_d)
             for (int i = 0; i < n; i++)

@@ -143,6 +143,9 @@ fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t r
  * float cancellation. Rows go in blocks of qdec_rr(n) so x loads are shared; threads split the row blocks
  * (one parallel region, static schedule). */
 #define QDEC_N 4
+#ifndef QDEC_MAX_N
+#define QDEC_MAX_N 16 /* rows of x taken through qdec (in passes of QDEC_N); FASTLOAD_CPU_QDEC_MAX_N */
+#endif
 #define NF4_K 14
 
 /* Which decode path, from FASTLOAD_CPU_QDOT (read on every call: a getenv per matmul is negligible, and tests
@@ -180,11 +183,11 @@ typedef struct {
     uint8_t t_lo[16], t_hi[16]; /* NF4: the low and high bytes of T[q] = rint(nf4[q] * 2^NF4_K) (int16) */
 } qx_t;
 
+/* ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): the order of the 4-row reduction in qdec_rows, so that a row's
+ * result is the same bits whichever row block and batch it was computed in (the engine batches requests) */
 static inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v, v), _mm256_hadd_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
 /* One block of 32 floats to int8: returns dx, sets *sum; deint: even columns first, then odd ones. */
@@ -578,10 +581,16 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     }
     fl_status st;
 #ifdef QDOT
-    const int mode = n >= 1 && n <= QDEC_N && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
+    /* Up to QDEC_N rows of x per pass over the codes; more rows (the engine's decode steps batch requests) go in
+     * passes of QDEC_N: the codes are read ceil(n / QDEC_N) times, not dequantised to float for a GEMM. Past
+     * QDEC_MAX_N rows (prefill) the float GEMM reads them once and wins. */
+    const int mode = n >= 1 && n <= QDEC_MAX_N && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
     if (mode != QDOT_FLOAT) {
         const int64_t R = W->rows;
-        st = qdec(be, y, x, n, W, mode == QDOT_INT16);
+        st = FL_OK;
+        for (int i0 = 0; i0 < n && st == FL_OK; i0 += QDEC_N)
+            st = qdec(be, y + (size_t)i0 * (size_t)R, x + (size_t)i0 * (size_t)C, n - i0 < QDEC_N ? n - i0 : QDEC_N, W,
+                      mode == QDOT_INT16);
         if (st == FL_OK && bias && bias->data_d)
             for (int i = 0; i < n; i++)
                 for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
