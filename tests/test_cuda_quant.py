@@ -169,7 +169,8 @@ def run_qmatmul(act, R, C, gs, fmt, n, seed_rng, bias=False, perm=False):
 
 
 NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 300]
-CPU_APPROX_N = 8  # token counts where the CPU backend may take its int8-activation decode path (n <= 4 today)
+CPU_APPROX_N = 16  # token counts where the CPU backend may take its integer-activation decode path (n <= 16, in passes
+#                   of 4 rows: csrc/cpu/cpu_qmatmul.c QDEC_MAX_N)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -670,9 +670,21 @@ def at_load_reference(tmp_path, src, scheme, group=0, lm_head="int8"):
 
 
 def same_logits(m, ref_path):
-    """m's logits equal those of the float32 model at ref_path (the same weight values) up to summation order."""
+    """m's logits equal those of the float32 model at ref_path (the same weight values) up to summation order.
+    FASTLOAD_CPU_QDOT=exact (read on every call): x unquantised, as a prompt of up to 16 tokens would otherwise take
+    the integer decode path and add its int16 rounding."""
+    import os
     ref = logits(load(ref_path, torch_dtype="float32"))
-    np.testing.assert_allclose(logits(m), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    old = os.environ.get("FASTLOAD_CPU_QDOT")
+    os.environ["FASTLOAD_CPU_QDOT"] = "exact"
+    try:
+        got = logits(m)
+    finally:
+        if old is None:
+            del os.environ["FASTLOAD_CPU_QDOT"]
+        else:
+            os.environ["FASTLOAD_CPU_QDOT"] = old
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_load_in_8bit_end_to_end(tmp_path):
