@@ -451,6 +451,22 @@ static void fail_all(fl_engine *e, fl_request **rs, int n, fl_status st, const c
     for (int i = 0; i < n; i++) finish(e, rs[i], st, msg);
 }
 
+/* engine_forward of rows rq[0:B] under model_mu (called without mu; last: fl_model.last_rows for this call). Returns
+ * with mu held: 1, or 0 after failing every row with the error. */
+static int forward_rows(fl_engine *e, fl_request **rq, int B, int T, const int32_t *last) {
+    pthread_mutex_lock(&e->model_mu);
+    fl_err_clear();
+    e->m->last_rows = last;
+    const fl_status st = engine_forward(e, rq, B, T);
+    e->m->last_rows = NULL;
+    char msg[FL_ERR_MAX];
+    if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
+    pthread_mutex_unlock(&e->model_mu);
+    pthread_mutex_lock(&e->mu);
+    if (st != FL_OK) fail_all(e, rq, B, st, msg);
+    return st == FL_OK;
+}
+
 static int cmp_seq(const void *a, const void *b) {
     const fl_request *x = *(fl_request *const *)a, *y = *(fl_request *const *)b;
     return x->seq < y->seq ? -1 : x->seq > y->seq;
@@ -513,15 +529,7 @@ int fl_engine_step(fl_engine *e) {
     pthread_mutex_unlock(&e->mu);
 
     if (B > 0) {
-        pthread_mutex_lock(&e->model_mu);
-        fl_err_clear();
-        const fl_status st = engine_forward(e, e->rows, B, 1);
-        pthread_mutex_unlock(&e->model_mu);
-        pthread_mutex_lock(&e->mu);
-        if (st != FL_OK) {
-            snprintf(msg, sizeof msg, "%s", fl_err_msg());
-            fail_all(e, e->rows, B, st, msg);
-        } else {
+        if (forward_rows(e, e->rows, B, 1, NULL)) {
             e->st.decode_rows += (uint64_t)B;
             for (int b = 0; b < B; b++) {
                 fl_request *r = e->rows[b];
@@ -610,17 +618,7 @@ int fl_engine_step(fl_engine *e) {
     }
     pthread_mutex_unlock(&e->mu);
     if (nb > 0) {
-        pthread_mutex_lock(&e->model_mu);
-        fl_err_clear();
-        e->m->last_rows = e->plast;
-        const fl_status st = engine_forward(e, e->prows, nb, T);
-        e->m->last_rows = NULL;
-        pthread_mutex_unlock(&e->model_mu);
-        pthread_mutex_lock(&e->mu);
-        if (st != FL_OK) {
-            snprintf(msg, sizeof msg, "%s", fl_err_msg());
-            fail_all(e, e->prows, nb, st, msg);
-        } else {
+        if (forward_rows(e, e->prows, nb, T, e->plast)) {
             for (int k = 0; k < nb; k++) {
                 fl_request *r = e->prows[k];
                 if (r->state != RQ_PREFILL) continue;

@@ -44,6 +44,16 @@ def alone(model, p, **kw):
     return _legacy[0].generate(p[None], **kw)[0, len(p):]
 
 
+def left_padded(ps):
+    """A batch of prompts left-padded with 0, and its attention_mask (as a tokenizer pads for generation)."""
+    T = max(len(p) for p in ps)
+    ids, mask = np.zeros((len(ps), T), np.int64), np.zeros((len(ps), T), np.int64)
+    for b, p in enumerate(ps):
+        ids[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    return ids, mask
+
+
 def page_bytes(model, page):
     c = model.config
     hd = c.hidden_size // c.num_attention_heads
@@ -122,12 +132,8 @@ def test_sampling_with_seed_is_the_same_batched_or_alone(qwen):
 
 def test_batched_generate_with_left_padding_matches_rows_alone(qwen):
     ps = prompts(4, seed=3, lo=3, hi=12)
-    T = max(len(p) for p in ps)
-    ids = np.zeros((4, T), np.int64)
-    mask = np.zeros((4, T), np.int64)
-    for b, p in enumerate(ps):
-        ids[b, T - len(p):] = p
-        mask[b, T - len(p):] = 1
+    ids, mask = left_padded(ps)
+    T = ids.shape[1]
     out = qwen.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
     assert out.shape == (4, T + 6) and np.array_equal(out[:, :T], ids)
     for b, p in enumerate(ps):
@@ -138,12 +144,7 @@ def test_rows_ending_early_are_padded_as_transformers(qwen):
     ps = prompts(3, seed=4)
     first = [alone(qwen, p, max_new_tokens=5) for p in ps]
     eos = int(first[0][1])  # row 0 stops at its second token
-    T = max(len(p) for p in ps)
-    ids = np.zeros((3, T), np.int64)
-    mask = np.zeros((3, T), np.int64)
-    for b, p in enumerate(ps):
-        ids[b, T - len(p):] = p
-        mask[b, T - len(p):] = 1
+    ids, mask = left_padded(ps)
     out = qwen.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos, pad_token_id=499)
     legacy = load(engine=False).generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos, pad_token_id=499)
     assert np.array_equal(out, legacy)
