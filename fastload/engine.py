@@ -21,6 +21,7 @@ Settings, at from_pretrained or later with model.configure_engine():
                     also FASTLOAD_ENGINE=0.
 """
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -122,10 +123,12 @@ class Engine:
         return self._model()._core.engine_stats() if self._started else None
 
     def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, streamer=None, on_token=None, stops=(),
-                 tokenizer=None):
+                 tokenizer=None, max_time=None):
         """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with
         pad after a row's end, as transformers' generate. on_token(t): B == 1 only, called per token. stops: strings
-        that end a row at the token completing one (transformers' stop_strings), decoded with tokenizer."""
+        that end a row at the token completing one (transformers' stop_strings), decoded with tokenizer. max_time:
+        seconds from now after which every row ends with the tokens it has (transformers' max_time)."""
+        deadline = None if max_time is None else time.monotonic() + max_time
         core = self.core()
         B, T = ids.shape
         reqs = []
@@ -141,7 +144,7 @@ class Engine:
                     seed=(seed + _GOLDEN * b) & _M64, eos_token_ids=eos))
             if streamer is not None and on_token is None:
                 on_token = lambda t: streamer.put(np.array([t], dtype=np.int64))  # noqa: E731
-            outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer) for b, q in enumerate(reqs)]
+            outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer, deadline) for b, q in enumerate(reqs)]
         except BaseException:
             for q in reqs:
                 q.cancel()
@@ -160,9 +163,17 @@ class Engine:
         return out
 
     @staticmethod
-    def _collect(q, on_token, stops, tokenizer):
+    def _end_early(q, have):
+        """Stop q (a stop string, max_time) and return its first `have` tokens once its pages are back."""
+        q.cancel()  # the tokens it made meanwhile are dropped
+        while not q.wait(1 << 30, timeout=10.0)[1]:
+            pass
+        return q.tokens(0, have)
+
+    @classmethod
+    def _collect(cls, q, on_token, stops, tokenizer, deadline=None):
         """A request's tokens once it ends: token by token when they are streamed or checked for stop strings."""
-        if on_token is None and not stops:
+        if on_token is None and not stops and deadline is None:
             while not q.wait(1 << 30)[1]:
                 pass
             q.check()
@@ -170,16 +181,16 @@ class Engine:
         stop = _StopCheck(stops, tokenizer) if stops else None
         have = 0
         while True:
-            n, done = q.wait(have)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return cls._end_early(q, q.wait(1 << 30, timeout=0)[0] if on_token is None and stop is None else have)
+            n, done = q.wait(have, timeout=left)
             for t in q.tokens(have, n):
                 have += 1
                 if on_token is not None:
                     on_token(int(t))
                 if stop is not None and stop.hit(int(t)):
-                    q.cancel()  # ends here; the tokens it made meanwhile are dropped
-                    while not q.wait(1 << 30, timeout=10.0)[1]:
-                        pass
-                    return q.tokens(0, have)
+                    return cls._end_early(q, have)
             if done:
                 q.check()
                 return q.tokens(0, have)

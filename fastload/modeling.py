@@ -249,7 +249,7 @@ class Config(AttrDict):
 # A config or generate() argument that sets one of them to anything else is refused (never silently ignored);
 # fields that cannot change greedy/sampling output (cache, compile, assistant and beam-only settings) are accepted.
 _UNSUPPORTED_FIELDS = {
-    "max_time": None, "use_mtp": False, "min_p": None, "top_h": None,
+    "use_mtp": False, "min_p": None, "top_h": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -668,6 +668,10 @@ def _resolve_settings(gc, layers) -> dict:
         raise TypeError(f"{source('stop_strings')}: stop_strings must be a non-empty string or a list of them, "
                         f"got {gc.get('stop_strings')!r}")
     r["stop_strings"] = list(ss)
+    mt = gc.get("max_time")
+    if mt is not None and (isinstance(mt, bool) or not isinstance(mt, (int, float)) or not mt > 0):
+        raise ValueError(f"{source('max_time')}: max_time={mt!r} must be a positive number of seconds")
+    r["max_time"] = None if mt is None else float(mt)
     ds = gc.get("do_sample")
     if ds is not None and not isinstance(ds, (bool, np.bool_, int)):
         raise TypeError(f"generate: do_sample must be True or False, got {ds!r}")
@@ -759,7 +763,8 @@ class _Progress:
 
 GEN_KEYS = set(GenerationConfig.DEFAULTS) | {"seed", "use_cache", "streamer", "synced_gpus", "generation_config",
                                              "return_dict_in_generate", "output_scores", "output_logits",
-                                             "output_attentions", "output_hidden_states", "tokenizer", "stop_strings"}
+                                             "output_attentions", "output_hidden_states", "tokenizer", "stop_strings",
+                                             "max_time"}
 
 
 class FastModelForCausalLM:
@@ -1174,14 +1179,15 @@ class FastModelForCausalLM:
         stops = r["stop_strings"]
         if stops and tokenizer is None:
             raise ValueError("generate: stop_strings need the tokenizer: pass tokenizer=tok (as transformers)")
-        if stops and not eng.opts["engine"]:
-            raise NotImplementedError("generate: stop_strings run through the engine; this model has engine=False")
+        if (stops or r["max_time"]) and not eng.opts["engine"]:
+            raise NotImplementedError("generate: stop_strings and max_time run through the engine; this model has "
+                                      "engine=False")
         if stops and streamer is not None and ids.shape[0] > 1:
             raise NotImplementedError("generate: stop_strings with a streamer need a batch of one row")
         if eng.opts["engine"] and (streamer is None or ids.shape[0] == 1):
             put = None if streamer is None else (lambda t: streamer.put(_to_user(np.array([t], dtype=np.int64), like_torch)))
             out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
-                               stops=stops, tokenizer=tokenizer)
+                               stops=stops, tokenizer=tokenizer, max_time=r["max_time"])
             return _to_user(out, like_torch)
         out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
                                   max_new_tokens=max_new, min_new_tokens=min_new, do_sample=r["do_sample"],

@@ -377,3 +377,19 @@ def test_stream_chat_from_threads_each_gets_its_own_answer(demo_model, demo_tok)
         return last
     with ThreadPoolExecutor(3) as ex:
         assert list(ex.map(streamed, qs)) == alone
+
+
+def test_max_time_ends_every_row_with_what_it_has(demo_model):
+    """max_time (transformers): after that many seconds every row ends with the tokens it has, the right ones."""
+    import time
+    ids = np.arange(100, 106)[None]
+    t0 = time.perf_counter()
+    out = demo_model.generate(np.repeat(ids, 2, 0), max_new_tokens=5000, eos_token_id=[], max_time=0.3)
+    assert 6 < out.shape[1] < 6 + 5000 and time.perf_counter() - t0 < 20
+    one = demo_model.generate(ids, max_new_tokens=5000, eos_token_id=[], max_time=0.2)[0, 6:]
+    assert 0 < len(one) < 5000
+    assert np.array_equal(one, demo_model.generate(ids, max_new_tokens=len(one), eos_token_id=[])[0, 6:])
+    s = demo_model.engine_stats()
+    assert s["running"] == 0 and s["pages_used"] == 0, s
+    with pytest.raises(ValueError, match="max_time"):
+        demo_model.generate(ids, max_new_tokens=2, max_time=0)
