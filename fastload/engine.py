@@ -144,7 +144,11 @@ class Engine:
                     seed=(seed + _GOLDEN * b) & _M64, eos_token_ids=eos))
             if streamer is not None and on_token is None:
                 on_token = lambda t: streamer.put(np.array([t], dtype=np.int64))  # noqa: E731
-            outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer, deadline) for b, q in enumerate(reqs)]
+            if on_token is not None and B > 1:
+                outs = self._collect_steps(reqs, on_token, pad, deadline)
+            else:
+                outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer, deadline)
+                        for b, q in enumerate(reqs)]
         except BaseException:
             for q in reqs:
                 q.cancel()
@@ -161,6 +165,34 @@ class Engine:
         for b, o in enumerate(outs):
             out[b, T:T + len(o)] = o
         return out
+
+    @classmethod
+    def _collect_steps(cls, reqs, on_step, pad, deadline):
+        """Streaming a batch (transformers' streamers get one array of B tokens per step): step k's array holds each
+        row's k-th new token, pad for a row that has ended. Returns every row's tokens."""
+        B = len(reqs)
+        outs = [None] * B
+        k = 0
+        while any(o is None for o in outs):
+            step = np.full(B, pad, dtype=np.int64)
+            got = False
+            for b, q in enumerate(reqs):
+                if outs[b] is not None:
+                    continue
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                n, done = q.wait(k, timeout=left)
+                if deadline is not None and time.monotonic() >= deadline and n <= k and not done:
+                    outs[b] = cls._end_early(q, n)
+                elif n > k:
+                    step[b] = q.tokens(k, k + 1)[0]
+                    got = True
+                else:  # done with k tokens: ended
+                    q.check()
+                    outs[b] = q.tokens()
+            if got:
+                on_step(step)
+            k += 1
+        return outs
 
     @staticmethod
     def _end_early(q, have):

@@ -1183,9 +1183,10 @@ class FastModelForCausalLM:
             raise NotImplementedError("generate: stop_strings and max_time run through the engine; this model has "
                                       "engine=False")
         if stops and streamer is not None and ids.shape[0] > 1:
-            raise NotImplementedError("generate: stop_strings with a streamer need a batch of one row")
-        if eng.opts["engine"] and (streamer is None or ids.shape[0] == 1):
-            put = None if streamer is None else (lambda t: streamer.put(_to_user(np.array([t], dtype=np.int64), like_torch)))
+            raise NotImplementedError("generate: stop_strings with a streamer of a batch of several rows")
+        if eng.opts["engine"]:
+            put = None if streamer is None else (lambda t: streamer.put(_to_user(np.atleast_1d(np.asarray(t, np.int64)),
+                                                                                  like_torch)))
             out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
                                stops=stops, tokenizer=tokenizer, max_time=r["max_time"])
             return _to_user(out, like_torch)

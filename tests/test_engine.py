@@ -393,3 +393,30 @@ def test_max_time_ends_every_row_with_what_it_has(demo_model):
     assert s["running"] == 0 and s["pages_used"] == 0, s
     with pytest.raises(ValueError, match="max_time"):
         demo_model.generate(ids, max_new_tokens=2, max_time=0)
+
+
+def test_streaming_a_batch_gives_one_array_per_step_as_the_one_call_path(qwen):
+    """A streamer on a batch: one array of B tokens per step, pad for rows that ended, the prompt first; the same
+    arrays as the one-call path (engine=False)."""
+    class Rec:
+        def __init__(self):
+            self.items = []
+
+        def put(self, v):
+            self.items.append(np.asarray(v).copy())
+
+        def end(self):
+            self.items.append("end")
+    ps = prompts(3, seed=11, lo=4, hi=9)
+    first = [alone(qwen, p, max_new_tokens=4, eos_token_id=[]) for p in ps]
+    ids, mask = left_padded(ps)
+    kw = dict(attention_mask=mask, max_new_tokens=6, eos_token_id=int(first[1][2]), pad_token_id=499)
+    a, b = Rec(), Rec()
+    out_a = qwen.generate(ids, streamer=a, **kw)
+    if not _legacy:
+        _legacy.append(load(engine=False))
+    out_b = _legacy[0].generate(ids, streamer=b, **kw)
+    assert np.array_equal(out_a, out_b)
+    assert len(a.items) == len(b.items) and a.items[-1] == b.items[-1] == "end"
+    for x, y in zip(a.items[:-1], b.items[:-1]):
+        assert np.array_equal(x, y), (x, y)
