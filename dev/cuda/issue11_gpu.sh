@@ -41,6 +41,18 @@ for s in $STAGES; do
     done
     cd "$REPO"
     ;;
+  reliability)
+    # benchmarks/serve_reliability.py over HTTP on the 7B-shaped checkpoint; the [serve] extra's wheels travel in
+    # .whlserve (starlette, uvicorn, httpx and their dependencies, ~1 MB) and install into /tmp/site
+    stage reliability
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whlserve/*.whl > "$OUT/wheels.log" 2>&1 || tail -3 "$OUT/wheels.log"
+    timeout 200 python3 -c "import sys; sys.path.insert(0, '$REPO/benchmarks'); import synth; synth.bench_checkpoint('$CKPT', 'qwen2.5-7b')" \
+      > "$OUT/ckpt.log" 2>&1 || { echo "checkpoint failed"; tail -5 "$OUT/ckpt.log"; }
+    lim=$(( $(left) - 10 ))
+    [ $lim -gt 60 ] && PYTHONPATH=/tmp/site timeout $lim python3 benchmarks/serve_reliability.py --model "$CKPT" \
+      --requests ${REQUESTS:-1000} --out "$OUT/serve_reliability.json"
+    echo "reliability rc=$?"
+    ;;
   bench)
     stage ckpt
     timeout 200 python3 -c "import sys; sys.path.insert(0, '$REPO/benchmarks'); import synth; synth.bench_checkpoint('$CKPT', 'qwen2.5-7b')" \
