@@ -440,7 +440,7 @@ class Server:
             usage = lambda ct: {"prompt_tokens": prompt_tokens, "completion_tokens": ct,  # noqa: E731
                                 "total_tokens": prompt_tokens + ct}
             if s["stream"]:
-                return StreamingResponse(self._sse(events, job, chat, rid, created, nchoices, s, usage),
+                return StreamingResponse(self._sse(events, job, chat, rid, created, nchoices, s, usage, request),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             # not streamed: wait for the worker, but cancel the request if the client goes away meanwhile
             texts, reasons, ctoks = [""] * nchoices, [None] * nchoices, 0
@@ -505,7 +505,7 @@ class Server:
                   Route("/v1/completions", completions_ep, methods=["POST"])]
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
 
-    async def _sse(self, events, job, chat, rid, created, nchoices, s, usage):
+    async def _sse(self, events, job, chat, rid, created, nchoices, s, usage, request=None):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices, **extra):
@@ -526,7 +526,14 @@ class Server:
             if chat:
                 yield chunk([choice(i, role=True) for i in range(nchoices)])
             while True:
-                ev = await events.get()
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=_SSE_IDLE_S)
+                except asyncio.TimeoutError:
+                    # Nothing to send for a while (a long prompt, tokens that decode to no text yet): a client that
+                    # left is otherwise noticed only at the next send, so ask the server.
+                    if request is not None and await request.is_disconnected():
+                        return  # finally: job.cancel()
+                    continue
                 if ev[0] == "text":
                     yield chunk([choice(ev[1], ev[2])])
                 elif ev[0] == "end":
@@ -543,6 +550,9 @@ class Server:
         finally:
             if not finished:  # the client went away (Starlette cancelled this generator): free the model
                 job.cancel()
+
+
+_SSE_IDLE_S = 0.5  # a stream with no event for this long checks whether its client is still there
 
 
 def _int(body, key, default, lo, hi):

@@ -349,3 +349,27 @@ def test_reliability_mixed_valid_cancelled_malformed(server_many, demo_model):
     _wait(lambda: demo_model.engine_stats()["running"] == 0, "the cancelled requests to leave the engine")
     st = demo_model.engine_stats()
     assert st["pages_used"] == 0 and st["waiting"] == 0, st
+
+
+def test_silent_stream_is_cancelled_when_its_client_leaves(demo_model, demo_tok):
+    """A stream with nothing to send (tokens that decode to no text) notices its client leaving by asking the server
+    every half second, not only at its next send: the request is cancelled, not run to max_tokens."""
+    class Silent:
+        def __getattr__(self, k):
+            return getattr(demo_tok, k)
+
+        def __call__(self, *a, **kw):
+            return demo_tok(*a, **kw)
+
+        def decode(self, ids, **kw):
+            return ""
+    srv = _start(Server(demo_model, Silent(), model_id="demo", max_queue=4))
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.stream("POST", srv.base + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5)) as r:
+                next(ln for ln in r.iter_lines() if ln)
+        _wait(lambda: srv.stats["cancelled"] == 1, "the silent stream to be cancelled", limit=30)
+        assert srv.stats["generated_tokens"] < 4000
+    finally:
+        _stop(srv)
