@@ -53,6 +53,8 @@ def main():
     def prompt():
         return " ".join(rng.choice(words, size=int(rng.integers(4, 200))))
 
+    # an abandoned stream asks for nearly the whole context, so that it is surely still running when its client leaves
+    long_tokens = min(20000, int(model.config.max_position_embeddings) - 256)
     kinds = []
     for i in range(a.requests):
         r = rng.random()
@@ -71,7 +73,7 @@ def main():
                                headers={"content-type": "application/json"})
                 got = r.status_code
             elif k == "cancel":
-                b = dict(body, stream=True, ignore_eos=True, max_tokens=2000)
+                b = dict(body, stream=True, ignore_eos=True, max_tokens=long_tokens)
                 with httpx.stream("POST", base + "/v1/completions", json=b, timeout=300) as r:
                     next(ln for ln in r.iter_lines() if ln)  # one chunk, then the client leaves
                 got = "cancelled"
@@ -130,7 +132,7 @@ def main():
            "hung_clients": hung,
            "wrong": bad[:20], "n_wrong": len(bad), "engine_after": st, "device_memory_idle": idle,
            "device_memory_after": now, "health": health, "environment": environment(str(model.device))}
-    # every abandoned stream was cancelled by the server (not run to its 2000 tokens), in both runs
+    # every abandoned stream was cancelled by the server (not run to its long_tokens), in both runs
     out["cancelled_by_server"] = health["cancelled"]
     ok = not bad and not hung and st["pages_used"] == 0 and st["running"] == 0 and (not cuda or now == idle) and \
         health["cancelled"] == 2 * kinds.count("cancel")

@@ -549,7 +549,7 @@ int fl_engine_step(fl_engine *e) {
         fl_request *r = e->run[i];
         if (r->state != RQ_PREFILL) continue;
         const int n_total = r->n_prompt + r->n_out;
-        if (r->n_cached == 0 && r->n_pages == 0) {
+        if (r->n_cached == 0 && r->n_pages == 0 && !e->cfg.no_prefix_cache) {
             /* a request that starts with the same page as one already chosen waits a step, to share it then */
             int twin = 0;
             for (int k = 0; k < np && !twin; k++) {
@@ -625,7 +625,7 @@ int fl_engine_step(fl_engine *e) {
                 r->n_cached = e->pc0[k] + e->pT[k];
                 e->st.prefill_tokens += (uint64_t)e->pT[k];
                 /* enter the pages this chunk filled into the prefix table, in order */
-                while (r->n_reg < r->n_pages && (r->n_reg + 1) * page <= r->n_cached) {
+                while (!e->cfg.no_prefix_cache && r->n_reg < r->n_pages && (r->n_reg + 1) * page <= r->n_cached) {
                     const int j = r->n_reg, parent = j ? r->pages[j - 1] : -1;
                     if (j && P->parent[parent] == -2) break; /* the chain is broken: stop */
                     if (!table_insert(P, r->pages[j], parent, r->toks + (size_t)j * page)) break;

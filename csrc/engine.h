@@ -41,6 +41,7 @@ typedef struct {
     int prefill_chunk;    /* prompt tokens read per step (default 512) */
     int max_waiting;      /* requests that may wait for admission; submit fails with FL_E_BUSY beyond (0: no limit) */
     int max_context;      /* prompt + new tokens of one request (default: the model's max_position_embeddings) */
+    int no_prefix_cache;  /* 1: no prompt page is shared or kept (each request reads its whole prompt) */
 } fl_engine_cfg;
 
 /* kick(ud, e): called (without the engine's lock) when a request arrives and no driver runs; it

@@ -17,6 +17,10 @@ Settings, at from_pretrained or later with model.configure_engine():
   prefill_chunk     prompt tokens read per step, between two decode steps of the running requests (default: CUDA
                     2048, CPU 512): larger starts a newcomer sooner, smaller keeps the others' inter-token gaps short.
   kv_page_tokens    tokens per KV page (a power of two, default 16).
+  prefix_caching    share and keep full prompt pages between requests (default True; FASTLOAD_PREFIX_CACHING=0).
+                    A request that reuses another's pages skips computing them; its own part is computed over fewer
+                    rows, which on the CPU can round differently (other kernels), so a greedy answer can differ in
+                    a near-tie from the same request without sharing, as with vLLM's prefix caching.
   engine            False runs each generate call on its own as before (one rectangular batch, its own KV cache);
                     also FASTLOAD_ENGINE=0.
 """
@@ -28,17 +32,21 @@ import numpy as np
 
 from . import config as cfgmod
 
-ENGINE_KEYS = ("kv_cache_memory", "max_num_seqs", "max_queue", "engine", "prefill_chunk", "kv_page_tokens")
+ENGINE_KEYS = ("kv_cache_memory", "max_num_seqs", "max_queue", "engine", "prefill_chunk", "kv_page_tokens",
+               "prefix_caching")
 _GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
 
 def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None, prefill_chunk=None,
-            kv_page_tokens=None) -> dict:
+            kv_page_tokens=None, prefix_caching=None) -> dict:
     """Check and normalise the engine settings (from_pretrained / configure_engine arguments)."""
     if engine is None:
         env = cfgmod.env("FASTLOAD_ENGINE")
         engine = True if env is None else env.strip().lower() not in ("0", "false", "no", "off")
+    if prefix_caching is None:
+        env = cfgmod.env("FASTLOAD_PREFIX_CACHING")
+        prefix_caching = True if env is None else env.strip().lower() not in ("0", "false", "no", "off")
     if kv_cache_memory is not None:
         if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
             raise TypeError(f"kv_cache_memory must be bytes (int) or a fraction of free memory (float), "
@@ -54,7 +62,8 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
     if kv_page_tokens is not None and kv_page_tokens & (kv_page_tokens - 1):
         raise ValueError(f"kv_page_tokens={kv_page_tokens} must be a power of two")
     return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs,
-            "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk, "kv_page_tokens": kv_page_tokens or 16}
+            "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk, "kv_page_tokens": kv_page_tokens or 16,
+            "prefix_caching": bool(prefix_caching)}
 
 
 def max_num_seqs(model, opts) -> int:
@@ -115,7 +124,8 @@ class Engine:
                                                   prefill_chunk=self.opts["prefill_chunk"] or
                                                   (2048 if str(m.device).startswith("cuda") else 512),
                                                   max_waiting=self.opts["max_queue"],
-                                                  max_context=int(getattr(m.config, "max_position_embeddings", 0) or 0))
+                                                  max_context=int(getattr(m.config, "max_position_embeddings", 0) or 0),
+                                                  prefix_caching=self.opts["prefix_caching"])
                     self._started = True
         return self._model()._core
 

@@ -525,14 +525,21 @@ class Server:
         try:
             if chat:
                 yield chunk([choice(i, role=True) for i in range(nchoices)])
+            loop = asyncio.get_running_loop()
+            next_check = loop.time() + _SSE_IDLE_S
             while True:
+                # A client that left is not always noticed at a send (uvicorn may drop what is sent to a closed
+                # connection), and a stream may have nothing to send for a while (a long prompt, tokens that decode
+                # to no text yet): every half second ask the server whether the client is still there.
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=_SSE_IDLE_S)
+                    ev = await asyncio.wait_for(events.get(), timeout=max(0.0, next_check - loop.time()))
                 except asyncio.TimeoutError:
-                    # Nothing to send for a while (a long prompt, tokens that decode to no text yet): a client that
-                    # left is otherwise noticed only at the next send, so ask the server.
+                    ev = None
+                if loop.time() >= next_check:
                     if request is not None and await request.is_disconnected():
                         return  # finally: job.cancel()
+                    next_check = loop.time() + _SSE_IDLE_S
+                if ev is None:
                     continue
                 if ev[0] == "text":
                     yield chunk([choice(ev[1], ev[2])])
@@ -552,7 +559,7 @@ class Server:
                 job.cancel()
 
 
-_SSE_IDLE_S = 0.5  # a stream with no event for this long checks whether its client is still there
+_SSE_IDLE_S = 0.5  # how often a stream checks whether its client is still there
 
 
 def _int(body, key, default, lo, hi):

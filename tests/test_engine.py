@@ -285,12 +285,17 @@ def test_memory_stats_report_the_pool(qwen):
     assert ms["workspace"] >= 0 and ms["allocated"] >= ms["weights"] + ms["kv_cache_pool"]
 
 
-def test_chat_from_a_thread_pool_matches_the_loop(demo_model, demo_tok):
+def test_chat_from_a_thread_pool_matches_the_loop(demo_gguf, demo_tok):
+    """The field report's scenario: the same answers from a thread pool as from a loop. prefix_caching=False: the chat
+    template's shared system prompt would otherwise be computed by whichever request comes first (the loop's first,
+    a pool's first to arrive), over its own prompt's rows, which can round differently (README, prefix_caching)."""
+    m = fastload.AutoModelForCausalLM.from_pretrained(demo_gguf, device_map="cpu", prefix_caching=False)
     qs = ["What is 2+2?", "Name a colour.", "Say hello.", "What is the capital of France?", "Count to three."]
-    loop = [demo_model.chat(demo_tok, q, max_new_tokens=12)[0] for q in qs]
+    loop = [m.chat(demo_tok, q, max_new_tokens=12)[0] for q in qs]
     with ThreadPoolExecutor(5) as ex:
-        pool = list(ex.map(lambda q: demo_model.chat(demo_tok, q, max_new_tokens=12)[0], qs))
+        pool = list(ex.map(lambda q: m.chat(demo_tok, q, max_new_tokens=12)[0], qs))
     assert pool == loop
+    assert m.engine_stats()["prefix_hit_tokens"] == 0 and m.engine_stats()["pages_cached"] == 0
 
 
 def test_dropping_the_model_frees_its_engine():

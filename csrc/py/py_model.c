@@ -783,12 +783,15 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
 /* ---- the engine (csrc/engine.h): many callers, continuous batching, paged KV cache ---------------------------- */
 /* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0) */
 static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"kv_bytes", "page_tokens", "max_batch", "prefill_chunk", "max_waiting", "max_context", NULL};
+    static char *kwlist[] = {"kv_bytes", "page_tokens", "max_batch", "prefill_chunk", "max_waiting", "max_context",
+                             "prefix_caching", NULL};
     fl_engine_cfg cfg = {0};
     unsigned long long kvb = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiii", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
-                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context))
+    int prefix = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiiip", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
+                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context, &prefix))
         return NULL;
+    cfg.no_prefix_cache = !prefix;
     cfg.kv_bytes = kvb;
     if (self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is already running"); return NULL; }
     if (cfg.page_tokens < 0 || cfg.max_batch < 0 || cfg.prefill_chunk < 0 || cfg.max_waiting < 0 || cfg.max_context < 0) {
