@@ -425,3 +425,14 @@ def test_streaming_a_batch_gives_one_array_per_step_as_the_one_call_path(qwen):
     assert len(a.items) == len(b.items) and a.items[-1] == b.items[-1] == "end"
     for x, y in zip(a.items[:-1], b.items[:-1]):
         assert np.array_equal(x, y), (x, y)
+
+
+def test_sampled_chat_from_threads_equals_the_loop(demo_gguf, demo_tok):
+    """Sampled rows of a batch are drawn in parallel, each with its own seeded stream: the same answers as one by one."""
+    m = fastload.AutoModelForCausalLM.from_pretrained(demo_gguf, device_map="cpu", prefix_caching=False)
+    qs = ["Say hello.", "Name a colour.", "What is 2+3?", "Tell a joke.", "Count to five."]
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=11)
+    loop = [m.chat(demo_tok, q, **kw)[0] for q in qs]
+    with ThreadPoolExecutor(5) as ex:
+        pool = list(ex.map(lambda q: m.chat(demo_tok, q, **kw)[0], qs))
+    assert pool == loop
