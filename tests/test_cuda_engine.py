@@ -145,7 +145,7 @@ def test_single_request_equals_one_call_path_in_16_bit(dtype):
 
 def test_long_prompt_chunks_and_prefix_sharing(gold):
     _, legacy = gold
-    m = _load(prefill_chunk=16)  # the fixture's context is 128 tokens: chunks of 16 so that prompts take several
+    m = _load(prefill_chunk=16, prefix_caching=True)  # the fixture's context is 128 tokens: 16-token chunks
     rng = np.random.default_rng(4)
     system = rng.integers(3, 500, size=90)  # 6 prefill chunks, 5 full pages of 16
     ps = [np.concatenate([system, rng.integers(3, 500, size=5)]) for _ in range(6)]

@@ -180,7 +180,7 @@ def test_pool_serves_requests_by_tokens_not_max_new_tokens():
 
 
 def test_shared_prompt_pages_are_shared():
-    m = load(kv_page_tokens=4, max_num_seqs=16)
+    m = load(kv_page_tokens=4, max_num_seqs=16, prefix_caching=True)
     rng = np.random.default_rng(7)
     system = rng.integers(3, 500, size=40)
     ps = [np.concatenate([system, rng.integers(3, 500, size=3)]) for _ in range(8)]
@@ -328,7 +328,7 @@ def test_prompts_arriving_together_are_read_in_one_forward():
 
 
 def test_same_first_page_waits_to_share_it():
-    m = load(kv_page_tokens=4, max_num_seqs=16)
+    m = load(kv_page_tokens=4, max_num_seqs=16, prefix_caching=True)
     rng = np.random.default_rng(10)
     system = rng.integers(3, 500, size=24)
     ps = [np.concatenate([system, rng.integers(3, 500, size=2)]) for _ in range(6)]
