@@ -97,7 +97,7 @@ struct fl_engine {
     int n_buckets;
     void **graph;
     uint64_t *graph_epoch;
-    struct { fl_engine *e; int B, stride; } cap;
+    struct { int B, stride; } cap; /* the step capture_fn records */
     fl_engine *reg_next;      /* every live engine, for fork() */
 };
 
@@ -404,7 +404,6 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
         if (k >= 0) { /* record this bucket's step for the next time (the eager run grew every buffer it needs) */
             if (e->graph[k]) be->graph_free(be, e->graph[k]);
             e->graph[k] = NULL;
-            e->cap.e = e;
             e->cap.B = rows;
             e->cap.stride = stride;
             const uint64_t epoch = be->scratch_epoch;
@@ -878,8 +877,8 @@ fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen
                       e->pool.n * page);
     fl_request *r = calloc(1, sizeof *r);
     const int64_t want = (int64_t)n + (p->max_new_tokens < e->cfg.max_context ? p->max_new_tokens : e->cfg.max_context) + 1;
-    r->cap = (int)(want < e->cfg.max_context + 1 ? want : e->cfg.max_context + 1);
     if (r) {
+        r->cap = (int)(want < e->cfg.max_context + 1 ? want : e->cfg.max_context + 1);
         r->toks = malloc((size_t)r->cap * 4);
         r->pages = malloc((size_t)e->max_pages * 4);
     }
