@@ -132,10 +132,11 @@ class Engine:
     def stats(self):
         return self._model()._core.engine_stats() if self._started else None
 
-    def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, streamer=None, on_token=None, stops=(),
-                 tokenizer=None, max_time=None):
+    def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, on_token=None, stops=(), tokenizer=None,
+                 max_time=None):
         """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with
-        pad after a row's end, as transformers' generate. on_token(t): B == 1 only, called per token. stops: strings
+        pad after a row's end, as transformers' generate. on_token: called with each new token (B == 1) or with each
+        step's array of B tokens, pad for rows that ended (B > 1), as a streamer's put. stops: strings
         that end a row at the token completing one (transformers' stop_strings), decoded with tokenizer. max_time:
         seconds from now after which every row ends with the tokens it has (transformers' max_time)."""
         deadline = None if max_time is None else time.monotonic() + max_time
@@ -152,8 +153,6 @@ class Engine:
                     do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
                     top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
                     seed=(seed + _GOLDEN * b) & _M64, eos_token_ids=eos))
-            if streamer is not None and on_token is None:
-                on_token = lambda t: streamer.put(np.array([t], dtype=np.int64))  # noqa: E731
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)
             else:
@@ -164,8 +163,7 @@ class Engine:
                 q.cancel()
             try:  # the next step drops them: return once their pages are back in the pool
                 for q in reqs:
-                    while not q.wait(1 << 30, timeout=10.0)[1]:
-                        pass
+                    _wait_done(q)
             except BaseException:  # noqa: BLE001 - a second Ctrl-C: leave them to the engine
                 pass
             raise
@@ -208,16 +206,14 @@ class Engine:
     def _end_early(q, have):
         """Stop q (a stop string, max_time) and return its first `have` tokens once its pages are back."""
         q.cancel()  # the tokens it made meanwhile are dropped
-        while not q.wait(1 << 30, timeout=10.0)[1]:
-            pass
+        _wait_done(q)
         return q.tokens(0, have)
 
     @classmethod
     def _collect(cls, q, on_token, stops, tokenizer, deadline=None):
         """A request's tokens once it ends: token by token when they are streamed or checked for stop strings."""
         if on_token is None and not stops and deadline is None:
-            while not q.wait(1 << 30)[1]:
-                pass
+            _wait_done(q)
             q.check()
             return q.tokens()
         stop = _StopCheck(stops, tokenizer) if stops else None
@@ -236,6 +232,12 @@ class Engine:
             if done:
                 q.check()
                 return q.tokens(0, have)
+
+
+def _wait_done(q):
+    """Until q has ended (its pages are back in the pool). Ctrl-C raises here: Request.wait checks for signals."""
+    while not q.wait(1 << 30, timeout=10.0)[1]:
+        pass
 
 
 class _StopCheck:

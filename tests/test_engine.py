@@ -179,13 +179,17 @@ def test_pool_serves_requests_by_tokens_not_max_new_tokens():
     assert st["preemptions"] == 0 and st["peak_pages_used"] <= 32, st  # 8 x 4096 tokens would be 8192 pages
 
 
+def shared_prompts(seed, n_system, n_own, count):
+    """count prompts that start with the same n_system tokens (a system prompt), then n_own of their own."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(3, 500, size=n_system)
+    return [np.concatenate([system, rng.integers(3, 500, size=n_own)]) for _ in range(count)]
+
+
 def test_shared_prompt_pages_are_shared():
     m = load(kv_page_tokens=4, max_num_seqs=16, prefix_caching=True)
-    rng = np.random.default_rng(7)
-    system = rng.integers(3, 500, size=40)
-    ps = [np.concatenate([system, rng.integers(3, 500, size=3)]) for _ in range(8)]
+    ps = shared_prompts(7, 40, 3, 8)
     ref = [alone(m, p, max_new_tokens=4, eos_token_id=[]) for p in ps]
-    outs = [None] * 8
     with ThreadPoolExecutor(8) as ex:
         outs = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=4, eos_token_id=[])[0, len(p):], ps))
     for a, b in zip(ref, outs):
@@ -312,9 +316,10 @@ def test_dropping_the_model_frees_its_engine():
         gc.enable()
 
 
-def test_prompts_arriving_together_are_read_in_one_forward():
-    """Requests submitted at once: their prompts (different lengths, right-padded to the longest) are read by the
-    same prefill forward, each row's logits taken at its own last token; outputs equal each alone."""
+def test_prompts_arriving_together_equal_each_alone():
+    """Requests submitted at once: outputs equal each alone. (On the GPU their prompts, of different lengths, are read
+    by one prefill forward, right-padded to the longest, each row's logits taken at its own last token; on the CPU
+    one prompt a forward, as the kernel there depends on the row count.)"""
     m = load(kv_page_tokens=4, max_num_seqs=16)
     ps = prompts(10, seed=9, lo=2, hi=30)
     ref = [alone(m, p, max_new_tokens=5, eos_token_id=[]) for p in ps]
@@ -324,14 +329,11 @@ def test_prompts_arriving_together_are_read_in_one_forward():
         assert r.wait(1 << 30)[1]
         r.check()
         assert np.array_equal(r.tokens(), a)
-    # (on the CPU one prompt a forward: the kernel depends on the row count; the GPU reads them together)
 
 
 def test_same_first_page_waits_to_share_it():
     m = load(kv_page_tokens=4, max_num_seqs=16, prefix_caching=True)
-    rng = np.random.default_rng(10)
-    system = rng.integers(3, 500, size=24)
-    ps = [np.concatenate([system, rng.integers(3, 500, size=2)]) for _ in range(6)]
+    ps = shared_prompts(10, 24, 2, 6)
     ref = [alone(m, p, max_new_tokens=3, eos_token_id=[]) for p in ps]
     core = m._engine_handle().core()
     reqs = [core.engine_submit(p.astype(np.int32), max_new_tokens=3, eos_token_ids=[]) for p in ps]
