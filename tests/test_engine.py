@@ -108,26 +108,26 @@ def test_paged_op_rejects_bad_tables():
 
 
 # ---- the engine ------------------------------------------------------------------------------------------------
-def test_concurrent_greedy_equals_alone(qwen):
-    ps = prompts(12, seed=1)
-    ref = [alone(qwen, p, max_new_tokens=10) for p in ps]
-    with ThreadPoolExecutor(12) as ex:
-        outs = list(ex.map(lambda p: qwen.generate(p[None], max_new_tokens=10)[0, len(p):], ps))
+def threads_equal_alone(m, ps, **kw):
+    """Each prompt through m.generate from its own thread, all at once: every request's new tokens equal the same
+    request alone (the one-call path)."""
+    ref = [alone(m, p, **kw) for p in ps]
+    with ThreadPoolExecutor(len(ps)) as ex:
+        outs = list(ex.map(lambda p: m.generate(p[None], **kw)[0, len(p):], ps))
     for i, (a, b) in enumerate(zip(ref, outs)):
         assert np.array_equal(a, b), f"request {i}: {list(b)} != alone {list(a)}"
+
+
+def test_concurrent_greedy_equals_alone(qwen):
+    threads_equal_alone(qwen, prompts(12, seed=1), max_new_tokens=10)
     st = qwen.engine_stats()
     assert st["peak_running"] > 1, st          # they did run together
     assert st["pages_used"] == 0 and st["running"] == 0 and st["waiting"] == 0, st
 
 
 def test_sampling_with_seed_is_the_same_batched_or_alone(qwen):
-    ps = prompts(6, seed=2)
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
-    ref = [alone(qwen, p, seed=7, **kw) for p in ps]
-    with ThreadPoolExecutor(6) as ex:
-        outs = list(ex.map(lambda p: qwen.generate(p[None], seed=7, **kw)[0, len(p):], ps))
-    for a, b in zip(ref, outs):
-        assert np.array_equal(a, b)
+    threads_equal_alone(qwen, prompts(6, seed=2), max_new_tokens=8, do_sample=True, temperature=0.9, top_k=50,
+                        top_p=0.95, seed=7)
 
 
 def test_batched_generate_with_left_padding_matches_rows_alone(qwen):
@@ -152,12 +152,7 @@ def test_rows_ending_early_are_padded_as_transformers(qwen):
 
 def test_small_pool_preempts_and_keeps_outputs():
     m = load(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16)
-    ps = prompts(6, seed=5, lo=8, hi=16)
-    ref = [alone(m, p, max_new_tokens=12, eos_token_id=[]) for p in ps]
-    with ThreadPoolExecutor(6) as ex:
-        outs = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=12, eos_token_id=[])[0, len(p):], ps))
-    for a, b in zip(ref, outs):
-        assert np.array_equal(a, b)
+    threads_equal_alone(m, prompts(6, seed=5, lo=8, hi=16), max_new_tokens=12, eos_token_id=[])
     st = m.engine_stats()
     assert st["n_pages"] == 14 and st["preemptions"] > 0 and st["peak_pages_used"] <= 14, st
     assert st["pages_used"] == 0
@@ -188,12 +183,7 @@ def shared_prompts(seed, n_system, n_own, count):
 
 def test_shared_prompt_pages_are_shared():
     m = load(kv_page_tokens=4, max_num_seqs=16, prefix_caching=True)
-    ps = shared_prompts(7, 40, 3, 8)
-    ref = [alone(m, p, max_new_tokens=4, eos_token_id=[]) for p in ps]
-    with ThreadPoolExecutor(8) as ex:
-        outs = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=4, eos_token_id=[])[0, len(p):], ps))
-    for a, b in zip(ref, outs):
-        assert np.array_equal(a, b)
+    threads_equal_alone(m, shared_prompts(7, 40, 3, 8), max_new_tokens=4, eos_token_id=[])
     st = m.engine_stats()
     # 10 shared pages of the system prompt; each request's own tail (3 prompt + 4 new tokens, at most 3 pages)
     assert st["prefix_hit_tokens"] >= 7 * 40, st
