@@ -225,12 +225,13 @@ def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 2))
 
 
-@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r2u2", "r8u1", "r1u4", "r2u4"])
+@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 576, 32), (1000, 640, 64)])
 def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
-    """FASTLOAD_QDP_CFG picks the dp2a GEMV's rows per warp / vectors per step at n = 1: every choice, with
-    row groups past the last row (R % 8), rows split over a block's warps (C = 18944) and small groups."""
+    """FASTLOAD_QDP_CFG picks the dp2a GEMV's rows per warp / vectors per lane at n <= 2: every choice, with
+    row groups past the last row (R % 8), rows split over a block's warps in one step and in a loop (C = 18944:
+    int4 r4u2 splits 592 vectors over 10 warps at once, r4u1 and int8 loop) and small groups."""
     monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
 

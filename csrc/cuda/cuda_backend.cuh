@@ -45,7 +45,7 @@ typedef struct fl_cuda_impl {
     size_t qx_bytes;
     int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
     int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
-    int qdp_cfg;                /* dp2a GEMV at n = 1 (FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1|r1u4|r2u4 -> 0..5; -1 default) */
+    int qdp_cfg;                /* dp2a GEMV at n <= 2 (FASTLOAD_QDP_CFG=r4u2|r4u1|r8u1|r2u4|r8u1w4 -> 0..4; -1 auto) */
     size_t scratch_bytes;
     std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */
     uint64_t qx_seq;            /* op_seq of the op that wrote the dp2a GEMV's x into qxq (0: none pending) */

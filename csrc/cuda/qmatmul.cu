@@ -414,7 +414,7 @@ __device__ __forceinline__ uint32_t qbyte_pair(uint32_t u, float off) {
 template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U>
 __global__ void __launch_bounds__(WARPS * 32)
 qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T *__restrict__ bias, int n,
-                 uint32_t cmagic) {
+                 uint32_t cmagic, int early) {
     constexpr int CPC = BITS == 4 ? 128 : 64, CPL = CPC / 4;  // columns per chunk, per lane
     constexpr float OFF = ZEROS ? 0.f : (float)(1 << (BITS - 1));
     __shared__ float red[WARPS][4][32];
@@ -450,9 +450,10 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
             B[u] = ok ? fl_ld_stream(wb + 4 * (cb + u)) : z;
         }
     };
-    fl_pdl_wait();  // x comes from the previous kernel
     uint4 va[U], vb[U];
-    load_step((int64_t)warp * U, va, vb);
+    if (early) load_step((int64_t)warp * U, va, vb);  // codes are weights: the first step before the wait
+    fl_pdl_wait();  // x comes from the previous kernel
+    if (!early) load_step((int64_t)warp * U, va, vb);
     for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += WARPS * U) {
         uint4 na[U], nb[U];
         load_step(c0 + WARPS * U, na, nb);
@@ -550,19 +551,19 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 // 2j (low nibble), 2j+1), per 8 columns the int16 order 0, 2, 4, 6, 1, 3, 5, 7, so that the low
 // nibbles (x & 0x0F0F0F0F: columns 0, 2, 4, 6) meet x words 0, 1 and the high nibbles words 2, 3.
 // Act-order perm is folded into the prep (x gathered while it is quantised).
-// Work split: a warp owns a group of RPW rows (4 at n <= 2), U = 2 vectors of each in flight per lane
-// (8 loads of 16 bytes, what matmul.cu's bf16 GEMV keeps in flight; the first step issued before
-// fl_pdl_wait: codes are weights). Rows longer than 4 steps of a warp (down_proj: 592 vectors) are
-// split over the block's 4 warps, partial sums reduced through shared memory. First H200 run of a
-// version with 1..8 warps per row group, 2 vectors per lane: gate_up 2.1 TB/s, o/qkv 0.9 TB/s under ncu
+// Work split (launch_qdp_n): a warp owns a group of RPW rows (4 at n <= 2), U = 2 vectors of each per lane,
+// codes and scales all loaded before fl_pdl_wait (weights): one memory latency per warp. The first version
+// looped over a row in steps of a warp, each step a round trip, with the scales loaded after the codes arrived:
+// rows of 112 vectors (int4, 3584 columns) made ~4 round trips per warp, and q|k|v / o_proj ran at 30-33% of the
+// copy rate where a plain read of the same bytes reaches 45-52% (a launch that small never reaches the copy
+// rate); loading everything at once reaches 48-51% (table at launch_qdp_n). Rows longer than 32 * U vectors are
+// split over up to 16 warps of a block, partial sums reduced through shared memory. Earlier: a version with
+// 1..8 warps per row group, 2 vectors per lane: gate_up 2.1 TB/s, o/qkv 0.9 TB/s under ncu
 // (blocks too short-lived, 25% occupancy at 98 registers). Tried and dropped (H200, 7B-shaped, same run,
 // 2026-12-01): each block first asking the copy engine for its rows in L2 (cp.async.bulk.prefetch.L2 of
 // its codes and scales, before fl_pdl_wait; the same in qgemv_mma_kernel) made decode slower: int4 b1
 // 476 -> 451 tok/s, int8 399 -> 367, int4 b8 285 -> 276 per sequence.
-#define QDP_WARPS 4  /* warps per block of the dp2a GEMV */
-#ifndef QDP_MIN_BLOCKS
-#define QDP_MIN_BLOCKS 1  /* 6 (80 registers) or 8 (64) spilled 40-440 bytes per thread */
-#endif
+#define QDP_WARPS 4  /* warps per block of the dp2a GEMV for rows of one warp's step */
 
 // d = c + dot(int16 pair a, byte pair of b): .lo takes b's bytes 0-1, .hi bytes 2-3; b unsigned (u32) or signed
 // (the _ss forms, for NF4's high table bytes).
@@ -684,58 +685,56 @@ __device__ __forceinline__ float qdot_nf4_vec(const uint4 &c, const uint4 *xv) {
     return fmaf((float)dh, 256.f, (float)dl);
 }
 
-template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF = false>
-__global__ void __launch_bounds__(QDP_WARPS * 32, QDP_MIN_BLOCKS)
+// One lane's work: U vectors of each of RPW rows, codes AND their scales / offsets, all loaded before
+// fl_pdl_wait (they are weights), so a warp pays one memory latency before it computes; a row longer than
+// 32 * U vectors is split over `split` warps of the block (partial sums through shared memory). LOOP: rows
+// longer than MAXW warps' worth loop over steps (each step one latency), the rare case.
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP>
+__global__ void __launch_bounds__(MAXW * 32)
 qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
                 const T *__restrict__ bias, uint32_t gmagic, int n, int split) {  // n <= N token rows
     constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;  // columns per vector of codes, uint4 of xq per vector
     constexpr float HALF = (float)(1 << (BITS - 1));
-    __shared__ float red[QDP_WARPS][N * RPW];
+    __shared__ float red[MAXW][N * RPW];
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int grp = warp / split, part = warp - grp * split;  // row group of the block, this warp's share of it
-    const int64_t r0 = ((int64_t)blockIdx.x * (QDP_WARPS / split) + grp) * RPW, R = W.R, nv = W.rb / 16, C = W.C;
-    const int64_t rlast = R - 1;
-    const uint4 *wbase = (const uint4 *)(W.q + (r0 < R ? r0 : rlast) * W.rb);
-    const int64_t rstride = W.rb / 16;  // uint4 per row
-    int rmax = (int)(R - r0 < RPW ? R - r0 : RPW) - 1;  // rows past the end read the last row (results dropped)
-    if (rmax < 0) rmax = 0;
+    const int gpb = (int)(blockDim.x >> 5) / split, grp = warp / split, part = warp - grp * split;
+    const int64_t R = W.R, nv = W.rb / 16, C = W.C, rstride = W.rb / 16, step = (int64_t)split * 32 * U;
+    const int64_t r0 = ((int64_t)blockIdx.x * gpb + grp) * RPW;
+    const uint4 *wbase = (const uint4 *)W.q;
     const S *sc = (const S *)W.s, *zc = (const S *)W.m;
-    const int64_t sbase = (r0 < R ? r0 : rlast) * W.ng;
-    const int64_t step = (int64_t)split * 32 * U;
-    const uint4 z = make_uint4(0, 0, 0, 0);
+    uint4 w[U][RPW];
+    float sr[U][RPW], mr[U][RPW];
+    auto load = [&](int64_t vb) {  // rows past the end read the last row (results dropped)
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t v = vb + 32 * u;
+            const bool on = v < nv;
+            const uint32_t g = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const int64_t row = r0 + r < R ? r0 + r : R - 1;
+                w[u][r] = on ? fl_ld_stream(wbase + row * rstride + v) : make_uint4(0, 0, 0, 0);
+                const int64_t si = row * W.ng + (on ? g : 0);
+                sr[u][r] = NF ? ld_s(sc, si) * (1.f / 32767.f) : ld_s(sc, si);
+                mr[u][r] = ZEROS ? ld_s(zc, si) : NF ? 0.f : -sr[u][r] * HALF;
+            }
+        }
+    };
+    const int64_t vfirst = (int64_t)part * 32 * U + lane;
+    load(vfirst);
+    fl_pdl_wait();  // xq / xd come from the prep kernel (or the RMSNorm / SwiGLU that wrote them)
     float acc[N][RPW];
 #pragma unroll
     for (int i = 0; i < N; i++)
 #pragma unroll
         for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
-    int64_t v0 = (int64_t)part * 32 * U + lane;
-    uint4 w[U][RPW];
-    auto load = [&](int64_t vb) {
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                const int64_t v = vb + 32 * u;
-                w[u][r] = v < nv ? fl_ld_stream(wbase + (int64_t)(r < rmax ? r : rmax) * rstride + v) : z;
-            }
-    };
-    load(v0);  // codes are weights: issued before the wait
-    fl_pdl_wait();  // xq / xd come from the prep kernel
-    for (; v0 < nv; v0 += step) {
-        if (v0 != (int64_t)part * 32 * U + lane) load(v0);
+    for (int64_t vb = vfirst; vb < nv; vb += step) {
+        if (LOOP && vb != vfirst) load(vb);
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int64_t v = v0 + 32 * u;
+            const int64_t v = vb + 32 * u;
             if (v >= nv) break;
-            const uint32_t g = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
-            float sr[RPW], mr[RPW];
-#pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                const int64_t si = sbase + (int64_t)(r < rmax ? r : rmax) * W.ng + g;
-                sr[r] = NF ? ld_s(sc, si) * (1.f / 32767.f) : ld_s(sc, si);
-                mr[r] = ZEROS ? ld_s(zc, si) : NF ? 0.f : -sr[r] * HALF;
-            }
 #pragma unroll
             for (int i = 0; i < N; i++) {
                 if (i >= n) break;
@@ -748,14 +747,15 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
                 for (int r = 0; r < RPW; r++) {
                     if constexpr (NF) {
                         const float dot = qdot_nf4_vec(w[u][r], xv);
-                        acc[i][r] = fmaf(sr[r], d.x * dot, ZEROS ? fmaf(mr[r], d.y, acc[i][r]) : acc[i][r]);
+                        acc[i][r] = fmaf(sr[u][r], d.x * dot, ZEROS ? fmaf(mr[u][r], d.y, acc[i][r]) : acc[i][r]);
                     } else {
                         const int dot = qdot_vec<BITS>(w[u][r], xv);
-                        acc[i][r] = fmaf(sr[r], d.x * (float)dot, fmaf(mr[r], d.y, acc[i][r]));
+                        acc[i][r] = fmaf(sr[u][r], d.x * (float)dot, fmaf(mr[u][r], d.y, acc[i][r]));
                     }
                 }
             }
         }
+        if (!LOOP) break;
     }
 #pragma unroll
     for (int i = 0; i < N; i++)
@@ -1216,17 +1216,21 @@ static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_
     // to keep the build short). ncu on the H200 (2026-12-01): with 4 warps the
     // 16-row tiles of a 3584-row weight are 224 blocks on 132 SMs, ~10% achieved occupancy and 18% of DRAM bandwidth
     // for down_proj; more warps per tile put more of each long row in flight.
-    static int warps = -1;
+    // FASTLOAD_QMMA_EARLY=0|1 (default 1): whether each warp's first codes are requested before fl_pdl_wait, during
+    // the previous kernel's tail (A/B knob, read once).
+    static int warps = -1, early = 1;
     if (warps < 0) {
         const char *e = getenv("FASTLOAD_QMMA_WARPS");
         warps = e && !strcmp(e, "4") ? 4 : QMMA_WARPS;
+        e = getenv("FASTLOAD_QMMA_EARLY");
+        early = e && !strcmp(e, "0") ? 0 : 1;
     }
     if (warps == 4)
         FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, 4, QMMA_U>, dim3((unsigned)blocks), dim3(4 * 32), 0, st, y, x, W,
-                  bias, n, cm);
+                  bias, n, cm, early);
     else
         FL_LAUNCH(qgemv_mma_kernel<T, S, BITS, ZEROS, 8, QMMA_U>, dim3((unsigned)blocks), dim3(8 * 32), 0, st, y, x, W,
-                  bias, n, cm);
+                  bias, n, cm, early);
     return FL_OK;
 }
 
@@ -1237,43 +1241,54 @@ static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const
     return z ? launch_qmma<T, S, 4, true>(st, y, x, n, W, bias, cm) : launch_qmma<T, S, 4, false>(st, y, x, n, W, bias, cm);
 }
 
-template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF = false>
+// A warp per group of RPW rows, U vectors of each per lane, all loaded at once; a row of more than 32 * U vectors is
+// split over up to MAXW warps of a block (one step each), longer rows loop. Short rows: QDP_WARPS row groups per block.
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW>
 static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n) {
+    static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
     const int64_t nv = W.rb / 16;
-    // A warp per group of RPW rows, U vectors of each in flight per lane (RPW * U loads of 16 bytes;
-    // matmul.cu's bf16 GEMV keeps 8); rows of more than 4 steps of a warp are split over the block's warps.
-    const int split = nv > 4 * 32 * U ? QDP_WARPS : 1;
-    const int64_t groups = (W.R + RPW - 1) / RPW, per_block = QDP_WARPS / split;
-    const int64_t blocks = (groups + per_block - 1) / per_block;
+    int64_t split = (nv + 32 * U - 1) / (32 * U);
+    const bool loop = split > MAXW;
+    if (loop) split = MAXW;
+    const int64_t gpb = split >= QDP_WARPS ? 1 : QDP_WARPS / split;  // row groups per block
+    const int64_t groups = (W.R + RPW - 1) / RPW, blocks = (groups + gpb - 1) / gpb;
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
-    FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF>), dim3((unsigned)blocks), dim3(32 * QDP_WARPS), 0, st, y, xq,
-              xd, W, bias, gm, n, split);
+    const dim3 grid((unsigned)blocks), block((unsigned)(32 * split * gpb));
+    if (loop)
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true>), grid, block, 0, st, y, xq, xd, W, bias, gm,
+                  n, (int)split);
+    else
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false>), grid, block, 0, st, y, xq, xd, W, bias,
+                  gm, n, (int)split);
     return FL_OK;
 }
 
-// FASTLOAD_QDP_CFG=r4u2|r4u1|r2u2|r8u1|r1u4|r2u4 (rows per warp, vectors per row per step) at n = 1, for A/B runs
-// (c->qdp_cfg, read per backend). Default: 4-bit r4u1, 8-bit r8u1. H200, Qwen2.5-7B-shaped decode b1
-// tok/s (whole model, 2026-12-01):
-//            r4u2  r4u1  r2u2  r8u1  r1u4  r2u4
-//   int8     363   362   374   383   357   369
-//   int4     429   449   406   437   299   380
-// (the last two columns and r4u1 465 / r8u1 389 with the warp-per-vector x prep; one row per warp loses x's
-// reuse across rows.)
+// The configuration (FASTLOAD_QDP_CFG, c->qdp_cfg: r4u2 r4u1 r8u1 r2u4 r8u1w4; -1 = auto). Auto at 1-2 token rows:
+// r4u2 (4 rows x 2 vectors per lane, loaded at once; a row split over up to 16 warps) for rows of at most 1024
+// vectors, r8u1w4 (8 rows x 1 vector, a row split over 4 warps that loop) for longer ones (int8 down_proj: 1184).
+// H200, one launch in a graph of 10, % of the copy rate (dev/cuda/qgemv_bench.cu, 2026-12-01;
+// benchmarks/results/issue9-2026-12-01-qgemv/):
+//                              int4 qkv  o     gate_up down   int8 qkv  o     gate_up down  lm_head
+//   auto                       50.0      43.3  78.5    62.3   58.6      68.7  101.9   83.7  108.8
+//   r4u2 everywhere            50.5      43.6  79.4    62.5   59.0      68.1  102.2   56.8  108.7
+//   the first kernel (a trip per step; r4u1 for int4, r8u1 over 4 warps for int8)
+//                              32.6      29.8  78.1    61.8   56.0      53.6  95.1    83.8  104.2
+//   a plain read of the codes  52.2      43.9  91.7    81.6   66.7      60.3  98.6    92.3  104.6
 template <typename T, typename S, int BITS, bool ZEROS, int N>
 static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                               const T *bias, uint32_t gm, int n, int cfg) {
-    if constexpr (N == 1) {
-        switch (cfg >= 0 ? cfg : BITS == 4 ? 1 : 3) {
-        case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1>(st, y, xq, xd, W, bias, gm, n);
-        case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2>(st, y, xq, xd, W, bias, gm, n);
-        case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1>(st, y, xq, xd, W, bias, gm, n);
-        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 1, 4>(st, y, xq, xd, W, bias, gm, n);
-        case 5: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 4>(st, y, xq, xd, W, bias, gm, n);
-        default: break;
+    if constexpr (N <= 2) {
+        if (cfg < 0) cfg = W.rb / 16 <= 1024 ? 0 : 4;
+        switch (cfg) {
+        case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1, false, 16>(st, y, xq, xd, W, bias, gm, n);
+        case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 16>(st, y, xq, xd, W, bias, gm, n);
+        case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 4, false, 16>(st, y, xq, xd, W, bias, gm, n);
+        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 4>(st, y, xq, xd, W, bias, gm, n);
+        default: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 2, false, 16>(st, y, xq, xd, W, bias, gm, n);
         }
     }
-    return launch_qdp_cfg<T, S, BITS, ZEROS, N, N <= 2 ? 4 : 2, 2>(st, y, xq, xd, W, bias, gm, n);
+    return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2, false, 16>(st, y, xq, xd, W, bias, gm, n);
 }
 
 template <typename T, typename S, int BITS, bool ZEROS>
@@ -1289,12 +1304,12 @@ template <typename T, typename S>
 static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n, int cfg) {
     const bool z = W.m != nullptr;
-    if (W.code == FL_QCODE_NF4) {  // n <= 2 only (qdp_at), one configuration: r4u1
+    if (W.code == FL_QCODE_NF4) {  // n <= 2 only (qdp_at), one configuration: r4u2
         if (n <= 1)
-            return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 1, true>(st, y, xq, xd, W, bias, gm, n)
-                     : launch_qdp_cfg<T, S, 4, false, 1, 4, 1, true>(st, y, xq, xd, W, bias, gm, n);
-        return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 1, true>(st, y, xq, xd, W, bias, gm, n)
-                 : launch_qdp_cfg<T, S, 4, false, 2, 4, 1, true>(st, y, xq, xd, W, bias, gm, n);
+            return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n)
+                     : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n);
+        return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n)
+                 : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n);
     }
     if (W.bits == 4)
         return z ? launch_qdp<T, S, 4, true>(st, y, xq, xd, W, bias, gm, n, cfg)

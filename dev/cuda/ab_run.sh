@@ -2,7 +2,7 @@
 # One device call: build for this GPU, CUDA op + model tests, the GEMV benchmark, then decode A/B
 # runs (dev/cuda/decode_ab.py) under the settings in $AB (';'-separated env assignments), each with every
 # '|'-separated argument set in $AB_ARGS.
-#   OUT=/tmp/o AB="FASTLOAD_PDL=1;FASTLOAD_PDL=0" bash dev/cuda/ab_run.sh
+#   OUT=/tmp/o AB="FASTLOAD_PDL=1;FASTLOAD_PDL=0" bash dev/cuda/ab_run.sh          carry [".devobj", ".qb"]
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1
@@ -26,6 +26,8 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -n 6 --timeout 120 --timeou
 echo "pytest rc=$? $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 [ -n "${GEMV-1}" ] && { timeout 120 /tmp/gemv_bench bf16 > "$OUT/gemv_bf16.log" 2>&1; echo "gemv rc=$?"; cat "$OUT/gemv_bf16.log" | cut -c1-150; }
+# the quantised GEMV micro-benchmark, built on the dev machine by dev/cuda/qgemv_bench.sh and carried in .qb/
+[ -x .qb/qgemv_bench ] && { timeout 120 .qb/qgemv_bench 9 > "$OUT/qgemv_bench.log" 2>&1; echo "qgemv_bench rc=$?"; cat "$OUT/qgemv_bench.log"; }
 wait $ck; tail -3 /tmp/ckpt.log
 bw=$(python3 -c "import sys; sys.path.insert(0,'benchmarks'); import gpu_bench; print(gpu_bench.d2d_bandwidth()/1e9)")
 echo "D2D $bw GB/s"
