@@ -403,6 +403,18 @@ def load_fastload(ref, args, quant=None, dtype=None):
     return m, time.perf_counter() - t0
 
 
+def _pool_for(model, batch, tokens):
+    """Size the model's engine KV pool to `batch` sequences of `tokens` (whole pages, one spare each) and return its
+    bytes. bench speed calls it per row, so that its memory columns show what that context costs (the default pool is
+    a fixed share of free memory, the same for every row)."""
+    from . import engine as enginemod
+    page = model._engine_handle().opts["kv_page_tokens"]
+    pages = batch * (-(-tokens // page) + 1)
+    pool = enginemod.kv_bytes_per_token(model) * page * pages
+    model.configure_engine(kv_cache_memory=int(pool))
+    return pool
+
+
 def _device_memory(device):
     """Bytes fastload holds on all visible CUDA devices: (now, peak since the last reset), as Qwen sums them."""
     from . import cuda
@@ -518,9 +530,9 @@ def dummy_token(tok):
 
 SPEED_COLUMNS = ["model_id_or_path", "batch_size", "context_length_per_experiment", "generate_length_per_experiment",
                  "use_flash_attn", "comment", "tokens_per_second", "max_gpu_memory_cost_gb",
-                 "engine", "device", "dtype", "quant", "seconds", "peak_memory_gb", "peak_rss_gb"]
+                 "engine", "device", "dtype", "quant", "seconds", "peak_memory_gb", "peak_rss_gb", "kv_pool_gb"]
 SPEED_SHOWN = ["engine", "context_length_per_experiment", "generate_length_per_experiment", "tokens_per_second",
-               "seconds", "max_gpu_memory_cost_gb", "peak_memory_gb", "peak_rss_gb"]
+               "seconds", "max_gpu_memory_cost_gb", "peak_memory_gb", "kv_pool_gb", "peak_rss_gb"]
 
 
 def cmd_speed(args):
@@ -547,6 +559,7 @@ def cmd_speed(args):
     for n in lengths:
         fastload.set_seed(SEED)
         ids = np.full((BATCH_SIZE, n), tid, dtype=np.int64)
+        pool = _pool_for(model, BATCH_SIZE, n + gen)
         _reset_peaks(device)
         _sync(device)
         t0 = time.perf_counter()
@@ -566,6 +579,7 @@ def cmd_speed(args):
                      "max_gpu_memory_cost_gb": round((gpu_peak or 0) / GiB, 4),
                      "engine": "fastload", "device": device, "dtype": str(model.dtype), "quant": quant,
                      "seconds": round(secs, 4), "peak_memory_gb": round((gpu_peak if gpu_peak else own) / GiB, 4),
+                     "kv_pool_gb": round(pool / GiB, 4),
                      "peak_rss_gb": round(rss_peak / GiB, 4) if rss_peak else None})
         print(f"fastload  context {n:>7}  {gen} new tokens in {secs:.2f} s: {gen / secs:.2f} tokens/s", flush=True)
     del model
@@ -583,7 +597,10 @@ def cmd_speed(args):
                           "model's generation config otherwise",
             "memory": "max_gpu_memory_cost_gb: fastload.cuda.max_memory_allocated summed over the visible devices "
                       "(0 on the CPU); peak_memory_gb: that on a GPU, else fastload's weights + workspace + this "
-                      "run's KV cache; peak_rss_gb: the process's peak RSS since this row started",
+                      "run's KV cache; peak_rss_gb: the process's peak RSS since this row started; kv_pool_gb: the "
+                      "engine's KV pool, sized per row to the row's context + generate_length (configure_engine("
+                      "kv_cache_memory=...)), as transformers' cache grows to what the row needs (generate's default "
+                      "pool, 0.4 of free device memory, would otherwise be in every row)",
             "peer": peer, "notes": notes}
     return _finish(out, "speed", ref, rows, SPEED_COLUMNS, meta, SPEED_SHOWN)
 

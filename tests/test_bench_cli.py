@@ -69,6 +69,32 @@ def test_speed_on_the_demo_model(tmp_path, monkeypatch, capsys, demo_gguf):
     assert "tokens_per_second" in shown and "wrote " in shown
 
 
+def test_speed_sizes_the_kv_pool_to_each_row(tmp_path, monkeypatch, demo_gguf):
+    """The engine's default pool is a fixed share of free memory (the same in every row): bench speed sizes it per row
+    to that row's context + generate_length, whole 16-token pages plus one spare, so that the memory columns show what
+    the context costs, and records it as kv_pool_gb."""
+    from fastload import engine as enginemod
+    sizes = []
+    real = bench._pool_for
+
+    def spy(model, batch, tokens):
+        b = real(model, batch, tokens)
+        sizes.append((tokens, b, enginemod.pool_bytes(model, model._engine_handle().opts)))
+        return b
+    monkeypatch.setattr(bench, "_pool_for", spy)
+    out = tmp_path / "speed"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--context_length", "1", "40", "--generate_length", "3",
+                 "--outputs_dir", str(out)]) in (0, None)
+    rows, header, _ = _results(out)
+    assert "kv_pool_gb" in header
+    assert [t for t, _, _ in sizes] == [4, 43]
+    per_page = sizes[0][1] // 2  # 4 tokens: one page + the spare
+    assert sizes[1][1] == per_page * (3 + 1)  # 43 tokens: three pages + the spare
+    for (_, b, resolved), r in zip(sizes, rows):
+        assert resolved == b  # the engine is configured with exactly that many bytes
+        assert float(r["kv_pool_gb"]) == pytest.approx(b / 2**30, abs=1e-4)
+
+
 def test_speed_spellings_and_missing_peer(tmp_path, capsys, demo_gguf):
     """--model_id_or_path, --context_length a,b and --outputs-dir; --peer transformers says why it did not run."""
     if bench._peer_missing() is None:

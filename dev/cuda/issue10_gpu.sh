@@ -66,6 +66,9 @@ OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 PERSIST=${PERSIST:-/tmp/issue10}
 RES=$PERSIST/results; LOGS=$PERSIST/logs; WORK=$PERSIST/work
 mkdir -p "$RES" "$LOGS" "$WORK" "$PERSIST/parts"
+# demo GGUF pieces carried by this call: kept at once, whatever stages run (a call whose nb stage is skipped while
+# bench speed runs must not lose its piece: the sixth session's first two calls did)
+( cd "$REPO" && for p in ${DEMO_PARTS:-.demo*/*.part*}; do [ -f "$p" ] && cp -n "$p" "$PERSIST/parts/"; done ) 2>/dev/null
 exec > >(tee -a "$OUT/issue10.log") 2>&1
 STAGES=${STAGES:-"install ckpt load speed nb"}
 GEN=${GEN:-2048}
@@ -219,7 +222,6 @@ print(' '.join(m for m in ('nbclient', 'nbformat', 'ipykernel', 'matplotlib') if
     elif [ -n "${DEMO_GGUF:-}" ] && [ -f "$DEMO_GGUF" ]; then demo=$DEMO_GGUF
     fi
     if [ -z "$demo" ]; then
-      ( cd "$REPO" && for p in ${DEMO_PARTS:-.demo*/*.part*}; do [ -f "$p" ] && cp -n "$p" "$PERSIST/parts/"; done ) 2>/dev/null
       if [ -f "$PERSIST/demo.gguf" ]; then demo=$PERSIST/demo.gguf
       elif ls "$PERSIST"/parts/* > /dev/null 2>&1; then
         cat "$PERSIST"/parts/* > "$PERSIST/demo.tmp"
