@@ -21,7 +21,7 @@ extern "C" {
 #define FL_MAX_FFN 1048576          /* intermediate_size */
 #define FL_MAX_VOCAB 16777216       /* vocab_size (2^24) */
 
-typedef enum { FL_ROPE_DEFAULT = 0, FL_ROPE_LINEAR, FL_ROPE_LLAMA3 } fl_rope_type;
+typedef enum { FL_ROPE_DEFAULT = 0, FL_ROPE_LINEAR, FL_ROPE_LLAMA3, FL_ROPE_YARN } fl_rope_type;
 
 typedef struct {
     int vocab;               /* vocab_size */
@@ -35,9 +35,10 @@ typedef struct {
     float rms_eps;           /* rms_norm_eps */
     float rope_theta;        /* rope_theta */
     int rope_type;           /* fl_rope_type */
-    float rope_factor;       /* linear / llama3: factor */
-    float rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
-    int rope_orig_max_pos;   /* llama3: original_max_position_embeddings */
+    float rope_factor;       /* linear / llama3 / yarn: factor */
+    float rope_low_freq_factor, rope_high_freq_factor; /* llama3: its factors; yarn: the correction range (dims) */
+    int rope_orig_max_pos;   /* llama3 / yarn: original_max_position_embeddings */
+    float rope_attn_factor;  /* yarn: cos and sin scale (applied as its square to the softmax scale); 1 otherwise */
     int qkv_bias;            /* Qwen2: q/k/v projections have biases */
     int tie_embeddings;      /* lm_head shares the embedding matrix */
     int window[FL_MAX_LAYERS]; /* per-layer sliding window, 0 = full attention */

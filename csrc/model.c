@@ -50,9 +50,17 @@ static fl_status check_config(const fl_config *c) {
         return fl_err(FL_E_FORMAT, "config: max_position_embeddings=%d must be in [0, 2^31-1]", c->max_pos);
     FL_TRY(check_pos_float("rms_norm_eps", c->rms_eps, 1));
     FL_TRY(check_pos_float("rope_theta", c->rope_theta, 0));
-    if (c->rope_type < FL_ROPE_DEFAULT || c->rope_type > FL_ROPE_LLAMA3)
+    if (c->rope_type < FL_ROPE_DEFAULT || c->rope_type > FL_ROPE_YARN)
         return fl_err(FL_E_FORMAT, "config: unknown rope_type %d", c->rope_type);
     if (c->rope_type != FL_ROPE_DEFAULT) FL_TRY(check_pos_float("rope_scaling.factor", c->rope_factor, 0));
+    FL_TRY(check_pos_float("rope_scaling.attention_factor", c->rope_attn_factor, 0));
+    if (c->rope_type == FL_ROPE_YARN) {
+        /* the correction range [low, high] in dimensions: 0 <= low < high (transformers adds 0.001 when equal) */
+        if (!(c->rope_low_freq_factor >= 0.f) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
+            !isfinite(c->rope_high_freq_factor))
+            return fl_err(FL_E_FORMAT, "config: yarn correction range [%g, %g] must satisfy 0 <= low < high",
+                          (double)c->rope_low_freq_factor, (double)c->rope_high_freq_factor);
+    }
     if (c->rope_type == FL_ROPE_LLAMA3) {
         FL_TRY(check_pos_float("rope_scaling.low_freq_factor", c->rope_low_freq_factor, 0));
         FL_TRY(check_pos_float("rope_scaling.high_freq_factor", c->rope_high_freq_factor, 0));
@@ -95,6 +103,18 @@ static void rope_freqs(const fl_config *c, float *f) {
                 v = (1 - sm) * v / factor + sm * v;
             }
             f[i] = v;
+        }
+    } else if (c->rope_type == FL_ROPE_YARN) {
+        /* transformers' _compute_yarn_parameters in float32: interpolation 1 / (factor * theta^(2i/hd)) blended with
+         * extrapolation 1 / theta^(2i/hd) by 1 - clamp((i - low) / (high - low), 0, 1) */
+        const float lo = c->rope_low_freq_factor, span = c->rope_high_freq_factor - c->rope_low_freq_factor;
+        for (int i = 0; i < half; i++) {
+            const float pos = powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
+            const float extra = 1.0f / pos, inter = 1.0f / (c->rope_factor * pos);
+            float ramp = ((float)i - lo) / span;
+            ramp = ramp < 0.f ? 0.f : ramp > 1.f ? 1.f : ramp;
+            const float ef = 1.0f - ramp;
+            f[i] = inter * (1.0f - ef) + extra * ef;
         }
     }
 }
@@ -1085,7 +1105,8 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, cons
     const int rows = all_logits || T == 1 ? N : B;  /* logit rows this forward writes */
     if (rows > m->ws_logit_rows)
         return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d logit rows, %d needed", m->ws_logit_rows, rows);
-    const float scale = 1.0f / sqrtf((float)c->head_dim);
+    /* YaRN scales cos and sin by rope_attn_factor; on both q and k that is its square on q.k, applied here */
+    const float scale = 1.0f / sqrtf((float)c->head_dim) * c->rope_attn_factor * c->rope_attn_factor;
 #define STEP(call) FL_TRY(call)
     STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
     for (int l = 0; l < c->n_layers; l++) {

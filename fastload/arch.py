@@ -7,6 +7,8 @@ rotary row permutation). The C forward pass is the same for all of them.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from . import _C
@@ -14,7 +16,7 @@ from . import checks
 
 SLOT = _C.SLOTS  # slot name -> int, from csrc/fl_model.h
 
-ROPE_TYPES = {"default": 0, "linear": 1, "llama3": 2}
+ROPE_TYPES = {"default": 0, "linear": 1, "llama3": 2, "yarn": 3}
 
 # Hugging Face tensor names: (slot, per-layer?) -> name template
 HF_GLOBAL = {
@@ -94,32 +96,100 @@ def _get(d: dict, k: str, default):
 
 
 def _rope(config: dict, where: str):
-    """(theta, type, factor, low, high, orig_max) from rope_theta/rope_scaling (transformers 4)
-    or rope_parameters (transformers 5). Types and ranges were checked by checks.check_config."""
+    """(theta, type, factor, low, high, orig_max, attention_factor) from rope_theta/rope_scaling (transformers 4) or
+    rope_parameters (transformers 5). Types and ranges were checked by checks.check_config. llama3: low / high are its
+    frequency factors; yarn: the correction range (dimensions) and the attention factor, computed as transformers'
+    _compute_yarn_parameters does (modeling_rope_utils.py), in double precision as it does in Python."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
     theta = config.get("rope_theta")
     if isinstance(params, dict):
         theta = params.get("rope_theta", theta)
+    # transformers 5 (convert_rope_params_to_dict): a non-empty rope_scaling replaces rope_parameters, as when a user
+    # adds Qwen's YaRN block to a config.json that a newer transformers saved with rope_parameters. Its rope_theta, if
+    # absent, is the model's (top level or rope_parameters), not transformers' bare default.
+    if scaling:
+        theta = scaling.get("rope_theta", theta)
+    elif isinstance(params, dict):
         scaling = params
     if theta is None:
         theta = 10000.0
     if not scaling:
-        return float(theta), 0, 1.0, 1.0, 4.0, 8192
+        return float(theta), 0, 1.0, 1.0, 4.0, 8192, 1.0
     rtype = _get(scaling, "rope_type", _get(scaling, "type", "default"))
     if rtype not in ROPE_TYPES:
         raise NotImplementedError(
             f"{where}: rope scaling type {rtype!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if rtype == "default":
-        return float(theta), 0, 1.0, 1.0, 4.0, 8192
+        return float(theta), 0, 1.0, 1.0, 4.0, 8192, 1.0
+    if rtype == "yarn":
+        return (float(theta), ROPE_TYPES["yarn"]) + yarn_parameters(config, scaling, float(theta), where)
     factor = float(_get(scaling, "factor", 1.0))
     if rtype == "linear":
-        return float(theta), 1, factor, 1.0, 4.0, 8192
+        return float(theta), 1, factor, 1.0, 4.0, 8192, 1.0
     low, high = float(_get(scaling, "low_freq_factor", 1.0)), float(_get(scaling, "high_freq_factor", 4.0))
     if high <= low:
         raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
                                      f"for llama3 rope, got {high:g} <= {low:g}")
-    return float(theta), 2, factor, low, high, int(_get(scaling, "original_max_position_embeddings", 8192))
+    return float(theta), 2, factor, low, high, int(_get(scaling, "original_max_position_embeddings", 8192)), 1.0
+
+
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def yarn_parameters(config: dict, scaling: dict, theta: float, where: str):
+    """(factor, low, high, original_max_position_embeddings, attention_factor) of YaRN, as transformers computes them:
+    original_max_position_embeddings from the config's top level first (Phi-3 style), then rope_scaling, then
+    max_position_embeddings; factor, when absent, max_position_embeddings / that; beta_fast 32, beta_slow 1;
+    attention_factor, when absent, 0.1 ln(factor) + 1 (or the mscale / mscale_all_dim ratio DeepSeek configs give);
+    the correction range [low, high] of dimensions floored / ceiled unless truncate is false. The kernels take the
+    attention factor as a multiplier of the softmax scale: cos and sin both scaled by it make q.k scaled by its square."""
+    max_pos = config.get("max_position_embeddings")
+    orig = config.get("original_max_position_embeddings") or _get(scaling, "original_max_position_embeddings", None) \
+        or max_pos
+    if not orig:
+        raise checks.CheckpointError(f"{where}: yarn rope scaling needs original_max_position_embeddings or "
+                                     "max_position_embeddings")
+    factor = scaling.get("factor")
+    if factor is None:
+        if not max_pos:
+            raise checks.CheckpointError(f"{where}: yarn rope scaling without 'factor' needs max_position_embeddings")
+        factor = max_pos / orig
+    factor = float(factor)
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        ms, ms_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = get_mscale(factor, ms) / get_mscale(factor, ms_all) if ms and ms_all else get_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    dim = _head_dim(config)
+
+    def correction_dim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' linear_ramp_factor: no division by zero
+    return factor, float(low), float(high), int(orig), float(attn)
+
+
+def context_length(config: dict) -> int:
+    """Tokens a request may hold: max_position_embeddings, or for YaRN factor x original_max_position_embeddings when
+    that is more (Qwen2.5's instructions add YaRN factor 4 and keep max_position_embeddings at 32768). 0: unknown."""
+    max_pos = int(config.get("max_position_embeddings") or 0)
+    try:
+        _, rtype, factor, _, _, orig, _ = _rope(config, "config")
+    except Exception:  # reported where the model is built
+        return max_pos
+    if rtype == ROPE_TYPES["yarn"]:
+        return max(max_pos, int(factor * orig))
+    return max_pos
 
 
 def core_config(config: dict, arch: Arch, where: str, names: dict | None = None) -> dict:
@@ -144,7 +214,7 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     n_heads = int(need("num_attention_heads"))
     d = int(need("hidden_size"))
     head_dim = config.get("head_dim") or d // n_heads
-    theta, rtype, factor, low, high, orig = _rope(config, where)
+    theta, rtype, factor, low, high, orig, attn = _rope(config, where)
 
     window = [0] * n_layers
     sw = config.get("sliding_window")
@@ -167,7 +237,7 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
         "rms_eps": float(_get(config, "rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
-        "rope_orig_max_pos": orig, "qkv_bias": int(arch.qkv_bias),
+        "rope_orig_max_pos": orig, "rope_attn_factor": attn, "qkv_bias": int(arch.qkv_bias),
         "tie_embeddings": int(_get(config, "tie_word_embeddings", False)), "window": window,
     }
 

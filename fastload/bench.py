@@ -548,11 +548,13 @@ def cmd_speed(args):
     import fastload
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     model, load_s = load_fastload(ref, args)
-    limit = model.config.get("max_position_embeddings")
+    from .engine import context_length
+    limit = context_length(model)
     for n in lengths:
         if limit and n + gen > limit:
             raise BenchError(f"--context_length {n} + --generate_length {gen} = {n + gen} tokens is more than the "
-                             f"model's max_position_embeddings {limit}")
+                             f"model's context ({limit}: max_position_embeddings, or YaRN's factor x "
+                             "original_max_position_embeddings)")
     tid, dummy = dummy_token(tok)
     device, notes, rows = str(model.device), [], []
     quant = _quant_name(args, model)

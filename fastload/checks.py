@@ -68,6 +68,8 @@ ROPE = (
     Key("rope_type", "str"), Key("type", "str"), _finite_pos("rope_theta"), _finite_pos("factor"),
     _finite_pos("low_freq_factor"), _finite_pos("high_freq_factor"),
     _pos("original_max_position_embeddings", INT32_MAX),
+    _finite_pos("beta_fast"), _finite_pos("beta_slow"), _finite_pos("mscale"), _finite_pos("mscale_all_dim"),
+    _finite_pos("attention_factor"), Key("truncate", "bool"),
 )
 
 GENERATION = (

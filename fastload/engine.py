@@ -83,10 +83,19 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * nkv * hd * es
 
 
+def context_length(model) -> int:
+    """Tokens one request may hold: max_position_embeddings, or more where YaRN extends it (arch.context_length)."""
+    from . import arch
+    try:
+        return arch.context_length(dict(model.config))
+    except (TypeError, ValueError):
+        return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+
 def pool_bytes(model, opts) -> int:
     """The pool size the engine will get: kv_cache_memory resolved against the device now."""
     per_tok = kv_bytes_per_token(model)
-    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    ctx = context_length(model) or 4096
     cap = per_tok * ctx * max_num_seqs(model, opts) + per_tok * opts["kv_page_tokens"]
     want = opts["kv_cache_memory"]
     if isinstance(want, int):
@@ -124,7 +133,7 @@ class Engine:
                                                   prefill_chunk=self.opts["prefill_chunk"] or
                                                   (2048 if str(m.device).startswith("cuda") else 512),
                                                   max_waiting=self.opts["max_queue"],
-                                                  max_context=int(getattr(m.config, "max_position_embeddings", 0) or 0),
+                                                  max_context=context_length(m),
                                                   prefix_caching=self.opts["prefix_caching"])
                     self._started = True
         return self._model()._core

@@ -235,6 +235,11 @@ def set_seed(seed: int) -> None:
     _global_rng.seed(int(seed))
 
 
+# from_pretrained keyword arguments that set config.json values (rope scaling and the context it allows): applied
+# before the model is built, checked like the file's own values.
+CONFIG_OVERRIDES = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings")
+
+
 class Config(AttrDict):
     """config.json as a dict with attribute access (like transformers' PretrainedConfig)."""
 
@@ -855,6 +860,8 @@ class FastModelForCausalLM:
             if k in IGNORED_LOAD_ARGS:
                 kwargs.pop(k)
         eng_opts = enginemod.options(**{k: kwargs.pop(k) for k in list(kwargs) if k in enginemod.ENGINE_KEYS})
+        # config.json values given as arguments, as transformers applies them to the config before building the model
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CONFIG_OVERRIDES}
         if kwargs:
             raise TypeError(f"from_pretrained: unsupported argument(s) {sorted(kwargs)}; they would change the model "
                             f"and are not implemented. Accepted and ignored: {sorted(IGNORED_LOAD_ARGS)}")
@@ -898,10 +905,10 @@ class FastModelForCausalLM:
         try:
             if gguf_path:
                 model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real,
-                                       quant=quant)
+                                       quant=quant, overrides=overrides)
             else:
                 model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext,
-                                              quant=quant)
+                                              quant=quant, overrides=overrides)
         except BaseException as e:
             # The loaders' frames hold the half-built core (its weight arena, on the GPU too) and the open files;
             # a traceback kept by the caller (a notebook's sys.last_traceback, a logged exception) would keep
@@ -927,7 +934,8 @@ class FastModelForCausalLM:
                 "cache": "cold (O_DIRECT reads)" if info["direct_io"] else "warm (page cache)"}
 
     @classmethod
-    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False, quant=None):
+    def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False, quant=None,
+                          overrides=None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
         cfg_first = _files.find_file(path, "config.json", allow_external=ext)
@@ -966,6 +974,8 @@ class FastModelForCausalLM:
         if cfg_real is None:
             raise FileNotFoundError(f"{path}: no config.json")
         hf = _files.read_json(cfg_real, cfg_path)
+        if overrides and isinstance(hf, dict):
+            hf.update(overrides)
         checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
         hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
@@ -1039,11 +1049,15 @@ class FastModelForCausalLM:
         return model
 
     @classmethod
-    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None, quant=None):
+    def _load_gguf(cls, path, want_dtype, dev, nthreads, progress, progress_callback, real=None, quant=None,
+                   overrides=None):
         stamps = {real or path: _stamp(real or path)}
         g = _C.GGUFFile(real or path)  # real: `path` checked and resolved by fastload/_files.py
         meta = g.metadata
         arch, hf, names, tensors = _gguf_hf_config(g, path)
+        if overrides:
+            hf.update(overrides)
+            checks.check_config(hf, path, names)
         core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
             want_dtype = "float16"  # dequantised GGUF weights: float16 keeps 10 mantissa bits at half of f32's bytes

@@ -166,7 +166,8 @@ class Server:
         self.model_id = model_id or _model_id(getattr(model, "name_or_path", None) or "model")
         self.names = {self.model_id, *aliases}
         cfg = model.config
-        self.context = int(cfg.get("max_position_embeddings") or 0) if hasattr(cfg, "get") else 0
+        from .engine import context_length
+        self.context = context_length(model) if hasattr(cfg, "get") else 0  # YaRN: factor x original max
         eos = model.generation_config.get("eos_token_id")
         eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:

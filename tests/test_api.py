@@ -38,8 +38,8 @@ def test_short_form_and_ignored_arguments():
 
 
 def test_unsupported_arguments_raise():
-    with pytest.raises(TypeError, match="rope_scaling"):
-        fastload.from_pretrained(LLAMA, device_map="cpu", rope_scaling={"type": "linear"})
+    with pytest.raises(TypeError, match="output_attentions"):
+        fastload.from_pretrained(LLAMA, device_map="cpu", output_attentions=True)
     with pytest.raises(ValueError, match="load_in_8bit=True and load_in_4bit=True"):
         fastload.from_pretrained(LLAMA, device_map="cpu", load_in_8bit=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="torch_dtype"):

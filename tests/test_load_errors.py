@@ -95,8 +95,8 @@ def test_unsupported_architecture_lists_supported(ckpt):
 
 
 def test_unsupported_rope_scaling(ckpt):
-    edit_json(ckpt / "config.json", lambda d: d.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
-    with pytest.raises(NotImplementedError, match=r"'yarn'.*supported: default, linear, llama3"):
+    edit_json(ckpt / "config.json", lambda d: d.update(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}))
+    with pytest.raises(NotImplementedError, match=r"'longrope'.*supported: default, linear, llama3, yarn"):
         load(ckpt)
 
 

@@ -52,6 +52,7 @@ static const char *hf_key(const char *k) {
         {"rope_low_freq_factor", "rope_scaling.low_freq_factor"},
         {"rope_high_freq_factor", "rope_scaling.high_freq_factor"},
         {"rope_orig_max_pos", "rope_scaling.original_max_position_embeddings"},
+        {"rope_attn_factor", "rope_scaling.attention_factor"},
         {"tie_embeddings", "tie_word_embeddings"}, {"window", "sliding_window"},
     };
     for (size_t i = 0; i < sizeof map / sizeof *map; i++)
@@ -189,6 +190,7 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         get_float(cfgd, "rope_low_freq_factor", &c.rope_low_freq_factor, 1.f) ||
         get_float(cfgd, "rope_high_freq_factor", &c.rope_high_freq_factor, 4.f) ||
         get_int(cfgd, "rope_orig_max_pos", &c.rope_orig_max_pos, 0, 8192) ||
+        get_float(cfgd, "rope_attn_factor", &c.rope_attn_factor, 1.f) ||
         get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
         return -1;
     if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(FlCheckpointError, "config: num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
@@ -215,7 +217,7 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         }
         Py_DECREF(seq);
     }
-    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_LLAMA3) { PyErr_SetString(FlCheckpointError, "config: unknown rope_type"); return -1; }
+    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_YARN) { PyErr_SetString(FlCheckpointError, "config: unknown rope_type"); return -1; }
     fl_dtype wd = parse_dtype(dtype);
     if (wd == FL_DTYPE_INVALID) { PyErr_Format(PyExc_ValueError, "dtype '%s' is not one of float32, float16, bfloat16", dtype); return -1; }
     fl_status st;
@@ -699,6 +701,24 @@ static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
     return out;
 }
 
+/* rope_freqs(): the rotary frequencies the kernels use (after rope scaling), and the softmax scale's multiplier
+ * (YaRN's attention factor squared): (float32 array [head_dim / 2], float). For tests against transformers' formulas. */
+static PyObject *model_rope_freqs(FlPyModel *self, PyObject *noargs) {
+    fl_model *m = self->m;
+    if (!m->inv_freq_d) return PyErr_Format(PyExc_RuntimeError, "rope_freqs: the model's weights are not placed yet");
+    npy_intp n = m->cfg.head_dim / 2;
+    PyObject *res = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
+    if (!res) return NULL;
+    lock_model(self);
+    if (self->eng) fl_engine_lock_model(self->eng); /* not in the middle of an engine step */
+    fl_status st = m->be->to_host(m->be, PyArray_DATA((PyArrayObject *)res), m->inv_freq_d, (size_t)n * sizeof(float));
+    if (self->eng) fl_engine_unlock_model(self->eng);
+    PyThread_release_lock(self->lock);
+    if (st != FL_OK) { Py_DECREF(res); return fl_py_raise(st); }
+    const double a = m->cfg.rope_attn_factor;
+    return Py_BuildValue("(Nd)", res, a * a);
+}
+
 /* export of a quantised weight: its rows dequantised to float32 (fl_q_dequant_rows on a host copy of the codes,
  * scales, offsets and perm), in the checkpoint's column order (an act-order perm undone). save_pretrained
  * therefore writes a quantised model as a float32 checkpoint: the values the model computes with, not its packing. */
@@ -899,6 +919,7 @@ static PyMethodDef model_methods[] = {
     {"generate", (PyCFunction)(void (*)(void))model_generate, METH_VARARGS | METH_KEYWORDS, "Run the generation loop in C."},
     {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights "
      "(a quantised weight dequantised to float32)."},
+    {"rope_freqs", (PyCFunction)model_rope_freqs, METH_NOARGS, "rope_freqs() -> (inv_freq float32 [head_dim / 2], softmax scale multiplier)."},
     {"layouts", (PyCFunction)model_layouts, METH_NOARGS, "layouts() -> list of dicts: each weight's dtype / quantised layout and bytes."},
     {"engine_start", (PyCFunction)(void (*)(void))model_engine_start, METH_VARARGS | METH_KEYWORDS,
      "engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0)."},

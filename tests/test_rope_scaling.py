@@ -1,0 +1,159 @@
+"""Rope scaling (issue 12 part 4): YaRN as transformers computes it, from config.json (rope_scaling / rope_parameters)
+and from rope_scaling= passed to from_pretrained; a context past max_position_embeddings where YaRN extends it.
+
+The reference is a transcription of transformers' _compute_yarn_parameters (modeling_rope_utils.py, transformers 5):
+float32 tensors where it uses them, Python floats where it does. The core's own table comes from core.rope_freqs()."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+import fastload
+from fastload import arch
+from golden_util import model_dir
+from quant_fixtures import read_safetensors
+import st_util
+
+
+def yarn_reference(theta, dim, factor, orig, beta_fast=None, beta_slow=None, truncate=True, attention_factor=None,
+                   mscale=None, mscale_all_dim=None):
+    def get_mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if attention_factor is None:
+        attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else get_mscale(factor))
+    beta_fast, beta_slow = beta_fast or 32, beta_slow or 1
+
+    def cdim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+    low, high = cdim(beta_fast), cdim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos = np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extra = np.float32(1.0) / pos
+    inter = np.float32(1.0) / (np.float32(factor) * pos)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    ef = np.float32(1) - ramp.astype(np.float32)
+    return (inter * (1 - ef) + extra * ef).astype(np.float32), attention_factor
+
+
+def qwen2_copy(tmp_path, **config):
+    for f in model_dir("qwen2").iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "golden.json":
+            shutil.copy(f, tmp_path)
+    p = tmp_path / "config.json"
+    d = json.load(open(p))
+    d.update(config)
+    json.dump(d, open(p, "w"))
+    return tmp_path
+
+
+def load(p, **kw):
+    return fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map="cpu", torch_dtype="float32", **kw)
+
+
+CASES = [
+    # Qwen2.5's instructions: add this to config.json, keep max_position_embeddings 32768 (here: 128)
+    ("qwen", {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}},
+     dict(factor=4.0, orig=128)),
+    ("transformers5", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0,
+                                           "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2}},
+     dict(factor=8.0, orig=32, beta_fast=16, beta_slow=2)),
+    ("no_truncate", {"rope_scaling": {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 64,
+                                      "truncate": False}}, dict(factor=2.5, orig=64, truncate=False)),
+    ("deepseek_mscale", {"rope_scaling": {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707,
+                                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 16}},
+     dict(factor=40.0, orig=16, mscale=0.707, mscale_all_dim=0.707)),
+    ("attention_factor", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.25}},
+     dict(factor=4.0, orig=128, attention_factor=1.25)),  # original_max_position_embeddings: max_position_embeddings
+    ("no_factor", {"max_position_embeddings": 512, "rope_scaling": {"rope_type": "yarn",
+                                                                    "original_max_position_embeddings": 128}},
+     dict(factor=4.0, orig=128)),  # factor = max_position_embeddings / original
+]
+
+
+@pytest.mark.parametrize("name,config,ref", CASES, ids=[c[0] for c in CASES])
+def test_yarn_frequencies_and_attention_factor_as_transformers(tmp_path, name, config, ref):
+    m = load(qwen2_copy(tmp_path, **config))
+    freqs, scale_mult = m._core.rope_freqs()
+    want, attn = yarn_reference(1e6, 16, **ref)
+    np.testing.assert_allclose(freqs, want, rtol=2e-7, atol=0)
+    assert scale_mult == pytest.approx(np.float32(attn) ** 2, rel=1e-6)
+    assert not np.allclose(freqs, yarn_reference(1e6, 16, 1.0, 128)[0])  # the scaling did something
+
+
+def test_default_rope_table_unchanged(tmp_path):
+    m = load(qwen2_copy(tmp_path))
+    freqs, mult = m._core.rope_freqs()
+    want = (np.float32(1) / np.float32(1e6) ** (np.arange(0, 16, 2).astype(np.float32) / np.float32(16)))
+    np.testing.assert_allclose(freqs, want, rtol=2e-7)
+    assert mult == 1.0
+
+
+def test_yarn_attention_factor_is_the_softmax_scale(tmp_path):
+    """YaRN multiplies cos and sin by the attention factor a, so q.k by a^2: with factor 1 (frequencies unchanged) and
+    attention_factor a the logits equal those of the plain model whose q projection (weight and bias) is scaled by
+    a^2, which is what transformers computes."""
+    a = 1.3
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    qwen2_copy(plain)
+    t = read_safetensors(plain / "model.safetensors")
+    for k in list(t):
+        if ".self_attn.q_proj." in k:
+            t[k] = (t[k].astype(np.float64) * a * a).astype(np.float32)
+    st_util.write(plain / "model.safetensors", t)
+    yarn = tmp_path / "yarn"
+    yarn.mkdir()
+    qwen2_copy(yarn, rope_scaling={"rope_type": "yarn", "factor": 1.0, "attention_factor": a})
+    ids = np.random.default_rng(0).integers(3, 600, (1, 40))
+    got = np.asarray(load(yarn)(ids).logits)
+    want = np.asarray(load(plain)(ids).logits)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    (tmp_path / "base").mkdir()
+    base = np.asarray(load(qwen2_copy(tmp_path / "base"))(ids).logits)
+    assert np.abs(base - want).max() > 1e-2  # a^2 changes the logits: the comparison above is not vacuous
+
+
+def test_yarn_extends_the_context(tmp_path):
+    """Qwen's YaRN factor 4 with max_position_embeddings kept: a request may run past max_position_embeddings up to
+    factor x original_max_position_embeddings; without the scaling the engine refuses it."""
+    yarn = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}}
+    assert arch.context_length({"max_position_embeddings": 32768, "num_attention_heads": 28, "hidden_size": 3584,
+                                "rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                                    "original_max_position_embeddings": 32768}}) == 131072
+    ids = np.random.default_rng(1).integers(3, 600, (1, 200))
+    (tmp_path / "y").mkdir()
+    m = load(qwen2_copy(tmp_path / "y", **yarn))
+    out = np.asarray(m.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4))
+    assert out.shape == (1, 204)
+    (tmp_path / "n").mkdir()
+    plain = load(qwen2_copy(tmp_path / "n"))
+    with pytest.raises(ValueError, match="128|context"):
+        plain.generate(ids, max_new_tokens=4, do_sample=False)
+
+
+def test_rope_scaling_argument_to_from_pretrained(tmp_path):
+    """rope_scaling= given to from_pretrained overrides config.json, as transformers' config kwargs do."""
+    p = qwen2_copy(tmp_path)
+    m = load(p, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    want, attn = yarn_reference(1e6, 16, 4.0, 128)
+    freqs, mult = m._core.rope_freqs()
+    np.testing.assert_allclose(freqs, want, rtol=2e-7)
+    assert mult == pytest.approx(np.float32(attn) ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"rope_type": "yarn", "factor": -2.0}, "factor"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": float("nan")}, "beta_fast"),
+    ({"rope_type": "yarn", "factor": 4.0, "truncate": "yes"}, "truncate"),
+    ({"rope_type": "yarn", "factor": 4.0, "attention_factor": 0}, "attention_factor"),
+])
+def test_yarn_bad_values_name_the_key(tmp_path, bad, match):
+    with pytest.raises((ValueError, fastload.CheckpointError), match=match):
+        load(qwen2_copy(tmp_path, rope_scaling=bad))
