@@ -22,17 +22,8 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/matmul.cuh"
+#include "bench_util.cuh"
 
-#define CK(x)                                                                                       \
-    do {                                                                                            \
-        cudaError_t e_ = (x);                                                                       \
-        if (e_ != cudaSuccess) { fprintf(stderr, "%s failed at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); return 1; } \
-    } while (0)
-#define CKF(x)                                                                                      \
-    do {                                                                                            \
-        fl_status s_ = (x);                                                                         \
-        if (s_ != FL_OK) { fprintf(stderr, "%s failed: %s\n", #x, fl_err_msg()); return 1; }         \
-    } while (0)
 #define CKB(x)                                                                                      \
     do {                                                                                            \
         cublasStatus_t s_ = (x);                                                                    \
@@ -55,40 +46,6 @@ __global__ void widen_kernel(float *dst, const T *src, size_t n) {
 }
 
 struct Shape { const char *name; int64_t R, C; };
-
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
-
-// Time one launch: capture 10 launches (op(k) for consecutive k, rotating weight copies) into a
-// CUDA graph, replay it 3 times to warm up, then `batches` times between events; median / 10.
-// The graph removes launch gaps, as a graph-replayed decode step does. Returns ms, < 0 on error.
-template <typename F>
-static float time_graph(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, int batches, F op) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    if (cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal) != cudaSuccess) return -1;
-    int bad = 0;
-    for (int i = 0; i < 10; i++) bad |= op(i);
-    if (cudaStreamEndCapture(st, &g) != cudaSuccess || bad) { fprintf(stderr, "capture failed: %s\n", fl_err_msg()); return -1; }
-    if (cudaGraphInstantiate(&ge, g, 0) != cudaSuccess) return -1;
-    std::vector<float> t;
-    for (int i = 0; i < 3; i++) cudaGraphLaunch(ge, st);
-    for (int bt = 0; bt < batches; bt++) {
-        cudaEventRecord(e0, st);
-        cudaGraphLaunch(ge, st);
-        cudaEventRecord(e1, st);
-        if (cudaEventSynchronize(e1) != cudaSuccess) return -1;
-        float ms;
-        cudaEventElapsedTime(&ms, e0, e1);
-        t.push_back(ms / 10);
-    }
-    cudaGraphExecDestroy(ge);
-    cudaGraphDestroy(g);
-    return cudaGetLastError() == cudaSuccess ? median(t) : -1;
-}
 
 template <typename T>
 static int run(fl_dtype act, int batches) {
