@@ -140,6 +140,10 @@ def add_parser(sub):
     sp.add_argument("--gpus", default=None, help="sets CUDA_VISIBLE_DEVICES, as Qwen's (e.g. 0 or 0,1); fastload "
                                                  "loads onto one device")
     sp.add_argument("--comment", default="default", help="free text for the CSV's comment column (Qwen's COMMENT)")
+    sp.add_argument("--rope_scaling", "--rope-scaling", dest="rope_scaling", default=None,
+                    help="a JSON object given to from_pretrained(rope_scaling=...) of fastload and of the peer, as "
+                         "Qwen's instructions add it to config.json for contexts past 32768, e.g. "
+                         "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
     sp.set_defaults(fn_bench=cmd_speed)
 
     sp = bsub.add_parser("load", help="load time, warm and cold, against the raw read rate of the files")
@@ -388,10 +392,28 @@ def model_ref(args):
     return ref
 
 
+def _rope_scaling(args):
+    """--rope_scaling as a dict (None when not given); a clear BenchError for text that is not a JSON object."""
+    text = getattr(args, "rope_scaling", None)
+    if text is None:
+        return None
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise BenchError(f"--rope_scaling {text!r}: not JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise BenchError(f"--rope_scaling {text!r}: must be a JSON object, like "
+                         "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
+    return v
+
+
 def load_fastload(ref, args, quant=None, dtype=None):
     """(model, wall seconds) of fastload.AutoModelForCausalLM.from_pretrained with the command's settings."""
     import fastload
     kw = {}
+    rs = _rope_scaling(args)
+    if rs is not None:
+        kw["rope_scaling"] = rs
     q = quant if quant is not None else getattr(args, "quant", None)
     if q:
         kw["quantization_config"] = q
@@ -498,6 +520,9 @@ def load_transformers(ref, args):
             kw["device_map"] = "auto"  # Qwen's DEVICE_MAP; on the CPU no device_map (transformers' own default)
     elif args.device != "cpu":
         kw["device_map"] = args.device
+    rs = _rope_scaling(args)
+    if rs is not None:
+        kw["rope_scaling"] = rs  # a config override, as fastload's
     q = getattr(args, "quant", None)
     if q in ("int8", "int4", "nf4"):  # the same request through bitsandbytes
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
@@ -545,6 +570,7 @@ def cmd_speed(args):
         os.environ["CUDA_VISIBLE_DEVICES"] = g  # before fastload first asks the driver, as Qwen's script
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
+    _rope_scaling(args)  # a bad --rope_scaling fails before anything loads
     import fastload
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     model, load_s = load_fastload(ref, args)
@@ -594,6 +620,7 @@ def cmd_speed(args):
             notes.append(peer["transformers"]["error"])
     meta = {"benchmark": "speed", "source": "QwenLM/Qwen2.5 examples/speed-benchmark/speed_benchmark_transformers.py",
             "model": str(ref), "environment": environment(device), "load_seconds": load_s,
+            "rope_scaling": _rope_scaling(args), "context_limit": limit,
             "seed": SEED, "prompt": f"token {tid} ({dummy!r}) repeated context_length times",
             "generation": "min_length = context_length + generate_length, max_new_tokens = generate_length; the "
                           "model's generation config otherwise",
@@ -964,6 +991,7 @@ def cmd_concurrency(args):
     repeat = _positive("--repeat", args.repeat)
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
+    _rope_scaling(args)  # a bad --rope_scaling fails before anything loads
     import fastload
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     model, load_s = load_fastload(ref, args)

@@ -95,6 +95,26 @@ def test_speed_sizes_the_kv_pool_to_each_row(tmp_path, monkeypatch, demo_gguf):
         assert float(r["kv_pool_gb"]) == pytest.approx(b / 2**30, abs=1e-4)
 
 
+def test_speed_rope_scaling_argument(tmp_path, monkeypatch, demo_gguf):
+    """--rope_scaling JSON goes to from_pretrained(rope_scaling=...) (Qwen's YaRN block for contexts past 32768) and
+    into the JSON's meta (bad values: test_bad_arguments_clear_error_nothing_written)."""
+    import fastload
+    seen = {}
+    real = fastload.AutoModelForCausalLM.from_pretrained
+
+    def spy(ref, **kw):
+        seen.update(kw)
+        return real(ref, **kw)
+    monkeypatch.setattr(fastload.AutoModelForCausalLM, "from_pretrained", spy)
+    yarn = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}
+    out = tmp_path / "o"
+    assert _run(["bench", "speed", "--model", demo_gguf, "--context_length", "1", "--generate_length", "2",
+                 "--rope_scaling", json.dumps(yarn), "--outputs_dir", str(out)]) in (0, None)
+    assert seen["rope_scaling"] == yarn
+    _, _, doc = _results(out)
+    assert doc["rope_scaling"] == yarn and doc["context_limit"] == 16384  # factor x original
+
+
 def test_speed_spellings_and_missing_peer(tmp_path, capsys, demo_gguf):
     """--model_id_or_path, --context_length a,b and --outputs-dir; --peer transformers says why it did not run."""
     if bench._peer_missing() is None:
@@ -201,6 +221,8 @@ def test_perplexity_on_the_demo_model(tmp_path, demo_gguf):
     (["speed", "--context_length", "0"], "--context_length: 0 must be at least 1"),
     (["speed", "--generate_length", "0"], "--generate_length must be at least 1"),
     (["speed", "--gpus", "first"], "--gpus 'first'"),
+    (["speed", "--rope_scaling", "{type: yarn}"], "--rope_scaling '{type: yarn}': not JSON"),
+    (["speed", "--rope_scaling", "[1, 2]"], "--rope_scaling '[1, 2]': must be a JSON object"),
     (["speed", "--model_id_or_path", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file"),
     (["load", "--model", "/nonexistent/dir"], "/nonexistent/dir: no such file"),
     (["load", "--repeat", "0"], "--repeat must be at least 1"),
