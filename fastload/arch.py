@@ -167,6 +167,12 @@ def yarn_parameters(config: dict, scaling: dict, theta: float, where: str):
     beta_fast = scaling.get("beta_fast") or 32
     beta_slow = scaling.get("beta_slow") or 1
     dim = _head_dim(config)
+    if not theta > 1:
+        raise checks.CheckpointError(f"{where}: yarn rope scaling needs rope_theta > 1 (its correction range divides by "
+                                     f"log(rope_theta)), got {theta:g}")
+    if factor * orig > checks.INT32_MAX:
+        raise checks.CheckpointError(f"{where}: yarn rope scaling gives a context of factor x "
+                                     f"original_max_position_embeddings = {factor:g} x {orig} tokens, more than 2^31-1")
 
     def correction_dim(rot):
         return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))

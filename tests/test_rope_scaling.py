@@ -153,6 +153,8 @@ def test_rope_scaling_argument_to_from_pretrained(tmp_path):
     ({"rope_type": "yarn", "factor": 4.0, "beta_fast": float("nan")}, "beta_fast"),
     ({"rope_type": "yarn", "factor": 4.0, "truncate": "yes"}, "truncate"),
     ({"rope_type": "yarn", "factor": 4.0, "attention_factor": 0}, "attention_factor"),
+    ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1.0}, "rope_theta > 1"),
+    ({"rope_type": "yarn", "factor": 1e30}, "more than 2\\^31-1"),
 ])
 def test_yarn_bad_values_name_the_key(tmp_path, bad, match):
     with pytest.raises((ValueError, fastload.CheckpointError), match=match):
