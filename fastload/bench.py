@@ -979,7 +979,8 @@ def _memory_now(device, model):
 
 
 CONC_COLUMNS = ["mode", "workers", "queries", "runs", "wall_s", "walls_s", "new_tokens", "tokens_per_s",
-                "speedup_vs_loop", "same_answers_as_loop", "memory_allocated_mb", "max_memory_allocated_mb", "memory"]
+                "speedup_vs_loop", "same_answers_as_loop", "memory_allocated_mb", "max_memory_allocated_mb",
+                "weights_mb", "kv_pool_mb", "kv_pool_peak_used_mb", "memory"]
 
 
 def cmd_concurrency(args):
@@ -1022,6 +1023,12 @@ def cmd_concurrency(args):
             print(f"{'for-loop' if mode == 'loop' else f'ThreadPoolExecutor({w})'}: {walls[mode][-1]:.2f} s",
                   flush=True)
     rows = []
+    # what the memory figures hold: the weights, and the engine's KV pool (reserved up front, kv_cache_memory=) with
+    # the most of it the requests used at once
+    ms, es = model.memory_stats(), model.engine_stats() or {}
+    page = ms["kv_cache_pool"] // (es["n_pages"] + 1) if es.get("n_pages") is not None else 0
+    pool_split = {"weights_mb": round(ms["weights"] / MiB, 2), "kv_pool_mb": round(ms["kv_cache_pool"] / MiB, 2),
+                  "kv_pool_peak_used_mb": round(es.get("peak_pages_used", es.get("pages_used", 0)) * page / MiB, 2)}
     for mode, w in modes:
         got, wall = answers[mode], statistics.median(walls[mode])
         now, peak, kind = memory[mode]
@@ -1032,7 +1039,8 @@ def cmd_concurrency(args):
                      "tokens_per_s": round(ntok / wall, 4) if wall > 0 else None,
                      "same_answers_as_loop": got == answers["loop"],
                      "memory_allocated_mb": round(now / MiB, 2) if now is not None else None,
-                     "max_memory_allocated_mb": round(peak / MiB, 2) if peak is not None else None, "memory": kind})
+                     "max_memory_allocated_mb": round(peak / MiB, 2) if peak is not None else None, "memory": kind,
+                     **pool_split})
     for r in rows:
         r["speedup_vs_loop"] = round(rows[0]["wall_s"] / r["wall_s"], 4) if r["wall_s"] > 0 else None
     shown_answers = {"loop": answers["loop"], "pool": answers[modes[1][0]]}  # "pool": the first pool size's

@@ -1358,8 +1358,10 @@ class FastModelForCausalLM:
 
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:
-        """Bytes this model holds on its device, by use. The KV cache lives for one generate() call:
-        kv_cache_last is the size of the most recent one (0 now), and peak includes it. quantized_weights /
+        """Bytes this model holds on its device, by use. kv_cache_pool: the engine's paged KV pool, made at the first
+        generate and kept (kv_cache_memory= sets it), kv_cache_pool_used / kv_cache_pool_cached: its pages held by
+        requests now / kept as shared prompt prefixes; kv_cache_last: the cache of the most recent call that bypassed
+        the engine (engine=False, forward), freed when it returned (kv_cache_now is 0), which peak includes. quantized_weights /
         quantized_bytes (codes with their scales and offsets) / float_bytes split the weights, and layouts sums
         them per kind ({"int4 g128": {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the
         largest step (per token) plus logits of the most logit rows asked for (one per sequence in generate)."""

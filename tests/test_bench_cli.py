@@ -189,6 +189,10 @@ def test_concurrency_on_the_demo_model(tmp_path, demo_gguf, monkeypatch):
         assert float(r["tokens_per_s"]) > 0 and r["same_answers_as_loop"] == "True"  # greedy: same answers
         now, peak = float(r["memory_allocated_mb"]), float(r["max_memory_allocated_mb"])
         assert now > 0 and peak >= now
+        # what the memory holds: the weights and the engine's pool, reserved up front, of which the requests used some
+        w, pool, used = float(r["weights_mb"]), float(r["kv_pool_mb"]), float(r["kv_pool_peak_used_mb"])
+        assert w == pytest.approx(doc["model_memory"]["weights"] / 2**20, abs=0.01)
+        assert pool == pytest.approx(doc["model_memory"]["kv_cache_pool"] / 2**20, abs=0.01) and 0 < used <= pool
     assert len(doc["answers"]["loop"]) == 2 and doc["answers"]["loop"] == doc["answers"]["pool"]
 
 
