@@ -48,4 +48,28 @@ static float time_graph(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, int bat
     if (e != cudaSuccess) { fprintf(stderr, "graph: %s\n", cudaGetErrorString(e)); return -1; }
     return median(t);
 }
+// The ceiling: a 1 GiB device-to-device copy, counting bytes read + written; 3 untimed copies, then the median of 9
+// (GB/s; < 0 on a CUDA error, with the message printed).
+static double copy_ceiling_gbs(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, float *median_ms = nullptr) {
+    const size_t cb = (size_t)1 << 30;
+    void *a = nullptr, *b = nullptr;
+    std::vector<float> ct;
+    cudaError_t e = cudaMalloc(&a, cb);
+    if (e == cudaSuccess) e = cudaMalloc(&b, cb);
+    if (e == cudaSuccess) e = cudaMemsetAsync(a, 1, cb, st);
+    for (int i = 0; i < 12 && e == cudaSuccess; i++) {
+        cudaEventRecord(e0, st);
+        e = cudaMemcpyAsync(b, a, cb, cudaMemcpyDeviceToDevice, st);
+        cudaEventRecord(e1, st);
+        if (e == cudaSuccess) e = cudaEventSynchronize(e1);
+        float ms = 0;
+        if (e == cudaSuccess) e = cudaEventElapsedTime(&ms, e0, e1);
+        if (i >= 3) ct.push_back(ms);
+    }
+    cudaFree(a);
+    cudaFree(b);
+    if (e != cudaSuccess) { fprintf(stderr, "copy ceiling: %s\n", cudaGetErrorString(e)); return -1; }
+    if (median_ms) *median_ms = median(ct);
+    return 2.0 * cb / (median(ct) * 1e-3) / 1e9;
+}
 #endif

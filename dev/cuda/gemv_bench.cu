@@ -66,26 +66,10 @@ static int run(fl_dtype act, int batches) {
            fl_cuda_dtype_name(act));
 
     // ---- ceiling: device-to-device copy of 1 GiB (read + write) ----
-    const size_t cb = (size_t)1 << 30;
-    void *a, *b;
-    CK(cudaMalloc(&a, cb));
-    CK(cudaMalloc(&b, cb));
-    CK(cudaMemsetAsync(a, 1, cb, st));
-    std::vector<float> ct;
-    for (int i = 0; i < 3; i++) CK(cudaMemcpyAsync(b, a, cb, cudaMemcpyDeviceToDevice, st));
-    for (int i = 0; i < 9; i++) {
-        CK(cudaEventRecord(e0, st));
-        CK(cudaMemcpyAsync(b, a, cb, cudaMemcpyDeviceToDevice, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        ct.push_back(ms);
-    }
-    const double copy_gbs = 2.0 * cb / (median(ct) * 1e-3) / 1e9;
-    printf("copy D2D 1 GiB: %.3f ms median -> %.0f GB/s (read + write)\n\n", median(ct), copy_gbs);
-    CK(cudaFree(a));
-    CK(cudaFree(b));
+    float copy_ms = 0;
+    const double copy_gbs = copy_ceiling_gbs(st, e0, e1, &copy_ms);
+    if (copy_gbs < 0) return 1;
+    printf("copy D2D 1 GiB: %.3f ms median -> %.0f GB/s (read + write)\n\n", copy_ms, copy_gbs);
 
     const Shape shapes[] = {{"qkv", 4608, 3584}, {"o_proj", 3584, 3584}, {"gate|up", 37888, 3584},
                             {"down", 3584, 18944}, {"lm_head", 152064, 3584}};

@@ -60,24 +60,8 @@ int main(int argc, char **argv) {
     CK(cudaEventCreate(&e1));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
-    const size_t cbytes = (size_t)1 << 30;
-    void *a, *b;
-    CK(cudaMalloc(&a, cbytes));
-    CK(cudaMalloc(&b, cbytes));
-    CK(cudaMemsetAsync(a, 1, cbytes, st));
-    std::vector<float> ct;
-    for (int i = 0; i < 12; i++) {
-        CK(cudaEventRecord(e0, st));
-        CK(cudaMemcpyAsync(b, a, cbytes, cudaMemcpyDeviceToDevice, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 3) ct.push_back(ms);
-    }
-    const double copy_gbs = 2.0 * cbytes / (median(ct) * 1e-3) / 1e9;
-    CK(cudaFree(a));
-    CK(cudaFree(b));
+    const double copy_gbs = copy_ceiling_gbs(st, e0, e1);
+    if (copy_gbs < 0) return 1;
     uint32_t *sink;
     CK(cudaMalloc(&sink, 64));
     printf("device: %s, %d SMs; copy D2D 1 GiB %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
