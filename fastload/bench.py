@@ -140,7 +140,7 @@ def add_parser(sub):
     sp.add_argument("--gpus", default=None, help="sets CUDA_VISIBLE_DEVICES, as Qwen's (e.g. 0 or 0,1); fastload "
                                                  "loads onto one device")
     sp.add_argument("--comment", default="default", help="free text for the CSV's comment column (Qwen's COMMENT)")
-    sp.add_argument("--rope_scaling", "--rope-scaling", dest="rope_scaling", default=None,
+    sp.add_argument("--rope_scaling", "--rope-scaling", dest="rope_scaling", default=None, type=_json_object,
                     help="a JSON object given to from_pretrained(rope_scaling=...) of fastload and of the peer, as "
                          "Qwen's instructions add it to config.json for contexts past 32768, e.g. "
                          "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
@@ -392,18 +392,16 @@ def model_ref(args):
     return ref
 
 
-def _rope_scaling(args):
-    """--rope_scaling as a dict (None when not given); a clear BenchError for text that is not a JSON object."""
-    text = getattr(args, "rope_scaling", None)
-    if text is None:
-        return None
+def _json_object(text):
+    """--rope_scaling's argparse type: the text as a dict, or argparse's usage error naming the option."""
     try:
         v = json.loads(text)
     except ValueError as e:
-        raise BenchError(f"--rope_scaling {text!r}: not JSON ({e})") from None
+        raise argparse.ArgumentTypeError(f"--rope_scaling {text!r}: not JSON ({e})") from None
     if not isinstance(v, dict):
-        raise BenchError(f"--rope_scaling {text!r}: must be a JSON object, like "
-                         "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
+        raise argparse.ArgumentTypeError(f"--rope_scaling {text!r}: must be a JSON object, like "
+                                         "'{\"type\": \"yarn\", \"factor\": 4.0, "
+                                         "\"original_max_position_embeddings\": 32768}'")
     return v
 
 
@@ -411,7 +409,7 @@ def load_fastload(ref, args, quant=None, dtype=None):
     """(model, wall seconds) of fastload.AutoModelForCausalLM.from_pretrained with the command's settings."""
     import fastload
     kw = {}
-    rs = _rope_scaling(args)
+    rs = getattr(args, "rope_scaling", None)  # bench speed's --rope_scaling, a dict
     if rs is not None:
         kw["rope_scaling"] = rs
     q = quant if quant is not None else getattr(args, "quant", None)
@@ -520,7 +518,7 @@ def load_transformers(ref, args):
             kw["device_map"] = "auto"  # Qwen's DEVICE_MAP; on the CPU no device_map (transformers' own default)
     elif args.device != "cpu":
         kw["device_map"] = args.device
-    rs = _rope_scaling(args)
+    rs = getattr(args, "rope_scaling", None)
     if rs is not None:
         kw["rope_scaling"] = rs  # a config override, as fastload's
     q = getattr(args, "quant", None)
@@ -570,7 +568,6 @@ def cmd_speed(args):
         os.environ["CUDA_VISIBLE_DEVICES"] = g  # before fastload first asks the driver, as Qwen's script
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
-    _rope_scaling(args)  # a bad --rope_scaling fails before anything loads
     import fastload
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     model, load_s = load_fastload(ref, args)
@@ -620,7 +617,7 @@ def cmd_speed(args):
             notes.append(peer["transformers"]["error"])
     meta = {"benchmark": "speed", "source": "QwenLM/Qwen2.5 examples/speed-benchmark/speed_benchmark_transformers.py",
             "model": str(ref), "environment": environment(device), "load_seconds": load_s,
-            "rope_scaling": _rope_scaling(args), "context_limit": limit,
+            "rope_scaling": args.rope_scaling, "context_limit": limit,
             "seed": SEED, "prompt": f"token {tid} ({dummy!r}) repeated context_length times",
             "generation": "min_length = context_length + generate_length, max_new_tokens = generate_length; the "
                           "model's generation config otherwise",
@@ -992,7 +989,6 @@ def cmd_concurrency(args):
     repeat = _positive("--repeat", args.repeat)
     out = Outputs(args.outputs_dir)
     ref = model_ref(args)
-    _rope_scaling(args)  # a bad --rope_scaling fails before anything loads
     import fastload
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     model, load_s = load_fastload(ref, args)
@@ -1025,10 +1021,9 @@ def cmd_concurrency(args):
     rows = []
     # what the memory figures hold: the weights, and the engine's KV pool (reserved up front, kv_cache_memory=) with
     # the most of it the requests used at once
-    ms, es = model.memory_stats(), model.engine_stats() or {}
-    page = ms["kv_cache_pool"] // (es["n_pages"] + 1) if es.get("n_pages") is not None else 0
+    ms = model.memory_stats()
     pool_split = {"weights_mb": round(ms["weights"] / MiB, 2), "kv_pool_mb": round(ms["kv_cache_pool"] / MiB, 2),
-                  "kv_pool_peak_used_mb": round(es.get("peak_pages_used", es.get("pages_used", 0)) * page / MiB, 2)}
+                  "kv_pool_peak_used_mb": round(ms["kv_cache_pool_peak_used"] / MiB, 2)}
     for mode, w in modes:
         got, wall = answers[mode], statistics.median(walls[mode])
         now, peak, kind = memory[mode]

@@ -86,10 +86,7 @@ def kv_bytes_per_token(model) -> int:
 def context_length(model) -> int:
     """Tokens one request may hold: max_position_embeddings, or more where YaRN extends it (arch.context_length)."""
     from . import arch
-    try:
-        return arch.context_length(dict(model.config))
-    except (TypeError, ValueError):
-        return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    return arch.context_length(dict(model.config))
 
 
 def pool_bytes(model, opts) -> int:

@@ -1359,12 +1359,13 @@ class FastModelForCausalLM:
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:
         """Bytes this model holds on its device, by use. kv_cache_pool: the engine's paged KV pool, made at the first
-        generate and kept (kv_cache_memory= sets it), kv_cache_pool_used / kv_cache_pool_cached: its pages held by
-        requests now / kept as shared prompt prefixes; kv_cache_last: the cache of the most recent call that bypassed
-        the engine (engine=False, forward), freed when it returned (kv_cache_now is 0), which peak includes. quantized_weights /
-        quantized_bytes (codes with their scales and offsets) / float_bytes split the weights, and layouts sums
-        them per kind ({"int4 g128": {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the
-        largest step (per token) plus logits of the most logit rows asked for (one per sequence in generate)."""
+        generate and kept (kv_cache_memory= sets it); kv_cache_pool_used / kv_cache_pool_cached: its pages held by
+        requests now / kept as shared prompt prefixes; kv_cache_pool_peak_used: the most pages requests held at once;
+        kv_cache_last: the cache of the most recent call that bypassed the engine (engine=False, forward), freed when
+        it returned (kv_cache_now is 0), which peak includes. quantized_weights / quantized_bytes (codes with their
+        scales and offsets) / float_bytes split the weights, and layouts sums them per kind ({"int4 g128":
+        {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the largest step (per token) plus
+        logits of the most logit rows asked for (one per sequence in generate)."""
         info = self._core.info
         es = self._engine_handle().stats() or {}
         pool = es.get("pool_bytes", 0)
@@ -1372,6 +1373,7 @@ class FastModelForCausalLM:
         out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
                "kv_cache_last": info["kv_bytes_last"], "kv_cache_pool": pool,
                "kv_cache_pool_used": es.get("pages_used", 0) * page_bytes,
+               "kv_cache_pool_peak_used": es.get("peak_pages_used", 0) * page_bytes,
                "kv_cache_pool_cached": es.get("pages_cached", 0) * page_bytes,
                "workspace": info["mem_allocated"] - info["weight_bytes"] - pool,
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
