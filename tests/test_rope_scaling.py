@@ -3,6 +3,7 @@ and from rope_scaling= passed to from_pretrained; a context past max_position_em
 
 The reference is a transcription of transformers' _compute_yarn_parameters (modeling_rope_utils.py, transformers 5):
 float32 tensors where it uses them, Python floats where it does. The core's own table comes from core.rope_freqs()."""
+import importlib.util
 import json
 import math
 import shutil
@@ -159,3 +160,44 @@ def test_rope_scaling_argument_to_from_pretrained(tmp_path):
 def test_yarn_bad_values_name_the_key(tmp_path, bad, match):
     with pytest.raises((ValueError, fastload.CheckpointError), match=match):
         load(qwen2_copy(tmp_path, rope_scaling=bad))
+
+
+HAVE_PEER = all(importlib.util.find_spec(x) for x in ("torch", "transformers"))
+PEER_CASES = [c for c in CASES if c[0] in ("qwen", "transformers5", "no_truncate", "attention_factor")]
+
+
+@pytest.mark.skipif(not HAVE_PEER, reason="torch and transformers are needed for the peer (not installed in CI)")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("name,config,ref", PEER_CASES, ids=[c[0] for c in PEER_CASES])
+def test_yarn_logits_and_greedy_equal_transformers(tmp_path, device, name, config, ref):
+    """The qwen2 fixture with each YaRN block, run by transformers (fp32, CPU) and by fastload in fp32 on `device`,
+    over up to 300 tokens (the context YaRN gives, less 8; past original_max_position_embeddings): logits within 1e-4 of the largest, and 8 greedy tokens
+    equal wherever transformers' own top-2 margin is clear of fastload's error (golden_util.teacher_forced_check)."""
+    if device == "cuda" and not fastload.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    import torch
+    import transformers
+    from golden_util import teacher_forced_check
+    p = qwen2_copy(tmp_path, **config)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+    rp = getattr(hf.config, "rope_parameters", None) or getattr(hf.config, "rope_scaling", None) or {}
+    assert rp.get("rope_type", rp.get("type")) == "yarn", rp  # transformers did read the scaling
+    T = min(300, arch.context_length(json.load(open(p / "config.json"))) - 8)
+    ids = np.random.default_rng(7).integers(3, 600, (1, T))
+    with torch.no_grad():
+        t = torch.tensor(ids)
+        want = hf(t).logits.numpy()
+        r = hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                        eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    greedy = r.sequences.numpy()
+    margins = np.array([[float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in r.scores]])
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map=device, torch_dtype="float32")
+    got = np.asarray(m(ids).logits)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-4, f"{name} on {device}: max |logit - transformers| / max |transformers| = {err:.3g}"
+    if teacher_forced_check(m, ids, greedy, margins):
+        np.testing.assert_array_equal(m.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[]), greedy)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir("qwen2")), dtype=torch.float32).eval()
+    with torch.no_grad():
+        base = plain(torch.tensor(ids)).logits.numpy()
+    assert np.abs(base - want).max() / np.abs(want).max() > 10 * err  # the scaling changes transformers' logits
