@@ -862,7 +862,9 @@ void fl_engine_free(fl_engine *e) {
     free(e);
 }
 
-fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen_params *p, fl_request **out) {
+/* A request for prompt ids[0:n], checked against the engine's limits and allocated, not yet queued (refs 2: the
+ * caller's and the engine's). */
+static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_params *p, fl_request **out) {
     *out = NULL;
     const int V = e->m->cfg.vocab, page = e->pool.page;
     if (n <= 0) return fl_err(FL_E_VALUE, "generate: the prompt is empty");
@@ -897,32 +899,50 @@ fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen
     pthread_cond_init(&r->cv, NULL);
     r->refs = 2;
     r->state = RQ_WAITING;
+    *out = r;
+    return FL_OK;
+}
+
+fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids, const int *n, const fl_gen_params *p,
+                                 fl_request **out) {
+    for (int b = 0; b < B; b++) out[b] = NULL;
+    if (B <= 0) return FL_OK;
+    fl_status st = FL_OK;
+    for (int b = 0; b < B && st == FL_OK; b++) st = req_make(e, ids[b], n[b], &p[b], &out[b]);
+    const char *why = NULL;
+    int w = 0;
     pthread_mutex_lock(&e->mu);
-    if (e->closing) {
-        pthread_mutex_unlock(&e->mu);
-        r->refs = 1;
-        req_unref(r);
-        return fl_err(FL_E_INTERRUPTED, "the engine is closing");
+    if (st == FL_OK && e->closing) why = "closing";
+    else if (st == FL_OK && e->cfg.max_waiting > 0 && e->n_waiting + B > e->cfg.max_waiting && e->n_waiting > 0) {
+        why = "busy"; /* a group larger than the whole queue is let in when the queue is empty, else it could never run */
+        w = e->n_waiting;
     }
-    if (e->cfg.max_waiting > 0 && e->n_waiting >= e->cfg.max_waiting) {
-        const int w = e->n_waiting;
+    if (st != FL_OK || why) {
         pthread_mutex_unlock(&e->mu);
-        r->refs = 1;
-        req_unref(r);
+        for (int b = 0; b < B; b++)
+            if (out[b]) { out[b]->refs = 1; req_unref(out[b]); out[b] = NULL; }
+        if (st != FL_OK) return st;
+        if (why[0] == 'c') return fl_err(FL_E_INTERRUPTED, "the engine is closing");
         return fl_err(FL_E_BUSY, "the engine's queue is full (%d requests waiting)", w);
     }
-    if (p->max_new_tokens == 0) { /* nothing to generate */
-        r->state = RQ_DONE;
-        r->refs = 1;
-        pthread_mutex_unlock(&e->mu);
-        *out = r;
-        return FL_OK;
+    /* all rows enter the queue under one lock: the scheduler sees the group together, so the batches it forms, and
+     * with them each row's rounding, do not depend on when the submitting thread got here (a batch submitted row by
+     * row could have its first row stepped alone, and sampled tokens then differed from run to run) */
+    int queued = 0;
+    for (int b = 0; b < B; b++) {
+        fl_request *r = out[b];
+        if (r->p.max_new_tokens == 0) { /* nothing to generate */
+            r->state = RQ_DONE;
+            r->refs = 1;
+            continue;
+        }
+        r->seq = e->next_seq++;
+        if (e->wait_tail) e->wait_tail->next = r; else e->wait_head = r;
+        e->wait_tail = r;
+        e->n_waiting++;
+        queued++;
     }
-    r->seq = e->next_seq++;
-    if (e->wait_tail) e->wait_tail->next = r; else e->wait_head = r;
-    e->wait_tail = r;
-    e->n_waiting++;
-    const int kick = !e->driving;
+    const int kick = queued && !e->driving;
     if (kick) e->driving = 1;
     pthread_mutex_unlock(&e->mu);
     if (kick) {
@@ -930,15 +950,22 @@ fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen
         if (rc) {
             pthread_mutex_lock(&e->mu);
             e->driving = 0;
-            finish(e, r, FL_E_INTERNAL, "no driver");
-            req_unref(r);
+            for (int b = 0; b < B; b++)
+                if (out[b]->state == RQ_WAITING) finish(e, out[b], FL_E_INTERNAL, "no driver");
+            for (int b = 0; b < B; b++) { /* finish() dropped the engine's reference: this drops the caller's */
+                req_unref(out[b]);
+                out[b] = NULL;
+            }
             pthread_mutex_unlock(&e->mu);
             errno = rc;
             return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
         }
     }
-    *out = r;
     return FL_OK;
+}
+
+fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen_params *p, fl_request **out) {
+    return fl_engine_submit_group(e, 1, &ids, &n, p, out);
 }
 
 int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {

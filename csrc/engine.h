@@ -66,6 +66,11 @@ void fl_engine_cancel_all(fl_engine *e);
  * context longer than max_context, a prompt the whole pool cannot hold), FL_E_BUSY (the queue is
  * full), or what the kick callback reported. */
 fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen_params *p, fl_request **out);
+/* Submit B requests at once (row b: ids[b][0:n[b]], settings p[b]): all are checked first, then queued together
+ * under one lock, so that a generate() call's rows are scheduled as a group whatever the driver was doing; on an
+ * error none is queued and out[] is all NULL. A group larger than max_waiting is let in when the queue is empty. */
+fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids, const int *n, const fl_gen_params *p,
+                                 fl_request **out);
 /* Wait until the request has more than `have` tokens or is finished, or timeout_ms passes (< 0:
  * no limit). Returns the number of tokens generated so far; *done is set when it is finished. */
 int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done);

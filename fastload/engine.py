@@ -150,15 +150,19 @@ class Engine:
         B, T = ids.shape
         reqs = []
         try:
+            rows = []
             for b in range(B):
                 row = ids[b] if mask is None else ids[b][mask[b] != 0]
                 if row.size == 0:
                     raise ValueError(f"input row {b} has no token (its attention_mask is all zeros)")
-                reqs.append(core.engine_submit(
-                    row.astype(np.int32), max_new_tokens=int(max_new), min_new_tokens=int(min_new),
-                    do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
-                    top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
-                    seed=(seed + _GOLDEN * b) & _M64, eos_token_ids=eos))
+                rows.append(row.astype(np.int32))
+            # one group: the engine queues every row under one lock, so the batches it forms from them (and a
+            # batched matmul's rounding) are the same on every run, whatever its driver was doing meanwhile
+            reqs = core.engine_submit(
+                rows, max_new_tokens=int(max_new), min_new_tokens=int(min_new),
+                do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
+                top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
+                seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos)
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)
             else:

@@ -428,3 +428,37 @@ def test_sampled_chat_from_threads_equals_the_loop(demo_gguf, demo_tok):
     with ThreadPoolExecutor(5) as ex:
         pool = list(ex.map(lambda q: m.chat(demo_tok, q, **kw)[0], qs))
     assert pool == loop
+
+
+def test_group_submit_queues_rows_together():
+    """engine_submit with a list of prompts queues them under one lock (generate() does, so that a batch is scheduled
+    the same way on every run): one Request per row, each with its own seed, equal to each submitted alone."""
+    m = load(kv_page_tokens=4, max_num_seqs=16)
+    ps = prompts(4, seed=3, lo=3, hi=12)
+    core = m._engine_handle().core()
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=50, eos_token_ids=[])
+    alone_out = []
+    for b, p in enumerate(ps):
+        r = core.engine_submit(p.astype(np.int32), seed=100 + b, **kw)
+        assert r.wait(1 << 30)[1]
+        alone_out.append(r.tokens())
+    reqs = core.engine_submit([p.astype(np.int32) for p in ps], seed=[100 + b for b in range(len(ps))], **kw)
+    assert isinstance(reqs, list) and len(reqs) == len(ps)
+    for r, a in zip(reqs, alone_out):
+        assert r.wait(1 << 30)[1]
+        r.check()
+        assert np.array_equal(r.tokens(), a)
+    assert len({tuple(a) for a in alone_out}) > 1  # the seeds differ: so do the rows
+    with pytest.raises(ValueError, match="list of seeds"):
+        core.engine_submit(ps[0].astype(np.int32), seed=[1, 2], **kw)
+    with pytest.raises(ValueError, match=r"input_ids\[1\]"):
+        core.engine_submit([ps[0].astype(np.int32), np.zeros((2, 2))], **kw)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # one bad row: none of the group is queued
+        core.engine_submit([ps[0].astype(np.int32), np.array([1, 10 ** 6])], **kw)
+    assert m.engine_stats()["waiting"] == 0 and m.engine_stats()["running"] == 0
+
+
+def test_group_larger_than_the_queue_enters_an_empty_queue():
+    m = load(max_num_seqs=1, max_queue=1)
+    out = m.generate(np.tile(np.arange(3, 9), (3, 1)), max_new_tokens=2, do_sample=False, eos_token_id=[])
+    assert out.shape == (3, 8) and (out[0] == out[1]).all() and (out[1] == out[2]).all()

@@ -851,19 +851,19 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
-/* engine_submit(ids[n] int, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1, top_k=0, top_p=1,
- *               repetition_penalty=1, seed=0, eos_token_ids=None) -> Request */
+/* engine_submit(ids, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1, top_k=0, top_p=1,
+ *               repetition_penalty=1, seed=0, eos_token_ids=None) -> Request, or a list of Requests
+ * ids: one prompt (1-D ints), or a list of prompts submitted as one group (fl_engine_submit_group), row b sampling
+ * with seed[b] (seed: a list as long as ids, or one int for every row). */
 static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "repetition_penalty", "seed", "eos_token_ids", NULL};
-    PyObject *ids_o, *eos_o = Py_None;
+    PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL;
     fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
-    unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffKO", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
-                                     &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed, &eos_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOO", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
+                                     &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed_o, &eos_o))
         return NULL;
     if (!self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is not running (engine_start first)"); return NULL; }
-    p.seed = seed;
     int32_t eos[64];
     if (eos_o != Py_None) {
         PyObject *seq = PySequence_Fast(eos_o, "eos_token_ids must be a sequence of ints");
@@ -883,18 +883,68 @@ static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *
         Py_DECREF(seq);
     }
     p.eos = eos;
-    PyArrayObject *ids = (PyArrayObject *)PyArray_FROMANY(ids_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-    if (!ids) { PyErr_Clear(); PyErr_SetString(PyExc_ValueError, "input_ids must be a 1-D array of integers"); return NULL; }
-    const npy_intp n = PyArray_DIM(ids, 0);
-    if (n > INT32_MAX) { Py_DECREF(ids); PyErr_SetString(PyExc_ValueError, "input_ids is too long"); return NULL; }
-    fl_request *r = NULL;
+    const int group = PyList_Check(ids_o) || PyTuple_Check(ids_o);
+    const Py_ssize_t B = group ? PySequence_Size(ids_o) : 1;
+    if (B > 1 << 16) { PyErr_SetString(PyExc_ValueError, "engine_submit: at most 65536 prompts in one group"); return NULL; }
+    if (seed_o && seed_o != Py_None && (PyList_Check(seed_o) || PyTuple_Check(seed_o)) &&
+        (!group || PySequence_Size(seed_o) != B)) {
+        PyErr_SetString(PyExc_ValueError, "engine_submit: a list of seeds needs a list of prompts of the same length");
+        return NULL;
+    }
+    PyObject *res = NULL;
+    PyArrayObject **arr = calloc((size_t)(B ? B : 1), sizeof *arr);
+    const int32_t **rows = calloc((size_t)(B ? B : 1), sizeof *rows);
+    int *lens = calloc((size_t)(B ? B : 1), sizeof *lens);
+    fl_gen_params *ps = calloc((size_t)(B ? B : 1), sizeof *ps);
+    fl_request **rq = calloc((size_t)(B ? B : 1), sizeof *rq);
+    if (!arr || !rows || !lens || !ps || !rq) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t b = 0; b < B; b++) {
+        PyObject *o = group ? PySequence_GetItem(ids_o, b) : (Py_INCREF(ids_o), ids_o);
+        if (!o) goto done;
+        arr[b] = (PyArrayObject *)PyArray_FROMANY(o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        Py_DECREF(o);
+        if (!arr[b]) {
+            PyErr_Clear();
+            if (group) PyErr_Format(PyExc_ValueError, "input_ids[%zd] must be a 1-D array of integers", b);
+            else PyErr_SetString(PyExc_ValueError, "input_ids must be a 1-D array of integers");
+            goto done;
+        }
+        if (PyArray_DIM(arr[b], 0) > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "input_ids is too long"); goto done; }
+        rows[b] = PyArray_DATA(arr[b]);
+        lens[b] = (int)PyArray_DIM(arr[b], 0);
+        ps[b] = p;
+        unsigned long long sd = 0;
+        if (seed_o && seed_o != Py_None) {
+            PyObject *so = (PyList_Check(seed_o) || PyTuple_Check(seed_o)) ? PySequence_GetItem(seed_o, b) : (Py_INCREF(seed_o), seed_o);
+            if (!so) goto done;
+            sd = PyLong_AsUnsignedLongLongMask(so);
+            Py_DECREF(so);
+            if (PyErr_Occurred()) goto done;
+        }
+        ps[b].seed = sd;
+    }
     fl_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = fl_engine_submit(self->eng, PyArray_DATA(ids), (int)n, &p, &r);
+    st = fl_engine_submit_group(self->eng, (int)B, rows, lens, ps, rq);
     Py_END_ALLOW_THREADS
-    Py_DECREF(ids);
-    if (st != FL_OK) return fl_py_raise(st);
-    return fl_py_request_wrap((PyObject *)self, r, (int)n);
+    if (st != FL_OK) { fl_py_raise(st); goto done; }
+    if (!group) {
+        res = fl_py_request_wrap((PyObject *)self, rq[0], lens[0]);
+        rq[0] = NULL;
+        goto done;
+    }
+    res = PyList_New(B);
+    for (Py_ssize_t b = 0; b < B; b++) {
+        PyObject *w = res ? fl_py_request_wrap((PyObject *)self, rq[b], lens[b]) : NULL; /* wrap releases on failure */
+        if (!res) { fl_request_cancel(rq[b]); fl_request_release(rq[b]); }
+        rq[b] = NULL;
+        if (!w) { Py_CLEAR(res); continue; } /* the rest are cancelled and released; the list drops those made */
+        PyList_SET_ITEM(res, b, w);
+    }
+done:
+    if (arr) for (Py_ssize_t b = 0; b < B; b++) Py_XDECREF(arr[b]);
+    free(arr); free(rows); free(lens); free(ps); free(rq);
+    return res;
 }
 
 static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {

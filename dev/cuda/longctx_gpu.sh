@@ -31,8 +31,8 @@ if has build && [ ! -f "$PERSIST/built" ]; then
   touch "$PERSIST/built"
 fi
 ck=""
-if has ckpt && [ ! -f /tmp/fl_qwen7b/model.safetensors.index.json ]; then
-  ( python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_bench; gpu_bench.make_checkpoint('/tmp/fl_qwen7b')" > "$PERSIST/ckpt.log" 2>&1 ) &
+if has ckpt && [ ! -f /tmp/fl_qwen7b/tokenizer.json ]; then
+  ( python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import synth; synth.bench_checkpoint('/tmp/fl_qwen7b', 'qwen2.5-7b')" > "$PERSIST/ckpt.log" 2>&1 ) &
   ck=$!
 fi
 if has tests && [ ! -f "$PERSIST/tested" ]; then
