@@ -502,6 +502,21 @@ def _hf_source(ref):
     return ref, {}
 
 
+def _hf_config_with_rope(transformers, path, rs, extra):
+    """transformers' config of `path` with the --rope_scaling block in it. Given as from_pretrained(rope_scaling=...),
+    transformers 5 loses it (5.23: KeyError 'rope_type'; 5.24: rope_theta None), so the block goes into the loaded
+    config: rope_parameters (transformers 5) keeps the model's rope_theta unless the block names one; rope_scaling
+    (transformers 4) as given."""
+    cfg = transformers.AutoConfig.from_pretrained(path, **extra)
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict):
+        cfg.rope_parameters = {"rope_theta": rp.get("rope_theta", getattr(cfg, "rope_theta", None)), **rs,
+                               "rope_type": rs.get("rope_type", rs.get("type", "default"))}
+    else:
+        cfg.rope_scaling = dict(rs)
+    return cfg
+
+
 def load_transformers(ref, args):
     """(transformers model, tokenizer, wall seconds, torch module); attention as Qwen's (flash_attention_2 when
     flash_attn is installed, else sdpa); device_map auto on a GPU, else cpu."""
@@ -520,7 +535,7 @@ def load_transformers(ref, args):
         kw["device_map"] = args.device
     rs = getattr(args, "rope_scaling", None)
     if rs is not None:
-        kw["rope_scaling"] = rs  # a config override, as fastload's
+        kw["config"] = _hf_config_with_rope(transformers, path, rs, extra)
     q = getattr(args, "quant", None)
     if q in ("int8", "int4", "nf4"):  # the same request through bitsandbytes
         kw["quantization_config"] = transformers.BitsAndBytesConfig(

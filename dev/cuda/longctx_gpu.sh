@@ -6,6 +6,8 @@
 #   tests    pytest $TESTS (default: every tests/test_cuda_*.py and tests/test_rope_scaling.py)           ~3-4 min
 #   ckpt     /tmp/fl_qwen7b (15.2 GB, drawn on the GPU), in the background during the tests
 #   fl       bench speed, fastload alone, GEN new tokens (2048)                                           ~2-3 min
+#   long     benchmarks/long_context.py: prefill and decode apart at each length, decode against the roofline that
+#            counts KV bytes, transformers (sdpa) measured the same way (PEER_GEN/4 new tokens)          ~3 min
 #   peer     bench speed --peer transformers, PEER_GEN new tokens (128): transformers decodes ~10 tok/s at
 #            this length, so its 2048 would take minutes a row; its figure is a mean over PEER_GEN steps
 # Files back in $OUT: longctx.log, pytest.log, speed_*.csv/json of each bench stage.
@@ -15,7 +17,7 @@ OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 PERSIST=${PERSIST:-/tmp/longctx}; mkdir -p "$PERSIST"
 exec > >(tee -a "$OUT/longctx.log") 2>&1
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-STAGES=${STAGES:-"build tests ckpt fl peer"}
+STAGES=${STAGES:-"build tests ckpt fl long peer"}
 GEN=${GEN:-2048}; PEER_GEN=${PEER_GEN:-128}
 LENGTHS=${LENGTHS:-"63488 129024"}
 YARN=${YARN:-'{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'}
@@ -53,6 +55,12 @@ bench() {  # $1 stage name, $2 generate length, rest: extra arguments
   cp "$PERSIST/$name"/* "$OUT/" 2>/dev/null
 }
 has fl && [ ! -d "$PERSIST/fl" ] && bench fl "$GEN"
+if has long && [ ! -f "$PERSIST/long_context.json" ]; then
+  stamp long
+  timeout ${LONG_S:-300} python3 benchmarks/long_context.py --model /tmp/fl_qwen7b --lengths $LENGTHS --new 256 \
+      --peer-new $(( PEER_GEN / 4 )) --rope_scaling "$YARN" --out "$PERSIST/long_context.json" 2>&1 | grep -v Loading | tail -12
+  cp "$PERSIST/long_context.json" "$OUT/" 2>/dev/null
+fi
 has peer && [ ! -d "$PERSIST/peer" ] && bench peer "$PEER_GEN" --peer transformers
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 stamp end
