@@ -8,6 +8,9 @@
 #   fl       bench speed, fastload alone, GEN new tokens (2048)                                           ~2-3 min
 #   long     benchmarks/long_context.py: prefill and decode apart at each length, decode against the roofline that
 #            counts KV bytes, transformers (sdpa) measured the same way (PEER_GEN/4 new tokens)          ~3 min
+#   table    bench speed --peer transformers with GEN new tokens (Qwen's table rows; transformers ~4.5 min a row at
+#            these lengths), started in its own session (setsid) so that it outlives this call: a call returns after
+#            TABLE_WAIT_S (540) seconds, and the next call (STAGES=table, within 30 s) waits for it and brings it back
 #   peer     bench speed --peer transformers, PEER_GEN new tokens (128): transformers decodes ~10 tok/s at
 #            this length, so its 2048 would take minutes a row; its figure is a mean over PEER_GEN steps
 # Files back in $OUT: longctx.log, pytest.log, speed_*.csv/json of each bench stage.
@@ -62,5 +65,23 @@ if has long && [ ! -f "$PERSIST/long_context.json" ]; then
   cp "$PERSIST/long_context.json" "$OUT/" 2>/dev/null
 fi
 has peer && [ ! -d "$PERSIST/peer" ] && bench peer "$PEER_GEN" --peer transformers
+if has table; then
+  stamp table
+  T0=$(date +%s); TP=$PERSIST/table.pid; TRC=$PERSIST/table.rc
+  if [ ! -f "$TP" ]; then
+    mkdir -p "$PERSIST/table"
+    setsid bash -c 'echo $$ > "$1"; rcf=$2; shift 2; "$@" > '"$PERSIST"'/table.log 2>&1 < /dev/null; echo $? > "$rcf"' _ "$TP" "$TRC" \
+        python3 -m fastload bench speed --model_id_or_path /tmp/fl_qwen7b --device cuda --context_length $LENGTHS \
+        --generate_length "$GEN" --rope_scaling "$YARN" --peer transformers --outputs_dir "$PERSIST/table" \
+        --comment "yarn factor 4, commit ${FASTLOAD_COMMIT:-unknown}" &
+    sleep 2; echo "bench speed --peer started (pid $(cat "$TP"))"
+  fi
+  while [ ! -f "$TRC" ] && [ $(( $(date +%s) - T0 )) -lt ${TABLE_WAIT_S:-540} ]; do sleep 5; done
+  if [ -f "$TRC" ]; then
+    echo "table rc=$(cat "$TRC")"; grep -v "Loading" "$PERSIST/table.log" | tail -14; cp "$PERSIST/table"/* "$OUT/"
+  else
+    echo "table still running: call again with STAGES=table within 30 s"; grep -v Loading "$PERSIST/table.log" | tail -4
+  fi
+fi
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 stamp end
