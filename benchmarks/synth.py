@@ -25,6 +25,12 @@ SHAPES = {
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False, sliding_window=131072,
                        max_window_layers=28, bos_token_id=151643, eos_token_id=151645),
+    # Qwen3-8B (dense; q_norm / k_norm per head, head_dim 128 with 32 heads over hidden 4096, no q/k/v biases)
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     attention_bias=False, tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
+                     sliding_window=None, max_window_layers=36, bos_token_id=151643, eos_token_id=151645),
     # a Qwen2-architecture model of a few hundred kB: CPU runs of the GPU scripts' steps (dev/cuda/issue10_gpu.sh)
     "qwen2-tiny": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=1024, hidden_size=64,
                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -51,6 +57,9 @@ def tensors_for(cfg):
             yield p + "self_attn.q_proj.bias", (q,)
             yield p + "self_attn.k_proj.bias", (kv,)
             yield p + "self_attn.v_proj.bias", (kv,)
+        if cfg["model_type"] == "qwen3":
+            yield p + "self_attn.q_norm.weight", (hd,)
+            yield p + "self_attn.k_norm.weight", (hd,)
         yield p + "self_attn.o_proj.weight", (d, q)
         yield p + "post_attention_layernorm.weight", (d,)
         yield p + "mlp.gate_proj.weight", (f, d)

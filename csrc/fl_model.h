@@ -1,4 +1,4 @@
-/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 family) as data.
+/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family) as data.
  *
  * Architectures differ only through fl_config (filled by the Python architecture table,
  * fastload/arch.py) and through the tensor-name table that decides which checkpoint tensor
@@ -40,6 +40,8 @@ typedef struct {
     int rope_orig_max_pos;   /* llama3 / yarn: original_max_position_embeddings */
     float rope_attn_factor;  /* yarn: cos and sin scale (applied as its square to the softmax scale); 1 otherwise */
     int qkv_bias;            /* Qwen2: q/k/v projections have biases */
+    int qk_norm;             /* Qwen3: RMSNorm (eps rms_eps, weight [head_dim]) over each head of q and of k,
+                              * after the projections, before rope */
     int tie_embeddings;      /* lm_head shares the embedding matrix */
     int window[FL_MAX_LAYERS]; /* per-layer sliding window, 0 = full attention */
 } fl_config;
@@ -60,6 +62,8 @@ typedef enum {
     FL_SLOT_GATE,        /* [ffn, d] -> w_gate_up rows [0, ffn) */
     FL_SLOT_UP,          /* [ffn, d] -> w_gate_up rows [ffn, 2ffn) */
     FL_SLOT_DOWN,        /* [d, ffn] */
+    FL_SLOT_Q_NORM,      /* per layer: [hd] -> qk_norm rows [0, hd) (qk_norm only) */
+    FL_SLOT_K_NORM,      /* per layer: [hd] -> qk_norm rows [hd, 2hd) (qk_norm only) */
     FL_SLOT_COUNT
 } fl_slot;
 extern const char *const fl_slot_names[FL_SLOT_COUNT];
@@ -68,11 +72,13 @@ typedef struct {
     fl_weight attn_norm;  /* [d] */
     fl_weight wqkv;       /* [(nh + 2*nkv) * hd, d] */
     fl_weight bqkv;       /* [(nh + 2*nkv) * hd] (rows only; data_d NULL without qkv_bias) */
+    fl_weight qk_norm;    /* [2 * hd]: q_norm then k_norm, one weight for every head (data_d NULL without qk_norm) */
     fl_weight wo;         /* [d, nh * hd] */
     fl_weight ffn_norm;   /* [d] */
     fl_weight w_gate_up;  /* [2 * ffn, d] */
     fl_weight w_down;     /* [d, ffn] */
 } fl_layer;
+#define FL_LAYER_WEIGHTS 8    /* fl_weight fields of fl_layer (model.c checks) */
 
 typedef struct {
     fl_weight embed;      /* [vocab, d] */
@@ -132,7 +138,7 @@ fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight *
                              int64_t *cols, int *is_vec);
 
 /* The model's weights one by one, in arena order (lm_head only when untied), for Model.layouts(): weight i, its
- * name ("embed", "final_norm", "lm_head", "layers.N.attn_norm|wqkv|bqkv|wo|ffn_norm|w_gate_up|w_down") and its
+ * name ("embed", "final_norm", "lm_head", "layers.N.attn_norm|wqkv|bqkv|qk_norm|wo|ffn_norm|w_gate_up|w_down") and its
  * bytes in backend memory (codes + scales + offsets + perm of a quantised weight). */
 int fl_model_n_weights(const fl_model *m);
 fl_status fl_model_weight_info(fl_model *m, int i, const fl_weight **w, char *name, size_t cap, uint64_t *bytes);

@@ -12,7 +12,7 @@
 const char *const fl_slot_names[FL_SLOT_COUNT] = {
     "embed_tokens", "lm_head", "final_norm", "input_layernorm", "q_proj", "k_proj", "v_proj",
     "q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj", "post_attention_layernorm",
-    "gate_proj", "up_proj", "down_proj",
+    "gate_proj", "up_proj", "down_proj", "q_norm", "k_norm",
 };
 
 #define ALIGN 256
@@ -134,6 +134,7 @@ static int list_weights(fl_model *m, wdesc *out) {
         out[n++] = (wdesc){&L->attn_norm, c->d, 1};
         out[n++] = (wdesc){&L->wqkv, qkv, c->d};
         if (c->qkv_bias) out[n++] = (wdesc){&L->bqkv, qkv, 1};
+        if (c->qk_norm) out[n++] = (wdesc){&L->qk_norm, 2 * (int64_t)c->head_dim, 1};
         out[n++] = (wdesc){&L->wo, c->d, (int64_t)c->n_heads * c->head_dim};
         out[n++] = (wdesc){&L->ffn_norm, c->d, 1};
         out[n++] = (wdesc){&L->w_gate_up, 2 * (int64_t)c->ffn, c->d};
@@ -155,7 +156,7 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
     /* n_layers <= FL_MAX_LAYERS (check_config): these table sizes are small */
     m->w.layers = calloc((size_t)cfg->n_layers, sizeof(fl_layer));
     m->loaded = calloc((size_t)FL_SLOT_COUNT * (size_t)cfg->n_layers, 1);
-    wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)cfg->n_layers)); /* list_weights writes <= 3 + 7 per layer */
+    wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)cfg->n_layers)); /* list_weights writes <= that */
     fl_status st = FL_OK;
     if (!m->w.layers || !m->loaded || !ws) { st = fl_err(FL_E_NOMEM, "cannot allocate the model tables"); goto fail; }
     const int nw = list_weights(m, ws);
@@ -235,6 +236,12 @@ static fl_status slot_target(fl_model *m, int slot, int layer, fl_weight **w, in
         *row0 = slot == FL_SLOT_Q_BIAS ? 0 : slot == FL_SLOT_K_BIAS ? q : q + k;
         *rows = slot == FL_SLOT_Q_BIAS ? q : k;
         break;
+    case FL_SLOT_Q_NORM: case FL_SLOT_K_NORM:
+        if (!c->qk_norm) return fl_err(FL_E_VALUE, "a q/k norm weight was given but the architecture has none");
+        *w = &L->qk_norm; *is_vec = 1; *cols = 1;
+        *row0 = slot == FL_SLOT_Q_NORM ? 0 : c->head_dim;
+        *rows = c->head_dim;
+        break;
     case FL_SLOT_O: *w = &L->wo; *rows = c->d; *cols = q; break;
     case FL_SLOT_GATE: *w = &L->w_gate_up; *rows = c->ffn; *cols = c->d; break;
     case FL_SLOT_UP: *w = &L->w_gate_up; *row0 = c->ffn; *rows = c->ffn; *cols = c->d; break;
@@ -254,21 +261,24 @@ fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight *
 }
 
 /* ---- per-weight layouts -------------------------------------------------------------------------------------
- * Weight ids: 0 embed, 1 final_norm, 2 lm_head, then 7 per layer in fl_layer's field order. */
-_Static_assert(sizeof(fl_layer) == 7 * sizeof(fl_weight), "fl_layer holds exactly 7 fl_weight fields");
-static const char *const layer_fields[7] = {"attn_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w_gate_up", "w_down"};
+ * Weight ids: 0 embed, 1 final_norm, 2 lm_head, then FL_LAYER_WEIGHTS per layer in fl_layer's field order. */
+#define NLW FL_LAYER_WEIGHTS
+_Static_assert(sizeof(fl_layer) == NLW * sizeof(fl_weight), "fl_layer holds exactly FL_LAYER_WEIGHTS fl_weight fields");
+static const char *const layer_fields[NLW] = {"attn_norm", "wqkv", "bqkv", "qk_norm", "wo", "ffn_norm", "w_gate_up",
+                                              "w_down"};
+enum { LF_BQKV = 2, LF_QK_NORM = 3 }; /* the optional fields' places in layer_fields */
 
-static int n_weight_ids(const fl_model *m) { return 3 + 7 * m->cfg.n_layers; }
+static int n_weight_ids(const fl_model *m) { return 3 + NLW * m->cfg.n_layers; }
 static int weight_id(const fl_model *m, const fl_weight *w) {
     if (w == &m->w.embed) return 0;
     if (w == &m->w.final_norm) return 1;
     if (w == &m->w.lm_head) return 2;
     const size_t off = (size_t)((const char *)w - (const char *)m->w.layers);
-    return 3 + (int)(off / sizeof(fl_layer)) * 7 + (int)(off % sizeof(fl_layer) / sizeof(fl_weight));
+    return 3 + (int)(off / sizeof(fl_layer)) * NLW + (int)(off % sizeof(fl_layer) / sizeof(fl_weight));
 }
 static void weight_name(const fl_model *m, int id, char *buf, size_t cap) {
     if (id < 3) snprintf(buf, cap, "%s", id == 0 ? "embed" : id == 1 ? "final_norm" : "lm_head");
-    else snprintf(buf, cap, "layers.%d.%s", (id - 3) / 7, layer_fields[(id - 3) % 7]);
+    else snprintf(buf, cap, "layers.%d.%s", (id - 3) / NLW, layer_fields[(id - 3) % NLW]);
 }
 
 /* Bytes of each part of a weight (float: all in *data). */
@@ -298,7 +308,7 @@ static fl_status arena_alloc(fl_model *m, const fl_qlayout *lay) {
     if (m->arena_d) return FL_OK;
     fl_backend *be = m->be;
     const fl_config *cfg = &m->cfg;
-    wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)cfg->n_layers)); /* list_weights writes <= 3 + 7 per layer */
+    wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)cfg->n_layers)); /* list_weights writes <= that */
     if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");
     const int nw = list_weights(m, ws);
     size_t total = 0;
@@ -358,25 +368,37 @@ fl_status fl_model_set_quant(fl_model *m, const fl_quant_cfg *q) {
     return FL_OK;
 }
 
+/* Whether layer field f (index into layer_fields) exists under this config. */
+static int layer_field_present(const fl_config *c, int f) {
+    return f == LF_BQKV ? !!c->qkv_bias : f == LF_QK_NORM ? !!c->qk_norm : 1;
+}
+
+static int layer_fields_present(const fl_config *c) {
+    int n = 0;
+    for (int f = 0; f < NLW; f++) n += layer_field_present(c, f);
+    return n;
+}
+
 int fl_model_n_weights(const fl_model *m) {
     const fl_config *c = &m->cfg;
-    return 2 + !c->tie_embeddings + c->n_layers * (6 + !!c->qkv_bias);
+    return 2 + !c->tie_embeddings + c->n_layers * layer_fields_present(c);
 }
 
 fl_status fl_model_weight_info(fl_model *m, int i, const fl_weight **w, char *name, size_t cap, uint64_t *bytes) {
     const fl_config *c = &m->cfg;
-    const int ng = 2 + !c->tie_embeddings, per = 6 + !!c->qkv_bias;
+    const int ng = 2 + !c->tie_embeddings, per = layer_fields_present(c);
     if (i < 0 || i >= fl_model_n_weights(m)) return fl_err(FL_E_VALUE, "weight %d out of range", i);
     int id;
     if (i < ng) id = i;
     else {
         const int l = (i - ng) / per;
-        int f = (i - ng) % per;
-        if (!c->qkv_bias && f >= 2) f++; /* no bqkv */
-        id = 3 + 7 * l + f;
+        int k = (i - ng) % per, f = 0; /* the k-th present field */
+        for (;; f++)
+            if (layer_field_present(c, f) && k-- == 0) break;
+        id = 3 + NLW * l + f;
     }
     const fl_weight *wt = id == 0 ? &m->w.embed : id == 1 ? &m->w.final_norm : id == 2 ? &m->w.lm_head
-                                   : (const fl_weight *)&m->w.layers[(id - 3) / 7] + (id - 3) % 7;
+                                   : (const fl_weight *)&m->w.layers[(id - 3) / NLW] + (id - 3) % NLW;
     *w = wt;
     weight_name(m, id, name, cap);
     *bytes = fl_weight_bytes(wt);
@@ -947,7 +969,7 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
         if (st == FL_OK) st = decide_layouts(m, plans, n, lay);
         if (st == FL_OK) st = arena_alloc(m, lay);
         if (st != FL_OK && !m->arena_d) { /* nothing loaded: the weights are float again, as fl_model_create left them */
-            wdesc *ws = malloc(sizeof(wdesc) * (3 + 8 * (size_t)m->cfg.n_layers));
+            wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)m->cfg.n_layers));
             if (ws) {
                 const int nw = list_weights(m, ws);
                 for (int i = 0; i < nw; i++) ws[i].w->dtype = m->wdtype;
@@ -1001,6 +1023,7 @@ fl_status fl_model_check_complete(const fl_model *m) {
         const int global = s < FL_SLOT_ATTN_NORM;
         if (s == FL_SLOT_LM_HEAD && c->tie_embeddings) continue;
         if ((s == FL_SLOT_Q_BIAS || s == FL_SLOT_K_BIAS || s == FL_SLOT_V_BIAS) && !c->qkv_bias) continue;
+        if ((s == FL_SLOT_Q_NORM || s == FL_SLOT_K_NORM) && !c->qk_norm) continue;
         for (int l = 0; l < (global ? 1 : c->n_layers); l++)
             if (!m->loaded[(size_t)s * (size_t)c->n_layers + l]) {
                 if (global) return fl_err(FL_E_FORMAT, "missing tensor for %s", fl_slot_names[s]);
@@ -1115,7 +1138,9 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, cons
         if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps, &W->wqkv));
         else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps, &W->wqkv));
         STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
-        STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d));
+        /* Qwen3: q and k heads RMS-normed (q_norm / k_norm) in the same op, before the rotation */
+        STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, c->qk_norm ? &W->qk_norm : NULL,
+                            c->rms_eps));
         STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
         STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
         STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));

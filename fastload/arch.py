@@ -2,8 +2,8 @@
 
 Each supported Hugging Face architecture is one row of ARCHITECTURES: how its config.json maps
 onto the core's numeric config, which checkpoint tensor fills which weight slot (Hugging Face
-names and llama.cpp GGUF names), and the flags that differ (q/k/v biases, sliding window, GGUF's
-rotary row permutation). The C forward pass is the same for all of them.
+names and llama.cpp GGUF names), and the flags that differ (q/k/v biases, Qwen3's per-head q/k RMSNorm,
+sliding window, GGUF's rotary row permutation). The C forward pass is the same for all of them.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ HF_LAYER = {
     "q_proj.bias": "model.layers.{i}.self_attn.q_proj.bias",
     "k_proj.bias": "model.layers.{i}.self_attn.k_proj.bias",
     "v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "o_proj": "model.layers.{i}.self_attn.o_proj.weight",
     "post_attention_layernorm": "model.layers.{i}.post_attention_layernorm.weight",
     "gate_proj": "model.layers.{i}.mlp.gate_proj.weight",
@@ -43,6 +45,7 @@ GGUF_LAYER = {
     "input_layernorm": "blk.{i}.attn_norm.weight",
     "q_proj": "blk.{i}.attn_q.weight", "k_proj": "blk.{i}.attn_k.weight", "v_proj": "blk.{i}.attn_v.weight",
     "q_proj.bias": "blk.{i}.attn_q.bias", "k_proj.bias": "blk.{i}.attn_k.bias", "v_proj.bias": "blk.{i}.attn_v.bias",
+    "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
     "o_proj": "blk.{i}.attn_output.weight",
     "post_attention_layernorm": "blk.{i}.ffn_norm.weight",
     "gate_proj": "blk.{i}.ffn_gate.weight", "up_proj": "blk.{i}.ffn_up.weight", "down_proj": "blk.{i}.ffn_down.weight",
@@ -57,6 +60,8 @@ class Arch:
     model_type: str              # config.json "model_type"
     gguf_arch: str               # GGUF general.architecture
     qkv_bias: bool = False       # q/k/v projections carry biases (Qwen2)
+    qk_norm: bool = False        # RMSNorm over each head of q and of k before rope, weights [head_dim] (Qwen3)
+    default_head_dim: int = 0    # head_dim when config.json has none (transformers' Qwen3Config: 128); 0: hidden / heads
     sliding: str = "none"        # "none" | "all" (Mistral: sliding_window on every layer) | "qwen2"
     gguf_permute_qk: bool = True # llama.cpp permutes q/k rows for its rotary layout (llama arch)
     # config fields this architecture understands; anything else that changes results raises.
@@ -67,8 +72,12 @@ ARCHITECTURES = {
     "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama"),
     "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all"),
     "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, sliding="qwen2", gguf_permute_qk=False),
+    # Qwen3 dense: Qwen2 without the q/k/v biases (attention_bias, default false, would also put one on o_proj: not
+    # supported), plus q_norm / k_norm; its sliding-window keys are Qwen2's
+    "Qwen3ForCausalLM": Arch("Qwen3ForCausalLM", "qwen3", "qwen3", qk_norm=True, sliding="qwen2", gguf_permute_qk=False,
+                             default_head_dim=128),
 }
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def supported() -> str:
@@ -136,6 +145,12 @@ def _rope(config: dict, where: str):
 
 def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def head_dim(config: dict, arch: Arch) -> int:
+    """head_dim as transformers reads it for this architecture: config.json's, else the architecture's default
+    (Qwen3: 128), else hidden_size / num_attention_heads."""
+    return int(config.get("head_dim") or arch.default_head_dim or config["hidden_size"] // config["num_attention_heads"])
 
 
 def yarn_parameters(config: dict, scaling: dict, theta: float, where: str):
@@ -219,8 +234,10 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     n_layers = int(need("num_hidden_layers"))
     n_heads = int(need("num_attention_heads"))
     d = int(need("hidden_size"))
-    head_dim = config.get("head_dim") or d // n_heads
-    theta, rtype, factor, low, high, orig, attn = _rope(config, where)
+    hd = head_dim({**config, "hidden_size": d, "num_attention_heads": n_heads}, arch)
+    # yarn's correction range depends on head_dim: give it the one resolved here
+    theta, rtype, factor, low, high, orig, attn = _rope(config if config.get("head_dim") else {**config, "head_dim": hd},
+                                                        where)
 
     window = [0] * n_layers
     sw = config.get("sliding_window")
@@ -239,11 +256,11 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
 
     return {
         "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
-        "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": int(head_dim),
+        "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": hd,
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
         "rms_eps": float(_get(config, "rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
-        "rope_orig_max_pos": orig, "rope_attn_factor": attn, "qkv_bias": int(arch.qkv_bias),
+        "rope_orig_max_pos": orig, "rope_attn_factor": attn, "qkv_bias": int(arch.qkv_bias), "qk_norm": int(arch.qk_norm),
         "tie_embeddings": int(_get(config, "tie_word_embeddings", False)), "window": window,
     }
 
@@ -264,6 +281,8 @@ def tensor_plan(arch: Arch, cfg: dict, gguf: bool):
     for i in range(cfg["n_layers"]):
         for slot, tmpl in lay.items():
             if slot.endswith(".bias") and not cfg["qkv_bias"]:
+                continue
+            if slot in ("q_norm", "k_norm") and not cfg.get("qk_norm"):
                 continue
             heads = 0
             if gguf and arch.gguf_permute_qk and slot in ("q_proj", "k_proj"):
@@ -314,6 +333,10 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     }
     names = gguf_names(ga)
     checks.check_config(hf, where, names)
+    if hf["head_dim"] is None and arch.default_head_dim:
+        # llama.cpp's default is hidden / heads (transformers' for Qwen3 is 128): say it, so that no later reading of
+        # this config (save_pretrained, the engine's page size) takes the config.json default instead
+        hf["head_dim"] = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
     rs = meta.get(f"{ga}.rope.scaling.type")
     if rs is not None and not isinstance(rs, str):
         raise checks.CheckpointError(f"{where}: '{ga}.rope.scaling.type' must be a string, got {checks._got(rs)}")
@@ -333,5 +356,5 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     return arch, hf
 
 
-__all__ = ["Arch", "ARCHITECTURES", "arch_for", "core_config", "tensor_plan", "gguf_config", "gguf_names", "supported", "SLOT",
-           "IGNORED_SUFFIXES"]
+__all__ = ["Arch", "ARCHITECTURES", "arch_for", "core_config", "head_dim", "tensor_plan", "gguf_config", "gguf_names",
+           "supported", "SLOT", "IGNORED_SUFFIXES"]

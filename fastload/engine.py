@@ -75,9 +75,10 @@ def max_num_seqs(model, opts) -> int:
 
 
 def kv_bytes_per_token(model) -> int:
+    from . import arch
     c = model.config
     nh = c.num_attention_heads
-    hd = getattr(c, "head_dim", None) or c.hidden_size // nh
+    hd = arch.head_dim(dict(c), model.arch)  # Qwen3 without head_dim: 128, not hidden / heads
     nkv = getattr(c, "num_key_value_heads", None) or nh
     es = 4 if model.device == "cpu" else 2  # the CPU backend keeps the cache in float32, CUDA in the activation dtype
     return 2 * c.num_hidden_layers * nkv * hd * es

@@ -1394,7 +1394,8 @@ class FastModelForCausalLM:
         c = archmod.core_config(self.config, self.arch, self.name_or_path)
         d, L, ffn, V = c["d"], c["n_layers"], c["ffn"], c["vocab"]
         q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
-        per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0)
+        per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0) + \
+            (2 * c["head_dim"] if c["qk_norm"] else 0)
         return V * d * (1 if c["tie_embeddings"] else 2) + d + L * per
 
     # ------------------------------------------------------------------ torch.nn.Module-style conversions
@@ -1571,6 +1572,7 @@ class FastModelForCausalLM:
         shapes = {"embed_tokens": (V, d), "lm_head": (V, d), "final_norm": (d,), "input_layernorm": (d,),
                   "post_attention_layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d),
                   "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (d, q),
+                  "q_norm": (c["head_dim"],), "k_norm": (c["head_dim"],),
                   "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
         dt, es = str(self.dtype), self.dtype.itemsize
         entries = []

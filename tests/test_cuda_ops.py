@@ -274,6 +274,35 @@ def test_rope_store(act, case, on_device):
     check_exact(got["k_cache"][:, outside], kc[:, outside], "rope_store: k slots outside the step", seed)
 
 
+QK_NORM_CASES = [  # B, T, start, nh, nkv, hd, max_len: Qwen3's q_norm / k_norm fused into rope_store
+    (1, 1, 0, 4, 2, 48, 8),         # the qwen3 fixture's heads: head_dim not a multiple of 32 (a warp per head)
+    (2, 7, 3, 16, 8, 128, 16),      # Qwen3-0.6B / 1.7B: 16 / 8 heads of 128
+    (3, 33, 7, 40, 8, 128, 41),     # Qwen3-14B: more heads than the block's 8 warps
+    (1, 1, 1023, 64, 4, 128, 1024), # Qwen3-32B at decode
+]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", QK_NORM_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d" % c[:6])
+def test_rope_store_qk_norm(act, case):
+    B, T, start, nh, nkv, hd, max_len = case
+    rng, seed = rng_and_seed()
+    qkv = randn(rng, (B * T, (nh + 2 * nkv) * hd), act, 4.0)  # not unit rms: the norm has to rescale
+    qkv[0, :hd] = to_act(np.full(hd, 1e-3, np.float32), act)  # a tiny head: eps matters there
+    w = to_act((1 + 0.3 * rng.standard_normal(2 * hd)).astype(np.float32), act)
+    pos = rng.integers(0, 32768, B * T, dtype=np.int32)
+    kc, vc = randn(rng, (B, max_len, nkv, hd), act), randn(rng, (B, max_len, nkv, hd), act)
+    inputs = {"qkv": qkv, "pos": pos, "inv_freq": inv_freq(hd, 1e6), "k_cache": kc, "v_cache": vc, "qk_norm": w}
+    params = {"B": B, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "eps": 1e-6}
+    got, ref = run_both("rope_store", inputs, params, act)
+    check_close(got["qkv"], ref["qkv"], act, "rope_store+qk_norm qkv", seed)
+    check_close(got["k_cache"], ref["k_cache"], act, "rope_store+qk_norm k_cache", seed)
+    check_exact(got["v_cache"], ref["v_cache"], "rope_store+qk_norm v_cache", seed)
+    outside = np.ones(max_len, bool)
+    outside[start:start + T] = False
+    check_exact(got["k_cache"][:, outside], kc[:, outside], "rope_store+qk_norm: k slots outside the step", seed)
+
+
 ATT_CASES = [  # B, T, start, nh, nkv, hd, max_len, window, kmask kind
     (2, 1, 37, 14, 2, 64, 64, 0, None),
     (3, 1, 100, 8, 8, 128, 130, 0, "left-pad"),

@@ -4,13 +4,15 @@
 This script is the only place torch and transformers are used: the test suite reads what
 it writes with numpy alone (see tests/golden_util.py and tests/fixtures/README.md).
 
-Part A: four tiny random-weight checkpoints, saved with transformers' own save_pretrained,
+Part A: five tiny random-weight checkpoints, saved with transformers' own save_pretrained,
         each with golden.npz (logits + greedy tokens) and golden.json (meta, tolerances).
           llama        LlamaForCausalLM, bf16, sharded (3 shards + index), untied lm_head, GQA
           llama3_rope  LlamaForCausalLM, fp16, rope_type llama3 (factor 8, orig. max pos 16)
           mistral_swa  MistralForCausalLM, bf16, sliding_window 6 < prompt length, MQA,
                        head_dim * n_heads != hidden
           qwen2        Qwen2ForCausalLM, fp32, q/k/v biases, tied embeddings
+          qwen3        Qwen3ForCausalLM, bf16, per-head RMSNorm of q and k (q_norm / k_norm), no
+                       biases, tied embeddings, explicit head_dim 48 (heads * head_dim != hidden)
 Part B: SmolLM2-135M-Instruct Q4_1 GGUF, loaded (dequantised) by transformers' GGUF support:
         smollm2_golden.npz / smollm2_golden.json.
 
@@ -55,6 +57,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 N_NEW = 16                 # greedy tokens generated per tiny-model case
@@ -118,6 +122,18 @@ TINY = {
                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                            **COMMON),
         w_std=0.15, lm_std=1.0, t_single=13, t_batch=16, pads=(0, 6, 2)),
+    # Qwen3 dense: q_norm / k_norm over each head before rope, head_dim 48 explicit (4 x 48 = 192 != hidden 64),
+    # attention_bias false, tied embeddings; small (hidden 64) so that the checkpoint stays near 500 KB; matrices
+    # 0.25 N(0,1) (0.15 at hidden 64 leaves the tied embedding dominant: greedy repeats one token)
+    "qwen3": dict(
+        cls=Qwen3ForCausalLM, storage=torch.bfloat16, shard=None, seed=5001,
+        config=Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=192,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=48, attention_bias=False, tie_word_embeddings=True,
+                           initializer_range=0.15,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                           **COMMON),
+        w_std=0.25, lm_std=1.0, t_single=18, t_batch=14, pads=(4, 0, 9)),
 }
 
 
@@ -375,6 +391,19 @@ def golden_tiny(name, spec, seed, path):
         info["llama3_vs_unscaled_greedy_equal"] = bool(torch.equal(gen(plain, single)[0], seq))
         if d[1:].min().item() < 0.05:
             problems.append("llama3 scaling does not change the logits materially")
+    if name == "qwen3":
+        # q_norm / k_norm must matter: the same checkpoint with every q_norm / k_norm weight set to 1 (the norm
+        # itself kept) must give different logits at every position > 0 (position 0 attends to itself only, so
+        # q and k cannot change it), so a loader that skipped the weights would fail the tolerance
+        unit = load_ref(path, cls)
+        for mod in unit.modules():
+            if hasattr(mod, "q_norm"):
+                mod.q_norm.weight.fill_(1.0)
+                mod.k_norm.weight.fill_(1.0)
+        d = (unit(single).logits - A["single_logits"]).abs().max(-1).values[0]
+        info["qk_norm_vs_unit_weights_max_abs_per_position"] = [round(x, 4) for x in d.tolist()]
+        if d[1:].min().item() < 0.05:
+            problems.append("q_norm / k_norm weights do not change the logits materially")
     if name == "mistral_swa":
         full = load_ref(path, cls, sliding_window=None)
         d = (full(single).logits - A["single_logits"]).abs().max(-1).values[0]
@@ -462,7 +491,9 @@ def make_tiny(name, out_root, tries=30):
     for key, what in (("llama3_vs_unscaled_max_abs_per_position",
                        "logits with llama3 scaling vs the same weights unscaled"),
                       ("swa_vs_full_attention_max_abs_per_position",
-                       "logits with sliding_window vs sliding_window=None")):
+                       "logits with sliding_window vs sliding_window=None"),
+                      ("qk_norm_vs_unit_weights_max_abs_per_position",
+                       "logits vs the same weights with q_norm / k_norm weights set to 1")):
         if key in info:
             log(f"  [{name}] {what}, max |diff| per position: {info[key]}")
     log(f"  [{name}] files: {meta['files']}")

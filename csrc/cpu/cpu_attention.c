@@ -1,5 +1,6 @@
-/* cpu_attention.c: RoPE fused with the KV-cache store, and grouped-query attention over the
- * cache with causal, padding and sliding-window masks, float32 throughout (KV cache f32). */
+/* cpu_attention.c: RoPE fused with the KV-cache store (and with Qwen3's per-head q/k RMSNorm before
+ * it), and grouped-query attention over the cache with causal, padding and sliding-window masks,
+ * float32 throughout (KV cache f32). */
 #include "cpu_internal.h"
 #include <float.h>
 #include <stdlib.h>
@@ -10,6 +11,14 @@ static inline void rotate(float *v, const float *cs, const float *sn, int half) 
         v[i] = a * cs[i] - b * sn[i];
         v[i + half] = b * cs[i] + a * sn[i];
     }
+}
+
+/* v = rmsnorm(v) * w over one head, float32 as transformers' RMSNorm (and cpu_backend.c's rmsnorm_row) */
+static inline void rmsnorm_head(float *v, const float *w, int hd, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < hd; i++) ss += v[i] * v[i];
+    const float r = 1.0f / sqrtf(ss / (float)hd + eps);
+    for (int i = 0; i < hd; i++) v[i] = w[i] * (v[i] * r);
 }
 
 /* Where row b's slot j lives (fl_kv_paging): rectangular or through the block table. */
@@ -41,10 +50,20 @@ static fl_status check_slots(const fl_step *s, const fl_kvcache *kv) {
 }
 
 fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
-                         int n_heads, const float *inv_freq) {
+                         int n_heads, const float *inv_freq, const fl_weight *qk_norm, float eps) {
     const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads, half = hd / 2;
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
     FL_TRY(check_slots(s, kv));
+    if (hd <= 0 || hd > 1024 || hd % 2) return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", hd);
+    float nw[2 * 1024]; /* q_norm | k_norm as float32 */
+    if (qk_norm) {
+        if (qk_norm->dtype != FL_F32 && qk_norm->dtype != FL_F16 && qk_norm->dtype != FL_BF16)
+            return fl_err(FL_E_VALUE, "rope_store: the q/k norm weight must be float32, float16 or bfloat16");
+        if (qk_norm->rows != 2 * (int64_t)hd || !qk_norm->data_d)
+            return fl_err(FL_E_VALUE, "rope_store: the q/k norm weight has %lld rows, expected 2 x head_dim = %d",
+                          (long long)qk_norm->rows, 2 * hd);
+        cpu_row_to_f32(nw, qk_norm->data_d, qk_norm->dtype, 2 * (int64_t)hd);
+    }
     float *kc = (float *)kv->k_d[layer], *vc = (float *)kv->v_d[layer];
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (B * T > 1)
     for (int bt = 0; bt < B * T; bt++) {
@@ -56,7 +75,10 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
             cs[i] = cosf(f); sn[i] = sinf(f);
         }
         float *row = (float *)qkv_d + bt * stride;
-        for (int h = 0; h < n_heads + nkv; h++) rotate(row + h * hd, cs, sn, half);
+        for (int h = 0; h < n_heads + nkv; h++) {
+            if (qk_norm) rmsnorm_head(row + h * hd, nw + (h < n_heads ? 0 : hd), hd, eps);
+            rotate(row + h * hd, cs, sn, half);
+        }
         const int64_t slot = kv_slot(s, kv, b, row_start(s, b) + t) * nkv * hd;
         memcpy(kc + slot, row + (int64_t)n_heads * hd, (size_t)nkv * hd * sizeof(float));
         memcpy(vc + slot, row + (int64_t)(n_heads + nkv) * hd, (size_t)nkv * hd * sizeof(float));

@@ -234,11 +234,17 @@ static fl_status cu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, co
 }
 
 static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer, int n_heads,
-                               const float *inv_freq_d) {
+                               const float *inv_freq_d, const fl_weight *qk_norm, float eps) {
     if (kv->dtype != be->act)
         return fl_err(FL_E_UNSUPPORTED, "CUDA rope_store: KV cache dtype %s differs from the activation dtype %s",
                       fl_cuda_dtype_name(kv->dtype), fl_cuda_dtype_name(be->act));
     if (layer < 0 || layer >= kv->n_layers) return fl_err(FL_E_VALUE, "rope_store: layer %d of %d", layer, kv->n_layers);
+    if (qk_norm) {  // Qwen3's q_norm | k_norm, fused into the rope kernel
+        FL_TRY(need_act(be, qk_norm, "rope_store (q/k norm)"));
+        if (qk_norm->rows != 2 * (int64_t)kv->head_dim || !qk_norm->data_d)
+            return fl_err(FL_E_VALUE, "rope_store: the q/k norm weight has %lld rows, expected 2 x head_dim = %d",
+                          (long long)qk_norm->rows, 2 * kv->head_dim);
+    }
     fl_cuda_impl *c = IMPL(be);
     FL_TRY(fl_cuda_enter(c));
     // Layer 0 of a forward writes cos/sin of every token's position into rope_cs; the other layers
@@ -256,7 +262,7 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
     const int mode = need > c->rope_cs_bytes ? FL_ROPE_TABLE_NONE : layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
     return fl_cuda_rope_store(c->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
                               inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                              kv->head_dim, c->rope_cs, mode, &s->pg);
+                              kv->head_dim, c->rope_cs, mode, &s->pg, qk_norm ? qk_norm->data_d : NULL, eps);
 }
 
 static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,

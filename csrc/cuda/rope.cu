@@ -1,23 +1,27 @@
 // rope.cu: rotary embedding fused with the KV-cache store (see rope.cuh).
 // One block per token: the block first fills cos/sin of its position for the hd/2 frequencies
-// into shared memory, then rotates every q and k head of the token's row in place, writing the
-// rotated k (and the untouched v) into the cache slot.
+// into shared memory (NORM, Qwen3: and each warp takes q / k heads and puts 1 / rms of each head
+// there too), then rotates every q and k head of the token's row in place (NORM: the head scaled
+// by its 1 / rms and by q_norm / k_norm first), writing the rotated k (and the untouched v) into
+// the cache slot.
 #include "rope.cuh"
 #include "cuda_common.cuh"
 
 #define ROPE_THREADS 256
 
-template <typename T>
+template <typename T, bool NORM>
 __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, const int32_t *__restrict__ start_d,
                                   const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
                                   T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd,
-                                  float *__restrict__ table, int table_mode, const fl_kv_paging pg) {
-    extern __shared__ float cs[];  // [half] cos, then [half] sin
+                                  float *__restrict__ table, int table_mode, const fl_kv_paging pg,
+                                  const T *__restrict__ qk_norm, float eps) {
+    extern __shared__ float cs[];  // [half] cos, then [half] sin; NORM: then [nh + nkv] 1 / rms of each q and k head
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // positions and q|k|v come from earlier kernels
     const int half = hd / 2;
     float *sn = cs + half;
     const int bt = blockIdx.x, b = bt / n_new, t = bt % n_new;
+    T *row = qkv + (int64_t)bt * (nh + 2 * nkv) * hd;
     const float p = table_mode == FL_ROPE_TABLE_READ ? 0.f : (float)pos[bt];
     if (table_mode == FL_ROPE_TABLE_READ) {
         // cos/sin of this token's position, made by layer 0's launch of this forward.
@@ -39,10 +43,27 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
             }
         }
     }
-    __syncthreads();
+    if (NORM) {
+        // one warp per head (blockDim.x is a multiple of 32, so every warp is whole and the loop warp-uniform):
+        // the sum of squares in float32, reduced across the warp; transformers' Qwen3RMSNorm computes
+        // x * rsqrt(mean(x^2) + eps) in float32 too
+        float *rinv = cs + hd;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+        for (int h = warp; h < nh + nkv; h += nw) {
+            const T *v = row + (int64_t)h * hd;
+            float ss = 0.f;
+            for (int i = lane; i < hd; i += 32) {
+                const float x = fl_to_f32(v[i]);
+                ss += x * x;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            if (lane == 0) rinv[h] = rsqrtf(ss / (float)hd + eps);
+        }
+    }
+    __syncthreads();  // cos/sin (and the 1 / rms of every head) ready; every read of q / k above is done
     const int slot = (pg.starts_d ? pg.starts_d[b] : start_d ? *start_d : start) + t;
     const bool store = slot >= 0 && slot < max_len;
-    T *row = qkv + (int64_t)bt * (nh + 2 * nkv) * hd;
     // row b's slot in the cache (fl_kv_paging): rectangular, or a page of the pool through the block table
     int64_t at = (int64_t)b * max_len + (store ? slot : 0);
     if (pg.btab_d && store)
@@ -53,7 +74,13 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
     for (int q = threadIdx.x; q < (nh + nkv) * half; q += blockDim.x) {
         const int h = q / half, i = q % half;
         T *v = row + (int64_t)h * hd;
-        const float a = fl_to_f32(v[i]), c = fl_to_f32(v[i + half]);
+        float a = fl_to_f32(v[i]), c = fl_to_f32(v[i + half]);
+        if (NORM) {  // q_norm for the q heads, k_norm for the k heads; one rounding, after the rotation
+            const T *w = qk_norm + (h < nh ? 0 : hd);
+            const float r = cs[hd + h];
+            a = fl_to_f32(w[i]) * (a * r);
+            c = fl_to_f32(w[i + half]) * (c * r);
+        }
         const T ra = fl_from_f32<T>(a * cs[i] - c * sn[i]);
         const T rc = fl_from_f32<T>(c * cs[i] + a * sn[i]);
         v[i] = ra;
@@ -72,7 +99,8 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
 fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, int T, int start,
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
-                             int head_dim, float *table, int table_mode, const fl_kv_paging *pg) {
+                             int head_dim, float *table, int table_mode, const fl_kv_paging *pg,
+                             const void *qk_norm, float eps) {
     if (B <= 0 || T <= 0) return FL_OK;
     if (head_dim <= 0 || head_dim % 2 || head_dim > 1024)
         return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", head_dim);
@@ -84,10 +112,20 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
     if (!start_d && !pg->starts_d && (start < 0 || start + T > max_len))
         return fl_err(FL_E_VALUE, "rope_store: KV cache holds %d positions; slots [%d, %d) requested", max_len, start, start + T);
     if (table_mode != FL_ROPE_TABLE_NONE && !table) return fl_err(FL_E_INTERNAL, "rope_store: table mode %d without a table", table_mode);
-    const size_t smem = (size_t)head_dim * sizeof(float);
+    if (n_heads <= 0 || n_kv_heads <= 0 || n_heads > 1024 || n_kv_heads > 1024)
+        return fl_err(FL_E_VALUE, "rope_store: %d heads, %d kv heads (each in [1, 1024])", n_heads, n_kv_heads);
+    if (qk_norm && !(eps > 0.f)) return fl_err(FL_E_VALUE, "rope_store: q/k norm eps %g must be positive", (double)eps);
+    // cos/sin, then (q/k norm) one float per q and k head: at most 4 KiB + 8 KiB
+    const size_t smem = ((size_t)head_dim + (qk_norm ? (size_t)n_heads + n_kv_heads : 0)) * sizeof(float);
     FL_CUDA_DISPATCH(act, T_, {
-        FL_LAUNCH(rope_store_kernel<T_>, dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos, inv_freq, (T_ *)kcache,
-                                                                 (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg);
+        if (qk_norm)
+            FL_LAUNCH((rope_store_kernel<T_, true>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos,
+                      inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg,
+                      (const T_ *)qk_norm, eps);
+        else
+            FL_LAUNCH((rope_store_kernel<T_, false>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos,
+                      inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg,
+                      (const T_ *)nullptr, eps);
     });
     return FL_OK;
 }

@@ -191,7 +191,8 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         get_float(cfgd, "rope_high_freq_factor", &c.rope_high_freq_factor, 4.f) ||
         get_int(cfgd, "rope_orig_max_pos", &c.rope_orig_max_pos, 0, 8192) ||
         get_float(cfgd, "rope_attn_factor", &c.rope_attn_factor, 1.f) ||
-        get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
+        get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "qk_norm", &c.qk_norm, 0, 0) ||
+        get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
         return -1;
     if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(FlCheckpointError, "config: num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
     PyObject *win = PyDict_GetItemString(cfgd, "window");

@@ -13,9 +13,10 @@
  *   add_rmsnorm  resid[n, d], delta[n, d], w[d]                     -> out[n, d], resid[n, d]  [eps]
  *   matmul       x[n, C], W[R, C], bias[R] (optional)               -> y[n, R]
  *   rope_store   qkv[B*T, (nh+2nkv)*hd], pos:int32[B*T], inv_freq:float32[hd/2],
- *                k_cache, v_cache[B, max_len, nkv, hd] (optional; else poisoned)
+ *                k_cache, v_cache[B, max_len, nkv, hd] (optional; else poisoned),
+ *                qk_norm[2*hd] (optional: Qwen3's q_norm | k_norm, applied per head before rope)
  *                                                                   -> qkv, k_cache, v_cache
- *                [B, T, start, n_heads, n_kv_heads, start_on_device]
+ *                [B, T, start, n_heads, n_kv_heads, start_on_device, eps (q/k norm)]
  *   attention    qkv, k_cache, v_cache, kmask:uint8[B, stride] (optional) -> out[B*T, nh*hd]
  *                [B, T, start, n_heads, n_kv_heads, window, scale, start_on_device]
  *   swiglu       gu[n, 2f]                                          -> out[n, f]
@@ -521,7 +522,11 @@ static int op_rope_store(op_ctx *c) {
     step_ctx s;
     memset(&s, 0, sizeof s);
     PyArrayObject *qkv = get_arr(c, "qkv", NPY_FLOAT32, 2, 1), *inv = qkv ? get_arr(c, "inv_freq", NPY_FLOAT32, 1, 1) : NULL;
+    PyArrayObject *qkn = NULL;
+    float eps;
     if (!inv) goto done;
+    if (!(qkn = get_arr(c, "qk_norm", NPY_FLOAT32, 1, 0)) && PyErr_Occurred()) goto done;
+    if (param_float(c, "eps", 1e-6, &eps) < 0) goto done;
     if (!PyDict_GetItemString(c->params, "head_dim")) {
         PyObject *hd = PyLong_FromLong((long)(2 * DIM(inv, 0)));  /* head_dim from inv_freq */
         if (!hd || PyDict_SetItemString(c->params, "head_dim", hd) < 0) { Py_XDECREF(hd); goto done; }
@@ -529,9 +534,12 @@ static int op_rope_store(op_ctx *c) {
     }
     if (setup_step(c, &s, qkv, 0, 1) < 0) goto done;
     if (DIM(inv, 0) * 2 != s.hd) BAD("run_op(rope_store): inv_freq must have head_dim/2 entries");
-    void *inv_d = upload_raw(c, inv);
+    void *inv_d = upload_raw(c, inv), *qkn_d = NULL;
     if (!inv_d) goto done;
-    RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d));
+    if (qkn && DIM(qkn, 0) != 2 * s.hd) BAD("run_op(rope_store): qk_norm must have 2 * head_dim entries");
+    if (qkn && !(qkn_d = upload_act(c, qkn))) goto done;
+    const fl_weight qkw = weight_of(c, qkn_d, 2 * s.hd, 1);
+    RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d, qkn ? &qkw : NULL, eps));
     npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
     npy_intp shc[4] = {(npy_intp)s.B, (npy_intp)s.max_len, (npy_intp)s.nkv, (npy_intp)s.hd};
     if (s.kv.n_pages) { shc[0] = s.kv.n_pages; shc[1] = (npy_intp)1 << s.kv.page_shift; }
@@ -540,7 +548,7 @@ static int op_rope_store(op_ctx *c) {
         goto done;
     rc = 0;
 done:
-    Py_XDECREF(qkv); Py_XDECREF(inv);
+    Py_XDECREF(qkv); Py_XDECREF(inv); Py_XDECREF(qkn);
     return rc;
 }
 
