@@ -114,19 +114,22 @@ class _ODict(dict):
 
 
 class _Storage:
-    """A storage entry of the zip: dtype (None: untyped bytes), its byte size, where its data starts."""
-    __slots__ = ("key", "dtype", "nbytes", "offset", "entry")
+    """A storage entry of the zip: dtype (None: untyped bytes), its byte size, where its data starts.
+    `problem`: why its bytes cannot be used (no such entry, larger than its entry), raised once a state dict
+    key names a tensor of it, so that the message can name the tensor."""
+    __slots__ = ("key", "dtype", "nbytes", "offset", "problem")
 
-    def __init__(self, key, dtype, nbytes, offset, entry):
-        self.key, self.dtype, self.nbytes, self.offset, self.entry = key, dtype, nbytes, offset, entry
+    def __init__(self, key, dtype, nbytes, offset, problem=None):
+        self.key, self.dtype, self.nbytes, self.offset, self.problem = key, dtype, nbytes, offset, problem
 
 
 class _Tensor:
-    """A contiguous tensor: dtype (safetensors spelling), shape, absolute file offset, nbytes."""
-    __slots__ = ("dtype", "shape", "offset", "nbytes")
+    """A contiguous tensor: dtype (safetensors spelling), shape, absolute file offset, nbytes; or the
+    `problem` (not contiguous, outside its storage) raised by _table() with the tensor's name."""
+    __slots__ = ("dtype", "shape", "offset", "nbytes", "problem")
 
-    def __init__(self, dtype, shape, offset, nbytes):
-        self.dtype, self.shape, self.offset, self.nbytes = dtype, shape, offset, nbytes
+    def __init__(self, dtype, shape, offset, nbytes, problem=None):
+        self.dtype, self.shape, self.offset, self.nbytes, self.problem = dtype, shape, offset, nbytes, problem
 
 
 def _what(obj) -> str:
@@ -192,7 +195,8 @@ class _Zip:
         tail_len = min(self.size, self._EOCD.size + 0xFFFF)  # the end record and a comment of at most 64 KiB
         tail = self.pread(tail_len, self.size - tail_len, "the end of the zip archive")
         at = tail.rfind(b"PK\x05\x06")
-        while at >= 0 and at + self._EOCD.size + struct.unpack_from("<H", tail, at + 20)[0] != len(tail):
+        while at >= 0 and (at + self._EOCD.size > len(tail) or
+                           at + self._EOCD.size + struct.unpack_from("<H", tail, at + 20)[0] != len(tail)):
             at = tail.rfind(b"PK\x05\x06", 0, at)  # a signature inside the comment: keep looking
         if at < 0:
             raise self.err(f"no zip end-of-central-directory record ({trunc})")
@@ -576,12 +580,13 @@ class _Unpickler:
             return s
         entry = f"{self.prefix}data/{key}"
         if entry not in self.zf.entries:
-            raise self.err(f"storage {show(key)} has no entry {show(entry)} in the zip archive")
-        off, size = self.zf.data_range(entry, f"storage {show(key)}")
-        if nbytes > size:
-            raise self.err(f"storage {show(key)} ({stype.name}, {numel} elements = {nbytes} bytes) is larger than "
-                           f"its zip entry ({size} bytes)")
-        s = self.storages[key] = _Storage(key, dtype, nbytes, off, entry)
+            s = _Storage(key, dtype, nbytes, 0, f"its storage {show(key)} has no entry {show(entry)} in the zip archive")
+        else:
+            off, size = self.zf.data_range(entry, f"storage {show(key)}")
+            s = _Storage(key, dtype, nbytes, off, None if nbytes <= size else
+                         f"its storage {show(key)} ({stype.name}, {numel} elements = {nbytes} bytes) is larger than "
+                         f"its zip entry ({size} bytes)")
+        self.storages[key] = s
         return s
 
     def reduce(self, fn, args):
@@ -630,21 +635,25 @@ class _Unpickler:
         numel = 1
         for d in shape:
             numel *= d
-        if numel > MAX_INT // 8:
-            raise self.err(f"a tensor of shape {list(shape)} is too large")
-        if numel:
+        begin, nbytes = offset * item, numel * item  # Python ints: exact; bounded below before use
+        # what is wrong with a well-formed tensor is raised by _table(), which knows its name
+        problem = s.problem
+        if problem is None and begin + nbytes > MAX_INT:
+            problem = f"shape {list(shape)} at element offset {offset} is too large"
+        if problem is None and numel:
             expect = 1
             for d, sd in zip(reversed(shape), reversed(strides)):
                 if d != 1 and sd != expect:
-                    raise self.err(f"a non-contiguous tensor (shape {list(shape)}, stride {list(strides)}) in storage "
-                                   f"{show(s.key)}; fastload reads tensors in place and needs them row-major "
-                                   "contiguous: save t.contiguous() instead of a transposed view")
+                    problem = (f"not contiguous (shape {list(shape)}, stride {list(strides)}); fastload reads tensors "
+                               "in place and needs them row-major contiguous: save t.contiguous() instead of a "
+                               "transposed view")
+                    break
                 expect *= d
-        begin = offset * item
-        nbytes = numel * item
-        if numel and begin + nbytes > s.nbytes:
-            raise self.err(f"a tensor of shape {list(shape)} at element offset {offset} needs bytes {begin}.."
-                           f"{begin + nbytes} of storage {show(s.key)}, which has {s.nbytes}")
+        if problem is None and numel and begin + nbytes > s.nbytes:
+            problem = (f"shape {list(shape)} of {dtype} at element offset {offset} needs bytes {begin}..{begin + nbytes} "
+                       f"of storage {show(s.key)}, which has {s.nbytes} bytes")
+        if problem is not None:
+            return _Tensor(dtype, shape, 0, 0, problem)
         return _Tensor(dtype, shape, s.offset + (begin if numel else 0), nbytes)
 
 
@@ -706,6 +715,8 @@ def _table(obj, shown):
         if not name or "\x00" in name:
             raise CheckpointError(f"{shown}: state dict key {show(name)} is empty or contains NUL")
         if isinstance(v, _Tensor):
+            if v.problem:
+                raise CheckpointError(f"{shown}: tensor {show(name)}: {v.problem}")
             table.append((name, v.dtype, v.shape, v.offset, v.nbytes))
         elif type(v) in (dict, _ODict):
             raise CheckpointError(
