@@ -88,15 +88,14 @@ ALLOWED_GLOBALS = frozenset([_ORDERED_DICT, _REBUILD_V2, _REBUILD_V3, _REBUILD_P
 _UNSUPPORTED_HINT = {
     "torch.ComplexFloatStorage": "complex tensors are not supported",
     "torch.ComplexDoubleStorage": "complex tensors are not supported",
-    "torch.QInt8Storage": "torch-quantised tensors are not supported", "torch.QUInt8Storage": "",
-    "torch.QInt32Storage": "", "torch.QUInt4x2Storage": "", "torch.QUInt2x4Storage": "",
+    **{f"torch.{q}Storage": "torch-quantised tensors are not supported"
+       for q in ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4")},
     "torch._utils._rebuild_qtensor": "torch-quantised tensors are not supported",
     "torch._utils._rebuild_sparse_tensor": "sparse tensors are not supported",
     "torch._utils._rebuild_meta_tensor_no_storage": "meta tensors have no data",
     "torch._utils._rebuild_parameter_with_state": "parameters with Python state are not supported",
     "torch._tensor._rebuild_from_type_v2": "tensor subclasses are not supported",
     "torch._utils._rebuild_wrapper_subclass": "tensor subclasses are not supported",
-    "torch.Size": "", "torch.device": "",
 }
 
 
