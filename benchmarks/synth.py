@@ -31,6 +31,13 @@ SHAPES = {
                      head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                      attention_bias=False, tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
                      sliding_window=None, max_window_layers=36, bos_token_id=151643, eos_token_id=151645),
+    # ChatGLM2-6B's sizes (hidden 4096, ffn 13696, 28 layers, 32 heads, 2 KV groups, vocab 65024; 6.2 G parameters)
+    # written as a Llama-architecture checkpoint: ChatGLM2 itself fuses QKV and gate/up, but for loading speed what
+    # counts is the bytes and the tensor count (benchmarks/bin_vs_safetensors.py, .bin loading against safetensors)
+    "chatglm2-6b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=65024, hidden_size=4096,
+                        intermediate_size=13696, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=2,
+                        head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+                        tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2),
     # a Qwen2-architecture model of a few hundred kB: CPU runs of the GPU scripts' steps (dev/cuda/issue10_gpu.sh)
     "qwen2-tiny": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=1024, hidden_size=64,
                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -514,15 +514,12 @@ static int cmp_name(const void *a, const void *b) { /* elements: fl_st_tensor po
 }
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-/* Sort by offsets, reject duplicate names, build the name index, check the exact tiling. */
-static fl_status finish(fl_st_file *f, uint64_t data_len) {
+/* Sort by offsets (ties in the given order), reject duplicate names, build the name index.
+ * Used by finish() (safetensors headers) and fl_st_open_table() (explicit tables). */
+static fl_status sort_and_index(fl_st_file *f) {
     int n = f->n;
-    shown b1, b2, b3;
-    if (n == 0) {
-        if (data_len)
-            return fl_err(FL_E_FORMAT, "the header lists no tensors but %" PRIu64 " bytes follow it", data_len);
-        return FL_OK;
-    }
+    shown b1;
+    if (n == 0) return FL_OK;
     /* 1. order by (begin, end), ties in header order */
     off_key *keys = malloc((size_t)n * sizeof *keys);
     fl_st_tensor *sorted = malloc((size_t)n * sizeof *sorted);
@@ -552,6 +549,19 @@ static fl_status finish(fl_st_file *f, uint64_t data_len) {
         f->by_name[i] = (int32_t)(ptrs[i] - f->t);
     }
     free(ptrs);
+    return FL_OK;
+}
+
+/* Sort by offsets, reject duplicate names, build the name index, check the exact tiling. */
+static fl_status finish(fl_st_file *f, uint64_t data_len) {
+    int n = f->n;
+    shown b1, b2, b3;
+    if (n == 0) {
+        if (data_len)
+            return fl_err(FL_E_FORMAT, "the header lists no tensors but %" PRIu64 " bytes follow it", data_len);
+        return FL_OK;
+    }
+    FL_TRY(sort_and_index(f));
 
     /* 3. exact tiling: first at 0, each where the previous ended, the last at data_len */
     uint64_t at = 0;
@@ -737,6 +747,7 @@ fl_status fl_st_open(const char *path, fl_st_file **out) {
     }
     close(fd);
     f->map = map;
+    f->data_off = hend;
     f->data = f->map + hend;
     for (int i = 0; i < f->n; i++) f->t[i].data = f->data + f->t[i].begin;
     *out = f;
@@ -744,6 +755,80 @@ fl_status fl_st_open(const char *path, fl_st_file **out) {
 fail:
     close(fd);
     free(hdr);
+    fl_st_close(f);
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Files described by an explicit table (torch zip checkpoints: fastload/torchbin.py finds each
+ * tensor's byte range in the zip; this checks the ranges again against the file it maps).
+ * Unlike a safetensors header the tensors may overlap (tied weights share a storage) and need not
+ * tile the file (the zip's headers and directory lie between them).
+ * ------------------------------------------------------------------------------------------ */
+static fl_status check_table_entry(const fl_st_tensor *t, uint64_t size) {
+    shown b1;
+    if (t->dtype < 0 || t->dtype >= FL_DTYPE_PLAIN_COUNT) return fl_err(FL_E_FORMAT, "invalid dtype");
+    if (t->ndim < 0 || t->ndim > FL_ST_MAX_DIMS)
+        return fl_err(FL_E_FORMAT, "%d dimensions (at most %d)", t->ndim, FL_ST_MAX_DIMS);
+    uint64_t nel = 1, nbytes;
+    for (int d = 0; d < t->ndim; d++) {
+        if (t->shape[d] < 0) return fl_err(FL_E_FORMAT, "dimension %d is negative", d);
+        if (!fl_mul_u64(nel, (uint64_t)t->shape[d], &nel))
+            return fl_err(FL_E_FORMAT, "shape %s overflows 64 bits", show_shape(&b1, t));
+    }
+    if (!fl_mul_u64(nel, (uint64_t)fl_dtype_size(t->dtype), &nbytes))
+        return fl_err(FL_E_FORMAT, "shape %s of %s overflows 64 bits in bytes", show_shape(&b1, t),
+                      fl_dtype_table[t->dtype].st_name);
+    if (t->begin > t->end || nbytes != t->end - t->begin)
+        return fl_err(FL_E_FORMAT, "shape %s of %s needs %" PRIu64 " bytes but the table gives bytes [%" PRIu64 ", %"
+                      PRIu64 ")", show_shape(&b1, t), fl_dtype_table[t->dtype].st_name, nbytes, t->begin, t->end);
+    if (t->end > size)
+        return fl_err(FL_E_FORMAT, "bytes [%" PRIu64 ", %" PRIu64 ") lie outside the file of %" PRIu64 " bytes",
+                      t->begin, t->end, size);
+    return FL_OK;
+}
+
+fl_status fl_st_open_table(const char *path, fl_st_tensor *t, int n, fl_st_file **out) {
+    fl_st_file *f = NULL;
+    fl_status st;
+    int fd = -1;
+    uint64_t size = 0;
+    char eb[128];
+    shown b1;
+    if (out) *out = NULL;
+    if (!out || !path || n < 0 || (n && !t)) { st = fl_err(FL_E_VALUE, "fl_st_open_table: bad argument"); goto fail; }
+    if ((st = fl_open_regular(path, 0, &fd, &size)) != FL_OK) goto fail;
+    if (size == 0) { st = fl_err(FL_E_FORMAT, "%s: the file is empty", path); goto fail; }
+    if (size > (uint64_t)SIZE_MAX) { st = fl_err(FL_E_IO, "%s: file of %" PRIu64 " bytes is too large to map", path, size); goto fail; }
+    for (int i = 0; i < n; i++)
+        if ((st = check_table_entry(&t[i], size)) != FL_OK) {
+            st = fl_err_prefix(st, "%s: tensor '%s'", path, show(&b1, t[i].name ? t[i].name : "?"));
+            goto fail;
+        }
+    f = calloc(1, sizeof *f);
+    if (!f || !(f->path = strdup(path))) { st = fl_err(FL_E_NOMEM, "%s: out of memory", path); goto fail; }
+    f->n = n; f->t = t; t = NULL; /* f owns the table from here */
+    if ((st = sort_and_index(f)) != FL_OK) { st = fl_err_prefix(st, "%s", path); goto fail; }
+    void *map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map == MAP_FAILED) {
+        st = fl_err(FL_E_IO, "%s: cannot map %" PRIu64 " bytes: %s", path, size, strerror_r(errno, eb, sizeof eb));
+        goto fail;
+    }
+    close(fd);
+    f->map = map;
+    f->size = (size_t)size;
+    f->data_off = 0;
+    f->data = f->map;
+    f->data_len = size;
+    for (int i = 0; i < f->n; i++) f->t[i].data = f->data + f->t[i].begin;
+    *out = f;
+    return FL_OK;
+fail:
+    if (fd >= 0) close(fd);
+    if (t) {
+        for (int i = 0; i < n; i++) free(t[i].name);
+        free(t);
+    }
     fl_st_close(f);
     return st;
 }

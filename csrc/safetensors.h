@@ -17,14 +17,15 @@ typedef struct {
     fl_dtype dtype;
     int ndim;
     int64_t shape[FL_ST_MAX_DIMS];
-    uint64_t begin, end;      /* byte offsets within the data region */
-    const void *data;         /* map + 8 + header_len + begin */
+    uint64_t begin, end;      /* byte offsets within the data region (the whole file for a table file) */
+    const void *data;         /* map + data_off + begin */
 } fl_st_tensor;
 
 typedef struct fl_st_file {
     char *path;
     uint8_t *map; size_t size;
     uint64_t header_len;
+    uint64_t data_off;        /* file offset of the data region: 8 + header_len; 0 for a table file */
     const uint8_t *data; uint64_t data_len;
     int n;
     fl_st_tensor *t;          /* sorted by begin offset */
@@ -43,6 +44,12 @@ fl_status fl_st_parse_header(const char *json, uint64_t len, uint64_t data_len, 
 /* Free a file from fl_st_open, or a zeroed heap fl_st_file filled by fl_st_parse_header. NULL ok. */
 void fl_st_close(fl_st_file *f);
 int fl_st_find(const fl_st_file *f, const char *name);     /* index or -1 */
+/* A file whose tensors are given by a table instead of a header (a torch zip checkpoint located by
+ * fastload/torchbin.py): t[i].name (malloc'd), dtype, ndim, shape, begin/end as absolute byte offsets
+ * in the file. Each entry is checked (known dtype, shape bytes == end - begin with checked arithmetic,
+ * end within the file), names must be unique; entries may overlap and need not tile the file.
+ * Takes ownership of `t` (an array of n from malloc) whether it succeeds or not. */
+fl_status fl_st_open_table(const char *path, fl_st_tensor *t, int n, fl_st_file **out);
 
 #ifdef __cplusplus
 }

@@ -74,8 +74,13 @@ def resolve(ref, revision=None, cache_dir=None, local_files_only=False) -> str:
         except ImportError:
             snapshot_download = None
         if snapshot_download is not None:
-            return snapshot_download(ref, revision=revision, cache_dir=cache_dir,
+            snap = snapshot_download(ref, revision=revision, cache_dir=cache_dir,
                                      allow_patterns=["*.json", "*.safetensors", "*.gguf", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+            if not any(f.endswith((".safetensors", ".gguf")) for f in os.listdir(snap)):
+                # only PyTorch .bin weights (ChatGLM2, many fine-tunes): fetched only then, never next to safetensors;
+                # fastload/torchbin.py reads them without running their pickle code
+                snap = snapshot_download(ref, revision=revision, cache_dir=cache_dir, allow_patterns=["pytorch_model*.bin"])
+            return snap
     raise FileNotFoundError(
         f"{ref!r} is not in the Hugging Face cache ({snap} does not exist) and cannot be downloaded "
         "(no network, HF_HUB_OFFLINE set, or huggingface_hub not installed); pass a local directory or .gguf file")

@@ -28,6 +28,7 @@ from . import config as cfgmod
 from . import engine as enginemod
 from . import quant as quantmod
 from . import _files
+from . import torchbin
 from ._util import AttrDict, is_torch
 from .hub import resolve
 
@@ -947,9 +948,19 @@ class FastModelForCausalLM:
             qc = _files.read_json(qc_real, os.path.join(path, "quantize_config.json"))
             packed = _checkpoint_quant({"quantization_config": {"quant_method": "gptq", **qc}}, path)
         qcore = quantmod.reconcile(quant, packed, path)
-        # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files)
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        index_real = _files.find_file(path, "model.safetensors.index.json", allow_external=ext)
+        # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files).
+        # safetensors first; without it, PyTorch .bin files as transformers names them (read by fastload/torchbin.py,
+        # which never runs their pickle code) through the same index layout.
+        kind = "safetensors"
+        index_name, single_name = "model.safetensors.index.json", "model.safetensors"
+        if not _files.find_file(path, index_name, allow_external=ext) and \
+                not _files.find_file(path, single_name, allow_external=ext) and \
+                (_files.find_file(path, "pytorch_model.bin.index.json", allow_external=ext) or
+                 _files.find_file(path, "pytorch_model.bin", allow_external=ext)):
+            kind = "torch_bin"
+            index_name, single_name = "pytorch_model.bin.index.json", "pytorch_model.bin"
+        index_path = os.path.join(path, index_name)
+        index_real = _files.find_file(path, index_name, allow_external=ext)
         real = {}
         if index_real:
             weight_map = _files.read_json(index_real, index_path, _files.INDEX_LIMIT).get("weight_map")
@@ -957,17 +968,17 @@ class FastModelForCausalLM:
                 raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
             shard_names = sorted(set(weight_map.values()))
             for s in shard_names:
-                real[s] = _files.find_file(path, s, "shard name in model.safetensors.index.json", allow_external=ext)
+                real[s] = _files.find_file(path, s, f"shard name in {index_name}", allow_external=ext)
                 if real[s] is None:
                     raise CheckpointError(f"{index_path}: shard '{s}' is listed in weight_map but {os.path.join(path, s)} does not exist")
-        elif (single := _files.find_file(path, "model.safetensors", allow_external=ext)) is not None:
-            weight_map, shard_names, real = None, ["model.safetensors"], {"model.safetensors": single}
+        elif (single := _files.find_file(path, single_name, allow_external=ext)) is not None:
+            weight_map, shard_names, real = None, [single_name], {single_name: single}
         else:
-            if os.path.isfile(os.path.join(path, "pytorch_model.bin")) or any(
-                    f.startswith("pytorch_model") for f in os.listdir(path)):
-                raise CheckpointError(f"{path}: only pickle (.bin) weights found; fastload reads safetensors and GGUF "
-                                      "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or .gguf file")
+            if any(f.startswith("pytorch_model") for f in os.listdir(path)):
+                raise CheckpointError(f"{path}: pytorch_model* files but neither pytorch_model.bin nor "
+                                      "pytorch_model.bin.index.json (the names transformers writes)")
+            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+                                    "pytorch_model.bin.index.json or .gguf file")
 
         cfg_path = os.path.join(path, "config.json")
         cfg_real = _files.find_file(path, "config.json", allow_external=ext)
@@ -985,7 +996,10 @@ class FastModelForCausalLM:
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
 
         stamps = {r: _stamp(r) for r in [cfg_real, index_real, *real.values()] if r}
-        files = {s: _C.SafetensorsFile(real[s]) for s in shard_names}
+        if kind == "torch_bin":  # the same file objects, built from the tensors' offsets in the zip
+            files = {s: torchbin.open_file(real[s], os.path.join(path, s)) for s in shard_names}
+        else:
+            files = {s: _C.SafetensorsFile(real[s]) for s in shard_names}
         where = {}
         for s, f in files.items():
             for k in f.keys():
@@ -1029,6 +1043,11 @@ class FastModelForCausalLM:
                           "packed (no '.qweight' tensors): loaded as a float checkpoint", stacklevel=3)
             packed = None
         unused = [n for n in where if n not in used and not n.endswith(archmod.IGNORED_SUFFIXES)]
+        if kind == "torch_bin" and unused:
+            # torch.save keeps tied weights under every name (lm_head.weight next to embed_tokens.weight, one
+            # storage): a name whose bytes are those of a used tensor is that tensor, not an unused one
+            used_at = {(where[n], files[where[n]].info(n)) for n in used if n in where}
+            unused = [n for n in unused if (where[n], files[where[n]].info(n)) not in used_at]
         if unused:
             warnings.warn(f"{path}: {len(unused)} checkpoint tensor(s) not used by {arch.name}: {unused[:5]}", stacklevel=3)
         stats = cls._finish(core, items, len(files), os.path.basename(os.path.normpath(path)), progress, progress_callback)
@@ -1044,7 +1063,7 @@ class FastModelForCausalLM:
                 gen[k] = hf[k]
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
-        model._source = {"kind": "safetensors", "path": path, "ext": ext, "files": stamps, "quant": quant}
+        model._source = {"kind": kind, "path": path, "ext": ext, "files": stamps, "quant": quant}
         model._set_quant(quant, packed)
         return model
 

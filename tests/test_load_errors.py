@@ -106,11 +106,21 @@ def test_unsupported_activation(ckpt):
         load(ckpt)
 
 
-def test_pickle_only(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
-    with pytest.raises(fastload.CheckpointError, match="pickle"):
-        load(tmp_path)
+def test_legacy_pickle_only(ckpt):
+    # .bin checkpoints are read (tests/test_torch_bin.py); the legacy pre-zip format is refused with how to convert
+    for f in ckpt.glob("model*.safetensors*"):
+        f.unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.")
+    with pytest.raises(fastload.CheckpointError, match=r"pytorch_model\.bin: .*legacy serialization format.*torch\.save"):
+        load(ckpt)
+
+
+def test_bin_files_misnamed(ckpt):
+    for f in ckpt.glob("model*.safetensors*"):
+        f.unlink()
+    (ckpt / "pytorch_model-00001-of-00002.bin").write_bytes(b"PK")
+    with pytest.raises(fastload.CheckpointError, match=r"neither pytorch_model\.bin nor pytorch_model\.bin\.index\.json"):
+        load(ckpt)
 
 
 def test_missing_path():

@@ -301,7 +301,7 @@ static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
         const fl_st_tensor *t = &f->t[i];
         if (t->ndim > 4) { PyErr_Format(FlCheckpointError, "%s: tensor '%s' has %d dimensions", f->path, name, t->ndim); return -1; }
         *src = (fl_src_tensor){.file = f->path, .name = t->name, .data = t->data, .nbytes = t->end - t->begin,
-                               .file_offset = 8 + f->header_len + t->begin,
+                               .file_offset = f->data_off + t->begin,
                                .kind = FL_SRC_PLAIN, .type = t->dtype, .ndim = t->ndim};
         for (int k = 0; k < t->ndim; k++) src->shape[k] = t->shape[k];
         return 0;

@@ -1,6 +1,9 @@
 /* py_safetensors.c: fastload._C.SafetensorsFile, a read-only view of one .safetensors file.
  *
  *   f = SafetensorsFile(path)       # header validated, file mapped (GIL released meanwhile)
+ *   f = SafetensorsFile(path, table=[(name, dtype, shape, offset, nbytes), ...])
+ *                                   # any file whose tensors lie at the given absolute offsets (a torch
+ *                                   # zip checkpoint located by fastload/torchbin.py); ranges checked
  *   f.keys(); f.info(name); f.metadata; f.get(name) -> read-only numpy view of the mapping
  *
  * Lifetime: arrays from get() hold a reference to the SafetensorsFile (their base), so the
@@ -22,25 +25,113 @@ static int st_check_open(StObj *s) {
     return -1;
 }
 
+/* One table entry (name, dtype, shape, offset, nbytes) into *t. Malformed entries are the caller's
+ * mistake (fastload/torchbin.py builds them): TypeError / ValueError naming the entry. Whether the
+ * ranges fit the file is checked by fl_st_open_table (CheckpointError naming file and tensor). */
+static int table_entry(PyObject *item, Py_ssize_t i, fl_st_tensor *t) {
+    PyObject *name, *dtype, *shape, *off, *nbytes;
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5) {
+        PyErr_Format(PyExc_TypeError, "table[%zd] must be a tuple (name, dtype, shape, offset, nbytes)", i);
+        return -1;
+    }
+    name = PyTuple_GET_ITEM(item, 0); dtype = PyTuple_GET_ITEM(item, 1); shape = PyTuple_GET_ITEM(item, 2);
+    off = PyTuple_GET_ITEM(item, 3); nbytes = PyTuple_GET_ITEM(item, 4);
+    if (!PyUnicode_Check(name) || !PyUnicode_Check(dtype) || !PyTuple_Check(shape) || !PyLong_Check(off) ||
+        !PyLong_Check(nbytes)) {
+        PyErr_Format(PyExc_TypeError, "table[%zd] must be (str, str, tuple, int, int)", i);
+        return -1;
+    }
+    Py_ssize_t nlen, dlen;
+    const char *u = PyUnicode_AsUTF8AndSize(name, &nlen), *d = u ? PyUnicode_AsUTF8AndSize(dtype, &dlen) : NULL;
+    if (!d) return -1;
+    if (nlen == 0 || strlen(u) != (size_t)nlen) {
+        PyErr_Format(PyExc_ValueError, "table[%zd]: tensor name %R is empty or contains NUL", i, name);
+        return -1;
+    }
+    t->dtype = strlen(d) == (size_t)dlen ? fl_dtype_from_st_name(d, (size_t)dlen) : FL_DTYPE_INVALID;
+    if (t->dtype == FL_DTYPE_INVALID) {
+        PyErr_Format(PyExc_ValueError, "table[%zd] (%R): unknown dtype %R", i, name, dtype);
+        return -1;
+    }
+    Py_ssize_t nd = PyTuple_GET_SIZE(shape);
+    if (nd > FL_ST_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "table[%zd] (%R): %zd dimensions (at most %d)", i, name, nd, FL_ST_MAX_DIMS);
+        return -1;
+    }
+    t->ndim = (int)nd;
+    for (Py_ssize_t k = 0; k < nd; k++) {
+        PyObject *v = PyTuple_GET_ITEM(shape, k);
+        long long x = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+        if (x == -1 && PyErr_Occurred()) return -1;
+        if (x < 0) {
+            PyErr_Format(PyExc_ValueError, "table[%zd] (%R): shape must hold non-negative ints", i, name);
+            return -1;
+        }
+        t->shape[k] = (int64_t)x;
+    }
+    unsigned long long b = PyLong_AsUnsignedLongLong(off); /* negative: OverflowError */
+    if (b == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    unsigned long long n = PyLong_AsUnsignedLongLong(nbytes);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (n > UINT64_MAX - b) {
+        PyErr_Format(PyExc_ValueError, "table[%zd] (%R): offset + nbytes overflows 64 bits", i, name);
+        return -1;
+    }
+    t->begin = b;
+    t->end = b + n;
+    if (!(t->name = strdup(u))) { PyErr_NoMemory(); return -1; }
+    return 0;
+}
+
+/* The table argument as a malloc'd array (names malloc'd), or -1 with an exception set. */
+static int table_from(PyObject *table, fl_st_tensor **out, int *n_out) {
+    *out = NULL; *n_out = 0;
+    PyObject *seq = PySequence_Fast(table, "table must be a list of (name, dtype, shape, offset, nbytes)");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > INT32_MAX / 2) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "table is too long"); return -1; }
+    fl_st_tensor *t = calloc(n ? (size_t)n : 1, sizeof *t);
+    if (!t) { Py_DECREF(seq); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (table_entry(PySequence_Fast_GET_ITEM(seq, i), i, &t[i]) < 0) {
+            for (Py_ssize_t k = 0; k <= i; k++) free(t[k].name);
+            free(t);
+            Py_DECREF(seq);
+            return -1;
+        }
+    Py_DECREF(seq);
+    *out = t; *n_out = (int)n;
+    return 0;
+}
+
 static PyObject *st_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"path", NULL};
+    static char *kwlist[] = {"path", "table", NULL};
     PyObject *pathb = NULL; /* bytes, from str / bytes / os.PathLike */
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&:SafetensorsFile", kwlist, PyUnicode_FSConverter, &pathb))
+    PyObject *table = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|$O:SafetensorsFile", kwlist, PyUnicode_FSConverter, &pathb, &table))
         return NULL;
+    fl_st_tensor *tab = NULL;
+    int ntab = 0;
+    if (table != Py_None && table_from(table, &tab, &ntab) < 0) { Py_DECREF(pathb); return NULL; }
     StObj *s = (StObj *)type->tp_alloc(type, 0);
-    if (!s) { Py_DECREF(pathb); return NULL; }
+    if (!s) { Py_DECREF(pathb); goto free_tab; }
     s->path = PyUnicode_DecodeFSDefaultAndSize(PyBytes_AS_STRING(pathb), PyBytes_GET_SIZE(pathb));
-    if (!s->path) { Py_DECREF(pathb); Py_DECREF(s); return NULL; }
+    if (!s->path) { Py_DECREF(pathb); Py_DECREF(s); goto free_tab; }
     const char *cpath = PyBytes_AS_STRING(pathb);
     fl_st_file *f = NULL;
     fl_status st;
+    const int from_table = table != Py_None;
     Py_BEGIN_ALLOW_THREADS
-    st = fl_st_open(cpath, &f);
+    st = from_table ? fl_st_open_table(cpath, tab, ntab, &f) : fl_st_open(cpath, &f); /* the table is f's now */
     Py_END_ALLOW_THREADS
     Py_DECREF(pathb);
     if (st != FL_OK) { Py_DECREF(s); return fl_py_raise(st); }
     s->base.f = f;
     return (PyObject *)s;
+free_tab:
+    for (int i = 0; i < ntab; i++) free(tab[i].name);
+    free(tab);
+    return NULL;
 }
 
 static void st_release(StObj *s) {
@@ -227,7 +318,8 @@ static PyObject *st_repr(StObj *s) {
 
 static PyMethodDef st_methods[] = {
     {"keys", (PyCFunction)st_keys, METH_NOARGS, "Tensor names, in the order of their data in the file."},
-    {"info", (PyCFunction)st_info, METH_O, "info(name) -> (dtype, shape, begin, end); offsets within the data region."},
+    {"info", (PyCFunction)st_info, METH_O, "info(name) -> (dtype, shape, begin, end); offsets within the data region "
+     "(absolute file offsets for a file opened with a table)."},
     {"get", (PyCFunction)st_get, METH_O,
      "get(name) -> read-only numpy array viewing the mapped file (BF16 as uint16 bits, F8 as uint8)."},
     {"close", (PyCFunction)st_close, METH_NOARGS, "Close the file (views already handed out stay valid)."},
@@ -256,7 +348,9 @@ PyTypeObject FlPySt_Type = {
     .tp_repr = (reprfunc)st_repr,
     .tp_as_sequence = &st_as_sequence,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SafetensorsFile(path): a validated, memory-mapped .safetensors file.\n\n"
+    .tp_doc = "SafetensorsFile(path, *, table=None): a validated, memory-mapped .safetensors file.\n\n"
+              "With table=[(name, dtype, shape, offset, nbytes), ...] the file has no safetensors header: each tensor\n"
+              "lies at the given absolute offset (checked against the file; entries may overlap).\n\n"
               "Raises fastload.CheckpointError (a ValueError) naming the file and tensor if the file is malformed,\n"
               "OSError if it cannot be read.",
     .tp_methods = st_methods,
