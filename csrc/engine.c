@@ -380,16 +380,21 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
         k = bucket_of(B) * e->n_lbuckets + lb;
     }
     const int n = rows * T;
-    if (2 * n + rows > e->in_cap) return fl_err(FL_E_INTERNAL, "engine: step of %d x %d tokens exceeds its buffers", rows, T);
+    if (2 * n + 2 * rows > e->in_cap) return fl_err(FL_E_INTERNAL, "engine: step of %d x %d tokens exceeds its buffers", rows, T);
     int32_t *in = e->h_in;
     memcpy(in, e->h_tok, (size_t)B * T * 4);
     memcpy(in + n, e->h_pos, (size_t)B * T * 4);
     memcpy(in + 2 * n, e->h_starts, (size_t)B * 4);
     for (int i = B * T; i < n; i++) in[i] = in[n + i] = 0; /* padding rows: token 0 at slot 0 of the null page */
     for (int b = B; b < rows; b++) in[2 * n + b] = 0;
+    /* dynamic NTK rope, prefill: a row's rope length is its whole prompt (+ the tokens it had generated, when it was
+     * preempted), the same for every chunk, as transformers reads a prompt in one forward; decode steps leave it to
+     * the token's position + 1 (dyn.len_d NULL) */
+    const int dyn_len = T > 1 && m->cfg.rope_type == FL_ROPE_DYNAMIC;
+    for (int b = 0; dyn_len && b < rows; b++) in[2 * n + rows + b] = b < B ? rq[b]->n_prompt + rq[b]->n_out : 0;
     FL_TRY(fl_model_reserve(m, n, rows));
     const int32_t *in_d = be->host_memory ? e->h_in : e->d_in, *btab_d = NULL;
-    if (!be->host_memory) FL_TRY(be->to_backend(be, e->d_in, in, (size_t)(2 * n + rows) * 4));
+    if (!be->host_memory) FL_TRY(be->to_backend(be, e->d_in, in, (size_t)(2 * n + (dyn_len ? 2 : 1) * rows) * 4));
     FL_TRY(put_btab(e, rq, B, rows, stride, k >= 0, &btab_d));
     if (k >= 0 && e->graph[k] && e->graph_epoch[k] == be->scratch_epoch) {
         FL_TRY(be->graph_replay(be, e->graph[k]));
@@ -400,6 +405,7 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
         memset(&s, 0, sizeof s);
         s.batch = rows; s.n_new = T; s.pos_d = in_d + n;
         s.pg.starts_d = in_d + 2 * n; s.pg.btab_d = btab_d; s.pg.btab_stride = stride; s.pg.page_shift = e->pool.shift;
+        if (dyn_len) s.dyn.len_d = in_d + 2 * n + rows;
         FL_TRY(fl_forward_core(m, &kv, &s, in_d, 0));
         if (k >= 0) { /* record this bucket's step for the next time (the eager run grew every buffer it needs) */
             if (e->graph[k]) be->graph_free(be, e->graph[k]);
@@ -717,6 +723,9 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     if (cfg.page_tokens <= 0) cfg.page_tokens = 16;
     if (cfg.max_batch <= 0) cfg.max_batch = 64;
     if (cfg.prefill_chunk <= 0) cfg.prefill_chunk = 512;
+    /* dynamic NTK rope: a page's keys are rotated with frequencies that depend on the length of the request that
+     * wrote them, so no other request may take them */
+    if (m->cfg.rope_type == FL_ROPE_DYNAMIC) cfg.no_prefix_cache = 1;
     if (cfg.max_context <= 0) cfg.max_context = m->cfg.max_pos > 0 ? m->cfg.max_pos : 4096;
     if (cfg.page_tokens & (cfg.page_tokens - 1) || cfg.page_tokens > 4096)
         return fl_err(FL_E_VALUE, "engine: page_tokens=%d must be a power of two up to 4096", cfg.page_tokens);
@@ -777,7 +786,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->h_starts = malloc((size_t)cfg.max_batch * 4);
     e->h_btab = malloc((size_t)cfg.max_batch * (size_t)e->max_pages * 4);
     e->h_next = malloc((size_t)cfg.max_batch * 4);
-    e->in_cap = 2 * rows + cfg.max_batch;
+    e->in_cap = 2 * rows + 2 * cfg.max_batch; /* tokens, positions, starts, rope lengths */
     e->h_in = malloc((size_t)e->in_cap * 4);
     e->sig_seq = calloc((size_t)cfg.max_batch, sizeof(uint64_t));
     e->sig_gen = calloc((size_t)cfg.max_batch, sizeof(int));

@@ -59,6 +59,7 @@ typedef struct {
     const uint8_t *kmask_d;  /* [B, kmask_stride] 1 = key slot may be attended (padding); NULL = all */
     int kmask_stride;        /* row stride of kmask_d (>= start + T) */
     fl_kv_paging pg;         /* per-row starts and block table (zero: one start, rectangular cache) */
+    fl_rope_dyn dyn;         /* dynamic NTK rope: callers set dyn.len_d; fl_forward_core fills the rest */
 } fl_step;
 
 /* Where a checkpoint tensor's bytes are (already mapped) and what they are. */

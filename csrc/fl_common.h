@@ -192,6 +192,18 @@ typedef struct {
     int page_shift;           /* log2 of the slots per page */
 } fl_kv_paging;
 
+/* Dynamic NTK rope (transformers' rope_type "dynamic", _compute_dynamic_ntk_parameters): a row whose rope length L
+ * exceeds max_pos takes its frequencies from base theta * (factor * L / max_pos - (factor - 1))^(hd / (hd - 2)),
+ * float32 as transformers computes it; at most max_pos, the model's own table. L is the number of tokens the row holds
+ * once this forward is done: transformers' torch.max(position_ids) + 1, a prompt's whole length while it is read in
+ * chunks. factor 0: off (every other rope type). len_d: [B] in backend memory, or NULL: each token's position + 1
+ * (a decode step's length). */
+typedef struct {
+    float theta, factor;
+    int max_pos;
+    const int32_t *len_d;
+} fl_rope_dyn;
+
 void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
 void fl_free(void *p);
 

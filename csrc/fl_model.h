@@ -21,7 +21,9 @@ extern "C" {
 #define FL_MAX_FFN 1048576          /* intermediate_size */
 #define FL_MAX_VOCAB 16777216       /* vocab_size (2^24) */
 
-typedef enum { FL_ROPE_DEFAULT = 0, FL_ROPE_LINEAR, FL_ROPE_LLAMA3, FL_ROPE_YARN } fl_rope_type;
+/* FL_ROPE_DYNAMIC: transformers' "dynamic" (NTK) rope: the frequencies of a row depend on its length (fl_rope_dyn,
+ * fl_common.h); rope_orig_max_pos holds max_position_embeddings, past which they change. */
+typedef enum { FL_ROPE_DEFAULT = 0, FL_ROPE_LINEAR, FL_ROPE_LLAMA3, FL_ROPE_YARN, FL_ROPE_DYNAMIC } fl_rope_type;
 
 typedef struct {
     int vocab;               /* vocab_size */
@@ -120,6 +122,9 @@ typedef struct fl_model {
     /* fl_forward_core without all_logits: the token of row b whose logits are wanted is last_rows[b] (host, [B]) when
      * set, else T - 1 (the engine's prefill of right-padded prompt chunks sets it for one call) */
     const int32_t *last_rows;
+    /* FL_ROPE_DYNAMIC, fl_forward: each row's rope length (host, [B]) when set, else the row's largest position + 1
+     * (the legacy generate loop sets it to the whole prompt's length while it reads the prompt in chunks) */
+    const int32_t *rope_len;
 } fl_model;
 
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);

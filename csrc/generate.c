@@ -70,6 +70,7 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
     const int chunk = FL_PREFILL_TOKENS / B > 0 ? FL_PREFILL_TOKENS / B : 1, tcm = chunk < T ? chunk : T;
     int32_t *ctok = malloc((size_t)B * tcm * 4), *cpos = malloc((size_t)B * tcm * 4);
     if (!ctok || !cpos) st = fl_err(FL_E_NOMEM, "generate: cannot allocate host buffers");
+    m->rope_len = npos; /* dynamic NTK rope: every chunk of the prompt takes the prompt's length, as one forward would */
     for (int c0 = 0; st == FL_OK && c0 < T; c0 += tcm) {
         const int tc = T - c0 < tcm ? T - c0 : tcm;
         for (int b = 0; b < B; b++) {
@@ -78,6 +79,7 @@ fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int 
         }
         st = fl_forward(m, kv, B, tc, c0, ctok, cpos, any_pad ? kfull : NULL, total, 0, logits);
     }
+    m->rope_len = NULL;
     free(ctok);
     free(cpos);
     int steps = 0;

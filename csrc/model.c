@@ -50,7 +50,7 @@ static fl_status check_config(const fl_config *c) {
         return fl_err(FL_E_FORMAT, "config: max_position_embeddings=%d must be in [0, 2^31-1]", c->max_pos);
     FL_TRY(check_pos_float("rms_norm_eps", c->rms_eps, 1));
     FL_TRY(check_pos_float("rope_theta", c->rope_theta, 0));
-    if (c->rope_type < FL_ROPE_DEFAULT || c->rope_type > FL_ROPE_YARN)
+    if (c->rope_type < FL_ROPE_DEFAULT || c->rope_type > FL_ROPE_DYNAMIC)
         return fl_err(FL_E_FORMAT, "config: unknown rope_type %d", c->rope_type);
     if (c->rope_type != FL_ROPE_DEFAULT) FL_TRY(check_pos_float("rope_scaling.factor", c->rope_factor, 0));
     FL_TRY(check_pos_float("rope_scaling.attention_factor", c->rope_attn_factor, 0));
@@ -61,6 +61,12 @@ static fl_status check_config(const fl_config *c) {
             return fl_err(FL_E_FORMAT, "config: yarn correction range [%g, %g] must satisfy 0 <= low < high",
                           (double)c->rope_low_freq_factor, (double)c->rope_high_freq_factor);
     }
+    if (c->rope_type == FL_ROPE_DYNAMIC && c->head_dim < 4)
+        return fl_err(FL_E_FORMAT, "config: dynamic rope scaling needs head_dim >= 4 (its exponent is head_dim / (head_dim - 2)), "
+                      "got %d", c->head_dim);
+    if (c->rope_type == FL_ROPE_DYNAMIC && c->rope_orig_max_pos <= 0)
+        return fl_err(FL_E_FORMAT, "config: dynamic rope scaling needs max_position_embeddings in [1, 2^31-1], got %d",
+                      c->rope_orig_max_pos);
     if (c->rope_type == FL_ROPE_LLAMA3) {
         FL_TRY(check_pos_float("rope_scaling.low_freq_factor", c->rope_low_freq_factor, 0));
         FL_TRY(check_pos_float("rope_scaling.high_freq_factor", c->rope_high_freq_factor, 0));
@@ -1120,9 +1126,18 @@ fl_status fl_model_reserve(fl_model *m, int N, int n_logit) {
     return FL_OK;
 }
 
-fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step, const int32_t *tok_d, int all_logits) {
+fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, const int32_t *tok_d, int all_logits) {
     const fl_config *c = &m->cfg;
     fl_backend *be = m->be;
+    fl_step step_dyn = *step_in; /* dynamic NTK rope: the model's parameters; the caller gave the rows' lengths */
+    if (c->rope_type == FL_ROPE_DYNAMIC) {
+        step_dyn.dyn.theta = c->rope_theta;
+        step_dyn.dyn.factor = c->rope_factor;
+        step_dyn.dyn.max_pos = c->rope_orig_max_pos;
+    } else {
+        step_dyn.dyn = (fl_rope_dyn){0};
+    }
+    const fl_step *step = &step_dyn;
     const int B = step->batch, T = step->n_new, N = B * T;
     if (N > m->ws_tokens) return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d tokens, %d needed", m->ws_tokens, N);
     const int rows = all_logits || T == 1 ? N : B;  /* logit rows this forward writes */
@@ -1189,11 +1204,32 @@ fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const
     }
     if (st == FL_OK) st = be->to_backend(be, m->ws_tok_d, tokens, (size_t)N * 4);
     if (st == FL_OK) st = be->to_backend(be, m->ws_pos_d, pos, (size_t)N * 4);
-    const fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_use,
-                          .kmask_stride = kmask_stride};
+    fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_use,
+                    .kmask_stride = kmask_stride};
+    /* dynamic NTK rope: each row's length, the caller's (m->rope_len) or its largest position + 1, as transformers'
+     * torch.max(position_ids) + 1 (taken per row here; transformers takes it over the batch) */
+    int32_t *len_h = NULL, *len_d = NULL;
+    if (st == FL_OK && m->cfg.rope_type == FL_ROPE_DYNAMIC) {
+        len_h = malloc((size_t)B * 4);
+        if (!len_h) st = fl_err(FL_E_NOMEM, "forward: rope lengths");
+        for (int b = 0; st == FL_OK && b < B; b++) {
+            int32_t mx = 0;
+            if (m->rope_len) mx = m->rope_len[b];
+            else
+                for (int t = 0; t < T; t++) mx = pos[(size_t)b * T + t] + 1 > mx ? pos[(size_t)b * T + t] + 1 : mx;
+            len_h[b] = mx;
+        }
+        if (st == FL_OK && !be->host_memory) {
+            st = be->alloc(be, (size_t)B * 4, (void **)&len_d);
+            if (st == FL_OK) st = be->to_backend(be, len_d, len_h, (size_t)B * 4);
+        }
+        step.dyn.len_d = be->host_memory ? len_h : len_d;
+    }
     if (st == FL_OK) st = fl_forward_core(m, kv, &step, m->ws_tok_d, all_logits);
     if (st == FL_OK) st = be->logits_to_host(be, logits_h, m->ws_logits, all_logits ? N : B, m->cfg.vocab);
     if (st == FL_OK) st = be->sync(be);
     if (kmask_d) be->free(be, kmask_d);
+    if (len_d) be->free(be, len_d);
+    free(len_h);
     return st;
 }

@@ -16,7 +16,7 @@ from . import checks
 
 SLOT = _C.SLOTS  # slot name -> int, from csrc/fl_model.h
 
-ROPE_TYPES = {"default": 0, "linear": 1, "llama3": 2, "yarn": 3}
+ROPE_TYPES = {"default": 0, "linear": 1, "llama3": 2, "yarn": 3, "dynamic": 4}
 
 # Hugging Face tensor names: (slot, per-layer?) -> name template
 HF_GLOBAL = {
@@ -136,6 +136,20 @@ def _rope(config: dict, where: str):
     factor = float(_get(scaling, "factor", 1.0))
     if rtype == "linear":
         return float(theta), 1, factor, 1.0, 4.0, 8192, 1.0
+    if rtype == "dynamic":
+        # transformers' _compute_dynamic_ntk_parameters: max_position_embeddings is where the frequencies start to
+        # change (the core reads it from rope_orig_max_pos); attention_factor 1
+        max_pos = config.get("max_position_embeddings")
+        if not isinstance(max_pos, int) or isinstance(max_pos, bool) or not 0 < max_pos <= checks.INT32_MAX:
+            raise checks.CheckpointError(f"{where}: dynamic rope scaling needs max_position_embeddings, an integer in "
+                                         f"[1, 2^31-1], got {max_pos!r}")
+        if _head_dim(config) < 4:
+            raise checks.CheckpointError(f"{where}: dynamic rope scaling needs head_dim >= 4 (its exponent is head_dim / "
+                                         f"(head_dim - 2)), got {_head_dim(config)}")
+        if factor * max_pos > checks.INT32_MAX:
+            raise checks.CheckpointError(f"{where}: dynamic rope scaling gives a context of factor x "
+                                         f"max_position_embeddings = {factor:g} x {max_pos} tokens, more than 2^31-1")
+        return float(theta), ROPE_TYPES["dynamic"], factor, 1.0, 4.0, int(max_pos), 1.0
     low, high = float(_get(scaling, "low_freq_factor", 1.0)), float(_get(scaling, "high_freq_factor", 4.0))
     if high <= low:
         raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
@@ -208,7 +222,8 @@ def context_length(config: dict) -> int:
         _, rtype, factor, _, _, orig, _ = _rope(config, "config")
     except Exception:  # reported where the model is built
         return max_pos
-    if rtype == ROPE_TYPES["yarn"]:
+    if rtype in (ROPE_TYPES["yarn"], ROPE_TYPES["dynamic"]):
+        # dynamic NTK exists to run past max_position_embeddings (transformers sets no limit): factor x that
         return max(max_pos, int(factor * orig))
     return max_pos
 

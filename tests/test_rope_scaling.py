@@ -210,3 +210,93 @@ def test_yarn_logits_and_greedy_equal_transformers(tmp_path, device, name, confi
     with torch.no_grad():
         base = plain(torch.tensor(ids)).logits.numpy()
     assert np.abs(base - want).max() / np.abs(want).max() > 10 * err  # the scaling changes transformers' logits
+
+
+# ---- dynamic NTK -------------------------------------------------------------------------------------------------
+def dynamic_reference(theta, dim, factor, max_pos, L):
+    """transformers' _compute_dynamic_ntk_parameters (transformers 5.24) for a sequence of L tokens, float32 where torch
+    computes it so: L a tensor, factor * L / max_pos - (factor - 1) and its power in float32, then base ** (2i / dim)."""
+    if L <= max_pos:
+        L = max_pos
+    t = np.float32(factor) * np.float32(L)
+    t = np.float32(t / np.float32(max_pos))
+    t = np.float32(t - np.float32(factor - 1))
+    base = np.float32(theta) * np.float32(t ** np.float32(dim / (dim - 2)))
+    return (np.float32(1) / base ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))).astype(np.float32)
+
+
+def test_dynamic_rope_is_the_default_table_up_to_max_position_embeddings(tmp_path):
+    """Under max_position_embeddings (128 here) dynamic NTK is the plain rope: the same logits as the model without it;
+    past it the frequencies change, so later positions differ."""
+    dyn = load(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    (tmp_path / "plain").mkdir()
+    plain = load(qwen2_copy(tmp_path / "plain"))
+    ids = np.random.default_rng(3).integers(3, 600, (1, 120))
+    np.testing.assert_array_equal(np.asarray(dyn(ids).logits), np.asarray(plain(ids).logits))
+    long_ids = np.random.default_rng(4).integers(3, 600, (1, 200))
+    a, b = np.asarray(dyn(long_ids).logits), np.asarray(plain(long_ids).logits)
+    assert np.abs(a - b).max() > 1e-3  # 200 tokens > 128: every position rotates with the scaled base
+    freqs, mult = dyn._core.rope_freqs()
+    np.testing.assert_allclose(freqs, dynamic_reference(1e6, 16, 2.0, 128, 1), rtol=2e-7)  # the unscaled table
+    assert mult == 1.0
+
+
+def test_dynamic_rope_extends_the_context(tmp_path):
+    m = load(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    out = np.asarray(m.generate(np.arange(3, 203)[None], max_new_tokens=4, do_sample=False, eos_token_id=[]))
+    assert out.shape == (1, 204)
+    with pytest.raises(ValueError, match="context"):
+        m.generate(np.arange(3, 300)[None] % 600, max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("factor", [0, -1.0, float("nan")])
+def test_dynamic_rope_bad_factor_names_it(tmp_path, factor):
+    with pytest.raises((ValueError, fastload.CheckpointError), match="factor"):
+        load(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": factor}))
+
+
+DYN_CASES = [(2.0, 200, 8), (4.0, 300, 6), (2.0, 122, 12)]  # factor, prompt, new tokens (the last crosses 128 in decode)
+
+
+@pytest.mark.skipif(not HAVE_PEER, reason="torch and transformers are needed for the peer (not installed in CI)")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("factor,T,new", DYN_CASES)
+def test_dynamic_rope_equals_transformers(tmp_path, device, factor, T, new):
+    """The qwen2 fixture (max_position_embeddings 128) with dynamic NTK, transformers fp32 on the CPU against fastload
+    fp32 on `device`: the prompt's logits, and greedy tokens whose steps each recompute the frequencies for the length
+    reached (transformers grows its table as the sequence does; a fresh transformers model per case, as its table
+    also remembers earlier, longer calls)."""
+    if device == "cuda" and not fastload.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    import torch
+    import transformers
+    from golden_util import teacher_forced_check
+    p = qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": factor})
+    d = json.load(open(p / "config.json"))
+    d.pop("rope_parameters", None)
+    d["rope_theta"] = 1e6
+    json.dump(d, open(p / "config.json", "w"))
+    ids = np.random.default_rng(T).integers(3, 600, (1, T))
+
+    def hf_model():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+        assert hf.model.rotary_emb.rope_type == "dynamic"
+        return hf
+    with torch.no_grad():
+        want = hf_model()(torch.tensor(ids)).logits.numpy()
+        t = torch.tensor(ids)
+        r = hf_model().generate(t, attention_mask=torch.ones_like(t), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
+                                return_dict_in_generate=True)
+    greedy = r.sequences.numpy()
+    margins = np.array([[float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in r.scores]])
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map=device, torch_dtype="float32")
+    got = np.asarray(m(ids).logits)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-4, f"dynamic x{factor}, {T} tokens on {device}: {err:.3g}"
+    # the decode steps: each recomputes the frequencies for the length reached (transformers' growing table); a
+    # forward over the whole path would use the path's length for every position, so the free-running engine is
+    # compared, once the first token's margin is clear of fastload's error
+    if teacher_forced_check(m, ids, greedy[:, :T + 1], margins[:, :1]):
+        out = np.asarray(m.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[]))
+        np.testing.assert_array_equal(out, greedy)

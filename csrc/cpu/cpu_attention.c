@@ -49,6 +49,17 @@ static fl_status check_slots(const fl_step *s, const fl_kvcache *kv) {
     return FL_OK;
 }
 
+/* Dynamic NTK rope: the frequencies of a row of rope length L > max_pos, as transformers'
+ * _compute_dynamic_ntk_parameters computes them in float32: base = theta * (factor * L / max_pos - (factor - 1))^(hd /
+ * (hd - 2)), then 1 / base^(2i / hd). (C11 without -ffast-math: no contraction, each step rounded as torch's.) */
+static void dyn_freqs(const fl_rope_dyn *d, int L, int hd, float *f) {
+    float t = d->factor * (float)L;
+    t = t / (float)d->max_pos;
+    t = t - (float)((double)d->factor - 1.0);
+    const float base = d->theta * powf(t, (float)((double)hd / (double)(hd - 2)));
+    for (int i = 0; i < hd / 2; i++) f[i] = 1.0f / powf(base, (float)(2 * i) / (float)hd);
+}
+
 fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
                          int n_heads, const float *inv_freq, const fl_weight *qk_norm, float eps) {
     const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads, half = hd / 2;
@@ -68,10 +79,18 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (B * T > 1)
     for (int bt = 0; bt < B * T; bt++) {
         const int b = bt / T, t = bt % T;
-        float cs[512], sn[512];
+        float cs[512], sn[512], dynf[512];
         const float p = (float)s->pos_d[bt];
+        const float *freq = inv_freq;
+        if (s->dyn.factor > 0) { /* dynamic NTK rope: this row's length decides its frequencies */
+            const int L = s->dyn.len_d ? s->dyn.len_d[b] : s->pos_d[bt] + 1;
+            if (L > s->dyn.max_pos) {
+                dyn_freqs(&s->dyn, L, hd, dynf);
+                freq = dynf;
+            }
+        }
         for (int i = 0; i < half; i++) {
-            const float f = p * inv_freq[i]; /* float32 product, as transformers */
+            const float f = p * freq[i]; /* float32 product, as transformers */
             cs[i] = cosf(f); sn[i] = sinf(f);
         }
         float *row = (float *)qkv_d + bt * stride;

@@ -95,6 +95,7 @@ extern "C" fl_status fl_cuda_generate(fl_model *m, const int32_t *ids, const uin
             fl_step ps;
             memset(&ps, 0, sizeof ps);
             ps.batch = B; ps.n_new = tc; ps.start = c0; ps.pos_d = m->ws_pos_d; ps.kmask_d = km; ps.kmask_stride = total;
+            ps.dyn.len_d = g.pos;  // dynamic NTK rope: each row's whole prompt length (its next position), every chunk
             TRY(fl_forward_core(m, kv, &ps, m->ws_tok_d, 0));
         }
         TRY(fl_cuda_sample(s, be->act, m->ws_logits, B, V, T, total, &sp, &g));

@@ -9,12 +9,25 @@
 
 #define ROPE_THREADS 256
 
+// Dynamic NTK rope (fl_rope_dyn): frequency i of a row of rope length L > max_pos, as transformers computes it in
+// float32 (every step rounded as torch's: explicit _rn intrinsics, which --use_fast_math leaves alone, and the powers
+// in double rounded once, so they are the correctly rounded float32 powers, as glibc's powf on the CPU)
+__device__ __forceinline__ float dyn_inv_freq(const fl_rope_dyn &d, int L, int hd, int i) {
+    float t = __fmul_rn(d.factor, (float)L);
+    t = __fdiv_rn(t, (float)d.max_pos);
+    t = __fsub_rn(t, (float)((double)d.factor - 1.0));
+    const float ex = (float)((double)hd / (double)(hd - 2));
+    const float base = __fmul_rn(d.theta, (float)pow((double)t, (double)ex));
+    const float e = __fdiv_rn((float)(2 * i), (float)hd);
+    return __fdiv_rn(1.0f, (float)pow((double)base, (double)e));
+}
+
 template <typename T, bool NORM>
 __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, const int32_t *__restrict__ start_d,
                                   const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
                                   T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd,
                                   float *__restrict__ table, int table_mode, const fl_kv_paging pg,
-                                  const T *__restrict__ qk_norm, float eps) {
+                                  const T *__restrict__ qk_norm, float eps, const fl_rope_dyn dyn) {
     extern __shared__ float cs[];  // [half] cos, then [half] sin; NORM: then [nh + nkv] 1 / rms of each q and k head
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // positions and q|k|v come from earlier kernels
@@ -27,12 +40,15 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
         // cos/sin of this token's position, made by layer 0's launch of this forward.
         for (int i = threadIdx.x; i < hd; i += blockDim.x) cs[i] = table[(int64_t)bt * hd + i];
     } else {
+        // dynamic NTK rope: this row's length decides its frequencies (past max_pos)
+        const int L = dyn.factor > 0.f ? (dyn.len_d ? dyn.len_d[b] : pos[bt] + 1) : 0;
+        const bool dynf = dyn.factor > 0.f && L > dyn.max_pos;
         for (int i = threadIdx.x; i < half; i += blockDim.x) {
             // The angle as a float32 product, as the CPU backend and transformers compute it; its
             // cos/sin in double precision (untouched by --use_fast_math, unlike sinf/cosf, whose
             // fast versions lose accuracy for the large angles of long positions), rounded once.
             // That costs a few microseconds per launch, hence the table for the other layers.
-            const float f = __fmul_rn(p, inv_freq[i]);
+            const float f = __fmul_rn(p, dynf ? dyn_inv_freq(dyn, L, hd, i) : inv_freq[i]);
             double s, c;
             sincos((double)f, &s, &c);
             cs[i] = (float)c;
@@ -100,8 +116,12 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
                              int head_dim, float *table, int table_mode, const fl_kv_paging *pg,
-                             const void *qk_norm, float eps) {
+                             const void *qk_norm, float eps, const fl_rope_dyn *dyn) {
     if (B <= 0 || T <= 0) return FL_OK;
+    const fl_rope_dyn dz = {};
+    if (!dyn) dyn = &dz;
+    if (dyn->factor > 0.f && (dyn->max_pos <= 0 || head_dim < 4))
+        return fl_err(FL_E_VALUE, "rope_store: dynamic rope with max_position_embeddings %d, head_dim %d", dyn->max_pos, head_dim);
     if (head_dim <= 0 || head_dim % 2 || head_dim > 1024)
         return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", head_dim);
     const fl_kv_paging pz = {};
@@ -121,11 +141,11 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
         if (qk_norm)
             FL_LAUNCH((rope_store_kernel<T_, true>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos,
                       inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg,
-                      (const T_ *)qk_norm, eps);
+                      (const T_ *)qk_norm, eps, *dyn);
         else
             FL_LAUNCH((rope_store_kernel<T_, false>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos,
                       inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg,
-                      (const T_ *)nullptr, eps);
+                      (const T_ *)nullptr, eps, *dyn);
     });
     return FL_OK;
 }

@@ -22,5 +22,5 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
                              int head_dim, float *table, int table_mode, const fl_kv_paging *pg,
-                             const void *qk_norm, float eps);
+                             const void *qk_norm, float eps, const fl_rope_dyn *dyn);
 #endif

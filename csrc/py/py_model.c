@@ -218,7 +218,7 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         }
         Py_DECREF(seq);
     }
-    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_YARN) { PyErr_SetString(FlCheckpointError, "config: unknown rope_type"); return -1; }
+    if (c.rope_type < FL_ROPE_DEFAULT || c.rope_type > FL_ROPE_DYNAMIC) { PyErr_SetString(FlCheckpointError, "config: unknown rope_type"); return -1; }
     fl_dtype wd = parse_dtype(dtype);
     if (wd == FL_DTYPE_INVALID) { PyErr_Format(PyExc_ValueError, "dtype '%s' is not one of float32, float16, bfloat16", dtype); return -1; }
     fl_status st;
