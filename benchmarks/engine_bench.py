@@ -1,12 +1,15 @@
 """Many callers on one model (issue 11): the engine's continuous batching against a for-loop, one batched generate
-call, the one-call path and (optionally) transformers, on token ids (synthetic checkpoints have no tokenizer;
+call through the same engine and (optionally) transformers, on token ids (synthetic checkpoints have no tokenizer;
 every request ignores eos so all produce their full length).
 
     python benchmarks/engine_bench.py --model DIR [--device cuda] [--dtype bfloat16] [--out results.json]
         [--scenarios single,seed,many,mixed,prefix] [--peer]
 
 Scenarios (each prints its figures next to what it is compared with):
-  single  one caller, one request: decode tok/s through the engine and through the one-call path (engine=False).
+  single  one caller, one request: decode tok/s through the engine, next to the decode roofline on CUDA (the
+          device-to-device copy rate over the weights' bytes, benchmarks/gpu_bench.py) where torch is there to
+          measure the copy rate. (Until 2026-12-01 it was compared with the pre-engine one-call loop, since removed:
+          single 100.3% of it on the H200, benchmarks/results/issue11-2026-12-01-h200/.)
   seed    the ChatGLM2 field report: 5 requests in a for-loop against 5 threads (target: threads <= 0.35x loop).
   many    64 requests of 256 new tokens from 32 threads: aggregate tok/s against one batched generate call of the
           same shape (64 rows; target >= 85%) and the for-loop (target >= 8x; the loop is timed on --loop_sample
@@ -50,22 +53,28 @@ def gen(model, ids, n):
     return model.generate(ids[None], max_new_tokens=n, eos_token_id=[])  # no eos: every request runs its n tokens
 
 
-def scenario_single(m, legacy, rng, V, args, res):
+def scenario_single(m, rng, V, args, res):
     p = ids_for(rng, V, 32)
     n = args.single_tokens
-    for mod in (m, legacy):
-        gen(mod, p, 8)
-    rows = {}
-    for name, mod in (("engine", m), ("one-call path", legacy)):
-        ts = []
-        for _ in range(3):
-            _, t = timed(lambda: gen(mod, p, n))
-            _, t1 = timed(lambda: gen(mod, p, 1))  # prefill + first token, subtracted
-            ts.append((n - 1) / max(t - t1, 1e-9))
-        rows[name] = statistics.median(ts)
-    res["single"] = {"new_tokens": n, "decode_tok_s": rows, "engine_vs_one_call": rows["engine"] / rows["one-call path"]}
-    print(f"single caller, decode {n} tokens: engine {rows['engine']:.1f} tok/s, one-call path "
-          f"{rows['one-call path']:.1f} tok/s ({100 * rows['engine'] / rows['one-call path']:.1f}%)", flush=True)
+    gen(m, p, 8)
+    ts = []
+    for _ in range(3):
+        _, t = timed(lambda: gen(m, p, n))
+        _, t1 = timed(lambda: gen(m, p, 1))  # prefill + first token, subtracted
+        ts.append((n - 1) / max(t - t1, 1e-9))
+    r = {"new_tokens": n, "decode_tok_s": statistics.median(ts)}
+    if str(m.device).startswith("cuda"):
+        try:
+            import gpu_bench
+            bw = gpu_bench.d2d_bandwidth()
+            r["roofline_tok_s"] = gpu_bench.roofline_fn(m, bw)(32 + n // 2)
+            r["d2d_gb_s"] = bw / 1e9
+        except Exception as e:  # noqa: BLE001 - no torch here: the figure alone
+            r["roofline_note"] = f"not measured: {type(e).__name__}: {e}"
+    res["single"] = r
+    print(f"single caller, decode {n} tokens: engine {r['decode_tok_s']:.1f} tok/s" +
+          (f", roofline {r['roofline_tok_s']:.1f} ({100 * r['decode_tok_s'] / r['roofline_tok_s']:.1f}%)"
+           if "roofline_tok_s" in r else ""), flush=True)
 
 
 def scenario_seed(m, rng, V, args, res):
@@ -81,14 +90,13 @@ def scenario_seed(m, rng, V, args, res):
           f"(target <= 0.35x; FastLLM 0.68x, transformers 1.14x in the report); same tokens: {same}", flush=True)
 
 
-def scenario_many(m, legacy, rng, V, args, res):
+def scenario_many(m, rng, V, args, res):
     N, n, W = 64, args.many_tokens, 32
     ps = [ids_for(rng, V, 64) for _ in range(N)]
     batch = np.stack(ps)
-    _, t_batch = timed(lambda: legacy.generate(batch, max_new_tokens=n, eos_token_id=[]))
-    _, t_batch_eng = timed(lambda: m.generate(batch, max_new_tokens=n, eos_token_id=[]))
+    _, t_batch = timed(lambda: m.generate(batch, max_new_tokens=n, eos_token_id=[]))
     # 32 blocking callers have at most 32 requests in flight: the same 64 requests as two batched calls of 32 rows
-    _, t_batch32 = timed(lambda: [legacy.generate(batch[i:i + W], max_new_tokens=n, eos_token_id=[]) for i in (0, W)])
+    _, t_batch32 = timed(lambda: [m.generate(batch[i:i + W], max_new_tokens=n, eos_token_id=[]) for i in (0, W)])
     with ThreadPoolExecutor(W) as ex:
         _, t_threads = timed(lambda: list(ex.map(lambda p: gen(m, p, n), ps)))
     k = args.loop_sample
@@ -96,15 +104,15 @@ def scenario_many(m, legacy, rng, V, args, res):
     t_loop = t_loop_k * N / k
     tot = N * n
     r = {"requests": N, "new_tokens": n, "threads": W, "threads_tok_s": tot / t_threads,
-         "one_batched_call_tok_s": tot / t_batch, "engine_batched_call_tok_s": tot / t_batch_eng,
+         "one_batched_call_tok_s": tot / t_batch,
          "two_batched_calls_of_32_tok_s": tot / t_batch32, "vs_two_batched_calls_of_32": t_batch32 / t_threads,
          "loop_tok_s_est": tot / t_loop, "loop_sample": k, "vs_batched_call": t_batch / t_threads,
          "vs_loop": t_loop / t_threads, "targets": {"vs_batched_call": 0.85, "vs_loop": 8}}
     res["many"] = r
-    print(f"64 x {n} from 32 threads: {r['threads_tok_s']:.0f} tok/s; one batched generate (one-call path) "
+    print(f"64 x {n} from 32 threads: {r['threads_tok_s']:.0f} tok/s; one batched generate of 64 rows "
           f"{r['one_batched_call_tok_s']:.0f} tok/s -> {100 * r['vs_batched_call']:.1f}% (target >= 85%); two batched "
           f"calls of 32 rows {r['two_batched_calls_of_32_tok_s']:.0f} tok/s -> {100 * r['vs_two_batched_calls_of_32']:.1f}%; "
-          f"batched through the engine {r['engine_batched_call_tok_s']:.0f}; for-loop (est. from {k}) "
+          f"for-loop (est. from {k}) "
           f"{r['loop_tok_s_est']:.0f} tok/s -> {r['vs_loop']:.1f}x (target >= 8x)", flush=True)
 
 
@@ -216,10 +224,6 @@ def main():
         kw["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else args.kv_cache_memory
     m = fastload.AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, torch_dtype=args.dtype, **kw)
     want = args.scenarios.split(",")
-    legacy = None
-    if "single" in want or "many" in want:
-        legacy = fastload.AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, torch_dtype=args.dtype,
-                                                               engine=False)
     V = m.config.vocab_size
     rng = np.random.default_rng(0)
     gen(m, ids_for(rng, V, 16), 4)
@@ -227,11 +231,11 @@ def main():
     for s in want:
         t0 = time.perf_counter()
         if s == "single":
-            scenario_single(m, legacy, rng, V, args, res)
+            scenario_single(m, rng, V, args, res)
         elif s == "seed":
             scenario_seed(m, rng, V, args, res)
         elif s == "many":
-            scenario_many(m, legacy, rng, V, args, res)
+            scenario_many(m, rng, V, args, res)
         elif s == "mixed":
             scenario_mixed(m, rng, V, args, res)
         elif s == "prefix":

@@ -122,9 +122,6 @@ typedef struct fl_model {
     /* fl_forward_core without all_logits: the token of row b whose logits are wanted is last_rows[b] (host, [B]) when
      * set, else T - 1 (the engine's prefill of right-padded prompt chunks sets it for one call) */
     const int32_t *last_rows;
-    /* FL_ROPE_DYNAMIC, fl_forward: each row's rope length (host, [B]) when set, else the row's largest position + 1
-     * (the legacy generate loop sets it to the whole prompt's length while it reads the prompt in chunks) */
-    const int32_t *rope_len;
 } fl_model;
 
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);
@@ -178,20 +175,6 @@ typedef struct {
     int32_t pad_id;
 } fl_gen_params;
 
-/* transformers' left-padding rules for a batch, shared by the CPU and CUDA generation loops:
- * kfull[B, total]: the key mask (prompt mask, then 1 for every generated slot); pos[B, T]: rotary
- * positions cumsum(mask) - 1 with padding at 1; npos[B]: the position of each row's first new token.
- * mask NULL = all ones. Returns 1 if any prompt slot is padding. */
-int fl_gen_positions(const uint8_t *mask, int B, int T, int total, uint8_t *kfull, int32_t *pos, int32_t *npos);
-
-/* Streamer: called after each step with the B new tokens (pad for finished rows).
- * Returns nonzero to stop with FL_E_INTERRUPTED (a Python exception is pending). */
-typedef int (*fl_stream_fn)(void *ud, const int32_t *tokens, int B);
-
-/* ids/mask: [B*T] (mask NULL = all ones; left padding as transformers). out: [B*(T+max_new)],
- * *n_new: tokens generated per row (the output has T + *n_new columns). */
-fl_status fl_generate(fl_model *m, const int32_t *ids, const uint8_t *mask, int B, int T,
-                      const fl_gen_params *p, int32_t *out, int *n_new, fl_stream_fn cb, void *ud);
 
 #ifdef __cplusplus
 }

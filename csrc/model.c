@@ -1206,17 +1206,15 @@ fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const
     if (st == FL_OK) st = be->to_backend(be, m->ws_pos_d, pos, (size_t)N * 4);
     fl_step step = {.batch = B, .n_new = T, .start = start, .pos_d = m->ws_pos_d, .kmask_d = kmask_use,
                     .kmask_stride = kmask_stride};
-    /* dynamic NTK rope: each row's length, the caller's (m->rope_len) or its largest position + 1, as transformers'
-     * torch.max(position_ids) + 1 (taken per row here; transformers takes it over the batch) */
+    /* dynamic NTK rope: each row's length, its largest position + 1, as transformers' torch.max(position_ids) + 1
+     * (taken per row here; transformers takes it over the batch) */
     int32_t *len_h = NULL, *len_d = NULL;
     if (st == FL_OK && m->cfg.rope_type == FL_ROPE_DYNAMIC) {
         len_h = malloc((size_t)B * 4);
         if (!len_h) st = fl_err(FL_E_NOMEM, "forward: rope lengths");
         for (int b = 0; st == FL_OK && b < B; b++) {
             int32_t mx = 0;
-            if (m->rope_len) mx = m->rope_len[b];
-            else
-                for (int t = 0; t < T; t++) mx = pos[(size_t)b * T + t] + 1 > mx ? pos[(size_t)b * T + t] + 1 : mx;
+            for (int t = 0; t < T; t++) mx = pos[(size_t)b * T + t] + 1 > mx ? pos[(size_t)b * T + t] + 1 : mx;
             len_h[b] = mx;
         }
         if (st == FL_OK && !be->host_memory) {

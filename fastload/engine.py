@@ -21,8 +21,9 @@ Settings, at from_pretrained or later with model.configure_engine():
                     A request that reuses another's pages skips computing them; its own part is computed over fewer
                     rows, which on the CPU can round differently (other kernels), so a greedy answer can differ in
                     a near-tie from the same request without sharing, as with vLLM's prefix caching.
-  engine            False runs each generate call on its own as before (one rectangular batch, its own KV cache);
-                    also FASTLOAD_ENGINE=0.
+  engine            False: one request at a time (max_num_seqs 1, in order of arrival), each alone through the same
+                    loop; also FASTLOAD_ENGINE=0. There is no other generation loop: the engine is the one loop
+                    of both backends (the pre-engine one-call loops, generate.c and generate_cuda.cu, were removed).
 """
 import threading
 import time
@@ -67,8 +68,11 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
 
 
 def max_num_seqs(model, opts) -> int:
-    """Requests per decode step: max_num_seqs, else 64 on CUDA and 16 on the CPU (where up to 16 rows run in passes of
-    4 through the decode kernels, each row the same bits as alone; a CPU is compute-bound long before 64)."""
+    """Requests per decode step: 1 with engine=False (each request alone, in order of arrival), else max_num_seqs,
+    else 64 on CUDA and 16 on the CPU (where up to 16 rows run in passes of 4 through the decode kernels, each row the
+    same bits as alone; a CPU is compute-bound long before 64)."""
+    if not opts["engine"]:
+        return 1
     if opts["max_num_seqs"]:
         return opts["max_num_seqs"]
     return 64 if str(model.device).startswith("cuda") else 16

@@ -1204,30 +1204,18 @@ class FastModelForCausalLM:
             mask = None if mask is None else np.repeat(mask, nrs, axis=0)
         seed = r["seed"]
         seed = _global_rng.getrandbits(63) if seed is None else seed
-        cb = None
         if streamer is not None:
             streamer.put(_to_user(ids.astype(np.int64), like_torch))
-            cb = (lambda toks: streamer.put(_to_user(toks, like_torch)))
         eng = self._engine_handle()
         stops = r["stop_strings"]
         if stops and tokenizer is None:
             raise ValueError("generate: stop_strings need the tokenizer: pass tokenizer=tok (as transformers)")
-        if (stops or r["max_time"]) and not eng.opts["engine"]:
-            raise NotImplementedError("generate: stop_strings and max_time run through the engine; this model has "
-                                      "engine=False")
         if stops and streamer is not None and ids.shape[0] > 1:
             raise NotImplementedError("generate: stop_strings with a streamer of a batch of several rows")
-        if eng.opts["engine"]:
-            put = None if streamer is None else (lambda t: streamer.put(_to_user(np.atleast_1d(np.asarray(t, np.int64)),
-                                                                                  like_torch)))
-            out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
-                               stops=stops, tokenizer=tokenizer, max_time=r["max_time"])
-            return _to_user(out, like_torch)
-        out = self._core.generate(ids, None if mask is None else (mask != 0).astype(np.uint8),
-                                  max_new_tokens=max_new, min_new_tokens=min_new, do_sample=r["do_sample"],
-                                  temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],
-                                  repetition_penalty=r["repetition_penalty"], seed=seed & 0xFFFFFFFFFFFFFFFF,
-                                  eos_token_ids=eos, pad_token_id=int(pad), callback=cb)
+        put = None if streamer is None else (lambda t: streamer.put(_to_user(np.atleast_1d(np.asarray(t, np.int64)),
+                                                                            like_torch)))
+        out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
+                           stops=stops, tokenizer=tokenizer, max_time=r["max_time"])
         return _to_user(out, like_torch)
 
     def _chat_messages(self, query, history, role, system):
@@ -1380,7 +1368,7 @@ class FastModelForCausalLM:
         """Bytes this model holds on its device, by use. kv_cache_pool: the engine's paged KV pool, made at the first
         generate and kept (kv_cache_memory= sets it); kv_cache_pool_used / kv_cache_pool_cached: its pages held by
         requests now / kept as shared prompt prefixes; kv_cache_pool_peak_used: the most pages requests held at once;
-        kv_cache_last: the cache of the most recent call that bypassed the engine (engine=False, forward), freed when
+        kv_cache_last: the cache of the most recent forward() (which runs outside the engine), freed when
         it returned (kv_cache_now is 0), which peak includes. quantized_weights / quantized_bytes (codes with their
         scales and offsets) / float_bytes split the weights, and layouts sums them per kind ({"int4 g128":
         {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the largest step (per token) plus

@@ -15,7 +15,7 @@ Layering: the server calls only the public model API (tokenizer.apply_chat_templ
 model.generate with a streamer derived from fastload's TextIteratorStreamer, and that streamer's cancel()). Requests
 run on --max-concurrency worker threads (default: the model engine's max_num_seqs), off the event loop; their
 generate calls meet in the engine (fastload/engine.py), which batches whatever is running into each decode step.
-With the engine off (engine=False / FASTLOAD_ENGINE=0) one worker runs them one at a time.
+With the engine off (engine=False / FASTLOAD_ENGINE=0: one request at a time) one worker runs them in turn.
 
 Decisions (also in the README's "Serving" section):
 - `n` choices are n generate calls one after another; with `seed` choice i samples with seed + i (so choice 0 of

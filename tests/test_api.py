@@ -222,23 +222,24 @@ def test_progress_callback():
 
 
 def test_prefill_workspace_holds_logits_of_the_last_rows_only():
-    """generate's prefill asks for B rows of logits, not B * T: the workspace grows per token by the activations
-    only (d, q|k|v, attention, residual, gate|up, ffn, ids, positions), never by the vocabulary (a 2048-token prompt
-    of a 152k-vocabulary model used to hold ~600 MB of 16-bit logits on the GPU). engine=False: the one-call path
-    (the engine reserves its workspace once, for prefill_chunk tokens and max_num_seqs logit rows)."""
+    """generate's prefill asks for the last row's logits, not every row's: the workspace grows per prompt token read in
+    a step by the activations only (d, q|k|v, attention, residual, gate|up, ffn, ids, positions), never by the
+    vocabulary (a 2048-token prompt of a 152k-vocabulary model used to hold ~600 MB of 16-bit logits on the GPU). Two
+    engines reading a 100-token prompt 32 and 96 tokens a step: their workspaces differ by 64 tokens of activations."""
     from golden_util import model_dir
-    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("qwen2")), device_map="cpu", torch_dtype="float32",
-                                                      engine=False)
-    c = m.config
-    d, f, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
-    per_token = 4 * (2 * d + (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd
-                     + c["num_attention_heads"] * hd + d + 2 * f + f) + 8
+    c = None
     ws = []
-    for T in (10, 90):
-        ids = np.arange(1, T + 1, dtype=np.int64)[None] % (c["vocab_size"] - 1) + 1
+    for chunk in (32, 96):
+        m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("qwen2")), device_map="cpu",
+                                                          torch_dtype="float32", prefill_chunk=chunk)
+        c = m.config
+        ids = np.arange(1, 101, dtype=np.int64)[None] % (c["vocab_size"] - 1) + 1
         m.generate(ids, max_new_tokens=2, eos_token_id=[])
         info = m._core.info
         ws.append(info["mem_allocated"] - info["weight_bytes"])
-    assert ws[1] - ws[0] == 80 * per_token, (ws, per_token, c["vocab_size"])
+    d, f, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    per_token = 4 * (2 * d + (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * hd
+                     + c["num_attention_heads"] * hd + d + 2 * f + f) + 8
+    assert ws[1] - ws[0] == 64 * per_token, (ws, per_token, c["vocab_size"])
     lg = m(np.arange(1, 41, dtype=np.int64)[None]).logits  # a forward of every row still gets every row's logits
     assert lg.shape == (1, 40, c["vocab_size"]) and np.isfinite(np.asarray(lg)).all()

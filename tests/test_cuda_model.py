@@ -107,13 +107,14 @@ def test_memory_accounting_and_load_peak():
 
 
 def test_cuda_error_is_an_exception_and_process_lives():
-    """engine=False: one call's own KV cache of batch x length far beyond the device (the engine instead holds
-    tokens in a pool sized once: test_cuda_engine.py)."""
+    """A KV pool far beyond the device: cudaMalloc fails, the engine raises, and the same model generates after a
+    smaller pool is set."""
     m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("llama")), device_map="cuda", torch_dtype="float16",
-                                                      engine=False)
+                                                      kv_cache_memory=1 << 50)
     ids = load_case("llama")["single_ids"]
     with pytest.raises((MemoryError, RuntimeError)):
-        m.generate(np.repeat(ids, 64, 0), max_new_tokens=2_000_000_000 // 64)  # KV cache far beyond the device
+        m.generate(ids, max_new_tokens=2)
+    m.configure_engine(kv_cache_memory=64 << 20)
     assert m.generate(ids, max_new_tokens=4, eos_token_id=None).shape == (1, ids.shape[1] + 4)
 
 

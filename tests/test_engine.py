@@ -251,10 +251,18 @@ def test_engine_busy_when_queue_is_full():
         r2.check()
 
 
-def test_engine_off_uses_the_one_call_path():
+def test_engine_off_runs_one_request_at_a_time():
+    """engine=False: the same loop with one request per step, in order of arrival (there is no other loop): callers
+    from threads get what each gets alone, and the engine never runs two at once."""
     m = load(engine=False)
-    out = m.generate(np.arange(3, 9)[None], max_new_tokens=3)
-    assert out.shape[1] <= 9 and m.engine_stats() is None
+    ps = prompts(4, seed=11, lo=3, hi=20)
+    ref = [alone(m, p, max_new_tokens=4, eos_token_id=[]) for p in ps]
+    with ThreadPoolExecutor(4) as ex:
+        out = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=4, eos_token_id=[])[0, len(p):], ps))
+    assert all(np.array_equal(a, b) for a, b in zip(out, ref))
+    st = m.engine_stats()
+    assert st["peak_running"] == 1 and st["running"] == 0, st
+    assert not hasattr(m._core, "generate")  # the pre-engine one-call loop is gone
 
 
 def test_engine_options_are_checked():

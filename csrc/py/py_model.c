@@ -522,124 +522,6 @@ out:
     return res;
 }
 
-typedef struct { PyObject *cb; fl_exec_job *job; const int32_t *toks; int B; } stream_ud;
-static int stream_py(void *ud) { /* GIL held, in the calling thread */
-    stream_ud *s = ud;
-    int fail = PyErr_CheckSignals() < 0;
-    if (!fail && s->cb) {
-        npy_intp dims[1] = {s->B};
-        PyObject *arr = PyArray_SimpleNew(1, dims, NPY_INT64);
-        if (!arr) fail = 1;
-        else {
-            for (int b = 0; b < s->B; b++) ((int64_t *)PyArray_DATA((PyArrayObject *)arr))[b] = s->toks[b];
-            PyObject *r = PyObject_CallOneArg(s->cb, arr);
-            Py_DECREF(arr);
-            if (!r) fail = 1;
-            Py_XDECREF(r);
-        }
-    }
-    return fail;
-}
-/* Called by the generation loop after each step. On the compute thread without a Python callback
- * nothing is handed off: the waiting caller notices Ctrl-C itself and cancels the job. */
-static int stream_cb(void *ud, const int32_t *toks, int B) {
-    stream_ud *s = ud;
-    s->toks = toks;
-    s->B = B;
-    if (s->job) {
-        if (fl_exec_cancelled(s->job)) return 1;
-        return s->cb ? fl_exec_callback(s->job, stream_py, s) : 0;
-    }
-    PyGILState_STATE g = PyGILState_Ensure();
-    int fail = stream_py(s);
-    PyGILState_Release(g);
-    return fail;
-}
-
-typedef struct {
-    fl_model *m; const int32_t *ids; const uint8_t *mask; int B, T; const fl_gen_params *p;
-    int32_t *out; int *n_new; stream_ud *sud; fl_engine *eng;
-} generate_args;
-static fl_status generate_job(fl_exec_job *job, void *arg) {
-    generate_args *a = arg;
-    a->sud->job = job;
-    if (a->eng) fl_engine_lock_model(a->eng);
-    const fl_status st = fl_generate(a->m, a->ids, a->mask, a->B, a->T, a->p, a->out, a->n_new, stream_cb, a->sud);
-    if (a->eng) fl_engine_unlock_model(a->eng);
-    return st;
-}
-
-static PyObject *model_generate(FlPyModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "do_sample",
-                             "temperature", "top_k", "top_p", "repetition_penalty", "seed", "eos_token_ids",
-                             "pad_token_id", "callback", NULL};
-    PyObject *ids_o, *mask_o = Py_None, *eos_o = Py_None, *cb = Py_None;
-    fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f, .pad_id = 0};
-    unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OiipfiffKOiO", kwlist, &ids_o, &mask_o, &p.max_new_tokens,
-                                     &p.min_new_tokens, &p.do_sample, &p.temperature, &p.top_k, &p.top_p,
-                                     &p.repetition_penalty, &seed, &eos_o, &p.pad_id, &cb))
-        return NULL;
-    p.seed = seed;
-    PyArrayObject *ids = as_2d(ids_o, NPY_INT32, "input_ids"), *mask = NULL;
-    PyObject *res = NULL;
-    int32_t eos[64];
-    if (!ids) return NULL;
-    const npy_intp B = PyArray_DIM(ids, 0), T = PyArray_DIM(ids, 1);
-    if (mask_o != Py_None) {
-        if (!(mask = as_2d(mask_o, NPY_UINT8, "attention_mask"))) goto out;
-        if (PyArray_DIM(mask, 0) != B || PyArray_DIM(mask, 1) != T) { PyErr_SetString(PyExc_ValueError, "attention_mask must have the shape of input_ids"); goto out; }
-    }
-    if (eos_o != Py_None) {
-        PyObject *seq = PySequence_Fast(eos_o, "eos_token_ids must be a sequence of ints");
-        if (!seq) goto out;
-        Py_ssize_t ne = PySequence_Fast_GET_SIZE(seq);
-        if (ne > 64) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "at most 64 eos token ids"); goto out; }
-        for (Py_ssize_t i = 0; i < ne; i++) {
-            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
-            if (v == -1 && PyErr_Occurred()) { Py_DECREF(seq); goto out; }
-            if (v < INT32_MIN || v > INT32_MAX) {
-                Py_DECREF(seq);
-                PyErr_Format(PyExc_ValueError, "eos token id %ld is out of range", v);
-                goto out;
-            }
-            eos[i] = (int32_t)v;
-        }
-        p.n_eos = (int)ne;
-        Py_DECREF(seq);
-    }
-    p.eos = eos;
-    if (p.max_new_tokens < 0) { PyErr_SetString(PyExc_ValueError, "max_new_tokens must be >= 0"); goto out; }
-    if (T > INT32_MAX - p.max_new_tokens || (T + p.max_new_tokens > 0 && B > INT32_MAX / (T + p.max_new_tokens))) {
-        PyErr_Format(PyExc_ValueError, "input_ids of %zd x %zd tokens plus max_new_tokens=%d is too large",
-                     (Py_ssize_t)B, (Py_ssize_t)T, p.max_new_tokens);
-        goto out;
-    }
-    const npy_intp total = T + p.max_new_tokens;
-    int32_t *obuf = PyMem_Malloc((size_t)(B * total) * 4 + 4);
-    if (!obuf) { PyErr_NoMemory(); goto out; }
-    stream_ud sud = {cb == Py_None ? NULL : cb, NULL, NULL, 0};
-    int n_new = 0;
-    fl_status st = FL_OK;
-    generate_args ga = {self->m, PyArray_DATA(ids), mask ? PyArray_DATA(mask) : NULL, (int)B, (int)T, &p, obuf, &n_new, &sud, self->eng};
-    int rc = enter_model(self, 0);
-    if (rc == 0) {
-        rc = run_core(self, generate_job, &ga, &st);
-        leave_model(self);
-    }
-    if (rc < 0) { fl_err_clear(); PyMem_Free(obuf); goto out; }
-    if (st != FL_OK) { PyMem_Free(obuf); fl_py_raise(st); goto out; }
-    npy_intp dims[2] = {B, T + n_new};
-    res = PyArray_SimpleNew(2, dims, NPY_INT64);
-    if (res) {
-        int64_t *o = PyArray_DATA((PyArrayObject *)res);
-        for (npy_intp i = 0; i < B * (T + n_new); i++) o[i] = obuf[i];
-    }
-    PyMem_Free(obuf);
-out:
-    Py_XDECREF(ids); Py_XDECREF(mask);
-    return res;
-}
 
 static PyObject *model_info(FlPyModel *self, void *closure) {
     fl_model *m = self->m;
@@ -967,7 +849,6 @@ static PyMethodDef model_methods[] = {
     {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name[, packed])."},
     {"check_complete", (PyCFunction)model_check_complete, METH_NOARGS, "Raise if a required weight was not loaded."},
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS, "Logits for every position."},
-    {"generate", (PyCFunction)(void (*)(void))model_generate, METH_VARARGS | METH_KEYWORDS, "Run the generation loop in C."},
     {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights "
      "(a quantised weight dequantised to float32)."},
     {"rope_freqs", (PyCFunction)model_rope_freqs, METH_NOARGS, "rope_freqs() -> (inv_freq float32 [head_dim / 2], softmax scale multiplier)."},
