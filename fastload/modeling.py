@@ -987,6 +987,7 @@ class FastModelForCausalLM:
         hf = _files.read_json(cfg_real, cfg_path)
         if overrides and isinstance(hf, dict):
             hf.update(overrides)
+        hf = archmod.chatglm_view(hf, cfg_path)  # ChatGLM's own keys, read as the Hugging Face ones
         checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
         hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
@@ -1783,7 +1784,8 @@ class AutoConfig:
                 g.close()
         else:
             cfg_path = os.path.join(path, "config.json")
-            hf = Config(_files.read_json(_files.checkpoint_file(path, "config.json", allow_external=ext), cfg_path))
+            hf = _files.read_json(_files.checkpoint_file(path, "config.json", allow_external=ext), cfg_path)
+            hf = Config(archmod.chatglm_view(hf, cfg_path))  # ChatGLM: its keys, plus the Hugging Face ones
             checks.check_config(hf, cfg_path)
         unused = {}
         for k, v in kwargs.items():
