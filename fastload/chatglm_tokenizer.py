@@ -222,6 +222,8 @@ class ChatGLMTokenizer(FastTokenizer):
         pos = [[0] * (len(m) - sum(m)) + list(range(sum(m))) if self.padding_side == "left" else
                list(range(sum(m))) + [0] * (len(m) - sum(m)) for m in masks]
         enc["position_ids"] = pos[0] if single else pos
+        if single and return_tensors:  # one text as a [1, n] batch, as transformers
+            enc = BatchEncoding({k: [v] for k, v in enc.items()})
         return self._tensors(enc, return_tensors)
 
     def tokenize(self, text, add_special_tokens=False):
