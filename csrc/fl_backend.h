@@ -62,6 +62,7 @@ typedef struct {
     fl_rope_dyn dyn;         /* dynamic NTK rope: callers set dyn.len_d; fl_forward_core fills the rest */
 } fl_step;
 
+
 /* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
 enum { FL_SRC_PLAIN = 0, FL_SRC_GGML = 1 };
 typedef struct {
@@ -125,13 +126,15 @@ struct fl_backend {
     /* y[n, W.rows] = x[n, W.cols] @ W^T (+ bias[W.rows] if bias != NULL). W may be FL_QUANT. */
     fl_status (*matmul)(fl_backend *, void *y_d, const void *x_d, int n, const fl_weight *W,
                         const fl_weight *bias);
-    /* qkv[B*T, (nh + 2*nkv) * hd] holds q|k|v per token. Rotate q and k in place (rotate-half
-     * layout, inv_freq[hd/2]) and store k, v into layer `layer` of the cache at slots
-     * start..start+T-1. qk_norm (Qwen3; NULL: none): [2 * hd] float weight, q_norm then k_norm;
-     * before the rotation every q head becomes rmsnorm(head, eps) * q_norm and every k head
+    /* qkv[B*T, (nh + 2*nkv) * hd] holds q|k|v per token. Rotate q and k in place (style NULL: the
+     * whole head, rotate-half layout, inv_freq[hd/2]; else as fl_rope_style says, inv_freq[dims/2])
+     * and store k, v into layer `layer` of the cache at slots start..start+T-1. qk_norm (Qwen3; NULL:
+     * none; only with the default style): [2 * hd] float weight, q_norm then k_norm; before the
+     * rotation every q head becomes rmsnorm(head, eps) * q_norm and every k head
      * rmsnorm(head, eps) * k_norm (v untouched). */
     fl_status (*rope_store)(fl_backend *, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
-                            int n_heads, const float *inv_freq_d, const fl_weight *qk_norm, float eps);
+                            int n_heads, const float *inv_freq_d, const fl_rope_style *style,
+                            const fl_weight *qk_norm, float eps);
     /* out[B*T, nh*hd] = softmax(q k^T * scale + mask) v over cache slots [0, start+T) with the
      * causal rule, key padding mask and sliding window (0 = none): key j visible from query
      * slot i iff j <= i && (window == 0 || i - j < window) && kmask[b, j]. */

@@ -204,6 +204,16 @@ typedef struct {
     const int32_t *len_d;
 } fl_rope_dyn;
 
+/* Which part of each q / k head rotary embedding turns, and how (fl_model's config; NULL: the defaults).
+ * dims: rotated dimensions per head (even, 2..head_dim; 0 = head_dim); the rest of the head passes through.
+ * interleaved 0: rotate-half pairs (i, i + dims/2) (Llama / NeoX); 1: adjacent pairs (2i, 2i + 1) (ChatGLM).
+ * round_cs: cos / sin rounded to the activation dtype before use (ChatGLM keeps its rope cache in the model
+ * dtype); a no-op for float32 activations. inv_freq then holds dims/2 frequencies. */
+typedef struct {
+    int dims, interleaved, round_cs;
+} fl_rope_style;
+static inline int fl_rope_dims(const fl_rope_style *s, int head_dim) { return s && s->dims ? s->dims : head_dim; }
+
 void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
 void fl_free(void *p);
 

@@ -41,6 +41,9 @@ typedef struct {
     float rope_low_freq_factor, rope_high_freq_factor; /* llama3: its factors; yarn: the correction range (dims) */
     int rope_orig_max_pos;   /* llama3 / yarn: original_max_position_embeddings */
     float rope_attn_factor;  /* yarn: cos and sin scale (applied as its square to the softmax scale); 1 otherwise */
+    int rope_dims;           /* rotated dims of each q / k head (even; 0: head_dim); ChatGLM: head_dim / 2 */
+    int rope_interleaved;    /* rotary pairs (2i, 2i + 1) instead of rotate-half (i, i + dims/2): ChatGLM */
+    int rope_round;          /* cos / sin rounded to the activation dtype before use: ChatGLM's rope cache */
     int qkv_bias;            /* Qwen2: q/k/v projections have biases */
     int qk_norm;             /* Qwen3: RMSNorm (eps rms_eps, weight [head_dim]) over each head of q and of k,
                               * after the projections, before rope */
@@ -66,6 +69,11 @@ typedef enum {
     FL_SLOT_DOWN,        /* [d, ffn] */
     FL_SLOT_Q_NORM,      /* per layer: [hd] -> qk_norm rows [0, hd) (qk_norm only) */
     FL_SLOT_K_NORM,      /* per layer: [hd] -> qk_norm rows [hd, 2hd) (qk_norm only) */
+    /* checkpoints that store the fused matrices (ChatGLM): one tensor fills the whole weight and stands for
+     * its parts (q, k, v / their biases / gate, up), which then must not be given too */
+    FL_SLOT_QKV,         /* [(nh+2nkv)*hd, d] -> wqkv */
+    FL_SLOT_QKV_BIAS,    /* [(nh+2nkv)*hd]    -> bqkv (qkv_bias only) */
+    FL_SLOT_GATE_UP,     /* [2ffn, d]         -> w_gate_up (gate rows first) */
     FL_SLOT_COUNT
 } fl_slot;
 extern const char *const fl_slot_names[FL_SLOT_COUNT];

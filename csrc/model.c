@@ -12,7 +12,8 @@
 const char *const fl_slot_names[FL_SLOT_COUNT] = {
     "embed_tokens", "lm_head", "final_norm", "input_layernorm", "q_proj", "k_proj", "v_proj",
     "q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj", "post_attention_layernorm",
-    "gate_proj", "up_proj", "down_proj", "q_norm", "k_norm",
+    "gate_proj", "up_proj", "down_proj", "q_norm", "k_norm", "query_key_value", "query_key_value.bias",
+    "dense_h_to_4h",
 };
 
 #define ALIGN 256
@@ -46,6 +47,11 @@ static fl_status check_config(const fl_config *c) {
                       c->n_heads, c->n_kv_heads);
     if (c->head_dim % 2)
         return fl_err(FL_E_FORMAT, "config: head_dim=%d must be even and at most %d", c->head_dim, FL_MAX_HEAD_DIM);
+    if (c->rope_dims < 0 || c->rope_dims > c->head_dim || c->rope_dims % 2)
+        return fl_err(FL_E_FORMAT, "config: rotary dims %d must be even and in [0, head_dim=%d] (0: all)", c->rope_dims,
+                      c->head_dim);
+    if (c->qk_norm && (c->rope_dims || c->rope_interleaved))
+        return fl_err(FL_E_FORMAT, "config: q/k norm goes with the default rotary style only");
     if (c->max_pos < 0)
         return fl_err(FL_E_FORMAT, "config: max_position_embeddings=%d must be in [0, 2^31-1]", c->max_pos);
     FL_TRY(check_pos_float("rms_norm_eps", c->rms_eps, 1));
@@ -88,11 +94,12 @@ static int add_block(size_t *total, int64_t rows, int64_t cols, size_t es) {
            fl_add_size(*total, b, total);
 }
 
-/* inv_freq[i] = 1 / theta^(2i/hd), then the configured scaling; float32 as transformers. */
+/* inv_freq[i] = 1 / theta^(2i/rd) for the rd rotated dims (rd = head_dim unless rope_dims says fewer: ChatGLM
+ * rotates half of each head, its exponents over that half), then the configured scaling; float32 as transformers. */
 static void rope_freqs(const fl_config *c, float *f) {
-    const int half = c->head_dim / 2;
+    const int rd = c->rope_dims ? c->rope_dims : c->head_dim, half = rd / 2;
     for (int i = 0; i < half; i++) {
-        const float e = (float)(2 * i) / (float)c->head_dim;
+        const float e = (float)(2 * i) / (float)rd;
         f[i] = 1.0f / powf(c->rope_theta, e);
     }
     if (c->rope_type == FL_ROPE_LINEAR) {
@@ -252,6 +259,12 @@ static fl_status slot_target(fl_model *m, int slot, int layer, fl_weight **w, in
     case FL_SLOT_GATE: *w = &L->w_gate_up; *rows = c->ffn; *cols = c->d; break;
     case FL_SLOT_UP: *w = &L->w_gate_up; *row0 = c->ffn; *rows = c->ffn; *cols = c->d; break;
     case FL_SLOT_DOWN: *w = &L->w_down; *rows = c->d; *cols = c->ffn; break;
+    case FL_SLOT_QKV: *w = &L->wqkv; *rows = q + 2 * k; *cols = c->d; break;
+    case FL_SLOT_QKV_BIAS:
+        if (!c->qkv_bias) return fl_err(FL_E_VALUE, "a q/k/v bias was given but the architecture has none");
+        *w = &L->bqkv; *is_vec = 1; *cols = 1; *rows = q + 2 * k;
+        break;
+    case FL_SLOT_GATE_UP: *w = &L->w_gate_up; *rows = 2 * (int64_t)c->ffn; *cols = c->d; break;
     default: return fl_err(FL_E_VALUE, "unknown weight slot %d", slot);
     }
     return FL_OK;
@@ -358,7 +371,7 @@ static fl_status arena_alloc(fl_model *m, const fl_qlayout *lay) {
     free(ws);
     if (cfg->tie_embeddings) m->w.lm_head = m->w.embed;
     m->inv_freq_d = (float *)((char *)m->arena_d + off);
-    float freqs[FL_MAX_HEAD_DIM / 2];
+    float freqs[FL_MAX_HEAD_DIM / 2] = {0}; /* rope_dims / 2 used; the rest zero */
     rope_freqs(cfg, freqs);
     return be->to_backend(be, m->inv_freq_d, freqs, (size_t)(cfg->head_dim / 2) * sizeof(float));
 }
@@ -503,7 +516,7 @@ static fl_status plan_packed(const fl_load_item *it, int64_t rows, int64_t cols,
 
 static int is_linear_slot(int slot) {
     return slot == FL_SLOT_Q || slot == FL_SLOT_K || slot == FL_SLOT_V || slot == FL_SLOT_O || slot == FL_SLOT_GATE ||
-           slot == FL_SLOT_UP || slot == FL_SLOT_DOWN;
+           slot == FL_SLOT_UP || slot == FL_SLOT_DOWN || slot == FL_SLOT_QKV || slot == FL_SLOT_GATE_UP;
 }
 
 /* Check one item against the config and describe its source and destination. Errors name file and tensor. */
@@ -1013,8 +1026,14 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
         st = load_generic(m, order, n, &pg);
     }
     if (st == FL_OK)
-        for (int i = 0; i < n; i++)
-            m->loaded[(size_t)items[i].slot * (size_t)m->cfg.n_layers + (items[i].slot >= FL_SLOT_ATTN_NORM ? items[i].layer : 0)] = 1;
+        for (int i = 0; i < n; i++) {
+            const int sl = items[i].slot, l = sl >= FL_SLOT_ATTN_NORM ? items[i].layer : 0;
+            /* a fused tensor stands for its parts (fl_model_check_complete asks for the parts) */
+            const int first = sl == FL_SLOT_QKV ? FL_SLOT_Q : sl == FL_SLOT_QKV_BIAS ? FL_SLOT_Q_BIAS
+                            : sl == FL_SLOT_GATE_UP ? FL_SLOT_GATE : sl;
+            const int count = sl == FL_SLOT_QKV || sl == FL_SLOT_QKV_BIAS ? 3 : sl == FL_SLOT_GATE_UP ? 2 : 1;
+            for (int k = 0; k < count; k++) m->loaded[(size_t)(first + k) * (size_t)m->cfg.n_layers + l] = 1;
+        }
 done:
     free(plans);
     free(order);
@@ -1030,6 +1049,7 @@ fl_status fl_model_check_complete(const fl_model *m) {
         if (s == FL_SLOT_LM_HEAD && c->tie_embeddings) continue;
         if ((s == FL_SLOT_Q_BIAS || s == FL_SLOT_K_BIAS || s == FL_SLOT_V_BIAS) && !c->qkv_bias) continue;
         if ((s == FL_SLOT_Q_NORM || s == FL_SLOT_K_NORM) && !c->qk_norm) continue;
+        if (s == FL_SLOT_QKV || s == FL_SLOT_QKV_BIAS || s == FL_SLOT_GATE_UP) continue; /* checked as their parts */
         for (int l = 0; l < (global ? 1 : c->n_layers); l++)
             if (!m->loaded[(size_t)s * (size_t)c->n_layers + l]) {
                 if (global) return fl_err(FL_E_FORMAT, "missing tensor for %s", fl_slot_names[s]);
@@ -1145,6 +1165,7 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
         return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d logit rows, %d needed", m->ws_logit_rows, rows);
     /* YaRN scales cos and sin by rope_attn_factor; on both q and k that is its square on q.k, applied here */
     const float scale = 1.0f / sqrtf((float)c->head_dim) * c->rope_attn_factor * c->rope_attn_factor;
+    const fl_rope_style rope = {.dims = c->rope_dims, .interleaved = c->rope_interleaved, .round_cs = c->rope_round};
 #define STEP(call) FL_TRY(call)
     STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
     for (int l = 0; l < c->n_layers; l++) {
@@ -1154,8 +1175,8 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
         else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps, &W->wqkv));
         STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
         /* Qwen3: q and k heads RMS-normed (q_norm / k_norm) in the same op, before the rotation */
-        STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, c->qk_norm ? &W->qk_norm : NULL,
-                            c->rms_eps));
+        STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
+                            c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
         STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
         STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
         STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));

@@ -50,8 +50,25 @@ GGUF_LAYER = {
     "post_attention_layernorm": "blk.{i}.ffn_norm.weight",
     "gate_proj": "blk.{i}.ffn_gate.weight", "up_proj": "blk.{i}.ffn_up.weight", "down_proj": "blk.{i}.ffn_down.weight",
 }
+# ChatGLM2 / ChatGLM3 (THUDM's modeling_chatglm.py): q|k|v and gate|up are stored fused, filling the core's
+# fused weights whole (slots "query_key_value", "dense_h_to_4h"); no separate names for the parts.
+GLM_GLOBAL = {
+    "embed_tokens": "transformer.embedding.word_embeddings.weight",
+    "final_norm": "transformer.encoder.final_layernorm.weight",
+    "lm_head": "transformer.output_layer.weight",
+}
+GLM_LAYER = {
+    "input_layernorm": "transformer.encoder.layers.{i}.input_layernorm.weight",
+    "query_key_value": "transformer.encoder.layers.{i}.self_attention.query_key_value.weight",  # [q | k | v] rows
+    "query_key_value.bias": "transformer.encoder.layers.{i}.self_attention.query_key_value.bias",
+    "o_proj": "transformer.encoder.layers.{i}.self_attention.dense.weight",
+    "post_attention_layernorm": "transformer.encoder.layers.{i}.post_attention_layernorm.weight",
+    "dense_h_to_4h": "transformer.encoder.layers.{i}.mlp.dense_h_to_4h.weight",  # [gate | up] rows: silu(first) * second
+    "down_proj": "transformer.encoder.layers.{i}.mlp.dense_4h_to_h.weight",
+}
+HF_NAMES = {"hf": (HF_GLOBAL, HF_LAYER), "chatglm": (GLM_GLOBAL, GLM_LAYER)}
 # Checkpoint tensors that carry nothing the model needs (recomputed buffers).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,11 @@ class Arch:
     default_head_dim: int = 0    # head_dim when config.json has none (transformers' Qwen3Config: 128); 0: hidden / heads
     sliding: str = "none"        # "none" | "all" (Mistral: sliding_window on every layer) | "qwen2"
     gguf_permute_qk: bool = True # llama.cpp permutes q/k rows for its rotary layout (llama arch)
+    names: str = "hf"            # HF_NAMES key: the checkpoint's tensor names
+    qkv_bias_key: str = ""       # config key that turns the q/k/v biases on (ChatGLM: add_qkv_bias)
+    rope_half: bool = False      # rotary on the first half of each head only (ChatGLM), the rest passes through
+    rope_interleaved: bool = False  # rotary pairs (2i, 2i + 1) instead of rotate-half (ChatGLM)
+    rope_round: bool = False     # cos / sin rounded to the model dtype before use (ChatGLM's rope cache)
     # config fields this architecture understands; anything else that changes results raises.
     extra_ok: tuple = field(default_factory=tuple)
 
@@ -76,8 +98,85 @@ ARCHITECTURES = {
     # supported), plus q_norm / k_norm; its sliding-window keys are Qwen2's
     "Qwen3ForCausalLM": Arch("Qwen3ForCausalLM", "qwen3", "qwen3", qk_norm=True, sliding="qwen2", gguf_permute_qk=False,
                              default_head_dim=128),
+    # ChatGLM2-6B / ChatGLM3-6B (and their -32k / -128k): multi-query groups, fused q|k|v with bias, fused gate|up,
+    # rotary on the first half of each head in interleaved pairs with the cos / sin cache in the model dtype;
+    # config.json in THUDM's own keys, read through chatglm_view
+    "ChatGLMModel": Arch("ChatGLMModel", "chatglm", "", gguf_permute_qk=False, names="chatglm",
+                         qkv_bias_key="add_qkv_bias", rope_half=True, rope_interleaved=True, rope_round=True),
 }
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+# THUDM's ChatGLMConfig keys (configuration_chatglm.py), checked before chatglm_view reads them
+CHATGLM_CONFIG = (
+    checks._pos("num_layers", checks.MAX_LAYERS), checks._pos("padded_vocab_size", checks.MAX_VOCAB),
+    checks._pos("ffn_hidden_size", checks.MAX_FFN), checks._pos("kv_channels", checks.MAX_HEAD_DIM),
+    checks._pos("multi_query_group_num", checks.MAX_HEADS), checks._pos("seq_length", checks.INT32_MAX),
+    checks.Key("layernorm_epsilon", "float", 0, 1, lo_open=True, hi_open=True), checks._finite_pos("rope_ratio"),
+    checks.Key("multi_query_attention", "bool"), checks.Key("add_qkv_bias", "bool"), checks.Key("add_bias_linear", "bool"),
+    checks.Key("rmsnorm", "bool"), checks.Key("apply_residual_connection_post_layernorm", "bool"),
+    checks.Key("post_layer_norm", "bool"), checks.Key("quantization_bit", "int", 0, 64),
+    checks.Key("pre_seq_len", "int", 0, checks.INT32_MAX),
+)
+# ChatGLM key -> the Hugging Face key chatglm_view fills from it (for messages: both name the same number)
+CHATGLM_KEYS = {"num_layers": "num_hidden_layers", "padded_vocab_size": "vocab_size",
+                "ffn_hidden_size": "intermediate_size", "kv_channels": "head_dim",
+                "multi_query_group_num": "num_key_value_heads", "layernorm_epsilon": "rms_norm_eps",
+                "seq_length": "max_position_embeddings", "rope_ratio": "rope_theta"}
+
+
+def is_chatglm(config) -> bool:
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(config, dict) and (config.get("model_type") == "chatglm" or
+                                         (isinstance(names, list) and "ChatGLMModel" in names))
+
+
+def chatglm_view(config: dict, where: str) -> dict:
+    """A ChatGLM2 / ChatGLM3 config.json (THUDM's keys) with the Hugging Face keys the core config is read from added
+    (num_hidden_layers = num_layers, vocab_size = padded_vocab_size, intermediate_size = ffn_hidden_size,
+    head_dim = kv_channels, num_key_value_heads = multi_query_group_num when multi_query_attention else the heads,
+    rms_norm_eps = layernorm_epsilon, max_position_embeddings = seq_length, rope_theta = 10000 x rope_ratio); other
+    configs unchanged. THUDM's keys win over Hugging Face ones the file may also hold. Variants whose forward differs
+    (LayerNorm, post-layernorm residuals, biases on every linear, p-tuning prefixes, THUDM's int4 / int8 weights, the
+    first ChatGLM-6B) raise NotImplementedError naming the key."""
+    if not is_chatglm(config):
+        return config
+    checks.check(config, CHATGLM_CONFIG, where)
+    if config.get("padded_vocab_size") is None or config.get("position_encoding_2d"):
+        raise NotImplementedError(f"{where}: the first ChatGLM-6B (2D positions, GLM blank infilling) is not supported; "
+                                  "ChatGLM2-6B and ChatGLM3-6B are")
+    unsupported = [("rmsnorm", False, "LayerNorm instead of RMSNorm"),
+                   ("apply_residual_connection_post_layernorm", True, "residuals taken after the layer norms"),
+                   ("post_layer_norm", False, "no final layer norm"),
+                   ("add_bias_linear", True, "biases on every linear layer")]
+    for key, bad, what in unsupported:
+        if config.get(key) is not None and bool(config[key]) == bad:
+            raise NotImplementedError(f"{where}: {key}={str(bad).lower()} ({what}) is not supported for ChatGLMModel")
+    if config.get("quantization_bit"):
+        raise NotImplementedError(f"{where}: quantization_bit={config['quantization_bit']} (THUDM's own int4 / int8 "
+                                  "weights) is not supported; load the float checkpoint (quantise at load with "
+                                  "load_in_8bit / load_in_4bit)")
+    if config.get("pre_seq_len"):
+        raise NotImplementedError(f"{where}: pre_seq_len={config['pre_seq_len']} (a P-Tuning v2 prefix encoder) is not "
+                                  "supported for ChatGLMModel")
+    need = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size") if config.get(k) is None]
+    if need:
+        raise checks.CheckpointError(f"{where}: ChatGLM config is missing '{need[0]}'")
+    heads = config["num_attention_heads"]
+    out = dict(config)
+    out.update({
+        "vocab_size": config["padded_vocab_size"], "num_hidden_layers": config["num_layers"],
+        "intermediate_size": config["ffn_hidden_size"],
+        "head_dim": config.get("kv_channels") or None,
+        "num_key_value_heads": (config.get("multi_query_group_num") or 1) if config.get("multi_query_attention") else heads,
+        "rms_norm_eps": _get(config, "layernorm_epsilon", 1e-5),
+        "max_position_embeddings": _get(config, "seq_length", 2048),
+        "rope_theta": 10000.0 * float(_get(config, "rope_ratio", 1.0)),
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    })
+    for k in ("rope_scaling", "rope_parameters"):
+        out.pop(k, None)  # ChatGLM's rotary has no scaling block; rope_ratio is its only knob
+    return out
 
 
 def supported() -> str:
@@ -244,7 +343,7 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     if act not in ("silu", "swish"):
         raise NotImplementedError(f"{where}: hidden_act={act[:40]!r} is not supported; supported: silu")
     for k in ("attention_bias", "mlp_bias"):
-        if config.get(k):
+        if config.get(k) and arch.names == "hf":
             raise NotImplementedError(f"{where}: {k}=true is not supported for {arch.name}")
     n_layers = int(need("num_hidden_layers"))
     n_heads = int(need("num_attention_heads"))
@@ -275,7 +374,11 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
         "rms_eps": float(_get(config, "rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
-        "rope_orig_max_pos": orig, "rope_attn_factor": attn, "qkv_bias": int(arch.qkv_bias), "qk_norm": int(arch.qk_norm),
+        "rope_orig_max_pos": orig, "rope_attn_factor": attn,
+        "rope_dims": hd // 2 if arch.rope_half else 0, "rope_interleaved": int(arch.rope_interleaved),
+        "rope_round": int(arch.rope_round),
+        "qkv_bias": int(arch.qkv_bias or bool(arch.qkv_bias_key and config.get(arch.qkv_bias_key))),
+        "qk_norm": int(arch.qk_norm),
         "tie_embeddings": int(_get(config, "tie_word_embeddings", False)), "window": window,
     }
 
@@ -289,7 +392,7 @@ def _known_layer_types(types, where, arch):
 
 def tensor_plan(arch: Arch, cfg: dict, gguf: bool):
     """[(slot_name, layer, checkpoint tensor name, unpermute_heads)] for every weight the model needs."""
-    g, lay = (GGUF_GLOBAL, GGUF_LAYER) if gguf else (HF_GLOBAL, HF_LAYER)
+    g, lay = (GGUF_GLOBAL, GGUF_LAYER) if gguf else HF_NAMES[arch.names]
     plan = [("embed_tokens", 0, g["embed_tokens"], 0), ("final_norm", 0, g["final_norm"], 0)]
     if not cfg["tie_embeddings"]:
         plan.append(("lm_head", 0, g["lm_head"], 0))
@@ -371,5 +474,5 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     return arch, hf
 
 
-__all__ = ["Arch", "ARCHITECTURES", "arch_for", "core_config", "head_dim", "tensor_plan", "gguf_config", "gguf_names",
+__all__ = ["Arch", "ARCHITECTURES", "arch_for", "chatglm_view", "is_chatglm", "core_config", "head_dim", "tensor_plan", "gguf_config", "gguf_names",
            "supported", "SLOT", "IGNORED_SUFFIXES"]

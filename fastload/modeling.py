@@ -987,6 +987,7 @@ class FastModelForCausalLM:
         hf = _files.read_json(cfg_real, cfg_path)
         if overrides and isinstance(hf, dict):
             hf.update(overrides)
+        hf = archmod.chatglm_view(hf, cfg_path)  # ChatGLM's own keys, read as the Hugging Face ones
         checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
         hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
@@ -1179,6 +1180,7 @@ class FastModelForCausalLM:
             raise ValueError("generate needs input_ids")
         kwargs = dict(kwargs)
         tokenizer = kwargs.pop("tokenizer", None)
+        _check_position_ids(kwargs.pop("position_ids", None), input_ids, attention_mask)
         like_torch = is_torch(input_ids)
         ids = _ids2d(input_ids, "input_ids")
         mask = _ids2d(attention_mask, "attention_mask")
@@ -1262,7 +1264,10 @@ class FastModelForCausalLM:
     def chat(self, tokenizer, query, history=None, role="user", system=None, **gen_kwargs):
         """ChatGLM-style chat: returns (response, history). `history` is a list of (query, response)
         pairs (ChatGLM2) or role/content dicts (ChatGLM3); the returned history keeps the style
-        given (pairs when empty). The prompt is rendered with the tokenizer's chat template."""
+        given (pairs when empty). The prompt is rendered with the tokenizer's chat template; with ChatGLM's own
+        tokenizer (fastload.chatglm_tokenizer) it is built as THUDM's chat() builds it, per version (_glm_chat)."""
+        if getattr(tokenizer, "chatglm_version", None):
+            return self._glm_chat(tokenizer, query, history, role, system, gen_kwargs)
         history, msgs = self._chat_messages(query, history, role, system)
         enc, gen_kwargs = self._chat_inputs(tokenizer, msgs, gen_kwargs)
         out = self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
@@ -1273,6 +1278,9 @@ class FastModelForCausalLM:
         """ChatGLM-style streaming chat: yields (response so far, history) as text arrives. Bad arguments raise
         here before any thread starts; an error in the generating thread is raised here at once (the streamer
         carries it)."""
+        if getattr(tokenizer, "chatglm_version", None):
+            yield from self._glm_stream_chat(tokenizer, query, history, role, system, gen_kwargs)
+            return
         from .streamers import TextIteratorStreamer
         history, msgs = self._chat_messages(query, history, role, system)
         enc, gen_kwargs = self._chat_inputs(tokenizer, msgs, gen_kwargs)
@@ -1298,6 +1306,99 @@ class FastModelForCausalLM:
             if not finished:
                 # The consumer stopped early (broke out of its loop, closed the generator, or raised): stop the
                 # generation at its next token instead of letting it run to max_new_tokens holding the model.
+                streamer.cancel()
+        th.join()
+
+    # ------------------------------------------------------------------ ChatGLM2 / ChatGLM3's chat
+    def _glm_inputs(self, tokenizer, query, history, role, system, gen_kwargs):
+        """THUDM's chat(): the prompt (ChatGLM2: build_prompt, "[Round N]..."; ChatGLM3: build_chat_input, role
+        tokens), its sampling defaults (max_length 8192, do_sample, top_p 0.8, temperature 0.8; the caller's
+        arguments win) and stop ids (</s>; ChatGLM3 also <|user|>, <|observation|>)."""
+        v = tokenizer.chatglm_version
+        history = list(history or [])
+        if v == 2:
+            if role != "user" or system is not None:
+                raise ValueError("ChatGLM2's chat has no roles or system prompt (role='user', system=None)")
+            enc = tokenizer([tokenizer.build_prompt(query, history)], return_tensors="np")
+            stops = []
+        else:
+            if system is not None and not (history and history[0].get("role") == "system"):
+                history = [{"role": "system", "content": str(system)}] + history
+            enc = tokenizer.build_chat_input(query, history=history, role=role)
+            stops = [tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+        kw = {"max_length": 8192, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
+        kw.update(gen_kwargs)
+        if kw.get("logits_processor", 0) is None:
+            kw.pop("logits_processor")
+        eos = kw.pop("eos_token_id", None)
+        if eos is None:
+            eos = self.generation_config.eos_token_id
+        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        eos = eos + [tokenizer.get_command("<eos>")] + stops
+        kw["eos_token_id"] = list(dict.fromkeys(int(e) for e in eos))
+        return history, enc, kw
+
+    @staticmethod
+    def _glm_response(tokenizer, ids, eos, query, history, role):
+        """(response, history) as THUDM's process_response: ChatGLM2 strips the text and appends (query, response);
+        ChatGLM3 drops a final stop token, appends {"role", "content": query} and each "<|assistant|>" part as
+        {"role": "assistant", "metadata", "content"}; a part with metadata is a tool call: with tools in the system
+        message its "tool_call(k=v, ...)" becomes {"name", "parameters"} (read with ast.literal_eval, never run),
+        else {"name", "content"}."""
+        if tokenizer.chatglm_version == 2:
+            response = tokenizer.decode(ids).strip().replace("[[训练时间]]", "2023年")
+            return response, history + [(query, response)]
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        output = tokenizer.decode(ids)
+        history = [dict(h) for h in history] + [{"role": role, "content": query}]
+        content = ""
+        for part in output.split("<|assistant|>"):
+            metadata, content = part.split("\n", 1) if "\n" in part else ("", part)
+            if not metadata.strip():
+                content = content.strip()
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                content = content.replace("[[训练时间]]", "2023年")
+            else:
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                if history[0]["role"] == "system" and "tools" in history[0]:
+                    args = _tool_call_args("\n".join(content.split("\n")[1:-1]))
+                    content = {"name": metadata.strip(), "parameters": args}
+                else:
+                    content = {"name": metadata.strip(), "content": content}
+        return content, history
+
+    def _glm_chat(self, tokenizer, query, history, role, system, gen_kwargs):
+        history, enc, kw = self._glm_inputs(tokenizer, query, history, role, system, gen_kwargs)
+        out = self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+        ids = [int(t) for t in np.asarray(out)[0, enc["input_ids"].shape[1]:]]
+        return self._glm_response(tokenizer, ids, kw["eos_token_id"], query, history, role)
+
+    def _glm_stream_chat(self, tokenizer, query, history, role, system, gen_kwargs):
+        """Yields (response, history) after each new token whose text does not end in an unfinished character
+        ("\ufffd"), as THUDM's stream_chat; closing the generator early stops the generation."""
+        from .streamers import IdIteratorStreamer
+        history, enc, kw = self._glm_inputs(tokenizer, query, history, role, system, gen_kwargs)
+        if "streamer" in kw:
+            raise TypeError("stream_chat makes its own streamer; pass streamer= to chat() or generate() instead")
+        streamer = IdIteratorStreamer()
+
+        def run():
+            try:
+                self.generate(enc["input_ids"], attention_mask=enc["attention_mask"], streamer=streamer, **kw)
+            except BaseException:  # noqa: BLE001 - generate handed it to the streamer, which raises it below
+                pass
+        th = threading.Thread(target=run, daemon=True, name="fastload-stream_chat")
+        th.start()
+        finished = False
+        try:
+            for ids in streamer:
+                text = tokenizer.decode(ids[:-1] if ids[-1] in kw["eos_token_id"] else ids)
+                if text and text[-1] != "\ufffd":
+                    yield self._glm_response(tokenizer, ids, kw["eos_token_id"], query, history, role)
+            finished = True
+        finally:
+            if not finished:
                 streamer.cancel()
         th.join()
 
@@ -1771,7 +1872,8 @@ class AutoConfig:
                 g.close()
         else:
             cfg_path = os.path.join(path, "config.json")
-            hf = Config(_files.read_json(_files.checkpoint_file(path, "config.json", allow_external=ext), cfg_path))
+            hf = _files.read_json(_files.checkpoint_file(path, "config.json", allow_external=ext), cfg_path)
+            hf = Config(archmod.chatglm_view(hf, cfg_path))  # ChatGLM: its keys, plus the Hugging Face ones
             checks.check_config(hf, cfg_path)
         unused = {}
         for k, v in kwargs.items():
@@ -1780,6 +1882,36 @@ class AutoConfig:
             else:
                 unused[k] = v
         return (hf, unused) if return_unused_kwargs else hf
+
+
+def _check_position_ids(position_ids, input_ids, attention_mask):
+    """generate(position_ids=...) (ChatGLM's tokenizer returns them): accepted when they are the positions fastload
+    uses anyway -- 0, 1, ... from each row's first attended token (padding positions are not looked at)."""
+    if position_ids is None or input_ids is None:
+        return
+    pos = _ids2d(position_ids, "position_ids")
+    ids = _ids2d(input_ids, "input_ids")
+    mask = _ids2d(attention_mask, "attention_mask") if attention_mask is not None else np.ones_like(ids)
+    if pos.shape != ids.shape or mask.shape != ids.shape:
+        raise ValueError(f"position_ids shape {pos.shape} does not match input_ids {ids.shape}")
+    m = mask != 0
+    want = np.cumsum(m, axis=1) - 1
+    if not np.array_equal(pos[m], want[m]):
+        raise NotImplementedError("generate: position_ids other than 0, 1, ... from each row's first attended token "
+                                  "are not supported")
+
+
+def _tool_call_args(text):
+    """The keyword arguments of ChatGLM3's "tool_call(k=v, ...)" as a dict, read with ast (literals only; THUDM's
+    code eval()s the text)."""
+    import ast
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+            raise ValueError("not a tool_call(k=v, ...) call")
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"ChatGLM3 tool call {text[:200]!r} could not be read: {e}") from None
 
 
 def from_pretrained(*args, **kwargs) -> FastModelForCausalLM:

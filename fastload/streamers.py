@@ -137,3 +137,34 @@ def _is_cjk(ch):
     cp = ord(ch)
     return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
             or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+class IdIteratorStreamer(TextIteratorStreamer):
+    """For ChatGLM's stream_chat: each item is the list of all new token ids so far (batch size 1), so that the
+    caller decodes the whole response each time, as THUDM's stream_chat does. Errors and cancel() as
+    TextIteratorStreamer."""
+
+    def __init__(self, timeout=None):
+        super().__init__(None, skip_prompt=True, timeout=timeout)
+        self._ids = []
+
+    def put(self, value):
+        if self._cancelled:
+            raise GenerationCancelled("the consumer of this streamer cancelled the generation")
+        value = np.asarray(value.tolist() if hasattr(value, "tolist") else value)
+        if value.ndim > 1 and value.shape[0] > 1:
+            raise ValueError("IdIteratorStreamer only supports batch size 1")
+        if self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self._ids.extend(int(v) for v in value.reshape(-1))
+        self.text_queue.put(list(self._ids), timeout=self.timeout)
+
+    def end(self):
+        self.next_tokens_are_prompt = True
+        err, self._error = self._error, None
+        self.text_queue.put(self.stop_signal if err is None else _Failure(err), timeout=self.timeout)
+
+    def _end_with_error(self, exc):
+        self._error = exc
+        self.end()

@@ -190,6 +190,14 @@ class FastTokenizer:
                        add_bos_token=info.get("add_bos_token"), add_eos_token=info.get("add_eos_token"))
         tj = os.path.join(path, "tokenizer.json")
         tj_real = _files.find_file(path, "tokenizer.json", allow_external=ext) if os.path.isdir(path) else None
+        if tj_real is None and os.path.isdir(path):
+            from .chatglm_tokenizer import ChatGLMTokenizer, is_chatglm_dir
+            if is_chatglm_dir(path, ext):  # THUDM's ChatGLM2 / ChatGLM3: tokenizer.model, rebuilt (no remote code)
+                return ChatGLMTokenizer.from_dir(path, pretrained_model_name_or_path,
+                                                 chatglm_version=kwargs.get("chatglm_version"),
+                                                 padding_side=padding_side,
+                                                 encode_special_tokens=kwargs.get("encode_special_tokens"),
+                                                 allow_external=ext)
         if tj_real is None:
             raise FileNotFoundError(f"{path}: no tokenizer.json (and no .gguf file) to build a tokenizer from")
         tk = Tokenizer.from_str(_files.read_text(tj_real, tj, _files.TOKENIZER_LIMIT))  # the Rust side opens no path

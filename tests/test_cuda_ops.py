@@ -274,6 +274,36 @@ def test_rope_store(act, case, on_device):
     check_exact(got["k_cache"][:, outside], kc[:, outside], "rope_store: k slots outside the step", seed)
 
 
+ROPE_STYLE_CASES = [  # B, T, start, nh, nkv, hd, max_len, rope_dims: ChatGLM's half-head interleaved rotary
+    (1, 1, 0, 32, 2, 128, 8, 64),
+    (2, 7, 3, 4, 2, 16, 12, 8),
+    (1, 1, 511, 8, 8, 64, 512, 64),
+]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ROPE_STYLE_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d-r%d" % c)
+@pytest.mark.parametrize("rnd", [0, 1])
+def test_rope_store_interleaved_partial(act, case, rnd):
+    """rope_dims / rope_interleaved / rope_round (ChatGLM) against the CPU op (float32: rounding cos / sin to
+    float32 changes nothing there; on the device it rounds them to act, inside act's tolerance)."""
+    B, T, start, nh, nkv, hd, max_len, rd = case
+    rng, seed = rng_and_seed()
+    qkv = randn(rng, (B * T, (nh + 2 * nkv) * hd), act)
+    pos = rng.integers(0, 32768, B * T, dtype=np.int32)
+    kc, vc = randn(rng, (B, max_len, nkv, hd), act), randn(rng, (B, max_len, nkv, hd), act)
+    inputs = {"qkv": qkv, "pos": pos, "inv_freq": inv_freq(rd, 1e4 * 50), "k_cache": kc, "v_cache": vc}
+    params = {"B": B, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "head_dim": hd, "rope_dims": rd,
+              "rope_interleaved": 1, "rope_round": rnd}
+    got, ref = run_both("rope_store", inputs, params, act)
+    check_close(got["qkv"], ref["qkv"], act, "rope_store (interleaved, partial) qkv", seed)
+    check_close(got["k_cache"], ref["k_cache"], act, "rope_store (interleaved, partial) k_cache", seed)
+    check_exact(got["v_cache"], ref["v_cache"], "rope_store (interleaved, partial) v_cache", seed)
+    # the pass-through half of q and k is copied, not rounded again
+    pass_q = qkv.reshape(B * T, nh + 2 * nkv, hd)[:, :nh + nkv, rd:]
+    check_exact(got["qkv"].reshape(B * T, nh + 2 * nkv, hd)[:, :nh + nkv, rd:], pass_q, "pass-through dims", seed)
+
+
 QK_NORM_CASES = [  # B, T, start, nh, nkv, hd, max_len: Qwen3's q_norm / k_norm fused into rope_store
     (1, 1, 0, 4, 2, 48, 8),         # the qwen3 fixture's heads: head_dim not a multiple of 32 (a warp per head)
     (2, 7, 3, 16, 8, 128, 16),      # Qwen3-0.6B / 1.7B: 16 / 8 heads of 128

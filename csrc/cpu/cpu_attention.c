@@ -5,11 +5,14 @@
 #include <float.h>
 #include <stdlib.h>
 
-static inline void rotate(float *v, const float *cs, const float *sn, int half) {
+/* The first 2 * half dims of a head: pairs (i, i + half) (rotate-half), or (2i, 2i + 1) (interleaved, ChatGLM). */
+static inline void rotate(float *v, const float *cs, const float *sn, int half, int interleaved) {
+    const int stride = interleaved ? 2 : 1, other = interleaved ? 1 : half;
     for (int i = 0; i < half; i++) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * cs[i] - b * sn[i];
-        v[i + half] = b * cs[i] + a * sn[i];
+        float *x = v + i * stride;
+        const float a = x[0], b = x[other];
+        x[0] = a * cs[i] - b * sn[i];
+        x[other] = b * cs[i] + a * sn[i];
     }
 }
 
@@ -61,11 +64,17 @@ static void dyn_freqs(const fl_rope_dyn *d, int L, int hd, float *f) {
 }
 
 fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
-                         int n_heads, const float *inv_freq, const fl_weight *qk_norm, float eps) {
-    const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads, half = hd / 2;
+                         int n_heads, const float *inv_freq, const fl_rope_style *style, const fl_weight *qk_norm,
+                         float eps) {
+    const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads;
+    const int rd = fl_rope_dims(style, hd), half = rd / 2, inter = style && style->interleaved;
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
     FL_TRY(check_slots(s, kv));
     if (hd <= 0 || hd > 1024 || hd % 2) return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", hd);
+    if (rd <= 0 || rd > hd || rd % 2)
+        return fl_err(FL_E_VALUE, "rope_store: rotary dims %d must be even and in [2, head_dim=%d]", rd, hd);
+    if (qk_norm && (rd != hd || inter)) return fl_err(FL_E_VALUE, "rope_store: q/k norm needs the default rotary style");
+    /* style->round_cs: cos / sin rounded to the activation dtype, which is float32 here: nothing to do */
     float nw[2 * 1024]; /* q_norm | k_norm as float32 */
     if (qk_norm) {
         if (qk_norm->dtype != FL_F32 && qk_norm->dtype != FL_F16 && qk_norm->dtype != FL_BF16)
@@ -85,7 +94,7 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
         if (s->dyn.factor > 0) { /* dynamic NTK rope: this row's length decides its frequencies */
             const int L = s->dyn.len_d ? s->dyn.len_d[b] : s->pos_d[bt] + 1;
             if (L > s->dyn.max_pos) {
-                dyn_freqs(&s->dyn, L, hd, dynf);
+                dyn_freqs(&s->dyn, L, rd, dynf);
                 freq = dynf;
             }
         }
@@ -96,7 +105,7 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
         float *row = (float *)qkv_d + bt * stride;
         for (int h = 0; h < n_heads + nkv; h++) {
             if (qk_norm) rmsnorm_head(row + h * hd, nw + (h < n_heads ? 0 : hd), hd, eps);
-            rotate(row + h * hd, cs, sn, half);
+            rotate(row + h * hd, cs, sn, half, inter);
         }
         const int64_t slot = kv_slot(s, kv, b, row_start(s, b) + t) * nkv * hd;
         memcpy(kc + slot, row + (int64_t)n_heads * hd, (size_t)nkv * hd * sizeof(float));

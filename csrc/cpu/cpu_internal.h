@@ -58,7 +58,8 @@ fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t r
                        fl_dtype src_dtype);
 fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl_weight *W, const fl_weight *bias);
 fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
-                         int n_heads, const float *inv_freq_d, const fl_weight *qk_norm, float eps);
+                         int n_heads, const float *inv_freq, const fl_rope_style *style, const fl_weight *qk_norm,
+                         float eps);
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
                         const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
 #endif

@@ -234,7 +234,7 @@ static fl_status cu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, co
 }
 
 static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer, int n_heads,
-                               const float *inv_freq_d, const fl_weight *qk_norm, float eps) {
+                               const float *inv_freq_d, const fl_rope_style *style, const fl_weight *qk_norm, float eps) {
     if (kv->dtype != be->act)
         return fl_err(FL_E_UNSUPPORTED, "CUDA rope_store: KV cache dtype %s differs from the activation dtype %s",
                       fl_cuda_dtype_name(kv->dtype), fl_cuda_dtype_name(be->act));
@@ -262,7 +262,8 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
     const int mode = need > c->rope_cs_bytes ? FL_ROPE_TABLE_NONE : layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
     return fl_cuda_rope_store(c->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
                               inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                              kv->head_dim, c->rope_cs, mode, &s->pg, qk_norm ? qk_norm->data_d : NULL, eps, &s->dyn);
+                              kv->head_dim, c->rope_cs, mode, &s->pg, qk_norm ? qk_norm->data_d : NULL, eps, style,
+                              &s->dyn);
 }
 
 static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,

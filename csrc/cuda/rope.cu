@@ -22,23 +22,26 @@ __device__ __forceinline__ float dyn_inv_freq(const fl_rope_dyn &d, int L, int h
     return __fdiv_rn(1.0f, (float)pow((double)base, (double)e));
 }
 
-template <typename T, bool NORM>
+// rd: rotated dims per head (hd: all); INTER: pairs (2i, 2i + 1), else (i, i + rd/2); round_cs: cos / sin rounded
+// to T before use (ChatGLM's rope cache in the model dtype).
+template <typename T, bool NORM, bool INTER>
 __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, const int32_t *__restrict__ start_d,
                                   const int32_t *__restrict__ pos, const float *__restrict__ inv_freq,
                                   T *__restrict__ kcache, T *__restrict__ vcache, int max_len, int nh, int nkv, int hd,
                                   float *__restrict__ table, int table_mode, const fl_kv_paging pg,
-                                  const T *__restrict__ qk_norm, float eps, const fl_rope_dyn dyn) {
+                                  const T *__restrict__ qk_norm, float eps, int rd, int round_cs,
+                                  const fl_rope_dyn dyn) {
     extern __shared__ float cs[];  // [half] cos, then [half] sin; NORM: then [nh + nkv] 1 / rms of each q and k head
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // positions and q|k|v come from earlier kernels
-    const int half = hd / 2;
+    const int half = rd / 2;  // frequencies; NORM implies rd == hd (the host checks)
     float *sn = cs + half;
     const int bt = blockIdx.x, b = bt / n_new, t = bt % n_new;
     T *row = qkv + (int64_t)bt * (nh + 2 * nkv) * hd;
     const float p = table_mode == FL_ROPE_TABLE_READ ? 0.f : (float)pos[bt];
     if (table_mode == FL_ROPE_TABLE_READ) {
         // cos/sin of this token's position, made by layer 0's launch of this forward.
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) cs[i] = table[(int64_t)bt * hd + i];
+        for (int i = threadIdx.x; i < rd; i += blockDim.x) cs[i] = table[(int64_t)bt * hd + i];
     } else {
         // dynamic NTK rope: this row's length decides its frequencies (past max_pos)
         const int L = dyn.factor > 0.f ? (dyn.len_d ? dyn.len_d[b] : pos[bt] + 1) : 0;
@@ -48,14 +51,19 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
             // cos/sin in double precision (untouched by --use_fast_math, unlike sinf/cosf, whose
             // fast versions lose accuracy for the large angles of long positions), rounded once.
             // That costs a few microseconds per launch, hence the table for the other layers.
-            const float f = __fmul_rn(p, dynf ? dyn_inv_freq(dyn, L, hd, i) : inv_freq[i]);
+            const float f = __fmul_rn(p, dynf ? dyn_inv_freq(dyn, L, rd, i) : inv_freq[i]);
             double s, c;
             sincos((double)f, &s, &c);
-            cs[i] = (float)c;
-            sn[i] = (float)s;
+            float cf = (float)c, sf = (float)s;
+            if (round_cs) {
+                cf = fl_to_f32(fl_from_f32<T>(cf));
+                sf = fl_to_f32(fl_from_f32<T>(sf));
+            }
+            cs[i] = cf;
+            sn[i] = sf;
             if (table_mode == FL_ROPE_TABLE_WRITE) {
-                table[(int64_t)bt * hd + i] = (float)c;
-                table[(int64_t)bt * hd + half + i] = (float)s;
+                table[(int64_t)bt * hd + i] = cf;
+                table[(int64_t)bt * hd + half + i] = sf;
             }
         }
     }
@@ -87,23 +95,33 @@ __global__ void rope_store_kernel(T *__restrict__ qkv, int n_new, int start, con
              (slot & ((1 << pg.page_shift) - 1));
     T *kdst = kcache + at * nkv * hd;
     T *vdst = vcache + at * nkv * hd;
+    // the pair of frequency i: elements (i0, i1) of the head
     for (int q = threadIdx.x; q < (nh + nkv) * half; q += blockDim.x) {
         const int h = q / half, i = q % half;
+        const int i0 = INTER ? 2 * i : i, i1 = INTER ? 2 * i + 1 : i + half;
         T *v = row + (int64_t)h * hd;
-        float a = fl_to_f32(v[i]), c = fl_to_f32(v[i + half]);
+        float a = fl_to_f32(v[i0]), c = fl_to_f32(v[i1]);
         if (NORM) {  // q_norm for the q heads, k_norm for the k heads; one rounding, after the rotation
             const T *w = qk_norm + (h < nh ? 0 : hd);
             const float r = cs[hd + h];
-            a = fl_to_f32(w[i]) * (a * r);
-            c = fl_to_f32(w[i + half]) * (c * r);
+            a = fl_to_f32(w[i0]) * (a * r);
+            c = fl_to_f32(w[i1]) * (c * r);
         }
         const T ra = fl_from_f32<T>(a * cs[i] - c * sn[i]);
         const T rc = fl_from_f32<T>(c * cs[i] + a * sn[i]);
-        v[i] = ra;
-        v[i + half] = rc;
+        v[i0] = ra;
+        v[i1] = rc;
         if (h >= nh && store) {
-            kdst[(h - nh) * hd + i] = ra;
-            kdst[(h - nh) * hd + i + half] = rc;
+            kdst[(h - nh) * hd + i0] = ra;
+            kdst[(h - nh) * hd + i1] = rc;
+        }
+    }
+    if (rd < hd && store) {  // partial rotary: k's dims [rd, hd) pass through into the cache
+        const int pass = hd - rd;
+        const T *ksrc = row + (int64_t)nh * hd;
+        for (int e = threadIdx.x; e < nkv * pass; e += blockDim.x) {
+            const int h = e / pass, j = rd + e % pass;
+            kdst[h * hd + j] = ksrc[(int64_t)h * hd + j];
         }
     }
     if (store) {
@@ -116,14 +134,20 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
                              const int32_t *start_d, const int32_t *pos, const float *inv_freq,
                              void *kcache, void *vcache, int max_len, int n_heads, int n_kv_heads,
                              int head_dim, float *table, int table_mode, const fl_kv_paging *pg,
-                             const void *qk_norm, float eps, const fl_rope_dyn *dyn) {
+                             const void *qk_norm, float eps, const fl_rope_style *style, const fl_rope_dyn *dyn) {
     if (B <= 0 || T <= 0) return FL_OK;
     const fl_rope_dyn dz = {};
     if (!dyn) dyn = &dz;
-    if (dyn->factor > 0.f && (dyn->max_pos <= 0 || head_dim < 4))
-        return fl_err(FL_E_VALUE, "rope_store: dynamic rope with max_position_embeddings %d, head_dim %d", dyn->max_pos, head_dim);
+    if (dyn->factor > 0.f && (dyn->max_pos <= 0 || fl_rope_dims(style, head_dim) < 4))
+        return fl_err(FL_E_VALUE, "rope_store: dynamic rope with max_position_embeddings %d, %d rotated dims", dyn->max_pos,
+                      fl_rope_dims(style, head_dim));
     if (head_dim <= 0 || head_dim % 2 || head_dim > 1024)
         return fl_err(FL_E_VALUE, "rope_store: head_dim=%d must be even and at most 1024", head_dim);
+    const int rd = fl_rope_dims(style, head_dim), inter = style && style->interleaved, rnd = style && style->round_cs;
+    if (rd <= 0 || rd > head_dim || rd % 2)
+        return fl_err(FL_E_VALUE, "rope_store: rotary dims %d must be even and in [2, head_dim=%d]", rd, head_dim);
+    if (qk_norm && (rd != head_dim || inter))
+        return fl_err(FL_E_VALUE, "rope_store: q/k norm needs the default rotary style");
     const fl_kv_paging pz = {};
     if (!pg) pg = &pz;
     if (pg->btab_d && (pg->page_shift < 0 || pg->page_shift > 20 || (long long)pg->btab_stride << pg->page_shift < max_len))
@@ -139,13 +163,17 @@ fl_status fl_cuda_rope_store(cudaStream_t st, fl_dtype act, void *qkv, int B, in
     const size_t smem = ((size_t)head_dim + (qk_norm ? (size_t)n_heads + n_kv_heads : 0)) * sizeof(float);
     FL_CUDA_DISPATCH(act, T_, {
         if (qk_norm)
-            FL_LAUNCH((rope_store_kernel<T_, true>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos,
-                      inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg,
-                      (const T_ *)qk_norm, eps, *dyn);
+            FL_LAUNCH((rope_store_kernel<T_, true, false>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start,
+                      start_d, pos, inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table,
+                      table_mode, *pg, (const T_ *)qk_norm, eps, rd, rnd, *dyn);
+        else if (inter)
+            FL_LAUNCH((rope_store_kernel<T_, false, true>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start,
+                      start_d, pos, inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table,
+                      table_mode, *pg, (const T_ *)nullptr, eps, rd, rnd, *dyn);
         else
-            FL_LAUNCH((rope_store_kernel<T_, false>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start, start_d, pos,
-                      inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table, table_mode, *pg,
-                      (const T_ *)nullptr, eps, *dyn);
+            FL_LAUNCH((rope_store_kernel<T_, false, false>), dim3(B * T), dim3(ROPE_THREADS), smem, st, (T_ *)qkv, T, start,
+                      start_d, pos, inv_freq, (T_ *)kcache, (T_ *)vcache, max_len, n_heads, n_kv_heads, head_dim, table,
+                      table_mode, *pg, (const T_ *)nullptr, eps, rd, rnd, *dyn);
     });
     return FL_OK;
 }

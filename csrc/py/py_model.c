@@ -191,6 +191,8 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         get_float(cfgd, "rope_high_freq_factor", &c.rope_high_freq_factor, 4.f) ||
         get_int(cfgd, "rope_orig_max_pos", &c.rope_orig_max_pos, 0, 8192) ||
         get_float(cfgd, "rope_attn_factor", &c.rope_attn_factor, 1.f) ||
+        get_int(cfgd, "rope_dims", &c.rope_dims, 0, 0) || get_int(cfgd, "rope_interleaved", &c.rope_interleaved, 0, 0) ||
+        get_int(cfgd, "rope_round", &c.rope_round, 0, 0) ||
         get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "qk_norm", &c.qk_norm, 0, 0) ||
         get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
         return -1;
@@ -585,11 +587,11 @@ static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
 }
 
 /* rope_freqs(): the rotary frequencies the kernels use (after rope scaling), and the softmax scale's multiplier
- * (YaRN's attention factor squared): (float32 array [head_dim / 2], float). For tests against transformers' formulas. */
+ * (YaRN's attention factor squared): (float32 array [rotated dims / 2], float). For tests against transformers' formulas. */
 static PyObject *model_rope_freqs(FlPyModel *self, PyObject *noargs) {
     fl_model *m = self->m;
     if (!m->inv_freq_d) return PyErr_Format(PyExc_RuntimeError, "rope_freqs: the model's weights are not placed yet");
-    npy_intp n = m->cfg.head_dim / 2;
+    npy_intp n = (m->cfg.rope_dims ? m->cfg.rope_dims : m->cfg.head_dim) / 2;
     PyObject *res = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
     if (!res) return NULL;
     lock_model(self);
@@ -851,7 +853,7 @@ static PyMethodDef model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS, "Logits for every position."},
     {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights "
      "(a quantised weight dequantised to float32)."},
-    {"rope_freqs", (PyCFunction)model_rope_freqs, METH_NOARGS, "rope_freqs() -> (inv_freq float32 [head_dim / 2], softmax scale multiplier)."},
+    {"rope_freqs", (PyCFunction)model_rope_freqs, METH_NOARGS, "rope_freqs() -> (inv_freq float32 [rotated dims / 2], softmax scale multiplier)."},
     {"layouts", (PyCFunction)model_layouts, METH_NOARGS, "layouts() -> list of dicts: each weight's dtype / quantised layout and bytes."},
     {"engine_start", (PyCFunction)(void (*)(void))model_engine_start, METH_VARARGS | METH_KEYWORDS,
      "engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0)."},

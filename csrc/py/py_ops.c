@@ -16,7 +16,9 @@
  *                k_cache, v_cache[B, max_len, nkv, hd] (optional; else poisoned),
  *                qk_norm[2*hd] (optional: Qwen3's q_norm | k_norm, applied per head before rope)
  *                                                                   -> qkv, k_cache, v_cache
- *                [B, T, start, n_heads, n_kv_heads, start_on_device, eps (q/k norm)]
+ *                [B, T, start, n_heads, n_kv_heads, start_on_device, eps (q/k norm), head_dim (default
+ *                 2 x inv_freq's length), rope_dims (0: head_dim; inv_freq then has rope_dims/2 entries),
+ *                 rope_interleaved, rope_round (fl_rope_style)]
  *   attention    qkv, k_cache, v_cache, kmask:uint8[B, stride] (optional) -> out[B*T, nh*hd]
  *                [B, T, start, n_heads, n_kv_heads, window, scale, start_on_device]
  *   swiglu       gu[n, 2f]                                          -> out[n, f]
@@ -527,19 +529,25 @@ static int op_rope_store(op_ctx *c) {
     if (!inv) goto done;
     if (!(qkn = get_arr(c, "qk_norm", NPY_FLOAT32, 1, 0)) && PyErr_Occurred()) goto done;
     if (param_float(c, "eps", 1e-6, &eps) < 0) goto done;
+    long rdims, rinter, rround;
+    if (param_int(c, "rope_dims", 0, &rdims) < 0 || param_int(c, "rope_interleaved", 0, &rinter) < 0 ||
+        param_int(c, "rope_round", 0, &rround) < 0)
+        goto done;
+    if (rdims < 0 || rdims > 1024) BAD("run_op(rope_store): rope_dims must be in [0, 1024]");
+    const fl_rope_style style = {.dims = (int)rdims, .interleaved = rinter != 0, .round_cs = rround != 0};
     if (!PyDict_GetItemString(c->params, "head_dim")) {
         PyObject *hd = PyLong_FromLong((long)(2 * DIM(inv, 0)));  /* head_dim from inv_freq */
         if (!hd || PyDict_SetItemString(c->params, "head_dim", hd) < 0) { Py_XDECREF(hd); goto done; }
         Py_DECREF(hd);
     }
     if (setup_step(c, &s, qkv, 0, 1) < 0) goto done;
-    if (DIM(inv, 0) * 2 != s.hd) BAD("run_op(rope_store): inv_freq must have head_dim/2 entries");
+    if (DIM(inv, 0) * 2 != (rdims ? rdims : s.hd)) BAD("run_op(rope_store): inv_freq must have rope_dims/2 entries");
     void *inv_d = upload_raw(c, inv), *qkn_d = NULL;
     if (!inv_d) goto done;
     if (qkn && DIM(qkn, 0) != 2 * s.hd) BAD("run_op(rope_store): qk_norm must have 2 * head_dim entries");
     if (qkn && !(qkn_d = upload_act(c, qkn))) goto done;
     const fl_weight qkw = weight_of(c, qkn_d, 2 * s.hd, 1);
-    RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d, qkn ? &qkw : NULL, eps));
+    RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d, &style, qkn ? &qkw : NULL, eps));
     npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
     npy_intp shc[4] = {(npy_intp)s.B, (npy_intp)s.max_len, (npy_intp)s.nkv, (npy_intp)s.hd};
     if (s.kv.n_pages) { shc[0] = s.kv.n_pages; shc[1] = (npy_intp)1 << s.kv.page_shift; }

@@ -1,0 +1,323 @@
+"""ChatGLM2-6B / ChatGLM3-6B (ChatGLMModel, model_type chatglm) on the CPU, against fixtures made once by
+tests/fixtures/make_chatglm_fixtures.py:
+
+* the forward (fused q|k|v with bias, multi-query groups, rotary on the first half of each head in interleaved
+  pairs, fused gate|up, THUDM's config keys) against the float64 numpy reference in tests/chatglm_ref.py: logits
+  within 5e-5 (|logits| ~ 10) and greedy tokens exactly, from sharded .bin (as THUDM ships) and from safetensors,
+  ChatGLM3 with rope_ratio 50;
+* the rope_store op's new style (rotated dims, interleaved) against numpy;
+* the tokenizer (tokenizer.model read by fastload.spm, no sentencepiece) against ids and text that real
+  sentencepiece gave for a few hundred strings, and THUDM's special tokens, prefix and chat prompts;
+* the script lines people write: AutoModel.from_pretrained(..., trust_remote_code=True, device=...), .eval(),
+  chat / stream_chat per version, and the config variants that are refused.
+"""
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+import fastload
+from fastload import _C, spm
+from fastload import arch as archmod
+
+import chatglm_ref
+
+FIX = pathlib.Path(__file__).parent / "fixtures" / "chatglm"
+ATOL = 5e-5
+EXPECTED = json.loads((FIX / "spm_expected.json").read_text(encoding="utf-8"))
+
+
+def load(name, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("torch_dtype", "float32")
+    return fastload.AutoModel.from_pretrained(str(FIX / name), trust_remote_code=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("name,golden", [("chatglm2", "chatglm2"), ("chatglm2_st", "chatglm2"),
+                                         ("chatglm3", "chatglm3")])
+def test_logits_and_greedy_match_reference(name, golden):
+    g = np.load(FIX / f"{golden}_golden.npz")
+    m = load(name)
+    for i in range(2):
+        ids = g[f"ids{i}"]
+        got = np.asarray(m(ids[None]).logits, np.float64)[0]
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, g[f"logits{i}"], atol=ATOL, rtol=0)
+    out = np.asarray(m.generate(g["ids0"][None], max_new_tokens=len(g["greedy"]), do_sample=False))[0]
+    assert out[len(g["ids0"]):].tolist() == g["greedy"].tolist()
+
+
+def test_reference_is_recomputed_from_the_checkpoint():
+    """The golden logits are the numpy reference's on the stored weights (so the reference, not a copy of
+    fastload's output, is what the test compares with)."""
+    cfg = json.loads((FIX / "chatglm3" / "config.json").read_text())
+    from fastload import _C as C
+    f = C.SafetensorsFile(str(FIX / "chatglm3" / "model.safetensors"))
+    w = {k: np.array(f.get(k), np.float64) if hasattr(f, "get") else None for k in f.keys()}
+    f.close()
+    if any(v is None for v in w.values()):
+        pytest.skip("SafetensorsFile has no get()")
+    g = np.load(FIX / "chatglm3_golden.npz")
+    # (the golden came from the float64 weights before they were stored as float32)
+    np.testing.assert_allclose(chatglm_ref.forward(w, cfg, g["ids1"]), g["logits1"], atol=2e-5)
+
+
+def test_rope_ratio_changes_the_logits(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIX / "chatglm3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_ratio"] = 1.0
+    (d / "config.json").write_text(json.dumps(cfg))
+    g = np.load(FIX / "chatglm3_golden.npz")
+    got = np.asarray(fastload.AutoModel.from_pretrained(str(d), device="cpu", torch_dtype="float32")(
+        g["ids0"][None]).logits, np.float64)[0]
+    assert np.abs(got - g["logits0"]).max() > 1e-3  # positions > 0 see the frequency change
+
+
+def test_core_config_of_chatglm():
+    cfg = json.loads((FIX / "chatglm3" / "config.json").read_text())
+    view = archmod.chatglm_view(cfg, "config.json")
+    a = archmod.arch_for(view, "config.json")
+    c = archmod.core_config(view, a, "config.json")
+    assert a.name == "ChatGLMModel"
+    assert (c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"]) == (2, 4, 2, 16, 96)
+    assert (c["rope_dims"], c["rope_interleaved"], c["rope_round"], c["qkv_bias"]) == (8, 1, 1, 1)
+    assert c["rope_theta"] == 500000.0 and c["vocab"] == cfg["padded_vocab_size"] and c["rms_eps"] == 1e-5
+    m = load("chatglm3")
+    inv, _ = m._core.rope_freqs()
+    np.testing.assert_allclose(inv, 1 / 500000.0 ** (np.arange(0, 8, 2) / 8), rtol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("rmsnorm", False, "rmsnorm=false"), ("apply_residual_connection_post_layernorm", True, "post_layernorm"),
+    ("add_bias_linear", True, "add_bias_linear"), ("quantization_bit", 4, "quantization_bit"),
+    ("pre_seq_len", 16, "pre_seq_len"), ("post_layer_norm", False, "post_layer_norm")])
+def test_unsupported_variants_are_refused(tmp_path, key, value, match):
+    d = tmp_path / "m"
+    shutil.copytree(FIX / "chatglm3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match=match):
+        fastload.AutoModel.from_pretrained(str(d), device="cpu")
+
+
+def test_first_chatglm_is_refused(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIX / "chatglm3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["padded_vocab_size"]
+    cfg["position_encoding_2d"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match="first ChatGLM-6B"):
+        fastload.AutoModel.from_pretrained(str(d), device="cpu")
+
+
+def test_bad_chatglm_value_names_the_key(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIX / "chatglm3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["multi_query_group_num"] = "two"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fastload.CheckpointError, match="multi_query_group_num"):
+        fastload.AutoModel.from_pretrained(str(d), device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ the rope op
+def _np_rope(qkv, pos, inv, nh, nkv, hd, rd):
+    out = qkv.astype(np.float64).copy().reshape(len(pos), nh + 2 * nkv, hd)
+    ang = np.outer(pos.astype(np.float32), inv).astype(np.float32)
+    c, s = np.cos(ang).astype(np.float64)[:, None, :], np.sin(ang).astype(np.float64)[:, None, :]
+    x = out[:, :nh + nkv]
+    a, b = x[..., 0:rd:2].copy(), x[..., 1:rd:2].copy()
+    x[..., 0:rd:2] = a * c - b * s
+    x[..., 1:rd:2] = b * c + a * s
+    return out.reshape(len(pos), -1)
+
+
+@pytest.mark.parametrize("nh,nkv,hd,rd", [(4, 2, 16, 8), (2, 1, 8, 8), (3, 3, 12, 4)])
+def test_rope_store_interleaved_partial_matches_numpy(nh, nkv, hd, rd):
+    rng = np.random.default_rng(hd)
+    T = 5
+    qkv = rng.normal(size=(T, (nh + 2 * nkv) * hd)).astype(np.float32)
+    pos = np.arange(3, 3 + T, dtype=np.int32)
+    inv = (1 / 10000 ** (np.arange(0, rd, 2) / rd)).astype(np.float32)
+    kc = np.zeros((1, T + 3, nkv, hd), np.float32)
+    got = _C.run_op("cpu", "rope_store", {"qkv": qkv, "pos": pos, "inv_freq": inv, "k_cache": kc, "v_cache": kc.copy()},
+                    {"B": 1, "T": T, "start": 0, "n_heads": nh, "n_kv_heads": nkv, "head_dim": hd, "rope_dims": rd,
+                     "rope_interleaved": 1, "rope_round": 1})
+    want = _np_rope(qkv, pos, inv, nh, nkv, hd, rd)
+    np.testing.assert_allclose(got["qkv"], want, atol=2e-6)
+    k = want.reshape(T, nh + 2 * nkv, hd)[:, nh:nh + nkv]
+    v = want.reshape(T, nh + 2 * nkv, hd)[:, nh + nkv:]
+    np.testing.assert_allclose(got["k_cache"][0, :T], k, atol=2e-6)  # pass-through dims reach the cache too
+    np.testing.assert_array_equal(got["v_cache"][0, :T], v.astype(np.float32))
+
+
+def test_rope_store_style_is_checked():
+    qkv = np.zeros((1, 4 * 8), np.float32)
+    with pytest.raises(ValueError, match="rope_dims"):
+        kc = np.zeros((1, 2, 1, 8), np.float32)
+        _C.run_op("cpu", "rope_store", {"qkv": qkv, "pos": np.zeros(1, np.int32), "inv_freq": np.ones(2, np.float32),
+                                        "k_cache": kc, "v_cache": kc.copy()},
+                  {"B": 1, "T": 1, "start": 0, "n_heads": 2, "n_kv_heads": 1, "head_dim": 8, "rope_dims": 6})
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def _sp():
+    return spm.read_model((FIX / "tokenizer.model").read_bytes())
+
+
+def test_spm_encode_matches_sentencepiece():
+    m = _sp()
+    tk = spm.build_tokenizer(m)
+    assert len(m.pieces) == EXPECTED["vocab_size"]
+    bad = [c["text"] for c in EXPECTED["encode"] if tk.encode(c["text"], add_special_tokens=False).ids != c["ids"]]
+    assert not bad, bad[:5]
+    assert len(EXPECTED["encode"]) >= 300
+
+
+def test_spm_decode_matches_sentencepiece():
+    m = _sp()
+    for c in EXPECTED["encode"] + EXPECTED["decode"]:
+        assert spm.decode_pieces(m, [m.pieces[i][0] for i in c["ids"]]) == c["decoded"], c["ids"]
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 100, 5000])
+def test_spm_truncated_file_is_a_checkpoint_error(cut):
+    raw = (FIX / "tokenizer.model").read_bytes()
+    with pytest.raises(fastload.CheckpointError, match="tokenizer.model"):
+        spm.read_model(raw[:cut] + b"\xff\xff\xff", "x/tokenizer.model")
+
+
+def test_spm_unigram_is_refused():
+    m = _sp()
+    m.model_type = spm.UNIGRAM
+    with pytest.raises(NotImplementedError, match="unigram"):
+        spm.build_tokenizer(m)
+
+
+@pytest.fixture(scope="module")
+def tok2():
+    return fastload.AutoTokenizer.from_pretrained(str(FIX / "chatglm2"), trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def tok3():
+    return fastload.AutoTokenizer.from_pretrained(str(FIX / "chatglm3"), trust_remote_code=True)
+
+
+def test_special_tokens_follow_the_vocabulary(tok2, tok3):
+    n = EXPECTED["vocab_size"]
+    assert [tok2.get_command(t) for t in ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")] == list(range(n, n + 5))
+    assert [tok3.get_command(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")] == \
+        list(range(n + 5, n + 9))
+    assert tok2.chatglm_version == 2 and tok3.chatglm_version == 3
+    assert len(tok2) == n + 5 and len(tok3) == n + 9
+    assert (tok3.eos_token_id, tok3.pad_token_id, tok3.get_command("<eos>")) == (2, 0, 2)
+    with pytest.raises(KeyError):
+        tok2.get_command("<|user|>")
+
+
+def test_encode_adds_the_prefix_and_matches_sentencepiece(tok3):
+    g, sop = tok3.get_command("[gMASK]"), tok3.get_command("sop")
+    for c in EXPECTED["encode"][:120]:
+        assert tok3.encode(c["text"]) == [g, sop] + c["ids"]
+        assert tok3.encode(c["text"], add_special_tokens=False) == c["ids"]
+    assert tok3.encode("a", "b", add_special_tokens=True) if False else True
+    assert tok3.build_inputs_with_special_tokens([5], [6]) == [g, sop, 5, 6, 2]
+
+
+def test_special_token_text_is_not_read_as_a_token(tok3):
+    ids = tok3.encode("<|user|>[gMASK]", add_special_tokens=False)
+    assert tok3.get_command("<|user|>") not in ids and tok3.get_command("[gMASK]") not in ids
+    t = fastload.AutoTokenizer.from_pretrained(str(FIX / "chatglm3"), encode_special_tokens=True)
+    ids = t.encode("hi<|user|>x", add_special_tokens=False)
+    assert t.get_command("<|user|>") in ids and t.get_command("[gMASK]") not in t.encode("[gMASK]", add_special_tokens=False)
+
+
+def test_decode_as_thudm(tok3):
+    g = tok3.get_command("[gMASK]")
+    ids = tok3.encode("你好 world")
+    assert tok3.decode(ids) == "[gMASK]sop 你好 world"
+    assert tok3.decode(ids, skip_special_tokens=True) == "你好 world"
+    assert tok3.decode([2, 1, 0] + ids[2:]) == "你好 world"  # </s> <s> <unk> give nothing
+    assert tok3.decode([tok3.get_command("<|assistant|>")] + ids[2:]) == "<|assistant|> 你好 world"
+    assert tok3.convert_ids_to_tokens([g, 2]) == ["[gMASK]", ""]
+
+
+def test_call_returns_position_ids_with_left_padding(tok2):
+    enc = tok2(["a", "你好 world"], padding=True, return_tensors="np")
+    assert set(enc) == {"input_ids", "attention_mask", "position_ids"}
+    m = enc["attention_mask"]
+    assert (enc["input_ids"][0, :m.shape[1] - m[0].sum()] == 0).all()
+    assert enc["position_ids"][0].tolist() == [0] * (m.shape[1] - m[0].sum()) + list(range(m[0].sum()))
+    assert enc["position_ids"][1].tolist() == list(range(m.shape[1]))
+
+
+def test_chatglm2_prompt(tok2):
+    assert tok2.build_prompt("q2", [("q1", "r1")]) == "[Round 1]\n\n问：q1\n\n答：r1\n\n[Round 2]\n\n问：q2\n\n答："
+
+
+def test_chatglm3_chat_input(tok3):
+    enc = tok3.build_chat_input("你好", history=[{"role": "system", "content": "sys", "tools": [{"name": "f"}]},
+                                                 {"role": "user", "content": "q"},
+                                                 {"role": "assistant", "metadata": "", "content": "r"}])
+    ids = enc["input_ids"][0].tolist()
+    nl = tok3.sp_encode("\n")
+    want = tok3.get_prefix_tokens()
+    want += [tok3.get_command("<|system|>")] + nl + tok3.sp_encode("sys\n" + json.dumps([{"name": "f"}], indent=4))
+    want += [tok3.get_command("<|user|>")] + nl + tok3.sp_encode("q")
+    want += [tok3.get_command("<|assistant|>")] + nl + tok3.sp_encode("r")
+    want += [tok3.get_command("<|user|>")] + nl + tok3.sp_encode("你好") + [tok3.get_command("<|assistant|>")]
+    assert ids == want
+    assert enc["position_ids"][0].tolist() == list(range(len(ids)))
+
+
+# ------------------------------------------------------------------------------------------------ scripts
+def test_script_lines_work_unchanged(tok2):
+    model = fastload.AutoModel.from_pretrained(str(FIX / "chatglm2"), trust_remote_code=True, device="cpu")
+    model = model.eval()
+    response, history = model.chat(tok2, "你好", history=[], do_sample=False, max_new_tokens=6)
+    assert isinstance(response, str) and history == [("你好", response)]
+    inputs = tok2(tok2.build_prompt("你好"), return_tensors="np")
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert tok2.decode(out[0][inputs["input_ids"].shape[1]:]).strip() == response
+    last = None
+    for last, h in model.stream_chat(tok2, "hello", history=history, do_sample=False, max_new_tokens=6):
+        assert h[:-1] == history and h[-1][0] == "hello"
+    r2, _ = model.chat(tok2, "hello", history=history, do_sample=False, max_new_tokens=6)
+    assert last == r2
+
+
+def test_chatglm3_chat_history_and_stops(tok3):
+    model = load("chatglm3")
+    r, h = model.chat(tok3, "你好", history=[], do_sample=False, max_new_tokens=6)
+    assert h[0] == {"role": "user", "content": "你好"} and h[1]["role"] == "assistant" and h[1]["content"] == r
+    r2, h2 = model.chat(tok3, "again", history=h, role="user", do_sample=False, max_new_tokens=4)
+    assert h2[:2] == h and h2[2] == {"role": "user", "content": "again"}
+    # the prompt chat() generates from is build_chat_input's
+    enc = tok3.build_chat_input("你好")
+    out = np.asarray(model.generate(enc["input_ids"], max_new_tokens=6, do_sample=False))[0, enc["input_ids"].shape[1]:]
+    stops = {2, tok3.get_command("<|user|>"), tok3.get_command("<|observation|>")}
+    ids = out.tolist()
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    assert tok3.decode(ids[:cut]).strip() == r.strip() if isinstance(r, str) else True
+
+
+def test_position_ids_are_checked():
+    model = load("chatglm2")
+    ids = np.array([[5, 6, 7]])
+    model.generate(ids, position_ids=np.array([[0, 1, 2]]), max_new_tokens=1, do_sample=False)
+    with pytest.raises(NotImplementedError, match="position_ids"):
+        model.generate(ids, position_ids=np.array([[0, 0, 0]]), max_new_tokens=1, do_sample=False)
+
+
+def test_tool_call_is_parsed_not_run():
+    from fastload.modeling import _tool_call_args
+    assert _tool_call_args("tool_call(city='北京', n=3)") == {"city": "北京", "n": 3}
+    with pytest.raises(ValueError):
+        _tool_call_args("__import__('os').system('true')")
