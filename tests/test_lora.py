@@ -328,3 +328,67 @@ def test_fan_in_fan_out_is_ignored_with_a_warning(tmp_path):
         m = load(d)
     g = golden("qv")
     assert_logits_close(m(g["single_ids"]).logits, g["single_logits"], atol=REL * 50)
+
+
+# ----------------------------------------------------------------------------------------------- on the GPU
+gpu = pytest.mark.skipif(not fastload.cuda.is_available(),
+                         reason="no CUDA device here (fastload.info(): %s)" % fastload.info().get("cuda"))
+
+
+def load_gpu(path, **kw):
+    kw.setdefault("torch_dtype", "float32")
+    return fastload.AutoModelForCausalLM.from_pretrained(str(path), device_map="cuda", **kw)
+
+
+@gpu
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_gpu_float32_equals_peft(name):
+    """The merge on the device (cuBLAS sgemm, no TF32, + an add kernel) in a float32 model: PEFT's logits within
+    the tiny-model tolerance (2e-3), greedy tokens exact."""
+    g = golden(name)
+    m = load_gpu(model_dir("llama"), adapter=LORA / name)
+    assert_logits_close(m(g["single_ids"]).logits, g["single_logits"], atol=2e-3)
+    assert_greedy_match(m.generate(g["single_ids"], max_new_tokens=16, do_sample=False, eos_token_id=None),
+                        g["single_greedy"], g["single_ids"].shape[1])
+
+
+@gpu
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 5e-2)])
+def test_gpu_half_equals_peft(dtype, tol):
+    g = golden("rs")
+    m = load_gpu(model_dir("llama"), adapter=LORA / "rs", torch_dtype=dtype)
+    lg = m(g["single_ids"]).logits
+    assert np.abs(lg - g["single_logits"]).max() / np.abs(g["single_logits"]).max() < tol
+
+
+@gpu
+def test_gpu_merge_equals_cpu_merge(tmp_path):
+    load(model_dir("llama"), adapter=LORA / "rs").save_pretrained(tmp_path / "cpu")
+    load_gpu(model_dir("llama"), adapter=LORA / "rs").save_pretrained(tmp_path / "gpu")
+    a, b = {}, {}
+    for p in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        a.update(tensors_of(p))
+    for p in sorted((tmp_path / "gpu").glob("*.safetensors")):
+        b.update(tensors_of(p))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-6 * max(1.0, np.abs(a[k]).max()), err_msg=k)
+
+
+@gpu
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_gpu_merged_before_quantisation(tmp_path, scheme):
+    """On the GPU the rows stream into float32 scratch, get their delta, then the quantize op: identical to
+    quantising the merged float32 weights (exported from the GPU model) at load."""
+    g = golden("qv")
+    load_gpu(model_dir("llama"), adapter=LORA / "qv").save_pretrained(tmp_path / "merged")
+    a = load_gpu(model_dir("llama"), adapter=LORA / "qv", quantization_config=scheme)
+    b = load_gpu(tmp_path / "merged", quantization_config=scheme)
+    assert np.array_equal(a(g["single_ids"]).logits, b(g["single_ids"]).logits)
+
+
+@gpu
+def test_gpu_merge_overflowing_float16(tmp_path):
+    d = adapter_copy(tmp_path / "ad", cfg={"lora_alpha": 4e6})
+    with pytest.raises(ValueError, match=r"q_proj\.weight'.*merging LoRA.*non-finite float16"):
+        load_gpu(model_dir("llama"), adapter=d, torch_dtype="float16")
