@@ -1028,6 +1028,13 @@ static fl_status backend_load(fl_model *m, const fl_load_job *jobs, int n, prog_
  * buffer (as many as fit: 1 GiB, or the largest tensor), in their own float dtype (float64 as float32), and the
  * backend's quantize op writes each into its rows of the quantised weight; then the next batch. The float
  * weights never pass through host memory. */
+/* The dtype a source takes in the quantisation scratch: its own (float64 as float32); LoRA rows float32, since the
+ * delta is added there before quantising (W + scale * B @ A in float32, as on the host). */
+static fl_dtype scratch_dtype(const qplan *p) {
+    const fl_src_tensor *s = p->job.src;
+    return s->type == FL_F64 || p->it->lora_a.data ? FL_F32 : (fl_dtype)s->type;
+}
+
 static fl_status quantize_on_device(fl_model *m, qplan **ps, int n, prog_t *pg) {
     if (n == 0) return FL_OK;
     fl_backend *be = m->be;
@@ -1036,7 +1043,7 @@ static fl_status quantize_on_device(fl_model *m, qplan **ps, int n, prog_t *pg) 
     size_t largest = 0, total = 0;
     for (int i = 0; i < n; i++) {
         const fl_load_job *j = &ps[i]->job;
-        const fl_dtype dt = j->src->type == FL_F64 ? FL_F32 : (fl_dtype)j->src->type;
+        const fl_dtype dt = scratch_dtype(ps[i]);
         size_t b = 0;
         fl_mul3_size((size_t)j->rows, (size_t)j->cols, (size_t)fl_dtype_size(dt), &b); /* bounded by the config */
         b = (b + ALIGN - 1) & ~(size_t)(ALIGN - 1);
@@ -1056,8 +1063,7 @@ static fl_status quantize_on_device(fl_model *m, qplan **ps, int n, prog_t *pg) 
         int k = 0;
         while (i + k < n) {
             fl_load_job j = ps[i + k]->job;
-            /* LoRA rows are merged in float32 in the scratch, then quantised (W + scale * B @ A, as on the host) */
-            j.dst_dtype = j.src->type == FL_F64 || ps[i + k]->it->lora_a.data ? FL_F32 : (fl_dtype)j.src->type;
+            j.dst_dtype = scratch_dtype(ps[i + k]);
             const size_t b = ((size_t)j.rows * (size_t)j.cols * (size_t)fl_dtype_size(j.dst_dtype) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
             if (k > 0 && off + b > cap) break;
             j.dst_d = (char *)scratch + off;
