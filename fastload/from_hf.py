@@ -177,5 +177,7 @@ def from_hf(model, tokenizer=None, dtype=None, device=None, threads=None, **engi
     fm._set_quant(quant, None)
     fm._engine = enginemod.Engine(fm, enginemod.options(**engine_kwargs))
     fm.tokenizer = _tokenizer_for(model, tokenizer)
+    if fm.tokenizer is not None:
+        fm._tokenizer = fm.tokenizer  # what model.response / stream_response / chat use (FastModelForCausalLM._own_tokenizer)
     lstats["total_seconds"] = time.perf_counter() - t0
     return fm

@@ -3,6 +3,8 @@
 Needs torch and transformers (skipped without them; CI has neither): run with the reference environment,
     PYTHONPATH=. /opt/tv/bin/python -m pytest -q tests/test_from_hf.py
 GPU cases skip without a CUDA device (and a CUDA build of fastload)."""
+import shutil
+
 import numpy as np
 import pytest
 
@@ -111,6 +113,16 @@ def test_tokenizer_object_is_wrapped():
     text = "The capital of France is Paris."
     assert m.tokenizer is not None
     assert list(m.tokenizer(text)["input_ids"]) == tok(text)["input_ids"]
+
+
+def test_tokenizer_from_the_model_name_or_path(tmp_path):
+    d = tmp_path / "llama_tok"
+    shutil.copytree(model_dir("llama"), d)
+    tok = byte_bpe_tokenizer()
+    tok.save_pretrained(d)
+    m = fastload.from_hf(transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32))
+    assert m.tokenizer is not None and m._own_tokenizer() is m.tokenizer
+    assert list(m.tokenizer("Paris is the capital")["input_ids"]) == tok("Paris is the capital")["input_ids"]
 
 
 def test_no_tokenizer_in_the_model_dir():
