@@ -65,8 +65,12 @@ typedef struct {
 
 /* Where a checkpoint tensor's bytes are (already mapped) and what they are. */
 enum { FL_SRC_PLAIN = 0, FL_SRC_GGML = 1 };
+/* Where a source's bytes live: mapped from `file` (loaders may read the file instead), host memory that belongs to
+ * no file (fastload.from_hf: a torch tensor's storage), or backend memory of the model's own device (from_hf: a CUDA
+ * tensor). Only FL_SRC_FILE sources may go through a backend's file pipeline (`load`). */
+enum { FL_SRC_FILE = 0, FL_SRC_HOST = 1, FL_SRC_BACKEND = 2 };
 typedef struct {
-    const char *file;     /* path: for messages, and for loaders that read with pread / O_DIRECT */
+    const char *file;     /* path: for messages, and for loaders that read with pread / O_DIRECT (FL_SRC_FILE) */
     const char *name;     /* tensor name, for messages */
     const void *data;     /* mapped bytes */
     uint64_t file_offset; /* where `data` starts in the file */
@@ -75,6 +79,7 @@ typedef struct {
     int type;
     int ndim;
     int64_t shape[4];     /* outermost first, as Hugging Face writes it: [rows, cols] */
+    int where;            /* FL_SRC_FILE, FL_SRC_HOST, FL_SRC_BACKEND */
 } fl_src_tensor;
 
 typedef struct {
@@ -153,6 +158,14 @@ struct fl_backend {
      * memory. Bit-identical to fl_q_quantize_rows. */
     fl_status (*quantize)(fl_backend *, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src_d,
                           fl_dtype src_dtype);
+    /* LoRA merge at load: w[rows, cols] (dtype f32/f16/bf16) += scale * (b[rows, r] @ a[r, cols]), a and b float32,
+     * everything in backend memory; the product is formed in float32 (no TF32), scaled, added to the widened weight
+     * and rounded once, as PEFT's merge does it in float32. FL_E_VALUE if a merged value is not finite. */
+    fl_status (*add_lowrank)(fl_backend *, void *w_d, fl_dtype dtype, int64_t rows, int64_t cols, const float *b_d,
+                             const float *a_d, int r, float scale);
+    /* dst_d[0:n] (dtype dt) = src_d[0:n] (dtype st), both in backend memory: sources of FL_SRC_BACKEND (a CUDA torch
+     * tensor handed to fastload.from_hf). NULL on host-memory backends (the generic path reads such sources). */
+    fl_status (*convert_d)(fl_backend *, void *dst_d, fl_dtype dt, const void *src_d, fl_dtype st, size_t n);
 
     /* Optional: a backend's own loading pipeline (CUDA: pread / O_DIRECT into a pinned pool, copies
      * on several streams, conversion on the device). NULL: the generic path converts on the host
@@ -179,6 +192,11 @@ struct fl_backend {
      * the host (a CUDA graph replay repeats the captured ones without counting). */
     uint64_t fused_inputs;
 };
+
+/* add_lowrank on host memory (csrc/cpu/cpu_lowrank.c): the CPU backend's op, and the host-side loading paths' merge
+ * into float32 rows before quantisation. b: [rows, r] (row stride r), a: [r, cols]. */
+fl_status fl_lowrank_add_host(void *w, fl_dtype dtype, int64_t rows, int64_t cols, const float *b, const float *a, int r,
+                              float scale);
 
 /* Backends. fl_backend_cpu_create never fails for lack of a device. */
 fl_status fl_backend_cpu_create(int n_threads, fl_backend **out);

@@ -105,6 +105,11 @@ typedef struct {
     int packing;          /* 0, FL_PACK_GPTQ, FL_PACK_AWQ */
     int qbits, qgroup, qzero_offset;
     fl_src_tensor qzeros, scales, g_idx; /* g_idx.data NULL: none */
+    /* LoRA (fastload/lora.py): the weight rows this item fills become W + lora_scale * (lora_b @ lora_a), merged
+     * after W lands in backend memory and before any quantisation at load. lora_a [r, cols], lora_b [rows, r],
+     * float tensors; lora_a.data NULL: no adapter on this item. */
+    fl_src_tensor lora_a, lora_b;
+    float lora_scale;
 } fl_load_item;
 
 typedef struct fl_model {

@@ -519,6 +519,48 @@ static int is_linear_slot(int slot) {
            slot == FL_SLOT_UP || slot == FL_SLOT_DOWN || slot == FL_SLOT_QKV || slot == FL_SLOT_GATE_UP;
 }
 
+/* A LoRA factor: a float tensor [d0, d1] whose bytes match its shape. */
+static fl_status check_lora_tensor(const fl_src_tensor *t, const char *role, int64_t d0, int64_t d1, const char *d0_is,
+                                   const char *d1_is) {
+    char got[96];
+    const char *nm = t->name ? t->name : "?", *fn = t->file ? t->file : "?";
+    if (!t->data && t->nbytes) return fl_err(FL_E_FORMAT, "%s: LoRA %s '%s' has no data", fn, role, nm);
+    if (t->kind != FL_SRC_PLAIN || (t->type != FL_F32 && t->type != FL_F16 && t->type != FL_BF16 && t->type != FL_F64))
+        return fl_err(FL_E_FORMAT, "%s: LoRA %s '%s' is %s, not a float tensor", fn, role, nm, src_type_name(t));
+    if (t->ndim != 2 || t->shape[0] != d0 || t->shape[1] != d1) {
+        shape_str(t, got, sizeof got);
+        return fl_err(FL_E_FORMAT, "%s: LoRA %s '%s' has shape [%s], expected [%lld, %lld] (%s, %s)", fn, role, nm, got,
+                      (long long)d0, (long long)d1, d0_is, d1_is);
+    }
+    const uint64_t need = (uint64_t)d0 * (uint64_t)d1 * (uint64_t)fl_dtype_size((fl_dtype)t->type); /* d0, d1 bounded */
+    if (t->nbytes != need)
+        return fl_err(FL_E_FORMAT, "%s: LoRA %s '%s' holds %llu bytes, its shape needs %llu (truncated?)", fn, role, nm,
+                      (unsigned long long)t->nbytes, (unsigned long long)need);
+    return FL_OK;
+}
+
+#define FL_LORA_MAX_RANK 65536
+
+/* A LoRA item: the factors fit the rows the item fills ([rows, cols]); the base is a plain float tensor (a GGUF's
+ * blocks or a GPTQ / AWQ packing would have to be dequantised and quantised again: refused, see fastload/lora.py). */
+static fl_status check_lora(const fl_load_item *it, int64_t rows, int64_t cols, int is_vec) {
+    if (is_vec) return fl_err(FL_E_VALUE, "a LoRA adapter cannot target a vector (norm or bias)");
+    if (it->packing) return fl_err(FL_E_UNSUPPORTED, "LoRA on a GPTQ / AWQ-quantised weight is not supported");
+    if (it->src.kind != FL_SRC_PLAIN || it->unpermute_heads > 0)
+        return fl_err(FL_E_UNSUPPORTED, "LoRA on a GGUF tensor is not supported");
+    if (!isfinite(it->lora_scale)) return fl_err(FL_E_VALUE, "LoRA scale %g is not finite", (double)it->lora_scale);
+    const int64_t r = it->lora_a.ndim == 2 ? it->lora_a.shape[0] : -1;
+    if (r < 1 || r > FL_LORA_MAX_RANK) {
+        char got[96];
+        shape_str(&it->lora_a, got, sizeof got);
+        return fl_err(FL_E_FORMAT, "%s: LoRA A '%s' has shape [%s]: expected [r, %lld] with 1 <= r <= %d",
+                      it->lora_a.file ? it->lora_a.file : "?", it->lora_a.name ? it->lora_a.name : "?", got,
+                      (long long)cols, FL_LORA_MAX_RANK);
+    }
+    FL_TRY(check_lora_tensor(&it->lora_a, "A", r, cols, "r", "in_features"));
+    return check_lora_tensor(&it->lora_b, "B", rows, r, "out_features", "r");
+}
+
 /* Check one item against the config and describe its source and destination. Errors name file and tensor. */
 static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
     const fl_src_tensor *s = &it->src;
@@ -578,6 +620,14 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
             st = fl_err(FL_E_VALUE, "cannot un-permute %lld rows over %d heads", (long long)rows, hp);
             goto out;
         }
+        if (s->where != FL_SRC_FILE && (s->kind != FL_SRC_PLAIN || hp > 0)) {
+            st = fl_err(FL_E_VALUE, "a tensor from memory must be a plain float tensor");
+            goto out;
+        }
+        if (s->where == FL_SRC_BACKEND && !m->be->host_memory && !m->be->convert_d) {
+            st = fl_err(FL_E_UNSUPPORTED, "%s cannot read a tensor from its own memory", m->be->name);
+            goto out;
+        }
         /* What the source becomes on its own (decide_layouts then settles each weight from all its parts). */
         const int gguf_blocks = s->kind == FL_SRC_GGML && !ggml_is_float(s->type);
         if (gguf_blocks && !is_vec && !m->quant.gguf_dequantize && fl_q_layout_for_ggml(s->type, &qp->L) == FL_OK) {
@@ -596,6 +646,8 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
             qp->kind = SRC_FLOAT;
         }
     }
+    if (it->lora_a.data && (st = check_lora(it, rows, cols, is_vec)) != FL_OK) goto out;
+    if (it->lora_a.data) qp->nbytes += it->lora_a.nbytes + it->lora_b.nbytes;
     /* before the arena exists (the checking pass of fl_model_load) there is no destination yet; a quantised
      * destination's rows are addressed through w and row0, not dst_d */
     const int fdst = w->data_d && w->dtype != FL_QUANT;
@@ -702,6 +754,66 @@ static inline int64_t src_row(const fl_load_job *j, int64_t r) {
     return h * hd + 2 * (within % (hd / 2)) + within / (hd / 2);
 }
 
+/* LoRA merge at load (fl_load_item.lora_*). Why here, per item, and not as a pass over the finished model: the
+ * rows an item fills are exactly the rows its adapter changes (q / k / v land in the fused wqkv at their own row
+ * offsets, gate / up in w_gate_up), and at this point the weight is still float: a float destination is merged in
+ * place right after it lands (the backend's add_lowrank: cuBLAS on CUDA, a C loop on the CPU); a weight quantised
+ * at load is merged in float32 before the quantiser sees it (host rows in quant_job, the device scratch in
+ * quantize_on_device), so int8 / int4 / nf4 quantise W + scale * B @ A, never W alone plus a float correction.
+ * A post-load pass would find such weights already quantised. */
+
+/* The item's A [r, cols] and B [rows, r] as float32 host arrays; a NaN / inf in either is an error naming it. */
+static fl_status lora_host_factors(const fl_load_item *it, int64_t rows, int64_t cols, float **a_out, float **b_out) {
+    const int64_t r = it->lora_a.shape[0];
+    float *a = fl_malloc((size_t)(r * cols) * sizeof(float)), *b = fl_malloc((size_t)(rows * r) * sizeof(float));
+    fl_status st = !a || !b ? fl_err(FL_E_NOMEM, "cannot allocate the LoRA factors") : FL_OK;
+    if (st == FL_OK) st = fl_convert(a, FL_F32, it->lora_a.data, (fl_dtype)it->lora_a.type, (size_t)(r * cols));
+    if (st == FL_OK) st = fl_convert(b, FL_F32, it->lora_b.data, (fl_dtype)it->lora_b.type, (size_t)(rows * r));
+    for (int f = 0; f < 2 && st == FL_OK; f++) {
+        const float *x = f ? b : a;
+        const size_t n = (size_t)(f ? rows * r : r * cols);
+        for (size_t i = 0; i < n; i++)
+            if (!isfinite(x[i])) {
+                const fl_src_tensor *t = f ? &it->lora_b : &it->lora_a;
+                st = fl_err(FL_E_VALUE, "%s: LoRA %s '%s' holds a non-finite value (%g at element %zu)",
+                            t->file ? t->file : "?", f ? "B" : "A", t->name ? t->name : "?", (double)x[i], i);
+                break;
+            }
+    }
+    if (st != FL_OK) { fl_free(a); fl_free(b); return st; }
+    *a_out = a;
+    *b_out = b;
+    return FL_OK;
+}
+
+/* w_d: the item's rows in backend memory, dtype dt (the weight's float dtype, or float32 scratch before quantising). */
+static fl_status lora_apply(fl_backend *be, const qplan *p, void *w_d, fl_dtype dt) {
+    const fl_load_item *it = p->it;
+    const int64_t rows = p->job.rows, cols = p->job.cols, r = it->lora_a.shape[0];
+    if (!be->add_lowrank) return fl_err(FL_E_UNSUPPORTED, "%s cannot merge LoRA adapters (no add_lowrank op)", be->name);
+    float *a = NULL, *b = NULL;
+    fl_status st = lora_host_factors(it, rows, cols, &a, &b);
+    if (st == FL_OK && be->host_memory) {
+        st = be->add_lowrank(be, w_d, dt, rows, cols, b, a, (int)r, it->lora_scale);
+    } else if (st == FL_OK) {
+        const size_t na = (size_t)(r * cols) * sizeof(float), nb = (size_t)(rows * r) * sizeof(float);
+        void *dev = NULL;
+        st = be->alloc(be, na + nb, &dev);
+        if (st == FL_OK) st = be->to_backend(be, dev, a, na);
+        if (st == FL_OK) st = be->to_backend(be, (char *)dev + na, b, nb);
+        if (st == FL_OK) st = be->add_lowrank(be, w_d, dt, rows, cols, (const float *)((char *)dev + na), (const float *)dev,
+                                               (int)r, it->lora_scale);
+        if (st == FL_OK) st = be->sync(be);
+        if (dev) be->free(be, dev);
+    }
+    fl_free(a);
+    fl_free(b);
+    if (st != FL_OK)
+        fl_err_prefix(st, "merging LoRA '%s' / '%s' (scale %g)", it->lora_a.name ? it->lora_a.name : "?",
+                      it->lora_b.name ? it->lora_b.name : "?", (double)it->lora_scale);
+    return st;
+}
+
 /* Generic path, float destination: convert / dequantise on the host (into a staging buffer unless the backend's
  * memory is host memory), then to_backend. Runs on worker threads. */
 static fl_status convert_job(fl_backend *be, const fl_load_job *j) {
@@ -770,19 +882,30 @@ static fl_status rows_f32(const fl_load_job *j, int64_t r, int64_t k, float *out
 /* Quantise a float source into the host weight h (rows of the job) with fl_q_quantize_rows: straight from the
  * mapping when the rows are in order and f32 / f16 / bf16, else through float32 (exact for those dtypes: the
  * quantiser widens to float32 itself; float64 is rounded to float32 first, as on the GPU). */
-static fl_status quantize_host(const fl_weight *h, int scheme, const fl_load_job *j) {
+static fl_status quantize_host(const fl_weight *h, int scheme, const fl_load_job *j, const fl_load_item *it) {
     const fl_src_tensor *s = j->src;
-    if (s->kind == FL_SRC_PLAIN && j->unpermute_heads <= 0 && (s->type == FL_F32 || s->type == FL_F16 || s->type == FL_BF16))
+    const int lora = it && it->lora_a.data;
+    if (!lora && s->kind == FL_SRC_PLAIN && j->unpermute_heads <= 0 &&
+        (s->type == FL_F32 || s->type == FL_F16 || s->type == FL_BF16))
         return fl_q_quantize_rows(h, scheme, 0, j->rows, s->data, (fl_dtype)s->type);
-    const int64_t chunk = 64;
-    float *tmp = fl_malloc((size_t)chunk * (size_t)j->cols * sizeof(float));
+    const int64_t chunk = 64, r_lora = lora ? it->lora_a.shape[0] : 0;
+    float *tmp = fl_malloc((size_t)chunk * (size_t)j->cols * sizeof(float)), *a = NULL, *b = NULL;
     if (!tmp) return fl_err(FL_E_NOMEM, "cannot allocate a conversion buffer");
-    fl_status st = FL_OK;
+    fl_status st = lora ? lora_host_factors(it, j->rows, j->cols, &a, &b) : FL_OK;
     for (int64_t r = 0; r < j->rows && st == FL_OK; r += chunk) {
         const int64_t k = j->rows - r < chunk ? j->rows - r : chunk;
         st = rows_f32(j, r, k, tmp);
+        /* LoRA: these rows become W + scale * B[r:r+k] @ A in float32, then are quantised (before, never after) */
+        if (st == FL_OK && lora) {
+            st = fl_lowrank_add_host(tmp, FL_F32, k, j->cols, b + (size_t)(r * r_lora), a, (int)r_lora, it->lora_scale);
+            if (st != FL_OK)
+                fl_err_prefix(st, "merging LoRA '%s' / '%s' (scale %g)", it->lora_a.name ? it->lora_a.name : "?",
+                              it->lora_b.name ? it->lora_b.name : "?", (double)it->lora_scale);
+        }
         if (st == FL_OK) st = fl_q_quantize_rows(h, scheme, r, k, tmp, FL_F32);
     }
+    fl_free(a);
+    fl_free(b);
     fl_free(tmp);
     return st;
 }
@@ -842,7 +965,7 @@ static fl_status quant_job(fl_backend *be, const qplan *p) {
         for (int64_t r = 0; r < j->rows && st == FL_OK; r++)
             st = fl_q_from_ggml_row(&h, r, s->type, (const char *)s->data + (size_t)src_row(j, r) * row_in, j->cols);
     } else {
-        st = quantize_host(&h, p->scheme, j);
+        st = quantize_host(&h, p->scheme, j, p->it);
     }
     if (block) {
         if (st == FL_OK) st = be->to_backend(be, v.data_d, h.data_d, part[0]);
@@ -857,7 +980,8 @@ static fl_status quant_job(fl_backend *be, const qplan *p) {
 static fl_status run_plan(fl_backend *be, const qplan *p) {
     if (p->w->dtype == FL_QUANT) return quant_job(be, p);
     if (p->it->packing) return packed_to_float(be, p);
-    return convert_job(be, &p->job);
+    FL_TRY(convert_job(be, &p->job));
+    return p->it->lora_a.data ? lora_apply(be, p, p->job.dst_d, p->job.dst_dtype) : FL_OK;
 }
 
 /* Progress over the phases of one load (backend loader, quantisation batches, generic path): each phase reports
@@ -923,7 +1047,14 @@ static fl_status backend_load(fl_model *m, const fl_load_job *jobs, int n, prog_
  * buffer (as many as fit: 1 GiB, or the largest tensor), in their own float dtype (float64 as float32), and the
  * backend's quantize op writes each into its rows of the quantised weight; then the next batch. The float
  * weights never pass through host memory. */
-static fl_status quantize_on_device(fl_model *m, qplan *const *ps, int n, prog_t *pg) {
+/* The dtype a source takes in the quantisation scratch: its own (float64 as float32); LoRA rows float32, since the
+ * delta is added there before quantising (W + scale * B @ A in float32, as on the host). */
+static fl_dtype scratch_dtype(const qplan *p) {
+    const fl_src_tensor *s = p->job.src;
+    return s->type == FL_F64 || p->it->lora_a.data ? FL_F32 : (fl_dtype)s->type;
+}
+
+static fl_status quantize_on_device(fl_model *m, qplan **ps, int n, prog_t *pg) {
     if (n == 0) return FL_OK;
     fl_backend *be = m->be;
     if (!be->quantize)
@@ -931,7 +1062,7 @@ static fl_status quantize_on_device(fl_model *m, qplan *const *ps, int n, prog_t
     size_t largest = 0, total = 0;
     for (int i = 0; i < n; i++) {
         const fl_load_job *j = &ps[i]->job;
-        const fl_dtype dt = j->src->type == FL_F64 ? FL_F32 : (fl_dtype)j->src->type;
+        const fl_dtype dt = scratch_dtype(ps[i]);
         size_t b = 0;
         fl_mul3_size((size_t)j->rows, (size_t)j->cols, (size_t)fl_dtype_size(dt), &b); /* bounded by the config */
         b = (b + ALIGN - 1) & ~(size_t)(ALIGN - 1);
@@ -951,16 +1082,35 @@ static fl_status quantize_on_device(fl_model *m, qplan *const *ps, int n, prog_t
         int k = 0;
         while (i + k < n) {
             fl_load_job j = ps[i + k]->job;
-            j.dst_dtype = j.src->type == FL_F64 ? FL_F32 : (fl_dtype)j.src->type;
+            j.dst_dtype = scratch_dtype(ps[i + k]);
             const size_t b = ((size_t)j.rows * (size_t)j.cols * (size_t)fl_dtype_size(j.dst_dtype) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
             if (k > 0 && off + b > cap) break;
             j.dst_d = (char *)scratch + off;
             jobs[k++] = j;
             off += b;
         }
-        st = backend_load(m, jobs, k, pg);
+        /* file sources through the backend's pipeline (in order, a prefix of the batch's jobs); tensors already in
+         * backend memory (fastload.from_hf) converted there */
+        int kf = 0;
+        for (int t = 0; t < k; t++)
+            if (jobs[t].src->where == FL_SRC_FILE) {
+                const fl_load_job tmp = jobs[kf]; jobs[kf] = jobs[t]; jobs[t] = tmp;
+                const qplan *tp = ps[i + kf]; ps[i + kf] = ps[i + t]; ps[i + t] = (qplan *)tp;
+                kf++;
+            }
+        st = backend_load(m, jobs, kf, pg);
+        for (int t = kf; t < k && st == FL_OK; t++) {
+            st = be->convert_d(be, jobs[t].dst_d, jobs[t].dst_dtype, jobs[t].src->data, (fl_dtype)jobs[t].src->type,
+                               (size_t)(jobs[t].rows * jobs[t].cols));
+            if (st != FL_OK) st = err_item(st, ps[i + t]);
+            else pg->base += ps[i + t]->nbytes;
+        }
         for (int t = 0; t < k && st == FL_OK; t++) {
             const qplan *p = ps[i + t];
+            if (p->it->lora_a.data && (st = lora_apply(be, p, jobs[t].dst_d, jobs[t].dst_dtype)) != FL_OK) {
+                st = err_item(st, p);
+                break;
+            }
             st = be->quantize(be, p->w, p->scheme, p->row0, jobs[t].rows, jobs[t].dst_d, jobs[t].dst_dtype);
             if (st != FL_OK) st = err_item(st, p);
         }
@@ -1005,20 +1155,46 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
     if (m->be->load) {
         /* Plain float tensors into float weights take the backend's pipeline (unchanged), plain float tensors into
          * quantised weights are quantised on the device while they stream, the rest converts on the host. */
-        int nf = 0, nq = 0, ng = 0;
+        /* Sources in host memory that belong to no file (fastload.from_hf) take the generic path; sources in backend
+         * memory are converted there (convert_d) or, for quantised weights, quantised from there. */
+        int nf = 0, nq = 0, ng = 0, nd = 0;
         for (int i = 0; i < n; i++) {
             qplan *p = &plans[i];
-            if (p->job.src->kind == FL_SRC_PLAIN && !p->it->packing && p->w->dtype != FL_QUANT) fast[nf++] = p->job;
+            if (p->job.src->where == FL_SRC_FILE && p->job.src->kind == FL_SRC_PLAIN && !p->it->packing &&
+                p->w->dtype != FL_QUANT)
+                fast[nf++] = p->job;
         }
         for (int i = 0; i < n; i++) {
             qplan *p = &plans[i];
-            if (p->job.src->kind == FL_SRC_PLAIN && !p->it->packing && p->w->dtype == FL_QUANT) order[nq++] = p;
+            if (p->job.src->where != FL_SRC_HOST && p->job.src->kind == FL_SRC_PLAIN && !p->it->packing &&
+                p->w->dtype == FL_QUANT)
+                order[nq++] = p;
         }
         for (int i = 0; i < n; i++) {
             qplan *p = &plans[i];
-            if (p->job.src->kind != FL_SRC_PLAIN || p->it->packing) order[nq + ng++] = p;
+            const int plain = p->job.src->kind == FL_SRC_PLAIN && !p->it->packing, where = p->job.src->where;
+            if (!plain || where == FL_SRC_HOST) order[nq + ng++] = p; /* not fast, not quantised on the device, not in backend memory */
         }
         st = backend_load(m, fast, nf, &pg);
+        /* LoRA on float weights: merged on the device once the rows have landed (cuBLAS, before anything reads them) */
+        for (int i = 0; i < n && st == FL_OK; i++) {
+            qplan *p = &plans[i];
+            if (p->it->lora_a.data && p->job.src->where == FL_SRC_FILE && p->job.src->kind == FL_SRC_PLAIN &&
+                !p->it->packing && p->w->dtype != FL_QUANT && (st = lora_apply(m->be, p, p->job.dst_d, p->job.dst_dtype)) != FL_OK)
+                st = err_item(st, p);
+        }
+        /* tensors already in backend memory into float weights: a conversion on the device (from_hf) */
+        for (int i = 0; i < n && st == FL_OK; i++) {
+            qplan *p = &plans[i];
+            if (p->job.src->where != FL_SRC_BACKEND || p->w->dtype == FL_QUANT) continue;
+            st = m->be->convert_d(m->be, p->job.dst_d, p->job.dst_dtype, p->job.src->data, (fl_dtype)p->job.src->type,
+                                  (size_t)(p->job.rows * p->job.cols));
+            if (st == FL_OK && p->it->lora_a.data) st = lora_apply(m->be, p, p->job.dst_d, p->job.dst_dtype);
+            if (st != FL_OK) st = err_item(st, p);
+            pg.base += p->nbytes;
+            nd++;
+        }
+        if (st == FL_OK && nd) st = m->be->sync(m->be);
         if (st == FL_OK) st = quantize_on_device(m, order, nq, &pg);
         if (st == FL_OK) st = load_generic(m, order + nq, ng, &pg);
     } else {

@@ -11,6 +11,7 @@ from . import cuda
 from . import evaluate
 from .modeling import (AutoConfig, AutoModel, AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM,
                        GenerationConfig, from_pretrained, set_seed)
+from .from_hf import from_hf
 from .pipelines import pipeline
 from .quant import QuantConfig
 from .streamers import TextIteratorStreamer, TextStreamer
@@ -40,4 +41,4 @@ def info() -> dict:
 
 __all__ = ["AutoModelForCausalLM", "AutoModel", "AutoConfig", "AutoTokenizer", "FastModelForCausalLM", "FastTokenizer", "from_pretrained",
            "GenerationConfig", "CausalLMOutput", "Config", "BatchEncoding", "TextStreamer", "TextIteratorStreamer",
-           "CheckpointError", "EngineBusy", "info", "set_seed", "cuda", "evaluate", "pipeline", "QuantConfig", "__version__"]
+           "CheckpointError", "EngineBusy", "info", "set_seed", "from_hf", "cuda", "evaluate", "pipeline", "QuantConfig", "__version__"]

@@ -26,6 +26,7 @@ from . import arch as archmod
 from . import checks
 from . import config as cfgmod
 from . import engine as enginemod
+from . import lora as loramod
 from . import quant as quantmod
 from . import _files
 from . import torchbin
@@ -844,7 +845,7 @@ class FastModelForCausalLM:
                         torch_dtype=None, dtype=None, gguf_file=None, revision=None, cache_dir=None, subfolder="",
                         local_files_only=False, progress=None, progress_callback=None, threads=None,
                         quantization_config=None, load_in_8bit=False, load_in_4bit=False, allow_external_symlinks=None,
-                        **kwargs):
+                        adapter=None, **kwargs):
         """transformers' from_pretrained. `device=` (ChatGLM scripts pass it) means the same as `device_map=`;
         given both, they must name the same device (a ValueError otherwise, rather than one silently winning).
         A CUDA device where none is usable raises, naming the argument.
@@ -854,7 +855,12 @@ class FastModelForCausalLM:
         BitsAndBytesConfig / its dict) quantise the linear layers at load; FASTLOAD_QUANT does the same when none
         is given. GPTQ / AWQ checkpoints are detected from config.json and stay quantised; GGUF files keep their
         quantised tensors. model.quantization_config, is_quantized, is_loaded_in_8bit / is_loaded_in_4bit,
-        memory_stats() and load_stats["quantization"] say what was done."""
+        memory_stats() and load_stats["quantization"] say what was done.
+
+        LoRA (fastload/lora.py): adapter= a PEFT adapter directory (adapter_config.json + adapter_model.safetensors),
+        or the adapter directory itself as the model, its base named by base_model_name_or_path. The adapter is
+        merged into the weights at load, on the model's device, before any quantisation at load;
+        load_stats["lora"] says what was merged."""
         if model_args:
             raise TypeError("from_pretrained takes the model path and keyword arguments only")
         for k in list(kwargs):
@@ -874,6 +880,19 @@ class FastModelForCausalLM:
         path = resolve(ref, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if subfolder:
             path = os.path.join(path, subfolder)
+        adapter_path = None
+        if adapter is not None:
+            if loramod.is_adapter_dir(path):
+                raise ValueError(f"{ref}: is a LoRA adapter directory itself; pass the base model as the first "
+                                 "argument with adapter=, or the adapter directory alone")
+            adapter_path = resolve(adapter, revision=None, cache_dir=cache_dir, local_files_only=local_files_only)
+            if not loramod.is_adapter_dir(adapter_path):
+                raise FileNotFoundError(f"adapter={adapter!r}: not a PEFT adapter directory (adapter_config.json, "
+                                        "and no config.json)")
+        elif loramod.is_adapter_dir(path):
+            adapter_path = path
+            path = loramod.base_of(path, _files.external_symlinks_allowed(allow_external_symlinks), revision=None,
+                                   cache_dir=cache_dir, local_files_only=local_files_only)
         if dtype is not None and torch_dtype is not None and cfgmod.normalize_dtype(dtype) != cfgmod.normalize_dtype(torch_dtype):
             raise ValueError("dtype and torch_dtype disagree")
         if dtype is None and torch_dtype is None and isinstance(quant, quantmod.QuantConfig) and quant.compute_dtype:
@@ -903,13 +922,16 @@ class FastModelForCausalLM:
             if len(ggufs) == 1:
                 gguf_path = os.path.join(path, ggufs[0])
                 gguf_real = _files.checkpoint_file(path, ggufs[0], "GGUF file", allow_external=ext)
+        if adapter_path is not None and gguf_path:
+            raise NotImplementedError(f"{adapter_path}: LoRA adapters on a GGUF model are not supported (the merge needs "
+                                      "the float weights: load the safetensors checkpoint the GGUF was made from)")
         try:
             if gguf_path:
                 model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real,
                                        quant=quant, overrides=overrides)
             else:
                 model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext,
-                                              quant=quant, overrides=overrides)
+                                              quant=quant, overrides=overrides, adapter=adapter_path)
         except BaseException as e:
             # The loaders' frames hold the half-built core (its weight arena, on the GPU too) and the open files;
             # a traceback kept by the caller (a notebook's sys.last_traceback, a logged exception) would keep
@@ -936,9 +958,20 @@ class FastModelForCausalLM:
 
     @classmethod
     def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False, quant=None,
-                          overrides=None):
+                          overrides=None, adapter=None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+        ad = loramod.Adapter(adapter, ext) if adapter is not None else None
+        try:
+            return cls._load_safetensors_with(path, want_dtype, dev, nthreads, progress, progress_callback, ext, quant,
+                                              overrides, ad)
+        finally:
+            if ad is not None:
+                ad.close()
+
+    @classmethod
+    def _load_safetensors_with(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext, quant, overrides,
+                               ad):
         cfg_first = _files.find_file(path, "config.json", allow_external=ext)
         packed = None
         if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
@@ -1010,6 +1043,13 @@ class FastModelForCausalLM:
                 if name not in files[s]:
                     raise CheckpointError(f"{os.path.join(path, s)}: tensor '{name}' is listed in {index_path} but not in the shard")
                 where[name] = s
+        if ad is not None:
+            if packed is not None and ad.layers:
+                raise NotImplementedError(f"{ad.path}: LoRA on a {packed.name}-quantised base ({path}) is not supported "
+                                          "(the merge needs the float weights); load the float checkpoint, with "
+                                          "quantisation at load if wanted (quantised after the merge)")
+            ad.check_targets({n[: -len(".weight")] for n in where if n.endswith(".weight")})
+            stamps.update(ad.stamps)
         context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items, used = [], set()
@@ -1037,8 +1077,23 @@ class FastModelForCausalLM:
                                           f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "
                                           "quantize_config.json has a quantization_config saying how it is packed")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
-            items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
+            if ad is not None and (name in ad.replaced or ad.item_lora(name)):
+                # modules_to_save: the adapter's whole tensor instead of the base's; LoRA: merged at load (7th element)
+                src = (ad.file, ad.replaced[name]) if name in ad.replaced else (files[where[name]], name)
+                items.append((archmod.SLOT[slot], layer, heads, *src, None, ad.item_lora(name)))
+            else:
+                items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
             used.add(name)
+        if ad is not None:
+            for mod, (a, *_) in ad.layers.items():
+                if mod + ".weight" not in used:
+                    why = " (tie_word_embeddings: the LM head is the embedding matrix)" if mod == "lm_head" else ""
+                    raise NotImplementedError(f"{ad.weights_path}: tensor '{a}': '{mod}' is not a weight fastload "
+                                              f"loads for {arch.name}{why}")
+            for name, t in ad.replaced.items():
+                if name not in used:
+                    raise NotImplementedError(f"{ad.weights_path}: tensor '{t}' (modules_to_save) replaces '{name}', "
+                                              f"which fastload does not load for {arch.name}")
         if packed is not None and not any(len(it) == 6 for it in items):
             warnings.warn(f"{path}: config.json has a {packed.name} quantization_config but no layer is stored "
                           "packed (no '.qweight' tensors): loaded as a float checkpoint", stacklevel=3)
@@ -1062,9 +1117,12 @@ class FastModelForCausalLM:
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if gen.get(k) is None and hf.get(k) is not None:
                 gen[k] = hf[k]
+        if ad is not None:
+            stats["lora"] = ad.summary()
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
-        model._source = {"kind": kind, "path": path, "ext": ext, "files": stamps, "quant": quant}
+        model._source = {"kind": kind, "path": path, "ext": ext, "files": stamps, "quant": quant,
+                         "adapter": ad.path if ad is not None else None}
         model._set_quant(quant, packed)
         return model
 
@@ -1607,7 +1665,7 @@ class FastModelForCausalLM:
                                             quant=src.get("quant"))
             else:
                 new = type(self)._load_safetensors(src["path"], dtype, device, threads, False, None, ext=src["ext"],
-                                                   quant=src.get("quant"))
+                                                   quant=src.get("quant"), adapter=src.get("adapter"))
         if new._source["files"] != src["files"]:  # a file changed while it was being read again
             del new
             _check_source(src["files"], what)

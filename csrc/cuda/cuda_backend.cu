@@ -19,6 +19,7 @@
 
 #include "cuda_backend.cuh"
 #include "loader.cuh"
+#include "lowrank.cuh"
 #include "attention.cuh"
 #include "convert.cuh"
 #include "matmul.cuh"
@@ -325,6 +326,39 @@ static fl_status cu_quantize(fl_backend *be, const fl_weight *W, int scheme, int
     return fl_cuda_quantize(be, W, scheme, row0, rows, src_d, src_dtype);
 }
 
+// LoRA merge at load (lowrank.cu): float32 scratch of at most 64 MiB (row chunks) and a flag, both from `alloc`
+// (accounted), freed before returning; waits for the result to read the flag.
+static fl_status cu_add_lowrank(fl_backend *be, void *w_d, fl_dtype dt, int64_t rows, int64_t cols, const float *b_d,
+                                const float *a_d, int r, float scale) {
+    fl_cuda_impl *c = IMPL(be);
+    FL_TRY(fl_cuda_enter(c));
+    const size_t cap = (size_t)64 << 20, row = (size_t)cols * sizeof(float);
+    size_t want = (size_t)rows * row;  // rows, cols bounded by the config
+    if (want > cap) want = row > cap ? row : cap / row * row;
+    void *buf = NULL;
+    FL_TRY(cu_alloc(be, want + 256, &buf));
+    int *bad = (int *)buf;
+    float *tmp = (float *)((char *)buf + 256);
+    fl_status st = FL_OK;
+    cudaError_t e = cudaMemsetAsync(bad, 0, sizeof(int), c->stream);
+    if (e != cudaSuccess) st = fl_err(FL_E_DEVICE, "cudaMemsetAsync failed on %s: %s", c->name, cudaGetErrorString(e));
+    if (st == FL_OK) st = fl_cuda_add_lowrank(c->stream, c->blas, w_d, dt, rows, cols, b_d, a_d, r, scale, tmp, want / 4, bad);
+    int nbad = 0;
+    if (st == FL_OK) st = cu_to_host(be, &nbad, bad, sizeof nbad);
+    cu_free(be, buf);
+    if (st == FL_OK && nbad)
+        st = fl_err(FL_E_VALUE, "LoRA merge gives non-finite %s values (scale %g): lora_alpha too large, or NaN / inf "
+                    "in the adapter", fl_cuda_dtype_name(dt), (double)scale);
+    return st;
+}
+
+// Tensors already in device memory (fastload.from_hf: a CUDA torch tensor): converted on the device (convert.cu).
+static fl_status cu_convert_d(fl_backend *be, void *dst_d, fl_dtype dt, const void *src_d, fl_dtype st, size_t n) {
+    fl_cuda_impl *c = IMPL(be);
+    FL_TRY(fl_cuda_enter(c));
+    return fl_cuda_convert(c->stream, dst_d, dt, src_d, st, n);
+}
+
 // Graphs for callers that replay a step many times (the engine's decode step, csrc/engine.c).
 static fl_status cu_graph_capture(fl_backend *be, fl_status (*fn)(void *), void *ud, void **out) {
     fl_cuda_impl *c = IMPL(be);
@@ -483,6 +517,8 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->gather_rows = cu_gather_rows;
     be->logits_to_host = cu_logits_to_host;
     be->quantize = cu_quantize;
+    be->add_lowrank = cu_add_lowrank;
+    be->convert_d = cu_convert_d;
     be->graph_capture = cu_graph_capture;
     be->graph_replay = cu_graph_replay;
     be->graph_free = cu_graph_free;

@@ -290,11 +290,50 @@ static int run_core(FlPyModel *self, fl_exec_fn fn, void *arg, fl_status *st) {
     return 0;
 }
 
-/* Fill `src` from an opened SafetensorsFile or GGUFFile and a tensor name. */
+/* A tensor in memory (fastload/from_hf.py): {"ptr": int, "nbytes": int, "dtype": "F32"|"F16"|"BF16"|"F64",
+ * "shape": (rows[, cols]), "device": bool (backend memory of the model's device), "label": str (messages)}. The
+ * caller keeps the memory alive and unchanged until load() returns. */
+static int src_from_memory(PyObject *d, const char *name, fl_src_tensor *src) {
+    PyObject *ptr = PyDict_GetItemString(d, "ptr"), *nb = PyDict_GetItemString(d, "nbytes"),
+             *dt = PyDict_GetItemString(d, "dtype"), *shape = PyDict_GetItemString(d, "shape"),
+             *dev = PyDict_GetItemString(d, "device"), *label = PyDict_GetItemString(d, "label");
+    if (!ptr || !PyLong_Check(ptr) || !nb || !PyLong_Check(nb) || !dt || !PyUnicode_Check(dt) || !shape ||
+        !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 1 || PyTuple_GET_SIZE(shape) > 2 ||
+        (label && !PyUnicode_Check(label))) {
+        PyErr_Format(PyExc_TypeError, "tensor '%s': a memory source needs ptr, nbytes, dtype, shape (1 or 2 dims)", name);
+        return -1;
+    }
+    Py_ssize_t dl = 0;
+    const char *ds = PyUnicode_AsUTF8AndSize(dt, &dl);
+    const char *lb = label ? PyUnicode_AsUTF8(label) : "memory";
+    if (!ds || !lb) return -1;
+    const fl_dtype t = fl_dtype_from_st_name(ds, (size_t)dl);
+    if (t != FL_F32 && t != FL_F16 && t != FL_BF16 && t != FL_F64) {
+        PyErr_Format(PyExc_NotImplementedError, "%s: tensor '%s' is %s, not a float tensor", lb, name, ds);
+        return -1;
+    }
+    void *p = PyLong_AsVoidPtr(ptr);
+    unsigned long long n = PyLong_AsUnsignedLongLong(nb);
+    if (PyErr_Occurred()) return -1;
+    *src = (fl_src_tensor){.file = lb, .name = name, .data = p, .nbytes = n, .kind = FL_SRC_PLAIN, .type = t,
+                           .ndim = (int)PyTuple_GET_SIZE(shape),
+                           .where = dev && PyObject_IsTrue(dev) ? FL_SRC_BACKEND : FL_SRC_HOST};
+    for (int k = 0; k < src->ndim; k++) {
+        long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, k));
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (v < 0) { PyErr_Format(PyExc_ValueError, "%s: tensor '%s' has a negative dimension", lb, name); return -1; }
+        src->shape[k] = v;
+    }
+    if (!p && n) { PyErr_Format(PyExc_ValueError, "%s: tensor '%s' has a null data pointer", lb, name); return -1; }
+    return 0;
+}
+
+/* Fill `src` from an opened SafetensorsFile or GGUFFile (or a memory source, see above) and a tensor name. */
 static int src_from(PyObject *file, PyObject *name_obj, fl_src_tensor *src) {
     const char *name = PyUnicode_AsUTF8(name_obj);
     if (!name) return -1;
     memset(src, 0, sizeof *src);
+    if (PyDict_Check(file)) return src_from_memory(file, name, src);
     if (PyObject_TypeCheck(file, &FlPySt_Type)) {
         fl_st_file *f = ((FlPySt *)file)->f;
         if (!f) { PyErr_SetString(PyExc_ValueError, "safetensors file is closed"); return -1; }
@@ -380,6 +419,24 @@ static int packed_from(PyObject *d, Py_ssize_t i, fl_load_item *it) {
                : 0;
 }
 
+/* The 7th element of a load item: {"A": (file, name), "B": (file, name), "scale": float} (fastload/lora.py), or
+ * None. The item's rows become W + scale * B @ A, merged at load (fl_load_item.lora_*). */
+static int lora_from(PyObject *d, Py_ssize_t i, fl_load_item *it) {
+    if (!PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "load item %zd: the 7th element must be a dict describing a LoRA adapter", i);
+        return -1;
+    }
+    PyObject *sc = PyDict_GetItemString(d, "scale");
+    const double scale = sc ? PyFloat_AsDouble(sc) : -1.0;
+    if (!sc || (scale == -1.0 && PyErr_Occurred())) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "load item %zd: lora['scale'] must be a number", i);
+        return -1;
+    }
+    it->lora_scale = (float)scale;
+    return packed_companion(d, "A", i, 1, &it->lora_a) < 0 || packed_companion(d, "B", i, 1, &it->lora_b) < 0 ? -1 : 0;
+}
+
 typedef struct { PyObject *cb; int failed; fl_exec_job *job; uint64_t done, total; } progress_ud;
 static int progress_py(void *ud) { /* GIL held, in the calling thread */
     progress_ud *p = ud;
@@ -410,7 +467,8 @@ static fl_status load_job(fl_exec_job *job, void *arg) {
     return fl_model_load(a->m, a->arr, a->n, progress_cb, a->ud);
 }
 
-/* load(items: list[(slot, layer, unpermute_heads, file, name[, packed])], progress=None) -> None */
+/* load(items: list[(slot, layer, unpermute_heads, file, name[, packed[, lora]])], progress=None) -> None; file: an opened
+ * SafetensorsFile / GGUFFile, or a memory source dict (src_from_memory) */
 static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"items", "progress", NULL};
     PyObject *items, *progress = Py_None;
@@ -419,14 +477,16 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     fl_load_item *arr = PyMem_Calloc((size_t)(n ? n : 1), sizeof *arr);
     if (!arr) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *it = PyList_GET_ITEM(items, i), *file, *name, *packed = Py_None;
-        if (!PyTuple_Check(it) || (PyTuple_GET_SIZE(it) != 5 && PyTuple_GET_SIZE(it) != 6)) {
-            PyErr_Format(PyExc_TypeError, "load item %zd must be a tuple (slot, layer, heads, file, name[, packed])", i);
+        PyObject *it = PyList_GET_ITEM(items, i), *file, *name, *packed = Py_None, *lora = Py_None;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) < 5 || PyTuple_GET_SIZE(it) > 7) {
+            PyErr_Format(PyExc_TypeError, "load item %zd must be a tuple (slot, layer, heads, file, name[, packed[, lora]])", i);
             PyMem_Free(arr);
             return NULL;
         }
-        if (!PyArg_ParseTuple(it, "iiiOU|O", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name, &packed) ||
-            src_from(file, name, &arr[i].src) < 0 || (packed != Py_None && packed_from(packed, i, &arr[i]) < 0)) {
+        if (!PyArg_ParseTuple(it, "iiiOU|OO", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name, &packed,
+                              &lora) ||
+            src_from(file, name, &arr[i].src) < 0 || (packed != Py_None && packed_from(packed, i, &arr[i]) < 0) ||
+            (lora != Py_None && lora_from(lora, i, &arr[i]) < 0)) {
             PyMem_Free(arr);
             return NULL;
         }
