@@ -991,6 +991,13 @@ class FastModelForCausalLM:
         hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
         core_cfg = archmod.core_config(hf, arch, cfg_path)
+        if arch.moe and packed is not None:
+            raise NotImplementedError(f"{path}: {packed.name} checkpoints of {arch.name} (Mixture of Experts) are not "
+                                      "supported; load the float checkpoint (quantisation at load works on the CPU)")
+        if arch.moe and qcore and qcore.get("scheme", "none") != "none" and str(dev).startswith("cuda"):
+            raise NotImplementedError(f"{path}: quantised experts ({qcore['scheme']}) of {arch.name} are not supported "
+                                      "on CUDA yet (the grouped expert GEMV reads float16 / bfloat16 weights); load it "
+                                      "unquantised there, or quantise on the CPU backend")
         if want_dtype == "auto":
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
@@ -1012,7 +1019,7 @@ class FastModelForCausalLM:
         context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items, used = [], set()
-        for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=False):
+        for slot, layer, name, heads, expert in archmod.tensor_plan(arch, core_cfg, gguf=False, have=where):
             if packed is not None and (slot in quantmod.LINEAR_SLOTS or slot == "lm_head") and \
                     f"{name[:-len('.weight')]}.qweight" in where:
                 # GPTQ / AWQ: P.qweight with P.qzeros, P.scales (and P.g_idx): one 6-tuple item, repacked by the core
@@ -1036,7 +1043,7 @@ class FastModelForCausalLM:
                                           f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "
                                           "quantize_config.json has a quantization_config saying how it is packed")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
-            items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
+            items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name, None, expert))
             used.add(name)
         if packed is not None and not any(len(it) == 6 for it in items):
             warnings.warn(f"{path}: config.json has a {packed.name} quantization_config but no layer is stored "
@@ -1084,7 +1091,7 @@ class FastModelForCausalLM:
         context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items = []
-        for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=True):
+        for slot, layer, name, heads, _ in archmod.tensor_plan(arch, core_cfg, gguf=True):
             if name not in tensors:
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, g, name))
@@ -1595,9 +1602,12 @@ class FastModelForCausalLM:
                   "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
         dt, es = str(self.dtype), self.dtype.itemsize
         entries = []
-        for slot, layer, name, _ in archmod.tensor_plan(self.arch, c, gguf=False):
+        if c.get("n_experts"):  # experts written in the hub's per-expert layout (what transformers' save writes)
+            f = c["moe_ffn"]
+            shapes.update(moe_router=(c["n_experts"], d), moe_w1=(f, d), moe_w3=(f, d), moe_w2=(d, f))
+        for slot, layer, name, _, expert in archmod.tensor_plan(self.arch, c, gguf=False):
             shape = shapes[slot]
-            entries.append((name, shape, dt, int(np.prod(shape)) * es, (archmod.SLOT[slot], layer)))
+            entries.append((name, shape, dt, int(np.prod(shape)) * es, (archmod.SLOT[slot], layer, expert)))
         shards, cur, size = [], [], 0  # huggingface_hub's split: a new shard when the next tensor would overflow
         for e in entries:
             if cur and size + e[3] > limit:
