@@ -1420,7 +1420,10 @@ class FastModelForCausalLM:
         c = archmod.core_config(self.config, self.arch, self.name_or_path)
         d, L, ffn, V = c["d"], c["n_layers"], c["ffn"], c["vocab"]
         q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
-        per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0) + \
+        ffn_params = 3 * d * ffn
+        if c.get("n_experts"):  # every expert and the router (not only the top_k a token uses)
+            ffn_params = c["n_experts"] * (3 * d * c["moe_ffn"] + d)
+        per = 2 * d + d * (q + 2 * kv) + q * d + ffn_params + (q + 2 * kv if c["qkv_bias"] else 0) + \
             (2 * c["head_dim"] if c["qk_norm"] else 0)
         return V * d * (1 if c["tie_embeddings"] else 2) + d + L * per
 
