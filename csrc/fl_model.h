@@ -1,4 +1,5 @@
-/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family) as data.
+/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family, and their Mixture-of-Experts
+ * forms: Mixtral, Qwen3-MoE) as data.
  *
  * Architectures differ only through fl_config (filled by the Python architecture table,
  * fastload/arch.py) and through the tensor-name table that decides which checkpoint tensor
