@@ -1043,7 +1043,8 @@ class FastModelForCausalLM:
                                           f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "
                                           "quantize_config.json has a quantization_config saying how it is packed")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
-            items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name, None, expert))
+            item = (archmod.SLOT[slot], layer, heads, files[where[name]], name)
+            items.append(item + (None, expert) if slot in archmod.MOE_SLOTS else item)  # (packed, expert index)
             used.add(name)
         if packed is not None and not any(len(it) == 6 for it in items):
             warnings.warn(f"{path}: config.json has a {packed.name} quantization_config but no layer is stored "

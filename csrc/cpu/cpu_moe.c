@@ -17,7 +17,10 @@ fl_status cpu_moe_route(fl_backend *be, int32_t *ids, float *wts, const void *lo
         for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
         float sum = 0.f;
         for (int e = 0; e < E; e++) { p[e] = expf(l[e] - mx); sum += p[e]; }
-        for (int e = 0; e < E; e++) p[e] /= sum;
+        for (int e = 0; e < E; e++) {
+            p[e] /= sum;
+            if (!(p[e] >= 0.f)) p[e] = 0.f; /* NaN logits: still k distinct experts (the logits show the NaN) */
+        }
         /* top k by repeated selection: descending, ties to the lower index; a chosen expert is marked -1 (p >= 0) */
         float tot = 0.f;
         for (int j = 0; j < k; j++) {

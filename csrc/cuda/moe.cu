@@ -37,7 +37,10 @@ __global__ void moe_route_kernel(int32_t *__restrict__ ids, float *__restrict__ 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
 #pragma unroll
-    for (int i = 0; i < MOE_PER_LANE; i++) p[i] = lane + 32 * i < E ? p[i] / sum : -1.f;  // -1: not an expert
+    for (int i = 0; i < MOE_PER_LANE; i++) {  // -1: not an expert; NaN logits: 0, so k distinct experts are chosen
+        const float v = p[i] / sum;
+        p[i] = lane + 32 * i < E ? (v >= 0.f ? v : 0.f) : -1.f;
+    }
     float tot = 0.f, chosen_w[MOE_MAX_K];
     int chosen_e[MOE_MAX_K];
     for (int j = 0; j < k; j++) {
