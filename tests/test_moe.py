@@ -298,3 +298,19 @@ def test_save_pretrained_round_trip(tmp_path, ref_model):
     for k in WEIGHTS:
         np.testing.assert_array_equal(w[k], WEIGHTS[k], err_msg=k)
     np.testing.assert_array_equal(logits(load(tmp_path / "saved")), logits(ref_model))
+
+
+def test_nan_router_logits_still_choose_distinct_experts():
+    """A NaN in the router logits (a broken checkpoint) gives k distinct in-range experts, not a read outside the
+    probabilities; the NaN itself reaches the output."""
+    from fastload import _C
+    E, k, d, f = 6, 3, 16, 8
+    rng = np.random.default_rng(0)
+    lg = rng.standard_normal((2, E)).astype(np.float32)
+    lg[0, 2] = np.nan
+    got = _C.run_op("cpu", "moe", {"logits": lg, "x": rng.standard_normal((2, d)).astype(np.float32),
+                                   "w13": rng.standard_normal((E * 2 * f, d)).astype(np.float32),
+                                   "w2": rng.standard_normal((E * d, f)).astype(np.float32)}, {"k": k, "norm": 1})
+    for row in got["ids"]:
+        assert len(set(row.tolist())) == k and all(0 <= e < E for e in row)
+    assert np.isfinite(got["out"][1]).all()
