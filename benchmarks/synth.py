@@ -1,6 +1,7 @@
 """Synthetic checkpoints with real shapes and random weights (never zeros), numpy only.
 
     python benchmarks/synth.py --shape llama-1b --dtype float16 --out /tmp/llama1b
+    python benchmarks/synth.py --shape mixtral-8x7b --num-hidden-layers 12 --out /data/mixtral12   # 35 GB
 Shapes are taken from the public config.json of each model."""
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ SHAPES = {
                         intermediate_size=13696, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=2,
                         head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
                         tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2),
+    # Mixtral-8x7B-v0.1: 8 experts of width 14336, top-2, every layer (46.7 G parameters, 12.9 G active per token);
+    # --num-hidden-layers 12 gives a 17.6 G-parameter (35 GB bf16) checkpoint that fits the GPU machine's disk
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0, num_local_experts=8,
+                         num_experts_per_tok=2, router_aux_loss_coef=0.02, router_jitter_noise=0.0,
+                         output_router_logits=False, sliding_window=None, tie_word_embeddings=False, hidden_act="silu",
+                         bos_token_id=1, eos_token_id=2),
     # a Qwen2-architecture model of a few hundred kB: CPU runs of the GPU scripts' steps (dev/cuda/issue10_gpu.sh)
     "qwen2-tiny": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=1024, hidden_size=64,
                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -69,6 +78,13 @@ def tensors_for(cfg):
             yield p + "self_attn.k_norm.weight", (hd,)
         yield p + "self_attn.o_proj.weight", (d, q)
         yield p + "post_attention_layernorm.weight", (d,)
+        if cfg.get("num_local_experts"):  # Mixtral, the hub's per-expert names
+            yield p + "block_sparse_moe.gate.weight", (cfg["num_local_experts"], d)
+            for j in range(cfg["num_local_experts"]):
+                yield p + f"block_sparse_moe.experts.{j}.w1.weight", (f, d)
+                yield p + f"block_sparse_moe.experts.{j}.w2.weight", (d, f)
+                yield p + f"block_sparse_moe.experts.{j}.w3.weight", (f, d)
+            continue
         yield p + "mlp.gate_proj.weight", (f, d)
         yield p + "mlp.up_proj.weight", (f, d)
         yield p + "mlp.down_proj.weight", (d, f)
@@ -77,21 +93,36 @@ def tensors_for(cfg):
         yield "lm_head.weight", (V, d)
 
 
+_POOL = {}
+
+
 def random_tensor(rng, name, shape, dtype):
     n = int(np.prod(shape))
-    if name.endswith("norm.weight"):
+    if n > (1 << 24) and ".experts." in name:
+        # experts (tens of GB): a window at a random offset of one pool of 2^26 normal values (drawn once), so
+        # that a Mixtral-sized checkpoint takes minutes to write, not the time numpy needs to draw every value
+        if "pool" not in _POOL:
+            _POOL["pool"] = rng.standard_normal(1 << 26, dtype=np.float32)
+        pool = _POOL["pool"]
+        x = np.roll(pool, -int(rng.integers(0, pool.size)))
+        x = np.resize(x, n) * np.float32(0.5 / np.sqrt(shape[-1]))
+    elif name.endswith("norm.weight"):
         x = 1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)
     else:
         x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.5 / np.sqrt(shape[-1]) if len(shape) == 2 else 0.02)
     x = x.astype(np.float32, copy=False)
+    if x.size == 0 or np.any(x == 0):
+        x = np.where(x == 0, np.float32(1e-3), x)
     if dtype == "bfloat16":
         u = x.view(np.uint32)
         return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).reshape(shape)
     return x.astype(ST_DTYPE[dtype][1]).reshape(shape)
 
 
-def write(out, shape_name, dtype, shard_bytes=2 << 30, seed=0):
+def write(out, shape_name, dtype, shard_bytes=2 << 30, seed=0, num_hidden_layers=None):
     cfg = dict(SHAPES[shape_name], torch_dtype=dtype)
+    if num_hidden_layers:  # fewer layers of the same shape (a 12-layer Mixtral fits a 64 GiB disk)
+        cfg["num_hidden_layers"] = int(num_hidden_layers)
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     specs = list(tensors_for(cfg))
@@ -180,9 +211,10 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(ST_DTYPE))
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", action="store_true", help="also a word-level tokenizer (for bench speed)")
+    ap.add_argument("--num-hidden-layers", type=int, default=None, help="override the shape's layer count")
     a = ap.parse_args()
     if a.tokenizer:
         bench_checkpoint(a.out, a.shape, a.dtype)
         print(f"{a.out}: {a.shape} {a.dtype} with a word-level tokenizer")
     else:
-        print(f"wrote {write(a.out, a.shape, a.dtype) / 1e9:.2f} GB to {a.out}")
+        print(f"wrote {write(a.out, a.shape, a.dtype, num_hidden_layers=a.num_hidden_layers) / 1e9:.2f} GB to {a.out}")

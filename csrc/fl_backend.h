@@ -102,6 +102,23 @@ typedef struct {
     int unpermute_heads;
 } fl_load_job;
 
+#define FL_MOE_MAX_EXPERTS 256  /* experts per layer (the routing kernels keep a token's probabilities on chip) */
+#define FL_MOE_MAX_K 16         /* experts per token */
+
+/* Scratch of a Mixture-of-Experts FFN over n tokens with k experts each (sized by fl_model_reserve; k = top_k,
+ * f = moe_ffn, E experts). A (token, choice) pair is a "slot" s = token * k + j. */
+typedef struct {
+    void *gu;         /* [n*k, 2f] activation dtype: gate | up of each slot (expert order on CUDA) */
+    void *ff;         /* [n*k, f] silu(gate) * up */
+    void *y;          /* [n*k, d] each slot's expert output */
+    void *xs;         /* [n*k, d] the inputs gathered in expert order (grouped GEMM) */
+    int32_t *perm;    /* [n*k] the slot at each expert-sorted position */
+    int32_t *inv;     /* [n*k] the expert-sorted position of each slot */
+    int32_t *offs;    /* [2E + 2]: [0, E] first sorted position of each expert (offs[E] = n*k); CUDA also keeps
+                       * the experts that have slots at [E + 1, 2E] and their number at [2E + 1] */
+    int32_t *offs_h;  /* [E + 1] host copy (backends that read the counts on the host for prefill) */
+} fl_moe_scratch;
+
 typedef struct fl_backend fl_backend;
 struct fl_backend {
     const char *name;        /* "cpu", "cuda:0" */
@@ -147,6 +164,18 @@ struct fl_backend {
                            const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
     /* out[n, f] = silu(gu[n, 0:f]) * gu[n, f:2f]; next as for rmsnorm */
     fl_status (*swiglu)(fl_backend *, void *out_d, const void *gu_d, int n, int f, const fl_weight *next);
+    /* Mixture of Experts, routing: from router logits[n, E] (activation dtype), ids[n, k] and wts[n, k] (float32):
+     * p = softmax(logits) in float32, the k largest p in descending order (ties: the lower expert index), divided
+     * by their sum when norm (as transformers' Mixtral / Qwen MoE routers). No host value is read: graph-safe. */
+    fl_status (*moe_route)(fl_backend *, int32_t *ids_d, float *wts_d, const void *logits_d, int n, int E, int k,
+                           int norm);
+    /* Mixture of Experts, the experts: out[n, d] = sum_j wts[i, j] * W2_e (silu(W1_e x_i) * W3_e x_i), e = ids[i, j],
+     * the terms added in ascending e (transformers' index_add_ over experts). w13: [E * 2f, d] (expert e's gate
+     * rows, then its up rows); w2: [E * d, f]. Only the chosen experts' weights are read. may_sync: the op may wait
+     * for the device and read the expert counts on the host (prefill); 0 in steps a CUDA graph may capture. */
+    fl_status (*moe_ffn)(fl_backend *, void *out_d, const void *x_d, int n, const int32_t *ids_d, const float *wts_d,
+                         int k, int E, const fl_weight *w13, const fl_weight *w2, const fl_moe_scratch *ws,
+                         int may_sync);
     /* dst[i, :] = src[rows[i], :] for i < n (pick last-token rows before the LM head) */
     fl_status (*gather_rows)(fl_backend *, void *dst_d, const void *src_d, const int32_t *rows_h,
                              int n, int d);

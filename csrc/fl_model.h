@@ -1,4 +1,5 @@
-/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family) as data.
+/* fl_model.h: a decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3 family, and their Mixture-of-Experts
+ * forms: Mixtral, Qwen3-MoE) as data.
  *
  * Architectures differ only through fl_config (filled by the Python architecture table,
  * fastload/arch.py) and through the tensor-name table that decides which checkpoint tensor
@@ -20,6 +21,8 @@ extern "C" {
 #define FL_MAX_HIDDEN 131072        /* hidden_size */
 #define FL_MAX_FFN 1048576          /* intermediate_size */
 #define FL_MAX_VOCAB 16777216       /* vocab_size (2^24) */
+#define FL_MAX_EXPERTS FL_MOE_MAX_EXPERTS /* num_local_experts / num_experts (fl_backend.h) */
+#define FL_MAX_TOPK FL_MOE_MAX_K            /* num_experts_per_tok */
 
 /* FL_ROPE_DYNAMIC: transformers' "dynamic" (NTK) rope: the frequencies of a row depend on its length (fl_rope_dyn,
  * fl_common.h); rope_orig_max_pos holds max_position_embeddings, past which they change. */
@@ -48,6 +51,15 @@ typedef struct {
     int qk_norm;             /* Qwen3: RMSNorm (eps rms_eps, weight [head_dim]) over each head of q and of k,
                               * after the projections, before rope */
     int tie_embeddings;      /* lm_head shares the embedding matrix */
+    /* Mixture of Experts (Mixtral; Qwen2-MoE / Qwen3-MoE shapes). n_experts 0: a dense model, nothing below used.
+     * Otherwise every layer's FFN is: router logits = x @ moe_router^T [E]; p = softmax(logits) in float32; the
+     * top_k largest p (ties: the lower expert index), divided by their sum when moe_norm_topk; out = sum over the
+     * chosen experts e of p_e * W2_e (silu(W1_e x) * W3_e x), each expert a SwiGLU of width moe_ffn. */
+    int n_experts;           /* num_local_experts (Mixtral) / num_experts (Qwen MoE); 0: dense */
+    int top_k;               /* num_experts_per_tok, 1..min(n_experts, FL_MAX_TOPK) */
+    int moe_norm_topk;       /* renormalise the top-k probabilities to sum 1 (Mixtral: always; Qwen: norm_topk_prob) */
+    int moe_ffn;             /* each expert's intermediate size (Mixtral: intermediate_size; Qwen: moe_intermediate_size) */
+    int shared_ffn;          /* a shared expert's intermediate size (Qwen2-MoE), 0: none. Reserved: must be 0 for now */
     int window[FL_MAX_LAYERS]; /* per-layer sliding window, 0 = full attention */
 } fl_config;
 
@@ -74,6 +86,14 @@ typedef enum {
     FL_SLOT_QKV,         /* [(nh+2nkv)*hd, d] -> wqkv */
     FL_SLOT_QKV_BIAS,    /* [(nh+2nkv)*hd]    -> bqkv (qkv_bias only) */
     FL_SLOT_GATE_UP,     /* [2ffn, d]         -> w_gate_up (gate rows first) */
+    /* Mixture of Experts (n_experts > 0; E experts of width f = moe_ffn). Per-expert slots take the item's expert
+     * index; the _ALL slots are the fused 3-D tensors [E, ...] of transformers 5 and fill every expert at once. */
+    FL_SLOT_MOE_ROUTER,  /* per layer: [E, d] -> moe_router */
+    FL_SLOT_MOE_W1,      /* per layer and expert e: [f, d] -> moe_w13 rows [e*2f, e*2f + f) (gate) */
+    FL_SLOT_MOE_W3,      /* per layer and expert e: [f, d] -> moe_w13 rows [e*2f + f, (e+1)*2f) (up) */
+    FL_SLOT_MOE_W2,      /* per layer and expert e: [d, f] -> moe_w2 rows [e*d, (e+1)*d) (down) */
+    FL_SLOT_MOE_W13_ALL, /* per layer: [E, 2f, d] (gate | up per expert) -> moe_w13 */
+    FL_SLOT_MOE_W2_ALL,  /* per layer: [E, d, f] -> moe_w2 */
     FL_SLOT_COUNT
 } fl_slot;
 extern const char *const fl_slot_names[FL_SLOT_COUNT];
@@ -87,8 +107,11 @@ typedef struct {
     fl_weight ffn_norm;   /* [d] */
     fl_weight w_gate_up;  /* [2 * ffn, d] */
     fl_weight w_down;     /* [d, ffn] */
+    fl_weight moe_router; /* [E, d] (n_experts > 0; else absent) */
+    fl_weight moe_w13;    /* [E * 2 * moe_ffn, d]: expert e's gate rows then its up rows, experts one after another */
+    fl_weight moe_w2;     /* [E * d, moe_ffn]: expert e's down projection at rows [e*d, (e+1)*d) */
 } fl_layer;
-#define FL_LAYER_WEIGHTS 8    /* fl_weight fields of fl_layer (model.c checks) */
+#define FL_LAYER_WEIGHTS 11   /* fl_weight fields of fl_layer (model.c checks) */
 
 typedef struct {
     fl_weight embed;      /* [vocab, d] */
@@ -99,6 +122,7 @@ typedef struct {
 
 typedef struct {
     int slot, layer;      /* fl_slot; layer index (ignored for global slots) */
+    int expert;           /* FL_SLOT_MOE_W1 / W3 / W2: the expert index (else ignored) */
     int unpermute_heads;  /* GGUF q/k: undo llama.cpp's rotary row permutation for this many heads */
     fl_src_tensor src;    /* the tensor; for GPTQ / AWQ: qweight */
     /* GPTQ / AWQ (csrc/quant.h): packing != 0, src is qweight and these are its companions */
@@ -124,11 +148,17 @@ typedef struct fl_model {
     fl_weights w;
     float *inv_freq_d;     /* [head_dim / 2] rotary frequencies after scaling */
     uint8_t *loaded;       /* [FL_SLOT_COUNT * n_layers] which slots were filled */
+    uint8_t *moe_loaded;   /* [n_layers * n_experts * 3]: expert parts filled (w1, w3, w2), NULL when dense */
     /* workspace, grown on demand to the largest B*T seen; logits (and the last-row gather) to the largest
      * number of logit rows asked for, which is B, not B*T, for generation's prefill */
     int ws_tokens, ws_logit_rows;
     void *ws_x, *ws_xn, *ws_qkv, *ws_att, *ws_delta, *ws_gu, *ws_ff;
     void *ws_last, *ws_logits;
+    /* Mixture of Experts, for ws_tokens tokens (k = top_k, f = moe_ffn): */
+    void *ws_router;       /* [N, E] router logits (activation dtype) */
+    int32_t *ws_moe_ids;   /* [N * k] chosen experts, token-major */
+    float *ws_moe_wts;     /* [N * k] their weights (float32) */
+    fl_moe_scratch moe_ws; /* the backend's MoE scratch (fl_backend.h) */
     int32_t *ws_tok_d, *ws_pos_d; uint8_t *ws_mask_d;
     fl_load_stats stats;
     uint64_t kv_bytes_last;  /* size of the most recent KV cache (freed after each generate) */
@@ -149,8 +179,8 @@ fl_status fl_model_check_complete(const fl_model *m);
 
 /* The weight `slot` (fl_slot) of `layer` fills: *w, its first row *row0 and the slot's shape
  * [*rows, *cols] (*is_vec: a vector, cols 1). Errors for a slot the config does not have. */
-fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight **w, int64_t *row0, int64_t *rows,
-                             int64_t *cols, int *is_vec);
+fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, int expert, const fl_weight **w, int64_t *row0,
+                             int64_t *rows, int64_t *cols, int *is_vec);
 
 /* The model's weights one by one, in arena order (lm_head only when untied), for Model.layouts(): weight i, its
  * name ("embed", "final_norm", "lm_head", "layers.N.attn_norm|wqkv|bqkv|qk_norm|wo|ffn_norm|w_gate_up|w_down") and its

@@ -13,8 +13,14 @@ const char *const fl_slot_names[FL_SLOT_COUNT] = {
     "embed_tokens", "lm_head", "final_norm", "input_layernorm", "q_proj", "k_proj", "v_proj",
     "q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj", "post_attention_layernorm",
     "gate_proj", "up_proj", "down_proj", "q_norm", "k_norm", "query_key_value", "query_key_value.bias",
-    "dense_h_to_4h",
+    "dense_h_to_4h", "moe_router", "moe_w1", "moe_w3", "moe_w2", "moe_gate_up_proj", "moe_down_proj",
 };
+_Static_assert(sizeof fl_slot_names / sizeof *fl_slot_names == FL_SLOT_COUNT, "a name for every slot");
+
+static int is_moe_slot(int slot) { return slot >= FL_SLOT_MOE_ROUTER && slot <= FL_SLOT_MOE_W2_ALL; }
+static int is_ffn_slot(int slot) { return slot == FL_SLOT_GATE || slot == FL_SLOT_UP || slot == FL_SLOT_DOWN; }
+/* The dense FFN weights (w_gate_up, w_down) exist: a dense model (a shared expert would use them later). */
+static int has_dense_ffn(const fl_config *c) { return !c->n_experts || c->shared_ffn; }
 
 #define ALIGN 256
 
@@ -79,6 +85,18 @@ static fl_status check_config(const fl_config *c) {
         if (c->rope_orig_max_pos <= 0)
             return fl_err(FL_E_FORMAT, "config: rope_scaling.original_max_position_embeddings=%d must be in [1, 2^31-1]",
                           c->rope_orig_max_pos);
+    }
+    if (c->n_experts < 0 || c->n_experts > FL_MAX_EXPERTS)
+        return fl_err(FL_E_FORMAT, "config: num_local_experts=%d must be in [0, %d] (0: dense)", c->n_experts, FL_MAX_EXPERTS);
+    if (c->n_experts) {
+        const int kmax = c->n_experts < FL_MAX_TOPK ? c->n_experts : FL_MAX_TOPK;
+        if (c->top_k < 1 || c->top_k > kmax)
+            return fl_err(FL_E_FORMAT, "config: num_experts_per_tok=%d must be in [1, %d] (num_local_experts=%d, at most %d)",
+                          c->top_k, kmax, c->n_experts, FL_MAX_TOPK);
+        FL_TRY(check_dim("moe intermediate_size", c->moe_ffn, FL_MAX_FFN));
+        if (c->shared_ffn)
+            return fl_err(FL_E_UNSUPPORTED, "config: a shared expert (shared_expert_intermediate_size=%d) is not "
+                          "supported yet", c->shared_ffn);
     }
     for (int l = 0; l < c->n_layers; l++)
         if (c->window[l] < 0)
@@ -150,8 +168,15 @@ static int list_weights(fl_model *m, wdesc *out) {
         if (c->qk_norm) out[n++] = (wdesc){&L->qk_norm, 2 * (int64_t)c->head_dim, 1};
         out[n++] = (wdesc){&L->wo, c->d, (int64_t)c->n_heads * c->head_dim};
         out[n++] = (wdesc){&L->ffn_norm, c->d, 1};
-        out[n++] = (wdesc){&L->w_gate_up, 2 * (int64_t)c->ffn, c->d};
-        out[n++] = (wdesc){&L->w_down, c->d, c->ffn};
+        if (has_dense_ffn(c)) {
+            out[n++] = (wdesc){&L->w_gate_up, 2 * (int64_t)c->ffn, c->d};
+            out[n++] = (wdesc){&L->w_down, c->d, c->ffn};
+        }
+        if (c->n_experts) { /* bounded by check_config: E * 2 * moe_ffn < 2^29 */
+            out[n++] = (wdesc){&L->moe_router, c->n_experts, c->d};
+            out[n++] = (wdesc){&L->moe_w13, (int64_t)c->n_experts * 2 * c->moe_ffn, c->d};
+            out[n++] = (wdesc){&L->moe_w2, (int64_t)c->n_experts * c->d, c->moe_ffn};
+        }
     }
     return n;
 }
@@ -169,9 +194,10 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
     /* n_layers <= FL_MAX_LAYERS (check_config): these table sizes are small */
     m->w.layers = calloc((size_t)cfg->n_layers, sizeof(fl_layer));
     m->loaded = calloc((size_t)FL_SLOT_COUNT * (size_t)cfg->n_layers, 1);
+    if (cfg->n_experts) m->moe_loaded = calloc((size_t)cfg->n_layers * (size_t)cfg->n_experts * 3, 1);
     wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)cfg->n_layers)); /* list_weights writes <= that */
     fl_status st = FL_OK;
-    if (!m->w.layers || !m->loaded || !ws) { st = fl_err(FL_E_NOMEM, "cannot allocate the model tables"); goto fail; }
+    if (!m->w.layers || !m->loaded || !ws || (cfg->n_experts && !m->moe_loaded)) { st = fl_err(FL_E_NOMEM, "cannot allocate the model tables"); goto fail; }
     const int nw = list_weights(m, ws);
     const size_t es = (size_t)fl_dtype_size(wdtype);
     const int half = cfg->head_dim / 2; /* <= 512: fits freqs[] below */
@@ -203,7 +229,10 @@ fail:
 static void ws_release(fl_model *m) {
     fl_backend *be = m->be;
     void **bufs[] = {&m->ws_x, &m->ws_xn, &m->ws_qkv, &m->ws_att, &m->ws_delta, &m->ws_gu, &m->ws_ff,
-                     &m->ws_last, &m->ws_logits, (void **)&m->ws_tok_d, (void **)&m->ws_pos_d, (void **)&m->ws_mask_d};
+                     &m->ws_last, &m->ws_logits, (void **)&m->ws_tok_d, (void **)&m->ws_pos_d, (void **)&m->ws_mask_d,
+                     &m->ws_router, (void **)&m->ws_moe_ids, (void **)&m->ws_moe_wts, &m->moe_ws.gu, &m->moe_ws.ff,
+                     &m->moe_ws.y, &m->moe_ws.xs, (void **)&m->moe_ws.perm, (void **)&m->moe_ws.inv,
+                     (void **)&m->moe_ws.offs};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
         if (*bufs[i]) be->free(be, *bufs[i]);
         *bufs[i] = NULL;
@@ -220,17 +249,26 @@ void fl_model_free(fl_model *m) {
     }
     free(m->w.layers);
     free(m->loaded);
+    free(m->moe_loaded);
+    free(m->moe_ws.offs_h);
     free(m);
 }
 
 /* Where a slot's tensor lands: the weight, its first row, and the shape expected. */
-static fl_status slot_target(fl_model *m, int slot, int layer, fl_weight **w, int64_t *row0, int64_t *rows,
+static fl_status slot_target(fl_model *m, int slot, int layer, int expert, fl_weight **w, int64_t *row0, int64_t *rows,
                              int64_t *cols, int *is_vec) {
     const fl_config *c = &m->cfg;
     const int64_t q = (int64_t)c->n_heads * c->head_dim, k = (int64_t)c->n_kv_heads * c->head_dim;
+    const int64_t f = c->moe_ffn, E = c->n_experts;
     *row0 = 0; *is_vec = 0;
     if (slot >= FL_SLOT_ATTN_NORM && (layer < 0 || layer >= c->n_layers))
         return fl_err(FL_E_VALUE, "layer %d out of range (model has %d layers)", layer, c->n_layers);
+    if (is_moe_slot(slot) && !c->n_experts)
+        return fl_err(FL_E_VALUE, "a Mixture-of-Experts tensor was given but the model is dense (no experts)");
+    if (is_ffn_slot(slot) && !has_dense_ffn(c))
+        return fl_err(FL_E_VALUE, "a dense FFN tensor was given but the model's FFN is a Mixture of Experts");
+    if ((slot == FL_SLOT_MOE_W1 || slot == FL_SLOT_MOE_W3 || slot == FL_SLOT_MOE_W2) && (expert < 0 || expert >= E))
+        return fl_err(FL_E_VALUE, "expert %d out of range (the model has %lld experts)", expert, (long long)E);
     fl_layer *L = slot >= FL_SLOT_ATTN_NORM ? &m->w.layers[layer] : NULL;
     switch (slot) {
     case FL_SLOT_EMBED: *w = &m->w.embed; *rows = c->vocab; *cols = c->d; break;
@@ -265,16 +303,22 @@ static fl_status slot_target(fl_model *m, int slot, int layer, fl_weight **w, in
         *w = &L->bqkv; *is_vec = 1; *cols = 1; *rows = q + 2 * k;
         break;
     case FL_SLOT_GATE_UP: *w = &L->w_gate_up; *rows = 2 * (int64_t)c->ffn; *cols = c->d; break;
+    case FL_SLOT_MOE_ROUTER: *w = &L->moe_router; *rows = E; *cols = c->d; break;
+    case FL_SLOT_MOE_W1: *w = &L->moe_w13; *row0 = expert * 2 * f; *rows = f; *cols = c->d; break;
+    case FL_SLOT_MOE_W3: *w = &L->moe_w13; *row0 = expert * 2 * f + f; *rows = f; *cols = c->d; break;
+    case FL_SLOT_MOE_W2: *w = &L->moe_w2; *row0 = expert * c->d; *rows = c->d; *cols = f; break;
+    case FL_SLOT_MOE_W13_ALL: *w = &L->moe_w13; *rows = E * 2 * f; *cols = c->d; break;
+    case FL_SLOT_MOE_W2_ALL: *w = &L->moe_w2; *rows = E * c->d; *cols = f; break;
     default: return fl_err(FL_E_VALUE, "unknown weight slot %d", slot);
     }
     return FL_OK;
 }
 
 /* The weight a slot fills, its first row there and its shape: for reading weights back (Model.export). */
-fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight **w, int64_t *row0, int64_t *rows,
-                             int64_t *cols, int *is_vec) {
+fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, int expert, const fl_weight **w, int64_t *row0,
+                             int64_t *rows, int64_t *cols, int *is_vec) {
     fl_weight *wt = NULL;
-    FL_TRY(slot_target(m, slot, layer, &wt, row0, rows, cols, is_vec));
+    FL_TRY(slot_target(m, slot, layer, expert, &wt, row0, rows, cols, is_vec));
     *w = wt;
     return FL_OK;
 }
@@ -284,8 +328,8 @@ fl_status fl_model_slot_rows(fl_model *m, int slot, int layer, const fl_weight *
 #define NLW FL_LAYER_WEIGHTS
 _Static_assert(sizeof(fl_layer) == NLW * sizeof(fl_weight), "fl_layer holds exactly FL_LAYER_WEIGHTS fl_weight fields");
 static const char *const layer_fields[NLW] = {"attn_norm", "wqkv", "bqkv", "qk_norm", "wo", "ffn_norm", "w_gate_up",
-                                              "w_down"};
-enum { LF_BQKV = 2, LF_QK_NORM = 3 }; /* the optional fields' places in layer_fields */
+                                              "w_down", "moe_router", "moe_w13", "moe_w2"};
+enum { LF_BQKV = 2, LF_QK_NORM = 3, LF_GATE_UP = 6, LF_DOWN = 7, LF_MOE_ROUTER = 8, LF_MOE_W2 = 10 }; /* optional fields */
 
 static int n_weight_ids(const fl_model *m) { return 3 + NLW * m->cfg.n_layers; }
 static int weight_id(const fl_model *m, const fl_weight *w) {
@@ -389,6 +433,8 @@ fl_status fl_model_set_quant(fl_model *m, const fl_quant_cfg *q) {
 
 /* Whether layer field f (index into layer_fields) exists under this config. */
 static int layer_field_present(const fl_config *c, int f) {
+    if (f == LF_GATE_UP || f == LF_DOWN) return has_dense_ffn(c);
+    if (f >= LF_MOE_ROUTER && f <= LF_MOE_W2) return !!c->n_experts;
     return f == LF_BQKV ? !!c->qkv_bias : f == LF_QK_NORM ? !!c->qk_norm : 1;
 }
 
@@ -514,9 +560,11 @@ static fl_status plan_packed(const fl_load_item *it, int64_t rows, int64_t cols,
     return fl_q_layout_for_packed(pk, L);
 }
 
+/* Quantised at load (fl_model_set_quant's scheme): the linear layers, experts included (not the router). */
 static int is_linear_slot(int slot) {
     return slot == FL_SLOT_Q || slot == FL_SLOT_K || slot == FL_SLOT_V || slot == FL_SLOT_O || slot == FL_SLOT_GATE ||
-           slot == FL_SLOT_UP || slot == FL_SLOT_DOWN || slot == FL_SLOT_QKV || slot == FL_SLOT_GATE_UP;
+           slot == FL_SLOT_UP || slot == FL_SLOT_DOWN || slot == FL_SLOT_QKV || slot == FL_SLOT_GATE_UP ||
+           (is_moe_slot(slot) && slot != FL_SLOT_MOE_ROUTER);
 }
 
 /* A LoRA factor: a float tensor [d0, d1] whose bytes match its shape. */
@@ -567,11 +615,17 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
     fl_weight *w = NULL; int64_t row0 = 0, rows = 0, cols = 0; int is_vec = 0;
     memset(qp, 0, sizeof *qp);
     qp->it = it;
-    fl_status st = slot_target(m, it->slot, it->layer, &w, &row0, &rows, &cols, &is_vec);
+    fl_status st = slot_target(m, it->slot, it->layer, it->expert, &w, &row0, &rows, &cols, &is_vec);
     if (st != FL_OK) goto out;
+    /* the fused expert tensors are 3-D [E, rows / E, cols] (transformers 5); every other weight 2-D or 1-D */
+    const int64_t lead = it->slot == FL_SLOT_MOE_W13_ALL || it->slot == FL_SLOT_MOE_W2_ALL ? m->cfg.n_experts : 0;
     qp->w = w; qp->row0 = row0; qp->wid = weight_id(m, w);
     qp->nbytes = s->nbytes;
     const int hp = it->unpermute_heads;
+    if (it->packing && is_moe_slot(it->slot)) {
+        st = fl_err(FL_E_UNSUPPORTED, "GPTQ / AWQ experts of a Mixture of Experts are not supported");
+        goto out;
+    }
     if (it->packing) {
         if (is_vec) { st = fl_err(FL_E_VALUE, "a GPTQ / AWQ tensor cannot fill a vector (norm or bias)"); goto out; }
         if (hp > 0) { st = fl_err(FL_E_VALUE, "GPTQ / AWQ rows cannot be un-permuted"); goto out; }
@@ -581,11 +635,14 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
         qp->nbytes += it->qzeros.nbytes + it->scales.nbytes + (qp->pk.g_idx ? it->g_idx.nbytes : 0);
     } else {
         int shape_ok = is_vec ? (s->ndim == 1 && s->shape[0] == rows)
-                              : (s->ndim == 2 && s->shape[0] == rows && s->shape[1] == cols);
+                     : lead ? (s->ndim == 3 && s->shape[0] == lead && s->shape[1] == rows / lead && s->shape[2] == cols)
+                            : (s->ndim == 2 && s->shape[0] == rows && s->shape[1] == cols);
         if (!shape_ok) {
             char got[96];
             shape_str(s, got, sizeof got);
-            st = is_vec ? fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld]", got, (long long)rows)
+            st = lead ? fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld, %lld, %lld]", got,
+                               (long long)lead, (long long)(rows / lead), (long long)cols)
+               : is_vec ? fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld]", got, (long long)rows)
                         : fl_err(FL_E_FORMAT, "shape [%s] does not match the config: expected [%lld, %lld]", got,
                                  (long long)rows, (long long)cols);
             goto out;
@@ -1203,12 +1260,21 @@ fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progre
     }
     if (st == FL_OK)
         for (int i = 0; i < n; i++) {
-            const int sl = items[i].slot, l = sl >= FL_SLOT_ATTN_NORM ? items[i].layer : 0;
+            const fl_load_item *it = &items[i];
+            const int sl = it->slot, l = sl >= FL_SLOT_ATTN_NORM ? it->layer : 0;
             /* a fused tensor stands for its parts (fl_model_check_complete asks for the parts) */
             const int first = sl == FL_SLOT_QKV ? FL_SLOT_Q : sl == FL_SLOT_QKV_BIAS ? FL_SLOT_Q_BIAS
                             : sl == FL_SLOT_GATE_UP ? FL_SLOT_GATE : sl;
             const int count = sl == FL_SLOT_QKV || sl == FL_SLOT_QKV_BIAS ? 3 : sl == FL_SLOT_GATE_UP ? 2 : 1;
             for (int k = 0; k < count; k++) m->loaded[(size_t)(first + k) * (size_t)m->cfg.n_layers + l] = 1;
+            const int E = m->cfg.n_experts;
+            if (!E || sl < FL_SLOT_MOE_W1) continue;
+            uint8_t *ml = m->moe_loaded + (size_t)it->layer * (size_t)E * 3; /* [expert][w1, w3, w2] */
+            for (int e = 0; e < E; e++) {
+                if (sl == FL_SLOT_MOE_W13_ALL) ml[e * 3] = ml[e * 3 + 1] = 1;
+                if (sl == FL_SLOT_MOE_W2_ALL) ml[e * 3 + 2] = 1;
+            }
+            if (sl <= FL_SLOT_MOE_W2) ml[it->expert * 3 + (sl - FL_SLOT_MOE_W1)] = 1;
         }
 done:
     free(plans);
@@ -1226,12 +1292,21 @@ fl_status fl_model_check_complete(const fl_model *m) {
         if ((s == FL_SLOT_Q_BIAS || s == FL_SLOT_K_BIAS || s == FL_SLOT_V_BIAS) && !c->qkv_bias) continue;
         if ((s == FL_SLOT_Q_NORM || s == FL_SLOT_K_NORM) && !c->qk_norm) continue;
         if (s == FL_SLOT_QKV || s == FL_SLOT_QKV_BIAS || s == FL_SLOT_GATE_UP) continue; /* checked as their parts */
+        if (is_ffn_slot(s) && !has_dense_ffn(c)) continue;
+        if (is_moe_slot(s) && s != FL_SLOT_MOE_ROUTER) continue; /* experts: per expert below, from either layout */
+        if (s == FL_SLOT_MOE_ROUTER && !c->n_experts) continue;
         for (int l = 0; l < (global ? 1 : c->n_layers); l++)
             if (!m->loaded[(size_t)s * (size_t)c->n_layers + l]) {
                 if (global) return fl_err(FL_E_FORMAT, "missing tensor for %s", fl_slot_names[s]);
                 return fl_err(FL_E_FORMAT, "missing tensor for layer %d %s", l, fl_slot_names[s]);
             }
     }
+    static const char *const part[3] = {"w1 (gate)", "w3 (up)", "w2 (down)"};
+    for (int l = 0; l < c->n_layers && c->n_experts; l++)
+        for (int e = 0; e < c->n_experts; e++)
+            for (int p = 0; p < 3; p++)
+                if (!m->moe_loaded[((size_t)l * (size_t)c->n_experts + (size_t)e) * 3 + (size_t)p])
+                    return fl_err(FL_E_FORMAT, "missing tensor for layer %d expert %d %s", l, e, part[p]);
     return FL_OK;
 }
 
@@ -1301,13 +1376,29 @@ fl_status fl_model_reserve(fl_model *m, int N, int n_logit) {
         struct { void **p; size_t width, es; } want[] = {
             {&m->ws_x, (size_t)c->d, a}, {&m->ws_xn, (size_t)c->d, a},
             {&m->ws_qkv, qkv, a}, {&m->ws_att, att, a},
-            {&m->ws_delta, (size_t)c->d, a}, {&m->ws_gu, 2 * (size_t)c->ffn, a},
-            {&m->ws_ff, (size_t)c->ffn, a},
+            {&m->ws_delta, (size_t)c->d, a}, {&m->ws_gu, 2 * (size_t)(has_dense_ffn(c) ? c->ffn : 1), a},
+            {&m->ws_ff, (size_t)(has_dense_ffn(c) ? c->ffn : 1), a},
             {(void **)&m->ws_tok_d, 1, 4}, {(void **)&m->ws_pos_d, 1, 4},
         };
         m->ws_tokens = 0;
         for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
             fl_status st = ws_grow(m, want[i].p, (size_t)N, want[i].width, want[i].es, "activations");
+            if (st != FL_OK) { ws_release(m); return st; }
+        }
+        if (c->n_experts) { /* per token: k slots of gate|up, SwiGLU, expert output, gathered input (bounded) */
+            const size_t k = (size_t)c->top_k, f = (size_t)c->moe_ffn;
+            struct { void **p; size_t width, es; } moe[] = {
+                {&m->ws_router, (size_t)c->n_experts, a}, {(void **)&m->ws_moe_ids, k, 4}, {(void **)&m->ws_moe_wts, k, 4},
+                {&m->moe_ws.gu, k * 2 * f, a}, {&m->moe_ws.ff, k * f, a}, {&m->moe_ws.y, k * (size_t)c->d, a},
+                {&m->moe_ws.xs, k * (size_t)c->d, a}, {(void **)&m->moe_ws.perm, k, 4}, {(void **)&m->moe_ws.inv, k, 4},
+            };
+            for (size_t i = 0; i < sizeof moe / sizeof *moe; i++) {
+                fl_status st = ws_grow(m, moe[i].p, (size_t)N, moe[i].width, moe[i].es, "experts");
+                if (st != FL_OK) { ws_release(m); return st; }
+            }
+            fl_status st = m->moe_ws.offs ? FL_OK : ws_grow(m, (void **)&m->moe_ws.offs, 2 * ((size_t)c->n_experts + 1), 1, 4, "experts");
+            if (st == FL_OK && !m->moe_ws.offs_h && !(m->moe_ws.offs_h = malloc(((size_t)c->n_experts + 1) * 4)))
+                st = fl_err(FL_E_NOMEM, "cannot allocate the expert counts");
             if (st != FL_OK) { ws_release(m); return st; }
         }
         m->ws_tokens = N;
@@ -1336,6 +1427,8 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
     const fl_step *step = &step_dyn;
     const int B = step->batch, T = step->n_new, N = B * T;
     if (N > m->ws_tokens) return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d tokens, %d needed", m->ws_tokens, N);
+    if (c->n_experts && (!be->moe_route || !be->moe_ffn))
+        return fl_err(FL_E_UNSUPPORTED, "the %s backend has no Mixture-of-Experts ops", be->name);
     const int rows = all_logits || T == 1 ? N : B;  /* logit rows this forward writes */
     if (rows > m->ws_logit_rows)
         return fl_err(FL_E_INTERNAL, "forward_core: workspace holds %d logit rows, %d needed", m->ws_logit_rows, rows);
@@ -1355,10 +1448,20 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
                             c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
         STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
         STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
-        STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));
-        STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
-        STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));    /* [N, ffn] */
-        STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
+        if (c->n_experts) { /* Mixture of Experts: route each token to top_k experts, only theirs are read */
+            STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->moe_router));
+            STEP(be->matmul(be, m->ws_router, m->ws_xn, N, &W->moe_router, NULL)); /* [N, E] */
+            STEP(be->moe_route(be, m->ws_moe_ids, m->ws_moe_wts, m->ws_router, N, c->n_experts, c->top_k,
+                               c->moe_norm_topk));                               /* [N, k] ids, weights */
+            /* prefill may read the expert counts on the host (grouped GEMMs); a decode step never does (graphs) */
+            STEP(be->moe_ffn(be, m->ws_delta, m->ws_xn, N, m->ws_moe_ids, m->ws_moe_wts, c->top_k, c->n_experts,
+                             &W->moe_w13, &W->moe_w2, &m->moe_ws, T > 1));       /* [N, d] */
+        } else {
+            STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));
+            STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
+            STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));    /* [N, ffn] */
+            STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
+        }
     }
     const int whole = all_logits || T == 1;  /* logits of every row: the LM head reads ws_xn right after the norm */
     STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &m->w.final_norm, N, c->rms_eps, whole ? &m->w.lm_head : NULL));

@@ -67,6 +67,40 @@ GLM_LAYER = {
     "down_proj": "transformer.encoder.layers.{i}.mlp.dense_4h_to_h.weight",
 }
 HF_NAMES = {"hf": (HF_GLOBAL, HF_LAYER), "chatglm": (GLM_GLOBAL, GLM_LAYER)}
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A Mixture-of-Experts FFN as data: config keys and checkpoint names. Two checkpoint layouts are read: the
+    hub's per-expert tensors ({j}: the expert) and transformers 5's fused 3-D ones (experts.gate_up_proj
+    [E, 2*ffn, hidden], gate rows then up rows per expert; experts.down_proj [E, hidden, ffn])."""
+    experts_keys: tuple          # config keys of the number of experts, first present wins
+    ffn_key: str                 # each expert's intermediate size
+    norm_key: str | None         # config key of "renormalise the top-k weights"; None: always (Mixtral)
+    router: tuple                # router weight [E, hidden], candidate names (first present wins)
+    w1: str                      # per-expert gate [ffn, hidden]
+    w3: str                      # per-expert up [ffn, hidden]
+    w2: str                      # per-expert down [hidden, ffn]
+    fused_gate_up: str           # transformers 5's fused [E, 2*ffn, hidden]
+    fused_down: str              # transformers 5's fused [E, hidden, ffn]
+
+
+MIXTRAL_MOE = MoE(
+    experts_keys=("num_local_experts", "num_experts"), ffn_key="intermediate_size", norm_key=None,
+    router=("model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight"),
+    w1="model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+    w3="model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+    w2="model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",
+    fused_gate_up="model.layers.{i}.mlp.experts.gate_up_proj", fused_down="model.layers.{i}.mlp.experts.down_proj")
+QWEN_MOE = MoE(
+    experts_keys=("num_experts", "num_local_experts"), ffn_key="moe_intermediate_size", norm_key="norm_topk_prob",
+    router=("model.layers.{i}.mlp.gate.weight",),
+    w1="model.layers.{i}.mlp.experts.{j}.gate_proj.weight", w3="model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+    w2="model.layers.{i}.mlp.experts.{j}.down_proj.weight",
+    fused_gate_up="model.layers.{i}.mlp.experts.gate_up_proj", fused_down="model.layers.{i}.mlp.experts.down_proj")
+MOE_SLOTS = ("moe_router", "moe_w1", "moe_w3", "moe_w2", "moe_gate_up_proj", "moe_down_proj")
+DENSE_FFN_SLOTS = ("gate_proj", "up_proj", "down_proj")
+
 # Checkpoint tensors that carry nothing the model needs (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 
@@ -88,6 +122,7 @@ class Arch:
     rope_round: bool = False     # cos / sin rounded to the model dtype before use (ChatGLM's rope cache)
     # config fields this architecture understands; anything else that changes results raises.
     extra_ok: tuple = field(default_factory=tuple)
+    moe: MoE | None = None       # Mixture-of-Experts FFN on every layer (Mixtral, Qwen3-MoE); None: dense
 
 
 ARCHITECTURES = {
@@ -103,6 +138,13 @@ ARCHITECTURES = {
     # config.json in THUDM's own keys, read through chatglm_view
     "ChatGLMModel": Arch("ChatGLMModel", "chatglm", "", gguf_permute_qk=False, names="chatglm",
                          qkv_bias_key="add_qkv_bias", rope_half=True, rope_interleaved=True, rope_round=True),
+    # Mixtral: Mistral's attention (sliding_window when set; the released checkpoints have null) and a top-k routed
+    # SwiGLU Mixture of Experts on every layer, top-k weights always renormalised
+    "MixtralForCausalLM": Arch("MixtralForCausalLM", "mixtral", "llama", sliding="all", moe=MIXTRAL_MOE),
+    # Qwen3-MoE: Qwen3's attention (q_norm / k_norm) and routed experts, renormalised when norm_topk_prob; every
+    # layer sparse only (decoder_sparse_step 1, no mlp_only_layers), no shared expert
+    "Qwen3MoeForCausalLM": Arch("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qk_norm=True, sliding="qwen2",
+                                gguf_permute_qk=False, default_head_dim=128, moe=QWEN_MOE),
 }
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -368,7 +410,9 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     elif arch.sliding == "none" and config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
         raise NotImplementedError(f"{where}: layer_types other than full_attention are not supported for {arch.name}")
 
+    moe = _moe_config(config, arch, where, n_layers) if arch.moe else {}
     return {
+        **moe,
         "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
         "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": hd,
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
@@ -383,6 +427,33 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     }
 
 
+def _moe_config(config: dict, arch: Arch, where: str, n_layers: int) -> dict:
+    """The core's Mixture-of-Experts fields from config.json (types and ranges checked by checks.check_config)."""
+    m = arch.moe
+    ek = next((k for k in m.experts_keys if config.get(k) is not None), None)
+    if ek is None:
+        raise checks.CheckpointError(f"{where}: config is missing '{m.experts_keys[0]}' (the number of experts)")
+    E = int(config[ek])
+    k = config.get("num_experts_per_tok")
+    if k is None:
+        raise checks.CheckpointError(f"{where}: config is missing 'num_experts_per_tok'")
+    if not 1 <= k <= min(E, checks.MAX_TOPK):
+        raise checks.CheckpointError(f"{where}: 'num_experts_per_tok' must be in [1, min({ek}={E}, {checks.MAX_TOPK})], "
+                                     f"got {k}")
+    ffn = config.get(m.ffn_key)
+    if ffn is None:
+        raise checks.CheckpointError(f"{where}: config is missing '{m.ffn_key}' (each expert's intermediate size)")
+    for key in ("shared_expert_intermediate_size",):
+        if config.get(key):
+            raise NotImplementedError(f"{where}: {key} (a shared expert) is not supported for {arch.name}")
+    step, only = config.get("decoder_sparse_step"), config.get("mlp_only_layers")
+    if (step not in (None, 1) and n_layers >= step) or only:
+        raise NotImplementedError(f"{where}: dense layers among the expert layers (decoder_sparse_step={step}, "
+                                  f"mlp_only_layers={only}) are not supported for {arch.name}")
+    norm = True if m.norm_key is None else bool(config.get(m.norm_key, False))
+    return {"n_experts": E, "top_k": int(k), "moe_norm_topk": int(norm), "moe_ffn": int(ffn), "shared_ffn": 0}
+
+
 def _known_layer_types(types, where, arch):
     for t in types:
         if t not in ("full_attention", "sliding_attention"):
@@ -390,23 +461,42 @@ def _known_layer_types(types, where, arch):
                                       "supported: full_attention, sliding_attention")
 
 
-def tensor_plan(arch: Arch, cfg: dict, gguf: bool):
-    """[(slot_name, layer, checkpoint tensor name, unpermute_heads)] for every weight the model needs."""
+def tensor_plan(arch: Arch, cfg: dict, gguf: bool, have=None):
+    """[(slot_name, layer, checkpoint tensor name, unpermute_heads, expert)] for every weight the model needs.
+    Experts (arch.moe): each layer in the hub's per-expert layout, or in transformers 5's fused one where `have`
+    (the checkpoint's tensor names; None: the hub layout) holds that layer's fused gate_up_proj; the router under
+    the first of its names present."""
     g, lay = (GGUF_GLOBAL, GGUF_LAYER) if gguf else HF_NAMES[arch.names]
-    plan = [("embed_tokens", 0, g["embed_tokens"], 0), ("final_norm", 0, g["final_norm"], 0)]
+    plan = [("embed_tokens", 0, g["embed_tokens"], 0, 0), ("final_norm", 0, g["final_norm"], 0, 0)]
     if not cfg["tie_embeddings"]:
-        plan.append(("lm_head", 0, g["lm_head"], 0))
+        plan.append(("lm_head", 0, g["lm_head"], 0, 0))
     for i in range(cfg["n_layers"]):
         for slot, tmpl in lay.items():
             if slot.endswith(".bias") and not cfg["qkv_bias"]:
                 continue
             if slot in ("q_norm", "k_norm") and not cfg.get("qk_norm"):
                 continue
+            if slot in DENSE_FFN_SLOTS and cfg.get("n_experts"):
+                continue
             heads = 0
             if gguf and arch.gguf_permute_qk and slot in ("q_proj", "k_proj"):
                 heads = cfg["n_heads"] if slot == "q_proj" else cfg["n_kv_heads"]
-            plan.append((slot, i, tmpl.format(i=i), heads))
+            plan.append((slot, i, tmpl.format(i=i), heads, 0))
+        if cfg.get("n_experts") and not gguf:
+            plan.extend(_expert_plan(arch.moe, i, cfg["n_experts"], have))
     return plan
+
+
+def _expert_plan(m: MoE, i: int, E: int, have):
+    router = next((r.format(i=i) for r in m.router if have is not None and r.format(i=i) in have), m.router[0].format(i=i))
+    out = [("moe_router", i, router, 0, 0)]
+    if have is not None and m.fused_gate_up.format(i=i) in have:
+        return out + [("moe_gate_up_proj", i, m.fused_gate_up.format(i=i), 0, 0),
+                      ("moe_down_proj", i, m.fused_down.format(i=i), 0, 0)]
+    for j in range(E):
+        out += [("moe_w1", i, m.w1.format(i=i, j=j), 0, j), ("moe_w3", i, m.w3.format(i=i, j=j), 0, j),
+                ("moe_w2", i, m.w2.format(i=i, j=j), 0, j)]
+    return out
 
 
 def gguf_names(ga: str) -> dict:
@@ -423,6 +513,9 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     if ga not in GGUF_ARCHS:
         raise NotImplementedError(f"{where}: GGUF architecture {ga!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
     arch = ARCHITECTURES[GGUF_ARCHS[ga]]
+    if meta.get(f"{ga}.expert_count"):
+        raise NotImplementedError(f"{where}: GGUF Mixture-of-Experts models ({ga}.expert_count="
+                                  f"{meta.get(f'{ga}.expert_count')!r}) are not supported; load the safetensors checkpoint")
 
     def m(k, default=None):
         v = meta.get(f"{ga}.{k}", default)
@@ -474,5 +567,5 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     return arch, hf
 
 
-__all__ = ["Arch", "ARCHITECTURES", "arch_for", "chatglm_view", "is_chatglm", "core_config", "head_dim", "tensor_plan", "gguf_config", "gguf_names",
-           "supported", "SLOT", "IGNORED_SUFFIXES"]
+__all__ = ["Arch", "ARCHITECTURES", "arch_for", "chatglm_view", "is_chatglm", "core_config", "head_dim", "tensor_plan",
+           "gguf_config", "gguf_names", "supported", "SLOT", "IGNORED_SUFFIXES", "MoE", "MOE_SLOTS"]

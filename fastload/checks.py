@@ -27,6 +27,8 @@ MAX_HEAD_DIM = 1024
 MAX_HIDDEN = 131072
 MAX_FFN = 1048576
 MAX_VOCAB = 2**24
+MAX_EXPERTS = 256       # experts per layer (csrc/fl_backend.h FL_MOE_MAX_EXPERTS)
+MAX_TOPK = 16           # experts per token (FL_MOE_MAX_K)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ CONFIG = (
     Key("tie_word_embeddings", "bool"), Key("attention_bias", "bool"), Key("mlp_bias", "bool"),
     Key("hidden_act", "str"), Key("architectures", "str_list"), Key("model_type", "str"),
     Key("torch_dtype", "str"), Key("dtype", "str"),
+    # Mixture of Experts (Mixtral, Qwen MoE); num_experts_per_tok's upper bound (the number of experts) is checked
+    # where the architecture says which key holds that number (arch._moe_config)
+    _pos("num_local_experts", MAX_EXPERTS), _pos("num_experts", MAX_EXPERTS), _pos("num_experts_per_tok", MAX_TOPK),
+    _pos("moe_intermediate_size", MAX_FFN), Key("norm_topk_prob", "bool"),
+    Key("shared_expert_intermediate_size", "int", 0, MAX_FFN), Key("decoder_sparse_step", "int", 1, MAX_LAYERS),
 ) + TOKEN_IDS
 
 ROPE = (

@@ -135,7 +135,7 @@ def from_hf(model, tokenizer=None, dtype=None, device=None, threads=None, **engi
     keep, items, stats = [], [], {"copied_bytes": 0, "device_to_device": 0, "host_to_host": 0, "via_host": 0}
     dev_index = int(dev.split(":")[1]) if dev.startswith("cuda") else None
     any_cuda = False
-    for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=False):
+    for slot, layer, name, heads, expert in archmod.tensor_plan(arch, core_cfg, gguf=False, have=set(sd)):
         t = sd.get(name)
         if t is None:
             raise _C.CheckpointError(f"{where}: the model has no tensor '{name}' (needed by {arch.name})")
@@ -156,7 +156,8 @@ def from_hf(model, tokenizer=None, dtype=None, device=None, threads=None, **engi
         keep.append(t)  # alive until core.load returns
         src = {"ptr": t.data_ptr(), "nbytes": nbytes, "dtype": st, "shape": tuple(t.shape), "device": on_dev,
                "label": where}
-        items.append((archmod.SLOT[slot], layer, heads, src, name))
+        item = (archmod.SLOT[slot], layer, heads, src, name)
+        items.append(item + (None, None, expert) if slot in archmod.MOE_SLOTS else item)  # (packed, lora, expert)
     if any_cuda:
         import torch  # the caller's model is a torch model: torch is there
         torch.cuda.synchronize(dev_index)  # torch's kernels that wrote the weights, on its streams, are done

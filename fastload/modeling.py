@@ -1025,6 +1025,13 @@ class FastModelForCausalLM:
         hf = Config(hf)
         arch = archmod.arch_for(hf, cfg_path)
         core_cfg = archmod.core_config(hf, arch, cfg_path)
+        if arch.moe and packed is not None:
+            raise NotImplementedError(f"{path}: {packed.name} checkpoints of {arch.name} (Mixture of Experts) are not "
+                                      "supported; load the float checkpoint (quantisation at load works on the CPU)")
+        if arch.moe and qcore and qcore.get("scheme", "none") != "none" and str(dev).startswith("cuda"):
+            raise NotImplementedError(f"{path}: quantised experts ({qcore['scheme']}) of {arch.name} are not supported "
+                                      "on CUDA yet (the grouped expert GEMV reads float16 / bfloat16 weights); load it "
+                                      "unquantised there, or quantise on the CPU backend")
         if want_dtype == "auto":
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
@@ -1053,7 +1060,7 @@ class FastModelForCausalLM:
         context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items, used = [], set()
-        for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=False):
+        for slot, layer, name, heads, expert in archmod.tensor_plan(arch, core_cfg, gguf=False, have=where):
             if packed is not None and (slot in quantmod.LINEAR_SLOTS or slot == "lm_head") and \
                     f"{name[:-len('.weight')]}.qweight" in where:
                 # GPTQ / AWQ: P.qweight with P.qzeros, P.scales (and P.g_idx): one 6-tuple item, repacked by the core
@@ -1080,9 +1087,12 @@ class FastModelForCausalLM:
             if ad is not None and (name in ad.replaced or ad.item_lora(name)):
                 # modules_to_save: the adapter's whole tensor instead of the base's; LoRA: merged at load (7th element)
                 src = (ad.file, ad.replaced[name]) if name in ad.replaced else (files[where[name]], name)
-                items.append((archmod.SLOT[slot], layer, heads, *src, None, ad.item_lora(name)))
+                items.append((archmod.SLOT[slot], layer, heads, *src, None, ad.item_lora(name)) +
+                             ((expert,) if slot in archmod.MOE_SLOTS else ()))
             else:
-                items.append((archmod.SLOT[slot], layer, heads, files[where[name]], name))
+                item = (archmod.SLOT[slot], layer, heads, files[where[name]], name)
+                # (packed, lora, expert index)
+                items.append(item + (None, None, expert) if slot in archmod.MOE_SLOTS else item)
             used.add(name)
         if ad is not None:
             for mod, (a, *_) in ad.layers.items():
@@ -1143,7 +1153,7 @@ class FastModelForCausalLM:
         context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
         items = []
-        for slot, layer, name, heads in archmod.tensor_plan(arch, core_cfg, gguf=True):
+        for slot, layer, name, heads, _ in archmod.tensor_plan(arch, core_cfg, gguf=True):
             if name not in tensors:
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, g, name))
@@ -1560,7 +1570,10 @@ class FastModelForCausalLM:
         c = archmod.core_config(self.config, self.arch, self.name_or_path)
         d, L, ffn, V = c["d"], c["n_layers"], c["ffn"], c["vocab"]
         q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
-        per = 2 * d + d * (q + 2 * kv) + q * d + 3 * d * ffn + (q + 2 * kv if c["qkv_bias"] else 0) + \
+        ffn_params = 3 * d * ffn
+        if c.get("n_experts"):  # every expert and the router (not only the top_k a token uses)
+            ffn_params = c["n_experts"] * (3 * d * c["moe_ffn"] + d)
+        per = 2 * d + d * (q + 2 * kv) + q * d + ffn_params + (q + 2 * kv if c["qkv_bias"] else 0) + \
             (2 * c["head_dim"] if c["qk_norm"] else 0)
         return V * d * (1 if c["tie_embeddings"] else 2) + d + L * per
 
@@ -1742,9 +1755,12 @@ class FastModelForCausalLM:
                   "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
         dt, es = str(self.dtype), self.dtype.itemsize
         entries = []
-        for slot, layer, name, _ in archmod.tensor_plan(self.arch, c, gguf=False):
+        if c.get("n_experts"):  # experts written in the hub's per-expert layout (what transformers' save writes)
+            f = c["moe_ffn"]
+            shapes.update(moe_router=(c["n_experts"], d), moe_w1=(f, d), moe_w3=(f, d), moe_w2=(d, f))
+        for slot, layer, name, _, expert in archmod.tensor_plan(self.arch, c, gguf=False):
             shape = shapes[slot]
-            entries.append((name, shape, dt, int(np.prod(shape)) * es, (archmod.SLOT[slot], layer)))
+            entries.append((name, shape, dt, int(np.prod(shape)) * es, (archmod.SLOT[slot], layer, expert)))
         shards, cur, size = [], [], 0  # huggingface_hub's split: a new shard when the next tensor would overflow
         for e in entries:
             if cur and size + e[3] > limit:

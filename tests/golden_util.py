@@ -25,7 +25,7 @@ import numpy as np
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Tiny random-weight checkpoints: each a folder with config.json, safetensors, golden.npz/json.
-TINY_MODELS = ("llama", "llama3_rope", "mistral_swa", "qwen2", "qwen3")
+TINY_MODELS = ("llama", "llama3_rope", "mistral_swa", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -371,3 +371,36 @@ def test_attention(act, case, on_device):
 def test_bad_device_index():
     with pytest.raises(ValueError, match=r"cuda:999"):
         _C.run_op("cuda:999", "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of Experts: routing + the grouped expert GEMV (decode, graph-safe) or per-expert GEMMs (prefill)
+# ----------------------------------------------------------------------------------------------
+def moe_inputs(rng, n, E, k, d, f, act):
+    """Router logits with a gap of 0.3 between a token's experts (the same top k on both sides whatever the exp
+    rounding), inputs and expert weights rounded to act."""
+    lg = np.stack([rng.permutation(E).astype(np.float32) * 0.3 for _ in range(n)]) + \
+        rng.uniform(-0.05, 0.05, (n, E)).astype(np.float32)
+    return {"logits": to_act(lg, act), "x": randn(rng, (n, d), act),
+            "w13": randn(rng, (E * 2 * f, d), act, 1 / math.sqrt(d)), "w2": randn(rng, (E * d, f), act, 1 / math.sqrt(f))}
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n,E,k,d,f,norm,may_sync", [
+    (1, 8, 2, 256, 224, 1, 0),     # decode, Mixtral-like: two experts read
+    (3, 8, 2, 128, 96, 1, 0),      # a small batch: some experts shared
+    (12, 4, 2, 64, 96, 1, 0),      # more than 8 slots an expert: several passes over its rows
+    (7, 6, 3, 64, 48, 0, 0),       # Qwen-like: top 3, not renormalised
+    (5, 8, 2, 60, 44, 1, 0),       # d, f not multiples of the 16-byte vector: the element-wise GEMV
+    (40, 8, 2, 128, 64, 1, 1),     # prefill: 80 slots, per-expert GEMMs after reading the counts
+    (9, 128, 8, 64, 32, 1, 1),     # many experts (Qwen3-MoE's 128, top 8); 72 slots
+])
+def test_moe(act, n, E, k, d, f, norm, may_sync):
+    rng, seed = rng_and_seed()
+    inp = moe_inputs(rng, n, E, k, d, f, act)
+    params = {"k": k, "norm": norm, "may_sync": may_sync}
+    got, ref = run_both("moe", inp, params, act)
+    assert np.array_equal(got["ids"], ref["ids"]), f"expert choice differs (seed {seed})"
+    np.testing.assert_allclose(got["wts"], ref["wts"], rtol=1e-5, atol=1e-6, err_msg=f"weights (seed {seed})")
+    # gate|up, the SwiGLU and the expert outputs are each rounded to act on the device: attention's tolerances
+    check_close(got["out"], ref["out"], act, "moe", seed, k=ATT_ELEM_K, rel_l2=ATT_REL_L2, sum_len=max(d, f))

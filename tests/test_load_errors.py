@@ -90,7 +90,7 @@ def test_bad_config_json(ckpt):
 
 def test_unsupported_architecture_lists_supported(ckpt):
     edit_json(ckpt / "config.json", lambda d: d.update(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"))
-    with pytest.raises(NotImplementedError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(NotImplementedError, match="LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         load(ckpt)
 
 

@@ -13,6 +13,8 @@ Part A: five tiny random-weight checkpoints, saved with transformers' own save_p
           qwen2        Qwen2ForCausalLM, fp32, q/k/v biases, tied embeddings
           qwen3        Qwen3ForCausalLM, bf16, per-head RMSNorm of q and k (q_norm / k_norm), no
                        biases, tied embeddings, explicit head_dim 48 (heads * head_dim != hidden)
+          mixtral      MixtralForCausalLM, bf16, 4 experts top-2 (renormalised), GQA, untied lm_head
+          qwen3_moe    Qwen3MoeForCausalLM, bf16, 6 experts top-3, norm_topk_prob false, q/k norm
 Part B: SmolLM2-135M-Instruct Q4_1 GGUF, loaded (dequantised) by transformers' GGUF support:
         smollm2_golden.npz / smollm2_golden.json.
 
@@ -55,10 +57,14 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 N_NEW = 16                 # greedy tokens generated per tiny-model case
@@ -134,6 +140,30 @@ TINY = {
                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                            **COMMON),
         w_std=0.25, lm_std=1.0, t_single=18, t_batch=14, pads=(4, 0, 9)),
+    # Mixtral: a top-2 routed SwiGLU Mixture of Experts (4 experts of width 96) on every layer, the top-2 weights
+    # renormalised; bfloat16 as the released checkpoints (a float16 or bfloat16 load holds the same values, so no
+    # rounding can flip a token's expert choice against the float32 reference); the router's weights larger
+    # (router_std) so that tokens do spread over the experts
+    "mixtral": dict(
+        cls=MixtralForCausalLM, storage=torch.bfloat16, shard=None, seed=6004,
+        config=MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                             tie_word_embeddings=False, initializer_range=0.15,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                             **COMMON),
+        w_std=0.25, lm_std=4.0, router_std=1.0, t_single=16, t_batch=14, pads=(0, 5, 3)),
+    # Qwen3-MoE: 6 experts top-3 with norm_topk_prob false (weights not renormalised), Qwen3's q/k norm
+    "qwen3_moe": dict(
+        cls=Qwen3MoeForCausalLM, storage=torch.bfloat16, shard=None, seed=7004,
+        config=Qwen3MoeConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                              moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=3,
+                              norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                              attention_bias=False, tie_word_embeddings=False, initializer_range=0.15,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                              **COMMON),
+        w_std=0.25, lm_std=4.0, router_std=1.0, t_single=15, t_batch=13, pads=(3, 0, 6)),
 }
 
 
@@ -155,10 +185,11 @@ def margins_of(logits):
 
 # ---------------------------------------------------------------- random weights
 
-def fill_random(model, seed, w_std, lm_std):
+def fill_random(model, seed, w_std, lm_std, router_std=None):
     """Overwrite every parameter deterministically (independent of transformers' init code).
     Norm weights ~ 1 + 0.1 N(0,1); biases 0.3 N(0,1); embeddings and lm_head lm_std N(0,1)
-    (they are one tensor when tied); other matrices w_std N(0,1). Never zeros."""
+    (they are one tensor when tied); MoE routers (mlp.gate.weight) router_std N(0,1); other matrices
+    w_std N(0,1). Never zeros."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):  # named_parameters dedups tied
@@ -169,6 +200,8 @@ def fill_random(model, seed, w_std, lm_std):
                 v = 0.3 * r
             elif "embed_tokens" in name or "lm_head" in name:
                 v = lm_std * r
+            elif router_std is not None and name.endswith("mlp.gate.weight"):
+                v = router_std * r
             else:
                 v = w_std * r
             p.copy_(v)
@@ -178,7 +211,9 @@ def load_ref(path, cls, dtype=torch.float32, attn="eager", **config_overrides):
     cfg = AutoConfig.from_pretrained(path)
     for k, v in config_overrides.items():
         setattr(cfg, k, v)
-    m = cls.from_pretrained(path, config=cfg, dtype=dtype, attn_implementation=attn)
+    # Mixture of Experts: transformers' eager loop over the experts (its default, grouped_mm, has no float64)
+    kw = {"experts_implementation": "eager"} if cls in (MixtralForCausalLM, Qwen3MoeForCausalLM) else {}
+    m = cls.from_pretrained(path, config=cfg, dtype=dtype, attn_implementation=attn, **kw)
     return m.eval()
 
 
@@ -253,7 +288,7 @@ def save_tiny(name, spec, seed, out_dir):
     torch.manual_seed(seed)
     cfg = copy.deepcopy(spec["config"])
     model = spec["cls"](cfg)
-    fill_random(model, seed, spec["w_std"], spec["lm_std"])
+    fill_random(model, seed, spec["w_std"], spec["lm_std"], spec.get("router_std"))
     model = model.to(spec["storage"])
     model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS,
                                                pad_token_id=PAD)
@@ -404,6 +439,27 @@ def golden_tiny(name, spec, seed, path):
         info["qk_norm_vs_unit_weights_max_abs_per_position"] = [round(x, 4) for x in d.tolist()]
         if d[1:].min().item() < 0.05:
             problems.append("q_norm / k_norm weights do not change the logits materially")
+    if name in ("mixtral", "qwen3_moe"):
+        # the router must matter: every expert of every layer chosen by some token of the single prompt (so a
+        # loader that mixed up experts fails), and a uniform router (zero weights) changes the logits
+        picks = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: picks.append(out[2].flatten().tolist()))
+                 for layer in ref.model.layers]
+        ref(single)
+        for h in hooks:
+            h.remove()
+        counts = [[sel.count(e) for e in range(ref.config.num_local_experts if hasattr(ref.config, "num_local_experts")
+                                                else ref.config.num_experts)] for sel in picks]
+        info["expert_choices_per_layer_single"] = counts
+        if any(0 in c for c in counts):
+            problems.append(f"some expert is never chosen in the single prompt: {counts}")
+        flat = load_ref(path, cls)
+        for layer in flat.model.layers:
+            layer.mlp.gate.weight.zero_()
+        d = (flat(single).logits - A["single_logits"]).abs().max(-1).values[0]
+        info["router_vs_zero_router_max_abs_per_position"] = [round(x, 4) for x in d.tolist()]
+        if d.min().item() < 0.05:
+            problems.append("the router does not change the logits materially")
     if name == "mistral_swa":
         full = load_ref(path, cls, sliding_window=None)
         d = (full(single).logits - A["single_logits"]).abs().max(-1).values[0]
@@ -493,9 +549,13 @@ def make_tiny(name, out_root, tries=30):
                       ("swa_vs_full_attention_max_abs_per_position",
                        "logits with sliding_window vs sliding_window=None"),
                       ("qk_norm_vs_unit_weights_max_abs_per_position",
-                       "logits vs the same weights with q_norm / k_norm weights set to 1")):
+                       "logits vs the same weights with q_norm / k_norm weights set to 1"),
+                      ("router_vs_zero_router_max_abs_per_position",
+                       "logits vs the same weights with every router zeroed (uniform routing)")):
         if key in info:
             log(f"  [{name}] {what}, max |diff| per position: {info[key]}")
+    if "expert_choices_per_layer_single" in info:
+        log(f"  [{name}] tokens of the single prompt per expert, per layer: {info['expert_choices_per_layer_single']}")
     log(f"  [{name}] files: {meta['files']}")
     log(f"  [{name}] config.json keys: {meta['config_keys']}")
     log(f"  [{name}] single_greedy new: {arrays['single_greedy'][0, spec['t_single']:].tolist()}")

@@ -64,4 +64,8 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
                          float eps);
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
                         const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
+/* Mixture of Experts (cpu_moe.c) */
+fl_status cpu_moe_route(fl_backend *be, int32_t *ids, float *wts, const void *logits_d, int n, int E, int k, int norm);
+fl_status cpu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const int32_t *ids, const float *wts, int k,
+                      int E, const fl_weight *w13, const fl_weight *w2, const fl_moe_scratch *ws, int may_sync);
 #endif

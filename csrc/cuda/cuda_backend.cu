@@ -23,6 +23,7 @@
 #include "attention.cuh"
 #include "convert.cuh"
 #include "matmul.cuh"
+#include "moe.cuh"
 #include "norm.cuh"
 #include "qmatmul.cuh"
 #include "sample.cuh"
@@ -291,6 +292,66 @@ static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n,
     return FL_OK;
 }
 
+// Mixture of Experts (moe.cu). Routing and grouping on the device; the experts through the grouped GEMV (only
+// the chosen experts' rows are read, expert ids from device memory: graph-safe), or, for a prefill (may_sync)
+// with many slots outside graph capture, per-expert GEMMs (cuBLAS) after reading the expert counts on the host.
+#define FL_MOE_GEMM_FROM 64  /* slots (tokens x top_k) from which a prefill takes per-expert GEMMs */
+static fl_status cu_moe_route(fl_backend *be, int32_t *ids_d, float *wts_d, const void *logits_d, int n, int E, int k,
+                              int norm) {
+    FL_TRY(fl_cuda_enter(IMPL(be)));
+    return fl_cuda_moe_route(IMPL(be)->stream, be->act, ids_d, wts_d, logits_d, n, E, k, norm);
+}
+
+static fl_status cu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const int32_t *ids_d,
+                            const float *wts_d, int k, int E, const fl_weight *w13, const fl_weight *w2,
+                            const fl_moe_scratch *ws, int may_sync) {
+    if (w13->dtype == FL_QUANT || w2->dtype == FL_QUANT)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA: quantised experts of a Mixture of Experts are not supported yet");
+    FL_TRY(need_act(be, w13, "moe (gate|up experts)"));
+    FL_TRY(need_act(be, w2, "moe (down experts)"));
+    fl_cuda_impl *c = IMPL(be);
+    FL_TRY(fl_cuda_enter(c));
+    const int64_t d = w13->cols, f = w2->cols, nk = (int64_t)n * k;
+    if (w13->rows != (int64_t)E * 2 * f || w2->rows != (int64_t)E * d)
+        return fl_err(FL_E_INTERNAL, "moe: expert weights [%lld, %lld] / [%lld, %lld] do not hold %d experts",
+                      (long long)w13->rows, (long long)w13->cols, (long long)w2->rows, (long long)w2->cols, E);
+    if (nk > INT32_MAX) return fl_err(FL_E_VALUE, "moe: %lld slots is too many", (long long)nk);
+    const size_t es = (size_t)fl_dtype_size(be->act);
+    cudaStream_t st = c->stream;
+    const fl_qx_dst none = {0, NULL, NULL};
+    FL_TRY(fl_cuda_moe_group(st, ids_d, (int)nk, E, ws->offs, ws->perm, ws->inv));
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    FL_CUDA_CHECK(cudaStreamIsCapturing(st, &cs));
+    if (may_sync && cs == cudaStreamCaptureStatusNone && nk >= FL_MOE_GEMM_FROM && ws->offs_h) {
+        FL_CUDA_CHECK(cudaMemcpyAsync(ws->offs_h, ws->offs, (size_t)(E + 1) * 4, cudaMemcpyDeviceToHost, st));
+        FL_CUDA_CHECK(cudaStreamSynchronize(st));
+        FL_TRY(fl_cuda_moe_gather(st, be->act, ws->xs, x_d, ws->perm, k, (int)nk, d));
+        for (int e = 0; e < E; e++) {
+            const int o = ws->offs_h[e], cnt = ws->offs_h[e + 1] - o;
+            if (cnt <= 0) continue;
+            FL_TRY(fl_cuda_matmul(st, c->blas, be->act, (char *)ws->gu + (size_t)o * 2 * f * es,
+                                  (const char *)ws->xs + (size_t)o * d * es, cnt,
+                                  (const char *)w13->data_d + (size_t)e * 2 * f * d * es, 2 * f, d, NULL, c->gemv_up_to,
+                                  c->gemv_variant));
+        }
+        FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
+        for (int e = 0; e < E; e++) {
+            const int o = ws->offs_h[e], cnt = ws->offs_h[e + 1] - o;
+            if (cnt <= 0) continue;
+            FL_TRY(fl_cuda_matmul(st, c->blas, be->act, (char *)ws->y + (size_t)o * d * es,
+                                  (const char *)ws->ff + (size_t)o * f * es, cnt,
+                                  (const char *)w2->data_d + (size_t)e * d * f * es, d, f, NULL, c->gemv_up_to,
+                                  c->gemv_variant));
+        }
+    } else {
+        const int max_active = nk < E ? (int)nk : E;
+        FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13->data_d, 2 * f, d));
+        FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
+        FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2->data_d, d, f));
+    }
+    return fl_cuda_moe_combine(st, be->act, out_d, ws->y, ids_d, wts_d, ws->inv, n, k, d);
+}
+
 static fl_status cu_gather_rows(fl_backend *be, void *dst_d, const void *src_d, const int32_t *rows_h, int n, int d) {
     FL_TRY(fl_cuda_enter(IMPL(be)));
     return fl_cuda_gather_rows(IMPL(be)->stream, be->act, dst_d, src_d, rows_h, n, d);
@@ -515,6 +576,8 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->attention = cu_attention;
     be->swiglu = cu_swiglu;
     be->gather_rows = cu_gather_rows;
+    be->moe_route = cu_moe_route;
+    be->moe_ffn = cu_moe_ffn;
     be->logits_to_host = cu_logits_to_host;
     be->quantize = cu_quantize;
     be->add_lowrank = cu_add_lowrank;

@@ -54,6 +54,8 @@ static const char *hf_key(const char *k) {
         {"rope_orig_max_pos", "rope_scaling.original_max_position_embeddings"},
         {"rope_attn_factor", "rope_scaling.attention_factor"},
         {"tie_embeddings", "tie_word_embeddings"}, {"window", "sliding_window"},
+        {"n_experts", "num_local_experts"}, {"top_k", "num_experts_per_tok"}, {"moe_norm_topk", "norm_topk_prob"},
+        {"moe_ffn", "moe_intermediate_size"}, {"shared_ffn", "shared_expert_intermediate_size"},
     };
     for (size_t i = 0; i < sizeof map / sizeof *map; i++)
         if (!strcmp(map[i][0], k)) return map[i][1];
@@ -194,7 +196,9 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
         get_int(cfgd, "rope_dims", &c.rope_dims, 0, 0) || get_int(cfgd, "rope_interleaved", &c.rope_interleaved, 0, 0) ||
         get_int(cfgd, "rope_round", &c.rope_round, 0, 0) ||
         get_int(cfgd, "qkv_bias", &c.qkv_bias, 0, 0) || get_int(cfgd, "qk_norm", &c.qk_norm, 0, 0) ||
-        get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0))
+        get_int(cfgd, "tie_embeddings", &c.tie_embeddings, 0, 0) || get_int(cfgd, "n_experts", &c.n_experts, 0, 0) ||
+        get_int(cfgd, "top_k", &c.top_k, 0, 0) || get_int(cfgd, "moe_norm_topk", &c.moe_norm_topk, 0, 0) ||
+        get_int(cfgd, "moe_ffn", &c.moe_ffn, 0, 0) || get_int(cfgd, "shared_ffn", &c.shared_ffn, 0, 0))
         return -1;
     if (c.n_layers <= 0 || c.n_layers > FL_MAX_LAYERS) { PyErr_Format(FlCheckpointError, "config: num_hidden_layers=%d must be in [1, %d]", c.n_layers, FL_MAX_LAYERS); return -1; }
     PyObject *win = PyDict_GetItemString(cfgd, "window");
@@ -467,8 +471,10 @@ static fl_status load_job(fl_exec_job *job, void *arg) {
     return fl_model_load(a->m, a->arr, a->n, progress_cb, a->ud);
 }
 
-/* load(items: list[(slot, layer, unpermute_heads, file, name[, packed[, lora]])], progress=None) -> None; file: an opened
- * SafetensorsFile / GGUFFile, or a memory source dict (src_from_memory) */
+/* load(items: list[(slot, layer, unpermute_heads, file, name[, packed[, lora[, expert]]])], progress=None) -> None;
+ * file: an opened SafetensorsFile / GGUFFile, or a memory source dict (src_from_memory); packed: None for a float
+ * tensor; lora: None or the item's LoRA factors (lora_from); expert: the expert index of a per-expert
+ * Mixture-of-Experts slot */
 static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"items", "progress", NULL};
     PyObject *items, *progress = Py_None;
@@ -478,13 +484,13 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     if (!arr) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *it = PyList_GET_ITEM(items, i), *file, *name, *packed = Py_None, *lora = Py_None;
-        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) < 5 || PyTuple_GET_SIZE(it) > 7) {
-            PyErr_Format(PyExc_TypeError, "load item %zd must be a tuple (slot, layer, heads, file, name[, packed[, lora]])", i);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) < 5 || PyTuple_GET_SIZE(it) > 8) {
+            PyErr_Format(PyExc_TypeError, "load item %zd must be a tuple (slot, layer, heads, file, name[, packed[, lora[, expert]]])", i);
             PyMem_Free(arr);
             return NULL;
         }
-        if (!PyArg_ParseTuple(it, "iiiOU|OO", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name, &packed,
-                              &lora) ||
+        if (!PyArg_ParseTuple(it, "iiiOU|OOi", &arr[i].slot, &arr[i].layer, &arr[i].unpermute_heads, &file, &name, &packed,
+                              &lora, &arr[i].expert) ||
             src_from(file, name, &arr[i].src) < 0 || (packed != Py_None && packed_from(packed, i, &arr[i]) < 0) ||
             (lora != Py_None && lora_from(lora, i, &arr[i]) < 0)) {
             PyMem_Free(arr);
@@ -713,19 +719,19 @@ static PyObject *export_quant(FlPyModel *self, const fl_weight *w, int64_t row0,
     return Py_BuildValue("(sN)", "float32", arr);
 }
 
-/* export(slot, layer) -> (dtype name, ndarray): a copy of what the model holds for one slot (the rows of
+/* export(slot, layer[, expert]) -> (dtype name, ndarray): a copy of what the model holds for one slot (the rows of
  * wqkv / w_gate_up / bqkv it filled), float32, or the uint16 bit pattern for float16 / bfloat16; shape
  * [rows, cols], or [rows] for a vector. Read with be->to_host under the model lock (for save_pretrained). */
 static PyObject *model_export(FlPyModel *self, PyObject *args) {
-    int slot, layer;
-    if (!PyArg_ParseTuple(args, "ii", &slot, &layer)) return NULL;
+    int slot, layer, expert = 0;
+    if (!PyArg_ParseTuple(args, "ii|i", &slot, &layer, &expert)) return NULL;
     if (slot < 0 || slot >= FL_SLOT_COUNT) return PyErr_Format(PyExc_ValueError, "export: unknown slot %d", slot);
     fl_model *m = self->m;
     if (!m->arena_d) return PyErr_Format(PyExc_ValueError, "export: the model holds no weights (not loaded)");
     const fl_weight *w = NULL;
     int64_t row0 = 0, rows = 0, cols = 0;
     int is_vec = 0;
-    fl_status st = fl_model_slot_rows(m, slot, layer, &w, &row0, &rows, &cols, &is_vec);
+    fl_status st = fl_model_slot_rows(m, slot, layer, expert, &w, &row0, &rows, &cols, &is_vec);
     if (st != FL_OK) return fl_py_raise(st);
     if (!w->data_d) return PyErr_Format(PyExc_ValueError, "export: slot %s holds no data", fl_slot_names[slot]);
     if (w->dtype == FL_QUANT) return export_quant(self, w, row0, rows);

@@ -23,6 +23,8 @@
  *                [B, T, start, n_heads, n_kv_heads, window, scale, start_on_device]
  *   swiglu       gu[n, 2f]                                          -> out[n, f]
  *   gather_rows  src[m, d], rows:int32[n] (host)                    -> dst[n, d]
+ *   moe          logits[n, E], x[n, d], w13[E*2f, d], w2[E*d, f]    -> out[n, d], ids:int32[n, k], wts[n, k]
+ *                [k, norm (default 1), may_sync (default 0: the grouped GEMV; 1: per-expert GEMMs when many slots)]
  *   logits_to_host src[n, vocab]                                    -> out[n, vocab]
  *   qmatmul      x[n, C], q:uint8[R, C*bits/8], scales[R, C/g], zeros[R, C/g] (optional), perm:int32[C]
  *                (optional), bias[R] (optional)                     -> y[n, R]
@@ -40,7 +42,7 @@
 #include "py_common.h"
 #include "../quant.h"
 
-#define MAX_BUFS 16
+#define MAX_BUFS 24
 
 typedef struct {
     fl_backend *be;
@@ -597,6 +599,52 @@ done:
     return rc;
 }
 
+/* moe: router logits[n, E], x[n, d], w13[E*2f, d], w2[E*d, f] -> out[n, d], ids:int32[n, k], wts:float32[n, k]
+ * [k, norm (1), may_sync (0)]: moe_route then moe_ffn, as model.c calls them */
+static int op_moe(op_ctx *c) {
+    int rc = -1;
+    int32_t *offs_h = NULL;
+    PyArrayObject *lg = get_arr(c, "logits", NPY_FLOAT32, 2, 1), *x = lg ? get_arr(c, "x", NPY_FLOAT32, 2, 1) : NULL;
+    PyArrayObject *w13 = x ? get_arr(c, "w13", NPY_FLOAT32, 2, 1) : NULL, *w2 = w13 ? get_arr(c, "w2", NPY_FLOAT32, 2, 1) : NULL;
+    if (!w2) goto done;
+    long k = 0, norm = 1, may_sync = 0;
+    if (param_int(c, "k", 2, &k) < 0 || param_int(c, "norm", 1, &norm) < 0 || param_int(c, "may_sync", 0, &may_sync) < 0)
+        goto done;
+    const int64_t n = DIM(x, 0), d = DIM(x, 1), E = DIM(lg, 1), f = DIM(w2, 1);
+    if (DIM(lg, 0) != n || E < 1 || E > FL_MOE_MAX_EXPERTS || k < 1 || k > E || k > FL_MOE_MAX_K ||
+        DIM(w13, 0) != E * 2 * f || DIM(w13, 1) != d || DIM(w2, 0) != E * d)
+        BAD("run_op(moe): shapes disagree (logits [n, E], x [n, d], w13 [E*2f, d], w2 [E*d, f], 1 <= k <= E)");
+    const int64_t nk = n * k;
+    const size_t a = (size_t)fl_dtype_size(c->be->act);
+    fl_moe_scratch ws = {0};
+    void *lg_d = upload_act(c, lg), *x_d = lg_d ? upload_act(c, x) : NULL, *w13_d = x_d ? upload_act(c, w13) : NULL;
+    void *w2_d = w13_d ? upload_act(c, w2) : NULL, *out_d = w2_d ? alloc_poisoned(c, (size_t)(n * d) * a) : NULL;
+    int32_t *ids_d = out_d ? alloc_poisoned(c, (size_t)nk * 4) : NULL;
+    float *wts_d = ids_d ? alloc_poisoned(c, (size_t)nk * 4) : NULL;
+    if (!wts_d || !(ws.gu = alloc_poisoned(c, (size_t)(nk * 2 * f) * a)) || !(ws.ff = alloc_poisoned(c, (size_t)(nk * f) * a)) ||
+        !(ws.y = alloc_poisoned(c, (size_t)(nk * d) * a)) || !(ws.xs = alloc_poisoned(c, (size_t)(nk * d) * a)) ||
+        !(ws.perm = alloc_poisoned(c, (size_t)nk * 4)) || !(ws.inv = alloc_poisoned(c, (size_t)nk * 4)) ||
+        !(ws.offs = alloc_poisoned(c, (size_t)(2 * E + 2) * 4)))
+        goto done;
+    if (!(offs_h = malloc((size_t)(E + 1) * 4))) { PyErr_NoMemory(); goto done; }
+    ws.offs_h = offs_h;
+    const fl_weight W13 = weight_of(c, w13_d, E * 2 * f, d), W2 = weight_of(c, w2_d, E * d, f);
+    RUN(c->be->moe_route(c->be, ids_d, wts_d, lg_d, (int)n, (int)E, (int)k, (int)norm));
+    RUN(c->be->moe_ffn(c->be, out_d, x_d, (int)n, ids_d, wts_d, (int)k, (int)E, &W13, &W2, &ws, (int)may_sync));
+    npy_intp sh[2] = {n, d}, shk[2] = {n, k};
+    if (download(c, "out", out_d, 2, sh) < 0 || download_as(c, "wts", wts_d, 2, shk, NPY_FLOAT32, FL_F32) < 0) goto done;
+    PyArrayObject *ids = (PyArrayObject *)PyArray_SimpleNew(2, shk, NPY_INT32);
+    if (!ids) goto done;
+    fl_status st = c->be->to_host(c->be, PyArray_DATA(ids), ids_d, (size_t)nk * 4);
+    if (st != FL_OK) { Py_DECREF(ids); raise_st(c, st); goto done; }
+    rc = PyDict_SetItemString(c->out, "ids", (PyObject *)ids);
+    Py_DECREF(ids);
+done:
+    free(offs_h);
+    Py_XDECREF(lg); Py_XDECREF(x); Py_XDECREF(w13); Py_XDECREF(w2);
+    return rc;
+}
+
 static int op_gather_rows(op_ctx *c) {
     int rc = -1;
     PyArrayObject *src = get_arr(c, "src", NPY_FLOAT32, 2, 1), *rows = src ? get_arr(c, "rows", NPY_INT32, 1, 1) : NULL;
@@ -674,6 +722,7 @@ static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
         else if (!strcmp(op, "attention")) rc = op_attention(&c);
         else if (!strcmp(op, "swiglu")) rc = op_swiglu(&c);
         else if (!strcmp(op, "gather_rows")) rc = op_gather_rows(&c);
+        else if (!strcmp(op, "moe")) rc = op_moe(&c);
         else if (!strcmp(op, "logits_to_host")) rc = op_logits_to_host(&c);
         else if (!strcmp(op, "qmatmul")) rc = op_qmatmul(&c);
         else if (!strcmp(op, "qembed")) rc = op_qembed(&c);

@@ -1,0 +1,127 @@
+"""Mixtral on the GPU (issue 12 part 1): load rate, batch-1 decode against the MoE roofline, transformers eager.
+
+    python benchmarks/moe_gpu.py --ckpt /data/mixtral12 [--layers 12] [--new 128] [--no-hf]
+
+Makes the checkpoint first when --ckpt has no config.json (benchmarks/synth.py's mixtral-8x7b shape with --layers
+layers, bf16, the hub's per-expert names; 12 layers = 35 GB). Then, validated first, warmed up, synchronised:
+  load   fastload's warm load (a first load fills the page cache, the second is timed) in GB/s, next to the raw
+         read + host-to-device copy rate of the same files measured in the same run (read into pinned memory,
+         cudaMemcpy; torch) as the ceiling;
+  decode batch 1, prompt 32, --new tokens through generate() (CUDA-graph decode steps), tokens/s, next to the
+         roofline: device-to-device copy bandwidth over the bytes one token reads: attention (q|k|v, o, norms),
+         the router, the two chosen experts of every layer, the final norm and lm_head, plus the KV cache;
+  hf     transformers eager (bf16, device_map cuda) on the same checkpoint, the same prompt and length.
+Prints one JSON line per measurement and a summary with the targets (load >= 85% of the ceiling, decode >= 75% of
+the roofline, >= 5x transformers eager).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import gpu_bench  # noqa: E402
+import synth  # noqa: E402
+
+
+def raw_rate(d):
+    """Bytes/s of reading the checkpoint's files (page cache warm) into pinned memory and copying them to the GPU."""
+    import torch
+    files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+    chunk = 1 << 28
+    pin = torch.empty(chunk, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(chunk, dtype=torch.uint8, device="cuda")
+    view = pin.numpy()
+    total = 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(memoryview(view))
+                if not n:
+                    break
+                dev[:n].copy_(pin[:n], non_blocking=False)
+                total += n
+    torch.cuda.synchronize()
+    return total / (time.perf_counter() - t0)
+
+
+def bytes_per_token(c, ctx):
+    d, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = c.get("head_dim") or d // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    f, E, k = c["intermediate_size"], c["num_local_experts"], c["num_experts_per_tok"]
+    per_layer = (d * (q + 2 * kv) + q * d + 2 * d + E * d + k * 3 * d * f) * 2
+    return L * per_layer + (d + V * d) * 2 + L * 2 * kv * 2 * ctx
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--no-hf", action="store_true")
+    a = ap.parse_args()
+    if not os.path.isfile(os.path.join(a.ckpt, "config.json")):
+        t0 = time.perf_counter()
+        n = synth.write(a.ckpt, "mixtral-8x7b", "bfloat16", num_hidden_layers=a.layers)
+        print(json.dumps({"made": a.ckpt, "GB": n / 1e9, "seconds": time.perf_counter() - t0}), flush=True)
+    with open(os.path.join(a.ckpt, "config.json")) as fh:
+        cfg = json.load(fh)
+    import fastload
+    out = {}
+    m, _ = gpu_bench.time_fastload_load(a.ckpt)  # fills the page cache
+    del m
+    m, secs = gpu_bench.time_fastload_load(a.ckpt)
+    nbytes = gpu_bench.ckpt_bytes(a.ckpt)
+    out["load"] = {"seconds": secs, "GB_per_s": nbytes / secs / 1e9, "stats": m.load_stats}
+    ceiling = raw_rate(a.ckpt)
+    out["load"]["ceiling_GB_per_s"] = ceiling / 1e9
+    out["load"]["of_ceiling"] = nbytes / secs / ceiling
+    print(json.dumps({"load": out["load"]}, default=str), flush=True)
+    # validate first: a greedy continuation is deterministic and finite logits come out
+    ids = np.random.default_rng(0).integers(100, cfg["vocab_size"] - 100, size=(1, a.prompt))
+    lg = np.asarray(m(ids).logits)
+    assert np.isfinite(lg).all(), "non-finite logits"
+    g1 = m.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    g2 = m.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    assert np.array_equal(g1, g2), "greedy decode is not deterministic"
+    bw = gpu_bench.d2d_bandwidth()
+    r = gpu_bench.fl_decode(m, 1, a.prompt, a.new)
+    bpt = bytes_per_token(cfg, a.prompt + a.new // 2)
+    r["roofline_tok_s"] = bw / bpt
+    r["of_roofline"] = r["decode_tok_s_per_seq"] / r["roofline_tok_s"]
+    r["GB_per_token"] = bpt / 1e9
+    r["d2d_GB_per_s"] = bw / 1e9
+    out["decode"] = r
+    print(json.dumps({"decode": r}), flush=True)
+    del m
+    import gc
+    gc.collect()
+    if not a.no_hf:
+        hm, hsecs = gpu_bench.time_hf_load(a.ckpt)
+        h = gpu_bench.hf_decode(hm, 1, a.prompt, a.new)
+        h["load_seconds"] = hsecs
+        out["hf_eager"] = h
+        out["speedup_vs_hf_eager"] = r["decode_tok_s_per_seq"] / h["decode_tok_s_per_seq"]
+        print(json.dumps({"hf_eager": h, "speedup": out["speedup_vs_hf_eager"]}), flush=True)
+        gpu_bench.free_hf(hm)
+    print(f"load {out['load']['GB_per_s']:.2f} GB/s = {100 * out['load']['of_ceiling']:.0f}% of read+copy "
+          f"{out['load']['ceiling_GB_per_s']:.2f} (target >= 85%); decode {r['decode_tok_s_per_seq']:.1f} tok/s = "
+          f"{100 * r['of_roofline']:.0f}% of the roofline {r['roofline_tok_s']:.1f} (target >= 75%)"
+          + (f"; {out['speedup_vs_hf_eager']:.1f}x transformers eager (target >= 5x)" if "hf_eager" in out else ""))
+    del fastload
+
+
+if __name__ == "__main__":
+    main()
