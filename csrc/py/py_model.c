@@ -295,16 +295,16 @@ static int run_core(FlPyModel *self, fl_exec_fn fn, void *arg, fl_status *st) {
 }
 
 /* A tensor in memory (fastload/from_hf.py): {"ptr": int, "nbytes": int, "dtype": "F32"|"F16"|"BF16"|"F64",
- * "shape": (rows[, cols]), "device": bool (backend memory of the model's device), "label": str (messages)}. The
+ * "shape": (rows[, cols]) or (experts, rows, cols) (a Mixture of Experts' fused tensors), "device": bool (backend memory of the model's device), "label": str (messages)}. The
  * caller keeps the memory alive and unchanged until load() returns. */
 static int src_from_memory(PyObject *d, const char *name, fl_src_tensor *src) {
     PyObject *ptr = PyDict_GetItemString(d, "ptr"), *nb = PyDict_GetItemString(d, "nbytes"),
              *dt = PyDict_GetItemString(d, "dtype"), *shape = PyDict_GetItemString(d, "shape"),
              *dev = PyDict_GetItemString(d, "device"), *label = PyDict_GetItemString(d, "label");
     if (!ptr || !PyLong_Check(ptr) || !nb || !PyLong_Check(nb) || !dt || !PyUnicode_Check(dt) || !shape ||
-        !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 1 || PyTuple_GET_SIZE(shape) > 2 ||
+        !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 1 || PyTuple_GET_SIZE(shape) > 3 ||
         (label && !PyUnicode_Check(label))) {
-        PyErr_Format(PyExc_TypeError, "tensor '%s': a memory source needs ptr, nbytes, dtype, shape (1 or 2 dims)", name);
+        PyErr_Format(PyExc_TypeError, "tensor '%s': a memory source needs ptr, nbytes, dtype, shape (1 to 3 dims)", name);
         return -1;
     }
     Py_ssize_t dl = 0;
