@@ -8,6 +8,7 @@ build the pieces with `layout()`, change the header dict or bytes, then `pack()`
 """
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 
@@ -88,3 +89,23 @@ def write(path, tensors, metadata=None, align=8):
 def write_header(path, header, data=b"", align=8, length=None):
     """Write a file from a (possibly broken) header dict / JSON text and data bytes."""
     return write_bytes(path, pack(header, data, align, length))
+
+
+def read_f32(path):
+    """{name: float32 array} of a safetensors file holding F32 / BF16 tensors (the tiny fixtures' dtypes)."""
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        buf = raw[8 + n + a:8 + n + b]
+        if info["dtype"] == "BF16":
+            v = bf16_to_f32(np.frombuffer(buf, np.uint16))
+        else:
+            assert info["dtype"] == "F32", info
+            v = np.frombuffer(buf, np.float32)
+        out[name] = np.array(v, np.float32).reshape(info["shape"])
+    return out

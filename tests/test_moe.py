@@ -8,7 +8,6 @@ engine generation, quantised experts and save_pretrained.
 """
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -25,23 +24,7 @@ D, F = CFG["hidden_size"], CFG["intermediate_size"]
 EXP = "model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight"
 
 
-def read_st(path):
-    """{name: float32 array} of a safetensors file holding F32 / BF16 tensors."""
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        buf = raw[8 + n + a:8 + n + b]
-        v = st_util.bf16_to_f32(np.frombuffer(buf, np.uint16)) if info["dtype"] == "BF16" else np.frombuffer(buf, np.float32)
-        out[name] = np.array(v, np.float32).reshape(info["shape"])
-    return out
-
-
-WEIGHTS = read_st(model_dir("mixtral") / "model.safetensors")
+WEIGHTS = st_util.read_f32(model_dir("mixtral") / "model.safetensors")
 
 
 def checkpoint(tmp_path, change=None, config=None, name="ckpt"):
@@ -149,7 +132,7 @@ def test_only_the_chosen_experts_matter(tmp_path, ref_model, tok):
 def moe_numpy(lg, x, w13, w2, k, norm):
     """transformers' MoE block in float64: softmax, top k (stable: ties to the lower index), renormalised when
     norm, each chosen expert's SwiGLU weighted and summed."""
-    E, f = lg.shape[1], w2.shape[1]
+    f = w2.shape[1]
     d = x.shape[1]
     p = np.exp(lg - lg.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -293,7 +276,7 @@ def test_num_parameters_counts_every_expert(ref_model):
 
 def test_save_pretrained_round_trip(tmp_path, ref_model):
     ref_model.save_pretrained(tmp_path / "saved")
-    w = read_st(tmp_path / "saved" / "model.safetensors")
+    w = st_util.read_f32(tmp_path / "saved" / "model.safetensors")
     assert set(w) == set(WEIGHTS)
     for k in WEIGHTS:
         np.testing.assert_array_equal(w[k], WEIGHTS[k], err_msg=k)

@@ -8,7 +8,6 @@ and the config rules (head_dim default 128, attention_bias unsupported).
 """
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -26,27 +25,7 @@ CFG = json.loads((model_dir("qwen3") / "config.json").read_text())
 L, HD, NH, NKV = CFG["num_hidden_layers"], CFG["head_dim"], CFG["num_attention_heads"], CFG["num_key_value_heads"]
 
 
-def read_st(path):
-    """{name: float32 array} of a safetensors file holding F32 / BF16 tensors."""
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        buf = raw[8 + n + a:8 + n + b]
-        if info["dtype"] == "BF16":
-            v = st_util.bf16_to_f32(np.frombuffer(buf, np.uint16))
-        else:
-            assert info["dtype"] == "F32", info
-            v = np.frombuffer(buf, np.float32)
-        out[name] = np.array(v, np.float32).reshape(info["shape"])
-    return out
-
-
-WEIGHTS = read_st(model_dir("qwen3") / "model.safetensors")
+WEIGHTS = st_util.read_f32(model_dir("qwen3") / "model.safetensors")
 
 
 def checkpoint(tmp_path, change=None):
@@ -194,7 +173,7 @@ def test_quantised_at_load_keeps_the_norms_float():
 def test_save_pretrained_round_trip(tmp_path):
     m = load(model_dir("qwen3"))
     m.save_pretrained(tmp_path / "out")
-    saved = read_st(tmp_path / "out" / "model.safetensors")
+    saved = st_util.read_f32(tmp_path / "out" / "model.safetensors")
     for i in range(L):
         for which in ("q_norm", "k_norm"):
             k = f"model.layers.{i}.self_attn.{which}.weight"
