@@ -1054,7 +1054,7 @@ static fl_status load_generic(fl_model *m, qplan *const *ps, int n, prog_t *pg) 
     fl_status first = FL_OK;
     char errbuf[FL_ERR_MAX] = "";
     uint64_t done = 0;
-    int stop = 0, nthreads = 1;
+    int stop = 0, nthreads = 1, first_i = n;
 #ifdef _OPENMP
     nthreads = m->be->n_threads > 0 ? m->be->n_threads : omp_get_max_threads();
 #endif
@@ -1067,14 +1067,18 @@ static fl_status load_generic(fl_model *m, qplan *const *ps, int n, prog_t *pg) 
         fl_status st = run_plan(m->be, ps[i]);
 #pragma omp critical(fl_load)
         {
-            if (st != FL_OK && first == FL_OK) {
+            /* the failing item of lowest index names the error, whichever thread saw one first: items are handed
+             * out in order, so every item before it ran, and the message is the same on every run */
+            if (st != FL_OK && (first == FL_OK || i < first_i)) {
                 first = st;
+                first_i = i;
                 snprintf(errbuf, sizeof errbuf, "%s: tensor '%s': %s", ps[i]->job.src->file, ps[i]->job.src->name, fl_err_msg());
                 stop = 1;
             }
             done += ps[i]->nbytes;
             if (st == FL_OK && !stop && prog_cb(pg, done, 0)) {
                 first = FL_E_INTERRUPTED;
+                first_i = -1; /* the caller's interruption stands */
                 snprintf(errbuf, sizeof errbuf, "loading interrupted");
                 stop = 1;
             }
