@@ -179,8 +179,9 @@ def given_file(path) -> str:
     return os.fspath(path)
 
 
-def read_bytes(path, shown=None, limit=CONFIG_LIMIT) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes. `shown` is the path errors name."""
+def open_regular(path, shown=None):
+    """(fd, os.stat_result) of `path` opened for reading, checked on the descriptor to be a regular file (no FIFO blocks
+    the open: O_NONBLOCK). The caller closes fd. `shown` is the path errors name."""
     shown = path if shown is None else shown
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
     fd = os.open(path, flags)
@@ -188,6 +189,17 @@ def read_bytes(path, shown=None, limit=CONFIG_LIMIT) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(f"{shown} is {_kind(st.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_bytes(path, shown=None, limit=CONFIG_LIMIT) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. `shown` is the path errors name."""
+    shown = path if shown is None else shown
+    fd, st = open_regular(path, shown)
+    try:
         if st.st_size > limit:
             raise CheckpointError(f"{shown} is {st.st_size} bytes, over the limit of {limit} bytes for this file")
         chunks, got = [], 0

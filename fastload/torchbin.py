@@ -41,12 +41,11 @@ Decisions (each refusal is a CheckpointError naming the file and the culprit):
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import zlib
 
 from . import _C
-from ._files import show
+from ._files import open_regular, show
 
 CheckpointError = _C.CheckpointError
 
@@ -663,12 +662,8 @@ def read_table(path, shown=None):
     """[(name, dtype, shape, file offset, nbytes)] of the state dict in the torch zip file at `path`
     (a path already checked by fastload/_files.py); CheckpointError naming `shown` otherwise."""
     shown = path if shown is None else shown
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
-    fd = os.open(path, flags)
+    fd, st = open_regular(path, shown)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{shown} is not a regular file")
         head = os.pread(fd, 4, 0)
         if head != b"PK\x03\x04":
             if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
