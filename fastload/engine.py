@@ -84,7 +84,8 @@ def kv_bytes_per_token(model) -> int:
     nh = c.num_attention_heads
     hd = arch.head_dim(dict(c), model.arch)  # Qwen3 without head_dim: 128, not hidden / heads
     nkv = getattr(c, "num_key_value_heads", None) or nh
-    es = 4 if model.device == "cpu" else 2  # the CPU backend keeps the cache in float32, CUDA in the activation dtype
+    # the CPU backend keeps the cache in float32, CUDA in the activation dtype (float32 too when the model is)
+    es = 4 if model.device == "cpu" or str(model.dtype) == "float32" else 2
     return 2 * c.num_hidden_layers * nkv * hd * es
 
 

@@ -16,6 +16,11 @@ from golden_util import TINY_MODELS, load_case, model_dir, teacher_forced_check
 pytestmark = pytest.mark.skipif(not fastload.cuda.is_available(),
                                 reason="no CUDA device here (fastload.info(): %s)" % fastload.info().get("cuda"))
 TOL = {"float16": 1e-2, "bfloat16": 5e-2}
+# Mixture of Experts in bfloat16: a token whose two best experts' router probabilities lie within bfloat16's rounding
+# can take the other expert (the fixture's random router makes such near-ties common), which moves its logits by more
+# than the dense models' tolerance (H200: 5.1% at one position of 16). A wrong expert kernel moves them by ~100%;
+# the float32 MoE path is compared token for token in test_cuda_engine.
+TOL_MOE = {"float16": 1e-2, "bfloat16": 1e-1}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -26,10 +31,11 @@ def test_golden_on_gpu(name, dtype):
     lg = m(case["single_ids"]).logits
     assert np.isfinite(lg).all()
     ref = case["single_logits"]
-    assert np.abs(lg - ref).max() / np.abs(ref).max() < TOL[dtype]
+    tol = (TOL_MOE if name == "mixtral" else TOL)[dtype]
+    assert np.abs(lg - ref).max() / np.abs(ref).max() < tol
     mask = case["batch_mask"]
     bl = m(case["batch_ids"], attention_mask=mask).logits
-    assert np.abs(bl - case["batch_logits"])[mask.astype(bool)].max() / np.abs(case["batch_logits"]).max() < TOL[dtype]
+    assert np.abs(bl - case["batch_logits"])[mask.astype(bool)].max() / np.abs(case["batch_logits"]).max() < tol
     clear = teacher_forced_check(m, case["single_ids"], case["single_greedy"], case["single_greedy_margins"])
     clear &= teacher_forced_check(m, case["batch_ids"], case["batch_greedy"], case["batch_greedy_margins"], mask)
     if clear:
@@ -92,6 +98,8 @@ def test_gpu_matches_cpu_sampling_rules():
 
 def test_memory_accounting_and_load_peak():
     name = "llama"
+    import gc
+    gc.collect()  # models of earlier tests in this process that only a collection frees would count as "before"
     fastload.cuda.reset_peak_memory_stats()
     before = fastload.cuda.memory_allocated()
     m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), device_map="cuda", torch_dtype="bfloat16")
@@ -110,7 +118,7 @@ def test_cuda_error_is_an_exception_and_process_lives():
     """A KV pool far beyond the device: cudaMalloc fails, the engine raises, and the same model generates after a
     smaller pool is set."""
     m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("llama")), device_map="cuda", torch_dtype="float16",
-                                                      kv_cache_memory=1 << 50)
+                                                      kv_cache_memory=1 << 41)  # 2 TiB: pages fit int32 ids
     ids = load_case("llama")["single_ids"]
     with pytest.raises((MemoryError, RuntimeError)):
         m.generate(ids, max_new_tokens=2)

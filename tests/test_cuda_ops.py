@@ -282,7 +282,7 @@ ROPE_STYLE_CASES = [  # B, T, start, nh, nkv, hd, max_len, rope_dims: ChatGLM's 
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("case", ROPE_STYLE_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d-r%d" % c)
+@pytest.mark.parametrize("case", ROPE_STYLE_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d-L%d-r%d" % c)
 @pytest.mark.parametrize("rnd", [0, 1])
 def test_rope_store_interleaved_partial(act, case, rnd):
     """rope_dims / rope_interleaved / rope_round (ChatGLM) against the CPU op (float32: rounding cos / sin to
