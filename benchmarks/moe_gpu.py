@@ -64,6 +64,21 @@ def bytes_per_token(c, ctx):
     return L * per_layer + (d + V * d) * 2 + L * 2 * kv * 2 * ctx
 
 
+def bytes_per_token_loaded(m, c, ctx):
+    """The same count from the loaded model's own layouts (codes, scales and offsets of a quantised weight
+    included): every weight of a layer but the experts, top_k / E of the experts, the final norm and the LM head
+    (the embedding reads one row), plus the KV cache (bfloat16) at ctx tokens."""
+    E, k = c["num_local_experts"], c["num_experts_per_tok"]
+    kv = c["num_key_value_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    total = 0.0
+    for w in m._core.layouts():
+        n = w["name"]
+        if n == "embed":
+            continue
+        total += w["bytes"] * (k / E if n.endswith((".moe_w13", ".moe_w2")) else 1)
+    return total + c["num_hidden_layers"] * 2 * kv * 2 * ctx
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -71,6 +86,9 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", help="write every figure as JSON here")
+    ap.add_argument("--quant", default="int4", help="comma-separated schemes quantised at load and measured after bf16 "
+                    "(weights on the GPU, load, decode against their own roofline); '' for none")
     a = ap.parse_args()
     if not os.path.isfile(os.path.join(a.ckpt, "config.json")):
         t0 = time.perf_counter()
@@ -105,9 +123,34 @@ def main():
     r["d2d_GB_per_s"] = bw / 1e9
     out["decode"] = r
     print(json.dumps({"decode": r}), flush=True)
+    out["decode"]["GB_per_token_layouts"] = bytes_per_token_loaded(m, cfg, a.prompt + a.new // 2) / 1e9
+    out["weights_GB"] = m.memory_stats()["weights"] / 1e9
     del m
     import gc
     gc.collect()
+    for scheme in [q for q in a.quant.split(",") if q]:
+        t0 = time.perf_counter()
+        qm = fastload.AutoModelForCausalLM.from_pretrained(a.ckpt, device_map="cuda", torch_dtype="bfloat16",
+                                                           progress=False,
+                                                           quantization_config=fastload.QuantConfig(scheme=scheme))
+        qsecs = time.perf_counter() - t0
+        qlg = np.asarray(qm(ids).logits)
+        assert np.isfinite(qlg).all(), f"{scheme}: non-finite logits"
+        qr = gpu_bench.fl_decode(qm, 1, a.prompt, a.new)
+        qb = bytes_per_token_loaded(qm, cfg, a.prompt + a.new // 2)
+        ms = qm.memory_stats()
+        lays = qm._core.layouts()
+        per_layers = sum(w["bytes"] for w in lays if w["name"].startswith("layers."))
+        rest = sum(w["bytes"] for w in lays if not w["name"].startswith("layers."))
+        # Mixtral-8x7B has 32 layers: the measured layers' bytes scaled to 32, plus what is outside the layers
+        qr["weights_GB_at_32_layers"] = (per_layers * 32 / cfg["num_hidden_layers"] + rest) / 1e9
+        qr.update(load_seconds=qsecs, weights_GB=ms["weights"] / 1e9, layouts=ms["layouts"], GB_per_token=qb / 1e9,
+                  roofline_tok_s=bw / qb, of_roofline=qr["decode_tok_s_per_seq"] / (bw / qb),
+                  vs_bf16=qr["decode_tok_s_per_seq"] / r["decode_tok_s_per_seq"])
+        out[scheme] = qr
+        print(json.dumps({scheme: qr}), flush=True)
+        del qm
+        gc.collect()
     if not a.no_hf:
         hm, hsecs = gpu_bench.time_hf_load(a.ckpt)
         h = gpu_bench.hf_decode(hm, 1, a.prompt, a.new)
@@ -120,6 +163,15 @@ def main():
           f"{out['load']['ceiling_GB_per_s']:.2f} (target >= 85%); decode {r['decode_tok_s_per_seq']:.1f} tok/s = "
           f"{100 * r['of_roofline']:.0f}% of the roofline {r['roofline_tok_s']:.1f} (target >= 75%)"
           + (f"; {out['speedup_vs_hf_eager']:.1f}x transformers eager (target >= 5x)" if "hf_eager" in out else ""))
+    for scheme in [q for q in a.quant.split(",") if q]:
+        q = out[scheme]
+        print(f"{scheme}: weights {q['weights_GB']:.2f} GB (bf16 {out['weights_GB']:.2f}; {q['weights_GB_at_32_layers']:.1f} GB "
+              f"at Mixtral's 32 layers, target <= 30), load {q['load_seconds']:.2f} s, "
+              f"decode {q['decode_tok_s_per_seq']:.1f} tok/s = {100 * q['of_roofline']:.0f}% of its roofline "
+              f"{q['roofline_tok_s']:.1f}, {q['vs_bf16']:.2f}x bf16")
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
     del fastload
 
 

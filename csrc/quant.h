@@ -94,6 +94,10 @@ fl_status fl_q_sizes(const fl_qlayout *L, int64_t rows, int64_t cols, size_t *da
                      size_t *perm);
 /* The layout of an fl_weight that is FL_QUANT. */
 fl_qlayout fl_q_layout_of(const fl_weight *w);
+/* Rows [row0, row0 + rows) of w as a weight of their own, float or quantised (codes, scales and offsets at that
+ * row; no act-order permutation: a Mixture of Experts' expert, whose GPTQ / AWQ forms are refused at load).
+ * Pointer arithmetic only: valid on device pointers too. */
+fl_weight fl_weight_rows(const fl_weight *w, int64_t row0, int64_t rows);
 /* The smallest layout holding a and b exactly (see the header comment). */
 fl_qlayout fl_q_common_layout(const fl_qlayout *a, const fl_qlayout *b);
 /* The layout a ggml type converts into; FL_E_UNSUPPORTED (listing the supported types) otherwise. */

@@ -87,6 +87,22 @@ fl_qlayout fl_q_layout_of(const fl_weight *w) {
                         .has_zeros = w->zeros_d != NULL, .code = w->code, .has_perm = w->perm_d != NULL};
 }
 
+fl_weight fl_weight_rows(const fl_weight *w, int64_t row0, int64_t rows) {
+    fl_weight v = *w;
+    v.rows = rows;
+    if (w->dtype != FL_QUANT) {
+        v.data_d = (char *)w->data_d + (size_t)row0 * (size_t)w->cols * (size_t)fl_dtype_size(w->dtype);
+        return v;
+    }
+    const size_t cb = (size_t)w->cols * (size_t)w->bits / 8;
+    const size_t sb = (size_t)(w->cols / w->group_size) * (size_t)fl_dtype_size(w->sdtype);
+    v.data_d = (char *)w->data_d + (size_t)row0 * cb;
+    v.scales_d = (char *)w->scales_d + (size_t)row0 * sb;
+    v.zeros_d = w->zeros_d ? (char *)w->zeros_d + (size_t)row0 * sb : NULL;
+    v.perm_d = NULL;
+    return v;
+}
+
 static const char *scheme_name(int scheme) {
     switch (scheme) {
     case FL_QS_INT8: return "int8";

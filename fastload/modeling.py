@@ -1028,10 +1028,6 @@ class FastModelForCausalLM:
         if arch.moe and packed is not None:
             raise NotImplementedError(f"{path}: {packed.name} checkpoints of {arch.name} (Mixture of Experts) are not "
                                       "supported; load the float checkpoint (quantisation at load works on the CPU)")
-        if arch.moe and qcore and qcore.get("scheme", "none") != "none" and str(dev).startswith("cuda"):
-            raise NotImplementedError(f"{path}: quantised experts ({qcore['scheme']}) of {arch.name} are not supported "
-                                      "on CUDA yet (the grouped expert GEMV reads float16 / bfloat16 weights); load it "
-                                      "unquantised there, or quantise on the CPU backend")
         if want_dtype == "auto":
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"

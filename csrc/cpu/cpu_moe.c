@@ -5,6 +5,7 @@
  * rows are gathered into one block, and its weights are read once per forward (one GEMM per expert over all its
  * tokens; a GEMV in decode) through the ordinary matmul, so float and quantised experts take the same path. */
 #include "cpu_internal.h"
+#include "../quant.h"
 #include <stdlib.h>
 
 fl_status cpu_moe_route(fl_backend *be, int32_t *ids, float *wts, const void *logits_d, int n, int E, int k, int norm) {
@@ -38,24 +39,6 @@ fl_status cpu_moe_route(fl_backend *be, int32_t *ids, float *wts, const void *lo
     return FL_OK;
 }
 
-/* Rows [row0, row0 + rows) of W as a weight of their own (float or quantised; experts never carry an act-order
- * permutation: GPTQ / AWQ experts are refused at load). */
-static fl_weight rows_view(const fl_weight *W, int64_t row0, int64_t rows) {
-    fl_weight v = *W;
-    v.rows = rows;
-    if (W->dtype != FL_QUANT) {
-        v.data_d = (char *)W->data_d + (size_t)row0 * (size_t)W->cols * (size_t)fl_dtype_size(W->dtype);
-        return v;
-    }
-    const size_t cb = (size_t)W->cols * (size_t)W->bits / 8;
-    const size_t sb = (size_t)(W->cols / W->group_size) * (size_t)fl_dtype_size(W->sdtype);
-    v.data_d = (char *)W->data_d + (size_t)row0 * cb;
-    v.scales_d = (char *)W->scales_d + (size_t)row0 * sb;
-    v.zeros_d = W->zeros_d ? (char *)W->zeros_d + (size_t)row0 * sb : NULL;
-    v.perm_d = NULL;
-    return v;
-}
-
 fl_status cpu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const int32_t *ids, const float *wts, int k,
                       int E, const fl_weight *w13, const fl_weight *w2, const fl_moe_scratch *ws, int may_sync) {
     (void)may_sync;
@@ -85,7 +68,7 @@ fl_status cpu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const
     for (int e = 0; e < E; e++) { /* gate | up of every slot routed to e, one read of the expert's rows */
         const int c = offs[e + 1] - offs[e];
         if (!c) continue;
-        const fl_weight v = rows_view(w13, (int64_t)e * 2 * f, 2 * f);
+        const fl_weight v = fl_weight_rows(w13, (int64_t)e * 2 * f, 2 * f);
         FL_TRY(cpu_matmul(be, gu + (int64_t)offs[e] * 2 * f, xs + (int64_t)offs[e] * d, c, &v, NULL));
     }
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (nk > 1)
@@ -97,7 +80,7 @@ fl_status cpu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const
     for (int e = 0; e < E; e++) {
         const int c = offs[e + 1] - offs[e];
         if (!c) continue;
-        const fl_weight v = rows_view(w2, (int64_t)e * d, d);
+        const fl_weight v = fl_weight_rows(w2, (int64_t)e * d, d);
         FL_TRY(cpu_matmul(be, y + (int64_t)offs[e] * d, ff + (int64_t)offs[e] * f, c, &v, NULL));
     }
     /* out[i] = sum of wts * y over the token's slots, in ascending expert order (transformers' index_add_ order) */

@@ -24,6 +24,7 @@
 #include "convert.cuh"
 #include "matmul.cuh"
 #include "moe.cuh"
+#include "../quant.h"
 #include "norm.cuh"
 #include "qmatmul.cuh"
 #include "sample.cuh"
@@ -305,10 +306,11 @@ static fl_status cu_moe_route(fl_backend *be, int32_t *ids_d, float *wts_d, cons
 static fl_status cu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const int32_t *ids_d,
                             const float *wts_d, int k, int E, const fl_weight *w13, const fl_weight *w2,
                             const fl_moe_scratch *ws, int may_sync) {
-    if (w13->dtype == FL_QUANT || w2->dtype == FL_QUANT)
-        return fl_err(FL_E_UNSUPPORTED, "CUDA: quantised experts of a Mixture of Experts are not supported yet");
-    FL_TRY(need_act(be, w13, "moe (gate|up experts)"));
-    FL_TRY(need_act(be, w2, "moe (down experts)"));
+    /* quantised experts (quantisation at load): the same grouping; decode through the quantised grouped GEMV,
+     * prefill through fl_cuda_qmatmul on each expert's rows (its GEMV or dequantised chunks + cuBLAS) */
+    const int q13 = w13->dtype == FL_QUANT, q2 = w2->dtype == FL_QUANT;
+    if (!q13) FL_TRY(need_act(be, w13, "moe (gate|up experts)"));
+    if (!q2) FL_TRY(need_act(be, w2, "moe (down experts)"));
     fl_cuda_impl *c = IMPL(be);
     FL_TRY(fl_cuda_enter(c));
     const int64_t d = w13->cols, f = w2->cols, nk = (int64_t)n * k;
@@ -326,28 +328,30 @@ static fl_status cu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n,
         FL_CUDA_CHECK(cudaMemcpyAsync(ws->offs_h, ws->offs, (size_t)(E + 1) * 4, cudaMemcpyDeviceToHost, st));
         FL_CUDA_CHECK(cudaStreamSynchronize(st));
         FL_TRY(fl_cuda_moe_gather(st, be->act, ws->xs, x_d, ws->perm, k, (int)nk, d));
-        for (int e = 0; e < E; e++) {
-            const int o = ws->offs_h[e], cnt = ws->offs_h[e + 1] - o;
-            if (cnt <= 0) continue;
-            FL_TRY(fl_cuda_matmul(st, c->blas, be->act, (char *)ws->gu + (size_t)o * 2 * f * es,
-                                  (const char *)ws->xs + (size_t)o * d * es, cnt,
-                                  (const char *)w13->data_d + (size_t)e * 2 * f * d * es, 2 * f, d, NULL, c->gemv_up_to,
-                                  c->gemv_variant));
-        }
-        FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
-        for (int e = 0; e < E; e++) {
-            const int o = ws->offs_h[e], cnt = ws->offs_h[e + 1] - o;
-            if (cnt <= 0) continue;
-            FL_TRY(fl_cuda_matmul(st, c->blas, be->act, (char *)ws->y + (size_t)o * d * es,
-                                  (const char *)ws->ff + (size_t)o * f * es, cnt,
-                                  (const char *)w2->data_d + (size_t)e * d * f * es, d, f, NULL, c->gemv_up_to,
-                                  c->gemv_variant));
+        for (int pass = 0; pass < 2; pass++) { /* gate|up of each expert's slots, SwiGLU, then down */
+            const fl_weight *w = pass ? w2 : w13;
+            const int64_t R = pass ? d : 2 * f, C = pass ? f : d;
+            char *out = (char *)(pass ? ws->y : ws->gu);
+            const char *in = (const char *)(pass ? ws->ff : ws->xs);
+            for (int e = 0; e < E; e++) {
+                const int o = ws->offs_h[e], cnt = ws->offs_h[e + 1] - o;
+                if (cnt <= 0) continue;
+                const fl_weight v = fl_weight_rows(w, (int64_t)e * R, R);
+                if (v.dtype == FL_QUANT)
+                    FL_TRY(fl_cuda_qmatmul(be, out + (size_t)o * R * es, in + (size_t)o * C * es, cnt, &v, NULL));
+                else
+                    FL_TRY(fl_cuda_matmul(st, c->blas, be->act, out + (size_t)o * R * es, in + (size_t)o * C * es, cnt,
+                                          v.data_d, R, C, NULL, c->gemv_up_to, c->gemv_variant));
+            }
+            if (!pass) FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
         }
     } else {
         const int max_active = nk < E ? (int)nk : E;
-        FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13->data_d, 2 * f, d));
+        if (q13) FL_TRY(fl_cuda_moe_qgemv(be, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13, 2 * f));
+        else FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13->data_d, 2 * f, d));
         FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
-        FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2->data_d, d, f));
+        if (q2) FL_TRY(fl_cuda_moe_qgemv(be, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2, d));
+        else FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2->data_d, d, f));
     }
     return fl_cuda_moe_combine(st, be->act, out_d, ws->y, ids_d, wts_d, ws->inv, n, k, d);
 }

@@ -832,6 +832,66 @@ qgemv_generic_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Mixture of Experts, quantised experts: moe.cu's grouped GEMV (block (bx, a): the a-th active expert, from
+// device memory, so a decode step stays graph-safe; 4 warps, one of its rows each; its slots in passes of
+// QMOE_NT, each row's codes read once a pass) with the generic kernel's per-sub-block dequantisation.
+// Expert e's rows are rows [e * R, (e + 1) * R) of the stacked weight. Correct for every layout
+// fl_cuda_qcheck accepts and any activation dtype; not yet tuned like the dense decode GEMVs (a lane takes one
+// 16-column sub-block per step: 8 bytes of 4-bit codes, 16 of 8-bit).
+// ---------------------------------------------------------------------------------------------
+#define QMOE_NT 8
+template <typename T>
+__global__ void __launch_bounds__(QG_THREADS)
+qmoe_gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const int32_t *__restrict__ slot_perm, int x_div,
+                 const int32_t *__restrict__ offs, int E, const fl_qw W, int64_t R, bool vec) {
+    __shared__ float tab[16];
+    load_tab(tab);
+    fl_pdl_wait();  // routing and grouping (offs, slot_perm) and x come from the previous kernels
+    fl_pdl_launch_dependents();
+    const int a = blockIdx.y;
+    if (a >= offs[2 * E + 1]) return;  // fewer experts have slots than the grid allows for
+    const int e = offs[E + 1 + a];
+    const int p0 = offs[e], p1 = offs[e + 1];
+    const int lane = threadIdx.x & 31;
+    const int64_t r = (int64_t)blockIdx.x * (QG_THREADS / 32) + threadIdx.x / 32;
+    if (r >= R) return;
+    const int64_t row = (int64_t)e * R + r, nsub = W.C / 16;
+    for (int q0 = p0; q0 < p1; q0 += QMOE_NT) {
+        const int nt = min(QMOE_NT, p1 - q0);
+        const T *xr[QMOE_NT];
+#pragma unroll
+        for (int t = 0; t < QMOE_NT; t++) {
+            const int p = q0 + (t < nt ? t : 0);
+            xr[t] = x + (int64_t)(slot_perm ? slot_perm[p] / x_div : p) * W.C;
+        }
+        float acc[QMOE_NT];
+#pragma unroll
+        for (int t = 0; t < QMOE_NT; t++) acc[t] = 0.f;
+        for (int64_t sub = lane; sub < nsub; sub += 32) {
+            uint32_t c[4];
+            load16(W, row, sub, vec, c);
+            float s, m, w[16];
+            scale_of(W, row, sub * 16 / W.gs, s, m);
+            deq16_rt(W, c, s, m, tab, w);
+#pragma unroll
+            for (int t = 0; t < QMOE_NT; t++) {
+                if (t >= nt) break;
+                const T *xi = xr[t] + sub * 16;
+#pragma unroll
+                for (int k = 0; k < 16; k++) acc[t] = fmaf(w[k], fl_to_f32(xi[k]), acc[t]);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < QMOE_NT; t++) {
+            float v = acc[t];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && t < nt) y[(int64_t)(q0 + t) * R + r] = fl_from_f32<T>(v);
+        }
+    }
+}
+
 // xg[i, j] = x[i, perm[j]] (act-order weights: the GEMV then reads xg in the codes' column order)
 template <typename T>
 __global__ void qgather_kernel(T *__restrict__ xg, const T *__restrict__ x, const int32_t *__restrict__ perm, int n,
@@ -1514,6 +1574,28 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
                       c->stream, (T *)y, (const T *)bias, n, W.R);
         });
     }
+    return FL_OK;
+}
+
+fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, const int32_t *slot_perm, int x_div,
+                            const int32_t *offs, int E, int max_active, const fl_weight *Wt, int64_t R) {
+    FL_TRY(fl_cuda_qcheck(Wt, "moe (quantised experts)"));
+    if (Wt->perm_d)
+        return fl_err(FL_E_UNSUPPORTED, "CUDA moe: act-order (g_idx) expert weights are not supported");
+    if (Wt->rows != (int64_t)E * R)
+        return fl_err(FL_E_INTERNAL, "CUDA moe: expert weight of %lld rows does not hold %d experts of %lld",
+                      (long long)Wt->rows, E, (long long)R);
+    if (R <= 0 || max_active <= 0) return FL_OK;
+    if (max_active > E) max_active = E;
+    const int64_t bx = (R + QG_THREADS / 32 - 1) / (QG_THREADS / 32);
+    if (bx > INT32_MAX || max_active > 65535) return fl_err(FL_E_VALUE, "CUDA moe: %lld rows is too many", (long long)R);
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    const fl_qw W = qw_of(Wt);
+    const dim3 grid((unsigned)bx, (unsigned)max_active);
+    FL_CUDA_DISPATCH(be->act, T, {
+        FL_LAUNCH(qmoe_gemv_kernel<T>, grid, dim3(QG_THREADS), 0, c->stream, (T *)y, (const T *)x, slot_perm, x_div,
+                  offs, E, W, R, fl_is_aligned16(W.q));
+    });
     return FL_OK;
 }
 

@@ -39,6 +39,10 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
 struct fl_qx_dst;
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst);
 void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n);
+// Mixture of Experts decode over quantised experts: moe.cu's fl_cuda_moe_gemv (the same offs / slot_perm / x_div
+// arguments) for a stacked weight of E experts of R rows each. Graph-safe: expert ids are read on the device.
+fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, const int32_t *slot_perm, int x_div,
+                            const int32_t *offs, int E, int max_active, const fl_weight *W, int64_t R);
 // x[i, :] = dequant(emb)[tok[i], :] in act (a token outside [0, rows) gives zeros, like fl_cuda_embed).
 fl_status fl_cuda_qembed(fl_backend *be, void *x, const int32_t *tok, int n, const fl_weight *emb);
 // Rows [row0, row0 + rows) of W from src[rows, W.cols] (f32 / f16 / bf16, device memory), with the rules
