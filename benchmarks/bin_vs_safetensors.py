@@ -62,7 +62,7 @@ def shard_groups(specs, esz, shards=7, max_shard_bytes=0):
         if size >= total / shards and len(groups) < shards - 1:
             groups.append(cur)
             cur, size = [], 0
-    return groups + [cur]
+    return groups + [cur] if cur else groups  # (tensors larger than total / shards: fewer files, none empty)
 
 
 def random_torch(cfg, name, shp, tdt, g, dev):
