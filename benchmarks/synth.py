@@ -2,7 +2,9 @@
 
     python benchmarks/synth.py --shape llama-1b --dtype float16 --out /tmp/llama1b
     python benchmarks/synth.py --shape mixtral-8x7b --num-hidden-layers 12 --out /data/mixtral12   # 35 GB
-Shapes are taken from the public config.json of each model."""
+    python benchmarks/synth.py --shape chatglm2-6b --dtype float16 --out /tmp/chatglm2   # THUDM's keys and names
+Shapes are taken from the public config.json of each model; ChatGLM's in THUDM's own keys and tensor names, as
+THUDM's checkpoints have them (fastload reads those through arch.chatglm_view)."""
 from __future__ import annotations
 
 import argparse
@@ -32,13 +34,43 @@ SHAPES = {
                      head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                      attention_bias=False, tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False,
                      sliding_window=None, max_window_layers=36, bos_token_id=151643, eos_token_id=151645),
-    # ChatGLM2-6B's sizes (hidden 4096, ffn 13696, 28 layers, 32 heads, 2 KV groups, vocab 65024; 6.2 G parameters)
-    # written as a Llama-architecture checkpoint: ChatGLM2 itself fuses QKV and gate/up, but for loading speed what
-    # counts is the bytes and the tensor count (benchmarks/bin_vs_safetensors.py, .bin loading against safetensors)
-    "chatglm2-6b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=65024, hidden_size=4096,
-                        intermediate_size=13696, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=2,
-                        head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
-                        tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2),
+    # ChatGLM2-6B as THUDM ships it (huggingface.co/THUDM/chatglm2-6b config.json): THUDM's own config keys and tensor
+    # names (tensors_for), fused q|k|v with bias and fused gate|up, 2 multi-query groups; 6.24 G parameters, 12.49 GB
+    # in fp16. No generation_config.json: THUDM's repository has none
+    "chatglm2-6b": dict(_name_or_path="THUDM/chatglm2-6b", model_type="chatglm", architectures=["ChatGLMModel"],
+                        auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                                  "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                                  "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                                  "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                                  "AutoModelForSequenceClassification":
+                                      "modeling_chatglm.ChatGLMForSequenceClassification"},
+                        add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
+                        apply_residual_connection_post_layernorm=False, attention_dropout=0.0,
+                        attention_softmax_in_fp32=True, bias_dropout_fusion=True, ffn_hidden_size=13696,
+                        fp32_residual_connection=False, hidden_dropout=0.0, hidden_size=4096, kv_channels=128,
+                        layernorm_epsilon=1e-5, multi_query_attention=True, multi_query_group_num=2,
+                        num_attention_heads=32, num_layers=28, original_rope=True, padded_vocab_size=65024,
+                        post_layer_norm=True, rmsnorm=True, seq_length=32768, use_cache=True, torch_dtype="float16",
+                        transformers_version="4.27.1", tie_word_embeddings=False, eos_token_id=2, pad_token_id=0),
+    # the same keys at a few hundred kB (2 layers, hidden 64, 4 heads of 16, 2 groups): CPU runs of the ChatGLM
+    # scripts (benchmarks/chatglm_gpu.py, bin_vs_safetensors.py) and tests/test_chatglm.py's check of this shape
+    "chatglm2-tiny": dict(_name_or_path="chatglm2-tiny", model_type="chatglm", architectures=["ChatGLMModel"],
+                          add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
+                          apply_residual_connection_post_layernorm=False, attention_dropout=0.0,
+                          attention_softmax_in_fp32=True, bias_dropout_fusion=True, ffn_hidden_size=96,
+                          fp32_residual_connection=False, hidden_dropout=0.0, hidden_size=64, kv_channels=16,
+                          layernorm_epsilon=1e-5, multi_query_attention=True, multi_query_group_num=2,
+                          num_attention_heads=4, num_layers=2, original_rope=True, padded_vocab_size=1024,
+                          post_layer_norm=True, rmsnorm=True, seq_length=2048, use_cache=True, torch_dtype="float16",
+                          tie_word_embeddings=False, eos_token_id=2, pad_token_id=0),
+    # ChatGLM2-6B's sizes (hidden 4096, ffn 13696, 28 layers, 32 heads, 2 KV groups, vocab 65024) as a
+    # Llama-architecture checkpoint: q/k/v and gate/up as separate tensors under Llama's names (9 a layer against
+    # ChatGLM's 7), no q|k|v bias (258 kB less of 12.49 GB). What "chatglm2-6b" was before it became the real shape
+    "chatglm2-6b-llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=65024,
+                              hidden_size=4096, intermediate_size=13696, num_hidden_layers=28, num_attention_heads=32,
+                              num_key_value_heads=2, head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                              rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu", bos_token_id=1,
+                              eos_token_id=2),
     # Mixtral-8x7B-v0.1: 8 experts of width 14336, top-2, every layer (46.7 G parameters, 12.9 G active per token);
     # --num-hidden-layers 12 gives a 17.6 G-parameter (35 GB bf16) checkpoint that fits the GPU machine's disk
     "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
@@ -57,7 +89,51 @@ SHAPES = {
 ST_DTYPE = {"float16": ("F16", np.float16), "bfloat16": ("BF16", None), "float32": ("F32", np.float32)}
 
 
+def config(shape_name, dtype, num_hidden_layers=None):
+    """The shape's config.json in `dtype`, with `num_hidden_layers` layers when given (ChatGLM's key: num_layers)."""
+    cfg = dict(SHAPES[shape_name], torch_dtype=dtype)
+    if num_hidden_layers:  # fewer layers of the same shape (a 12-layer Mixtral fits a 64 GiB disk)
+        cfg["num_layers" if cfg["model_type"] == "chatglm" else "num_hidden_layers"] = int(num_hidden_layers)
+    return cfg
+
+
+def chatglm_tensors(cfg):
+    """(name, shape) of a ChatGLM2 / ChatGLM3 checkpoint in THUDM's state-dict order (ChatGLMForConditionalGeneration:
+    embedding, the rotary buffer, the layers, final norm, output layer)."""
+    d, f, V, L = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["padded_vocab_size"], cfg["num_layers"]
+    nh = cfg["num_attention_heads"]
+    hd = cfg.get("kv_channels") or d // nh
+    ng = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else nh
+    yield "transformer.embedding.word_embeddings.weight", (V, d)
+    yield "transformer.rotary_pos_emb.inv_freq", (hd // 4,)  # rotary over hd/2 dims, one frequency per pair
+    for i in range(L):
+        p = f"transformer.encoder.layers.{i}."
+        yield p + "input_layernorm.weight", (d,)
+        yield p + "self_attention.query_key_value.weight", ((nh + 2 * ng) * hd, d)  # [q | k | v] rows
+        if cfg.get("add_qkv_bias"):
+            yield p + "self_attention.query_key_value.bias", ((nh + 2 * ng) * hd,)
+        yield p + "self_attention.dense.weight", (d, nh * hd)
+        yield p + "post_attention_layernorm.weight", (d,)
+        yield p + "mlp.dense_h_to_4h.weight", (2 * f, d)  # [gate | up] rows
+        yield p + "mlp.dense_4h_to_h.weight", (d, f)
+    yield "transformer.encoder.final_layernorm.weight", (d,)
+    yield "transformer.output_layer.weight", (V, d)
+
+
+def fixed_values(cfg, name):
+    """float32 values of a tensor that is not random (ChatGLM's rotary inv_freq buffer: 1 / 10000^(2i / (hd/2))),
+    else None."""
+    if not name.endswith("rotary_pos_emb.inv_freq"):
+        return None
+    hd = cfg.get("kv_channels") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rd = hd // 2
+    return (1.0 / 10000.0 ** (np.arange(0, rd, 2, dtype=np.float32) / np.float32(rd))).astype(np.float32)
+
+
 def tensors_for(cfg):
+    if cfg.get("model_type") == "chatglm":
+        yield from chatglm_tensors(cfg)
+        return
     d, f, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     hd = cfg.get("head_dim") or d // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -96,9 +172,12 @@ def tensors_for(cfg):
 _POOL = {}
 
 
-def random_tensor(rng, name, shape, dtype):
+def random_tensor(rng, name, shape, dtype, cfg=None):
     n = int(np.prod(shape))
-    if n > (1 << 24) and ".experts." in name:
+    fixed = fixed_values(cfg, name) if cfg else None
+    if fixed is not None:
+        x = fixed
+    elif n > (1 << 24) and ".experts." in name:
         # experts (tens of GB): a window at a random offset of one pool of 2^26 normal values (drawn once), so
         # that a Mixtral-sized checkpoint takes minutes to write, not the time numpy needs to draw every value
         if "pool" not in _POOL:
@@ -120,9 +199,7 @@ def random_tensor(rng, name, shape, dtype):
 
 
 def write(out, shape_name, dtype, shard_bytes=2 << 30, seed=0, num_hidden_layers=None):
-    cfg = dict(SHAPES[shape_name], torch_dtype=dtype)
-    if num_hidden_layers:  # fewer layers of the same shape (a 12-layer Mixtral fits a 64 GiB disk)
-        cfg["num_hidden_layers"] = int(num_hidden_layers)
+    cfg = config(shape_name, dtype, num_hidden_layers)
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     specs = list(tensors_for(cfg))
@@ -148,15 +225,16 @@ def write(out, shape_name, dtype, shard_bytes=2 << 30, seed=0, num_hidden_layers
         with open(os.path.join(out, fname), "wb") as f:
             f.write(struct.pack("<Q", len(hb)) + hb)
             for name, shape in items:
-                f.write(random_tensor(rng, name, shape, dtype).tobytes())
+                f.write(random_tensor(rng, name, shape, dtype, cfg).tobytes())
         total += off
     if len(shards) > 1:
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}, f)
+    if "bos_token_id" in cfg:  # (THUDM's ChatGLM repositories have no generation_config.json)
+        with open(os.path.join(out, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}, f)
     return total
 
 

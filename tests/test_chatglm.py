@@ -126,6 +126,48 @@ def test_bad_chatglm_value_names_the_key(tmp_path):
         fastload.AutoModel.from_pretrained(str(d), device="cpu")
 
 
+def _synth():
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import synth
+    return synth
+
+
+def test_benchmark_shape_is_thudms_checkpoint():
+    """benchmarks/synth.py's chatglm2-6b: THUDM's names and shapes add up to the total_size of THUDM's
+    pytorch_model.bin.index.json (12487168064 bytes in fp16), and fastload reads its config as ChatGLM2-6B."""
+    synth = _synth()
+    cfg = synth.config("chatglm2-6b", "float16")
+    specs = list(synth.tensors_for(cfg))
+    assert sum(int(np.prod(s)) for _, s in specs) * 2 == 12487168064
+    assert len(specs) == 2 + 28 * 7 + 2  # embedding, inv_freq; 7 a layer; final norm, output layer
+    view = archmod.chatglm_view(cfg, "config.json")
+    c = archmod.core_config(view, archmod.arch_for(view, "config.json"), "config.json")
+    assert (c["n_layers"], c["n_heads"], c["n_kv_heads"], c["head_dim"], c["ffn"], c["vocab"]) == \
+        (28, 32, 2, 128, 13696, 65024)
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", ATOL), ("float16", 2e-3)])
+def test_benchmark_shape_tiny_matches_reference(tmp_path, dtype, atol):
+    """synth.py's chatglm2-tiny (the 6B's keys and names at small widths) loads and gives the numpy reference's
+    logits on the weights it wrote (float16 weights are exact in the reference's float64; CPU activations float32)."""
+    synth = _synth()
+    synth.write(str(tmp_path), "chatglm2-tiny", dtype)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    f = _C.SafetensorsFile(str(tmp_path / "model.safetensors"))
+    if not hasattr(f, "get"):
+        pytest.skip("SafetensorsFile has no get()")
+    w = {k: np.array(f.get(k), np.float64) for k in f.keys()}
+    f.close()
+    assert all(np.all(v != 0) for v in w.values())
+    ids = np.random.default_rng(1).integers(3, cfg["padded_vocab_size"], 11)
+    want = chatglm_ref.forward(w, cfg, ids, rope_dtype=None if dtype == "float32" else dtype)
+    m = fastload.AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True, device="cpu", torch_dtype=dtype)
+    got = np.asarray(m(ids[None]).logits, np.float64)[0]
+    assert np.isfinite(got).all() and np.abs(want).max() > 0.5
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ the rope op
 def _np_rope(qkv, pos, inv, nh, nkv, hd, rd):
     out = qkv.astype(np.float64).copy().reshape(len(pos), nh + 2 * nkv, hd)

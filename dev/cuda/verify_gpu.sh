@@ -6,8 +6,8 @@
 #             test_from_hf), ChatGLM, Qwen3, MoE, the torch .bin reader
 #   thudm     tools/chatglm_vs_thudm.py: THUDM's own ChatGLM2 modelling code (carried in .thudm/chatglm2, git-ignored:
 #             none of it goes into the repository) against fastload on the tiny ChatGLM fixtures, fp32 / fp16 / bf16
-#   binload   benchmarks/bin_vs_safetensors.py: ChatGLM2-6B-sized fp16 as .bin shards and as safetensors, warm load
-#             (target: .bin within 15% of safetensors)
+#   binload   benchmarks/bin_vs_safetensors.py: ChatGLM2-6B fp16 as THUDM ships it (its names, 7 .bin shards) and as
+#             safetensors, warm load (target: .bin within 15% of safetensors); dev/cuda/chatglm_gpu.sh adds decode
 #   OUT=/tmp/o STAGES="build tests thudm binload" bash dev/cuda/verify_gpu.sh      carry [".devobj", ".thudm"]
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
