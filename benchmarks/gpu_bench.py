@@ -28,14 +28,14 @@ def log(*a):
     print(*a, flush=True)
 
 
-def make_checkpoint(d, shape="qwen2.5-7b", shards=4):
+def make_checkpoint(d, shape="qwen2.5-7b", shards=4, num_hidden_layers=None):
     import torch
     from safetensors.torch import save_file
-    from synth import SHAPES, tensors_for
+    from synth import config, tensors_for
     if os.path.isfile(os.path.join(d, "model.safetensors.index.json")):
         return
     os.makedirs(d, exist_ok=True)
-    cfg = dict(SHAPES[shape], torch_dtype="bfloat16")
+    cfg = config(shape, "bfloat16", num_hidden_layers)
     specs = list(tensors_for(cfg))
     total = sum(int(np.prod(s)) * 2 for _, s in specs)
     per = total / shards
