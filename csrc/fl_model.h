@@ -215,7 +215,6 @@ typedef struct {
     float repetition_penalty;/* 1: off */
     uint64_t seed;
     const int32_t *eos; int n_eos;
-    int32_t pad_id;
 } fl_gen_params;
 
 

@@ -14,6 +14,14 @@ byte flips / truncation of the written files. Then:
     fastload.AutoTokenizer.from_pretrained(path)                            (+ encode/decode if it loads)
     fastload.AutoConfig.from_pretrained(path), fastload.GenerationConfig.from_pretrained(path)
 
+An input that starts with a zip local header (PK\x03\x04) is not read as choices: it is a PyTorch `.bin`
+(torch.save's zip; the seeds are the fixtures of tests/fixtures/torch_bin/, so libFuzzer mutates real zips and
+the pickles in them). Its stored entries get their CRC-32 recomputed (where the zip directory can be followed),
+so that changed bytes of data.pkl reach the pickle interpreter rather than the CRC check; it is written as
+pytorch_model.bin next to the tiny qwen2_bin fixture's config.json, and fastload.torchbin.open_file reads it
+(every tensor of an accepted table read back) before the calls above run on the directory. (No reproducer
+in fuzz/crashers/ starts so: they build what they built before this case existed.)
+
 ALLOW-LIST (anything else is a finding and is re-raised, so that atheris reports it and saves the input):
   - fastload.CheckpointError (a ValueError subclass): a malformed / hostile checkpoint;
   - NotImplementedError: valid but unsupported (architecture, dtype, rope type, ...);
@@ -58,6 +66,7 @@ import sys
 import tempfile
 import traceback
 import warnings
+import zlib
 
 os.environ.setdefault("FASTLOAD_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -74,6 +83,7 @@ from tiny_models import GGML, T  # noqa: E402
 with atheris.instrument_imports(include=["fastload"]):
     import fastload  # noqa: E402
     import fastload.gguf_tokenizer  # noqa: E402,F401
+    import fastload.torchbin  # noqa: E402
 
 CANARY = "root:x:0:0:FUZZ-CANARY-OUTSIDE-FILE"
 COLLECT = os.environ.get("FUZZ_PY_COLLECT")
@@ -101,6 +111,12 @@ GG_TEMPLATES = [tm.gguf_model(seed=0, arch="llama", tokenizer="gpt2"),
                 tm.gguf_model(seed=2, arch="llama", tokenizer="llama", types=[GGML.Q8_0, GGML.F16])]
 TOK_TEMPLATE = tm.tokenizer_dict()
 TOKCFG_TEMPLATE = tm.tokenizer_config()
+BIN_MAGIC = b"PK\x03\x04"  # an input that starts so is a whole torch zip (build_bin_dir)
+BIN_FIXTURE = os.path.join(HERE, "..", "tests", "fixtures", "torch_bin", "qwen2_bin")
+BIN_FILES = {}
+for _n in ("config.json", "generation_config.json"):
+    with open(os.path.join(BIN_FIXTURE, _n), "rb") as _f:
+        BIN_FILES[_n] = _f.read()
 
 CONFIG_KEYS = ["architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
                "num_key_value_heads", "head_dim", "num_hidden_layers", "vocab_size", "max_position_embeddings",
@@ -500,6 +516,54 @@ def build_gguf(fdp, root, d, log):
     return os.path.join(d, name) if fdp.ConsumeBool() else d
 
 
+def fix_zip_crcs(b: bytes) -> bytes:
+    """`b` with the CRC-32 that the central directory gives each stored zip entry (the one torchbin checks;
+    torch.save leaves the local headers' at 0) recomputed from the entry's bytes, as far as the directory
+    can be followed; the rest as it is. Never raises on any input."""
+    b = bytearray(b)
+    at = b.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(b):
+        return bytes(b)
+    n, _, p = struct.unpack_from("<HII", b, at + 10)  # entries, directory size, directory offset
+    for _ in range(n):
+        if p + 46 > len(b) or b[p:p + 4] != b"PK\x01\x02":
+            break
+        method, = struct.unpack_from("<H", b, p + 10)
+        csize, = struct.unpack_from("<I", b, p + 20)
+        nlen, elen, clen = struct.unpack_from("<HHH", b, p + 28)
+        hdr, = struct.unpack_from("<I", b, p + 42)
+        if method == 0 and hdr + 30 <= len(b) and b[hdr:hdr + 4] == b"PK\x03\x04":
+            lnlen, lelen = struct.unpack_from("<HH", b, hdr + 26)
+            start = hdr + 30 + lnlen + lelen
+            if start + csize <= len(b):
+                struct.pack_into("<I", b, p + 16, zlib.crc32(b[start:start + csize]))
+        p += 46 + nlen + elen + clen
+    return bytes(b)
+
+
+def build_bin_dir(data, d, log):
+    """The input as pytorch_model.bin (CRCs fixed) beside the qwen2_bin fixture's config files."""
+    for name, b in BIN_FILES.items():
+        write_in(d, name, b)
+    fixed = fix_zip_crcs(data)
+    write_in(d, "pytorch_model.bin", fixed)
+    log.append(f"pytorch_model.bin: {len(data)} bytes{'' if fixed == data else ', CRCs recomputed'}")
+    return d
+
+
+def run_bin(path, root):
+    """fastload.torchbin.open_file on the .bin; when it accepts the file, every tensor must read back."""
+    try:
+        f = fastload.torchbin.open_file(os.path.join(path, "pytorch_model.bin"))
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, (KeyboardInterrupt, SystemExit, Hang, Finding)) or not allowed(e, root):
+            raise
+        return
+    with f:
+        for name in f.keys():
+            np.asarray(f.get(name)).tobytes()  # every byte touched: a range past the file would fault
+
+
 # ------------------------------------------------------------------------------------------------
 # the property
 # ------------------------------------------------------------------------------------------------
@@ -719,6 +783,12 @@ def build_skipped(e, data, log):
             f.write(f"{sig}\n\n" + "".join(traceback.format_exception(e)) + "\nbuilt:\n" + "\n".join(log) + "\n")
 
 
+def run_input(path, root, torch_bin):
+    if torch_bin:
+        run_bin(path, root)
+    run_one(path, root)
+
+
 def TestOneInput(data: bytes):
     global _ROOT
     if _ROOT is None:
@@ -729,10 +799,15 @@ def TestOneInput(data: bytes):
     os.makedirs(d)
     fdp = atheris.FuzzedDataProvider(data)
     log = []
+    torch_bin = data.startswith(BIN_MAGIC)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy's overflow warnings from the test writers
         try:
-            path = build_gguf(fdp, root, d, log) if fdp.ConsumeIntInRange(0, 2) == 0 else build_st_dir(fdp, root, d, log)
+            if torch_bin:
+                path = build_bin_dir(data, d, log)
+            else:
+                path = (build_gguf(fdp, root, d, log) if fdp.ConsumeIntInRange(0, 2) == 0
+                        else build_st_dir(fdp, root, d, log))
         except Exception as e:  # noqa: BLE001 - see build_skipped: the builders never call fastload
             build_skipped(e, data, log)
             return
@@ -743,12 +818,12 @@ def TestOneInput(data: bytes):
         dump(d, DUMP)
         print(f"checkpoint written to {DUMP} (load: {os.path.join(DUMP, os.path.relpath(path, d))})", file=sys.stderr)
     if not COLLECT:
-        run_one(path, root)
+        run_input(path, root, torch_bin)
         return
     if HANG_S > 0:
         signal.setitimer(signal.ITIMER_REAL, HANG_S)
     try:
-        run_one(path, root)
+        run_input(path, root, torch_bin)
     except BaseException as e:  # noqa: BLE001 - triage mode records and goes on
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

@@ -137,6 +137,15 @@ def python_seeds():
         out[f"rand-{i:02d}"] = rng.integers(0, 256, size=int(rng.integers(8, 400)), dtype=np.uint8).tobytes()
     out["zeros"] = b"\0" * 64
     out["ones"] = b"\xff" * 64
+    # whole torch zips (fuzz_python.py reads an input that starts with PK\x03\x04 as a pytorch_model.bin):
+    # the tests' fixtures written by torch.save (tools/make_bin_fixtures.py), the valid ones and the refused
+    # zips (a deflated copy, a nested dict, complex, a transposed view); not the sharded llama_bin (over
+    # run.sh's -max_len) nor legacy.bin (no zip)
+    bins = os.path.join(HERE, "..", "tests", "fixtures", "torch_bin")
+    for rel in ("qwen2_bin/pytorch_model.bin", "odd/views.bin", "odd/p4.bin", "odd/compressed.bin", "odd/nested.bin",
+                "odd/complex.bin", "odd/noncontig.bin"):
+        with open(os.path.join(bins, rel), "rb") as f:
+            out["bin-" + rel.replace("/", "-")] = f.read()
     return out
 
 

@@ -187,7 +187,7 @@ python_run() {
     # new inputs go to the scratch corpus (the first directory), never into the committed seeds
     (cd "$BUILD/findings/fuzz_python" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
         "$PYTHON" "$HERE/fuzz_python.py" -max_total_time="$secs" -timeout=10 -rss_limit_mb=3072 \
-        -max_len=65536 -print_final_stats=1 -artifact_prefix="$BUILD/findings/fuzz_python/" \
+        -max_len=131072 -print_final_stats=1 -artifact_prefix="$BUILD/findings/fuzz_python/" \
         "$BUILD/corpus/fuzz_python" "$HERE/corpus/fuzz_python") >"$log" 2>&1 || rc=$?
     local execs rate
     execs="$(grep -oE 'stat::number_of_executed_units: +[0-9]+' "$log" | awk '{print $2}' | tail -1)"

@@ -10,17 +10,25 @@ No torch, no transformers: the test suite reads what the fixture script wrote.
     smol = load_case("smollm2")          # tests/fixtures/smollm2_golden.npz + .json
     path = smollm2_gguf_path()           # None when the GGUF is not installed: skip
 
+    w = fixture_weights("qwen3")         # {name: read-only float32 array}
+    d = checkpoint_copy("qwen3", tmp_path / "ckpt", change=lambda w: w.pop(k), config={"head_dim": 32})
+    m = load_cpu(d)                      # from_pretrained on the CPU in float32 (fastload imported here)
+
 See tests/fixtures/README.md for every key, what made it, and the tolerances.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+
+import st_util
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -34,6 +42,48 @@ def model_dir(name: str) -> Path:
     if name not in TINY_MODELS:
         raise KeyError(f"unknown tiny model {name!r}; have {TINY_MODELS}")
     return FIXTURES / name
+
+
+@functools.lru_cache(maxsize=None)
+def _weights(name: str) -> dict:
+    out = {}
+    for p in sorted(model_dir(name).glob("*.safetensors")):
+        out.update(st_util.read_f32(p))
+    for a in out.values():
+        a.setflags(write=False)
+    return out
+
+
+def fixture_weights(name: str) -> dict:
+    """{tensor name: float32 array} of a tiny checkpoint, every shard (BF16 widened, exactly), read once per
+    process. A new dict each call; the arrays are shared and read-only: a change makes a new array."""
+    return dict(_weights(name))
+
+
+def checkpoint_copy(name: str, dst, change=None, config=None) -> Path:
+    """A copy of tiny checkpoint `name` in folder dst (made if missing; returned): config.json with the keys of
+    the dict `config` set, generation_config.json as is, and one float32 model.safetensors (no index) of
+    fixture_weights(name) passed through change(dict) first (it may pop, add or replace entries)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_dir(name) / "generation_config.json", dst)
+    cfg = json.loads((model_dir(name) / "config.json").read_text(encoding="utf-8"))
+    cfg.update(config or {})
+    (dst / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    w = fixture_weights(name)
+    if change:
+        change(w)
+    st_util.write(dst / "model.safetensors", w, metadata={"format": "pt"})
+    return dst
+
+
+def load_cpu(path, **kw):
+    """fastload.AutoModelForCausalLM.from_pretrained(path) with device_map "cpu" and torch_dtype "float32" unless
+    kw says otherwise (fastload is imported here: the rest of this module needs numpy alone)."""
+    import fastload
+    kw.setdefault("device_map", "cpu")
+    kw.setdefault("torch_dtype", "float32")
+    return fastload.AutoModelForCausalLM.from_pretrained(str(path), **kw)
 
 
 def load_case(name: str) -> dict:

@@ -16,18 +16,13 @@ import pytest
 
 import fastload
 from fastload import _C
-from golden_util import FIXTURES, assert_greedy_match, assert_logits_close, model_dir
+from golden_util import FIXTURES, assert_greedy_match, assert_logits_close, load_cpu, model_dir
 import st_util
 
 LORA = FIXTURES / "lora"
 ADAPTERS = ("qv", "rs", "od")
 REL = 1e-5
 CheckpointError = fastload.CheckpointError
-
-
-def load(path, **kw):
-    kw.setdefault("torch_dtype", "float32")
-    return fastload.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", **kw)
 
 
 def golden(name):
@@ -77,7 +72,7 @@ def q_a(layer=0, kind="q_proj", side="A"):
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_logits_and_greedy_equal_peft(name):
     g = golden(name)
-    m = load(model_dir("llama"), adapter=LORA / name)
+    m = load_cpu(model_dir("llama"), adapter=LORA / name)
     tol = REL * float(np.abs(g["single_logits"]).max())
     err = assert_logits_close(m(g["single_ids"]).logits, g["single_logits"], atol=tol, what=f"{name} single")
     assert_logits_close(m(input_ids=g["batch_ids"], attention_mask=g["batch_mask"]).logits, g["batch_logits"],
@@ -95,14 +90,14 @@ def test_logits_and_greedy_equal_peft(name):
 def test_adapter_matters():
     """The base alone is far from the adapter's golden (the test above cannot pass by ignoring the adapter)."""
     g = golden("qv")
-    base = load(model_dir("llama"))
+    base = load_cpu(model_dir("llama"))
     assert np.abs(base(g["single_ids"]).logits - g["single_logits"]).max() > 1.0
 
 
 def test_merge_equals_numpy_merge(tmp_path):
     """rsLoRA + rank_pattern + alpha_pattern: the merged weights (save_pretrained exports what the core holds) are
     W + scale * B @ A with PEFT's per-module r and alpha, computed here in numpy."""
-    m = load(model_dir("llama"), adapter=LORA / "rs")
+    m = load_cpu(model_dir("llama"), adapter=LORA / "rs")
     m.save_pretrained(tmp_path / "merged")
     got = {}
     for p in sorted((tmp_path / "merged").glob("*.safetensors")):
@@ -127,7 +122,7 @@ def test_merge_equals_numpy_merge(tmp_path):
 
 
 def test_modules_to_save_replaces_lm_head(tmp_path):
-    m = load(model_dir("llama"), adapter=LORA / "od")
+    m = load_cpu(model_dir("llama"), adapter=LORA / "od")
     m.save_pretrained(tmp_path / "merged")
     got = {}
     for p in sorted((tmp_path / "merged").glob("*.safetensors")):
@@ -140,8 +135,8 @@ def test_modules_to_save_replaces_lm_head(tmp_path):
 def test_adapter_dir_with_relative_base_equals_adapter_argument():
     """tests/fixtures/lora/qv/adapter_config.json names "../../llama": not found from the working directory, then
     found from the adapter directory."""
-    a = load(LORA / "qv")
-    b = load(model_dir("llama"), adapter=LORA / "qv")
+    a = load_cpu(LORA / "qv")
+    b = load_cpu(model_dir("llama"), adapter=LORA / "qv")
     ids = golden("qv")["single_ids"]
     assert np.array_equal(a(ids).logits, b(ids).logits)
     assert a.load_stats["lora"]["path"] == str(LORA / "qv")
@@ -150,35 +145,35 @@ def test_adapter_dir_with_relative_base_equals_adapter_argument():
 def test_adapter_dir_with_absolute_base(tmp_path):
     d = adapter_copy(tmp_path / "ad")
     ids = golden("qv")["single_ids"]
-    assert np.array_equal(load(d)(ids).logits, load(model_dir("llama"), adapter=LORA / "qv")(ids).logits)
+    assert np.array_equal(load_cpu(d)(ids).logits, load_cpu(model_dir("llama"), adapter=LORA / "qv")(ids).logits)
 
 
 def test_adapter_dir_base_relative_to_working_directory(tmp_path, monkeypatch):
     d = adapter_copy(tmp_path / "ad", base="llama")
     monkeypatch.chdir(FIXTURES)
     ids = golden("qv")["single_ids"]
-    assert np.array_equal(load(d)(ids).logits, load(model_dir("llama"), adapter=LORA / "qv")(ids).logits)
+    assert np.array_equal(load_cpu(d)(ids).logits, load_cpu(model_dir("llama"), adapter=LORA / "qv")(ids).logits)
 
 
 def test_adapter_dir_without_base(tmp_path):
     d = adapter_copy(tmp_path / "ad", cfg={"base_model_name_or_path": None})
     with pytest.raises(ValueError, match="base_model_name_or_path"):
-        load(d)
+        load_cpu(d)
     d = adapter_copy(tmp_path / "ad2", base="./no/such/base")
     with pytest.raises(FileNotFoundError, match="base_model_name_or_path"):
-        load(d)
+        load_cpu(d)
 
 
 def test_adapter_argument_must_be_an_adapter():
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
-        load(model_dir("llama"), adapter=model_dir("qwen2"))
+        load_cpu(model_dir("llama"), adapter=model_dir("qwen2"))
     with pytest.raises(ValueError, match="adapter directory itself"):
-        load(LORA / "qv", adapter=LORA / "rs")
+        load_cpu(LORA / "qv", adapter=LORA / "rs")
 
 
 def test_reload_to_float16_keeps_the_adapter():
     g = golden("qv")
-    m = load(model_dir("llama"), adapter=LORA / "qv")
+    m = load_cpu(model_dir("llama"), adapter=LORA / "qv")
     m.half()
     assert str(m.dtype) == "float16"
     err = np.abs(m(g["single_ids"]).logits - g["single_logits"]).max()
@@ -192,16 +187,16 @@ def test_merged_before_quantisation(tmp_path, scheme):
     quantiser saw W + scale * B @ A, bit for bit."""
     g = golden("qv")
     merged = tmp_path / "merged"
-    load(model_dir("llama"), adapter=LORA / "qv").save_pretrained(merged)
-    a = load(model_dir("llama"), adapter=LORA / "qv", quantization_config=scheme)
-    b = load(merged, quantization_config=scheme)
+    load_cpu(model_dir("llama"), adapter=LORA / "qv").save_pretrained(merged)
+    a = load_cpu(model_dir("llama"), adapter=LORA / "qv", quantization_config=scheme)
+    b = load_cpu(merged, quantization_config=scheme)
     assert a.is_quantized and a.load_stats["lora"]["merged"]
     la, lb = a(g["single_ids"]).logits, b(g["single_ids"]).logits
     assert np.array_equal(la, lb)
     if scheme != "int8":
         return  # int4 on this tiny random model moves logits by tens either way: only the equality above is telling
     # and the int8 merge is near PEFT's float32 reference, far nearer than the int8 base
-    base = load(model_dir("llama"), quantization_config=scheme)(g["single_ids"]).logits
+    base = load_cpu(model_dir("llama"), quantization_config=scheme)(g["single_ids"]).logits
     err, err_base = np.abs(la - g["single_logits"]).max(), np.abs(base - g["single_logits"]).max()
     assert err < err_base / 5, (err, err_base)
 
@@ -211,21 +206,21 @@ def test_missing_lora_b(tmp_path):
     d = adapter_copy(tmp_path / "ad", drop=[q_a(1, side="B")])
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors.*layers\.1\.self_attn\.q_proj\.lora_A.*"
                                               r"no matching lora_B"):
-        load(d)
+        load_cpu(d)
 
 
 def test_rank_mismatch_with_config(tmp_path):
     d = adapter_copy(tmp_path / "ad", cfg={"r": 8})
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors.*tensor '.*lora_A\.weight' has shape "
                                               r"\[4, 128\].*r = 8"):
-        load(d)
+        load_cpu(d)
 
 
 def test_a_b_rank_disagree(tmp_path):
     b = np.zeros((128, 3), np.float32)
     d = adapter_copy(tmp_path / "ad", add={q_a(0, side="B"): b})
     with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.q_proj\.lora_B\.weight' has shape \[128, 3\]"):
-        load(d)
+        load_cpu(d)
 
 
 def test_factor_shape_does_not_fit_the_weight(tmp_path):
@@ -233,23 +228,23 @@ def test_factor_shape_does_not_fit_the_weight(tmp_path):
     d = adapter_copy(tmp_path / "ad", add={q_a(2): np.zeros((4, 96), np.float32)})
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: LoRA A '.*layers\.2\.self_attn\.q_proj"
                                               r"\.lora_A\.weight' has shape \[4, 96\], expected \[4, 128\]"):
-        load(d)
+        load_cpu(d)
 
 
 def test_unknown_target_module(tmp_path):
     d = adapter_copy(tmp_path / "ad", cfg={"target_modules": ["q_proj", "v_proj", "foo_proj"]})
     with pytest.raises(CheckpointError, match=r"adapter_config\.json: target module 'foo_proj' matches no module"):
-        load(d)
+        load_cpu(d)
     d = adapter_copy(tmp_path / "ad2", add={q_a(0, "foo_proj"): np.zeros((4, 128), np.float32),
                                             q_a(0, "foo_proj", "B"): np.zeros((128, 4), np.float32)})
     with pytest.raises(CheckpointError, match=r"tensor '.*foo_proj\.lora_A\.weight': the base model has no module"):
-        load(d)
+        load_cpu(d)
 
 
 def test_tensor_outside_target_modules(tmp_path):
     d = adapter_copy(tmp_path / "ad", cfg={"target_modules": ["q_proj"]})
     with pytest.raises(CheckpointError, match=r"v_proj\.lora_A\.weight': module '.*v_proj' is not in target_modules"):
-        load(d)
+        load_cpu(d)
 
 
 @pytest.mark.parametrize("cfg,exc,pat", [
@@ -267,7 +262,7 @@ def test_tensor_outside_target_modules(tmp_path):
 def test_bad_config(tmp_path, cfg, exc, pat):
     d = adapter_copy(tmp_path / "ad", cfg=cfg)
     with pytest.raises(exc, match=pat) as ei:
-        load(d)
+        load_cpu(d)
     assert "adapter_config.json" in str(ei.value)
 
 
@@ -277,21 +272,21 @@ def test_non_finite_factor(tmp_path):
     d = adapter_copy(tmp_path / "ad", add={q_a(1, "v_proj"): a})
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors: LoRA A '.*layers\.1\.self_attn\.v_proj"
                                          r"\.lora_A\.weight' holds a non-finite value"):
-        load(d)
+        load_cpu(d)
 
 
 def test_merge_overflowing_float16(tmp_path):
     """A scale within the config limit whose merged values overflow float16: refused, naming the tensor."""
     d = adapter_copy(tmp_path / "ad", cfg={"lora_alpha": 4e6})
     with pytest.raises(ValueError, match=r"q_proj\.weight'.*merging LoRA.*non-finite float16"):
-        load(model_dir("llama"), adapter=d, torch_dtype="float16")
+        load_cpu(model_dir("llama"), adapter=d, torch_dtype="float16")
 
 
 def test_embedding_lora_refused(tmp_path):
     d = adapter_copy(tmp_path / "ad", add={"base_model.model.model.embed_tokens.lora_embedding_A":
                                            np.zeros((4, 512), np.float32)})
     with pytest.raises(NotImplementedError, match="LoRA on embeddings"):
-        load(d)
+        load_cpu(d)
 
 
 def test_lm_head_lora_on_tied_model_refused(tmp_path):
@@ -304,14 +299,14 @@ def test_lm_head_lora_on_tied_model_refused(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                                        "target_modules": ["lm_head"]}))
     with pytest.raises(CheckpointError, match="lm_head"):
-        load(model_dir("qwen2"), adapter=d)
+        load_cpu(model_dir("qwen2"), adapter=d)
 
 
 def test_lora_on_gptq_base_refused(tmp_path):
     import quant_fixtures as qf
     q, _ = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": True, "desc_act": False})
     with pytest.raises(NotImplementedError, match=r"LoRA on a GPTQ-quantised base"):
-        load(q, adapter=adapter_copy(tmp_path / "ad"))
+        load_cpu(q, adapter=adapter_copy(tmp_path / "ad"))
 
 
 def test_lora_on_gguf_refused(tmp_path):
@@ -319,13 +314,13 @@ def test_lora_on_gguf_refused(tmp_path):
     g = tmp_path / "m.gguf"
     g.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(NotImplementedError, match="LoRA adapters on a GGUF model are not supported"):
-        load(g, adapter=LORA / "qv")
+        load_cpu(g, adapter=LORA / "qv")
 
 
 def test_fan_in_fan_out_is_ignored_with_a_warning(tmp_path):
     d = adapter_copy(tmp_path / "ad", cfg={"fan_in_fan_out": True})
     with pytest.warns(UserWarning, match="fan_in_fan_out"):
-        m = load(d)
+        m = load_cpu(d)
     g = golden("qv")
     assert_logits_close(m(g["single_ids"]).logits, g["single_logits"], atol=REL * 50)
 
@@ -363,7 +358,7 @@ def test_gpu_half_equals_peft(dtype, tol):
 
 @gpu
 def test_gpu_merge_equals_cpu_merge(tmp_path):
-    load(model_dir("llama"), adapter=LORA / "rs").save_pretrained(tmp_path / "cpu")
+    load_cpu(model_dir("llama"), adapter=LORA / "rs").save_pretrained(tmp_path / "cpu")
     load_gpu(model_dir("llama"), adapter=LORA / "rs").save_pretrained(tmp_path / "gpu")
     a, b = {}, {}
     for p in sorted((tmp_path / "cpu").glob("*.safetensors")):

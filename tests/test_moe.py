@@ -7,14 +7,13 @@ result), routing against numpy, loading errors that name the tensor, config erro
 engine generation, quantised experts and save_pretrained.
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import fastload
 from fastload import CheckpointError
-from golden_util import load_case, model_dir
+from golden_util import checkpoint_copy, fixture_weights, load_case, load_cpu, model_dir
 import st_util
 
 CASE = load_case("mixtral")
@@ -24,29 +23,12 @@ D, F = CFG["hidden_size"], CFG["intermediate_size"]
 EXP = "model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight"
 
 
-WEIGHTS = st_util.read_f32(model_dir("mixtral") / "model.safetensors")
+WEIGHTS = fixture_weights("mixtral")
 
 
 def checkpoint(tmp_path, change=None, config=None, name="ckpt"):
-    """A copy of the fixture with its tensors passed through change(dict) and its config through config(dict)."""
-    d = tmp_path / name
-    d.mkdir()
-    shutil.copy(model_dir("mixtral") / "generation_config.json", d)
-    cfg = dict(CFG)
-    if config:
-        config(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    w = dict(WEIGHTS)
-    if change:
-        change(w)
-    st_util.write(str(d / "model.safetensors"), w)
-    return d
-
-
-def load(path, **kw):
-    kw.setdefault("device_map", "cpu")
-    kw.setdefault("torch_dtype", "float32")
-    return fastload.AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    """The mixtral fixture copied to tmp_path / name, tensors through change, config keys set from config."""
+    return checkpoint_copy("mixtral", tmp_path / name, change, config)
 
 
 def logits(m, ids=None):
@@ -55,7 +37,7 @@ def logits(m, ids=None):
 
 @pytest.fixture(scope="module")
 def ref_model():
-    return load(model_dir("mixtral"))
+    return load_cpu(model_dir("mixtral"))
 
 
 def test_hub_layout_is_what_transformers_saves():
@@ -76,7 +58,7 @@ def test_fused_layout_gives_the_same_logits(tmp_path, ref_model):
         w[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gu
         w[f"model.layers.{i}.mlp.experts.down_proj"] = dn
         w[f"model.layers.{i}.mlp.gate.weight"] = w.pop(f"model.layers.{i}.block_sparse_moe.gate.weight")
-    m = load(checkpoint(tmp_path, fuse))
+    m = load_cpu(checkpoint(tmp_path, fuse))
     np.testing.assert_array_equal(logits(m), logits(ref_model))
 
 
@@ -87,7 +69,7 @@ def test_fused_layout_shape_error_names_the_tensor(tmp_path):
         w["model.layers.0.mlp.experts.gate_up_proj"] = gu.reshape(E * 2 * F, D)  # 2-D: not the fused layout
         w["model.layers.0.mlp.experts.down_proj"] = np.stack([w.pop(EXP.format(i=0, j=j, w="w2")) for j in range(E)])
     with pytest.raises(CheckpointError, match=r"gate_up_proj.*expected \[4, 192, 64\]"):
-        load(checkpoint(tmp_path, fuse_bad))
+        load_cpu(checkpoint(tmp_path, fuse_bad))
 
 
 def _rms(x, w, eps):
@@ -122,7 +104,7 @@ def test_only_the_chosen_experts_matter(tmp_path, ref_model, tok):
         def scale(w, j=j):
             for part in ("w1", "w2", "w3"):
                 w[EXP.format(i=0, j=j, w=part)] = w[EXP.format(i=0, j=j, w=part)] * 3.0
-        got = logits(load(checkpoint(tmp_path, scale, name=f"e{tok}_{j}")), ids)
+        got = logits(load_cpu(checkpoint(tmp_path, scale, name=f"e{tok}_{j}")), ids)
         if j in chosen:
             assert np.abs(got - base).max() > 1e-3, (tok, j, chosen)
         else:
@@ -180,18 +162,18 @@ def test_norm_topk_prob_reaches_the_core():
 def test_missing_expert_tensor_is_named(tmp_path):
     name = EXP.format(i=1, j=2, w="w3")
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight'"):
-        load(checkpoint(tmp_path, lambda w: w.pop(name)))
+        load_cpu(checkpoint(tmp_path, lambda w: w.pop(name)))
 
 
 def test_missing_router_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"block_sparse_moe\.gate\.weight"):
-        load(checkpoint(tmp_path, lambda w: w.pop("model.layers.0.block_sparse_moe.gate.weight")))
+        load_cpu(checkpoint(tmp_path, lambda w: w.pop("model.layers.0.block_sparse_moe.gate.weight")))
 
 
 def test_expert_shape_error_names_the_tensor(tmp_path):
     name = EXP.format(i=0, j=1, w="w2")
     with pytest.raises(CheckpointError, match=r"experts\.1\.w2\.weight.*expected \[64, 96\]"):
-        load(checkpoint(tmp_path, lambda w: w.__setitem__(name, w[name][:, :-1].copy())))
+        load_cpu(checkpoint(tmp_path, lambda w: w.__setitem__(name, w[name][:, :-1].copy())))
 
 
 @pytest.mark.parametrize("k, msg", [(0, r"'num_experts_per_tok' must be a positive integer"),
@@ -199,12 +181,12 @@ def test_expert_shape_error_names_the_tensor(tmp_path):
                                     (True, r"'num_experts_per_tok' must be")])
 def test_bad_num_experts_per_tok_names_the_key(tmp_path, k, msg):
     with pytest.raises(CheckpointError, match=msg):
-        load(checkpoint(tmp_path, config=lambda c: c.__setitem__("num_experts_per_tok", k)))
+        load_cpu(checkpoint(tmp_path, config={"num_experts_per_tok": k}))
 
 
 def test_bad_num_local_experts_names_the_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"'num_local_experts' must be a positive integer <= 256, got 1000"):
-        load(checkpoint(tmp_path, config=lambda c: c.__setitem__("num_local_experts", 1000)))
+        load_cpu(checkpoint(tmp_path, config={"num_local_experts": 1000}))
 
 
 def test_core_checks_top_k_itself():
@@ -220,15 +202,12 @@ def test_core_checks_top_k_itself():
 
 
 def test_shared_expert_and_dense_layers_are_refused(tmp_path):
-    d = model_dir("qwen3_moe")
-    cfg = json.loads((d / "config.json").read_text())
-    for change, msg in (({"mlp_only_layers": [0]}, "mlp_only_layers"), ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
-                        ({"shared_expert_intermediate_size": 32}, "shared expert")):
-        p = tmp_path / f"q{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(d, p)
-        (p / "config.json").write_text(json.dumps({**cfg, **change}))
+    for i, (change, msg) in enumerate((({"mlp_only_layers": [0]}, "mlp_only_layers"),
+                                       ({"decoder_sparse_step": 2}, "decoder_sparse_step"),
+                                       ({"shared_expert_intermediate_size": 32}, "shared expert"))):
+        p = checkpoint_copy("qwen3_moe", tmp_path / f"q{i}", config=change)
         with pytest.raises(NotImplementedError, match=msg):
-            load(p)
+            load_cpu(p)
 
 
 def test_generate_through_the_engine_equals_the_fixture(ref_model):
@@ -255,7 +234,7 @@ def test_quantised_experts_on_cpu(scheme, w_err, l2):
     """Quantisation at load covers the experts (not the router): each expert's rows read back (dequantised) near
     the checkpoint's, and the logits stay near the float ones (a tiny random model: a few routing flips)."""
     from fastload import arch as archmod
-    m = load(model_dir("mixtral"), quantization_config=fastload.QuantConfig(scheme=scheme))
+    m = load_cpu(model_dir("mixtral"), quantization_config=fastload.QuantConfig(scheme=scheme))
     lay = {x["name"]: x["dtype"] for x in m._core.layouts()}
     assert lay["layers.0.moe_w13"] == scheme and lay["layers.1.moe_w2"] == scheme
     assert lay["layers.0.moe_router"] == "float32"
@@ -280,7 +259,7 @@ def test_save_pretrained_round_trip(tmp_path, ref_model):
     assert set(w) == set(WEIGHTS)
     for k in WEIGHTS:
         np.testing.assert_array_equal(w[k], WEIGHTS[k], err_msg=k)
-    np.testing.assert_array_equal(logits(load(tmp_path / "saved")), logits(ref_model))
+    np.testing.assert_array_equal(logits(load_cpu(tmp_path / "saved")), logits(ref_model))
 
 
 def test_nan_router_logits_still_choose_distinct_experts():

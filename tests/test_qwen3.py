@@ -7,15 +7,13 @@ GGUF names (blk.N.attn_q_norm / attn_k_norm), quantisation leaving the norm weig
 and the config rules (head_dim default 128, attention_bias unsupported).
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-import fastload
 from fastload import CheckpointError, _C
 from fastload import arch as archmod
-from golden_util import assert_logits_close, load_case, model_dir
+from golden_util import assert_logits_close, checkpoint_copy, fixture_weights, load_case, load_cpu, model_dir
 from gguf_util import GGML, GGUFWriter, T
 import st_util
 
@@ -25,26 +23,12 @@ CFG = json.loads((model_dir("qwen3") / "config.json").read_text())
 L, HD, NH, NKV = CFG["num_hidden_layers"], CFG["head_dim"], CFG["num_attention_heads"], CFG["num_key_value_heads"]
 
 
-WEIGHTS = st_util.read_f32(model_dir("qwen3") / "model.safetensors")
+WEIGHTS = fixture_weights("qwen3")
 
 
 def checkpoint(tmp_path, change=None):
-    """A copy of the fixture with its tensors (as float32) passed through change(dict) first."""
-    d = tmp_path / "ckpt"
-    d.mkdir()
-    for f in ("config.json", "generation_config.json"):
-        shutil.copy(model_dir("qwen3") / f, d)
-    w = dict(WEIGHTS)
-    if change:
-        change(w)
-    st_util.write(str(d / "model.safetensors"), w)
-    return d
-
-
-def load(path, **kw):
-    kw.setdefault("device_map", "cpu")
-    kw.setdefault("torch_dtype", "float32")
-    return fastload.AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    """The qwen3 fixture copied to tmp_path / "ckpt", its tensors (as float32) passed through change(dict) first."""
+    return checkpoint_copy("qwen3", tmp_path / "ckpt", change)
 
 
 def single_logits(m):
@@ -113,7 +97,7 @@ def test_rope_store_qk_norm_shape_checked():
 # ------------------------------------------------------------------------------------------------
 def test_fixture_reloaded_as_float32_matches_golden(tmp_path):
     """The rewritten checkpoint (float32 tensors) is the same model: the baseline of the tests below."""
-    m = load(checkpoint(tmp_path))
+    m = load_cpu(checkpoint(tmp_path))
     assert m.arch.name == "Qwen3ForCausalLM" and m.arch.qk_norm
     assert_logits_close(single_logits(m), CASE["single_logits"], ATOL)
 
@@ -126,7 +110,7 @@ def test_norm_weights_change_the_logits(tmp_path, which):
         for i in range(L):
             k = f"model.layers.{i}.self_attn.{which}.weight"
             w[k] = (w[k] * (1 + 0.5 * rng.standard_normal(HD))).astype(np.float32)
-    got = single_logits(load(checkpoint(tmp_path, scale)))
+    got = single_logits(load_cpu(checkpoint(tmp_path, scale)))
     diff = np.abs(got - CASE["single_logits"]).max(-1)[0]
     # position 0 attends only to itself: q and k cannot change it; every later position must move materially
     assert diff[0] < ATOL, diff
@@ -136,14 +120,14 @@ def test_norm_weights_change_the_logits(tmp_path, which):
 def test_missing_q_norm_names_the_tensor(tmp_path):
     p = checkpoint(tmp_path, lambda w: w.pop("model.layers.1.self_attn.q_norm.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.q_norm\.weight'"):
-        load(p)
+        load_cpu(p)
 
 
 def test_wrong_k_norm_shape_names_the_tensor(tmp_path):
     def bad(w):
         w["model.layers.2.self_attn.k_norm.weight"] = np.ones(HD + 2, np.float32)
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.self_attn\.k_norm\.weight.*k_norm.*expected \[48\]"):
-        load(checkpoint(tmp_path, bad))
+        load_cpu(checkpoint(tmp_path, bad))
 
 
 def test_a_row_without_qk_norm_leaves_the_norms_unused(tmp_path):
@@ -152,7 +136,7 @@ def test_a_row_without_qk_norm_leaves_the_norms_unused(tmp_path):
     p = checkpoint(tmp_path)
     (p / "config.json").write_text(json.dumps(dict(CFG, architectures=["LlamaForCausalLM"], model_type="llama")))
     with pytest.warns(UserWarning, match=r"6 checkpoint tensor\(s\) not used by LlamaForCausalLM.*q_norm"):
-        m = load(p)
+        m = load_cpu(p)
     assert not m.arch.qk_norm
     assert np.abs(single_logits(m) - CASE["single_logits"]).max(-1)[0, 1:].min() > 0.05
 
@@ -161,7 +145,7 @@ def test_a_row_without_qk_norm_leaves_the_norms_unused(tmp_path):
 # quantisation, saving, parameters, config rules
 # ------------------------------------------------------------------------------------------------
 def test_quantised_at_load_keeps_the_norms_float():
-    m = load(model_dir("qwen3"), load_in_8bit=True, torch_dtype="float32")
+    m = load_cpu(model_dir("qwen3"), load_in_8bit=True, torch_dtype="float32")
     lay = {d["name"]: d for d in m._core.layouts()}
     for i in range(L):
         assert lay[f"layers.{i}.qk_norm"]["dtype"] == "float32" and lay[f"layers.{i}.qk_norm"]["rows"] == 2 * HD
@@ -171,7 +155,7 @@ def test_quantised_at_load_keeps_the_norms_float():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    m = load(model_dir("qwen3"))
+    m = load_cpu(model_dir("qwen3"))
     m.save_pretrained(tmp_path / "out")
     saved = st_util.read_f32(tmp_path / "out" / "model.safetensors")
     for i in range(L):
@@ -180,11 +164,11 @@ def test_save_pretrained_round_trip(tmp_path):
             np.testing.assert_array_equal(saved[k], WEIGHTS[k])
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["head_dim"] == HD
-    np.testing.assert_array_equal(single_logits(load(tmp_path / "out")), single_logits(m))
+    np.testing.assert_array_equal(single_logits(load_cpu(tmp_path / "out")), single_logits(m))
 
 
 def test_num_parameters_counts_the_norms():
-    m = load(model_dir("qwen3"))
+    m = load_cpu(model_dir("qwen3"))
     assert m.num_parameters() == sum(int(v.size) for v in WEIGHTS.values())
 
 
@@ -214,7 +198,7 @@ def test_attention_bias_is_refused(tmp_path):
     p = checkpoint(tmp_path)
     (p / "config.json").write_text(json.dumps(dict(CFG, attention_bias=True)))
     with pytest.raises(NotImplementedError, match="attention_bias=true is not supported for Qwen3ForCausalLM"):
-        load(p)
+        load_cpu(p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +237,7 @@ def write_qwen3_gguf(path, drop=()):
 
 
 def test_gguf_qwen3_matches_golden(tmp_path):
-    m = load(write_qwen3_gguf(tmp_path / "q3.gguf"))
+    m = load_cpu(write_qwen3_gguf(tmp_path / "q3.gguf"))
     assert m.arch.name == "Qwen3ForCausalLM" and m.config["head_dim"] == HD
     assert_logits_close(single_logits(m), CASE["single_logits"], ATOL)
     out = np.asarray(m.generate(CASE["single_ids"], max_new_tokens=16, do_sample=False))
@@ -263,4 +247,4 @@ def test_gguf_qwen3_matches_golden(tmp_path):
 def test_gguf_qwen3_missing_k_norm_names_the_tensor(tmp_path):
     p = write_qwen3_gguf(tmp_path / "q3.gguf", drop=("blk.1.attn_k_norm.weight",))
     with pytest.raises(CheckpointError, match=r"missing tensor 'blk\.1\.attn_k_norm\.weight'"):
-        load(p)
+        load_cpu(p)

@@ -6,16 +6,13 @@ float32 tensors where it uses them, Python floats where it does. The core's own 
 import importlib.util
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 
 import fastload
 from fastload import arch
-from golden_util import model_dir
-from quant_fixtures import read_safetensors
-import st_util
+from golden_util import checkpoint_copy, load_cpu, model_dir
 
 
 def yarn_reference(theta, dim, factor, orig, beta_fast=None, beta_slow=None, truncate=True, attention_factor=None,
@@ -43,19 +40,9 @@ def yarn_reference(theta, dim, factor, orig, beta_fast=None, beta_slow=None, tru
     return (inter * (1 - ef) + extra * ef).astype(np.float32), attention_factor
 
 
-def qwen2_copy(tmp_path, **config):
-    for f in model_dir("qwen2").iterdir():
-        if f.suffix in (".safetensors", ".json") and f.name != "golden.json":
-            shutil.copy(f, tmp_path)
-    p = tmp_path / "config.json"
-    d = json.load(open(p))
-    d.update(config)
-    json.dump(d, open(p, "w"))
-    return tmp_path
-
-
-def load(p, **kw):
-    return fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map="cpu", torch_dtype="float32", **kw)
+def qwen2_copy(dst, **config):
+    """The qwen2 fixture copied to dst with the given config.json keys set."""
+    return checkpoint_copy("qwen2", dst, config=config)
 
 
 CASES = [
@@ -80,7 +67,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,config,ref", CASES, ids=[c[0] for c in CASES])
 def test_yarn_frequencies_and_attention_factor_as_transformers(tmp_path, name, config, ref):
-    m = load(qwen2_copy(tmp_path, **config))
+    m = load_cpu(qwen2_copy(tmp_path, **config))
     freqs, scale_mult = m._core.rope_freqs()
     want, attn = yarn_reference(1e6, 16, **ref)
     np.testing.assert_allclose(freqs, want, rtol=2e-7, atol=0)
@@ -89,7 +76,7 @@ def test_yarn_frequencies_and_attention_factor_as_transformers(tmp_path, name, c
 
 
 def test_default_rope_table_unchanged(tmp_path):
-    m = load(qwen2_copy(tmp_path))
+    m = load_cpu(qwen2_copy(tmp_path))
     freqs, mult = m._core.rope_freqs()
     want = (np.float32(1) / np.float32(1e6) ** (np.arange(0, 16, 2).astype(np.float32) / np.float32(16)))
     np.testing.assert_allclose(freqs, want, rtol=2e-7)
@@ -101,23 +88,18 @@ def test_yarn_attention_factor_is_the_softmax_scale(tmp_path):
     attention_factor a the logits equal those of the plain model whose q projection (weight and bias) is scaled by
     a^2, which is what transformers computes."""
     a = 1.3
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    qwen2_copy(plain)
-    t = read_safetensors(plain / "model.safetensors")
-    for k in list(t):
-        if ".self_attn.q_proj." in k:
-            t[k] = (t[k].astype(np.float64) * a * a).astype(np.float32)
-    st_util.write(plain / "model.safetensors", t)
-    yarn = tmp_path / "yarn"
-    yarn.mkdir()
-    qwen2_copy(yarn, rope_scaling={"rope_type": "yarn", "factor": 1.0, "attention_factor": a})
+
+    def scale_q(t):
+        for k in list(t):
+            if ".self_attn.q_proj." in k:
+                t[k] = (t[k].astype(np.float64) * a * a).astype(np.float32)
+    plain = checkpoint_copy("qwen2", tmp_path / "plain", change=scale_q)
+    yarn = qwen2_copy(tmp_path / "yarn", rope_scaling={"rope_type": "yarn", "factor": 1.0, "attention_factor": a})
     ids = np.random.default_rng(0).integers(3, 600, (1, 40))
-    got = np.asarray(load(yarn)(ids).logits)
-    want = np.asarray(load(plain)(ids).logits)
+    got = np.asarray(load_cpu(yarn)(ids).logits)
+    want = np.asarray(load_cpu(plain)(ids).logits)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    (tmp_path / "base").mkdir()
-    base = np.asarray(load(qwen2_copy(tmp_path / "base"))(ids).logits)
+    base = np.asarray(load_cpu(qwen2_copy(tmp_path / "base"))(ids).logits)
     assert np.abs(base - want).max() > 1e-2  # a^2 changes the logits: the comparison above is not vacuous
 
 
@@ -129,12 +111,10 @@ def test_yarn_extends_the_context(tmp_path):
                                 "rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0,
                                                                     "original_max_position_embeddings": 32768}}) == 131072
     ids = np.random.default_rng(1).integers(3, 600, (1, 200))
-    (tmp_path / "y").mkdir()
-    m = load(qwen2_copy(tmp_path / "y", **yarn))
+    m = load_cpu(qwen2_copy(tmp_path / "y", **yarn))
     out = np.asarray(m.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4))
     assert out.shape == (1, 204)
-    (tmp_path / "n").mkdir()
-    plain = load(qwen2_copy(tmp_path / "n"))
+    plain = load_cpu(qwen2_copy(tmp_path / "n"))
     with pytest.raises(ValueError, match="128|context"):
         plain.generate(ids, max_new_tokens=4, do_sample=False)
 
@@ -142,7 +122,7 @@ def test_yarn_extends_the_context(tmp_path):
 def test_rope_scaling_argument_to_from_pretrained(tmp_path):
     """rope_scaling= given to from_pretrained overrides config.json, as transformers' config kwargs do."""
     p = qwen2_copy(tmp_path)
-    m = load(p, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    m = load_cpu(p, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
     want, attn = yarn_reference(1e6, 16, 4.0, 128)
     freqs, mult = m._core.rope_freqs()
     np.testing.assert_allclose(freqs, want, rtol=2e-7)
@@ -159,7 +139,7 @@ def test_rope_scaling_argument_to_from_pretrained(tmp_path):
 ])
 def test_yarn_bad_values_name_the_key(tmp_path, bad, match):
     with pytest.raises((ValueError, fastload.CheckpointError), match=match):
-        load(qwen2_copy(tmp_path, rope_scaling=bad))
+        load_cpu(qwen2_copy(tmp_path, rope_scaling=bad))
 
 
 HAVE_PEER = all(importlib.util.find_spec(x) for x in ("torch", "transformers"))
@@ -228,9 +208,8 @@ def dynamic_reference(theta, dim, factor, max_pos, L):
 def test_dynamic_rope_is_the_default_table_up_to_max_position_embeddings(tmp_path):
     """Under max_position_embeddings (128 here) dynamic NTK is the plain rope: the same logits as the model without it;
     past it the frequencies change, so later positions differ."""
-    dyn = load(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
-    (tmp_path / "plain").mkdir()
-    plain = load(qwen2_copy(tmp_path / "plain"))
+    dyn = load_cpu(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    plain = load_cpu(qwen2_copy(tmp_path / "plain"))
     ids = np.random.default_rng(3).integers(3, 600, (1, 120))
     np.testing.assert_array_equal(np.asarray(dyn(ids).logits), np.asarray(plain(ids).logits))
     long_ids = np.random.default_rng(4).integers(3, 600, (1, 200))
@@ -242,7 +221,7 @@ def test_dynamic_rope_is_the_default_table_up_to_max_position_embeddings(tmp_pat
 
 
 def test_dynamic_rope_extends_the_context(tmp_path):
-    m = load(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    m = load_cpu(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     out = np.asarray(m.generate(np.arange(3, 203)[None], max_new_tokens=4, do_sample=False, eos_token_id=[]))
     assert out.shape == (1, 204)
     with pytest.raises(ValueError, match="context"):
@@ -252,7 +231,7 @@ def test_dynamic_rope_extends_the_context(tmp_path):
 @pytest.mark.parametrize("factor", [0, -1.0, float("nan")])
 def test_dynamic_rope_bad_factor_names_it(tmp_path, factor):
     with pytest.raises((ValueError, fastload.CheckpointError), match="factor"):
-        load(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": factor}))
+        load_cpu(qwen2_copy(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": factor}))
 
 
 DYN_CASES = [(2.0, 200, 8), (4.0, 300, 6), (2.0, 122, 12)]  # factor, prompt, new tokens (the last crosses 128 in decode)

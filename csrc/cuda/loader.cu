@@ -263,6 +263,7 @@ struct ld_worker {
     cudaEvent_t ev[kBufsPerThread] = {};
     bool ev_pending[kBufsPerThread] = {};
     unsigned char *mvec = nullptr;      // mincore vector, one byte a page of a chunk
+    int chunk = -1;                     // index of the chunk being read and queued; -1 between chunks
 };
 
 struct ld_ctx {
@@ -289,13 +290,20 @@ struct ld_ctx {
     pthread_cond_t cv;
     int running = 0;
     fl_status err = FL_OK;
+    int err_chunk = -1;                 // the chunk index record_error was given with err
     char errmsg[FL_ERR_MAX] = "";
 };
 
-void record_error(ld_ctx *c, fl_status st) {
+// The failing chunk of lowest index names the error, whichever reader saw one first: chunks are taken
+// in index order and a reader that took one reads and queues it to the end or to its failure, so
+// every chunk before a failing one was tried and the message is the same on every run. A failure
+// that is no chunk's (chunk -1: a reader's stream, buffer or event, a thread that did not start)
+// comes before any chunk's; among those the first stays.
+void record_error(ld_ctx *c, fl_status st, int chunk) {
     pthread_mutex_lock(&c->mu);
-    if (c->err == FL_OK) {
+    if (c->err == FL_OK || chunk < c->err_chunk) {
         c->err = st;
+        c->err_chunk = chunk;
         snprintf(c->errmsg, sizeof c->errmsg, "%s", fl_err_msg());
     }
     c->stop.store(1);
@@ -515,9 +523,11 @@ fl_status worker_run(ld_worker *w) {
         const int ci = c->next_chunk.fetch_add(1);
         if (ci >= c->nchunks) return FL_OK;
         const ld_chunk *ch = &c->chunks[ci];
+        w->chunk = ci;  // a failure from here to the event is this chunk's
         FL_TRY(read_chunk(c, w, ch, (uint8_t *)pb->p));
         FL_TRY(issue_chunk(c, w, ch, (const uint8_t *)pb->p));
         LD_CUDA(dev, cudaEventRecord(w->ev[b], w->stream));
+        w->chunk = -1;
         w->ev_pending[b] = true;
     }
 }
@@ -525,7 +535,7 @@ fl_status worker_run(ld_worker *w) {
 void *worker_main(void *arg) {
     ld_worker *w = (ld_worker *)arg;
     fl_status st = worker_run(w);
-    if (st != FL_OK) record_error(w->c, st);
+    if (st != FL_OK) record_error(w->c, st, w->chunk);
     pthread_mutex_lock(&w->c->mu);
     w->c->running--;
     pthread_cond_signal(&w->c->cv);
@@ -801,7 +811,7 @@ extern "C" fl_status fl_cuda_load(fl_backend *be, const fl_load_job *jobs, int n
             c->running--;
             pthread_mutex_unlock(&c->mu);
             char eb[128];
-            record_error(c, fl_err(FL_E_NOMEM, "loader: cannot start reader thread %d: %s", t, strerror_r(rc, eb, sizeof eb)));
+            record_error(c, fl_err(FL_E_NOMEM, "loader: cannot start reader thread %d: %s", t, strerror_r(rc, eb, sizeof eb)), -1);
             break;
         }
         ws[t].started = true;
