@@ -550,11 +550,19 @@ static fl_status plan_packed(const fl_load_item *it, int64_t rows, int64_t cols,
         return fl_err(FL_E_FORMAT, "scales '%s' has shape [%s], expected [groups, %lld] with 1 <= groups <= %lld",
                       it->scales.name ? it->scales.name : "?", got, (long long)rows, (long long)cols);
     }
-    FL_TRY(check_packed_tensor(&it->scales, "scales", FL_F16, ng, rows, qw));
+    /* float16 as the packers write it; bfloat16 / float32 as AutoGPTQ's pack leaves them for such a layer */
+    const fl_dtype sdt = it->scales.kind == FL_SRC_PLAIN && (it->scales.type == FL_BF16 || it->scales.type == FL_F32)
+                             ? (fl_dtype)it->scales.type : FL_F16;
+    if (it->scales.data && (it->scales.kind != FL_SRC_PLAIN || (sdt == FL_F16 && it->scales.type != FL_F16)))
+        return fl_err(FL_E_FORMAT, "scales '%s'%s%s is %s, not F16, BF16 or F32", it->scales.name ? it->scales.name : "?",
+                      it->scales.file && qw->file && strcmp(it->scales.file, qw->file) ? " in " : "",
+                      it->scales.file && qw->file && strcmp(it->scales.file, qw->file) ? it->scales.file : "",
+                      src_type_name(&it->scales));
+    FL_TRY(check_packed_tensor(&it->scales, "scales", sdt, ng, rows, qw));
     FL_TRY(check_packed_tensor(&it->qzeros, "qzeros", FL_I32, ng, rows / per, qw));
     if (it->g_idx.data) FL_TRY(check_packed_tensor(&it->g_idx, "g_idx", FL_I32, cols, -1, qw));
     *pk = (fl_packed_src){.packing = it->packing, .bits = bits, .group_size = it->qgroup, .zero_offset = it->qzero_offset,
-                          .qweight = qw->data, .qzeros = it->qzeros.data, .scales = it->scales.data,
+                          .qweight = qw->data, .qzeros = it->qzeros.data, .scales = it->scales.data, .scales_type = sdt,
                           .g_idx = it->g_idx.data,
                           .rows = rows, .cols = cols, .ngroups = ng};
     return fl_q_layout_for_packed(pk, L);

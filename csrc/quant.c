@@ -353,6 +353,23 @@ static int64_t packed_group(const fl_packed_src *p) {
     return p->group_size == -1 || p->group_size >= p->cols ? p->cols : p->group_size;
 }
 
+/* Scale i of a packed source as float32 (exact from float16, bfloat16 and float32). */
+static inline float packed_scale(const fl_packed_src *p, size_t i) {
+    if (p->scales_type == FL_F32) {
+        const uint32_t u = ld32(p->scales, i);
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    if (p->scales_type == FL_BF16) {
+        const uint32_t u = (uint32_t)ld16(p->scales, i) << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return h2f(ld16(p->scales, i));
+}
+
 /* g_idx that puts column c in group c / group_size is no permutation at all. */
 static int gidx_trivial(const fl_packed_src *p, int64_t gs) {
     for (int64_t c = 0; c < p->cols; c++)
@@ -377,6 +394,9 @@ fl_status fl_q_layout_for_packed(const fl_packed_src *p, fl_qlayout *out) {
         return fl_err(FL_E_VALUE, "GPTQ: zero_offset=%d must be 1 (v1 checkpoints) or 0 (gptq_v2)", p->zero_offset);
     if (!p->qweight || !p->qzeros || !p->scales)
         return fl_err(FL_E_VALUE, "%s: qweight, qzeros and scales are all needed", pn);
+    if (p->scales_type != FL_F16 && p->scales_type != FL_BF16 && p->scales_type != FL_F32)
+        return fl_err(FL_E_UNSUPPORTED, "%s: scales of dtype %d (float16, bfloat16 or float32 are read)", pn,
+                      (int)p->scales_type);
     const int per = 32 / p->bits;
     const int64_t want_groups = p->group_size == -1 ? 1 : (p->cols + p->group_size - 1) / p->group_size;
     if (p->ngroups != want_groups)
@@ -419,13 +439,15 @@ fl_status fl_q_layout_for_packed(const fl_packed_src *p, fl_qlayout *out) {
         free(cnt);
         has_perm = !gidx_trivial(p, gs);
     }
-    /* symmetric when every zero point is the centre 2^(bits-1): then the scales stay fp16 and no offsets are stored */
+    /* symmetric when every zero point is the centre 2^(bits-1): then no offsets are stored and float16 scales stay
+     * float16; bfloat16 / float32 ones (and every asymmetric layout's) are held as float32, which holds them exactly */
     int sym = 1;
     const int centre = 1 << (p->bits - 1);
     for (int64_t g = 0; g < p->ngroups && sym; g++)
         for (int64_t r = 0; r < p->rows; r++)
             if (packed_zero(p, g, r) != centre) { sym = 0; break; }
-    *out = (fl_qlayout){.bits = p->bits, .group_size = (int)gs, .sdtype = sym ? FL_F16 : FL_F32, .has_zeros = !sym,
+    *out = (fl_qlayout){.bits = p->bits, .group_size = (int)gs, .sdtype = sym && p->scales_type == FL_F16 ? FL_F16 : FL_F32,
+                        .has_zeros = !sym,
                         .code = FL_QCODE_INT, .has_perm = has_perm};
     return FL_OK;
 }
@@ -489,7 +511,7 @@ fl_status fl_q_from_packed(const fl_weight *w, const fl_packed_src *p, int64_t r
             else memcpy(q.v, t, (size_t)C);
             q.m = has_z ? m : NULL;
             for (int64_t g = 0; g < ng; g++) {
-                q.s[g] = h2f(ld16(p->scales, (size_t)(g * R + r)));
+                q.s[g] = packed_scale(p, (size_t)(g * R + r));
                 if (has_z) m[g] = -(q.s[g] * (float)packed_zero(p, g, r));
             }
             /* symmetric destination: every zero is the centre (fl_q_layout_for_packed chose it so) and q.off applies */

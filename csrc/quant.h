@@ -131,7 +131,9 @@ typedef struct {
     int bits, group_size;      /* group_size -1 in the config: one group (cols) */
     int zero_offset;           /* GPTQ: 1 (v1 checkpoints) or 0 */
     const int32_t *qweight, *qzeros, *g_idx; /* host (mapped) memory; g_idx may be NULL */
-    const uint16_t *scales;    /* fp16 */
+    const void *scales;        /* scales_type: FL_F16 (GPTQ / AWQ's usual), FL_BF16 or FL_F32 (AutoGPTQ's pack keeps the
+                                * layer's dtype): every one widens to float32 exactly */
+    fl_dtype scales_type;
     int64_t rows, cols, ngroups;
 } fl_packed_src;
 /* Validate shapes / values (g_idx in range, groups of equal size) and choose the layout. */

@@ -455,8 +455,8 @@ Q = HF["q_proj"]
      r"tensor '.*q_proj\.qweight'.*scales '.*q_proj\.scales' has shape \[4, 64\], expected \[4, 128\]"),
     ("scales groups", lambda t: t.__setitem__(Q + ".scales", t[Q + ".scales"][:3]), CheckpointError,
      r"q_proj\.qweight.*qzeros '.*q_proj\.qzeros' has shape \[4, 16\], expected \[3, 16\]"),
-    ("scales dtype", lambda t: t.__setitem__(Q + ".scales", t[Q + ".scales"].astype(np.float32)), CheckpointError,
-     r"scales '.*q_proj\.scales' is F32, not F16"),
+    ("scales dtype", lambda t: t.__setitem__(Q + ".scales", t[Q + ".scales"].astype(np.float64)), CheckpointError,
+     r"scales '.*q_proj\.scales' is F64, not F16, BF16 or F32"),
     ("qzeros shape", lambda t: t.__setitem__(Q + ".qzeros", t[Q + ".qzeros"][:, :8]), CheckpointError,
      r"tensor '.*q_proj\.qweight'.*qzeros '.*q_proj\.qzeros' has shape \[4, 8\], expected \[4, 16\]"),
 ])
