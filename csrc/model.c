@@ -1062,33 +1062,36 @@ static fl_status load_generic(fl_model *m, qplan *const *ps, int n, prog_t *pg) 
     fl_status first = FL_OK;
     char errbuf[FL_ERR_MAX] = "";
     uint64_t done = 0;
-    int stop = 0, nthreads = 1, first_i = n;
+    /* limit: items past it are skipped (the index of the lowest failing item so far; -1 once interrupted). Items
+     * before a failing one still run, so the failing item of lowest index names the error whichever thread saw a
+     * failure first, and the message is the same on every run. */
+    int limit = n, nthreads = 1, first_i = n;
 #ifdef _OPENMP
     nthreads = m->be->n_threads > 0 ? m->be->n_threads : omp_get_max_threads();
 #endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int i = 0; i < n; i++) {
-        int skip;
+        int lim;
 #pragma omp atomic read
-        skip = stop;
-        if (skip) continue;
+        lim = limit;
+        if (i > lim) continue;
         fl_status st = run_plan(m->be, ps[i]);
 #pragma omp critical(fl_load)
         {
-            /* the failing item of lowest index names the error, whichever thread saw one first: items are handed
-             * out in order, so every item before it ran, and the message is the same on every run */
-            if (st != FL_OK && (first == FL_OK || i < first_i)) {
+            if (st != FL_OK && i < first_i) { /* first_i -1 (interrupted): the caller's interruption stands */
                 first = st;
                 first_i = i;
                 snprintf(errbuf, sizeof errbuf, "%s: tensor '%s': %s", ps[i]->job.src->file, ps[i]->job.src->name, fl_err_msg());
-                stop = 1;
+#pragma omp atomic write
+                limit = i;
             }
             done += ps[i]->nbytes;
-            if (st == FL_OK && !stop && prog_cb(pg, done, 0)) {
+            if (st == FL_OK && first == FL_OK && prog_cb(pg, done, 0)) {
                 first = FL_E_INTERRUPTED;
-                first_i = -1; /* the caller's interruption stands */
+                first_i = -1;
                 snprintf(errbuf, sizeof errbuf, "loading interrupted");
-                stop = 1;
+#pragma omp atomic write
+                limit = -1;
             }
         }
     }
