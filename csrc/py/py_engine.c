@@ -35,6 +35,62 @@ int fl_py_exec_kick(void *ud, fl_engine *e) {
     return fl_exec_post(step_job, e);
 }
 
+/* A CPU model's forward called from a callback of a compute-thread job (a load progress callback calling another
+ * model): the engine's posted steps wait behind the paused job, so the caller runs steps itself, nested into that
+ * job on the compute thread (still one OpenMP team, and still the only thread stepping this engine), until its
+ * request has finished. Ctrl-C seen by the waiting caller cancels the request; the loop still runs to its end. */
+typedef struct { fl_engine *e; fl_request *r; } drive_args;
+static fl_status drive_job(fl_exec_job *job, void *arg) {
+    drive_args *a = arg;
+    int done = 0;
+    fl_request_wait(a->r, 0, 0, &done);
+    while (!done) {
+        if (fl_exec_cancelled(job)) fl_request_cancel(a->r);
+        fl_engine_step(a->e);
+        fl_request_wait(a->r, 0, 0, &done);
+    }
+    return FL_OK;
+}
+
+int fl_py_engine_forward(fl_engine *e, const fl_forward_req *f, int cpu) {
+    fl_request *r = NULL;
+    fl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_engine_submit_forward(e, f, &r);
+    Py_END_ALLOW_THREADS
+    if (st != FL_OK) { fl_py_raise(st); return -1; }
+    int done = 0, interrupted = 0;
+    if (cpu && fl_exec_in_callback()) {
+        drive_args a = {e, r};
+        fl_status dst;
+        interrupted = fl_exec_run(drive_job, &a, &dst) < 0; /* KeyboardInterrupt (or the like) is set */
+        fl_err_clear();
+    }
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        fl_request_wait(r, 0, interrupted ? -1 : FL_WAIT_SLICE_MS, &done);
+        Py_END_ALLOW_THREADS
+        if (done) break;
+        if (!interrupted && PyErr_CheckSignals() < 0) { /* Ctrl-C: stop it, and wait until the driver has let go */
+            interrupted = 1;
+            fl_request_cancel(r);
+        }
+    }
+    char msg[FL_ERR_MAX];
+    st = fl_request_status(r, msg, sizeof msg);
+    Py_BEGIN_ALLOW_THREADS
+    fl_request_release(r);
+    Py_END_ALLOW_THREADS
+    if (interrupted) return -1; /* the exception is set */
+    if (st == FL_OK) return 0;
+    if (st == FL_E_INTERRUPTED) PyErr_SetString(PyExc_RuntimeError, msg); /* not this caller's Ctrl-C: the engine closed */
+    else {
+        fl_err(st, "%s", msg);
+        fl_py_raise(st);
+    }
+    return -1;
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *owner;   /* the _C.Model */
