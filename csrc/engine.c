@@ -516,25 +516,20 @@ static int forward_rows(fl_engine *e, fl_request **rq, int B, int T, const int32
     return st == FL_OK;
 }
 
-/* Run forward request r (state RQ_FORWARD, in no list; called without mu): its own transient cache of B x T slots
- * and the one rectangular pass (fl_forward, all logits) under model_mu, then finish it. The pass polls r's cancel
- * flag between layers, so a caller that gives up (Ctrl-C) stops it within a layer. Returns with mu held: the step
- * ends in the same critical section, so the woken caller does not wait for the driver to take mu once more. */
-static void run_forward(fl_engine *e, fl_request *r) {
+/* The pass of forward f: its own transient cache of B x T slots and the one rectangular pass (fl_forward, all logits)
+ * under model_mu, polling *cancel (beside the thread's own flag: a compute job's, at exit) between layers. Then,
+ * with mu taken (and held on return), its counts. The error message, if any, is in the thread's fl_err buffer. */
+static fl_status forward_pass(fl_engine *e, const fl_forward_req *f, const int *cancel) {
     fl_model *m = e->m;
-    const fl_forward_req *f = &r->fwd;
-    char msg[FL_ERR_MAX] = "";
     pthread_mutex_lock(&e->model_mu);
     fl_err_clear();
-    const int *prev = fl_cancel_flag_extra(&r->cancel); /* beside the driver's own (a compute job's, at exit) */
+    const int *prev = fl_cancel_flag_extra(cancel);
     fl_kvcache *kv = NULL;
     fl_status st = fl_kv_create(m, f->B, f->T, &kv);
     const uint64_t kv_bytes = st == FL_OK ? m->kv_bytes_last : 0;
     if (st == FL_OK) st = fl_forward(m, kv, f->B, f->T, 0, f->ids, f->pos, f->mask, f->T, 1, f->logits);
     fl_kv_free(m, kv);
     fl_cancel_flag_extra(prev);
-    if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
-    fl_err_clear();
     pthread_mutex_unlock(&e->model_mu);
     pthread_mutex_lock(&e->mu);
     if (kv_bytes > e->st.forward_kv_peak) e->st.forward_kv_peak = kv_bytes;
@@ -542,6 +537,17 @@ static void run_forward(fl_engine *e, fl_request *r) {
         e->st.forwards++;
         e->st.forward_tokens += (uint64_t)f->B * (uint64_t)f->T;
     }
+    return st;
+}
+
+/* Run forward request r (state RQ_FORWARD, in no list; called without mu), then finish it. Its pass polls r's cancel
+ * flag, so a caller that gives up (Ctrl-C) stops it within a layer. Returns with mu held: the step ends in the same
+ * critical section, so the woken caller does not wait for the driver to take mu once more. */
+static void run_forward(fl_engine *e, fl_request *r) {
+    char msg[FL_ERR_MAX] = "";
+    const fl_status st = forward_pass(e, &r->fwd, &r->cancel); /* returns with mu */
+    if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
+    fl_err_clear();
     e->fwd_running = NULL;
     finish(e, r, st, msg); /* RQ_FORWARD: in no list */
 }
@@ -1081,8 +1087,7 @@ fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen
     return fl_engine_submit_group(e, 1, &ids, &n, p, out);
 }
 
-fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_request **out) {
-    *out = NULL;
+static fl_status forward_check(const fl_engine *e, const fl_forward_req *f) {
     const int V = e->m->cfg.vocab;
     if (f->B <= 0 || f->T <= 0) return fl_err(FL_E_VALUE, "forward: input_ids is empty");
     if (f->B > INT32_MAX / f->T) return fl_err(FL_E_VALUE, "forward: input_ids of %d x %d tokens is too large", f->B, f->T);
@@ -1091,6 +1096,19 @@ fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_req
         if (f->ids[i] < 0 || f->ids[i] >= V)
             return fl_err(FL_E_VALUE, "input_ids[%d][%d] = %d is outside the vocabulary [0, %d)", (int)(i / f->T),
                           (int)(i % f->T), (int)f->ids[i], V);
+    return FL_OK;
+}
+
+fl_status fl_engine_forward_now(fl_engine *e, const fl_forward_req *f) {
+    FL_TRY(forward_check(e, f));
+    const fl_status st = forward_pass(e, f, NULL); /* returns with mu */
+    pthread_mutex_unlock(&e->mu);
+    return st;
+}
+
+fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_request **out) {
+    *out = NULL;
+    FL_TRY(forward_check(e, f));
     fl_request *r = calloc(1, sizeof *r);
     if (!r) return fl_err(FL_E_NOMEM, "forward: cannot allocate the request");
     r->e = e;

@@ -105,6 +105,11 @@ typedef struct {
  * or FL_E_INTERRUPTED when cancelled (also mid-pass: the forward polls its request's cancel flag between layers).
  * Not limited by max_waiting. fl_request_wait(r, 0, ...) waits for it; it has no tokens. */
 fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_request **out);
+/* Run forward f at once on the calling thread, under the engine's model lock, not through the queue: for a host whose
+ * driver cannot step until this returns and is not in the middle of a step (a CPU engine whose compute thread is
+ * paused in a callback of another job: the queued forward would wait for that callback, which waits for it). The
+ * same checks, pass and counts as a queued forward; cancelled through the thread's fl_cancel_flag. */
+fl_status fl_engine_forward_now(fl_engine *e, const fl_forward_req *f);
 /* Wait until the request has more than `have` tokens or is finished, or timeout_ms passes (< 0:
  * no limit). Returns the number of tokens generated so far; *done is set when it is finished. */
 int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done);

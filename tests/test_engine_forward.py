@@ -8,6 +8,7 @@ No timing assertions: hangs are bounded by the subprocess timeouts.
 """
 import gc
 import json
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -152,6 +153,9 @@ def test_forward_errors_reach_only_their_caller(llama):
     assert st["running"] == 0 and st["waiting"] == 0 and st["forwards_waiting"] == 0, st
 
 
+@pytest.mark.skipif("address" in os.environ.get("FASTLOAD_SANITIZE", ""),
+                    reason="ASan reserves terabytes of address space and cannot run under an RLIMIT_AS "
+                           "(tools/sanitize_tests.sh)")
 def test_forward_that_cannot_get_its_memory_fails_alone():
     """An input too long for the memory left (an address-space limit in a subprocess: its output array fits, its
     cache and workspace do not) is a MemoryError in its own thread, from the engine's step; a generate running
@@ -232,6 +236,31 @@ def test_configure_engine_waits_for_no_forward_and_deletion_frees_the_engine():
         assert w() is None
     finally:
         gc.enable()
+
+
+def test_forward_from_a_load_callback_runs_at_once(llama):
+    """A forward called from a load's progress callback (the compute thread is paused in that load, so the engine's
+    steps wait behind it) runs at once on the paused compute thread instead of waiting in the queue for ever, while
+    a generate on the same model is mid-way; both get what they get alone."""
+    x = np.arange(3, 40)[None]
+    want = llama(x).logits
+    p = np.arange(5, 20)[None]
+    want_g = llama.generate(p, max_new_tokens=60, do_sample=False, eos_token_id=[])
+    got, out = [], {}
+    n0 = llama.engine_stats()["forwards"]
+
+    def progress(done, total):
+        if not got:
+            got.append(llama(x).logits)
+
+    th = threading.Thread(target=lambda: out.setdefault("g", llama.generate(p, max_new_tokens=60, do_sample=False,
+                                                                              eos_token_id=[])))
+    th.start()
+    load("qwen2", progress_callback=progress)
+    th.join(60)
+    assert len(got) == 1 and np.array_equal(got[0], want)
+    assert np.array_equal(out["g"], want_g)
+    assert llama.engine_stats()["forwards"] == n0 + 1
 
 
 def test_engine_off_forwards_from_threads():

@@ -36,36 +36,31 @@ int fl_py_exec_kick(void *ud, fl_engine *e) {
 }
 
 /* A CPU model's forward called from a callback of a compute-thread job (a load progress callback calling another
- * model): the engine's posted steps wait behind the paused job, so the caller runs steps itself, nested into that
- * job on the compute thread (still one OpenMP team, and still the only thread stepping this engine), until its
- * request has finished. Ctrl-C seen by the waiting caller cancels the request; the loop still runs to its end. */
-typedef struct { fl_engine *e; fl_request *r; } drive_args;
-static fl_status drive_job(fl_exec_job *job, void *arg) {
-    drive_args *a = arg;
-    int done = 0;
-    fl_request_wait(a->r, 0, 0, &done);
-    while (!done) {
-        if (fl_exec_cancelled(job)) fl_request_cancel(a->r);
-        fl_engine_step(a->e);
-        fl_request_wait(a->r, 0, 0, &done);
-    }
-    return FL_OK;
+ * model): the compute thread is paused in that job, so a queued forward would wait for the callback, which waits for
+ * it. No step of any CPU engine can be under way then (they all run on the compute thread, and steps make no
+ * callbacks), so the forward runs at once, nested into the paused job on the compute thread (one OpenMP team still),
+ * under the engine's model lock (fl_engine_forward_now); Ctrl-C in the waiting caller stops it between layers. */
+typedef struct { fl_engine *e; const fl_forward_req *f; } now_args;
+static fl_status forward_now_job(fl_exec_job *job, void *arg) {
+    (void)job;
+    now_args *a = arg;
+    return fl_engine_forward_now(a->e, a->f);
 }
 
 int fl_py_engine_forward(fl_engine *e, const fl_forward_req *f, int cpu) {
-    fl_request *r = NULL;
     fl_status st;
+    if (cpu && fl_exec_in_callback()) {
+        now_args a = {e, f};
+        if (fl_exec_run(forward_now_job, &a, &st) < 0) { fl_err_clear(); return -1; } /* KeyboardInterrupt is set */
+        if (st != FL_OK) { fl_py_raise(st); return -1; }
+        return 0;
+    }
+    fl_request *r = NULL;
     Py_BEGIN_ALLOW_THREADS
     st = fl_engine_submit_forward(e, f, &r);
     Py_END_ALLOW_THREADS
     if (st != FL_OK) { fl_py_raise(st); return -1; }
     int done = 0, interrupted = 0;
-    if (cpu && fl_exec_in_callback()) {
-        drive_args a = {e, r};
-        fl_status dst;
-        interrupted = fl_exec_run(drive_job, &a, &dst) < 0; /* KeyboardInterrupt (or the like) is set */
-        fl_err_clear();
-    }
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
         fl_request_wait(r, 0, interrupted ? -1 : FL_WAIT_SLICE_MS, &done);
