@@ -1,9 +1,10 @@
 /* engine.c: continuous batching over a paged KV cache (see engine.h for the design).
  *
- * Locking: one mutex (mu) guards the queue, the running set, the page pool and every request's
+ * Locking: one mutex (mu) guards the queue (both lanes), the running set, the page pool and every request's
  * public fields; the step runs its forward passes without it (under model_mu), so callers can
  * submit, wait and cancel while the device works. Only the driver thread changes a running
- * request's pages and tokens; callers read tokens under mu. */
+ * request's pages and tokens; callers read tokens under mu. A forward request's arrays belong to its caller, who
+ * waits until it is finished; the driver writes its logits under model_mu and finishes it under mu. */
 #include "engine.h"
 #include "sampling.h"
 #include <errno.h>
@@ -17,12 +18,15 @@
 #include <omp.h>
 #endif
 
-enum { RQ_WAITING = 0, RQ_PREFILL, RQ_DECODE, RQ_DONE };
+enum { RQ_WAITING = 0, RQ_PREFILL, RQ_DECODE, RQ_DONE, RQ_FORWARD /* a forward being run by a step */ };
+enum { RQ_GENERATE = 0, RQ_KIND_FORWARD };
 #define FL_ENGINE_MAX_EOS 64
 
 struct fl_request {
     fl_engine *e;
     int refs;                 /* the caller's and the engine's */
+    int kind;                 /* RQ_GENERATE, RQ_KIND_FORWARD (fwd below; no tokens, pages or sampling) */
+    fl_forward_req fwd;
     int state;
     int cancel;
     uint64_t seq;             /* arrival order: the oldest is served first, the newest preempted first */
@@ -66,6 +70,11 @@ struct fl_engine {
     void *kick_ud;
     fl_request *wait_head, *wait_tail;
     int n_waiting;
+    fl_request *fwd_head, *fwd_tail; /* the forward lane of the queue (oldest first) */
+    int n_fwd_waiting;
+    fl_request *fwd_running;  /* the forward a step is running (in no list), or NULL */
+    int has_pool;             /* the page pool exists (atomic: set once by fl_engine_add_pool, after it is complete) */
+    int adding_pool;          /* under mu: an fl_engine_add_pool is under way */
     fl_request **run;         /* [max_batch] admitted requests (prefill or decode) */
     int n_run;
     uint64_t next_seq;
@@ -125,7 +134,9 @@ static void fork_parent(void) {
 static void fork_child(void) {
     for (fl_engine *e = reg_head; e; e = e->reg_next) {
         for (fl_request *r = e->wait_head; r; r = r->next) r->cancel = 1;
+        for (fl_request *r = e->fwd_head; r; r = r->next) r->cancel = 1;
         for (int i = 0; i < e->n_run; i++) e->run[i]->cancel = 1;
+        e->fwd_running = NULL; /* the parent's: its caller is not in the child */
         e->driving = 0;
         pthread_mutex_unlock(&e->mu);
         pthread_mutex_unlock(&e->model_mu);
@@ -255,14 +266,20 @@ static void run_remove(fl_engine *e, fl_request *r) {
 static void finish(fl_engine *e, fl_request *r, fl_status st, const char *msg) {
     if (r->state == RQ_DONE) return;
     if (r->state == RQ_WAITING) {
-        fl_request **pp = &e->wait_head, *prev = NULL;
+        const int fwd = r->kind == RQ_KIND_FORWARD;
+        fl_request **pp = fwd ? &e->fwd_head : &e->wait_head, *prev = NULL;
         while (*pp && *pp != r) { prev = *pp; pp = &(*pp)->next; }
         if (*pp) {
             *pp = r->next;
-            if (e->wait_tail == r) e->wait_tail = prev;
-            e->n_waiting--;
+            if (fwd) {
+                if (e->fwd_tail == r) e->fwd_tail = prev;
+                e->n_fwd_waiting--;
+            } else {
+                if (e->wait_tail == r) e->wait_tail = prev;
+                e->n_waiting--;
+            }
         }
-    } else {
+    } else if (r->state != RQ_FORWARD) { /* a running forward is in no list: the step that runs it finishes it */
         run_remove(e, r);
     }
     release_pages(e, r);
@@ -499,6 +516,42 @@ static int forward_rows(fl_engine *e, fl_request **rq, int B, int T, const int32
     return st == FL_OK;
 }
 
+/* The pass of forward f: its own transient cache of B x T slots and the one rectangular pass (fl_forward, all logits)
+ * under model_mu, polling *cancel (beside the thread's own flag: a compute job's, at exit) between layers. Then,
+ * with mu taken (and held on return), its counts. The error message, if any, is in the thread's fl_err buffer. */
+static fl_status forward_pass(fl_engine *e, const fl_forward_req *f, const int *cancel) {
+    fl_model *m = e->m;
+    pthread_mutex_lock(&e->model_mu);
+    fl_err_clear();
+    const int *prev = fl_cancel_flag_extra(cancel);
+    fl_kvcache *kv = NULL;
+    fl_status st = fl_kv_create(m, f->B, f->T, &kv);
+    const uint64_t kv_bytes = st == FL_OK ? m->kv_bytes_last : 0;
+    if (st == FL_OK) st = fl_forward(m, kv, f->B, f->T, 0, f->ids, f->pos, f->mask, f->T, 1, f->logits);
+    fl_kv_free(m, kv);
+    fl_cancel_flag_extra(prev);
+    pthread_mutex_unlock(&e->model_mu);
+    pthread_mutex_lock(&e->mu);
+    if (kv_bytes > e->st.forward_kv_peak) e->st.forward_kv_peak = kv_bytes;
+    if (st == FL_OK) {
+        e->st.forwards++;
+        e->st.forward_tokens += (uint64_t)f->B * (uint64_t)f->T;
+    }
+    return st;
+}
+
+/* Run forward request r (state RQ_FORWARD, in no list; called without mu), then finish it. Its pass polls r's cancel
+ * flag, so a caller that gives up (Ctrl-C) stops it within a layer. Returns with mu held: the step ends in the same
+ * critical section, so the woken caller does not wait for the driver to take mu once more. */
+static void run_forward(fl_engine *e, fl_request *r) {
+    char msg[FL_ERR_MAX] = "";
+    const fl_status st = forward_pass(e, &r->fwd, &r->cancel); /* returns with mu */
+    if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
+    fl_err_clear();
+    e->fwd_running = NULL;
+    finish(e, r, st, msg); /* RQ_FORWARD: in no list */
+}
+
 static int cmp_seq(const void *a, const void *b) {
     const fl_request *x = *(fl_request *const *)a, *y = *(fl_request *const *)b;
     return x->seq < y->seq ? -1 : x->seq > y->seq;
@@ -513,6 +566,10 @@ int fl_engine_step(fl_engine *e) {
     for (int i = e->n_run - 1; i >= 0; i--)
         if (__atomic_load_n(&e->run[i]->cancel, __ATOMIC_RELAXED)) finish(e, e->run[i], FL_E_INTERRUPTED, "cancelled");
     for (fl_request *r = e->wait_head, *nx; r; r = nx) {
+        nx = r->next;
+        if (__atomic_load_n(&r->cancel, __ATOMIC_RELAXED)) finish(e, r, FL_E_INTERRUPTED, "cancelled");
+    }
+    for (fl_request *r = e->fwd_head, *nx; r; r = nx) {
         nx = r->next;
         if (__atomic_load_n(&r->cancel, __ATOMIC_RELAXED)) finish(e, r, FL_E_INTERRUPTED, "cancelled");
     }
@@ -674,11 +731,23 @@ int fl_engine_step(fl_engine *e) {
         pthread_mutex_unlock(&e->mu);
     }
 
+    /* 5. the oldest forward request, whole (between this step's batch work and the next step's) */
     pthread_mutex_lock(&e->mu);
+    fl_request *f = e->fwd_head;
+    if (f) {
+        e->fwd_head = f->next;
+        if (!e->fwd_head) e->fwd_tail = NULL;
+        e->n_fwd_waiting--;
+        f->next = NULL;
+        f->state = RQ_FORWARD;
+        e->fwd_running = f;
+        pthread_mutex_unlock(&e->mu);
+        run_forward(e, f); /* returns with mu held */
+    }
     e->st.steps++;
     const int used = P->n - P->n_free - P->n_cached;
     if (used > e->st.peak_pages_used) e->st.peak_pages_used = used;
-    const int more = e->n_run > 0 || e->wait_head != NULL;
+    const int more = e->n_run > 0 || e->wait_head != NULL || e->fwd_head != NULL;
     if (!more) {
         e->driving = 0;
         pthread_cond_broadcast(&e->idle_cv);
@@ -696,6 +765,8 @@ fl_status fl_engine_run(fl_engine *e) {
 void fl_engine_cancel_all(fl_engine *e) {
     pthread_mutex_lock(&e->mu);
     for (fl_request *r = e->wait_head; r; r = r->next) __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED);
+    for (fl_request *r = e->fwd_head; r; r = r->next) __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED);
+    if (e->fwd_running) __atomic_store_n(&e->fwd_running->cancel, 1, __ATOMIC_RELAXED); /* stops within a layer */
     for (int i = 0; i < e->n_run; i++) __atomic_store_n(&e->run[i]->cancel, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&e->mu);
 }
@@ -716,6 +787,23 @@ static int default_kick(void *ud, fl_engine *e) {
     return rc;
 }
 
+/* Pages of page_tokens slots that kv_bytes holds (K and V of every layer), or FL_E_VALUE naming kv_cache_memory. */
+static fl_status pool_pages(const fl_model *m, uint64_t kv_bytes, int page_tokens, int *n_pages) {
+    const fl_config *c = &m->cfg;
+    size_t slot_bytes; /* one token's K (or V) in one layer */
+    if (!fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, (size_t)fl_dtype_size(m->be->act), &slot_bytes))
+        return fl_err(FL_E_VALUE, "engine: KV slot size overflows");
+    const double page_all = (double)slot_bytes * 2.0 * c->n_layers * page_tokens; /* one page, K and V, every layer */
+    const double n_pages_d = floor((double)kv_bytes / page_all);
+    if (n_pages_d < 1)
+        return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes holds no page (one page of %d tokens is %.0f bytes)",
+                      (unsigned long long)kv_bytes, page_tokens, page_all);
+    if (n_pages_d > (double)INT32_MAX / 2) /* page ids are int32 in the block tables */
+        return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes is too many pages", (unsigned long long)kv_bytes);
+    if (n_pages) *n_pages = (int)n_pages_d;
+    return FL_OK;
+}
+
 fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_kick_fn kick, void *kick_ud, fl_engine **out) {
     *out = NULL;
     if (!m->arena_d) return fl_err(FL_E_VALUE, "engine: the model's weights are not loaded");
@@ -734,18 +822,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     int shift = 0;
     while ((1 << shift) < cfg.page_tokens) shift++;
     const fl_config *c = &m->cfg;
-    const size_t es = (size_t)fl_dtype_size(m->be->act);
-    size_t slot_bytes; /* one token's K (or V) in one layer */
-    if (!fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, es, &slot_bytes))
-        return fl_err(FL_E_VALUE, "engine: KV slot size overflows");
-    const double page_all = (double)slot_bytes * 2.0 * c->n_layers * cfg.page_tokens; /* one page, K and V, every layer */
-    const double n_pages_d = floor((double)cfg.kv_bytes / page_all);
-    if (n_pages_d < 1)
-        return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes holds no page (one page of %d tokens is %.0f bytes)",
-                      (unsigned long long)cfg.kv_bytes, cfg.page_tokens, page_all);
-    if (n_pages_d > (double)INT32_MAX / 2) /* page ids are int32 in the block tables */
-        return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes is too many pages", (unsigned long long)cfg.kv_bytes);
-    const int n_pages = (int)n_pages_d;
+    if (cfg.kv_bytes) FL_TRY(pool_pages(m, cfg.kv_bytes, cfg.page_tokens, NULL)); /* a size holding no page: before anything */
     fl_engine *e = calloc(1, sizeof *e);
     if (!e) return fl_err(FL_E_NOMEM, "engine: cannot allocate");
     e->m = m;
@@ -756,11 +833,8 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     pthread_mutex_init(&e->model_mu, NULL);
     pthread_cond_init(&e->idle_cv, NULL);
     fl_status st = FL_OK;
-    const size_t layer_bytes = slot_bytes * ((size_t)(n_pages + 1) << shift); /* K of one layer; + the null page */
-    const size_t layer_al = (layer_bytes + 255) & ~(size_t)255;
     e->kv = (fl_kvcache){.n_layers = c->n_layers, .batch = 0, .max_len = cfg.max_context, .n_kv_heads = c->n_kv_heads,
-                         .head_dim = c->head_dim, .dtype = m->be->act, .n_pages = n_pages + 1, .page_shift = shift};
-    e->null_page = n_pages;
+                         .head_dim = c->head_dim, .dtype = m->be->act, .page_shift = shift}; /* pages: fl_engine_add_pool */
     e->kv.k_d = calloc((size_t)c->n_layers, sizeof(void *));
     e->kv.v_d = calloc((size_t)c->n_layers, sizeof(void *));
     e->max_pages = (cfg.max_context + cfg.page_tokens - 1) / cfg.page_tokens + 1;
@@ -803,19 +877,6 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
         goto fail;
     }
-    st = m->be->alloc(m->be, layer_al * 2 * (size_t)c->n_layers, &e->kv_base);
-    if (st != FL_OK) {
-        st = fl_err_prefix(st, "engine: the KV cache pool of %d pages (%.2f GiB)", n_pages, layer_al * 2.0 * c->n_layers / 1073741824.0);
-        goto fail;
-    }
-    if (pool_init(&e->pool, n_pages, shift) < 0) { /* host tables: after the pool, which fails first when too big */
-        st = fl_err(FL_E_NOMEM, "engine: cannot allocate the page tables of %d pages", n_pages);
-        goto fail;
-    }
-    for (int l = 0; l < c->n_layers; l++) {
-        e->kv.k_d[l] = (char *)e->kv_base + layer_al * (size_t)(2 * l);
-        e->kv.v_d[l] = (char *)e->kv_base + layer_al * (size_t)(2 * l + 1);
-    }
     /* the workspace for the largest step now, so that it never moves under a captured graph later */
     st = fl_model_reserve(m, rows, cfg.max_batch);
     if (st != FL_OK) goto fail;
@@ -824,18 +885,63 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
         if (st == FL_OK) st = m->be->alloc(m->be, (size_t)cfg.max_batch * (size_t)e->max_pages * 4, &e->d_btab);
         if (st != FL_OK) goto fail;
     }
+    e->st.page_tokens = cfg.page_tokens;
+    if (cfg.kv_bytes && (st = fl_engine_add_pool(e, cfg.kv_bytes)) != FL_OK) goto fail;
     pthread_once(&reg_once, reg_init);
     pthread_mutex_lock(&reg_mu);
     e->reg_next = reg_head;
     reg_head = e;
     pthread_mutex_unlock(&reg_mu);
-    e->st.n_pages = n_pages;
-    e->st.page_tokens = cfg.page_tokens;
-    e->st.pool_bytes = (uint64_t)layer_al * 2 * (uint64_t)c->n_layers;
     *out = e;
     return FL_OK;
 fail:
     fl_engine_free(e);
+    return st;
+}
+
+fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
+    fl_model *m = e->m;
+    const fl_config *c = &m->cfg;
+    const int shift = e->kv.page_shift;
+    size_t slot_bytes = 0;
+    int n_pages;
+    FL_TRY(pool_pages(m, kv_bytes, 1 << shift, &n_pages)); /* checks the slot size too */
+    pthread_mutex_lock(&e->mu);
+    const int busy = e->adding_pool || __atomic_load_n(&e->has_pool, __ATOMIC_ACQUIRE);
+    if (!busy) e->adding_pool = 1;
+    pthread_mutex_unlock(&e->mu);
+    if (busy) return fl_err(FL_E_VALUE, "engine: it has a KV cache pool already");
+    fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, (size_t)fl_dtype_size(m->be->act), &slot_bytes);
+    const size_t layer_bytes = slot_bytes * ((size_t)(n_pages + 1) << shift); /* K of one layer; + the null page */
+    const size_t layer_al = (layer_bytes + 255) & ~(size_t)255;
+    /* Made without the engine's locks (a forward may be running): no step touches the pool or e->kv before has_pool,
+     * since no generate request is let in before (fl_engine_submit_group). */
+    void *base = NULL;
+    pool_t pool;
+    fl_status st = m->be->alloc(m->be, layer_al * 2 * (size_t)c->n_layers, &base);
+    if (st != FL_OK) {
+        st = fl_err_prefix(st, "engine: the KV cache pool of %d pages (%.2f GiB)", n_pages, layer_al * 2.0 * c->n_layers / 1073741824.0);
+    } else if (pool_init(&pool, n_pages, shift) < 0) { /* host tables: after the pool, which fails first when too big */
+        pool_free(&pool);
+        m->be->free(m->be, base);
+        st = fl_err(FL_E_NOMEM, "engine: cannot allocate the page tables of %d pages", n_pages);
+    }
+    pthread_mutex_lock(&e->mu);
+    e->adding_pool = 0;
+    if (st == FL_OK) {
+        e->kv_base = base;
+        e->pool = pool;
+        e->kv.n_pages = n_pages + 1;
+        e->null_page = n_pages;
+        for (int l = 0; l < c->n_layers; l++) {
+            e->kv.k_d[l] = (char *)base + layer_al * (size_t)(2 * l);
+            e->kv.v_d[l] = (char *)base + layer_al * (size_t)(2 * l + 1);
+        }
+        e->st.n_pages = n_pages;
+        e->st.pool_bytes = (uint64_t)layer_al * 2 * (uint64_t)c->n_layers;
+        __atomic_store_n(&e->has_pool, 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&e->mu);
     return st;
 }
 
@@ -850,6 +956,7 @@ void fl_engine_free(fl_engine *e) {
     e->closing = 1;
     while (e->driving) pthread_cond_wait(&e->idle_cv, &e->mu);
     while (e->wait_head) finish(e, e->wait_head, FL_E_INTERRUPTED, "the engine was closed");
+    while (e->fwd_head) finish(e, e->fwd_head, FL_E_INTERRUPTED, "the engine was closed");
     while (e->n_run) finish(e, e->run[0], FL_E_INTERRUPTED, "the engine was closed");
     pthread_mutex_unlock(&e->mu);
     fl_backend *be = e->m->be;
@@ -916,6 +1023,9 @@ fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids,
                                  fl_request **out) {
     for (int b = 0; b < B; b++) out[b] = NULL;
     if (B <= 0) return FL_OK;
+    if (!__atomic_load_n(&e->has_pool, __ATOMIC_ACQUIRE))
+        return fl_err(FL_E_VALUE, "engine: generate needs the KV cache pool, which this engine does not have yet "
+                      "(fl_engine_add_pool / engine_pool first)");
     fl_status st = FL_OK;
     for (int b = 0; b < B && st == FL_OK; b++) st = req_make(e, ids[b], n[b], &p[b], &out[b]);
     const char *why = NULL;
@@ -977,6 +1087,66 @@ fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen
     return fl_engine_submit_group(e, 1, &ids, &n, p, out);
 }
 
+static fl_status forward_check(const fl_engine *e, const fl_forward_req *f) {
+    const int V = e->m->cfg.vocab;
+    if (f->B <= 0 || f->T <= 0) return fl_err(FL_E_VALUE, "forward: input_ids is empty");
+    if (f->B > INT32_MAX / f->T) return fl_err(FL_E_VALUE, "forward: input_ids of %d x %d tokens is too large", f->B, f->T);
+    if (!f->ids || !f->pos || !f->logits) return fl_err(FL_E_VALUE, "forward: no ids, positions or logits buffer");
+    for (int64_t i = 0; i < (int64_t)f->B * f->T; i++)
+        if (f->ids[i] < 0 || f->ids[i] >= V)
+            return fl_err(FL_E_VALUE, "input_ids[%d][%d] = %d is outside the vocabulary [0, %d)", (int)(i / f->T),
+                          (int)(i % f->T), (int)f->ids[i], V);
+    return FL_OK;
+}
+
+fl_status fl_engine_forward_now(fl_engine *e, const fl_forward_req *f) {
+    FL_TRY(forward_check(e, f));
+    const fl_status st = forward_pass(e, f, NULL); /* returns with mu */
+    pthread_mutex_unlock(&e->mu);
+    return st;
+}
+
+fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_request **out) {
+    *out = NULL;
+    FL_TRY(forward_check(e, f));
+    fl_request *r = calloc(1, sizeof *r);
+    if (!r) return fl_err(FL_E_NOMEM, "forward: cannot allocate the request");
+    r->e = e;
+    r->kind = RQ_KIND_FORWARD;
+    r->fwd = *f;
+    pthread_cond_init(&r->cv, NULL);
+    r->refs = 2;
+    r->state = RQ_WAITING;
+    pthread_mutex_lock(&e->mu);
+    if (e->closing) {
+        r->refs = 1;
+        req_unref(r);
+        pthread_mutex_unlock(&e->mu);
+        return fl_err(FL_E_INTERRUPTED, "the engine is closing");
+    }
+    r->seq = e->next_seq++;
+    if (e->fwd_tail) e->fwd_tail->next = r; else e->fwd_head = r;
+    e->fwd_tail = r;
+    e->n_fwd_waiting++;
+    const int kick = !e->driving;
+    if (kick) e->driving = 1;
+    pthread_mutex_unlock(&e->mu);
+    if (kick) {
+        const int rc = e->kick(e->kick_ud, e);
+        if (rc) {
+            pthread_mutex_lock(&e->mu);
+            e->driving = 0;
+            finish(e, r, FL_E_INTERNAL, "no driver"); /* drops the engine's reference */
+            req_unref(r);                             /* and the caller's */
+            pthread_mutex_unlock(&e->mu);
+            errno = rc;
+            return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
+        }
+    }
+    *out = r;
+    return FL_OK;
+}
+
 int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {
     fl_engine *e = r->e;
     pthread_mutex_lock(&e->mu);
@@ -1032,6 +1202,8 @@ void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s) {
     s->pages_cached = e->pool.n_cached;
     s->pages_used = e->pool.n - e->pool.n_free - e->pool.n_cached;
     s->waiting = e->n_waiting;
+    s->forwards_waiting = e->n_fwd_waiting;
+    s->forwards_running = e->fwd_running != NULL;
     s->running = e->n_run;
     pthread_mutex_unlock(&e->mu);
 }

@@ -7,7 +7,8 @@
  *      its prompt,
  *   3. runs one decode forward over every request that is generating (one new token each, each row
  *      with its own cache length: fl_kv_paging's per-row starts),
- *   4. samples each row with its own settings and random stream, appends the token, wakes waiters.
+ *   4. samples each row with its own settings and random stream, appends the token, wakes waiters,
+ *   5. runs the oldest waiting forward request, if any (below).
  * So a newcomer joins at the next step and a finished request leaves at once; a long prompt is
  * read a chunk per step while the others keep decoding.
  *
@@ -19,6 +20,21 @@
  * a request whose prompt starts with pages already there (a shared system prompt) takes them,
  * reference-counted, and reads only the rest. Pages nobody holds stay in the table until the pool
  * needs them (least recently released first).
+ *
+ * A forward request (transformers' forward: the logits of every position of B rows of T tokens, with a key mask
+ * and positions as given) waits in the same queue, in its own lane: it needs no pool page and no batch row, so it
+ * never waits for admission behind generate requests. Each step runs the oldest one after its decode and prefill
+ * work, whole (not in chunks), so a running batch waits at most one forward per step.
+ * Its memory: a forward's keys and values matter only inside its own pass, so it takes no pool pages (they would
+ * compete with running requests for memory needed for one step, and the paged kernels have no key mask for an
+ * arbitrary attention_mask); it gets a transient rectangular cache of exactly B x T slots, made and freed inside the
+ * step that runs it (fl_kv_create / fl_forward: the same pass, so the same logits, as a forward outside the engine
+ * had), outside the pool's budget, reported as fl_model.kv_bytes_last and the stats' forward_kv_peak. Like every
+ * step it grows the shared workspace to its rows (B x T activations and logit rows), which is kept for reuse.
+ *
+ * The pool can come later than the engine (fl_engine_cfg.kv_bytes 0, then fl_engine_add_pool): a model that only
+ * runs forwards never holds one, so a forward-only user (evaluation, perplexity) keeps the device memory a pool would
+ * take (on CUDA 40% of what is free by default).
  *
  * The driver: fl_engine_run() runs steps until no request is left. Who calls it is the host's
  * choice (a kick callback given at creation): the Python layer runs it on the process's compute
@@ -35,7 +51,7 @@ typedef struct fl_engine fl_engine;
 typedef struct fl_request fl_request;
 
 typedef struct {
-    uint64_t kv_bytes;    /* the page pool's size in bytes (both K and V, every layer) */
+    uint64_t kv_bytes;    /* the page pool's size in bytes (both K and V, every layer); 0: none yet (fl_engine_add_pool) */
     int page_tokens;      /* slots per page, a power of two (default 16) */
     int max_batch;        /* rows of one decode step (default 64) */
     int prefill_chunk;    /* prompt tokens read per step (default 512) */
@@ -49,6 +65,10 @@ typedef struct {
 typedef int (*fl_engine_kick_fn)(void *ud, fl_engine *e);
 
 fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg, fl_engine_kick_fn kick, void *kick_ud, fl_engine **out);
+/* Make the page pool of kv_bytes (an engine created with kv_bytes 0); generate requests are refused until then.
+ * FL_E_VALUE when it already has one or kv_bytes holds no page; FL_E_NOMEM (with the size) when it cannot be
+ * allocated, and the engine stays without a pool. Safe while forwards run; one call at a time. */
+fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes);
 /* Cancels every request, waits until no driver is running, frees the pool. The model is not freed. */
 void fl_engine_free(fl_engine *e);
 /* Run steps until no request is left (the driver). Returns FL_OK; a step's error fails the requests it
@@ -71,6 +91,25 @@ fl_status fl_engine_submit(fl_engine *e, const int32_t *ids, int n, const fl_gen
  * error none is queued and out[] is all NULL. A group larger than max_waiting is let in when the queue is empty. */
 fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids, const int *n, const fl_gen_params *p,
                                  fl_request **out);
+/* A forward request: host arrays, kept alive and unchanged by the caller until the request is finished (also after
+ * fl_request_cancel: wait for it to finish before freeing them). */
+typedef struct {
+    int B, T;               /* rows, tokens per row */
+    const int32_t *ids;     /* [B*T] token ids */
+    const int32_t *pos;     /* [B*T] positions (rotary) */
+    const uint8_t *mask;    /* [B*T] key mask (attention_mask: 1 = may be attended), or NULL */
+    float *logits;          /* [B*T, vocab] float32, written by the driver */
+} fl_forward_req;
+/* Submit a forward (checked first: sizes, every id in the vocabulary: FL_E_VALUE). It is finished with FL_OK once
+ * the logits are written, or with the step's error (FL_E_NOMEM when its cache or workspace cannot be allocated),
+ * or FL_E_INTERRUPTED when cancelled (also mid-pass: the forward polls its request's cancel flag between layers).
+ * Not limited by max_waiting. fl_request_wait(r, 0, ...) waits for it; it has no tokens. */
+fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_request **out);
+/* Run forward f at once on the calling thread, under the engine's model lock, not through the queue: for a host whose
+ * driver cannot step until this returns and is not in the middle of a step (a CPU engine whose compute thread is
+ * paused in a callback of another job: the queued forward would wait for that callback, which waits for it). The
+ * same checks, pass and counts as a queued forward; cancelled through the thread's fl_cancel_flag. */
+fl_status fl_engine_forward_now(fl_engine *e, const fl_forward_req *f);
 /* Wait until the request has more than `have` tokens or is finished, or timeout_ms passes (< 0:
  * no limit). Returns the number of tokens generated so far; *done is set when it is finished. */
 int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done);
@@ -82,8 +121,8 @@ fl_status fl_request_status(fl_request *r, char *msg, size_t cap);
 void fl_request_cancel(fl_request *r);
 void fl_request_release(fl_request *r);
 
-/* The engine's own lock around a forward pass that does not go through it (fl_forward on the same
- * model's workspace), so it cannot run in the middle of a step. */
+/* The engine's own lock, held by the driver around each forward pass of a step: a caller that reads the model's
+ * backend state outside the engine (rope_freqs, export) takes it so as not to run in the middle of one. */
 void fl_engine_lock_model(fl_engine *e);
 void fl_engine_unlock_model(fl_engine *e);
 
@@ -95,6 +134,11 @@ typedef struct {
     int waiting, running;    /* requests */
     uint64_t steps, decode_rows, prefill_tokens, prefix_hit_tokens, preemptions;
     int peak_pages_used, peak_running;
+    int forwards_waiting;    /* forward requests queued (not counted in waiting) */
+    int forwards_running;    /* 1 while a step runs one */
+    uint64_t forwards;       /* forward requests run to the end (FL_OK) */
+    uint64_t forward_tokens; /* their B x T tokens */
+    uint64_t forward_kv_peak;/* bytes of the largest transient KV cache a forward made (freed after it) */
 } fl_engine_stats;
 void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s);
 

@@ -39,13 +39,21 @@ fl_status fl_err_prefix(fl_status st, const char *fmt, ...) {
 const char *fl_err_msg(void) { return err_buf; }
 void fl_err_clear(void) { err_buf[0] = 0; }
 
-static _Thread_local const int *cancel_flag;
+static _Thread_local const int *cancel_flag, *cancel_extra;
 const int *fl_cancel_flag(const int *flag) {
     const int *old = cancel_flag;
     cancel_flag = flag;
     return old;
 }
-int fl_cancel_requested(void) { return cancel_flag && __atomic_load_n(cancel_flag, __ATOMIC_RELAXED); }
+const int *fl_cancel_flag_extra(const int *flag) {
+    const int *old = cancel_extra;
+    cancel_extra = flag;
+    return old;
+}
+int fl_cancel_requested(void) {
+    return (cancel_flag && __atomic_load_n(cancel_flag, __ATOMIC_RELAXED)) ||
+           (cancel_extra && __atomic_load_n(cancel_extra, __ATOMIC_RELAXED));
+}
 
 const fl_dtype_info fl_dtype_table[FL_DTYPE_PLAIN_COUNT] = {
     [FL_F32] = {"F32", "float32", 4},   [FL_F16] = {"F16", "float16", 2},

@@ -48,6 +48,10 @@ void fl_err_clear(void);
  * (thread-local; returns the previous one, NULL = none); long loops poll fl_cancel_requested()
  * on that thread and stop with FL_E_INTERRUPTED (fl_forward between layers). */
 const int *fl_cancel_flag(const int *flag);
+/* A second flag, polled beside the first (thread-local; returns the previous one): one request's own flag inside a
+ * job that has its own (the engine's forward request, stopped by its caller's Ctrl-C or by the job's cancellation at
+ * interpreter exit, whichever comes first). */
+const int *fl_cancel_flag_extra(const int *flag);
 int fl_cancel_requested(void);
 
 /* Propagate a failing status unchanged. */

@@ -1,6 +1,8 @@
-"""The engine behind generate / chat (csrc/engine.h): every call is a request to one scheduler per model, which
-batches whatever requests are running into each decode step (continuous batching) and keeps their keys and values
-in one pool of fixed-size pages (a paged KV cache).
+"""The engine behind generate / chat / forward (csrc/engine.h): every call is a request to one scheduler per model,
+which batches whatever requests are running into each decode step (continuous batching) and keeps their keys and
+values in one pool of fixed-size pages (a paged KV cache). A forward (model(ids)) is a request too: the scheduler runs
+it whole between its steps, with a transient KV cache of its own B x T slots, freed after it (it takes no pool pages:
+its keys matter only inside its own pass); the pool is made at the first generate, not for a forward.
 
 So a ThreadPoolExecutor of callers runs as one batch instead of one caller at a time, KV memory follows the tokens in
 use (not batch x max_length), requests that start with the same pages of prompt (a system prompt) share them, and
@@ -14,6 +16,7 @@ Settings, at from_pretrained or later with model.configure_engine():
   max_num_seqs      requests decoded together per step (vLLM's name; default 64 on CUDA, 16 on the CPU). More wait in
                     the queue.
   max_queue         waiting requests allowed before generate raises fastload.EngineBusy (default: no limit).
+                    Forward calls are not counted (each waits at most for the forwards queued before it).
   prefill_chunk     prompt tokens read per step, between two decode steps of the running requests (default: CUDA
                     2048, CPU 512): larger starts a newcomer sooner, smaller keeps the others' inter-token gaps short.
   kv_page_tokens    tokens per KV page (a power of two, default 16).
@@ -122,27 +125,78 @@ class Engine:
 
     def __init__(self, model, opts):
         self._model = weakref.ref(model)  # the model holds this handle: no reference cycle keeps its weights alive
+        self._core = model._core  # the core this handle's engine lives in (to() gives the model a new core and handle)
         self.opts = opts
         self._lock = threading.Lock()
         self._started = False
+        self._pooled = False
+        self._calls = 0  # forward / generate calls using this handle now (under _lock)
+        self._next = None  # set by close(): the handle that replaced this one, where later calls go
 
-    def core(self):
-        if not self._started:
+    def core(self, pool=True):
+        """The model's core with its engine started. pool: also its KV page pool (generate needs it; a forward does
+        not, so a model that only runs forwards never holds the pool's memory, and kv_cache_memory as a fraction is
+        resolved against the memory free at the first generate)."""
+        if not self._started or (pool and not self._pooled):
             with self._lock:
+                m = self._model()
                 if not self._started:
-                    m = self._model()
-                    m._core.engine_start(pool_bytes(m, self.opts), page_tokens=self.opts["kv_page_tokens"],
-                                                  max_batch=max_num_seqs(m, self.opts),
-                                                  prefill_chunk=self.opts["prefill_chunk"] or
-                                                  (2048 if str(m.device).startswith("cuda") else 512),
-                                                  max_waiting=self.opts["max_queue"],
-                                                  max_context=context_length(m),
-                                                  prefix_caching=self.opts["prefix_caching"])
+                    self._core.engine_start(0, page_tokens=self.opts["kv_page_tokens"],
+                                            max_batch=max_num_seqs(m, self.opts),
+                                            prefill_chunk=self.opts["prefill_chunk"] or
+                                            (2048 if str(m.device).startswith("cuda") else 512),
+                                            max_waiting=self.opts["max_queue"],
+                                            max_context=context_length(m),
+                                            prefix_caching=self.opts["prefix_caching"])
                     self._started = True
-        return self._model()._core
+                if pool and not self._pooled:
+                    self._core.engine_pool(pool_bytes(m, self.opts))
+                    self._pooled = True
+        return self._core
+
+    def _enter(self, pool):
+        """Count one call on this handle and return its core, engine started (and pooled, if pool); None when
+        configure_engine retired the handle before the call got here (the caller uses the model's new one). While
+        calls are counted, close() refuses: a call between taking the core and submitting its request never finds
+        the engine stopped under it (nor does a forward start a default engine in the stopped one's place)."""
+        with self._lock:
+            if self._next is not None:
+                return None
+            self._calls += 1
+        try:
+            return self.core(pool)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _leave(self):
+        with self._lock:
+            self._calls -= 1
+
+    def close(self, successor):
+        """Stop the core engine and retire this handle for `successor` (configure_engine). Refused while a call runs
+        on it."""
+        with self._lock:
+            if self._calls:
+                raise RuntimeError(f"configure_engine: {self._calls} forward / generate call(s) are still running on "
+                                   "the engine (wait for them, or cancel their streams, first)")
+            if self._started:
+                self._core.engine_stop()  # refuses while requests (a stream given up but not yet ended) remain
+            self._next = successor
 
     def stats(self):
-        return self._model()._core.engine_stats() if self._started else None
+        return self._core.engine_stats() if self._started else None
+
+    def forward(self, ids, mask, pos):
+        """float32 logits [B, T, V] of every position: a forward request (csrc/engine.h), run whole by the scheduler
+        between its steps with a transient KV cache of B x T slots, the caller waiting with the GIL released."""
+        core = self._enter(pool=False)
+        if core is None:
+            return self._next.forward(ids, mask, pos)
+        try:
+            return core.forward(ids, mask, pos)
+        finally:
+            self._leave()
 
     def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, on_token=None, stops=(), tokenizer=None,
                  max_time=None):
@@ -151,8 +205,18 @@ class Engine:
         step's array of B tokens, pad for rows that ended (B > 1), as a streamer's put. stops: strings
         that end a row at the token completing one (transformers' stop_strings), decoded with tokenizer. max_time:
         seconds from now after which every row ends with the tokens it has (transformers' max_time)."""
+        core = self._enter(pool=True)
+        if core is None:
+            return self._next.generate(ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer,
+                                       max_time)
+        try:
+            return self._generate(core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer,
+                                  max_time)
+        finally:
+            self._leave()
+
+    def _generate(self, core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer, max_time):
         deadline = None if max_time is None else time.monotonic() + max_time
-        core = self.core()
         B, T = ids.shape
         reqs = []
         try:

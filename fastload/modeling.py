@@ -1178,7 +1178,9 @@ class FastModelForCausalLM:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None,
                 return_dict=None, **kwargs):
         """Logits for every position, as transformers' forward (position_ids default to 0..T-1 even with
-        left padding, as there). With `labels`, also the mean next-token cross-entropy (ignore index -100)."""
+        left padding, as there). With `labels`, also the mean next-token cross-entropy (ignore index -100).
+        A request to the model's engine (fastload/engine.py), run whole by its scheduler between decode steps, so
+        forwards from any threads and generate calls beside them are safe; the caller waits with the GIL released."""
         for k in kwargs:
             if k not in ("output_attentions", "output_hidden_states", "token_type_ids") or kwargs[k]:
                 raise TypeError(f"forward: argument {k!r} is not supported")
@@ -1188,7 +1190,7 @@ class FastModelForCausalLM:
             raise ValueError("forward needs input_ids")
         mask = _ids2d(attention_mask, "attention_mask")
         pos = _ids2d(position_ids, "position_ids")
-        logits = self._core.forward(ids, None if mask is None else (mask != 0).astype(np.uint8), pos)
+        logits = self._engine_handle().forward(ids, None if mask is None else (mask != 0).astype(np.uint8), pos)
         out = CausalLMOutput(logits=_to_user(logits, like_torch))
         if labels is not None:
             lab = _ids2d(labels, "labels")
@@ -1517,15 +1519,17 @@ class FastModelForCausalLM:
             raise TypeError(f"configure_engine: unknown setting(s) {unknown}; known: {list(enginemod.ENGINE_KEYS)}")
         old = self._engine_handle()
         opts = enginemod.options(**{**{k: v for k, v in old.opts.items() if k in enginemod.ENGINE_KEYS}, **kwargs})
-        if old._started:
-            self._core.engine_stop()  # refuses while requests run
-        self._engine = enginemod.Engine(self, opts)
+        new = enginemod.Engine(self, opts)
+        old.close(new)  # refuses while requests or forward calls run; calls that took `old` meanwhile go to `new`
+        self._engine = new
         return self
 
     def engine_stats(self):
-        """The engine's counters (None before the first generate): pool pages (n_pages, page_tokens, pages_used,
-        pages_cached: prompt pages kept for reuse), requests waiting / running, steps, decode_rows, prefill_tokens,
-        prefix_hit_tokens (prompt tokens taken from shared pages), preemptions, peaks."""
+        """The engine's counters (None before the first generate or forward): pool pages (n_pages, page_tokens,
+        pages_used, pages_cached: prompt pages kept for reuse; 0 until the first generate makes the pool), requests
+        waiting / running, steps, decode_rows, prefill_tokens, prefix_hit_tokens (prompt tokens taken from shared
+        pages), preemptions, peaks; forwards_waiting / forwards_running, forwards (run to the end), forward_tokens and forward_kv_peak
+        (bytes of the largest transient KV cache a forward had)."""
         return self._engine_handle().stats()
 
     # ------------------------------------------------------------------ facts
@@ -1533,8 +1537,8 @@ class FastModelForCausalLM:
         """Bytes this model holds on its device, by use. kv_cache_pool: the engine's paged KV pool, made at the first
         generate and kept (kv_cache_memory= sets it); kv_cache_pool_used / kv_cache_pool_cached: its pages held by
         requests now / kept as shared prompt prefixes; kv_cache_pool_peak_used: the most pages requests held at once;
-        kv_cache_last: the cache of the most recent forward() (which runs outside the engine), freed when
-        it returned (kv_cache_now is 0), which peak includes. quantized_weights / quantized_bytes (codes with their
+        kv_cache_last: the transient cache of the most recent forward() (B x T slots, made and freed by the engine's
+        scheduler in the step that ran it, outside the pool; kv_cache_now is 0), which peak includes. quantized_weights / quantized_bytes (codes with their
         scales and offsets) / float_bytes split the weights, and layouts sums them per kind ({"int4 g128":
         {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the largest step (per token) plus
         logits of the most logit rows asked for (one per sequence in generate)."""

@@ -273,3 +273,49 @@ def test_mixture_of_experts_through_the_engine():
         out = list(ex.map(lambda p: _gen(m, p, 12), ps))
     bad = [i for i in range(len(ps)) if not np.array_equal(out[i], ref[i])]
     assert not bad, [(list(out[i]), list(ref[i])) for i in bad[:3]]
+
+
+def test_forwards_from_threads_beside_generate_equal_alone(gold):
+    """forward() is a request of the engine (csrc/engine.h): its driver thread runs it between decode steps (graph
+    replays), with a transient cache of its own B x T slots. Forwards from threads while requests decode equal the same
+    forward alone, bit for bit in float32 (the same rectangular pass on the same stream: one shape, one cuBLAS choice),
+    and the requests keep the one-call path's tokens. Forwards of more rows than the engine reserved logits for grow
+    the workspace between decode steps: the captured decode graphs are then recaptured, never replayed on freed
+    buffers."""
+    m, legacy = gold
+    ps = _prompts(8, seed=7)
+    ref = [_gen(legacy, p, 24) for p in ps]
+    rng = np.random.default_rng(8)
+    xs = [rng.integers(3, 500, size=(int(rng.integers(1, 4)), int(rng.integers(1, 120)))) for _ in range(8)]
+    masks = []
+    for k, x in enumerate(xs):  # every other one left-padded by k positions (the last always attended)
+        mk = np.ones(x.shape, np.int64)
+        mk[:, :min(k, x.shape[1] - 1)] = 0
+        masks.append(None if k % 2 else mk)
+    alone = [m(x, attention_mask=mk).logits for x, mk in zip(xs, masks)]
+
+    def call(k):
+        return _gen(m, ps[k // 2], 24) if k % 2 else m(xs[k // 2], attention_mask=masks[k // 2]).logits
+    with ThreadPoolExecutor(8) as ex:
+        out = list(ex.map(call, range(16)))
+    bad = [k for k in range(16) if not np.array_equal(out[k], ref[k // 2] if k % 2 else alone[k // 2], equal_nan=not k % 2)]
+    assert not bad, bad
+    st = m.engine_stats()
+    assert st["forwards_running"] == 0 and st["forwards_waiting"] == 0 and st["running"] == 0, st
+
+
+def test_forward_makes_no_pool_and_frees_its_cache():
+    """A model that only runs forwards holds no KV pool (it is made at the first generate), and each forward's
+    transient cache is freed by the step that ran it: device memory is back to its level after every call."""
+    m = _load()
+    x = np.random.default_rng(9).integers(3, 500, size=(2, 100))
+    want = m(x).logits  # the engine starts; the workspace grows to 200 rows
+    before = fastload.cuda.memory_allocated()
+    for _ in range(3):
+        assert np.array_equal(m(x).logits, want)
+        assert fastload.cuda.memory_allocated() == before
+    ms, st = m.memory_stats(), m.engine_stats()
+    assert ms["kv_cache_pool"] == 0 and st["n_pages"] == 0, (ms, st)
+    assert st["forward_kv_peak"] == ms["kv_cache_last"] > 0 and st["forwards"] == 4, (ms, st)
+    m.generate(x[:1], max_new_tokens=2)
+    assert m.memory_stats()["kv_cache_pool"] > 0

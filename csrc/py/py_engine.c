@@ -35,6 +35,57 @@ int fl_py_exec_kick(void *ud, fl_engine *e) {
     return fl_exec_post(step_job, e);
 }
 
+/* A CPU model's forward called from a callback of a compute-thread job (a load progress callback calling another
+ * model): the compute thread is paused in that job, so a queued forward would wait for the callback, which waits for
+ * it. No step of any CPU engine can be under way then (they all run on the compute thread, and steps make no
+ * callbacks), so the forward runs at once, nested into the paused job on the compute thread (one OpenMP team still),
+ * under the engine's model lock (fl_engine_forward_now); Ctrl-C in the waiting caller stops it between layers. */
+typedef struct { fl_engine *e; const fl_forward_req *f; } now_args;
+static fl_status forward_now_job(fl_exec_job *job, void *arg) {
+    (void)job;
+    now_args *a = arg;
+    return fl_engine_forward_now(a->e, a->f);
+}
+
+int fl_py_engine_forward(fl_engine *e, const fl_forward_req *f, int cpu) {
+    fl_status st;
+    if (cpu && fl_exec_in_callback()) {
+        now_args a = {e, f};
+        if (fl_exec_run(forward_now_job, &a, &st) < 0) { fl_err_clear(); return -1; } /* KeyboardInterrupt is set */
+        if (st != FL_OK) { fl_py_raise(st); return -1; }
+        return 0;
+    }
+    fl_request *r = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_engine_submit_forward(e, f, &r);
+    Py_END_ALLOW_THREADS
+    if (st != FL_OK) { fl_py_raise(st); return -1; }
+    int done = 0, interrupted = 0;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        fl_request_wait(r, 0, interrupted ? -1 : FL_WAIT_SLICE_MS, &done);
+        Py_END_ALLOW_THREADS
+        if (done) break;
+        if (!interrupted && PyErr_CheckSignals() < 0) { /* Ctrl-C: stop it, and wait until the driver has let go */
+            interrupted = 1;
+            fl_request_cancel(r);
+        }
+    }
+    char msg[FL_ERR_MAX];
+    st = fl_request_status(r, msg, sizeof msg);
+    Py_BEGIN_ALLOW_THREADS
+    fl_request_release(r);
+    Py_END_ALLOW_THREADS
+    if (interrupted) return -1; /* the exception is set */
+    if (st == FL_OK) return 0;
+    if (st == FL_E_INTERRUPTED) PyErr_SetString(PyExc_RuntimeError, msg); /* not this caller's Ctrl-C: the engine closed */
+    else {
+        fl_err(st, "%s", msg);
+        fl_py_raise(st);
+    }
+    return -1;
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *owner;   /* the _C.Model */

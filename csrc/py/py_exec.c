@@ -158,6 +158,8 @@ static int start_thread(void) {
     return 0;
 }
 
+int fl_exec_in_callback(void) { return serving != NULL; }
+
 int fl_exec_cancelled(const fl_exec_job *job) {
     return __atomic_load_n(&job->cancel, __ATOMIC_RELAXED) || __atomic_load_n(&exiting, __ATOMIC_RELAXED);
 }

@@ -41,4 +41,9 @@ int fl_exec_post(fl_exec_fn fn, void *arg);
 /* Nonzero once the job should stop (Ctrl-C in the waiting caller, interpreter exit). */
 int fl_exec_cancelled(const fl_exec_job *job);
 
+/* Nonzero when this (caller) thread is running a callback of a compute-thread job: the compute thread is paused in
+ * that job, so work posted to it (fl_exec_post: a CPU engine's steps) cannot run until the callback returns; a call
+ * that must wait for such work runs it through fl_exec_run instead, which nests it into the paused job. */
+int fl_exec_in_callback(void);
+
 #endif

@@ -1,6 +1,7 @@
 /* py_model.c: fastload._C.Model: create from a config dict, load tensors from opened checkpoint
- * files, forward and generate. The GIL is released during all core work; one lock per model
- * serialises callers (the workspace and the KV cache are per model). */
+ * files, and the model's engine (csrc/engine.h), which runs every forward and generate. The GIL is released during
+ * all core work; one lock per model serialises loading and engine creation, and the engine's driver is the only
+ * thread that runs forward passes on the model's workspace. */
 #include "py_common.h"
 #include "py_exec.h"
 #include "py_engine.h"
@@ -18,6 +19,9 @@ typedef struct {
     int depth;           /* calls of `owner` in progress: > 1 when a callback called this model again */
     int loading;         /* the outermost call is load */
     fl_engine *eng;      /* continuous batching (engine_start), or NULL */
+    int eng_auto;        /* eng was started by forward() with the defaults and no pool (a direct _C caller) */
+    int n_fwd;           /* calls using eng with the GIL released (forward, engine_pool; GIL held to change):
+                          * engine_stop refuses while any is in flight (a forward's request lives in eng) */
 } FlPyModel;
 
 /* CPU models run their core calls on the process-wide compute thread (py_exec.c): one OpenMP
@@ -506,6 +510,12 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     load_args la = {self->m, arr, (int)n, &ud};
     fl_status st = FL_OK;
     if (enter_model(self, 1) < 0) { PyMem_Free(arr); return NULL; }
+    if (self->eng) { /* started while this call waited for the model (a forward's default engine, engine_start) */
+        leave_model(self);
+        PyMem_Free(arr);
+        PyErr_SetString(PyExc_RuntimeError, "load: the model's engine is running (engine_stop() first)");
+        return NULL;
+    }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     const int rc = run_core(self, load_job, &la, &st);
@@ -532,25 +542,39 @@ static PyArrayObject *as_2d(PyObject *o, int typenum, const char *what) {
     return a;
 }
 
-typedef struct { fl_model *m; int B, T; const int32_t *ids, *pos; const uint8_t *mask; float *logits; fl_engine *eng; } forward_args;
-static fl_status forward_job(fl_exec_job *job, void *arg) {
-    forward_args *a = arg;
-    fl_kvcache *kv = NULL;
-    if (a->eng) fl_engine_lock_model(a->eng); /* not in the middle of an engine step (same workspace) */
-    fl_status st = fl_kv_create(a->m, a->B, a->T, &kv);
-    if (st == FL_OK) st = fl_forward(a->m, kv, a->B, a->T, 0, a->ids, a->pos, a->mask, a->T, 1, a->logits);
-    fl_kv_free(a->m, kv);
-    if (a->eng) fl_engine_unlock_model(a->eng);
-    return st;
+/* A pool-less engine with the default settings for a forward() on a model nobody started an engine for (fastload._C
+ * used directly; the Python layer starts its own first, fastload/engine.py). Returns -1 with an exception. */
+static int ensure_engine(FlPyModel *self) {
+    if (self->eng) return 0;
+    if (enter_model(self, 0) < 0) return -1; /* waits for a load in another thread; refused from the load's callback */
+    fl_status st = FL_OK;
+    if (!self->eng) {
+        const int cpu = on_compute_thread(self);
+        fl_engine_cfg cfg = {0};
+        fl_engine *e = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        st = fl_engine_create(self->m, &cfg, cpu ? fl_py_exec_kick : NULL, NULL, &e);
+        Py_END_ALLOW_THREADS
+        if (st == FL_OK) {
+            self->eng = e;
+            self->eng_auto = 1;
+        }
+    }
+    leave_model(self);
+    if (st != FL_OK) { fl_py_raise(st); return -1; }
+    return 0;
 }
 
-/* forward(input_ids[B,T], attention_mask=None, position_ids=None) -> float32 logits [B, T, V] */
+/* forward(input_ids[B,T], attention_mask=None, position_ids=None) -> float32 logits [B, T, V]: a forward request to
+ * the model's engine (run whole by its driver between steps, with a transient KV cache of B x T slots; see
+ * engine.h), the caller waiting with the GIL released. */
 static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "attention_mask", "position_ids", NULL};
     PyObject *ids_o, *mask_o = Py_None, *pos_o = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO", kwlist, &ids_o, &mask_o, &pos_o)) return NULL;
     PyArrayObject *ids = as_2d(ids_o, NPY_INT32, "input_ids"), *mask = NULL, *pos = NULL;
     PyObject *res = NULL;
+    int32_t *pbuf = NULL;
     if (!ids) return NULL;
     const npy_intp B = PyArray_DIM(ids, 0), T = PyArray_DIM(ids, 1);
     if (B <= 0 || T <= 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty"); goto out; }
@@ -563,29 +587,22 @@ static PyObject *model_forward(FlPyModel *self, PyObject *args, PyObject *kw) {
         if (!(pos = as_2d(pos_o, NPY_INT32, "position_ids"))) goto out;
         if (PyArray_DIM(pos, 0) != B || PyArray_DIM(pos, 1) != T) { PyErr_SetString(PyExc_ValueError, "position_ids must have the shape of input_ids"); goto out; }
     }
-    const int V = self->m->cfg.vocab;
-    for (npy_intp i = 0; i < B * T; i++) {
-        int32_t t = ((int32_t *)PyArray_DATA(ids))[i];
-        if (t < 0 || t >= V) { PyErr_Format(PyExc_ValueError, "input_ids[%zd][%zd] = %d is outside the vocabulary [0, %d)", (Py_ssize_t)(i / T), (Py_ssize_t)(i % T), t, V); goto out; }
-    }
-    npy_intp dims[3] = {B, T, V};
-    res = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
-    if (!res) goto out;
-    int32_t *pbuf = PyMem_Malloc((size_t)(B * T) * 4);
-    if (!pbuf) { Py_CLEAR(res); PyErr_NoMemory(); goto out; }
+    npy_intp dims[3] = {B, T, self->m->cfg.vocab};
+    if (!(pbuf = PyMem_Malloc((size_t)(B * T) * 4))) { PyErr_NoMemory(); goto out; }
     for (npy_intp i = 0; i < B * T; i++) pbuf[i] = pos ? ((int32_t *)PyArray_DATA(pos))[i] : (int32_t)(i % T); /* transformers' default: arange */
-    fl_status st = FL_OK;
-    forward_args fa = {self->m, (int)B, (int)T, PyArray_DATA(ids), pbuf, mask ? PyArray_DATA(mask) : NULL,
-                       PyArray_DATA((PyArrayObject *)res), self->eng};
-    int rc = enter_model(self, 0);
-    if (rc == 0) {
-        rc = run_core(self, forward_job, &fa, &st);
-        leave_model(self);
-    }
-    PyMem_Free(pbuf);
-    if (rc < 0) { fl_err_clear(); Py_CLEAR(res); }
-    else if (st != FL_OK) { Py_CLEAR(res); fl_py_raise(st); }
+    if (!(res = PyArray_SimpleNew(3, dims, NPY_FLOAT32))) goto out;
+    if (ensure_engine(self) < 0) { Py_CLEAR(res); goto out; }
+    /* from here to the count, no Python code runs (nothing could stop the engine in between): engine_stop refuses
+     * while the count is nonzero */
+    self->n_fwd++;
+    /* ids are checked against the vocabulary by the engine, at submission: a bad id is a ValueError here */
+    const fl_forward_req f = {(int)B, (int)T, PyArray_DATA(ids), pbuf, mask ? PyArray_DATA(mask) : NULL,
+                              PyArray_DATA((PyArrayObject *)res)};
+    const int rc = fl_py_engine_forward(self->eng, &f, on_compute_thread(self));
+    self->n_fwd--;
+    if (rc < 0) Py_CLEAR(res);
 out:
+    PyMem_Free(pbuf);
     Py_XDECREF(ids); Py_XDECREF(mask); Py_XDECREF(pos);
     return res;
 }
@@ -752,7 +769,8 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
 }
 
 /* ---- the engine (csrc/engine.h): many callers, continuous batching, paged KV cache ---------------------------- */
-/* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0) */
+/* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0): kv_bytes 0
+ * starts it without a KV pool (forwards only, until engine_pool) */
 static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"kv_bytes", "page_tokens", "max_batch", "prefill_chunk", "max_waiting", "max_context",
                              "prefix_caching", NULL};
@@ -764,6 +782,14 @@ static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *k
         return NULL;
     cfg.no_prefix_cache = !prefix;
     cfg.kv_bytes = kvb;
+    if (self->eng && self->eng_auto && !self->n_fwd) { /* forward()'s default engine: replaced by this configured one */
+        fl_engine *old = self->eng;
+        self->eng = NULL;
+        self->eng_auto = 0;
+        Py_BEGIN_ALLOW_THREADS
+        fl_engine_free(old);
+        Py_END_ALLOW_THREADS
+    }
     if (self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is already running"); return NULL; }
     if (cfg.page_tokens < 0 || cfg.max_batch < 0 || cfg.prefill_chunk < 0 || cfg.max_waiting < 0 || cfg.max_context < 0) {
         PyErr_SetString(PyExc_ValueError, "engine_start: sizes must be >= 0 (0: the default)");
@@ -779,6 +805,25 @@ static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *k
     leave_model(self);
     if (st != FL_OK) return fl_py_raise(st);
     self->eng = e;
+    self->eng_auto = 0;
+    Py_RETURN_NONE;
+}
+
+/* engine_pool(kv_bytes): give an engine started with kv_bytes 0 its KV page pool (generate needs it, forward does
+ * not). */
+static PyObject *model_engine_pool(FlPyModel *self, PyObject *args) {
+    unsigned long long kvb = 0;
+    if (!PyArg_ParseTuple(args, "K", &kvb)) return NULL;
+    if (!self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is not running (engine_start first)"); return NULL; }
+    if (!kvb) { PyErr_SetString(PyExc_ValueError, "engine_pool: kv_bytes must be positive"); return NULL; }
+    fl_engine *e = self->eng;
+    self->n_fwd++; /* keeps engine_stop off e while the GIL is released */
+    fl_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fl_engine_add_pool(e, kvb);
+    Py_END_ALLOW_THREADS
+    self->n_fwd--;
+    if (st != FL_OK) return fl_py_raise(st);
     Py_RETURN_NONE;
 }
 
@@ -791,11 +836,13 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
     /* Requests hold the model, not the engine: a live one would point at freed memory. Refuse while any exists. */
     fl_engine_stats s;
     fl_engine_get_stats(e, &s);
-    if (s.waiting || s.running) {
+    if (s.waiting || s.running || s.forwards_waiting || self->n_fwd) {
         self->eng = e;
-        PyErr_SetString(PyExc_RuntimeError, "engine_stop: requests are still running (cancel them and wait first)");
+        PyErr_SetString(PyExc_RuntimeError, self->n_fwd ? "engine_stop: forward calls are still running on the engine (wait for them first)"
+                                                        : "engine_stop: requests are still running (cancel them and wait first)");
         return NULL;
     }
+    self->eng_auto = 0;
     Py_BEGIN_ALLOW_THREADS
     fl_engine_free(e);
     Py_END_ALLOW_THREADS
@@ -903,20 +950,23 @@ static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {
     if (!self->eng) Py_RETURN_NONE;
     fl_engine_stats s;
     fl_engine_get_stats(self->eng, &s);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i}", "n_pages", s.n_pages,
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:K,s:K}", "n_pages", s.n_pages,
                          "page_tokens", s.page_tokens, "pages_used", s.pages_used, "pages_cached", s.pages_cached,
                          "pool_bytes", (unsigned long long)s.pool_bytes, "waiting", s.waiting, "running", s.running,
                          "steps", (unsigned long long)s.steps, "decode_rows", (unsigned long long)s.decode_rows,
                          "prefill_tokens", (unsigned long long)s.prefill_tokens,
                          "prefix_hit_tokens", (unsigned long long)s.prefix_hit_tokens,
                          "preemptions", (unsigned long long)s.preemptions, "peak_pages_used", s.peak_pages_used,
-                         "peak_running", s.peak_running);
+                         "peak_running", s.peak_running, "forwards_waiting", s.forwards_waiting, "forwards_running", s.forwards_running,
+                         "forwards", (unsigned long long)s.forwards, "forward_tokens", (unsigned long long)s.forward_tokens,
+                         "forward_kv_peak", (unsigned long long)s.forward_kv_peak);
 }
 
 static PyMethodDef model_methods[] = {
     {"load", (PyCFunction)(void (*)(void))model_load, METH_VARARGS | METH_KEYWORDS, "Load tensors: list of (slot, layer, unpermute_heads, file, name[, packed])."},
     {"check_complete", (PyCFunction)model_check_complete, METH_NOARGS, "Raise if a required weight was not loaded."},
-    {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS, "Logits for every position."},
+    {"forward", (PyCFunction)(void (*)(void))model_forward, METH_VARARGS | METH_KEYWORDS,
+     "Logits for every position: a forward request to the model's engine (started without a pool if none is)."},
     {"export", (PyCFunction)model_export, METH_VARARGS, "export(slot, layer) -> (dtype name, array): a copy of one slot's weights "
      "(a quantised weight dequantised to float32)."},
     {"rope_freqs", (PyCFunction)model_rope_freqs, METH_NOARGS, "rope_freqs() -> (inv_freq float32 [rotated dims / 2], softmax scale multiplier)."},
@@ -924,6 +974,7 @@ static PyMethodDef model_methods[] = {
     {"engine_start", (PyCFunction)(void (*)(void))model_engine_start, METH_VARARGS | METH_KEYWORDS,
      "engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0)."},
     {"engine_stop", (PyCFunction)model_engine_stop, METH_NOARGS, "Free the engine (no request may be running)."},
+    {"engine_pool", (PyCFunction)model_engine_pool, METH_VARARGS, "engine_pool(kv_bytes): the KV page pool of an engine started without one."},
     {"engine_submit", (PyCFunction)(void (*)(void))model_engine_submit, METH_VARARGS | METH_KEYWORDS,
      "engine_submit(input_ids[n], max_new_tokens, ...) -> Request."},
     {"engine_stats", (PyCFunction)model_engine_stats, METH_NOARGS, "The engine's pool and request counts, or None."},
