@@ -1027,7 +1027,8 @@ class FastModelForCausalLM:
         core_cfg = archmod.core_config(hf, arch, cfg_path)
         if arch.moe and packed is not None:
             raise NotImplementedError(f"{path}: {packed.name} checkpoints of {arch.name} (Mixture of Experts) are not "
-                                      "supported; load the float checkpoint and quantise at load (load_in_4bit=True covers the experts)")
+                                      "supported; load the float checkpoint and quantise at load (load_in_4bit=True "
+                                      "covers the experts)")
         if want_dtype == "auto":
             cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
