@@ -787,10 +787,11 @@ static int default_kick(void *ud, fl_engine *e) {
     return rc;
 }
 
-/* Pages of page_tokens slots that kv_bytes holds (K and V of every layer), or FL_E_VALUE naming kv_cache_memory. */
-static fl_status pool_pages(const fl_model *m, uint64_t kv_bytes, int page_tokens, int *n_pages) {
+/* Pages of page_tokens slots that kv_bytes holds (K and V of every layer), and the bytes of one token's K (or V) in
+ * one layer; or FL_E_VALUE naming kv_cache_memory. */
+static fl_status pool_pages(const fl_model *m, uint64_t kv_bytes, int page_tokens, int *n_pages, size_t *slot_out) {
     const fl_config *c = &m->cfg;
-    size_t slot_bytes; /* one token's K (or V) in one layer */
+    size_t slot_bytes;
     if (!fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, (size_t)fl_dtype_size(m->be->act), &slot_bytes))
         return fl_err(FL_E_VALUE, "engine: KV slot size overflows");
     const double page_all = (double)slot_bytes * 2.0 * c->n_layers * page_tokens; /* one page, K and V, every layer */
@@ -801,6 +802,7 @@ static fl_status pool_pages(const fl_model *m, uint64_t kv_bytes, int page_token
     if (n_pages_d > (double)INT32_MAX / 2) /* page ids are int32 in the block tables */
         return fl_err(FL_E_VALUE, "engine: kv_cache_memory of %llu bytes is too many pages", (unsigned long long)kv_bytes);
     if (n_pages) *n_pages = (int)n_pages_d;
+    if (slot_out) *slot_out = slot_bytes;
     return FL_OK;
 }
 
@@ -822,7 +824,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     int shift = 0;
     while ((1 << shift) < cfg.page_tokens) shift++;
     const fl_config *c = &m->cfg;
-    if (cfg.kv_bytes) FL_TRY(pool_pages(m, cfg.kv_bytes, cfg.page_tokens, NULL)); /* a size holding no page: before anything */
+    if (cfg.kv_bytes) FL_TRY(pool_pages(m, cfg.kv_bytes, cfg.page_tokens, NULL, NULL)); /* a size holding no page: before anything */
     fl_engine *e = calloc(1, sizeof *e);
     if (!e) return fl_err(FL_E_NOMEM, "engine: cannot allocate");
     e->m = m;
@@ -903,15 +905,14 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
     fl_model *m = e->m;
     const fl_config *c = &m->cfg;
     const int shift = e->kv.page_shift;
-    size_t slot_bytes = 0;
+    size_t slot_bytes; /* one token's K (or V) in one layer */
     int n_pages;
-    FL_TRY(pool_pages(m, kv_bytes, 1 << shift, &n_pages)); /* checks the slot size too */
+    FL_TRY(pool_pages(m, kv_bytes, 1 << shift, &n_pages, &slot_bytes));
     pthread_mutex_lock(&e->mu);
     const int busy = e->adding_pool || __atomic_load_n(&e->has_pool, __ATOMIC_ACQUIRE);
     if (!busy) e->adding_pool = 1;
     pthread_mutex_unlock(&e->mu);
     if (busy) return fl_err(FL_E_VALUE, "engine: it has a KV cache pool already");
-    fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, (size_t)fl_dtype_size(m->be->act), &slot_bytes);
     const size_t layer_bytes = slot_bytes * ((size_t)(n_pages + 1) << shift); /* K of one layer; + the null page */
     const size_t layer_al = (layer_bytes + 255) & ~(size_t)255;
     /* Made without the engine's locks (a forward may be running): no step touches the pool or e->kv before has_pool,
@@ -1019,6 +1020,22 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     return FL_OK;
 }
 
+/* For a submitter holding mu that has queued `queued` requests: a driver is kicked when none drives, and mu is
+ * released. Returns 0, or the kick's error with mu taken again and driving cleared (the caller fails what it queued
+ * and unlocks). */
+static int ensure_driver(fl_engine *e, int queued) {
+    const int kick = queued && !e->driving;
+    if (kick) e->driving = 1;
+    pthread_mutex_unlock(&e->mu);
+    if (!kick) return 0;
+    const int rc = e->kick(e->kick_ud, e);
+    if (rc) {
+        pthread_mutex_lock(&e->mu);
+        e->driving = 0;
+    }
+    return rc;
+}
+
 fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids, const int *n, const fl_gen_params *p,
                                  fl_request **out) {
     for (int b = 0; b < B; b++) out[b] = NULL;
@@ -1061,24 +1078,17 @@ fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids,
         e->n_waiting++;
         queued++;
     }
-    const int kick = queued && !e->driving;
-    if (kick) e->driving = 1;
-    pthread_mutex_unlock(&e->mu);
-    if (kick) {
-        const int rc = e->kick(e->kick_ud, e);
-        if (rc) {
-            pthread_mutex_lock(&e->mu);
-            e->driving = 0;
-            for (int b = 0; b < B; b++)
-                if (out[b]->state == RQ_WAITING) finish(e, out[b], FL_E_INTERNAL, "no driver");
-            for (int b = 0; b < B; b++) { /* finish() dropped the engine's reference: this drops the caller's */
-                req_unref(out[b]);
-                out[b] = NULL;
-            }
-            pthread_mutex_unlock(&e->mu);
-            errno = rc;
-            return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
+    const int rc = ensure_driver(e, queued);
+    if (rc) {
+        for (int b = 0; b < B; b++)
+            if (out[b]->state == RQ_WAITING) finish(e, out[b], FL_E_INTERNAL, "no driver");
+        for (int b = 0; b < B; b++) { /* finish() dropped the engine's reference: this drops the caller's */
+            req_unref(out[b]);
+            out[b] = NULL;
         }
+        pthread_mutex_unlock(&e->mu);
+        errno = rc;
+        return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
     }
     return FL_OK;
 }
@@ -1128,20 +1138,13 @@ fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_req
     if (e->fwd_tail) e->fwd_tail->next = r; else e->fwd_head = r;
     e->fwd_tail = r;
     e->n_fwd_waiting++;
-    const int kick = !e->driving;
-    if (kick) e->driving = 1;
-    pthread_mutex_unlock(&e->mu);
-    if (kick) {
-        const int rc = e->kick(e->kick_ud, e);
-        if (rc) {
-            pthread_mutex_lock(&e->mu);
-            e->driving = 0;
-            finish(e, r, FL_E_INTERNAL, "no driver"); /* drops the engine's reference */
-            req_unref(r);                             /* and the caller's */
-            pthread_mutex_unlock(&e->mu);
-            errno = rc;
-            return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
-        }
+    const int rc = ensure_driver(e, 1);
+    if (rc) {
+        finish(e, r, FL_E_INTERNAL, "no driver"); /* drops the engine's reference */
+        req_unref(r);                             /* and the caller's */
+        pthread_mutex_unlock(&e->mu);
+        errno = rc;
+        return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
     }
     *out = r;
     return FL_OK;
