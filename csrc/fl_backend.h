@@ -159,11 +159,18 @@ struct fl_backend {
                             const fl_weight *qk_norm, float eps);
     /* out[B*T, nh*hd] = softmax(q k^T * scale + mask) v over cache slots [0, start+T) with the
      * causal rule, key padding mask and sliding window (0 = none): key j visible from query
-     * slot i iff j <= i && (window == 0 || i - j < window) && kmask[b, j]. */
+     * slot i iff j <= i && (window == 0 || i - j < window) && kmask[b, j]. next as for rmsnorm (the
+     * o_proj weight: CUDA's decode attention then also writes its dp2a GEMV's int16 x). */
     fl_status (*attention)(fl_backend *, void *out_d, const void *qkv_d, const fl_step *s,
-                           const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
+                           const fl_kvcache *kv, int layer, int n_heads, int window, float scale,
+                           const fl_weight *next);
     /* out[n, f] = silu(gu[n, 0:f]) * gu[n, f:2f]; next as for rmsnorm */
     fl_status (*swiglu)(fl_backend *, void *out_d, const void *gu_d, int n, int f, const fl_weight *next);
+    /* Optional: out[n, f] = swiglu(x[n, W.cols] @ W^T) for the fused [gate | up] weight W ([2f, cols], no bias), with
+     * gu_d a [n, 2f] workspace it may use; next as for rmsnorm. The same values as matmul into gu_d followed by
+     * swiglu (CUDA: decode steps run one GEMV with SwiGLU in its epilogue). NULL: callers make those two calls. */
+    fl_status (*matmul_swiglu)(fl_backend *, void *out_d, void *gu_d, const void *x_d, int n, const fl_weight *W, int f,
+                               const fl_weight *next);
     /* Mixture of Experts, routing: from router logits[n, E] (activation dtype), ids[n, k] and wts[n, k] (float32):
      * p = softmax(logits) in float32, the k largest p in descending order (ties: the lower expert index), divided
      * by their sum when norm (as transformers' Mixtral / Qwen MoE routers). No host value is read: graph-safe. */

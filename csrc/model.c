@@ -1461,7 +1461,7 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
         /* Qwen3: q and k heads RMS-normed (q_norm / k_norm) in the same op, before the rotation */
         STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
                             c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
-        STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale)); /* [N, nh*hd] */
+        STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale, &W->wo)); /* [N, nh*hd] */
         STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
         if (c->n_experts) { /* Mixture of Experts: route each token to top_k experts, only theirs are read */
             STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->moe_router));
@@ -1473,8 +1473,12 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
                              &W->moe_w13, &W->moe_w2, &m->moe_ws, T > 1));       /* [N, d] */
         } else {
             STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));
-            STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
-            STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));    /* [N, ffn] */
+            if (be->matmul_swiglu) {
+                STEP(be->matmul_swiglu(be, m->ws_ff, m->ws_gu, m->ws_xn, N, &W->w_gate_up, c->ffn, &W->w_down));
+            } else {
+                STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
+                STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));    /* [N, ffn] */
+            }
             STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
         }
     }

@@ -151,6 +151,37 @@ def test_swiglu(act, f, n):
 
 
 @pytest.mark.parametrize("act", ACTS)
+# f x C: ragged f and a row shorter than one step, whole steps plus a tail, a tail not a multiple of 32 vectors, a
+# down_proj-like long row, and a gate|up taller than 16384 rows (where the plain GEMV takes 4 rows a warp from n = 2)
+@pytest.mark.parametrize("f,C", [(1001, 576), (37, 3584), (129, 2400), (40, 18952), (8200, 1024)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("u", ["4", "8"])
+def test_matmul_swiglu(act, f, C, n, u, monkeypatch):
+    """gate|up's GEMV with SwiGLU in its epilogue (decode, n <= 4; n = 5 takes cuBLAS + the SwiGLU kernel) equals the
+    backend's matmul followed by its swiglu bit for bit, and the CPU backend in float32 within tolerance."""
+    monkeypatch.setenv("FASTLOAD_GLU_U", u)
+    rng, seed = rng_and_seed()
+    x = randn(rng, (n, C), act)
+    W = randn(rng, (2 * f, C), act, 3.0 / math.sqrt(C))
+    got = _C.run_op(DEV, "matmul_swiglu", {"x": x, "W": W}, {"act": act})["out"]
+    gu = _C.run_op(DEV, "matmul", {"x": x, "W": W}, {"act": act})["y"]
+    two = _C.run_op(DEV, "swiglu", {"gu": gu}, {"act": act})["out"]
+    np.testing.assert_array_equal(got, two, err_msg=f"fused gate|up + SwiGLU differs from the two ops (seed {seed})")
+    ref = _C.run_op("cpu", "matmul_swiglu", {"x": x, "W": W}, {"act": "float32"})["out"]
+    check_close(got, ref, act, f"matmul_swiglu n={n} f={f} C={C}", seed, sum_len=C)
+
+
+def test_glu_knob_errors(monkeypatch):
+    monkeypatch.setenv("FASTLOAD_GLU_U", "6")
+    with pytest.raises(ValueError, match="FASTLOAD_GLU_U='6'"):
+        _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
+    monkeypatch.setenv("FASTLOAD_GLU_U", "4")
+    monkeypatch.setenv("FASTLOAD_GLU_FUSE", "yes")
+    with pytest.raises(ValueError, match="FASTLOAD_GLU_FUSE='yes'"):
+        _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
+
+
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("d", [576, 4097])
 @pytest.mark.parametrize("n", [1, 5, 300])
 def test_gather_rows(act, d, n):

@@ -668,3 +668,14 @@ def test_float_matmul_rows_are_batch_invariant(n):
     for i in range(n):
         y1 = _C.run_op("cpu", "matmul", {"x": x[i:i + 1], "W": W}, {"act": "float32"})["y"][0]
         assert np.array_equal(y[i], y1), f"row {i} of {n} (seed {seed})"
+
+
+def test_matmul_swiglu_cpu():
+    """The CPU backend has no fused op: run_op's matmul_swiglu is matmul then swiglu there, against numpy."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    W = rng.standard_normal((2 * 40, 64)).astype(np.float32) / 8
+    got = _C.run_op("cpu", "matmul_swiglu", {"x": x, "W": W}, {"act": "float32"})["out"]
+    gu = x.astype(np.float64) @ W.T.astype(np.float64)
+    g, u = gu[:, :40], gu[:, 40:]
+    np.testing.assert_allclose(got, g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=1e-5)

@@ -115,7 +115,9 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
 }
 
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
-                        const fl_kvcache *kv, int layer, int n_heads, int window, float scale) {
+                        const fl_kvcache *kv, int layer, int n_heads, int window, float scale,
+                        const fl_weight *next) {
+    (void)next; /* the CPU's matmul prepares its own input */
     const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads;
     int L = 0, group = n_heads / nkv;
     FL_TRY(check_slots(s, kv));

@@ -63,7 +63,8 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
                          int n_heads, const float *inv_freq, const fl_rope_style *style, const fl_weight *qk_norm,
                          float eps);
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
-                        const fl_kvcache *kv, int layer, int n_heads, int window, float scale);
+                        const fl_kvcache *kv, int layer, int n_heads, int window, float scale,
+                        const fl_weight *next);
 /* Mixture of Experts (cpu_moe.c) */
 fl_status cpu_moe_route(fl_backend *be, int32_t *ids, float *wts, const void *logits_d, int n, int E, int k, int norm);
 fl_status cpu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n, const int32_t *ids, const float *wts, int k,

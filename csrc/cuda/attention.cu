@@ -8,6 +8,7 @@
 // (PTX ISA, "Matrix Fragments for mma.m16n8k16").
 #include "attention.cuh"
 #include "cuda_common.cuh"
+#include "qx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -49,6 +50,9 @@ struct AttArgs {
     int units, slots, split_stride;  // decode split plan inputs (see split_plan)
     int min_waves;                   // decode: at least this many waves of blocks (tuning)
     int kv_fast;                     // decode: grid x runs over kv heads (default), else over head subgroups
+    int16_t *qxq;                    // decode, T == 1: out also written as the dp2a GEMV's int16 x (qx.cuh) when
+    float2 *qxd;                     //   qbits is 4 or 8 (o_proj quantised): the combine kernel does it
+    int qbits;
 };
 
 // ---- decode split plan (host and device must agree) --------------------------------------------
@@ -352,7 +356,9 @@ __device__ __forceinline__ float block_allreduce(float v, float *s_red, bool is_
     return v;
 }
 
-template <typename T>
+// QB (4 / 8): the row is also written as the dp2a GEMV's int16 x for o_proj (fl_qx_store8, from the rounded
+// outputs, as qx_prep_kernel would read them), which saves that GEMV its prep kernel; needs hd % 32 == 0, hd <= 256.
+template <typename T, int QB>
 __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttArgs a) {
     __shared__ float s_w[MAX_SPLITS];
     __shared__ float s_red[CMB_THREADS / 32];
@@ -385,11 +391,26 @@ __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttAr
     }
     s_part[tid] = num;
     __syncthreads();
+    float ovf = 0.f;
     if (tid < hd) {
         float o = 0.f;
         for (int g = 0; g < ngrp; g++) o += s_part[g * hd + tid];
         // T == 1: output row b, column block h (bh = b * nh + h)
-        static_cast<T *>(a.out)[(size_t)bh * hd + tid] = fl_from_f32<T>(den > 0.f ? o / den : 0.f);
+        const T ov = fl_from_f32<T>(den > 0.f ? o / den : 0.f);
+        static_cast<T *>(a.out)[(size_t)bh * hd + tid] = ov;
+        ovf = fl_to_f32(ov);
+    }
+    if constexpr (QB != 0) {
+        __syncthreads();  // every read of s_part is done
+        if (tid < hd) s_part[tid] = ovf;
+        __syncthreads();
+        if (tid < 32) {  // lane t: columns 8t..8t+7 of this head (a vector's lanes are one aligned group)
+            const bool on = tid < hd / 8;
+            float v8[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) v8[e] = on ? s_part[tid * 8 + e] : 0.f;
+            fl_qx_store8<QB>(a.qxq, a.qxd, v8, on ? (int64_t)bh * hd + tid * 8 : 0, on);
+        }
     }
 }
 
@@ -689,7 +710,9 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     // Both launches are programmatic where the device allows (fl_launch): the split kernel's
     // launch hides under rope_store's tail, the combine's under the split kernel's.
     FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD>, grid, dim3(ATT_THREADS), 0, st, a));
-    FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
+    if (a.qbits == 4) FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 4>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
+    else if (a.qbits == 8) FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 8>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
+    else FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 0>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
     return FL_OK;
 }
 
@@ -711,11 +734,15 @@ extern "C" size_t fl_cuda_attention_workspace(int B, int n_heads, int head_dim, 
     return (size_t)B * (size_t)n_heads * cap * ((size_t)head_dim + 2) * sizeof(float);
 }
 
-extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
-                                          int start, const int32_t *start_d, const uint8_t *kmask, int kmask_stride,
-                                          const void *kcache, const void *vcache, int max_len, int n_heads,
-                                          int n_kv_heads, int head_dim, int window, float scale, void *workspace,
-                                          size_t workspace_bytes, int path, const fl_kv_paging *pg) {
+// qd: where the decode path also writes out as the dp2a GEMV's x (NULL or bits 0: nowhere); its bits are set to 0
+// when the path taken does not (prefill, the fallback kernel, a head_dim the combine kernel cannot group).
+static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
+                                const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
+                                const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
+                                float scale, void *workspace, size_t workspace_bytes, int path, const fl_kv_paging *pg,
+                                fl_qx_dst *qd) {
+    const int qbits = qd ? qd->bits : 0;
+    if (qd) qd->bits = 0;
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
         return fl_err(FL_E_UNSUPPORTED, "attention: activation dtype %d is not supported (f16, bf16, f32)", (int)act);
     if (!out || !qkv || !kcache || !vcache) return fl_err(FL_E_VALUE, "attention: NULL tensor pointer");
@@ -773,6 +800,11 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
     fl_status s = FL_OK;
     if (fast_ok && path != FL_ATT_SIMPLE) {
         if (T == 1) {
+            if ((qbits == 4 || qbits == 8) && head_dim % 32 == 0 && head_dim <= 256) {
+                a.qbits = qbits;
+                a.qxq = qd->xq;
+                a.qxd = qd->xd;
+            }
             FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
                                               ? launch_decode<scalar_t, 64>(st, a, n_sub, workspace, workspace_bytes, sms)
                                               : launch_decode<scalar_t, 128>(st, a, n_sub, workspace, workspace_bytes, sms));
@@ -792,7 +824,17 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
     }
     if (s != FL_OK) return s;
     FL_CUDA_CHECK_LAUNCH();
+    if (qd && a.qbits) qd->bits = a.qbits;
     return FL_OK;
+}
+
+extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
+                                          int start, const int32_t *start_d, const uint8_t *kmask, int kmask_stride,
+                                          const void *kcache, const void *vcache, int max_len, int n_heads,
+                                          int n_kv_heads, int head_dim, int window, float scale, void *workspace,
+                                          size_t workspace_bytes, int path, const fl_kv_paging *pg) {
+    return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, path, pg, NULL);
 }
 
 extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
@@ -800,6 +842,15 @@ extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out,
                                        const void *kcache, const void *vcache, int max_len, int n_heads,
                                        int n_kv_heads, int head_dim, int window, float scale, void *workspace,
                                        size_t workspace_bytes, const fl_kv_paging *pg) {
-    return fl_cuda_attention_ex(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
-                                n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg);
+    return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, NULL);
+}
+
+fl_status fl_cuda_attention_qx(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
+                               const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
+                               const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
+                               float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg,
+                               fl_qx_dst *qd) {
+    return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, qd);
 }

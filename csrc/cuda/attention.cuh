@@ -61,5 +61,14 @@ fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const v
 
 #ifdef __cplusplus
 }
+// fl_cuda_attention, and where the decode path runs (T == 1, fast kernels, head_dim % 32 == 0) with qd->bits 4 or 8,
+// `out` also written as the dp2a GEMV's int16 x at qd (qx.cuh) by the combine kernel; qd->bits is 0 on return when
+// that did not happen (the caller then leaves the GEMV to prepare its x).
+struct fl_qx_dst;
+fl_status fl_cuda_attention_qx(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
+                               const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
+                               const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
+                               float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg,
+                               struct fl_qx_dst *qd);
 #endif
 #endif

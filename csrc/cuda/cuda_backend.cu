@@ -269,8 +269,9 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
                               &s->dyn);
 }
 
+// With next (o_proj) quantised for the dp2a GEMV, a decode step's combine kernel also writes that GEMV's x.
 static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,
-                              int layer, int n_heads, int window, float scale) {
+                              int layer, int n_heads, int window, float scale, const fl_weight *next) {
     fl_cuda_impl *c = IMPL(be);
     if (kv->dtype != be->act)
         return fl_err(FL_E_UNSUPPORTED, "CUDA attention: KV cache dtype %s differs from the activation dtype %s",
@@ -279,9 +280,15 @@ static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, co
     FL_TRY(fl_cuda_enter(c));
     const size_t need = fl_cuda_attention_workspace(s->batch, n_heads, kv->head_dim, kv->max_len);
     FL_TRY(fl_cuda_grow(be, &c->attn_ws, &c->attn_ws_bytes, need, "attention"));
-    return fl_cuda_attention(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
-                             s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                             kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg);
+    fl_qx_dst qd;
+    qd.bits = 0;
+    const int n = s->batch * s->n_new;
+    if (s->n_new == 1) FL_TRY(fl_cuda_qx_target(be, next, out_d, n, (int64_t)n_heads * kv->head_dim, &qd));
+    FL_TRY(fl_cuda_attention_qx(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
+                                s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
+                                kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg, &qd));
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    return FL_OK;
 }
 
 static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f, const fl_weight *next) {
@@ -291,6 +298,24 @@ static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n,
     FL_TRY(fl_cuda_swiglu(IMPL(be)->stream, be->act, out_d, gu_d, n, f, qd));
     if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
     return FL_OK;
+}
+
+// gate|up then SwiGLU. Decode (n within the GEMV's range, 16-bit or float32 weights, and a down_proj that does not
+// take the dp2a GEMV's int16 x from SwiGLU): one GEMV with SwiGLU in its epilogue, gu_d untouched. Otherwise the
+// two ops. FASTLOAD_GLU_FUSE=0 turns the fused kernel off (A/B); FASTLOAD_GLU_U=4|8 its loads a lane per row.
+static fl_status cu_matmul_swiglu(fl_backend *be, void *out_d, void *gu_d, const void *x_d, int n, const fl_weight *W,
+                                  int f, const fl_weight *next) {
+    fl_cuda_impl *c = IMPL(be);
+    const int up_to = c->gemv_up_to < 0 ? FL_MATMUL_GEMV_UP_TO : c->gemv_up_to;
+    if (c->glu_u && W->dtype == be->act && W->rows == 2 * (int64_t)f && n <= up_to && n <= FL_GEMV_GLU_MAX_N &&
+        (!next || next->dtype != FL_QUANT)) {
+        FL_TRY(fl_cuda_enter(c));
+        const fl_status st = fl_cuda_gemv_swiglu(c->stream, be->act, out_d, x_d, n, W->data_d, f, W->cols, c->glu_u);
+        if (st != FL_E_UNSUPPORTED) return st;
+        fl_err_clear();  // rows not whole vectors: the two ops
+    }
+    FL_TRY(cu_matmul(be, gu_d, x_d, n, W, NULL));
+    return cu_swiglu(be, out_d, gu_d, n, f, next);
 }
 
 // Mixture of Experts (moe.cu). Routing and grouping on the device; the experts through the grouped GEMV (only
@@ -478,6 +503,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|dp|fma|mma|generic (the GEMV kernel: integer dot products,
 // tensor cores, the FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
 // FASTLOAD_QX_FUSE=1|0: RMSNorm / SwiGLU write the dp2a GEMV's int16 x for the matmul after them (default 1).
+// FASTLOAD_GLU_FUSE=1|0 and FASTLOAD_GLU_U=4|8: gate|up's GEMV with SwiGLU in its epilogue (default on, 4).
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -514,6 +540,17 @@ static fl_status read_knobs(fl_cuda_impl *c) {
             if (!strcmp(q, names[i])) c->qdp_cfg = i;
         if (c->qdp_cfg < 0)
             return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s' is not r4u2, r4u1, r8u1, r2u4 or r8u1w4", q);
+    }
+    c->glu_u = 4;
+    q = getenv("FASTLOAD_GLU_FUSE");
+    if (q && *q) {
+        if (!strcmp(q, "0")) c->glu_u = 0;
+        else if (strcmp(q, "1")) return fl_err(FL_E_VALUE, "FASTLOAD_GLU_FUSE='%s' is not 0 or 1", q);
+    }
+    q = getenv("FASTLOAD_GLU_U");
+    if (q && *q && c->glu_u) {
+        if (!strcmp(q, "8")) c->glu_u = 8;
+        else if (strcmp(q, "4")) return fl_err(FL_E_VALUE, "FASTLOAD_GLU_U='%s' is not 4 or 8", q);
     }
     const char *e = getenv("FASTLOAD_GEMV_UP_TO");
     if (e && *e) {
@@ -579,6 +616,7 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->rope_store = cu_rope_store;
     be->attention = cu_attention;
     be->swiglu = cu_swiglu;
+    be->matmul_swiglu = cu_matmul_swiglu;
     be->gather_rows = cu_gather_rows;
     be->moe_route = cu_moe_route;
     be->moe_ffn = cu_moe_ffn;

@@ -143,6 +143,9 @@ __device__ __forceinline__ uint4 fl_ld_stream(const void *p) {
     return v;
 }
 
+// silu(g) * u in float32, as SwiGLU (norm.cu) and the GEMV that ends in it (matmul.cu) both compute it.
+__device__ __forceinline__ float fl_silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
 // ---- programmatic dependent launch (PDL, sm_90+) --------------------------------------------
 // A kernel launched with fl_launch() may start while the kernel before it on the stream is
 // still running (once that one's blocks have all started, or called fl_pdl_launch_dependents):

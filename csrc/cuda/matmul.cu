@@ -19,20 +19,31 @@
 
 enum { GEMV_TAIL_SERIAL = 0, GEMV_TAIL_PRED = 1 };  // how a row's last partial step is read
 
-template <typename T, int N, int RPW, int U, int TAIL>
+// GLU (RPW = 2): W is [gate | up], 2R rows; a warp reads gate row o and up row o together and writes
+// y[i, o] = silu(g) * u of the two dot products, each first rounded to T as the separate matmul would
+// store it, so the result equals matmul + swiglu_kernel bit for bit (SwiGLU fused into gate|up: one
+// kernel and one dependency less per decode layer).
+template <typename T, int N, int RPW, int U, int TAIL, bool GLU = false>
 __global__ void __launch_bounds__(GEMV_THREADS)
 gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W, const T *__restrict__ bias,
             int64_t R, int64_t C) {
     constexpr int E = fl_vec<T>::EPV;
     static_assert(N * RPW <= 32, "one output per lane");
+    static_assert(!GLU || RPW == 2, "GLU pairs a gate row with its up row");
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31;
-    const int64_t r0 = ((int64_t)blockIdx.x * (GEMV_THREADS / 32) + threadIdx.x / 32) * RPW;
+    const int64_t wid = (int64_t)blockIdx.x * (GEMV_THREADS / 32) + threadIdx.x / 32;
+    const int64_t r0 = GLU ? wid : wid * RPW;
     if (r0 >= R) return;  // whole warps only
     const int64_t nv = C / E;
     const uint4 *wrow[RPW];
+    if constexpr (GLU) {
+        wrow[0] = (const uint4 *)(W + r0 * C);
+        wrow[1] = (const uint4 *)(W + (R + r0) * C);
+    } else {
 #pragma unroll
-    for (int r = 0; r < RPW; r++) wrow[r] = (const uint4 *)(W + (r0 + r < R ? r0 + r : R - 1) * C);
+        for (int r = 0; r < RPW; r++) wrow[r] = (const uint4 *)(W + (r0 + r < R ? r0 + r : R - 1) * C);
+    }
     const uint4 *xv = (const uint4 *)x;  // row i starts at vector i * nv
 
     float acc[N][RPW];
@@ -98,6 +109,20 @@ gemv_kernel(T *__restrict__ y, const T *__restrict__ x, const T *__restrict__ W,
     }
 
     float mine = 0.f;
+    if constexpr (GLU) {  // the sums reach every lane; lane i keeps token i's silu(g) * u
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            float g = acc[i][0], u = acc[i][1];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                g += __shfl_xor_sync(0xffffffffu, g, o);
+                u += __shfl_xor_sync(0xffffffffu, u, o);
+            }
+            if (lane == i) mine = fl_silu_mul(fl_to_f32(fl_from_f32<T>(g)), fl_to_f32(fl_from_f32<T>(u)));
+        }
+        if (lane < N) y[(int64_t)lane * R + r0] = fl_from_f32<T>(mine);
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < N; i++)
 #pragma unroll
@@ -306,6 +331,36 @@ fl_status fl_cuda_gemv(cudaStream_t st, fl_dtype act, void *y, const void *x, in
     });
     return FL_OK;
 }
+
+template <typename T, int N, int U>
+static fl_status launch_gemv_glu(cudaStream_t st, T *y, const T *x, const T *W, int64_t F, int64_t C) {
+    const int64_t per_block = GEMV_THREADS / 32, blocks = (F + per_block - 1) / per_block;
+    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "gemv_swiglu: %lld rows is too many", (long long)F);
+    FL_LAUNCH((gemv_kernel<T, N, 2, U, GEMV_TAIL_PRED, true>), dim3((unsigned)blocks), dim3(GEMV_THREADS), 0, st, y, x,
+              W, (const T *)nullptr, F, C);
+    return FL_OK;
+}
+
+#define FL_GLU_N(N_) return u == 8 ? launch_gemv_glu<T, N_, 8>(st, yt, xt, wt, F, C) : launch_gemv_glu<T, N_, 4>(st, yt, xt, wt, F, C)
+fl_status fl_cuda_gemv_swiglu(cudaStream_t st, fl_dtype act, void *y, const void *x, int n, const void *W, int64_t F,
+                              int64_t C, int u) {
+    if (n < 1 || n > FL_GEMV_GLU_MAX_N) return fl_err(FL_E_UNSUPPORTED, "gemv_swiglu: n=%d outside 1..%d", n, FL_GEMV_GLU_MAX_N);
+    if (F <= 0) return FL_OK;
+    FL_CUDA_DISPATCH(act, T, {
+        if (C % fl_vec<T>::EPV || !fl_is_aligned16(x) || !fl_is_aligned16(W))
+            return fl_err(FL_E_UNSUPPORTED, "gemv_swiglu: rows are not whole 16-byte vectors");
+        T *yt = (T *)y;
+        const T *xt = (const T *)x, *wt = (const T *)W;
+        switch (n) {
+        case 1: FL_GLU_N(1);
+        case 2: FL_GLU_N(2);
+        case 3: FL_GLU_N(3);
+        default: FL_GLU_N(4);
+        }
+    });
+    return FL_OK;
+}
+#undef FL_GLU_N
 
 // ---------------------------------------------------------------------------------------------
 // n > 8: cuBLAS. Column-major view: y^T[R, n] = W[C, R]^T-as-stored (op T) x x^T[C, n].

@@ -35,4 +35,11 @@ fl_status fl_cuda_matmul(cudaStream_t st, cublasHandle_t blas, fl_dtype act, voi
 // The GEMV alone, for n in 1..FL_GEMV_MAX_N.
 fl_status fl_cuda_gemv(cudaStream_t st, fl_dtype act, void *y, const void *x, int n, const void *W,
                        int64_t R, int64_t C, const void *bias, int variant);
+#define FL_GEMV_GLU_MAX_N 4  /* the GEMV with SwiGLU in its epilogue: 1..4 token rows (the default GEMV range) */
+// out[n, F] = silu(x @ Wg^T) * (x @ Wu^T) for W = [Wg | Wu] ([2F, C], no bias), n in 1..FL_GEMV_GLU_MAX_N: the GEMV
+// with SwiGLU in its epilogue (a warp reads gate row o and up row o; 2 x U 16-byte loads a lane in flight, U = 4
+// or 8). Equal bit for bit to the GEMV's [n, 2F] followed by fl_cuda_swiglu. FL_E_UNSUPPORTED (nothing launched)
+// when n is larger or the rows are not whole 16-byte vectors or a pointer is misaligned.
+fl_status fl_cuda_gemv_swiglu(cudaStream_t st, fl_dtype act, void *y, const void *x, int n, const void *W, int64_t F,
+                              int64_t C, int u);
 #endif

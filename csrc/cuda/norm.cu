@@ -147,7 +147,6 @@ fl_status fl_cuda_add_rmsnorm(cudaStream_t st, fl_dtype act, void *out, void *re
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: out[i, k] = silu(g) * u with g = gu[i, k], u = gu[i, f + k]; grid-stride over n*f.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
 // QB (4 or 8, VEC with 8 elements per vector, f % 32 == 0): out is also written as the dp2a GEMV's int16 x
 // (qx.cuh). The loop bound is the same on every lane of a warp (fl_qx_store8 shuffles within lane groups).
@@ -170,14 +169,14 @@ __global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int
                 fl_vec_to_f32<T>(((const uint4 *)g)[k], a);
                 fl_vec_to_f32<T>(((const uint4 *)u)[k], b);
 #pragma unroll
-                for (int e = 0; e < E; e++) a[e] = silu_mul(a[e], b[e]);
+                for (int e = 0; e < E; e++) a[e] = fl_silu_mul(a[e], b[e]);
                 const uint4 o = fl_f32_to_vec<T>(a);
                 ((uint4 *)(out + i * f))[k] = o;
                 if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);
             }
             if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, on ? v * 8 : 0, on);
         } else if (on) {
-            out[i * f + k] = fl_from_f32<T>(silu_mul(fl_to_f32(g[k]), fl_to_f32(u[k])));
+            out[i * f + k] = fl_from_f32<T>(fl_silu_mul(fl_to_f32(g[k]), fl_to_f32(u[k])));
         }
     }
 }

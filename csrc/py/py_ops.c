@@ -22,6 +22,8 @@
  *   attention    qkv, k_cache, v_cache, kmask:uint8[B, stride] (optional) -> out[B*T, nh*hd]
  *                [B, T, start, n_heads, n_kv_heads, window, scale, start_on_device]
  *   swiglu       gu[n, 2f]                                          -> out[n, f]
+ *   matmul_swiglu x[n, C], W[2f, C] ([gate | up])                   -> out[n, f]   (the backend's matmul_swiglu
+ *                where it has one, else matmul then swiglu)
  *   gather_rows  src[m, d], rows:int32[n] (host)                    -> dst[n, d]
  *   moe          logits[n, E], x[n, d], w13[E*2f, d], w2[E*d, f]    -> out[n, d], ids:int32[n, k], wts[n, k]
  *                [k, norm (default 1), may_sync (default 0: the grouped GEMV; 1: per-expert GEMMs when many slots)]
@@ -575,11 +577,35 @@ static int op_attention(op_ctx *c) {
     if (param_float(c, "scale", 1.0 / sqrt((double)s.hd), &scale) < 0) goto done;
     void *out_d = alloc_poisoned(c, (size_t)s.B * s.T * s.nh * s.hd * fl_dtype_size(c->be->act));
     if (!out_d) goto done;
-    RUN(c->be->attention(c->be, out_d, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, (int)window, scale));
+    RUN(c->be->attention(c->be, out_d, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, (int)window, scale, NULL));
     npy_intp sh[2] = {(npy_intp)(s.B * s.T), (npy_intp)(s.nh * s.hd)};
     rc = download(c, "out", out_d, 2, sh);
 done:
     Py_XDECREF(qkv);
+    return rc;
+}
+
+static int op_matmul_swiglu(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *x = get_arr(c, "x", NPY_FLOAT32, 2, 1), *W = x ? get_arr(c, "W", NPY_FLOAT32, 2, 1) : NULL;
+    if (!W) goto done;
+    const int64_t n = DIM(x, 0), C = DIM(x, 1), R = DIM(W, 0), f = R / 2;
+    if (DIM(W, 1) != C || R % 2) BAD("run_op(matmul_swiglu): W must be [2f, C] for x [n, C]");
+    void *x_d = upload_act(c, x), *W_d = x_d ? upload_act(c, W) : NULL, *gu_d = NULL, *out_d = NULL;
+    if (!W_d || !(gu_d = alloc_poisoned(c, (size_t)n * R * fl_dtype_size(c->be->act))) ||
+        !(out_d = alloc_poisoned(c, (size_t)n * f * fl_dtype_size(c->be->act))))
+        goto done;
+    const fl_weight wt = weight_of(c, W_d, R, C);
+    if (c->be->matmul_swiglu) {
+        RUN(c->be->matmul_swiglu(c->be, out_d, gu_d, x_d, (int)n, &wt, (int)f, NULL));
+    } else {
+        RUN(c->be->matmul(c->be, gu_d, x_d, (int)n, &wt, NULL));
+        RUN(c->be->swiglu(c->be, out_d, gu_d, (int)n, (int)f, NULL));
+    }
+    npy_intp sh[2] = {n, f};
+    rc = download(c, "out", out_d, 2, sh);
+done:
+    Py_XDECREF(x); Py_XDECREF(W);
     return rc;
 }
 
@@ -721,6 +747,7 @@ static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
         else if (!strcmp(op, "rope_store")) rc = op_rope_store(&c);
         else if (!strcmp(op, "attention")) rc = op_attention(&c);
         else if (!strcmp(op, "swiglu")) rc = op_swiglu(&c);
+        else if (!strcmp(op, "matmul_swiglu")) rc = op_matmul_swiglu(&c);
         else if (!strcmp(op, "gather_rows")) rc = op_gather_rows(&c);
         else if (!strcmp(op, "moe")) rc = op_moe(&c);
         else if (!strcmp(op, "logits_to_host")) rc = op_logits_to_host(&c);

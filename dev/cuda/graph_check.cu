@@ -107,7 +107,7 @@ int main() {
         FL_TRY(be->rmsnorm(be, xn, x, &Wn1, B, 1e-6f));
         FL_TRY(be->matmul(be, qkv, xn, B, &Wqkv, &Bqkv));
         FL_TRY(be->rope_store(be, qkv, &s, &kv, 0, nh, inv, NULL, 0.f));
-        FL_TRY(be->attention(be, att, qkv, &s, &kv, 0, nh, 0, 1.0f / sqrtf((float)hd)));
+        FL_TRY(be->attention(be, att, qkv, &s, &kv, 0, nh, 0, 1.0f / sqrtf((float)hd), NULL));
         FL_TRY(be->matmul(be, delta, att, B, &Wo, NULL));
         FL_TRY(be->add_rmsnorm(be, xn, x, delta, &Wn2, B, 1e-6f));
         FL_TRY(be->matmul(be, gu, xn, B, &Wgu, NULL));
