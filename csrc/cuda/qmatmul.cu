@@ -1184,7 +1184,10 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
     const int64_t si = r * ng + g;
     auto sstore = [&](void *p, float v) {
         if (s32) ((float *)p)[si] = v;
-        else ((__half *)p)[si] = __float2half_rn(v);  // v is already a float16 value: exact
+        // v is already a float16 value: exact. A NaN (a group of NaN elements) as the host's fl_f32_to_f16 writes
+        // it, sign | 0x7e00, where __float2half_rn gives 0x7fff
+        else ((__half *)p)[si] = v != v ? __ushort_as_half((unsigned short)(((__float_as_uint(v) >> 16) & 0x8000u) | 0x7e00u))
+                                        : __float2half_rn(v);
     };
     if (scheme == FL_QS_INT4) {
         const float first = fl_to_f32(x[0]);

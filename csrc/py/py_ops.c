@@ -28,6 +28,8 @@
  *   moe          logits[n, E], x[n, d], w13[E*2f, d], w2[E*d, f]    -> out[n, d], ids:int32[n, k], wts[n, k]
  *                [k, norm (default 1), may_sync (default 0: the grouped GEMV; 1: per-expert GEMMs when many slots)]
  *   logits_to_host src[n, vocab]                                    -> out[n, vocab]
+ *   argmax_rows  logits[n, vocab]                                   -> ids:int32[n] (the backend's device argmax:
+ *                the first maximum of each row's activation-dtype values; backends without one raise)
  *   qmatmul      x[n, C], q:uint8[R, C*bits/8], scales[R, C/g], zeros[R, C/g] (optional), perm:int32[C]
  *                (optional), bias[R] (optional)                     -> y[n, R]
  *                [bits (default from q's shape), group_size (default C / scales' columns),
@@ -705,6 +707,26 @@ done:
     return rc;
 }
 
+static int op_argmax_rows(op_ctx *c) {
+    int rc = -1;
+    PyArrayObject *src = get_arr(c, "logits", NPY_FLOAT32, 2, 1), *out = NULL;
+    if (!src) goto done;
+    if (!c->be->argmax_rows) {
+        PyErr_Format(PyExc_NotImplementedError, "run_op(argmax_rows): the %s backend has no device argmax", c->be->name);
+        goto done;
+    }
+    npy_intp sh[1] = {PyArray_DIM(src, 0)};
+    void *src_d = upload_act(c, src);
+    if (!src_d) goto done;
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, sh, NPY_INT32))) goto done;
+    memset(PyArray_DATA(out), 0xff, (size_t)PyArray_NBYTES(out));
+    RUN(c->be->argmax_rows(c->be, (int32_t *)PyArray_DATA(out), src_d, (int)sh[0], (int)PyArray_DIM(src, 1)));
+    rc = PyDict_SetItemString(c->out, "ids", (PyObject *)out);
+done:
+    Py_XDECREF(src); Py_XDECREF(out);
+    return rc;
+}
+
 static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"device", "op", "inputs", "params", NULL};
@@ -751,6 +773,7 @@ static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
         else if (!strcmp(op, "gather_rows")) rc = op_gather_rows(&c);
         else if (!strcmp(op, "moe")) rc = op_moe(&c);
         else if (!strcmp(op, "logits_to_host")) rc = op_logits_to_host(&c);
+        else if (!strcmp(op, "argmax_rows")) rc = op_argmax_rows(&c);
         else if (!strcmp(op, "qmatmul")) rc = op_qmatmul(&c);
         else if (!strcmp(op, "qembed")) rc = op_qembed(&c);
         else if (!strcmp(op, "quantize")) rc = op_quantize(&c);

@@ -6,12 +6,16 @@
 #            with gate|up + SwiGLU fused (FASTLOAD_GLU_FUSE=1, the default) and not (0), alternating, REPS times each
 #   quant    Qwen2.5-7B-shaped bf16: decode b1 of bf16 / int8 / int4 / nf4 (dev/cuda/decode_ab.py), the attention's
 #            combine kernel now writing o_proj's int16 x; and bf16 with FASTLOAD_GLU_FUSE=0 beside it
-#   OUT=/tmp/o STAGES="build tests glm quant" bash dev/cuda/fuse_gpu.sh          carry [".devobj"]
+#   gap      dev/cuda/step_gap.py on the ChatGLM checkpoint (and Qwen int4 with quant): GPU time of a step against
+#            the time it waits for the host
+#   OUT=/tmp/o STAGES="build tests glm quant gap" GLM_SETTINGS="FASTLOAD_GLU_U=8 FASTLOAD_GLU_FUSE=0" \
+#       bash dev/cuda/fuse_gpu.sh                                                     carry [".devobj"]
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/fuse.log") 2>&1
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 STAGES=${STAGES:-"build tests glm quant"}; REPS=${REPS:-2}
+GLM_SETTINGS=${GLM_SETTINGS:-"FASTLOAD_GLU_FUSE=1 FASTLOAD_GLU_FUSE=0"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stamp() { echo "== $1 $(date +%T)"; }
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
@@ -42,9 +46,9 @@ fi
 if has glm; then
   stamp glm
   for r in $(seq $REPS); do
-    for f in 1 0; do
-      FASTLOAD_GLU_FUSE=$f timeout 150 python3 benchmarks/chatglm_gpu.py --ckpt /tmp/glm_st --out "$OUT/glm_fuse${f}_$r.json" \
-          2>&1 | grep -E "decode|roofline|target|Error|error" | sed "s/^/[fuse=$f] /"
+    for f in $GLM_SETTINGS; do  # env settings, e.g. FASTLOAD_GLU_FUSE=0
+      env $f timeout 150 python3 benchmarks/chatglm_gpu.py --ckpt /tmp/glm_st --out "$OUT/glm_${f//[^A-Za-z0-9]/_}_$r.json" \
+          2>&1 | grep -E "decode b1|Error|error" | sed "s/^/[$f] /"
     done
   done
 fi
@@ -52,5 +56,10 @@ if has quant; then
   stamp quant
   timeout 300 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16,int8,int4,nf4 --label fused | tee "$OUT/quant.jsonl"
   FASTLOAD_GLU_FUSE=0 timeout 100 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16 --label glu-off | tee -a "$OUT/quant.jsonl"
+fi
+if has gap; then  # the host's share of a decode step (dev/cuda/step_gap.py)
+  stamp gap
+  timeout 200 python3 dev/cuda/step_gap.py --dir /tmp/glm_st --dtype float16 --out "$OUT/gap_glm.json" | tail -4
+  has quant && timeout 150 python3 dev/cuda/step_gap.py --dir /tmp/fl_qwen7b --quant int4 --out "$OUT/gap_qwen_int4.json" | tail -4
 fi
 stamp end

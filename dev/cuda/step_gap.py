@@ -1,0 +1,72 @@
+"""The host's share of a batch-1 decode step, without a profiler: with FASTLOAD_ENGINE_PROBE_REPLAYS=k the engine
+replays each graph-replayed decode step k more times right behind the first (same inputs, same results), so a step
+costs host + (k + 1) x GPU. Decode time per token at k = 0, 1, 2 (each in a fresh process, median of 3 generates of
+--new tokens) fitted by a line: the slope is the GPU's time for one step, the intercept the time the GPU waits for
+the host between steps (token to the host, bookkeeping, inputs up, graph launch).
+
+    python3 dev/cuda/step_gap.py --dir /tmp/glm_st [--dtype float16] [--quant int4] [--new 256] [--out F]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def one(a):
+    sys.path.insert(0, ROOT)
+    import time
+    import fastload
+    kw = {} if a.quant in ("", "none") else {"quantization_config": {"quant_method": "fastload", "scheme": a.quant}}
+    m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map="cuda", torch_dtype=a.dtype, progress=False,
+                                                      trust_remote_code=True, **kw)
+    ids = np.random.default_rng(0).integers(100, 30000, size=(1, 32))
+    m.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    per = []
+    for _ in range(3):
+        t0 = time.perf_counter(); m.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=[])
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter(); m.generate(ids, max_new_tokens=a.new, do_sample=False, eos_token_id=[])
+        per.append((time.perf_counter() - t0 - ttft) / (a.new - 1))
+    print(json.dumps({"us_per_token": float(np.median(per)) * 1e6}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quant", default="")
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--ks", default="0,1,2")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        return one(a)
+    ks, ts = [], []
+    for k in [int(v) for v in a.ks.split(",")]:
+        env = dict(os.environ, FASTLOAD_ENGINE_PROBE_REPLAYS=str(k))
+        r = subprocess.run([sys.executable, __file__, "--one", "--dir", a.dir, "--dtype", a.dtype, "--quant", a.quant,
+                            "--new", str(a.new)], env=env, capture_output=True, text=True)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode or not line:
+            print(r.stdout[-2000:], r.stderr[-2000:])
+            sys.exit(1)
+        ks.append(k)
+        ts.append(json.loads(line[-1])["us_per_token"])
+        print(f"k={k}: {ts[-1]:.1f} us a token", flush=True)
+    gpu, host = np.polyfit(np.array(ks) + 1.0, np.array(ts), 1)
+    res = {"dir": a.dir, "dtype": a.dtype, "quant": a.quant, "ks": ks, "us_per_token": ts,
+           "gpu_us_per_step": float(gpu), "host_gap_us": float(host), "host_share": float(host / ts[0])}
+    print(json.dumps(res))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
