@@ -8,6 +8,7 @@
 #include "engine.h"
 #include "sampling.h"
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -42,6 +43,7 @@ struct fl_request {
     fl_status st;
     char err[FL_ERR_MAX];
     pthread_cond_t cv;
+    int wake_at;              /* wake the waiters once n_out reaches this (INT_MAX: nobody waits for a token) */
     fl_request *next;         /* waiting queue */
 };
 
@@ -496,7 +498,13 @@ static void take_token(fl_engine *e, fl_request *r, int32_t tok) {
     r->n_out++;
     int stop = r->n_out >= p->max_new_tokens || n_total + 1 >= e->cfg.max_context;
     for (int i = 0; i < p->n_eos; i++) stop |= tok == p->eos[i];
-    pthread_cond_broadcast(&r->cv);
+    /* Only a waiter that wants this token is woken (finish always wakes them): a caller waiting for the end of its
+     * request used to be woken by every token, and each wake took mu back from the driver between two decode
+     * steps while the GPU waited. */
+    if (r->n_out >= r->wake_at) {
+        r->wake_at = INT_MAX;
+        pthread_cond_broadcast(&r->cv);
+    }
     if (stop) finish(e, r, FL_OK, NULL);
 }
 
@@ -1022,6 +1030,7 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     r->p.eos = r->eos;
     fl_rng_seed(&r->rng, p->seed);
     pthread_cond_init(&r->cv, NULL);
+    r->wake_at = INT_MAX;
     r->refs = 2;
     r->state = RQ_WAITING;
     *out = r;
@@ -1133,6 +1142,7 @@ fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_req
     r->kind = RQ_KIND_FORWARD;
     r->fwd = *f;
     pthread_cond_init(&r->cv, NULL);
+    r->wake_at = INT_MAX;
     r->refs = 2;
     r->state = RQ_WAITING;
     pthread_mutex_lock(&e->mu);
@@ -1169,6 +1179,7 @@ int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {
         if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }
     }
     while (r->n_out <= have && r->state != RQ_DONE) {
+        if (have + 1 < r->wake_at) r->wake_at = have + 1; /* every waiter re-registers after a wake */
         if (timeout_ms < 0) pthread_cond_wait(&r->cv, &e->mu);
         else if (pthread_cond_timedwait(&r->cv, &e->mu, &dl) == ETIMEDOUT) break;
     }
