@@ -62,8 +62,9 @@ def make_checkpoint(d, shape="qwen2.5-7b", shards=4, num_hidden_layers=None):
         del tensors
     json.dump({"metadata": {"total_size": total}, "weight_map": wm}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=1)
-    json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False},
-              open(os.path.join(d, "generation_config.json"), "w"))
+    if "bos_token_id" in cfg:  # ChatGLM's repository has no generation_config.json (synth.py's chatglm2-6b)
+        json.dump({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False},
+                  open(os.path.join(d, "generation_config.json"), "w"))
 
 
 def ckpt_bytes(d):

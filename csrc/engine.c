@@ -109,6 +109,13 @@ struct fl_engine {
     void **graph;
     uint64_t *graph_epoch;
     int probe_replays;        /* FASTLOAD_ENGINE_PROBE_REPLAYS (measurement only): extra back-to-back replays a step */
+    /* Pipelined decode (la_*: backends with argmax_async, FASTLOAD_ENGINE_PIPELINE): when nothing else waits, a
+     * decode step is launched before the tokens of the one before it are read, on that one's device tokens, so the
+     * GPU does not wait for the host between steps (~50 us a step measured on an H200: dev/cuda/step_gap.py). The
+     * step in flight: its rows (a reference held on each), their count and its token slot. */
+    int la_on, la_active, la_B, la_slot;
+    fl_request **la_rows;
+    int32_t *la_host[2];      /* host-memory backends (tests): the slots, filled by the engine's own argmax */
     struct { int B, stride; } cap; /* the step capture_fn records */
     fl_engine *reg_next;      /* every live engine, for fork() */
 };
@@ -377,10 +384,28 @@ static fl_status put_btab(fl_engine *e, fl_request **rq, int B, int rows, int st
  * Decode steps (T = 1) on a backend with graphs run with a fixed table stride, padded to a batch bucket (padding
  * rows write the null page), eagerly the first time for a bucket and replayed after. Tokens, positions and starts
  * go to the backend in one copy; the block table only when it changed. */
+static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int feed);
+
 static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
+    FL_TRY(engine_launch(e, rq, B, T, -1));
     fl_model *m = e->m;
     fl_backend *be = m->be;
     const int V = m->cfg.vocab;
+    const size_t es = (size_t)fl_dtype_size(be->act);
+    int any_greedy = 0;
+    for (int b = 0; b < B; b++) any_greedy |= e->h_greedy[b];
+    if (be->argmax_rows && any_greedy) FL_TRY(be->argmax_rows(be, e->h_next, m->ws_logits, B, V));
+    for (int b = 0; b < B; b++)
+        if (!be->argmax_rows || !e->h_greedy[b])
+            FL_TRY(be->logits_to_host(be, e->logits + (size_t)b * V, (const char *)m->ws_logits + (size_t)b * V * es, 1, V));
+    return be->sync(be);
+}
+
+/* engine_forward up to the forward itself, nothing waited for. feed >= 0 (decode, pipelined): the rows' input
+ * tokens are token slot `feed`'s, on the device (the step before, not read yet), not h_tok. */
+static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int feed) {
+    fl_model *m = e->m;
+    fl_backend *be = m->be;
     const int shift = e->pool.shift;
     int rows = B, k = -1, stride = 1;
     for (int b = 0; b < B; b++) { /* pages that cover every slot written, padding included */
@@ -402,7 +427,7 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
     const int n = rows * T;
     if (2 * n + 2 * rows > e->in_cap) return fl_err(FL_E_INTERNAL, "engine: step of %d x %d tokens exceeds its buffers", rows, T);
     int32_t *in = e->h_in;
-    memcpy(in, e->h_tok, (size_t)B * T * 4);
+    memcpy(in, feed >= 0 && be->host_memory ? e->la_host[feed] : e->h_tok, (size_t)B * T * 4);
     memcpy(in + n, e->h_pos, (size_t)B * T * 4);
     memcpy(in + 2 * n, e->h_starts, (size_t)B * 4);
     for (int i = B * T; i < n; i++) in[i] = in[n + i] = 0; /* padding rows: token 0 at slot 0 of the null page */
@@ -415,6 +440,7 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
     FL_TRY(fl_model_reserve(m, n, rows));
     const int32_t *in_d = be->host_memory ? e->h_in : e->d_in, *btab_d = NULL;
     if (!be->host_memory) FL_TRY(be->to_backend(be, e->d_in, in, (size_t)(2 * n + (dyn_len ? 2 : 1) * rows) * 4));
+    if (feed >= 0 && !be->host_memory) FL_TRY(be->argmax_feed(be, e->d_in, feed, B));
     FL_TRY(put_btab(e, rq, B, rows, stride, k >= 0, &btab_d));
     if (k >= 0 && e->graph[k] && e->graph_epoch[k] == be->scratch_epoch) {
         FL_TRY(be->graph_replay(be, e->graph[k]));
@@ -441,14 +467,7 @@ static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
             else { e->graph[k] = NULL; fl_err_clear(); } /* not capturable: this bucket stays eager */
         }
     }
-    const size_t es = (size_t)fl_dtype_size(be->act);
-    int any_greedy = 0;
-    for (int b = 0; b < B; b++) any_greedy |= e->h_greedy[b];
-    if (be->argmax_rows && any_greedy) FL_TRY(be->argmax_rows(be, e->h_next, m->ws_logits, B, V));
-    for (int b = 0; b < B; b++)
-        if (!be->argmax_rows || !e->h_greedy[b])
-            FL_TRY(be->logits_to_host(be, e->logits + (size_t)b * V, (const char *)m->ws_logits + (size_t)b * V * es, 1, V));
-    return be->sync(be);
+    return FL_OK;
 }
 
 /* A row whose next token is the plain argmax: greedy, no repetition penalty, no eos id masked (min_new_tokens
@@ -570,10 +589,111 @@ static int cmp_seq(const void *a, const void *b) {
     return x->seq < y->seq ? -1 : x->seq > y->seq;
 }
 
+/* ---- pipelined decode ------------------------------------------------------------------------------ */
+/* A page for slot `slot` of r from the free pages only (no preemption). Under mu. */
+static int try_page(fl_engine *e, fl_request *r, int slot) {
+    while ((slot >> e->pool.shift) >= r->n_pages) {
+        const int id = page_alloc(&e->pool);
+        if (id < 0) return 0;
+        r->pages[r->n_pages++] = id;
+    }
+    return 1;
+}
+
+/* Whether decode rows rq[0:B] may run without the host reading each step's tokens before the next: nothing else
+ * is queued (no request waiting, no forward), they are every running request, none is cancelled, and each takes
+ * the plain argmax (pipelined steps take the backend's argmax, nothing is sampled on the host). Under mu. */
+static int la_quiet(const fl_engine *e, fl_request *const *rq, int B) {
+    if (!e->la_on || B < 1 || e->wait_head || e->fwd_head || e->n_run != B) return 0;
+    for (int b = 0; b < B; b++) {
+        const fl_request *r = rq[b];
+        if (r->state != RQ_DECODE || __atomic_load_n(&r->cancel, __ATOMIC_RELAXED) || !plain_greedy(r)) return 0;
+    }
+    return 1;
+}
+
+/* After a launched step: its rows' argmax ids into token slot `slot` (read by la_wait, fed by engine_launch). */
+static fl_status la_argmax(fl_engine *e, int B, int slot) {
+    fl_backend *be = e->m->be;
+    const int V = e->m->cfg.vocab;
+    if (be->argmax_async) return be->argmax_async(be, e->m->ws_logits, B, V, slot);
+    const float *lg = e->m->ws_logits; /* host memory, float32 (la_on requires it) */
+    for (int b = 0; b < B; b++) e->la_host[slot][b] = fl_argmax(lg + (size_t)b * V, V);
+    return FL_OK;
+}
+
+static fl_status la_wait(fl_engine *e, int slot, int B) {
+    fl_backend *be = e->m->be;
+    if (be->argmax_wait) return be->argmax_wait(be, slot, e->h_next, B);
+    memcpy(e->h_next, e->la_host[slot], (size_t)B * 4);
+    return FL_OK;
+}
+
+/* The decode step in flight (launched by the call before, its tokens not read). When its rows may go on (la_quiet,
+ * and none ends by count with the token it computes, and each has a free page for the slot after), the next step
+ * is launched first, on its device tokens; then its tokens are read and taken. Returns 1 when the next one was
+ * launched (the call's work is done: the rows and their references move to it), 0 when not (the rows are released
+ * and the caller goes on with an ordinary step). A row that ended with the token read (an eos) has its row of the
+ * launched step computed for nothing: counted in wasted_rows when that one is read. */
+static int la_step(fl_engine *e) {
+    const int B = e->la_B, slot = e->la_slot;
+    fl_request **rq = e->la_rows;
+    pthread_mutex_lock(&e->mu);
+    int chain = la_quiet(e, rq, B);
+    for (int b = 0; b < B && chain; b++) {
+        const fl_request *r = rq[b];
+        chain = r->n_out + 1 < r->p.max_new_tokens && r->n_prompt + r->n_out + 1 < e->cfg.max_context;
+    }
+    for (int b = 0; b < B && chain; b++) chain = try_page(e, rq[b], rq[b]->n_cached + 1);
+    for (int b = 0; b < B && chain; b++) {
+        e->h_tok[b] = 0; /* fed from the device */
+        e->h_pos[b] = e->h_starts[b] = rq[b]->n_cached + 1;
+    }
+    pthread_mutex_unlock(&e->mu);
+    char msg[FL_ERR_MAX] = "";
+    pthread_mutex_lock(&e->model_mu);
+    fl_err_clear();
+    fl_status st = FL_OK;
+    if (chain) {
+        st = engine_launch(e, rq, B, 1, slot);
+        if (st == FL_OK) st = la_argmax(e, B, 1 - slot);
+    }
+    const fl_status stw = la_wait(e, slot, B);
+    if (st == FL_OK) st = stw;
+    if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
+    pthread_mutex_unlock(&e->model_mu);
+    pthread_mutex_lock(&e->mu);
+    if (st == FL_OK) {
+        e->st.decode_rows += (uint64_t)B;
+        for (int b = 0; b < B; b++) {
+            fl_request *r = rq[b];
+            if (r->state != RQ_DECODE) { e->st.wasted_rows++; continue; } /* ended at the step before */
+            r->n_cached++;
+            take_token(e, r, e->h_next[b]);
+        }
+    } else {
+        fail_all(e, rq, B, st, msg);
+        chain = 0;
+    }
+    if (chain) {
+        e->la_slot = 1 - slot;
+        e->st.pipelined_steps++;
+        e->st.steps++;
+        const int used = e->pool.n - e->pool.n_free - e->pool.n_cached;
+        if (used > e->st.peak_pages_used) e->st.peak_pages_used = used;
+    } else {
+        for (int b = 0; b < B; b++) req_unref(rq[b]);
+        e->la_active = 0;
+    }
+    pthread_mutex_unlock(&e->mu);
+    return chain;
+}
+
 int fl_engine_step(fl_engine *e) {
     pool_t *P = &e->pool;
     const int page = P->page;
     char msg[FL_ERR_MAX];
+    if (e->la_active && la_step(e)) return 1;
     pthread_mutex_lock(&e->mu);
     /* 1. cancellations */
     for (int i = e->n_run - 1; i >= 0; i--)
@@ -629,9 +749,34 @@ int fl_engine_step(fl_engine *e) {
         e->h_greedy[b] = (uint8_t)plain_greedy(r);
         e->h_need[b] = 1;
     }
+    /* nothing else queued: this step's tokens are read by the next call, after it launched the step after it */
+    const int async = la_quiet(e, e->rows, B);
+    if (async) {
+        for (int b = 0; b < B; b++) {
+            e->la_rows[b] = e->rows[b];
+            e->rows[b]->refs++;
+        }
+    }
     pthread_mutex_unlock(&e->mu);
 
-    if (B > 0) {
+    if (async) {
+        pthread_mutex_lock(&e->model_mu);
+        fl_err_clear();
+        fl_status st = engine_launch(e, e->la_rows, B, 1, -1);
+        if (st == FL_OK) st = la_argmax(e, B, 0);
+        if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
+        pthread_mutex_unlock(&e->model_mu);
+        pthread_mutex_lock(&e->mu);
+        if (st == FL_OK) {
+            e->la_active = 1;
+            e->la_B = B;
+            e->la_slot = 0;
+        } else {
+            fail_all(e, e->la_rows, B, st, msg);
+            for (int b = 0; b < B; b++) req_unref(e->la_rows[b]);
+        }
+        pthread_mutex_unlock(&e->mu);
+    } else if (B > 0) {
         if (forward_rows(e, e->rows, B, 1, NULL)) {
             e->st.decode_rows += (uint64_t)B;
             for (int b = 0; b < B; b++) {
@@ -861,6 +1006,16 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->pT = calloc((size_t)cfg.max_batch, sizeof(int));
     e->plast = calloc((size_t)cfg.max_batch, sizeof(int32_t));
     e->logits = malloc((size_t)cfg.max_batch * (size_t)c->vocab * sizeof(float));
+    e->la_rows = calloc((size_t)cfg.max_batch, sizeof *e->la_rows);
+    e->la_host[0] = malloc((size_t)cfg.max_batch * 4);
+    e->la_host[1] = malloc((size_t)cfg.max_batch * 4);
+    {
+        const fl_backend *be = m->be;
+        const char *pl = getenv("FASTLOAD_ENGINE_PIPELINE");
+        const int dev = be->argmax_async && be->argmax_wait && be->argmax_feed && be->graph_capture;
+        const int host = be->host_memory && be->act == FL_F32; /* the engine's own argmax over float32 logits */
+        e->la_on = pl && !strcmp(pl, "0") ? 0 : pl && !strcmp(pl, "1") ? dev || host : dev;
+    }
     e->n_scratch = 1;
     const char *probe = getenv("FASTLOAD_ENGINE_PROBE_REPLAYS");
     e->probe_replays = probe ? atoi(probe) : 0;
@@ -891,7 +1046,8 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
     if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->h_tok || !e->h_pos ||
         !e->h_starts || !e->h_btab || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
-        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast || !e->h_need) {
+        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast || !e->h_need ||
+        !e->la_rows || !e->la_host[0] || !e->la_host[1]) {
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
         goto fail;
     }
@@ -972,6 +1128,14 @@ void fl_engine_free(fl_engine *e) {
     pthread_mutex_lock(&e->mu);
     e->closing = 1;
     while (e->driving) pthread_cond_wait(&e->idle_cv, &e->mu);
+    if (e->la_active) { /* not expected: the driver stops only when nothing runs, and a step in flight has rows */
+        pthread_mutex_unlock(&e->mu);
+        (void)la_wait(e, e->la_slot, e->la_B);
+        fl_err_clear();
+        pthread_mutex_lock(&e->mu);
+        for (int b = 0; b < e->la_B; b++) req_unref(e->la_rows[b]);
+        e->la_active = 0;
+    }
     while (e->wait_head) finish(e, e->wait_head, FL_E_INTERRUPTED, "the engine was closed");
     while (e->fwd_head) finish(e, e->fwd_head, FL_E_INTERRUPTED, "the engine was closed");
     while (e->n_run) finish(e, e->run[0], FL_E_INTERRUPTED, "the engine was closed");
@@ -983,6 +1147,7 @@ void fl_engine_free(fl_engine *e) {
     for (int k = 0; e->graph && k < e->n_buckets; k++)
         if (e->graph[k]) be->graph_free(be, e->graph[k]);
     free(e->graph); free(e->graph_epoch); free(e->h_next); free(e->h_greedy);
+    free(e->la_rows); free(e->la_host[0]); free(e->la_host[1]);
     free(e->h_in); free(e->sig_seq); free(e->sig_gen); free(e->sig_np);
     free(e->prows); free(e->pc0); free(e->pT); free(e->plast); free(e->h_need);
     free(e->kv.k_d); free(e->kv.v_d);

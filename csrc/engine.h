@@ -139,6 +139,8 @@ typedef struct {
     uint64_t forwards;       /* forward requests run to the end (FL_OK) */
     uint64_t forward_tokens; /* their B x T tokens */
     uint64_t forward_kv_peak;/* bytes of the largest transient KV cache a forward made (freed after it) */
+    uint64_t pipelined_steps;/* decode steps launched before the tokens of the step before them were read */
+    uint64_t wasted_rows;    /* rows such a step computed for a request that had ended meanwhile (dropped) */
 } fl_engine_stats;
 void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s);
 

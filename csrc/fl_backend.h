@@ -220,6 +220,13 @@ struct fl_backend {
      * index among equal ones, as fl_argmax over the same logits widened to float32). Waits for the result.
      * NULL: callers take the logits to the host. */
     fl_status (*argmax_rows)(fl_backend *, int32_t *dst_h, const void *logits_d, int n, int vocab);
+    /* Optional (CUDA): the engine's pipelined decode, two token slots (0, 1). argmax_async: argmax_rows' ids of rows
+     * [0, n) into slot `slot`, on the device and, without waiting, on its way to host memory; argmax_wait: wait for
+     * them and copy them to dst_h; argmax_feed: dst_d[0:n] = the slot's device ids, in stream order (the next step's
+     * input tokens with no trip through the host). NULL: the engine waits for every step. */
+    fl_status (*argmax_async)(fl_backend *, const void *logits_d, int n, int vocab, int slot);
+    fl_status (*argmax_wait)(fl_backend *, int slot, int32_t *dst_h, int n);
+    fl_status (*argmax_feed)(fl_backend *, int32_t *dst_d, int slot, int n);
 
     /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
     uint64_t mem_allocated, mem_peak;

@@ -1530,7 +1530,9 @@ class FastModelForCausalLM:
         pages_used, pages_cached: prompt pages kept for reuse; 0 until the first generate makes the pool), requests
         waiting / running, steps, decode_rows, prefill_tokens, prefix_hit_tokens (prompt tokens taken from shared
         pages), preemptions, peaks; forwards_waiting / forwards_running, forwards (run to the end), forward_tokens and forward_kv_peak
-        (bytes of the largest transient KV cache a forward had)."""
+        (bytes of the largest transient KV cache a forward had); pipelined_steps (decode steps launched before the
+        tokens of the step before were read) and wasted_rows (rows such a step computed for a request that had just
+        ended on eos, dropped)."""
         return self._engine_handle().stats()
 
     # ------------------------------------------------------------------ facts

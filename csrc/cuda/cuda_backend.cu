@@ -160,6 +160,11 @@ static void cu_destroy(fl_backend *be) {
             if (c->qws) cudaFree(c->qws);
             if (c->qx) cudaFree(c->qx);
             if (c->qxq) cudaFree(c->qxq);
+            for (int s = 0; s < 2; s++) {
+                if (c->tok_d[s]) cudaFree(c->tok_d[s]);
+                if (c->tok_h[s]) cudaFreeHost(c->tok_h[s]);
+                if (c->tok_ev[s]) cudaEventDestroy(c->tok_ev[s]);
+            }
             if (c->stream) cudaStreamDestroy(c->stream);
         }
         cudaGetLastError();
@@ -171,6 +176,8 @@ static void cu_destroy(fl_backend *be) {
         if (c->qws) fl_cuda_account(c->device, -(long long)c->qws_bytes);
         if (c->qx) fl_cuda_account(c->device, -(long long)c->qx_bytes);
         if (c->qxq) fl_cuda_account(c->device, -(long long)c->qxq_bytes);
+        for (int s = 0; s < 2; s++)
+            if (c->tok_d[s]) fl_cuda_account(c->device, -(long long)c->tok_cap * 4);
         delete c;
     }
     free(be);
@@ -480,6 +487,57 @@ static void cu_graph_free(fl_backend *be, void *graph) {
     (void)be;
     if (graph) cudaGraphExecDestroy((cudaGraphExec_t)graph);
 }
+// The engine's pipelined decode (engine.c): a step's ids go to slot s on the device (the next step's input, fed by
+// argmax_feed) and, asynchronously, to pinned host memory with an event, so the host can launch the next step
+// before it reads this one's tokens. The slots grow outside graph capture only (they are never captured).
+static fl_status tok_slots(fl_cuda_impl *c, int n) {
+    if (n <= c->tok_cap) return FL_OK;
+    FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    const int cap = n < 256 ? 256 : n;
+    for (int s = 0; s < 2; s++) {
+        if (c->tok_d[s]) { cudaFree(c->tok_d[s]); fl_cuda_account(c->device, -(long long)c->tok_cap * 4); c->tok_d[s] = NULL; }
+        if (c->tok_h[s]) { cudaFreeHost(c->tok_h[s]); c->tok_h[s] = NULL; }
+        if (!c->tok_ev[s]) FL_CUDA_CHECK(cudaEventCreateWithFlags(&c->tok_ev[s], cudaEventDisableTiming));
+    }
+    c->tok_cap = 0;
+    for (int s = 0; s < 2; s++) {
+        FL_CUDA_CHECK(cudaMalloc(&c->tok_d[s], (size_t)cap * 4));
+        fl_cuda_account(c->device, (long long)cap * 4);
+        FL_CUDA_CHECK(cudaHostAlloc(&c->tok_h[s], (size_t)cap * 4, cudaHostAllocDefault));
+    }
+    c->tok_cap = cap;
+    return FL_OK;
+}
+
+static fl_status cu_argmax_async(fl_backend *be, const void *logits_d, int n, int vocab, int slot) {
+    fl_cuda_impl *c = IMPL(be);
+    if (slot < 0 || slot > 1) return fl_err(FL_E_INTERNAL, "argmax_async: slot %d", slot);
+    FL_TRY(fl_cuda_enter(c));
+    FL_TRY(tok_slots(c, n));
+    FL_TRY(fl_cuda_argmax_rows(c->stream, be->act, logits_d, n, vocab, c->tok_d[slot]));
+    FL_CUDA_CHECK(cudaMemcpyAsync(c->tok_h[slot], c->tok_d[slot], (size_t)n * 4, cudaMemcpyDeviceToHost, c->stream));
+    FL_CUDA_CHECK(cudaEventRecord(c->tok_ev[slot], c->stream));
+    return FL_OK;
+}
+
+static fl_status cu_argmax_wait(fl_backend *be, int slot, int32_t *dst_h, int n) {
+    fl_cuda_impl *c = IMPL(be);
+    if (slot < 0 || slot > 1 || n > c->tok_cap) return fl_err(FL_E_INTERNAL, "argmax_wait: slot %d, %d rows", slot, n);
+    FL_TRY(fl_cuda_enter(c));
+    FL_CUDA_CHECK(cudaEventSynchronize(c->tok_ev[slot]));
+    FL_CUDA_CHECK(cudaGetLastError());
+    memcpy(dst_h, c->tok_h[slot], (size_t)n * 4);
+    return FL_OK;
+}
+
+static fl_status cu_argmax_feed(fl_backend *be, int32_t *dst_d, int slot, int n) {
+    fl_cuda_impl *c = IMPL(be);
+    if (slot < 0 || slot > 1 || n > c->tok_cap) return fl_err(FL_E_INTERNAL, "argmax_feed: slot %d, %d rows", slot, n);
+    FL_TRY(fl_cuda_enter(c));
+    FL_CUDA_CHECK(cudaMemcpyAsync(dst_d, c->tok_d[slot], (size_t)n * 4, cudaMemcpyDeviceToDevice, c->stream));
+    return FL_OK;
+}
+
 static fl_status cu_argmax_rows(fl_backend *be, int32_t *dst_h, const void *logits_d, int n, int vocab) {
     fl_cuda_impl *c = IMPL(be);
     if (n <= 0) return FL_OK;
@@ -628,6 +686,9 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->graph_replay = cu_graph_replay;
     be->graph_free = cu_graph_free;
     be->argmax_rows = cu_argmax_rows;
+    be->argmax_async = cu_argmax_async;
+    be->argmax_wait = cu_argmax_wait;
+    be->argmax_feed = cu_argmax_feed;
     // The loading pipeline (loader.cu): pread / O_DIRECT -> pinned pool -> streams -> device.
     be->load = cu_load;
     return init_resources(be, c);  // on failure the caller calls be->destroy(be)

@@ -54,6 +54,10 @@ typedef struct fl_cuda_impl {
     int qx_n;                   /* ... and this many rows (fl_cuda_qx_target, qmatmul.cuh) */
     int qx_fuse;                /* FASTLOAD_QX_FUSE: 1 (default) RMSNorm / SwiGLU write the dp2a GEMV's x; 0 off */
     int glu_u;                  /* decode gate|up GEMV with SwiGLU fused: loads a lane per row (4 | 8), 0 off (FASTLOAD_GLU_*) */
+    int32_t *tok_d[2];          /* argmax_async's token slots: device ids, */
+    int32_t *tok_h[2];          /*   their pinned host copies, */
+    cudaEvent_t tok_ev[2];      /*   recorded after each copy */
+    int tok_cap;                /*   rows each slot holds */
     std::mutex mu;              /* guards `blocks` and the memory counters */
     std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */
 } fl_cuda_impl;

@@ -13,7 +13,7 @@
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/fuse.log") 2>&1
-export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1  # no PyPI there: demo-model tests skip
 STAGES=${STAGES:-"build tests glm quant"}; REPS=${REPS:-2}
 GLM_SETTINGS=${GLM_SETTINGS:-"FASTLOAD_GLU_FUSE=1 FASTLOAD_GLU_FUSE=0"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -54,8 +54,10 @@ if has glm; then
 fi
 if has quant; then
   stamp quant
-  timeout 300 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16,int8,int4,nf4 --label fused | tee "$OUT/quant.jsonl"
-  FASTLOAD_GLU_FUSE=0 timeout 100 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16 --label glu-off | tee -a "$OUT/quant.jsonl"
+  timeout 300 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${QUANT_MODES:-bf16,int8,int4,nf4} --label fused \
+      | tee "$OUT/quant.jsonl"
+  [ -n "${QUANT_ALSO:-}" ] && env $QUANT_ALSO timeout 100 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16 \
+      --label "$QUANT_ALSO" | tee -a "$OUT/quant.jsonl"
 fi
 if has gap; then  # the host's share of a decode step (dev/cuda/step_gap.py)
   stamp gap
