@@ -76,12 +76,17 @@ def test_different_lengths_from_threads(piped):
 
 
 def test_small_pool_preempts_and_keeps_outputs(piped):
-    """A pool of 14 pages of 4 tokens: the pipelined step takes its next page only when one is free, else the
-    ordinary step (which may preempt) runs."""
+    """A pool of 14 pages of 4 tokens for 6 requests of ~24 tokens (one batched call: the same schedule every run):
+    the pipelined step takes its next page only when one is free, else the ordinary step (which may preempt) runs."""
     m = piped(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16)
-    threads_equal_alone(m, prompts(6, seed=5, lo=8, hi=16), max_new_tokens=12, eos_token_id=[])
+    ps = prompts(6, seed=5, lo=8, hi=16)
+    ids, mask = left_padded(ps)
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    for b, p in enumerate(ps):
+        assert np.array_equal(out[b, ids.shape[1]:], alone(m, p, max_new_tokens=12, eos_token_id=[])), b
     st = m.engine_stats()
     assert st["preemptions"] > 0 and st["peak_pages_used"] <= 14 and st["pages_used"] == 0, st
+    assert st["pipelined_steps"] > 0, st
 
 
 def test_streamer_cancel_frees_pages(piped):
