@@ -141,6 +141,8 @@ def test_pipelined_decode_equals_step_by_step(monkeypatch):
     bf16 too (the same bucket-1 graph either way)."""
     monkeypatch.setenv("FASTLOAD_ENGINE_PIPELINE", "0")
     ref_m, ref16 = _load(), _load("bfloat16")
+    for r in (ref_m, ref16):  # the engine reads the setting when it is made, at the first generate
+        r.generate(np.array([[5, 6, 7]]), max_new_tokens=2, eos_token_id=[])
     monkeypatch.delenv("FASTLOAD_ENGINE_PIPELINE")
     m, m16 = _load(), _load("bfloat16")
     ps = _prompts(3, seed=11)
@@ -209,17 +211,21 @@ def test_batch_sampling_is_the_same_on_every_run(quant):
 
 
 def test_engine_memory_returns_to_idle(gold):
-    """After a first round of concurrent requests (which may grow the backend's lazily sized scratch, e.g.
-    split-KV attention's for a wider batch, once), a second identical round leaves device memory where it was."""
+    """Rounds of concurrent requests leave device memory where it was: the backend's lazily sized scratch (split-KV
+    attention's for the widest batch and longest table a step had, the pipelined decode's token slots) grows to what
+    the schedules need, which depends on arrival timing, and then stays; a leak would grow every round."""
     m, _ = gold
 
     def round_():
         with ThreadPoolExecutor(8) as ex:
             list(ex.map(lambda p: _gen(m, p, 8), _prompts(16, seed=6)))
-    round_()
-    before = fastload.cuda.memory_allocated()
-    round_()
-    assert fastload.cuda.memory_allocated() == before
+    seen = []
+    for _ in range(5):
+        round_()
+        seen.append(fastload.cuda.memory_allocated())
+        if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:
+            break
+    assert len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3], seen
     ms = m.memory_stats()
     assert ms["kv_cache_pool"] > 0 and ms["kv_cache_pool_used"] == 0
 
