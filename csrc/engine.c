@@ -1344,7 +1344,7 @@ int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {
         if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }
     }
     while (r->n_out <= have && r->state != RQ_DONE) {
-        if (have + 1 < r->wake_at) r->wake_at = have + 1; /* every waiter re-registers after a wake */
+        if (have < INT_MAX - 1 && have + 1 < r->wake_at) r->wake_at = have + 1; /* every waiter re-registers after a wake */
         if (timeout_ms < 0) pthread_cond_wait(&r->cv, &e->mu);
         else if (pthread_cond_timedwait(&r->cv, &e->mu, &dl) == ETIMEDOUT) break;
     }
