@@ -196,16 +196,6 @@ def test_argmax_rows(act, n, V):
     np.testing.assert_array_equal(got, want, err_msg=f"argmax_rows {act} {n}x{V} (seed {seed})")
 
 
-def test_glu_knob_errors(monkeypatch):
-    monkeypatch.setenv("FASTLOAD_GLU_U", "6")
-    with pytest.raises(ValueError, match="FASTLOAD_GLU_U='6'"):
-        _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
-    monkeypatch.setenv("FASTLOAD_GLU_U", "4")
-    monkeypatch.setenv("FASTLOAD_GLU_FUSE", "yes")
-    with pytest.raises(ValueError, match="FASTLOAD_GLU_FUSE='yes'"):
-        _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
-
-
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("d", [576, 4097])
 @pytest.mark.parametrize("n", [1, 5, 300])
@@ -274,9 +264,19 @@ def test_gemv_variants(act, variant, R, C, n, monkeypatch):
     check_close(got["y"], ref["y"], act, f"gemv {variant} n={n} {R}x{C}", seed, sum_len=C)
 
 
-def test_gemv_knob_errors(monkeypatch):
-    monkeypatch.setenv("FASTLOAD_GEMV_VARIANT", "fma3")
-    with pytest.raises(ValueError, match="FASTLOAD_GEMV_VARIANT='fma3'"):
+@pytest.mark.parametrize("settings,match", [
+    ({"FASTLOAD_GEMV_VARIANT": "fma3"}, "FASTLOAD_GEMV_VARIANT='fma3'"),
+    ({"FASTLOAD_GLU_U": "6"}, "FASTLOAD_GLU_U='6'"),
+    ({"FASTLOAD_GLU_FUSE": "yes"}, "FASTLOAD_GLU_FUSE='yes'"),
+    ({"FASTLOAD_QGEMV_UP_TO": "9"}, "FASTLOAD_QGEMV_UP_TO='9'"),
+    ({"FASTLOAD_QGEMV": "fast"}, "FASTLOAD_QGEMV='fast' is not auto, dp, fma, mma or generic"),
+    ({"FASTLOAD_QDP_CFG": "r9u9"}, "FASTLOAD_QDP_CFG='r9u9'"),
+])
+def test_knob_errors(monkeypatch, settings, match):
+    """The backend's knobs are read when it is made: a bad value is a ValueError naming it (any op makes one)."""
+    for k, v in settings.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
         _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
 
 

@@ -208,7 +208,9 @@ def test_context_limit_stops_like_max_length():
         m.generate(np.full((1, ctx), 5), max_new_tokens=1)
 
 
-def test_streamer_cancel_frees_pages(qwen):
+def stream_then_cancel(m, reads=1):
+    """A 500-token generate streamed from a thread, cancelled by its consumer after `reads` pieces: the generate
+    ends within 30 s with the cancellation."""
     from fastload.streamers import TextIteratorStreamer
 
     class Tok:
@@ -222,16 +224,21 @@ def test_streamer_cancel_frees_pages(qwen):
 
     def run():
         try:
-            qwen.generate(np.arange(3, 20)[None], max_new_tokens=500, eos_token_id=[], streamer=st)
+            m.generate(np.arange(3, 20)[None], max_new_tokens=500, eos_token_id=[], streamer=st)
         except Exception as e:  # noqa: BLE001 - the cancellation, checked below
             raised.append(e)
     th = threading.Thread(target=run, daemon=True)
     th.start()
     it = iter(st)
-    next(it)
+    for _ in range(reads):
+        next(it)
     st.cancel()
     th.join(30)
     assert not th.is_alive() and raised and "cancelled" in str(raised[0])
+
+
+def test_streamer_cancel_frees_pages(qwen):
+    stream_then_cancel(qwen)
     s = qwen.engine_stats()
     assert s["running"] == 0 and s["pages_used"] == 0, s
 

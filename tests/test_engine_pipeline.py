@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from test_engine import alone, left_padded, load, page_bytes, prompts, threads_equal_alone
+from test_engine import alone, left_padded, load, page_bytes, prompts, stream_then_cancel, threads_equal_alone
 
 
 @pytest.fixture()
@@ -90,31 +90,8 @@ def test_small_pool_preempts_and_keeps_outputs(piped):
 
 
 def test_streamer_cancel_frees_pages(piped):
-    from fastload.streamers import TextIteratorStreamer
-
-    class Tok:
-        eos_token_id = None
-
-        def decode(self, ids, **kw):
-            return " ".join(str(int(i)) for i in ids)
-
     m = piped()
-    st = TextIteratorStreamer(Tok(), skip_prompt=True)
-    raised = []
-
-    def run():
-        try:
-            m.generate(np.arange(3, 20)[None], max_new_tokens=500, eos_token_id=[], streamer=st)
-        except Exception as e:  # noqa: BLE001 - the cancellation, checked below
-            raised.append(e)
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    it = iter(st)
-    for _ in range(5):
-        next(it)
-    st.cancel()
-    th.join(30)
-    assert not th.is_alive() and raised and "cancelled" in str(raised[0])
+    stream_then_cancel(m, reads=5)
     s = m.engine_stats()
     assert s["running"] == 0 and s["pages_used"] == 0 and s["pipelined_steps"] > 0, s
 
