@@ -164,3 +164,18 @@ def test_gpu_quant(record, qwen7b, fl_model, d2d, bench_full, mode):
     assert rec["quantized_weights"] > 0
     assert rec["weights_bytes"] < fl_model.get_memory_footprint()
     assert r["new"] == N and r8["batch"] == 8 and r8["new"] == N
+
+
+def test_gpu_step_gap(record, qwen7b, cuda_device):
+    """What a batch-1 decode step waits for besides its own graph (benchmarks/step_gap.py: each step replayed k more
+    times behind itself, the line through the step times), with the pipelined decode (the default: step t+1 launched
+    on t's device tokens before the host reads them) and step by step (FASTLOAD_ENGINE_PIPELINE=0)."""
+    import step_gap
+    rows = {p: step_gap.measure(qwen7b, new=128, env={"FASTLOAD_ENGINE_PIPELINE": p}) for p in ("1", "0")}
+    record({"gap_us_pipelined": rows["1"]["host_gap_us"], "gap_us_step_by_step": rows["0"]["host_gap_us"],
+            "gpu_us_per_step": rows["1"]["gpu_us_per_step"], "pipelined": rows["1"], "step_by_step": rows["0"]},
+           main="gap_us_pipelined", unit="us", device="cuda",
+           config={"batch": 1, "prompt": 32, "new_tokens": 128, "replays": [0, 1, 2]},
+           note="the ideal is 0: every microsecond here is a step's time the GPU spends outside its decode graph")
+    for r in rows.values():
+        assert math.isfinite(r["gpu_us_per_step"]) and r["gpu_us_per_step"] > 0

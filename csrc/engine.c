@@ -111,7 +111,7 @@ struct fl_engine {
     int probe_replays;        /* FASTLOAD_ENGINE_PROBE_REPLAYS (measurement only): extra back-to-back replays a step */
     /* Pipelined decode (la_*: backends with argmax_async, FASTLOAD_ENGINE_PIPELINE): when nothing else waits, a
      * decode step is launched before the tokens of the one before it are read, on that one's device tokens, so the
-     * GPU does not wait for the host between steps (~50 us a step measured on an H200: dev/cuda/step_gap.py). The
+     * GPU does not wait for the host between steps (~50 us a step measured on an H200: benchmarks/step_gap.py). The
      * step in flight: its rows (a reference held on each), their count and its token slot. */
     int la_on, la_active, la_B, la_slot;
     fl_request **la_rows;
@@ -445,8 +445,8 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
     if (k >= 0 && e->graph[k] && e->graph_epoch[k] == be->scratch_epoch) {
         FL_TRY(be->graph_replay(be, e->graph[k]));
         /* measurement: the same step again, queued right behind (same inputs: the same K / V and logits written).
-         * The step time grows by the GPU's time for one step alone, with no host work between (dev/cuda/
-         * step_gap.py: the host's share of a decode step) */
+         * The step time grows by the GPU's time for one step alone, with no host work between
+         * (benchmarks/step_gap.py: what a decode step waits for besides its graph) */
         for (int i = 0; i < e->probe_replays; i++) FL_TRY(be->graph_replay(be, e->graph[k]));
     } else {
         fl_kvcache kv = e->kv;

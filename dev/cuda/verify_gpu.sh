@@ -13,7 +13,7 @@
 #             (benchmarks/chatglm_gpu.py), once per GLM_SETTINGS entry (env settings), REPS times      ~25 s a run
 #   quant     Qwen2.5-7B-shaped bf16 (/tmp/fl_qwen7b, made during the tests): decode b1 per QUANT_MODES
 #             (dev/cuda/decode_ab.py; default bf16,int8,int4,nf4), and bf16 once more under QUANT_ALSO (env settings)
-#   gap       dev/cuda/step_gap.py: the host's share of a decode step, ChatGLM2 (and Qwen int4 with quant)
+#   gap       benchmarks/step_gap.py: the host's share of a decode step, ChatGLM2 (and Qwen int4 with quant)
 #   OUT=/tmp/o STAGES="build tests thudm binload" bash dev/cuda/verify_gpu.sh      carry [".devobj", ".thudm"]
 #   OUT=/tmp/o STAGES="build glm" GLM_SETTINGS="FASTLOAD_ENGINE_PIPELINE=1 FASTLOAD_ENGINE_PIPELINE=0" REPS=2 \
 #       bash dev/cuda/verify_gpu.sh                                                 carry [".devobj"]
@@ -80,9 +80,9 @@ if has quant; then
   [ -n "${QUANT_ALSO:-}" ] && env $QUANT_ALSO timeout 100 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16 \
       --label "$QUANT_ALSO" | tee -a "$OUT/quant.jsonl"
 fi
-if has gap; then  # the host's share of a decode step (dev/cuda/step_gap.py)
+if has gap; then  # the host's share of a decode step (benchmarks/step_gap.py)
   stamp gap
-  timeout 200 python3 dev/cuda/step_gap.py --dir /tmp/glm_st --dtype float16 --out "$OUT/gap_glm.json" | tail -4
-  has quant && timeout 150 python3 dev/cuda/step_gap.py --dir /tmp/fl_qwen7b --quant int4 --out "$OUT/gap_qwen_int4.json" | tail -4
+  timeout 200 python3 benchmarks/step_gap.py --dir /tmp/glm_st --dtype float16 --out "$OUT/gap_glm.json" | tail -4
+  has quant && timeout 150 python3 benchmarks/step_gap.py --dir /tmp/fl_qwen7b --quant int4 --out "$OUT/gap_qwen_int4.json" | tail -4
 fi
 stamp end

@@ -4,7 +4,11 @@ costs host + (k + 1) x GPU. Decode time per token at k = 0, 1, 2 (each in a fres
 --new tokens) fitted by a line: the slope is the GPU's time for one step, the intercept the time the GPU waits for
 the host between steps (token to the host, bookkeeping, inputs up, graph launch).
 
-    python3 dev/cuda/step_gap.py --dir /tmp/glm_st [--dtype float16] [--quant int4] [--new 256] [--out F]
+    python3 benchmarks/step_gap.py --dir /tmp/glm_st [--dtype float16] [--quant int4] [--new 256] [--out F]
+    FASTLOAD_ENGINE_PIPELINE=0 python3 benchmarks/step_gap.py ...     # the same, decode step by step
+
+With the pipelined decode (the default on CUDA) the intercept is what the GPU still waits between two graphs; step by
+step it is also the host's work. benchmarks/test_gpu.py::test_gpu_step_gap runs both on the Qwen2.5-7B checkpoint.
 """
 import argparse
 import json
@@ -14,7 +18,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def one(a):
@@ -35,6 +39,23 @@ def one(a):
     print(json.dumps({"us_per_token": float(np.median(per)) * 1e6}))
 
 
+def measure(d, dtype="bfloat16", quant="", new=256, ks=(0, 1, 2), env=None):
+    """Decode time per token at each k (a fresh process each, env added to its environment) and the line through
+    them: {"ks", "us_per_token", "gpu_us_per_step", "host_gap_us", "host_share"}."""
+    ts = []
+    for k in ks:
+        e = dict(os.environ, **(env or {}), FASTLOAD_ENGINE_PROBE_REPLAYS=str(k))
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", "--dir", d, "--dtype", dtype,
+                            "--quant", quant, "--new", str(new)], env=e, capture_output=True, text=True)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode or not line:
+            raise RuntimeError(f"step_gap k={k}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        ts.append(json.loads(line[-1])["us_per_token"])
+    gpu, host = np.polyfit(np.array(ks) + 1.0, np.array(ts), 1)
+    return {"ks": list(ks), "us_per_token": ts, "gpu_us_per_step": float(gpu), "host_gap_us": float(host),
+            "host_share": float(host / ts[0])}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -47,21 +68,11 @@ def main():
     a = ap.parse_args()
     if a.one:
         return one(a)
-    ks, ts = [], []
-    for k in [int(v) for v in a.ks.split(",")]:
-        env = dict(os.environ, FASTLOAD_ENGINE_PROBE_REPLAYS=str(k))
-        r = subprocess.run([sys.executable, __file__, "--one", "--dir", a.dir, "--dtype", a.dtype, "--quant", a.quant,
-                            "--new", str(a.new)], env=env, capture_output=True, text=True)
-        line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-        if r.returncode or not line:
-            print(r.stdout[-2000:], r.stderr[-2000:])
-            sys.exit(1)
-        ks.append(k)
-        ts.append(json.loads(line[-1])["us_per_token"])
-        print(f"k={k}: {ts[-1]:.1f} us a token", flush=True)
-    gpu, host = np.polyfit(np.array(ks) + 1.0, np.array(ts), 1)
-    res = {"dir": a.dir, "dtype": a.dtype, "quant": a.quant, "ks": ks, "us_per_token": ts,
-           "gpu_us_per_step": float(gpu), "host_gap_us": float(host), "host_share": float(host / ts[0])}
+    res = dict(dir=a.dir, dtype=a.dtype, quant=a.quant,
+               pipeline=os.environ.get("FASTLOAD_ENGINE_PIPELINE", "default"),
+               **measure(a.dir, a.dtype, a.quant, a.new, tuple(int(v) for v in a.ks.split(","))))
+    for k, t in zip(res["ks"], res["us_per_token"]):
+        print(f"k={k}: {t:.1f} us a token")
     print(json.dumps(res))
     if a.out:
         with open(a.out, "w") as f:
