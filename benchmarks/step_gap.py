@@ -26,9 +26,9 @@ def one(a):
     import time
     import fastload
     kw = {} if a.quant in ("", "none") else {"quantization_config": {"quant_method": "fastload", "scheme": a.quant}}
-    m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map="cuda", torch_dtype=a.dtype, progress=False,
+    m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map=a.device, torch_dtype=a.dtype, progress=False,
                                                       trust_remote_code=True, **kw)
-    ids = np.random.default_rng(0).integers(100, 30000, size=(1, 32))
+    ids = np.random.default_rng(0).integers(3, min(30000, m.config["vocab_size"]), size=(1, 32))
     m.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
     per = []
     for _ in range(3):
@@ -39,14 +39,15 @@ def one(a):
     print(json.dumps({"us_per_token": float(np.median(per)) * 1e6}))
 
 
-def measure(d, dtype="bfloat16", quant="", new=256, ks=(0, 1, 2), env=None):
+def measure(d, dtype="bfloat16", quant="", new=256, ks=(0, 1, 2), env=None, device="cuda"):
     """Decode time per token at each k (a fresh process each, env added to its environment) and the line through
     them: {"ks", "us_per_token", "gpu_us_per_step", "host_gap_us", "host_share"}."""
     ts = []
     for k in ks:
         e = dict(os.environ, **(env or {}), FASTLOAD_ENGINE_PROBE_REPLAYS=str(k))
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", "--dir", d, "--dtype", dtype,
-                            "--quant", quant, "--new", str(new)], env=e, capture_output=True, text=True)
+                            "--quant", quant, "--new", str(new), "--device", device], env=e, capture_output=True,
+                           text=True)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode or not line:
             raise RuntimeError(f"step_gap k={k}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--quant", default="")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--ks", default="0,1,2")
+    ap.add_argument("--device", default="cuda", help="cuda (cpu: a check of the script; no graphs, no replays)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -70,7 +72,7 @@ def main():
         return one(a)
     res = dict(dir=a.dir, dtype=a.dtype, quant=a.quant,
                pipeline=os.environ.get("FASTLOAD_ENGINE_PIPELINE", "default"),
-               **measure(a.dir, a.dtype, a.quant, a.new, tuple(int(v) for v in a.ks.split(","))))
+               **measure(a.dir, a.dtype, a.quant, a.new, tuple(int(v) for v in a.ks.split(",")), device=a.device))
     for k, t in zip(res["ks"], res["us_per_token"]):
         print(f"k={k}: {t:.1f} us a token")
     print(json.dumps(res))
