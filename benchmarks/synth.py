@@ -14,6 +14,14 @@ import struct
 
 import numpy as np
 
+# THUDM's ChatGLM2 config keys that every ChatGLM2 shape below shares (the sizes are each shape's own)
+_GLM2_KEYS = dict(model_type="chatglm", architectures=["ChatGLMModel"], add_bias_linear=False, add_qkv_bias=True,
+                  apply_query_key_layer_scaling=True, apply_residual_connection_post_layernorm=False,
+                  attention_dropout=0.0, attention_softmax_in_fp32=True, bias_dropout_fusion=True,
+                  fp32_residual_connection=False, hidden_dropout=0.0, layernorm_epsilon=1e-5, multi_query_attention=True,
+                  multi_query_group_num=2, original_rope=True, post_layer_norm=True, rmsnorm=True, use_cache=True,
+                  torch_dtype="float16", tie_word_embeddings=False, eos_token_id=2, pad_token_id=0)
+
 SHAPES = {
     # Llama-3.2-1B
     "llama-1b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=2048,
@@ -37,32 +45,19 @@ SHAPES = {
     # ChatGLM2-6B as THUDM ships it (huggingface.co/THUDM/chatglm2-6b config.json): THUDM's own config keys and tensor
     # names (tensors_for), fused q|k|v with bias and fused gate|up, 2 multi-query groups; 6.24 G parameters, 12.49 GB
     # in fp16. No generation_config.json: THUDM's repository has none
-    "chatglm2-6b": dict(_name_or_path="THUDM/chatglm2-6b", model_type="chatglm", architectures=["ChatGLMModel"],
+    "chatglm2-6b": dict(_GLM2_KEYS, _name_or_path="THUDM/chatglm2-6b",
                         auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                                   "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                                   "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
                                   "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
                                   "AutoModelForSequenceClassification":
                                       "modeling_chatglm.ChatGLMForSequenceClassification"},
-                        add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
-                        apply_residual_connection_post_layernorm=False, attention_dropout=0.0,
-                        attention_softmax_in_fp32=True, bias_dropout_fusion=True, ffn_hidden_size=13696,
-                        fp32_residual_connection=False, hidden_dropout=0.0, hidden_size=4096, kv_channels=128,
-                        layernorm_epsilon=1e-5, multi_query_attention=True, multi_query_group_num=2,
-                        num_attention_heads=32, num_layers=28, original_rope=True, padded_vocab_size=65024,
-                        post_layer_norm=True, rmsnorm=True, seq_length=32768, use_cache=True, torch_dtype="float16",
-                        transformers_version="4.27.1", tie_word_embeddings=False, eos_token_id=2, pad_token_id=0),
+                        ffn_hidden_size=13696, hidden_size=4096, kv_channels=128, num_attention_heads=32, num_layers=28,
+                        padded_vocab_size=65024, seq_length=32768, transformers_version="4.27.1"),
     # the same keys at a few hundred kB (2 layers, hidden 64, 4 heads of 16, 2 groups): CPU runs of the ChatGLM
     # scripts (benchmarks/chatglm_gpu.py, bin_vs_safetensors.py) and tests/test_chatglm.py's check of this shape
-    "chatglm2-tiny": dict(_name_or_path="chatglm2-tiny", model_type="chatglm", architectures=["ChatGLMModel"],
-                          add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
-                          apply_residual_connection_post_layernorm=False, attention_dropout=0.0,
-                          attention_softmax_in_fp32=True, bias_dropout_fusion=True, ffn_hidden_size=96,
-                          fp32_residual_connection=False, hidden_dropout=0.0, hidden_size=64, kv_channels=16,
-                          layernorm_epsilon=1e-5, multi_query_attention=True, multi_query_group_num=2,
-                          num_attention_heads=4, num_layers=2, original_rope=True, padded_vocab_size=1024,
-                          post_layer_norm=True, rmsnorm=True, seq_length=2048, use_cache=True, torch_dtype="float16",
-                          tie_word_embeddings=False, eos_token_id=2, pad_token_id=0),
+    "chatglm2-tiny": dict(_GLM2_KEYS, _name_or_path="chatglm2-tiny", ffn_hidden_size=96, hidden_size=64, kv_channels=16,
+                          num_attention_heads=4, num_layers=2, padded_vocab_size=1024, seq_length=2048),
     # ChatGLM2-6B's sizes (hidden 4096, ffn 13696, 28 layers, 32 heads, 2 KV groups, vocab 65024) as a
     # Llama-architecture checkpoint: q/k/v and gate/up as separate tensors under Llama's names (9 a layer against
     # ChatGLM's 7), no q|k|v bias (258 kB less of 12.49 GB). What "chatglm2-6b" was before it became the real shape
