@@ -84,7 +84,7 @@ struct fl_engine {
     /* step scratch (driver only) */
     float *logits;            /* [max_batch, vocab] */
     int32_t *idx; uint8_t *mark;
-    int32_t *h_tok, *h_pos, *h_starts, *h_btab; /* host: [max(max_batch, chunk)], [max_batch * max_pages] */
+    int32_t *h_tok, *h_pos, *h_starts, *h_btab; /* host: [max(max_batch, chunk)], [max_batch * max_pages] (the pool's) */
     int32_t *h_in;            /* tokens | positions | starts of one step, packed for one copy */
     void *d_in, *d_btab;      /* their backend copies (NULL on host-memory backends: the host arrays are used) */
     int in_cap;               /* ints in h_in / d_in */
@@ -93,7 +93,7 @@ struct fl_engine {
     int n_lbuckets;           /* decode graphs per batch bucket: table lengths 256, 512, ... up to max_pages */
     uint64_t *sig_seq;
     int *sig_gen, *sig_np;
-    int max_pages;            /* pages of the longest request: max_context / page */
+    int max_pages;            /* pages of the longest request: max_context / page, and at most the pool's (set with it) */
     fl_request **rows;        /* [max_batch] this step's decode rows */
     fl_request **prows;       /* [max_batch] this step's prefill rows, */
     int *pc0, *pT;            /* ... their first slot and chunk length, */
@@ -997,7 +997,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
                          .head_dim = c->head_dim, .dtype = m->be->act, .page_shift = shift}; /* pages: fl_engine_add_pool */
     e->kv.k_d = calloc((size_t)c->n_layers, sizeof(void *));
     e->kv.v_d = calloc((size_t)c->n_layers, sizeof(void *));
-    e->max_pages = (cfg.max_context + cfg.page_tokens - 1) / cfg.page_tokens + 1;
+    e->max_pages = (int)(((int64_t)cfg.max_context + cfg.page_tokens - 1) / cfg.page_tokens + 1); /* context 2^31 - 1: no overflow */
     const int rows = cfg.max_batch > cfg.prefill_chunk ? cfg.max_batch : cfg.prefill_chunk;
     e->run = calloc((size_t)cfg.max_batch, sizeof *e->run);
     e->rows = calloc((size_t)cfg.max_batch, sizeof *e->rows);
@@ -1031,7 +1031,6 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->h_tok = malloc((size_t)rows * 4);
     e->h_pos = malloc((size_t)rows * 4);
     e->h_starts = malloc((size_t)cfg.max_batch * 4);
-    e->h_btab = malloc((size_t)cfg.max_batch * (size_t)e->max_pages * 4);
     e->h_next = malloc((size_t)cfg.max_batch * 4);
     e->in_cap = 2 * rows + 2 * cfg.max_batch; /* tokens, positions, starts, rope lengths */
     e->h_in = malloc((size_t)e->in_cap * 4);
@@ -1045,7 +1044,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->graph = calloc((size_t)e->n_buckets, sizeof(void *));
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
     if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->h_tok || !e->h_pos ||
-        !e->h_starts || !e->h_btab || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
+        !e->h_starts || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
         !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast || !e->h_need ||
         !e->la_rows || !e->la_host[0] || !e->la_host[1]) {
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
@@ -1056,7 +1055,6 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     if (st != FL_OK) goto fail;
     if (!m->be->host_memory) {
         st = m->be->alloc(m->be, (size_t)e->in_cap * 4, &e->d_in);
-        if (st == FL_OK) st = m->be->alloc(m->be, (size_t)cfg.max_batch * (size_t)e->max_pages * 4, &e->d_btab);
         if (st != FL_OK) goto fail;
     }
     e->st.page_tokens = cfg.page_tokens;
@@ -1099,11 +1097,30 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
         m->be->free(m->be, base);
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate the page tables of %d pages", n_pages);
     }
+    /* Block tables: a request never holds more pages than the pool has, so a row of the table is at most that long
+     * (a config's max_position_embeddings can be 2^31: tables sized by it alone would not fit in memory). */
+    const int max_pages = e->max_pages < n_pages + 1 ? e->max_pages : n_pages + 1;
+    const size_t btab_bytes = (size_t)e->cfg.max_batch * (size_t)max_pages * 4;
+    int32_t *h_btab = NULL;
+    void *d_btab = NULL;
+    if (st == FL_OK) {
+        h_btab = malloc(btab_bytes);
+        if (!h_btab) st = fl_err(FL_E_NOMEM, "engine: cannot allocate the block table (%zu bytes)", btab_bytes);
+        else if (!m->be->host_memory) st = m->be->alloc(m->be, btab_bytes, &d_btab);
+        if (st != FL_OK) {
+            free(h_btab);
+            pool_free(&pool);
+            m->be->free(m->be, base);
+        }
+    }
     pthread_mutex_lock(&e->mu);
     e->adding_pool = 0;
     if (st == FL_OK) {
         e->kv_base = base;
         e->pool = pool;
+        e->max_pages = max_pages;
+        e->h_btab = h_btab;
+        e->d_btab = d_btab;
         e->kv.n_pages = n_pages + 1;
         e->null_page = n_pages;
         for (int l = 0; l < c->n_layers; l++) {
@@ -1178,7 +1195,8 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     fl_request *r = calloc(1, sizeof *r);
     const int64_t want = (int64_t)n + (p->max_new_tokens < e->cfg.max_context ? p->max_new_tokens : e->cfg.max_context) + 1;
     if (r) {
-        r->cap = (int)(want < e->cfg.max_context + 1 ? want : e->cfg.max_context + 1);
+        const int64_t cap = want < (int64_t)e->cfg.max_context + 1 ? want : (int64_t)e->cfg.max_context + 1;
+        r->cap = cap < INT_MAX ? (int)cap : INT_MAX; /* a context of 2^31 - 1 tokens: no int overflow */
         r->toks = malloc((size_t)r->cap * 4);
         r->pages = malloc((size_t)e->max_pages * 4);
     }

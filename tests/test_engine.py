@@ -477,3 +477,19 @@ def test_group_larger_than_the_queue_enters_an_empty_queue():
     m = load(max_num_seqs=1, max_queue=1)
     out = m.generate(np.tile(np.arange(3, 9), (3, 1)), max_new_tokens=2, do_sample=False, eos_token_id=[])
     assert out.shape == (3, 8) and (out[0] == out[1]).all() and (out[1] == out[2]).all()
+
+
+def test_huge_declared_context_costs_no_huge_tables(tmp_path):
+    """A config declaring max_position_embeddings 2^31 - 1 (found by fuzz_python: a forward made the engine, whose
+    block tables were sized by it, ~8.6 GB, a MemoryError): the tables follow the pool's pages, so a forward and a
+    generate run as on the fixture."""
+    from golden_util import checkpoint_copy
+    d = checkpoint_copy("qwen2", tmp_path / "m", config={"max_position_embeddings": 2 ** 31 - 1})
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", torch_dtype="float32", threads=2,
+                                                      kv_cache_memory=page_bytes(load(), 16) * 32)
+    ids = np.array([[3, 17, 230, 5]])
+    ref = load()
+    np.testing.assert_array_equal(m(ids).logits, ref(ids).logits)
+    out = m.generate(ids, max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(out, ref.generate(ids, max_new_tokens=6, eos_token_id=[]))
+    assert m.engine_stats()["n_pages"] == 32
