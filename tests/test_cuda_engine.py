@@ -17,7 +17,7 @@ import fastload
 from fastload import _C
 from golden_util import model_dir
 from paged_util import paged_attention, paged_case, per_row_reference
-from test_cuda_ops import ATT_ELEM_K, ATT_REL_L2, DEV, check_close, to_act
+from cuda_util import ATT_ELEM_K, ATT_REL_L2, DEV, check_close, to_act
 
 pytestmark = pytest.mark.skipif(not fastload.cuda.is_available(),
                                 reason="no CUDA device here (fastload.info(): %s)" % fastload.info().get("cuda"))

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from fastload import _C
+from cuda_util import ACTS, DEV, UNIT, check_close, rng_and_seed, to_act
 
 _info = _C.build_info()
 if _info["cuda_devices"] == 0:
@@ -27,11 +28,6 @@ if _info["cuda_devices"] == 0:
                 "no CUDA device: " + (_info["cuda_error"] or "0 devices visible"), allow_module_level=True)
 
 pytestmark = pytest.mark.gpu
-DEV = os.environ.get("FASTLOAD_TEST_CUDA_DEVICE", "cuda:0")
-ACTS = ["float16", "bfloat16", "float32"]
-REL_L2 = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
-UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -22}
-ELEM_K = 8
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -59,22 +55,6 @@ FMT = {f[0]: f for f in FORMATS}
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def rng_and_seed():
-    seed = int(np.random.SeedSequence().entropy % (2 ** 63))
-    return np.random.default_rng(seed), seed
-
-
-def to_act(x, act):
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if act == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    if act == "bfloat16":
-        u = x.view(np.uint32).astype(np.uint64)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.astype(np.uint32).view(np.float32)
-    return x
-
-
 def make_weight(rng, R, C, gs, fmt, perm=False):
     """Random codes, scales and offsets of one format (values the format can hold exactly: scales
     and offsets already rounded to sdtype), as run_op's inputs, plus the params."""
@@ -117,7 +97,8 @@ def dequant(inputs, params, C):
     return (codes - 2 ** (bits - 1)) * sg
 
 
-def ref_matmul(x, inputs, params):
+def ref_matmul(x, inputs, params, terms=False):
+    """x @ W^T (+ bias) in float64; terms: also sum_k |x_k W_k| per output, the size of the float32 sum's terms."""
     C = x.shape[1]
     w = dequant(inputs, params, C)
     xs = x.astype(np.float64)
@@ -126,27 +107,7 @@ def ref_matmul(x, inputs, params):
     y = xs @ w.T
     if "bias" in inputs:
         y += inputs["bias"].astype(np.float64)
-    return y
-
-
-def check_close(got, ref, act, what, seed, sum_len=0):
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
-    bad = ~np.isfinite(got)
-    assert not bad.any(), f"{what}: {int(bad.sum())} non-finite outputs, first at {np.argwhere(bad)[0].tolist()} " \
-                          f"(seed {seed})"
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    nref = np.linalg.norm(r)
-    rel = np.linalg.norm(g - r) / (nref if nref > 0 else 1.0)
-    assert rel < REL_L2[act], f"{what} [{act}]: rel-L2 error {rel:.3g} >= {REL_L2[act]} (seed {seed})"
-    rms = math.sqrt(float(np.mean(r * r))) if r.size else 0.0
-    lim = ELEM_K * UNIT[act] * (np.abs(r) + rms) + 1e-30
-    if act == "float32" and sum_len > 1024:
-        lim *= math.sqrt(sum_len) / 32
-    over = np.abs(g - r) > lim
-    if over.any():
-        i = tuple(np.argwhere(over)[0])
-        pytest.fail(f"{what} [{act}]: {int(over.sum())} elements off, first at {list(i)}: got {g[i]!r}, "
-                    f"ref {r[i]!r}, limit {lim[i]:.3g} (seed {seed})")
+    return (y, np.abs(xs) @ np.abs(w).T) if terms else y
 
 
 def run_qmatmul(act, R, C, gs, fmt, n, seed_rng, bias=False, perm=False):
@@ -158,14 +119,15 @@ def run_qmatmul(act, R, C, gs, fmt, n, seed_rng, bias=False, perm=False):
     got = _C.run_op(DEV, "qmatmul", inputs, dict(params, act=act))["y"]
     cpu = _C.run_op("cpu", "qmatmul", inputs, dict(params, act="float32"))["y"]
     what = f"qmatmul {fmt} n={n} {R}x{C} g={gs} bias={bias} perm={perm}"
-    check_close(got, ref_matmul(inputs["x"], inputs, params), act, what + " vs numpy", seed, sum_len=C)
+    ref, terms = ref_matmul(inputs["x"], inputs, params, terms=True)
+    check_close(got, ref, act, what + " vs numpy", seed, sum_len=C, terms=terms)
     if n <= CPU_APPROX_N:
         # The CPU backend's decode path quantises x to int8 per 32 values (integer dot products, as
         # llama.cpp does): ~0.5% error by design, so the CPU is only a loose second reference there.
         rel = np.linalg.norm(got.astype(np.float64) - cpu) / max(np.linalg.norm(cpu.astype(np.float64)), 1e-30)
         assert rel < 3e-2, f"{what} [{act}] vs cpu: rel-L2 error {rel:.3g} (seed {seed})"
     else:
-        check_close(got, cpu, act, what + " vs cpu", seed, sum_len=C)
+        check_close(got, cpu, act, what + " vs cpu", seed, sum_len=C, terms=terms)
 
 
 NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 300]
