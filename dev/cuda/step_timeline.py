@@ -7,7 +7,9 @@ kernels and between steps (the host's turn: token to host, bookkeeping, inputs u
 
 Per scheme: mean wall time of a decode step (argmax kernel to argmax kernel), GPU busy time in it (union of
 kernel / copy intervals), the idle time inside the step and the idle time between the step's last activity and the
-next step's first (the host gap), and the kernels by total time per step."""
+next step's first (the host gap), the kernels by total time per step, and the first --seq kernels of a step in order.
+With FASTLOAD_PDL=0 (kernels in plain stream order) each kernel's time is its own; with programmatic dependent launch
+(the default) a kernel's interval starts while it waits for the one before, so only the idle gaps mean something."""
 import argparse
 import json
 import os
@@ -54,7 +56,8 @@ def analyse(events):
             continue
         steps.append(dict(start=evs[0][1], busy=union([(s, e) for _, s, e in evs]),
                           gap_before=evs[0][1] - max(e for _, _, e in events[a:j]),
-                          names=[n for n, _, _ in evs], durs=[e - s for _, s, e in evs]))
+                          names=[n for n, _, _ in evs], durs=[e - s for _, s, e in evs],
+                          starts=[s for _, s, _ in evs], ends=[e for _, _, e in evs]))
     return steps
 
 
@@ -67,6 +70,7 @@ def main():
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--seq", type=int, default=24, help="kernels of one step to list in order")
     a = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -106,12 +110,19 @@ def main():
                  host_gap_us=float(np.median(gap)), host_gap_p90_us=float(np.percentile(gap, 90)),
                  kernels_per_step=float(np.mean([len(s["names"]) for s in steps])),
                  kernels=[dict(name=n, per_step=c / ns, us_per_step=t / ns) for n, (c, t) in top[:25]])
+        mid = steps[ns // 2]  # one step's kernels in order, with their gaps: one layer's sequence is a period of it
+        seq = [dict(name=n[:90], us=du, gap_us=(st - mid["ends"][i - 1]) if i else 0.0)
+               for i, (n, du, st) in enumerate(zip(mid["names"], mid["durs"], mid["starts"]))]
+        r["sequence"] = seq[:a.seq]
         res["schemes"][scheme] = r
         print(f"== {scheme}: {ns} steps, step {r['wall_us']:.1f} us (median), GPU busy {r['busy_us']:.1f} us, "
               f"idle between steps {r['host_gap_us']:.1f} us (p90 {r['host_gap_p90_us']:.1f}), "
               f"{r['kernels_per_step']:.0f} kernels/copies a step", flush=True)
         for k in r["kernels"][:16]:
             print(f"   {k['us_per_step']:8.1f} us  x{k['per_step']:5.1f}  {k['name']}")
+        print(f"   the first {a.seq} kernels / copies of a step, in order:")
+        for k in r["sequence"]:
+            print(f"   {k['us']:8.1f} us  (idle before {k['gap_us']:5.1f})  {k['name'][:64]}")
         del m
     if a.out:
         with open(a.out, "w") as f:
