@@ -68,6 +68,7 @@ run_c() {
     local h="$1" log="$2"; shift 2
     local work="$BUILD/corpus/$h" art="$BUILD/findings/$h/"
     mkdir -p "$work" "$art"
+    touch "$BUILD/findings/.since_$h"
     local dict=()
     [ -f "$HERE/$h.dict" ] && dict=(-dict="$HERE/$h.dict")
     set +e
@@ -78,6 +79,10 @@ run_c() {
     return $rc
 }
 
+# new_findings HARNESS: artefacts written since its run began (older ones are earlier runs', kept for a repro; they
+# used to be counted again, so a clean run could report findings and `long` fail)
+new_findings() { find "$BUILD/findings/$1" -maxdepth 1 -type f -newer "$BUILD/findings/.since_$1" 2>/dev/null | wc -l; }
+
 summarise() { # HARNESS LOG RC
     local h="$1" log="$2" rc="$3"
     local execs rate cov ft corp
@@ -86,7 +91,7 @@ summarise() { # HARNESS LOG RC
     cov="$(grep -oE '(DONE|#[0-9]+).*cov: [0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+' | awk '{print $2}')"
     ft="$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | awk '{print $2}')"
     corp="$(grep -oE 'corp: [0-9]+' "$log" | tail -1 | awk '{print $2}')"
-    local found; found="$(ls "$BUILD/findings/$h/" 2>/dev/null | wc -l)"
+    local found; found="$(new_findings "$h")"
     printf '%-18s executions=%s exec/s=%s cov=%s ft=%s corpus=%s findings=%s rc=%s log=%s\n' \
         "$h" "${execs:-?}" "${rate:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$found" "$rc" "$log"
 }
@@ -159,7 +164,7 @@ long_parallel() {
             local e; e="$(grep -oE 'stat::number_of_executed_units: +[0-9]+' "$BUILD/logs/$h-long-$k.log" | awk '{print $2}' | tail -1)"
             total=$((total + ${e:-0}))
         done
-        local found; found="$(ls "$BUILD/findings/$h/" 2>/dev/null | wc -l)"
+        local found; found="$(new_findings "$h")"
         local cov; cov="$(grep -ohE 'cov: [0-9]+' "$BUILD"/logs/"$h"-long-*.log | awk '{print $2}' | sort -n | tail -1)"
         printf '%-18s executions=%s (%d processes) wall=%ss exec/s=%s max_cov=%s findings=%s rc=%s\n' "$h" "$total" "$jobs" \
             "$((t1 - t0))" "$((total / (t1 - t0 > 0 ? t1 - t0 : 1)))" "${cov:-?}" "$found" "$rc"
@@ -183,6 +188,7 @@ python_run() {
     local secs="${1:?usage: run.sh python SECONDS}"
     ensure_python || return 1
     mkdir -p "$BUILD/logs" "$BUILD/findings/fuzz_python" "$BUILD/corpus/fuzz_python"
+    touch "$BUILD/findings/.since_fuzz_python"
     local log="$BUILD/logs/fuzz_python.log" rc=0
     # new inputs go to the scratch corpus (the first directory), never into the committed seeds
     (cd "$BUILD/findings/fuzz_python" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
@@ -193,7 +199,7 @@ python_run() {
     execs="$(grep -oE 'stat::number_of_executed_units: +[0-9]+' "$log" | awk '{print $2}' | tail -1)"
     rate="$(grep -oE 'stat::average_exec_per_sec: +[0-9]+' "$log" | awk '{print $2}' | tail -1)"
     printf '%-18s executions=%s exec/s=%s findings=%s rc=%s log=%s\n' fuzz_python "${execs:-?}" "${rate:-?}" \
-        "$(ls "$BUILD/findings/fuzz_python" | wc -l)" "$rc" "$log"
+        "$(new_findings fuzz_python)" "$rc" "$log"
     if [ "$rc" != 0 ]; then grep -E '=== Uncaught|Error|Exception|crash-|timeout-|oom-' "$log" | head -20 >&2 || true; fi
     return $rc
 }
