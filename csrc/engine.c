@@ -1039,7 +1039,9 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->sig_np = calloc((size_t)cfg.max_batch, sizeof(int));
     e->h_greedy = calloc((size_t)rows, 1);
     e->n_lbuckets = 1;
-    while ((256 << (e->n_lbuckets - 1)) < (e->max_pages << shift) && e->n_lbuckets < 20) e->n_lbuckets++;
+    /* in 64 bits: a declared context of 2^31 - 1 tokens makes max_pages << shift pass INT_MAX (which stopped the loop
+     * at one bucket, and a graph's table then described 256 slots whatever the row's length) */
+    while (((int64_t)256 << (e->n_lbuckets - 1)) < ((int64_t)e->max_pages << shift) && e->n_lbuckets < 20) e->n_lbuckets++;
     e->n_buckets = (bucket_of(cfg.max_batch) + 1) * e->n_lbuckets;
     e->graph = calloc((size_t)e->n_buckets, sizeof(void *));
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
