@@ -350,3 +350,20 @@ def test_forward_makes_no_pool_and_frees_its_cache():
     assert st["forward_kv_peak"] == ms["kv_cache_last"] > 0 and st["forwards"] == 4, (ms, st)
     m.generate(x[:1], max_new_tokens=2)
     assert m.memory_stats()["kv_cache_pool"] > 0
+
+
+def test_huge_declared_context_decodes_past_the_first_length_bucket(tmp_path):
+    """A config declaring max_position_embeddings 2^31 - 1: the engine's decode graphs come in table-length buckets
+    (256, 512, ... slots up to the pool's pages), counted from max_pages << page_shift. Before 884e39b that shift
+    passed INT_MAX, the count stopped at one bucket, and a row longer than 256 tokens replayed a graph whose table
+    described 256 slots: tokens silently wrong. A 250-token prompt and 30 new tokens cross into the second bucket;
+    the greedy tokens equal those of the same weights declaring 4096 positions (same float32 kernels)."""
+    from golden_util import checkpoint_copy
+    p = np.random.default_rng(11).integers(3, 500, size=250).astype(np.int64)
+    out = {}
+    for n in (4096, 2 ** 31 - 1):
+        d = checkpoint_copy("qwen2", tmp_path / str(n), config={"max_position_embeddings": n})
+        m = fastload.AutoModelForCausalLM.from_pretrained(str(d), device_map="cuda", torch_dtype="float32")
+        out[n] = _gen(m, p, 30)
+        del m
+    np.testing.assert_array_equal(out[2 ** 31 - 1], out[4096])

@@ -1,6 +1,10 @@
 // dev/cuda/qgemv_bench.cu: the quantised decode GEMV (csrc/cuda/qmatmul.cu) on Qwen2.5-7B's shapes against the
 // device's copy bandwidth and a plain read of the same bytes: the backend as the model calls it (x prep + GEMV) and
 // the dp2a GEMV alone under each FASTLOAD_QDP_CFG configuration (launch_qdp_n), validated against the backend.
+// Then, one line each, two experiments of 2026-12-02 (benchmarks/results/qgemv-phases-2026-12-02-h200/): a persistent
+// software-pipelined form (qgemv_dps_kernel, "s<cfg>/<split>") and the one-trip kernel's phases (exp_dp_kernel, "e-...":
+// -loads = codes and scales only, -compute = no code loads, -xs = x staged in shared memory; -loads / -compute are not
+// a GEMV and are not validated). NF4 shapes come last.
 //
 //   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist):  dev/cuda/qgemv_bench.sh
 //   run:   /tmp/qgemv_bench [timed replays, default 9]
@@ -47,7 +51,322 @@ __global__ void __launch_bounds__(256) read_kernel(const uint4 *__restrict__ p, 
     if (a == 0x12345678u) out[0] = a;
 }
 
-struct Shape { const char *name; int64_t R, C; int bits, gs; bool zeros; };
+// An experiment: qgemv_dp_kernel (one trip, a block per tile) with MODE 0 as it is, 1 the loads only (codes and
+// scales, no x, no dot products: what the access pattern reaches), 2 the compute only (codes a constant, scales and
+// x read: what the compute phase costs), and MINB blocks of MAXW warps per SM asked of ptxas (register cap).
+template <int BITS, bool ZEROS, int RPW, int U, int MAXW, int MODE, int MINB>
+__global__ void __launch_bounds__(MAXW * 32, MINB)
+exp_dp_kernel(__nv_bfloat16 *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
+              uint32_t gmagic, int split) {
+    typedef __half S;
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;
+    constexpr float HALF = (float)(1 << (BITS - 1));
+    __shared__ float red[MAXW][RPW];
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gpb = (int)(blockDim.x >> 5) / split, grp = warp / split, part = warp - grp * split;
+    const int64_t R = W.R, nv = W.rb / 16, C = W.C, rstride = W.rb / 16;
+    const int64_t r0 = ((int64_t)blockIdx.x * gpb + grp) * RPW;
+    const uint4 *wbase = (const uint4 *)W.q;
+    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    uint4 w[U][RPW];
+    float sr[U][RPW], mr[U][RPW];
+    const int64_t vfirst = (int64_t)part * 32 * U + lane;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int64_t v = vfirst + 32 * u;
+        const bool on = v < nv;
+        const uint32_t g = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            const int64_t row = r0 + r < R ? r0 + r : R - 1;
+            w[u][r] = MODE == 2 ? make_uint4(0x12345678u * (r + 1), 0x9abcdef0u, 0x0f1e2d3cu + u, 0x55aa55aau)
+                                : on ? fl_ld_stream(wbase + row * rstride + v) : make_uint4(0, 0, 0, 0);
+            const int64_t si = row * W.ng + (on ? g : 0);
+            sr[u][r] = ld_s(sc, si);
+            mr[u][r] = ZEROS ? ld_s(zc, si) : -sr[u][r] * HALF;
+        }
+    }
+    fl_pdl_wait();
+    extern __shared__ uint4 xs_dyn[];  // MODE 3: xq [C] int16 then xd [nv] float2, staged by the whole block
+    if constexpr (MODE == 3) {
+        const int64_t nx = C * 2 / 16, nd = nv * 8 / 16;  // uint4s of xq, of xd (nv even: C % 32 == 0 for int4)
+        for (int64_t k = threadIdx.x; k < nx; k += blockDim.x) xs_dyn[k] = __ldg((const uint4 *)xq + k);
+        for (int64_t k = threadIdx.x; k < nd; k += blockDim.x) xs_dyn[nx + k] = __ldg((const uint4 *)xd + k);
+        __syncthreads();
+    }
+    float acc[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; r++) acc[r] = 0.f;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int64_t v = vfirst + 32 * u;
+        if (v >= nv) break;
+        if constexpr (MODE == 1) {
+#pragma unroll
+            for (int r = 0; r < RPW; r++)
+                acc[r] += (float)(w[u][r].x ^ w[u][r].y ^ w[u][r].z ^ w[u][r].w) * sr[u][r] + mr[u][r];
+        } else {
+            uint4 xv[XV];
+            float2 d;
+            if constexpr (MODE == 3) {
+#pragma unroll
+                for (int h = 0; h < XV; h++) xv[h] = xs_dyn[v * XV + h];
+                d = ((const float2 *)(xs_dyn + C * 2 / 16))[v];
+            } else {
+                const uint4 *xp = (const uint4 *)(xq + v * VC);
+#pragma unroll
+                for (int h = 0; h < XV; h++) xv[h] = __ldg(xp + h);
+                d = __ldg(xd + v);
+            }
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const int dot = qdot_vec<BITS>(w[u][r], xv);
+                acc[r] = fmaf(sr[u][r], d.x * (float)dot, fmaf(mr[u][r], d.y, acc[r]));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+        float t = acc[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        acc[r] = t;
+    }
+    if (split > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) red[warp][r] = acc[r];
+        __syncthreads();
+        if (part != 0 || lane >= RPW) return;
+        float t = 0.f;
+        for (int k = 0; k < split; k++) t += red[warp + k][lane];
+        const int64_t row = r0 + lane;
+        if (row < R) y[row] = __float2bfloat16(t);
+    } else if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < RPW; r++)
+            if (r0 + r < R) y[r0 + r] = __float2bfloat16(acc[r]);
+    }
+}
+template <int BITS, bool ZEROS, int RPW, int U, int MAXW, int MODE, int MINB>
+static fl_status exp_dp(cudaStream_t st, __nv_bfloat16 *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm) {
+    const int64_t nv = W.rb / 16;
+    int64_t split = (nv + 32 * U - 1) / (32 * U);
+    if (split > MAXW) return fl_err(FL_E_UNSUPPORTED, "exp: row too long");
+    const int64_t gpb = split >= QDP_WARPS ? 1 : QDP_WARPS / split;
+    const int64_t groups = (W.R + RPW - 1) / RPW, blocks = (groups + gpb - 1) / gpb;
+    const size_t smem = MODE == 3 ? (size_t)W.C * 2 + (size_t)nv * 8 : 0;
+    if (smem > 48 * 1024) return fl_err(FL_E_UNSUPPORTED, "exp: x does not fit 48 KB");
+    FL_LAUNCH((exp_dp_kernel<BITS, ZEROS, RPW, U, MAXW, MODE, MINB>), dim3((unsigned)blocks), dim3((unsigned)(32 * split * gpb)),
+              smem, st, y, xq, xd, W, gm, (int)split);
+    return FL_OK;
+}
+template <int RPW, int U, int MODE, int MINB>
+static fl_status exp_dp_fmt(cudaStream_t st, __nv_bfloat16 *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm) {
+    if (W.code != FL_QCODE_INT) return fl_err(FL_E_UNSUPPORTED, "exp: int codes only");
+    if (W.bits == 4 && W.m) return exp_dp<4, true, RPW, U, 16, MODE, MINB>(st, y, xq, xd, W, gm);
+    if (W.bits == 8 && !W.m) return exp_dp<8, false, RPW, U, 16, MODE, MINB>(st, y, xq, xd, W, gm);
+    return fl_err(FL_E_UNSUPPORTED, "exp: format not instantiated");
+}
+
+struct Shape { const char *name; int64_t R, C; int bits, gs; bool zeros; int code = FL_QCODE_INT; };
+
+// An experiment (2026-12-02, measured SLOWER than qgemv_dp_kernel on every shape; see the results README): the same
+// per-lane work as qgemv_dp_kernel, but a persistent grid (at most the blocks that fit on the device at once) whose
+// warps walk tiles of GPB = WARPS / split row groups in grid-stride order, and a software pipeline two steps deep:
+// the codes and scales of a warp's next step (the next vectors of its rows, or the first ones of its next tile) are
+// requested before the current step is computed, so a warp always has a step's bytes in flight, across tile ends
+// too. qgemv_dp_kernel instead launches a block per tile and loads everything once: its warps all wait for memory
+// at the same time, compute at the same time and leave in waves (int4 gate_up 78% and down 62% of the copy rate
+// where a plain read of the same bytes reaches 91% and 81%). A row of a tile is split over `split` warps of the
+// block (each every split-th step of 32 * U vectors), their partial sums reduced through shared memory (double
+// buffered by tile parity: one barrier per tile). Every warp of a block visits the same tiles, and split <= the
+// number of steps in a row, so each warp flushes each tile exactly once.
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int WARPS, int MINB = 1>
+__global__ void __launch_bounds__(WARPS * 32, MINB)
+qgemv_dps_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
+                 const T *__restrict__ bias, uint32_t gmagic, int n, int split) {  // n <= N token rows
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;
+    constexpr float HALF = (float)(1 << (BITS - 1));
+    __shared__ float red[2][WARPS][N * RPW];
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gpb = WARPS / split, grp = warp / split, part = warp - grp * split;
+    const int64_t R = W.R, nv = W.rb / 16, C = W.C, rstride = W.rb / 16;
+    const int64_t groups = (R + RPW - 1) / RPW, tiles = (groups + gpb - 1) / gpb;
+    const int64_t cstep = (int64_t)split * 32 * U, vfirst = (int64_t)part * 32 * U + lane;
+    const uint4 *wbase = (const uint4 *)W.q;
+    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    auto load = [&](uint4 (&w)[U][RPW], float (&sr)[U][RPW], float (&mr)[U][RPW], int64_t t, int64_t vb) {
+        const int64_t r0 = (t * gpb + grp) * RPW;  // rows past the end read the last row (results dropped)
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t v = vb + 32 * u;
+            const bool on = v < nv;
+            const uint32_t g = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                const int64_t row = r0 + r < R ? r0 + r : R - 1;
+                w[u][r] = on ? fl_ld_stream(wbase + row * rstride + v) : make_uint4(0, 0, 0, 0);
+                const int64_t si = row * W.ng + (on ? g : 0);
+                sr[u][r] = NF ? ld_s(sc, si) * (1.f / 32767.f) : ld_s(sc, si);
+                mr[u][r] = ZEROS ? ld_s(zc, si) : NF ? 0.f : -sr[u][r] * HALF;
+            }
+        }
+    };
+    float acc[N][RPW];
+    auto compute = [&](const uint4 (&w)[U][RPW], const float (&sr)[U][RPW], const float (&mr)[U][RPW], int64_t vb) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t v = vb + 32 * u;
+            if (v >= nv) break;
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                if (i >= n) break;
+                uint4 xv[XV];
+                const uint4 *xp = (const uint4 *)(xq + (int64_t)i * C + v * VC);
+#pragma unroll
+                for (int h = 0; h < XV; h++) xv[h] = __ldg(xp + h);
+                const float2 d = __ldg(xd + (int64_t)i * nv + v);
+#pragma unroll
+                for (int r = 0; r < RPW; r++) {
+                    if constexpr (NF) {
+                        const float dot = qdot_nf4_vec(w[u][r], xv);
+                        acc[i][r] = fmaf(sr[u][r], d.x * dot, ZEROS ? fmaf(mr[u][r], d.y, acc[i][r]) : acc[i][r]);
+                    } else {
+                        const int dot = qdot_vec<BITS>(w[u][r], xv);
+                        acc[i][r] = fmaf(sr[u][r], d.x * (float)dot, fmaf(mr[u][r], d.y, acc[i][r]));
+                    }
+                }
+            }
+        }
+    };
+    int par = 0;
+    auto flush = [&](int64_t t) {
+        const int64_t r0 = (t * gpb + grp) * RPW;
+#pragma unroll
+        for (int i = 0; i < N; i++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                float s = acc[i][r];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                acc[i][r] = s;
+            }
+        if (split > 1) {
+            if (lane == 0)
+#pragma unroll
+                for (int i = 0; i < N; i++)
+#pragma unroll
+                    for (int r = 0; r < RPW; r++) red[par][warp][i * RPW + r] = acc[i][r];
+            __syncthreads();
+            if (part == 0 && lane < N * RPW) {
+                const int i = lane / RPW, r = lane % RPW;
+                float s = 0.f;
+                for (int k = 0; k < split; k++) s += red[par][warp + k][lane];
+                const int64_t row = r0 + r;
+                if (row < R && i < n) y[(int64_t)i * R + row] = fl_from_f32<T>(s + (bias ? fl_to_f32(bias[row]) : 0.f));
+            }
+            par ^= 1;
+        } else if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < N; i++)
+#pragma unroll
+                for (int r = 0; r < RPW; r++) {
+                    const int64_t row = r0 + r;
+                    if (row < R && i < n)
+                        y[(int64_t)i * R + row] = fl_from_f32<T>(acc[i][r] + (bias ? fl_to_f32(bias[row]) : 0.f));
+                }
+        }
+#pragma unroll
+        for (int i = 0; i < N; i++)
+#pragma unroll
+            for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
+    };
+    // the step after (t, vb): the next vectors of the same rows, else the first ones of the block's next tile
+    auto next = [&](int64_t &t, int64_t &vb) {
+        vb += cstep;
+        if (vb - lane >= nv) {
+            t += gridDim.x;
+            vb = vfirst;
+        }
+    };
+    int64_t t = blockIdx.x, vb = vfirst;
+    if (t >= tiles) return;  // the whole block (t is per block)
+    uint4 wa[U][RPW], wb[U][RPW];
+    float sa[U][RPW], ma[U][RPW], sb[U][RPW], mb[U][RPW];
+    load(wa, sa, ma, t, vb);
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
+    fl_pdl_wait();  // xq / xd come from the prep kernel (or the RMSNorm / SwiGLU that wrote them)
+    for (;;) {
+        int64_t t2 = t, v2 = vb;
+        next(t2, v2);
+        if (t2 < tiles) load(wb, sb, mb, t2, v2);
+        compute(wa, sa, ma, vb);
+        if (t2 != t) flush(t);
+        if (t2 >= tiles) break;
+        t = t2;
+        vb = v2;
+        next(t2, v2);
+        if (t2 < tiles) load(wa, sa, ma, t2, v2);
+        compute(wb, sb, mb, vb);
+        if (t2 != t) flush(t);
+        if (t2 >= tiles) break;
+        t = t2;
+        vb = v2;
+    }
+}
+
+// The streaming form (qgemv_dps_kernel): a persistent grid of at most the blocks that fit at once (per_sm > 0 caps
+// the blocks per SM), `split` warps per row (0: the smallest power of two that gives every resident warp at least
+// two row groups' worth of work, at most WARPS and the steps in a row).
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int WARPS, int MINB = 1>
+static fl_status launch_qdps_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                                 const T *bias, uint32_t gm, int n, int n_sm, int split, int per_sm) {
+    static_assert(N * RPW <= 32, "qgemv_dps_kernel: the split reduction takes N * RPW <= 32 lanes");
+    void (*kern)(T *, const int16_t *, const float2 *, const fl_qw, const T *, uint32_t, int, int) =
+        qgemv_dps_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, WARPS, MINB>;
+    static int occ = 0;  // blocks per SM of this instantiation (benign race: every writer stores the same value)
+    if (occ <= 0) {
+        int o = 0;
+        FL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, kern, WARPS * 32, 0));
+        occ = o > 0 ? o : 1;
+    }
+    const int per = per_sm > 0 && per_sm < occ ? per_sm : occ;
+    const int64_t nv = W.rb / 16, steps = (nv + 32 * U - 1) / (32 * U), groups = (W.R + RPW - 1) / RPW;
+    if (split <= 0) {
+        const int64_t resident = (int64_t)(n_sm > 0 ? n_sm : 132) * per * WARPS;
+        split = 1;
+        while (split < WARPS && split * 2 <= steps && groups * split < 2 * resident) split *= 2;
+    }
+    if (split > WARPS || WARPS % split || split > steps)
+        return fl_err(FL_E_VALUE, "quantised matmul: split %d does not fit %d warps and %lld steps", split, WARPS,
+                      (long long)steps);
+    const int64_t gpb = WARPS / split, tiles = (groups + gpb - 1) / gpb;
+    int64_t blocks = (int64_t)(n_sm > 0 ? n_sm : 132) * per;
+    if (blocks > tiles) blocks = tiles;
+    if (blocks <= 0) return FL_OK;
+    FL_LAUNCH(kern, dim3((unsigned)blocks), dim3(WARPS * 32), 0, st, y, xq, xd, W, bias, gm, n, split);
+    return FL_OK;
+}
+
+// the streaming form (qgemv_dps_kernel) at n = 1 for any of the bench's formats
+template <int RPW, int U, int WARPS, int MINB = 1>
+static fl_status dps(cudaStream_t st, __nv_bfloat16 *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
+                     int n_sm, int split) {
+    typedef __nv_bfloat16 B;
+    if (W.code == FL_QCODE_NF4)
+        return launch_qdps_cfg<B, __half, 4, false, 1, RPW, U, true, WARPS, MINB>(st, y, xq, xd, W, nullptr, gm, 1, n_sm, split, 0);
+    if (W.bits == 4 && W.m)
+        return launch_qdps_cfg<B, __half, 4, true, 1, RPW, U, false, WARPS, MINB>(st, y, xq, xd, W, nullptr, gm, 1, n_sm, split, 0);
+    if (W.bits == 8 && !W.m)
+        return launch_qdps_cfg<B, __half, 8, false, 1, RPW, U, false, WARPS, MINB>(st, y, xq, xd, W, nullptr, gm, 1, n_sm, split, 0);
+    return fl_err(FL_E_UNSUPPORTED, "bench: format not instantiated");
+}
 
 int main(int argc, char **argv) {
     const int batches = argc > 1 ? atoi(argv[1]) : 9;
@@ -69,7 +388,9 @@ int main(int argc, char **argv) {
         {"qkv", 4608, 3584, 4, 128, true},     {"o", 3584, 3584, 4, 128, true},     {"gate_up", 37888, 3584, 4, 128, true},
         {"down", 3584, 18944, 4, 128, true},   {"qkv", 4608, 3584, 8, 3584, false}, {"o", 3584, 3584, 8, 3584, false},
         {"gate_up", 37888, 3584, 8, 3584, false}, {"down", 3584, 18944, 8, 18944, false},
-        {"lm_head", 152064, 3584, 8, 3584, false}};
+        {"lm_head", 152064, 3584, 8, 3584, false},
+        {"qkv", 4608, 3584, 4, 64, false, FL_QCODE_NF4},   {"o", 3584, 3584, 4, 64, false, FL_QCODE_NF4},
+        {"gate_up", 37888, 3584, 4, 64, false, FL_QCODE_NF4}, {"down", 3584, 18944, 4, 64, false, FL_QCODE_NF4}};
     bool first = true;
     int failures = 0;
     for (const Shape &s : shapes) {
@@ -87,7 +408,7 @@ int main(int argc, char **argv) {
                 CK(cudaMalloc(&z, sbytes));
                 fill_half<<<1024, 256, 0, st>>>((__half *)z, sbytes / 2, 9u + k, -0.08f, 0.f);
             }
-            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, s.gs, s.bits, FL_F16, FL_QCODE_INT};
+            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, s.gs, s.bits, FL_F16, s.code};
         }
         __nv_bfloat16 *x, *y, *y2;
         CK(cudaMalloc(&x, 8 * s.C * 2));
@@ -104,19 +425,45 @@ int main(int argc, char **argv) {
         const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;
         auto dp = [&](int cfg) {
             return [&, cfg](const fl_qw &W) -> fl_status {
-                return W.m ? (W.bits == 4 ? launch_qdp_n<__nv_bfloat16, __half, 4, true, 1>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg)
-                                          : launch_qdp_n<__nv_bfloat16, __half, 8, true, 1>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg))
-                           : (W.bits == 4 ? launch_qdp_n<__nv_bfloat16, __half, 4, false, 1>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg)
-                                          : launch_qdp_n<__nv_bfloat16, __half, 8, false, 1>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg));
+                return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg);
             };
         };
         std::vector<V> vs = {{"auto", dp(-1)}, {"r4u2", dp(0)}, {"r4u1", dp(1)}, {"r8u1", dp(2)}, {"r2u4", dp(3)}, {"r8u1w4", dp(4)}};
+        const size_t n_dp = vs.size();
+        // streaming variants, each split (0 = its auto rule); printed one per line after the table row
+        static char names[64][32];
+        int nn = 0;
+        auto add_s = [&](const char *cfg, std::function<fl_status(const fl_qw &, int)> f) {
+            for (int sp : {0, 1, 2, 4, 8}) {
+                snprintf(names[nn], sizeof names[nn], "s%s/%d", cfg, sp);
+                vs.push_back({names[nn++], [f, sp](const fl_qw &W) { return f(W, sp); }});
+            }
+        };
+        const int n_sm = c->n_sm;
+        int16_t *xqp = qdp_xq(c);
+        float2 *xdp = qdp_xd(c, s.C);
+        add_s("r4u1w4", [&](const fl_qw &W, int sp) { return dps<4, 1, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
+        add_s("r2u2w4", [&](const fl_qw &W, int sp) { return dps<2, 2, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
+        // the one-trip kernel's phases (exp_dp_kernel), results of MODE 1 / 2 are not a GEMV (not validated)
+        static const char *enames[] = {"e-r4u2", "e-r4u2-loads", "e-r4u2-compute", "e-r4u2-xs", "e-r2u4-xs", "e-r2u2",
+                                       "e-r2u2-xs", "e-r4u1-xs", "e-r8u1-xs", "e-r4u4-xs"};
+        vs.push_back({enames[0], [&](const fl_qw &W) { return exp_dp_fmt<4, 2, 0, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[1], [&](const fl_qw &W) { return exp_dp_fmt<4, 2, 1, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[2], [&](const fl_qw &W) { return exp_dp_fmt<4, 2, 2, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[3], [&](const fl_qw &W) { return exp_dp_fmt<4, 2, 3, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[4], [&](const fl_qw &W) { return exp_dp_fmt<2, 4, 3, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[5], [&](const fl_qw &W) { return exp_dp_fmt<2, 2, 0, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[6], [&](const fl_qw &W) { return exp_dp_fmt<2, 2, 3, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[7], [&](const fl_qw &W) { return exp_dp_fmt<4, 1, 3, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[8], [&](const fl_qw &W) { return exp_dp_fmt<8, 1, 3, 1>(st, y2, xqp, xdp, W, gm); }});
+        vs.push_back({enames[9], [&](const fl_qw &W) { return exp_dp_fmt<4, 4, 3, 1>(st, y2, xqp, xdp, W, gm); }});
         std::vector<double> errs;
         std::vector<bool> ok(vs.size(), true);
         for (size_t vi = 0; vi < vs.size(); vi++) {
             auto &v = vs[vi];
             CK(cudaMemsetAsync(y2, 0xff, s.R * 2, st));
             if (v.f(W0) != FL_OK) { fl_err_clear(); ok[vi] = false; continue; }
+            if (strstr(v.name, "-loads") || strstr(v.name, "-compute")) continue;
             std::vector<uint16_t> hy(s.R), hy2(s.R);
             CK(cudaMemcpyAsync(hy.data(), y, s.R * 2, cudaMemcpyDeviceToHost, st));
             CK(cudaMemcpyAsync(hy2.data(), y2, s.R * 2, cudaMemcpyDeviceToHost, st));
@@ -129,7 +476,12 @@ int main(int argc, char **argv) {
                 if (!std::isfinite(q)) num = INFINITY;
             }
             errs.push_back(sqrt(num / (den > 0 ? den : 1)));
-            if (!(errs.back() < 1e-2)) { failures++; printf("  %s FAILS: rel err %.3e\n", v.name, errs.back()); }
+            if (!(errs.back() < 1e-2)) {
+                failures++;
+                printf("  %s FAILS: rel err %.3e (backend dp layout %d at %d; y %g %g %g, y2 %g %g %g)\n", v.name, errs.back(),
+                       (int)qdp_layout(c, FL_BF16, W0, x), (int)qdp_at(c, W0, 1), fl_bf16_to_f32(hy[0]), fl_bf16_to_f32(hy[1]),
+                       fl_bf16_to_f32(hy[2]), fl_bf16_to_f32(hy2[0]), fl_bf16_to_f32(hy2[1]), fl_bf16_to_f32(hy2[2]));
+            }
         }
         std::vector<float> ms;
         ms.push_back(time_graph(st, e0, e1, batches, [&](int i) {
@@ -147,8 +499,10 @@ int main(int argc, char **argv) {
         }
         printf("%-8s %4d %7.1f | %5.1f%% | %5.1f%%", s.name, s.bits, wbytes / 1e6, 100 * (qbytes / (ms[0] * 1e-3) / 1e9) / copy_gbs,
                100 * (wbytes / (ms[1] * 1e-3) / 1e9) / copy_gbs);
-        for (size_t k = 2; k < ms.size(); k++) printf(" | %9.1f%%", ms[k] > 0 ? 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / copy_gbs : 0.0);
-        printf("\n");
+        for (size_t k = 2; k < 2 + n_dp; k++) printf(" | %9.1f%%", ms[k] > 0 ? 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / copy_gbs : 0.0);
+        printf("   %s\n", s.code == FL_QCODE_NF4 ? "(NF4)" : "");
+        for (size_t k = 2 + n_dp; k < ms.size(); k++)
+            if (ms[k] > 0) printf("    %-12s %5.1f%%  %7.2f us\n", vs[k - 2].name, 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / copy_gbs, ms[k] * 1e3);
         fflush(stdout);
         for (auto &W : Ws) { cudaFree(W.data_d); cudaFree(W.scales_d); if (W.zeros_d) cudaFree(W.zeros_d); }
         CK(cudaFree(x)); CK(cudaFree(y)); CK(cudaFree(y2));
