@@ -165,7 +165,27 @@ typedef struct fl_model {
     /* fl_forward_core without all_logits: the token of row b whose logits are wanted is last_rows[b] (host, [B]) when
      * set, else T - 1 (the engine's prefill of right-padded prompt chunks sets it for one call) */
     const int32_t *last_rows;
+    /* FASTLOAD_TIMING_SKIP (measurements only, read at creation): FL_SKIP_* bits of the ops a one-token step skips */
+    unsigned timing_skip;
 } fl_model;
+
+/* FASTLOAD_TIMING_SKIP=op[,op...]: decode steps (one new token per row) leave these ops out, their outputs stale, to
+ * price each kind of kernel inside the real step (under programmatic dependent launch a kernel's own duration
+ * overstates what removing it saves). The tokens are then wrong: a timing tool, never for answers. With quantised
+ * weights a skipped norm / attention / SwiGLU no longer writes the next GEMV's int16 x, so that GEMV prepares its own
+ * (one small kernel in place of the skipped one: the saving shown is the skipped op's cost less a prep kernel's). */
+enum {
+    FL_SKIP_NORM = 1u << 0,     /* both (add_)rmsnorm of a layer */
+    FL_SKIP_QKV = 1u << 1,      /* the q|k|v matmul */
+    FL_SKIP_ROPE = 1u << 2,     /* rope + KV store */
+    FL_SKIP_ATTENTION = 1u << 3, /* attention (split + combine) */
+    FL_SKIP_O = 1u << 4,        /* o_proj */
+    FL_SKIP_GATE_UP = 1u << 5,  /* gate|up (with its SwiGLU where fused) */
+    FL_SKIP_SWIGLU = 1u << 6,   /* a separate SwiGLU */
+    FL_SKIP_DOWN = 1u << 7,     /* down_proj */
+    FL_SKIP_LM_HEAD = 1u << 8,  /* the final norm and the LM head */
+};
+fl_status fl_timing_skip_parse(const char *s, unsigned *mask);
 
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out);
 void fl_model_free(fl_model *m);

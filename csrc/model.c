@@ -181,9 +181,31 @@ static int list_weights(fl_model *m, wdesc *out) {
     return n;
 }
 
+fl_status fl_timing_skip_parse(const char *s, unsigned *mask) {
+    static const char *names[] = {"norm", "qkv", "rope", "attention", "o", "gate_up", "swiglu", "down", "lm_head"};
+    *mask = 0;
+    if (!s) return FL_OK;
+    const char *p = s;
+    while (*p) {
+        const char *e = strchr(p, ',');
+        const size_t n = e ? (size_t)(e - p) : strlen(p);
+        int k = -1;
+        for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++)
+            if (strlen(names[i]) == n && !strncmp(p, names[i], n)) k = i;
+        if (k < 0 && n)
+            return fl_err(FL_E_VALUE, "FASTLOAD_TIMING_SKIP='%s': '%.*s' is not one of norm, qkv, rope, attention, o, "
+                          "gate_up, swiglu, down, lm_head", s, (int)(n > 40 ? 40 : n), p);
+        if (k >= 0) *mask |= 1u << k;
+        p += n + (e ? 1 : 0);
+    }
+    return FL_OK;
+}
+
 fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be, fl_model **out) {
     *out = NULL;
     FL_TRY(check_config(cfg));
+    unsigned skip = 0;
+    FL_TRY(fl_timing_skip_parse(getenv("FASTLOAD_TIMING_SKIP"), &skip));
     if (wdtype != FL_F32 && wdtype != FL_F16 && wdtype != FL_BF16)
         return fl_err(FL_E_VALUE, "weight dtype must be float32, float16 or bfloat16");
     fl_model *m = calloc(1, sizeof *m);
@@ -191,6 +213,7 @@ fl_status fl_model_create(const fl_config *cfg, fl_dtype wdtype, fl_backend *be,
     m->cfg = *cfg;
     m->wdtype = wdtype;
     m->be = be;
+    m->timing_skip = skip;
     /* n_layers <= FL_MAX_LAYERS (check_config): these table sizes are small */
     m->w.layers = calloc((size_t)cfg->n_layers, sizeof(fl_layer));
     m->loaded = calloc((size_t)FL_SLOT_COUNT * (size_t)cfg->n_layers, 1);
@@ -1451,18 +1474,24 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
     const float scale = 1.0f / sqrtf((float)c->head_dim) * c->rope_attn_factor * c->rope_attn_factor;
     const fl_rope_style rope = {.dims = c->rope_dims, .interleaved = c->rope_interleaved, .round_cs = c->rope_round};
 #define STEP(call) FL_TRY(call)
+#define SKIP(bit) (skip & (bit))
+    const unsigned skip = T == 1 ? m->timing_skip : 0u;  /* FASTLOAD_TIMING_SKIP: decode steps only */
     STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
     for (int l = 0; l < c->n_layers; l++) {
         const fl_layer *W = &m->w.layers[l];
         if (fl_cancel_requested()) return fl_err(FL_E_INTERRUPTED, "interrupted"); /* Ctrl-C in a long forward */
-        if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps, &W->wqkv));
+        if (SKIP(FL_SKIP_NORM)) {
+        } else if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps, &W->wqkv));
         else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps, &W->wqkv));
-        STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
+        if (!SKIP(FL_SKIP_QKV))
+            STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
         /* Qwen3: q and k heads RMS-normed (q_norm / k_norm) in the same op, before the rotation */
-        STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
-                            c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
-        STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale, &W->wo)); /* [N, nh*hd] */
-        STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL));      /* [N, d] */
+        if (!SKIP(FL_SKIP_ROPE))
+            STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
+                                c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
+        if (!SKIP(FL_SKIP_ATTENTION))
+            STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale, &W->wo)); /* [N, nh*hd] */
+        if (!SKIP(FL_SKIP_O)) STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL)); /* [N, d] */
         if (c->n_experts) { /* Mixture of Experts: route each token to top_k experts, only theirs are read */
             STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->moe_router));
             STEP(be->matmul(be, m->ws_router, m->ws_xn, N, &W->moe_router, NULL)); /* [N, E] */
@@ -1472,17 +1501,19 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
             STEP(be->moe_ffn(be, m->ws_delta, m->ws_xn, N, m->ws_moe_ids, m->ws_moe_wts, c->top_k, c->n_experts,
                              &W->moe_w13, &W->moe_w2, &m->moe_ws, T > 1));       /* [N, d] */
         } else {
-            STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));
-            if (be->matmul_swiglu) {
+            if (!SKIP(FL_SKIP_NORM))
+                STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->w_gate_up));
+            if (be->matmul_swiglu && !SKIP(FL_SKIP_GATE_UP | FL_SKIP_SWIGLU)) {
                 STEP(be->matmul_swiglu(be, m->ws_ff, m->ws_gu, m->ws_xn, N, &W->w_gate_up, c->ffn, &W->w_down));
-            } else {
-                STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL));  /* [N, 2*ffn] */
-                STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));    /* [N, ffn] */
+            } else {  /* (skipping swiglu where the GEMV fuses it: the plain gate|up GEMV, no SwiGLU) */
+                if (!SKIP(FL_SKIP_GATE_UP)) STEP(be->matmul(be, m->ws_gu, m->ws_xn, N, &W->w_gate_up, NULL)); /* [N, 2*ffn] */
+                if (!SKIP(FL_SKIP_SWIGLU)) STEP(be->swiglu(be, m->ws_ff, m->ws_gu, N, c->ffn, &W->w_down));  /* [N, ffn] */
             }
-            STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL));   /* [N, d] */
+            if (!SKIP(FL_SKIP_DOWN)) STEP(be->matmul(be, m->ws_delta, m->ws_ff, N, &W->w_down, NULL)); /* [N, d] */
         }
     }
     const int whole = all_logits || T == 1;  /* logits of every row: the LM head reads ws_xn right after the norm */
+    if (SKIP(FL_SKIP_LM_HEAD)) return FL_OK;
     STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &m->w.final_norm, N, c->rms_eps, whole ? &m->w.lm_head : NULL));
     if (whole) {
         STEP(be->matmul(be, m->ws_logits, m->ws_xn, N, &m->w.lm_head, NULL)); /* [N, vocab] */
@@ -1496,6 +1527,7 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
         FL_TRY(st);
         STEP(be->matmul(be, m->ws_logits, m->ws_last, B, &m->w.lm_head, NULL)); /* [B, vocab] */
     }
+#undef SKIP
 #undef STEP
     return FL_OK;
 }
