@@ -54,7 +54,7 @@ def test_embed(act, vocab, d, n):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("d", [576, 1000, 4097, 8192])
+@pytest.mark.parametrize("d", [576, 1000, 4097, 8192, 16400])  # 16400: past the register-held rows (loop form)
 @pytest.mark.parametrize("n", [1, 3, 33])
 def test_rmsnorm(act, d, n):
     rng, seed = rng_and_seed()
@@ -65,7 +65,7 @@ def test_rmsnorm(act, d, n):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("d", [576, 1000, 4097])
+@pytest.mark.parametrize("d", [576, 1000, 4097, 16400])
 @pytest.mark.parametrize("n", [1, 2, 9, 33])
 def test_add_rmsnorm(act, d, n):
     rng, seed = rng_and_seed()

@@ -46,13 +46,78 @@ fl_status fl_cuda_embed(cudaStream_t st, fl_dtype act, void *x, const int32_t *t
 // taken of that rounded value, which is what the model keeps.
 // ---------------------------------------------------------------------------------------------
 // QB (4 or 8, VEC with 8 elements per vector only): also write out as the dp2a GEMV's int16 x (qx.cuh).
-template <typename T, bool VEC, bool ADD, int QB>
-__global__ void rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x, const T *__restrict__ delta,
-                               const T *__restrict__ w, int64_t d, float eps, fl_qx_dst qd) {
+// CACHED (VEC, d / E <= RMS_RV * blockDim.x): each thread holds its vectors in registers from the first pass to the
+// second, all of a thread's loads are issued at once (the norm weights before fl_pdl_wait: they are weights), so a
+// row costs one memory round trip. (The looping form below stores resid between loads of the same array, which
+// keeps a later vector's loads behind an earlier one's stores, and it re-reads the row for pass 2.)
+#define RMS_RV 4
+#define RMS_CACHED_THREADS 512
+template <typename T, bool VEC, bool ADD, int QB, bool CACHED>
+__global__ void __launch_bounds__(RMS_CACHED_THREADS) rmsnorm_kernel(T *__restrict__ out, T *resid, const T *x,
+                                                                     const T *__restrict__ delta, const T *__restrict__ w,
+                                                                     int64_t d, float eps, fl_qx_dst qd) {
     __shared__ float red[32];
     fl_pdl_launch_dependents();
-    fl_pdl_wait();
     constexpr int E = fl_vec<T>::EPV;
+    if constexpr (CACHED) {
+        const int64_t row = blockIdx.x, nv = d / E;
+        uint4 wv[RMS_RV], xv[RMS_RV], dv[RMS_RV];
+#pragma unroll
+        for (int k = 0; k < RMS_RV; k++) {
+            const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
+            if (v < nv) wv[k] = __ldg((const uint4 *)w + v);
+        }
+        fl_pdl_wait();
+        const T *xr = ADD ? resid + row * d : x + row * d;
+#pragma unroll
+        for (int k = 0; k < RMS_RV; k++) {
+            const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
+            if (v < nv) {
+                xv[k] = ((const uint4 *)xr)[v];
+                if (ADD) dv[k] = ((const uint4 *)(delta + row * d))[v];
+            }
+        }
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < RMS_RV; k++) {
+            const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
+            if (v < nv) {
+                float a[E];
+                fl_vec_to_f32<T>(xv[k], a);
+                if (ADD) {
+                    float b[E];
+                    fl_vec_to_f32<T>(dv[k], b);
+#pragma unroll
+                    for (int e = 0; e < E; e++) a[e] += b[e];
+                    xv[k] = fl_f32_to_vec<T>(a);  // the rounded sum is what the model keeps, and what is normed
+                    ((uint4 *)(resid + row * d))[v] = xv[k];
+                    fl_vec_to_f32<T>(xv[k], a);
+                }
+#pragma unroll
+                for (int e = 0; e < E; e++) ss += a[e] * a[e];
+            }
+        }
+        const float r = rsqrtf(fl_block_sum(ss, red) / (float)d + eps);
+#pragma unroll
+        for (int k = 0; k < RMS_RV; k++) {  // the same trip count on every lane: fl_qx_store8 shuffles across lanes
+            const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
+            const bool on = v < nv;
+            float a[E] = {};
+            if (on) {
+                float g[E];
+                fl_vec_to_f32<T>(xv[k], a);
+                fl_vec_to_f32<T>(wv[k], g);
+#pragma unroll
+                for (int e = 0; e < E; e++) a[e] = g[e] * (a[e] * r);
+                const uint4 o = fl_f32_to_vec<T>(a);
+                ((uint4 *)(out + row * d))[v] = o;
+                if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);
+            }
+            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, on);
+        }
+        return;
+    }
+    fl_pdl_wait();
     const int64_t row = blockIdx.x;
     // The input row: resid (read and written by this kernel, so no read-only path) or x.
     const T *xr = ADD ? resid + row * d : x + row * d;
@@ -121,11 +186,13 @@ static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const v
                      (ADD ? fl_is_aligned16(resid) && fl_is_aligned16(delta) : fl_is_aligned16(x));
     const int qb = vec && fl_vec<T>::EPV == 8 && d % 32 == 0 ? qd.bits : 0;
     if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "rmsnorm: the dp2a GEMV's x cannot be written for d = %lld", (long long)d);
-#define FL_RMS(VEC_, QB_) FL_LAUNCH((rmsnorm_kernel<T, VEC_, ADD, QB_>), dim3(n), dim3(ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps, qd)
-    if (qb == 4) FL_RMS(true, 4);
-    else if (qb == 8) FL_RMS(true, 8);
-    else if (vec) FL_RMS(true, 0);
-    else FL_RMS(false, 0);
+    const bool cached = vec && d / fl_vec<T>::EPV <= (int64_t)RMS_RV * RMS_CACHED_THREADS;
+#define FL_RMS(VEC_, QB_, C_) FL_LAUNCH((rmsnorm_kernel<T, VEC_, ADD, QB_, C_>), dim3(n), dim3(C_ ? RMS_CACHED_THREADS : ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps, qd)
+    if (qb == 4) { if (cached) FL_RMS(true, 4, true); else FL_RMS(true, 4, false); }
+    else if (qb == 8) { if (cached) FL_RMS(true, 8, true); else FL_RMS(true, 8, false); }
+    else if (cached) FL_RMS(true, 0, true);
+    else if (vec) FL_RMS(true, 0, false);
+    else FL_RMS(false, 0, false);
 #undef FL_RMS
     return FL_OK;
 }
