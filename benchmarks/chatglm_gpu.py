@@ -207,7 +207,12 @@ def main():
     doc["validate"] = {"finite_logits": bool(np.isfinite(logits).all()), "greedy_deterministic": np.array_equal(g1, g2),
                        "max_abs_logit": float(np.abs(logits).max()), "greedy": g1[0, a.prompt:].tolist()}
     emit(validate=doc["validate"])
-    if not ok:
+    # FASTLOAD_TIMING_SKIP (csrc/fl_model.h) leaves ops out of decode steps: the tokens are wrong and may depend on stale
+    # buffers, so the greedy check cannot hold; the run is a timing of the step without those ops, never a result
+    skip = os.environ.get("FASTLOAD_TIMING_SKIP", "")
+    if skip:
+        doc["timing_skip"] = skip
+    if not ok and not skip:
         print("FAIL: validation (non-finite logits or a greedy generation that is not deterministic)", flush=True)
         return 2
 
@@ -223,7 +228,7 @@ def main():
     r.update(engine="fastload", copy_GB_per_s=bw / 1e9, GB_per_token=bpt / 1e9, weight_GB_per_token=wb / 1e9,
              kv_GB_per_token=kvb / 1e9, roofline_tok_s=bw / bpt)
     r["share_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
-    r["pass"] = r["share_of_roofline"] >= a.target
+    r["pass"] = r["share_of_roofline"] >= a.target and not skip
     doc["decode"] = r
     emit(decode=r)
     fl_tokens, fl_last = g1[0, a.prompt:].tolist(), logits[0, -1]
@@ -239,6 +244,8 @@ def main():
     line = (f"decode b1 {r['decode_tok_s']:.1f} tok/s = {100 * r['share_of_roofline']:.1f}% of the roofline "
             f"{r['roofline_tok_s']:.1f} tok/s ({r['copy_GB_per_s']:.0f} GB/s copy over {r['GB_per_token']:.3f} GB a "
             f"token) target >= {100 * a.target:.0f}%: {'PASS' if r['pass'] else 'FAIL'}")
+    if skip:
+        line += f" (FASTLOAD_TIMING_SKIP={skip}: ops left out, tokens wrong, a timing only)"
     if "decode_tok_s" in peer:
         line += f"; THUDM's code {peer['decode_tok_s']:.1f} tok/s ({doc['speedup_vs_thudm']:.1f}x)"
     else:
