@@ -242,6 +242,7 @@ ROPE_CASES = [  # B, T, start, nh, nkv, hd, max_len
     (2, 5, 3, 4, 4, 128, 16),
     (3, 33, 7, 6, 2, 96, 41),
     (1, 1, 1023, 32, 8, 128, 1024),
+    (1, 2, 5, 64, 64, 128, 8),  # more pairs (8192) and k / v values (8192) than one pass of the block's threads
 ]
 
 
@@ -271,6 +272,7 @@ ROPE_STYLE_CASES = [  # B, T, start, nh, nkv, hd, max_len, rope_dims: ChatGLM's 
     (1, 1, 0, 32, 2, 128, 8, 64),
     (2, 7, 3, 4, 2, 16, 12, 8),
     (1, 1, 511, 8, 8, 64, 512, 64),
+    (1, 1, 3, 64, 64, 128, 8, 64),  # pass-through dims and v: 12288 values, more than one pass of the block's threads
 ]
 
 
