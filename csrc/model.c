@@ -1480,9 +1480,10 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
     for (int l = 0; l < c->n_layers; l++) {
         const fl_layer *W = &m->w.layers[l];
         if (fl_cancel_requested()) return fl_err(FL_E_INTERRUPTED, "interrupted"); /* Ctrl-C in a long forward */
-        if (SKIP(FL_SKIP_NORM)) {
-        } else if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps, &W->wqkv));
-        else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps, &W->wqkv));
+        if (!SKIP(FL_SKIP_NORM)) {
+            if (l == 0) STEP(be->rmsnorm(be, m->ws_xn, m->ws_x, &W->attn_norm, N, c->rms_eps, &W->wqkv));
+            else STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->attn_norm, N, c->rms_eps, &W->wqkv));
+        }
         if (!SKIP(FL_SKIP_QKV))
             STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
         /* Qwen3: q and k heads RMS-normed (q_norm / k_norm) in the same op, before the rotation */
