@@ -3,14 +3,17 @@ configurations disagreed with the backend on NF4 at these shapes; the tests use 
 FASTLOAD_QGEMV setting: python3 dev/cuda/nf4_check.py [auto|dp|fma]"""
 import os, sys
 import numpy as np
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from fastload import _C
+from cuda_util import to_act
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                 0.7229568362236023, 1.0])
 rng = np.random.default_rng(0)
+ACT = os.environ.get("ACT", "bfloat16")
 for R, C in ((129, 3584), (1000, 3584), (4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)):
     gs = 64
     q = rng.integers(0, 256, (R, C // 2), dtype=np.uint8)
@@ -20,12 +23,9 @@ for R, C in ((129, 3584), (1000, 3584), (4608, 3584), (3584, 3584), (37888, 3584
     codes[:, 0::2] = q & 15
     codes[:, 1::2] = q >> 4
     w = NF4[codes] * np.repeat(s.astype(np.float64), gs, axis=1)
-    u = x.view(np.uint32)
-    xb = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)  # x as bfloat16
-    ref = xb.astype(np.float64) @ w.T
+    ref = to_act(x, ACT).astype(np.float64) @ w.T  # x as the op sees it in the activation dtype
     got = _C.run_op(os.environ.get("DEV", "cuda"), "qmatmul", {"q": q, "scales": s.astype(np.float32), "x": x},
-                    {"bits": 4, "group_size": gs, "sdtype": "float16", "code": 1,
-                     "act": os.environ.get("ACT", "bfloat16")})["y"].astype(np.float64)
+                    {"bits": 4, "group_size": gs, "sdtype": "float16", "code": 1, "act": ACT})["y"].astype(np.float64)
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     print(f"{os.environ.get('FASTLOAD_QGEMV', 'auto'):5s} R={R:6d} C={C:6d}  rel L2 err {rel:.2e}  {'OK' if rel < 1e-2 else 'WRONG'}",
           flush=True)
