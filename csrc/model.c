@@ -182,7 +182,10 @@ static int list_weights(fl_model *m, wdesc *out) {
 }
 
 fl_status fl_timing_skip_parse(const char *s, unsigned *mask) {
+    /* names[i] is bit i: the order of FL_SKIP_* (fl_model.h) */
     static const char *names[] = {"norm", "qkv", "rope", "attention", "o", "gate_up", "swiglu", "down", "lm_head"};
+    enum { N_NAMES = (int)(sizeof names / sizeof names[0]) };
+    _Static_assert(1u << (N_NAMES - 1) == FL_SKIP_LM_HEAD, "names[] follows FL_SKIP_*");
     *mask = 0;
     if (!s) return FL_OK;
     const char *p = s;
@@ -190,11 +193,17 @@ fl_status fl_timing_skip_parse(const char *s, unsigned *mask) {
         const char *e = strchr(p, ',');
         const size_t n = e ? (size_t)(e - p) : strlen(p);
         int k = -1;
-        for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++)
+        for (int i = 0; i < N_NAMES; i++)
             if (strlen(names[i]) == n && !strncmp(p, names[i], n)) k = i;
-        if (k < 0 && n)
-            return fl_err(FL_E_VALUE, "FASTLOAD_TIMING_SKIP='%s': '%.*s' is not one of norm, qkv, rope, attention, o, "
-                          "gate_up, swiglu, down, lm_head", s, (int)(n > 40 ? 40 : n), p);
+        if (k < 0 && n) {
+            char known[128] = "";
+            for (int i = 0; i < N_NAMES; i++) {
+                strcat(known, i ? ", " : "");
+                strcat(known, names[i]);
+            }
+            return fl_err(FL_E_VALUE, "FASTLOAD_TIMING_SKIP='%s': '%.*s' is not one of %s", s, (int)(n > 40 ? 40 : n), p,
+                          known);
+        }
         if (k >= 0) *mask |= 1u << k;
         p += n + (e ? 1 : 0);
     }
