@@ -1,10 +1,14 @@
 // dev/cuda/qgemv_bench.cu: the quantised decode GEMV (csrc/cuda/qmatmul.cu) on Qwen2.5-7B's shapes against the
 // device's copy bandwidth and a plain read of the same bytes: the backend as the model calls it (x prep + GEMV) and
 // the dp2a GEMV alone under each FASTLOAD_QDP_CFG configuration (launch_qdp_n), validated against the backend.
-// Then, one line each, two experiments of 2026-12-02 (benchmarks/results/qgemv-phases-2026-12-02-h200/): a persistent
-// software-pipelined form (qgemv_dps_kernel, "s<cfg>/<split>") and the one-trip kernel's phases (exp_dp_kernel, "e-...":
-// -loads = codes and scales only, -compute = no code loads, -xs = x staged in shared memory; -loads / -compute are not
-// a GEMV and are not validated). NF4 shapes come last.
+// Then, one line each, the experiments of 2026-12-02 (twelfth session, benchmarks/results/qgemv-tma-2026-12-02-h200/):
+// the GEMV streamed through shared memory by the copy engine, block-wide (qgemv_tma_kernel, "t-auto" = its own plan,
+// "t-w<warps>r<rows a warp>s<warps a row>" forced) and per warp (qgemv_tmaw_kernel, "w-r<rows a tile>w<warps>", and
+// its -loads / -compute phases); a plan that does not fit the shape is left out. With BENCH_EXP=1 also those of the
+// eleventh session (benchmarks/results/qgemv-phases-2026-12-02-h200/): a persistent software-pipelined form
+// (qgemv_dps_kernel, "s<cfg>/<split>") and the one-trip kernel's phases (exp_dp_kernel, "e-...": -loads = codes and
+// scales only, -compute = no code loads, -xs = x staged in shared memory). -loads / -compute are not a GEMV and are not
+// validated. NF4 shapes come last.
 //
 //   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist):  dev/cuda/qgemv_bench.sh
 //   run:   /tmp/qgemv_bench [timed replays, default 9]
@@ -49,6 +53,426 @@ __global__ void __launch_bounds__(256) read_kernel(const uint4 *__restrict__ p, 
         a ^= v.x ^ v.y ^ v.z ^ v.w;
     }
     if (a == 0x12345678u) out[0] = a;
+}
+
+// An experiment (2026-12-02, twelfth session; measured no faster than qgemv_dp_kernel, slower on every shape but
+// gate_up: see benchmarks/results/qgemv-tma-2026-12-02-h200/): the decode GEMV streamed through shared memory by the
+// copy engine (sm_90: cp.async.bulk + mbarrier), n = 1
+// Why (benchmarks/results/qgemv-phases-2026-12-02-h200/): qgemv_dp_kernel's loads alone reach the copy rate on
+// int4 gate_up (102%) and its compute alone takes about as long (15 us against 16.8), but a warp loads, then
+// waits, then computes, so the two overlap only across warps, and its register-held bytes in flight bound the
+// warps per SM; a register double buffer (qgemv_dps_kernel in the bench) cost more warps than it gained. Here
+// the bytes in flight live in shared memory, not registers: a persistent grid (one block per SM), one producer
+// thread per block that keeps NS stages of TR whole rows (codes, scales, offsets: one bulk copy each, rows are
+// contiguous) requested from the moment the block starts (before fl_pdl_wait: weights), and CW consumer warps
+// that compute stage k while stages k+1 .. k+NS-1 stream in. x (int16) and its per-vector (scale, sum) are
+// copied into shared memory once per block after fl_pdl_wait. The per-lane arithmetic is qgemv_dp_kernel's
+// (qdot_vec, integer codes): a warp owns RPW rows of a stage (x read once for them), `split` warps share a row
+// group (each every split-th 32 vectors; partial sums through shared memory, double-buffered by stage parity).
+// x lies in shared memory transposed, [XV][nv] uint4 (the h-th 16 bytes of every vector together), so a warp's 32
+// lanes read 512 contiguous bytes per load (in the vector order of global memory, lanes 64 bytes apart, each
+// 16-byte load was a 4-way bank conflict).
+// A consumer warp releases a stage (one arrival on its "empty" barrier) as soon as its dot products are done.
+// Conditions (qtma_plan): R % TR == 0, each stage's scale / offset bytes a multiple of 16, the codes, scales and
+// offsets 16-byte aligned, everything fitting in shared memory; otherwise qgemv_dp_kernel.
+
+__device__ __forceinline__ uint32_t fl_smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void fl_mbar_init(uint64_t *b, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(fl_smem_addr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fl_mbar_expect_tx(uint64_t *b, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fl_smem_addr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void fl_mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(fl_smem_addr(b)) : "memory");
+}
+__device__ __forceinline__ void fl_mbar_wait(uint64_t *b, uint32_t parity) {
+    asm volatile(
+        "{\n .reg .pred p;\n"
+        "W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        " @!p bra W;\n}" ::"r"(fl_smem_addr(b)), "r"(parity) : "memory");
+}
+// bytes [src, src + bytes) of global memory into shared memory at dst, completion counted on barrier b
+__device__ __forceinline__ void fl_bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *b) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     fl_smem_addr(dst)), "l"(src), "r"(bytes), "r"(fl_smem_addr(b))
+                 : "memory");
+}
+
+// qdot_vec (qmatmul.cu) in independent partial sums (four chains of four dp2a instead of one of sixteen) and with the
+// 4-bit high nibbles used in place (bytes 16 q, the sum divided by 16 at the end: exact), for qgemv_tmaw_kernel
+// (call 6 of benchmarks/results/qgemv-tma-2026-12-02-h200/; calls 4-5 used qdot_vec).
+template <int BITS>
+__device__ __forceinline__ int qdot_vec_ilp(const uint4 &c, const uint4 *xv) {
+    if constexpr (BITS == 4) {
+        const uint32_t cw[4] = {c.x, c.y, c.z, c.w};
+        int dl[2] = {0, 0}, dh[2] = {0, 0};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint32_t lo = cw[k] & 0x0F0F0F0Fu, hi = cw[k] & 0xF0F0F0F0u;
+            dl[k & 1] = dp2lo(xv[k].x, lo, dl[k & 1]);
+            dl[k & 1] = dp2hi(xv[k].y, lo, dl[k & 1]);
+            dh[k & 1] = dp2lo(xv[k].z, hi, dh[k & 1]);
+            dh[k & 1] = dp2hi(xv[k].w, hi, dh[k & 1]);
+        }
+        return (dl[0] + dl[1]) + ((dh[0] + dh[1]) >> 4);
+    } else {
+        int a = dp2lo(xv[0].x, c.x, 0), b = dp2lo(xv[0].z, c.y, 0), e = dp2lo(xv[1].x, c.z, 0), f = dp2lo(xv[1].z, c.w, 0);
+        a = dp2hi(xv[0].y, c.x, a);
+        b = dp2hi(xv[0].w, c.y, b);
+        e = dp2hi(xv[1].y, c.z, e);
+        f = dp2hi(xv[1].w, c.w, f);
+        return (a + b) + (e + f);
+    }
+}
+
+// One lane's dot products over a stage of RPW rows (codes cs[r * nv + v], scales / offsets ss / ms[r * ng + g]) against
+// x in shared memory (xs transposed, [XV][nv] uint4; xds the per-vector (scale, sum)), vectors v0, v0 + step, ...
+template <typename S, int BITS, bool ZEROS, int RPW, bool ILP>
+__device__ __forceinline__ void qtma_rows_dot(float (&acc)[RPW], const uint4 *cs, const S *ss, const S *ms, const uint4 *xs,
+                                              const float2 *xds, int64_t nv, int ng, uint32_t gmagic, int64_t v0,
+                                              int64_t step) {
+    constexpr int XV = (BITS == 4 ? 32 : 16) / 8;
+    constexpr float HALF = (float)(1 << (BITS - 1));
+#pragma unroll
+    for (int r = 0; r < RPW; r++) acc[r] = 0.f;
+#pragma unroll 2
+    for (int64_t v = v0; v < nv; v += step) {
+        uint4 xv[XV];
+#pragma unroll
+        for (int h = 0; h < XV; h++) xv[h] = xs[h * nv + v];
+        const float2 d = xds[v];
+        const uint32_t g = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+            const uint4 c = cs[(int64_t)r * nv + v];
+            const float sc = fl_to_f32(ss[(int64_t)r * ng + g]);
+            const float m = ZEROS ? fl_to_f32(ms[(int64_t)r * ng + g]) : -sc * HALF;
+            const int dot = ILP ? qdot_vec_ilp<BITS>(c, xv) : qdot_vec<BITS>(c, xv);
+            acc[r] = fmaf(sc, d.x * (float)dot, fmaf(m, d.y, acc[r]));
+        }
+    }
+}
+
+struct qtma_plan {
+    int cw, split, tr, ns, tiles, grid;  // consumer warps (+ 1 producer),          // warps a row group, rows a stage, stages, tiles (R / tr), blocks
+    uint32_t cb, sb, stage, xoff, soff, smem;  // bytes: codes / scales of a stage, a stage, offsets of x and stage 0, total
+};
+
+template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW>
+__global__ void __launch_bounds__((CW + 1) * 32, 1)
+qgemv_tma_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
+                 const T *__restrict__ bias, uint32_t gmagic, const qtma_plan P) {
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;
+    extern __shared__ __align__(128) unsigned char sm[];
+    uint64_t *full = (uint64_t *)sm, *empty = full + P.ns;
+    float *red = (float *)(empty + P.ns);  // [2][CW][RPW]
+    uint4 *xs = (uint4 *)(sm + P.xoff);
+    const int64_t nv = W.rb / 16, C = W.C;
+    float2 *xds = (float2 *)(xs + C / 8);
+    unsigned char *stage0 = sm + P.soff;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < P.ns; s++) {
+            fl_mbar_init(full + s, 1);
+            fl_mbar_init(empty + s, CW);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    fl_pdl_launch_dependents();
+    if (warp == CW) {  // the producer: weights only, so it does not wait for the previous kernel
+        if (lane == 0) {
+            const uint32_t cb = P.cb, sb = P.sb;
+            const int64_t srow = (int64_t)W.ng * sizeof(S);
+            int k = 0;
+            for (int t = blockIdx.x; t < P.tiles; t += gridDim.x, k++) {
+                const int s = k % P.ns;
+                if (k >= P.ns) fl_mbar_wait(empty + s, (uint32_t)((k / P.ns) - 1) & 1u);
+                unsigned char *st = stage0 + (size_t)s * P.stage;
+                fl_mbar_expect_tx(full + s, cb + sb * (ZEROS ? 2u : 1u));
+                const int64_t r0 = (int64_t)t * P.tr;
+                fl_bulk_g2s(st, W.q + r0 * W.rb, cb, full + s);
+                fl_bulk_g2s(st + cb, (const char *)W.s + r0 * srow, sb, full + s);
+                if (ZEROS) fl_bulk_g2s(st + cb + sb, (const char *)W.m + r0 * srow, sb, full + s);
+            }
+        }
+        return;
+    }
+    fl_pdl_wait();  // xq / xd from the prep kernel (or the RMSNorm / SwiGLU that wrote them)
+    {
+        const uint4 *xg = (const uint4 *)xq;
+        for (int64_t i = threadIdx.x; i < C / 8; i += CW * 32) xs[(i % XV) * nv + i / XV] = xg[i];
+        for (int64_t i = threadIdx.x; i < nv; i += CW * 32) xds[i] = xd[i];
+    }
+    asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+    const int split = P.split, grp = warp / split, part = warp - grp * split;
+    int k = 0;
+    for (int t = blockIdx.x; t < P.tiles; t += gridDim.x, k++) {
+        const int s = k % P.ns;
+        fl_mbar_wait(full + s, (uint32_t)(k / P.ns) & 1u);
+        const unsigned char *st = stage0 + (size_t)s * P.stage;
+        const uint4 *cs = (const uint4 *)st + (int64_t)grp * RPW * nv;
+        const S *ss = (const S *)(st + P.cb) + (int64_t)grp * RPW * W.ng;
+        const S *ms = (const S *)(st + P.cb + P.sb) + (int64_t)grp * RPW * W.ng;
+        float acc[RPW];
+        qtma_rows_dot<S, BITS, ZEROS, RPW, false>(acc, cs, ss, ms, xs, xds, nv, W.ng, gmagic, (int64_t)part * 32 + lane,
+                                                  (int64_t)split * 32);
+        __syncwarp();
+        if (lane == 0) fl_mbar_arrive(empty + s);  // this warp is done with the stage's bytes
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        }
+        const int64_t row0 = (int64_t)t * P.tr + (int64_t)grp * RPW;
+        if (split == 1) {
+            if (lane < RPW) {
+                float a = acc[0];
+#pragma unroll
+                for (int r = 1; r < RPW; r++) a = lane == r ? acc[r] : a;
+                const int64_t row = row0 + lane;
+                y[row] = fl_from_f32<T>(a + (bias ? fl_to_f32(bias[row]) : 0.f));
+            }
+        } else {
+            float *rb = red + (k & 1) * CW * RPW;
+            if (lane == 0)
+#pragma unroll
+                for (int r = 0; r < RPW; r++) rb[warp * RPW + r] = acc[r];
+            asm volatile("bar.sync 1, %0;" ::"n"(CW * 32) : "memory");
+            if (part == 0 && lane < RPW) {
+                float a = 0.f;
+                for (int p = 0; p < split; p++) a += rb[(warp + p) * RPW + lane];
+                const int64_t row = row0 + lane;
+                y[row] = fl_from_f32<T>(a + (bias ? fl_to_f32(bias[row]) : 0.f));
+            }
+        }
+    }
+}
+
+
+// The TMA GEMV's plan for this weight (qgemv_tma_kernel): consumer warps (cw, 8 or 16), rows a warp (rpw, 4 or 2) and
+// warps a row group (split, 1..cw) as asked, or (0) the choice with the best product of "lanes busy" (vectors a row
+// over the lane slots its split walks) and "SMs busy" (tiles over whole waves of the grid), stages of at least 3
+// preferred, ties to the first in the order below. False when the weight does not fit the kernel (integer codes only:
+// NF4's GEMV is bound by its table lookups, measured no faster streamed).
+static bool qtma_plan_for(const fl_qw &W, int n_sm, int max_smem, int want_cw, int want_rpw, int want_split, qtma_plan *P,
+                          int *rpw_out) {
+    const int64_t ss = W.s32 ? 4 : 2, nv = W.rb / 16;
+    const bool zeros = W.m != nullptr;
+    if (W.code != FL_QCODE_INT || n_sm <= 0 || W.R <= 0 || !fl_is_aligned16(W.q) || !fl_is_aligned16(W.s) ||
+        (zeros && !fl_is_aligned16(W.m)))
+        return false;
+    double best = -1;
+    for (int cw : {16, 8}) {
+        if (want_cw && cw != want_cw) continue;
+        for (int rpw : {4, 2}) {
+            if (want_rpw && rpw != want_rpw) continue;
+            for (int split = 1; split <= cw; split *= 2) {
+                if (want_split && split != want_split) continue;
+                const int64_t tr = (int64_t)(cw / split) * rpw;
+                if (W.R % tr) continue;
+                const int64_t cb = tr * W.rb, sb = tr * W.ng * ss;
+                if (sb % 16 || cb + 2 * sb > (1 << 30)) continue;
+                const int64_t xoff = 16 * 8 + 2 * 16 * 4 * 4;  // barriers (<= 8 stages) + red[2][<= 16][<= 4]
+                const int64_t soff = (xoff + W.C * 2 + nv * 8 + 127) / 128 * 128;
+                const int64_t stage = (cb + sb * (zeros ? 2 : 1) + 127) / 128 * 128;
+                const int64_t ns = std::min<int64_t>(8, (max_smem - soff) / stage);
+                if (ns < 2) continue;
+                const int64_t tiles = W.R / tr;
+                if (tiles > INT32_MAX) continue;
+                const int64_t grid = std::min<int64_t>(tiles, n_sm), waves = (tiles + grid - 1) / grid;
+                const int64_t slots = (int64_t)split * 32, steps = (nv + slots - 1) / slots;
+                double score = (double)tiles / (double)(waves * grid) * (double)nv / (double)(steps * slots);
+                if (ns < 3) score *= 0.9;
+                if (score > best + 1e-9) {
+                    best = score;
+                    *rpw_out = rpw;
+                    P->cw = cw;
+                    P->split = split;
+                    P->tr = (int)tr;
+                    P->ns = (int)ns;
+                    P->tiles = (int)tiles;
+                    P->grid = (int)grid;
+                    P->cb = (uint32_t)cb;
+                    P->sb = (uint32_t)sb;
+                    P->stage = (uint32_t)stage;
+                    P->xoff = (uint32_t)xoff;
+                    P->soff = (uint32_t)soff;
+                    P->smem = (uint32_t)(soff + ns * stage);
+                }
+            }
+        }
+    }
+    return best > 0;
+}
+
+template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW>
+static fl_status launch_qtma_k(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, const T *bias,
+                               uint32_t gm, const qtma_plan &P) {
+    auto kern = qgemv_tma_kernel<T, S, BITS, ZEROS, RPW, CW>;
+    static std::atomic<uint64_t> ready{0};  // devices whose attribute is set (a benign race: both set the same value)
+    int dev = 0;
+    FL_CUDA_CHECK(cudaGetDevice(&dev));
+    const uint64_t bit = dev < 64 ? 1ull << dev : 0;
+    if (!bit || !(ready.load() & bit)) {
+        int optin = 0;
+        FL_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        FL_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        ready.fetch_or(bit);
+    }
+    FL_LAUNCH(kern, dim3((unsigned)P.grid), dim3((CW + 1) * 32), (size_t)P.smem, st, y, xq, xd, W, bias, gm, P);
+    return FL_OK;
+}
+
+template <typename T, typename S, int BITS, bool ZEROS>
+static fl_status launch_qtma_r(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, const T *bias,
+                               uint32_t gm, const qtma_plan &P, int rpw) {
+    if (P.cw == 16)
+        return rpw == 4 ? launch_qtma_k<T, S, BITS, ZEROS, 4, 16>(st, y, xq, xd, W, bias, gm, P)
+                        : launch_qtma_k<T, S, BITS, ZEROS, 2, 16>(st, y, xq, xd, W, bias, gm, P);
+    return rpw == 4 ? launch_qtma_k<T, S, BITS, ZEROS, 4, 8>(st, y, xq, xd, W, bias, gm, P)
+                    : launch_qtma_k<T, S, BITS, ZEROS, 2, 8>(st, y, xq, xd, W, bias, gm, P);
+}
+
+// The TMA GEMV at n = 1 for integer codes; *launched false (and FL_OK) when its plan does not fit this weight.
+template <typename T, typename S>
+static fl_status launch_qtma_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, const T *bias,
+                                 uint32_t gm, int n_sm, int want_cw, int want_rpw, int want_split, bool *launched) {
+    *launched = false;
+    static int max_smem = 0;
+    if (!max_smem) {
+        int dev = 0, v = 0;
+        FL_CUDA_CHECK(cudaGetDevice(&dev));
+        FL_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        max_smem = v;
+    }
+    qtma_plan P;
+    int rpw = 4;
+    if (!qtma_plan_for(W, n_sm, max_smem, want_cw, want_rpw, want_split, &P, &rpw)) return FL_OK;
+    *launched = true;
+    const bool z = W.m != nullptr;
+    if (W.bits == 4)
+        return z ? launch_qtma_r<T, S, 4, true>(st, y, xq, xd, W, bias, gm, P, rpw)
+                 : launch_qtma_r<T, S, 4, false>(st, y, xq, xd, W, bias, gm, P, rpw);
+    return z ? launch_qtma_r<T, S, 8, true>(st, y, xq, xd, W, bias, gm, P, rpw)
+             : launch_qtma_r<T, S, 8, false>(st, y, xq, xd, W, bias, gm, P, rpw);
+}
+
+
+
+// A second experiment on the same hypothesis (2026-12-02): qgemv_tma_kernel's time on gate_up grows with its tiles
+// per SM (~0.6 us a tile: 21.1 / 27.6 / 37.3 us for 9 / 18 / 36 tiles) while its loads would take ~16 us: every warp
+// of the block works on every tile, so each tile's critical path (barrier wake-up, loads from shared memory, dot
+// products, shuffles) is paid in series. Here each warp is its own pipeline: lane 0 keeps NSW tiles of RPW rows of
+// the warp's own in flight (one bulk copy each for codes, scales, offsets; the warp refills a stage as soon as its
+// lanes have read it), so the block's warps overlap each other's per-tile latency; x as in qgemv_tma_kernel.
+template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE>  // MODE 1: loads only, 2: compute only
+__global__ void __launch_bounds__(CW * 32, 1)
+qgemv_tmaw_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
+                  const T *__restrict__ bias, uint32_t gmagic, int nsw, uint32_t cb, uint32_t sb, uint32_t stage,
+                  uint32_t xoff, uint32_t soff) {
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;
+    extern __shared__ __align__(128) unsigned char sm[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint64_t *full = (uint64_t *)sm + warp * 8;
+    uint4 *xs = (uint4 *)(sm + xoff);
+    const int64_t nv = W.rb / 16, C = W.C;
+    float2 *xds = (float2 *)(xs + C / 8);
+    unsigned char *mine = sm + soff + (size_t)warp * nsw * stage;
+    const int64_t tiles = W.R / RPW, gw = (int64_t)blockIdx.x * CW + warp, GW = (int64_t)gridDim.x * CW;
+    const int64_t srow = (int64_t)W.ng * sizeof(S);
+    auto issue = [&](int64_t t, int s) {
+        unsigned char *st = mine + (size_t)s * stage;
+        fl_mbar_expect_tx(full + s, cb + sb * (ZEROS ? 2u : 1u));
+        const int64_t r0 = t * RPW;
+        fl_bulk_g2s(st, W.q + r0 * W.rb, cb, full + s);
+        fl_bulk_g2s(st + cb, (const char *)W.s + r0 * srow, sb, full + s);
+        if (ZEROS) fl_bulk_g2s(st + cb + sb, (const char *)W.m + r0 * srow, sb, full + s);
+    };
+    if (lane == 0) {
+        for (int s = 0; s < nsw; s++) fl_mbar_init(full + s, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int s = 0; s < (MODE == 2 ? 1 : nsw); s++)
+            if (gw + s * GW < tiles) issue(gw + s * GW, s);
+    }
+    __syncwarp();
+    fl_pdl_launch_dependents();
+    fl_pdl_wait();
+    {
+        const uint4 *xg = (const uint4 *)xq;
+        for (int64_t i = threadIdx.x; i < C / 8; i += CW * 32) xs[(i % XV) * nv + i / XV] = xg[i];
+        for (int64_t i = threadIdx.x; i < nv; i += CW * 32) xds[i] = xd[i];
+    }
+    __syncthreads();
+    int k = 0;
+    for (int64_t t = gw; t < tiles; t += GW, k++) {
+        const int s = MODE == 2 ? 0 : k % nsw;
+        fl_mbar_wait(full + s, MODE == 2 ? 0u : (uint32_t)(k / nsw) & 1u);  // compute only: stage 0's tile, again and again
+        const unsigned char *st = mine + (size_t)s * stage;
+        if (MODE == 1) {  // loads only: release the stage at once
+            __syncwarp();
+            if (lane == 0 && t + (int64_t)nsw * GW < tiles) issue(t + (int64_t)nsw * GW, s);
+            if (lane == 0) y[t * RPW] = fl_from_f32<T>((float)st[lane]);
+            continue;
+        }
+        const uint4 *cs = (const uint4 *)st;
+        const S *ss = (const S *)(st + cb);
+        const S *ms = (const S *)(st + cb + sb);
+        float acc[RPW];
+        qtma_rows_dot<S, BITS, ZEROS, RPW, true>(acc, cs, ss, ms, xs, xds, nv, W.ng, gmagic, lane, 32);
+        __syncwarp();
+        if (MODE == 0 && lane == 0 && t + (int64_t)nsw * GW < tiles) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the lanes' reads before the copy's writes
+            issue(t + (int64_t)nsw * GW, s);
+        }
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        }
+        if (lane < RPW) {
+            float a = acc[0];
+#pragma unroll
+            for (int r = 1; r < RPW; r++) a = lane == r ? acc[r] : a;
+            const int64_t row = t * RPW + lane;
+            y[row] = fl_from_f32<T>(a + (bias ? fl_to_f32(bias[row]) : 0.f));
+        }
+    }
+}
+
+template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE>
+static fl_status launch_tmaw_k(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
+                               int n_sm, int max_smem) {
+    const int64_t ss = W.s32 ? 4 : 2, nv = W.rb / 16;
+    if (W.R % RPW) return FL_E_UNSUPPORTED;
+    const int64_t cb = RPW * W.rb, sb = RPW * W.ng * ss;
+    if (sb % 16 || !fl_is_aligned16(W.q) || !fl_is_aligned16(W.s) || (ZEROS && !fl_is_aligned16(W.m))) return FL_E_UNSUPPORTED;
+    const int64_t xoff = CW * 8 * 8, soff = (xoff + W.C * 2 + nv * 8 + 127) / 128 * 128;
+    const int64_t stage = (cb + sb * (ZEROS ? 2 : 1) + 127) / 128 * 128;
+    const int64_t nsw = std::min<int64_t>(8, (max_smem - soff) / (CW * stage));
+    if (nsw < 2) return FL_E_UNSUPPORTED;
+    auto kern = qgemv_tmaw_kernel<T, S, BITS, ZEROS, RPW, CW, MODE>;
+    FL_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    const size_t smem = (size_t)(soff + nsw * CW * stage);
+    const int64_t grid = std::min<int64_t>(n_sm, (W.R / RPW + CW - 1) / CW);
+    FL_LAUNCH(kern, dim3((unsigned)grid), dim3(CW * 32), smem, st, y, xq, xd, W, (const T *)nullptr, gm, (int)nsw, (uint32_t)cb,
+              (uint32_t)sb, (uint32_t)stage, (uint32_t)xoff, (uint32_t)soff);
+    return FL_OK;
+}
+
+template <int RPW, int CW, int MODE = 0>
+static fl_status tmaw(cudaStream_t st, __nv_bfloat16 *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
+                      int n_sm) {
+    static int max_smem = 0;
+    if (!max_smem) FL_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+    if (W.code != FL_QCODE_INT || W.s32) return FL_E_UNSUPPORTED;
+    const bool z = W.m != nullptr;
+    if (W.bits == 4)
+        return z ? launch_tmaw_k<__nv_bfloat16, __half, 4, true, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem)
+                 : launch_tmaw_k<__nv_bfloat16, __half, 4, false, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem);
+    return z ? launch_tmaw_k<__nv_bfloat16, __half, 8, true, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem)
+             : launch_tmaw_k<__nv_bfloat16, __half, 8, false, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem);
 }
 
 // An experiment: qgemv_dp_kernel (one trip, a block per tile) with MODE 0 as it is, 1 the loads only (codes and
@@ -442,6 +866,28 @@ int main(int argc, char **argv) {
         const int n_sm = c->n_sm;
         int16_t *xqp = qdp_xq(c);
         float2 *xdp = qdp_xd(c, s.C);
+        // the TMA-streamed GEMV (qgemv_tma_kernel): its own plan, then each (warps, rows a warp, warps a row)
+        static const int tcfg[][3] = {{0, 0, 0}, {8, 4, 1}, {8, 4, 2}, {8, 2, 1}, {16, 4, 1}, {16, 4, 2}, {16, 4, 4}, {16, 2, 1},
+                                      {16, 2, 2}, {16, 2, 4}};
+        for (auto &tc : tcfg) {
+            snprintf(names[nn], sizeof names[nn], tc[0] ? "t-w%dr%ds%d" : "t-auto", tc[0], tc[1], tc[2]);
+            const int cw = tc[0], rpw = tc[1], sp = tc[2];
+            vs.push_back({names[nn++], [&, cw, rpw, sp](const fl_qw &W) {
+                              bool done = false;
+                              const fl_status r =
+                                  launch_qtma_fmt<__nv_bfloat16, __half>(st, y2, xqp, xdp, W, nullptr, gm, n_sm, cw, rpw, sp, &done);
+                              return r != FL_OK ? r : done ? FL_OK : FL_E_UNSUPPORTED;
+                          }});
+        }
+        // per-warp pipelines (qgemv_tmaw_kernel): rows a tile, warps a block
+        vs.push_back({"w-r4w8", [&](const fl_qw &W) { return tmaw<4, 8>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        vs.push_back({"w-r2w8", [&](const fl_qw &W) { return tmaw<2, 8>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        vs.push_back({"w-r2w16", [&](const fl_qw &W) { return tmaw<2, 16>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        vs.push_back({"w-r4w16", [&](const fl_qw &W) { return tmaw<4, 16>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        vs.push_back({"w-r8w4", [&](const fl_qw &W) { return tmaw<8, 4>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        vs.push_back({"w-r4w8-loads", [&](const fl_qw &W) { return tmaw<4, 8, 1>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        vs.push_back({"w-r4w8-compute", [&](const fl_qw &W) { return tmaw<4, 8, 2>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        if (getenv("BENCH_EXP")) {  // the 2026-12-02 experiments (see the header)
         add_s("r4u1w4", [&](const fl_qw &W, int sp) { return dps<4, 1, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
         add_s("r2u2w4", [&](const fl_qw &W, int sp) { return dps<2, 2, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
         // the one-trip kernel's phases (exp_dp_kernel), results of MODE 1 / 2 are not a GEMV (not validated)
@@ -457,6 +903,7 @@ int main(int argc, char **argv) {
         vs.push_back({enames[7], [&](const fl_qw &W) { return exp_dp_fmt<4, 1, 3, 1>(st, y2, xqp, xdp, W, gm); }});
         vs.push_back({enames[8], [&](const fl_qw &W) { return exp_dp_fmt<8, 1, 3, 1>(st, y2, xqp, xdp, W, gm); }});
         vs.push_back({enames[9], [&](const fl_qw &W) { return exp_dp_fmt<4, 4, 3, 1>(st, y2, xqp, xdp, W, gm); }});
+        }
         std::vector<double> errs;
         std::vector<bool> ok(vs.size(), true);
         for (size_t vi = 0; vi < vs.size(); vi++) {

@@ -1,0 +1,45 @@
+#!/bin/bash
+# A source change A/B'd on a GPU machine in one call: the tree as carried (the change applied, "new"), then the
+# change reverted with PATCH (a diff of it, reverse-applied there) and rebuilt ("base"), decode b1 on the
+# Qwen2.5-7B-shaped checkpoint per QUANT_MODES, ROUNDS times each, every run in a fresh process
+# (dev/cuda/decode_ab.py; the greedy token hashes of the two must agree where the change keeps the arithmetic).
+#   OUT=/tmp/o PATCH=path/to/change.patch STAGES="build tests bench decode" bash dev/cuda/patch_ab.sh   carry [".devobj", ".device"]
+# build / tests: as dev/cuda/verify_gpu.sh; bench: .device/qgemv_bench when it is there (dev/cuda/qgemv_bench.sh).
+set -u
+OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
+STAGES=${STAGES:-"build tests decode"}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
+vs=""; has build && vs="build"; has tests && vs="$vs tests"
+[ -n "$vs" ] && OUT=$OUT STAGES="$vs" bash dev/cuda/verify_gpu.sh
+if has decode; then  # the checkpoint is drawn while the bench runs
+  ( [ -f /tmp/fl_qwen7b/config.json ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_bench; \
+gpu_bench.make_checkpoint('/tmp/fl_qwen7b', 'qwen2.5-7b', 4)" > "$OUT/ckpt.log" 2>&1 ) &
+  ck=$!
+fi
+if has bench && [ -x .device/qgemv_bench ]; then
+  echo "== bench $(date +%T)"
+  LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} timeout ${BENCH_S:-240} .device/qgemv_bench ${BENCH_REPS:-9} \
+      > "$OUT/qgemv_bench.log" 2>&1
+  echo "bench rc=$?"; cat "$OUT/qgemv_bench.log"
+fi
+decode() {  # $1 label
+  for r in $(seq ${ROUNDS:-2}); do
+    timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${QUANT_MODES:-bf16,int4} --bw-gbs "$bw" \
+        --label "$1-r$r" | tee -a "$OUT/decode.jsonl"
+  done
+}
+if has decode; then
+  wait $ck
+  echo "== decode $(date +%T)"
+  bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
+  echo "copy $bw GB/s"
+  decode new
+  if [ -n "${PATCH:-}" ]; then
+    (git apply -R "$PATCH" 2>/dev/null || patch -R -p1 < "$PATCH") > /dev/null || { echo "cannot reverse $PATCH"; exit 1; }
+    FASTLOAD_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUT/build_base.log" 2>&1 || { tail -20 "$OUT/build_base.log"; exit 1; }
+    echo "== base built $(date +%T)"
+    decode base
+  fi
+fi
+echo "== end $(date +%T)"
