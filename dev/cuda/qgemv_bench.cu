@@ -4,7 +4,8 @@
 // Then, one line each, the experiments of 2026-12-02 (twelfth session, benchmarks/results/qgemv-tma-2026-12-02-h200/):
 // the GEMV streamed through shared memory by the copy engine, block-wide (qgemv_tma_kernel, "t-auto" = its own plan,
 // "t-w<warps>r<rows a warp>s<warps a row>" forced) and per warp (qgemv_tmaw_kernel, "w-r<rows a tile>w<warps>", and
-// its -loads / -compute phases); a plan that does not fit the shape is left out. With BENCH_EXP=1 also those of the
+// its -loads / -compute phases; "x8-..." the same on int8 x, not yet run); a plan that does not fit the shape is left
+// out. With BENCH_EXP=1 also those of the
 // eleventh session (benchmarks/results/qgemv-phases-2026-12-02-h200/): a persistent software-pipelined form
 // (qgemv_dps_kernel, "s<cfg>/<split>") and the one-trip kernel's phases (exp_dp_kernel, "e-...": -loads = codes and
 // scales only, -compute = no code loads, -xs = x staged in shared memory). -loads / -compute are not a GEMV and are not
@@ -126,13 +127,53 @@ __device__ __forceinline__ int qdot_vec_ilp(const uint4 &c, const uint4 *xv) {
     }
 }
 
+// The same against int8 x (an experiment, compiled but NOT yet run on a GPU: the session's device time ran out; bench
+// rows "x8-r4w8" and "x8-r4w8-compute", the latter against note12's 16.2 us for int16 x; the numerics of the CPU
+// backend's decode path, x in int8 per 32 columns):
+// per word of codes one dp4a for the low nibbles and one for the high ones (in place, bytes 16 q), against x words in
+// the int16 layout's column order, bytes (0, 2, 4, 6) then (1, 3, 5, 7); 8 dp4a per 16-byte vector instead of 16 dp2a.
+__device__ __forceinline__ int dp4us(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int qdot_vec_x8(const uint4 &c, const uint4 *xv) {
+    const uint32_t cw[4] = {c.x, c.y, c.z, c.w}, xw[8] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w};
+    int dl[2] = {0, 0}, dh[2] = {0, 0};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        dl[k & 1] = dp4us(cw[k] & 0x0F0F0F0Fu, xw[2 * k], dl[k & 1]);
+        dh[k & 1] = dp4us(cw[k] & 0xF0F0F0F0u, xw[2 * k + 1], dh[k & 1]);
+    }
+    return (dl[0] + dl[1]) + ((dh[0] + dh[1]) >> 4);
+}
+
+// int8 x for qdot_vec_x8 from the int16 x of the dp2a GEMV (q8 = rint(q16 / 258), scale x 258), one thread a uint4 of
+// xq (8 columns): the bench's stand-in for a prep that would write it directly.
+__global__ void qx16_to_x8(uint2 *__restrict__ x8, float2 *__restrict__ x8d, const uint4 *__restrict__ xq,
+                           const float2 *__restrict__ xd, int64_t n16) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n16) return;
+    const uint4 w = xq[i];
+    const uint32_t h[4] = {w.x, w.y, w.z, w.w};
+    uint32_t b[2] = {0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const int v = (int16_t)(e & 1 ? h[e >> 1] >> 16 : h[e >> 1] & 0xFFFFu);
+        const int q = max(-127, min(127, __float2int_rn((float)v * (1.f / 258.f))));
+        b[e >> 2] |= (uint32_t)(q & 0xFF) << (8 * (e & 3));
+    }
+    x8[i] = make_uint2(b[0], b[1]);
+    if ((i & 3) == 0) x8d[i >> 2] = make_float2(xd[i >> 2].x * 258.f, xd[i >> 2].y);
+}
+
 // One lane's dot products over a stage of RPW rows (codes cs[r * nv + v], scales / offsets ss / ms[r * ng + g]) against
 // x in shared memory (xs transposed, [XV][nv] uint4; xds the per-vector (scale, sum)), vectors v0, v0 + step, ...
-template <typename S, int BITS, bool ZEROS, int RPW, bool ILP>
+template <typename S, int BITS, bool ZEROS, int RPW, int DOT>  // DOT 0: qdot_vec, 1: qdot_vec_ilp, 2: qdot_vec_x8 (int8 x)
 __device__ __forceinline__ void qtma_rows_dot(float (&acc)[RPW], const uint4 *cs, const S *ss, const S *ms, const uint4 *xs,
                                               const float2 *xds, int64_t nv, int ng, uint32_t gmagic, int64_t v0,
                                               int64_t step) {
-    constexpr int XV = (BITS == 4 ? 32 : 16) / 8;
+    constexpr int XV = DOT == 2 ? 2 : (BITS == 4 ? 32 : 16) / 8;
     constexpr float HALF = (float)(1 << (BITS - 1));
 #pragma unroll
     for (int r = 0; r < RPW; r++) acc[r] = 0.f;
@@ -148,7 +189,9 @@ __device__ __forceinline__ void qtma_rows_dot(float (&acc)[RPW], const uint4 *cs
             const uint4 c = cs[(int64_t)r * nv + v];
             const float sc = fl_to_f32(ss[(int64_t)r * ng + g]);
             const float m = ZEROS ? fl_to_f32(ms[(int64_t)r * ng + g]) : -sc * HALF;
-            const int dot = ILP ? qdot_vec_ilp<BITS>(c, xv) : qdot_vec<BITS>(c, xv);
+            int dot;
+            if constexpr (DOT == 2) dot = qdot_vec_x8(c, xv);
+            else dot = DOT == 1 ? qdot_vec_ilp<BITS>(c, xv) : qdot_vec<BITS>(c, xv);
             acc[r] = fmaf(sc, d.x * (float)dot, fmaf(m, d.y, acc[r]));
         }
     }
@@ -216,7 +259,7 @@ qgemv_tma_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2
         const S *ss = (const S *)(st + P.cb) + (int64_t)grp * RPW * W.ng;
         const S *ms = (const S *)(st + P.cb + P.sb) + (int64_t)grp * RPW * W.ng;
         float acc[RPW];
-        qtma_rows_dot<S, BITS, ZEROS, RPW, false>(acc, cs, ss, ms, xs, xds, nv, W.ng, gmagic, (int64_t)part * 32 + lane,
+        qtma_rows_dot<S, BITS, ZEROS, RPW, 0>(acc, cs, ss, ms, xs, xds, nv, W.ng, gmagic, (int64_t)part * 32 + lane,
                                                   (int64_t)split * 32);
         __syncwarp();
         if (lane == 0) fl_mbar_arrive(empty + s);  // this warp is done with the stage's bytes
@@ -367,18 +410,20 @@ static fl_status launch_qtma_fmt(cudaStream_t st, T *y, const int16_t *xq, const
 // products, shuffles) is paid in series. Here each warp is its own pipeline: lane 0 keeps NSW tiles of RPW rows of
 // the warp's own in flight (one bulk copy each for codes, scales, offsets; the warp refills a stage as soon as its
 // lanes have read it), so the block's warps overlap each other's per-tile latency; x as in qgemv_tma_kernel.
-template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE>  // MODE 1: loads only, 2: compute only
+// X8: x is int8 (qdot_vec_x8; xq then points to its bytes, xd to its (scale, sum)), 4-bit codes only.
+template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE, bool X8>  // MODE 1: loads only, 2: compute only
 __global__ void __launch_bounds__(CW * 32, 1)
 qgemv_tmaw_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
                   const T *__restrict__ bias, uint32_t gmagic, int nsw, uint32_t cb, uint32_t sb, uint32_t stage,
                   uint32_t xoff, uint32_t soff) {
-    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;
+    static_assert(!X8 || BITS == 4, "int8 x: 4-bit codes");
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = X8 ? 2 : VC / 8;
     extern __shared__ __align__(128) unsigned char sm[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     uint64_t *full = (uint64_t *)sm + warp * 8;
     uint4 *xs = (uint4 *)(sm + xoff);
-    const int64_t nv = W.rb / 16, C = W.C;
-    float2 *xds = (float2 *)(xs + C / 8);
+    const int64_t nv = W.rb / 16;
+    float2 *xds = (float2 *)(xs + nv * XV);
     unsigned char *mine = sm + soff + (size_t)warp * nsw * stage;
     const int64_t tiles = W.R / RPW, gw = (int64_t)blockIdx.x * CW + warp, GW = (int64_t)gridDim.x * CW;
     const int64_t srow = (int64_t)W.ng * sizeof(S);
@@ -401,7 +446,7 @@ qgemv_tmaw_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float
     fl_pdl_wait();
     {
         const uint4 *xg = (const uint4 *)xq;
-        for (int64_t i = threadIdx.x; i < C / 8; i += CW * 32) xs[(i % XV) * nv + i / XV] = xg[i];
+        for (int64_t i = threadIdx.x; i < nv * XV; i += CW * 32) xs[(i % XV) * nv + i / XV] = xg[i];
         for (int64_t i = threadIdx.x; i < nv; i += CW * 32) xds[i] = xd[i];
     }
     __syncthreads();
@@ -420,7 +465,7 @@ qgemv_tmaw_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float
         const S *ss = (const S *)(st + cb);
         const S *ms = (const S *)(st + cb + sb);
         float acc[RPW];
-        qtma_rows_dot<S, BITS, ZEROS, RPW, true>(acc, cs, ss, ms, xs, xds, nv, W.ng, gmagic, lane, 32);
+        qtma_rows_dot<S, BITS, ZEROS, RPW, X8 ? 2 : 1>(acc, cs, ss, ms, xs, xds, nv, W.ng, gmagic, lane, 32);
         __syncwarp();
         if (MODE == 0 && lane == 0 && t + (int64_t)nsw * GW < tiles) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the lanes' reads before the copy's writes
@@ -441,18 +486,18 @@ qgemv_tmaw_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float
     }
 }
 
-template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE>
+template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE, bool X8>
 static fl_status launch_tmaw_k(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
                                int n_sm, int max_smem) {
     const int64_t ss = W.s32 ? 4 : 2, nv = W.rb / 16;
     if (W.R % RPW) return FL_E_UNSUPPORTED;
     const int64_t cb = RPW * W.rb, sb = RPW * W.ng * ss;
     if (sb % 16 || !fl_is_aligned16(W.q) || !fl_is_aligned16(W.s) || (ZEROS && !fl_is_aligned16(W.m))) return FL_E_UNSUPPORTED;
-    const int64_t xoff = CW * 8 * 8, soff = (xoff + W.C * 2 + nv * 8 + 127) / 128 * 128;
+    const int64_t xoff = CW * 8 * 8, soff = (xoff + W.C * (X8 ? 1 : 2) + nv * 8 + 127) / 128 * 128;
     const int64_t stage = (cb + sb * (ZEROS ? 2 : 1) + 127) / 128 * 128;
     const int64_t nsw = std::min<int64_t>(8, (max_smem - soff) / (CW * stage));
     if (nsw < 2) return FL_E_UNSUPPORTED;
-    auto kern = qgemv_tmaw_kernel<T, S, BITS, ZEROS, RPW, CW, MODE>;
+    auto kern = qgemv_tmaw_kernel<T, S, BITS, ZEROS, RPW, CW, MODE, X8>;
     FL_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
     const size_t smem = (size_t)(soff + nsw * CW * stage);
     const int64_t grid = std::min<int64_t>(n_sm, (W.R / RPW + CW - 1) / CW);
@@ -461,18 +506,21 @@ static fl_status launch_tmaw_k(cudaStream_t st, T *y, const int16_t *xq, const f
     return FL_OK;
 }
 
-template <int RPW, int CW, int MODE = 0>
+template <int RPW, int CW, int MODE = 0, bool X8 = false>
 static fl_status tmaw(cudaStream_t st, __nv_bfloat16 *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
                       int n_sm) {
     static int max_smem = 0;
     if (!max_smem) FL_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
-    if (W.code != FL_QCODE_INT || W.s32) return FL_E_UNSUPPORTED;
+    if (W.code != FL_QCODE_INT || W.s32 || (X8 && W.bits != 4)) return FL_E_UNSUPPORTED;
     const bool z = W.m != nullptr;
+    if constexpr (X8)
+        return z ? launch_tmaw_k<__nv_bfloat16, __half, 4, true, RPW, CW, MODE, true>(st, y, xq, xd, W, gm, n_sm, max_smem)
+                 : launch_tmaw_k<__nv_bfloat16, __half, 4, false, RPW, CW, MODE, true>(st, y, xq, xd, W, gm, n_sm, max_smem);
     if (W.bits == 4)
-        return z ? launch_tmaw_k<__nv_bfloat16, __half, 4, true, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem)
-                 : launch_tmaw_k<__nv_bfloat16, __half, 4, false, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem);
-    return z ? launch_tmaw_k<__nv_bfloat16, __half, 8, true, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem)
-             : launch_tmaw_k<__nv_bfloat16, __half, 8, false, RPW, CW, MODE>(st, y, xq, xd, W, gm, n_sm, max_smem);
+        return z ? launch_tmaw_k<__nv_bfloat16, __half, 4, true, RPW, CW, MODE, false>(st, y, xq, xd, W, gm, n_sm, max_smem)
+                 : launch_tmaw_k<__nv_bfloat16, __half, 4, false, RPW, CW, MODE, false>(st, y, xq, xd, W, gm, n_sm, max_smem);
+    return z ? launch_tmaw_k<__nv_bfloat16, __half, 8, true, RPW, CW, MODE, false>(st, y, xq, xd, W, gm, n_sm, max_smem)
+             : launch_tmaw_k<__nv_bfloat16, __half, 8, false, RPW, CW, MODE, false>(st, y, xq, xd, W, gm, n_sm, max_smem);
 }
 
 // An experiment: qgemv_dp_kernel (one trip, a block per tile) with MODE 0 as it is, 1 the loads only (codes and
@@ -845,6 +893,7 @@ int main(int argc, char **argv) {
         const fl_qw W0 = qw_of(&Ws[0]);
         // variants: 0 read; 1 backend (prep + GEMV); then the dp2a GEMV alone per configuration
         struct V { const char *name; std::function<fl_status(const fl_qw &)> f; };
+        std::vector<void *> x8s;  // int8 x buffers of this shape
         const uint32_t vpg = (uint32_t)(s.gs / (s.bits == 4 ? 32 : 16));
         const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;
         auto dp = [&](int cfg) {
@@ -887,6 +936,21 @@ int main(int argc, char **argv) {
         vs.push_back({"w-r8w4", [&](const fl_qw &W) { return tmaw<8, 4>(st, y2, xqp, xdp, W, gm, n_sm); }});
         vs.push_back({"w-r4w8-loads", [&](const fl_qw &W) { return tmaw<4, 8, 1>(st, y2, xqp, xdp, W, gm, n_sm); }});
         vs.push_back({"w-r4w8-compute", [&](const fl_qw &W) { return tmaw<4, 8, 2>(st, y2, xqp, xdp, W, gm, n_sm); }});
+        // int8 x (qdot_vec_x8), made once from the int16 x the backend left (not timed, like the prep above)
+        uint2 *x8 = nullptr;
+        float2 *x8d = nullptr;
+        CK(cudaMalloc(&x8, s.C));
+        CK(cudaMalloc(&x8d, (s.C / 32 + 1) * sizeof(float2)));
+        if (s.bits == 4) {
+            const int64_t n16 = s.C / 8;
+            qx16_to_x8<<<(unsigned)((n16 + 255) / 256), 256, 0, st>>>(x8, x8d, (const uint4 *)xqp, xdp, n16);
+            CK(cudaGetLastError());
+        }
+        x8s.push_back(x8);
+        x8s.push_back(x8d);
+        const int16_t *x8p = (const int16_t *)x8;
+        vs.push_back({"x8-r4w8", [&, x8p, x8d](const fl_qw &W) { return tmaw<4, 8, 0, true>(st, y2, x8p, x8d, W, gm, n_sm); }});
+        vs.push_back({"x8-r4w8-compute", [&, x8p, x8d](const fl_qw &W) { return tmaw<4, 8, 2, true>(st, y2, x8p, x8d, W, gm, n_sm); }});
         if (getenv("BENCH_EXP")) {  // the 2026-12-02 experiments (see the header)
         add_s("r4u1w4", [&](const fl_qw &W, int sp) { return dps<4, 1, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
         add_s("r2u2w4", [&](const fl_qw &W, int sp) { return dps<2, 2, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
@@ -952,6 +1016,7 @@ int main(int argc, char **argv) {
             if (ms[k] > 0) printf("    %-12s %5.1f%%  %7.2f us\n", vs[k - 2].name, 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / copy_gbs, ms[k] * 1e3);
         fflush(stdout);
         for (auto &W : Ws) { cudaFree(W.data_d); cudaFree(W.scales_d); if (W.zeros_d) cudaFree(W.zeros_d); }
+        for (void *p : x8s) cudaFree(p);
         CK(cudaFree(x)); CK(cudaFree(y)); CK(cudaFree(y2));
     }
     printf("%% of the copy rate: bytes of codes + scales + offsets per launch time; read: one plain streaming read of the "
