@@ -356,7 +356,7 @@ __device__ __forceinline__ float block_allreduce(float v, float *s_red, bool is_
     return v;
 }
 
-// QB (4 / 8): the row is also written as the dp2a GEMV's int16 x for o_proj (fl_qx_store8, from the rounded
+// QB (4 / 8, | FL_QX8 for int8 x): the row is also written as the dp2a GEMV's x for o_proj (fl_qx_store8, from the rounded
 // outputs, as qx_prep_kernel would read them), which saves that GEMV its prep kernel; needs hd % 32 == 0, hd <= 256.
 template <typename T, int QB>
 __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttArgs a) {
@@ -710,9 +710,14 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     // Both launches are programmatic where the device allows (fl_launch): the split kernel's
     // launch hides under rope_store's tail, the combine's under the split kernel's.
     FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD>, grid, dim3(ATT_THREADS), 0, st, a));
-    if (a.qbits == 4) FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 4>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
-    else if (a.qbits == 8) FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 8>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
-    else FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 0>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
+    const dim3 cgrid(a.B * a.nh), cblock(CMB_THREADS);
+    switch (a.qbits) {
+    case 4: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 4>, cgrid, cblock, 0, st, a)); break;
+    case 8: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 8>, cgrid, cblock, 0, st, a)); break;
+    case 4 | FL_QX8: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 4 | FL_QX8>, cgrid, cblock, 0, st, a)); break;
+    case 8 | FL_QX8: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 8 | FL_QX8>, cgrid, cblock, 0, st, a)); break;
+    default: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 0>, cgrid, cblock, 0, st, a)); break;
+    }
     return FL_OK;
 }
 
@@ -800,7 +805,7 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
     fl_status s = FL_OK;
     if (fast_ok && path != FL_ATT_SIMPLE) {
         if (T == 1) {
-            if ((qbits == 4 || qbits == 8) && head_dim % 32 == 0 && head_dim <= 256) {
+            if (((qbits & 15) == 4 || (qbits & 15) == 8) && head_dim % 32 == 0 && head_dim <= 256) {
                 a.qbits = qbits;
                 a.qxq = qd->xq;
                 a.qxd = qd->xd;

@@ -560,6 +560,9 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // Quantised weights: FASTLOAD_QGEMV_UP_TO=0..8 (GEMV for n up to this, dequantise + cuBLAS above;
 // default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|dp|fma|mma|generic (the GEMV kernel: integer dot products,
 // tensor cores, the FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
+// FASTLOAD_CUDA_QDOT=int16|int8: the decode GEMV of quantised weights quantises x to int16 per vector (default,
+// float-close) or to int8 per 32 values as llama.cpp and FASTLOAD_CPU_QDOT=int8 do (dp4a: faster, less precise
+// next to outlier activations; NF4's code book then rounded to int8 too; qmatmul.cu's qdp_qb).
 // FASTLOAD_QX_FUSE=1|0: RMSNorm / SwiGLU write the dp2a GEMV's int16 x for the matmul after them (default 1).
 // FASTLOAD_GLU_FUSE=1|0 and FASTLOAD_GLU_U=4|8: gate|up's GEMV with SwiGLU in its epilogue (default on, 4).
 static fl_status read_knobs(fl_cuda_impl *c) {
@@ -589,6 +592,12 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     if (q && *q) {
         if (!strcmp(q, "0")) c->qx_fuse = 0;
         else if (strcmp(q, "1")) return fl_err(FL_E_VALUE, "FASTLOAD_QX_FUSE='%s' is not 0 or 1", q);
+    }
+    c->qx8 = 0;
+    q = getenv("FASTLOAD_CUDA_QDOT");
+    if (q && *q) {
+        if (!strcmp(q, "int8")) c->qx8 = 1;
+        else if (strcmp(q, "int16")) return fl_err(FL_E_VALUE, "FASTLOAD_CUDA_QDOT='%s' is not int16 or int8", q);
     }
     c->qdp_cfg = -1;
     q = getenv("FASTLOAD_QDP_CFG");

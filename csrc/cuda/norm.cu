@@ -45,7 +45,7 @@ fl_status fl_cuda_embed(cudaStream_t st, fl_dtype act, void *x, const int32_t *t
 // (the second hits L1/L2). With ADD, pass 1 writes resid = round(resid + delta) and the norm is
 // taken of that rounded value, which is what the model keeps.
 // ---------------------------------------------------------------------------------------------
-// QB (4 or 8, VEC with 8 elements per vector only): also write out as the dp2a GEMV's int16 x (qx.cuh).
+// QB (4 or 8, | FL_QX8 for int8 x; VEC with 8 elements per vector only): also write out as the dp2a GEMV's x (qx.cuh).
 // CACHED (VEC, d / E <= RMS_RV * blockDim.x): each thread holds its vectors in registers from the first pass to the
 // second, all of a thread's loads are issued at once (the norm weights before fl_pdl_wait: they are weights), so a
 // row costs one memory round trip. (The looping form below stores resid between loads of the same array, which
@@ -190,6 +190,9 @@ static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const v
 #define FL_RMS(VEC_, QB_, C_) FL_LAUNCH((rmsnorm_kernel<T, VEC_, ADD, QB_, C_>), dim3(n), dim3(C_ ? RMS_CACHED_THREADS : ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps, qd)
     if (qb == 4) { if (cached) FL_RMS(true, 4, true); else FL_RMS(true, 4, false); }
     else if (qb == 8) { if (cached) FL_RMS(true, 8, true); else FL_RMS(true, 8, false); }
+    else if (qb == (4 | FL_QX8)) { if (cached) FL_RMS(true, 4 | FL_QX8, true); else FL_RMS(true, 4 | FL_QX8, false); }
+    else if (qb == (8 | FL_QX8)) { if (cached) FL_RMS(true, 8 | FL_QX8, true); else FL_RMS(true, 8 | FL_QX8, false); }
+    else if (qb) return fl_err(FL_E_INTERNAL, "rmsnorm: x form %d for the dp2a GEMV", qb);
     else if (cached) FL_RMS(true, 0, true);
     else if (vec) FL_RMS(true, 0, false);
     else FL_RMS(false, 0, false);
@@ -215,7 +218,7 @@ fl_status fl_cuda_add_rmsnorm(cudaStream_t st, fl_dtype act, void *out, void *re
 // SwiGLU: out[i, k] = silu(g) * u with g = gu[i, k], u = gu[i, f + k]; grid-stride over n*f.
 // ---------------------------------------------------------------------------------------------
 
-// QB (4 or 8, VEC with 8 elements per vector, f % 32 == 0): out is also written as the dp2a GEMV's int16 x
+// QB (4 or 8, | FL_QX8; VEC with 8 elements per vector, f % 32 == 0): out is also written as the dp2a GEMV's x
 // (qx.cuh). The loop bound is the same on every lane of a warp (fl_qx_store8 shuffles within lane groups).
 template <typename T, bool VEC, int QB>
 __global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int n, int64_t f, fl_qx_dst qd) {
@@ -260,6 +263,9 @@ fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *g
         if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "swiglu: the dp2a GEMV's x cannot be written for f = %lld", (long long)f);
         if (qb == 4) FL_SWIGLU(true, 4);
         else if (qb == 8) FL_SWIGLU(true, 8);
+        else if (qb == (4 | FL_QX8)) FL_SWIGLU(true, 4 | FL_QX8);
+        else if (qb == (8 | FL_QX8)) FL_SWIGLU(true, 8 | FL_QX8);
+        else if (qb) return fl_err(FL_E_INTERNAL, "swiglu: x form %d for the dp2a GEMV", qb);
         else if (vec) FL_SWIGLU(true, 0);
         else FL_SWIGLU(false, 0);
     });

@@ -583,7 +583,7 @@ FL_DP2A(dp2hi_ss, "dp2a.hi.s32.s32")
 // fl_qx_store8 (qx.cuh), which RMSNorm and SwiGLU also call when they write x for this GEMV directly.
 // (The first version, one thread per vector looping over its columns, took 3.4 us for C = 3584: on the
 // critical path before each GEMV's x loads; one lane per column came next.)
-template <typename T, int BITS>
+template <typename T, int QB>
 __global__ void __launch_bounds__(QD_THREADS)
 qx_prep_kernel(int16_t *__restrict__ xq, float2 *__restrict__ xd, const T *__restrict__ x,
                const int32_t *__restrict__ perm, int n, int64_t C) {
@@ -609,7 +609,7 @@ qx_prep_kernel(int16_t *__restrict__ xq, float2 *__restrict__ xd, const T *__res
 #pragma unroll
         for (int e = 0; e < 8; e++) a[e] = fl_to_f32(x[k0 + e]);
     }
-    fl_qx_store8<BITS>(xq, xd, a, k0, on);
+    fl_qx_store8<QB>(xq, xd, a, k0, on);
 }
 
 // sum over the 16-byte vector of codes c of q * xq (int32)
@@ -637,6 +637,33 @@ __device__ __forceinline__ int qdot_vec(const uint4 &c, const uint4 *xv) {
         d = dp2hi(xv[1].w, c.w, d);
     }
     return d;
+}
+
+// The same sum against int8 x (FASTLOAD_CUDA_QDOT=int8; qx.cuh's FL_QX8 layout, xv: VC bytes): dp4a of unsigned
+// code bytes with signed x bytes. 4-bit: per word of codes one dp4a on the low nibbles (bytes q) and one on the
+// high nibbles in place (bytes 16 q, summed apart and divided by 16 exactly at the end), against the x words of
+// columns (0, 2, 4, 6) and (1, 3, 5, 7): 8 dp4a and 8 ANDs per vector of 32 codes where qdot_vec takes 16 dp2a
+// and 12 logic ops, and half the x bytes. 8-bit: 4 dp4a per vector of 16 codes (8 dp2a). |sum| < 2^20.
+__device__ __forceinline__ int dp4us(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+template <int BITS>
+__device__ __forceinline__ int qdot_vec8(const uint4 &c, const uint4 *xv) {
+    if constexpr (BITS == 4) {
+        const uint32_t cw[4] = {c.x, c.y, c.z, c.w};
+        const uint32_t xw[8] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w};
+        int dl = 0, dh = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            dl = dp4us(cw[k] & 0x0F0F0F0Fu, xw[2 * k], dl);
+            dh = dp4us(cw[k] & 0xF0F0F0F0u, xw[2 * k + 1], dh);
+        }
+        return dl + (dh >> 4);
+    } else {
+        return dp4us(c.w, xv[0].w, dp4us(c.z, xv[0].z, dp4us(c.y, xv[0].y, dp4us(c.x, xv[0].x, 0))));
+    }
 }
 
 // NF4 codes on the same integer path: each code is replaced by t16 = rint(nf4 * 32767) (int16, error at most
@@ -685,15 +712,43 @@ __device__ __forceinline__ float qdot_nf4_vec(const uint4 &c, const uint4 *xv) {
     return fmaf((float)dh, 256.f, (float)dl);
 }
 
+// NF4 against int8 x (FASTLOAD_CUDA_QDOT=int8): the code book rounded to int8, t8 = rint(nf4 * 127) (error at most
+// 3.7e-3 of the group's scale, code 12; y += s / 127 * dx * dot), one byte table looked up as above and 2 dp4a per
+// word of 8 codes: 13 ops a word against 29 for the exact int16 table.
+#define QNF8_0 0xcebda881u
+#define QNF8_1 0x00f4e9dcu
+#define QNF8_2 0x2b1f140au
+#define QNF8_3 0x7f5c4738u
+__device__ __forceinline__ int dp4ss(uint32_t a, uint32_t b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int qdot_nf4_vec8(const uint4 &c, const uint4 *xv) {
+    const uint32_t cw[4] = {c.x, c.y, c.z, c.w};
+    const uint32_t xw[8] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w};
+    int d = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const uint32_t idx = cw[k] & 0x77777777u, sel = 0x32103210u | ((cw[k] & 0x88888888u) >> 1);
+        uint32_t ev, od;
+        qnf_look(idx, sel, QNF8_0, QNF8_1, QNF8_2, QNF8_3, ev, od);
+        d = dp4ss(ev, xw[2 * k], d);
+        d = dp4ss(od, xw[2 * k + 1], d);
+    }
+    return d;
+}
+
 // One lane's work: U vectors of each of RPW rows, codes AND their scales / offsets, all loaded before
 // fl_pdl_wait (they are weights), so a warp pays one memory latency before it computes; a row longer than
 // 32 * U vectors is split over `split` warps of the block (partial sums through shared memory). LOOP: rows
 // longer than MAXW warps' worth loop over steps (each step one latency), the rare case.
-template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP>
+// X8: x as int8 (qdot_vec8), else int16.
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP, bool X8>
 __global__ void __launch_bounds__(MAXW * 32)
 qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
                 const T *__restrict__ bias, uint32_t gmagic, int n, int split) {  // n <= N token rows
-    constexpr int VC = BITS == 4 ? 32 : 16, XV = VC / 8;  // columns per vector of codes, uint4 of xq per vector
+    constexpr int VC = BITS == 4 ? 32 : 16, XV = X8 ? VC / 16 : VC / 8;  // columns per vector of codes, uint4 of x per vector
     constexpr float HALF = (float)(1 << (BITS - 1));
     __shared__ float red[MAXW][N * RPW];
     fl_pdl_launch_dependents();
@@ -716,7 +771,7 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
                 const int64_t row = r0 + r < R ? r0 + r : R - 1;
                 w[u][r] = on ? fl_ld_stream(wbase + row * rstride + v) : make_uint4(0, 0, 0, 0);
                 const int64_t si = row * W.ng + (on ? g : 0);
-                sr[u][r] = NF ? ld_s(sc, si) * (1.f / 32767.f) : ld_s(sc, si);
+                sr[u][r] = NF ? ld_s(sc, si) * (X8 ? 1.f / 127.f : 1.f / 32767.f) : ld_s(sc, si);
                 mr[u][r] = ZEROS ? ld_s(zc, si) : NF ? 0.f : -sr[u][r] * HALF;
             }
         }
@@ -739,17 +794,21 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
             for (int i = 0; i < N; i++) {
                 if (i >= n) break;
                 uint4 xv[XV];
-                const uint4 *xp = (const uint4 *)(xq + (int64_t)i * C + v * VC);
+                const uint4 *xp = X8 ? (const uint4 *)((const int8_t *)xq + (int64_t)i * C + v * VC)
+                                     : (const uint4 *)(xq + (int64_t)i * C + v * VC);
 #pragma unroll
                 for (int h = 0; h < XV; h++) xv[h] = __ldg(xp + h);
                 const float2 d = __ldg(xd + (int64_t)i * nv + v);
 #pragma unroll
                 for (int r = 0; r < RPW; r++) {
-                    if constexpr (NF) {
+                    if constexpr (NF && X8) {
+                        const float dot = (float)qdot_nf4_vec8(w[u][r], xv);
+                        acc[i][r] = fmaf(sr[u][r], d.x * dot, ZEROS ? fmaf(mr[u][r], d.y, acc[i][r]) : acc[i][r]);
+                    } else if constexpr (NF) {
                         const float dot = qdot_nf4_vec(w[u][r], xv);
                         acc[i][r] = fmaf(sr[u][r], d.x * dot, ZEROS ? fmaf(mr[u][r], d.y, acc[i][r]) : acc[i][r]);
                     } else {
-                        const int dot = qdot_vec<BITS>(w[u][r], xv);
+                        const int dot = X8 ? qdot_vec8<BITS>(w[u][r], xv) : qdot_vec<BITS>(w[u][r], xv);
                         acc[i][r] = fmaf(sr[u][r], d.x * (float)dot, fmaf(mr[u][r], d.y, acc[i][r]));
                     }
                 }
@@ -1344,7 +1403,7 @@ static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const
 
 // A warp per group of RPW rows, U vectors of each per lane, all loaded at once; a row of more than 32 * U vectors is
 // split over up to MAXW warps of a block (one step each), longer rows loop. Short rows: QDP_WARPS row groups per block.
-template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW>
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool X8 = false>
 static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n) {
     static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
@@ -1357,10 +1416,10 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
     const dim3 grid((unsigned)blocks), block((unsigned)(32 * split * gpb));
     if (loop)
-        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true>), grid, block, 0, st, y, xq, xd, W, bias, gm,
-                  n, (int)split);
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true, X8>), grid, block, 0, st, y, xq, xd, W, bias,
+                  gm, n, (int)split);
     else
-        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false>), grid, block, 0, st, y, xq, xd, W, bias,
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false, X8>), grid, block, 0, st, y, xq, xd, W, bias,
                   gm, n, (int)split);
     return FL_OK;
 }
@@ -1376,51 +1435,75 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
 //   the first kernel (a trip per step; r4u1 for int4, r8u1 over 4 warps for int8)
 //                              32.6      29.8  78.1    61.8   56.0      53.6  95.1    83.8  104.2
 //   a plain read of the codes  52.2      43.9  91.7    81.6   66.7      60.3  98.6    92.3  104.6
-template <typename T, typename S, int BITS, bool ZEROS, int N>
+// X8 (int8 x) takes the auto configurations only (cfg is ignored).
+template <typename T, typename S, int BITS, bool ZEROS, int N, bool X8>
 static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                               const T *bias, uint32_t gm, int n, int cfg) {
     if constexpr (N <= 2) {
-        if (cfg < 0) cfg = W.rb / 16 <= 1024 ? 0 : 4;
+        if (cfg < 0 || X8) cfg = W.rb / 16 <= 1024 ? 0 : 4;
         switch (cfg) {
         case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1, false, 16>(st, y, xq, xd, W, bias, gm, n);
         case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 16>(st, y, xq, xd, W, bias, gm, n);
         case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 4, false, 16>(st, y, xq, xd, W, bias, gm, n);
-        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 4>(st, y, xq, xd, W, bias, gm, n);
-        default: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 2, false, 16>(st, y, xq, xd, W, bias, gm, n);
+        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 4, X8>(st, y, xq, xd, W, bias, gm, n);
+        default: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n);
         }
     }
-    return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2, false, 16>(st, y, xq, xd, W, bias, gm, n);
+    return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n);
 }
 
-template <typename T, typename S, int BITS, bool ZEROS>
+template <typename T, typename S, int BITS, bool ZEROS, bool X8>
 static fl_status launch_qdp(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, const T *bias,
                             uint32_t gm, int n, int cfg) {
-    if (n <= 1) return launch_qdp_n<T, S, BITS, ZEROS, 1>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (n <= 2) return launch_qdp_n<T, S, BITS, ZEROS, 2>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (n <= 4) return launch_qdp_n<T, S, BITS, ZEROS, 4>(st, y, xq, xd, W, bias, gm, n, cfg);
-    return launch_qdp_n<T, S, BITS, ZEROS, 8>(st, y, xq, xd, W, bias, gm, n, cfg);
+    if (n <= 1) return launch_qdp_n<T, S, BITS, ZEROS, 1, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+    if (n <= 2) return launch_qdp_n<T, S, BITS, ZEROS, 2, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+    if (n <= 4) return launch_qdp_n<T, S, BITS, ZEROS, 4, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+    return launch_qdp_n<T, S, BITS, ZEROS, 8, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
 }
 
-template <typename T, typename S>
-static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+template <typename T, typename S, bool X8>
+static fl_status launch_qdp_int(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n, int cfg) {
     const bool z = W.m != nullptr;
+    if (W.bits == 4)
+        return z ? launch_qdp<T, S, 4, true, X8>(st, y, xq, xd, W, bias, gm, n, cfg)
+                 : launch_qdp<T, S, 4, false, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+    return z ? launch_qdp<T, S, 8, true, X8>(st, y, xq, xd, W, bias, gm, n, cfg)
+             : launch_qdp<T, S, 8, false, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+}
+
+// qb: the x form (qdp_qb)
+template <typename T, typename S>
+static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                                const T *bias, uint32_t gm, int n, int cfg, int qb) {
+    const bool z = W.m != nullptr;
     if (W.code == FL_QCODE_NF4) {  // n <= 2 only (qdp_at), one configuration: r4u2
+        if (qb & FL_QX8) {
+            if (n <= 1)
+                return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n)
+                         : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n);
+            return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n)
+                     : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n);
+        }
         if (n <= 1)
             return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n)
                      : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n);
         return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n)
                  : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n);
     }
-    if (W.bits == 4)
-        return z ? launch_qdp<T, S, 4, true>(st, y, xq, xd, W, bias, gm, n, cfg)
-                 : launch_qdp<T, S, 4, false>(st, y, xq, xd, W, bias, gm, n, cfg);
-    return z ? launch_qdp<T, S, 8, true>(st, y, xq, xd, W, bias, gm, n, cfg)
-             : launch_qdp<T, S, 8, false>(st, y, xq, xd, W, bias, gm, n, cfg);
+    if (qb & FL_QX8) return launch_qdp_int<T, S, true>(st, y, xq, xd, W, bias, gm, n, cfg);
+    return launch_qdp_int<T, S, false>(st, y, xq, xd, W, bias, gm, n, cfg);
 }
 
 static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
 static float2 *qdp_xd(fl_cuda_impl *c, int64_t C) { return (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2); }
+
+// The x form the dp2a GEMV takes for W (fl_qx_store8's QB, which the ops that write x for it use too): int8
+// (FL_QX8) under FASTLOAD_CUDA_QDOT=int8 for weights whose rows are whole 32-column blocks (the amax block of the
+// int8 form; NF4 then uses its int8 code book, qdot_nf4_vec8), else int16.
+static int qdp_qb(const fl_cuda_impl *c, const fl_qw &W) {
+    return W.bits | (c->qx8 && W.C % 32 == 0 ? FL_QX8 : 0);
+}
 
 // The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
 // The caller has checked the layout (qdp_ok) and grown c->qxq (qdp_ws_bytes). x_ready: the op before
@@ -1433,14 +1516,20 @@ static fl_status qgemv_dp_t(fl_cuda_impl *c, T *y, const T *x, int n, const fl_q
     const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;  // exact: nv * vpg <= 2^32 (qdp_ok)
     int16_t *xq = qdp_xq(c);
     float2 *xd = qdp_xd(c, W.C);
+    const int qb = qdp_qb(c, W);
     if (!x_ready) {
         const int64_t blocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
         if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %d x %lld is too many", n, (long long)W.C);
-        if (W.bits == 4) FL_LAUNCH(qx_prep_kernel<T, 4>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, st, xq, xd, x, W.perm, n, W.C);
-        else FL_LAUNCH(qx_prep_kernel<T, 8>, dim3((unsigned)blocks), dim3(QD_THREADS), 0, st, xq, xd, x, W.perm, n, W.C);
+        const dim3 grid((unsigned)blocks), block(QD_THREADS);
+        switch (qb) {
+        case 4: FL_LAUNCH((qx_prep_kernel<T, 4>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
+        case 8: FL_LAUNCH((qx_prep_kernel<T, 8>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
+        case 4 | FL_QX8: FL_LAUNCH((qx_prep_kernel<T, 4 | FL_QX8>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
+        default: FL_LAUNCH((qx_prep_kernel<T, 8 | FL_QX8>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
+        }
     }
-    return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg)
-                 : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg);
+    return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb)
+                 : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb);
 }
 
 static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W,
@@ -1489,7 +1578,7 @@ fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x
     const fl_qw W = qw_of(next);
     if (W.perm || W.C != cols || cols % 8 != 0 || !qdp_layout(c, be->act, W, x) || !qdp_at(c, W, n)) return FL_OK;
     FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
-    dst->bits = W.bits;
+    dst->bits = qdp_qb(c, W);
     dst->xq = qdp_xq(c);
     dst->xd = qdp_xd(c, W.C);
     return FL_OK;

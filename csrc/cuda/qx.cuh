@@ -8,16 +8,24 @@
 // order 0, 2, 4, 6, 1, 3, 5, 7, so one uint4 of xq meets one 32-bit word of nibbles), and
 // xd[i * (C / VC) + v] = (dx, sum). Every lane of the warp must call it (inactive lanes with on =
 // false and zeros), as the shuffles span the warp's G-lane groups.
+// QB = bits | FL_QX8 (the int8 form, FASTLOAD_CUDA_QDOT=int8, llama.cpp's activations): amax is taken over
+// blocks of 32 columns whatever the bits (4 aligned lanes; C % 32 == 0), dx = amax / 127,
+// q = rint(x * 127 / amax) (the CPU backend's FASTLOAD_CPU_QDOT=int8 rule), stored as bytes at byte offset
+// i * C + c in the same column order; xd per vector as above (sum over the vector's own columns).
 #ifndef FL_CUDA_QX_CUH
 #define FL_CUDA_QX_CUH
 #include <stdint.h>
 #include <cuda_runtime.h>
 
+#define FL_QX8 16  // QB flag: x as int8 (above); QB & 15 is the codes' bits
+
 // k0 = i * C + c0: the flat index of the thread's first column (C % VC == 0, so k0 / VC is the vector).
-template <int BITS>
+template <int QB>
 __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *__restrict__ xd, const float (&a)[8],
                                              int64_t k0, bool on) {
-    constexpr int G = (BITS == 4 ? 32 : 16) / 8;
+    constexpr int BITS = QB & 15;
+    constexpr bool X8 = (QB & FL_QX8) != 0;
+    constexpr int G = (BITS == 4 ? 32 : 16) / 8, GA = X8 ? 4 : G;  // lanes of a vector; lanes of an amax block
     float amax = 0.f, sum = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; e++) {
@@ -25,25 +33,34 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
         sum += a[e];
     }
 #pragma unroll
-    for (int o = G / 2; o > 0; o >>= 1) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o, G));
-        sum += __shfl_xor_sync(0xffffffffu, sum, o, G);
-    }
+    for (int o = GA / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o, GA));
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o, G);
     if (!on) return;
-    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    constexpr float QMAX = X8 ? 127.f : 32767.f;
+    const float inv = amax > 0.f ? QMAX / amax : 0.f;
     int q[8];
 #pragma unroll
-    for (int e = 0; e < 8; e++) q[e] = max(-32767, min(32767, __float2int_rn(a[e] * inv)));
-    auto pk = [](int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); };
-    const uint4 w = BITS == 4 ? make_uint4(pk(q[0], q[2]), pk(q[4], q[6]), pk(q[1], q[3]), pk(q[5], q[7]))
-                              : make_uint4(pk(q[0], q[1]), pk(q[2], q[3]), pk(q[4], q[5]), pk(q[6], q[7]));
-    *(uint4 *)(xq + k0) = w;
-    if ((threadIdx.x & (G - 1)) == 0) xd[k0 / (G * 8)] = make_float2(amax * (1.f / 32767.f), sum);
+    for (int e = 0; e < 8; e++) q[e] = max(-(int)QMAX, min((int)QMAX, __float2int_rn(a[e] * inv)));
+    if constexpr (X8) {
+        auto pk = [](int b0, int b1, int b2, int b3) {
+            return (uint32_t)(uint8_t)b0 | (uint32_t)(uint8_t)b1 << 8 | (uint32_t)(uint8_t)b2 << 16 | (uint32_t)(uint8_t)b3 << 24;
+        };
+        const uint2 w = BITS == 4 ? make_uint2(pk(q[0], q[2], q[4], q[6]), pk(q[1], q[3], q[5], q[7]))
+                                  : make_uint2(pk(q[0], q[1], q[2], q[3]), pk(q[4], q[5], q[6], q[7]));
+        *(uint2 *)((int8_t *)xq + k0) = w;
+    } else {
+        auto pk = [](int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); };
+        const uint4 w = BITS == 4 ? make_uint4(pk(q[0], q[2]), pk(q[4], q[6]), pk(q[1], q[3]), pk(q[5], q[7]))
+                                  : make_uint4(pk(q[0], q[1]), pk(q[2], q[3]), pk(q[4], q[5]), pk(q[6], q[7]));
+        *(uint4 *)(xq + k0) = w;
+    }
+    if ((threadIdx.x & (G - 1)) == 0) xd[k0 / (G * 8)] = make_float2(amax * (1.f / QMAX), sum);
 }
 
 // Where a producer writes x for the dp2a GEMV of the matmul that follows it (bits 0: do not).
 struct fl_qx_dst {
-    int bits;
+    int bits;  // the QB of fl_qx_store8: 4 | 8, | FL_QX8 for int8 x; 0: none
     int16_t *xq;
     float2 *xd;
 };
