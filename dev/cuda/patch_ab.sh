@@ -13,8 +13,7 @@ export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTL
 vs=""; has build && vs="build"; has tests && vs="$vs tests"
 [ -n "$vs" ] && OUT=$OUT STAGES="$vs" bash dev/cuda/verify_gpu.sh
 if has decode; then  # the checkpoint is drawn while the bench runs
-  ( [ -f /tmp/fl_qwen7b/config.json ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_bench; \
-gpu_bench.make_checkpoint('/tmp/fl_qwen7b', 'qwen2.5-7b', 4)" > "$OUT/ckpt.log" 2>&1 ) &
+  python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
   ck=$!
 fi
 if has bench && [ -x .device/qgemv_bench ]; then

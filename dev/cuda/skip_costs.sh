@@ -8,10 +8,8 @@
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
-[ -f /tmp/fl_qwen7b/config.json ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_bench; \
-gpu_bench.make_checkpoint('/tmp/fl_qwen7b', 'qwen2.5-7b', 4)" > "$OUT/ckpt.log" 2>&1 &
-[ -f /tmp/glm_st/config.json ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import chatglm_gpu as g; \
-g.make_checkpoint('/tmp/glm_st', 'chatglm2-6b', 'float16')" >> "$OUT/ckpt.log" 2>&1 &
+python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
+python3 dev/cuda/make_ckpt.py glm >> "$OUT/ckpt.log" 2>&1 &
 wait
 bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
 echo "copy $bw GB/s"

@@ -35,10 +35,8 @@ if has build; then
   python3 -c "import fastload; print(fastload.info()['cuda'])"
 fi
 if has glm || has quant || has gap; then  # checkpoints drawn while the tests run
-  ( if has glm || has gap; then python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import chatglm_gpu as g; \
-g.make_checkpoint('/tmp/glm_st', 'chatglm2-6b', 'float16')" > "$OUT/ckpt.log" 2>&1 || echo "glm ckpt failed" >> "$OUT/ckpt.log"; fi
-    if has quant; then python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_bench; \
-gpu_bench.make_checkpoint('/tmp/fl_qwen7b', 'qwen2.5-7b', 4)" >> "$OUT/ckpt.log" 2>&1 || echo "qwen ckpt failed" >> "$OUT/ckpt.log"; fi ) &
+  ( if has glm || has gap; then python3 dev/cuda/make_ckpt.py glm > "$OUT/ckpt.log" 2>&1 || echo "glm ckpt failed" >> "$OUT/ckpt.log"; fi
+    if has quant; then python3 dev/cuda/make_ckpt.py qwen7b >> "$OUT/ckpt.log" 2>&1 || echo "qwen ckpt failed" >> "$OUT/ckpt.log"; fi ) &
   ck=$!
 fi
 if has tests; then
