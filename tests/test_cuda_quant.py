@@ -12,6 +12,7 @@ weight exactly in float32 and accumulates in float32; the prefill path rounds th
 weights to the activation dtype before cuBLAS (one more rounding per weight, well inside the
 limits: its error sums like a random walk, ~0.3 u rms(ref) against a limit of 8 u rms(ref)).
 """
+import functools
 import math
 import json
 import os
@@ -76,16 +77,21 @@ def make_weight(rng, R, C, gs, fmt, perm=False):
     return inputs, params
 
 
+def unpack_codes(q, bits, C):
+    """[R, C] int64 codes from the packed bytes (4-bit: column 2j in byte j's low nibble, 2j + 1 in its high one)."""
+    if bits == 8:
+        return q.astype(np.int64)
+    codes = np.empty((q.shape[0], C), np.int64)
+    codes[:, 0::2] = q & 15
+    codes[:, 1::2] = q >> 4
+    return codes
+
+
 def dequant(inputs, params, C):
     """numpy reference of csrc/quant.h's value rule, in float64 (stored column order)."""
     q, s = inputs["q"], inputs["scales"].astype(np.float64)
     bits, gs, code = params["bits"], params["group_size"], params["code"]
-    if bits == 4:
-        codes = np.empty((q.shape[0], C), np.int64)
-        codes[:, 0::2] = q & 15
-        codes[:, 1::2] = q >> 4
-    else:
-        codes = q.astype(np.int64)
+    codes = unpack_codes(q, bits, C)
     sg = np.repeat(s, gs, axis=1)
     if code == 1:
         v = NF4.astype(np.float64)[codes] * sg
@@ -209,14 +215,8 @@ def int8_x_bound(x, inputs, params):
     C = x.shape[1]
     xa = np.abs(x.astype(np.float64))
     dx = np.repeat(xa.reshape(x.shape[0], C // 32, 32).max(axis=2) / 127.0, 32, axis=1)
-    q, s, bits, gs = inputs["q"], inputs["scales"].astype(np.float64), params["bits"], params["group_size"]
-    if bits == 4:
-        codes = np.empty((q.shape[0], C), np.int64)
-        codes[:, 0::2] = q & 15
-        codes[:, 1::2] = q >> 4
-    else:
-        codes = q.astype(np.int64)
-    sg = np.abs(np.repeat(s, gs, axis=1))
+    codes = unpack_codes(inputs["q"], params["bits"], C)
+    sg = np.abs(np.repeat(inputs["scales"].astype(np.float64), params["group_size"], axis=1))
     if params["code"] == 1:
         return (dx / 2) @ (np.abs(NF4_T8[codes]) * sg).T + xa @ (np.abs(NF4_T8 - NF4)[codes] * sg).T
     return (dx / 2) @ (codes * sg).T
@@ -535,32 +535,45 @@ def test_quantized_model_pdl_off_is_bit_identical():
         np.testing.assert_array_equal(a, b)
 
 
-def test_quantized_model_qx_fuse_bit_identical():
-    """RMSNorm and SwiGLU write the dp2a GEMV's int16 x themselves when the matmul after them takes it
-    (FASTLOAD_QX_FUSE=1, the default): the same bits as the GEMV's own prep (FASTLOAD_QX_FUSE=0), in an
-    eager forward at 1 and 2 token rows, a prefill and a graph-captured decode. The core counts the
-    matmuls that took a fused input: with fusion on it is exactly the eligible weights (integer codes,
+# Per scheme / dtype: logits of an eager forward at 1 and 2 token rows and of a prefill, then sampled ids from a
+# graph-captured decode (4 arrays a model); the JSON holds the fused matmul count of the two eager forwards and the
+# layouts.
+_FUSE_CODE = (
+    "import sys, json; sys.path[:0] = %r\nimport numpy as np, fastload\nfrom golden_util import model_dir\n"
+    "ids = np.array([[1, 17, 230, 5, 99, 412], [1, 8, 64, 300, 21, 7]])\n"
+    "out, counts = [], []\n"
+    "for s, dt in (('int8', 'bfloat16'), ('int4', 'bfloat16'), ('int4', 'float16'), ('nf4', 'bfloat16')):\n"
+    "    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir('qwen2')), device_map='cuda', "
+    "torch_dtype=dt, quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
+    "    lay = {l['name']: l for l in m._core.layouts()}\n"
+    "    c0 = m._core.info['fused_matmul_inputs']\n"
+    "    out.append(np.asarray(m(ids[:1, :1]).logits, np.float32))\n"
+    "    out.append(np.asarray(m(ids[:, :1]).logits, np.float32))\n"
+    "    counts.append([m._core.info['fused_matmul_inputs'] - c0, lay])\n"
+    "    out.append(np.asarray(m(ids).logits, np.float32))\n"
+    "    out.append(m.generate(ids, do_sample=True, seed=3, max_new_tokens=12, eos_token_id=[]).astype(np.float32))\n"
+    "np.savez(sys.argv[1], *out)\n"
+    "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n")
+
+
+@functools.cache
+def _fuse_runs(qdot):
+    """_FUSE_CODE with FASTLOAD_QX_FUSE=1 and =0 under FASTLOAD_CUDA_QDOT=qdot, each in a fresh process."""
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    return _arrays_per_setting(_FUSE_CODE % [HERE, os.path.dirname(HERE)], "FASTLOAD_QX_FUSE", ("1", "0"),
+                               {"FASTLOAD_CUDA_QDOT": qdot})
+
+
+@pytest.mark.parametrize("qdot", ["int16", "int8"])
+def test_quantized_model_qx_fuse_bit_identical(qdot):
+    """RMSNorm and SwiGLU write the dp2a GEMV's x (int16, or int8 under FASTLOAD_CUDA_QDOT=int8) themselves when the
+    matmul after them takes it (FASTLOAD_QX_FUSE=1, the default): the same bits as the GEMV's own prep
+    (FASTLOAD_QX_FUSE=0), in an eager forward at 1 and 2 token rows, a prefill and a graph-captured decode. The core
+    counts the matmuls that took a fused input: with fusion on it is exactly the eligible weights (integer codes,
     groups of whole 16-byte code vectors, no act-order perm) among qkv / gate_up / down per layer and the
     LM head, per eager forward; with fusion off it is 0."""
     _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import sys, json; sys.path[:0] = %r\nimport numpy as np, fastload\nfrom golden_util import model_dir\n"
-        "ids = np.array([[1, 17, 230, 5, 99, 412], [1, 8, 64, 300, 21, 7]])\n"
-        "out, counts = [], []\n"
-        "for s, dt in (('int8', 'bfloat16'), ('int4', 'bfloat16'), ('int4', 'float16'), ('nf4', 'bfloat16')):\n"
-        "    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir('qwen2')), device_map='cuda', "
-        "torch_dtype=dt, quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
-        "    lay = {l['name']: l for l in m._core.layouts()}\n"
-        "    c0 = m._core.info['fused_matmul_inputs']\n"
-        "    out.append(np.asarray(m(ids[:1, :1]).logits, np.float32))\n"
-        "    out.append(np.asarray(m(ids[:, :1]).logits, np.float32))\n"
-        "    counts.append([m._core.info['fused_matmul_inputs'] - c0, lay])\n"
-        "    out.append(np.asarray(m(ids).logits, np.float32))\n"
-        "    out.append(m.generate(ids, do_sample=True, seed=3, max_new_tokens=12, eos_token_id=[]).astype(np.float32))\n"
-        "np.savez(sys.argv[1], *out)\n"
-        "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n") % [HERE, os.path.dirname(HERE)]
-    res = _arrays_per_setting(code, "FASTLOAD_QX_FUSE", ("1", "0"))
+    res = _fuse_runs(qdot)
     cnt = {k: v[1] for k, v in res.items()}
     for a, b in zip(res["1"][0], res["0"][0]):
         np.testing.assert_array_equal(a, b)
@@ -578,37 +591,17 @@ def test_quantized_model_qx_fuse_bit_identical():
 
 
 def test_quantized_model_int8_x():
-    """FASTLOAD_CUDA_QDOT=int8 through a whole model: RMSNorm, SwiGLU and the attention's combine write the int8 x
-    themselves (fused_matmul_inputs as with int16 x) and give the same bits as the GEMV's own prep
-    (FASTLOAD_QX_FUSE=0); the logits follow the int16 default's (relative L2 difference below 10%: a wrong x
-    layout gives ~100%; seen 5.7% of the largest logit at worst on this random-weight fixture, which is past the
-    5% MODEL_TOL of float-close paths) and differ from them (the int8 path ran)."""
+    """FASTLOAD_CUDA_QDOT=int8 through a whole model (its fusion: test_quantized_model_qx_fuse_bit_identical): the
+    logits follow the int16 default's (relative L2 difference below 10%: a wrong x layout gives ~100%; seen 5.7% of
+    the largest logit at worst on this random-weight fixture, which is past the 5% MODEL_TOL of float-close paths)
+    and differ from them in every model (the int8 path ran)."""
     _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import sys, json; sys.path[:0] = %r\nimport numpy as np, fastload\nfrom golden_util import model_dir\n"
-        "ids = np.array([[1, 17, 230, 5, 99, 412], [1, 8, 64, 300, 21, 7]])\n"
-        "out, counts = [], []\n"
-        "for s, dt in (('int8', 'bfloat16'), ('int4', 'bfloat16'), ('int4', 'float16'), ('nf4', 'bfloat16')):\n"
-        "    m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir('qwen2')), device_map='cuda', "
-        "torch_dtype=dt, quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
-        "    c0 = m._core.info['fused_matmul_inputs']\n"
-        "    out.append(np.asarray(m(ids[:1, :1]).logits, np.float32))\n"
-        "    out.append(np.asarray(m(ids[:, :1]).logits, np.float32))\n"
-        "    counts.append(m._core.info['fused_matmul_inputs'] - c0)\n"
-        "    out.append(m.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=False).astype(np.float32))\n"
-        "np.savez(sys.argv[1], *out)\n"
-        "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n") % [HERE, os.path.dirname(HERE)]
-    i8 = _arrays_per_setting(code, "FASTLOAD_QX_FUSE", ("1", "0"), {"FASTLOAD_CUDA_QDOT": "int8"})
-    i16 = _arrays_per_setting(code, "FASTLOAD_QX_FUSE", ("1",), {"FASTLOAD_CUDA_QDOT": "int16"})
-    for a, b in zip(i8["1"][0], i8["0"][0]):
-        np.testing.assert_array_equal(a, b)
-    assert i8["1"][1] == i16["1"][1] and min(i8["1"][1]) > 0 and max(i8["0"][1]) == 0, (i8["1"][1], i16["1"][1])
-    differ = [False] * (len(i8["1"][0]) // 3)  # per model: two logits arrays, then the generated ids
-    for k, (a, b) in enumerate(zip(i8["1"][0], i16["1"][0])):
-        if k % 3 == 2:
-            continue  # generated ids: equal or not, as the margins fall
+    i8, i16 = _fuse_runs("int8")["1"][0], _fuse_runs("int16")["1"][0]
+    differ = [False] * (len(i8) // 4)
+    for k, (a, b) in enumerate(zip(i8, i16)):
+        if k % 4 == 3:
+            continue  # sampled ids: equal or not, as the probabilities fall
         rel = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64))
         assert rel < 0.1, (k, rel)
-        differ[k // 3] |= not np.array_equal(a, b)
+        differ[k // 4] |= not np.array_equal(a, b)
     assert all(differ), f"int8 x gave the int16 default's logits bit for bit (per model {differ}): it did not run"
