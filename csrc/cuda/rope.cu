@@ -96,16 +96,26 @@ __global__ void __launch_bounds__(ROPE_THREADS) rope_store_kernel(T *__restrict_
     const int pass = hd - rd, ncopy = store ? nkv * pass + nkv * hd : 0;  // k's unrotated dims, then v
     float pa[ROPE_PP], pc[ROPE_PP];
     T cp[ROPE_PP];
+    // pair q: head h, frequency i, its elements (i0, i1) of the head (loads and the rotation below)
+    struct pair_ix { int h, i, i0, i1; };
+    auto pair_of = [&](int q) {
+        const int h = q / half, i = q % half;
+        return pair_ix{h, i, INTER ? 2 * i : i, INTER ? 2 * i + 1 : i + half};
+    };
+    // copy e: k's unrotated dims [rd, hd) of each kv head (e < nkv * pass), then v; its offset in those rows
+    auto copy_off = [&](int e) -> int64_t {
+        return e < nkv * pass ? (int64_t)(e / pass) * hd + rd + e % pass : (int64_t)(e - nkv * pass);
+    };
     auto load_pairs = [&](int base) {
 #pragma unroll
         for (int k = 0; k < ROPE_PP; k++) {
             const int q = base + k * (int)blockDim.x + (int)threadIdx.x;
             pa[k] = pc[k] = 0.f;
             if (q < npairs) {
-                const int h = q / half, i = q % half;
-                const T *v = row + (int64_t)h * hd;
-                pa[k] = fl_to_f32(v[INTER ? 2 * i : i]);
-                pc[k] = fl_to_f32(v[INTER ? 2 * i + 1 : i + half]);
+                const pair_ix p = pair_of(q);
+                const T *v = row + (int64_t)p.h * hd;
+                pa[k] = fl_to_f32(v[p.i0]);
+                pc[k] = fl_to_f32(v[p.i1]);
             }
         }
     };
@@ -114,8 +124,7 @@ __global__ void __launch_bounds__(ROPE_THREADS) rope_store_kernel(T *__restrict_
 #pragma unroll
         for (int k = 0; k < ROPE_PP; k++) {
             const int e = base + k * (int)blockDim.x + (int)threadIdx.x;
-            if (e < nkv * pass) cp[k] = ksrc[(int64_t)(e / pass) * hd + rd + e % pass];
-            else if (e < ncopy) cp[k] = vsrc[e - nkv * pass];
+            if (e < ncopy) cp[k] = (e < nkv * pass ? ksrc : vsrc)[copy_off(e)];
         }
     };
     load_pairs(0);
@@ -135,8 +144,7 @@ __global__ void __launch_bounds__(ROPE_THREADS) rope_store_kernel(T *__restrict_
         for (int k = 0; k < ROPE_PP; k++) {
             const int q = base + k * (int)blockDim.x + (int)threadIdx.x;
             if (q >= npairs) break;
-            const int h = q / half, i = q % half;
-            const int i0 = INTER ? 2 * i : i, i1 = INTER ? 2 * i + 1 : i + half;
+            const auto [h, i, i0, i1] = pair_of(q);
             T *v = row + (int64_t)h * hd;
             float a = pa[k], c = pc[k];
             if (NORM) {  // q_norm for the q heads, k_norm for the k heads; one rounding, after the rotation
@@ -161,8 +169,7 @@ __global__ void __launch_bounds__(ROPE_THREADS) rope_store_kernel(T *__restrict_
 #pragma unroll
         for (int k = 0; k < ROPE_PP; k++) {
             const int e = base + k * (int)blockDim.x + (int)threadIdx.x;
-            if (e < nkv * pass) kdst[(e / pass) * hd + rd + e % pass] = cp[k];
-            else if (e < ncopy) vdst[e - nkv * pass] = cp[k];
+            if (e < ncopy) (e < nkv * pass ? kdst : vdst)[copy_off(e)] = cp[k];
         }
     }
 }
