@@ -1,10 +1,11 @@
 // dev/cuda/qgemv_bench.cu: the quantised decode GEMV (csrc/cuda/qmatmul.cu) on Qwen2.5-7B's shapes against the
 // device's copy bandwidth and a plain read of the same bytes: the backend as the model calls it (x prep + GEMV) and
-// the dp2a GEMV alone under each FASTLOAD_QDP_CFG configuration (launch_qdp_n), validated against the backend.
+// the dp2a GEMV alone under each FASTLOAD_QDP_CFG configuration (launch_qdp_n), validated against the backend, and
+// "x8-auto": the library's int8-x form (FASTLOAD_CUDA_QDOT=int8; validated within 3%, its error is ~1% by design).
 // Then, one line each, the experiments of 2026-12-02 (twelfth session, benchmarks/results/qgemv-tma-2026-12-02-h200/):
 // the GEMV streamed through shared memory by the copy engine, block-wide (qgemv_tma_kernel, "t-auto" = its own plan,
 // "t-w<warps>r<rows a warp>s<warps a row>" forced) and per warp (qgemv_tmaw_kernel, "w-r<rows a tile>w<warps>", and
-// its -loads / -compute phases; "x8-..." the same on int8 x, not yet run); a plan that does not fit the shape is left
+// its -loads / -compute phases; "x8-r4w8..." the same on int8 x: gate_up 19.7 us, compute alone 13.7); a plan that does not fit the shape is left
 // out. With BENCH_EXP=1 also those of the
 // eleventh session (benchmarks/results/qgemv-phases-2026-12-02-h200/): a persistent software-pipelined form
 // (qgemv_dps_kernel, "s<cfg>/<split>") and the one-trip kernel's phases (exp_dp_kernel, "e-...": -loads = codes and
@@ -127,28 +128,10 @@ __device__ __forceinline__ int qdot_vec_ilp(const uint4 &c, const uint4 *xv) {
     }
 }
 
-// The same against int8 x (an experiment, compiled but NOT yet run on a GPU: the session's device time ran out; bench
-// rows "x8-r4w8" and "x8-r4w8-compute", the latter against note12's 16.2 us for int16 x; the numerics of the CPU
-// backend's decode path, x in int8 per 32 columns):
-// per word of codes one dp4a for the low nibbles and one for the high ones (in place, bytes 16 q), against x words in
-// the int16 layout's column order, bytes (0, 2, 4, 6) then (1, 3, 5, 7); 8 dp4a per 16-byte vector instead of 16 dp2a.
-__device__ __forceinline__ int dp4us(uint32_t a, uint32_t b, int c) {
-    int d;
-    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int qdot_vec_x8(const uint4 &c, const uint4 *xv) {
-    const uint32_t cw[4] = {c.x, c.y, c.z, c.w}, xw[8] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w};
-    int dl[2] = {0, 0}, dh[2] = {0, 0};
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        dl[k & 1] = dp4us(cw[k] & 0x0F0F0F0Fu, xw[2 * k], dl[k & 1]);
-        dh[k & 1] = dp4us(cw[k] & 0xF0F0F0F0u, xw[2 * k + 1], dh[k & 1]);
-    }
-    return (dl[0] + dl[1]) + ((dh[0] + dh[1]) >> 4);
-}
+// The same against int8 x: the library's qdot_vec8<4> (FASTLOAD_CUDA_QDOT=int8; first measured here, 2026-12-02,
+// thirteenth session: gate_up compute alone 13.65 us against 16.27 on int16 x).
 
-// int8 x for qdot_vec_x8 from the int16 x of the dp2a GEMV (q8 = rint(q16 / 258), scale x 258), one thread a uint4 of
+// int8 x for qdot_vec8<4> from the int16 x of the dp2a GEMV (q8 = rint(q16 / 258), scale x 258), one thread a uint4 of
 // xq (8 columns): the bench's stand-in for a prep that would write it directly.
 __global__ void qx16_to_x8(uint2 *__restrict__ x8, float2 *__restrict__ x8d, const uint4 *__restrict__ xq,
                            const float2 *__restrict__ xd, int64_t n16) {
@@ -169,7 +152,7 @@ __global__ void qx16_to_x8(uint2 *__restrict__ x8, float2 *__restrict__ x8d, con
 
 // One lane's dot products over a stage of RPW rows (codes cs[r * nv + v], scales / offsets ss / ms[r * ng + g]) against
 // x in shared memory (xs transposed, [XV][nv] uint4; xds the per-vector (scale, sum)), vectors v0, v0 + step, ...
-template <typename S, int BITS, bool ZEROS, int RPW, int DOT>  // DOT 0: qdot_vec, 1: qdot_vec_ilp, 2: qdot_vec_x8 (int8 x)
+template <typename S, int BITS, bool ZEROS, int RPW, int DOT>  // DOT 0: qdot_vec, 1: qdot_vec_ilp, 2: qdot_vec8<4> (int8 x)
 __device__ __forceinline__ void qtma_rows_dot(float (&acc)[RPW], const uint4 *cs, const S *ss, const S *ms, const uint4 *xs,
                                               const float2 *xds, int64_t nv, int ng, uint32_t gmagic, int64_t v0,
                                               int64_t step) {
@@ -190,7 +173,7 @@ __device__ __forceinline__ void qtma_rows_dot(float (&acc)[RPW], const uint4 *cs
             const float sc = fl_to_f32(ss[(int64_t)r * ng + g]);
             const float m = ZEROS ? fl_to_f32(ms[(int64_t)r * ng + g]) : -sc * HALF;
             int dot;
-            if constexpr (DOT == 2) dot = qdot_vec_x8(c, xv);
+            if constexpr (DOT == 2) dot = qdot_vec8<4>(c, xv);
             else dot = DOT == 1 ? qdot_vec_ilp<BITS>(c, xv) : qdot_vec<BITS>(c, xv);
             acc[r] = fmaf(sc, d.x * (float)dot, fmaf(m, d.y, acc[r]));
         }
@@ -410,7 +393,7 @@ static fl_status launch_qtma_fmt(cudaStream_t st, T *y, const int16_t *xq, const
 // products, shuffles) is paid in series. Here each warp is its own pipeline: lane 0 keeps NSW tiles of RPW rows of
 // the warp's own in flight (one bulk copy each for codes, scales, offsets; the warp refills a stage as soon as its
 // lanes have read it), so the block's warps overlap each other's per-tile latency; x as in qgemv_tma_kernel.
-// X8: x is int8 (qdot_vec_x8; xq then points to its bytes, xd to its (scale, sum)), 4-bit codes only.
+// X8: x is int8 (qdot_vec8<4>; xq then points to its bytes, xd to its (scale, sum)), 4-bit codes only.
 template <typename T, typename S, int BITS, bool ZEROS, int RPW, int CW, int MODE, bool X8>  // MODE 1: loads only, 2: compute only
 __global__ void __launch_bounds__(CW * 32, 1)
 qgemv_tmaw_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
@@ -898,10 +881,27 @@ int main(int argc, char **argv) {
         const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;
         auto dp = [&](int cfg) {
             return [&, cfg](const fl_qw &W) -> fl_status {
-                return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg);
+                return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg, W.bits);
             };
         };
-        std::vector<V> vs = {{"auto", dp(-1)}, {"r4u2", dp(0)}, {"r4u1", dp(1)}, {"r8u1", dp(2)}, {"r2u4", dp(3)}, {"r8u1w4", dp(4)}};
+        // the library's int8-x form (FASTLOAD_CUDA_QDOT=int8): x prepared once by its own prep kernel (not timed)
+        int16_t *xl8;
+        float2 *xl8d;
+        CK(cudaMalloc(&xl8, s.C));
+        CK(cudaMalloc(&xl8d, (s.C / 16) * sizeof(float2)));
+        {
+            const unsigned blocks = (unsigned)((s.C / 8 + QD_THREADS - 1) / QD_THREADS);
+            if (s.bits == 4) qx_prep_kernel<__nv_bfloat16, 4 | FL_QX8><<<blocks, QD_THREADS, 0, st>>>(xl8, xl8d, x, nullptr, 1, s.C);
+            else qx_prep_kernel<__nv_bfloat16, 8 | FL_QX8><<<blocks, QD_THREADS, 0, st>>>(xl8, xl8d, x, nullptr, 1, s.C);
+            CK(cudaGetLastError());
+        }
+        x8s.push_back(xl8);
+        x8s.push_back(xl8d);
+        auto dp8 = [&](const fl_qw &W) -> fl_status {
+            return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, xl8, xl8d, W, nullptr, gm, 1, -1, W.bits | FL_QX8);
+        };
+        std::vector<V> vs = {{"auto", dp(-1)}, {"r4u2", dp(0)}, {"r4u1", dp(1)}, {"r8u1", dp(2)}, {"r2u4", dp(3)},
+                             {"r8u1w4", dp(4)}, {"x8-auto", dp8}};
         const size_t n_dp = vs.size();
         // streaming variants, each split (0 = its auto rule); printed one per line after the table row
         static char names[64][32];
@@ -936,7 +936,7 @@ int main(int argc, char **argv) {
         vs.push_back({"w-r8w4", [&](const fl_qw &W) { return tmaw<8, 4>(st, y2, xqp, xdp, W, gm, n_sm); }});
         vs.push_back({"w-r4w8-loads", [&](const fl_qw &W) { return tmaw<4, 8, 1>(st, y2, xqp, xdp, W, gm, n_sm); }});
         vs.push_back({"w-r4w8-compute", [&](const fl_qw &W) { return tmaw<4, 8, 2>(st, y2, xqp, xdp, W, gm, n_sm); }});
-        // int8 x (qdot_vec_x8), made once from the int16 x the backend left (not timed, like the prep above)
+        // int8 x (qdot_vec8<4>), made once from the int16 x the backend left (not timed, like the prep above)
         uint2 *x8 = nullptr;
         float2 *x8d = nullptr;
         CK(cudaMalloc(&x8, s.C));
@@ -987,7 +987,7 @@ int main(int argc, char **argv) {
                 if (!std::isfinite(q)) num = INFINITY;
             }
             errs.push_back(sqrt(num / (den > 0 ? den : 1)));
-            if (!(errs.back() < 1e-2)) {
+            if (!(errs.back() < (strncmp(v.name, "x8", 2) ? 1e-2 : 3e-2))) {  // int8 x: ~1% by design
                 failures++;
                 printf("  %s FAILS: rel err %.3e (backend dp layout %d at %d; y %g %g %g, y2 %g %g %g)\n", v.name, errs.back(),
                        (int)qdp_layout(c, FL_BF16, W0, x), (int)qdp_at(c, W0, 1), fl_bf16_to_f32(hy[0]), fl_bf16_to_f32(hy[1]),
