@@ -188,12 +188,13 @@ static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const v
     if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "rmsnorm: the dp2a GEMV's x cannot be written for d = %lld", (long long)d);
     const bool cached = vec && d / fl_vec<T>::EPV <= (int64_t)RMS_RV * RMS_CACHED_THREADS;
 #define FL_RMS(VEC_, QB_, C_) FL_LAUNCH((rmsnorm_kernel<T, VEC_, ADD, QB_, C_>), dim3(n), dim3(C_ ? RMS_CACHED_THREADS : ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps, qd)
-    if (qb == 4) { if (cached) FL_RMS(true, 4, true); else FL_RMS(true, 4, false); }
-    else if (qb == 8) { if (cached) FL_RMS(true, 8, true); else FL_RMS(true, 8, false); }
-    else if (qb == (4 | FL_QX8)) { if (cached) FL_RMS(true, 4 | FL_QX8, true); else FL_RMS(true, 4 | FL_QX8, false); }
-    else if (qb == (8 | FL_QX8)) { if (cached) FL_RMS(true, 8 | FL_QX8, true); else FL_RMS(true, 8 | FL_QX8, false); }
-    else if (qb) return fl_err(FL_E_INTERNAL, "rmsnorm: x form %d for the dp2a GEMV", qb);
-    else if (cached) FL_RMS(true, 0, true);
+    if (qb)
+        return fl_qx_dispatch(qb, "rmsnorm", [&](auto QB) -> fl_status {
+            if (cached) FL_RMS(true, decltype(QB)::value, true);
+            else FL_RMS(true, decltype(QB)::value, false);
+            return FL_OK;
+        });
+    if (cached) FL_RMS(true, 0, true);
     else if (vec) FL_RMS(true, 0, false);
     else FL_RMS(false, 0, false);
 #undef FL_RMS
@@ -261,12 +262,12 @@ fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *g
         if (blocks > 65535 * 16) blocks = 65535 * 16;
         const int qb = vec && fl_vec<T>::EPV == 8 && f % 32 == 0 ? qd.bits : 0;
         if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "swiglu: the dp2a GEMV's x cannot be written for f = %lld", (long long)f);
-        if (qb == 4) FL_SWIGLU(true, 4);
-        else if (qb == 8) FL_SWIGLU(true, 8);
-        else if (qb == (4 | FL_QX8)) FL_SWIGLU(true, 4 | FL_QX8);
-        else if (qb == (8 | FL_QX8)) FL_SWIGLU(true, 8 | FL_QX8);
-        else if (qb) return fl_err(FL_E_INTERNAL, "swiglu: x form %d for the dp2a GEMV", qb);
-        else if (vec) FL_SWIGLU(true, 0);
+        if (qb)
+            return fl_qx_dispatch(qb, "swiglu", [&](auto QB) -> fl_status {
+                FL_SWIGLU(true, decltype(QB)::value);
+                return FL_OK;
+            });
+        if (vec) FL_SWIGLU(true, 0);
         else FL_SWIGLU(false, 0);
     });
 #undef FL_SWIGLU

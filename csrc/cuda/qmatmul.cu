@@ -801,11 +801,8 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
                 const float2 d = __ldg(xd + (int64_t)i * nv + v);
 #pragma unroll
                 for (int r = 0; r < RPW; r++) {
-                    if constexpr (NF && X8) {
-                        const float dot = (float)qdot_nf4_vec8(w[u][r], xv);
-                        acc[i][r] = fmaf(sr[u][r], d.x * dot, ZEROS ? fmaf(mr[u][r], d.y, acc[i][r]) : acc[i][r]);
-                    } else if constexpr (NF) {
-                        const float dot = qdot_nf4_vec(w[u][r], xv);
+                    if constexpr (NF) {
+                        const float dot = X8 ? (float)qdot_nf4_vec8(w[u][r], xv) : qdot_nf4_vec(w[u][r], xv);
                         acc[i][r] = fmaf(sr[u][r], d.x * dot, ZEROS ? fmaf(mr[u][r], d.y, acc[i][r]) : acc[i][r]);
                     } else {
                         const int dot = X8 ? qdot_vec8<BITS>(w[u][r], xv) : qdot_vec<BITS>(w[u][r], xv);
@@ -1472,25 +1469,24 @@ static fl_status launch_qdp_int(cudaStream_t st, T *y, const int16_t *xq, const 
              : launch_qdp<T, S, 8, false, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
 }
 
+template <typename T, typename S, bool X8>
+static fl_status launch_qdp_nf4(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                                const T *bias, uint32_t gm, int n) {
+    const bool z = W.m != nullptr;
+    if (n <= 1)
+        return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n)
+                 : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+    return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n)
+             : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+}
+
 // qb: the x form (qdp_qb)
 template <typename T, typename S>
 static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n, int cfg, int qb) {
-    const bool z = W.m != nullptr;
-    if (W.code == FL_QCODE_NF4) {  // n <= 2 only (qdp_at), one configuration: r4u2
-        if (qb & FL_QX8) {
-            if (n <= 1)
-                return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n)
-                         : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n);
-            return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n)
-                     : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, bias, gm, n);
-        }
-        if (n <= 1)
-            return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n)
-                     : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n);
-        return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n)
-                 : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16>(st, y, xq, xd, W, bias, gm, n);
-    }
+    if (W.code == FL_QCODE_NF4)  // n <= 2 only (qdp_at), one configuration: r4u2
+        return qb & FL_QX8 ? launch_qdp_nf4<T, S, true>(st, y, xq, xd, W, bias, gm, n)
+                           : launch_qdp_nf4<T, S, false>(st, y, xq, xd, W, bias, gm, n);
     if (qb & FL_QX8) return launch_qdp_int<T, S, true>(st, y, xq, xd, W, bias, gm, n, cfg);
     return launch_qdp_int<T, S, false>(st, y, xq, xd, W, bias, gm, n, cfg);
 }
@@ -1520,13 +1516,11 @@ static fl_status qgemv_dp_t(fl_cuda_impl *c, T *y, const T *x, int n, const fl_q
     if (!x_ready) {
         const int64_t blocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
         if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %d x %lld is too many", n, (long long)W.C);
-        const dim3 grid((unsigned)blocks), block(QD_THREADS);
-        switch (qb) {
-        case 4: FL_LAUNCH((qx_prep_kernel<T, 4>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
-        case 8: FL_LAUNCH((qx_prep_kernel<T, 8>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
-        case 4 | FL_QX8: FL_LAUNCH((qx_prep_kernel<T, 4 | FL_QX8>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
-        default: FL_LAUNCH((qx_prep_kernel<T, 8 | FL_QX8>), grid, block, 0, st, xq, xd, x, W.perm, n, W.C); break;
-        }
+        FL_TRY(fl_qx_dispatch(qb, "quantised matmul", [&](auto QB) -> fl_status {
+            FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0, st, xq, xd,
+                      x, W.perm, n, W.C);
+            return FL_OK;
+        }));
     }
     return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb)
                  : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb);

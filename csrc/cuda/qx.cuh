@@ -15,7 +15,9 @@
 #ifndef FL_CUDA_QX_CUH
 #define FL_CUDA_QX_CUH
 #include <stdint.h>
+#include <type_traits>
 #include <cuda_runtime.h>
+#include "fl_common.h"
 
 #define FL_QX8 16  // QB flag: x as int8 (above); QB & 15 is the codes' bits
 
@@ -56,6 +58,20 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
         *(uint4 *)(xq + k0) = w;
     }
     if ((threadIdx.x & (G - 1)) == 0) xd[k0 / (G * 8)] = make_float2(amax * (1.f / QMAX), sum);
+}
+
+// The one place a runtime x form becomes a template argument: f(std::integral_constant<int, QB>()) for qb = 4, 8,
+// 4 | FL_QX8 or 8 | FL_QX8 (the kernels that write or read x take QB as a template parameter); what f returns, or an
+// error naming `what` for any other qb.
+template <typename F>
+static fl_status fl_qx_dispatch(int qb, const char *what, F &&f) {
+    switch (qb) {
+    case 4: return f(std::integral_constant<int, 4>());
+    case 8: return f(std::integral_constant<int, 8>());
+    case 4 | FL_QX8: return f(std::integral_constant<int, 4 | FL_QX8>());
+    case 8 | FL_QX8: return f(std::integral_constant<int, 8 | FL_QX8>());
+    default: return fl_err(FL_E_INTERNAL, "%s: x form %d for the dp2a GEMV", what, qb);
+    }
 }
 
 // Where a producer writes x for the dp2a GEMV of the matmul that follows it (bits 0: do not).
