@@ -164,6 +164,12 @@ struct fl_backend {
     fl_status (*attention)(fl_backend *, void *out_d, const void *qkv_d, const fl_step *s,
                            const fl_kvcache *kv, int layer, int n_heads, int window, float scale,
                            const fl_weight *next);
+    /* Optional: rope_store then attention of one layer, as those two calls would do them (the same output and cache);
+     * the backend may fuse them and then leave q and k in qkv unrotated (CUDA: the decode attention rotates them
+     * itself). NULL: callers make the two calls (fl_rope_attention below). */
+    fl_status (*rope_attention)(fl_backend *, void *out_d, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
+                                int n_heads, const float *inv_freq_d, const fl_rope_style *style,
+                                const fl_weight *qk_norm, float eps, int window, float scale, const fl_weight *next);
     /* out[n, f] = silu(gu[n, 0:f]) * gu[n, f:2f]; next as for rmsnorm */
     fl_status (*swiglu)(fl_backend *, void *out_d, const void *gu_d, int n, int f, const fl_weight *next);
     /* Optional: out[n, f] = swiglu(x[n, W.cols] @ W^T) for the fused [gate | up] weight W ([2f, cols], no bias), with
@@ -271,4 +277,17 @@ fl_status fl_cuda_h2d_bandwidth(int device, uint64_t bytes, int repeats, double 
 #ifdef __cplusplus
 }
 #endif
+/* rope_store + attention of one layer through the backend's fused op where it has one */
+static inline fl_status fl_rope_attention(fl_backend *be, void *out_d, void *qkv_d, const fl_step *s, fl_kvcache *kv,
+                                          int layer, int n_heads, const float *inv_freq_d, const fl_rope_style *style,
+                                          const fl_weight *qk_norm, float eps, int window, float scale,
+                                          const fl_weight *next) {
+    if (be->rope_attention)
+        return be->rope_attention(be, out_d, qkv_d, s, kv, layer, n_heads, inv_freq_d, style, qk_norm, eps, window,
+                                  scale, next);
+    fl_status st = be->rope_store(be, qkv_d, s, kv, layer, n_heads, inv_freq_d, style, qk_norm, eps);
+    if (st != FL_OK) return st;
+    return be->attention(be, out_d, qkv_d, s, kv, layer, n_heads, window, scale, next);
+}
+
 #endif

@@ -1496,11 +1496,16 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
         if (!SKIP(FL_SKIP_QKV))
             STEP(be->matmul(be, m->ws_qkv, m->ws_xn, N, &W->wqkv, c->qkv_bias ? &W->bqkv : NULL)); /* [N, (nh+2nkv)hd] */
         /* Qwen3: q and k heads RMS-normed (q_norm / k_norm) in the same op, before the rotation */
-        if (!SKIP(FL_SKIP_ROPE))
-            STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
-                                c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
-        if (!SKIP(FL_SKIP_ATTENTION))
-            STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale, &W->wo)); /* [N, nh*hd] */
+        if (!SKIP(FL_SKIP_ROPE | FL_SKIP_ATTENTION)) { /* [N, nh*hd]; the backend may fuse the two */
+            STEP(fl_rope_attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
+                                   c->qk_norm ? &W->qk_norm : NULL, c->rms_eps, c->window[l], scale, &W->wo));
+        } else {
+            if (!SKIP(FL_SKIP_ROPE))
+                STEP(be->rope_store(be, m->ws_qkv, step, kv, l, c->n_heads, m->inv_freq_d, &rope,
+                                    c->qk_norm ? &W->qk_norm : NULL, c->rms_eps));
+            if (!SKIP(FL_SKIP_ATTENTION))
+                STEP(be->attention(be, m->ws_att, m->ws_qkv, step, kv, l, c->n_heads, c->window[l], scale, &W->wo));
+        }
         if (!SKIP(FL_SKIP_O)) STEP(be->matmul(be, m->ws_delta, m->ws_att, N, &W->wo, NULL)); /* [N, d] */
         if (c->n_experts) { /* Mixture of Experts: route each token to top_k experts, only theirs are read */
             STEP(be->add_rmsnorm(be, m->ws_xn, m->ws_x, m->ws_delta, &W->ffn_norm, N, c->rms_eps, &W->moe_router));

@@ -183,11 +183,14 @@ def assert_greedy_match(actual, expected, prompt_len: int, margins=None, atol: f
                                  f"     {a[b, :n].tolist()}\n expected {e[b, :n].tolist()}")
 
 
-def teacher_forced_check(model, ids, greedy, margins, mask=None):
+def teacher_forced_check(model, ids, greedy, margins, mask=None, err=0.0):
     """Run the reference's greedy sequence through fastload in one forward; at every generated step
     the argmax must equal the reference token wherever the reference's top-1/top-2 margin exceeds
-    twice fastload's measured logit error at that step. Returns True when that holds at every step
-    (so free-running greedy decoding must reproduce the reference exactly)."""
+    twice fastload's logit error at that step: the larger of what the step shows (by how much fastload
+    prefers its own token) and `err`, the largest logit error measured where reference logits exist
+    (the prompt's, in the same run; 16-bit runs pass it: a 1-ulp change anywhere in the forward moves
+    bfloat16 logits by that much, and a near-tie may then flip). Returns True when that holds at every
+    step (so free-running greedy decoding must reproduce the reference exactly)."""
     T, N = ids.shape[1], greedy.shape[1] - ids.shape[1]
     full_mask = None if mask is None else np.concatenate([mask, np.ones((mask.shape[0], N - 1), mask.dtype)], 1)
     pos = None if mask is None else np.maximum(np.cumsum(full_mask, 1) - 1, 0) * full_mask + (1 - full_mask)
@@ -201,7 +204,7 @@ def teacher_forced_check(model, ids, greedy, margins, mask=None):
             ref_tok = greedy[b, T + s]
             m = margins[b, s]
             err_bound = top2[1] - row[ref_tok] if mine != ref_tok else 0.0
-            if m > 2 * (abs(err_bound) + 1e-6) or mine == ref_tok:
+            if m > 2 * (max(abs(err_bound), err) + 1e-6) or mine == ref_tok:
                 assert mine == ref_tok, f"row {b} step {s}: fastload {mine} vs reference {ref_tok} (margin {m:.3g})"
             else:
                 all_clear = False

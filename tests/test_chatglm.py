@@ -199,6 +199,29 @@ def test_rope_store_interleaved_partial_matches_numpy(nh, nkv, hd, rd):
     np.testing.assert_array_equal(got["v_cache"][0, :T], v.astype(np.float32))
 
 
+@pytest.mark.parametrize("T,start,rd,inter", [(1, 6, 8, 1), (3, 2, 8, 1), (1, 4, 16, 0)])
+def test_rope_attention_op_is_rope_store_then_attention(T, start, rd, inter):
+    """The backend's rope_attention op (fused into the decode attention on CUDA) is, on the CPU backend, rope_store
+    then attention: the same out and caches, bit for bit (tests/test_cuda_ops.py checks the CUDA kernel)."""
+    rng = np.random.default_rng(T * 100 + rd)
+    nh, nkv, hd, L = 4, 2, 16, 12
+    qkv = rng.normal(size=(T, (nh + 2 * nkv) * hd)).astype(np.float32)
+    pos = rng.integers(0, 5000, T).astype(np.int32)
+    inv = (1 / 10000 ** (np.arange(0, rd, 2) / rd)).astype(np.float32)
+    kc, vc = rng.normal(size=(2, 1, L, nkv, hd)).astype(np.float32)
+    p = {"B": 1, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "head_dim": hd, "rope_dims": rd,
+         "rope_interleaved": inter, "rope_round": 0}
+    fused = _C.run_op("cpu", "rope_attention", {"qkv": qkv, "pos": pos, "inv_freq": inv, "k_cache": kc, "v_cache": vc},
+                      dict(p, window=0, scale=0.25))
+    r = _C.run_op("cpu", "rope_store", {"qkv": qkv, "pos": pos, "inv_freq": inv, "k_cache": kc, "v_cache": vc}, p)
+    a = _C.run_op("cpu", "attention", {"qkv": r["qkv"], "k_cache": r["k_cache"], "v_cache": r["v_cache"]},
+                  {"B": 1, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "window": 0, "scale": 0.25})
+    np.testing.assert_array_equal(fused["out"], a["out"])
+    np.testing.assert_array_equal(fused["k_cache"], r["k_cache"])
+    np.testing.assert_array_equal(fused["v_cache"], r["v_cache"])
+    assert not np.array_equal(fused["k_cache"], kc)  # the new key reached the cache
+
+
 def test_rope_store_style_is_checked():
     qkv = np.zeros((1, 4 * 8), np.float32)
     with pytest.raises(ValueError, match="rope_dims"):

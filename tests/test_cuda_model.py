@@ -32,14 +32,20 @@ def test_golden_on_gpu(name, dtype):
     assert np.isfinite(lg).all()
     ref = case["single_logits"]
     tol = (TOL_MOE if name == "mixtral" else TOL)[dtype]
-    assert np.abs(lg - ref).max() / np.abs(ref).max() < tol
+    err = np.abs(lg - ref).max()
+    assert err / np.abs(ref).max() < tol
     mask = case["batch_mask"]
     bl = m(case["batch_ids"], attention_mask=mask).logits
-    assert np.abs(bl - case["batch_logits"])[mask.astype(bool)].max() / np.abs(case["batch_logits"]).max() < tol
+    berr = np.abs(bl - case["batch_logits"])[mask.astype(bool)].max()
+    assert berr / np.abs(case["batch_logits"]).max() < tol
     if name == "mixtral" and dtype == "bfloat16":
         return  # the teacher-forced check bounds a step's error by its logits' distance; a routing flip breaks that
-    clear = teacher_forced_check(m, case["single_ids"], case["single_greedy"], case["single_greedy_margins"])
-    clear &= teacher_forced_check(m, case["batch_ids"], case["batch_greedy"], case["batch_greedy_margins"], mask)
+    # near-ties within the logit error measured above may flip (seen: qwen3 bfloat16, a 0.135 margin, after rope's
+    # float32 rounding changed by one ulp): the generated steps are held to that measured error
+    err = float(max(err, berr))
+    clear = teacher_forced_check(m, case["single_ids"], case["single_greedy"], case["single_greedy_margins"], err=err)
+    clear &= teacher_forced_check(m, case["batch_ids"], case["batch_greedy"], case["batch_greedy_margins"], mask,
+                                  err=err)
     if clear:
         n = case["meta"]["max_new_tokens"]
         np.testing.assert_array_equal(m.generate(case["single_ids"], max_new_tokens=n, eos_token_id=None), case["single_greedy"])

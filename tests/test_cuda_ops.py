@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fastload import _C
+from paged_util import paged_case
 from cuda_util import (ACTS, ATT_ELEM_K, ATT_REL_L2, DEV, REL_L2, check_close, check_exact, randn,
                        rng_and_seed, to_act)
 
@@ -358,6 +359,76 @@ def test_attention(act, case, on_device):
               "scale": 1.0 / math.sqrt(hd), "start_on_device": on_device}
     got, ref = run_both("attention", inputs, params, act)
     check_close(got["out"], ref["out"], act, "attention", seed, k=ATT_ELEM_K, rel_l2=ATT_REL_L2)
+
+
+ROPE_ATT_CASES = [  # B, T, start, nh, nkv, hd, max_len, rope_dims (0: whole head), interleaved, round, window, kind
+    (1, 1, 37, 14, 2, 64, 64, 0, 0, 0, 0, "plain"),        # Qwen2.5-0.5B-like heads of 64: rotate-half, fused
+    (2, 1, 100, 28, 4, 128, 130, 0, 0, 0, 0, "plain"),     # Qwen2.5-7B heads, two rows
+    (1, 1, 50, 32, 2, 128, 64, 64, 1, 1, 0, "plain"),      # ChatGLM2: half the head, interleaved, cos / sin rounded
+    (1, 1, 50, 32, 2, 128, 64, 64, 1, 0, 0, "plain"),
+    (1, 1, 511, 8, 8, 64, 512, 64, 1, 0, 0, "plain"),      # interleaved over the whole head
+    (3, 1, 20, 32, 2, 128, 40, 0, 0, 0, 8, "plain"),       # 16 q heads a kv head (two sub-blocks), a window
+    (3, 1, 0, 28, 4, 128, 90, 0, 0, 0, 0, "starts"),       # rows at their own starts
+    (4, 1, 0, 14, 2, 64, 300, 64, 1, 1, 0, "paged"),       # paged pool, block table
+    (2, 5, 3, 4, 2, 128, 16, 0, 0, 0, 0, "plain"),         # T > 1: rope_store first, then prefill attention
+    (1, 1, 5, 4, 2, 96, 8, 0, 0, 0, 0, "plain"),           # head_dim 96: rope_store first, then the simple kernel
+    (1, 1, 9, 8, 2, 128, 16, 32, 0, 0, 0, "plain"),        # rotate-half on part of the head: not fused
+]
+
+
+def _rope_att_inputs(rng, case, act):
+    B, T, start, nh, nkv, hd, max_len, rd, inter, rnd, window, kind = case
+    rd_eff = rd or hd
+    pos = rng.integers(0, 32768, B * T, dtype=np.int32)
+    params = {"B": B, "T": T, "start": start, "n_heads": nh, "n_kv_heads": nkv, "head_dim": hd, "rope_dims": rd,
+              "rope_interleaved": inter, "rope_round": rnd, "window": window, "scale": 1.0 / math.sqrt(hd)}
+    inputs = {"pos": pos, "inv_freq": inv_freq(rd_eff, 1e4 if inter else 1e6)}
+    if kind == "plain":
+        inputs["qkv"] = randn(rng, (B * T, (nh + 2 * nkv) * hd), act)
+        inputs["k_cache"] = randn(rng, (B, max_len, nkv, hd), act)
+        inputs["v_cache"] = randn(rng, (B, max_len, nkv, hd), act)
+    else:
+        c = paged_case(rng, B, T, nh, nkv, hd, max_len, 4 if kind == "paged" else 0)
+        inputs["qkv"] = to_act(c["qkv"], act)
+        inputs["starts"] = c["starts"]
+        params["start"] = 0
+        if kind == "paged":
+            inputs.update(k_cache=to_act(c["kp"], act), v_cache=to_act(c["vp"], act), block_table=c["table"])
+            params["page_shift"] = 4
+        else:
+            inputs.update(k_cache=to_act(c["kc"], act), v_cache=to_act(c["vc"], act))
+    return inputs, params
+
+
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", ROPE_ATT_CASES, ids=lambda c: "B%d-T%d-s%d-h%d/%d-d%d-L%d-r%d-i%d-c%d-w%d-%s" % c)
+@pytest.mark.parametrize("on_device", [0, 1])
+def test_rope_attention_fused_is_bit_exact(act, case, on_device, monkeypatch):
+    """RoPE fused into the decode attention kernel (FASTLOAD_ROPE_FUSE=1, the default) gives the same bits as
+    rope_store then attention (=0): out, and the caches with the new rotated key; and both agree with the CPU op.
+    The fused kernel rotates with the same table entries and the same fmaf / fmul sequence (fl_rope_rot)."""
+    rng, seed = rng_and_seed()
+    inputs, params = _rope_att_inputs(rng, case, act)
+    if case[-1] != "paged":
+        params["start_on_device"] = on_device
+    elif on_device:
+        pytest.skip("paged rows take their starts from `starts`")
+    got = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("FASTLOAD_ROPE_FUSE", fuse)
+        got[fuse] = _C.run_op(DEV, "rope_attention", inputs, dict(params, act=act))
+    for k in ("out", "k_cache", "v_cache"):
+        check_exact(got["1"][k], got["0"][k], f"rope_attention {k}: fused vs rope_store + attention", seed)
+    ref = _C.run_op("cpu", "rope_attention", inputs, dict(params, act="float32"))
+    check_close(got["1"]["out"], ref["out"], act, "rope_attention out vs cpu", seed, k=ATT_ELEM_K, rel_l2=ATT_REL_L2)
+    check_close(got["1"]["k_cache"], ref["k_cache"], act, "rope_attention k_cache vs cpu", seed)
+    check_exact(got["1"]["v_cache"], ref["v_cache"], "rope_attention v_cache vs cpu", seed)
+
+
+def test_rope_fuse_knob_error(monkeypatch):
+    monkeypatch.setenv("FASTLOAD_ROPE_FUSE", "on")
+    with pytest.raises(ValueError, match="FASTLOAD_ROPE_FUSE='on'"):
+        _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
 
 
 # ----------------------------------------------------------------------------------------------

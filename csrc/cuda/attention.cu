@@ -9,6 +9,7 @@
 #include "attention.cuh"
 #include "cuda_common.cuh"
 #include "qx.cuh"
+#include "rope.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -53,6 +54,8 @@ struct AttArgs {
     int16_t *qxq;                    // decode, T == 1: out also written as the dp2a GEMV's int16 x (qx.cuh) when
     float2 *qxd;                     //   qbits is 4 or 8 (o_proj quantised): the combine kernel does it
     int qbits;
+    const float *rope_cs;            // decode with the rope fused (decode_split_kernel's ROPE): rope_store's table
+    int rope_rd, rope_inter;         //   ([B, hd] cos | sin), rotated dims, interleaved pairs
 };
 
 // ---- decode split plan (host and device must agree) --------------------------------------------
@@ -156,12 +159,65 @@ __device__ __forceinline__ size_t kv_slot(const AttArgs &a, int b, int j) {
 // d = 32c + 8(n/2) + 2x + n%2; movmatrix.trans turns them into A fragments of V^T whose row n
 // is that d. P^T comes from S^T's C fragment by one movmatrix per 8 keys.
 // =================================================================================================
+// ROPE: rotate one head held as a lane's vectors x[c] = elements 32c + 8q .. +8 (c < NC) exactly as rope_store does
+// with its table (tab: cos of the rd/2 frequencies of this row's position, then sin). Rotate-half over the whole
+// head pairs element i with i + HD/2: vectors c and c + NC/2 of the same lane. Interleaved pairs (2i, 2i + 1) lie in
+// one vector; with rd % 8 == 0 a vector is rotated whole (d < rd) or passed through.
+template <typename T, int NC>
+__device__ __forceinline__ void rope_frag(uint4 (&x)[NC], const float *__restrict__ tab, int rd, bool inter, int q) {
+    if (inter) {
+        const int half = rd / 2;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            const int d0 = 32 * c + 8 * q;
+            if (d0 >= rd) continue;
+            const float4 cs = __ldg(reinterpret_cast<const float4 *>(tab + d0 / 2));
+            const float4 sn = __ldg(reinterpret_cast<const float4 *>(tab + half + d0 / 2));
+            const float cv[4] = {cs.x, cs.y, cs.z, cs.w}, sv[4] = {sn.x, sn.y, sn.z, sn.w};
+            float v[8];
+            fl_vec_to_f32<T>(x[c], v);
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                const float2 r = fl_rope_rot(v[2 * p], v[2 * p + 1], cv[p], sv[p]);
+                v[2 * p] = r.x;
+                v[2 * p + 1] = r.y;
+            }
+            x[c] = fl_f32_to_vec<T>(v);
+        }
+    } else {  // rd == HD (the host checks)
+        constexpr int H = 16 * NC;
+#pragma unroll
+        for (int c = 0; c < NC / 2; c++) {
+            const int i0 = 32 * c + 8 * q;
+            float cv[8], sv[8], lo[8], hi[8];
+            *reinterpret_cast<float4 *>(cv) = __ldg(reinterpret_cast<const float4 *>(tab + i0));
+            *reinterpret_cast<float4 *>(cv + 4) = __ldg(reinterpret_cast<const float4 *>(tab + i0 + 4));
+            *reinterpret_cast<float4 *>(sv) = __ldg(reinterpret_cast<const float4 *>(tab + H + i0));
+            *reinterpret_cast<float4 *>(sv + 4) = __ldg(reinterpret_cast<const float4 *>(tab + H + i0 + 4));
+            fl_vec_to_f32<T>(x[c], lo);
+            fl_vec_to_f32<T>(x[c + NC / 2], hi);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float2 r = fl_rope_rot(lo[e], hi[e], cv[e], sv[e]);
+                lo[e] = r.x;
+                hi[e] = r.y;
+            }
+            x[c] = fl_f32_to_vec<T>(lo);
+            x[c + NC / 2] = fl_f32_to_vec<T>(hi);
+        }
+    }
+}
+
 template <int NC> struct DecTile {
     uint4 k0[NC], k1[NC], v0[NC], v1[NC];  // keys r and r+8 of the tile, d = 32c + 8q .. +8
     uint32_t m0, m1;                       // key visible (mask byte, 0 past the range)
 };
 
-template <typename T, int HD>
+// ROPE (rope_store fused, a.rope_cs): q|k|v hold this step's q and k unrotated and the cache lacks the new k / v. Each
+// block rotates its q heads after loading them, takes the new key (slot `start`, in the last split only) from q|k|v
+// instead of the cache, rotated, and the blocks of sub-group 0 store that k and v into the cache slot: every value
+// rope_store would have written, bit for bit (fl_rope_rot), one kernel (and its launch gap) fewer a layer.
+template <typename T, int HD, bool ROPE>
 __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttArgs a) {
 #if FL_ATT_TC
     constexpr int NC = HD / 32;
@@ -203,6 +259,7 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
         const T *qp = qkv + (size_t)b * (a.nh + 2 * a.nkv) * HD + (size_t)(h0 + r) * HD + q * 8;
 #pragma unroll
         for (int c = 0; c < NC; c++) qf[c] = ldg16(qp + c * 32);
+        if constexpr (ROPE) rope_frag<T, NC>(qf, a.rope_cs + (size_t)b * HD, a.rope_rd, a.rope_inter, q);
     } else {
 #pragma unroll
         for (int c = 0; c < NC; c++) qf[c] = make_uint4(0, 0, 0, 0);
@@ -213,21 +270,41 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
     const T *vb = static_cast<const T *>(a.vc) + (size_t)g * HD + q * 8;
     const uint8_t *km = a.kmask ? a.kmask + (size_t)b * a.kmask_stride : nullptr;
     const int ntiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
+    // ROPE: the new key and value in q|k|v (this lane's part of them)
+    const T *kn = qkv + (size_t)b * (a.nh + 2 * a.nkv) * HD + (size_t)(a.nh + g) * HD + q * 8;
+    const T *vn = kn + (size_t)a.nkv * HD;
 
+    // ROPE, the new key of a tile row: rotate k (from q|k|v), and sub-group 0 stores k and v at cache offset o
+    auto new_key = [&](uint4 (&k)[NC], const uint4 (&v)[NC], size_t o) {
+        rope_frag<T, NC>(k, a.rope_cs + (size_t)b * HD, a.rope_rd, a.rope_inter, q);
+        if (sub == 0) {
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                *reinterpret_cast<uint4 *>(const_cast<T *>(kb) + o + c * 32) = k[c];
+                *reinterpret_cast<uint4 *>(const_cast<T *>(vb) + o + c * 32) = v[c];
+            }
+        }
+    };
     auto load = [&](DecTile<NC> &t, int tt) {
         const int j0 = k0 + tt * DEC_TILE + r, j1 = j0 + 8;
         const uint4 z = make_uint4(0, 0, 0, 0);
         const bool in0 = j0 < k1, in1 = j1 < k1;  // past k1: zeros (slots >= L may hold anything)
         const size_t o0 = in0 ? kv_slot(a, b, j0) * kv_row : 0, o1 = in1 ? kv_slot(a, b, j1) * kv_row : 0;
+        const bool n0 = ROPE && in0 && j0 == start, n1 = ROPE && in1 && j1 == start;
+        const T *k0p = n0 ? kn : kb + o0, *v0p = n0 ? vn : vb + o0, *k1p = n1 ? kn : kb + o1, *v1p = n1 ? vn : vb + o1;
 #pragma unroll
         for (int c = 0; c < NC; c++) {
-            t.k0[c] = in0 ? ldg16(kb + o0 + c * 32) : z;
-            t.v0[c] = in0 ? ldg16(vb + o0 + c * 32) : z;
-            t.k1[c] = in1 ? ldg16(kb + o1 + c * 32) : z;
-            t.v1[c] = in1 ? ldg16(vb + o1 + c * 32) : z;
+            t.k0[c] = in0 ? ldg16(k0p + c * 32) : z;
+            t.v0[c] = in0 ? ldg16(v0p + c * 32) : z;
+            t.k1[c] = in1 ? ldg16(k1p + c * 32) : z;
+            t.v1[c] = in1 ? ldg16(v1p + c * 32) : z;
         }
         t.m0 = in0 ? (km ? (uint32_t)__ldg(km + j0) : 1u) : 0u;
         t.m1 = in1 ? (km ? (uint32_t)__ldg(km + j1) : 1u) : 0u;
+        if constexpr (ROPE) {
+            if (n0) new_key(t.k0, t.v0, o0);
+            if (n1) new_key(t.k1, t.v1, o1);
+        }
     };
 
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2q, 2q+1 (log2 units)
@@ -681,12 +758,12 @@ __global__ void __launch_bounds__(ATT_THREADS) simple_kernel(const AttArgs a) {
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
-template <typename T, int HD>
+template <typename T, int HD, bool ROPE>
 static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, size_t ws_bytes, int sms) {
     // Resident blocks per SM, queried once per instantiation (only steers the split count).
     static const int occ = [] {
         int n = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_kernel<T, HD>, ATT_THREADS, 0) !=
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_kernel<T, HD, ROPE>, ATT_THREADS, 0) !=
             cudaSuccess) {
             cudaGetLastError();
             n = 2;
@@ -709,15 +786,14 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     const dim3 grid = a.kv_fast ? dim3(a.nkv * n_sub, a.split_stride, a.B) : dim3(n_sub, a.split_stride, a.B * a.nkv);
     // Both launches are programmatic where the device allows (fl_launch): the split kernel's
     // launch hides under rope_store's tail, the combine's under the split kernel's.
-    FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD>, grid, dim3(ATT_THREADS), 0, st, a));
+    FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD, ROPE>, grid, dim3(ATT_THREADS), 0, st, a));
     const dim3 cgrid(a.B * a.nh), cblock(CMB_THREADS);
-    switch (a.qbits) {
-    case 4: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 4>, cgrid, cblock, 0, st, a)); break;
-    case 8: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 8>, cgrid, cblock, 0, st, a)); break;
-    case 4 | FL_QX8: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 4 | FL_QX8>, cgrid, cblock, 0, st, a)); break;
-    case 8 | FL_QX8: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 8 | FL_QX8>, cgrid, cblock, 0, st, a)); break;
-    default: FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 0>, cgrid, cblock, 0, st, a)); break;
-    }
+    if (a.qbits)
+        return fl_qx_dispatch(a.qbits, "attention", [&](auto QB) -> fl_status {
+            FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, decltype(QB)::value>, cgrid, cblock, 0, st, a));
+            return FL_OK;
+        });
+    FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 0>, cgrid, cblock, 0, st, a));
     return FL_OK;
 }
 
@@ -745,7 +821,7 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
                                 const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                 const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
                                 float scale, void *workspace, size_t workspace_bytes, int path, const fl_kv_paging *pg,
-                                fl_qx_dst *qd) {
+                                fl_qx_dst *qd, const fl_att_rope *rope) {
     const int qbits = qd ? qd->bits : 0;
     if (qd) qd->bits = 0;
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
@@ -803,6 +879,21 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
         return fl_err(FL_E_UNSUPPORTED, "attention: no fast path for dtype %d head_dim %d on sm_%d", (int)act,
                       head_dim, major * 10);
     fl_status s = FL_OK;
+    if (rope) {  // rotated here, in the decode kernel where it can (see fl_att_rope), else by rope_store first
+        const int rd = fl_rope_dims(rope->style, head_dim), inter = rope->style && rope->style->interleaved;
+        if (!rope->table) return fl_err(FL_E_VALUE, "attention: rope without its cos / sin table");
+        if (fast_ok && path != FL_ATT_SIMPLE && T == 1 && rd % 8 == 0 && rd > 0 && rd <= head_dim &&
+            (inter || rd == head_dim)) {
+            a.rope_cs = rope->table;
+            a.rope_rd = rd;
+            a.rope_inter = inter;
+        } else {
+            FL_TRY(fl_cuda_rope_store(st, act, const_cast<void *>(qkv), B, T, start, start_d, NULL, NULL,
+                                      const_cast<void *>(kcache), const_cast<void *>(vcache), max_len, n_heads,
+                                      n_kv_heads, head_dim, const_cast<float *>(rope->table), FL_ROPE_TABLE_READ, pg,
+                                      NULL, 0.f, rope->style, NULL));
+        }
+    }
     if (fast_ok && path != FL_ATT_SIMPLE) {
         if (T == 1) {
             if (((qbits & 15) == 4 || (qbits & 15) == 8) && head_dim % 32 == 0 && head_dim <= 256) {
@@ -810,9 +901,15 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
                 a.qxq = qd->xq;
                 a.qxd = qd->xd;
             }
-            FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
-                                              ? launch_decode<scalar_t, 64>(st, a, n_sub, workspace, workspace_bytes, sms)
-                                              : launch_decode<scalar_t, 128>(st, a, n_sub, workspace, workspace_bytes, sms));
+            if (a.rope_cs) {  // (the dispatch macro is a block: braces keep the else attached)
+                FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
+                                                  ? launch_decode<scalar_t, 64, true>(st, a, n_sub, workspace, workspace_bytes, sms)
+                                                  : launch_decode<scalar_t, 128, true>(st, a, n_sub, workspace, workspace_bytes, sms));
+            } else {
+                FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
+                                                  ? launch_decode<scalar_t, 64, false>(st, a, n_sub, workspace, workspace_bytes, sms)
+                                                  : launch_decode<scalar_t, 128, false>(st, a, n_sub, workspace, workspace_bytes, sms));
+            }
         } else {
             const bool alt = variant & 1;
             FL_ATT_DISPATCH_HALF(act, s = head_dim == 64 ? launch_prefill<scalar_t, 64>(st, a, alt)
@@ -839,7 +936,7 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
                                           int n_kv_heads, int head_dim, int window, float scale, void *workspace,
                                           size_t workspace_bytes, int path, const fl_kv_paging *pg) {
     return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
-                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, path, pg, NULL);
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, path, pg, NULL, NULL);
 }
 
 extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
@@ -848,14 +945,16 @@ extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out,
                                        int n_kv_heads, int head_dim, int window, float scale, void *workspace,
                                        size_t workspace_bytes, const fl_kv_paging *pg) {
     return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
-                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, NULL);
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, NULL,
+                          NULL);
 }
 
 fl_status fl_cuda_attention_qx(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
                                const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
                                float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg,
-                               fl_qx_dst *qd) {
+                               fl_qx_dst *qd, const fl_att_rope *rope) {
     return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
-                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, qd);
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, qd,
+                          rope);
 }

@@ -64,11 +64,24 @@ fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const v
 // fl_cuda_attention, and where the decode path runs (T == 1, fast kernels, head_dim % 32 == 0) with qd->bits 4 or 8,
 // `out` also written as the dp2a GEMV's int16 x at qd (qx.cuh) by the combine kernel; qd->bits is 0 on return when
 // that did not happen (the caller then leaves the GEMV to prepare its x).
+//
+// rope (NULL: q|k|v's q and k are rotated and the cache holds the new k / v, as above): this step's rotary embedding
+// is left to this call. q|k|v then holds the unrotated q and k, `table` the cos / sin of each row's position as
+// rope_store's FL_ROPE_TABLE_WRITE made it earlier in the same forward ([B*T, head_dim] floats), `style` the rotary
+// style (NULL: whole head, rotate-half); qk_norm and dynamic frequencies are not supported here (the table already
+// holds a dynamic rope's angles). On the decode path with a style of whole-vector pairs (rotate-half over the whole
+// head, or interleaved over rd % 8 == 0 dims) the split kernel rotates q and the new k in registers and stores k / v
+// into the cache itself (q|k|v left unrotated); elsewhere rope_store runs first (q|k|v rotated in place). The cache
+// and the output are the same bits either way.
 struct fl_qx_dst;
+struct fl_att_rope {
+    const float *table;
+    const fl_rope_style *style;
+};
 fl_status fl_cuda_attention_qx(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
                                const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
                                float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg,
-                               struct fl_qx_dst *qd);
+                               struct fl_qx_dst *qd, const struct fl_att_rope *rope);
 #endif
 #endif

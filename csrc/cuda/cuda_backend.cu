@@ -243,6 +243,17 @@ static fl_status cu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, co
                           c->gemv_variant);
 }
 
+// rope_cs, the cos / sin table of a forward's positions: its bytes, and what a layer's rope does with it (see
+// cu_rope_store: layer 0 writes it, the others read it; none when it could not be grown)
+static size_t rope_table_bytes(const fl_step *s, const fl_kvcache *kv) {
+    return (size_t)s->batch * (size_t)s->n_new * (size_t)kv->head_dim * sizeof(float);
+}
+static int rope_table_mode(const fl_cuda_impl *c, const fl_step *s, const fl_kvcache *kv, int layer) {
+    return rope_table_bytes(s, kv) > c->rope_cs_bytes ? FL_ROPE_TABLE_NONE
+           : layer == 0                                ? FL_ROPE_TABLE_WRITE
+                                                       : FL_ROPE_TABLE_READ;
+}
+
 static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer, int n_heads,
                                const float *inv_freq_d, const fl_rope_style *style, const fl_weight *qk_norm, float eps) {
     if (kv->dtype != be->act)
@@ -257,28 +268,30 @@ static fl_status cu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl
     }
     fl_cuda_impl *c = IMPL(be);
     FL_TRY(fl_cuda_enter(c));
+    const size_t need = rope_table_bytes(s, kv);
     // Layer 0 of a forward writes cos/sin of every token's position into rope_cs; the other layers
     // (same positions: one forward = one fl_step) read it. The table is grown outside capture only:
     // a captured step whose table would not fit (never seen: prefill runs first with more tokens)
     // computes cos/sin in every layer instead. The table's size only changes at layer 0, so
-    // `need <= rope_cs_bytes` at a later layer means layer 0 of this forward wrote it.
-    const size_t need = (size_t)s->batch * (size_t)s->n_new * (size_t)kv->head_dim * sizeof(float);
+    // `need <= rope_cs_bytes` at a later layer means layer 0 of this forward wrote it (rope_table_mode).
     if (layer == 0 && need > c->rope_cs_bytes) {
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
         FL_CUDA_CHECK(cudaStreamIsCapturing(c->stream, &cs));
         if (cs == cudaStreamCaptureStatusNone)
             FL_TRY(fl_cuda_grow(be, (void **)&c->rope_cs, &c->rope_cs_bytes, need, "rope cos/sin"));
     }
-    const int mode = need > c->rope_cs_bytes ? FL_ROPE_TABLE_NONE : layer == 0 ? FL_ROPE_TABLE_WRITE : FL_ROPE_TABLE_READ;
+    const int mode = rope_table_mode(c, s, kv, layer);
     return fl_cuda_rope_store(c->stream, be->act, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->pos_d,
                               inv_freq_d, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
                               kv->head_dim, c->rope_cs, mode, &s->pg, qk_norm ? qk_norm->data_d : NULL, eps, style,
                               &s->dyn);
 }
 
-// With next (o_proj) quantised for the dp2a GEMV, a decode step's combine kernel also writes that GEMV's x.
-static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,
-                              int layer, int n_heads, int window, float scale, const fl_weight *next) {
+// With next (o_proj) quantised for the dp2a GEMV, a decode step's combine kernel also writes that GEMV's x. rope: NULL,
+// or this step's rope left to the attention (fl_att_rope: the decode kernel rotates q and k and stores k / v).
+static fl_status attention_rope(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
+                                const fl_kvcache *kv, int layer, int n_heads, int window, float scale,
+                                const fl_weight *next, const fl_att_rope *rope) {
     fl_cuda_impl *c = IMPL(be);
     if (kv->dtype != be->act)
         return fl_err(FL_E_UNSUPPORTED, "CUDA attention: KV cache dtype %s differs from the activation dtype %s",
@@ -293,9 +306,30 @@ static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, co
     if (s->n_new == 1) FL_TRY(fl_cuda_qx_target(be, next, out_d, n, (int64_t)n_heads * kv->head_dim, &qd));
     FL_TRY(fl_cuda_attention_qx(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
                                 s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                                kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg, &qd));
+                                kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg, &qd, rope));
     if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
     return FL_OK;
+}
+
+static fl_status cu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s, const fl_kvcache *kv,
+                              int layer, int n_heads, int window, float scale, const fl_weight *next) {
+    return attention_rope(be, out_d, qkv_d, s, kv, layer, n_heads, window, scale, next, NULL);
+}
+
+// rope_store + attention of a layer. Where rope_store would read the cos / sin table (layers after the first of a
+// forward) and no q/k norm is fused into it, the attention rotates q and k itself (FASTLOAD_ROPE_FUSE=1, the default;
+// attention.cuh's fl_att_rope): on decode steps one kernel and its launch gap fewer a layer, the same bits.
+static fl_status cu_rope_attention(fl_backend *be, void *out_d, void *qkv_d, const fl_step *s, fl_kvcache *kv, int layer,
+                                   int n_heads, const float *inv_freq_d, const fl_rope_style *style,
+                                   const fl_weight *qk_norm, float eps, int window, float scale, const fl_weight *next) {
+    fl_cuda_impl *c = IMPL(be);
+    if (!c->rope_fuse || qk_norm || layer < 0 || layer >= kv->n_layers ||
+        rope_table_mode(c, s, kv, layer) != FL_ROPE_TABLE_READ) {
+        FL_TRY(cu_rope_store(be, qkv_d, s, kv, layer, n_heads, inv_freq_d, style, qk_norm, eps));
+        return attention_rope(be, out_d, qkv_d, s, kv, layer, n_heads, window, scale, next, NULL);
+    }
+    const fl_att_rope rope = {c->rope_cs, style};
+    return attention_rope(be, out_d, qkv_d, s, kv, layer, n_heads, window, scale, next, &rope);
 }
 
 static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n, int f, const fl_weight *next) {
@@ -565,6 +599,18 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // next to outlier activations; NF4's code book then rounded to int8 too; qmatmul.cu's qdp_qb).
 // FASTLOAD_QX_FUSE=1|0: RMSNorm / SwiGLU write the dp2a GEMV's int16 x for the matmul after them (default 1).
 // FASTLOAD_GLU_FUSE=1|0 and FASTLOAD_GLU_U=4|8: gate|up's GEMV with SwiGLU in its epilogue (default on, 4).
+// FASTLOAD_ROPE_FUSE=1|0: the decode attention rotates q and k and stores k / v itself (default 1; cu_rope_attention).
+// An on/off knob: *v = 1 (default) unless the variable is "0"; anything but "", "0" and "1" is an error.
+static fl_status knob01(const char *name, int *v) {
+    const char *q = getenv(name);
+    *v = 1;
+    if (q && *q) {
+        if (!strcmp(q, "0")) *v = 0;
+        else if (strcmp(q, "1")) return fl_err(FL_E_VALUE, "%s='%s' is not 0 or 1", name, q);
+    }
+    return FL_OK;
+}
+
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -587,12 +633,8 @@ static fl_status read_knobs(fl_cuda_impl *c) {
         else if (!strcmp(q, "dp")) c->qgemv_variant = FL_QGEMV_DP;
         else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, dp, fma, mma or generic", q);
     }
-    c->qx_fuse = 1;
-    q = getenv("FASTLOAD_QX_FUSE");
-    if (q && *q) {
-        if (!strcmp(q, "0")) c->qx_fuse = 0;
-        else if (strcmp(q, "1")) return fl_err(FL_E_VALUE, "FASTLOAD_QX_FUSE='%s' is not 0 or 1", q);
-    }
+    FL_TRY(knob01("FASTLOAD_QX_FUSE", &c->qx_fuse));
+    FL_TRY(knob01("FASTLOAD_ROPE_FUSE", &c->rope_fuse));
     c->qx8 = 0;
     q = getenv("FASTLOAD_CUDA_QDOT");
     if (q && *q) {
@@ -608,12 +650,9 @@ static fl_status read_knobs(fl_cuda_impl *c) {
         if (c->qdp_cfg < 0)
             return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s' is not r4u2, r4u1, r8u1, r2u4 or r8u1w4", q);
     }
-    c->glu_u = 4;
-    q = getenv("FASTLOAD_GLU_FUSE");
-    if (q && *q) {
-        if (!strcmp(q, "0")) c->glu_u = 0;
-        else if (strcmp(q, "1")) return fl_err(FL_E_VALUE, "FASTLOAD_GLU_FUSE='%s' is not 0 or 1", q);
-    }
+    int glu = 1;
+    FL_TRY(knob01("FASTLOAD_GLU_FUSE", &glu));
+    c->glu_u = glu ? 4 : 0;
     q = getenv("FASTLOAD_GLU_U");
     if (q && *q && c->glu_u) {
         if (!strcmp(q, "8")) c->glu_u = 8;
@@ -681,6 +720,7 @@ fl_status fl_cuda_backend_init(fl_backend *be, int device, fl_dtype act) {
     be->add_rmsnorm = cu_add_rmsnorm;
     be->matmul = cu_matmul;
     be->rope_store = cu_rope_store;
+    be->rope_attention = cu_rope_attention;
     be->attention = cu_attention;
     be->swiglu = cu_swiglu;
     be->matmul_swiglu = cu_matmul_swiglu;

@@ -53,6 +53,7 @@ typedef struct fl_cuda_impl {
     const void *qx_x;           /* ... for the matmul on this x, */
     const void *qx_q;           /* ... this weight's codes */
     int qx_n;                   /* ... and this many rows (fl_cuda_qx_target, qmatmul.cuh) */
+    int rope_fuse;              /* FASTLOAD_ROPE_FUSE: 1 (default) decode attention does the rope of layers > 0; 0 off */
     int qx_fuse;                /* FASTLOAD_QX_FUSE: 1 (default) RMSNorm / SwiGLU write the dp2a GEMV's x; 0 off */
     int glu_u;                  /* decode gate|up GEMV with SwiGLU fused: loads a lane per row (4 | 8), 0 off (FASTLOAD_GLU_*) */
     int32_t *tok_d[2];          /* argmax_async's token slots: device ids, */

@@ -116,6 +116,13 @@ template <typename T> __device__ __forceinline__ uint4 fl_f32_to_vec(const float
     return v;
 }
 
+// One rope pair (a, c) rotated by the angle whose cos / sin are cs / sn: (a cs - c sn, c cs + a sn) in float32.
+// Written with explicit roundings so no contraction is left to the compiler: rope_store and the decode attention
+// that rotates q and the new k itself (attention.cu) give the same bits.
+__device__ __forceinline__ float2 fl_rope_rot(float a, float c, float cs, float sn) {
+    return make_float2(__fmaf_rn(a, cs, -__fmul_rn(c, sn)), __fmaf_rn(c, cs, __fmul_rn(a, sn)));
+}
+
 // c[0..3] += A * B on the tensor cores: mma.sync m16n8k16, row.col, T = __half or __nv_bfloat16 inputs
 // (a0..a3: the A fragment, b0, b1: the B fragment, two elements per register), fp32 accumulators.
 // sm_80 and newer; below that (and in the host pass) it compiles to nothing, and callers must

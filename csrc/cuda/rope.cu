@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(ROPE_THREADS) rope_store_kernel(T *__restrict_
                 a = fl_to_f32(w[i0]) * (a * r);
                 c = fl_to_f32(w[i1]) * (c * r);
             }
-            const T ra = fl_from_f32<T>(a * cs[i] - c * sn[i]);
-            const T rc = fl_from_f32<T>(c * cs[i] + a * sn[i]);
+            const float2 rot = fl_rope_rot(a, c, cs[i], sn[i]);
+            const T ra = fl_from_f32<T>(rot.x), rc = fl_from_f32<T>(rot.y);
             v[i0] = ra;
             v[i1] = rc;
             if (h >= nh && store) {

@@ -525,7 +525,11 @@ done:
     return rc;
 }
 
-static int op_rope_store(op_ctx *c) {
+/* rope_store, or with `att` rope_attention: the same rotation, then attention (params window, scale) through the
+ * backend's fused op. That op only fuses where a forward's layer 0 has written the cos / sin table, so it runs
+ * twice: as layer 0 on copies of q|k|v and the caches (discarded), then as layer 1 on the inputs; out, k_cache and
+ * v_cache are layer 1's (q|k|v is not returned: a fused op may leave it unrotated). */
+static int op_rope(op_ctx *c, int att) {
     int rc = -1;
     step_ctx s;
     memset(&s, 0, sizeof s);
@@ -553,13 +557,34 @@ static int op_rope_store(op_ctx *c) {
     if (qkn && DIM(qkn, 0) != 2 * s.hd) BAD("run_op(rope_store): qk_norm must have 2 * head_dim entries");
     if (qkn && !(qkn_d = upload_act(c, qkn))) goto done;
     const fl_weight qkw = weight_of(c, qkn_d, 2 * s.hd, 1);
-    RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d, &style, qkn ? &qkw : NULL, eps));
-    npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
     npy_intp shc[4] = {(npy_intp)s.B, (npy_intp)s.max_len, (npy_intp)s.nkv, (npy_intp)s.hd};
     if (s.kv.n_pages) { shc[0] = s.kv.n_pages; shc[1] = (npy_intp)1 << s.kv.page_shift; }
-    if (download(c, "qkv", s.qkv_d, 2, shq) < 0 || download(c, "k_cache", s.k_d, 4, shc) < 0 ||
-        download(c, "v_cache", s.v_d, 4, shc) < 0)
-        goto done;
+    if (att) {
+        long window;
+        float scale;
+        if (param_int(c, "window", 0, &window) < 0 || param_float(c, "scale", 1.0 / sqrt((double)s.hd), &scale) < 0)
+            goto done;
+        PyArrayObject *kc = get_arr(c, "k_cache", NPY_FLOAT32, 4, 1), *vc = kc ? get_arr(c, "v_cache", NPY_FLOAT32, 4, 1) : NULL;
+        void *q0 = vc ? upload_act(c, qkv) : NULL, *k0 = q0 ? upload_act(c, kc) : NULL, *v0 = k0 ? upload_act(c, vc) : NULL;
+        Py_XDECREF(kc); Py_XDECREF(vc);
+        const size_t ob = (size_t)s.B * s.T * s.nh * s.hd * fl_dtype_size(c->be->act);
+        void *o0 = v0 ? alloc_poisoned(c, ob) : NULL, *out_d = o0 ? alloc_poisoned(c, ob) : NULL;
+        if (!out_d) goto done;
+        void *kp[2] = {k0, s.k_d}, *vp[2] = {v0, s.v_d};
+        fl_kvcache kv2 = s.kv;
+        kv2.n_layers = 2; kv2.k_d = kp; kv2.v_d = vp;
+        const fl_weight *qn = qkn ? &qkw : NULL;
+        RUN(fl_rope_attention(c->be, o0, q0, &s.step, &kv2, 0, (int)s.nh, inv_d, &style, qn, eps, (int)window, scale, NULL));
+        RUN(fl_rope_attention(c->be, out_d, s.qkv_d, &s.step, &kv2, 1, (int)s.nh, inv_d, &style, qn, eps, (int)window,
+                              scale, NULL));
+        npy_intp sho[2] = {(npy_intp)(s.B * s.T), (npy_intp)(s.nh * s.hd)};
+        if (download(c, "out", out_d, 2, sho) < 0) goto done;
+    } else {
+        RUN(c->be->rope_store(c->be, s.qkv_d, &s.step, &s.kv, 0, (int)s.nh, inv_d, &style, qkn ? &qkw : NULL, eps));
+        npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
+        if (download(c, "qkv", s.qkv_d, 2, shq) < 0) goto done;
+    }
+    if (download(c, "k_cache", s.k_d, 4, shc) < 0 || download(c, "v_cache", s.v_d, 4, shc) < 0) goto done;
     rc = 0;
 done:
     Py_XDECREF(qkv); Py_XDECREF(inv); Py_XDECREF(qkn);
@@ -766,7 +791,8 @@ static PyObject *py_run_op(PyObject *self, PyObject *args, PyObject *kw) {
         else if (!strcmp(op, "rmsnorm")) rc = op_rmsnorm(&c, 0);
         else if (!strcmp(op, "add_rmsnorm")) rc = op_rmsnorm(&c, 1);
         else if (!strcmp(op, "matmul")) rc = op_matmul(&c);
-        else if (!strcmp(op, "rope_store")) rc = op_rope_store(&c);
+        else if (!strcmp(op, "rope_store")) rc = op_rope(&c, 0);
+        else if (!strcmp(op, "rope_attention")) rc = op_rope(&c, 1);
         else if (!strcmp(op, "attention")) rc = op_attention(&c);
         else if (!strcmp(op, "swiglu")) rc = op_swiglu(&c);
         else if (!strcmp(op, "matmul_swiglu")) rc = op_matmul_swiglu(&c);
