@@ -543,7 +543,7 @@ static int op_rope(op_ctx *c, int att) {
     if (param_int(c, "rope_dims", 0, &rdims) < 0 || param_int(c, "rope_interleaved", 0, &rinter) < 0 ||
         param_int(c, "rope_round", 0, &rround) < 0)
         goto done;
-    if (rdims < 0 || rdims > 1024) BAD("run_op(rope_store): rope_dims must be in [0, 1024]");
+    if (rdims < 0 || rdims > 1024) BAD("run_op(%s): rope_dims must be in [0, 1024]", c->op);
     const fl_rope_style style = {.dims = (int)rdims, .interleaved = rinter != 0, .round_cs = rround != 0};
     if (!PyDict_GetItemString(c->params, "head_dim")) {
         PyObject *hd = PyLong_FromLong((long)(2 * DIM(inv, 0)));  /* head_dim from inv_freq */
@@ -551,10 +551,10 @@ static int op_rope(op_ctx *c, int att) {
         Py_DECREF(hd);
     }
     if (setup_step(c, &s, qkv, 0, 1) < 0) goto done;
-    if (DIM(inv, 0) * 2 != (rdims ? rdims : s.hd)) BAD("run_op(rope_store): inv_freq must have rope_dims/2 entries");
+    if (DIM(inv, 0) * 2 != (rdims ? rdims : s.hd)) BAD("run_op(%s): inv_freq must have rope_dims/2 entries", c->op);
     void *inv_d = upload_raw(c, inv), *qkn_d = NULL;
     if (!inv_d) goto done;
-    if (qkn && DIM(qkn, 0) != 2 * s.hd) BAD("run_op(rope_store): qk_norm must have 2 * head_dim entries");
+    if (qkn && DIM(qkn, 0) != 2 * s.hd) BAD("run_op(%s): qk_norm must have 2 * head_dim entries", c->op);
     if (qkn && !(qkn_d = upload_act(c, qkn))) goto done;
     const fl_weight qkw = weight_of(c, qkn_d, 2 * s.hd, 1);
     npy_intp shc[4] = {(npy_intp)s.B, (npy_intp)s.max_len, (npy_intp)s.nkv, (npy_intp)s.hd};
