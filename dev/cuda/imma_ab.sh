@@ -1,0 +1,27 @@
+#!/bin/bash
+# The IMMA GEMV (FASTLOAD_QGEMV=imma, qmatmul.cu's qgemv_imma_kernel) against the default in one device call:
+# build, its tests (TESTS), then decode on the Qwen2.5-7B-shaped checkpoint per SETTINGS (each a comma list of
+# env settings, "-" for none), QUANT_MODES at batch 1 for ROUNDS rounds interleaved, and batch B8 (int4) once.
+#   OUT=/tmp/o SETTINGS="- FASTLOAD_QGEMV=imma FASTLOAD_QGEMV=imma,FASTLOAD_QIMMA_CFG=w16u2" bash dev/cuda/imma_ab.sh
+#                                                                                                 carry [".devobj"]
+set -u
+OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
+export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
+python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
+ck=$!
+OUT=$OUT STAGES="${STAGES:-build tests}" TESTS="${TESTS:-tests/test_cuda_quant.py}" bash dev/cuda/verify_gpu.sh
+wait $ck; tail -2 "$OUT/ckpt.log"
+bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
+echo "== decode $(date +%T), copy $bw GB/s"
+envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }
+for r in $(seq ${ROUNDS:-2}); do
+  for s in ${SETTINGS:-- FASTLOAD_QGEMV=imma}; do
+    env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${QUANT_MODES:-int4,int8} \
+        --bw-gbs "$bw" --label "$s-r$r" | tee -a "$OUT/decode.jsonl"
+  done
+done
+for s in ${B8_SETTINGS:-- FASTLOAD_QGEMV=imma}; do
+  env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant int4 --batch 8 \
+      --bw-gbs "$bw" --label "$s-b8" | tee -a "$OUT/decode.jsonl"
+done
+echo "== end $(date +%T)"
