@@ -204,15 +204,15 @@ def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
 
 
-@pytest.mark.parametrize("cfg", ["w4u4", "w8u2", "w8u4", "w16u2"])
+@pytest.mark.parametrize("cfg", ["w4", "w8"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 4096, 4096), (1000, 640, 64),
                                     (23, 576, 32)])
 def test_qimma_configs(cfg, fmt, R, C, gs, monkeypatch):
-    """FASTLOAD_QGEMV=imma with each FASTLOAD_QIMMA_CFG (warps x chunks of a block at n = 1): rows past the last
-    16-row tile (R % 16), rows of one step and rows that pipeline over several (C = 18944: 148 chunks of 4-bit
-    codes), one group per row, small groups, and int4 rows that are not whole 64-byte chunks (C = 576: the dp2a
-    kernel takes them, on its own int16 x form)."""
+    """FASTLOAD_QGEMV=imma with each FASTLOAD_QIMMA_CFG (warps per 16-row block): rows past the last 16-row tile
+    (R % 16), a warp's last step with one chunk of two (int4 C = 640: 5 chunks of 64 bytes), rows of many steps
+    through both stages (C = 18944), one group per row, small groups, and int4 rows that are not
+    whole 64-byte chunks (C = 576: the dp2a kernel takes them, on its own int16 x form)."""
     monkeypatch.setenv("FASTLOAD_QGEMV", "imma")
     monkeypatch.setenv("FASTLOAD_QIMMA_CFG", cfg)
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
@@ -222,7 +222,7 @@ def test_qimma_cfg_knob_error(monkeypatch):
     monkeypatch.setenv("FASTLOAD_QIMMA_CFG", "w2u2")
     inputs, params = make_weight(np.random.default_rng(0), 8, 128, 32, "int4-f16-min")
     inputs["x"] = np.ones((1, 128), np.float32)
-    with pytest.raises(Exception, match="FASTLOAD_QIMMA_CFG='w2u2' is not w4u4, w8u2, w8u4 or w16u2"):
+    with pytest.raises(Exception, match="FASTLOAD_QIMMA_CFG='w2u2' is not w4 or w8"):
         _C.run_op(DEV, "qmatmul", inputs, dict(params, act="bfloat16"))
 
 

@@ -17,11 +17,11 @@ envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }
 for r in $(seq ${ROUNDS:-2}); do
   for s in ${SETTINGS:-- FASTLOAD_QGEMV=imma}; do
     env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${QUANT_MODES:-int4,int8} \
-        --bw-gbs "$bw" --label "$s-r$r" | tee -a "$OUT/decode.jsonl"
+        --bw-gbs "$bw" --label "${s/#-/default}-r$r" | tee -a "$OUT/decode.jsonl"
   done
 done
 for s in ${B8_SETTINGS:-- FASTLOAD_QGEMV=imma}; do
   env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant int4 --batch 8 \
-      --bw-gbs "$bw" --label "$s-b8" | tee -a "$OUT/decode.jsonl"
+      --bw-gbs "$bw" --label "${s/#-/default}-b8" | tee -a "$OUT/decode.jsonl"
 done
 echo "== end $(date +%T)"
