@@ -3,7 +3,8 @@
 # build, its tests (TESTS), then decode on the Qwen2.5-7B-shaped checkpoint per SETTINGS (each a comma list of
 # env settings, "-" for none), QUANT_MODES at batch 1 for ROUNDS rounds interleaved, and batch B8 (int4) once.
 #   OUT=/tmp/o SETTINGS="- FASTLOAD_QGEMV=imma FASTLOAD_QGEMV=imma,FASTLOAD_QIMMA_CFG=w16u2" bash dev/cuda/imma_ab.sh
-#                                                                                                 carry [".devobj"]
+#                                                                                      carry [".devobj", ".device"]
+# BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log.
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
@@ -24,4 +25,9 @@ for s in ${B8_SETTINGS:-- FASTLOAD_QGEMV=imma}; do
   env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant int4 --batch 8 \
       --bw-gbs "$bw" --label "${s/#-/default}-b8" | tee -a "$OUT/decode.jsonl"
 done
+if [ -n "${BENCH:-}" ] && [ -x .device/qgemv_bench ]; then  # per-shape GEMV times (dev/cuda/qgemv_bench.sh builds it)
+  echo "== bench $(date +%T)"
+  LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} timeout ${BENCH_S:-200} .device/qgemv_bench ${BENCH_REPS:-5} \
+      > "$OUT/qgemv_bench.log" 2>&1; echo "bench rc=$?"
+fi
 echo "== end $(date +%T)"
