@@ -25,6 +25,7 @@ for s in ${B8_SETTINGS:-- FASTLOAD_QGEMV=imma}; do
   env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant int4 --batch 8 \
       --bw-gbs "$bw" --label "${s/#-/default}-b8" | tee -a "$OUT/decode.jsonl"
 done
+[ -f .device/qgemv_bench.xz ] && [ ! -x .device/qgemv_bench ] && xz -dk .device/qgemv_bench.xz && chmod +x .device/qgemv_bench
 if [ -n "${BENCH:-}" ] && [ -x .device/qgemv_bench ]; then  # per-shape GEMV times (dev/cuda/qgemv_bench.sh builds it)
   echo "== bench $(date +%T)"
   LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} timeout ${BENCH_S:-200} .device/qgemv_bench ${BENCH_REPS:-5} \
