@@ -863,11 +863,13 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
 // a0 = its low nibbles (columns 0, 2, 4, 6: the plane's bytes 8w..8w+3), a2 = its high nibbles (1, 3, 5, 7:
 // bytes 8w + 4..8w + 7); 8-bit: mma m takes words 2m, 2m + 1 in natural order. Per (row, vector, token), as
 // the dp2a kernel: y += s * (dx * dot) + m * sum(x) (dot = 256 dot_h + dot_l exactly in int32).
-// Work split: a block per 16 rows, its WARPS warps take U = 2 chunks (4 vectors of each row) at a time, the codes
-// copied by cp.async into a two-stage buffer per warp in whole 128-byte lines (the next step requested before this
-// one is computed), scales and offsets loaded into registers with them. The first version loaded the codes straight
-// into the fragment layout (8 rows x 64 bytes per load instruction): decode int4 350 tok/s, int8 226, int4 batch 8
-// 109 per sequence against the dp2a kernel's ~545 / ~438 / 307 (H200, 2026-12-03).
+// Work split: a block per 16 rows, its WARPS warps take U = 2 chunks (4 vectors of each row) a step, the codes
+// copied by cp.async into a ring of S = 3 stages per warp in whole 128-byte lines (S - 1 steps ahead), scales,
+// offsets and x loaded into registers one step ahead. Measured on an H200 (2026-12-03, decode / qgemv_bench): the
+// first version loaded the codes straight into the fragment layout (8 rows x 64 bytes per load instruction): int4
+// 350 tok/s, int8 226, int4 batch 8 109 per sequence against the dp2a kernel's ~545 / ~438 / 307; the second copied
+// them through two stages and loaded x when computing (an L2 round trip per step after the codes'): int4 417, int8
+// 358, batch 8 171; int4 GEMVs 30-68% of copy against dp2a's 45-80%.
 // |dot| < 2^31: 4-bit 15 * 32 * 32639 and 8-bit 255 * 16 * 32639 per vector.
 __device__ __forceinline__ void fl_imma_16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                               uint32_t b0, uint32_t b1) {
@@ -882,15 +884,20 @@ __global__ void __launch_bounds__(WARPS * 32)
 qgemv_imma_kernel(T *__restrict__ y, const int8_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
                   const T *__restrict__ bias, uint32_t gmagic, int n) {  // n <= N token rows
     constexpr int U = 2;                          // chunks (64 bytes of each of the 16 rows) per warp and step
+    constexpr int S = 3;                          // shared stages per warp: copies run S - 1 steps ahead
     constexpr int VC = BITS == 4 ? 32 : 16;       // columns per 16-byte vector of codes
     constexpr int NS = X8 ? (N + 1) / 2 : N;      // mma column sets
     constexpr int NT = X8 ? 2 * NS : NS;          // token slots
     constexpr int XU = VC / 16;                   // uint4 of one x plane per vector
+    constexpr bool PRE = NS <= 2;                 // x requested a step ahead in registers (else when computed)
+    constexpr int XS = PRE ? NS : 1;              // x register sets
     constexpr float HALF = (float)(1 << (BITS - 1));
-    // Per warp, two stages of 16 rows x 128 bytes (U chunks); piece j (16 bytes) of row r sits at slot
+    // Per warp, S stages of 16 rows x 128 bytes (U chunks); piece j (16 bytes) of row r sits at slot
     // j ^ (4 * (r & 1)), so the fragment reads (a quarter warp: rows 2q, 2q + 1 x the same 64 bytes) meet 32 banks.
-    __shared__ __align__(16) uint8_t stg[WARPS][2][16 * 128];
-    __shared__ float red[WARPS][2 * NT][8];
+    // The block's partial sums reuse the buffer at the end.
+    constexpr int STG = 16 * 128, SMEM = WARPS * S * STG;
+    static_assert(SMEM <= 48 * 1024 && WARPS * 2 * NT * 8 * 4 <= SMEM, "qgemv_imma_kernel: static shared memory");
+    __shared__ __align__(16) uint8_t smem[SMEM];
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t r0 = (int64_t)blockIdx.x * 16, R = W.R, C = W.C;
@@ -899,12 +906,16 @@ qgemv_imma_kernel(T *__restrict__ y, const int8_t *__restrict__ xq, const float2
     const bool xl = t == (g >> 1);  // this lane supplies B's column g (vector t, c = g & 1)
     const int c = g & 1, sw = 16 * (4 * (g & 1));
     const uint4 z = make_uint4(0, 0, 0, 0);
-    // Step c0 into stage ST: 4 rows x 128 contiguous bytes per copy instruction (full lines, where the fragment
-    // layout's own loads would read 8 rows x 64 bytes: measured at about half the streaming rate), and this lane's
-    // (s_a, s_b, m_a, m_b) per chunk into S. Nothing past the warp's last step.
-    auto issue = [&](int64_t c0, int st, float (&S)[U][4]) {
-        if (c0 >= nchunk) return;
-        uint8_t *sbuf = &stg[warp][st][0];
+    constexpr int64_t STEP = (int64_t)WARPS * U;
+    const int64_t cw = (int64_t)warp * U;                              // this warp's first chunk
+    const int64_t nst = cw < nchunk ? (nchunk - cw + STEP - 1) / STEP : 0;  // its steps
+    uint8_t *wbuf = smem + (size_t)warp * S * STG;
+    // Step k's codes into stage k % S: 4 rows x 128 contiguous bytes per copy instruction (full lines, where the
+    // fragment layout's own loads would read 8 rows x 64 bytes: measured at about half the streaming rate).
+    auto issue = [&](int64_t k) {
+        if (k >= nst) return;
+        const int64_t c0 = cw + k * STEP;
+        uint8_t *sbuf = wbuf + (size_t)(k % S) * STG;
 #pragma unroll
         for (int i = 0; i < 16 * 8 / 32; i++) {
             const int p = i * 32 + lane, row = p >> 3, j = p & 7;
@@ -913,23 +924,50 @@ qgemv_imma_kernel(T *__restrict__ y, const int8_t *__restrict__ xq, const float2
             cp_async16(smem_addr(sbuf + row * 128 + 16 * (j ^ (4 * (row & 1)))),
                        W.q + gr * W.rb + (ok ? 64 * c0 + 16 * j : 0), ok ? 16 : 0);
         }
+    };
+    // Step k's scales and offsets for this lane's vectors (weights), and its x planes / (dx, sum) (PRE).
+    auto load_s = [&](int64_t k, float (&S4)[U][4]) {
+        const int64_t c0 = cw + k * STEP;
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const bool ok = c0 + u < nchunk;
+            const bool ok = k < nst && c0 + u < nchunk;
             const int64_t v = ok ? 4 * (c0 + u) + t : 0;
             const uint32_t grp = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
-            S[u][0] = ok ? ld_scale(W.s, W.s32, sa + grp) : 0.f;
-            S[u][1] = ok ? ld_scale(W.s, W.s32, sb + grp) : 0.f;
-            S[u][2] = W.m ? (ok ? ld_scale(W.m, W.s32, sa + grp) : 0.f) : -S[u][0] * HALF;
-            S[u][3] = W.m ? (ok ? ld_scale(W.m, W.s32, sb + grp) : 0.f) : -S[u][1] * HALF;
+            S4[u][0] = ok ? ld_scale(W.s, W.s32, sa + grp) : 0.f;
+            S4[u][1] = ok ? ld_scale(W.s, W.s32, sb + grp) : 0.f;
+            S4[u][2] = W.m ? (ok ? ld_scale(W.m, W.s32, sa + grp) : 0.f) : -S4[u][0] * HALF;
+            S4[u][3] = W.m ? (ok ? ld_scale(W.m, W.s32, sb + grp) : 0.f) : -S4[u][1] * HALF;
+        }
+    };
+    // this lane's x plane of vector v for set s (zeros where it supplies nothing), and (dx, sum) of token tk
+    auto ld_x = [&](int64_t v, int s, uint4 (&xr)[XU]) {
+        const int tok = X8 ? 2 * s + c : s;
+        const uint4 *xp = (const uint4 *)(X8 ? xq + (int64_t)tok * C + v * VC : xq + 2 * ((int64_t)tok * C + v * VC) + c * VC);
+#pragma unroll
+        for (int h = 0; h < XU; h++) xr[h] = xl && tok < n ? __ldg(xp + h) : z;
+    };
+    auto ld_d = [&](int64_t v, int tk) { return tk < n ? __ldg(xd + (int64_t)tk * nv + v) : make_float2(0.f, 0.f); };
+    auto load_x = [&](int64_t k, uint4 (&X)[U][XS][XU], float2 (&D)[U][NT]) {
+        if constexpr (PRE) {
+            const int64_t c0 = cw + k * STEP;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const bool ok = k < nst && c0 + u < nchunk;
+                const int64_t v = ok ? 4 * (c0 + u) + t : 0;
+#pragma unroll
+                for (int s = 0; s < NS; s++) ld_x(v, s, X[u][s]);
+#pragma unroll
+                for (int i = 0; i < NT; i++) D[u][i] = ok ? ld_d(v, i) : make_float2(0.f, 0.f);
+            }
         }
     };
     float acc[NT][2];
 #pragma unroll
     for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = 0.f;
-    // the U chunks from c0, codes in stage ST, scales in S
-    auto compute = [&](int64_t c0, int st, const float (&S)[U][4]) {
-        const uint8_t *sbuf = &stg[warp][st][0];
+    // step k from its stage, with its scales S4 and (PRE) x X / D
+    auto compute = [&](int64_t k, const float (&S4)[U][4], const uint4 (&X)[U][XS][XU], const float2 (&D)[U][NT]) {
+        const int64_t c0 = cw + k * STEP;
+        const uint8_t *sbuf = wbuf + (size_t)(k % S) * STG;
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t ch = c0 + u;
@@ -950,14 +988,17 @@ qgemv_imma_kernel(T *__restrict__ y, const int8_t *__restrict__ xq, const float2
             }
 #pragma unroll
             for (int s = 0; s < NS; s++) {
-                const int tok = X8 ? 2 * s + c : s;
+                uint4 xr[XU];
+                if constexpr (PRE) {
+#pragma unroll
+                    for (int h = 0; h < XU; h++) xr[h] = X[u][s][h];
+                } else {
+                    ld_x(v, s, xr);
+                }
                 uint32_t xb[4 * XU];
-                const uint4 *xp = (const uint4 *)(X8 ? xq + (int64_t)tok * C + v * VC
-                                                     : xq + 2 * ((int64_t)tok * C + v * VC) + c * VC);
 #pragma unroll
                 for (int h = 0; h < XU; h++) {
-                    const uint4 q = xl && tok < n ? __ldg(xp + h) : z;
-                    xb[4 * h] = q.x; xb[4 * h + 1] = q.y; xb[4 * h + 2] = q.z; xb[4 * h + 3] = q.w;
+                    xb[4 * h] = xr[h].x; xb[4 * h + 1] = xr[h].y; xb[4 * h + 2] = xr[h].z; xb[4 * h + 3] = xr[h].w;
                 }
                 int d[4] = {0, 0, 0, 0};
                 if constexpr (BITS == 4) {
@@ -972,43 +1013,56 @@ qgemv_imma_kernel(T *__restrict__ y, const int8_t *__restrict__ xq, const float2
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         const int tk = 2 * s + e;
-                        const float2 dd = tk < n ? __ldg(xd + (int64_t)tk * nv + v) : make_float2(0.f, 0.f);
-                        acc[tk][0] = fmaf(S[u][0], dd.x * (float)d[e], fmaf(S[u][2], dd.y, acc[tk][0]));
-                        acc[tk][1] = fmaf(S[u][1], dd.x * (float)d[2 + e], fmaf(S[u][3], dd.y, acc[tk][1]));
+                        const float2 dd = PRE ? D[u][tk] : ld_d(v, tk);
+                        acc[tk][0] = fmaf(S4[u][0], dd.x * (float)d[e], fmaf(S4[u][2], dd.y, acc[tk][0]));
+                        acc[tk][1] = fmaf(S4[u][1], dd.x * (float)d[2 + e], fmaf(S4[u][3], dd.y, acc[tk][1]));
                     }
                 } else {  // d[0], d[2]: the h plane's dots (rows a, b); d[1], d[3]: the l plane's
-                    const float2 dd = s < n ? __ldg(xd + (int64_t)s * nv + v) : make_float2(0.f, 0.f);
+                    const float2 dd = PRE ? D[u][s] : ld_d(v, s);
                     const int da = d[0] * 256 + d[1], db = d[2] * 256 + d[3];
-                    acc[s][0] = fmaf(S[u][0], dd.x * (float)da, fmaf(S[u][2], dd.y, acc[s][0]));
-                    acc[s][1] = fmaf(S[u][1], dd.x * (float)db, fmaf(S[u][3], dd.y, acc[s][1]));
+                    acc[s][0] = fmaf(S4[u][0], dd.x * (float)da, fmaf(S4[u][2], dd.y, acc[s][0]));
+                    acc[s][1] = fmaf(S4[u][1], dd.x * (float)db, fmaf(S4[u][3], dd.y, acc[s][1]));
                 }
             }
         }
     };
-    // Two stages per warp, the loop unrolled by two so that stages and scale registers have fixed names. Each
-    // lane waits for its own copies (wait_group), __syncwarp makes the warp's visible; the second __syncwarp keeps
-    // the next copies into a stage behind the reads of it.
-    constexpr int64_t STEP = (int64_t)WARPS * U;
+    // Copies S - 1 steps ahead through the ring of stages (one commit group per step, empty past the end, so that
+    // wait_group<S - 1> leaves step k landed); scales and x one step ahead in registers, the loop unrolled by two so
+    // that those have fixed names. __syncwarp after the wait makes the warp's copies visible to every lane; the
+    // second keeps the next copies into a stage behind the reads of it.
     float s0[U][4], s1[U][4];
-    issue((int64_t)warp * U, 0, s0);  // weights: before the wait
-    cp_async_commit();
+    uint4 x0[U][XS][XU], x1[U][XS][XU];
+    float2 d0[U][NT], d1[U][NT];
+#pragma unroll
+    for (int j = 0; j < S - 1; j++) {
+        issue(j);  // weights: before the wait
+        cp_async_commit();
+    }
+    load_s(0, s0);
     fl_pdl_wait();  // x (xq, xd) comes from the prep kernel or the op that wrote it
-    for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += 2 * STEP) {
-        issue(c0 + STEP, 1, s1);
+    load_x(0, x0, d0);
+    for (int64_t k = 0; k < nst; k += 2) {
+        issue(k + S - 1);
         cp_async_commit();
-        cp_async_wait<1>();
+        load_s(k + 1, s1);
+        load_x(k + 1, x1, d1);
+        cp_async_wait<S - 1>();
         __syncwarp();
-        compute(c0, 0, s0);
+        compute(k, s0, x0, d0);
         __syncwarp();
-        if (c0 + STEP >= nchunk) break;
-        issue(c0 + 2 * STEP, 0, s0);
+        if (k + 1 >= nst) break;
+        issue(k + S);
         cp_async_commit();
-        cp_async_wait<1>();
+        load_s(k + 2, s0);
+        load_x(k + 2, x0, d0);
+        cp_async_wait<S - 1>();
         __syncwarp();
-        compute(c0 + STEP, 1, s1);
+        compute(k + 1, s1, x1, d1);
         __syncwarp();
     }
     cp_async_wait<0>();
+    __syncthreads();  // every warp is past its last read of the stages: the sums reuse them
+    float (*red)[2 * NT][8] = reinterpret_cast<float (*)[2 * NT][8]>(smem);
     // the quad's four lanes hold the same rows over different vectors; then the block's warps
 #pragma unroll
     for (int i = 0; i < NT; i++)
