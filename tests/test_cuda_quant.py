@@ -181,14 +181,14 @@ def test_qmatmul_perm(act, fmt, n, R, C, gs):
 
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
-@pytest.mark.parametrize("variant", ["dp", "imma", "fma", "mma", "generic"])
+@pytest.mark.parametrize("variant", ["dp", "fma", "mma", "generic"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min", "nf4-f16"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (40, 18944, 128), (37, 1024, 1024), (33, 640, 64)])
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
 def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
-    """FASTLOAD_QGEMV=dp|imma|fma|mma|generic forces one GEMV kernel (where the layout allows it: NF4 and
-    groups smaller than a 64-byte chunk of a row fall back to the FMA kernel under mma, NF4 under dp and imma at
-    more than 2 rows; imma takes integer codes at 1-8 rows, C = 18944 in steps that pipeline)."""
+    """FASTLOAD_QGEMV=dp|fma|mma|generic forces one GEMV kernel (where the layout allows it: NF4 and
+    groups smaller than a 64-byte chunk of a row fall back to the FMA kernel under mma, NF4 under dp at
+    more than 2 rows)."""
     monkeypatch.setenv("FASTLOAD_QGEMV", variant)
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 2))
 
@@ -202,28 +202,6 @@ def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
     int4 r4u2 splits 592 vectors over 10 warps at once, r4u1 and int8 loop) and small groups."""
     monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
-
-
-@pytest.mark.parametrize("cfg", ["w4", "w8"])
-@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
-@pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 4096, 4096), (1000, 640, 64),
-                                    (23, 576, 32)])
-def test_qimma_configs(cfg, fmt, R, C, gs, monkeypatch):
-    """FASTLOAD_QGEMV=imma with each FASTLOAD_QIMMA_CFG (warps per 16-row block): rows past the last 16-row tile
-    (R % 16), a warp's last step with one chunk of two (int4 C = 640: 5 chunks of 64 bytes), rows of many steps
-    through both stages (C = 18944), one group per row, small groups, and int4 rows that are not
-    whole 64-byte chunks (C = 576: the dp2a kernel takes them, on its own int16 x form)."""
-    monkeypatch.setenv("FASTLOAD_QGEMV", "imma")
-    monkeypatch.setenv("FASTLOAD_QIMMA_CFG", cfg)
-    run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
-
-
-def test_qimma_cfg_knob_error(monkeypatch):
-    monkeypatch.setenv("FASTLOAD_QIMMA_CFG", "w2u2")
-    inputs, params = make_weight(np.random.default_rng(0), 8, 128, 32, "int4-f16-min")
-    inputs["x"] = np.ones((1, 128), np.float32)
-    with pytest.raises(Exception, match="FASTLOAD_QIMMA_CFG='w2u2' is not w4 or w8"):
-        _C.run_op(DEV, "qmatmul", inputs, dict(params, act="bfloat16"))
 
 
 NF4_T8 = np.rint(NF4 * np.float32(127)).astype(np.float64) / 127  # the int8 code book of FASTLOAD_CUDA_QDOT=int8
@@ -249,13 +227,11 @@ def int8_x_bound(x, inputs, params):
                                  "nf4-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (40, 18944, 128), (37, 576, 32), (1000, 640, 64)])
 @pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("gemv", ["auto", "imma"])
-def test_qgemv_int8_x(act, fmt, R, C, gs, n, gemv, monkeypatch):
+def test_qgemv_int8_x(act, fmt, R, C, gs, n, monkeypatch):
     """FASTLOAD_CUDA_QDOT=int8: the dp4a GEMV on x quantised to int8 per 32 columns (NF4: and its int8 code book)
     stays within its rounding bound (int8_x_bound, plus the float32 sums' allowance) of the float64 product, and it
     spends it: with an outlier column in x (the demo model's activations have them) its error is far above the
     int16 default's on the same inputs, which proves the int8 kernel ran."""
-    monkeypatch.setenv("FASTLOAD_QGEMV", gemv)  # imma: the IMMA kernel on the same int8 x (integer codes)
     rng, seed = rng_and_seed()
     inputs, params = make_weight(rng, R, C, gs, fmt)
     x = rng.standard_normal((n, C), dtype=np.float32)
@@ -582,16 +558,15 @@ _FUSE_CODE = (
 
 
 @functools.cache
-def _fuse_runs(qdot, gemv="auto"):
-    """_FUSE_CODE with FASTLOAD_QX_FUSE=1 and =0 under FASTLOAD_CUDA_QDOT=qdot and FASTLOAD_QGEMV=gemv, each in a
-    fresh process."""
+def _fuse_runs(qdot):
+    """_FUSE_CODE with FASTLOAD_QX_FUSE=1 and =0 under FASTLOAD_CUDA_QDOT=qdot, each in a fresh process."""
     HERE = os.path.dirname(os.path.abspath(__file__))
     return _arrays_per_setting(_FUSE_CODE % [HERE, os.path.dirname(HERE)], "FASTLOAD_QX_FUSE", ("1", "0"),
-                               {"FASTLOAD_CUDA_QDOT": qdot, "FASTLOAD_QGEMV": gemv})
+                               {"FASTLOAD_CUDA_QDOT": qdot})
 
 
-@pytest.mark.parametrize("qdot,gemv", [("int16", "auto"), ("int8", "auto"), ("int16", "imma"), ("int8", "imma")])
-def test_quantized_model_qx_fuse_bit_identical(qdot, gemv):
+@pytest.mark.parametrize("qdot", ["int16", "int8"])
+def test_quantized_model_qx_fuse_bit_identical(qdot):
     """RMSNorm and SwiGLU write the dp2a GEMV's x (int16, or int8 under FASTLOAD_CUDA_QDOT=int8) themselves when the
     matmul after them takes it (FASTLOAD_QX_FUSE=1, the default): the same bits as the GEMV's own prep
     (FASTLOAD_QX_FUSE=0), in an eager forward at 1 and 2 token rows, a prefill and a graph-captured decode. The core
@@ -599,7 +574,7 @@ def test_quantized_model_qx_fuse_bit_identical(qdot, gemv):
     groups of whole 16-byte code vectors, no act-order perm) among qkv / gate_up / down per layer and the
     LM head, per eager forward; with fusion off it is 0."""
     _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    res = _fuse_runs(qdot, gemv)
+    res = _fuse_runs(qdot)
     cnt = {k: v[1] for k, v in res.items()}
     for a, b in zip(res["1"][0], res["0"][0]):
         np.testing.assert_array_equal(a, b)
@@ -631,21 +606,3 @@ def test_quantized_model_int8_x():
         assert rel < 0.1, (k, rel)
         differ[k // 4] |= not np.array_equal(a, b)
     assert all(differ), f"int8 x gave the int16 default's logits bit for bit (per model {differ}): it did not run"
-
-
-def test_quantized_model_imma():
-    """FASTLOAD_QGEMV=imma through a whole model (integer codes on the IMMA GEMV at 1-8 token rows, x in int16
-    precision as two byte planes; its fusion: test_quantized_model_qx_fuse_bit_identical): the logits follow the
-    dp2a default's closely (relative L2 below 1%: both round x to ~2^-15 of each vector's largest value; a wrong
-    plane or fragment layout gives ~100%) and differ from them in the integer-code models (it ran; NF4 stays on
-    the dp2a kernel under imma, so its arrays are not required to differ)."""
-    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    im, dp = _fuse_runs("int16", "imma")["1"][0], _fuse_runs("int16", "auto")["1"][0]
-    differ = [False] * (len(im) // 4)
-    for k, (a, b) in enumerate(zip(im, dp)):
-        if k % 4 == 3:
-            continue  # sampled ids: equal or not, as the probabilities fall
-        rel = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64))
-        assert rel < 0.01, (k, rel)
-        differ[k // 4] |= not np.array_equal(a, b)
-    assert all(differ[:3]), f"imma gave the dp2a kernel's logits bit for bit (per model {differ}): it did not run"

@@ -592,9 +592,8 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // for n up to this, cuBLAS above; default: the measured FL_MATMUL_GEMV_UP_TO) and
 // FASTLOAD_GEMV_VARIANT=auto|fma1|fma2|fma4|fma2x8|fma1s|mma4|mma8 (the GEMV kernel; default auto).
 // Quantised weights: FASTLOAD_QGEMV_UP_TO=0..8 (GEMV for n up to this, dequantise + cuBLAS above;
-// default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|dp|imma|fma|mma|generic (the GEMV kernel: integer dot products,
-// integer dot products on tensor cores at n = 1..8, f16 tensor cores, the FMA kernel, or the one-warp-per-row
-// fallback everywhere; for tests and A/B measurements). FASTLOAD_QIMMA_CFG=w4|w8: the IMMA kernel's warps per 16 rows.
+// default FL_QGEMV_UP_TO) and FASTLOAD_QGEMV=auto|dp|fma|mma|generic (the GEMV kernel: integer dot products,
+// tensor cores, the FMA kernel, or the one-warp-per-row fallback everywhere; for tests and A/B measurements).
 // FASTLOAD_CUDA_QDOT=int16|int8: the decode GEMV of quantised weights quantises x to int16 per vector (default,
 // float-close) or to int8 per 32 values as llama.cpp and FASTLOAD_CPU_QDOT=int8 do (dp4a: faster, less precise
 // next to outlier activations; NF4's code book then rounded to int8 too; qmatmul.cu's qdp_qb).
@@ -632,16 +631,7 @@ static fl_status read_knobs(fl_cuda_impl *c) {
         else if (!strcmp(q, "fma")) c->qgemv_variant = FL_QGEMV_FMA;
         else if (!strcmp(q, "mma")) c->qgemv_variant = FL_QGEMV_MMA;
         else if (!strcmp(q, "dp")) c->qgemv_variant = FL_QGEMV_DP;
-        else if (!strcmp(q, "imma")) c->qgemv_variant = FL_QGEMV_IMMA;
-        else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, dp, imma, fma, mma or generic", q);
-    }
-    c->qimma_cfg = 0;
-    q = getenv("FASTLOAD_QIMMA_CFG");
-    if (q && *q) {
-        static const char *names[] = {"w4", "w8"};  // launch_qimma_n (qmatmul.cu)
-        for (int i = 0; i < 2; i++)
-            if (!strcmp(q, names[i])) c->qimma_cfg = i + 1;
-        if (c->qimma_cfg == 0) return fl_err(FL_E_VALUE, "FASTLOAD_QIMMA_CFG='%s' is not w4 or w8", q);
+        else return fl_err(FL_E_VALUE, "FASTLOAD_QGEMV='%s' is not auto, dp, fma, mma or generic", q);
     }
     FL_TRY(knob01("FASTLOAD_QX_FUSE", &c->qx_fuse));
     FL_TRY(knob01("FASTLOAD_ROPE_FUSE", &c->rope_fuse));

@@ -44,10 +44,9 @@ typedef struct fl_cuda_impl {
     void *qx;                   /* quantised matmul with act-order: x gathered into the codes' order */
     size_t qx_bytes;
     int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
-    int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|imma|fma|mma|generic) */
+    int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
     int qx8;                    /* dp2a GEMV of integer codes on int8 x (FASTLOAD_CUDA_QDOT=int8), 0: int16 x (default) */
     int qdp_cfg;                /* dp2a GEMV at n <= 2 (FASTLOAD_QDP_CFG=r4u2|r4u1|r8u1|r2u4|r8u1w4 -> 0..4; -1 auto) */
-    int qimma_cfg;              /* IMMA GEMV warps per 16 rows (FASTLOAD_QIMMA_CFG=w4|w8 -> 1|2; 0 auto) */
     size_t scratch_bytes;
     std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */
     uint64_t qx_seq;            /* op_seq of the op that wrote the dp2a GEMV's x into qxq (0: none pending) */

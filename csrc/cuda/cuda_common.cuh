@@ -142,18 +142,6 @@ __device__ __forceinline__ void fl_mma_16816(float *c, uint32_t a0, uint32_t a1,
 #endif
 }
 
-// 16-byte global -> shared copy (cp.async, sm_80+); src_bytes 0 writes zeros (rows past the end).
-__device__ __forceinline__ void cp_async16(uint32_t saddr, const void *g, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Loads that bypass L1 for data read exactly once (weights streamed by the GEMV).
 __device__ __forceinline__ uint4 fl_ld_stream(const void *p) {
     uint4 v;

@@ -847,244 +847,6 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
 }
 
 // ---------------------------------------------------------------------------------------------
-// decode GEMV on integer tensor cores (IMMA): the dp2a kernel's numerics, a quarter of its instructions
-// ---------------------------------------------------------------------------------------------
-// Why: the dp2a GEMV's compute takes about as long as its loads (~13 instructions per 32-bit word of 4-bit
-// codes, ~106 a warp per KB; NOTES.md), so a 4-bit decode step runs at ~55% of its own roofline. Here one
-// mma.sync m16n8k32 (u8 codes x s8 x, s32 sums) takes 16 rows x 32 codes, so a word of codes costs its nibble
-// split (3 logic ops) and a quarter of an mma per row pair: ~50 instructions a warp per KB.
-// Block-diagonal x: lane (g, t) of a warp holds, in A, the 16-byte vector t of a 4-vector chunk of rows
-// r0 + g and r0 + g + 8 (k slots 4t..4t+3 and 16 + 4t..16 + 4t + 3, the same slots in B for the lane with the
-// same t); B's column 2t + c is supplied only by the lane with g = 2t + c and t, so column 2t + c sums over
-// vector t's codes alone: C[row][2t + c] is vector t's dot, and each vector keeps its own x scale dx (the
-// int16 / int8 forms quantise x per vector) with no shuffles. Columns (c = 0, 1): x as int16 precision split
-// into planes, q = 256 h + l (qx.cuh's FL_QXM form: 8 token rows take 8 mma column sets), or int8 x
-// (FL_QX8: c is the token, 2 token rows a set). 4-bit: mma w of a chunk takes word w of the lane's vector,
-// a0 = its low nibbles (columns 0, 2, 4, 6: the plane's bytes 8w..8w+3), a2 = its high nibbles (1, 3, 5, 7:
-// bytes 8w + 4..8w + 7); 8-bit: mma m takes words 2m, 2m + 1 in natural order. Per (row, vector, token), as
-// the dp2a kernel: y += s * (dx * dot) + m * sum(x) (dot = 256 dot_h + dot_l exactly in int32).
-// Work split: a block per 16 rows, its WARPS warps take U = 2 chunks (4 vectors of each row) a step, the codes
-// copied by cp.async into a ring of S = 3 stages per warp in whole 128-byte lines (S - 1 steps ahead), scales,
-// offsets and x loaded into registers one step ahead. Measured on an H200 (2026-12-03, decode / qgemv_bench): the
-// first version loaded the codes straight into the fragment layout (8 rows x 64 bytes per load instruction): int4
-// 350 tok/s, int8 226, int4 batch 8 109 per sequence against the dp2a kernel's ~545 / ~438 / 307; the second copied
-// them through two stages and loaded x when computing (an L2 round trip per step after the codes'): int4 417, int8
-// 358, batch 8 171; int4 GEMVs 30-68% of copy against dp2a's 45-80%.
-// |dot| < 2^31: 4-bit 15 * 32 * 32639 and 8-bit 255 * 16 * 32639 per vector.
-__device__ __forceinline__ void fl_imma_16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                              uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <typename T, int BITS, int N, bool X8, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-qgemv_imma_kernel(T *__restrict__ y, const int8_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
-                  const T *__restrict__ bias, uint32_t gmagic, int n) {  // n <= N token rows
-    constexpr int U = 2;                          // chunks (64 bytes of each of the 16 rows) per warp and step
-    constexpr int S = 3;                          // shared stages per warp: copies run S - 1 steps ahead
-    constexpr int VC = BITS == 4 ? 32 : 16;       // columns per 16-byte vector of codes
-    constexpr int NS = X8 ? (N + 1) / 2 : N;      // mma column sets
-    constexpr int NT = X8 ? 2 * NS : NS;          // token slots
-    constexpr int XU = VC / 16;                   // uint4 of one x plane per vector
-    constexpr bool PRE = NS <= 2;                 // x requested a step ahead in registers (else when computed)
-    constexpr int XS = PRE ? NS : 1;              // x register sets
-    constexpr float HALF = (float)(1 << (BITS - 1));
-    // Per warp, S stages of 16 rows x 128 bytes (U chunks); piece j (16 bytes) of row r sits at slot
-    // j ^ (4 * (r & 1)), so the fragment reads (a quarter warp: rows 2q, 2q + 1 x the same 64 bytes) meet 32 banks.
-    // The block's partial sums reuse the buffer at the end.
-    constexpr int STG = 16 * 128, SMEM = WARPS * S * STG;
-    static_assert(SMEM <= 48 * 1024 && WARPS * 2 * NT * 8 * 4 <= SMEM, "qgemv_imma_kernel: static shared memory");
-    __shared__ __align__(16) uint8_t smem[SMEM];
-    fl_pdl_launch_dependents();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int64_t r0 = (int64_t)blockIdx.x * 16, R = W.R, C = W.C;
-    const int64_t ra = r0 + g < R ? r0 + g : R - 1, rb = r0 + g + 8 < R ? r0 + g + 8 : R - 1;
-    const int64_t nchunk = W.rb / 64, nv = W.rb / 16, sa = ra * W.ng, sb = rb * W.ng;
-    const bool xl = t == (g >> 1);  // this lane supplies B's column g (vector t, c = g & 1)
-    const int c = g & 1, sw = 16 * (4 * (g & 1));
-    const uint4 z = make_uint4(0, 0, 0, 0);
-    constexpr int64_t STEP = (int64_t)WARPS * U;
-    const int64_t cw = (int64_t)warp * U;                              // this warp's first chunk
-    const int64_t nst = cw < nchunk ? (nchunk - cw + STEP - 1) / STEP : 0;  // its steps
-    uint8_t *wbuf = smem + (size_t)warp * S * STG;
-    // Step k's codes into stage k % S: 4 rows x 128 contiguous bytes per copy instruction (full lines, where the
-    // fragment layout's own loads would read 8 rows x 64 bytes: measured at about half the streaming rate).
-    auto issue = [&](int64_t k) {
-        if (k >= nst) return;
-        const int64_t c0 = cw + k * STEP;
-        uint8_t *sbuf = wbuf + (size_t)(k % S) * STG;
-#pragma unroll
-        for (int i = 0; i < 16 * 8 / 32; i++) {
-            const int p = i * 32 + lane, row = p >> 3, j = p & 7;
-            const int64_t gr = r0 + row < R ? r0 + row : R - 1;
-            const bool ok = c0 + (j >> 2) < nchunk;
-            cp_async16(smem_addr(sbuf + row * 128 + 16 * (j ^ (4 * (row & 1)))),
-                       W.q + gr * W.rb + (ok ? 64 * c0 + 16 * j : 0), ok ? 16 : 0);
-        }
-    };
-    // Step k's scales and offsets for this lane's vectors (weights), and its x planes / (dx, sum) (PRE).
-    auto load_s = [&](int64_t k, float (&S4)[U][4]) {
-        const int64_t c0 = cw + k * STEP;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const bool ok = k < nst && c0 + u < nchunk;
-            const int64_t v = ok ? 4 * (c0 + u) + t : 0;
-            const uint32_t grp = gmagic == 0u ? (uint32_t)v : __umulhi((uint32_t)v, gmagic);
-            S4[u][0] = ok ? ld_scale(W.s, W.s32, sa + grp) : 0.f;
-            S4[u][1] = ok ? ld_scale(W.s, W.s32, sb + grp) : 0.f;
-            S4[u][2] = W.m ? (ok ? ld_scale(W.m, W.s32, sa + grp) : 0.f) : -S4[u][0] * HALF;
-            S4[u][3] = W.m ? (ok ? ld_scale(W.m, W.s32, sb + grp) : 0.f) : -S4[u][1] * HALF;
-        }
-    };
-    // this lane's x plane of vector v for set s (zeros where it supplies nothing), and (dx, sum) of token tk
-    auto ld_x = [&](int64_t v, int s, uint4 (&xr)[XU]) {
-        const int tok = X8 ? 2 * s + c : s;
-        const uint4 *xp = (const uint4 *)(X8 ? xq + (int64_t)tok * C + v * VC : xq + 2 * ((int64_t)tok * C + v * VC) + c * VC);
-#pragma unroll
-        for (int h = 0; h < XU; h++) xr[h] = xl && tok < n ? __ldg(xp + h) : z;
-    };
-    auto ld_d = [&](int64_t v, int tk) { return tk < n ? __ldg(xd + (int64_t)tk * nv + v) : make_float2(0.f, 0.f); };
-    auto load_x = [&](int64_t k, uint4 (&X)[U][XS][XU], float2 (&D)[U][NT]) {
-        if constexpr (PRE) {
-            const int64_t c0 = cw + k * STEP;
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const bool ok = k < nst && c0 + u < nchunk;
-                const int64_t v = ok ? 4 * (c0 + u) + t : 0;
-#pragma unroll
-                for (int s = 0; s < NS; s++) ld_x(v, s, X[u][s]);
-#pragma unroll
-                for (int i = 0; i < NT; i++) D[u][i] = ok ? ld_d(v, i) : make_float2(0.f, 0.f);
-            }
-        }
-    };
-    float acc[NT][2];
-#pragma unroll
-    for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = 0.f;
-    // step k from its stage, with its scales S4 and (PRE) x X / D
-    auto compute = [&](int64_t k, const float (&S4)[U][4], const uint4 (&X)[U][XS][XU], const float2 (&D)[U][NT]) {
-        const int64_t c0 = cw + k * STEP;
-        const uint8_t *sbuf = wbuf + (size_t)(k % S) * STG;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int64_t ch = c0 + u;
-            if (ch >= nchunk) break;  // the same for the whole warp
-            const int64_t v = 4 * ch + t;
-            const int off = (16 * (4 * u + t)) ^ sw;
-            const uint4 qa = *(const uint4 *)(sbuf + g * 128 + off), qb = *(const uint4 *)(sbuf + (g + 8) * 128 + off);
-            const uint32_t ca[4] = {qa.x, qa.y, qa.z, qa.w}, cb[4] = {qb.x, qb.y, qb.z, qb.w};
-            uint32_t al[4], ah[4], bl[4], bh[4];
-            if constexpr (BITS == 4) {
-#pragma unroll
-                for (int w = 0; w < 4; w++) {
-                    al[w] = ca[w] & 0x0F0F0F0Fu;
-                    ah[w] = (ca[w] >> 4) & 0x0F0F0F0Fu;
-                    bl[w] = cb[w] & 0x0F0F0F0Fu;
-                    bh[w] = (cb[w] >> 4) & 0x0F0F0F0Fu;
-                }
-            }
-#pragma unroll
-            for (int s = 0; s < NS; s++) {
-                uint4 xr[XU];
-                if constexpr (PRE) {
-#pragma unroll
-                    for (int h = 0; h < XU; h++) xr[h] = X[u][s][h];
-                } else {
-                    ld_x(v, s, xr);
-                }
-                uint32_t xb[4 * XU];
-#pragma unroll
-                for (int h = 0; h < XU; h++) {
-                    xb[4 * h] = xr[h].x; xb[4 * h + 1] = xr[h].y; xb[4 * h + 2] = xr[h].z; xb[4 * h + 3] = xr[h].w;
-                }
-                int d[4] = {0, 0, 0, 0};
-                if constexpr (BITS == 4) {
-#pragma unroll
-                    for (int w = 0; w < 4; w++) fl_imma_16832(d, al[w], bl[w], ah[w], bh[w], xb[2 * w], xb[2 * w + 1]);
-                } else {
-#pragma unroll
-                    for (int m = 0; m < 2; m++)
-                        fl_imma_16832(d, ca[2 * m], cb[2 * m], ca[2 * m + 1], cb[2 * m + 1], xb[2 * m], xb[2 * m + 1]);
-                }
-                if constexpr (X8) {  // d[0], d[2]: token 2s (rows a, b); d[1], d[3]: token 2s + 1
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int tk = 2 * s + e;
-                        const float2 dd = PRE ? D[u][tk] : ld_d(v, tk);
-                        acc[tk][0] = fmaf(S4[u][0], dd.x * (float)d[e], fmaf(S4[u][2], dd.y, acc[tk][0]));
-                        acc[tk][1] = fmaf(S4[u][1], dd.x * (float)d[2 + e], fmaf(S4[u][3], dd.y, acc[tk][1]));
-                    }
-                } else {  // d[0], d[2]: the h plane's dots (rows a, b); d[1], d[3]: the l plane's
-                    const float2 dd = PRE ? D[u][s] : ld_d(v, s);
-                    const int da = d[0] * 256 + d[1], db = d[2] * 256 + d[3];
-                    acc[s][0] = fmaf(S4[u][0], dd.x * (float)da, fmaf(S4[u][2], dd.y, acc[s][0]));
-                    acc[s][1] = fmaf(S4[u][1], dd.x * (float)db, fmaf(S4[u][3], dd.y, acc[s][1]));
-                }
-            }
-        }
-    };
-    // Copies S - 1 steps ahead through the ring of stages (one commit group per step, empty past the end, so that
-    // wait_group<S - 1> leaves step k landed); scales and x one step ahead in registers, the loop unrolled by two so
-    // that those have fixed names. __syncwarp after the wait makes the warp's copies visible to every lane; the
-    // second keeps the next copies into a stage behind the reads of it.
-    float s0[U][4], s1[U][4];
-    uint4 x0[U][XS][XU], x1[U][XS][XU];
-    float2 d0[U][NT], d1[U][NT];
-#pragma unroll
-    for (int j = 0; j < S - 1; j++) {
-        issue(j);  // weights: before the wait
-        cp_async_commit();
-    }
-    load_s(0, s0);
-    fl_pdl_wait();  // x (xq, xd) comes from the prep kernel or the op that wrote it
-    load_x(0, x0, d0);
-    for (int64_t k = 0; k < nst; k += 2) {
-        issue(k + S - 1);
-        cp_async_commit();
-        load_s(k + 1, s1);
-        load_x(k + 1, x1, d1);
-        cp_async_wait<S - 1>();
-        __syncwarp();
-        compute(k, s0, x0, d0);
-        __syncwarp();
-        if (k + 1 >= nst) break;
-        issue(k + S);
-        cp_async_commit();
-        load_s(k + 2, s0);
-        load_x(k + 2, x0, d0);
-        cp_async_wait<S - 1>();
-        __syncwarp();
-        compute(k + 1, s1, x1, d1);
-        __syncwarp();
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // every warp is past its last read of the stages: the sums reuse them
-    float (*red)[2 * NT][8] = reinterpret_cast<float (*)[2 * NT][8]>(smem);
-    // the quad's four lanes hold the same rows over different vectors; then the block's warps
-#pragma unroll
-    for (int i = 0; i < NT; i++)
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float v = acc[i][r];
-            v += __shfl_xor_sync(0xffffffffu, v, 1);
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            if (t == 0) red[warp][2 * i + r][g] = v;
-        }
-    __syncthreads();
-    for (int k = threadIdx.x; k < 2 * NT * 8; k += WARPS * 32) {
-        const int i = k >> 4, r = (k >> 3) & 1, gg = k & 7;
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; w++) v += red[w][2 * i + r][gg];
-        const int64_t row = r0 + gg + 8 * r;
-        if (row < R && i < n) y[(int64_t)i * R + row] = fl_from_f32<T>(v + (bias ? fl_to_f32(bias[row]) : 0.f));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // decode GEMV, generic: any act dtype, any alignment; one warp per row, runtime layout
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -1732,48 +1494,11 @@ static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const 
 static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
 static float2 *qdp_xd(fl_cuda_impl *c, int64_t C) { return (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2); }
 
-// Whether the IMMA GEMV (qgemv_imma_kernel) takes W instead of the dp2a one: FASTLOAD_QGEMV=imma, integer codes,
-// rows of whole 64-byte chunks, sm_80+ (qdp_ok has checked the rest).
-static bool qimma_take(const fl_cuda_impl *c, const fl_qw &W) {
-    return c->qgemv_variant == FL_QGEMV_IMMA && W.code == FL_QCODE_INT && W.rb % 64 == 0 && fl_cuda_cc_major() >= 8;
-}
-
-// The x form the dp2a / IMMA GEMV takes for W (fl_qx_store8's QB, which the ops that write x for it use too): int8
+// The x form the dp2a GEMV takes for W (fl_qx_store8's QB, which the ops that write x for it use too): int8
 // (FL_QX8) under FASTLOAD_CUDA_QDOT=int8 for weights whose rows are whole 32-column blocks (the amax block of the
-// int8 form; NF4 then uses its int8 code book, qdot_nf4_vec8), else int16, as two byte planes (FL_QXM) for the
-// IMMA GEMV.
+// int8 form; NF4 then uses its int8 code book, qdot_nf4_vec8), else int16.
 static int qdp_qb(const fl_cuda_impl *c, const fl_qw &W) {
-    if (c->qx8 && W.C % 32 == 0) return W.bits | FL_QX8;
-    return W.bits | (qimma_take(c, W) ? FL_QXM : 0);
-}
-
-// qgemv_imma_kernel's launch: a block per 16 rows, WARPS warps (FASTLOAD_QIMMA_CFG: c->qimma_cfg, w4 | w8 -> 1 | 2;
-// 0 = auto: w4 for rows of at most 8 chunks, w8 above).
-template <typename T, int BITS, int N, bool X8, int WARPS>
-static fl_status launch_qimma_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                  const T *bias, uint32_t gm, int n) {
-    const int64_t blocks = (W.R + 15) / 16;
-    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
-    FL_LAUNCH((qgemv_imma_kernel<T, BITS, N, X8, WARPS>), dim3((unsigned)blocks), dim3(WARPS * 32), 0, st, y,
-              (const int8_t *)xq, xd, W, bias, gm, n);
-    return FL_OK;
-}
-
-template <typename T, int BITS, int N, bool X8>
-static fl_status launch_qimma_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                const T *bias, uint32_t gm, int n, int cfg) {
-    if (cfg <= 0) cfg = W.rb / 64 <= 8 ? 1 : 2;
-    if (cfg == 1) return launch_qimma_cfg<T, BITS, N, X8, 4>(st, y, xq, xd, W, bias, gm, n);
-    return launch_qimma_cfg<T, BITS, N, X8, 8>(st, y, xq, xd, W, bias, gm, n);
-}
-
-template <typename T, int BITS, bool X8>
-static fl_status launch_qimma(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                              const T *bias, uint32_t gm, int n, int cfg) {
-    if (n <= 1) return launch_qimma_n<T, BITS, 1, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (n <= 2) return launch_qimma_n<T, BITS, 2, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (n <= 4) return launch_qimma_n<T, BITS, 4, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    return launch_qimma_n<T, BITS, 8, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+    return W.bits | (c->qx8 && W.C % 32 == 0 ? FL_QX8 : 0);
 }
 
 // The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
@@ -1796,13 +1521,6 @@ static fl_status qgemv_dp_t(fl_cuda_impl *c, T *y, const T *x, int n, const fl_q
                       x, W.perm, n, W.C);
             return FL_OK;
         }));
-    }
-    if (qimma_take(c, W)) {
-        if (qb & FL_QX8)
-            return W.bits == 4 ? launch_qimma<T, 4, true>(st, y, xq, xd, W, bias, gm, n, c->qimma_cfg)
-                               : launch_qimma<T, 8, true>(st, y, xq, xd, W, bias, gm, n, c->qimma_cfg);
-        return W.bits == 4 ? launch_qimma<T, 4, false>(st, y, xq, xd, W, bias, gm, n, c->qimma_cfg)
-                           : launch_qimma<T, 8, false>(st, y, xq, xd, W, bias, gm, n, c->qimma_cfg);
     }
     return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb)
                  : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb);
@@ -1832,14 +1550,13 @@ static bool qdp_ok(fl_dtype act, const fl_qw &W, const void *x) {
 
 // The dp2a GEMV's layout conditions and the kernel choice (FASTLOAD_QGEMV) allow it for this weight ...
 static bool qdp_layout(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x) {
-    return qdp_ok(act, W, x) && (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_DP ||
-                                 c->qgemv_variant == FL_QGEMV_IMMA);
+    return qdp_ok(act, W, x) && (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_DP);
 }
 // ... and at this many token rows.
 static bool qdp_at(const fl_cuda_impl *c, const fl_qw &W, int n) {
     const int up_to = c->qgemv_up_to < 0 ? FL_QGEMV_UP_TO : c->qgemv_up_to;
     if (W.code == FL_QCODE_NF4) return n <= up_to && n <= 2;  // NF4 kernels are built for 1 and 2 rows only
-    return n <= up_to && n <= FL_GEMV_MAX_N_Q && (n <= FL_QDP_UP_TO || c->qgemv_variant == FL_QGEMV_DP || qimma_take(c, W));
+    return n <= up_to && n <= FL_GEMV_MAX_N_Q && (n <= FL_QDP_UP_TO || c->qgemv_variant == FL_QGEMV_DP);
 }
 
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst) {

@@ -23,7 +23,7 @@
  * whose groups are whole 16-byte vectors of codes, then tensor cores where the layout allows (groups of
  * whole 64-byte chunks), the FMA kernel otherwise (NF4); dp / mma / fma force one where it applies;
  * generic = the fallback kernel only. */
-enum { FL_QGEMV_AUTO = 0, FL_QGEMV_GENERIC = 1, FL_QGEMV_FMA = 2, FL_QGEMV_MMA = 3, FL_QGEMV_DP = 4, FL_QGEMV_IMMA = 5 };
+enum { FL_QGEMV_AUTO = 0, FL_QGEMV_GENERIC = 1, FL_QGEMV_FMA = 2, FL_QGEMV_MMA = 3, FL_QGEMV_DP = 4 };
 
 // Validate W's quantised layout (bits, group size, scale dtype, code, pointers): FL_E_VALUE /
 // FL_E_UNSUPPORTED naming `op` and the value that is wrong.

@@ -12,11 +12,6 @@
 // blocks of 32 columns whatever the bits (4 aligned lanes; C % 32 == 0), dx = amax / 127,
 // q = rint(x * 127 / amax) (the CPU backend's FASTLOAD_CPU_QDOT=int8 rule), stored as bytes at byte offset
 // i * C + c in the same column order; xd per vector as above (sum over the vector's own columns).
-// QB = bits | FL_QXM (the int16 precision split into two signed byte planes, for the IMMA GEMV,
-// qgemv_imma_kernel): the int16 rule with QMAX 32639 (= 127 * 256 + 127), then q = 256 h + l with
-// h = (q + 128) >> 8 and l = q - 256 h, both in [-128, 127]; vector v of token row i (VC columns) takes
-// the bytes [2 (i * C + v * VC), + 2 VC): its VC h bytes, then its VC l bytes, each plane in the codes'
-// column order as above. Same workspace size as the int16 form; xd as above with dx = amax / 32639.
 #ifndef FL_CUDA_QX_CUH
 #define FL_CUDA_QX_CUH
 #include <stdint.h>
@@ -25,14 +20,13 @@
 #include "fl_common.h"
 
 #define FL_QX8 16  // QB flag: x as int8 (above); QB & 15 is the codes' bits
-#define FL_QXM 32  // QB flag: x as int16 precision in two int8 planes (above)
 
 // k0 = i * C + c0: the flat index of the thread's first column (C % VC == 0, so k0 / VC is the vector).
 template <int QB>
 __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *__restrict__ xd, const float (&a)[8],
                                              int64_t k0, bool on) {
     constexpr int BITS = QB & 15;
-    constexpr bool X8 = (QB & FL_QX8) != 0, XM = (QB & FL_QXM) != 0;
+    constexpr bool X8 = (QB & FL_QX8) != 0;
     constexpr int G = (BITS == 4 ? 32 : 16) / 8, GA = X8 ? 4 : G;  // lanes of a vector; lanes of an amax block
     float amax = 0.f, sum = 0.f;
 #pragma unroll
@@ -45,31 +39,18 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
 #pragma unroll
     for (int o = G / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o, G);
     if (!on) return;
-    constexpr float QMAX = X8 ? 127.f : XM ? 32639.f : 32767.f;
+    constexpr float QMAX = X8 ? 127.f : 32767.f;
     const float inv = amax > 0.f ? QMAX / amax : 0.f;
     int q[8];
 #pragma unroll
     for (int e = 0; e < 8; e++) q[e] = max(-(int)QMAX, min((int)QMAX, __float2int_rn(a[e] * inv)));
-    auto pk = [](int b0, int b1, int b2, int b3) {
-        return (uint32_t)(uint8_t)b0 | (uint32_t)(uint8_t)b1 << 8 | (uint32_t)(uint8_t)b2 << 16 | (uint32_t)(uint8_t)b3 << 24;
-    };
-    auto pk8 = [&](const int (&b)[8]) {  // the codes' column order
-        return BITS == 4 ? make_uint2(pk(b[0], b[2], b[4], b[6]), pk(b[1], b[3], b[5], b[7]))
-                         : make_uint2(pk(b[0], b[1], b[2], b[3]), pk(b[4], b[5], b[6], b[7]));
-    };
     if constexpr (X8) {
-        *(uint2 *)((int8_t *)xq + k0) = pk8(q);
-    } else if constexpr (XM) {
-        constexpr int VC = BITS == 4 ? 32 : 16;
-        int h[8], l[8];
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            h[e] = (q[e] + 128) >> 8;
-            l[e] = q[e] - 256 * h[e];
-        }
-        const int64_t in = k0 % VC, base = 2 * (k0 - in) + in;  // k0 - in: the vector's first column
-        *(uint2 *)((int8_t *)xq + base) = pk8(h);
-        *(uint2 *)((int8_t *)xq + base + VC) = pk8(l);
+        auto pk = [](int b0, int b1, int b2, int b3) {
+            return (uint32_t)(uint8_t)b0 | (uint32_t)(uint8_t)b1 << 8 | (uint32_t)(uint8_t)b2 << 16 | (uint32_t)(uint8_t)b3 << 24;
+        };
+        const uint2 w = BITS == 4 ? make_uint2(pk(q[0], q[2], q[4], q[6]), pk(q[1], q[3], q[5], q[7]))
+                                  : make_uint2(pk(q[0], q[1], q[2], q[3]), pk(q[4], q[5], q[6], q[7]));
+        *(uint2 *)((int8_t *)xq + k0) = w;
     } else {
         auto pk = [](int lo, int hi) { return (uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16); };
         const uint4 w = BITS == 4 ? make_uint4(pk(q[0], q[2]), pk(q[4], q[6]), pk(q[1], q[3]), pk(q[5], q[7]))
@@ -80,7 +61,7 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
 }
 
 // The one place a runtime x form becomes a template argument: f(std::integral_constant<int, QB>()) for qb = 4, 8,
-// 4 | FL_QX8, 8 | FL_QX8, 4 | FL_QXM or 8 | FL_QXM (the kernels that write or read x take QB as a template parameter); what f returns, or an
+// 4 | FL_QX8 or 8 | FL_QX8 (the kernels that write or read x take QB as a template parameter); what f returns, or an
 // error naming `what` for any other qb.
 template <typename F>
 static fl_status fl_qx_dispatch(int qb, const char *what, F &&f) {
@@ -89,15 +70,13 @@ static fl_status fl_qx_dispatch(int qb, const char *what, F &&f) {
     case 8: return f(std::integral_constant<int, 8>());
     case 4 | FL_QX8: return f(std::integral_constant<int, 4 | FL_QX8>());
     case 8 | FL_QX8: return f(std::integral_constant<int, 8 | FL_QX8>());
-    case 4 | FL_QXM: return f(std::integral_constant<int, 4 | FL_QXM>());
-    case 8 | FL_QXM: return f(std::integral_constant<int, 8 | FL_QXM>());
     default: return fl_err(FL_E_INTERNAL, "%s: x form %d for the dp2a GEMV", what, qb);
     }
 }
 
 // Where a producer writes x for the dp2a GEMV of the matmul that follows it (bits 0: do not).
 struct fl_qx_dst {
-    int bits;  // the QB of fl_qx_store8: 4 | 8, | FL_QX8 for int8 x, | FL_QXM for the IMMA GEMV's planes; 0: none
+    int bits;  // the QB of fl_qx_store8: 4 | 8, | FL_QX8 for int8 x; 0: none
     int16_t *xq;
     float2 *xd;
 };

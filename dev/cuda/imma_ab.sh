@@ -1,8 +1,9 @@
 #!/bin/bash
-# The IMMA GEMV (FASTLOAD_QGEMV=imma, qmatmul.cu's qgemv_imma_kernel) against the default in one device call:
-# build, its tests (TESTS), then decode on the Qwen2.5-7B-shaped checkpoint per SETTINGS (each a comma list of
-# env settings, "-" for none), QUANT_MODES at batch 1 for ROUNDS rounds interleaved, and batch B8 (int4) once.
-#   OUT=/tmp/o SETTINGS="- FASTLOAD_QGEMV=imma FASTLOAD_QGEMV=imma,FASTLOAD_QIMMA_CFG=w16u2" bash dev/cuda/imma_ab.sh
+# Knob settings A/B'd in one device call (written for the IMMA GEMV, dev/cuda/imma_gemv.patch, which is not in the
+# library: apply the patch to run FASTLOAD_QGEMV=imma): build, TESTS, then decode on the Qwen2.5-7B-shaped checkpoint
+# per SETTINGS (each a comma list of env settings, "-" for none), QUANT_MODES at batch 1 for ROUNDS rounds
+# interleaved, and int4 at batch 8 per B8_SETTINGS once.
+#   OUT=/tmp/o SETTINGS="- FASTLOAD_CUDA_QDOT=int8 FASTLOAD_CUDA_QDOT=int8,FASTLOAD_PDL=0" bash dev/cuda/imma_ab.sh
 #                                                                                      carry [".devobj", ".device"]
 # BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log.
 set -u
@@ -16,12 +17,12 @@ bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench im
 echo "== decode $(date +%T), copy $bw GB/s"
 envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }
 for r in $(seq ${ROUNDS:-2}); do
-  for s in ${SETTINGS:-- FASTLOAD_QGEMV=imma}; do
+  for s in ${SETTINGS:-- FASTLOAD_CUDA_QDOT=int8}; do
     env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${QUANT_MODES:-int4,int8} \
         --bw-gbs "$bw" --label "${s/#-/default}-r$r" | tee -a "$OUT/decode.jsonl"
   done
 done
-for s in ${B8_SETTINGS:-- FASTLOAD_QGEMV=imma}; do
+for s in ${B8_SETTINGS:--}; do
   env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant int4 --batch 8 \
       --bw-gbs "$bw" --label "${s/#-/default}-b8" | tee -a "$OUT/decode.jsonl"
 done

@@ -951,28 +951,6 @@ int main(int argc, char **argv) {
         const int16_t *x8p = (const int16_t *)x8;
         vs.push_back({"x8-r4w8", [&, x8p, x8d](const fl_qw &W) { return tmaw<4, 8, 0, true>(st, y2, x8p, x8d, W, gm, n_sm); }});
         vs.push_back({"x8-r4w8-compute", [&, x8p, x8d](const fl_qw &W) { return tmaw<4, 8, 2, true>(st, y2, x8p, x8d, W, gm, n_sm); }});
-        // the IMMA GEMV (qgemv_imma_kernel, FASTLOAD_QGEMV=imma) on its own x form (int16 precision in byte planes),
-        // prepared once by its prep kernel (not timed): "im-w4" / "im-w8" warps per 16 rows, "im-auto" its rule
-        int16_t *xm = nullptr;
-        float2 *xmd = nullptr;
-        CK(cudaMalloc(&xm, 2 * s.C));
-        CK(cudaMalloc(&xmd, (s.C / 16) * sizeof(float2)));
-        {
-            const unsigned blocks = (unsigned)((s.C / 8 + QD_THREADS - 1) / QD_THREADS);
-            if (s.bits == 4) qx_prep_kernel<__nv_bfloat16, 4 | FL_QXM><<<blocks, QD_THREADS, 0, st>>>(xm, xmd, x, nullptr, 1, s.C);
-            else qx_prep_kernel<__nv_bfloat16, 8 | FL_QXM><<<blocks, QD_THREADS, 0, st>>>(xm, xmd, x, nullptr, 1, s.C);
-            CK(cudaGetLastError());
-        }
-        x8s.push_back(xm);
-        x8s.push_back(xmd);
-        for (int cfg : {0, 1, 2}) {
-            static const char *inames[] = {"im-auto", "im-w4", "im-w8"};
-            vs.push_back({inames[cfg], [&, cfg, xm, xmd](const fl_qw &W) -> fl_status {
-                              if (W.code != FL_QCODE_INT || W.rb % 64) return FL_E_UNSUPPORTED;
-                              return W.bits == 4 ? launch_qimma<__nv_bfloat16, 4, false>(st, y2, xm, xmd, W, nullptr, gm, 1, cfg)
-                                                 : launch_qimma<__nv_bfloat16, 8, false>(st, y2, xm, xmd, W, nullptr, gm, 1, cfg);
-                          }});
-        }
         if (getenv("BENCH_EXP")) {  // the 2026-12-02 experiments (see the header)
         add_s("r4u1w4", [&](const fl_qw &W, int sp) { return dps<4, 1, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
         add_s("r2u2w4", [&](const fl_qw &W, int sp) { return dps<2, 2, 4>(st, y2, xqp, xdp, W, gm, n_sm, sp); });
