@@ -193,6 +193,35 @@ def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 2))
 
 
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("qmma_int", ["1", "0"])
+@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym"])
+@pytest.mark.parametrize("R,C,gs", [(4250, 1024, 128), (4608, 3584, 256), (3584, 3584, 128), (300, 18944, 128)])
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_qgemv_int_tensor_cores(act, qmma_int, fmt, R, C, gs, n, monkeypatch):
+    """4-bit codes at 3..8 rows: qgemv_imma8_kernel (FASTLOAD_QMMA_INT=1, default; x in int16 planes, u8 x s8 mma) and
+    the f16 / bf16 tensor-core kernel (0). The shapes take both of imma8's configurations: two 16-row tiles a block
+    (4250 rows, a partial last block; 4608 x 3584 with two chunks a group) and one (3584 rows, fewer blocks than SMs
+    with two; 18944 columns)."""
+    monkeypatch.setenv("FASTLOAD_QMMA_INT", qmma_int)
+    run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 5))
+
+
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+def test_qgemv_int_tensor_cores_knob_runs(act, monkeypatch):
+    """FASTLOAD_QMMA_INT switches kernels: the two round differently (int16 x against exact x), so some outputs differ."""
+    inputs, params = make_weight(np.random.default_rng(3), 4250, 1024, 128, "int4-f16-min")
+    inputs["x"] = to_act(np.random.default_rng(4).standard_normal((8, 1024), dtype=np.float32), act)
+    ys = []
+    for v in ("1", "0"):
+        monkeypatch.setenv("FASTLOAD_QMMA_INT", v)
+        ys.append(_C.run_op(DEV, "qmatmul", inputs, dict(params, act=act))["y"])
+    assert not np.array_equal(ys[0], ys[1]), "FASTLOAD_QMMA_INT=1 and 0 gave identical outputs: did both kernels run?"
+    monkeypatch.setenv("FASTLOAD_QMMA_INT", "2")
+    with pytest.raises(Exception, match="FASTLOAD_QMMA_INT='2' is not 0 or 1"):
+        _C.run_op(DEV, "qmatmul", inputs, dict(params, act=act))
+
+
 @pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 576, 32), (1000, 640, 64)])

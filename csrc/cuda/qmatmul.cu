@@ -533,6 +533,203 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 }
 
 // ---------------------------------------------------------------------------------------------
+// decode GEMV on the integer tensor cores for 3..8 token rows, 4-bit integer codes (qgemv_imma8_kernel)
+// ---------------------------------------------------------------------------------------------
+// Why: at n = 8 qgemv_mma_kernel spends ~135 instructions a lane per 64-byte chunk of 16 rows (each
+// nibble pair OR-ed into an f16 / bf16 mantissa and re-based: 3 ops per 2 weights; a second mma with A = ones
+// for the offsets' sum(x)) and 16 m16n8k16 mma. Here the codes stay integers: a 32-bit word of 8 nibbles
+// becomes two u8 words (w & 0x0F0F0F0F: columns 0, 2, 4, 6; (w >> 4) & 0x0F0F0F0F: 1, 3, 5, 7), the A operand
+// of mma.sync m16n8k32 u8 x s8 as it is, and x is int16-precise in two signed byte planes (q = 256 h + l,
+// |q| <= 32639, one scale per token and 128-column chunk: error at most 2^-16 of the chunk's largest |x|, the
+// dp2a path's numerics), two mma a word (one per plane). sum(x) per token and chunk comes from the prep
+// (exact x, float32). ~60 instructions and 8 mma (of half the tensor time each) a lane per chunk.
+// The k slots of one mma: lane t's word i of its quarter of the chunk (columns 32 t + 8 i + {0,2,4,6} in slots
+// 4t..4t+3, {1,3,5,7} in 16+4t..16+4t+3); x is laid out by qmx_prep_kernel so that one uint4 per (lane, word)
+// holds exactly those columns of both planes: unit u (8 columns) = {h of 0,2,4,6 | h of 1,3,5,7 | l of 0,2,4,6 |
+// l of 1,3,5,7}. The scale factors out of each mma because all four lanes' columns share one chunk.
+//   xp[tok][C / 8] uint4, xd[chunk][8] float2 (dx, sum x); tokens >= n are never read (guarded).
+#define QMX_QMAX 32639.f
+
+template <typename T>
+__global__ void __launch_bounds__(256) qmx_prep_kernel(uint4 *__restrict__ xp, float2 *__restrict__ xd,
+                                                       const T *__restrict__ x, int n, int64_t C) {
+    fl_pdl_launch_dependents();
+    const int64_t nch = C / 128, pair = ((int64_t)blockIdx.x * 256 + threadIdx.x) >> 4;  // (token, chunk)
+    const int j = threadIdx.x & 15;
+    const bool ok = pair < (int64_t)n * nch;
+    const int tok = ok ? (int)(pair / nch) : 0;
+    const int64_t ch = ok ? pair % nch : 0;
+    fl_pdl_wait();
+    float v[8];
+    if (ok) {
+        const uint4 u = *(const uint4 *)(x + (int64_t)tok * C + ch * 128 + 8 * j);
+        const T *e = (const T *)&u;
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = fl_to_f32(e[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = 0.f;
+    }
+    float amax = 0.f, sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        amax = fmaxf(amax, fabsf(v[k]));
+        sum += v[k];
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) {  // within the half warp of this (token, chunk)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (!ok) return;
+    const float inv = amax > 0.f ? QMX_QMAX / amax : 0.f;
+    uint32_t hb[8], lb[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        int q = __float2int_rn(v[k] * inv);
+        q = max(-32639, min(32639, q));
+        const int h = (q + 128) >> 8;
+        hb[k] = (uint32_t)h & 0xffu;
+        lb[k] = (uint32_t)(q - (h << 8)) & 0xffu;
+    }
+    uint4 o;
+    o.x = hb[0] | hb[2] << 8 | hb[4] << 16 | hb[6] << 24;
+    o.y = hb[1] | hb[3] << 8 | hb[5] << 16 | hb[7] << 24;
+    o.z = lb[0] | lb[2] << 8 | lb[4] << 16 | lb[6] << 24;
+    o.w = lb[1] | lb[3] << 8 | lb[5] << 16 | lb[7] << 24;
+    xp[(int64_t)tok * (C / 8) + ch * 16 + j] = o;
+    if (j == 0) xd[ch * 8 + tok] = make_float2(amax / QMX_QMAX, sum);
+}
+
+// d[0..3] += A (16 x 32 u8) * B (32 x 8 s8), int32: mma.sync m16n8k32 (sm_80+; nothing below, callers check).
+__device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                              uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// WARPS warps over a row's 64-byte chunks, U chunks of each of the block's TILES 16-row tiles in flight a warp (all
+// requested, then all computed: no software pipelining, whose second register buffer took the first version to 128
+// registers, 16 warps an SM, and 40% of the copy rate on gate|up); each warp's x fragment of a chunk feeds TILES x 8
+// mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). 4-bit integer
+// codes, groups of whole 128-column chunks; x from qmx_prep_kernel. Configurations measured: qmx_cfg below.
+template <typename T, typename S, bool ZEROS, int WARPS, int U, int TILES>
+__global__ void __launch_bounds__(WARPS * 32)
+qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2 *__restrict__ xd, const fl_qw W,
+                   const T *__restrict__ bias, int n, uint32_t cmagic) {
+    __shared__ float red[WARPS][TILES * 4][32];
+    fl_pdl_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t r0 = (int64_t)blockIdx.x * 16 * TILES, R = W.R;
+    const uint4 *wr[TILES][2];
+    int64_t srow[TILES][2];
+#pragma unroll
+    for (int k = 0; k < TILES; k++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t r = r0 + 16 * k + 8 * h + g, rr = r < R ? r : R - 1;
+            wr[k][h] = (const uint4 *)(W.q + rr * W.rb) + t;
+            srow[k][h] = rr * W.ng;
+        }
+    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    const int64_t nchunk = W.rb / 64;
+    const uint32_t cpg = (uint32_t)(W.gs / 128);
+    const bool has_x = g < n;
+    const uint4 *xg = xp + (int64_t)(has_x ? g : 0) * (W.C / 8) + 4 * t;  // + chunk * 16
+    const bool t0 = 2 * t < n, t1 = 2 * t + 1 < n;
+    const uint4 z = make_uint4(0, 0, 0, 0);
+    float acc[TILES][4];
+#pragma unroll
+    for (int k = 0; k < TILES; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.f;
+    auto load_step = [&](int64_t cb, uint4 (&A)[U][TILES][2]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const bool ok = cb + u < nchunk;
+            if (ok && t == 0) {
+                const uint32_t grp = cpg == 1 ? (uint32_t)(cb + u) : __umulhi((uint32_t)(cb + u), cmagic);
+#pragma unroll
+                for (int k = 0; k < TILES; k++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        prefetch_l1(sc + srow[k][h] + grp);
+                        if (ZEROS) prefetch_l1(zc + srow[k][h] + grp);
+                    }
+            }
+#pragma unroll
+            for (int k = 0; k < TILES; k++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) A[u][k][h] = ok ? fl_ld_stream(wr[k][h] + 4 * (cb + u)) : z;
+        }
+    };
+    auto compute = [&](int64_t c0, const uint4 (&A)[U][TILES][2]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t ch = c0 + u;
+            if (ch >= nchunk) break;  // the same for the whole warp
+            uint4 xw[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) xw[i] = has_x ? __ldg(xg + ch * 16 + i) : z;
+            const float4 d = *(const float4 *)(xd + ch * 8 + 2 * t);  // (dx, sum) of tokens 2t, 2t + 1
+            const float dx0 = t0 ? d.x : 0.f, dx1 = t1 ? d.z : 0.f, x0 = t0 ? d.y : 0.f, x1 = t1 ? d.w : 0.f;
+            const uint32_t grp = cpg == 1 ? (uint32_t)ch : __umulhi((uint32_t)ch, cmagic);
+#pragma unroll
+            for (int k = 0; k < TILES; k++) {
+                const uint4 va = A[u][k][0], vb = A[u][k][1];
+                const uint32_t ca[4] = {va.x, va.y, va.z, va.w}, cb[4] = {vb.x, vb.y, vb.z, vb.w};
+                int ih[4] = {0, 0, 0, 0}, il[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const uint32_t alo = ca[i] & 0x0F0F0F0Fu, ahi = (ca[i] >> 4) & 0x0F0F0F0Fu;
+                    const uint32_t blo = cb[i] & 0x0F0F0F0Fu, bhi = (cb[i] >> 4) & 0x0F0F0F0Fu;
+                    fl_imma_16832(ih, alo, blo, ahi, bhi, xw[i].x, xw[i].y);
+                    fl_imma_16832(il, alo, blo, ahi, bhi, xw[i].z, xw[i].w);
+                }
+                const float s_a = ld_s(sc, srow[k][0] + grp), s_b = ld_s(sc, srow[k][1] + grp);
+                const float m_a = ZEROS ? ld_s(zc, srow[k][0] + grp) : -8.f * s_a;
+                const float m_b = ZEROS ? ld_s(zc, srow[k][1] + grp) : -8.f * s_b;
+                const float p0 = (float)(ih[0] * 256 + il[0]) * dx0, p1 = (float)(ih[1] * 256 + il[1]) * dx1;
+                const float p2 = (float)(ih[2] * 256 + il[2]) * dx0, p3 = (float)(ih[3] * 256 + il[3]) * dx1;
+                acc[k][0] = fmaf(s_a, p0, fmaf(m_a, x0, acc[k][0]));
+                acc[k][1] = fmaf(s_a, p1, fmaf(m_a, x1, acc[k][1]));
+                acc[k][2] = fmaf(s_b, p2, fmaf(m_b, x0, acc[k][2]));
+                acc[k][3] = fmaf(s_b, p3, fmaf(m_b, x1, acc[k][3]));
+            }
+        }
+    };
+    uint4 cur[U][TILES][2];
+    load_step((int64_t)warp * U, cur);  // codes are weights: the first step before the wait
+    fl_pdl_wait();                       // x comes from the prep kernel
+    for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += WARPS * U) {
+        if (c0 != (int64_t)warp * U) load_step(c0, cur);
+        compute(c0, cur);
+    }
+#pragma unroll
+    for (int k = 0; k < TILES; k++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) red[warp][4 * k + e][lane] = acc[k][e];
+    __syncthreads();
+    // warp w < TILES reduces tile w (one tile a warp when WARPS >= TILES)
+    for (int k = warp; k < TILES; k += WARPS) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            v[e] = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) v[e] += red[w][4 * k + e][lane];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int64_t row = r0 + 16 * k + g + (e >> 1) * 8;
+            const int tok = 2 * t + (e & 1);
+            if (row < R && tok < n) y[(int64_t)tok * R + row] = fl_from_f32<T>(v[e] + (bias ? fl_to_f32(bias[row]) : 0.f));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // decode GEMV on integer dot products (dp2a): int16 activations, the CPU backend's default numerics
 // ---------------------------------------------------------------------------------------------
 // Why: at n = 1 the FMA kernel spends ~5 instructions per 4-bit weight and the tensor-core kernel
@@ -1391,6 +1588,34 @@ static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_
     return FL_OK;
 }
 
+// qgemv_imma8_kernel for n in 3..8 (FASTLOAD_QMMA_INT=0 keeps qgemv_mma_kernel there): x to int16 planes
+// (qmx_prep_kernel) in the dp2a workspace (c->qxq, grown by the caller), then the GEMV.
+template <typename T, typename S, bool ZEROS, int WARPS, int U, int TILES>
+static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
+                               float2 *xd, bool prep = true) {
+    const int64_t pairs = (int64_t)n * (W.C / 128), pblocks = (pairs + 15) / 16;
+    const int64_t blocks = (W.R + 16 * TILES - 1) / (16 * TILES);
+    if (blocks > INT32_MAX || pblocks > INT32_MAX)
+        return fl_err(FL_E_VALUE, "quantised matmul: %lld x %lld is too large", (long long)W.R, (long long)W.C);
+    const uint32_t cpg = (uint32_t)(W.gs / 128);
+    const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
+    if (prep) FL_LAUNCH(qmx_prep_kernel<T>, dim3((unsigned)pblocks), dim3(256), 0, st, xp, xd, x, n, W.C);
+    FL_LAUNCH(qgemv_imma8_kernel<T, S, ZEROS, WARPS, U, TILES>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
+              y, (const uint4 *)xp, (const float2 *)xd, W, bias, n, cm);
+    return FL_OK;
+}
+
+// The configuration per shape (H200, qmma_bench, n = 8, us: benchmarks/results/qimma8-2026-12-03-h200/): two 16-row tiles
+// a block and 2 chunks a warp (qkv 7.2, gate_up 32.4; f16 mma kernel 9.8, 43.8) unless that leaves fewer blocks than
+// SMs or the rows are long (C >= 8192): then one tile and 4 chunks a warp (o 5.5 against 6.8 with two tiles on 112
+// blocks; down 24.7 against 30.1; f16 mma kernel 6.4, 28.7).
+template <typename T, typename S, bool ZEROS>
+static fl_status launch_qimma8(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
+                               float2 *xd, int n_sm, bool prep = true) {
+    if (W.C >= 8192 || (W.R + 31) / 32 < n_sm) return launch_qimma8_cfg<T, S, ZEROS, 8, 4, 1>(st, y, x, n, W, bias, xp, xd, prep);
+    return launch_qimma8_cfg<T, S, ZEROS, 8, 2, 2>(st, y, x, n, W, bias, xp, xd, prep);
+}
+
 template <typename T, typename S>
 static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint32_t cm) {
     const bool z = W.m != nullptr;
@@ -1662,6 +1887,27 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
                           c->stream, (T *)c->qx, (const T *)x, W.perm, n, W.C);
             });
             xs = c->qx;
+        }
+        // 4-bit integer codes at 3..8 rows: the integer tensor cores (qgemv_imma8_kernel) where the layout allows.
+        const bool imma8 = n > FL_QDP_UP_TO && (act == FL_F16 || act == FL_BF16) && W.code == FL_QCODE_INT &&
+                           W.bits == 4 && W.gs % 128 == 0 && W.C % 128 == 0 && W.rb % 64 == 0 && fl_is_aligned16(W.q) &&
+                           fl_is_aligned16(xs) && fl_cuda_cc_major() >= 8 && c->qmma_int &&
+                           (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / 128) <= (1ull << 32) &&
+                           (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_MMA);
+        if (imma8) {
+            FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+            uint4 *xp = (uint4 *)qdp_xq(c);
+            float2 *xd = qdp_xd(c, W.C);  // needs C / 16 float2: [C / 128 chunks][8 tokens]
+            FL_CUDA_DISPATCH(act, T, {
+                if constexpr (sizeof(T) == 2) {
+                    const bool z = W.m != nullptr;
+                    if (W.s32)
+                        return z ? launch_qimma8<T, float, true>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm)
+                                 : launch_qimma8<T, float, false>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
+                    return z ? launch_qimma8<T, __half, true>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm)
+                             : launch_qimma8<T, __half, false>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
+                }
+            });
         }
         return qgemv(c, act, y, xs, n, W, bias);
     }

@@ -5,7 +5,8 @@
 # interleaved, and int4 at batch 8 per B8_SETTINGS once.
 #   OUT=/tmp/o SETTINGS="- FASTLOAD_CUDA_QDOT=int8 FASTLOAD_CUDA_QDOT=int8,FASTLOAD_PDL=0" bash dev/cuda/imma_ab.sh
 #                                                                                      carry [".devobj", ".device"]
-# BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log.
+# BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log; QMMA_BENCH=1: .device/qmma_bench
+# (dev/cuda/qmma_bench.sh: the GEMV at 1..8 rows) into $OUT/qmma_bench.log, before the decode runs.
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
@@ -13,6 +14,11 @@ python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
 ck=$!
 OUT=$OUT STAGES="${STAGES:-build tests}" TESTS="${TESTS:-tests/test_cuda_quant.py}" bash dev/cuda/verify_gpu.sh
 wait $ck; tail -2 "$OUT/ckpt.log"
+if [ -n "${QMMA_BENCH:-}" ] && [ -f .device/qmma_bench.xz ]; then
+  xz -dkf .device/qmma_bench.xz && chmod +x .device/qmma_bench && echo "== qmma bench $(date +%T)"
+  LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} timeout ${BENCH_S:-200} .device/qmma_bench ${BENCH_REPS:-7} \
+      > "$OUT/qmma_bench.log" 2>&1; echo "qmma bench rc=$?"; cat "$OUT/qmma_bench.log"
+fi
 bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
 echo "== decode $(date +%T), copy $bw GB/s"
 envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }

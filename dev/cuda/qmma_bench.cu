@@ -1,0 +1,148 @@
+// dev/cuda/qmma_bench.cu: the quantised GEMV at 1..8 token rows (batched decode) on Qwen2.5-7B's int4 shapes (group
+// 128, with offsets, f16 scales), against the device's copy bandwidth: the f16 / bf16 tensor-core kernel
+// (qgemv_mma_kernel, "mma"), the integer tensor-core kernel with its x prep (qgemv_imma8_kernel + qmx_prep_kernel,
+// "imma8", the library's configuration per shape; the prep alone "prep"; then each configuration alone, w<warps>u<chunks a
+// warp>t<16-row tiles a block>), and the backend as the model calls it ("backend": dp2a at n <= 2, then imma8 by
+// default). imma8 is validated against mma (largest |difference| over largest |y|, both float-close to the exact dot).
+//   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist): dev/cuda/qmma_bench.sh     run: /tmp/qmma_bench [reps]
+// Method as qgemv_bench.cu: weights rotate over > 512 MB of copies (no launch finds its matrix in L2), 10 launches
+// captured in a CUDA graph, 3 warm-up replays, median of the timed replays / 10; bytes = codes + scales + offsets.
+#include "../../csrc/cuda/qmatmul.cu"
+#include "bench_util.cuh"
+#include <algorithm>
+#include <vector>
+
+__global__ void fill_u32(uint32_t *p, size_t n, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = h;
+    }
+}
+__global__ void fill_half(__half *p, size_t n, uint32_t seed, float lo, float hi) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+        p[i] = __float2half(lo + (hi - lo) * (float)(h & 0xffff) / 65536.f);
+    }
+}
+__global__ void fill_act(__nv_bfloat16 *p, size_t n, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+        p[i] = __float2bfloat16((float)(h & 0xffff) / 32768.f - 1.f);
+    }
+}
+
+struct Shape { const char *name; int64_t R, C; };
+
+int main(int argc, char **argv) {
+    const int batches = argc > 1 ? atoi(argv[1]) : 9;
+    fl_backend *be;
+    CKF(fl_backend_cuda_create(0, FL_BF16, &be));
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    cudaStream_t st = c->stream;
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    const double copy_gbs = copy_ceiling_gbs(st, e0, e1);
+    if (copy_gbs < 0) return 1;
+    printf("device: %s, %d SMs; copy D2D 1 GiB %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
+    printf("int4 g128 with offsets; %% of copy for the weight bytes, microseconds per launch\n");
+    // imma8 configurations (warps, chunks a warp, 16-row tiles a block), the GEMV alone on the prepared x
+    struct Cfg { const char *name; fl_status (*f)(cudaStream_t, __nv_bfloat16 *, const __nv_bfloat16 *, int, const fl_qw &,
+                                                  const __nv_bfloat16 *, uint4 *, float2 *, bool); };
+    const Cfg cfgs[] = {
+        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 4, 1>},
+        {"w8u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 2, 2>},
+        {"w8u4t2", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 4, 2>},
+        {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 2, 1>},
+        {"w8u2t4", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 2, 4>},
+        {"w4u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, true, 4, 2, 2>},
+    };
+    printf("%-8s %2s %8s | %16s %16s %16s %10s | %s\n", "shape", "n", "MB", "mma", "imma8", "backend", "prep us", "imma8 vs mma");
+    const Shape shapes[] = {{"qkv", 4608, 3584}, {"o", 3584, 3584}, {"gate_up", 37888, 3584}, {"down", 3584, 18944}};
+    const int gs = 128;
+    int failures = 0;
+    for (const Shape &s : shapes) {
+        const int64_t rb = s.C / 2, ng = s.C / gs;
+        const size_t qbytes = (size_t)s.R * rb, sbytes = (size_t)s.R * ng * 2, wbytes = qbytes + 2 * sbytes;
+        const int copies = (int)std::max<size_t>(2, ((size_t)512 << 20) / wbytes + 1);
+        std::vector<fl_weight> Ws(copies);
+        for (int k = 0; k < copies; k++) {
+            void *q, *sc, *z;
+            CK(cudaMalloc(&q, qbytes));
+            CK(cudaMalloc(&sc, sbytes));
+            CK(cudaMalloc(&z, sbytes));
+            fill_u32<<<4096, 256, 0, st>>>((uint32_t *)q, qbytes / 4, 77u + k);
+            fill_half<<<1024, 256, 0, st>>>((__half *)sc, sbytes / 2, 5u + k, 0.001f, 0.01f);
+            fill_half<<<1024, 256, 0, st>>>((__half *)z, sbytes / 2, 9u + k, -0.08f, 0.f);
+            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, gs, 4, FL_F16, FL_QCODE_INT};
+        }
+        __nv_bfloat16 *x, *y, *y2;
+        CK(cudaMalloc(&x, 8 * s.C * 2));
+        CK(cudaMalloc(&y, 8 * s.R * 2));
+        CK(cudaMalloc(&y2, 8 * s.R * 2));
+        fill_act<<<64, 256, 0, st>>>(x, 8 * s.C, 3u);
+        CK(cudaGetLastError());
+        CKF(fl_cuda_qmatmul(be, y, x, 8, &Ws[0], nullptr));  // grows the workspaces outside capture
+        uint4 *xp = (uint4 *)qdp_xq(c);
+        float2 *xd = qdp_xd(c, s.C);
+        const uint32_t cm = 0u;  // one chunk a group (gs 128)
+        for (int n : {1, 2, 3, 4, 6, 8}) {
+            auto mma = [&](int i) { return (int)launch_qmma_fmt<__nv_bfloat16, __half>(st, y, x, n, qw_of(&Ws[i % copies]), nullptr, cm); };
+            auto imma = [&](int i) {
+                return (int)launch_qimma8<__nv_bfloat16, __half, true>(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, c->n_sm);
+            };
+            auto backend = [&](int i) { return (int)fl_cuda_qmatmul(be, y2, x, n, &Ws[i % copies], nullptr); };
+            auto prep = [&](int) {
+                const int64_t pairs = (int64_t)n * (s.C / 128);
+                return (int)fl_launch(qmx_prep_kernel<__nv_bfloat16>, dim3((unsigned)((pairs + 15) / 16)), dim3(256), 0, st,
+                                      xp, xd, (const __nv_bfloat16 *)x, n, s.C);
+            };
+            // validation: imma8 against mma on copy 0
+            CK(cudaMemset(y, 0, 8 * s.R * 2));
+            CK(cudaMemset(y2, 0, 8 * s.R * 2));
+            if (mma(0) || imma(0)) { fprintf(stderr, "launch failed: %s\n", fl_err_msg()); return 1; }
+            CK(cudaStreamSynchronize(st));
+            std::vector<__nv_bfloat16> h1(n * s.R), h2(n * s.R);
+            CK(cudaMemcpy(h1.data(), y, n * s.R * 2, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(h2.data(), y2, n * s.R * 2, cudaMemcpyDeviceToHost));
+            double md = 0, my = 0;
+            for (int64_t i = 0; i < n * s.R; i++) {
+                const double a = __bfloat162float(h1[i]), b = __bfloat162float(h2[i]);
+                md = std::max(md, fabs(a - b));
+                my = std::max(my, fabs(a));
+            }
+            const double rel = md / (my > 0 ? my : 1);
+            if (!(rel < 2e-2)) failures++;
+            const float t_mma = time_graph(st, e0, e1, batches, mma), t_imma = time_graph(st, e0, e1, batches, imma);
+            const float t_be = time_graph(st, e0, e1, batches, backend), t_prep = time_graph(st, e0, e1, batches, prep);
+            auto pct = [&](float ms) { return ms > 0 ? 100.0 * wbytes / (ms * 1e-3) / 1e9 / copy_gbs : -1.0; };
+            printf("%-8s %2d %8.1f | %6.1f%% %6.2f us %6.1f%% %6.2f us %6.1f%% %6.2f us %7.2f us | %.2e%s\n", s.name, n,
+                   wbytes / 1e6, pct(t_mma), t_mma * 1e3, pct(t_imma), t_imma * 1e3, pct(t_be), t_be * 1e3, t_prep * 1e3,
+                   rel, rel < 2e-2 ? "" : "  MISMATCH");
+            for (const Cfg &cf : cfgs) {  // the GEMV alone (x prepared above by imma(0)'s prep)
+                auto f = [&](int i) { return (int)cf.f(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, false); };
+                CK(cudaMemset(y2, 0, 8 * s.R * 2));
+                if (imma(0) || f(0)) { fprintf(stderr, "launch %s failed: %s\n", cf.name, fl_err_msg()); return 1; }
+                CK(cudaStreamSynchronize(st));
+                CK(cudaMemcpy(h2.data(), y2, n * s.R * 2, cudaMemcpyDeviceToHost));
+                double d2 = 0;
+                for (int64_t i = 0; i < n * s.R; i++)
+                    d2 = std::max(d2, (double)fabs(__bfloat162float(h1[i]) - __bfloat162float(h2[i])));
+                const double r2 = d2 / (my > 0 ? my : 1);
+                if (!(r2 < 2e-2)) failures++;
+                const float tc = time_graph(st, e0, e1, batches, f);
+                printf("    %-8s %6.1f%% %6.2f us%s\n", cf.name, pct(tc), tc * 1e3, r2 < 2e-2 ? "" : "  MISMATCH");
+            }
+            fflush(stdout);
+        }
+        for (auto &w : Ws) { cudaFree(w.data_d); cudaFree(w.scales_d); cudaFree(w.zeros_d); }
+        cudaFree(x); cudaFree(y); cudaFree(y2);
+    }
+    printf("%s\n", failures ? "VALIDATION FAILED" : "all shapes validated");
+    return failures ? 1 : 0;
+}
