@@ -5,6 +5,8 @@
 # (dev/cuda/decode_ab.py; the greedy token hashes of the two must agree where the change keeps the arithmetic).
 #   OUT=/tmp/o PATCH=path/to/change.patch STAGES="build tests bench decode" bash dev/cuda/patch_ab.sh   carry [".devobj", ".device"]
 # build / tests: as dev/cuda/verify_gpu.sh; bench: .device/qgemv_bench when it is there (dev/cuda/qgemv_bench.sh).
+# FORWARD=1: the tree as carried is the base (its .devobj match it, no compile there), decoded first; then PATCH is
+# applied, rebuilt (only the files it touches), TESTS run on it, and decoded ("new").
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"build tests decode"}
@@ -33,8 +35,17 @@ if has decode; then
   echo "== decode $(date +%T)"
   bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
   echo "copy $bw GB/s"
+  if [ -n "${FORWARD:-}" ]; then
+    decode base
+    (git apply "$PATCH" 2>/dev/null || patch -p1 < "$PATCH") > /dev/null || { echo "cannot apply $PATCH"; exit 1; }
+    FASTLOAD_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUT/build_new.log" 2>&1 || { tail -20 "$OUT/build_new.log"; exit 1; }
+    echo "== new built $(date +%T)"
+    [ -n "${TESTS:-}" ] && { timeout 300 python3 -m pytest -q -x $TESTS > "$OUT/pytest_new.log" 2>&1; echo "pytest (new) rc=$?: $(tail -1 "$OUT/pytest_new.log")"; }
+    decode new
+  else
   decode new
-  if [ -n "${PATCH:-}" ]; then
+  fi
+  if [ -n "${PATCH:-}" ] && [ -z "${FORWARD:-}" ]; then
     (git apply -R "$PATCH" 2>/dev/null || patch -R -p1 < "$PATCH") > /dev/null || { echo "cannot reverse $PATCH"; exit 1; }
     FASTLOAD_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUT/build_base.log" 2>&1 || { tail -20 "$OUT/build_base.log"; exit 1; }
     echo "== base built $(date +%T)"
