@@ -195,14 +195,15 @@ def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
 @pytest.mark.parametrize("qmma_int", ["1", "0"])
-@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym"])
-@pytest.mark.parametrize("R,C,gs", [(4250, 1024, 128), (4608, 3584, 256), (3584, 3584, 128), (300, 18944, 128)])
+@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
+@pytest.mark.parametrize("R,C,gs", [(4250, 1024, 128), (4608, 3584, 256), (3584, 3584, 128), (300, 18944, 128),
+                                    (600, 3584, 3584)])
 @pytest.mark.parametrize("n", [3, 5, 8])
 def test_qgemv_int_tensor_cores(act, qmma_int, fmt, R, C, gs, n, monkeypatch):
-    """4-bit codes at 3..8 rows: qgemv_imma8_kernel (FASTLOAD_QMMA_INT=1, default; x in int16 planes, u8 x s8 mma) and
+    """Integer codes at 3..8 rows: qgemv_imma8_kernel (FASTLOAD_QMMA_INT=1, default; x in int16 planes, u8 x s8 mma) and
     the f16 / bf16 tensor-core kernel (0). The shapes take both of imma8's configurations: two 16-row tiles a block
-    (4250 rows, a partial last block; 4608 x 3584 with two chunks a group) and one (3584 rows, fewer blocks than SMs
-    with two; 18944 columns)."""
+    (4250 rows, a partial last block; 4608 x 3584 with several chunks a group) and one (3584 rows, fewer blocks than
+    SMs with two; 18944 columns); per-channel groups (3584 columns: 28 chunks of 4-bit, 56 of 8-bit a group)."""
     monkeypatch.setenv("FASTLOAD_QMMA_INT", qmma_int)
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 5))
 

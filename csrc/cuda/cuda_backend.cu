@@ -600,7 +600,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // FASTLOAD_QX_FUSE=1|0: RMSNorm / SwiGLU write the dp2a GEMV's int16 x for the matmul after them (default 1).
 // FASTLOAD_GLU_FUSE=1|0 and FASTLOAD_GLU_U=4|8: gate|up's GEMV with SwiGLU in its epilogue (default on, 4).
 // FASTLOAD_ROPE_FUSE=1|0: the decode attention rotates q and k and stores k / v itself (default 1; cu_rope_attention).
-// FASTLOAD_QMMA_INT=1|0: 4-bit GEMV at 3..8 token rows on the integer tensor cores (default 1; qgemv_imma8_kernel).
+// FASTLOAD_QMMA_INT=1|0: integer-code GEMV at 3..8 token rows on the integer tensor cores (default 1; qgemv_imma8_kernel).
 // An on/off knob: *v = 1 (default) unless the variable is "0"; anything but "", "0" and "1" is an error.
 static fl_status knob01(const char *name, int *v) {
     const char *q = getenv(name);

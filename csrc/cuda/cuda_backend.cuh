@@ -47,7 +47,7 @@ typedef struct fl_cuda_impl {
     int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
     int qx8;                    /* dp2a GEMV of integer codes on int8 x (FASTLOAD_CUDA_QDOT=int8), 0: int16 x (default) */
     int qdp_cfg;                /* dp2a GEMV at n <= 2 (FASTLOAD_QDP_CFG=r4u2|r4u1|r8u1|r2u4|r8u1w4 -> 0..4; -1 auto) */
-    int qmma_int;               /* 4-bit GEMV at 3..8 rows on the integer tensor cores (FASTLOAD_QMMA_INT, default 1); 0: f16 / bf16 ones */
+    int qmma_int;               /* integer-code GEMV at 3..8 rows on the integer tensor cores (FASTLOAD_QMMA_INT, default 1); 0: f16 / bf16 ones */
     size_t scratch_bytes;
     std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */
     uint64_t qx_seq;            /* op_seq of the op that wrote the dp2a GEMV's x into qxq (0: none pending) */

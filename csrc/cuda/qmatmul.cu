@@ -533,7 +533,7 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// decode GEMV on the integer tensor cores for 3..8 token rows, 4-bit integer codes (qgemv_imma8_kernel)
+// decode GEMV on the integer tensor cores for 3..8 token rows, 4- and 8-bit integer codes (qgemv_imma8_kernel)
 // ---------------------------------------------------------------------------------------------
 // Why: at n = 8 qgemv_mma_kernel spends ~135 instructions a lane per 64-byte chunk of 16 rows (each
 // nibble pair OR-ed into an f16 / bf16 mantissa and re-based: 3 ops per 2 weights; a second mma with A = ones
@@ -547,22 +547,30 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 // 4t..4t+3, {1,3,5,7} in 16+4t..16+4t+3); x is laid out by qmx_prep_kernel so that one uint4 per (lane, word)
 // holds exactly those columns of both planes: unit u (8 columns) = {h of 0,2,4,6 | h of 1,3,5,7 | l of 0,2,4,6 |
 // l of 1,3,5,7}. The scale factors out of each mma because all four lanes' columns share one chunk.
+// 8-bit codes: chunks of 64 columns, the code bytes as they are (0..255, u8), words 2i, 2i + 1 of a lane's 16 bytes in
+// one mma; x units in natural order, one scale per token and 64 columns.
 //   xp[tok][C / 8] uint4, xd[chunk][8] float2 (dx, sum x); tokens >= n are never read (guarded).
+// H200, n = 8 (benchmarks/results/qimma8-2026-12-03-h200/run4-int8): int4 q|k|v / o / gate|up / down 8.4 / 6.5 / 33.7 /
+// 25.9 us against 9.8 / 6.3 / 44.1 / 28.6 for the f16 kernel; int8 q|k|v / gate|up / LM head (per channel) 10.4 / 44.8 /
+// 149.4 against 12.3 / 52.7 / 191.6, but int8 down (18944 columns) 39.5 against 32.7: not yet routed back.
 #define QMX_QMAX 32639.f
 
-template <typename T>
+// BITS 4: chunks of 128 columns, a unit's bytes in the nibbles' order (0, 2, 4, 6 | 1, 3, 5, 7); BITS 8: chunks of 64
+// columns, natural order (0-3 | 4-7). LPP = lanes per (token, chunk), one unit of 8 columns each.
+template <typename T, int BITS>
 __global__ void __launch_bounds__(256) qmx_prep_kernel(uint4 *__restrict__ xp, float2 *__restrict__ xd,
                                                        const T *__restrict__ x, int n, int64_t C) {
+    constexpr int CPC = BITS == 4 ? 128 : 64, LPP = CPC / 8;
     fl_pdl_launch_dependents();
-    const int64_t nch = C / 128, pair = ((int64_t)blockIdx.x * 256 + threadIdx.x) >> 4;  // (token, chunk)
-    const int j = threadIdx.x & 15;
+    const int64_t nch = C / CPC, pair = ((int64_t)blockIdx.x * 256 + threadIdx.x) / LPP;  // (token, chunk)
+    const int j = threadIdx.x % LPP;
     const bool ok = pair < (int64_t)n * nch;
     const int tok = ok ? (int)(pair / nch) : 0;
     const int64_t ch = ok ? pair % nch : 0;
     fl_pdl_wait();
     float v[8];
     if (ok) {
-        const uint4 u = *(const uint4 *)(x + (int64_t)tok * C + ch * 128 + 8 * j);
+        const uint4 u = *(const uint4 *)(x + (int64_t)tok * C + ch * CPC + 8 * j);
         const T *e = (const T *)&u;
 #pragma unroll
         for (int k = 0; k < 8; k++) v[k] = fl_to_f32(e[k]);
@@ -577,7 +585,7 @@ __global__ void __launch_bounds__(256) qmx_prep_kernel(uint4 *__restrict__ xp, f
         sum += v[k];
     }
 #pragma unroll
-    for (int o = 8; o > 0; o >>= 1) {  // within the half warp of this (token, chunk)
+    for (int o = LPP / 2; o > 0; o >>= 1) {  // within the lanes of this (token, chunk)
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         sum += __shfl_xor_sync(0xffffffffu, sum, o);
     }
@@ -593,11 +601,18 @@ __global__ void __launch_bounds__(256) qmx_prep_kernel(uint4 *__restrict__ xp, f
         lb[k] = (uint32_t)(q - (h << 8)) & 0xffu;
     }
     uint4 o;
-    o.x = hb[0] | hb[2] << 8 | hb[4] << 16 | hb[6] << 24;
-    o.y = hb[1] | hb[3] << 8 | hb[5] << 16 | hb[7] << 24;
-    o.z = lb[0] | lb[2] << 8 | lb[4] << 16 | lb[6] << 24;
-    o.w = lb[1] | lb[3] << 8 | lb[5] << 16 | lb[7] << 24;
-    xp[(int64_t)tok * (C / 8) + ch * 16 + j] = o;
+    if (BITS == 4) {
+        o.x = hb[0] | hb[2] << 8 | hb[4] << 16 | hb[6] << 24;
+        o.y = hb[1] | hb[3] << 8 | hb[5] << 16 | hb[7] << 24;
+        o.z = lb[0] | lb[2] << 8 | lb[4] << 16 | lb[6] << 24;
+        o.w = lb[1] | lb[3] << 8 | lb[5] << 16 | lb[7] << 24;
+    } else {
+        o.x = hb[0] | hb[1] << 8 | hb[2] << 16 | hb[3] << 24;
+        o.y = hb[4] | hb[5] << 8 | hb[6] << 16 | hb[7] << 24;
+        o.z = lb[0] | lb[1] << 8 | lb[2] << 16 | lb[3] << 24;
+        o.w = lb[4] | lb[5] << 8 | lb[6] << 16 | lb[7] << 24;
+    }
+    xp[(int64_t)tok * (C / 8) + ch * LPP + j] = o;
     if (j == 0) xd[ch * 8 + tok] = make_float2(amax / QMX_QMAX, sum);
 }
 
@@ -615,11 +630,13 @@ __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, 
 // requested, then all computed: no software pipelining, whose second register buffer took the first version to 128
 // registers, 16 warps an SM, and 40% of the copy rate on gate|up); each warp's x fragment of a chunk feeds TILES x 8
 // mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). 4-bit integer
-// codes, groups of whole 128-column chunks; x from qmx_prep_kernel. Configurations measured: qmx_cfg below.
-template <typename T, typename S, bool ZEROS, int WARPS, int U, int TILES>
+// codes, groups of whole chunks; x from qmx_prep_kernel. Configurations measured: launch_qimma8 below.
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES>
 __global__ void __launch_bounds__(WARPS * 32)
 qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2 *__restrict__ xd, const fl_qw W,
                    const T *__restrict__ bias, int n, uint32_t cmagic) {
+    constexpr int CPC = BITS == 4 ? 128 : 64, XPL = CPC / 32;  // columns a chunk; x units (uint4) a lane and chunk
+    constexpr float OFF = (float)(1 << (BITS - 1));
     __shared__ float red[WARPS][TILES * 4][32];
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -636,9 +653,9 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
         }
     const S *sc = (const S *)W.s, *zc = (const S *)W.m;
     const int64_t nchunk = W.rb / 64;
-    const uint32_t cpg = (uint32_t)(W.gs / 128);
+    const uint32_t cpg = (uint32_t)(W.gs / CPC);
     const bool has_x = g < n;
-    const uint4 *xg = xp + (int64_t)(has_x ? g : 0) * (W.C / 8) + 4 * t;  // + chunk * 16
+    const uint4 *xg = xp + (int64_t)(has_x ? g : 0) * (W.C / 8) + XPL * t;  // + chunk * CPC / 8
     const bool t0 = 2 * t < n, t1 = 2 * t + 1 < n;
     const uint4 z = make_uint4(0, 0, 0, 0);
     float acc[TILES][4];
@@ -669,9 +686,9 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
         for (int u = 0; u < U; u++) {
             const int64_t ch = c0 + u;
             if (ch >= nchunk) break;  // the same for the whole warp
-            uint4 xw[4];
+            uint4 xw[XPL];
 #pragma unroll
-            for (int i = 0; i < 4; i++) xw[i] = has_x ? __ldg(xg + ch * 16 + i) : z;
+            for (int i = 0; i < XPL; i++) xw[i] = has_x ? __ldg(xg + ch * (CPC / 8) + i) : z;
             const float4 d = *(const float4 *)(xd + ch * 8 + 2 * t);  // (dx, sum) of tokens 2t, 2t + 1
             const float dx0 = t0 ? d.x : 0.f, dx1 = t1 ? d.z : 0.f, x0 = t0 ? d.y : 0.f, x1 = t1 ? d.w : 0.f;
             const uint32_t grp = cpg == 1 ? (uint32_t)ch : __umulhi((uint32_t)ch, cmagic);
@@ -680,16 +697,24 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                 const uint4 va = A[u][k][0], vb = A[u][k][1];
                 const uint32_t ca[4] = {va.x, va.y, va.z, va.w}, cb[4] = {vb.x, vb.y, vb.z, vb.w};
                 int ih[4] = {0, 0, 0, 0}, il[4] = {0, 0, 0, 0};
+                if constexpr (BITS == 4) {
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const uint32_t alo = ca[i] & 0x0F0F0F0Fu, ahi = (ca[i] >> 4) & 0x0F0F0F0Fu;
-                    const uint32_t blo = cb[i] & 0x0F0F0F0Fu, bhi = (cb[i] >> 4) & 0x0F0F0F0Fu;
-                    fl_imma_16832(ih, alo, blo, ahi, bhi, xw[i].x, xw[i].y);
-                    fl_imma_16832(il, alo, blo, ahi, bhi, xw[i].z, xw[i].w);
+                    for (int i = 0; i < 4; i++) {
+                        const uint32_t alo = ca[i] & 0x0F0F0F0Fu, ahi = (ca[i] >> 4) & 0x0F0F0F0Fu;
+                        const uint32_t blo = cb[i] & 0x0F0F0F0Fu, bhi = (cb[i] >> 4) & 0x0F0F0F0Fu;
+                        fl_imma_16832(ih, alo, blo, ahi, bhi, xw[i].x, xw[i].y);
+                        fl_imma_16832(il, alo, blo, ahi, bhi, xw[i].z, xw[i].w);
+                    }
+                } else {  // words 2i, 2i + 1 of the lane's 16 bytes: columns 16 t + 8 i + (0-3, 4-7)
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        fl_imma_16832(ih, ca[2 * i], cb[2 * i], ca[2 * i + 1], cb[2 * i + 1], xw[i].x, xw[i].y);
+                        fl_imma_16832(il, ca[2 * i], cb[2 * i], ca[2 * i + 1], cb[2 * i + 1], xw[i].z, xw[i].w);
+                    }
                 }
                 const float s_a = ld_s(sc, srow[k][0] + grp), s_b = ld_s(sc, srow[k][1] + grp);
-                const float m_a = ZEROS ? ld_s(zc, srow[k][0] + grp) : -8.f * s_a;
-                const float m_b = ZEROS ? ld_s(zc, srow[k][1] + grp) : -8.f * s_b;
+                const float m_a = ZEROS ? ld_s(zc, srow[k][0] + grp) : -OFF * s_a;
+                const float m_b = ZEROS ? ld_s(zc, srow[k][1] + grp) : -OFF * s_b;
                 const float p0 = (float)(ih[0] * 256 + il[0]) * dx0, p1 = (float)(ih[1] * 256 + il[1]) * dx1;
                 const float p2 = (float)(ih[2] * 256 + il[2]) * dx0, p3 = (float)(ih[3] * 256 + il[3]) * dx1;
                 acc[k][0] = fmaf(s_a, p0, fmaf(m_a, x0, acc[k][0]));
@@ -1590,17 +1615,18 @@ static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_
 
 // qgemv_imma8_kernel for n in 3..8 (FASTLOAD_QMMA_INT=0 keeps qgemv_mma_kernel there): x to int16 planes
 // (qmx_prep_kernel) in the dp2a workspace (c->qxq, grown by the caller), then the GEMV.
-template <typename T, typename S, bool ZEROS, int WARPS, int U, int TILES>
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES>
 static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, bool prep = true) {
-    const int64_t pairs = (int64_t)n * (W.C / 128), pblocks = (pairs + 15) / 16;
+    constexpr int CPC = BITS == 4 ? 128 : 64;
+    const int64_t pairs = (int64_t)n * (W.C / CPC), pblocks = (pairs * (CPC / 8) + 255) / 256;
     const int64_t blocks = (W.R + 16 * TILES - 1) / (16 * TILES);
     if (blocks > INT32_MAX || pblocks > INT32_MAX)
         return fl_err(FL_E_VALUE, "quantised matmul: %lld x %lld is too large", (long long)W.R, (long long)W.C);
-    const uint32_t cpg = (uint32_t)(W.gs / 128);
+    const uint32_t cpg = (uint32_t)(W.gs / CPC);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
-    if (prep) FL_LAUNCH(qmx_prep_kernel<T>, dim3((unsigned)pblocks), dim3(256), 0, st, xp, xd, x, n, W.C);
-    FL_LAUNCH(qgemv_imma8_kernel<T, S, ZEROS, WARPS, U, TILES>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
+    if (prep) FL_LAUNCH(qmx_prep_kernel<T, BITS>, dim3((unsigned)pblocks), dim3(256), 0, st, xp, xd, x, n, W.C);
+    FL_LAUNCH(qgemv_imma8_kernel<T, S, BITS, ZEROS, WARPS, U, TILES>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
               y, (const uint4 *)xp, (const float2 *)xd, W, bias, n, cm);
     return FL_OK;
 }
@@ -1609,11 +1635,23 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
 // a block and 2 chunks a warp (qkv 7.2, gate_up 32.4; f16 mma kernel 9.8, 43.8) unless that leaves fewer blocks than
 // SMs or the rows are long (C >= 8192): then one tile and 4 chunks a warp (o 5.5 against 6.8 with two tiles on 112
 // blocks; down 24.7 against 30.1; f16 mma kernel 6.4, 28.7).
-template <typename T, typename S, bool ZEROS>
+template <typename T, typename S, int BITS, bool ZEROS>
 static fl_status launch_qimma8(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, int n_sm, bool prep = true) {
-    if (W.C >= 8192 || (W.R + 31) / 32 < n_sm) return launch_qimma8_cfg<T, S, ZEROS, 8, 4, 1>(st, y, x, n, W, bias, xp, xd, prep);
-    return launch_qimma8_cfg<T, S, ZEROS, 8, 2, 2>(st, y, x, n, W, bias, xp, xd, prep);
+    if (W.C >= 8192 || (W.R + 31) / 32 < n_sm)
+        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1>(st, y, x, n, W, bias, xp, xd, prep);
+    return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2>(st, y, x, n, W, bias, xp, xd, prep);
+}
+
+template <typename T, typename S>
+static fl_status launch_qimma8_fmt(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
+                                   float2 *xd, int n_sm) {
+    const bool z = W.m != nullptr;
+    if (W.bits == 8)
+        return z ? launch_qimma8<T, S, 8, true>(st, y, x, n, W, bias, xp, xd, n_sm)
+                 : launch_qimma8<T, S, 8, false>(st, y, x, n, W, bias, xp, xd, n_sm);
+    return z ? launch_qimma8<T, S, 4, true>(st, y, x, n, W, bias, xp, xd, n_sm)
+             : launch_qimma8<T, S, 4, false>(st, y, x, n, W, bias, xp, xd, n_sm);
 }
 
 template <typename T, typename S>
@@ -1888,24 +1926,21 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
             });
             xs = c->qx;
         }
-        // 4-bit integer codes at 3..8 rows: the integer tensor cores (qgemv_imma8_kernel) where the layout allows.
+        // integer codes at 3..8 rows: the integer tensor cores (qgemv_imma8_kernel) where the layout allows.
+        const int cpc = W.bits == 4 ? 128 : 64;
         const bool imma8 = n > FL_QDP_UP_TO && (act == FL_F16 || act == FL_BF16) && W.code == FL_QCODE_INT &&
-                           W.bits == 4 && W.gs % 128 == 0 && W.C % 128 == 0 && W.rb % 64 == 0 && fl_is_aligned16(W.q) &&
+                           W.gs % cpc == 0 && W.C % cpc == 0 && W.rb % 64 == 0 && fl_is_aligned16(W.q) &&
                            fl_is_aligned16(xs) && fl_cuda_cc_major() >= 8 && c->qmma_int &&
-                           (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / 128) <= (1ull << 32) &&
+                           (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32) &&
                            (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_MMA);
         if (imma8) {
             FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
             uint4 *xp = (uint4 *)qdp_xq(c);
-            float2 *xd = qdp_xd(c, W.C);  // needs C / 16 float2: [C / 128 chunks][8 tokens]
+            float2 *xd = qdp_xd(c, W.C);  // needs C / 8 float2 at most: [C / 64 chunks][8 tokens]
             FL_CUDA_DISPATCH(act, T, {
                 if constexpr (sizeof(T) == 2) {
-                    const bool z = W.m != nullptr;
-                    if (W.s32)
-                        return z ? launch_qimma8<T, float, true>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm)
-                                 : launch_qimma8<T, float, false>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
-                    return z ? launch_qimma8<T, __half, true>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm)
-                             : launch_qimma8<T, __half, false>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
+                    if (W.s32) return launch_qimma8_fmt<T, float>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
+                    return launch_qimma8_fmt<T, __half>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
                 }
             });
         }

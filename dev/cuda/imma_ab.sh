@@ -2,7 +2,7 @@
 # Knob settings A/B'd in one device call (written for the IMMA GEMV, dev/cuda/imma_gemv.patch, which is not in the
 # library: apply the patch to run FASTLOAD_QGEMV=imma): build, TESTS, then decode on the Qwen2.5-7B-shaped checkpoint
 # per SETTINGS (each a comma list of env settings, "-" for none), QUANT_MODES at batch 1 for ROUNDS rounds
-# interleaved, and int4 at batch 8 per B8_SETTINGS once.
+# interleaved, and B8_MODES (default int4) at batch 8 per B8_SETTINGS once.
 #   OUT=/tmp/o SETTINGS="- FASTLOAD_CUDA_QDOT=int8 FASTLOAD_CUDA_QDOT=int8,FASTLOAD_PDL=0" bash dev/cuda/imma_ab.sh
 #                                                                                      carry [".devobj", ".device"]
 # BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log; QMMA_BENCH=1: .device/qmma_bench
@@ -29,7 +29,7 @@ for r in $(seq ${ROUNDS:-2}); do
   done
 done
 for s in ${B8_SETTINGS:--}; do
-  env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant int4 --batch 8 \
+  env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${B8_MODES:-int4} --batch 8 \
       --bw-gbs "$bw" --label "${s/#-/default}-b8" | tee -a "$OUT/decode.jsonl"
 done
 [ -f .device/qgemv_bench.xz ] && [ ! -x .device/qgemv_bench ] && xz -dk .device/qgemv_bench.xz && chmod +x .device/qgemv_bench

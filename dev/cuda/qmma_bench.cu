@@ -34,7 +34,7 @@ __global__ void fill_act(__nv_bfloat16 *p, size_t n, uint32_t seed) {
     }
 }
 
-struct Shape { const char *name; int64_t R, C; };
+struct Shape { const char *name; int64_t R, C; int bits, gs; bool zeros; };
 
 int main(int argc, char **argv) {
     const int batches = argc > 1 ? atoi(argv[1]) : 9;
@@ -50,36 +50,42 @@ int main(int argc, char **argv) {
     const double copy_gbs = copy_ceiling_gbs(st, e0, e1);
     if (copy_gbs < 0) return 1;
     printf("device: %s, %d SMs; copy D2D 1 GiB %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
-    printf("int4 g128 with offsets; %% of copy for the weight bytes, microseconds per launch\n");
+    printf("%% of copy for the weight bytes, microseconds per launch\n");
     // imma8 configurations (warps, chunks a warp, 16-row tiles a block), the GEMV alone on the prepared x
     struct Cfg { const char *name; fl_status (*f)(cudaStream_t, __nv_bfloat16 *, const __nv_bfloat16 *, int, const fl_qw &,
                                                   const __nv_bfloat16 *, uint4 *, float2 *, bool); };
     const Cfg cfgs[] = {
-        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 4, 1>},
-        {"w8u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 2, 2>},
-        {"w8u4t2", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 4, 2>},
-        {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 2, 1>},
-        {"w8u2t4", launch_qimma8_cfg<__nv_bfloat16, __half, true, 8, 2, 4>},
-        {"w4u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, true, 4, 2, 2>},
+        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 1>},
+        {"w8u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 2>},
+        {"w8u4t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 2>},
+        {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 1>},
+        {"w8u2t4", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 4>},
+        {"w4u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 4, 2, 2>},
     };
     printf("%-8s %2s %8s | %16s %16s %16s %10s | %s\n", "shape", "n", "MB", "mma", "imma8", "backend", "prep us", "imma8 vs mma");
-    const Shape shapes[] = {{"qkv", 4608, 3584}, {"o", 3584, 3584}, {"gate_up", 37888, 3584}, {"down", 3584, 18944}};
-    const int gs = 128;
+    // int4 g128 with offsets (configurations listed for these), then int8 symmetric: g128, and per channel (the LM head
+    // quantised at load)
+    const Shape shapes[] = {{"qkv", 4608, 3584, 4, 128, true},      {"o", 3584, 3584, 4, 128, true},
+                            {"gate_up", 37888, 3584, 4, 128, true}, {"down", 3584, 18944, 4, 128, true},
+                            {"qkv8", 4608, 3584, 8, 128, false},    {"gate_up8", 37888, 3584, 8, 128, false},
+                            {"down8", 3584, 18944, 8, 128, false},  {"lm_head8", 152064, 3584, 8, 3584, false}};
     int failures = 0;
     for (const Shape &s : shapes) {
-        const int64_t rb = s.C / 2, ng = s.C / gs;
-        const size_t qbytes = (size_t)s.R * rb, sbytes = (size_t)s.R * ng * 2, wbytes = qbytes + 2 * sbytes;
+        const int gs = s.gs;
+        const int64_t rb = s.C * s.bits / 8, ng = s.C / gs;
+        const size_t qbytes = (size_t)s.R * rb, sbytes = (size_t)s.R * ng * 2, wbytes = qbytes + (s.zeros ? 2 : 1) * sbytes;
         const int copies = (int)std::max<size_t>(2, ((size_t)512 << 20) / wbytes + 1);
         std::vector<fl_weight> Ws(copies);
         for (int k = 0; k < copies; k++) {
             void *q, *sc, *z;
             CK(cudaMalloc(&q, qbytes));
             CK(cudaMalloc(&sc, sbytes));
-            CK(cudaMalloc(&z, sbytes));
+            z = nullptr;
+            if (s.zeros) CK(cudaMalloc(&z, sbytes));
             fill_u32<<<4096, 256, 0, st>>>((uint32_t *)q, qbytes / 4, 77u + k);
             fill_half<<<1024, 256, 0, st>>>((__half *)sc, sbytes / 2, 5u + k, 0.001f, 0.01f);
-            fill_half<<<1024, 256, 0, st>>>((__half *)z, sbytes / 2, 9u + k, -0.08f, 0.f);
-            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, gs, 4, FL_F16, FL_QCODE_INT};
+            if (z) fill_half<<<1024, 256, 0, st>>>((__half *)z, sbytes / 2, 9u + k, -0.08f, 0.f);
+            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, gs, s.bits, FL_F16, FL_QCODE_INT};
         }
         __nv_bfloat16 *x, *y, *y2;
         CK(cudaMalloc(&x, 8 * s.C * 2));
@@ -90,17 +96,21 @@ int main(int argc, char **argv) {
         CKF(fl_cuda_qmatmul(be, y, x, 8, &Ws[0], nullptr));  // grows the workspaces outside capture
         uint4 *xp = (uint4 *)qdp_xq(c);
         float2 *xd = qdp_xd(c, s.C);
-        const uint32_t cm = 0u;  // one chunk a group (gs 128)
+        const uint32_t cpg = (uint32_t)(gs / (s.bits == 4 ? 128 : 64));  // the f16 kernel's chunks a group
+        const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
         for (int n : {1, 2, 3, 4, 6, 8}) {
             auto mma = [&](int i) { return (int)launch_qmma_fmt<__nv_bfloat16, __half>(st, y, x, n, qw_of(&Ws[i % copies]), nullptr, cm); };
             auto imma = [&](int i) {
-                return (int)launch_qimma8<__nv_bfloat16, __half, true>(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, c->n_sm);
+                return (int)launch_qimma8_fmt<__nv_bfloat16, __half>(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, c->n_sm);
             };
             auto backend = [&](int i) { return (int)fl_cuda_qmatmul(be, y2, x, n, &Ws[i % copies], nullptr); };
             auto prep = [&](int) {
-                const int64_t pairs = (int64_t)n * (s.C / 128);
-                return (int)fl_launch(qmx_prep_kernel<__nv_bfloat16>, dim3((unsigned)((pairs + 15) / 16)), dim3(256), 0, st,
-                                      xp, xd, (const __nv_bfloat16 *)x, n, s.C);
+                const int cpc = s.bits == 4 ? 128 : 64;
+                const unsigned pb = (unsigned)(((int64_t)n * (s.C / cpc) * (cpc / 8) + 255) / 256);
+                return s.bits == 4 ? (int)fl_launch(qmx_prep_kernel<__nv_bfloat16, 4>, dim3(pb), dim3(256), 0, st, xp, xd,
+                                                    (const __nv_bfloat16 *)x, n, s.C)
+                                   : (int)fl_launch(qmx_prep_kernel<__nv_bfloat16, 8>, dim3(pb), dim3(256), 0, st, xp, xd,
+                                                    (const __nv_bfloat16 *)x, n, s.C);
             };
             // validation: imma8 against mma on copy 0
             CK(cudaMemset(y, 0, 8 * s.R * 2));
@@ -124,7 +134,8 @@ int main(int argc, char **argv) {
             printf("%-8s %2d %8.1f | %6.1f%% %6.2f us %6.1f%% %6.2f us %6.1f%% %6.2f us %7.2f us | %.2e%s\n", s.name, n,
                    wbytes / 1e6, pct(t_mma), t_mma * 1e3, pct(t_imma), t_imma * 1e3, pct(t_be), t_be * 1e3, t_prep * 1e3,
                    rel, rel < 2e-2 ? "" : "  MISMATCH");
-            for (const Cfg &cf : cfgs) {  // the GEMV alone (x prepared above by imma(0)'s prep)
+            for (const Cfg &cf : cfgs) {  // the GEMV alone (x prepared above by imma(0)'s prep); int4 shapes only
+                if (s.bits != 4) break;
                 auto f = [&](int i) { return (int)cf.f(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, false); };
                 CK(cudaMemset(y2, 0, 8 * s.R * 2));
                 if (imma(0) || f(0)) { fprintf(stderr, "launch %s failed: %s\n", cf.name, fl_err_msg()); return 1; }
