@@ -203,7 +203,8 @@ def test_qgemv_int_tensor_cores(act, qmma_int, fmt, R, C, gs, n, monkeypatch):
     """Integer codes at 3..8 rows: qgemv_imma8_kernel (FASTLOAD_QMMA_INT=1, default; x in int16 planes, u8 x s8 mma) and
     the f16 / bf16 tensor-core kernel (0). The shapes take both of imma8's configurations: two 16-row tiles a block
     (4250 rows, a partial last block; 4608 x 3584 with several chunks a group) and one (3584 rows, fewer blocks than
-    SMs with two; 18944 columns); per-channel groups (3584 columns: 28 chunks of 4-bit, 56 of 8-bit a group)."""
+    SMs with two; 18944 columns, where 8-bit codes take the f16 kernel either way); per-channel groups (3584 columns:
+    28 chunks of 4-bit, 56 of 8-bit a group)."""
     monkeypatch.setenv("FASTLOAD_QMMA_INT", qmma_int)
     run_qmatmul(act, R, C, gs, fmt, n, rng_and_seed(), bias=(n == 5))
 

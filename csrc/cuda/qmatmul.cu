@@ -552,7 +552,8 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 //   xp[tok][C / 8] uint4, xd[chunk][8] float2 (dx, sum x); tokens >= n are never read (guarded).
 // H200, n = 8 (benchmarks/results/qimma8-2026-12-03-h200/run4-int8): int4 q|k|v / o / gate|up / down 8.4 / 6.5 / 33.7 /
 // 25.9 us against 9.8 / 6.3 / 44.1 / 28.6 for the f16 kernel; int8 q|k|v / gate|up / LM head (per channel) 10.4 / 44.8 /
-// 149.4 against 12.3 / 52.7 / 191.6, but int8 down (18944 columns) 39.5 against 32.7: not yet routed back.
+// 149.4 against 12.3 / 52.7 / 191.6, but int8 down (18944 columns) 39.5 against 32.7: 8-bit rows of C >= 8192 take the
+// f16 / bf16 kernel (fl_cuda_qmatmul).
 #define QMX_QMAX 32639.f
 
 // BITS 4: chunks of 128 columns, a unit's bytes in the nibbles' order (0, 2, 4, 6 | 1, 3, 5, 7); BITS 8: chunks of 64
@@ -1926,9 +1927,11 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
             });
             xs = c->qx;
         }
-        // integer codes at 3..8 rows: the integer tensor cores (qgemv_imma8_kernel) where the layout allows.
+        // integer codes at 3..8 rows: the integer tensor cores (qgemv_imma8_kernel) where the layout allows, but 8-bit rows
+        // of 8192 columns or more stay on the f16 / bf16 kernel (H200, n = 8: int8 down 32.7 us there, 39.5 on imma8).
         const int cpc = W.bits == 4 ? 128 : 64;
         const bool imma8 = n > FL_QDP_UP_TO && (act == FL_F16 || act == FL_BF16) && W.code == FL_QCODE_INT &&
+                           (W.bits == 4 || W.C < 8192) &&
                            W.gs % cpc == 0 && W.C % cpc == 0 && W.rb % 64 == 0 && fl_is_aligned16(W.q) &&
                            fl_is_aligned16(xs) && fl_cuda_cc_major() >= 8 && c->qmma_int &&
                            (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32) &&
