@@ -630,7 +630,7 @@ __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, 
 // WARPS warps over a row's 64-byte chunks, U chunks of each of the block's TILES 16-row tiles in flight a warp (all
 // requested, then all computed: no software pipelining, whose second register buffer took the first version to 128
 // registers, 16 warps an SM, and 40% of the copy rate on gate|up); each warp's x fragment of a chunk feeds TILES x 8
-// mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). 4-bit integer
+// mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). Integer
 // codes, groups of whole chunks; x from qmx_prep_kernel. Configurations measured: launch_qimma8 below.
 template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES>
 __global__ void __launch_bounds__(WARPS * 32)

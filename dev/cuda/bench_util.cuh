@@ -72,4 +72,51 @@ static double copy_ceiling_gbs(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, 
     if (median_ms) *median_ms = median(ct);
     return 2.0 * cb / (median(ct) * 1e-3) / 1e9;
 }
+// Deterministic fills of device memory (hashes of the index and a seed): codes, fp16 scales in [lo, hi), bf16
+// activations in [-1, 1).
+__global__ void fill_u32(uint32_t *p, size_t n, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = h;
+    }
+}
+__global__ void fill_half(__half *p, size_t n, uint32_t seed, float lo, float hi) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+        p[i] = __float2half(lo + (hi - lo) * (float)(h & 0xffff) / 65536.f);
+    }
+}
+__global__ void fill_act(__nv_bfloat16 *p, size_t n, uint32_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+        p[i] = __float2bfloat16((float)(h & 0xffff) / 32768.f - 1.f);
+    }
+}
+#ifdef FL_CUDA_QMATMUL_CUH
+// What the quantised-GEMV benches (qgemv_bench.cu, qmma_bench.cu: qmatmul.cu compiled in) start with: a CUDA backend
+// (bf16 activations), its stream, two events and the copy ceiling, the device printed. 0 on success.
+struct QBench {
+    fl_backend *be;
+    fl_cuda_impl *c;
+    cudaStream_t st;
+    cudaEvent_t e0, e1;
+    double copy_gbs;
+};
+static int qbench_setup(QBench &b) {
+    CKF(fl_backend_cuda_create(0, FL_BF16, &b.be));
+    b.c = fl_cuda_impl_of(b.be);
+    b.st = b.c->stream;
+    CK(cudaEventCreate(&b.e0));
+    CK(cudaEventCreate(&b.e1));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    b.copy_gbs = copy_ceiling_gbs(b.st, b.e0, b.e1);
+    if (b.copy_gbs < 0) return 1;
+    printf("device: %s, %d SMs; copy D2D 1 GiB %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, b.copy_gbs);
+    return 0;
+}
+#endif
 #endif

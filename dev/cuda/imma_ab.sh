@@ -6,7 +6,7 @@
 #   OUT=/tmp/o SETTINGS="- FASTLOAD_CUDA_QDOT=int8 FASTLOAD_CUDA_QDOT=int8,FASTLOAD_PDL=0" bash dev/cuda/imma_ab.sh
 #                                                                                      carry [".devobj", ".device"]
 # BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log; QMMA_BENCH=1: .device/qmma_bench
-# (dev/cuda/qmma_bench.sh: the GEMV at 1..8 rows) into $OUT/qmma_bench.log, before the decode runs.
+# (dev/cuda/qgemv_bench.sh dev/cuda/qmma_bench.cu, xz-compressed: the GEMV at 1..8 rows) into $OUT/qmma_bench.log, before the decode runs.
 set -u
 OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
 export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1

@@ -26,27 +26,6 @@
 #include <vector>
 
 // ------------------------------------------------------------------------------------------------
-__global__ void fill_u32(uint32_t *p, size_t n, uint32_t seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = h;
-    }
-}
-__global__ void fill_half(__half *p, size_t n, uint32_t seed, float lo, float hi) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
-        p[i] = __float2half(lo + (hi - lo) * (float)(h & 0xffff) / 65536.f);
-    }
-}
-__global__ void fill_act(__nv_bfloat16 *p, size_t n, uint32_t seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
-        p[i] = __float2bfloat16((float)(h & 0xffff) / 32768.f - 1.f);
-    }
-}
 // a plain read of `n16` uint4 (the ceiling for this many bytes in one launch)
 __global__ void __launch_bounds__(256) read_kernel(const uint4 *__restrict__ p, int64_t n16, uint32_t *out) {
     uint32_t a = 0;
@@ -825,20 +804,14 @@ static fl_status dps(cudaStream_t st, __nv_bfloat16 *y, const int16_t *xq, const
 
 int main(int argc, char **argv) {
     const int batches = argc > 1 ? atoi(argv[1]) : 9;
-    fl_backend *be;
-    CKF(fl_backend_cuda_create(0, FL_BF16, &be));
-    fl_cuda_impl *c = fl_cuda_impl_of(be);
-    cudaStream_t st = c->stream;
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    cudaDeviceProp prop;
-    CK(cudaGetDeviceProperties(&prop, 0));
-    const double copy_gbs = copy_ceiling_gbs(st, e0, e1);
-    if (copy_gbs < 0) return 1;
+    QBench qb;  // backend, stream, events, copy ceiling (bench_util.cuh)
+    if (qbench_setup(qb)) return 1;
+    fl_backend *be = qb.be;
+    fl_cuda_impl *c = qb.c;
+    cudaStream_t st = qb.st;
+    cudaEvent_t e0 = qb.e0, e1 = qb.e1;
     uint32_t *sink;
     CK(cudaMalloc(&sink, 64));
-    printf("device: %s, %d SMs; copy D2D 1 GiB %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
     const Shape shapes[] = {
         {"qkv", 4608, 3584, 4, 128, true},     {"o", 3584, 3584, 4, 128, true},     {"gate_up", 37888, 3584, 4, 128, true},
         {"down", 3584, 18944, 4, 128, true},   {"qkv", 4608, 3584, 8, 3584, false}, {"o", 3584, 3584, 8, 3584, false},
@@ -1008,12 +981,12 @@ int main(int argc, char **argv) {
             printf("   (%% of copy; read over the codes only)\n");
             first = false;
         }
-        printf("%-8s %4d %7.1f | %5.1f%% | %5.1f%%", s.name, s.bits, wbytes / 1e6, 100 * (qbytes / (ms[0] * 1e-3) / 1e9) / copy_gbs,
-               100 * (wbytes / (ms[1] * 1e-3) / 1e9) / copy_gbs);
-        for (size_t k = 2; k < 2 + n_dp; k++) printf(" | %9.1f%%", ms[k] > 0 ? 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / copy_gbs : 0.0);
+        printf("%-8s %4d %7.1f | %5.1f%% | %5.1f%%", s.name, s.bits, wbytes / 1e6, 100 * (qbytes / (ms[0] * 1e-3) / 1e9) / qb.copy_gbs,
+               100 * (wbytes / (ms[1] * 1e-3) / 1e9) / qb.copy_gbs);
+        for (size_t k = 2; k < 2 + n_dp; k++) printf(" | %9.1f%%", ms[k] > 0 ? 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / qb.copy_gbs : 0.0);
         printf("   %s\n", s.code == FL_QCODE_NF4 ? "(NF4)" : "");
         for (size_t k = 2 + n_dp; k < ms.size(); k++)
-            if (ms[k] > 0) printf("    %-12s %5.1f%%  %7.2f us\n", vs[k - 2].name, 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / copy_gbs, ms[k] * 1e3);
+            if (ms[k] > 0) printf("    %-12s %5.1f%%  %7.2f us\n", vs[k - 2].name, 100 * (wbytes / (ms[k] * 1e-3) / 1e9) / qb.copy_gbs, ms[k] * 1e3);
         fflush(stdout);
         for (auto &W : Ws) { cudaFree(W.data_d); cudaFree(W.scales_d); if (W.zeros_d) cudaFree(W.zeros_d); }
         for (void *p : x8s) cudaFree(p);

@@ -4,7 +4,7 @@
 // "imma8", the library's configuration per shape; the prep alone "prep"; then each configuration alone, w<warps>u<chunks a
 // warp>t<16-row tiles a block>), and the backend as the model calls it ("backend": dp2a at n <= 2, then imma8 by
 // default). imma8 is validated against mma (largest |difference| over largest |y|, both float-close to the exact dot).
-//   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist): dev/cuda/qmma_bench.sh     run: /tmp/qmma_bench [reps]
+//   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist): dev/cuda/qgemv_bench.sh dev/cuda/qmma_bench.cu     run: /tmp/qmma_bench [reps]
 // Method as qgemv_bench.cu: weights rotate over > 512 MB of copies (no launch finds its matrix in L2), 10 launches
 // captured in a CUDA graph, 3 warm-up replays, median of the timed replays / 10; bytes = codes + scales + offsets.
 #include "../../csrc/cuda/qmatmul.cu"
@@ -12,44 +12,16 @@
 #include <algorithm>
 #include <vector>
 
-__global__ void fill_u32(uint32_t *p, size_t n, uint32_t seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = h;
-    }
-}
-__global__ void fill_half(__half *p, size_t n, uint32_t seed, float lo, float hi) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
-        p[i] = __float2half(lo + (hi - lo) * (float)(h & 0xffff) / 65536.f);
-    }
-}
-__global__ void fill_act(__nv_bfloat16 *p, size_t n, uint32_t seed) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
-        p[i] = __float2bfloat16((float)(h & 0xffff) / 32768.f - 1.f);
-    }
-}
-
 struct Shape { const char *name; int64_t R, C; int bits, gs; bool zeros; };
 
 int main(int argc, char **argv) {
     const int batches = argc > 1 ? atoi(argv[1]) : 9;
-    fl_backend *be;
-    CKF(fl_backend_cuda_create(0, FL_BF16, &be));
-    fl_cuda_impl *c = fl_cuda_impl_of(be);
-    cudaStream_t st = c->stream;
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    cudaDeviceProp prop;
-    CK(cudaGetDeviceProperties(&prop, 0));
-    const double copy_gbs = copy_ceiling_gbs(st, e0, e1);
-    if (copy_gbs < 0) return 1;
-    printf("device: %s, %d SMs; copy D2D 1 GiB %.0f GB/s (read + write)\n", prop.name, prop.multiProcessorCount, copy_gbs);
+    QBench qb;  // backend, stream, events, copy ceiling (bench_util.cuh)
+    if (qbench_setup(qb)) return 1;
+    fl_backend *be = qb.be;
+    fl_cuda_impl *c = qb.c;
+    cudaStream_t st = qb.st;
+    cudaEvent_t e0 = qb.e0, e1 = qb.e1;
     printf("%% of copy for the weight bytes, microseconds per launch\n");
     // imma8 configurations (warps, chunks a warp, 16-row tiles a block), the GEMV alone on the prepared x
     struct Cfg { const char *name; fl_status (*f)(cudaStream_t, __nv_bfloat16 *, const __nv_bfloat16 *, int, const fl_qw &,
@@ -130,7 +102,7 @@ int main(int argc, char **argv) {
             if (!(rel < 2e-2)) failures++;
             const float t_mma = time_graph(st, e0, e1, batches, mma), t_imma = time_graph(st, e0, e1, batches, imma);
             const float t_be = time_graph(st, e0, e1, batches, backend), t_prep = time_graph(st, e0, e1, batches, prep);
-            auto pct = [&](float ms) { return ms > 0 ? 100.0 * wbytes / (ms * 1e-3) / 1e9 / copy_gbs : -1.0; };
+            auto pct = [&](float ms) { return ms > 0 ? 100.0 * wbytes / (ms * 1e-3) / 1e9 / qb.copy_gbs : -1.0; };
             printf("%-8s %2d %8.1f | %6.1f%% %6.2f us %6.1f%% %6.2f us %6.1f%% %6.2f us %7.2f us | %.2e%s\n", s.name, n,
                    wbytes / 1e6, pct(t_mma), t_mma * 1e3, pct(t_imma), t_imma * 1e3, pct(t_be), t_be * 1e3, t_prep * 1e3,
                    rel, rel < 2e-2 ? "" : "  MISMATCH");
