@@ -42,13 +42,13 @@ FL_MODES = {
                                      "bnb_4bit_compute_dtype": "bfloat16"}),
             ("quantization_config", {"quant_method": "fastload", "scheme": "nf4"}),
             ("env", {"FASTLOAD_QUANT": "nf4"})],
-    # the same weights with the decode GEMV on int8 activations (FASTLOAD_CUDA_QDOT=int8, read when the model's
-    # backend is made, so only through the environment)
-    "int4-x8": [("env", {"FASTLOAD_QUANT": "int4", "FASTLOAD_CUDA_QDOT": "int8"})],
-    "nf4-x8": [("env", {"FASTLOAD_QUANT": "nf4", "FASTLOAD_CUDA_QDOT": "int8"})],
+    # the same weights with the decode GEMV on int16 activations (FASTLOAD_CUDA_QDOT=int16, float-close; the default
+    # for 4-bit codes is int8 x; read when the model's backend is made, so only through the environment)
+    "int4-x16": [("env", {"FASTLOAD_QUANT": "int4", "FASTLOAD_CUDA_QDOT": "int16"})],
+    "nf4-x16": [("env", {"FASTLOAD_QUANT": "nf4", "FASTLOAD_CUDA_QDOT": "int16"})],
 }
 # bitsandbytes mode compared with each fastload mode ("the same mode": 8-bit with 8-bit, 4-bit with 4-bit)
-PEER_OF = {"int8": "bnb_int8", "int4": "bnb_nf4", "nf4": "bnb_nf4", "int4-x8": "bnb_nf4", "nf4-x8": "bnb_nf4"}
+PEER_OF = {"int8": "bnb_int8", "int4": "bnb_nf4", "nf4": "bnb_nf4", "int4-x16": "bnb_nf4", "nf4-x16": "bnb_nf4"}
 
 
 def fl_load_once(d, how, kw):

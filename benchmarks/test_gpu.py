@@ -123,7 +123,7 @@ def test_gpu_decode(record, fl_model, hf_model, d2d, bench_full, case):
     assert math.isfinite(r[main]) and r[main] > 0
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "nf4", "int4-x8", "nf4-x8"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4", "int4-x16", "nf4-x16"])
 def test_gpu_quant(record, qwen7b, fl_model, d2d, bench_full, mode):
     """quant_gpu.py's per-mode figures: load, weight memory, decode batch 1 against the roofline of the bytes the
     quantised step reads, decode batch 8, time to first token of a 2048-token prompt; bitsandbytes in the same run

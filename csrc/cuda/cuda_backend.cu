@@ -637,11 +637,12 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     FL_TRY(knob01("FASTLOAD_QX_FUSE", &c->qx_fuse));
     FL_TRY(knob01("FASTLOAD_ROPE_FUSE", &c->rope_fuse));
     FL_TRY(knob01("FASTLOAD_QMMA_INT", &c->qmma_int));
-    c->qx8 = 0;
+    c->qx8 = FL_QX8_AUTO;
     q = getenv("FASTLOAD_CUDA_QDOT");
     if (q && *q) {
-        if (!strcmp(q, "int8")) c->qx8 = 1;
-        else if (strcmp(q, "int16")) return fl_err(FL_E_VALUE, "FASTLOAD_CUDA_QDOT='%s' is not int16 or int8", q);
+        if (!strcmp(q, "int8")) c->qx8 = FL_QX8_ALL;
+        else if (!strcmp(q, "int16")) c->qx8 = FL_QX8_NONE;
+        else if (strcmp(q, "auto")) return fl_err(FL_E_VALUE, "FASTLOAD_CUDA_QDOT='%s' is not auto, int16 or int8", q);
     }
     c->qdp_cfg = -1;
     q = getenv("FASTLOAD_QDP_CFG");

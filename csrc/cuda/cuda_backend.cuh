@@ -23,6 +23,11 @@ typedef struct {
     size_t bytes;
 } fl_cuda_block;
 
+/* c->qx8: the x form of the 1-2-row dp2a GEMV (FASTLOAD_CUDA_QDOT=auto|int8|int16). AUTO, the default: int8 x for
+   4-bit codes (integer and NF4: +10% / +28% decode on an H200 for +0.2-0.3% word perplexity), int16 for 8-bit codes
+   (their GEMVs stream near the copy rate either way, so int8 x would only cost accuracy). */
+enum { FL_QX8_NONE = 0, FL_QX8_ALL = 1, FL_QX8_AUTO = 2 };
+
 typedef struct fl_cuda_impl {
     int device;
     char name[24];              /* "cuda:N", be->name points here */
@@ -45,7 +50,7 @@ typedef struct fl_cuda_impl {
     size_t qx_bytes;
     int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
     int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
-    int qx8;                    /* dp2a GEMV of integer codes on int8 x (FASTLOAD_CUDA_QDOT=int8), 0: int16 x (default) */
+    int qx8;                    /* x form of the 1-2-row GEMV (FASTLOAD_CUDA_QDOT): FL_QX8_AUTO (int8 x for 4-bit codes), _ALL, _NONE */
     int qdp_cfg;                /* dp2a GEMV at n <= 2 (FASTLOAD_QDP_CFG=r4u2|r4u1|r8u1|r2u4|r8u1w4 -> 0..4; -1 auto) */
     int qmma_int;               /* integer-code GEMV at 3..8 rows on the integer tensor cores (FASTLOAD_QMMA_INT, default 1); 0: f16 / bf16 ones */
     size_t scratch_bytes;

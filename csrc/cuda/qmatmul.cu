@@ -1759,10 +1759,12 @@ static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
 static float2 *qdp_xd(fl_cuda_impl *c, int64_t C) { return (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2); }
 
 // The x form the dp2a GEMV takes for W (fl_qx_store8's QB, which the ops that write x for it use too): int8
-// (FL_QX8) under FASTLOAD_CUDA_QDOT=int8 for weights whose rows are whole 32-column blocks (the amax block of the
-// int8 form; NF4 then uses its int8 code book, qdot_nf4_vec8), else int16.
+// (FL_QX8) for weights whose rows are whole 32-column blocks (the amax block of the int8 form; NF4 then uses its
+// int8 code book, qdot_nf4_vec8) when FASTLOAD_CUDA_QDOT asks for it: auto (the default) for 4-bit codes, int8
+// for all; else int16 (see FL_QX8_AUTO).
 static int qdp_qb(const fl_cuda_impl *c, const fl_qw &W) {
-    return W.bits | (c->qx8 && W.C % 32 == 0 ? FL_QX8 : 0);
+    const bool x8 = c->qx8 == FL_QX8_ALL || (c->qx8 == FL_QX8_AUTO && W.bits == 4);
+    return W.bits | (x8 && W.C % 32 == 0 ? FL_QX8 : 0);
 }
 
 // The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
@@ -1853,7 +1855,9 @@ void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, in
 static cudaDataType_t qcuda_type(fl_dtype t) { return t == FL_F16 ? CUDA_R_16F : t == FL_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 // The GEMV for n in 1..FL_GEMV_MAX_N_Q; x already in the codes' column order.
-static fl_status qgemv(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W, const void *bias) {
+static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_qw &W, const void *bias) {
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    const fl_dtype act = be->act;
     cudaStream_t st = c->stream;
     const uint32_t gs16 = (uint32_t)(W.gs / 16);
     // multiply-high by ceil(2^32 / gs16) is floor(sub / gs16) for every sub-block index sub when
@@ -1868,12 +1872,23 @@ static fl_status qgemv(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, in
     const bool mma_ok = fast && W.code == FL_QCODE_INT && W.gs % cpc == 0 && fl_cuda_cc_major() >= 8 &&
                         (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32);
     const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
+    // At 3..8 rows those take the integer tensor cores (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are
+    // whole chunks, except 8-bit rows of 8192 columns or more (H200, n = 8: int8 down 32.7 us on the f16 / bf16 kernel,
+    // 39.5 on imma8). Its x planes live in the dp2a workspace (x as int16 in two int8 planes, then [C / cpc][8] float2).
+    const bool use_imma = use_mma && n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192);
+    if (use_imma) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
     FL_CUDA_DISPATCH(act, T, {
         T *yt = (T *)y;
         const T *xt = (const T *)x, *bt = (const T *)bias;
         if constexpr (sizeof(T) == 2) {
+            if (use_imma) {
+                uint4 *xp = (uint4 *)qdp_xq(c);
+                float2 *xd = qdp_xd(c, W.C);
+                if (W.s32) return launch_qimma8_fmt<T, float>(st, yt, xt, n, W, bt, xp, xd, c->n_sm);
+                return launch_qimma8_fmt<T, __half>(st, yt, xt, n, W, bt, xp, xd, c->n_sm);
+            }
             if (use_mma) {
                 if (W.s32) return launch_qmma_fmt<T, float>(st, yt, xt, n, W, bt, cm);
                 return launch_qmma_fmt<T, __half>(st, yt, xt, n, W, bt, cm);
@@ -1927,27 +1942,7 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
             });
             xs = c->qx;
         }
-        // integer codes at 3..8 rows: the integer tensor cores (qgemv_imma8_kernel) where the layout allows, but 8-bit rows
-        // of 8192 columns or more stay on the f16 / bf16 kernel (H200, n = 8: int8 down 32.7 us there, 39.5 on imma8).
-        const int cpc = W.bits == 4 ? 128 : 64;
-        const bool imma8 = n > FL_QDP_UP_TO && (act == FL_F16 || act == FL_BF16) && W.code == FL_QCODE_INT &&
-                           (W.bits == 4 || W.C < 8192) &&
-                           W.gs % cpc == 0 && W.C % cpc == 0 && W.rb % 64 == 0 && fl_is_aligned16(W.q) &&
-                           fl_is_aligned16(xs) && fl_cuda_cc_major() >= 8 && c->qmma_int &&
-                           (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32) &&
-                           (c->qgemv_variant == FL_QGEMV_AUTO || c->qgemv_variant == FL_QGEMV_MMA);
-        if (imma8) {
-            FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
-            uint4 *xp = (uint4 *)qdp_xq(c);
-            float2 *xd = qdp_xd(c, W.C);  // needs C / 8 float2 at most: [C / 64 chunks][8 tokens]
-            FL_CUDA_DISPATCH(act, T, {
-                if constexpr (sizeof(T) == 2) {
-                    if (W.s32) return launch_qimma8_fmt<T, float>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
-                    return launch_qimma8_fmt<T, __half>(c->stream, (T *)y, (const T *)xs, n, W, (const T *)bias, xp, xd, c->n_sm);
-                }
-            });
-        }
-        return qgemv(c, act, y, xs, n, W, bias);
+        return qgemv(be, y, xs, n, W, bias);
     }
 
     // Prefill: dequantised row chunks + cuBLAS.
