@@ -220,7 +220,7 @@ def test_engine_memory_returns_to_idle(gold):
         with ThreadPoolExecutor(8) as ex:
             list(ex.map(lambda p: _gen(m, p, 8), _prompts(16, seed=6)))
     seen = []
-    for _ in range(5):
+    for _ in range(8):  # seen on an H200: growth in the first rounds, 3,776 bytes at a time, twice (arrival timing)
         round_()
         seen.append(fastload.cuda.memory_allocated())
         if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:

@@ -532,6 +532,23 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
     }
 }
 
+// The table bytes of the 8 codes of word w (byte j: column 2j in the low nibble, 2j + 1 in the high one):
+// ev = columns 0, 2, 4, 6 and od = 1, 3, 5, 7 (the x layout of 4-bit codes), from table t (4 words).
+__device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0, uint32_t t1, uint32_t t2, uint32_t t3,
+                                         uint32_t &ev, uint32_t &od) {
+    const uint32_t a = __byte_perm(__byte_perm(t0, t1, idx), __byte_perm(t2, t3, idx), sel);            // columns 0..3
+    const uint32_t b = __byte_perm(__byte_perm(t0, t1, idx >> 16), __byte_perm(t2, t3, idx >> 16), sel >> 16);  // 4..7
+    ev = __byte_perm(a, b, 0x6420);
+    od = __byte_perm(a, b, 0x7531);
+}
+
+// NF4 against int8 x (FASTLOAD_CUDA_QDOT=int8): the code book rounded to int8, t8 = rint(nf4 * 127) (error at most
+// 3.7e-3 of the group's scale, code 12; y += s / 127 * dx * dot), one byte table (looked up by qnf_look).
+#define QNF8_0 0xcebda881u
+#define QNF8_1 0x00f4e9dcu
+#define QNF8_2 0x2b1f140au
+#define QNF8_3 0x7f5c4738u
+
 // ---------------------------------------------------------------------------------------------
 // decode GEMV on the integer tensor cores for 3..8 token rows, 4- and 8-bit integer codes (qgemv_imma8_kernel)
 // ---------------------------------------------------------------------------------------------
@@ -617,13 +634,20 @@ __global__ void __launch_bounds__(256) qmx_prep_kernel(uint4 *__restrict__ xp, f
     if (j == 0) xd[ch * 8 + tok] = make_float2(amax / QMX_QMAX, sum);
 }
 
-// d[0..3] += A (16 x 32 u8) * B (32 x 8 s8), int32: mma.sync m16n8k32 (sm_80+; nothing below, callers check).
+// d[0..3] += A (16 x 32 u8, or s8 when SA) * B (32 x 8 s8), int32: mma.sync m16n8k32 (sm_80+; nothing below, callers
+// check).
+template <bool SA = false>
 __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                               uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (SA)
+        asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
 }
 
@@ -632,12 +656,21 @@ __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, 
 // registers, 16 warps an SM, and 40% of the copy rate on gate|up); each warp's x fragment of a chunk feeds TILES x 8
 // mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). Integer
 // codes, groups of whole chunks; x from qmx_prep_kernel. Configurations measured: launch_qimma8 below.
-template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES>
+// NF (BITS 4): NF4 codes, each word's 8 nibbles looked up in the int8 code book (qnf_look, QNF8_*: t8 = rint(nf4 *
+// 127), error at most 3.7e-3 of the group's scale, as the 1-2-row GEMV on int8 x) into the same two words the nibble
+// split gives (columns 0, 2, 4, 6 | 1, 3, 5, 7), then s8 x s8 mma; s / 127 for the scale, offsets 0 unless ZEROS.
+// HALF (NF4 without offsets only): groups of an odd multiple of 64 columns (bitsandbytes' and fastload's NF4 block of
+// 64), so a 128-column chunk holds two groups: lanes t = 0, 1 hold columns 0..63 of every word's mma, t = 2, 3 the
+// rest, so each mma runs twice, once with the other half's A zeroed, and each half takes its own scale (x's scale is
+// the chunk's for both). Offsets would need sum x per half, which the prep does not keep: those take the FMA kernel.
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false>
 __global__ void __launch_bounds__(WARPS * 32)
 qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2 *__restrict__ xd, const fl_qw W,
                    const T *__restrict__ bias, int n, uint32_t cmagic) {
+    static_assert(!NF || BITS == 4, "NF4 codes are 4-bit");
+    static_assert(!HALF || (NF && !ZEROS), "half-chunk groups: NF4 without offsets");
     constexpr int CPC = BITS == 4 ? 128 : 64, XPL = CPC / 32;  // columns a chunk; x units (uint4) a lane and chunk
-    constexpr float OFF = (float)(1 << (BITS - 1));
+    constexpr float OFF = NF ? 0.f : (float)(1 << (BITS - 1)), SMUL = NF ? 1.f / 127.f : 1.f;
     __shared__ float red[WARPS][TILES * 4][32];
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -654,7 +687,15 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
         }
     const S *sc = (const S *)W.s, *zc = (const S *)W.m;
     const int64_t nchunk = W.rb / 64;
-    const uint32_t cpg = (uint32_t)(W.gs / CPC);
+    const uint32_t cpg = (uint32_t)(W.gs / CPC), hpg = (uint32_t)(W.gs / 64);  // chunks (HALF: half chunks) a group
+    auto group_of = [&](int64_t ch, int h) -> uint32_t {  // the group of half h of chunk ch (cmagic: for cpg or hpg)
+        if constexpr (HALF) {
+            const uint32_t hc = (uint32_t)(2 * ch + h);
+            return hpg == 1 ? hc : __umulhi(hc, cmagic);
+        } else {
+            return cpg == 1 ? (uint32_t)ch : __umulhi((uint32_t)ch, cmagic);
+        }
+    };
     const bool has_x = g < n;
     const uint4 *xg = xp + (int64_t)(has_x ? g : 0) * (W.C / 8) + XPL * t;  // + chunk * CPC / 8
     const bool t0 = 2 * t < n, t1 = 2 * t + 1 < n;
@@ -667,7 +708,7 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
         for (int u = 0; u < U; u++) {
             const bool ok = cb + u < nchunk;
             if (ok && t == 0) {
-                const uint32_t grp = cpg == 1 ? (uint32_t)(cb + u) : __umulhi((uint32_t)(cb + u), cmagic);
+                const uint32_t grp = group_of(cb + u, 0);
 #pragma unroll
                 for (int k = 0; k < TILES; k++)
 #pragma unroll
@@ -692,13 +733,50 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
             for (int i = 0; i < XPL; i++) xw[i] = has_x ? __ldg(xg + ch * (CPC / 8) + i) : z;
             const float4 d = *(const float4 *)(xd + ch * 8 + 2 * t);  // (dx, sum) of tokens 2t, 2t + 1
             const float dx0 = t0 ? d.x : 0.f, dx1 = t1 ? d.z : 0.f, x0 = t0 ? d.y : 0.f, x1 = t1 ? d.w : 0.f;
-            const uint32_t grp = cpg == 1 ? (uint32_t)ch : __umulhi((uint32_t)ch, cmagic);
+            const uint32_t grp = group_of(ch, 0);
 #pragma unroll
             for (int k = 0; k < TILES; k++) {
                 const uint4 va = A[u][k][0], vb = A[u][k][1];
                 const uint32_t ca[4] = {va.x, va.y, va.z, va.w}, cb[4] = {vb.x, vb.y, vb.z, vb.w};
+                if constexpr (HALF) {
+                    int ih0[4] = {0, 0, 0, 0}, il0[4] = {0, 0, 0, 0}, ih1[4] = {0, 0, 0, 0}, il1[4] = {0, 0, 0, 0};
+                    const bool first = t < 2;  // this lane's columns are in the chunk's first half
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        uint32_t alo, ahi, blo, bhi;
+                        qnf_look(ca[i] & 0x77777777u, 0x32103210u | ((ca[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
+                                 QNF8_2, QNF8_3, alo, ahi);
+                        qnf_look(cb[i] & 0x77777777u, 0x32103210u | ((cb[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
+                                 QNF8_2, QNF8_3, blo, bhi);
+                        const uint32_t a0 = first ? alo : 0u, b0 = first ? blo : 0u, a1 = first ? ahi : 0u,
+                                       b1 = first ? bhi : 0u;
+                        fl_imma_16832<true>(ih0, a0, b0, a1, b1, xw[i].x, xw[i].y);
+                        fl_imma_16832<true>(il0, a0, b0, a1, b1, xw[i].z, xw[i].w);
+                        fl_imma_16832<true>(ih1, alo ^ a0, blo ^ b0, ahi ^ a1, bhi ^ b1, xw[i].x, xw[i].y);
+                        fl_imma_16832<true>(il1, alo ^ a0, blo ^ b0, ahi ^ a1, bhi ^ b1, xw[i].z, xw[i].w);
+                    }
+                    const uint32_t g1 = group_of(ch, 1);
+                    const float sa0 = ld_s(sc, srow[k][0] + grp) * SMUL, sa1 = ld_s(sc, srow[k][0] + g1) * SMUL;
+                    const float sb0 = ld_s(sc, srow[k][1] + grp) * SMUL, sb1 = ld_s(sc, srow[k][1] + g1) * SMUL;
+                    acc[k][0] = fmaf(sa0, (float)(ih0[0] * 256 + il0[0]) * dx0, fmaf(sa1, (float)(ih1[0] * 256 + il1[0]) * dx0, acc[k][0]));
+                    acc[k][1] = fmaf(sa0, (float)(ih0[1] * 256 + il0[1]) * dx1, fmaf(sa1, (float)(ih1[1] * 256 + il1[1]) * dx1, acc[k][1]));
+                    acc[k][2] = fmaf(sb0, (float)(ih0[2] * 256 + il0[2]) * dx0, fmaf(sb1, (float)(ih1[2] * 256 + il1[2]) * dx0, acc[k][2]));
+                    acc[k][3] = fmaf(sb0, (float)(ih0[3] * 256 + il0[3]) * dx1, fmaf(sb1, (float)(ih1[3] * 256 + il1[3]) * dx1, acc[k][3]));
+                    continue;
+                }
                 int ih[4] = {0, 0, 0, 0}, il[4] = {0, 0, 0, 0};
-                if constexpr (BITS == 4) {
+                if constexpr (NF) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        uint32_t alo, ahi, blo, bhi;
+                        qnf_look(ca[i] & 0x77777777u, 0x32103210u | ((ca[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
+                                 QNF8_2, QNF8_3, alo, ahi);
+                        qnf_look(cb[i] & 0x77777777u, 0x32103210u | ((cb[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
+                                 QNF8_2, QNF8_3, blo, bhi);
+                        fl_imma_16832<true>(ih, alo, blo, ahi, bhi, xw[i].x, xw[i].y);
+                        fl_imma_16832<true>(il, alo, blo, ahi, bhi, xw[i].z, xw[i].w);
+                    }
+                } else if constexpr (BITS == 4) {
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
                         const uint32_t alo = ca[i] & 0x0F0F0F0Fu, ahi = (ca[i] >> 4) & 0x0F0F0F0Fu;
@@ -713,9 +791,10 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                         fl_imma_16832(il, ca[2 * i], cb[2 * i], ca[2 * i + 1], cb[2 * i + 1], xw[i].z, xw[i].w);
                     }
                 }
-                const float s_a = ld_s(sc, srow[k][0] + grp), s_b = ld_s(sc, srow[k][1] + grp);
-                const float m_a = ZEROS ? ld_s(zc, srow[k][0] + grp) : -OFF * s_a;
-                const float m_b = ZEROS ? ld_s(zc, srow[k][1] + grp) : -OFF * s_b;
+                const float sa0 = ld_s(sc, srow[k][0] + grp), sb0 = ld_s(sc, srow[k][1] + grp);
+                const float m_a = ZEROS ? ld_s(zc, srow[k][0] + grp) : -OFF * sa0;
+                const float m_b = ZEROS ? ld_s(zc, srow[k][1] + grp) : -OFF * sb0;
+                const float s_a = sa0 * SMUL, s_b = sb0 * SMUL;
                 const float p0 = (float)(ih[0] * 256 + il[0]) * dx0, p1 = (float)(ih[1] * 256 + il[1]) * dx1;
                 const float p2 = (float)(ih[2] * 256 + il[2]) * dx0, p3 = (float)(ih[3] * 256 + il[3]) * dx1;
                 acc[k][0] = fmaf(s_a, p0, fmaf(m_a, x0, acc[k][0]));
@@ -903,16 +982,6 @@ __device__ __forceinline__ int qdot_vec8(const uint4 &c, const uint4 *xv) {
 #define QNF_HI2 0x2b1f140au
 #define QNF_HI3 0x7f5c4838u
 
-// The table bytes of the 8 codes of word w (byte j: column 2j in the low nibble, 2j + 1 in the high one):
-// ev = columns 0, 2, 4, 6 and od = 1, 3, 5, 7 (the x layout of 4-bit codes), from table t (4 words).
-__device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0, uint32_t t1, uint32_t t2, uint32_t t3,
-                                         uint32_t &ev, uint32_t &od) {
-    const uint32_t a = __byte_perm(__byte_perm(t0, t1, idx), __byte_perm(t2, t3, idx), sel);            // columns 0..3
-    const uint32_t b = __byte_perm(__byte_perm(t0, t1, idx >> 16), __byte_perm(t2, t3, idx >> 16), sel >> 16);  // 4..7
-    ev = __byte_perm(a, b, 0x6420);
-    od = __byte_perm(a, b, 0x7531);
-}
-
 // sum over the 16-byte vector of NF4 codes c of t16[q] * xq, as a float
 __device__ __forceinline__ float qdot_nf4_vec(const uint4 &c, const uint4 *xv) {
     const uint32_t cw[4] = {c.x, c.y, c.z, c.w};
@@ -935,13 +1004,8 @@ __device__ __forceinline__ float qdot_nf4_vec(const uint4 &c, const uint4 *xv) {
     return fmaf((float)dh, 256.f, (float)dl);
 }
 
-// NF4 against int8 x (FASTLOAD_CUDA_QDOT=int8): the code book rounded to int8, t8 = rint(nf4 * 127) (error at most
-// 3.7e-3 of the group's scale, code 12; y += s / 127 * dx * dot), one byte table looked up as above and 2 dp4a per
-// word of 8 codes: 13 ops a word against 29 for the exact int16 table.
-#define QNF8_0 0xcebda881u
-#define QNF8_1 0x00f4e9dcu
-#define QNF8_2 0x2b1f140au
-#define QNF8_3 0x7f5c4738u
+// NF4 against int8 x (qdot_nf4_vec8): the int8 code book QNF8_* (above, with qnf_look), 2 dp4a per word of 8 codes:
+// 13 ops a word against 29 for the exact int16 table.
 __device__ __forceinline__ int dp4ss(uint32_t a, uint32_t b, int c) {
     int d;
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -1616,7 +1680,7 @@ static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_
 
 // qgemv_imma8_kernel for n in 3..8 (FASTLOAD_QMMA_INT=0 keeps qgemv_mma_kernel there): x to int16 planes
 // (qmx_prep_kernel) in the dp2a workspace (c->qxq, grown by the caller), then the GEMV.
-template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES>
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false>
 static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, bool prep = true) {
     constexpr int CPC = BITS == 4 ? 128 : 64;
@@ -1624,10 +1688,10 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
     const int64_t blocks = (W.R + 16 * TILES - 1) / (16 * TILES);
     if (blocks > INT32_MAX || pblocks > INT32_MAX)
         return fl_err(FL_E_VALUE, "quantised matmul: %lld x %lld is too large", (long long)W.R, (long long)W.C);
-    const uint32_t cpg = (uint32_t)(W.gs / CPC);
+    const uint32_t cpg = (uint32_t)(W.gs / (HALF ? 64 : CPC));  // chunks (HALF: half chunks) a group
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
     if (prep) FL_LAUNCH(qmx_prep_kernel<T, BITS>, dim3((unsigned)pblocks), dim3(256), 0, st, xp, xd, x, n, W.C);
-    FL_LAUNCH(qgemv_imma8_kernel<T, S, BITS, ZEROS, WARPS, U, TILES>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
+    FL_LAUNCH((qgemv_imma8_kernel<T, S, BITS, ZEROS, WARPS, U, TILES, NF, HALF>), dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
               y, (const uint4 *)xp, (const float2 *)xd, W, bias, n, cm);
     return FL_OK;
 }
@@ -1636,18 +1700,24 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
 // a block and 2 chunks a warp (qkv 7.2, gate_up 32.4; f16 mma kernel 9.8, 43.8) unless that leaves fewer blocks than
 // SMs or the rows are long (C >= 8192): then one tile and 4 chunks a warp (o 5.5 against 6.8 with two tiles on 112
 // blocks; down 24.7 against 30.1; f16 mma kernel 6.4, 28.7).
-template <typename T, typename S, int BITS, bool ZEROS>
+template <typename T, typename S, int BITS, bool ZEROS, bool NF = false, bool HALF = false>
 static fl_status launch_qimma8(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, int n_sm, bool prep = true) {
     if (W.C >= 8192 || (W.R + 31) / 32 < n_sm)
-        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1>(st, y, x, n, W, bias, xp, xd, prep);
-    return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2>(st, y, x, n, W, bias, xp, xd, prep);
+        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+    return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
 }
 
 template <typename T, typename S>
 static fl_status launch_qimma8_fmt(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                    float2 *xd, int n_sm) {
     const bool z = W.m != nullptr;
+    if (W.code == FL_QCODE_NF4) {
+        if (W.gs % 128 != 0)  // groups of an odd multiple of 64 columns (no offsets: qgemv checks)
+            return launch_qimma8<T, S, 4, false, true, true>(st, y, x, n, W, bias, xp, xd, n_sm);
+        return z ? launch_qimma8<T, S, 4, true, true>(st, y, x, n, W, bias, xp, xd, n_sm)
+                 : launch_qimma8<T, S, 4, false, true>(st, y, x, n, W, bias, xp, xd, n_sm);
+    }
     if (W.bits == 8)
         return z ? launch_qimma8<T, S, 8, true>(st, y, x, n, W, bias, xp, xd, n_sm)
                  : launch_qimma8<T, S, 8, false>(st, y, x, n, W, bias, xp, xd, n_sm);
@@ -1866,16 +1936,22 @@ static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_q
     const uint32_t gm = gs16 > 1 ? (uint32_t)(((1ull << 32) + gs16 - 1) / gs16) : 0u;
     const bool fast = (act == FL_F16 || act == FL_BF16) && W.rb % 16 == 0 && fl_is_aligned16(W.q) &&
                       fl_is_aligned16(x) && magic_ok && c->qgemv_variant != FL_QGEMV_GENERIC;
-    // The tensor-core kernel: integer codes whose groups are whole 64-byte chunks of a row, sm_80+;
-    // by default at every n (FASTLOAD_QGEMV=fma: never; the FMA kernel then takes them).
+    // The tensor-core kernels take codes whose groups are whole 64-byte chunks of a row, sm_80+. Integer codes: the
+    // f16 / bf16 one by default at every n (FASTLOAD_QGEMV=fma: never; the FMA kernel then takes them) ...
     const int cpc = W.bits == 4 ? 128 : 64;
-    const bool mma_ok = fast && W.code == FL_QCODE_INT && W.gs % cpc == 0 && fl_cuda_cc_major() >= 8 &&
-                        (uint64_t)(W.rb / 64) * (uint64_t)(W.gs / cpc) <= (1ull << 32);
-    const bool use_mma = mma_ok && (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
-    // At 3..8 rows those take the integer tensor cores (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are
-    // whole chunks, except 8-bit rows of 8192 columns or more (H200, n = 8: int8 down 32.7 us on the f16 / bf16 kernel,
-    // 39.5 on imma8). Its x planes live in the dp2a workspace (x as int16 in two int8 planes, then [C / cpc][8] float2).
-    const bool use_imma = use_mma && n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192);
+    // NF4 without offsets in groups of an odd multiple of 64 columns (NF4's usual 64) also fit, as half chunks (HALF)
+    const bool whole = W.gs % cpc == 0;
+    const bool nf_half = !whole && W.code == FL_QCODE_NF4 && W.bits == 4 && !W.m && W.gs % 64 == 0;
+    const bool chunk_ok = fast && (whole || nf_half) && fl_cuda_cc_major() >= 8 &&
+                          (uint64_t)(whole ? W.rb / 64 : W.rb / 32) * (uint64_t)(W.gs / (whole ? cpc : 64)) <= (1ull << 32) &&
+                          (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
+    const bool use_mma = chunk_ok && W.code == FL_QCODE_INT;
+    // ... and at 3..8 rows the integer ones (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are whole
+    // chunks, except 8-bit rows of 8192 columns or more (H200, n = 8: int8 down 32.7 us on the f16 / bf16 kernel, 39.5
+    // on imma8); NF4 codes too, through the int8 code book (with FASTLOAD_QMMA_INT=0 the FMA kernel and its exact code
+    // book). Its x planes live in the dp2a workspace (x as int16 in two int8 planes, then [C / cpc][8] float2).
+    const bool use_imma = chunk_ok && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
+                          n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192);
     if (use_imma) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
