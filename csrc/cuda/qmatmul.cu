@@ -25,7 +25,7 @@
 // pairs fed to mma.sync, the group's scale is applied once per 64-byte chunk of a row, ~70
 // instructions per vector whatever n is. Default (FASTLOAD_QGEMV=auto): the tensor cores wherever
 // the layout allows (integer codes, groups of whole chunks: 128 columns of 4-bit, 64 of 8-bit), the
-// FMA kernel for NF4 and smaller groups. Not yet measured on a GPU: whether the tensor-core kernel
+// FMA kernel for smaller groups (NF4: qgemv_imma8_kernel at 3..8 rows, see there). Not yet measured on a GPU: whether the tensor-core kernel
 // streams as well as the FMA one at n = 1 (matmul.cu's bf16 tensor-core GEMV did not);
 // FASTLOAD_QGEMV=fma / mma force one for the A/B (dev/cuda/NOTES.md has the bf16 GEMV numbers).
 // qgemv_generic_kernel: any alignment, any activation dtype, one warp per row, runtime layout; the
@@ -367,7 +367,7 @@ qgemv_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T 
 // applied once per chunk to the partial fragment: acc += s * sum(q x) (+ m * sum(x), the second sum
 // from one more mma with A = ones, min form only). The warps' fragments are summed through shared
 // memory; lane (g, t) of warp 0 then holds rows g, g + 8 x tokens 2t, 2t + 1.
-// NF4 and groups smaller than a chunk take the FMA kernel.
+// NF4 and groups smaller than a chunk take other kernels (qgemv()).
 template <typename T> struct qmma_k;
 template <> struct qmma_k<__half> {
     static constexpr uint32_t MAGIC = 0x64006400u;  // 1024.0 in each half
@@ -550,7 +550,7 @@ __device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0
 #define QNF8_3 0x7f5c4738u
 
 // ---------------------------------------------------------------------------------------------
-// decode GEMV on the integer tensor cores for 3..8 token rows, 4- and 8-bit integer codes (qgemv_imma8_kernel)
+// decode GEMV on the integer tensor cores for 3..8 token rows, 4- and 8-bit integer codes and NF4 (qgemv_imma8_kernel)
 // ---------------------------------------------------------------------------------------------
 // Why: at n = 8 qgemv_mma_kernel spends ~135 instructions a lane per 64-byte chunk of 16 rows (each
 // nibble pair OR-ed into an f16 / bf16 mantissa and re-based: 3 ops per 2 weights; a second mma with A = ones
