@@ -684,6 +684,52 @@ def test_quantized_model_qx_fuse_bit_identical(qdot):
     assert cnt["1"][1][0] > 0  # int4 bfloat16: the fusion ran at all
 
 
+# A model whose every matmul's x can be written by the op before it (tests/quant_fixtures' llama shapes widened: rows of
+# 256 / 512 columns, whole 128-column chunks; head_dim 128 so the decode attention's combine writes o_proj's x), run at
+# 1, 3, 4 and 8 token rows (eager forwards of one token per sequence) and in two generate calls (graph-captured decode
+# at batch 4, sampled, and at batch 8, greedy). The JSON: fused matmul count per eager forward, and the layouts.
+_FUSE_WIDE_CODE = (
+    "import sys, json; sys.path[:0] = %r\nimport numpy as np, fastload\n"
+    "path = %r\n"
+    "ids = np.random.default_rng(0).integers(3, 320, size=(8, 5))\n"
+    "out, counts = [], []\n"
+    "for s, dt in (('int8', 'bfloat16'), ('int4', 'bfloat16'), ('int4', 'float16'), ('nf4', 'bfloat16')):\n"
+    "    m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map='cuda', torch_dtype=dt, "
+    "quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
+    "    lay = {l['name']: l for l in m._core.layouts()}\n"
+    "    per = []\n"
+    "    for b in (1, 3, 4, 8):\n"
+    "        c0 = m._core.info['fused_matmul_inputs']\n"
+    "        out.append(np.asarray(m(ids[:b, :1]).logits, np.float32))\n"
+    "        per.append(m._core.info['fused_matmul_inputs'] - c0)\n"
+    "    counts.append([per, lay])\n"
+    "    out.append(m.generate(ids[:4], do_sample=True, seed=3, max_new_tokens=12, eos_token_id=[]).astype(np.float32))\n"
+    "    out.append(m.generate(ids[:, :3], max_new_tokens=8, eos_token_id=[]).astype(np.float32))\n"
+    "np.savez(sys.argv[1], *out)\n"
+    "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n")
+
+
+def test_quantized_model_qx_fuse_imma8(tmp_path):
+    """At 3..8 token rows the integer tensor-core GEMV's x planes (qx.cuh's FL_QMX form) are written by the op before
+    the matmul (RMSNorm, SwiGLU, the decode attention's combine) instead of the GEMV's own prep: the same bits as with
+    FASTLOAD_QX_FUSE=0 for int8, int4 (bf16, f16) and nf4 (groups of 64: half chunks), eager and graph-captured; and
+    the core's fused-input count is every quantised matmul of the forward (q|k|v, o, gate|up, down, LM head) at each
+    row count (the dp2a GEMV's forms at 1 row, FL_QMX at 3, 4 and 8), 0 with fusion off."""
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    import quant_fixtures as qf
+    cfg = qf.model_config("llama", vocab=320, hidden=256, inter=512, layers=2, heads=2, kv=1, head_dim=128)
+    path = qf._write_dir(str(tmp_path / "wide"), cfg, qf.float_weights(cfg, seed=1))
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    res = _arrays_per_setting(_FUSE_WIDE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_QX_FUSE", ("1", "0"))
+    for a, b in zip(res["1"][0], res["0"][0]):
+        np.testing.assert_array_equal(a, b)
+    for (per1, lay), (per0, _) in zip(res["1"][1], res["0"][1]):
+        names = [k for k in lay if k.endswith((".wqkv", ".wo", ".w_gate_up", ".w_down")) or k == "lm_head"]
+        assert len(names) == 9 and all(lay[k]["dtype"] in ("int4", "int8", "nf4") for k in names), lay
+        assert per0 == [0, 0, 0, 0]
+        assert per1 == [9, 9, 9, 9], (per1, {k: (lay[k]["dtype"], lay[k]["group_size"]) for k in names})
+
+
 def test_quantized_model_int8_x():
     """FASTLOAD_CUDA_QDOT=int8 through a whole model (its fusion: test_quantized_model_qx_fuse_bit_identical): the
     logits follow the int16 form's (relative L2 difference below 10%: a wrong x layout gives ~100%; seen 5.7% of

@@ -433,8 +433,9 @@ __device__ __forceinline__ float block_allreduce(float v, float *s_red, bool is_
     return v;
 }
 
-// QB (4 / 8, | FL_QX8 for int8 x): the row is also written as the dp2a GEMV's x for o_proj (fl_qx_store8, from the rounded
-// outputs, as qx_prep_kernel would read them), which saves that GEMV its prep kernel; needs hd % 32 == 0, hd <= 256.
+// QB (4 / 8, | FL_QX8 for int8 x, | FL_QMX for the 3..8-row GEMV): the row is also written as the quantised GEMV's x for
+// o_proj (fl_qx_store8, from the rounded outputs, as qx_prep_kernel would read them), which saves that GEMV its prep
+// kernel; needs hd % fl_qx_cols(QB) == 0 (32; FL_QMX: its chunk, 128 / 64) and hd <= 256.
 template <typename T, int QB>
 __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttArgs a) {
     __shared__ float s_w[MAX_SPLITS];
@@ -486,7 +487,7 @@ __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttAr
             float v8[8];
 #pragma unroll
             for (int e = 0; e < 8; e++) v8[e] = on ? s_part[tid * 8 + e] : 0.f;
-            fl_qx_store8<QB>(a.qxq, a.qxd, v8, on ? (int64_t)bh * hd + tid * 8 : 0, on);
+            fl_qx_store8<QB>(a.qxq, a.qxd, v8, on ? (int64_t)bh * hd + tid * 8 : 0, (int64_t)a.nh * hd, on);
         }
     }
 }
@@ -896,7 +897,7 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
     }
     if (fast_ok && path != FL_ATT_SIMPLE) {
         if (T == 1) {
-            if (((qbits & 15) == 4 || (qbits & 15) == 8) && head_dim % 32 == 0 && head_dim <= 256) {
+            if (((qbits & 15) == 4 || (qbits & 15) == 8) && head_dim % fl_qx_cols(qbits) == 0 && head_dim <= 256) {
                 a.qbits = qbits;
                 a.qxq = qd->xq;
                 a.qxd = qd->xd;

@@ -214,7 +214,7 @@ static fl_status cu_rmsnorm(fl_backend *be, void *out_d, const void *x_d, const 
     fl_qx_dst qd;
     FL_TRY(fl_cuda_qx_target(be, next, out_d, n, w->rows, &qd));
     FL_TRY(fl_cuda_rmsnorm(IMPL(be)->stream, be->act, out_d, x_d, w->data_d, n, w->rows, eps, qd));
-    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n, qd.bits);
     return FL_OK;
 }
 
@@ -225,7 +225,7 @@ static fl_status cu_add_rmsnorm(fl_backend *be, void *out_d, void *resid_d, cons
     fl_qx_dst qd;
     FL_TRY(fl_cuda_qx_target(be, next, out_d, n, w->rows, &qd));
     FL_TRY(fl_cuda_add_rmsnorm(IMPL(be)->stream, be->act, out_d, resid_d, delta_d, w->data_d, n, w->rows, eps, qd));
-    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n, qd.bits);
     return FL_OK;
 }
 
@@ -307,7 +307,7 @@ static fl_status attention_rope(fl_backend *be, void *out_d, const void *qkv_d, 
     FL_TRY(fl_cuda_attention_qx(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
                                 s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
                                 kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg, &qd, rope));
-    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n, qd.bits);
     return FL_OK;
 }
 
@@ -337,7 +337,7 @@ static fl_status cu_swiglu(fl_backend *be, void *out_d, const void *gu_d, int n,
     fl_qx_dst qd;
     FL_TRY(fl_cuda_qx_target(be, next, out_d, n, f, &qd));
     FL_TRY(fl_cuda_swiglu(IMPL(be)->stream, be->act, out_d, gu_d, n, f, qd));
-    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n);
+    if (qd.bits) fl_cuda_qx_written(be, next, out_d, n, qd.bits);
     return FL_OK;
 }
 

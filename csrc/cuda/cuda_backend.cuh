@@ -55,12 +55,13 @@ typedef struct fl_cuda_impl {
     int qmma_int;               /* integer-code GEMV at 3..8 rows on the integer tensor cores (FASTLOAD_QMMA_INT, default 1); 0: f16 / bf16 ones */
     size_t scratch_bytes;
     std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */
-    uint64_t qx_seq;            /* op_seq of the op that wrote the dp2a GEMV's x into qxq (0: none pending) */
+    uint64_t qx_seq;            /* op_seq of the op that wrote the quantised GEMV's x into qxq (0: none pending) */
     const void *qx_x;           /* ... for the matmul on this x, */
     const void *qx_q;           /* ... this weight's codes */
-    int qx_n;                   /* ... and this many rows (fl_cuda_qx_target, qmatmul.cuh) */
+    int qx_n;                   /* ... this many rows (fl_cuda_qx_target, qmatmul.cuh) */
+    int qx_qb;                  /* ... in this x form (qx.cuh's QB) */
     int rope_fuse;              /* FASTLOAD_ROPE_FUSE: 1 (default) decode attention does the rope of layers > 0; 0 off */
-    int qx_fuse;                /* FASTLOAD_QX_FUSE: 1 (default) RMSNorm / SwiGLU write the dp2a GEMV's x; 0 off */
+    int qx_fuse;                /* FASTLOAD_QX_FUSE: 1 (default) RMSNorm / SwiGLU / attention write the quantised GEMV's x; 0 off */
     int glu_u;                  /* decode gate|up GEMV with SwiGLU fused: loads a lane per row (4 | 8), 0 off (FASTLOAD_GLU_*) */
     int32_t *tok_d[2];          /* argmax_async's token slots: device ids, */
     int32_t *tok_h[2];          /*   their pinned host copies, */

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(RMS_CACHED_THREADS) rmsnorm_kernel(T *__restri
                 ((uint4 *)(out + row * d))[v] = o;
                 if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);
             }
-            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, on);
+            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, d, on);
         }
         return;
     }
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(RMS_CACHED_THREADS) rmsnorm_kernel(T *__restri
     // Pass 2: each thread re-reads exactly the elements it wrote in pass 1 (same loop), so the
     // writes to resid are visible to it without a barrier.
     if (VEC) {
-        // The loop bound is the same on every lane: with QB, fl_qx_store8 shuffles across lanes (d % 32 == 0).
+        // The loop bound is the same on every lane: with QB, fl_qx_store8 shuffles across lanes (d % fl_qx_cols(QB) == 0).
         const int64_t nv = d / E;
         for (int64_t v0 = 0; v0 < nv; v0 += blockDim.x) {
             const int64_t v = v0 + threadIdx.x;
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(RMS_CACHED_THREADS) rmsnorm_kernel(T *__restri
                 ((uint4 *)outr)[v] = o;
                 if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);  // the int16 copy is of the rounded output
             }
-            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, on);
+            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, row * d + v * E, d, on);
         }
     } else {
         for (int64_t k = threadIdx.x; k < d; k += blockDim.x)
@@ -184,7 +184,7 @@ static fl_status launch_rmsnorm(cudaStream_t st, void *out, void *resid, const v
                                 const void *w, int n, int64_t d, float eps, const fl_qx_dst &qd) {
     const bool vec = d % fl_vec<T>::EPV == 0 && fl_is_aligned16(out) && fl_is_aligned16(w) &&
                      (ADD ? fl_is_aligned16(resid) && fl_is_aligned16(delta) : fl_is_aligned16(x));
-    const int qb = vec && fl_vec<T>::EPV == 8 && d % 32 == 0 ? qd.bits : 0;
+    const int qb = vec && fl_vec<T>::EPV == 8 && d % fl_qx_cols(qd.bits) == 0 ? qd.bits : 0;
     if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "rmsnorm: the dp2a GEMV's x cannot be written for d = %lld", (long long)d);
     const bool cached = vec && d / fl_vec<T>::EPV <= (int64_t)RMS_RV * RMS_CACHED_THREADS;
 #define FL_RMS(VEC_, QB_, C_) FL_LAUNCH((rmsnorm_kernel<T, VEC_, ADD, QB_, C_>), dim3(n), dim3(C_ ? RMS_CACHED_THREADS : ROW_THREADS), 0, st, (T *)out, (T *)resid, (const T *)x, (const T *)delta, (const T *)w, d, eps, qd)
@@ -245,7 +245,7 @@ __global__ void swiglu_kernel(T *__restrict__ out, const T *__restrict__ gu, int
                 ((uint4 *)(out + i * f))[k] = o;
                 if constexpr (QB != 0) fl_vec_to_f32<T>(o, a);
             }
-            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, on ? v * 8 : 0, on);
+            if constexpr (QB != 0 && E == 8) fl_qx_store8<QB>(qd.xq, qd.xd, a, on ? v * 8 : 0, f, on);
         } else if (on) {
             out[i * f + k] = fl_from_f32<T>(fl_silu_mul(fl_to_f32(g[k]), fl_to_f32(u[k])));
         }
@@ -260,7 +260,7 @@ fl_status fl_cuda_swiglu(cudaStream_t st, fl_dtype act, void *out, const void *g
         const int64_t work = (int64_t)n * (vec ? f / fl_vec<T>::EPV : f);
         int64_t blocks = (work + ROW_THREADS - 1) / ROW_THREADS;
         if (blocks > 65535 * 16) blocks = 65535 * 16;
-        const int qb = vec && fl_vec<T>::EPV == 8 && f % 32 == 0 ? qd.bits : 0;
+        const int qb = vec && fl_vec<T>::EPV == 8 && f % fl_qx_cols(qd.bits) == 0 ? qd.bits : 0;
         if (qd.bits && !qb) return fl_err(FL_E_INTERNAL, "swiglu: the dp2a GEMV's x cannot be written for f = %lld", (long long)f);
         if (qb)
             return fl_qx_dispatch(qb, "swiglu", [&](auto QB) -> fl_status {

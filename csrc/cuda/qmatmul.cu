@@ -533,11 +533,20 @@ qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, cons
 }
 
 // The table bytes of the 8 codes of word w (byte j: column 2j in the low nibble, 2j + 1 in the high one):
-// ev = columns 0, 2, 4, 6 and od = 1, 3, 5, 7 (the x layout of 4-bit codes), from table t (4 words).
-__device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0, uint32_t t1, uint32_t t2, uint32_t t3,
-                                         uint32_t &ev, uint32_t &od) {
-    const uint32_t a = __byte_perm(__byte_perm(t0, t1, idx), __byte_perm(t2, t3, idx), sel);            // columns 0..3
-    const uint32_t b = __byte_perm(__byte_perm(t0, t1, idx >> 16), __byte_perm(t2, t3, idx >> 16), sel >> 16);  // 4..7
+// ev = columns 0, 2, 4, 6 and od = 1, 3, 5, 7 (the x layout of 4-bit codes), from table t (4 words of 4 bytes: code
+// c's byte is byte c % 4 of t[c / 4]). prmt picks by each code's low 3 bits among t0|t1 and t2|t3 (idx), then by its
+// bit 3 between the two (sel: selector 4..7 takes the second word); two lookups of one word share idx and sel.
+// qnf_look_nat: the same bytes in natural order, a = columns 0..3, b = 4..7 (6 prmt a word; qnf_look 8).
+__device__ __forceinline__ void qnf_look_nat(uint32_t w, uint32_t t0, uint32_t t1, uint32_t t2, uint32_t t3, uint32_t &a,
+                                             uint32_t &b) {
+    const uint32_t idx = w & 0x77777777u, sel = 0x32103210u | ((w & 0x88888888u) >> 1);
+    a = __byte_perm(__byte_perm(t0, t1, idx), __byte_perm(t2, t3, idx), sel);
+    b = __byte_perm(__byte_perm(t0, t1, idx >> 16), __byte_perm(t2, t3, idx >> 16), sel >> 16);
+}
+__device__ __forceinline__ void qnf_look(uint32_t w, uint32_t t0, uint32_t t1, uint32_t t2, uint32_t t3, uint32_t &ev,
+                                         uint32_t &od) {
+    uint32_t a, b;
+    qnf_look_nat(w, t0, t1, t2, t3, a, b);
     ev = __byte_perm(a, b, 0x6420);
     od = __byte_perm(a, b, 0x7531);
 }
@@ -548,6 +557,9 @@ __device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0
 #define QNF8_1 0x00f4e9dcu
 #define QNF8_2 0x2b1f140au
 #define QNF8_3 0x7f5c4738u
+__device__ __forceinline__ void qnf8_look(uint32_t w, uint32_t &ev, uint32_t &od) {
+    qnf_look(w, QNF8_0, QNF8_1, QNF8_2, QNF8_3, ev, od);
+}
 
 // ---------------------------------------------------------------------------------------------
 // decode GEMV on the integer tensor cores for 3..8 token rows, 4- and 8-bit integer codes and NF4 (qgemv_imma8_kernel)
@@ -561,8 +573,8 @@ __device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0
 // dp2a path's numerics), two mma a word (one per plane). sum(x) per token and chunk comes from the prep
 // (exact x, float32). ~60 instructions and 8 mma (of half the tensor time each) a lane per chunk.
 // The k slots of one mma: lane t's word i of its quarter of the chunk (columns 32 t + 8 i + {0,2,4,6} in slots
-// 4t..4t+3, {1,3,5,7} in 16+4t..16+4t+3); x is laid out by qmx_prep_kernel so that one uint4 per (lane, word)
-// holds exactly those columns of both planes: unit u (8 columns) = {h of 0,2,4,6 | h of 1,3,5,7 | l of 0,2,4,6 |
+// 4t..4t+3, {1,3,5,7} in 16+4t..16+4t+3); x is laid out by fl_qx_store8's FL_QMX form (qx.cuh) so that one uint4
+// per (lane, word) holds exactly those columns of both planes: unit u (8 columns) = {h of 0,2,4,6 | h of 1,3,5,7 | l of 0,2,4,6 |
 // l of 1,3,5,7}. The scale factors out of each mma because all four lanes' columns share one chunk.
 // 8-bit codes: chunks of 64 columns, the code bytes as they are (0..255, u8), words 2i, 2i + 1 of a lane's 16 bytes in
 // one mma; x units in natural order, one scale per token and 64 columns.
@@ -571,68 +583,6 @@ __device__ __forceinline__ void qnf_look(uint32_t idx, uint32_t sel, uint32_t t0
 // 25.9 us against 9.8 / 6.3 / 44.1 / 28.6 for the f16 kernel; int8 q|k|v / gate|up / LM head (per channel) 10.4 / 44.8 /
 // 149.4 against 12.3 / 52.7 / 191.6, but int8 down (18944 columns) 39.5 against 32.7: 8-bit rows of C >= 8192 take the
 // f16 / bf16 kernel (fl_cuda_qmatmul).
-#define QMX_QMAX 32639.f
-
-// BITS 4: chunks of 128 columns, a unit's bytes in the nibbles' order (0, 2, 4, 6 | 1, 3, 5, 7); BITS 8: chunks of 64
-// columns, natural order (0-3 | 4-7). LPP = lanes per (token, chunk), one unit of 8 columns each.
-template <typename T, int BITS>
-__global__ void __launch_bounds__(256) qmx_prep_kernel(uint4 *__restrict__ xp, float2 *__restrict__ xd,
-                                                       const T *__restrict__ x, int n, int64_t C) {
-    constexpr int CPC = BITS == 4 ? 128 : 64, LPP = CPC / 8;
-    fl_pdl_launch_dependents();
-    const int64_t nch = C / CPC, pair = ((int64_t)blockIdx.x * 256 + threadIdx.x) / LPP;  // (token, chunk)
-    const int j = threadIdx.x % LPP;
-    const bool ok = pair < (int64_t)n * nch;
-    const int tok = ok ? (int)(pair / nch) : 0;
-    const int64_t ch = ok ? pair % nch : 0;
-    fl_pdl_wait();
-    float v[8];
-    if (ok) {
-        const uint4 u = *(const uint4 *)(x + (int64_t)tok * C + ch * CPC + 8 * j);
-        const T *e = (const T *)&u;
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = fl_to_f32(e[k]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = 0.f;
-    }
-    float amax = 0.f, sum = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        amax = fmaxf(amax, fabsf(v[k]));
-        sum += v[k];
-    }
-#pragma unroll
-    for (int o = LPP / 2; o > 0; o >>= 1) {  // within the lanes of this (token, chunk)
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    }
-    if (!ok) return;
-    const float inv = amax > 0.f ? QMX_QMAX / amax : 0.f;
-    uint32_t hb[8], lb[8];
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        int q = __float2int_rn(v[k] * inv);
-        q = max(-32639, min(32639, q));
-        const int h = (q + 128) >> 8;
-        hb[k] = (uint32_t)h & 0xffu;
-        lb[k] = (uint32_t)(q - (h << 8)) & 0xffu;
-    }
-    uint4 o;
-    if (BITS == 4) {
-        o.x = hb[0] | hb[2] << 8 | hb[4] << 16 | hb[6] << 24;
-        o.y = hb[1] | hb[3] << 8 | hb[5] << 16 | hb[7] << 24;
-        o.z = lb[0] | lb[2] << 8 | lb[4] << 16 | lb[6] << 24;
-        o.w = lb[1] | lb[3] << 8 | lb[5] << 16 | lb[7] << 24;
-    } else {
-        o.x = hb[0] | hb[1] << 8 | hb[2] << 16 | hb[3] << 24;
-        o.y = hb[4] | hb[5] << 8 | hb[6] << 16 | hb[7] << 24;
-        o.z = lb[0] | lb[1] << 8 | lb[2] << 16 | lb[3] << 24;
-        o.w = lb[4] | lb[5] << 8 | lb[6] << 16 | lb[7] << 24;
-    }
-    xp[(int64_t)tok * (C / 8) + ch * LPP + j] = o;
-    if (j == 0) xd[ch * 8 + tok] = make_float2(amax / QMX_QMAX, sum);
-}
 
 // d[0..3] += A (16 x 32 u8, or s8 when SA) * B (32 x 8 s8), int32: mma.sync m16n8k32 (sm_80+; nothing below, callers
 // check).
@@ -655,7 +605,7 @@ __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, 
 // requested, then all computed: no software pipelining, whose second register buffer took the first version to 128
 // registers, 16 warps an SM, and 40% of the copy rate on gate|up); each warp's x fragment of a chunk feeds TILES x 8
 // mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). Integer
-// codes, groups of whole chunks; x from qmx_prep_kernel. Configurations measured: launch_qimma8 below.
+// codes, groups of whole chunks; x in the FL_QMX form (qx_prep_kernel, or the op before). Configurations measured: launch_qimma8 below.
 // NF (BITS 4): NF4 codes, each word's 8 nibbles looked up in the int8 code book (qnf_look, QNF8_*: t8 = rint(nf4 *
 // 127), error at most 3.7e-3 of the group's scale, as the 1-2-row GEMV on int8 x) into the same two words the nibble
 // split gives (columns 0, 2, 4, 6 | 1, 3, 5, 7), then s8 x s8 mma; s / 127 for the scale, offsets 0 unless ZEROS.
@@ -744,10 +694,8 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
                         uint32_t alo, ahi, blo, bhi;
-                        qnf_look(ca[i] & 0x77777777u, 0x32103210u | ((ca[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
-                                 QNF8_2, QNF8_3, alo, ahi);
-                        qnf_look(cb[i] & 0x77777777u, 0x32103210u | ((cb[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
-                                 QNF8_2, QNF8_3, blo, bhi);
+                        qnf8_look(ca[i], alo, ahi);
+                        qnf8_look(cb[i], blo, bhi);
                         const uint32_t a0 = first ? alo : 0u, b0 = first ? blo : 0u, a1 = first ? ahi : 0u,
                                        b1 = first ? bhi : 0u;
                         fl_imma_16832<true>(ih0, a0, b0, a1, b1, xw[i].x, xw[i].y);
@@ -769,10 +717,8 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
                         uint32_t alo, ahi, blo, bhi;
-                        qnf_look(ca[i] & 0x77777777u, 0x32103210u | ((ca[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
-                                 QNF8_2, QNF8_3, alo, ahi);
-                        qnf_look(cb[i] & 0x77777777u, 0x32103210u | ((cb[i] & 0x88888888u) >> 1), QNF8_0, QNF8_1,
-                                 QNF8_2, QNF8_3, blo, bhi);
+                        qnf8_look(ca[i], alo, ahi);
+                        qnf8_look(cb[i], blo, bhi);
                         fl_imma_16832<true>(ih, alo, blo, ahi, bhi, xw[i].x, xw[i].y);
                         fl_imma_16832<true>(il, alo, blo, ahi, bhi, xw[i].z, xw[i].w);
                     }
@@ -911,7 +857,7 @@ qx_prep_kernel(int16_t *__restrict__ xq, float2 *__restrict__ xd, const T *__res
 #pragma unroll
         for (int e = 0; e < 8; e++) a[e] = fl_to_f32(x[k0 + e]);
     }
-    fl_qx_store8<QB>(xq, xd, a, k0, on);
+    fl_qx_store8<QB>(xq, xd, a, k0, C, on);
 }
 
 // sum over the 16-byte vector of codes c of q * xq (int32)
@@ -988,10 +934,9 @@ __device__ __forceinline__ float qdot_nf4_vec(const uint4 &c, const uint4 *xv) {
     int dl = 0, dh = 0;
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const uint32_t idx = cw[k] & 0x77777777u, sel = 0x32103210u | ((cw[k] & 0x88888888u) >> 1);
         uint32_t el, ol, eh, oh;
-        qnf_look(idx, sel, QNF_LO0, QNF_LO1, QNF_LO2, QNF_LO3, el, ol);
-        qnf_look(idx, sel, QNF_HI0, QNF_HI1, QNF_HI2, QNF_HI3, eh, oh);
+        qnf_look(cw[k], QNF_LO0, QNF_LO1, QNF_LO2, QNF_LO3, el, ol);
+        qnf_look(cw[k], QNF_HI0, QNF_HI1, QNF_HI2, QNF_HI3, eh, oh);
         dl = dp2lo(xv[k].x, el, dl);
         dl = dp2hi(xv[k].y, el, dl);
         dl = dp2lo(xv[k].z, ol, dl);
@@ -1004,8 +949,9 @@ __device__ __forceinline__ float qdot_nf4_vec(const uint4 &c, const uint4 *xv) {
     return fmaf((float)dh, 256.f, (float)dl);
 }
 
-// NF4 against int8 x (qdot_nf4_vec8): the int8 code book QNF8_* (above, with qnf_look), 2 dp4a per word of 8 codes:
-// 13 ops a word against 29 for the exact int16 table.
+// NF4 against int8 x (qdot_nf4_vec8): the int8 code book QNF8_* (above, with qnf_look_nat), 2 dp4a per word of 8 codes,
+// x in natural column order (qx.cuh's FL_QXN, so the looked-up bytes need no even / odd split): 11 ops a word (13 with
+// the split, as the first version had) against 29 for the exact int16 table.
 __device__ __forceinline__ int dp4ss(uint32_t a, uint32_t b, int c) {
     int d;
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -1017,11 +963,10 @@ __device__ __forceinline__ int qdot_nf4_vec8(const uint4 &c, const uint4 *xv) {
     int d = 0;
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const uint32_t idx = cw[k] & 0x77777777u, sel = 0x32103210u | ((cw[k] & 0x88888888u) >> 1);
-        uint32_t ev, od;
-        qnf_look(idx, sel, QNF8_0, QNF8_1, QNF8_2, QNF8_3, ev, od);
-        d = dp4ss(ev, xw[2 * k], d);
-        d = dp4ss(od, xw[2 * k + 1], d);
+        uint32_t a, b;  // columns 8k..8k+3, 8k+4..8k+7
+        qnf_look_nat(cw[k], QNF8_0, QNF8_1, QNF8_2, QNF8_3, a, b);
+        d = dp4ss(a, xw[2 * k], d);
+        d = dp4ss(b, xw[2 * k + 1], d);
     }
     return d;
 }
@@ -1678,19 +1623,21 @@ static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_
     return FL_OK;
 }
 
-// qgemv_imma8_kernel for n in 3..8 (FASTLOAD_QMMA_INT=0 keeps qgemv_mma_kernel there): x to int16 planes
-// (qmx_prep_kernel) in the dp2a workspace (c->qxq, grown by the caller), then the GEMV.
+// qgemv_imma8_kernel for n in 3..8 (FASTLOAD_QMMA_INT=0 keeps qgemv_mma_kernel there): x to int16 planes (qx_prep_kernel,
+// FL_QMX form; prep = false: the op before wrote them) in the dp2a workspace (c->qxq, grown by the caller), then the GEMV.
 template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false>
 static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, bool prep = true) {
     constexpr int CPC = BITS == 4 ? 128 : 64;
-    const int64_t pairs = (int64_t)n * (W.C / CPC), pblocks = (pairs * (CPC / 8) + 255) / 256;
+    const int64_t pblocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
     const int64_t blocks = (W.R + 16 * TILES - 1) / (16 * TILES);
     if (blocks > INT32_MAX || pblocks > INT32_MAX)
         return fl_err(FL_E_VALUE, "quantised matmul: %lld x %lld is too large", (long long)W.R, (long long)W.C);
     const uint32_t cpg = (uint32_t)(W.gs / (HALF ? 64 : CPC));  // chunks (HALF: half chunks) a group
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
-    if (prep) FL_LAUNCH(qmx_prep_kernel<T, BITS>, dim3((unsigned)pblocks), dim3(256), 0, st, xp, xd, x, n, W.C);
+    if (prep)
+        FL_LAUNCH((qx_prep_kernel<T, BITS | FL_QMX>), dim3((unsigned)pblocks), dim3(QD_THREADS), 0, st, (int16_t *)xp, xd,
+                  x, (const int32_t *)nullptr, n, W.C);
     FL_LAUNCH((qgemv_imma8_kernel<T, S, BITS, ZEROS, WARPS, U, TILES, NF, HALF>), dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
               y, (const uint4 *)xp, (const float2 *)xd, W, bias, n, cm);
     return FL_OK;
@@ -1710,19 +1657,19 @@ static fl_status launch_qimma8(cudaStream_t st, T *y, const T *x, int n, const f
 
 template <typename T, typename S>
 static fl_status launch_qimma8_fmt(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
-                                   float2 *xd, int n_sm) {
+                                   float2 *xd, int n_sm, bool prep = true) {
     const bool z = W.m != nullptr;
     if (W.code == FL_QCODE_NF4) {
-        if (W.gs % 128 != 0)  // groups of an odd multiple of 64 columns (no offsets: qgemv checks)
-            return launch_qimma8<T, S, 4, false, true, true>(st, y, x, n, W, bias, xp, xd, n_sm);
-        return z ? launch_qimma8<T, S, 4, true, true>(st, y, x, n, W, bias, xp, xd, n_sm)
-                 : launch_qimma8<T, S, 4, false, true>(st, y, x, n, W, bias, xp, xd, n_sm);
+        if (W.gs % 128 != 0)  // groups of an odd multiple of 64 columns (no offsets: qchunk_ok checks)
+            return launch_qimma8<T, S, 4, false, true, true>(st, y, x, n, W, bias, xp, xd, n_sm, prep);
+        return z ? launch_qimma8<T, S, 4, true, true>(st, y, x, n, W, bias, xp, xd, n_sm, prep)
+                 : launch_qimma8<T, S, 4, false, true>(st, y, x, n, W, bias, xp, xd, n_sm, prep);
     }
     if (W.bits == 8)
-        return z ? launch_qimma8<T, S, 8, true>(st, y, x, n, W, bias, xp, xd, n_sm)
-                 : launch_qimma8<T, S, 8, false>(st, y, x, n, W, bias, xp, xd, n_sm);
-    return z ? launch_qimma8<T, S, 4, true>(st, y, x, n, W, bias, xp, xd, n_sm)
-             : launch_qimma8<T, S, 4, false>(st, y, x, n, W, bias, xp, xd, n_sm);
+        return z ? launch_qimma8<T, S, 8, true>(st, y, x, n, W, bias, xp, xd, n_sm, prep)
+                 : launch_qimma8<T, S, 8, false>(st, y, x, n, W, bias, xp, xd, n_sm, prep);
+    return z ? launch_qimma8<T, S, 4, true>(st, y, x, n, W, bias, xp, xd, n_sm, prep)
+             : launch_qimma8<T, S, 4, false>(st, y, x, n, W, bias, xp, xd, n_sm, prep);
 }
 
 template <typename T, typename S>
@@ -1830,11 +1777,12 @@ static float2 *qdp_xd(fl_cuda_impl *c, int64_t C) { return (float2 *)((char *)c-
 
 // The x form the dp2a GEMV takes for W (fl_qx_store8's QB, which the ops that write x for it use too): int8
 // (FL_QX8) for weights whose rows are whole 32-column blocks (the amax block of the int8 form; NF4 then uses its
-// int8 code book, qdot_nf4_vec8) when FASTLOAD_CUDA_QDOT asks for it: auto (the default) for 4-bit codes, int8
-// for all; else int16 (see FL_QX8_AUTO).
+// int8 code book, qdot_nf4_vec8, on x in natural column order, FL_QXN) when FASTLOAD_CUDA_QDOT asks for it: auto (the
+// default) for 4-bit codes, int8 for all; else int16 (see FL_QX8_AUTO).
 static int qdp_qb(const fl_cuda_impl *c, const fl_qw &W) {
     const bool x8 = c->qx8 == FL_QX8_ALL || (c->qx8 == FL_QX8_AUTO && W.bits == 4);
-    return W.bits | (x8 && W.C % 32 == 0 ? FL_QX8 : 0);
+    if (!x8 || W.C % 32 != 0) return W.bits;
+    return W.bits | FL_QX8 | (W.code == FL_QCODE_NF4 ? FL_QXN : 0);
 }
 
 // The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
@@ -1895,6 +1843,38 @@ static bool qdp_at(const fl_cuda_impl *c, const fl_qw &W, int n) {
     return n <= up_to && n <= FL_GEMV_MAX_N_Q && (n <= FL_QDP_UP_TO || c->qgemv_variant == FL_QGEMV_DP);
 }
 
+// qgemv's kernel conditions (x in the codes' column order, n <= FL_GEMV_MAX_N_Q). The fast kernels: 16-bit
+// activations, whole aligned 16-byte code vectors, the group index exact by multiply-high (multiply-high by
+// ceil(2^32 / gs16) is floor(sub / gs16) for every sub-block index sub when (C / 16) * gs16 <= 2^32, error term below
+// 1 / gs16; larger rows take the generic kernel).
+static bool qgemv_fast(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x) {
+    const uint32_t gs16 = (uint32_t)(W.gs / 16);
+    const bool magic_ok = (uint64_t)(W.C / 16) * (uint64_t)gs16 <= (1ull << 32);
+    return (act == FL_F16 || act == FL_BF16) && W.rb % 16 == 0 && fl_is_aligned16(W.q) && fl_is_aligned16(x) &&
+           magic_ok && c->qgemv_variant != FL_QGEMV_GENERIC;
+}
+// The tensor-core kernels take codes whose groups are whole 64-byte chunks of a row (128 columns of 4-bit codes, 64 of
+// 8-bit), sm_80+; NF4 without offsets in groups of an odd multiple of 64 columns (NF4's usual 64) also fit, as half
+// chunks (qgemv_imma8_kernel's HALF). FASTLOAD_QGEMV=fma|generic|dp: never.
+static bool qchunk_ok(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x) {
+    const int cpc = W.bits == 4 ? 128 : 64;
+    const bool whole = W.gs % cpc == 0;
+    const bool nf_half = !whole && W.code == FL_QCODE_NF4 && W.bits == 4 && !W.m && W.gs % 64 == 0;
+    return qgemv_fast(c, act, W, x) && (whole || nf_half) && fl_cuda_cc_major() >= 8 &&
+           (uint64_t)(whole ? W.rb / 64 : W.rb / 32) * (uint64_t)(W.gs / (whole ? cpc : 64)) <= (1ull << 32) &&
+           (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
+}
+// Integer codes take the f16 / bf16 tensor-core kernel at every n (qgemv_mma_kernel) and, at 3..8 rows, the integer one
+// (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are whole chunks, except 8-bit rows of 8192 columns or
+// more (H200, n = 8: int8 down 32.7 us on the f16 / bf16 kernel, 39.5 on imma8); NF4 codes too, through the int8 code
+// book (with FASTLOAD_QMMA_INT=0 the FMA kernel and its exact code book). Its x planes (FL_QMX) live in the dp2a
+// workspace.
+static bool qimma_at(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x, int n) {
+    const int cpc = W.bits == 4 ? 128 : 64;
+    return qchunk_ok(c, act, W, x) && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
+           n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192);
+}
+
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst) {
     dst->bits = 0;
     dst->xq = NULL;
@@ -1906,53 +1886,46 @@ fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x
         return FL_OK;
     }
     const fl_qw W = qw_of(next);
-    if (W.perm || W.C != cols || cols % 8 != 0 || !qdp_layout(c, be->act, W, x) || !qdp_at(c, W, n)) return FL_OK;
+    if (W.perm || W.C != cols || cols % 8 != 0) return FL_OK;
+    // the path fl_cuda_qmatmul will take: the dp2a GEMV, else at 3..8 rows the integer tensor-core one
+    const int up_to = c->qgemv_up_to < 0 ? FL_QGEMV_UP_TO : c->qgemv_up_to;
+    int qb = 0;
+    if (qdp_layout(c, be->act, W, x) && qdp_at(c, W, n)) qb = qdp_qb(c, W);
+    else if (n <= up_to && n <= FL_GEMV_MAX_N_Q && qimma_at(c, be->act, W, x, n)) qb = W.bits | FL_QMX;
+    if (!qb) return FL_OK;
     FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
-    dst->bits = qdp_qb(c, W);
+    dst->bits = qb;
     dst->xq = qdp_xq(c);
     dst->xd = qdp_xd(c, W.C);
     return FL_OK;
 }
 
-void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n) {
+void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n, int qb) {
     fl_cuda_impl *c = fl_cuda_impl_of(be);
     c->qx_seq = c->op_seq;
     c->qx_x = x;
     c->qx_q = next->data_d;
     c->qx_n = n;
+    c->qx_qb = qb;
 }
 
 static cudaDataType_t qcuda_type(fl_dtype t) { return t == FL_F16 ? CUDA_R_16F : t == FL_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
-// The GEMV for n in 1..FL_GEMV_MAX_N_Q; x already in the codes' column order.
-static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_qw &W, const void *bias) {
+// The GEMV for n in 1..FL_GEMV_MAX_N_Q; x already in the codes' column order. x_ready: the op before wrote the integer
+// tensor-core GEMV's x planes (FL_QMX form, fl_cuda_qx_target), so it has no prep.
+static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_qw &W, const void *bias, bool x_ready) {
     fl_cuda_impl *c = fl_cuda_impl_of(be);
     const fl_dtype act = be->act;
     cudaStream_t st = c->stream;
     const uint32_t gs16 = (uint32_t)(W.gs / 16);
-    // multiply-high by ceil(2^32 / gs16) is floor(sub / gs16) for every sub-block index sub when
-    // (C / 16) * gs16 <= 2^32 (error term below 1 / gs16); larger rows take the generic kernel.
-    const bool magic_ok = (uint64_t)(W.C / 16) * (uint64_t)gs16 <= (1ull << 32);
     const uint32_t gm = gs16 > 1 ? (uint32_t)(((1ull << 32) + gs16 - 1) / gs16) : 0u;
-    const bool fast = (act == FL_F16 || act == FL_BF16) && W.rb % 16 == 0 && fl_is_aligned16(W.q) &&
-                      fl_is_aligned16(x) && magic_ok && c->qgemv_variant != FL_QGEMV_GENERIC;
-    // The tensor-core kernels take codes whose groups are whole 64-byte chunks of a row, sm_80+. Integer codes: the
-    // f16 / bf16 one by default at every n (FASTLOAD_QGEMV=fma: never; the FMA kernel then takes them) ...
-    const int cpc = W.bits == 4 ? 128 : 64;
-    // NF4 without offsets in groups of an odd multiple of 64 columns (NF4's usual 64) also fit, as half chunks (HALF)
-    const bool whole = W.gs % cpc == 0;
-    const bool nf_half = !whole && W.code == FL_QCODE_NF4 && W.bits == 4 && !W.m && W.gs % 64 == 0;
-    const bool chunk_ok = fast && (whole || nf_half) && fl_cuda_cc_major() >= 8 &&
-                          (uint64_t)(whole ? W.rb / 64 : W.rb / 32) * (uint64_t)(W.gs / (whole ? cpc : 64)) <= (1ull << 32) &&
-                          (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
-    const bool use_mma = chunk_ok && W.code == FL_QCODE_INT;
-    // ... and at 3..8 rows the integer ones (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are whole
-    // chunks, except 8-bit rows of 8192 columns or more (H200, n = 8: int8 down 32.7 us on the f16 / bf16 kernel, 39.5
-    // on imma8); NF4 codes too, through the int8 code book (with FASTLOAD_QMMA_INT=0 the FMA kernel and its exact code
-    // book). Its x planes live in the dp2a workspace (x as int16 in two int8 planes, then [C / cpc][8] float2).
-    const bool use_imma = chunk_ok && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
-                          n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192);
+    const bool fast = qgemv_fast(c, act, W, x);
+    // integer codes: the f16 / bf16 tensor-core kernel at every n (FASTLOAD_QGEMV=fma: the FMA kernel), the integer
+    // one at 3..8 rows (qimma_at)
+    const bool use_mma = qchunk_ok(c, act, W, x) && W.code == FL_QCODE_INT;
+    const bool use_imma = qimma_at(c, act, W, x, n);
     if (use_imma) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+    const int cpc = W.bits == 4 ? 128 : 64;
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
     FL_CUDA_DISPATCH(act, T, {
@@ -1962,8 +1935,8 @@ static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_q
             if (use_imma) {
                 uint4 *xp = (uint4 *)qdp_xq(c);
                 float2 *xd = qdp_xd(c, W.C);
-                if (W.s32) return launch_qimma8_fmt<T, float>(st, yt, xt, n, W, bt, xp, xd, c->n_sm);
-                return launch_qimma8_fmt<T, __half>(st, yt, xt, n, W, bt, xp, xd, c->n_sm);
+                if (W.s32) return launch_qimma8_fmt<T, float>(st, yt, xt, n, W, bt, xp, xd, c->n_sm, !x_ready);
+                return launch_qimma8_fmt<T, __half>(st, yt, xt, n, W, bt, xp, xd, c->n_sm, !x_ready);
             }
             if (use_mma) {
                 if (W.s32) return launch_qmma_fmt<T, float>(st, yt, xt, n, W, bt, cm);
@@ -1991,10 +1964,11 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
         return fl_err(FL_E_UNSUPPORTED, "CUDA quantised matmul: activation dtype %s", fl_cuda_dtype_name(act));
     const fl_qw W = qw_of(Wt);
     // x already written for the dp2a GEMV by the op just before this one (fl_cuda_qx_target), for this weight
+    // (qx_qb: the form written, which fl_cuda_qx_target chose by the same rules as the path below)
     const bool x_ready = c->qx_seq != 0 && c->qx_seq + 1 == c->op_seq && c->qx_x == x && c->qx_q == (const void *)W.q &&
                          c->qx_n == n;
+    const int x_qb = x_ready ? c->qx_qb : 0;
     c->qx_seq = 0;
-    if (x_ready) be->fused_inputs++;
     const size_t es = (size_t)fl_dtype_size(act);
     const int up_to = c->qgemv_up_to < 0 ? FL_QGEMV_UP_TO : c->qgemv_up_to;
     // Act-order weights need x in the codes' column order for the GEMV. The workspace for it is grown
@@ -2008,7 +1982,11 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     // forces it at every n, mma|fma|generic the others): its x workspace is grown at every call whatever n is.
     const bool dp = qdp_layout(c, act, W, x);
     if (dp) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
-    if (dp && qdp_at(c, W, n)) return qgemv_dp(c, act, y, x, n, W, bias, x_ready);
+    if (dp && qdp_at(c, W, n)) {
+        const bool ready = x_qb == qdp_qb(c, W);
+        if (ready) be->fused_inputs++;
+        return qgemv_dp(c, act, y, x, n, W, bias, ready);
+    }
     if (n <= up_to && n <= FL_GEMV_MAX_N_Q) {
         const void *xs = x;
         if (W.perm) {
@@ -2018,7 +1996,9 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
             });
             xs = c->qx;
         }
-        return qgemv(be, y, xs, n, W, bias);
+        const bool ready = !W.perm && x_qb == (W.bits | FL_QMX) && qimma_at(c, act, W, xs, n);
+        if (ready) be->fused_inputs++;
+        return qgemv(be, y, xs, n, W, bias, ready);
     }
 
     // Prefill: dequantised row chunks + cuBLAS.

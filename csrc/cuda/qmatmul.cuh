@@ -30,15 +30,17 @@ enum { FL_QGEMV_AUTO = 0, FL_QGEMV_GENERIC = 1, FL_QGEMV_FMA = 2, FL_QGEMV_MMA =
 fl_status fl_cuda_qcheck(const fl_weight *W, const char *op);
 // y[n, W.rows] = x[n, W.cols] @ dequant(W)^T (+ bias[W.rows], in act). W->dtype == FL_QUANT.
 fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const fl_weight *W, const void *bias);
-// Fusing the dp2a GEMV's x prep into the op that produces x (RMSNorm, SwiGLU). A producer about to write
-// x[n, cols] at `x`, whose output feeds the matmul with `next` right after it, asks fl_cuda_qx_target: when
-// that matmul will run the dp2a GEMV (integer codes, no act-order perm, n small enough, FASTLOAD_QX_FUSE not 0),
-// dst->bits is 4 or 8 and the producer also writes the int16 x through fl_qx_store8 (qx.cuh) into dst; it
-// then calls fl_cuda_qx_written, and the matmul skips its prep if it is the very next op of the backend on
-// that x, n and weight (c->op_seq counts the ops). Any other op in between voids the hand-off.
+// Fusing the quantised GEMV's x prep into the op that produces x (RMSNorm, SwiGLU, the decode attention's combine). A
+// producer about to write x[n, cols] at `x`, whose output feeds the matmul with `next` right after it, asks
+// fl_cuda_qx_target: when that matmul will run the dp2a GEMV (1-2 rows) or the integer tensor-core GEMV (3..8 rows)
+// (integer or NF4 codes, no act-order perm, FASTLOAD_QX_FUSE not 0), dst->bits is that GEMV's x form (fl_qx_store8's QB,
+// qx.cuh) and the producer also writes x in it through fl_qx_store8 into dst (a producer that cannot, for its shape,
+// leaves dst->bits 0); it then calls fl_cuda_qx_written with the form, and the matmul skips its prep if it is the very
+// next op of the backend on that x, n and weight and takes that form (c->op_seq counts the ops). Any other op in
+// between voids the hand-off.
 struct fl_qx_dst;
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst);
-void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n);
+void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n, int qb);
 // Mixture of Experts decode over quantised experts: moe.cu's fl_cuda_moe_gemv (the same offs / slot_perm / x_div
 // arguments) for a stacked weight of E experts of R rows each. Graph-safe: expert ids are read on the device.
 fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, const int32_t *slot_perm, int x_div,

@@ -1,7 +1,7 @@
 // dev/cuda/qmma_bench.cu: the quantised GEMV at 1..8 token rows (batched decode) on Qwen2.5-7B's int4 shapes (group
 // 128, with offsets, f16 scales), against the device's copy bandwidth: the f16 / bf16 tensor-core kernel
-// (qgemv_mma_kernel, "mma"), the integer tensor-core kernel with its x prep (qgemv_imma8_kernel + qmx_prep_kernel,
-// "imma8", the library's configuration per shape; the prep alone "prep"; then each configuration alone, w<warps>u<chunks a
+// (qgemv_mma_kernel, "mma"), the integer tensor-core kernel with its x prep (qgemv_imma8_kernel + qx_prep_kernel in the
+// FL_QMX form, "imma8", the library's configuration per shape; the prep alone "prep"; then each configuration alone, w<warps>u<chunks a
 // warp>t<16-row tiles a block>), and the backend as the model calls it ("backend": dp2a at n <= 2, then imma8 by
 // default). imma8 is validated against mma (largest |difference| over largest |y|, both float-close to the exact dot).
 //   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist): dev/cuda/qgemv_bench.sh dev/cuda/qmma_bench.cu     run: /tmp/qmma_bench [reps]
@@ -77,12 +77,13 @@ int main(int argc, char **argv) {
             };
             auto backend = [&](int i) { return (int)fl_cuda_qmatmul(be, y2, x, n, &Ws[i % copies], nullptr); };
             auto prep = [&](int) {
-                const int cpc = s.bits == 4 ? 128 : 64;
-                const unsigned pb = (unsigned)(((int64_t)n * (s.C / cpc) * (cpc / 8) + 255) / 256);
-                return s.bits == 4 ? (int)fl_launch(qmx_prep_kernel<__nv_bfloat16, 4>, dim3(pb), dim3(256), 0, st, xp, xd,
-                                                    (const __nv_bfloat16 *)x, n, s.C)
-                                   : (int)fl_launch(qmx_prep_kernel<__nv_bfloat16, 8>, dim3(pb), dim3(256), 0, st, xp, xd,
-                                                    (const __nv_bfloat16 *)x, n, s.C);
+                const unsigned pb = (unsigned)(((int64_t)n * (s.C / 8) + QD_THREADS - 1) / QD_THREADS);
+                const __nv_bfloat16 *xb = (const __nv_bfloat16 *)x;
+                const int32_t *np = nullptr;
+                return s.bits == 4 ? (int)fl_launch(qx_prep_kernel<__nv_bfloat16, 4 | FL_QMX>, dim3(pb), dim3(QD_THREADS), 0,
+                                                    st, (int16_t *)xp, xd, xb, np, n, (int64_t)s.C)
+                                   : (int)fl_launch(qx_prep_kernel<__nv_bfloat16, 8 | FL_QMX>, dim3(pb), dim3(QD_THREADS), 0,
+                                                    st, (int16_t *)xp, xd, xb, np, n, (int64_t)s.C);
             };
             // validation: imma8 against mma on copy 0
             CK(cudaMemset(y, 0, 8 * s.R * 2));
