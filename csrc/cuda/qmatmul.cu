@@ -574,8 +574,8 @@ __device__ __forceinline__ void qnf8_look(uint32_t w, uint32_t &ev, uint32_t &od
 // (exact x, float32). ~60 instructions and 8 mma (of half the tensor time each) a lane per chunk.
 // The k slots of one mma: lane t's word i of its quarter of the chunk (columns 32 t + 8 i + {0,2,4,6} in slots
 // 4t..4t+3, {1,3,5,7} in 16+4t..16+4t+3); x is laid out by fl_qx_store8's FL_QMX form (qx.cuh) so that one uint4
-// per (lane, word) holds exactly those columns of both planes: unit u (8 columns) = {h of 0,2,4,6 | h of 1,3,5,7 | l of 0,2,4,6 |
-// l of 1,3,5,7}. The scale factors out of each mma because all four lanes' columns share one chunk.
+// per (lane, word) holds exactly those columns of both planes: unit u (8 columns) = {h of 0,2,4,6 | h of 1,3,5,7 |
+// l of 0,2,4,6 | l of 1,3,5,7}. The scale factors out of each mma because all four lanes' columns share one chunk.
 // 8-bit codes: chunks of 64 columns, the code bytes as they are (0..255, u8), words 2i, 2i + 1 of a lane's 16 bytes in
 // one mma; x units in natural order, one scale per token and 64 columns.
 //   xp[tok][C / 8] uint4, xd[chunk][8] float2 (dx, sum x); tokens >= n are never read (guarded).
@@ -605,7 +605,8 @@ __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, 
 // requested, then all computed: no software pipelining, whose second register buffer took the first version to 128
 // registers, 16 warps an SM, and 40% of the copy rate on gate|up); each warp's x fragment of a chunk feeds TILES x 8
 // mma (x is read from L1 / L2 once per TILES tiles: at n = 8 it is twice the codes' bytes for one tile). Integer
-// codes, groups of whole chunks; x in the FL_QMX form (qx_prep_kernel, or the op before). Configurations measured: launch_qimma8 below.
+// codes, groups of whole chunks; x in the FL_QMX form (qx_prep_kernel, or the op before). Configurations measured:
+// launch_qimma8 below.
 // NF (BITS 4): NF4 codes, each word's 8 nibbles looked up in the int8 code book (qnf_look, QNF8_*: t8 = rint(nf4 *
 // 127), error at most 3.7e-3 of the group's scale, as the 1-2-row GEMV on int8 x) into the same two words the nibble
 // split gives (columns 0, 2, 4, 6 | 1, 3, 5, 7), then s8 x s8 mma; s / 127 for the scale, offsets 0 unless ZEROS.
