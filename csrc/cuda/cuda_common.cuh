@@ -150,6 +150,26 @@ __device__ __forceinline__ uint4 fl_ld_stream(const void *p) {
     return v;
 }
 
+// 16-byte global -> shared copy (cp.async, sm_80+; L1 bypassed); src_bytes 0 writes zeros (rows past the end).
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t saddr, const void *g, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(g), "r"(src_bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // silu(g) * u in float32, as SwiGLU (norm.cu) and the GEMV that ends in it (matmul.cu) both compute it.
 __device__ __forceinline__ float fl_silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
