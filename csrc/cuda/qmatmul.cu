@@ -614,8 +614,12 @@ __device__ __forceinline__ void fl_imma_16832(int *d, uint32_t a0, uint32_t a1, 
 // 64), so a 128-column chunk holds two groups: lanes t = 0, 1 hold columns 0..63 of every word's mma, t = 2, 3 the
 // rest, so each mma runs twice, once with the other half's A zeroed, and each half takes its own scale (x's scale is
 // the chunk's for both). Offsets would need sum x per half, which the prep does not keep: those take the FMA kernel.
-template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false>
-__global__ void __launch_bounds__(WARPS * 32)
+// STAGES > 0: the codes travel through a ring of STAGES steps per warp in shared memory (cp.async into each lane's own
+// 16-byte slots, STAGES - 1 steps requested ahead of the one computed) instead of registers. MINB: blocks an SM the
+// registers must allow (__launch_bounds__).
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false,
+          int STAGES = 0, int MINB = 1>
+__global__ void __launch_bounds__(WARPS * 32, MINB)
 qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2 *__restrict__ xd, const fl_qw W,
                    const T *__restrict__ bias, int n, uint32_t cmagic) {
     static_assert(!NF || BITS == 4, "NF4 codes are 4-bit");
@@ -626,17 +630,19 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t r0 = (int64_t)blockIdx.x * 16 * TILES, R = W.R;
-    const uint4 *wr[TILES][2];
-    int64_t srow[TILES][2];
+    // the lane's rows r0 + 16 k + 8 h + g (past the end: the last row, results dropped) as 32-bit offsets from row
+    // r0 + g, one base pointer each for codes, scales, offsets: registers decide blocks an SM here (2 at <= 128)
+    const int64_t rg = r0 + g;
+    int drow[TILES][2];
 #pragma unroll
     for (int k = 0; k < TILES; k++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int64_t r = r0 + 16 * k + 8 * h + g, rr = r < R ? r : R - 1;
-            wr[k][h] = (const uint4 *)(W.q + rr * W.rb) + t;
-            srow[k][h] = rr * W.ng;
-        }
-    const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+        for (int h = 0; h < 2; h++) drow[k][h] = (int)((rg + 16 * k + 8 * h < R ? rg + 16 * k + 8 * h : R - 1) - rg);
+    const int rb = (int)W.rb, ng = (int)W.ng;  // qimma_at: 32 rows of codes or groups stay below 2^31
+    const uint4 *wq = (const uint4 *)(W.q + rg * W.rb) + t;
+    const S *sc = (const S *)W.s + rg * W.ng, *zc = (const S *)W.m + (W.m ? rg * W.ng : 0);
+    auto wr = [&](int k, int h) { return (const uint4 *)((const uint8_t *)wq + (int64_t)drow[k][h] * rb); };
+    auto srow = [&](int k, int h) { return (int64_t)(drow[k][h] * ng); };  // negative past the end: int64 with grp
     const int64_t nchunk = W.rb / 64;
     const uint32_t cpg = (uint32_t)(W.gs / CPC), hpg = (uint32_t)(W.gs / 64);  // chunks (HALF: half chunks) a group
     auto group_of = [&](int64_t ch, int h) -> uint32_t {  // the group of half h of chunk ch (cmagic: for cpg or hpg)
@@ -664,14 +670,14 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                 for (int k = 0; k < TILES; k++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-                        prefetch_l1(sc + srow[k][h] + grp);
-                        if (ZEROS) prefetch_l1(zc + srow[k][h] + grp);
+                        prefetch_l1(sc + srow(k, h) + grp);
+                        if (ZEROS) prefetch_l1(zc + srow(k, h) + grp);
                     }
             }
 #pragma unroll
             for (int k = 0; k < TILES; k++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) A[u][k][h] = ok ? fl_ld_stream(wr[k][h] + 4 * (cb + u)) : z;
+                for (int h = 0; h < 2; h++) A[u][k][h] = ok ? fl_ld_stream(wr(k, h) + 4 * (cb + u)) : z;
         }
     };
     auto compute = [&](int64_t c0, const uint4 (&A)[U][TILES][2]) {
@@ -705,8 +711,8 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                         fl_imma_16832<true>(il1, alo ^ a0, blo ^ b0, ahi ^ a1, bhi ^ b1, xw[i].z, xw[i].w);
                     }
                     const uint32_t g1 = group_of(ch, 1);
-                    const float sa0 = ld_s(sc, srow[k][0] + grp) * SMUL, sa1 = ld_s(sc, srow[k][0] + g1) * SMUL;
-                    const float sb0 = ld_s(sc, srow[k][1] + grp) * SMUL, sb1 = ld_s(sc, srow[k][1] + g1) * SMUL;
+                    const float sa0 = ld_s(sc, srow(k, 0) + grp) * SMUL, sa1 = ld_s(sc, srow(k, 0) + g1) * SMUL;
+                    const float sb0 = ld_s(sc, srow(k, 1) + grp) * SMUL, sb1 = ld_s(sc, srow(k, 1) + g1) * SMUL;
                     acc[k][0] = fmaf(sa0, (float)(ih0[0] * 256 + il0[0]) * dx0, fmaf(sa1, (float)(ih1[0] * 256 + il1[0]) * dx0, acc[k][0]));
                     acc[k][1] = fmaf(sa0, (float)(ih0[1] * 256 + il0[1]) * dx1, fmaf(sa1, (float)(ih1[1] * 256 + il1[1]) * dx1, acc[k][1]));
                     acc[k][2] = fmaf(sb0, (float)(ih0[2] * 256 + il0[2]) * dx0, fmaf(sb1, (float)(ih1[2] * 256 + il1[2]) * dx0, acc[k][2]));
@@ -738,9 +744,9 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                         fl_imma_16832(il, ca[2 * i], cb[2 * i], ca[2 * i + 1], cb[2 * i + 1], xw[i].z, xw[i].w);
                     }
                 }
-                const float sa0 = ld_s(sc, srow[k][0] + grp), sb0 = ld_s(sc, srow[k][1] + grp);
-                const float m_a = ZEROS ? ld_s(zc, srow[k][0] + grp) : -OFF * sa0;
-                const float m_b = ZEROS ? ld_s(zc, srow[k][1] + grp) : -OFF * sb0;
+                const float sa0 = ld_s(sc, srow(k, 0) + grp), sb0 = ld_s(sc, srow(k, 1) + grp);
+                const float m_a = ZEROS ? ld_s(zc, srow(k, 0) + grp) : -OFF * sa0;
+                const float m_b = ZEROS ? ld_s(zc, srow(k, 1) + grp) : -OFF * sb0;
                 const float s_a = sa0 * SMUL, s_b = sb0 * SMUL;
                 const float p0 = (float)(ih[0] * 256 + il[0]) * dx0, p1 = (float)(ih[1] * 256 + il[1]) * dx1;
                 const float p2 = (float)(ih[2] * 256 + il[2]) * dx0, p3 = (float)(ih[3] * 256 + il[3]) * dx1;
@@ -751,12 +757,59 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
             }
         }
     };
-    uint4 cur[U][TILES][2];
-    load_step((int64_t)warp * U, cur);  // codes are weights: the first step before the wait
-    fl_pdl_wait();                       // x comes from the prep kernel
-    for (int64_t c0 = (int64_t)warp * U; c0 < nchunk; c0 += WARPS * U) {
-        if (c0 != (int64_t)warp * U) load_step(c0, cur);
-        compute(c0, cur);
+    const int64_t cw0 = (int64_t)warp * U;
+    if constexpr (STAGES > 0) {
+        extern __shared__ uint4 qring[];  // [WARPS][STAGES][U][TILES][2][32]
+        uint4 *ring = qring + (int64_t)warp * STAGES * U * TILES * 2 * 32 + lane;
+        auto issue = [&](int64_t cb, int slot) {  // one commit group a step, empty past the end
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const bool ok = cb + u < nchunk;
+                if (ok && t == 0) {
+                    const uint32_t grp = group_of(cb + u, 0);
+#pragma unroll
+                    for (int k = 0; k < TILES; k++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            prefetch_l1(sc + srow(k, h) + grp);
+                            if (ZEROS) prefetch_l1(zc + srow(k, h) + grp);
+                        }
+                }
+                if (ok)
+#pragma unroll
+                    for (int k = 0; k < TILES; k++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++)
+                            cp_async16(smem_addr(ring + (((slot * U + u) * TILES + k) * 2 + h) * 32), wr(k, h) + 4 * (cb + u), 16);
+            }
+            cp_async_commit();
+        };
+#pragma unroll
+        for (int sidx = 0; sidx < STAGES - 1; sidx++) issue(cw0 + (int64_t)sidx * WARPS * U, sidx);
+        fl_pdl_wait();  // x comes from the prep kernel
+        int slot = 0;
+        for (int64_t c0 = cw0; c0 < nchunk; c0 += WARPS * U) {
+            issue(c0 + (int64_t)(STAGES - 1) * WARPS * U, slot == 0 ? STAGES - 1 : slot - 1);
+            cp_async_wait<STAGES - 1>();
+            uint4 cur[U][TILES][2];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int k = 0; k < TILES; k++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) cur[u][k][h] = ring[(((slot * U + u) * TILES + k) * 2 + h) * 32];
+            compute(c0, cur);
+            slot = slot == STAGES - 1 ? 0 : slot + 1;
+        }
+        cp_async_wait<0>();
+    } else {
+        uint4 cur[U][TILES][2];
+        load_step(cw0, cur);  // codes are weights: the first step before the wait
+        fl_pdl_wait();        // x comes from the prep kernel
+        for (int64_t c0 = cw0; c0 < nchunk; c0 += WARPS * U) {
+            if (c0 != cw0) load_step(c0, cur);
+            compute(c0, cur);
+        }
     }
 #pragma unroll
     for (int k = 0; k < TILES; k++)
@@ -1626,7 +1679,8 @@ static fl_status launch_qmma(cudaStream_t st, T *y, const T *x, int n, const fl_
 
 // qgemv_imma8_kernel for n in 3..8 (FASTLOAD_QMMA_INT=0 keeps qgemv_mma_kernel there): x to int16 planes (qx_prep_kernel,
 // FL_QMX form; prep = false: the op before wrote them) in the dp2a workspace (c->qxq, grown by the caller), then the GEMV.
-template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false>
+template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TILES, bool NF = false, bool HALF = false,
+          int STAGES = 0, int MINB = 1>
 static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, bool prep = true) {
     constexpr int CPC = BITS == 4 ? 128 : 64;
@@ -1639,21 +1693,48 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
     if (prep)
         FL_LAUNCH((qx_prep_kernel<T, BITS | FL_QMX>), dim3((unsigned)pblocks), dim3(QD_THREADS), 0, st, (int16_t *)xp, xd,
                   x, (const int32_t *)nullptr, n, W.C);
-    FL_LAUNCH((qgemv_imma8_kernel<T, S, BITS, ZEROS, WARPS, U, TILES, NF, HALF>), dim3((unsigned)blocks), dim3(WARPS * 32), 0, st,
-              y, (const uint4 *)xp, (const float2 *)xd, W, bias, n, cm);
+    auto kernel = qgemv_imma8_kernel<T, S, BITS, ZEROS, WARPS, U, TILES, NF, HALF, STAGES, MINB>;
+    constexpr size_t smem = (size_t)WARPS * STAGES * U * TILES * 2 * 32 * sizeof(uint4);
+    if (smem > 0)  // dynamic + static past 48 KB needs it; per device, so every launch (allowed while capturing)
+        FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    FL_LAUNCH(kernel, dim3((unsigned)blocks), dim3(WARPS * 32), smem, st, y, (const uint4 *)xp, (const float2 *)xd, W, bias,
+              n, cm);
     return FL_OK;
 }
 
-// The configuration per shape (H200, qmma_bench, n = 8, us: benchmarks/results/qimma8-2026-12-03-h200/): two 16-row tiles
-// a block and 2 chunks a warp (qkv 7.2, gate_up 32.4; f16 mma kernel 9.8, 43.8) unless that leaves fewer blocks than
-// SMs or the rows are long (C >= 8192): then one tile and 4 chunks a warp (o 5.5 against 6.8 with two tiles on 112
-// blocks; down 24.7 against 30.1; f16 mma kernel 6.4, 28.7).
+// The configuration per shape: w<warps>u<chunks a warp a step>t<16-row tiles a block>, b<blocks an SM the registers
+// must allow>, r<ring stages> (H200, dev/cuda/qmma_bench.cu, n = 8, us; benchmarks/results/imma8-cfg-2026-12-04-h200/).
+// The kernel is latency-bound (ncu: 0.44 instructions issued a cycle a scheduler at 16 warps an SM), so what counts is
+// warps an SM and x fragments shared by tiles: a w8 kernel at 129..136 registers runs 1 block an SM instead of 2 and
+// took gate|up from 32.4 to 43.3 us; hence the explicit register caps (ptxas: no spills at these caps).
+//   4-bit integer codes: rows of C >= 8192 columns, or fewer 32-row blocks than SMs: w8u4t2 (down 23.5 against 24.7
+//   for w8u4t1; o 4.85 against 5.4); all 16-row blocks resident at 3 an SM: w8u2t1b3 (q|k|v 6.9 against 7.3 for
+//   w8u2t2); else w8u2t2b2 (gate|up 32.4).
+//   NF4 in 64-column groups (HALF: twice the mma and accumulators): C >= 8192: w16u1t2 (down 25.4 against 28.7 for
+//   w8u4t1); few rows (q|k|v, o): w8u4t1b2 (q|k|v 9.7 against 13.6 for w8u2t2 at 169 registers; o 6.7, as before);
+//   else w4u1t2r4b4, the codes through a 4-stage shared-memory ring (gate|up 42.5 against 59.8; 46.9 for w8u2t2b2).
+//   NF4 in groups of whole chunks takes the integer codes' rules (not measured apart).
+//   8-bit codes (measured in the seventeenth session): w8u4t1 for fewer 32-row blocks than SMs, else w8u2t2.
+// Split-K (the rows' chunks over 2..4 blocks, the last block of a row summing the partials) was slower everywhere
+// (gate|up 57 / 77 us at 2 / 4 slices) and is not kept.
 template <typename T, typename S, int BITS, bool ZEROS, bool NF = false, bool HALF = false>
 static fl_status launch_qimma8(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, int n_sm, bool prep = true) {
-    if (W.C >= 8192 || (W.R + 31) / 32 < n_sm)
-        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
-    return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+    const bool few_blocks = (W.R + 31) / 32 < n_sm, one_wave = (W.R + 15) / 16 <= 3 * (int64_t)n_sm;
+    if constexpr (BITS == 8) {
+        if (few_blocks) return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+    } else if constexpr (HALF) {
+        if (W.C >= 8192) return launch_qimma8_cfg<T, S, BITS, ZEROS, 16, 1, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+        if (few_blocks || one_wave)
+            return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1, NF, HALF, 0, 2>(st, y, x, n, W, bias, xp, xd, prep);
+        return launch_qimma8_cfg<T, S, BITS, ZEROS, 4, 1, 2, NF, HALF, 4, 4>(st, y, x, n, W, bias, xp, xd, prep);
+    } else {
+        if (W.C >= 8192 || few_blocks)
+            return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+        if (one_wave) return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 1, NF, HALF, 0, 3>(st, y, x, n, W, bias, xp, xd, prep);
+        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2, NF, HALF, 0, 2>(st, y, x, n, W, bias, xp, xd, prep);
+    }
 }
 
 template <typename T, typename S>
@@ -1873,7 +1954,8 @@ static bool qchunk_ok(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const
 static bool qimma_at(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x, int n) {
     const int cpc = W.bits == 4 ? 128 : 64;
     return qchunk_ok(c, act, W, x) && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
-           n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192);
+           n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192) &&
+           W.rb < (1 << 26) && W.ng < (1 << 26);  // the kernel's 32-bit row offsets (32 rows of codes or groups)
 }
 
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst) {
