@@ -2,17 +2,20 @@
 // 128, with offsets, f16 scales), against the device's copy bandwidth: the f16 / bf16 tensor-core kernel
 // (qgemv_mma_kernel, "mma"), the integer tensor-core kernel with its x prep (qgemv_imma8_kernel + qx_prep_kernel in the
 // FL_QMX form, "imma8", the library's configuration per shape; the prep alone "prep"; then each configuration alone, w<warps>u<chunks a
-// warp>t<16-row tiles a block>), and the backend as the model calls it ("backend": dp2a at n <= 2, then imma8 by
-// default). imma8 is validated against mma (largest |difference| over largest |y|, both float-close to the exact dot).
+// warp>t<16-row tiles a block>, r<ring stages>, b<blocks an SM the registers must allow>), and the backend as the model
+// calls it ("backend": dp2a at n <= 2, then imma8 by default). imma8 is validated against mma (largest |difference| over
+// largest |y|, both float-close to the exact dot); NF4 shapes (no f16 mma kernel) against the backend.
+//   QMMA_SHAPES=gate_up,down QMMA_N=8 QMMA_CFGS=w8u2t2,...: a subset; QMMA_PROFILE=1: each kernel once, untimed (ncu).
 //   build (after a CUDA build_ext, so build/temp*/cuda/*.o exist): dev/cuda/qgemv_bench.sh dev/cuda/qmma_bench.cu     run: /tmp/qmma_bench [reps]
 // Method as qgemv_bench.cu: weights rotate over > 512 MB of copies (no launch finds its matrix in L2), 10 launches
 // captured in a CUDA graph, 3 warm-up replays, median of the timed replays / 10; bytes = codes + scales + offsets.
 #include "../../csrc/cuda/qmatmul.cu"
 #include "bench_util.cuh"
 #include <algorithm>
+#include <string>
 #include <vector>
 
-struct Shape { const char *name; int64_t R, C; int bits, gs; bool zeros; };
+struct Shape { const char *name; int64_t R, C; int bits, gs; bool zeros; int code = FL_QCODE_INT; };
 
 int main(int argc, char **argv) {
     const int batches = argc > 1 ? atoi(argv[1]) : 9;
@@ -24,15 +27,41 @@ int main(int argc, char **argv) {
     cudaEvent_t e0 = qb.e0, e1 = qb.e1;
     printf("%% of copy for the weight bytes, microseconds per launch\n");
     // imma8 configurations (warps, chunks a warp, 16-row tiles a block), the GEMV alone on the prepared x
-    struct Cfg { const char *name; fl_status (*f)(cudaStream_t, __nv_bfloat16 *, const __nv_bfloat16 *, int, const fl_qw &,
-                                                  const __nv_bfloat16 *, uint4 *, float2 *, bool); };
+    typedef fl_status (*CfgFn)(cudaStream_t, __nv_bfloat16 *, const __nv_bfloat16 *, int, const fl_qw &,
+                               const __nv_bfloat16 *, uint4 *, float2 *, bool);
+    struct Cfg { const char *name; CfgFn f; };
+    // r<k>: the codes through a ring of k steps a warp in shared memory (cp.async), else in registers; b<k>: registers capped for k blocks an SM (__launch_bounds__)
     const Cfg cfgs[] = {
-        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 1>},
-        {"w8u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 2>},
-        {"w8u4t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 2>},
-        {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 1>},
-        {"w8u2t4", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 4>},
-        {"w4u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 4, 2, 2>},
+        {"w8u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 2, false, false, 0, 1>},
+        {"w8u2t2b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 2, false, false, 0, 2>},
+        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 1, false, false, 0, 1>},
+        {"w8u4t1b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 1, false, false, 0, 2>},
+        {"w8u4t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 2, false, false, 0, 1>},
+        {"w8u4t2b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 4, 2, false, false, 0, 2>},
+        {"w16u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 2, 2, false, false, 0, 1>},
+        {"w8u2t4", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 4, false, false, 0, 1>},
+        {"w8u1t4b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 4, false, false, 0, 2>},
+        {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 1, false, false, 0, 1>},
+        {"w8u2t1b3", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 2, 1, false, false, 0, 3>},
+        {"w16u2t1b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 2, 1, false, false, 0, 2>},
+        {"w8u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 2, false, false, 0, 1>},
+        {"w8u1t2b3", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 2, false, false, 0, 3>},
+        {"w16u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 1, 2, false, false, 0, 1>},
+    };
+    // NF4 in bitsandbytes' blocks of 64 columns, no offsets (half chunks: HALF)
+    const Cfg nf_cfgs[] = {
+        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 4, 1, true, true, 0, 1>},
+        {"w8u4t1b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 4, 1, true, true, 0, 2>},
+        {"w8u2t2b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 2, 2, true, true, 0, 2>},
+        {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 2, 1, true, true, 0, 1>},
+        {"w8u2t1b3", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 2, 1, true, true, 0, 3>},
+        {"w16u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 16, 2, 2, true, true, 0, 1>},
+        {"w16u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 16, 2, 2, true, true, 0, 1>},
+        {"w4u1t2r4", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 4, 1, 2, true, true, 4, 1>},
+        {"w4u1t2r4b6", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 4, 1, 2, true, true, 4, 6>},
+        {"w8u1t2r4b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 1, 2, true, true, 4, 2>},
+        {"w8u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 1, 2, true, true, 0, 1>},
+        {"w16u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 16, 1, 2, true, true, 0, 1>},
     };
     printf("%-8s %2s %8s | %16s %16s %16s %10s | %s\n", "shape", "n", "MB", "mma", "imma8", "backend", "prep us", "imma8 vs mma");
     // int4 g128 with offsets (configurations listed for these), then int8 symmetric: g128, and per channel (the LM head
@@ -40,9 +69,21 @@ int main(int argc, char **argv) {
     const Shape shapes[] = {{"qkv", 4608, 3584, 4, 128, true},      {"o", 3584, 3584, 4, 128, true},
                             {"gate_up", 37888, 3584, 4, 128, true}, {"down", 3584, 18944, 4, 128, true},
                             {"qkv8", 4608, 3584, 8, 128, false},    {"gate_up8", 37888, 3584, 8, 128, false},
-                            {"down8", 3584, 18944, 8, 128, false},  {"lm_head8", 152064, 3584, 8, 3584, false}};
+                            {"down8", 3584, 18944, 8, 128, false},  {"lm_head8", 152064, 3584, 8, 3584, false},
+                            {"qkv_nf4", 4608, 3584, 4, 64, false, FL_QCODE_NF4}, {"o_nf4", 3584, 3584, 4, 64, false, FL_QCODE_NF4},
+                            {"gu_nf4", 37888, 3584, 4, 64, false, FL_QCODE_NF4}, {"down_nf4", 3584, 18944, 4, 64, false, FL_QCODE_NF4}};
+    // QMMA_SHAPES=gate_up,down / QMMA_N=8 / QMMA_CFGS=w8u2t2,...: a subset; QMMA_PROFILE=1: each kernel once, no timing
+    // (for ncu --kernel-name regex:qgemv)
+    auto listed = [](const char *env, const char *name) {
+        const char *v = getenv(env);
+        if (!v || !*v) return true;
+        const std::string l = std::string(",") + v + ",";
+        return l.find(std::string(",") + name + ",") != std::string::npos;
+    };
+    const bool profile = getenv("QMMA_PROFILE") != nullptr;
     int failures = 0;
     for (const Shape &s : shapes) {
+        if (!listed("QMMA_SHAPES", s.name)) continue;
         const int gs = s.gs;
         const int64_t rb = s.C * s.bits / 8, ng = s.C / gs;
         const size_t qbytes = (size_t)s.R * rb, sbytes = (size_t)s.R * ng * 2, wbytes = qbytes + (s.zeros ? 2 : 1) * sbytes;
@@ -57,7 +98,7 @@ int main(int argc, char **argv) {
             fill_u32<<<4096, 256, 0, st>>>((uint32_t *)q, qbytes / 4, 77u + k);
             fill_half<<<1024, 256, 0, st>>>((__half *)sc, sbytes / 2, 5u + k, 0.001f, 0.01f);
             if (z) fill_half<<<1024, 256, 0, st>>>((__half *)z, sbytes / 2, 9u + k, -0.08f, 0.f);
-            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, gs, s.bits, FL_F16, FL_QCODE_INT};
+            Ws[k] = fl_weight{FL_QUANT, s.R, s.C, q, sc, z, nullptr, gs, s.bits, FL_F16, s.code};
         }
         __nv_bfloat16 *x, *y, *y2;
         CK(cudaMalloc(&x, 8 * s.C * 2));
@@ -71,7 +112,12 @@ int main(int argc, char **argv) {
         const uint32_t cpg = (uint32_t)(gs / (s.bits == 4 ? 128 : 64));  // the f16 kernel's chunks a group
         const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
         for (int n : {1, 2, 3, 4, 6, 8}) {
-            auto mma = [&](int i) { return (int)launch_qmma_fmt<__nv_bfloat16, __half>(st, y, x, n, qw_of(&Ws[i % copies]), nullptr, cm); };
+            if (!listed("QMMA_N", std::to_string(n).c_str())) continue;
+            const bool nf = s.code == FL_QCODE_NF4;
+            auto mma = [&](int i) {  // NF4 (no f16 mma kernel): the backend, the reference for its configurations
+                if (nf) return (int)fl_cuda_qmatmul(be, y, x, n, &Ws[i % copies], nullptr);
+                return (int)launch_qmma_fmt<__nv_bfloat16, __half>(st, y, x, n, qw_of(&Ws[i % copies]), nullptr, cm);
+            };
             auto imma = [&](int i) {
                 return (int)launch_qimma8_fmt<__nv_bfloat16, __half>(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, c->n_sm);
             };
@@ -101,15 +147,31 @@ int main(int argc, char **argv) {
             }
             const double rel = md / (my > 0 ? my : 1);
             if (!(rel < 2e-2)) failures++;
+            if (profile) {  // the backend once more (dp2a at 1..2 rows), then each listed configuration once
+                if (backend(0)) return 1;
+                const Cfg *cl = nf ? nf_cfgs : cfgs;
+                const int ncl = nf ? (int)(sizeof nf_cfgs / sizeof nf_cfgs[0]) : (int)(sizeof cfgs / sizeof cfgs[0]);
+                for (int ci = 0; ci < ncl && s.bits == 4; ci++)
+                    if (listed("QMMA_CFGS", cl[ci].name) && cl[ci].f(st, y2, x, n, qw_of(&Ws[0]), nullptr, xp, xd, false)) return 1;
+                CK(cudaStreamSynchronize(st));
+                printf("%s n=%d profiled (rel %.2e)\n", s.name, n, rel);
+                continue;
+            }
             const float t_mma = time_graph(st, e0, e1, batches, mma), t_imma = time_graph(st, e0, e1, batches, imma);
             const float t_be = time_graph(st, e0, e1, batches, backend), t_prep = time_graph(st, e0, e1, batches, prep);
             auto pct = [&](float ms) { return ms > 0 ? 100.0 * wbytes / (ms * 1e-3) / 1e9 / qb.copy_gbs : -1.0; };
             printf("%-8s %2d %8.1f | %6.1f%% %6.2f us %6.1f%% %6.2f us %6.1f%% %6.2f us %7.2f us | %.2e%s\n", s.name, n,
                    wbytes / 1e6, pct(t_mma), t_mma * 1e3, pct(t_imma), t_imma * 1e3, pct(t_be), t_be * 1e3, t_prep * 1e3,
                    rel, rel < 2e-2 ? "" : "  MISMATCH");
-            for (const Cfg &cf : cfgs) {  // the GEMV alone (x prepared above by imma(0)'s prep); int4 shapes only
-                if (s.bits != 4) break;
-                auto f = [&](int i) { return (int)cf.f(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, false); };
+            const Cfg *cl = nf ? nf_cfgs : cfgs;
+            const int ncl = nf ? (int)(sizeof nf_cfgs / sizeof nf_cfgs[0]) : (int)(sizeof cfgs / sizeof cfgs[0]);
+            for (int ci = 0; ci < ncl; ci++) {  // the GEMV alone (x prepared above by imma(0)'s prep); 4-bit, n >= 3
+                const Cfg &cf = cl[ci];
+                if (s.bits != 4 || n < 3) break;
+                if (!listed("QMMA_CFGS", cf.name)) continue;
+                auto f = [&](int i) {
+                    return (int)cf.f(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, false);
+                };
                 CK(cudaMemset(y2, 0, 8 * s.R * 2));
                 if (imma(0) || f(0)) { fprintf(stderr, "launch %s failed: %s\n", cf.name, fl_err_msg()); return 1; }
                 CK(cudaStreamSynchronize(st));

@@ -3,7 +3,7 @@ in the process, fastload's included; graph-replayed kernels are traced one by on
 dependent launch kept as they ran). Unlike ncu, which runs each kernel alone, this shows the idle time between
 kernels and between steps (the host's turn: token to host, bookkeeping, inputs up, graph launch).
 
-    python3 dev/cuda/step_timeline.py [--shape qwen2.5-7b] [--layers 4] [--schemes bf16,int4] [--new 48] [--out F]
+    python3 dev/cuda/step_timeline.py [--shape qwen2.5-7b] [--layers 4] [--schemes bf16,int4] [--new 48] [--batch B] [--out F]
 
 Per scheme: mean wall time of a decode step (argmax kernel to argmax kernel), GPU busy time in it (union of
 kernel / copy intervals), the idle time inside the step and the idle time between the step's last activity and the
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--schemes", default="bf16,int4")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--seq", type=int, default=24, help="kernels of one step to list in order")
@@ -78,11 +79,11 @@ def main():
     import fastload
     d = a.ckpt or f"/tmp/tl_{a.shape}_{a.layers}"
     gpu_bench.make_checkpoint(d, a.shape, shards=1, num_hidden_layers=a.layers)
-    res = {"shape": a.shape, "layers": a.layers, "device": torch.cuda.get_device_name(0), "schemes": {}}
+    res = {"shape": a.shape, "layers": a.layers, "batch": a.batch, "device": torch.cuda.get_device_name(0), "schemes": {}}
     for scheme in a.schemes.split(","):
         kw = {} if scheme in ("bf16", "fp16") else {"quantization_config": scheme}
         m = fastload.AutoModelForCausalLM.from_pretrained(d, device_map="cuda", torch_dtype=a.dtype, progress=False, **kw)
-        ids = np.random.default_rng(0).integers(100, 60000, size=(1, 32))
+        ids = np.random.default_rng(0).integers(100, 60000, size=(a.batch, 32))
         m.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=[])  # graphs captured
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             m.generate(ids, max_new_tokens=a.new, do_sample=False, eos_token_id=[])
