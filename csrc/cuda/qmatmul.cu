@@ -660,20 +660,21 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
     float acc[TILES][4];
 #pragma unroll
     for (int k = 0; k < TILES; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.f;
+    auto prefetch_group = [&](int64_t ch) {  // chunk ch's scales (and offsets) of the lane's rows, into L1
+        const uint32_t grp = group_of(ch, 0);
+#pragma unroll
+        for (int k = 0; k < TILES; k++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                prefetch_l1(sc + srow(k, h) + grp);
+                if (ZEROS) prefetch_l1(zc + srow(k, h) + grp);
+            }
+    };
     auto load_step = [&](int64_t cb, uint4 (&A)[U][TILES][2]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const bool ok = cb + u < nchunk;
-            if (ok && t == 0) {
-                const uint32_t grp = group_of(cb + u, 0);
-#pragma unroll
-                for (int k = 0; k < TILES; k++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        prefetch_l1(sc + srow(k, h) + grp);
-                        if (ZEROS) prefetch_l1(zc + srow(k, h) + grp);
-                    }
-            }
+            if (ok && t == 0) prefetch_group(cb + u);
 #pragma unroll
             for (int k = 0; k < TILES; k++)
 #pragma unroll
@@ -765,16 +766,7 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const bool ok = cb + u < nchunk;
-                if (ok && t == 0) {
-                    const uint32_t grp = group_of(cb + u, 0);
-#pragma unroll
-                    for (int k = 0; k < TILES; k++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            prefetch_l1(sc + srow(k, h) + grp);
-                            if (ZEROS) prefetch_l1(zc + srow(k, h) + grp);
-                        }
-                }
+                if (ok && t == 0) prefetch_group(cb + u);
                 if (ok)
 #pragma unroll
                     for (int k = 0; k < TILES; k++)
