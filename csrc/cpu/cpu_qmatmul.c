@@ -190,8 +190,9 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
-/* One block of 32 floats to int8: returns dx, sets *sum; deint: even columns first, then odd ones. */
-static inline float quant_block32(const float *x, int8_t *out, int *sum, int deint) {
+/* One block of 32 floats to int8: returns dx, sets *sum; deint: even columns first, then odd ones. span_max > 0:
+ * the scale from that (a larger span's max |x|) instead of the block's own (QX8_SPAN below). */
+static inline float quant_block32(const float *x, int8_t *out, int *sum, int deint, float span_max) {
     const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
                  v3 = _mm256_loadu_ps(x + 24), sg = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sg, v0), _mm256_andnot_ps(sg, v1)),
@@ -199,7 +200,7 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
+    const float amax = span_max > 0.0f ? span_max : _mm_cvtss_f32(m4);
     const __m256 un = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v0, v0, _CMP_UNORD_Q), _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q)),
                                    _mm256_or_ps(_mm256_cmp_ps(v2, v2, _CMP_UNORD_Q), _mm256_cmp_ps(v3, v3, _CMP_UNORD_Q)));
     if (_mm256_movemask_ps(un)) { /* a NaN (max_ps would drop it): the outputs of this x row become NaN */
@@ -332,6 +333,19 @@ static int qdec_kind(const fl_weight *W) {
 }
 
 /* x's blocks quantised for the weight's kind: x16 (the INT16 mode) or x8, with dx, xs, bs16 */
+/* QX8_SPAN (a build-time experiment, e.g. CFLAGS=-DQX8_SPAN=128; unset in every build): int8 activations take one
+ * scale per QX8_SPAN columns instead of per 32, to price that coarser scale (the CUDA integer tensor-core GEMV's chunk
+ * is 128 columns) on the CPU's perplexity runs. */
+#ifndef QX8_SPAN
+#define QX8_SPAN 32
+#endif
+static float span_absmax(const float *x, int64_t C, int64_t b) {
+    if (QX8_SPAN <= 32) return -1.0f;
+    const int64_t c0 = b * 32 / QX8_SPAN * QX8_SPAN, c1 = c0 + QX8_SPAN < C ? c0 + QX8_SPAN : C;
+    float m = 0.0f;
+    for (int64_t c = c0; c < c1; c++) m = fabsf(x[c]) > m ? fabsf(x[c]) : m;
+    return m > 0.0f ? m : -1.0f;
+}
 static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
     for (int t = 0; t < n; t++)
         for (int64_t b = 0; b < X->nb; b++) {
@@ -342,7 +356,8 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             if (X->x16)
                 d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, kind == QK_INT4 ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
-                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4);
+                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4,
+                                  span_absmax(x + (size_t)t * (size_t)C, C, b));
                 if (kind == QK_INT4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
                     __m256i *p = (__m256i *)(X->x8 + (size_t)(i - 1) * 32);
                     const __m256i A = _mm256_loadu_si256(p), B = _mm256_loadu_si256(p + 1);
