@@ -415,7 +415,7 @@ template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U>
 __global__ void __launch_bounds__(WARPS * 32)
 qgemv_mma_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, const T *__restrict__ bias, int n,
                  uint32_t cmagic, int early) {
-    constexpr int CPC = BITS == 4 ? 128 : 64, CPL = CPC / 4;  // columns per chunk, per lane
+    constexpr int CPC = fl_qchunk_cols(BITS), CPL = CPC / 4;  // columns per chunk, per lane
     constexpr float OFF = ZEROS ? 0.f : (float)(1 << (BITS - 1));
     __shared__ float red[WARPS][4][32];
     fl_pdl_launch_dependents();
@@ -624,7 +624,7 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                    const T *__restrict__ bias, int n, uint32_t cmagic) {
     static_assert(!NF || BITS == 4, "NF4 codes are 4-bit");
     static_assert(!HALF || (NF && !ZEROS), "half-chunk groups: NF4 without offsets");
-    constexpr int CPC = BITS == 4 ? 128 : 64, XPL = CPC / 32;  // columns a chunk; x units (uint4) a lane and chunk
+    constexpr int CPC = fl_qchunk_cols(BITS), XPL = CPC / 32;  // columns a chunk; x units (uint4) a lane and chunk
     constexpr float OFF = NF ? 0.f : (float)(1 << (BITS - 1)), SMUL = NF ? 1.f / 127.f : 1.f;
     __shared__ float red[WARPS][TILES * 4][32];
     fl_pdl_launch_dependents();
@@ -1675,7 +1675,7 @@ template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TI
           int STAGES = 0, int MINB = 1>
 static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, bool prep = true) {
-    constexpr int CPC = BITS == 4 ? 128 : 64;
+    constexpr int CPC = fl_qchunk_cols(BITS);
     const int64_t pblocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
     const int64_t blocks = (W.R + 16 * TILES - 1) / (16 * TILES);
     if (blocks > INT32_MAX || pblocks > INT32_MAX)
@@ -1931,7 +1931,7 @@ static bool qgemv_fast(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, cons
 // 8-bit), sm_80+; NF4 without offsets in groups of an odd multiple of 64 columns (NF4's usual 64) also fit, as half
 // chunks (qgemv_imma8_kernel's HALF). FASTLOAD_QGEMV=fma|generic|dp: never.
 static bool qchunk_ok(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x) {
-    const int cpc = W.bits == 4 ? 128 : 64;
+    const int cpc = fl_qchunk_cols(W.bits);
     const bool whole = W.gs % cpc == 0;
     const bool nf_half = !whole && W.code == FL_QCODE_NF4 && W.bits == 4 && !W.m && W.gs % 64 == 0;
     return qgemv_fast(c, act, W, x) && (whole || nf_half) && fl_cuda_cc_major() >= 8 &&
@@ -1944,7 +1944,7 @@ static bool qchunk_ok(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const
 // book (with FASTLOAD_QMMA_INT=0 the FMA kernel and its exact code book). Its x planes (FL_QMX) live in the dp2a
 // workspace.
 static bool qimma_at(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x, int n) {
-    const int cpc = W.bits == 4 ? 128 : 64;
+    const int cpc = fl_qchunk_cols(W.bits);
     return qchunk_ok(c, act, W, x) && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
            n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192) &&
            W.rb < (1 << 26) && W.ng < (1 << 26);  // the kernel's 32-bit row offsets (32 rows of codes or groups)
@@ -2000,7 +2000,7 @@ static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_q
     const bool use_mma = qchunk_ok(c, act, W, x) && W.code == FL_QCODE_INT;
     const bool use_imma = qimma_at(c, act, W, x, n);
     if (use_imma) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
-    const int cpc = W.bits == 4 ? 128 : 64;
+    const int cpc = fl_qchunk_cols(W.bits);
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
     const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
     FL_CUDA_DISPATCH(act, T, {

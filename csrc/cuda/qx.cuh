@@ -32,6 +32,9 @@
 #define FL_QXN 64  // QB flag with 4 | FL_QX8: the int8 bytes in natural column order (NF4's code-book lookups give them so)
 #define FL_QMX_QMAX 32639.f  // |q| <= 32639: h = (q + 128) >> 8 and l = q - 256 h are both signed bytes
 
+// Columns in a 64-byte chunk of codes, the tensor-core GEMVs' unit (and FL_QMX's x scale block): 512 / bits.
+__host__ __device__ constexpr int fl_qchunk_cols(int bits) { return bits == 4 ? 128 : 64; }
+
 // k0 = i * C + c0: the flat index of the thread's first column (C % VC == 0, so k0 / VC is the vector); C, the row's
 // columns, is read by the FL_QMX form only.
 template <int QB>
@@ -41,7 +44,7 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
     constexpr bool X8 = (QB & FL_QX8) != 0, MX = (QB & FL_QMX) != 0, NAT = (QB & FL_QXN) != 0;
     static_assert(!(X8 && MX) && (!NAT || (X8 && BITS == 4)), "one x form");
     // lanes of a vector (MX: of a chunk); lanes of an amax block
-    constexpr int G = MX ? (BITS == 4 ? 128 : 64) / 8 : (BITS == 4 ? 32 : 16) / 8, GA = X8 ? 4 : G;
+    constexpr int G = MX ? fl_qchunk_cols(BITS) / 8 : (BITS == 4 ? 32 : 16) / 8, GA = X8 ? 4 : G;
     float amax = 0.f, sum = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; e++) {
@@ -106,7 +109,7 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
 
 // The columns a producer's row must be a whole multiple of to write x form qb (a lane group of fl_qx_store8 holds an
 // amax block and a vector (FL_QMX: a chunk) of one row): 32, or the chunk, 128 / 64, for FL_QMX.
-__host__ __device__ constexpr int fl_qx_cols(int qb) { return qb & FL_QMX ? ((qb & 15) == 4 ? 128 : 64) : 32; }
+__host__ __device__ constexpr int fl_qx_cols(int qb) { return qb & FL_QMX ? fl_qchunk_cols(qb & 15) : 32; }
 
 // The one place a runtime x form becomes a template argument: f(std::integral_constant<int, QB>()) for qb = 4, 8,
 // 4 | FL_QX8, 8 | FL_QX8, 4 | FL_QX8 | FL_QXN, 4 | FL_QMX or 8 | FL_QMX (the kernels that write or read x take QB as a
