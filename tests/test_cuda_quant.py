@@ -220,14 +220,16 @@ def test_qgemv_variants(act, variant, fmt, R, C, gs, n, monkeypatch):
 @pytest.mark.parametrize("qmma_int", ["1", "0"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min", "nf4-f16", "nf4-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(4250, 1024, 128), (4608, 3584, 256), (3584, 3584, 128), (300, 18944, 128),
-                                    (600, 3584, 3584), (4250, 1024, 64), (600, 1536, 192)])
+                                    (600, 3584, 3584), (4250, 1024, 64), (600, 1536, 192), (8450, 768, 128),
+                                    (51000, 512, 512)])
 @pytest.mark.parametrize("n", [3, 5, 8])
 def test_qgemv_int_tensor_cores(act, qmma_int, fmt, R, C, gs, n, monkeypatch):
     """Integer codes at 3..8 rows: qgemv_imma8_kernel (FASTLOAD_QMMA_INT=1, default; x in int16 planes, u8 x s8 mma) and
-    the f16 / bf16 tensor-core kernel (0). The shapes take both of imma8's configurations: two 16-row tiles a block
-    (4250 rows, a partial last block; 4608 x 3584 with several chunks a group) and one (3584 rows, fewer blocks than
-    SMs with two; 18944 columns, where 8-bit codes take the f16 kernel either way); per-channel groups (3584 columns:
-    28 chunks of 4-bit, 56 of 8-bit a group). NF4 (its int8 code book, s8 x s8 mma; with 0 the FMA kernel and the exact
+    the f16 / bf16 tensor-core kernel (0). The shapes take each of imma8's configurations on an H200 (132 SMs;
+    launch_qimma8): all blocks resident at 3 an SM (4250 rows, a partial last block; 4608 x 3584 with several chunks a
+    group), fewer blocks than SMs (3584, 600, 300 rows), long rows (18944 columns), more rows (8450: partial tiles) and
+    LM-head-sized ones (51000 rows, per-channel groups for 8-bit); per-channel groups (3584 columns: 28 chunks of 4-bit,
+    56 of 8-bit a group). NF4 (its int8 code book, s8 x s8 mma; with 0 the FMA kernel and the exact
     code book): the reference multiplies the code book the kernel uses (nf4_int_tensor_cores); groups of 64 and 192
     columns: NF4 without offsets as half chunks (two groups a 128-column chunk; 192: the half-chunk index by
     multiply-high), the other formats on the FMA kernel."""

@@ -581,8 +581,37 @@ __device__ __forceinline__ void qnf8_look(uint32_t w, uint32_t &ev, uint32_t &od
 //   xp[tok][C / 8] uint4, xd[chunk][8] float2 (dx, sum x); tokens >= n are never read (guarded).
 // H200, n = 8 (benchmarks/results/qimma8-2026-12-03-h200/run4-int8): int4 q|k|v / o / gate|up / down 8.4 / 6.5 / 33.7 /
 // 25.9 us against 9.8 / 6.3 / 44.1 / 28.6 for the f16 kernel; int8 q|k|v / gate|up / LM head (per channel) 10.4 / 44.8 /
-// 149.4 against 12.3 / 52.7 / 191.6, but int8 down (18944 columns) 39.5 against 32.7: 8-bit rows of C >= 8192 take the
-// f16 / bf16 kernel (fl_cuda_qmatmul).
+// 149.4 against 12.3 / 52.7 / 191.6, but int8 down (18944 columns) 39.5 against 32.7 (then 8-bit rows of C >= 8192
+// took the f16 / bf16 kernel; since the index arithmetic was cut, twenty-first session, imma8 takes them: 21.3 us).
+
+// The group of unit i of a row (a 16-byte vector of codes, a 64-byte chunk or half chunk) for the kernels below, without
+// a branch: (i * mul) >> sh in 64 bits, gp = sh << 32 | mul (qgroup_param): a power of two units a group, mul 1 and sh
+// its log2; one group a row, mul 0; else mul = ceil(2^32 / units a group) and sh 32 (multiply-high), exact for every
+// index when units a row * units a group <= 2^32 (the callers check).
+__device__ __forceinline__ uint32_t qgroup_of(uint32_t i, uint64_t gp) {
+    return (uint32_t)(((uint64_t)i * (uint32_t)gp) >> (uint32_t)(gp >> 32));
+}
+static uint64_t qgroup_param(int64_t upg, int64_t ng) {
+    if (ng == 1) return 0;
+    const uint64_t u = (uint64_t)upg;
+    if ((u & (u - 1)) == 0) {
+        uint64_t sh = 0;
+        while ((1ull << sh) < u) sh++;
+        return sh << 32 | 1u;
+    }
+    return 32ull << 32 | (((1ull << 32) + u - 1) / u);
+}
+// qgemv_imma8_kernel's units: chunks, or (HALF) half chunks of 64 columns.
+static uint64_t qimma_gparam(const fl_qw &W, bool half) {
+    return qgroup_param(W.gs / (half ? 64 : fl_qchunk_cols(W.bits)), W.ng);
+}
+
+// The value of p, opaque to the compiler: kept in a register instead of re-derived from the kernel parameters at each
+// use (an empty asm).
+template <typename P> __device__ __forceinline__ P *fl_opaque(P *p) {
+    asm volatile("" : "+l"(p));
+    return p;
+}
 
 // d[0..3] += A (16 x 32 u8, or s8 when SA) * B (32 x 8 s8), int32: mma.sync m16n8k32 (sm_80+; nothing below, callers
 // check).
@@ -621,7 +650,7 @@ template <typename T, typename S, int BITS, bool ZEROS, int WARPS, int U, int TI
           int STAGES = 0, int MINB = 1>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
 qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2 *__restrict__ xd, const fl_qw W,
-                   const T *__restrict__ bias, int n, uint32_t cmagic) {
+                   const T *__restrict__ bias, int n, uint64_t gp) {
     static_assert(!NF || BITS == 4, "NF4 codes are 4-bit");
     static_assert(!HALF || (NF && !ZEROS), "half-chunk groups: NF4 without offsets");
     constexpr int CPC = fl_qchunk_cols(BITS), XPL = CPC / 32;  // columns a chunk; x units (uint4) a lane and chunk
@@ -630,72 +659,78 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t r0 = (int64_t)blockIdx.x * 16 * TILES, R = W.R;
-    // the lane's rows r0 + 16 k + 8 h + g (past the end: the last row, results dropped) as 32-bit offsets from row
-    // r0 + g, one base pointer each for codes, scales, offsets: registers decide blocks an SM here (2 at <= 128)
-    const int64_t rg = r0 + g;
-    int drow[TILES][2];
+    // Index arithmetic was ~43% of this kernel's instructions (SASS, twentieth session): 64-bit chunk indices, a 64-bit
+    // address per load, and every lane loading (after an L1 prefetch) the four scales / offsets its group needs. Now:
+    // chunk indices are 32-bit; the lane's rows are one base row rgc plus unsigned 32-bit offsets (0 for rows past the
+    // end: the base row is read again and those results are dropped; qimma_at keeps 32 rows of codes or groups below
+    // 2^31); one pointer a (tile, half) and step, the U chunks as immediate offsets; and lane t of each group of four
+    // loads one of the group's four scale values with the codes (registers, no prefetch), shared by __shfl_sync.
+    //   value j = t: integer codes, offsets: {s row a, s row b, m row a, m row b}; no offsets: {s a, s b, s a, s b};
+    //   HALF: {s a first half, s b first half, s a second half, s b second half} (rows a = 16 k + g, b = a + 8).
+    const int64_t rgc = r0 + g < R ? r0 + g : R - 1;
+    // Pointers a (tile, half) to the lane's codes and one a tile to its scale value, made opaque to the compiler (an
+    // empty asm): otherwise it re-derives them from the kernel parameters at every step, the bulk of the index
+    // arithmetic. A chunk's group: lane_group (a shift, or a multiply-high for groups of 3, 5, ... chunks).
+    const uint8_t *pw[TILES][2];
+    const S *ps[TILES];
+    const S *vp = (ZEROS && t >= 2 ? (const S *)W.m : (const S *)W.s) + rgc * W.ng;  // this lane's scale values
 #pragma unroll
     for (int k = 0; k < TILES; k++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) drow[k][h] = (int)((rg + 16 * k + 8 * h < R ? rg + 16 * k + 8 * h : R - 1) - rg);
-    const int rb = (int)W.rb, ng = (int)W.ng;  // qimma_at: 32 rows of codes or groups stay below 2^31
-    const uint4 *wq = (const uint4 *)(W.q + rg * W.rb) + t;
-    const S *sc = (const S *)W.s + rg * W.ng, *zc = (const S *)W.m + (W.m ? rg * W.ng : 0);
-    auto wr = [&](int k, int h) { return (const uint4 *)((const uint8_t *)wq + (int64_t)drow[k][h] * rb); };
-    auto srow = [&](int k, int h) { return (int64_t)(drow[k][h] * ng); };  // negative past the end: int64 with grp
-    const int64_t nchunk = W.rb / 64;
-    const uint32_t cpg = (uint32_t)(W.gs / CPC), hpg = (uint32_t)(W.gs / 64);  // chunks (HALF: half chunks) a group
-    auto group_of = [&](int64_t ch, int h) -> uint32_t {  // the group of half h of chunk ch (cmagic: for cpg or hpg)
-        if constexpr (HALF) {
-            const uint32_t hc = (uint32_t)(2 * ch + h);
-            return hpg == 1 ? hc : __umulhi(hc, cmagic);
-        } else {
-            return cpg == 1 ? (uint32_t)ch : __umulhi((uint32_t)ch, cmagic);
+        for (int h = 0; h < 2; h++) {
+            const uint32_t ro = r0 + g + 16 * k + 8 * h < R ? (uint32_t)(16 * k + 8 * h) : 0u;
+            pw[k][h] = fl_opaque((const uint8_t *)W.q + (rgc + ro) * W.rb + 16 * t);
+            if (h == (t & 1)) ps[k] = fl_opaque(vp + ro * W.ng);
         }
+    const int nchunk = (int)(W.rb / 64);
+    auto lane_group = [&](int ch) -> uint32_t {  // the group of this lane's value in chunk ch (gp: qimma_gparam)
+        return qgroup_of(HALF ? (uint32_t)(2 * ch + (t >> 1)) : (uint32_t)ch, gp);
     };
-    const bool has_x = g < n;
-    const uint4 *xg = xp + (int64_t)(has_x ? g : 0) * (W.C / 8) + XPL * t;  // + chunk * CPC / 8
+    // x of token g (lanes of tokens >= n read token 0's: their mma columns are never stored), (dx, sum x) of 2t, 2t + 1
+    const uint4 *xg = fl_opaque(xp + (int64_t)(g < n ? g : 0) * (W.C / 8) + XPL * t);  // + chunk * CPC / 8
+    const float2 *xdl = fl_opaque(xd + 2 * t);                                           // + chunk * 8
     const bool t0 = 2 * t < n, t1 = 2 * t + 1 < n;
     const uint4 z = make_uint4(0, 0, 0, 0);
     float acc[TILES][4];
 #pragma unroll
     for (int k = 0; k < TILES; k++) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.f;
-    auto prefetch_group = [&](int64_t ch) {  // chunk ch's scales (and offsets) of the lane's rows, into L1
-        const uint32_t grp = group_of(ch, 0);
+    auto load_scales = [&](int cb, S (&sv)[U][TILES]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const uint32_t gl = lane_group(cb + u);
+#pragma unroll
+            for (int k = 0; k < TILES; k++) sv[u][k] = cb + u < nchunk ? __ldg(ps[k] + gl) : S();
+        }
+    };
+    auto load_step = [&](int cb, uint4 (&A)[U][TILES][2], S (&sv)[U][TILES]) {
 #pragma unroll
         for (int k = 0; k < TILES; k++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                prefetch_l1(sc + srow(k, h) + grp);
-                if (ZEROS) prefetch_l1(zc + srow(k, h) + grp);
+                const uint8_t *p = pw[k][h] + 64 * (int64_t)cb;
+#pragma unroll
+                for (int u = 0; u < U; u++) A[u][k][h] = cb + u < nchunk ? fl_ld_stream(p + 64 * u) : z;
             }
+        load_scales(cb, sv);
     };
-    auto load_step = [&](int64_t cb, uint4 (&A)[U][TILES][2]) {
+    auto compute = [&](int c0, const uint4 (&A)[U][TILES][2], const S (&sv)[U][TILES]) {
+        const uint4 *xs = xg + (int64_t)c0 * (CPC / 8);
+        const float2 *xds = xdl + (int64_t)c0 * 8;
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const bool ok = cb + u < nchunk;
-            if (ok && t == 0) prefetch_group(cb + u);
-#pragma unroll
-            for (int k = 0; k < TILES; k++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) A[u][k][h] = ok ? fl_ld_stream(wr(k, h) + 4 * (cb + u)) : z;
-        }
-    };
-    auto compute = [&](int64_t c0, const uint4 (&A)[U][TILES][2]) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int64_t ch = c0 + u;
-            if (ch >= nchunk) break;  // the same for the whole warp
+            if (c0 + u >= nchunk) break;  // the same for the whole warp
             uint4 xw[XPL];
 #pragma unroll
-            for (int i = 0; i < XPL; i++) xw[i] = has_x ? __ldg(xg + ch * (CPC / 8) + i) : z;
-            const float4 d = *(const float4 *)(xd + ch * 8 + 2 * t);  // (dx, sum) of tokens 2t, 2t + 1
+            for (int i = 0; i < XPL; i++) xw[i] = __ldg(xs + u * (CPC / 8) + i);
+            const float4 d = __ldg((const float4 *)(xds + u * 8));  // (dx, sum) of tokens 2t, 2t + 1
             const float dx0 = t0 ? d.x : 0.f, dx1 = t1 ? d.z : 0.f, x0 = t0 ? d.y : 0.f, x1 = t1 ? d.w : 0.f;
-            const uint32_t grp = group_of(ch, 0);
 #pragma unroll
             for (int k = 0; k < TILES; k++) {
                 const uint4 va = A[u][k][0], vb = A[u][k][1];
                 const uint32_t ca[4] = {va.x, va.y, va.z, va.w}, cb[4] = {vb.x, vb.y, vb.z, vb.w};
+                const float v = fl_to_f32(sv[u][k]);
+                const int q0 = lane & ~3;
+                const float v0 = __shfl_sync(0xffffffffu, v, q0), v1 = __shfl_sync(0xffffffffu, v, q0 | 1);
                 if constexpr (HALF) {
                     int ih0[4] = {0, 0, 0, 0}, il0[4] = {0, 0, 0, 0}, ih1[4] = {0, 0, 0, 0}, il1[4] = {0, 0, 0, 0};
                     const bool first = t < 2;  // this lane's columns are in the chunk's first half
@@ -711,9 +746,8 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                         fl_imma_16832<true>(ih1, alo ^ a0, blo ^ b0, ahi ^ a1, bhi ^ b1, xw[i].x, xw[i].y);
                         fl_imma_16832<true>(il1, alo ^ a0, blo ^ b0, ahi ^ a1, bhi ^ b1, xw[i].z, xw[i].w);
                     }
-                    const uint32_t g1 = group_of(ch, 1);
-                    const float sa0 = ld_s(sc, srow(k, 0) + grp) * SMUL, sa1 = ld_s(sc, srow(k, 0) + g1) * SMUL;
-                    const float sb0 = ld_s(sc, srow(k, 1) + grp) * SMUL, sb1 = ld_s(sc, srow(k, 1) + g1) * SMUL;
+                    const float v2 = __shfl_sync(0xffffffffu, v, q0 | 2), v3 = __shfl_sync(0xffffffffu, v, q0 | 3);
+                    const float sa0 = v0 * SMUL, sb0 = v1 * SMUL, sa1 = v2 * SMUL, sb1 = v3 * SMUL;
                     acc[k][0] = fmaf(sa0, (float)(ih0[0] * 256 + il0[0]) * dx0, fmaf(sa1, (float)(ih1[0] * 256 + il1[0]) * dx0, acc[k][0]));
                     acc[k][1] = fmaf(sa0, (float)(ih0[1] * 256 + il0[1]) * dx1, fmaf(sa1, (float)(ih1[1] * 256 + il1[1]) * dx1, acc[k][1]));
                     acc[k][2] = fmaf(sb0, (float)(ih0[2] * 256 + il0[2]) * dx0, fmaf(sb1, (float)(ih1[2] * 256 + il1[2]) * dx0, acc[k][2]));
@@ -745,10 +779,12 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                         fl_imma_16832(il, ca[2 * i], cb[2 * i], ca[2 * i + 1], cb[2 * i + 1], xw[i].z, xw[i].w);
                     }
                 }
-                const float sa0 = ld_s(sc, srow(k, 0) + grp), sb0 = ld_s(sc, srow(k, 1) + grp);
-                const float m_a = ZEROS ? ld_s(zc, srow(k, 0) + grp) : -OFF * sa0;
-                const float m_b = ZEROS ? ld_s(zc, srow(k, 1) + grp) : -OFF * sb0;
-                const float s_a = sa0 * SMUL, s_b = sb0 * SMUL;
+                float m_a = -OFF * v0, m_b = -OFF * v1;
+                if constexpr (ZEROS) {
+                    m_a = __shfl_sync(0xffffffffu, v, q0 | 2);
+                    m_b = __shfl_sync(0xffffffffu, v, q0 | 3);
+                }
+                const float s_a = v0 * SMUL, s_b = v1 * SMUL;
                 const float p0 = (float)(ih[0] * 256 + il[0]) * dx0, p1 = (float)(ih[1] * 256 + il[1]) * dx1;
                 const float p2 = (float)(ih[2] * 256 + il[2]) * dx0, p3 = (float)(ih[3] * 256 + il[3]) * dx1;
                 acc[k][0] = fmaf(s_a, p0, fmaf(m_a, x0, acc[k][0]));
@@ -758,30 +794,38 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
             }
         }
     };
-    const int64_t cw0 = (int64_t)warp * U;
+    const int cw0 = warp * U;
     if constexpr (STAGES > 0) {
         extern __shared__ uint4 qring[];  // [WARPS][STAGES][U][TILES][2][32]
         uint4 *ring = qring + (int64_t)warp * STAGES * U * TILES * 2 * 32 + lane;
-        auto issue = [&](int64_t cb, int slot) {  // one commit group a step, empty past the end
+        auto issue = [&](int cb, int slot) {  // one commit group a step, empty past the end
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const bool ok = cb + u < nchunk;
-                if (ok && t == 0) prefetch_group(cb + u);
-                if (ok)
+            for (int k = 0; k < TILES; k++)
 #pragma unroll
-                    for (int k = 0; k < TILES; k++)
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *p = pw[k][h] + 64 * (int64_t)cb;
 #pragma unroll
-                        for (int h = 0; h < 2; h++)
-                            cp_async16(smem_addr(ring + (((slot * U + u) * TILES + k) * 2 + h) * 32), wr(k, h) + 4 * (cb + u), 16);
-            }
+                    for (int u = 0; u < U; u++)
+                        if (cb + u < nchunk)
+                            cp_async16(smem_addr(ring + (((slot * U + u) * TILES + k) * 2 + h) * 32), p + 64 * u, 16);
+                }
+#pragma unroll
+            for (int u = 0; u < U; u++)  // this lane's scale values into L1, read when the step is computed
+                if (cb + u < nchunk) {
+                    const uint32_t gl = lane_group(cb + u);
+#pragma unroll
+                    for (int k = 0; k < TILES; k++) prefetch_l1(ps[k] + gl);
+                }
             cp_async_commit();
         };
 #pragma unroll
-        for (int sidx = 0; sidx < STAGES - 1; sidx++) issue(cw0 + (int64_t)sidx * WARPS * U, sidx);
+        for (int sidx = 0; sidx < STAGES - 1; sidx++) issue(cw0 + sidx * WARPS * U, sidx);
         fl_pdl_wait();  // x comes from the prep kernel
         int slot = 0;
-        for (int64_t c0 = cw0; c0 < nchunk; c0 += WARPS * U) {
-            issue(c0 + (int64_t)(STAGES - 1) * WARPS * U, slot == 0 ? STAGES - 1 : slot - 1);
+        for (int c0 = cw0; c0 < nchunk; c0 += WARPS * U) {
+            issue(c0 + (STAGES - 1) * WARPS * U, slot == 0 ? STAGES - 1 : slot - 1);
+            S sv[U][TILES];
+            load_scales(c0, sv);
             cp_async_wait<STAGES - 1>();
             uint4 cur[U][TILES][2];
 #pragma unroll
@@ -790,17 +834,18 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
                 for (int k = 0; k < TILES; k++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) cur[u][k][h] = ring[(((slot * U + u) * TILES + k) * 2 + h) * 32];
-            compute(c0, cur);
+            compute(c0, cur, sv);
             slot = slot == STAGES - 1 ? 0 : slot + 1;
         }
         cp_async_wait<0>();
     } else {
         uint4 cur[U][TILES][2];
-        load_step(cw0, cur);  // codes are weights: the first step before the wait
-        fl_pdl_wait();        // x comes from the prep kernel
-        for (int64_t c0 = cw0; c0 < nchunk; c0 += WARPS * U) {
-            if (c0 != cw0) load_step(c0, cur);
-            compute(c0, cur);
+        S sv[U][TILES];
+        load_step(cw0, cur, sv);  // codes and scales are weights: the first step before the wait
+        fl_pdl_wait();            // x comes from the prep kernel
+        for (int c0 = cw0; c0 < nchunk; c0 += WARPS * U) {
+            if (c0 != cw0) load_step(c0, cur, sv);
+            compute(c0, cur, sv);
         }
     }
 #pragma unroll
@@ -1680,8 +1725,7 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
     const int64_t blocks = (W.R + 16 * TILES - 1) / (16 * TILES);
     if (blocks > INT32_MAX || pblocks > INT32_MAX)
         return fl_err(FL_E_VALUE, "quantised matmul: %lld x %lld is too large", (long long)W.R, (long long)W.C);
-    const uint32_t cpg = (uint32_t)(W.gs / (HALF ? 64 : CPC));  // chunks (HALF: half chunks) a group
-    const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;
+    const uint64_t gp = qimma_gparam(W, HALF);
     if (prep)
         FL_LAUNCH((qx_prep_kernel<T, BITS | FL_QMX>), dim3((unsigned)pblocks), dim3(QD_THREADS), 0, st, (int16_t *)xp, xd,
                   x, (const int32_t *)nullptr, n, W.C);
@@ -1690,43 +1734,52 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
     if (smem > 0)  // dynamic + static past 48 KB needs it; per device, so every launch (allowed while capturing)
         FL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     FL_LAUNCH(kernel, dim3((unsigned)blocks), dim3(WARPS * 32), smem, st, y, (const uint4 *)xp, (const float2 *)xd, W, bias,
-              n, cm);
+              n, gp);
     return FL_OK;
 }
 
 // The configuration per shape: w<warps>u<chunks a warp a step>t<16-row tiles a block>, b<blocks an SM the registers
-// must allow>, r<ring stages> (H200, dev/cuda/qmma_bench.cu, n = 8, us; benchmarks/results/imma8-cfg-2026-12-04-h200/).
-// The kernel is latency-bound (ncu: 0.44 instructions issued a cycle a scheduler at 16 warps an SM), so what counts is
-// warps an SM and x fragments shared by tiles: a w8 kernel at 129..136 registers runs 1 block an SM instead of 2 and
-// took gate|up from 32.4 to 43.3 us; hence the explicit register caps (ptxas: no spills at these caps).
-//   4-bit integer codes: rows of C >= 8192 columns, or fewer 32-row blocks than SMs: w8u4t2 (down 23.5 against 24.7
-//   for w8u4t1; o 4.85 against 5.4); all 16-row blocks resident at 3 an SM: w8u2t1b3 (q|k|v 6.9 against 7.3 for
-//   w8u2t2); else w8u2t2b2 (gate|up 32.4).
-//   NF4 in 64-column groups (HALF: twice the mma and accumulators): C >= 8192: w16u1t2 (down 25.4 against 28.7 for
-//   w8u4t1); few rows (q|k|v, o): w8u4t1b2 (q|k|v 9.7 against 13.6 for w8u2t2 at 169 registers; o 6.7, as before);
-//   else w4u1t2r4b4, the codes through a 4-stage shared-memory ring (gate|up 42.5 against 59.8; 46.9 for w8u2t2b2).
+// must allow>, r<ring stages> (H200, dev/cuda/qmma_bench.cu, n = 8, us; re-measured after the index arithmetic was cut,
+// twenty-first session: benchmarks/results/imma8-index-2026-12-04-h200/). The kernel is latency-bound (ncu: 0.44
+// instructions issued a cycle a scheduler at 16 warps an SM, before the cut), so what counts is warps an SM and x
+// fragments shared by tiles; registers decide warps an SM (a w8 kernel at 129..136 registers runs 1 block an SM instead
+// of 2), hence the explicit caps (ptxas: no spills at these caps but w8u1t2b3, 16 bytes).
+//   4-bit integer codes (Qwen2.5-7B int4 g128): rows of C >= 8192 columns: w16u1t2 (down 14.8 against 17.8 for w8u4t2);
+//   fewer 32-row blocks than SMs: w16u2t2 (o 4.5 against 4.6); all 16-row blocks resident at 3 an SM: w8u2t2b2
+//   (q|k|v 6.0 against 7.3 for w8u2t1b3); else w8u1t2b3 (gate|up 26.1 against 26.8 for w8u2t2b2).
+//   NF4 in 64-column groups (HALF: twice the mma and accumulators): C >= 8192: w16u1t2 (down 23.1); fewer blocks than
+//   SMs: w16u2t2 (o 7.0 against 7.7 for w8u4t1b2); all blocks resident at 3 an SM: w8u4t1b2 (q|k|v 10.1); else
+//   w4u1t2r4b4, the codes through a 4-stage shared-memory ring (gate|up 39.8 against 41.6 for w8u2t2b2).
 //   NF4 in groups of whole chunks takes the integer codes' rules (not measured apart).
-//   8-bit codes (measured in the seventeenth session): w8u4t1 for fewer 32-row blocks than SMs, else w8u2t2.
+//   8-bit codes: C >= 8192 or fewer blocks than SMs: w16u2t2 (down 21.3, where the f16 / bf16 kernel takes 32.6); all
+//   blocks resident at 3 an SM: w8u2t2b2 (q|k|v 8.2); LM heads (over 24 waves of 16-row blocks): w8u4t1b3 (141.0
+//   against 143.2 for w8u2t2); else w8u2t1b3 (gate|up 39.4 against 39.9).
 // Split-K (the rows' chunks over 2..4 blocks, the last block of a row summing the partials) was slower everywhere
 // (gate|up 57 / 77 us at 2 / 4 slices) and is not kept.
 template <typename T, typename S, int BITS, bool ZEROS, bool NF = false, bool HALF = false>
 static fl_status launch_qimma8(cudaStream_t st, T *y, const T *x, int n, const fl_qw &W, const T *bias, uint4 *xp,
                                float2 *xd, int n_sm, bool prep = true) {
     const bool few_blocks = (W.R + 31) / 32 < n_sm, one_wave = (W.R + 15) / 16 <= 3 * (int64_t)n_sm;
+#define FL_QIMMA(WARPS, U, TILES, STAGES, MINB)                                                                        \
+    return launch_qimma8_cfg<T, S, BITS, ZEROS, WARPS, U, TILES, NF, HALF, STAGES, MINB>(st, y, x, n, W, bias, xp, xd, \
+                                                                                         prep)
     if constexpr (BITS == 8) {
-        if (few_blocks) return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
-        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
+        if (W.C >= 8192 || few_blocks) FL_QIMMA(16, 2, 2, 0, 1);
+        if (one_wave) FL_QIMMA(8, 2, 2, 0, 2);
+        if ((W.R + 15) / 16 > 24 * (int64_t)n_sm) FL_QIMMA(8, 4, 1, 0, 3);
+        FL_QIMMA(8, 2, 1, 0, 3);
     } else if constexpr (HALF) {
-        if (W.C >= 8192) return launch_qimma8_cfg<T, S, BITS, ZEROS, 16, 1, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
-        if (few_blocks || one_wave)
-            return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 1, NF, HALF, 0, 2>(st, y, x, n, W, bias, xp, xd, prep);
-        return launch_qimma8_cfg<T, S, BITS, ZEROS, 4, 1, 2, NF, HALF, 4, 4>(st, y, x, n, W, bias, xp, xd, prep);
+        if (W.C >= 8192) FL_QIMMA(16, 1, 2, 0, 1);
+        if (few_blocks) FL_QIMMA(16, 2, 2, 0, 1);
+        if (one_wave) FL_QIMMA(8, 4, 1, 0, 2);
+        FL_QIMMA(4, 1, 2, 4, 4);
     } else {
-        if (W.C >= 8192 || few_blocks)
-            return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 4, 2, NF, HALF>(st, y, x, n, W, bias, xp, xd, prep);
-        if (one_wave) return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 1, NF, HALF, 0, 3>(st, y, x, n, W, bias, xp, xd, prep);
-        return launch_qimma8_cfg<T, S, BITS, ZEROS, 8, 2, 2, NF, HALF, 0, 2>(st, y, x, n, W, bias, xp, xd, prep);
+        if (W.C >= 8192) FL_QIMMA(16, 1, 2, 0, 1);
+        if (few_blocks) FL_QIMMA(16, 2, 2, 0, 1);
+        if (one_wave) FL_QIMMA(8, 2, 2, 0, 2);
+        FL_QIMMA(8, 1, 2, 0, 3);
     }
+#undef FL_QIMMA
 }
 
 template <typename T, typename S>
@@ -1939,14 +1992,13 @@ static bool qchunk_ok(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const
            (c->qgemv_variant == FL_QGEMV_MMA || c->qgemv_variant == FL_QGEMV_AUTO);
 }
 // Integer codes take the f16 / bf16 tensor-core kernel at every n (qgemv_mma_kernel) and, at 3..8 rows, the integer one
-// (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are whole chunks, except 8-bit rows of 8192 columns or
-// more (H200, n = 8: int8 down 32.7 us on the f16 / bf16 kernel, 39.5 on imma8); NF4 codes too, through the int8 code
-// book (with FASTLOAD_QMMA_INT=0 the FMA kernel and its exact code book). Its x planes (FL_QMX) live in the dp2a
-// workspace.
+// (qgemv_imma8_kernel; FASTLOAD_QMMA_INT=0: not) when the rows are whole chunks (H200, n = 8: int8 down 21.3 us on
+// imma8, 32.6 on the f16 / bf16 kernel); NF4 codes too, through the int8 code book (with FASTLOAD_QMMA_INT=0 the FMA
+// kernel and its exact code book). Its x planes (FL_QMX) live in the dp2a workspace.
 static bool qimma_at(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const void *x, int n) {
     const int cpc = fl_qchunk_cols(W.bits);
     return qchunk_ok(c, act, W, x) && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
-           n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 && (W.bits == 4 || W.C < 8192) &&
+           n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 &&
            W.rb < (1 << 26) && W.ng < (1 << 26);  // the kernel's 32-bit row offsets (32 rows of codes or groups)
 }
 

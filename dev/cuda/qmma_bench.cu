@@ -48,6 +48,19 @@ int main(int argc, char **argv) {
         {"w8u1t2b3", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 2, false, false, 0, 3>},
         {"w16u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 1, 2, false, false, 0, 1>},
     };
+    // 8-bit codes, symmetric (the LM head quantised at load: one group a row; q|k|v, gate|up in groups of 128)
+    const Cfg cfgs8[] = {
+        {"w8u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 2, 2, false, false, 0, 1>},
+        {"w8u2t2b2", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 2, 2, false, false, 0, 2>},
+        {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 4, 1, false, false, 0, 1>},
+        {"w8u4t1b2", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 4, 1, false, false, 0, 2>},
+        {"w8u4t1b3", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 4, 1, false, false, 0, 3>},
+        {"w8u4t2b2", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 4, 2, false, false, 0, 2>},
+        {"w8u8t1b2", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 8, 1, false, false, 0, 2>},
+        {"w16u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 16, 2, 2, false, false, 0, 1>},
+        {"w8u2t1b3", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 8, 2, 1, false, false, 0, 3>},
+        {"w4u4t2b4", launch_qimma8_cfg<__nv_bfloat16, __half, 8, false, 4, 4, 2, false, false, 0, 4>},
+    };
     // NF4 in bitsandbytes' blocks of 64 columns, no offsets (half chunks: HALF)
     const Cfg nf_cfgs[] = {
         {"w8u4t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 4, 1, true, true, 0, 1>},
@@ -56,8 +69,8 @@ int main(int argc, char **argv) {
         {"w8u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 2, 1, true, true, 0, 1>},
         {"w8u2t1b3", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 2, 1, true, true, 0, 3>},
         {"w16u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 16, 2, 2, true, true, 0, 1>},
-        {"w16u2t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 16, 2, 2, true, true, 0, 1>},
         {"w4u1t2r4", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 4, 1, 2, true, true, 4, 1>},
+        {"w4u1t2r4b4", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 4, 1, 2, true, true, 4, 4>},
         {"w4u1t2r4b6", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 4, 1, 2, true, true, 4, 6>},
         {"w8u1t2r4b2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 1, 2, true, true, 4, 2>},
         {"w8u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, false, 8, 1, 2, true, true, 0, 1>},
@@ -68,7 +81,8 @@ int main(int argc, char **argv) {
     // quantised at load)
     const Shape shapes[] = {{"qkv", 4608, 3584, 4, 128, true},      {"o", 3584, 3584, 4, 128, true},
                             {"gate_up", 37888, 3584, 4, 128, true}, {"down", 3584, 18944, 4, 128, true},
-                            {"qkv8", 4608, 3584, 8, 128, false},    {"gate_up8", 37888, 3584, 8, 128, false},
+                            {"qkv8", 4608, 3584, 8, 128, false},    {"o8", 3584, 3584, 8, 128, false},
+                            {"gate_up8", 37888, 3584, 8, 128, false},
                             {"down8", 3584, 18944, 8, 128, false},  {"lm_head8", 152064, 3584, 8, 3584, false},
                             {"qkv_nf4", 4608, 3584, 4, 64, false, FL_QCODE_NF4}, {"o_nf4", 3584, 3584, 4, 64, false, FL_QCODE_NF4},
                             {"gu_nf4", 37888, 3584, 4, 64, false, FL_QCODE_NF4}, {"down_nf4", 3584, 18944, 4, 64, false, FL_QCODE_NF4}};
@@ -149,9 +163,10 @@ int main(int argc, char **argv) {
             if (!(rel < 2e-2)) failures++;
             if (profile) {  // the backend once more (dp2a at 1..2 rows), then each listed configuration once
                 if (backend(0)) return 1;
-                const Cfg *cl = nf ? nf_cfgs : cfgs;
-                const int ncl = nf ? (int)(sizeof nf_cfgs / sizeof nf_cfgs[0]) : (int)(sizeof cfgs / sizeof cfgs[0]);
-                for (int ci = 0; ci < ncl && s.bits == 4; ci++)
+                const Cfg *cl = nf ? nf_cfgs : s.bits == 8 ? cfgs8 : cfgs;
+                const int ncl = nf ? (int)(sizeof nf_cfgs / sizeof nf_cfgs[0])
+                                   : s.bits == 8 ? (int)(sizeof cfgs8 / sizeof cfgs8[0]) : (int)(sizeof cfgs / sizeof cfgs[0]);
+                for (int ci = 0; ci < ncl; ci++)
                     if (listed("QMMA_CFGS", cl[ci].name) && cl[ci].f(st, y2, x, n, qw_of(&Ws[0]), nullptr, xp, xd, false)) return 1;
                 CK(cudaStreamSynchronize(st));
                 printf("%s n=%d profiled (rel %.2e)\n", s.name, n, rel);
@@ -163,11 +178,12 @@ int main(int argc, char **argv) {
             printf("%-8s %2d %8.1f | %6.1f%% %6.2f us %6.1f%% %6.2f us %6.1f%% %6.2f us %7.2f us | %.2e%s\n", s.name, n,
                    wbytes / 1e6, pct(t_mma), t_mma * 1e3, pct(t_imma), t_imma * 1e3, pct(t_be), t_be * 1e3, t_prep * 1e3,
                    rel, rel < 2e-2 ? "" : "  MISMATCH");
-            const Cfg *cl = nf ? nf_cfgs : cfgs;
-            const int ncl = nf ? (int)(sizeof nf_cfgs / sizeof nf_cfgs[0]) : (int)(sizeof cfgs / sizeof cfgs[0]);
-            for (int ci = 0; ci < ncl; ci++) {  // the GEMV alone (x prepared above by imma(0)'s prep); 4-bit, n >= 3
+            const Cfg *cl = nf ? nf_cfgs : s.bits == 8 ? cfgs8 : cfgs;
+            const int ncl = nf ? (int)(sizeof nf_cfgs / sizeof nf_cfgs[0])
+                               : s.bits == 8 ? (int)(sizeof cfgs8 / sizeof cfgs8[0]) : (int)(sizeof cfgs / sizeof cfgs[0]);
+            for (int ci = 0; ci < ncl; ci++) {  // the GEMV alone (x prepared above by imma(0)'s prep); n >= 3
                 const Cfg &cf = cl[ci];
-                if (s.bits != 4 || n < 3) break;
+                if (n < 3) break;
                 if (!listed("QMMA_CFGS", cf.name)) continue;
                 auto f = [&](int i) {
                     return (int)cf.f(st, y2, x, n, qw_of(&Ws[i % copies]), nullptr, xp, xd, false);
