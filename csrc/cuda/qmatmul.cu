@@ -1743,7 +1743,7 @@ static fl_status launch_qimma8_cfg(cudaStream_t st, T *y, const T *x, int n, con
 // twenty-first session: benchmarks/results/imma8-index-2026-12-04-h200/). The kernel is latency-bound (ncu: 0.44
 // instructions issued a cycle a scheduler at 16 warps an SM, before the cut), so what counts is warps an SM and x
 // fragments shared by tiles; registers decide warps an SM (a w8 kernel at 129..136 registers runs 1 block an SM instead
-// of 2), hence the explicit caps (ptxas: no spills at these caps but w8u1t2b3, 16 bytes).
+// of 2), hence the explicit caps (ptxas: no spills at these caps but w8u1t2b3, 16 bytes, and 8-bit w8u4t1b3, 8).
 //   4-bit integer codes (Qwen2.5-7B int4 g128): rows of C >= 8192 columns: w16u1t2 (down 14.8 against 17.8 for w8u4t2);
 //   fewer 32-row blocks than SMs: w16u2t2 (o 4.5 against 4.6); all 16-row blocks resident at 3 an SM: w8u2t2b2
 //   (q|k|v 6.0 against 7.3 for w8u2t1b3); else w8u1t2b3 (gate|up 26.1 against 26.8 for w8u2t2b2).

@@ -10,7 +10,7 @@ ARCH=${1:-sm_90a}
 T=$(mktemp -d)
 L=$(grep -n "^// decode GEMV on integer dot products (dp2a)" csrc/cuda/qmatmul.cu | cut -d: -f1)
 { sed -n "1,$((L - 2))p" csrc/cuda/qmatmul.cu | sed "s|#include \"|#include \"$PWD/csrc/cuda/|; s|$PWD/csrc/cuda/../quant.h|$PWD/csrc/quant.h|"
-  echo '#define I(...) template __global__ void qgemv_imma8_kernel<__VA_ARGS__>(__nv_bfloat16 *, const uint4 *, const float2 *, const fl_qw, const __nv_bfloat16 *, int, uint32_t);'
+  echo '#define I(...) template __global__ void qgemv_imma8_kernel<__VA_ARGS__>(__nv_bfloat16 *, const uint4 *, const float2 *, const fl_qw, const __nv_bfloat16 *, int, uint64_t);'
   grep -o 'launch_qimma8_cfg<[^>]*>' dev/cuda/qmma_bench.cu | sed 's/launch_qimma8_cfg<\(.*\)>/I(\1)/' | sort -u
 } > "$T/imma_only.cu"
 nvcc -O3 -std=c++17 --use_fast_math -Icsrc -gencode arch=compute_${ARCH#sm_},code=$ARCH -Xptxas -v -cubin -o "$T/imma.cubin" \
