@@ -1,7 +1,8 @@
 // dev/cuda/qgemv_bench.cu: the quantised decode GEMV (csrc/cuda/qmatmul.cu) on Qwen2.5-7B's shapes against the
 // device's copy bandwidth and a plain read of the same bytes: the backend as the model calls it (x prep + GEMV) and
 // the dp2a GEMV alone under each FASTLOAD_QDP_CFG configuration (launch_qdp_n), validated against the backend, and
-// "x8-auto": the library's int8-x form (FASTLOAD_CUDA_QDOT=int8; validated within 3%, its error is ~1% by design).
+// "x8-auto": the library's int8-x form (FASTLOAD_CUDA_QDOT=int8; validated within 3%, its error is ~1% by design), and
+// below the table "x8-r<rows a warp>u<vectors a lane>[w<warps a row at most>]": that kernel under other configurations.
 // Then, one line each, the experiments of 2026-12-02 (twelfth session, benchmarks/results/qgemv-tma-2026-12-02-h200/):
 // the GEMV streamed through shared memory by the copy engine, block-wide (qgemv_tma_kernel, "t-auto" = its own plan,
 // "t-w<warps>r<rows a warp>s<warps a row>" forced) and per warp (qgemv_tmaw_kernel, "w-r<rows a tile>w<warps>", and
@@ -876,6 +877,27 @@ int main(int argc, char **argv) {
         std::vector<V> vs = {{"auto", dp(-1)}, {"r4u2", dp(0)}, {"r4u1", dp(1)}, {"r8u1", dp(2)}, {"r2u4", dp(3)},
                              {"r8u1w4", dp(4)}, {"x8-auto", dp8}};
         const size_t n_dp = vs.size();
+        // the library's kernel on int8 x (the default for 4-bit codes) under other configurations than its auto one
+        // (launch_qdp_n ignores FASTLOAD_QDP_CFG on int8 x): rows a warp, vectors a lane, warps a row at most
+        if (s.bits == 4 && s.code == FL_QCODE_INT) {
+#define X8CFG(NAME, RPW, U, MAXW)                                                                                  \
+    vs.push_back({NAME, [&](const fl_qw &W) {                                                                      \
+                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, false, MAXW, true>(   \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                      \
+                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, false, MAXW, true>(  \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                     \
+                  }})
+            X8CFG("x8-r4u2", 4, 2, 16);
+            X8CFG("x8-r4u1", 4, 1, 16);
+            X8CFG("x8-r8u1", 8, 1, 16);
+            X8CFG("x8-r2u4", 2, 4, 16);
+            X8CFG("x8-r2u2", 2, 2, 16);
+            X8CFG("x8-r2u1", 2, 1, 16);
+            X8CFG("x8-r8u1w4", 8, 1, 4);
+            X8CFG("x8-r4u2w4", 4, 2, 4);
+            X8CFG("x8-r4u4", 4, 4, 16);
+#undef X8CFG
+        }
         // streaming variants, each split (0 = its auto rule); printed one per line after the table row
         static char names[64][32];
         int nn = 0;
