@@ -254,6 +254,15 @@ def test_qgemv_int_tensor_cores_knob_runs(act, fmt, monkeypatch):
         _C.run_op(DEV, "qmatmul", inputs, dict(params, act=act))
 
 
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym"])
+@pytest.mark.parametrize("R,C,gs", [(10001, 3584, 128), (2100, 18944, 128)])
+def test_qdp_large_int4(act, fmt, R, C, gs):
+    """4-bit matrices of 16 MiB of codes or more at one token row take the dp2a GEMV's r4u4 configuration on int8 x
+    (launch_qdp_n): a partial last row group (10001 rows) and rows split over 5 warps (18944 columns)."""
+    run_qmatmul(act, R, C, gs, fmt, 1, rng_and_seed())
+
+
 @pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 576, 32), (1000, 640, 64)])

@@ -1067,8 +1067,10 @@ __device__ __forceinline__ int qdot_nf4_vec8(const uint4 &c, const uint4 *xv) {
 // 32 * U vectors is split over `split` warps of the block (partial sums through shared memory). LOOP: rows
 // longer than MAXW warps' worth loop over steps (each step one latency), the rare case.
 // X8: x as int8 (qdot_vec8), else int16.
-template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP, bool X8>
-__global__ void __launch_bounds__(MAXW * 32)
+// MINB > 0: registers capped for MINB blocks of MAXW warps an SM (__launch_bounds__; 0: the compiler's choice).
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP, bool X8,
+          int MINB = 0>
+__global__ void __launch_bounds__(MAXW * 32, MINB)
 qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
                 const T *__restrict__ bias, uint32_t gmagic, int n, int split) {  // n <= N token rows
     constexpr int VC = BITS == 4 ? 32 : 16, XV = X8 ? VC / 16 : VC / 8;  // columns per vector of codes, uint4 of x per vector
@@ -1808,7 +1810,8 @@ static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const
 
 // A warp per group of RPW rows, U vectors of each per lane, all loaded at once; a row of more than 32 * U vectors is
 // split over up to MAXW warps of a block (one step each), longer rows loop. Short rows: QDP_WARPS row groups per block.
-template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool X8 = false>
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool X8 = false,
+          int MINB = 0>
 static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n) {
     static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
@@ -1821,10 +1824,10 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
     const dim3 grid((unsigned)blocks), block((unsigned)(32 * split * gpb));
     if (loop)
-        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true, X8>), grid, block, 0, st, y, xq, xd, W, bias,
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true, X8, MINB>), grid, block, 0, st, y, xq, xd, W, bias,
                   gm, n, (int)split);
     else
-        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false, X8>), grid, block, 0, st, y, xq, xd, W, bias,
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false, X8, MINB>), grid, block, 0, st, y, xq, xd, W, bias,
                   gm, n, (int)split);
     return FL_OK;
 }
@@ -1840,10 +1843,17 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
 //   the first kernel (a trip per step; r4u1 for int4, r8u1 over 4 warps for int8)
 //                              32.6      29.8  78.1    61.8   56.0      53.6  95.1    83.8  104.2
 //   a plain read of the codes  52.2      43.9  91.7    81.6   66.7      60.3  98.6    92.3  104.6
-// X8 (int8 x) takes the auto configurations only (cfg is ignored).
+// X8 (int8 x) takes the auto configurations only (cfg is ignored), and at one token row 4-bit matrices of 16 MiB of
+// codes or more take r4u4 (4 rows x 4 vectors a lane, 128 registers; H200, the GEMV alone on int8 x, us, twenty-first
+// session, benchmarks/results/imma8-index-2026-12-04-h200/call5: int4 gate|up 18.25 -> 17.75, down 11.40 -> 10.88; on
+// q|k|v and o it is slower, 3.27 -> 3.72 and 3.10 -> 3.31: too few warps; at two rows it spills). Registers capped at
+// 64 (8 blocks of 4 warps an SM instead of 6) spill and were 10-35% slower on every shape (call5, x8-*b2).
 template <typename T, typename S, int BITS, bool ZEROS, int N, bool X8>
 static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                               const T *bias, uint32_t gm, int n, int cfg) {
+    if constexpr (N == 1 && X8 && BITS == 4)
+        if (W.R * W.rb >= ((int64_t)16 << 20) && W.rb / 16 <= 1024)
+            return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 4, false, 16, X8>(st, y, xq, xd, W, bias, gm, n);
     if constexpr (N <= 2) {
         if (cfg < 0 || X8) cfg = W.rb / 16 <= 1024 ? 0 : 4;
         switch (cfg) {

@@ -880,22 +880,24 @@ int main(int argc, char **argv) {
         // the library's kernel on int8 x (the default for 4-bit codes) under other configurations than its auto one
         // (launch_qdp_n ignores FASTLOAD_QDP_CFG on int8 x): rows a warp, vectors a lane, warps a row at most
         if (s.bits == 4 && s.code == FL_QCODE_INT) {
-#define X8CFG(NAME, RPW, U, MAXW)                                                                                  \
-    vs.push_back({NAME, [&](const fl_qw &W) {                                                                      \
-                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, false, MAXW, true>(   \
-                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                      \
-                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, false, MAXW, true>(  \
-                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                     \
+#define X8CFG(NAME, RPW, U, MAXW, MINB)                                                                                  \
+    vs.push_back({NAME, [&](const fl_qw &W) {                                                                            \
+                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, false, MAXW, true, MINB>(   \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                            \
+                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, false, MAXW, true, MINB>(  \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                           \
                   }})
-            X8CFG("x8-r4u2", 4, 2, 16);
-            X8CFG("x8-r4u1", 4, 1, 16);
-            X8CFG("x8-r8u1", 8, 1, 16);
-            X8CFG("x8-r2u4", 2, 4, 16);
-            X8CFG("x8-r2u2", 2, 2, 16);
-            X8CFG("x8-r2u1", 2, 1, 16);
-            X8CFG("x8-r8u1w4", 8, 1, 4);
-            X8CFG("x8-r4u2w4", 4, 2, 4);
-            X8CFG("x8-r4u4", 4, 4, 16);
+            X8CFG("x8-r4u2", 4, 2, 16, 0);
+            X8CFG("x8-r4u2b2", 4, 2, 16, 2);  // registers capped at 64: 8 blocks of 4 warps an SM instead of 6
+            X8CFG("x8-r4u2w8b4", 4, 2, 8, 4);
+            X8CFG("x8-r4u4", 4, 4, 16, 0);
+            X8CFG("x8-r4u4b2", 4, 4, 16, 2);
+            X8CFG("x8-r2u4b2", 2, 4, 16, 2);
+            X8CFG("x8-r2u2b2", 2, 2, 16, 2);
+            X8CFG("x8-r2u4", 2, 4, 16, 0);
+            X8CFG("x8-r2u2", 2, 2, 16, 0);
+            X8CFG("x8-r4u1", 4, 1, 16, 0);
+            X8CFG("x8-r8u1w4", 8, 1, 4, 0);
 #undef X8CFG
         }
         // streaming variants, each split (0 = its auto rule); printed one per line after the table row
