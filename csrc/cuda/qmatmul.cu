@@ -1846,8 +1846,9 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
 // X8 (int8 x) takes the auto configurations only (cfg is ignored), and at one token row 4-bit matrices of 16 MiB of
 // codes or more take r4u4 (4 rows x 4 vectors a lane, 128 registers; H200, the GEMV alone on int8 x, us, twenty-first
 // session, benchmarks/results/imma8-index-2026-12-04-h200/call5: int4 gate|up 18.25 -> 17.75, down 11.40 -> 10.88; on
-// q|k|v and o it is slower, 3.27 -> 3.72 and 3.10 -> 3.31: too few warps; at two rows it spills). Registers capped at
-// 64 (8 blocks of 4 warps an SM instead of 6) spill and were 10-35% slower on every shape (call5, x8-*b2).
+// q|k|v and o it is slower, 3.27 -> 3.72 and 3.10 -> 3.31: too few warps; at two rows it spills; decode int4 batch 1
+// 610.5 -> 612.2 tok/s, within noise). Registers capped at 64 (8 blocks of 4 warps an SM instead of 6) spill and were
+// 10-35% slower on every shape (call5, x8-*b2).
 template <typename T, typename S, int BITS, bool ZEROS, int N, bool X8>
 static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                               const T *bias, uint32_t gm, int n, int cfg) {
