@@ -659,18 +659,16 @@ qgemv_imma8_kernel(T *__restrict__ y, const uint4 *__restrict__ xp, const float2
     fl_pdl_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int64_t r0 = (int64_t)blockIdx.x * 16 * TILES, R = W.R;
-    // Index arithmetic was ~43% of this kernel's instructions (SASS, twentieth session): 64-bit chunk indices, a 64-bit
-    // address per load, and every lane loading (after an L1 prefetch) the four scales / offsets its group needs. Now:
-    // chunk indices are 32-bit; the lane's rows are one base row rgc plus unsigned 32-bit offsets (0 for rows past the
-    // end: the base row is read again and those results are dropped; qimma_at keeps 32 rows of codes or groups below
-    // 2^31); one pointer a (tile, half) and step, the U chunks as immediate offsets; and lane t of each group of four
-    // loads one of the group's four scale values with the codes (registers, no prefetch), shared by __shfl_sync.
+    // Addressing (twenty-first session; index arithmetic had been ~43% of the instructions: the compiler re-derived
+    // every address from the kernel parameters at each step, 64-bit, and every lane loaded, after an L1 prefetch, all
+    // four scales / offsets of its rows). Now the lane's pointers are computed once and made opaque (fl_opaque), one a
+    // (tile, half) to its codes and one a tile to its scale value (rows past the end: the lane's base row rgc, read
+    // again, results dropped); chunk indices are 32-bit and a step's U chunks are immediate offsets; lane t of each
+    // group of four loads one of the group's four scale values with the codes and __shfl_sync shares them:
     //   value j = t: integer codes, offsets: {s row a, s row b, m row a, m row b}; no offsets: {s a, s b, s a, s b};
     //   HALF: {s a first half, s b first half, s a second half, s b second half} (rows a = 16 k + g, b = a + 8).
+    // A chunk's group: lane_group (a shift, or a multiply-high for groups of 3, 5, ... chunks; qgroup_of).
     const int64_t rgc = r0 + g < R ? r0 + g : R - 1;
-    // Pointers a (tile, half) to the lane's codes and one a tile to its scale value, made opaque to the compiler (an
-    // empty asm): otherwise it re-derives them from the kernel parameters at every step, the bulk of the index
-    // arithmetic. A chunk's group: lane_group (a shift, or a multiply-high for groups of 3, 5, ... chunks).
     const uint8_t *pw[TILES][2];
     const S *ps[TILES];
     const S *vp = (ZEROS && t >= 2 ? (const S *)W.m : (const S *)W.s) + rgc * W.ng;  // this lane's scale values
@@ -2010,7 +2008,7 @@ static bool qimma_at(const fl_cuda_impl *c, fl_dtype act, const fl_qw &W, const 
     const int cpc = fl_qchunk_cols(W.bits);
     return qchunk_ok(c, act, W, x) && (W.code == FL_QCODE_INT || (W.code == FL_QCODE_NF4 && W.bits == 4)) &&
            n > FL_QDP_UP_TO && c->qmma_int && W.C % cpc == 0 &&
-           W.rb < (1 << 26) && W.ng < (1 << 26);  // the kernel's 32-bit row offsets (32 rows of codes or groups)
+           W.rb < (1 << 26) && W.ng < (1 << 26);  // the kernel's chunk and group indices are 32-bit
 }
 
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst) {
