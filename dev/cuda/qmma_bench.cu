@@ -47,6 +47,12 @@ int main(int argc, char **argv) {
         {"w8u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 2, false, false, 0, 1>},
         {"w8u1t2b3", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 2, false, false, 0, 3>},
         {"w16u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 1, 2, false, false, 0, 1>},
+        // one 16-row tile a block (twice the blocks: down's 3584 rows on every SM), more warps a row
+        {"w16u1t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 1, 1, false, false, 0, 1>},
+        {"w16u2t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 16, 2, 1, false, false, 0, 1>},
+        {"w8u1t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 8, 1, 1, false, false, 0, 1>},
+        {"w32u1t2", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 32, 1, 2, false, false, 0, 1>},
+        {"w32u1t1", launch_qimma8_cfg<__nv_bfloat16, __half, 4, true, 32, 1, 1, false, false, 0, 1>},
     };
     // 8-bit codes, symmetric (the LM head quantised at load: one group a row; q|k|v, gate|up in groups of 128)
     const Cfg cfgs8[] = {
