@@ -848,6 +848,15 @@ int main(int argc, char **argv) {
         // the backend (x prep + dp2a GEMV), then the candidate on the x the prep left in the workspace
         CKF(fl_cuda_qmatmul(be, y, x, 1, &Ws[0], nullptr));
         const fl_qw W0 = qw_of(&Ws[0]);
+        // The rows below that read the workspace (auto, r*, t-*, w-*) take int16 x; since 4-bit codes default to int8 x
+        // (FASTLOAD_CUDA_QDOT=auto) the backend call leaves int8 x there, so write the int16 form over it (not timed).
+        // Their reference is then the int8-x backend: compared within 3%, as the x8 rows.
+        const bool ref_x8 = (qdp_qb(c, W0) & FL_QX8) != 0;
+        if (ref_x8) {
+            const unsigned blocks = (unsigned)((s.C / 8 + QD_THREADS - 1) / QD_THREADS);
+            qx_prep_kernel<__nv_bfloat16, 4><<<blocks, QD_THREADS, 0, st>>>(qdp_xq(c), qdp_xd(c, s.C), x, nullptr, 1, s.C);
+            CK(cudaGetLastError());
+        }
         // variants: 0 read; 1 backend (prep + GEMV); then the dp2a GEMV alone per configuration
         struct V { const char *name; std::function<fl_status(const fl_qw &)> f; };
         std::vector<void *> x8s;  // int8 x buffers of this shape
@@ -865,7 +874,9 @@ int main(int argc, char **argv) {
         CK(cudaMalloc(&xl8d, (s.C / 16) * sizeof(float2)));
         {
             const unsigned blocks = (unsigned)((s.C / 8 + QD_THREADS - 1) / QD_THREADS);
-            if (s.bits == 4) qx_prep_kernel<__nv_bfloat16, 4 | FL_QX8><<<blocks, QD_THREADS, 0, st>>>(xl8, xl8d, x, nullptr, 1, s.C);
+            if (s.code == FL_QCODE_NF4)  // NF4's int8 x is in natural column order (FL_QXN, qdp_qb)
+                qx_prep_kernel<__nv_bfloat16, 4 | FL_QX8 | FL_QXN><<<blocks, QD_THREADS, 0, st>>>(xl8, xl8d, x, nullptr, 1, s.C);
+            else if (s.bits == 4) qx_prep_kernel<__nv_bfloat16, 4 | FL_QX8><<<blocks, QD_THREADS, 0, st>>>(xl8, xl8d, x, nullptr, 1, s.C);
             else qx_prep_kernel<__nv_bfloat16, 8 | FL_QX8><<<blocks, QD_THREADS, 0, st>>>(xl8, xl8d, x, nullptr, 1, s.C);
             CK(cudaGetLastError());
         }
@@ -984,7 +995,7 @@ int main(int argc, char **argv) {
                 if (!std::isfinite(q)) num = INFINITY;
             }
             errs.push_back(sqrt(num / (den > 0 ? den : 1)));
-            if (!(errs.back() < (strncmp(v.name, "x8", 2) ? 1e-2 : 3e-2))) {  // int8 x: ~1% by design
+            if (!(errs.back() < (strncmp(v.name, "x8", 2) && !ref_x8 ? 1e-2 : 3e-2))) {  // int8 x: ~1% by design
                 failures++;
                 printf("  %s FAILS: rel err %.3e (backend dp layout %d at %d; y %g %g %g, y2 %g %g %g)\n", v.name, errs.back(),
                        (int)qdp_layout(c, FL_BF16, W0, x), (int)qdp_at(c, W0, 1), fl_bf16_to_f32(hy[0]), fl_bf16_to_f32(hy[1]),
