@@ -257,10 +257,11 @@ def test_qgemv_int_tensor_cores_knob_runs(act, fmt, monkeypatch):
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym"])
 @pytest.mark.parametrize("R,C,gs", [(10001, 3584, 128), (2100, 18944, 128)])
-def test_qdp_large_int4(act, fmt, R, C, gs):
+def test_qdp_large_int4(act, fmt, R, C, gs, monkeypatch):
     """4-bit matrices of 16 MiB of codes or more at one token row take the dp2a GEMV's r4u4 configuration on int8 x
-    (launch_qdp_n): a partial last row group (10001 rows) and rows split over 5 warps (18944 columns)."""
-    run_qmatmul(act, R, C, gs, fmt, 1, rng_and_seed())
+    (launch_qdp_n): a partial last row group (10001 rows) and rows split over 5 warps (18944 columns). (On int8 x:
+    this file pins int16 x otherwise, where r4u4 is not taken.)"""
+    run_qmatmul_x8(act, R, C, gs, fmt, 1, rng_and_seed(), monkeypatch)
 
 
 @pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4"])
@@ -276,6 +277,19 @@ def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
 
 
 
+@pytest.mark.parametrize("cfg", [None, "r4u2", "r4u4", "r2u4", "r2u2"])
+@pytest.mark.parametrize("R,C,gs", [(129, 3584, 64), (37, 18944, 64), (1000, 640, 64), (10001, 3584, 64)])
+def test_qdp_nf4_configs(cfg, R, C, gs, monkeypatch):
+    """NF4 at one token row on int8 x (launch_qdp_nf4): by default r4u4 for 16 MiB of codes or more (10001 x 3584),
+    r2u2 below; FASTLOAD_QDP_CFG forces r4u2 / r4u4 / r2u4 / r2u2. Row groups past the last row, rows split over a
+    block's warps (18944 columns), grids of many blocks."""
+    if cfg is None:
+        monkeypatch.delenv("FASTLOAD_QDP_CFG", raising=False)
+    else:
+        monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
+    run_qmatmul_x8("bfloat16", R, C, gs, "nf4-f16", 1, rng_and_seed(), monkeypatch)
+
+
 def int8_x_bound(x, inputs, params):
     """The error bound of the int8-x GEMV (FASTLOAD_CUDA_QDOT=int8) against the float64 product: x is rounded to
     dx_b * rint(x / dx_b), dx_b = max|x_b| / 127 per block b of 32 columns, and the kernel sums s * dx_b * sum(q xq)
@@ -289,6 +303,26 @@ def int8_x_bound(x, inputs, params):
     if params["code"] == 1:
         return (dx / 2) @ (np.abs(NF4_T8[codes]) * sg).T + xa @ (np.abs(NF4_T8 - NF4)[codes] * sg).T
     return (dx / 2) @ (codes * sg).T
+
+
+def x8_limit(ref, terms, bound, act, C):
+    """The int8-x GEMV's allowance against the float64 product: int8_x_bound plus the float32 sums' rounding."""
+    return bound + ELEM_K * UNIT[act] * (np.abs(ref) + np.sqrt(np.mean(ref * ref))) + \
+        ELEM_K * 2.0 ** -24 * terms / math.sqrt(C)
+
+
+def run_qmatmul_x8(act, R, C, gs, fmt, n, seed_rng, monkeypatch):
+    """run_qmatmul on int8 x (FASTLOAD_CUDA_QDOT=int8; what 4-bit codes take by default): within x8_limit."""
+    rng, seed = seed_rng
+    inputs, params = make_weight(rng, R, C, gs, fmt)
+    inputs["x"] = to_act(rng.standard_normal((n, C), dtype=np.float32), act)
+    ref, terms = ref_matmul(inputs["x"], inputs, params, terms=True)
+    monkeypatch.setenv("FASTLOAD_CUDA_QDOT", "int8")
+    got = _C.run_op(DEV, "qmatmul", inputs, dict(params, act=act))["y"].astype(np.float64)
+    lim = x8_limit(ref, terms, int8_x_bound(inputs["x"], inputs, params), act, C)
+    err = np.abs(got - ref)
+    assert np.isfinite(got).all()
+    assert (err <= lim).all(), f"{fmt} {R}x{C} g={gs} n={n} [{act}] int8 x: worst err / limit {(err / lim).max():.3g} (seed {seed})"
 
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
@@ -320,8 +354,7 @@ def test_qgemv_int8_x(act, fmt, R, C, gs, n, monkeypatch):
             monkeypatch.setenv("FASTLOAD_CUDA_QDOT", knob)
         dflt = _C.run_op(DEV, "qmatmul", inputs, dict(params, act=act))["y"].astype(np.float64)
         np.testing.assert_array_equal(dflt, got if params["bits"] == 4 else got16, err_msg=f"{fmt} knob {knob}")
-    lim = bound + ELEM_K * UNIT[act] * (np.abs(ref) + np.sqrt(np.mean(ref * ref))) + \
-        ELEM_K * 2.0 ** -24 * terms / math.sqrt(C)
+    lim = x8_limit(ref, terms, bound, act, C)
     err = np.abs(got - ref)
     assert np.isfinite(got).all()
     assert (err <= lim).all(), f"{fmt} {R}x{C} g={gs} n={n} [{act}]: worst err / limit {(err / lim).max():.3g} (seed {seed})"

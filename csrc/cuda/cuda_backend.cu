@@ -647,11 +647,12 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     c->qdp_cfg = -1;
     q = getenv("FASTLOAD_QDP_CFG");
     if (q && *q) {
-        static const char *names[] = {"r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4"};  // launch_qdp_n (qmatmul.cu)
-        for (int i = 0; i < 5; i++)
+        // launch_qdp_n (qmatmul.cu); r4u4 and r2u2 for NF4 on int8 x only (launch_qdp_nf4)
+        static const char *names[] = {"r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4", "r4u4", "r2u2"};
+        for (int i = 0; i < 7; i++)
             if (!strcmp(q, names[i])) c->qdp_cfg = i;
         if (c->qdp_cfg < 0)
-            return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s' is not r4u2, r4u1, r8u1, r2u4 or r8u1w4", q);
+            return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s' is not r4u2, r4u1, r8u1, r2u4, r8u1w4, r4u4 or r2u2", q);
     }
     int glu = 1;
     FL_TRY(knob01("FASTLOAD_GLU_FUSE", &glu));
