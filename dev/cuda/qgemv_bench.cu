@@ -2,7 +2,8 @@
 // device's copy bandwidth and a plain read of the same bytes: the backend as the model calls it (x prep + GEMV) and
 // the dp2a GEMV alone under each FASTLOAD_QDP_CFG configuration (launch_qdp_n), validated against the backend, and
 // "x8-auto": the library's int8-x form (FASTLOAD_CUDA_QDOT=int8; validated within 3%, its error is ~1% by design), and
-// below the table "x8-r<rows a warp>u<vectors a lane>[w<warps a row at most>]": that kernel under other configurations.
+// below the table "x8-r<rows a warp>u<vectors a lane>[w<warps a row at most>]": that kernel under other configurations
+// (int4, and NF4 on its natural-order int8 x).
 // Then, one line each, the experiments of 2026-12-02 (twelfth session, benchmarks/results/qgemv-tma-2026-12-02-h200/):
 // the GEMV streamed through shared memory by the copy engine, block-wide (qgemv_tma_kernel, "t-auto" = its own plan,
 // "t-w<warps>r<rows a warp>s<warps a row>" forced) and per warp (qgemv_tmaw_kernel, "w-r<rows a tile>w<warps>", and
@@ -910,6 +911,22 @@ int main(int argc, char **argv) {
             X8CFG("x8-r4u1", 4, 1, 16, 0);
             X8CFG("x8-r8u1w4", 8, 1, 4, 0);
 #undef X8CFG
+        }
+        // NF4 on its natural-order int8 x (launch_qdp_nf4: r4u4 from 16 MiB of codes, r2u2 below, by default)
+        if (s.code == FL_QCODE_NF4) {
+#define X8NF(NAME, RPW, U)                                                                                               \
+    vs.push_back({NAME, [&](const fl_qw &W) {                                                                            \
+                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, true, 16, true>(            \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                            \
+                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, true, 16, true>(           \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                           \
+                  }})
+            X8NF("x8-r4u2", 4, 2);
+            X8NF("x8-r4u4", 4, 4);
+            X8NF("x8-r2u4", 2, 4);
+            X8NF("x8-r2u2", 2, 2);
+            X8NF("x8-r2u1", 2, 1);
+#undef X8NF
         }
         // streaming variants, each split (0 = its auto rule); printed one per line after the table row
         static char names[64][32];
