@@ -12,11 +12,14 @@
 //               "early": each block requests its first batch of the next step's weights before the barrier
 // Prints microseconds for the four layers and a layer, and the share of the device-to-device copy rate that the
 // weight bytes alone would take.
-//   nvcc -O3 -arch=sm_90 -o persist_bench dev/cuda/persist_bench.cu && ./persist_bench [reps]
+//   nvcc -O3 -arch=sm_90 -o persist_bench dev/cuda/persist_bench.cu && ./persist_bench [reps [steps]]
+// steps: a comma list of norm1,qkv,attention,combine,o,norm2,gate_up,swiglu,down (default all but combine), e.g.
+// "qkv,attention,combine,o,gate_up,down" for a layer whose RMSNorms and SwiGLU are folded into the GEMVs.
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <algorithm>
 #include <vector>
 
@@ -174,15 +177,33 @@ int main(int argc, char **argv) {
     CK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, dev));
-    // a layer: norm, q|k|v, attention, o, norm, gate|up, SwiGLU, down (bytes, working blocks; 0 = all)
+    // a layer's steps (bytes, working blocks; 0 = all): argv[2] picks which, a comma list of these names (default: all
+    // but "combine", run3's layer: the attention as one step). Leaving steps out prices a fusion before it is written.
     const double MB = 1e6;
     struct S { double bytes; int blocks; const char *name; };
-    const S layer[8] = {{16e3, 1, "norm"},     {8.8 * MB, 0, "qkv"},  {0.6 * MB, 20, "attention"}, {6.8 * MB, 0, "o"},
-                        {16e3, 1, "norm"},     {72.1 * MB, 0, "gate_up"}, {152e3, 20, "swiglu"}, {36.1 * MB, 0, "down"}};
-    const int LAYERS = 4, nph = 8 * LAYERS;
+    const S all[9] = {{16e3, 1, "norm1"},       {8.8 * MB, 0, "qkv"},     {0.6 * MB, 20, "attention"},
+                      {73e3, 28, "combine"},    {6.8 * MB, 0, "o"},       {16e3, 1, "norm2"},
+                      {72.1 * MB, 0, "gate_up"}, {152e3, 20, "swiglu"},   {36.1 * MB, 0, "down"}};
+    const char *pick = argc > 2 ? argv[2] : "norm1,qkv,attention,o,norm2,gate_up,swiglu,down";
+    S layer[9];
+    int per = 0;
+    for (int i = 0; i < 9; i++) {
+        const size_t n = strlen(all[i].name);
+        for (const char *q = pick; (q = strstr(q, all[i].name)) != nullptr; q += n)
+            if ((q == pick || q[-1] == ',') && (q[n] == ',' || q[n] == 0)) {
+                layer[per++] = all[i];
+                break;
+            }
+    }
+    if (per == 0) {
+        fprintf(stderr, "no step of '%s' is one of norm1 qkv attention combine o norm2 gate_up swiglu down\n", pick);
+        return 1;
+    }
+    const int LAYERS = 4, nph = per * LAYERS;
+    printf("steps a layer: %s\n", pick);
     size_t total = 0;
     for (int l = 0; l < LAYERS; l++)
-        for (int i = 0; i < 8; i++) total += ((size_t)layer[i].bytes + 15) / 16 * 16;
+        for (int i = 0; i < per; i++) total += ((size_t)layer[i].bytes + 15) / 16 * 16;
     char *buf;
     CK(cudaMalloc(&buf, total));
     CK(cudaMemset(buf, 0x5a, total));
@@ -191,9 +212,9 @@ int main(int argc, char **argv) {
     size_t off = 0;
     double gemv_bytes = 0;
     for (int l = 0; l < LAYERS; l++)
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < per; i++) {
             const size_t nb = ((size_t)layer[i].bytes + 15) / 16 * 16;
-            plan.ph[l * 8 + i] = {(const uint4 *)(buf + off), nb / 16, layer[i].blocks};
+            plan.ph[l * per + i] = {(const uint4 *)(buf + off), nb / 16, layer[i].blocks};
             if (!layer[i].blocks) gemv_bytes += (double)nb;
             off += nb;
         }
