@@ -170,6 +170,26 @@ static float median(std::vector<float> v) {
     return v[v.size() / 2];
 }
 
+// Median microseconds of `runs` timed calls of op() (after `warm` untimed ones), each between two events on st; pre()
+// runs before each call, outside the timing. op and pre return cudaError_t.
+template <typename Pre, typename Op>
+static cudaError_t time_us(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, int warm, int runs, Pre pre, Op op,
+                           float *us) {
+    std::vector<float> t;
+    for (int r = 0; r < warm + runs; r++) {
+        cudaError_t e;
+        if ((e = pre()) != cudaSuccess || (e = cudaEventRecord(e0, st)) != cudaSuccess || (e = op()) != cudaSuccess ||
+            (e = cudaEventRecord(e1, st)) != cudaSuccess || (e = cudaEventSynchronize(e1)) != cudaSuccess)
+            return e;
+        float ms;
+        if ((e = cudaEventElapsedTime(&ms, e0, e1)) != cudaSuccess) return e;
+        if (r >= warm) t.push_back(ms * 1e3f);
+    }
+    *us = median(t);
+    return cudaSuccess;
+}
+static cudaError_t no_pre() { return cudaSuccess; }
+
 int main(int argc, char **argv) {
     const int reps = argc > 1 ? atoi(argv[1]) : 20;
     int dev = 0, n_sm = 0;
@@ -238,17 +258,9 @@ int main(int argc, char **argv) {
         char *a, *c;
         CK(cudaMalloc(&a, cb));
         CK(cudaMalloc(&c, cb));
-        std::vector<float> t;
-        for (int r = 0; r < 7; r++) {
-            CK(cudaEventRecord(e0, st));
-            CK(cudaMemcpyAsync(c, a, cb, cudaMemcpyDeviceToDevice, st));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            t.push_back(ms);
-        }
-        copy_gbs = (float)(2.0 * cb / (median(t) * 1e-3) / 1e9);
+        float us;
+        CK(time_us(st, e0, e1, 0, 7, no_pre, [&] { return cudaMemcpyAsync(c, a, cb, cudaMemcpyDeviceToDevice, st); }, &us));
+        copy_gbs = (float)(2.0 * cb / (us * 1e-6) / 1e9);
         CK(cudaFree(a));
         CK(cudaFree(c));
     }
@@ -297,19 +309,11 @@ int main(int argc, char **argv) {
             }
             CK(cudaStreamEndCapture(st, &g));
             CK(cudaGraphInstantiate(&ge, g, 0));
-            std::vector<float> t;
-            for (int r = 0; r < reps + 3; r++) {
-                CK(cudaEventRecord(e0, st));
-                CK(cudaGraphLaunch(ge, st));
-                CK(cudaEventRecord(e1, st));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                if (r >= 3) t.push_back(ms * 1e3f);
-            }
+            float us;
+            CK(time_us(st, e0, e1, 3, reps, no_pre, [&] { return cudaGraphLaunch(ge, st); }, &us));
             char name[64];
             snprintf(name, sizeof name, "chain%s %d/SM%s", pdl ? "-pdl" : "", bps, only ? " GEMVs only" : single ? " one step" : "");
-            report(name, median(t));
+            report(name, us);
             CK(cudaGraphExecDestroy(ge));
             CK(cudaGraphDestroy(g));
         }
@@ -317,10 +321,7 @@ int main(int argc, char **argv) {
     // persistent: launched with a cluster shape (1 = none) and without the cooperative attribute (every block fits
     // at once: G <= the resident count, nothing else runs)
     auto run_persist = [&](const Plan &pl, int bar_kind, int cluster, int G, int early, float *us) -> int {
-        std::vector<float> t;
-        for (int r = 0; r < reps + 3; r++) {
-            CK(cudaMemsetAsync(bar, 0, 4, st));
-            CK(cudaEventRecord(e0, st));
+        auto launch = [&]() -> cudaError_t {
             cudaLaunchConfig_t cfg = {};
             cfg.gridDim = dim3(G);
             cfg.blockDim = dim3(TPB);
@@ -332,15 +333,10 @@ int main(int argc, char **argv) {
             at[0].val.clusterDim.z = 1;
             cfg.attrs = at;
             cfg.numAttrs = 1;
-            if (bar_kind == BAR_FLAT) CK(cudaLaunchKernelEx(&cfg, persist_kernel<BAR_FLAT>, pl, out, bar, early));
-            else CK(cudaLaunchKernelEx(&cfg, persist_kernel<BAR_CLUSTER>, pl, out, bar, early));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaEventSynchronize(e1));
-            float ms;
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= 3) t.push_back(ms * 1e3f);
-        }
-        *us = median(t);
+            return bar_kind == BAR_FLAT ? cudaLaunchKernelEx(&cfg, persist_kernel<BAR_FLAT>, pl, out, bar, early)
+                                        : cudaLaunchKernelEx(&cfg, persist_kernel<BAR_CLUSTER>, pl, out, bar, early);
+        };
+        CK(time_us(st, e0, e1, 3, reps, [&] { return cudaMemsetAsync(bar, 0, 4, st); }, launch, us));
         return 0;
     };
     Plan empty = plan;

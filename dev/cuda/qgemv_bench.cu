@@ -890,44 +890,37 @@ int main(int argc, char **argv) {
                              {"r8u1w4", dp(4)}, {"x8-auto", dp8}};
         const size_t n_dp = vs.size();
         // the library's kernel on int8 x (the default for 4-bit codes) under other configurations than its auto one
-        // (launch_qdp_n ignores FASTLOAD_QDP_CFG on int8 x): rows a warp, vectors a lane, warps a row at most
+        // (launch_qdp_n ignores FASTLOAD_QDP_CFG on int8 x): rows a warp, vectors a lane, warps a row at most, blocks
+        // an SM the registers must allow; NF4 on its natural-order int8 x (launch_qdp_nf4: r4u4 from 16 MiB of codes,
+        // r2u2 below, by default)
+#define X8CFG(NAME, NF, RPW, U, MAXW, MINB)                                                                              \
+    vs.push_back({NAME, [&](const fl_qw &W) {                                                                            \
+                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, NF, MAXW, true, MINB>(      \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                            \
+                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, NF, MAXW, true, MINB>(     \
+                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                           \
+                  }})
         if (s.bits == 4 && s.code == FL_QCODE_INT) {
-#define X8CFG(NAME, RPW, U, MAXW, MINB)                                                                                  \
-    vs.push_back({NAME, [&](const fl_qw &W) {                                                                            \
-                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, false, MAXW, true, MINB>(   \
-                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                            \
-                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, false, MAXW, true, MINB>(  \
-                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                           \
-                  }})
-            X8CFG("x8-r4u2", 4, 2, 16, 0);
-            X8CFG("x8-r4u2b2", 4, 2, 16, 2);  // registers capped at 64: 8 blocks of 4 warps an SM instead of 6
-            X8CFG("x8-r4u2w8b4", 4, 2, 8, 4);
-            X8CFG("x8-r4u4", 4, 4, 16, 0);
-            X8CFG("x8-r4u4b2", 4, 4, 16, 2);
-            X8CFG("x8-r2u4b2", 2, 4, 16, 2);
-            X8CFG("x8-r2u2b2", 2, 2, 16, 2);
-            X8CFG("x8-r2u4", 2, 4, 16, 0);
-            X8CFG("x8-r2u2", 2, 2, 16, 0);
-            X8CFG("x8-r4u1", 4, 1, 16, 0);
-            X8CFG("x8-r8u1w4", 8, 1, 4, 0);
-#undef X8CFG
+            X8CFG("x8-r4u2", false, 4, 2, 16, 0);
+            X8CFG("x8-r4u2b2", false, 4, 2, 16, 2);  // registers capped at 64: 8 blocks of 4 warps an SM instead of 6
+            X8CFG("x8-r4u2w8b4", false, 4, 2, 8, 4);
+            X8CFG("x8-r4u4", false, 4, 4, 16, 0);
+            X8CFG("x8-r4u4b2", false, 4, 4, 16, 2);
+            X8CFG("x8-r2u4b2", false, 2, 4, 16, 2);
+            X8CFG("x8-r2u2b2", false, 2, 2, 16, 2);
+            X8CFG("x8-r2u4", false, 2, 4, 16, 0);
+            X8CFG("x8-r2u2", false, 2, 2, 16, 0);
+            X8CFG("x8-r4u1", false, 4, 1, 16, 0);
+            X8CFG("x8-r8u1w4", false, 8, 1, 4, 0);
         }
-        // NF4 on its natural-order int8 x (launch_qdp_nf4: r4u4 from 16 MiB of codes, r2u2 below, by default)
         if (s.code == FL_QCODE_NF4) {
-#define X8NF(NAME, RPW, U)                                                                                               \
-    vs.push_back({NAME, [&](const fl_qw &W) {                                                                            \
-                      return W.m ? launch_qdp_cfg<__nv_bfloat16, __half, 4, true, 1, RPW, U, true, 16, true>(            \
-                                       st, y2, xl8, xl8d, W, nullptr, gm, 1)                                            \
-                                 : launch_qdp_cfg<__nv_bfloat16, __half, 4, false, 1, RPW, U, true, 16, true>(           \
-                                       st, y2, xl8, xl8d, W, nullptr, gm, 1);                                           \
-                  }})
-            X8NF("x8-r4u2", 4, 2);
-            X8NF("x8-r4u4", 4, 4);
-            X8NF("x8-r2u4", 2, 4);
-            X8NF("x8-r2u2", 2, 2);
-            X8NF("x8-r2u1", 2, 1);
-#undef X8NF
+            X8CFG("x8-r4u2", true, 4, 2, 16, 0);
+            X8CFG("x8-r4u4", true, 4, 4, 16, 0);
+            X8CFG("x8-r2u4", true, 2, 4, 16, 0);
+            X8CFG("x8-r2u2", true, 2, 2, 16, 0);
+            X8CFG("x8-r2u1", true, 2, 1, 16, 0);
         }
+#undef X8CFG
         // streaming variants, each split (0 = its auto rule); printed one per line after the table row
         static char names[64][32];
         int nn = 0;
