@@ -206,6 +206,7 @@ def test_gemv_variants(act, variant, R, C, n, monkeypatch):
     ({"FASTLOAD_GEMV_VARIANT": "fma3"}, "FASTLOAD_GEMV_VARIANT='fma3'"),
     ({"FASTLOAD_GLU_U": "6"}, "FASTLOAD_GLU_U='6'"),
     ({"FASTLOAD_GLU_FUSE": "yes"}, "FASTLOAD_GLU_FUSE='yes'"),
+    ({"FASTLOAD_ATT_FUSE": "yes"}, "FASTLOAD_ATT_FUSE='yes'"),
     ({"FASTLOAD_QGEMV_UP_TO": "9"}, "FASTLOAD_QGEMV_UP_TO='9'"),
     ({"FASTLOAD_QGEMV": "fast"}, "FASTLOAD_QGEMV='fast' is not auto, dp, fma, mma or generic"),
     ({"FASTLOAD_QDP_CFG": "r9u9"}, "FASTLOAD_QDP_CFG='r9u9'"),
@@ -429,6 +430,46 @@ def test_rope_fuse_knob_error(monkeypatch):
     monkeypatch.setenv("FASTLOAD_ROPE_FUSE", "on")
     with pytest.raises(ValueError, match="FASTLOAD_ROPE_FUSE='on'"):
         _C.run_op(DEV, "swiglu", {"gu": np.ones((1, 2), np.float32)}, {"act": "float16"})
+
+
+ATT_FUSE_CASES = [  # B, start, nh, nkv, hd, max_len, window, kmask kind: decode steps
+    (1, 300, 28, 4, 128, 512, 0, None),       # Qwen2.5-7B's heads, a few splits
+    (1, 5000, 28, 4, 128, 5001, 0, None),     # many splits
+    (1, 20000, 28, 4, 128, 32768, 0, None),   # a grid sized for 32K keys (start on the device), 66 splits used
+    (2, 37, 14, 2, 64, 64, 0, None),          # heads of 64
+    (3, 100, 8, 8, 128, 130, 0, "left-pad"),  # one q head a kv head; a row with no visible key
+    (2, 700, 32, 2, 128, 1024, 64, None),     # 16 q heads a kv head (two sub-blocks); splits outside the window
+    (65, 40, 28, 4, 128, 64, 0, None),        # many rows: more combine blocks than SMs
+]
+
+
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", ATT_FUSE_CASES, ids=lambda c: "B%d-s%d-h%d/%d-d%d-L%d-w%d-%s" % c)
+@pytest.mark.parametrize("on_device", [0, 1])
+def test_attention_fused_combine_is_bit_exact(act, case, on_device, monkeypatch):
+    """The decode attention's splits combined by blocks of the split kernel's own grid (FASTLOAD_ATT_FUSE=1, the
+    default: each waits for its head's splits to be counted) give the same bits as the separate combine kernel (=0):
+    both sum the splits in the same order (attention.cu's combine_head); and both agree with the CPU op."""
+    B, start, nh, nkv, hd, max_len, window, km = case
+    rng, seed = rng_and_seed()
+    inputs = {"qkv": randn(rng, (B, (nh + 2 * nkv) * hd), act), "k_cache": randn(rng, (B, max_len, nkv, hd), act),
+              "v_cache": randn(rng, (B, max_len, nkv, hd), act)}
+    if km == "left-pad":
+        mask = np.ones((B, start + 4), np.uint8)
+        for b in range(B):
+            mask[b, : int(rng.integers(0, start + 1))] = 0
+        mask[0, :] = 0
+        inputs["kmask"] = mask
+    params = {"B": B, "T": 1, "start": start, "n_heads": nh, "n_kv_heads": nkv, "window": window,
+              "scale": 1.0 / math.sqrt(hd), "start_on_device": on_device}
+    got = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("FASTLOAD_ATT_FUSE", fuse)
+        got[fuse] = _C.run_op(DEV, "attention", inputs, dict(params, act=act))
+    check_exact(got["1"]["out"], got["0"]["out"], "attention: combine in the split grid vs its own kernel", seed)
+    ref = _C.run_op("cpu", "attention", inputs, dict(params, act="float32"))
+    check_close(got["1"]["out"], ref["out"], act, "attention (fused combine) vs cpu", seed, k=ATT_ELEM_K,
+                rel_l2=ATT_REL_L2)
 
 
 # ----------------------------------------------------------------------------------------------

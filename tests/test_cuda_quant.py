@@ -774,6 +774,22 @@ def test_quantized_model_qx_fuse_imma8(tmp_path):
         assert per1 == [9, 9, 9, 9], (per1, {k: (lay[k]["dtype"], lay[k]["group_size"]) for k in names})
 
 
+def test_quantized_model_att_fuse_bit_identical(tmp_path):
+    """The decode attention combines its splits in the split kernel's grid (FASTLOAD_ATT_FUSE=1, the default: combine
+    blocks that wait for their head's splits) or in a kernel of its own (=0): the same bits in _FUSE_WIDE_CODE's
+    forwards and graph-captured decodes (every layer and step reuses the same counters, so one left non-zero would
+    show), including o_proj's x in each form the combine writes (int8 x at 1 row, the tensor-core planes at 3..8)."""
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    import quant_fixtures as qf
+    cfg = qf.model_config("llama", vocab=320, hidden=256, inter=512, layers=2, heads=2, kv=1, head_dim=128)
+    path = qf._write_dir(str(tmp_path / "wide"), cfg, qf.float_weights(cfg, seed=1))
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    res = _arrays_per_setting(_FUSE_WIDE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_ATT_FUSE", ("1", "0"))
+    assert len(res["1"][0]) == len(res["0"][0]) == 24
+    for a, b in zip(res["1"][0], res["0"][0]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_quantized_model_int8_x():
     """FASTLOAD_CUDA_QDOT=int8 through a whole model (its fusion: test_quantized_model_qx_fuse_bit_identical): the
     logits follow the int16 form's (relative L2 difference below 10%: a wrong x layout gives ~100%; seen 5.7% of

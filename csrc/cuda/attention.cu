@@ -51,9 +51,13 @@ struct AttArgs {
     int units, slots, split_stride;  // decode split plan inputs (see split_plan)
     int min_waves;                   // decode: at least this many waves of blocks (tuning)
     int kv_fast;                     // decode: grid x runs over kv heads (default), else over head subgroups
-    int16_t *qxq;                    // decode, T == 1: out also written as the dp2a GEMV's int16 x (qx.cuh) when
-    float2 *qxd;                     //   qbits is 4 or 8 (o_proj quantised): the combine kernel does it
+    int16_t *qxq;                    // decode, T == 1: out also written as the quantised GEMV's x (qx.cuh) in form
+    float2 *qxd;                     //   qbits (o_proj quantised; 0: not), by whichever combines the splits
     int qbits;
+    int *sync;                       // decode: NULL (a combine kernel follows), or the split kernel's grid holds the
+                                     //   combine blocks too (decode_split_kernel): [0] ticket, [1 + b*nh + h] splits
+                                     //   of head (b, h) done; all zero between launches
+    int n_split_blocks, gx, gy;      //   with sync: split blocks (tickets below it) and their grid's x / y extents
     const float *rope_cs;            // decode with the rope fused (decode_split_kernel's ROPE): rope_store's table
     int rope_rd, rope_inter;         //   ([B, hd] cos | sin), rotated dims, interleaved pairs
 };
@@ -148,6 +152,111 @@ __device__ __forceinline__ size_t kv_slot(const AttArgs &a, int b, int j) {
 // d = 32c + 8(n/2) + 2x + n%2; movmatrix.trans turns them into A fragments of V^T whose row n
 // is that d. P^T comes from S^T's C fragment by one movmatrix per 8 keys.
 // =================================================================================================
+// ---- combining the splits -----------------------------------------------------------------------
+// Head (b, h): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, computed by a block of NT threads: the separate
+// combine kernel (NT = CMB_THREADS, one block a head) or a combine block of the split kernel's grid (NT = ATT_THREADS,
+// with a.sync). The split weights are computed once a block; the sum over splits runs as CMB_SUMS interleaved partial
+// sums (split s into sum s % CMB_SUMS, each in increasing s), added in order at the end: independent loads in flight,
+// and the same bits for either block size (the fused and unfused decode agree exactly).
+// With a.qbits the row is also written as the quantised GEMV's x for o_proj (fl_qx_store8, from the rounded outputs,
+// as qx_prep_kernel would read them), which saves that GEMV its prep kernel; needs hd % fl_qx_cols(qbits) == 0 and
+// hd <= 256 (the host checks).
+constexpr int CMB_THREADS = 512;
+constexpr int CMB_SUMS = 4;
+static_assert(MAX_SPLITS <= ATT_THREADS && MAX_SPLITS <= CMB_THREADS, "one thread per split for the weights");
+
+__device__ __forceinline__ float block_allreduce(float v, float *s_red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) s_red[warp] = v;
+    __syncthreads();
+    v = s_red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) v = is_max ? fmaxf(v, s_red[w]) : v + s_red[w];
+    __syncthreads();  // s_red is reused
+    return v;
+}
+
+template <int NT, int HD> struct CmbSmem {
+    float w[MAX_SPLITS];
+    float red[NT / 32];
+    float part[CMB_SUMS * HD];
+};
+
+// The splits of head bh = b * nh + h (`splits` of them, partials in a.ws_acc / a.ws_ml, read through L2: with a.sync
+// other blocks of this grid wrote them). Every thread of the block calls it.
+template <typename T, int HD, int NT>
+__device__ __forceinline__ void combine_head(const AttArgs &a, int bh, int splits, CmbSmem<NT, HD> &sm) {
+    const int tid = threadIdx.x;
+    const size_t p0 = (size_t)bh * a.split_stride;
+    float m = -INFINITY, l = 0.f;
+    if (tid < splits) {
+        m = __ldcg(a.ws_ml + 2 * (p0 + tid));
+        l = __ldcg(a.ws_ml + 2 * (p0 + tid) + 1);
+    }
+    const float M = block_allreduce(m, sm.red, true);
+    const float w = m != -INFINITY ? exp2f(m - M) : 0.f;  // empty split (acc never written): weight 0
+    if (tid < MAX_SPLITS) sm.w[tid] = w;
+    const float den = block_allreduce(w * l, sm.red, false);  // its barriers also publish sm.w
+    constexpr int TPD = NT / HD < CMB_SUMS ? NT / HD : CMB_SUMS;  // threads on one column
+    constexpr int SPT = CMB_SUMS / TPD;                           // partial sums a thread keeps
+    static_assert(TPD >= 1 && CMB_SUMS % TPD == 0, "block size and head_dim");
+    const int d = tid % HD, t0 = tid / HD;
+    if (t0 < TPD) {
+        float num[SPT];
+#pragma unroll
+        for (int j = 0; j < SPT; j++) num[j] = 0.f;
+        const float *acc = a.ws_acc + p0 * HD + d;
+#pragma unroll 4
+        for (int s0 = 0; s0 < splits; s0 += CMB_SUMS) {
+#pragma unroll
+            for (int j = 0; j < SPT; j++) {
+                const int sp = s0 + t0 + j * TPD;
+                const float ws = sp < splits ? sm.w[sp] : 0.f;
+                const float v = ws != 0.f ? __ldcg(acc + (size_t)sp * HD) : 0.f;  // predicated: no serial branch
+                num[j] += ws * v;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < SPT; j++) sm.part[(t0 + j * TPD) * HD + d] = num[j];
+    }
+    __syncthreads();
+    float ovf = 0.f;
+    if (tid < HD) {
+        float o = 0.f;
+#pragma unroll
+        for (int g = 0; g < CMB_SUMS; g++) o += sm.part[g * HD + tid];
+        // T == 1: output row b, column block h (bh = b * nh + h)
+        const T ov = fl_from_f32<T>(den > 0.f ? o / den : 0.f);
+        static_cast<T *>(a.out)[(size_t)bh * HD + tid] = ov;
+        ovf = fl_to_f32(ov);
+    }
+    if (a.qbits) {
+        __syncthreads();  // every read of sm.part is done
+        if (tid < HD) sm.part[tid] = ovf;
+        __syncthreads();
+        if (tid < 32) {  // lane t: columns 8t..8t+7 of this head (a vector's lanes are one aligned group)
+            const bool on = tid < HD / 8;
+            float v8[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) v8[e] = on ? sm.part[tid * 8 + e] : 0.f;
+            fl_qx_dispatch_dev(a.qbits, [&](auto QB) {
+                fl_qx_store8<decltype(QB)::value>(a.qxq, a.qxd, v8, on ? (int64_t)bh * HD + tid * 8 : 0,
+                                                   (int64_t)a.nh * HD, on);
+            });
+        }
+    }
+}
+
+// The splits a decode step of row b has (the split kernel's blocks past them exit at once).
+__device__ __forceinline__ int decode_splits(const AttArgs &a, int b) {
+    const int L = min(read_start(a, b) + 1, a.max_len);
+    return split_plan(L, a.units, a.slots, a.min_waves).splits;
+}
+
 // ROPE: rotate one head held as a lane's vectors x[c] = elements 32c + 8q .. +8 (c < NC) exactly as rope_store does
 // with its table (tab: cos of the rd/2 frequencies of this row's position, then sin). Rotate-half over the whole
 // head pairs element i with i + HD/2: vectors c and c + NC/2 of the same lane. Interleaved pairs (2i, 2i + 1) lie in
@@ -214,15 +323,55 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
     __shared__ float s_acc[NW][DEC_HEADS][HD + 1];  // +1: conflict-free scatter of C fragments
     __shared__ float s_m[NW][DEC_HEADS], s_l[NW][DEC_HEADS];
 
-    // Once every block has started, the combine kernel (launched programmatically) may be scheduled;
-    // it waits for this grid's completion and memory before reading the partials. This kernel is
-    // itself launched programmatically: q|k|v, the cache and start_d come from earlier kernels.
+    // Once every block has started, the kernel after this one (launched programmatically) may be
+    // scheduled; it waits for this grid's completion and memory. This kernel is itself launched
+    // programmatically: q|k|v, the cache and start_d come from earlier kernels.
     fl_pdl_launch_dependents();
     fl_pdl_wait();
+    // With a.sync the grid is 1-D: n_split_blocks split blocks, then one combine block a head (b, h). Roles go by a
+    // ticket taken once running (after fl_pdl_wait: the previous launch on the stream is complete), so every split
+    // block is running or done before any block becomes a combine block and waits for them: no deadlock whatever
+    // order the blocks are scheduled in. The last ticket resets the counter for the next launch. A combine block
+    // waits until its head's splits are all counted, combines them (the separate combine kernel's work, the same
+    // bits) and resets the count. This takes the combine kernel, its launch and its dependency wait off the layer.
+    int bx = blockIdx.x, by = blockIdx.y, bz = blockIdx.z;
+    if (a.sync) {
+        __shared__ int s_ticket;
+        if (threadIdx.x == 0) {
+            const int t = atomicAdd(a.sync, 1);
+            if (t == (int)gridDim.x - 1) atomicExch(a.sync, 0);  // every block of this launch has its ticket
+            s_ticket = t;
+        }
+        __syncthreads();
+        const int t = s_ticket;
+        if (t >= a.n_split_blocks) {
+            static_assert(sizeof(CmbSmem<ATT_THREADS, HD>) <= sizeof(float) * NW * DEC_HEADS * (HD + 1), "smem");
+            auto &sm = *reinterpret_cast<CmbSmem<ATT_THREADS, HD> *>(&s_acc[0][0][0]);
+            const int bh = t - a.n_split_blocks;
+            const int splits = decode_splits(a, bh / a.nh);
+            int *cnt = a.sync + 1 + bh;
+            if (threadIdx.x == 0) {
+                // split blocks are running or done, so this ends within microseconds; a count that never comes
+                // (a broken invariant) is a device error after a second, not a hang
+                const unsigned long long t0 = fl_globaltimer_ns();
+                while ((int)fl_ld_acquire_u32(reinterpret_cast<const unsigned *>(cnt)) < splits) {
+                    __nanosleep(32);
+                    if (fl_globaltimer_ns() - t0 > 1000000000ull) __trap();
+                }
+            }
+            __syncthreads();
+            combine_head<T, HD, ATT_THREADS>(a, bh, splits, sm);
+            if (threadIdx.x == 0) *cnt = 0;  // every split of this launch is counted: the next launch starts at 0
+            return;
+        }
+        bx = t % a.gx;
+        by = t / a.gx % a.gy;
+        bz = t / a.gx / a.gy;
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, q = lane & 3;
     const int G = a.nh / a.nkv;
-    const int sub = a.kv_fast ? blockIdx.x / a.nkv : blockIdx.x, split = blockIdx.y;
-    const int b = a.kv_fast ? blockIdx.z : blockIdx.z / a.nkv, g = a.kv_fast ? blockIdx.x % a.nkv : blockIdx.z % a.nkv;
+    const int sub = a.kv_fast ? bx / a.nkv : bx, split = by;
+    const int b = a.kv_fast ? bz : bz / a.nkv, g = a.kv_fast ? bx % a.nkv : bz % a.nkv;
     const int start = read_start(a, b);
     const int L = min(start + 1, a.max_len);  // keys [0, L); query slot i = start
     const SplitPlan plan = split_plan(L, a.units, a.slots, a.min_waves);
@@ -232,12 +381,21 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
     const int h0 = g * G + sub * DEC_HEADS;
     const int nreal = min(DEC_HEADS, G - sub * DEC_HEADS);
     const size_t pbase = ((size_t)b * a.nh + h0) * a.split_stride + split;  // + head * split_stride
+    // With a.sync: this split's partials of heads h0.. are written; count them (writes fenced before the count)
+    auto publish = [&]() {
+        if (a.sync) {
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x < nreal) atomicAdd(a.sync + 1 + (size_t)b * a.nh + h0 + threadIdx.x, 1);
+        }
+    };
     if (k0 >= k1) {  // split entirely outside the sliding window
         if (threadIdx.x < nreal) {
             const size_t p = pbase + (size_t)threadIdx.x * a.split_stride;
             a.ws_ml[2 * p] = -INFINITY;
             a.ws_ml[2 * p + 1] = 0.f;
         }
+        publish();
         return;
     }
 
@@ -398,87 +556,18 @@ __global__ void __launch_bounds__(ATT_THREADS, 2) decode_split_kernel(const AttA
             a.ws_ml[2 * p + 1] = l;
         }
     }
+    publish();
 #endif
 }
 
-// One block per (b, h): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. The split weights
-// are computed once per block; the sum over splits is spread over CMB_THREADS / hd thread groups
-// (independent loads in flight, not one serial loop per d).
-constexpr int CMB_THREADS = 512;
-static_assert(MAX_SPLITS <= CMB_THREADS, "one thread per split for the weights");
-
-__device__ __forceinline__ float block_allreduce(float v, float *s_red, bool is_max) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float o = __shfl_xor_sync(0xffffffffu, v, off);
-        v = is_max ? fmaxf(v, o) : v + o;
-    }
-    if (lane == 0) s_red[warp] = v;
-    __syncthreads();
-    v = s_red[0];
-    for (int w = 1; w < (int)(blockDim.x >> 5); w++) v = is_max ? fmaxf(v, s_red[w]) : v + s_red[w];
-    __syncthreads();  // s_red is reused
-    return v;
-}
-
-// QB (4 / 8, | FL_QX8 for int8 x, | FL_QMX for the 3..8-row GEMV): the row is also written as the quantised GEMV's x for
-// o_proj (fl_qx_store8, from the rounded outputs, as qx_prep_kernel would read them), which saves that GEMV its prep
-// kernel; needs hd % fl_qx_cols(QB) == 0 (32; FL_QMX: its chunk, 128 / 64) and hd <= 256.
-template <typename T, int QB>
+// The separate combine (a.sync NULL): one block a head (b, h), launched programmatically after the split kernel.
+template <typename T, int HD>
 __global__ void __launch_bounds__(CMB_THREADS) decode_combine_kernel(const AttArgs a) {
-    __shared__ float s_w[MAX_SPLITS];
-    __shared__ float s_red[CMB_THREADS / 32];
-    __shared__ float s_part[CMB_THREADS];
-    const int bh = blockIdx.x, tid = threadIdx.x, hd = a.hd;
+    __shared__ CmbSmem<CMB_THREADS, HD> sm;
     fl_pdl_launch_dependents();
     fl_pdl_wait();  // programmatic launch: wait for the split kernel
-    const int start = read_start(a, bh / a.nh);
-    const int L = min(start + 1, a.max_len);
-    const int splits = split_plan(L, a.units, a.slots, a.min_waves).splits;
-    const size_t p0 = (size_t)bh * a.split_stride;
-    float m = -INFINITY, l = 0.f;
-    if (tid < splits) {
-        m = a.ws_ml[2 * (p0 + tid)];
-        l = a.ws_ml[2 * (p0 + tid) + 1];
-    }
-    const float M = block_allreduce(m, s_red, true);
-    const float w = m != -INFINITY ? exp2f(m - M) : 0.f;  // empty split (acc never written): weight 0
-    if (tid < MAX_SPLITS) s_w[tid] = w;
-    const float den = block_allreduce(w * l, s_red, false);  // its barriers also publish s_w
-    const int ngrp = CMB_THREADS / hd, grp = tid / hd, d = tid % hd;
-    float num = 0.f;
-    if (grp < ngrp) {
-#pragma unroll 16
-        for (int s = grp; s < splits; s += ngrp) {
-            const float ws = s_w[s];
-            const float v = ws != 0.f ? a.ws_acc[(p0 + s) * hd + d] : 0.f;  // predicated: no serial branch
-            num += ws * v;
-        }
-    }
-    s_part[tid] = num;
-    __syncthreads();
-    float ovf = 0.f;
-    if (tid < hd) {
-        float o = 0.f;
-        for (int g = 0; g < ngrp; g++) o += s_part[g * hd + tid];
-        // T == 1: output row b, column block h (bh = b * nh + h)
-        const T ov = fl_from_f32<T>(den > 0.f ? o / den : 0.f);
-        static_cast<T *>(a.out)[(size_t)bh * hd + tid] = ov;
-        ovf = fl_to_f32(ov);
-    }
-    if constexpr (QB != 0) {
-        __syncthreads();  // every read of s_part is done
-        if (tid < hd) s_part[tid] = ovf;
-        __syncthreads();
-        if (tid < 32) {  // lane t: columns 8t..8t+7 of this head (a vector's lanes are one aligned group)
-            const bool on = tid < hd / 8;
-            float v8[8];
-#pragma unroll
-            for (int e = 0; e < 8; e++) v8[e] = on ? s_part[tid * 8 + e] : 0.f;
-            fl_qx_store8<QB>(a.qxq, a.qxd, v8, on ? (int64_t)bh * hd + tid * 8 : 0, (int64_t)a.nh * hd, on);
-        }
-    }
+    const int bh = blockIdx.x;
+    combine_head<T, HD, CMB_THREADS>(a, bh, decode_splits(a, bh / a.nh), sm);
 }
 
 // =================================================================================================
@@ -774,16 +863,19 @@ static fl_status launch_decode(cudaStream_t st, AttArgs a, int n_sub, void *ws, 
     a.ws_acc = static_cast<float *>(ws);
     a.ws_ml = a.ws_acc + n_part * HD;
     const dim3 grid = a.kv_fast ? dim3(a.nkv * n_sub, a.split_stride, a.B) : dim3(n_sub, a.split_stride, a.B * a.nkv);
-    // Both launches are programmatic where the device allows (fl_launch): the split kernel's
-    // launch hides under rope_store's tail, the combine's under the split kernel's.
+    const long long n_split = (long long)grid.x * grid.y * grid.z, n_all = n_split + (long long)a.B * a.nh;
+    // Launches are programmatic where the device allows (fl_launch): the split kernel's launch hides under the
+    // previous kernel's tail, the combine's under the split kernel's.
+    if (a.sync && n_all <= 0x7fffffffLL) {  // one grid: split blocks, then combine blocks (decode_split_kernel)
+        a.n_split_blocks = (int)n_split;
+        a.gx = (int)grid.x;
+        a.gy = (int)grid.y;
+        FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD, ROPE>, dim3((unsigned)n_all), dim3(ATT_THREADS), 0, st, a));
+        return FL_OK;
+    }
+    a.sync = nullptr;
     FL_CUDA_CHECK(fl_launch(decode_split_kernel<T, HD, ROPE>, grid, dim3(ATT_THREADS), 0, st, a));
-    const dim3 cgrid(a.B * a.nh), cblock(CMB_THREADS);
-    if (a.qbits)
-        return fl_qx_dispatch(a.qbits, "attention", [&](auto QB) -> fl_status {
-            FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, decltype(QB)::value>, cgrid, cblock, 0, st, a));
-            return FL_OK;
-        });
-    FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, 0>, cgrid, cblock, 0, st, a));
+    FL_CUDA_CHECK(fl_launch(decode_combine_kernel<T, HD>, dim3(a.B * a.nh), dim3(CMB_THREADS), 0, st, a));
     return FL_OK;
 }
 
@@ -811,7 +903,7 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
                                 const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                 const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
                                 float scale, void *workspace, size_t workspace_bytes, int path, const fl_kv_paging *pg,
-                                fl_qx_dst *qd, const fl_att_rope *rope) {
+                                fl_qx_dst *qd, const fl_att_rope *rope, int *sync, size_t sync_bytes) {
     const int qbits = qd ? qd->bits : 0;
     if (qd) qd->bits = 0;
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
@@ -891,6 +983,12 @@ static fl_status attention_impl(cudaStream_t st, fl_dtype act, void *out, const 
                 a.qxq = qd->xq;
                 a.qxd = qd->xd;
             }
+            if (sync) {  // the combine in the split kernel's grid: a ticket and a count a head, all zero (see AttArgs)
+                if (sync_bytes < (1 + (size_t)B * n_heads) * sizeof(int))
+                    return fl_err(FL_E_VALUE, "attention: %zu bytes of decode counters for %d x %d heads", sync_bytes,
+                                  B, n_heads);
+                a.sync = sync;
+            }
             if (a.rope_cs) {  // (the dispatch macro is a block: braces keep the else attached)
                 FL_ATT_DISPATCH_HALF(act, s = head_dim == 64
                                                   ? launch_decode<scalar_t, 64, true>(st, a, n_sub, workspace, workspace_bytes, sms)
@@ -926,7 +1024,8 @@ extern "C" fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *o
                                           int n_kv_heads, int head_dim, int window, float scale, void *workspace,
                                           size_t workspace_bytes, int path, const fl_kv_paging *pg) {
     return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
-                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, path, pg, NULL, NULL);
+                          n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, path, pg, NULL, NULL,
+                          NULL, 0);
 }
 
 extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T,
@@ -936,15 +1035,15 @@ extern "C" fl_status fl_cuda_attention(cudaStream_t st, fl_dtype act, void *out,
                                        size_t workspace_bytes, const fl_kv_paging *pg) {
     return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
                           n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, NULL,
-                          NULL);
+                          NULL, NULL, 0);
 }
 
 fl_status fl_cuda_attention_qx(cudaStream_t st, fl_dtype act, void *out, const void *qkv, int B, int T, int start,
                                const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
                                float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg,
-                               fl_qx_dst *qd, const fl_att_rope *rope) {
+                               fl_qx_dst *qd, const fl_att_rope *rope, int *sync, size_t sync_bytes) {
     return attention_impl(st, act, out, qkv, B, T, start, start_d, kmask, kmask_stride, kcache, vcache, max_len,
                           n_heads, n_kv_heads, head_dim, window, scale, workspace, workspace_bytes, FL_ATT_AUTO, pg, qd,
-                          rope);
+                          rope, sync, sync_bytes);
 }

@@ -73,6 +73,11 @@ fl_status fl_cuda_attention_ex(cudaStream_t st, fl_dtype act, void *out, const v
 // head, or interleaved over rd % 8 == 0 dims) the split kernel rotates q and the new k in registers and stores k / v
 // into the cache itself (q|k|v left unrotated); elsewhere rope_store runs first (q|k|v rotated in place). The cache
 // and the output are the same bits either way.
+//
+// sync (NULL: a combine kernel follows the split kernel): on the decode path, at least (1 + B * n_heads) ints of
+// device memory, zero before the first call and left zero by each (the caller owns them, one set a stream): the
+// split kernel's grid then also holds one combine block a head, which waits for that head's splits and combines them
+// (one kernel and one dependency wait fewer a layer; the same bits).
 struct fl_qx_dst;
 struct fl_att_rope {
     const float *table;
@@ -82,6 +87,6 @@ fl_status fl_cuda_attention_qx(cudaStream_t st, fl_dtype act, void *out, const v
                                const int32_t *start_d, const uint8_t *kmask, int kmask_stride, const void *kcache,
                                const void *vcache, int max_len, int n_heads, int n_kv_heads, int head_dim, int window,
                                float scale, void *workspace, size_t workspace_bytes, const fl_kv_paging *pg,
-                               struct fl_qx_dst *qd, const struct fl_att_rope *rope);
+                               struct fl_qx_dst *qd, const struct fl_att_rope *rope, int *sync, size_t sync_bytes);
 #endif
 #endif

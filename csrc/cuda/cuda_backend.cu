@@ -155,6 +155,7 @@ static void cu_destroy(fl_backend *be) {
             if (c->blas) cublasDestroy(c->blas);
             if (c->blas_ws) cudaFree(c->blas_ws);
             if (c->attn_ws) cudaFree(c->attn_ws);
+            if (c->att_sync) cudaFree(c->att_sync);
             if (c->scratch) cudaFree(c->scratch);
             if (c->rope_cs) cudaFree(c->rope_cs);
             if (c->qws) cudaFree(c->qws);
@@ -171,6 +172,7 @@ static void cu_destroy(fl_backend *be) {
         // the counters drop whether or not the frees succeeded (a broken context holds nothing)
         if (c->blas_ws) fl_cuda_account(c->device, -(long long)FL_CUDA_BLAS_WS_BYTES);
         if (c->attn_ws) fl_cuda_account(c->device, -(long long)c->attn_ws_bytes);
+        if (c->att_sync) fl_cuda_account(c->device, -(long long)c->att_sync_bytes);
         if (c->scratch) fl_cuda_account(c->device, -(long long)c->scratch_bytes);
         if (c->rope_cs) fl_cuda_account(c->device, -(long long)c->rope_cs_bytes);
         if (c->qws) fl_cuda_account(c->device, -(long long)c->qws_bytes);
@@ -304,9 +306,19 @@ static fl_status attention_rope(fl_backend *be, void *out_d, const void *qkv_d, 
     qd.bits = 0;
     const int n = s->batch * s->n_new;
     if (s->n_new == 1) FL_TRY(fl_cuda_qx_target(be, next, out_d, n, (int64_t)n_heads * kv->head_dim, &qd));
+    int *sync = NULL;
+    if (c->att_fuse && s->n_new == 1) {  // decode: the combine in the split kernel's grid; its counters start at zero
+        const size_t sb = (1 + (size_t)s->batch * n_heads) * sizeof(int);
+        if (sb > c->att_sync_bytes) {
+            FL_TRY(fl_cuda_grow(be, (void **)&c->att_sync, &c->att_sync_bytes, sb, "attention counters"));
+            FL_CUDA_CHECK(cudaMemsetAsync(c->att_sync, 0, c->att_sync_bytes, c->stream));
+        }
+        sync = c->att_sync;
+    }
     FL_TRY(fl_cuda_attention_qx(c->stream, be->act, out_d, qkv_d, s->batch, s->n_new, s->start, s->start_d, s->kmask_d,
                                 s->kmask_stride, kv->k_d[layer], kv->v_d[layer], kv->max_len, n_heads, kv->n_kv_heads,
-                                kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg, &qd, rope));
+                                kv->head_dim, window, scale, c->attn_ws, c->attn_ws_bytes, &s->pg, &qd, rope, sync,
+                                c->att_sync_bytes));
     if (qd.bits) fl_cuda_qx_written(be, next, out_d, n, qd.bits);
     return FL_OK;
 }
@@ -600,6 +612,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // FASTLOAD_QX_FUSE=1|0: RMSNorm / SwiGLU write the dp2a GEMV's int16 x for the matmul after them (default 1).
 // FASTLOAD_GLU_FUSE=1|0 and FASTLOAD_GLU_U=4|8: gate|up's GEMV with SwiGLU in its epilogue (default on, 4).
 // FASTLOAD_ROPE_FUSE=1|0: the decode attention rotates q and k and stores k / v itself (default 1; cu_rope_attention).
+// FASTLOAD_ATT_FUSE=1|0: the decode attention combines its splits in the split kernel's grid (default 1; attention.cuh).
 // FASTLOAD_QMMA_INT=1|0: integer-code GEMV at 3..8 token rows on the integer tensor cores (default 1; qgemv_imma8_kernel).
 // An on/off knob: *v = 1 (default) unless the variable is "0"; anything but "", "0" and "1" is an error.
 static fl_status knob01(const char *name, int *v) {
@@ -636,6 +649,7 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     }
     FL_TRY(knob01("FASTLOAD_QX_FUSE", &c->qx_fuse));
     FL_TRY(knob01("FASTLOAD_ROPE_FUSE", &c->rope_fuse));
+    FL_TRY(knob01("FASTLOAD_ATT_FUSE", &c->att_fuse));
     FL_TRY(knob01("FASTLOAD_QMMA_INT", &c->qmma_int));
     c->qx8 = FL_QX8_AUTO;
     q = getenv("FASTLOAD_CUDA_QDOT");

@@ -37,6 +37,9 @@ typedef struct fl_cuda_impl {
     void *blas_ws;              /* [FL_CUDA_BLAS_WS_BYTES] */
     void *attn_ws;              /* attention workspace, fl_cuda_attention_workspace() bytes */
     size_t attn_ws_bytes;
+    int *att_sync;              /* decode attention's counters (fl_cuda_attention_qx's sync): zeroed when grown */
+    size_t att_sync_bytes;
+    int att_fuse;               /* FASTLOAD_ATT_FUSE: 1 (default) the decode combine runs in the split kernel's grid; 0 a kernel of its own */
     void *scratch;              /* float32 staging for logits_to_host */
     float *rope_cs;             /* [tokens, head_dim] cos|sin of the current forward's positions */
     size_t rope_cs_bytes;

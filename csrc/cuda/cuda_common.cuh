@@ -193,6 +193,25 @@ __device__ __forceinline__ void fl_pdl_launch_dependents(void) {
 #endif
 }
 
+// A 32-bit load with acquire semantics at GPU scope: what a block waiting on a counter that other blocks raise after
+// fencing their writes reads it with (attention.cu's combine blocks).
+__device__ __forceinline__ unsigned fl_ld_acquire_u32(const unsigned *p) {
+    unsigned v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+#else
+    v = *(const volatile unsigned *)p;
+#endif
+    return v;
+}
+
+// The GPU's nanosecond clock (%globaltimer): for time bounds on waits, not for measuring.
+__device__ __forceinline__ unsigned long long fl_globaltimer_ns(void) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // Compute capability major of the current device (0 if unknown), cached per device.
 static inline int fl_cuda_cc_major(void) {
     static int cache[64];  // 0 = unknown; benign race: every writer stores the same value

@@ -111,21 +111,34 @@ __device__ __forceinline__ void fl_qx_store8(int16_t *__restrict__ xq, float2 *_
 // amax block and a vector (FL_QMX: a chunk) of one row): 32, or the chunk, 128 / 64, for FL_QMX.
 __host__ __device__ constexpr int fl_qx_cols(int qb) { return qb & FL_QMX ? fl_qchunk_cols(qb & 15) : 32; }
 
-// The one place a runtime x form becomes a template argument: f(std::integral_constant<int, QB>()) for qb = 4, 8,
-// 4 | FL_QX8, 8 | FL_QX8, 4 | FL_QX8 | FL_QXN, 4 | FL_QMX or 8 | FL_QMX (the kernels that write or read x take QB as a
-// template parameter); what f returns, or an error naming `what` for any other qb.
+// The x forms, once: X(qb) for each. Two places turn a runtime form into a template argument through it:
+// fl_qx_dispatch (host: the kernels that write or read x take QB as a template parameter) and fl_qx_dispatch_dev
+// (device: a kernel that writes x as one of several jobs, e.g. attention.cu's split kernel in its combine role).
+#define FL_QX_FORMS(X) X(4) X(8) X(4 | FL_QX8) X(8 | FL_QX8) X(4 | FL_QX8 | FL_QXN) X(4 | FL_QMX) X(8 | FL_QMX)
+
+// f(std::integral_constant<int, QB>()) for qb one of FL_QX_FORMS; what f returns, or an error naming `what` for any
+// other qb.
 template <typename F>
 static fl_status fl_qx_dispatch(int qb, const char *what, F &&f) {
+#define FL_QX_CASE_(q) \
+    case q: return f(std::integral_constant<int, q>());
     switch (qb) {
-    case 4: return f(std::integral_constant<int, 4>());
-    case 8: return f(std::integral_constant<int, 8>());
-    case 4 | FL_QX8: return f(std::integral_constant<int, 4 | FL_QX8>());
-    case 8 | FL_QX8: return f(std::integral_constant<int, 8 | FL_QX8>());
-    case 4 | FL_QX8 | FL_QXN: return f(std::integral_constant<int, 4 | FL_QX8 | FL_QXN>());
-    case 4 | FL_QMX: return f(std::integral_constant<int, 4 | FL_QMX>());
-    case 8 | FL_QMX: return f(std::integral_constant<int, 8 | FL_QMX>());
+    FL_QX_FORMS(FL_QX_CASE_)
     default: return fl_err(FL_E_INTERNAL, "%s: x form %d for the dp2a GEMV", what, qb);
     }
+#undef FL_QX_CASE_
+}
+
+// The same on the device: f(std::integral_constant<int, QB>()) for qb one of FL_QX_FORMS, nothing for any other.
+template <typename F>
+__device__ __forceinline__ void fl_qx_dispatch_dev(int qb, F &&f) {
+#define FL_QX_CASE_(q) \
+    case q: f(std::integral_constant<int, q>()); break;
+    switch (qb) {
+    FL_QX_FORMS(FL_QX_CASE_)
+    default: break;
+    }
+#undef FL_QX_CASE_
 }
 
 // Where a producer writes x for the quantised GEMV of the matmul that follows it (bits 0: do not).
