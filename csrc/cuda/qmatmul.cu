@@ -1886,19 +1886,22 @@ static fl_status launch_qdp_int(cudaStream_t st, T *y, const int16_t *xq, const 
              : launch_qdp<T, S, 8, false, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
 }
 
-// NF4 at one token row on int8 x without offsets (bitsandbytes' form): matrices of 16 MiB of codes or more take r4u4
-// (4 rows x 4 vectors a lane, 128 registers), smaller ones r2u2 (48 registers: more warps an SM for the short
-// launches). H200, decode batch 1, Qwen2.5-7B-shaped nf4, twenty-second session
-// (benchmarks/results/b1-structure-2026-12-04-h200/call6, call7): r4u2 everywhere (the old default) 480.6 / 480.5 and
-// 482.9 / 482.8 tok/s, r4u4 everywhere 488.8 / 488.8 and 490.4 / 490.6, r2u2 everywhere 483.9 / 483.8, this rule
-// 498.6 / 498.8 (+3.3%, call7). FASTLOAD_QDP_CFG (cfg) forces r4u4 (5), r2u4 (3), r2u2 (6) or r4u2 (0, and every other
-// value); NF4 with offsets and two token rows always take r4u2.
+// NF4 at one token row on int8 x without offsets (bitsandbytes' form): rows of more than 4096 bytes of codes (over 8192
+// columns: down_proj) take r2u4 (2 rows x 4 vectors a lane: twice the warps of r4u4 on a matrix of few rows), other
+// matrices of 16 MiB of codes or more r4u4 (4 rows x 4 vectors a lane, 128 registers), smaller ones r2u2 (48
+// registers: more warps an SM for the short launches). H200, decode batch 1, Qwen2.5-7B-shaped nf4, twenty-second
+// session (benchmarks/results/b1-structure-2026-12-04-h200/call6, call7): r4u2 everywhere (the old default) 480.6 /
+// 480.5 and 482.9 / 482.8 tok/s, r4u4 everywhere 488.8 / 488.8 and 490.4 / 490.6, r2u2 everywhere 483.9 / 483.8, r4u4
+// from 16 MiB and r2u2 below 498.6 / 498.8 (+3.3%, call7); twenty-third session, r2u4 on down_proj as well: 508.1 ->
+// 516.5 tok/s in three rounds each (+1.65%, benchmarks/results/att-fuse-2026-12-04-h200/call3). FASTLOAD_QDP_CFG (cfg)
+// forces r4u4 (5), r2u4 (3), r2u2 (6) or r4u2 (0, and every other value); NF4 with offsets and two token rows always
+// take r4u2.
 template <typename T, typename S, bool X8>
 static fl_status launch_qdp_nf4(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n, int cfg) {
     const bool z = W.m != nullptr;
     if constexpr (X8) {
-        if (cfg < 0) cfg = W.R * W.rb >= ((int64_t)16 << 20) ? 5 : 6;
+        if (cfg < 0) cfg = W.rb > 4096 ? 3 : W.R * W.rb >= ((int64_t)16 << 20) ? 5 : 6;
         if (n <= 1 && !z && cfg == 5) return launch_qdp_cfg<T, S, 4, false, 1, 4, 4, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
         if (n <= 1 && !z && cfg == 3) return launch_qdp_cfg<T, S, 4, false, 1, 2, 4, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
         if (n <= 1 && !z && cfg == 6) return launch_qdp_cfg<T, S, 4, false, 1, 2, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
