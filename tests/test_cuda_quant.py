@@ -275,14 +275,12 @@ def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
 
 
-
-
 @pytest.mark.parametrize("cfg", [None, "r4u2", "r4u4", "r2u4", "r2u2"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 64), (37, 18944, 64), (1000, 640, 64), (10001, 3584, 64)])
 def test_qdp_nf4_configs(cfg, R, C, gs, monkeypatch):
     """NF4 at one token row on int8 x (launch_qdp_nf4): by default r2u4 for rows of over 4096 bytes of codes (37 x
-    18944), r4u4 for 16 MiB of codes or more (10001 x 3584), r2u2 below; FASTLOAD_QDP_CFG forces r4u2 / r4u4 / r2u4 / r2u2. Row groups past the last row, rows split over a
-    block's warps (18944 columns), grids of many blocks."""
+    18944), r4u4 for 16 MiB of codes or more (10001 x 3584), r2u2 below; FASTLOAD_QDP_CFG forces r4u2 / r4u4 / r2u4 /
+    r2u2. Row groups past the last row, rows split over a block's warps (18944 columns), grids of many blocks."""
     if cfg is None:
         monkeypatch.delenv("FASTLOAD_QDP_CFG", raising=False)
     else:
