@@ -210,6 +210,9 @@ def test_gemv_variants(act, variant, R, C, n, monkeypatch):
     ({"FASTLOAD_QGEMV_UP_TO": "9"}, "FASTLOAD_QGEMV_UP_TO='9'"),
     ({"FASTLOAD_QGEMV": "fast"}, "FASTLOAD_QGEMV='fast' is not auto, dp, fma, mma or generic"),
     ({"FASTLOAD_QDP_CFG": "r9u9"}, "FASTLOAD_QDP_CFG='r9u9'"),
+    ({"FASTLOAD_QDP_CFG": "huge:r4u2"}, "class 'huge' is not small, big or long"),
+    ({"FASTLOAD_QDP_CFG": "long:r2u4/g0"}, "'/g0' is not /g1../g16"),
+    ({"FASTLOAD_QDP_CFG": "r2u4,4big:r4u5"}, "'r4u5' is not auto"),
 ])
 def test_knob_errors(monkeypatch, settings, match):
     """The backend's knobs are read when it is made: a bad value is a ValueError naming it (any op makes one)."""

@@ -264,7 +264,7 @@ def test_qdp_large_int4(act, fmt, R, C, gs, monkeypatch):
     run_qmatmul_x8(act, R, C, gs, fmt, 1, rng_and_seed(), monkeypatch)
 
 
-@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4"])
+@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4", "r4u4", "r2u2"])
 @pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
 @pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (7, 576, 32), (1000, 640, 64)])
 def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
@@ -273,6 +273,18 @@ def test_qdp_configs(cfg, fmt, R, C, gs, monkeypatch):
     int4 r4u2 splits 592 vectors over 10 warps at once, r4u1 and int8 loop) and small groups."""
     monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
     run_qmatmul("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), bias=(R == 7))
+
+
+@pytest.mark.parametrize("cfg", ["r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4", "r4u4", "r2u2",
+                                 "small:r2u2/g8,big:r4u4/g4,long:r2u4/g2", "4:r4u4/g16,8:r2u2/g16", "r4u2/g1"])
+@pytest.mark.parametrize("fmt", ["int4-f16-min", "int4-f32-sym", "int8-f16-sym", "int8-f32-min"])
+@pytest.mark.parametrize("R,C,gs", [(129, 3584, 128), (37, 18944, 128), (1000, 640, 64)])
+def test_qdp_configs_int8_x(cfg, fmt, R, C, gs, monkeypatch):
+    """The same on int8 x (4-bit codes take it by default; 8-bit codes with FASTLOAD_CUDA_QDOT=int8), and the knob's
+    per-class form with row groups a block (/gN; more than the block's 16 warps allow is ignored): at one token row
+    every configuration is reachable on int8 x too."""
+    monkeypatch.setenv("FASTLOAD_QDP_CFG", cfg)
+    run_qmatmul_x8("bfloat16", R, C, gs, fmt, 1, rng_and_seed(), monkeypatch)
 
 
 @pytest.mark.parametrize("cfg", [None, "r4u2", "r4u4", "r2u4", "r2u2"])

@@ -625,6 +625,57 @@ static fl_status knob01(const char *name, int *v) {
     return FL_OK;
 }
 
+// FASTLOAD_QDP_CFG (measurements): the dp2a GEMV's configuration at 1-2 token rows, a comma list of [4|8][small|big|
+// long:]NAME[/gG]: NAME one of r4u2 r4u1 r8u1 r2u4 r8u1w4 r4u4 r2u2 (rows a warp, vectors a lane; w4: at most 4 warps a
+// row), G row groups a block; the prefix limits an item to 4- or 8-bit codes and / or one class of matrix (qmatmul.cu's
+// qdp_class: small q|k|v / o, big gate|up / LM head, long down_proj); a bare NAME sets every class. Later items win.
+static fl_status read_qdp_cfg(fl_cuda_impl *c) {
+    for (int b = 0; b < 2; b++)
+        for (int k = 0; k < 3; k++) c->qdp_cfg[b][k] = -1, c->qdp_gpb[b][k] = 0;
+    const char *q = getenv("FASTLOAD_QDP_CFG");
+    if (!q || !*q) return FL_OK;
+    static const char *names[] = {"r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4", "r4u4", "r2u2"};
+    static const char *classes[] = {"small", "big", "long"};
+    char buf[256];
+    if (strlen(q) >= sizeof buf) return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%.40s...' is too long", q);
+    strcpy(buf, q);
+    for (char *save = NULL, *it = strtok_r(buf, ",", &save); it; it = strtok_r(NULL, ",", &save)) {
+        int b0 = 0, b1 = 1, k0 = 0, k1 = 2, cfg = -1, gpb = 0;
+        char *name = it, *colon = strchr(it, ':');
+        if (colon) {
+            *colon = 0;
+            char *cls = it;
+            if (*cls == '4' || *cls == '8') {
+                b0 = b1 = *cls == '8';
+                cls++;
+            }
+            if (*cls) {
+                k0 = -1;
+                for (int k = 0; k < 3; k++)
+                    if (!strcmp(cls, classes[k])) k0 = k1 = k;
+                if (k0 < 0) return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s': class '%s' is not small, big or long", q, cls);
+            }
+            name = colon + 1;
+        }
+        char *slash = strchr(name, '/');
+        if (slash) {
+            *slash = 0;
+            char *end;
+            const long g = strtol(slash + 1 + (slash[1] == 'g'), &end, 10);
+            if (slash[1] != 'g' || *end || g < 1 || g > 16)
+                return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s': '/%s' is not /g1../g16", q, slash + 1);
+            gpb = (int)g;
+        }
+        for (int i = 0; i < 7; i++)
+            if (!strcmp(name, names[i])) cfg = i;
+        if (cfg < 0 && strcmp(name, "auto"))
+            return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s': '%s' is not auto, r4u2, r4u1, r8u1, r2u4, r8u1w4, r4u4 or r2u2", q, name);
+        for (int b = b0; b <= b1; b++)
+            for (int k = k0; k <= k1; k++) c->qdp_cfg[b][k] = cfg, c->qdp_gpb[b][k] = gpb;
+    }
+    return FL_OK;
+}
+
 static fl_status read_knobs(fl_cuda_impl *c) {
     c->gemv_up_to = -1;
     c->gemv_variant = FL_GEMV_AUTO;
@@ -658,16 +709,7 @@ static fl_status read_knobs(fl_cuda_impl *c) {
         else if (!strcmp(q, "int16")) c->qx8 = FL_QX8_NONE;
         else if (strcmp(q, "auto")) return fl_err(FL_E_VALUE, "FASTLOAD_CUDA_QDOT='%s' is not auto, int16 or int8", q);
     }
-    c->qdp_cfg = -1;
-    q = getenv("FASTLOAD_QDP_CFG");
-    if (q && *q) {
-        // launch_qdp_n (qmatmul.cu); r4u4 and r2u2 for NF4 on int8 x only (launch_qdp_nf4)
-        static const char *names[] = {"r4u2", "r4u1", "r8u1", "r2u4", "r8u1w4", "r4u4", "r2u2"};
-        for (int i = 0; i < 7; i++)
-            if (!strcmp(q, names[i])) c->qdp_cfg = i;
-        if (c->qdp_cfg < 0)
-            return fl_err(FL_E_VALUE, "FASTLOAD_QDP_CFG='%s' is not r4u2, r4u1, r8u1, r2u4, r8u1w4, r4u4 or r2u2", q);
-    }
+    FL_TRY(read_qdp_cfg(c));
     int glu = 1;
     FL_TRY(knob01("FASTLOAD_GLU_FUSE", &glu));
     c->glu_u = glu ? 4 : 0;

@@ -54,7 +54,8 @@ typedef struct fl_cuda_impl {
     int qgemv_up_to;            /* quantised matmul: GEMV for n <= this (FASTLOAD_QGEMV_UP_TO, -1: default) */
     int qgemv_variant;          /* FL_QGEMV_* (FASTLOAD_QGEMV=auto|dp|fma|mma|generic) */
     int qx8;                    /* x form of the 1-2-row GEMV (FASTLOAD_CUDA_QDOT): FL_QX8_AUTO (int8 x for 4-bit codes), _ALL, _NONE */
-    int qdp_cfg;                /* dp2a GEMV at n <= 2 (FASTLOAD_QDP_CFG=r4u2|r4u1|r8u1|r2u4|r8u1w4 -> 0..4; -1 auto) */
+    int qdp_cfg[2][3];          /* dp2a GEMV at n <= 2, [8-bit codes][class: small, big, long] (qmatmul.cu's qdp_pick): */
+    int qdp_gpb[2][3];          /*   configuration (-1 auto) and row groups a block (0 default); FASTLOAD_QDP_CFG */
     int qmma_int;               /* integer-code GEMV at 3..8 rows on the integer tensor cores (FASTLOAD_QMMA_INT, default 1); 0: f16 / bf16 ones */
     size_t scratch_bytes;
     std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */

@@ -1808,16 +1808,18 @@ static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const
 
 // A warp per group of RPW rows, U vectors of each per lane, all loaded at once; a row of more than 32 * U vectors is
 // split over up to MAXW warps of a block (one step each), longer rows loop. Short rows: QDP_WARPS row groups per block.
+// gpb_req > 0: row groups per block (FASTLOAD_QDP_CFG's /gN, for measurements; at most MAXW warps a block).
 template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool X8 = false,
           int MINB = 0>
 static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                const T *bias, uint32_t gm, int n) {
+                                const T *bias, uint32_t gm, int n, int gpb_req = 0) {
     static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
     const int64_t nv = W.rb / 16;
     int64_t split = (nv + 32 * U - 1) / (32 * U);
     const bool loop = split > MAXW;
     if (loop) split = MAXW;
-    const int64_t gpb = split >= QDP_WARPS ? 1 : QDP_WARPS / split;  // row groups per block
+    int64_t gpb = split >= QDP_WARPS ? 1 : QDP_WARPS / split;  // row groups per block
+    if (gpb_req > 0 && gpb_req * split <= MAXW) gpb = gpb_req;
     const int64_t groups = (W.R + RPW - 1) / RPW, blocks = (groups + gpb - 1) / gpb;
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
     const dim3 grid((unsigned)blocks), block((unsigned)(32 * split * gpb));
@@ -1830,7 +1832,20 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
     return FL_OK;
 }
 
-// The configuration (FASTLOAD_QDP_CFG, c->qdp_cfg: r4u2 r4u1 r8u1 r2u4 r8u1w4; -1 = auto). Auto at 1-2 token rows:
+// The configuration of one weight's GEMV: cfg 0..6 = r4u2 r4u1 r8u1 r2u4 r8u1w4 r4u4 r2u2 (-1: auto), gpb row groups
+// a block (0: the default). FASTLOAD_QDP_CFG sets them per code width (4 / 8 bits) and class of matrix (qdp_class:
+// small, big = 16 MiB of codes or more, long = rows of more than 4096 bytes of codes), for measurements (cuda_backend.cu).
+struct QdpPick {
+    int cfg, gpb;
+};
+// 0 small (q|k|v, o), 1 big (gate|up, the LM head), 2 long rows (down_proj)
+static int qdp_class(const fl_qw &W) { return W.rb > 4096 ? 2 : W.R * W.rb >= ((int64_t)16 << 20) ? 1 : 0; }
+static QdpPick qdp_pick(const fl_cuda_impl *c, const fl_qw &W) {
+    const int b = W.bits == 8, k = qdp_class(W);
+    return {c->qdp_cfg[b][k], c->qdp_gpb[b][k]};
+}
+
+// Auto at 1-2 token rows:
 // r4u2 (4 rows x 2 vectors per lane, loaded at once; a row split over up to 16 warps) for rows of at most 1024
 // vectors, r8u1w4 (8 rows x 1 vector, a row split over 4 warps that loop) for longer ones (int8 down_proj: 1184).
 // H200, one launch in a graph of 10, % of the copy rate (dev/cuda/qgemv_bench.cu, 2026-12-01;
@@ -1841,49 +1856,60 @@ static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const 
 //   the first kernel (a trip per step; r4u1 for int4, r8u1 over 4 warps for int8)
 //                              32.6      29.8  78.1    61.8   56.0      53.6  95.1    83.8  104.2
 //   a plain read of the codes  52.2      43.9  91.7    81.6   66.7      60.3  98.6    92.3  104.6
-// X8 (int8 x) takes the auto configurations only (cfg is ignored), and at one token row 4-bit matrices of 16 MiB of
-// codes or more take r4u4 (4 rows x 4 vectors a lane, 128 registers; H200, the GEMV alone on int8 x, us, twenty-first
-// session, benchmarks/results/imma8-index-2026-12-04-h200/call5: int4 gate|up 18.25 -> 17.75, down 11.40 -> 10.88; on
-// q|k|v and o it is slower, 3.27 -> 3.72 and 3.10 -> 3.31: too few warps; at two rows it spills; decode int4 batch 1
-// 610.5 -> 612.2 tok/s, within noise). Registers capped at 64 (8 blocks of 4 warps an SM instead of 6) spill and were
-// 10-35% slower on every shape (call5, x8-*b2).
+// On int8 x (X8) at one token row every configuration can be asked for; at two rows only r4u2 / r8u1w4 exist. By
+// default 4-bit matrices of 16 MiB of codes or more take r4u4 at one row (4 rows x 4 vectors a lane, 128 registers;
+// H200, the GEMV alone on int8 x, us, twenty-first session, benchmarks/results/imma8-index-2026-12-04-h200/call5: int4
+// gate|up 18.25 -> 17.75, down 11.40 -> 10.88; on q|k|v and o it is slower, 3.27 -> 3.72 and 3.10 -> 3.31: too few
+// warps; at two rows it spills; decode int4 batch 1 610.5 -> 612.2 tok/s, within noise). Registers capped at 64 (8
+// blocks of 4 warps an SM instead of 6) spill and were 10-35% slower on every shape (call5, x8-*b2).
+// In the decode step, one class changed at a time (twenty-fourth session, benchmarks/results/qdp-sweep-2026-12-04-h200/,
+// tok/s, two rounds): the defaults are the fastest. int4 636: down r2u4 626, r2u2 624, r4u2 626; q|k|v / o r2u2 633,
+// r4u1 601; gate|up r2u4 627, r4u4 with 8 / 16 row groups a block 631 / 596. int8 447: q|k|v / o r2u2 434, r4u4 447;
+// gate|up and LM head r4u4 443. nf4 516: gate|up with 16 row groups a block 465.
 template <typename T, typename S, int BITS, bool ZEROS, int N, bool X8>
 static fl_status launch_qdp_n(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                              const T *bias, uint32_t gm, int n, int cfg) {
-    if constexpr (N == 1 && X8 && BITS == 4)
-        if (W.R * W.rb >= ((int64_t)16 << 20) && W.rb / 16 <= 1024)
-            return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 4, false, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+                              const T *bias, uint32_t gm, int n, QdpPick pk) {
+    int cfg = pk.cfg;
+    const int g = pk.gpb;
     if constexpr (N <= 2) {
-        if (cfg < 0 || X8) cfg = W.rb / 16 <= 1024 ? 0 : 4;
+        if (cfg < 0) {
+            cfg = W.rb / 16 <= 1024 ? 0 : 4;
+            if (N == 1 && X8 && BITS == 4 && W.R * W.rb >= ((int64_t)16 << 20) && W.rb / 16 <= 1024) cfg = 5;
+        }
+        if constexpr (X8 && N == 2)  // two rows on int8 x: r4u2 or r8u1w4 (r4u4 spills there)
+            return cfg == 4 ? launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 4, X8>(st, y, xq, xd, W, bias, gm, n, g)
+                            : launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
         switch (cfg) {
-        case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1, false, 16>(st, y, xq, xd, W, bias, gm, n);
-        case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 16>(st, y, xq, xd, W, bias, gm, n);
-        case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 4, false, 16>(st, y, xq, xd, W, bias, gm, n);
-        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 4, X8>(st, y, xq, xd, W, bias, gm, n);
-        default: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+        case 1: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 1, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+        case 2: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+        case 3: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 4, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+        case 4: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 8, 1, false, 4, X8>(st, y, xq, xd, W, bias, gm, n, g);
+        case 5: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 4, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+        case 6: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+        default: return launch_qdp_cfg<T, S, BITS, ZEROS, N, 4, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
         }
     }
-    return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+    return launch_qdp_cfg<T, S, BITS, ZEROS, N, 2, 2, false, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
 }
 
 template <typename T, typename S, int BITS, bool ZEROS, bool X8>
 static fl_status launch_qdp(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, const T *bias,
-                            uint32_t gm, int n, int cfg) {
-    if (n <= 1) return launch_qdp_n<T, S, BITS, ZEROS, 1, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (n <= 2) return launch_qdp_n<T, S, BITS, ZEROS, 2, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (n <= 4) return launch_qdp_n<T, S, BITS, ZEROS, 4, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    return launch_qdp_n<T, S, BITS, ZEROS, 8, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+                            uint32_t gm, int n, QdpPick pk) {
+    if (n <= 1) return launch_qdp_n<T, S, BITS, ZEROS, 1, X8>(st, y, xq, xd, W, bias, gm, n, pk);
+    if (n <= 2) return launch_qdp_n<T, S, BITS, ZEROS, 2, X8>(st, y, xq, xd, W, bias, gm, n, pk);
+    if (n <= 4) return launch_qdp_n<T, S, BITS, ZEROS, 4, X8>(st, y, xq, xd, W, bias, gm, n, pk);
+    return launch_qdp_n<T, S, BITS, ZEROS, 8, X8>(st, y, xq, xd, W, bias, gm, n, pk);
 }
 
 template <typename T, typename S, bool X8>
 static fl_status launch_qdp_int(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                const T *bias, uint32_t gm, int n, int cfg) {
+                                const T *bias, uint32_t gm, int n, QdpPick pk) {
     const bool z = W.m != nullptr;
     if (W.bits == 4)
-        return z ? launch_qdp<T, S, 4, true, X8>(st, y, xq, xd, W, bias, gm, n, cfg)
-                 : launch_qdp<T, S, 4, false, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
-    return z ? launch_qdp<T, S, 8, true, X8>(st, y, xq, xd, W, bias, gm, n, cfg)
-             : launch_qdp<T, S, 8, false, X8>(st, y, xq, xd, W, bias, gm, n, cfg);
+        return z ? launch_qdp<T, S, 4, true, X8>(st, y, xq, xd, W, bias, gm, n, pk)
+                 : launch_qdp<T, S, 4, false, X8>(st, y, xq, xd, W, bias, gm, n, pk);
+    return z ? launch_qdp<T, S, 8, true, X8>(st, y, xq, xd, W, bias, gm, n, pk)
+             : launch_qdp<T, S, 8, false, X8>(st, y, xq, xd, W, bias, gm, n, pk);
 }
 
 // NF4 at one token row on int8 x without offsets (bitsandbytes' form): rows of more than 4096 bytes of codes (over 8192
@@ -1898,30 +1924,36 @@ static fl_status launch_qdp_int(cudaStream_t st, T *y, const int16_t *xq, const 
 // take r4u2.
 template <typename T, typename S, bool X8>
 static fl_status launch_qdp_nf4(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                const T *bias, uint32_t gm, int n, int cfg) {
+                                const T *bias, uint32_t gm, int n, QdpPick pk) {
     const bool z = W.m != nullptr;
+    const int g = pk.gpb;
     if constexpr (X8) {
-        if (cfg < 0) cfg = W.rb > 4096 ? 3 : W.R * W.rb >= ((int64_t)16 << 20) ? 5 : 6;
-        if (n <= 1 && !z && cfg == 5) return launch_qdp_cfg<T, S, 4, false, 1, 4, 4, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
-        if (n <= 1 && !z && cfg == 3) return launch_qdp_cfg<T, S, 4, false, 1, 2, 4, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
-        if (n <= 1 && !z && cfg == 6) return launch_qdp_cfg<T, S, 4, false, 1, 2, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+        if (n <= 1 && !z) {
+            const int cfg = pk.cfg >= 0 ? pk.cfg : W.rb > 4096 ? 3 : W.R * W.rb >= ((int64_t)16 << 20) ? 5 : 6;
+            switch (cfg) {
+            case 5: return launch_qdp_cfg<T, S, 4, false, 1, 4, 4, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+            case 3: return launch_qdp_cfg<T, S, 4, false, 1, 2, 4, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+            case 6: return launch_qdp_cfg<T, S, 4, false, 1, 2, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+            default: break;
+            }
+        }
     }
     if (n <= 1)
-        return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n)
-                 : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
-    return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n)
-             : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n);
+        return z ? launch_qdp_cfg<T, S, 4, true, 1, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g)
+                 : launch_qdp_cfg<T, S, 4, false, 1, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
+    return z ? launch_qdp_cfg<T, S, 4, true, 2, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g)
+             : launch_qdp_cfg<T, S, 4, false, 2, 4, 2, true, 16, X8>(st, y, xq, xd, W, bias, gm, n, g);
 }
 
 // qb: the x form (qdp_qb)
 template <typename T, typename S>
 static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                const T *bias, uint32_t gm, int n, int cfg, int qb) {
+                                const T *bias, uint32_t gm, int n, QdpPick pk, int qb) {
     if (W.code == FL_QCODE_NF4)  // n <= 2 only (qdp_at); configurations: launch_qdp_nf4
-        return qb & FL_QX8 ? launch_qdp_nf4<T, S, true>(st, y, xq, xd, W, bias, gm, n, cfg)
-                           : launch_qdp_nf4<T, S, false>(st, y, xq, xd, W, bias, gm, n, cfg);
-    if (qb & FL_QX8) return launch_qdp_int<T, S, true>(st, y, xq, xd, W, bias, gm, n, cfg);
-    return launch_qdp_int<T, S, false>(st, y, xq, xd, W, bias, gm, n, cfg);
+        return qb & FL_QX8 ? launch_qdp_nf4<T, S, true>(st, y, xq, xd, W, bias, gm, n, pk)
+                           : launch_qdp_nf4<T, S, false>(st, y, xq, xd, W, bias, gm, n, pk);
+    if (qb & FL_QX8) return launch_qdp_int<T, S, true>(st, y, xq, xd, W, bias, gm, n, pk);
+    return launch_qdp_int<T, S, false>(st, y, xq, xd, W, bias, gm, n, pk);
 }
 
 static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
@@ -1958,8 +1990,9 @@ static fl_status qgemv_dp_t(fl_cuda_impl *c, T *y, const T *x, int n, const fl_q
             return FL_OK;
         }));
     }
-    return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb)
-                 : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, c->qdp_cfg, qb);
+    const QdpPick pk = qdp_pick(c, W);
+    return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, pk, qb)
+                 : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, pk, qb);
 }
 
 static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x, int n, const fl_qw &W,
