@@ -5,11 +5,9 @@
 # one JSON line per run and mode (dev/cuda/decode_ab.py: tok/s, roofline share, greedy token hash).
 #   OUT=/tmp/o STAGES="build tests" SETTINGS="FASTLOAD_CUDA_QDOT=int16 FASTLOAD_CUDA_QDOT=int8" \
 #       QUANT_MODES=int8,int4 ROUNDS=2 bash dev/cuda/env_ab.sh                                    carry [".devobj"]
-set -u
-OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
-export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
+source dev/cuda/ab_prelude.sh
 OUT=$OUT STAGES="${STAGES:-build tests} quant" QUANT_MODES=bf16 bash dev/cuda/verify_gpu.sh
-bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
+bw=$(copy_bw)
 echo "== settings $(date +%T), copy $bw GB/s"
 for r in $(seq ${ROUNDS:-2}); do
   for s in ${SETTINGS:-FASTLOAD_PDL=1}; do

@@ -7,21 +7,17 @@
 #                                                                                      carry [".devobj", ".device"]
 # BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log; QMMA_BENCH=1: .device/qmma_bench
 # (dev/cuda/qgemv_bench.sh dev/cuda/qmma_bench.cu, xz-compressed: the GEMV at 1..8 rows) into $OUT/qmma_bench.log, before the decode runs.
-set -u
-OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
-export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
-python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
-ck=$!
+source dev/cuda/ab_prelude.sh
+ckpt_start
 OUT=$OUT STAGES="${STAGES:-build tests}" TESTS="${TESTS:-tests/test_cuda_quant.py}" bash dev/cuda/verify_gpu.sh
-wait $ck; tail -2 "$OUT/ckpt.log"
+ckpt_wait
 if [ -n "${QMMA_BENCH:-}" ] && [ -f .device/qmma_bench.xz ]; then
   xz -dkf .device/qmma_bench.xz && chmod +x .device/qmma_bench && echo "== qmma bench $(date +%T)"
   LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} timeout ${BENCH_S:-200} .device/qmma_bench ${BENCH_REPS:-7} \
       > "$OUT/qmma_bench.log" 2>&1; echo "qmma bench rc=$?"; cat "$OUT/qmma_bench.log"
 fi
-bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
+bw=$(copy_bw)
 echo "== decode $(date +%T), copy $bw GB/s"
-envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }
 for r in $(seq ${ROUNDS:-2}); do
   for s in ${SETTINGS:-- FASTLOAD_CUDA_QDOT=int8}; do
     env $(envs "$s") timeout 200 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant ${QUANT_MODES:-int4,int8} \

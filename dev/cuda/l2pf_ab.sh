@@ -6,16 +6,12 @@
 # settings, "-" for none; FASTLOAD_L2PF's own list separated by ':'), QUANT_MODES, ROUNDS rounds interleaved, bf16 once
 # a round; then step timelines (FASTLOAD_PDL=0, 4 layers, int4) per TL_SETTINGS.
 #   OUT=/tmp/o SETTINGS="- FASTLOAD_L2PF=o=1:gu=0.25" bash dev/cuda/l2pf_ab.sh                 carry [".devobj"]
-set -u
-OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
-export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
-python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
-ck=$!
+source dev/cuda/ab_prelude.sh
+ckpt_start
 OUT=$OUT STAGES="build${TESTS:+ tests}" TESTS="${TESTS:-}" bash dev/cuda/verify_gpu.sh
-wait $ck; tail -2 "$OUT/ckpt.log"
-bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
+ckpt_wait
+bw=$(copy_bw)
 echo "== decode $(date +%T), copy $bw GB/s"
-envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }
 for r in $(seq ${ROUNDS:-2}); do
   timeout 100 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16 --bw-gbs "$bw" --label "bf16-r$r" \
       | tee -a "$OUT/decode.jsonl"

@@ -7,16 +7,13 @@
 # build / tests: as dev/cuda/verify_gpu.sh; bench: .device/qgemv_bench when it is there (dev/cuda/qgemv_bench.sh).
 # FORWARD=1: the tree as carried is the base (its .devobj match it, no compile there), decoded first; then PATCH is
 # applied, rebuilt (only the files it touches), TESTS run on it, and decoded ("new").
-set -u
-OUT=${OUT:-/tmp/fl_out}; mkdir -p "$OUT"
+source dev/cuda/ab_prelude.sh
 STAGES=${STAGES:-"build tests decode"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-export PATH="$PATH:/usr/local/cuda/bin" PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTLOAD_SKIP_DEMO=1
 vs=""; has build && vs="build"; has tests && vs="$vs tests"
 [ -n "$vs" ] && OUT=$OUT STAGES="$vs" bash dev/cuda/verify_gpu.sh
 if has decode; then  # the checkpoint is drawn while the bench runs
-  python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 &
-  ck=$!
+  ckpt_start
 fi
 if has bench && [ -x .device/qgemv_bench ]; then
   echo "== bench $(date +%T)"
@@ -31,9 +28,9 @@ decode() {  # $1 label
   done
 }
 if has decode; then
-  wait $ck
+  ckpt_wait
   echo "== decode $(date +%T)"
-  bw=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))")
+  bw=$(copy_bw)
   echo "copy $bw GB/s"
   if [ -n "${FORWARD:-}" ]; then
     decode base
