@@ -763,18 +763,23 @@ _FUSE_WIDE_CODE = (
     "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n")
 
 
+def _wide_runs(tmp_path, knob):
+    """_FUSE_WIDE_CODE's arrays and counts with `knob` set to 1 and to 0 (the wide fixture written under tmp_path)."""
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    import quant_fixtures as qf
+    cfg = qf.model_config("llama", vocab=320, hidden=256, inter=512, layers=2, heads=2, kv=1, head_dim=128)
+    path = qf._write_dir(str(tmp_path / "wide"), cfg, qf.float_weights(cfg, seed=1))
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    return _arrays_per_setting(_FUSE_WIDE_CODE % ([HERE, os.path.dirname(HERE)], path), knob, ("1", "0"))
+
+
 def test_quantized_model_qx_fuse_imma8(tmp_path):
     """At 3..8 token rows the integer tensor-core GEMV's x planes (qx.cuh's FL_QMX form) are written by the op before
     the matmul (RMSNorm, SwiGLU, the decode attention's combine) instead of the GEMV's own prep: the same bits as with
     FASTLOAD_QX_FUSE=0 for int8, int4 (bf16, f16) and nf4 (groups of 64: half chunks), eager and graph-captured; and
     the core's fused-input count is every quantised matmul of the forward (q|k|v, o, gate|up, down, LM head) at each
     row count (the dp2a GEMV's forms at 1 row, FL_QMX at 3, 4 and 8), 0 with fusion off."""
-    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    import quant_fixtures as qf
-    cfg = qf.model_config("llama", vocab=320, hidden=256, inter=512, layers=2, heads=2, kv=1, head_dim=128)
-    path = qf._write_dir(str(tmp_path / "wide"), cfg, qf.float_weights(cfg, seed=1))
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    res = _arrays_per_setting(_FUSE_WIDE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_QX_FUSE", ("1", "0"))
+    res = _wide_runs(tmp_path, "FASTLOAD_QX_FUSE")
     for a, b in zip(res["1"][0], res["0"][0]):
         np.testing.assert_array_equal(a, b)
     for (per1, lay), (per0, _) in zip(res["1"][1], res["0"][1]):
@@ -789,12 +794,7 @@ def test_quantized_model_att_fuse_bit_identical(tmp_path):
     blocks that wait for their head's splits) or in a kernel of its own (=0): the same bits in _FUSE_WIDE_CODE's
     forwards and graph-captured decodes (every layer and step reuses the same counters, so one left non-zero would
     show), including o_proj's x in each form the combine writes (int8 x at 1 row, the tensor-core planes at 3..8)."""
-    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    import quant_fixtures as qf
-    cfg = qf.model_config("llama", vocab=320, hidden=256, inter=512, layers=2, heads=2, kv=1, head_dim=128)
-    path = qf._write_dir(str(tmp_path / "wide"), cfg, qf.float_weights(cfg, seed=1))
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    res = _arrays_per_setting(_FUSE_WIDE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_ATT_FUSE", ("1", "0"))
+    res = _wide_runs(tmp_path, "FASTLOAD_ATT_FUSE")
     assert len(res["1"][0]) == len(res["0"][0]) == 24
     for a, b in zip(res["1"][0], res["0"][0]):
         np.testing.assert_array_equal(a, b)
