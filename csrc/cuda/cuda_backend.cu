@@ -425,10 +425,10 @@ static fl_status cu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n,
         }
     } else {
         const int max_active = nk < E ? (int)nk : E;
-        if (q13) FL_TRY(fl_cuda_moe_qgemv(be, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13, 2 * f));
+        if (q13) FL_TRY(fl_cuda_moe_qgemv(be, ws->gu, x_d, n, n, ws->perm, k, ws->offs, E, max_active, w13, 2 * f));
         else FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13->data_d, 2 * f, d));
         FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
-        if (q2) FL_TRY(fl_cuda_moe_qgemv(be, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2, d));
+        if (q2) FL_TRY(fl_cuda_moe_qgemv(be, ws->y, ws->ff, (int)nk, n, NULL, 1, ws->offs, E, max_active, w2, d));
         else FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2->data_d, d, f));
     }
     return fl_cuda_moe_combine(st, be->act, out_d, ws->y, ids_d, wts_d, ws->inv, n, k, d);
@@ -614,6 +614,7 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // FASTLOAD_ROPE_FUSE=1|0: the decode attention rotates q and k and stores k / v itself (default 1; cu_rope_attention).
 // FASTLOAD_ATT_FUSE=1|0: the decode attention combines its splits in the split kernel's grid (default 1; attention.cuh).
 // FASTLOAD_QMMA_INT=1|0: integer-code GEMV at 3..8 token rows on the integer tensor cores (default 1; qgemv_imma8_kernel).
+// FASTLOAD_MOE_QDP=1|0: quantised experts' decode GEMV on integer dot products (default 1; fl_cuda_moe_qgemv).
 // An on/off knob: *v = 1 (default) unless the variable is "0"; anything but "", "0" and "1" is an error.
 static fl_status knob01(const char *name, int *v) {
     const char *q = getenv(name);
@@ -702,6 +703,7 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     FL_TRY(knob01("FASTLOAD_ROPE_FUSE", &c->rope_fuse));
     FL_TRY(knob01("FASTLOAD_ATT_FUSE", &c->att_fuse));
     FL_TRY(knob01("FASTLOAD_QMMA_INT", &c->qmma_int));
+    FL_TRY(knob01("FASTLOAD_MOE_QDP", &c->moe_qdp));
     c->qx8 = FL_QX8_AUTO;
     q = getenv("FASTLOAD_CUDA_QDOT");
     if (q && *q) {

@@ -1066,11 +1066,19 @@ __device__ __forceinline__ int qdot_nf4_vec8(const uint4 &c, const uint4 *xv) {
 // longer than MAXW warps' worth loop over steps (each step one latency), the rare case.
 // X8: x as int8 (qdot_vec8), else int16.
 // MINB > 0: registers capped for MINB blocks of MAXW warps an SM (__launch_bounds__; 0: the compiler's choice).
+// MOE: Mixture of Experts decode (fl_cuda_moe_qgemv): W is one expert's view (R its rows) of a stack of experts;
+// blockIdx.y is an active expert (mo.offs, from the routing on the device: read after fl_pdl_wait, so this form
+// loads nothing before it), whose slots p0.. (at most N) are its token rows: x row mo.slot_perm[p] / mo.x_div (or p),
+// y row p.
+struct QdpMoe {
+    const int32_t *offs, *slot_perm;
+    int x_div, E;
+};
 template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP, bool X8,
-          int MINB = 0>
+          int MINB = 0, bool MOE = false>
 __global__ void __launch_bounds__(MAXW * 32, MINB)
 qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
-                const T *__restrict__ bias, uint32_t gmagic, int n, int split) {  // n <= N token rows
+                const T *__restrict__ bias, uint32_t gmagic, int n, int split, QdpMoe mo) {  // n <= N token rows
     constexpr int VC = BITS == 4 ? 32 : 16, XV = X8 ? VC / 16 : VC / 8;  // columns per vector of codes, uint4 of x per vector
     constexpr float HALF = (float)(1 << (BITS - 1));
     __shared__ float red[MAXW][N * RPW];
@@ -1081,6 +1089,24 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     const int64_t r0 = ((int64_t)blockIdx.x * gpb + grp) * RPW;
     const uint4 *wbase = (const uint4 *)W.q;
     const S *sc = (const S *)W.s, *zc = (const S *)W.m;
+    int xrow[N], y0 = 0;  // token row i's x row (dense: i) and y row y0 + i
+#pragma unroll
+    for (int i = 0; i < N; i++) xrow[i] = i;
+    if constexpr (MOE) {
+        fl_pdl_wait();  // routing and grouping (mo.offs, mo.slot_perm) come from the previous kernels
+        if ((int)blockIdx.y >= mo.offs[2 * mo.E + 1]) return;  // fewer experts have slots than the grid allows for
+        const int e = mo.offs[mo.E + 1 + blockIdx.y], p0 = mo.offs[e];
+        n = min(mo.offs[e + 1] - p0, N);  // at most N: the host launches this form only when no expert can have more
+        wbase += (int64_t)e * R * rstride;
+        sc += (int64_t)e * R * W.ng;
+        if (ZEROS) zc += (int64_t)e * R * W.ng;
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            const int p = p0 + (i < n ? i : 0);
+            xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
+        }
+        y0 = p0;
+    }
     uint4 w[U][RPW];
     float sr[U][RPW], mr[U][RPW];
     auto load = [&](int64_t vb) {  // rows past the end read the last row (results dropped)
@@ -1117,11 +1143,11 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
             for (int i = 0; i < N; i++) {
                 if (i >= n) break;
                 uint4 xv[XV];
-                const uint4 *xp = X8 ? (const uint4 *)((const int8_t *)xq + (int64_t)i * C + v * VC)
-                                     : (const uint4 *)(xq + (int64_t)i * C + v * VC);
+                const uint4 *xp = X8 ? (const uint4 *)((const int8_t *)xq + (int64_t)xrow[i] * C + v * VC)
+                                     : (const uint4 *)(xq + (int64_t)xrow[i] * C + v * VC);
 #pragma unroll
                 for (int h = 0; h < XV; h++) xv[h] = __ldg(xp + h);
-                const float2 d = __ldg(xd + (int64_t)i * nv + v);
+                const float2 d = __ldg(xd + (int64_t)xrow[i] * nv + v);
 #pragma unroll
                 for (int r = 0; r < RPW; r++) {
                     if constexpr (NF) {
@@ -1157,14 +1183,14 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
         float t = 0.f;
         for (int k = 0; k < split; k++) t += red[warp + k][lane];
         const int64_t row = r0 + r;
-        if (row < R && i < n) y[(int64_t)i * R + row] = fl_from_f32<T>(t + (bias ? fl_to_f32(bias[row]) : 0.f));
+        if (row < R && i < n) y[(int64_t)(y0 + i) * R + row] = fl_from_f32<T>(t + (bias ? fl_to_f32(bias[row]) : 0.f));
     } else if (lane == 0) {
 #pragma unroll
         for (int i = 0; i < N; i++)
 #pragma unroll
             for (int r = 0; r < RPW; r++) {
                 const int64_t row = r0 + r;
-                if (row < R && i < n) y[(int64_t)i * R + row] = fl_from_f32<T>(acc[i][r] + (bias ? fl_to_f32(bias[row]) : 0.f));
+                if (row < R && i < n) y[(int64_t)(y0 + i) * R + row] = fl_from_f32<T>(acc[i][r] + (bias ? fl_to_f32(bias[row]) : 0.f));
             }
     }
 }
@@ -1219,7 +1245,9 @@ qgemv_generic_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, 
 // fl_cuda_qcheck accepts and any activation dtype. A lane requests QMOE_U 16-column sub-blocks (8 bytes of 4-bit
 // codes, 16 of 8-bit, and their scales) before dequantising the first; x in 16-byte loads. Not tuned like the dense
 // decode GEMVs (no integer dot products, no row split across warps): first H200 run, one sub-block a step and
-// element loads of x, int4 Mixtral decoded at 0.52x its bf16 (169 against 324 tok/s, 11% of its roofline).
+// element loads of x, int4 Mixtral decoded at 0.52x its bf16 (169 against 324 tok/s, 11% of its roofline). Now the
+// fallback: up to 4 tokens a step the experts take qgemv_dp_kernel's MOE form (fl_cuda_moe_qgemv; int4 Mixtral, 4
+// layers: 930 -> 2282 tok/s, benchmarks/results/moe-qdp-2026-12-04-h200/).
 // ---------------------------------------------------------------------------------------------
 #define QMOE_NT 8
 #define QMOE_U 4  /* sub-blocks per lane in flight (codes and scales requested before any is used) */
@@ -1806,6 +1834,23 @@ static fl_status launch_qmma_fmt(cudaStream_t st, T *y, const T *x, int n, const
     return z ? launch_qmma<T, S, 4, true>(st, y, x, n, W, bias, cm) : launch_qmma<T, S, 4, false>(st, y, x, n, W, bias, cm);
 }
 
+// The launch shape: warps a row (split), whether rows loop over steps, row groups a block, blocks.
+struct QdpShape {
+    int64_t split, gpb, blocks;
+    bool loop;
+};
+template <int RPW, int U, int MAXW>
+static QdpShape qdp_shape(const fl_qw &W, int gpb_req) {
+    QdpShape h;
+    h.split = (W.rb / 16 + 32 * U - 1) / (32 * U);
+    h.loop = h.split > MAXW;
+    if (h.loop) h.split = MAXW;
+    h.gpb = h.split >= QDP_WARPS ? 1 : QDP_WARPS / h.split;  // row groups per block
+    if (gpb_req > 0 && gpb_req * h.split <= MAXW) h.gpb = gpb_req;
+    h.blocks = ((W.R + RPW - 1) / RPW + h.gpb - 1) / h.gpb;
+    return h;
+}
+
 // A warp per group of RPW rows, U vectors of each per lane, all loaded at once; a row of more than 32 * U vectors is
 // split over up to MAXW warps of a block (one step each), longer rows loop. Short rows: QDP_WARPS row groups per block.
 // gpb_req > 0: row groups per block (FASTLOAD_QDP_CFG's /gN, for measurements; at most MAXW warps a block).
@@ -1814,21 +1859,17 @@ template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, b
 static fl_status launch_qdp_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
                                 const T *bias, uint32_t gm, int n, int gpb_req = 0) {
     static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
-    const int64_t nv = W.rb / 16;
-    int64_t split = (nv + 32 * U - 1) / (32 * U);
-    const bool loop = split > MAXW;
-    if (loop) split = MAXW;
-    int64_t gpb = split >= QDP_WARPS ? 1 : QDP_WARPS / split;  // row groups per block
-    if (gpb_req > 0 && gpb_req * split <= MAXW) gpb = gpb_req;
-    const int64_t groups = (W.R + RPW - 1) / RPW, blocks = (groups + gpb - 1) / gpb;
+    const QdpShape h = qdp_shape<RPW, U, MAXW>(W, gpb_req);
+    const int64_t split = h.split, blocks = h.blocks;
+    const bool loop = h.loop;
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %lld rows is too many", (long long)W.R);
-    const dim3 grid((unsigned)blocks), block((unsigned)(32 * split * gpb));
+    const dim3 grid((unsigned)blocks), block((unsigned)(32 * split * h.gpb));
     if (loop)
         FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true, X8, MINB>), grid, block, 0, st, y, xq, xd, W, bias,
-                  gm, n, (int)split);
+                  gm, n, (int)split, QdpMoe{});
     else
         FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false, X8, MINB>), grid, block, 0, st, y, xq, xd, W, bias,
-                  gm, n, (int)split);
+                  gm, n, (int)split, QdpMoe{});
     return FL_OK;
 }
 
@@ -1954,6 +1995,60 @@ static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const 
                            : launch_qdp_nf4<T, S, false>(st, y, xq, xd, W, bias, gm, n, pk);
     if (qb & FL_QX8) return launch_qdp_int<T, S, true>(st, y, xq, xd, W, bias, gm, n, pk);
     return launch_qdp_int<T, S, false>(st, y, xq, xd, W, bias, gm, n, pk);
+}
+
+// Mixture of Experts decode on the dp2a GEMV (qgemv_dp_kernel's MOE form): one launch for every active expert
+// (grid.y), the configurations the dense defaults take for the same shapes, for the layouts quantisation at load
+// gives (fp16 scales; int4 with offsets and NF4 without on int8 x, int8 without offsets on int16 x: qdp_moe_ok).
+template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool X8>
+static fl_status launch_qdp_moe_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
+                                    uint32_t gm, const QdpMoe &mo, int max_active) {
+    static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
+    const QdpShape h = qdp_shape<RPW, U, MAXW>(W, 0);
+    if (h.blocks > INT32_MAX || max_active > 65535)
+        return fl_err(FL_E_VALUE, "moe (quantised experts): %lld rows x %d experts is too many", (long long)W.R, max_active);
+    const dim3 grid((unsigned)h.blocks, (unsigned)max_active), block((unsigned)(32 * h.split * h.gpb));
+    const T *nob = nullptr;
+    if (h.loop)
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true, X8, 0, true>), grid, block, 0, st, y, xq,
+                  xd, W, nob, gm, N, (int)h.split, mo);
+    else
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false, X8, 0, true>), grid, block, 0, st, y, xq,
+                  xd, W, nob, gm, N, (int)h.split, mo);
+    return FL_OK;
+}
+
+// Whether the MOE form takes expert view W in x form qb with at most n slots an expert.
+static bool qdp_moe_ok(const fl_qw &W, int qb, int n) {
+    if (W.s32 || W.perm || n < 1) return false;
+    if (W.code == FL_QCODE_NF4) return !W.m && qb == (4 | FL_QX8 | FL_QXN) && n <= 2;
+    if (W.bits == 4) return W.m && qb == (4 | FL_QX8) && n <= 4;
+    return W.bits == 8 && !W.m && qb == 8 && n <= 4;
+}
+
+template <typename T>
+static fl_status launch_qdp_moe(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
+                                int n, const QdpMoe &mo, int max_active) {
+    using S = __half;
+    const bool big = W.R * W.rb >= ((int64_t)16 << 20), longrow = W.rb / 16 > 1024;
+    if (W.code == FL_QCODE_NF4) {
+        if (n > 1) return launch_qdp_moe_cfg<T, S, 4, false, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        if (W.rb > 4096) return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 4, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        if (big) return launch_qdp_moe_cfg<T, S, 4, false, 1, 4, 4, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+    }
+    if (W.bits == 4) {
+        if (n > 2) return launch_qdp_moe_cfg<T, S, 4, true, 4, 2, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        if (n > 1) return launch_qdp_moe_cfg<T, S, 4, true, 2, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        if (big && !longrow) return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 4, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+    }
+    if (n > 2) return launch_qdp_moe_cfg<T, S, 8, false, 4, 2, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
+    if (n > 1)
+        return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 2, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active)
+                       : launch_qdp_moe_cfg<T, S, 8, false, 2, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
+    return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 1, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active)
+                   : launch_qdp_moe_cfg<T, S, 8, false, 1, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
 }
 
 static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
@@ -2221,8 +2316,8 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     return FL_OK;
 }
 
-fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, const int32_t *slot_perm, int x_div,
-                            const int32_t *offs, int E, int max_active, const fl_weight *Wt, int64_t R) {
+fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int per_expert, const int32_t *slot_perm,
+                            int x_div, const int32_t *offs, int E, int max_active, const fl_weight *Wt, int64_t R) {
     FL_TRY(fl_cuda_qcheck(Wt, "moe (quantised experts)"));
     if (Wt->perm_d)
         return fl_err(FL_E_UNSUPPORTED, "CUDA moe: act-order (g_idx) expert weights are not supported");
@@ -2236,6 +2331,30 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, const int32_
         return fl_err(FL_E_VALUE, "CUDA moe: [%lld, %lld] experts are too large", (long long)R, (long long)Wt->cols);
     fl_cuda_impl *c = fl_cuda_impl_of(be);
     const fl_qw W = qw_of(Wt);
+    // The dp2a GEMV (FASTLOAD_MOE_QDP=1, the default) where it has the layout: x quantised once (n_x rows, as the
+    // dense decode GEMV takes it), then every active expert's rows read once for its (at most per_expert) slots.
+    fl_qw V = W;  // one expert's view: the kernel offsets the codes and scales by the expert's rows
+    V.R = R;
+    const int qb = qdp_qb(c, V);
+    if (c->moe_qdp && n_x >= 1 && n_x <= FL_GEMV_MAX_N_Q && qdp_layout(c, be->act, V, x) && qdp_moe_ok(V, qb, per_expert)) {
+        FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(V.C), "moe (quantised experts' x)"));
+        int16_t *xq = qdp_xq(c);
+        float2 *xd = qdp_xd(c, V.C);
+        const uint32_t vpg = (uint32_t)(V.gs / (V.bits == 4 ? 32 : 16));
+        const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;
+        const QdpMoe mo = {offs, slot_perm, x_div, E};
+        const int64_t blocks = ((int64_t)n_x * (V.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
+        FL_CUDA_DISPATCH(be->act, T, {
+            if constexpr (sizeof(T) == 2) {
+                FL_TRY(fl_qx_dispatch(qb, "moe (quantised experts)", [&](auto QB) -> fl_status {
+                    FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0,
+                              c->stream, xq, xd, (const T *)x, (const int32_t *)nullptr, n_x, V.C);
+                    return FL_OK;
+                }));
+                return launch_qdp_moe<T>(c->stream, (T *)y, xq, xd, V, gm, per_expert, mo, max_active);
+            }
+        });
+    }
     const dim3 grid((unsigned)bx, (unsigned)max_active);
     // x rows start at multiples of C elements (C % 16 == 0: fl_cuda_qcheck), so one aligned base makes every
     // 16-column piece 16-byte aligned

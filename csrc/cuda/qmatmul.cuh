@@ -42,9 +42,11 @@ struct fl_qx_dst;
 fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x, int n, int64_t cols, fl_qx_dst *dst);
 void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, int n, int qb);
 // Mixture of Experts decode over quantised experts: moe.cu's fl_cuda_moe_gemv (the same offs / slot_perm / x_div
-// arguments) for a stacked weight of E experts of R rows each. Graph-safe: expert ids are read on the device.
-fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, const int32_t *slot_perm, int x_div,
-                            const int32_t *offs, int E, int max_active, const fl_weight *W, int64_t R);
+// arguments) for a stacked weight of E experts of R rows each. Graph-safe: expert ids are read on the device. x has
+// n_x rows; no expert has more than per_expert slots (the tokens: a token picks an expert once). The dense decode's
+// dp2a GEMV where the layout allows (FASTLOAD_MOE_QDP, qmatmul.cu's qdp_moe_ok), else a float-dequantising kernel.
+fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int per_expert, const int32_t *slot_perm,
+                            int x_div, const int32_t *offs, int E, int max_active, const fl_weight *W, int64_t R);
 // x[i, :] = dequant(emb)[tok[i], :] in act (a token outside [0, rows) gives zeros, like fl_cuda_embed).
 fl_status fl_cuda_qembed(fl_backend *be, void *x, const int32_t *tok, int n, const fl_weight *emb);
 // Rows [row0, row0 + rows) of W from src[rows, W.cols] (f32 / f16 / bf16, device memory), with the rules
