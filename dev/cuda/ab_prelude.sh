@@ -12,3 +12,11 @@ ckpt_start() { python3 dev/cuda/make_ckpt.py qwen7b > "$OUT/ckpt.log" 2>&1 & _fl
 ckpt_wait() { wait "$_fl_ck"; tail -2 "$OUT/ckpt.log"; }
 copy_bw() { python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_bench import d2d_bandwidth; print(round(d2d_bandwidth() / 1e9))"; }
 envs() { [ "$1" = "-" ] && return; echo "$1" | tr ',' ' '; }
+# prepare [STAGES [TESTS]]: the checkpoint drawn while dev/cuda/verify_gpu.sh runs STAGES (default: build, and tests when
+# TESTS is set) on TESTS; then waits for it and sets bw (copy_bw)
+prepare() {
+  ckpt_start
+  OUT=$OUT STAGES="${1:-build${TESTS:+ tests}}" TESTS="${2:-${TESTS:-}}" bash dev/cuda/verify_gpu.sh
+  ckpt_wait
+  bw=$(copy_bw)
+}

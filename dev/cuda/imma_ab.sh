@@ -8,15 +8,12 @@
 # BENCH=1: then .device/qgemv_bench (dev/cuda/qgemv_bench.sh) into $OUT/qgemv_bench.log; QMMA_BENCH=1: .device/qmma_bench
 # (dev/cuda/qgemv_bench.sh dev/cuda/qmma_bench.cu, xz-compressed: the GEMV at 1..8 rows) into $OUT/qmma_bench.log, before the decode runs.
 source dev/cuda/ab_prelude.sh
-ckpt_start
-OUT=$OUT STAGES="${STAGES:-build tests}" TESTS="${TESTS:-tests/test_cuda_quant.py}" bash dev/cuda/verify_gpu.sh
-ckpt_wait
+prepare "${STAGES:-build tests}" "${TESTS:-tests/test_cuda_quant.py}"
 if [ -n "${QMMA_BENCH:-}" ] && [ -f .device/qmma_bench.xz ]; then
   xz -dkf .device/qmma_bench.xz && chmod +x .device/qmma_bench && echo "== qmma bench $(date +%T)"
   LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} timeout ${BENCH_S:-200} .device/qmma_bench ${BENCH_REPS:-7} \
       > "$OUT/qmma_bench.log" 2>&1; echo "qmma bench rc=$?"; cat "$OUT/qmma_bench.log"
 fi
-bw=$(copy_bw)
 echo "== decode $(date +%T), copy $bw GB/s"
 for r in $(seq ${ROUNDS:-2}); do
   for s in ${SETTINGS:-- FASTLOAD_CUDA_QDOT=int8}; do

@@ -7,10 +7,7 @@
 # a round; then step timelines (FASTLOAD_PDL=0, 4 layers, int4) per TL_SETTINGS.
 #   OUT=/tmp/o SETTINGS="- FASTLOAD_L2PF=o=1:gu=0.25" bash dev/cuda/l2pf_ab.sh                 carry [".devobj"]
 source dev/cuda/ab_prelude.sh
-ckpt_start
-OUT=$OUT STAGES="build${TESTS:+ tests}" TESTS="${TESTS:-}" bash dev/cuda/verify_gpu.sh
-ckpt_wait
-bw=$(copy_bw)
+prepare
 echo "== decode $(date +%T), copy $bw GB/s"
 for r in $(seq ${ROUNDS:-2}); do
   timeout 100 python3 dev/cuda/decode_ab.py --dir /tmp/fl_qwen7b --quant bf16 --bw-gbs "$bw" --label "bf16-r$r" \

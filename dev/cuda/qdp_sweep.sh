@@ -5,10 +5,7 @@
 # rounds interleaved, one JSON line a run.
 #   OUT=/tmp/o SWEEP="int4=auto int4=4long:r2u4 int8=8small:r2u2" ROUNDS=2 bash dev/cuda/qdp_sweep.sh   carry [".devobj"]
 source dev/cuda/ab_prelude.sh
-ckpt_start
-OUT=$OUT STAGES="build${TESTS:+ tests}" TESTS="${TESTS:-}" bash dev/cuda/verify_gpu.sh
-ckpt_wait
-bw=$(copy_bw)
+prepare
 echo "== sweep $(date +%T), copy $bw GB/s"
 for r in $(seq ${ROUNDS:-2}); do
   for mc in ${SWEEP:-int4=auto}; do
