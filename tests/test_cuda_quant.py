@@ -830,16 +830,19 @@ def _wide_mixtral(path):
 
 
 _MOE_CODE = (
-    "import sys; sys.path[:0] = %r\nimport numpy as np, fastload\n"
-    "ids = np.random.default_rng(0).integers(3, 320, size=(8, 5))\nout = []\n"
+    "import sys, json; sys.path[:0] = %r\nimport numpy as np, fastload\n"
+    "ids = np.random.default_rng(0).integers(3, 320, size=(8, 5))\nout, counts = [], []\n"
     "for s, dt in (('int4', 'bfloat16'), ('int8', 'bfloat16'), ('nf4', 'bfloat16'), ('int4', 'float16')):\n"
     "    m = fastload.AutoModelForCausalLM.from_pretrained(%r, device_map='cuda', torch_dtype=dt, "
     "quantization_config={'quant_method': 'fastload', 'scheme': s})\n"
     "    for b in (1, 2, 3, 4, 6):\n"
+    "        c0 = m._core.info['fused_matmul_inputs']\n"
     "        out.append(np.asarray(m(ids[:b, :1]).logits, np.float32))\n"
+    "        counts.append(m._core.info['fused_matmul_inputs'] - c0)\n"
     "    out.append(m.generate(ids[:1], max_new_tokens=8, eos_token_id=[]).astype(np.float32))\n"
     "    out.append(m.generate(ids[:3, :3], max_new_tokens=6, eos_token_id=[]).astype(np.float32))\n"
-    "np.savez(sys.argv[1], *out)\n")
+    "np.savez(sys.argv[1], *out)\n"
+    "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n")
 
 
 def test_quantized_experts_dp_gemv(tmp_path):
@@ -848,9 +851,10 @@ def test_quantized_experts_dp_gemv(tmp_path):
     (NF4: 2), the float-dequantising kernel otherwise and with =0. One-token forwards of 1..6 sequences of a Mixtral
     with int4 / int8 / nf4 experts (bf16, and int4 in f16): where the integer kernel runs its logits differ from the
     float kernel's (it ran) by the int8 / int16 x rounding only (relative L2 below 15% for 4-bit codes, ~5% seen; 2%
-    for int8: a wrong expert, slot or row gives ~100%); where it does not they are the same bits. Greedy decodes at
-    batch 1 and 3 (graph-captured steps through the same GEMV) run and give ids in the vocabulary. (In the default x
-    forms, FASTLOAD_CUDA_QDOT=auto; with int16 x for 4-bit codes the experts keep the float kernel.)"""
+    for int8: a wrong expert, slot or row gives ~100%); where it does not they are the same bits; and there SwiGLU
+    writes the experts' down_proj x (two fused inputs a forward, none elsewhere). Greedy decodes at batch 1 and 3
+    (graph-captured steps through the same GEMV) run and give ids in the vocabulary. (In the default x forms,
+    FASTLOAD_CUDA_QDOT=auto; with int16 x for 4-bit codes the experts keep the float kernel.)"""
     _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
     path = _wide_mixtral(tmp_path / "mixtral")
     HERE = os.path.dirname(os.path.abspath(__file__))
@@ -858,6 +862,9 @@ def test_quantized_experts_dp_gemv(tmp_path):
                               base_env={"FASTLOAD_CUDA_QDOT": "auto"})  # the default x forms (this file pins int16)
     new, old = res["1"][0], res["0"][0]
     assert len(new) == len(old) == 28
+    # matmul inputs written by the op before: the experts' down_proj in both layers (SwiGLU) where the integer GEMV runs
+    fused = [a - b for a, b in zip(res["1"][1], res["0"][1])]
+    assert fused == [2, 2, 2, 2, 0] * 2 + [2, 2, 0, 0, 0] + [2, 2, 2, 2, 0], fused
     for mi, (scheme, limit, up_to) in enumerate((("int4", 0.15, 4), ("int8", 0.02, 4), ("nf4", 0.15, 2), ("int4", 0.15, 4))):
         for bi, b in enumerate((1, 2, 3, 4, 6)):
             a, r = new[mi * 7 + bi], old[mi * 7 + bi]
@@ -870,6 +877,20 @@ def test_quantized_experts_dp_gemv(tmp_path):
         for g in (new[mi * 7 + 5], new[mi * 7 + 6]):
             assert ((g >= 0) & (g < 320)).all()
         assert new[mi * 7 + 5].shape == (1, 13) and new[mi * 7 + 6].shape == (3, 9)
+
+
+def test_quantized_experts_swiglu_writes_x(tmp_path):
+    """At decode the experts' SwiGLU writes down_proj's x for their integer GEMV (fl_cuda_moe_qx_target; the dense
+    path's FASTLOAD_QX_FUSE) instead of a prep kernel: the same bits as with FASTLOAD_QX_FUSE=0, in every model, row
+    count and graph decode of test_quantized_experts_dp_gemv."""
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    path = _wide_mixtral(tmp_path / "mixtral")
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    res = _arrays_per_setting(_MOE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_QX_FUSE", ("1", "0"),
+                              base_env={"FASTLOAD_CUDA_QDOT": "auto"})
+    assert len(res["1"][0]) == len(res["0"][0]) == 28
+    for k, (a, b) in enumerate(zip(res["1"][0], res["0"][0])):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
 
 def test_quantized_model_int8_x():
     """FASTLOAD_CUDA_QDOT=int8 through a whole model (its fusion: test_quantized_model_qx_fuse_bit_identical): the

@@ -425,10 +425,12 @@ static fl_status cu_moe_ffn(fl_backend *be, void *out_d, const void *x_d, int n,
         }
     } else {
         const int max_active = nk < E ? (int)nk : E;
-        if (q13) FL_TRY(fl_cuda_moe_qgemv(be, ws->gu, x_d, n, n, ws->perm, k, ws->offs, E, max_active, w13, 2 * f));
+        if (q13) FL_TRY(fl_cuda_moe_qgemv(be, ws->gu, x_d, n, n, ws->perm, k, ws->offs, E, max_active, w13, 2 * f, false));
         else FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->gu, x_d, ws->perm, k, ws->offs, E, max_active, w13->data_d, 2 * f, d));
-        FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, none));
-        if (q2) FL_TRY(fl_cuda_moe_qgemv(be, ws->y, ws->ff, (int)nk, n, NULL, 1, ws->offs, E, max_active, w2, d));
+        fl_qx_dst qd = none;  // SwiGLU writes down_proj's x for the experts' dp2a GEMV where it takes it
+        if (q2) FL_TRY(fl_cuda_moe_qx_target(be, w2, d, ws->ff, (int)nk, n, &qd));
+        FL_TRY(fl_cuda_swiglu(st, be->act, ws->ff, ws->gu, (int)nk, f, qd));
+        if (q2) FL_TRY(fl_cuda_moe_qgemv(be, ws->y, ws->ff, (int)nk, n, NULL, 1, ws->offs, E, max_active, w2, d, qd.bits != 0));
         else FL_TRY(fl_cuda_moe_gemv(st, be->act, ws->y, ws->ff, NULL, 1, ws->offs, E, max_active, w2->data_d, d, f));
     }
     return fl_cuda_moe_combine(st, be->act, out_d, ws->y, ids_d, wts_d, ws->inv, n, k, d);

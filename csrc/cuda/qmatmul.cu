@@ -2316,8 +2316,39 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     return FL_OK;
 }
 
+// The x form the MoE dp2a path takes for expert view V (n_x rows of x at x, at most per_expert slots an expert), 0 when
+// the float kernel runs instead (FASTLOAD_MOE_QDP=0, other layouts, more rows).
+static int moe_qdp_form(const fl_cuda_impl *c, fl_dtype act, const fl_qw &V, const void *x, int n_x, int per_expert) {
+    const int qb = qdp_qb(c, V);
+    const bool ok = c->moe_qdp && n_x >= 1 && n_x <= FL_GEMV_MAX_N_Q && qdp_layout(c, act, V, x) &&
+                    qdp_moe_ok(V, qb, per_expert);
+    return ok ? qb : 0;
+}
+
+fl_status fl_cuda_moe_qx_target(fl_backend *be, const fl_weight *Wt, int64_t R, const void *x, int n_x, int per_expert,
+                                fl_qx_dst *dst) {
+    dst->bits = 0;
+    dst->xq = NULL;
+    dst->xd = NULL;
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    if (!c->qx_fuse || R <= 0 || fl_cuda_qcheck(Wt, "moe (quantised experts)") != FL_OK) {  // moe_qgemv reports it
+        fl_err_clear();
+        return FL_OK;
+    }
+    fl_qw V = qw_of(Wt);
+    V.R = R;
+    const int qb = moe_qdp_form(c, be->act, V, x, n_x, per_expert);
+    if (!qb || V.C % fl_qx_cols(qb) != 0) return FL_OK;
+    FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(V.C), "moe (quantised experts' x)"));
+    dst->bits = qb;
+    dst->xq = qdp_xq(c);
+    dst->xd = qdp_xd(c, V.C);
+    return FL_OK;
+}
+
 fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int per_expert, const int32_t *slot_perm,
-                            int x_div, const int32_t *offs, int E, int max_active, const fl_weight *Wt, int64_t R) {
+                            int x_div, const int32_t *offs, int E, int max_active, const fl_weight *Wt, int64_t R,
+                            bool x_ready) {
     FL_TRY(fl_cuda_qcheck(Wt, "moe (quantised experts)"));
     if (Wt->perm_d)
         return fl_err(FL_E_UNSUPPORTED, "CUDA moe: act-order (g_idx) expert weights are not supported");
@@ -2332,11 +2363,13 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
     fl_cuda_impl *c = fl_cuda_impl_of(be);
     const fl_qw W = qw_of(Wt);
     // The dp2a GEMV (FASTLOAD_MOE_QDP=1, the default) where it has the layout: x quantised once (n_x rows, as the
-    // dense decode GEMV takes it), then every active expert's rows read once for its (at most per_expert) slots.
+    // dense decode GEMV takes it; x_ready: the op before wrote it, fl_cuda_moe_qx_target), then every active expert's
+    // rows read once for its (at most per_expert) slots.
     fl_qw V = W;  // one expert's view: the kernel offsets the codes and scales by the expert's rows
     V.R = R;
-    const int qb = qdp_qb(c, V);
-    if (c->moe_qdp && n_x >= 1 && n_x <= FL_GEMV_MAX_N_Q && qdp_layout(c, be->act, V, x) && qdp_moe_ok(V, qb, per_expert)) {
+    const int qb = moe_qdp_form(c, be->act, V, x, n_x, per_expert);
+    if (qb) {
+        if (x_ready) be->fused_inputs++;
         FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(V.C), "moe (quantised experts' x)"));
         int16_t *xq = qdp_xq(c);
         float2 *xd = qdp_xd(c, V.C);
@@ -2346,7 +2379,7 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
         const int64_t blocks = ((int64_t)n_x * (V.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
         FL_CUDA_DISPATCH(be->act, T, {
             if constexpr (sizeof(T) == 2) {
-                FL_TRY(fl_qx_dispatch(qb, "moe (quantised experts)", [&](auto QB) -> fl_status {
+                if (!x_ready) FL_TRY(fl_qx_dispatch(qb, "moe (quantised experts)", [&](auto QB) -> fl_status {
                     FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0,
                               c->stream, xq, xd, (const T *)x, (const int32_t *)nullptr, n_x, V.C);
                     return FL_OK;

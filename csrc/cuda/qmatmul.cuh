@@ -45,8 +45,14 @@ void fl_cuda_qx_written(fl_backend *be, const fl_weight *next, const void *x, in
 // arguments) for a stacked weight of E experts of R rows each. Graph-safe: expert ids are read on the device. x has
 // n_x rows; no expert has more than per_expert slots (the tokens: a token picks an expert once). The dense decode's
 // dp2a GEMV where the layout allows (FASTLOAD_MOE_QDP, qmatmul.cu's qdp_moe_ok), else a float-dequantising kernel.
+// x_ready: the op before wrote x where fl_cuda_moe_qx_target said (its bits were not 0), so there is no x prep.
 fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int per_expert, const int32_t *slot_perm,
-                            int x_div, const int32_t *offs, int E, int max_active, const fl_weight *W, int64_t R);
+                            int x_div, const int32_t *offs, int E, int max_active, const fl_weight *W, int64_t R,
+                            bool x_ready);
+// Where the op that makes the experts' x (SwiGLU, before down_proj) writes it for fl_cuda_moe_qgemv on W (experts of
+// R rows; n_x rows of x at x, at most per_expert slots an expert): as fl_cuda_qx_target; bits 0: nowhere.
+fl_status fl_cuda_moe_qx_target(fl_backend *be, const fl_weight *W, int64_t R, const void *x, int n_x, int per_expert,
+                                fl_qx_dst *dst);
 // x[i, :] = dequant(emb)[tok[i], :] in act (a token outside [0, rows) gives zeros, like fl_cuda_embed).
 fl_status fl_cuda_qembed(fl_backend *be, void *x, const int32_t *tok, int n, const fl_weight *emb);
 // Rows [row0, row0 + rows) of W from src[rows, W.cols] (f32 / f16 / bf16, device memory), with the rules
