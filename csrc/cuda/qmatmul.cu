@@ -94,6 +94,16 @@ static fl_qw qw_of(const fl_weight *W) {
     return w;
 }
 
+// One expert's view of a stack of E experts (MoE): R rows; the kernels offset codes and scales by the expert's rows.
+static fl_qw expert_view(const fl_weight *Wt, int64_t R) {
+    fl_qw V = qw_of(Wt);
+    V.R = R;
+    return V;
+}
+
+// The multiply-high magic for i / d (d >= 1) with i * d <= 2^32 (callers check that); 0 for d == 1.
+static uint32_t div_magic(uint32_t d) { return d > 1 ? (uint32_t)(((1ull << 32) + d - 1) / d) : 0u; }
+
 fl_status fl_cuda_qcheck(const fl_weight *W, const char *op) {
     if (W->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "CUDA %s: the weight is not quantised", op);
     if (W->bits != 4 && W->bits != 8)
@@ -2064,27 +2074,37 @@ static int qdp_qb(const fl_cuda_impl *c, const fl_qw &W) {
     return W.bits | FL_QX8 | (W.code == FL_QCODE_NF4 ? FL_QXN : 0);
 }
 
+// The dp2a GEMV's group index by multiply-high: vectors of 32 (4-bit) or 16 (8-bit) codes a group; exact because
+// nv * vpg <= 2^32 (qdp_ok).
+static uint32_t qdp_gmagic(const fl_qw &W) { return div_magic((uint32_t)(W.gs / (W.bits == 4 ? 32 : 16))); }
+
+// x prepared for the dp2a GEMV in form qb (fl_qx_dispatch): n rows of W.C columns, gathered by perm when not NULL,
+// into c->qxq (grown by the caller).
+template <typename T>
+static fl_status launch_qdp_prep(fl_cuda_impl *c, const fl_qw &W, int qb, const T *x, const int32_t *perm, int n,
+                                 const char *what) {
+    const int64_t blocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
+    if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "%s: %d x %lld is too many", what, n, (long long)W.C);
+    int16_t *xq = qdp_xq(c);
+    float2 *xd = qdp_xd(c, W.C);
+    return fl_qx_dispatch(qb, what, [&](auto QB) -> fl_status {
+        FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0, c->stream, xq,
+                  xd, x, perm, n, W.C);
+        return FL_OK;
+    });
+}
+
 // The dp2a GEMV (see qgemv_dp_kernel): prep x (gathered by perm when the weight has one), then the GEMV.
 // The caller has checked the layout (qdp_ok) and grown c->qxq (qdp_ws_bytes). x_ready: the op before
 // (RMSNorm / SwiGLU through fl_cuda_qx_target) has already written x there, so there is no prep.
 template <typename T>
 static fl_status qgemv_dp_t(fl_cuda_impl *c, T *y, const T *x, int n, const fl_qw &W, const T *bias, bool x_ready) {
     cudaStream_t st = c->stream;
-    const int vc = W.bits == 4 ? 32 : 16;
-    const uint32_t vpg = (uint32_t)(W.gs / vc);
-    const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;  // exact: nv * vpg <= 2^32 (qdp_ok)
+    const uint32_t gm = qdp_gmagic(W);
     int16_t *xq = qdp_xq(c);
     float2 *xd = qdp_xd(c, W.C);
     const int qb = qdp_qb(c, W);
-    if (!x_ready) {
-        const int64_t blocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
-        if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "quantised matmul: %d x %lld is too many", n, (long long)W.C);
-        FL_TRY(fl_qx_dispatch(qb, "quantised matmul", [&](auto QB) -> fl_status {
-            FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0, st, xq, xd,
-                      x, W.perm, n, W.C);
-            return FL_OK;
-        }));
-    }
+    if (!x_ready) FL_TRY(launch_qdp_prep<T>(c, W, qb, x, W.perm, n, "quantised matmul"));
     const QdpPick pk = qdp_pick(c, W);
     return W.s32 ? launch_qdp_fmt<T, float>(st, y, xq, xd, W, bias, gm, n, pk, qb)
                  : launch_qdp_fmt<T, __half>(st, y, xq, xd, W, bias, gm, n, pk, qb);
@@ -2100,6 +2120,10 @@ static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x,
 
 static size_t qdp_ws_bytes(int64_t C) {  // xq [MAX_N, C] int16, then xd [MAX_N, C / 16] float2
     return (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2 + (size_t)FL_GEMV_MAX_N_Q * (size_t)(C / 16) * sizeof(float2);
+}
+static fl_status qdp_grow(fl_backend *be, int64_t C, const char *what) {
+    fl_cuda_impl *c = fl_cuda_impl_of(be);
+    return fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(C), what);
 }
 
 // Whether the dp2a GEMV takes this weight: integer codes, 16-bit activations, whole aligned 16-byte
@@ -2173,7 +2197,7 @@ fl_status fl_cuda_qx_target(fl_backend *be, const fl_weight *next, const void *x
     if (qdp_layout(c, be->act, W, x) && qdp_at(c, W, n)) qb = qdp_qb(c, W);
     else if (n <= up_to && n <= FL_GEMV_MAX_N_Q && qimma_at(c, be->act, W, x, n)) qb = W.bits | FL_QMX;
     if (!qb) return FL_OK;
-    FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+    FL_TRY(qdp_grow(be, W.C, "quantised matmul (int16 x)"));
     dst->bits = qb;
     dst->xq = qdp_xq(c);
     dst->xd = qdp_xd(c, W.C);
@@ -2198,16 +2222,16 @@ static fl_status qgemv(fl_backend *be, void *y, const void *x, int n, const fl_q
     const fl_dtype act = be->act;
     cudaStream_t st = c->stream;
     const uint32_t gs16 = (uint32_t)(W.gs / 16);
-    const uint32_t gm = gs16 > 1 ? (uint32_t)(((1ull << 32) + gs16 - 1) / gs16) : 0u;
+    const uint32_t gm = div_magic(gs16);
     const bool fast = qgemv_fast(c, act, W, x);
     // integer codes: the f16 / bf16 tensor-core kernel at every n (FASTLOAD_QGEMV=fma: the FMA kernel), the integer
     // one at 3..8 rows (qimma_at)
     const bool use_mma = qchunk_ok(c, act, W, x) && W.code == FL_QCODE_INT;
     const bool use_imma = qimma_at(c, act, W, x, n);
-    if (use_imma) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+    if (use_imma) FL_TRY(qdp_grow(be, W.C, "quantised matmul (int16 x)"));
     const int cpc = fl_qchunk_cols(W.bits);
     const uint32_t cpg = (uint32_t)(W.gs / cpc);
-    const uint32_t cm = cpg > 1 ? (uint32_t)(((1ull << 32) + cpg - 1) / cpg) : 0u;  // exact: chunk indices < 2^32 / cpg
+    const uint32_t cm = div_magic(cpg);  // exact: chunk indices < 2^32 / cpg
     FL_CUDA_DISPATCH(act, T, {
         T *yt = (T *)y;
         const T *xt = (const T *)x, *bt = (const T *)bias;
@@ -2261,7 +2285,7 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
     // The dp2a GEMV (default for integer codes at n <= FL_QDP_UP_TO, the tensor-core kernel above; FASTLOAD_QGEMV=dp
     // forces it at every n, mma|fma|generic the others): its x workspace is grown at every call whatever n is.
     const bool dp = qdp_layout(c, act, W, x);
-    if (dp) FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(W.C), "quantised matmul (int16 x)"));
+    if (dp) FL_TRY(qdp_grow(be, W.C, "quantised matmul (int16 x)"));
     if (dp && qdp_at(c, W, n)) {
         const bool ready = x_qb == qdp_qb(c, W);
         if (ready) be->fused_inputs++;
@@ -2335,11 +2359,10 @@ fl_status fl_cuda_moe_qx_target(fl_backend *be, const fl_weight *Wt, int64_t R, 
         fl_err_clear();
         return FL_OK;
     }
-    fl_qw V = qw_of(Wt);
-    V.R = R;
+    const fl_qw V = expert_view(Wt, R);
     const int qb = moe_qdp_form(c, be->act, V, x, n_x, per_expert);
     if (!qb || V.C % fl_qx_cols(qb) != 0) return FL_OK;
-    FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(V.C), "moe (quantised experts' x)"));
+    FL_TRY(qdp_grow(be, V.C, "moe (quantised experts' x)"));
     dst->bits = qb;
     dst->xq = qdp_xq(c);
     dst->xd = qdp_xd(c, V.C);
@@ -2365,26 +2388,18 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
     // The dp2a GEMV (FASTLOAD_MOE_QDP=1, the default) where it has the layout: x quantised once (n_x rows, as the
     // dense decode GEMV takes it; x_ready: the op before wrote it, fl_cuda_moe_qx_target), then every active expert's
     // rows read once for its (at most per_expert) slots.
-    fl_qw V = W;  // one expert's view: the kernel offsets the codes and scales by the expert's rows
-    V.R = R;
+    const fl_qw V = expert_view(Wt, R);
     const int qb = moe_qdp_form(c, be->act, V, x, n_x, per_expert);
     if (qb) {
         if (x_ready) be->fused_inputs++;
-        FL_TRY(fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(V.C), "moe (quantised experts' x)"));
-        int16_t *xq = qdp_xq(c);
-        float2 *xd = qdp_xd(c, V.C);
-        const uint32_t vpg = (uint32_t)(V.gs / (V.bits == 4 ? 32 : 16));
-        const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;
+        FL_TRY(qdp_grow(be, V.C, "moe (quantised experts' x)"));
         const QdpMoe mo = {offs, slot_perm, x_div, E};
-        const int64_t blocks = ((int64_t)n_x * (V.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
         FL_CUDA_DISPATCH(be->act, T, {
             if constexpr (sizeof(T) == 2) {
-                if (!x_ready) FL_TRY(fl_qx_dispatch(qb, "moe (quantised experts)", [&](auto QB) -> fl_status {
-                    FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0,
-                              c->stream, xq, xd, (const T *)x, (const int32_t *)nullptr, n_x, V.C);
-                    return FL_OK;
-                }));
-                return launch_qdp_moe<T>(c->stream, (T *)y, xq, xd, V, gm, per_expert, mo, max_active);
+                if (!x_ready)
+                    FL_TRY(launch_qdp_prep<T>(c, V, qb, (const T *)x, nullptr, n_x, "moe (quantised experts)"));
+                return launch_qdp_moe<T>(c->stream, (T *)y, qdp_xq(c), qdp_xd(c, V.C), V, qdp_gmagic(V), per_expert,
+                                         mo, max_active);
             }
         });
     }
