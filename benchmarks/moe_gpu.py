@@ -1,6 +1,7 @@
 """Mixtral on the GPU (issue 12 part 1): load rate, batch-1 decode against the MoE roofline, transformers eager.
 
-    python benchmarks/moe_gpu.py --ckpt /data/mixtral12 [--layers 12] [--new 128] [--no-hf]
+    python benchmarks/moe_gpu.py --ckpt /data/mixtral12 [--layers 12] [--new 128] [--no-hf] [--quant int4,nf4]
+                                 [--batches 4,8,16]
 
 Makes the checkpoint first when --ckpt has no config.json (benchmarks/synth.py's mixtral-8x7b shape with --layers
 layers, bf16, the hub's per-expert names; 12 layers = 35 GB). Then, validated first, warmed up, synchronised:
@@ -11,6 +12,7 @@ layers, bf16, the hub's per-expert names; 12 layers = 35 GB). Then, validated fi
   decode batch 1, prompt 32, --new tokens through generate() (CUDA-graph decode steps), tokens/s, next to the
          roofline: device-to-device copy bandwidth over the bytes one token reads: attention (q|k|v, o, norms),
          the router, the two chosen experts of every layer, the final norm and lm_head, plus the KV cache;
+  batches (--batches) decode at larger batches for bf16 and each --quant scheme, tokens/s in total;
   hf     transformers eager (bf16, device_map cuda) on the same checkpoint, the same prompt and length.
 Prints one JSON line per measurement and a summary with the targets (load >= 85% of the ceiling, decode >= 75% of
 the roofline, >= 5x transformers eager).
@@ -125,6 +127,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", help="write every figure as JSON here")
+    ap.add_argument("--batches", default="", help="comma-separated decode batches measured after batch 1 for bf16 and "
+                    "every scheme (tokens/s a sequence and in total; no roofline: the experts a step reads depend on "
+                    "the routing), e.g. 4,8,16")
     ap.add_argument("--quant", default="int4", help="comma-separated schemes quantised at load and measured after bf16 "
                     "(weights on the GPU, load, decode against their own roofline); '' for none")
     a = ap.parse_args()
@@ -166,6 +171,13 @@ def main():
     r["d2d_GB_per_s"] = bw / 1e9
     out["decode"] = r
     print(json.dumps({"decode": r}), flush=True)
+    batches = [int(b) for b in a.batches.split(",") if b]
+
+    def more_batches(model, res):  # decode at the other batches, on prompts of their own
+        res["batches"] = {b: gpu_bench.fl_decode(model, b, a.prompt, a.new) for b in batches}
+        for b, x in res["batches"].items():
+            print(json.dumps({"batch": b, "decode_tok_s_total": x["decode_tok_s_total"]}), flush=True)
+    more_batches(m, r)
     out["decode"]["GB_per_token_layouts"] = bytes_per_token_loaded(m, cfg, a.prompt + a.new // 2) / 1e9
     out["weights_GB"] = m.memory_stats()["weights"] / 1e9
     del m
@@ -180,6 +192,7 @@ def main():
         qlg = np.asarray(qm(ids).logits)
         assert np.isfinite(qlg).all(), f"{scheme}: non-finite logits"
         qr = gpu_bench.fl_decode(qm, 1, a.prompt, a.new)
+        more_batches(qm, qr)
         qb = bytes_per_token_loaded(qm, cfg, a.prompt + a.new // 2)
         ms = qm.memory_stats()
         lays = qm._core.layouts()
@@ -212,6 +225,11 @@ def main():
               f"at Mixtral's 32 layers, target <= 30), load {q['load_seconds']:.2f} s, "
               f"decode {q['decode_tok_s_per_seq']:.1f} tok/s = {100 * q['of_roofline']:.0f}% of its roofline "
               f"{q['roofline_tok_s']:.1f}, {q['vs_bf16']:.2f}x bf16")
+    for b in batches:
+        print(f"batch {b}, tok/s in total: bf16 {r['batches'][b]['decode_tok_s_total']:.0f}"
+              + "".join(f", {s} {out[s]['batches'][b]['decode_tok_s_total']:.0f} "
+                        f"({out[s]['batches'][b]['decode_tok_s_total'] / r['batches'][b]['decode_tok_s_total']:.2f}x)"
+                        for s in [q for q in a.quant.split(",") if q]))
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(out, fh, indent=1, default=str)

@@ -1078,8 +1078,9 @@ __device__ __forceinline__ int qdot_nf4_vec8(const uint4 &c, const uint4 *xv) {
 // MINB > 0: registers capped for MINB blocks of MAXW warps an SM (__launch_bounds__; 0: the compiler's choice).
 // MOE: Mixture of Experts decode (fl_cuda_moe_qgemv): W is one expert's view (R its rows) of a stack of experts;
 // blockIdx.y is an active expert (mo.offs, from the routing on the device: read after fl_pdl_wait, so this form
-// loads nothing before it), whose slots p0.. (at most N) are its token rows: x row mo.slot_perm[p] / mo.x_div (or p),
-// y row p.
+// loads nothing before it), whose slots p0.. are its token rows: x row mo.slot_perm[p] / mo.x_div (or p), y row p.
+// An expert with more than N slots takes them N at a time, its weights kept in registers (LOOP: loaded again a
+// chunk, from L2 at these sizes), so its rows are read from memory once however many tokens chose it.
 struct QdpMoe {
     const int32_t *offs, *slot_perm;
     int x_div, E;
@@ -1088,7 +1089,7 @@ template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, b
           int MINB = 0, bool MOE = false>
 __global__ void __launch_bounds__(MAXW * 32, MINB)
 qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
-                const T *__restrict__ bias, uint32_t gmagic, int n, int split, QdpMoe mo) {  // n <= N token rows
+                const T *__restrict__ bias, uint32_t gmagic, int n, int split, QdpMoe mo) {  // n <= N token rows (not MOE)
     constexpr int VC = BITS == 4 ? 32 : 16, XV = X8 ? VC / 16 : VC / 8;  // columns per vector of codes, uint4 of x per vector
     constexpr float HALF = (float)(1 << (BITS - 1));
     __shared__ float red[MAXW][N * RPW];
@@ -1099,23 +1100,18 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     const int64_t r0 = ((int64_t)blockIdx.x * gpb + grp) * RPW;
     const uint4 *wbase = (const uint4 *)W.q;
     const S *sc = (const S *)W.s, *zc = (const S *)W.m;
-    int xrow[N], y0 = 0;  // token row i's x row (dense: i) and y row y0 + i
+    int xrow[N], p0 = 0, slots = n;  // token row i's x row (dense: i), y row p0 + i; MOE: the expert's slots
 #pragma unroll
     for (int i = 0; i < N; i++) xrow[i] = i;
     if constexpr (MOE) {
         fl_pdl_wait();  // routing and grouping (mo.offs, mo.slot_perm) come from the previous kernels
         if ((int)blockIdx.y >= mo.offs[2 * mo.E + 1]) return;  // fewer experts have slots than the grid allows for
-        const int e = mo.offs[mo.E + 1 + blockIdx.y], p0 = mo.offs[e];
-        n = min(mo.offs[e + 1] - p0, N);  // at most N: the host launches this form only when no expert can have more
+        const int e = mo.offs[mo.E + 1 + blockIdx.y];
+        p0 = mo.offs[e];
+        slots = mo.offs[e + 1] - p0;
         wbase += (int64_t)e * R * rstride;
         sc += (int64_t)e * R * W.ng;
         if (ZEROS) zc += (int64_t)e * R * W.ng;
-#pragma unroll
-        for (int i = 0; i < N; i++) {
-            const int p = p0 + (i < n ? i : 0);
-            xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
-        }
-        y0 = p0;
     }
     uint4 w[U][RPW];
     float sr[U][RPW], mr[U][RPW];
@@ -1138,13 +1134,15 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     const int64_t vfirst = (int64_t)part * 32 * U + lane;
     load(vfirst);
     fl_pdl_wait();  // xq / xd come from the prep kernel (or the RMSNorm / SwiGLU that wrote them)
+    // n token rows from p0 (x rows xrow), y rows y0 + i; again: LOOP's weights are the last step's, load the first
+    auto rows = [&](int n, int y0, bool again) {
     float acc[N][RPW];
 #pragma unroll
     for (int i = 0; i < N; i++)
 #pragma unroll
         for (int r = 0; r < RPW; r++) acc[i][r] = 0.f;
     for (int64_t vb = vfirst; vb < nv; vb += step) {
-        if (LOOP && vb != vfirst) load(vb);
+        if (LOOP && (vb != vfirst || again)) load(vb);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t v = vb + 32 * u;
@@ -1203,6 +1201,21 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
                 if (row < R && i < n) y[(int64_t)(y0 + i) * R + row] = fl_from_f32<T>(acc[i][r] + (bias ? fl_to_f32(bias[row]) : 0.f));
             }
     }
+    };
+    if constexpr (!MOE) {
+        rows(n, 0, false);
+    } else {
+        for (int c0 = 0; c0 < slots; c0 += N) {
+            const int m = min(slots - c0, N);
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                const int p = p0 + c0 + (i < m ? i : 0);
+                xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
+            }
+            if (c0 > 0 && split > 1) __syncthreads();  // red[] is read by the chunk before
+            rows(m, p0 + c0, c0 > 0);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1256,8 +1269,8 @@ qgemv_generic_kernel(T *__restrict__ y, const T *__restrict__ x, const fl_qw W, 
 // codes, 16 of 8-bit, and their scales) before dequantising the first; x in 16-byte loads. Not tuned like the dense
 // decode GEMVs (no integer dot products, no row split across warps): first H200 run, one sub-block a step and
 // element loads of x, int4 Mixtral decoded at 0.52x its bf16 (169 against 324 tok/s, 11% of its roofline). Now the
-// fallback: up to 4 tokens a step the experts take qgemv_dp_kernel's MOE form (fl_cuda_moe_qgemv; int4 Mixtral, 4
-// layers: 930 -> 2282 tok/s, benchmarks/results/moe-qdp-2026-12-04-h200/).
+// fallback: at decode the experts take qgemv_dp_kernel's MOE form where it has their layout (fl_cuda_moe_qgemv; int4
+// Mixtral, 4 layers: 930 -> 2282 tok/s, benchmarks/results/moe-qdp-2026-12-04-h200/).
 // ---------------------------------------------------------------------------------------------
 #define QMOE_NT 8
 #define QMOE_U 4  /* sub-blocks per lane in flight (codes and scales requested before any is used) */
@@ -2028,12 +2041,12 @@ static fl_status launch_qdp_moe_cfg(cudaStream_t st, T *y, const int16_t *xq, co
     return FL_OK;
 }
 
-// Whether the MOE form takes expert view W in x form qb with at most n slots an expert.
-static bool qdp_moe_ok(const fl_qw &W, int qb, int n) {
-    if (W.s32 || W.perm || n < 1) return false;
-    if (W.code == FL_QCODE_NF4) return !W.m && qb == (4 | FL_QX8 | FL_QXN) && n <= 2;
-    if (W.bits == 4) return W.m && qb == (4 | FL_QX8) && n <= 4;
-    return W.bits == 8 && !W.m && qb == 8 && n <= 4;
+// Whether the MOE form takes expert view W in x form qb (any number of slots an expert: N at a time).
+static bool qdp_moe_ok(const fl_qw &W, int qb) {
+    if (W.s32 || W.perm) return false;
+    if (W.code == FL_QCODE_NF4) return !W.m && qb == (4 | FL_QX8 | FL_QXN);
+    if (W.bits == 4) return W.m && qb == (4 | FL_QX8);
+    return W.bits == 8 && !W.m && qb == 8;
 }
 
 template <typename T>
@@ -2061,8 +2074,12 @@ static fl_status launch_qdp_moe(cudaStream_t st, T *y, const int16_t *xq, const 
                    : launch_qdp_moe_cfg<T, S, 8, false, 1, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
 }
 
+// The dp2a GEMV's x in c->qxq: xq [rows, C] int16 (int8 forms use its first half), then xd [rows, C / 16] float2; rows
+// FL_GEMV_MAX_N_Q for the dense GEMVs, the slots' x rows for MoE experts (fl_cuda_moe_qgemv) where they are more.
 static int16_t *qdp_xq(fl_cuda_impl *c) { return (int16_t *)c->qxq; }
-static float2 *qdp_xd(fl_cuda_impl *c, int64_t C) { return (float2 *)((char *)c->qxq + (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2); }
+static float2 *qdp_xd(fl_cuda_impl *c, int64_t C, int rows = FL_GEMV_MAX_N_Q) {
+    return (float2 *)((char *)c->qxq + (size_t)rows * (size_t)C * 2);
+}
 
 // The x form the dp2a GEMV takes for W (fl_qx_store8's QB, which the ops that write x for it use too): int8
 // (FL_QX8) for weights whose rows are whole 32-column blocks (the amax block of the int8 form; NF4 then uses its
@@ -2079,14 +2096,14 @@ static int qdp_qb(const fl_cuda_impl *c, const fl_qw &W) {
 static uint32_t qdp_gmagic(const fl_qw &W) { return div_magic((uint32_t)(W.gs / (W.bits == 4 ? 32 : 16))); }
 
 // x prepared for the dp2a GEMV in form qb (fl_qx_dispatch): n rows of W.C columns, gathered by perm when not NULL,
-// into c->qxq (grown by the caller).
+// into c->qxq (grown by the caller for `rows` rows, qdp_xd).
 template <typename T>
 static fl_status launch_qdp_prep(fl_cuda_impl *c, const fl_qw &W, int qb, const T *x, const int32_t *perm, int n,
-                                 const char *what) {
+                                 const char *what, int rows = FL_GEMV_MAX_N_Q) {
     const int64_t blocks = ((int64_t)n * (W.C / 8) + QD_THREADS - 1) / QD_THREADS;  // one thread per 8 columns
     if (blocks > INT32_MAX) return fl_err(FL_E_VALUE, "%s: %d x %lld is too many", what, n, (long long)W.C);
     int16_t *xq = qdp_xq(c);
-    float2 *xd = qdp_xd(c, W.C);
+    float2 *xd = qdp_xd(c, W.C, rows);
     return fl_qx_dispatch(qb, what, [&](auto QB) -> fl_status {
         FL_LAUNCH((qx_prep_kernel<T, decltype(QB)::value>), dim3((unsigned)blocks), dim3(QD_THREADS), 0, c->stream, xq,
                   xd, x, perm, n, W.C);
@@ -2118,12 +2135,12 @@ static fl_status qgemv_dp(fl_cuda_impl *c, fl_dtype act, void *y, const void *x,
     return fl_err(FL_E_INTERNAL, "quantised matmul: the dp2a GEMV needs 16-bit activations");
 }
 
-static size_t qdp_ws_bytes(int64_t C) {  // xq [MAX_N, C] int16, then xd [MAX_N, C / 16] float2
-    return (size_t)FL_GEMV_MAX_N_Q * (size_t)C * 2 + (size_t)FL_GEMV_MAX_N_Q * (size_t)(C / 16) * sizeof(float2);
+static size_t qdp_ws_bytes(int64_t C, int rows = FL_GEMV_MAX_N_Q) {  // qdp_xq, qdp_xd
+    return (size_t)rows * (size_t)C * 2 + (size_t)rows * (size_t)(C / 16) * sizeof(float2);
 }
-static fl_status qdp_grow(fl_backend *be, int64_t C, const char *what) {
+static fl_status qdp_grow(fl_backend *be, int64_t C, const char *what, int rows = FL_GEMV_MAX_N_Q) {
     fl_cuda_impl *c = fl_cuda_impl_of(be);
-    return fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(C), what);
+    return fl_cuda_grow(be, &c->qxq, &c->qxq_bytes, qdp_ws_bytes(C, rows), what);
 }
 
 // Whether the dp2a GEMV takes this weight: integer codes, 16-bit activations, whole aligned 16-byte
@@ -2341,13 +2358,14 @@ fl_status fl_cuda_qmatmul(fl_backend *be, void *y, const void *x, int n, const f
 }
 
 // The x form the MoE dp2a path takes for expert view V (n_x rows of x at x, at most per_expert slots an expert), 0 when
-// the float kernel runs instead (FASTLOAD_MOE_QDP=0, other layouts, more rows).
+// the float kernel runs instead (FASTLOAD_MOE_QDP=0, other layouts, more than FL_MOE_QDP_MAX_X x rows).
 static int moe_qdp_form(const fl_cuda_impl *c, fl_dtype act, const fl_qw &V, const void *x, int n_x, int per_expert) {
     const int qb = qdp_qb(c, V);
-    const bool ok = c->moe_qdp && n_x >= 1 && n_x <= FL_GEMV_MAX_N_Q && qdp_layout(c, act, V, x) &&
-                    qdp_moe_ok(V, qb, per_expert);
+    const bool ok = c->moe_qdp && n_x >= 1 && n_x <= FL_MOE_QDP_MAX_X && per_expert >= 1 && qdp_layout(c, act, V, x) &&
+                    qdp_moe_ok(V, qb);
     return ok ? qb : 0;
 }
+static int moe_x_rows(int n_x) { return n_x > FL_GEMV_MAX_N_Q ? n_x : FL_GEMV_MAX_N_Q; }  // qdp_xd's rows
 
 fl_status fl_cuda_moe_qx_target(fl_backend *be, const fl_weight *Wt, int64_t R, const void *x, int n_x, int per_expert,
                                 fl_qx_dst *dst) {
@@ -2362,10 +2380,10 @@ fl_status fl_cuda_moe_qx_target(fl_backend *be, const fl_weight *Wt, int64_t R, 
     const fl_qw V = expert_view(Wt, R);
     const int qb = moe_qdp_form(c, be->act, V, x, n_x, per_expert);
     if (!qb || V.C % fl_qx_cols(qb) != 0) return FL_OK;
-    FL_TRY(qdp_grow(be, V.C, "moe (quantised experts' x)"));
+    FL_TRY(qdp_grow(be, V.C, "moe (quantised experts' x)", moe_x_rows(n_x)));
     dst->bits = qb;
     dst->xq = qdp_xq(c);
-    dst->xd = qdp_xd(c, V.C);
+    dst->xd = qdp_xd(c, V.C, moe_x_rows(n_x));
     return FL_OK;
 }
 
@@ -2387,19 +2405,20 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
     const fl_qw W = qw_of(Wt);
     // The dp2a GEMV (FASTLOAD_MOE_QDP=1, the default) where it has the layout: x quantised once (n_x rows, as the
     // dense decode GEMV takes it; x_ready: the op before wrote it, fl_cuda_moe_qx_target), then every active expert's
-    // rows read once for its (at most per_expert) slots.
+    // rows read once for its (at most per_expert) slots, N at a time (launch_qdp_moe's configurations).
     const fl_qw V = expert_view(Wt, R);
     const int qb = moe_qdp_form(c, be->act, V, x, n_x, per_expert);
     if (qb) {
         if (x_ready) be->fused_inputs++;
-        FL_TRY(qdp_grow(be, V.C, "moe (quantised experts' x)"));
+        const int rows = moe_x_rows(n_x);
+        FL_TRY(qdp_grow(be, V.C, "moe (quantised experts' x)", rows));
         const QdpMoe mo = {offs, slot_perm, x_div, E};
         FL_CUDA_DISPATCH(be->act, T, {
             if constexpr (sizeof(T) == 2) {
                 if (!x_ready)
-                    FL_TRY(launch_qdp_prep<T>(c, V, qb, (const T *)x, nullptr, n_x, "moe (quantised experts)"));
-                return launch_qdp_moe<T>(c->stream, (T *)y, qdp_xq(c), qdp_xd(c, V.C), V, qdp_gmagic(V), per_expert,
-                                         mo, max_active);
+                    FL_TRY(launch_qdp_prep<T>(c, V, qb, (const T *)x, nullptr, n_x, "moe (quantised experts)", rows));
+                return launch_qdp_moe<T>(c->stream, (T *)y, qdp_xq(c), qdp_xd(c, V.C, rows), V, qdp_gmagic(V),
+                                         per_expert, mo, max_active);
             }
         });
     }
