@@ -1079,14 +1079,16 @@ __device__ __forceinline__ int qdot_nf4_vec8(const uint4 &c, const uint4 *xv) {
 // MOE: Mixture of Experts decode (fl_cuda_moe_qgemv): W is one expert's view (R its rows) of a stack of experts;
 // blockIdx.y is an active expert (mo.offs, from the routing on the device: read after fl_pdl_wait, so this form
 // loads nothing before it), whose slots p0.. are its token rows: x row mo.slot_perm[p] / mo.x_div (or p), y row p.
-// An expert with more than N slots takes them N at a time, its weights kept in registers (LOOP: loaded again a
-// chunk, from L2 at these sizes), so its rows are read from memory once however many tokens chose it.
+// MOE = 1: at most N slots an expert (the host knows: N >= the tokens), the x rows looked up before the weights are
+// requested. MOE = 2: any number, N at a time, the weights kept in registers (LOOP: loaded again a chunk, from L2 at
+// these sizes), so an expert's rows are read from memory once however many tokens chose it. (Mode 2 alone for every
+// count cost int4 Mixtral at batch 1 a third of its speed: 2282 -> 1574 tok/s, H200.)
 struct QdpMoe {
     const int32_t *offs, *slot_perm;
     int x_div, E;
 };
 template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool LOOP, bool X8,
-          int MINB = 0, bool MOE = false>
+          int MINB = 0, int MOE = 0>
 __global__ void __launch_bounds__(MAXW * 32, MINB)
 qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 *__restrict__ xd, const fl_qw W,
                 const T *__restrict__ bias, uint32_t gmagic, int n, int split, QdpMoe mo) {  // n <= N token rows (not MOE)
@@ -1103,7 +1105,7 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     int xrow[N], p0 = 0, slots = n;  // token row i's x row (dense: i), y row p0 + i; MOE: the expert's slots
 #pragma unroll
     for (int i = 0; i < N; i++) xrow[i] = i;
-    if constexpr (MOE) {
+    if constexpr (MOE != 0) {
         fl_pdl_wait();  // routing and grouping (mo.offs, mo.slot_perm) come from the previous kernels
         if ((int)blockIdx.y >= mo.offs[2 * mo.E + 1]) return;  // fewer experts have slots than the grid allows for
         const int e = mo.offs[mo.E + 1 + blockIdx.y];
@@ -1112,6 +1114,14 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
         wbase += (int64_t)e * R * rstride;
         sc += (int64_t)e * R * W.ng;
         if (ZEROS) zc += (int64_t)e * R * W.ng;
+        if constexpr (MOE == 1) {
+            n = min(slots, N);
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                const int p = p0 + (i < n ? i : 0);
+                xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
+            }
+        }
     }
     uint4 w[U][RPW];
     float sr[U][RPW], mr[U][RPW];
@@ -1202,8 +1212,8 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
             }
     }
     };
-    if constexpr (!MOE) {
-        rows(n, 0, false);
+    if constexpr (MOE != 2) {
+        rows(n, p0, false);
     } else {
         for (int c0 = 0; c0 < slots; c0 += N) {
             const int m = min(slots - c0, N);
@@ -2025,20 +2035,24 @@ static fl_status launch_qdp_fmt(cudaStream_t st, T *y, const int16_t *xq, const 
 // gives (fp16 scales; int4 with offsets and NF4 without on int8 x, int8 without offsets on int16 x: qdp_moe_ok).
 template <typename T, typename S, int BITS, bool ZEROS, int N, int RPW, int U, bool NF, int MAXW, bool X8>
 static fl_status launch_qdp_moe_cfg(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W,
-                                    uint32_t gm, const QdpMoe &mo, int max_active) {
+                                    uint32_t gm, const QdpMoe &mo, int max_active, int per_expert) {
     static_assert(N * RPW <= 32 && MAXW <= 32, "qgemv_dp_kernel: the split reduction takes N * RPW <= 32 lanes");
     const QdpShape h = qdp_shape<RPW, U, MAXW>(W, 0);
     if (h.blocks > INT32_MAX || max_active > 65535)
         return fl_err(FL_E_VALUE, "moe (quantised experts): %lld rows x %d experts is too many", (long long)W.R, max_active);
     const dim3 grid((unsigned)h.blocks, (unsigned)max_active), block((unsigned)(32 * h.split * h.gpb));
     const T *nob = nullptr;
-    if (h.loop)
-        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, true, X8, 0, true>), grid, block, 0, st, y, xq,
-                  xd, W, nob, gm, N, (int)h.split, mo);
-    else
-        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, false, X8, 0, true>), grid, block, 0, st, y, xq,
-                  xd, W, nob, gm, N, (int)h.split, mo);
-    return FL_OK;
+    auto go = [&](auto LOOPC, auto MODE) -> fl_status {
+        FL_LAUNCH((qgemv_dp_kernel<T, S, BITS, ZEROS, N, RPW, U, NF, MAXW, decltype(LOOPC)::value, X8, 0,
+                                   decltype(MODE)::value>), grid, block, 0, st, y, xq, xd, W, nob, gm, N, (int)h.split, mo);
+        return FL_OK;
+    };
+    using one = std::integral_constant<int, 1>;
+    using chunks = std::integral_constant<int, 2>;
+    if (per_expert <= N) return h.loop ? go(std::true_type(), one()) : go(std::false_type(), one());
+    if constexpr (N == 4 || (NF && N == 2))  // the configurations taken at more than N slots (launch_qdp_moe)
+        return h.loop ? go(std::true_type(), chunks()) : go(std::false_type(), chunks());
+    return fl_err(FL_E_INTERNAL, "moe (quantised experts): %d slots an expert for a one-slot configuration", per_expert);
 }
 
 // Whether the MOE form takes expert view W in x form qb (any number of slots an expert: N at a time).
@@ -2055,23 +2069,23 @@ static fl_status launch_qdp_moe(cudaStream_t st, T *y, const int16_t *xq, const 
     using S = __half;
     const bool big = W.R * W.rb >= ((int64_t)16 << 20), longrow = W.rb / 16 > 1024;
     if (W.code == FL_QCODE_NF4) {
-        if (n > 1) return launch_qdp_moe_cfg<T, S, 4, false, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
-        if (W.rb > 4096) return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 4, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
-        if (big) return launch_qdp_moe_cfg<T, S, 4, false, 1, 4, 4, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
-        return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        if (n > 1) return launch_qdp_moe_cfg<T, S, 4, false, 2, 4, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        if (W.rb > 4096) return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 4, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        if (big) return launch_qdp_moe_cfg<T, S, 4, false, 1, 4, 4, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
     }
     if (W.bits == 4) {
-        if (n > 2) return launch_qdp_moe_cfg<T, S, 4, true, 4, 2, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
-        if (n > 1) return launch_qdp_moe_cfg<T, S, 4, true, 2, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
-        if (big && !longrow) return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 4, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
-        return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active);
+        if (n > 2) return launch_qdp_moe_cfg<T, S, 4, true, 4, 2, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        if (n > 1) return launch_qdp_moe_cfg<T, S, 4, true, 2, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        if (big && !longrow) return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 4, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
     }
-    if (n > 2) return launch_qdp_moe_cfg<T, S, 8, false, 4, 2, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
+    if (n > 2) return launch_qdp_moe_cfg<T, S, 8, false, 4, 2, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active, n);
     if (n > 1)
-        return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 2, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active)
-                       : launch_qdp_moe_cfg<T, S, 8, false, 2, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
-    return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 1, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active)
-                   : launch_qdp_moe_cfg<T, S, 8, false, 1, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active);
+        return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 2, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active, n)
+                       : launch_qdp_moe_cfg<T, S, 8, false, 2, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active, n);
+    return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 1, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active, n)
+                   : launch_qdp_moe_cfg<T, S, 8, false, 1, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active, n);
 }
 
 // The dp2a GEMV's x in c->qxq: xq [rows, C] int16 (int8 forms use its first half), then xd [rows, C / 16] float2; rows
