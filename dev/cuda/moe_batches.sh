@@ -20,10 +20,12 @@ if [ "${TESTS:-1}" = 1 ]; then
       tests/test_cuda_ops.py::test_knob_errors > $OUT/pytest.log 2>&1; tail -1 $OUT/pytest.log; grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head
 fi
 wait $mk; tail -1 $OUT/mixckpt.log | cut -c1-200
+k=0
 for v in ${MOE_SETTINGS:-1 0}; do
-  echo "== FASTLOAD_MOE_QDP=$v $(date +%T)"
+  k=$((k + 1))
+  echo "== FASTLOAD_MOE_QDP=$v (run $k) $(date +%T)"
   FASTLOAD_MOE_QDP=$v timeout ${MOE_S:-240} python3 benchmarks/moe_gpu.py --ckpt /tmp/mixtral4 --layers 4 --no-hf \
-      --quant ${QUANT:-int4,int8,nf4} --batches ${BATCHES:-4,8,16} --out $OUT/moe_qdp$v.json 2>&1 | grep -E "^(int|nf|bf|batch|load|Trace|[A-Za-z]*Error)" | cut -c1-300
+      --quant ${QUANT:-int4,int8,nf4} --batches ${BATCHES:-4,8,16} --out $OUT/moe_qdp${v}_$k.json 2>&1 | grep -E "^(int|nf|bf|batch|load|Trace|[A-Za-z]*Error)" | cut -c1-300
 done
 if [ "${DENSE:-0}" = 1 ]; then
   bw=$(copy_bw)
