@@ -208,6 +208,7 @@ def test_gemv_variants(act, variant, R, C, n, monkeypatch):
     ({"FASTLOAD_GLU_FUSE": "yes"}, "FASTLOAD_GLU_FUSE='yes'"),
     ({"FASTLOAD_ATT_FUSE": "yes"}, "FASTLOAD_ATT_FUSE='yes'"),
     ({"FASTLOAD_MOE_QDP": "2"}, "FASTLOAD_MOE_QDP='2'"),
+    ({"FASTLOAD_MOE_QDP_ROWS": "8"}, "FASTLOAD_MOE_QDP_ROWS='8' is not 4 or 2"),
     ({"FASTLOAD_QGEMV_UP_TO": "9"}, "FASTLOAD_QGEMV_UP_TO='9'"),
     ({"FASTLOAD_QGEMV": "fast"}, "FASTLOAD_QGEMV='fast' is not auto, dp, fma, mma or generic"),
     ({"FASTLOAD_QDP_CFG": "r9u9"}, "FASTLOAD_QDP_CFG='r9u9'"),

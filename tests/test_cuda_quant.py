@@ -893,6 +893,21 @@ def test_quantized_experts_swiglu_writes_x(tmp_path):
     for k, (a, b) in enumerate(zip(res["1"][0], res["0"][0])):
         np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
 
+def test_quantized_experts_rows_a_pass(tmp_path):
+    """FASTLOAD_MOE_QDP_ROWS=2 takes an expert's slots two at a time where 4 is the default for integer codes above
+    two tokens: at this fixture's row lengths each token row's sum is formed in the same order either way (the same
+    vectors a lane and warps a row; 8-bit rows of more than 1024 vectors would take 4 warps a row at 2), so every
+    forward and decode of test_quantized_experts_dp_gemv (1..16 tokens, 4 experts, top 2) gives the same bits."""
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    path = _wide_mixtral(tmp_path / "mixtral")
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    res = _arrays_per_setting(_MOE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_MOE_QDP_ROWS", ("4", "2"),
+                              base_env={"FASTLOAD_CUDA_QDOT": "auto"})
+    assert len(res["4"][0]) == len(res["2"][0]) == 40
+    for k, (a, b) in enumerate(zip(res["4"][0], res["2"][0])):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
+
+
 def test_quantized_model_int8_x():
     """FASTLOAD_CUDA_QDOT=int8 through a whole model (its fusion: test_quantized_model_qx_fuse_bit_identical): the
     logits follow the int16 form's (relative L2 difference below 10%: a wrong x layout gives ~100%; seen 5.7% of

@@ -617,6 +617,8 @@ extern "C" cudaStream_t fl_cuda_stream(fl_backend *be) { return be && be->impl ?
 // FASTLOAD_ATT_FUSE=1|0: the decode attention combines its splits in the split kernel's grid (default 1; attention.cuh).
 // FASTLOAD_QMMA_INT=1|0: integer-code GEMV at 3..8 token rows on the integer tensor cores (default 1; qgemv_imma8_kernel).
 // FASTLOAD_MOE_QDP=1|0: quantised experts' decode GEMV on integer dot products (default 1; fl_cuda_moe_qgemv).
+// FASTLOAD_MOE_QDP_ROWS=4|2: that GEMV's token rows a pass (an expert's slots taken that many at a time) for integer
+// codes above 2 tokens (NF4 always 2; default FL_MOE_QDP_ROWS, qmatmul.cuh).
 // An on/off knob: *v = 1 (default) unless the variable is "0"; anything but "", "0" and "1" is an error.
 static fl_status knob01(const char *name, int *v) {
     const char *q = getenv(name);
@@ -706,6 +708,14 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     FL_TRY(knob01("FASTLOAD_ATT_FUSE", &c->att_fuse));
     FL_TRY(knob01("FASTLOAD_QMMA_INT", &c->qmma_int));
     FL_TRY(knob01("FASTLOAD_MOE_QDP", &c->moe_qdp));
+    {
+        const char *q = getenv("FASTLOAD_MOE_QDP_ROWS");
+        c->moe_qdp_rows = FL_MOE_QDP_ROWS;
+        if (q && *q) {
+            if (strcmp(q, "4") && strcmp(q, "2")) return fl_err(FL_E_VALUE, "FASTLOAD_MOE_QDP_ROWS='%s' is not 4 or 2", q);
+            c->moe_qdp_rows = q[0] - '0';
+        }
+    }
     c->qx8 = FL_QX8_AUTO;
     q = getenv("FASTLOAD_CUDA_QDOT");
     if (q && *q) {

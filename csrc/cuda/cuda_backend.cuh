@@ -58,6 +58,7 @@ typedef struct fl_cuda_impl {
     int qdp_gpb[2][3];          /*   configuration (-1 auto) and row groups a block (0 default); FASTLOAD_QDP_CFG */
     int qmma_int;               /* integer-code GEMV at 3..8 rows on the integer tensor cores (FASTLOAD_QMMA_INT, default 1); 0: f16 / bf16 ones */
     int moe_qdp;                /* quantised experts' decode GEMV on the dp2a kernel (FASTLOAD_MOE_QDP, default 1); 0: float dequantising one */
+    int moe_qdp_rows;           /* its token rows a pass for integer codes above 2 tokens (FASTLOAD_MOE_QDP_ROWS: 4 or 2) */
     size_t scratch_bytes;
     std::atomic<uint64_t> op_seq; /* backend ops entered (fl_cuda_enter): the x hand-off below is for the next op only */
     uint64_t qx_seq;            /* op_seq of the op that wrote the quantised GEMV's x into qxq (0: none pending) */

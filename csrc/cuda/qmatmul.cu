@@ -2050,7 +2050,7 @@ static fl_status launch_qdp_moe_cfg(cudaStream_t st, T *y, const int16_t *xq, co
     using one = std::integral_constant<int, 1>;
     using chunks = std::integral_constant<int, 2>;
     if (per_expert <= N) return h.loop ? go(std::true_type(), one()) : go(std::false_type(), one());
-    if constexpr (N == 4 || (NF && N == 2))  // the configurations taken at more than N slots (launch_qdp_moe)
+    if constexpr (N >= 2)  // the configurations taken at more than N slots (launch_qdp_moe)
         return h.loop ? go(std::true_type(), chunks()) : go(std::false_type(), chunks());
     return fl_err(FL_E_INTERNAL, "moe (quantised experts): %d slots an expert for a one-slot configuration", per_expert);
 }
@@ -2063,9 +2063,10 @@ static bool qdp_moe_ok(const fl_qw &W, int qb) {
     return W.bits == 8 && !W.m && qb == 8;
 }
 
+// n: the most slots an expert can have (the tokens); rows4: integer codes above 2 take 4 rows a pass (else 2).
 template <typename T>
 static fl_status launch_qdp_moe(cudaStream_t st, T *y, const int16_t *xq, const float2 *xd, const fl_qw &W, uint32_t gm,
-                                int n, const QdpMoe &mo, int max_active) {
+                                int n, const QdpMoe &mo, int max_active, bool rows4) {
     using S = __half;
     const bool big = W.R * W.rb >= ((int64_t)16 << 20), longrow = W.rb / 16 > 1024;
     if (W.code == FL_QCODE_NF4) {
@@ -2075,12 +2076,12 @@ static fl_status launch_qdp_moe(cudaStream_t st, T *y, const int16_t *xq, const 
         return launch_qdp_moe_cfg<T, S, 4, false, 1, 2, 2, true, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
     }
     if (W.bits == 4) {
-        if (n > 2) return launch_qdp_moe_cfg<T, S, 4, true, 4, 2, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
+        if (n > 2 && rows4) return launch_qdp_moe_cfg<T, S, 4, true, 4, 2, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
         if (n > 1) return launch_qdp_moe_cfg<T, S, 4, true, 2, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
         if (big && !longrow) return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 4, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
         return launch_qdp_moe_cfg<T, S, 4, true, 1, 4, 2, false, 16, true>(st, y, xq, xd, W, gm, mo, max_active, n);
     }
-    if (n > 2) return launch_qdp_moe_cfg<T, S, 8, false, 4, 2, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active, n);
+    if (n > 2 && rows4) return launch_qdp_moe_cfg<T, S, 8, false, 4, 2, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active, n);
     if (n > 1)
         return longrow ? launch_qdp_moe_cfg<T, S, 8, false, 2, 8, 1, false, 4, false>(st, y, xq, xd, W, gm, mo, max_active, n)
                        : launch_qdp_moe_cfg<T, S, 8, false, 2, 4, 2, false, 16, false>(st, y, xq, xd, W, gm, mo, max_active, n);
@@ -2432,7 +2433,7 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
                 if (!x_ready)
                     FL_TRY(launch_qdp_prep<T>(c, V, qb, (const T *)x, nullptr, n_x, "moe (quantised experts)", rows));
                 return launch_qdp_moe<T>(c->stream, (T *)y, qdp_xq(c), qdp_xd(c, V.C, rows), V, qdp_gmagic(V),
-                                         per_expert, mo, max_active);
+                                         per_expert, mo, max_active, c->moe_qdp_rows == 4);
             }
         });
     }
