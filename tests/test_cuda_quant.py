@@ -894,7 +894,7 @@ def test_quantized_experts_swiglu_writes_x(tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
 
 def test_quantized_experts_rows_a_pass(tmp_path):
-    """FASTLOAD_MOE_QDP_ROWS=2 takes an expert's slots two at a time where 4 is the default for integer codes above
+    """FASTLOAD_MOE_QDP_ROWS=4 takes an expert's slots four at a time where 2 is the default for integer codes above
     two tokens: at this fixture's row lengths each token row's sum is formed in the same order either way (the same
     vectors a lane and warps a row; 8-bit rows of more than 1024 vectors would take 4 warps a row at 2), so every
     forward and decode of test_quantized_experts_dp_gemv (1..16 tokens, 4 experts, top 2) gives the same bits."""

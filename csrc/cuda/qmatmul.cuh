@@ -19,7 +19,11 @@
 #define FL_QDEQ_CHUNK_BYTES ((size_t)256 << 20)        /* dequantised rows per cuBLAS call, at most */
 #define FL_QDP_UP_TO 2                                 /* auto: the dp2a GEMV for n <= this (H200: int4 b8 802 tok/s on dp, 2291 on mma) */
 #define FL_GEMV_MAX_N_Q 8                              /* the quantised GEMV takes 1..8 token rows */
-#define FL_MOE_QDP_ROWS 4    /* the MoE dp2a GEMV's token rows a pass for integer codes above 2 tokens (FASTLOAD_MOE_QDP_ROWS) */
+/* The MoE dp2a GEMV's token rows a pass for integer codes above 2 tokens (FASTLOAD_MOE_QDP_ROWS): 2, not 4, since
+ * an expert holds ~top_k x tokens / experts slots, often 1-2: 4 rows a pass had half the rows a warp for rows mostly
+ * unused (int4 Mixtral, H200: batch 8 4379 -> 5947 tok/s, batch 4 +12%, batch 16 +25%;
+ * benchmarks/results/moe-batches-2026-12-04-h200/) */
+#define FL_MOE_QDP_ROWS 2
 #define FL_MOE_QDP_MAX_X 256  /* x rows (tokens, or tokens x top_k) the MoE experts' dp2a GEMV takes at decode */
 /* GEMV kernel choice (FASTLOAD_QGEMV): auto = integer dot products (dp2a on int16 x) for integer codes
  * whose groups are whole 16-byte vectors of codes, then tensor cores where the layout allows (groups of
