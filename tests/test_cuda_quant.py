@@ -846,22 +846,38 @@ _MOE_CODE = (
     "json.dump(counts, open(sys.argv[1] + '.json', 'w'))\n")
 
 
+def _moe_runs(tmp_path, knob, values):
+    """_MOE_CODE on the wide Mixtral once per value of knob, in the default x forms (FASTLOAD_CUDA_QDOT=auto: this
+    file pins int16, under which 4-bit experts keep the float kernel): _arrays_per_setting's result."""
+    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
+    path = _wide_mixtral(tmp_path / "mixtral")
+    HERE = os.path.dirname(os.path.abspath(__file__))
+    return _arrays_per_setting(_MOE_CODE % ([HERE, os.path.dirname(HERE)], path), knob, values,
+                               base_env={"FASTLOAD_CUDA_QDOT": "auto"})
+
+
+def _moe_same_bits(tmp_path, knob, values):
+    """Every array of _MOE_CODE (40: 4 models x the batch-8 decode, 7 forwards, 2 decodes) the same bits under both
+    values of knob."""
+    res = _moe_runs(tmp_path, knob, values)
+    a0, a1 = res[values[0]][0], res[values[1]][0]
+    assert len(a0) == len(a1) == 40
+    for k, (a, b) in enumerate(zip(a0, a1)):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
+
+
 def test_quantized_experts_dp_gemv(tmp_path):
     """Quantised experts at decode take the dense decode's integer-dot-product GEMV (FASTLOAD_MOE_QDP=1, the default:
     x quantised once, every active expert's rows read once for its slots, N slots at a time, expert ids from the
     device), the float-dequantising kernel with =0. One-token forwards of 1..16 sequences of a Mixtral with 4 experts,
-    top 2 (so up to 16 slots an expert: chunks of 4 slots, NF4's of 2, taken in turn) with int4 / int8 / nf4 experts
+    top 2 (so up to 16 slots an expert, taken 2 at a time: FASTLOAD_MOE_QDP_ROWS) with int4 / int8 / nf4 experts
     (bf16, and int4 in f16): the logits differ from the float kernel's by the int8 / int16 x rounding only (relative
     L2 below 15% for 4-bit codes, ~5% seen; 2% for int8: a wrong expert, slot, chunk or row gives ~100%), and SwiGLU
     writes the experts' down_proj x (two fused inputs a forward). Greedy decodes at batch 8 first thing after the
     load (the experts' x workspace of 16 rows grown by the eager step before its graph is captured), 1 and 3 run and
     give ids in the vocabulary. (In the default x forms, FASTLOAD_CUDA_QDOT=auto; with int16 x for 4-bit codes the
     experts keep the float kernel.)"""
-    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    path = _wide_mixtral(tmp_path / "mixtral")
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    res = _arrays_per_setting(_MOE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_MOE_QDP", ("1", "0"),
-                              base_env={"FASTLOAD_CUDA_QDOT": "auto"})  # the default x forms (this file pins int16)
+    res = _moe_runs(tmp_path, "FASTLOAD_MOE_QDP", ("1", "0"))
     new, old = res["1"][0], res["0"][0]
     per = 10  # arrays a model: the batch-8 decode, 7 forwards, 2 decodes
     assert len(new) == len(old) == 4 * per
@@ -884,28 +900,15 @@ def test_quantized_experts_swiglu_writes_x(tmp_path):
     """At decode the experts' SwiGLU writes down_proj's x for their integer GEMV (fl_cuda_moe_qx_target; the dense
     path's FASTLOAD_QX_FUSE) instead of a prep kernel: the same bits as with FASTLOAD_QX_FUSE=0, in every model, row
     count and graph decode of test_quantized_experts_dp_gemv."""
-    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    path = _wide_mixtral(tmp_path / "mixtral")
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    res = _arrays_per_setting(_MOE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_QX_FUSE", ("1", "0"),
-                              base_env={"FASTLOAD_CUDA_QDOT": "auto"})
-    assert len(res["1"][0]) == len(res["0"][0]) == 40
-    for k, (a, b) in enumerate(zip(res["1"][0], res["0"][0])):
-        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
+    _moe_same_bits(tmp_path, "FASTLOAD_QX_FUSE", ("1", "0"))
+
 
 def test_quantized_experts_rows_a_pass(tmp_path):
     """FASTLOAD_MOE_QDP_ROWS=4 takes an expert's slots four at a time where 2 is the default for integer codes above
     two tokens: at this fixture's row lengths each token row's sum is formed in the same order either way (the same
     vectors a lane and warps a row; 8-bit rows of more than 1024 vectors would take 4 warps a row at 2), so every
     forward and decode of test_quantized_experts_dp_gemv (1..16 tokens, 4 experts, top 2) gives the same bits."""
-    _load_quantized("int4", "bfloat16")  # skips here when quantisation at load is not wired
-    path = _wide_mixtral(tmp_path / "mixtral")
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    res = _arrays_per_setting(_MOE_CODE % ([HERE, os.path.dirname(HERE)], path), "FASTLOAD_MOE_QDP_ROWS", ("4", "2"),
-                              base_env={"FASTLOAD_CUDA_QDOT": "auto"})
-    assert len(res["4"][0]) == len(res["2"][0]) == 40
-    for k, (a, b) in enumerate(zip(res["4"][0], res["2"][0])):
-        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
+    _moe_same_bits(tmp_path, "FASTLOAD_MOE_QDP_ROWS", ("4", "2"))
 
 
 def test_quantized_model_int8_x():

@@ -1144,7 +1144,7 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     const int64_t vfirst = (int64_t)part * 32 * U + lane;
     load(vfirst);
     fl_pdl_wait();  // xq / xd come from the prep kernel (or the RMSNorm / SwiGLU that wrote them)
-    // n token rows from p0 (x rows xrow), y rows y0 + i; again: LOOP's weights are the last step's, load the first
+    // n token rows: x rows xrow[i], y rows y0 + i; again: LOOP's registers hold the last step's weights, load the first
     auto rows = [&](int n, int y0, bool again) {
     float acc[N][RPW];
 #pragma unroll
