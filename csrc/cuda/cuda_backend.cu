@@ -708,13 +708,11 @@ static fl_status read_knobs(fl_cuda_impl *c) {
     FL_TRY(knob01("FASTLOAD_ATT_FUSE", &c->att_fuse));
     FL_TRY(knob01("FASTLOAD_QMMA_INT", &c->qmma_int));
     FL_TRY(knob01("FASTLOAD_MOE_QDP", &c->moe_qdp));
-    {
-        const char *q = getenv("FASTLOAD_MOE_QDP_ROWS");
-        c->moe_qdp_rows = FL_MOE_QDP_ROWS;
-        if (q && *q) {
-            if (strcmp(q, "4") && strcmp(q, "2")) return fl_err(FL_E_VALUE, "FASTLOAD_MOE_QDP_ROWS='%s' is not 4 or 2", q);
-            c->moe_qdp_rows = q[0] - '0';
-        }
+    c->moe_qdp_rows = FL_MOE_QDP_ROWS;
+    q = getenv("FASTLOAD_MOE_QDP_ROWS");
+    if (q && *q) {
+        if (!strcmp(q, "4") || !strcmp(q, "2")) c->moe_qdp_rows = q[0] - '0';
+        else return fl_err(FL_E_VALUE, "FASTLOAD_MOE_QDP_ROWS='%s' is not 4 or 2", q);
     }
     c->qx8 = FL_QX8_AUTO;
     q = getenv("FASTLOAD_CUDA_QDOT");

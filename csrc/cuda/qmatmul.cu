@@ -1105,6 +1105,13 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     int xrow[N], p0 = 0, slots = n;  // token row i's x row (dense: i), y row p0 + i; MOE: the expert's slots
 #pragma unroll
     for (int i = 0; i < N; i++) xrow[i] = i;
+    auto take = [&](int q0, int m) {  // MOE: the x rows of the expert's m (<= N) slots from slot q0
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            const int p = q0 + (i < m ? i : 0);
+            xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
+        }
+    };
     if constexpr (MOE != 0) {
         fl_pdl_wait();  // routing and grouping (mo.offs, mo.slot_perm) come from the previous kernels
         if ((int)blockIdx.y >= mo.offs[2 * mo.E + 1]) return;  // fewer experts have slots than the grid allows for
@@ -1116,11 +1123,7 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
         if (ZEROS) zc += (int64_t)e * R * W.ng;
         if constexpr (MOE == 1) {
             n = min(slots, N);
-#pragma unroll
-            for (int i = 0; i < N; i++) {
-                const int p = p0 + (i < n ? i : 0);
-                xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
-            }
+            take(p0, n);
         }
     }
     uint4 w[U][RPW];
@@ -1217,11 +1220,7 @@ qgemv_dp_kernel(T *__restrict__ y, const int16_t *__restrict__ xq, const float2 
     } else {
         for (int c0 = 0; c0 < slots; c0 += N) {
             const int m = min(slots - c0, N);
-#pragma unroll
-            for (int i = 0; i < N; i++) {
-                const int p = p0 + c0 + (i < m ? i : 0);
-                xrow[i] = mo.slot_perm ? mo.slot_perm[p] / mo.x_div : p;
-            }
+            take(p0 + c0, m);
             if (c0 > 0 && split > 1) __syncthreads();  // red[] is read by the chunk before
             rows(m, p0 + c0, c0 > 0);
         }
@@ -2417,7 +2416,6 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
     if (bx > INT32_MAX || max_active > 65535 || Wt->cols > INT32_MAX)
         return fl_err(FL_E_VALUE, "CUDA moe: [%lld, %lld] experts are too large", (long long)R, (long long)Wt->cols);
     fl_cuda_impl *c = fl_cuda_impl_of(be);
-    const fl_qw W = qw_of(Wt);
     // The dp2a GEMV (FASTLOAD_MOE_QDP=1, the default) where it has the layout: x quantised once (n_x rows, as the
     // dense decode GEMV takes it; x_ready: the op before wrote it, fl_cuda_moe_qx_target), then every active expert's
     // rows read once for its (at most per_expert) slots, N at a time (launch_qdp_moe's configurations).
@@ -2437,6 +2435,8 @@ fl_status fl_cuda_moe_qgemv(fl_backend *be, void *y, const void *x, int n_x, int
             }
         });
     }
+    // else the float kernel on the whole stack (W: every expert's rows; R a stride)
+    const fl_qw W = qw_of(Wt);
     const dim3 grid((unsigned)bx, (unsigned)max_active);
     // x rows start at multiples of C elements (C % 16 == 0: fl_cuda_qcheck), so one aligned base makes every
     // 16-column piece 16-byte aligned
