@@ -172,6 +172,7 @@ def main():
     out["decode"] = r
     print(json.dumps({"decode": r}), flush=True)
     batches = [int(b) for b in a.batches.split(",") if b]
+    schemes = [q for q in a.quant.split(",") if q]
 
     def more_batches(model, res):  # decode at the other batches, on prompts of their own
         res["batches"] = {b: gpu_bench.fl_decode(model, b, a.prompt, a.new) for b in batches}
@@ -183,7 +184,7 @@ def main():
     del m
     import gc
     gc.collect()
-    for scheme in [q for q in a.quant.split(",") if q]:
+    for scheme in schemes:
         t0 = time.perf_counter()
         qm = fastload.AutoModelForCausalLM.from_pretrained(a.ckpt, device_map="cuda", torch_dtype="bfloat16",
                                                            progress=False,
@@ -219,7 +220,7 @@ def main():
           f"{out['load']['ceiling_GB_per_s']:.2f} (target >= 85%); decode {r['decode_tok_s_per_seq']:.1f} tok/s = "
           f"{100 * r['of_roofline']:.0f}% of the roofline {r['roofline_tok_s']:.1f} (target >= 75%)"
           + (f"; {out['speedup_vs_hf_eager']:.1f}x transformers eager (target >= 5x)" if "hf_eager" in out else ""))
-    for scheme in [q for q in a.quant.split(",") if q]:
+    for scheme in schemes:
         q = out[scheme]
         print(f"{scheme}: weights {q['weights_GB']:.2f} GB (bf16 {out['weights_GB']:.2f}; {q['weights_GB_at_32_layers']:.1f} GB "
               f"at Mixtral's 32 layers, target <= 30), load {q['load_seconds']:.2f} s, "
@@ -229,7 +230,7 @@ def main():
         print(f"batch {b}, tok/s in total: bf16 {r['batches'][b]['decode_tok_s_total']:.0f}"
               + "".join(f", {s} {out[s]['batches'][b]['decode_tok_s_total']:.0f} "
                         f"({out[s]['batches'][b]['decode_tok_s_total'] / r['batches'][b]['decode_tok_s_total']:.2f}x)"
-                        for s in [q for q in a.quant.split(",") if q]))
+                        for s in schemes))
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
