@@ -19,6 +19,10 @@ Scenarios (each prints its figures next to what it is compared with):
           its TTFT alone (target <= 2x).
   prefix  32 requests sharing a 1000-token system prompt: pages used against one prompt plus their own tokens
           (target <= 1.2x).
+  forward one streaming request decoding while a long forward (model(ids), --forward_tokens) runs beside it, under
+          each --forward_chunks setting of prefill_chunk (65536: the forward in one pass, as before 2026-12-04):
+          the request's longest gap between two tokens during the forward against its median gap alone, and the
+          forward's time against its time alone.
 No figure is asserted; the JSON records them with the device, date and commit."""
 import argparse
 import json
@@ -203,6 +207,56 @@ def scenario_prefix(m, rng, V, args, res):
           flush=True)
 
 
+def scenario_forward(m, rng, V, args, res):
+    """A decoding request's token gaps while a forward of args.forward_tokens runs, per prefill_chunk setting."""
+    core_of = lambda: m._engine_handle().core()
+    x = ids_for(rng, V, args.forward_tokens)[None]
+    p = ids_for(rng, V, 32)
+    out = {"forward_tokens": args.forward_tokens, "settings": {}}
+    for chunk in [int(c) for c in args.forward_chunks.split(",")]:
+        m.configure_engine(prefill_chunk=chunk)
+        m(x[:, :64])
+        gen(m, p, 4)  # the pool, the decode graphs
+        f_alone = statistics.median([timed(lambda: m(x))[1] for _ in range(2)])
+        _, gaps_alone, _ = _ttft_itl(m, p, 64)
+        core = core_of()
+        r = core.engine_submit(p.astype(np.int32), max_new_tokens=100000, eos_token_ids=[])
+        have = 0
+        while have < 8:
+            have, _ = r.wait(have)
+        stamps, box = [], {}
+
+        def fwd():
+            box["t0"] = time.perf_counter()
+            m(x)
+            box["t1"] = time.perf_counter()
+        th = threading.Thread(target=fwd)
+        th.start()
+        while th.is_alive() or "t1" not in box:
+            k, done = r.wait(have)
+            now = time.perf_counter()
+            stamps += [now] * (k - have)
+            have = k
+        th.join()
+        k, _ = r.wait(have)  # the first token after the forward ends
+        stamps += [time.perf_counter()] * (k - have)
+        r.cancel()
+        r.wait(1 << 30)
+        t0, t1 = box["t0"], box["t1"]
+        during = [b - a for a, b in zip(stamps, stamps[1:]) if b > t0 and a < t1]
+        st = m.engine_stats()
+        row = {"forward_s": t1 - t0, "forward_alone_s": f_alone, "tokens_during": len([s_ for s_ in stamps if t0 < s_ < t1]),
+               "max_gap_ms": max(during) * 1e3 if during else None, "gap_alone_p50_ms": statistics.median(gaps_alone) * 1e3,
+               "forward_chunks": st["forward_chunks"]}
+        out["settings"][chunk] = row
+        print(f"forward of {args.forward_tokens} tokens beside a decoding request, prefill_chunk {chunk}: forward "
+              f"{row['forward_s'] * 1e3:.0f} ms (alone {f_alone * 1e3:.0f} ms); the request's longest gap between two "
+              f"tokens {row['max_gap_ms'] or 0:.1f} ms (alone p50 {row['gap_alone_p50_ms']:.1f} ms), "
+              f"{row['tokens_during']} tokens during the forward", flush=True)
+    m.configure_engine(prefill_chunk=None)
+    res["forward"] = out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -215,6 +269,8 @@ def main():
     ap.add_argument("--loop_sample", type=int, default=4)
     ap.add_argument("--mixed_requests", type=int, default=256)
     ap.add_argument("--kv_cache_memory", type=float, default=None)
+    ap.add_argument("--forward_tokens", type=int, default=4096)
+    ap.add_argument("--forward_chunks", default="65536,2048,512")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import fastload
@@ -240,6 +296,8 @@ def main():
             scenario_mixed(m, rng, V, args, res)
         elif s == "prefix":
             scenario_prefix(m, rng, V, args, res)
+        elif s == "forward":
+            scenario_forward(m, rng, V, args, res)
         else:
             raise SystemExit(f"unknown scenario {s}")
         print(f"  ({s}: {time.perf_counter() - t0:.1f} s)", flush=True)

@@ -28,6 +28,9 @@ struct fl_request {
     int refs;                 /* the caller's and the engine's */
     int kind;                 /* RQ_GENERATE, RQ_KIND_FORWARD (fwd below; no tokens, pages or sampling) */
     fl_forward_req fwd;
+    fl_kvcache *fkv;          /* a forward read in chunks: its transient cache (B x T), from its first chunk to its end */
+    int fk, fn;               /* its chunks read, and in all (0: not planned yet) */
+    int32_t *fbuf;            /* B > 1: one chunk's ids and positions, gathered from the rows */
     int state;
     int cancel;
     uint64_t seq;             /* arrival order: the oldest is served first, the newest preempted first */
@@ -256,6 +259,7 @@ static void req_unref(fl_request *r) { /* under mu */
     pthread_cond_destroy(&r->cv);
     free(r->toks);
     free(r->pages);
+    free(r->fbuf);
     free(r);
 }
 static void release_pages(fl_engine *e, fl_request *r) { /* under mu */
@@ -567,21 +571,90 @@ static fl_status forward_pass(fl_engine *e, const fl_forward_req *f, const int *
     if (kv_bytes > e->st.forward_kv_peak) e->st.forward_kv_peak = kv_bytes;
     if (st == FL_OK) {
         e->st.forwards++;
+        e->st.forward_chunks++;
         e->st.forward_tokens += (uint64_t)f->B * (uint64_t)f->T;
     }
     return st;
 }
 
-/* Run forward request r (state RQ_FORWARD, in no list; called without mu), then finish it. Its pass polls r's cancel
- * flag, so a caller that gives up (Ctrl-C) stops it within a layer. Returns with mu held: the step ends in the same
- * critical section, so the woken caller does not wait for the driver to take mu once more. */
-static void run_forward(fl_engine *e, fl_request *r) {
+/* The chunks a queued forward is read in: B rows x T tokens in passes of at most prefill_chunk tokens (B x t), as a
+ * prompt is, so that a long forward holds the running batch for one chunk a step, not for its whole pass (and its
+ * activations and logit rows in the workspace are a chunk's, not B x T). The cut depends on the shape and prefill_chunk
+ * alone (whoever else is running), into chunks of equal length (+-1), so the same call always gives the same logits:
+ * a forward of at most prefill_chunk tokens is one pass, bit for bit the pass outside the engine; a longer one equals
+ * that pass within float rounding (the keys of earlier chunks are read from its cache, matmuls of fewer rows). Dynamic
+ * NTK rope scales by each row's largest position, which a chunk does not see: such models take one pass. */
+static int forward_chunks(const fl_engine *e, const fl_forward_req *f) {
+    if (e->m->cfg.rope_type == FL_ROPE_DYNAMIC) return 1;
+    const int tmax = e->cfg.prefill_chunk / f->B > 1 ? e->cfg.prefill_chunk / f->B : 1;
+    return (f->T + tmax - 1) / tmax;
+}
+
+/* The next chunk of forward request r (state RQ_FORWARD, in no list: e->fwd_running; called without mu), finishing it
+ * after its last chunk, on an error, or when cancelled (checked before each chunk and, by its pass, between layers: a
+ * caller that gives up, Ctrl-C, stops it within a layer). Its cache lives from its first chunk to its end and is freed
+ * here, under model_mu. Returns with mu held: the step ends in the same critical section, so the woken caller does not
+ * wait for the driver to take mu once more. */
+static void forward_chunk(fl_engine *e, fl_request *r) {
+    const fl_forward_req *f = &r->fwd;
+    if (!r->fn) r->fn = forward_chunks(e, f);
+    if (r->fn == 1) { /* one pass, exactly as outside the engine */
+        char msg[FL_ERR_MAX] = "";
+        const fl_status st = forward_pass(e, f, &r->cancel); /* returns with mu */
+        if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
+        fl_err_clear();
+        e->fwd_running = NULL;
+        finish(e, r, st, msg); /* RQ_FORWARD: in no list */
+        return;
+    }
+    fl_model *m = e->m;
+    const int B = f->B, a = (int)((int64_t)r->fk * f->T / r->fn), t = (int)((int64_t)(r->fk + 1) * f->T / r->fn) - a;
     char msg[FL_ERR_MAX] = "";
-    const fl_status st = forward_pass(e, &r->fwd, &r->cancel); /* returns with mu */
+    uint64_t kv_bytes = 0;
+    pthread_mutex_lock(&e->model_mu);
+    fl_err_clear();
+    fl_status st = FL_OK;
+    if (__atomic_load_n(&r->cancel, __ATOMIC_RELAXED)) st = fl_err(FL_E_INTERRUPTED, "cancelled");
+    if (st == FL_OK && !r->fkv) {
+        st = fl_kv_create(m, B, f->T, &r->fkv);
+        if (st == FL_OK) kv_bytes = m->kv_bytes_last;
+    }
+    const int32_t *ids = f->ids + a, *pos = f->pos + a; /* one row: the chunk is contiguous */
+    if (st == FL_OK && B > 1) {
+        if (!r->fbuf) {
+            const int tmax = (f->T + r->fn - 1) / r->fn + 1;
+            if (!(r->fbuf = malloc((size_t)2 * B * tmax * 4))) st = fl_err(FL_E_NOMEM, "forward: chunk of %d x %d ids", B, t);
+        }
+        for (int b = 0; st == FL_OK && b < B; b++) {
+            memcpy(r->fbuf + (size_t)b * t, f->ids + (size_t)b * f->T + a, (size_t)t * 4);
+            memcpy(r->fbuf + (size_t)(B + b) * t, f->pos + (size_t)b * f->T + a, (size_t)t * 4);
+        }
+        ids = r->fbuf;
+        pos = r->fbuf + (size_t)B * t;
+    }
+    if (st == FL_OK) {
+        const int *prev = fl_cancel_flag_extra(&r->cancel);
+        st = fl_forward_ld(m, r->fkv, B, t, a, ids, pos, f->mask, f->T, 1, f->logits + (size_t)a * m->cfg.vocab, f->T);
+        fl_cancel_flag_extra(prev);
+    }
+    const int done = st != FL_OK || ++r->fk == r->fn;
+    if (done) {
+        fl_kv_free(m, r->fkv);
+        r->fkv = NULL;
+    }
     if (st != FL_OK) snprintf(msg, sizeof msg, "%s", fl_err_msg());
     fl_err_clear();
+    pthread_mutex_unlock(&e->model_mu);
+    pthread_mutex_lock(&e->mu);
+    if (kv_bytes > e->st.forward_kv_peak) e->st.forward_kv_peak = kv_bytes;
+    if (st == FL_OK) e->st.forward_chunks++;
+    if (!done) return;
+    if (st == FL_OK) {
+        e->st.forwards++;
+        e->st.forward_tokens += (uint64_t)B * (uint64_t)f->T;
+    }
     e->fwd_running = NULL;
-    finish(e, r, st, msg); /* RQ_FORWARD: in no list */
+    finish(e, r, st, msg);
 }
 
 static int cmp_seq(const void *a, const void *b) {
@@ -604,7 +677,7 @@ static int try_page(fl_engine *e, fl_request *r, int slot) {
  * is queued (no request waiting, no forward), they are every running request, none is cancelled, and each takes
  * the plain argmax (pipelined steps take the backend's argmax, nothing is sampled on the host). Under mu. */
 static int la_quiet(const fl_engine *e, fl_request *const *rq, int B) {
-    if (!e->la_on || B < 1 || e->wait_head || e->fwd_head || e->n_run != B) return 0;
+    if (!e->la_on || B < 1 || e->wait_head || e->fwd_head || e->fwd_running || e->n_run != B) return 0;
     for (int b = 0; b < B; b++) {
         const fl_request *r = rq[b];
         if (r->state != RQ_DECODE || __atomic_load_n(&r->cancel, __ATOMIC_RELAXED) || !plain_greedy(r)) return 0;
@@ -889,23 +962,26 @@ int fl_engine_step(fl_engine *e) {
         pthread_mutex_unlock(&e->mu);
     }
 
-    /* 5. the oldest forward request, whole (between this step's batch work and the next step's) */
+    /* 5. the next chunk of the forward being read, or of the oldest one queued (between this step's batch work and
+     * the next step's; forward_chunks: one pass for at most prefill_chunk tokens) */
     pthread_mutex_lock(&e->mu);
-    fl_request *f = e->fwd_head;
-    if (f) {
+    fl_request *f = e->fwd_running;
+    if (!f && (f = e->fwd_head)) {
         e->fwd_head = f->next;
         if (!e->fwd_head) e->fwd_tail = NULL;
         e->n_fwd_waiting--;
         f->next = NULL;
         f->state = RQ_FORWARD;
         e->fwd_running = f;
+    }
+    if (f) {
         pthread_mutex_unlock(&e->mu);
-        run_forward(e, f); /* returns with mu held */
+        forward_chunk(e, f); /* returns with mu held */
     }
     e->st.steps++;
     const int used = P->n - P->n_free - P->n_cached;
     if (used > e->st.peak_pages_used) e->st.peak_pages_used = used;
-    const int more = e->n_run > 0 || e->wait_head != NULL || e->fwd_head != NULL;
+    const int more = e->n_run > 0 || e->wait_head != NULL || e->fwd_head != NULL || e->fwd_running != NULL;
     if (!more) {
         e->driving = 0;
         pthread_cond_broadcast(&e->idle_cv);

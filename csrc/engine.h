@@ -23,14 +23,15 @@
  *
  * A forward request (transformers' forward: the logits of every position of B rows of T tokens, with a key mask
  * and positions as given) waits in the same queue, in its own lane: it needs no pool page and no batch row, so it
- * never waits for admission behind generate requests. Each step runs the oldest one after its decode and prefill
- * work, whole (not in chunks), so a running batch waits at most one forward per step.
+ * never waits for admission behind generate requests. Each step runs the next chunk of the oldest one after its decode
+ * and prefill work: a forward of at most prefill_chunk tokens (B x T) in one pass, a longer one in passes of at most
+ * prefill_chunk tokens, one a step (engine.c, forward_chunks), so a running batch waits at most one chunk a step.
  * Its memory: a forward's keys and values matter only inside its own pass, so it takes no pool pages (they would
  * compete with running requests for memory needed for one step, and the paged kernels have no key mask for an
- * arbitrary attention_mask); it gets a transient rectangular cache of exactly B x T slots, made and freed inside the
- * step that runs it (fl_kv_create / fl_forward: the same pass, so the same logits, as a forward outside the engine
- * had), outside the pool's budget, reported as fl_model.kv_bytes_last and the stats' forward_kv_peak. Like every
- * step it grows the shared workspace to its rows (B x T activations and logit rows), which is kept for reuse.
+ * arbitrary attention_mask); it gets a transient rectangular cache of exactly B x T slots, made at its first chunk and
+ * freed after its last (fl_kv_create / fl_forward: in one pass the same pass, so the same logits, as a forward outside
+ * the engine had), outside the pool's budget, reported as fl_model.kv_bytes_last and the stats' forward_kv_peak. Like
+ * every step it grows the shared workspace to its rows (a chunk's activations and logit rows), kept for reuse.
  *
  * The pool can come later than the engine (fl_engine_cfg.kv_bytes 0, then fl_engine_add_pool): a model that only
  * runs forwards never holds one, so a forward-only user (evaluation, perplexity) keeps the device memory a pool would
@@ -138,6 +139,7 @@ typedef struct {
     int forwards_running;    /* 1 while a step runs one */
     uint64_t forwards;       /* forward requests run to the end (FL_OK) */
     uint64_t forward_tokens; /* their B x T tokens */
+    uint64_t forward_chunks; /* passes run for forwards (a forward longer than prefill_chunk tokens takes several) */
     uint64_t forward_kv_peak;/* bytes of the largest transient KV cache a forward made (freed after it) */
     uint64_t pipelined_steps;/* decode steps launched before the tokens of the step before them were read */
     uint64_t wasted_rows;    /* rows such a step computed for a request that had ended meanwhile (dropped) */

@@ -217,6 +217,11 @@ void fl_kv_free(fl_model *m, fl_kvcache *kv);
  * (all_logits) or [B, vocab] (last token of each row). */
 fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
                      const int32_t *pos, const uint8_t *kmask, int kmask_stride, int all_logits, float *logits_h);
+/* The same, with all_logits, row b's T logit rows written to logits_h[b * logits_ld * vocab ...] (logits_ld >= T):
+ * one chunk [start, start + T) of rows logits_ld tokens long, in place in the whole forward's logits. */
+fl_status fl_forward_ld(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
+                        const int32_t *pos, const uint8_t *kmask, int kmask_stride, int all_logits, float *logits_h,
+                        int logits_ld);
 
 /* The same on backend memory only: no host transfer and no synchronisation, so a CUDA graph
  * can capture it. tok_d: [B*T]; step->pos_d etc. in backend memory. Logits (activation dtype)

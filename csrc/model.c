@@ -1549,7 +1549,14 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
 
 fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
                      const int32_t *pos, const uint8_t *kmask, int kmask_stride, int all_logits, float *logits_h) {
+    return fl_forward_ld(m, kv, B, T, start, tokens, pos, kmask, kmask_stride, all_logits, logits_h, T);
+}
+
+fl_status fl_forward_ld(fl_model *m, fl_kvcache *kv, int B, int T, int start, const int32_t *tokens,
+                        const int32_t *pos, const uint8_t *kmask, int kmask_stride, int all_logits, float *logits_h,
+                        int logits_ld) {
     fl_backend *be = m->be;
+    if (all_logits && logits_ld < T) return fl_err(FL_E_VALUE, "forward: logits row stride %d < %d", logits_ld, T);
     if (B <= 0 || T <= 0) return fl_err(FL_E_VALUE, "forward: empty batch");
     if (B != kv->batch) return fl_err(FL_E_VALUE, "forward: batch %d but the KV cache holds %d", B, kv->batch);
     if (start < 0 || (int64_t)start + T > kv->max_len)
@@ -1590,7 +1597,14 @@ fl_status fl_forward(fl_model *m, fl_kvcache *kv, int B, int T, int start, const
         step.dyn.len_d = be->host_memory ? len_h : len_d;
     }
     if (st == FL_OK) st = fl_forward_core(m, kv, &step, m->ws_tok_d, all_logits);
-    if (st == FL_OK) st = be->logits_to_host(be, logits_h, m->ws_logits, all_logits ? N : B, m->cfg.vocab);
+    if (!all_logits || logits_ld == T) {
+        if (st == FL_OK) st = be->logits_to_host(be, logits_h, m->ws_logits, all_logits ? N : B, m->cfg.vocab);
+    } else { /* row b's T logit rows to logits_h[b * logits_ld, +T) */
+        const size_t V = (size_t)m->cfg.vocab, es = (size_t)fl_dtype_size(be->act);
+        for (int b = 0; st == FL_OK && b < B; b++)
+            st = be->logits_to_host(be, logits_h + (size_t)b * logits_ld * V,
+                                    (const char *)m->ws_logits + (size_t)b * T * V * es, T, (int)V);
+    }
     if (st == FL_OK) st = be->sync(be);
     if (kmask_d) be->free(be, kmask_d);
     if (len_d) be->free(be, len_d);

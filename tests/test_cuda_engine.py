@@ -352,6 +352,33 @@ def test_forward_makes_no_pool_and_frees_its_cache():
     assert m.memory_stats()["kv_cache_pool"] > 0
 
 
+@pytest.mark.parametrize("dtype,quant,tol", [("float32", None, 1e-5), ("bfloat16", None, 2e-2), ("float32", "int4", 1e-4)])
+def test_long_forward_in_chunks_equals_one_pass(dtype, quant, tol):
+    """A forward longer than prefill_chunk (B x T tokens) is read in chunks, one a step, on the GPU too (a chunk's
+    keys after the first come from the forward's own cache, with the key mask): its logits equal the one pass of an
+    engine whose prefill_chunk holds it whole (relative L2 within tol: float32 rounding; bf16 activations rounded
+    between matmuls of other row counts), with left padding; the chunk count in forward_chunks; memory back after."""
+    kw = {"quantization_config": fastload.QuantConfig(scheme=quant)} if quant else {}
+    whole, m = _load(dtype, **kw), _load(dtype, **kw)
+    m.configure_engine(prefill_chunk=16)
+    rng = np.random.default_rng(10)
+    x = rng.integers(3, 500, size=(2, 150))
+    mk = np.ones(x.shape, np.int64)
+    mk[1, :37] = 0
+    for job, chunks in ((dict(input_ids=x[:1]), 10), (dict(input_ids=x, attention_mask=mk), 19)):
+        want = whole(**job).logits
+        n0 = m.engine_stats()["forward_chunks"] if m.engine_stats() else 0
+        got = m(**job).logits
+        assert m.engine_stats()["forward_chunks"] - n0 == chunks
+        assert np.isfinite(got).all()
+        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        assert err < tol, (job.keys(), err)
+        assert np.array_equal(m(**job).logits, got)  # the same cut, the same bits
+    before = fastload.cuda.memory_allocated()
+    m(x, attention_mask=mk)
+    assert fastload.cuda.memory_allocated() == before and m.engine_stats()["forwards_running"] == 0
+
+
 def test_huge_declared_context_decodes_past_the_first_length_bucket(tmp_path):
     """A config declaring max_position_embeddings 2^31 - 1: the engine's decode graphs come in table-length buckets
     (256, 512, ... slots up to the pool's pages), counted from max_pages << page_shift. Before 884e39b that shift
