@@ -19,6 +19,7 @@ Settings, at from_pretrained or later with model.configure_engine():
                     Forward calls are not counted (each waits at most for the forwards queued before it).
   prefill_chunk     prompt tokens read per step, between two decode steps of the running requests (default: CUDA
                     2048, CPU 512): larger starts a newcomer sooner, smaller keeps the others' inter-token gaps short.
+                    A forward of more tokens (B x T) is read in chunks of at most this many, one a step.
   kv_page_tokens    tokens per KV page (a power of two, default 16).
   prefix_caching    share and keep full prompt pages between requests (default True; FASTLOAD_PREFIX_CACHING=0).
                     A request that reuses another's pages skips computing them; its own part is computed over fewer

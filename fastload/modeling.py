@@ -1529,7 +1529,8 @@ class FastModelForCausalLM:
         """The engine's counters (None before the first generate or forward): pool pages (n_pages, page_tokens,
         pages_used, pages_cached: prompt pages kept for reuse; 0 until the first generate makes the pool), requests
         waiting / running, steps, decode_rows, prefill_tokens, prefix_hit_tokens (prompt tokens taken from shared
-        pages), preemptions, peaks; forwards_waiting / forwards_running, forwards (run to the end), forward_tokens and forward_kv_peak
+        pages), preemptions, peaks; forwards_waiting / forwards_running, forwards (run to the end), forward_tokens,
+        forward_chunks (their passes: one, or one a chunk for a forward longer than prefill_chunk) and forward_kv_peak
         (bytes of the largest transient KV cache a forward had); pipelined_steps (decode steps launched before the
         tokens of the step before were read) and wasted_rows (rows such a step computed for a request that had just
         ended on eos, dropped)."""
