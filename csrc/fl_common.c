@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -109,6 +110,20 @@ void *fl_malloc(size_t n) {
     return p;
 }
 void fl_free(void *p) { free(p); }
+
+void fl_copy_parallel(void *dst, const void *src, size_t n, int threads) {
+    const size_t piece = (size_t)1 << 20;
+    const long long k = (long long)((n + piece - 1) / piece);
+    if (threads > k) threads = (int)k;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#endif
+    for (long long i = 0; i < k; i++) {
+        const size_t off = (size_t)i * piece, len = n - off < piece ? n - off : piece;
+        memcpy((char *)dst + off, (const char *)src + off, len);
+    }
+    (void)threads;
+}
 
 static const char *file_kind(mode_t m) {
     if (S_ISFIFO(m)) return "FIFO";

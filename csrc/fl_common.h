@@ -220,6 +220,9 @@ static inline int fl_rope_dims(const fl_rope_style *s, int head_dim) { return s 
 
 void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
 void fl_free(void *p);
+/* memcpy by up to `threads` OpenMP threads (a team of its own, from any thread) in pieces of at least 1 MiB: a
+ * destination touched for the first time (a fresh numpy array) takes its page faults on several cores at once. */
+void fl_copy_parallel(void *dst, const void *src, size_t n, int threads);
 
 #ifdef __cplusplus
 }

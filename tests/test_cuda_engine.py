@@ -379,6 +379,29 @@ def test_long_forward_in_chunks_equals_one_pass(dtype, quant, tol):
     assert fastload.cuda.memory_allocated() == before and m.engine_stats()["forwards_running"] == 0
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_many_logits_through_pinned_buffers_equal_the_plain_copy(dtype, monkeypatch):
+    """A forward's logits of every position past two pinned buffers' worth (16.8M floats: 4 x 4200 positions x 600)
+    go to the host through the pinned double buffer and several host threads (FASTLOAD_LOGITS_PIN=1, the default):
+    the same bits as the plain device-to-host copy (FASTLOAD_LOGITS_PIN=0), in a fresh array and in pieces that do not
+    end on a buffer's edge; the pinned path's 64 MiB are host memory, no device byte is left behind."""
+    x = np.random.default_rng(11).integers(3, 500, size=(4, 4200))
+    mk = np.ones(x.shape, np.int64)
+    mk[3, :1234] = 0
+    got = {}
+    for pin in ("0", "1"):
+        monkeypatch.setenv("FASTLOAD_LOGITS_PIN", pin)
+        m = _load(dtype)
+        m.configure_engine(prefill_chunk=65536)  # one pass: all 16.8M logits in one copy
+        got[pin] = m(x, attention_mask=mk).logits
+        before = fastload.cuda.memory_allocated()
+        assert np.array_equal(m(x, attention_mask=mk).logits, got[pin])
+        assert fastload.cuda.memory_allocated() == before
+        del m
+    assert got["1"].shape == (4, 4200, 600) and np.isfinite(got["1"]).all()
+    assert np.array_equal(got["0"], got["1"])
+
+
 def test_huge_declared_context_decodes_past_the_first_length_bucket(tmp_path):
     """A config declaring max_position_embeddings 2^31 - 1: the engine's decode graphs come in table-length buckets
     (256, 512, ... slots up to the pool's pages), counted from max_pages << page_shift. Before 884e39b that shift

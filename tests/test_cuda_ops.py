@@ -207,6 +207,7 @@ def test_gemv_variants(act, variant, R, C, n, monkeypatch):
     ({"FASTLOAD_GLU_U": "6"}, "FASTLOAD_GLU_U='6'"),
     ({"FASTLOAD_GLU_FUSE": "yes"}, "FASTLOAD_GLU_FUSE='yes'"),
     ({"FASTLOAD_ATT_FUSE": "yes"}, "FASTLOAD_ATT_FUSE='yes'"),
+    ({"FASTLOAD_LOGITS_PIN": "2"}, "FASTLOAD_LOGITS_PIN='2' is not 0 or 1"),
     ({"FASTLOAD_MOE_QDP": "2"}, "FASTLOAD_MOE_QDP='2'"),
     ({"FASTLOAD_MOE_QDP_ROWS": "8"}, "FASTLOAD_MOE_QDP_ROWS='8' is not 4 or 2"),
     ({"FASTLOAD_QGEMV_UP_TO": "9"}, "FASTLOAD_QGEMV_UP_TO='9'"),

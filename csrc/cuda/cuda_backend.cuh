@@ -17,6 +17,7 @@
 
 #define FL_CUDA_BLAS_WS_BYTES ((size_t)32 << 20)      /* cuBLAS workspace (Hopper wants 32 MiB) */
 #define FL_CUDA_SCRATCH_MAX_BYTES ((size_t)64 << 20)  /* logits_to_host staging, chunked above */
+#define FL_CUDA_LOGITS_PIN ((size_t)8 << 20)           /* floats in each pinned logits buffer (32 MiB; 64 MiB pinned in all) */
 
 typedef struct {
     void *p;
@@ -72,6 +73,9 @@ typedef struct fl_cuda_impl {
     int32_t *tok_d[2];          /* argmax_async's token slots: device ids, */
     int32_t *tok_h[2];          /*   their pinned host copies, */
     cudaEvent_t tok_ev[2];      /*   recorded after each copy */
+    int logits_pin;             /* FASTLOAD_LOGITS_PIN: 1 (default) many-row logits_to_host through lg_pin; 0 the plain copy */
+    float *lg_pin[2];           /* logits_to_host of many rows: two pinned staging buffers of FL_CUDA_LOGITS_PIN floats, */
+    cudaEvent_t lg_ev[2];       /*   an event after each one's copy (allocated at the first such call) */
     int tok_cap;                /*   rows each slot holds */
     std::mutex mu;              /* guards `blocks` and the memory counters */
     std::vector<fl_cuda_block> blocks; /* live allocations, for the counters in free() */
