@@ -139,15 +139,12 @@ def _window_logits(model, ids):
     return logits[0]
 
 
-def _scored_loglik(logits, rows, targets, chunk=256):
-    """log p(targets[i]) from the row logits[rows[i]] (float32 logits, float64 arithmetic), `chunk` rows at a time."""
-    out = np.empty(len(rows), dtype=np.float64)
-    for i in range(0, len(rows), chunk):
-        x = logits[rows[i:i + chunk]].astype(np.float64)
-        mx = x.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(x - mx).sum(axis=-1)) + mx[:, 0]
-        out[i:i + chunk] = x[np.arange(len(x)), targets[i:i + chunk]] - lse
-    return out
+def _scored_loglik(logits, rows, targets):
+    """log p(targets[i]) from the row logits[rows[i]] (float32 logits, float64 arithmetic: _C.target_logprobs, one
+    pass over the rows on every core, no float64 copy)."""
+    from . import _C
+    return _C.target_logprobs(np.ascontiguousarray(logits, dtype=np.float32), np.asarray(rows, dtype=np.int64),
+                              np.asarray(targets, dtype=np.int64))
 
 
 def _doc_rolling(model, toks, context, prefix):

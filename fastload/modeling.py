@@ -1868,15 +1868,22 @@ def _has_safetensors(path):
 
 
 def _ce_loss(logits, labels):
-    lg = logits[:, :-1].astype(np.float64)
+    """transformers' causal LM loss: the mean over labels[:, 1:] != -100 of -log softmax(logits[:, :-1]) at the label,
+    in float64 arithmetic (_C.target_logprobs: one pass over the float32 logits, no float64 copy of them)."""
+    B, T, V = logits.shape
+    if labels.shape != (B, T):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} for input_ids of shape {(B, T)}")
     lab = labels[:, 1:]
     valid = lab != -100
+    bad = valid & ((lab < 0) | (lab >= V))
+    if bad.any():
+        b, t = np.argwhere(bad)[0]
+        raise ValueError(f"labels[{b}][{t + 1}] = {int(lab[b, t])} is outside the vocabulary [0, {V}) (and not -100)")
     if not valid.any():
         return np.float32("nan")
-    mx = lg.max(-1, keepdims=True)
-    lse = np.log(np.exp(lg - mx).sum(-1)) + mx[..., 0]
-    picked = np.take_along_axis(lg, np.where(valid, lab, 0)[..., None], -1)[..., 0]
-    return np.float32(((lse - picked) * valid).sum() / valid.sum())
+    b, t = np.nonzero(valid)
+    lp = _C.target_logprobs(np.ascontiguousarray(logits, dtype=np.float32).reshape(B * T, V), b * T + t, lab[b, t])
+    return np.float32(-lp.sum() / len(lp))
 
 
 class AutoModelForCausalLM:

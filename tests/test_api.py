@@ -97,6 +97,56 @@ def test_forward_shapes_and_loss(model, case):
     assert model(ids[0]).logits.shape == out.logits.shape  # 1-D input is a batch of one
 
 
+def _ref_logprobs(lg, rows, targets):
+    x = lg[rows].astype(np.float64)
+    mx = x.max(-1, keepdims=True)
+    return x[np.arange(len(rows)), targets] - (np.log(np.exp(x - mx).sum(-1)) + mx[:, 0])
+
+
+def test_loss_of_a_batch_and_its_errors(model):
+    """labels= on a batch (the loss without a float64 copy of the logits: _C.target_logprobs) equals the float64
+    formula to rounding; labels of another shape, or outside the vocabulary other than -100, are ValueErrors that
+    name them; all labels -100 is nan, as transformers gives."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 500, size=(3, 17))
+    labels = ids.copy()
+    labels[1, :5] = -100
+    labels[2, 9] = -100
+    out = model(ids, labels=labels)
+    lg = out.logits.reshape(-1, 512)
+    b, t = np.nonzero(labels[:, 1:] != -100)
+    want = -_ref_logprobs(lg, b * 17 + t, labels[b, t + 1]).mean()
+    assert abs(float(out.loss) - want) <= 1e-6 * abs(want)
+    with pytest.raises(ValueError, match=r"labels of shape \(3, 16\)"):
+        model(ids, labels=labels[:, 1:])
+    bad = labels.copy()
+    bad[2, 4] = 512
+    with pytest.raises(ValueError, match=r"labels\[2\]\[4\] = 512 is outside the vocabulary"):
+        model(ids, labels=bad)
+    bad[2, 4] = -3
+    with pytest.raises(ValueError, match=r"labels\[2\]\[4\] = -3"):
+        model(ids, labels=bad)
+    assert np.isnan(float(model(ids, labels=np.full(ids.shape, -100)).loss))
+
+
+def test_target_logprobs_against_float64_and_its_errors():
+    rng = np.random.default_rng(4)
+    lg = (rng.standard_normal((40, 3001)) * 8).astype(np.float32)
+    lg[7, 100] = 300.0  # one dominant logit: exp(x - max) keeps it finite
+    rows, targets = rng.integers(0, 40, size=90), rng.integers(0, 3001, size=90)
+    rows[:3], targets[:3] = 7, [100, 0, 3000]
+    got = fastload._C.target_logprobs(lg, rows, targets)
+    assert got.dtype == np.float64 and got.shape == (90,)
+    np.testing.assert_allclose(got, _ref_logprobs(lg, rows, targets), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(fastload._C.target_logprobs(lg[::1], list(rows), list(targets)), got)
+    with pytest.raises(ValueError, match=r"rows\[1\] = 40 is outside \[0, 40\)"):
+        fastload._C.target_logprobs(lg, [0, 40], [1, 1])
+    with pytest.raises(ValueError, match=r"targets\[0\] = -1 is outside the vocabulary"):
+        fastload._C.target_logprobs(lg, [0], [-1])
+    with pytest.raises(ValueError, match="2 rows but 1 targets"):
+        fastload._C.target_logprobs(lg, [0, 1], [1])
+
+
 def test_generate_lengths(model, case):
     ids = case["single_ids"]
     T = ids.shape[1]
