@@ -153,9 +153,6 @@ def test_forward_errors_reach_only_their_caller(llama):
     assert st["running"] == 0 and st["waiting"] == 0 and st["forwards_waiting"] == 0, st
 
 
-@pytest.mark.skipif("address" in os.environ.get("FASTLOAD_SANITIZE", ""),
-                    reason="ASan reserves terabytes of address space and cannot run under an RLIMIT_AS "
-                           "(tools/sanitize_tests.sh)")
 def test_long_forward_is_read_in_chunks_equal_to_one_pass(llama):
     """A forward of more than prefill_chunk tokens (B x T) is read in chunks of at most prefill_chunk tokens, one a
     step, into its own cache: its logits equal the one pass of the same call (an engine whose prefill_chunk holds it
@@ -220,6 +217,9 @@ def test_long_forward_lets_a_running_generate_step_between_its_chunks(llama):
     assert out["chunks"] == 13 and out["rows"] >= 12, out
 
 
+@pytest.mark.skipif("address" in os.environ.get("FASTLOAD_SANITIZE", ""),
+                    reason="ASan reserves terabytes of address space and cannot run under an RLIMIT_AS "
+                           "(tools/sanitize_tests.sh)")
 def test_forward_that_cannot_get_its_memory_fails_alone():
     """An input too long for the memory left (an address-space limit in a subprocess: its output array fits, its
     cache and workspace do not) is a MemoryError in its own thread, from the engine's step; a generate running
