@@ -444,14 +444,6 @@ static fl_status cu_gather_rows(fl_backend *be, void *dst_d, const void *src_d, 
     return fl_cuda_gather_rows(IMPL(be)->stream, be->act, dst_d, src_d, rows_h, n, d);
 }
 
-// Logits: widened to float32 on the device into a scratch buffer (at most
-// FL_CUDA_SCRATCH_MAX_BYTES, so all-token logits of a long prompt go in chunks; stream order
-// keeps a chunk's copy ahead of the next conversion), then copied to the host. The caller syncs.
-// Many rows (a forward's logits of every position, over 2 pinned buffers' worth): through two pinned buffers in turn,
-// each chunk's device-to-host copy running while the host copies the chunk before into dst_h on several threads
-// (fl_copy_parallel). A copy from the device straight into pageable memory goes through the driver's own staging and
-// one thread, which also takes every first-touch page fault of a fresh array: ~2.5 GB/s on an H200 host, so 4096
-// positions x 152064 logits (2.5 GB) took ~1 s of a 1.15 s forward. Synchronous when it takes this path.
 // The two pinned buffers and their events, made at the first call that needs them: 0 when the host will not pin
 // 64 MiB more (the plain path then serves).
 static int logits_pin_ready(fl_cuda_impl *c) {
@@ -470,6 +462,11 @@ static int logits_pin_ready(fl_cuda_impl *c) {
     return 1;
 }
 
+// Many rows (a forward's logits of every position, over 2 pinned buffers' worth): through two pinned buffers in turn,
+// each chunk's device-to-host copy running while the host copies the chunk before into dst_h on several threads
+// (fl_copy_parallel). A copy from the device straight into pageable memory goes through the driver's own staging and
+// one thread, which also takes every first-touch page fault of a fresh array: ~2.5 GB/s on an H200 host, so 4096
+// positions x 152064 logits (2.5 GB) took ~1 s of a 1.15 s forward. Synchronous when it takes this path.
 static fl_status logits_pinned(fl_cuda_impl *c, float *dst_h, const void *src_d, fl_dtype act, size_t total) {
     const size_t es = (size_t)fl_dtype_size(act), chunk = FL_CUDA_LOGITS_PIN;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -497,6 +494,9 @@ static fl_status logits_pinned(fl_cuda_impl *c, float *dst_h, const void *src_d,
     return FL_OK;
 }
 
+// Logits: widened to float32 on the device into a scratch buffer (at most
+// FL_CUDA_SCRATCH_MAX_BYTES, so all-token logits of a long prompt go in chunks; stream order
+// keeps a chunk's copy ahead of the next conversion), then copied to the host. The caller syncs.
 static fl_status cu_logits_to_host(fl_backend *be, float *dst_h, const void *src_d, int n, int vocab) {
     fl_cuda_impl *c = IMPL(be);
     const size_t total = (size_t)(n > 0 ? n : 0) * (size_t)(vocab > 0 ? vocab : 0);
