@@ -138,14 +138,14 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
     }
 }
 
-void fl_target_logprobs(const float *logits, int64_t ld, int vocab, const int64_t *rows, const int64_t *targets,
-                        int64_t n, double *out, int threads) {
+void fl_target_logprobs(const float *logits, int vocab, const int64_t *rows, const int64_t *targets, int64_t n,
+                        double *out, int threads) {
     (void)threads;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n > 1)
 #endif
     for (int64_t i = 0; i < n; i++) {
-        const float *x = logits + rows[i] * ld;
+        const float *x = logits + rows[i] * vocab;
         float mx = x[0];
         for (int v = 1; v < vocab; v++) mx = x[v] > mx ? x[v] : mx;
         double s = 0.0;

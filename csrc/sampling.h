@@ -16,8 +16,8 @@ void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_
 int32_t fl_sample(float *logits, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx);
 int32_t fl_argmax(const float *logits, int vocab);
 /* out[i] = log softmax(logits row rows[i])[targets[i]] in float64 arithmetic (the row's max, then the sum of
- * exp(x - max) in double): a loss or perplexity from float32 logits [*, vocab] (row stride ld floats) without a float64
- * copy of them. Rows and targets must be in range (the caller checks). Rows in parallel on up to `threads`. */
-void fl_target_logprobs(const float *logits, int64_t ld, int vocab, const int64_t *rows, const int64_t *targets,
-                        int64_t n, double *out, int threads);
+ * exp(x - max) in double): a loss or perplexity from float32 logits [*, vocab] without a float64 copy of them. Rows
+ * and targets must be in range (the caller checks). Rows in parallel on up to `threads`. */
+void fl_target_logprobs(const float *logits, int vocab, const int64_t *rows, const int64_t *targets, int64_t n,
+                        double *out, int threads);
 #endif

@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from . import _C
+
 __all__ = ["perplexity", "rolling_windows", "strided_windows", "default_context", "count_words", "count_bytes"]
 
 DEFAULT_MAX_LENGTH = 2048  # lm_eval/models/utils.py DEFAULT_MAX_LENGTH
@@ -142,7 +144,6 @@ def _window_logits(model, ids):
 def _scored_loglik(logits, rows, targets):
     """log p(targets[i]) from the row logits[rows[i]] (float32 logits, float64 arithmetic: _C.target_logprobs, one
     pass over the rows on every core, no float64 copy)."""
-    from . import _C
     return _C.target_logprobs(np.ascontiguousarray(logits, dtype=np.float32), np.asarray(rows, dtype=np.int64),
                               np.asarray(targets, dtype=np.int64))
 

@@ -2,7 +2,6 @@
  * it), and grouped-query attention over the cache with causal, padding and sliding-window masks,
  * float32 throughout (KV cache f32). */
 #include "cpu_internal.h"
-#include <float.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -149,7 +148,7 @@ static inline float exp_nonpos(float x) {
  * a dot product, a block-table lookup and a libm expf a key) took 132 ms for 512 queries over 2048 keys of the demo
  * model's 9 heads (2 threads); attention was ~75% of a 2048-token prompt there. */
 #define ATT_KB 16   /* keys a block */
-#define ATT_VW 8    /* slots a vector row of Qt (AVX2) */
+#define ATT_VW 8    /* slots a vector row of Qt: the lanes of fl_v8 (AVX2) */
 #define ATT_NQP 64  /* slots at most: QT = min(8, 64 / group) positions */
 #define ATT_EB 32   /* output elements a register tile */
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
@@ -207,8 +206,8 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
                 const float *kr = kc + slot;
                 vr[k] = vc + slot;
                 float *sk = S + (size_t)k * NQP;
-                for (int q0 = 0; q0 < NQP; q0 += 32) { /* up to 4 vectors of 8 slots in registers */
-                    const int nv = (NQP - q0) / 8 < 4 ? (NQP - q0) / 8 : 4;
+                for (int q0 = 0; q0 < NQP; q0 += 4 * ATT_VW) { /* up to 4 vectors of slots in registers */
+                    const int nv = (NQP - q0) / ATT_VW < 4 ? (NQP - q0) / ATT_VW : 4;
                     const fl_v8 z = {0, 0, 0, 0, 0, 0, 0, 0};
                     fl_v8 a0 = z, a1 = z, a2 = z, a3 = z;
                     const float *qt = Qt + q0;
@@ -216,14 +215,14 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
                         const float ke = kr[e];
                         const fl_v8 kb = {ke, ke, ke, ke, ke, ke, ke, ke};
                         a0 += kb * v8_load(qt);
-                        if (nv > 1) a1 += kb * v8_load(qt + 8);
-                        if (nv > 2) a2 += kb * v8_load(qt + 16);
-                        if (nv > 3) a3 += kb * v8_load(qt + 24);
+                        if (nv > 1) a1 += kb * v8_load(qt + ATT_VW);
+                        if (nv > 2) a2 += kb * v8_load(qt + 2 * ATT_VW);
+                        if (nv > 3) a3 += kb * v8_load(qt + 3 * ATT_VW);
                     }
                     v8_store(sk + q0, a0);
-                    if (nv > 1) v8_store(sk + q0 + 8, a1);
-                    if (nv > 2) v8_store(sk + q0 + 16, a2);
-                    if (nv > 3) v8_store(sk + q0 + 24, a3);
+                    if (nv > 1) v8_store(sk + q0 + ATT_VW, a1);
+                    if (nv > 2) v8_store(sk + q0 + 2 * ATT_VW, a2);
+                    if (nv > 3) v8_store(sk + q0 + 3 * ATT_VW, a3);
                 }
                 const float jf = (float)j, off = km && !km[j] ? 1.0f : 0.0f;
 #pragma omp simd

@@ -176,7 +176,7 @@ static PyObject *py_target_logprobs(PyObject *self, PyObject *args) {
     const int threads = 1;
 #endif
     Py_BEGIN_ALLOW_THREADS
-    fl_target_logprobs((const float *)PyArray_DATA(lg), (int64_t)V, (int)V, r, t, (int64_t)M,
+    fl_target_logprobs((const float *)PyArray_DATA(lg), (int)V, r, t, (int64_t)M,
                        (double *)PyArray_DATA((PyArrayObject *)res), threads);
     Py_END_ALLOW_THREADS
 done:
