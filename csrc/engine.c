@@ -47,6 +47,12 @@ struct fl_request {
     char err[FL_ERR_MAX];
     pthread_cond_t cv;
     int wake_at;              /* wake the waiters once n_out reaches this (INT_MAX: nobody waits for a token) */
+    /* What is kept of each generated token (p.keep_*, fl_request_records): rows of rec_row floats (0: nothing kept),
+     * rec_blk rows a block. The block pointers are made at submit for every token the request may make; the driver
+     * allocates a block when it writes its first row (before that token is counted in n_out, under mu), so a reader
+     * holding mu reads only rows and pointers that were complete before it took mu. */
+    float **rec;
+    int rec_row, rec_blk, rec_nblk;
     fl_request *next;         /* waiting queue */
 };
 
@@ -87,6 +93,7 @@ struct fl_engine {
     /* step scratch (driver only) */
     float *logits;            /* [max_batch, vocab] */
     int32_t *idx; uint8_t *mark;
+    float *raw;               /* [n_scratch, vocab] a kept row's logits as they came (choose_tokens) */
     int32_t *h_tok, *h_pos, *h_starts, *h_btab; /* host: [max(max_batch, chunk)], [max_batch * max_pages] (the pool's) */
     int32_t *h_in;            /* tokens | positions | starts of one step, packed for one copy */
     void *d_in, *d_btab;      /* their backend copies (NULL on host-memory backends: the host arrays are used) */
@@ -260,6 +267,8 @@ static void req_unref(fl_request *r) { /* under mu */
     free(r->toks);
     free(r->pages);
     free(r->fbuf);
+    for (int i = 0; i < r->rec_nblk; i++) free(r->rec[i]);
+    free(r->rec);
     free(r);
 }
 static void release_pages(fl_engine *e, fl_request *r) { /* under mu */
@@ -477,8 +486,18 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
 /* A row whose next token is the plain argmax: greedy, no repetition penalty, no eos id masked (min_new_tokens
  * reached, or no eos ids at all). */
 static int plain_greedy(const fl_request *r) {
-    return !r->p.do_sample && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
+    return !r->p.do_sample && !r->rec_row /* a row that keeps its scores or logprobs needs its logits on the host */ && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
            (r->n_out >= r->p.min_new_tokens || r->p.n_eos == 0);
+}
+
+#define TOK_NO_RECORD (-2) /* choose_tokens: the block for the token's kept row could not be allocated */
+
+/* The row kept for r's token i (its block allocated on first use), or NULL when it cannot be had. Driver only. */
+static float *rec_at(fl_request *r, int i) {
+    const int b = i / r->rec_blk;
+    if (i < 0 || b >= r->rec_nblk) return NULL;
+    if (!r->rec[b]) r->rec[b] = malloc((size_t)r->rec_blk * (size_t)r->rec_row * sizeof(float));
+    return r->rec[b] ? r->rec[b] + (size_t)(i % r->rec_blk) * (size_t)r->rec_row : NULL;
 }
 
 /* Row b's next token into h_next[b] from its logits row (repetition penalty, eos masked below min_new_tokens, then
@@ -503,12 +522,24 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
 #endif
         fl_request *r = rq[b];
         const fl_gen_params *p = &r->p;
-        float *lg = e->logits + (size_t)b * V;
+        float *lg = e->logits + (size_t)b * V, *rec = NULL, *raw = NULL;
+        int32_t *idx = e->idx + (size_t)t * V;
+        if (r->rec_row) { /* the row kept for this token; the logits as they came, before the rules below change them */
+            rec = rec_at(r, r->n_out);
+            if (!rec) { e->h_next[b] = TOK_NO_RECORD; continue; }
+            raw = e->raw + (size_t)t * V;
+            memcpy(raw, lg, (size_t)V * sizeof *lg);
+        }
         if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
             fl_repetition_penalty(lg, V, r->toks, r->n_prompt + r->n_out, p->repetition_penalty, e->mark + (size_t)t * V);
         if (r->n_out < p->min_new_tokens)
             for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
-        e->h_next[b] = fl_sample(lg, V, p, &r->rng, e->idx + (size_t)t * V);
+        const int32_t tok = e->h_next[b] = fl_sample(lg, V, p, &r->rng, idx, rec && p->keep_scores ? rec : NULL);
+        if (!rec || tok < 0) continue;
+        rec += p->keep_scores ? V : 0;
+        if (p->keep_logits) memcpy(rec, raw, (size_t)V * sizeof *raw);
+        rec += p->keep_logits ? V : 0;
+        if (p->keep_logprob && fl_token_logprobs(raw, V, tok, p->top_logprobs, idx, rec) < 0) e->h_next[b] = -1;
     }
 }
 
@@ -516,6 +547,13 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
 static void take_token(fl_engine *e, fl_request *r, int32_t tok) {
     const fl_gen_params *p = &r->p;
     const int n_total = r->n_prompt + r->n_out;
+    if (tok == TOK_NO_RECORD) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "generate: cannot allocate memory to keep this request's scores / logits / logprobs "
+                 "(%d floats a token)", r->rec_row);
+        finish(e, r, FL_E_NOMEM, msg);
+        return;
+    }
     if (tok < 0) { finish(e, r, FL_E_NOMEM, "generate: cannot allocate sampling scratch"); return; }
     r->toks[n_total] = tok;
     r->n_out++;
@@ -1103,6 +1141,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
 #endif
     e->idx = malloc((size_t)e->n_scratch * (size_t)c->vocab * 4);
     e->mark = malloc((size_t)e->n_scratch * (size_t)c->vocab);
+    e->raw = malloc((size_t)e->n_scratch * (size_t)c->vocab * sizeof(float));
     e->h_need = calloc((size_t)(cfg.max_batch > cfg.prefill_chunk ? cfg.max_batch : cfg.prefill_chunk), 1);
     e->h_tok = malloc((size_t)rows * 4);
     e->h_pos = malloc((size_t)rows * 4);
@@ -1121,7 +1160,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->n_buckets = (bucket_of(cfg.max_batch) + 1) * e->n_lbuckets;
     e->graph = calloc((size_t)e->n_buckets, sizeof(void *));
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
-    if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->h_tok || !e->h_pos ||
+    if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->raw || !e->h_tok || !e->h_pos ||
         !e->h_starts || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
         !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast || !e->h_need ||
         !e->la_rows || !e->la_host[0] || !e->la_host[1]) {
@@ -1246,7 +1285,7 @@ void fl_engine_free(fl_engine *e) {
     free(e->h_in); free(e->sig_seq); free(e->sig_gen); free(e->sig_np);
     free(e->prows); free(e->pc0); free(e->pT); free(e->plast); free(e->h_need);
     free(e->kv.k_d); free(e->kv.v_d);
-    free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark);
+    free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark); free(e->raw);
     free(e->h_tok); free(e->h_pos); free(e->h_starts); free(e->h_btab);
     pool_free(&e->pool);
     pthread_mutex_destroy(&e->mu);
@@ -1270,6 +1309,10 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     if ((int64_t)n + 1 > (int64_t)e->pool.n * page)
         return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens does not fit the KV cache pool of %d tokens (kv_cache_memory)", n,
                       e->pool.n * page);
+    if (p->top_logprobs < 0 || p->top_logprobs > FL_MAX_TOP_LOGPROBS || p->top_logprobs > V ||
+        (p->top_logprobs && !p->keep_logprob))
+        return fl_err(FL_E_VALUE, "generate: top_logprobs=%d must be in [0, %d] (with logprobs kept)", p->top_logprobs,
+                      FL_MAX_TOP_LOGPROBS < V ? FL_MAX_TOP_LOGPROBS : V);
     fl_request *r = calloc(1, sizeof *r);
     const int64_t want = (int64_t)n + (p->max_new_tokens < e->cfg.max_context ? p->max_new_tokens : e->cfg.max_context) + 1;
     if (r) {
@@ -1278,8 +1321,16 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
         r->toks = malloc((size_t)r->cap * 4);
         r->pages = malloc((size_t)e->max_pages * 4);
     }
-    if (!r || !r->toks || !r->pages) {
-        if (r) { free(r->toks); free(r->pages); }
+    const int64_t rec_row = (p->keep_scores ? (int64_t)V : 0) + (p->keep_logits ? (int64_t)V : 0) +
+                            (p->keep_logprob ? 1 + 2 * (int64_t)p->top_logprobs : 0);
+    if (r && rec_row) { /* blocks of about 64K floats (one row each for vocabulary rows), pointers for every token */
+        r->rec_row = (int)rec_row;
+        r->rec_blk = rec_row >= 65536 ? 1 : rec_row * 256 <= 65536 ? 256 : (int)(65536 / rec_row);
+        r->rec_nblk = (r->cap - n + r->rec_blk - 1) / r->rec_blk;
+        r->rec = calloc((size_t)(r->rec_nblk > 0 ? r->rec_nblk : 1), sizeof *r->rec);
+    }
+    if (!r || !r->toks || !r->pages || (r->rec_row && !r->rec)) {
+        if (r) { free(r->toks); free(r->pages); free(r->rec); }
         free(r);
         return fl_err(FL_E_NOMEM, "generate: cannot allocate the request");
     }
@@ -1455,6 +1506,20 @@ void fl_request_tokens(fl_request *r, int from, int to, int32_t *dst) {
     if (to > r->n_out) to = r->n_out;
     if (from < to) memcpy(dst, r->toks + r->n_prompt + from, (size_t)(to - from) * 4);
     pthread_mutex_unlock(&r->e->mu);
+}
+
+int fl_request_record_size(const fl_request *r) { return r->rec_row; }
+
+int fl_request_records(fl_request *r, int from, int to, float *dst) {
+    pthread_mutex_lock(&r->e->mu);
+    if (to > r->n_out) to = r->n_out;
+    pthread_mutex_unlock(&r->e->mu);
+    /* rows of counted tokens are never written again and their blocks live as long as the request: copied without mu
+     * (a long answer's logits are hundreds of MB; the driver takes mu for every token) */
+    const size_t row = (size_t)r->rec_row * sizeof(float);
+    for (int i = from; i < to && row; i++)
+        memcpy(dst + (size_t)(i - from) * r->rec_row, r->rec[i / r->rec_blk] + (size_t)(i % r->rec_blk) * r->rec_row, row);
+    return to > from ? to - from : 0;
 }
 
 fl_status fl_request_status(fl_request *r, char *msg, size_t cap) {

@@ -116,6 +116,10 @@ fl_status fl_engine_forward_now(fl_engine *e, const fl_forward_req *f);
 int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done);
 /* Copy tokens [from, to) of the output (to <= the count fl_request_wait returned). */
 void fl_request_tokens(fl_request *r, int from, int to, int32_t *dst);
+/* Floats kept per generated token (fl_gen_params.keep_*; 0: nothing kept), and rows [from, to) of them (to is cut
+ * to the tokens generated so far) into dst; returns the rows copied. */
+int fl_request_record_size(const fl_request *r);
+int fl_request_records(fl_request *r, int from, int to, float *dst);
 /* A finished request's outcome: FL_OK, or the error (message copied into msg[cap]). */
 fl_status fl_request_status(fl_request *r, char *msg, size_t cap);
 /* Stop it: the next step drops it and frees its pages; waiters see it finished (FL_E_INTERRUPTED). */

@@ -240,7 +240,16 @@ typedef struct {
     float repetition_penalty;/* 1: off */
     uint64_t seed;
     const int32_t *eos; int n_eos;
+    /* What the engine keeps of each generated token for the caller (fl_request_records), one row of floats a token:
+     * keep_scores: the vocab scores the token was chosen from (transformers' output_scores: repetition penalty, eos
+     *   masked below min_new_tokens, then when sampling temperature, and -inf for every token top-k / top-p left out);
+     * keep_logits: the model's logits row as it came (transformers' output_logits);
+     * keep_logprob: the token's log-probability under those raw logits (log softmax, double sums), then with
+     *   top_logprobs = k the k most likely tokens' ids (int32 bits) and their log-probabilities (OpenAI's / vLLM's
+     *   logprobs). Row: [scores vocab][logits vocab][logprob 1, ids k, logprobs k], each part only when asked for. */
+    int keep_scores, keep_logits, keep_logprob, top_logprobs;
 } fl_gen_params;
+#define FL_MAX_TOP_LOGPROBS 20
 
 
 #ifdef __cplusplus

@@ -3,6 +3,7 @@
 #include "sampling.h"
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 static uint64_t splitmix(uint64_t *x) {
@@ -78,7 +79,8 @@ static int top_sorted(const float *x, int32_t *idx, int n, int K) {
  * with the top 256 (one quickselect over the vocabulary and a sort of 256, not a sort of 150k: 27 ms -> ~0.3 ms
  * per row), and sorts 4x more whenever the top-p prefix or the draw goes past them. The total mass is summed over
  * the candidates in id order. */
-int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx) {
+int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx, float *scores) {
+    if (scores && (!p->do_sample || vocab <= 0)) memcpy(scores, x, (size_t)(vocab > 0 ? vocab : 0) * sizeof *x);
     if (!p->do_sample) return fl_argmax(x, vocab);
     if (p->temperature > 0 && p->temperature != 1.0f)
         for (int i = 0; i < vocab; i++) x[i] /= p->temperature;
@@ -86,7 +88,10 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
      * transformers' TopKLogitsWarper keeps logits >= the k-th value). */
     int n = 0;
     for (int i = 0; i < vocab; i++) if (x[i] > -INFINITY) idx[n++] = i;
-    if (n == 0) return fl_argmax(x, vocab);
+    if (n == 0) {
+        if (scores) memcpy(scores, x, (size_t)vocab * sizeof *x); /* all -inf */
+        return fl_argmax(x, vocab);
+    }
     if (p->top_k > 0 && p->top_k < n) {
         select_top(x, idx, n, p->top_k);
         float kth = x[idx[0]];
@@ -122,6 +127,10 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
         sum = 0;
         for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
     }
+    if (scores) { /* the candidates are idx[0:n] now (top-p's: the sorted prefix kept) */
+        for (int i = 0; i < vocab; i++) scores[i] = -INFINITY;
+        for (int i = 0; i < n; i++) scores[idx[i]] = x[idx[i]];
+    }
     const double u = fl_rng_uniform(rng) * sum;
     double acc = 0;
     int i = 0;
@@ -152,4 +161,23 @@ void fl_target_logprobs(const float *logits, int vocab, const int64_t *rows, con
         for (int v = 0; v < vocab; v++) s += exp((double)x[v] - (double)mx);
         out[i] = ((double)x[targets[i]] - (double)mx) - log(s);
     }
+}
+
+int fl_token_logprobs(const float *x, int vocab, int32_t tok, int k, int32_t *idx, float *out) {
+    float mx = -INFINITY;
+    for (int i = 0; i < vocab; i++) if (x[i] > mx) mx = x[i];
+    double sum = 0;
+    if (mx > -INFINITY)
+        for (int i = 0; i < vocab; i++) sum += exp((double)x[i] - mx);
+    const double lz = mx > -INFINITY ? (double)mx + log(sum) : INFINITY; /* every logit -inf: every log-prob -inf */
+    out[0] = (float)((double)x[tok] - lz);
+    if (k <= 0) return 0;
+    if (k > vocab) k = vocab;
+    for (int i = 0; i < vocab; i++) idx[i] = i;
+    if (top_sorted(x, idx, vocab, k) < 0) return -1;
+    for (int i = 0; i < k; i++) {
+        memcpy(&out[1 + i], &idx[i], sizeof idx[i]);
+        out[1 + k + i] = (float)((double)x[idx[i]] - lz);
+    }
+    return 0;
 }

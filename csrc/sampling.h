@@ -11,9 +11,16 @@ double fl_rng_uniform(fl_rng *r);            /* [0, 1) */
 /* Penalise (in place) every token id in seen[0:n_seen] once, as transformers'
  * RepetitionPenaltyLogitsProcessor: logit < 0 ? logit * p : logit / p. */
 void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_seen, float p, uint8_t *scratch);
-/* Choose a token from logits[vocab] (modified in place). idx: scratch of vocab ints.
+/* Choose a token from logits[vocab] (modified in place). idx: scratch of vocab ints. scores (NULL: not wanted):
+ * [vocab] the scores the token was drawn from, as transformers' output_scores has them: the logits as given
+ * (greedy), or after temperature with -inf for every token that top-k / top-p left out (sampling).
  * Returns -1 only when memory for sorting cannot be had. */
-int32_t fl_sample(float *logits, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx);
+int32_t fl_sample(float *logits, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx, float *scores);
+/* out[0] = log softmax(logits)[tok] (the row's max, then the sum of exp(x - max) in double); with k > 0 also the k
+ * most likely tokens, most likely first (ties: the lower id), ids into out[1 .. k] as int32 bits and their
+ * log-probabilities into out[1 + k .. 2k]. idx: scratch of vocab ints. Returns -1 when memory for sorting cannot
+ * be had. */
+int fl_token_logprobs(const float *logits, int vocab, int32_t tok, int k, int32_t *idx, float *out);
 int32_t fl_argmax(const float *logits, int vocab);
 /* out[i] = log softmax(logits row rows[i])[targets[i]] in float64 arithmetic (the row's max, then the sum of
  * exp(x - max) in double): a loss or perplexity from float32 logits [*, vocab] without a float64 copy of them. Rows

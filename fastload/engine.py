@@ -200,23 +200,28 @@ class Engine:
             self._leave()
 
     def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, on_token=None, stops=(), tokenizer=None,
-                 max_time=None):
+                 max_time=None, keep=None, on_record=None):
         """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with
         pad after a row's end, as transformers' generate. on_token: called with each new token (B == 1) or with each
         step's array of B tokens, pad for rows that ended (B > 1), as a streamer's put. stops: strings
         that end a row at the token completing one (transformers' stop_strings), decoded with tokenizer. max_time:
-        seconds from now after which every row ends with the tokens it has (transformers' max_time)."""
+        seconds from now after which every row ends with the tokens it has (transformers' max_time).
+        keep: what the engine keeps of each token, {"keep_scores": bool, "keep_logits": bool, "logprobs": k or -1}
+        (fl_gen_params.keep_*); then the result is (ids, rows) with rows[b] the float32 [n_b, row] records of row b's
+        n_b tokens (Request.records). on_record (B == 1, with on_token): called with each token's record before
+        on_token gets the token."""
         core = self._enter(pool=True)
         if core is None:
             return self._next.generate(ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer,
-                                       max_time)
+                                       max_time, keep, on_record)
         try:
             return self._generate(core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer,
-                                  max_time)
+                                  max_time, keep, on_record)
         finally:
             self._leave()
 
-    def _generate(self, core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer, max_time):
+    def _generate(self, core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer, max_time,
+                  keep, on_record):
         deadline = None if max_time is None else time.monotonic() + max_time
         B, T = ids.shape
         reqs = []
@@ -233,12 +238,14 @@ class Engine:
                 rows, max_new_tokens=int(max_new), min_new_tokens=int(min_new),
                 do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
                 top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
-                seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos)
+                seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos, **(keep or {}))
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)
             else:
-                outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer, deadline)
+                outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer, deadline,
+                                      on_record if b == 0 else None)
                         for b, q in enumerate(reqs)]
+            recs = [q.records(0, len(o)) for q, o in zip(reqs, outs)] if keep else None
         except BaseException:
             for q in reqs:
                 q.cancel()
@@ -253,7 +260,7 @@ class Engine:
         out[:, :T] = ids
         for b, o in enumerate(outs):
             out[b, T:T + len(o)] = o
-        return out
+        return out if keep is None else (out, recs)
 
     @classmethod
     def _collect_steps(cls, reqs, on_step, pad, deadline):
@@ -291,8 +298,9 @@ class Engine:
         return q.tokens(0, have)
 
     @classmethod
-    def _collect(cls, q, on_token, stops, tokenizer, deadline=None):
-        """A request's tokens once it ends: token by token when they are streamed or checked for stop strings."""
+    def _collect(cls, q, on_token, stops, tokenizer, deadline=None, on_record=None):
+        """A request's tokens once it ends: token by token when they are streamed or checked for stop strings
+        (on_record, with on_token: each token's kept record first)."""
         if on_token is None and not stops and deadline is None:
             _wait_done(q)
             q.check()
@@ -304,8 +312,11 @@ class Engine:
             if left is not None and left <= 0:
                 return cls._end_early(q, q.wait(1 << 30, timeout=0)[0] if on_token is None and stop is None else have)
             n, done = q.wait(have, timeout=left)
-            for t in q.tokens(have, n):
+            recs = q.records(have, n) if on_record is not None else None
+            for i, t in enumerate(q.tokens(have, n)):
                 have += 1
+                if recs is not None:
+                    on_record(recs[i])
                 if on_token is not None:
                     on_token(int(t))
                 if stop is not None and stop.hit(int(t)):

@@ -272,9 +272,11 @@ _HARMLESS_FIELDS = {
     "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "compile_config",
     "disable_compile", "continuous_batching_config", "low_memory", "prefill_chunk_size",
 }
-# refused by generate() when set (fastload returns token ids from greedy search or sampling)
-_REFUSED_FIELDS = {"num_beams": 1, "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
-                   "output_attentions": False, "output_hidden_states": False}
+# refused by generate() when set (greedy search and sampling; no attention maps or hidden states are kept)
+_REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_states": False}
+# what generate() returns: token ids, or with return_dict_in_generate a GenerateDecoderOnlyOutput with the scores /
+# logits of every step when asked for (kept by the engine per request: csrc/fl_model.h, fl_gen_params.keep_*)
+_OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
 # transformers' bookkeeping entries: never generation settings
 _METADATA_FIELDS = ("_from_model_config", "_commit_hash", "_original_object_hash", "transformers_version")
 
@@ -294,7 +296,8 @@ class GenerationConfig(Config):
                     temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, num_beams=1,
                     num_return_sequences=1, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     # every name transformers' GenerationConfig has as an attribute (update() uses these, others are unused)
-    FIELDS = frozenset(DEFAULTS) | frozenset(_UNSUPPORTED_FIELDS) | _HARMLESS_FIELDS | frozenset(_REFUSED_FIELDS)
+    FIELDS = (frozenset(DEFAULTS) | frozenset(_UNSUPPORTED_FIELDS) | _HARMLESS_FIELDS | frozenset(_REFUSED_FIELDS) |
+              frozenset(_OUTPUT_FIELDS))
 
     def __init__(self, **kw):
         dict.__init__(self, self.DEFAULTS)
@@ -679,6 +682,11 @@ def _resolve_settings(gc, layers) -> dict:
     if mt is not None and (isinstance(mt, bool) or not isinstance(mt, (int, float)) or not mt > 0):
         raise ValueError(f"{source('max_time')}: max_time={mt!r} must be a positive number of seconds")
     r["max_time"] = None if mt is None else float(mt)
+    for k in _OUTPUT_FIELDS:
+        v = gc.get(k)
+        if v is not None and not isinstance(v, (bool, np.bool_, int)):
+            raise TypeError(f"{source(k)}: {k} must be True or False, got {v!r}")
+        r[k] = bool(v)
     ds = gc.get("do_sample")
     if ds is not None and not isinstance(ds, (bool, np.bool_, int)):
         raise TypeError(f"generate: do_sample must be True or False, got {ds!r}")
@@ -707,6 +715,40 @@ class CausalLMOutput(AttrDict):
 
     def to_tuple(self):
         return tuple(self.values())
+
+
+class GenerateDecoderOnlyOutput(CausalLMOutput):
+    """transformers' GenerateDecoderOnlyOutput (generate with return_dict_in_generate=True): `sequences` [batch,
+    prompt + new], and when asked for `scores` (output_scores) and `logits` (output_logits), tuples of one float32
+    [batch, vocab] array per generated token. Fields not produced read as None and are not keys, as in
+    transformers' ModelOutput; `attentions`, `hidden_states` and `past_key_values` are never produced."""
+
+    FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values")
+
+    def __init__(self, **kw):
+        bad = set(kw) - set(self.FIELDS)
+        if bad:
+            raise TypeError(f"GenerateDecoderOnlyOutput: unknown field(s) {sorted(bad)}")
+        super().__init__({k: v for k, v in kw.items() if v is not None})
+
+    def __getattr__(self, k):
+        if k in GenerateDecoderOnlyOutput.FIELDS:
+            return self.get(k)
+        return super().__getattr__(k)
+
+
+def _per_step(recs, off, V, n_new, pad, like_torch):
+    """The tuple of n_new [B, V] arrays (generate's scores / logits) from each row's kept records (columns off:off+V
+    of records[b] [n_b, row]). A row that ended before step t has a one-hot row there: -inf everywhere, 0 at the pad
+    token it holds in `sequences` (its log-probability 0, so compute_transition_scores gives 0 at padding and a row's
+    sum is that of its own tokens; transformers would show logits computed from the pad token instead)."""
+    arr = np.full((n_new, len(recs), V), -np.inf, dtype=np.float32)
+    for b, rec in enumerate(recs):
+        n = rec.shape[0]
+        arr[:n, b] = rec[:, off:off + V]
+        if n < n_new and 0 <= pad < V:
+            arr[n:, b, pad] = 0.0
+    return tuple(_to_user(arr[t], like_torch) for t in range(n_new))
 
 
 def _as_numpy(x, name):
@@ -1240,6 +1282,34 @@ class FastModelForCausalLM:
             streamer.end()
         return out
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
+        """transformers' compute_transition_scores for greedy search and sampling: [batch, new tokens], the score of
+        each generated token at its step (scores: generate's output_scores or output_logits tuple);
+        normalize_logits=True takes the log softmax of each step's row first (log-probabilities). float32, torch
+        when `sequences` is a torch tensor."""
+        if beam_indices is not None:
+            raise NotImplementedError("compute_transition_scores: beam_indices (fastload has no beam search)")
+        like_torch = is_torch(sequences)
+        seq = _ids2d(sequences, "sequences")
+        if not isinstance(scores, (tuple, list)) or not scores:
+            raise ValueError("compute_transition_scores: scores must be generate's non-empty tuple of [batch, vocab] "
+                             "arrays (return_dict_in_generate=True, output_scores=True)")
+        sc = np.stack([np.asarray(_as_numpy(x, "scores"), dtype=np.float32) for x in scores])  # [steps, B, V]
+        steps = sc.shape[0]
+        if sc.ndim != 3 or sc.shape[1] != seq.shape[0] or steps > seq.shape[1]:
+            raise ValueError(f"compute_transition_scores: scores of {steps} steps of shape {sc.shape[1:]} do not match "
+                             f"sequences of shape {seq.shape}")
+        tok = seq[:, seq.shape[1] - steps:].astype(np.int64).T  # [steps, B]
+        if tok.size and (tok.min() < 0 or tok.max() >= sc.shape[2]):
+            raise ValueError(f"compute_transition_scores: a token id of sequences is outside the scores' {sc.shape[2]} "
+                             "columns")
+        if normalize_logits:
+            mx = sc.max(axis=2, keepdims=True)
+            with np.errstate(invalid="ignore", over="ignore"):
+                sc = sc - (mx + np.log(np.exp(sc - mx).sum(axis=2, keepdims=True)))
+        out = np.take_along_axis(sc, tok[:, :, None], axis=2)[:, :, 0].T
+        return _to_user(np.ascontiguousarray(out), like_torch)
+
     def _generate(self, input_ids, attention_mask, generation_config, streamer, inputs, kwargs):
         if input_ids is None:
             input_ids = inputs
@@ -1283,9 +1353,26 @@ class FastModelForCausalLM:
             raise NotImplementedError("generate: stop_strings with a streamer of a batch of several rows")
         put = None if streamer is None else (lambda t: streamer.put(_to_user(np.atleast_1d(np.asarray(t, np.int64)),
                                                                             like_torch)))
-        out = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
-                           stops=stops, tokenizer=tokenizer, max_time=r["max_time"])
-        return _to_user(out, like_torch)
+        keep, on_record = None, None
+        if r["return_dict_in_generate"] and (r["output_scores"] or r["output_logits"]):
+            keep = {"keep_scores": r["output_scores"], "keep_logits": r["output_logits"]}
+        lp = getattr(streamer, "_fastload_logprobs", None)  # fastload's own streamers (the server's OpenAI logprobs)
+        if lp is not None:
+            if ids.shape[0] > 1:
+                raise NotImplementedError("generate: a logprobs streamer takes one row")
+            keep, on_record = dict(keep or {}, logprobs=int(lp)), streamer._fastload_record
+        res = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
+                           stops=stops, tokenizer=tokenizer, max_time=r["max_time"], keep=keep, on_record=on_record)
+        out, recs = res if keep is not None else (res, None)
+        if not r["return_dict_in_generate"]:
+            return _to_user(out, like_torch)
+        V = int(self.config.vocab_size)
+        per_step = {}
+        for name, on, off in (("scores", r["output_scores"], 0), ("logits", r["output_logits"],
+                                                                   V if r["output_scores"] else 0)):
+            if on:
+                per_step[name] = _per_step(recs, off, V, out.shape[1] - T, int(pad), like_torch)
+        return GenerateDecoderOnlyOutput(sequences=_to_user(out, like_torch), **per_step)
 
     def _chat_messages(self, query, history, role, system):
         history = list(history or [])

@@ -417,3 +417,43 @@ def test_huge_declared_context_decodes_past_the_first_length_bucket(tmp_path):
         out[n] = _gen(m, p, 30)
         del m
     np.testing.assert_array_equal(out[2 ** 31 - 1], out[4096])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scores_and_logits_beside_device_argmax_rows(dtype):
+    """Rows keeping their scores take their logits to the host (no device argmax, no pipelined chaining) while
+    plain greedy rows of the same decode steps keep the device's: every row's tokens equal it alone without
+    scores, and each step's kept logits are the model's at that position (a forward over the prefix) within the
+    dtype's rounding; a sampled row's scores hold -inf outside its top-k."""
+    m = _load(dtype)
+    ps = _prompts(6, seed=21)
+    plain = [_gen(m, p, 12) for p in ps]
+    keep = [dict(return_dict_in_generate=True, output_scores=True, output_logits=True) if i % 2 else {}
+            for i in range(len(ps))]
+    out = [None] * len(ps)
+
+    def run(i):
+        out[i] = m.generate(ps[i][None], max_new_tokens=12, eos_token_id=[], **keep[i])
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(len(ps))]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(120)
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    for i, p in enumerate(ps):
+        seq = out[i].sequences if keep[i] else out[i]
+        assert np.array_equal(seq[0, len(p):], plain[i]), i
+        if not keep[i]:
+            continue
+        assert len(out[i].scores) == len(out[i].logits) == 12
+        for t in (0, 5, 11):
+            ref = m(seq[:, :len(p) + t]).logits[0, -1]
+            lg = out[i].logits[t][0]
+            assert np.abs(lg - ref).max() <= tol * np.abs(ref).max(), (i, t)
+            np.testing.assert_array_equal(out[i].scores[t][0], lg)  # greedy, no penalty: the logits as they came
+    o = m.generate(ps[0][None], max_new_tokens=6, do_sample=True, top_k=7, seed=3, eos_token_id=[],
+                   return_dict_in_generate=True, output_scores=True)
+    assert all(7 <= np.isfinite(s[0]).sum() <= 12 for s in o.scores)  # ties with the 7th are kept
+    assert np.array_equal(o.sequences, m.generate(ps[0][None], max_new_tokens=6, do_sample=True, top_k=7, seed=3,
+                                                  eos_token_id=[]))
+    assert m.engine_stats()["pages_used"] == 0

@@ -156,6 +156,35 @@ static PyObject *req_tokens(FlPyRequest *self, PyObject *args) {
     return a;
 }
 
+/* records(start=0, stop=None) -> float32 array [n, record_size]: what was kept of tokens [start, stop) (engine_submit's
+ * keep_scores / keep_logits / logprobs; fl_gen_params.keep_* gives the row's layout), cut to the tokens made so far. */
+static PyObject *req_records(FlPyRequest *self, PyObject *args) {
+    int from = 0, to = -1, done = 0;
+    if (!PyArg_ParseTuple(args, "|ii", &from, &to)) return NULL;
+    const int n = fl_request_wait(self->r, INT32_MAX, 0, &done), row = fl_request_record_size(self->r);
+    if (to < 0 || to > n) to = n;
+    if (from < 0) from = 0;
+    if (from > to) from = to;
+    npy_intp dims[2] = {to - from, row};
+    PyObject *a = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!a) return NULL;
+    int got = 0;
+    Py_BEGIN_ALLOW_THREADS
+    got = fl_request_records(self->r, from, to, (float *)PyArray_DATA((PyArrayObject *)a));
+    Py_END_ALLOW_THREADS
+    if (got != to - from) { /* cannot be: tokens are never taken back */
+        Py_DECREF(a);
+        PyErr_Format(PyExc_RuntimeError, "records: %d of %d rows", got, to - from);
+        return NULL;
+    }
+    return a;
+}
+
+static PyObject *req_record_size(FlPyRequest *self, void *c) {
+    (void)c;
+    return PyLong_FromLong(fl_request_record_size(self->r));
+}
+
 /* check(): raise the request's error if it failed; returns whether it is finished. */
 static PyObject *req_check(FlPyRequest *self, PyObject *noargs) {
     (void)noargs;
@@ -189,11 +218,15 @@ static PyMethodDef req_methods[] = {
     {"wait", (PyCFunction)(void (*)(void))req_wait, METH_VARARGS | METH_KEYWORDS,
      "wait(have=0, timeout=None) -> (n, done): until more than `have` tokens are generated or the request ends."},
     {"tokens", (PyCFunction)req_tokens, METH_VARARGS, "tokens(start=0, stop=None) -> int64 array of generated ids."},
+    {"records", (PyCFunction)req_records, METH_VARARGS,
+     "records(start=0, stop=None) -> float32 [n, record_size]: what was kept of each token (engine_submit's keep_*)."},
     {"check", (PyCFunction)req_check, METH_NOARGS, "Raise the request's error if it failed; return whether it finished."},
     {"cancel", (PyCFunction)req_cancel, METH_NOARGS, "Stop the request; its KV pages are freed at the next step."},
     {NULL, NULL, 0, NULL},
 };
-static PyGetSetDef req_getset[] = {{"n_prompt", (getter)req_n_prompt, NULL, "prompt tokens", NULL}, {NULL}};
+static PyGetSetDef req_getset[] = {{"n_prompt", (getter)req_n_prompt, NULL, "prompt tokens", NULL},
+                                   {"record_size", (getter)req_record_size, NULL, "floats kept per token", NULL},
+                                   {NULL}};
 
 static PyTypeObject FlPyRequest_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fastload._C.Request",

@@ -850,17 +850,28 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
 }
 
 /* engine_submit(ids, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1, top_k=0, top_p=1,
- *               repetition_penalty=1, seed=0, eos_token_ids=None) -> Request, or a list of Requests
+ *               repetition_penalty=1, seed=0, eos_token_ids=None, keep_scores=False, keep_logits=False, logprobs=-1)
+ *   -> Request, or a list of Requests. keep_* / logprobs (k >= 0: the token's log-probability and the k most likely):
+ *   what is kept of each token (fl_gen_params.keep_*), read back with Request.records()
  * ids: one prompt (1-D ints), or a list of prompts submitted as one group (fl_engine_submit_group), row b sampling
  * with seed[b] (seed: a list as long as ids, or one int for every row). */
 static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                             "repetition_penalty", "seed", "eos_token_ids", NULL};
+                             "repetition_penalty", "seed", "eos_token_ids", "keep_scores", "keep_logits", "logprobs", NULL};
     PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL;
     fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOO", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
-                                     &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed_o, &eos_o))
+    int logprobs = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppi", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
+                                     &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed_o, &eos_o,
+                                     &p.keep_scores, &p.keep_logits, &logprobs))
         return NULL;
+    if (logprobs < -1 || logprobs > FL_MAX_TOP_LOGPROBS) {
+        PyErr_Format(PyExc_ValueError, "logprobs=%d must be -1 (none) or the number of most likely tokens to keep "
+                     "beside the chosen one, 0 to %d", logprobs, FL_MAX_TOP_LOGPROBS);
+        return NULL;
+    }
+    p.keep_logprob = logprobs >= 0;
+    p.top_logprobs = logprobs > 0 ? logprobs : 0;
     if (!self->eng) { PyErr_SetString(PyExc_RuntimeError, "the engine is not running (engine_start first)"); return NULL; }
     int32_t eos[64];
     if (eos_o != Py_None) {
@@ -1014,7 +1025,7 @@ static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw) {
         for (int i = 0; i < n; i++) {
             memcpy(buf, PyArray_DATA(l), (size_t)V * 4);
             if (seen && rep != 1.f) fl_repetition_penalty(buf, V, PyArray_DATA(seen), (int)PyArray_DIM(seen, 0), rep, mark);
-            int32_t t = fl_sample(buf, V, &p, &rng, idx);
+            int32_t t = fl_sample(buf, V, &p, &rng, idx, NULL);
             if (t < 0) { Py_CLEAR(res); PyErr_NoMemory(); break; }
             ((int64_t *)PyArray_DATA((PyArrayObject *)res))[i] = t;
         }

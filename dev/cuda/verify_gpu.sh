@@ -3,7 +3,8 @@
 #   build     setup.py build_ext --inplace with the carried .devobj (dev/cuda/use_objs.sh)
 #   tests     every tests/test_cuda_*.py, and the files whose GPU cases skip on the CPU: YaRN / dynamic NTK against
 #             transformers on the GPU (test_rope_scaling), LoRA's device merge and from_hf's device path (test_lora,
-#             test_from_hf), ChatGLM, Qwen3, MoE, the torch .bin reader, quantisation ops (TESTS=... to choose;
+#             test_from_hf), ChatGLM, Qwen3, MoE, the torch .bin reader, quantisation ops, generate's scores against
+#             transformers (TESTS=... to choose;
 #             demo-model tests skip there: FASTLOAD_SKIP_DEMO=1, no PyPI)                                 ~105 s
 #   thudm     tools/chatglm_vs_thudm.py: THUDM's own ChatGLM2 modelling code (carried in .thudm/chatglm2, git-ignored:
 #             none of it goes into the repository) against fastload on the tiny ChatGLM fixtures, fp32 / fp16 / bf16
@@ -44,7 +45,7 @@ if has tests; then
   timeout ${TESTS_S:-360} python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 300 --timeout-method=thread -rfE \
       ${TESTS:-$(ls tests/test_cuda_*.py) tests/test_rope_scaling.py tests/test_lora.py tests/test_from_hf.py \
       tests/test_chatglm.py tests/test_qwen3.py $(ls tests/test_moe*.py 2>/dev/null) tests/test_torch_bin.py \
-      tests/test_quant_ops.py} \
+      tests/test_quant_ops.py tests/test_generate_scores.py} \
       > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?: $(tail -1 "$OUT/pytest.log")"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30
 fi

@@ -1,0 +1,262 @@
+"""generate(return_dict_in_generate=True, output_scores=True, output_logits=True) and compute_transition_scores, as
+transformers has them, and the engine's per-token records behind them (fl_gen_params.keep_*): the raw logits of each
+step, the scores the token was chosen from (repetition penalty, eos masked below min_new_tokens, temperature, -inf
+outside top-k / top-p) and the chosen token's log-probability with the k most likely (the server's logprobs).
+CPU, the demo model in float32; a peer test against transformers where torch, transformers and gguf are installed."""
+import importlib.util
+import threading
+
+import numpy as np
+import pytest
+
+import fastload
+
+PROMPTS = ["The capital of France is", "Once upon a time"]
+
+
+def log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, temperature=1.0, top_k=0, top_p=1.0):
+    """transformers' processors in its order, in float32 as the sampler applies them: RepetitionPenalty,
+    MinNewTokensLength, then when sampling Temperature, TopK (ties with the k-th kept), TopP (-inf outside)."""
+    x = np.array(logits, np.float32)
+    if rep != 1.0:
+        s = np.unique(seen)
+        x[s] = np.where(x[s] < 0, x[s] * np.float32(rep), x[s] / np.float32(rep))
+    if new < min_new:
+        x[list(eos)] = -np.inf
+    if not sample:
+        return x
+    if temperature != 1.0:
+        x = x / np.float32(temperature)
+    if top_k:
+        kth = np.sort(x)[::-1][top_k - 1]
+        x = np.where(x >= kth, x, np.float32(-np.inf))
+    if top_p < 1:
+        p = np.exp(log_softmax64(x))
+        order = np.argsort(-x, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        y = np.full_like(x, -np.inf)
+        y[keep] = x[keep]
+        x = y
+    return x
+
+
+@pytest.fixture(scope="module")
+def enc(demo_tok):
+    return demo_tok(PROMPTS[:1], return_tensors="np")
+
+
+def test_greedy_scores_are_the_processed_logits(demo_model, enc):
+    m = demo_model
+    ids = enc["input_ids"]
+    T = ids.shape[1]
+    kw = dict(max_new_tokens=8, repetition_penalty=1.3, min_new_tokens=4, eos_token_id=[13, 30])
+    o = m.generate(ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    seq = o.sequences
+    assert np.array_equal(seq, m.generate(ids, **kw)), "keeping scores changed the answer"
+    n_new = seq.shape[1] - T
+    assert len(o.scores) == len(o.logits) == n_new >= 4
+    for t in range(n_new):
+        lg, sc = o.logits[t][0], o.scores[t][0]
+        assert lg.shape == sc.shape == (m.config.vocab_size,) and lg.dtype == sc.dtype == np.float32
+        # the raw logits are the model's at that position (a forward over the whole prefix: other kernels, so not
+        # the same bits)
+        ref = m(seq[:, :T + t]).logits[0, -1]
+        np.testing.assert_allclose(lg, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+        want = processed(lg, seq[0, :T + t], t, rep=1.3, min_new=4, eos=(13, 30))
+        np.testing.assert_array_equal(sc, want)
+        assert int(np.argmax(sc)) == seq[0, T + t]
+
+
+def test_sampled_scores_hold_what_the_token_was_drawn_from(demo_model, enc):
+    m = demo_model
+    ids = enc["input_ids"]
+    T = ids.shape[1]
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, seed=11, eos_token_id=[])
+    o = m.generate(ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    assert np.array_equal(o.sequences, m.generate(ids, **kw)), "keeping scores changed the draws"
+    finite = []
+    for t in range(len(o.scores)):
+        want = processed(o.logits[t][0], None, t, sample=True, temperature=0.7, top_k=40, top_p=0.8)
+        np.testing.assert_array_equal(o.scores[t][0], want)
+        assert np.isfinite(o.scores[t][0, o.sequences[0, T + t]]), "a token drawn from outside its candidates"
+        finite.append(int(np.isfinite(want).sum()))
+    assert max(finite) > 1, "every step had a single candidate: the test does not see top-k / top-p at work"
+
+
+def test_transition_scores_and_engine_logprobs(demo_model, enc):
+    m = demo_model
+    ids = enc["input_ids"]
+    T = ids.shape[1]
+    o = m.generate(ids, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True, output_scores=True)
+    ts = m.compute_transition_scores(o.sequences, o.scores, normalize_logits=True)
+    raw = m.compute_transition_scores(o.sequences, o.scores)
+    assert ts.shape == raw.shape == (1, 6) and ts.dtype == np.float32
+    want = [log_softmax64(o.scores[t][0])[o.sequences[0, T + t]] for t in range(6)]
+    np.testing.assert_allclose(ts[0], want, atol=1e-5)
+    np.testing.assert_array_equal(raw[0], [o.scores[t][0, o.sequences[0, T + t]] for t in range(6)])
+    assert (ts <= 0).all()
+    # the engine's own log-probabilities (what the server's logprobs report): the token's and the 5 most likely
+    core = m._engine_handle().core()
+    q = core.engine_submit(ids[0].astype(np.int32), max_new_tokens=6, logprobs=5, keep_logits=True)
+    q.wait(1 << 30, timeout=60)
+    while not q.check():
+        q.wait(1 << 30, timeout=60)
+    V = m.config.vocab_size
+    rec = q.records()
+    assert q.record_size == V + 11 and rec.shape == (6, V + 11)
+    assert np.array_equal(q.tokens(), o.sequences[0, T:])
+    for t in range(6):
+        lp = log_softmax64(rec[t, :V])
+        assert abs(rec[t, V] - lp[o.sequences[0, T + t]]) < 1e-5
+        top = rec[t, V + 1:V + 6].view(np.int32)
+        assert list(top) == list(np.argsort(-rec[t, :V], kind="stable")[:5])
+        np.testing.assert_allclose(rec[t, V + 6:], lp[top], atol=1e-5)
+    q0 = core.engine_submit(ids[0].astype(np.int32), max_new_tokens=2)
+    assert q0.record_size == 0 and q0.records().shape == (0, 0)
+    for bad in (-2, 21):
+        with pytest.raises(ValueError, match="logprobs"):
+            core.engine_submit(ids[0].astype(np.int32), max_new_tokens=2, logprobs=bad)
+
+
+def test_rows_that_end_early_get_pad_rows(demo_model, demo_tok):
+    m = demo_model
+    enc = demo_tok(PROMPTS, return_tensors="np", padding=True)
+    plain = m.generate(**enc, max_new_tokens=6, eos_token_id=[])
+    T = enc["input_ids"].shape[1]
+    eos = int(plain[1, T + 1])  # row 1 ends at its second token
+    assert eos not in plain[0, T:T + 6].tolist()
+    o = m.generate(**enc, max_new_tokens=6, eos_token_id=[eos], pad_token_id=0, return_dict_in_generate=True,
+                   output_scores=True)
+    assert np.array_equal(o.sequences[0], plain[0])
+    assert o.sequences[1, T + 1] == eos and (o.sequences[1, T + 2:] == 0).all()
+    assert len(o.scores) == 6 and o.scores[0].shape == (2, m.config.vocab_size)
+    for t in range(2, 6):  # after its end: -inf except the pad token, at 0
+        row = o.scores[t][1]
+        assert row[0] == 0 and np.isneginf(np.delete(row, 0)).all()
+    ts = m.compute_transition_scores(o.sequences, o.scores, normalize_logits=True)
+    assert (ts[1, 2:] == 0).all() and (ts[1, :2] < 0).all() and (ts[0] < 0).all()
+
+
+def test_stop_strings_max_time_and_streamer_cut_the_scores(demo_model, demo_tok, enc):
+    m = demo_model
+    ids = enc["input_ids"]
+    T = ids.shape[1]
+    text = demo_tok.decode(m.generate(ids, max_new_tokens=12, eos_token_id=[])[0, T:])
+    stop = text.strip().split()[1]
+    o = m.generate(ids, max_new_tokens=12, eos_token_id=[], stop_strings=stop, tokenizer=demo_tok,
+                   return_dict_in_generate=True, output_scores=True, output_logits=True)
+    n = o.sequences.shape[1] - T
+    assert n < 12 and len(o.scores) == len(o.logits) == n
+    st = fastload.TextIteratorStreamer(demo_tok, skip_prompt=True)
+    box = {}
+    th = threading.Thread(target=lambda: box.update(o=m.generate(ids, max_new_tokens=5, eos_token_id=[], streamer=st,
+                                                                 return_dict_in_generate=True, output_logits=True)))
+    th.start()
+    streamed = "".join(st)
+    th.join()
+    o = box["o"]
+    assert o.scores is None and "scores" not in o and len(o.logits) == 5
+    assert streamed == demo_tok.decode(o.sequences[0, T:], skip_special_tokens=True)
+
+
+def test_output_flags(demo_model, enc):
+    m = demo_model
+    ids = enc["input_ids"]
+    a = m.generate(ids, max_new_tokens=3, output_scores=True)  # without return_dict_in_generate: ids, as transformers
+    assert isinstance(a, np.ndarray) and a.shape == (1, ids.shape[1] + 3)
+    o = m.generate(ids, max_new_tokens=3, return_dict_in_generate=True)
+    assert list(o.keys()) == ["sequences"] and o.scores is None and o.logits is None and o.past_key_values is None
+    assert np.array_equal(o[0], a) and np.array_equal(o["sequences"], a) and len(o.to_tuple()) == 1
+    with pytest.raises(TypeError, match="output_scores"):
+        m.generate(ids, max_new_tokens=3, return_dict_in_generate=True, output_scores="yes")
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        m.generate(ids, max_new_tokens=3, return_dict_in_generate=True, output_attentions=True)
+    gc = fastload.GenerationConfig(max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+    o = m.generate(ids, generation_config=gc)
+    assert len(o.scores) == 2
+    with pytest.raises(ValueError, match="sequences"):
+        m.compute_transition_scores(o.sequences[:, :1], o.scores + o.scores + o.scores)
+    with pytest.raises(NotImplementedError, match="beam"):
+        m.compute_transition_scores(o.sequences, o.scores, beam_indices=np.zeros((1, 2), np.int64))
+
+
+def test_concurrent_callers_get_their_own_scores(demo_model, demo_tok):
+    m = demo_model
+    prompts = [demo_tok(p, return_tensors="np")["input_ids"] for p in PROMPTS * 2]
+    kw = [dict(max_new_tokens=5 + i, eos_token_id=[], return_dict_in_generate=True, output_scores=True,
+               output_logits=i % 2 == 0) for i in range(4)]
+    alone = [m.generate(p, **k) for p, k in zip(prompts, kw)]
+    got = [None] * 4
+    ths = [threading.Thread(target=lambda i=i: got.__setitem__(i, m.generate(prompts[i], **kw[i]))) for i in range(4)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    for a, g in zip(alone, got):
+        assert np.array_equal(a.sequences, g.sequences)
+        assert len(a.scores) == len(g.scores)
+        for x, y in zip(a.scores, g.scores):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * np.abs(x[np.isfinite(x)]).max())
+        assert (a.logits is None) == (g.logits is None)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("torch"), reason="torch is not installed (torch inputs)")
+def test_torch_inputs_give_torch_outputs(demo_model, enc):
+    import torch
+    m = demo_model
+    ids = torch.from_numpy(enc["input_ids"])
+    o = m.generate(ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
+    assert isinstance(o.sequences, torch.Tensor) and all(isinstance(s, torch.Tensor) for s in o.scores)
+    ts = m.compute_transition_scores(o.sequences, o.scores, normalize_logits=True)
+    assert isinstance(ts, torch.Tensor) and ts.shape == (1, 3)
+
+
+HAVE_PEER = all(importlib.util.find_spec(x) for x in ("torch", "transformers"))
+
+
+@pytest.mark.skipif(not HAVE_PEER, reason="torch and transformers are needed for the transformers peer")
+def test_scores_equal_transformers():
+    """The tiny Qwen2 golden fixture on the CPU in float32, fastload against transformers: greedy with a repetition
+    penalty and min_new_tokens gives the same tokens, scores and logits (within float32 rounding, -inf at the same
+    places); sampling: transformers' own warpers (temperature, top-k, top-p) applied to fastload's logits give
+    fastload's scores."""
+    import torch
+    import transformers
+    from golden_util import model_dir
+    path = str(model_dir("qwen2"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="float32")
+    ids = np.random.default_rng(7).integers(3, 500, size=(1, 9)).astype(np.int64)
+    kw = dict(max_new_tokens=8, repetition_penalty=1.3, min_new_tokens=4, eos_token_id=[13, 30], pad_token_id=2,
+              do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    with torch.no_grad():
+        t = torch.from_numpy(ids)
+        r = hf.generate(t, attention_mask=torch.ones_like(t), **kw)
+    o = m.generate(ids, **kw)
+    assert np.array_equal(o.sequences, r.sequences.numpy())
+    for name in ("scores", "logits"):
+        assert len(getattr(o, name)) == len(getattr(r, name)) == 8
+        for x, y in zip(getattr(o, name), getattr(r, name)):
+            y = y.float().numpy()
+            fin = np.isfinite(y)
+            assert np.array_equal(np.isfinite(x), fin)
+            np.testing.assert_allclose(x[fin], y[fin], rtol=0, atol=1e-4 * np.abs(y[fin]).max())
+    ts = m.compute_transition_scores(o.sequences, o.scores, normalize_logits=True)
+    ref = hf.compute_transition_scores(r.sequences, r.scores, normalize_logits=True).numpy()
+    np.testing.assert_allclose(ts, ref, atol=1e-4)
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    procs = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)])
+    o = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, seed=5,
+                   eos_token_id=[], return_dict_in_generate=True, output_scores=True, output_logits=True)
+    T = ids.shape[1]
+    for t in range(8):
+        want = procs(torch.from_numpy(o.sequences[:, :T + t]), torch.from_numpy(o.logits[t].copy())).numpy()
+        np.testing.assert_array_equal(np.isfinite(o.scores[t]), np.isfinite(want))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(o.scores[t][fin], want[fin], rtol=1e-6, atol=0)
