@@ -51,6 +51,7 @@ from .streamers import GenerationCancelled, TextIteratorStreamer
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_LOGPROBS = 20  # the engine's FL_MAX_TOP_LOGPROBS (csrc/fl_model.h)
 
 
 class ServeError(Exception):
@@ -78,12 +79,20 @@ class _RequestStreamer(TextIteratorStreamer):
     string and hands text deltas to `emit` (never text that might be the start of a stop string or an
     incomplete UTF-8 character)."""
 
-    def __init__(self, tokenizer, stops, emit):
+    def __init__(self, tokenizer, stops, emit, logprobs=None):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.stops, self.emit = stops, emit
         self.ids, self.sent, self.text, self.hit_stop = [], 0, "", False
         self._prompt_seen = False
         self._p = self._r = 0  # the window of ids decoded at each step: ids[_p:] against ids[_p:_r]
+        # logprobs=k: generate keeps each token's log-probability and the k most likely (the engine's records, handed
+        # to _fastload_record before the token reaches put); emit then gets (text, entries): the (token, logprob,
+        # [(id, logprob)] * k) of every token put since the last emit. The rest go with end() (self.pending).
+        self._fastload_logprobs = logprobs
+        self._rec, self.pending = None, []
+
+    def _fastload_record(self, row):
+        self._rec = row
 
     def put(self, value):
         if self._cancelled:
@@ -91,7 +100,13 @@ class _RequestStreamer(TextIteratorStreamer):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self.ids.extend(int(v) for v in np.asarray(value).reshape(-1))
+        new_ids = [int(v) for v in np.asarray(value).reshape(-1)]
+        self.ids.extend(new_ids)
+        if self._fastload_logprobs is not None:
+            k, row = self._fastload_logprobs, self._rec
+            tail = row[row.shape[0] - 1 - 2 * k:]
+            self.pending.append((new_ids[-1], float(tail[0]),
+                                 list(zip(tail[1:1 + k].view(np.int32).tolist(), tail[1 + k:].tolist()))))
         # incremental detokenisation (as vLLM's): decode a short window of ids and take what it adds to the text
         # decoded at the previous step, so each token costs O(1) and not a decode of the whole completion; the
         # window starts a few tokens back so word joins and multi-byte characters decode as in the whole text
@@ -116,7 +131,11 @@ class _RequestStreamer(TextIteratorStreamer):
 
     def _flush(self, upto):
         if upto > self.sent:
-            self.emit(self.text[self.sent:upto])
+            if self._fastload_logprobs is None:
+                self.emit(self.text[self.sent:upto])
+            else:
+                self.emit(self.text[self.sent:upto], self.pending)
+                self.pending = []
             self.sent = upto
 
     def end(self):
@@ -174,6 +193,13 @@ class Server:
             eos.append(tokenizer.eos_token_id)
         self.eos = [int(e) for e in eos]
         self.created = int(time.time())
+        # logprobs' token text: a byte-level BPE tokenizer's pieces map back to bytes (GPT-2's byte alphabet)
+        tk = getattr(tokenizer, "_tk", None)
+        self._byte_level = None
+        if tk is not None and "ByteLevel" in repr(getattr(tk, "decoder", None)):
+            from .gguf_tokenizer import _bytes_to_unicode
+            self._byte_level = {c: b for b, c in _bytes_to_unicode().items()}
+        self._tok_cache = {}
         self._jobs = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -229,10 +255,23 @@ class Server:
 
     def _settings(self, body, chat):
         """Validated sampling settings: (n, max_tokens or None, stops, generate kwargs without max_new_tokens)."""
-        for k in ("logprobs", "echo", "tools", "functions", "suffix", "logit_bias", "top_logprobs"):
+        for k in ("echo", "tools", "functions", "suffix", "logit_bias"):
             v = body.get(k)
             if v not in (None, False, [], {}, 0, ""):
                 raise _bad(f"{k} is not supported by this server", k, "unsupported_parameter")
+        # logprobs: the chosen token's log-probability under the model's raw logits (before temperature, top-p and
+        # the model's repetition penalty: vLLM's default, raw_logprobs) and the k most likely tokens'. Chat:
+        # logprobs (bool) + top_logprobs (0..20); completions: logprobs = k (0..20; OpenAI allows 5, vLLM 20).
+        if chat:
+            want = body.get("logprobs")
+            if want is not None and not isinstance(want, bool):
+                raise _bad("logprobs must be a boolean", "logprobs", "invalid_type")
+            top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+            if top is not None and not want:
+                raise _bad("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+            logprobs = (top or 0) if want else None
+        else:
+            logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("best_of is not supported by this server", "best_of", "unsupported_parameter")
         n = _int(body, "n", 1, 1, MAX_N)
@@ -280,7 +319,7 @@ class Server:
             if top_p is not None:
                 kw["top_p"] = top_p
         return {"n": n, "max_tokens": max_tokens, "stops": stops, "seed": seed, "kw": kw, "stream": stream,
-                "include_usage": include_usage}
+                "include_usage": include_usage, "logprobs": logprobs}
 
     def _prompt_ids(self, ids, max_tokens, default_max, param):
         T = len(ids)
@@ -352,8 +391,9 @@ class Server:
 
     def start(self, s, emit):
         """Queue a parsed request. The worker runs its choices (prompt-major, then n) and calls, from its thread,
-        emit(("text", index, str)), emit(("end", index, finish_reason, completion_tokens)),
-        emit(("error", ServeError)) and lastly emit(("done",)) (not after a cancel)."""
+        emit(("text", index, str, entries)), emit(("end", index, finish_reason, completion_tokens, entries)),
+        emit(("error", ServeError)) and lastly emit(("done",)) (not after a cancel). entries: with logprobs, the
+        (token, logprob, top) of the tokens since the choice's last event (_RequestStreamer), else []."""
         def run(job):
             idx = 0
             try:
@@ -363,7 +403,8 @@ class Server:
                         if s["seed"] is not None:
                             kw["seed"] = (s["seed"] + i) & 0xFFFFFFFFFFFFFFFF
                         k = idx
-                        st = _RequestStreamer(self.tokenizer, s["stops"], lambda t, k=k: emit(("text", k, t)))
+                        st = _RequestStreamer(self.tokenizer, s["stops"],
+                                              lambda t, e=(), k=k: emit(("text", k, t, list(e))), s["logprobs"])
                         job.streamer = st
                         if job.cancelled:
                             raise GenerationCancelled("the client of this request went away")
@@ -377,7 +418,7 @@ class Server:
                             self._count("generated_tokens", len(st.ids))
                         eos_end = bool(st.ids) and st.ids[-1] in kw["eos_token_id"]
                         reason = "stop" if st.hit_stop or eos_end or len(st.ids) < s["max_tokens"] else "length"
-                        emit(("end", k, reason, len(st.ids)))
+                        emit(("end", k, reason, len(st.ids), st.pending))
                         idx += 1
             except GenerationCancelled:
                 self._count("cancelled")
@@ -391,6 +432,50 @@ class Server:
             self._count("completed")
             emit(("done",))
         return self._submit(run)
+
+    # ------------------------------------------------------------------ logprobs
+    def _token(self, i):
+        """(text, bytes) of token i as logprobs show it: the token's own bytes (a byte-level BPE piece mapped back
+        to its bytes, a <0xNN> byte piece, a SentencePiece piece with its space), text the UTF-8 reading of them
+        (U+FFFD where a token holds part of a character; `bytes` has the exact bytes)."""
+        hit = self._tok_cache.get(i)
+        if hit is not None:
+            return hit
+        tk = self.tokenizer
+        piece = tk.convert_ids_to_tokens(int(i))
+        if piece is None:
+            raw = tk.decode([int(i)]).encode("utf-8")
+        elif self._byte_level is not None and all(c in self._byte_level for c in piece):
+            raw = bytes(self._byte_level[c] for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            raw = bytes([int(piece[3:5], 16)])
+        elif "\u2581" in piece:
+            raw = piece.replace("\u2581", " ").encode("utf-8")
+        else:
+            raw = tk.decode([int(i)]).encode("utf-8")
+        hit = (raw.decode("utf-8", errors="replace"), list(raw))
+        if len(self._tok_cache) < 1 << 20:
+            self._tok_cache[i] = hit
+        return hit
+
+    def _lp_chat(self, entries):
+        def one(t, lp):
+            text, raw = self._token(t)
+            return {"token": text, "logprob": lp, "bytes": raw}
+        return {"content": [dict(one(t, lp), top_logprobs=[one(a, b) for a, b in top]) for t, lp, top in entries],
+                "refusal": None}
+
+    def _lp_completion(self, entries, offset):
+        """The legacy completions form; offset: [the choice's text offset so far], advanced here."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, top in entries:
+            text = self._token(t)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self._token(a)[0]: b for a, b in top})
+            out["text_offset"].append(offset[0])
+            offset[0] += len(text)
+        return out
 
     # ------------------------------------------------------------------ HTTP
     def app(self):
@@ -445,6 +530,7 @@ class Server:
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             # not streamed: wait for the worker, but cancel the request if the client goes away meanwhile
             texts, reasons, ctoks = [""] * nchoices, [None] * nchoices, 0
+            lps = [[] for _ in range(nchoices)]
 
             async def collect():
                 nonlocal ctoks
@@ -452,8 +538,10 @@ class Server:
                     ev = await events.get()
                     if ev[0] == "text":
                         texts[ev[1]] += ev[2]
+                        lps[ev[1]] += ev[3]
                     elif ev[0] == "end":
                         reasons[ev[1]], ctoks = ev[2], ctoks + ev[3]
+                        lps[ev[1]] += ev[4]
                     elif ev[0] == "error":
                         return ev[1]
                     else:
@@ -477,12 +565,15 @@ class Server:
             e = tc.result()
             if e is not None:
                 return err(e)
+            want = s["logprobs"] is not None
             if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                            "logprobs": self._lp_chat(lps[i]) if want else None,
                             "finish_reason": reasons[i]} for i in range(nchoices)]
             else:
-                choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-                           for i in range(nchoices)]
+                choices = [{"index": i, "text": texts[i],
+                            "logprobs": self._lp_completion(lps[i], [0]) if want else None,
+                            "finish_reason": reasons[i]} for i in range(nchoices)]
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id,
                                  "system_fingerprint": None, "choices": choices, "usage": usage(ctoks)})
 
@@ -515,11 +606,16 @@ class Server:
             d.update(extra)
             return "data: " + json.dumps(d) + "\n\n"
 
-        def choice(i, text=None, reason=None, role=False):
+        want = s["logprobs"] is not None
+        offsets = [[0] for _ in range(nchoices)]  # /v1/completions' text_offset, per choice
+
+        def choice(i, text=None, reason=None, role=False, entries=()):
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+                lp = self._lp_chat(entries) if want and not role else None
+                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            lp = self._lp_completion(entries, offsets[i]) if want else None
+            return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
 
         finished = False
         ctoks = 0
@@ -543,10 +639,10 @@ class Server:
                 if ev is None:
                     continue
                 if ev[0] == "text":
-                    yield chunk([choice(ev[1], ev[2])])
+                    yield chunk([choice(ev[1], ev[2], entries=ev[3])])
                 elif ev[0] == "end":
                     ctoks += ev[3]
-                    yield chunk([choice(ev[1], reason=ev[2])])
+                    yield chunk([choice(ev[1], reason=ev[2], entries=ev[4])])
                 elif ev[0] == "error":
                     yield "data: " + json.dumps(ev[1].body()) + "\n\n"
                 else:

@@ -153,6 +153,61 @@ def test_completions_prompts_and_usage(client, demo_tok):
     assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
 
 
+def _ref_logprobs(model, ids):
+    """float64 log softmax of the model's next-token logits after each prefix of ids[:, -k:] (k = ids past the prompt
+    are read by the caller)."""
+    lg = np.asarray(model(ids).logits[0], np.float64)
+    m = lg.max(axis=-1, keepdims=True)
+    return lg - (m + np.log(np.exp(lg - m).sum(axis=-1, keepdims=True)))
+
+
+def test_chat_logprobs(client, demo_model, demo_tok):
+    kw = dict(model="demo", messages=Q, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(logprobs=True, top_logprobs=3, **kw)
+    c = r.choices[0]
+    content = c.logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    # the tokens' bytes make the answer; greedy: each token is its step's most likely
+    assert bytes(b for e in content for b in e.bytes).decode("utf-8") == c.message.content
+    enc = _chat_ids(demo_tok, Q)
+    out = demo_model.generate(enc["input_ids"], max_new_tokens=6, do_sample=False, eos_token_id=[])
+    T = enc["input_ids"].shape[1]
+    ref = _ref_logprobs(demo_model, out[:, :-1])[T - 1:]
+    for t, e in enumerate(content):
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+        assert abs(e.logprob - ref[t, out[0, T + t]]) < 2e-3
+        second = int(np.argsort(-ref[t])[1])
+        assert abs(e.top_logprobs[1].logprob - ref[t, second]) < 2e-3
+    # without top_logprobs: empty lists; without logprobs: null (as before)
+    r0 = client.chat.completions.create(logprobs=True, **kw)
+    assert [e.top_logprobs for e in r0.choices[0].logprobs.content] == [[]] * 6
+    assert [e.logprob for e in r0.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert client.chat.completions.create(**kw).choices[0].logprobs is None
+    # streamed: the chunks' entries are the same tokens and values
+    chunks = list(client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kw))
+    got = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.bytes) for e in got] == [(e.token, e.logprob, e.bytes) for e in content]
+
+
+def test_completions_logprobs(client):
+    kw = dict(model="demo", prompt="The capital of France is", max_tokens=5, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = client.completions.create(logprobs=2, **kw)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == 5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(d) == 2 and max(d.values()) == v for d, v in zip(lp.top_logprobs, lp.token_logprobs))
+    s = client.completions.create(logprobs=2, stream=True, **kw)
+    toks, vals, offs = [], [], []
+    for ch in s:
+        if ch.choices[0].logprobs:
+            toks += ch.choices[0].logprobs.tokens
+            vals += ch.choices[0].logprobs.token_logprobs
+            offs += ch.choices[0].logprobs.text_offset
+    assert (toks, vals, offs) == (lp.tokens, lp.token_logprobs, lp.text_offset)
+
+
 def _post(server, path, content):
     r = httpx.post(server.base + path, content=content, headers={"content-type": "application/json"}, timeout=60)
     return r.status_code, r.json()
@@ -171,6 +226,9 @@ def _post(server, path, content):
     (json.dumps({"messages": Q, "stop": 3}), "stop"),
     (json.dumps({"messages": Q, "seed": 1.5}), "seed"),
     (json.dumps({"messages": Q, "stream": "yes"}), "stream"),
+    (json.dumps({"messages": Q, "logprobs": "yes"}), "logprobs"),
+    (json.dumps({"messages": Q, "top_logprobs": 2}), "top_logprobs"),
+    (json.dumps({"messages": Q, "logprobs": True, "top_logprobs": 21}), "top_logprobs"),
     (json.dumps({"messages": "hi"}), "messages"),
     (json.dumps({"messages": [{"content": "no role"}]}), "messages[0]"),
 ])
