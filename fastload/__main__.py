@@ -59,15 +59,44 @@ def cmd_generate(args):
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
     streamer = None if args.no_stream else fastload.TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    extra = {} if args.logprobs is None else dict(return_dict_in_generate=True, output_logits=True)
     t0 = time.perf_counter()
-    out = model.generate(**enc, eos_token_id=eos, streamer=streamer, **_gen_kwargs(args))
+    out = model.generate(**enc, eos_token_id=eos, streamer=streamer, **_gen_kwargs(args), **extra)
     dt = time.perf_counter() - t0
-    n = out.shape[1] - enc["input_ids"].shape[1]
+    res, out = out, (out.sequences if extra else out)
+    T = enc["input_ids"].shape[1]
+    n = out.shape[1] - T
     if args.no_stream:
-        print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        print(tok.decode(out[0, T:], skip_special_tokens=True))
+    if extra:
+        _print_logprobs(tok, out[0, T:], res.logits, args.logprobs)
     if args.stats:
         print(json.dumps({"new_tokens": int(n), "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 2),
                           "load": model.load_stats}, indent=1), file=sys.stderr)
+
+
+def _count(v):
+    """argparse type: an integer >= 0."""
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer >= 0")
+    return n
+
+
+def _print_logprobs(tok, new, logits, k):
+    """generate --logprobs K: each generated token with its log-probability under the model's logits (log softmax in
+    float64, before temperature / top-p / penalty: the server's logprobs) and the K most likely, on stderr."""
+    import numpy as np
+    print(f"{'step':>4} {'token':>16} {'logprob':>9}  most likely", file=sys.stderr)
+    for t, tid in enumerate(new):
+        x = np.asarray(logits[t][0], np.float64)
+        lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        top = np.argsort(-x, kind="stable")[:k]
+        alts = "  ".join(f"{tok.decode([int(a)])!r} {lp[a]:.3f}" for a in top)
+        print(f"{t:4d} {tok.decode([int(tid)])!r:>16} {lp[tid]:9.4f}  {alts}", file=sys.stderr)
 
 
 def cmd_chat(args):
@@ -199,6 +228,8 @@ def main(argv=None):
             sp.add_argument("--prompt", required=True)
             sp.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
             sp.add_argument("--no-stream", action="store_true")
+            sp.add_argument("--logprobs", type=_count, metavar="K", default=None,
+                            help="after the answer, each token's log-probability and the K most likely (stderr)")
             sp.add_argument("--stats", action="store_true", help="print tokens/s and load statistics to stderr")
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)

@@ -3,7 +3,7 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, with the fields
 model, max_tokens (max_completion_tokens for chat), temperature, top_p, seed, stop, n, stream (server-sent events
 in OpenAI's chunk format ending with `data: [DONE]`; `stream_options: {"include_usage": true}` adds the usage
-chunk) and usage counts.
+chunk), logprobs (chat: logprobs + top_logprobs; completions: logprobs = k) and usage counts.
 
 Stack: Starlette + uvicorn (the optional extra `fastload[serve]`). Starlette is the ASGI toolkit FastAPI is built
 on, without pydantic and its model layer: the server validates the few OpenAI fields itself (so the errors read
@@ -12,7 +12,9 @@ small pure-Python packages. uvicorn is the standard ASGI server; Starlette's Str
 that goes away under it and cancels the stream, which cancels the generation.
 
 Layering: the server calls only the public model API (tokenizer.apply_chat_template / tokenizer(...),
-model.generate with a streamer derived from fastload's TextIteratorStreamer, and that streamer's cancel()). Requests
+model.generate with a streamer derived from fastload's TextIteratorStreamer, and that streamer's cancel()); for
+logprobs its streamer also carries `_fastload_logprobs` (k), which asks generate for the engine's per-token records
+(the token's log-probability and the k most likely) handed to the streamer's `_fastload_record`. Requests
 run on --max-concurrency worker threads (default: the model engine's max_num_seqs), off the event loop; their
 generate calls meet in the engine (fastload/engine.py), which batches whatever is running into each decode step.
 With the engine off (engine=False / FASTLOAD_ENGINE=0: one request at a time) one worker runs them in turn.

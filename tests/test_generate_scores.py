@@ -260,3 +260,28 @@ def test_scores_equal_transformers():
         np.testing.assert_array_equal(np.isfinite(o.scores[t]), np.isfinite(want))
         fin = np.isfinite(want)
         np.testing.assert_allclose(o.scores[t][fin], want[fin], rtol=1e-6, atol=0)
+
+
+def test_cli_generate_logprobs(demo_gguf, demo_model, demo_tok):
+    """python -m fastload generate --logprobs K: one line a generated token, its log-probability under the logits and
+    the K most likely (greedy: the token is the first of them)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from fastload.__main__ import main
+    err, out = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(["generate", "--model", demo_gguf, "--device", "cpu", "--prompt", PROMPTS[0], "--raw", "--no-stream",
+                   "--max-new-tokens", "3", "--logprobs", "2"])
+    assert rc == 0
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()[:1].isdigit()]
+    assert len(lines) == 3, err.getvalue()
+    ids = demo_tok(PROMPTS[0], return_tensors="np")["input_ids"]
+    o = demo_model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, output_logits=True)
+    T = ids.shape[1]
+    for t, ln in enumerate(lines):
+        want = log_softmax64(o.logits[t][0])[o.sequences[0, T + t]]
+        assert f"{want:9.4f}" in ln, (ln, want)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as e, pytest.raises(SystemExit):
+        main(["generate", "--model", demo_gguf, "--device", "cpu", "--prompt", "x", "--logprobs", "-1"])
+    assert "--logprobs" in e.getvalue() and "integer >= 0" in e.getvalue()
