@@ -484,9 +484,9 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
 }
 
 /* A row whose next token is the plain argmax: greedy, no repetition penalty, no eos id masked (min_new_tokens
- * reached, or no eos ids at all). */
+ * reached, or no eos ids at all), nothing kept of its tokens (a kept row needs its logits on the host). */
 static int plain_greedy(const fl_request *r) {
-    return !r->p.do_sample && !r->rec_row /* a row that keeps its scores or logprobs needs its logits on the host */ && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
+    return !r->p.do_sample && !r->rec_row && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
            (r->n_out >= r->p.min_new_tokens || r->p.n_eos == 0);
 }
 

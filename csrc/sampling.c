@@ -80,8 +80,10 @@ static int top_sorted(const float *x, int32_t *idx, int n, int K) {
  * per row), and sorts 4x more whenever the top-p prefix or the draw goes past them. The total mass is summed over
  * the candidates in id order. */
 int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx, float *scores) {
-    if (scores && (!p->do_sample || vocab <= 0)) memcpy(scores, x, (size_t)(vocab > 0 ? vocab : 0) * sizeof *x);
-    if (!p->do_sample) return fl_argmax(x, vocab);
+    if (!p->do_sample) {
+        if (scores) memcpy(scores, x, (size_t)vocab * sizeof *x);
+        return fl_argmax(x, vocab);
+    }
     if (p->temperature > 0 && p->temperature != 1.0f)
         for (int i = 0; i < vocab; i++) x[i] /= p->temperature;
     /* Candidates: everything finite, then the top-k (ties with the k-th are kept, as
@@ -172,7 +174,6 @@ int fl_token_logprobs(const float *x, int vocab, int32_t tok, int k, int32_t *id
     const double lz = mx > -INFINITY ? (double)mx + log(sum) : INFINITY; /* every logit -inf: every log-prob -inf */
     out[0] = (float)((double)x[tok] - lz);
     if (k <= 0) return 0;
-    if (k > vocab) k = vocab;
     for (int i = 0; i < vocab; i++) idx[i] = i;
     if (top_sorted(x, idx, vocab, k) < 0) return -1;
     for (int i = 0; i < k; i++) {

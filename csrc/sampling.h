@@ -16,7 +16,7 @@ void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_
  * (greedy), or after temperature with -inf for every token that top-k / top-p left out (sampling).
  * Returns -1 only when memory for sorting cannot be had. */
 int32_t fl_sample(float *logits, int vocab, const fl_gen_params *p, fl_rng *rng, int32_t *idx, float *scores);
-/* out[0] = log softmax(logits)[tok] (the row's max, then the sum of exp(x - max) in double); with k > 0 also the k
+/* out[0] = log softmax(logits)[tok] (the row's max, then the sum of exp(x - max) in double); with 0 < k <= vocab the k
  * most likely tokens, most likely first (ties: the lower id), ids into out[1 .. k] as int32 bits and their
  * log-probabilities into out[1 + k .. 2k]. idx: scratch of vocab ints. Returns -1 when memory for sorting cannot
  * be had. */
