@@ -238,6 +238,7 @@ typedef struct {
     int top_k;               /* 0: off */
     float top_p;             /* >= 1: off */
     float repetition_penalty;/* 1: off */
+    float min_p;             /* 0: off; else drop tokens below min_p x the most likely one's probability (after top-p) */
     uint64_t seed;
     const int32_t *eos; int n_eos;
     /* What the engine keeps of each generated token for the caller (fl_request_records), one row of floats a token:

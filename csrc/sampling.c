@@ -129,6 +129,22 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
         sum = 0;
         for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
     }
+    if (p->min_p > 0 && p->min_p <= 1) {
+        /* transformers' MinPLogitsWarper: keep p_i >= min_p * p_max, i.e. x_i - max >= log(min_p) (mx is the
+         * candidates' max, so the most likely one stays). Compacting in order keeps the sorted prefix a sorted
+         * prefix: what min_p drops are the smallest. */
+        const double lmin = log((double)p->min_p);
+        int m = 0, k = 0;
+        for (int i = 0; i < n; i++)
+            if ((double)x[idx[i]] - mx >= lmin) {
+                k += i < K;
+                idx[m++] = idx[i];
+            }
+        n = m;
+        K = k;
+        sum = 0;
+        for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
+    }
     if (scores) { /* the candidates are idx[0:n] now (top-p's: the sorted prefix kept) */
         for (int i = 0; i < vocab; i++) scores[i] = -INFINITY;
         for (int i = 0; i < n; i++) scores[idx[i]] = x[idx[i]];

@@ -1,5 +1,5 @@
 /* sampling.h: next-token choice on the host from float32 logits, in transformers' order:
- * repetition penalty -> min_new_tokens (eos masked) -> temperature -> top-k -> top-p -> draw. */
+ * repetition penalty -> min_new_tokens (eos masked) -> temperature -> top-k -> top-p -> min-p -> draw. */
 #ifndef FL_SAMPLING_H
 #define FL_SAMPLING_H
 #include "fl_model.h"

@@ -38,7 +38,7 @@ def _load(args):
 def _gen_kwargs(args):
     kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
     if args.sample:
-        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
     if args.seed is not None:
         kw["seed"] = args.seed
     if args.repetition_penalty is not None:
@@ -222,6 +222,8 @@ def main(argv=None):
             sp.add_argument("--temperature", type=float, default=0.7)
             sp.add_argument("--top-p", type=float, default=0.9)
             sp.add_argument("--top-k", type=int, default=50)
+            sp.add_argument("--min-p", type=float, default=None, help="drop tokens below MIN_P x the most likely one's "
+                                                                        "probability (sampling)")
             sp.add_argument("--repetition-penalty", type=float, default=None)
             sp.add_argument("--seed", type=int, default=None)
         if name == "generate":

@@ -237,7 +237,8 @@ class Engine:
             reqs = core.engine_submit(
                 rows, max_new_tokens=int(max_new), min_new_tokens=int(min_new),
                 do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
-                top_p=float(r["top_p"]), repetition_penalty=float(r["repetition_penalty"]),
+                top_p=float(r["top_p"]), min_p=float(r.get("min_p", 0.0)),
+                repetition_penalty=float(r["repetition_penalty"]),
                 seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos, **(keep or {}))
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)

@@ -256,7 +256,7 @@ class Config(AttrDict):
 # A config or generate() argument that sets one of them to anything else is refused (never silently ignored);
 # fields that cannot change greedy/sampling output (cache, compile, assistant and beam-only settings) are accepted.
 _UNSUPPORTED_FIELDS = {
-    "use_mtp": False, "min_p": None, "top_h": None,
+    "use_mtp": False, "top_h": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -277,6 +277,8 @@ _REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_st
 # what generate() returns: token ids, or with return_dict_in_generate a GenerateDecoderOnlyOutput with the scores /
 # logits of every step when asked for (kept by the engine per request: csrc/fl_model.h, fl_gen_params.keep_*)
 _OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
+# sampling settings whose transformers default is None (unset): read with a fallback in _resolve_settings
+_SAMPLING_FIELDS = ("min_p",)
 # transformers' bookkeeping entries: never generation settings
 _METADATA_FIELDS = ("_from_model_config", "_commit_hash", "_original_object_hash", "transformers_version")
 
@@ -297,7 +299,7 @@ class GenerationConfig(Config):
                     num_return_sequences=1, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     # every name transformers' GenerationConfig has as an attribute (update() uses these, others are unused)
     FIELDS = (frozenset(DEFAULTS) | frozenset(_UNSUPPORTED_FIELDS) | _HARMLESS_FIELDS | frozenset(_REFUSED_FIELDS) |
-              frozenset(_OUTPUT_FIELDS))
+              frozenset(_OUTPUT_FIELDS) | frozenset(_SAMPLING_FIELDS))
 
     def __init__(self, **kw):
         dict.__init__(self, self.DEFAULTS)
@@ -666,7 +668,7 @@ def _resolve_settings(gc, layers) -> dict:
              min_new_tokens=_int_arg(gc, "min_new_tokens", 0), min_length=_int_arg(gc, "min_length", 0, 0),
              top_k=_int_arg(gc, "top_k", 0, 0), num_return_sequences=_int_arg(gc, "num_return_sequences", 1, 1),
              temperature=_float_arg(gc, "temperature", 1.0), top_p=_float_arg(gc, "top_p", 1.0),
-             repetition_penalty=_float_arg(gc, "repetition_penalty", 1.0),
+             repetition_penalty=_float_arg(gc, "repetition_penalty", 1.0), min_p=_float_arg(gc, "min_p", 0.0),
              eos_token_id=_token_ids(gc, "eos_token_id"), pad_token_id=_token_ids(gc, "pad_token_id"),
              seed=_int_arg(gc, "seed", -(1 << 63)))
     ss = gc.get("stop_strings")
@@ -700,6 +702,8 @@ def _resolve_settings(gc, layers) -> dict:
         raise ValueError(f"repetition_penalty={r['repetition_penalty']} must be strictly positive")
     if not 0 < r["top_p"] <= 1:
         raise ValueError(f"top_p={r['top_p']} must be in (0, 1]")
+    if not 0 <= r["min_p"] <= 1:
+        raise ValueError(f"min_p={r['min_p']} must be in [0, 1]")
     if r["num_return_sequences"] > 1 and not r["do_sample"]:
         raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
     return r

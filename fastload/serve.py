@@ -281,6 +281,7 @@ class Server:
         max_tokens = _int(body, key, None, 1, None)
         temp = _num(body, "temperature", 0.0, 2.0)
         top_p = _num(body, "top_p", 0.0, 1.0)
+        min_p = _num(body, "min_p", 0.0, 1.0)  # vLLM's extension (sampling only)
         if top_p is not None and top_p <= 0:
             raise _bad(f"top_p must be greater than 0 and at most 1, got {top_p}", "top_p", "invalid_value")
         seed = body.get("seed")
@@ -320,6 +321,8 @@ class Server:
                 kw["temperature"] = temp
             if top_p is not None:
                 kw["top_p"] = top_p
+        if min_p is not None:
+            kw["min_p"] = min_p
         return {"n": n, "max_tokens": max_tokens, "stops": stops, "seed": seed, "kw": kw, "stream": stream,
                 "include_usage": include_usage, "logprobs": logprobs}
 

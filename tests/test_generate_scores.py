@@ -20,9 +20,10 @@ def log_softmax64(x):
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
-def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, temperature=1.0, top_k=0, top_p=1.0):
+def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, temperature=1.0, top_k=0, top_p=1.0,
+              min_p=0.0):
     """transformers' processors in its order, in float32 as the sampler applies them: RepetitionPenalty,
-    MinNewTokensLength, then when sampling Temperature, TopK (ties with the k-th kept), TopP (-inf outside)."""
+    MinNewTokensLength, then when sampling Temperature, TopK (ties with the k-th kept), TopP, MinP (-inf outside)."""
     x = np.array(logits, np.float32)
     if rep != 1.0:
         s = np.unique(seen)
@@ -43,6 +44,9 @@ def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, tempe
         y = np.full_like(x, -np.inf)
         y[keep] = x[keep]
         x = y
+    if min_p:
+        p = np.exp(log_softmax64(x))
+        x = np.where(p >= min_p * p.max(), x, np.float32(-np.inf))
     return x
 
 
@@ -87,6 +91,14 @@ def test_sampled_scores_hold_what_the_token_was_drawn_from(demo_model, enc):
         assert np.isfinite(o.scores[t][0, o.sequences[0, T + t]]), "a token drawn from outside its candidates"
         finite.append(int(np.isfinite(want).sum()))
     assert max(finite) > 1, "every step had a single candidate: the test does not see top-k / top-p at work"
+    # min_p (after top-p, as transformers' MinPLogitsWarper): fewer candidates, the same rule
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_p=0.95, min_p=0.08, seed=4, eos_token_id=[])
+    o = m.generate(ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    assert np.array_equal(o.sequences, m.generate(ids, **kw))
+    for t in range(len(o.scores)):
+        want = processed(o.logits[t][0], None, t, sample=True, temperature=1.3, top_p=0.95, min_p=0.08)
+        np.testing.assert_array_equal(o.scores[t][0], want)
+        assert np.isfinite(o.scores[t][0, o.sequences[0, T + t]])
 
 
 def test_transition_scores_and_engine_logprobs(demo_model, enc):
@@ -225,7 +237,7 @@ def test_scores_equal_transformers():
     """The tiny Qwen2 golden fixture on the CPU in float32, fastload against transformers: greedy with a repetition
     penalty and min_new_tokens gives the same tokens, scores and logits (within float32 rounding, -inf at the same
     places); sampling: transformers' own warpers (temperature, top-k, top-p) applied to fastload's logits give
-    fastload's scores."""
+    fastload's scores (with min_p too)."""
     import torch
     import transformers
     from golden_util import model_dir
@@ -250,9 +262,11 @@ def test_scores_equal_transformers():
     ts = m.compute_transition_scores(o.sequences, o.scores, normalize_logits=True)
     ref = hf.compute_transition_scores(r.sequences, r.scores, normalize_logits=True).numpy()
     np.testing.assert_allclose(ts, ref, atol=1e-4)
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-    procs = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)])
-    o = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, seed=5,
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+    procs = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8),
+                                 MinPLogitsWarper(0.05)])
+    o = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, seed=5,
                    eos_token_id=[], return_dict_in_generate=True, output_scores=True, output_logits=True)
     T = ids.shape[1]
     for t in range(8):

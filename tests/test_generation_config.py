@@ -151,7 +151,8 @@ def test_transformers_config_object_and_dict(tmp_path, case):
 
 
 @pytest.mark.parametrize("bad,exc", [({"no_repeat_ngram_size": 3}, TypeError), ({"typical_p": 0.5}, TypeError),
-                                     ({"min_p": 0.1}, TypeError), ({"max_new_tokens": "8"}, TypeError),
+                                     ({"min_p": 1.5}, ValueError), ({"min_p": "x"}, TypeError),
+                                     ({"max_new_tokens": "8"}, TypeError),
                                      ({"temperature": "hot"}, TypeError), ({"eos_token_id": [2, "x"]}, ValueError)])
 def test_unsupported_or_bad_fields_in_a_config_raise(plain, case, bad, exc):
     name = next(iter(bad))

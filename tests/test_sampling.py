@@ -14,7 +14,7 @@ def softmax(x):
     return e / e.sum()
 
 
-def target(logits, temperature=1.0, top_k=0, top_p=1.0):
+def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     x = logits.astype(np.float64) / temperature
     if top_k:
         kth = np.sort(x)[::-1][top_k - 1]
@@ -27,6 +27,9 @@ def target(logits, temperature=1.0, top_k=0, top_p=1.0):
         y = np.full_like(x, -np.inf)
         y[keep] = x[keep]
         x = y
+    if min_p:  # transformers' MinPLogitsWarper: keep p >= min_p * max p
+        p = softmax(x)
+        x = np.where(p >= min_p * p.max(), x, -np.inf)
     return softmax(x)
 
 
@@ -38,7 +41,8 @@ LOGITS = np.random.default_rng(0).normal(size=50).astype(np.float32) * 2
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.5), dict(temperature=2.0), dict(top_k=5), dict(top_p=0.7),
-                                dict(top_k=10, top_p=0.8, temperature=0.7)])
+                                dict(top_k=10, top_p=0.8, temperature=0.7), dict(min_p=0.1),
+                                dict(min_p=0.3, temperature=1.5), dict(top_p=0.9, min_p=0.05, top_k=20)])
 def test_distribution(kw):
     draws = _C.sample(LOGITS, N, True, seed=123, **kw)
     assert np.abs(freq(draws, 50) - target(LOGITS, **kw)).max() < 0.01

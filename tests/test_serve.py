@@ -190,6 +190,14 @@ def test_chat_logprobs(client, demo_model, demo_tok):
     assert [(e.token, e.logprob, e.bytes) for e in got] == [(e.token, e.logprob, e.bytes) for e in content]
 
 
+def test_min_p_one_samples_the_greedy_answer(client):
+    """vLLM's min_p: with min_p 1 only the most likely token is left, so sampling gives the greedy answer."""
+    kw = dict(model="demo", prompt="The capital of France is", max_tokens=8)
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    sampled = client.completions.create(temperature=1.0, seed=3, extra_body={"min_p": 1.0}, **kw).choices[0].text
+    assert sampled == greedy
+
+
 def test_completions_logprobs(client):
     kw = dict(model="demo", prompt="The capital of France is", max_tokens=5, temperature=0,
               extra_body={"ignore_eos": True})
@@ -226,6 +234,7 @@ def _post(server, path, content):
     (json.dumps({"messages": Q, "stop": 3}), "stop"),
     (json.dumps({"messages": Q, "seed": 1.5}), "seed"),
     (json.dumps({"messages": Q, "stream": "yes"}), "stream"),
+    (json.dumps({"messages": Q, "min_p": 1.5}), "min_p"),
     (json.dumps({"messages": Q, "logprobs": "yes"}), "logprobs"),
     (json.dumps({"messages": Q, "top_logprobs": 2}), "top_logprobs"),
     (json.dumps({"messages": Q, "logprobs": True, "top_logprobs": 21}), "top_logprobs"),

@@ -857,14 +857,19 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
  * with seed[b] (seed: a list as long as ids, or one int for every row). */
 static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                             "repetition_penalty", "seed", "eos_token_ids", "keep_scores", "keep_logits", "logprobs", NULL};
+                             "repetition_penalty", "seed", "eos_token_ids", "keep_scores", "keep_logits", "logprobs", "min_p",
+                             NULL};
     PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL;
     fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
     int logprobs = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppi", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppif", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
                                      &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed_o, &eos_o,
-                                     &p.keep_scores, &p.keep_logits, &logprobs))
+                                     &p.keep_scores, &p.keep_logits, &logprobs, &p.min_p))
         return NULL;
+    if (!(p.min_p >= 0 && p.min_p <= 1)) {
+        PyErr_Format(PyExc_ValueError, "min_p=%g must be in [0, 1]", (double)p.min_p);
+        return NULL;
+    }
     if (logprobs < -1 || logprobs > FL_MAX_TOP_LOGPROBS) {
         PyErr_Format(PyExc_ValueError, "logprobs=%d must be -1 (none) or the number of most likely tokens to keep "
                      "beside the chosen one, 0 to %d", logprobs, FL_MAX_TOP_LOGPROBS);
@@ -997,14 +1002,17 @@ static PyMethodDef model_methods[] = {
 static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};
 
 /* sample(logits[V] float32, n, do_sample, temperature, top_k, top_p, seed, repetition_penalty=1, seen=None,
- *        min_eos=None) -> int64[n]: n independent draws through the generation sampler (for tests). */
+ *        min_p=0) -> int64[n]: n independent draws through the generation sampler (for tests). */
 static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"logits", "n", "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "seen", NULL};
+    static char *kwlist[] = {"logits", "n", "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "seen",
+                             "min_p", NULL};
     PyObject *lo, *seen_o = Py_None;
     int n = 1, do_sample = 1, top_k = 0;
-    float temperature = 1.f, top_p = 1.f, rep = 1.f;
+    float temperature = 1.f, top_p = 1.f, rep = 1.f, min_p = 0.f;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ipfifKfO", kwlist, &lo, &n, &do_sample, &temperature, &top_k, &top_p, &seed, &rep, &seen_o)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ipfifKfOf", kwlist, &lo, &n, &do_sample, &temperature, &top_k, &top_p, &seed,
+                                     &rep, &seen_o, &min_p))
+        return NULL;
     PyArrayObject *l = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
     if (!l) return NULL;
     PyArrayObject *seen = NULL;
@@ -1019,7 +1027,7 @@ static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw) {
         Py_XDECREF(res); res = NULL;
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sample: bad arguments");
     } else {
-        fl_gen_params p = {.do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p};
+        fl_gen_params p = {.do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = min_p};
         fl_rng rng;
         fl_rng_seed(&rng, seed);
         for (int i = 0; i < n; i++) {
