@@ -42,6 +42,8 @@ struct fl_request {
     int pgen;                 /* bumped whenever its pages are given back (the device block table may be stale) */
     fl_gen_params p;
     int32_t eos[FL_ENGINE_MAX_EOS];
+    int32_t *bias_ids;        /* p.bias_ids / p.bias, copied (p points here) */
+    float *bias;
     fl_rng rng;
     fl_status st;
     char err[FL_ERR_MAX];
@@ -269,6 +271,8 @@ static void req_unref(fl_request *r) { /* under mu */
     free(r->fbuf);
     for (int i = 0; i < r->rec_nblk; i++) free(r->rec[i]);
     free(r->rec);
+    free(r->bias_ids);
+    free(r->bias);
     free(r);
 }
 static void release_pages(fl_engine *e, fl_request *r) { /* under mu */
@@ -483,11 +487,13 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
     return FL_OK;
 }
 
-/* A row whose next token is the plain argmax: greedy, no repetition penalty, no eos id masked (min_new_tokens
- * reached, or no eos ids at all), nothing kept of its tokens (a kept row needs its logits on the host). */
+/* A row whose next token is the plain argmax: greedy, no bias or penalty, no eos id masked (min_new_tokens reached,
+ * or no eos ids at all), nothing kept of its tokens (a kept row needs its logits on the host). */
 static int plain_greedy(const fl_request *r) {
-    return !r->p.do_sample && !r->rec_row && (r->p.repetition_penalty == 1.0f || r->p.repetition_penalty <= 0) &&
-           (r->n_out >= r->p.min_new_tokens || r->p.n_eos == 0);
+    const fl_gen_params *p = &r->p;
+    return !p->do_sample && !r->rec_row && (p->repetition_penalty == 1.0f || p->repetition_penalty <= 0) &&
+           !p->n_bias && p->presence_penalty == 0 && p->frequency_penalty == 0 && !p->no_repeat_ngram_size &&
+           (r->n_out >= p->min_new_tokens || p->n_eos == 0);
 }
 
 #define TOK_NO_RECORD (-2) /* choose_tokens: the block for the token's kept row could not be allocated */
@@ -530,8 +536,13 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
             raw = e->raw + (size_t)t * V;
             memcpy(raw, lg, (size_t)V * sizeof *lg);
         }
+        uint8_t *mark = e->mark + (size_t)t * V;
+        for (int i = 0; i < p->n_bias; i++) lg[p->bias_ids[i]] += p->bias[i];
         if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
-            fl_repetition_penalty(lg, V, r->toks, r->n_prompt + r->n_out, p->repetition_penalty, e->mark + (size_t)t * V);
+            fl_repetition_penalty(lg, V, r->toks, r->n_prompt + r->n_out, p->repetition_penalty, mark);
+        if (p->presence_penalty != 0 || p->frequency_penalty != 0)
+            fl_count_penalty(lg, V, r->toks + r->n_prompt, r->n_out, p->presence_penalty, p->frequency_penalty, mark);
+        if (p->no_repeat_ngram_size > 0) fl_no_repeat_ngram(lg, r->toks, r->n_prompt + r->n_out, p->no_repeat_ngram_size);
         if (r->n_out < p->min_new_tokens)
             for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
         const int32_t tok = e->h_next[b] = fl_sample(lg, V, p, &r->rng, idx, rec && p->keep_scores ? rec : NULL);
@@ -1309,6 +1320,13 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     if ((int64_t)n + 1 > (int64_t)e->pool.n * page)
         return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens does not fit the KV cache pool of %d tokens (kv_cache_memory)", n,
                       e->pool.n * page);
+    if (p->n_bias < 0 || (p->n_bias && (!p->bias_ids || !p->bias)) || p->no_repeat_ngram_size < 0 ||
+        !isfinite(p->presence_penalty) || !isfinite(p->frequency_penalty))
+        return fl_err(FL_E_VALUE, "generate: bad bias list, no_repeat_ngram_size or presence / frequency penalty");
+    for (int i = 0; i < p->n_bias; i++)
+        if (p->bias_ids[i] < 0 || p->bias_ids[i] >= V || isnan(p->bias[i]) || p->bias[i] == INFINITY)
+            return fl_err(FL_E_VALUE, "generate: a logit bias for token %d (%g): ids in [0, %d), biases finite or -inf",
+                          (int)p->bias_ids[i], (double)p->bias[i], V);
     if (p->top_logprobs < 0 || p->top_logprobs > FL_MAX_TOP_LOGPROBS || p->top_logprobs > V ||
         (p->top_logprobs && !p->keep_logprob))
         return fl_err(FL_E_VALUE, "generate: top_logprobs=%d must be in [0, %d] (with logprobs kept)", p->top_logprobs,
@@ -1329,8 +1347,16 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
         r->rec_nblk = (r->cap - n + r->rec_blk - 1) / r->rec_blk;
         r->rec = calloc((size_t)(r->rec_nblk > 0 ? r->rec_nblk : 1), sizeof *r->rec);
     }
-    if (!r || !r->toks || !r->pages || (r->rec_row && !r->rec)) {
-        if (r) { free(r->toks); free(r->pages); free(r->rec); }
+    if (r && p->n_bias) {
+        r->bias_ids = malloc((size_t)p->n_bias * sizeof *r->bias_ids);
+        r->bias = malloc((size_t)p->n_bias * sizeof *r->bias);
+        if (r->bias_ids && r->bias) {
+            memcpy(r->bias_ids, p->bias_ids, (size_t)p->n_bias * sizeof *r->bias_ids);
+            memcpy(r->bias, p->bias, (size_t)p->n_bias * sizeof *r->bias);
+        }
+    }
+    if (!r || !r->toks || !r->pages || (r->rec_row && !r->rec) || (p->n_bias && (!r->bias_ids || !r->bias))) {
+        if (r) { free(r->toks); free(r->pages); free(r->rec); free(r->bias_ids); free(r->bias); }
         free(r);
         return fl_err(FL_E_NOMEM, "generate: cannot allocate the request");
     }
@@ -1340,6 +1366,8 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     r->p = *p;
     if (p->n_eos) memcpy(r->eos, p->eos, (size_t)p->n_eos * 4);
     r->p.eos = r->eos;
+    r->p.bias_ids = r->bias_ids;
+    r->p.bias = r->bias;
     fl_rng_seed(&r->rng, p->seed);
     pthread_cond_init(&r->cv, NULL);
     r->wake_at = INT_MAX;

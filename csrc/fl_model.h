@@ -239,6 +239,12 @@ typedef struct {
     float top_p;             /* >= 1: off */
     float repetition_penalty;/* 1: off */
     float min_p;             /* 0: off; else drop tokens below min_p x the most likely one's probability (after top-p) */
+    float presence_penalty, frequency_penalty; /* 0: off; OpenAI's: logit -= c * frequency + (c > 0) * presence, c the
+                                                  token's count among the tokens generated so far */
+    int no_repeat_ngram_size; /* 0: off; transformers' NoRepeatNGram: no n-gram of prompt + output twice */
+    /* added to the logits every step, before the penalties (OpenAI's logit_bias, transformers' sequence_bias of one
+     * token; -inf bans a token: suppress_tokens, bad_words_ids of one token) */
+    const int32_t *bias_ids; const float *bias; int n_bias;
     uint64_t seed;
     const int32_t *eos; int n_eos;
     /* What the engine keeps of each generated token for the caller (fl_request_records), one row of floats a token:

@@ -30,6 +30,30 @@ void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_
     }
 }
 
+void fl_count_penalty(float *logits, int vocab, const int32_t *out, int n_out, float presence, float frequency,
+                      uint8_t *mark) {
+    memset(mark, 0, (size_t)vocab);
+    for (int i = 0; i < n_out; i++) {
+        const int32_t t = out[i];
+        if (t < 0 || t >= vocab) continue;
+        logits[t] -= frequency;
+        if (!mark[t]) {
+            mark[t] = 1;
+            logits[t] -= presence;
+        }
+    }
+}
+
+void fl_no_repeat_ngram(float *logits, const int32_t *toks, int len, int n) {
+    if (n <= 0 || len + 1 < n) return;
+    const int32_t *tail = toks + len - (n - 1); /* the last n - 1 tokens: an n-gram's first n - 1 if one follows */
+    for (int s = 0; s + n <= len; s++) {
+        int j = 0;
+        while (j < n - 1 && toks[s + j] == tail[j]) j++;
+        if (j == n - 1) logits[toks[s + n - 1]] = -INFINITY;
+    }
+}
+
 int32_t fl_argmax(const float *x, int n) {
     int32_t best = 0;
     for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i; /* first maximum, as torch.argmax */

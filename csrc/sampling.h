@@ -1,5 +1,7 @@
-/* sampling.h: next-token choice on the host from float32 logits, in transformers' order:
- * repetition penalty -> min_new_tokens (eos masked) -> temperature -> top-k -> top-p -> min-p -> draw. */
+/* sampling.h: next-token choice on the host from float32 logits, in transformers' order (the engine's
+ * choose_tokens): biases (sequence_bias, logit_bias, bans) -> repetition penalty -> presence / frequency penalties
+ * (OpenAI's; transformers has none) -> no-repeat n-grams -> min_new_tokens (eos masked) -> temperature -> top-k ->
+ * top-p -> min-p -> draw. */
 #ifndef FL_SAMPLING_H
 #define FL_SAMPLING_H
 #include "fl_model.h"
@@ -11,6 +13,13 @@ double fl_rng_uniform(fl_rng *r);            /* [0, 1) */
 /* Penalise (in place) every token id in seen[0:n_seen] once, as transformers'
  * RepetitionPenaltyLogitsProcessor: logit < 0 ? logit * p : logit / p. */
 void fl_repetition_penalty(float *logits, int vocab, const int32_t *seen, int n_seen, float p, uint8_t *scratch);
+/* OpenAI's presence / frequency penalties (in place): each token of out[0:n_out] (the tokens generated so far)
+ * lowers its logit by `frequency` for every time it occurs and by `presence` once. scratch: vocab bytes. */
+void fl_count_penalty(float *logits, int vocab, const int32_t *out, int n_out, float presence, float frequency,
+                      uint8_t *scratch);
+/* transformers' NoRepeatNGramLogitsProcessor (in place): the tokens that would complete an n-gram that toks[0:len]
+ * already holds (the same n - 1 tokens before it as its last n - 1) get -inf. */
+void fl_no_repeat_ngram(float *logits, const int32_t *toks, int len, int n);
 /* Choose a token from logits[vocab] (modified in place). idx: scratch of vocab ints. scores (NULL: not wanted):
  * [vocab] the scores the token was drawn from, as transformers' output_scores has them: the logits as given
  * (greedy), or after temperature with -inf for every token that top-k / top-p left out (sampling).

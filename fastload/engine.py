@@ -239,6 +239,11 @@ class Engine:
                 do_sample=bool(r["do_sample"]), temperature=float(r["temperature"]), top_k=int(r["top_k"]),
                 top_p=float(r["top_p"]), min_p=float(r.get("min_p", 0.0)),
                 repetition_penalty=float(r["repetition_penalty"]),
+                presence_penalty=float(r.get("presence_penalty", 0.0)),
+                frequency_penalty=float(r.get("frequency_penalty", 0.0)),
+                no_repeat_ngram_size=int(r.get("no_repeat_ngram_size", 0)),
+                bias_ids=[t for t, _ in r["bias"]] if r.get("bias") else None,
+                bias_values=[v for _, v in r["bias"]] if r.get("bias") else None,
                 seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos, **(keep or {}))
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)

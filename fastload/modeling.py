@@ -258,9 +258,9 @@ class Config(AttrDict):
 _UNSUPPORTED_FIELDS = {
     "use_mtp": False, "top_h": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "sequence_bias": None, "token_healing": False, "guidance_scale": None, "watermarking_config": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "begin_suppress_tokens": None,
+    "token_healing": False, "guidance_scale": None, "watermarking_config": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "penalty_alpha": None, "dola_layers": None,
     "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
 }
@@ -278,7 +278,10 @@ _REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_st
 # logits of every step when asked for (kept by the engine per request: csrc/fl_model.h, fl_gen_params.keep_*)
 _OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
 # sampling settings whose transformers default is None (unset): read with a fallback in _resolve_settings
-_SAMPLING_FIELDS = ("min_p",)
+_SAMPLING_FIELDS = ("min_p", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "sequence_bias")
+# fastload's own generate() arguments beside transformers' (vLLM's and OpenAI's names): presence / frequency
+# penalties over the tokens generated so far (fl_gen_params)
+_EXTRA_FIELDS = ("presence_penalty", "frequency_penalty")
 # transformers' bookkeeping entries: never generation settings
 _METADATA_FIELDS = ("_from_model_config", "_commit_hash", "_original_object_hash", "transformers_version")
 
@@ -669,6 +672,9 @@ def _resolve_settings(gc, layers) -> dict:
              top_k=_int_arg(gc, "top_k", 0, 0), num_return_sequences=_int_arg(gc, "num_return_sequences", 1, 1),
              temperature=_float_arg(gc, "temperature", 1.0), top_p=_float_arg(gc, "top_p", 1.0),
              repetition_penalty=_float_arg(gc, "repetition_penalty", 1.0), min_p=_float_arg(gc, "min_p", 0.0),
+             presence_penalty=_float_arg(gc, "presence_penalty", 0.0),
+             frequency_penalty=_float_arg(gc, "frequency_penalty", 0.0),
+             no_repeat_ngram_size=_int_arg(gc, "no_repeat_ngram_size", 0, 0),
              eos_token_id=_token_ids(gc, "eos_token_id"), pad_token_id=_token_ids(gc, "pad_token_id"),
              seed=_int_arg(gc, "seed", -(1 << 63)))
     ss = gc.get("stop_strings")
@@ -704,9 +710,58 @@ def _resolve_settings(gc, layers) -> dict:
         raise ValueError(f"top_p={r['top_p']} must be in (0, 1]")
     if not 0 <= r["min_p"] <= 1:
         raise ValueError(f"min_p={r['min_p']} must be in [0, 1]")
+    r["bias"] = _token_biases(gc, source)
     if r["num_return_sequences"] > 1 and not r["do_sample"]:
         raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
     return r
+
+
+def _token_biases(gc, source):
+    """transformers' sequence_bias, bad_words_ids and suppress_tokens as one list of (token id, value added to its
+    logit every step; -inf bans it), for sequences of one token. Longer sequences (a bias or ban that applies only
+    after the tokens before it) are refused, naming the field."""
+    out = []
+
+    def one(k, seq, val):
+        if is_torch(seq) or isinstance(seq, np.ndarray):
+            seq = np.asarray(seq).tolist()
+        if isinstance(seq, (int, np.integer)) and not isinstance(seq, bool):
+            seq = [seq]
+        if not isinstance(seq, (list, tuple)) or not seq or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
+            raise TypeError(f"{source(k)}: {k} holds {seq!r}, not a non-empty sequence of token ids")
+        if len(seq) > 1:
+            raise NotImplementedError(f"{source(k)}: {k} with a sequence of {len(seq)} tokens ({list(seq)}): fastload "
+                                      "applies single-token entries only")
+        out.append((int(seq[0]), val))
+
+    sb = gc.get("sequence_bias")
+    if sb is not None:
+        items = sb.items() if isinstance(sb, dict) else sb
+        try:
+            pairs = [(seq, v) for seq, v in items]
+        except (TypeError, ValueError):
+            raise TypeError(f"{source('sequence_bias')}: sequence_bias must be a dict {{(ids,): bias}} or a list of "
+                            f"[ids, bias] pairs, got {sb!r}") from None
+        for seq, v in pairs:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or v != v:
+                raise TypeError(f"{source('sequence_bias')}: sequence_bias: the bias of {seq!r} must be a number, "
+                                f"got {v!r}")
+            one("sequence_bias", seq, float(v))
+    bw = gc.get("bad_words_ids")
+    if bw is not None:
+        if not isinstance(bw, (list, tuple)) or not bw:
+            raise TypeError(f"{source('bad_words_ids')}: bad_words_ids must be a non-empty list of lists of token "
+                            f"ids, got {bw!r}")
+        for seq in bw:
+            one("bad_words_ids", seq, float("-inf"))
+    st = gc.get("suppress_tokens")
+    if st is not None:
+        if not isinstance(st, (list, tuple)):
+            raise TypeError(f"{source('suppress_tokens')}: suppress_tokens must be a list of token ids, got {st!r}")
+        for t in st:
+            one("suppress_tokens", t, float("-inf"))
+    return out
 
 
 class CausalLMOutput(AttrDict):
@@ -817,7 +872,7 @@ class _Progress:
 GEN_KEYS = set(GenerationConfig.DEFAULTS) | {"seed", "use_cache", "streamer", "synced_gpus", "generation_config",
                                              "return_dict_in_generate", "output_scores", "output_logits",
                                              "output_attentions", "output_hidden_states", "tokenizer", "stop_strings",
-                                             "max_time"}
+                                             "max_time"} | set(_EXTRA_FIELDS)
 
 
 class FastModelForCausalLM:

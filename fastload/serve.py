@@ -3,7 +3,8 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, with the fields
 model, max_tokens (max_completion_tokens for chat), temperature, top_p, seed, stop, n, stream (server-sent events
 in OpenAI's chunk format ending with `data: [DONE]`; `stream_options: {"include_usage": true}` adds the usage
-chunk), logprobs (chat: logprobs + top_logprobs; completions: logprobs = k) and usage counts.
+chunk), logprobs (chat: logprobs + top_logprobs; completions: logprobs = k), presence_penalty, frequency_penalty,
+logit_bias, vLLM's ignore_eos / min_p / top_k / repetition_penalty / min_tokens / stop_token_ids, and usage counts.
 
 Stack: Starlette + uvicorn (the optional extra `fastload[serve]`). Starlette is the ASGI toolkit FastAPI is built
 on, without pydantic and its model layer: the server validates the few OpenAI fields itself (so the errors read
@@ -54,6 +55,13 @@ from .streamers import GenerationCancelled, TextIteratorStreamer
 MAX_N = 16
 MAX_STOP = 4
 MAX_LOGPROBS = 20  # the engine's FL_MAX_TOP_LOGPROBS (csrc/fl_model.h)
+# Fields that would change the answer and that this server does not implement: a 400 rather than an answer that
+# silently ignores them (OpenAI's and vLLM's). Fields that cannot change it (user, metadata, store, service_tier,
+# parallel_tool_calls without tools, ...) and unknown ones are ignored, as vLLM does.
+_UNSUPPORTED = ("echo", "tools", "functions", "function_call", "tool_choice", "suffix", "prediction", "audio",
+                "modalities", "best_of_n", "use_beam_search", "length_penalty", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar", "structured_outputs", "bad_words", "allowed_token_ids",
+                "prompt_logprobs", "truncate_prompt_tokens", "typical_p")
 
 
 class ServeError(Exception):
@@ -195,6 +203,7 @@ class Server:
             eos.append(tokenizer.eos_token_id)
         self.eos = [int(e) for e in eos]
         self.created = int(time.time())
+        self.vocab = int(cfg.get("vocab_size", 0) if hasattr(cfg, "get") else getattr(cfg, "vocab_size", 0)) or (1 << 31)
         # logprobs' token text: a byte-level BPE tokenizer's pieces map back to bytes (GPT-2's byte alphabet)
         tk = getattr(tokenizer, "_tk", None)
         self._byte_level = None
@@ -257,10 +266,14 @@ class Server:
 
     def _settings(self, body, chat):
         """Validated sampling settings: (n, max_tokens or None, stops, generate kwargs without max_new_tokens)."""
-        for k in ("echo", "tools", "functions", "suffix", "logit_bias"):
+        for k in _UNSUPPORTED:
             v = body.get(k)
             if v not in (None, False, [], {}, 0, ""):
                 raise _bad(f"{k} is not supported by this server", k, "unsupported_parameter")
+        rf = body.get("response_format")
+        if rf is not None and rf != {"type": "text"}:
+            raise _bad("response_format other than {\"type\": \"text\"} is not supported by this server",
+                       "response_format", "unsupported_parameter")
         # logprobs: the chosen token's log-probability under the model's raw logits (before temperature, top-p and
         # the model's repetition penalty: vLLM's default, raw_logprobs) and the k most likely tokens'. Chat:
         # logprobs (bool) + top_logprobs (0..20); completions: logprobs = k (0..20; OpenAI allows 5, vLLM 20).
@@ -313,6 +326,52 @@ class Server:
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos must be a boolean", "ignore_eos", "invalid_type")
         kw = {"eos_token_id": [] if ignore_eos else self.eos}
+        # OpenAI's presence / frequency penalties (over the tokens generated so far) and logit_bias ({"token id":
+        # bias}, -100..100, added to the logits every step); vLLM's top_k, repetition_penalty (transformers' rule,
+        # prompt included) and min_tokens
+        for k in ("presence_penalty", "frequency_penalty"):
+            v = _num(body, k, -2.0, 2.0)
+            if v:
+                kw[k] = v
+        lb = body.get("logit_bias")
+        if lb is not None:
+            if not isinstance(lb, dict):
+                raise _bad("logit_bias must be an object mapping token ids to biases", "logit_bias", "invalid_type")
+            bias = {}
+            for t, v in lb.items():
+                try:
+                    tid = int(t)
+                except (TypeError, ValueError):
+                    raise _bad(f"logit_bias: {t!r} is not a token id", "logit_bias", "invalid_value") from None
+                if not 0 <= tid < self.vocab:
+                    raise _bad(f"logit_bias: token id {tid} is outside the vocabulary [0, {self.vocab})", "logit_bias",
+                               "invalid_value")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                    raise _bad(f"logit_bias: the bias of {t} must be a number in [-100, 100], got {v!r}",
+                               "logit_bias", "invalid_value")
+                if v:
+                    bias[(tid,)] = float(v)
+            if bias:
+                kw["sequence_bias"] = bias
+        top_k = _int(body, "top_k", None, -1, None)
+        if top_k is not None:
+            kw["top_k"] = max(top_k, 0)  # vLLM: -1 (and 0) = all tokens
+        rp = _num(body, "repetition_penalty", 0.0, None)
+        if rp is not None:
+            if rp <= 0:
+                raise _bad(f"repetition_penalty must be greater than 0, got {rp}", "repetition_penalty",
+                           "invalid_value")
+            kw["repetition_penalty"] = rp
+        mt = _int(body, "min_tokens", None, 0, None)
+        if mt:
+            kw["min_new_tokens"] = mt
+        sti = body.get("stop_token_ids")  # vLLM: more token ids that end the answer (finish_reason "stop")
+        if sti is not None:
+            if not isinstance(sti, list) or not all(isinstance(t, int) and not isinstance(t, bool) and
+                                                    0 <= t < self.vocab for t in sti):
+                raise _bad("stop_token_ids must be a list of token ids in the vocabulary", "stop_token_ids",
+                           "invalid_value")
+            kw["eos_token_id"] = kw["eos_token_id"] + [t for t in sti if t not in kw["eos_token_id"]]
         if temp == 0:
             kw["do_sample"] = False
         elif temp is not None or top_p is not None:
@@ -682,8 +741,9 @@ def _num(body, key, lo, hi):
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _bad(f"{key} must be a number, got {v!r}", key, "invalid_type")
-    if not (lo <= v <= hi):
-        raise _bad(f"{key} must be between {lo:g} and {hi:g}, got {v}", key, "invalid_value")
+    if not lo <= v or (hi is not None and v > hi):
+        rng = f"at least {lo:g}" if hi is None else f"between {lo:g} and {hi:g}"
+        raise _bad(f"{key} must be {rng}, got {v}", key, "invalid_value")
     return float(v)
 
 

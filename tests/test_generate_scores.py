@@ -21,13 +21,30 @@ def log_softmax64(x):
 
 
 def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, temperature=1.0, top_k=0, top_p=1.0,
-              min_p=0.0):
-    """transformers' processors in its order, in float32 as the sampler applies them: RepetitionPenalty,
-    MinNewTokensLength, then when sampling Temperature, TopK (ties with the k-th kept), TopP, MinP (-inf outside)."""
+              min_p=0.0, bias=(), presence=0.0, frequency=0.0, ngram=0):
+    """transformers' processors in its order, in float32 as the sampler applies them: SequenceBias / NoBadWords /
+    SuppressTokens (bias: (id, value) pairs, -inf bans), RepetitionPenalty, OpenAI's presence / frequency penalties
+    over the `new` generated tokens at the end of `seen`, NoRepeatNGram, MinNewTokensLength, then when sampling
+    Temperature, TopK (ties with the k-th kept), TopP, MinP (-inf outside)."""
     x = np.array(logits, np.float32)
+    for t, v in bias:
+        x[t] += np.float32(v)
     if rep != 1.0:
         s = np.unique(seen)
         x[s] = np.where(x[s] < 0, x[s] * np.float32(rep), x[s] / np.float32(rep))
+    if presence or frequency:
+        out = list(seen[len(seen) - new:]) if new else []
+        for t in out:
+            x[t] -= np.float32(frequency)
+        for t in set(out):
+            x[t] -= np.float32(presence)
+    if ngram:
+        seq = list(seen)
+        if len(seq) + 1 >= ngram:
+            tail = seq[len(seq) - ngram + 1:]
+            for i in range(len(seq) - ngram + 1):
+                if seq[i:i + ngram - 1] == tail:
+                    x[seq[i + ngram - 1]] = -np.inf
     if new < min_new:
         x[list(eos)] = -np.inf
     if not sample:
@@ -99,6 +116,45 @@ def test_sampled_scores_hold_what_the_token_was_drawn_from(demo_model, enc):
         want = processed(o.logits[t][0], None, t, sample=True, temperature=1.3, top_p=0.95, min_p=0.08)
         np.testing.assert_array_equal(o.scores[t][0], want)
         assert np.isfinite(o.scores[t][0, o.sequences[0, T + t]])
+
+
+def test_biases_bans_penalties_and_ngrams(demo_model, enc):
+    """sequence_bias, bad_words_ids and suppress_tokens (single tokens), the repetition penalty, OpenAI's presence
+    and frequency penalties and no_repeat_ngram_size, together: each step's scores are numpy's reading of the rules,
+    in transformers' order, and the answer holds no bigram twice."""
+    m = demo_model
+    ids = enc["input_ids"]
+    T = ids.shape[1]
+    plain = m.generate(ids, max_new_tokens=12, eos_token_id=[])[0, T:]
+    favour, ban, hush = int(plain[3]), int(plain[0]), int(plain[1])
+    kw = dict(max_new_tokens=12, eos_token_id=[], sequence_bias={(favour,): 2.5}, bad_words_ids=[[ban]],
+              suppress_tokens=[hush], repetition_penalty=1.1, presence_penalty=0.4, frequency_penalty=0.3,
+              no_repeat_ngram_size=2)
+    o = m.generate(ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    assert np.array_equal(o.sequences, m.generate(ids, **kw))
+    seq = o.sequences[0]
+    new = seq[T:]
+    assert ban not in new and hush not in new
+    grams = list(zip(seq[:-1].tolist(), seq[1:].tolist()))
+    assert len(grams) == len(set(grams)), "a bigram came twice despite no_repeat_ngram_size=2"
+    bias = [(favour, 2.5), (ban, -np.inf), (hush, -np.inf)]
+    for t in range(12):
+        want = processed(o.logits[t][0], seq[:T + t], t, rep=1.1, bias=bias, presence=0.4, frequency=0.3, ngram=2)
+        np.testing.assert_array_equal(o.scores[t][0], want)
+    # the same through the engine's list given as a dict / pairs, and clear errors
+    assert np.array_equal(m.generate(ids, **{**kw, "sequence_bias": [[[favour], 2.5]]}), o.sequences)
+    with pytest.raises(NotImplementedError, match="bad_words_ids"):
+        m.generate(ids, max_new_tokens=2, bad_words_ids=[[ban, hush]])
+    with pytest.raises(NotImplementedError, match="sequence_bias"):
+        m.generate(ids, max_new_tokens=2, sequence_bias={(ban, hush): 1.0})
+    with pytest.raises(TypeError, match="sequence_bias"):
+        m.generate(ids, max_new_tokens=2, sequence_bias={(ban,): "x"})
+    with pytest.raises(TypeError, match="suppress_tokens"):
+        m.generate(ids, max_new_tokens=2, suppress_tokens=5)
+    with pytest.raises(ValueError, match="bias"):
+        m.generate(ids, max_new_tokens=2, suppress_tokens=[m.config.vocab_size])
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        m.generate(ids, max_new_tokens=2, no_repeat_ngram_size=-1)
 
 
 def test_transition_scores_and_engine_logprobs(demo_model, enc):
@@ -235,7 +291,8 @@ HAVE_PEER = all(importlib.util.find_spec(x) for x in ("torch", "transformers"))
 @pytest.mark.skipif(not HAVE_PEER, reason="torch and transformers are needed for the transformers peer")
 def test_scores_equal_transformers():
     """The tiny Qwen2 golden fixture on the CPU in float32, fastload against transformers: greedy with a repetition
-    penalty and min_new_tokens gives the same tokens, scores and logits (within float32 rounding, -inf at the same
+    penalty, min_new_tokens, no_repeat_ngram_size, sequence_bias, bad_words_ids and suppress_tokens gives the same
+    tokens, scores and logits (within float32 rounding, -inf at the same
     places); sampling: transformers' own warpers (temperature, top-k, top-p) applied to fastload's logits give
     fastload's scores (with min_p too)."""
     import torch
@@ -246,7 +303,9 @@ def test_scores_equal_transformers():
     m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="float32")
     ids = np.random.default_rng(7).integers(3, 500, size=(1, 9)).astype(np.int64)
     kw = dict(max_new_tokens=8, repetition_penalty=1.3, min_new_tokens=4, eos_token_id=[13, 30], pad_token_id=2,
-              do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
+              do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True,
+              no_repeat_ngram_size=3, sequence_bias={(17,): 1.5, (40,): -2.0}, bad_words_ids=[[99]],
+              suppress_tokens=[7, 8])
     with torch.no_grad():
         t = torch.from_numpy(ids)
         r = hf.generate(t, attention_mask=torch.ones_like(t), **kw)

@@ -190,6 +190,38 @@ def test_chat_logprobs(client, demo_model, demo_tok):
     assert [(e.token, e.logprob, e.bytes) for e in got] == [(e.token, e.logprob, e.bytes) for e in content]
 
 
+def test_penalties_bias_and_vllm_extensions_equal_generate(client, demo_model, demo_tok):
+    """presence / frequency penalties, logit_bias (through the engine's token biases), and vLLM's top_k,
+    repetition_penalty, min_tokens and stop_token_ids: each answer equals model.generate with the same settings."""
+    prompt = "List the days of the week: Monday, Tuesday,"
+    ids = demo_tok(prompt, return_tensors="np")["input_ids"]
+    T = ids.shape[1]
+
+    def gen(**kw):
+        out = demo_model.generate(ids, max_new_tokens=12, do_sample=False, **kw)
+        return demo_tok.decode(out[0, T:], skip_special_tokens=True), out[0, T:]
+
+    def ask(**body):
+        r = client.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=0, extra_body=body)
+        return r.choices[0]
+
+    plain, plain_ids = gen(eos_token_id=[])
+    got = ask(presence_penalty=1.5, frequency_penalty=1.0, ignore_eos=True).text
+    assert got == gen(presence_penalty=1.5, frequency_penalty=1.0, eos_token_id=[])[0] and got != plain
+    first = int(plain_ids[0])
+    got = ask(logit_bias={str(first): -100}, ignore_eos=True).text
+    want, want_ids = gen(sequence_bias={(first,): -100.0}, eos_token_id=[])
+    assert got == want and int(want_ids[0]) != first
+    got = ask(repetition_penalty=1.5, ignore_eos=True).text
+    assert got == gen(repetition_penalty=1.5, eos_token_id=[])[0]
+    r = client.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=1.0, seed=1,
+                                  extra_body={"top_k": 1, "ignore_eos": True})
+    assert r.choices[0].text == plain  # top_k 1 samples the greedy answer
+    stop_id = int(plain_ids[2])
+    c = ask(stop_token_ids=[stop_id], ignore_eos=True)
+    assert c.finish_reason == "stop" and c.text == demo_tok.decode(plain_ids[:3], skip_special_tokens=True)
+
+
 def test_min_p_one_samples_the_greedy_answer(client):
     """vLLM's min_p: with min_p 1 only the most likely token is left, so sampling gives the greedy answer."""
     kw = dict(model="demo", prompt="The capital of France is", max_tokens=8)
@@ -235,6 +267,16 @@ def _post(server, path, content):
     (json.dumps({"messages": Q, "seed": 1.5}), "seed"),
     (json.dumps({"messages": Q, "stream": "yes"}), "stream"),
     (json.dumps({"messages": Q, "min_p": 1.5}), "min_p"),
+    (json.dumps({"messages": Q, "presence_penalty": 3}), "presence_penalty"),
+    (json.dumps({"messages": Q, "frequency_penalty": "x"}), "frequency_penalty"),
+    (json.dumps({"messages": Q, "logit_bias": {"x": 1}}), "logit_bias"),
+    (json.dumps({"messages": Q, "logit_bias": {"5": 101}}), "logit_bias"),
+    (json.dumps({"messages": Q, "logit_bias": {"99999999": 1}}), "logit_bias"),
+    (json.dumps({"messages": Q, "logit_bias": [1]}), "logit_bias"),
+    (json.dumps({"messages": Q, "response_format": {"type": "json_object"}}), "response_format"),
+    (json.dumps({"messages": Q, "tools": [{"type": "function"}]}), "tools"),
+    (json.dumps({"messages": Q, "stop_token_ids": ["a"]}), "stop_token_ids"),
+    (json.dumps({"messages": Q, "repetition_penalty": 0}), "repetition_penalty"),
     (json.dumps({"messages": Q, "logprobs": "yes"}), "logprobs"),
     (json.dumps({"messages": Q, "top_logprobs": 2}), "top_logprobs"),
     (json.dumps({"messages": Q, "logprobs": True, "top_logprobs": 21}), "top_logprobs"),

@@ -850,22 +850,55 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
 }
 
 /* engine_submit(ids, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1, top_k=0, top_p=1,
- *               repetition_penalty=1, seed=0, eos_token_ids=None, keep_scores=False, keep_logits=False, logprobs=-1)
- *   -> Request, or a list of Requests. keep_* / logprobs (k >= 0: the token's log-probability and the k most likely):
- *   what is kept of each token (fl_gen_params.keep_*), read back with Request.records()
+ *               repetition_penalty=1, seed=0, eos_token_ids=None, keep_scores=False, keep_logits=False, logprobs=-1,
+ *               min_p=0, presence_penalty=0, frequency_penalty=0, no_repeat_ngram_size=0, bias_ids=None,
+ *               bias_values=None)
+ *   -> Request, or a list of Requests (fl_gen_params says what each setting does). keep_* / logprobs (k >= 0: the
+ *   token's log-probability and the k most likely): what is kept of each token, read back with Request.records()
  * ids: one prompt (1-D ints), or a list of prompts submitted as one group (fl_engine_submit_group), row b sampling
  * with seed[b] (seed: a list as long as ids, or one int for every row). */
+static PyObject *fl_py_engine_submit(FlPyModel *self, PyObject *ids_o, PyObject *eos_o, PyObject *seed_o, fl_gen_params *pp,
+                                     int logprobs);
 static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "repetition_penalty", "seed", "eos_token_ids", "keep_scores", "keep_logits", "logprobs", "min_p",
-                             NULL};
-    PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL;
+                             "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "bias_ids", "bias_values", NULL};
+    PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL, *bids_o = Py_None, *bval_o = Py_None;
     fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
     int logprobs = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppif", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppifffiOO", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
                                      &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed_o, &eos_o,
-                                     &p.keep_scores, &p.keep_logits, &logprobs, &p.min_p))
+                                     &p.keep_scores, &p.keep_logits, &logprobs, &p.min_p, &p.presence_penalty,
+                                     &p.frequency_penalty, &p.no_repeat_ngram_size, &bids_o, &bval_o))
         return NULL;
+    /* bias_ids / bias_values: token ids and what is added to their logits every step (fl_gen_params.bias_*) */
+    PyArrayObject *bids = NULL, *bval = NULL;
+    if ((bids_o == Py_None) != (bval_o == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "bias_ids and bias_values go together");
+        return NULL;
+    }
+    if (bids_o != Py_None) {
+        bids = (PyArrayObject *)PyArray_FROMANY(bids_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
+        bval = bids ? (PyArrayObject *)PyArray_FROMANY(bval_o, NPY_FLOAT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST)
+                    : NULL;
+        if (!bids || !bval || PyArray_DIM(bids, 0) != PyArray_DIM(bval, 0) || PyArray_DIM(bids, 0) > INT32_MAX) {
+            Py_XDECREF(bids); Py_XDECREF(bval);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bias_ids and bias_values must be 1-D and as long");
+            return NULL;
+        }
+        p.bias_ids = PyArray_DATA(bids);
+        p.bias = PyArray_DATA(bval);
+        p.n_bias = (int)PyArray_DIM(bids, 0);
+    }
+    PyObject *res = fl_py_engine_submit(self, ids_o, eos_o, seed_o, &p, logprobs);
+    Py_XDECREF(bids); Py_XDECREF(bval);
+    return res;
+}
+
+/* engine_submit's body, once the keyword arguments are parsed (p's arrays are the caller's until it returns). */
+static PyObject *fl_py_engine_submit(FlPyModel *self, PyObject *ids_o, PyObject *eos_o, PyObject *seed_o, fl_gen_params *pp,
+                                     int logprobs) {
+    fl_gen_params p = *pp;
     if (!(p.min_p >= 0 && p.min_p <= 1)) {
         PyErr_Format(PyExc_ValueError, "min_p=%g must be in [0, 1]", (double)p.min_p);
         return NULL;
