@@ -42,8 +42,7 @@ struct fl_request {
     int pgen;                 /* bumped whenever its pages are given back (the device block table may be stale) */
     fl_gen_params p;
     int32_t eos[FL_ENGINE_MAX_EOS];
-    int32_t *bias_ids;        /* p.bias_ids / p.bias, copied (p points here) */
-    float *bias;
+    void *gen_mem;            /* p's arrays beside eos (biases, begin bans, forced eos), copied: p points here */
     fl_rng rng;
     fl_status st;
     char err[FL_ERR_MAX];
@@ -271,8 +270,7 @@ static void req_unref(fl_request *r) { /* under mu */
     free(r->fbuf);
     for (int i = 0; i < r->rec_nblk; i++) free(r->rec[i]);
     free(r->rec);
-    free(r->bias_ids);
-    free(r->bias);
+    free(r->gen_mem);
     free(r);
 }
 static void release_pages(fl_engine *e, fl_request *r) { /* under mu */
@@ -493,6 +491,7 @@ static int plain_greedy(const fl_request *r) {
     const fl_gen_params *p = &r->p;
     return !p->do_sample && !r->rec_row && (p->repetition_penalty == 1.0f || p->repetition_penalty <= 0) &&
            !p->n_bias && p->presence_penalty == 0 && p->frequency_penalty == 0 && !p->no_repeat_ngram_size &&
+           !(p->n_begin_ban && r->n_out == 0) && !(p->n_forced_eos && r->n_out + 1 >= p->max_new_tokens) &&
            (r->n_out >= p->min_new_tokens || p->n_eos == 0);
 }
 
@@ -537,7 +536,12 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
             memcpy(raw, lg, (size_t)V * sizeof *lg);
         }
         uint8_t *mark = e->mark + (size_t)t * V;
-        for (int i = 0; i < p->n_bias; i++) lg[p->bias_ids[i]] += p->bias[i];
+        const int len = r->n_prompt + r->n_out;
+        for (int i = 0; i < p->n_bias; i++) { /* a sequence's last token, when the ones before it end the text */
+            const int32_t *q = p->bias_toks + p->bias_off[i];
+            const int m = p->bias_off[i + 1] - p->bias_off[i] - 1;
+            if (m <= len && !memcmp(r->toks + len - m, q, (size_t)m * sizeof *q)) lg[q[m]] += p->bias[i];
+        }
         if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
             fl_repetition_penalty(lg, V, r->toks, r->n_prompt + r->n_out, p->repetition_penalty, mark);
         if (p->presence_penalty != 0 || p->frequency_penalty != 0)
@@ -545,6 +549,12 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
         if (p->no_repeat_ngram_size > 0) fl_no_repeat_ngram(lg, r->toks, r->n_prompt + r->n_out, p->no_repeat_ngram_size);
         if (r->n_out < p->min_new_tokens)
             for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
+        if (p->n_forced_eos && r->n_out + 1 >= p->max_new_tokens) { /* the last token: an eos (wins over the above) */
+            for (int i = 0; i < V; i++) lg[i] = -INFINITY;
+            for (int i = 0; i < p->n_forced_eos; i++) lg[p->forced_eos[i]] = 0;
+        }
+        if (r->n_out == 0)
+            for (int i = 0; i < p->n_begin_ban; i++) lg[p->begin_ban[i]] = -INFINITY;
         const int32_t tok = e->h_next[b] = fl_sample(lg, V, p, &r->rng, idx, rec && p->keep_scores ? rec : NULL);
         if (!rec || tok < 0) continue;
         rec += p->keep_scores ? V : 0;
@@ -1320,13 +1330,30 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     if ((int64_t)n + 1 > (int64_t)e->pool.n * page)
         return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens does not fit the KV cache pool of %d tokens (kv_cache_memory)", n,
                       e->pool.n * page);
-    if (p->n_bias < 0 || (p->n_bias && (!p->bias_ids || !p->bias)) || p->no_repeat_ngram_size < 0 ||
-        !isfinite(p->presence_penalty) || !isfinite(p->frequency_penalty))
-        return fl_err(FL_E_VALUE, "generate: bad bias list, no_repeat_ngram_size or presence / frequency penalty");
-    for (int i = 0; i < p->n_bias; i++)
-        if (p->bias_ids[i] < 0 || p->bias_ids[i] >= V || isnan(p->bias[i]) || p->bias[i] == INFINITY)
-            return fl_err(FL_E_VALUE, "generate: a logit bias for token %d (%g): ids in [0, %d), biases finite or -inf",
-                          (int)p->bias_ids[i], (double)p->bias[i], V);
+    if (p->n_bias < 0 || (p->n_bias && (!p->bias_toks || !p->bias_off || !p->bias)) || p->no_repeat_ngram_size < 0 ||
+        !isfinite(p->presence_penalty) || !isfinite(p->frequency_penalty) || p->n_begin_ban < 0 ||
+        (p->n_begin_ban && !p->begin_ban) || p->n_forced_eos < 0 || (p->n_forced_eos && !p->forced_eos) ||
+        !(p->typical_p >= 0) || !(p->epsilon_cutoff >= 0 && p->epsilon_cutoff < 1) ||
+        !(p->eta_cutoff >= 0 && p->eta_cutoff < 1))
+        return fl_err(FL_E_VALUE, "generate: bad bias list, ban list, forced eos, no_repeat_ngram_size, presence / "
+                      "frequency penalty, typical_p, epsilon_cutoff or eta_cutoff");
+    int64_t n_bias_toks = 0;
+    for (int i = 0; i < p->n_bias; i++) {
+        const int a = p->bias_off[i], b = p->bias_off[i + 1];
+        if ((i == 0 && a != 0) || b <= a || isnan(p->bias[i]) || p->bias[i] == INFINITY)
+            return fl_err(FL_E_VALUE, "generate: logit bias %d: an empty token sequence, or a bias that is NaN or +inf", i);
+        for (int j = a; j < b; j++)
+            if (p->bias_toks[j] < 0 || p->bias_toks[j] >= V)
+                return fl_err(FL_E_VALUE, "generate: logit bias %d: token %d is outside the vocabulary [0, %d)", i,
+                              (int)p->bias_toks[j], V);
+        n_bias_toks = b;
+    }
+    for (int i = 0; i < p->n_begin_ban + p->n_forced_eos; i++) {
+        const int32_t t = i < p->n_begin_ban ? p->begin_ban[i] : p->forced_eos[i - p->n_begin_ban];
+        if (t < 0 || t >= V)
+            return fl_err(FL_E_VALUE, "generate: %s token %d is outside the vocabulary [0, %d)",
+                          i < p->n_begin_ban ? "begin_suppress_tokens" : "forced_eos_token_id", (int)t, V);
+    }
     if (p->top_logprobs < 0 || p->top_logprobs > FL_MAX_TOP_LOGPROBS || p->top_logprobs > V ||
         (p->top_logprobs && !p->keep_logprob))
         return fl_err(FL_E_VALUE, "generate: top_logprobs=%d must be in [0, %d] (with logprobs kept)", p->top_logprobs,
@@ -1347,16 +1374,12 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
         r->rec_nblk = (r->cap - n + r->rec_blk - 1) / r->rec_blk;
         r->rec = calloc((size_t)(r->rec_nblk > 0 ? r->rec_nblk : 1), sizeof *r->rec);
     }
-    if (r && p->n_bias) {
-        r->bias_ids = malloc((size_t)p->n_bias * sizeof *r->bias_ids);
-        r->bias = malloc((size_t)p->n_bias * sizeof *r->bias);
-        if (r->bias_ids && r->bias) {
-            memcpy(r->bias_ids, p->bias_ids, (size_t)p->n_bias * sizeof *r->bias_ids);
-            memcpy(r->bias, p->bias, (size_t)p->n_bias * sizeof *r->bias);
-        }
-    }
-    if (!r || !r->toks || !r->pages || (r->rec_row && !r->rec) || (p->n_bias && (!r->bias_ids || !r->bias))) {
-        if (r) { free(r->toks); free(r->pages); free(r->rec); free(r->bias_ids); free(r->bias); }
+    /* one block for p's arrays: bias values (float), then bias offsets, bias tokens, begin bans, forced eos (int32) */
+    const int64_t n_gen = p->n_bias ? 2 * (int64_t)p->n_bias + 1 + n_bias_toks : 0;
+    const int64_t n_mem = n_gen + p->n_begin_ban + p->n_forced_eos;
+    if (r && n_mem) r->gen_mem = malloc((size_t)n_mem * 4);
+    if (!r || !r->toks || !r->pages || (r->rec_row && !r->rec) || (n_mem && !r->gen_mem)) {
+        if (r) { free(r->toks); free(r->pages); free(r->rec); free(r->gen_mem); }
         free(r);
         return fl_err(FL_E_NOMEM, "generate: cannot allocate the request");
     }
@@ -1366,8 +1389,23 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     r->p = *p;
     if (p->n_eos) memcpy(r->eos, p->eos, (size_t)p->n_eos * 4);
     r->p.eos = r->eos;
-    r->p.bias_ids = r->bias_ids;
-    r->p.bias = r->bias;
+    if (n_mem) {
+        float *fv = r->gen_mem;
+        int32_t *iv = (int32_t *)r->gen_mem + p->n_bias;
+        if (p->n_bias) {
+            memcpy(fv, p->bias, (size_t)p->n_bias * 4);
+            memcpy(iv, p->bias_off, (size_t)(p->n_bias + 1) * 4);
+            memcpy(iv + p->n_bias + 1, p->bias_toks, (size_t)n_bias_toks * 4);
+            r->p.bias = fv;
+            r->p.bias_off = iv;
+            r->p.bias_toks = iv + p->n_bias + 1;
+        }
+        iv = (int32_t *)r->gen_mem + n_gen;
+        if (p->n_begin_ban) memcpy(iv, p->begin_ban, (size_t)p->n_begin_ban * 4);
+        if (p->n_forced_eos) memcpy(iv + p->n_begin_ban, p->forced_eos, (size_t)p->n_forced_eos * 4);
+        r->p.begin_ban = iv;
+        r->p.forced_eos = iv + p->n_begin_ban;
+    }
     fl_rng_seed(&r->rng, p->seed);
     pthread_cond_init(&r->cv, NULL);
     r->wake_at = INT_MAX;

@@ -242,9 +242,16 @@ typedef struct {
     float presence_penalty, frequency_penalty; /* 0: off; OpenAI's: logit -= c * frequency + (c > 0) * presence, c the
                                                   token's count among the tokens generated so far */
     int no_repeat_ngram_size; /* 0: off; transformers' NoRepeatNGram: no n-gram of prompt + output twice */
-    /* added to the logits every step, before the penalties (OpenAI's logit_bias, transformers' sequence_bias of one
-     * token; -inf bans a token: suppress_tokens, bad_words_ids of one token) */
-    const int32_t *bias_ids; const float *bias; int n_bias;
+    /* Logit biases, every step before the penalties: entry i is the token sequence bias_toks[bias_off[i] ..
+     * bias_off[i + 1]) with value bias[i], added to the logit of the sequence's last token when the tokens before it
+     * end prompt + output so far (always, for a sequence of one token): OpenAI's logit_bias, transformers'
+     * sequence_bias; -inf bans (bad_words_ids, suppress_tokens). bias_off has n_bias + 1 entries. */
+    const int32_t *bias_toks, *bias_off; const float *bias; int n_bias;
+    const int32_t *begin_ban; int n_begin_ban;   /* -inf at the first generated token (begin_suppress_tokens) */
+    const int32_t *forced_eos; int n_forced_eos; /* the token that reaches max_new_tokens is one of these, all else
+                                                    -inf (transformers' forced_eos_token_id) */
+    float typical_p;          /* 0 or >= 1: off; transformers' TypicalLogitsWarper, after min-p */
+    float epsilon_cutoff, eta_cutoff; /* 0: off; transformers' EpsilonLogitsWarper / EtaLogitsWarper, after typical */
     uint64_t seed;
     const int32_t *eos; int n_eos;
     /* What the engine keeps of each generated token for the caller (fl_request_records), one row of floats a token:

@@ -99,6 +99,72 @@ static int top_sorted(const float *x, int32_t *idx, int n, int K) {
     return sort_desc(x, idx, K < n ? K : n);
 }
 
+/* Keep the candidates idx[0:*n] with x - mx >= lmin, and the most likely (x == mx), in their order: the sorted
+ * prefix idx[0:*K] stays a sorted prefix (what is dropped are the smallest values). Returns the kept ones' sum of
+ * exp(x - mx). */
+static double cut_below(const float *x, int32_t *idx, int *n, int *K, float mx, double lmin) {
+    int m = 0, k = 0;
+    double sum = 0;
+    for (int i = 0; i < *n; i++) {
+        const double d = (double)x[idx[i]] - mx;
+        if (d >= lmin || x[idx[i]] == mx) {
+            k += i < *K;
+            idx[m++] = idx[i];
+            sum += exp(d);
+        }
+    }
+    *n = m;
+    *K = k;
+    return sum;
+}
+
+/* The entropy of the candidates' distribution (p_i = exp(x_i - mx) / sum), in nats. */
+static double entropy(const float *x, const int32_t *idx, int n, float mx, double sum) {
+    const double lz = log(sum);
+    double h = 0;
+    for (int i = 0; i < n; i++) {
+        const double lp = (double)x[idx[i]] - mx - lz;
+        h -= exp(lp) * lp;
+    }
+    return h;
+}
+
+typedef struct { double d; int32_t i; } shifted;
+static int cmp_shifted(const void *a, const void *b) {
+    const shifted *u = a, *v = b;
+    if (u->d != v->d) return u->d < v->d ? -1 : 1;
+    return u->i - v->i;
+}
+
+/* transformers' TypicalLogitsWarper over the candidates idx[0:*n]: order them by |-log p_i - H| (H the entropy),
+ * find the first whose cumulative probability in that order reaches `mass`, and keep every candidate whose
+ * distance is at most its (at least the first). Returns the kept ones' sum of exp(x - mx), -1 without memory. */
+static double typical_cut(const float *x, int32_t *idx, int *n, float mx, double sum, double mass) {
+    const int N = *n;
+    shifted *t = malloc((size_t)N * sizeof *t);
+    if (!t) return -1;
+    const double lz = log(sum), h = entropy(x, idx, N, mx, sum);
+    for (int i = 0; i < N; i++) t[i] = (shifted){fabs(-((double)x[idx[i]] - mx - lz) - h), idx[i]};
+    qsort(t, (size_t)N, sizeof *t, cmp_shifted);
+    double cum = 0;
+    int last = 0;
+    while (last < N - 1) {
+        cum += exp((double)x[t[last].i] - mx - lz);
+        if (cum >= mass) break;
+        last++;
+    }
+    const double thr = t[last].d;
+    double kept = 0;
+    int m = 0;
+    for (int i = 0; i < N && (t[i].d <= thr || i == 0); i++) {
+        idx[m++] = t[i].i;
+        kept += exp((double)x[t[i].i] - mx);
+    }
+    free(t);
+    *n = m;
+    return kept;
+}
+
 /* The draw walks the candidates from the most likely down: only the prefix it reaches needs sorting. It starts
  * with the top 256 (one quickselect over the vocabulary and a sort of 256, not a sort of 150k: 27 ms -> ~0.3 ms
  * per row), and sorts 4x more whenever the top-p prefix or the draw goes past them. The total mass is summed over
@@ -153,21 +219,22 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
         sum = 0;
         for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
     }
-    if (p->min_p > 0 && p->min_p <= 1) {
-        /* transformers' MinPLogitsWarper: keep p_i >= min_p * p_max, i.e. x_i - max >= log(min_p) (mx is the
-         * candidates' max, so the most likely one stays). Compacting in order keeps the sorted prefix a sorted
-         * prefix: what min_p drops are the smallest. */
-        const double lmin = log((double)p->min_p);
-        int m = 0, k = 0;
-        for (int i = 0; i < n; i++)
-            if ((double)x[idx[i]] - mx >= lmin) {
-                k += i < K;
-                idx[m++] = idx[i];
-            }
-        n = m;
-        K = k;
-        sum = 0;
-        for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
+    /* transformers' MinPLogitsWarper: keep p_i >= min_p * p_max, i.e. x_i - max >= log(min_p) */
+    if (p->min_p > 0 && p->min_p <= 1) sum = cut_below(x, idx, &n, &K, mx, log((double)p->min_p));
+    if (p->typical_p > 0 && p->typical_p < 1) {
+        const double s = typical_cut(x, idx, &n, mx, sum, p->typical_p);
+        if (s < 0) return -1;
+        sum = s;
+        K = n < 256 ? n : 256; /* the kept set is not the top of the values: sort its prefix again */
+        if (top_sorted(x, idx, n, K) < 0) return -1;
+    }
+    /* EpsilonLogitsWarper: keep p_i >= epsilon (and the most likely); EtaLogitsWarper: the same with
+     * eta = min(cutoff, sqrt(cutoff) * exp(-entropy)); p_i = exp(x_i - mx) / sum */
+    if (p->epsilon_cutoff > 0) sum = cut_below(x, idx, &n, &K, mx, log((double)p->epsilon_cutoff) + log(sum));
+    if (p->eta_cutoff > 0) {
+        const double ent = entropy(x, idx, n, mx, sum), c = p->eta_cutoff;
+        const double eta = fmin(c, sqrt(c) * exp(-ent));
+        sum = cut_below(x, idx, &n, &K, mx, log(eta) + log(sum));
     }
     if (scores) { /* the candidates are idx[0:n] now (top-p's: the sorted prefix kept) */
         for (int i = 0; i < vocab; i++) scores[i] = -INFINITY;

@@ -242,8 +242,10 @@ class Engine:
                 presence_penalty=float(r.get("presence_penalty", 0.0)),
                 frequency_penalty=float(r.get("frequency_penalty", 0.0)),
                 no_repeat_ngram_size=int(r.get("no_repeat_ngram_size", 0)),
-                bias_ids=[t for t, _ in r["bias"]] if r.get("bias") else None,
-                bias_values=[v for _, v in r["bias"]] if r.get("bias") else None,
+                typical_p=float(r.get("typical_p", 1.0)), epsilon_cutoff=float(r.get("epsilon_cutoff", 0.0)),
+                eta_cutoff=float(r.get("eta_cutoff", 0.0)),
+                begin_suppress=r.get("begin_suppress_tokens") or None, forced_eos=r.get("forced_eos_token_id") or None,
+                **_bias_arrays(r.get("bias")),
                 seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos, **(keep or {}))
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)
@@ -330,6 +332,15 @@ class Engine:
             if done:
                 q.check()
                 return q.tokens(0, have)
+
+
+def _bias_arrays(bias):
+    """engine_submit's bias_tokens / bias_offsets / bias_values from [(token sequence, value), ...]."""
+    if not bias:
+        return {}
+    off = np.cumsum([0] + [len(seq) for seq, _ in bias]).astype(np.int32)
+    return {"bias_tokens": np.asarray([t for seq, _ in bias for t in seq], np.int32), "bias_offsets": off,
+            "bias_values": np.asarray([v for _, v in bias], np.float32)}
 
 
 def _wait_done(q):

@@ -256,10 +256,8 @@ class Config(AttrDict):
 # A config or generate() argument that sets one of them to anything else is refused (never silently ignored);
 # fields that cannot change greedy/sampling output (cache, compile, assistant and beam-only settings) are accepted.
 _UNSUPPORTED_FIELDS = {
-    "use_mtp": False, "top_h": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
-    "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None, "begin_suppress_tokens": None,
+    "use_mtp": False, "top_h": None, "encoder_repetition_penalty": 1.0, "forced_bos_token_id": None,
+    "exponential_decay_length_penalty": None,
     "token_healing": False, "guidance_scale": None, "watermarking_config": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "penalty_alpha": None, "dola_layers": None,
     "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
@@ -278,7 +276,8 @@ _REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_st
 # logits of every step when asked for (kept by the engine per request: csrc/fl_model.h, fl_gen_params.keep_*)
 _OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
 # sampling settings whose transformers default is None (unset): read with a fallback in _resolve_settings
-_SAMPLING_FIELDS = ("min_p", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "sequence_bias")
+_SAMPLING_FIELDS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size", "bad_words_ids",
+                    "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "forced_eos_token_id")
 # fastload's own generate() arguments beside transformers' (vLLM's and OpenAI's names): presence / frequency
 # penalties over the tokens generated so far (fl_gen_params)
 _EXTRA_FIELDS = ("presence_penalty", "frequency_penalty")
@@ -710,16 +709,37 @@ def _resolve_settings(gc, layers) -> dict:
         raise ValueError(f"top_p={r['top_p']} must be in (0, 1]")
     if not 0 <= r["min_p"] <= 1:
         raise ValueError(f"min_p={r['min_p']} must be in [0, 1]")
+    for k, lo_open in (("typical_p", True), ("epsilon_cutoff", False), ("eta_cutoff", False)):
+        v = _float_arg(gc, k, 1.0 if k == "typical_p" else 0.0)
+        if not (0 < v <= 1 if lo_open else 0 <= v < 1):
+            raise ValueError(f"{source(k)}: {k}={v} must be in " + ("(0, 1]" if lo_open else "[0, 1)"))
+        r[k] = v
     r["bias"] = _token_biases(gc, source)
+    r["begin_suppress_tokens"] = _id_list(gc, "begin_suppress_tokens", source)
+    r["forced_eos_token_id"] = _id_list(gc, "forced_eos_token_id", source)
     if r["num_return_sequences"] > 1 and not r["do_sample"]:
         raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
     return r
 
 
+def _id_list(gc, k, source):
+    """A field holding one token id or a list of them, as a list (empty when unset)."""
+    v = gc.get(k)
+    if v is None:
+        return []
+    if is_torch(v) or isinstance(v, np.ndarray):
+        v = np.asarray(v).tolist()
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                   for t in v):
+        raise TypeError(f"{source(k)}: {k} must be a token id or a list of them, got {v!r}")
+    return [int(t) for t in v]
+
+
 def _token_biases(gc, source):
-    """transformers' sequence_bias, bad_words_ids and suppress_tokens as one list of (token id, value added to its
-    logit every step; -inf bans it), for sequences of one token. Longer sequences (a bias or ban that applies only
-    after the tokens before it) are refused, naming the field."""
+    """transformers' sequence_bias, bad_words_ids and suppress_tokens as one list of (token sequence, value added to
+    the logit of its last token whenever the tokens before it end the text so far; -inf bans), in that order."""
     out = []
 
     def one(k, seq, val):
@@ -730,10 +750,7 @@ def _token_biases(gc, source):
         if not isinstance(seq, (list, tuple)) or not seq or not all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
             raise TypeError(f"{source(k)}: {k} holds {seq!r}, not a non-empty sequence of token ids")
-        if len(seq) > 1:
-            raise NotImplementedError(f"{source(k)}: {k} with a sequence of {len(seq)} tokens ({list(seq)}): fastload "
-                                      "applies single-token entries only")
-        out.append((int(seq[0]), val))
+        out.append((tuple(int(t) for t in seq), val))
 
     sb = gc.get("sequence_bias")
     if sb is not None:
@@ -755,12 +772,8 @@ def _token_biases(gc, source):
                             f"ids, got {bw!r}")
         for seq in bw:
             one("bad_words_ids", seq, float("-inf"))
-    st = gc.get("suppress_tokens")
-    if st is not None:
-        if not isinstance(st, (list, tuple)):
-            raise TypeError(f"{source('suppress_tokens')}: suppress_tokens must be a list of token ids, got {st!r}")
-        for t in st:
-            one("suppress_tokens", t, float("-inf"))
+    for t in _id_list(gc, "suppress_tokens", source):
+        one("suppress_tokens", t, float("-inf"))
     return out
 
 

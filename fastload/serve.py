@@ -4,7 +4,8 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/comp
 model, max_tokens (max_completion_tokens for chat), temperature, top_p, seed, stop, n, stream (server-sent events
 in OpenAI's chunk format ending with `data: [DONE]`; `stream_options: {"include_usage": true}` adds the usage
 chunk), logprobs (chat: logprobs + top_logprobs; completions: logprobs = k), presence_penalty, frequency_penalty,
-logit_bias, vLLM's ignore_eos / min_p / top_k / repetition_penalty / min_tokens / stop_token_ids, and usage counts.
+logit_bias, vLLM's ignore_eos / min_p / top_k / repetition_penalty / min_tokens / stop_token_ids / bad_words,
+typical_p, and usage counts.
 
 Stack: Starlette + uvicorn (the optional extra `fastload[serve]`). Starlette is the ASGI toolkit FastAPI is built
 on, without pydantic and its model layer: the server validates the few OpenAI fields itself (so the errors read
@@ -60,8 +61,8 @@ MAX_LOGPROBS = 20  # the engine's FL_MAX_TOP_LOGPROBS (csrc/fl_model.h)
 # parallel_tool_calls without tools, ...) and unknown ones are ignored, as vLLM does.
 _UNSUPPORTED = ("echo", "tools", "functions", "function_call", "tool_choice", "suffix", "prediction", "audio",
                 "modalities", "best_of_n", "use_beam_search", "length_penalty", "guided_json", "guided_regex",
-                "guided_choice", "guided_grammar", "structured_outputs", "bad_words", "allowed_token_ids",
-                "prompt_logprobs", "truncate_prompt_tokens", "typical_p")
+                "guided_choice", "guided_grammar", "structured_outputs", "allowed_token_ids",
+                "prompt_logprobs", "truncate_prompt_tokens")
 
 
 class ServeError(Exception):
@@ -365,6 +366,23 @@ class Server:
         mt = _int(body, "min_tokens", None, 0, None)
         if mt:
             kw["min_new_tokens"] = mt
+        tp = _num(body, "typical_p", 0.0, 1.0)  # text-generation-inference's / transformers' typical sampling
+        if tp is not None:
+            if tp <= 0:
+                raise _bad(f"typical_p must be greater than 0, got {tp}", "typical_p", "invalid_value")
+            kw["typical_p"] = tp
+        bw = body.get("bad_words")  # vLLM: words never completed (as it does: the word and " word", tokenized)
+        if bw is not None:
+            if not isinstance(bw, list) or not all(isinstance(w, str) and w for w in bw):
+                raise _bad("bad_words must be a list of non-empty strings", "bad_words", "invalid_type")
+            seqs = []
+            for w in bw:
+                for v in (w, " " + w.lstrip()):
+                    ids = [int(t) for t in self.tokenizer.encode(v, add_special_tokens=False)]
+                    if ids and ids not in seqs:
+                        seqs.append(ids)
+            if seqs:
+                kw["bad_words_ids"] = seqs
         sti = body.get("stop_token_ids")  # vLLM: more token ids that end the answer (finish_reason "stop")
         if sti is not None:
             if not isinstance(sti, list) or not all(isinstance(t, int) and not isinstance(t, bool) and

@@ -21,14 +21,16 @@ def log_softmax64(x):
 
 
 def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, temperature=1.0, top_k=0, top_p=1.0,
-              min_p=0.0, bias=(), presence=0.0, frequency=0.0, ngram=0):
+              min_p=0.0, bias=(), presence=0.0, frequency=0.0, ngram=0, typical_p=0.0, epsilon=0.0, eta=0.0):
     """transformers' processors in its order, in float32 as the sampler applies them: SequenceBias / NoBadWords /
     SuppressTokens (bias: (id, value) pairs, -inf bans), RepetitionPenalty, OpenAI's presence / frequency penalties
     over the `new` generated tokens at the end of `seen`, NoRepeatNGram, MinNewTokensLength, then when sampling
     Temperature, TopK (ties with the k-th kept), TopP, MinP (-inf outside)."""
     x = np.array(logits, np.float32)
-    for t, v in bias:
-        x[t] += np.float32(v)
+    for seq, v in bias:  # (token sequence, value): on its last token when the ones before it end `seen`
+        seq = (seq,) if isinstance(seq, int) else tuple(seq)
+        if len(seq) - 1 <= len(seen) and tuple(seen[len(seen) - len(seq) + 1:]) == seq[:-1]:
+            x[seq[-1]] += np.float32(v)
     if rep != 1.0:
         s = np.unique(seen)
         x[s] = np.where(x[s] < 0, x[s] * np.float32(rep), x[s] / np.float32(rep))
@@ -64,6 +66,22 @@ def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, tempe
     if min_p:
         p = np.exp(log_softmax64(x))
         x = np.where(p >= min_p * p.max(), x, np.float32(-np.inf))
+    if typical_p:
+        lp = log_softmax64(x)
+        p = np.exp(lp)
+        with np.errstate(invalid="ignore"):
+            d = np.abs(-lp - (-np.nansum(p * lp)))
+        order = np.argsort(d, kind="stable")
+        last = min(int((np.cumsum(p[order]) < typical_p).sum()), len(x) - 1)
+        x = np.where((d <= d[order[last]]) | (np.arange(len(x)) == order[0]), x, np.float32(-np.inf))
+    for name, cut in (("epsilon", epsilon), ("eta", eta)):
+        if cut:
+            lp = log_softmax64(x)
+            p = np.exp(lp)
+            if name == "eta":
+                with np.errstate(invalid="ignore"):
+                    cut = min(cut, np.sqrt(cut) * np.exp(np.nansum(p * lp)))
+            x = np.where((p >= cut) | (x == x.max()), x, np.float32(-np.inf))
     return x
 
 
@@ -118,6 +136,29 @@ def test_sampled_scores_hold_what_the_token_was_drawn_from(demo_model, enc):
         assert np.isfinite(o.scores[t][0, o.sequences[0, T + t]])
 
 
+@pytest.mark.parametrize("kw, ref", [
+    (dict(typical_p=0.7, temperature=0.9, top_k=0), dict(typical_p=0.7, temperature=0.9)),
+    (dict(epsilon_cutoff=0.01, top_k=0), dict(epsilon=0.01)),
+    (dict(eta_cutoff=0.02, top_k=50), dict(eta=0.02, top_k=50))])
+def test_typical_epsilon_eta(demo_model, enc, kw, ref):
+    """transformers' TypicalLogitsWarper, EpsilonLogitsWarper and EtaLogitsWarper: each step's scores are numpy's
+    reading of the rule over the step's logits, and the drawn token is among them (top_k=0: generate's default top-k
+    of 50, transformers' too, would come first)."""
+    m = demo_model
+    ids = enc["input_ids"]
+    T = ids.shape[1]
+    kw = dict(max_new_tokens=8, do_sample=True, seed=9, eos_token_id=[], **kw)
+    o = m.generate(ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    assert np.array_equal(o.sequences, m.generate(ids, **kw))
+    sizes = []
+    for t in range(8):
+        want = processed(o.logits[t][0], None, t, sample=True, **ref)
+        np.testing.assert_array_equal(o.scores[t][0], want)
+        assert np.isfinite(o.scores[t][0, o.sequences[0, T + t]])
+        sizes.append(int(np.isfinite(want).sum()))
+    assert 1 < max(sizes) < m.config.vocab_size, sizes
+
+
 def test_biases_bans_penalties_and_ngrams(demo_model, enc):
     """sequence_bias, bad_words_ids and suppress_tokens (single tokens), the repetition penalty, OpenAI's presence
     and frequency penalties and no_repeat_ngram_size, together: each step's scores are numpy's reading of the rules,
@@ -141,16 +182,26 @@ def test_biases_bans_penalties_and_ngrams(demo_model, enc):
     for t in range(12):
         want = processed(o.logits[t][0], seq[:T + t], t, rep=1.1, bias=bias, presence=0.4, frequency=0.3, ngram=2)
         np.testing.assert_array_equal(o.scores[t][0], want)
-    # the same through the engine's list given as a dict / pairs, and clear errors
+    # the same through the engine's list given as a dict / pairs
     assert np.array_equal(m.generate(ids, **{**kw, "sequence_bias": [[[favour], 2.5]]}), o.sequences)
-    with pytest.raises(NotImplementedError, match="bad_words_ids"):
-        m.generate(ids, max_new_tokens=2, bad_words_ids=[[ban, hush]])
-    with pytest.raises(NotImplementedError, match="sequence_bias"):
-        m.generate(ids, max_new_tokens=2, sequence_bias={(ban, hush): 1.0})
+    # sequences of several tokens: a bias / ban on the last token only where the ones before it end the text
+    a, b = int(plain[0]), int(plain[1])
+    kw2 = dict(max_new_tokens=12, eos_token_id=[], bad_words_ids=[[a, b]], sequence_bias={(b, int(plain[2])): -3.0},
+               begin_suppress_tokens=[int(plain[5])])
+    o = m.generate(ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw2)
+    seq = o.sequences[0]
+    assert seq[T] == a and seq[T + 1] != b, "the banned pair came anyway"
+    for t in range(12):
+        want = processed(o.logits[t][0], seq[:T + t], t, bias=[((a, b), -np.inf), ((b, int(plain[2])), -3.0)] +
+                         ([(int(plain[5]), -np.inf)] if t == 0 else []))
+        np.testing.assert_array_equal(o.scores[t][0], want)
+    # forced_eos_token_id: the last token is it
+    o = m.generate(ids, max_new_tokens=5, eos_token_id=[], forced_eos_token_id=7)
+    assert o.shape[1] == T + 5 and o[0, -1] == 7 and o[0, T:-1].tolist() == plain[:4].tolist()
     with pytest.raises(TypeError, match="sequence_bias"):
         m.generate(ids, max_new_tokens=2, sequence_bias={(ban,): "x"})
     with pytest.raises(TypeError, match="suppress_tokens"):
-        m.generate(ids, max_new_tokens=2, suppress_tokens=5)
+        m.generate(ids, max_new_tokens=2, suppress_tokens="x")
     with pytest.raises(ValueError, match="bias"):
         m.generate(ids, max_new_tokens=2, suppress_tokens=[m.config.vocab_size])
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
@@ -321,8 +372,8 @@ def test_scores_equal_transformers():
     ts = m.compute_transition_scores(o.sequences, o.scores, normalize_logits=True)
     ref = hf.compute_transition_scores(r.sequences, r.scores, normalize_logits=True).numpy()
     np.testing.assert_allclose(ts, ref, atol=1e-4)
-    from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (EpsilonLogitsWarper, EtaLogitsWarper, LogitsProcessorList, MinPLogitsWarper,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
     procs = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8),
                                  MinPLogitsWarper(0.05)])
     o = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, seed=5,
@@ -333,6 +384,16 @@ def test_scores_equal_transformers():
         np.testing.assert_array_equal(np.isfinite(o.scores[t]), np.isfinite(want))
         fin = np.isfinite(want)
         np.testing.assert_allclose(o.scores[t][fin], want[fin], rtol=1e-6, atol=0)
+    for kw, procs in ((dict(typical_p=0.6, top_k=0), [TypicalLogitsWarper(0.6)]),
+                      (dict(epsilon_cutoff=0.003, temperature=0.8, top_k=0), [TemperatureLogitsWarper(0.8),
+                                                                              EpsilonLogitsWarper(0.003)]),
+                      (dict(eta_cutoff=0.01, top_k=20), [TopKLogitsWarper(20), EtaLogitsWarper(0.01, device="cpu")])):
+        o = m.generate(ids, max_new_tokens=6, do_sample=True, seed=2, eos_token_id=[], return_dict_in_generate=True,
+                       output_scores=True, output_logits=True, **kw)
+        for t in range(6):
+            want = LogitsProcessorList(procs)(torch.from_numpy(o.sequences[:, :T + t]),
+                                              torch.from_numpy(o.logits[t].copy())).numpy()
+            np.testing.assert_array_equal(np.isfinite(o.scores[t]), np.isfinite(want), err_msg=str(kw))
 
 
 def test_cli_generate_logprobs(demo_gguf, demo_model, demo_tok):

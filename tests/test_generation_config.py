@@ -150,7 +150,8 @@ def test_transformers_config_object_and_dict(tmp_path, case):
         m.generate(ids, generation_config="greedy")
 
 
-@pytest.mark.parametrize("bad,exc", [({"epsilon_cutoff": 0.1}, TypeError), ({"typical_p": 0.5}, TypeError),
+@pytest.mark.parametrize("bad,exc", [({"penalty_alpha": 0.6}, TypeError), ({"typical_p": 1.5}, ValueError),
+                                     ({"epsilon_cutoff": 1.0}, ValueError), ({"guidance_scale": 1.5}, TypeError),
                                      ({"min_p": 1.5}, ValueError), ({"min_p": "x"}, TypeError),
                                      ({"max_new_tokens": "8"}, TypeError),
                                      ({"temperature": "hot"}, TypeError), ({"eos_token_id": [2, "x"]}, ValueError)])
@@ -263,9 +264,9 @@ def test_chat_takes_a_config(demo_model, demo_tok):
 def test_unimplemented_field_from_the_models_own_file_warns(tmp_path, case):
     """A sampling rule fastload does not implement, set by the model's generation_config.json: generate()
     warns and generates without it (the model stays usable); the same field passed by the caller is an error."""
-    m = load(tmp_path / "ck", {"eos_token_id": EOS, "typical_p": 0.5})
-    with pytest.warns(UserWarning, match="typical_p=0.5"):
+    m = load(tmp_path / "ck", {"eos_token_id": EOS, "penalty_alpha": 0.6})
+    with pytest.warns(UserWarning, match="penalty_alpha=0.6"):
         out = m.generate(case["single_ids"], max_new_tokens=8)
     assert out[0, 17:].tolist() == GREEDY_NEW[:4]  # and the model's eos still stops it
-    with pytest.raises(TypeError, match="typical_p"):
-        m.generate(case["single_ids"], max_new_tokens=8, typical_p=0.9)
+    with pytest.raises(TypeError, match="penalty_alpha"):
+        m.generate(case["single_ids"], max_new_tokens=8, penalty_alpha=0.5)

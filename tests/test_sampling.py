@@ -14,7 +14,7 @@ def softmax(x):
     return e / e.sum()
 
 
-def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0):
     x = logits.astype(np.float64) / temperature
     if top_k:
         kth = np.sort(x)[::-1][top_k - 1]
@@ -30,6 +30,23 @@ def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     if min_p:  # transformers' MinPLogitsWarper: keep p >= min_p * max p
         p = softmax(x)
         x = np.where(p >= min_p * p.max(), x, -np.inf)
+    if typical_p:  # TypicalLogitsWarper: by |-log p - H|, up to the first reaching the mass (ties with it kept)
+        p = softmax(x)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lp = np.log(p)
+            h = -np.nansum(p * lp)
+            d = np.abs(-lp - h)
+        order = np.argsort(d, kind="stable")
+        last = min(int((np.cumsum(p[order]) < typical_p).sum()), len(x) - 1)
+        x = np.where((d <= d[order[last]]) | (np.arange(len(x)) == order[0]), x, -np.inf)
+    for name, cut in (("epsilon", epsilon_cutoff), ("eta", eta_cutoff)):  # keep p >= the cutoff, and the most likely
+        if cut:
+            p = softmax(x)
+            if name == "eta":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    h = -np.nansum(p * np.log(p))
+                cut = min(cut, np.sqrt(cut) * np.exp(-h))
+            x = np.where((p >= cut) | (x == x.max()), x, -np.inf)
     return softmax(x)
 
 
@@ -42,7 +59,9 @@ LOGITS = np.random.default_rng(0).normal(size=50).astype(np.float32) * 2
 
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.5), dict(temperature=2.0), dict(top_k=5), dict(top_p=0.7),
                                 dict(top_k=10, top_p=0.8, temperature=0.7), dict(min_p=0.1),
-                                dict(min_p=0.3, temperature=1.5), dict(top_p=0.9, min_p=0.05, top_k=20)])
+                                dict(min_p=0.3, temperature=1.5), dict(top_p=0.9, min_p=0.05, top_k=20),
+                                dict(typical_p=0.5), dict(typical_p=0.9, temperature=0.8, top_k=30),
+                                dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.05), dict(eta_cutoff=0.3, top_p=0.95)])
 def test_distribution(kw):
     draws = _C.sample(LOGITS, N, True, seed=123, **kw)
     assert np.abs(freq(draws, 50) - target(LOGITS, **kw)).max() < 0.01

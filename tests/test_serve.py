@@ -220,6 +220,10 @@ def test_penalties_bias_and_vllm_extensions_equal_generate(client, demo_model, d
     stop_id = int(plain_ids[2])
     c = ask(stop_token_ids=[stop_id], ignore_eos=True)
     assert c.finish_reason == "stop" and c.text == demo_tok.decode(plain_ids[:3], skip_special_tokens=True)
+    word = plain.split()[0]  # vLLM's bad_words: the first word of the greedy answer never comes
+    got = ask(bad_words=[word], ignore_eos=True).text
+    seqs = [demo_tok.encode(v, add_special_tokens=False) for v in (word, " " + word)]
+    assert got == gen(bad_words_ids=seqs, eos_token_id=[])[0] and word not in got.split()[:1]
 
 
 def test_min_p_one_samples_the_greedy_answer(client):
@@ -276,6 +280,8 @@ def _post(server, path, content):
     (json.dumps({"messages": Q, "response_format": {"type": "json_object"}}), "response_format"),
     (json.dumps({"messages": Q, "tools": [{"type": "function"}]}), "tools"),
     (json.dumps({"messages": Q, "stop_token_ids": ["a"]}), "stop_token_ids"),
+    (json.dumps({"messages": Q, "bad_words": "x"}), "bad_words"),
+    (json.dumps({"messages": Q, "typical_p": 0}), "typical_p"),
     (json.dumps({"messages": Q, "repetition_penalty": 0}), "repetition_penalty"),
     (json.dumps({"messages": Q, "logprobs": "yes"}), "logprobs"),
     (json.dumps({"messages": Q, "top_logprobs": 2}), "top_logprobs"),

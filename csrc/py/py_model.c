@@ -851,8 +851,9 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
 
 /* engine_submit(ids, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1, top_k=0, top_p=1,
  *               repetition_penalty=1, seed=0, eos_token_ids=None, keep_scores=False, keep_logits=False, logprobs=-1,
- *               min_p=0, presence_penalty=0, frequency_penalty=0, no_repeat_ngram_size=0, bias_ids=None,
- *               bias_values=None)
+ *               min_p=0, presence_penalty=0, frequency_penalty=0, no_repeat_ngram_size=0, bias_tokens=None,
+ *               bias_offsets=None, bias_values=None, begin_suppress=None, forced_eos=None, typical_p=0,
+ *               epsilon_cutoff=0, eta_cutoff=0)
  *   -> Request, or a list of Requests (fl_gen_params says what each setting does). keep_* / logprobs (k >= 0: the
  *   token's log-probability and the k most likely): what is kept of each token, read back with Request.records()
  * ids: one prompt (1-D ints), or a list of prompts submitted as one group (fl_engine_submit_group), row b sampling
@@ -862,36 +863,49 @@ static PyObject *fl_py_engine_submit(FlPyModel *self, PyObject *ids_o, PyObject 
 static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "repetition_penalty", "seed", "eos_token_ids", "keep_scores", "keep_logits", "logprobs", "min_p",
-                             "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "bias_ids", "bias_values", NULL};
-    PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL, *bids_o = Py_None, *bval_o = Py_None;
+                             "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "bias_tokens", "bias_offsets",
+                             "bias_values", "begin_suppress", "forced_eos", "typical_p", "epsilon_cutoff", "eta_cutoff", NULL};
+    PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL, *o[5] = {Py_None, Py_None, Py_None, Py_None, Py_None};
     fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
     int logprobs = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppifffiOO", kwlist, &ids_o, &p.max_new_tokens, &p.min_new_tokens,
-                                     &p.do_sample, &p.temperature, &p.top_k, &p.top_p, &p.repetition_penalty, &seed_o, &eos_o,
-                                     &p.keep_scores, &p.keep_logits, &logprobs, &p.min_p, &p.presence_penalty,
-                                     &p.frequency_penalty, &p.no_repeat_ngram_size, &bids_o, &bval_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppifffiOOOOOfff", kwlist, &ids_o, &p.max_new_tokens,
+                                     &p.min_new_tokens, &p.do_sample, &p.temperature, &p.top_k, &p.top_p,
+                                     &p.repetition_penalty, &seed_o, &eos_o, &p.keep_scores, &p.keep_logits, &logprobs,
+                                     &p.min_p, &p.presence_penalty, &p.frequency_penalty, &p.no_repeat_ngram_size, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &p.typical_p, &p.epsilon_cutoff, &p.eta_cutoff))
         return NULL;
-    /* bias_ids / bias_values: token ids and what is added to their logits every step (fl_gen_params.bias_*) */
-    PyArrayObject *bids = NULL, *bval = NULL;
-    if ((bids_o == Py_None) != (bval_o == Py_None)) {
-        PyErr_SetString(PyExc_ValueError, "bias_ids and bias_values go together");
-        return NULL;
-    }
-    if (bids_o != Py_None) {
-        bids = (PyArrayObject *)PyArray_FROMANY(bids_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
-        bval = bids ? (PyArrayObject *)PyArray_FROMANY(bval_o, NPY_FLOAT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST)
-                    : NULL;
-        if (!bids || !bval || PyArray_DIM(bids, 0) != PyArray_DIM(bval, 0) || PyArray_DIM(bids, 0) > INT32_MAX) {
-            Py_XDECREF(bids); Py_XDECREF(bval);
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bias_ids and bias_values must be 1-D and as long");
-            return NULL;
+    /* the arrays of fl_gen_params: bias_tokens / bias_offsets (n + 1) / bias_values (n) (token sequences and what is
+     * added to their last token's logit), begin_suppress, forced_eos (token ids) */
+    static const char *names[5] = {"bias_tokens", "bias_offsets", "bias_values", "begin_suppress", "forced_eos"};
+    PyArrayObject *a[5] = {NULL, NULL, NULL, NULL, NULL};
+    PyObject *res = NULL;
+    for (int i = 0; i < 5; i++) {
+        if (o[i] == Py_None) continue;
+        a[i] = (PyArrayObject *)PyArray_FROMANY(o[i], i == 2 ? NPY_FLOAT32 : NPY_INT32, 1, 1,
+                                                NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
+        if (!a[i] || PyArray_DIM(a[i], 0) > INT32_MAX / 2) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s is too long", names[i]);
+            goto done;
         }
-        p.bias_ids = PyArray_DATA(bids);
-        p.bias = PyArray_DATA(bval);
-        p.n_bias = (int)PyArray_DIM(bids, 0);
     }
-    PyObject *res = fl_py_engine_submit(self, ids_o, eos_o, seed_o, &p, logprobs);
-    Py_XDECREF(bids); Py_XDECREF(bval);
+    if ((a[0] != NULL) != (a[1] != NULL) || (a[1] != NULL) != (a[2] != NULL) ||
+        (a[1] && (PyArray_DIM(a[1], 0) != PyArray_DIM(a[2], 0) + 1 ||
+                  ((const int32_t *)PyArray_DATA(a[1]))[PyArray_DIM(a[2], 0)] != PyArray_DIM(a[0], 0)))) {
+        PyErr_SetString(PyExc_ValueError, "bias_tokens, bias_offsets (n + 1, ending at len(bias_tokens)) and "
+                        "bias_values (n) go together");
+        goto done;
+    }
+    if (a[2]) {
+        p.bias_toks = PyArray_DATA(a[0]);
+        p.bias_off = PyArray_DATA(a[1]);
+        p.bias = PyArray_DATA(a[2]);
+        p.n_bias = (int)PyArray_DIM(a[2], 0);
+    }
+    if (a[3]) { p.begin_ban = PyArray_DATA(a[3]); p.n_begin_ban = (int)PyArray_DIM(a[3], 0); }
+    if (a[4]) { p.forced_eos = PyArray_DATA(a[4]); p.n_forced_eos = (int)PyArray_DIM(a[4], 0); }
+    res = fl_py_engine_submit(self, ids_o, eos_o, seed_o, &p, logprobs);
+done:
+    for (int i = 0; i < 5; i++) Py_XDECREF(a[i]);
     return res;
 }
 
@@ -1035,16 +1049,16 @@ static PyMethodDef model_methods[] = {
 static PyGetSetDef model_getset[] = {{"info", (getter)model_info, NULL, "device, dtype, bytes, load statistics", NULL}, {NULL}};
 
 /* sample(logits[V] float32, n, do_sample, temperature, top_k, top_p, seed, repetition_penalty=1, seen=None,
- *        min_p=0) -> int64[n]: n independent draws through the generation sampler (for tests). */
+ *        min_p=0, typical_p=0, epsilon_cutoff=0, eta_cutoff=0) -> int64[n]: n independent draws through the generation sampler (for tests). */
 static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"logits", "n", "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "seen",
-                             "min_p", NULL};
+                             "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", NULL};
     PyObject *lo, *seen_o = Py_None;
     int n = 1, do_sample = 1, top_k = 0;
-    float temperature = 1.f, top_p = 1.f, rep = 1.f, min_p = 0.f;
+    float temperature = 1.f, top_p = 1.f, rep = 1.f, min_p = 0.f, typical_p = 0.f, eps = 0.f, eta = 0.f;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ipfifKfOf", kwlist, &lo, &n, &do_sample, &temperature, &top_k, &top_p, &seed,
-                                     &rep, &seen_o, &min_p))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ipfifKfOffff", kwlist, &lo, &n, &do_sample, &temperature, &top_k, &top_p,
+                                     &seed, &rep, &seen_o, &min_p, &typical_p, &eps, &eta))
         return NULL;
     PyArrayObject *l = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_FORCECAST);
     if (!l) return NULL;
@@ -1060,7 +1074,8 @@ static PyObject *py_sample(PyObject *mod, PyObject *args, PyObject *kw) {
         Py_XDECREF(res); res = NULL;
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sample: bad arguments");
     } else {
-        fl_gen_params p = {.do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = min_p};
+        fl_gen_params p = {.do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p, .min_p = min_p,
+                           .typical_p = typical_p, .epsilon_cutoff = eps, .eta_cutoff = eta};
         fl_rng rng;
         fl_rng_seed(&rng, seed);
         for (int i = 0; i < n; i++) {
