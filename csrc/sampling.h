@@ -1,7 +1,7 @@
 /* sampling.h: next-token choice on the host from float32 logits, in transformers' order (the engine's
  * choose_tokens): biases (sequence_bias, logit_bias, bans) -> repetition penalty -> presence / frequency penalties
- * (OpenAI's; transformers has none) -> no-repeat n-grams -> min_new_tokens (eos masked) -> temperature -> top-k ->
- * top-p -> min-p -> draw. */
+ * (OpenAI's; transformers has none) -> no-repeat n-grams -> min_new_tokens (eos masked) -> forced eos -> begin bans;
+ * then fl_sample: temperature -> top-k -> top-p -> min-p -> typical -> epsilon -> eta -> draw. */
 #ifndef FL_SAMPLING_H
 #define FL_SAMPLING_H
 #include "fl_model.h"
