@@ -183,8 +183,8 @@ def test_generate_sampling(model, case):
 def test_generate_unsupported(model, case):
     with pytest.raises(NotImplementedError, match="num_beams"):
         model.generate(case["single_ids"], num_beams=4)
-    with pytest.raises(TypeError, match="typical_p"):
-        model.generate(case["single_ids"], typical_p=0.5)
+    with pytest.raises(TypeError, match="penalty_alpha"):
+        model.generate(case["single_ids"], penalty_alpha=0.6, top_k=4)
 
 
 def test_generation_config_object(model, case):
