@@ -487,11 +487,14 @@ def test_save_from_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("src", ["demo", QWEN2], ids=["demo-gguf", "qwen2-tied-bias"])
-def test_transformers_loads_what_save_pretrained_wrote(tmp_path, src, request):
+def test_transformers_loads_what_save_pretrained_wrote(tmp_path, src, request, monkeypatch):
     """transformers (where it and torch are installed: the GPU machine) loads the directory save_pretrained
-    wrote, and its float32 logits agree with fastload's: the names, shapes, dtypes and config are transformers'."""
+    wrote, and its float32 logits agree with fastload's: the names, shapes, dtypes and config are transformers'.
+    The demo GGUF stays Q4_1 in fastload, whose CPU path rounds activations to int16 per 32 values for its integer
+    dot products (~5e-4 of the logits): FASTLOAD_CPU_QDOT=float gives the float path transformers computes."""
     torch = pytest.importorskip("torch", reason="torch is not installed here (the peer check runs on the GPU machine)")
     transformers = pytest.importorskip("transformers", reason="transformers is not installed here")
+    monkeypatch.setenv("FASTLOAD_CPU_QDOT", "float")
     path = request.getfixturevalue("demo_gguf") if src == "demo" else src
     m = fastload.from_pretrained(path, device_map="cpu", torch_dtype="float32")
     m.save_pretrained(tmp_path)
@@ -499,7 +502,8 @@ def test_transformers_loads_what_save_pretrained_wrote(tmp_path, src, request):
     ids = np.array([[1, 504, 3458, 314, 253, 1345, 30]]) if src == "demo" else IDS
     with torch.no_grad():
         theirs = ref(torch.from_numpy(ids)).logits.numpy()
-    np.testing.assert_allclose(logits(m, ids), theirs, rtol=1e-4, atol=1e-4)
+    # 30 layers of a 576-wide model summed in other orders: ~1e-4 at logits near 20 (the tiny fixture: far less)
+    np.testing.assert_allclose(logits(m, ids), theirs, rtol=1e-4, atol=5e-4 if src == "demo" else 1e-4)
 
 
 def test_gguf_llama_with_sliding_window_is_mistral_in_its_config(tmp_path):
