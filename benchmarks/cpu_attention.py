@@ -4,6 +4,7 @@ size 64), timed through fastload._C.run_op, best of 7; then time to first token 
 demo model (prefix caching off, fresh ids each time, best of 2) and 128 generated tokens, as the README reports.
 
     python benchmarks/cpu_attention.py [--T 512] [--L 2048] [--no-model]
+    python benchmarks/cpu_attention.py --decode 32,256,1024,2048,4000   # decode ms a token by context length
 """
 import argparse
 import os
@@ -50,12 +51,50 @@ def prompt_times():
     return out
 
 
+def decode_times(lengths, new=65, rounds=4):
+    """Batch-1 decode of the demo model after a prompt of each length: ms a token (TTFT subtracted; the prompt's pages
+    are reused, so only decode is timed), the decode attention path (key chunks, all heads an item) against the
+    general kernel (FASTLOAD_CPU_ATT_GENERAL=1) alternately in this process, median of `rounds` each."""
+    import fastload
+    from fastload.demo import demo_model_path
+    os.environ["FASTLOAD_PREFIX_CACHING"] = "1"
+    m = fastload.AutoModelForCausalLM.from_pretrained(demo_model_path(), device_map="cpu")
+    rng = np.random.default_rng(0)
+    out = {}
+    for L in lengths:
+        ids = rng.integers(100, 40000, size=(1, L))
+        m.generate(ids, max_new_tokens=2, eos_token_id=[])
+        res = {"decode": [], "general": []}
+        for _ in range(rounds):
+            for mode in res:
+                if mode == "general":
+                    os.environ["FASTLOAD_CPU_ATT_GENERAL"] = "1"
+                else:
+                    os.environ.pop("FASTLOAD_CPU_ATT_GENERAL", None)
+                t = time.perf_counter()
+                m.generate(ids, max_new_tokens=1, eos_token_id=[])
+                ttft = time.perf_counter() - t
+                t = time.perf_counter()
+                m.generate(ids, max_new_tokens=new, eos_token_id=[])
+                res[mode].append((time.perf_counter() - t - ttft) / (new - 1) * 1e3)
+        os.environ.pop("FASTLOAD_CPU_ATT_GENERAL", None)
+        out[L] = {k: float(np.median(v)) for k, v in res.items()}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--L", type=int, default=2048)
     ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--decode", default="", help="comma list of context lengths: decode ms a token at each, the "
+                                                  "decode attention path against the general kernel")
     a = ap.parse_args()
+    if a.decode:
+        for L, r in decode_times([int(x) for x in a.decode.split(",")]).items():
+            print(f"decode after {L} tokens: {r['decode']:.2f} ms a token ({1e3 / r['decode']:.1f} tok/s); general "
+                  f"attention kernel {r['general']:.2f} ms ({r['general'] / r['decode']:.2f}x)")
+        return
     print(f"attention, {a.T} queries over {a.L} keys (9 heads / 3 KV heads, head size 64): {attention_ms(a.T, a.L):.1f} ms")
     if not a.no_model:
         r = prompt_times()

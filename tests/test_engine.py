@@ -493,3 +493,58 @@ def test_huge_declared_context_costs_no_huge_tables(tmp_path):
     out = m.generate(ids, max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(out, ref.generate(ids, max_new_tokens=6, eos_token_id=[]))
     assert m.engine_stats()["n_pages"] == 32
+
+
+@pytest.mark.parametrize("B,nh,nkv,hd,L,shift,window", [
+    (3, 9, 3, 64, 1500, 4, 0),       # the demo model's heads, rows of several chunks
+    (2, 32, 8, 128, 700, 4, 300),    # Llama-3 8B's heads, sliding window
+    (4, 4, 2, 64, 257, 0, 0),        # one-slot pages, a row just past one chunk
+    (1, 6, 6, 32, 200, 4, 0),        # one chunk: the general kernel's arithmetic exactly
+])
+def test_cpu_decode_attention_in_key_chunks_equals_the_general_kernel(B, nh, nkv, hd, L, shift, window, monkeypatch):
+    """Decode steps (one token a row) read every KV head of a block of keys together and cut long rows into chunks
+    of at least 256 keys merged after (cpu_attention.c, attention_decode): the general kernel's result (one item a
+    head, FASTLOAD_CPU_ATT_GENERAL=1) bit for bit where a row is one chunk, within float rounding otherwise, and a
+    float64 reference."""
+    rng = np.random.default_rng(L + B)
+    case = paged_case(rng, B, 1, nh, nkv, hd, L, shift, starts=rng.integers(L // 2, L, B).astype(np.int32))
+    got = paged_attention("cpu", case, window)
+    monkeypatch.setenv("FASTLOAD_CPU_ATT_GENERAL", "1")
+    ref = paged_attention("cpu", case, window)
+    group = nh // nkv
+    for b in range(B):
+        i = int(case["starts"][b])
+        lo = max(0, i - window + 1) if window else 0
+        if i - lo + 1 <= 256:
+            assert np.array_equal(got[b], ref[b]), b
+        np.testing.assert_allclose(got[b], ref[b], rtol=0, atol=2e-6)
+        q = case["qkv"][b, :nh * hd].reshape(nh, hd).astype(np.float64) / np.sqrt(hd)
+        k = case["kc"][b, lo:i + 1].astype(np.float64)
+        v = case["vc"][b, lo:i + 1].astype(np.float64)
+        for h in range(nh):
+            s = k[:, h // group] @ q[h]
+            p = np.exp(s - s.max())
+            want = (p / p.sum()) @ v[:, h // group]
+            np.testing.assert_allclose(got[b, h * hd:(h + 1) * hd], want, rtol=0, atol=1e-5)
+
+
+def test_cpu_decode_attention_masked_chunks():
+    """A key mask hiding the first 300 keys (left padding): the first chunk holds no key and weighs nothing in the
+    merge; a row with every key masked gives zeros, as the general kernel."""
+    rng = np.random.default_rng(9)
+    nh, nkv, hd, L = 4, 2, 32, 600
+    qkv = rng.standard_normal((2, (nh + 2 * nkv) * hd), dtype=np.float32)
+    kc = rng.standard_normal((2, L, nkv, hd), dtype=np.float32)
+    vc = rng.standard_normal((2, L, nkv, hd), dtype=np.float32)
+    mask = np.ones((2, L), np.uint8)
+    mask[0, :300] = 0
+    mask[1, :] = 0
+    out = _C.run_op("cpu", "attention", {"qkv": qkv, "k_cache": kc, "v_cache": vc, "kmask": mask},
+                    {"B": 2, "T": 1, "start": L - 1, "n_heads": nh, "n_kv_heads": nkv, "scale": hd ** -0.5,
+                     "act": "float32"})["out"]
+    assert (out[1] == 0).all()
+    q = qkv[0, :nh * hd].reshape(nh, hd).astype(np.float64) * hd ** -0.5
+    for h in range(nh):
+        s = kc[0, 300:, h // 2].astype(np.float64) @ q[h]
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(out[0, h * hd:(h + 1) * hd], (p / p.sum()) @ vc[0, 300:, h // 2], atol=1e-5)

@@ -138,6 +138,252 @@ static inline float exp_nonpos(float x) {
     return y * two_n;
 }
 
+#define ATT_KB 16   /* keys a block */
+#define ATT_VW 8    /* slots a vector row of Qt: the lanes of fl_v8 (AVX2) */
+#define ATT_NQP 64  /* slots at most: QT = min(8, 64 / group) positions */
+#define ATT_EB 32   /* output elements a register tile */
+
+/* Scores of the KP keys kr[0:KP] for NV vectors of slots from q0 (the slots past NQP are not touched: NV is cut to
+ * them), into S[k * NQP + q0 ...]: KP x NV independent FMA chains over the head's elements. One key's chain over a
+ * single vector of slots (a decode step: 1 query x a group of 3 heads fills one vector) would wait on the FMA's
+ * latency at every element: ~4x slower, and most of a long-context decode step. Each score is the same sum in the
+ * same order whatever KP. */
+static inline __attribute__((always_inline)) void key_scores(const float *const *kr, const float *Qt, int NQP, int hd,
+                                                             int q0, float *S, int KP, int NV) {
+    if (NV > (NQP - q0) / ATT_VW) NV = (NQP - q0) / ATT_VW;
+    fl_v8 acc[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) acc[c] = (fl_v8){0, 0, 0, 0, 0, 0, 0, 0};
+    const float *qt = Qt + q0;
+    for (int e = 0; e < hd; e++, qt += NQP) {
+        fl_v8 qv[4] = {{0}};
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            if (v < NV) qv[v] = v8_load(qt + v * ATT_VW);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            if (k >= KP) break;
+            const float ke = kr[k][e];
+            const fl_v8 kb = {ke, ke, ke, ke, ke, ke, ke, ke};
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++)
+                if (v < NV) acc[k * NV + v] += kb * qv[v];
+        }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            if (k < KP && v < NV) v8_store(S + (size_t)k * NQP + q0 + v * ATT_VW, acc[k * NV + v]);
+}
+
+/* One block of nk keys (rows kr, vr; key j0 the first) for the nq queries of a tile: Qt [hd][NQP] (scaled, zero past
+ * nq), each slot's position posf and first key jminf (sliding window), the key mask km (or NULL). Scores, masks
+ * (causal, window, key mask), the online softmax (running max m and sum l a slot, o rescaled when the max grows)
+ * and o += P V; S [ATT_KB][NQP] is scratch. */
+static void att_block(const float *const *kr, const float *const *vr, int nk, int j0, const uint8_t *km,
+                      const float *Qt, const float *posf, const float *jminf, int NQP, int nq, int hd, float *S,
+                      float *m, float *l, float *o) {
+    for (int q0 = 0; q0 < NQP; q0 += 4 * ATT_VW) { /* scores of every key for up to 4 vectors of slots */
+        const int nv = (NQP - q0) / ATT_VW < 4 ? (NQP - q0) / ATT_VW : 4;
+        int k = 0;
+        switch (nv) { /* KP keys at once: KP x nv independent FMA chains */
+        case 1: for (; k + 8 <= nk; k += 8) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 8, 1); break;
+        case 2: for (; k + 4 <= nk; k += 4) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 4, 2); break;
+        default: for (; k + 2 <= nk; k += 2) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 2, 4); break;
+        }
+        for (; k < nk; k++) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 1, 4);
+    }
+    for (int k = 0; k < nk; k++) { /* masks */
+        const int j = j0 + k;
+        float *sk = S + (size_t)k * NQP;
+        const float jf = (float)j, off = km && !km[j] ? 1.0f : 0.0f;
+#pragma omp simd
+        for (int q = 0; q < NQP; q++)
+            sk[q] = jf <= posf[q] && jf >= jminf[q] && off == 0.0f ? sk[q] : -INFINITY;
+    }
+    for (int q0 = 0; q0 < NQP; q0 += ATT_VW) { /* the online softmax, a vector of slots at a time */
+        float bm[ATT_VW], mn[ATT_VW], corr[ATT_VW], ls[ATT_VW];
+        for (int v = 0; v < ATT_VW; v++) bm[v] = -INFINITY;
+        for (int k = 0; k < nk; k++)
+#pragma omp simd
+            for (int v = 0; v < ATT_VW; v++) bm[v] = S[(size_t)k * NQP + q0 + v] > bm[v] ? S[(size_t)k * NQP + q0 + v] : bm[v];
+#pragma omp simd
+        for (int v = 0; v < ATT_VW; v++) {
+            const float mo = m[q0 + v];
+            mn[v] = bm[v] > mo ? bm[v] : mo;
+            corr[v] = mo == -INFINITY ? 0.f : exp_nonpos(mo - mn[v]);
+            m[q0 + v] = mn[v];
+            ls[v] = 0.f;
+        }
+        for (int k = 0; k < nk; k++) {
+            float *sk = S + (size_t)k * NQP + q0;
+#pragma omp simd
+            for (int v = 0; v < ATT_VW; v++) {
+                const float p = sk[v] == -INFINITY ? 0.f : exp_nonpos(sk[v] - mn[v]);
+                sk[v] = p;
+                ls[v] += p;
+            }
+        }
+        for (int v = 0; v < ATT_VW; v++) {
+            const int q = q0 + v;
+            if (q >= nq) break;
+            l[q] = l[q] * corr[v] + ls[v];
+            if (corr[v] != 1.0f) {
+                float *oq = o + (size_t)q * hd;
+#pragma omp simd
+                for (int e = 0; e < hd; e++) oq[e] *= corr[v];
+            }
+        }
+    }
+    for (int q = 0; q < nq; q++) { /* o += P V, ATT_EB outputs in registers (GCC / Clang vectors) */
+        float *oq = o + (size_t)q * hd;
+        int e0 = 0;
+        for (; e0 + ATT_EB <= hd; e0 += ATT_EB) {
+            fl_v8 acc[ATT_EB / 8];
+            for (int u = 0; u < ATT_EB / 8; u++) acc[u] = v8_load(oq + e0 + 8 * u);
+            for (int k = 0; k < nk; k++) {
+                const float p = S[(size_t)k * NQP + q], *v = vr[k] + e0;
+                const fl_v8 pv = {p, p, p, p, p, p, p, p};
+                for (int u = 0; u < ATT_EB / 8; u++) acc[u] += pv * v8_load(v + 8 * u);
+            }
+            for (int u = 0; u < ATT_EB / 8; u++) v8_store(oq + e0 + 8 * u, acc[u]);
+        }
+        for (int k = 0; k < nk && e0 < hd; k++) /* head sizes not a multiple of ATT_EB: the rest */
+            for (int e = e0; e < hd; e++) oq[e] += S[(size_t)k * NQP + q] * vr[k][e];
+    }
+}
+
+/* Decode (one new token a row): a work item is one row and one chunk of its keys, for every KV head. The per-head
+ * items of the general kernel read a head's 256 bytes of each key's row of all heads (3 x 256 for the demo model),
+ * which the hardware prefetcher follows badly, and a batch of one row is only nkv items: at 2048 keys a decode step
+ * of the demo model spent 2 / 3 of its time there, at a sixth of the memory bandwidth. Here an item reads every
+ * head of a block of keys together (whole rows of the cache), and a row of n keys is cut into ceil(n / ATT_CK)
+ * equal chunks (16 at most), so both cores stream; when there are fewer chunks than threads the heads are shared
+ * out too. Each chunk leaves its running max, sum and unnormalised outputs, merged in chunk order after. The cut
+ * depends only on the row's own length, never on the batch or the threads, so a row gives the same bits alone or
+ * batched; a row of one chunk computes exactly what the general kernel does. */
+#define ATT_CK 256
+static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, const fl_step *s, const fl_kvcache *kv,
+                                  int layer, int n_heads, int window, float scale) {
+    const int B = s->batch, hd = kv->head_dim, nkv = kv->n_kv_heads, group = n_heads / nkv;
+    const int NQ = group, NQP = (NQ + ATT_VW - 1) / ATT_VW * ATT_VW, nt = cpu_threads(be);
+    const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
+    const float *kc = (const float *)kv->k_d[layer], *vc = (const float *)kv->v_d[layer];
+    /* items: row b's chunks are first[b] .. first[b + 1] - 1, of ck[b] keys from key lo[b] */
+    int *first = malloc((size_t)(B + 1) * sizeof *first), *ck = malloc((size_t)B * sizeof *ck);
+    int *lo = malloc((size_t)B * sizeof *lo);
+    if (!first || !ck || !lo) {
+        free(first); free(ck); free(lo);
+        return fl_err(FL_E_NOMEM, "attention: cannot allocate its work list");
+    }
+    first[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int i = row_start(s, b), j_lo = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0, n = i - j_lo + 1;
+        const int nc = (n + ATT_CK - 1) / ATT_CK < 16 ? (n + ATT_CK - 1) / ATT_CK : 16; /* equal chunks, 16 at most */
+        ck[b] = ((n + nc - 1) / nc + ATT_KB - 1) / ATT_KB * ATT_KB;
+        lo[b] = j_lo;
+        first[b + 1] = first[b] + (n + ck[b] - 1) / ck[b];
+    }
+    const int items = first[B];
+    /* per item and head, on cache lines of its own (two threads may hold two heads of an item): m, l [NQP],
+     * o [NQ][hd]; per thread: Qt [nkv][hd][NQP], S [ATT_KB][NQP] */
+    const size_t pg = (2 * (size_t)NQP + (size_t)NQ * hd + 15) / 16 * 16, part = (size_t)nkv * pg;
+    const size_t per = ((size_t)nkv * hd * NQP + (size_t)ATT_KB * NQP + 15) / 16 * 16;
+    float *buf = fl_malloc(((size_t)items * part + (size_t)nt * per) * sizeof(float));
+    if (!buf) {
+        free(first); free(ck); free(lo);
+        return fl_err(FL_E_NOMEM, "attention: cannot allocate its scratch");
+    }
+    /* fewer chunks than threads (short rows, a batch of one): the heads are shared out too (each head's arithmetic is
+     * its own, so the bits do not depend on it) */
+    const int HS = items >= nt ? 1 : (nt + items - 1) / items < nkv ? (nt + items - 1) / items : nkv;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (items * HS > 1)
+    for (int wh = 0; wh < items * HS; wh++) {
+#ifdef _OPENMP
+        const int th = omp_get_thread_num();
+#else
+        const int th = 0;
+#endif
+        const int w = wh / HS, g_lo = (wh % HS) * nkv / HS, g_hi = (wh % HS + 1) * nkv / HS;
+        int b = 0;
+        while (first[b + 1] <= w) b++;
+        float *Qt = buf + (size_t)items * part + (size_t)th * per, *S = Qt + (size_t)nkv * hd * NQP;
+        float *const item = buf + (size_t)w * part; /* head g: m = item + g pg, l = m + NQP, o = l + NQP */
+        const int i = row_start(s, b), j0 = lo[b] + (w - first[b]) * ck[b];
+        const int j1 = j0 + ck[b] - 1 < i ? j0 + ck[b] - 1 : i;
+        const uint8_t *km = s->kmask_d ? s->kmask_d + (int64_t)b * s->kmask_stride : NULL;
+        float posf[ATT_NQP], jminf[ATT_NQP];
+        for (int q = 0; q < NQP; q++) {
+            posf[q] = q < NQ ? (float)i : -1.0f;
+            jminf[q] = (float)lo[b];
+        }
+        for (int g = g_lo; g < g_hi; g++) {
+            float *Qg = Qt + (size_t)g * hd * NQP;
+            for (int q = 0; q < NQP; q++) {
+                const float *qv = q < NQ ? qkv + (int64_t)b * stride + (int64_t)(g * group + q) * hd : NULL;
+                for (int e = 0; e < hd; e++) Qg[(size_t)e * NQP + q] = qv ? qv[e] * scale : 0.f;
+                item[(size_t)g * pg + q] = -INFINITY;
+                item[(size_t)g * pg + NQP + q] = 0.f;
+            }
+        }
+        for (int g = g_lo; g < g_hi; g++)
+            for (size_t e = 0; e < (size_t)NQ * hd; e++) item[(size_t)g * pg + 2 * NQP + e] = 0.f;
+        for (int jb = j0; jb <= j1; jb += ATT_KB) {
+            const int nk = j1 - jb + 1 < ATT_KB ? j1 - jb + 1 : ATT_KB;
+            const float *kr[ATT_KB], *vr[ATT_KB];
+            int64_t slot[ATT_KB];
+            for (int k = 0; k < nk; k++) slot[k] = kv_slot(s, kv, b, jb + k) * nkv * hd;
+            for (int g = g_lo; g < g_hi; g++) {
+                for (int k = 0; k < nk; k++) {
+                    kr[k] = kc + slot[k] + (int64_t)g * hd;
+                    vr[k] = vc + slot[k] + (int64_t)g * hd;
+                }
+                att_block(kr, vr, nk, jb, km, Qt + (size_t)g * hd * NQP, posf, jminf, NQP, NQ, hd, S,
+                          item + (size_t)g * pg, item + (size_t)g * pg + NQP, item + (size_t)g * pg + 2 * NQP);
+            }
+        }
+        if (first[b + 1] - first[b] == 1) /* the row's only chunk: its outputs, as the general kernel */
+            for (int g = g_lo; g < g_hi; g++)
+                for (int q = 0; q < NQ; q++) {
+                    float *dst = out + (int64_t)b * n_heads * hd + (int64_t)(g * group + q) * hd;
+                    const float lq = item[(size_t)g * pg + NQP + q], inv = lq > 0.f ? 1.0f / lq : 0.f;
+                    const float *oq = item + (size_t)g * pg + 2 * NQP + (size_t)q * hd;
+                    for (int e = 0; e < hd; e++) dst[e] = oq[e] * inv;
+                }
+    }
+    /* merge the chunks of longer rows, in order: M = max m_c, L = sum l_c e^(m_c - M), out = sum o_c e^(m_c - M) / L */
+    const int64_t heads = items > B ? (int64_t)B * nkv : 0;
+#pragma omp parallel for num_threads(nt) schedule(static) if (heads > 1)
+    for (int64_t bg = 0; bg < heads; bg++) {
+        const int b = (int)(bg / nkv), g = (int)(bg % nkv), nc = first[b + 1] - first[b];
+        for (int q = 0; q < NQ && nc > 1; q++) {
+            float *dst = out + (int64_t)b * n_heads * hd + (int64_t)(g * group + q) * hd;
+            const float *p0 = buf + (size_t)first[b] * part;
+            float M = -INFINITY;
+            for (int c = 0; c < nc; c++) {
+                const float mc = p0[(size_t)c * part + (size_t)g * pg + q];
+                M = mc > M ? mc : M;
+            }
+            float L = 0.f;
+            for (int e = 0; e < hd; e++) dst[e] = 0.f;
+            for (int c = 0; c < nc && M > -INFINITY; c++) {
+                const float *pc = p0 + (size_t)c * part + (size_t)g * pg;
+                const float mc = pc[q];
+                if (mc == -INFINITY) continue; /* a chunk whose keys were all masked */
+                const float wgt = expf(mc - M), *oq = pc + 2 * NQP + (size_t)q * hd;
+                L += pc[NQP + q] * wgt;
+                for (int e = 0; e < hd; e++) dst[e] += oq[e] * wgt;
+            }
+            const float inv = L > 0.f ? 1.0f / L : 0.f; /* every key masked (left padding): zeros */
+            for (int e = 0; e < hd; e++) dst[e] *= inv;
+        }
+    }
+    fl_free(buf);
+    free(first); free(ck); free(lo);
+    return FL_OK;
+}
+
 /* Grouped-query attention, flash style. A work item is one row b, one KV head g and a tile of QT query positions: the
  * group's query heads x those positions, NQ queries in slots of a transposed tile Qt[e][slot] (made once an item, NQP =
  * NQ rounded up to ATT_VW). Keys go by in blocks of ATT_KB, each key read once for all NQ queries: its scores are
@@ -147,16 +393,14 @@ static inline float exp_nonpos(float x) {
  * sliding window; a query whose keys are all masked (left padding) gives zeros. The first form (one query at a time,
  * a dot product, a block-table lookup and a libm expf a key) took 132 ms for 512 queries over 2048 keys of the demo
  * model's 9 heads (2 threads); attention was ~75% of a 2048-token prompt there. */
-#define ATT_KB 16   /* keys a block */
-#define ATT_VW 8    /* slots a vector row of Qt: the lanes of fl_v8 (AVX2) */
-#define ATT_NQP 64  /* slots at most: QT = min(8, 64 / group) positions */
-#define ATT_EB 32   /* output elements a register tile */
 fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl_step *s,
                         const fl_kvcache *kv, int layer, int n_heads, int window, float scale,
                         const fl_weight *next) {
     (void)next; /* the CPU's matmul prepares its own input */
     const int B = s->batch, T = s->n_new, hd = kv->head_dim, nkv = kv->n_kv_heads, group = n_heads / nkv;
     FL_TRY(check_slots(s, kv));
+    if (T == 1 && group <= ATT_NQP && !getenv("FASTLOAD_CPU_ATT_GENERAL"))
+        return attention_decode(be, out_d, qkv_d, s, kv, layer, n_heads, window, scale);
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
     const float *kc = (const float *)kv->k_d[layer], *vc = (const float *)kv->v_d[layer];
     const int nt = cpu_threads(be);
@@ -199,86 +443,13 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
         const int j_lo = window > 0 && i_lo - window + 1 > 0 ? i_lo - window + 1 : 0;
         for (int jb = j_lo; jb <= i_hi; jb += ATT_KB) {
             const int nk = i_hi - jb + 1 < ATT_KB ? i_hi - jb + 1 : ATT_KB;
-            const float *vr[ATT_KB];
-            for (int k = 0; k < nk; k++) { /* scores of key jb + k for every slot */
-                const int j = jb + k;
-                const int64_t slot = kv_slot(s, kv, b, j) * nkv * hd + (int64_t)g * hd;
-                const float *kr = kc + slot;
+            const float *kr[ATT_KB], *vr[ATT_KB];
+            for (int k = 0; k < nk; k++) {
+                const int64_t slot = kv_slot(s, kv, b, jb + k) * nkv * hd + (int64_t)g * hd;
+                kr[k] = kc + slot;
                 vr[k] = vc + slot;
-                float *sk = S + (size_t)k * NQP;
-                for (int q0 = 0; q0 < NQP; q0 += 4 * ATT_VW) { /* up to 4 vectors of slots in registers */
-                    const int nv = (NQP - q0) / ATT_VW < 4 ? (NQP - q0) / ATT_VW : 4;
-                    const fl_v8 z = {0, 0, 0, 0, 0, 0, 0, 0};
-                    fl_v8 a0 = z, a1 = z, a2 = z, a3 = z;
-                    const float *qt = Qt + q0;
-                    for (int e = 0; e < hd; e++, qt += NQP) {
-                        const float ke = kr[e];
-                        const fl_v8 kb = {ke, ke, ke, ke, ke, ke, ke, ke};
-                        a0 += kb * v8_load(qt);
-                        if (nv > 1) a1 += kb * v8_load(qt + ATT_VW);
-                        if (nv > 2) a2 += kb * v8_load(qt + 2 * ATT_VW);
-                        if (nv > 3) a3 += kb * v8_load(qt + 3 * ATT_VW);
-                    }
-                    v8_store(sk + q0, a0);
-                    if (nv > 1) v8_store(sk + q0 + ATT_VW, a1);
-                    if (nv > 2) v8_store(sk + q0 + 2 * ATT_VW, a2);
-                    if (nv > 3) v8_store(sk + q0 + 3 * ATT_VW, a3);
-                }
-                const float jf = (float)j, off = km && !km[j] ? 1.0f : 0.0f;
-#pragma omp simd
-                for (int q = 0; q < NQP; q++)
-                    sk[q] = jf <= posf[q] && jf >= jminf[q] && off == 0.0f ? sk[q] : -INFINITY;
             }
-            for (int q0 = 0; q0 < NQP; q0 += ATT_VW) { /* the online softmax, a vector of slots at a time */
-                float bm[ATT_VW], mn[ATT_VW], corr[ATT_VW], ls[ATT_VW];
-                for (int v = 0; v < ATT_VW; v++) bm[v] = -INFINITY;
-                for (int k = 0; k < nk; k++)
-#pragma omp simd
-                    for (int v = 0; v < ATT_VW; v++) bm[v] = S[(size_t)k * NQP + q0 + v] > bm[v] ? S[(size_t)k * NQP + q0 + v] : bm[v];
-#pragma omp simd
-                for (int v = 0; v < ATT_VW; v++) {
-                    const float mo = m[q0 + v];
-                    mn[v] = bm[v] > mo ? bm[v] : mo;
-                    corr[v] = mo == -INFINITY ? 0.f : exp_nonpos(mo - mn[v]);
-                    m[q0 + v] = mn[v];
-                    ls[v] = 0.f;
-                }
-                for (int k = 0; k < nk; k++) {
-                    float *sk = S + (size_t)k * NQP + q0;
-#pragma omp simd
-                    for (int v = 0; v < ATT_VW; v++) {
-                        const float p = sk[v] == -INFINITY ? 0.f : exp_nonpos(sk[v] - mn[v]);
-                        sk[v] = p;
-                        ls[v] += p;
-                    }
-                }
-                for (int v = 0; v < ATT_VW; v++) {
-                    const int q = q0 + v;
-                    if (q >= nq) break;
-                    l[q] = l[q] * corr[v] + ls[v];
-                    if (corr[v] != 1.0f) {
-                        float *oq = o + (size_t)q * hd;
-#pragma omp simd
-                        for (int e = 0; e < hd; e++) oq[e] *= corr[v];
-                    }
-                }
-            }
-            for (int q = 0; q < nq; q++) { /* o += P V, ATT_EB outputs in registers (GCC / Clang vectors) */
-                float *oq = o + (size_t)q * hd;
-                int e0 = 0;
-                for (; e0 + ATT_EB <= hd; e0 += ATT_EB) {
-                    fl_v8 acc[ATT_EB / 8];
-                    for (int u = 0; u < ATT_EB / 8; u++) acc[u] = v8_load(oq + e0 + 8 * u);
-                    for (int k = 0; k < nk; k++) {
-                        const float p = S[(size_t)k * NQP + q], *v = vr[k] + e0;
-                        const fl_v8 pv = {p, p, p, p, p, p, p, p};
-                        for (int u = 0; u < ATT_EB / 8; u++) acc[u] += pv * v8_load(v + 8 * u);
-                    }
-                    for (int u = 0; u < ATT_EB / 8; u++) v8_store(oq + e0 + 8 * u, acc[u]);
-                }
-                for (int k = 0; k < nk && e0 < hd; k++) /* head sizes not a multiple of ATT_EB: the rest */
-                    for (int e = e0; e < hd; e++) oq[e] += S[(size_t)k * NQP + q] * vr[k][e];
-            }
+            att_block(kr, vr, nk, jb, km, Qt, posf, jminf, NQP, nq, hd, S, m, l, o);
         }
         for (int q = 0; q < nq; q++) {
             float *dst = (float *)out_d + ((int64_t)b * T + t0 + q % tq) * (int64_t)n_heads * hd + (int64_t)(g * group + q / tq) * hd;
