@@ -143,38 +143,27 @@ static inline float exp_nonpos(float x) {
 #define ATT_NQP 64  /* slots at most: QT = min(8, 64 / group) positions */
 #define ATT_EB 32   /* output elements a register tile */
 
-/* Scores of the KP keys kr[0:KP] for NV vectors of slots from q0 (the slots past NQP are not touched: NV is cut to
- * them), into S[k * NQP + q0 ...]: KP x NV independent FMA chains over the head's elements. One key's chain over a
+/* Scores of the KP keys kr[0:KP] for NV vectors of slots from q0 (KP x NV <= 8, both constants at every call),
+ * into S[k * NQP + q0 ...]: KP x NV independent FMA chains over the head's elements. One key's chain over a
  * single vector of slots (a decode step: 1 query x a group of 3 heads fills one vector) would wait on the FMA's
  * latency at every element: ~4x slower, and most of a long-context decode step. Each score is the same sum in the
  * same order whatever KP. */
 static inline __attribute__((always_inline)) void key_scores(const float *const *kr, const float *Qt, int NQP, int hd,
-                                                             int q0, float *S, int KP, int NV) {
-    if (NV > (NQP - q0) / ATT_VW) NV = (NQP - q0) / ATT_VW;
+                                                             int q0, float *S, const int KP, const int NV) {
     fl_v8 acc[8];
-#pragma GCC unroll 8
-    for (int c = 0; c < 8; c++) acc[c] = (fl_v8){0, 0, 0, 0, 0, 0, 0, 0};
+    for (int c = 0; c < KP * NV; c++) acc[c] = (fl_v8){0, 0, 0, 0, 0, 0, 0, 0};
     const float *qt = Qt + q0;
     for (int e = 0; e < hd; e++, qt += NQP) {
-        fl_v8 qv[4] = {{0}};
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; v++)
-            if (v < NV) qv[v] = v8_load(qt + v * ATT_VW);
-#pragma GCC unroll 8
-        for (int k = 0; k < 8; k++) {
-            if (k >= KP) break;
+        fl_v8 qv[4];
+        for (int v = 0; v < NV; v++) qv[v] = v8_load(qt + v * ATT_VW);
+        for (int k = 0; k < KP; k++) {
             const float ke = kr[k][e];
             const fl_v8 kb = {ke, ke, ke, ke, ke, ke, ke, ke};
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; v++)
-                if (v < NV) acc[k * NV + v] += kb * qv[v];
+            for (int v = 0; v < NV; v++) acc[k * NV + v] += kb * qv[v];
         }
     }
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; k++)
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; v++)
-            if (k < KP && v < NV) v8_store(S + (size_t)k * NQP + q0 + v * ATT_VW, acc[k * NV + v]);
+    for (int k = 0; k < KP; k++)
+        for (int v = 0; v < NV; v++) v8_store(S + (size_t)k * NQP + q0 + v * ATT_VW, acc[k * NV + v]);
 }
 
 /* One block of nk keys (rows kr, vr; key j0 the first) for the nq queries of a tile: Qt [hd][NQP] (scaled, zero past
@@ -187,12 +176,16 @@ static void att_block(const float *const *kr, const float *const *vr, int nk, in
     for (int q0 = 0; q0 < NQP; q0 += 4 * ATT_VW) { /* scores of every key for up to 4 vectors of slots */
         const int nv = (NQP - q0) / ATT_VW < 4 ? (NQP - q0) / ATT_VW : 4;
         int k = 0;
-        switch (nv) { /* KP keys at once: KP x nv independent FMA chains */
-        case 1: for (; k + 8 <= nk; k += 8) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 8, 1); break;
-        case 2: for (; k + 4 <= nk; k += 4) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 4, 2); break;
-        default: for (; k + 2 <= nk; k += 2) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 2, 4); break;
+        /* KP keys at once, KP x nv independent FMA chains; every call with constant KP and nv, so that the
+         * accumulators stay in registers */
+#define KS(KP, NV) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, KP, NV)
+        switch (nv) {
+        case 1: for (; k + 8 <= nk; k += 8) KS(8, 1); for (; k < nk; k++) KS(1, 1); break;
+        case 2: for (; k + 4 <= nk; k += 4) KS(4, 2); for (; k < nk; k++) KS(1, 2); break;
+        case 3: for (; k + 2 <= nk; k += 2) KS(2, 3); for (; k < nk; k++) KS(1, 3); break;
+        default: for (; k + 2 <= nk; k += 2) KS(2, 4); for (; k < nk; k++) KS(1, 4); break;
         }
-        for (; k < nk; k++) key_scores(kr + k, Qt, NQP, hd, q0, S + (size_t)k * NQP, 1, 4);
+#undef KS
     }
     for (int k = 0; k < nk; k++) { /* masks */
         const int j = j0 + k;
