@@ -275,7 +275,8 @@ _REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_st
 # what generate() returns: token ids, or with return_dict_in_generate a GenerateDecoderOnlyOutput with the scores /
 # logits of every step when asked for (kept by the engine per request: csrc/fl_model.h, fl_gen_params.keep_*)
 _OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
-# sampling settings whose transformers default is None (unset): read with a fallback in _resolve_settings
+# transformers' logits-processor and warper settings whose default is None (unset): read with a fallback in
+# _resolve_settings
 _SAMPLING_FIELDS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size", "bad_words_ids",
                     "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "forced_eos_token_id")
 # fastload's own generate() arguments beside transformers' (vLLM's and OpenAI's names): presence / frequency
