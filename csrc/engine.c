@@ -491,7 +491,9 @@ static int plain_greedy(const fl_request *r) {
     const fl_gen_params *p = &r->p;
     return !p->do_sample && !r->rec_row && (p->repetition_penalty == 1.0f || p->repetition_penalty <= 0) &&
            !p->n_bias && p->presence_penalty == 0 && p->frequency_penalty == 0 && !p->no_repeat_ngram_size &&
-           !(p->n_begin_ban && r->n_out == 0) && !(p->n_forced_eos && r->n_out + 1 >= p->max_new_tokens) &&
+           !(p->n_begin_ban && r->n_out == 0) &&
+           /* + 2: a pipelined step chained now computes token n_out + 1, which must not be the forced last one */
+           !(p->n_forced_eos && r->n_out + 2 >= p->max_new_tokens) &&
            (r->n_out >= p->min_new_tokens || p->n_eos == 0);
 }
 

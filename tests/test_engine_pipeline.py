@@ -109,3 +109,17 @@ def test_zero_turns_it_off(monkeypatch):
     m = load()
     m.generate(np.arange(3, 12)[None], max_new_tokens=6, eos_token_id=[])
     assert m.engine_stats()["pipelined_steps"] == 0
+
+
+def test_forced_eos_and_rules_hold_in_a_pipeline(piped, monkeypatch):
+    """A greedy row with forced_eos_token_id takes the device argmax until its last two tokens (a step chained at
+    token n computes token n + 1): its last token is the forced one, as step by step; plain rows beside it pipeline."""
+    m = piped()
+    p = prompts(1, seed=7)[0]
+    out = m.generate(p[None], max_new_tokens=12, eos_token_id=[], forced_eos_token_id=5)
+    assert out[0, -1] == 5 and m.engine_stats()["pipelined_steps"] > 0
+    monkeypatch.setenv("FASTLOAD_ENGINE_PIPELINE", "0")
+    ref = load()
+    assert np.array_equal(out, ref.generate(p[None], max_new_tokens=12, eos_token_id=[], forced_eos_token_id=5))
+    kw = dict(max_new_tokens=12, eos_token_id=[], no_repeat_ngram_size=2, sequence_bias={(7,): 3.0})
+    assert np.array_equal(m.generate(p[None], **kw), ref.generate(p[None], **kw))
