@@ -204,7 +204,8 @@ class Server:
             eos.append(tokenizer.eos_token_id)
         self.eos = [int(e) for e in eos]
         self.created = int(time.time())
-        self.vocab = int(cfg.get("vocab_size", 0) if hasattr(cfg, "get") else getattr(cfg, "vocab_size", 0)) or (1 << 31)
+        vocab = cfg.get("vocab_size", 0) if hasattr(cfg, "get") else getattr(cfg, "vocab_size", 0)
+        self.vocab = int(vocab or 0) or (1 << 31)  # token ids a logit_bias / stop_token_ids entry may name
         # logprobs' token text: a byte-level BPE tokenizer's pieces map back to bytes (GPT-2's byte alphabet)
         tk = getattr(tokenizer, "_tk", None)
         self._byte_level = None
