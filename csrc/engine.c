@@ -545,10 +545,10 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
             if (m <= len && !memcmp(r->toks + len - m, q, (size_t)m * sizeof *q)) lg[q[m]] += p->bias[i];
         }
         if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
-            fl_repetition_penalty(lg, V, r->toks, r->n_prompt + r->n_out, p->repetition_penalty, mark);
+            fl_repetition_penalty(lg, V, r->toks, len, p->repetition_penalty, mark);
         if (p->presence_penalty != 0 || p->frequency_penalty != 0)
             fl_count_penalty(lg, V, r->toks + r->n_prompt, r->n_out, p->presence_penalty, p->frequency_penalty, mark);
-        if (p->no_repeat_ngram_size > 0) fl_no_repeat_ngram(lg, r->toks, r->n_prompt + r->n_out, p->no_repeat_ngram_size);
+        if (p->no_repeat_ngram_size > 0) fl_no_repeat_ngram(lg, r->toks, len, p->no_repeat_ngram_size);
         if (r->n_out < p->min_new_tokens)
             for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
         if (p->n_forced_eos && r->n_out + 1 >= p->max_new_tokens) { /* the last token: an eos (wins over the above) */

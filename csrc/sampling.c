@@ -256,6 +256,18 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
     }
 }
 
+/* A row's max (into *mx) and its sum of exp(x - max) in double: the row's log partition is mx + log(sum). Every
+ * logit -inf: *mx = -inf and 0. */
+static double row_exp_sum(const float *x, int vocab, float *mx) {
+    float m = -INFINITY;
+    for (int v = 0; v < vocab; v++) m = x[v] > m ? x[v] : m;
+    double s = 0.0;
+    if (m > -INFINITY)
+        for (int v = 0; v < vocab; v++) s += exp((double)x[v] - (double)m);
+    *mx = m;
+    return s;
+}
+
 void fl_target_logprobs(const float *logits, int vocab, const int64_t *rows, const int64_t *targets, int64_t n,
                         double *out, int threads) {
     (void)threads;
@@ -264,20 +276,15 @@ void fl_target_logprobs(const float *logits, int vocab, const int64_t *rows, con
 #endif
     for (int64_t i = 0; i < n; i++) {
         const float *x = logits + rows[i] * vocab;
-        float mx = x[0];
-        for (int v = 1; v < vocab; v++) mx = x[v] > mx ? x[v] : mx;
-        double s = 0.0;
-        for (int v = 0; v < vocab; v++) s += exp((double)x[v] - (double)mx);
+        float mx;
+        const double s = row_exp_sum(x, vocab, &mx);
         out[i] = ((double)x[targets[i]] - (double)mx) - log(s);
     }
 }
 
 int fl_token_logprobs(const float *x, int vocab, int32_t tok, int k, int32_t *idx, float *out) {
-    float mx = -INFINITY;
-    for (int i = 0; i < vocab; i++) if (x[i] > mx) mx = x[i];
-    double sum = 0;
-    if (mx > -INFINITY)
-        for (int i = 0; i < vocab; i++) sum += exp((double)x[i] - mx);
+    float mx;
+    const double sum = row_exp_sum(x, vocab, &mx);
     const double lz = mx > -INFINITY ? (double)mx + log(sum) : INFINITY; /* every logit -inf: every log-prob -inf */
     out[0] = (float)((double)x[tok] - lz);
     if (k <= 0) return 0;

@@ -723,19 +723,27 @@ def _resolve_settings(gc, layers) -> dict:
     return r
 
 
-def _id_list(gc, k, source):
-    """A field holding one token id or a list of them, as a list (empty when unset)."""
-    v = gc.get(k)
-    if v is None:
-        return []
+def _as_ids(v):
+    """One token id or a sequence of them (list, tuple, numpy or torch) as a list of ints; None when it is neither."""
     if is_torch(v) or isinstance(v, np.ndarray):
         v = np.asarray(v).tolist()
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = [v]
     if not isinstance(v, (list, tuple)) or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
                                                    for t in v):
-        raise TypeError(f"{source(k)}: {k} must be a token id or a list of them, got {v!r}")
+        return None
     return [int(t) for t in v]
+
+
+def _id_list(gc, k, source):
+    """A field holding one token id or a list of them, as a list (empty when unset)."""
+    v = gc.get(k)
+    if v is None:
+        return []
+    ids = _as_ids(v)
+    if ids is None:
+        raise TypeError(f"{source(k)}: {k} must be a token id or a list of them, got {v!r}")
+    return ids
 
 
 def _token_biases(gc, source):
@@ -744,14 +752,10 @@ def _token_biases(gc, source):
     out = []
 
     def one(k, seq, val):
-        if is_torch(seq) or isinstance(seq, np.ndarray):
-            seq = np.asarray(seq).tolist()
-        if isinstance(seq, (int, np.integer)) and not isinstance(seq, bool):
-            seq = [seq]
-        if not isinstance(seq, (list, tuple)) or not seq or not all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
+        ids = _as_ids(seq)
+        if not ids:
             raise TypeError(f"{source(k)}: {k} holds {seq!r}, not a non-empty sequence of token ids")
-        out.append((tuple(int(t) for t in seq), val))
+        out.append((tuple(ids), val))
 
     sb = gc.get("sequence_bias")
     if sb is not None:

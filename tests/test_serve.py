@@ -154,11 +154,10 @@ def test_completions_prompts_and_usage(client, demo_tok):
 
 
 def _ref_logprobs(model, ids):
-    """float64 log softmax of the model's next-token logits after each prefix of ids[:, -k:] (k = ids past the prompt
-    are read by the caller)."""
-    lg = np.asarray(model(ids).logits[0], np.float64)
-    m = lg.max(axis=-1, keepdims=True)
-    return lg - (m + np.log(np.exp(lg - m).sum(axis=-1, keepdims=True)))
+    """float64 log softmax of the model's next-token logits after each prefix of ids (the caller reads the rows
+    past the prompt)."""
+    from test_generate_scores import log_softmax64
+    return log_softmax64(model(ids).logits[0])
 
 
 def test_chat_logprobs(client, demo_model, demo_tok):

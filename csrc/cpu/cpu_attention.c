@@ -247,6 +247,13 @@ static void att_block(const float *const *kr, const float *const *vr, int nk, in
     }
 }
 
+/* A query's output: its unnormalised outputs o[hd] over its softmax sum l; a query whose keys were all masked
+ * (l = 0: left padding) gives zeros. */
+static inline void att_out(float *dst, const float *o, float l, int hd) {
+    const float inv = l > 0.f ? 1.0f / l : 0.f;
+    for (int e = 0; e < hd; e++) dst[e] = o[e] * inv;
+}
+
 /* Decode (one new token a row): a work item is one row and one chunk of its keys, for every KV head. The per-head
  * items of the general kernel read a head's 256 bytes of each key's row of all heads (3 x 256 for the demo model),
  * which the hardware prefetcher follows badly, and a batch of one row is only nkv items: at 2048 keys a decode step
@@ -338,12 +345,9 @@ static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, 
         }
         if (first[b + 1] - first[b] == 1) /* the row's only chunk: its outputs, as the general kernel */
             for (int g = g_lo; g < g_hi; g++)
-                for (int q = 0; q < NQ; q++) {
-                    float *dst = out + (int64_t)b * n_heads * hd + (int64_t)(g * group + q) * hd;
-                    const float lq = item[(size_t)g * pg + NQP + q], inv = lq > 0.f ? 1.0f / lq : 0.f;
-                    const float *oq = item + (size_t)g * pg + 2 * NQP + (size_t)q * hd;
-                    for (int e = 0; e < hd; e++) dst[e] = oq[e] * inv;
-                }
+                for (int q = 0; q < NQ; q++)
+                    att_out(out + (int64_t)b * n_heads * hd + (int64_t)(g * group + q) * hd,
+                            item + (size_t)g * pg + 2 * NQP + (size_t)q * hd, item[(size_t)g * pg + NQP + q], hd);
     }
     /* merge the chunks of longer rows, in order: M = max m_c, L = sum l_c e^(m_c - M), out = sum o_c e^(m_c - M) / L */
     const int64_t heads = items > B ? (int64_t)B * nkv : 0;
@@ -368,8 +372,7 @@ static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, 
                 L += pc[NQP + q] * wgt;
                 for (int e = 0; e < hd; e++) dst[e] += oq[e] * wgt;
             }
-            const float inv = L > 0.f ? 1.0f / L : 0.f; /* every key masked (left padding): zeros */
-            for (int e = 0; e < hd; e++) dst[e] *= inv;
+            att_out(dst, dst, L, hd);
         }
     }
     fl_free(buf);
@@ -444,12 +447,9 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
             }
             att_block(kr, vr, nk, jb, km, Qt, posf, jminf, NQP, nq, hd, S, m, l, o);
         }
-        for (int q = 0; q < nq; q++) {
-            float *dst = (float *)out_d + ((int64_t)b * T + t0 + q % tq) * (int64_t)n_heads * hd + (int64_t)(g * group + q / tq) * hd;
-            const float inv = l[q] > 0.f ? 1.0f / l[q] : 0.f; /* a fully masked (padding) query row: zeros */
-            const float *oq = o + (size_t)q * hd;
-            for (int e = 0; e < hd; e++) dst[e] = oq[e] * inv;
-        }
+        for (int q = 0; q < nq; q++)
+            att_out((float *)out_d + ((int64_t)b * T + t0 + q % tq) * (int64_t)n_heads * hd + (int64_t)(g * group + q / tq) * hd,
+                    o + (size_t)q * hd, l[q], hd);
     }
     fl_free(scratch);
     return FL_OK;
