@@ -11,7 +11,7 @@ both see the same machine load; medians are reported. Per rep:
     (llama-cpp-python): eval(prompt), then 128 x (argmax of the last logits, eval([token])), timed
     over the loop; llama.cpp's own counter (llama_perf_context: t_eval_ms / n_eval) is recorded too.
   - prompt processing: 512 token ids (fixed seed) into an empty cache. fastload: generate(1 new
-    token) on them; llama.cpp: eval(ids) (its own t_p_eval_ms recorded too). tok/s = 512 / time.
+    token) on them, prefix caching off (compare()); llama.cpp: eval(ids) (its own t_p_eval_ms recorded too). tok/s = 512 / time.
   - resident weight memory: fastload's core.info["weight_bytes"] (every weight byte it holds) against
     the file's tensor bytes (sum of the GGUF tensors' sizes).
 The issue's targets: generation >= 1.2x llama.cpp, prompt processing >= 1.0x, weights <= 1.1x the
@@ -76,7 +76,12 @@ def llama_rep(llm, prompt_ids, pp_ids, n_gen):
 def compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=64, log=print):
     """Warm both, then `reps` alternating reps (fastload, llama.cpp, ...): lists of tokens/s per rep, llama.cpp's own
     counters, the greedy tokens of the first rep and how many agree before the first difference. Shared with
-    benchmarks/test_cpu_vs_llamacpp.py."""
+    benchmarks/test_cpu_vs_llamacpp.py and benchmarks/cpu_gguf_types.py.
+
+    fastload's prefix caching is turned off first: the same prompt ids come back every rep, and from the second rep
+    on fastload would take them from its shared pages instead of reading them (prompt figures 3-4x too high; the
+    engine, with its prefix table, came after the 2026-12-01 figures of record, which are unaffected)."""
+    m.configure_engine(prefix_caching=False)
     fastload_rep(m, prompt_ids, pp_ids[:warm], 4)  # page cache, first-call allocations
     llama_rep(llm, prompt_ids, pp_ids[:warm], 4)
     r = {k: [] for k in ("fl_gen", "fl_pp", "ll_gen", "ll_pp", "ll_own_gen", "ll_own_pp")}
