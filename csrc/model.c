@@ -774,13 +774,19 @@ static fl_status err_item(fl_status st, const qplan *p) {
                          fl_slot_names[p->it->slot]);
 }
 
+/* K scales (csrc/quant.h) are read by the CPU backend's kernels only; FASTLOAD_CPU_KSCALE=0 keeps float32 scales */
+static int kscales_ok(const fl_model *m) {
+    const char *e = getenv("FASTLOAD_CPU_KSCALE");
+    return m->be && m->be->name && !strcmp(m->be->name, "cpu") && !(e && !strcmp(e, "0"));
+}
+
 /* First load: settle each weight's dtype / layout from the parts that fill it (lay[weight id]).
  *   any float part, scheme parts mixed with kept-quantised parts, or different code books  -> the float dtype
  *   parts quantised at load -> the scheme's layout; kept-quantised parts -> their common layout
  * Act-order permutations of fused parts must be equal. */
 static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout *lay) {
     const int nid = n_weight_ids(m);
-    typedef struct { int nfloat, nquant, nscheme, mixed, first; } acc_t;
+    typedef struct { int nfloat, nquant, nscheme, mixed, first, nk, kform; } acc_t;
     acc_t *acc = calloc((size_t)nid, sizeof *acc);
     if (!acc) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
     for (int i = 0; i < nid; i++) acc[i].first = -1;
@@ -789,6 +795,13 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
         acc_t *a = &acc[p->wid];
         if (p->kind == SRC_FLOAT) { a->nfloat++; continue; }
         if (p->kind == SRC_QUANT) a->nquant++; else a->nscheme++;
+        if (p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML &&
+            (p->it->src.type == GGML_Q4_K || p->it->src.type == GGML_Q5_K || p->it->src.type == GGML_Q6_K)) {
+            /* K scales (quant.h) need one group size and one form over the parts: kform = group * 2 + zeros */
+            const int f = p->L.group_size * 2 + p->L.has_zeros;
+            if (a->nk++ == 0) a->kform = f;
+            else if (a->kform != f) a->kform = -1;
+        }
         if (a->first < 0) { a->first = i; lay[p->wid] = p->L; continue; }
         fl_qlayout *L = &lay[p->wid];
         if (p->kind == SRC_SCHEME) { if (!layout_eq(L, &p->L)) a->mixed = 1; }
@@ -815,6 +828,9 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
             }
         }
         fl_weight *w = p->w;
+        if (i == a->first && a->nk == a->nquant && !a->nscheme && a->kform > 0 && kscales_ok(m) &&
+            w->cols % FL_KS_SUPER == 0)
+            lay[p->wid].sdtype = FL_I8; /* every part a K-quant of one group and form: the file's two-level scales */
         w->dtype = FL_QUANT;
         w->bits = L->bits;
         w->group_size = L->group_size;
@@ -833,6 +849,10 @@ static fl_status check_fits(const qplan *p) {
     const fl_qlayout W = fl_q_layout_of(w);
     int ok;
     if (p->kind == SRC_FLOAT) ok = 0;
+    else if (W.sdtype == FL_I8) /* K scales: a K-quant part of the weight's group and form (write_row checks again) */
+        ok = p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML &&
+             (p->it->src.type == GGML_Q4_K || p->it->src.type == GGML_Q5_K || p->it->src.type == GGML_Q6_K) &&
+             p->L.group_size == W.group_size && p->L.has_zeros == W.has_zeros && p->L.bits <= W.bits;
     else if (p->kind == SRC_SCHEME) ok = layout_eq(&W, &p->L);
     else {
         const fl_qlayout c = fl_q_common_layout(&W, &p->L);
@@ -937,7 +957,7 @@ static fl_status convert_job(fl_backend *be, const fl_load_job *j) {
  * view of row 0, so that the parts of a fused weight write it once). */
 static fl_weight qview(const fl_weight *w, int64_t row0, int64_t rows) {
     fl_weight v = *w;
-    const size_t cb = (size_t)w->cols * (size_t)w->bits / 8, sb = (size_t)(w->cols / w->group_size) * (size_t)fl_dtype_size(w->sdtype);
+    const size_t cb = (size_t)w->cols * (size_t)w->bits / 8, sb = fl_q_srow_bytes(w->cols, w->group_size, w->sdtype);
     v.rows = rows;
     v.data_d = (char *)w->data_d + (size_t)row0 * cb;
     v.scales_d = (char *)w->scales_d + (size_t)row0 * sb;

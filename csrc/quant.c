@@ -94,9 +94,14 @@ typedef struct {
     uint8_t *v;      /* [cols] source codes */
     float *s, *m;    /* [cols / group]; m NULL: symmetric around `off` */
     int group, off;
+    /* K-quant sources (Q4_K, Q5_K, Q6_K) also give their two-level form (has_k), for a K-scales destination
+     * (quant.h): s = ksc[g] * kd[super-block], m = kmn[g] * kdm[super-block] (kdm = -dmin, fp16 bits) */
+    int8_t *ksc, *kmn;     /* [cols / group] */
+    uint16_t *kd, *kdm;    /* [cols / 256] */
+    int has_k;
 } qrow;
 
-static const char *sd_name(fl_dtype t) { return t == FL_F32 ? "float32" : t == FL_F16 ? "float16" : "?"; }
+static const char *sd_name(fl_dtype t) { return t == FL_F32 ? "float32" : t == FL_F16 ? "float16" : t == FL_I8 ? "K" : "?"; }
 
 /* Can w's layout hold a source of layout P exactly (bits, group, offsets, scale type, code book)? */
 static fl_status check_holds(const fl_weight *w, const fl_qlayout *P, const char *what, const char *what2) {
@@ -106,7 +111,7 @@ static fl_status check_holds(const fl_weight *w, const fl_qlayout *P, const char
         return fl_err(FL_E_VALUE, "%s%s: the destination's layout (bits %d, group %d, %lld columns) is invalid", what, what2,
                       w->bits, w->group_size, (long long)w->cols);
     if (w->bits < P->bits || P->group_size % w->group_size || w->code != P->code || (P->has_zeros && !w->zeros_d) ||
-        (P->sdtype == FL_F32 && w->sdtype != FL_F32))
+        (P->sdtype == FL_F32 && w->sdtype != FL_F32 && w->sdtype != FL_I8))
         return fl_err(FL_E_VALUE, "%s%s (bits %d, group %d, %s scales%s) does not fit the destination's layout "
                       "(bits %d, group %d, %s scales%s)", what, what2, P->bits, P->group_size, sd_name(P->sdtype),
                       P->has_zeros ? ", offsets" : "", w->bits, w->group_size, sd_name(w->sdtype),
@@ -126,6 +131,8 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     const int64_t C = w->cols, G = w->group_size, ng = C / G;
     const int bits = w->bits, has_z = w->zeros_d != NULL;
     if (q->group % G) return fl_err(FL_E_INTERNAL, "repack: source group %d is not a multiple of %lld", q->group, (long long)G);
+    if (w->sdtype == FL_I8 && (!q->has_k || q->group != G || (has_z != (q->m != NULL)) || C % FL_KS_SUPER))
+        return fl_err(FL_E_INTERNAL, "repack: K scales hold only K-quant rows of the same group and form");
     if (!has_z && q->m) return fl_err(FL_E_INTERNAL, "repack: a source with offsets cannot be stored symmetric");
     /* stored code = v + shift, in range by construction: the decoders give codes below 2^srcbits and check_holds
      * has made sure bits >= srcbits (a symmetric v - off lies in [-2^(srcbits-1), 2^(srcbits-1))). uint8
@@ -138,6 +145,17 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     } else {
         for (int64_t k = 0; k < C / 2; k++)
             dst[k] = (uint8_t)((uint8_t)(v[2 * k] + shift) | (uint8_t)((uint8_t)(v[2 * k + 1] + shift) << 4));
+    }
+    if (w->sdtype == FL_I8) { /* the file's two-level form, copied (quant.h: K scales) */
+        const size_t sb = fl_q_srow_bytes(C, (int)G, FL_I8), nsup = (size_t)(C / FL_KS_SUPER);
+        char *sr = (char *)w->scales_d + (size_t)r * sb, *zr = has_z ? (char *)w->zeros_d + (size_t)r * sb : NULL;
+        memcpy(sr, q->ksc, (size_t)ng);
+        memcpy(sr + ng, q->kd, 2 * nsup);
+        if (zr) {
+            memcpy(zr, q->kmn, (size_t)ng);
+            memcpy(zr + ng, q->kdm, 2 * nsup);
+        }
+        return FL_OK;
     }
     const int64_t per = q->group / G; /* destination groups per source group */
     for (int64_t g = 0; g < ng; g++) {
@@ -206,9 +224,11 @@ static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 }
 /* Q4_K (with_high 0) and Q5_K (1): s = d * sc, m = -(dmin * mn) per 32 values, as ggml's d1 * q - m1. */
 static void dec_qk45(const uint8_t *x, int64_t nb, qrow *o, int five) {
-    o->group = 32; o->off = 0;
+    o->group = 32; o->off = 0; o->has_k = 1;
     for (int64_t b = 0; b < nb; b++, x += five ? 176 : 144) {
         const float d = h2f(ld16(x, 0)), dmin = h2f(ld16(x, 1));
+        o->kd[b] = ld16(x, 0);
+        o->kdm[b] = (uint16_t)(ld16(x, 1) ^ 0x8000u); /* -dmin: m = mn * (-dmin) = -(dmin * mn) exactly */
         const uint8_t *sc = x + 4, *qh = x + 16, *ql = x + (five ? 48 : 16);
         uint8_t *v = o->v + 256 * b;
         float *s = o->s + 8 * b, *m = o->m + 8 * b;
@@ -217,8 +237,10 @@ static void dec_qk45(const uint8_t *x, int64_t nb, qrow *o, int five) {
             int a, mn;
             scale_min_k4(2 * j, sc, &a, &mn);
             s[2 * j] = d * (float)a; m[2 * j] = -(dmin * (float)mn);
+            o->ksc[8 * b + 2 * j] = (int8_t)a; o->kmn[8 * b + 2 * j] = (int8_t)mn;
             scale_min_k4(2 * j + 1, sc, &a, &mn);
             s[2 * j + 1] = d * (float)a; m[2 * j + 1] = -(dmin * (float)mn);
+            o->ksc[8 * b + 2 * j + 1] = (int8_t)a; o->kmn[8 * b + 2 * j + 1] = (int8_t)mn;
             for (int l = 0; l < 32; l++) {
                 v[l] = (uint8_t)((ql[l] & 0xF) + (five && (qh[l] & u1) ? 16 : 0));
                 v[l + 32] = (uint8_t)((ql[l] >> 4) + (five && (qh[l] & u2) ? 16 : 0));
@@ -228,12 +250,13 @@ static void dec_qk45(const uint8_t *x, int64_t nb, qrow *o, int five) {
 }
 /* Q6_K: 16 groups of 16 per super-block, s = d * sc (ggml evaluates d * sc * q left to right), q6 - 32. */
 static void dec_q6_k(const uint8_t *x, int64_t nb, qrow *o) {
-    o->group = 16; o->off = 32; o->m = NULL;
+    o->group = 16; o->off = 32; o->m = NULL; o->has_k = 1;
     for (int64_t b = 0; b < nb; b++, x += 210) {
         const float d = h2f(ld16(x + 208, 0));
         const uint8_t *ql = x, *qh = x + 128;
         const int8_t *sc = (const int8_t *)(x + 192);
-        for (int k = 0; k < 16; k++) o->s[16 * b + k] = d * (float)sc[k];
+        o->kd[b] = ld16(x + 208, 0);
+        for (int k = 0; k < 16; k++) { o->s[16 * b + k] = d * (float)sc[k]; o->ksc[16 * b + k] = sc[k]; }
         uint8_t *v = o->v + 256 * b;
         for (int n = 0; n < 2; n++, ql += 64, qh += 32, v += 128) {
             for (int l = 0; l < 32; l++) {
@@ -251,20 +274,28 @@ enum { STACK_COLS = 8192 };
 typedef struct {
     uint8_t v_s[STACK_COLS];
     float s_s[STACK_COLS / 16], m_s[STACK_COLS / 16];
+    int8_t ksc_s[STACK_COLS / 16], kmn_s[STACK_COLS / 16];
+    uint16_t kd_s[STACK_COLS / FL_KS_SUPER + 1], kdm_s[STACK_COLS / FL_KS_SUPER + 1];
     void *heap;
 } rowbuf;
 static fl_status rowbuf_get(rowbuf *b, int64_t cols, int64_t ngroups, qrow *q) {
     b->heap = NULL;
+    q->has_k = 0;
     if (cols <= STACK_COLS && ngroups <= STACK_COLS / 16) {
         q->v = b->v_s; q->s = b->s_s; q->m = b->m_s;
+        q->ksc = b->ksc_s; q->kmn = b->kmn_s; q->kd = b->kd_s; q->kdm = b->kdm_s;
         return FL_OK;
     }
-    const size_t nv = ((size_t)cols + 63) & ~(size_t)63;
-    b->heap = malloc(nv + 2 * sizeof(float) * (size_t)ngroups);
+    const size_t nv = ((size_t)cols + 63) & ~(size_t)63, nsup = (size_t)cols / FL_KS_SUPER + 1;
+    b->heap = malloc(nv + (2 * sizeof(float) + 2) * (size_t)ngroups + 4 * nsup);
     if (!b->heap) return fl_err(FL_E_NOMEM, "repack: cannot allocate a row buffer of %lld columns", (long long)cols);
     q->v = b->heap;
     q->s = (float *)((char *)b->heap + nv);
     q->m = q->s + ngroups;
+    q->kd = (uint16_t *)(q->m + ngroups);
+    q->kdm = q->kd + nsup;
+    q->ksc = (int8_t *)(q->kdm + nsup);
+    q->kmn = q->ksc + ngroups;
     return FL_OK;
 }
 

@@ -43,6 +43,17 @@
  *                  all group_size columns is refused (it cannot be written as contiguous groups)
  * 5- and 6-bit GGUF types are stored one byte per value: exact, at 8 bits plus scales per weight.
  *
+ * K scales (sdtype FL_I8; the CPU backend only, FASTLOAD_CPU_KSCALE=0 turns them off): a weight whose parts are all
+ * GGUF K-quants (Q4_K, Q5_K, Q6_K) with one group size and one form (all with offsets or all symmetric), cols a
+ * multiple of 256, keeps the file's two-level scales instead of their float32 products: row r of scales_d is
+ * int8 sc[cols / group_size] then fp16 d[cols / 256] (2-byte aligned: cols / group_size is even), and
+ *   s[r, g] = (float)sc[g] * d[g * group_size / 256]
+ * (zeros_d likewise with mn and -dmin: m = (float)mn * (-dmin)). Each product is the float32 value the FL_F32 layout
+ * stores (an fp16 times an integer of at most 8 bits: exact), so a kernel computes the same bits either way;
+ * the scales take 8 + 16 / 256 * group bits per group instead of 32: Q4_K 4.625 bits a weight instead of 6.0
+ * (the file's 4.5), Q6_K 8.56 instead of 10 (6.56). (GGUF files of Q4_K_M held 1.43x their tensor bytes with
+ * float32 scales, and CPU decode, bound by memory, ran 0.79x llama.cpp: benchmarks/cpu_gguf_types.py.)
+ *
  * Several checkpoint tensors fused into one weight (q|k|v, gate|up) must share one layout. When they
  * differ (a Q4_K_M GGUF mixes Q4_K and Q6_K) the fused weight takes the common layout that holds each part
  * exactly: the larger bits, the smallest group, fp32 scales if any part has them, offsets if any part has
@@ -80,7 +91,7 @@ typedef struct {
 typedef struct {
     int bits;          /* 4 or 8 */
     int group_size;    /* divides cols; multiple of 16 */
-    fl_dtype sdtype;   /* FL_F16 or FL_F32 */
+    fl_dtype sdtype;   /* FL_F16, FL_F32, or FL_I8: K scales (header comment) */
     int has_zeros;     /* zeros_d present (min form) */
     int code;          /* FL_QCODE_INT / FL_QCODE_NF4 */
     int has_perm;      /* perm_d present */
@@ -139,6 +150,25 @@ typedef struct {
 /* Validate shapes / values (g_idx in range, groups of equal size) and choose the layout. */
 fl_status fl_q_layout_for_packed(const fl_packed_src *p, fl_qlayout *out);
 fl_status fl_q_from_packed(const fl_weight *w, const fl_packed_src *p, int64_t r0, int64_t n);
+
+/* K scales (header comment): columns per super-scale, and the bytes of one row of scales or offsets in any layout */
+#define FL_KS_SUPER 256
+static inline size_t fl_q_srow_bytes(int64_t cols, int group_size, fl_dtype sdtype) {
+    const size_t ng = (size_t)(cols / group_size);
+    return sdtype == FL_I8 ? ng + 2 * (size_t)(cols / FL_KS_SUPER) : ng * (size_t)fl_dtype_size(sdtype);
+}
+/* The scale (or offset) of group g in row r of p (host memory), any layout */
+static inline float fl_q_sget(const void *p, fl_dtype sdtype, int64_t cols, int group_size, int64_t r, int64_t g) {
+    if (sdtype == FL_I8) {
+        const char *row = (const char *)p + (size_t)r * fl_q_srow_bytes(cols, group_size, FL_I8);
+        const int64_t ng = cols / group_size;
+        uint16_t d;
+        memcpy(&d, row + ng + 2 * (g * group_size / FL_KS_SUPER), 2);
+        return (float)(int8_t)row[g] * fl_f16_to_f32(d);
+    }
+    const size_t i = (size_t)r * (size_t)(cols / group_size) + (size_t)g;
+    return sdtype == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
+}
 
 #ifdef __cplusplus
 }

@@ -54,9 +54,12 @@ fl_status fl_q_check(const fl_qlayout *L, int64_t rows, int64_t cols) {
         return fl_err(FL_E_UNSUPPORTED, "quantised weight: code %d is not supported (0 = integer, 1 = NF4)", L->code);
     if (L->code == FL_QCODE_NF4 && L->bits != 4)
         return fl_err(FL_E_UNSUPPORTED, "quantised weight: the NF4 code book needs bits 4, not %d", L->bits);
-    if (L->sdtype != FL_F16 && L->sdtype != FL_F32)
-        return fl_err(FL_E_UNSUPPORTED, "quantised weight: scale dtype %d is not supported (float16 or float32)",
+    if (L->sdtype != FL_F16 && L->sdtype != FL_F32 && L->sdtype != FL_I8)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: scale dtype %d is not supported (float16, float32 or K scales)",
                       (int)L->sdtype);
+    if (L->sdtype == FL_I8 && (L->code != FL_QCODE_INT || (L->group_size != 16 && L->group_size != 32) || cols % FL_KS_SUPER))
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: K scales need integer codes, group 16 or 32 and cols a multiple of "
+                      "%d (code %d, group %d, cols %lld)", FL_KS_SUPER, L->code, L->group_size, (long long)cols);
     if (L->group_size <= 0)
         return fl_err(FL_E_VALUE, "quantised weight: group_size %d is not positive", L->group_size);
     if (cols % L->group_size)
@@ -70,10 +73,10 @@ fl_status fl_q_check(const fl_qlayout *L, int64_t rows, int64_t cols) {
 fl_status fl_q_sizes(const fl_qlayout *L, int64_t rows, int64_t cols, size_t *data, size_t *scales, size_t *zeros,
                      size_t *perm) {
     FL_TRY(fl_q_check(L, rows, cols));
-    const size_t ng = (size_t)(cols / L->group_size), es = (size_t)fl_dtype_size(L->sdtype);
     size_t d, s, p = 0;
     if ((size_t)cols > SIZE_MAX / 8 || !fl_mul_size((size_t)rows, (size_t)cols * (size_t)L->bits / 8, &d) ||
-        !fl_mul3_size((size_t)rows, ng, es, &s) || (L->has_perm && !fl_mul_size((size_t)cols, 4, &p)))
+        !fl_mul_size((size_t)rows, fl_q_srow_bytes(cols, L->group_size, L->sdtype), &s) ||
+        (L->has_perm && !fl_mul_size((size_t)cols, 4, &p)))
         return fl_err(FL_E_VALUE, "quantised weight [%lld, %lld]: size overflows", (long long)rows, (long long)cols);
     if (data) *data = d;
     if (scales) *scales = s;
@@ -95,7 +98,7 @@ fl_weight fl_weight_rows(const fl_weight *w, int64_t row0, int64_t rows) {
         return v;
     }
     const size_t cb = (size_t)w->cols * (size_t)w->bits / 8;
-    const size_t sb = (size_t)(w->cols / w->group_size) * (size_t)fl_dtype_size(w->sdtype);
+    const size_t sb = fl_q_srow_bytes(w->cols, w->group_size, w->sdtype);
     v.data_d = (char *)w->data_d + (size_t)row0 * cb;
     v.scales_d = (char *)w->scales_d + (size_t)row0 * sb;
     v.zeros_d = w->zeros_d ? (char *)w->zeros_d + (size_t)row0 * sb : NULL;
@@ -145,9 +148,6 @@ fl_status fl_q_layout_for_scheme(int scheme, int group_size, int64_t cols, fl_ql
     return FL_OK;
 }
 
-static inline float sval(const void *p, fl_dtype t, size_t i) {
-    return t == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
-}
 static inline void sstore(void *p, fl_dtype t, size_t i, float v) {
     if (t == FL_F32) ((float *)p)[i] = v;
     else ((uint16_t *)p)[i] = fl_f32_to_f16(v);
@@ -160,7 +160,7 @@ fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *ou
     if (r0 < 0 || n < 0 || r0 + n > w->rows)
         return fl_err(FL_E_VALUE, "fl_q_dequant_rows: rows [%lld, %lld) outside [0, %lld)", (long long)r0,
                       (long long)(r0 + n), (long long)w->rows);
-    const int64_t C = w->cols, ng = C / L.group_size, rowbytes = C * L.bits / 8;
+    const int64_t C = w->cols, rowbytes = C * L.bits / 8;
     const float off = -(float)(1 << (L.bits - 1));
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = r0 + i;
@@ -168,12 +168,13 @@ fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *ou
         float *o = out + (size_t)i * (size_t)C;
         for (int64_t c = 0; c < C; c++) {
             const unsigned code = L.bits == 8 ? q[c] : (c & 1 ? q[c >> 1] >> 4 : q[c >> 1] & 15u);
-            const size_t gi = (size_t)r * (size_t)ng + (size_t)(c / L.group_size);
-            const float s = sval(w->scales_d, L.sdtype, gi);
+            const int64_t g = c / L.group_size;
+            const float s = fl_q_sget(w->scales_d, L.sdtype, C, L.group_size, r, g);
             float v;
             if (L.code == FL_QCODE_NF4)
-                v = w->zeros_d ? fmaf(fl_nf4_table[code], s, sval(w->zeros_d, L.sdtype, gi)) : s * fl_nf4_table[code];
-            else if (w->zeros_d) v = fmaf((float)code, s, sval(w->zeros_d, L.sdtype, gi));
+                v = w->zeros_d ? fmaf(fl_nf4_table[code], s, fl_q_sget(w->zeros_d, L.sdtype, C, L.group_size, r, g))
+                               : s * fl_nf4_table[code];
+            else if (w->zeros_d) v = fmaf((float)code, s, fl_q_sget(w->zeros_d, L.sdtype, C, L.group_size, r, g));
             else v = s * ((float)code + off);
             o[c] = v;
         }

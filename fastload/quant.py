@@ -549,6 +549,8 @@ def layout_key(lay: dict) -> str:
     key = f"{dt} per-channel" if g == cols else f"{dt} g{g}"
     if lay.get("scale_dtype") in ("float32", "f32"):
         key += " f32-scales"
+    elif lay.get("scale_dtype") == "kscale":
+        key += " k-scales"
     if lay.get("perm"):
         key += " act-order"
     return key

@@ -1,4 +1,4 @@
-"""The CPU decode kernels for quantised weights (csrc/cpu/cpu_qmatmul.c, n <= 4 rows of x, group % 32 == 0):
+"""The CPU decode kernels for quantised weights (csrc/cpu/cpu_qmatmul.c, n <= 4 rows of x, group % 32 == 0 or 16):
 every format and group size through _C.run_op("qmatmul"), against numpy on the dequantised weights.
 
 What is exercised: the per-chunk scale / offset loads for groups of 32, 64, 96, 128 and per channel (one vector
@@ -32,7 +32,7 @@ FORMATS = [  # bits, zeros, code
     (4, False, 1),   # nf4 at load
     (4, True, 1),    # NF4 with offsets
 ]
-COLS = {32: 352, 64: 320, 96: 288, 128: 384}           # 11, 10, 9, 12 blocks of 32: every row ends in a part chunk
+COLS = {16: 352, 32: 352, 64: 320, 96: 288, 128: 384}  # 11, 11, 10, 9, 12 blocks of 32: every row ends in a part chunk
 
 
 def table_tol(x, codes, scales, group, code):
@@ -60,7 +60,7 @@ def run_case(rng, seed, bits, zeros, code, group, sdtype, n, R, C, perm, qdot):
     xg = x[:, p] if perm else x                                            # column j multiplies x[perm[j]]
     ref = xg.astype(np.float64) @ W.astype(np.float64).T
     tol = (F32_K * (np.abs(xg.astype(np.float64)) @ np.abs(W.astype(np.float64)).T) + 1e-30
-           + int_x_tol(xg, W, "int16" if code == 1 else qdot) + table_tol(xg, codes, s, group, code))
+           + int_x_tol(xg, W, "int16" if code == 1 or group == 16 else qdot) + table_tol(xg, codes, s, group, code))
     err = np.abs(y.astype(np.float64) - ref)
     bad = err > tol
     assert not bad.any(), (f"seed {seed} bits {bits} zeros {zeros} code {code} g{group} {sdtype} n={n} R={R} "
@@ -70,9 +70,11 @@ def run_case(rng, seed, bits, zeros, code, group, sdtype, n, R, C, perm, qdot):
 
 
 @pytest.mark.parametrize("bits,zeros,code", FORMATS)
-@pytest.mark.parametrize("group", [32, 64, 96, 128])
+@pytest.mark.parametrize("group", [16, 32, 64, 96, 128])
 @pytest.mark.parametrize("qdot", ["int16", "int8"])
 def test_decode_every_format_group_and_tail(bits, zeros, code, group, qdot, monkeypatch):
+    """group 16 (Q6_K; a fused weight with a Q6_K part): two groups a block of x, qdec16_rows, int16 activations in
+    both modes (NF4: the float path)."""
     monkeypatch.setenv("FASTLOAD_CPU_QDOT", qdot)
     rng, seed = rng_seed()
     C = COLS[group]
@@ -92,11 +94,38 @@ def test_decode_per_channel(bits, zeros, code, C):
             run_case(rng, seed, bits, zeros, code, C, "float16", n, R, C, perm=False, qdot="int16")
 
 
+@pytest.mark.parametrize("bits,zeros", [(8, False), (8, True), (4, False), (4, True)])
+def test_group16_takes_the_integer_kernel(bits, zeros, monkeypatch):
+    """16-column groups with integer codes run the integer decode kernel (int16 activations, qdec16_rows), not the
+    float path (which ran Q6_K at a third of llama.cpp's speed): its results differ from the float path's in the
+    low bits (x rounded to int16 per block), within int_x_tol. Cols not a multiple of 32 keep the float path."""
+    rng, seed = rng_seed()
+    for C, integer in ((352, True), (336, False)):
+        R, n = 13, 2
+        codes = rng.integers(0, 16 if bits == 4 else 256, size=(R, C))
+        q = pack(codes, bits)
+        s = sround(rng.uniform(0.5, 2.0, size=(R, C // 16)) * 0.01, "float32")
+        z = sround(rng.uniform(-0.4, 0.4, size=(R, C // 16)), "float32") if zeros else None
+        x = rng.standard_normal((n, C)).astype(np.float32)
+        ys = {}
+        for mode in ("int16", "int8", "float"):
+            monkeypatch.setenv("FASTLOAD_CPU_QDOT", mode)
+            ys[mode] = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z), x=x),
+                                 {"bits": bits, "group_size": 16, "sdtype": "float32", "code": 0})["y"]
+        np.testing.assert_array_equal(ys["int16"], ys["int8"])     # the int8 mode takes int16 activations here
+        assert (not np.array_equal(ys["int16"], ys["float"])) == integer, (seed, C)
+        W = np_dequant(q, s, z, bits, 16, 0)
+        ref = x.astype(np.float64) @ W.astype(np.float64).T
+        tol = F32_K * (np.abs(x.astype(np.float64)) @ np.abs(W.astype(np.float64)).T) + (int_x_tol(x, W, "int16")
+                                                                                          if integer else 0.0)
+        assert (np.abs(ys["int16"] - ref) <= tol).all(), (seed, C)
+
+
 def test_decode_group_scales_are_not_mixed_up():
     """One group's scale made huge: only the columns of that group (in each row) may change, as the float path
     says; a kernel that spread the groups over the wrong blocks moves other columns' sums."""
     rng, seed = rng_seed()
-    for group, C, code in ((64, 320, 0), (96, 288, 0), (128, 384, 0), (64, 320, 1), (128, 384, 1)):
+    for group, C, code in ((16, 352, 0), (64, 320, 0), (96, 288, 0), (128, 384, 0), (64, 320, 1), (128, 384, 1)):
         R, ng = 9, C // group
         codes = rng.integers(0, 16, size=(R, C))
         q = pack(codes, 4)

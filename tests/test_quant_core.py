@@ -123,8 +123,12 @@ def layout_of(core, name):
 # GGUF: kept quantised, exact
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kscale", ["1", "0"])
 @pytest.mark.parametrize("tname", list(KEPT))
-def test_gguf_type_stays_quantised_and_repacks_exactly(tmp_path, tname):
+def test_gguf_type_stays_quantised_and_repacks_exactly(tmp_path, tname, kscale, monkeypatch):
+    """Also K scales (csrc/quant.h: the CPU keeps a K-quant's int8 sub-scales and fp16 super-scales; off with
+    FASTLOAD_CPU_KSCALE=0): the same exact values, extreme fp16 scales included."""
+    monkeypatch.setenv("FASTLOAD_CPU_KSCALE", kscale)
     t = KEPT[tname]
     slots = [s for s, _, _ in GGUF_LINEAR] + [s for s, _ in GGUF_OTHER]
     path = write_gguf(tmp_path / "m.gguf", {s: t for s in slots}, seed=t)
@@ -133,6 +137,8 @@ def test_gguf_type_stays_quantised_and_repacks_exactly(tmp_path, tname):
     core.load(gguf_items(g))
     core.check_complete()
     dt, bits, group, sd, zeros = OWN[tname]
+    if tname.endswith("_K") and kscale == "1":
+        sd = "kscale"
     for name in ("embed", "lm_head", "layers.0.wqkv", "layers.0.wo", "layers.0.w_gate_up", "layers.0.w_down"):
         lay = layout_of(core, name)
         assert (lay["dtype"], lay["bits"], lay["group_size"], lay["scale_dtype"], lay["zeros"], lay["perm"]) == \

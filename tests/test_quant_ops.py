@@ -33,9 +33,11 @@ F32_K = 2.0 ** -20
 QDOT_IMAX = {"int16": 32767, "int8": 127, "exact": None}   # FASTLOAD_CPU_QDOT -> max |quantised x|
 
 
-def uses_int_x(n, group_size, code):
-    """Whether the decode path quantises x (NF4 too, always to int16: tests/test_cpu_qdecode.py has its bounds)."""
-    return n <= DECODE_N and group_size % 32 == 0
+def uses_int_x(n, group_size, code, cols=None):
+    """Whether the decode path quantises x (NF4 too, always to int16: tests/test_cpu_qdecode.py has its bounds; and
+    16-column groups of integer codes, Q6_K's, always to int16, when cols is a multiple of 32)."""
+    g16 = group_size == 16 and code == 0 and (cols is None or cols % 32 == 0)
+    return n <= DECODE_N and (group_size % 32 == 0 or g16)
 
 
 @pytest.fixture(params=["int16", "int8", "exact"])
@@ -121,8 +123,8 @@ def check_qmatmul(x, W, y, group, code, seed, exact_x=False, qdot="int16", scale
     absprod = np.abs(x.astype(np.float64)) @ np.abs(W.astype(np.float64)).T
     tol = F32_K * absprod + 1e-30
     n, C = x.shape
-    if uses_int_x(n, group, code) and not exact_x and QDOT_IMAX[qdot]:
-        tol = tol + int_x_tol(x, W, qdot)
+    if uses_int_x(n, group, code, C) and not exact_x and QDOT_IMAX[qdot]:
+        tol = tol + int_x_tol(x, W, "int16" if group == 16 else qdot)
         if code == 1:
             tol = tol + 2.0 ** -15 * (np.abs(x.astype(np.float64)) @ np.repeat(np.abs(scales.astype(np.float64)),
                                                                                group, axis=1).T)

@@ -10,14 +10,10 @@
 #include "../quant.h"
 #include <stdlib.h>
 
-static inline float q_sval(const void *p, fl_dtype t, size_t i) {
-    return t == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
-}
-
 /* dst[0:kc] = dequantised W[r, k0:k0+kc]; k0 and kc are multiples of 16 (groups are), so every chunk of
  * 16 columns lies in one group. Scales and offsets are read once per group segment. */
 void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0, int kc) {
-    const int64_t C = W->cols, G = W->group_size, ng = C / G;
+    const int64_t C = W->cols, G = W->group_size;
     const int bits = W->bits, nf4 = W->code == FL_QCODE_NF4;
     const uint8_t *q = (const uint8_t *)W->data_d + (size_t)r * (size_t)(C * bits / 8);
     const float off = (float)(1 << (bits - 1));
@@ -26,10 +22,9 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
 #endif
     for (int64_t c = k0; c < k0 + kc;) {
         const int64_t g = c / G, cend = (g + 1) * G < k0 + kc ? (g + 1) * G : k0 + kc;
-        const size_t gi = (size_t)r * (size_t)ng + (size_t)g;
-        const float s = q_sval(W->scales_d, W->sdtype, gi);
+        const float s = fl_q_sget(W->scales_d, W->sdtype, C, (int)G, r, g);
         const int hz = W->zeros_d != NULL;
-        const float m = hz ? q_sval(W->zeros_d, W->sdtype, gi) : nf4 ? 0.0f : -s * off;
+        const float m = hz ? fl_q_sget(W->zeros_d, W->sdtype, C, (int)G, r, g) : nf4 ? 0.0f : -s * off;
         for (; c < cend; c += 16) {
             float *d = dst + (c - k0);
 #if defined(__AVX2__) && defined(__FMA__)
@@ -113,7 +108,8 @@ fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t r
  * |y - x @ W^T| <= sum_b dx_b / 2 * sum_{k in b} |w_k| (plus float32 rounding): 1.5e-5 of each block's max for int16,
  * float precision in practice; when x is already integers * dx_b the result equals the float one to float
  * rounding (tests/test_quant_ops.py and tests/test_cpu_qdecode.py check these bounds).
- * Taken when group_size % 32 == 0 (16-column groups, e.g. Q6_K's, use the float path).
+ * Taken when group_size % 32 == 0, and for 16-column groups of integer codes (Q6_K's) by qdec16_rows below, in the
+ * INT16 mode whatever FASTLOAD_CPU_QDOT says; NF4 with 16-column groups uses the float path.
  *
  * Weight kinds (qdec_kind): 0 = 4-bit integer codes, 1 = 8-bit symmetric, 2 = 8-bit min form, 3 = NF4 (int16
  * activations in both modes: the int8 mode has no NF4 weights of its own).
@@ -177,7 +173,10 @@ typedef struct {
                           ones; NF4: [evens 0-14 | odds 1-15], [evens 16-30 | odds 17-31] */
     float *dx;         /* [n][nb8] */
     float *xs;         /* [n][nb8]: dx_b * sum(x_b) */
-    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x_b) in each of 8 lanes (8-bit min form) */
+    int32_t *bs16;     /* [n][nb][8]: 16 * sum(x_b) in each of 8 lanes (8-bit min form); 16-column groups (g16):
+                          [n][nb][16], 16 * the sum of columns 0-15 in lanes 0-7, of columns 16-31 in lanes 8-15 */
+    float *xs2;        /* g16: [n][2 * nb8]: dx_b * the sum of block b's columns 0-15 (2b), 16-31 (2b + 1) */
+    int g16;           /* the weight has 16-column groups (two per block of x) */
     int32_t *gidx;     /* [nb8]: qdec_gidx */
     int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
     uint8_t t_lo[16], t_hi[16]; /* NF4: the low and high bytes of T[q] = rint(nf4[q] * 2^NF4_K) (int16) */
@@ -188,6 +187,13 @@ typedef struct {
 static inline float hsum_ps(__m256 v) {
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v, v), _mm256_hadd_ps(v, v));
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+static inline int hsum_epi32(__m256i v) {
+    __m128i s1 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0x4e));
+    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1));
+    return _mm_cvtsi128_si32(s1);
 }
 
 /* One block of 32 floats to int8: returns dx, sets *sum; deint: even columns first, then odd ones. span_max > 0:
@@ -234,7 +240,7 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
 
 /* One block of 32 floats to int16: returns dx, sets *sum. deint 1 (NF4): per 128-bit lane the even columns, then
  * the odd ones ([0 2 .. 14 | 1 3 .. 15], [16 .. 30 | 17 .. 31]); 2 (4-bit): all 16 even columns, then the odd ones. */
-static inline float quant_block16(const float *x, int16_t *out, int *sum, int deint) {
+static inline float quant_block16(const float *x, int16_t *out, int *sum, int *sum_lo, int deint) {
     const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
                  v3 = _mm256_loadu_ps(x + 24), sg = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sg, v0), _mm256_andnot_ps(sg, v1)),
@@ -249,7 +255,7 @@ static inline float quant_block16(const float *x, int16_t *out, int *sum, int de
     if (nan || !(amax > 0.0f)) { /* a NaN (max_ps would drop it): this x row's outputs become NaN; or all zeros */
         _mm256_storeu_si256((__m256i *)out, _mm256_setzero_si256());
         _mm256_storeu_si256((__m256i *)(out + 16), _mm256_setzero_si256());
-        *sum = 0;
+        *sum = *sum_lo = 0;
         return nan ? NAN : 0.0f;
     }
     const float d = amax / 32767.0f;
@@ -259,11 +265,9 @@ static inline float quant_block16(const float *x, int16_t *out, int *sum, int de
 #define QB16(v) _mm256_cvtps_epi32(_mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v, vd), nlim), lim), rm))
     const __m256i i0 = QB16(v0), i1 = QB16(v1), i2 = QB16(v2), i3 = QB16(v3);
 #undef QB16
-    const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-    __m128i s1 = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
-    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0x4e));
-    s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1));
-    *sum = _mm_cvtsi128_si32(s1);
+    const __m256i s01 = _mm256_add_epi32(i0, i1), s23 = _mm256_add_epi32(i2, i3);
+    *sum_lo = hsum_epi32(s01); /* columns 0-15 */
+    *sum = *sum_lo + hsum_epi32(s23);
     /* packs per 128-bit lane: [0-3 8-11 | 4-7 12-15]; permute4x64 0xd8 puts columns 0-15 in order */
     __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
     __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8);
@@ -310,6 +314,15 @@ static void qdec_gidx(int32_t *gidx, int64_t *gq, int64_t nb8, int bpg, int64_t 
  * scales: the last rows) goes through a scalar copy. cnt < 8 (a row's last chunk): lanes from cnt on are zeroed.
  * (The first version looped over the 8 blocks with a division and a scalar load each when bpg > 1: group 64
  * decoded at 1/3 of group 32's speed, benchmarks/results/cpu-qdecode-2026-12-01.) */
+/* K scales (quant.h; group 32, cols a multiple of 256): the chunk of 8 blocks at c0 is super-block c0 / 8 of the row
+ * whose scales start at row: 8 int8 sub-scales times its fp16 super-scale (the products the float32 layout stores) */
+static inline __m256 ld_blocks_k(const char *row, int64_t ng, int64_t c0) {
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + c0))));
+    uint16_t d;
+    memcpy(&d, row + ng + 2 * (c0 / 8), 2);
+    return _mm256_mul_ps(sc, _mm256_set1_ps(_cvtsh_ss(d)));
+}
+
 static inline __attribute__((always_inline)) __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int f16,
                                                               const int32_t *gidx, const int64_t *gq, size_t total) {
     const size_t i = g0 + (size_t)gq[c0 / 8];
@@ -351,10 +364,10 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
         for (int64_t b = 0; b < X->nb; b++) {
             const int64_t i = (int64_t)t * X->nb + b;
             const float *xb = x + (size_t)t * (size_t)C + (size_t)b * 32;
-            int sum;
+            int sum, lo = 0;
             float d;
             if (X->x16)
-                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, kind == QK_INT4 ? 2 : kind == QK_NF4 ? 1 : 0);
+                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, kind == QK_INT4 ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
                 d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4,
                                   span_absmax(x + (size_t)t * (size_t)C, C, b));
@@ -367,8 +380,44 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             }
             X->dx[(size_t)t * (size_t)X->nb8 + (size_t)b] = d;
             X->xs[(size_t)t * (size_t)X->nb8 + (size_t)b] = d * (float)sum;
-            _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
+            if (X->g16) {
+                float *x2 = X->xs2 + (size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2;
+                x2[0] = d * (float)lo;
+                x2[1] = d * (float)(sum - lo);
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16), _mm256_set1_epi32(16 * lo));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16 + 8), _mm256_set1_epi32(16 * (sum - lo)));
+            } else
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
         }
+}
+
+/* y[t, r0 + r] = the sum of acc[r][t] + off[r][t], for t < N, r < RR */
+static inline __attribute__((always_inline)) void qdec_store(float *y, int64_t R, int64_t r0, __m256 acc[4][QDEC_N],
+                                                             __m256 off[4][QDEC_N], const int N, const int RR) {
+    for (int t = 0; t < N; t++) {
+        float *yt = y + (size_t)t * (size_t)R + (size_t)r0;
+        if (RR == 4) { /* the 4 rows' sums in one vector: two rounds of hadd, then the two halves */
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(acc[0][t], off[0][t]), _mm256_add_ps(acc[1][t], off[1][t])),
+                                            _mm256_hadd_ps(_mm256_add_ps(acc[2][t], off[2][t]), _mm256_add_ps(acc[3][t], off[3][t])));
+            _mm_storeu_ps(yt, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        } else
+            for (int r = 0; r < RR; r++) yt[r] = hsum_ps(_mm256_add_ps(acc[r][t], off[r][t]));
+    }
+}
+
+/* Software prefetch of the codes: at 1 thread on the Zen 3 VM the decode step was stalled on code loads
+ * (perf: the cycles sat on the first use of each load); prefetching the rows that come after this block
+ * measured 1.3-1.8x on the demo model's shapes (lm_head 4.6 -> 2.3 ms, process CPU time, noisy machine).
+ * The chunk of 8 blocks at c0, pfrows rows on (>= 2 KB ahead in the code stream). */
+static inline size_t qdec_pfrows(size_t rowbytes, int RR) {
+    const size_t p = (2048 + rowbytes - 1) / rowbytes;
+    return p > (size_t)RR ? p : (size_t)RR;
+}
+static inline void qdec_prefetch(const uint8_t *const *q, int RR, size_t pfrows, size_t rowbytes, int64_t c0, int bits) {
+    for (int r = 0; r < RR; r++) {
+        const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
+        for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+    }
 }
 
 /* y[t, r0:r0+RR] for t < N, weight kind `kind`, activations int16 (X16) or int8. Blocks go 8 at a time: their
@@ -378,8 +427,8 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
                                                             const qx_t *X, const int N, const int RR, const int kind,
                                                             const int X16) {
     const int64_t nb = X->nb, ng = W->cols / W->group_size;
-    const int bits = kind == QK_INT8 || kind == QK_INT8_MIN ? 8 : 4, f16 = W->sdtype == FL_F16;
-    const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8;
+    const int bits = kind == QK_INT8 || kind == QK_INT8_MIN ? 8 : 4, f16 = W->sdtype == FL_F16, ks = W->sdtype == FL_I8;
+    const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8, ksrow = fl_q_srow_bytes(W->cols, W->group_size, W->sdtype);
     const uint8_t *q[4];
     size_t gr[4];
     __m256 acc[4][QDEC_N], off[4][QDEC_N];
@@ -394,24 +443,24 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
     /* NF4: T's low and high bytes (qx_t), in both 128-bit lanes */
     const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_lo)),
                   thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_hi));
-    /* Software prefetch of the codes: at 1 thread on the Zen 3 VM the decode step was stalled on code loads
-     * (perf: the cycles sat on the first use of each load); prefetching the rows that come after this block
-     * measured 1.3-1.8x on the demo model's shapes (lm_head 4.6 -> 2.3 ms, process CPU time, noisy machine). */
-    const size_t pfrows = (size_t)(2048 + rowbytes - 1) / rowbytes > (size_t)RR ? (2048 + rowbytes - 1) / rowbytes : (size_t)RR;
+    const size_t pfrows = qdec_pfrows(rowbytes, RR);
     /* NF4: T / 2^NF4_K folded into the scale (a power of two: exact) */
     const __m256 sfold = _mm256_set1_ps(kind == QK_NF4 ? 1.0f / (float)(1 << NF4_K) : 1.0f);
     for (int64_t c0 = 0; c0 < nb; c0 += 8) {
         const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
         __m256 ds[4][QDEC_N];
-        for (int r = 0; r < RR; r++) { /* the same chunk pfrows rows on (>= 2 KB ahead in the code stream) */
-            const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
-            for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
-        }
+        qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits);
         for (int r = 0; r < RR; r++) {
-            __m256 s8 = ld_blocks(W->scales_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
-            __m256 m8 = _mm256_setzero_ps();
-            if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
-            else if (kind == QK_INT4) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
+            __m256 s8, m8 = _mm256_setzero_ps();
+            if (ks) { /* K scales: every row is whole super-blocks, so cnt == 8 */
+                const size_t o = (size_t)(r0 + r) * ksrow;
+                s8 = ld_blocks_k((const char *)W->scales_d + o, ng, c0);
+                if (W->zeros_d) m8 = ld_blocks_k((const char *)W->zeros_d + o, ng, c0);
+            } else {
+                s8 = ld_blocks(W->scales_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
+                if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
+            }
+            if (!W->zeros_d && kind == QK_INT4) m8 = _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
             if (kind == QK_NF4) s8 = _mm256_mul_ps(s8, sfold);
             for (int t = 0; t < N; t++) {
                 const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)c0; /* x side: padded with zeros */
@@ -497,15 +546,124 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
             }
         }
     }
-    for (int t = 0; t < N; t++) {
-        float *yt = y + (size_t)t * (size_t)R + (size_t)r0;
-        if (RR == 4) { /* the 4 rows' sums in one vector: two rounds of hadd, then the two halves */
-            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_add_ps(acc[0][t], off[0][t]), _mm256_add_ps(acc[1][t], off[1][t])),
-                                            _mm256_hadd_ps(_mm256_add_ps(acc[2][t], off[2][t]), _mm256_add_ps(acc[3][t], off[3][t])));
-            _mm_storeu_ps(yt, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-        } else
-            for (int r = 0; r < RR; r++) yt[r] = hsum_ps(_mm256_add_ps(acc[r][t], off[r][t]));
+    qdec_store(y, R, r0, acc, off, N, RR);
+}
+
+/* 16 values (scales or offsets) from p[i] on, n of them (lanes from n on zero), as two vectors. K scales (ksrow > 0:
+ * group 16, whole super-blocks, n == 16): the 16 groups of super-block i / 16 of row `row`, sub-scale times super-scale */
+static inline void ld16(const void *p, size_t i, int n, int f16, size_t ksrow, int64_t row, int64_t ng, __m256 out[2]) {
+    if (ksrow) {
+        const char *rp = (const char *)p + (size_t)row * ksrow;
+        const __m128i sc = _mm_loadu_si128((const __m128i *)(rp + (i - (size_t)row * (size_t)ng)));
+        uint16_t d;
+        memcpy(&d, rp + ng + 2 * ((i - (size_t)row * (size_t)ng) / 16), 2);
+        const __m256 vd = _mm256_set1_ps(_cvtsh_ss(d));
+        out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), vd);
+        out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), vd);
+        return;
     }
+    if (n == 16) {
+        if (f16) {
+            out[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+            out[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i + 8)));
+        } else {
+            out[0] = _mm256_loadu_ps((const float *)p + i);
+            out[1] = _mm256_loadu_ps((const float *)p + i + 8);
+        }
+        return;
+    }
+    float tmp[16] = {0};
+    for (int j = 0; j < n; j++) tmp[j] = ld_s(p, i + (size_t)j, f16);
+    out[0] = _mm256_loadu_ps(tmp);
+    out[1] = _mm256_loadu_ps(tmp + 8);
+}
+
+/* 16-column groups (GGUF Q6_K, a fused weight holding a Q6_K part, GPTQ / int4 at load with group 16): INT16
+ * activations only (FASTLOAD_CPU_QDOT=int8 takes this path too, as NF4 does; NF4 with 16-column groups takes the
+ * float path). Each block of 32 columns of x holds two groups, lo (columns 0-15) and hi (16-31). Per chunk of 8
+ * blocks the 16 groups' s * dx_b go to a small array and are broadcast from there per block:
+ *   8-bit: madd(ca, xa) holds the lo columns, madd(cb, xb) the hi ones (x16 in column order): two FMAs, and for
+ *          the min form 16 * the sum of each half added as an integer (bs16), as the 32-column kernel does;
+ *   4-bit: madd(ca, xa) + madd(cb, xb): lanes 0-3 hold columns 0-15 and lanes 4-7 columns 16-31 (code byte k holds
+ *          columns 2k and 2k + 1, x16 is [evens | odds]): one FMA with [lo x 4 | hi x 4].
+ * Offsets (min form; 4-bit symmetric: -8 s): each half's m times dx_b * that half's sum (xs2), 8 halves an FMA.
+ * (The first Q6_K decode, through the float path, ran 0.32x llama.cpp's speed on a 1024-wide model:
+ * benchmarks/cpu_gguf_types.py.) */
+static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
+                                                              const qx_t *X, const int N, const int RR, const int kind) {
+    const int64_t nb = X->nb, ng = W->cols / 16;
+    const int bits = kind == QK_INT4 ? 4 : 8, f16 = W->sdtype == FL_F16, hoff = kind == QK_INT4 || W->zeros_d;
+    const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8, pfrows = qdec_pfrows(rowbytes, RR),
+                 ksrow = W->sdtype == FL_I8 ? fl_q_srow_bytes(W->cols, 16, FL_I8) : 0;
+    const uint8_t *q[4];
+    size_t gr[4];
+    __m256 acc[4][QDEC_N], off[4][QDEC_N];
+    float ds[4][QDEC_N][16] __attribute__((aligned(32)));
+    for (int r = 0; r < RR; r++) {
+        q[r] = (const uint8_t *)W->data_d + (size_t)(r0 + r) * rowbytes;
+        gr[r] = (size_t)(r0 + r) * (size_t)ng;
+        for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
+    }
+    const __m256i x80 = _mm256_set1_epi8((char)0x80), m4w = _mm256_set1_epi16(15),
+                  dup0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), dup1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    for (int64_t c0 = 0; c0 < nb; c0 += 8) {
+        const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
+        qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits);
+        for (int r = 0; r < RR; r++) {
+            __m256 s[2], m[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            ld16(W->scales_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, ksrow, r0 + r, ng, s);
+            if (W->zeros_d) ld16(W->zeros_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, ksrow, r0 + r, ng, m);
+            else if (kind == QK_INT4) {
+                m[0] = _mm256_mul_ps(s[0], _mm256_set1_ps(-8.0f));
+                m[1] = _mm256_mul_ps(s[1], _mm256_set1_ps(-8.0f));
+            }
+            for (int t = 0; t < N; t++) { /* dx and xs2 are zero past the row's last block */
+                const __m256 dx = _mm256_loadu_ps(X->dx + (size_t)t * (size_t)X->nb8 + (size_t)c0);
+                _mm256_store_ps(ds[r][t], _mm256_mul_ps(s[0], _mm256_permutevar8x32_ps(dx, dup0)));
+                _mm256_store_ps(ds[r][t] + 8, _mm256_mul_ps(s[1], _mm256_permutevar8x32_ps(dx, dup1)));
+                if (hoff) {
+                    const float *x2 = X->xs2 + (size_t)t * (size_t)X->nb8 * 2 + (size_t)c0 * 2;
+                    off[r][t] = _mm256_fmadd_ps(m[0], _mm256_loadu_ps(x2), off[r][t]);
+                    off[r][t] = _mm256_fmadd_ps(m[1], _mm256_loadu_ps(x2 + 8), off[r][t]);
+                }
+            }
+        }
+        for (int j = 0; j < cnt; j++) {
+            const int64_t b = c0 + j;
+            __m256i xa[QDEC_N], xb[QDEC_N];
+            for (int t = 0; t < N; t++) {
+                const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
+                xa[t] = _mm256_loadu_si256(xp);
+                xb[t] = _mm256_loadu_si256(xp + 1);
+            }
+            for (int r = 0; r < RR; r++) {
+                if (kind == QK_INT4) {
+                    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
+                    const __m256i ca = _mm256_and_si256(c, m4w), cb = _mm256_srli_epi16(c, 4);
+                    for (int t = 0; t < N; t++) {
+                        const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
+                        const __m256 sc = _mm256_set_m128(_mm_broadcast_ss(&ds[r][t][2 * j + 1]), _mm_broadcast_ss(&ds[r][t][2 * j]));
+                        acc[r][t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(i32), acc[r][t]);
+                    }
+                } else {
+                    const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
+                    const __m256i ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw)),
+                                  cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+                    for (int t = 0; t < N; t++) {
+                        __m256i ia = _mm256_madd_epi16(ca, xa[t]), ib = _mm256_madd_epi16(cb, xb[t]);
+                        if (kind == QK_INT8_MIN) {
+                            const int32_t *bs = X->bs16 + ((size_t)t * (size_t)nb + (size_t)b) * 16;
+                            ia = _mm256_add_epi32(ia, _mm256_loadu_si256((const __m256i *)bs));
+                            ib = _mm256_add_epi32(ib, _mm256_loadu_si256((const __m256i *)(bs + 8)));
+                        }
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[r][t][2 * j]), _mm256_cvtepi32_ps(ia), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[r][t][2 * j + 1]), _mm256_cvtepi32_ps(ib), acc[r][t]);
+                    }
+                }
+            }
+        }
+    }
+    qdec_store(y, R, r0, acc, off, N, RR);
 }
 
 static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
@@ -541,27 +699,57 @@ static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
 QDEC_BLOCK(qdec_block8, 0)
 QDEC_BLOCK(qdec_block16, 1)
 
+/* the same for 16-column groups (qdec16_rows; no NF4) */
+#define QDEC16_ROWS(N_, RR_, R0_)                                                                   \
+    switch (kind) {                                                                                 \
+    case QK_INT4: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT4); break;                            \
+    case QK_INT8: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT8); break;                            \
+    case QK_INT8_MIN: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT8_MIN); break;                    \
+    default: break;                                                                                 \
+    }
+#define QDEC16_CASE(N_, RR_)                                                                        \
+    case N_:                                                                                        \
+        if (rr == RR_) {                                                                            \
+            QDEC16_ROWS(N_, RR_, r0)                                                                \
+        } else                                                                                      \
+            for (int64_t r = r0; r < r0 + rr; r++) { QDEC16_ROWS(N_, 1, r) }                        \
+        break;
+static void qdec_block_g16(float *y, int64_t R, const fl_weight *W, int64_t r0, int rr, const qx_t *X, int n, int kind) {
+    switch (n) {
+    QDEC16_CASE(1, 4)
+    QDEC16_CASE(2, 2)
+    QDEC16_CASE(3, 1)
+    QDEC16_CASE(4, 1)
+    default: break;
+    }
+}
+
 /* y[n, R] = x[n, C] @ dequant(W)^T for n <= QDEC_N; x16: INT16 activations (NF4 always: FASTLOAD_CPU_QDOT=int8
  * gives NF4 weights int16 activations too, as there is no int8 NF4 kernel), else INT8 */
 static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, int x16) {
     const int64_t R = W->rows, C = W->cols;
-    const int kind = qdec_kind(W);
-    if (kind == QK_NF4) x16 = 1;
-    qx_t X = {.nb = C / 32};
+    const int kind = qdec_kind(W), g16 = W->group_size == 16;
+    if (kind == QK_NF4 || g16) x16 = 1;
+    qx_t X = {.nb = C / 32, .g16 = g16};
     X.nb8 = (X.nb + 7) / 8 * 8;
-    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, xb = x16 ? 64 : 32;
-    /* bs16 [n][nb][8] int32, x [n][nb][32], dx and xs [n][nb8], gidx [nb8], gq [nb8 / 8] */
-    char *mem = fl_malloc(nbt * (32 + xb) + nbt8 * 12 + nbt8 / 8 * 8);
+    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, xb = x16 ? 64 : 32,
+                 bsb = g16 ? 64 : 32, x0 = nbt * (bsb + xb);
+    /* bs16 [n][nb][8 or 16] int32, x [n][nb][32], dx and xs [n][nb8], gidx [nb8], gq [nb8 / 8], xs2 [n][2 nb8] (g16) */
+    char *mem = fl_malloc(x0 + nbt8 * 12 + nbt8 / 8 * 8 + (g16 ? nbt8 * 8 : 0));
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
-    if (x16) X.x16 = (int16_t *)(mem + nbt * 32);
-    else X.x8 = (int8_t *)(mem + nbt * 32);
-    X.dx = (float *)(mem + nbt * (32 + xb));
-    X.xs = (float *)(mem + nbt * (32 + xb) + nbt8 * 4);
-    X.gidx = (int32_t *)(mem + nbt * (32 + xb) + nbt8 * 8);
-    X.gq = (int64_t *)(mem + nbt * (32 + xb) + nbt8 * 12);
+    if (x16) X.x16 = (int16_t *)(mem + nbt * bsb);
+    else X.x8 = (int8_t *)(mem + nbt * bsb);
+    X.dx = (float *)(mem + x0);
+    X.xs = (float *)(mem + x0 + nbt8 * 4);
+    X.gidx = (int32_t *)(mem + x0 + nbt8 * 8);
+    X.gq = (int64_t *)(mem + x0 + nbt8 * 12);
     memset(X.dx, 0, nbt8 * 8);
-    qdec_gidx(X.gidx, X.gq, X.nb8, W->group_size / 32, C / W->group_size);
+    if (g16) {
+        X.xs2 = (float *)(mem + x0 + nbt8 * 12 + nbt8 / 8 * 8);
+        memset(X.xs2, 0, nbt8 * 8);
+    } else
+        qdec_gidx(X.gidx, X.gq, X.nb8, W->group_size / 32, C / W->group_size);
     for (int i = 0; i < 16; i++) { /* nf4 * 2^NF4_K is exact in float32; lrintf rounds it half to even */
         const uint16_t v = (uint16_t)(int16_t)lrintf(fl_nf4_table[i] * (float)(1 << NF4_K));
         X.t_lo[i] = (uint8_t)(v & 0xff);
@@ -573,7 +761,8 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
     for (int64_t blk = 0; blk < nblk; blk++) {
         const int64_t r0 = blk * rr;
-        if (x16) qdec_block16(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
+        if (g16) qdec_block_g16(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
+        else if (x16) qdec_block16(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
         else qdec_block8(y, R, W, r0, (int)(R - r0 < rr ? R - r0 : rr), &X, n, kind);
     }
     fl_free(mem);
@@ -599,7 +788,8 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     /* Up to QDEC_N rows of x per pass over the codes; more rows (the engine's decode steps batch requests) go in
      * passes of QDEC_N: the codes are read ceil(n / QDEC_N) times, not dequantised to float for a GEMM. Past
      * QDEC_MAX_N rows (prefill) the float GEMM reads them once and wins. */
-    const int mode = n >= 1 && n <= QDEC_MAX_N && L.group_size % 32 == 0 ? qdot_mode() : QDOT_FLOAT;
+    const int g16ok = L.group_size == 16 && C % 32 == 0 && L.code == FL_QCODE_INT; /* qdec16_rows */
+    const int mode = n >= 1 && n <= QDEC_MAX_N && (L.group_size % 32 == 0 || g16ok) ? qdot_mode() : QDOT_FLOAT;
     if (mode != QDOT_FLOAT) {
         const int64_t R = W->rows;
         st = FL_OK;

@@ -645,7 +645,7 @@ static const char *weight_dtype_name(const fl_weight *w) {
 
 /* layouts() -> [{"name", "dtype", "bits", "group_size", "scale_dtype", "zeros", "perm", "bytes", "rows", "cols"}]:
  * one dict per weight in arena order (lm_head only when untied). Float weights: bits 16 / 32, group_size 0,
- * scale_dtype None. */
+ * scale_dtype None; K scales (csrc/quant.h): "kscale". */
 static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
     fl_model *m = self->m;
     const int nw = fl_model_n_weights(m);
@@ -660,7 +660,7 @@ static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
         const int q = w->dtype == FL_QUANT;
         PyObject *d = Py_BuildValue("{s:s,s:s,s:i,s:i,s:z,s:O,s:O,s:K,s:L,s:L}", "name", name, "dtype", weight_dtype_name(w),
                                     "bits", q ? w->bits : 8 * fl_dtype_size(w->dtype), "group_size", q ? w->group_size : 0,
-                                    "scale_dtype", q ? fl_dtype_table[w->sdtype].np_name : NULL,
+                                    "scale_dtype", q ? (w->sdtype == FL_I8 ? "kscale" : fl_dtype_table[w->sdtype].np_name) : NULL,
                                     "zeros", q && w->zeros_d ? Py_True : Py_False, "perm", q && w->perm_d ? Py_True : Py_False,
                                     "bytes", (unsigned long long)bytes, "rows", (long long)w->rows, "cols", (long long)w->cols);
         if (!d) { Py_DECREF(out); return NULL; }
@@ -694,7 +694,7 @@ typedef struct { const fl_weight *w; int64_t row0, rows; float *out; fl_backend 
 static fl_status export_quant_core(export_args *a) {
     const fl_weight *w = a->w;
     const int64_t C = w->cols, R = a->rows;
-    const size_t cb = (size_t)C * (size_t)w->bits / 8, sb = (size_t)(C / w->group_size) * (size_t)fl_dtype_size(w->sdtype);
+    const size_t cb = (size_t)C * (size_t)w->bits / 8, sb = fl_q_srow_bytes(C, w->group_size, w->sdtype);
     const size_t nc = cb * (size_t)R, ns = sb * (size_t)R, np = w->perm_d ? (size_t)C * 4 : 0;
     char *h = fl_malloc(nc + 2 * ns + np + (size_t)C * 4 + 64);
     if (!h) return fl_err(FL_E_NOMEM, "export: cannot allocate a host copy of the weight");

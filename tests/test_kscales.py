@@ -1,0 +1,85 @@
+"""K scales (csrc/quant.h): on the CPU a weight whose parts are all GGUF K-quants of one group size and form keeps
+the file's two-level scales (int8 sub-scale x fp16 super-scale per 256 columns) instead of their float32 products.
+The products are exact either way, so every logit must be the same bits as with float32 scales
+(FASTLOAD_CPU_KSCALE=0), with fewer weight bytes; weights that mix K-quants with other forms (Q4_K_M's q|k|v with a
+Q6_K v) keep float32 scales; both stay equal to the float reference (test_quant_checkpoints.py)."""
+import numpy as np
+import pytest
+
+import fastload
+import quant_fixtures as qf
+
+CASES = ["gguf-Q4_K", "gguf-Q5_K", "gguf-Q6_K", "gguf-Q4_K_M", "gguf-mixed-all"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kscale")
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = qf.write_case(case, root)
+        return cache[case]
+    return get
+
+
+def load(path, monkeypatch, ks):
+    monkeypatch.setenv("FASTLOAD_CPU_KSCALE", ks)
+    return fastload.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", torch_dtype="float32")
+
+
+def layouts(m):
+    return {d["name"]: d for d in m._core.layouts()}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kscales_give_the_same_bits_in_fewer_bytes(built, case, monkeypatch):
+    q, _ref = built(case)
+    mk, mf = load(q, monkeypatch, "1"), load(q, monkeypatch, "0")
+    lk, lf = layouts(mk), layouts(mf)
+    ks = [n for n, d in lk.items() if d["scale_dtype"] == "kscale"]
+    assert not [n for n, d in lf.items() if d["scale_dtype"] == "kscale"]      # FASTLOAD_CPU_KSCALE=0 turns them off
+    if case != "gguf-mixed-all":                                                # there every weight mixes forms
+        assert ks, f"{case}: no weight kept K scales: {[(n, d['scale_dtype']) for n, d in lk.items()]}"
+    for n in ks:                                                                # K scales take fewer bytes
+        assert lk[n]["bytes"] < lf[n]["bytes"] and lf[n]["scale_dtype"] == "float32", (n, lk[n], lf[n])
+        assert {k: v for k, v in lk[n].items() if k not in ("bytes", "scale_dtype")} == \
+               {k: v for k, v in lf[n].items() if k not in ("bytes", "scale_dtype")}
+    for n in set(lk) - set(ks):
+        assert lk[n] == lf[n], n
+    assert (mk._core.info["weight_bytes"] < mf._core.info["weight_bytes"]) == bool(ks)
+    V = mk.config["vocab_size"]
+    ids = np.random.default_rng(3).integers(3, V, (2, 12))
+    for n in (12, 1):                                          # prefill (float GEMM), one token (integer decode)
+        a, b = np.asarray(mk(ids[:, :n]).logits), np.asarray(mf(ids[:, :n]).logits)
+        np.testing.assert_array_equal(a, b, err_msg=f"{case}: {n} tokens")
+    ga = mk.generate(ids[:1, :6], max_new_tokens=6, do_sample=False)
+    gb = mf.generate(ids[:1, :6], max_new_tokens=6, do_sample=False)
+    np.testing.assert_array_equal(ga, gb)
+
+
+def test_q4_k_m_layout_choice(built, monkeypatch):
+    """Q4_K_M's mix (the fixture's: q, k, o, gate, up Q4_K; v and down Q6_K): gate|up and o take K scales (Q4_K, group
+    32, offsets), down takes them as Q6_K (group 16, symmetric); q|k|v mixes both forms and keeps float32 scales."""
+    q, _ref = built("gguf-Q4_K_M")
+    lk = layouts(load(q, monkeypatch, "1"))
+    by = {}
+    for n, d in lk.items():
+        by.setdefault(n.split(".")[-1] if "." in n else n, set()).add((d["scale_dtype"], d["group_size"], d["zeros"]))
+    kinds = {k: v for k, v in by.items() if any(s[0] in ("kscale", "float32") for s in v)}
+    assert any(("kscale", 32, True) in v for v in kinds.values()), kinds
+    assert any(("kscale", 16, False) in v for v in kinds.values()), kinds
+    assert any(("float32", 16, True) in v for v in kinds.values()), kinds       # q|k|v: Q4_K with Q6_K
+
+
+def test_export_of_kscale_weights_is_the_float_values(built, tmp_path, monkeypatch):
+    """save_pretrained dequantises: K scales export the same float values as float32 scales."""
+    q, _ref = built("gguf-Q6_K")
+    for ks in ("1", "0"):
+        load(q, monkeypatch, ks).save_pretrained(str(tmp_path / ks))
+    a = qf.read_safetensors(str(tmp_path / "1" / "model.safetensors"))
+    b = qf.read_safetensors(str(tmp_path / "0" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
