@@ -8,20 +8,9 @@ import pytest
 
 import fastload
 import quant_fixtures as qf
+from test_quant_checkpoints import built  # noqa: F401 (the fixture: case id -> (quantised path, reference path))
 
 CASES = ["gguf-Q4_K", "gguf-Q5_K", "gguf-Q6_K", "gguf-Q4_K_M", "gguf-mixed-all"]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kscale")
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            cache[case] = qf.write_case(case, root)
-        return cache[case]
-    return get
 
 
 def load(path, monkeypatch, ks):

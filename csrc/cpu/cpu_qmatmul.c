@@ -420,6 +420,27 @@ static inline void qdec_prefetch(const uint8_t *const *q, int RR, size_t pfrows,
     }
 }
 
+/* INT16 mode: block b of each of the N rows of x, as two vectors of 16 */
+static inline __attribute__((always_inline)) void ld_x16(const qx_t *X, const int N, int64_t b, __m256i *xa, __m256i *xb) {
+    for (int t = 0; t < N; t++) {
+        const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)X->nb + (size_t)b) * 32);
+        xa[t] = _mm256_loadu_si256(xp);
+        xb[t] = _mm256_loadu_si256(xp + 1);
+    }
+}
+/* 16 bytes of 4-bit codes as int16: lane k = byte k, its low nibble (column 2k) in *ca, its high one in *cb */
+static inline void q4_codes16(const uint8_t *p, __m256i *ca, __m256i *cb) {
+    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *ca = _mm256_and_si256(c, _mm256_set1_epi16(15));
+    *cb = _mm256_srli_epi16(c, 4);
+}
+/* 32 bytes of 8-bit codes as int16 q - 128: columns 0-15 in *ca, 16-31 in *cb */
+static inline void q8_codes16(const uint8_t *p, __m256i *ca, __m256i *cb) {
+    const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p), _mm256_set1_epi8((char)0x80));
+    *ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+    *cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+}
+
 /* y[t, r0:r0+RR] for t < N, weight kind `kind`, activations int16 (X16) or int8. Blocks go 8 at a time: their
  * scales, offsets and dx in vectors, each block's s * dx_b a lane broadcast (vpermps); INT16: one block per step;
  * INT8: 4-bit codes two blocks (32 bytes) per step. N, RR, kind, X16 are constants in each instance. */
@@ -438,7 +459,7 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
         for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
     }
     const __m256i ones = _mm256_set1_epi16(1), x80 = _mm256_set1_epi8((char)0x80), m4b = _mm256_set1_epi8(15),
-                  m4w = _mm256_set1_epi16(15), pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                  pairlanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
                   nf4sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     /* NF4: T's low and high bytes (qx_t), in both 128-bit lanes */
     const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)X->t_lo)),
@@ -473,29 +494,20 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
             if (X16) { /* one block: 32 int16 x, two madd_epi16 per row and token */
                 const __m256i lane = _mm256_set1_epi32(j);
                 __m256i xa[QDEC_N], xb[QDEC_N];
-                for (int t = 0; t < N; t++) {
-                    const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
-                    xa[t] = _mm256_loadu_si256(xp);
-                    xb[t] = _mm256_loadu_si256(xp + 1);
-                }
+                ld_x16(X, N, b, xa, xb);
                 for (int r = 0; r < RR; r++) {
                     __m256i ca, cb;
-                    if (kind == QK_INT4) { /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
-                        const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
-                        ca = _mm256_and_si256(c, m4w);
-                        cb = _mm256_srli_epi16(c, 4);
-                    } else if (kind == QK_NF4) { /* [low nibbles | high nibbles] -> T[q] as int16 */
+                    if (kind == QK_INT4) /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
+                        q4_codes16(q[r] + b * 16, &ca, &cb);
+                    else if (kind == QK_NF4) { /* [low nibbles | high nibbles] -> T[q] as int16 */
                         /* the 16 bytes in both lanes (a load, no shuffle), the upper lane shifted by 4 */
                         const __m256i c = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
                         const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(c, nf4sh), m4b);
                         const __m256i wl = _mm256_shuffle_epi8(tlo, idx), wh = _mm256_shuffle_epi8(thi, idx);
                         ca = _mm256_unpacklo_epi8(wl, wh);
                         cb = _mm256_unpackhi_epi8(wl, wh);
-                    } else {
-                        const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
-                        ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
-                        cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
-                    }
+                    } else
+                        q8_codes16(q[r] + b * 32, &ca, &cb);
                     for (int t = 0; t < N; t++) {
                         __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
                         if (kind == QK_INT8_MIN)
@@ -604,8 +616,7 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
         gr[r] = (size_t)(r0 + r) * (size_t)ng;
         for (int t = 0; t < N; t++) { acc[r][t] = _mm256_setzero_ps(); off[r][t] = _mm256_setzero_ps(); }
     }
-    const __m256i x80 = _mm256_set1_epi8((char)0x80), m4w = _mm256_set1_epi16(15),
-                  dup0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), dup1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    const __m256i dup0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), dup1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
     for (int64_t c0 = 0; c0 < nb; c0 += 8) {
         const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
         qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits);
@@ -631,24 +642,18 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
         for (int j = 0; j < cnt; j++) {
             const int64_t b = c0 + j;
             __m256i xa[QDEC_N], xb[QDEC_N];
-            for (int t = 0; t < N; t++) {
-                const __m256i *xp = (const __m256i *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32);
-                xa[t] = _mm256_loadu_si256(xp);
-                xb[t] = _mm256_loadu_si256(xp + 1);
-            }
+            ld_x16(X, N, b, xa, xb);
             for (int r = 0; r < RR; r++) {
+                __m256i ca, cb;
                 if (kind == QK_INT4) {
-                    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
-                    const __m256i ca = _mm256_and_si256(c, m4w), cb = _mm256_srli_epi16(c, 4);
+                    q4_codes16(q[r] + b * 16, &ca, &cb);
                     for (int t = 0; t < N; t++) {
                         const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
                         const __m256 sc = _mm256_set_m128(_mm_broadcast_ss(&ds[r][t][2 * j + 1]), _mm_broadcast_ss(&ds[r][t][2 * j]));
                         acc[r][t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(i32), acc[r][t]);
                     }
                 } else {
-                    const __m256i raw = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q[r] + b * 32)), x80);
-                    const __m256i ca = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw)),
-                                  cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+                    q8_codes16(q[r] + b * 32, &ca, &cb);
                     for (int t = 0; t < N; t++) {
                         __m256i ia = _mm256_madd_epi16(ca, xa[t]), ib = _mm256_madd_epi16(cb, xb[t]);
                         if (kind == QK_INT8_MIN) {
