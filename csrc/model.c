@@ -780,13 +780,19 @@ static int kscales_ok(const fl_model *m) {
     return m->be && m->be->name && !strcmp(m->be->name, "cpu") && !(e && !strcmp(e, "0"));
 }
 
+/* Split codes (csrc/quant.h: 5- and 6-bit GGUF codes in 5 / 6 bits) likewise; FASTLOAD_CPU_CODES56=0 keeps a byte each */
+static int codes56_ok(const fl_model *m) {
+    const char *e = getenv("FASTLOAD_CPU_CODES56");
+    return m->be && m->be->name && !strcmp(m->be->name, "cpu") && !(e && !strcmp(e, "0"));
+}
+
 /* First load: settle each weight's dtype / layout from the parts that fill it (lay[weight id]).
  *   any float part, scheme parts mixed with kept-quantised parts, or different code books  -> the float dtype
  *   parts quantised at load -> the scheme's layout; kept-quantised parts -> their common layout
  * Act-order permutations of fused parts must be equal. */
 static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout *lay) {
     const int nid = n_weight_ids(m);
-    typedef struct { int nfloat, nquant, nscheme, mixed, first, nk, kform; } acc_t;
+    typedef struct { int nfloat, nquant, nscheme, mixed, first, nk, kform, ngguf, maxcb; } acc_t;
     acc_t *acc = calloc((size_t)nid, sizeof *acc);
     if (!acc) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
     for (int i = 0; i < nid; i++) acc[i].first = -1;
@@ -795,6 +801,11 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
         acc_t *a = &acc[p->wid];
         if (p->kind == SRC_FLOAT) { a->nfloat++; continue; }
         if (p->kind == SRC_QUANT) a->nquant++; else a->nscheme++;
+        if (p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML) { /* split codes: the widest part */
+            const int cb = fl_q_ggml_code_bits(p->it->src.type);
+            a->ngguf++;
+            if (cb > a->maxcb) a->maxcb = cb;
+        }
         if (p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML &&
             (p->it->src.type == GGML_Q4_K || p->it->src.type == GGML_Q5_K || p->it->src.type == GGML_Q6_K)) {
             /* K scales (quant.h) need one group size and one form over the parts: kform = group * 2 + zeros */
@@ -831,6 +842,9 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
         if (i == a->first && a->nk == a->nquant && !a->nscheme && a->kform > 0 && kscales_ok(m) &&
             w->cols % FL_KS_SUPER == 0)
             lay[p->wid].sdtype = FL_I8; /* every part a K-quant of one group and form: the file's two-level scales */
+        if (i == a->first && a->ngguf == a->nquant && !a->nscheme && (a->maxcb == 5 || a->maxcb == 6) && L->bits == 8 &&
+            L->code == FL_QCODE_INT && !L->has_perm && codes56_ok(m) && w->cols % (a->maxcb == 6 ? 128 : 256) == 0)
+            lay[p->wid].bits = a->maxcb; /* GGUF parts of at most 6 bits: split codes, not a byte each */
         w->dtype = FL_QUANT;
         w->bits = L->bits;
         w->group_size = L->group_size;
@@ -849,10 +863,18 @@ static fl_status check_fits(const qplan *p) {
     const fl_qlayout W = fl_q_layout_of(w);
     int ok;
     if (p->kind == SRC_FLOAT) ok = 0;
-    else if (W.sdtype == FL_I8) /* K scales: a K-quant part of the weight's group and form (write_row checks again) */
-        ok = p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML &&
-             (p->it->src.type == GGML_Q4_K || p->it->src.type == GGML_Q5_K || p->it->src.type == GGML_Q6_K) &&
-             p->L.group_size == W.group_size && p->L.has_zeros == W.has_zeros && p->L.bits <= W.bits;
+    else if (W.sdtype == FL_I8 || W.bits == 5 || W.bits == 6) { /* K scales or split codes (quant.h): GGUF parts only */
+        const int gg = p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML, t = gg ? p->it->src.type : -1;
+        fl_qlayout P = p->L;
+        if (gg && (W.bits == 5 || W.bits == 6)) P.bits = fl_q_ggml_code_bits(t);
+        if (W.sdtype == FL_I8) /* a K-quant part of the weight's group and form (write_row checks again) */
+            ok = gg && (t == GGML_Q4_K || t == GGML_Q5_K || t == GGML_Q6_K) && P.group_size == W.group_size &&
+                 P.has_zeros == W.has_zeros && P.bits <= W.bits;
+        else {
+            const fl_qlayout c = fl_q_common_layout(&W, &P);
+            ok = gg && W.code == P.code && W.has_perm == P.has_perm && layout_eq(&c, &W);
+        }
+    }
     else if (p->kind == SRC_SCHEME) ok = layout_eq(&W, &p->L);
     else {
         const fl_qlayout c = fl_q_common_layout(&W, &p->L);

@@ -107,7 +107,8 @@ static const char *sd_name(fl_dtype t) { return t == FL_F32 ? "float32" : t == F
 static fl_status check_holds(const fl_weight *w, const fl_qlayout *P, const char *what, const char *what2) {
     if (!w || w->dtype != FL_QUANT || !w->data_d || !w->scales_d)
         return fl_err(FL_E_VALUE, "%s%s: the destination is not a quantised weight with codes and scales", what, what2);
-    if ((w->bits != 4 && w->bits != 8) || w->group_size <= 0 || w->cols % w->group_size)
+    const int split = (w->bits == 5 || w->bits == 6) && w->cols % (w->bits == 6 ? 128 : 256) == 0;
+    if ((w->bits != 4 && w->bits != 8 && !split) || w->group_size <= 0 || w->cols % w->group_size)
         return fl_err(FL_E_VALUE, "%s%s: the destination's layout (bits %d, group %d, %lld columns) is invalid", what, what2,
                       w->bits, w->group_size, (long long)w->cols);
     if (w->bits < P->bits || P->group_size % w->group_size || w->code != P->code || (P->has_zeros && !w->zeros_d) ||
@@ -144,7 +145,17 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
         for (int64_t c = 0; c < C; c++) dst[c] = (uint8_t)(v[c] + shift);
     } else {
         for (int64_t k = 0; k < C / 2; k++)
-            dst[k] = (uint8_t)((uint8_t)(v[2 * k] + shift) | (uint8_t)((uint8_t)(v[2 * k + 1] + shift) << 4));
+            dst[k] = (uint8_t)(((uint8_t)(v[2 * k] + shift) & 15u) | (uint8_t)((uint8_t)(v[2 * k + 1] + shift) << 4));
+    }
+    if (bits == 5 || bits == 6) { /* the high plane (quant.h: split codes) */
+        uint8_t *hp = dst + C / 2;
+        const int span = bits == 6 ? 128 : 256, per = span / 32, hb = bits - 4;
+        memset(hp, 0, (size_t)(C * hb / 8));
+        for (int64_t c = 0; c < C; c++) {
+            const int64_t blk = c / 32, w = c % 32, l = w & 1 ? 16 + w / 2 : w / 2;
+            const unsigned hi = (uint8_t)(v[c] + shift) >> 4;
+            hp[(blk / per) * 32 + l] |= (uint8_t)(hi << (hb * (blk % per)));
+        }
     }
     if (w->sdtype == FL_I8) { /* the file's two-level form, copied (quant.h: K scales) */
         const size_t sb = fl_q_srow_bytes(C, (int)G, FL_I8), nsup = (size_t)(C / FL_KS_SUPER);
@@ -331,9 +342,20 @@ static fl_status fast_row(const fl_weight *w, int64_t r, int t, const void *src,
     return FL_OK;
 }
 
+/* The bits a ggml type's codes really have (fl_q_layout_for_ggml holds 5- and 6-bit ones in a byte) */
+int fl_q_ggml_code_bits(int t) {
+    switch (t) {
+    case GGML_Q4_0: case GGML_Q4_1: case GGML_Q4_K: return 4;
+    case GGML_Q5_0: case GGML_Q5_1: case GGML_Q5_K: return 5;
+    case GGML_Q6_K: return 6;
+    default: return 8;
+    }
+}
+
 fl_status fl_q_from_ggml_row(const fl_weight *w, int64_t r, int ggml_type, const void *src, int64_t cols) {
     fl_qlayout P;
     FL_TRY(fl_q_layout_for_ggml(ggml_type, &P));
+    if (w && (w->bits == 5 || w->bits == 6)) P.bits = fl_q_ggml_code_bits(ggml_type); /* split codes hold it if <= */
     FL_TRY(check_holds(w, &P, "ggml type ", fl_ggml_type_name(ggml_type)));
     const int blck = fl_ggml_block_elems(ggml_type);
     if (!src || cols != w->cols || cols <= 0 || cols % blck || r < 0 || r >= w->rows)

@@ -41,7 +41,18 @@
  *   GPTQ / AWQ     bits 4/8, min form, fp32 s = scale, m = -scale * zero  (exact in fp32)
  *   g_idx          columns sorted by group (stable), perm_d = that order; a g_idx whose groups are not
  *                  all group_size columns is refused (it cannot be written as contiguous groups)
- * 5- and 6-bit GGUF types are stored one byte per value: exact, at 8 bits plus scales per weight.
+ * 5- and 6-bit GGUF types are stored one byte per value (exact, 8 bits plus scales per weight) where the kernels
+ * read only bytes and nibbles (CUDA); the CPU holds them as split codes (below).
+ *
+ * Split codes (bits 5 or 6; the CPU backend only, FASTLOAD_CPU_CODES56=0 turns them off): a weight whose parts are all
+ * GGUF types with codes of at most 6 bits of which some have 5 or 6 (Q5_0, Q5_1, Q5_K, Q6_K, alone or fused with 4-bit
+ * parts: Q4_K_M's q|k|v with a Q6_K v) keeps them in bits-per-weight instead of a byte each. Row r of data_d is the
+ * low 4 bits of every code as bits == 4 packs them (cols / 2 bytes), then the high plane (cols * (bits - 4) / 8
+ * bytes): for bits 6 per span of 128 columns 32 bytes, byte l's bits 2j, 2j + 1 the high bits of column pos(l) of
+ * the span's block j (blocks of 32 columns, j = 0..3); for bits 5 per span of 256 columns 32 bytes, byte l's bit j
+ * that of column pos(l) of block j (j = 0..7); pos(l) = 2l for l < 16, 2(l - 16) + 1 for l >= 16 (the order in
+ * which a block's low nibbles unpack: even columns, then odd ones). cols a multiple of 128 (bits 6) or 256 (bits 5).
+ * The values are those of the byte form (w = fmaf(q, s, m), or s * (q - 2^(bits-1)) symmetric: Q6_K's q - 32).
  *
  * K scales (sdtype FL_I8; the CPU backend only, FASTLOAD_CPU_KSCALE=0 turns them off): a weight whose parts are all
  * GGUF K-quants (Q4_K, Q5_K, Q6_K) with one group size and one form (all with offsets or all symmetric), cols a
@@ -89,7 +100,7 @@ typedef struct {
 
 /* The layout of one quantised weight, independent of where its bytes are. */
 typedef struct {
-    int bits;          /* 4 or 8 */
+    int bits;          /* 4 or 8; 5 or 6: split codes (header comment) */
     int group_size;    /* divides cols; multiple of 16 */
     fl_dtype sdtype;   /* FL_F16, FL_F32, or FL_I8: K scales (header comment) */
     int has_zeros;     /* zeros_d present (min form) */
@@ -111,6 +122,8 @@ fl_qlayout fl_q_layout_of(const fl_weight *w);
 fl_weight fl_weight_rows(const fl_weight *w, int64_t row0, int64_t rows);
 /* The smallest layout holding a and b exactly (see the header comment). */
 fl_qlayout fl_q_common_layout(const fl_qlayout *a, const fl_qlayout *b);
+/* The bits a ggml type's codes have (4, 5, 6; 8 for Q8_0 and any other type) */
+int fl_q_ggml_code_bits(int ggml_type);
 /* The layout a ggml type converts into; FL_E_UNSUPPORTED (listing the supported types) otherwise. */
 fl_status fl_q_layout_for_ggml(int ggml_type, fl_qlayout *out);
 /* The layout quantisation at load produces for a [rows, cols] weight. */
@@ -150,6 +163,17 @@ typedef struct {
 /* Validate shapes / values (g_idx in range, groups of equal size) and choose the layout. */
 fl_status fl_q_layout_for_packed(const fl_packed_src *p, fl_qlayout *out);
 fl_status fl_q_from_packed(const fl_weight *w, const fl_packed_src *p, int64_t r0, int64_t n);
+
+/* Split codes (header comment): the code of column c of a row of bits 4, 5, 6 or 8 */
+static inline unsigned fl_q_code(const uint8_t *row, int bits, int64_t cols, int64_t c) {
+    if (bits == 8) return row[c];
+    const unsigned lo = c & 1 ? row[c >> 1] >> 4 : row[c >> 1] & 15u;
+    if (bits == 4) return lo;
+    const int64_t blk = c / 32, w = c % 32, l = w & 1 ? 16 + w / 2 : w / 2;
+    const uint8_t *hp = row + cols / 2;
+    const unsigned hi = bits == 6 ? (hp[(blk / 4) * 32 + l] >> (2 * (blk % 4))) & 3u : (hp[(blk / 8) * 32 + l] >> (blk % 8)) & 1u;
+    return lo | hi << 4;
+}
 
 /* K scales (header comment): columns per super-scale, and the bytes of one row of scales or offsets in any layout */
 #define FL_KS_SUPER 256

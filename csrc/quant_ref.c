@@ -48,8 +48,11 @@ const float fl_nf4_table[16] = {
 fl_status fl_q_check(const fl_qlayout *L, int64_t rows, int64_t cols) {
     if (rows < 0 || cols <= 0)
         return fl_err(FL_E_VALUE, "quantised weight shape [%lld, %lld] is not valid", (long long)rows, (long long)cols);
-    if (L->bits != 4 && L->bits != 8)
-        return fl_err(FL_E_UNSUPPORTED, "quantised weight: bits %d is not supported (4 or 8)", L->bits);
+    if (L->bits != 4 && L->bits != 8 && L->bits != 5 && L->bits != 6)
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: bits %d is not supported (4 or 8; 5 or 6 split)", L->bits);
+    if ((L->bits == 5 || L->bits == 6) && (L->code != FL_QCODE_INT || cols % (L->bits == 6 ? 128 : 256)))
+        return fl_err(FL_E_UNSUPPORTED, "quantised weight: %d-bit split codes need integer codes and cols a multiple of %d "
+                      "(code %d, cols %lld)", L->bits, L->bits == 6 ? 128 : 256, L->code, (long long)cols);
     if (L->code != FL_QCODE_INT && L->code != FL_QCODE_NF4)
         return fl_err(FL_E_UNSUPPORTED, "quantised weight: code %d is not supported (0 = integer, 1 = NF4)", L->code);
     if (L->code == FL_QCODE_NF4 && L->bits != 4)
@@ -167,7 +170,7 @@ fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *ou
         const uint8_t *q = (const uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
         float *o = out + (size_t)i * (size_t)C;
         for (int64_t c = 0; c < C; c++) {
-            const unsigned code = L.bits == 8 ? q[c] : (c & 1 ? q[c >> 1] >> 4 : q[c >> 1] & 15u);
+            const unsigned code = fl_q_code(q, L.bits, C, c);
             const int64_t g = c / L.group_size;
             const float s = fl_q_sget(w->scales_d, L.sdtype, C, L.group_size, r, g);
             float v;

@@ -1,8 +1,13 @@
-"""K scales (csrc/quant.h): on the CPU a weight whose parts are all GGUF K-quants of one group size and form keeps
-the file's two-level scales (int8 sub-scale x fp16 super-scale per 256 columns) instead of their float32 products.
-The products are exact either way, so every logit must be the same bits as with float32 scales
-(FASTLOAD_CPU_KSCALE=0), with fewer weight bytes; weights that mix K-quants with other forms (Q4_K_M's q|k|v with a
-Q6_K v) keep float32 scales; both stay equal to the float reference (test_quant_checkpoints.py)."""
+"""K scales and split codes (csrc/quant.h), the CPU's compact forms of GGUF weights.
+
+K scales: a weight whose parts are all GGUF K-quants of one group size and form keeps the file's two-level scales
+(int8 sub-scale x fp16 super-scale per 256 columns) instead of their float32 products. The products are exact either
+way, so every logit must be the same bits as with float32 scales (FASTLOAD_CPU_KSCALE=0), with fewer weight bytes;
+weights that mix K-quants with other forms (Q4_K_M's q|k|v with a Q6_K v) keep float32 scales.
+Split codes: 5- and 6-bit GGUF codes held in 5 / 6 bits (FASTLOAD_CPU_CODES56=0: a byte each). The weights' values
+are the same (prefill, which widens them to float, gives the same bits); the integer decode kernels round
+differently (an int16 activation flips), so one-token logits agree within the int16 activations' error.
+Both stay equal to the float reference (test_quant_checkpoints.py)."""
 import numpy as np
 import pytest
 
@@ -72,3 +77,23 @@ def test_export_of_kscale_weights_is_the_float_values(built, tmp_path, monkeypat
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("case", ["gguf-Q6_K", "gguf-Q5_K", "gguf-Q4_K_M", "gguf-Q5_0", "gguf-Q5_1", "gguf-mixed-all"])
+def test_split_codes_same_values_in_fewer_bytes(built, case, monkeypatch):
+    q, _ref = built(case)
+    monkeypatch.setenv("FASTLOAD_CPU_CODES56", "1")
+    ms = fastload.AutoModelForCausalLM.from_pretrained(str(q), device_map="cpu", torch_dtype="float32")
+    monkeypatch.setenv("FASTLOAD_CPU_CODES56", "0")
+    mb = fastload.AutoModelForCausalLM.from_pretrained(str(q), device_map="cpu", torch_dtype="float32")
+    ls, lb = layouts(ms), layouts(mb)
+    split = [n for n, d in ls.items() if d["bits"] in (5, 6) and d["dtype"] in ("int5", "int6")]
+    assert split, f"{case}: no weight took split codes: {[(n, d['dtype']) for n, d in ls.items()]}"
+    assert not [n for n, d in lb.items() if d["bits"] in (5, 6)]
+    for n in split:
+        assert lb[n]["bits"] == 8 and ls[n]["bytes"] < lb[n]["bytes"], (n, ls[n], lb[n])
+    V = ms.config["vocab_size"]
+    ids = np.random.default_rng(4).integers(3, V, (2, 12))
+    np.testing.assert_array_equal(np.asarray(ms(ids).logits), np.asarray(mb(ids).logits))   # prefill: same values
+    a, b = np.asarray(ms(ids[:, :1]).logits, np.float64), np.asarray(mb(ids[:, :1]).logits, np.float64)
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max(), (case, np.abs(a - b).max(), np.abs(b).max())

@@ -126,9 +126,11 @@ def layout_of(core, name):
 @pytest.mark.parametrize("kscale", ["1", "0"])
 @pytest.mark.parametrize("tname", list(KEPT))
 def test_gguf_type_stays_quantised_and_repacks_exactly(tmp_path, tname, kscale, monkeypatch):
-    """Also K scales (csrc/quant.h: the CPU keeps a K-quant's int8 sub-scales and fp16 super-scales; off with
-    FASTLOAD_CPU_KSCALE=0): the same exact values, extreme fp16 scales included."""
+    """Also K scales and split codes (csrc/quant.h: the CPU keeps a K-quant's int8 sub-scales and fp16 super-scales,
+    and 5- / 6-bit codes in 5 / 6 bits; off with FASTLOAD_CPU_KSCALE=0, FASTLOAD_CPU_CODES56=0): the same exact
+    values, extreme fp16 scales included."""
     monkeypatch.setenv("FASTLOAD_CPU_KSCALE", kscale)
+    monkeypatch.setenv("FASTLOAD_CPU_CODES56", kscale)
     t = KEPT[tname]
     slots = [s for s, _, _ in GGUF_LINEAR] + [s for s, _ in GGUF_OTHER]
     path = write_gguf(tmp_path / "m.gguf", {s: t for s in slots}, seed=t)
@@ -139,6 +141,8 @@ def test_gguf_type_stays_quantised_and_repacks_exactly(tmp_path, tname, kscale, 
     dt, bits, group, sd, zeros = OWN[tname]
     if tname.endswith("_K") and kscale == "1":
         sd = "kscale"
+    if tname[:2] in ("Q5", "Q6") and kscale == "1":
+        dt, bits = f"int{tname[1]}", int(tname[1])
     for name in ("embed", "lm_head", "layers.0.wqkv", "layers.0.wo", "layers.0.w_gate_up", "layers.0.w_down"):
         lay = layout_of(core, name)
         assert (lay["dtype"], lay["bits"], lay["group_size"], lay["scale_dtype"], lay["zeros"], lay["perm"]) == \
@@ -167,8 +171,11 @@ def test_gguf_dequantize_option_and_float_dtype(tmp_path):
     g.close()
 
 
-def test_fused_layout_promotion_q4k_q6k(tmp_path):
-    # a Q4_K_M file: q, k in Q4_K, v in Q6_K -> wqkv holds both exactly: 8 bits, group 16, fp32 scales, offsets
+@pytest.mark.parametrize("codes56", ["1", "0"])
+def test_fused_layout_promotion_q4k_q6k(tmp_path, codes56, monkeypatch):
+    # a Q4_K_M file: q, k in Q4_K, v in Q6_K -> wqkv holds both exactly: 8 bits (6 as split codes on the CPU), group
+    # 16, fp32 scales, offsets
+    monkeypatch.setenv("FASTLOAD_CPU_CODES56", codes56)
     types = {"q_proj": GGML.Q4_K, "k_proj": GGML.Q4_K, "v_proj": GGML.Q6_K, "gate_proj": GGML.Q4_1,
              "up_proj": GGML.Q4_0, "down_proj": GGML.Q6_K, "o_proj": GGML.Q8_0}
     path = write_gguf(tmp_path / "m.gguf", types, seed=5)
@@ -177,7 +184,7 @@ def test_fused_layout_promotion_q4k_q6k(tmp_path):
     core.load(gguf_items(g))
     qkv = layout_of(core, "layers.0.wqkv")
     assert (qkv["dtype"], qkv["bits"], qkv["group_size"], qkv["scale_dtype"], qkv["zeros"]) == \
-        ("int8", 8, 16, "float32", True)
+        (("int6", 6) if codes56 == "1" else ("int8", 8)) + (16, "float32", True)
     # Q4_1 (offsets) with Q4_0 (symmetric): 4 bits, group 32, offsets; fp32 scales hold Q4_0's offset -8d exactly
     gu = layout_of(core, "layers.0.w_gate_up")
     assert (gu["dtype"], gu["bits"], gu["group_size"], gu["scale_dtype"], gu["zeros"]) == \
@@ -217,10 +224,13 @@ def test_layouts_and_info_numbers(tmp_path):
     assert names == ["embed", "final_norm", "lm_head", "layers.0.attn_norm", "layers.0.wqkv", "layers.0.wo",
                      "layers.0.ffn_norm", "layers.0.w_gate_up", "layers.0.w_down"]
     for d in lays:
-        if d["dtype"] in ("int4", "int8", "nf4"):
-            ss = 4 if d["scale_dtype"] == "float32" else 2
+        if d["dtype"] in ("int4", "int5", "int6", "int8", "nf4"):
             groups = d["rows"] * (d["cols"] // d["group_size"])
-            want = d["rows"] * d["cols"] * d["bits"] // 8 + groups * ss * (2 if d["zeros"] else 1) + \
+            if d["scale_dtype"] == "kscale":   # int8 per group + fp16 per 256 columns (csrc/quant.h)
+                sbytes = groups + d["rows"] * (d["cols"] // 256) * 2
+            else:
+                sbytes = groups * (4 if d["scale_dtype"] == "float32" else 2)
+            want = d["rows"] * d["cols"] * d["bits"] // 8 + sbytes * (2 if d["zeros"] else 1) + \
                 (4 * d["cols"] if d["perm"] else 0)
         else:
             assert d["scale_dtype"] is None and d["group_size"] == 0 and not d["zeros"] and not d["perm"]
@@ -231,7 +241,7 @@ def test_layouts_and_info_numbers(tmp_path):
     emb = layout_of(core, "embed")
     assert (emb["dtype"], emb["bits"]) == ("float16", 16)
     info = core.info
-    q = [d for d in lays if d["dtype"] in ("int4", "int8", "nf4")]
+    q = [d for d in lays if d["dtype"] in ("int4", "int5", "int6", "int8", "nf4")]
     assert info["quantized_weights"] == len(q) == 5
     assert info["quantized_bytes"] == sum(d["bytes"] for d in q)
     assert info["float_bytes"] == sum(d["bytes"] for d in lays if d not in q)

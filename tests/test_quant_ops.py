@@ -65,21 +65,45 @@ def sround(a, sdtype):
     return a.astype(np.float16).astype(np.float32) if sdtype == "float16" else a
 
 
+def _split_pos(C):
+    """Split codes (csrc/quant.h): for each column, its byte l in its span's 32 bytes and its field j (block in span)."""
+    c = np.arange(C)
+    w = c % 32
+    return np.where(w & 1, 16 + w // 2, w // 2), c // 32
+
+
 def unpack(q, bits):
     if bits == 8:
         return q.astype(np.int64)
-    R, B = q.shape
-    out = np.empty((R, 2 * B), np.int64)
-    out[:, 0::2] = q & 15
-    out[:, 1::2] = q >> 4
+    R = q.shape[0]
+    C = q.shape[1] * 2 if bits == 4 else q.shape[1] * 8 // bits
+    out = np.empty((R, C), np.int64)
+    out[:, 0::2] = q[:, :C // 2] & 15
+    out[:, 1::2] = q[:, :C // 2] >> 4
+    if bits in (5, 6):   # the high plane
+        hp = q[:, C // 2:].astype(np.int64)
+        per, hb = (4, 2) if bits == 6 else (8, 1)
+        l, blk = _split_pos(C)
+        out |= ((hp[:, (blk // per) * 32 + l] >> (hb * (blk % per))) & ((1 << hb) - 1)) << 4
     return out
 
 
 def pack(codes, bits):
+    """Codes [R, C] in fastload's layout: bytes (8), nibbles (4), or split codes (5, 6: nibbles, then the high plane
+    as csrc/quant.h lays it out, written here from that description)."""
     codes = np.asarray(codes, np.uint8)
     if bits == 8:
         return codes.copy()
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    lo = ((codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)).astype(np.uint8)
+    if bits == 4:
+        return lo
+    R, C = codes.shape
+    per, hb = (4, 2) if bits == 6 else (8, 1)
+    hp = np.zeros((R, C * (bits - 4) // 8), np.uint8)
+    l, blk = _split_pos(C)
+    for c in range(C):
+        hp[:, (blk[c] // per) * 32 + l[c]] |= ((codes[:, c] >> 4).astype(np.uint8) << (hb * (blk[c] % per))).astype(np.uint8)
+    return np.concatenate([lo, hp], axis=1)
 
 
 def np_dequant(q, scales, zeros, bits, group, code):

@@ -29,9 +29,19 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
             float *d = dst + (c - k0);
 #if defined(__AVX2__) && defined(__FMA__)
             __m128i codes;
-            if (bits == 4) {
+            if (bits != 8) {
                 const __m128i b = _mm_loadl_epi64((const __m128i *)(q + c / 2)), m4 = _mm_set1_epi8(15);
                 codes = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+                if (bits != 4) { /* split codes (quant.h): the high plane's bytes of these 16 columns, in column order */
+                    const int per = bits == 6 ? 4 : 8, h = (int)((c % 32) / 16);
+                    const int64_t blk = c / 32;
+                    const uint8_t *hp = q + C / 2 + (blk / per) * 32;
+                    __m128i hi = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(hp + 8 * h)),
+                                                   _mm_loadl_epi64((const __m128i *)(hp + 16 + 8 * h)));
+                    hi = _mm_and_si128(_mm_srl_epi16(hi, _mm_cvtsi32_si128((int)((bits - 4) * (blk % per)))),
+                                       _mm_set1_epi8(bits == 6 ? 3 : 1));
+                    codes = _mm_or_si128(codes, _mm_slli_epi16(hi, 4));
+                }
             } else
                 codes = _mm_loadu_si128((const __m128i *)(q + c));
             const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
@@ -48,7 +58,7 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
             }
 #else
             for (int t = 0; t < 16; t++) {
-                const unsigned code = bits == 8 ? q[c + t] : (t & 1 ? q[(c + t) / 2] >> 4 : q[(c + t) / 2] & 15u);
+                const unsigned code = fl_q_code(q, bits, C, c + t);
                 d[t] = nf4 ? (hz ? fmaf(fl_nf4_table[code], s, m) : s * fl_nf4_table[code]) : fmaf((float)code, s, m);
             }
 #endif
@@ -340,10 +350,16 @@ static inline __attribute__((always_inline)) __m256 ld_blocks(const void *p, siz
     return _mm256_and_ps(v, _mm256_castsi256_ps(keep));
 }
 
-enum { QK_INT4 = 0, QK_INT8 = 1, QK_INT8_MIN = 2, QK_NF4 = 3 };
+/* QK_INT5 / QK_INT6: split codes (quant.h), taken as QK_INT4 is (x16 as [evens | odds], the min form's offsets in
+ * float) with the high plane ORed in and the symmetric form's centre subtracted as integers; INT16 activations only
+ * (qhi_or16) */
+enum { QK_INT4 = 0, QK_INT8 = 1, QK_INT8_MIN = 2, QK_NF4 = 3, QK_INT5 = 4, QK_INT6 = 5 };
 static int qdec_kind(const fl_weight *W) {
-    return W->code == FL_QCODE_NF4 ? QK_NF4 : W->bits == 4 ? QK_INT4 : W->zeros_d ? QK_INT8_MIN : QK_INT8;
+    return W->code == FL_QCODE_NF4 ? QK_NF4 : W->bits == 4 ? QK_INT4 : W->bits == 5 ? QK_INT5 : W->bits == 6 ? QK_INT6
+           : W->zeros_d ? QK_INT8_MIN : QK_INT8;
 }
+#define QK_LIKE4(k) ((k) == QK_INT4 || (k) == QK_INT5 || (k) == QK_INT6)
+#define QK_BITS(k) ((k) == QK_INT8 || (k) == QK_INT8_MIN ? 8 : (k) == QK_INT6 ? 6 : (k) == QK_INT5 ? 5 : 4)
 
 /* x's blocks quantised for the weight's kind: x16 (the INT16 mode) or x8, with dx, xs, bs16 */
 /* QX8_SPAN (a build-time experiment, e.g. CFLAGS=-DQX8_SPAN=128; unset in every build): int8 activations take one
@@ -367,7 +383,7 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             int sum, lo = 0;
             float d;
             if (X->x16)
-                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, kind == QK_INT4 ? 2 : kind == QK_NF4 ? 1 : 0);
+                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
                 d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4,
                                   span_absmax(x + (size_t)t * (size_t)C, C, b));
@@ -441,6 +457,22 @@ static inline void q8_codes16(const uint8_t *p, __m256i *ca, __m256i *cb) {
     *cb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
 }
 
+/* Split codes: OR the high bits of block b (high plane at hp) into q4_codes16's *ca (even columns) and *cb (odd);
+ * sym: the symmetric form's centre 2^(bits-1) taken off as integers (Q6_K's q - 32 exactly, no float offset term) */
+static inline void qhi_or16(const uint8_t *hp, int64_t b, const int bits, int sym, __m256i *ca, __m256i *cb) {
+    const int per = bits == 6 ? 4 : 8;
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(hp + (b / per) * 32));
+    const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128((int)((bits - 4) * (b % per)))),
+                                        _mm256_set1_epi8(bits == 6 ? 3 : 1));
+    *ca = _mm256_or_si256(*ca, _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(hb)), 4));
+    *cb = _mm256_or_si256(*cb, _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(hb, 1)), 4));
+    if (sym) {
+        const __m256i c = _mm256_set1_epi16((short)(1 << (bits - 1)));
+        *ca = _mm256_sub_epi16(*ca, c);
+        *cb = _mm256_sub_epi16(*cb, c);
+    }
+}
+
 /* y[t, r0:r0+RR] for t < N, weight kind `kind`, activations int16 (X16) or int8. Blocks go 8 at a time: their
  * scales, offsets and dx in vectors, each block's s * dx_b a lane broadcast (vpermps); INT16: one block per step;
  * INT8: 4-bit codes two blocks (32 bytes) per step. N, RR, kind, X16 are constants in each instance. */
@@ -448,7 +480,7 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
                                                             const qx_t *X, const int N, const int RR, const int kind,
                                                             const int X16) {
     const int64_t nb = X->nb, ng = W->cols / W->group_size;
-    const int bits = kind == QK_INT8 || kind == QK_INT8_MIN ? 8 : 4, f16 = W->sdtype == FL_F16, ks = W->sdtype == FL_I8;
+    const int bits = QK_BITS(kind), f16 = W->sdtype == FL_F16, ks = W->sdtype == FL_I8;
     const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8, ksrow = fl_q_srow_bytes(W->cols, W->group_size, W->sdtype);
     const uint8_t *q[4];
     size_t gr[4];
@@ -497,9 +529,10 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
                 ld_x16(X, N, b, xa, xb);
                 for (int r = 0; r < RR; r++) {
                     __m256i ca, cb;
-                    if (kind == QK_INT4) /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
+                    if (QK_LIKE4(kind)) { /* lane k = byte k: low nibble column 2k, high nibble 2k+1 */
                         q4_codes16(q[r] + b * 16, &ca, &cb);
-                    else if (kind == QK_NF4) { /* [low nibbles | high nibbles] -> T[q] as int16 */
+                        if (kind != QK_INT4) qhi_or16(q[r] + W->cols / 2, b, bits, !W->zeros_d, &ca, &cb);
+                    } else if (kind == QK_NF4) { /* [low nibbles | high nibbles] -> T[q] as int16 */
                         /* the 16 bytes in both lanes (a load, no shuffle), the upper lane shifted by 4 */
                         const __m256i c = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q[r] + b * 16)));
                         const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(c, nf4sh), m4b);
@@ -604,7 +637,7 @@ static inline void ld16(const void *p, size_t i, int n, int f16, size_t ksrow, i
 static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t R, const fl_weight *W, int64_t r0,
                                                               const qx_t *X, const int N, const int RR, const int kind) {
     const int64_t nb = X->nb, ng = W->cols / 16;
-    const int bits = kind == QK_INT4 ? 4 : 8, f16 = W->sdtype == FL_F16, hoff = kind == QK_INT4 || W->zeros_d;
+    const int bits = QK_BITS(kind), f16 = W->sdtype == FL_F16, hoff = kind == QK_INT4 || W->zeros_d;
     const size_t rowbytes = (size_t)W->cols * (size_t)bits / 8, pfrows = qdec_pfrows(rowbytes, RR),
                  ksrow = W->sdtype == FL_I8 ? fl_q_srow_bytes(W->cols, 16, FL_I8) : 0;
     const uint8_t *q[4];
@@ -645,8 +678,9 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
             ld_x16(X, N, b, xa, xb);
             for (int r = 0; r < RR; r++) {
                 __m256i ca, cb;
-                if (kind == QK_INT4) {
+                if (QK_LIKE4(kind)) {
                     q4_codes16(q[r] + b * 16, &ca, &cb);
+                    if (kind != QK_INT4) qhi_or16(q[r] + W->cols / 2, b, bits, !W->zeros_d, &ca, &cb);
                     for (int t = 0; t < N; t++) {
                         const __m256i i32 = _mm256_add_epi32(_mm256_madd_epi16(ca, xa[t]), _mm256_madd_epi16(cb, xb[t]));
                         const __m256 sc = _mm256_set_m128(_mm_broadcast_ss(&ds[r][t][2 * j + 1]), _mm_broadcast_ss(&ds[r][t][2 * j]));
@@ -679,6 +713,8 @@ static int qdec_rr(int n) { return n == 1 ? 4 : n == 2 ? 2 : 1; }
     case QK_INT4: qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT4, X16_); break;                        \
     case QK_INT8: qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT8, X16_); break;                        \
     case QK_INT8_MIN: qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT8_MIN, X16_); break;                \
+    case QK_INT5: if (X16_) qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT5, 1); break;                 \
+    case QK_INT6: if (X16_) qdec_rows(y, R, W, R0_, X, N_, RR_, QK_INT6, 1); break;                 \
     default: if (X16_) qdec_rows(y, R, W, R0_, X, N_, RR_, QK_NF4, 1); break;                       \
     }
 /* n rows of x: a full block of qdec_rr(n) rows, or a tail row by row */
@@ -710,6 +746,8 @@ QDEC_BLOCK(qdec_block16, 1)
     case QK_INT4: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT4); break;                            \
     case QK_INT8: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT8); break;                            \
     case QK_INT8_MIN: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT8_MIN); break;                    \
+    case QK_INT5: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT5); break;                            \
+    case QK_INT6: qdec16_rows(y, R, W, R0_, X, N_, RR_, QK_INT6); break;                            \
     default: break;                                                                                 \
     }
 #define QDEC16_CASE(N_, RR_)                                                                        \
@@ -734,7 +772,7 @@ static void qdec_block_g16(float *y, int64_t R, const fl_weight *W, int64_t r0, 
 static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, int x16) {
     const int64_t R = W->rows, C = W->cols;
     const int kind = qdec_kind(W), g16 = W->group_size == 16;
-    if (kind == QK_NF4 || g16) x16 = 1;
+    if (kind == QK_NF4 || kind == QK_INT5 || kind == QK_INT6 || g16) x16 = 1;
     qx_t X = {.nb = C / 32, .g16 = g16};
     X.nb8 = (X.nb + 7) / 8 * 8;
     const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, xb = x16 ? 64 : 32,

@@ -640,7 +640,7 @@ static PyObject *model_info(FlPyModel *self, void *closure) {
 static const char *weight_dtype_name(const fl_weight *w) {
     if (w->dtype != FL_QUANT) return fl_dtype_table[w->dtype].np_name;
     if (w->code == FL_QCODE_NF4) return "nf4";
-    return w->bits == 8 ? "int8" : "int4";
+    return w->bits == 8 ? "int8" : w->bits == 6 ? "int6" : w->bits == 5 ? "int5" : "int4";
 }
 
 /* layouts() -> [{"name", "dtype", "bits", "group_size", "scale_dtype", "zeros", "perm", "bytes", "rows", "cols"}]:
