@@ -780,10 +780,13 @@ static int kscales_ok(const fl_model *m) {
     return m->be && m->be->name && !strcmp(m->be->name, "cpu") && !(e && !strcmp(e, "0"));
 }
 
-/* Split codes (csrc/quant.h: 5- and 6-bit GGUF codes in 5 / 6 bits) likewise; FASTLOAD_CPU_CODES56=0 keeps a byte each */
+/* Split codes (csrc/quant.h: 5- and 6-bit GGUF codes in 5 / 6 bits), on the CPU with FASTLOAD_CPU_CODES56=1 only: they
+ * hold a Q6_K / Q5_K_M file in its own bytes (1.30x / 1.54x with a byte each) but decode slower, the high bits costing
+ * more instructions than the bytes saved (TinyLlama-1.1B shape, 2 threads: Q6_K 0.64x llama.cpp against 0.90x,
+ * Q5_K_M 0.66x against 0.82x; benchmarks/results/cpu-gguf-types-2026-12-05/): a setting for when memory binds. */
 static int codes56_ok(const fl_model *m) {
     const char *e = getenv("FASTLOAD_CPU_CODES56");
-    return m->be && m->be->name && !strcmp(m->be->name, "cpu") && !(e && !strcmp(e, "0"));
+    return m->be && m->be->name && !strcmp(m->be->name, "cpu") && e && !strcmp(e, "1");
 }
 
 /* First load: settle each weight's dtype / layout from the parts that fill it (lay[weight id]).

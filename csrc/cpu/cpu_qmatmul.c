@@ -429,9 +429,18 @@ static inline size_t qdec_pfrows(size_t rowbytes, int RR) {
     const size_t p = (2048 + rowbytes - 1) / rowbytes;
     return p > (size_t)RR ? p : (size_t)RR;
 }
-static inline void qdec_prefetch(const uint8_t *const *q, int RR, size_t pfrows, size_t rowbytes, int64_t c0, int bits) {
+static inline void qdec_prefetch(const uint8_t *const *q, int RR, size_t pfrows, size_t rowbytes, int64_t c0, int bits,
+                                 int64_t cols) {
     for (int r = 0; r < RR; r++) {
-        const char *pf = (const char *)(q[r] + pfrows * rowbytes + (size_t)c0 * 32 * (size_t)bits / 8);
+        const char *row = (const char *)(q[r] + pfrows * rowbytes);
+        if (bits == 5 || bits == 6) { /* split codes: the chunk's low nibbles (128 bytes) and its high bits (1-2 spans) */
+            const char *lo = row + (size_t)c0 * 16, *hi = row + cols / 2 + (size_t)(c0 / (bits == 6 ? 4 : 8)) * 32;
+            _mm_prefetch(lo, _MM_HINT_T0);
+            _mm_prefetch(lo + 64, _MM_HINT_T0);
+            _mm_prefetch(hi, _MM_HINT_T0);
+            continue;
+        }
+        const char *pf = row + (size_t)c0 * 32 * (size_t)bits / 8;
         for (int l = 0; l < 32 * bits; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
     }
 }
@@ -502,7 +511,7 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
     for (int64_t c0 = 0; c0 < nb; c0 += 8) {
         const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
         __m256 ds[4][QDEC_N];
-        qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits);
+        qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits, W->cols);
         for (int r = 0; r < RR; r++) {
             __m256 s8, m8 = _mm256_setzero_ps();
             if (ks) { /* K scales: every row is whole super-blocks, so cnt == 8 */
@@ -652,7 +661,7 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
     const __m256i dup0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), dup1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
     for (int64_t c0 = 0; c0 < nb; c0 += 8) {
         const int cnt = (int)(nb - c0 < 8 ? nb - c0 : 8);
-        qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits);
+        qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits, W->cols);
         for (int r = 0; r < RR; r++) {
             __m256 s[2], m[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             ld16(W->scales_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, ksrow, r0 + r, ng, s);
