@@ -50,3 +50,47 @@ def test_cpu_quant_vs_llamacpp(record, demo_model, bench_full):
     assert len(fl_toks) == n_gen + 1 and len(ll_toks) == n_gen
     assert all(math.isfinite(x) and x > 0 for x in fl_gen + fl_pp + ll_gen + ll_pp)
     assert fl_toks[0] == ll_toks[0]  # the first greedy token of the same prompt agrees
+
+
+@pytest.mark.parametrize("gtype", ["Q4_K_M", "Q6_K", "Q4_0"])
+def test_cpu_gguf_types_vs_llamacpp(record, bench_full, tmp_path_factory, gtype):
+    """Each GGUF type on a random-weight model of a real shape (benchmarks/cpu_gguf_types.py: TinyLlama-1.1B's at full
+    size, a 1024-wide 8-layer one otherwise), quantised by llama.cpp's own quantiser, against llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: no llama.cpp peer")
+    import fastload
+    from fastload import _C
+
+    import cpu_gguf_types as gt
+    import cpu_quant_vs_llamacpp as q
+    shape = "tinyllama" if bench_full else "small"
+    n_gen, n_pp, reps = (48, 128, 3) if bench_full else (16, 64, 1)
+    threads = min(2, os.cpu_count() or 1)
+    work = os.environ.get("FASTLOAD_BENCH_GGUF_DIR") or str(tmp_path_factory.getbasetemp() / "gguf-types")
+    os.makedirs(work, exist_ok=True)
+    src, path = os.path.join(work, f"{shape}-F16.gguf"), os.path.join(work, f"{shape}-{gtype}.gguf")
+    if not os.path.exists(src):
+        gt.write_source(src, shape)
+    if not os.path.exists(path):
+        gt.quantise(src, path, gtype, threads)
+    counts, file_bytes = gt.tensor_types(path)
+    m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=threads)
+    info = m._core.info
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_pp + n_gen + 64,
+                          n_batch=n_pp, verbose=False)
+    try:
+        prompt_ids = llm.tokenize(q.PROMPT.encode(), add_bos=False)
+        pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
+        r = q.compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=16)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+    med = statistics.median
+    record({"generation_tokens_per_s": med(r["fl_gen"]), "prompt_tokens_per_s": med(r["fl_pp"]),
+            "weight_bytes": int(info["weight_bytes"]), "file_tensor_bytes": int(file_bytes)},
+           unit="tok/s", peer={"name": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+                               "generation_tokens_per_s": med(r["ll_gen"]), "prompt_tokens_per_s": med(r["ll_pp"])},
+           config={"type": gtype, "shape": shape, "tensor_types": counts, "threads": threads,
+                   "generation_tokens": n_gen, "prompt_tokens": n_pp, "reps": reps})
+    assert info.get("quantized_weights", 0) > 0          # kept quantised
+    assert len(r["fl_tokens"]) == n_gen + 1 and len(r["ll_tokens"]) == n_gen
+    assert all(math.isfinite(x) and x > 0 for x in r["fl_gen"] + r["fl_pp"] + r["ll_gen"] + r["ll_pp"])
