@@ -140,7 +140,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import llama_cpp
 
-    import fastload
     import cpu_quant_vs_llamacpp as q
     os.makedirs(a.workdir, exist_ok=True)
     src = os.path.join(a.workdir, f"{a.shape}-F16.gguf")
@@ -155,18 +154,7 @@ def main(argv=None):
             quantise(src, path, ty, a.threads)
         counts, file_bytes = tensor_types(path)
         print(f"== {ty}: {path} ({file_bytes / 1e6:.1f} MB of tensors: {counts})", flush=True)
-        m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=a.threads)
-        info = m._core.info
-        llm = llama_cpp.Llama(model_path=path, n_threads=a.threads, n_threads_batch=a.threads,
-                              n_ctx=a.pp + a.gen + 64, n_batch=a.pp, verbose=False)
-        try:
-            prompt_ids = llm.tokenize(q.PROMPT.encode(), add_bos=False)
-            pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=a.pp).tolist()
-            r = q.compare(m, llm, prompt_ids, pp_ids, a.gen, a.reps, warm=16)
-        finally:
-            if hasattr(llm, "close"):
-                llm.close()
-            del m
+        info, r = q.run_file(path, a.threads, a.gen, a.pp, a.reps)
         med = statistics.median
         row = dict(type=ty, file_tensor_bytes=file_bytes, tensor_types=counts,
                    weight_bytes=int(info["weight_bytes"]), quantized_weights=int(info.get("quantized_weights", 0)),

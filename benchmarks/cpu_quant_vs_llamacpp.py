@@ -101,6 +101,27 @@ def compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=64, log=print):
     return r
 
 
+def run_file(path, threads, n_gen, n_pp, reps, warm=16):
+    """Load the GGUF at `path` in fastload and in llama.cpp with `threads` threads each and compare() them on the
+    same short prompt and n_pp random prompt ids: (fastload's core.info, compare's result). Shared by
+    benchmarks/test_cpu_vs_llamacpp.py and benchmarks/cpu_gguf_types.py."""
+    import llama_cpp
+
+    import fastload
+    m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=threads)
+    info = m._core.info
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_pp + n_gen + 64,
+                          n_batch=n_pp, verbose=False)
+    try:
+        prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False)
+        pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
+        r = compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=warm)
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+    return info, r
+
+
 if __name__ == "__main__":
     import suite
     suite.main("test_cpu_vs_llamacpp.py")

@@ -6,13 +6,11 @@ import math
 import os
 import statistics
 
-import numpy as np
 import pytest
 
 
 def test_cpu_quant_vs_llamacpp(record, demo_model, bench_full):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: no llama.cpp peer")
-    import fastload
     from fastload import _C
 
     import cpu_quant_vs_llamacpp as q
@@ -21,17 +19,7 @@ def test_cpu_quant_vs_llamacpp(record, demo_model, bench_full):
     g = _C.GGUFFile(demo_model)
     file_tensor_bytes = sum(t[4] for t in g.tensors())
     g.close()
-    m = fastload.AutoModelForCausalLM.from_pretrained(demo_model, threads=threads)
-    info = m._core.info
-    llm = llama_cpp.Llama(model_path=demo_model, n_threads=threads, n_threads_batch=threads,
-                          n_ctx=n_pp + n_gen + 64, n_batch=n_pp, verbose=False)
-    try:
-        prompt_ids = llm.tokenize(q.PROMPT.encode(), add_bos=False)
-        pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
-        r = q.compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=16)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
+    info, r = q.run_file(demo_model, threads, n_gen, n_pp, reps)
     fl_gen, fl_pp, ll_gen, ll_pp = r["fl_gen"], r["fl_pp"], r["ll_gen"], r["ll_pp"]
     fl_toks, ll_toks, same = r["fl_tokens"], r["ll_tokens"], r["same_tokens"]
     med = statistics.median
@@ -57,9 +45,6 @@ def test_cpu_gguf_types_vs_llamacpp(record, bench_full, tmp_path_factory, gtype)
     """Each GGUF type on a random-weight model of a real shape (benchmarks/cpu_gguf_types.py: TinyLlama-1.1B's at full
     size, a 1024-wide 8-layer one otherwise), quantised by llama.cpp's own quantiser, against llama.cpp."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: no llama.cpp peer")
-    import fastload
-    from fastload import _C
-
     import cpu_gguf_types as gt
     import cpu_quant_vs_llamacpp as q
     shape = "tinyllama" if bench_full else "small"
@@ -73,17 +58,7 @@ def test_cpu_gguf_types_vs_llamacpp(record, bench_full, tmp_path_factory, gtype)
     if not os.path.exists(path):
         gt.quantise(src, path, gtype, threads)
     counts, file_bytes = gt.tensor_types(path)
-    m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=threads)
-    info = m._core.info
-    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_pp + n_gen + 64,
-                          n_batch=n_pp, verbose=False)
-    try:
-        prompt_ids = llm.tokenize(q.PROMPT.encode(), add_bos=False)
-        pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
-        r = q.compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=16)
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
+    info, r = q.run_file(path, threads, n_gen, n_pp, reps)
     med = statistics.median
     record({"generation_tokens_per_s": med(r["fl_gen"]), "prompt_tokens_per_s": med(r["fl_pp"]),
             "weight_bytes": int(info["weight_bytes"]), "file_tensor_bytes": int(file_bytes)},
