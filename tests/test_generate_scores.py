@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 
 import fastload
+from sampling_ref import log_softmax64, warp
 
 PROMPTS = ["The capital of France is", "Once upon a time"]
-
-
-def log_softmax64(x):
-    x = np.asarray(x, np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, temperature=1.0, top_k=0, top_p=1.0,
@@ -25,7 +20,7 @@ def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, tempe
     """transformers' processors in its order, in float32 as the sampler applies them: SequenceBias / NoBadWords /
     SuppressTokens (bias: (id, value) pairs, -inf bans), RepetitionPenalty, OpenAI's presence / frequency penalties
     over the `new` generated tokens at the end of `seen`, NoRepeatNGram, MinNewTokensLength, then when sampling
-    Temperature, TopK (ties with the k-th kept), TopP, MinP (-inf outside)."""
+    the warpers (tests/sampling_ref.py)."""
     x = np.array(logits, np.float32)
     for seq, v in bias:  # (token sequence, value): on its last token when the ones before it end `seen`
         seq = (seq,) if isinstance(seq, int) else tuple(seq)
@@ -51,38 +46,7 @@ def processed(logits, seen, new, rep=1.0, min_new=0, eos=(), sample=False, tempe
         x[list(eos)] = -np.inf
     if not sample:
         return x
-    if temperature != 1.0:
-        x = x / np.float32(temperature)
-    if top_k:
-        kth = np.sort(x)[::-1][top_k - 1]
-        x = np.where(x >= kth, x, np.float32(-np.inf))
-    if top_p < 1:
-        p = np.exp(log_softmax64(x))
-        order = np.argsort(-x, kind="stable")
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
-        y = np.full_like(x, -np.inf)
-        y[keep] = x[keep]
-        x = y
-    if min_p:
-        p = np.exp(log_softmax64(x))
-        x = np.where(p >= min_p * p.max(), x, np.float32(-np.inf))
-    if typical_p:
-        lp = log_softmax64(x)
-        p = np.exp(lp)
-        with np.errstate(invalid="ignore"):
-            d = np.abs(-lp - (-np.nansum(p * lp)))
-        order = np.argsort(d, kind="stable")
-        last = min(int((np.cumsum(p[order]) < typical_p).sum()), len(x) - 1)
-        x = np.where((d <= d[order[last]]) | (np.arange(len(x)) == order[0]), x, np.float32(-np.inf))
-    for name, cut in (("epsilon", epsilon), ("eta", eta)):
-        if cut:
-            lp = log_softmax64(x)
-            p = np.exp(lp)
-            if name == "eta":
-                with np.errstate(invalid="ignore"):
-                    cut = min(cut, np.sqrt(cut) * np.exp(np.nansum(p * lp)))
-            x = np.where((p >= cut) | (x == x.max()), x, np.float32(-np.inf))
-    return x
+    return warp(x, temperature, top_k, top_p, min_p, typical_p, epsilon, eta)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fastload import _C
+from sampling_ref import warp
 
 N = 40000
 
@@ -15,39 +16,9 @@ def softmax(x):
 
 
 def target(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0):
-    x = logits.astype(np.float64) / temperature
-    if top_k:
-        kth = np.sort(x)[::-1][top_k - 1]
-        x = np.where(x >= kth, x, -np.inf)
-    if top_p < 1:
-        p = softmax(x)
-        order = np.argsort(-x, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
-        y = np.full_like(x, -np.inf)
-        y[keep] = x[keep]
-        x = y
-    if min_p:  # transformers' MinPLogitsWarper: keep p >= min_p * max p
-        p = softmax(x)
-        x = np.where(p >= min_p * p.max(), x, -np.inf)
-    if typical_p:  # TypicalLogitsWarper: by |-log p - H|, up to the first reaching the mass (ties with it kept)
-        p = softmax(x)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lp = np.log(p)
-            h = -np.nansum(p * lp)
-            d = np.abs(-lp - h)
-        order = np.argsort(d, kind="stable")
-        last = min(int((np.cumsum(p[order]) < typical_p).sum()), len(x) - 1)
-        x = np.where((d <= d[order[last]]) | (np.arange(len(x)) == order[0]), x, -np.inf)
-    for name, cut in (("epsilon", epsilon_cutoff), ("eta", eta_cutoff)):  # keep p >= the cutoff, and the most likely
-        if cut:
-            p = softmax(x)
-            if name == "eta":
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    h = -np.nansum(p * np.log(p))
-                cut = min(cut, np.sqrt(cut) * np.exp(-h))
-            x = np.where((p >= cut) | (x == x.max()), x, -np.inf)
-    return softmax(x)
+    """The distribution the sampler should draw from (float64)."""
+    return softmax(warp(logits.astype(np.float64), temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff,
+                        eta_cutoff))
 
 
 def freq(draws, v):

@@ -156,7 +156,7 @@ def test_completions_prompts_and_usage(client, demo_tok):
 def _ref_logprobs(model, ids):
     """float64 log softmax of the model's next-token logits after each prefix of ids (the caller reads the rows
     past the prompt)."""
-    from test_generate_scores import log_softmax64
+    from sampling_ref import log_softmax64
     return log_softmax64(model(ids).logits[0])
 
 
