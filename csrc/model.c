@@ -774,6 +774,12 @@ static fl_status err_item(fl_status st, const qplan *p) {
                          fl_slot_names[p->it->slot]);
 }
 
+/* The ggml type of a part kept quantised from GGUF blocks, or -1 (a float part, GPTQ / AWQ, quantised at load) */
+static int gguf_part_type(const qplan *p) {
+    return p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML ? p->it->src.type : -1;
+}
+static int is_kquant(int t) { return t == GGML_Q4_K || t == GGML_Q5_K || t == GGML_Q6_K; }
+
 /* K scales (csrc/quant.h) are read by the CPU backend's kernels only; FASTLOAD_CPU_KSCALE=0 keeps float32 scales */
 static int kscales_ok(const fl_model *m) {
     const char *e = getenv("FASTLOAD_CPU_KSCALE");
@@ -804,13 +810,13 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
         acc_t *a = &acc[p->wid];
         if (p->kind == SRC_FLOAT) { a->nfloat++; continue; }
         if (p->kind == SRC_QUANT) a->nquant++; else a->nscheme++;
-        if (p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML) { /* split codes: the widest part */
-            const int cb = fl_q_ggml_code_bits(p->it->src.type);
+        const int gt = gguf_part_type(p);
+        if (gt >= 0) { /* split codes: the widest part */
+            const int cb = fl_q_ggml_code_bits(gt);
             a->ngguf++;
             if (cb > a->maxcb) a->maxcb = cb;
         }
-        if (p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML &&
-            (p->it->src.type == GGML_Q4_K || p->it->src.type == GGML_Q5_K || p->it->src.type == GGML_Q6_K)) {
+        if (is_kquant(gt)) {
             /* K scales (quant.h) need one group size and one form over the parts: kform = group * 2 + zeros */
             const int f = p->L.group_size * 2 + p->L.has_zeros;
             if (a->nk++ == 0) a->kform = f;
@@ -867,12 +873,11 @@ static fl_status check_fits(const qplan *p) {
     int ok;
     if (p->kind == SRC_FLOAT) ok = 0;
     else if (W.sdtype == FL_I8 || W.bits == 5 || W.bits == 6) { /* K scales or split codes (quant.h): GGUF parts only */
-        const int gg = p->kind == SRC_QUANT && !p->it->packing && p->it->src.kind == FL_SRC_GGML, t = gg ? p->it->src.type : -1;
+        const int t = gguf_part_type(p), gg = t >= 0;
         fl_qlayout P = p->L;
         if (gg && (W.bits == 5 || W.bits == 6)) P.bits = fl_q_ggml_code_bits(t);
         if (W.sdtype == FL_I8) /* a K-quant part of the weight's group and form (write_row checks again) */
-            ok = gg && (t == GGML_Q4_K || t == GGML_Q5_K || t == GGML_Q6_K) && P.group_size == W.group_size &&
-                 P.has_zeros == W.has_zeros && P.bits <= W.bits;
+            ok = is_kquant(t) && P.group_size == W.group_size && P.has_zeros == W.has_zeros && P.bits <= W.bits;
         else {
             const fl_qlayout c = fl_q_common_layout(&W, &P);
             ok = gg && W.code == P.code && W.has_perm == P.has_perm && layout_eq(&c, &W);

@@ -149,12 +149,12 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     }
     if (bits == 5 || bits == 6) { /* the high plane (quant.h: split codes) */
         uint8_t *hp = dst + C / 2;
-        const int span = bits == 6 ? 128 : 256, per = span / 32, hb = bits - 4;
-        memset(hp, 0, (size_t)(C * hb / 8));
+        memset(hp, 0, (size_t)(C * (bits - 4) / 8));
         for (int64_t c = 0; c < C; c++) {
-            const int64_t blk = c / 32, w = c % 32, l = w & 1 ? 16 + w / 2 : w / 2;
-            const unsigned hi = (uint8_t)(v[c] + shift) >> 4;
-            hp[(blk / per) * 32 + l] |= (uint8_t)(hi << (hb * (blk % per)));
+            int64_t at;
+            int sh;
+            fl_q_hi_at(c, bits, &at, &sh);
+            hp[at] |= (uint8_t)(((uint8_t)(v[c] + shift) >> 4) << sh);
         }
     }
     if (w->sdtype == FL_I8) { /* the file's two-level form, copied (quant.h: K scales) */

@@ -44,10 +44,10 @@
  * 5- and 6-bit GGUF types are stored one byte per value (exact, 8 bits plus scales per weight); the CPU can hold them
  * as split codes instead (below).
  *
- * Split codes (bits 5 or 6; the CPU backend only, with FASTLOAD_CPU_CODES56=1: smaller, but slower to decode than bytes,
- * see model.c codes56_ok): a weight whose parts are all
- * GGUF types with codes of at most 6 bits of which some have 5 or 6 (Q5_0, Q5_1, Q5_K, Q6_K, alone or fused with 4-bit
- * parts: Q4_K_M's q|k|v with a Q6_K v) keeps them in bits-per-weight instead of a byte each. Row r of data_d is the
+ * Split codes (bits 5 or 6; the CPU backend only, with FASTLOAD_CPU_CODES56=1: smaller, but slower to decode than
+ * bytes, see model.c codes56_ok): a weight whose parts are all GGUF types with codes of at most 6 bits of which some
+ * have 5 or 6 (Q5_0, Q5_1, Q5_K, Q6_K, alone or fused with 4-bit parts: Q4_K_M's q|k|v with a Q6_K v) keeps them in
+ * bits-per-weight instead of a byte each. Row r of data_d is the
  * low 4 bits of every code as bits == 4 packs them (cols / 2 bytes), then the high plane (cols * (bits - 4) / 8
  * bytes): for bits 6 per span of 128 columns 32 bytes, byte l's bits 2j, 2j + 1 the high bits of column pos(l) of
  * the span's block j (blocks of 32 columns, j = 0..3); for bits 5 per span of 256 columns 32 bytes, byte l's bit j
@@ -165,15 +165,23 @@ typedef struct {
 fl_status fl_q_layout_for_packed(const fl_packed_src *p, fl_qlayout *out);
 fl_status fl_q_from_packed(const fl_weight *w, const fl_packed_src *p, int64_t r0, int64_t n);
 
-/* Split codes (header comment): the code of column c of a row of bits 4, 5, 6 or 8 */
+/* Split codes (header comment): where column c's high bits are in a row's high plane of `bits` 5 or 6: byte *at of
+ * the plane, from bit *sh */
+static inline void fl_q_hi_at(int64_t c, int bits, int64_t *at, int *sh) {
+    const int per = bits == 6 ? 4 : 8; /* blocks of 32 columns a span */
+    const int64_t blk = c / 32, w = c % 32;
+    *at = (blk / per) * 32 + (w & 1 ? 16 + w / 2 : w / 2);
+    *sh = (bits - 4) * (int)(blk % per);
+}
+/* The code of column c of a row of bits 4, 5, 6 or 8 */
 static inline unsigned fl_q_code(const uint8_t *row, int bits, int64_t cols, int64_t c) {
     if (bits == 8) return row[c];
     const unsigned lo = c & 1 ? row[c >> 1] >> 4 : row[c >> 1] & 15u;
     if (bits == 4) return lo;
-    const int64_t blk = c / 32, w = c % 32, l = w & 1 ? 16 + w / 2 : w / 2;
-    const uint8_t *hp = row + cols / 2;
-    const unsigned hi = bits == 6 ? (hp[(blk / 4) * 32 + l] >> (2 * (blk % 4))) & 3u : (hp[(blk / 8) * 32 + l] >> (blk % 8)) & 1u;
-    return lo | hi << 4;
+    int64_t at;
+    int sh;
+    fl_q_hi_at(c, bits, &at, &sh);
+    return lo | ((row[cols / 2 + at] >> sh) & ((1u << (bits - 4)) - 1u)) << 4;
 }
 
 /* K scales (header comment): columns per super-scale, and the bytes of one row of scales or offsets in any layout */

@@ -324,15 +324,6 @@ static void qdec_gidx(int32_t *gidx, int64_t *gq, int64_t nb8, int bpg, int64_t 
  * scales: the last rows) goes through a scalar copy. cnt < 8 (a row's last chunk): lanes from cnt on are zeroed.
  * (The first version looped over the 8 blocks with a division and a scalar load each when bpg > 1: group 64
  * decoded at 1/3 of group 32's speed, benchmarks/results/cpu-qdecode-2026-12-01.) */
-/* K scales (quant.h; group 32, cols a multiple of 256): the chunk of 8 blocks at c0 is super-block c0 / 8 of the row
- * whose scales start at row: 8 int8 sub-scales times its fp16 super-scale (the products the float32 layout stores) */
-static inline __m256 ld_blocks_k(const char *row, int64_t ng, int64_t c0) {
-    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + c0))));
-    uint16_t d;
-    memcpy(&d, row + ng + 2 * (c0 / 8), 2);
-    return _mm256_mul_ps(sc, _mm256_set1_ps(_cvtsh_ss(d)));
-}
-
 static inline __attribute__((always_inline)) __m256 ld_blocks(const void *p, size_t g0, int64_t c0, int cnt, int f16,
                                                               const int32_t *gidx, const int64_t *gq, size_t total) {
     const size_t i = g0 + (size_t)gq[c0 / 8];
@@ -354,6 +345,16 @@ static inline __attribute__((always_inline)) __m256 ld_blocks(const void *p, siz
  * float) with the high plane ORed in and the symmetric form's centre subtracted as integers; INT16 activations only
  * (qhi_or16) */
 enum { QK_INT4 = 0, QK_INT8 = 1, QK_INT8_MIN = 2, QK_NF4 = 3, QK_INT5 = 4, QK_INT6 = 5 };
+
+/* K scales (quant.h): the scales of groups g .. g + 7 of a row of them (row: its first byte; ng groups), all in
+ * super-block `sup`: 8 int8 sub-scales times its fp16 super-scale (the products the float32 layout stores). A chunk
+ * of 8 blocks is one super-block with 32-column groups (ks8(row, ng, c0, c0 / 8)), half of one with 16-column ones. */
+static inline __m256 ks8(const char *row, int64_t ng, int64_t g, int64_t sup) {
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + g))));
+    uint16_t d;
+    memcpy(&d, row + ng + 2 * sup, 2);
+    return _mm256_mul_ps(sc, _mm256_set1_ps(_cvtsh_ss(d)));
+}
 static int qdec_kind(const fl_weight *W) {
     return W->code == FL_QCODE_NF4 ? QK_NF4 : W->bits == 4 ? QK_INT4 : W->bits == 5 ? QK_INT5 : W->bits == 6 ? QK_INT6
            : W->zeros_d ? QK_INT8_MIN : QK_INT8;
@@ -516,8 +517,8 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
             __m256 s8, m8 = _mm256_setzero_ps();
             if (ks) { /* K scales: every row is whole super-blocks, so cnt == 8 */
                 const size_t o = (size_t)(r0 + r) * ksrow;
-                s8 = ld_blocks_k((const char *)W->scales_d + o, ng, c0);
-                if (W->zeros_d) m8 = ld_blocks_k((const char *)W->zeros_d + o, ng, c0);
+                s8 = ks8((const char *)W->scales_d + o, ng, c0, c0 / 8);
+                if (W->zeros_d) m8 = ks8((const char *)W->zeros_d + o, ng, c0, c0 / 8);
             } else {
                 s8 = ld_blocks(W->scales_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
                 if (W->zeros_d) m8 = ld_blocks(W->zeros_d, gr[r], c0, cnt, f16, X->gidx, X->gq, (size_t)R * (size_t)ng);
@@ -603,19 +604,8 @@ static inline __attribute__((always_inline)) void qdec_rows(float *y, int64_t R,
     qdec_store(y, R, r0, acc, off, N, RR);
 }
 
-/* 16 values (scales or offsets) from p[i] on, n of them (lanes from n on zero), as two vectors. K scales (ksrow > 0:
- * group 16, whole super-blocks, n == 16): the 16 groups of super-block i / 16 of row `row`, sub-scale times super-scale */
-static inline void ld16(const void *p, size_t i, int n, int f16, size_t ksrow, int64_t row, int64_t ng, __m256 out[2]) {
-    if (ksrow) {
-        const char *rp = (const char *)p + (size_t)row * ksrow;
-        const __m128i sc = _mm_loadu_si128((const __m128i *)(rp + (i - (size_t)row * (size_t)ng)));
-        uint16_t d;
-        memcpy(&d, rp + ng + 2 * ((i - (size_t)row * (size_t)ng) / 16), 2);
-        const __m256 vd = _mm256_set1_ps(_cvtsh_ss(d));
-        out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)), vd);
-        out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))), vd);
-        return;
-    }
+/* 16 values (scales or offsets) from p[i] on, n of them (lanes from n on zero), as two vectors */
+static inline void ld16(const void *p, size_t i, int n, int f16, __m256 out[2]) {
     if (n == 16) {
         if (f16) {
             out[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
@@ -664,9 +654,20 @@ static inline __attribute__((always_inline)) void qdec16_rows(float *y, int64_t 
         qdec_prefetch(q, RR, pfrows, rowbytes, c0, bits, W->cols);
         for (int r = 0; r < RR; r++) {
             __m256 s[2], m[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-            ld16(W->scales_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, ksrow, r0 + r, ng, s);
-            if (W->zeros_d) ld16(W->zeros_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, ksrow, r0 + r, ng, m);
-            else if (kind == QK_INT4) {
+            if (ksrow) { /* K scales: the chunk's 16 groups are super-block c0 / 8 (whole super-blocks: cnt == 8) */
+                const char *sr = (const char *)W->scales_d + (size_t)(r0 + r) * ksrow,
+                           *zr = W->zeros_d ? (const char *)W->zeros_d + (size_t)(r0 + r) * ksrow : NULL;
+                s[0] = ks8(sr, ng, 2 * c0, c0 / 8);
+                s[1] = ks8(sr, ng, 2 * c0 + 8, c0 / 8);
+                if (zr) {
+                    m[0] = ks8(zr, ng, 2 * c0, c0 / 8);
+                    m[1] = ks8(zr, ng, 2 * c0 + 8, c0 / 8);
+                }
+            } else {
+                ld16(W->scales_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, s);
+                if (W->zeros_d) ld16(W->zeros_d, gr[r] + (size_t)(2 * c0), 2 * cnt, f16, m);
+            }
+            if (!W->zeros_d && kind == QK_INT4) {
                 m[0] = _mm256_mul_ps(s[0], _mm256_set1_ps(-8.0f));
                 m[1] = _mm256_mul_ps(s[1], _mm256_set1_ps(-8.0f));
             }
