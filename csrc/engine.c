@@ -622,7 +622,7 @@ static fl_status forward_pass(fl_engine *e, const fl_forward_req *f, const int *
     fl_err_clear();
     const int *prev = fl_cancel_flag_extra(cancel);
     fl_kvcache *kv = NULL;
-    fl_status st = fl_kv_create(m, f->B, f->T, &kv);
+    fl_status st = fl_kv_create(m, f->B, f->T, e->kv.dtype, &kv);
     const uint64_t kv_bytes = st == FL_OK ? m->kv_bytes_last : 0;
     if (st == FL_OK) st = fl_forward(m, kv, f->B, f->T, 0, f->ids, f->pos, f->mask, f->T, 1, f->logits);
     fl_kv_free(m, kv);
@@ -677,7 +677,7 @@ static void forward_chunk(fl_engine *e, fl_request *r) {
     fl_status st = FL_OK;
     if (__atomic_load_n(&r->cancel, __ATOMIC_RELAXED)) st = fl_err(FL_E_INTERRUPTED, "cancelled");
     if (st == FL_OK && !r->fkv) {
-        st = fl_kv_create(m, B, f->T, &r->fkv);
+        st = fl_kv_create(m, B, f->T, e->kv.dtype, &r->fkv);
         if (st == FL_OK) kv_bytes = m->kv_bytes_last;
     }
     const int32_t *ids = f->ids + a, *pos = f->pos + a; /* one row: the chunk is contiguous */
@@ -1084,10 +1084,11 @@ static int default_kick(void *ud, fl_engine *e) {
 
 /* Pages of page_tokens slots that kv_bytes holds (K and V of every layer), and the bytes of one token's K (or V) in
  * one layer; or FL_E_VALUE naming kv_cache_memory. */
-static fl_status pool_pages(const fl_model *m, uint64_t kv_bytes, int page_tokens, int *n_pages, size_t *slot_out) {
+static fl_status pool_pages(const fl_model *m, fl_dtype dtype, uint64_t kv_bytes, int page_tokens, int *n_pages,
+                            size_t *slot_out) {
     const fl_config *c = &m->cfg;
     size_t slot_bytes;
-    if (!fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, (size_t)fl_dtype_size(m->be->act), &slot_bytes))
+    if (!fl_mul3_size((size_t)c->n_kv_heads, (size_t)c->head_dim, (size_t)fl_dtype_size(dtype), &slot_bytes))
         return fl_err(FL_E_VALUE, "engine: KV slot size overflows");
     const double page_all = (double)slot_bytes * 2.0 * c->n_layers * page_tokens; /* one page, K and V, every layer */
     const double n_pages_d = floor((double)kv_bytes / page_all);
@@ -1119,7 +1120,9 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     int shift = 0;
     while ((1 << shift) < cfg.page_tokens) shift++;
     const fl_config *c = &m->cfg;
-    if (cfg.kv_bytes) FL_TRY(pool_pages(m, cfg.kv_bytes, cfg.page_tokens, NULL, NULL)); /* a size holding no page: before anything */
+    const fl_dtype kv_dtype = cfg.kv_f16 ? FL_F16 : m->be->act;
+    FL_TRY(fl_kv_dtype_ok(m, kv_dtype));
+    if (cfg.kv_bytes) FL_TRY(pool_pages(m, kv_dtype, cfg.kv_bytes, cfg.page_tokens, NULL, NULL)); /* a size holding no page: before anything */
     fl_engine *e = calloc(1, sizeof *e);
     if (!e) return fl_err(FL_E_NOMEM, "engine: cannot allocate");
     e->m = m;
@@ -1131,7 +1134,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     pthread_cond_init(&e->idle_cv, NULL);
     fl_status st = FL_OK;
     e->kv = (fl_kvcache){.n_layers = c->n_layers, .batch = 0, .max_len = cfg.max_context, .n_kv_heads = c->n_kv_heads,
-                         .head_dim = c->head_dim, .dtype = m->be->act, .page_shift = shift}; /* pages: fl_engine_add_pool */
+                         .head_dim = c->head_dim, .dtype = kv_dtype, .page_shift = shift}; /* pages: fl_engine_add_pool */
     e->kv.k_d = calloc((size_t)c->n_layers, sizeof(void *));
     e->kv.v_d = calloc((size_t)c->n_layers, sizeof(void *));
     e->max_pages = (int)(((int64_t)cfg.max_context + cfg.page_tokens - 1) / cfg.page_tokens + 1); /* context 2^31 - 1: no overflow */
@@ -1217,7 +1220,7 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
     const int shift = e->kv.page_shift;
     size_t slot_bytes; /* one token's K (or V) in one layer */
     int n_pages;
-    FL_TRY(pool_pages(m, kv_bytes, 1 << shift, &n_pages, &slot_bytes));
+    FL_TRY(pool_pages(m, e->kv.dtype, kv_bytes, 1 << shift, &n_pages, &slot_bytes));
     pthread_mutex_lock(&e->mu);
     const int busy = e->adding_pool || __atomic_load_n(&e->has_pool, __ATOMIC_ACQUIRE);
     if (!busy) e->adding_pool = 1;

@@ -59,6 +59,8 @@ typedef struct {
     int max_waiting;      /* requests that may wait for admission; submit fails with FL_E_BUSY beyond (0: no limit) */
     int max_context;      /* prompt + new tokens of one request (default: the model's max_position_embeddings) */
     int no_prefix_cache;  /* 1: no prompt page is shared or kept (each request reads its whole prompt) */
+    int kv_f16;           /* 1: keys and values (the pool's and forwards') stored as float16 (CPU backend only:
+                           * fl_kv_dtype_ok); 0: in the backend's activation dtype */
 } fl_engine_cfg;
 
 /* kick(ud, e): called (without the engine's lock) when a request arrives and no driver runs; it

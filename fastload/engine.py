@@ -21,6 +21,12 @@ Settings, at from_pretrained or later with model.configure_engine():
                     2048, CPU 512): larger starts a newcomer sooner, smaller keeps the others' inter-token gaps short.
                     A forward of more tokens (B x T) is read in chunks of at most this many, one a step.
   kv_page_tokens    tokens per KV page (a power of two, default 16).
+  kv_cache_dtype    what keys and values are stored as: "auto" (default: the activation dtype: float32 on the CPU,
+                    the model's bf16 / fp16 on CUDA) or "float16" (the CPU backend only, as llama.cpp's default f16
+                    cache: half the pool's bytes a token, so twice the tokens in the same kv_cache_memory, and less
+                    to read per decode step at long contexts; keys and values rounded to float16 once as they are
+                    stored, the attention's arithmetic float32 as before). vLLM's name; "fp16" / "half" are the same.
+                    FASTLOAD_KV_CACHE_DTYPE sets the default.
   prefix_caching    share and keep full prompt pages between requests (default True; FASTLOAD_PREFIX_CACHING=0).
                     A request that reuses another's pages skips computing them; its own part is computed over fewer
                     rows, which on the CPU can round differently (other kernels), so a greedy answer can differ in
@@ -38,14 +44,22 @@ import numpy as np
 from . import config as cfgmod
 
 ENGINE_KEYS = ("kv_cache_memory", "max_num_seqs", "max_queue", "engine", "prefill_chunk", "kv_page_tokens",
-               "prefix_caching")
+               "prefix_caching", "kv_cache_dtype")
+KV_DTYPES = {"auto": "auto", "float16": "float16", "fp16": "float16", "half": "float16", "float32": "float32",
+             "fp32": "float32", "float": "float32"}
 _GOLDEN = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
 
 
 def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None, prefill_chunk=None,
-            kv_page_tokens=None, prefix_caching=None) -> dict:
+            kv_page_tokens=None, prefix_caching=None, kv_cache_dtype=None) -> dict:
     """Check and normalise the engine settings (from_pretrained / configure_engine arguments)."""
+    if kv_cache_dtype is None:
+        kv_cache_dtype = cfgmod.env("FASTLOAD_KV_CACHE_DTYPE") or "auto"
+    name = str(getattr(kv_cache_dtype, "name", kv_cache_dtype)).replace("torch.", "").strip().lower()  # torch.float16 too
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: one of 'auto', 'float16' (the CPU backend), 'float32'")
+    kv_cache_dtype = KV_DTYPES[name]
     if engine is None:
         env = cfgmod.env("FASTLOAD_ENGINE")
         engine = True if env is None else env.strip().lower() not in ("0", "false", "no", "off")
@@ -68,7 +82,24 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
         raise ValueError(f"kv_page_tokens={kv_page_tokens} must be a power of two")
     return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs,
             "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk, "kv_page_tokens": kv_page_tokens or 16,
-            "prefix_caching": bool(prefix_caching)}
+            "prefix_caching": bool(prefix_caching), "kv_cache_dtype": kv_cache_dtype}
+
+
+def kv_f16(model, opts) -> bool:
+    """Whether the engine stores keys and values as float16 (its own dtype otherwise); ValueError naming
+    kv_cache_dtype where the backend cannot (CUDA keeps them in the activation dtype)."""
+    want, act = opts["kv_cache_dtype"], act_dtype(model)
+    if want == "auto" or want == act:
+        return False
+    if want == "float16" and model.device == "cpu":
+        return True
+    raise ValueError(f"kv_cache_dtype={want!r}: the {model.device} backend keeps keys and values in the activation "
+                     f"dtype, {act} here ('float16' is for the CPU backend, whose activations are float32)")
+
+
+def act_dtype(model) -> str:
+    """The backend's activation dtype: float32 on the CPU, the model's dtype on CUDA."""
+    return "float32" if model.device == "cpu" else str(model.dtype).replace("torch.", "")
 
 
 def max_num_seqs(model, opts) -> int:
@@ -82,14 +113,17 @@ def max_num_seqs(model, opts) -> int:
     return 64 if str(model.device).startswith("cuda") else 16
 
 
-def kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model, opts=None) -> int:
+    """K and V bytes of one token, every layer, as the engine stores them (opts: its settings; the model's own engine's
+    when None)."""
     from . import arch
     c = model.config
     nh = c.num_attention_heads
     hd = arch.head_dim(dict(c), model.arch)  # Qwen3 without head_dim: 128, not hidden / heads
     nkv = getattr(c, "num_key_value_heads", None) or nh
-    # the CPU backend keeps the cache in float32, CUDA in the activation dtype (float32 too when the model is)
-    es = 4 if model.device == "cpu" or str(model.dtype) == "float32" else 2
+    # the activation dtype (float32 on the CPU, the model's on CUDA), or float16 with kv_cache_dtype="float16"
+    opts = opts if opts is not None else model._engine_handle().opts
+    es = 2 if kv_f16(model, opts) else 4 if act_dtype(model) == "float32" else 2
     return 2 * c.num_hidden_layers * nkv * hd * es
 
 
@@ -101,7 +135,7 @@ def context_length(model) -> int:
 
 def pool_bytes(model, opts) -> int:
     """The pool size the engine will get: kv_cache_memory resolved against the device now."""
-    per_tok = kv_bytes_per_token(model)
+    per_tok = kv_bytes_per_token(model, opts)
     ctx = context_length(model) or 4096
     cap = per_tok * ctx * max_num_seqs(model, opts) + per_tok * opts["kv_page_tokens"]
     want = opts["kv_cache_memory"]
@@ -148,7 +182,8 @@ class Engine:
                                             (2048 if str(m.device).startswith("cuda") else 512),
                                             max_waiting=self.opts["max_queue"],
                                             max_context=context_length(m),
-                                            prefix_caching=self.opts["prefix_caching"])
+                                            prefix_caching=self.opts["prefix_caching"],
+                                            kv_f16=kv_f16(m, self.opts))
                     self._started = True
                 if pool and not self._pooled:
                     self._core.engine_pool(pool_bytes(m, self.opts))

@@ -84,6 +84,8 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
                           (long long)qk_norm->rows, 2 * hd);
         cpu_row_to_f32(nw, qk_norm->data_d, qk_norm->dtype, 2 * (int64_t)hd);
     }
+    if (kv->dtype != FL_F32 && kv->dtype != FL_F16) return fl_err(FL_E_VALUE, "rope_store: the CPU's KV cache is float32 or float16");
+    const int f16 = kv->dtype == FL_F16; /* kv_cache_dtype="float16": stored rounded, read back widened */
     float *kc = (float *)kv->k_d[layer], *vc = (float *)kv->v_d[layer];
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static) if (B * T > 1)
     for (int bt = 0; bt < B * T; bt++) {
@@ -108,8 +110,13 @@ fl_status cpu_rope_store(fl_backend *be, void *qkv_d, const fl_step *s, fl_kvcac
             rotate(row + h * hd, cs, sn, half, inter);
         }
         const int64_t slot = kv_slot(s, kv, b, row_start(s, b) + t) * nkv * hd;
-        memcpy(kc + slot, row + (int64_t)n_heads * hd, (size_t)nkv * hd * sizeof(float));
-        memcpy(vc + slot, row + (int64_t)(n_heads + nkv) * hd, (size_t)nkv * hd * sizeof(float));
+        if (f16) {
+            cpu_row_to_f16((uint16_t *)kv->k_d[layer] + slot, row + (int64_t)n_heads * hd, (int64_t)nkv * hd);
+            cpu_row_to_f16((uint16_t *)kv->v_d[layer] + slot, row + (int64_t)(n_heads + nkv) * hd, (int64_t)nkv * hd);
+        } else {
+            memcpy(kc + slot, row + (int64_t)n_heads * hd, (size_t)nkv * hd * sizeof(float));
+            memcpy(vc + slot, row + (int64_t)(n_heads + nkv) * hd, (size_t)nkv * hd * sizeof(float));
+        }
     }
     return FL_OK;
 }
@@ -270,6 +277,7 @@ static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, 
     const int NQ = group, NQP = (NQ + ATT_VW - 1) / ATT_VW * ATT_VW, nt = cpu_threads(be);
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
     const float *kc = (const float *)kv->k_d[layer], *vc = (const float *)kv->v_d[layer];
+    const int f16 = kv->dtype == FL_F16; /* a block's rows are widened into the thread's KB / VB first */
     /* items: row b's chunks are first[b] .. first[b + 1] - 1, of ck[b] keys from key lo[b] */
     int *first = malloc((size_t)(B + 1) * sizeof *first), *ck = malloc((size_t)B * sizeof *ck);
     int *lo = malloc((size_t)B * sizeof *lo);
@@ -287,9 +295,10 @@ static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, 
     }
     const int items = first[B];
     /* per item and head, on cache lines of its own (two threads may hold two heads of an item): m, l [NQP],
-     * o [NQ][hd]; per thread: Qt [nkv][hd][NQP], S [ATT_KB][NQP] */
+     * o [NQ][hd]; per thread: Qt [nkv][hd][NQP], S [ATT_KB][NQP], and with a float16 cache KB, VB [ATT_KB][nkv][hd] */
     const size_t pg = (2 * (size_t)NQP + (size_t)NQ * hd + 15) / 16 * 16, part = (size_t)nkv * pg;
-    const size_t per = ((size_t)nkv * hd * NQP + (size_t)ATT_KB * NQP + 15) / 16 * 16;
+    const size_t kvb = f16 ? (size_t)ATT_KB * nkv * hd : 0;
+    const size_t per = ((size_t)nkv * hd * NQP + (size_t)ATT_KB * NQP + 2 * kvb + 15) / 16 * 16;
     float *buf = fl_malloc(((size_t)items * part + (size_t)nt * per) * sizeof(float));
     if (!buf) {
         free(first); free(ck); free(lo);
@@ -309,6 +318,7 @@ static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, 
         int b = 0;
         while (first[b + 1] <= w) b++;
         float *Qt = buf + (size_t)items * part + (size_t)th * per, *S = Qt + (size_t)nkv * hd * NQP;
+        float *KB = S + (size_t)ATT_KB * NQP, *VB = KB + kvb;
         float *const item = buf + (size_t)w * part; /* head g: m = item + g pg, l = m + NQP, o = l + NQP */
         const int i = row_start(s, b), j0 = lo[b] + (w - first[b]) * ck[b];
         const int j1 = j0 + ck[b] - 1 < i ? j0 + ck[b] - 1 : i;
@@ -334,10 +344,16 @@ static fl_status attention_decode(fl_backend *be, float *out, const float *qkv, 
             const float *kr[ATT_KB], *vr[ATT_KB];
             int64_t slot[ATT_KB];
             for (int k = 0; k < nk; k++) slot[k] = kv_slot(s, kv, b, jb + k) * nkv * hd;
+            if (f16) /* this item's heads of the block's rows, widened */
+                for (int k = 0; k < nk; k++) {
+                    const int64_t o0 = slot[k] + (int64_t)g_lo * hd, n = (int64_t)(g_hi - g_lo) * hd;
+                    cpu_row_to_f32(KB + (size_t)k * nkv * hd + (size_t)g_lo * hd, (const uint16_t *)kv->k_d[layer] + o0, FL_F16, n);
+                    cpu_row_to_f32(VB + (size_t)k * nkv * hd + (size_t)g_lo * hd, (const uint16_t *)kv->v_d[layer] + o0, FL_F16, n);
+                }
             for (int g = g_lo; g < g_hi; g++) {
                 for (int k = 0; k < nk; k++) {
-                    kr[k] = kc + slot[k] + (int64_t)g * hd;
-                    vr[k] = vc + slot[k] + (int64_t)g * hd;
+                    kr[k] = f16 ? KB + (size_t)k * nkv * hd + (size_t)g * hd : kc + slot[k] + (int64_t)g * hd;
+                    vr[k] = f16 ? VB + (size_t)k * nkv * hd + (size_t)g * hd : vc + slot[k] + (int64_t)g * hd;
                 }
                 att_block(kr, vr, nk, jb, km, Qt + (size_t)g * hd * NQP, posf, jminf, NQP, NQ, hd, S,
                           item + (size_t)g * pg, item + (size_t)g * pg + NQP, item + (size_t)g * pg + 2 * NQP);
@@ -399,13 +415,16 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
         return attention_decode(be, out_d, qkv_d, s, kv, layer, n_heads, window, scale);
     const int64_t stride = (int64_t)(n_heads + 2 * nkv) * hd;
     const float *kc = (const float *)kv->k_d[layer], *vc = (const float *)kv->v_d[layer];
+    const int f16 = kv->dtype == FL_F16; /* a block's rows of head g are widened into the thread's KB / VB first */
     const int nt = cpu_threads(be);
     int QT = group >= ATT_NQP ? 1 : ATT_NQP / group;
     QT = QT > 8 ? 8 : QT;
     QT = QT > T ? T : QT;
     const int ntile = (T + QT - 1) / QT, NQ = group * QT, NQP = (NQ + ATT_VW - 1) / ATT_VW * ATT_VW;
-    /* per thread: Qt [hd][NQP], scores / probabilities [KB][NQP], outputs [NQ][hd], m, l [NQP] */
-    const size_t per = (size_t)hd * NQP + (size_t)ATT_KB * NQP + (size_t)NQ * hd + 2 * (size_t)NQP;
+    /* per thread: Qt [hd][NQP], scores / probabilities [KB][NQP], outputs [NQ][hd], m, l [NQP]; float16 cache: KB, VB
+     * [ATT_KB][hd] */
+    const size_t kvb = f16 ? (size_t)ATT_KB * hd : 0;
+    const size_t per = (size_t)hd * NQP + (size_t)ATT_KB * NQP + (size_t)NQ * hd + 2 * (size_t)NQP + 2 * kvb;
     float *scratch = fl_malloc((size_t)nt * per * sizeof(float));
     if (!scratch) return fl_err(FL_E_NOMEM, "attention: cannot allocate its scratch");
     const int64_t work = (int64_t)B * nkv * ntile;
@@ -417,7 +436,7 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
         const int th = 0;
 #endif
         float *Qt = scratch + (size_t)th * per, *S = Qt + (size_t)hd * NQP, *o = S + (size_t)ATT_KB * NQP;
-        float *m = o + (size_t)NQ * hd, *l = m + NQP;
+        float *m = o + (size_t)NQ * hd, *l = m + NQP, *KB = l + NQP, *VB = KB + kvb;
         const int b = (int)(w / ((int64_t)nkv * ntile)), rem = (int)(w % ((int64_t)nkv * ntile));
         const int g = rem / ntile, t0 = (rem % ntile) * QT, tq = T - t0 < QT ? T - t0 : QT, nq = group * tq;
         const int start = row_start(s, b), i_lo = start + t0, i_hi = start + t0 + tq - 1;
@@ -442,8 +461,15 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
             const float *kr[ATT_KB], *vr[ATT_KB];
             for (int k = 0; k < nk; k++) {
                 const int64_t slot = kv_slot(s, kv, b, jb + k) * nkv * hd + (int64_t)g * hd;
-                kr[k] = kc + slot;
-                vr[k] = vc + slot;
+                if (f16) {
+                    cpu_row_to_f32(KB + (size_t)k * hd, (const uint16_t *)kv->k_d[layer] + slot, FL_F16, hd);
+                    cpu_row_to_f32(VB + (size_t)k * hd, (const uint16_t *)kv->v_d[layer] + slot, FL_F16, hd);
+                    kr[k] = KB + (size_t)k * hd;
+                    vr[k] = VB + (size_t)k * hd;
+                } else {
+                    kr[k] = kc + slot;
+                    vr[k] = vc + slot;
+                }
             }
             att_block(kr, vr, nk, jb, km, Qt, posf, jminf, NQP, nq, hd, S, m, l, o);
         }

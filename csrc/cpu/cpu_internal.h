@@ -38,6 +38,16 @@ static inline void cpu_row_to_f32(float *restrict dst, const void *restrict src,
     }
 }
 
+/* dst[0:n] = float16(src[0:n]), rounded to nearest even (F16C's and fl_f32_to_f16's rounding): a float16 KV cache. */
+static inline void cpu_row_to_f16(uint16_t *restrict dst, const float *restrict src, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = fl_f32_to_f16(src[i]);
+}
+
 static inline float cpu_elem_f32(const void *p, fl_dtype t, int64_t i) {
     switch (t) {
     case FL_F32: return ((const float *)p)[i];

@@ -769,16 +769,17 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
 }
 
 /* ---- the engine (csrc/engine.h): many callers, continuous batching, paged KV cache ---------------------------- */
-/* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0): kv_bytes 0
- * starts it without a KV pool (forwards only, until engine_pool) */
+/* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0,
+ * prefix_caching=True, kv_f16=False): kv_bytes 0 starts it without a KV pool (forwards only, until engine_pool);
+ * kv_f16: keys and values kept as float16 (CPU backend) */
 static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"kv_bytes", "page_tokens", "max_batch", "prefill_chunk", "max_waiting", "max_context",
-                             "prefix_caching", NULL};
+                             "prefix_caching", "kv_f16", NULL};
     fl_engine_cfg cfg = {0};
     unsigned long long kvb = 0;
     int prefix = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiiip", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
-                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context, &prefix))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiiipp", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
+                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context, &prefix, &cfg.kv_f16))
         return NULL;
     cfg.no_prefix_cache = !prefix;
     cfg.kv_bytes = kvb;

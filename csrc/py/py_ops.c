@@ -419,7 +419,7 @@ done:
 
 /* Shared by rope_store and attention: the step, the cache (inputs or poisoned), qkv. */
 typedef struct {
-    long B, T, start, nh, nkv, hd, max_len, on_dev;
+    long B, T, start, nh, nkv, hd, max_len, on_dev, kv_f16;
     void *qkv_d, *k_d, *v_d;
     fl_step step;
     fl_kvcache kv;
@@ -433,8 +433,13 @@ static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache
     if (param_int(c, "B", 1, &s->B) < 0 || param_int(c, "T", 1, &s->T) < 0 || param_int(c, "start", 0, &s->start) < 0 ||
         param_int(c, "n_heads", 0, &s->nh) < 0 || param_int(c, "n_kv_heads", 0, &s->nkv) < 0 ||
         param_int(c, "head_dim", 0, &s->hd) < 0 || param_int(c, "max_len", 0, &s->max_len) < 0 ||
-        param_int(c, "start_on_device", 0, &s->on_dev) < 0)
+        param_int(c, "start_on_device", 0, &s->on_dev) < 0 || param_int(c, "kv_f16", 0, &s->kv_f16) < 0)
         goto done;
+    /* kv_f16: the caches held as float16 (kv_cache_dtype="float16"): given and returned as float32 values, rounded to
+     * float16 on the way in */
+    const fl_dtype kvt = s->kv_f16 ? FL_F16 : c->be->act;
+    if (kvt != c->be->act && !(c->be->host_memory && c->be->act == FL_F32))
+        BAD("run_op(%s): kv_f16 is for the CPU backend (this one keeps its cache in its activation dtype)", c->op);
     /* paged (fl_kv_paging): block_table [B, nb] int32 and page_shift; the caches are then pools [n_pages, page, nkv,
      * hd] (page = 1 << page_shift) and max_len is nb * page. starts [B] int32: per-row starts (paged or not). */
     if (!(bt = get_arr(c, "block_table", NPY_INT32, 2, 0)) && PyErr_Occurred()) goto done;
@@ -476,11 +481,11 @@ static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache
     if (bt && (DIM(kc, 2) != s->nkv || DIM(vc, 0) != DIM(kc, 0) || DIM(vc, 1) != DIM(kc, 1) || DIM(vc, 2) != s->nkv ||
                DIM(vc, 3) != s->hd))
         BAD("run_op(%s): paged caches must both be [n_pages, page, n_kv_heads, head_dim]", c->op);
-    const size_t cache_bytes = (size_t)s->B * s->max_len * s->nkv * s->hd * fl_dtype_size(c->be->act);
+    const size_t cache_bytes = (size_t)s->B * s->max_len * s->nkv * s->hd * fl_dtype_size(kvt);
     if (!(s->qkv_d = upload_act(c, qkv))) goto done;
-    s->k_d = kc ? upload_act(c, kc) : alloc_poisoned(c, cache_bytes);
+    s->k_d = kc ? upload_as(c, kc, kvt) : alloc_poisoned(c, cache_bytes);
     if (!s->k_d) goto done;
-    s->v_d = vc ? upload_act(c, vc) : alloc_poisoned(c, cache_bytes);
+    s->v_d = vc ? upload_as(c, vc, kvt) : alloc_poisoned(c, cache_bytes);
     if (!s->v_d) goto done;
     s->step = (fl_step){.batch = (int)s->B, .n_new = (int)s->T, .start = (int)s->start};
     if (s->on_dev) {
@@ -509,7 +514,7 @@ static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache
     }
     s->kp[0] = s->k_d; s->vp[0] = s->v_d;
     s->kv = (fl_kvcache){.n_layers = 1, .batch = (int)s->B, .max_len = (int)s->max_len, .n_kv_heads = (int)s->nkv,
-                         .head_dim = (int)s->hd, .dtype = c->be->act, .k_d = s->kp, .v_d = s->vp};
+                         .head_dim = (int)s->hd, .dtype = kvt, .k_d = s->kp, .v_d = s->vp};
     if (bt) {
         s->kv.batch = 0;
         s->kv.n_pages = (int)n_pages;
@@ -565,7 +570,8 @@ static int op_rope(op_ctx *c, int att) {
         if (param_int(c, "window", 0, &window) < 0 || param_float(c, "scale", 1.0 / sqrt((double)s.hd), &scale) < 0)
             goto done;
         PyArrayObject *kc = get_arr(c, "k_cache", NPY_FLOAT32, 4, 1), *vc = kc ? get_arr(c, "v_cache", NPY_FLOAT32, 4, 1) : NULL;
-        void *q0 = vc ? upload_act(c, qkv) : NULL, *k0 = q0 ? upload_act(c, kc) : NULL, *v0 = k0 ? upload_act(c, vc) : NULL;
+        void *q0 = vc ? upload_act(c, qkv) : NULL, *k0 = q0 ? upload_as(c, kc, s.kv.dtype) : NULL;
+        void *v0 = k0 ? upload_as(c, vc, s.kv.dtype) : NULL;
         Py_XDECREF(kc); Py_XDECREF(vc);
         const size_t ob = (size_t)s.B * s.T * s.nh * s.hd * fl_dtype_size(c->be->act);
         void *o0 = v0 ? alloc_poisoned(c, ob) : NULL, *out_d = o0 ? alloc_poisoned(c, ob) : NULL;
@@ -584,7 +590,9 @@ static int op_rope(op_ctx *c, int att) {
         npy_intp shq[2] = {(npy_intp)(s.B * s.T), (npy_intp)((s.nh + 2 * s.nkv) * s.hd)};
         if (download(c, "qkv", s.qkv_d, 2, shq) < 0) goto done;
     }
-    if (download(c, "k_cache", s.k_d, 4, shc) < 0 || download(c, "v_cache", s.v_d, 4, shc) < 0) goto done;
+    if (download_as(c, "k_cache", s.k_d, 4, shc, NPY_FLOAT32, s.kv.dtype) < 0 ||
+        download_as(c, "v_cache", s.v_d, 4, shc, NPY_FLOAT32, s.kv.dtype) < 0)
+        goto done;
     rc = 0;
 done:
     Py_XDECREF(qkv); Py_XDECREF(inv); Py_XDECREF(qkn);

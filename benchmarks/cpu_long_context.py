@@ -1,0 +1,126 @@
+"""CPU decode at long contexts: fastload with its float32 KV cache (kv_cache_dtype="auto") and with
+kv_cache_dtype="float16", against llama.cpp (llama-cpp-python, its default f16 KV cache) on the same GGUF file and
+thread count, in one process, alternating per round. Batch 1, greedy, tokens a second of `--new` generated tokens
+after a prompt of L tokens (fastload: time to first token subtracted, the prompt's pages reused; llama.cpp: its own
+t_eval counter over the same tokens), median of `--rounds`. Then the demo model's word perplexity on the committed
+text both ways (the float16 cache's cost in quality).
+
+    python benchmarks/cpu_long_context.py [--model GGUF] [--lengths 256,2048,4000] [--new 32] [--rounds 3]
+        [--threads 2] [--json OUT]
+No figure is asserted; --json writes them with the machine, date and commit."""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def fl_rate(m, ids, new):
+    kw = dict(do_sample=False, eos_token_id=[])
+    t0 = time.perf_counter()
+    m.generate(ids, max_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m.generate(ids, max_new_tokens=new + 1, **kw)
+    return new / (time.perf_counter() - t0 - ttft)
+
+
+def llama_rate(llm, ids, new):
+    import llama_cpp
+    V = llm.n_vocab()
+    ctx = llm._ctx.ctx
+    llm.reset()
+    llm.eval(ids)
+    llama_cpp.llama_perf_context_reset(ctx)
+    for _ in range(new):
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(V,))))
+        llm.eval([tok])
+    perf = llama_cpp.llama_perf_context(ctx)
+    return perf.n_eval / (perf.t_eval_ms / 1e3)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a GGUF file (default: the demo model)")
+    ap.add_argument("--lengths", default="256,2048,4000")
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--ppl_chars", type=int, default=8000)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    os.environ["FASTLOAD_THREADS"] = str(a.threads)
+    import fastload
+    from fastload.demo import demo_model_path
+    path = a.model or demo_model_path()
+    lengths = [int(x) for x in a.lengths.split(",")]
+    models = {}
+    for kd in ("auto", "float16"):
+        models[kd] = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", kv_cache_dtype=kd,
+                                                                   kv_cache_memory=1 << 30)
+    llm = None
+    if not a.no_llama:
+        try:
+            import llama_cpp
+            llm = llama_cpp.Llama(model_path=path, n_threads=a.threads, n_threads_batch=a.threads,
+                                  n_ctx=max(lengths) + a.new + 64, verbose=False)
+        except ImportError as e:
+            print(f"llama.cpp not measured: {e}")
+    rng = np.random.default_rng(0)
+    res = {}
+    for L in lengths:
+        ids = rng.integers(100, 40000, size=L)
+        for m in models.values():
+            m.generate(ids[None], max_new_tokens=2, eos_token_id=[])
+        runs = {k: [] for k in list(models) + (["llama.cpp"] if llm else [])}
+        for _ in range(a.rounds):
+            for k, m in models.items():
+                runs[k].append(fl_rate(m, ids[None], a.new))
+            if llm:
+                runs["llama.cpp"].append(llama_rate(llm, ids.tolist(), a.new))
+        r = {k: {"tok_s": statistics.median(v), "runs": [round(x, 1) for x in v]} for k, v in runs.items()}
+        res[L] = r
+        line = ", ".join(f"{k} {v['tok_s']:.1f}" for k, v in r.items())
+        rel = ""
+        if llm:
+            lc = r["llama.cpp"]["tok_s"]
+            rel = f" | vs llama.cpp: float32 KV {r['auto']['tok_s'] / lc:.2f}x, float16 KV {r['float16']['tok_s'] / lc:.2f}x"
+        print(f"decode after {L} tokens (tok/s): {line}{rel}", flush=True)
+    ppl = {}
+    if a.ppl_chars:
+        from fastload import evaluate
+        text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "devils_dictionary.txt"),
+                    encoding="utf-8").read()[:a.ppl_chars]
+        tok = fastload.AutoTokenizer.from_pretrained(path)
+        for k, m in models.items():
+            ppl[k] = evaluate.perplexity(m, tok, text, context=256)["word_perplexity"]
+        print(f"word perplexity, first {a.ppl_chars} characters, context 256: float32 KV {ppl['auto']:.4f}, "
+              f"float16 KV {ppl['float16']:.4f} ({100 * (ppl['float16'] / ppl['auto'] - 1):+.3f}%)")
+    mem = {k: m.memory_stats() for k, m in models.items()}
+    print("tokens the same 1 GiB pool holds: " + ", ".join(
+        f"{k} {m.engine_stats()['n_pages'] * m.engine_stats()['page_tokens']}" for k, m in models.items()))
+    if a.json:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            commit = ""
+        with open(a.json, "w") as f:
+            json.dump({"model": path, "threads": a.threads, "new": a.new, "rounds": a.rounds,
+                       "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+                       "commit": commit, "decode": res, "word_perplexity": ppl,
+                       "pool_tokens": {k: m.engine_stats()["n_pages"] * m.engine_stats()["page_tokens"]
+                                       for k, m in models.items()},
+                       "memory_stats": mem}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
