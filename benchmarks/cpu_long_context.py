@@ -1,12 +1,15 @@
 """CPU decode at long contexts: fastload with its float32 KV cache (kv_cache_dtype="auto") and with
-kv_cache_dtype="float16", against llama.cpp (llama-cpp-python, its default f16 KV cache) on the same GGUF file and
-thread count, in one process, alternating per round. Batch 1, greedy, tokens a second of `--new` generated tokens
-after a prompt of L tokens (fastload: time to first token subtracted, the prompt's pages reused; llama.cpp: its own
-t_eval counter over the same tokens), median of `--rounds`. Then the demo model's word perplexity on the committed
-text both ways (the float16 cache's cost in quality).
+kv_cache_dtype="float16" (alternating per round in this process), against llama.cpp (llama-cpp-python, its default
+f16 KV cache) on the same GGUF file, prompt ids and thread count, measured after them in a child process of its own:
+with a llama.cpp context alive in the same process fastload decoded up to 2x slower on the 2-core dev VM (first
+run, 2026-12-05: 144 -> 76 tok/s at 256 tokens once llama.cpp had run), so the two never share a process here.
+Batch 1, greedy, tokens a second of `--new` generated tokens after a prompt of L tokens (fastload: time to first
+token subtracted, the prompt's pages reused; llama.cpp: its own t_eval counter over the same tokens), median of
+`--rounds`. Then the demo model's word perplexity on the committed text both ways (the float16 cache's cost in
+quality).
 
     python benchmarks/cpu_long_context.py [--model GGUF] [--lengths 256,2048,4000] [--new 32] [--rounds 3]
-        [--threads 2] [--json OUT]
+        [--threads 2] [--no-llama] [--json OUT]
 No figure is asserted; --json writes them with the machine, date and commit."""
 import argparse
 import json
@@ -54,46 +57,56 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--llama-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--ppl_chars", type=int, default=8000)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     os.environ["FASTLOAD_THREADS"] = str(a.threads)
-    import fastload
     from fastload.demo import demo_model_path
     path = a.model or demo_model_path()
     lengths = [int(x) for x in a.lengths.split(",")]
+    rng = np.random.default_rng(0)
+    prompts = {L: rng.integers(100, 40000, size=L) for L in lengths}
+    if a.llama_only:  # the child: llama.cpp alone in its process, one JSON line of medians and runs
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=path, n_threads=a.threads, n_threads_batch=a.threads,
+                              n_ctx=max(lengths) + a.new + 64, verbose=False)
+        out = {}
+        for L in lengths:
+            rs = [llama_rate(llm, prompts[L].tolist(), a.new) for _ in range(a.rounds)]
+            out[L] = {"tok_s": statistics.median(rs), "runs": [round(x, 1) for x in rs]}
+        print(json.dumps(out))
+        return
+    import fastload
     models = {}
     for kd in ("auto", "float16"):
         models[kd] = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", kv_cache_dtype=kd,
                                                                    kv_cache_memory=1 << 30)
-    llm = None
-    if not a.no_llama:
-        try:
-            import llama_cpp
-            llm = llama_cpp.Llama(model_path=path, n_threads=a.threads, n_threads_batch=a.threads,
-                                  n_ctx=max(lengths) + a.new + 64, verbose=False)
-        except ImportError as e:
-            print(f"llama.cpp not measured: {e}")
-    rng = np.random.default_rng(0)
     res = {}
     for L in lengths:
-        ids = rng.integers(100, 40000, size=L)
+        ids = prompts[L]
         for m in models.values():
             m.generate(ids[None], max_new_tokens=2, eos_token_id=[])
-        runs = {k: [] for k in list(models) + (["llama.cpp"] if llm else [])}
+        runs = {k: [] for k in models}
         for _ in range(a.rounds):
             for k, m in models.items():
                 runs[k].append(fl_rate(m, ids[None], a.new))
-            if llm:
-                runs["llama.cpp"].append(llama_rate(llm, ids.tolist(), a.new))
-        r = {k: {"tok_s": statistics.median(v), "runs": [round(x, 1) for x in v]} for k, v in runs.items()}
-        res[L] = r
-        line = ", ".join(f"{k} {v['tok_s']:.1f}" for k, v in r.items())
-        rel = ""
-        if llm:
-            lc = r["llama.cpp"]["tok_s"]
-            rel = f" | vs llama.cpp: float32 KV {r['auto']['tok_s'] / lc:.2f}x, float16 KV {r['float16']['tok_s'] / lc:.2f}x"
-        print(f"decode after {L} tokens (tok/s): {line}{rel}", flush=True)
+        res[L] = {k: {"tok_s": statistics.median(v), "runs": [round(x, 1) for x in v]} for k, v in runs.items()}
+        print(f"decode after {L} tokens (tok/s): " + ", ".join(f"{k} {v['tok_s']:.1f}" for k, v in res[L].items()),
+              flush=True)
+    if not a.no_llama:
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--llama-only", "--model", path,
+                                "--lengths", a.lengths, "--new", str(a.new), "--rounds", str(a.rounds),
+                                "--threads", str(a.threads)], capture_output=True, text=True)
+        if child.returncode:
+            print(f"llama.cpp not measured: {child.stderr.strip().splitlines()[-1:]}")
+        else:
+            lc = json.loads(child.stdout.strip().splitlines()[-1])
+            for L in lengths:
+                res[L]["llama.cpp"] = lc[str(L)]
+                c = lc[str(L)]["tok_s"]
+                print(f"decode after {L} tokens: llama.cpp {c:.1f} tok/s (runs {lc[str(L)]['runs']}); fastload float32 KV "
+                      f"{res[L]['auto']['tok_s'] / c:.2f}x, float16 KV {res[L]['float16']['tok_s'] / c:.2f}x", flush=True)
     ppl = {}
     if a.ppl_chars:
         from fastload import evaluate

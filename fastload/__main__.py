@@ -25,6 +25,8 @@ def _model_ref(args):
 def _load_model(args, ref):
     import fastload
     kw = {"quantization_config": args.quant} if getattr(args, "quant", None) else {}
+    if getattr(args, "kv_cache_dtype", None):
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
     return fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device, torch_dtype=args.dtype, **kw)
 
 
@@ -208,6 +210,10 @@ def main(argv=None):
             sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                             help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none; "
                                  "GPTQ / AWQ checkpoints and GGUF files stay as they are quantised)")
+            sp.add_argument("--kv-cache-dtype", "--kv_cache_dtype", dest="kv_cache_dtype", default=None,
+                            choices=["auto", "float16", "float32"],
+                            help="keys and values as: auto (the activation dtype) or float16 (CPU: half the memory a "
+                                 "token); default FASTLOAD_KV_CACHE_DTYPE, else auto")
         if name == "perplexity":
             sp.add_argument("--file", required=True, help="UTF-8 text to score (e.g. benchmarks/data/devils_dictionary.txt)")
             sp.add_argument("--context", type=int, default=None,

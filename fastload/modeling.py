@@ -1702,7 +1702,8 @@ class FastModelForCausalLM:
 
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:
-        """Bytes this model holds on its device, by use. kv_cache_pool: the engine's paged KV pool, made at the first
+        """Bytes this model holds on its device, by use (and kv_cache_dtype, kv_cache_bytes_per_token: what one token's
+        keys and values take, every layer). kv_cache_pool: the engine's paged KV pool, made at the first
         generate and kept (kv_cache_memory= sets it); kv_cache_pool_used / kv_cache_pool_cached: its pages held by
         requests now / kept as shared prompt prefixes; kv_cache_pool_peak_used: the most pages requests held at once;
         kv_cache_last: the transient cache of the most recent forward() (B x T slots, made and freed by the engine's
@@ -1721,6 +1722,9 @@ class FastModelForCausalLM:
                "kv_cache_pool_cached": es.get("pages_cached", 0) * page_bytes,
                "workspace": info["mem_allocated"] - info["weight_bytes"] - pool,
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
+        eng = self._engine_handle()
+        out["kv_cache_dtype"] = "float16" if enginemod.kv_f16(self, eng.opts) else enginemod.act_dtype(self)
+        out["kv_cache_bytes_per_token"] = enginemod.kv_bytes_per_token(self, eng.opts)
         q = quantmod.report(self._core)  # weights = quantized_bytes (codes, scales, offsets) + float_bytes
         if q:
             out.update(q)

@@ -781,6 +781,10 @@ def add_parser(sub):
     sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
     sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                     help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none)")
+    sp.add_argument("--kv-cache-dtype", "--kv_cache_dtype", dest="kv_cache_dtype", default=None,
+                    choices=["auto", "float16", "float32"],
+                    help="keys and values as: auto (the activation dtype) or float16 (CPU: twice the tokens in the "
+                         "same pool); default FASTLOAD_KV_CACHE_DTYPE, else auto")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=32,

@@ -135,3 +135,17 @@ def test_kv_cache_dtype_from_environment(monkeypatch):
     monkeypatch.setenv("FASTLOAD_KV_CACHE_DTYPE", "fp8")
     with pytest.raises(ValueError, match="fp8"):
         enginemod.options()
+
+
+def test_cli_kv_cache_dtype(capsys):
+    import json
+    from fastload.__main__ import main
+    d = str(model_dir("qwen2"))
+    assert main(["info", "--model", d, "--device", "cpu", "--kv-cache-dtype", "float16"]) == 0
+    mem = json.loads(capsys.readouterr().out)["model"]["memory"]
+    assert main(["info", "--model", d, "--device", "cpu"]) == 0
+    mem32 = json.loads(capsys.readouterr().out)["model"]["memory"]
+    assert (mem["kv_cache_dtype"], mem32["kv_cache_dtype"]) == ("float16", "float32")
+    assert mem["kv_cache_bytes_per_token"] * 2 == mem32["kv_cache_bytes_per_token"]
+    with pytest.raises(SystemExit):
+        main(["info", "--model", d, "--device", "cpu", "--kv-cache-dtype", "int8"])
