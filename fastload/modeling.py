@@ -1058,6 +1058,7 @@ class FastModelForCausalLM:
             traceback.clear_frames(e.__traceback__)
             raise
         model.name_or_path = str(ref)
+        enginemod.kv_f16(model, eng_opts)  # a kv_cache_dtype this backend cannot keep: refused here, not at generate
         model._engine = enginemod.Engine(model, eng_opts)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
         model._source.update(threads=nthreads)
@@ -1684,6 +1685,7 @@ class FastModelForCausalLM:
             raise TypeError(f"configure_engine: unknown setting(s) {unknown}; known: {list(enginemod.ENGINE_KEYS)}")
         old = self._engine_handle()
         opts = enginemod.options(**{**{k: v for k, v in old.opts.items() if k in enginemod.ENGINE_KEYS}, **kwargs})
+        enginemod.kv_f16(self, opts)
         new = enginemod.Engine(self, opts)
         old.close(new)  # refuses while requests or forward calls run; calls that took `old` meanwhile go to `new`
         self._engine = new
@@ -1859,7 +1861,10 @@ class FastModelForCausalLM:
         self._core = new._core
         self._quant = new._quant
         if self._engine is not None:  # the old core keeps its engine until its last request is gone
-            self._engine = enginemod.Engine(self, self._engine.opts)
+            opts = dict(self._engine.opts)
+            if opts["kv_cache_dtype"] == "float16" and str(device) != "cpu":
+                opts["kv_cache_dtype"] = "auto"  # .cuda() of a model with a float16 CPU cache: CUDA's cache is 16-bit
+            self._engine = enginemod.Engine(self, opts)
         self.device, self.dtype = ModelDevice(device), ModelDType(dtype)
         self._context_bytes = new._context_bytes
         stats = new.load_stats

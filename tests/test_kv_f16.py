@@ -149,3 +149,19 @@ def test_cli_kv_cache_dtype(capsys):
     assert mem["kv_cache_bytes_per_token"] * 2 == mem32["kv_cache_bytes_per_token"]
     with pytest.raises(SystemExit):
         main(["info", "--model", d, "--device", "cpu", "--kv-cache-dtype", "int8"])
+
+
+@pytest.mark.skipif(not fastload.cuda.is_available(), reason="needs a CUDA GPU (fastload built with CUDA)")
+def test_cuda_refuses_f16_cache_at_load_and_cuda_of_a_cpu_f16_model_drops_it():
+    d = str(model_dir("qwen2"))
+    with pytest.raises(ValueError, match="kv_cache_dtype='float16'.*CPU backend"):
+        fastload.AutoModelForCausalLM.from_pretrained(d, device_map="cuda", torch_dtype="bfloat16",
+                                                      kv_cache_dtype="float16")
+    m = load(kv_cache_dtype="float16")
+    ids = np.arange(3, 20)[None]
+    want = m.generate(ids, max_new_tokens=4, eos_token_id=[])
+    m.to("cuda", "float32")
+    assert m.memory_stats()["kv_cache_dtype"] == "float32"
+    assert m.generate(ids, max_new_tokens=4, eos_token_id=[]).shape == want.shape
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        m.configure_engine(kv_cache_dtype="float16")
