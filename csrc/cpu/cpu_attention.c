@@ -2,6 +2,7 @@
  * it), and grouped-query attention over the cache with causal, padding and sliding-window masks,
  * float32 throughout (KV cache f32). */
 #include "cpu_internal.h"
+#include "../fl_exp.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -125,26 +126,6 @@ typedef float fl_v8 __attribute__((vector_size(32)));
 static inline fl_v8 v8_load(const float *p) { fl_v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void v8_store(float *p, fl_v8 v) { memcpy(p, &v, sizeof v); }
 
-/* exp(x) for x <= 0 (x - the running max), Cephes' expf polynomial in a form the compiler vectorizes (no libm call):
- * within 2 ulp of expf; below -87 it gives ~1e-38 (the caller zeroes masked keys itself). */
-static inline float exp_nonpos(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, 4);
-    return y * two_n;
-}
-
 #define ATT_KB 16   /* keys a block */
 #define ATT_VW 8    /* slots a vector row of Qt: the lanes of fl_v8 (AVX2) */
 #define ATT_NQP 64  /* slots at most: QT = min(8, 64 / group) positions */
@@ -212,7 +193,7 @@ static void att_block(const float *const *kr, const float *const *vr, int nk, in
         for (int v = 0; v < ATT_VW; v++) {
             const float mo = m[q0 + v];
             mn[v] = bm[v] > mo ? bm[v] : mo;
-            corr[v] = mo == -INFINITY ? 0.f : exp_nonpos(mo - mn[v]);
+            corr[v] = mo == -INFINITY ? 0.f : fl_exp_nonpos(mo - mn[v]);
             m[q0 + v] = mn[v];
             ls[v] = 0.f;
         }
@@ -220,7 +201,7 @@ static void att_block(const float *const *kr, const float *const *vr, int nk, in
             float *sk = S + (size_t)k * NQP + q0;
 #pragma omp simd
             for (int v = 0; v < ATT_VW; v++) {
-                const float p = sk[v] == -INFINITY ? 0.f : exp_nonpos(sk[v] - mn[v]);
+                const float p = sk[v] == -INFINITY ? 0.f : fl_exp_nonpos(sk[v] - mn[v]);
                 sk[v] = p;
                 ls[v] += p;
             }
