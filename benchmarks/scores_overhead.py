@@ -1,6 +1,6 @@
 """What keeping each token's scores costs a decode: batch-1 greedy tok/s on one checkpoint, plain against
-generate(return_dict_in_generate=True, output_scores=True) (+ output_logits) and the engine's logprobs (the server's
-OpenAI logprobs: the token's log-probability and the 20 most likely), next to the bandwidth roofline of a plain
+generate(return_dict_in_generate=True, output_scores=True) (+ output_logits), the engine's logprobs (the server's
+OpenAI logprobs: the token's log-probability and the 20 most likely) and sampled decoding (drawn on the host), next to the bandwidth roofline of a plain
 decode (weights read per token over the device's copy bandwidth) and transformers' generate with and without
 output_scores in the same process on the same device. A row that keeps its scores takes its logits to the host each
 step (no device argmax, no pipelined steps); the host then copies a vocabulary row per kept part.
@@ -69,7 +69,13 @@ def main():
                      ("output_scores", fl(dict(return_dict_in_generate=True, output_scores=True))),
                      ("output_scores+logits", fl(dict(return_dict_in_generate=True, output_scores=True,
                                                       output_logits=True))),
-                     ("logprobs=20 (engine)", lp)):
+                     ("logprobs=20 (engine)", lp),
+                     # sampled rows are drawn on the host from the step's logits (csrc/sampling.c); random weights give
+                     # a flat distribution: the worst case for the sorted prefix (no top-k, top-p 0.9)
+                     ("sample top_k=20 top_p=0.8", fl(dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
+                                                           seed=1))),
+                     ("sample top_p=0.9, no top_k", fl(dict(do_sample=True, temperature=0.7, top_k=0, top_p=0.9,
+                                                            seed=1)))):
         rows[name] = rate(fn, a.new)
     roof = None
     if a.device.startswith("cuda"):
