@@ -259,8 +259,16 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
     }
     float mx = x[idx[0]];
     for (int i = 1; i < n; i++) if (x[idx[i]] > mx) mx = x[idx[i]];
+    /* the candidates' mass in float32 exps summed in double (fl_exp.h; vectorised: libm's double exp over Qwen's 152k
+     * logits was 0.9 of a 1.2 ms draw with top-p and no top-k); the prefix sums below keep libm's exp */
     double sum = 0;
-    for (int i = 0; i < n; i++) sum += exp((double)x[idx[i]] - mx);
+    if (n == vocab) { /* every logit a candidate: idx is 0..vocab-1 */
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < n; i++) sum += (double)fl_exp_nonpos(x[i] - mx);
+    } else {
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < n; i++) sum += (double)fl_exp_nonpos(x[idx[i]] - mx);
+    }
     int K = n < 256 ? n : 256;
     if (top_sorted(x, idx, n, K) < 0) return -1; /* out of memory: the caller reports it */
     if (p->top_p > 0 && p->top_p < 1.0f) {
