@@ -11,9 +11,10 @@ What it does, all on this machine:
      demo GGUF, so that llama.cpp loads it;
   2. has llama.cpp itself quantise it into each asked type (llama-cpp-python's `llama_model_quantize`, the
      `llama-quantize` tool's code: the real Q4_K_M / Q5_K_M mixes, Q6_K output and all);
-  3. runs benchmarks/cpu_quant_vs_llamacpp.py's `compare` on each file: generation (`--gen` greedy tokens after a
-     short prompt) and prompt processing (`--pp` tokens), fastload and llama.cpp alternating rep by rep in this one
-     process, the same thread count; and the resident weight bytes against the file's tensor bytes.
+  3. runs benchmarks/cpu_quant_vs_llamacpp.py's `run_file` on each file: generation (`--gen` greedy tokens after a
+     short prompt) and prompt processing (`--pp` tokens), llama.cpp in a child process first, then fastload (until
+     2026-12-05 they alternated in this one process, and their thread pools slowed each other), the same thread
+     count; and the resident weight bytes against the file's tensor bytes.
 Writes results.json and README.md (a table) under --out. Random weights: the greedy texts mean nothing, and
 the two libraries' tokens part early (different activation rounding on random logits); speed is what is measured.
 """

@@ -4,14 +4,14 @@ llamacpp`; skips without llama-cpp-python).
 
     python benchmarks/cpu_quant_vs_llamacpp.py [pytest options]   # = that benchmark at full size (benchmarks/suite.py)
 
-Both libraries run in this one process, alternating rep by rep (fastload, llama.cpp, fastload, ...), so
-both see the same machine load; medians are reported. Per rep:
+llama.cpp runs first in a child process of its own, then fastload in this one (never both in one process: their
+thread pools slowed each other up to 2x on 2 cores); medians are reported. Per rep:
   - generation: a short prompt (the same token ids for both), then 128 greedy tokens, eos ignored.
     fastload: generate(129 new tokens) - generate(1 new token), over 128 tokens. llama.cpp
     (llama-cpp-python): eval(prompt), then 128 x (argmax of the last logits, eval([token])), timed
     over the loop; llama.cpp's own counter (llama_perf_context: t_eval_ms / n_eval) is recorded too.
   - prompt processing: 512 token ids (fixed seed) into an empty cache. fastload: generate(1 new
-    token) on them, prefix caching off (compare()); llama.cpp: eval(ids) (its own t_p_eval_ms recorded too). tok/s = 512 / time.
+    token) on them, prefix caching off (run_file()); llama.cpp: eval(ids) (its own t_p_eval_ms recorded too). tok/s = 512 / time.
   - resident weight memory: fastload's core.info["weight_bytes"] (every weight byte it holds) against
     the file's tensor bytes (sum of the GGUF tensors' sizes).
 The issue's targets: generation >= 1.2x llama.cpp, prompt processing >= 1.0x, weights <= 1.1x the
@@ -73,52 +73,69 @@ def llama_rep(llm, prompt_ids, pp_ids, n_gen):
     return gen, pp, own_gen, own_pp, toks
 
 
-def compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=64, log=print):
-    """Warm both, then `reps` alternating reps (fastload, llama.cpp, ...): lists of tokens/s per rep, llama.cpp's own
-    counters, the greedy tokens of the first rep and how many agree before the first difference. Shared with
-    benchmarks/test_cpu_vs_llamacpp.py and benchmarks/cpu_gguf_types.py.
-
-    fastload's prefix caching is turned off first: the same prompt ids come back every rep, and from the second rep
-    on fastload would take them from its shared pages instead of reading them (prompt figures 3-4x too high; the
-    engine, with its prefix table, came after the 2026-12-01 figures of record, which are unaffected)."""
-    m.configure_engine(prefix_caching=False)
-    fastload_rep(m, prompt_ids, pp_ids[:warm], 4)  # page cache, first-call allocations
-    llama_rep(llm, prompt_ids, pp_ids[:warm], 4)
-    r = {k: [] for k in ("fl_gen", "fl_pp", "ll_gen", "ll_pp", "ll_own_gen", "ll_own_pp")}
-    r["same_tokens"] = None
-    for rep in range(reps):
-        g1, p1, fl_toks = fastload_rep(m, prompt_ids, pp_ids, n_gen)
-        g2, p2, og, op, ll_toks = llama_rep(llm, prompt_ids, pp_ids, n_gen)
-        for k, v in zip(("fl_gen", "fl_pp", "ll_gen", "ll_pp", "ll_own_gen", "ll_own_pp"), (g1, p1, g2, p2, og, op)):
-            r[k].append(v)
-        if r["same_tokens"] is None:  # how many greedy tokens agree before the first difference
-            k = 0
-            while k < min(len(fl_toks), len(ll_toks)) and fl_toks[k] == ll_toks[k]:
-                k += 1
-            r["same_tokens"], r["fl_tokens"], r["ll_tokens"] = k, fl_toks, ll_toks
-        log(f"rep {rep}: generation fastload {g1:7.1f} llama.cpp {g2:7.1f} tok/s | "
-            f"prompt {len(pp_ids)}: fastload {p1:7.1f} llama.cpp {p2:7.1f} tok/s")
-    return r
-
-
-def run_file(path, threads, n_gen, n_pp, reps, warm=16):
-    """Load the GGUF at `path` in fastload and in llama.cpp with `threads` threads each and compare() them on the
-    same short prompt and n_pp random prompt ids: (fastload's core.info, compare's result). Shared by
-    benchmarks/test_cpu_vs_llamacpp.py and benchmarks/cpu_gguf_types.py."""
+def llama_measure(path, threads, n_gen, n_pp, reps, warm=16):
+    """llama.cpp alone (run_file calls this in a child process): the prompt's ids from its tokenizer, n_pp random ids
+    (fixed seed), a warm-up, then `reps` reps: tok/s lists, its own counters, the greedy tokens of the first rep."""
     import llama_cpp
-
-    import fastload
-    m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=threads)
-    info = m._core.info
     llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_pp + n_gen + 64,
                           n_batch=n_pp, verbose=False)
     try:
         prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False)
         pp_ids = np.random.default_rng(0).integers(100, llm.n_vocab() - 100, size=n_pp).tolist()
-        r = compare(m, llm, prompt_ids, pp_ids, n_gen, reps, warm=warm)
+        llama_rep(llm, prompt_ids, pp_ids[:warm], 4)
+        r = {"prompt_ids": prompt_ids, "pp_ids": pp_ids, "ll_gen": [], "ll_pp": [], "ll_own_gen": [], "ll_own_pp": []}
+        for rep in range(reps):
+            g, p, og, op, toks = llama_rep(llm, prompt_ids, pp_ids, n_gen)
+            for k, v in zip(("ll_gen", "ll_pp", "ll_own_gen", "ll_own_pp"), (g, p, og, op)):
+                r[k].append(v)
+            if rep == 0:
+                r["ll_tokens"] = toks
     finally:
         if hasattr(llm, "close"):
             llm.close()
+    return r
+
+
+def run_file(path, threads, n_gen, n_pp, reps, warm=16, log=print):
+    """The GGUF at `path` in llama.cpp (a child process of its own, first) and then in fastload (this process), with
+    `threads` threads each, on the same short prompt and n_pp random prompt ids: (fastload's core.info, a dict of
+    tok/s lists per rep, llama.cpp's own counters, the greedy tokens of the first rep of each and how many agree before
+    the first difference). Shared by benchmarks/test_cpu_vs_llamacpp.py and benchmarks/cpu_gguf_types.py.
+
+    Never both in one process: until 2026-12-05 they alternated rep by rep in one, and on the 2-core dev VM the two
+    thread pools slowed each other (fastload 144 -> 76 tok/s at 256 tokens of context once llama.cpp had run, llama.cpp
+    73 against 91 alone; benchmarks/results/cpu-kv-f16-2026-12-05/). fastload's prefix caching is off: the same prompt
+    ids come back every rep, and it would take them from its shared pages instead of reading them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import fastload
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import cpu_quant_vs_llamacpp as q; "
+            f"print(json.dumps(q.llama_measure({path!r}, {threads}, {n_gen}, {n_pp}, {reps}, {warm})))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(f"llama.cpp child process failed on {path}: {child.stderr.strip()[-2000:]}")
+    r = json.loads(child.stdout.strip().splitlines()[-1])
+    prompt_ids, pp_ids = r.pop("prompt_ids"), r.pop("pp_ids")
+    m = fastload.AutoModelForCausalLM.from_pretrained(path, threads=threads, prefix_caching=False)
+    info = m._core.info
+    fastload_rep(m, prompt_ids, pp_ids[:warm], 4)  # page cache, first-call allocations
+    r["fl_gen"], r["fl_pp"] = [], []
+    for rep in range(reps):
+        g, p, toks = fastload_rep(m, prompt_ids, pp_ids, n_gen)
+        r["fl_gen"].append(g)
+        r["fl_pp"].append(p)
+        if rep == 0:
+            r["fl_tokens"] = toks
+        log(f"rep {rep}: generation fastload {g:7.1f} (llama.cpp {r['ll_gen'][rep]:7.1f}) tok/s | prompt {len(pp_ids)}: "
+            f"fastload {p:7.1f} (llama.cpp {r['ll_pp'][rep]:7.1f}) tok/s")
+    k, fl_toks, ll_toks = 0, r["fl_tokens"], r["ll_tokens"]
+    while k < min(len(fl_toks), len(ll_toks)) and fl_toks[k] == ll_toks[k]:
+        k += 1
+    r["same_tokens"] = k
     return info, r
 
 

@@ -1,5 +1,5 @@
 """CPU quantised decode and prompt processing against llama.cpp on the same GGUF and thread count
-(benchmarks/cpu_quant_vs_llamacpp.py's measurement: fastload_rep, llama_rep). Skips without llama_cpp."""
+(benchmarks/cpu_quant_vs_llamacpp.py's measurement: run_file, llama.cpp in a child process). Skips without llama_cpp."""
 from __future__ import annotations
 
 import math
