@@ -1678,8 +1678,8 @@ class FastModelForCausalLM:
 
     def configure_engine(self, **kwargs):
         """Change the engine settings (fastload/engine.py: kv_cache_memory, max_num_seqs, max_queue, engine,
-        prefill_chunk, kv_page_tokens). Takes effect at once when no request is running: the pool is freed and
-        made again at the next generate."""
+        prefill_chunk, kv_page_tokens, prefix_caching, kv_cache_dtype). Takes effect at once when no request is
+        running: the pool is freed and made again at the next generate."""
         unknown = sorted(set(kwargs) - set(enginemod.ENGINE_KEYS))
         if unknown:
             raise TypeError(f"configure_engine: unknown setting(s) {unknown}; known: {list(enginemod.ENGINE_KEYS)}")
