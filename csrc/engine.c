@@ -1121,7 +1121,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     while ((1 << shift) < cfg.page_tokens) shift++;
     const fl_config *c = &m->cfg;
     const fl_dtype kv_dtype = cfg.kv_f16 ? FL_F16 : m->be->act;
-    FL_TRY(fl_kv_dtype_ok(m, kv_dtype));
+    FL_TRY(fl_kv_dtype_ok(m->be, kv_dtype));
     if (cfg.kv_bytes) FL_TRY(pool_pages(m, kv_dtype, cfg.kv_bytes, cfg.page_tokens, NULL, NULL)); /* a size holding no page: before anything */
     fl_engine *e = calloc(1, sizeof *e);
     if (!e) return fl_err(FL_E_NOMEM, "engine: cannot allocate");

@@ -213,7 +213,7 @@ uint64_t fl_weight_bytes(const fl_weight *w);
  * on the CPU backend (fl_kv_dtype_ok). */
 fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_dtype dtype, fl_kvcache **out);
 /* FL_OK when the backend's attention reads and writes a KV cache of `dtype`, else FL_E_VALUE naming kv_cache_dtype. */
-fl_status fl_kv_dtype_ok(const fl_model *m, fl_dtype dtype);
+fl_status fl_kv_dtype_ok(const fl_backend *be, fl_dtype dtype);
 void fl_kv_free(fl_model *m, fl_kvcache *kv);
 
 /* One forward step over a rectangular batch, host arrays in and out. tokens/pos: [B*T];

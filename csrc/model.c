@@ -1407,21 +1407,21 @@ fl_status fl_model_check_complete(const fl_model *m) {
     return FL_OK;
 }
 
-fl_status fl_kv_dtype_ok(const fl_model *m, fl_dtype dtype) {
-    if (dtype == m->be->act) return FL_OK;
+fl_status fl_kv_dtype_ok(const fl_backend *be, fl_dtype dtype) {
+    if (dtype == be->act) return FL_OK;
     /* the CPU backend (float32 activations) converts float16 keys and values as it stores and reads them; CUDA keeps
      * them in the activation dtype (bf16 / fp16 already, and its kernels read no other) */
-    if (dtype == FL_F16 && m->be->host_memory && m->be->act == FL_F32) return FL_OK;
+    if (dtype == FL_F16 && be->host_memory && be->act == FL_F32) return FL_OK;
     const char *want = dtype >= 0 && dtype < FL_DTYPE_PLAIN_COUNT ? fl_dtype_table[dtype].np_name : "?";
     return fl_err(FL_E_VALUE, "kv_cache_dtype=%s: this backend keeps its KV cache in %s (float16 is for the CPU backend)",
-                  want, fl_dtype_table[m->be->act].np_name);
+                  want, fl_dtype_table[be->act].np_name);
 }
 
 fl_status fl_kv_create(fl_model *m, int batch, int max_len, fl_dtype dtype, fl_kvcache **out) {
     const fl_config *c = &m->cfg;
     *out = NULL;
     if (!m->arena_d) return fl_err(FL_E_VALUE, "the model's weights are not loaded");
-    FL_TRY(fl_kv_dtype_ok(m, dtype));
+    FL_TRY(fl_kv_dtype_ok(m->be, dtype));
     if (batch <= 0 || max_len <= 0) return fl_err(FL_E_VALUE, "KV cache: batch and length must be positive");
     size_t per, all;
     if (!fl_mul3_size((size_t)batch, (size_t)max_len, (size_t)c->n_kv_heads, &per) ||

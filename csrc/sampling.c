@@ -102,19 +102,17 @@ static inline uint64_t desc_key(float v, int32_t id, int id_bits) {
  * draw from a flat distribution (no top-k, a high temperature, top-p near 1: its prefix grows to everything)
  * needed every token: longer than the GPU's whole decode step. */
 static int radix_desc(const float *x, int32_t *idx, int n) {
+    int32_t max_id = 0;
+    for (int i = 0; i < n; i++) max_id = idx[i] > max_id ? idx[i] : max_id;
     int id_bits = 1;
-    for (int32_t mx = 0, i = 0; i < n; i++) {
-        mx = idx[i] > mx ? idx[i] : mx;
-        while ((mx >> id_bits) != 0) id_bits++;
-    }
+    while (max_id >> id_bits) id_bits++;
     uint64_t *a = malloc((size_t)n * 2 * sizeof *a);
     if (!a) return -1;
     uint64_t *b = a + n;
     for (int i = 0; i < n; i++) a[i] = desc_key(x[idx[i]], idx[i], id_bits);
     enum { DB = 11, NB = 1 << DB };
-    static const int passes_cap = (64 + DB - 1) / DB;
     int cnt[NB];
-    for (int pass = 0, shift = 0; pass < passes_cap && shift < 32 + id_bits; pass++, shift += DB) {
+    for (int shift = 0; shift < 32 + id_bits; shift += DB) { /* ids below 2^31: at most 6 passes over 63 bits */
         memset(cnt, 0, sizeof cnt);
         for (int i = 0; i < n; i++) cnt[(a[i] >> shift) & (NB - 1)]++;
         for (int d = 0, sum = 0; d < NB; d++) { const int c = cnt[d]; cnt[d] = sum; sum += c; }

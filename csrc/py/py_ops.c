@@ -438,8 +438,8 @@ static int setup_step(op_ctx *c, step_ctx *s, PyArrayObject *qkv, int need_cache
     /* kv_f16: the caches held as float16 (kv_cache_dtype="float16"): given and returned as float32 values, rounded to
      * float16 on the way in */
     const fl_dtype kvt = s->kv_f16 ? FL_F16 : c->be->act;
-    if (kvt != c->be->act && !(c->be->host_memory && c->be->act == FL_F32))
-        BAD("run_op(%s): kv_f16 is for the CPU backend (this one keeps its cache in its activation dtype)", c->op);
+    const fl_status kst = fl_kv_dtype_ok(c->be, kvt);
+    if (kst != FL_OK) { raise_st(c, kst); goto done; }
     /* paged (fl_kv_paging): block_table [B, nb] int32 and page_shift; the caches are then pools [n_pages, page, nkv,
      * hd] (page = 1 << page_shift) and max_len is nb * page. starts [B] int32: per-row starts (paged or not). */
     if (!(bt = get_arr(c, "block_table", NPY_INT32, 2, 0)) && PyErr_Occurred()) goto done;
