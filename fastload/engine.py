@@ -85,16 +85,21 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
             "prefix_caching": bool(prefix_caching), "kv_cache_dtype": kv_cache_dtype}
 
 
-def kv_f16(model, opts) -> bool:
-    """Whether the engine stores keys and values as float16 (its own dtype otherwise); ValueError naming
+def kv_dtype(model, opts) -> str:
+    """The dtype the engine stores keys and values in: the activation dtype, or float16 on the CPU; ValueError naming
     kv_cache_dtype where the backend cannot (CUDA keeps them in the activation dtype)."""
     want, act = opts["kv_cache_dtype"], act_dtype(model)
     if want == "auto" or want == act:
-        return False
+        return act
     if want == "float16" and model.device == "cpu":
-        return True
+        return "float16"
     raise ValueError(f"kv_cache_dtype={want!r}: the {model.device} backend keeps keys and values in the activation "
                      f"dtype, {act} here ('float16' is for the CPU backend, whose activations are float32)")
+
+
+def kv_f16(model, opts) -> bool:
+    """Whether the core is asked for a float16 cache (engine_start's kv_f16): a dtype other than the activations'."""
+    return kv_dtype(model, opts) != act_dtype(model)
 
 
 def act_dtype(model) -> str:
@@ -123,7 +128,7 @@ def kv_bytes_per_token(model, opts=None) -> int:
     nkv = getattr(c, "num_key_value_heads", None) or nh
     # the activation dtype (float32 on the CPU, the model's on CUDA), or float16 with kv_cache_dtype="float16"
     opts = opts if opts is not None else model._engine_handle().opts
-    es = 2 if kv_f16(model, opts) else 4 if act_dtype(model) == "float32" else 2
+    es = 4 if kv_dtype(model, opts) == "float32" else 2
     return 2 * c.num_hidden_layers * nkv * hd * es
 
 

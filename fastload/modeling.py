@@ -1058,7 +1058,7 @@ class FastModelForCausalLM:
             traceback.clear_frames(e.__traceback__)
             raise
         model.name_or_path = str(ref)
-        enginemod.kv_f16(model, eng_opts)  # a kv_cache_dtype this backend cannot keep: refused here, not at generate
+        enginemod.kv_dtype(model, eng_opts)  # a kv_cache_dtype this backend cannot keep: refused here, not at generate
         model._engine = enginemod.Engine(model, eng_opts)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
         model._source.update(threads=nthreads)
@@ -1685,7 +1685,7 @@ class FastModelForCausalLM:
             raise TypeError(f"configure_engine: unknown setting(s) {unknown}; known: {list(enginemod.ENGINE_KEYS)}")
         old = self._engine_handle()
         opts = enginemod.options(**{**{k: v for k, v in old.opts.items() if k in enginemod.ENGINE_KEYS}, **kwargs})
-        enginemod.kv_f16(self, opts)
+        enginemod.kv_dtype(self, opts)  # refused here, before the running engine is replaced
         new = enginemod.Engine(self, opts)
         old.close(new)  # refuses while requests or forward calls run; calls that took `old` meanwhile go to `new`
         self._engine = new
@@ -1725,7 +1725,7 @@ class FastModelForCausalLM:
                "workspace": info["mem_allocated"] - info["weight_bytes"] - pool,
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
         eng = self._engine_handle()
-        out["kv_cache_dtype"] = "float16" if enginemod.kv_f16(self, eng.opts) else enginemod.act_dtype(self)
+        out["kv_cache_dtype"] = enginemod.kv_dtype(self, eng.opts)
         out["kv_cache_bytes_per_token"] = enginemod.kv_bytes_per_token(self, eng.opts)
         q = quantmod.report(self._core)  # weights = quantized_bytes (codes, scales, offsets) + float_bytes
         if q:
