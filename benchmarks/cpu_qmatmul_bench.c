@@ -33,28 +33,35 @@ int main(int argc,char**argv){
   int G=argc>4?atoi(argv[4]):32, code=argc>5?atoi(argv[5]):0, zeros=argc>6?atoi(argv[6]):1;
   const char*head=argc>7?argv[7]:"q8g32";
   fl_backend*be; fl_backend_cpu_create(nt,&be);
+  /* QBENCH_SHAPE=tinyllama: TinyLlama-1.1B (22 layers, 2048 wide, FFN 5632, 32000 vocabulary; 1.1 GB of f32 x
+     rows would not matter: x stays in cache) */
+  const int tiny=getenv("QBENCH_SHAPE")&&!strcmp(getenv("QBENCH_SHAPE"),"tinyllama");
+  const int NL=tiny?22:30, HR=tiny?32000:49152, HC=tiny?2048:576;
   fl_weight L[30][4]; int Rs[4]={960,576,3072,576}, Cs[4]={576,576,576,1536};
+  if(tiny){int r[4]={2560,2048,11264,2048},c[4]={2048,2048,2048,5632};memcpy(Rs,r,sizeof r);memcpy(Cs,c,sizeof c);}
   double bytes=0;
-  for(int l=0;l<30;l++)for(int k=0;k<4;k++){
+  for(int l=0;l<NL;l++)for(int k=0;k<4;k++){
+    /* QBENCH_SAME=1: every layer reads layer 0's weights (cache-resident at the demo's shapes: the kernel's own speed) */
+    if(l&&getenv("QBENCH_SAME")) L[l][k]=L[0][k]; else
     L[l][k]=mk(Rs[k],Cs[k],4,zeros,Cs[k]%G?32:G,code); /* down (1536 columns) with group 96: 32 */
     bytes+=(double)Rs[k]*Cs[k]/2+(double)Rs[k]*(Cs[k]/L[l][k].group_size)*2*(zeros?2:1);
   }
-  fl_weight H=mk(49152,576,8,0,strcmp(head,"q8pc")?32:576,0);
+  fl_weight H=mk(HR,HC,8,0,strcmp(head,"q8pc")?32:HC,0);
   if(!strcmp(head,"f16")){
-    H=(fl_weight){.dtype=FL_F16,.rows=49152,.cols=576}; H.data_d=fl_malloc((size_t)49152*576*2);
-    for(size_t i=0;i<(size_t)49152*576;i++)((uint16_t*)H.data_d)[i]=fl_f32_to_f16((rand()%1000)/50000.f-0.01f);
+    H=(fl_weight){.dtype=FL_F16,.rows=HR,.cols=HC}; H.data_d=fl_malloc((size_t)HR*HC*2);
+    for(size_t i=0;i<(size_t)HR*HC;i++)((uint16_t*)H.data_d)[i]=fl_f32_to_f16((rand()%1000)/50000.f-0.01f);
   }
   const int nohead=!strcmp(head,"none"), nobody=getenv("QBENCH_NOBODY")!=NULL; /* lm_head alone */
-  const double hbytes=nohead?0:!strcmp(head,"f16")?49152.*576*2:49152.*576+49152.*(576/H.group_size)*2;
-  float*x=fl_malloc(4*(size_t)n*3072),*y=fl_malloc(4*(size_t)n*49152);
-  for(int i=0;i<n*3072;i++)x[i]=(rand()%1000)/500.f-1;
+  const double hbytes=nohead?0:!strcmp(head,"f16")?(double)HR*HC*2:(double)HR*HC+(double)HR*(HC/H.group_size)*2;
+  float*x=fl_malloc(4*(size_t)n*11264),*y=fl_malloc(4*(size_t)n*49152);
+  for(int i=0;i<n*11264;i++)x[i]=(rand()%1000)/500.f-1;
   for(int cpu=0;cpu<2;cpu++){
     double best=1e9,bb=1e9,bh=1e9;
     for(int rep=0;rep<5;rep++){
       double t0=now(cpu), tb=0, th=0;
       for(int t=0;t<toks;t++){
         double a=now(cpu);
-        if(!nobody) for(int l=0;l<30;l++)for(int k=0;k<4;k++)be->matmul(be,y,x,n,&L[l][k],NULL);
+        if(!nobody) for(int l=0;l<NL;l++)for(int k=0;k<4;k++)be->matmul(be,y,x,n,&L[l][k],NULL);
         double b=now(cpu); if(!nohead) be->matmul(be,y,x,n>4?1:n,&H,NULL); double c=now(cpu);
         tb+=b-a; th+=c-b;
       }

@@ -33,6 +33,9 @@ typedef struct {
     int group_size, bits;
     fl_dtype sdtype;    /* FL_QUANT: FL_F16 or FL_F32 (scales and offsets) */
     int code;           /* FL_QUANT: FL_QCODE_INT / FL_QCODE_NF4 (quant.h) */
+    int interleaved;    /* FL_QUANT on the CPU backend: 0 row-major (above); 8: rows interleaved in groups of 8 for
+                           cpu_qmatmul.c's kernel (its header: codes, scales and offsets of rows 8g..8g+7 stay where
+                           row-major puts them as a whole, reordered inside; set by the backend's interleave_weight) */
 } fl_weight;
 
 /* KV cache: per layer K and V of [rows, n_kv_heads, head_dim]. Rectangular (fl_kv_create):
@@ -233,6 +236,10 @@ struct fl_backend {
     fl_status (*argmax_async)(fl_backend *, const void *logits_d, int n, int vocab, int slot);
     fl_status (*argmax_wait)(fl_backend *, int slot, int32_t *dst_h, int n);
     fl_status (*argmax_feed)(fl_backend *, int32_t *dst_d, int slot, int n);
+    /* Optional (CPU): rearrange a loaded FL_QUANT weight in place into the backend's own faster layout (sets
+     * W->interleaved) when its kernel has one for W's format, else leave it as it is; *done: 1 if rearranged. Called once per
+     * weight after the load (fl_model_interleave); nothing may write the weight's rows afterwards. */
+    fl_status (*interleave_weight)(fl_backend *, fl_weight *W, int *done);
 
     /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
     uint64_t mem_allocated, mem_peak;

@@ -142,6 +142,8 @@ typedef struct fl_model {
     fl_quant_cfg quant;    /* quantisation at load (fl_model_set_quant); zero: none */
     uint64_t bytes_quant;  /* bytes of quantised weights (codes + scales + offsets + perms) in the arena */
     int n_quant;           /* weights held quantised */
+    int n_interleaved;     /* of them, in the backend's interleaved layout (fl_model_interleave) */
+    int weights_final;     /* fl_model_interleave ran: the weights may be interleaved, no load may write them */
     fl_backend *be;
     void *arena_d;         /* one allocation holds every weight */
     size_t arena_bytes;
@@ -196,6 +198,7 @@ fl_status fl_model_set_quant(fl_model *m, const fl_quant_cfg *q);
 fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud);
 /* After loading: every required slot filled? Names the first missing one. */
 fl_status fl_model_check_complete(const fl_model *m);
+fl_status fl_model_interleave(fl_model *m);
 
 /* The weight `slot` (fl_slot) of `layer` fills: *w, its first row *row0 and the slot's shape
  * [*rows, *cols] (*is_vec: a vector, cols 1). Errors for a slot the config does not have. */

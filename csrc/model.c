@@ -560,7 +560,7 @@ static fl_status check_packed_tensor(const fl_src_tensor *t, const char *role, f
 
 /* GPTQ / AWQ item: every tensor's dtype, shape and size against the config's [rows, cols] and the packing,
  * then fl_q_layout_for_packed (bits, group size, g_idx, zero points). */
-static fl_status plan_packed(const fl_load_item *it, int64_t rows, int64_t cols, fl_packed_src *pk, fl_qlayout *L) {
+static fl_status plan_interleaved(const fl_load_item *it, int64_t rows, int64_t cols, fl_packed_src *pk, fl_qlayout *L) {
     const char *pn = it->packing == FL_PACK_AWQ ? "AWQ" : it->packing == FL_PACK_GPTQ ? "GPTQ" : NULL;
     if (!pn) return fl_err(FL_E_VALUE, "packing %d is neither GPTQ nor AWQ", it->packing);
     const int bits = it->qbits;
@@ -669,7 +669,7 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
     if (it->packing) {
         if (is_vec) { st = fl_err(FL_E_VALUE, "a GPTQ / AWQ tensor cannot fill a vector (norm or bias)"); goto out; }
         if (hp > 0) { st = fl_err(FL_E_VALUE, "GPTQ / AWQ rows cannot be un-permuted"); goto out; }
-        st = plan_packed(it, rows, cols, &qp->pk, &qp->L);
+        st = plan_interleaved(it, rows, cols, &qp->pk, &qp->L);
         if (st != FL_OK) goto out;
         qp->kind = SRC_QUANT;
         qp->nbytes += it->qzeros.nbytes + it->scales.nbytes + (qp->pk.g_idx ? it->g_idx.nbytes : 0);
@@ -1278,6 +1278,9 @@ static fl_status quantize_on_device(fl_model *m, qplan **ps, int n, prog_t *pg) 
 }
 
 fl_status fl_model_load(fl_model *m, const fl_load_item *items, int n, fl_progress_fn cb, void *ud) {
+    if (m->weights_final)
+        return fl_err(FL_E_VALUE, "load: this model's weights were finalised (check_complete: interleaved for the backend's "
+                                  "kernels); load every tensor before it");
     qplan *plans = calloc((size_t)(n > 0 ? n : 1), sizeof *plans);
     qplan **order = calloc((size_t)(n > 0 ? n : 1), sizeof *order);
     fl_load_job *fast = calloc((size_t)(n > 0 ? n : 1), sizeof *fast);
@@ -1378,6 +1381,38 @@ done:
     free(order);
     free(fast);
     free(lay);
+    return st;
+}
+
+/* After the last load (the Python layer calls it right after fl_model_check_complete): hand each quantised weight
+ * the layer kernels read to the backend's interleave_weight, which may rearrange it into the backend's faster layout (the
+ * CPU's rows-by-8 interleave, cpu_qmatmul.c). Not the embedding (its rows are looked up one token at a time), nor a
+ * tied LM head (the same bytes); a Mixture of Experts' experts only when every expert's slice starts at a multiple of
+ * 8 rows (cpu_moe.c cuts them out with fl_weight_rows). FASTLOAD_CPU_INTERLEAVE=0 keeps every weight row-major (a
+ * comparison switch: the same results within float rounding). Runs once; later loads are refused. */
+fl_status fl_model_interleave(fl_model *m) {
+    if (m->weights_final) return FL_OK;
+    m->weights_final = 1;
+    fl_backend *be = m->be;
+    const char *e = getenv("FASTLOAD_CPU_INTERLEAVE");
+    if (!be->interleave_weight || !m->arena_d || (e && !strcmp(e, "0"))) return FL_OK;
+    const fl_config *c = &m->cfg;
+    wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)c->n_layers));
+    if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");
+    const int nw = list_weights(m, ws), moe_ok = c->moe_ffn % 4 == 0 && c->d % 8 == 0;
+    fl_status st = FL_OK;
+    for (int i = 0; i < nw && st == FL_OK; i++) {
+        fl_weight *w = ws[i].w;
+        if (w->dtype != FL_QUANT || w == &m->w.embed || (w->data_d == m->w.embed.data_d)) continue;
+        int is_moe = 0;
+        for (int l = 0; l < c->n_layers && c->n_experts && !is_moe; l++)
+            is_moe = w == &m->w.layers[l].moe_w13 || w == &m->w.layers[l].moe_w2;
+        if (is_moe && !moe_ok) continue;
+        int done = 0;
+        st = be->interleave_weight(be, w, &done);
+        m->n_interleaved += done;
+    }
+    free(ws);
     return st;
 }
 

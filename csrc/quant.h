@@ -203,6 +203,32 @@ static inline float fl_q_sget(const void *p, fl_dtype sdtype, int64_t cols, int 
     return sdtype == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
 }
 
+/* The CPU backend's interleaved layout (fl_weight.interleaved == 8, csrc/cpu/cpu_qmatmul.c: 4-bit codes, rows a multiple of 8).
+ * Rows 8g..8g+7 keep the place row-major gives them as a whole (codes, scales and offsets), reordered inside. The byte
+ * of row r holding 4-bit column c (low nibble for even c, as row-major): */
+static inline size_t fl_qi_code_off(int64_t cols, int64_t r, int64_t c) {
+    return (size_t)(r / 8) * 8 * (size_t)(cols / 2) + (size_t)(c / 32) * 128 + (size_t)(c % 32 / 8) * 32 +
+           (size_t)(r % 8) * 4 + (size_t)(c % 8) / 2;
+}
+/* The scale (or offset) of group g in row r of an interleaved weight's p: [group][row of 8]; K scales: the int8 sub-scales
+ * [group][row of 8], then the float16 super-scales [super-block][row of 8] */
+static inline float fl_qi_sget(const void *p, fl_dtype sdtype, int64_t cols, int group_size, int64_t r, int64_t g) {
+    const int64_t ng = cols / group_size, rr = r % 8;
+    const char *base = (const char *)p + (size_t)(r / 8) * 8 * fl_q_srow_bytes(cols, group_size, sdtype);
+    if (sdtype == FL_I8) {
+        uint16_t d;
+        memcpy(&d, base + 8 * ng + ((g * group_size / FL_KS_SUPER) * 8 + rr) * 2, 2);
+        return (float)(int8_t)base[g * 8 + rr] * fl_f16_to_f32(d);
+    }
+    const size_t i = (size_t)(g * 8 + rr);
+    return sdtype == FL_F32 ? ((const float *)base)[i] : fl_f16_to_f32(((const uint16_t *)base)[i]);
+}
+/* The scale (p = w->scales_d) or offset (p = w->zeros_d) of group g in row r of w, either layout */
+static inline float fl_q_wsget(const fl_weight *w, const void *p, int64_t r, int64_t g) {
+    return w->interleaved ? fl_qi_sget(p, w->sdtype, w->cols, w->group_size, r, g)
+                     : fl_q_sget(p, w->sdtype, w->cols, w->group_size, r, g);
+}
+
 #ifdef __cplusplus
 }
 #endif

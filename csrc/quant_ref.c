@@ -94,6 +94,8 @@ fl_qlayout fl_q_layout_of(const fl_weight *w) {
 }
 
 fl_weight fl_weight_rows(const fl_weight *w, int64_t row0, int64_t rows) {
+    /* an interleaved weight (the CPU's rows by 8) gives the same offsets for row0 a multiple of 8, which is all
+     * fl_model_interleave lets it be cut at */
     fl_weight v = *w;
     v.rows = rows;
     if (w->dtype != FL_QUANT) {
@@ -170,14 +172,14 @@ fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *ou
         const uint8_t *q = (const uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
         float *o = out + (size_t)i * (size_t)C;
         for (int64_t c = 0; c < C; c++) {
-            const unsigned code = fl_q_code(q, L.bits, C, c);
+            const unsigned code = w->interleaved ? ((const uint8_t *)w->data_d)[fl_qi_code_off(C, r, c)] >> (4 * (c & 1)) & 15u
+                                            : fl_q_code(q, L.bits, C, c);
             const int64_t g = c / L.group_size;
-            const float s = fl_q_sget(w->scales_d, L.sdtype, C, L.group_size, r, g);
+            const float s = fl_q_wsget(w, w->scales_d, r, g);
             float v;
             if (L.code == FL_QCODE_NF4)
-                v = w->zeros_d ? fmaf(fl_nf4_table[code], s, fl_q_sget(w->zeros_d, L.sdtype, C, L.group_size, r, g))
-                               : s * fl_nf4_table[code];
-            else if (w->zeros_d) v = fmaf((float)code, s, fl_q_sget(w->zeros_d, L.sdtype, C, L.group_size, r, g));
+                v = w->zeros_d ? fmaf(fl_nf4_table[code], s, fl_q_wsget(w, w->zeros_d, r, g)) : s * fl_nf4_table[code];
+            else if (w->zeros_d) v = fmaf((float)code, s, fl_q_wsget(w, w->zeros_d, r, g));
             else v = s * ((float)code + off);
             o[c] = v;
         }

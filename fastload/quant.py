@@ -573,6 +573,8 @@ def report(core) -> dict:
         return {}
     out = {"quantized_weights": int(info["quantized_weights"]), "quantized_bytes": int(info["quantized_bytes"]),
            "float_bytes": int(info["float_bytes"])}
+    if "interleaved_weights" in info:  # CPU: of them, rearranged for the decode kernel (README "On the CPU")
+        out["interleaved_weights"] = int(info["interleaved_weights"])
     layouts = getattr(core, "layouts", None)
     if callable(layouts):
         out["layouts"] = summarize_layouts(layouts())

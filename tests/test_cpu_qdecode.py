@@ -42,7 +42,9 @@ def table_tol(x, codes, scales, group, code):
     return np.abs(x.astype(np.float64)) @ e.T
 
 
-def run_case(rng, seed, bits, zeros, code, group, sdtype, n, R, C, perm, qdot):
+def run_case(rng, seed, bits, zeros, code, group, sdtype, n, R, C, perm, qdot, interleave=None):
+    """interleave: None, or whether the backend must take the weight into its interleaved layout (run_op's
+    interleave=1; test_cpu_interleave.py)"""
     hi = 1 << bits
     codes = rng.integers(0, hi, size=(R, C))
     q = pack(codes, bits)
@@ -53,8 +55,13 @@ def run_case(rng, seed, bits, zeros, code, group, sdtype, n, R, C, perm, qdot):
     x = rng.standard_normal((n, C)).astype(np.float32)
     x[:, rng.integers(0, C, size=3)] *= 20                                 # outliers: blocks of different scale
     p = rng.permutation(C).astype(np.int32) if perm else None
-    y = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z, p), x=x),
-                  {"bits": bits, "group_size": group, "sdtype": sdtype, "code": code})["y"]
+    params = {"bits": bits, "group_size": group, "sdtype": sdtype, "code": code}
+    if interleave is not None:
+        params["interleave"] = 1
+    out = _C.run_op("cpu", "qmatmul", dict(q_inputs(q, s, z, p), x=x), params)
+    y = out["y"]
+    if interleave is not None:
+        assert out["interleaved"] == int(interleave), (bits, zeros, code, group, R, C, out["interleaved"])
     assert y.shape == (n, R)
     W = np_dequant(q, s, z, bits, group, code)
     xg = x[:, p] if perm else x                                            # column j multiplies x[perm[j]]

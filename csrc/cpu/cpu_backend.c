@@ -127,7 +127,7 @@ fl_status fl_backend_cpu_create(int n_threads, fl_backend **out) {
         .embed = cpu_embed, .rmsnorm = cpu_rmsnorm, .add_rmsnorm = cpu_add_rmsnorm,
         .matmul = cpu_matmul, .rope_store = cpu_rope_store, .attention = cpu_attention,
         .swiglu = cpu_swiglu, .gather_rows = cpu_gather_rows, .logits_to_host = cpu_logits_to_host,
-        .quantize = cpu_quantize, .add_lowrank = cpu_add_lowrank, .moe_route = cpu_moe_route, .moe_ffn = cpu_moe_ffn,
+        .quantize = cpu_quantize, .interleave_weight = cpu_q_interleave, .add_lowrank = cpu_add_lowrank, .moe_route = cpu_moe_route, .moe_ffn = cpu_moe_ffn,
     };
     *out = be;
     return FL_OK;

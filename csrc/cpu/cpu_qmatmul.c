@@ -17,20 +17,29 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
     const int bits = W->bits, nf4 = W->code == FL_QCODE_NF4;
     const uint8_t *q = (const uint8_t *)W->data_d + (size_t)r * (size_t)(C * bits / 8);
     const float off = (float)(1 << (bits - 1));
+    const int il = W->interleaved; /* 4-bit codes only: 16 columns are two 4-byte words 32 bytes apart */
+    uint8_t ilw[8];
 #if defined(__AVX2__) && defined(__FMA__)
     const __m256 tlo = _mm256_loadu_ps(fl_nf4_table), thi = _mm256_loadu_ps(fl_nf4_table + 8);
 #endif
     for (int64_t c = k0; c < k0 + kc;) {
         const int64_t g = c / G, cend = (g + 1) * G < k0 + kc ? (g + 1) * G : k0 + kc;
-        const float s = fl_q_sget(W->scales_d, W->sdtype, C, (int)G, r, g);
+        const float s = fl_q_wsget(W, W->scales_d, r, g);
         const int hz = W->zeros_d != NULL;
-        const float m = hz ? fl_q_sget(W->zeros_d, W->sdtype, C, (int)G, r, g) : nf4 ? 0.0f : -s * off;
+        const float m = hz ? fl_q_wsget(W, W->zeros_d, r, g) : nf4 ? 0.0f : -s * off;
         for (; c < cend; c += 16) {
             float *d = dst + (c - k0);
+            const uint8_t *cb = q + c / 2; /* 4-bit: the 8 bytes of these 16 columns */
+            if (il) { /* two 4-byte words 32 bytes apart */
+                const uint8_t *w0 = (const uint8_t *)W->data_d + fl_qi_code_off(C, r, c);
+                memcpy(ilw, w0, 4);
+                memcpy(ilw + 4, w0 + 32, 4);
+                cb = ilw;
+            }
 #if defined(__AVX2__) && defined(__FMA__)
             __m128i codes;
             if (bits != 8) {
-                const __m128i b = _mm_loadl_epi64((const __m128i *)(q + c / 2)), m4 = _mm_set1_epi8(15);
+                const __m128i b = _mm_loadl_epi64((const __m128i *)cb), m4 = _mm_set1_epi8(15);
                 codes = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
                 if (bits != 4) { /* split codes (quant.h): the high plane's bytes of these 16 columns, in column order */
                     const int per = bits == 6 ? 4 : 8, h = (int)((c % 32) / 16);
@@ -58,7 +67,7 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
             }
 #else
             for (int t = 0; t < 16; t++) {
-                const unsigned code = fl_q_code(q, bits, C, c + t);
+                const unsigned code = il ? (unsigned)(cb[t / 2] >> (4 * (t & 1))) & 15u : fl_q_code(q, bits, C, c + t);
                 d[t] = nf4 ? (hz ? fmaf(fl_nf4_table[code], s, m) : s * fl_nf4_table[code]) : fmaf((float)code, s, m);
             }
 #endif
@@ -187,6 +196,7 @@ typedef struct {
                           [n][nb][16], 16 * the sum of columns 0-15 in lanes 0-7, of columns 16-31 in lanes 8-15 */
     float *xs2;        /* g16: [n][2 * nb8]: dx_b * the sum of block b's columns 0-15 (2b), 16-31 (2b + 1) */
     int g16;           /* the weight has 16-column groups (two per block of x) */
+    int il;            /* an interleaved weight's x16 order (qi_rows): per block the pairs [x(8k+s), x(8k+s+4)] */
     int32_t *gidx;     /* [nb8]: qdec_gidx */
     int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
     uint8_t t_lo[16], t_hi[16]; /* NF4: the low and high bytes of T[q] = rint(nf4[q] * 2^NF4_K) (int16) */
@@ -248,7 +258,8 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     return amax / 127.0f;
 }
 
-/* One block of 32 floats to int16: returns dx, sets *sum. deint 1 (NF4): per 128-bit lane the even columns, then
+/* One block of 32 floats to int16: returns dx, sets *sum. deint 3 (interleaved weights): per 8 columns
+ * [0 4 1 5 2 6 3 7]. deint 1 (NF4): per 128-bit lane the even columns, then
  * the odd ones ([0 2 .. 14 | 1 3 .. 15], [16 .. 30 | 17 .. 31]); 2 (4-bit): all 16 even columns, then the odd ones. */
 static inline float quant_block16(const float *x, int16_t *out, int *sum, int *sum_lo, int deint) {
     const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
@@ -281,7 +292,10 @@ static inline float quant_block16(const float *x, int16_t *out, int *sum, int *s
     /* packs per 128-bit lane: [0-3 8-11 | 4-7 12-15]; permute4x64 0xd8 puts columns 0-15 in order */
     __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
     __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8);
-    if (deint) { /* per lane evens then odds; for 4-bit then [evens 0-15 | odds 0-15], [evens 16-31 | odds 16-31] */
+    if (deint == 3) { /* per 8 columns [0 4 1 5 2 6 3 7]: each 128-bit lane's low and high 4 interleaved */
+        a = _mm256_unpacklo_epi16(a, _mm256_srli_si256(a, 8));
+        b = _mm256_unpacklo_epi16(b, _mm256_srli_si256(b, 8));
+    } else if (deint) { /* per lane evens then odds; for 4-bit then [evens 0-15 | odds 0-15], [evens 16-31 | odds 16-31] */
         const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                             0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
         a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, sh), 0xd8);
@@ -384,7 +398,7 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             int sum, lo = 0;
             float d;
             if (X->x16)
-                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
+                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, X->il ? 3 : QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
                 d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4,
                                   span_absmax(x + (size_t)t * (size_t)C, C, b));
@@ -821,7 +835,191 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
     fl_free(mem);
     return FL_OK;
 }
+
+/* ---- Interleaved weights (W->interleaved == 8; cpu_q_interleave makes them after the load) ----
+ * 4-bit integer codes (symmetric or min form), groups of a multiple of 32 columns, rows a multiple of 8, float16 /
+ * float32 / K scales. Rows 8g..8g+7 keep the bytes row-major gives them as a whole, reordered inside (quant.h:
+ * fl_qi_code_off, fl_qi_sget):
+ *   codes: block b (32 columns) of the 8 rows is 128 bytes: row r's word k (columns 8k..8k+7, the 4 bytes row-major
+ *          has for them, low nibble first) at b * 128 + k * 32 + r * 4: one 32-byte load is 8 rows x 8 columns;
+ *   scales, offsets: group j's value of row r at [j][r] (K scales: the int8 sub-scales [j][r], then the float16
+ *          super-scales [super-block][r]).
+ * The kernel's lanes are the 8 rows. Per block and word k, (v >> 4s) & 0x000F000F (s = 0..3) is each row's int16 pair
+ * (column 8k+s, 8k+s+4), multiplied with x16's pair for those columns broadcast to every lane (vpdpwssd; without
+ * AVX512-VNNI madd + add): 16 of them give each row's integer dot for the block in its own lane, then one FMA adds
+ * (s_row * dx_b) * dot for all 8 rows, and the offset term m_row * dx_b * sum(x_b) another (m = -8 s for the
+ * symmetric form). So the decode, the scale and the conversion are shared by 8 rows and no horizontal sum is left;
+ * the row-major kernel (qdec_rows) spends them per row and block. Measured on the dev VM (Zen 4, 1 thread, the
+ * TinyLlama-1.1B Q4_0 body, 545 MB): 77 ms a token row-major, 30 ms interleaved (benchmarks/cpu_qmatmul_bench.c).
+ * A row's result depends only on its own codes and x (the same bits in any batch, any number of x rows per pass);
+ * it differs from the row-major kernel's by float rounding (that sums the block's lanes in another order).
+ * x16 per block (quant_x, deint 3): the pairs [x(8k+s), x(8k+s+4)] for k, then s. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPW(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define DPW(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#else
+#define DPW(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #endif
+#ifdef __AVX512VL__
+#define QI_N 8 /* x rows per pass: 3 vectors each (dot, acc, off) in 32 registers */
+#else
+#define QI_N 4
+#endif
+
+/* 8 rows' values of group j (scales or offsets) of row group base p */
+static inline __m256 qi_s8(const char *p, int sd, int64_t ng, int64_t j, int group_size) {
+    if (sd == FL_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + j * 16)));
+    if (sd == FL_F32) return _mm256_loadu_ps((const float *)p + j * 8);
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + j * 8))));
+    const int64_t u = j * group_size / FL_KS_SUPER;
+    return _mm256_mul_ps(sc, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8 * ng + u * 16))));
+}
+
+static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, const fl_weight *W, int64_t g0,
+                                                          int64_t g1, const qx_t *X, const int N, const int HZ) {
+    const int64_t nb = X->nb, G = W->group_size, bpg = G / 32, ng = W->cols / G;
+    const size_t gbytes = (size_t)nb * 128, sgb = 8 * fl_q_srow_bytes(W->cols, (int)G, W->sdtype);
+    const int sd = W->sdtype;
+    const __m256i m = _mm256_set1_epi32(0x000F000F);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *q = (const uint8_t *)W->data_d + (size_t)g * gbytes;
+        const char *sp = (const char *)W->scales_d + (size_t)g * sgb,
+                   *zp = HZ ? (const char *)W->zeros_d + (size_t)g * sgb : NULL;
+        __m256 acc[QI_N], off[QI_N], s8 = _mm256_setzero_ps(), m8 = _mm256_setzero_ps();
+        for (int t = 0; t < N; t++) { acc[t] = _mm256_setzero_ps(); off[t] = _mm256_setzero_ps(); }
+        for (int64_t b = 0, j = 0, jb = 0; b < nb; b++) {
+            if (jb == 0) { /* a new group: its 8 scales (and offsets) */
+                s8 = qi_s8(sp, sd, ng, j, (int)G);
+                m8 = HZ ? qi_s8(zp, sd, ng, j, (int)G) : _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
+            }
+            if (++jb == bpg) { jb = 0; j++; }
+            const uint8_t *qb = q + (size_t)b * 128;
+            _mm_prefetch((const char *)qb + 1024, _MM_HINT_T0);
+            _mm_prefetch((const char *)qb + 1024 + 64, _MM_HINT_T0);
+            __m256i dot[QI_N];
+            for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + k * 32));
+                const __m256i c0 = _mm256_and_si256(v, m), c1 = _mm256_and_si256(_mm256_srli_epi32(v, 4), m),
+                              c2 = _mm256_and_si256(_mm256_srli_epi32(v, 8), m),
+                              c3 = _mm256_and_si256(_mm256_srli_epi32(v, 12), m);
+                for (int t = 0; t < N; t++) {
+                    const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32) + k * 4;
+                    dot[t] = DPW(dot[t], c0, _mm256_set1_epi32(xp[0]));
+                    dot[t] = DPW(dot[t], c1, _mm256_set1_epi32(xp[1]));
+                    dot[t] = DPW(dot[t], c2, _mm256_set1_epi32(xp[2]));
+                    dot[t] = DPW(dot[t], c3, _mm256_set1_epi32(xp[3]));
+                }
+            }
+            for (int t = 0; t < N; t++) {
+                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
+                off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(X->xs[xi]), off[t]);
+            }
+        }
+        for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
+    }
+}
+#define QI_CASE(N_)                                                                                 \
+    case N_:                                                                                        \
+        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1);                                         \
+        else qi_rows(y, R, W, g0, g1, X, N_, 0);                                                    \
+        break;
+static void qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_t g1, const qx_t *X, int n) {
+    switch (n) {
+    QI_CASE(1) QI_CASE(2) QI_CASE(3) QI_CASE(4)
+#if QI_N == 8
+    QI_CASE(5) QI_CASE(6) QI_CASE(7) QI_CASE(8)
+#endif
+    default: break;
+    }
+}
+
+/* y[n, R] = x[n, C] @ dequant(W)^T, W interleaved, n <= QI_N */
+static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
+    const int64_t R = W->rows, C = W->cols;
+    qx_t X = {.nb = C / 32, .il = 1};
+    X.nb8 = (X.nb + 7) / 8 * 8;
+    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
+    /* bs16 [n][nb][8] (quant_x writes it), x16 [n][nb][32], dx and xs [n][nb8] */
+    char *mem = fl_malloc(nbt * 96 + nbt8 * 8);
+    if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
+    X.bs16 = (int32_t *)mem;
+    X.x16 = (int16_t *)(mem + nbt * 32);
+    X.dx = (float *)(mem + nbt * 96);
+    X.xs = (float *)(mem + nbt * 96 + nbt8 * 4);
+    memset(X.dx, 0, nbt8 * 8);
+    quant_x(&X, x, n, C, QK_INT4);
+    const int64_t ngr = R / 8;
+    const int nt = cpu_threads(be);
+    /* row groups in chunks of 4 (32 rows) a thread at a time: few enough that 2 threads share the work evenly */
+    const int64_t per = 4, nch = (ngr + per - 1) / per;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t ch = 0; ch < nch; ch++) {
+        const int64_t g0 = ch * per, g1 = g0 + per < ngr ? g0 + per : ngr;
+        qi_block(y, R, W, g0, g1, &X, n);
+    }
+    fl_free(mem);
+    return FL_OK;
+}
+
+#endif /* QDOT */
+
+/* The backend's interleave_weight: W in place to the interleaved layout when qi_rows takes its format (4-bit integer
+ * codes, no act-order perm... (a perm only reorders x: allowed), group a multiple of 32, rows a multiple of 8, float16 /
+ * float32 / K scales), else nothing. One temporary the size of the weight's codes. */
+fl_status cpu_q_interleave(fl_backend *be, fl_weight *W, int *done) {
+    *done = 0;
+#ifndef QDOT
+    (void)be;
+    return FL_OK; /* the portable build has no qi_rows: row-major, which cpu_q_widen reads */
+#endif
+    if (W->dtype != FL_QUANT || W->interleaved || W->bits != 4 || W->code != FL_QCODE_INT || W->group_size % 32 ||
+        W->cols % 32 || W->rows % 8 || W->rows == 0 ||
+        !(W->sdtype == FL_F16 || W->sdtype == FL_F32 || W->sdtype == FL_I8))
+        return FL_OK;
+    const int64_t R = W->rows, C = W->cols, ng = C / W->group_size, nb = C / 32, ngr = R / 8;
+    const size_t rowb = (size_t)C / 2, gb = 8 * rowb, srow = fl_q_srow_bytes(C, W->group_size, W->sdtype), sgb = 8 * srow;
+    const int64_t cap = ngr < 64 ? ngr : 64; /* row groups through the temporary at a time */
+    uint8_t *tmp = fl_malloc((gb + 2 * sgb) * (size_t)cap);
+    if (!tmp) return fl_err(FL_E_NOMEM, "interleaving a [%lld, %lld] weight: cannot allocate its temporary",
+                            (long long)R, (long long)C);
+    const size_t es = W->sdtype == FL_F32 ? 4 : W->sdtype == FL_F16 ? 2 : 1;
+    for (int64_t c0 = 0; c0 < ngr; c0 += cap) {
+        const int64_t cn = ngr - c0 < cap ? ngr - c0 : cap;
+        uint8_t *q = (uint8_t *)W->data_d + (size_t)c0 * gb;
+        memcpy(tmp, q, gb * (size_t)cn);
+#pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
+        for (int64_t g = 0; g < cn; g++)
+            for (int r = 0; r < 8; r++)
+                for (int64_t b = 0; b < nb; b++)
+                    for (int k = 0; k < 4; k++)
+                        memcpy(q + (size_t)g * gb + (size_t)b * 128 + (size_t)k * 32 + (size_t)r * 4,
+                               tmp + (size_t)g * gb + (size_t)r * rowb + (size_t)b * 16 + (size_t)k * 4, 4);
+        for (int part = 0; part < 2; part++) {
+            uint8_t *sp = (uint8_t *)(part ? W->zeros_d : W->scales_d);
+            if (!sp) continue;
+            sp += (size_t)c0 * sgb;
+            uint8_t *st = tmp + (gb + (size_t)part * sgb) * (size_t)cap;
+            memcpy(st, sp, sgb * (size_t)cn);
+            for (int64_t g = 0; g < cn; g++)
+                for (int r = 0; r < 8; r++) {
+                    const uint8_t *row = st + (size_t)g * sgb + (size_t)r * srow;
+                    uint8_t *dst = sp + (size_t)g * sgb;
+                    for (int64_t j = 0; j < ng; j++) memcpy(dst + ((size_t)j * 8 + (size_t)r) * es, row + (size_t)j * es, es);
+                    if (W->sdtype == FL_I8) /* the float16 super-scales after the 8 x ng sub-scales */
+                        for (int64_t u = 0; u < C / FL_KS_SUPER; u++)
+                            memcpy(dst + 8 * (size_t)ng + ((size_t)u * 8 + (size_t)r) * 2, row + (size_t)ng + (size_t)u * 2, 2);
+                }
+        }
+    }
+    fl_free(tmp);
+    W->interleaved = 8;
+    *done = 1;
+    return FL_OK;
+}
+
 
 /* y[n, R] = x[n, C] @ dequant(W)^T (+ bias). Act-order weights first gather x (xg[:, j] = x[:, perm[j]]). */
 fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias) {
@@ -843,7 +1041,15 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
      * QDEC_MAX_N rows (prefill) the float GEMM reads them once and wins. */
     const int g16ok = L.group_size == 16 && C % 32 == 0 && L.code == FL_QCODE_INT; /* qdec16_rows */
     const int mode = n >= 1 && n <= QDEC_MAX_N && (L.group_size % 32 == 0 || g16ok) ? qdot_mode() : QDOT_FLOAT;
-    if (mode != QDOT_FLOAT) {
+    if (mode != QDOT_FLOAT && W->interleaved) { /* both integer modes: int16 x (qi_rows has no int8 form) */
+        const int64_t R = W->rows;
+        st = FL_OK;
+        for (int i0 = 0; i0 < n && st == FL_OK; i0 += QI_N)
+            st = qi_matmul(be, y + (size_t)i0 * (size_t)R, x + (size_t)i0 * (size_t)C, n - i0 < QI_N ? n - i0 : QI_N, W);
+        if (st == FL_OK && bias && bias->data_d)
+            for (int i = 0; i < n; i++)
+                for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
+    } else if (mode != QDOT_FLOAT) {
         const int64_t R = W->rows;
         st = FL_OK;
         for (int i0 = 0; i0 < n && st == FL_OK; i0 += QDEC_N)

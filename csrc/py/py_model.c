@@ -529,8 +529,19 @@ static PyObject *model_load(FlPyModel *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static fl_status interleave_job(fl_exec_job *job, void *arg) {
+    (void)job;
+    return fl_model_interleave((fl_model *)arg);
+}
+/* check_complete(): every tensor the config asks for was loaded; then the weights are final: the backend may pack
+ * them into its own layout (fl_model_interleave, on the compute thread as a load is), and no load is taken after. */
 static PyObject *model_check_complete(FlPyModel *self, PyObject *noargs) {
     fl_status st = fl_model_check_complete(self->m);
+    if (st != FL_OK) return fl_py_raise(st);
+    if (enter_model(self, 1) < 0) return NULL;
+    const int rc = run_core(self, interleave_job, self->m, &st);
+    leave_model(self);
+    if (rc < 0) { fl_err_clear(); return NULL; }
     if (st != FL_OK) return fl_py_raise(st);
     Py_RETURN_NONE;
 }
@@ -629,11 +640,12 @@ static PyObject *model_info(FlPyModel *self, void *closure) {
         if (fl_model_weight_info(m, i, &w, name, sizeof name, &b) == FL_OK && w->dtype != FL_QUANT) fbytes += b;
     }
     PyObject *a = PyLong_FromLong(m->n_quant), *b = PyLong_FromUnsignedLongLong(m->bytes_quant),
-             *c = PyLong_FromUnsignedLongLong(fbytes);
-    if (!a || !b || !c || PyDict_SetItemString(d, "quantized_weights", a) < 0 || PyDict_SetItemString(d, "quantized_bytes", b) < 0 ||
-        PyDict_SetItemString(d, "float_bytes", c) < 0)
+             *c = PyLong_FromUnsignedLongLong(fbytes), *p = PyLong_FromLong(m->n_interleaved);
+    if (!a || !b || !c || !p || PyDict_SetItemString(d, "quantized_weights", a) < 0 ||
+        PyDict_SetItemString(d, "quantized_bytes", b) < 0 || PyDict_SetItemString(d, "float_bytes", c) < 0 ||
+        PyDict_SetItemString(d, "interleaved_weights", p) < 0)
         Py_CLEAR(d);
-    Py_XDECREF(a); Py_XDECREF(b); Py_XDECREF(c);
+    Py_XDECREF(a); Py_XDECREF(b); Py_XDECREF(c); Py_XDECREF(p);
     return d;
 }
 
@@ -643,9 +655,10 @@ static const char *weight_dtype_name(const fl_weight *w) {
     return w->bits == 8 ? "int8" : w->bits == 6 ? "int6" : w->bits == 5 ? "int5" : "int4";
 }
 
-/* layouts() -> [{"name", "dtype", "bits", "group_size", "scale_dtype", "zeros", "perm", "bytes", "rows", "cols"}]:
- * one dict per weight in arena order (lm_head only when untied). Float weights: bits 16 / 32, group_size 0,
- * scale_dtype None; K scales (csrc/quant.h): "kscale". */
+/* layouts() -> [{"name", "dtype", "bits", "group_size", "scale_dtype", "zeros", "perm", "bytes", "rows", "cols",
+ * "interleaved"}]: one dict per weight in arena order (lm_head only when untied). Float weights: bits 16 / 32,
+ * group_size 0, scale_dtype None; K scales (csrc/quant.h): "kscale"; interleaved: 8 for the CPU's rows-by-8 layout
+ * (fl_model_interleave), else 0. */
 static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
     fl_model *m = self->m;
     const int nw = fl_model_n_weights(m);
@@ -658,11 +671,12 @@ static PyObject *model_layouts(FlPyModel *self, PyObject *noargs) {
         fl_status st = fl_model_weight_info(m, i, &w, name, sizeof name, &bytes);
         if (st != FL_OK) { Py_DECREF(out); return fl_py_raise(st); }
         const int q = w->dtype == FL_QUANT;
-        PyObject *d = Py_BuildValue("{s:s,s:s,s:i,s:i,s:z,s:O,s:O,s:K,s:L,s:L}", "name", name, "dtype", weight_dtype_name(w),
+        PyObject *d = Py_BuildValue("{s:s,s:s,s:i,s:i,s:z,s:O,s:O,s:K,s:L,s:L,s:i}", "name", name, "dtype", weight_dtype_name(w),
                                     "bits", q ? w->bits : 8 * fl_dtype_size(w->dtype), "group_size", q ? w->group_size : 0,
                                     "scale_dtype", q ? (w->sdtype == FL_I8 ? "kscale" : fl_dtype_table[w->sdtype].np_name) : NULL,
                                     "zeros", q && w->zeros_d ? Py_True : Py_False, "perm", q && w->perm_d ? Py_True : Py_False,
-                                    "bytes", (unsigned long long)bytes, "rows", (long long)w->rows, "cols", (long long)w->cols);
+                                    "bytes", (unsigned long long)bytes, "rows", (long long)w->rows, "cols", (long long)w->cols,
+                                    "interleaved", q ? w->interleaved : 0);
         if (!d) { Py_DECREF(out); return NULL; }
         PyList_SET_ITEM(out, i, d);
     }
@@ -693,6 +707,21 @@ static PyObject *model_rope_freqs(FlPyModel *self, PyObject *noargs) {
 typedef struct { const fl_weight *w; int64_t row0, rows; float *out; fl_backend *be; } export_args;
 static fl_status export_quant_core(export_args *a) {
     const fl_weight *w = a->w;
+    if (w->interleaved && (a->row0 % 8 || a->rows % 8)) {
+        /* rows of an interleaved weight move in groups of 8: export the groups that hold them, keep the rows asked for */
+        const int64_t g0 = a->row0 / 8 * 8, g1 = (a->row0 + a->rows + 7) / 8 * 8;
+        float *all = fl_malloc((size_t)(g1 - g0) * (size_t)w->cols * sizeof(float));
+        if (!all) return fl_err(FL_E_NOMEM, "export: cannot allocate a host copy of the weight");
+        export_args b = *a;
+        b.row0 = g0;
+        b.rows = g1 - g0;
+        b.out = all;
+        const fl_status st = export_quant_core(&b);
+        if (st == FL_OK)
+            memcpy(a->out, all + (size_t)(a->row0 - g0) * (size_t)w->cols, (size_t)a->rows * (size_t)w->cols * sizeof(float));
+        fl_free(all);
+        return st;
+    }
     const int64_t C = w->cols, R = a->rows;
     const size_t cb = (size_t)C * (size_t)w->bits / 8, sb = fl_q_srow_bytes(C, w->group_size, w->sdtype);
     const size_t nc = cb * (size_t)R, ns = sb * (size_t)R, np = w->perm_d ? (size_t)C * 4 : 0;

@@ -341,9 +341,20 @@ static int op_qmatmul(op_ctx *c) {
     if (b && !(b_d = upload_act(c, b))) goto done;
     if (!(y_d = alloc_poisoned(c, (size_t)n * R * fl_dtype_size(c->be->act)))) goto done;
     const fl_weight bt = weight_of(c, b_d, R, 1);
+    /* param interleave=1: hand the weight to the backend's interleave_weight first (the layout fl_model_interleave
+     * gives a loaded model's weights); out "interleaved": whether it took it */
+    long il = 0;
+    if (param_int(c, "interleave", 0, &il) < 0) goto done;
+    int done_il = 0;
+    if (il && c->be->interleave_weight) RUN(c->be->interleave_weight(c->be, &w, &done_il));
     RUN(c->be->matmul(c->be, y_d, x_d, (int)n, &w, b ? &bt : NULL));
     npy_intp sh[2] = {n, R};
     rc = download(c, "y", y_d, 2, sh);
+    if (rc == 0) {
+        PyObject *v = PyLong_FromLong(done_il);
+        if (!v || PyDict_SetItemString(c->out, "interleaved", v) < 0) rc = -1;
+        Py_XDECREF(v);
+    }
 done:
     Py_XDECREF(x); Py_XDECREF(b); qarrs_free(&a);
     return rc;

@@ -1,0 +1,129 @@
+"""The CPU's interleaved weights (csrc/cpu/cpu_qmatmul.c, qi_rows; fl_weight.interleaved): after a load, every 4-bit
+integer weight with groups of a multiple of 32 columns and rows a multiple of 8 is rearranged so that one vector load
+holds 8 rows (fl_model_interleave, FASTLOAD_CPU_INTERLEAVE=0 turns it off).
+
+What must hold:
+  - the kernel's products are within the same bound as the row-major kernel's (test_cpu_qdecode.run_case's tolerance:
+    float32 accumulation plus x's int16 rounding), for every format it takes: symmetric and min form, groups 32 / 64 /
+    96 / 128 / per channel, float16 / float32 scales, act-order perm, 1 to 16 rows of x (passes of up to 8) and past
+    16 (prefill: the float GEMM widening the interleaved codes);
+  - formats it does not take are left row-major (run_op's "interleaved" 0) and still right;
+  - a row's result is the same bits in any batch (the engine batches requests);
+  - on whole models (GGUF Q4_0 / Q4_1 / Q4_K / Q4_K_M, GPTQ with act-order, AWQ, int4 at load): the weights are the
+    same values (prefill logits and save_pretrained's export the same bits as row-major), one-token logits agree within
+    float rounding, and a load after the weights were finalised is refused.
+"""
+import numpy as np
+import pytest
+
+import fastload
+import quant_fixtures as qf
+from fastload import _C
+from test_cpu_qdecode import COLS, run_case
+from test_quant_checkpoints import built  # noqa: F401 (the fixture)
+from test_quant_ops import pack, q_inputs, rng_seed, sround
+
+QI_N = 8  # x rows per pass with AVX-512 (4 without): both are crossed by n = 1..9
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 96, 128])
+def test_interleaved_every_group_batch_and_perm(zeros, group):
+    rng, seed = rng_seed()
+    C = COLS[group]
+    for n in (1, 2, 3, 4, 5, 8, 9, 16, 20):
+        for R in (8, 16, 40):
+            sdtype = "float16" if (n + R // 8) % 2 else "float32"
+            run_case(rng, seed, 4, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 1), qdot="int16", interleave=True)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_interleaved_per_channel(zeros):
+    rng, seed = rng_seed()
+    for C in (576, 1536):
+        for n in (1, 3, 8):
+            run_case(rng, seed, 4, zeros, 0, C, "float16", n, 24, C, perm=False, qdot="int16", interleave=True)
+
+
+@pytest.mark.parametrize("bits,zeros,code,group,R,C", [
+    (4, False, 0, 32, 12, 352),   # rows not a multiple of 8
+    (4, True, 0, 32, 1, 352),
+    (8, False, 0, 32, 16, 352),   # 8-bit codes
+    (4, False, 1, 64, 16, 320),   # NF4
+    (4, True, 0, 16, 16, 352),    # 16-column groups (Q6_K-like)
+    (5, False, 0, 32, 16, 512),   # split codes (whole spans of 256 columns)
+])
+def test_formats_it_does_not_take_stay_row_major(bits, zeros, code, group, R, C):
+    rng, seed = rng_seed()
+    for n in (1, 4):
+        run_case(rng, seed, bits, zeros, code, group, "float16", n, R, C, perm=False, qdot="int16", interleave=False)
+
+
+def test_a_row_is_the_same_bits_in_any_batch():
+    rng = np.random.default_rng(5)
+    R, C, group = 48, 320, 64
+    codes = rng.integers(0, 16, size=(R, C))
+    s = sround(rng.uniform(0.5, 2.0, size=(R, C // group)) * 0.05, "float16")
+    z = sround(rng.uniform(-0.4, 0.4, size=(R, C // group)), "float16")
+    x = rng.standard_normal((16, C)).astype(np.float32)
+    params = {"bits": 4, "group_size": group, "sdtype": "float16", "interleave": 1}
+    inp = q_inputs(pack(codes, 4), s, z, None)
+    alone = [_C.run_op("cpu", "qmatmul", dict(inp, x=x[t:t + 1]), params)["y"][0] for t in range(16)]
+    for n in (2, 3, QI_N - 1, QI_N, QI_N + 1, 16):
+        out = _C.run_op("cpu", "qmatmul", dict(inp, x=x[:n]), params)
+        assert out["interleaved"] == 1
+        for t in range(n):
+            np.testing.assert_array_equal(out["y"][t], alone[t], err_msg=f"row {t} of a batch of {n}")
+
+
+def load(path, monkeypatch, interleave, **kw):
+    monkeypatch.setenv("FASTLOAD_CPU_INTERLEAVE", interleave)
+    return fastload.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", torch_dtype="float32", **kw)
+
+
+MODEL_CASES = ["gguf-Q4_0", "gguf-Q4_1", "gguf-Q4_K", "gguf-Q4_K_M", "gptq-4b-g32-asym-v1-actorder", "awq-g64-qwen2",
+               "gptq-4b-g128-sym-old-autogptq", "int4-at-load"]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_models_interleaved_same_values(built, case, tmp_path, monkeypatch):
+    if case == "int4-at-load":
+        _q, ref = built("gguf-Q4_0")
+        mi, mr = (load(ref, monkeypatch, v, load_in_4bit=True) for v in ("1", "0"))
+    else:
+        q, _ref = built(case)
+        mi, mr = load(q, monkeypatch, "1"), load(q, monkeypatch, "0")
+    ni, nr = mi._core.info["interleaved_weights"], mr._core.info["interleaved_weights"]
+    assert ni > 0 and nr == 0, (case, ni, nr)
+    li = {d["name"]: d for d in mi._core.layouts()}
+    lr = {d["name"]: d for d in mr._core.layouts()}
+    il = [n for n, d in li.items() if d["interleaved"]]
+    assert len(il) == ni
+    for n, d in li.items():
+        took = d["dtype"] == "int4" and d["group_size"] % 32 == 0 and d["rows"] % 8 == 0 and n != "embed"
+        assert bool(d["interleaved"]) == took, (case, n, d)
+        assert {k: v for k, v in d.items() if k != "interleaved"} == {k: v for k, v in lr[n].items() if k != "interleaved"}
+    V = mi.config["vocab_size"]
+    ids = np.random.default_rng(11).integers(3, V, (2, 12))
+    # prefill (24 rows: the float GEMM widens the codes): the same values, so the same bits
+    np.testing.assert_array_equal(np.asarray(mi(ids).logits), np.asarray(mr(ids).logits), err_msg=case)
+    # one token a row (the integer decode kernels): float rounding apart
+    a, b = np.asarray(mi(ids[:, :1]).logits, np.float64), np.asarray(mr(ids[:, :1]).logits, np.float64)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), (case, np.abs(a - b).max(), np.abs(b).max())
+    one = np.asarray(mi(ids[1:, :1]).logits)                    # row 1 alone: the same bits as in the batch of 2
+    np.testing.assert_array_equal(one[0], np.asarray(mi(ids[:, :1]).logits)[1])
+    # save_pretrained dequantises: the same float values from either layout
+    mi.save_pretrained(str(tmp_path / "i"))
+    mr.save_pretrained(str(tmp_path / "r"))
+    ei = qf.read_safetensors(str(tmp_path / "i" / "model.safetensors"))
+    er = qf.read_safetensors(str(tmp_path / "r" / "model.safetensors"))
+    assert ei.keys() == er.keys()
+    for k in ei:
+        np.testing.assert_array_equal(ei[k], er[k], err_msg=k)
+
+
+def test_no_load_after_the_weights_are_final(built, monkeypatch):
+    q, _ref = built("gguf-Q4_0")
+    m = load(q, monkeypatch, "1")
+    with pytest.raises(ValueError, match="finalised"):
+        m._core.load([])
