@@ -220,7 +220,10 @@ def test_engine_memory_returns_to_idle(gold):
         with ThreadPoolExecutor(8) as ex:
             list(ex.map(lambda p: _gen(m, p, 8), _prompts(16, seed=6)))
     seen = []
-    for _ in range(8):  # seen on an H200: growth in the first rounds, 3,776 bytes at a time, twice (arrival timing)
+    # seen on an H200: growth in the first rounds, 3,776 bytes at a time, twice (arrival timing); on an H100 under
+    # pytest -n 8 (2026-12-05) four steps of 320-3,968 bytes over 8 rounds: the scratch follows the widest schedule
+    # seen so far, which a loaded machine reaches later. A leak grows every round; 20 rounds tell them apart.
+    for _ in range(20):
         round_()
         seen.append(fastload.cuda.memory_allocated())
         if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:
@@ -442,7 +445,16 @@ def test_scores_and_logits_beside_device_argmax_rows(dtype):
     tol = 1e-4 if dtype == "float32" else 3e-2
     for i, p in enumerate(ps):
         seq = out[i].sequences if keep[i] else out[i]
-        assert np.array_equal(seq[0, len(p):], plain[i]), i
+        got = np.asarray(seq[0, len(p):])
+        if dtype != "float32" and not np.array_equal(got, plain[i]):
+            # bf16: a batch of another size runs other matmul kernels (README "Many callers"), so a near-tie may break
+            # the other way (seen on an H100, 2026-12-05: row 0, step 8, on this random-weight model). Accept only
+            # that: at the first difference the two tokens' logits over the common prefix are within the rounding.
+            t = int(np.argmax(got != plain[i]))
+            ref = np.asarray(m(np.concatenate([p, got[:t]])[None]).logits[0, -1], np.float64)
+            assert abs(ref[got[t]] - ref[plain[i][t]]) <= tol * np.abs(ref).max(), (i, t, got, plain[i])
+            continue
+        assert np.array_equal(got, plain[i]), i
         if not keep[i]:
             continue
         assert len(out[i].scores) == len(out[i].logits) == 12
