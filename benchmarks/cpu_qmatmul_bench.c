@@ -44,6 +44,8 @@ int main(int argc,char**argv){
     /* QBENCH_SAME=1: every layer reads layer 0's weights (cache-resident at the demo's shapes: the kernel's own speed) */
     if(l&&getenv("QBENCH_SAME")) L[l][k]=L[0][k]; else
     L[l][k]=mk(Rs[k],Cs[k],4,zeros,Cs[k]%G?32:G,code); /* down (1536 columns) with group 96: 32 */
+    /* QBENCH_INTERLEAVE=1: the body in the interleaved layout a loaded model gets (fl_model_interleave) */
+    if(getenv("QBENCH_INTERLEAVE")&&atoi(getenv("QBENCH_INTERLEAVE"))&&!(l&&getenv("QBENCH_SAME"))){int d;be->interleave_weight(be,&L[l][k],&d);}
     bytes+=(double)Rs[k]*Cs[k]/2+(double)Rs[k]*(Cs[k]/L[l][k].group_size)*2*(zeros?2:1);
   }
   fl_weight H=mk(HR,HC,8,0,strcmp(head,"q8pc")?32:HC,0);
