@@ -203,12 +203,15 @@ static inline float fl_q_sget(const void *p, fl_dtype sdtype, int64_t cols, int 
     return sdtype == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
 }
 
-/* The CPU backend's interleaved layout (fl_weight.interleaved == 8, csrc/cpu/cpu_qmatmul.c: 4-bit codes, rows a multiple of 8).
- * Rows 8g..8g+7 keep the place row-major gives them as a whole (codes, scales and offsets), reordered inside. The byte
- * of row r holding 4-bit column c (low nibble for even c, as row-major): */
-static inline size_t fl_qi_code_off(int64_t cols, int64_t r, int64_t c) {
-    return (size_t)(r / 8) * 8 * (size_t)(cols / 2) + (size_t)(c / 32) * 128 + (size_t)(c % 32 / 8) * 32 +
-           (size_t)(r % 8) * 4 + (size_t)(c % 8) / 2;
+/* The CPU backend's interleaved layout (fl_weight.interleaved == 8, csrc/cpu/cpu_qmatmul.c: 4- or 8-bit codes, rows a
+ * multiple of 8). Rows 8g..8g+7 keep the place row-major gives them as a whole (codes, scales and offsets), reordered
+ * inside: block b (32 columns) of the 8 rows holds row r's 4-byte word k (the bytes row-major has for columns
+ * 8k..8k+7 at 4 bits, 4k..4k+3 at 8) at k * 32 + r * 4. The byte of row r holding column c (4-bit: low nibble for
+ * even c, as row-major): */
+static inline size_t fl_qi_code_off(int64_t cols, int bits, int64_t r, int64_t c) {
+    const size_t rowb = (size_t)(cols * bits / 8), cpw = (size_t)(32 / bits); /* columns a word */
+    return (size_t)(r / 8) * 8 * rowb + (size_t)(c / 32) * (size_t)(32 * bits) + (size_t)(c % 32) / cpw * 32 +
+           (size_t)(r % 8) * 4 + (size_t)(c % 32) % cpw * (size_t)bits / 8;
 }
 /* The scale (or offset) of group g in row r of an interleaved weight's p: [group][row of 8]; K scales: the int8 sub-scales
  * [group][row of 8], then the float16 super-scales [super-block][row of 8] */

@@ -1,15 +1,17 @@
-"""The CPU's interleaved weights (csrc/cpu/cpu_qmatmul.c, qi_rows; fl_weight.interleaved): after a load, every 4-bit
-integer weight with groups of a multiple of 32 columns and rows a multiple of 8 is rearranged so that one vector load
-holds 8 rows (fl_model_interleave, FASTLOAD_CPU_INTERLEAVE=0 turns it off).
+"""The CPU's interleaved weights (csrc/cpu/cpu_qmatmul.c, qi_rows / qi8_rows; fl_weight.interleaved): after a load,
+every 4- or 8-bit integer weight (8-bit: also GGUF's 5- / 6-bit codes held in a byte) with groups of a multiple of 32
+columns (8-bit: or 16) and rows a multiple of 8 is rearranged so that one vector load holds 8 rows
+(fl_model_interleave, FASTLOAD_CPU_INTERLEAVE=0 turns it off).
 
 What must hold:
   - the kernel's products are within the same bound as the row-major kernel's (test_cpu_qdecode.run_case's tolerance:
-    float32 accumulation plus x's int16 rounding), for every format it takes: symmetric and min form, groups 32 / 64 /
-    96 / 128 / per channel, float16 / float32 scales, act-order perm, any number of rows of x (passes of up to 8; a
+    float32 accumulation plus x's int16 rounding), for every format it takes: 4 and 8 bits, symmetric and min form,
+    groups 16 (8-bit) / 32 / 64 / 96 / 128 / per channel, float16 / float32 scales, act-order perm, any number of rows of x (passes of up to 8; a
     prompt takes the same kernel); the float path (FASTLOAD_CPU_QDOT=float: the GEMM widening the codes) reads them;
   - formats it does not take are left row-major (run_op's "interleaved" 0) and still right;
   - a row's result is the same bits in any batch (the engine batches requests);
-  - on whole models (GGUF Q4_0 / Q4_1 / Q4_K / Q4_K_M, GPTQ with act-order, AWQ, int4 at load): the weights are the
+  - on whole models (GGUF Q4_0 / Q4_1 / Q4_K / Q4_K_M / Q8_0 / Q5_0 / Q5_K / Q6_K / a mix of all, GPTQ 4-bit with
+    act-order and 8-bit, AWQ, int4 and int8 at load): the weights are the
     same values (the float path's logits and save_pretrained's export the same bits as row-major), one-token and prompt
     logits agree within float / int16 rounding, and a load after the weights were finalised is refused.
 """
@@ -26,30 +28,36 @@ from test_quant_ops import pack, q_inputs, rng_seed, sround
 QI_N = 8  # x rows per pass with AVX-512 (4 without): both are crossed by n = 1..9
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("zeros", [False, True])
-@pytest.mark.parametrize("group", [32, 64, 96, 128])
-def test_interleaved_every_group_batch_and_perm(zeros, group):
+@pytest.mark.parametrize("group", [16, 32, 64, 96, 128])
+def test_interleaved_every_group_batch_and_perm(bits, zeros, group):
+    if bits == 4 and group == 16:
+        pytest.skip("4-bit codes in 16-column groups stay row-major (test_formats_it_does_not_take_stay_row_major)")
     rng, seed = rng_seed()
     C = COLS[group]
     for n in (1, 2, 3, 4, 5, 8, 9, 16, 20, 37):
         for R in (8, 16, 40):
             sdtype = "float16" if (n + R // 8) % 2 else "float32"
-            run_case(rng, seed, 4, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 1), qdot="int16", interleave=True)
+            run_case(rng, seed, bits, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 1), qdot="int16",
+                     interleave=True)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_interleaved_per_channel(zeros):
+def test_interleaved_per_channel(bits, zeros):
     rng, seed = rng_seed()
     for C in (576, 1536):
         for n in (1, 3, 8):
-            run_case(rng, seed, 4, zeros, 0, C, "float16", n, 24, C, perm=False, qdot="int16", interleave=True)
+            run_case(rng, seed, bits, zeros, 0, C, "float16", n, 24, C, perm=False, qdot="int16", interleave=True)
 
 
 @pytest.mark.parametrize("bits,zeros,code,group,R,C", [
     (4, False, 0, 32, 12, 352),   # rows not a multiple of 8
     (4, True, 0, 32, 1, 352),
-    (8, False, 0, 32, 16, 352),   # 8-bit codes
+    (8, False, 0, 32, 4, 352),
     (4, False, 1, 64, 16, 320),   # NF4
+    (8, False, 0, 48, 16, 288),   # 8-bit codes in groups neither 16 nor a multiple of 32
     (4, True, 0, 16, 16, 352),    # 16-column groups (Q6_K-like)
     (5, False, 0, 32, 16, 512),   # split codes (whole spans of 256 columns)
 ])
@@ -59,17 +67,18 @@ def test_formats_it_does_not_take_stay_row_major(bits, zeros, code, group, R, C)
         run_case(rng, seed, bits, zeros, code, group, "float16", n, R, C, perm=False, qdot="int16", interleave=False)
 
 
-def test_a_row_is_the_same_bits_in_any_batch():
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 16), (8, 32)])
+def test_a_row_is_the_same_bits_in_any_batch(bits, group):
     rng = np.random.default_rng(5)
-    R, C, group = 48, 320, 64
-    codes = rng.integers(0, 16, size=(R, C))
+    R, C = 48, 320
+    codes = rng.integers(0, 1 << bits, size=(R, C))
     s = sround(rng.uniform(0.5, 2.0, size=(R, C // group)) * 0.05, "float16")
     z = sround(rng.uniform(-0.4, 0.4, size=(R, C // group)), "float16")
-    x = rng.standard_normal((16, C)).astype(np.float32)
-    params = {"bits": 4, "group_size": group, "sdtype": "float16", "interleave": 1}
-    inp = q_inputs(pack(codes, 4), s, z, None)
-    alone = [_C.run_op("cpu", "qmatmul", dict(inp, x=x[t:t + 1]), params)["y"][0] for t in range(16)]
-    for n in (2, 3, QI_N - 1, QI_N, QI_N + 1, 16):
+    x = rng.standard_normal((40, C)).astype(np.float32)
+    params = {"bits": bits, "group_size": group, "sdtype": "float16", "interleave": 1}
+    inp = q_inputs(pack(codes, bits), s, z, None)
+    alone = [_C.run_op("cpu", "qmatmul", dict(inp, x=x[t:t + 1]), params)["y"][0] for t in range(40)]
+    for n in (2, 3, QI_N - 1, QI_N, QI_N + 1, 16, 40):   # 40: a prompt, the same kernel
         out = _C.run_op("cpu", "qmatmul", dict(inp, x=x[:n]), params)
         assert out["interleaved"] == 1
         for t in range(n):
@@ -81,15 +90,17 @@ def load(path, monkeypatch, interleave, **kw):
     return fastload.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", torch_dtype="float32", **kw)
 
 
-MODEL_CASES = ["gguf-Q4_0", "gguf-Q4_1", "gguf-Q4_K", "gguf-Q4_K_M", "gptq-4b-g32-asym-v1-actorder", "awq-g64-qwen2",
-               "gptq-4b-g128-sym-old-autogptq", "int4-at-load"]
+MODEL_CASES = ["gguf-Q4_0", "gguf-Q4_1", "gguf-Q4_K", "gguf-Q4_K_M", "gguf-Q8_0", "gguf-Q5_0", "gguf-Q5_K",
+               "gguf-Q6_K", "gguf-mixed-all", "gptq-4b-g32-asym-v1-actorder", "awq-g64-qwen2",
+               "gptq-4b-g128-sym-old-autogptq", "gptq-8b-g128-sym-v1", "int4-at-load", "int8-at-load"]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_models_interleaved_same_values(built, case, tmp_path, monkeypatch):
-    if case == "int4-at-load":
+    if case.endswith("-at-load"):
         _q, ref = built("gguf-Q4_0")
-        mi, mr = (load(ref, monkeypatch, v, load_in_4bit=True) for v in ("1", "0"))
+        kw = {"load_in_4bit": True} if case.startswith("int4") else {"load_in_8bit": True}
+        mi, mr = (load(ref, monkeypatch, v, **kw) for v in ("1", "0"))
     else:
         q, _ref = built(case)
         mi, mr = load(q, monkeypatch, "1"), load(q, monkeypatch, "0")
@@ -100,7 +111,9 @@ def test_models_interleaved_same_values(built, case, tmp_path, monkeypatch):
     il = [n for n, d in li.items() if d["interleaved"]]
     assert len(il) == ni
     for n, d in li.items():
-        took = d["dtype"] == "int4" and d["group_size"] % 32 == 0 and d["rows"] % 8 == 0 and n != "embed"
+        took = (n != "embed" and d["rows"] % 8 == 0 and d["cols"] % 32 == 0 and
+                ((d["dtype"] == "int4" and d["group_size"] % 32 == 0) or
+                 (d["dtype"] == "int8" and (d["group_size"] % 32 == 0 or d["group_size"] == 16))))
         assert bool(d["interleaved"]) == took, (case, n, d)
         assert {k: v for k, v in d.items() if k != "interleaved"} == {k: v for k, v in lr[n].items() if k != "interleaved"}
     V = mi.config["vocab_size"]

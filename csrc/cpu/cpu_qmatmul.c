@@ -18,8 +18,8 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
     const int bits = W->bits, nf4 = W->code == FL_QCODE_NF4;
     const uint8_t *q = (const uint8_t *)W->data_d + (size_t)r * (size_t)(C * bits / 8);
     const float off = (float)(1 << (bits - 1));
-    const int il = W->interleaved; /* 4-bit codes only: 16 columns are two 4-byte words 32 bytes apart */
-    uint8_t ilw[8];
+    const int il = W->interleaved; /* 16 columns: 4-bit two 4-byte words 32 bytes apart, 8-bit four */
+    uint8_t ilw[16];
 #if defined(__AVX2__) && defined(__FMA__)
     const __m256 tlo = _mm256_loadu_ps(fl_nf4_table), thi = _mm256_loadu_ps(fl_nf4_table + 8);
 #endif
@@ -30,11 +30,10 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
         const float m = hz ? fl_q_wsget(W, W->zeros_d, r, g) : nf4 ? 0.0f : -s * off;
         for (; c < cend; c += 16) {
             float *d = dst + (c - k0);
-            const uint8_t *cb = q + c / 2; /* 4-bit: the 8 bytes of these 16 columns */
-            if (il) { /* two 4-byte words 32 bytes apart */
-                const uint8_t *w0 = (const uint8_t *)W->data_d + fl_qi_code_off(C, r, c);
-                memcpy(ilw, w0, 4);
-                memcpy(ilw + 4, w0 + 32, 4);
+            const uint8_t *cb = bits == 8 ? q + c : q + c / 2; /* 4- / 8-bit: the codes of these 16 columns */
+            if (il) { /* their 4-byte words, 32 bytes apart */
+                const uint8_t *w0 = (const uint8_t *)W->data_d + fl_qi_code_off(C, bits, r, c);
+                for (int k = 0, nw = bits == 8 ? 4 : 2; k < nw; k++) memcpy(ilw + 4 * k, w0 + 32 * k, 4);
                 cb = ilw;
             }
 #if defined(__AVX2__) && defined(__FMA__)
@@ -53,7 +52,7 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
                     codes = _mm_or_si128(codes, _mm_slli_epi16(hi, 4));
                 }
             } else
-                codes = _mm_loadu_si128((const __m128i *)(q + c));
+                codes = _mm_loadu_si128((const __m128i *)cb);
             const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
             for (int h = 0; h < 2; h++) {
                 const __m256i ci = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(codes, 8) : codes);
@@ -68,7 +67,7 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
             }
 #else
             for (int t = 0; t < 16; t++) {
-                const unsigned code = il ? (unsigned)(cb[t / 2] >> (4 * (t & 1))) & 15u : fl_q_code(q, bits, C, c + t);
+                const unsigned code = !il ? fl_q_code(q, bits, C, c + t) : bits == 8 ? cb[t] : (unsigned)(cb[t / 2] >> (4 * (t & 1))) & 15u;
                 d[t] = nf4 ? (hz ? fmaf(fl_nf4_table[code], s, m) : s * fl_nf4_table[code]) : fmaf((float)code, s, m);
             }
 #endif
@@ -197,7 +196,8 @@ typedef struct {
                           [n][nb][16], 16 * the sum of columns 0-15 in lanes 0-7, of columns 16-31 in lanes 8-15 */
     float *xs2;        /* g16: [n][2 * nb8]: dx_b * the sum of block b's columns 0-15 (2b), 16-31 (2b + 1) */
     int g16;           /* the weight has 16-column groups (two per block of x) */
-    int il;            /* an interleaved weight's x16 order (qi_rows): per block the pairs [x(8k+s), x(8k+s+4)] */
+    int il;            /* an interleaved weight's bits (qi_rows: x16 per block the pairs [x(8k+s), x(8k+s+4)];
+                          qi8_rows, 8: [x(4k), x(4k+2)], [x(4k+1), x(4k+3)]), else 0 */
     int32_t *gidx;     /* [nb8]: qdec_gidx */
     int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
     uint8_t t_lo[16], t_hi[16]; /* NF4: the low and high bytes of T[q] = rint(nf4[q] * 2^NF4_K) (int16) */
@@ -259,8 +259,8 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     return amax / 127.0f;
 }
 
-/* One block of 32 floats to int16: returns dx, sets *sum. deint 3 (interleaved weights): per 8 columns
- * [0 4 1 5 2 6 3 7]. deint 1 (NF4): per 128-bit lane the even columns, then
+/* One block of 32 floats to int16: returns dx, sets *sum. deint 3 (interleaved 4-bit weights): per 8 columns
+ * [0 4 1 5 2 6 3 7]; 4 (interleaved 8-bit): per 4 columns [0 2 1 3]. deint 1 (NF4): per 128-bit lane the even columns, then
  * the odd ones ([0 2 .. 14 | 1 3 .. 15], [16 .. 30 | 17 .. 31]); 2 (4-bit): all 16 even columns, then the odd ones. */
 static inline float quant_block16(const float *x, int16_t *out, int *sum, int *sum_lo, int deint) {
     const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
@@ -293,7 +293,10 @@ static inline float quant_block16(const float *x, int16_t *out, int *sum, int *s
     /* packs per 128-bit lane: [0-3 8-11 | 4-7 12-15]; permute4x64 0xd8 puts columns 0-15 in order */
     __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
     __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8);
-    if (deint == 3) { /* per 8 columns [0 4 1 5 2 6 3 7]: each 128-bit lane's low and high 4 interleaved */
+    if (deint == 4) { /* per 4 columns [0 2 1 3] */
+        a = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(a, 0xd8), 0xd8);
+        b = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(b, 0xd8), 0xd8);
+    } else if (deint == 3) { /* per 8 columns [0 4 1 5 2 6 3 7]: each 128-bit lane's low and high 4 interleaved */
         a = _mm256_unpacklo_epi16(a, _mm256_srli_si256(a, 8));
         b = _mm256_unpacklo_epi16(b, _mm256_srli_si256(b, 8));
     } else if (deint) { /* per lane evens then odds; for 4-bit then [evens 0-15 | odds 0-15], [evens 16-31 | odds 16-31] */
@@ -399,7 +402,7 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             int sum, lo = 0;
             float d;
             if (X->x16)
-                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, X->il ? 3 : QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
+                d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, X->il == 8 ? 4 : X->il ? 3 : QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
                 d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4,
                                   span_absmax(x + (size_t)t * (size_t)C, C, b));
@@ -839,7 +842,7 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 
 /* ---- Interleaved weights (W->interleaved == 8; cpu_q_interleave makes them after the load) ----
  * 4-bit integer codes (symmetric or min form), groups of a multiple of 32 columns, rows a multiple of 8, float16 /
- * float32 / K scales. Rows 8g..8g+7 keep the bytes row-major gives them as a whole, reordered inside (quant.h:
+ * float32 / K scales; 8-bit codes the same way (qi8_rows below, also groups of 16). Rows 8g..8g+7 keep the bytes row-major gives them as a whole, reordered inside (quant.h:
  * fl_qi_code_off, fl_qi_sget):
  *   codes: block b (32 columns) of the 8 rows is 128 bytes: row r's word k (columns 8k..8k+7, the 4 bytes row-major
  *          has for them, low nibble first) at b * 128 + k * 32 + r * 4: one 32-byte load is 8 rows x 8 columns;
@@ -922,10 +925,72 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
         for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
     }
 }
+/* 8-bit codes (Q8_0, int8 at load, and GGUF's 5- / 6-bit codes held in a byte: Q5_0, Q5_1, Q5_K, Q6_K), groups of
+ * a multiple of 16: block b of the 8 rows is 256 bytes, row r's word k (columns 4k..4k+3) at k * 32 + r * 4. Per word,
+ * v & 0x00FF00FF is each row's int16 pair (4k, 4k+2) and (v >> 8) & 0x00FF00FF (4k+1, 4k+3): two vpdpwssd a word.
+ * Codes are unsigned (the symmetric form's centre, 128, is the offset term m = -128 s, as the 4-bit kernel's -8 s).
+ * G16 (16-column groups, Q6_K / Q5_K held in bytes): each half block's dot takes its own scale and offset. */
+static inline __attribute__((always_inline)) void qi8_rows(float *y, int64_t R, const fl_weight *W, int64_t g0,
+                                                           int64_t g1, const qx_t *X, const int N, const int HZ,
+                                                           const int G16) {
+    const int64_t nb = X->nb, G = W->group_size, bpg = G16 ? 1 : G / 32, ng = W->cols / G;
+    const size_t gbytes = (size_t)nb * 256, sgb = 8 * fl_q_srow_bytes(W->cols, (int)G, W->sdtype);
+    const int sd = W->sdtype;
+    const __m256i m = _mm256_set1_epi32(0x00FF00FF);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *q = (const uint8_t *)W->data_d + (size_t)g * gbytes;
+        const char *sp = (const char *)W->scales_d + (size_t)g * sgb,
+                   *zp = HZ ? (const char *)W->zeros_d + (size_t)g * sgb : NULL;
+        __m256 acc[QI_N], off[QI_N], s8 = _mm256_setzero_ps(), m8 = _mm256_setzero_ps();
+        for (int t = 0; t < N; t++) { acc[t] = _mm256_setzero_ps(); off[t] = _mm256_setzero_ps(); }
+        for (int64_t b = 0, j = 0, jb = 0; b < nb; b++) {
+            const uint8_t *qb = q + (size_t)b * 256;
+            _mm_prefetch((const char *)qb + 2048, _MM_HINT_T0);
+            _mm_prefetch((const char *)qb + 2048 + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)qb + 2048 + 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)qb + 2048 + 192, _MM_HINT_T0);
+            for (int h = 0; h < (G16 ? 2 : 1); h++) { /* G16: the block's two halves, each its own group */
+                if (G16 || jb == 0) {
+                    const int64_t jj = G16 ? 2 * b + h : j;
+                    s8 = qi_s8(sp, sd, ng, jj, (int)G);
+                    m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, _mm256_set1_ps(-128.0f));
+                }
+                __m256i dot[QI_N];
+                for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
+                for (int k = G16 ? 4 * h : 0; k < (G16 ? 4 * h + 4 : 8); k++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + k * 32));
+                    const __m256i c0 = _mm256_and_si256(v, m), c1 = _mm256_and_si256(_mm256_srli_epi32(v, 8), m);
+                    for (int t = 0; t < N; t++) {
+                        const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32) + k * 2;
+                        dot[t] = DPW(dot[t], c0, _mm256_set1_epi32(xp[0]));
+                        dot[t] = DPW(dot[t], c1, _mm256_set1_epi32(xp[1]));
+                    }
+                }
+                for (int t = 0; t < N; t++) {
+                    const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
+                    off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(G16 ? X->xs2[(size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2 + (size_t)h]
+                                                                    : X->xs[xi]), off[t]);
+                }
+            }
+            if (!G16 && ++jb == bpg) { jb = 0; j++; }
+        }
+        for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
+    }
+}
+
 #define QI_CASE(N_)                                                                                 \
     case N_:                                                                                        \
-        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1);                                         \
-        else qi_rows(y, R, W, g0, g1, X, N_, 0);                                                    \
+        if (W->bits == 4) {                                                                         \
+            if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1);                                     \
+            else qi_rows(y, R, W, g0, g1, X, N_, 0);                                                \
+        } else if (W->group_size == 16) {                                                           \
+            if (W->zeros_d) qi8_rows(y, R, W, g0, g1, X, N_, 1, 1);                                 \
+            else qi8_rows(y, R, W, g0, g1, X, N_, 0, 1);                                            \
+        } else {                                                                                    \
+            if (W->zeros_d) qi8_rows(y, R, W, g0, g1, X, N_, 1, 0);                                 \
+            else qi8_rows(y, R, W, g0, g1, X, N_, 0, 0);                                            \
+        }                                                                                           \
         break;
 static void qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_t g1, const qx_t *X, int n) {
     switch (n) {
@@ -941,9 +1006,10 @@ static void qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_
 static qx_t qx_rows(const qx_t *X, int t0) {
     qx_t V = *X;
     V.x16 += (size_t)t0 * (size_t)X->nb * 32;
-    V.bs16 += (size_t)t0 * (size_t)X->nb * 8;
+    V.bs16 += (size_t)t0 * (size_t)X->nb * (X->g16 ? 16 : 8);
     V.dx += (size_t)t0 * (size_t)X->nb8;
     V.xs += (size_t)t0 * (size_t)X->nb8;
+    if (X->xs2) V.xs2 += (size_t)t0 * (size_t)X->nb8 * 2;
     return V;
 }
 
@@ -952,22 +1018,23 @@ static qx_t qx_rows(const qx_t *X, int t0) {
  * in L1 / L2) through all of x in passes of QI_N rows: the codes are read from memory once whatever n is. */
 static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
     const int64_t R = W->rows, C = W->cols;
-    qx_t X = {.nb = C / 32, .il = 1};
+    qx_t X = {.nb = C / 32, .il = W->bits, .g16 = W->group_size == 16};
     X.nb8 = (X.nb + 7) / 8 * 8;
-    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8;
-    /* bs16 [n][nb][8] (quant_x writes it), x16 [n][nb][32], dx and xs [n][nb8] */
-    char *mem = fl_malloc(nbt * 96 + nbt8 * 8);
+    const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, bsb = X.g16 ? 64 : 32;
+    /* bs16 [n][nb][8 or 16] (quant_x writes it), x16 [n][nb][32], dx and xs [n][nb8], g16: xs2 [n][2 nb8] */
+    char *mem = fl_malloc(nbt * (bsb + 64) + nbt8 * (X.g16 ? 16 : 8));
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
-    X.x16 = (int16_t *)(mem + nbt * 32);
-    X.dx = (float *)(mem + nbt * 96);
-    X.xs = (float *)(mem + nbt * 96 + nbt8 * 4);
-    memset(X.dx, 0, nbt8 * 8);
+    X.x16 = (int16_t *)(mem + nbt * bsb);
+    X.dx = (float *)(mem + nbt * (bsb + 64));
+    X.xs = (float *)(mem + nbt * (bsb + 64) + nbt8 * 4);
+    if (X.g16) X.xs2 = (float *)(mem + nbt * (bsb + 64) + nbt8 * 8);
+    memset(X.dx, 0, nbt8 * (X.g16 ? 16 : 8));
     const int nt = cpu_threads(be);
 #pragma omp parallel for num_threads(nt) schedule(static) if (n > 8)
     for (int t = 0; t < n; t++) {
         qx_t V = qx_rows(&X, t);
-        quant_x(&V, x + (size_t)t * (size_t)C, 1, C, QK_INT4);
+        quant_x(&V, x + (size_t)t * (size_t)C, 1, C, W->bits == 4 ? QK_INT4 : QK_INT8);
     }
     const int64_t ngr = R / 8;
     /* row groups in chunks of 4 (32 rows) a thread at a time: few enough that 2 threads share the work evenly */
@@ -986,21 +1053,23 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
 
 #endif /* QDOT */
 
-/* The backend's interleave_weight: W in place to the interleaved layout when qi_rows takes its format (4-bit integer
- * codes, no act-order perm... (a perm only reorders x: allowed), group a multiple of 32, rows a multiple of 8, float16 /
- * float32 / K scales), else nothing. One temporary the size of the weight's codes. */
+/* The backend's interleave_weight: W in place to the interleaved layout when qi_rows / qi8_rows take its format
+ * (4- or 8-bit integer codes, groups a multiple of 32 columns or 8-bit with 16, rows a multiple of 8, float16 /
+ * float32 / K scales; an act-order perm only reorders x: allowed), else nothing. NF4, 5- / 6-bit split codes and 4-bit
+ * 16-column groups stay row-major. A temporary of at most 64 row groups. */
 fl_status cpu_q_interleave(fl_backend *be, fl_weight *W, int *done) {
     *done = 0;
 #ifndef QDOT
     (void)be;
     return FL_OK; /* the portable build has no qi_rows: row-major, which cpu_q_widen reads */
 #endif
-    if (W->dtype != FL_QUANT || W->interleaved || W->bits != 4 || W->code != FL_QCODE_INT || W->group_size % 32 ||
-        W->cols % 32 || W->rows % 8 || W->rows == 0 ||
+    if (W->dtype != FL_QUANT || W->interleaved || !(W->bits == 4 || W->bits == 8) || W->code != FL_QCODE_INT ||
+        (W->group_size % 32 && !(W->bits == 8 && W->group_size == 16)) || W->cols % 32 || W->rows % 8 || W->rows == 0 ||
         !(W->sdtype == FL_F16 || W->sdtype == FL_F32 || W->sdtype == FL_I8))
         return FL_OK;
     const int64_t R = W->rows, C = W->cols, ng = C / W->group_size, nb = C / 32, ngr = R / 8;
-    const size_t rowb = (size_t)C / 2, gb = 8 * rowb, srow = fl_q_srow_bytes(C, W->group_size, W->sdtype), sgb = 8 * srow;
+    const int bits = W->bits; /* words of 4 bytes a block of 32 columns: 4 (4-bit) or 8 (8-bit) */
+    const size_t rowb = (size_t)C * (size_t)bits / 8, gb = 8 * rowb, srow = fl_q_srow_bytes(C, W->group_size, W->sdtype), sgb = 8 * srow;
     const int64_t cap = ngr < 64 ? ngr : 64; /* row groups through the temporary at a time */
     uint8_t *tmp = fl_malloc((gb + 2 * sgb) * (size_t)cap);
     if (!tmp) return fl_err(FL_E_NOMEM, "interleaving a [%lld, %lld] weight: cannot allocate its temporary",
@@ -1014,9 +1083,9 @@ fl_status cpu_q_interleave(fl_backend *be, fl_weight *W, int *done) {
         for (int64_t g = 0; g < cn; g++)
             for (int r = 0; r < 8; r++)
                 for (int64_t b = 0; b < nb; b++)
-                    for (int k = 0; k < 4; k++)
-                        memcpy(q + (size_t)g * gb + (size_t)b * 128 + (size_t)k * 32 + (size_t)r * 4,
-                               tmp + (size_t)g * gb + (size_t)r * rowb + (size_t)b * 16 + (size_t)k * 4, 4);
+                    for (int k = 0; k < bits; k++)
+                        memcpy(q + (size_t)g * gb + (size_t)b * 32 * (size_t)bits + (size_t)k * 32 + (size_t)r * 4,
+                               tmp + (size_t)g * gb + (size_t)r * rowb + (size_t)b * 4 * (size_t)bits + (size_t)k * 4, 4);
         for (int part = 0; part < 2; part++) {
             uint8_t *sp = (uint8_t *)(part ? W->zeros_d : W->scales_d);
             if (!sp) continue;
