@@ -560,7 +560,7 @@ static fl_status check_packed_tensor(const fl_src_tensor *t, const char *role, f
 
 /* GPTQ / AWQ item: every tensor's dtype, shape and size against the config's [rows, cols] and the packing,
  * then fl_q_layout_for_packed (bits, group size, g_idx, zero points). */
-static fl_status plan_interleaved(const fl_load_item *it, int64_t rows, int64_t cols, fl_packed_src *pk, fl_qlayout *L) {
+static fl_status plan_packed(const fl_load_item *it, int64_t rows, int64_t cols, fl_packed_src *pk, fl_qlayout *L) {
     const char *pn = it->packing == FL_PACK_AWQ ? "AWQ" : it->packing == FL_PACK_GPTQ ? "GPTQ" : NULL;
     if (!pn) return fl_err(FL_E_VALUE, "packing %d is neither GPTQ nor AWQ", it->packing);
     const int bits = it->qbits;
@@ -669,7 +669,7 @@ static fl_status plan_one(fl_model *m, const fl_load_item *it, qplan *qp) {
     if (it->packing) {
         if (is_vec) { st = fl_err(FL_E_VALUE, "a GPTQ / AWQ tensor cannot fill a vector (norm or bias)"); goto out; }
         if (hp > 0) { st = fl_err(FL_E_VALUE, "GPTQ / AWQ rows cannot be un-permuted"); goto out; }
-        st = plan_interleaved(it, rows, cols, &qp->pk, &qp->L);
+        st = plan_packed(it, rows, cols, &qp->pk, &qp->L);
         if (st != FL_OK) goto out;
         qp->kind = SRC_QUANT;
         qp->nbytes += it->qzeros.nbytes + it->scales.nbytes + (qp->pk.g_idx ? it->g_idx.nbytes : 0);

@@ -533,8 +533,8 @@ static fl_status interleave_job(fl_exec_job *job, void *arg) {
     (void)job;
     return fl_model_interleave((fl_model *)arg);
 }
-/* check_complete(): every tensor the config asks for was loaded; then the weights are final: the backend may pack
- * them into its own layout (fl_model_interleave, on the compute thread as a load is), and no load is taken after. */
+/* check_complete(): every tensor the config asks for was loaded; then the weights are final: the backend may
+ * interleave them into its own layout (fl_model_interleave, on the compute thread as a load is); no load is taken after. */
 static PyObject *model_check_complete(FlPyModel *self, PyObject *noargs) {
     fl_status st = fl_model_check_complete(self->m);
     if (st != FL_OK) return fl_py_raise(st);
