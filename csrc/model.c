@@ -790,9 +790,19 @@ static int kscales_ok(const fl_model *m) {
  * hold a Q6_K / Q5_K_M file in its own bytes (1.30x / 1.54x with a byte each) but decode slower, the high bits costing
  * more instructions than the bytes saved (TinyLlama-1.1B shape, 2 threads: Q6_K 0.64x llama.cpp against 0.90x,
  * Q5_K_M 0.66x against 0.82x; benchmarks/results/cpu-gguf-types-2026-12-05/): a setting for when memory binds. */
-static int codes56_ok(const fl_model *m) {
+static int interleave_candidate(const fl_model *m, const fl_weight *w);
+static int codes56_ok(const fl_model *m, const fl_weight *w) {
     const char *e = getenv("FASTLOAD_CPU_CODES56");
-    return m->be && m->be->name && !strcmp(m->be->name, "cpu") && e && !strcmp(e, "1");
+    if (!m->be || !m->be->name || strcmp(m->be->name, "cpu") || (e && !strcmp(e, "0"))) return 0;
+    if (e && !strcmp(e, "1")) return 1;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) /* the CPU backend's QDOT build: qi_rows */
+    /* Default: split codes where the weight will be interleaved (fl_model_interleave), which the interleaved kernel
+     * reads at the speed of bytes or faster: Q6_K on the TinyLlama-1.1B shape, 2 threads, ... */
+    const char *il = getenv("FASTLOAD_CPU_INTERLEAVE");
+    return m->be->interleave_weight && !(il && !strcmp(il, "0")) && w->rows % 8 == 0 && interleave_candidate(m, w);
+#else
+    return 0;
+#endif
 }
 
 /* First load: settle each weight's dtype / layout from the parts that fill it (lay[weight id]).
@@ -852,7 +862,7 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
             w->cols % FL_KS_SUPER == 0)
             lay[p->wid].sdtype = FL_I8; /* every part a K-quant of one group and form: the file's two-level scales */
         if (i == a->first && a->ngguf == a->nquant && !a->nscheme && (a->maxcb == 5 || a->maxcb == 6) && L->bits == 8 &&
-            L->code == FL_QCODE_INT && !L->has_perm && codes56_ok(m) && w->cols % (a->maxcb == 6 ? 128 : 256) == 0)
+            L->code == FL_QCODE_INT && !L->has_perm && codes56_ok(m, w) && w->cols % (a->maxcb == 6 ? 128 : 256) == 0)
             lay[p->wid].bits = a->maxcb; /* GGUF parts of at most 6 bits: split codes, not a byte each */
         w->dtype = FL_QUANT;
         w->bits = L->bits;
@@ -1384,6 +1394,15 @@ done:
     return st;
 }
 
+/* Whether fl_model_interleave hands w to the backend (the rules in its comment) */
+static int interleave_candidate(const fl_model *m, const fl_weight *w) {
+    const fl_config *c = &m->cfg;
+    if (w == &m->w.embed || (m->w.embed.data_d && w->data_d == m->w.embed.data_d)) return 0;
+    for (int l = 0; l < c->n_layers && c->n_experts; l++)
+        if (w == &m->w.layers[l].moe_w13 || w == &m->w.layers[l].moe_w2) return c->moe_ffn % 4 == 0 && c->d % 8 == 0;
+    return 1;
+}
+
 /* After the last load (the Python layer calls it right after fl_model_check_complete): hand each quantised weight
  * the layer kernels read to the backend's interleave_weight, which may rearrange it into the backend's faster layout (the
  * CPU's rows-by-8 interleave, cpu_qmatmul.c). Not the embedding (its rows are looked up one token at a time), nor a
@@ -1399,15 +1418,11 @@ fl_status fl_model_interleave(fl_model *m) {
     const fl_config *c = &m->cfg;
     wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)c->n_layers));
     if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");
-    const int nw = list_weights(m, ws), moe_ok = c->moe_ffn % 4 == 0 && c->d % 8 == 0;
+    const int nw = list_weights(m, ws);
     fl_status st = FL_OK;
     for (int i = 0; i < nw && st == FL_OK; i++) {
         fl_weight *w = ws[i].w;
-        if (w->dtype != FL_QUANT || w == &m->w.embed || (w->data_d == m->w.embed.data_d)) continue;
-        int is_moe = 0;
-        for (int l = 0; l < c->n_layers && c->n_experts && !is_moe; l++)
-            is_moe = w == &m->w.layers[l].moe_w13 || w == &m->w.layers[l].moe_w2;
-        if (is_moe && !moe_ok) continue;
+        if (w->dtype != FL_QUANT || !interleave_candidate(m, w)) continue;
         int done = 0;
         st = be->interleave_weight(be, w, &done);
         m->n_interleaved += done;

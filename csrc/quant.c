@@ -149,12 +149,18 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     }
     if (bits == 5 || bits == 6) { /* the high plane (quant.h: split codes) */
         uint8_t *hp = dst + C / 2;
-        memset(hp, 0, (size_t)(C * (bits - 4) / 8));
-        for (int64_t c = 0; c < C; c++) {
-            int64_t at;
-            int sh;
-            fl_q_hi_at(c, bits, &at, &sh);
-            hp[at] |= (uint8_t)(((uint8_t)(v[c] + shift) >> 4) << sh);
+        /* fl_q_hi_at's layout a block at a time: byte l of the span takes column 2l (l < 16) or 2(l - 16) + 1 */
+        const int per = bits == 6 ? 4 : 8, hb = bits - 4;
+        for (int64_t span = 0; span < C / (32 * per); span++) {
+            uint8_t h[32] = {0};
+            for (int j = 0; j < per; j++) {
+                const uint8_t *restrict vb = v + (span * per + j) * 32;
+                for (int l = 0; l < 16; l++) {
+                    h[l] |= (uint8_t)(((uint8_t)(vb[2 * l] + shift) >> 4) << (hb * j));
+                    h[16 + l] |= (uint8_t)(((uint8_t)(vb[2 * l + 1] + shift) >> 4) << (hb * j));
+                }
+            }
+            memcpy(hp + span * 32, h, 32);
         }
     }
     if (w->sdtype == FL_I8) { /* the file's two-level form, copied (quant.h: K scales) */

@@ -203,15 +203,31 @@ static inline float fl_q_sget(const void *p, fl_dtype sdtype, int64_t cols, int 
     return sdtype == FL_F32 ? ((const float *)p)[i] : fl_f16_to_f32(((const uint16_t *)p)[i]);
 }
 
-/* The CPU backend's interleaved layout (fl_weight.interleaved == 8, csrc/cpu/cpu_qmatmul.c: 4- or 8-bit codes, rows a
- * multiple of 8). Rows 8g..8g+7 keep the place row-major gives them as a whole (codes, scales and offsets), reordered
- * inside: block b (32 columns) of the 8 rows holds row r's 4-byte word k (the bytes row-major has for columns
- * 8k..8k+7 at 4 bits, 4k..4k+3 at 8) at k * 32 + r * 4. The byte of row r holding column c (4-bit: low nibble for
- * even c, as row-major): */
+/* The CPU backend's interleaved layout (fl_weight.interleaved == 8, csrc/cpu/cpu_qmatmul.c: 4-, 5-, 6- or 8-bit codes,
+ * rows a multiple of 8). Rows 8g..8g+7 keep the place row-major gives them as a whole (codes, scales and offsets),
+ * reordered inside: block b (32 columns) of the 8 rows is 32 * bits bytes and holds row r's 4-byte word k (the bytes
+ * row-major has for columns 8k..8k+7 at 4 bits, 4k..4k+3 at 8) at k * 32 + r * 4. The byte of row r holding column c
+ * (4-bit: low nibble for even c, as row-major): */
 static inline size_t fl_qi_code_off(int64_t cols, int bits, int64_t r, int64_t c) {
     const size_t rowb = (size_t)(cols * bits / 8), cpw = (size_t)(32 / bits); /* columns a word */
     return (size_t)(r / 8) * 8 * rowb + (size_t)(c / 32) * (size_t)(32 * bits) + (size_t)(c % 32) / cpw * 32 +
            (size_t)(r % 8) * 4 + (size_t)(c % 32) % cpw * (size_t)bits / 8;
+}
+/* Split codes (bits 5, 6) interleaved: a block's first 128 bytes are the low 4 bits of its codes as bits 4 lays them
+ * out; then the high plane, 32 * (bits - 4) bytes: with hb = bits - 4 high bits a code, row r's 4-byte lane of vector
+ * k / (4 / hb) (at 128 + 32 * (k / (4 / hb)) + r * 4) holds word k's high bits, column 8k + 4h + s (h = 0, 1; s =
+ * 0..3) at bit 16 h + 4 hb (k % (4 / hb)) + hb s: a shift puts each column pair's bits next to its low nibbles. */
+static inline unsigned fl_qi_code(const void *data, int64_t cols, int bits, int64_t r, int64_t c) {
+    if (bits == 8 || bits == 4) {
+        const uint8_t v = ((const uint8_t *)data)[fl_qi_code_off(cols, bits, r, c)];
+        return bits == 8 ? v : (unsigned)(v >> (4 * (c & 1))) & 15u;
+    }
+    const uint8_t *blk = (const uint8_t *)data + (size_t)(r / 8) * 8 * (size_t)(cols * bits / 8) + (size_t)(c / 32) * (size_t)(32 * bits);
+    const int k = (int)(c % 32) / 8, cw = (int)(c % 8), rr = (int)(r % 8), hb = bits - 4, wpl = 4 / hb;
+    const unsigned lo = (unsigned)(blk[k * 32 + rr * 4 + cw / 2] >> (4 * (cw & 1))) & 15u;
+    uint32_t h;
+    memcpy(&h, blk + 128 + (k / wpl) * 32 + rr * 4, 4);
+    return lo | ((h >> (16 * (cw / 4) + 4 * hb * (k % wpl) + hb * (cw % 4))) & ((1u << hb) - 1u)) << 4;
 }
 /* The scale (or offset) of group g in row r of an interleaved weight's p: [group][row of 8]; K scales: the int8 sub-scales
  * [group][row of 8], then the float16 super-scales [super-block][row of 8] */

@@ -172,8 +172,7 @@ fl_status fl_q_dequant_rows(const fl_weight *w, int64_t r0, int64_t n, float *ou
         const uint8_t *q = (const uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
         float *o = out + (size_t)i * (size_t)C;
         for (int64_t c = 0; c < C; c++) {
-            const uint8_t *qi = w->interleaved ? (const uint8_t *)w->data_d + fl_qi_code_off(C, L.bits, r, c) : NULL;
-            const unsigned code = !qi ? fl_q_code(q, L.bits, C, c) : L.bits == 8 ? *qi : (unsigned)(*qi >> (4 * (c & 1))) & 15u;
+            const unsigned code = w->interleaved ? fl_qi_code(w->data_d, C, L.bits, r, c) : fl_q_code(q, L.bits, C, c);
             const int64_t g = c / L.group_size;
             const float s = fl_q_wsget(w, w->scales_d, r, g);
             float v;

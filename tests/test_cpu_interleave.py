@@ -1,7 +1,7 @@
-"""The CPU's interleaved weights (csrc/cpu/cpu_qmatmul.c, qi_rows / qi8_rows; fl_weight.interleaved): after a load,
-every 4- or 8-bit integer weight (8-bit: also GGUF's 5- / 6-bit codes held in a byte) with groups of a multiple of 32
-columns (8-bit: or 16) and rows a multiple of 8 is rearranged so that one vector load holds 8 rows
-(fl_model_interleave, FASTLOAD_CPU_INTERLEAVE=0 turns it off).
+"""The CPU's interleaved weights (csrc/cpu/cpu_qmatmul.c, qi_rows; fl_weight.interleaved): after a load, every 4-, 5-,
+6- or 8-bit integer weight (5 / 6: GGUF's codes as split codes, which a CPU load now chooses for the weights it will
+interleave) with groups of a multiple of 32 columns (6- and 8-bit: or 16) and rows a multiple of 8 is rearranged so that
+one vector load holds 8 rows (fl_model_interleave, FASTLOAD_CPU_INTERLEAVE=0 turns it off).
 
 What must hold:
   - the kernel's products are within the same bound as the row-major kernel's (test_cpu_qdecode.run_case's tolerance:
@@ -52,14 +52,30 @@ def test_interleaved_per_channel(bits, zeros):
             run_case(rng, seed, bits, zeros, 0, C, "float16", n, 24, C, perm=False, qdot="int16", interleave=True)
 
 
+# Split codes (GGUF's 5- / 6-bit codes in 5 / 6 bits: 4-bit low plane + high plane, quant.h fl_qi_code): columns in
+# whole spans (6-bit 128, 5-bit 256), groups as the GGUF types have them (Q6_K 16, Q5_K / Q5_0 / Q5_1 32) and wider.
+@pytest.mark.parametrize("bits,zeros,group,C", [
+    (6, False, 16, 384), (6, True, 16, 256), (6, False, 32, 512), (6, True, 64, 384), (6, False, 128, 640),
+    (5, False, 32, 512), (5, True, 32, 768), (5, True, 64, 512), (5, False, 256, 1024),
+])
+def test_interleaved_split_codes(bits, zeros, group, C):
+    rng, seed = rng_seed()
+    for n in (1, 2, 3, 5, 8, 9, 20):
+        for R in (8, 24):
+            sdtype = "float16" if (n + R // 8) % 2 else "float32"
+            run_case(rng, seed, bits, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 2), qdot="int16",
+                     interleave=True)
+
+
 @pytest.mark.parametrize("bits,zeros,code,group,R,C", [
     (4, False, 0, 32, 12, 352),   # rows not a multiple of 8
     (4, True, 0, 32, 1, 352),
     (8, False, 0, 32, 4, 352),
     (4, False, 1, 64, 16, 320),   # NF4
     (8, False, 0, 48, 16, 288),   # 8-bit codes in groups neither 16 nor a multiple of 32
-    (4, True, 0, 16, 16, 352),    # 16-column groups (Q6_K-like)
-    (5, False, 0, 32, 16, 512),   # split codes (whole spans of 256 columns)
+    (4, True, 0, 16, 16, 352),    # 4-bit codes in 16-column groups
+    (5, False, 0, 16, 16, 512),   # 5-bit split codes in 16-column groups (no GGUF type has them)
+    (6, False, 0, 32, 12, 384),   # split codes, rows not a multiple of 8
 ])
 def test_formats_it_does_not_take_stay_row_major(bits, zeros, code, group, R, C):
     rng, seed = rng_seed()
@@ -67,10 +83,10 @@ def test_formats_it_does_not_take_stay_row_major(bits, zeros, code, group, R, C)
         run_case(rng, seed, bits, zeros, code, group, "float16", n, R, C, perm=False, qdot="int16", interleave=False)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 64), (8, 16), (8, 32)])
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 16), (8, 32), (6, 16), (5, 32)])
 def test_a_row_is_the_same_bits_in_any_batch(bits, group):
     rng = np.random.default_rng(5)
-    R, C = 48, 320
+    R, C = 48, 320 if bits in (4, 8) else 512
     codes = rng.integers(0, 1 << bits, size=(R, C))
     s = sround(rng.uniform(0.5, 2.0, size=(R, C // group)) * 0.05, "float16")
     z = sround(rng.uniform(-0.4, 0.4, size=(R, C // group)), "float16")
@@ -112,10 +128,16 @@ def test_models_interleaved_same_values(built, case, tmp_path, monkeypatch):
     assert len(il) == ni
     for n, d in li.items():
         took = (n != "embed" and d["rows"] % 8 == 0 and d["cols"] % 32 == 0 and
-                ((d["dtype"] == "int4" and d["group_size"] % 32 == 0) or
-                 (d["dtype"] == "int8" and (d["group_size"] % 32 == 0 or d["group_size"] == 16))))
+                ((d["dtype"] in ("int4", "int5") and d["group_size"] % 32 == 0) or
+                 (d["dtype"] in ("int6", "int8") and (d["group_size"] % 32 == 0 or d["group_size"] == 16))))
         assert bool(d["interleaved"]) == took, (case, n, d)
-        assert {k: v for k, v in d.items() if k != "interleaved"} == {k: v for k, v in lr[n].items() if k != "interleaved"}
+        skip = {"interleaved"}
+        if d["dtype"] in ("int5", "int6"):  # split codes where the weight is interleaved, a byte a code otherwise
+            assert d["interleaved"] and lr[n]["dtype"] == "int8", (case, n, d, lr[n])
+            skip |= {"dtype", "bits", "bytes"}
+        assert {k: v for k, v in d.items() if k not in skip} == {k: v for k, v in lr[n].items() if k not in skip}
+    if case in ("gguf-Q6_K", "gguf-Q5_K", "gguf-Q5_0", "gguf-mixed-all"):
+        assert any(d["dtype"] in ("int5", "int6") for d in li.values()), (case, li)
     V = mi.config["vocab_size"]
     ids = np.random.default_rng(11).integers(3, V, (2, 12))
     # the float path (the GEMM widening the codes, FASTLOAD_CPU_QDOT=float): the same values, so the same bits

@@ -31,14 +31,18 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
         for (; c < cend; c += 16) {
             float *d = dst + (c - k0);
             const uint8_t *cb = bits == 8 ? q + c : q + c / 2; /* 4- / 8-bit: the codes of these 16 columns */
-            if (il) { /* their 4-byte words, 32 bytes apart */
+            if (il && (bits == 4 || bits == 8)) { /* their 4-byte words, 32 bytes apart */
                 const uint8_t *w0 = (const uint8_t *)W->data_d + fl_qi_code_off(C, bits, r, c);
                 for (int k = 0, nw = bits == 8 ? 4 : 2; k < nw; k++) memcpy(ilw + 4 * k, w0 + 32 * k, 4);
                 cb = ilw;
+            } else if (il) { /* split codes interleaved: one byte a code */
+                for (int t = 0; t < 16; t++) ilw[t] = (uint8_t)fl_qi_code(W->data_d, C, bits, r, c + t);
+                cb = ilw;
             }
+            const int bytes = bits == 8 || (il && bits != 4); /* cb holds a byte a code */
 #if defined(__AVX2__) && defined(__FMA__)
             __m128i codes;
-            if (bits != 8) {
+            if (!bytes) {
                 const __m128i b = _mm_loadl_epi64((const __m128i *)cb), m4 = _mm_set1_epi8(15);
                 codes = _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
                 if (bits != 4) { /* split codes (quant.h): the high plane's bytes of these 16 columns, in column order */
@@ -67,7 +71,7 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
             }
 #else
             for (int t = 0; t < 16; t++) {
-                const unsigned code = !il ? fl_q_code(q, bits, C, c + t) : bits == 8 ? cb[t] : (unsigned)(cb[t / 2] >> (4 * (t & 1))) & 15u;
+                const unsigned code = !il ? fl_q_code(q, bits, C, c + t) : bytes ? cb[t] : (unsigned)(cb[t / 2] >> (4 * (t & 1))) & 15u;
                 d[t] = nf4 ? (hz ? fmaf(fl_nf4_table[code], s, m) : s * fl_nf4_table[code]) : fmaf((float)code, s, m);
             }
 #endif
@@ -197,7 +201,7 @@ typedef struct {
     float *xs2;        /* g16: [n][2 * nb8]: dx_b * the sum of block b's columns 0-15 (2b), 16-31 (2b + 1) */
     int g16;           /* the weight has 16-column groups (two per block of x) */
     int il;            /* an interleaved weight's bits (qi_rows: x16 per block the pairs [x(8k+s), x(8k+s+4)];
-                          qi8_rows, 8: [x(4k), x(4k+2)], [x(4k+1), x(4k+3)]), else 0 */
+                          8-bit: [x(4k), x(4k+2)], [x(4k+1), x(4k+3)]), else 0 */
     int32_t *gidx;     /* [nb8]: qdec_gidx */
     int64_t *gq;       /* [nb8 / 8]: qdec_gidx */
     uint8_t t_lo[16], t_hi[16]; /* NF4: the low and high bytes of T[q] = rint(nf4[q] * 2^NF4_K) (int16) */
@@ -842,7 +846,7 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 
 /* ---- Interleaved weights (W->interleaved == 8; cpu_q_interleave makes them after the load) ----
  * 4-bit integer codes (symmetric or min form), groups of a multiple of 32 columns, rows a multiple of 8, float16 /
- * float32 / K scales; 8-bit codes the same way (qi8_rows below, also groups of 16). Rows 8g..8g+7 keep the bytes row-major gives them as a whole, reordered inside (quant.h:
+ * float32 / K scales; 8-bit codes the same way (also groups of 16). Rows 8g..8g+7 keep the bytes row-major gives them as a whole, reordered inside (quant.h:
  * fl_qi_code_off, fl_qi_sget):
  *   codes: block b (32 columns) of the 8 rows is 128 bytes: row r's word k (columns 8k..8k+7, the 4 bytes row-major
  *          has for them, low nibble first) at b * 128 + k * 32 + r * 4: one 32-byte load is 8 rows x 8 columns;
@@ -880,63 +884,65 @@ static inline __m256 qi_s8(const char *p, int sd, int64_t ng, int64_t j, int gro
     return _mm256_mul_ps(sc, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8 * ng + u * 16))));
 }
 
-static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, const fl_weight *W, int64_t g0,
-                                                          int64_t g1, const qx_t *X, const int N, const int HZ) {
-    const int64_t nb = X->nb, G = W->group_size, bpg = G / 32, ng = W->cols / G;
-    const size_t gbytes = (size_t)nb * 128, sgb = 8 * fl_q_srow_bytes(W->cols, (int)G, W->sdtype);
-    const int sd = W->sdtype;
-    const __m256i m = _mm256_set1_epi32(0x000F000F);
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *q = (const uint8_t *)W->data_d + (size_t)g * gbytes;
-        const char *sp = (const char *)W->scales_d + (size_t)g * sgb,
-                   *zp = HZ ? (const char *)W->zeros_d + (size_t)g * sgb : NULL;
-        __m256 acc[QI_N], off[QI_N], s8 = _mm256_setzero_ps(), m8 = _mm256_setzero_ps();
-        for (int t = 0; t < N; t++) { acc[t] = _mm256_setzero_ps(); off[t] = _mm256_setzero_ps(); }
-        for (int64_t b = 0, j = 0, jb = 0; b < nb; b++) {
-            if (jb == 0) { /* a new group: its 8 scales (and offsets) */
-                s8 = qi_s8(sp, sd, ng, j, (int)G);
-                m8 = HZ ? qi_s8(zp, sd, ng, j, (int)G) : _mm256_mul_ps(s8, _mm256_set1_ps(-8.0f));
-            }
-            if (++jb == bpg) { jb = 0; j++; }
-            const uint8_t *qb = q + (size_t)b * 128;
-            _mm_prefetch((const char *)qb + 1024, _MM_HINT_T0);
-            _mm_prefetch((const char *)qb + 1024 + 64, _MM_HINT_T0);
-            __m256i dot[QI_N];
-            for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + k * 32));
-                const __m256i c0 = _mm256_and_si256(v, m), c1 = _mm256_and_si256(_mm256_srli_epi32(v, 4), m),
-                              c2 = _mm256_and_si256(_mm256_srli_epi32(v, 8), m),
-                              c3 = _mm256_and_si256(_mm256_srli_epi32(v, 12), m);
-                for (int t = 0; t < N; t++) {
-                    const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32) + k * 4;
-                    dot[t] = DPW(dot[t], c0, _mm256_set1_epi32(xp[0]));
-                    dot[t] = DPW(dot[t], c1, _mm256_set1_epi32(xp[1]));
-                    dot[t] = DPW(dot[t], c2, _mm256_set1_epi32(xp[2]));
-                    dot[t] = DPW(dot[t], c3, _mm256_set1_epi32(xp[3]));
-                }
-            }
-            for (int t = 0; t < N; t++) {
-                const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
-                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
-                off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(X->xs[xi]), off[t]);
-            }
-        }
-        for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
-    }
-}
 /* 8-bit codes (Q8_0, int8 at load, and GGUF's 5- / 6-bit codes held in a byte: Q5_0, Q5_1, Q5_K, Q6_K), groups of
  * a multiple of 16: block b of the 8 rows is 256 bytes, row r's word k (columns 4k..4k+3) at k * 32 + r * 4. Per word,
  * v & 0x00FF00FF is each row's int16 pair (4k, 4k+2) and (v >> 8) & 0x00FF00FF (4k+1, 4k+3): two vpdpwssd a word.
  * Codes are unsigned (the symmetric form's centre, 128, is the offset term m = -128 s, as the 4-bit kernel's -8 s).
  * G16 (16-column groups, Q6_K / Q5_K held in bytes): each half block's dot takes its own scale and offset. */
-static inline __attribute__((always_inline)) void qi8_rows(float *y, int64_t R, const fl_weight *W, int64_t g0,
-                                                           int64_t g1, const qx_t *X, const int N, const int HZ,
-                                                           const int G16) {
+/* Split codes (BITS 5, 6; quant.h fl_qi_code): word k's high bits for the column pairs (8k + s, 8k + s + 4), moved
+ * to bits 4.. of each 16-bit half, beside the low nibbles (v >> 4s) & 0x000F000F */
+static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
+    const int at = 4 * HB * (k % (4 / HB)) + HB * s; /* the pair's bit in each half of the lane */
+    const __m256i v = at < 4 ? _mm256_slli_epi32(h, 4 - at) : at > 4 ? _mm256_srli_epi32(h, at - 4) : h;
+    return _mm256_and_si256(v, _mm256_set1_epi32(HB == 2 ? 0x00300030 : 0x00100010));
+}
+
+/* One block's integer dots for words [K0, K1) of the block, every x row */
+static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const uint8_t *qb, const qx_t *X, int64_t b,
+                                                          const int N, const int BITS, const int K0, const int K1) {
+    const int P = BITS == 8 ? 2 : 4; /* int16 pairs a word: 4 (4- to 6-bit: nibbles), 2 (8-bit) */
+    const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0;
+    const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F);
+    for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
+#define QI_WORD(k)                                                                                                     \
+    do {                                                                                                               \
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + (k) * 32));                                      \
+        __m256i c[4];                                                                                                  \
+        _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) c[s] = _mm256_and_si256(s ? _mm256_srli_epi32(v, (16 / P) * s) : v, m); \
+        if (HB) {                                                                                                      \
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(qb + 128 + ((k) / (4 / (HB ? HB : 1))) * 32));    \
+            _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) c[s] = _mm256_or_si256(c[s], qi_hi(h, HB, (k), s));  \
+        }                                                                                                              \
+        for (int t = 0; t < N; t++) {                                                                                  \
+            const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)X->nb + (size_t)b) * 32) + (k) * P;  \
+            _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) dot[t] = DPW(dot[t], c[s], _mm256_set1_epi32(xp[s])); \
+        }                                                                                                              \
+    } while (0)
+    /* Words unrolled for half blocks (measured: 8-bit 16-column groups 68 -> 83 tok/s on a TinyLlama-shape Q6_K
+     * prompt) and split codes (constant shifts); whole 4- / 8-bit blocks as a loop (unrolled, their g32 prompts fell
+     * from ~100 to ~76 tok/s) */
+    if ((K1 - K0 == 4 && BITS == 8) || HB) {
+        QI_WORD(K0);
+        QI_WORD(K0 + 1);
+        if (K1 - K0 == 4) {
+            QI_WORD(K0 + 2);
+            QI_WORD(K0 + 3);
+        }
+    } else
+        for (int k = K0; k < K1; k++) QI_WORD(k);
+#undef QI_WORD
+}
+
+/* The interleaved kernel for BITS 4, 5, 6 or 8 (a constant in each instantiation), HZ: offsets stored (else the
+ * symmetric form's m = -2^(BITS-1) s), G16: 16-column groups (the block's two halves, each its own scale). */
+static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, const fl_weight *W, int64_t g0,
+                                                          int64_t g1, const qx_t *X, const int N, const int HZ,
+                                                          const int BITS, const int G16) {
     const int64_t nb = X->nb, G = W->group_size, bpg = G16 ? 1 : G / 32, ng = W->cols / G;
-    const size_t gbytes = (size_t)nb * 256, sgb = 8 * fl_q_srow_bytes(W->cols, (int)G, W->sdtype);
+    const size_t bb = 32 * (size_t)BITS, gbytes = (size_t)nb * bb, sgb = 8 * fl_q_srow_bytes(W->cols, (int)G, W->sdtype);
     const int sd = W->sdtype;
-    const __m256i m = _mm256_set1_epi32(0x00FF00FF);
+    const __m256 centre = _mm256_set1_ps(-(float)(1 << (BITS - 1)));
+    const int WH = BITS == 8 ? 4 : 2; /* words a half block */
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *q = (const uint8_t *)W->data_d + (size_t)g * gbytes;
         const char *sp = (const char *)W->scales_d + (size_t)g * sgb,
@@ -944,28 +950,19 @@ static inline __attribute__((always_inline)) void qi8_rows(float *y, int64_t R, 
         __m256 acc[QI_N], off[QI_N], s8 = _mm256_setzero_ps(), m8 = _mm256_setzero_ps();
         for (int t = 0; t < N; t++) { acc[t] = _mm256_setzero_ps(); off[t] = _mm256_setzero_ps(); }
         for (int64_t b = 0, j = 0, jb = 0; b < nb; b++) {
-            const uint8_t *qb = q + (size_t)b * 256;
-            _mm_prefetch((const char *)qb + 2048, _MM_HINT_T0);
-            _mm_prefetch((const char *)qb + 2048 + 64, _MM_HINT_T0);
-            _mm_prefetch((const char *)qb + 2048 + 128, _MM_HINT_T0);
-            _mm_prefetch((const char *)qb + 2048 + 192, _MM_HINT_T0);
+            const uint8_t *qb = q + (size_t)b * bb;
+#pragma GCC unroll 4
+            for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)qb + 8 * bb + o, _MM_HINT_T0);
+            __m256i dot[QI_N];
+#pragma GCC unroll 2
             for (int h = 0; h < (G16 ? 2 : 1); h++) { /* G16: the block's two halves, each its own group */
                 if (G16 || jb == 0) {
                     const int64_t jj = G16 ? 2 * b + h : j;
                     s8 = qi_s8(sp, sd, ng, jj, (int)G);
-                    m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, _mm256_set1_ps(-128.0f));
+                    m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, centre);
                 }
-                __m256i dot[QI_N];
-                for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
-                for (int k = G16 ? 4 * h : 0; k < (G16 ? 4 * h + 4 : 8); k++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + k * 32));
-                    const __m256i c0 = _mm256_and_si256(v, m), c1 = _mm256_and_si256(_mm256_srli_epi32(v, 8), m);
-                    for (int t = 0; t < N; t++) {
-                        const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)nb + (size_t)b) * 32) + k * 2;
-                        dot[t] = DPW(dot[t], c0, _mm256_set1_epi32(xp[0]));
-                        dot[t] = DPW(dot[t], c1, _mm256_set1_epi32(xp[1]));
-                    }
-                }
+                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH);
+                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH);
                 for (int t = 0; t < N; t++) {
                     const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
                     acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
@@ -979,17 +976,21 @@ static inline __attribute__((always_inline)) void qi8_rows(float *y, int64_t R, 
     }
 }
 
+#define QI_HZ(N_, BITS_, G16_)                                                                     \
+    do {                                                                                            \
+        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_);                            \
+        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_);                                       \
+    } while (0)
 #define QI_CASE(N_)                                                                                 \
     case N_:                                                                                        \
-        if (W->bits == 4) {                                                                         \
-            if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1);                                     \
-            else qi_rows(y, R, W, g0, g1, X, N_, 0);                                                \
-        } else if (W->group_size == 16) {                                                           \
-            if (W->zeros_d) qi8_rows(y, R, W, g0, g1, X, N_, 1, 1);                                 \
-            else qi8_rows(y, R, W, g0, g1, X, N_, 0, 1);                                            \
-        } else {                                                                                    \
-            if (W->zeros_d) qi8_rows(y, R, W, g0, g1, X, N_, 1, 0);                                 \
-            else qi8_rows(y, R, W, g0, g1, X, N_, 0, 0);                                            \
+        switch (W->bits * 2 + (W->group_size == 16)) {                                              \
+        case 8: QI_HZ(N_, 4, 0); break;                                                             \
+        case 10: QI_HZ(N_, 5, 0); break;                                                            \
+        case 12: QI_HZ(N_, 6, 0); break;                                                            \
+        case 13: QI_HZ(N_, 6, 1); break;                                                            \
+        case 16: QI_HZ(N_, 8, 0); break;                                                            \
+        case 17: QI_HZ(N_, 8, 1); break;                                                            \
+        default: break;                                                                             \
         }                                                                                           \
         break;
 static void qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_t g1, const qx_t *X, int n) {
@@ -1018,6 +1019,9 @@ static qx_t qx_rows(const qx_t *X, int t0) {
  * in L1 / L2) through all of x in passes of QI_N rows: the codes are read from memory once whatever n is. */
 static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
     const int64_t R = W->rows, C = W->cols;
+    if (!cpu_qi_takes(W)) /* cpu_q_interleave interleaves nothing else: qi_block would skip it */
+        return fl_err(FL_E_INTERNAL, "CPU matmul: an interleaved [%lld, %lld] weight of %d bits, group %d, that no kernel reads",
+                      (long long)R, (long long)C, W->bits, W->group_size);
     qx_t X = {.nb = C / 32, .il = W->bits, .g16 = W->group_size == 16};
     X.nb8 = (X.nb + 7) / 8 * 8;
     const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, bsb = X.g16 ? 64 : 32;
@@ -1053,22 +1057,58 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
 
 #endif /* QDOT */
 
-/* The backend's interleave_weight: W in place to the interleaved layout when qi_rows / qi8_rows take its format
+/* Whether qi_rows takes W's format once interleaved: integer codes of 4, 5, 6 or 8 bits, groups a multiple of 32
+ * columns (also 16 for 6 and 8 bits), rows a multiple of 8, float16 / float32 / K scales */
+int cpu_qi_takes(const fl_weight *W) {
+#ifndef QDOT
+    (void)W;
+    return 0; /* the portable build has no qi_rows: row-major, which cpu_q_widen reads */
+#else
+    const int b = W->bits;
+    return W->dtype == FL_QUANT && (b == 4 || b == 5 || b == 6 || b == 8) && W->code == FL_QCODE_INT &&
+           (W->group_size % 32 == 0 || (W->group_size == 16 && (b == 6 || b == 8))) && W->cols % 32 == 0 &&
+           W->rows % 8 == 0 && W->rows > 0 && (W->sdtype == FL_F16 || W->sdtype == FL_F32 || W->sdtype == FL_I8);
+#endif
+}
+
+/* Split codes: one row's high bits of one block from the row-major plane (quant.h fl_q_hi_at: per span of 128 / 256
+ * columns 32 bytes, byte l's bits sh.. those of column pos(l) = 2l (l < 16) or 2(l - 16) + 1 of the span's block) into
+ * the interleaved plane's lanes (quant.h fl_qi_code): dst, then dst + 32 for 6-bit codes' second vector */
+static inline __attribute__((always_inline)) void qi_hi_words(uint8_t *dst, const uint8_t *hp, int sh, const int HB) {
+    uint32_t h[2] = {0, 0};
+#pragma GCC unroll 32
+    for (int l = 0; l < 32; l++) {
+        const int w = l < 16 ? 2 * l : 2 * (l - 16) + 1, k = w / 8, cw = w % 8;
+        h[k / (4 / HB)] |= (uint32_t)((hp[l] >> sh) & ((1 << HB) - 1)) << (16 * (cw / 4) + 4 * HB * (k % (4 / HB)) + HB * (cw % 4));
+    }
+    for (int v = 0; v < HB; v++) memcpy(dst + (size_t)v * 32, &h[v], 4);
+}
+
+/* One row group's codes (8 rows from src, row-major) into the interleaved layout at dst */
+static inline __attribute__((always_inline)) void qi_group(uint8_t *restrict dst, const uint8_t *restrict src, int64_t C,
+                                                           const int BITS) {
+    const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0, WB = HB ? 4 : BITS; /* 4-byte words moved as they are */
+    const size_t rowb = (size_t)C * (size_t)BITS / 8;
+    for (int r = 0; r < 8; r++) {
+        const uint8_t *row = src + (size_t)r * rowb;
+        for (int64_t b = 0; b < C / 32; b++) {
+            uint8_t *blk = dst + (size_t)b * 32 * (size_t)BITS;
+            for (int k = 0; k < WB; k++) memcpy(blk + (size_t)k * 32 + (size_t)r * 4, row + (size_t)b * 4 * (size_t)WB + (size_t)k * 4, 4);
+            if (HB == 2) qi_hi_words(blk + 128 + (size_t)r * 4, row + C / 2 + (b / 4) * 32, 2 * (int)(b % 4), 2);
+            else if (HB == 1) qi_hi_words(blk + 128 + (size_t)r * 4, row + C / 2 + (b / 8) * 32, (int)(b % 8), 1);
+        }
+    }
+}
+
+/* The backend's interleave_weight: W in place to the interleaved layout when qi_rows takes its format
  * (4- or 8-bit integer codes, groups a multiple of 32 columns or 8-bit with 16, rows a multiple of 8, float16 /
  * float32 / K scales; an act-order perm only reorders x: allowed), else nothing. NF4, 5- / 6-bit split codes and 4-bit
  * 16-column groups stay row-major. A temporary of at most 64 row groups. */
 fl_status cpu_q_interleave(fl_backend *be, fl_weight *W, int *done) {
     *done = 0;
-#ifndef QDOT
-    (void)be;
-    return FL_OK; /* the portable build has no qi_rows: row-major, which cpu_q_widen reads */
-#endif
-    if (W->dtype != FL_QUANT || W->interleaved || !(W->bits == 4 || W->bits == 8) || W->code != FL_QCODE_INT ||
-        (W->group_size % 32 && !(W->bits == 8 && W->group_size == 16)) || W->cols % 32 || W->rows % 8 || W->rows == 0 ||
-        !(W->sdtype == FL_F16 || W->sdtype == FL_F32 || W->sdtype == FL_I8))
-        return FL_OK;
-    const int64_t R = W->rows, C = W->cols, ng = C / W->group_size, nb = C / 32, ngr = R / 8;
-    const int bits = W->bits; /* words of 4 bytes a block of 32 columns: 4 (4-bit) or 8 (8-bit) */
+    if (W->interleaved || !cpu_qi_takes(W)) return FL_OK;
+    const int64_t R = W->rows, C = W->cols, ng = C / W->group_size, ngr = R / 8;
+    const int bits = W->bits; /* words of 4 bytes a block of 32 columns: 4 (4-bit) or 8 (8-bit); split codes: 4 + the high plane */
     const size_t rowb = (size_t)C * (size_t)bits / 8, gb = 8 * rowb, srow = fl_q_srow_bytes(C, W->group_size, W->sdtype), sgb = 8 * srow;
     const int64_t cap = ngr < 64 ? ngr : 64; /* row groups through the temporary at a time */
     uint8_t *tmp = fl_malloc((gb + 2 * sgb) * (size_t)cap);
@@ -1080,12 +1120,16 @@ fl_status cpu_q_interleave(fl_backend *be, fl_weight *W, int *done) {
         uint8_t *q = (uint8_t *)W->data_d + (size_t)c0 * gb;
         memcpy(tmp, q, gb * (size_t)cn);
 #pragma omp parallel for num_threads(cpu_threads(be)) schedule(static)
-        for (int64_t g = 0; g < cn; g++)
-            for (int r = 0; r < 8; r++)
-                for (int64_t b = 0; b < nb; b++)
-                    for (int k = 0; k < bits; k++)
-                        memcpy(q + (size_t)g * gb + (size_t)b * 32 * (size_t)bits + (size_t)k * 32 + (size_t)r * 4,
-                               tmp + (size_t)g * gb + (size_t)r * rowb + (size_t)b * 4 * (size_t)bits + (size_t)k * 4, 4);
+        for (int64_t g = 0; g < cn; g++) {
+            uint8_t *dst = q + (size_t)g * gb;
+            const uint8_t *src = tmp + (size_t)g * gb;
+            switch (bits) { /* constant word counts and shifts in each */
+            case 4: qi_group(dst, src, C, 4); break;
+            case 5: qi_group(dst, src, C, 5); break;
+            case 6: qi_group(dst, src, C, 6); break;
+            default: qi_group(dst, src, C, 8); break;
+            }
+        }
         for (int part = 0; part < 2; part++) {
             uint8_t *sp = (uint8_t *)(part ? W->zeros_d : W->scales_d);
             if (!sp) continue;
