@@ -67,6 +67,23 @@ def test_interleaved_split_codes(bits, zeros, group, C):
                      interleave=True)
 
 
+# int8 activations (FASTLOAD_CPU_QDOT=int8, llama.cpp's numerics): the VNNI form of the kernel (u8 codes x s8 x,
+# x8 per 8 columns [0 1 4 5 2 3 6 7] for nibble codes), within int8 x's rounding bound; every code width and group
+@pytest.mark.parametrize("bits,zeros,group,C", [
+    (4, False, 32, 352), (4, True, 64, 320), (4, True, 128, 384), (8, False, 32, 352), (8, True, 16, 352),
+    (8, False, 16, 288), (8, True, 96, 288), (6, False, 16, 384), (6, True, 32, 256), (5, True, 32, 512),
+    (5, False, 64, 768),
+])
+def test_interleaved_int8_activations(bits, zeros, group, C, monkeypatch):
+    monkeypatch.setenv("FASTLOAD_CPU_QDOT", "int8")
+    rng, seed = rng_seed()
+    for n in (1, 2, 3, 5, 8, 9, 20):
+        for R in (8, 24):
+            sdtype = "float16" if (n + R // 8) % 2 else "float32"
+            run_case(rng, seed, bits, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 2), qdot="int8",
+                     interleave=True)
+
+
 @pytest.mark.parametrize("bits,zeros,code,group,R,C", [
     (4, False, 0, 32, 12, 352),   # rows not a multiple of 8
     (4, True, 0, 32, 1, 352),
@@ -83,8 +100,10 @@ def test_formats_it_does_not_take_stay_row_major(bits, zeros, code, group, R, C)
         run_case(rng, seed, bits, zeros, code, group, "float16", n, R, C, perm=False, qdot="int16", interleave=False)
 
 
+@pytest.mark.parametrize("qdot", ["int16", "int8"])
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 16), (8, 32), (6, 16), (5, 32)])
-def test_a_row_is_the_same_bits_in_any_batch(bits, group):
+def test_a_row_is_the_same_bits_in_any_batch(bits, group, qdot, monkeypatch):
+    monkeypatch.setenv("FASTLOAD_CPU_QDOT", qdot)
     rng = np.random.default_rng(5)
     R, C = 48, 320 if bits in (4, 8) else 512
     codes = rng.integers(0, 1 << bits, size=(R, C))

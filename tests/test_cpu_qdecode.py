@@ -67,7 +67,7 @@ def run_case(rng, seed, bits, zeros, code, group, sdtype, n, R, C, perm, qdot, i
     xg = x[:, p] if perm else x                                            # column j multiplies x[perm[j]]
     ref = xg.astype(np.float64) @ W.astype(np.float64).T
     tol = (F32_K * (np.abs(xg.astype(np.float64)) @ np.abs(W.astype(np.float64)).T) + 1e-30
-           + (int_x_tol(xg, W, "int16" if code == 1 or group == 16 or bits in (5, 6) or interleave else qdot)
+           + (int_x_tol(xg, W, qdot if interleave else "int16" if code == 1 or group == 16 or bits in (5, 6) else qdot)
               if n <= 16 or interleave else 0.0)   # an interleaved weight takes the integer kernel at any n
            + table_tol(xg, codes, s, group, code))
     err = np.abs(y.astype(np.float64) - ref)

@@ -223,7 +223,7 @@ static inline int hsum_epi32(__m256i v) {
 
 /* One block of 32 floats to int8: returns dx, sets *sum; deint: even columns first, then odd ones. span_max > 0:
  * the scale from that (a larger span's max |x|) instead of the block's own (QX8_SPAN below). */
-static inline float quant_block32(const float *x, int8_t *out, int *sum, int deint, float span_max) {
+static inline float quant_block32(const float *x, int8_t *out, int *sum, int deint, float span_max, int *sum_lo) {
     const __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
                  v3 = _mm256_loadu_ps(x + 24), sg = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sg, v0), _mm256_andnot_ps(sg, v1)),
@@ -251,10 +251,13 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0x4e));
     s1 = _mm_add_epi32(s1, _mm_shuffle_epi32(s1, 0xb1));
     *sum = _mm_cvtsi128_si32(s1);
+    if (sum_lo) *sum_lo = hsum_epi32(_mm256_add_epi32(i0, i1)); /* columns 0-15 (16-column groups) */
     /* packs work per 128-bit lane: the bytes come out as 0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31 */
     __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    if (deint) { /* per lane: evens then odds; then the lanes' evens together and odds together */
+    if (deint == 2) /* interleaved nibble codes (qi_dots): per 8 columns [0 1 4 5 2 3 6 7], 2-byte units swapped */
+        b = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(b, 0xd8), 0xd8);
+    else if (deint) { /* per lane: evens then odds; then the lanes' evens together and odds together */
         const __m256i sh = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, sh), 0xd8);
@@ -408,9 +411,9 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             if (X->x16)
                 d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, X->il == 8 ? 4 : X->il ? 3 : QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
-                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, kind == QK_INT4,
-                                  span_absmax(x + (size_t)t * (size_t)C, C, b));
-                if (kind == QK_INT4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
+                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, X->il ? (X->il == 8 ? 0 : 2) : kind == QK_INT4,
+                                  span_absmax(x + (size_t)t * (size_t)C, C, b), X->g16 ? &lo : NULL);
+                if (!X->il && kind == QK_INT4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
                     __m256i *p = (__m256i *)(X->x8 + (size_t)(i - 1) * 32);
                     const __m256i A = _mm256_loadu_si256(p), B = _mm256_loadu_si256(p + 1);
                     _mm256_storeu_si256(p, _mm256_permute2x128_si256(A, B, 0x20));
@@ -869,6 +872,18 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 #else
 #define DPW(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #endif
+/* u8 codes x s8 activations, 4 products a 32-bit lane (int8 x, FASTLOAD_CPU_QDOT=int8): VNNI only (maddubs would
+ * saturate 8-bit codes' pair sums); without it the int8 mode takes the int16 kernel */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPB(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#define QI_X8 1
+#elif defined(__AVXVNNI__)
+#define DPB(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+#define QI_X8 1
+#else
+#define DPB(acc, a, b) (acc)
+#define QI_X8 0
+#endif
 #ifdef __AVX512VL__
 #define QI_N 8 /* x rows per pass: 3 vectors each (dot, acc, off) in 32 registers */
 #else
@@ -899,20 +914,37 @@ static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
 
 /* One block's integer dots for words [K0, K1) of the block, every x row */
 static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const uint8_t *qb, const qx_t *X, int64_t b,
-                                                          const int N, const int BITS, const int K0, const int K1) {
+                                                          const int N, const int BITS, const int K0, const int K1,
+                                                          const int X8) {
     const int P = BITS == 8 ? 2 : 4; /* int16 pairs a word: 4 (4- to 6-bit: nibbles), 2 (8-bit) */
     const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0;
-    const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F);
+    const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F), m8 = _mm256_set1_epi32(0x0F000F00);
+    const int NU = BITS == 8 ? 1 : 2; /* x8 dwords a word */
     for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
 #define QI_WORD(k)                                                                                                     \
     do {                                                                                                               \
         const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + (k) * 32));                                      \
         __m256i c[4];                                                                                                  \
-        _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) c[s] = _mm256_and_si256(s ? _mm256_srli_epi32(v, (16 / P) * s) : v, m); \
+        if (!X8 || HB) _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) c[s] = _mm256_and_si256(s ? _mm256_srli_epi32(v, (16 / P) * s) : v, m); \
         if (HB) {                                                                                                      \
             const __m256i h = _mm256_loadu_si256((const __m256i *)(qb + 128 + ((k) / (4 / (HB ? HB : 1))) * 32));    \
             _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) c[s] = _mm256_or_si256(c[s], qi_hi(h, HB, (k), s));  \
         }                                                                                                              \
+        if (X8) { /* bytes: 8-bit the word as it is; nibble forms (0 1 4 5), (2 3 6 7), x8 in that order */          \
+            __m256i u[2];                                                                                              \
+            if (BITS == 8) u[0] = v;                                                                                   \
+            else if (BITS == 4) {                                                                                      \
+                u[0] = _mm256_or_si256(_mm256_and_si256(v, m), _mm256_and_si256(_mm256_slli_epi32(v, 4), m8));      \
+                u[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 8), m), _mm256_and_si256(_mm256_srli_epi32(v, 4), m8)); \
+            } else {                                                                                                   \
+                u[0] = _mm256_or_si256(c[0], _mm256_slli_epi32(c[1], 8));                                             \
+                u[1] = _mm256_or_si256(c[2], _mm256_slli_epi32(c[3], 8));                                             \
+            }                                                                                                          \
+            for (int t = 0; t < N; t++) {                                                                              \
+                const int32_t *xp = (const int32_t *)(X->x8 + ((size_t)t * (size_t)X->nb + (size_t)b) * 32) + (k) * NU; \
+                _Pragma("GCC unroll 2") for (int e = 0; e < NU; e++) dot[t] = DPB(dot[t], u[e], _mm256_set1_epi32(xp[e])); \
+            }                                                                                                          \
+        } else                                                                                                         \
         for (int t = 0; t < N; t++) {                                                                                  \
             const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)X->nb + (size_t)b) * 32) + (k) * P;  \
             _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) dot[t] = DPW(dot[t], c[s], _mm256_set1_epi32(xp[s])); \
@@ -937,7 +969,7 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
  * symmetric form's m = -2^(BITS-1) s), G16: 16-column groups (the block's two halves, each its own scale). */
 static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, const fl_weight *W, int64_t g0,
                                                           int64_t g1, const qx_t *X, const int N, const int HZ,
-                                                          const int BITS, const int G16) {
+                                                          const int BITS, const int G16, const int X8) {
     const int64_t nb = X->nb, G = W->group_size, bpg = G16 ? 1 : G / 32, ng = W->cols / G;
     const size_t bb = 32 * (size_t)BITS, gbytes = (size_t)nb * bb, sgb = 8 * fl_q_srow_bytes(W->cols, (int)G, W->sdtype);
     const int sd = W->sdtype;
@@ -961,8 +993,8 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
                     s8 = qi_s8(sp, sd, ng, jj, (int)G);
                     m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, centre);
                 }
-                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH);
-                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH);
+                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8);
+                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8);
                 for (int t = 0; t < N; t++) {
                     const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
                     acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
@@ -976,11 +1008,22 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
     }
 }
 
+#if QI_X8
 #define QI_HZ(N_, BITS_, G16_)                                                                     \
     do {                                                                                            \
-        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_);                            \
-        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_);                                       \
+        if (X->x8) {                                                                                \
+            if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, 1);                     \
+            else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, 1);                                \
+        } else if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, 0);                  \
+        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, 0);                                    \
     } while (0)
+#else
+#define QI_HZ(N_, BITS_, G16_)                                                                     \
+    do {                                                                                            \
+        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, 0);                         \
+        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, 0);                                    \
+    } while (0)
+#endif
 #define QI_CASE(N_)                                                                                 \
     case N_:                                                                                        \
         switch (W->bits * 2 + (W->group_size == 16)) {                                              \
@@ -1006,7 +1049,8 @@ static void qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_
 /* x's rows [t0, t0 + n) of X (all rows quantised) as a qx_t of their own */
 static qx_t qx_rows(const qx_t *X, int t0) {
     qx_t V = *X;
-    V.x16 += (size_t)t0 * (size_t)X->nb * 32;
+    if (X->x16) V.x16 += (size_t)t0 * (size_t)X->nb * 32;
+    if (X->x8) V.x8 += (size_t)t0 * (size_t)X->nb * 32;
     V.bs16 += (size_t)t0 * (size_t)X->nb * (X->g16 ? 16 : 8);
     V.dx += (size_t)t0 * (size_t)X->nb8;
     V.xs += (size_t)t0 * (size_t)X->nb8;
@@ -1017,7 +1061,7 @@ static qx_t qx_rows(const qx_t *X, int t0) {
 /* y[n, R] = x[n, C] @ dequant(W)^T, W interleaved, any n: every row of x quantised first (rows split among threads
  * past 8), then each thread takes chunks of 4 row groups (32 weight rows: 32 KB of codes at 2048 columns, which stay
  * in L1 / L2) through all of x in passes of QI_N rows: the codes are read from memory once whatever n is. */
-static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W) {
+static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, int x8) {
     const int64_t R = W->rows, C = W->cols;
     if (!cpu_qi_takes(W)) /* cpu_q_interleave interleaves nothing else: qi_block would skip it */
         return fl_err(FL_E_INTERNAL, "CPU matmul: an interleaved [%lld, %lld] weight of %d bits, group %d, that no kernel reads",
@@ -1029,7 +1073,8 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     char *mem = fl_malloc(nbt * (bsb + 64) + nbt8 * (X.g16 ? 16 : 8));
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
-    X.x16 = (int16_t *)(mem + nbt * bsb);
+    if (x8 && QI_X8) X.x8 = (int8_t *)(mem + nbt * bsb); /* int8 x: the VNNI form of qi_dots */
+    else X.x16 = (int16_t *)(mem + nbt * bsb);
     X.dx = (float *)(mem + nbt * (bsb + 64));
     X.xs = (float *)(mem + nbt * (bsb + 64) + nbt8 * 4);
     if (X.g16) X.xs2 = (float *)(mem + nbt * (bsb + 64) + nbt8 * 8);
@@ -1046,9 +1091,13 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t ch = 0; ch < nch; ch++) {
         const int64_t g0 = ch * per, g1 = g0 + per < ngr ? g0 + per : ngr;
-        for (int t0 = 0; t0 < n; t0 += QI_N) {
+        /* x rows a pass: 16-column groups 4, split codes 6, else 8: at 8 the former spilled registers (TinyLlama-shape
+         * prompts, 2 threads: Q6_K int16 x 68 -> 76 tok/s, int8 x 53 -> 101; Q6_K in bytes with int8 x 47 -> 130;
+         * Q5_0 int16 x 47 -> 59-65, int8 x 101-108 -> 112-122) */
+        const int pw0 = X.g16 ? 4 : W->bits == 5 || W->bits == 6 ? 6 : 8, pw = pw0 < QI_N ? pw0 : QI_N;
+        for (int t0 = 0; t0 < n; t0 += pw) {
             const qx_t V = qx_rows(&X, t0);
-            qi_block(y + (size_t)t0 * (size_t)R, R, W, g0, g1, &V, n - t0 < QI_N ? n - t0 : QI_N);
+            qi_block(y + (size_t)t0 * (size_t)R, R, W, g0, g1, &V, n - t0 < pw ? n - t0 : pw);
         }
     }
     fl_free(mem);
@@ -1177,10 +1226,9 @@ fl_status cpu_qmatmul(fl_backend *be, float *y, const float *x, int n, const fl_
     const int g16ok = L.group_size == 16 && C % 32 == 0 && L.code == FL_QCODE_INT; /* qdec16_rows */
     const int maxn = W->interleaved ? INT_MAX : QDEC_MAX_N;
     const int mode = n >= 1 && n <= maxn && (L.group_size % 32 == 0 || g16ok) ? qdot_mode() : QDOT_FLOAT;
-    if (mode != QDOT_FLOAT && W->interleaved) { /* both integer modes: int16 x (qi_rows has no int8 form) */
+    if (mode != QDOT_FLOAT && W->interleaved) { /* int8 x with VNNI, else int16 */
         const int64_t R = W->rows;
-        st = FL_OK;
-        st = qi_matmul(be, y, x, n, W);
+        st = qi_matmul(be, y, x, n, W, mode == QDOT_INT8);
         if (st == FL_OK && bias && bias->data_d)
             for (int i = 0; i < n; i++)
                 for (int64_t r = 0; r < R; r++) y[(int64_t)i * R + r] += cpu_elem_f32(bias->data_d, bias->dtype, r);
