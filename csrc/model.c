@@ -786,18 +786,19 @@ static int kscales_ok(const fl_model *m) {
     return m->be && m->be->name && !strcmp(m->be->name, "cpu") && !(e && !strcmp(e, "0"));
 }
 
-/* Split codes (csrc/quant.h: 5- and 6-bit GGUF codes in 5 / 6 bits), on the CPU with FASTLOAD_CPU_CODES56=1 only: they
- * hold a Q6_K / Q5_K_M file in its own bytes (1.30x / 1.54x with a byte each) but decode slower, the high bits costing
- * more instructions than the bytes saved (TinyLlama-1.1B shape, 2 threads: Q6_K 0.64x llama.cpp against 0.90x,
- * Q5_K_M 0.66x against 0.82x; benchmarks/results/cpu-gguf-types-2026-12-05/): a setting for when memory binds. */
+/* Split codes (csrc/quant.h: 5- and 6-bit GGUF codes in 5 / 6 bits), on the CPU: they hold a Q6_K / Q5_K_M file in its
+ * own bytes (1.30x / 1.54x with a byte each). Row-major they decode slower than bytes, the high bits costing more
+ * instructions than the bytes save (TinyLlama-1.1B shape, 2 threads: Q6_K 0.64x llama.cpp against 0.90x; 2026-12-05),
+ * so by default only the weights fl_model_interleave will interleave take them: the interleaved kernel shares the
+ * high-bit work among 8 rows and reads them faster than bytes (Q6_K 28.9 -> 34.9 tok/s, Q4_K_M 35.3 -> 37.3 in one
+ * A/B; benchmarks/results/cpu-split-codes-2026-12-05/). FASTLOAD_CPU_CODES56=1: every eligible weight, =0: none. */
 static int interleave_candidate(const fl_model *m, const fl_weight *w);
 static int codes56_ok(const fl_model *m, const fl_weight *w) {
     const char *e = getenv("FASTLOAD_CPU_CODES56");
     if (!m->be || !m->be->name || strcmp(m->be->name, "cpu") || (e && !strcmp(e, "0"))) return 0;
     if (e && !strcmp(e, "1")) return 1;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) /* the CPU backend's QDOT build: qi_rows */
-    /* Default: split codes where the weight will be interleaved (fl_model_interleave), which the interleaved kernel
-     * reads at the speed of bytes or faster: Q6_K on the TinyLlama-1.1B shape, 2 threads, ... */
+    /* default: split codes where the weight will be interleaved (rows a multiple of 8, not the embedding) */
     const char *il = getenv("FASTLOAD_CPU_INTERLEAVE");
     return m->be->interleave_weight && !(il && !strcmp(il, "0")) && w->rows % 8 == 0 && interleave_candidate(m, w);
 #else

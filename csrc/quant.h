@@ -41,11 +41,12 @@
  *   GPTQ / AWQ     bits 4/8, min form, fp32 s = scale, m = -scale * zero  (exact in fp32)
  *   g_idx          columns sorted by group (stable), perm_d = that order; a g_idx whose groups are not
  *                  all group_size columns is refused (it cannot be written as contiguous groups)
- * 5- and 6-bit GGUF types are stored one byte per value (exact, 8 bits plus scales per weight); the CPU can hold them
- * as split codes instead (below).
+ * 5- and 6-bit GGUF types are stored one byte per value (exact, 8 bits plus scales per weight); the CPU holds them
+ * as split codes instead (below) where it will interleave the weight.
  *
- * Split codes (bits 5 or 6; the CPU backend only, with FASTLOAD_CPU_CODES56=1: smaller, but slower to decode than
- * bytes, see model.c codes56_ok): a weight whose parts are all GGUF types with codes of at most 6 bits of which some
+ * Split codes (bits 5 or 6; the CPU backend only: by default for the weights it interleaves, whose kernel reads them
+ * at least as fast as bytes; FASTLOAD_CPU_CODES56=1 everywhere, =0 never; see model.c codes56_ok): a weight whose
+ * parts are all GGUF types with codes of at most 6 bits of which some
  * have 5 or 6 (Q5_0, Q5_1, Q5_K, Q6_K, alone or fused with 4-bit parts: Q4_K_M's q|k|v with a Q6_K v) keeps them in
  * bits-per-weight instead of a byte each. Row r of data_d is the
  * low 4 bits of every code as bits == 4 packs them (cols / 2 bytes), then the high plane (cols * (bits - 4) / 8

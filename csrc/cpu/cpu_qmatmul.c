@@ -849,8 +849,9 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 
 /* ---- Interleaved weights (W->interleaved == 8; cpu_q_interleave makes them after the load) ----
  * 4-bit integer codes (symmetric or min form), groups of a multiple of 32 columns, rows a multiple of 8, float16 /
- * float32 / K scales; 8-bit codes the same way (also groups of 16). Rows 8g..8g+7 keep the bytes row-major gives them as a whole, reordered inside (quant.h:
- * fl_qi_code_off, fl_qi_sget):
+ * float32 / K scales; 8-bit codes the same way (also groups of 16); 5- / 6-bit split codes as the 4-bit layout plus a
+ * high plane after each block's 128 bytes (quant.h fl_qi_code; 6-bit also groups of 16). Rows 8g..8g+7 keep the bytes
+ * row-major gives them as a whole, reordered inside (quant.h: fl_qi_code_off, fl_qi_code, fl_qi_sget):
  *   codes: block b (32 columns) of the 8 rows is 128 bytes: row r's word k (columns 8k..8k+7, the 4 bytes row-major
  *          has for them, low nibble first) at b * 128 + k * 32 + r * 4: one 32-byte load is 8 rows x 8 columns;
  *   scales, offsets: group j's value of row r at [j][r] (K scales: the int8 sub-scales [j][r], then the float16
@@ -864,7 +865,10 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
  * TinyLlama-1.1B Q4_0 body, 545 MB): 77 ms a token row-major, 30 ms interleaved (benchmarks/cpu_qmatmul_bench.c).
  * A row's result depends only on its own codes and x (the same bits in any batch, any number of x rows per pass);
  * it differs from the row-major kernel's by float rounding (that sums the block's lanes in another order).
- * x16 per block (quant_x, deint 3): the pairs [x(8k+s), x(8k+s+4)] for k, then s. */
+ * x16 per block (quant_x, deint 3): the pairs [x(8k+s), x(8k+s+4)] for k, then s.
+ * int8 x (FASTLOAD_CPU_QDOT=int8, VNNI): the same words as u8 codes, 4 a lane, against 4 int8 x (vpdpbusd): half the
+ * multiply instructions of int16 x, which is what prompts (compute-bound) gain; x8 per 8 columns [0 1 4 5 2 3 6 7]
+ * for nibble codes, natural for bytes (quant_block32 deint 2 / 0). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPW(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
 #elif defined(__AVXVNNI__)
