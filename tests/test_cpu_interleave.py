@@ -59,12 +59,16 @@ def test_interleaved_per_channel(bits, zeros):
     (5, False, 32, 512), (5, True, 32, 768), (5, True, 64, 512), (5, False, 256, 1024),
 ])
 def test_interleaved_split_codes(bits, zeros, group, C):
+    sweep(bits, zeros, group, C, "int16")
+
+
+def sweep(bits, zeros, group, C, qdot):
+    """x rows 1..20 (passes of 4, 6, 8 and their tails), 1 and 3 row groups, both scale types, perm or not"""
     rng, seed = rng_seed()
     for n in (1, 2, 3, 5, 8, 9, 20):
         for R in (8, 24):
             sdtype = "float16" if (n + R // 8) % 2 else "float32"
-            run_case(rng, seed, bits, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 2), qdot="int16",
-                     interleave=True)
+            run_case(rng, seed, bits, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 2), qdot=qdot, interleave=True)
 
 
 # int8 activations (FASTLOAD_CPU_QDOT=int8, llama.cpp's numerics): the VNNI form of the kernel (u8 codes x s8 x,
@@ -76,12 +80,7 @@ def test_interleaved_split_codes(bits, zeros, group, C):
 ])
 def test_interleaved_int8_activations(bits, zeros, group, C, monkeypatch):
     monkeypatch.setenv("FASTLOAD_CPU_QDOT", "int8")
-    rng, seed = rng_seed()
-    for n in (1, 2, 3, 5, 8, 9, 20):
-        for R in (8, 24):
-            sdtype = "float16" if (n + R // 8) % 2 else "float32"
-            run_case(rng, seed, bits, zeros, 0, group, sdtype, n, R, C, perm=(n % 3 == 2), qdot="int8",
-                     interleave=True)
+    sweep(bits, zeros, group, C, "int8")
 
 
 @pytest.mark.parametrize("bits,zeros,code,group,R,C", [
