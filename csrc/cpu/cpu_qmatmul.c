@@ -903,12 +903,12 @@ static inline __m256 qi_s8(const char *p, int sd, int64_t ng, int64_t j, int gro
     return _mm256_mul_ps(sc, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8 * ng + u * 16))));
 }
 
-/* 8-bit codes (Q8_0, int8 at load, and GGUF's 5- / 6-bit codes held in a byte: Q5_0, Q5_1, Q5_K, Q6_K), groups of
- * a multiple of 16: block b of the 8 rows is 256 bytes, row r's word k (columns 4k..4k+3) at k * 32 + r * 4. Per word,
+/* 8-bit codes (Q8_0, int8 at load, and GGUF's 5- / 6-bit codes where they are held in a byte: FASTLOAD_CPU_CODES56=0),
+ * groups of a multiple of 16: block b of the 8 rows is 256 bytes, row r's word k (columns 4k..4k+3) at k * 32 + r * 4. Per word,
  * v & 0x00FF00FF is each row's int16 pair (4k, 4k+2) and (v >> 8) & 0x00FF00FF (4k+1, 4k+3): two vpdpwssd a word.
  * Codes are unsigned (the symmetric form's centre, 128, is the offset term m = -128 s, as the 4-bit kernel's -8 s).
- * G16 (16-column groups, Q6_K / Q5_K held in bytes): each half block's dot takes its own scale and offset. */
-/* Split codes (BITS 5, 6; quant.h fl_qi_code): word k's high bits for the column pairs (8k + s, 8k + s + 4), moved
+ * G16 (16-column groups: Q6_K): each half block's dot takes its own scale and offset.
+ * Split codes (BITS 5, 6; quant.h fl_qi_code): word k's high bits for the column pairs (8k + s, 8k + s + 4), moved
  * to bits 4.. of each 16-bit half, beside the low nibbles (v >> 4s) & 0x000F000F */
 static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
     const int at = 4 * HB * (k % (4 / HB)) + HB * s; /* the pair's bit in each half of the lane */
