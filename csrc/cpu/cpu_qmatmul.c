@@ -1012,43 +1012,77 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
     }
 }
 
+/* HZ (offsets stored) as a constant: Q6_K's prompt was ~9% slower with it a branch where the scales are read.
+ * Sanitized builds (speed does not matter there, compile time does: ~2 min for this file) take it as a value. */
+#ifdef __SANITIZE_ADDRESS__
+#define QI_Z(N_, BITS_, G16_, X8_) qi_rows(y, R, W, g0, g1, X, N_, W->zeros_d != NULL, BITS_, G16_, X8_)
+#else
+#define QI_Z(N_, BITS_, G16_, X8_)                                                                 \
+    do {                                                                                            \
+        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, X8_);                       \
+        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                  \
+    } while (0)
+#endif
 #if QI_X8
 #define QI_HZ(N_, BITS_, G16_)                                                                     \
     do {                                                                                            \
-        if (X->x8) {                                                                                \
-            if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, 1);                     \
-            else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, 1);                                \
-        } else if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, 0);                  \
-        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, 0);                                    \
+        if (X->x8) QI_Z(N_, BITS_, G16_, 1);                                                        \
+        else QI_Z(N_, BITS_, G16_, 0);                                                              \
     } while (0)
 #else
-#define QI_HZ(N_, BITS_, G16_)                                                                     \
-    do {                                                                                            \
-        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, 0);                         \
-        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, 0);                                    \
-    } while (0)
+#define QI_HZ(N_, BITS_, G16_) QI_Z(N_, BITS_, G16_, 0)
 #endif
-#define QI_CASE(N_)                                                                                 \
-    case N_:                                                                                        \
-        switch (W->bits * 2 + (W->group_size == 16)) {                                              \
-        case 8: QI_HZ(N_, 4, 0); break;                                                             \
-        case 10: QI_HZ(N_, 5, 0); break;                                                            \
-        case 12: QI_HZ(N_, 6, 0); break;                                                            \
-        case 13: QI_HZ(N_, 6, 1); break;                                                            \
-        case 16: QI_HZ(N_, 8, 0); break;                                                            \
-        case 17: QI_HZ(N_, 8, 1); break;                                                            \
-        default: break;                                                                             \
-        }                                                                                           \
-        break;
-static void qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_t g1, const qx_t *X, int n) {
-    switch (n) {
-    QI_CASE(1) QI_CASE(2) QI_CASE(3) QI_CASE(4)
+/* Instantiations for n = 1 .. the form's pass width (qi_matmul's pw0: 16-column groups 4, split codes 6, else 8),
+ * no more: wider ones would be dead code, and each is large (this file took ~60 s to compile, twice that sanitized,
+ * with all 8 for every form) */
+#define QI_NS4(B_, G_)                                                                              \
+    case 1: QI_HZ(1, B_, G_); break;                                                                \
+    case 2: QI_HZ(2, B_, G_); break;                                                                \
+    case 3: QI_HZ(3, B_, G_); break;                                                                \
+    case 4: QI_HZ(4, B_, G_); break;
 #if QI_N == 8
-    QI_CASE(5) QI_CASE(6) QI_CASE(7) QI_CASE(8)
+#define QI_NS6(B_, G_)                                                                              \
+    QI_NS4(B_, G_)                                                                                  \
+    case 5: QI_HZ(5, B_, G_); break;                                                                \
+    case 6: QI_HZ(6, B_, G_); break;
+#define QI_NS8(B_, G_)                                                                              \
+    QI_NS6(B_, G_)                                                                                  \
+    case 7: QI_HZ(7, B_, G_); break;                                                                \
+    case 8: QI_HZ(8, B_, G_); break;
+#else
+#define QI_NS6 QI_NS4
+#define QI_NS8 QI_NS4
 #endif
-    default: break;
+/* One function a form (not one switch over all of them: a single function of ~100 inlined kernels compiled
+ * super-linearly slowly, most of all sanitized) */
+#define QI_FORM(B_, G_, NS_)                                                                        \
+    static __attribute__((noinline)) int qi_form_##B_##_##G_(float *y, int64_t R, const fl_weight *W, int64_t g0, \
+                                                             int64_t g1, const qx_t *X, int n) {   \
+        switch (n) { NS_(B_, G_) default: return 0; }                                               \
+        return 1;                                                                                   \
+    }
+QI_FORM(4, 0, QI_NS8)
+QI_FORM(5, 0, QI_NS6)
+QI_FORM(6, 0, QI_NS6)
+QI_FORM(6, 1, QI_NS4)
+QI_FORM(8, 0, QI_NS8)
+QI_FORM(8, 1, QI_NS4)
+/* 1, or 0 where no instantiation takes (n, W's form): qi_matmul turns that into an error */
+static int qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_t g1, const qx_t *X, int n) {
+    switch (W->bits * 2 + (W->group_size == 16)) {
+    case 8: return qi_form_4_0(y, R, W, g0, g1, X, n);
+    case 10: return qi_form_5_0(y, R, W, g0, g1, X, n);
+    case 12: return qi_form_6_0(y, R, W, g0, g1, X, n);
+    case 13: return qi_form_6_1(y, R, W, g0, g1, X, n);
+    case 16: return qi_form_8_0(y, R, W, g0, g1, X, n);
+    case 17: return qi_form_8_1(y, R, W, g0, g1, X, n);
+    default: return 0;
     }
 }
+#undef QI_FORM
+#undef QI_NS4
+#undef QI_NS6
+#undef QI_NS8
 
 /* x's rows [t0, t0 + n) of X (all rows quantised) as a qx_t of their own */
 static qx_t qx_rows(const qx_t *X, int t0) {
@@ -1092,6 +1126,7 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     const int64_t ngr = R / 8;
     /* row groups in chunks of 4 (32 rows) a thread at a time: few enough that 2 threads share the work evenly */
     const int64_t per = 4, nch = (ngr + per - 1) / per;
+    int missed = 0;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t ch = 0; ch < nch; ch++) {
         const int64_t g0 = ch * per, g1 = g0 + per < ngr ? g0 + per : ngr;
@@ -1101,10 +1136,16 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
         const int pw0 = X.g16 ? 4 : W->bits == 5 || W->bits == 6 ? 6 : 8, pw = pw0 < QI_N ? pw0 : QI_N;
         for (int t0 = 0; t0 < n; t0 += pw) {
             const qx_t V = qx_rows(&X, t0);
-            qi_block(y + (size_t)t0 * (size_t)R, R, W, g0, g1, &V, n - t0 < pw ? n - t0 : pw);
+            if (!qi_block(y + (size_t)t0 * (size_t)R, R, W, g0, g1, &V, n - t0 < pw ? n - t0 : pw)) {
+#pragma omp atomic write
+                missed = 1;
+            }
         }
     }
     fl_free(mem);
+    if (missed) /* cpu_qi_takes and the pass widths above disagree with qi_block's instantiations: a bug, said so */
+        return fl_err(FL_E_INTERNAL, "CPU matmul: no interleaved kernel for %d bits, group %d, passes of %d rows",
+                      W->bits, W->group_size, n < 8 ? n : 8);
     return FL_OK;
 }
 
