@@ -793,14 +793,18 @@ static int kscales_ok(const fl_model *m) {
  * high-bit work among 8 rows and reads them faster than bytes (Q6_K 28.9 -> 34.9 tok/s, Q4_K_M 35.3 -> 37.3 in one
  * A/B; benchmarks/results/cpu-split-codes-2026-12-05/). FASTLOAD_CPU_CODES56=1: every eligible weight, =0: none. */
 static int interleave_candidate(const fl_model *m, const fl_weight *w);
+/* Whether fl_model_interleave runs at all: a backend that interleaves, and FASTLOAD_CPU_INTERLEAVE not 0 */
+static int interleave_on(const fl_model *m) {
+    const char *e = getenv("FASTLOAD_CPU_INTERLEAVE");
+    return m->be && m->be->interleave_weight && !(e && !strcmp(e, "0"));
+}
 static int codes56_ok(const fl_model *m, const fl_weight *w) {
     const char *e = getenv("FASTLOAD_CPU_CODES56");
     if (!m->be || !m->be->name || strcmp(m->be->name, "cpu") || (e && !strcmp(e, "0"))) return 0;
     if (e && !strcmp(e, "1")) return 1;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) /* the CPU backend's QDOT build: qi_rows */
     /* default: split codes where the weight will be interleaved (rows a multiple of 8, not the embedding) */
-    const char *il = getenv("FASTLOAD_CPU_INTERLEAVE");
-    return m->be->interleave_weight && !(il && !strcmp(il, "0")) && w->rows % 8 == 0 && interleave_candidate(m, w);
+    return interleave_on(m) && w->rows % 8 == 0 && interleave_candidate(m, w);
 #else
     return 0;
 #endif
@@ -1414,8 +1418,7 @@ fl_status fl_model_interleave(fl_model *m) {
     if (m->weights_final) return FL_OK;
     m->weights_final = 1;
     fl_backend *be = m->be;
-    const char *e = getenv("FASTLOAD_CPU_INTERLEAVE");
-    if (!be->interleave_weight || !m->arena_d || (e && !strcmp(e, "0"))) return FL_OK;
+    if (!interleave_on(m) || !m->arena_d) return FL_OK;
     const fl_config *c = &m->cfg;
     wdesc *ws = malloc(sizeof(wdesc) * (3 + FL_LAYER_WEIGHTS * (size_t)c->n_layers));
     if (!ws) return fl_err(FL_E_NOMEM, "cannot allocate the model tables");

@@ -218,6 +218,8 @@ static inline size_t fl_qi_code_off(int64_t cols, int bits, int64_t r, int64_t c
  * out; then the high plane, 32 * (bits - 4) bytes: with hb = bits - 4 high bits a code, row r's 4-byte lane of vector
  * k / (4 / hb) (at 128 + 32 * (k / (4 / hb)) + r * 4) holds word k's high bits, column 8k + 4h + s (h = 0, 1; s =
  * 0..3) at bit 16 h + 4 hb (k % (4 / hb)) + hb s: a shift puts each column pair's bits next to its low nibbles. */
+/* That bit: the high bits (hb of them) of word k's column 8k + cw (cw = 0..7) within its row's lane of vector k / (4 / hb) */
+static inline int fl_qi_hi_bit(int hb, int k, int cw) { return 16 * (cw / 4) + 4 * hb * (k % (4 / hb)) + hb * (cw % 4); }
 static inline unsigned fl_qi_code(const void *data, int64_t cols, int bits, int64_t r, int64_t c) {
     if (bits == 8 || bits == 4) {
         const uint8_t v = ((const uint8_t *)data)[fl_qi_code_off(cols, bits, r, c)];
@@ -228,7 +230,7 @@ static inline unsigned fl_qi_code(const void *data, int64_t cols, int bits, int6
     const unsigned lo = (unsigned)(blk[k * 32 + rr * 4 + cw / 2] >> (4 * (cw & 1))) & 15u;
     uint32_t h;
     memcpy(&h, blk + 128 + (k / wpl) * 32 + rr * 4, 4);
-    return lo | ((h >> (16 * (cw / 4) + 4 * hb * (k % wpl) + hb * (cw % 4))) & ((1u << hb) - 1u)) << 4;
+    return lo | ((h >> fl_qi_hi_bit(hb, k, cw)) & ((1u << hb) - 1u)) << 4;
 }
 /* The scale (or offset) of group g in row r of an interleaved weight's p: [group][row of 8]; K scales: the int8 sub-scales
  * [group][row of 8], then the float16 super-scales [super-block][row of 8] */

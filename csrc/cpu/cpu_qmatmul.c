@@ -911,7 +911,7 @@ static inline __m256 qi_s8(const char *p, int sd, int64_t ng, int64_t j, int gro
  * Split codes (BITS 5, 6; quant.h fl_qi_code): word k's high bits for the column pairs (8k + s, 8k + s + 4), moved
  * to bits 4.. of each 16-bit half, beside the low nibbles (v >> 4s) & 0x000F000F */
 static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
-    const int at = 4 * HB * (k % (4 / HB)) + HB * s; /* the pair's bit in each half of the lane */
+    const int at = fl_qi_hi_bit(HB, k, s); /* the pair's bit in each half of the lane (s < 4: the first half) */
     const __m256i v = at < 4 ? _mm256_slli_epi32(h, 4 - at) : at > 4 ? _mm256_srli_epi32(h, at - 4) : h;
     return _mm256_and_si256(v, _mm256_set1_epi32(HB == 2 ? 0x00300030 : 0x00100010));
 }
@@ -1173,7 +1173,7 @@ static inline __attribute__((always_inline)) void qi_hi_words(uint8_t *dst, cons
 #pragma GCC unroll 32
     for (int l = 0; l < 32; l++) {
         const int w = l < 16 ? 2 * l : 2 * (l - 16) + 1, k = w / 8, cw = w % 8;
-        h[k / (4 / HB)] |= (uint32_t)((hp[l] >> sh) & ((1 << HB) - 1)) << (16 * (cw / 4) + 4 * HB * (k % (4 / HB)) + HB * (cw % 4));
+        h[k / (4 / HB)] |= (uint32_t)((hp[l] >> sh) & ((1 << HB) - 1)) << fl_qi_hi_bit(HB, k, cw);
     }
     for (int v = 0; v < HB; v++) memcpy(dst + (size_t)v * 32, &h[v], 4);
 }
