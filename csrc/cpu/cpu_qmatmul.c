@@ -199,6 +199,8 @@ typedef struct {
     int32_t *bs16;     /* [n][nb][8]: 16 * sum(x_b) in each of 8 lanes (8-bit min form); 16-column groups (g16):
                           [n][nb][16], 16 * the sum of columns 0-15 in lanes 0-7, of columns 16-31 in lanes 8-15 */
     float *xs2;        /* g16: [n][2 * nb8]: dx_b * the sum of block b's columns 0-15 (2b), 16-31 (2b + 1) */
+    int32_t *cs;       /* an interleaved symmetric weight's int16 x (qi_rows' FOLD), else NULL: [n][nb8] (g16:
+                          [n][2 * nb8], halves as xs2) -2^(bits - 1) * the block's (half's) integer x16 sum */
     int g16;           /* the weight has 16-column groups (two per block of x) */
     int il;            /* an interleaved weight's bits (qi_rows: x16 per block the pairs [x(8k+s), x(8k+s+4)];
                           8-bit: [x(4k), x(4k+2)], [x(4k+1), x(4k+3)]), else 0 */
@@ -422,14 +424,23 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
             }
             X->dx[(size_t)t * (size_t)X->nb8 + (size_t)b] = d;
             X->xs[(size_t)t * (size_t)X->nb8 + (size_t)b] = d * (float)sum;
+            if (X->cs) { /* qi_rows' FOLD */
+                const int cm = -(1 << (X->il - 1));
+                if (X->g16) {
+                    X->cs[(size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2] = cm * lo;
+                    X->cs[(size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2 + 1] = cm * (sum - lo);
+                } else
+                    X->cs[(size_t)t * (size_t)X->nb8 + (size_t)b] = cm * sum;
+            }
+            const int bm = 16;
             if (X->g16) {
                 float *x2 = X->xs2 + (size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2;
                 x2[0] = d * (float)lo;
                 x2[1] = d * (float)(sum - lo);
-                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16), _mm256_set1_epi32(16 * lo));
-                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16 + 8), _mm256_set1_epi32(16 * (sum - lo)));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16), _mm256_set1_epi32(bm * lo));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16 + 8), _mm256_set1_epi32(bm * (sum - lo)));
             } else
-                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(bm * sum));
         }
 }
 
@@ -919,12 +930,14 @@ static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
 /* One block's integer dots for words [K0, K1) of the block, every x row */
 static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const uint8_t *qb, const qx_t *X, int64_t b,
                                                           const int N, const int BITS, const int K0, const int K1,
-                                                          const int X8) {
+                                                          const int X8, const int CF, const int32_t *init, const size_t istride) {
     const int P = BITS == 8 ? 2 : 4; /* int16 pairs a word: 4 (4- to 6-bit: nibbles), 2 (8-bit) */
     const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0;
     const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F), m8 = _mm256_set1_epi32(0x0F000F00);
+    const __m256i ctr = _mm256_set1_epi16((short)(1 << (BITS - 1))); /* CF: the symmetric centre, off the codes */
     const int NU = BITS == 8 ? 1 : 2; /* x8 dwords a word */
-    for (int t = 0; t < N; t++) dot[t] = _mm256_setzero_si256();
+    /* init: each row's dot starts at -centre * sum(x16) (the narrow passes' FOLD: off the dependency chain's end) */
+    for (int t = 0; t < N; t++) dot[t] = init ? _mm256_set1_epi32(init[(size_t)t * istride]) : _mm256_setzero_si256();
 #define QI_WORD(k)                                                                                                     \
     do {                                                                                                               \
         const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + (k) * 32));                                      \
@@ -934,6 +947,7 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
             const __m256i h = _mm256_loadu_si256((const __m256i *)(qb + 128 + ((k) / (4 / (HB ? HB : 1))) * 32));    \
             _Pragma("GCC unroll 4") for (int s = 0; s < 4; s++) c[s] = _mm256_or_si256(c[s], qi_hi(h, HB, (k), s));  \
         }                                                                                                              \
+        if (CF) _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) c[s] = _mm256_sub_epi16(c[s], ctr);              \
         if (X8) { /* bytes: 8-bit the word as it is; nibble forms (0 1 4 5), (2 3 6 7), x8 in that order */          \
             __m256i u[2];                                                                                              \
             if (BITS == 8) u[0] = v;                                                                                   \
@@ -979,6 +993,16 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
     const int sd = W->sdtype;
     const __m256 centre = _mm256_set1_ps(-(float)(1 << (BITS - 1)));
     const int WH = BITS == 8 ? 4 : 2; /* words a half block */
+    /* Symmetric codes on int16 x (FOLD): the centre 2^(BITS-1) comes off the integer dot, not as a float offset term
+     * per row and group: N accumulators fewer (wider passes, QI_PW), no cancellation between two large float terms.
+     * Two exact ways to the same int32 (|dot| <= 32 * 255 * 32767): off the codes (CF: signed int16 codes, a
+     * subtraction a word shared by the N rows) in wide passes; in narrow ones, where those subtractions are not
+     * shared (one row: Q8_0 generation 35 -> 28 tok/s with CF), the dot starts at -centre * sum(x16) (X->cs, one
+     * int32 a block broadcast; 8 lanes a block in memory instead cost ~7% at one row: more of L1 beside the
+     * streaming codes). The same bits either way: a row's result does not depend on its pass. TinyLlama-shape
+     * prompts, 2 threads: Q4_0 95 -> 107 tok/s, Q6_K 74 -> 82; generation equal or better (Q8_0 one thread 19.4 ->
+     * 20.8). Not with int8 x: its codes are vpdpbusd's unsigned operand. */
+    const int FOLD = !X8 && !HZ, CF = N >= 4;
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *q = (const uint8_t *)W->data_d + (size_t)g * gbytes;
         const char *sp = (const char *)W->scales_d + (size_t)g * sgb,
@@ -995,32 +1019,52 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
                 if (G16 || jb == 0) {
                     const int64_t jj = G16 ? 2 * b + h : j;
                     s8 = qi_s8(sp, sd, ng, jj, (int)G);
-                    m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, centre);
+                    if (!FOLD) m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, centre);
                 }
-                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8);
-                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8);
+                /* FOLD && !CF: the dots start at -centre * the block's (half's) integer x sum (quant_x's cs) */
+                const int32_t *init = FOLD && !CF ? X->cs + (G16 ? 2 * (size_t)b + (size_t)h : (size_t)b) : NULL;
+                const size_t istride = (size_t)X->nb8 * (G16 ? 2 : 1);
+                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8, FOLD && CF, init, istride);
+                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8, FOLD && CF, init, istride);
                 for (int t = 0; t < N; t++) {
                     const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
                     acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
-                    off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(G16 ? X->xs2[(size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2 + (size_t)h]
+                    if (!FOLD) off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(G16 ? X->xs2[(size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2 + (size_t)h]
                                                                     : X->xs[xi]), off[t]);
                 }
             }
             if (!G16 && ++jb == bpg) { jb = 0; j++; }
         }
-        for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
+        for (int t = 0; t < N; t++)
+            _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, FOLD ? acc[t] : _mm256_add_ps(acc[t], off[t]));
     }
 }
 
+/* x rows a pass (qi_matmul), measured per form (TinyLlama-shape prompts, 2 threads): more spill registers. Folded
+ * (symmetric codes on int16 x: no offset accumulators): Q6_K int16 x 4 -> 6 rows 76 -> 87 tok/s (8: 85), Q5_0 6 -> 8
+ * 65 -> 71. Otherwise 16-column groups 4 (Q6_K int16 x 68 -> 76 tok/s from 8, int8 x 53 -> 101; in bytes with int8 x
+ * 47 -> 130), split codes 6 (Q5_0 int16 x 47 -> 59-65, int8 x 101-108 -> 112-122), 4- / 8-bit g32 8. */
+#define QI_PW(BITS_, G16_, FOLD_) ((G16_) ? ((FOLD_) ? 6 : 4) : ((BITS_) == 5 || (BITS_) == 6) ? ((FOLD_) ? 8 : 6) : 8)
 /* HZ (offsets stored) as a constant: Q6_K's prompt was ~9% slower with it a branch where the scales are read.
- * Sanitized builds (speed does not matter there, compile time does: ~2 min for this file) take it as a value. */
+ * Sanitized builds (speed does not matter there, compile time does: ~2 min for this file) take it as a value.
+ * Each (N, form) is instantiated only up to the pass width that can ask for it (the rest would be dead code:
+ * the kernel is large, and this file's compile time grows with every instantiation). */
 #ifdef __SANITIZE_ADDRESS__
-#define QI_Z(N_, BITS_, G16_, X8_) qi_rows(y, R, W, g0, g1, X, N_, W->zeros_d != NULL, BITS_, G16_, X8_)
-#else
-#define QI_Z(N_, BITS_, G16_, X8_)                                                                 \
+#define QI_Z(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
-        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, X8_);                       \
-        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                  \
+        if ((N_) > QI_PW(BITS_, G16_, !(X8_))) return 0;                                            \
+        qi_rows(y, R, W, g0, g1, X, N_, W->zeros_d != NULL, BITS_, G16_, X8_);                      \
+    } while (0)
+#else
+#define QI_Z(N_, BITS_, G16_, X8_)                                                                  \
+    do {                                                                                            \
+        if (W->zeros_d) {                                                                           \
+            if ((N_) > QI_PW(BITS_, G16_, 0)) return 0;                                             \
+            qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, X8_);                                   \
+        } else {                                                                                    \
+            if ((N_) > QI_PW(BITS_, G16_, !(X8_))) return 0;                                        \
+            qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                   \
+        }                                                                                           \
     } while (0)
 #endif
 #if QI_X8
@@ -1032,9 +1076,7 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
 #else
 #define QI_HZ(N_, BITS_, G16_) QI_Z(N_, BITS_, G16_, 0)
 #endif
-/* Instantiations for n = 1 .. the form's pass width (qi_matmul's pw0: 16-column groups 4, split codes 6, else 8),
- * no more: wider ones would be dead code, and each is large (this file took ~60 s to compile, twice that sanitized,
- * with all 8 for every form) */
+/* n = 1 .. 8 (QI_Z leaves out those no pass width asks for) */
 #define QI_NS4(B_, G_)                                                                              \
     case 1: QI_HZ(1, B_, G_); break;                                                                \
     case 2: QI_HZ(2, B_, G_); break;                                                                \
@@ -1062,11 +1104,11 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
         return 1;                                                                                   \
     }
 QI_FORM(4, 0, QI_NS8)
-QI_FORM(5, 0, QI_NS6)
-QI_FORM(6, 0, QI_NS6)
-QI_FORM(6, 1, QI_NS4)
+QI_FORM(5, 0, QI_NS8)
+QI_FORM(6, 0, QI_NS8)
+QI_FORM(6, 1, QI_NS6)
 QI_FORM(8, 0, QI_NS8)
-QI_FORM(8, 1, QI_NS4)
+QI_FORM(8, 1, QI_NS6)
 /* 1, or 0 where no instantiation takes (n, W's form): qi_matmul turns that into an error */
 static int qi_block(float *y, int64_t R, const fl_weight *W, int64_t g0, int64_t g1, const qx_t *X, int n) {
     switch (W->bits * 2 + (W->group_size == 16)) {
@@ -1093,6 +1135,7 @@ static qx_t qx_rows(const qx_t *X, int t0) {
     V.dx += (size_t)t0 * (size_t)X->nb8;
     V.xs += (size_t)t0 * (size_t)X->nb8;
     if (X->xs2) V.xs2 += (size_t)t0 * (size_t)X->nb8 * 2;
+    if (X->cs) V.cs += (size_t)t0 * (size_t)X->nb8 * (X->g16 ? 2 : 1);
     return V;
 }
 
@@ -1108,9 +1151,12 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     X.nb8 = (X.nb + 7) / 8 * 8;
     const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, bsb = X.g16 ? 64 : 32;
     /* bs16 [n][nb][8 or 16] (quant_x writes it), x16 [n][nb][32], dx and xs [n][nb8], g16: xs2 [n][2 nb8] */
-    char *mem = fl_malloc(nbt * (bsb + 64) + nbt8 * (X.g16 ? 16 : 8));
+    const int fold = !(x8 && QI_X8) && !W->zeros_d; /* qi_rows' FOLD: cs [n][nb8] (g16: [n][2 nb8]) */
+    const size_t xsb = nbt8 * (X.g16 ? 16 : 8);
+    char *mem = fl_malloc(nbt * (bsb + 64) + xsb + (fold ? nbt8 * (X.g16 ? 8 : 4) : 0));
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
+    if (fold) X.cs = (int32_t *)(mem + nbt * (bsb + 64) + xsb);
     if (x8 && QI_X8) X.x8 = (int8_t *)(mem + nbt * bsb); /* int8 x: the VNNI form of qi_dots */
     else X.x16 = (int16_t *)(mem + nbt * bsb);
     X.dx = (float *)(mem + nbt * (bsb + 64));
@@ -1130,10 +1176,7 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t ch = 0; ch < nch; ch++) {
         const int64_t g0 = ch * per, g1 = g0 + per < ngr ? g0 + per : ngr;
-        /* x rows a pass: 16-column groups 4, split codes 6, else 8: at 8 the former spilled registers (TinyLlama-shape
-         * prompts, 2 threads: Q6_K int16 x 68 -> 76 tok/s, int8 x 53 -> 101; Q6_K in bytes with int8 x 47 -> 130;
-         * Q5_0 int16 x 47 -> 59-65, int8 x 101-108 -> 112-122) */
-        const int pw0 = X.g16 ? 4 : W->bits == 5 || W->bits == 6 ? 6 : 8, pw = pw0 < QI_N ? pw0 : QI_N;
+        const int pw0 = QI_PW(W->bits, X.g16, !X.x8 && !W->zeros_d), pw = pw0 < QI_N ? pw0 : QI_N;
         for (int t0 = 0; t0 < n; t0 += pw) {
             const qx_t V = qx_rows(&X, t0);
             if (!qi_block(y + (size_t)t0 * (size_t)R, R, W, g0, g1, &V, n - t0 < pw ? n - t0 : pw)) {
