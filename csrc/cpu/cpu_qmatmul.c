@@ -432,15 +432,14 @@ static void quant_x(qx_t *X, const float *x, int n, int64_t C, int kind) {
                 } else
                     X->cs[(size_t)t * (size_t)X->nb8 + (size_t)b] = cm * sum;
             }
-            const int bm = 16;
             if (X->g16) {
                 float *x2 = X->xs2 + (size_t)t * (size_t)X->nb8 * 2 + (size_t)b * 2;
                 x2[0] = d * (float)lo;
                 x2[1] = d * (float)(sum - lo);
-                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16), _mm256_set1_epi32(bm * lo));
-                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16 + 8), _mm256_set1_epi32(bm * (sum - lo)));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16), _mm256_set1_epi32(16 * lo));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 16 + 8), _mm256_set1_epi32(16 * (sum - lo)));
             } else
-                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(bm * sum));
+                _mm256_storeu_si256((__m256i *)(X->bs16 + (size_t)i * 8), _mm256_set1_epi32(16 * sum));
         }
 }
 
@@ -1172,11 +1171,11 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     const int64_t ngr = R / 8;
     /* row groups in chunks of 4 (32 rows) a thread at a time: few enough that 2 threads share the work evenly */
     const int64_t per = 4, nch = (ngr + per - 1) / per;
+    const int pw0 = QI_PW(W->bits, X.g16, fold), pw = pw0 < QI_N ? pw0 : QI_N; /* x rows a pass */
     int missed = 0;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t ch = 0; ch < nch; ch++) {
         const int64_t g0 = ch * per, g1 = g0 + per < ngr ? g0 + per : ngr;
-        const int pw0 = QI_PW(W->bits, X.g16, !X.x8 && !W->zeros_d), pw = pw0 < QI_N ? pw0 : QI_N;
         for (int t0 = 0; t0 < n; t0 += pw) {
             const qx_t V = qx_rows(&X, t0);
             if (!qi_block(y + (size_t)t0 * (size_t)R, R, W, g0, g1, &V, n - t0 < pw ? n - t0 : pw)) {
@@ -1187,8 +1186,8 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     }
     fl_free(mem);
     if (missed) /* cpu_qi_takes and the pass widths above disagree with qi_block's instantiations: a bug, said so */
-        return fl_err(FL_E_INTERNAL, "CPU matmul: no interleaved kernel for %d bits, group %d, passes of %d rows",
-                      W->bits, W->group_size, n < 8 ? n : 8);
+        return fl_err(FL_E_INTERNAL, "CPU matmul: no interleaved kernel for %d bits, group %d, %s, passes of %d rows",
+                      W->bits, W->group_size, W->zeros_d ? "offsets" : "symmetric", n < pw ? n : pw);
     return FL_OK;
 }
 
