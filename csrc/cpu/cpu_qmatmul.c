@@ -1049,13 +1049,13 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
  * Each (N, form) is instantiated only up to the pass width that can ask for it (the rest would be dead code:
  * the kernel is large, and this file's compile time grows with every instantiation). */
 #ifdef __SANITIZE_ADDRESS__
-#define QI_Z(N_, BITS_, G16_, X8_)                                                                  \
+#define QI_HZ(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
         if ((N_) > QI_PW(BITS_, G16_, !(X8_))) return 0;                                            \
         qi_rows(y, R, W, g0, g1, X, N_, W->zeros_d != NULL, BITS_, G16_, X8_);                      \
     } while (0)
 #else
-#define QI_Z(N_, BITS_, G16_, X8_)                                                                  \
+#define QI_HZ(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
         if (W->zeros_d) {                                                                           \
             if ((N_) > QI_PW(BITS_, G16_, 0)) return 0;                                             \
@@ -1067,29 +1067,29 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
     } while (0)
 #endif
 #if QI_X8
-#define QI_HZ(N_, BITS_, G16_)                                                                     \
+#define QI_RUN(N_, BITS_, G16_)                                                                     \
     do {                                                                                            \
-        if (X->x8) QI_Z(N_, BITS_, G16_, 1);                                                        \
-        else QI_Z(N_, BITS_, G16_, 0);                                                              \
+        if (X->x8) QI_HZ(N_, BITS_, G16_, 1);                                                        \
+        else QI_HZ(N_, BITS_, G16_, 0);                                                              \
     } while (0)
 #else
-#define QI_HZ(N_, BITS_, G16_) QI_Z(N_, BITS_, G16_, 0)
+#define QI_RUN(N_, BITS_, G16_) QI_HZ(N_, BITS_, G16_, 0)
 #endif
-/* n = 1 .. 8 (QI_Z leaves out those no pass width asks for) */
+/* n = 1 .. 8 (QI_HZ leaves out those no pass width asks for); QI_RUN picks int8 or int16 x, QI_HZ offsets or not */
 #define QI_NS4(B_, G_)                                                                              \
-    case 1: QI_HZ(1, B_, G_); break;                                                                \
-    case 2: QI_HZ(2, B_, G_); break;                                                                \
-    case 3: QI_HZ(3, B_, G_); break;                                                                \
-    case 4: QI_HZ(4, B_, G_); break;
+    case 1: QI_RUN(1, B_, G_); break;                                                                \
+    case 2: QI_RUN(2, B_, G_); break;                                                                \
+    case 3: QI_RUN(3, B_, G_); break;                                                                \
+    case 4: QI_RUN(4, B_, G_); break;
 #if QI_N == 8
 #define QI_NS6(B_, G_)                                                                              \
     QI_NS4(B_, G_)                                                                                  \
-    case 5: QI_HZ(5, B_, G_); break;                                                                \
-    case 6: QI_HZ(6, B_, G_); break;
+    case 5: QI_RUN(5, B_, G_); break;                                                                \
+    case 6: QI_RUN(6, B_, G_); break;
 #define QI_NS8(B_, G_)                                                                              \
     QI_NS6(B_, G_)                                                                                  \
-    case 7: QI_HZ(7, B_, G_); break;                                                                \
-    case 8: QI_HZ(8, B_, G_); break;
+    case 7: QI_RUN(7, B_, G_); break;                                                                \
+    case 8: QI_RUN(8, B_, G_); break;
 #else
 #define QI_NS6 QI_NS4
 #define QI_NS8 QI_NS4
