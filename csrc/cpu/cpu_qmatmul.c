@@ -929,7 +929,7 @@ static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
 /* One block's integer dots for words [K0, K1) of the block, every x row */
 static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const uint8_t *qb, const qx_t *X, int64_t b,
                                                           const int N, const int BITS, const int K0, const int K1,
-                                                          const int X8, const int CF, const int32_t *init, const size_t istride) {
+                                                          const int X8, const int CF, const int DUO, const int32_t *init, const size_t istride) {
     const int P = BITS == 8 ? 2 : 4; /* int16 pairs a word: 4 (4- to 6-bit: nibbles), 2 (8-bit) */
     const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0;
     const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F), m8 = _mm256_set1_epi32(0x0F000F00);
@@ -937,6 +937,13 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
     const int NU = BITS == 8 ? 1 : 2; /* x8 dwords a word */
     /* init: each row's dot starts at -centre * sum(x16) (the narrow passes' FOLD: off the dependency chain's end) */
     for (int t = 0; t < N; t++) dot[t] = init ? _mm256_set1_epi32(init[(size_t)t * istride]) : _mm256_setzero_si256();
+    /* DUO (passes of one or two x rows): two independent sums a row, added at the block's end (integers: the same
+     * bits). Such passes were bound by the one chain of dependent dot instructions a block (16, 4-5 cycles each), not
+     * by their loads. TinyLlama-shape generation, one thread, back to back: Q4_K_M 19.5-20.3 -> 21.3-22.5 tok/s,
+     * Q4_0 ~24 -> ~26, Q6_K ~18.5 -> ~20, Q8_0 equal. Four sums at one row were slower than two (Q4_0 23, Q4_K_M
+     * 20.7), and so were two written as an array indexed by s % 2 (GCC kept x and pointers on the stack: Q4_0 19). */
+    __m256i du[2];
+    if (DUO) for (int t = 0; t < N; t++) du[t] = _mm256_setzero_si256();
 #define QI_WORD(k)                                                                                                     \
     do {                                                                                                               \
         const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + (k) * 32));                                      \
@@ -959,12 +966,18 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
             }                                                                                                          \
             for (int t = 0; t < N; t++) {                                                                              \
                 const int32_t *xp = (const int32_t *)(X->x8 + ((size_t)t * (size_t)X->nb + (size_t)b) * 32) + (k) * NU; \
-                _Pragma("GCC unroll 2") for (int e = 0; e < NU; e++) dot[t] = DPB(dot[t], u[e], _mm256_set1_epi32(xp[e])); \
+                _Pragma("GCC unroll 2") for (int e = 0; e < NU; e++) {                                             \
+                    if (DUO && (e & 1)) du[t] = DPB(du[t], u[e], _mm256_set1_epi32(xp[e]));                         \
+                    else dot[t] = DPB(dot[t], u[e], _mm256_set1_epi32(xp[e]));                                     \
+                }                                                                                                      \
             }                                                                                                          \
         } else                                                                                                         \
         for (int t = 0; t < N; t++) {                                                                                  \
             const int32_t *xp = (const int32_t *)(X->x16 + ((size_t)t * (size_t)X->nb + (size_t)b) * 32) + (k) * P;  \
-            _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) dot[t] = DPW(dot[t], c[s], _mm256_set1_epi32(xp[s])); \
+            _Pragma("GCC unroll 4") for (int s = 0; s < P; s++) {                                                  \
+                if (DUO && (s & 1)) du[t] = DPW(du[t], c[s], _mm256_set1_epi32(xp[s]));                             \
+                else dot[t] = DPW(dot[t], c[s], _mm256_set1_epi32(xp[s]));                                         \
+            }                                                                                                          \
         }                                                                                                              \
     } while (0)
     /* Words unrolled for half blocks (measured: 8-bit 16-column groups 68 -> 83 tok/s on a TinyLlama-shape Q6_K
@@ -980,6 +993,7 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
     } else
         for (int k = K0; k < K1; k++) QI_WORD(k);
 #undef QI_WORD
+    if (DUO) for (int t = 0; t < N; t++) dot[t] = _mm256_add_epi32(dot[t], du[t]);
 }
 
 /* The interleaved kernel for BITS 4, 5, 6 or 8 (a constant in each instantiation), HZ: offsets stored (else the
@@ -1023,8 +1037,8 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
                 /* FOLD && !CF: the dots start at -centre * the block's (half's) integer x sum (quant_x's cs) */
                 const int32_t *init = FOLD && !CF ? X->cs + (G16 ? 2 * (size_t)b + (size_t)h : (size_t)b) : NULL;
                 const size_t istride = (size_t)X->nb8 * (G16 ? 2 : 1);
-                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8, FOLD && CF, init, istride);
-                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8, FOLD && CF, init, istride);
+                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8, FOLD && CF, N <= 2, init, istride);
+                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8, FOLD && CF, N <= 2, init, istride);
                 for (int t = 0; t < N; t++) {
                     const size_t xi = (size_t)t * (size_t)X->nb8 + (size_t)b;
                     acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
