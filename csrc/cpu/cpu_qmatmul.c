@@ -943,14 +943,14 @@ static inline __m256i qi_hi(__m256i h, const int HB, const int k, const int s) {
 /* One block's integer dots for words [K0, K1) of the block, every x row */
 static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const uint8_t *qb, const qx_t *X, int64_t b,
                                                           const int N, const int BITS, const int K0, const int K1,
-                                                          const int X8, const int CF, const int DUO, const int32_t *init, const size_t istride) {
+                                                          const int X8, const int CF, const int DUO, const int32_t *init) {
     const int P = BITS == 8 ? 2 : 4; /* int16 pairs a word: 4 (4- to 6-bit: nibbles), 2 (8-bit) */
     const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0;
     const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F), m8 = _mm256_set1_epi32(0x0F000F00);
     const __m256i ctr = _mm256_set1_epi16((short)(1 << (BITS - 1))); /* CF: the symmetric centre, off the codes */
     const int NU = BITS == 8 ? 1 : 2; /* x8 dwords a word */
     /* init: each row's dot starts at -centre * sum(x16) (the narrow passes' FOLD: off the dependency chain's end) */
-    for (int t = 0; t < N; t++) dot[t] = init ? _mm256_set1_epi32(init[(size_t)t * istride]) : _mm256_setzero_si256();
+    for (int t = 0; t < N; t++) dot[t] = init ? _mm256_set1_epi32(init[t]) : _mm256_setzero_si256();
     /* DUO (passes of one or two x rows): two independent sums a row, added at the block's end (integers: the same
      * bits). Such passes were bound by the one chain of dependent dot instructions a block (16, 4-5 cycles each), not
      * by their loads. TinyLlama-shape generation, one thread, back to back: Q4_K_M 19.5-20.3 -> 21.3-22.5 tok/s,
@@ -1021,7 +1021,7 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
     const __m256 centre = _mm256_set1_ps(-(float)(1 << (BITS - 1)));
     const int WH = BITS == 8 ? 4 : 2; /* words a half block */
     /* Symmetric codes on int16 x (FOLD): the centre 2^(BITS-1) comes off the integer dot, not as a float offset term
-     * per row and group: N accumulators fewer (wider passes, QI_PW), no cancellation between two large float terms.
+     * per row and group: N accumulators fewer, no cancellation between two large float terms.
      * Two exact ways to the same int32 (|dot| <= 32 * 255 * 32767): off the codes (CF: signed int16 codes, a
      * subtraction a word shared by the N rows) in wide passes; in narrow ones, where those subtractions are not
      * shared (one row: Q8_0 generation 35 -> 28 tok/s with CF), the dot starts at -centre * sum(x16) (X->cs, one
@@ -1030,6 +1030,11 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
      * prompts, 2 threads: Q4_0 95 -> 107 tok/s, Q6_K 74 -> 82; generation equal or better (Q8_0 one thread 19.4 ->
      * 20.8). Not with int8 x: its codes are vpdpbusd's unsigned operand. */
     const int FOLD = !X8 && !HZ, CF = N >= 4;
+    /* OFF2 (passes of 3+ rows): the offset term sum_b m_b * dx_b * sum(x_b) in a loop of its own after the dots, the
+     * same products summed in the same order (the same bits), its N accumulators and the offsets' loads out of the
+     * dots' way (TinyLlama-shape prompts with the wider passes QI_PW allows since, one thread: Q5_K_M 36 -> 40 tok/s,
+     * Q4_K_M +2-4%). Not at one or two rows: re-reading the K scales in a second loop cost Q4_K_M generation 7%. */
+    const int OFF2 = !FOLD && N > 2;
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *q = (const uint8_t *)W->data_d + (size_t)g * gbytes;
         const char *sp = (const char *)W->scales_d + (size_t)g * sgb,
@@ -1046,32 +1051,43 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
                 if (G16 || jb == 0) {
                     const int64_t jj = G16 ? 2 * b + h : j;
                     s8 = qi_s8(sp, sd, ng, jj, (int)G);
-                    if (!FOLD) m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, centre);
+                    if (!FOLD && !OFF2) m8 = HZ ? qi_s8(zp, sd, ng, jj, (int)G) : _mm256_mul_ps(s8, centre);
                 }
                 /* FOLD && !CF: the dots start at -centre * the block's (half's) integer x sum (quant_x's cs) */
                 const int32_t *init = FOLD && !CF ? X->cs + (G16 ? 2 * (size_t)b + (size_t)h : (size_t)b) * (size_t)N : NULL;
-                const size_t istride = 1;
-                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8, FOLD && CF, N <= 2, init, istride);
-                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8, FOLD && CF, N <= 2, init, istride);
+                if (G16) qi_dots(dot, qb, X, b, N, BITS, WH * h, WH * h + WH, X8, FOLD && CF, N <= 2, init);
+                else qi_dots(dot, qb, X, b, N, BITS, 0, 2 * WH, X8, FOLD && CF, N <= 2, init);
                 for (int t = 0; t < N; t++) {
                     const size_t xi = (size_t)b * (size_t)N + (size_t)t; /* pass-major (qx_at) */
                     acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s8, _mm256_set1_ps(X->dx[xi])), _mm256_cvtepi32_ps(dot[t]), acc[t]);
-                    if (!FOLD) off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(G16 ? X->xs2[(2 * (size_t)b + (size_t)h) * (size_t)N + (size_t)t]
-                                                                    : X->xs[xi]), off[t]);
+                    if (!FOLD && !OFF2)
+                        off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(G16 ? X->xs2[(2 * (size_t)b + (size_t)h) * (size_t)N + (size_t)t] : X->xs[xi]), off[t]);
                 }
             }
             if (!G16 && ++jb == bpg) { jb = 0; j++; }
         }
-        for (int t = 0; t < N; t++)
-            _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, FOLD ? acc[t] : _mm256_add_ps(acc[t], off[t]));
+        if (FOLD) {
+            for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, acc[t]);
+            continue;
+        }
+        for (int64_t jj = 0; jj < (OFF2 ? (G16 ? 2 * nb : nb) : 0); jj++) { /* OFF2: blocks, or G16's half blocks */
+            if (G16 || jj % bpg == 0) {
+                const int64_t gj = G16 ? jj : jj / bpg;
+                m8 = HZ ? qi_s8(zp, sd, ng, gj, (int)G) : _mm256_mul_ps(qi_s8(sp, sd, ng, gj, (int)G), centre);
+            }
+            const float *xs = G16 ? X->xs2 : X->xs;
+            for (int t = 0; t < N; t++) off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[(size_t)jj * (size_t)N + (size_t)t]), off[t]);
+        }
+        for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
     }
 }
 
-/* x rows a pass (qi_matmul), measured per form (TinyLlama-shape prompts, 2 threads): more spill registers. Folded
- * (symmetric codes on int16 x: no offset accumulators): Q6_K int16 x 4 -> 6 rows 76 -> 87 tok/s (8: 85), Q5_0 6 -> 8
- * 65 -> 71. Otherwise 16-column groups 4 (Q6_K int16 x 68 -> 76 tok/s from 8, int8 x 53 -> 101; in bytes with int8 x
- * 47 -> 130), split codes 6 (Q5_0 int16 x 47 -> 59-65, int8 x 101-108 -> 112-122), 4- / 8-bit g32 8. */
-#define QI_PW(BITS_, G16_, FOLD_) ((G16_) ? ((FOLD_) ? 6 : 4) : ((BITS_) == 5 || (BITS_) == 6) ? ((FOLD_) ? 8 : 6) : 8)
+/* x rows a pass (qi_matmul): 6 for 16-column groups, else 8. Measured per form (TinyLlama-shape prompts) while the
+ * kernel spilled (a pointer a row of x, offsets in the dots' loop): folded Q6_K 4 -> 6 rows 76 -> 87 tok/s (8: 85),
+ * Q5_0 6 -> 8 65 -> 71; with offsets or int8 x 16-column groups took 4 (Q6_K int8 x 53 -> 101 from 8) and split codes
+ * 6. Since x is pass-major (qx_at) and the offsets have their own loop (OFF2), every form takes the folded widths:
+ * one thread, pp128, Q5_K_M 38 -> 41 tok/s, with int8 x Q6_K 54 -> 62, Q5_K_M 61 -> 68, Q5_0 64 -> 71. */
+#define QI_PW(G16_) ((G16_) ? 6 : 8)
 /* HZ (offsets stored) as a constant: Q6_K's prompt was ~9% slower with it a branch where the scales are read.
  * Sanitized builds (speed does not matter there, compile time does: ~2 min for this file) take it as a value.
  * Each (N, form) is instantiated only up to the pass width that can ask for it (the rest would be dead code:
@@ -1079,19 +1095,15 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
 #ifdef __SANITIZE_ADDRESS__
 #define QI_HZ(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
-        if ((N_) > QI_PW(BITS_, G16_, !(X8_))) return 0;                                            \
+        if ((N_) > QI_PW(G16_)) return 0;                                                           \
         qi_rows(y, R, W, g0, g1, X, N_, W->zeros_d != NULL, BITS_, G16_, X8_);                      \
     } while (0)
 #else
 #define QI_HZ(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
-        if (W->zeros_d) {                                                                           \
-            if ((N_) > QI_PW(BITS_, G16_, 0)) return 0;                                             \
-            qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, X8_);                                   \
-        } else {                                                                                    \
-            if ((N_) > QI_PW(BITS_, G16_, !(X8_))) return 0;                                        \
-            qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                   \
-        }                                                                                           \
+        if ((N_) > QI_PW(G16_)) return 0;                                                           \
+        if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, X8_);                       \
+        else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                  \
     } while (0)
 #endif
 #if QI_X8
@@ -1191,7 +1203,7 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     if (X.g16) X.xs2 = (float *)(mem + nbt * (bsb + 64) + nbt8 * 8);
     memset(X.dx, 0, nbt8 * (X.g16 ? 16 : 8));
     const int nt = cpu_threads(be);
-    const int pw0 = QI_PW(W->bits, X.g16, fold), pw = pw0 < QI_N ? pw0 : QI_N; /* x rows a pass */
+    const int pw0 = QI_PW(X.g16), pw = pw0 < QI_N ? pw0 : QI_N; /* x rows a pass */
     X.pw = pw; /* x pass-major (qx_at) */
     X.nr = n;
 #pragma omp parallel for num_threads(nt) schedule(static) if (n > 8)
