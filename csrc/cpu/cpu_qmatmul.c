@@ -410,17 +410,17 @@ static float span_absmax(const float *x, int64_t C, int64_t b) {
  * rows sit at fixed offsets from one base a block, so the kernel addresses all of them from one register: the
  * interleaved kernel's prompts went 69 -> 79 tok/s (one thread, TinyLlama shape, 4-bit g32) when it stopped computing
  * a pointer a row (GCC ran out of registers for them and spilled). */
-static inline size_t qx_at(const qx_t *X, int t, int64_t b, int64_t stride) {
-    if (!X->pw) return (size_t)t * (size_t)stride + (size_t)b;
-    const int t0 = t / X->pw * X->pw, N = X->nr - t0 < X->pw ? X->nr - t0 : X->pw;
+static inline size_t qx_at(int t0, int N, int t, int64_t b, int64_t stride) {
     return (size_t)t0 * (size_t)stride + (size_t)b * (size_t)N + (size_t)(t - t0);
 }
 
 /* x rows [t0, t0 + n) (x points at row t0) into X */
 static void quant_x(qx_t *X, const float *x, int t0, int n, int64_t C, int kind) {
-    for (int t = t0; t < t0 + n; t++)
+    for (int t = t0; t < t0 + n; t++) {
+        /* row t's pass: its first row p0 and its rows pn (row by row: a pass of one, qx_at = t * stride + b) */
+        const int p0 = X->pw ? t / X->pw * X->pw : t, pn = !X->pw ? 1 : X->nr - p0 < X->pw ? X->nr - p0 : X->pw;
         for (int64_t b = 0; b < X->nb; b++) {
-            const size_t i = qx_at(X, t, b, X->nb), ib = (size_t)t * (size_t)X->nb + (size_t)b;
+            const size_t i = qx_at(p0, pn, t, b, X->nb), ib = (size_t)t * (size_t)X->nb + (size_t)b;
             const float *xb = x + (size_t)(t - t0) * (size_t)C + (size_t)b * 32;
             int sum, lo = 0;
             float d;
@@ -436,7 +436,8 @@ static void quant_x(qx_t *X, const float *x, int t0, int n, int64_t C, int kind)
                     _mm256_storeu_si256(p + 1, _mm256_permute2x128_si256(A, B, 0x31));
                 }
             }
-            const size_t i8 = qx_at(X, t, b, X->nb8), h0 = qx_at(X, t, 2 * b, 2 * X->nb8), h1 = qx_at(X, t, 2 * b + 1, 2 * X->nb8);
+            const size_t i8 = qx_at(p0, pn, t, b, X->nb8), h0 = qx_at(p0, pn, t, 2 * b, 2 * X->nb8),
+                         h1 = qx_at(p0, pn, t, 2 * b + 1, 2 * X->nb8);
             X->dx[i8] = d;
             X->xs[i8] = d * (float)sum;
             if (X->cs) { /* qi_rows' FOLD */
@@ -455,6 +456,7 @@ static void quant_x(qx_t *X, const float *x, int t0, int n, int64_t C, int kind)
             } else
                 _mm256_storeu_si256((__m256i *)(X->bs16 + ib * 8), _mm256_set1_epi32(16 * sum));
         }
+    }
 }
 
 /* y[t, r0 + r] = the sum of acc[r][t] + off[r][t], for t < N, r < RR */
@@ -1070,12 +1072,12 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
             for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, acc[t]);
             continue;
         }
-        for (int64_t jj = 0; jj < (OFF2 ? (G16 ? 2 * nb : nb) : 0); jj++) { /* OFF2: blocks, or G16's half blocks */
+        const float *xs = G16 ? X->xs2 : X->xs; /* OFF2: per block, or G16's half blocks */
+        for (int64_t jj = 0; jj < (OFF2 ? (G16 ? 2 * nb : nb) : 0); jj++) {
             if (G16 || jj % bpg == 0) {
                 const int64_t gj = G16 ? jj : jj / bpg;
                 m8 = HZ ? qi_s8(zp, sd, ng, gj, (int)G) : _mm256_mul_ps(qi_s8(sp, sd, ng, gj, (int)G), centre);
             }
-            const float *xs = G16 ? X->xs2 : X->xs;
             for (int t = 0; t < N; t++) off[t] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[(size_t)jj * (size_t)N + (size_t)t]), off[t]);
         }
         for (int t = 0; t < N; t++) _mm256_storeu_ps(y + (size_t)t * (size_t)R + (size_t)g * 8, _mm256_add_ps(acc[t], off[t]));
@@ -1090,18 +1092,16 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
 #define QI_PW(G16_) ((G16_) ? 6 : 8)
 /* HZ (offsets stored) as a constant: Q6_K's prompt was ~9% slower with it a branch where the scales are read.
  * Sanitized builds (speed does not matter there, compile time does: ~2 min for this file) take it as a value.
- * Each (N, form) is instantiated only up to the pass width that can ask for it (the rest would be dead code:
- * the kernel is large, and this file's compile time grows with every instantiation). */
+ * Each form is instantiated for N up to its pass width only (QI_FORM's QI_NS6 / QI_NS8, matching QI_PW: the rest
+ * would be dead code, the kernel is large, and this file's compile time grows with every instantiation). */
 #ifdef __SANITIZE_ADDRESS__
 #define QI_HZ(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
-        if ((N_) > QI_PW(G16_)) return 0;                                                           \
         qi_rows(y, R, W, g0, g1, X, N_, W->zeros_d != NULL, BITS_, G16_, X8_);                      \
     } while (0)
 #else
 #define QI_HZ(N_, BITS_, G16_, X8_)                                                                  \
     do {                                                                                            \
-        if ((N_) > QI_PW(G16_)) return 0;                                                           \
         if (W->zeros_d) qi_rows(y, R, W, g0, g1, X, N_, 1, BITS_, G16_, X8_);                       \
         else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                  \
     } while (0)
@@ -1115,7 +1115,7 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
 #else
 #define QI_RUN(N_, BITS_, G16_) QI_HZ(N_, BITS_, G16_, 0)
 #endif
-/* n = 1 .. 8 (QI_HZ leaves out those no pass width asks for); QI_RUN picks int8 or int16 x, QI_HZ offsets or not */
+/* n = 1 .. 8; QI_RUN picks int8 or int16 x, QI_HZ offsets or not */
 #define QI_NS4(B_, G_)                                                                              \
     case 1: QI_RUN(1, B_, G_); break;                                                                \
     case 2: QI_RUN(2, B_, G_); break;                                                                \
