@@ -1402,7 +1402,8 @@ done:
 /* Whether fl_model_interleave hands w to the backend (the rules in its comment) */
 static int interleave_candidate(const fl_model *m, const fl_weight *w) {
     const fl_config *c = &m->cfg;
-    if (w == &m->w.embed || (m->w.embed.data_d && w->data_d == m->w.embed.data_d)) return 0;
+    /* the embedding only as a tied LM head: its lookup (cpu_q_embed through cpu_q_widen) reads interleaved rows too */
+    if (w == &m->w.embed || (m->w.embed.data_d && w->data_d == m->w.embed.data_d)) return c->tie_embeddings;
     for (int l = 0; l < c->n_layers && c->n_experts; l++)
         if (w == &m->w.layers[l].moe_w13 || w == &m->w.layers[l].moe_w2) return c->moe_ffn % 4 == 0 && c->d % 8 == 0;
     return 1;
@@ -1432,6 +1433,8 @@ fl_status fl_model_interleave(fl_model *m) {
         m->n_interleaved += done;
     }
     free(ws);
+    /* a tied LM head is a copy of the embedding's fl_weight (the same bytes): it takes the new layout with them */
+    if (st == FL_OK && c->tie_embeddings && m->w.lm_head.data_d == m->w.embed.data_d) m->w.lm_head = m->w.embed;
     return st;
 }
 

@@ -11,7 +11,8 @@ What must hold:
   - formats it does not take are left row-major (run_op's "interleaved" 0) and still right;
   - a row's result is the same bits in any batch (the engine batches requests);
   - on whole models (GGUF Q4_0 / Q4_1 / Q4_K / Q4_K_M / Q8_0 / Q5_0 / Q5_K / Q6_K / a mix of all, GPTQ 4-bit with
-    act-order and 8-bit, AWQ, int4 and int8 at load): the weights are the
+    act-order and 8-bit, AWQ, int4 and int8 at load, and a Q8_0 embedding tied to the LM head, as the demo model's,
+    which is interleaved too: its lookup reads interleaved rows): the weights are the
     same values (the float path's logits and save_pretrained's export the same bits as row-major), one-token and prompt
     logits agree within float / int16 rounding, and a load after the weights were finalised is refused.
 """
@@ -130,7 +131,8 @@ def load(path, monkeypatch, interleave, **kw):
 
 MODEL_CASES = ["gguf-Q4_0", "gguf-Q4_1", "gguf-Q4_K", "gguf-Q4_K_M", "gguf-Q8_0", "gguf-Q5_0", "gguf-Q5_K",
                "gguf-Q6_K", "gguf-mixed-all", "gptq-4b-g32-asym-v1-actorder", "awq-g64-qwen2",
-               "gptq-4b-g128-sym-old-autogptq", "gptq-8b-g128-sym-v1", "int4-at-load", "int8-at-load"]
+               "gptq-4b-g128-sym-old-autogptq", "gptq-8b-g128-sym-v1", "int4-at-load", "int8-at-load",
+               "gguf-Q8_0-embed-tied"]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -148,8 +150,11 @@ def test_models_interleaved_same_values(built, case, tmp_path, monkeypatch):
     lr = {d["name"]: d for d in mr._core.layouts()}
     il = [n for n, d in li.items() if d["interleaved"]]
     assert len(il) == ni
+    tied = bool(mi.config.get("tie_word_embeddings"))
+    if tied and li["embed"]["dtype"].startswith("int"):  # the LM head's bytes: interleaved for that matmul, the lookup
+        assert "lm_head" not in li and li["embed"]["interleaved"], (case, li["embed"])  # reads interleaved rows
     for n, d in li.items():
-        took = (n != "embed" and d["rows"] % 8 == 0 and d["cols"] % 32 == 0 and
+        took = ((n != "embed" or tied) and d["rows"] % 8 == 0 and d["cols"] % 32 == 0 and
                 ((d["dtype"] in ("int4", "int5") and d["group_size"] % 32 == 0) or
                  (d["dtype"] in ("int6", "int8") and (d["group_size"] % 32 == 0 or d["group_size"] == 16))))
         assert bool(d["interleaved"]) == took, (case, n, d)
