@@ -1411,8 +1411,9 @@ static int interleave_candidate(const fl_model *m, const fl_weight *w) {
 
 /* After the last load (the Python layer calls it right after fl_model_check_complete): hand each quantised weight
  * the layer kernels read to the backend's interleave_weight, which may rearrange it into the backend's faster layout (the
- * CPU's rows-by-8 interleave, cpu_qmatmul.c). Not the embedding (its rows are looked up one token at a time), nor a
- * tied LM head (the same bytes); a Mixture of Experts' experts only when every expert's slice starts at a multiple of
+ * CPU's rows-by-8 interleave, cpu_qmatmul.c). Not an untied embedding (its rows are looked up one token at a time: nothing
+ * to gain); an embedding tied to the LM head is (the LM head's matmul reads all of it every step; cpu_q_embed reads
+ * interleaved rows too); a Mixture of Experts' experts only when every expert's slice starts at a multiple of
  * 8 rows (cpu_moe.c cuts them out with fl_weight_rows). FASTLOAD_CPU_INTERLEAVE=0 keeps every weight row-major (a
  * comparison switch: the same results within float rounding). Runs once; later loads are refused. */
 fl_status fl_model_interleave(fl_model *m) {
