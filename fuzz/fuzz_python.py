@@ -722,9 +722,11 @@ def setup_root():
         shutil.rmtree(root, ignore_errors=True)
         os.makedirs(root)
     else:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        # fuzz/run.sh passes FL_FUZZ_TMP (a directory it removes: libFuzzer's timed exit skips atexit)
+        base = os.environ.get("FL_FUZZ_TMP") or (
+            "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None)
         root = tempfile.mkdtemp(prefix="fl-fuzz-", dir=base)
-        atexit.register(shutil.rmtree, root, True)
+        atexit.register(shutil.rmtree, root, True)  # a run ended by Python (triage, -runs=N) cleans up itself
     cfg, tensors = ST_TEMPLATES[0]
     with open(os.path.join(root, "outside.safetensors"), "wb") as f:
         f.write(tm.st_file(tensors))

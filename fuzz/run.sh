@@ -189,12 +189,17 @@ python_run() {
     ensure_python || return 1
     mkdir -p "$BUILD/logs" "$BUILD/findings/fuzz_python" "$BUILD/corpus/fuzz_python"
     touch "$BUILD/findings/.since_fuzz_python"
-    local log="$BUILD/logs/fuzz_python.log" rc=0
+    local log="$BUILD/logs/fuzz_python.log" rc=0 tmp
+    # the harness's scratch root (checkpoints it builds, its canary files) goes under a directory made here and removed
+    # here: libFuzzer ends a timed run with _exit, which skips the harness's own atexit clean-up (every run left a
+    # /dev/shm/fl-fuzz-* behind)
+    tmp="$(mktemp -d /dev/shm/fl-fuzz-run-XXXXXX 2>/dev/null || mktemp -d)"
     # new inputs go to the scratch corpus (the first directory), never into the committed seeds
-    (cd "$BUILD/findings/fuzz_python" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+    (cd "$BUILD/findings/fuzz_python" && FL_FUZZ_TMP="$tmp" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
         "$PYTHON" "$HERE/fuzz_python.py" -max_total_time="$secs" -timeout=10 -rss_limit_mb=3072 \
         -max_len=131072 -print_final_stats=1 -artifact_prefix="$BUILD/findings/fuzz_python/" \
         "$BUILD/corpus/fuzz_python" "$HERE/corpus/fuzz_python") >"$log" 2>&1 || rc=$?
+    rm -rf "$tmp"
     local execs rate
     execs="$(grep -oE 'stat::number_of_executed_units: +[0-9]+' "$log" | awk '{print $2}' | tail -1)"
     rate="$(grep -oE 'stat::average_exec_per_sec: +[0-9]+' "$log" | awk '{print $2}' | tail -1)"
