@@ -1435,7 +1435,7 @@ fl_status fl_model_interleave(fl_model *m) {
     }
     free(ws);
     /* a tied LM head is a copy of the embedding's fl_weight (the same bytes): it takes the new layout with them */
-    if (st == FL_OK && c->tie_embeddings && m->w.lm_head.data_d == m->w.embed.data_d) m->w.lm_head = m->w.embed;
+    if (c->tie_embeddings) m->w.lm_head = m->w.embed;
     return st;
 }
 
