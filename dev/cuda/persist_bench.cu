@@ -10,8 +10,14 @@
 //   chain       the same without PDL
 //   persist     one kernel for all steps, all blocks resident, a grid barrier (atomic count, acquire spin) between steps;
 //               "early": each block requests its first batch of the next step's weights before the barrier
+//   persist-tma (thirty-sixth session) one block an SM: a producer warp streams the block's slice of every step into
+//               shared memory with the copy engine, running ahead across steps; consumer warps wait on a counter of
+//               the step before (no grid barrier); see persist_tma_kernel and benchmarks/results/persist-tma-2026-12-06/
 // Prints microseconds for the four layers and a layer, and the share of the device-to-device copy rate that the
-// weight bytes alone would take.
+// weight bytes alone would take. argv[3]: work per byte (0 checksum, 1 / 2 a 4-bit GEMV's arithmetic, roughly).
+// Environment: PERSIST_TMA_ONLY=1 skips the grid-barrier persist rows; PERSIST_XMODE=0|1|2 what a step hands the next
+// (one value; a 4096-value vector after a counter, read whole by every block, the chain too; the vector as polled
+// {value, epoch} words).
 //   nvcc -O3 -arch=sm_90 -o persist_bench dev/cuda/persist_bench.cu && ./persist_bench [reps [steps]]
 // steps: a comma list of norm1,qkv,attention,combine,o,norm2,gate_up,swiglu,down (default all but combine), e.g.
 // "qkv,attention,combine,o,gate_up,down" for a layer whose RMSNorms and SwiGLU are folded into the GEMVs.
@@ -65,9 +71,31 @@ __device__ __forceinline__ void load_batch(const Phase &ph, uint64_t i0, uint64_
         w[j] = i < ph.nvec ? ld_stream(ph.p + i) : make_uint4(0, 0, 0, 0);
     }
 }
+// WORK (set by argv[3]): 0 a checksum (a few instructions a 16 bytes); 1 a 4-bit GEMV's arithmetic, roughly: each
+// 32-bit word split into its two nibble planes, two dp4a against x held in registers, and a float scale every 16 bytes
+// (~0.7 instructions a weight; fastload's kernel has ~1.66); 2 that twice (~1.4 a weight).
+__constant__ int c_work;
+__device__ __forceinline__ uint32_t fold1(const uint4 &v, uint32_t acc) {
+    if (c_work == 0) return acc * 31u + (v.x ^ v.y ^ v.z ^ v.w);
+    const int xa = 0x01020304 + (int)threadIdx.x, xb = 0x05060708 ^ (int)threadIdx.x;
+    float f = __uint_as_float((acc & 0x007fffffu) | 0x3f800000u);
+    for (int r = 0; r < c_work; r++) {
+        int d = 0;
+        d = __dp4a((int)(v.x & 0x0f0f0f0fu), xa, d);
+        d = __dp4a((int)((v.x >> 4) & 0x0f0f0f0fu), xb, d);
+        d = __dp4a((int)(v.y & 0x0f0f0f0fu), xa, d);
+        d = __dp4a((int)((v.y >> 4) & 0x0f0f0f0fu), xb, d);
+        d = __dp4a((int)(v.z & 0x0f0f0f0fu), xa, d);
+        d = __dp4a((int)((v.z >> 4) & 0x0f0f0f0fu), xb, d);
+        d = __dp4a((int)(v.w & 0x0f0f0f0fu), xa, d);
+        d = __dp4a((int)((v.w >> 4) & 0x0f0f0f0fu), xb, d);
+        f = fmaf(1.0009765625f, (float)d, f);
+    }
+    return __float_as_uint(f) ^ acc;
+}
 __device__ __forceinline__ uint32_t fold(const uint4 (&w)[UNR], uint32_t acc) {
 #pragma unroll
-    for (int j = 0; j < UNR; j++) acc = acc * 31u + (w[j].x ^ w[j].y ^ w[j].z ^ w[j].w);
+    for (int j = 0; j < UNR; j++) acc = fold1(w[j], acc);
     return acc;
 }
 // The rest of a step after its first batch (already in w): every further batch, then the block's sum into out[b].
@@ -91,14 +119,28 @@ __device__ void finish(const Phase &ph, int b, int nb, uint4 (&w)[UNR], uint32_t
 }
 
 // chain: one step a launch. prev: the step before's outputs (nothing written by this one is read before the wait).
-__global__ void __launch_bounds__(TPB) step_kernel(const Phase ph, const uint32_t *prev, int prev_n, uint32_t *out) {
+// xin / xout (PERSIST_XMODE >= 1): the step before's 4096-value vector, read whole after the wait, and this step's,
+// written in shares (block b of nb: values [b, b + 1) * 4096 / nb), as a GEMV's x and y.
+__global__ void __launch_bounds__(TPB) step_kernel(const Phase ph, const uint32_t *prev, int prev_n, uint32_t *out,
+                                                   const uint32_t *xin, uint32_t *xout) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int b = blockIdx.x, nb = gridDim.x;
     uint4 w[UNR];
     load_batch(ph, (uint64_t)b * TPB + threadIdx.x, (uint64_t)nb * TPB, 0, w);  // weights: before the wait
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    const uint32_t dep = prev ? __ldcg(prev + b % prev_n) : 0u;
+    uint32_t dep = prev ? __ldcg(prev + b % prev_n) : 0u;
+    if (xin)
+        for (int i = threadIdx.x; i < 4096 / 4; i += TPB) {
+            const uint4 v = __ldcg((const uint4 *)xin + i);
+            dep ^= v.x ^ v.y ^ v.z ^ v.w;
+        }
     finish(ph, b, nb, w, dep, out);
+    if (xout) {
+        __syncthreads();
+        const uint32_t t = ((volatile uint32_t *)out)[b];
+        const int lo = (int)((long)b * 4096 / nb), hi = (int)((long)(b + 1) * 4096 / nb);
+        for (int i = lo + threadIdx.x; i < hi; i += TPB) xout[i] = t ^ (uint32_t)i;
+    }
 }
 
 // Grid barriers. bar counts arrivals since the launch (zeroed before it); barrier k waits for k * arrivals-a-barrier.
@@ -165,6 +207,158 @@ __global__ void __launch_bounds__(TPB) persist_kernel(const Plan plan, uint32_t 
     }
 }
 
+// persist-tma: one block an SM, a producer warp and NC consumer warps. The producer streams every step's bytes of this
+// block (a contiguous slice of each step: block b of nb takes [b, b + 1) / nb of it) into a ring of shared-memory
+// stages with the copy engine (cp.async.bulk, completion on an mbarrier a stage), running ahead across steps: weights
+// do not depend on the step before, so the ring fills while the consumers wait for their dependency. The consumers
+// wait for the step before (a counter a step that its working blocks add one to, red.release, after writing their
+// output), read its output, fold the stages and release them (one arrival a warp on the stage's "empty" barrier).
+// No grid barrier: a step waits only for the step before's working blocks (one block for a norm, 20 for attention).
+constexpr int NC = 8, PT = 32 * (NC + 1);
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(uint64_t *b, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *b, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(b)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
+    asm volatile(
+        "{\n .reg .pred p;\n"
+        "W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        " @!p bra W;\n}" ::"r"(smem_addr(b)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *b) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(b))
+                 : "memory");
+}
+__device__ __forceinline__ void red_release(unsigned *p, unsigned v) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(NC * 32) : "memory"); }
+// the byte slice [lo, hi) of step ph for block b of nb (16-byte units)
+__device__ __forceinline__ void slice(const Phase &ph, int b, int nb, uint64_t &lo, uint64_t &hi) {
+    const uint64_t per = (ph.nvec + nb - 1) / nb;
+    lo = min(ph.nvec, (uint64_t)b * per);
+    hi = min(ph.nvec, lo + per);
+}
+// XMODE: what a step hands the next. 0: one value from one block of the step before (read after the counter);
+// 1: a vector of XN values written in shares by the step's working blocks, every block of the next step reads all of it
+// after the counter (a GEMV's x); 2: the same vector as 64-bit words {value, epoch} ("LL", as NCCL's low-latency
+// protocol): no counter and no fence, the reader polls each word until its epoch is this launch's.
+constexpr int XN = 4096;
+__device__ __forceinline__ uint64_t ld_volatile_u64(const uint64_t *p) {
+    uint64_t v;
+    asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+template <int XMODE>
+__global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uint32_t *out, unsigned *cnt, int ch_vec,
+                                                            int nst, uint32_t *xv, uint64_t *ll, unsigned epoch) {
+    extern __shared__ __align__(1024) unsigned char smem[];
+    uint64_t *full = (uint64_t *)smem, *empty = full + nst;
+    uint4 *ring = (uint4 *)(smem + 1024);
+    const int b = blockIdx.x, G = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    auto nb_of = [&](int s) { return plan.ph[s].blocks ? plan.ph[s].blocks : G; };
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < nst; i++) {
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, NC);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (warp == 0) {  // producer
+        if (lane == 0) {
+            unsigned k = 0;
+            for (int s = 0; s < plan.n; s++) {
+                const int nb = nb_of(s);
+                if (b >= nb) continue;
+                uint64_t lo, hi;
+                slice(plan.ph[s], b, nb, lo, hi);
+                for (uint64_t o = lo; o < hi; o += ch_vec, k++) {
+                    const int st = (int)(k % nst);
+                    if (k >= (unsigned)nst) mbar_wait(empty + st, ((k / nst) & 1) ^ 1);
+                    const uint32_t n = (uint32_t)min((uint64_t)ch_vec, hi - o) * 16;
+                    mbar_expect_tx(full + st, n);
+                    bulk_g2s(ring + (size_t)st * ch_vec, plan.ph[s].p + o, n, full + st);
+                }
+            }
+        }
+        return;
+    }
+    const int ct = threadIdx.x - 32;
+    unsigned k = 0;
+    __shared__ uint32_t red[NC];
+    for (int s = 0; s < plan.n; s++) {
+        const int nb = nb_of(s);
+        if (b >= nb) continue;
+        uint32_t acc = 0;
+        if (s > 0 && XMODE < 2) {
+            const unsigned need = (unsigned)nb_of(s - 1);
+            if (ct == 0)
+                while (ld_acquire(cnt + s - 1) < need) {
+                }
+            consumers_sync();
+            if (XMODE == 0) acc = __ldcg(out + (size_t)(s - 1) * G + b % need);
+            else
+                for (int i = ct; i < XN / 4; i += NC * 32) {
+                    const uint4 v = __ldcg((const uint4 *)(xv + (size_t)(s - 1) * XN) + i);
+                    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+                }
+        } else if (s > 0) {
+            const uint64_t *src = ll + (size_t)(s - 1) * XN;
+            for (int i = ct; i < XN; i += NC * 32) {
+                uint64_t v;
+                while (((v = ld_volatile_u64(src + i)) >> 32) != epoch) {
+                }
+                acc ^= (uint32_t)v;
+            }
+            consumers_sync();  // the whole x in the block (a GEMV needs all of it)
+        }
+        uint64_t lo, hi;
+        slice(plan.ph[s], b, nb, lo, hi);
+        for (uint64_t o = lo; o < hi; o += ch_vec, k++) {
+            const int st = (int)(k % nst);
+            mbar_wait(full + st, (k / nst) & 1);
+            const int n = (int)min((uint64_t)ch_vec, hi - o);
+            const uint4 *r = ring + (size_t)st * ch_vec;
+            for (int i = ct; i < n; i += NC * 32) acc = fold1(r[i], acc);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + st);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) red[warp - 1] = acc;
+        consumers_sync();
+        if (XMODE == 0) {
+            if (ct == 0) {
+                uint32_t t = 0;
+                for (int i = 0; i < NC; i++) t += red[i];
+                out[(size_t)s * G + b] = t;
+                red_release(cnt + s, 1u);
+            }
+        } else {
+            uint32_t t = 0;
+            for (int i = 0; i < NC; i++) t += red[i];
+            const int lo = (int)((long)b * XN / nb), hi = (int)((long)(b + 1) * XN / nb);
+            for (int i = lo + ct; i < hi; i += NC * 32) {
+                if (XMODE == 1) xv[(size_t)s * XN + i] = t ^ (uint32_t)i;
+                else __stcg(ll + (size_t)s * XN + i, ((uint64_t)epoch << 32) | (t ^ (uint32_t)i));
+            }
+            if (XMODE == 1) {
+                consumers_sync();  // every share written before the release (cumulative through the CTA barrier)
+                if (ct == 0) red_release(cnt + s, 1u);
+            }
+        }
+        if (XMODE != 0) consumers_sync();  // red[] is read by all before the next step writes it
+    }
+}
+
 static float median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -220,7 +414,10 @@ int main(int argc, char **argv) {
         return 1;
     }
     const int LAYERS = 4, nph = per * LAYERS;
-    printf("steps a layer: %s\n", pick);
+    const int work = argc > 3 ? atoi(argv[3]) : 0;
+    CK(cudaMemcpyToSymbol(c_work, &work, sizeof work));
+    printf("steps a layer: %s; work %d (%s)\n", pick, work,
+           work == 0 ? "checksum" : work == 1 ? "4-bit dp4a ~0.7 instr a weight" : "4-bit dp4a x2 ~1.4 instr a weight");
     size_t total = 0;
     for (int l = 0; l < LAYERS; l++)
         for (int i = 0; i < per; i++) total += ((size_t)layer[i].bytes + 15) / 16 * 16;
@@ -281,6 +478,9 @@ int main(int argc, char **argv) {
     one.n = 1;
     one.ph[0] = {(const uint4 *)buf, total / 16, 0};
     // chains
+    uint32_t *xvec = nullptr;
+    if (getenv("PERSIST_XMODE") && atoi(getenv("PERSIST_XMODE")) >= 1) CK(cudaMalloc(&xvec, (size_t)nph * 4096 * 4));
+    if (xvec) printf("chain hand-off: a 4096-value vector, read whole by every block\n");
     for (int pdl = 1; pdl >= 0; pdl--) {
         for (int bps : {occ_step, 4, 2, -1, -2}) {
             if (bps > occ_step || (bps < 0 && !pdl)) continue;
@@ -303,9 +503,11 @@ int main(int argc, char **argv) {
                 cfg.attrs = at;
                 cfg.numAttrs = pdl ? 1 : 0;
                 const int pn = s ? (pl.ph[s - 1].blocks ? pl.ph[s - 1].blocks : G) : 1;
+                const uint32_t *xin = xvec && s ? xvec + (size_t)(s - 1) * 4096 : nullptr;
+                uint32_t *xout = xvec ? xvec + (size_t)s * 4096 : nullptr;
                 CK(cudaLaunchKernelEx(&cfg, step_kernel, pl.ph[s], s ? (const uint32_t *)(out + (size_t)(s - 1) * Gmax)
                                                                       : (const uint32_t *)nullptr,
-                                      pn, out + (size_t)s * Gmax));
+                                      pn, out + (size_t)s * Gmax, xin, xout));
             }
             CK(cudaStreamEndCapture(st, &g));
             CK(cudaGraphInstantiate(&ge, g, 0));
@@ -339,6 +541,61 @@ int main(int argc, char **argv) {
         CK(time_us(st, e0, e1, 3, reps, [&] { return cudaMemsetAsync(bar, 0, 4, st); }, launch, us));
         return 0;
     };
+    // persist-tma: one block an SM, stages of ch bytes x nst in shared memory
+    {
+        unsigned *cnt;
+        uint32_t *xv;
+        uint64_t *ll;
+        unsigned epoch = 0;
+        CK(cudaMalloc(&cnt, (size_t)nph * 4));
+        CK(cudaMalloc(&xv, (size_t)nph * XN * 4));
+        CK(cudaMalloc(&ll, (size_t)nph * XN * 8));
+        CK(cudaMemset(ll, 0, (size_t)nph * XN * 8));
+        CK(cudaFuncSetAttribute(persist_tma_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
+        CK(cudaFuncSetAttribute(persist_tma_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
+        CK(cudaFuncSetAttribute(persist_tma_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
+        const int xmode = getenv("PERSIST_XMODE") ? atoi(getenv("PERSIST_XMODE")) : 0;
+        printf("persist-tma hand-off: %s\n", xmode == 0 ? "one value after a counter"
+                                             : xmode == 1 ? "a 4096-value vector after a counter"
+                                                          : "a 4096-value vector of {value, epoch} words, polled");
+        // chunk bytes, stages, blocks an SM (2: half the shared memory each)
+        const int cfgs[][3] = {{16384, 12, 1}, {16384, 6, 1}, {8192, 8, 1}, {32768, 6, 1},
+                               {16384, 6, 2}, {8192, 12, 2}, {32768, 3, 2}};
+        for (const auto &c : cfgs) {
+            const int ch_vec = c[0] / 16, nst = c[1], bps = c[2];
+            const size_t sm = 1024 + (size_t)c[0] * nst;
+            Plan none = plan;  // no bytes: the dependency chain alone
+            for (int i = 0; i < none.n; i++) none.ph[i].nvec = 0;
+            for (const Plan *pl : {&plan, &gemv_only, &one, &none}) {
+                if (pl == &none && (c[0] != 16384 || nst != 6)) continue;
+                float us;
+                CK(time_us(st, e0, e1, 3, reps, [&] { return cudaMemsetAsync(cnt, 0, (size_t)nph * 4, st); },
+                           [&] {
+                               epoch++;
+                               if (xmode == 0)
+                                   persist_tma_kernel<0><<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch);
+                               else if (xmode == 1)
+                                   persist_tma_kernel<1><<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch);
+                               else
+                                   persist_tma_kernel<2><<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch);
+                               return cudaGetLastError();
+                           },
+                           &us));
+                char name[64];
+                if (pl == &none) {
+                    printf("  persist-tma dependencies only: %.2f us a step (%d steps)\n", us / nph, nph);
+                    continue;
+                }
+                snprintf(name, sizeof name, "persist-tma %dK x%d %d/SM%s", c[0] / 1024, nst, bps,
+                         pl == &plan ? "" : pl == &one ? " one step" : " GEMVs only");
+                report(name, us);
+            }
+        }
+        CK(cudaFree(cnt));
+        CK(cudaFree(xv));
+        CK(cudaFree(ll));
+    }
+    if (getenv("PERSIST_TMA_ONLY")) return 0;
     Plan empty = plan;
     for (int s = 0; s < nph; s++) empty.ph[s].nvec = 0;
     struct P { int bar, cluster, bps; };
