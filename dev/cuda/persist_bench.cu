@@ -256,11 +256,28 @@ __device__ __forceinline__ uint64_t ld_volatile_u64(const uint64_t *p) {
     asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
-template <int XMODE>
+// DYN: a step's chunks are not a fixed slice a block but taken by the producers in tickets of two (an atomic counter
+// a step, cnt[MAXPH + s]), so blocks finish a step together; a producer ends its share of a step with an empty stage
+// marked END. Every block of a step then adds one to the step's counter after its END.
+constexpr uint32_t END = 0xffffffffu;
+__device__ __forceinline__ unsigned long long gtime() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// stamps (PERSIST_STAMPS=1): per block and step, ns: [0] the consumers reach the dependency wait, [1] it is over,
+// [2] the step's first stage is full, [3] the step is done (its counter released)
+#define STAMP(i)                                                                                                   \
+    do {                                                                                                           \
+        if (stamps && ct == 0) stamps[((size_t)b * MAXPH + s) * 4 + (i)] = gtime();                               \
+    } while (0)
+template <int XMODE, int DYN>
 __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uint32_t *out, unsigned *cnt, int ch_vec,
-                                                            int nst, uint32_t *xv, uint64_t *ll, unsigned epoch) {
+                                                            int nst, uint32_t *xv, uint64_t *ll, unsigned epoch,
+                                                            unsigned long long *stamps) {
     extern __shared__ __align__(1024) unsigned char smem[];
     uint64_t *full = (uint64_t *)smem, *empty = full + nst;
+    uint32_t *ids = (uint32_t *)(empty + nst);  // DYN: the chunk in each stage (END: the block's share of a step is done)
     uint4 *ring = (uint4 *)(smem + 1024);
     const int b = blockIdx.x, G = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     auto nb_of = [&](int s) { return plan.ph[s].blocks ? plan.ph[s].blocks : G; };
@@ -275,7 +292,31 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
     if (warp == 0) {  // producer
         if (lane == 0) {
             unsigned k = 0;
-            for (int s = 0; s < plan.n; s++) {
+            for (int s = 0; s < plan.n && DYN; s++) {
+                const int nb = nb_of(s);
+                if (b >= nb) continue;
+                const uint32_t nch = (uint32_t)((plan.ph[s].nvec + ch_vec - 1) / ch_vec);
+                for (;;) {
+                    const uint32_t c0 = atomicAdd(cnt + MAXPH + s, 2u);
+                    for (uint32_t c = c0; c < c0 + 2; c++, k++) {
+                        const int st = (int)(k % nst);
+                        if (k >= (unsigned)nst) mbar_wait(empty + st, ((k / nst) & 1) ^ 1);
+                        if (c >= nch) {
+                            ids[st] = END;
+                            mbar_arrive(full + st);
+                            k++;
+                            goto next_step;
+                        }
+                        const uint64_t o = (uint64_t)c * ch_vec;
+                        const uint32_t n = (uint32_t)min((uint64_t)ch_vec, plan.ph[s].nvec - o) * 16;
+                        ids[st] = c;
+                        mbar_expect_tx(full + st, n);
+                        bulk_g2s(ring + (size_t)st * ch_vec, plan.ph[s].p + o, n, full + st);
+                    }
+                }
+            next_step:;
+            }
+            for (int s = 0; s < plan.n && !DYN; s++) {
                 const int nb = nb_of(s);
                 if (b >= nb) continue;
                 uint64_t lo, hi;
@@ -298,6 +339,7 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
         const int nb = nb_of(s);
         if (b >= nb) continue;
         uint32_t acc = 0;
+        STAMP(0);
         if (s > 0 && XMODE < 2) {
             const unsigned need = (unsigned)nb_of(s - 1);
             if (ct == 0)
@@ -320,16 +362,42 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
             }
             consumers_sync();  // the whole x in the block (a GEMV needs all of it)
         }
-        uint64_t lo, hi;
-        slice(plan.ph[s], b, nb, lo, hi);
-        for (uint64_t o = lo; o < hi; o += ch_vec, k++) {
-            const int st = (int)(k % nst);
-            mbar_wait(full + st, (k / nst) & 1);
-            const int n = (int)min((uint64_t)ch_vec, hi - o);
-            const uint4 *r = ring + (size_t)st * ch_vec;
-            for (int i = ct; i < n; i += NC * 32) acc = fold1(r[i], acc);
-            __syncwarp();
-            if (lane == 0) mbar_arrive(empty + st);
+        STAMP(1);
+        bool first = true;
+        if (DYN)
+            for (;; k++) {
+                const int st = (int)(k % nst);
+                mbar_wait(full + st, (k / nst) & 1);
+                if (first) STAMP(2);
+                first = false;
+                const uint32_t c = ids[st];
+                if (c != END) {
+                    const uint64_t o = (uint64_t)c * ch_vec;
+                    const int n = (int)min((uint64_t)ch_vec, plan.ph[s].nvec - o);
+                    const uint4 *r = ring + (size_t)st * ch_vec;
+                    for (int i = ct; i < n; i += NC * 32) acc = fold1(r[i], acc);
+                }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty + st);
+                if (c == END) {
+                    k++;
+                    break;
+                }
+            }
+        else {
+            uint64_t lo, hi;
+            slice(plan.ph[s], b, nb, lo, hi);
+            for (uint64_t o = lo; o < hi; o += ch_vec, k++) {
+                const int st = (int)(k % nst);
+                mbar_wait(full + st, (k / nst) & 1);
+                if (first) STAMP(2);
+                first = false;
+                const int n = (int)min((uint64_t)ch_vec, hi - o);
+                const uint4 *r = ring + (size_t)st * ch_vec;
+                for (int i = ct; i < n; i += NC * 32) acc = fold1(r[i], acc);
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty + st);
+            }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -341,6 +409,7 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
                 for (int i = 0; i < NC; i++) t += red[i];
                 out[(size_t)s * G + b] = t;
                 red_release(cnt + s, 1u);
+                STAMP(3);
             }
         } else {
             uint32_t t = 0;
@@ -354,6 +423,7 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
                 consumers_sync();  // every share written before the release (cumulative through the CTA barrier)
                 if (ct == 0) red_release(cnt + s, 1u);
             }
+            STAMP(3);
         }
         if (XMODE != 0) consumers_sync();  // red[] is read by all before the next step writes it
     }
@@ -547,13 +617,19 @@ int main(int argc, char **argv) {
         uint32_t *xv;
         uint64_t *ll;
         unsigned epoch = 0;
-        CK(cudaMalloc(&cnt, (size_t)nph * 4));
+        CK(cudaMalloc(&cnt, (size_t)2 * MAXPH * 4));
         CK(cudaMalloc(&xv, (size_t)nph * XN * 4));
         CK(cudaMalloc(&ll, (size_t)nph * XN * 8));
         CK(cudaMemset(ll, 0, (size_t)nph * XN * 8));
-        CK(cudaFuncSetAttribute(persist_tma_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
-        CK(cudaFuncSetAttribute(persist_tma_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
-        CK(cudaFuncSetAttribute(persist_tma_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
+        const int dyn = getenv("PERSIST_DYN") ? atoi(getenv("PERSIST_DYN")) : 0;
+        const auto kern = [&](int xm) {
+            return dyn ? (xm == 0 ? persist_tma_kernel<0, 1> : xm == 1 ? persist_tma_kernel<1, 1> : persist_tma_kernel<2, 1>)
+                       : (xm == 0 ? persist_tma_kernel<0, 0> : xm == 1 ? persist_tma_kernel<1, 0> : persist_tma_kernel<2, 0>);
+        };
+        for (int xm = 0; xm < 3; xm++)
+            CK(cudaFuncSetAttribute(kern(xm), cudaFuncAttributeMaxDynamicSharedMemorySize, 1024 + 200 * 1024));
+        printf("persist-tma chunks: %s\n", dyn ? "taken by the producers in tickets of two (PERSIST_DYN=1)"
+                                              : "a fixed slice of each step a block");
         const int xmode = getenv("PERSIST_XMODE") ? atoi(getenv("PERSIST_XMODE")) : 0;
         printf("persist-tma hand-off: %s\n", xmode == 0 ? "one value after a counter"
                                              : xmode == 1 ? "a 4096-value vector after a counter"
@@ -569,15 +645,11 @@ int main(int argc, char **argv) {
             for (const Plan *pl : {&plan, &gemv_only, &one, &none}) {
                 if (pl == &none && (c[0] != 16384 || nst != 6)) continue;
                 float us;
-                CK(time_us(st, e0, e1, 3, reps, [&] { return cudaMemsetAsync(cnt, 0, (size_t)nph * 4, st); },
+                CK(time_us(st, e0, e1, 3, reps, [&] { return cudaMemsetAsync(cnt, 0, (size_t)2 * MAXPH * 4, st); },
                            [&] {
                                epoch++;
-                               if (xmode == 0)
-                                   persist_tma_kernel<0><<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch);
-                               else if (xmode == 1)
-                                   persist_tma_kernel<1><<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch);
-                               else
-                                   persist_tma_kernel<2><<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch);
+                               kern(xmode)<<<n_sm * bps, PT, sm, st>>>(*pl, out, cnt, ch_vec, nst, xv, ll, epoch,
+                                                                       nullptr);
                                return cudaGetLastError();
                            },
                            &us));
@@ -590,6 +662,44 @@ int main(int argc, char **argv) {
                          pl == &plan ? "" : pl == &one ? " one step" : " GEMVs only");
                 report(name, us);
             }
+        }
+        if (getenv("PERSIST_STAMPS")) {  // one launch of 16 KB x 6, one block an SM, stamped; steps of the third layer
+            unsigned long long *d_st;
+            const size_t nst_b = (size_t)n_sm * MAXPH * 4;
+            CK(cudaMalloc(&d_st, nst_b * 8));
+            for (const Plan *pl : {&gemv_only, &plan}) {
+                std::vector<unsigned long long> h(nst_b);
+                for (int rep = 0; rep < 3; rep++) {  // the last of three
+                    CK(cudaMemsetAsync(cnt, 0, (size_t)2 * MAXPH * 4, st));
+                    CK(cudaMemsetAsync(d_st, 0, nst_b * 8, st));
+                    epoch++;
+                    kern(xmode)<<<n_sm, PT, 1024 + 16384 * 6, st>>>(*pl, out, cnt, 1024, 6, xv, ll, epoch, d_st);
+                    CK(cudaGetLastError());
+                    CK(cudaStreamSynchronize(st));
+                }
+                CK(cudaMemcpy(h.data(), d_st, nst_b * 8, cudaMemcpyDeviceToHost));
+                const int per_l = pl->n / LAYERS;
+                printf("stamps (%s, 16K x6 1/SM), layer 3, us from the step before's last release:\n", pl == &plan ? "layer" : "GEMVs only");
+                printf("  %-5s %8s %9s %9s %9s %9s %9s  (median over working blocks; ideal = bytes at the copy rate)\n",
+                       "step", "blocks", "resume", "1st full", "done med", "done max", "ideal");
+                auto at = [&](int blk, int s2, int i) { return h[((size_t)blk * MAXPH + s2) * 4 + i]; };
+                for (int s2 = 2 * per_l; s2 < 3 * per_l; s2++) {
+                    const int nbs = pl->ph[s2].blocks ? pl->ph[s2].blocks : n_sm;
+                    const int nbp = pl->ph[s2 - 1].blocks ? pl->ph[s2 - 1].blocks : n_sm;
+                    unsigned long long t0 = 0;
+                    for (int blk = 0; blk < nbp; blk++) t0 = std::max(t0, at(blk, s2 - 1, 3));
+                    std::vector<float> rs, fs, ds;
+                    for (int blk = 0; blk < nbs; blk++) {
+                        rs.push_back((float)((long long)(at(blk, s2, 1) - t0)) / 1e3f);
+                        fs.push_back((float)((long long)(at(blk, s2, 2) - t0)) / 1e3f);
+                        ds.push_back((float)((long long)(at(blk, s2, 3) - t0)) / 1e3f);
+                    }
+                    const float dmax = *std::max_element(ds.begin(), ds.end());
+                    printf("  %-5d %8d %9.2f %9.2f %9.2f %9.2f %9.2f\n", s2, nbs, median(rs), median(fs), median(ds), dmax,
+                           pl->ph[s2].nvec * 16.0 / (copy_gbs * 1e9) * 1e6);
+                }
+            }
+            CK(cudaFree(d_st));
         }
         CK(cudaFree(cnt));
         CK(cudaFree(xv));
