@@ -816,7 +816,7 @@ static int codes56_ok(const fl_model *m, const fl_weight *w) {
  * Act-order permutations of fused parts must be equal. */
 static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout *lay) {
     const int nid = n_weight_ids(m);
-    typedef struct { int nfloat, nquant, nscheme, mixed, first, nk, kform, ngguf, maxcb; } acc_t;
+    typedef struct { int nfloat, nquant, nscheme, mixed, first, nk, ngguf, maxcb; } acc_t;
     acc_t *acc = calloc((size_t)nid, sizeof *acc);
     if (!acc) return fl_err(FL_E_NOMEM, "cannot allocate the load plan");
     for (int i = 0; i < nid; i++) acc[i].first = -1;
@@ -831,12 +831,7 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
             a->ngguf++;
             if (cb > a->maxcb) a->maxcb = cb;
         }
-        if (is_kquant(gt)) {
-            /* K scales (quant.h) need one group size and one form over the parts: kform = group * 2 + zeros */
-            const int f = p->L.group_size * 2 + p->L.has_zeros;
-            if (a->nk++ == 0) a->kform = f;
-            else if (a->kform != f) a->kform = -1;
-        }
+        if (is_kquant(gt)) a->nk++; /* K scales (quant.h) need every part a K-quant */
         if (a->first < 0) { a->first = i; lay[p->wid] = p->L; continue; }
         fl_qlayout *L = &lay[p->wid];
         if (p->kind == SRC_SCHEME) { if (!layout_eq(L, &p->L)) a->mixed = 1; }
@@ -863,9 +858,12 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
             }
         }
         fl_weight *w = p->w;
-        if (i == a->first && a->nk == a->nquant && !a->nscheme && a->kform > 0 && kscales_ok(m) &&
-            w->cols % FL_KS_SUPER == 0)
-            lay[p->wid].sdtype = FL_I8; /* every part a K-quant of one group and form: the file's two-level scales */
+        /* every part a K-quant: the file's two-level scales. Parts of different groups or forms (Q4_K_M's q|k|v: Q4_K
+         * with a Q6_K v) share the common layout's smallest group (a group-32 part's scales repeated) and offsets if
+         * any part has them (a symmetric part's as sub-scale x -off d: quant.c write_row); float32 scales there had
+         * held such a weight in 10 bits a weight, K scales 7.1 (TinyLlama-1.1B Q4_K_M: 10 of 22 layers) */
+        if (i == a->first && a->nk == a->nquant && !a->nscheme && kscales_ok(m) && w->cols % FL_KS_SUPER == 0)
+            lay[p->wid].sdtype = FL_I8;
         if (i == a->first && a->ngguf == a->nquant && !a->nscheme && (a->maxcb == 5 || a->maxcb == 6) && L->bits == 8 &&
             L->code == FL_QCODE_INT && !L->has_perm && codes56_ok(m, w) && w->cols % (a->maxcb == 6 ? 128 : 256) == 0)
             lay[p->wid].bits = a->maxcb; /* GGUF parts of at most 6 bits: split codes, not a byte each */
@@ -891,8 +889,8 @@ static fl_status check_fits(const qplan *p) {
         const int t = gguf_part_type(p), gg = t >= 0;
         fl_qlayout P = p->L;
         if (gg && (W.bits == 5 || W.bits == 6)) P.bits = fl_q_ggml_code_bits(t);
-        if (W.sdtype == FL_I8) /* a K-quant part of the weight's group and form (write_row checks again) */
-            ok = is_kquant(t) && P.group_size == W.group_size && P.has_zeros == W.has_zeros && P.bits <= W.bits;
+        if (W.sdtype == FL_I8) /* a K-quant part whose groups and form the weight holds (write_row checks again) */
+            ok = is_kquant(t) && P.group_size % W.group_size == 0 && (!P.has_zeros || W.has_zeros) && P.bits <= W.bits;
         else {
             const fl_qlayout c = fl_q_common_layout(&W, &P);
             ok = gg && W.code == P.code && W.has_perm == P.has_perm && layout_eq(&c, &W);

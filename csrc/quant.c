@@ -132,8 +132,9 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     const int64_t C = w->cols, G = w->group_size, ng = C / G;
     const int bits = w->bits, has_z = w->zeros_d != NULL;
     if (q->group % G) return fl_err(FL_E_INTERNAL, "repack: source group %d is not a multiple of %lld", q->group, (long long)G);
-    if (w->sdtype == FL_I8 && (!q->has_k || q->group != G || (has_z != (q->m != NULL)) || C % FL_KS_SUPER))
-        return fl_err(FL_E_INTERNAL, "repack: K scales hold only K-quant rows of the same group and form");
+    if (w->sdtype == FL_I8 && (!q->has_k || (!has_z && q->m) || C % FL_KS_SUPER))
+        return fl_err(FL_E_INTERNAL, "repack: K scales hold only K-quant rows of a group multiple of the weight's, and "
+                      "rows with offsets only where the weight has them");
     if (!has_z && q->m) return fl_err(FL_E_INTERNAL, "repack: a source with offsets cannot be stored symmetric");
     /* stored code = v + shift, in range by construction: the decoders give codes below 2^srcbits and check_holds
      * has made sure bits >= srcbits (a symmetric v - off lies in [-2^(srcbits-1), 2^(srcbits-1))). uint8
@@ -163,14 +164,30 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
             memcpy(hp + span * 32, h, 32);
         }
     }
-    if (w->sdtype == FL_I8) { /* the file's two-level form, copied (quant.h: K scales) */
+    if (w->sdtype == FL_I8) { /* the file's two-level form (quant.h: K scales) */
         const size_t sb = fl_q_srow_bytes(C, (int)G, FL_I8), nsup = (size_t)(C / FL_KS_SUPER);
+        const int64_t per = q->group / G; /* 2: a group-32 part (Q4_K, Q5_K) in a group-16 weight, each value twice */
         char *sr = (char *)w->scales_d + (size_t)r * sb, *zr = has_z ? (char *)w->zeros_d + (size_t)r * sb : NULL;
-        memcpy(sr, q->ksc, (size_t)ng);
+        for (int64_t g = 0; g < ng; g++) sr[g] = (char)q->ksc[g / per];
         memcpy(sr + ng, q->kd, 2 * nsup);
-        if (zr) {
-            memcpy(zr, q->kmn, (size_t)ng);
+        if (zr && q->m) {
+            for (int64_t g = 0; g < ng; g++) zr[g] = (char)q->kmn[g / per];
             memcpy(zr + ng, q->kdm, 2 * nsup);
+        } else if (zr) {
+            /* a symmetric part (Q6_K: w = s (v - off), s = sc d) in a weight with offsets (Q4_K_M's q|k|v): its
+             * offset m = -off s = sc * (-off d), sub-scale sc again, super-scale -off d: off is a power of two, so
+             * -off d is exact in fp16 unless it overflows (|d| >= 2048), and sc * (-off d) is the float32 value
+             * the float32 layout stores (-(s * off), every product exact) */
+            for (int64_t g = 0; g < ng; g++) zr[g] = (char)q->ksc[g / per];
+            for (size_t u = 0; u < nsup; u++) {
+                const float md = -(float)q->off * fl_f16_to_f32(q->kd[u]);
+                const uint16_t h = fl_f32_to_f16(md);
+                if (fl_f16_to_f32(h) != md && md == md)
+                    return fl_err(FL_E_UNSUPPORTED, "row %lld, super-block %zu: the symmetric part's offset scale %g "
+                                  "(-%d x its scale) cannot be held in float16 beside the parts with offsets "
+                                  "(FASTLOAD_CPU_KSCALE=0 holds it as float32)", (long long)r, u, (double)md, q->off);
+                memcpy(zr + ng + 2 * u, &h, 2);
+            }
         }
         return FL_OK;
     }

@@ -57,8 +57,10 @@
  * The values are those of the byte form (w = fmaf(q, s, m), or s * (q - 2^(bits-1)) symmetric: Q6_K's q - 32).
  *
  * K scales (sdtype FL_I8; the CPU backend only, FASTLOAD_CPU_KSCALE=0 turns them off): a weight whose parts are all
- * GGUF K-quants (Q4_K, Q5_K, Q6_K) with one group size and one form (all with offsets or all symmetric), cols a
- * multiple of 256, keeps the file's two-level scales instead of their float32 products: row r of scales_d is
+ * GGUF K-quants (Q4_K, Q5_K, Q6_K), cols a multiple of 256, keeps the file's two-level scales instead of their
+ * float32 products (parts of different groups or forms, as Q4_K_M's q|k|v: the smallest group, a group-32 part's
+ * values repeated, and offsets if any part has them, a symmetric part's m = -off s held as sc x (-off d), exact in
+ * fp16 unless |d| >= 2048, which is refused with a message: quant.c write_row): row r of scales_d is
  * int8 sc[cols / group_size] then fp16 d[cols / 256] (2-byte aligned: cols / group_size is even), and
  *   s[r, g] = (float)sc[g] * d[g * group_size / 256]
  * (zeros_d likewise with mn and -dmin: m = (float)mn * (-dmin)). Each product is the float32 value the FL_F32 layout
@@ -69,9 +71,9 @@
  *
  * Several checkpoint tensors fused into one weight (q|k|v, gate|up) must share one layout. When they
  * differ (a Q4_K_M GGUF mixes Q4_K and Q6_K) the fused weight takes the common layout that holds each part
- * exactly: the larger bits, the smallest group, fp32 scales if any part has them, offsets if any part has
- * them (fl_q_common_layout). A fused weight mixing plain float and quantised parts is dequantised to the
- * model's float dtype.
+ * exactly: the larger bits, the smallest group, fp32 scales if any part has them (K scales on the CPU when
+ * every part is a K-quant), offsets if any part has them (fl_q_common_layout). A fused weight mixing plain
+ * float and quantised parts is dequantised to the model's float dtype.
  */
 #ifndef FL_QUANT_H
 #define FL_QUANT_H

@@ -1,9 +1,10 @@
 """K scales and split codes (csrc/quant.h), the CPU's compact forms of GGUF weights.
 
-K scales: a weight whose parts are all GGUF K-quants of one group size and form keeps the file's two-level scales
-(int8 sub-scale x fp16 super-scale per 256 columns) instead of their float32 products. The products are exact either
-way, so every logit must be the same bits as with float32 scales (FASTLOAD_CPU_KSCALE=0), with fewer weight bytes;
-weights that mix K-quants with other forms (Q4_K_M's q|k|v with a Q6_K v) keep float32 scales.
+K scales: a weight whose parts are all GGUF K-quants keeps the file's two-level scales (int8 sub-scale x fp16
+super-scale per 256 columns) instead of their float32 products, also where the parts' groups and forms differ (Q4_K_M's
+q|k|v: Q4_K with a Q6_K v takes group 16 and offsets, the Q6_K rows' offsets as sub-scale x -32 d). The products are
+exact either way, so every logit must be the same bits as with float32 scales (FASTLOAD_CPU_KSCALE=0), with fewer
+weight bytes; weights that mix K-quants with other types keep float32 scales.
 Split codes: 5- and 6-bit GGUF codes held in 5 / 6 bits (FASTLOAD_CPU_CODES56=0: a byte each). The weights' values
 are the same (the float path, which widens them to float, gives the same bits); the integer kernels round
 differently (an int16 activation flips), so one-token logits agree within the int16 activations' error.
@@ -55,7 +56,8 @@ def test_kscales_give_the_same_bits_in_fewer_bytes(built, case, monkeypatch):
 
 def test_q4_k_m_layout_choice(built, monkeypatch):
     """Q4_K_M's mix (the fixture's: q, k, o, gate, up Q4_K; v and down Q6_K): gate|up and o take K scales (Q4_K, group
-    32, offsets), down takes them as Q6_K (group 16, symmetric); q|k|v mixes both forms and keeps float32 scales."""
+    32, offsets), down takes them as Q6_K (group 16, symmetric); q|k|v mixes both forms and takes them too, in group 16
+    with offsets (it had float32 scales before: 10 bits a weight against 7.1)."""
     q, _ref = built("gguf-Q4_K_M")
     lk = layouts(load(q, monkeypatch, "1"))
     by = {}
@@ -64,7 +66,8 @@ def test_q4_k_m_layout_choice(built, monkeypatch):
     kinds = {k: v for k, v in by.items() if any(s[0] in ("kscale", "float32") for s in v)}
     assert any(("kscale", 32, True) in v for v in kinds.values()), kinds
     assert any(("kscale", 16, False) in v for v in kinds.values()), kinds
-    assert any(("float32", 16, True) in v for v in kinds.values()), kinds       # q|k|v: Q4_K with Q6_K
+    assert ("kscale", 16, True) in by["wqkv"], by["wqkv"]                        # q|k|v: Q4_K with Q6_K
+    assert not any(s[0] == "float32" for v in kinds.values() for s in v), kinds
 
 
 def test_export_of_kscale_weights_is_the_float_values(built, tmp_path, monkeypatch):
@@ -99,3 +102,35 @@ def test_split_codes_same_values_in_fewer_bytes(built, case, monkeypatch):
     monkeypatch.delenv("FASTLOAD_CPU_QDOT")
     a, b = np.asarray(ms(ids[:, :1]).logits, np.float64), np.asarray(mb(ids[:, :1]).logits, np.float64)
     assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max(), (case, np.abs(a - b).max(), np.abs(b).max())
+
+
+def test_mixed_kscales_row_major_same_bits(built, monkeypatch):
+    """Q4_K_M's q|k|v in K scales with offsets (group 16) through the row-major kernels too (interleaving off)."""
+    q, _ref = built("gguf-Q4_K_M")
+    monkeypatch.setenv("FASTLOAD_CPU_INTERLEAVE", "0")
+    mk, mf = load(q, monkeypatch, "1"), load(q, monkeypatch, "0")
+    assert ("kscale", 16, True) in {(d["scale_dtype"], d["group_size"], d["zeros"])
+                                    for n, d in layouts(mk).items() if n.endswith("wqkv")}
+    ids = np.random.default_rng(5).integers(3, mk.config["vocab_size"], (2, 12))
+    for n in (12, 1):
+        np.testing.assert_array_equal(np.asarray(mk(ids[:, :n]).logits), np.asarray(mf(ids[:, :n]).logits))
+
+
+def test_symmetric_part_offset_beyond_float16_is_a_clear_error(tmp_path, monkeypatch):
+    """A Q6_K v beside Q4_K q / k holds its offsets as sub-scale x -32 d in float16: a scale d of 4096 (legal, absurd)
+    makes -32 d overflow; the load says so, names the tensor and the way out (float32 scales), and that way loads."""
+    orig = qf.random_blocks
+
+    def big_d(type_name, nb, rng, std=0.1):
+        raw = orig(type_name, nb, rng, std)
+        if type_name == "Q6_K":
+            raw[0, 208:210] = np.frombuffer(np.float16(4096).tobytes(), np.uint8)
+        return raw
+
+    monkeypatch.setattr(qf, "random_blocks", big_d)
+    path, _ref = qf.write_quant_gguf(tmp_path / "big-d.gguf", types=qf.Q4_K_M, seed=41)
+    with pytest.raises(Exception, match="FASTLOAD_CPU_KSCALE=0") as e:
+        load(path, monkeypatch, "1")
+    assert "blk.0.attn_v.weight" in str(e.value) and "big-d.gguf" in str(e.value), str(e.value)
+    m = load(path, monkeypatch, "0")                                                  # float32 scales hold it
+    assert layouts(m)["layers.0.wqkv"]["scale_dtype"] == "float32"
