@@ -810,6 +810,28 @@ static int codes56_ok(const fl_model *m, const fl_weight *w) {
 #endif
 }
 
+/* K scales for a weight that mixes a symmetric K-quant part (Q6_K) with parts that have offsets (Q4_K_M's q|k|v):
+ * the Q6_K rows' offsets are held as sub-scale x (-32 d) in fp16 (quant.c write_row), which overflows where |d| >= 2048
+ * (legal and absurd in a trained model; files of random bytes have them). Such a weight keeps float32 scales, as it
+ * did before; one fp16 read a 210-byte block of the part's mapped bytes, before anything is loaded. */
+static int ksym_offsets_fit(const qplan *ps, int n, int wid) {
+    for (int i = 0; i < n; i++) {
+        const qplan *p = &ps[i];
+        if (p->wid != wid || gguf_part_type(p) != GGML_Q6_K) continue;
+        const fl_src_tensor *s = &p->it->src;
+        uint64_t nw = 1;
+        for (int d = 0; d < s->ndim; d++) nw *= (uint64_t)s->shape[d];
+        if (!s->data || s->nbytes < nw / 256 * 210) return 0;
+        for (uint64_t b = 0; b < nw / 256; b++) {
+            uint16_t h;
+            memcpy(&h, (const char *)s->data + b * 210 + 208, 2);
+            const float md = -32.f * fl_f16_to_f32(h);
+            if (md == md && fl_f16_to_f32(fl_f32_to_f16(md)) != md) return 0;
+        }
+    }
+    return 1;
+}
+
 /* First load: settle each weight's dtype / layout from the parts that fill it (lay[weight id]).
  *   any float part, scheme parts mixed with kept-quantised parts, or different code books  -> the float dtype
  *   parts quantised at load -> the scheme's layout; kept-quantised parts -> their common layout
@@ -862,7 +884,8 @@ static fl_status decide_layouts(fl_model *m, const qplan *ps, int n, fl_qlayout 
          * with a Q6_K v) share the common layout's smallest group (a group-32 part's scales repeated) and offsets if
          * any part has them (a symmetric part's as sub-scale x -off d: quant.c write_row); float32 scales there had
          * held such a weight in 10 bits a weight, K scales 7.1 (TinyLlama-1.1B Q4_K_M: 10 of 22 layers) */
-        if (i == a->first && a->nk == a->nquant && !a->nscheme && kscales_ok(m) && w->cols % FL_KS_SUPER == 0)
+        if (i == a->first && a->nk == a->nquant && !a->nscheme && kscales_ok(m) && w->cols % FL_KS_SUPER == 0 &&
+            (!L->has_zeros || ksym_offsets_fit(ps, n, p->wid)))
             lay[p->wid].sdtype = FL_I8;
         if (i == a->first && a->ngguf == a->nquant && !a->nscheme && (a->maxcb == 5 || a->maxcb == 6) && L->bits == 8 &&
             L->code == FL_QCODE_INT && !L->has_perm && codes56_ok(m, w) && w->cols % (a->maxcb == 6 ? 128 : 256) == 0)

@@ -174,8 +174,10 @@ def test_gguf_dequantize_option_and_float_dtype(tmp_path):
 @pytest.mark.parametrize("codes56", ["1", "0"])
 def test_fused_layout_promotion_q4k_q6k(tmp_path, codes56, monkeypatch):
     # a Q4_K_M file: q, k in Q4_K, v in Q6_K -> wqkv holds both exactly: 8 bits (6 as split codes on the CPU), group
-    # 16, fp32 scales, offsets
+    # 16, fp32 scales, offsets (the common layout; the CPU's K scales, on by default, hold such a weight in two-level
+    # scales instead where its Q6_K scales allow: tests/test_kscales.py)
     monkeypatch.setenv("FASTLOAD_CPU_CODES56", codes56)
+    monkeypatch.setenv("FASTLOAD_CPU_KSCALE", "0")
     types = {"q_proj": GGML.Q4_K, "k_proj": GGML.Q4_K, "v_proj": GGML.Q6_K, "gate_proj": GGML.Q4_1,
              "up_proj": GGML.Q4_0, "down_proj": GGML.Q6_K, "o_proj": GGML.Q8_0}
     path = write_gguf(tmp_path / "m.gguf", types, seed=5)
