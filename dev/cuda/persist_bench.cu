@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "tma_util.cuh"
+
 #define CK(x)                                                                                                   \
     do {                                                                                                        \
         cudaError_t e_ = (x);                                                                                   \
@@ -215,27 +217,6 @@ __global__ void __launch_bounds__(TPB) persist_kernel(const Plan plan, uint32_t 
 // output), read its output, fold the stages and release them (one arrival a warp on the stage's "empty" barrier).
 // No grid barrier: a step waits only for the step before's working blocks (one block for a norm, 20 for attention).
 constexpr int NC = 8, PT = 32 * (NC + 1);
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(uint64_t *b, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t *b, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t *b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity) {
-    asm volatile(
-        "{\n .reg .pred p;\n"
-        "W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        " @!p bra W;\n}" ::"r"(smem_addr(b)), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *b) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(b))
-                 : "memory");
-}
 __device__ __forceinline__ void red_release(unsigned *p, unsigned v) {
     asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -283,8 +264,8 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
     auto nb_of = [&](int s) { return plan.ph[s].blocks ? plan.ph[s].blocks : G; };
     if (threadIdx.x == 0) {
         for (int i = 0; i < nst; i++) {
-            mbar_init(full + i, 1);
-            mbar_init(empty + i, NC);
+            fl_mbar_init(full + i, 1);
+            fl_mbar_init(empty + i, NC);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -300,18 +281,18 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
                     const uint32_t c0 = atomicAdd(cnt + MAXPH + s, 2u);
                     for (uint32_t c = c0; c < c0 + 2; c++, k++) {
                         const int st = (int)(k % nst);
-                        if (k >= (unsigned)nst) mbar_wait(empty + st, ((k / nst) & 1) ^ 1);
+                        if (k >= (unsigned)nst) fl_mbar_wait(empty + st, ((k / nst) & 1) ^ 1);
                         if (c >= nch) {
                             ids[st] = END;
-                            mbar_arrive(full + st);
+                            fl_mbar_arrive(full + st);
                             k++;
                             goto next_step;
                         }
                         const uint64_t o = (uint64_t)c * ch_vec;
                         const uint32_t n = (uint32_t)min((uint64_t)ch_vec, plan.ph[s].nvec - o) * 16;
                         ids[st] = c;
-                        mbar_expect_tx(full + st, n);
-                        bulk_g2s(ring + (size_t)st * ch_vec, plan.ph[s].p + o, n, full + st);
+                        fl_mbar_expect_tx(full + st, n);
+                        fl_bulk_g2s(ring + (size_t)st * ch_vec, plan.ph[s].p + o, n, full + st);
                     }
                 }
             next_step:;
@@ -323,10 +304,10 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
                 slice(plan.ph[s], b, nb, lo, hi);
                 for (uint64_t o = lo; o < hi; o += ch_vec, k++) {
                     const int st = (int)(k % nst);
-                    if (k >= (unsigned)nst) mbar_wait(empty + st, ((k / nst) & 1) ^ 1);
+                    if (k >= (unsigned)nst) fl_mbar_wait(empty + st, ((k / nst) & 1) ^ 1);
                     const uint32_t n = (uint32_t)min((uint64_t)ch_vec, hi - o) * 16;
-                    mbar_expect_tx(full + st, n);
-                    bulk_g2s(ring + (size_t)st * ch_vec, plan.ph[s].p + o, n, full + st);
+                    fl_mbar_expect_tx(full + st, n);
+                    fl_bulk_g2s(ring + (size_t)st * ch_vec, plan.ph[s].p + o, n, full + st);
                 }
             }
         }
@@ -367,7 +348,7 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
         if (DYN)
             for (;; k++) {
                 const int st = (int)(k % nst);
-                mbar_wait(full + st, (k / nst) & 1);
+                fl_mbar_wait(full + st, (k / nst) & 1);
                 if (first) STAMP(2);
                 first = false;
                 const uint32_t c = ids[st];
@@ -378,7 +359,7 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
                     for (int i = ct; i < n; i += NC * 32) acc = fold1(r[i], acc);
                 }
                 __syncwarp();
-                if (lane == 0) mbar_arrive(empty + st);
+                if (lane == 0) fl_mbar_arrive(empty + st);
                 if (c == END) {
                     k++;
                     break;
@@ -389,14 +370,14 @@ __global__ void __launch_bounds__(PT, 1) persist_tma_kernel(const Plan plan, uin
             slice(plan.ph[s], b, nb, lo, hi);
             for (uint64_t o = lo; o < hi; o += ch_vec, k++) {
                 const int st = (int)(k % nst);
-                mbar_wait(full + st, (k / nst) & 1);
+                fl_mbar_wait(full + st, (k / nst) & 1);
                 if (first) STAMP(2);
                 first = false;
                 const int n = (int)min((uint64_t)ch_vec, hi - o);
                 const uint4 *r = ring + (size_t)st * ch_vec;
                 for (int i = ct; i < n; i += NC * 32) acc = fold1(r[i], acc);
                 __syncwarp();
-                if (lane == 0) mbar_arrive(empty + st);
+                if (lane == 0) fl_mbar_arrive(empty + st);
             }
         }
 #pragma unroll

@@ -23,6 +23,7 @@
 // qmatmul.cu is compiled into this file (its kernels and launchers are static), so do not link its object.
 #include "../../csrc/cuda/qmatmul.cu"
 #include "bench_util.cuh"
+#include "tma_util.cuh"
 #include <algorithm>
 #include <functional>
 #include <vector>
@@ -59,28 +60,7 @@ __global__ void __launch_bounds__(256) read_kernel(const uint4 *__restrict__ p, 
 // Conditions (qtma_plan): R % TR == 0, each stage's scale / offset bytes a multiple of 16, the codes, scales and
 // offsets 16-byte aligned, everything fitting in shared memory; otherwise qgemv_dp_kernel.
 
-__device__ __forceinline__ uint32_t fl_smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void fl_mbar_init(uint64_t *b, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(fl_smem_addr(b)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void fl_mbar_expect_tx(uint64_t *b, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fl_smem_addr(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void fl_mbar_arrive(uint64_t *b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(fl_smem_addr(b)) : "memory");
-}
-__device__ __forceinline__ void fl_mbar_wait(uint64_t *b, uint32_t parity) {
-    asm volatile(
-        "{\n .reg .pred p;\n"
-        "W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        " @!p bra W;\n}" ::"r"(fl_smem_addr(b)), "r"(parity) : "memory");
-}
-// bytes [src, src + bytes) of global memory into shared memory at dst, completion counted on barrier b
-__device__ __forceinline__ void fl_bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *b) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     fl_smem_addr(dst)), "l"(src), "r"(bytes), "r"(fl_smem_addr(b))
-                 : "memory");
-}
+// fl_smem_addr, fl_mbar_*, fl_bulk_g2s: tma_util.cuh
 
 // qdot_vec (qmatmul.cu) in independent partial sums (four chains of four dp2a instead of one of sixteen) and with the
 // 4-bit high nibbles used in place (bytes 16 q, the sum divided by 16 at the end: exact), for qgemv_tmaw_kernel
