@@ -60,7 +60,7 @@
  * GGUF K-quants (Q4_K, Q5_K, Q6_K), cols a multiple of 256, keeps the file's two-level scales instead of their
  * float32 products (parts of different groups or forms, as Q4_K_M's q|k|v: the smallest group, a group-32 part's
  * values repeated, and offsets if any part has them, a symmetric part's m = -off s held as sc x (-off d), exact in
- * fp16 unless |d| >= 2048, which is refused with a message: quant.c write_row): row r of scales_d is
+ * fp16 unless |d| >= 2048: such a weight keeps float32 scales, model.c ksym_offsets_fit): row r of scales_d is
  * int8 sc[cols / group_size] then fp16 d[cols / 256] (2-byte aligned: cols / group_size is even), and
  *   s[r, g] = (float)sc[g] * d[g * group_size / 256]
  * (zeros_d likewise with mn and -dmin: m = (float)mn * (-dmin)). Each product is the float32 value the FL_F32 layout
