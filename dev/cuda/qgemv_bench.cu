@@ -845,7 +845,8 @@ int main(int argc, char **argv) {
         const uint32_t gm = vpg > 1 ? (uint32_t)(((1ull << 32) + vpg - 1) / vpg) : 0u;
         auto dp = [&](int cfg) {
             return [&, cfg](const fl_qw &W) -> fl_status {
-                return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1, cfg, W.bits);
+                return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, qdp_xq(c), qdp_xd(c, W.C), W, nullptr, gm, 1,
+                                                             QdpPick{cfg, 0}, W.bits);
             };
         };
         // the library's int8-x form (FASTLOAD_CUDA_QDOT=int8): x prepared once by its own prep kernel (not timed)
@@ -864,7 +865,7 @@ int main(int argc, char **argv) {
         x8s.push_back(xl8);
         x8s.push_back(xl8d);
         auto dp8 = [&](const fl_qw &W) -> fl_status {
-            return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, xl8, xl8d, W, nullptr, gm, 1, -1, W.bits | FL_QX8);
+            return launch_qdp_fmt<__nv_bfloat16, __half>(st, y2, xl8, xl8d, W, nullptr, gm, 1, QdpPick{-1, 0}, W.bits | FL_QX8);
         };
         std::vector<V> vs = {{"auto", dp(-1)}, {"r4u2", dp(0)}, {"r4u1", dp(1)}, {"r8u1", dp(2)}, {"r2u4", dp(3)},
                              {"r8u1w4", dp(4)}, {"x8-auto", dp8}};
