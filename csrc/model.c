@@ -810,24 +810,16 @@ static int codes56_ok(const fl_model *m, const fl_weight *w) {
 #endif
 }
 
-/* K scales for a weight that mixes a symmetric K-quant part (Q6_K) with parts that have offsets (Q4_K_M's q|k|v):
- * the Q6_K rows' offsets are held as sub-scale x (-32 d) in fp16 (quant.c write_row), which overflows where |d| >= 2048
- * (legal and absurd in a trained model; files of random bytes have them). Such a weight keeps float32 scales, as it
- * did before; one fp16 read a 210-byte block of the part's mapped bytes, before anything is loaded. */
+/* K scales with offsets for weight wid: every GGUF part's blocks fit them (fl_q_ggml_ksym_fits: a Q6_K part's -32 d in
+ * fp16), checked on the mapped bytes before anything is loaded; otherwise the weight keeps float32 scales */
 static int ksym_offsets_fit(const qplan *ps, int n, int wid) {
     for (int i = 0; i < n; i++) {
         const qplan *p = &ps[i];
-        if (p->wid != wid || gguf_part_type(p) != GGML_Q6_K) continue;
+        if (p->wid != wid || gguf_part_type(p) < 0) continue;
         const fl_src_tensor *s = &p->it->src;
         uint64_t nw = 1;
         for (int d = 0; d < s->ndim; d++) nw *= (uint64_t)s->shape[d];
-        if (!s->data || s->nbytes < nw / 256 * 210) return 0;
-        for (uint64_t b = 0; b < nw / 256; b++) {
-            uint16_t h;
-            memcpy(&h, (const char *)s->data + b * 210 + 208, 2);
-            const float md = -32.f * fl_f16_to_f32(h);
-            if (md == md && fl_f16_to_f32(fl_f32_to_f16(md)) != md) return 0;
-        }
+        if (!s->data || !fl_q_ggml_ksym_fits(s->type, s->data, nw)) return 0;
     }
     return 1;
 }

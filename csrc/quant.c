@@ -128,6 +128,16 @@ static inline int put_scale(fl_dtype t, void *p, size_t i, float x) {
     return fl_f16_to_f32(h) == x || x != x;
 }
 
+/* A symmetric K-quant part (Q6_K: w = s (v - off), s = sc d) in a K-scales weight with offsets (Q4_K_M's q|k|v): its
+ * offset m = -off s = sc * (-off d), sub-scale sc, super-scale -off d in *out. off is a power of two, so -off d is
+ * exact in fp16 unless it overflows (|d| >= 2048; 0 then), and sc * (-off d) is the float32 value the float32 layout
+ * stores (-(s * off), every product exact). */
+static int ksym_super(uint16_t d, int off, uint16_t *out) {
+    const float md = -(float)off * fl_f16_to_f32(d);
+    *out = fl_f32_to_f16(md);
+    return fl_f16_to_f32(*out) == md || md != md;
+}
+
 static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
     const int64_t C = w->cols, G = w->group_size, ng = C / G;
     const int bits = w->bits, has_z = w->zeros_d != NULL;
@@ -173,19 +183,15 @@ static fl_status write_row(const fl_weight *w, int64_t r, const qrow *q) {
         if (zr && q->m) {
             for (int64_t g = 0; g < ng; g++) zr[g] = (char)q->kmn[g / per];
             memcpy(zr + ng, q->kdm, 2 * nsup);
-        } else if (zr) {
-            /* a symmetric part (Q6_K: w = s (v - off), s = sc d) in a weight with offsets (Q4_K_M's q|k|v): its
-             * offset m = -off s = sc * (-off d), sub-scale sc again, super-scale -off d: off is a power of two, so
-             * -off d is exact in fp16 unless it overflows (|d| >= 2048), and sc * (-off d) is the float32 value
-             * the float32 layout stores (-(s * off), every product exact) */
+        } else if (zr) { /* a symmetric part beside parts with offsets: sub-scale sc again, super-scale -off d */
             for (int64_t g = 0; g < ng; g++) zr[g] = (char)q->ksc[g / per];
             for (size_t u = 0; u < nsup; u++) {
-                const float md = -(float)q->off * fl_f16_to_f32(q->kd[u]);
-                const uint16_t h = fl_f32_to_f16(md);
-                if (fl_f16_to_f32(h) != md && md == md)
-                    return fl_err(FL_E_UNSUPPORTED, "row %lld, super-block %zu: the symmetric part's offset scale %g "
-                                  "(-%d x its scale) cannot be held in float16 beside the parts with offsets "
-                                  "(FASTLOAD_CPU_KSCALE=0 holds it as float32)", (long long)r, u, (double)md, q->off);
+                uint16_t h;
+                if (!ksym_super(q->kd[u], q->off, &h))
+                    return fl_err(FL_E_UNSUPPORTED, "row %lld, super-block %zu: the symmetric part's offset scale "
+                                  "(-%d x %g) cannot be held in float16 beside the parts with offsets "
+                                  "(FASTLOAD_CPU_KSCALE=0 holds it as float32)", (long long)r, u, q->off,
+                                  (double)fl_f16_to_f32(q->kd[u]));
                 memcpy(zr + ng + 2 * u, &h, 2);
             }
         }
@@ -281,6 +287,13 @@ static void dec_qk45(const uint8_t *x, int64_t nb, qrow *o, int five) {
             }
         }
     }
+}
+int fl_q_ggml_ksym_fits(int ggml_type, const void *src, uint64_t n) {
+    if (ggml_type != GGML_Q6_K) return 1;
+    uint16_t h;
+    for (uint64_t b = 0; b < n / 256; b++) /* dec_q6_k's layout: 210 bytes a block, d last */
+        if (!ksym_super(ld16((const uint8_t *)src + b * 210 + 208, 0), 32, &h)) return 0;
+    return 1;
 }
 /* Q6_K: 16 groups of 16 per super-block, s = d * sc (ggml evaluates d * sc * q left to right), q6 - 32. */
 static void dec_q6_k(const uint8_t *x, int64_t nb, qrow *o) {

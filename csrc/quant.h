@@ -60,7 +60,7 @@
  * GGUF K-quants (Q4_K, Q5_K, Q6_K), cols a multiple of 256, keeps the file's two-level scales instead of their
  * float32 products (parts of different groups or forms, as Q4_K_M's q|k|v: the smallest group, a group-32 part's
  * values repeated, and offsets if any part has them, a symmetric part's m = -off s held as sc x (-off d), exact in
- * fp16 unless |d| >= 2048: such a weight keeps float32 scales, model.c ksym_offsets_fit): row r of scales_d is
+ * fp16 unless |d| >= 2048: such a weight keeps float32 scales, fl_q_ggml_ksym_fits): row r of scales_d is
  * int8 sc[cols / group_size] then fp16 d[cols / 256] (2-byte aligned: cols / group_size is even), and
  *   s[r, g] = (float)sc[g] * d[g * group_size / 256]
  * (zeros_d likewise with mn and -dmin: m = (float)mn * (-dmin)). Each product is the float32 value the FL_F32 layout
@@ -143,6 +143,10 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
 /* Repack one row of ggml blocks (cols elements) into row r of w, whose layout may be wider than the
  * type's own (fl_q_common_layout): exact in every case. */
 fl_status fl_q_from_ggml_row(const fl_weight *w, int64_t r, int ggml_type, const void *src, int64_t cols);
+/* Whether n elements of ggml blocks at src can go into a weight with K scales and offsets (K scales, header comment):
+ * 1 for any type but the symmetric K-quant (Q6_K), whose offsets -32 d each super-block's fp16 must hold exactly
+ * (not where |d| >= 2048: legal, absurd; such a weight keeps float32 scales). */
+int fl_q_ggml_ksym_fits(int ggml_type, const void *src, uint64_t n);
 
 /* GPTQ / AWQ tensors of one linear layer [out_features = rows, in_features = cols], as the checkpoint
  * stores them (see fastload/quant.py and tests/quant_fixtures.py for the packings):
