@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -110,6 +111,19 @@ void *fl_malloc(size_t n) {
     return p;
 }
 void fl_free(void *p) { free(p); }
+
+int fl_advise_huge(void *p, size_t n) {
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    const char *e = getenv("FASTLOAD_HUGEPAGES");
+    if (e && e[0] == '0') return 0;
+    const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), b = ((uintptr_t)p + n) & ~(huge - 1);
+    if (b <= a) return 0;
+#ifdef MADV_HUGEPAGE
+    return madvise((void *)a, b - a, MADV_HUGEPAGE) == 0;
+#else
+    return 0;
+#endif
+}
 
 void fl_copy_parallel(void *dst, const void *src, size_t n, int threads) {
     const size_t piece = (size_t)1 << 20;

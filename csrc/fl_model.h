@@ -147,6 +147,7 @@ typedef struct fl_model {
     fl_backend *be;
     void *arena_d;         /* one allocation holds every weight */
     size_t arena_bytes;
+    int arena_huge;     /* 1: the weight arena was advised to transparent huge pages (host memory; fl_advise_huge) */
     fl_weights w;
     float *inv_freq_d;     /* [head_dim / 2] rotary frequencies after scaling */
     uint8_t *loaded;       /* [FL_SLOT_COUNT * n_layers] which slots were filled */

@@ -1074,7 +1074,8 @@ class FastModelForCausalLM:
         return {"seconds": secs, "bytes": info["bytes_read"], "weight_bytes": info["weight_bytes"],
                 "gb_per_s": info["bytes_read"] / secs / 1e9 if secs > 0 else float("inf"),
                 "threads": info["threads"], "files": n_files, "device": info["device"], "dtype": info["dtype"],
-                "cache": "cold (O_DIRECT reads)" if info["direct_io"] else "warm (page cache)"}
+                "cache": "cold (O_DIRECT reads)" if info["direct_io"] else "warm (page cache)",
+                "huge_pages": info["huge_pages"]}
 
     @classmethod
     def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False, quant=None,

@@ -621,7 +621,7 @@ out:
 
 static PyObject *model_info(FlPyModel *self, void *closure) {
     fl_model *m = self->m;
-    PyObject *d = Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i,s:K,s:K,s:O,s:K,s:K}", "device", self->be->name,
+    PyObject *d = Py_BuildValue("{s:s,s:s,s:K,s:d,s:K,s:i,s:i,s:K,s:K,s:O,s:K,s:K,s:O}", "device", self->be->name,
                          "dtype", fl_dtype_table[m->wdtype].np_name, "weight_bytes", (unsigned long long)m->arena_bytes,
                          "load_seconds", m->stats.seconds, "bytes_read", (unsigned long long)m->stats.bytes_read,
                          "threads", m->stats.threads, "cpu_threads", self->be->n_threads,
@@ -629,7 +629,8 @@ static PyObject *model_info(FlPyModel *self, void *closure) {
                          "mem_peak", (unsigned long long)self->be->mem_peak,
                          "direct_io", m->stats.direct_io ? Py_True : Py_False,
                          "kv_bytes_last", (unsigned long long)m->kv_bytes_last,
-                         "fused_matmul_inputs", (unsigned long long)self->be->fused_inputs);
+                         "fused_matmul_inputs", (unsigned long long)self->be->fused_inputs,
+                         "huge_pages", m->arena_huge ? Py_True : Py_False);
     if (!d) return NULL;
     /* issue 9: how many weights are held quantised and the bytes of quantised / float weights */
     uint64_t fbytes = 0;
