@@ -1233,6 +1233,7 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
     void *base = NULL;
     pool_t pool;
     fl_status st = m->be->alloc(m->be, layer_al * 2 * (size_t)c->n_layers, &base);
+    const int huge = st == FL_OK && m->be->host_memory ? fl_advise_huge(base, layer_al * 2 * (size_t)c->n_layers, 2) : 0;
     if (st != FL_OK) {
         st = fl_err_prefix(st, "engine: the KV cache pool of %d pages (%.2f GiB)", n_pages, layer_al * 2.0 * c->n_layers / 1073741824.0);
     } else if (pool_init(&pool, n_pages, shift) < 0) { /* host tables: after the pool, which fails first when too big */
@@ -1272,6 +1273,7 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
         }
         e->st.n_pages = n_pages;
         e->st.pool_bytes = (uint64_t)layer_al * 2 * (uint64_t)c->n_layers;
+        e->st.pool_huge = huge;
         __atomic_store_n(&e->has_pool, 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&e->mu);

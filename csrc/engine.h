@@ -138,6 +138,7 @@ typedef struct {
     int pages_used;          /* held by requests */
     int pages_cached;        /* in the prefix table, held by nobody (reusable) */
     uint64_t pool_bytes;
+    int pool_huge; /* the pool was advised to 2 MiB pages (CPU, FASTLOAD_HUGEPAGES=2) */
     int waiting, running;    /* requests */
     uint64_t steps, decode_rows, prefill_tokens, prefix_hit_tokens, preemptions;
     int peak_pages_used, peak_running;

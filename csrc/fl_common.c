@@ -112,10 +112,10 @@ void *fl_malloc(size_t n) {
 }
 void fl_free(void *p) { free(p); }
 
-int fl_advise_huge(void *p, size_t n) {
+int fl_advise_huge(void *p, size_t n, int level) {
     const uintptr_t huge = (uintptr_t)2 << 20;
     const char *e = getenv("FASTLOAD_HUGEPAGES");
-    if (e && e[0] == '0') return 0;
+    if ((e && *e ? atoi(e) : 1) < level) return 0;
     const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), b = ((uintptr_t)p + n) & ~(huge - 1);
     if (b <= a) return 0;
 #ifdef MADV_HUGEPAGE

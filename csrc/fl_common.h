@@ -221,9 +221,11 @@ static inline int fl_rope_dims(const fl_rope_style *s, int head_dim) { return s 
 void *fl_malloc(size_t n);            /* 64-byte aligned; NULL on failure (caller reports) */
 void fl_free(void *p);
 /* Ask the kernel for 2 MiB pages (transparent huge pages) over the whole 2 MiB-aligned part of [p, p + n), before
- * anything touches it; 1 if the advice was taken. For the CPU backend's weight arena: decode streams every weight each
- * token, and with 4 KiB pages each 4 KiB costs a TLB miss (two-level in a VM). FASTLOAD_HUGEPAGES=0 skips it. */
-int fl_advise_huge(void *p, size_t n);
+ * anything touches it, when FASTLOAD_HUGEPAGES (default 1) is at least `level`; 1 if the advice was taken. Level 1:
+ * the CPU backend's weight arena (decode streams every weight each token; with 4 KiB pages each 4 KiB costs a TLB
+ * miss, two-level in a VM). Level 2: also the CPU KV pool (long contexts stream it too), which then grows in 2 MiB
+ * steps a layer's K or V region instead of 4 KiB: up to 4 MiB x layers more resident memory. */
+int fl_advise_huge(void *p, size_t n, int level);
 /* memcpy by up to `threads` OpenMP threads (a team of its own, from any thread) in pieces of at least 1 MiB: a
  * destination touched for the first time (a fresh numpy array) takes its page faults on several cores at once. */
 void fl_copy_parallel(void *dst, const void *src, size_t n, int threads);

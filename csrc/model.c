@@ -429,7 +429,7 @@ static fl_status arena_alloc(fl_model *m, const fl_qlayout *lay) {
         }
     }
     if (st != FL_OK) { free(ws); return st; }
-    if (be->host_memory) m->arena_huge = fl_advise_huge(m->arena_d, total);
+    if (be->host_memory) m->arena_huge = fl_advise_huge(m->arena_d, total, 1);
     m->arena_bytes = total;
     m->stats.bytes_weights = total;
     m->bytes_quant = qbytes;

@@ -58,3 +58,17 @@ def test_arena_advised_by_default_and_same_bits(demo_gguf, monkeypatch):
             pytest.fail(f"THP mode {mode.strip()!r}: only {grown_mb:.0f} MB of huge pages appeared for a "
                         f"{on.load_stats['weight_bytes'] / 2**20:.0f} MB arena")
     np.testing.assert_array_equal(on(ids).logits, ref)
+
+
+def test_kv_pool_only_at_level_2(demo_gguf, monkeypatch):
+    """The KV pool is advised only with FASTLOAD_HUGEPAGES=2 (it would otherwise grow in 2 MiB steps a layer's K or V
+    region from the first token); the same greedy tokens either way."""
+    ids = np.array([[1, 450, 4996, 17354, 1701, 373]])
+    outs = []
+    for env, want in (("1", False), ("2", True)):
+        m = _load(demo_gguf, env, monkeypatch)
+        outs.append(m.generate(ids, max_new_tokens=12, do_sample=False))
+        assert m.engine_stats()["pool_huge_pages"] is want
+        assert m.load_stats["huge_pages"] is True
+        del m
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -1044,7 +1044,7 @@ static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {
     if (!self->eng) Py_RETURN_NONE;
     fl_engine_stats s;
     fl_engine_get_stats(self->eng, &s);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K}", "n_pages", s.n_pages,
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:O}", "n_pages", s.n_pages,
                          "page_tokens", s.page_tokens, "pages_used", s.pages_used, "pages_cached", s.pages_cached,
                          "pool_bytes", (unsigned long long)s.pool_bytes, "waiting", s.waiting, "running", s.running,
                          "steps", (unsigned long long)s.steps, "decode_rows", (unsigned long long)s.decode_rows,
@@ -1056,7 +1056,7 @@ static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {
                          "forward_chunks", (unsigned long long)s.forward_chunks,
                          "forward_kv_peak", (unsigned long long)s.forward_kv_peak,
                          "pipelined_steps", (unsigned long long)s.pipelined_steps,
-                         "wasted_rows", (unsigned long long)s.wasted_rows);
+                         "wasted_rows", (unsigned long long)s.wasted_rows, "pool_huge_pages", s.pool_huge ? Py_True : Py_False);
 }
 
 static PyMethodDef model_methods[] = {
