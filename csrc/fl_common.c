@@ -112,10 +112,22 @@ void *fl_malloc(size_t n) {
 }
 void fl_free(void *p) { free(p); }
 
+/* 0 where the kernel's transparent huge pages are switched off ("[never]"), 1 otherwise (also where the setting
+ * cannot be read: madvise then says whether the kernel has them at all) */
+static int thp_enabled(void) {
+    char buf[128] = {0};
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (!f) return 1;
+    const size_t got = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[got] = 0;
+    return strstr(buf, "[never]") == NULL;
+}
+
 int fl_advise_huge(void *p, size_t n, int level) {
     const uintptr_t huge = (uintptr_t)2 << 20;
     const char *e = getenv("FASTLOAD_HUGEPAGES");
-    if ((e && *e ? atoi(e) : 1) < level) return 0;
+    if ((e && *e ? atoi(e) : 1) < level || !thp_enabled()) return 0;
     const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), b = ((uintptr_t)p + n) & ~(huge - 1);
     if (b <= a) return 0;
 #ifdef MADV_HUGEPAGE
