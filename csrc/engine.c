@@ -1232,10 +1232,11 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
      * since no generate request is let in before (fl_engine_submit_group). */
     void *base = NULL;
     pool_t pool;
-    fl_status st = m->be->alloc(m->be, layer_al * 2 * (size_t)c->n_layers, &base);
-    const int huge = st == FL_OK && m->be->host_memory ? fl_advise_huge(base, layer_al * 2 * (size_t)c->n_layers, 2) : 0;
+    const size_t pool_bytes = layer_al * 2 * (size_t)c->n_layers;
+    fl_status st = m->be->alloc(m->be, pool_bytes, &base);
+    const int huge = st == FL_OK && m->be->host_memory ? fl_advise_huge(base, pool_bytes, 2) : 0;
     if (st != FL_OK) {
-        st = fl_err_prefix(st, "engine: the KV cache pool of %d pages (%.2f GiB)", n_pages, layer_al * 2.0 * c->n_layers / 1073741824.0);
+        st = fl_err_prefix(st, "engine: the KV cache pool of %d pages (%.2f GiB)", n_pages, pool_bytes / 1073741824.0);
     } else if (pool_init(&pool, n_pages, shift) < 0) { /* host tables: after the pool, which fails first when too big */
         pool_free(&pool);
         m->be->free(m->be, base);
@@ -1272,7 +1273,7 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
             e->kv.v_d[l] = (char *)base + layer_al * (size_t)(2 * l + 1);
         }
         e->st.n_pages = n_pages;
-        e->st.pool_bytes = (uint64_t)layer_al * 2 * (uint64_t)c->n_layers;
+        e->st.pool_bytes = pool_bytes;
         e->st.pool_huge = huge;
         __atomic_store_n(&e->has_pool, 1, __ATOMIC_RELEASE);
     }
