@@ -74,6 +74,40 @@ def _version(path, ext) -> int:
     return 3
 
 
+def glm_history(history, version):
+    """A chat history in the form THUDM's ChatGLM2 (pairs (query, response)) or ChatGLM3 (role / content dicts) takes,
+    from either form (what the generic chat() accepts): the returned history is then in the model's own form."""
+    out = []
+    items = list(history or [])
+    pairs = [isinstance(h, (list, tuple)) and len(h) == 2 for h in items]
+    dicts = [isinstance(h, dict) and "role" in h and "content" in h for h in items]
+    if not all(p or d for p, d in zip(pairs, dicts)):
+        bad = next(h for h, p, d in zip(items, pairs, dicts) if not (p or d))
+        raise ValueError(f"history items must be (query, response) pairs or {{'role', 'content'}} dicts, got {bad!r}")
+    if version == 2:
+        pending = None
+        for h, p in zip(items, pairs):
+            if p:
+                out.append((str(h[0]), str(h[1])))
+            elif h["role"] == "user" and pending is None:
+                pending = str(h["content"])
+            elif h["role"] == "assistant" and pending is not None:
+                out.append((pending, str(h["content"])))
+                pending = None
+            else:
+                raise ValueError(f"ChatGLM2's history is user / assistant turns in pairs (no system prompt or other "
+                                 f"roles), got {h!r}")
+        if pending is not None:
+            raise ValueError("ChatGLM2's history ends with a user message that has no answer")
+        return out
+    for h, p in zip(items, pairs):
+        if p:
+            out += [{"role": "user", "content": str(h[0])}, {"role": "assistant", "content": str(h[1])}]
+        else:
+            out.append(dict(h))
+    return out
+
+
 class ChatGLMTokenizer(FastTokenizer):
     """fastload's THUDM ChatGLMTokenizer (see the module docstring); everything else as FastTokenizer."""
 
@@ -162,7 +196,8 @@ class ChatGLMTokenizer(FastTokenizer):
     def build_prompt(self, query, history=None):
         """ChatGLM2's prompt: "[Round N]\\n\\n问：{query}\\n\\n答：" after the earlier rounds, numbered from 1."""
         prompt = ""
-        for i, (old_query, response) in enumerate(history or []):
+        history = glm_history(history, 2)
+        for i, (old_query, response) in enumerate(history):
             prompt += f"[Round {i + 1}]\n\n问：{old_query}\n\n答：{response}\n\n"
         return prompt + f"[Round {len(history or []) + 1}]\n\n问：{query}\n\n答："
 
@@ -177,7 +212,7 @@ class ChatGLMTokenizer(FastTokenizer):
         if self.chatglm_version != 3:
             raise ValueError("build_chat_input is ChatGLM3's; ChatGLM2 uses build_prompt")
         ids = []
-        for item in history or []:
+        for item in glm_history(history, 3):
             content = item["content"]
             if item["role"] == "system" and "tools" in item:
                 content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)

@@ -270,7 +270,8 @@ class Engine:
             for b in range(B):
                 row = ids[b] if mask is None else ids[b][mask[b] != 0]
                 if row.size == 0:
-                    raise ValueError(f"input row {b} has no token (its attention_mask is all zeros)")
+                    raise ValueError(f"input row {b} has no token" + ("" if ids.shape[1] == 0 or mask is None else
+                                                                      " (its attention_mask is all zeros)"))
                 rows.append(row.astype(np.int32))
             # one group: the engine queues every row under one lock, so the batches it forms from them (and a
             # batched matmul's rounding) are the same on every run, whatever its driver was doing meanwhile
@@ -291,7 +292,7 @@ class Engine:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)
             else:
                 outs = [self._collect(q, on_token if b == 0 else None, stops, tokenizer, deadline,
-                                      on_record if b == 0 else None)
+                                      on_record if b == 0 else None, rows[b])
                         for b, q in enumerate(reqs)]
             recs = [q.records(0, len(o)) for q, o in zip(reqs, outs)] if keep else None
         except BaseException:
@@ -346,14 +347,15 @@ class Engine:
         return q.tokens(0, have)
 
     @classmethod
-    def _collect(cls, q, on_token, stops, tokenizer, deadline=None, on_record=None):
+    def _collect(cls, q, on_token, stops, tokenizer, deadline=None, on_record=None, prompt=()):
         """A request's tokens once it ends: token by token when they are streamed or checked for stop strings
-        (on_record, with on_token: each token's kept record first)."""
+        (on_record, with on_token: each token's kept record first; prompt: its ids, whose end a stop string may
+        begin in)."""
         if on_token is None and not stops and deadline is None:
             _wait_done(q)
             q.check()
             return q.tokens()
-        stop = _StopCheck(stops, tokenizer) if stops else None
+        stop = _StopCheck(stops, tokenizer, prompt) if stops else None
         have = 0
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -392,12 +394,15 @@ def _wait_done(q):
 class _StopCheck:
     """Whether a stop string was just completed, token by token: it is in the text of the last tokens and was not
     before the newest one (transformers' stop_strings: the row ends with the token that completes one). Decodes a
-    window of the last tokens, long enough for the longest stop string, not the whole answer each time."""
+    window of the last tokens, long enough for the longest stop string, not the whole answer each time. The window
+    starts with the prompt's last tokens: as transformers' StopStringCriteria, which reads the whole sequence, a stop
+    string may begin in the prompt and end in the answer ("France is" + " Paris" stops at "is Paris"); one wholly in
+    the prompt never stops (it was there before the first new token)."""
 
-    def __init__(self, stops, tokenizer):
+    def __init__(self, stops, tokenizer, prompt=()):
         self.stops, self.tok = list(stops), tokenizer
         self.window = max(len(s) for s in self.stops) + 4
-        self.ids = []
+        self.ids = [int(t) for t in list(prompt)[-self.window:]]
 
     def hit(self, t) -> bool:
         self.ids.append(t)

@@ -396,6 +396,11 @@ class GenerationConfig(Config):
 
     __copy__ = copy
 
+    def validate(self, strict=False):
+        """transformers' GenerationConfig.validate: the checks generate() makes of these values (types, ranges,
+        fields fastload refuses) raise here; nothing is returned. strict is accepted (every problem raises)."""
+        _resolve_settings(self, (("GenerationConfig", _explicit(self)),))
+
     def __deepcopy__(self, memo):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
@@ -704,6 +709,11 @@ def _resolve_settings(gc, layers) -> dict:
     r["pad_token_id"] = r["pad_token_id"][0] if r["pad_token_id"] else None
     if r["do_sample"] and r["temperature"] <= 0:
         raise ValueError(f"temperature={r['temperature']} must be strictly positive when do_sample=True")
+    if 0 < r["top_p"] < 1e-30:  # a float32 of the core would round it to 0 (top-p off); any such mass keeps the top token
+        r["top_p"] = 1e-30
+    if r["do_sample"] and r["temperature"] < 1.1754944e-38:  # below float32's normal range: it would round towards 0
+        raise ValueError(f"temperature={r['temperature']} is too small to sample with (below 1.18e-38, float32's "
+                         f"smallest normal number); do_sample=False gives the greedy answer it tends to")
     if r["repetition_penalty"] <= 0:
         raise ValueError(f"repetition_penalty={r['repetition_penalty']} must be strictly positive")
     if not 0 < r["top_p"] <= 1:
@@ -743,6 +753,9 @@ def _id_list(gc, k, source):
     ids = _as_ids(v)
     if ids is None:
         raise TypeError(f"{source(k)}: {k} must be a token id or a list of them, got {v!r}")
+    for t in ids:
+        if not -(1 << 31) <= t < (1 << 31):  # the core's int32 (a vocabulary check follows where the id is used)
+            raise ValueError(f"{source(k)}: {k} holds {t}, which is not a token id")
     return ids
 
 
@@ -755,6 +768,9 @@ def _token_biases(gc, source):
         ids = _as_ids(seq)
         if not ids:
             raise TypeError(f"{source(k)}: {k} holds {seq!r}, not a non-empty sequence of token ids")
+        for t in ids:
+            if not -(1 << 31) <= t < (1 << 31):
+                raise ValueError(f"{source(k)}: {k} holds {t}, which is not a token id")
         out.append((tuple(ids), val))
 
     sb = gc.get("sequence_bias")
@@ -849,8 +865,21 @@ def _ids2d(x, name):
         a = a[None, :]
     if a.ndim != 2:
         raise ValueError(f"{name} must have shape [batch, seq_len], got {a.shape}")
+    if a.size and name == "attention_mask" and np.issubdtype(a.dtype, np.floating):
+        # transformers takes a float mask of ones and zeros (what some tokenizers and `.float()` give)
+        if not np.isin(a, (0.0, 1.0)).all():
+            raise TypeError(f"attention_mask of {a.dtype} must hold only 0 and 1")
+        a = a.astype(np.int64)
     if a.size and not np.issubdtype(a.dtype, np.integer) and not np.issubdtype(a.dtype, np.bool_):
         raise TypeError(f"{name} must hold integers, got {a.dtype}")
+    if a.size and np.issubdtype(a.dtype, np.integer) and a.dtype.itemsize >= 4:
+        # the core takes ids, masks and positions as int32: a larger value would wrap into a valid-looking one
+        lo, hi = (-(1 << 31), (1 << 31) - 1)
+        big = (a > hi) if not np.issubdtype(a.dtype, np.signedinteger) else (a > hi) | (a < lo)
+        if big.any():
+            b, t = (int(i) for i in np.argwhere(big)[0])
+            raise ValueError(f"{name}[{b}][{t}] = {int(a[b, t])} is out of range (token ids and positions are below "
+                             f"2**31; a token id must be in [0, vocab_size))")
     return a
 
 
@@ -1345,6 +1374,10 @@ class FastModelForCausalLM:
                 gc[k] = None
         return gc, _resolve_settings(gc, layers)
 
+    def can_generate(self) -> bool:
+        """transformers' PreTrainedModel.can_generate: every fastload causal LM generates."""
+        return True
+
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None, inputs=None, **kwargs):
         """transformers' generate: greedy or sampling; returns [batch, prompt + new] token ids.
         `generation_config` (fastload's or transformers' GenerationConfig, or a dict) is merged with the model's
@@ -1403,6 +1436,18 @@ class FastModelForCausalLM:
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
         _, r = self._gen_settings(generation_config, kwargs)
+        eos = r["eos_token_id"]
+        if mask is None and r["pad_token_id"] is not None and r["pad_token_id"] not in eos \
+                and (ids == r["pad_token_id"]).any():
+            # transformers' _prepare_attention_mask_for_generation: without a mask, the pad token (one that is not an
+            # eos) marks padding, as `tok(batch, padding=True).input_ids` alone gives it. Here only the runs of it
+            # at the start or the end of a row (left or right padding): transformers also masks a pad token inside
+            # the text (a chat model's <|im_end|> between turns when eos is overridden), leaving a hole in the row.
+            is_pad = ids == r["pad_token_id"]
+            lead = np.logical_and.accumulate(is_pad, axis=1)
+            trail = np.logical_and.accumulate(is_pad[:, ::-1], axis=1)[:, ::-1]
+            if (lead | trail).any():
+                mask = (~(lead | trail)).astype(np.int64)
         T = ids.shape[1]
         max_new = r["max_new_tokens"]
         if max_new is None:
@@ -1412,7 +1457,15 @@ class FastModelForCausalLM:
         min_new = r["min_new_tokens"]
         if min_new is None:
             min_new = max(0, r["min_length"] - T)
-        eos = r["eos_token_id"]
+        from .engine import context_length
+        ctx = context_length(self)
+        longest = int(T if mask is None else (mask != 0).sum(axis=1).max(initial=0))
+        if ctx and 0 < longest < ctx < longest + max_new:
+            # transformers warns and goes on past the context; fastload's KV cache ends there (README "Coming from
+            # transformers")
+            warnings.warn(f"generate: a prompt of {longest} tokens plus max_new_tokens={max_new} passes the model's "
+                          f"context of {ctx} tokens (max_position_embeddings); generation stops at {ctx} tokens, "
+                          f"min_new_tokens included", stacklevel=3)
         pad = r["pad_token_id"]
         if pad is None:
             pad = eos[0] if eos else 0
@@ -1548,7 +1601,8 @@ class FastModelForCausalLM:
         tokens), its sampling defaults (max_length 8192, do_sample, top_p 0.8, temperature 0.8; the caller's
         arguments win) and stop ids (</s>; ChatGLM3 also <|user|>, <|observation|>)."""
         v = tokenizer.chatglm_version
-        history = list(history or [])
+        from .chatglm_tokenizer import glm_history
+        history = glm_history(history, v)
         if v == 2:
             if role != "user" or system is not None:
                 raise ValueError("ChatGLM2's chat has no roles or system prompt (role='user', system=None)")

@@ -9,7 +9,8 @@ prompts tokenized with the tokenizer's own add_special_tokens default (chats nev
 padding tokenizer switched to left padding; batch_size > 1 left-pads the prompts into one generate call.
 
 Where fastload differs (said in the errors too): only "text-generation" (other tasks raise
-NotImplementedError); stop_sequence, assistant models and pipeline_class are not supported; num_workers
+NotImplementedError); stop_sequence stops at the whole string (generate's stop_strings; transformers at its first
+token); assistant models and pipeline_class are not supported; num_workers
 is accepted and ignored (no DataLoader: batches are formed in this process); with no model, the model is
 FASTLOAD_MODEL or the demo model (transformers downloads openai-community/gpt2); a loaded model given with
 tokenizer=None gets the tokenizer of the path it was loaded from."""
@@ -147,10 +148,15 @@ class TextGenerationPipeline:
             preprocess_params["continue_final_message"] = continue_final_message
         if tokenizer_encode_kwargs is not None:
             preprocess_params["tokenizer_encode_kwargs"] = tokenizer_encode_kwargs
-        preprocess_params.update(generate_kwargs)
         if stop_sequence is not None:
-            raise NotImplementedError("stop_sequence is not supported by fastload's generate (no stop strings yet); "
-                                      "use eos_token_id with the token ids to stop at")
+            # transformers stops at the first token of the sequence (with a warning when it has more); here the whole
+            # string, through generate's stop_strings (the text ends with it, as transformers' stop_strings)
+            if not isinstance(stop_sequence, str) or not stop_sequence:
+                raise ValueError(f"stop_sequence must be a non-empty string, got {stop_sequence!r}")
+            stops = generate_kwargs.get("stop_strings") or []
+            generate_kwargs["stop_strings"] = ([stops] if isinstance(stops, str) else list(stops)) + [stop_sequence]
+            generate_kwargs.setdefault("tokenizer", self.tokenizer)
+        preprocess_params.update(generate_kwargs)
         forward_params = generate_kwargs
 
         postprocess_params = {}

@@ -514,11 +514,20 @@ class FastTokenizer:
     # ---------------------------------------------------------------- chat template
     def apply_chat_template(self, conversation, tokenize=True, add_generation_prompt=False, return_tensors=None,
                             return_dict=False, chat_template=None, continue_final_message=False, tools=None,
-                            documents=None, **kwargs):
+                            documents=None, padding=False, truncation=False, max_length=None, tokenizer_kwargs=None,
+                            return_assistant_tokens_mask=False, **kwargs):
+        """transformers' apply_chat_template: the template rendered with `kwargs`, then (tokenize=True) encoded without
+        special tokens (the template holds them) with padding / truncation / max_length / tokenizer_kwargs as given.
+        A batch is not padded unless padding= asks (transformers' default: ragged lists, and an error for tensors)."""
         tmpl = chat_template or self.chat_template
         if tmpl is None:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json chat_template or GGUF "
                              "tokenizer.chat_template); pass chat_template=...")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible: continue_final_message "
+                             "continues the last message, add_generation_prompt starts a new one")
+        if return_assistant_tokens_mask:
+            raise NotImplementedError("apply_chat_template(return_assistant_tokens_mask=True) is not supported by fastload")
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         convs = conversation if batched else [conversation]
         env = _jinja_env()
@@ -530,20 +539,32 @@ class FastTokenizer:
                                    documents=documents, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                    unk_token=self.unk_token or "", pad_token=self.pad_token or "", **kwargs)
             if continue_final_message and msgs:
-                last = msgs[-1]["content"]
-                text = text[: text.rindex(last) + len(last)] if isinstance(last, str) and last in text else text
+                text = _cut_after_final_message(text, msgs[-1].get("content"))
             texts.append(text)
         if not tokenize:
             return texts if batched else texts[0]
         # The template already holds bos/eos where the model wants them: no special tokens added again.
-        enc = self(texts, add_special_tokens=False, padding=True)
-        if return_dict:
-            out = enc if batched or return_tensors else BatchEncoding({k: v[0] for k, v in enc.items()})
-            return self._tensors(out, return_tensors)
-        ids = enc["input_ids"] if batched or return_tensors else enc["input_ids"][0]
-        if return_tensors:
-            return self._tensors(BatchEncoding(input_ids=ids), return_tensors)["input_ids"]
-        return ids
+        enc = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation,
+                   max_length=max_length, return_tensors=return_tensors, **dict(tokenizer_kwargs or {}))
+        return enc if return_dict else enc["input_ids"]
+
+
+def _cut_after_final_message(text, final):
+    """transformers' continue_final_message: the rendered chat cut right after the last message's content (its last
+    text part for a list of parts), trailing spaces kept only where the template kept them."""
+    if isinstance(final, (list, tuple)):
+        final = next((b["text"] for b in reversed(final) if isinstance(b, dict) and "text" in b), None)
+        if final is None:
+            raise ValueError("continue_final_message is set but the final message has no text part")
+    if not isinstance(final, str):
+        raise ValueError(f"continue_final_message: the final message's content is {type(final).__name__}, not text")
+    if final.strip() not in text:
+        raise ValueError("continue_final_message is set but the final message does not appear in the chat after "
+                         "applying the chat template (the template may change it, e.g. strip it)")
+    at = text.rindex(final.strip())
+    if text[at: at + len(final.lstrip())] == final:  # the template kept the message as it is (transformers' test)
+        return text[: at + len(final.lstrip())]
+    return text[: at + len(final.strip())]
 
 
 def _write_file(path, text):

@@ -207,8 +207,8 @@ def test_bad_arguments_raise(tokdir, pipe):
         fastload.pipeline("summarization", model=rec, tokenizer=str(tokdir))
     with pytest.raises(TypeError, match="bogus"):
         fastload.pipeline("text-generation", model=rec, tokenizer=str(tokdir), bogus=1)
-    with pytest.raises(NotImplementedError, match="stop_sequence"):
-        fastload.pipeline("text-generation", model=rec, tokenizer=str(tokdir))("hello", stop_sequence="x")
+    with pytest.raises(ValueError, match="stop_sequence"):  # a string stops through stop_strings (test_api_edges)
+        fastload.pipeline("text-generation", model=rec, tokenizer=str(tokdir))("hello", stop_sequence="")
     with pytest.raises(TypeError, match="bogus"):  # unknown call arguments reach generate, which refuses them
         pipe("hello", max_new_tokens=2, bogus=3)
     with pytest.raises(ValueError, match="batch_size"):

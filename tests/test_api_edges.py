@@ -1,0 +1,179 @@
+"""Edges of the transformers-shaped API that a bug hunt (2026-12-06, thirty-eighth session) found wrong, each checked
+against what transformers does (or a clear error where it would misbehave):
+  - ids, masks and positions of 2**31 and more were narrowed to int32 and wrapped into valid-looking tokens;
+  - do_sample with a temperature small enough to overflow float32 (logits / 1e-38) drew arbitrary tokens;
+  - generate() without attention_mask on left-padded ids read the pads as text (transformers infers the mask);
+  - apply_chat_template ignored padding / truncation / max_length and padded a batch of chats silently;
+  - stop strings could not begin in the prompt (transformers' StopStringCriteria reads the whole sequence);
+  - ChatGLM's chat took a history only in its own model's style;
+  - generate stopped at the model's context without a word;
+  - pipeline(stop_sequence=), GenerationConfig.validate(), model.can_generate(), float attention masks.
+Tiny Llama fixture (tests/fixtures/llama, pad 0, eos 2, context 128) and the demo model; no torch."""
+import warnings
+
+import numpy as np
+import pytest
+
+import fastload
+from golden_util import model_dir
+
+LLAMA = model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return fastload.AutoModelForCausalLM.from_pretrained(str(LLAMA), device_map="cpu", torch_dtype="float32")
+
+
+def greedy(m, ids, n=6, **kw):
+    return m.generate(np.asarray(ids), max_new_tokens=n, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("value,dtype", [(2 ** 32 + 5, np.int64), (2 ** 40, np.int64), (2 ** 63, np.uint64),
+                                         (-(2 ** 31) - 1, np.int64)])
+def test_ids_past_int32_are_refused_not_wrapped(llama, value, dtype):
+    ids = np.array([[5, 6, 7]], dtype)
+    ids[0, 1] = value
+    for call in (lambda: llama(ids), lambda: greedy(llama, ids)):
+        with pytest.raises(ValueError, match=r"input_ids\[0\]\[1\] = .* is out of range"):
+            call()
+    with pytest.raises(ValueError, match="attention_mask"):
+        llama(np.array([[5, 6, 7]]), attention_mask=np.array([[1, 2 ** 32, 1]]))
+    with pytest.raises(ValueError, match="suppress_tokens holds"):
+        greedy(llama, [[5, 6, 7]], suppress_tokens=[2 ** 32 + 7])
+
+
+def test_float_attention_mask_of_ones_and_zeros(llama):
+    ids = np.array([[0, 0, 5, 6, 7]])
+    m = np.array([[0, 0, 1, 1, 1]])
+    want = greedy(llama, ids, attention_mask=m)
+    np.testing.assert_array_equal(greedy(llama, ids, attention_mask=m.astype(np.float32)), want)
+    with pytest.raises(TypeError, match="only 0 and 1"):
+        greedy(llama, ids, attention_mask=m * 0.5)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-37, 2e-38, 1.2e-38])
+def test_tiny_temperature_tends_to_greedy(demo_model, demo_tok, temperature):
+    """logits / T overflowed float32 for T below ~1e-37 and made thousands of tokens +inf (the draw then any token);
+    the limit T -> 0 is the greedy answer."""
+    ids = demo_tok("The capital of France is", return_tensors="np")["input_ids"]
+    want = demo_model.generate(ids, max_new_tokens=8, do_sample=False)
+    got = demo_model.generate(ids, max_new_tokens=8, do_sample=True, temperature=temperature, seed=1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_temperature_below_float32_range_is_refused(llama):
+    with pytest.raises(ValueError, match="too small to sample with"):
+        llama.generate(np.array([[5, 6]]), max_new_tokens=2, do_sample=True, temperature=1e-40)
+
+
+def test_mask_inferred_from_left_and_right_pads(llama):
+    """transformers: without attention_mask, the pad token (when it is not an eos) marks padding. fastload masks the
+    runs of it at either end of a row."""
+    alone = greedy(llama, [[5, 6, 7, 8]])[0, 4:]
+    left = np.array([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    out = greedy(llama, left, pad_token_id=0, eos_token_id=2)
+    np.testing.assert_array_equal(out[0, 6:], alone)
+    np.testing.assert_array_equal(out[1, 6:], greedy(llama, [[9, 10, 11, 12, 13, 14]])[0, 6:])
+    # the pad inside a row is text; pad == eos: no inference (transformers' rule)
+    inner = greedy(llama, [[5, 0, 7, 8]], pad_token_id=0, eos_token_id=2)
+    np.testing.assert_array_equal(inner, greedy(llama, [[5, 0, 7, 8]], attention_mask=np.ones((1, 4), int)))
+    same = greedy(llama, [[0, 5, 6]], pad_token_id=0, eos_token_id=0)
+    np.testing.assert_array_equal(same, greedy(llama, [[0, 5, 6]], attention_mask=np.ones((1, 3), int),
+                                               pad_token_id=0, eos_token_id=0))
+
+
+def test_empty_row_error_names_no_mask(llama):
+    with pytest.raises(ValueError, match=r"input row 0 has no token$"):
+        llama.generate(np.zeros((1, 0), np.int64), max_new_tokens=2)
+
+
+def test_context_cap_warns(llama):
+    prompt = (np.arange(117) % 500 + 3)[None]
+    with pytest.warns(UserWarning, match="passes the model's context of 128 tokens"):
+        out = llama.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    assert out.shape[1] == 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llama.generate(prompt, max_new_tokens=11, do_sample=False, eos_token_id=None)
+
+
+def test_stop_string_may_begin_in_the_prompt(demo_model, demo_tok):
+    ids = demo_tok("The capital of France is", return_tensors="np")["input_ids"]
+    T = ids.shape[1]
+    full = demo_model.generate(ids, max_new_tokens=8, do_sample=False)
+    first = demo_tok.decode(full[0, T:T + 1])
+    assert first.strip()  # " Paris" on the demo model
+    for stop in ["is" + first, "France is" + first, first]:
+        out = demo_model.generate(ids, max_new_tokens=8, do_sample=False, stop_strings=[stop], tokenizer=demo_tok)
+        assert out.shape[1] == T + 1, stop
+    # wholly inside the prompt: never a stop
+    out = demo_model.generate(ids, max_new_tokens=8, do_sample=False, stop_strings=["capital"], tokenizer=demo_tok)
+    np.testing.assert_array_equal(out, full)
+
+
+CHATS = [[{"role": "user", "content": "Hi"}],
+         [{"role": "user", "content": "Tell me about the capital of France in one short sentence."}]]
+
+
+def test_chat_template_padding_truncation(demo_tok):
+    full = demo_tok.apply_chat_template(CHATS[1], add_generation_prompt=True)
+    assert len(full) > 10
+    assert demo_tok.apply_chat_template(CHATS[1], add_generation_prompt=True, truncation=True, max_length=5) == full[:5]
+    d = demo_tok.apply_chat_template(CHATS[1], add_generation_prompt=True, truncation=True, max_length=5,
+                                     return_dict=True, return_tensors="np")
+    assert d["input_ids"].shape == (1, 5) and d["attention_mask"].shape == (1, 5)
+    # a batch: ragged lists by default (transformers' padding=False), an error for tensors, padded when asked
+    ragged = demo_tok.apply_chat_template(CHATS, add_generation_prompt=True)
+    assert [len(r) for r in ragged] == [len(demo_tok.apply_chat_template(c, add_generation_prompt=True)) for c in CHATS]
+    with pytest.raises(ValueError):
+        demo_tok.apply_chat_template(CHATS, add_generation_prompt=True, return_tensors="np")
+    p = demo_tok.apply_chat_template(CHATS, add_generation_prompt=True, padding="max_length", max_length=64,
+                                     return_dict=True, return_tensors="np")
+    assert p["input_ids"].shape == (2, 64) and p["attention_mask"].sum(axis=1).tolist() == [len(r) for r in ragged]
+
+
+def test_continue_final_message_rules(demo_tok):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How "}]
+    text = demo_tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    assert text.endswith("<|im_start|>assistant\nHello! How ")  # this template keeps the message as it is
+    trimmed = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</s>{% endfor %}"
+    text = demo_tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True, chat_template=trimmed)
+    assert text.endswith("<assistant>Hello! How")  # one that trims it: cut at the stripped content (transformers)
+    with pytest.raises(ValueError, match="not compatible"):
+        demo_tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True, add_generation_prompt=True)
+
+
+def test_chatglm_history_in_either_style():
+    root = LLAMA.parent / "chatglm"
+    pairs = [("What is 2+3?", "5")]
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]
+    for v in (2, 3):
+        tok = fastload.AutoTokenizer.from_pretrained(str(root / f"chatglm{v}"), trust_remote_code=True)
+        m = fastload.AutoModel.from_pretrained(str(root / f"chatglm{v}"), trust_remote_code=True)
+        a, ha = m.chat(tok, "And 4+4?", history=pairs, do_sample=False, max_new_tokens=3)
+        b, hb = m.chat(tok, "And 4+4?", history=msgs, do_sample=False, max_new_tokens=3)
+        assert a == b and ha == hb  # the model's own style either way
+        assert all(isinstance(h, tuple) for h in ha) if v == 2 else all(isinstance(h, dict) for h in ha)
+        with pytest.raises(ValueError, match="history items must be"):
+            m.chat(tok, "x", history=["not a turn"], max_new_tokens=1)
+    tok2 = fastload.AutoTokenizer.from_pretrained(str(root / "chatglm2"), trust_remote_code=True)
+    assert tok2.build_prompt("q", msgs) == tok2.build_prompt("q", pairs)
+    with pytest.raises(ValueError, match="no system prompt"):
+        tok2.build_prompt("q", [{"role": "system", "content": "s"}])
+
+
+def test_pipeline_stop_sequence(demo_model, demo_tok):
+    pipe = fastload.pipeline("text-generation", model=demo_model, tokenizer=demo_tok)
+    out = pipe("The capital of France is", max_new_tokens=20, do_sample=False, stop_sequence=".")
+    text = out[0]["generated_text"]
+    assert text.endswith(".") and text.count(".") == 1, text
+
+
+def test_small_api_pieces(llama):
+    assert llama.can_generate() is True
+    fastload.GenerationConfig(max_new_tokens=3, temperature=0.5).validate()
+    with pytest.raises(ValueError, match="top_p"):
+        fastload.GenerationConfig(top_p=2.0, do_sample=True).validate()
+    with pytest.raises(NotImplementedError, match="num_beams"):
+        fastload.GenerationConfig(num_beams=2).validate()
