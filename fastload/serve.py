@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import queue
 import threading
@@ -90,9 +91,10 @@ class _RequestStreamer(TextIteratorStreamer):
     string and hands text deltas to `emit` (never text that might be the start of a stop string or an
     incomplete UTF-8 character)."""
 
-    def __init__(self, tokenizer, stops, emit, logprobs=None):
+    def __init__(self, tokenizer, stops, emit, logprobs=None, min_tokens=0):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.stops, self.emit = stops, emit
+        self.min_tokens = min_tokens  # vLLM's min_tokens: no stop string ends the answer before that many tokens
         self.ids, self.sent, self.text, self.hit_stop = [], 0, "", False
         self._prompt_seen = False
         self._p = self._r = 0  # the window of ids decoded at each step: ids[_p:] against ids[_p:_r]
@@ -130,7 +132,7 @@ class _RequestStreamer(TextIteratorStreamer):
             self._p, self._r = self._r, len(self.ids)
         text = self.text
         cut = min((i for i in (text.find(s, max(0, old_len - len(s) + 1)) for s in self.stops) if i >= 0),
-                  default=-1)
+                  default=-1) if len(self.ids) >= self.min_tokens else -1
         if cut >= 0:
             self.text, self.hit_stop = text[:cut], True
             self._flush(cut)
@@ -216,6 +218,7 @@ class Server:
         self._jobs = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
+        self._running = 0  # jobs a worker is running
         # requests answered / cancelled by their client, tokens generated (all in /health)
         self.stats = {"completed": 0, "cancelled": 0, "generated_tokens": 0}
         self._workers = [threading.Thread(target=self._work, daemon=True, name=f"fastload-serve-worker-{i}")
@@ -234,15 +237,22 @@ class Server:
                     continue
                 job.state = "running"
                 self._waiting -= 1
+                self._running += 1
             try:
                 job.fn(job)
             except BaseException:  # noqa: BLE001 - job.fn reports its own errors; the worker must live on
                 pass
+            finally:
+                with self._lock:
+                    self._running -= 1
 
     def _submit(self, fn):
         job = _Job(self, fn)
         with self._lock:
-            if self._waiting >= self.max_queue:
+            # the requests that will wait for a worker: those submitted and not yet taken, this one included, past
+            # the workers that are idle (they take a job at once; counting them made an idle server with
+            # --max-queue 0 refuse everything)
+            if self._waiting + 1 - max(0, self.concurrency - self._running) > self.max_queue:
                 raise ServeError(429, f"too many requests waiting (--max-queue {self.max_queue}); retry later",
                                  type="rate_limit_error", code="queue_full")
             self._waiting += 1
@@ -323,7 +333,11 @@ class Server:
         opts = body.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise _bad("stream_options must be an object", "stream_options", "invalid_type")
-        include_usage = bool((opts or {}).get("include_usage", False))
+        include_usage = (opts or {}).get("include_usage", False)
+        if include_usage is None:
+            include_usage = False
+        if not isinstance(include_usage, bool):
+            raise _bad("stream_options.include_usage must be a boolean", "stream_options", "invalid_type")
         ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate exactly max_tokens tokens
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos must be a boolean", "ignore_eos", "invalid_type")
@@ -391,7 +405,7 @@ class Server:
                 raise _bad("stop_token_ids must be a list of token ids in the vocabulary", "stop_token_ids",
                            "invalid_value")
             kw["eos_token_id"] = kw["eos_token_id"] + [t for t in sti if t not in kw["eos_token_id"]]
-        if temp == 0:
+        if temp is not None and temp < 1e-5:  # vLLM's _SAMPLING_EPS: greedy (what the limit T -> 0 is)
             kw["do_sample"] = False
         elif temp is not None or top_p is not None:
             kw["do_sample"] = True
@@ -411,6 +425,7 @@ class Server:
         if self.context:
             if max_tokens is None:
                 max_tokens = min(default_max, self.context - T) if default_max else self.context - T
+                max_tokens = max(max_tokens, 1)  # a prompt that fills the context leaves no room for one token
             if T + max_tokens > self.context:
                 raise _bad(f"This model's maximum context length is {self.context} tokens. However, you requested "
                            f"{T + max_tokens} tokens ({T} in the messages, {max_tokens} in the completion). Please "
@@ -487,7 +502,8 @@ class Server:
                             kw["seed"] = (s["seed"] + i) & 0xFFFFFFFFFFFFFFFF
                         k = idx
                         st = _RequestStreamer(self.tokenizer, s["stops"],
-                                              lambda t, e=(), k=k: emit(("text", k, t, list(e))), s["logprobs"])
+                                              lambda t, e=(), k=k: emit(("text", k, t, list(e))), s["logprobs"],
+                                              s["kw"].get("min_new_tokens", 0))
                         job.streamer = st
                         if job.cancelled:
                             raise GenerationCancelled("the client of this request went away")
@@ -577,8 +593,18 @@ class Server:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            except RecursionError:
+                raise _bad("the request body is nested too deeply", code="invalid_json") from None
             if not isinstance(body, dict):
                 raise _bad("the request body must be a JSON object", code="invalid_json")
+            try:  # a lone UTF-16 surrogate ("\ud83d" cut from an emoji) is valid JSON but no text: the tokenizer,
+                # the error bodies and the answer could not hold it
+                json.dumps(body, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad("the request body holds a string that is not valid Unicode (a lone UTF-16 surrogate "
+                           "escape such as \\ud83d)", code="invalid_value") from None
+            except RecursionError:
+                raise _bad("the request body is nested too deeply", code="invalid_json") from None
             return body
 
         async def health(request):
@@ -748,7 +774,9 @@ def _int(body, key, default, lo, hi):
         return default
     if isinstance(v, bool) or not isinstance(v, int):
         raise _bad(f"{key} must be an integer, got {v!r}", key, "invalid_type")
-    if v < lo or (hi is not None and v > hi):
+    if hi is None:
+        hi = 2 ** 31 - 1  # the engine's int32 (a larger value was a 500 from the C call)
+    if v < lo or v > hi:
         rng = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
         raise _bad(f"{key} must be {rng}, got {v}", key, "invalid_value")
     return v
@@ -760,6 +788,8 @@ def _num(body, key, lo, hi):
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _bad(f"{key} must be a number, got {v!r}", key, "invalid_type")
+    if not math.isfinite(v):  # Python's json reads Infinity and NaN
+        raise _bad(f"{key} must be a finite number, got {v!r}", key, "invalid_value")
     if not lo <= v or (hi is not None and v > hi):
         rng = f"at least {lo:g}" if hi is None else f"between {lo:g} and {hi:g}"
         raise _bad(f"{key} must be {rng}, got {v}", key, "invalid_value")

@@ -287,12 +287,59 @@ def _post(server, path, content):
     (json.dumps({"messages": Q, "logprobs": True, "top_logprobs": 21}), "top_logprobs"),
     (json.dumps({"messages": "hi"}), "messages"),
     (json.dumps({"messages": [{"content": "no role"}]}), "messages[0]"),
+    # past the engine's int32, non-finite numbers (Python's json reads Infinity), a non-boolean include_usage
+    (json.dumps({"messages": Q, "top_k": 2 ** 31}), "top_k"),
+    (json.dumps({"messages": Q, "min_tokens": 2 ** 31}), "min_tokens"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', "repetition_penalty"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": NaN}', "presence_penalty"),
+    (json.dumps({"messages": Q, "stream": True, "stream_options": {"include_usage": "false"}}), "stream_options"),
+    # valid JSON that is no text or too deep for the parser: 400, not 500
+    ('{"messages": [{"role": "user", "content": "hi"}], "user": "x\\ud83d"}', None),
+    ('{"messages": [{"role": "user", "content": "hi"}], "x": ' + "[" * 100000 + "]" * 100000 + "}", None),
 ])
 def test_bad_requests_are_400(server, body, param):
     status, err = _post(server, "/v1/chat/completions", body)
     assert status == 400, err
     assert set(err["error"]) == {"message", "type", "param", "code"}
     assert err["error"]["type"] == "invalid_request_error" and err["error"]["param"] == param
+
+
+def test_lone_surrogates_are_400(server):
+    for path, body in (("/v1/completions", '{"prompt": "Hi \\ud83d", "max_tokens": 2}'),
+                       ("/v1/completions", '{"prompt": "Hi", "max_tokens": 2, "bad_words": ["\\udc00"]}'),
+                       ("/v1/chat/completions", '{"model": "x\\ud83d", "messages": [{"role": "user", "content": "hi"}]}')):
+        status, err = _post(server, path, body)
+        assert status == 400 and "not valid Unicode" in err["error"]["message"], (body, err)
+
+
+def test_tiny_temperature_is_greedy_and_min_tokens_hold_stops(client):
+    greedy = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8, temperature=0)
+    for t in (1e-6, 1e-38, 1e-300):
+        r = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8, temperature=t,
+                                      seed=3)
+        assert r.choices[0].text == greedy.choices[0].text, t
+    tiny_p = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8, temperature=1,
+                                       top_p=1e-300, seed=3)
+    assert tiny_p.choices[0].text == greedy.choices[0].text
+    # vLLM's min_tokens: no stop string ends the answer before that many tokens
+    base = dict(model="demo", prompt="1, 2, 3, 4, 5,", max_tokens=12, temperature=0)
+    plain = client.completions.create(**base).choices[0].text
+    assert ", 7" in plain or " 7" in plain, plain
+    r = client.completions.create(stop=[" 7"], **base)
+    assert r.choices[0].finish_reason == "stop" and " 7" not in r.choices[0].text
+    n_stop = r.usage.completion_tokens
+    r = client.completions.create(stop=[" 7"], extra_body={"min_tokens": n_stop + 4}, **base)
+    assert r.usage.completion_tokens >= n_stop + 4, r
+
+
+def test_prompt_filling_the_context_is_400_before_a_stream(server, demo_tok):
+    ids = demo_tok("Hi" + " hello" * (server.context - 1))["input_ids"]
+    n = len(ids)
+    prompt = "Hi" + " hello" * (server.context - 1 - (n - server.context))
+    assert len(demo_tok(prompt)["input_ids"]) == server.context
+    for stream in (False, True):
+        status, err = _post(server, "/v1/completions", json.dumps({"prompt": prompt, "stream": stream}))
+        assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
 
 
 def test_bad_completion_prompt_and_unknown_model(server, client):
@@ -485,5 +532,23 @@ def test_silent_stream_is_cancelled_when_its_client_leaves(demo_model, demo_tok)
                 next(ln for ln in r.iter_lines() if ln)
         _wait(lambda: srv.stats["cancelled"] == 1, "the silent stream to be cancelled", limit=30)
         assert srv.stats["generated_tokens"] < 4000
+    finally:
+        _stop(srv)
+
+
+def test_max_queue_zero_serves_while_workers_are_idle(demo_model, demo_tok):
+    """--max-queue counts the requests that wait for a worker: with idle workers none does (the server had counted
+    a request an idle worker was about to take, so --max-queue 0 refused everything and 2 refused bursts)."""
+    srv = _start(Server(demo_model, demo_tok, model_id="demo", max_queue=0, concurrency=4))
+    try:
+        body = json.dumps({"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(_post(srv, "/v1/completions", body)[0]))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == [200] * 4, codes
     finally:
         _stop(srv)
