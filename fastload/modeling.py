@@ -753,10 +753,15 @@ def _id_list(gc, k, source):
     ids = _as_ids(v)
     if ids is None:
         raise TypeError(f"{source(k)}: {k} must be a token id or a list of them, got {v!r}")
-    for t in ids:
-        if not -(1 << 31) <= t < (1 << 31):  # the core's int32 (a vocabulary check follows where the id is used)
-            raise ValueError(f"{source(k)}: {k} holds {t}, which is not a token id")
+    _check_int32_ids(ids, source, k)
     return ids
+
+
+def _check_int32_ids(ids, source, k):
+    """The core takes token ids as int32 (a vocabulary check follows where an id is used): a larger one would wrap."""
+    for t in ids:
+        if not -(1 << 31) <= t < (1 << 31):
+            raise ValueError(f"{source(k)}: {k} holds {t}, which is not a token id")
 
 
 def _token_biases(gc, source):
@@ -768,9 +773,7 @@ def _token_biases(gc, source):
         ids = _as_ids(seq)
         if not ids:
             raise TypeError(f"{source(k)}: {k} holds {seq!r}, not a non-empty sequence of token ids")
-        for t in ids:
-            if not -(1 << 31) <= t < (1 << 31):
-                raise ValueError(f"{source(k)}: {k} holds {t}, which is not a token id")
+        _check_int32_ids(ids, source, k)
         out.append((tuple(ids), val))
 
     sb = gc.get("sequence_bias")
