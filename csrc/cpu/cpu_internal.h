@@ -66,9 +66,6 @@ void cpu_q_widen(float *restrict dst, const fl_weight *W, int64_t r, int64_t k0,
 fl_status cpu_q_embed(fl_backend *be, float *x, const int32_t *tokens, int n, const fl_weight *emb);
 fl_status cpu_q_interleave(fl_backend *be, fl_weight *W, int *done);
 int cpu_qi_takes(const fl_weight *W); /* qi_rows reads W once interleaved (cpu_qmatmul.c) */
-/* Bit b set: FASTLOAD_CPU_QDOT=int8 multiplies an interleaved weight of b-bit codes with int8 x (VNNI: 4, 5, 6, 8; AVX2
- * without it: 4); other widths take int16 x. 0 in a build without the integer kernels. (_C.build_info()) */
-int cpu_qi_x8_bits(void);
 fl_status cpu_add_lowrank(fl_backend *be, void *w_d, fl_dtype dt, int64_t rows, int64_t cols, const float *b_d,
                           const float *a_d, int r, float scale);
 fl_status cpu_quantize(fl_backend *be, const fl_weight *W, int scheme, int64_t row0, int64_t rows, const void *src_d,

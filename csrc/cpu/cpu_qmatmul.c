@@ -260,11 +260,8 @@ static inline float quant_block32(const float *x, int8_t *out, int *sum, int dei
     /* packs work per 128-bit lane: the bytes come out as 0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31 */
     __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    if (deint == 2) /* interleaved split codes (qi_dots): per 8 columns [0 1 4 5 2 3 6 7], 2-byte units swapped */
+    if (deint == 2) /* interleaved nibble codes (qi_dots): per 8 columns [0 1 4 5 2 3 6 7], 2-byte units swapped */
         b = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(b, 0xd8), 0xd8);
-    else if (deint == 5) /* interleaved 4-bit codes (qi_dots): per 8 columns [0 2 4 6 1 3 5 7], a word's nibbles */
-        b = _mm256_shuffle_epi8(b, _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
-                                                    0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15));
     else if (deint) { /* per lane: evens then odds; then the lanes' evens together and odds together */
         const __m256i sh = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -430,7 +427,7 @@ static void quant_x(qx_t *X, const float *x, int t0, int n, int64_t C, int kind)
             if (X->x16)
                 d = quant_block16(xb, X->x16 + (size_t)i * 32, &sum, &lo, X->il == 8 ? 4 : X->il ? 3 : QK_LIKE4(kind) ? 2 : kind == QK_NF4 ? 1 : 0);
             else {
-                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, X->il ? (X->il == 8 ? 0 : X->il == 4 ? 5 : 2) : kind == QK_INT4,
+                d = quant_block32(xb, X->x8 + (size_t)i * 32, &sum, X->il ? (X->il == 8 ? 0 : 2) : kind == QK_INT4,
                                   span_absmax(x + (size_t)t * (size_t)C, C, b), X->g16 ? &lo : NULL);
                 if (!X->il && kind == QK_INT4 && (b & 1)) { /* [Ae|Ao], [Be|Bo] -> [Ae|Be], [Ao|Bo] */
                     __m256i *p = (__m256i *)(X->x8 + (size_t)(i - 1) * 32);
@@ -895,11 +892,9 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
  * A row's result depends only on its own codes and x (the same bits in any batch, any number of x rows per pass);
  * it differs from the row-major kernel's by float rounding (that sums the block's lanes in another order).
  * x16 per block (quant_x, deint 3): the pairs [x(8k+s), x(8k+s+4)] for k, then s.
- * int8 x (FASTLOAD_CPU_QDOT=int8, VNNI; AVX2 alone: 4-bit codes, QI_A16 below): the same words as u8 codes, 4 a lane,
- * against 4 int8 x (vpdpbusd): half the multiply instructions of int16 x, which is what prompts (compute-bound) gain;
- * x8 per 8 columns [0 2 4 6 1 3 5 7] for 4-bit codes (a word's low nibbles, then its high ones: two ops a word; the
- * order [0 1 4 5 2 3 6 7] with bytes built from both took nine), [0 1 4 5 2 3 6 7] for split codes (their int16
- * pairs' bytes), natural for bytes (quant_block32 deint 5 / 2 / 0). */
+ * int8 x (FASTLOAD_CPU_QDOT=int8, VNNI): the same words as u8 codes, 4 a lane, against 4 int8 x (vpdpbusd): half the
+ * multiply instructions of int16 x, which is what prompts (compute-bound) gain; x8 per 8 columns [0 1 4 5 2 3 6 7]
+ * for nibble codes, natural for bytes (quant_block32 deint 2 / 0). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPW(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
 #elif defined(__AVXVNNI__)
@@ -919,14 +914,6 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 #define DPB(acc, a, b) (acc)
 #define QI_X8 0
 #endif
-/* int8 x on AVX2 without VNNI (A16), 4-bit codes only: vpmaddubsw (u8 codes x s8 x, adjacent pairs summed into int16)
- * and the block's 8 such results summed in int16 (at most 8 x 2 x 15 x 127 = 30480: no overflow, no saturation),
- * then one vpmaddwd by ones a block widens them: per 64 products ~1.1 multiplies where int16 x takes 4 vpmaddwd and
- * 4 vpaddd. The integer dot is exact, so the bits are those of the VNNI form. 5- / 6- / 8-bit codes would overflow
- * the int16 sums (or saturate vpmaddubsw: 255 x 127 x 2) and keep int16 x there. */
-#define QI_A16 (!QI_X8)
-/* Whether a weight of `bits` takes int8 x when FASTLOAD_CPU_QDOT=int8 asks for it */
-#define QI_TAKES_X8(bits) (QI_X8 || (QI_A16 && (bits) == 4))
 #ifdef __AVX512VL__
 #define QI_N 8 /* x rows per pass: 3 vectors each (dot, acc, off) in 32 registers */
 #else
@@ -961,7 +948,7 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
                                                           const int X8, const int CF, const int DUO, const int32_t *init) {
     const int P = BITS == 8 ? 2 : 4; /* int16 pairs a word: 4 (4- to 6-bit: nibbles), 2 (8-bit) */
     const int HB = BITS == 5 || BITS == 6 ? BITS - 4 : 0;
-    const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F), m4 = _mm256_set1_epi32(0x0F0F0F0F);
+    const __m256i m = _mm256_set1_epi32(BITS == 8 ? 0x00FF00FF : 0x000F000F), m8 = _mm256_set1_epi32(0x0F000F00);
     const __m256i ctr = _mm256_set1_epi16((short)(1 << (BITS - 1))); /* CF: the symmetric centre, off the codes */
     const int NU = BITS == 8 ? 1 : 2; /* x8 dwords a word */
     /* init: each row's dot starts at -centre * sum(x16) (the narrow passes' FOLD: off the dependency chain's end) */
@@ -973,9 +960,6 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
      * 20.7), and so were two written as an array indexed by s % 2 (GCC kept x and pointers on the stack: Q4_0 19). */
     __m256i du[2];
     if (DUO) for (int t = 0; t < N; t++) du[t] = _mm256_setzero_si256();
-    const int A16 = X8 && QI_A16 && BITS == 4; /* int16 sums of vpmaddubsw, widened at the end (QI_A16) */
-    __m256i a16[QI_N];
-    if (A16) for (int t = 0; t < N; t++) a16[t] = _mm256_setzero_si256();
 #define QI_WORD(k)                                                                                                     \
     do {                                                                                                               \
         const __m256i v = _mm256_loadu_si256((const __m256i *)(qb + (k) * 32));                                      \
@@ -989,9 +973,9 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
         if (X8) { /* bytes: 8-bit the word as it is; nibble forms (0 1 4 5), (2 3 6 7), x8 in that order */          \
             __m256i u[2];                                                                                              \
             if (BITS == 8) u[0] = v;                                                                                   \
-            else if (BITS == 4) { /* the low nibbles (columns 0 2 4 6 of the word), the high ones (1 3 5 7) */        \
-                u[0] = _mm256_and_si256(v, m4);                                                                        \
-                u[1] = _mm256_and_si256(_mm256_srli_epi32(v, 4), m4);                                                  \
+            else if (BITS == 4) {                                                                                      \
+                u[0] = _mm256_or_si256(_mm256_and_si256(v, m), _mm256_and_si256(_mm256_slli_epi32(v, 4), m8));      \
+                u[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 8), m), _mm256_and_si256(_mm256_srli_epi32(v, 4), m8)); \
             } else {                                                                                                   \
                 u[0] = _mm256_or_si256(c[0], _mm256_slli_epi32(c[1], 8));                                             \
                 u[1] = _mm256_or_si256(c[2], _mm256_slli_epi32(c[3], 8));                                             \
@@ -999,8 +983,7 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
             for (int t = 0; t < N; t++) {                                                                              \
                 const int32_t *xp = (const int32_t *)(X->x8 + ((size_t)b * (size_t)N + (size_t)t) * 32) + (k) * NU; \
                 _Pragma("GCC unroll 2") for (int e = 0; e < NU; e++) {                                             \
-                    if (A16) a16[t] = _mm256_add_epi16(a16[t], _mm256_maddubs_epi16(u[e], _mm256_set1_epi32(xp[e]))); \
-                    else if (DUO && (e & 1)) du[t] = DPB(du[t], u[e], _mm256_set1_epi32(xp[e]));                    \
+                    if (DUO && (e & 1)) du[t] = DPB(du[t], u[e], _mm256_set1_epi32(xp[e]));                         \
                     else dot[t] = DPB(dot[t], u[e], _mm256_set1_epi32(xp[e]));                                     \
                 }                                                                                                      \
             }                                                                                                          \
@@ -1026,8 +1009,7 @@ static inline __attribute__((always_inline)) void qi_dots(__m256i *dot, const ui
     } else
         for (int k = K0; k < K1; k++) QI_WORD(k);
 #undef QI_WORD
-    if (A16) for (int t = 0; t < N; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(a16[t], _mm256_set1_epi16(1)));
-    if (DUO && !A16) for (int t = 0; t < N; t++) dot[t] = _mm256_add_epi32(dot[t], du[t]);
+    if (DUO) for (int t = 0; t < N; t++) dot[t] = _mm256_add_epi32(dot[t], du[t]);
 }
 
 /* The interleaved kernel for BITS 4, 5, 6 or 8 (a constant in each instantiation), HZ: offsets stored (else the
@@ -1124,11 +1106,15 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
         else qi_rows(y, R, W, g0, g1, X, N_, 0, BITS_, G16_, X8_);                                  \
     } while (0)
 #endif
+#if QI_X8
 #define QI_RUN(N_, BITS_, G16_)                                                                     \
     do {                                                                                            \
-        if (QI_TAKES_X8(BITS_) && X->x8) QI_HZ(N_, BITS_, G16_, QI_TAKES_X8(BITS_));                 \
+        if (X->x8) QI_HZ(N_, BITS_, G16_, 1);                                                        \
         else QI_HZ(N_, BITS_, G16_, 0);                                                              \
     } while (0)
+#else
+#define QI_RUN(N_, BITS_, G16_) QI_HZ(N_, BITS_, G16_, 0)
+#endif
 /* n = 1 .. 8; QI_RUN picks int8 or int16 x, QI_HZ offsets or not */
 #define QI_NS4(B_, G_)                                                                              \
     case 1: QI_RUN(1, B_, G_); break;                                                                \
@@ -1204,14 +1190,13 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     X.nb8 = (X.nb + 7) / 8 * 8;
     const size_t nbt = (size_t)n * (size_t)X.nb, nbt8 = (size_t)n * (size_t)X.nb8, bsb = X.g16 ? 64 : 32;
     /* bs16 [n][nb][8 or 16] (quant_x writes it), x16 [n][nb][32], dx and xs [n][nb8], g16: xs2 [n][2 nb8] */
-    x8 = x8 && QI_TAKES_X8(W->bits);
-    const int fold = !x8 && !W->zeros_d; /* qi_rows' FOLD: cs [n][nb8] (g16: [n][2 nb8]) */
+    const int fold = !(x8 && QI_X8) && !W->zeros_d; /* qi_rows' FOLD: cs [n][nb8] (g16: [n][2 nb8]) */
     const size_t xsb = nbt8 * (X.g16 ? 16 : 8);
     char *mem = fl_malloc(nbt * (bsb + 64) + xsb + (fold ? nbt8 * (X.g16 ? 8 : 4) : 0));
     if (!mem) return fl_err(FL_E_NOMEM, "CPU matmul: cannot allocate the quantised input (%d x %lld)", n, (long long)C);
     X.bs16 = (int32_t *)mem;
     if (fold) X.cs = (int32_t *)(mem + nbt * (bsb + 64) + xsb);
-    if (x8) X.x8 = (int8_t *)(mem + nbt * bsb); /* int8 x: qi_dots' VNNI or A16 form */
+    if (x8 && QI_X8) X.x8 = (int8_t *)(mem + nbt * bsb); /* int8 x: the VNNI form of qi_dots */
     else X.x16 = (int16_t *)(mem + nbt * bsb);
     X.dx = (float *)(mem + nbt * (bsb + 64));
     X.xs = (float *)(mem + nbt * (bsb + 64) + nbt8 * 4);
@@ -1245,15 +1230,7 @@ static fl_status qi_matmul(fl_backend *be, float *y, const float *x, int n, cons
     return FL_OK;
 }
 
-int cpu_qi_x8_bits(void) {
-    int m = 0;
-    for (int b = 4; b <= 8; b++) m |= QI_TAKES_X8(b) ? 1 << b : 0;
-    return m;
-}
 #endif /* QDOT */
-#ifndef QDOT
-int cpu_qi_x8_bits(void) { return 0; }
-#endif
 
 /* Whether qi_rows takes W's format once interleaved: integer codes of 4, 5, 6 or 8 bits, groups a multiple of 32
  * columns (also 16 for 6 and 8 bits), rows a multiple of 8, float16 / float32 / K scales */

@@ -2,7 +2,6 @@
 #define FL_PY_MAIN
 #include "py_common.h"
 #include "sampling.h"
-#include "cpu/cpu_internal.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -61,19 +60,10 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
         "generic"
 #endif
         ;
-    /* the code widths FASTLOAD_CPU_QDOT=int8 multiplies with int8 x (cpu_qi_x8_bits) */
-    PyObject *x8 = PyList_New(0);
-    if (!x8) { Py_DECREF(cuda_err); return NULL; }
-    for (int b = 4; b <= 8; b++) {
-        if (!(cpu_qi_x8_bits() >> b & 1)) continue;
-        PyObject *v = PyLong_FromLong(b);
-        if (!v || PyList_Append(x8, v) < 0) { Py_XDECREF(v); Py_DECREF(x8); Py_DECREF(cuda_err); return NULL; }
-        Py_DECREF(v);
-    }
-    return Py_BuildValue("{s:O,s:i,s:N,s:i,s:s,s:N,s:s}",
+    return Py_BuildValue("{s:O,s:i,s:N,s:i,s:s,s:s}",
                          "cuda_compiled", fl_cuda_compiled() ? Py_True : Py_False,
                          "cuda_devices", ndev, "cuda_error", cuda_err,
-                         "openmp", omp, "simd", simd, "cpu_int8_x_bits", x8, "compiler",
+                         "openmp", omp, "simd", simd, "compiler",
 #if defined(__clang__)
                          "clang " __clang_version__
 #elif defined(__GNUC__)
