@@ -238,26 +238,24 @@ int32_t fl_sample(float *x, int vocab, const fl_gen_params *p, fl_rng *rng, int3
         if (scores) memcpy(scores, x, (size_t)vocab * sizeof *x);
         return fl_argmax(x, vocab);
     }
-    if (p->temperature > 0 && p->temperature != 1.0f) {
+    float xmax = -INFINITY;
+    for (int i = 0; i < vocab; i++) if (x[i] > xmax) xmax = x[i];
+    if (xmax == INFINITY) {
+        /* a +inf logit (a +inf bias): the draw among those, each weight 1 (exp(0)), not a NaN softmax */
+        for (int i = 0; i < vocab; i++) x[i] = x[i] == INFINITY ? 0.0f : -INFINITY;
+    } else if (p->temperature > 0 && p->temperature != 1.0f) {
         /* x / T in double (rounded to float it is the float quotient, bit for bit: double rounding is innocuous for a
          * quotient of floats), so a temperature small enough to overflow float32 (logits ~20 at T ~ 1e-38) is seen:
          * then every logit goes in as (x - max) / T, <= 0, the maxima at 0 and the rest at -inf or far below, the
          * limit T -> 0 tends to (greedy, ties shared). Plain float division had made thousands of logits +inf, the
          * softmax NaN and the draw any token; transformers' multinomial raises there. */
         const double T = p->temperature;
-        float xmax = -INFINITY;
-        for (int i = 0; i < vocab; i++) if (x[i] > xmax) xmax = x[i];
         const double qmax = (double)xmax / T;
         if (qmax > FLT_MAX && qmax < INFINITY)
             for (int i = 0; i < vocab; i++) x[i] = (float)(((double)x[i] - (double)xmax) / T);
         else
             for (int i = 0; i < vocab; i++) x[i] = (float)((double)x[i] / T);
     }
-    /* a +inf logit (a +inf bias): the draw among those, each weight 1 (exp(0)), not a NaN softmax */
-    int pinf = 0;
-    for (int i = 0; i < vocab; i++) pinf |= x[i] == INFINITY;
-    if (pinf)
-        for (int i = 0; i < vocab; i++) x[i] = x[i] == INFINITY ? 0.0f : -INFINITY;
     /* Candidates: everything finite, then the top-k (ties with the k-th are kept, as
      * transformers' TopKLogitsWarper keeps logits >= the k-th value). */
     int n = 0;

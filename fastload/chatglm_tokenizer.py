@@ -199,7 +199,7 @@ class ChatGLMTokenizer(FastTokenizer):
         history = glm_history(history, 2)
         for i, (old_query, response) in enumerate(history):
             prompt += f"[Round {i + 1}]\n\n问：{old_query}\n\n答：{response}\n\n"
-        return prompt + f"[Round {len(history or []) + 1}]\n\n问：{query}\n\n答："
+        return prompt + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
     def build_single_message(self, role, metadata, message):
         if role not in ("system", "user", "assistant", "observation"):

@@ -402,7 +402,7 @@ class _StopCheck:
     def __init__(self, stops, tokenizer, prompt=()):
         self.stops, self.tok = list(stops), tokenizer
         self.window = max(len(s) for s in self.stops) + 4
-        self.ids = [int(t) for t in list(prompt)[-self.window:]]
+        self.ids = [int(t) for t in prompt[-self.window:]]
 
     def hit(self, t) -> bool:
         self.ids.append(t)

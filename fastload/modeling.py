@@ -1460,8 +1460,7 @@ class FastModelForCausalLM:
         min_new = r["min_new_tokens"]
         if min_new is None:
             min_new = max(0, r["min_length"] - T)
-        from .engine import context_length
-        ctx = context_length(self)
+        ctx = enginemod.context_length(self)
         longest = int(T if mask is None else (mask != 0).sum(axis=1).max(initial=0))
         if ctx and 0 < longest < ctx < longest + max_new:
             # transformers warns and goes on past the context; fastload's KV cache ends there (README "Coming from

@@ -591,18 +591,16 @@ class Server:
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-            except RecursionError:
-                raise _bad("the request body is nested too deeply", code="invalid_json") from None
-            if not isinstance(body, dict):
-                raise _bad("the request body must be a JSON object", code="invalid_json")
-            try:  # a lone UTF-16 surrogate ("\ud83d" cut from an emoji) is valid JSON but no text: the tokenizer,
-                # the error bodies and the answer could not hold it
+                if not isinstance(body, dict):
+                    raise _bad("the request body must be a JSON object", code="invalid_json")
+                # a lone UTF-16 surrogate ("\ud83d" cut from an emoji) is valid JSON but no text: the tokenizer, the
+                # error bodies and the answer could not hold it
                 json.dumps(body, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
+            except UnicodeEncodeError:  # before ValueError, its base
                 raise _bad("the request body holds a string that is not valid Unicode (a lone UTF-16 surrogate "
                            "escape such as \\ud83d)", code="invalid_value") from None
+            except (ValueError, UnicodeDecodeError) as e:
+                raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
             except RecursionError:
                 raise _bad("the request body is nested too deeply", code="invalid_json") from None
             return body
@@ -774,9 +772,7 @@ def _int(body, key, default, lo, hi):
         return default
     if isinstance(v, bool) or not isinstance(v, int):
         raise _bad(f"{key} must be an integer, got {v!r}", key, "invalid_type")
-    if hi is None:
-        hi = 2 ** 31 - 1  # the engine's int32 (a larger value was a 500 from the C call)
-    if v < lo or v > hi:
+    if v < lo or v > (2 ** 31 - 1 if hi is None else hi):  # the engine's int32 (a larger value was a 500 from the C call)
         rng = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
         raise _bad(f"{key} must be {rng}, got {v}", key, "invalid_value")
     return v
