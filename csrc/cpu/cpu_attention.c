@@ -405,7 +405,7 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
     /* per thread: Qt [hd][NQP], scores / probabilities [KB][NQP], outputs [NQ][hd], m, l [NQP]; float16 cache: KB, VB
      * [ATT_KB][hd] */
     const size_t kvb = f16 ? (size_t)ATT_KB * hd : 0;
-    const size_t per = (size_t)hd * NQP + (size_t)ATT_KB * NQP + (size_t)NQ * hd + 2 * (size_t)NQP + 2 * kvb;
+    const size_t per = (size_t)hd * NQP + (size_t)ATT_KB * NQP + (size_t)NQ * hd + 4 * (size_t)NQP + 2 * kvb;
     float *scratch = fl_malloc((size_t)nt * per * sizeof(float));
     if (!scratch) return fl_err(FL_E_NOMEM, "attention: cannot allocate its scratch");
     const int64_t work = (int64_t)B * nkv * ntile;
@@ -418,11 +418,12 @@ fl_status cpu_attention(fl_backend *be, void *out_d, const void *qkv_d, const fl
 #endif
         float *Qt = scratch + (size_t)th * per, *S = Qt + (size_t)hd * NQP, *o = S + (size_t)ATT_KB * NQP;
         float *m = o + (size_t)NQ * hd, *l = m + NQP, *KB = l + NQP, *VB = KB + kvb;
+        /* a slot's position and first key (floats: compared in vectors); NQP passes ATT_NQP for groups over 64 */
+        float *posf = VB + kvb, *jminf = posf + NQP;
         const int b = (int)(w / ((int64_t)nkv * ntile)), rem = (int)(w % ((int64_t)nkv * ntile));
         const int g = rem / ntile, t0 = (rem % ntile) * QT, tq = T - t0 < QT ? T - t0 : QT, nq = group * tq;
         const int start = row_start(s, b), i_lo = start + t0, i_hi = start + t0 + tq - 1;
         const uint8_t *km = s->kmask_d ? s->kmask_d + (int64_t)b * s->kmask_stride : NULL;
-        float posf[ATT_NQP], jminf[ATT_NQP]; /* a slot's position and first key (floats: compared in vectors) */
         for (int q = 0; q < NQP; q++) {
             const int tt = q < nq ? q % tq : 0, i = i_lo + tt;
             posf[q] = q < nq ? (float)i : -1.0f; /* padding slots: no key is <= -1 */
