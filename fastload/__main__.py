@@ -16,6 +16,45 @@ import time
 import numpy as np
 
 
+# argparse types shared by every subcommand (serve and bench take them too): a bad --dtype / --device / --port is
+# refused before a model loads, naming the flag the user typed (the API's own messages name torch_dtype= / device_map=)
+def cli_dtype(v):
+    from .config import dtype_key
+    if dtype_key(v) is None:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a dtype fastload runs in: use auto, float16, bfloat16 or float32")
+    return v
+
+
+def cli_device(v):
+    from .config import normalize_device
+    try:
+        normalize_device(v)
+    except (ValueError, NotImplementedError):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    return v
+
+
+def cli_port(v):
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a TCP port (0 .. 65535; 0: any free port)")
+    return n
+
+
+def _text_arg(text, what):
+    """A prompt from argv or stdin as UTF-8 text: bytes that are not UTF-8 reach Python as lone surrogates
+    (surrogateescape), which the tokenizer would refuse with a TypeError naming nothing the user typed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text (byte 0x{ord(text[e.start]) & 0xFF:02x} at "
+                         f"character {e.start})") from None
+    return text
+
+
 def _model_ref(args):
     from . import config
     from .demo import demo_model_path
@@ -51,10 +90,11 @@ def _gen_kwargs(args):
 def cmd_generate(args):
     import fastload
     tok, model = _load(args)
+    prompt = _text_arg(args.prompt, "--prompt")
     if args.raw or tok.chat_template is None:
-        enc = tok(args.prompt, return_tensors="np")
+        enc = tok(prompt, return_tensors="np")
     else:
-        enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_dict=True, return_tensors="np")
     eos = model.generation_config.get("eos_token_id")
     eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
@@ -108,7 +148,7 @@ def cmd_chat(args):
     print("fastload chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
-            q = input("> ").strip()
+            q = _text_arg(input("> ").strip(), "the question")
         except EOFError:
             break
         if not q:
@@ -205,8 +245,10 @@ def main(argv=None):
                                             + ("; info loads a model only when --model or --quant is given)"
                                                if name == "info" else ")"))
         if name in ("generate", "chat", "perplexity", "info"):
-            sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
-            sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
+            sp.add_argument("--device", default=None, type=cli_device,
+                            help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
+            sp.add_argument("--dtype", default=None, type=cli_dtype,
+                            help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
             sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                             help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none; "
                                  "GPTQ / AWQ checkpoints and GGUF files stay as they are quantised)")
@@ -249,10 +291,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        if args.cmd != "perplexity":
-            raise
-        print(f"python -m fastload perplexity: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, NotImplementedError) as e:  # CheckpointError is a ValueError
+        # what a user typed or named (a path, a flag's value, a file's contents): one line and exit 2, as argparse's
+        # own errors; a traceback is for fastload's bugs
+        print(f"python -m fastload {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

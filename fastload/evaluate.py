@@ -118,6 +118,15 @@ def strided_windows(n_tokens: int, context: int, stride: int):
             break
 
 
+def _exp(x: float) -> float:
+    """exp(x), inf where a float overflows: a text of few words (CJK has no spaces: one word) or a poor model gives
+    a mean loss past 709.78 nats a word, and the other figures of the result are still worth returning."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
 def _check_int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -263,9 +272,9 @@ def perplexity(model, tokenizer, text, context=None, stride=None, *, add_special
     nbytes = sum(count_bytes(d) for d in docs)
     res = {
         "method": "rolling" if stride is None else "strided",
-        "perplexity": math.exp(-ll / n_tok),
-        "word_perplexity": math.exp(-ll / words),
-        "byte_perplexity": math.exp(-ll / nbytes),
+        "perplexity": _exp(-ll / n_tok),
+        "word_perplexity": _exp(-ll / words),
+        "byte_perplexity": _exp(-ll / nbytes),
         "bits_per_byte": -ll / (nbytes * math.log(2)),
         "loglikelihood": ll,
         "tokens": n_tok,
@@ -280,5 +289,5 @@ def perplexity(model, tokenizer, text, context=None, stride=None, *, add_special
         "tokenize_seconds": t_tok,
     }
     if stride is not None:
-        res["recipe_perplexity"] = math.exp(rec_nll / rec_n) if rec_n > 0 else float("nan")
+        res["recipe_perplexity"] = _exp(rec_nll / rec_n) if rec_n > 0 else float("nan")
     return res

@@ -800,11 +800,14 @@ def _model_id(ref):
 
 
 def add_parser(sub):
+    from .__main__ import cli_device, cli_dtype, cli_port
     sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model)")
-    sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
-    sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
+    sp.add_argument("--device", default=None, type=cli_device,
+                    help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
+    sp.add_argument("--dtype", default=None, type=cli_dtype,
+                    help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
     sp.add_argument("--quant", default=None, choices=["none", "int8", "int4", "nf4"],
                     help="quantise the linear layers at load (default: FASTLOAD_QUANT, else none)")
     sp.add_argument("--kv-cache-dtype", "--kv_cache_dtype", dest="kv_cache_dtype", default=None,
@@ -812,7 +815,7 @@ def add_parser(sub):
                     help="keys and values as: auto (the activation dtype) or float16 (CPU: twice the tokens in the "
                          "same pool); default FASTLOAD_KV_CACHE_DTYPE, else auto")
     sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--port", type=cli_port, default=8000)
     sp.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=32,
                     help="requests allowed to wait for a worker; more get 429 (default 32)")
     sp.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=None,
@@ -820,7 +823,8 @@ def add_parser(sub):
                          "default: the engine's max_num_seqs, 64)")
     sp.add_argument("--served-model-name", dest="served_model_name", default=None,
                     help="the model id in /v1/models and answers (default: the file or directory name)")
-    sp.add_argument("--log-level", dest="log_level", default="info")
+    sp.add_argument("--log-level", dest="log_level", default="info",
+                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     sp.set_defaults(fn=cmd_serve)
 
 

@@ -299,3 +299,50 @@ def test_committed_text_is_intact():
     readme = open(os.path.join(root, "benchmarks", "data", "README.md"), encoding="utf-8").read()
     assert digest == "31443f0fb26e5e3bb84051c17e04b4bf3ad31604190598e4ccfd826fdd070bb4" and digest in readme
     assert (evaluate.count_words(text), evaluate.count_bytes(text)) == (60817, 382581)
+
+
+def test_word_perplexity_past_float_range_is_inf(model, tok):
+    """A text of one word (no whitespace, as CJK text) whose loss passes 709.78 nats a word: exp() overflows, which
+    used to throw the whole result away (OverflowError); the figure is inf, the others as usual."""
+    text = "é" * 400  # 800 byte tokens, one word
+    r = evaluate.perplexity(model, tok, text, context=32)
+    assert r["words"] == 1 and -r["loglikelihood"] > 710
+    assert r["word_perplexity"] == math.inf
+    assert math.isfinite(r["perplexity"]) and math.isfinite(r["bits_per_byte"])
+    assert r["perplexity"] == pytest.approx(math.exp(-r["loglikelihood"] / r["tokens"]))
+
+
+def _cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_cli_user_errors_are_one_line_not_tracebacks(ckpt, tmp_path):
+    """Every subcommand answers a user's error (a missing model, a bad flag value, a bad setting, text that is not
+    UTF-8) with `python -m fastload CMD: error: ...` and exit 2, as argparse does, naming the flag typed: these were
+    tracebacks for all but perplexity."""
+    m = str(ckpt)
+    cases = [
+        (("generate", "--prompt", "hi", "--model", str(tmp_path / "nope")), "no such file"),
+        (("generate", "--prompt", "hi", "--model", m, "--dtype", "float64"), "argument --dtype"),
+        (("generate", "--prompt", "hi", "--model", m, "--device", "gpu"), "argument --device"),
+        (("generate", "--prompt", "hi", "--model", m, "--raw", "--max-new-tokens", "-5"), "max_new_tokens"),
+        (("generate", "--prompt", "hi", "--model", m, "--raw", "--sample", "--top-p", "2"), "top_p"),
+        (("generate", "--prompt", "\udcff\udcfe", "--model", m, "--raw"), "--prompt is not valid UTF-8"),
+        (("info", "--model", str(tmp_path / "nope")), "no such file"),
+        (("serve", "--model", m, "--port", "99999"), "argument --port"),
+        (("serve", "--model", m, "--log-level", "loud"), "argument --log-level"),
+    ]
+    for argv, want in cases:
+        rc, out, err = _cli(*argv)
+        assert rc == 2, (argv, rc, err)
+        assert "Traceback" not in err and want in err, (argv, err)
+        assert err.startswith(f"python -m fastload {argv[0]}: error:") or "usage:" in err, (argv, err)
+    rc, out, _ = _cli("generate", "--prompt", "ab", "--model", m, "--device", "cpu", "--raw", "--no-stream",
+                      "--max-new-tokens", str(2 ** 40))  # past int32: generation stops at the context, as any count
+    assert rc == 0
