@@ -67,11 +67,14 @@ static fl_status check_config(const fl_config *c) {
     if (c->rope_type != FL_ROPE_DEFAULT) FL_TRY(check_pos_float("rope_scaling.factor", c->rope_factor, 0));
     FL_TRY(check_pos_float("rope_scaling.attention_factor", c->rope_attn_factor, 0));
     if (c->rope_type == FL_ROPE_YARN) {
-        /* the correction range [low, high] in dimensions: 0 <= low < high (transformers adds 0.001 when equal) */
-        if (!(c->rope_low_freq_factor >= 0.f) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) ||
-            !isfinite(c->rope_high_freq_factor))
-            return fl_err(FL_E_FORMAT, "config: yarn correction range [%g, %g] must satisfy 0 <= low < high",
-                          (double)c->rope_low_freq_factor, (double)c->rope_high_freq_factor);
+        /* the correction range [low, high] in dimensions: low >= 0, high != low (transformers adds 0.001 when
+         * equal). high < low is possible (truncate false with a small original context: high = min(high, dim - 1)
+         * may fall below low = max(low, 0)); transformers' ramp (i - low) / (high - low) then falls instead of rising,
+         * and so does this one */
+        if (!(c->rope_low_freq_factor >= 0.f) || !isfinite(c->rope_low_freq_factor) ||
+            !isfinite(c->rope_high_freq_factor) || c->rope_high_freq_factor == c->rope_low_freq_factor)
+            return fl_err(FL_E_FORMAT, "config: yarn correction range [%g, %g] must satisfy 0 <= low, low != high, "
+                          "both finite", (double)c->rope_low_freq_factor, (double)c->rope_high_freq_factor);
     }
     if (c->rope_type == FL_ROPE_DYNAMIC && c->head_dim < 4)
         return fl_err(FL_E_FORMAT, "config: dynamic rope scaling needs head_dim >= 4 (its exponent is head_dim / (head_dim - 2)), "

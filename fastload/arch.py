@@ -113,7 +113,14 @@ class Arch:
     qkv_bias: bool = False       # q/k/v projections carry biases (Qwen2)
     qk_norm: bool = False        # RMSNorm over each head of q and of k before rope, weights [head_dim] (Qwen3)
     default_head_dim: int = 0    # head_dim when config.json has none (transformers' Qwen3Config: 128); 0: hidden / heads
-    sliding: str = "none"        # "none" | "all" (Mistral: sliding_window on every layer) | "qwen2"
+    # "none" | "all" (Mistral: sliding_window on every layer) | "qwen2" (when use_sliding_window: layer_types, else
+    # the layers from max_window_layers on) | "all_if_use" (Qwen3-MoE: every layer when use_sliding_window)
+    sliding: str = "none"
+    # transformers' config-class defaults where a key is absent: rms_norm_eps, sliding_window ("all" only: Mistral
+    # 4096; an explicit null is no window), max_window_layers ("qwen2": Qwen2Config / Qwen3Config 28)
+    default_rms_eps: float = 1e-6
+    default_window: int = 0
+    default_max_window_layers: int = 28
     gguf_permute_qk: bool = True # llama.cpp permutes q/k rows for its rotary layout (llama arch)
     names: str = "hf"            # HF_NAMES key: the checkpoint's tensor names
     qkv_bias_key: str = ""       # config key that turns the q/k/v biases on (ChatGLM: add_qkv_bias)
@@ -127,7 +134,7 @@ class Arch:
 
 ARCHITECTURES = {
     "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama"),
-    "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all"),
+    "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all", default_window=4096),
     "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, sliding="qwen2", gguf_permute_qk=False),
     # Qwen3 dense: Qwen2 without the q/k/v biases (attention_bias, default false, would also put one on o_proj: not
     # supported), plus q_norm / k_norm; its sliding-window keys are Qwen2's
@@ -140,10 +147,12 @@ ARCHITECTURES = {
                          qkv_bias_key="add_qkv_bias", rope_half=True, rope_interleaved=True, rope_round=True),
     # Mixtral: Mistral's attention (sliding_window when set; the released checkpoints have null) and a top-k routed
     # SwiGLU Mixture of Experts on every layer, top-k weights always renormalised
-    "MixtralForCausalLM": Arch("MixtralForCausalLM", "mixtral", "llama", sliding="all", moe=MIXTRAL_MOE),
+    "MixtralForCausalLM": Arch("MixtralForCausalLM", "mixtral", "llama", sliding="all", moe=MIXTRAL_MOE,
+                               default_rms_eps=1e-5),
     # Qwen3-MoE: Qwen3's attention (q_norm / k_norm) and routed experts, renormalised when norm_topk_prob; every
-    # layer sparse only (decoder_sparse_step 1, no mlp_only_layers), no shared expert
-    "Qwen3MoeForCausalLM": Arch("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qk_norm=True, sliding="qwen2",
+    # layer sparse only (decoder_sparse_step 1, no mlp_only_layers), no shared expert; use_sliding_window slides every
+    # layer (transformers' Qwen3MoeConfig has no max_window_layers: the released configs' key is not read there)
+    "Qwen3MoeForCausalLM": Arch("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qk_norm=True, sliding="all_if_use",
                                 gguf_permute_qk=False, default_head_dim=128, moe=QWEN_MOE),
 }
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -396,16 +405,18 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
                                                         where)
 
     window = [0] * n_layers
-    sw = config.get("sliding_window")
+    sw = config.get("sliding_window") if "sliding_window" in config else arch.default_window
     if arch.sliding == "all" and sw:
         window = [int(sw)] * n_layers
-    elif arch.sliding == "qwen2" and sw and config.get("use_sliding_window"):
+    elif arch.sliding in ("qwen2", "all_if_use") and sw and config.get("use_sliding_window"):
         types = config.get("layer_types")
         if types:
             _known_layer_types(types, where, arch)
             window = [int(sw) if t == "sliding_attention" else 0 for t in types]
+        elif arch.sliding == "all_if_use":
+            window = [int(sw)] * n_layers
         else:
-            mwl = int(_get(config, "max_window_layers", n_layers))
+            mwl = int(_get(config, "max_window_layers", arch.default_max_window_layers))
             window = [int(sw) if i >= mwl else 0 for i in range(n_layers)]
     elif arch.sliding == "none" and config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
         raise NotImplementedError(f"{where}: layer_types other than full_attention are not supported for {arch.name}")
@@ -416,7 +427,7 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
         "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
         "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": hd,
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
-        "rms_eps": float(_get(config, "rms_norm_eps", 1e-6)), "rope_theta": theta, "rope_type": rtype,
+        "rms_eps": float(_get(config, "rms_norm_eps", arch.default_rms_eps)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,
         "rope_orig_max_pos": orig, "rope_attn_factor": attn,
         "rope_dims": hd // 2 if arch.rope_half else 0, "rope_interleaved": int(arch.rope_interleaved),
@@ -447,7 +458,7 @@ def _moe_config(config: dict, arch: Arch, where: str, n_layers: int) -> dict:
         if config.get(key):
             raise NotImplementedError(f"{where}: {key} (a shared expert) is not supported for {arch.name}")
     step, only = config.get("decoder_sparse_step"), config.get("mlp_only_layers")
-    if (step not in (None, 1) and n_layers >= step) or only:
+    if step not in (None, 1) or only:  # a step past the layer count: every layer dense, refused the same way
         raise NotImplementedError(f"{where}: dense layers among the expert layers (decoder_sparse_step={step}, "
                                   f"mlp_only_layers={only}) are not supported for {arch.name}")
     norm = True if m.norm_key is None else bool(config.get(m.norm_key, False))

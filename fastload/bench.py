@@ -103,10 +103,22 @@ def _positive(name, v, lo=1):
     return v
 
 
+def _threads(v):
+    """--threads: 1 .. config.max_cpu_threads() (more would ask OpenMP for threads it may fail to create)."""
+    from .config import max_cpu_threads
+    _positive("--threads", v)
+    if v > max_cpu_threads():
+        raise BenchError(f"--threads must be at most {max_cpu_threads()} (4x this machine's CPUs, at least 64), got {v}")
+    return v
+
+
 def _common(sp, model_help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model)"):
     sp.add_argument("--model_id_or_path", "--model", dest="model", default=None, help=model_help)
-    sp.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
-    sp.add_argument("--dtype", default=None, help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
+    from .__main__ import cli_device, cli_dtype
+    sp.add_argument("--device", default=None, type=cli_device,
+                    help="cpu, cuda, cuda:N or auto (default: FASTLOAD_DEVICE or auto)")
+    sp.add_argument("--dtype", default=None, type=cli_dtype,
+                    help="auto, float16, bfloat16, float32 (default: FASTLOAD_DTYPE or auto)")
     sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: FASTLOAD_THREADS or all cores)")
     sp.add_argument("--outputs_dir", "--outputs-dir", dest="outputs_dir", default=os.path.join("outputs", "fastload"),
                     help="where the CSV and JSON go (default: outputs/fastload, as Qwen's outputs/transformers)")
@@ -416,7 +428,7 @@ def load_fastload(ref, args, quant=None, dtype=None):
     if q:
         kw["quantization_config"] = q
     if getattr(args, "threads", None) is not None:
-        kw["threads"] = _positive("--threads", args.threads)
+        kw["threads"] = _threads(args.threads)
     t0 = time.perf_counter()
     m = fastload.AutoModelForCausalLM.from_pretrained(ref, device_map=args.device,
                                                      torch_dtype=dtype if dtype is not None else args.dtype, **kw)
@@ -1236,7 +1248,7 @@ def cmd_perplexity(args):
     import fastload
     tok = fastload.AutoTokenizer.from_pretrained(ref)
     device = args.device
-    threads = _positive("--threads", args.threads) if args.threads is not None else None
+    threads = _threads(args.threads) if args.threads is not None else None
     dtype = args.dtype if args.dtype not in (None, "auto") else "float16"
     res = perplexity_modes(ref, tok, text, modes, device=device, context=args.context,
                            generate_length=args.generate_length, threads=threads, dtype=dtype)

@@ -100,9 +100,38 @@ def quant_setting(quant=None) -> str:
     return s
 
 
+def max_cpu_threads() -> int:
+    """The most CPU threads a model may be given: 4x the CPUs this process may run on, at least 64. More only slows
+    the kernels down, and asking OpenMP for thousands can fail thread creation, which libgomp answers by exiting
+    the process (the core refuses more than 4096 itself)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(64, 4 * n)
+
+
+def check_threads(v, where: str) -> int:
+    """A thread count as given to from_pretrained(threads=) / FASTLOAD_THREADS / --threads: 0 (all cores, the
+    default) or 1 .. max_cpu_threads(); anything else raises naming `where`."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        try:
+            import numpy as np
+            ok = isinstance(v, np.integer)
+        except ImportError:
+            ok = False
+        if not ok:
+            raise TypeError(f"{where}={v!r} must be an integer (0: all cores)")
+    v, cap = int(v), max_cpu_threads()
+    if not 0 <= v <= cap:
+        raise ValueError(f"{where}={v} is out of range: use 1 .. {cap} CPU threads, or 0 for all cores")
+    return v
+
+
 def cpu_threads() -> int:
     v = env("FASTLOAD_THREADS")
     try:
-        return int(v) if v else 0
+        n = int(v) if v else 0
     except ValueError:
         raise ValueError(f"FASTLOAD_THREADS={v!r} is not an integer") from None
+    return check_threads(n, "FASTLOAD_THREADS")

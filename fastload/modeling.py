@@ -242,6 +242,16 @@ def set_seed(seed: int) -> None:
 CONFIG_OVERRIDES = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings")
 
 
+def _apply_overrides(hf, overrides):
+    """from_pretrained's config arguments over config.json's values. rope_theta= also replaces the theta inside a
+    rope_parameters dict (transformers 5 writes it there, and the model reads it there first), unless
+    rope_parameters= itself is given: otherwise the argument would be a silent no-op on current checkpoints."""
+    hf.update(overrides)
+    rp = hf.get("rope_parameters")
+    if "rope_theta" in overrides and "rope_parameters" not in overrides and isinstance(rp, dict) and "rope_theta" in rp:
+        hf["rope_parameters"] = {**rp, "rope_theta": overrides["rope_theta"]}
+
+
 class Config(AttrDict):
     """config.json as a dict with attribute access (like transformers' PretrainedConfig)."""
 
@@ -602,7 +612,12 @@ def _end_streamer(streamer, exc):
             exc.add_note(f"(ending the streamer also failed: {e2!r})")
 
 
-def _int_arg(gc, k, lo, default=None):
+_INT32_MAX = (1 << 31) - 1
+
+
+def _int_arg(gc, k, lo, default=None, clamp=False):
+    """An integer field >= lo. Past int32 (what the core takes): clamp=True for counts whose every value beyond
+    any sequence length or vocabulary means the same (max_new_tokens, top_k, ...), else a ValueError naming k."""
     v = gc.get(k)
     if v is None:
         return default
@@ -614,6 +629,10 @@ def _int_arg(gc, k, lo, default=None):
     v = int(v)
     if v < lo:
         raise ValueError(f"generate: {k} must be >= {lo}, got {v}")
+    if v > _INT32_MAX and k != "seed":
+        if not clamp:
+            raise ValueError(f"generate: {k} must be <= {_INT32_MAX}, got {v}")
+        v = _INT32_MAX
     return v
 
 
@@ -672,14 +691,17 @@ def _resolve_settings(gc, layers) -> dict:
             raise TypeError(f"{source(k)}: unsupported argument {k}={gc.get(k)!r}: fastload implements greedy search "
                             "and sampling (temperature, top_k, top_p, repetition_penalty, min/max lengths); "
                             f"leave {k} unset (or {neutral!r}) or pass {k}={neutral!r} to override the model's")
-    r = dict(max_new_tokens=_int_arg(gc, "max_new_tokens", 0), max_length=_int_arg(gc, "max_length", 0, 20),
-             min_new_tokens=_int_arg(gc, "min_new_tokens", 0), min_length=_int_arg(gc, "min_length", 0, 0),
-             top_k=_int_arg(gc, "top_k", 0, 0), num_return_sequences=_int_arg(gc, "num_return_sequences", 1, 1),
+    # lengths, top_k and the n-gram size past int32 all mean "no limit here": clamped (generation stops at the context)
+    r = dict(max_new_tokens=_int_arg(gc, "max_new_tokens", 0, clamp=True),
+             max_length=_int_arg(gc, "max_length", 0, 20, clamp=True),
+             min_new_tokens=_int_arg(gc, "min_new_tokens", 0, clamp=True),
+             min_length=_int_arg(gc, "min_length", 0, 0, clamp=True), top_k=_int_arg(gc, "top_k", 0, 0, clamp=True),
+             num_return_sequences=_int_arg(gc, "num_return_sequences", 1, 1),
              temperature=_float_arg(gc, "temperature", 1.0), top_p=_float_arg(gc, "top_p", 1.0),
              repetition_penalty=_float_arg(gc, "repetition_penalty", 1.0), min_p=_float_arg(gc, "min_p", 0.0),
              presence_penalty=_float_arg(gc, "presence_penalty", 0.0),
              frequency_penalty=_float_arg(gc, "frequency_penalty", 0.0),
-             no_repeat_ngram_size=_int_arg(gc, "no_repeat_ngram_size", 0, 0),
+             no_repeat_ngram_size=_int_arg(gc, "no_repeat_ngram_size", 0, 0, clamp=True),
              eos_token_id=_token_ids(gc, "eos_token_id"), pad_token_id=_token_ids(gc, "pad_token_id"),
              seed=_int_arg(gc, "seed", -(1 << 63)))
     ss = gc.get("stop_strings")
@@ -1020,6 +1042,11 @@ class FastModelForCausalLM:
         eng_opts = enginemod.options(**{k: kwargs.pop(k) for k in list(kwargs) if k in enginemod.ENGINE_KEYS})
         # config.json values given as arguments, as transformers applies them to the config before building the model
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in CONFIG_OVERRIDES}
+        if overrides:  # checked alone first: a bad argument is the caller's, not config.json's (or a GGUF key's)
+            try:
+                checks.check_config(copy.deepcopy(overrides), "from_pretrained")
+            except CheckpointError as e:
+                raise ValueError(f"{e} (a from_pretrained argument)") from None
         if kwargs:
             raise TypeError(f"from_pretrained: unsupported argument(s) {sorted(kwargs)}; they would change the model "
                             f"and are not implemented. Accepted and ignored: {sorted(IGNORED_LOAD_ARGS)}")
@@ -1059,7 +1086,7 @@ class FastModelForCausalLM:
         arg = "device_map" if device_map is not None else "device" if device is not None else "FASTLOAD_DEVICE"
         value = device_map if device_map is not None else device if device is not None else cfgmod.env("FASTLOAD_DEVICE")
         _check_device(dev, f"{arg}={value!r}", f"use {arg}='cpu'")
-        nthreads = threads if threads is not None else cfgmod.cpu_threads()
+        nthreads = cfgmod.check_threads(threads, "threads") if threads is not None else cfgmod.cpu_threads()
         ext = _files.external_symlinks_allowed(allow_external_symlinks)
 
         gguf_path = gguf_real = None
@@ -1172,7 +1199,7 @@ class FastModelForCausalLM:
             raise FileNotFoundError(f"{path}: no config.json")
         hf = _files.read_json(cfg_real, cfg_path)
         if overrides and isinstance(hf, dict):
-            hf.update(overrides)
+            _apply_overrides(hf, overrides)
         hf = archmod.chatglm_view(hf, cfg_path)  # ChatGLM's own keys, read as the Hugging Face ones
         checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
         hf = Config(hf)
@@ -1294,7 +1321,7 @@ class FastModelForCausalLM:
         meta = g.metadata
         arch, hf, names, tensors = _gguf_hf_config(g, path)
         if overrides:
-            hf.update(overrides)
+            _apply_overrides(hf, overrides)
             checks.check_config(hf, path, names)
         core_cfg = archmod.core_config(hf, arch, path, names)
         if want_dtype == "auto":
@@ -1302,14 +1329,20 @@ class FastModelForCausalLM:
         qcore = quantmod.reconcile(quant, None, path, gguf=True)
         context = _context_bytes(dev)
         core = _C.Model(core_cfg, dtype=want_dtype, device=dev, threads=nthreads, **({"quant": qcore} if qcore else {}))
-        items = []
+        items, float_linear, kept = [], 0, set()
+        scheme = quant.scheme if isinstance(quant, quantmod.QuantConfig) else None
         for slot, layer, name, heads, _ in archmod.tensor_plan(arch, core_cfg, gguf=True):
             if name not in tensors:
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
             items.append((archmod.SLOT[slot], layer, heads, g, name))
+            if slot in quantmod.LINEAR_SLOTS or (slot == "lm_head" and scheme not in (None, "none")
+                                                 and quant.effective_lm_head != "none"):
+                if tensors[name][1] in ("F32", "F16", "BF16"):
+                    float_linear += 1  # what a scheme quantises: the file's float linear weights
+                else:
+                    kept.add(tensors[name][1])
         stats = cls._finish(core, items, 1, os.path.basename(path), progress, progress_callback)
         g.close()
-        scheme = quant.scheme if isinstance(quant, quantmod.QuantConfig) else None
         if scheme not in (None, "none") and not quantmod.report(core).get("quantized_weights"):
             # The core quantises float sources only: a GGUF's quantised blocks expanded by gguf="dequantize" stay in
             # the float dtype. Refused rather than handing back a float model that claims to be quantised.
@@ -1322,6 +1355,13 @@ class FastModelForCausalLM:
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
         model._source = {"kind": "gguf", "path": path, "real": real, "files": stamps, "quant": quant}
+        if scheme not in (None, "none") and not float_linear and getattr(quant, "gguf", "keep") == "keep":
+            # every linear weight is one of the file's quantised types, kept as they are: the scheme quantised nothing,
+            # and the model says what it holds (not is_loaded_in_8bit / a fastload scheme it does not have)
+            warnings.warn(f"{path}: quantization_config asks for {scheme}, but every linear weight of this GGUF is "
+                          f"already quantised ({', '.join(sorted(kept))}), kept as the file has it: {scheme} applies "
+                          "to nothing here", UserWarning, stacklevel=3)
+            quant = None
         model._set_quant(quant, None, gguf=True)
         return model
 

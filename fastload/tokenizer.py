@@ -159,10 +159,15 @@ class FastTokenizer:
     @_library_errors_to_checkpoint_error
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, gguf_file=None, padding_side=None, revision=None,
-                        cache_dir=None, local_files_only=False, allow_external_symlinks=None, **kwargs):
+                        cache_dir=None, local_files_only=False, allow_external_symlinks=None, subfolder="", **kwargs):
         from tokenizers import Tokenizer
         path = resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                        local_files_only=local_files_only)
+        if subfolder:  # as the model's from_pretrained: the tokenizer files of path/subfolder, never the root's
+            _files.check_name(path, subfolder, "subfolder", subdirs=True)
+            path = os.path.join(path, subfolder)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{path}: no such subfolder (subfolder={subfolder!r})")
         # every file goes through fastload/_files.py: plain names, inside the directory, regular files
         ext = _files.external_symlinks_allowed(allow_external_symlinks)
         gguf_real = None

@@ -177,3 +177,58 @@ def test_small_api_pieces(llama):
         fastload.GenerationConfig(top_p=2.0, do_sample=True).validate()
     with pytest.raises(NotImplementedError, match="num_beams"):
         fastload.GenerationConfig(num_beams=2).validate()
+
+
+def test_thread_counts_out_of_range_are_refused(monkeypatch):
+    """threads= / FASTLOAD_THREADS past 4x the CPUs (at least 64), or negative, are refused naming the setting:
+    libgomp answers a thread it cannot create by exiting the process (100000 did, or segfaulted)."""
+    from fastload import _C
+    from fastload.config import max_cpu_threads
+    path = str(model_dir("llama"))
+    for bad in (max_cpu_threads() + 1, 100000, -7):
+        with pytest.raises(ValueError, match=rf"threads={bad} is out of range"):
+            fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", threads=bad)
+    with pytest.raises(TypeError, match="threads=2.5"):
+        fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", threads=2.5)
+    monkeypatch.setenv("FASTLOAD_THREADS", "100000")
+    with pytest.raises(ValueError, match="FASTLOAD_THREADS=100000"):
+        fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    monkeypatch.delenv("FASTLOAD_THREADS")
+    cfg = {"vocab": 8, "d": 8, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "head_dim": 4, "ffn": 8}
+    with pytest.raises(ValueError, match="threads=5000"):  # the core's own bound
+        _C.Model(cfg, threads=5000)
+    assert fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", threads=1).load_stats["threads"] == 1
+
+
+def test_counts_past_int32_mean_no_limit(llama):
+    """max_new_tokens / max_length / min_new_tokens / top_k / no_repeat_ngram_size past int32 (what the core takes)
+    mean the same as any value past the context or the vocabulary: clamped, where they raised a bare OverflowError;
+    num_return_sequences past it is refused naming it."""
+    ids = np.array([[1, 5, 9]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = llama.generate(ids, max_new_tokens=10 ** 6, eos_token_id=[])
+        for kw in (dict(max_new_tokens=2 ** 31), dict(max_length=2 ** 40), dict(max_new_tokens=2 ** 40,
+                                                                                 min_new_tokens=2 ** 33)):
+            assert np.array_equal(llama.generate(ids, eos_token_id=[], **kw), want), kw
+        assert np.array_equal(llama.generate(ids, max_new_tokens=4, top_k=2 ** 40, no_repeat_ngram_size=2 ** 40),
+                              llama.generate(ids, max_new_tokens=4))
+    with pytest.raises(ValueError, match="num_return_sequences must be <= 2147483647"):
+        llama.generate(ids, do_sample=True, num_return_sequences=2 ** 31)
+
+
+def test_tokenizer_subfolder(tmp_path):
+    """AutoTokenizer.from_pretrained(path, subfolder=) reads path/subfolder, as the model's loader does; it was
+    ignored (the root's tokenizer came back, a wrong vocabulary with no error), and a missing one is refused."""
+    from test_evaluate import byte_tokenizer_json
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "tokenizer.json").write_text(byte_tokenizer_json(), encoding="utf-8")
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    root = fastload.AutoTokenizer.from_pretrained(str(tmp_path))
+    sub = fastload.AutoTokenizer.from_pretrained(str(tmp_path), subfolder="sub")
+    assert len(sub) != len(root) and len(sub) == len(fastload.AutoTokenizer.from_pretrained(str(tmp_path / "sub")))
+    with pytest.raises(FileNotFoundError, match="no such subfolder"):
+        fastload.AutoTokenizer.from_pretrained(str(tmp_path), subfolder="nope")
+    with pytest.raises(fastload.CheckpointError, match="subfolder"):
+        fastload.AutoTokenizer.from_pretrained(str(tmp_path), subfolder="../x")

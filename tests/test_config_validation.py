@@ -426,3 +426,67 @@ def test_message_does_not_echo_long_content():
     with pytest.raises(CheckpointError) as ei:
         checks.check_config({"architectures": "secret" * 1000}, "/x/config.json")
     assert "secret" not in str(ei.value) and "6000 characters" in str(ei.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# from_pretrained's config arguments, and transformers' defaults for absent keys
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,key", [({"max_position_embeddings": -1}, "'max_position_embeddings'"),
+                                    ({"rope_theta": "big"}, "'rope_theta'"),
+                                    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "'rope_scaling.factor'")])
+def test_bad_override_argument_is_the_callers_error(tmp_path, kw, key):
+    """A bad config argument is a ValueError naming the argument: it used to be a CheckpointError blaming
+    config.json (or, for a GGUF, a metadata key the caller never wrote)."""
+    copy_fixture("llama", tmp_path)
+    for p in (tmp_path, write_gguf(tmp_path / "m.gguf")):
+        msg = expect(ValueError, lambda: fastload.AutoModelForCausalLM.from_pretrained(str(p), device_map="cpu", **kw),
+                     "from_pretrained", key, "argument")
+        assert "config.json" not in msg and ".gguf" not in msg and "llama." not in msg, msg
+
+
+def test_rope_theta_argument_reaches_rope_parameters(tmp_path):
+    """rope_theta= over a transformers-5 config.json (the theta inside rope_parameters, read first) changes the
+    model as it does over a top-level rope_theta; it was a silent no-op there."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = copy_fixture("qwen2", tmp_path / "a"), copy_fixture("qwen2", tmp_path / "b")
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]  # the transformers-4 form of the same model
+    (b / "config.json").write_text(json.dumps(cfg))
+    ids = np.array([[3, 17, 230, 5, 9, 44, 61, 8]])
+    la = np.asarray(load(a)(ids).logits)
+    assert np.array_equal(la, np.asarray(load(b)(ids).logits))
+    fa = fastload.AutoModelForCausalLM.from_pretrained(str(a), device_map="cpu", rope_theta=100.0)
+    fb = fastload.AutoModelForCausalLM.from_pretrained(str(b), device_map="cpu", rope_theta=100.0)
+    got = np.asarray(fa(ids).logits)
+    assert np.array_equal(got, np.asarray(fb(ids).logits)) and not np.allclose(got, la, atol=1e-3)
+    assert fa.config["rope_parameters"]["rope_theta"] == 100.0
+
+
+def _core(cfg):
+    from fastload import arch as archmod
+    return archmod.core_config(cfg, archmod.arch_for(cfg, "config"), "config")
+
+
+def test_absent_keys_take_transformers_class_defaults():
+    """Keys a config.json leaves out mean what transformers' config classes default them to: Mixtral's
+    rms_norm_eps 1e-5, Mistral's sliding_window 4096 (an explicit null: none), Qwen2 / Qwen3's max_window_layers 28;
+    Qwen3-MoE slides every layer under use_sliding_window (its config class has no max_window_layers)."""
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 30,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+    moe = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    assert _core({**base, **moe, "architectures": ["MixtralForCausalLM"]})["rms_eps"] == pytest.approx(1e-5)
+    assert _core({**base, "architectures": ["LlamaForCausalLM"]})["rms_eps"] == pytest.approx(1e-6)
+    assert _core({**base, "architectures": ["MistralForCausalLM"]})["window"] == [4096] * 30
+    assert _core({**base, "architectures": ["MistralForCausalLM"], "sliding_window": None})["window"] == [0] * 30
+    for a in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        w = _core({**base, "architectures": [a], "use_sliding_window": True, "sliding_window": 8})["window"]
+        assert w == [0] * 28 + [8, 8], a
+    q3 = {**base, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 16, "use_sliding_window": True, "sliding_window": 8}
+    assert _core(q3)["window"] == [8] * 30
+    assert _core({**q3, "max_window_layers": 1})["window"] == [8] * 30
+    assert _core({**q3, "use_sliding_window": False})["window"] == [0] * 30
+    expect(NotImplementedError, lambda: _core({**q3, "decoder_sparse_step": 40}), "decoder_sparse_step=40")
+

@@ -846,3 +846,21 @@ def test_fastload_dict_without_scheme():
     assert isinstance(qc, quant.QuantConfig) and qc.gguf == "dequantize" and qc.scheme == "none"
     with pytest.raises(ValueError, match="no quant_method"):
         quant.from_any({"bits": 4})
+
+
+def test_scheme_over_a_quantised_gguf_reports_what_it_holds(demo_gguf, tmp_path):
+    """load_in_8bit / a 4-bit scheme on a GGUF whose linear weights are all block-quantised (kept as the file has
+    them) quantises nothing: a warning, and the model reports the GGUF's own quantisation, not is_loaded_in_8bit
+    and a fastload scheme it does not hold. Over a float GGUF the scheme applies and is reported."""
+    for kw in (dict(load_in_8bit=True), dict(quantization_config="nf4")):
+        with pytest.warns(UserWarning, match=r"already quantised \(Q4_1\).*applies to nothing"):
+            m = load(demo_gguf, **kw)
+        assert not m.is_loaded_in_8bit and not m.is_loaded_in_4bit
+        assert m.quantization_config == {"quant_method": "gguf", "gguf": "keep"}
+        assert m.load_stats["quantization"]["method"] == "gguf"
+    from test_config_validation import write_gguf
+    f32 = write_gguf(tmp_path / "f32.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        m = load(f32, load_in_8bit=True)
+    assert m.is_loaded_in_8bit and m.quantization_config["scheme"] == "int8"

@@ -279,3 +279,21 @@ def test_dynamic_rope_equals_transformers(tmp_path, device, factor, T, new):
     if teacher_forced_check(m, ids, greedy[:, :T + 1], margins[:, :1]):
         out = np.asarray(m.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=[]))
         np.testing.assert_array_equal(out, greedy)
+
+
+@pytest.mark.parametrize("theta,rp,ref", [
+    # truncate false, a small original context: high = min(cdim(beta_slow), dim - 1) < 0 = low
+    (1e6, {"factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 8, "beta_slow": 2, "truncate": False},
+     dict(factor=4.0, orig=8, beta_fast=8, beta_slow=2, truncate=False)),
+    # a small theta and a long original context: low = cdim(beta_fast) > dim - 1 = high
+    (10.0, {"factor": 4.0, "original_max_position_embeddings": 32768}, dict(factor=4.0, orig=32768)),
+])
+def test_yarn_correction_range_upside_down_as_transformers(tmp_path, theta, rp, ref):
+    """A correction range whose high end falls below its low end (the clamps to [0, dim - 1] cross): transformers
+    takes it, its ramp (i - low) / (high - low) then falls; so does fastload's table (it was refused)."""
+    m = load_cpu(qwen2_copy(tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": theta, **rp}))
+    freqs, scale_mult = m._core.rope_freqs()
+    want, attn = yarn_reference(theta, 16, **ref)
+    np.testing.assert_allclose(freqs, want, rtol=2e-7, atol=0)
+    assert scale_mult == pytest.approx(np.float32(attn) ** 2, rel=1e-6)
+    assert np.isfinite(np.asarray(m(np.array([[3, 17, 23, 5, 9]])).logits)).all()

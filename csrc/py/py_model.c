@@ -183,6 +183,10 @@ static int model_init(FlPyModel *self, PyObject *args, PyObject *kw) {
     const char *dtype = "float32", *device = "cpu";
     int threads = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|ssiO", kwlist, &PyDict_Type, &cfgd, &dtype, &device, &threads, &quant)) return -1;
+    if (threads < 0 || threads > 4096) { /* libgomp exits the process when it cannot create the threads asked for */
+        PyErr_Format(PyExc_ValueError, "Model: threads=%d is out of range (0: all cores, else 1 .. 4096)", threads);
+        return -1;
+    }
     fl_quant_cfg qc;
     if (parse_quant(quant, &qc) < 0) return -1;
     fl_config c;
