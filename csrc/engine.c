@@ -47,6 +47,7 @@ struct fl_request {
     fl_status st;
     char err[FL_ERR_MAX];
     pthread_cond_t cv;
+    clockid_t clk;            /* the clock cv's timed waits use (req_cond_init) */
     int wake_at;              /* wake the waiters once n_out reaches this (INT_MAX: nobody waits for a token) */
     /* What is kept of each generated token (p.keep_*, fl_request_records): rows of rec_row floats (0: nothing kept),
      * rec_blk rows a block. The block pointers are made at submit for every token the request may make; the driver
@@ -262,6 +263,19 @@ static void pool_free(pool_t *P) {
 static int pages_available(const pool_t *P) { return P->n_free + P->n_cached; }
 
 /* ---- requests --------------------------------------------------------------------------------- */
+/* A request's condition variable waits on CLOCK_MONOTONIC where the platform allows (Linux does): a wall-clock step
+ * (NTP, a VM resuming) then neither cuts a wait short nor stretches it. r->clk is the clock its deadlines use. */
+static void req_cond_init(fl_request *r) {
+    pthread_condattr_t a;
+    r->clk = CLOCK_REALTIME;
+    if (pthread_condattr_init(&a) == 0) {
+        if (pthread_condattr_setclock(&a, CLOCK_MONOTONIC) == 0) r->clk = CLOCK_MONOTONIC;
+        pthread_cond_init(&r->cv, &a);
+        pthread_condattr_destroy(&a);
+    } else
+        pthread_cond_init(&r->cv, NULL);
+}
+
 static void req_unref(fl_request *r) { /* under mu */
     if (--r->refs) return;
     pthread_cond_destroy(&r->cv);
@@ -1415,7 +1429,7 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
         r->p.forced_eos = iv + p->n_begin_ban;
     }
     fl_rng_seed(&r->rng, p->seed);
-    pthread_cond_init(&r->cv, NULL);
+    req_cond_init(r);
     r->wake_at = INT_MAX;
     r->refs = 2;
     r->state = RQ_WAITING;
@@ -1527,7 +1541,7 @@ fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_req
     r->e = e;
     r->kind = RQ_KIND_FORWARD;
     r->fwd = *f;
-    pthread_cond_init(&r->cv, NULL);
+    req_cond_init(r);
     r->wake_at = INT_MAX;
     r->refs = 2;
     r->state = RQ_WAITING;
@@ -1559,7 +1573,7 @@ int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {
     pthread_mutex_lock(&e->mu);
     struct timespec dl;
     if (timeout_ms >= 0) {
-        clock_gettime(CLOCK_REALTIME, &dl);
+        clock_gettime(r->clk, &dl);
         dl.tv_sec += timeout_ms / 1000;
         dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
         if (dl.tv_nsec >= 1000000000L) { dl.tv_sec++; dl.tv_nsec -= 1000000000L; }

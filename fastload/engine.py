@@ -240,7 +240,7 @@ class Engine:
             self._leave()
 
     def generate(self, ids, mask, max_new, min_new, r, seed, eos, pad, on_token=None, stops=(), tokenizer=None,
-                 max_time=None, keep=None, on_record=None):
+                 max_time=None, keep=None, on_record=None, on_submit=None):
         """Rows of ids (left padding in mask as transformers) as one request each; returns [B, T + n_new] int64 with
         pad after a row's end, as transformers' generate. on_token: called with each new token (B == 1) or with each
         step's array of B tokens, pad for rows that ended (B > 1), as a streamer's put. stops: strings
@@ -249,19 +249,20 @@ class Engine:
         keep: what the engine keeps of each token, {"keep_scores": bool, "keep_logits": bool, "logprobs": k or -1}
         (fl_gen_params.keep_*); then the result is (ids, rows) with rows[b] the float32 [n_b, row] records of row b's
         n_b tokens (Request.records). on_record (B == 1, with on_token): called with each token's record before
-        on_token gets the token."""
+        on_token gets the token. on_submit: called with the engine's requests once they are queued (a streamer's
+        cancel() then reaches a request that has no token yet)."""
         core = self._enter(pool=True)
         if core is None:
             return self._next.generate(ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer,
-                                       max_time, keep, on_record)
+                                       max_time, keep, on_record, on_submit)
         try:
             return self._generate(core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer,
-                                  max_time, keep, on_record)
+                                  max_time, keep, on_record, on_submit)
         finally:
             self._leave()
 
     def _generate(self, core, ids, mask, max_new, min_new, r, seed, eos, pad, on_token, stops, tokenizer, max_time,
-                  keep, on_record):
+                  keep, on_record, on_submit=None):
         deadline = None if max_time is None else time.monotonic() + max_time
         B, T = ids.shape
         reqs = []
@@ -288,6 +289,8 @@ class Engine:
                 begin_suppress=r.get("begin_suppress_tokens") or None, forced_eos=r.get("forced_eos_token_id") or None,
                 **_bias_arrays(r.get("bias")),
                 seed=[(seed + _GOLDEN * b) & _M64 for b in range(B)], eos_token_ids=eos, **(keep or {}))
+            if on_submit is not None:
+                on_submit(reqs)
             if on_token is not None and B > 1:
                 outs = self._collect_steps(reqs, on_token, pad, deadline)
             else:
@@ -359,8 +362,17 @@ class Engine:
         have = 0
         while True:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return cls._end_early(q, q.wait(1 << 30, timeout=0)[0] if on_token is None and stop is None else have)
+            if left is not None and left <= 0:  # max_time: the tokens made by now (those streamed, when streaming)
+                if on_token is not None:
+                    return cls._end_early(q, have)
+                n = q.wait(1 << 30, timeout=0)[0]
+                if stop is not None:  # the rows after the first of a batch: their stop strings checked here
+                    for t in q.tokens(have, n):
+                        have += 1
+                        if stop.hit(int(t)):
+                            break
+                    n = have
+                return cls._end_early(q, n)
             n, done = q.wait(have, timeout=left)
             recs = q.records(have, n) if on_record is not None else None
             for i, t in enumerate(q.tokens(have, n)):

@@ -1535,8 +1535,15 @@ class FastModelForCausalLM:
             if ids.shape[0] > 1:
                 raise NotImplementedError("generate: a logprobs streamer takes one row")
             keep, on_record = dict(keep or {}, logprobs=int(lp)), streamer._fastload_record
-        res = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
-                           stops=stops, tokenizer=tokenizer, max_time=r["max_time"], keep=keep, on_record=on_record)
+        try:
+            res = eng.generate(ids, mask, max_new, min_new, r, seed & 0xFFFFFFFFFFFFFFFF, eos, int(pad), on_token=put,
+                               stops=stops, tokenizer=tokenizer, max_time=r["max_time"], keep=keep,
+                               on_record=on_record, on_submit=getattr(streamer, "_fastload_bind", None))
+        except RuntimeError:  # the requests ended "cancelled": by the streamer's cancel() before a token came
+            if getattr(streamer, "_cancelled", False):
+                from .streamers import GenerationCancelled
+                raise GenerationCancelled("the consumer of this streamer cancelled the generation") from None
+            raise
         out, recs = res if keep is not None else (res, None)
         if not r["return_dict_in_generate"]:
             return _to_user(out, like_torch)

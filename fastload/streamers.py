@@ -5,6 +5,7 @@ exception in the thread that iterates it, so a consumer never waits for an end t
 from __future__ import annotations
 
 import queue
+import threading
 
 import numpy as np
 
@@ -84,12 +85,28 @@ class TextIteratorStreamer(TextStreamer):
         self.text_queue, self.stop_signal, self.timeout = queue.Queue(), object(), timeout
         self._error = None
         self._cancelled = False
+        self._lock, self._bound = threading.Lock(), []
 
     def cancel(self):
-        """Ask the generate() feeding this streamer to stop: its next token raises GenerationCancelled in the
-        generating thread (the model is free again within one decode step). For a consumer that stops reading
-        early; stream_chat calls it when its generator is closed. (fastload's own; transformers has no such call.)"""
-        self._cancelled = True
+        """Ask the generate() feeding this streamer to stop: it raises GenerationCancelled in the generating thread
+        and the model is free again within one decode step, also when the request is still waiting in the engine's
+        queue (it leaves the queue at once). For a consumer that stops reading early; stream_chat calls it when its
+        generator is closed. (fastload's own; transformers has no such call.)"""
+        with self._lock:
+            self._cancelled = True
+            reqs, self._bound = self._bound, []
+        for q in reqs:
+            q.cancel()
+
+    def _fastload_bind(self, reqs):
+        """generate() hands over its engine requests as soon as they are queued, so that cancel() stops them
+        before their first token too (a put() only comes with a token)."""
+        with self._lock:
+            if not self._cancelled:
+                self._bound = list(reqs)
+                return
+        for q in reqs:
+            q.cancel()
 
     def put(self, value):
         if self._cancelled:

@@ -548,3 +548,113 @@ def test_cpu_decode_attention_masked_chunks():
         s = kc[0, 300:, h // 2].astype(np.float64) @ q[h]
         p = np.exp(s - s.max())
         np.testing.assert_allclose(out[0, h * hd:(h + 1) * hd], (p / p.sum()) @ vc[0, 300:, h // 2], atol=1e-5)
+
+
+@pytest.mark.parametrize("T,nh,nkv,window", [(1, 65, 1, 0), (5, 72, 1, 0), (3, 256, 2, 7), (1, 128, 1, 9)])
+def test_cpu_attention_groups_over_64_heads(T, nh, nkv, window):
+    """More than 64 query heads on one KV head (the decode kernel's slots): the general kernel takes them, its
+    per-slot positions sized by the group (they were 64-entry stack arrays, written past their end: a SIGSEGV on the
+    first forward of such a checkpoint). Against a float64 reference, causal and sliding-window."""
+    rng = np.random.default_rng(nh + T)
+    hd, L = 16, 40
+    case = paged_case(rng, 2, T, nh, nkv, hd, L, 2)
+    got = paged_attention("cpu", case, window)
+    group = nh // nkv
+    for b in range(2):
+        for t in range(T):
+            i = int(case["starts"][b]) + t
+            lo = max(0, i - window + 1) if window else 0
+            q = case["qkv"][b * T + t, :nh * hd].reshape(nh, hd).astype(np.float64) / np.sqrt(hd)
+            k = case["kc"][b, lo:i + 1].astype(np.float64)
+            v = case["vc"][b, lo:i + 1].astype(np.float64)
+            for h in range(nh):
+                s = k[:, h // group] @ q[h]
+                p = np.exp(s - s.max())
+                want = (p / p.sum()) @ v[:, h // group]
+                np.testing.assert_allclose(got[b * T + t, h * hd:(h + 1) * hd], want, rtol=0, atol=1e-5)
+
+
+def _long_context_model(tmp_path, **kw):
+    """The qwen2 fixture declaring a context of 2^20 tokens: a request of 10^6 new tokens runs until cancelled."""
+    from golden_util import checkpoint_copy
+    d = checkpoint_copy("qwen2", tmp_path / "long", config={"max_position_embeddings": 1 << 20})
+    return fastload.AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", torch_dtype="float32", threads=2,
+                                                         kv_cache_memory=page_bytes(load(), 16) * 8192, **kw)
+
+
+def test_streamer_cancel_reaches_a_request_still_in_the_queue(tmp_path):
+    """TextIteratorStreamer.cancel() while its request waits in the engine's queue (behind a running one): it leaves
+    the queue at once and its generate() raises GenerationCancelled, without waiting for the running request (a
+    put() only comes with a token, so the cancel used to wait for the request's admission)."""
+    from fastload.streamers import GenerationCancelled, TextIteratorStreamer
+    m = _long_context_model(tmp_path, max_num_seqs=1, max_queue=1)
+    core = m._engine_handle().core()
+    r1 = core.engine_submit(np.arange(3, 10, dtype=np.int32), max_new_tokens=10 ** 6, eos_token_ids=[])
+    r1.wait(0)
+    tok = type("Tok", (), {"decode": lambda self, ids, **k: "x" * len(ids)})()
+    st = TextIteratorStreamer(tok, skip_prompt=True)
+    res = []
+
+    def b():
+        try:
+            m.generate(np.arange(3, 10)[None], max_new_tokens=20, eos_token_id=[], streamer=st)
+            res.append("finished")
+        except GenerationCancelled as e:
+            res.append(e)
+    th = threading.Thread(target=b)
+    th.start()
+    for _ in range(2000):
+        if m.engine_stats()["waiting"] == 1:
+            break
+        threading.Event().wait(0.005)
+    assert m.engine_stats()["waiting"] == 1
+    st.cancel()
+    th.join(60)
+    try:
+        assert not th.is_alive() and isinstance(res[0], GenerationCancelled), res
+        assert not r1.wait(0, timeout=0)[1]  # the running request never ended meanwhile
+        assert m.engine_stats()["waiting"] == 0
+        m.generate(np.arange(3, 6)[None], max_new_tokens=0)  # the queue slot is free again (max_queue=1)
+    finally:
+        r1.cancel()
+        r1.wait(1 << 30)
+
+
+def test_request_wait_timeout_with_a_fraction_of_a_millisecond(tmp_path):
+    """Request.wait(timeout) ends at its deadline on a monotonic clock: a timeout with a fractional millisecond
+    (30.5 ms) once spun on 0 ms slices until a token came."""
+    import time
+    m = _long_context_model(tmp_path, max_num_seqs=1)
+    core = m._engine_handle().core()
+    r1 = core.engine_submit(np.arange(3, 10, dtype=np.int32), max_new_tokens=10 ** 6, eos_token_ids=[])
+    r1.wait(0)
+    r2 = core.engine_submit(np.arange(3, 10, dtype=np.int32), max_new_tokens=5, eos_token_ids=[])  # queued
+    try:
+        t0 = time.monotonic()
+        n, done = r2.wait(0, timeout=0.0305)
+        assert (n, done) == (0, False) and time.monotonic() - t0 < 0.5
+        t0 = time.monotonic()
+        out = m.generate(np.arange(3, 10)[None], max_new_tokens=5, max_time=0.05, eos_token_id=[])  # queued too
+        assert out.shape[1] == 7 and time.monotonic() - t0 < 0.5  # max_time ends it with no token
+    finally:
+        r1.cancel()
+        r2.cancel()
+        r1.wait(1 << 30)
+        r2.wait(1 << 30)
+
+
+def test_max_time_with_stop_strings_keeps_every_rows_tokens(tmp_path):
+    """max_time and stop_strings on a batch: rows after the first keep the tokens they made by the deadline (they
+    were all dropped: the first row's collection used up the deadline, the others ended with none)."""
+    m = _long_context_model(tmp_path)
+    tok = type("Tok", (), {"decode": lambda self, ids, **k: " ".join(map(str, ids))})()
+    ids = np.tile(np.arange(3, 10), (3, 1))
+    out = m.generate(ids, max_new_tokens=10 ** 5, max_time=0.3, eos_token_id=[], stop_strings=["never"],
+                     tokenizer=tok, pad_token_id=-7 % 500)
+    if out.shape[1] == 7:
+        pytest.skip("this machine made no token in 0.3 s")
+    full = m.generate(ids[:1], max_new_tokens=out.shape[1] - 7, eos_token_id=[])[0, 7:]
+    n = [int(np.argmax(np.append(row[7:] != full, True))) for row in out]  # each row: the tokens equal to full's
+    assert min(n) >= 1, n  # (the rows run in the same steps; each is read at its own time after the deadline)
+    for b in range(3):
+        assert (out[b, 7 + n[b]:] == 493).all()  # then padding

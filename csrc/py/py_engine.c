@@ -13,6 +13,8 @@
 #include "py_exec.h"
 #include "../engine.h"
 #include <errno.h>
+#include <math.h>
+#include <time.h>
 
 #define FL_WAIT_SLICE_MS 50
 
@@ -119,17 +121,24 @@ static PyObject *req_wait(FlPyRequest *self, PyObject *args, PyObject *kw) {
         if (timeout < 0) timeout = 0;
     }
     int n = 0, done = 0;
-    double waited = 0;
+    /* slices of at most FL_WAIT_SLICE_MS (signals are checked between them) until a monotonic deadline: a slice is
+     * the time left rounded up to whole milliseconds, so a sub-millisecond rest neither spins on 0 ms slices nor
+     * counts as time waited (both were the case when slices were added up, truncated) */
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         int slice = FL_WAIT_SLICE_MS;
-        if (timeout >= 0 && (timeout - waited) * 1000 < slice) slice = (int)((timeout - waited) * 1000);
-        if (slice < 0) slice = 0;
+        if (timeout >= 0) {
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            const double left = timeout - ((double)(t.tv_sec - t0.tv_sec) + (double)(t.tv_nsec - t0.tv_nsec) * 1e-9);
+            if (left <= 0) slice = 0;
+            else if (left * 1000 < slice) slice = (int)ceil(left * 1000);
+        }
         Py_BEGIN_ALLOW_THREADS
         n = fl_request_wait(self->r, have, slice, &done);
         Py_END_ALLOW_THREADS
-        if (n > have || done) break;
-        waited += slice / 1000.0;
-        if (timeout >= 0 && waited >= timeout) break;
+        if (n > have || done || slice == 0) break;
         if (PyErr_CheckSignals() < 0) {
             fl_request_cancel(self->r);
             return NULL;
