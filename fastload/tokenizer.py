@@ -71,14 +71,27 @@ def _template_source(path):
     return os.path.join(str(path), "tokenizer_config.json")
 
 
-def _named_template(tmpl, path):
-    """transformers' list of named chat templates ({"name", "template"}): the one named "default", else
-    the first."""
+def _named_templates(tmpl, path):
+    """transformers' list of named chat templates ({"name", "template"}) as a dict, in the file's order."""
     for i, t in enumerate(tmpl):
         if not (isinstance(t, dict) and isinstance(t.get("template"), str) and isinstance(t.get("name", ""), str)):
             raise CheckpointError(f"{_template_source(path)}: chat_template[{i}] is not a "
                                   "{\"name\": str, \"template\": str} entry")
-    return next((t["template"] for t in tmpl if t.get("name") == "default"), tmpl[0]["template"] if tmpl else None)
+    return {t.get("name", ""): t["template"] for t in tmpl}
+
+
+def _extra_special_tokens(conf, path):
+    """tokenizer_config.json's extra_special_tokens (transformers 5) or additional_special_tokens (earlier), as token
+    strings (AddedToken dicts give their content)."""
+    source = os.path.join(str(path), "tokenizer_config.json")
+    v = conf.get("extra_special_tokens", conf.get("additional_special_tokens"))
+    if v is None:
+        return []
+    if isinstance(v, dict):  # transformers 5's named extra tokens {"image_token": "<image>", ...}
+        v = list(v.values())
+    if not isinstance(v, list):
+        raise CheckpointError(f"{source}: extra_special_tokens must be a list of tokens")
+    return [_tok_str(t, "extra_special_tokens", source) for t in v]
 
 
 def _checked_config(conf, tmpl, path):
@@ -152,8 +165,15 @@ class FastTokenizer:
         self.model_max_length = model_max_length or int(1e30)
         self.name_or_path = name_or_path
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        object.__setattr__(self, "_add_bos", add_bos_token)
+        object.__setattr__(self, "_add_eos", add_eos_token)
         self.truncation_side = truncation_side
+        self.chat_templates = None  # named chat templates (tokenizer_config.json's list), "default" among them
+        self.extra_special_tokens = []
+        try:  # transformers 5 never applies its text clean-up to BPE models (it corrupts code and such text)
+            self._bpe = type(tokenizer.model).__name__ == "BPE"
+        except Exception:  # noqa: BLE001 - a tokenizer without a readable model: not BPE for this purpose
+            self._bpe = False
 
     # ---------------------------------------------------------------- construction
     @_library_errors_to_checkpoint_error
@@ -218,16 +238,40 @@ class FastTokenizer:
             tmpl = _files.read_text(jp, os.path.join(path, "chat_template.jinja"))
         elif cj is not None:
             tmpl = _files.read_json(cj, os.path.join(path, "chat_template.json")).get("chat_template", tmpl)
-        if isinstance(tmpl, list):  # named templates: take "default"
-            tmpl = _named_template(tmpl, path)
+        named = None
+        if isinstance(tmpl, list):  # named templates: "default" is the chat_template, the others chosen by name
+            named = _named_templates(tmpl, path)
+            tmpl = named.get("default", next(iter(named.values()), None))
+        extra = _extra_special_tokens(conf, path)
         conf = _checked_config(conf, tmpl, path)
-        return cls(tk, bos_token=conf["bos_token"], eos_token=conf["eos_token"],
+        # tokenizer.json's own padding / truncation sections (written when they were on at save time) would apply to
+        # every call; transformers resets them per call and takes their pad token and sides as defaults only
+        pad_cfg, trunc_cfg = tk.padding, tk.truncation
+        tk.no_padding()
+        tk.no_truncation()
+        if pad_cfg and conf["pad_token"] is None and pad_cfg.get("pad_token"):
+            conf["pad_token"] = pad_cfg["pad_token"]
+        if pad_cfg and padding_side is None and conf["padding_side"] is None:
+            padding_side = pad_cfg.get("direction")
+        if trunc_cfg and conf["truncation_side"] is None:
+            conf["truncation_side"] = trunc_cfg.get("direction")
+        # named special tokens (and additional / extra ones) that tokenizer.json does not hold as added tokens: added
+        # as special tokens, as transformers 5 does (else a pad token has no id and a named token splits in text)
+        have = {t.content for t in tk.get_added_tokens_decoder().values()}
+        want = [t for t in [conf[k] for k in _SPECIAL_TOKENS] + extra if t is not None and t not in have]
+        if want:
+            from tokenizers import AddedToken
+            tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(want)])
+        out = cls(tk, bos_token=conf["bos_token"], eos_token=conf["eos_token"],
                    unk_token=conf["unk_token"], pad_token=conf["pad_token"],
                    chat_template=conf["chat_template"], padding_side=padding_side or conf["padding_side"] or "left",
                    model_max_length=conf["model_max_length"], name_or_path=str(pretrained_model_name_or_path),
                    clean_up_tokenization_spaces=conf["clean_up_tokenization_spaces"],
                    add_bos_token=conf["add_bos_token"], add_eos_token=conf["add_eos_token"],
                    truncation_side=conf["truncation_side"] or "right")
+        out.chat_templates = named
+        out.extra_special_tokens = extra
+        return out
 
     # ---------------------------------------------------------------- vocabulary
     def _id(self, tok):
@@ -260,6 +304,46 @@ class FastTokenizer:
     unk_token_id = property(lambda self: self._id(self.unk_token), lambda self, v: self._set_id("unk_token", v))
     pad_token_id = property(lambda self: self._id(self.pad_token), lambda self, v: self._set_id("pad_token", v))
 
+    def _adds(self):
+        """(bos, eos): whether encoding with special tokens adds them now (the post-processor's doing)."""
+        ids = self._tk.encode("", add_special_tokens=True).ids
+        return (bool(ids) and self.bos_token_id is not None and ids[0] == self.bos_token_id,
+                bool(ids) and self.eos_token_id is not None and ids[-1] == self.eos_token_id)
+
+    def _set_adds(self, bos=None, eos=None):
+        """transformers' update_post_processor: a TemplateProcessing that adds bos and / or eos around each
+        sequence. The flag not being set keeps what the tokenizer does now."""
+        from tokenizers import processors
+        cur = self._adds()
+        bos = cur[0] if bos is None else bool(bos)
+        eos = cur[1] if eos is None else bool(eos)
+        for flag, name in ((bos, "bos_token"), (eos, "eos_token")):
+            if flag and (getattr(self, name) is None or self._id(getattr(self, name)) is None):
+                raise ValueError(f"add_{name} = True needs a {name} in the vocabulary, got {getattr(self, name)!r}")
+        b, e = self.bos_token, self.eos_token
+        single = f"{b + ':0 ' if bos else ''}$A:0{' ' + e + ':0' if eos else ''}"
+        pair = f"{single}{' ' + b + ':1' if bos else ''} $B:1{' ' + e + ':1' if eos else ''}"
+        special = [(t, self._id(t)) for t, on in ((b, bos), (e, eos)) if on]
+        self._tk.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                                special_tokens=list(dict.fromkeys(special)))
+
+    def _flag(name):
+        def get(self):
+            v = getattr(self, "_" + name)
+            return v if v is not None else self._adds()[0 if name == "add_bos" else 1]
+
+        def put(self, v):
+            if name == "add_bos":
+                self._set_adds(bos=v)
+            else:
+                self._set_adds(eos=v)
+            object.__setattr__(self, "_" + name, bool(v))
+        return property(get, put, doc=f"transformers' {name}_token: whether encoding adds it; setting it rebuilds "
+                                      "the post-processor (transformers' update_post_processor)")
+    add_bos_token = _flag("add_bos")
+    add_eos_token = _flag("add_eos")
+    del _flag
+
     @property
     def special_tokens_map(self) -> dict:
         """The named special tokens that are set (bos/eos/unk/pad), as transformers' special_tokens_map."""
@@ -277,11 +361,14 @@ class FastTokenizer:
 
     @property
     def all_special_tokens(self):
-        return [t.content for t in self._tk.get_added_tokens_decoder().values() if t.special]
+        """The named special tokens (bos, eos, unk, pad) and the extra / additional ones, as transformers 5 lists
+        them (not every special added token of tokenizer.json: decode(skip_special_tokens=True) skips those)."""
+        return list(dict.fromkeys(t for t in [getattr(self, k) for k in _SPECIAL_TOKENS] + self.extra_special_tokens
+                                  if t is not None))
 
     @property
     def all_special_ids(self):
-        return [i for i, t in self._tk.get_added_tokens_decoder().items() if t.special]
+        return [i for i in (self._id(t) for t in self.all_special_tokens) if i is not None]
 
     def convert_tokens_to_ids(self, tokens):
         if isinstance(tokens, str):
@@ -447,16 +534,27 @@ class FastTokenizer:
         raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'np' or 'pt'")
 
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
-        if is_torch(token_ids):
+        """One sequence of ids -> its text; a batch (a list of lists, a 2-D array or tensor, or an encoding's
+        input_ids) -> one text a row, as transformers 5."""
+        if isinstance(token_ids, dict) or (hasattr(token_ids, "keys") and hasattr(token_ids, "__getitem__")
+                                           and "input_ids" in token_ids):
+            token_ids = token_ids["input_ids"]
+        if is_torch(token_ids) or isinstance(token_ids, np.ndarray):
             token_ids = token_ids.tolist()
-        ids = np.asarray(token_ids).reshape(-1).tolist() if not isinstance(token_ids, list) else token_ids
-        if isinstance(ids, int):
-            ids = [ids]
+        if isinstance(token_ids, (list, tuple)) and token_ids and (isinstance(token_ids[0], (list, tuple, np.ndarray))
+                                                                   or is_torch(token_ids[0])):
+            return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces, **kwargs) for row in token_ids]
+        ids = [token_ids] if isinstance(token_ids, (int, np.integer)) else token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)) or \
+                not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+            raise TypeError(f"decode takes a token id, a sequence of ids or a batch of them, got "
+                            f"{type(token_ids).__name__}" + (f" holding {type(ids[0]).__name__}"
+                                                            if isinstance(ids, (list, tuple)) and ids else ""))
         ids = [int(i) for i in ids]
         with self._guard("decoding"):
             text = self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
-        if clean:
+        if clean and not self._bpe:
             for a, b in _CLEANUPS:
                 text = text.replace(a, b)
         return text
@@ -524,7 +622,13 @@ class FastTokenizer:
         """transformers' apply_chat_template: the template rendered with `kwargs`, then (tokenize=True) encoded without
         special tokens (the template holds them) with padding / truncation / max_length / tokenizer_kwargs as given.
         A batch is not padded unless padding= asks (transformers' default: ragged lists, and an error for tensors)."""
-        tmpl = chat_template or self.chat_template
+        named = self.chat_templates or {}
+        if chat_template is not None and chat_template in named:  # a template chosen by name (transformers)
+            tmpl = named[chat_template]
+        elif chat_template is None and tools is not None and "tool_use" in named:
+            tmpl = named["tool_use"]
+        else:
+            tmpl = chat_template or self.chat_template
         if tmpl is None:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json chat_template or GGUF "
                              "tokenizer.chat_template); pass chat_template=...")
@@ -533,18 +637,29 @@ class FastTokenizer:
                              "continues the last message, add_generation_prompt starts a new one")
         if return_assistant_tokens_mask:
             raise NotImplementedError("apply_chat_template(return_assistant_tokens_mask=True) is not supported by fastload")
+        if isinstance(conversation, (str, bytes)) or not isinstance(conversation, (list, tuple)):
+            raise TypeError(f"apply_chat_template takes a list of {{'role', 'content'}} messages (or a batch of such "
+                            f"lists), got {type(conversation).__name__}")
+        if tools is not None:
+            if not isinstance(tools, (list, tuple)) or any(callable(t) or not isinstance(t, dict) for t in tools):
+                raise TypeError("apply_chat_template(tools=): give each tool as a JSON-schema dict; Python functions are "
+                                "not converted here (transformers.utils.get_json_schema(fn) makes the dict)")
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         convs = conversation if batched else [conversation]
         env = _jinja_env()
         compiled = env.from_string(tmpl)
+        # the special tokens, then the caller's template variables over them (transformers: a bos_token= kwarg wins)
+        ctx = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", "unk_token": self.unk_token or "",
+               "pad_token": self.pad_token or ""}
+        ctx.update(kwargs)
         texts = []
         for conv in convs:
-            msgs = [dict(m) for m in conv]
+            msgs = _normalize_messages(conv)
+            final = _tag_final_message(msgs, continue_final_message, tmpl) if continue_final_message else None
             text = compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, tools=tools,
-                                   documents=documents, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                   unk_token=self.unk_token or "", pad_token=self.pad_token or "", **kwargs)
-            if continue_final_message and msgs:
-                text = _cut_after_final_message(text, msgs[-1].get("content"))
+                                   documents=documents, **ctx)
+            if continue_final_message:
+                text = _cut_at_tag(text, final)
             texts.append(text)
         if not tokenize:
             return texts if batched else texts[0]
@@ -554,22 +669,63 @@ class FastTokenizer:
         return enc if return_dict else enc["input_ids"]
 
 
-def _cut_after_final_message(text, final):
-    """transformers' continue_final_message: the rendered chat cut right after the last message's content (its last
-    text part for a list of parts), trailing spaces kept only where the template kept them."""
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _normalize_messages(conv):
+    """transformers 5's message normalisation before rendering: copies of the messages without the keys whose value
+    is None (OpenAI clients send content=None beside tool_calls; templates would print "None"), and the reasoning
+    under each of its names (reasoning_content / thinking / reasoning), since templates read different ones."""
+    msgs = []
+    for m in conv:
+        if not isinstance(m, dict):
+            raise TypeError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+        m = {k: v for k, v in m.items() if v is not None}
+        r = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if r is not None:
+            m = {"thinking": r, **m, "reasoning_content": r}
+        msgs.append(m)
+    return msgs
+
+
+def _tag_final_message(msgs, field, tmpl):
+    """continue_final_message as transformers 5 does it: a tag appended to the final message's text (its last text
+    part for a list of parts; field: "content", or the name given), found again after rendering. Returns the text."""
+    if not msgs:
+        raise ValueError("continue_final_message is set but the conversation is empty")
+    field = field if isinstance(field, str) else "content"
+    final = msgs[-1].get(field)
+    if final is None:
+        raise ValueError(f"continue_final_message is set but the final message has no {field!r} to continue")
+    fields = [f for f in _REASONING_FIELDS if msgs[-1].get(f) == final] if field in _REASONING_FIELDS else [field]
+    if not any(f in tmpl for f in fields):
+        raise ValueError(f"continue_final_message is set to {field!r} but the chat template never reads it")
     if isinstance(final, (list, tuple)):
-        final = next((b["text"] for b in reversed(final) if isinstance(b, dict) and "text" in b), None)
-        if final is None:
+        blocks = [dict(b) if isinstance(b, dict) else b for b in final]
+        for b in reversed(blocks):
+            if isinstance(b, dict) and isinstance(b.get("text"), str):
+                text, b["text"] = b["text"], b["text"] + _CONTINUE_TAG
+                break
+        else:
             raise ValueError("continue_final_message is set but the final message has no text part")
+        msgs[-1][field] = blocks
+        return text
     if not isinstance(final, str):
-        raise ValueError(f"continue_final_message: the final message's content is {type(final).__name__}, not text")
-    if final.strip() not in text:
+        raise ValueError(f"continue_final_message: the final message's {field} is {type(final).__name__}, not text")
+    for f in fields:
+        msgs[-1][f] = msgs[-1][f] + _CONTINUE_TAG
+    return final
+
+
+def _cut_at_tag(text, final):
+    """The rendered chat cut where the final message's tag is: right after the message, its trailing spaces kept
+    only where the template kept the tag's own (transformers 5)."""
+    if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
         raise ValueError("continue_final_message is set but the final message does not appear in the chat after "
                          "applying the chat template (the template may change it, e.g. strip it)")
-    at = text.rindex(final.strip())
-    if text[at: at + len(final.lstrip())] == final:  # the template kept the message as it is (transformers' test)
-        return text[: at + len(final.lstrip())]
-    return text[: at + len(final.strip())]
+    at = text.rindex(_CONTINUE_TAG.strip())
+    return text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 def _write_file(path, text):
@@ -603,12 +759,32 @@ def _jinja_env():
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", _generation_extension()])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _ENV = env
     return _ENV
+
+
+def _generation_extension():
+    """transformers' {% generation %} ... {% endgeneration %} tag (it marks assistant text for training masks):
+    rendered as its body; the mask it tracks (return_assistant_tokens_mask) is not supported here."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+    return Generation
 
 
 class AutoTokenizer:
