@@ -704,6 +704,8 @@ def _resolve_settings(gc, layers) -> dict:
              no_repeat_ngram_size=_int_arg(gc, "no_repeat_ngram_size", 0, 0, clamp=True),
              eos_token_id=_token_ids(gc, "eos_token_id"), pad_token_id=_token_ids(gc, "pad_token_id"),
              seed=_int_arg(gc, "seed", -(1 << 63)))
+    # transformers 5's has_default_max_length: no layer sets max_length (then 20 is a count of new tokens)
+    r["default_max_length"] = not any(d.get("max_length") is not None for _, d in layers)
     ss = gc.get("stop_strings")
     if ss is None:
         ss = []
@@ -855,7 +857,7 @@ class GenerateDecoderOnlyOutput(CausalLMOutput):
         return super().__getattr__(k)
 
 
-def _per_step(recs, off, V, n_new, pad, like_torch):
+def _per_step(recs, off, V, n_new, pad, like_torch, renormalize=False):
     """The tuple of n_new [B, V] arrays (generate's scores / logits) from each row's kept records (columns off:off+V
     of records[b] [n_b, row]). A row that ended before step t has a one-hot row there: -inf everywhere, 0 at the pad
     token it holds in `sequences` (its log-probability 0, so compute_transition_scores gives 0 at padding and a row's
@@ -866,6 +868,12 @@ def _per_step(recs, off, V, n_new, pad, like_torch):
         arr[:n, b] = rec[:, off:off + V]
         if n < n_new and 0 <= pad < V:
             arr[n:, b, pad] = 0.0
+    if renormalize:  # transformers' renormalize_logits: a LogitNormalization (log-softmax) after every processor
+        with np.errstate(invalid="ignore", over="ignore"):
+            x = arr.astype(np.float64)
+            mx = np.max(x, axis=-1, keepdims=True)
+            lse = mx + np.log(np.sum(np.exp(x - mx), axis=-1, keepdims=True))
+            arr = (x - lse).astype(np.float32)
     return tuple(_to_user(arr[t], like_torch) for t in range(n_new))
 
 
@@ -1478,7 +1486,7 @@ class FastModelForCausalLM:
         mask = _ids2d(attention_mask, "attention_mask")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
-        _, r = self._gen_settings(generation_config, kwargs)
+        gcm, r = self._gen_settings(generation_config, kwargs)
         eos = r["eos_token_id"]
         if mask is None and r["pad_token_id"] is not None and r["pad_token_id"] not in eos \
                 and (ids == r["pad_token_id"]).any():
@@ -1493,14 +1501,25 @@ class FastModelForCausalLM:
                 mask = (~(lead | trail)).astype(np.int64)
         T = ids.shape[1]
         max_new = r["max_new_tokens"]
-        if max_new is None:
+        ctx = enginemod.context_length(self)
+        if max_new is None and r.get("default_max_length"):
+            # transformers 5 (_prepare_generated_length): with no length set anywhere, the default max_length (20)
+            # counts new tokens, the total capped at max_position_embeddings, and it warns
+            warnings.warn(f"Using the model-agnostic default `max_length` (={r['max_length']}) to control the generation "
+                          "length. We recommend setting `max_new_tokens` to control the maximum length of the "
+                          "generation.", UserWarning, stacklevel=3)
+            max_len = r["max_length"] + T
+            pos = self.config.get("max_position_embeddings")
+            max_new = (min(max_len, int(pos)) if pos else max_len) - T
+            if max_new <= 0:
+                raise ValueError(f"input length {T} reaches max_position_embeddings={pos}")
+        elif max_new is None:
             max_new = r["max_length"] - T
             if max_new <= 0:
                 raise ValueError(f"input length {T} reaches max_length={r['max_length']}; set max_new_tokens")
         min_new = r["min_new_tokens"]
         if min_new is None:
             min_new = max(0, r["min_length"] - T)
-        ctx = enginemod.context_length(self)
         longest = int(T if mask is None else (mask != 0).sum(axis=1).max(initial=0))
         if ctx and 0 < longest < ctx < longest + max_new:
             # transformers warns and goes on past the context; fastload's KV cache ends there (README "Coming from
@@ -1552,7 +1571,8 @@ class FastModelForCausalLM:
         for name, on, off in (("scores", r["output_scores"], 0), ("logits", r["output_logits"],
                                                                    V if r["output_scores"] else 0)):
             if on:
-                per_step[name] = _per_step(recs, off, V, out.shape[1] - T, int(pad), like_torch)
+                per_step[name] = _per_step(recs, off, V, out.shape[1] - T, int(pad), like_torch,
+                                           renormalize=name == "scores" and bool(gcm.get("renormalize_logits")))
         return GenerateDecoderOnlyOutput(sequences=_to_user(out, like_torch), **per_step)
 
     def _chat_messages(self, query, history, role, system):

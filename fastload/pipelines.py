@@ -54,19 +54,13 @@ def _is_message(m):
 
 
 def _diff_dict(gc) -> dict:
-    """The fields of a generation config that differ from the global defaults (transformers' to_diff_dict,
-    which the pipeline uses to decide what is "set"; fastload's to_diff_dict may also hold fields set
-    explicitly to their default value, which transformers does not count)."""
-    if gc is None:
-        return {}
-    if hasattr(gc, "to_diff_dict"):
-        items = dict(gc.to_diff_dict()).items()
-    elif isinstance(gc, dict):
-        items = gc.items()
-    else:
-        items = ((k, v) for k, v in vars(gc).items() if not k.startswith("_"))
-    defaults = getattr(modeling.GenerationConfig, "DEFAULTS", {})
-    return {k: v for k, v in items if k != "transformers_version" and (k not in defaults or defaults[k] != v)}
+    """The fields a generation config sets, which the pipeline counts as "set" when it decides which of its own
+    defaults to add: fastload's GenerationConfig its explicitly set fields (default-valued ones included: a
+    generation_config.json saying "do_sample": false is a setting), a dict every key, transformers' config its
+    to_diff_dict() fields that are not None (transformers 5: every field of GenerationConfig() is None, so a
+    do_sample=False or max_length=20 it holds is set). Metadata dropped. (Filtering by fastload's default values,
+    as transformers 4 did, made a model whose config says do_sample=false sample at 0.7.)"""
+    return {k: v for k, v in modeling._explicit(gc).items() if v is not None}  # None: unset, as transformers 5
 
 
 _SAMPLING_PARAMS = {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}

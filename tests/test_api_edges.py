@@ -232,3 +232,40 @@ def test_tokenizer_subfolder(tmp_path):
         fastload.AutoTokenizer.from_pretrained(str(tmp_path), subfolder="nope")
     with pytest.raises(fastload.CheckpointError, match="subfolder"):
         fastload.AutoTokenizer.from_pretrained(str(tmp_path), subfolder="../x")
+
+
+def test_no_length_anywhere_means_twenty_new_tokens(llama):
+    """transformers 5: with max_length set nowhere (call, passed config, model config) and no max_new_tokens, the
+    default 20 counts new tokens (with its warning), a long prompt included; fastload took it as the total (a
+    6-token prompt got 14, one of 20 tokens raised). An explicit max_length stays the total."""
+    short, long_ = np.array([[1, 5, 9, 4, 7, 3]]), np.arange(3, 33)[None]
+    assert "max_length" not in llama.generation_config.to_diff_dict()  # the fixture sets no length
+    for ids in (short, long_):
+        with pytest.warns(UserWarning, match="model-agnostic default `max_length`"):
+            out = llama.generate(ids, eos_token_id=[])
+        assert out.shape[1] - ids.shape[1] == 20
+        assert np.array_equal(out, llama.generate(ids, max_new_tokens=20, eos_token_id=[]))
+    assert llama.generate(short, max_length=10, eos_token_id=[]).shape == (1, 10)
+    with pytest.raises(ValueError, match="max_length=20"):
+        llama.generate(long_, max_length=20)
+    with pytest.warns(UserWarning, match="model-agnostic"):  # capped at max_position_embeddings (128)
+        assert llama.generate(np.arange(3, 121)[None], eos_token_id=[]).shape == (1, 128)
+
+
+def test_renormalize_logits_makes_scores_log_probabilities(llama):
+    """renormalize_logits=True: output_scores are log-softmax normalised (transformers' LogitNormalization after
+    every processor), so compute_transition_scores gives log-probabilities; it was accepted and ignored. The
+    tokens do not change."""
+    ids = np.array([[1, 5, 9, 4]])
+    kw = dict(max_new_tokens=4, eos_token_id=[], return_dict_in_generate=True, output_scores=True)
+    raw = llama.generate(ids, **kw)
+    norm = llama.generate(ids, renormalize_logits=True, **kw)
+    assert np.array_equal(raw.sequences, norm.sequences)
+    for r, n in zip(raw.scores, norm.scores):
+        x = r.astype(np.float64)
+        want = x - (x.max() + np.log(np.exp(x - x.max()).sum(axis=-1, keepdims=True)))
+        np.testing.assert_allclose(n, want, rtol=0, atol=1e-5)
+    tr = llama.compute_transition_scores(norm.sequences, norm.scores)
+    assert (tr <= 0).all()
+    np.testing.assert_allclose(tr, llama.compute_transition_scores(raw.sequences, raw.scores, normalize_logits=True),
+                               atol=1e-5)
