@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import unicodedata
 
 import numpy as np
 
@@ -41,9 +42,18 @@ class TextStreamer(BaseStreamer):
         self.token_cache.extend(int(v) for v in value.reshape(-1))
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
         if text.endswith("\n"):
+            # transformers 5: the cache keeps the newline's token as context, so the next line's first token decodes
+            # as in the whole text (a SentencePiece decoder strips the leading space of a text's first token: an
+            # emptied cache lost one space of indentation after every newline)
             printable = text[self.print_len:]
-            self.token_cache, self.print_len = [], 0
+            self.token_cache = self.token_cache[-1:]
+            self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
         elif text and _is_cjk(text[-1]):
+            printable = text[self.print_len:]
+            self.print_len += len(printable)
+        elif all(c.isspace() or unicodedata.category(c)[0] in "LMN" for c in text[self.print_len:]):
+            # letters (with their marks), digits and spaces at once, as transformers 5 (long words and Thai stream
+            # too); symbols wait for the next space (they may start formatting, or be an incomplete character)
             printable = text[self.print_len:]
             self.print_len += len(printable)
         else:

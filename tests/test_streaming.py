@@ -5,6 +5,7 @@ Tiny Llama fixture with a stand-in tokenizer, and the demo model for stream_chat
 import queue
 import threading
 
+import numpy as np
 import pytest
 
 import fastload
@@ -213,3 +214,30 @@ def test_text_iterator_streamer_cancel(model, ids):
         model.generate(ids, max_new_tokens=50, min_new_tokens=50, streamer=s)
     with pytest.raises(GenerationCancelled):
         list(s)
+
+
+def test_text_streamer_keeps_indentation_after_a_newline():
+    """A SentencePiece-style decoder drops the leading space of a text's first token; the streamer emptied its cache
+    at each newline, so the next line's first token decoded alone and lost one space (streamed code mis-indented,
+    stream_chat's text unlike chat()'s). It keeps the newline's token as context, as transformers 5."""
+    from tokenizers import Tokenizer, decoders, models
+    from fastload.streamers import TextStreamer
+    from fastload.tokenizer import FastTokenizer
+    pieces = ["▁def", "▁f", "(", "x", "):", "\n", "▁", "▁", "▁", "▁return", "▁x", "▁+", "▁1", "\n", "T", "he", "▁",
+              "en", "d", "<unk>"]
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = FastTokenizer(tk)
+    ids = [vocab[p] for p in pieces[:-1]]
+    got = []
+
+    class S(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            got.append(text)
+    s = S(tok)
+    for i in ids:
+        s.put(np.array([i]))
+    s.end()
+    assert tok.decode(ids) == "def f(x):\n    return x + 1\nThe end"
+    assert "".join(got) == tok.decode(ids)
