@@ -1476,8 +1476,12 @@ class FastModelForCausalLM:
     def _generate(self, input_ids, attention_mask, generation_config, streamer, inputs, kwargs):
         if input_ids is None:
             input_ids = inputs
-        if input_ids is None:
-            raise ValueError("generate needs input_ids")
+        if input_ids is None:  # unconditional generation starts from the bos token (transformers)
+            bos = self._gen_settings(generation_config, kwargs)[0].get("bos_token_id")
+            bos = bos[0] if isinstance(bos, (list, tuple)) and bos else bos
+            if bos is None:
+                raise ValueError("generate needs input_ids (or a bos_token_id to start from)")
+            input_ids = np.array([[int(bos)]], dtype=np.int64)
         kwargs = dict(kwargs)
         tokenizer = kwargs.pop("tokenizer", None)
         _check_position_ids(kwargs.pop("position_ids", None), input_ids, attention_mask)

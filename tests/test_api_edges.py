@@ -269,3 +269,11 @@ def test_renormalize_logits_makes_scores_log_probabilities(llama):
     assert (tr <= 0).all()
     np.testing.assert_allclose(tr, llama.compute_transition_scores(raw.sequences, raw.scores, normalize_logits=True),
                                atol=1e-5)
+
+
+def test_generate_without_input_ids_starts_from_bos(llama):
+    """generate() with no input_ids (unconditional generation, GPT-2 style examples) starts from [[bos_token_id]],
+    the merged config's, as transformers; it was a ValueError."""
+    want = llama.generate(np.array([[1]]), max_new_tokens=5, eos_token_id=[])
+    assert np.array_equal(llama.generate(max_new_tokens=5, eos_token_id=[]), want)
+    assert llama.generate(max_new_tokens=3, eos_token_id=[], bos_token_id=7)[0, 0] == 7
