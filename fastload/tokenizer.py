@@ -344,6 +344,53 @@ class FastTokenizer:
     add_eos_token = _flag("add_eos")
     del _flag
 
+    def add_tokens(self, new_tokens, special_tokens=False) -> int:
+        """transformers' add_tokens: strings (or tokenizers AddedTokens) added to the vocabulary, returning how many
+        were new. A model's embeddings do not grow here (fastload has no resize_token_embeddings): a new id is for
+        padding, which the attention mask hides, or for text the model never reads."""
+        from tokenizers import AddedToken
+        if isinstance(new_tokens, (str, AddedToken)):
+            new_tokens = [new_tokens]
+        toks = []
+        for t in new_tokens:
+            if isinstance(t, str):
+                t = AddedToken(t, special=bool(special_tokens), normalized=not special_tokens)
+            elif not isinstance(t, AddedToken):
+                raise TypeError(f"add_tokens takes strings or AddedTokens, got {type(t).__name__}")
+            toks.append(t)
+        before = len(self)
+        with self._guard("adding tokens"):
+            if special_tokens:
+                self._tk.add_special_tokens(toks)
+            else:
+                self._tk.add_tokens(toks)
+        return len(self) - before
+
+    def add_special_tokens(self, special_tokens_dict, replace_extra_special_tokens=True) -> int:
+        """transformers' add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": [...]}): the tokens
+        added as special tokens (new ones get ids past the vocabulary) and the named ones set; returns how many
+        were new. The usual use here: a pad token for batching (`tok.pad_token = tok.eos_token` does the same
+        without a new id)."""
+        if not isinstance(special_tokens_dict, dict):
+            raise TypeError("add_special_tokens takes a dict such as {'pad_token': '[PAD]'}")
+        n = 0
+        for k, v in special_tokens_dict.items():
+            if k in _SPECIAL_TOKENS:
+                v = getattr(v, "content", v)
+                if not isinstance(v, str):
+                    raise TypeError(f"add_special_tokens: {k} must be a token string, got {type(v).__name__}")
+                n += self.add_tokens([v], special_tokens=True)
+                setattr(self, k, v)
+            elif k in ("additional_special_tokens", "extra_special_tokens"):
+                vals = [getattr(t, "content", t) for t in (v or [])]
+                n += self.add_tokens(vals, special_tokens=True)
+                self.extra_special_tokens = (list(vals) if replace_extra_special_tokens
+                                             else list(dict.fromkeys(self.extra_special_tokens + vals)))
+            else:
+                raise ValueError(f"add_special_tokens: {k!r} is not a special token fastload keeps (bos_token, "
+                                 "eos_token, unk_token, pad_token, additional_special_tokens)")
+        return n
+
     @property
     def special_tokens_map(self) -> dict:
         """The named special tokens that are set (bos/eos/unk/pad), as transformers' special_tokens_map."""

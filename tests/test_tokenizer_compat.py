@@ -180,3 +180,18 @@ def test_named_chat_templates_chosen_by_name_or_tools(tmp_path):
         tok.apply_chat_template(chat, tokenize=False, tools=[len])
     with pytest.raises(TypeError, match="list of"):
         tok.apply_chat_template("hello", tokenize=False)
+
+
+def test_add_special_tokens_pad_for_batching(tmp_path):
+    """tok.add_special_tokens({'pad_token': '[PAD]'}) (GPT-2-style batching scripts): a new special token past the
+    vocabulary, set as the pad token, matched whole in text; add_tokens counts what is new (AttributeErrors before)."""
+    tok = make_dir(tmp_path, config={"pad_token": None})
+    n = len(tok)
+    assert tok.add_special_tokens({"pad_token": "[PAD]"}) == 1
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id == n and len(tok) == n + 1
+    enc = tok(["Hi", "Hello world! This is a test"], padding=True)
+    assert enc["input_ids"][0][-1] == n and enc["attention_mask"][0][-1] == 0
+    assert tok.add_tokens(["[PAD]", "newword"]) == 1 and tok.encode("a newword")[-1] == n + 1
+    assert tok.add_special_tokens({"additional_special_tokens": ["<x>"]}) == 1 and "<x>" in tok.all_special_tokens
+    with pytest.raises(ValueError, match="mask_token"):
+        tok.add_special_tokens({"mask_token": "<mask>"})
