@@ -306,9 +306,17 @@ class FastTokenizer:
 
     def _adds(self):
         """(bos, eos): whether encoding with special tokens adds them now (the post-processor's doing)."""
-        ids = self._tk.encode("", add_special_tokens=True).ids
-        return (bool(ids) and self.bos_token_id is not None and ids[0] == self.bos_token_id,
-                bool(ids) and self.eos_token_id is not None and ids[-1] == self.eos_token_id)
+        for text in ("a", ""):  # the special tokens around a text's own ids (bos and eos may be the same token)
+            try:
+                body = self._tk.encode(text, add_special_tokens=False).ids
+                ids = self._tk.encode(text, add_special_tokens=True).ids
+            except Exception:  # noqa: BLE001 - a vocabulary without "a" and no unk token: the empty text
+                continue
+            i = next((i for i in range(len(ids) - len(body) + 1) if ids[i:i + len(body)] == body), 0)
+            pre, post = ids[:i], ids[i + len(body):]
+            return (self.bos_token_id is not None and self.bos_token_id in pre,
+                    self.eos_token_id is not None and self.eos_token_id in post)
+        return False, False
 
     def _set_adds(self, bos=None, eos=None):
         """transformers' update_post_processor: a TemplateProcessing that adds bos and / or eos around each
