@@ -406,10 +406,35 @@ class GenerationConfig(Config):
 
     __copy__ = copy
 
+    _SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
     def validate(self, strict=False):
         """transformers' GenerationConfig.validate: the checks generate() makes of these values (types, ranges,
-        fields fastload refuses) raise here; nothing is returned. strict is accepted (every problem raises)."""
+        fields fastload refuses) raise here; nothing is returned. Sampling settings set while do_sample is not True
+        (they change nothing) are transformers' minor issues: a UserWarning, a ValueError with strict=True."""
         _resolve_settings(self, (("GenerationConfig", _explicit(self)),))
+        if not self.get("do_sample"):
+            idle = [k for k in self._SAMPLING_ONLY
+                    if k in self._set and self.get(k) is not None and self.get(k) != self.DEFAULTS.get(k)]
+            if idle:
+                msg = (f"GenerationConfig: {', '.join(f'{k}={self.get(k)!r}' for k in idle)} set while do_sample is "
+                       "not True: greedy decoding ignores them (set do_sample=True, or unset them)")
+                if strict:
+                    raise ValueError(msg)
+                warnings.warn(msg, UserWarning, stacklevel=2)
+
+    def __eq__(self, other):
+        """Equal when the same fields are set explicitly to the same values (what generate() takes from a config;
+        a field set to its default value is not equal to it unset, as in transformers 5 where unset is None)."""
+        if isinstance(other, GenerationConfig):
+            return self.to_diff_dict() == other.to_diff_dict()
+        return NotImplemented
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # a mutable dict, as before (transformers' is hashable by its JSON; fastload's is not)
 
     def __deepcopy__(self, memo):
         new = type(self).__new__(type(self))

@@ -270,3 +270,21 @@ def test_unimplemented_field_from_the_models_own_file_warns(tmp_path, case):
     assert out[0, 17:].tolist() == GREEDY_NEW[:4]  # and the model's eos still stops it
     with pytest.raises(TypeError, match="penalty_alpha"):
         m.generate(case["single_ids"], max_new_tokens=8, penalty_alpha=0.5)
+
+
+def test_validate_strict_and_equality_follow_explicit_fields():
+    """validate(): sampling settings while do_sample is not True change nothing (transformers' minor issues): a
+    warning, a ValueError with strict=True. == compares what generate() takes, the explicitly set fields: a
+    temperature of 1.0 set is not the same config as none set (transformers 5: unset is None)."""
+    import warnings as w
+    g = fastload.GenerationConfig(temperature=0.5, top_k=10)
+    with pytest.raises(ValueError, match="temperature=0.5, top_k=10 set while do_sample"):
+        g.validate(strict=True)
+    with pytest.warns(UserWarning, match="greedy decoding ignores them"):
+        g.validate()
+    with w.catch_warnings():
+        w.simplefilter("error")
+        fastload.GenerationConfig(temperature=0.5, do_sample=True).validate(strict=True)
+        fastload.GenerationConfig(temperature=1.0).validate(strict=True)  # the default value: not an issue
+    assert fastload.GenerationConfig(temperature=1.0) != fastload.GenerationConfig()
+    assert fastload.GenerationConfig(top_k=5) == fastload.GenerationConfig(top_k=5)
