@@ -60,6 +60,11 @@ def _tok_str(v, key, source):
     if v is not None and not isinstance(v, str):
         raise CheckpointError(f"{source}: {key} is {type(v).__name__}, not a token string (or a dict with a "
                               "string \"content\")")
+    if v is not None:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON allows the escape): no token can hold it
+            raise CheckpointError(f"{source}: {key} {v!r} is not valid Unicode text (a lone surrogate)") from None
     return v
 
 

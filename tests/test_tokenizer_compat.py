@@ -195,3 +195,11 @@ def test_add_special_tokens_pad_for_batching(tmp_path):
     assert tok.add_special_tokens({"additional_special_tokens": ["<x>"]}) == 1 and "<x>" in tok.all_special_tokens
     with pytest.raises(ValueError, match="mask_token"):
         tok.add_special_tokens({"mask_token": "<mask>"})
+
+
+@pytest.mark.parametrize("config", [{"pad_token": "\udcff"}, {"additional_special_tokens": ["\ud800x"]}])
+def test_special_token_with_a_lone_surrogate_is_a_checkpoint_error(tmp_path, config):
+    """A special token JSON spells with a lone surrogate escape cannot be a token: a CheckpointError naming the file
+    and key (adding the named tokens to the vocabulary raised a bare UnicodeEncodeError)."""
+    with pytest.raises(fastload.CheckpointError, match=r"tokenizer_config\.json: .* lone surrogate"):
+        make_dir(tmp_path, config=config)
