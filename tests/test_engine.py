@@ -499,6 +499,20 @@ def test_huge_declared_context_costs_no_huge_tables(tmp_path):
     assert m.engine_stats()["n_pages"] == 32
 
 
+def attention_ref(case, row, b, lo, i):
+    """Attention of q|k|v row `row` (cache row b, keys lo..i) in float64: every head, concatenated."""
+    nh, nkv, hd = case["nh"], case["nkv"], case["hd"]
+    q = case["qkv"][row, :nh * hd].reshape(nh, hd).astype(np.float64) / np.sqrt(hd)
+    k = case["kc"][b, lo:i + 1].astype(np.float64)
+    v = case["vc"][b, lo:i + 1].astype(np.float64)
+    out = []
+    for h in range(nh):
+        s = k[:, h // (nh // nkv)] @ q[h]
+        p = np.exp(s - s.max())
+        out.append((p / p.sum()) @ v[:, h // (nh // nkv)])
+    return np.concatenate(out)
+
+
 @pytest.mark.parametrize("B,nh,nkv,hd,L,shift,window", [
     (3, 9, 3, 64, 1500, 4, 0),       # the demo model's heads, rows of several chunks
     (2, 32, 8, 128, 700, 4, 300),    # Llama-3 8B's heads, sliding window
@@ -515,21 +529,13 @@ def test_cpu_decode_attention_in_key_chunks_equals_the_general_kernel(B, nh, nkv
     got = paged_attention("cpu", case, window)
     monkeypatch.setenv("FASTLOAD_CPU_ATT_GENERAL", "1")
     ref = paged_attention("cpu", case, window)
-    group = nh // nkv
     for b in range(B):
         i = int(case["starts"][b])
         lo = max(0, i - window + 1) if window else 0
         if i - lo + 1 <= 256:
             assert np.array_equal(got[b], ref[b]), b
         np.testing.assert_allclose(got[b], ref[b], rtol=0, atol=2e-6)
-        q = case["qkv"][b, :nh * hd].reshape(nh, hd).astype(np.float64) / np.sqrt(hd)
-        k = case["kc"][b, lo:i + 1].astype(np.float64)
-        v = case["vc"][b, lo:i + 1].astype(np.float64)
-        for h in range(nh):
-            s = k[:, h // group] @ q[h]
-            p = np.exp(s - s.max())
-            want = (p / p.sum()) @ v[:, h // group]
-            np.testing.assert_allclose(got[b, h * hd:(h + 1) * hd], want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got[b], attention_ref(case, b, b, lo, i), rtol=0, atol=1e-5)
 
 
 def test_cpu_decode_attention_masked_chunks():
@@ -563,19 +569,11 @@ def test_cpu_attention_groups_over_64_heads(T, nh, nkv, window):
     hd, L = 16, 40
     case = paged_case(rng, 2, T, nh, nkv, hd, L, 2)
     got = paged_attention("cpu", case, window)
-    group = nh // nkv
     for b in range(2):
         for t in range(T):
             i = int(case["starts"][b]) + t
             lo = max(0, i - window + 1) if window else 0
-            q = case["qkv"][b * T + t, :nh * hd].reshape(nh, hd).astype(np.float64) / np.sqrt(hd)
-            k = case["kc"][b, lo:i + 1].astype(np.float64)
-            v = case["vc"][b, lo:i + 1].astype(np.float64)
-            for h in range(nh):
-                s = k[:, h // group] @ q[h]
-                p = np.exp(s - s.max())
-                want = (p / p.sum()) @ v[:, h // group]
-                np.testing.assert_allclose(got[b * T + t, h * hd:(h + 1) * hd], want, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got[b * T + t], attention_ref(case, b * T + t, b, lo, i), rtol=0, atol=1e-5)
 
 
 def _long_context_model(tmp_path, **kw):
