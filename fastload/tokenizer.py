@@ -653,9 +653,9 @@ class FastTokenizer:
                     tokenizer_class="PreTrainedTokenizerFast")
         if self.truncation_side != "right":
             conf["truncation_side"] = self.truncation_side
-        for k in ("add_bos_token", "add_eos_token"):
-            if getattr(self, k) is not None:
-                conf[k] = bool(getattr(self, k))
+        for k, v in (("add_bos_token", self._add_bos), ("add_eos_token", self._add_eos)):
+            if v is not None:  # known (tokenizer_config.json's, or set): the getters infer a value otherwise
+                conf[k] = bool(v)
         written = []
         config_path = os.path.join(save_directory, pre + "tokenizer_config.json")
         special_path = os.path.join(save_directory, pre + "special_tokens_map.json")
