@@ -114,14 +114,9 @@ def max_cpu_threads() -> int:
 def check_threads(v, where: str) -> int:
     """A thread count as given to from_pretrained(threads=) / FASTLOAD_THREADS / --threads: 0 (all cores, the
     default) or 1 .. max_cpu_threads(); anything else raises naming `where`."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        try:
-            import numpy as np
-            ok = isinstance(v, np.integer)
-        except ImportError:
-            ok = False
-        if not ok:
-            raise TypeError(f"{where}={v!r} must be an integer (0: all cores)")
+    import numpy as np
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{where}={v!r} must be an integer (0: all cores)")
     v, cap = int(v), max_cpu_threads()
     if not 0 <= v <= cap:
         raise ValueError(f"{where}={v} is out of range: use 1 .. {cap} CPU threads, or 0 for all cores")

@@ -1501,21 +1501,22 @@ class FastModelForCausalLM:
     def _generate(self, input_ids, attention_mask, generation_config, streamer, inputs, kwargs):
         if input_ids is None:
             input_ids = inputs
+        kwargs = dict(kwargs)
+        tokenizer = kwargs.pop("tokenizer", None)
+        position_ids = kwargs.pop("position_ids", None)
+        gcm, r = self._gen_settings(generation_config, kwargs)
         if input_ids is None:  # unconditional generation starts from the bos token (transformers)
-            bos = self._gen_settings(generation_config, kwargs)[0].get("bos_token_id")
+            bos = gcm.get("bos_token_id")
             bos = bos[0] if isinstance(bos, (list, tuple)) and bos else bos
             if bos is None:
                 raise ValueError("generate needs input_ids (or a bos_token_id to start from)")
             input_ids = np.array([[int(bos)]], dtype=np.int64)
-        kwargs = dict(kwargs)
-        tokenizer = kwargs.pop("tokenizer", None)
-        _check_position_ids(kwargs.pop("position_ids", None), input_ids, attention_mask)
+        _check_position_ids(position_ids, input_ids, attention_mask)
         like_torch = is_torch(input_ids)
         ids = _ids2d(input_ids, "input_ids")
         mask = _ids2d(attention_mask, "attention_mask")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
-        gcm, r = self._gen_settings(generation_config, kwargs)
         eos = r["eos_token_id"]
         if mask is None and r["pad_token_id"] is not None and r["pad_token_id"] not in eos \
                 and (ids == r["pad_token_id"]).any():
