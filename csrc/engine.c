@@ -340,6 +340,17 @@ static void preempt(fl_engine *e, fl_request *r) {
     e->st.preemptions++;
 }
 
+/* Where a request in RQ_PREFILL stops reading tokens as a prompt: its prompt, or, read again after a preemption with
+ * preempt_recompute, its prompt and the tokens it had generated. In replay mode (the default) the generated tokens
+ * are then fed one a decode step (their tokens known: nothing is sampled or taken until the last one is in the cache),
+ * so their keys and values are computed by the decode kernels that computed them the first time: the same bits, and
+ * the request goes on as if it had never been preempted. */
+static int read_end(const fl_engine *e, const fl_request *r) {
+    return r->n_prompt + (e->cfg.preempt_recompute ? r->n_out : 0);
+}
+/* A decode row whose input token is not the last one (a preempted request feeding its generated tokens again). */
+static int replaying(const fl_request *r) { return r->n_cached + 1 < r->n_prompt + r->n_out; }
+
 /* A page for slot `slot` of r (held pages cover [0, n_pages * page)); when the pool is dry, preempt the
  * newest running request other than r, then r itself if it is the newest. Returns 0 with the page held,
  * -1 if r was preempted, -2 if r alone cannot fit (the caller fails it). Under mu. */
@@ -462,10 +473,11 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
     for (int i = B * T; i < n; i++) in[i] = in[n + i] = 0; /* padding rows: token 0 at slot 0 of the null page */
     for (int b = B; b < rows; b++) in[2 * n + b] = 0;
     /* dynamic NTK rope, prefill: a row's rope length is its whole prompt (+ the tokens it had generated, when it was
-     * preempted), the same for every chunk, as transformers reads a prompt in one forward; decode steps leave it to
+     * preempted in recompute mode), the same for every chunk, as transformers reads a prompt in one forward; decode
+     * steps (a replayed token's too) leave it to
      * the token's position + 1 (dyn.len_d NULL) */
     const int dyn_len = T > 1 && m->cfg.rope_type == FL_ROPE_DYNAMIC;
-    for (int b = 0; dyn_len && b < rows; b++) in[2 * n + rows + b] = b < B ? rq[b]->n_prompt + rq[b]->n_out : 0;
+    for (int b = 0; dyn_len && b < rows; b++) in[2 * n + rows + b] = b < B ? read_end(e, rq[b]) : 0;
     FL_TRY(fl_model_reserve(m, n, rows));
     const int32_t *in_d = be->host_memory ? e->h_in : e->d_in, *btab_d = NULL;
     if (!be->host_memory) FL_TRY(be->to_backend(be, e->d_in, in, (size_t)(2 * n + (dyn_len ? 2 : 1) * rows) * 4));
@@ -755,7 +767,8 @@ static int la_quiet(const fl_engine *e, fl_request *const *rq, int B) {
     if (!e->la_on || B < 1 || e->wait_head || e->fwd_head || e->fwd_running || e->n_run != B) return 0;
     for (int b = 0; b < B; b++) {
         const fl_request *r = rq[b];
-        if (r->state != RQ_DECODE || __atomic_load_n(&r->cancel, __ATOMIC_RELAXED) || !plain_greedy(r)) return 0;
+        if (r->state != RQ_DECODE || __atomic_load_n(&r->cancel, __ATOMIC_RELAXED) || !plain_greedy(r) || replaying(r))
+            return 0;
     }
     return 1;
 }
@@ -894,8 +907,8 @@ int fl_engine_step(fl_engine *e) {
         e->h_tok[b] = r->toks[r->n_cached];
         e->h_pos[b] = r->n_cached;
         e->h_starts[b] = r->n_cached;
-        e->h_greedy[b] = (uint8_t)plain_greedy(r);
-        e->h_need[b] = 1;
+        e->h_need[b] = !replaying(r);
+        e->h_greedy[b] = (uint8_t)(plain_greedy(r) || !e->h_need[b]); /* a replayed row's logits stay on the device */
     }
     /* nothing else queued: this step's tokens are read by the next call, after it launched the step after it */
     const int async = la_quiet(e, e->rows, B);
@@ -931,6 +944,7 @@ int fl_engine_step(fl_engine *e) {
                 fl_request *r = e->rows[b];
                 if (r->state != RQ_DECODE) continue; /* cancelled meanwhile: finish() ran */
                 r->n_cached++;
+                if (r->n_cached < r->n_prompt + r->n_out) { e->st.replayed_tokens++; continue; } /* known already */
                 take_token(e, r, e->h_next[b]);
             }
         }
@@ -944,13 +958,13 @@ int fl_engine_step(fl_engine *e) {
     for (int i = 0; i < e->n_run && np < e->cfg.max_batch; i++) {
         fl_request *r = e->run[i];
         if (r->state != RQ_PREFILL) continue;
-        const int n_total = r->n_prompt + r->n_out;
+        const int n_total = read_end(e, r);
         if (r->n_cached == 0 && r->n_pages == 0 && !e->cfg.no_prefix_cache) {
             /* a request that starts with the same page as one already chosen waits a step, to share it then */
             int twin = 0;
             for (int k = 0; k < np && !twin; k++) {
                 const fl_request *o = e->prows[k];
-                twin = o->n_pages == 0 && e->pc0[k] == 0 && n_total > page && o->n_prompt + o->n_out > page &&
+                twin = o->n_pages == 0 && e->pc0[k] == 0 && n_total > page && read_end(e, o) > page &&
                        !memcmp(o->toks, r->toks, (size_t)page * 4);
             }
             if (twin) continue;
@@ -1009,8 +1023,9 @@ int fl_engine_step(fl_engine *e) {
             e->h_pos[k * T + j] = c0 + j;
         }
         e->h_starts[k] = c0;
-        e->h_greedy[k] = (uint8_t)plain_greedy(r);
-        e->h_need[k] = c0 + t == r->n_prompt + r->n_out; /* the chunk that ends the prompt gives the first token */
+        /* the chunk that ends the prompt gives the first token (not one that ends a replayed request's prompt) */
+        e->h_need[k] = c0 + t == r->n_prompt + r->n_out;
+        e->h_greedy[k] = (uint8_t)(plain_greedy(r) || !e->h_need[k]);
         e->plast[k] = t - 1;
     }
     pthread_mutex_unlock(&e->mu);
@@ -1028,9 +1043,9 @@ int fl_engine_step(fl_engine *e) {
                     if (!table_insert(P, r->pages[j], parent, r->toks + (size_t)j * page)) break;
                     r->n_reg++;
                 }
-                if (r->n_cached == r->n_prompt + r->n_out) {
+                if (r->n_cached == read_end(e, r)) {
                     r->state = RQ_DECODE;
-                    take_token(e, r, e->h_next[k]);
+                    if (r->n_cached == r->n_prompt + r->n_out) take_token(e, r, e->h_next[k]);
                 }
             }
         }

@@ -61,6 +61,11 @@ typedef struct {
     int no_prefix_cache;  /* 1: no prompt page is shared or kept (each request reads its whole prompt) */
     int kv_f16;           /* 1: keys and values (the pool's and forwards') stored as float16 (CPU backend only:
                            * fl_kv_dtype_ok); 0: in the backend's activation dtype */
+    int preempt_recompute;/* a preempted request, read again: 0 (replay, the default) reads its prompt and then feeds
+                           * the tokens it had generated through decode steps, so their keys and values are the same
+                           * bits as before (the same kernels); 1 (recompute) reads prompt + generated tokens as one
+                           * prompt (fewer steps; other matmul kernels, which round differently: a greedy answer can
+                           * then flip in a near-tie) */
 } fl_engine_cfg;
 
 /* kick(ud, e): called (without the engine's lock) when a request arrives and no driver runs; it
@@ -150,6 +155,7 @@ typedef struct {
     uint64_t forward_kv_peak;/* bytes of the largest transient KV cache a forward made (freed after it) */
     uint64_t pipelined_steps;/* decode steps launched before the tokens of the step before them were read */
     uint64_t wasted_rows;    /* rows such a step computed for a request that had ended meanwhile (dropped) */
+    uint64_t replayed_tokens;/* decode rows that recomputed a preempted request's generated tokens (replay mode) */
 } fl_engine_stats;
 void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s);
 

@@ -31,6 +31,12 @@ Settings, at from_pretrained or later with model.configure_engine():
                     A request that reuses another's pages skips computing them; its own part is computed over fewer
                     rows, which on the CPU can round differently (other kernels), so a greedy answer can differ in
                     a near-tie from the same request without sharing, as with vLLM's prefix caching.
+  preemption_mode   what a request preempted by a dry pool does when it is read again (vLLM's name):
+                    "replay" (default; FASTLOAD_PREEMPTION_MODE): its prompt as a prompt, then the tokens it had
+                    generated fed one a decode step, so their keys and values are computed by the same kernels as the
+                    first time: the same bits, and the answer the request gives alone. "recompute": prompt and
+                    generated tokens read as one prompt (a chunk a step instead of a step a token: sooner back, but
+                    other matmul kernels round differently, so a greedy answer can flip in a near-tie, as in vLLM).
   engine            False: one request at a time (max_num_seqs 1, in order of arrival), each alone through the same
                     loop; also FASTLOAD_ENGINE=0. There is no other generation loop: the engine is the one loop
                     of both backends (the pre-engine one-call loops, generate.c and generate_cuda.cu, were removed).
@@ -44,7 +50,8 @@ import numpy as np
 from . import config as cfgmod
 
 ENGINE_KEYS = ("kv_cache_memory", "max_num_seqs", "max_queue", "engine", "prefill_chunk", "kv_page_tokens",
-               "prefix_caching", "kv_cache_dtype")
+               "prefix_caching", "kv_cache_dtype", "preemption_mode")
+PREEMPTION_MODES = ("replay", "recompute")
 KV_DTYPES = {"auto": "auto", "float16": "float16", "fp16": "float16", "half": "float16", "float32": "float32",
              "fp32": "float32", "float": "float32"}
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -52,7 +59,7 @@ _M64 = (1 << 64) - 1
 
 
 def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None, prefill_chunk=None,
-            kv_page_tokens=None, prefix_caching=None, kv_cache_dtype=None) -> dict:
+            kv_page_tokens=None, prefix_caching=None, kv_cache_dtype=None, preemption_mode=None) -> dict:
     """Check and normalise the engine settings (from_pretrained / configure_engine arguments)."""
     if kv_cache_dtype is None:
         kv_cache_dtype = cfgmod.env("FASTLOAD_KV_CACHE_DTYPE") or "auto"
@@ -60,6 +67,12 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
     if name not in KV_DTYPES:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: one of 'auto', 'float16' (the CPU backend), 'float32'")
     kv_cache_dtype = KV_DTYPES[name]
+    if preemption_mode is None:
+        preemption_mode = cfgmod.env("FASTLOAD_PREEMPTION_MODE") or "replay"
+    if not isinstance(preemption_mode, str) or preemption_mode.strip().lower() not in PREEMPTION_MODES:
+        raise ValueError(f"preemption_mode={preemption_mode!r}: one of 'replay' (default: a preempted request's "
+                         "tokens are the same as alone), 'recompute'")
+    preemption_mode = preemption_mode.strip().lower()
     if engine is None:
         env = cfgmod.env("FASTLOAD_ENGINE")
         engine = True if env is None else env.strip().lower() not in ("0", "false", "no", "off")
@@ -82,7 +95,7 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
         raise ValueError(f"kv_page_tokens={kv_page_tokens} must be a power of two")
     return {"engine": bool(engine), "kv_cache_memory": kv_cache_memory, "max_num_seqs": max_num_seqs,
             "max_queue": max_queue or 0, "prefill_chunk": prefill_chunk, "kv_page_tokens": kv_page_tokens or 16,
-            "prefix_caching": bool(prefix_caching), "kv_cache_dtype": kv_cache_dtype}
+            "prefix_caching": bool(prefix_caching), "kv_cache_dtype": kv_cache_dtype, "preemption_mode": preemption_mode}
 
 
 def kv_dtype(model, opts) -> str:
@@ -188,7 +201,8 @@ class Engine:
                                             max_waiting=self.opts["max_queue"],
                                             max_context=context_length(m),
                                             prefix_caching=self.opts["prefix_caching"],
-                                            kv_f16=kv_f16(m, self.opts))
+                                            kv_f16=kv_f16(m, self.opts),
+                                            preempt_recompute=self.opts["preemption_mode"] == "recompute")
                     self._started = True
                 if pool and not self._pooled:
                     self._core.engine_pool(pool_bytes(m, self.opts))

@@ -1832,8 +1832,8 @@ class FastModelForCausalLM:
 
     def configure_engine(self, **kwargs):
         """Change the engine settings (fastload/engine.py: kv_cache_memory, max_num_seqs, max_queue, engine,
-        prefill_chunk, kv_page_tokens, prefix_caching, kv_cache_dtype). Takes effect at once when no request is
-        running: the pool is freed and made again at the next generate."""
+        prefill_chunk, kv_page_tokens, prefix_caching, kv_cache_dtype, preemption_mode). Takes effect at once when no
+        request is running: the pool is freed and made again at the next generate."""
         unknown = sorted(set(kwargs) - set(enginemod.ENGINE_KEYS))
         if unknown:
             raise TypeError(f"configure_engine: unknown setting(s) {unknown}; known: {list(enginemod.ENGINE_KEYS)}")
@@ -1849,7 +1849,8 @@ class FastModelForCausalLM:
         """The engine's counters (None before the first generate or forward): pool pages (n_pages, page_tokens,
         pages_used, pages_cached: prompt pages kept for reuse; 0 until the first generate makes the pool), requests
         waiting / running, steps, decode_rows, prefill_tokens, prefix_hit_tokens (prompt tokens taken from shared
-        pages), preemptions, peaks; forwards_waiting / forwards_running, forwards (run to the end), forward_tokens,
+        pages), preemptions, replayed_tokens (decode rows that fed a preempted request's generated tokens again),
+        peaks; forwards_waiting / forwards_running, forwards (run to the end), forward_tokens,
         forward_chunks (their passes: one, or one a chunk for a forward longer than prefill_chunk) and forward_kv_peak
         (bytes of the largest transient KV cache a forward had); pipelined_steps (decode steps launched before the
         tokens of the step before were read) and wasted_rows (rows such a step computed for a request that had just

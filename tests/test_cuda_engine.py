@@ -233,6 +233,27 @@ def test_engine_memory_returns_to_idle(gold):
     assert ms["kv_cache_pool"] > 0 and ms["kv_cache_pool_used"] == 0
 
 
+@pytest.mark.parametrize("mode", ["replay", "recompute"])
+def test_small_pool_preempts_and_keeps_greedy_outputs(gold, mode):
+    """A pool of 14 pages of 4 tokens for 6 requests of up to 16 + 12 tokens: the newest are preempted and read
+    again, replayed through graph-replayed decode steps (their rows take the device argmax, which is dropped) or
+    recomputed as prompts; every request's tokens equal the one-call path."""
+    _, legacy = gold
+    c = legacy.config
+    page = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    m = _load(kv_cache_memory=page * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16, preemption_mode=mode)
+    rng = np.random.default_rng(5)
+    ps = [rng.integers(3, 500, size=int(rng.integers(8, 16))).astype(np.int64) for _ in range(6)]
+    ref = [_gen(legacy, p, 12) for p in ps]
+    with ThreadPoolExecutor(len(ps)) as ex:
+        out = list(ex.map(lambda p: _gen(m, p, 12), ps))
+    bad = [i for i in range(len(ps)) if not np.array_equal(out[i], ref[i])]
+    assert not bad, [(list(out[i]), list(ref[i])) for i in bad[:3]]
+    st = m.engine_stats()
+    assert st["preemptions"] > 0 and st["pages_used"] == 0, st
+    assert (st["replayed_tokens"] > 0) == (mode == "replay"), st
+
+
 def test_pool_larger_than_the_device_is_a_memory_error():
     m = _load("bfloat16", kv_cache_memory=2 * fastload.cuda.get_device_properties(0).total_memory)
     with pytest.raises(MemoryError, match="KV cache pool"):

@@ -158,6 +158,41 @@ def test_small_pool_preempts_and_keeps_outputs():
     assert st["pages_used"] == 0
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_preempted_request_is_replayed_bit_for_bit(sample):
+    """A dry pool preempts the newest requests; read again (preemption_mode="replay", the default), each feeds the
+    tokens it had generated through decode steps, so the keys and values are the same bits as before and the logits
+    of every later token equal those of the request alone, bit for bit, greedy or sampled with a seed (recompute
+    reads them as a prompt: other matmul kernels, logits ~1e-6 apart)."""
+    m = load(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16)
+    ps = prompts(6, seed=5, lo=8, hi=16)
+    kw = dict(max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True, output_logits=True)
+    if sample:
+        kw.update(do_sample=True, temperature=0.8, top_k=0, seed=11)
+    if not _legacy:
+        _legacy.append(load(engine=False))
+    ref = [_legacy[0].generate(p[None], **kw) for p in ps]
+    with ThreadPoolExecutor(len(ps)) as ex:
+        outs = list(ex.map(lambda p: m.generate(p[None], **kw), ps))
+    st = m.engine_stats()
+    assert st["preemptions"] > 0 and st["replayed_tokens"] > 0 and st["pages_used"] == 0, st
+    for i, (a, b) in enumerate(zip(ref, outs)):
+        assert np.array_equal(a.sequences, b.sequences), i
+        assert len(a.logits) == len(b.logits) == 12
+        for t, (x, y) in enumerate(zip(a.logits, b.logits)):
+            assert np.array_equal(x, y), f"request {i}, token {t}: logits differ by {np.abs(x - y).max()}"
+
+
+def test_preemption_mode_recompute_reads_generated_tokens_as_a_prompt():
+    m = load(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16,
+             preemption_mode="recompute")
+    threads_equal_alone(m, prompts(6, seed=5, lo=8, hi=16), max_new_tokens=12, eos_token_id=[])
+    st = m.engine_stats()
+    assert st["preemptions"] > 0 and st["replayed_tokens"] == 0 and st["pages_used"] == 0, st
+    with pytest.raises(ValueError, match="preemption_mode"):
+        load(preemption_mode="swap")
+
+
 def test_pool_serves_requests_by_tokens_not_max_new_tokens():
     """8 requests each allowed 4096 new tokens stop at eos after a few: a pool far smaller than 8 x 4096 tokens
     serves them all at once, and holds only their real tokens."""

@@ -804,16 +804,18 @@ static PyObject *model_export(FlPyModel *self, PyObject *args) {
 
 /* ---- the engine (csrc/engine.h): many callers, continuous batching, paged KV cache ---------------------------- */
 /* engine_start(kv_bytes, page_tokens=16, max_batch=64, prefill_chunk=512, max_waiting=0, max_context=0,
- * prefix_caching=True, kv_f16=False): kv_bytes 0 starts it without a KV pool (forwards only, until engine_pool);
- * kv_f16: keys and values kept as float16 (CPU backend) */
+ * prefix_caching=True, kv_f16=False, preempt_recompute=False): kv_bytes 0 starts it without a KV pool (forwards only,
+ * until engine_pool); kv_f16: keys and values kept as float16 (CPU backend); preempt_recompute: a preempted request
+ * is read again as one prompt (else its generated tokens are replayed through decode steps: fl_engine_cfg) */
 static PyObject *model_engine_start(FlPyModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"kv_bytes", "page_tokens", "max_batch", "prefill_chunk", "max_waiting", "max_context",
-                             "prefix_caching", "kv_f16", NULL};
+                             "prefix_caching", "kv_f16", "preempt_recompute", NULL};
     fl_engine_cfg cfg = {0};
     unsigned long long kvb = 0;
     int prefix = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiiipp", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
-                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context, &prefix, &cfg.kv_f16))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|iiiiippp", kwlist, &kvb, &cfg.page_tokens, &cfg.max_batch,
+                                     &cfg.prefill_chunk, &cfg.max_waiting, &cfg.max_context, &prefix, &cfg.kv_f16,
+                                     &cfg.preempt_recompute))
         return NULL;
     cfg.no_prefix_cache = !prefix;
     cfg.kv_bytes = kvb;
@@ -1048,7 +1050,7 @@ static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {
     if (!self->eng) Py_RETURN_NONE;
     fl_engine_stats s;
     fl_engine_get_stats(self->eng, &s);
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:O}", "n_pages", s.n_pages,
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:i,s:i,s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:O}", "n_pages", s.n_pages,
                          "page_tokens", s.page_tokens, "pages_used", s.pages_used, "pages_cached", s.pages_cached,
                          "pool_bytes", (unsigned long long)s.pool_bytes, "waiting", s.waiting, "running", s.running,
                          "steps", (unsigned long long)s.steps, "decode_rows", (unsigned long long)s.decode_rows,
@@ -1060,7 +1062,8 @@ static PyObject *model_engine_stats(FlPyModel *self, PyObject *noargs) {
                          "forward_chunks", (unsigned long long)s.forward_chunks,
                          "forward_kv_peak", (unsigned long long)s.forward_kv_peak,
                          "pipelined_steps", (unsigned long long)s.pipelined_steps,
-                         "wasted_rows", (unsigned long long)s.wasted_rows, "pool_huge_pages", s.pool_huge ? Py_True : Py_False);
+                         "wasted_rows", (unsigned long long)s.wasted_rows,
+                         "replayed_tokens", (unsigned long long)s.replayed_tokens, "pool_huge_pages", s.pool_huge ? Py_True : Py_False);
 }
 
 static PyMethodDef model_methods[] = {
