@@ -25,6 +25,10 @@ Scenarios (each prints its figures next to what it is compared with):
           each --forward_chunks setting of prefill_chunk (65536: the forward in one pass, as before 2026-12-04):
           the request's longest gap between two tokens during the forward against its median gap alone, and the
           forward's time against its time alone.
+  preempt requests from threads in a pool holding about half of their tokens, so the newest are preempted and read
+          again, under each preemption_mode (replay: the generated tokens fed back through decode steps; recompute:
+          read as a prompt): wall time, preemptions, replayed tokens, and how many greedy answers differ from the
+          same request alone (replay: none by construction; recompute: near-ties may flip).
 No figure is asserted; the JSON records them with the device, date and commit."""
 import argparse
 import json
@@ -216,6 +220,32 @@ def scenario_prefix(m, rng, V, args, res):
           flush=True)
 
 
+def scenario_preempt(m, rng, V, args, res):
+    n, P, G = args.preempt_requests, args.preempt_prompt, args.preempt_tokens
+    ps = [ids_for(rng, V, P) for _ in range(n)]
+    m.configure_engine(prefix_caching=False)  # every request reads its own prompt: the pool holds what is said below
+    alone = [gen(m, p, G)[0, P:] for p in ps]
+    per_tok = m.memory_stats()["kv_cache_bytes_per_token"]
+    pool = per_tok * n * (P + G) // 2
+    out = {"requests": n, "prompt_tokens": P, "new_tokens": G, "pool_tokens": pool // per_tok, "modes": {}}
+    for mode in ("replay", "recompute"):
+        m.configure_engine(kv_cache_memory=int(pool), preemption_mode=mode, prefix_caching=False)
+        gen(m, ps[0], 2)  # the pool
+        with ThreadPoolExecutor(n) as ex:
+            got, wall = timed(lambda: list(ex.map(lambda p: gen(m, p, G)[0, P:], ps)))
+        st = m.engine_stats()
+        differ = sum(not np.array_equal(a, b) for a, b in zip(alone, got))
+        row = {"wall_s": wall, "tok_s": n * G / wall, "preemptions": st["preemptions"],
+               "replayed_tokens": st["replayed_tokens"], "prefill_tokens": st["prefill_tokens"],
+               "answers_differing_from_alone": differ}
+        out["modes"][mode] = row
+        print(f"{n} requests x ({P} + {G}) tokens in a pool of {out['pool_tokens']} tokens, preemption_mode={mode}: "
+              f"{wall:.2f} s, {row['tok_s']:.1f} tok/s; {row['preemptions']} preemptions, {row['replayed_tokens']} "
+              f"replayed tokens; {differ} of {n} greedy answers differ from alone", flush=True)
+    m.configure_engine(kv_cache_memory=args.kv_cache_memory_kw, preemption_mode=None, prefix_caching=None)
+    res["preempt"] = out
+
+
 def scenario_forward(m, rng, V, args, res):
     """A decoding request's token gaps while a forward of args.forward_tokens runs, per prefill_chunk setting."""
     core_of = lambda: m._engine_handle().core()
@@ -280,6 +310,9 @@ def main():
     ap.add_argument("--kv_cache_memory", type=float, default=None)
     ap.add_argument("--forward_tokens", type=int, default=4096)
     ap.add_argument("--forward_chunks", default="65536,2048,512")
+    ap.add_argument("--preempt_requests", type=int, default=16)
+    ap.add_argument("--preempt_prompt", type=int, default=64)
+    ap.add_argument("--preempt_tokens", type=int, default=128)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import fastload
@@ -287,6 +320,7 @@ def main():
     kw = {}
     if args.kv_cache_memory is not None:
         kw["kv_cache_memory"] = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else args.kv_cache_memory
+    args.kv_cache_memory_kw = kw.get("kv_cache_memory")
     m = fastload.AutoModelForCausalLM.from_pretrained(args.model, device_map=args.device, torch_dtype=args.dtype, **kw)
     want = args.scenarios.split(",")
     V = m.config.vocab_size
@@ -307,6 +341,8 @@ def main():
             scenario_prefix(m, rng, V, args, res)
         elif s == "forward":
             scenario_forward(m, rng, V, args, res)
+        elif s == "preempt":
+            scenario_preempt(m, rng, V, args, res)
         else:
             raise SystemExit(f"unknown scenario {s}")
         print(f"  ({s}: {time.perf_counter() - t0:.1f} s)", flush=True)

@@ -428,13 +428,21 @@ static const int AWQ_NIBBLE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 static const char *pk_name(const fl_packed_src *p) { return p->packing == FL_PACK_AWQ ? "AWQ" : "GPTQ"; }
 
-/* The zero point of group g, output row r, with the GPTQ v1 offset added. */
+/* The zero point of group g, output row r, with the GPTQ v1 offset added. v1 stores zero - 1 in each field, and its
+ * writers make a zero of 0 wrap: GPTQModel subtracts 0x11111111 (4 bits) / 0x01010101 (8 bits) from the whole int32,
+ * so the field reads 2^bits - 1 and borrows one from the field above; AutoGPTQ stores 2^bits - 1 in it. GPTQModel's
+ * reader, which transformers and optimum load v1 files through (convert_gptq_v1_to_v2_format_module), adds the same
+ * constant back to the whole word: so does this, which gives back every zero either writer had (a field of 2^bits - 1
+ * reads 0, carrying into the field above; the top field's carry leaves the word). A per-field + 1 read such a zero
+ * as 2^bits and the field above it one too low: silently wrong weights (~13% of asymmetric v1 checkpoints' groups
+ * hold a zero of 0, by GPTQModel's own count). */
 static inline int packed_zero(const fl_packed_src *p, int64_t g, int64_t r) {
     const int per = 32 / p->bits;
-    const uint32_t word = ld32(p->qzeros, (size_t)(g * (p->rows / per) + r / per));
+    const uint32_t mask = (1u << p->bits) - 1;
+    uint32_t word = ld32(p->qzeros, (size_t)(g * (p->rows / per) + r / per));
+    if (p->packing == FL_PACK_GPTQ && p->zero_offset) word += (uint32_t)p->zero_offset * (0xFFFFFFFFu / mask); /* 1 a field */
     const int pos = p->packing == FL_PACK_AWQ ? AWQ_NIBBLE[r % 8] : (int)(r % per);
-    const int z = (int)((word >> (pos * p->bits)) & ((1u << p->bits) - 1));
-    return z + (p->packing == FL_PACK_GPTQ ? p->zero_offset : 0);
+    return (int)((word >> (pos * p->bits)) & mask);
 }
 
 /* The group size actually used: the whole row for -1 (or a group wider than the row: one group). */

@@ -30,9 +30,11 @@ GPTQ (AutoGPTQ, GPTQModel, transformers + optimum; one linear layer, W[out_featu
   xmin = -xmax when xmin < 0; both 0 -> -1, +1; scale = (xmax - xmin) / maxq; zero = (maxq + 1) / 2 =
   2^(bits-1) when sym else round(-xmin / scale); q = clamp(round(x / scale) + zero, 0, maxq).
   group_size -1 means one group of in_features (qlinear_cuda.py: `group_size if group_size != -1 else infeatures`).
-  The v1 format cannot store zero 0 (zero - 1 = -1 wraps into the neighbouring fields when or-ed into
-  the word; GPTQModel's comment in convert_gptq_v1_to_v2_format_module calls this the ~13% overflow of
-  sym=False v1 checkpoints): the v1 fixtures keep every zero >= 1, which is still a valid quantisation.
+  A zero of 0 does not fit v1's zero - 1 (GPTQModel's comment in convert_gptq_v1_to_v2_format_module: the
+  ~13% overflow of sym=False v1 checkpoints): GPTQModel writes v1 by subtracting 0x11111111 / 0x01010101
+  from each whole int32 (convert_gptq_v2_to_v1_format_module), so such a field holds 2^bits - 1 and the
+  field above it one less; its reader adds the word back and recovers every zero. The v1 fixtures are
+  written that way (zeros of 0 included) and read back by the word addition (csrc/quant.c packed_zero).
   config.json quantization_config keys:
     older AutoGPTQ (and many published checkpoints): no checkpoint_format, "is_marlin_format": false instead
       (AutoGPTQ config.py from_quant_config still reads is_marlin_format; a missing checkpoint_format means "gptq").
@@ -192,8 +194,6 @@ def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offs
             zero = np.full(out_f, (maxq + 1) // 2, np.int64)
         else:
             zero = np.rint(-xmin / scale).astype(np.int64)
-            if zero_offset:
-                zero = np.maximum(zero, 1)  # v1 cannot store zero 0 (module docstring)
         s16 = _f16(scale)
         s16[s16 == 0] = np.float16(6e-5)
         s = s16.astype(F32)
@@ -203,14 +203,19 @@ def gptq_quantize(W, bits=4, group_size=128, sym=True, desc_act=False, zero_offs
     return {"codes": codes, "zeros": zeros, "scales": scales, "g_idx": g_idx}
 
 
+def v1_word(bits):
+    """What GPTQ v1 subtracts from (writing) and adds to (reading) each int32 of qzeros: 1 in every field."""
+    return np.uint32(0xFFFFFFFF // ((1 << bits) - 1))
+
+
 def gptq_pack(codes, zeros, scales, g_idx, bits=4, zero_offset=1):
-    """Checkpoint tensors from codes [out, in] and true zeros [n_groups, out]."""
+    """Checkpoint tensors from codes [out, in] and true zeros [n_groups, out]; v1 (zero_offset 1) as GPTQModel
+    writes it: the zeros packed, then zero_offset x v1_word(bits) subtracted from each whole word (mod 2^32)."""
     _check_bits(bits)
-    stored = np.asarray(zeros) - zero_offset
-    if stored.min(initial=0) < 0:
-        raise ValueError("a zero point of 0 cannot be stored with zero_offset 1 (the v1 format)")
+    qz = _pack_fields(np.asarray(zeros), bits, axis=1).view(np.uint32)
+    qz = (qz - np.uint32(zero_offset) * v1_word(bits)).astype(np.uint32)
     return {"qweight": _pack_fields(np.asarray(codes).T, bits, axis=0),
-            "qzeros": _pack_fields(stored, bits, axis=1),
+            "qzeros": qz.view(np.int32),
             "scales": np.asarray(scales, np.float16),
             "g_idx": np.asarray(g_idx, np.int32)}
 
@@ -218,7 +223,8 @@ def gptq_pack(codes, zeros, scales, g_idx, bits=4, zero_offset=1):
 def gptq_unpack(qweight, qzeros, bits=4, zero_offset=1):
     """(codes [out, in], true zeros [n_groups, out]) from the packed tensors."""
     codes = _unpack_fields(qweight, bits, axis=0).T
-    zeros = _unpack_fields(qzeros, bits, axis=1) + zero_offset
+    qz = (np.asarray(qzeros).view(np.uint32) + np.uint32(zero_offset) * v1_word(bits)).astype(np.uint32)
+    zeros = _unpack_fields(qz.view(np.int32), bits, axis=1)
     return np.ascontiguousarray(codes), zeros
 
 

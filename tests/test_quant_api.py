@@ -483,13 +483,13 @@ def quantise_packed(w, method, bits, group, act_order=False, zero_offset=1, seed
         lo, hi = np.minimum(blk.min(1), 0), np.maximum(blk.max(1), 0)
         s = np.maximum((hi - lo) / top, 1e-4).astype(np.float16)
         z = np.clip(np.round(-lo / s.astype(np.float32)), 0, top).astype(np.int64)
-        if method == "gptq" and zero_offset == 1:
-            z = np.maximum(z, 1)  # v1 stores zero - 1, which must not go below 0
         scales[k], zeros[k] = s, z
         q[cols] = np.clip(np.round(blk / s.astype(np.float32)[:, None]) + z[:, None], 0, top).T
     deq = (scales.astype(np.float32)[g_idx].T * (q.T - zeros[g_idx].T)).astype(np.float32)
     if method == "gptq":
-        t = {"qweight": _pack_rows(q, bits), "qzeros": _pack_cols(zeros - zero_offset, bits), "scales": scales,
+        # v1 as GPTQModel writes it: 1 subtracted from every field of each whole word (a zero of 0 borrows)
+        qz = _pack_cols(zeros, bits).view(np.uint32) - np.uint32(zero_offset * (0xFFFFFFFF // (2 ** bits - 1)))
+        t = {"qweight": _pack_rows(q, bits), "qzeros": qz.astype(np.uint32).view(np.int32), "scales": scales,
              "g_idx": g_idx.astype(np.int32)}
     else:
         t = {"qweight": _pack_cols(q, 4, AWQ_ORDER), "qzeros": _pack_cols(zeros, 4, AWQ_ORDER), "scales": scales}

@@ -316,9 +316,10 @@ def pack_gptq(q, z, s, bits, v1=True):
     qweight = np.zeros((qt.shape[0] // per, qt.shape[1]), np.uint32)
     for k in range(per):
         qweight |= qt[k::per] << np.uint32(bits * k)
-    zs = (z - 1) if v1 else z
-    zs = zs & ((1 << bits) - 1)  # v1 stores zero - 1 in `bits` bits (a zero of 0 wraps, as AutoGPTQ's mask reads it)
-    return qweight.view(np.int32), pack_cols(zs, bits), s.astype(np.float16)
+    qz = pack_cols(z, bits).view(np.uint32)
+    if v1:  # zero - 1 in every field, as GPTQModel writes v1: one subtraction from each whole word (0 borrows)
+        qz = (qz - np.uint32(0xFFFFFFFF // ((1 << bits) - 1))).astype(np.uint32)
+    return qweight.view(np.int32), qz.view(np.int32), s.astype(np.float16)
 
 
 def pack_awq(q, z, s):
@@ -339,7 +340,7 @@ def random_quant(rng, rows, cols, bits, group, sym=False, g_idx=None, z=None):
     ng = cols // gs
     q = rng.integers(0, 1 << bits, size=(rows, cols))
     if z is None:
-        z = np.full((ng, rows), 1 << (bits - 1)) if sym else rng.integers(1, 1 << bits, size=(ng, rows))
+        z = np.full((ng, rows), 1 << (bits - 1)) if sym else rng.integers(0, 1 << bits, size=(ng, rows))
     s = (rng.random((ng, rows)) * 0.02 + 0.001).astype(np.float16)
     gi = g_idx if g_idx is not None else np.arange(cols) // gs
     w = s.astype(np.float32)[gi].T * (q - z[gi].T).astype(np.float32)
@@ -430,16 +431,24 @@ def test_packed_checkpoint_repacks_exactly(tmp_path, case):
     f.close()
 
 
-def test_gptq_v1_zero_that_wraps_reads_as_the_packers_do(tmp_path):
-    # AutoGPTQ v1 stores zero - 1 in `bits` bits and every v1 kernel reads ((qzeros >> shift) & 0xF) + 1: a stored
-    # 15 (what a zero point of 0 wraps to) is the zero point 16. fastload reads it the same way, exactly.
-    items, ref = write_packed_model(tmp_path / "m.safetensors", zeros={"o_proj": np.full((4, 128), 16)})
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_v1_zero_of_0_reads_as_the_writer_meant(tmp_path, bits):
+    """v1 stores zero - 1; GPTQModel writes it as one subtraction from each whole int32 word, so a zero of 0 becomes
+    2^bits - 1 and borrows one from the field above (AutoGPTQ stores the same 2^bits - 1 in a word's top field).
+    Read back as GPTQModel (and so transformers) reads it, by adding the word back, every zero is the writer's:
+    zeros of 0 in the lowest, a middle and the top field of words, and words of nothing but zeros of 0 (stored
+    0xEEEEEEEF at 4 bits). A per-field + 1 read those as 2^bits and the field above one too low."""
+    rows, per = 128, 32 // bits
+    z = np.random.default_rng(bits).integers(0, 1 << bits, size=(4, rows))
+    z[0, 0] = z[1, per // 2] = z[2, per - 1] = 0   # lowest, middle, top field of a word
+    z[3, :per] = 0                                  # a whole word of zeros of 0
+    items, ref = write_packed_model(tmp_path / "m.safetensors", bits=bits, zeros={"o_proj": z})
     f = _C.SafetensorsFile(str(tmp_path / "m.safetensors"))
-    assert (f.get(HF["o_proj"] + ".qzeros").view(np.uint32) == 0xFFFFFFFF).all()
+    word = 0xFFFFFFFF // ((1 << bits) - 1)  # 1 in every field
+    assert f.get(HF["o_proj"] + ".qzeros").view(np.uint32)[3, 0] == (-word) % (1 << 32)  # 0xEEEEEEEF at 4 bits
     core = _C.Model(PCFG)
     core.load(items(f))
     assert bits_equal(core.export(S["o_proj"], 0)[1], ref["o_proj"])
-    assert (ref["o_proj"] <= 0).all()
     f.close()
 
 

@@ -75,10 +75,17 @@ def test_gptq_pack_unpack_round_trip(bits, zero_offset):
     assert (c == codes).all() and (z == zeros).all()
 
 
-def test_gptq_v1_refuses_zero_zero():
-    with pytest.raises(ValueError, match="zero point of 0"):
-        qf.gptq_pack(np.zeros((8, 8), np.int64), np.zeros((1, 8), np.int64), np.ones((1, 8), np.float16),
-                     np.zeros(8), 4, 1)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_v1_stores_zero_zero_as_gptqmodel(bits):
+    """v1 writes zero - 1 as one subtraction from each whole word (GPTQModel): zeros of 0 borrow, and the reader's
+    word addition gives every zero back."""
+    z = np.zeros((1, 8), np.int64)
+    z[0, 3] = 5
+    t = qf.gptq_pack(np.zeros((8, 8), np.int64), z, np.ones((1, 8), np.float16), np.zeros(8), bits, 1)
+    word = 0xFFFFFFFF // ((1 << bits) - 1)
+    packed = qf.gptq_pack(np.zeros((8, 8), np.int64), z, np.ones((1, 8), np.float16), np.zeros(8), bits, 0)
+    assert np.array_equal(t["qzeros"].view(np.uint32), (packed["qzeros"].view(np.uint32) - np.uint32(word)))
+    assert np.array_equal(qf.gptq_unpack(t["qweight"], t["qzeros"], bits, 1)[1], z)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -118,8 +125,10 @@ def test_gptq_v2_can_store_zero_zero():
     t = qf.gptq_pack(p["codes"], p["zeros"], p["scales"], p["g_idx"], 4, 0)
     assert (t["qzeros"] == 0).all()
     assert np.abs(qf.dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 0) - W).max() < 0.02
-    p1 = qf.gptq_quantize(W, 4, 32, sym=False, zero_offset=1)         # v1: kept >= 1
-    assert (p1["zeros"] == 1).all()
+    t1 = qf.gptq_pack(p["codes"], p["zeros"], p["scales"], p["g_idx"], 4, 1)  # v1: the same zeros, borrowed
+    assert (t1["qzeros"].view(np.uint32) == 0xEEEEEEEF).all()
+    assert np.array_equal(qf.dequant_gptq(t1["qweight"], t1["qzeros"], t1["scales"], t1["g_idx"], 4, 1),
+                          qf.dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 0))
 
 
 @pytest.mark.parametrize("group_size", [32, 64, -1])
