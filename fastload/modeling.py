@@ -1289,6 +1289,10 @@ class FastModelForCausalLM:
                                           f"nor is there a float '{name}') needed by {arch.name}")
                 if slot == "lm_head" and not core_cfg["tie_embeddings"]:
                     raise CheckpointError(f"{path}: missing tensor '{name}' (config.json has tie_word_embeddings=false)")
+                if packed is not None and name.endswith(".weight") and name[:-len(".weight")] + ".qweight" in where:
+                    raise NotImplementedError(f"{path}: '{name[:-len('.weight')]}.qweight' is {packed.name}-packed, "
+                                              f"which fastload reads for linear layers only ({arch.name} slot "
+                                              f"'{slot}' is not one); a float '{name}' is needed")
                 if name.endswith(".weight") and name[:-len(".weight")] + ".qweight" in where:
                     raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}; the checkpoint has "
                                           f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "

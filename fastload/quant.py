@@ -64,8 +64,10 @@ SCHEMES = ("int8", "int4", "nf4")
 DEFAULT_GROUP = {"int8": 0, "int4": 128, "nf4": 64}  # 0 for int8: one group per output channel (row)
 GGUF_MODES = ("keep", "dequantize")
 _NONE = ("none", "no", "off", "0", "false", "")
-# Linear-layer slots of arch.tensor_plan (the ones quantised at load / read packed from GPTQ / AWQ).
-LINEAR_SLOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear-layer slots of arch.tensor_plan (the ones quantised at load / read packed from GPTQ / AWQ): the HF parts, and
+# ChatGLM's fused q|k|v and gate|up, stored whole (GPTQModel quantises those four linears of a GLM block).
+LINEAR_SLOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query_key_value",
+                "dense_h_to_4h")
 
 # GGUF tensor types the core reads: the first kept quantised in memory (csrc/quant.h), the rest dequantised at load.
 GGUF_KEPT = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")

@@ -169,6 +169,50 @@ def test_benchmark_shape_tiny_matches_reference(tmp_path, dtype, atol):
 
 
 # ------------------------------------------------------------------------------------------------ the rope op
+@pytest.mark.parametrize("method", ["gptq", "gptq-act-order", "awq"])
+def test_gptq_and_awq_chatglm_match_the_dequantised_model(tmp_path, method):
+    """A GLM block's four linears packed as GPTQModel / AutoAWQ quantise them (the fused query_key_value and
+    dense_h_to_4h whole, dense, dense_4h_to_h): logits equal the float model of the dequantised weights (it was
+    refused as 'no quantization_config', the fused slots not being read packed)."""
+    import quant_fixtures as qf
+    import st_util
+    synth = _synth()
+    base = tmp_path / "base"
+    base.mkdir()
+    synth.write(str(base), "chatglm2-tiny", "float32", num_hidden_layers=2)
+    cfg = json.loads((base / "config.json").read_text())
+    f = _C.SafetensorsFile(str(base / "model.safetensors"))
+    w = {k: np.array(f.get(k), np.float32) for k in f.keys()}
+    f.close()
+    rng = np.random.default_rng(3)
+    qt, rt = {}, {}
+    for n, W in w.items():
+        if W.ndim == 2 and n.endswith(("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
+                                       "dense_4h_to_h.weight")):
+            if method == "awq":
+                t = qf.awq_tensors(W, 32)
+                rt[n] = qf.dequant_awq(t["qweight"], t["qzeros"], t["scales"], 32)
+            else:
+                t = qf.gptq_tensors(W, 4, 32, sym=False, desc_act=method.endswith("act-order"), zero_offset=1, rng=rng)
+                rt[n] = qf.dequant_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+            qt.update({f"{n[:-len('.weight')]}.{k}": v for k, v in t.items()})
+        else:
+            qt[n] = W.astype(np.float16)
+            rt[n] = qt[n].astype(np.float32)
+    qc = qf.awq_quant_config(32) if method == "awq" else \
+        qf.gptq_quant_config(4, 32, False, method.endswith("act-order"), "gptq", "gptqmodel")
+    for d, t, c in ((tmp_path / "q", qt, dict(cfg, quantization_config=qc)), (tmp_path / "ref", rt, cfg)):
+        shutil.copytree(base, d)
+        (d / "model.safetensors").unlink()
+        st_util.write(str(d / "model.safetensors"), t, metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(c))
+    ids = np.random.default_rng(1).integers(3, cfg["padded_vocab_size"], 9)[None]
+    got = np.asarray(load(str(tmp_path / "q"))(ids).logits)
+    want = np.asarray(load(str(tmp_path / "ref"))(ids).logits)
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
 def _np_rope(qkv, pos, inv, nh, nkv, hd, rd):
     out = qkv.astype(np.float64).copy().reshape(len(pos), nh + 2 * nkv, hd)
     ang = np.outer(pos.astype(np.float32), inv).astype(np.float32)
