@@ -116,8 +116,9 @@ class Arch:
     # "none" | "all" (Mistral: sliding_window on every layer) | "qwen2" (when use_sliding_window: layer_types, else
     # the layers from max_window_layers on) | "all_if_use" (Qwen3-MoE: every layer when use_sliding_window)
     sliding: str = "none"
-    # transformers' config-class defaults where a key is absent: rms_norm_eps, sliding_window ("all" only: Mistral
-    # 4096; an explicit null is no window), max_window_layers ("qwen2": Qwen2Config / Qwen3Config 28)
+    # transformers' config-class defaults where a key is absent: rms_norm_eps, sliding_window (Mistral 4096; Qwen2 /
+    # Qwen3 / Qwen3-MoE 4096, used when use_sliding_window; an explicit null is no window), max_window_layers
+    # ("qwen2": Qwen2Config / Qwen3Config 28)
     default_rms_eps: float = 1e-6
     default_window: int = 0
     default_max_window_layers: int = 28
@@ -135,11 +136,12 @@ class Arch:
 ARCHITECTURES = {
     "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama"),
     "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all", default_window=4096),
-    "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, sliding="qwen2", gguf_permute_qk=False),
+    "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, sliding="qwen2", gguf_permute_qk=False,
+                             default_window=4096),
     # Qwen3 dense: Qwen2 without the q/k/v biases (attention_bias, default false, would also put one on o_proj: not
     # supported), plus q_norm / k_norm; its sliding-window keys are Qwen2's
     "Qwen3ForCausalLM": Arch("Qwen3ForCausalLM", "qwen3", "qwen3", qk_norm=True, sliding="qwen2", gguf_permute_qk=False,
-                             default_head_dim=128),
+                             default_head_dim=128, default_window=4096),
     # ChatGLM2-6B / ChatGLM3-6B (and their -32k / -128k): multi-query groups, fused q|k|v with bias, fused gate|up,
     # rotary on the first half of each head in interleaved pairs with the cos / sin cache in the model dtype;
     # config.json in THUDM's own keys, read through chatglm_view
@@ -151,9 +153,11 @@ ARCHITECTURES = {
                                default_rms_eps=1e-5),
     # Qwen3-MoE: Qwen3's attention (q_norm / k_norm) and routed experts, renormalised when norm_topk_prob; every
     # layer sparse only (decoder_sparse_step 1, no mlp_only_layers), no shared expert; use_sliding_window slides every
-    # layer (transformers' Qwen3MoeConfig has no max_window_layers: the released configs' key is not read there)
+    # layer (transformers' Qwen3MoeConfig has no max_window_layers nor layer_types: the released configs' keys are
+    # not read there); no head_dim default of its own (its attention takes hidden / heads when the key is absent;
+    # the released configs say 128)
     "Qwen3MoeForCausalLM": Arch("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qk_norm=True, sliding="all_if_use",
-                                gguf_permute_qk=False, default_head_dim=128, moe=QWEN_MOE),
+                                gguf_permute_qk=False, default_window=4096, moe=QWEN_MOE),
 }
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -304,7 +308,11 @@ def _rope(config: dict, where: str):
     if high <= low:
         raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
                                      f"for llama3 rope, got {high:g} <= {low:g}")
-    return float(theta), 2, factor, low, high, int(_get(scaling, "original_max_position_embeddings", 8192)), 1.0
+    # transformers 5 (standardize_rope_params): a top-level original_max_position_embeddings wins, then the rope
+    # dict's, then max_position_embeddings (8192, Llama 3's, only when the config has none of them)
+    orig = config.get("original_max_position_embeddings") or _get(scaling, "original_max_position_embeddings", None) \
+        or config.get("max_position_embeddings") or 8192
+    return float(theta), 2, factor, low, high, int(orig), 1.0
 
 
 def _head_dim(config: dict) -> int:
@@ -408,13 +416,13 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     sw = config.get("sliding_window") if "sliding_window" in config else arch.default_window
     if arch.sliding == "all" and sw:
         window = [int(sw)] * n_layers
-    elif arch.sliding in ("qwen2", "all_if_use") and sw and config.get("use_sliding_window"):
+    elif arch.sliding == "all_if_use" and sw and config.get("use_sliding_window"):
+        window = [int(sw)] * n_layers  # layer_types, if a config has them, are not read (transformers' Qwen3-MoE)
+    elif arch.sliding == "qwen2" and sw and config.get("use_sliding_window"):
         types = config.get("layer_types")
         if types:
             _known_layer_types(types, where, arch)
             window = [int(sw) if t == "sliding_attention" else 0 for t in types]
-        elif arch.sliding == "all_if_use":
-            window = [int(sw)] * n_layers
         else:
             mwl = int(_get(config, "max_window_layers", arch.default_max_window_layers))
             window = [int(sw) if i >= mwl else 0 for i in range(n_layers)]

@@ -489,4 +489,29 @@ def test_absent_keys_take_transformers_class_defaults():
     assert _core({**q3, "max_window_layers": 1})["window"] == [8] * 30
     assert _core({**q3, "use_sliding_window": False})["window"] == [0] * 30
     expect(NotImplementedError, lambda: _core({**q3, "decoder_sparse_step": 40}), "decoder_sparse_step=40")
+    # sliding_window absent under use_sliding_window: their config classes' 4096 (was no window at all)
+    for a in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert _core({**base, "architectures": [a], "use_sliding_window": True})["window"] == [0] * 28 + [4096] * 2, a
+        assert _core({**base, "architectures": [a]})["window"] == [0] * 30, a
+    no_sw = {k: v for k, v in q3.items() if k != "sliding_window"}
+    assert _core(no_sw)["window"] == [4096] * 30
+    # Qwen3-MoE reads no layer_types (transformers' attention slides every layer), and has no head_dim default of
+    # its own: hidden / heads, as its attention reads a config without the key (dense Qwen3: 128)
+    assert _core({**q3, "layer_types": ["full_attention"] * 30})["window"] == [8] * 30
+    assert _core(q3)["head_dim"] == 32 // 4
+    assert _core({**base, "architectures": ["Qwen3ForCausalLM"]})["head_dim"] == 128
+
+
+def test_llama3_rope_original_length_as_transformers_reads_it():
+    """llama3 rope's original_max_position_embeddings: the config's top level first (transformers 5's
+    standardize_rope_params), then the rope dict, then max_position_embeddings (it was the dict's or 8192)."""
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048}
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    orig = lambda c: _core(c)["rope_orig_max_pos"]
+    assert orig({**base, "rope_scaling": rs}) == 2048
+    assert orig({**base, "rope_scaling": {**rs, "original_max_position_embeddings": 1024}}) == 1024
+    assert orig({**base, "original_max_position_embeddings": 512,
+                 "rope_scaling": {**rs, "original_max_position_embeddings": 1024}}) == 512
+    assert orig({**{k: v for k, v in base.items() if k != "max_position_embeddings"}, "rope_scaling": rs}) == 8192
 
