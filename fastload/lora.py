@@ -55,10 +55,18 @@ UNSUPPORTED = {
 }
 
 
-def is_adapter_dir(path) -> bool:
-    """A directory with adapter_config.json and no config.json of its own: PEFT's save_pretrained output."""
+# init_lora_weights values whose initialisation leaves the base weights as they are (PEFT's LoraLayer.update_layer):
+# True / "gaussian" (random A, zero B), False, "eva", "orthogonal". The others (PiSSA, OLoRA, CorDA, MiCA, LoftQ,
+# LoRA-GA) subtract their initial B A from the base (W_res = W - scale B0 A0, from an SVD / QR of W or a quantisation
+# of it) when PEFT loads the adapter, so merging the trained A, B into the original W gives another model.
+BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def is_adapter_dir(path, allow_config=False) -> bool:
+    """A directory with adapter_config.json and no config.json of its own: PEFT's save_pretrained output.
+    allow_config: a config.json beside it is allowed (the adapter was named explicitly with adapter=)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME)) and \
-        not os.path.isfile(os.path.join(path, "config.json"))
+        (allow_config or not os.path.isfile(os.path.join(path, "config.json")))
 
 
 def pattern_key(keys, module: str) -> str | None:
@@ -110,6 +118,13 @@ class Adapter:
         for k, why in UNSUPPORTED.items():
             if cfg.get(k):
                 raise NotImplementedError(f"{shown}: {why} ({k}={cfg[k]!r})")
+        init = cfg.get("init_lora_weights", True)
+        if not any(init is v or (isinstance(init, str) and isinstance(v, str) and init.lower() == v) for v in BASE_KEEPING_INITS):
+            raise NotImplementedError(
+                f"{shown}: init_lora_weights={init!r}: this initialisation changes the base weights when PEFT loads "
+                "the adapter (W - scale B0 A0), which fastload does not redo; convert it to a plain LoRA with PEFT "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) or merge it "
+                "(merge_and_unload() + save_pretrained) and load the result")
         bias = cfg.get("bias", "none")
         if bias != "none":
             raise NotImplementedError(f"{shown}: bias={bias!r}: LoRA adapters that train biases are not supported "
@@ -177,6 +192,12 @@ class Adapter:
                 raise NotImplementedError(f"{wp}: tensor '{name}' is not a LoRA A / B weight (LoRA biases and other "
                                           "PEFT tensors are not supported)")
             else:  # modules_to_save: the module's whole tensor, under its base name
+                # PEFT's save_embedding_layers="auto" (the default) also saves a LoRA-wrapped lm_head / embedding's
+                # own weight as '<module>.base_layer.weight'; loading puts it under the LoRA: it replaces
+                # '<module>.weight', and the LoRA is merged on top
+                rest = re.sub(r"\.base_layer\.(weight|bias)$", r".\1", rest)
+                if rest in self.replaced:
+                    raise CheckpointError(f"{wp}: tensors '{self.replaced[rest]}' and '{name}' both replace '{rest}'")
                 self.replaced[rest] = name
         self.layers = {}
         for mod, d in sorted(ab.items()):

@@ -1097,9 +1097,9 @@ class FastModelForCausalLM:
                 raise ValueError(f"{ref}: is a LoRA adapter directory itself; pass the base model as the first "
                                  "argument with adapter=, or the adapter directory alone")
             adapter_path = resolve(adapter, revision=None, cache_dir=cache_dir, local_files_only=local_files_only)
-            if not loramod.is_adapter_dir(adapter_path):
-                raise FileNotFoundError(f"adapter={adapter!r}: not a PEFT adapter directory (adapter_config.json, "
-                                        "and no config.json)")
+            if not loramod.is_adapter_dir(adapter_path, allow_config=True):
+                raise FileNotFoundError(f"adapter={adapter!r}: not a PEFT adapter directory (no "
+                                        f"{loramod.CONFIG_NAME})")
         elif loramod.is_adapter_dir(path):
             adapter_path = path
             path = loramod.base_of(path, _files.external_symlinks_allowed(allow_external_symlinks), revision=None,
@@ -1298,6 +1298,13 @@ class FastModelForCausalLM:
                                           f"'{name[:-len('.weight')]}.qweight' but neither config.json nor "
                                           "quantize_config.json has a quantization_config saying how it is packed")
                 raise CheckpointError(f"{path}: missing tensor '{name}' needed by {arch.name}")
+            if ad is not None and slot == "embed_tokens" and name in ad.replaced and core_cfg["tie_embeddings"]:
+                # PEFT replaces the input embedding only (the tied LM head keeps the base's matrix); fastload holds
+                # one tied matrix, which would make the adapter's embedding the LM head too
+                raise NotImplementedError(
+                    f"{ad.weights_path}: tensor '{ad.replaced[name]}' (modules_to_save) replaces the embedding of a "
+                    f"model with tie_word_embeddings ({path}): PEFT keeps the base matrix as the LM head, fastload "
+                    "ties one matrix; merge the adapter with PEFT (merge_and_unload() + save_pretrained) and load that")
             if ad is not None and (name in ad.replaced or ad.item_lora(name)):
                 # modules_to_save: the adapter's whole tensor instead of the base's; LoRA: merged at load (7th element)
                 src = (ad.file, ad.replaced[name]) if name in ad.replaced else (files[where[name]], name)

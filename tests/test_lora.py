@@ -302,6 +302,67 @@ def test_lm_head_lora_on_tied_model_refused(tmp_path):
         load_cpu(model_dir("qwen2"), adapter=d)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "mica"])
+def test_inits_that_change_the_base_are_refused(tmp_path, init):
+    """PiSSA, OLoRA, CorDA, LoftQ, ... subtract their initial B A from the base weights when PEFT loads the adapter:
+    merged into the original weights, the trained A, B give another model (logits ~70% off); refused."""
+    with pytest.raises(NotImplementedError, match=f"init_lora_weights={init!r}"):
+        load_cpu(adapter_copy(tmp_path / "ad", cfg={"init_lora_weights": init}))
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", "eva", "orthogonal"])
+def test_inits_that_keep_the_base_load(tmp_path, init):
+    ids = golden("qv")["single_ids"]
+    got = load_cpu(adapter_copy(tmp_path / "ad", cfg={"init_lora_weights": init}))(ids).logits
+    assert np.array_equal(got, load_cpu(model_dir("llama"), adapter=LORA / "qv")(ids).logits)
+
+
+def test_lm_head_lora_with_its_base_layer_saved(tmp_path):
+    """PEFT's default save_embedding_layers="auto" writes a LoRA-wrapped lm_head's own weight as
+    'lm_head.base_layer.weight' (it was refused as an unknown modules_to_save tensor): it replaces the base's
+    lm_head, and the LoRA is merged on top of it, as PeftModel.from_pretrained loads it."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((512, 128)).astype(np.float32) * 0.05  # not the base model's lm_head
+    a = rng.standard_normal((4, 128)).astype(np.float32) * 0.1
+    b = rng.standard_normal((512, 4)).astype(np.float32) * 0.1
+    d = adapter_copy(tmp_path / "ad", add={"base_model.model.lm_head.base_layer.weight": w,
+                                           "base_model.model.lm_head.lora_A.weight": a,
+                                           "base_model.model.lm_head.lora_B.weight": b},
+                     cfg={"target_modules": ["q_proj", "v_proj", "lm_head"]})
+    m = load_cpu(d)
+    m.save_pretrained(tmp_path / "merged")
+    got = {}
+    for p in sorted((tmp_path / "merged").glob("*.safetensors")):
+        got.update(tensors_of(p))
+    np.testing.assert_allclose(got["lm_head.weight"], w + (b @ a) * np.float32(8 / 4), rtol=0, atol=1e-6)
+
+
+def test_modules_to_save_embedding_on_tied_model_refused(tmp_path):
+    """PEFT replaces only the input embedding of a tied model (its LM head keeps the base matrix); fastload holds
+    one tied matrix, which would have made the adapter's embedding the LM head too (logits ~40% off): refused."""
+    d = tmp_path / "ad"
+    d.mkdir()
+    st_util.write(d / "adapter_model.safetensors", {
+        "base_model.model.model.embed_tokens.weight": np.ones((600, 128), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 128), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((128, 4), np.float32)})
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                       "target_modules": ["q_proj"],
+                                                       "modules_to_save": ["embed_tokens"]}))
+    with pytest.raises(NotImplementedError, match="tie_word_embeddings"):
+        load_cpu(model_dir("qwen2"), adapter=d)
+
+
+def test_adapter_argument_may_hold_a_config_json(tmp_path):
+    """adapter= names the adapter, so a config.json beside adapter_config.json (a base config copied in, as some
+    training scripts leave it) does not make it 'not an adapter'."""
+    d = adapter_copy(tmp_path / "ad")
+    shutil.copy(model_dir("llama") / "config.json", d / "config.json")
+    ids = golden("qv")["single_ids"]
+    assert np.array_equal(load_cpu(model_dir("llama"), adapter=d)(ids).logits,
+                          load_cpu(model_dir("llama"), adapter=LORA / "qv")(ids).logits)
+
+
 def test_lora_on_gptq_base_refused(tmp_path):
     import quant_fixtures as qf
     q, _ = qf.write_gptq_checkpoint(tmp_path / "g", {"bits": 4, "group_size": 32, "sym": True, "desc_act": False})
