@@ -253,10 +253,29 @@ def _apply_overrides(hf, overrides):
 
 
 class Config(AttrDict):
-    """config.json as a dict with attribute access (like transformers' PretrainedConfig)."""
+    """config.json as a dict with attribute access (like transformers' PretrainedConfig). Attributes a ported script
+    reads that config.json seldom holds come from PretrainedConfig's defaults (not dict keys, so save_pretrained
+    writes what the file had): name_or_path / _name_or_path (where the model was loaded from), torch_dtype (= dtype,
+    transformers 4's name), is_encoder_decoder, output_attentions, output_hidden_states, use_return_dict."""
+
+    _ATTR_DEFAULTS = {"is_encoder_decoder": False, "output_attentions": False, "output_hidden_states": False,
+                      "use_return_dict": True, "return_dict": True}
 
     def __setattr__(self, k, v):
         self[k] = v
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            pass
+        if k in ("name_or_path", "_name_or_path"):
+            return self.get("_name_or_path", self.__dict__.get("_fl_name_or_path", ""))
+        if k == "torch_dtype" and "dtype" in self:
+            return self["dtype"]
+        if k in self._ATTR_DEFAULTS:
+            return self._ATTR_DEFAULTS[k]
+        raise AttributeError(k)
 
     def to_dict(self):
         return dict(self)
@@ -312,7 +331,7 @@ class GenerationConfig(Config):
                     num_return_sequences=1, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     # every name transformers' GenerationConfig has as an attribute (update() uses these, others are unused)
     FIELDS = (frozenset(DEFAULTS) | frozenset(_UNSUPPORTED_FIELDS) | _HARMLESS_FIELDS | frozenset(_REFUSED_FIELDS) |
-              frozenset(_OUTPUT_FIELDS) | frozenset(_SAMPLING_FIELDS))
+              frozenset(_OUTPUT_FIELDS) | frozenset(_SAMPLING_FIELDS) | frozenset(("stop_strings", "max_time")))
 
     def __init__(self, **kw):
         dict.__init__(self, self.DEFAULTS)
@@ -943,7 +962,8 @@ def _ids2d(x, name):
 
 def _to_user(arr, like_torch):
     if like_torch:
-        return sys.modules["torch"].from_numpy(np.ascontiguousarray(arr))
+        arr = np.asarray(arr)  # a 0-d loss stays 0-d (np.ascontiguousarray would make it shape (1,))
+        return sys.modules["torch"].from_numpy(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
     return arr
 
 
@@ -986,6 +1006,10 @@ class FastModelForCausalLM:
     def __init__(self, core, config, arch, generation_config, device, dtype, name_or_path, load_stats):
         self._core = core
         self.config = config
+        if isinstance(config, dict):  # transformers sets the dtype the model was loaded in
+            config["dtype"] = str(dtype)
+            if "torch_dtype" in config:
+                config["torch_dtype"] = str(dtype)
         self.arch = arch
         self.generation_config = generation_config
         self.device = ModelDevice(device)
@@ -1150,6 +1174,8 @@ class FastModelForCausalLM:
             traceback.clear_frames(e.__traceback__)
             raise
         model.name_or_path = str(ref)
+        if isinstance(model.config, Config):
+            object.__setattr__(model.config, "_fl_name_or_path", str(ref))  # config.name_or_path, as transformers'
         enginemod.kv_dtype(model, eng_opts)  # a kv_cache_dtype this backend cannot keep: refused here, not at generate
         model._engine = enginemod.Engine(model, eng_opts)
         model.load_stats["total_seconds"] = time.perf_counter() - t0
@@ -1420,7 +1446,9 @@ class FastModelForCausalLM:
         A request to the model's engine (fastload/engine.py), run whole by its scheduler between decode steps, so
         forwards from any threads and generate calls beside them are safe; the caller waits with the GIL released."""
         for k in kwargs:
-            if k not in ("output_attentions", "output_hidden_states", "token_type_ids") or kwargs[k]:
+            if k == "token_type_ids":  # some tokenizers return it; decoder-only models ignore it (transformers too)
+                continue
+            if k not in ("output_attentions", "output_hidden_states") or kwargs[k]:
                 raise TypeError(f"forward: argument {k!r} is not supported")
         like_torch = is_torch(input_ids)
         ids = _ids2d(input_ids, "input_ids")
@@ -1433,7 +1461,9 @@ class FastModelForCausalLM:
         if labels is not None:
             lab = _ids2d(labels, "labels")
             out = CausalLMOutput(loss=_to_user(np.asarray(_ce_loss(logits, lab)), like_torch), logits=out["logits"])
-        return out
+        # return_dict=False: transformers' tuple, (loss, logits) or (logits,) (no past_key_values: fastload's forward
+        # keeps no cache for the caller)
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     def _gen_settings(self, generation_config, kwargs):
         """The settings one generate() call uses, as transformers 5 merges them: the passed generation_config's
@@ -1510,6 +1540,9 @@ class FastModelForCausalLM:
         return _to_user(np.ascontiguousarray(out), like_torch)
 
     def _generate(self, input_ids, attention_mask, generation_config, streamer, inputs, kwargs):
+        if input_ids is not None and inputs is not None:
+            raise ValueError("generate: `inputs` and `input_ids` were both passed; pass one of them (transformers "
+                             "refuses both too)")
         if input_ids is None:
             input_ids = inputs
         kwargs = dict(kwargs)
@@ -1540,6 +1573,14 @@ class FastModelForCausalLM:
             trail = np.logical_and.accumulate(is_pad[:, ::-1], axis=1)[:, ::-1]
             if (lead | trail).any():
                 mask = (~(lead | trail)).astype(np.int64)
+        if mask is not None and ids.shape[0] > 1 and ((mask[:, -1] == 0) & (mask != 0).any(axis=1)).any():
+            # transformers generates after the pads of a right-padded row (and warns); fastload reads each row's
+            # tokens where the mask is 1, so a right-padded row continues from its last real token, as the same
+            # row alone or left-padded would (README "Coming from transformers")
+            warnings.warn("A decoder-only architecture is being used, but right-padding was detected! transformers "
+                          "would generate after the pad tokens; fastload continues each row from its last unmasked "
+                          "token (as with padding_side='left', which transformers recommends)", UserWarning,
+                          stacklevel=3)
         T = ids.shape[1]
         max_new = r["max_new_tokens"]
         ctx = enginemod.context_length(self)
@@ -1966,8 +2007,10 @@ class FastModelForCausalLM:
         """torch.nn.Module.to: .to(device), .to(dtype), .to(device, dtype), .to(device=..., dtype=...).
         Returns the model itself (converted in place), as torch does; non_blocking / copy / memory_format are
         accepted and ignored. See _convert for how weights are converted or moved."""
+        torch = sys.modules.get("torch")
         for a in args:
-            if _dtype_key(a) is not None and not (isinstance(a, str) and a.lower().startswith(("cpu", "cuda"))):
+            if (_dtype_key(a) is not None and not (isinstance(a, str) and a.lower().startswith(("cpu", "cuda")))) or \
+                    (torch is not None and isinstance(a, torch.dtype)):  # torch.float64 too: refused below as a dtype
                 if dtype is not None:
                     raise TypeError(f"to(): two dtypes given ({dtype!r} and {a!r})")
                 dtype = a

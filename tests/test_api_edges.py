@@ -9,6 +9,7 @@ against what transformers does (or a clear error where it would misbehave):
   - generate stopped at the model's context without a word;
   - pipeline(stop_sequence=), GenerationConfig.validate(), model.can_generate(), float attention masks.
 Tiny Llama fixture (tests/fixtures/llama, pad 0, eos 2, context 128) and the demo model; no torch."""
+import sys
 import warnings
 
 import numpy as np
@@ -277,3 +278,77 @@ def test_generate_without_input_ids_starts_from_bos(llama):
     want = llama.generate(np.array([[1]]), max_new_tokens=5, eos_token_id=[])
     assert np.array_equal(llama.generate(max_new_tokens=5, eos_token_id=[]), want)
     assert llama.generate(max_new_tokens=3, eos_token_id=[], bos_token_id=7)[0, 0] == 7
+
+
+# ---- a bug hunt of forward / generate against transformers 5.25 (2026-12-06, fortieth session) ----------------
+def test_forward_return_dict_false_is_a_tuple(llama):
+    """return_dict=False was accepted and ignored: `loss, logits = model(..., return_dict=False)` unpacked the
+    output's key names ('loss', 'logits')."""
+    ids = np.array([[5, 6, 7, 8, 9]])
+    out = llama(ids, labels=ids)
+    loss, logits = llama(ids, labels=ids, return_dict=False)
+    assert isinstance(loss, np.ndarray) and loss.shape == () and np.array_equal(loss, out.loss)
+    assert np.array_equal(logits, out.logits)
+    (only,) = llama(ids, return_dict=False)
+    assert np.array_equal(only, out.logits)
+    assert llama(ids, return_dict=True).logits.shape == out.logits.shape
+
+
+def test_forward_takes_token_type_ids(llama):
+    """Some tokenizers return token_type_ids, and model(**tok(...)) passes them on: ignored, as by transformers'
+    decoder-only models (an array raised 'truth value of an array is ambiguous')."""
+    ids = np.array([[5, 6, 7]])
+    got = llama(ids, token_type_ids=np.zeros_like(ids), attention_mask=np.ones_like(ids)).logits
+    assert np.array_equal(got, llama(ids).logits)
+    with pytest.raises(TypeError, match="output_hidden_states"):
+        llama(ids, output_hidden_states=True)
+
+
+def test_loss_from_torch_like_inputs_is_0_d(monkeypatch):
+    """With torch inputs the loss came back with shape [1] (np.ascontiguousarray of a 0-d array): f"{loss:.3f}"
+    raised. The conversion keeps 0-d (a stand-in torch module here: CI has no torch)."""
+    from fastload import modeling
+    fake = type(sys)("torch")
+    fake.from_numpy = lambda a: a
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert modeling._to_user(np.float32(2.5), True).shape == ()
+    assert modeling._to_user(np.asarray(2.5, np.float32), True).shape == ()
+    assert modeling._to_user(np.ones((3, 4))[:, ::2], True).flags.c_contiguous
+
+
+def test_generate_refuses_inputs_and_input_ids_together(llama):
+    with pytest.raises(ValueError, match="both passed"):
+        llama.generate(input_ids=np.array([[5, 6]]), inputs=np.array([[7, 8]]), max_new_tokens=2)
+    a = llama.generate(inputs=np.array([[5, 6]]), max_new_tokens=2, do_sample=False)
+    assert np.array_equal(a, greedy(llama, [[5, 6]], n=2))
+
+
+def test_right_padding_warns_and_continues_from_the_real_tokens(llama):
+    """transformers generates after a right-padded row's pads (and warns); fastload reads the unmasked tokens, so the
+    row continues as it would alone: it warns that it differs."""
+    ids = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.warns(UserWarning, match="right-padding was detected"):
+        out = greedy(llama, ids, attention_mask=mask, pad_token_id=0, eos_token_id=2)
+    np.testing.assert_array_equal(out[1, 4:], greedy(llama, [[9, 10]], eos_token_id=2)[0, 2:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy(llama, np.array([[5, 6, 7, 8], [0, 0, 9, 10]]), attention_mask=np.array([[1, 1, 1, 1], [0, 0, 1, 1]]),
+               pad_token_id=0, eos_token_id=2)  # left padding: no warning
+
+
+def test_config_reads_as_transformers_config():
+    """config.dtype is the dtype the model was loaded in (it kept config.json's), and the PretrainedConfig
+    attributes ported scripts read exist: torch_dtype, name_or_path / _name_or_path, is_encoder_decoder."""
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(LLAMA), device_map="cpu", torch_dtype="float16")
+    assert m.config.dtype == "float16" and m.config.torch_dtype == "float16"
+    assert m.config.name_or_path == m.config._name_or_path == str(LLAMA)
+    assert m.config.is_encoder_decoder is False and m.config.use_return_dict is True
+    with pytest.raises(AttributeError):
+        m.config.no_such_key
+
+
+def test_generation_config_stop_strings_and_max_time_read_none():
+    gc = fastload.GenerationConfig()
+    assert gc.stop_strings is None and gc.max_time is None
+    assert fastload.GenerationConfig(max_time=2.0).max_time == 2.0
