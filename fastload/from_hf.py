@@ -132,6 +132,17 @@ def from_hf(model, tokenizer=None, dtype=None, device=None, threads=None, **engi
             want = model_dt or "float32"
     qcore = quantmod.reconcile(quant, None, where) if quant is not None else None
 
+    glob_names = archmod.HF_NAMES[arch.names][0]
+    emb, head = sd.get(glob_names["embed_tokens"]), sd.get(glob_names["lm_head"])
+    if core_cfg["tie_embeddings"] and emb is not None and head is not None and emb.data_ptr() != head.data_ptr() and \
+            not (emb.shape == head.shape and emb.dtype == head.dtype and bool((emb == head).all())):
+        # config says tied, but the module's LM head is another matrix (transformers 5 unties such a checkpoint):
+        # copy the LM head the torch model computes with
+        import warnings
+        warnings.warn(f"{where}: config.tie_word_embeddings is true, but lm_head differs from the embedding: its own "
+                      "LM head is copied (not tied), as the torch model computes with it", stacklevel=2)
+        core_cfg["tie_embeddings"] = 0
+        hf["tie_word_embeddings"] = False
     keep, items, stats = [], [], {"copied_bytes": 0, "device_to_device": 0, "host_to_host": 0, "via_host": 0}
     dev_index = int(dev.split(":")[1]) if dev.startswith("cuda") else None
     any_cuda = False

@@ -15,12 +15,16 @@ from . import _files
 
 
 def hf_cache_dir(cache_dir=None) -> str:
+    """The hub cache as huggingface_hub.constants finds it: HF_HUB_CACHE, else the legacy HUGGINGFACE_HUB_CACHE,
+    else $HF_HOME/hub (HF_HOME: $XDG_CACHE_HOME/huggingface, ~/.cache/huggingface), ~ and $VARS expanded."""
     if cache_dir:
         return os.path.expanduser(str(cache_dir))
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
+    expand = lambda p: os.path.expandvars(os.path.expanduser(p))  # noqa: E731 (huggingface_hub's order)
+    home = expand(os.environ.get("HF_HOME") or
+                  os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                               "huggingface"))
+    return expand(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or
+                  os.path.join(home, "hub"))
 
 
 _REPO_RE = re.compile(r"^[\w.\-]+/[\w.\-]+$")

@@ -41,7 +41,6 @@ IGNORED_LOAD_ARGS = {
     "trust_remote_code": "no remote code is ever run; architectures are built in",
     "attn_implementation": "fastload always uses its own fused attention",
     "use_flash_attention_2": "fastload always uses its own fused attention",
-    "use_safetensors": "safetensors is always preferred; pickle checkpoints are refused",
     "token": "only used for hub downloads through huggingface_hub",
     "use_auth_token": "only used for hub downloads through huggingface_hub",
     "force_download": "no downloads besides huggingface_hub's own",
@@ -1075,7 +1074,7 @@ class FastModelForCausalLM:
                         torch_dtype=None, dtype=None, gguf_file=None, revision=None, cache_dir=None, subfolder="",
                         local_files_only=False, progress=None, progress_callback=None, threads=None,
                         quantization_config=None, load_in_8bit=False, load_in_4bit=False, allow_external_symlinks=None,
-                        adapter=None, **kwargs):
+                        adapter=None, use_safetensors=None, **kwargs):
         """transformers' from_pretrained. `device=` (ChatGLM scripts pass it) means the same as `device_map=`;
         given both, they must name the same device (a ValueError otherwise, rather than one silently winning).
         A CUDA device where none is usable raises, naming the argument.
@@ -1152,7 +1151,9 @@ class FastModelForCausalLM:
         elif os.path.isdir(path) and gguf_file:
             gguf_path = os.path.join(path, gguf_file)
             gguf_real = _files.checkpoint_file(path, gguf_file, "gguf_file argument", allow_external=ext, subdirs=True)
-        elif os.path.isdir(path) and not _has_safetensors(path):
+        elif os.path.isdir(path) and not _has_safetensors(path) and not _has_torch_bin(path):
+            # a lone .gguf is the model only where no weights transformers would load are (it reads a GGUF only
+            # when gguf_file= names it)
             ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
             if len(ggufs) == 1:
                 gguf_path = os.path.join(path, ggufs[0])
@@ -1165,8 +1166,11 @@ class FastModelForCausalLM:
                 model = cls._load_gguf(gguf_path, want_dtype, dev, nthreads, progress, progress_callback, real=gguf_real,
                                        quant=quant, overrides=overrides)
             else:
+                if use_safetensors not in (None, True, False):
+                    raise TypeError(f"use_safetensors={use_safetensors!r} must be True, False or None")
                 model = cls._load_safetensors(path, want_dtype, dev, nthreads, progress, progress_callback, ext=ext,
-                                              quant=quant, overrides=overrides, adapter=adapter_path)
+                                              quant=quant, overrides=overrides, adapter=adapter_path,
+                                              use_safetensors=use_safetensors)
         except BaseException as e:
             # The loaders' frames hold the half-built core (its weight arena, on the GPU too) and the open files;
             # a traceback kept by the caller (a notebook's sys.last_traceback, a logged exception) would keep
@@ -1197,20 +1201,20 @@ class FastModelForCausalLM:
 
     @classmethod
     def _load_safetensors(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext=False, quant=None,
-                          overrides=None, adapter=None):
+                          overrides=None, adapter=None, use_safetensors=None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
         ad = loramod.Adapter(adapter, ext) if adapter is not None else None
         try:
             return cls._load_safetensors_with(path, want_dtype, dev, nthreads, progress, progress_callback, ext, quant,
-                                              overrides, ad)
+                                              overrides, ad, use_safetensors)
         finally:
             if ad is not None:
                 ad.close()
 
     @classmethod
     def _load_safetensors_with(cls, path, want_dtype, dev, nthreads, progress, progress_callback, ext, quant, overrides,
-                               ad):
+                               ad, use_safetensors=None):
         cfg_first = _files.find_file(path, "config.json", allow_external=ext)
         packed = None
         if cfg_first is not None:  # a quantised checkpoint is named as such before its tensors are looked for
@@ -1221,21 +1225,40 @@ class FastModelForCausalLM:
             packed = _checkpoint_quant({"quantization_config": {"quant_method": "gptq", **qc}}, path)
         qcore = quantmod.reconcile(quant, packed, path)
         # shards: every file goes through fastload/_files.py (plain names, inside the directory, regular files).
-        # safetensors first; without it, PyTorch .bin files as transformers names them (read by fastload/torchbin.py,
-        # which never runs their pickle code) through the same index layout.
-        kind = "safetensors"
-        index_name, single_name = "model.safetensors.index.json", "model.safetensors"
-        if not _files.find_file(path, index_name, allow_external=ext) and \
-                not _files.find_file(path, single_name, allow_external=ext) and \
-                (_files.find_file(path, "pytorch_model.bin.index.json", allow_external=ext) or
-                 _files.find_file(path, "pytorch_model.bin", allow_external=ext)):
-            kind = "torch_bin"
-            index_name, single_name = "pytorch_model.bin.index.json", "pytorch_model.bin"
-        index_path = os.path.join(path, index_name)
-        index_real = _files.find_file(path, index_name, allow_external=ext)
+        # Which weights, in transformers' order (modeling_utils._get_resolved_checkpoint_files): model.safetensors,
+        # model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json (PyTorch .bin files are read
+        # by fastload/torchbin.py, which never runs their pickle code). A single file beats an index beside it: a
+        # save_pretrained into a directory that held the other layout leaves the old index (or file) behind.
+        # use_safetensors=False skips safetensors, True refuses .bin, as transformers.
+        choices = []
+        if use_safetensors is not False:
+            choices += [("safetensors", "model.safetensors", False), ("safetensors", "model.safetensors.index.json", True)]
+        if use_safetensors is not True:
+            choices += [("torch_bin", "pytorch_model.bin", False), ("torch_bin", "pytorch_model.bin.index.json", True)]
+        kind = pick_name = pick_real = None
+        for k, n, is_index in choices:
+            found = _files.find_file(path, n, allow_external=ext)
+            if found is not None:
+                kind, pick_name, pick_real, index_name = k, n, found, n if is_index else None
+                break
         real = {}
-        if index_real:
-            weight_map = _files.read_json(index_real, index_path, _files.INDEX_LIMIT).get("weight_map")
+        if kind is None:
+            if use_safetensors is True and any(os.path.lexists(os.path.join(path, n)) for n in
+                                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+                raise FileNotFoundError(f"{path}: use_safetensors=True, but there is no model.safetensors or "
+                                        "model.safetensors.index.json (only PyTorch .bin files)")
+            if use_safetensors is False and _has_safetensors(path):
+                raise FileNotFoundError(f"{path}: use_safetensors=False, but there is no pytorch_model.bin or "
+                                        "pytorch_model.bin.index.json (only safetensors)")
+            if any(f.startswith("pytorch_model") for f in os.listdir(path)):
+                raise CheckpointError(f"{path}: pytorch_model* files but neither pytorch_model.bin nor "
+                                      "pytorch_model.bin.index.json (the names transformers writes)")
+            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
+                                    "pytorch_model.bin.index.json or .gguf file")
+        index_path = os.path.join(path, index_name or pick_name)
+        index_real = pick_real if index_name else None
+        if index_name:
+            weight_map = _files.read_json(pick_real, index_path, _files.INDEX_LIMIT).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
             shard_names = sorted(set(weight_map.values()))
@@ -1243,14 +1266,8 @@ class FastModelForCausalLM:
                 real[s] = _files.find_file(path, s, f"shard name in {index_name}", allow_external=ext)
                 if real[s] is None:
                     raise CheckpointError(f"{index_path}: shard '{s}' is listed in weight_map but {os.path.join(path, s)} does not exist")
-        elif (single := _files.find_file(path, single_name, allow_external=ext)) is not None:
-            weight_map, shard_names, real = None, [single_name], {single_name: single}
         else:
-            if any(f.startswith("pytorch_model") for f in os.listdir(path)):
-                raise CheckpointError(f"{path}: pytorch_model* files but neither pytorch_model.bin nor "
-                                      "pytorch_model.bin.index.json (the names transformers writes)")
-            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin, "
-                                    "pytorch_model.bin.index.json or .gguf file")
+            weight_map, shard_names, real = None, [pick_name], {pick_name: pick_real}
 
         cfg_path = os.path.join(path, "config.json")
         cfg_real = _files.find_file(path, "config.json", allow_external=ext)
@@ -1268,15 +1285,21 @@ class FastModelForCausalLM:
             raise NotImplementedError(f"{path}: {packed.name} checkpoints of {arch.name} (Mixture of Experts) are not "
                                       "supported; load the float checkpoint and quantise at load (load_in_4bit=True "
                                       "covers the experts)")
-        if want_dtype == "auto":
-            cd = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
-            want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
-
         stamps = {r: _stamp(r) for r in [cfg_real, index_real, *real.values()] if r}
         if kind == "torch_bin":  # the same file objects, built from the tensors' offsets in the zip
             files = {s: torchbin.open_file(real[s], os.path.join(path, s)) for s in shard_names}
         else:
             files = {s: _C.SafetensorsFile(real[s]) for s in shard_names}
+        if want_dtype == "auto":
+            cd = hf.get("dtype") or hf.get("torch_dtype")
+            if not cd:
+                # transformers' _get_dtype: without a dtype in config.json, "auto" is the dtype of the first
+                # floating-point tensor of the first weights file
+                first = files[shard_names[0]]
+                cd = next((_ST_FLOAT.get(first.info(k)[0]) for k in first.keys() if first.info(k)[0] in _ST_FLOAT),
+                          "float32")
+            cd = str(cd).replace("torch.", "")
+            want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
         where = {}
         for s, f in files.items():
             for k in f.keys():
@@ -1286,6 +1309,21 @@ class FastModelForCausalLM:
                 if name not in files[s]:
                     raise CheckpointError(f"{os.path.join(path, s)}: tensor '{name}' is listed in {index_path} but not in the shard")
                 where[name] = s
+        glob_names = archmod.HF_NAMES[arch.names][0]
+        emb_name, head_name = glob_names["embed_tokens"], glob_names["lm_head"]
+        if core_cfg["tie_embeddings"] and emb_name in where and head_name in where:
+            # tie_word_embeddings with an lm_head tensor too: the same values (torch.save writes a tied weight under
+            # both names) tie; different ones are used as the LM head, with transformers 5's warning (it unties)
+            fe, fh = files[where[emb_name]], files[where[head_name]]
+            if fe.info(emb_name)[:2] != fh.info(head_name)[:2] or \
+                    not np.array_equal(np.asarray(fe.get(emb_name)), np.asarray(fh.get(head_name))):
+                warnings.warn(f"{path}: config.json has tie_word_embeddings=true, but '{head_name}' differs from "
+                              f"'{emb_name}': the checkpoint's LM head is used (not tied), as transformers does",
+                              stacklevel=3)
+                core_cfg["tie_embeddings"] = 0
+                hf["tie_word_embeddings"] = False
+            else:
+                where.pop(head_name)  # the same matrix: tied, and not an unused tensor
         if ad is not None:
             if packed is not None and ad.layers:
                 raise NotImplementedError(f"{ad.path}: LoRA on a {packed.name}-quantised base ({path}) is not supported "
@@ -1379,7 +1417,7 @@ class FastModelForCausalLM:
         model = cls(core, hf, arch, gen, dev, want_dtype, path, stats)
         model._context_bytes = context
         model._source = {"kind": kind, "path": path, "ext": ext, "files": stamps, "quant": quant,
-                         "adapter": ad.path if ad is not None else None}
+                         "adapter": ad.path if ad is not None else None, "use_safetensors": use_safetensors}
         model._set_quant(quant, packed)
         return model
 
@@ -2061,7 +2099,8 @@ class FastModelForCausalLM:
                                             quant=src.get("quant"))
             else:
                 new = type(self)._load_safetensors(src["path"], dtype, device, threads, False, None, ext=src["ext"],
-                                                   quant=src.get("quant"), adapter=src.get("adapter"))
+                                                   quant=src.get("quant"), adapter=src.get("adapter"),
+                                                   use_safetensors=src.get("use_safetensors"))
         if new._source["files"] != src["files"]:  # a file changed while it was being read again
             del new
             _check_source(src["files"], what)
@@ -2138,7 +2177,10 @@ class FastModelForCausalLM:
                   "post_attention_layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d),
                   "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (d, q),
                   "q_norm": (c["head_dim"],), "k_norm": (c["head_dim"],),
-                  "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
+                  "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn),
+                  # ChatGLM's fused q|k|v (with its bias) and gate|up, written whole under THUDM's names
+                  "query_key_value": (q + 2 * kv, d), "query_key_value.bias": (q + 2 * kv,),
+                  "dense_h_to_4h": (2 * ffn, d)}
         dt, es = str(self.dtype), self.dtype.itemsize
         entries = []
         if c.get("n_experts"):  # experts written in the hub's per-expert layout (what transformers' save writes)
@@ -2247,6 +2289,14 @@ def _has_safetensors(path):
     # lexists: a FIFO or directory named model.safetensors is then refused by _load_safetensors, not skipped
     return os.path.lexists(os.path.join(path, "model.safetensors")) or \
         os.path.lexists(os.path.join(path, "model.safetensors.index.json"))
+
+
+_ST_FLOAT = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float32"}  # file dtype -> "auto" dtype
+
+
+def _has_torch_bin(path):
+    return os.path.lexists(os.path.join(path, "pytorch_model.bin")) or \
+        os.path.lexists(os.path.join(path, "pytorch_model.bin.index.json"))
 
 
 def _ce_loss(logits, labels):

@@ -213,6 +213,21 @@ def test_gptq_and_awq_chatglm_match_the_dequantised_model(tmp_path, method):
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.parametrize("name", ["chatglm2", "chatglm3"])
+def test_save_pretrained_round_trip(tmp_path, name):
+    """save_pretrained of a ChatGLM model raised a bare KeyError ('query_key_value'); it writes THUDM's names, the
+    fused q|k|v (with bias) and gate|up whole, and its config: loaded back, the same logits bit for bit."""
+    m = load(name)
+    m.save_pretrained(tmp_path / "saved")
+    back = fastload.AutoModel.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True, device="cpu",
+                                              torch_dtype="float32")
+    ids = np.array([[1, 5, 100, 200, 300, 400]])
+    assert np.array_equal(np.asarray(back(ids).logits), np.asarray(m(ids).logits))
+    f = _C.SafetensorsFile(str(tmp_path / "saved" / "model.safetensors"))
+    assert "transformer.encoder.layers.0.self_attention.query_key_value.bias" in f.keys()
+    f.close()
+
+
 def _np_rope(qkv, pos, inv, nh, nkv, hd, rd):
     out = qkv.astype(np.float64).copy().reshape(len(pos), nh + 2 * nkv, hd)
     ang = np.outer(pos.astype(np.float32), inv).astype(np.float32)

@@ -193,3 +193,21 @@ def test_cuda_torch_model_to_cpu_fastload():
     m = fastload.from_hf(hf_model("llama", device="cuda:0"), device="cpu")
     assert m.load_stats["from_hf"]["via_host"] > 0
     assert_logits_close(m(c["single_ids"]).logits, c["single_logits"], atol=ATOL)
+
+
+def test_config_tied_but_lm_head_differs_copies_the_head():
+    """A torch model whose config says tie_word_embeddings but whose lm_head is another matrix (transformers 5
+    unties such a checkpoint): from_hf copied the embedding as the LM head, silently. It copies the head it
+    computes with, and warns."""
+    hf = hf_model("qwen2")  # tied
+    assert hf.config.tie_word_embeddings
+    with torch.no_grad():
+        hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach().clone() * 0.5 + 0.01)
+    ids = torch.tensor([[3, 17, 230, 5, 9]])
+    with pytest.warns(UserWarning, match="lm_head differs"):
+        m = fastload.from_hf(hf)
+    with torch.no_grad():
+        want = hf(ids).logits.float().numpy()
+    np.testing.assert_allclose(np.asarray(m(ids.numpy()).logits), want, atol=ATOL, rtol=0)
+    same = fastload.from_hf(hf_model("qwen2"))  # really tied: no warning, tied
+    assert same.config.tie_word_embeddings

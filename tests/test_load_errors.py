@@ -151,3 +151,53 @@ def test_failed_load_frees_the_core_even_if_the_exception_is_kept(ckpt):
         held += [k for k, v in tb.tb_frame.f_locals.items() if isinstance(v, (fastload._C.Model, fastload._C.SafetensorsFile))]
         tb = tb.tb_next
     assert not held, f"the kept traceback still holds {held}"
+
+
+def test_tied_config_with_a_different_lm_head_uses_it(tmp_path):
+    """tie_word_embeddings=true and an lm_head.weight that differs from the embedding: transformers 5 warns and uses
+    the checkpoint's LM head; fastload tied anyway (logits off) with only an 'unused tensor' warning. The same
+    values (a tied weight saved under both names) stay tied, without a warning."""
+    import warnings
+    import st_util
+    from test_lora import tensors_of
+    src = model_dir("qwen2")
+    t = tensors_of(src / "model.safetensors")
+    head = np.random.default_rng(0).standard_normal(t["model.embed_tokens.weight"].shape).astype(np.float32) * 0.05
+    for d, h, tie in ((tmp_path / "tied", head, True), (tmp_path / "untied", head, False),
+                      (tmp_path / "same", t["model.embed_tokens.weight"], True)):
+        d.mkdir()
+        st_util.write(d / "model.safetensors", {**t, "lm_head.weight": h}, metadata={"format": "pt"})
+        edit = json.load(open(src / "config.json"))
+        edit["tie_word_embeddings"] = tie
+        json.dump(edit, open(d / "config.json", "w"))
+    ids = np.array([[3, 17, 230, 5, 9]])
+    with pytest.warns(UserWarning, match="differs from"):
+        m = load(tmp_path / "tied", torch_dtype="float32")
+    assert np.array_equal(m(ids).logits, load(tmp_path / "untied", torch_dtype="float32")(ids).logits)
+    assert m.config.tie_word_embeddings is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = load(tmp_path / "same", torch_dtype="float32")
+    assert np.array_equal(same(ids).logits, load(src, torch_dtype="float32")(ids).logits)
+
+
+def test_auto_dtype_without_one_in_config_is_the_weights(ckpt):
+    """transformers' "auto" with no dtype in config.json takes the first floating tensor's dtype (the Llama
+    fixture's bfloat16); fastload took float32 (twice the memory, another precision)."""
+    edit_json(ckpt / "config.json", lambda d: (d.pop("dtype", None), d.pop("torch_dtype", None)))
+    assert str(load(ckpt, torch_dtype="auto").dtype) == "bfloat16"
+    assert str(load(model_dir("qwen2"), torch_dtype="auto").dtype) == "float32"  # its config says so
+
+
+def test_hub_cache_found_as_huggingface_hub_finds_it(monkeypatch, tmp_path):
+    from fastload import hub
+    for k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("FL_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", "$FL_TEST_ROOT/home")
+    assert hub.hf_cache_dir() == str(tmp_path / "home" / "hub")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "${FL_TEST_ROOT}/legacy")  # huggingface_hub's older name
+    assert hub.hf_cache_dir() == str(tmp_path / "legacy")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))
+    assert hub.hf_cache_dir() == str(tmp_path / "new")
+    assert hub.hf_cache_dir(cache_dir=tmp_path / "arg") == str(tmp_path / "arg")

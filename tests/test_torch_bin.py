@@ -590,3 +590,57 @@ def test_pickle_mutation_fuzz_bounded(tmp_path):
         for name, dt, shape, off, nb in table:
             assert 0 <= off and off + nb <= len(raw), name
         torchbin.open_file(str(p)).close()
+
+
+# ------------------------------------------------------------------------------------------ which files (2026-12-06)
+def _llama_tensors():
+    from test_lora import tensors_of  # float32 of every tensor of a safetensors file
+    out = {}
+    for p in sorted(model_dir("llama").glob("*.safetensors")):
+        out.update(tensors_of(p))
+    return out
+
+
+def test_single_safetensors_beats_a_stale_index(tmp_path):
+    """transformers reads model.safetensors before model.safetensors.index.json: a sharded save followed by an
+    unsharded one into the same directory leaves the index (and its shards may be gone). fastload read the index:
+    a CheckpointError for the missing shards, or the old shards' model, silently."""
+    import st_util
+    t = _llama_tensors()
+    t["lm_head.weight"] = t["lm_head.weight"] * 2  # the newer, single-file model differs
+    for f in model_dir("llama").iterdir():
+        if f.name.startswith("model") or f.suffix == ".json":
+            shutil.copy(f, tmp_path)
+    st_util.write(tmp_path / "model.safetensors", t, metadata={"format": "pt"})
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "model.safetensors", alone)
+    shutil.copy(tmp_path / "config.json", alone)
+    want = load(alone)(IDS).logits
+    assert np.array_equal(load(tmp_path)(IDS).logits, want)  # the stale shards are there: not read
+    for f in tmp_path.glob("model-*.safetensors"):
+        f.unlink()
+    assert np.array_equal(load(tmp_path)(IDS).logits, want)  # the stale shards are gone: no error
+
+
+def test_use_safetensors_chooses_as_transformers(tmp_path):
+    for f in (BIN / "llama_bin").iterdir():
+        shutil.copy(f, tmp_path)
+    with pytest.raises(FileNotFoundError, match="use_safetensors=True"):
+        load(tmp_path, use_safetensors=True)
+    for f in model_dir("llama").iterdir():
+        if f.name.startswith("model"):
+            shutil.copy(f, tmp_path)
+    assert load(tmp_path)._source["kind"] == "safetensors"
+    m = load(tmp_path, use_safetensors=False)
+    assert m._source["kind"] == "torch_bin" and m.to(dtype="bfloat16")._source["kind"] == "torch_bin"
+    with pytest.raises(TypeError, match="use_safetensors"):
+        load(tmp_path, use_safetensors="yes")
+
+
+def test_bin_beats_a_lone_gguf_beside_it(tmp_path):
+    """transformers reads a GGUF only when gguf_file= names it: a .gguf beside pytorch_model.bin is not the model."""
+    for f in (BIN / "llama_bin").iterdir():
+        shutil.copy(f, tmp_path)
+    (tmp_path / "other.gguf").write_bytes(b"not read")
+    assert load(tmp_path)._source["kind"] == "torch_bin"
