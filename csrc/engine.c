@@ -40,6 +40,7 @@ struct fl_request {
     int32_t *pages;           /* block-table row: the pages of slots [0, n_pages * page) */
     int n_pages, n_reg;       /* pages held; leading pages that are (in) the prefix table */
     int pgen;                 /* bumped whenever its pages are given back (the device block table may be stale) */
+    int step_rows;            /* rows of this decode step (1; more while replaying after a preemption) */
     fl_gen_params p;
     int32_t eos[FL_ENGINE_MAX_EOS];
     void *gen_mem;            /* p's arrays beside eos (biases, begin bans, forced eos), copied: p points here */
@@ -887,28 +888,46 @@ int fl_engine_step(fl_engine *e) {
     qsort(e->run, (size_t)e->n_run, sizeof *e->run, cmp_seq);
     if (e->n_run > e->st.peak_running) e->st.peak_running = e->n_run;
 
-    /* 3. decode rows: every request generating, with a page for its next slot (which may preempt others) */
+    /* 3. decode rows: every request generating, with a page for its next slot (which may preempt others). A request
+     * replaying its generated tokens after a preemption takes the step's spare rows (oldest first), one a token: the
+     * step stores every row's keys and values of a layer before any row's attention reads them, and a row's
+     * arithmetic is a row's whatever the others (CPU: passes of 4 rows through the decode kernels), so k tokens in
+     * one step are the bits of k steps of one token, at a fraction of the time. */
+    int room = e->cfg.max_batch;
+    for (int i = 0; i < e->n_run; i++)
+        if (e->run[i]->state == RQ_DECODE) room--;
+    for (int i = 0; i < e->n_run; i++) {
+        fl_request *r = e->run[i];
+        if (r->state != RQ_DECODE) continue;
+        const int left = r->n_prompt + r->n_out - r->n_cached - 1; /* known tokens before the last one */
+        const int extra = left < room ? left : room > 0 ? room : 0;
+        r->step_rows = 1 + extra;
+        room -= extra;
+    }
     for (;;) {
         fl_request *need = NULL;
-        for (int i = 0; i < e->n_run && !need; i++)
-            if (e->run[i]->state == RQ_DECODE && (e->run[i]->n_cached >> P->shift) >= e->run[i]->n_pages) need = e->run[i];
+        for (int i = 0; i < e->n_run && !need; i++) {
+            fl_request *r = e->run[i];
+            if (r->state == RQ_DECODE && ((r->n_cached + r->step_rows - 1) >> P->shift) >= r->n_pages) need = r;
+        }
         if (!need) break;
-        if (ensure_page(e, need, need->n_cached) == -2) {
+        if (ensure_page(e, need, need->n_cached + need->step_rows - 1) == -2) {
             snprintf(msg, sizeof msg, "the KV cache pool (%d pages of %d tokens) cannot hold this request's %d tokens; "
-                     "give the model more kv_cache_memory", P->n, page, need->n_cached + 1);
+                     "give the model more kv_cache_memory", P->n, page, need->n_cached + need->step_rows);
             finish(e, need, FL_E_NOMEM, msg);
         }
     }
     int B = 0;
-    for (int i = 0; i < e->n_run; i++)
-        if (e->run[i]->state == RQ_DECODE) e->rows[B++] = e->run[i];
-    for (int b = 0; b < B; b++) {
-        fl_request *r = e->rows[b];
-        e->h_tok[b] = r->toks[r->n_cached];
-        e->h_pos[b] = r->n_cached;
-        e->h_starts[b] = r->n_cached;
-        e->h_need[b] = !replaying(r);
-        e->h_greedy[b] = (uint8_t)(plain_greedy(r) || !e->h_need[b]); /* a replayed row's logits stay on the device */
+    for (int i = 0; i < e->n_run; i++) {
+        fl_request *r = e->run[i];
+        if (r->state != RQ_DECODE) continue;
+        for (int j = 0; j < r->step_rows && B < e->cfg.max_batch; j++, B++) {
+            e->rows[B] = r;
+            e->h_tok[B] = r->toks[r->n_cached + j];
+            e->h_pos[B] = e->h_starts[B] = r->n_cached + j;
+            e->h_need[B] = r->n_cached + j + 1 == r->n_prompt + r->n_out; /* the last known token gives a new one */
+            e->h_greedy[B] = (uint8_t)(plain_greedy(r) || !e->h_need[B]); /* a replayed row's logits stay on the device */
+        }
     }
     /* nothing else queued: this step's tokens are read by the next call, after it launched the step after it */
     const int async = la_quiet(e, e->rows, B);

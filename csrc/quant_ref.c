@@ -291,6 +291,15 @@ static float nf4_err(const float *x, int64_t G, float t, const float *mid) {
     return tree32(p);
 }
 
+/* A group whose float16 scale (or int4 offset) would be infinite: every logit would be NaN. Refused, not clipped (a
+ * weight of that size is the checkpoint's, and clipping it would silently change the model). */
+static fl_status scale_overflow(int scheme, int64_t r, int64_t g, float amax) {
+    return fl_err(FL_E_VALUE, "quantisation at load (%s): row %lld, group %lld holds values up to %g, beyond what its "
+                  "float16 scale can express (int8: |w| < ~8.3e6, nf4: |w| <= 65504, int4: a range < ~9.8e5 and "
+                  "|w| <= 65504); load this model without quantisation at load", scheme_name(scheme), (long long)r,
+                  (long long)g, (double)amax);
+}
+
 fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t n, const void *src, fl_dtype st) {
     if (w->dtype != FL_QUANT) return fl_err(FL_E_INTERNAL, "fl_q_quantize_rows: weight is not quantised");
     if (st != FL_F32 && st != FL_F16 && st != FL_BF16)
@@ -313,7 +322,8 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
     float *xb = NULL;  /* int4 / nf4: a group widened to float32 (not needed for a float32 source) */
     if (scheme != FL_QS_INT8 && st != FL_F32 && n > 0 && !(xb = (float *)malloc((size_t)G * sizeof(float))))
         return fl_err(FL_E_NOMEM, "quantisation at load: %lld floats for a group", (long long)G);
-    for (int64_t i = 0; i < n; i++) {
+    fl_status bad = FL_OK;
+    for (int64_t i = 0; i < n && bad == FL_OK; i++) {
         const int64_t r = r0 + i;
         uint8_t *q = (uint8_t *)w->data_d + (size_t)r * (size_t)rowbytes;
         const size_t sb = (size_t)i * (size_t)C;
@@ -342,6 +352,7 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                 float s = fl_f16_to_f32(fl_f32_to_f16((mx - mn) / 15.0f));
                 float m = fl_f16_to_f32(fl_f32_to_f16(mn));
                 if (s != 0.0f) int4_search(x, G, mn, mx, &s, &m);
+                if (isinf(s) || isinf(m)) bad = scale_overflow(scheme, r, g, fmaxf(fabsf(mn), fabsf(mx)));
                 sstore(w->scales_d, L.sdtype, gi, s);
                 sstore(w->zeros_d, L.sdtype, gi, m);
                 const float inv = s == 0.0f ? 0.0f : 1.0f / s;
@@ -356,6 +367,7 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                 for (int64_t c = c0; c < c0 + G; c++) amax = fmaxf(amax, fabsf(src_val(src, st, sb + (size_t)c)));
                 if (scheme == FL_QS_INT8) {
                     const float s = fl_f16_to_f32(fl_f32_to_f16(amax / 127.0f));
+                    if (isinf(s)) bad = scale_overflow(scheme, r, g, amax);
                     sstore(w->scales_d, L.sdtype, gi, s);
                     for (int64_t c = c0; c < c0 + G; c++) {
                         const float x = src_val(src, st, sb + (size_t)c);
@@ -363,6 +375,7 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
                     }
                 } else { /* nf4 */
                     float s = fl_f16_to_f32(fl_f32_to_f16(amax));
+                    if (isinf(s)) bad = scale_overflow(scheme, r, g, amax);
                     if (s != 0.0f) {
                         const float *x = xb;
                         if (st == FL_F32) x = (const float *)src + sb + (size_t)c0;
@@ -384,5 +397,5 @@ fl_status fl_q_quantize_rows(const fl_weight *w, int scheme, int64_t r0, int64_t
         }
     }
     free(xb);
-    return FL_OK;
+    return bad;
 }

@@ -192,7 +192,12 @@ def cmd_perplexity(args):
     model = _load_model(args, ref)
     load_s = time.perf_counter() - t0
     res = evaluate.perplexity(model, tok, text, context=args.context, stride=args.stride)
-    out = {"model": str(ref), "file": args.file, "quant": args.quant or os.environ.get("FASTLOAD_QUANT") or "none",
+    qc = model.quantization_config or {}
+    # what the model holds (a scheme asked for may have been set aside: a GGUF keeps its own blocks, a GPTQ / AWQ
+    # checkpoint its packing), not what was asked
+    held = qc.get("scheme") if qc.get("quant_method") == "fastload" else qc.get("quant_method")
+    out = {"model": str(ref), "file": args.file, "quant": held or "none",
+           "quant_asked": args.quant or os.environ.get("FASTLOAD_QUANT") or "none",
            "device": str(model.device), "dtype": str(model.dtype), "load_seconds": load_s}
     out.update(res)
     if args.json:

@@ -1026,8 +1026,20 @@ class FastModelForCausalLM:
         scheme = quant.scheme if isinstance(quant, quantmod.QuantConfig) and quant.scheme != "none" else None
         if packed is not None:  # GPTQ / AWQ: config.json's own quantization_config (model.config holds it too)
             cfg = dict(packed.config)
+            scheme = None  # a scheme (FASTLOAD_QUANT) was set aside for the checkpoint's own packing (reconcile)
         elif scheme is not None:
             cfg = quant.to_dict()
+            lays = self._core.layouts() if callable(getattr(self._core, "layouts", None)) else []
+            # what the layers got: a group the row's input size is not a multiple of falls back to a smaller one
+            # (SmolLM2's 576 takes int4 g96), and a tied LM head is the float embedding whatever lm_head says
+            if cfg["group_size"]:  # int8 by default: per output channel, no group to report
+                cfg["group_sizes"] = sorted({int(lay["group_size"]) for lay in lays if lay["name"] != "lm_head" and
+                                             lay["dtype"] == scheme})
+            if not any(lay["name"] == "lm_head" for lay in lays) and cfg["lm_head"] != "none":
+                if quant.lm_head not in (None, "none"):
+                    warnings.warn(f"{self.name_or_path}: lm_head={quant.lm_head!r} was asked for, but the LM head is "
+                                  "the tied embedding, which stays in the float dtype", stacklevel=4)
+                cfg["lm_head"] = "none"
         elif gguf and rep.get("quantized_weights"):
             cfg = {"quant_method": "gguf", "gguf": "keep"}
         else:

@@ -144,6 +144,9 @@ class QuantConfig:
             self.lm_head = "none"
         if self.lm_head is not None:
             self.lm_head = _choice(self.lm_head, SCHEMES + ("none",), "QuantConfig lm_head")
+        if self.scheme == "none" and self.lm_head not in (None, "none"):
+            raise ValueError(f"QuantConfig lm_head={self.lm_head!r} with scheme 'none': quantising the LM head alone "
+                             "is not supported (give a scheme, or leave lm_head unset)")
         self.lm_head_group = _group(self.lm_head_group, "QuantConfig lm_head_group")
         self.gguf = _choice(self.gguf, GGUF_MODES, "QuantConfig gguf")
         if self.compute_dtype is not None:
@@ -192,6 +195,7 @@ class QuantConfig:
         if getattr(qm, "value", qm) != "fastload":
             raise ValueError(f"{source}: quant_method={qm!r} is not fastload's")
         flags = {k: d.pop(k) for k in ("load_in_8bit", "load_in_4bit") if k in d}
+        d.pop("group_sizes", None)  # model.quantization_config's report of the groups the layers got
         unknown = sorted(set(d) - set(_QC_KEYS))
         if unknown:
             raise TypeError(f"{source}: unknown key(s) {unknown}; fastload's quantisation settings are "

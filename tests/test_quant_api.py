@@ -864,3 +864,58 @@ def test_scheme_over_a_quantised_gguf_reports_what_it_holds(demo_gguf, tmp_path)
         warnings.simplefilter("error", UserWarning)
         m = load(f32, load_in_8bit=True)
     assert m.is_loaded_in_8bit and m.quantization_config["scheme"] == "int8"
+
+
+# ---- what is reported (a bug hunt, 2026-12-06, fortieth session) -------------------------------------------------
+def _float_dir(tmp_path, arch="llama", tie=None, big=None, **shape):
+    import quant_fixtures as qf
+    cfg = qf.model_config(arch, tie=tie, **shape)
+    w = qf.float_weights(cfg)
+    if big is not None:
+        w["model.layers.0.mlp.down_proj.weight"][0, 0] = big
+    qf._write_dir(str(tmp_path), cfg, w)
+    return tmp_path
+
+
+def test_env_scheme_over_a_gptq_checkpoint_sets_no_flags(tmp_path, monkeypatch):
+    """FASTLOAD_QUANT is set aside for a GPTQ checkpoint's own packing, and the flags said otherwise
+    (is_loaded_in_8bit True on a 4-bit GPTQ model)."""
+    import quant_fixtures as qf
+    path, _ = qf.write_gptq_checkpoint(str(tmp_path / "g"))
+    monkeypatch.setenv("FASTLOAD_QUANT", "int8")
+    m = load(path)
+    assert m.quantization_method == "gptq" and not m.is_loaded_in_8bit and not m.is_loaded_in_4bit
+
+
+@pytest.mark.parametrize("scheme,big", [("nf4", 7e4), ("int8", 1e7), ("int4", 1e7)])
+def test_weight_beyond_float16_scales_is_refused(tmp_path, scheme, big):
+    """A weight whose group scale overflows float16 gave NaN logits, silently; now an error naming the tensor."""
+    d = _float_dir(tmp_path, big=big)
+    assert np.isfinite(logits(load(d, torch_dtype="float32"))).all()
+    with pytest.raises(ValueError, match=r"down_proj\.weight.*float16 scale"):
+        load(d, torch_dtype="float32", quantization_config=Q.QuantConfig(scheme))
+
+
+def test_lm_head_without_a_scheme_is_refused():
+    with pytest.raises(ValueError, match="LM head alone"):
+        Q.QuantConfig("none", lm_head="int8")
+    assert Q.QuantConfig("none", lm_head="none").effective_lm_head == "none"
+
+
+def test_reported_groups_and_tied_head_are_what_the_layers_got(tmp_path):
+    """quantization_config said group_size 128 where the layers took 96 / 80 (rows not a multiple of 128), and
+    lm_head 'int8' for a tied head that stays the float embedding."""
+    d = _float_dir(tmp_path / "w", hidden=192, inter=320, heads=6, head_dim=32)
+    for qc in (Q.QuantConfig("int4"), Q.QuantConfig("nf4")):
+        m = load(d, quantization_config=qc)
+        got = sorted({lay["group_size"] for lay in m._core.layouts() if lay["dtype"] == qc.scheme and
+                      lay["name"] != "lm_head"})
+        assert m.quantization_config["group_sizes"] == got, (qc.scheme, got)
+    m = load(d, quantization_config=Q.QuantConfig("int4"))
+    assert m.quantization_config["group_sizes"] == [80, 96] and m.quantization_config["group_size"] == 128
+    assert Q.QuantConfig.from_dict(m.quantization_config).group_size == 0  # the report reads back
+    tied = _float_dir(tmp_path / "t", arch="qwen2")
+    m = load(tied, load_in_4bit=True)
+    assert m.quantization_config["lm_head"] == "none"
+    with pytest.warns(UserWarning, match="tied embedding"):
+        load(tied, quantization_config=Q.QuantConfig("int4", lm_head="int4"))
