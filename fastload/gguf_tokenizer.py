@@ -1,29 +1,33 @@
 """A Hugging Face `tokenizers` tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata.
 
 A GGUF carries no tokenizer.json: llama.cpp stores the vocabulary, merges, token types and special
-token ids as metadata. `tokenizer_from_gguf` rebuilds from them the same tokenizer that transformers
+token ids as metadata. `tokenizer_from_gguf` rebuilds from them the tokenizer that transformers
 builds when it loads a GGUF (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`, transformers 5.x,
-`integrations/gguf/gguf_tokenizer_mapping.py`), step by step, so that ids and decodes agree exactly:
+`integrations/gguf/gguf_tokenizer_mapping.py`), step by step, except where that differs from llama.cpp,
+the format's own runtime, whose ids are the model's (tests/test_gguf_llamacpp.py holds fastload to llama.cpp's ids;
+tests/test_gguf_tokenizer.py to transformers' elsewhere): the split regexes of every tokenizer.ggml.pre name
+llama.cpp knows, Llama 3's ignore_merges and default BOS, and sentencepiece's dummy prefix (below):
 
 1. the model, by `tokenizer.ggml.model`:
    * "gpt2"  -> byte-level BPE (transformers' GPT2Tokenizer): tokens that use characters outside
      GPT-2's byte alphabet are respelled through it; ByteLevel pre-tokenizer (GPT-2 regex,
      no prefix space) and ByteLevel decoder;
-   * "llama" -> SentencePiece-style BPE (transformers' LlamaTokenizer): byte fallback, fuse_unk,
-     Metaspace("\u2581", prepend_scheme="first", split=False), decoder Replace/ByteFallback/Fuse/Strip;
-     merges from the file, or rebuilt from the token scores when the file has none;
-     for architecture "phi3" the prefix "\u2581" comes from a normalizer instead (as transformers does);
+   * "llama" -> SentencePiece-style BPE (transformers' LlamaTokenizer): byte fallback, fuse_unk, spaces as
+     "\u2581" and, per tokenizer.ggml.add_space_prefix (default true), one "\u2581" before the text and after each
+     special token, from a normalizer (llama.cpp's and sentencepiece's dummy prefix; transformers' Metaspace
+     "first" drops a text's own leading space), decoder Replace/ByteFallback/Fuse/Strip (the Strip only with the
+     prefix); merges from the file, or rebuilt from the token scores when the file has none;
 2. the default special tokens of that transformers class ("<|endoftext|>" for gpt2; "<s>", "</s>",
    "<unk>" for llama) are registered as special added tokens -- appended to the vocabulary if the
    file does not have them (a transformers quirk we reproduce so that ids agree);
 3. tokens of type 3 (control) become special added tokens and tokens of type 4 (user-defined) plain
    added tokens, so that neither is ever split (a byte-level "control" token spelled outside the
    byte alphabet is a llama.cpp mislabel and is skipped, as transformers does);
-4. `tokenizer.ggml.pre` picks the pre-tokenizer split regex (llama3, qwen2, ... table below);
-   unknown names (e.g. "smollm", "default") keep GPT-2's;
+4. `tokenizer.ggml.pre` picks the pre-tokenizer split regexes (llama.cpp's table, below); an unknown name
+   keeps GPT-2's with a warning; the Llama 3 family emits a piece that is a token whole (ignore_merges);
 5. the file's bos/eos/unk/pad tokens are registered as special tokens, then a TemplateProcessing
    post-processor adds BOS/EOS per `tokenizer.ggml.add_bos_token` / `add_eos_token` (a "llama"
-   vocabulary without the flag gets add_bos_token=True, as llama.cpp and transformers do).
+   vocabulary, or one of the Llama 3 family, without the flag gets add_bos_token=True, as llama.cpp does).
 
 Hostile files: the metadata is checked before the tokenizers library sees it (types, array lengths
 against tokenizer.ggml.tokens, ids inside the vocabulary, distinct tokens, merges that use only
@@ -38,6 +42,7 @@ errors="replace" because the Rust side only takes valid Unicode.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -81,15 +86,49 @@ _GPT4O_SPLIT = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# tokenizer.ggml.pre -> split regex (the names transformers 5.x knows; others keep GPT-2's regex)
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LLM_LETTERS = (
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5"
+    "\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba"
+    "\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45"
+    "\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+    "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc"
+    "\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3"
+    "\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06"
+    "\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943]+")
+_FINNISH = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+
+# tokenizer.ggml.pre -> the split regexes, applied in turn as llama.cpp does (llama-vocab.cpp llm_tokenizer_bpe:
+# each splits the pieces the ones before made, keeping the text between matches as pieces too: tokenizers'
+# Split(behavior="isolated") in sequence), then byte-level. llama.cpp's own names; one it does not know is read as
+# GPT-2's split with a warning. (transformers' GGUF loader knows fewer and reads the others as GPT-2's silently:
+# the demo's "smollm" then splits " 1" as one piece where SmolLM2's own tokenizer.json and llama.cpp split digits.)
 GGUF_PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                     "jina-v5-nano", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
+                     "jina-v5-nano", "dbrx", "smaug-bpe", "chatglm-bpe"], (_LLAMA3_SPLIT,)),
+    "tekken": (_TEKKEN_SPLIT,),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"], (_QWEN2_SPLIT,)),
+    "qwen35": (_QWEN35_SPLIT,),
+    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], (_GPT4O_SPLIT,)),
+    **dict.fromkeys(["gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion"], (_GPT2_SPLIT,)),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
+                    (r"\p{N}", _GPT2_SPLIT)),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]"),
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    "deepseek-llm": ("[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+                     r"\s+$", _CJK, r"\p{N}+"),
+    **dict.fromkeys(["poro-chat", "bloom", "gpt3-finnish"], (_FINNISH,)),
+    "viking": (_FINNISH, r"\p{N}"),
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"),
 }
+# llama.cpp (llama_vocab::impl::load): these vocabularies emit a pre-tokenized piece that is itself a token whole,
+# without merging (ignore_merges, as Llama 3's tokenizer.json says), and add BOS when the file does not say
+_LLAMA3_FAMILY = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken")
 
 # Default special tokens of the transformers class each builder hands the vocabulary to, in the
 # order transformers registers them (bos, eos, unk, sep, pad, cls, mask; duplicates once).
@@ -350,7 +389,7 @@ def _merges(meta: _Meta, vocab: dict, tokens: list[str], kind: str) -> list:
     return _merges_from_scores(tokens, scores, meta.source)
 
 
-def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
+def _build_gpt2(tokens: list[str], meta: _Meta, ignore_merges: bool = False) -> Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     _check_unique(meta, tokens)
@@ -362,7 +401,7 @@ def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
     merges = _merges(meta, vocab, tokens, "byte-level")
     with tokenizers_call(meta.source, "building the byte-level BPE model from tokenizer.ggml.*"):
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                            end_of_word_suffix="", fuse_unk=False))
+                            end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
     return tok
@@ -371,18 +410,20 @@ def _build_gpt2(tokens: list[str], meta: _Meta) -> Tokenizer:
 def _build_llama(tokens: list[str], meta: _Meta, architecture: str | None) -> Tokenizer:
     vocab = _check_unique(meta, tokens)
     merges = _merges(meta, vocab, tokens, "sentencepiece")
+    # llama.cpp (llm_tokenizer_spm): spaces become "\u2581", and with tokenizer.ggml.add_space_prefix (default true)
+    # one more is put before the text and after each special token, whatever the text starts with (" Hello" reads
+    # "\u2581\u2581Hello", as sentencepiece's add_dummy_prefix): a normalizer, which tokenizers runs on each piece
+    # between added tokens. (transformers' GGUF loader prepends with Metaspace "first", which drops a text's own
+    # leading space: lossy, and other ids than llama.cpp's.) The decoder strips the one prefix space it added.
+    prefix = meta.flag("tokenizer.ggml.add_space_prefix")
+    prefix = True if prefix is None else bool(prefix)
     with tokenizers_call(meta.source, "building the sentencepiece BPE model from tokenizer.ggml.*"):
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-        tok.normalizer = None
-        # transformers' LlamaTokenizer: add_prefix_space=True, legacy=False -> prepend "first"
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(content=" ", left=1)])
-        if architecture == "phi3":
-            # Phi-3: the prefix comes from a normalizer, not Metaspace (differs on text starting with a space)
-            tok.normalizer = normalizers.Sequence([normalizers.Prepend(prepend="\u2581"),
-                                                   normalizers.Replace(pattern=" ", content="\u2581")])
-            tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence(([normalizers.Prepend(prepend="\u2581")] if prefix else []) +
+                                              [normalizers.Replace(pattern=" ", content="\u2581")])
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()] +
+                                        ([decoders.Strip(content=" ", left=1)] if prefix else []))
     return tok
 
 
@@ -439,7 +480,8 @@ def tokenizer_from_gguf(metadata: dict, source: str = "GGUF metadata") -> tuple[
     add_bos = meta.flag("tokenizer.ggml.add_bos_token")
     add_eos = meta.flag("tokenizer.ggml.add_eos_token")
 
-    tok = _build_gpt2(tokens, meta) if model == "gpt2" else _build_llama(tokens, meta, architecture)
+    tok = _build_gpt2(tokens, meta, ignore_merges=pre in _LLAMA3_FAMILY) if model == "gpt2" else \
+        _build_llama(tokens, meta, architecture)
 
     with tokenizers_call(source, "registering the special and added tokens of tokenizer.ggml.*"):
         # 2. the transformers class's own default special tokens
@@ -458,14 +500,17 @@ def tokenizer_from_gguf(metadata: dict, source: str = "GGUF metadata") -> tuple[
         if user_defined:
             tok.add_tokens(user_defined)
 
-    # 4. split regex by tokenizer.ggml.pre
-    split = GGUF_PRE_TOKENIZER_SPLITS.get(pre)
-    if split is not None:
+    # 4. split regexes by tokenizer.ggml.pre
+    splits = GGUF_PRE_TOKENIZER_SPLITS.get(pre) if model == "gpt2" else None
+    if model == "gpt2" and splits is None:
+        warnings.warn(f"{source}: tokenizer.ggml.pre = {pre!r} is not a pre-tokenizer fastload knows; GPT-2's split "
+                      "is used, which can split some text otherwise than llama.cpp", stacklevel=3)
+        splits = (_GPT2_SPLIT,)
+    if splits is not None:
         with tokenizers_call(source, f"setting up the pre-tokenizer of tokenizer.ggml.pre = {pre!r}"):
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits] +
+                [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
     # 5. the file's special tokens, then BOS/EOS insertion
     with tokenizers_call(source, "setting up BOS/EOS insertion (tokenizer.ggml.bos_token_id / eos_token_id)"):
@@ -478,8 +523,8 @@ def tokenizer_from_gguf(metadata: dict, source: str = "GGUF metadata") -> tuple[
         if to_add:
             tok.add_tokens([AddedToken(s, special=True) for s in to_add])
 
-        if add_bos is None and model == "llama":
-            add_bos = True
+        if add_bos is None and (model == "llama" or pre in _LLAMA3_FAMILY):
+            add_bos = True  # llama.cpp's default for these vocabularies when the file does not say
         add_bos, add_eos = bool(add_bos), bool(add_eos)
         bos, eos = specials["bos_token"][0], specials["eos_token"][0]
         if bos is None:

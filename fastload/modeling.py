@@ -596,11 +596,22 @@ _GGUF_GENERATION_KEYS = (("eos_token_id", "tokenizer.ggml.eos_token_id"), ("bos_
 
 
 def _gguf_generation_config(meta, path) -> GenerationConfig:
-    """A GGUF file's generation settings: eos/bos/pad from its tokenizer.ggml.* metadata (checked token ids)."""
+    """A GGUF file's generation settings: eos/bos/pad from its tokenizer.ggml.* metadata (checked token ids). The
+    end-of-turn and end-of-message tokens (tokenizer.ggml.eot_token_id / eom_token_id: Llama 3's <|eot_id|> /
+    <|eom_id|> where eos is <|end_of_text|>) end generation too, as in llama.cpp (llama_vocab_is_eog) and in the
+    generation_config.json the hub ships beside such models (eos_token_id a list): eos_token_id becomes the list."""
     gen = GenerationConfig()
     for k, mk in _GGUF_GENERATION_KEYS:
         if meta.get(mk) is not None:
             gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+    stops = [gen["eos_token_id"]] if gen.get("eos_token_id") is not None else []
+    for mk in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if meta.get(mk) is not None:
+            t = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+            if t not in stops:
+                stops.append(t)
+    if len(stops) > 1:
+        gen["eos_token_id"] = stops
     return gen
 
 

@@ -41,9 +41,23 @@ def demo_tok(demo_metadata):
     return tokenizer_from_gguf(demo_metadata)
 
 
+# Where fastload follows llama.cpp, the GGUF format's runtime, rather than transformers' GGUF loader (whose ids
+# these fixtures hold): tests/test_gguf_llamacpp.py checks these against llama.cpp's own ids.
+FOLLOWS_LLAMA_CPP = {
+    # tokenizer.ggml.pre "default": llama.cpp's split sequence puts punctuation apart (transformers: GPT-2's regex)
+    ("control_token_with_space", "don't won't it's"),
+    # sentencepiece: llama.cpp's dummy prefix goes before the text whatever it starts with, and after each special
+    # token (transformers' Metaspace "first" drops a text's own leading space and adds none after specials)
+    *((n, t) for n in ("spm_synthetic", "spm_synthetic_no_bos", "spm_synthetic_bos_eos_names")
+      for t in (" hello world", "<s>hello</s>", "<bos>hello<eos><unk>")),
+}
+
+
 def check_cases(tok, cases, label):
     for c in cases:
         text = c["text"]
+        if (label, text) in FOLLOWS_LLAMA_CPP:
+            continue
         got = tok.encode(text, add_special_tokens=True).ids
         assert got == c["ids_add_special"], f"{label}: encode({text!r}, add_special_tokens=True)"
         got = tok.encode(text, add_special_tokens=False).ids
