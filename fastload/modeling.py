@@ -1472,6 +1472,12 @@ class FastModelForCausalLM:
                     float_linear += 1  # what a scheme quantises: the file's float linear weights
                 else:
                     kept.add(tensors[name][1])
+        planned = {it[4] for it in items} | {"rope_freqs.weight"}  # rope_freqs: read into rope_scaling above
+        extra = sorted(set(tensors) - planned)
+        if extra:
+            g.close()
+            raise NotImplementedError(f"{path}: {len(extra)} tensor(s) fastload does not know what to do with for "
+                                      f"{arch.name}: {extra[:4]}; dropping them would run another model than the file's")
         stats = cls._finish(core, items, 1, os.path.basename(path), progress, progress_callback)
         g.close()
         if scheme not in (None, "none") and not quantmod.report(core).get("quantized_weights"):
@@ -2288,7 +2294,25 @@ def _gguf_hf_config(g, path):
     arch, hf = archmod.gguf_config(meta, path)
     tensors = {t[0]: t for t in g.tensors()}
     hf["tie_word_embeddings"] = "output.weight" not in tensors
-    names = archmod.gguf_names(meta["general.architecture"])
+    ga = meta["general.architecture"]
+    names = archmod.gguf_names(ga)
+    hd = int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))
+    rd = meta.get(f"{ga}.rope.dimension_count")
+    if rd is not None and rd != hd:
+        # llama.cpp rotates that many dimensions of a head (and refuses such llama / qwen2 / qwen3 files itself)
+        raise NotImplementedError(f"{path}: {ga}.rope.dimension_count = {rd!r} is not the head size {hd}: rotary "
+                                  "embeddings on part of a head are not supported for GGUF files")
+    if "rope_freqs.weight" in tensors:
+        # convert_hf_to_gguf stores Llama 3.1 / 3.2 rope scaling as per-frequency divisors: read back as the
+        # llama3 rope_scaling that makes them, or refused
+        f = np.asarray(g.dequantize("rope_freqs.weight"), np.float64).reshape(-1)
+        rs = _llama3_from_rope_freqs(f, float(hf.get("rope_theta") or 10000.0), hd, path)
+        if rs is not None:
+            hf["rope_scaling"] = rs
+    biases = sorted(n for n in tensors if n.startswith("blk.") and n.endswith(".bias"))
+    if biases and not (arch.qkv_bias and all(n.rsplit(".", 2)[-2] in ("attn_q", "attn_k", "attn_v") for n in biases)):
+        raise NotImplementedError(f"{path}: tensor '{biases[0]}' ({len(biases)} bias tensors): biases on a {ga!r} GGUF "
+                                  f"are not supported (llama.cpp applies them; fastload would drop them)")
     if "token_embd.weight" in tensors:
         shape = tensors["token_embd.weight"][3]
         if len(shape) != 2:
@@ -2296,6 +2320,51 @@ def _gguf_hf_config(g, path):
         hf["vocab_size"] = int(shape[0])
         names["vocab_size"] = "token_embd.weight rows (vocabulary size)"
     return arch, Config(hf), names, tensors
+
+
+def _llama3_from_rope_freqs(f, theta, head_dim, path):
+    """The llama3 rope_scaling whose per-frequency divisors (convert_hf_to_gguf's rope_freqs.weight, from
+    transformers' _compute_llama3_parameters) are f, or None when every divisor is 1; NotImplementedError when no
+    llama3 setting makes them (factor = the largest divisor; low / high frequency factors and the original context
+    searched among the values Llama 3.x uses)."""
+    n = head_dim // 2
+    if f.shape != (n,) or not np.all(np.isfinite(f)) or (f <= 0).any():
+        raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' must hold {n} positive numbers (head_dim / 2), "
+                              f"got shape {list(f.shape)}")
+    if np.allclose(f, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor = float(f.max())
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    # Llama 3.x's own settings first; else, since the factors depend on orig / (high - low) and low / (high - low)
+    # only, low = 1 with the rest fitted to the smooth part (or placed between the ends when it has one point or none)
+    tries = [(o, lo, hi) for o in (8192, 4096, 2048, 16384, 32768, 65536, 131072)
+             for lo, hi in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0))]
+    mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if factor > 1 and mid.sum() >= 2:
+        sm = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)  # the smooth factor s, linear in 1 / wavelength
+        a, b = np.polyfit(1 / wavelen[mid], sm, 1)
+        if b < 0 < a:
+            tries.append((-a / b, 1.0, 1 - 1 / b))
+    elif factor > 1:
+        lo_w = wavelen[f <= 1 + 1e-6].max(initial=0.0) * 4
+        hi_w = wavelen[f >= factor * (1 - 1e-6)].min(initial=np.inf)
+        if mid.sum() == 1:  # s = (orig / wl - 1) / 3 at that point
+            w1, s1 = wavelen[mid][0], (1 / f[mid][0] - 1 / factor) / (1 - 1 / factor)
+            tries.append((w1 * (3 * s1 + 1), 1.0, 4.0))
+        elif np.isfinite(hi_w) and lo_w < hi_w:
+            tries.append((float(np.sqrt(max(lo_w, 1e-9) * hi_w)), 1.0, 4.0))
+    for orig, low, high in tries:
+        orig, high = int(round(orig)), round(float(high), 6)  # config.json's types: an integer context
+        if orig < 1 or high <= low:
+            continue
+        smooth = (orig / wavelen - low) / (high - low)
+        want = np.where(wavelen < orig / high, 1.0,
+                        np.where(wavelen > orig / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        if np.allclose(f, want, rtol=1e-4, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+                    "high_freq_factor": float(high), "original_max_position_embeddings": orig}
+    raise NotImplementedError(f"{path}: tensor 'rope_freqs.weight' holds per-frequency rope factors that no llama3 "
+                              "rope scaling fastload knows produces; such rope scaling is not supported for GGUF files")
 
 
 def _context_bytes(dev):

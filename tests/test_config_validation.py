@@ -307,9 +307,9 @@ GGUF_META = {
 }
 
 
-def write_gguf(path, changes=None):
+def write_gguf(path, changes=None, extra=None):
     """A one-layer Llama GGUF (f32 weights) with metadata GGUF_META updated by changes
-    ({key: (value, type)} or {key: DROP})."""
+    ({key: (value, type)} or {key: DROP}); extra: {tensor name: float32 array} written too."""
     meta = dict(GGUF_META)
     for k, v in (changes or {}).items():
         if v is DROP:
@@ -333,6 +333,9 @@ def write_gguf(path, changes=None):
                      ("attn_v", (D, KV * HD)), ("attn_output", (HEADS * HD, D)), ("ffn_norm", (D,)),
                      ("ffn_gate", (D, FFN)), ("ffn_up", (D, FFN)), ("ffn_down", (FFN, D))):
         t(f"blk.0.{name}.weight", *ne)
+    for name, a in (extra or {}).items():
+        a = np.asarray(a, np.float32)
+        w.add_tensor(name, a.reshape(-1), GGML.F32, list(a.shape[::-1]))
     return w.write(str(path))
 
 
@@ -400,6 +403,44 @@ def test_bad_gguf_metadata(tmp_path, changes, key, extra):
 def test_gguf_unsupported_rope_scaling_is_not_implemented(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", {"llama.rope.scaling.type": ("yarn", T.STRING)})
     expect(NotImplementedError, lambda: load(path), path, "'yarn'")
+
+
+def _llama3_divisors(factor, low, high, orig, theta=10000.0, hd=HD):
+    """convert_hf_to_gguf's rope_freqs.weight for a llama3 rope_scaling (per-frequency divisors)."""
+    wl = 2 * np.pi * theta ** (np.arange(0, hd, 2) / hd)
+    smooth = (orig / wl - low) / (high - low)
+    return np.where(wl < orig / high, 1.0, np.where(wl > orig / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+
+
+def test_gguf_rope_freqs_read_as_llama3_rope(tmp_path):
+    """Llama 3.1 / 3.2 GGUFs carry their rope scaling as rope_freqs.weight, which was dropped silently (logits ~100%
+    off at any length): read back as the llama3 rope_scaling that makes it, or refused."""
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+    path = write_gguf(tmp_path / "m.gguf", extra={"rope_freqs.weight": _llama3_divisors(8.0, 1.0, 4.0, 16)})
+    m = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="float32")
+    assert m.config["rope_scaling"] == rs
+    ids = np.array([[1, 5, 9, 3, 7, 11, 2, 4, 8, 6, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])
+    plain = write_gguf(tmp_path / "p.gguf")
+    want = fastload.AutoModelForCausalLM.from_pretrained(plain, device_map="cpu", torch_dtype="float32",
+                                                         rope_scaling=rs)(ids).logits
+    assert np.array_equal(np.asarray(m(ids).logits), np.asarray(want))
+    unscaled = fastload.AutoModelForCausalLM.from_pretrained(plain, device_map="cpu", torch_dtype="float32")
+    assert not np.allclose(np.asarray(unscaled(ids).logits), np.asarray(want), atol=1e-4)
+    odd = write_gguf(tmp_path / "o.gguf", extra={"rope_freqs.weight": np.array([1, 1, 1, 1, 8, 8, 8, 8.0])})
+    expect(NotImplementedError, lambda: load(odd), odd, "rope_freqs.weight")
+
+
+def test_gguf_tensors_it_would_drop_are_refused(tmp_path):
+    """q/k/v biases on a llama GGUF (llama.cpp applies them), a partial rotary dimension count, any other tensor
+    the model does not read: refused, naming it (they were dropped or ignored: another model than the file's)."""
+    bias = write_gguf(tmp_path / "b.gguf", extra={"blk.0.attn_q.bias": np.zeros(HEADS * HD)})
+    expect(NotImplementedError, lambda: load(bias), bias, "blk.0.attn_q.bias")
+    rd = write_gguf(tmp_path / "r.gguf", {"llama.rope.dimension_count": (HD // 2, T.UINT32)})
+    expect(NotImplementedError, lambda: load(rd), rd, "rope.dimension_count")
+    assert load(write_gguf(tmp_path / "ok.gguf", {"llama.rope.dimension_count": (HD, T.UINT32)}))
+    other = write_gguf(tmp_path / "x.gguf", extra={"blk.0.attn_sub_norm.weight": np.ones(D)})
+    expect(NotImplementedError, lambda: load(other), other, "attn_sub_norm")
 
 
 def test_gguf_unsupported_architecture_is_not_implemented(tmp_path):
