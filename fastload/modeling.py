@@ -615,6 +615,9 @@ def _gguf_generation_config(meta, path) -> GenerationConfig:
     return gen
 
 
+_GLM_REWRITE = "[[训练时间]]"
+
+
 def _is_gguf(real) -> bool:
     with open(real, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -1778,10 +1781,18 @@ class FastModelForCausalLM:
         response = tokenizer.decode(np.asarray(out)[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         return response, self._chat_history(history, query, response, role)
 
-    def stream_chat(self, tokenizer, query, history=None, role="user", system=None, **gen_kwargs):
+    def stream_chat(self, tokenizer, query, history=None, role="user", system=None, past_key_values=None,
+                    return_past_key_values=False, **gen_kwargs):
         """ChatGLM-style streaming chat: yields (response so far, history) as text arrives. Bad arguments raise
         here before any thread starts; an error in the generating thread is raised here at once (the streamer
-        carries it)."""
+        carries it). THUDM's demo loop passes past_key_values back in and asks return_past_key_values=True: accepted,
+        and the triples (response, history, None) are yielded; fastload keeps no cache for the caller (the engine's
+        prefix cache already reuses the pages of the conversation so far), so what is passed is not read."""
+        del past_key_values  # see the docstring
+        if return_past_key_values:
+            for response, hist in self.stream_chat(tokenizer, query, history, role, system, **gen_kwargs):
+                yield response, hist, None
+            return
         if getattr(tokenizer, "chatglm_version", None):
             yield from self._glm_stream_chat(tokenizer, query, history, role, system, gen_kwargs)
             return
@@ -1896,18 +1907,28 @@ class FastModelForCausalLM:
         th = threading.Thread(target=run, daemon=True, name="fastload-stream_chat")
         th.start()
         finished = False
+        ids, pending = [], False
         try:
             for ids in streamer:
                 text = tokenizer.decode(ids[:-1] if ids[-1] in kw["eos_token_id"] else ids)
                 if text and text[-1] != "\ufffd":
-                    yield self._glm_response(tokenizer, ids, kw["eos_token_id"], query, history, role)
+                    try:
+                        out = self._glm_response(tokenizer, ids, kw["eos_token_id"], query, history, role)
+                    except ValueError:  # a ChatGLM3 tool call not complete yet: read once it is (or at the end)
+                        pending = True
+                        continue
+                    pending = False
+                    yield out
             finished = True
+            if pending:  # the whole reply, read as chat() reads it (a malformed tool call raises here, as there)
+                yield self._glm_response(tokenizer, ids, kw["eos_token_id"], query, history, role)
         finally:
             if not finished:
                 streamer.cancel()
         th.join()
 
     # ------------------------------------------------------------------ FastLLM's API
+    # (_GLM_REWRITE: the placeholder ChatGLM's replies rewrite, see _glm_response)
     def _own_tokenizer(self):
         """The model's own tokenizer (FastLLM's models carry one): loaded once from where the model came from."""
         tok = getattr(self, "_tokenizer", None)
@@ -1938,11 +1959,32 @@ class FastModelForCausalLM:
         """FastLLM's model.stream_response: yields the answer as it is generated, each new piece (one_by_one=True,
         FastLLM's default) or the whole answer so far. Closing the generator stops the generation."""
         kw = self._fastllm_kwargs(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, gen_kwargs)
-        prev = ""
+        sent, last = "", ""
         for resp, _ in self.stream_chat(self._own_tokenizer(), query, history=history, **kw):
-            if resp != prev:
-                yield resp[len(prev):] if one_by_one and resp.startswith(prev) else resp
-                prev = resp
+            last = resp
+            if not one_by_one:
+                if resp != sent:
+                    yield resp
+                    sent = resp
+                continue
+            if not isinstance(resp, str):  # a ChatGLM3 tool call (a dict) comes whole, at the end
+                continue
+            # ChatGLM's reply rewrites "[[训练时间]]" once it is complete: a piece that may still become it waits,
+            # so that the pieces always add up to response()
+            stable = resp
+            for k in range(len(_GLM_REWRITE) - 1, 0, -1):
+                if stable.endswith(_GLM_REWRITE[:k]):
+                    stable = stable[:-k]
+                    break
+            if stable.startswith(sent) and len(stable) > len(sent):
+                yield stable[len(sent):]
+                sent = stable
+        if one_by_one:
+            if isinstance(last, str):
+                if last.startswith(sent) and last != sent:
+                    yield last[len(sent):]
+            else:
+                yield last
 
     def _engine_handle(self):
         if self._engine is None:

@@ -445,3 +445,55 @@ def test_tool_call_is_parsed_not_run():
     assert _tool_call_args("tool_call(city='北京', n=3)") == {"city": "北京", "n": 3}
     with pytest.raises(ValueError):
         _tool_call_args("__import__('os').system('true')")
+
+
+# ---- streamed replies that ChatGLM's post-processing reads (a bug hunt, 2026-12-06, fortieth session) ------------
+def _scripted(model, tok, reply_ids):
+    """model.generate replaced by one that streams a fixed reply (the tiny fixtures' random weights cannot produce a
+    tool call or ChatGLM's placeholder); everything after generate is fastload's own code."""
+    def fake_generate(input_ids=None, attention_mask=None, streamer=None, **kw):
+        ids = np.asarray(input_ids)
+        if streamer is not None:
+            streamer.put(ids)
+            for t in reply_ids:
+                streamer.put(np.array([t]))
+            streamer.end()
+        return np.concatenate([ids, np.array([reply_ids])], axis=1)
+    model.generate = fake_generate
+
+
+def test_glm3_stream_chat_streams_a_tool_call():
+    """A tool-call reply raised ValueError in stream_chat as soon as its name line was complete (the call's text was
+    read before it was whole); chat() parsed it. Now the last item equals chat()'s."""
+    from fastload import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(FIX / "chatglm3"), trust_remote_code=True)
+    model = load("chatglm3")
+    _scripted(model, tok, tok.sp_encode("get_weather\n```python\ntool_call(location='Beijing')\n```") +
+              [tok.get_command("<|observation|>")])
+    tools = [{"name": "get_weather", "description": "weather",
+              "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}]
+    history = [{"role": "system", "content": "Answer using tools.", "tools": tools}]
+    want, _ = model.chat(tok, "Weather in Beijing?", history=history)
+    assert want == {"name": "get_weather", "parameters": {"location": "Beijing"}}
+    *_, (last, hist) = list(model.stream_chat(tok, "Weather in Beijing?", history=history))
+    assert last == want and hist[-1]["metadata"] == "get_weather"
+    # THUDM's demo loop: past_key_values passed back in, triples out
+    past = None
+    for resp, hist, past in model.stream_chat(tok, "Weather in Beijing?", history=history, past_key_values=past,
+                                              return_past_key_values=True):
+        pass
+    assert resp == want and past is None
+
+
+def test_stream_response_pieces_add_up_when_the_placeholder_is_rewritten():
+    """ChatGLM rewrites '[[训练时间]]' once it is complete: stream_response(one_by_one=True) then yielded the whole
+    answer again (the pieces held it twice); a piece that may still become the placeholder now waits."""
+    from fastload import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(FIX / "chatglm2"), trust_remote_code=True)
+    model = load("chatglm2")
+    model._tokenizer = tok
+    _scripted(model, tok, tok.sp_encode("我的训练数据截止到[[训练时间]]。") + [2])
+    full = model.response("你是谁")
+    assert full == "我的训练数据截止到2023年。"
+    assert "".join(model.stream_response("你是谁", one_by_one=True)) == full
+    assert list(model.stream_response("你是谁", one_by_one=False))[-1] == full
