@@ -201,7 +201,8 @@ def cmd_perplexity(args):
            "device": str(model.device), "dtype": str(model.dtype), "load_seconds": load_s}
     out.update(res)
     if args.json:
-        print(json.dumps(out, indent=1))
+        from .bench import json_safe
+        print(json.dumps(json_safe(out), indent=1, allow_nan=False))  # inf word perplexity: null, strict JSON
         return
     how = ("rolling windows (lm-evaluation-harness)" if res["method"] == "rolling"
            else f"strided sliding window (transformers' guide), stride {res['stride']}")
@@ -228,7 +229,8 @@ def model_report(model) -> dict:
 def cmd_info(args):
     import fastload
     out = fastload.info()
-    if args.model or args.quant:
+    # a model is loaded when one of the options about it is given (they were ignored without --model / --quant)
+    if args.model or args.quant or args.device or args.dtype or getattr(args, "kv_cache_dtype", None):
         out["model"] = model_report(_load_model(args, _model_ref(args)))
     print(json.dumps(out, indent=1, default=str))
 
@@ -247,7 +249,7 @@ def main(argv=None):
         sp.set_defaults(fn=fn)
         if name in ("generate", "chat", "perplexity", "fetch-demo", "info"):
             sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model"
-                                            + ("; info loads a model only when --model or --quant is given)"
+                                            + ("; info loads a model only when --model, --quant, --device, --dtype or --kv-cache-dtype is given)"
                                                if name == "info" else ")"))
         if name in ("generate", "chat", "perplexity", "info"):
             sp.add_argument("--device", default=None, type=cli_device,

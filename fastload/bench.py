@@ -275,6 +275,18 @@ def environment(device=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def json_safe(v):
+    """v with every non-finite float as None: strict JSON has no Infinity / NaN (a one-word text's word perplexity
+    overflows to inf), and json.dumps would write them as bare tokens other parsers refuse."""
+    if isinstance(v, float):
+        return v if v == v and v not in (float("inf"), float("-inf")) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 class Outputs:
     """The outputs directory: checked before any work (so that a bad one fails in a second, not after the run),
     created at the end, each file written to a temporary name and renamed once all are written."""
@@ -316,7 +328,8 @@ class Outputs:
             doc = dict(meta)
             doc["columns"] = list(columns)
             doc["rows"] = rows
-            text = {"csv": buf.getvalue(), "json": json.dumps(doc, indent=1, default=str) + "\n"}
+            text = {"csv": buf.getvalue(), "json": json.dumps(json_safe(doc), indent=1, default=str,
+                                                              allow_nan=False) + "\n"}
             final = {}
             for ext in ("csv", "json"):
                 final[ext] = os.path.join(self.path, f"{stem}.{ext}")
@@ -363,7 +376,8 @@ def _stem(kind, ref):
     ref = str(ref)
     name = os.path.basename(os.path.normpath(ref)) if os.path.exists(ref) else ref.replace("/", "__")
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "model"
-    return f"{kind}_{name}_{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    # microseconds: two runs in one second must not write over each other
+    return f"{kind}_{name}_{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S-%f')}"
 
 
 def _fmt(v):
@@ -491,12 +505,19 @@ def _sync(device):
 
 
 def _quant_name(args, model):
+    """What the model holds (not what was asked: a scheme over a GGUF's own blocks or a GPTQ / AWQ checkpoint is set
+    aside): the at-load scheme (int8 / int4 / nf4), the checkpoint's method (gptq, awq, gguf), else "none"; a
+    transformers peer's quantization_config object by its method."""
     q = getattr(model, "quantization_config", None)
-    if getattr(args, "quant", None):
-        return args.quant
     if q is None:
-        return os.environ.get("FASTLOAD_QUANT") or "none"
-    return getattr(q, "quant_method", None) or (q.get("quant_method") if isinstance(q, dict) else None) or str(q)
+        return "none"
+    if isinstance(q, dict):
+        return (q.get("scheme") if q.get("quant_method") == "fastload" else q.get("quant_method")) or str(q)
+    if getattr(q, "load_in_8bit", False):
+        return "bnb-int8"
+    if getattr(q, "load_in_4bit", False):
+        return f"bnb-{getattr(q, 'bnb_4bit_quant_type', '4bit')}"
+    return str(getattr(q, "quant_method", None) or q)
 
 
 def _peer_missing(name="transformers"):
@@ -534,6 +555,9 @@ def load_transformers(ref, args):
     flash_attn is installed, else sdpa); device_map auto on a GPU, else cpu."""
     import torch
     import transformers
+    threads = getattr(args, "threads", None)
+    if threads:  # --threads holds for the peer too (torch took every core while fastload had the ones asked for)
+        torch.set_num_threads(int(threads))
     path, extra = _hf_source(ref)
     dt = args.dtype or "auto"
     ver = tuple(int(x) for x in (transformers.__version__.split(".") + ["0", "0"])[:2] if x.isdigit())
@@ -1028,10 +1052,16 @@ def cmd_concurrency(args):
     ask(queries[0])  # warm-up: first touch of the weights, the thread team
     modes = [("loop", 1)] + [(f"pool({w})", w) for w in workers]
     walls = {m: [] for m, _ in modes}
-    answers, memory = {}, {}
+    answers, memory, generated = {}, {}, {}
+
+    def made():  # tokens the engine generated so far: a decode row each (wasted / replayed rows not), plus the
+        st = model.engine_stats() or {}  # first token of each request, from its prompt
+        return (st.get("decode_rows", 0) - st.get("wasted_rows", 0) - st.get("replayed_tokens", 0),
+                st.get("prefill_tokens", 0))
     for _ in range(repeat):  # interleaved: a change in the machine's load hits every mode alike
         for mode, w in modes:
             _reset_peaks(device)
+            before = made()[0]
             t0 = time.perf_counter()
             if mode == "loop":
                 got = [ask(q) for q in queries]
@@ -1039,6 +1069,7 @@ def cmd_concurrency(args):
                 with ThreadPoolExecutor(max_workers=w) as ex:
                     got = list(ex.map(ask, queries))
             walls[mode].append(time.perf_counter() - t0)
+            generated.setdefault(mode, made()[0] - before + len(queries))
             now, peak, kind = _memory_now(device, model)
             prev = memory.get(mode)
             memory[mode] = (now, max(peak or 0, prev[1] or 0) if prev else peak, kind)
@@ -1054,7 +1085,7 @@ def cmd_concurrency(args):
     for mode, w in modes:
         got, wall = answers[mode], statistics.median(walls[mode])
         now, peak, kind = memory[mode]
-        ntok = sum(len(np.asarray(tok(a, add_special_tokens=False)["input_ids"]).reshape(-1)) for a in got)
+        ntok = generated[mode]
         rows.append({"mode": "for-loop" if mode == "loop" else f"ThreadPoolExecutor({w})", "workers": w,
                      "queries": len(queries), "runs": repeat, "wall_s": round(wall, 4),
                      "walls_s": [round(x, 4) for x in walls[mode]], "new_tokens": ntok,
@@ -1071,7 +1102,10 @@ def cmd_concurrency(args):
             "ThreadPoolExecutor, then torch.cuda's memory report)", "model": str(ref), "environment":
             environment(device), "load_seconds": load_s, "max_new_tokens": mnt, "greedy": True, "repeat": repeat,
             "queries_list": queries, "answers": shown_answers, "model_memory": model.memory_stats(),
-            "new_tokens": "tokens of the answers re-encoded (the eos a finished answer ends with is not counted)",
+            "new_tokens": "tokens the engine generated for the answers in one run (engine_stats: decode rows, less any "
+                          "computed for nothing or replayed after a preemption, plus each request's first token; an "
+                          "answer's final eos included); re-encoding the answers' text miscounted (U+FFFD of a cut "
+                          "character, stripped spaces)",
             "wall_s": f"median of {repeat} run(s) per mode, modes interleaved (walls_s: every run)",
             "notes": []}
     return _finish(out, "concurrency", ref, rows, CONC_COLUMNS, meta,
@@ -1141,8 +1175,8 @@ def perplexity_modes(path, tok, text, modes, device=None, context=None, generate
     def score(name, model, how, extra=None):
         _reset_peaks(device)
         r = evaluate.perplexity(model, tok, text, context=context)
+        ms = model.memory_stats()  # the scoring's peak: before the decode-speed test makes the engine's KV pool
         dec = _decode_speed(model, tok, generate_length)
-        ms = model.memory_stats()
         row = {"how": how, "device": str(model.device), "dtype": str(model.dtype), **weights_info(model),
                **{k: r[k] for k in ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                                     "loglikelihood", "tokens", "words", "bytes", "windows", "seconds",
