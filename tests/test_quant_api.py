@@ -887,13 +887,20 @@ def test_env_scheme_over_a_gptq_checkpoint_sets_no_flags(tmp_path, monkeypatch):
     assert m.quantization_method == "gptq" and not m.is_loaded_in_8bit and not m.is_loaded_in_4bit
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not fastload.cuda.is_available(), reason="no CUDA device here"))])
 @pytest.mark.parametrize("scheme,big", [("nf4", 7e4), ("int8", 1e7), ("int4", 1e7)])
-def test_weight_beyond_float16_scales_is_refused(tmp_path, scheme, big):
-    """A weight whose group scale overflows float16 gave NaN logits, silently; now an error naming the tensor."""
+def test_weight_beyond_float16_scales_is_refused(tmp_path, scheme, big, device):
+    """A weight whose group scale overflows float16 gave NaN logits, silently; now an error naming the tensor, from
+    the CPU's quantiser and the CUDA one alike."""
     d = _float_dir(tmp_path, big=big)
     assert np.isfinite(logits(load(d, torch_dtype="float32"))).all()
     with pytest.raises(ValueError, match=r"down_proj\.weight.*float16 scale"):
-        load(d, torch_dtype="float32", quantization_config=Q.QuantConfig(scheme))
+        load(d, torch_dtype="float32", device_map=device, quantization_config=Q.QuantConfig(scheme))
+    if device == "cuda":  # the device's overflow record was reset: the next load is clean
+        d2 = _float_dir(tmp_path / "ok")
+        assert np.isfinite(logits(load(d2, torch_dtype="float32", device_map=device,
+                                       quantization_config=Q.QuantConfig(scheme)))).all()
 
 
 def test_lm_head_without_a_scheme_is_refused():

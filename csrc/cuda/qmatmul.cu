@@ -1608,6 +1608,10 @@ __device__ float nf4_err(const ST *__restrict__ x, int gs, int lane, float t, co
     return warp_sum32(p);
 }
 
+// The first (row, group) index whose float16 scale (or int4 offset) came out infinite: every logit would be NaN. The
+// host reads and resets it after each quantize call (fl_cuda_quantize) and refuses the weight, as fl_q_quantize_rows.
+__device__ unsigned long long g_qoverflow = ~0ull;
+
 template <typename ST>
 __global__ void __launch_bounds__(QD_THREADS)
 qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, int64_t C, int gs, int scheme,
@@ -1654,6 +1658,7 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
         if (lane == 0) {
             sstore(scales, s);
             sstore(zeros, m);
+            if (isinf(s) || isinf(m)) atomicMin(&g_qoverflow, (unsigned long long)si);
         }
         uint8_t *qr = q + r * (C / 2) + c0 / 2;
         const float inv = s == 0.0f ? 0.0f : ieee_div(1.0f, s);
@@ -1673,7 +1678,10 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
         for (int o = 16; o > 0; o >>= 1) amax = ieee_max(amax, __shfl_xor_sync(0xffffffffu, amax, o));
         if (scheme == FL_QS_INT8) {
             const float s = f16_round(ieee_div(amax, 127.0f));
-            if (lane == 0) sstore(scales, s);
+            if (lane == 0) {
+                sstore(scales, s);
+                if (isinf(s)) atomicMin(&g_qoverflow, (unsigned long long)si);
+            }
             uint8_t *qr = q + r * C + c0;
             for (int j = lane; j < gs; j += 32)
                 qr[j] = s == 0.0f ? 128
@@ -1682,7 +1690,10 @@ qquantize_kernel(uint8_t *__restrict__ q, void *scales, void *zeros, int s32, in
         } else {  // nf4
             float s = f16_round(amax);
             if (s != 0.0f && err_below(nf4_err(x, gs, lane, -s, mid), nf4_err(x, gs, lane, s, mid))) s = -s;
-            if (lane == 0) sstore(scales, s);
+            if (lane == 0) {
+                sstore(scales, s);
+                if (isinf(s)) atomicMin(&g_qoverflow, (unsigned long long)si);
+            }
             uint8_t *qr = q + r * (C / 2) + c0 / 2;
             for (int j = 2 * lane; j < gs; j += 64) {
                 unsigned k[2];
@@ -2504,6 +2515,20 @@ fl_status fl_cuda_quantize(fl_backend *be, const fl_weight *W, int scheme, int64
     default:
         return fl_err(FL_E_UNSUPPORTED, "CUDA quantize: source dtype %s (float32, float16 or bfloat16)",
                       fl_cuda_dtype_name(src_dtype));
+    }
+    // a scale that overflowed float16: refused as on the CPU (one small read; the loader waits per batch anyway)
+    unsigned long long bad = ~0ull;
+    FL_CUDA_CHECK(cudaMemcpyFromSymbolAsync(&bad, g_qoverflow, sizeof bad, 0, cudaMemcpyDeviceToHost, c->stream));
+    FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    if (bad != ~0ull) {
+        const unsigned long long reset = ~0ull;
+        FL_CUDA_CHECK(cudaMemcpyToSymbolAsync(g_qoverflow, &reset, sizeof reset, 0, cudaMemcpyHostToDevice, c->stream));
+        FL_CUDA_CHECK(cudaStreamSynchronize(c->stream));
+        return fl_err(FL_E_VALUE, "quantisation at load (%s): row %lld, group %lld holds values beyond what its float16 "
+                      "scale can express (int8: |w| < ~8.3e6, nf4: |w| <= 65504, int4: a range < ~9.8e5 and "
+                      "|w| <= 65504); load this model without quantisation at load",
+                      scheme == FL_QS_INT8 ? "int8" : scheme == FL_QS_INT4 ? "int4" : "nf4", (long long)(bad / ng),
+                      (long long)(bad % ng));
     }
     return FL_OK;
 }
