@@ -44,6 +44,19 @@ def cli_port(v):
     return n
 
 
+def cli_int_at_least(lo):
+    """An argparse type: an integer >= lo (checked before any model loads, in argparse's error form)."""
+    def check(v):
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    return check
+
+
 def _text_arg(text, what):
     """A prompt from argv or stdin as UTF-8 text: bytes that are not UTF-8 reach Python as lone surrogates
     (surrogateescape), which the tokenizer would refuse with a TypeError naming nothing the user typed."""

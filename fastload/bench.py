@@ -38,8 +38,7 @@ Real-scale commands (a GPU machine; Qwen2.5-7B-Instruct; see README "Benchmarks 
       --context_length 1 6144 14336 30720 --generate_length 2048 --gpus 0 --peer transformers \\
       --outputs_dir outputs/speed
   python -m fastload bench load --model Qwen/Qwen2.5-7B-Instruct --repeat 3 --peer transformers
-  python -m fastload bench concurrency --model Qwen/Qwen2.5-7B-Instruct --max_new_tokens 256  (ChatGLM2 itself is not an
-      architecture fastload loads)
+  python -m fastload bench concurrency --model THUDM/chatglm2-6b --max_new_tokens 256   (the field report's model)
   python -m fastload bench perplexity --model Qwen/Qwen2.5-7B-Instruct --context 2048
 """
 from __future__ import annotations

@@ -63,7 +63,10 @@ MAX_LOGPROBS = 20  # the engine's FL_MAX_TOP_LOGPROBS (csrc/fl_model.h)
 _UNSUPPORTED = ("echo", "tools", "functions", "function_call", "tool_choice", "suffix", "prediction", "audio",
                 "modalities", "best_of_n", "use_beam_search", "length_penalty", "guided_json", "guided_regex",
                 "guided_choice", "guided_grammar", "structured_outputs", "allowed_token_ids",
-                "prompt_logprobs", "truncate_prompt_tokens")
+                "prompt_logprobs", "truncate_prompt_tokens", "include_stop_str_in_output", "continue_final_message",
+                "chat_template", "chat_template_kwargs", "logits_processors", "return_tokens_as_token_ids")
+# vLLM's fields whose default (true) is what this server does: false would change the answer, and is refused
+_UNSUPPORTED_FALSE = ("add_generation_prompt", "skip_special_tokens", "spaces_between_special_tokens")
 
 
 class ServeError(Exception):
@@ -282,6 +285,10 @@ class Server:
             v = body.get(k)
             if v not in (None, False, [], {}, 0, ""):
                 raise _bad(f"{k} is not supported by this server", k, "unsupported_parameter")
+        for k in _UNSUPPORTED_FALSE:
+            if body.get(k, True) is not True and body.get(k) is not None:
+                raise _bad(f"{k}={body.get(k)!r} is not supported by this server (it always does {k}=true)", k,
+                           "unsupported_parameter")
         rf = body.get("response_format")
         if rf is not None and rf != {"type": "text"}:
             raise _bad("response_format other than {\"type\": \"text\"} is not supported by this server",
@@ -405,9 +412,13 @@ class Server:
                 raise _bad("stop_token_ids must be a list of token ids in the vocabulary", "stop_token_ids",
                            "invalid_value")
             kw["eos_token_id"] = kw["eos_token_id"] + [t for t in sti if t not in kw["eos_token_id"]]
+        # a sampling-only field given without temperature samples at the model's temperature (1.0 unless its
+        # generation config says otherwise), as vLLM samples at its default 1.0: top_k, min_p and typical_p were
+        # accepted and changed nothing when the model's own default was greedy
+        sampling_only = any(body.get(k) is not None for k in ("top_k", "min_p", "typical_p"))
         if temp is not None and temp < 1e-5:  # vLLM's _SAMPLING_EPS: greedy (what the limit T -> 0 is)
             kw["do_sample"] = False
-        elif temp is not None or top_p is not None:
+        elif temp is not None or top_p is not None or sampling_only:
             kw["do_sample"] = True
             if temp is not None:
                 kw["temperature"] = temp
@@ -693,7 +704,8 @@ class Server:
         async def http_error(request, exc):
             typ = "invalid_request_error" if exc.status_code < 500 else "server_error"
             return JSONResponse({"error": {"message": str(exc.detail), "type": typ, "param": None,
-                                           "code": None}}, status_code=exc.status_code)
+                                           "code": None}}, status_code=exc.status_code,
+                                headers=getattr(exc, "headers", None))  # a 405's Allow (RFC 9110 15.5.6)
 
         async def server_error(request, exc):
             return JSONResponse({"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error",
@@ -800,7 +812,7 @@ def _model_id(ref):
 
 
 def add_parser(sub):
-    from .__main__ import cli_device, cli_dtype, cli_port
+    from .__main__ import cli_device, cli_dtype, cli_int_at_least, cli_port
     sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model)")
@@ -816,11 +828,12 @@ def add_parser(sub):
                          "same pool); default FASTLOAD_KV_CACHE_DTYPE, else auto")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=cli_port, default=8000)
-    sp.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=32,
+    sp.add_argument("--max-queue", "--max_queue", dest="max_queue", type=cli_int_at_least(0), default=32,
                     help="requests allowed to wait for a worker; more get 429 (default 32)")
-    sp.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=int, default=None,
+    sp.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", type=cli_int_at_least(1),
+                    default=None,
                     help="requests generating at once (worker threads; their steps are batched by the engine; "
-                         "default: the engine's max_num_seqs, 64)")
+                         "default: the engine's max_num_seqs, 64 on CUDA, 16 on the CPU)")
     sp.add_argument("--served-model-name", dest="served_model_name", default=None,
                     help="the model id in /v1/models and answers (default: the file or directory name)")
     sp.add_argument("--log-level", dest="log_level", default="info",
@@ -834,13 +847,9 @@ def cmd_serve(args):
         import starlette  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"python -m fastload serve needs the [serve] extra: pip install 'fastload[serve]' ({e})")
-    if args.max_queue < 0:
-        raise SystemExit(f"--max-queue must be >= 0, got {args.max_queue}")
     from .__main__ import _load, _model_ref
     ref = _model_ref(args)
     tok, model = _load(args)
-    if args.max_concurrency is not None and args.max_concurrency < 1:
-        raise SystemExit(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     server = Server(model, tok, model_id=args.served_model_name or _model_id(ref), max_queue=args.max_queue,
                     aliases=(str(ref),), concurrency=args.max_concurrency)
     print(f"fastload serve: {server.model_id} on http://{args.host}:{args.port}/v1", flush=True)

@@ -278,6 +278,12 @@ def _post(server, path, content):
     (json.dumps({"messages": Q, "logit_bias": [1]}), "logit_bias"),
     (json.dumps({"messages": Q, "response_format": {"type": "json_object"}}), "response_format"),
     (json.dumps({"messages": Q, "tools": [{"type": "function"}]}), "tools"),
+    # vLLM fields that would change the answer (they were accepted and ignored)
+    (json.dumps({"messages": Q, "stop": "x", "include_stop_str_in_output": True}), "include_stop_str_in_output"),
+    (json.dumps({"messages": Q, "continue_final_message": True}), "continue_final_message"),
+    (json.dumps({"messages": Q, "add_generation_prompt": False}), "add_generation_prompt"),
+    (json.dumps({"messages": Q, "skip_special_tokens": False}), "skip_special_tokens"),
+    (json.dumps({"messages": Q, "chat_template": "{{ messages }}"}), "chat_template"),
     (json.dumps({"messages": Q, "stop_token_ids": ["a"]}), "stop_token_ids"),
     (json.dumps({"messages": Q, "bad_words": "x"}), "bad_words"),
     (json.dumps({"messages": Q, "typical_p": 0}), "typical_p"),
@@ -448,6 +454,12 @@ def test_cli_parses_serve():
     add_parser(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["serve", "--port", "9", "--max-queue", "3", "--quant", "int8", "--host", "0.0.0.0"])
     assert (a.port, a.max_queue, a.quant, a.host, a.model) == (9, 3, "int8", "0.0.0.0", None)
+    # bad counts are argparse errors (exit 2, "error: argument ..."), before any model loads (they were a bare
+    # SystemExit(1), --max-concurrency's after loading the model)
+    for argv in (["serve", "--max-queue", "-1"], ["serve", "--max-concurrency", "0"], ["serve", "--max-queue", "x"]):
+        with pytest.raises(SystemExit) as ei:
+            p.parse_args(argv)
+        assert ei.value.code == 2, argv
 
 
 QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hello.", "What is the capital of France?", "Count to three.",
@@ -552,3 +564,23 @@ def test_max_queue_zero_serves_while_workers_are_idle(demo_model, demo_tok):
         assert codes == [200] * 4, codes
     finally:
         _stop(srv)
+
+
+def test_sampling_only_fields_sample(server):
+    """top_k / min_p / typical_p without temperature were accepted and changed nothing (greedy by the model's
+    default); they sample at the model's temperature now, as top_p did (vLLM samples at its default 1.0)."""
+    def texts(extra):
+        out = set()
+        for seed in range(4):
+            status, r = _post(server, "/v1/chat/completions",
+                              json.dumps({"messages": Q, "max_tokens": 12, "seed": seed, **extra}))
+            assert status == 200, r
+            out.add(r["choices"][0]["message"]["content"])
+        return out
+    assert len(texts({"temperature": 0})) == 1
+    assert len(texts({"top_k": 40})) > 1
+
+
+def test_405_names_the_allowed_methods(server):
+    r = httpx.get(server.base + "/v1/chat/completions", timeout=60)
+    assert r.status_code == 405 and "POST" in r.headers.get("allow", "") and "error" in r.json()
