@@ -41,6 +41,7 @@ struct fl_request {
     int n_pages, n_reg;       /* pages held; leading pages that are (in) the prefix table */
     int pgen;                 /* bumped whenever its pages are given back (the device block table may be stale) */
     int step_rows;            /* rows of this decode step (1; more while replaying after a preemption) */
+    int hit1;                 /* 1 + the prompt tokens its first read took from the prefix table (0: not read yet) */
     fl_gen_params p;
     int32_t eos[FL_ENGINE_MAX_EOS];
     void *gen_mem;            /* p's arrays beside eos (biases, begin bans, forced eos), copied: p points here */
@@ -987,9 +988,14 @@ int fl_engine_step(fl_engine *e) {
                        !memcmp(o->toks, r->toks, (size_t)page * 4);
             }
             if (twin) continue;
-            /* the prefix table: full pages of the prompt but its last token (whose logits are needed) */
+            /* the prefix table: full pages of the prompt but its last token (whose logits are needed). A request read
+             * again after a preemption (replay) takes no more than its first read took (its own prompt pages are in
+             * the table now): it then reads the rest in the chunks it read it in the first time, the same bits
+             * (when pages it had taken were reused meanwhile it reads more, which can round differently, as any
+             * prefix sharing can) */
+            const int limit = r->hit1 && !e->cfg.preempt_recompute ? r->hit1 - 1 : n_total - 1;
             int parent = -1;
-            while ((r->n_pages + 1) * page <= n_total - 1) {
+            while ((r->n_pages + 1) * page <= limit && (r->n_pages + 1) * page <= n_total - 1) {
                 const int id = table_find(P, parent, r->toks + (size_t)r->n_pages * page);
                 if (id < 0) break;
                 page_take(P, id);
@@ -998,6 +1004,7 @@ int fl_engine_step(fl_engine *e) {
             }
             r->n_reg = r->n_pages;
             r->n_cached = r->n_pages * page;
+            if (!r->hit1) r->hit1 = r->n_cached + 1;
             e->st.prefix_hit_tokens += (uint64_t)r->n_cached;
         }
         const int c0 = r->n_cached;
@@ -1159,7 +1166,12 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     if (cfg.prefill_chunk <= 0) cfg.prefill_chunk = 512;
     /* dynamic NTK rope: a page's keys are rotated with frequencies that depend on the length of the request that
      * wrote them, so no other request may take them */
-    if (m->cfg.rope_type == FL_ROPE_DYNAMIC) cfg.no_prefix_cache = 1;
+    if (m->cfg.rope_type == FL_ROPE_DYNAMIC) {
+        cfg.no_prefix_cache = 1;
+        /* and recompute would read a preempted request's generated tokens with the NTK base of the whole length
+         * (their keys were rotated with their own positions' the first time): O(1) off, not rounding. Replay only */
+        cfg.preempt_recompute = 0;
+    }
     if (cfg.max_context <= 0) cfg.max_context = m->cfg.max_pos > 0 ? m->cfg.max_pos : 4096;
     if (cfg.page_tokens & (cfg.page_tokens - 1) || cfg.page_tokens > 4096)
         return fl_err(FL_E_VALUE, "engine: page_tokens=%d must be a power of two up to 4096", cfg.page_tokens);

@@ -158,20 +158,23 @@ def test_small_pool_preempts_and_keeps_outputs():
     assert st["pages_used"] == 0
 
 
+@pytest.mark.parametrize("prefix", [False, True])
 @pytest.mark.parametrize("sample", [False, True])
-def test_preempted_request_is_replayed_bit_for_bit(sample):
+def test_preempted_request_is_replayed_bit_for_bit(sample, prefix):
     """A dry pool preempts the newest requests; read again (preemption_mode="replay", the default), each feeds the
     tokens it had generated through decode steps, so the keys and values are the same bits as before and the logits
     of every later token equal those of the request alone, bit for bit, greedy or sampled with a seed (recompute
     reads them as a prompt: other matmul kernels, logits ~1e-6 apart)."""
-    m = load(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16)
-    ps = prompts(6, seed=5, lo=8, hi=16)
+    # prefix caching on: a request read again found its own prompt pages in the table and read the rest in other
+    # chunks than the first time (other rounding); it now takes only what its first read took
+    m = load(kv_cache_memory=page_bytes(load(), 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16,
+             prefix_caching=prefix)
+    ps = prompts(6, seed=5, lo=8, hi=16) + prompts(2, seed=9, lo=17, hi=24)  # two read in two chunks
     kw = dict(max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True, output_logits=True)
     if sample:
         kw.update(do_sample=True, temperature=0.8, top_k=0, seed=11)
-    if not _legacy:
-        _legacy.append(load(engine=False))
-    ref = [_legacy[0].generate(p[None], **kw) for p in ps]
+    alone_m = load(engine=False, prefill_chunk=16)  # prompts read in the same chunks (longer ones take two)
+    ref = [alone_m.generate(p[None], **kw) for p in ps]
     with ThreadPoolExecutor(len(ps)) as ex:
         outs = list(ex.map(lambda p: m.generate(p[None], **kw), ps))
     st = m.engine_stats()
@@ -695,3 +698,34 @@ def test_max_time_with_stop_strings_keeps_every_rows_tokens(tmp_path):
     assert min(n) >= 1, n  # (the rows run in the same steps; each is read at its own time after the deadline)
     for b in range(3):
         assert (out[b, 7 + n[b]:] == 493).all()  # then padding
+
+
+def test_cpu_decode_rows_past_a_block_of_four_are_batch_independent():
+    """The CPU decode matmul's rows are the same bits in any batch of up to 16 (the engine's greedy-equals-alone);
+    a weight whose row count is not a multiple of 4 (a vocabulary of 451 or 50257, a router of 6 experts) took the
+    GEMM, whose blocking depends on the batch: logits 1e-6..1e-5 apart."""
+    rng = np.random.default_rng(0)
+    for R in (451, 6, 13):
+        W = rng.standard_normal((R, 72)).astype(np.float32)
+        x = rng.standard_normal((9, 72)).astype(np.float32)
+        one = _C.run_op("cpu", "matmul", {"x": x[:1], "W": W}, {"act": "float32"})["y"]
+        for n in (2, 5, 9):
+            y = _C.run_op("cpu", "matmul", {"x": x[:n], "W": W}, {"act": "float32"})["y"]
+            assert np.array_equal(y[:1], one), (R, n)
+
+
+def test_dynamic_ntk_preemption_always_replays():
+    """Recompute would read a preempted request's generated tokens with the NTK base of its whole length (their
+    keys had their own positions' base): logits O(1) off. Dynamic NTK models replay whatever preemption_mode says."""
+    dyn = dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=24)
+    base = load(**dyn)
+    m = load(kv_cache_memory=page_bytes(base, 4) * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16,
+             preemption_mode="recompute", **dyn)
+    ref = load(engine=False, **dyn)
+    ps = prompts(6, seed=5, lo=8, hi=16)
+    want = [ref.generate(p[None], max_new_tokens=12, eos_token_id=[])[0, len(p):] for p in ps]
+    with ThreadPoolExecutor(len(ps)) as ex:
+        got = list(ex.map(lambda p: m.generate(p[None], max_new_tokens=12, eos_token_id=[])[0, len(p):], ps))
+    st = m.engine_stats()
+    assert st["preemptions"] > 0 and st["replayed_tokens"] > 0, st
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))

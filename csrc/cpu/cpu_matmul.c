@@ -142,6 +142,22 @@ static inline void decode_block1_t(float *y, const float *x, const fl_weight *W,
     }
 }
 
+/* Row r0 alone for n tokens: decode_block's arithmetic for one of its rows (a VW-wide FMA chain over the columns,
+ * its horizontal sum, the scalar tail), so the rows past the last whole block of DR (a vocabulary of 50257, a router
+ * of 6 experts) are the same bits in any batch too. */
+static void decode_row(float *y, const float *x, int n, const fl_weight *W, int64_t r0, int64_t R, int64_t C) {
+    const size_t es = (size_t)fl_dtype_size(W->dtype);
+    const char *w0 = (const char *)W->data_d + (size_t)r0 * (size_t)C * es;
+    for (int i = 0; i < n; i++) {
+        vf acc = VZERO();
+        int64_t k = 0;
+        for (; k + VW <= C; k += VW) acc = VFMA(vload_w(w0, W->dtype, k), VLOADX(x + (int64_t)i * C + k), acc);
+        float a = VSUM(acc);
+        for (int64_t kk = k; kk < C; kk++) a += cpu_elem_f32(w0, W->dtype, kk) * x[(int64_t)i * C + kk];
+        y[(int64_t)i * R + r0] = a;
+    }
+}
+
 static void decode_block1(float *y, const float *x, const fl_weight *W, int64_t r0, int64_t C) {
     switch (W->dtype) {
     case FL_BF16: decode_block1_t(y, x, W, r0, C, FL_BF16); break;
@@ -161,8 +177,11 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
     const int64_t R = W->rows, C = W->cols;
     const int nt = cpu_threads(be);
     /* decode: bound by reading W. Up to 16 rows of x (the engine's batched decode steps) in passes of 4, so that a
-     * row's result is the same bits in any batch as alone (the GEMM's blocking is not); past 16 (prefill) the GEMM. */
-    if (n <= 16 && R % DR == 0) {
+     * row's result is the same bits in any batch as alone (the GEMM's blocking is not); past 16 (prefill) the GEMM.
+     * Rows past the last whole block of DR take decode_row (the same per-row arithmetic): a row count that is not a
+     * multiple of 4 (a vocabulary of 50257, a router of 6 experts) took the GEMM, whose bits depend on the batch. */
+    if (n <= 16) {
+        const int64_t R4 = R - R % DR;
         for (int i0 = 0; i0 < n; i0 += 4) {
             const int k = n - i0 < 4 ? n - i0 : 4;
             float *yk = y + (size_t)i0 * (size_t)R;
@@ -172,7 +191,8 @@ fl_status cpu_matmul(fl_backend *be, void *y_d, const void *x_d, int n, const fl
                 for (int64_t blk = 0; blk < R / DR1; blk++) decode_block1(yk, xk, W, blk * DR1, C);
             } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
-                for (int64_t blk = 0; blk < R / DR; blk++) decode_block(yk, xk, k, W, blk * DR, R, C);
+                for (int64_t blk = 0; blk < R4 / DR; blk++) decode_block(yk, xk, k, W, blk * DR, R, C);
+                for (int64_t r = R4; r < R; r++) decode_row(yk, xk, k, W, r, R, C);
             }
         }
         if (bias && bias->data_d)
