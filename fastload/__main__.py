@@ -205,16 +205,14 @@ def cmd_perplexity(args):
     model = _load_model(args, ref)
     load_s = time.perf_counter() - t0
     res = evaluate.perplexity(model, tok, text, context=args.context, stride=args.stride)
-    qc = model.quantization_config or {}
+    from .bench import _quant_name, json_safe
     # what the model holds (a scheme asked for may have been set aside: a GGUF keeps its own blocks, a GPTQ / AWQ
-    # checkpoint its packing), not what was asked
-    held = qc.get("scheme") if qc.get("quant_method") == "fastload" else qc.get("quant_method")
-    out = {"model": str(ref), "file": args.file, "quant": held or "none",
+    # checkpoint its packing), not what was asked: bench's quant column
+    out = {"model": str(ref), "file": args.file, "quant": _quant_name(model),
            "quant_asked": args.quant or os.environ.get("FASTLOAD_QUANT") or "none",
            "device": str(model.device), "dtype": str(model.dtype), "load_seconds": load_s}
     out.update(res)
     if args.json:
-        from .bench import json_safe
         print(json.dumps(json_safe(out), indent=1, allow_nan=False))  # inf word perplexity: null, strict JSON
         return
     how = ("rolling windows (lm-evaluation-harness)" if res["method"] == "rolling"

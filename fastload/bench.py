@@ -503,7 +503,7 @@ def _sync(device):
         cuda.synchronize()
 
 
-def _quant_name(args, model):
+def _quant_name(model):
     """What the model holds (not what was asked: a scheme over a GGUF's own blocks or a GPTQ / AWQ checkpoint is set
     aside): the at-load scheme (int8 / int4 / nf4), the checkpoint's method (gptq, awq, gguf), else "none"; a
     transformers peer's quantization_config object by its method."""
@@ -630,7 +630,7 @@ def cmd_speed(args):
                              "original_max_position_embeddings)")
     tid, dummy = dummy_token(tok)
     device, notes, rows = str(model.device), [], []
-    quant = _quant_name(args, model)
+    quant = _quant_name(model)
     for n in lengths:
         fastload.set_seed(SEED)
         ids = np.full((BATCH_SIZE, n), tid, dtype=np.int64)

@@ -600,16 +600,17 @@ def _gguf_generation_config(meta, path) -> GenerationConfig:
     end-of-turn and end-of-message tokens (tokenizer.ggml.eot_token_id / eom_token_id: Llama 3's <|eot_id|> /
     <|eom_id|> where eos is <|end_of_text|>) end generation too, as in llama.cpp (llama_vocab_is_eog) and in the
     generation_config.json the hub ships beside such models (eos_token_id a list): eos_token_id becomes the list."""
+    def token_id(mk):  # a checked token id, or None when the key is absent
+        v = meta.get(mk)
+        return None if v is None else checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), v, path)
     gen = GenerationConfig()
     for k, mk in _GGUF_GENERATION_KEYS:
-        if meta.get(mk) is not None:
-            gen[k] = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
+        if (t := token_id(mk)) is not None:
+            gen[k] = t
     stops = [gen["eos_token_id"]] if gen.get("eos_token_id") is not None else []
     for mk in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        if meta.get(mk) is not None:
-            t = checks.check_value(checks.Key(mk, "int", 0, checks.INT32_MAX), meta[mk], path)
-            if t not in stops:
-                stops.append(t)
+        if (t := token_id(mk)) is not None and t not in stops:
+            stops.append(t)
     if len(stops) > 1:
         gen["eos_token_id"] = stops
     return gen
@@ -1322,8 +1323,7 @@ class FastModelForCausalLM:
                 # transformers' _get_dtype: without a dtype in config.json, "auto" is the dtype of the first
                 # floating-point tensor of the first weights file
                 first = files[shard_names[0]]
-                cd = next((_ST_FLOAT.get(first.info(k)[0]) for k in first.keys() if first.info(k)[0] in _ST_FLOAT),
-                          "float32")
+                cd = next((_ST_FLOAT[t] for t in (first.info(k)[0] for k in first.keys()) if t in _ST_FLOAT), "float32")
             cd = str(cd).replace("torch.", "")
             want_dtype = cd if cd in ("float16", "bfloat16", "float32") else "float32"
         where = {}
@@ -2346,7 +2346,11 @@ def _gguf_hf_config(g, path):
                                   "embeddings on part of a head are not supported for GGUF files")
     if "rope_freqs.weight" in tensors:
         # convert_hf_to_gguf stores Llama 3.1 / 3.2 rope scaling as per-frequency divisors: read back as the
-        # llama3 rope_scaling that makes them, or refused
+        # llama3 rope_scaling that makes them, or refused (its shape checked first: a hostile file's huge tensor is
+        # not read)
+        if tuple(tensors["rope_freqs.weight"][3]) != (hd // 2,):
+            raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' must hold {hd // 2} numbers (head_dim / 2), "
+                                  f"got shape {list(tensors['rope_freqs.weight'][3])}")
         f = np.asarray(g.dequantize("rope_freqs.weight"), np.float64).reshape(-1)
         rs = _llama3_from_rope_freqs(f, float(hf.get("rope_theta") or 10000.0), hd, path)
         if rs is not None:
@@ -2384,7 +2388,12 @@ def _llama3_from_rope_freqs(f, theta, head_dim, path):
     mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
     if factor > 1 and mid.sum() >= 2:
         sm = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)  # the smooth factor s, linear in 1 / wavelength
-        a, b = np.polyfit(1 / wavelen[mid], sm, 1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # RankWarning: equal wavelengths (a degenerate rope_theta)
+                a, b = np.polyfit(1 / wavelen[mid], sm, 1)
+        except (np.linalg.LinAlgError, ValueError):
+            a = b = 0.0
         if b < 0 < a:
             tries.append((-a / b, 1.0, 1 - 1 / b))
     elif factor > 1:
@@ -2396,8 +2405,10 @@ def _llama3_from_rope_freqs(f, theta, head_dim, path):
         elif np.isfinite(hi_w) and lo_w < hi_w:
             tries.append((float(np.sqrt(max(lo_w, 1e-9) * hi_w)), 1.0, 4.0))
     for orig, low, high in tries:
+        if not (np.isfinite(orig) and np.isfinite(high) and 1 <= orig <= checks.INT32_MAX):
+            continue
         orig, high = int(round(orig)), round(float(high), 6)  # config.json's types: an integer context
-        if orig < 1 or high <= low:
+        if high <= low:
             continue
         smooth = (orig / wavelen - low) / (high - low)
         want = np.where(wavelen < orig / high, 1.0,

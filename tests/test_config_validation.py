@@ -429,6 +429,11 @@ def test_gguf_rope_freqs_read_as_llama3_rope(tmp_path):
     assert not np.allclose(np.asarray(unscaled(ids).logits), np.asarray(want), atol=1e-4)
     odd = write_gguf(tmp_path / "o.gguf", extra={"rope_freqs.weight": np.array([1, 1, 1, 1, 8, 8, 8, 8.0])})
     expect(NotImplementedError, lambda: load(odd), odd, "rope_freqs.weight")
+    wrong = write_gguf(tmp_path / "w.gguf", extra={"rope_freqs.weight": np.ones(HD * 4)})  # refused before it is read
+    expect(CheckpointError, lambda: load(wrong), wrong, "rope_freqs.weight", "head_dim / 2")
+    flat = write_gguf(tmp_path / "f.gguf", {"llama.rope.freq_base": (1.0, T.FLOAT32)},  # equal wavelengths
+                      extra={"rope_freqs.weight": np.array([1, 2, 3, 4, 5, 6, 7, 8.0])})
+    expect(NotImplementedError, lambda: load(flat), flat, "rope_freqs.weight")
 
 
 def test_gguf_tensors_it_would_drop_are_refused(tmp_path):
