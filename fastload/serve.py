@@ -340,6 +340,8 @@ class Server:
         opts = body.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise _bad("stream_options must be an object", "stream_options", "invalid_type")
+        if opts and not stream:  # vLLM's rule ("Stream options can only be defined when `stream=True`")
+            raise _bad("stream_options can only be given with stream: true", "stream_options", "invalid_value")
         include_usage = (opts or {}).get("include_usage", False)
         if include_usage is None:
             include_usage = False
@@ -386,6 +388,8 @@ class Server:
                            "invalid_value")
             kw["repetition_penalty"] = rp
         mt = _int(body, "min_tokens", None, 0, None)
+        if mt and max_tokens is not None and mt > max_tokens:  # vLLM refuses it too
+            raise _bad(f"min_tokens must be at most {key}={max_tokens}, got {mt}", "min_tokens", "invalid_value")
         if mt:
             kw["min_new_tokens"] = mt
         tp = _num(body, "typical_p", 0.0, 1.0)  # text-generation-inference's / transformers' typical sampling
@@ -582,7 +586,10 @@ class Server:
             text = self._token(t)[0]
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({self._token(a)[0]: b for a, b in top})
+            # OpenAI's legacy form (and vLLM's): the sampled token is always there, so up to logprobs + 1 entries
+            alts = {self._token(a)[0]: b for a, b in top}
+            alts.setdefault(text, lp)
+            out["top_logprobs"].append(alts)
             out["text_offset"].append(offset[0])
             offset[0] += len(text)
         return out

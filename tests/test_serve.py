@@ -241,6 +241,13 @@ def test_completions_logprobs(client):
     assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == 5
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     assert all(len(d) == 2 and max(d.values()) == v for d, v in zip(lp.top_logprobs, lp.token_logprobs))
+    # the sampled token is always among top_logprobs (OpenAI: up to logprobs + 1 entries): logprobs=0 gives it alone,
+    # and a token sampled from outside the top 1 is there beside the most likely one
+    r0 = client.completions.create(logprobs=0, **kw).choices[0].logprobs
+    assert r0.top_logprobs == [{t: v} for t, v in zip(r0.tokens, r0.token_logprobs)]
+    rs = client.completions.create(**dict(kw, temperature=2.0, seed=5, max_tokens=12), logprobs=1).choices[0].logprobs
+    assert all(d.get(t) == v and len(d) in (1, 2) for d, t, v in zip(rs.top_logprobs, rs.tokens, rs.token_logprobs))
+    assert any(len(d) == 2 for d in rs.top_logprobs), rs.top_logprobs  # some token sampled outside the top 1
     s = client.completions.create(logprobs=2, stream=True, **kw)
     toks, vals, offs = [], [], []
     for ch in s:
@@ -299,6 +306,9 @@ def _post(server, path, content):
     ('{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', "repetition_penalty"),
     ('{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": NaN}', "presence_penalty"),
     (json.dumps({"messages": Q, "stream": True, "stream_options": {"include_usage": "false"}}), "stream_options"),
+    # vLLM's rules: stream_options only with stream true, min_tokens at most max_tokens
+    (json.dumps({"messages": Q, "stream_options": {"include_usage": True}}), "stream_options"),
+    (json.dumps({"messages": Q, "max_tokens": 4, "min_tokens": 5}), "min_tokens"),
     # valid JSON that is no text or too deep for the parser: 400, not 500
     ('{"messages": [{"role": "user", "content": "hi"}], "user": "x\\ud83d"}', None),
     ('{"messages": [{"role": "user", "content": "hi"}], "x": ' + "[" * 100000 + "]" * 100000 + "}", None),
