@@ -235,18 +235,25 @@ def test_engine_memory_returns_to_idle(gold):
 
 @pytest.mark.parametrize("mode", ["replay", "recompute"])
 def test_small_pool_preempts_and_keeps_greedy_outputs(gold, mode):
-    """A pool of 14 pages of 4 tokens for 6 requests of up to 16 + 12 tokens: the newest are preempted and read
-    again, replayed through graph-replayed decode steps (their rows take the device argmax, which is dropped) or
-    recomputed as prompts; every request's tokens equal the one-call path."""
+    """A pool of 14 pages of 4 tokens for 6 requests of 8-15 + 24 tokens (8-10 pages each: any two in flight
+    together overflow it): the newest are preempted and read again, replayed through graph-replayed decode steps
+    (their rows take the device argmax, which is dropped) or recomputed as prompts; every request's tokens equal the
+    one-call path. (With 12 new tokens, 7 pages a request, an H200 once finished the threads' requests too far apart
+    for three to meet: no preemption, 2026-12-06.)"""
     _, legacy = gold
     c = legacy.config
     page = 4 * 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     m = _load(kv_cache_memory=page * 14, kv_page_tokens=4, max_num_seqs=8, prefill_chunk=16, preemption_mode=mode)
     rng = np.random.default_rng(5)
     ps = [rng.integers(3, 500, size=int(rng.integers(8, 16))).astype(np.int64) for _ in range(6)]
-    ref = [_gen(legacy, p, 12) for p in ps]
+    ref = [_gen(legacy, p, 24) for p in ps]
+    start = threading.Barrier(len(ps))
+
+    def run(p):
+        start.wait()
+        return _gen(m, p, 24)
     with ThreadPoolExecutor(len(ps)) as ex:
-        out = list(ex.map(lambda p: _gen(m, p, 12), ps))
+        out = list(ex.map(run, ps))
     bad = [i for i in range(len(ps)) if not np.array_equal(out[i], ref[i])]
     assert not bad, [(list(out[i]), list(ref[i])) for i in bad[:3]]
     st = m.engine_stats()
@@ -323,9 +330,14 @@ def test_mixture_of_experts_through_the_engine():
                                                              torch_dtype="float32", **kw)
     m, legacy = load(), load(engine=False)
     ps = _prompts(12, seed=5) + [np.random.default_rng(6).integers(3, 500, size=80).astype(np.int64)]
-    ref = [_gen(legacy, p, 12) for p in ps]
+    ref = [_gen(legacy, p, 24) for p in ps]
+    start = threading.Barrier(len(ps))
+
+    def run(p):
+        start.wait()
+        return _gen(m, p, 24)
     with ThreadPoolExecutor(len(ps)) as ex:
-        out = list(ex.map(lambda p: _gen(m, p, 12), ps))
+        out = list(ex.map(run, ps))
     bad = [i for i in range(len(ps)) if not np.array_equal(out[i], ref[i])]
     assert not bad, [(list(out[i]), list(ref[i])) for i in bad[:3]]
 
