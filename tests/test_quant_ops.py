@@ -665,14 +665,17 @@ def test_errors_name_the_value():
                                     "scales": np.ones((2, 1), np.float32)}, {})
 
 
-@pytest.mark.parametrize("bits,group,code", [(4, 32, 0), (8, 32, 0), (4, 64, 1), (4, 128, 0)])
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("bits,group,code", [(4, 32, 0), (8, 32, 0), (4, 64, 1), (4, 128, 0), (4, 48, 0), (8, 48, 0),
+                                             (4, 48, 1)])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 13, 16, 20])
 def test_qmatmul_rows_are_batch_invariant(bits, group, code, n, qdot):
     """The engine batches decode rows of several requests: each row's result must be the same bits as that row alone
     (the integer path computes every row in the same order whatever its row block and pass of 4). FASTLOAD_CPU_QDOT
-    =exact takes the float GEMM for quantised weights, whose blocking is not batch-invariant: not claimed."""
-    if qdot == "exact":
-        pytest.skip("the float GEMM (FASTLOAD_CPU_QDOT=exact) is not batch-invariant")
+    =exact, and groups of 48 (a multiple of 16, not of 32: nf4's default group on an expert 96 wide) at any setting,
+    take the float GEMM, whose tokens go in threes and the rest one by one with the same per-token arithmetic (they
+    did not: a batched nf4 Mixtral's greedy token flipped against the request alone, 2026-12-06)."""
+    if n > DECODE_N and qdot != "exact" and uses_int_x(1, group, code):
+        pytest.skip("past 16 rows (prefill) the float GEMM, alone the integer path: other arithmetic, not claimed")
     rng, seed = rng_seed()
     R, C = 37, group * 6
     q, s, z = random_qweight(rng, R, C, bits, group, "float16", True, code)

@@ -95,6 +95,35 @@ static inline void dot_4x3(float *restrict acc, const float *restrict w, const f
         }
 }
 
+/* dot_4x3's arithmetic for one token (dot_4x1: 4 rows; dotv: one row): per element the same FMA chain over VW lanes,
+ * the same lane sum and scalar tail, so a token's result does not depend on whether the GEMM took it in a three or
+ * alone (n % 3 and its place in the batch), nor a row's on whether it was in a four: the GEMM's bits are the same for
+ * a row of x whatever else is in the batch (decode steps of quantised weights that take the float path, prefill
+ * chunks of several requests). dot_rb / dot1 (omp simd: the compiler's order) serve builds without VW only. */
+static inline void dot_4x1(float *restrict acc, const float *restrict w, const float *restrict x, int kc) {
+    vf a[4];
+    for (int r = 0; r < 4; r++) a[r] = VZERO();
+    int k = 0;
+    for (; k + VW <= kc; k += VW) {
+        const vf xa = VLOADX(x + k);
+        for (int r = 0; r < 4; r++) a[r] = VFMA(VLOADX(w + r * KC + k), xa, a[r]);
+    }
+    for (int r = 0; r < 4; r++) {
+        float t = VSUM(a[r]);
+        for (int kk = k; kk < kc; kk++) t += w[r * KC + kk] * x[kk];
+        acc[r] += t;
+    }
+}
+
+static inline float dotv(const float *restrict w, const float *restrict x, int kc) {
+    vf a = VZERO();
+    int k = 0;
+    for (; k + VW <= kc; k += VW) a = VFMA(VLOADX(w + k), VLOADX(x + k), a);
+    float t = VSUM(a);
+    for (int kk = k; kk < kc; kk++) t += w[kk] * x[kk];
+    return t;
+}
+
 /* y[i, r0:r0+DR] for i < n (n <= 4): every weight element is loaded once and used n times. */
 static inline void decode_block(float *y, const float *x, int n, const fl_weight *W, int64_t r0, int64_t R, int64_t C) {
     const size_t es = (size_t)fl_dtype_size(W->dtype);
@@ -247,8 +276,14 @@ fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_wei
                     const float *xi = x + (int64_t)i0 * C + k0;
                     for (int r = 0; r < rb4; r += 4) dot_4x3(acc + (size_t)i0 * GB + r, wb + r * KC, xi, C, kc);
                     for (int j = 0; j < 3; j++)
-                        for (int r = rb4; r < rb; r++) acc[(size_t)(i0 + j) * GB + r] += dot1(wb + r * KC, xi + (int64_t)j * C, kc);
+                        for (int r = rb4; r < rb; r++) acc[(size_t)(i0 + j) * GB + r] += dotv(wb + r * KC, xi + (int64_t)j * C, kc);
                 }
+                for (int i = i0; i < n; i++) { /* the tokens past the last three: dot_4x3's arithmetic a token */
+                    const float *xi = x + (int64_t)i * C + k0;
+                    for (int r = 0; r < rb4; r += 4) dot_4x1(acc + (size_t)i * GB + r, wb + r * KC, xi, kc);
+                    for (int r = rb4; r < rb; r++) acc[(size_t)i * GB + r] += dotv(wb + r * KC, xi, kc);
+                }
+                i0 = n;
 #endif
                 for (int i = i0; i < n; i++) {
                     const float *xi = x + (int64_t)i * C + k0;
