@@ -83,6 +83,11 @@ class MoE:
     w2: str                      # per-expert down [hidden, ffn]
     fused_gate_up: str           # transformers 5's fused [E, 2*ffn, hidden]
     fused_down: str              # transformers 5's fused [E, hidden, ffn]
+    # transformers' config-class defaults where config.json leaves a key out (MixtralConfig 8 / 2 / 14336,
+    # Qwen3MoeConfig 128 / 8 / 768), as every other key takes its class default
+    default_experts: int = 8
+    default_topk: int = 2
+    default_ffn: int = 14336
 
 
 MIXTRAL_MOE = MoE(
@@ -97,7 +102,8 @@ QWEN_MOE = MoE(
     router=("model.layers.{i}.mlp.gate.weight",),
     w1="model.layers.{i}.mlp.experts.{j}.gate_proj.weight", w3="model.layers.{i}.mlp.experts.{j}.up_proj.weight",
     w2="model.layers.{i}.mlp.experts.{j}.down_proj.weight",
-    fused_gate_up="model.layers.{i}.mlp.experts.gate_up_proj", fused_down="model.layers.{i}.mlp.experts.down_proj")
+    fused_gate_up="model.layers.{i}.mlp.experts.gate_up_proj", fused_down="model.layers.{i}.mlp.experts.down_proj",
+    default_experts=128, default_topk=8, default_ffn=768)
 MOE_SLOTS = ("moe_router", "moe_w1", "moe_w3", "moe_w2", "moe_gate_up_proj", "moe_down_proj")
 DENSE_FFN_SLOTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -449,19 +455,17 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
 def _moe_config(config: dict, arch: Arch, where: str, n_layers: int) -> dict:
     """The core's Mixture-of-Experts fields from config.json (types and ranges checked by checks.check_config)."""
     m = arch.moe
-    ek = next((k for k in m.experts_keys if config.get(k) is not None), None)
-    if ek is None:
-        raise checks.CheckpointError(f"{where}: config is missing '{m.experts_keys[0]}' (the number of experts)")
-    E = int(config[ek])
+    ek = next((k for k in m.experts_keys if config.get(k) is not None), m.experts_keys[0])
+    E = int(config.get(ek, m.default_experts))
     k = config.get("num_experts_per_tok")
     if k is None:
-        raise checks.CheckpointError(f"{where}: config is missing 'num_experts_per_tok'")
+        k = m.default_topk
     if not 1 <= k <= min(E, checks.MAX_TOPK):
         raise checks.CheckpointError(f"{where}: 'num_experts_per_tok' must be in [1, min({ek}={E}, {checks.MAX_TOPK})], "
                                      f"got {k}")
     ffn = config.get(m.ffn_key)
     if ffn is None:
-        raise checks.CheckpointError(f"{where}: config is missing '{m.ffn_key}' (each expert's intermediate size)")
+        ffn = m.default_ffn
     for key in ("shared_expert_intermediate_size",):
         if config.get(key):
             raise NotImplementedError(f"{where}: {key} (a shared expert) is not supported for {arch.name}")

@@ -276,3 +276,20 @@ def test_nan_router_logits_still_choose_distinct_experts():
     for row in got["ids"]:
         assert len(set(row.tolist())) == k and all(0 <= e < E for e in row)
     assert np.isfinite(got["out"][1]).all()
+
+
+def test_left_out_moe_keys_take_transformers_defaults(tmp_path, ref_model):
+    """A key config.json leaves out takes MixtralConfig's default (num_experts_per_tok 2, num_local_experts 8), as
+    transformers reads it: top-2 is the fixture's own setting, so the logits are the fixture's; 8 experts where the
+    file has 4 names the first missing expert tensor instead of running on what is there (it was a CheckpointError
+    about the key for both)."""
+    d = checkpoint(tmp_path, name="no_k")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["num_experts_per_tok"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert K == 2
+    np.testing.assert_array_equal(logits(load_cpu(d)), logits(ref_model))
+    del cfg["num_local_experts"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"experts\.4\.w1\.weight"):
+        load_cpu(d)
