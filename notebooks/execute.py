@@ -63,6 +63,37 @@ def inject_parameters(nb, params, strict=True):
     return nb
 
 
+def _commit():
+    """The repository's commit (short hash, "+dirty" with uncommitted changes), or None outside a git checkout."""
+    import subprocess
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True, timeout=10)
+        h = run("rev-parse", "--short", "HEAD")
+        if h.returncode:
+            return None
+        return h.stdout.strip() + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def set_provenance(nb, params, when=None, commit=None):
+    """Rewrite the markdown cell tagged "provenance" (the committed notebooks' cell saying which run made their
+    outputs) to say what this run was: its date, the commit and the parameters injected. Without it a re-run saved
+    in place kept the text of the run it replaced (an H200 run's, over a CPU run's outputs). No such cell: nothing."""
+    import datetime
+    when = when or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit = commit if commit is not None else _commit()
+    for c in nb.cells:
+        if c.cell_type == "markdown" and "provenance" in c.get("metadata", {}).get("tags", []):
+            shown = "".join(f"{k} = {v!r}\n" for k, v in params.items())
+            c.source = (f"The outputs below come from `notebooks/execute.py` run on {when}"
+                        + (f" at commit {commit}" if commit else "")
+                        + (", with these parameters injected after the cell above:\n```python\n" + shown + "```"
+                           if shown else ", with the parameter cell's defaults above.")
+                        + "\nThe device, model and versions the run used are printed by the cells themselves.")
+    return nb
+
+
 def execute(path, params=None, cwd=None, timeout=600, output=None, strict=True):
     """Execute the notebook at `path` with `params` (dict) injected; save it to `output` (None: do not save).
     Returns the executed notebook; an error in a cell raises nbclient's CellExecutionError."""
@@ -77,6 +108,8 @@ def execute(path, params=None, cwd=None, timeout=600, output=None, strict=True):
                             resources={"metadata": {"path": cwd or os.path.dirname(os.path.abspath(path))}})
     client.execute()
     if output:
+        known = parameter_names(nb)
+        set_provenance(nb, {k: v for k, v in (params or {}).items() if k in known or strict})
         nbformat.write(nb, output)
     return nb
 
@@ -100,7 +133,10 @@ def main(argv=None):
     import nbformat
     known = set()
     for p in paths:
-        known |= parameter_names(nbformat.read(p, as_version=4))
+        try:
+            known |= parameter_names(nbformat.read(p, as_version=4))
+        except (OSError, ValueError) as e:  # missing, unreadable, not a notebook (nbformat's NotJSONError is one)
+            ap.error(f"{p}: not a notebook this script can run ({type(e).__name__}: {e})")
     unknown = sorted(set(params) - known)
     if unknown:
         ap.error(f"-p {', '.join(unknown)}: not a parameter of any of these notebooks ({', '.join(sorted(known))})")

@@ -96,6 +96,35 @@ def test_inject_rejects_unknown_parameter():
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
+def test_provenance_cell_is_rewritten_by_a_run(name):
+    """Each notebook's cell saying which run made its outputs is tagged "provenance", and execute.py rewrites it with
+    the run's date, commit and parameters when it saves: a CPU re-run saved in place kept the committed H200 run's
+    text (hunt22)."""
+    _need_nbformat()
+    import execute
+    nb = _read(name)
+    cells = [c for c in nb.cells if "provenance" in c.metadata.get("tags", [])]
+    assert len(cells) == 1 and cells[0].cell_type == "markdown" and "H200" in cells[0].source
+    execute.set_provenance(nb, {"device": "cpu", "max_new_tokens": 8}, when="2026-12-06 23:00 UTC", commit="abc1234")
+    src = cells[0].source
+    assert "H200" not in src and "2026-12-06 23:00 UTC at commit abc1234" in src
+    assert "device = 'cpu'\nmax_new_tokens = 8\n" in src
+    execute.set_provenance(nb, {}, when="x", commit="")
+    assert "the parameter cell's defaults" in cells[0].source
+
+
+def test_execute_names_a_path_that_is_no_notebook(tmp_path, capsys):
+    _need_nbformat()
+    import execute
+    bad = tmp_path / "x.ipynb"
+    bad.write_text("not json")
+    for p in (str(tmp_path / "nope.ipynb"), str(bad)):
+        with pytest.raises(SystemExit) as e:
+            execute.main([p])
+        assert e.value.code == 2 and p in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, demo_gguf, tmp_path, monkeypatch):
     missing = _missing()
     if missing:
