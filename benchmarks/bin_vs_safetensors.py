@@ -158,6 +158,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--target", type=float, default=1.15, help="allowed bin / safetensors warm load time ratio")
     a = ap.parse_args()
+    from gpu_bench import need_cuda
+    need_cuda("benchmarks/bin_vs_safetensors.py", a.device)
 
     t0 = time.perf_counter()
     cut = a.max_shard_bytes if a.max_shard_bytes is not None else THUDM_SHARD_BYTES.get(a.shape, 0)

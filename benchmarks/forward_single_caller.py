@@ -3,9 +3,16 @@ in place), so that two trees can be run alternately in one window (benchmarks/re
 Validates first: the last forward's logits equal the first's (and the printed sum of the logits equals the other
 tree's).
     python3 benchmarks/forward_single_caller.py TREE demo|llama|qwen2|... THREADS REPS T"""
-import sys, time, json
+import argparse, sys, time, json
 import numpy as np
-tree, which, threads, reps, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("tree", help="a fastload checkout, built in place")
+ap.add_argument("which", help="demo, or a tiny fixture under TREE/tests/fixtures (llama, qwen2, ...)")
+ap.add_argument("threads", type=int)
+ap.add_argument("reps", type=int)
+ap.add_argument("T", type=int, help="tokens a forward")
+a = ap.parse_args()
+tree, which, threads, reps, T = a.tree, a.which, a.threads, a.reps, a.T
 sys.path.insert(0, tree); sys.path.insert(0, tree + "/tests")
 import fastload, fastload.demo
 assert fastload.__file__.startswith(tree), fastload.__file__

@@ -28,6 +28,23 @@ def log(*a):
     print(*a, flush=True)
 
 
+def need_cuda(script, device="cuda", torch_too=False):
+    """Exit with a one-line message (status 2) where `script` cannot run: a CUDA device asked for and this fastload
+    build has no CUDA or sees no device, or torch needed (checkpoints drawn on the GPU, the copy-rate roofline, the
+    transformers peer) and not installed. A GPU-only script on a CPU machine otherwise died in a traceback deep
+    inside (`No module named 'torch'`, fastload's NotImplementedError) that never said it needs a GPU."""
+    import importlib.util
+    import fastload
+    b = fastload.info()
+    if str(device).startswith("cuda") and (not b["cuda_compiled"] or not b["cuda_devices"]):
+        print(f"{script}: needs a CUDA device (--device {device}), and fastload here is {b['cuda']}", file=sys.stderr)
+        sys.exit(2)
+    if torch_too and importlib.util.find_spec("torch") is None:
+        print(f"{script}: needs torch with CUDA (it draws checkpoints or measures the copy rate with it); "
+              "pip install torch", file=sys.stderr)
+        sys.exit(2)
+
+
 def make_checkpoint(d, shape="qwen2.5-7b", shards=4, num_hidden_layers=None):
     import torch
     from safetensors.torch import save_file
@@ -124,6 +141,16 @@ def free_hf(m):
     torch.cuda.empty_cache()
 
 
+def _decode_rates(B, T, n, dt, ttft):
+    """fl_decode's / hf_decode's figures: (n - 1) tokens over the n-token call's time less the 1-token call's. Where
+    noise between the two calls exceeds the decode that difference is <= 0: an error, not a negative rate."""
+    if dt <= ttft or n < 2:
+        raise RuntimeError(f"{n} new tokens took {dt:.4f} s and the first alone {ttft:.4f} s: no decode rate to report "
+                           "(more new tokens, a quieter machine)")
+    return {"batch": B, "prompt": T, "new": n, "seconds": dt, "ttft_s": ttft,
+            "decode_tok_s_per_seq": (n - 1) / (dt - ttft), "decode_tok_s_total": B * (n - 1) / (dt - ttft)}
+
+
 def fl_decode(m, B, T, N, seed=0):
     """Warm-up, then the time to first token and the time of N new tokens, each on a prompt of its own: the engine's
     prefix cache (on by default) would otherwise serve a repeated prompt's pages without any prefill (a 2048-token
@@ -134,9 +161,7 @@ def fl_decode(m, B, T, N, seed=0):
     m.generate(warm, max_new_tokens=4, eos_token_id=[])  # warm-up (graph capture, handles)
     t0 = time.perf_counter(); m.generate(first, max_new_tokens=1, eos_token_id=[]); ttft = time.perf_counter() - t0
     t0 = time.perf_counter(); out = m.generate(run, max_new_tokens=N, eos_token_id=[]); dt = time.perf_counter() - t0
-    n = out.shape[1] - T
-    return {"batch": B, "prompt": T, "new": n, "seconds": dt, "ttft_s": ttft,
-            "decode_tok_s_per_seq": (n - 1) / (dt - ttft), "decode_tok_s_total": B * (n - 1) / (dt - ttft)}
+    return _decode_rates(B, T, out.shape[1] - T, dt, ttft)
 
 
 def hf_decode(m, B, T, N, compiled=False):
@@ -156,9 +181,7 @@ def hf_decode(m, B, T, N, compiled=False):
     t0 = time.perf_counter(); m.generate(ids, max_new_tokens=1, **kw); torch.cuda.synchronize(); ttft = time.perf_counter() - t0
     t0 = time.perf_counter(); out = m.generate(ids, max_new_tokens=N, min_new_tokens=N, **kw); torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    n = out.shape[1] - T
-    return {"batch": B, "prompt": T, "new": n, "seconds": dt, "ttft_s": ttft,
-            "decode_tok_s_per_seq": (n - 1) / (dt - ttft), "decode_tok_s_total": B * (n - 1) / (dt - ttft)}
+    return _decode_rates(B, T, out.shape[1] - T, dt, ttft)
 
 
 def roofline_fn(m, bw):

@@ -59,6 +59,7 @@ def main():
     import fastload
     import gpu_bench
     from fastload import bench
+    gpu_bench.need_cuda("benchmarks/long_context.py", torch_too=True)
     bw = gpu_bench.d2d_bandwidth()
     m = fastload.AutoModelForCausalLM.from_pretrained(a.model, device_map="cuda", torch_dtype="bfloat16",
                                                      rope_scaling=a.rope_scaling)

@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--quant", default="int4", help="comma-separated schemes quantised at load and measured after bf16 "
                     "(weights on the GPU, load, decode against their own roofline); '' for none")
     a = ap.parse_args()
+    gpu_bench.need_cuda("benchmarks/moe_gpu.py", torch_too=True)
     if not os.path.isfile(os.path.join(a.ckpt, "config.json")):
         t0 = time.perf_counter()
         # torch on the GPU draws the numbers (seconds); numpy (synth.write) would take many minutes for 35 GB

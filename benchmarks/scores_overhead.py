@@ -28,8 +28,14 @@ def rate(fn, new, reps=3):
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = fn(new)
-        rs.append((n - 1) / (time.perf_counter() - t0 - ttft))
-    return float(np.median(rs)), [round(r, 1) for r in rs]
+        d = time.perf_counter() - t0 - ttft
+        rs.append((n - 1) / d if d > 0 and n > 1 else None)  # None: the noise between two calls exceeded the decode
+    ok = [r for r in rs if r is not None]
+    if len(ok) < 2:
+        raise SystemExit(f"scores_overhead: {reps - len(ok)} of {reps} runs had the {new}-token call no slower than the "
+                         "1-token call: the timing noise exceeds the decode, no rate to report (a larger --new, a "
+                         "quieter machine)")
+    return float(np.median(ok)), [None if r is None else round(r, 1) for r in rs]
 
 
 def main():
@@ -42,6 +48,8 @@ def main():
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     import fastload
+    from gpu_bench import need_cuda
+    need_cuda("benchmarks/scores_overhead.py", a.device)
     m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map=a.device, torch_dtype=a.dtype, progress=False)
     c = m.config
     ids = np.random.default_rng(0).integers(100, c["vocab_size"] - 100, size=(1, 32))

@@ -35,8 +35,10 @@ def one(a):
         t0 = time.perf_counter(); m.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=[])
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter(); m.generate(ids, max_new_tokens=a.new, do_sample=False, eos_token_id=[])
-        per.append((time.perf_counter() - t0 - ttft) / (a.new - 1))
-    print(json.dumps({"us_per_token": float(np.median(per)) * 1e6}))
+        d = time.perf_counter() - t0 - ttft
+        if d > 0:  # else the noise between two calls exceeded the decode: no figure, not a negative one
+            per.append(d / (a.new - 1))
+    print(json.dumps({"us_per_token": float(np.median(per)) * 1e6 if len(per) >= 2 else None}))
 
 
 def measure(d, dtype="bfloat16", quant="", new=256, ks=(0, 1, 2), env=None, device="cuda"):
@@ -51,7 +53,11 @@ def measure(d, dtype="bfloat16", quant="", new=256, ks=(0, 1, 2), env=None, devi
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode or not line:
             raise RuntimeError(f"step_gap k={k}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-        ts.append(json.loads(line[-1])["us_per_token"])
+        t = json.loads(line[-1])["us_per_token"]
+        if t is None:
+            raise RuntimeError(f"step_gap k={k}: in 2 of 3 runs the {new}-token generate took no longer than the "
+                               "1-token one: the timing noise exceeds the decode (a larger --new, a quieter machine)")
+        ts.append(t)
     gpu, host = np.polyfit(np.array(ks) + 1.0, np.array(ts), 1)
     return {"ks": list(ks), "us_per_token": ts, "gpu_us_per_step": float(gpu), "host_gap_us": float(host),
             "host_share": float(host / ts[0])}
@@ -70,6 +76,8 @@ def main():
     a = ap.parse_args()
     if a.one:
         return one(a)
+    from gpu_bench import need_cuda
+    need_cuda("benchmarks/step_gap.py", a.device)
     res = dict(dir=a.dir, dtype=a.dtype, quant=a.quant,
                pipeline=os.environ.get("FASTLOAD_ENGINE_PIPELINE", "default"),
                **measure(a.dir, a.dtype, a.quant, a.new, tuple(int(v) for v in a.ks.split(",")), device=a.device))

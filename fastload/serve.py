@@ -855,10 +855,42 @@ def cmd_serve(args):
     except ImportError as e:
         raise SystemExit(f"python -m fastload serve needs the [serve] extra: pip install 'fastload[serve]' ({e})")
     from .__main__ import _load, _model_ref
-    ref = _model_ref(args)
-    tok, model = _load(args)
-    server = Server(model, tok, model_id=args.served_model_name or _model_id(ref), max_queue=args.max_queue,
-                    aliases=(str(ref),), concurrency=args.max_concurrency)
-    print(f"fastload serve: {server.model_id} on http://{args.host}:{args.port}/v1", flush=True)
-    import uvicorn
-    uvicorn.run(server.app(), host=args.host, port=args.port, log_level=args.log_level)
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name: the model id must not be empty")
+    # the socket first, then the model: a port in use or a host that does not resolve is a usage error naming the
+    # flag, before seconds of loading (uvicorn found it after the load and the banner, and exited 3); the bound
+    # socket is handed to uvicorn, so nothing can take the port in between
+    sock = _bind(args.host, args.port)
+    try:
+        ref = _model_ref(args)
+        tok, model = _load(args)
+        server = Server(model, tok, model_id=args.served_model_name or _model_id(ref), max_queue=args.max_queue,
+                        aliases=(str(ref),), concurrency=args.max_concurrency)
+        host, port = args.host, sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"fastload serve: {server.model_id} on http://{shown}:{port}/v1", flush=True)
+        import uvicorn
+        uvicorn.Server(uvicorn.Config(server.app(), host=host, port=port, log_level=args.log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _bind(host, port):
+    """A listening TCP socket on (host, port), as uvicorn makes its own (SO_REUSEADDR, the first address the host
+    resolves to); OSError naming --host / --port when the host does not resolve or the address is taken."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: cannot be resolved ({e.strerror})") from None
+    fam, typ, proto, _, addr = infos[0]
+    sock = socket.socket(fam, typ, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    sock.set_inheritable(True)
+    return sock

@@ -235,6 +235,8 @@ def test_perplexity_on_the_demo_model(tmp_path, demo_gguf):
     (["concurrency", "--queries", "/nonexistent/q.txt"], "/nonexistent/q.txt"),
     (["concurrency", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     (["perplexity", "--modes", "int8,int3"], "--modes: 'int3' is not one of"),
+    # QuantConfig's group rule before the reference is scored (it failed after that, exiting 0)
+    (["perplexity", "--modes", "fp16,int4:7"], "--modes: 'int4:7': QuantConfig group_size=7 is not supported"),
     (["perplexity", "--context", "1"], "--context must be at least 2"),
 ])
 def test_bad_arguments_clear_error_nothing_written(tmp_path, capsys, argv, message):

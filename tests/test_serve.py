@@ -472,6 +472,28 @@ def test_cli_parses_serve():
         assert ei.value.code == 2, argv
 
 
+def test_serve_refuses_a_taken_port_or_unresolvable_host_before_loading(monkeypatch, capsys):
+    """A port in use or a host that does not resolve is a usage error naming the flags, raised before any model
+    loads (uvicorn found it after the load and the banner, and exited 3); --served-model-name '' is refused too."""
+    import socket
+    from fastload import __main__ as cli
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda args: loaded.append(args) or (_ for _ in ()).throw(AssertionError))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        for argv, msg in ((["serve", "--port", str(port)], f"--port {port}: cannot listen there"),
+                          (["serve", "--host", "999.1.1.1"], "--host 999.1.1.1: cannot be resolved"),
+                          (["serve", "--served-model-name", " "], "--served-model-name")):
+            assert cli.main(argv) == 2, argv
+            assert msg in capsys.readouterr().err, argv
+    finally:
+        taken.close()
+    assert not loaded
+
+
 QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hello.", "What is the capital of France?", "Count to three.",
              "What is water?", "Name an animal.", "What day comes after Monday?"]
 
