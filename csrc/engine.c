@@ -81,6 +81,11 @@ struct fl_engine {
     pthread_mutex_t mu, model_mu;
     pthread_cond_t idle_cv;
     int driving, closing;
+    /* handles: requests returned to a caller and not yet fl_request_release'd (Python Request objects: a finished
+     * streamer, a kept exception's traceback hold them). fl_engine_free frees everything else at once, but keeps the
+     * struct and its mutex, which those requests' calls lock, while any exists (retired); the last release frees it.
+     * It freed them with the rest: a later release locked freed memory (hunt20). */
+    int handles, retired;
     fl_engine_kick_fn kick;
     void *kick_ud;
     fl_request *wait_head, *wait_tail;
@@ -1341,6 +1346,8 @@ fl_status fl_engine_add_pool(fl_engine *e, uint64_t kv_bytes) {
     return st;
 }
 
+static void engine_destroy(fl_engine *e);
+
 void fl_engine_free(fl_engine *e) {
     if (!e) return;
     pthread_mutex_lock(&reg_mu);
@@ -1377,10 +1384,11 @@ void fl_engine_free(fl_engine *e) {
     free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark); free(e->raw);
     free(e->h_tok); free(e->h_pos); free(e->h_starts); free(e->h_btab);
     pool_free(&e->pool);
-    pthread_mutex_destroy(&e->mu);
-    pthread_mutex_destroy(&e->model_mu);
-    pthread_cond_destroy(&e->idle_cv);
-    free(e);
+    pthread_mutex_lock(&e->mu);
+    const int held = e->handles > 0;
+    e->retired = held;
+    pthread_mutex_unlock(&e->mu);
+    if (!held) engine_destroy(e); /* else the last fl_request_release does (every request is finished by now) */
 }
 
 /* A request for prompt ids[0:n], checked against the engine's limits and allocated, not yet queued (refs 2: the
@@ -1528,6 +1536,7 @@ fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids,
      * with them each row's rounding, do not depend on when the submitting thread got here (a batch submitted row by
      * row could have its first row stepped alone, and sampled tokens then differed from run to run) */
     int queued = 0;
+    e->handles += B;
     for (int b = 0; b < B; b++) {
         fl_request *r = out[b];
         if (r->p.max_new_tokens == 0) { /* nothing to generate */
@@ -1549,6 +1558,7 @@ fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids,
             req_unref(out[b]);
             out[b] = NULL;
         }
+        e->handles -= B;
         pthread_mutex_unlock(&e->mu);
         errno = rc;
         return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
@@ -1599,6 +1609,7 @@ fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_req
         return fl_err(FL_E_INTERRUPTED, "the engine is closing");
     }
     r->seq = e->next_seq++;
+    e->handles++;
     if (e->fwd_tail) e->fwd_tail->next = r; else e->fwd_head = r;
     e->fwd_tail = r;
     e->n_fwd_waiting++;
@@ -1606,6 +1617,7 @@ fl_status fl_engine_submit_forward(fl_engine *e, const fl_forward_req *f, fl_req
     if (rc) {
         finish(e, r, FL_E_INTERNAL, "no driver"); /* drops the engine's reference */
         req_unref(r);                             /* and the caller's */
+        e->handles--;
         pthread_mutex_unlock(&e->mu);
         errno = rc;
         return fl_err(FL_E_INTERNAL, "engine: cannot start its driver (error %d)", rc);
@@ -1666,13 +1678,22 @@ fl_status fl_request_status(fl_request *r, char *msg, size_t cap) {
 
 void fl_request_cancel(fl_request *r) { __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED); }
 
+static void engine_destroy(fl_engine *e) { /* the struct itself: nothing can reach it any more */
+    pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->model_mu);
+    pthread_cond_destroy(&e->idle_cv);
+    free(e);
+}
+
 void fl_request_release(fl_request *r) {
     if (!r) return;
     fl_engine *e = r->e;
     pthread_mutex_lock(&e->mu);
     if (r->state != RQ_DONE) __atomic_store_n(&r->cancel, 1, __ATOMIC_RELAXED); /* nobody waits for it any more */
     req_unref(r);
+    const int last = --e->handles == 0 && e->retired;
     pthread_mutex_unlock(&e->mu);
+    if (last) engine_destroy(e); /* fl_engine_free ran while this request was held */
 }
 
 void fl_engine_lock_model(fl_engine *e) { pthread_mutex_lock(&e->model_mu); }

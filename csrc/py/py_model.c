@@ -870,7 +870,8 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
     fl_engine *e = self->eng;
     if (!e) Py_RETURN_NONE;
     self->eng = NULL;
-    /* Requests hold the model, not the engine: a live one would point at freed memory. Refuse while any exists. */
+    /* Refused while requests wait or run. Finished ones Python still holds (a streamer's, a kept traceback's) keep
+     * the engine's struct and mutex alive until they are released (fl_engine_free retires it); the rest goes now. */
     fl_engine_stats s;
     fl_engine_get_stats(e, &s);
     if (s.waiting || s.running || s.forwards_waiting || self->n_fwd) {
