@@ -327,6 +327,29 @@ def test_forward_from_a_load_callback_runs_at_once(llama):
     assert llama.engine_stats()["forwards"] == n0 + 1
 
 
+def test_generate_from_a_load_callback_is_refused_not_hung(llama):
+    """generate (and chat, stream_chat: the same submit) from a load's progress callback would wait for the paused
+    compute thread, which waits for the callback: it hung for ever (hunt20). It is a RuntimeError saying why; the
+    load goes on, and generate works once the load has returned."""
+    p = np.arange(5, 20)[None]
+    want = llama.generate(p, max_new_tokens=4, do_sample=False, eos_token_id=[])
+    errors = []
+
+    def progress(done, total):
+        if not errors:
+            try:
+                llama.generate(p, max_new_tokens=4, eos_token_id=[])
+            except RuntimeError as e:
+                errors.append(str(e))
+            else:
+                errors.append("no error")
+
+    other = load("qwen2", progress_callback=progress)
+    assert len(errors) == 1 and "cannot run inside a progress_callback of a load" in errors[0], errors
+    assert np.array_equal(llama.generate(p, max_new_tokens=4, do_sample=False, eos_token_id=[]), want)
+    assert other.generate(p % 100, max_new_tokens=2).shape == (1, p.shape[1] + 2)
+
+
 def test_engine_off_forwards_from_threads():
     m = load(engine=False)
     jobs = forward_jobs("llama", seed=4)

@@ -951,6 +951,15 @@ done:
 static PyObject *fl_py_engine_submit(FlPyModel *self, PyObject *ids_o, PyObject *eos_o, PyObject *seed_o, fl_gen_params *pp,
                                      int logprobs) {
     fl_gen_params p = *pp;
+    if (on_compute_thread(self) && fl_exec_in_callback()) {
+        /* this thread runs a callback of a compute-thread job (a load's progress_callback): the CPU engine's steps
+         * run on that paused compute thread, so the request would wait for the callback that waits for it (a forward
+         * runs nested there instead, fl_py_engine_forward; a generation loop cannot) */
+        PyErr_SetString(PyExc_RuntimeError, "generate on a CPU model cannot run inside a progress_callback of a load: "
+                        "the CPU's compute thread is paused in that load until the callback returns (generate after "
+                        "from_pretrained returns; a forward, model(input_ids), can run there)");
+        return NULL;
+    }
     if (!(p.min_p >= 0 && p.min_p <= 1)) {
         PyErr_Format(PyExc_ValueError, "min_p=%g must be in [0, 1]", (double)p.min_p);
         return NULL;
