@@ -141,8 +141,17 @@ struct fl_engine {
 
 /* fork(): the child has no driver thread, and a lock the parent's driver held would stay held there forever.
  * Around fork every engine's locks are taken (a step in flight finishes its forward first); the child then
- * marks the parent's requests cancelled (nobody in the child waits for them; the next step drops them) and
- * knows no driver runs. */
+ * finishes the parent's requests with an error (they stay the parent's: no driver runs in the child, and the
+ * thread that forked may be waiting for one of its own, from a streamer's put say: it hung there when they were only
+ * marked cancelled, hunt20) and knows no driver runs. Their condition variables are made anew first: no thread of
+ * the child waits on them, but the parent's waiters are still counted in them. */
+static void finish(fl_engine *e, fl_request *r, fl_status st, const char *msg);
+static void req_cond_init(fl_request *r);
+static void fork_finish(fl_engine *e, fl_request *r) {
+    req_cond_init(r);
+    finish(e, r, FL_E_INTERRUPTED, "the process forked while this request ran: it stays with the parent process "
+                                   "(submit it again in the child)");
+}
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static fl_engine *reg_head;
 static pthread_once_t reg_once = PTHREAD_ONCE_INIT;
@@ -162,10 +171,12 @@ static void fork_parent(void) {
 }
 static void fork_child(void) {
     for (fl_engine *e = reg_head; e; e = e->reg_next) {
-        for (fl_request *r = e->wait_head; r; r = r->next) r->cancel = 1;
-        for (fl_request *r = e->fwd_head; r; r = r->next) r->cancel = 1;
-        for (int i = 0; i < e->n_run; i++) e->run[i]->cancel = 1;
-        e->fwd_running = NULL; /* the parent's: its caller is not in the child */
+        while (e->wait_head) fork_finish(e, e->wait_head);
+        while (e->fwd_head) fork_finish(e, e->fwd_head);
+        while (e->n_run) fork_finish(e, e->run[0]);
+        if (e->fwd_running) fork_finish(e, e->fwd_running); /* the parent's: its caller is not in the child */
+        e->fwd_running = NULL;
+        e->la_active = 0; /* a pipelined step in flight is the parent's (its rows' references are the child's leak) */
         e->driving = 0;
         pthread_mutex_unlock(&e->mu);
         pthread_mutex_unlock(&e->model_mu);

@@ -259,6 +259,41 @@ def test_fork_child_can_generate():
     assert r.returncode == 0 and "child 0" in r.stdout, r.stdout + r.stderr
 
 
+def test_fork_from_inside_generate_child_gets_an_error_not_a_hang():
+    """fork() from a streamer's put() while generate runs: in the child that generate's request stays the parent's,
+    so it ends with an error naming the fork (it hung: the request was only marked cancelled and no driver runs in
+    the child, hunt20), and the child can generate anew; the parent's generate finishes as alone."""
+    r = run_py("""
+        import os, signal, time, numpy as np, fastload
+        from golden_util import model_dir
+        m = fastload.AutoModelForCausalLM.from_pretrained(str(model_dir("llama")), device_map="cpu", torch_dtype="float32", threads=2)
+        x = np.array([[5, 6, 7, 8]])
+        want = m.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=[])
+        class Forker:
+            pid = None
+            def put(self, v):
+                if self.pid is None and np.asarray(v).size == 1:  # the first generated token (the prompt comes first)
+                    self.pid = os.fork()
+                    if self.pid == 0:
+                        signal.alarm(40)
+            def end(self):
+                pass
+        f = Forker()
+        try:
+            out = m.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=[], streamer=f)
+        except Exception as e:
+            if f.pid != 0:
+                raise
+            ok = "forked" in str(e) and np.array_equal(m.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=[]), want)
+            os._exit(0 if ok else 3)
+        if f.pid == 0:
+            os._exit(4)  # the child's generate returned as if nothing happened
+        _, status = os.waitpid(f.pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), "parent", np.array_equal(out, want))
+    """, timeout=90)
+    assert r.returncode == 0 and "child 0 parent True" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("streamer", [False, True])
 def test_exit_with_a_job_in_flight_from_a_daemon_thread(demo_gguf, streamer):
     r = run_py(f"""
