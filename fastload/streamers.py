@@ -130,7 +130,15 @@ class TextIteratorStreamer(TextStreamer):
             err, self._error = self._error, None
             self.text_queue.put(self.stop_signal if err is None else _Failure(err), timeout=self.timeout)
 
+    def _reset(self):
+        """The generation it was bound to is over: a cancel() then was for that one; the next generate() with this
+        streamer runs (transformers' streamers can be used again; this one raised GenerationCancelled at once after
+        a cancel()), and the finished requests are let go of."""
+        with self._lock:
+            self._cancelled, self._bound = False, []
+
     def end(self):
+        self._reset()
         try:
             super().end()
         except BaseException as e:  # decoding the last text failed: the consumer still gets an end, with e
@@ -139,6 +147,7 @@ class TextIteratorStreamer(TextStreamer):
             raise
 
     def _end_with_error(self, exc):
+        self._reset()
         self._error = exc
         try:
             super().end()  # the text so far, then the failure (on_finalized_text queues it last)

@@ -214,6 +214,10 @@ def test_text_iterator_streamer_cancel(model, ids):
         model.generate(ids, max_new_tokens=50, min_new_tokens=50, streamer=s)
     with pytest.raises(GenerationCancelled):
         list(s)
+    # the cancel() was for that generation: the streamer serves the next one, as transformers' streamers are reused
+    # (it raised GenerationCancelled at once for ever after, hunt20), and holds no finished requests
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, streamer=s)
+    assert "".join(s) == IdsTokenizer().decode(out[0, ids.shape[1]:]) and s._bound == []
 
 
 def test_text_streamer_keeps_indentation_after_a_newline():
