@@ -149,7 +149,24 @@ class BuildExt(build_ext):
         else:
             ext.sources.append("csrc/cuda/cuda_stub.c")
             print("fastload: building CPU-only (no nvcc, FASTLOAD_CUDA=0 or FASTLOAD_SANITIZE)", file=sys.stderr)
+        # build_ext relinks only when a source or a `depends` file is newer than the module: a change of settings
+        # (FASTLOAD_NATIVE, FASTLOAD_DEBUG, CUDA on or off, ...) kept the old module without a word. The settings are
+        # recorded beside the objects; other settings than last time rebuild everything.
+        import hashlib
+        key = hashlib.sha256(repr((sorted(ext.sources), ext.extra_compile_args, ext.extra_link_args, ext.extra_objects,
+                                   ext.define_macros, ext.libraries, sys.version)).encode()).hexdigest()
+        stamp = os.path.join(self.build_temp, "fastload-settings.sha")
+        try:
+            with open(stamp) as f:
+                same = f.read().strip() == key
+        except OSError:
+            same = False
+        if not same:
+            self.force = True
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(key + "\n")
 
     def build_cuda(self, ext, nvcc):
         want = env("FASTLOAD_CUDA_ARCHS", "") or local_archs() or DEFAULT_ARCHS
@@ -223,6 +240,7 @@ class BuildExt(build_ext):
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             list(pool.map(compile_one, cmds))
         ext.extra_objects += objs
+        ext.depends += objs  # a CUDA object compiled again relinks the module
         ext.define_macros.append(("FL_WITH_CUDA", "1"))
         for libdir in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
             p = os.path.join(cuda_root, libdir)
@@ -233,7 +251,9 @@ class BuildExt(build_ext):
 
 
 sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/cpu/*.c") + glob.glob("csrc/py/*.c"))
+# every header: a change to one rebuilds the C core (build_ext compared only the .c files' times with the module's)
+headers = sorted(glob.glob("csrc/**/*.h", recursive=True))
 setup(
-    ext_modules=[Extension("fastload._C", sources=sources, include_dirs=["csrc", numpy.get_include()])],
+    ext_modules=[Extension("fastload._C", sources=sources, depends=headers, include_dirs=["csrc", numpy.get_include()])],
     cmdclass={"build_ext": BuildExt},
 )
