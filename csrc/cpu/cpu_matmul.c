@@ -269,9 +269,9 @@ fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_wei
                                    W->dtype, kc);
                 /* tokens in threes against the tile's rows in fours (x rows stay in L1 while the tile streams
                  * from L2), then the token and row remainders */
-                int i0 = 0;
 #ifdef VW
                 const int rb4 = rb & ~3;
+                int i0 = 0;
                 for (; i0 + 3 <= n; i0 += 3) {
                     const float *xi = x + (int64_t)i0 * C + k0;
                     for (int r = 0; r < rb4; r += 4) dot_4x3(acc + (size_t)i0 * GB + r, wb + r * KC, xi, C, kc);
@@ -283,14 +283,14 @@ fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_wei
                     for (int r = 0; r < rb4; r += 4) dot_4x1(acc + (size_t)i * GB + r, wb + r * KC, xi, kc);
                     for (int r = rb4; r < rb; r++) acc[(size_t)i * GB + r] += dotv(wb + r * KC, xi, kc);
                 }
-                i0 = n;
-#endif
-                for (int i = i0; i < n; i++) {
+#else
+                for (int i = 0; i < n; i++) {
                     const float *xi = x + (int64_t)i * C + k0;
                     int r = 0;
                     for (; r + RB <= rb; r += RB) dot_rb(acc + (size_t)i * GB + r, wb + r * KC, xi, kc);
                     for (; r < rb; r++) acc[(size_t)i * GB + r] += dot1(wb + r * KC, xi, kc);
                 }
+#endif
             }
             for (int i = 0; i < n; i++)
                 for (int r = 0; r < rb; r++)
