@@ -102,10 +102,11 @@ def timed(gen, n_new, repeats):
     for _ in range(repeats):
         t0 = time.perf_counter(); gen(1); ttft = time.perf_counter() - t0
         t0 = time.perf_counter(); made = gen(n_new); dt = time.perf_counter() - t0
-        if dt <= ttft or made < 2:  # noise larger than the decode: no rate rather than a negative one
+        rate = gpu_bench.decode_rate(made, dt, ttft)
+        if rate is None:  # noise larger than the decode: no rate rather than a negative one
             raise RuntimeError(f"chatglm_gpu: {made} new tokens took {dt:.4f} s, the first alone {ttft:.4f} s: no "
                                "decode rate to report (a larger --new, a quieter machine)")
-        rows.append({"ttft_s": ttft, "seconds": dt, "new": made, "tok_s": (made - 1) / (dt - ttft)})
+        rows.append({"ttft_s": ttft, "seconds": dt, "new": made, "tok_s": rate})
     return {"new": rows[0]["new"], "ttft_s": statistics.median(r["ttft_s"] for r in rows),
             "decode_tok_s": statistics.median(r["tok_s"] for r in rows), "runs": rows}
 

@@ -141,10 +141,16 @@ def free_hf(m):
     torch.cuda.empty_cache()
 
 
+def decode_rate(n, dt, ttft):
+    """Decode tokens/s from two timed calls: (n - 1) tokens over the n-token call's time less the 1-token call's
+    (every benchmark here measures decode so). None where noise between the two calls exceeds the decode (the
+    difference is <= 0): no figure rather than a negative one (scores_overhead / step_gap printed -342 tok/s)."""
+    return (n - 1) / (dt - ttft) if dt > ttft and n >= 2 else None
+
+
 def _decode_rates(B, T, n, dt, ttft):
-    """fl_decode's / hf_decode's figures: (n - 1) tokens over the n-token call's time less the 1-token call's. Where
-    noise between the two calls exceeds the decode that difference is <= 0: an error, not a negative rate."""
-    if dt <= ttft or n < 2:
+    """fl_decode's / hf_decode's figures (decode_rate's; an error where it has none)."""
+    if decode_rate(n, dt, ttft) is None:
         raise RuntimeError(f"{n} new tokens took {dt:.4f} s and the first alone {ttft:.4f} s: no decode rate to report "
                            "(more new tokens, a quieter machine)")
     return {"batch": B, "prompt": T, "new": n, "seconds": dt, "ttft_s": ttft,

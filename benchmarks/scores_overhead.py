@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import decode_rate, need_cuda  # noqa: E402
 
 
 def rate(fn, new, reps=3):
@@ -28,8 +29,7 @@ def rate(fn, new, reps=3):
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = fn(new)
-        d = time.perf_counter() - t0 - ttft
-        rs.append((n - 1) / d if d > 0 and n > 1 else None)  # None: the noise between two calls exceeded the decode
+        rs.append(decode_rate(n, time.perf_counter() - t0, ttft))  # None: the noise between two calls exceeded the decode
     ok = [r for r in rs if r is not None]
     if len(ok) < 2:
         raise SystemExit(f"scores_overhead: {reps - len(ok)} of {reps} runs had the {new}-token call no slower than the "
@@ -48,7 +48,6 @@ def main():
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     import fastload
-    from gpu_bench import need_cuda
     need_cuda("benchmarks/scores_overhead.py", a.device)
     m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map=a.device, torch_dtype=a.dtype, progress=False)
     c = m.config

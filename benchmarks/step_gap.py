@@ -25,6 +25,7 @@ def one(a):
     sys.path.insert(0, ROOT)
     import time
     import fastload
+    from gpu_bench import decode_rate
     kw = {} if a.quant in ("", "none") else {"quantization_config": {"quant_method": "fastload", "scheme": a.quant}}
     m = fastload.AutoModelForCausalLM.from_pretrained(a.dir, device_map=a.device, torch_dtype=a.dtype, progress=False,
                                                       trust_remote_code=True, **kw)
@@ -35,9 +36,9 @@ def one(a):
         t0 = time.perf_counter(); m.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=[])
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter(); m.generate(ids, max_new_tokens=a.new, do_sample=False, eos_token_id=[])
-        d = time.perf_counter() - t0 - ttft
-        if d > 0:  # else the noise between two calls exceeded the decode: no figure, not a negative one
-            per.append(d / (a.new - 1))
+        dt = time.perf_counter() - t0
+        if decode_rate(a.new, dt, ttft) is not None:  # else noise exceeded the decode: no figure, not a negative one
+            per.append((dt - ttft) / (a.new - 1))
     print(json.dumps({"us_per_token": float(np.median(per)) * 1e6 if len(per) >= 2 else None}))
 
 

@@ -108,8 +108,8 @@ def execute(path, params=None, cwd=None, timeout=600, output=None, strict=True):
                             resources={"metadata": {"path": cwd or os.path.dirname(os.path.abspath(path))}})
     client.execute()
     if output:
-        known = parameter_names(nb)
-        set_provenance(nb, {k: v for k, v in (params or {}).items() if k in known or strict})
+        known = parameter_names(nb)  # the parameters inject_parameters put in (strict: all of them, or it raised)
+        set_provenance(nb, {k: v for k, v in (params or {}).items() if k in known})
         nbformat.write(nb, output)
     return nb
 
