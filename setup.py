@@ -208,7 +208,8 @@ class BuildExt(build_ext):
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
                    "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode]
             hdr = hashlib.sha256(nvcc_id)
-            for h in sorted(local_headers(src, set())):
+            hdrs = sorted(local_headers(src, set()))
+            for h in hdrs:
                 with open(h, "rb") as f:
                     hdr.update(h.encode() + b"\0" + f.read())
             with open(src, "rb") as f:
@@ -223,12 +224,17 @@ class BuildExt(build_ext):
             if fresh:
                 print(f"fastload: {obj} is up to date", file=sys.stderr)
             else:
-                cmds.append((cmd, obj, key))
+                weight = sum(os.path.getsize(h) for h in hdrs) + os.path.getsize(src)
+                cmds.append((weight, cmd, obj, key))
         # nvcc compiles one file per process: run them side by side (one per core, FASTLOAD_NVCC_JOBS to choose).
         jobs = int(env("FASTLOAD_NVCC_JOBS", str(os.cpu_count() or 1)) or 1)
 
+        # Largest first (bytes of the source and the csrc/ headers it includes: a rough measure of nvcc's time), so the
+        # long files do not start last on a 2-core machine and decide the wall time alone.
+        cmds.sort(key=lambda job: -job[0])
+
         def compile_one(job):
-            cmd, obj, key = job
+            _, cmd, obj, key = job
             print(" ".join(cmd), file=sys.stderr)
             if os.path.exists(obj + ".sha"):
                 os.remove(obj + ".sha")
