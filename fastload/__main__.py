@@ -141,6 +141,14 @@ def _count(v):
     return n
 
 
+def _logprob_count(v):
+    """argparse type for generate --logprobs: 0..20, the server's (and OpenAI's) range for top_logprobs."""
+    n = _count(v)
+    if n > 20:
+        raise argparse.ArgumentTypeError(f"{v!r} is more than 20 (the most likely tokens shown, as the server's top_logprobs)")
+    return n
+
+
 def _print_logprobs(tok, new, logits, k):
     """generate --logprobs K: each generated token with its log-probability under the model's logits (log softmax in
     float64, before temperature / top-p / penalty: the server's logprobs) and the K most likely, on stderr."""
@@ -304,8 +312,8 @@ def main(argv=None):
             sp.add_argument("--prompt", required=True)
             sp.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
             sp.add_argument("--no-stream", action="store_true")
-            sp.add_argument("--logprobs", type=_count, metavar="K", default=None,
-                            help="after the answer, each token's log-probability and the K most likely (stderr)")
+            sp.add_argument("--logprobs", type=_logprob_count, metavar="K", default=None,
+                            help="after the answer, each token's log-probability and the K (0-20) most likely (stderr)")
             sp.add_argument("--stats", action="store_true", help="print tokens/s and load statistics to stderr")
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)

@@ -383,3 +383,6 @@ def test_cli_generate_logprobs(demo_gguf, demo_model, demo_tok):
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as e, pytest.raises(SystemExit):
         main(["generate", "--model", demo_gguf, "--device", "cpu", "--prompt", "x", "--logprobs", "-1"])
     assert "--logprobs" in e.getvalue() and "integer >= 0" in e.getvalue()
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as e, pytest.raises(SystemExit):
+        main(["generate", "--model", demo_gguf, "--device", "cpu", "--prompt", "x", "--logprobs", "21"])
+    assert "--logprobs" in e.getvalue() and "more than 20" in e.getvalue()
