@@ -59,7 +59,13 @@ def measure(d, dtype="bfloat16", quant="", new=256, ks=(0, 1, 2), env=None, devi
             raise RuntimeError(f"step_gap k={k}: in 2 of 3 runs the {new}-token generate took no longer than the "
                                "1-token one: the timing noise exceeds the decode (a larger --new, a quieter machine)")
         ts.append(t)
+    if device != "cuda":  # no graphs, so no replays: k changes nothing and a line through noise means nothing
+        return {"ks": list(ks), "us_per_token": ts, "gpu_us_per_step": None, "host_gap_us": None, "host_share": None,
+                "note": f"device {device}: the probe replays CUDA graphs only; the per-token times are all there is"}
     gpu, host = np.polyfit(np.array(ks) + 1.0, np.array(ts), 1)
+    if gpu <= 0:
+        raise RuntimeError(f"step_gap: the replays added no time ({ts} us a token for k = {list(ks)}): the probe did "
+                           "not take effect (decode steps not graph-replayed?), so there is no GPU share to report")
     return {"ks": list(ks), "us_per_token": ts, "gpu_us_per_step": float(gpu), "host_gap_us": float(host),
             "host_share": float(host / ts[0])}
 
