@@ -261,8 +261,14 @@ def cmd_fetch(args):
     print(demo_model_path())
 
 
+def prog_name():
+    """How the user called the CLI, for usage and error lines: `fastload` (the console script pip installs) or
+    `python -m fastload`."""
+    return "fastload" if os.path.basename(sys.argv[0] or "") == "fastload" else "python -m fastload"
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fastload", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog_name(), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn in (("generate", cmd_generate), ("chat", cmd_chat), ("perplexity", cmd_perplexity), ("info", cmd_info),
@@ -328,7 +334,7 @@ def main(argv=None):
     except (ValueError, OSError, NotImplementedError) as e:  # CheckpointError is a ValueError
         # what a user typed or named (a path, a flag's value, a file's contents): one line and exit 2, as argparse's
         # own errors; a traceback is for fastload's bugs
-        print(f"python -m fastload {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"{prog_name()} {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -208,7 +208,8 @@ def run(args):
         print(file=sys.stderr)
         raise SystemExit(130)
     except (BenchError, ValueError, OSError, NotImplementedError, CheckpointError) as e:
-        print(f"python -m fastload bench {args.bench_cmd}: error: {e}", file=sys.stderr)
+        from .__main__ import prog_name
+        print(f"{prog_name()} bench {args.bench_cmd}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 

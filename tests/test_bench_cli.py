@@ -599,3 +599,17 @@ def test_info_loads_the_model_when_its_options_are_given(demo_gguf, capsys, monk
     assert _run(["info", "--dtype", "float32"]) in (0, None)
     rep = json.loads(capsys.readouterr().out)
     assert rep["model"]["dtype"] == "float32"
+
+
+def test_usage_names_the_command_the_user_typed(monkeypatch, capsys, tmp_path):
+    """The console script pip installs is `fastload`; usage and error lines said `python -m fastload` for it too."""
+    for argv0, prog in (("/usr/local/bin/fastload", "fastload"), ("/x/fastload/__main__.py", "python -m fastload")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit):
+            main(["no-such-command"])
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog}: error: argument cmd")
+        assert main(["info", "--model", str(tmp_path / "missing")]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog} info: error: ")
+        with pytest.raises(SystemExit):
+            main(["bench", "concurrency", "--model", str(tmp_path / "missing"), "--outputs", str(tmp_path / "o")])
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog} bench concurrency: error: ")
