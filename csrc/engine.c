@@ -66,6 +66,7 @@ typedef struct {
     int *ref;                 /* holders of each page */
     int *free_stack, n_free;
     int *parent;              /* table pages: the page before (-1: first); -2: not in the table */
+    uint32_t *gen, *pgen;     /* times each page left the table; a table page's parent's gen when it was entered */
     int32_t *ptok;            /* [n, page] tokens of table pages */
     int *bucket, nb, *hnext;  /* hash chains */
     uint64_t *hash;
@@ -203,6 +204,7 @@ static void table_remove(pool_t *P, int id) {
     while (*pp >= 0 && *pp != id) pp = &P->hnext[*pp];
     if (*pp == id) *pp = P->hnext[id];
     P->parent[id] = -2;
+    P->gen[id]++; /* the pages entered after it (its children) no longer follow it: table_find skips them */
 }
 /* A free page: never used or released, else the least recently released table page. -1: none. */
 static int page_alloc(pool_t *P) {
@@ -234,7 +236,7 @@ static void page_release(pool_t *P, int id) {
 static int table_find(pool_t *P, int parent, const int32_t *t) {
     const uint64_t h = page_hash(parent, t, P->page);
     for (int id = P->bucket[h % (uint64_t)P->nb]; id >= 0; id = P->hnext[id])
-        if (P->hash[id] == h && P->parent[id] == parent &&
+        if (P->hash[id] == h && P->parent[id] == parent && (parent < 0 || P->pgen[id] == P->gen[parent]) &&
             !memcmp(P->ptok + (size_t)id * P->page, t, (size_t)P->page * 4))
             return id;
     return -1;
@@ -245,6 +247,7 @@ static int table_insert(pool_t *P, int id, int parent, const int32_t *t) {
     const uint64_t h = page_hash(parent, t, P->page);
     P->hash[id] = h;
     P->parent[id] = parent;
+    P->pgen[id] = parent >= 0 ? P->gen[parent] : 0;
     memcpy(P->ptok + (size_t)id * P->page, t, (size_t)P->page * 4);
     P->hnext[id] = P->bucket[h % (uint64_t)P->nb];
     P->bucket[h % (uint64_t)P->nb] = id;
@@ -256,13 +259,15 @@ static int pool_init(pool_t *P, int n, int shift) {
     P->ref = calloc((size_t)n, sizeof(int));
     P->free_stack = malloc((size_t)n * sizeof(int));
     P->parent = malloc((size_t)n * sizeof(int));
+    P->gen = calloc((size_t)n, sizeof(uint32_t));
+    P->pgen = calloc((size_t)n, sizeof(uint32_t));
     P->ptok = malloc((size_t)n * (size_t)P->page * 4);
     P->bucket = malloc((size_t)P->nb * sizeof(int));
     P->hnext = malloc((size_t)n * sizeof(int));
     P->hash = calloc((size_t)n, sizeof(uint64_t));
     P->lru_prev = malloc((size_t)n * sizeof(int));
     P->lru_next = malloc((size_t)n * sizeof(int));
-    if (!P->ref || !P->free_stack || !P->parent || !P->ptok || !P->bucket || !P->hnext || !P->hash || !P->lru_prev || !P->lru_next)
+    if (!P->ref || !P->free_stack || !P->parent || !P->gen || !P->pgen || !P->ptok || !P->bucket || !P->hnext || !P->hash || !P->lru_prev || !P->lru_next)
         return -1;
     for (int i = 0; i < n; i++) {
         P->free_stack[i] = n - 1 - i; /* page 0 first */
@@ -275,7 +280,7 @@ static int pool_init(pool_t *P, int n, int shift) {
     return 0;
 }
 static void pool_free(pool_t *P) {
-    free(P->ref); free(P->free_stack); free(P->parent); free(P->ptok); free(P->bucket); free(P->hnext);
+    free(P->ref); free(P->free_stack); free(P->parent); free(P->gen); free(P->pgen); free(P->ptok); free(P->bucket); free(P->hnext);
     free(P->hash); free(P->lru_prev); free(P->lru_next);
 }
 static int pages_available(const pool_t *P) { return P->n_free + P->n_cached; }
