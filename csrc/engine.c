@@ -71,6 +71,8 @@ typedef struct {
     int *bucket, nb, *hnext;  /* hash chains */
     uint64_t *hash;
     int *lru_prev, *lru_next, lru_head, lru_tail, n_cached; /* table pages nobody holds, oldest first */
+    int peak_used;            /* the most pages held at once, counted as they are taken (a step's end misses the pages
+                                 of requests that finished in it) */
 } pool_t;
 
 struct fl_engine {
@@ -206,6 +208,10 @@ static void table_remove(pool_t *P, int id) {
     P->parent[id] = -2;
     P->gen[id]++; /* the pages entered after it (its children) no longer follow it: table_find skips them */
 }
+static void pool_note_use(pool_t *P) {
+    const int used = P->n - P->n_free - P->n_cached;
+    if (used > P->peak_used) P->peak_used = used;
+}
 /* A free page: never used or released, else the least recently released table page. -1: none. */
 static int page_alloc(pool_t *P) {
     int id = -1;
@@ -215,11 +221,17 @@ static int page_alloc(pool_t *P) {
         lru_unlink(P, id);
         table_remove(P, id);
     }
-    if (id >= 0) P->ref[id] = 1;
+    if (id >= 0) {
+        P->ref[id] = 1;
+        pool_note_use(P);
+    }
     return id;
 }
 static void page_take(pool_t *P, int id) {
-    if (P->ref[id]++ == 0) lru_unlink(P, id);
+    if (P->ref[id]++ == 0) {
+        lru_unlink(P, id);
+        pool_note_use(P);
+    }
 }
 static void page_release(pool_t *P, int id) {
     if (--P->ref[id] > 0) return;
@@ -863,8 +875,6 @@ static int la_step(fl_engine *e) {
         e->la_slot = 1 - slot;
         e->st.pipelined_steps++;
         e->st.steps++;
-        const int used = e->pool.n - e->pool.n_free - e->pool.n_cached;
-        if (used > e->st.peak_pages_used) e->st.peak_pages_used = used;
     } else {
         for (int b = 0; b < B; b++) req_unref(rq[b]);
         e->la_active = 0;
@@ -1116,8 +1126,6 @@ int fl_engine_step(fl_engine *e) {
         forward_chunk(e, f); /* returns with mu held */
     }
     e->st.steps++;
-    const int used = P->n - P->n_free - P->n_cached;
-    if (used > e->st.peak_pages_used) e->st.peak_pages_used = used;
     const int more = e->n_run > 0 || e->wait_head != NULL || e->fwd_head != NULL || e->fwd_running != NULL;
     if (!more) {
         e->driving = 0;
@@ -1720,6 +1728,7 @@ void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s) {
     *s = e->st;
     s->pages_cached = e->pool.n_cached;
     s->pages_used = e->pool.n - e->pool.n_free - e->pool.n_cached;
+    s->peak_pages_used = e->pool.peak_used;
     s->waiting = e->n_waiting;
     s->forwards_waiting = e->n_fwd_waiting;
     s->forwards_running = e->fwd_running != NULL;

@@ -249,6 +249,17 @@ def test_prefix_table_forgets_the_children_of_an_evicted_page():
     np.testing.assert_array_equal(out, alone(m, p, max_new_tokens=8, eos_token_id=[]))
 
 
+@pytest.mark.parametrize("n,k", [(40, 1), (20, 30)])
+def test_peak_pages_count_the_step_a_request_ends_in(n, k):
+    """peak_pages_used was sampled at a step's end, after the requests that ended in it had let their pages go: a
+    40-token prompt with one new token held 3 pages of 16 and reported 0."""
+    m = load(kv_page_tokens=16)
+    m.generate(np.arange(3, 3 + n)[None], max_new_tokens=k, eos_token_id=[])
+    held = -(-(n + k - 1) // 16)  # K/V written: the prompt and every new token but the last
+    assert m.engine_stats()["peak_pages_used"] == held
+    assert m.memory_stats()["kv_cache_pool_peak_used"] == held * page_bytes(m, 16)
+
+
 def test_prompt_that_can_never_fit_is_refused():
     base = load()
     m = load(kv_cache_memory=page_bytes(base, 4) * 4, kv_page_tokens=4)  # 16 tokens
