@@ -80,13 +80,16 @@ def options(kv_cache_memory=None, max_num_seqs=None, max_queue=None, engine=None
         env = cfgmod.env("FASTLOAD_PREFIX_CACHING")
         prefix_caching = True if env is None else env.strip().lower() not in ("0", "false", "no", "off")
     if kv_cache_memory is not None:
+        import numbers
+        if isinstance(kv_cache_memory, numbers.Integral) and not isinstance(kv_cache_memory, bool):
+            kv_cache_memory = int(kv_cache_memory)  # numpy's integers too (np.float64 is a float already)
         if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
             raise TypeError(f"kv_cache_memory must be bytes (int) or a fraction of free memory (float), "
                             f"not {type(kv_cache_memory).__name__}")
         if isinstance(kv_cache_memory, float) and not 0 < kv_cache_memory <= 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory}: a fraction must be in (0, 1]; give bytes as an int")
-        if isinstance(kv_cache_memory, int) and kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes must be positive")
+        if isinstance(kv_cache_memory, int) and not 0 < kv_cache_memory < 1 << 63:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes must be positive and below 2**63")
     for name, v, lo, hi in (("max_num_seqs", max_num_seqs, 1, 4096), ("max_queue", max_queue, 0, 1 << 30),
                             ("prefill_chunk", prefill_chunk, 16, 65536), ("kv_page_tokens", kv_page_tokens, 1, 4096)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
@@ -158,19 +161,25 @@ def pool_bytes(model, opts) -> int:
     cap = per_tok * ctx * max_num_seqs(model, opts) + per_tok * opts["kv_page_tokens"]
     want = opts["kv_cache_memory"]
     if isinstance(want, int):
-        return want
-    if model.device.startswith("cuda"):
+        got = want
+    elif model.device.startswith("cuda"):
         from . import cuda
         free, _ = cuda.mem_get_info(model.device)
-        return int(min(cap, (want if want is not None else 0.4) * free))
-    if want is None:
-        return int(min(cap, 2 << 30))
-    try:
-        import os
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        avail = 8 << 30
-    return int(min(cap, want * avail))
+        got = int(min(cap, (want if want is not None else 0.4) * free))
+    elif want is None:
+        got = int(min(cap, 2 << 30))
+    else:
+        try:
+            import os
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 8 << 30
+        got = int(min(cap, want * avail))
+    page = per_tok * opts["kv_page_tokens"]
+    if got < page:  # a fraction of little free memory can come to nothing: say so here, not as the core's check
+        raise ValueError(f"kv_cache_memory={want!r} comes to {got} bytes on {model.device} now, less than one page of "
+                         f"keys and values ({opts['kv_page_tokens']} tokens, {page} bytes)")
+    return got
 
 
 class Engine:

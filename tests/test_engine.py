@@ -355,6 +355,18 @@ def test_engine_options_are_checked():
     m.configure_engine(kv_cache_memory=1 << 20)
     m.generate(np.arange(3, 9)[None], max_new_tokens=2)
     assert m.memory_stats()["kv_cache_pool"] >= (1 << 20) * 0.9
+    # ints past 64 bits were cut to their low bits by the core's argument parsing (2**64 + 5 pages: a 5-page pool)
+    for big in (1 << 64, (1 << 64) + page_bytes(m, 16) * 5):
+        with pytest.raises(ValueError, match="kv_cache_memory.*2\\*\\*63"):
+            load(kv_cache_memory=big)
+    # less than one page (a tiny fraction, a few bytes): named here, not the core's "kv_bytes must be positive"
+    for small in (1e-15, 100):
+        tiny = load(kv_cache_memory=small)
+        with pytest.raises(ValueError, match="kv_cache_memory.*less than one page"):
+            tiny.generate(np.arange(3, 9)[None], max_new_tokens=2)
+    m5 = load(kv_cache_memory=np.int64(page_bytes(m, 16) * 5))  # numpy integers are bytes, as Python's
+    m5.generate(np.arange(3, 9)[None], max_new_tokens=2)
+    assert m5.engine_stats()["n_pages"] == 5
 
 
 def test_memory_stats_report_the_pool(qwen):
