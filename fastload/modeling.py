@@ -1757,7 +1757,7 @@ class FastModelForCausalLM:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         gc["eos_token_id"] = eos
-        out = {"generation_config": gc}
+        out = {"generation_config": gc, "tokenizer": tokenizer}  # for stop_strings (chat's own tokenizer argument)
         if streamer is not None:
             out["streamer"] = streamer
         return enc, out
@@ -1852,6 +1852,7 @@ class FastModelForCausalLM:
         eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
         eos = eos + [tokenizer.get_command("<eos>")] + stops
         kw["eos_token_id"] = list(dict.fromkeys(int(e) for e in eos))
+        kw["tokenizer"] = tokenizer  # for stop_strings (chat's own tokenizer argument)
         return history, enc, kw
 
     @staticmethod

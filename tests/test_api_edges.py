@@ -352,3 +352,24 @@ def test_generation_config_stop_strings_and_max_time_read_none():
     gc = fastload.GenerationConfig()
     assert gc.stop_strings is None and gc.max_time is None
     assert fastload.GenerationConfig(max_time=2.0).max_time == 2.0
+
+
+def test_chat_takes_stop_strings(demo_model, demo_tok):
+    """chat / stream_chat / response with stop_strings: generate needs the tokenizer for them, and chat's own
+    tokenizer argument was not passed on (without tokenizer=: 'stop_strings need the tokenizer'; with it: 'got multiple
+    values for argument tokenizer')."""
+    q = "Count from 1 to 20."
+    full = demo_model.chat(demo_tok, q, max_new_tokens=40, do_sample=False)[0]
+    assert "5" in full and full.index("5") < len(full) - 5
+    cut = demo_model.chat(demo_tok, q, max_new_tokens=40, do_sample=False, stop_strings=["5"])[0]
+    assert cut.endswith("5") and full.startswith(cut) and len(cut) < len(full)
+    *_, (streamed, _) = demo_model.stream_chat(demo_tok, q, max_new_tokens=40, do_sample=False, stop_strings=["5"])
+    assert streamed == cut
+    for v in (2, 3):  # ChatGLM's own tokenizers take the same path (_glm_inputs)
+        root = LLAMA.parent / "chatglm" / f"chatglm{v}"
+        tok = fastload.AutoTokenizer.from_pretrained(str(root), trust_remote_code=True)
+        m = fastload.AutoModel.from_pretrained(str(root), trust_remote_code=True)
+        whole = m.chat(tok, "x", do_sample=False, max_new_tokens=6)[0]
+        stop = whole[len(whole) // 2:len(whole) // 2 + 1] if whole.strip() else "z"
+        part = m.chat(tok, "x", do_sample=False, max_new_tokens=6, stop_strings=[stop])[0]
+        assert whole.startswith(part) and (stop not in whole or stop in part)
