@@ -2033,7 +2033,10 @@ class FastModelForCausalLM:
         info = self._core.info
         es = self._engine_handle().stats() or {}
         pool = es.get("pool_bytes", 0)
-        page_bytes = pool // (es["n_pages"] + 1) if es else 0
+        eng = self._engine_handle()
+        # a page's keys and values (the pool is n_pages + the null page, plus the allocator's alignment: dividing it
+        # overstated a page of a small pool)
+        page_bytes = enginemod.kv_bytes_per_token(self, eng.opts) * es["page_tokens"] if es else 0
         out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
                "kv_cache_last": info["kv_bytes_last"], "kv_cache_pool": pool,
                "kv_cache_pool_used": es.get("pages_used", 0) * page_bytes,
@@ -2041,7 +2044,6 @@ class FastModelForCausalLM:
                "kv_cache_pool_cached": es.get("pages_cached", 0) * page_bytes,
                "workspace": info["mem_allocated"] - info["weight_bytes"] - pool,
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
-        eng = self._engine_handle()
         out["kv_cache_dtype"] = enginemod.kv_dtype(self, eng.opts)
         out["kv_cache_bytes_per_token"] = enginemod.kv_bytes_per_token(self, eng.opts)
         q = quantmod.report(self._core)  # weights = quantized_bytes (codes, scales, offsets) + float_bytes

@@ -260,6 +260,15 @@ def test_peak_pages_count_the_step_a_request_ends_in(n, k):
     assert m.memory_stats()["kv_cache_pool_peak_used"] == held * page_bytes(m, 16)
 
 
+def test_memory_stats_page_bytes_of_a_small_pool():
+    """memory_stats derived a page's bytes as pool // (n_pages + 1), which the allocator's alignment inflated for a
+    small pool (two 1-token pages: 1024 bytes a page where a page is 768)."""
+    m = load(kv_cache_memory=page_bytes(load(), 1) * 2, kv_page_tokens=1)
+    m.generate(np.arange(3, 4)[None], max_new_tokens=2, eos_token_id=[])  # 2 slots: the prompt and one new token
+    ms, st = m.memory_stats(), m.engine_stats()
+    assert st["n_pages"] == 2 and ms["kv_cache_pool_peak_used"] == st["peak_pages_used"] * page_bytes(m, 1)
+
+
 def test_prompt_that_can_never_fit_is_refused():
     base = load()
     m = load(kv_cache_memory=page_bytes(base, 4) * 4, kv_page_tokens=4)  # 16 tokens
