@@ -1427,7 +1427,9 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
         if (ids[i] < 0 || ids[i] >= V) return fl_err(FL_E_VALUE, "input_ids[%d] = %d is outside the vocabulary [0, %d)", i, (int)ids[i], V);
     if (n >= e->cfg.max_context)
         return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens leaves no room in the model's context of %d tokens", n, e->cfg.max_context);
-    if ((int64_t)n + 1 > (int64_t)e->pool.n * page)
+    /* the prompt's keys and values; the first new token's are stored only if a second one is made (outgrowing the
+     * pool then is the MemoryError of a request that alone outgrows it) */
+    if ((int64_t)n > (int64_t)e->pool.n * page)
         return fl_err(FL_E_VALUE, "generate: a prompt of %d tokens does not fit the KV cache pool of %d tokens (kv_cache_memory)", n,
                       e->pool.n * page);
     if (p->n_bias < 0 || (p->n_bias && (!p->bias_toks || !p->bias_off || !p->bias)) || p->no_repeat_ngram_size < 0 ||

@@ -274,6 +274,14 @@ def test_prompt_that_can_never_fit_is_refused():
     m = load(kv_cache_memory=page_bytes(base, 4) * 4, kv_page_tokens=4)  # 16 tokens
     with pytest.raises(ValueError, match="kv_cache_memory"):
         m.generate(np.arange(3, 23)[None], max_new_tokens=2)
+    # a prompt of exactly the pool's 16 tokens fits for one new token (its keys and values are never stored: it was
+    # refused, "a prompt of 16 tokens does not fit the KV cache pool of 16 tokens"); a second new token outgrows it
+    p = np.arange(3, 19)
+    np.testing.assert_array_equal(m.generate(p[None], max_new_tokens=1, eos_token_id=[])[0, 16:],
+                                  alone(m, p, max_new_tokens=1, eos_token_id=[]))
+    with pytest.raises(MemoryError, match="kv_cache_memory"):
+        m.generate(p[None], max_new_tokens=2, eos_token_id=[])
+    assert m.engine_stats()["pages_used"] == 0
     with pytest.raises(MemoryError, match="kv_cache_memory"):
         m.generate(np.arange(3, 13)[None], max_new_tokens=20, eos_token_id=[])  # grows past the pool alone
     assert m.engine_stats()["pages_used"] == 0
