@@ -208,8 +208,10 @@ static void table_remove(pool_t *P, int id) {
     P->parent[id] = -2;
     P->gen[id]++; /* the pages entered after it (its children) no longer follow it: table_find skips them */
 }
+/* Pages some request holds: neither free nor kept only by the prefix table */
+static int pages_used(const pool_t *P) { return P->n - P->n_free - P->n_cached; }
 static void pool_note_use(pool_t *P) {
-    const int used = P->n - P->n_free - P->n_cached;
+    const int used = pages_used(P);
     if (used > P->peak_used) P->peak_used = used;
 }
 /* A free page: never used or released, else the least recently released table page. -1: none. */
@@ -1729,7 +1731,7 @@ void fl_engine_get_stats(fl_engine *e, fl_engine_stats *s) {
     pthread_mutex_lock(&e->mu);
     *s = e->st;
     s->pages_cached = e->pool.n_cached;
-    s->pages_used = e->pool.n - e->pool.n_free - e->pool.n_cached;
+    s->pages_used = pages_used(&e->pool);
     s->peak_pages_used = e->pool.peak_used;
     s->waiting = e->n_waiting;
     s->forwards_waiting = e->n_fwd_waiting;
