@@ -126,7 +126,9 @@ typedef struct fl_backend fl_backend;
 struct fl_backend {
     const char *name;        /* "cpu", "cuda:0" */
     fl_dtype act;            /* activation dtype */
-    int n_threads;           /* CPU: OpenMP threads used by ops */
+    int n_threads;           /* CPU: OpenMP threads (the most ops use; scratch is sized by it) */
+    int threads_now;         /* CPU: threads ops use now: n_threads, fewer while other processes keep the cores busy
+                              * (step_begin; threads=0 only). Outputs never depend on it. */
     int host_memory;         /* 1: backend memory is host memory (loaders write into it directly) */
     void *impl;              /* backend private state (stream, handles, scratch) */
 
@@ -240,6 +242,9 @@ struct fl_backend {
      * W->interleaved) when its kernel has one for W's format, else leave it as it is; *done: 1 if rearranged. Called once per
      * weight after the load (fl_model_interleave); nothing may write the weight's rows afterwards. */
     fl_status (*interleave_weight)(fl_backend *, fl_weight *W, int *done);
+    /* Optional (CPU): called at the start of every forward (one thread at a time: the engine's driver). The CPU
+     * backend re-reads there, a few times a second, how many cores other processes leave it (threads_now). */
+    void (*step_begin)(fl_backend *);
 
     /* Bytes currently allocated through `alloc`, and the peak since the last reset. */
     uint64_t mem_allocated, mem_peak;

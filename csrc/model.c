@@ -1621,6 +1621,7 @@ fl_status fl_forward_core(fl_model *m, fl_kvcache *kv, const fl_step *step_in, c
 #define STEP(call) FL_TRY(call)
 #define SKIP(bit) (skip & (bit))
     const unsigned skip = T == 1 ? m->timing_skip : 0u;  /* FASTLOAD_TIMING_SKIP: decode steps only */
+    if (be->step_begin) be->step_begin(be);
     STEP(be->embed(be, m->ws_x, tok_d, N, &m->w.embed));                     /* x: [N, d] */
     for (int l = 0; l < c->n_layers; l++) {
         const fl_layer *W = &m->w.layers[l];

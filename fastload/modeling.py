@@ -2016,8 +2016,12 @@ class FastModelForCausalLM:
         forward_chunks (their passes: one, or one a chunk for a forward longer than prefill_chunk) and forward_kv_peak
         (bytes of the largest transient KV cache a forward had); pipelined_steps (decode steps launched before the
         tokens of the step before were read) and wasted_rows (rows such a step computed for a request that had just
-        ended on eos, dropped)."""
-        return self._engine_handle().stats()
+        ended on eos, dropped); on the CPU, cpu_threads_now (the threads its kernels use now: all cores, fewer while
+        other processes keep some busy, unless a count was given)."""
+        st = self._engine_handle().stats()
+        if st is not None and self.device == "cpu":
+            st["cpu_threads_now"] = self._core.info["cpu_threads_now"]
+        return st
 
     # ------------------------------------------------------------------ facts
     def memory_stats(self) -> dict:

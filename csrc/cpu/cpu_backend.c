@@ -29,7 +29,10 @@ static fl_status cpu_copy(fl_backend *be, void *dst, const void *src, size_t byt
     (void)be; memcpy(dst, src, bytes); return FL_OK;
 }
 static fl_status cpu_sync(fl_backend *be) { (void)be; return FL_OK; }
-static void cpu_destroy(fl_backend *be) { free(be); }
+static void cpu_destroy(fl_backend *be) {
+    cpu_threads_free(be);
+    free(be);
+}
 
 static fl_status cpu_embed(fl_backend *be, void *x_d, const int32_t *tokens, int n, const fl_weight *emb) {
     float *x = (float *)x_d;
@@ -115,6 +118,9 @@ static fl_status cpu_logits_to_host(fl_backend *be, float *dst, const void *src,
 fl_status fl_backend_cpu_create(int n_threads, fl_backend **out) {
     fl_backend *be = calloc(1, sizeof *be);
     if (!be) return fl_err(FL_E_NOMEM, "cannot allocate the CPU backend");
+    /* threads=0: all cores, fewer while other processes keep some busy (cpu_threads.c), unless OMP_NUM_THREADS
+     * chose the count */
+    const int adapt = n_threads <= 0 && !getenv("OMP_NUM_THREADS");
 #ifdef _OPENMP
     if (n_threads <= 0) n_threads = omp_get_max_threads();
 #else
@@ -129,6 +135,7 @@ fl_status fl_backend_cpu_create(int n_threads, fl_backend **out) {
         .swiglu = cpu_swiglu, .gather_rows = cpu_gather_rows, .logits_to_host = cpu_logits_to_host,
         .quantize = cpu_quantize, .interleave_weight = cpu_q_interleave, .add_lowrank = cpu_add_lowrank, .moe_route = cpu_moe_route, .moe_ffn = cpu_moe_ffn,
     };
+    cpu_threads_init(be, adapt);
     *out = be;
     return FL_OK;
 }

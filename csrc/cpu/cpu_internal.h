@@ -57,7 +57,14 @@ static inline float cpu_elem_f32(const void *p, fl_dtype t, int64_t i) {
     }
 }
 
-static inline int cpu_threads(const fl_backend *be) { return be->n_threads > 0 ? be->n_threads : 1; }
+static inline int cpu_threads(const fl_backend *be) {
+    const int t = be->threads_now > 0 && be->threads_now < be->n_threads ? be->threads_now : be->n_threads;
+    return t > 0 ? t : 1;
+}
+
+/* cpu_threads.c: threads_now follows the cores other processes leave free (threads=0 only) */
+void cpu_threads_init(fl_backend *be, int adapt);
+void cpu_threads_free(fl_backend *be);
 
 fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias);
 /* quantised weights (cpu_qmatmul.c) */
