@@ -7,7 +7,9 @@ Environment variables (explicit arguments always win):
   FASTLOAD_MODEL    default model for `python -m fastload` (path, .gguf file or hub id)
   FASTLOAD_QUANT    quantisation at load when from_pretrained is given none: "none" (default), "int8", "int4",
                     "nf4" (fastload/quant.py; ignored for GPTQ / AWQ checkpoints, which are quantised already)
-  FASTLOAD_THREADS  CPU threads (default: all cores, as OpenMP)
+  FASTLOAD_THREADS  CPU threads (default 0: all cores, fewer while other processes keep some busy; README "Busy
+                    cores")
+  FASTLOAD_ADAPT_THREADS  "0": the default count stays at all cores even while other processes keep some busy
   FASTLOAD_CACHE    where the demo model is kept (default ~/.cache/fastload)
 """
 from __future__ import annotations
