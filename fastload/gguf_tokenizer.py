@@ -86,6 +86,10 @@ _GPT4O_SPLIT = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+_SEED_CODER_SPLIT = (  # Seed-Coder's: Qwen2's, but a run of punctuation keeps no line breaks
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 _DEEPSEEK_LLM_LETTERS = (
@@ -114,6 +118,7 @@ GGUF_PRE_TOKENIZER_SPLITS = {
     "tekken": (_TEKKEN_SPLIT,),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"], (_QWEN2_SPLIT,)),
     "qwen35": (_QWEN35_SPLIT,),
+    "seed-coder": (_SEED_CODER_SPLIT,),
     **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], (_GPT4O_SPLIT,)),
     **dict.fromkeys(["gpt-2", "gpt2", "mpt", "olmo", "jais", "trillion"], (_GPT2_SPLIT,)),
     **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
