@@ -24,6 +24,7 @@ Environment:
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,43 @@ def parallel_compile(compiler, jobs):
     compiler.compile = compile
 
 
+# The CPU features a -march=native build may use, by the compiler's macro -> their name in /proc/cpuinfo (flags on
+# x86, Features on ARM). Only names the kernel has reported for years: an unknown or renamed one would refuse the
+# import on the very machine that built it.
+CPU_FEATURE_MACROS = {
+    "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2", "__POPCNT__": "popcnt", "__MOVBE__": "movbe",
+    "__LZCNT__": "abm", "__BMI__": "bmi1", "__BMI2__": "bmi2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma",
+    "__F16C__": "f16c", "__AVX512F__": "avx512f", "__AVX512VL__": "avx512vl", "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq", "__AVX512CD__": "avx512cd", "__AVX512VNNI__": "avx512_vnni", "__AVXVNNI__": "avx_vnni",
+    "__AVX512BF16__": "avx512_bf16", "__AVX512VBMI__": "avx512vbmi", "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512BITALG__": "avx512_bitalg", "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq",
+    "__AVX512FP16__": "avx512_fp16",
+    "__ARM_FEATURE_DOTPROD": "asimddp", "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2",
+    "__ARM_FEATURE_MATMUL_INT8": "i8mm", "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16",
+    "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
+}
+
+
+def write_cpu_record(cc, cflags, pkg_dir):
+    """fastload/_build_cpu.py beside the module: the CPU features its C code was compiled to use (the compiler's
+    predefined macros under the build's flags), so that `import fastload` on a CPU without them is an ImportError
+    that says so (fastload/_cpucheck.py) instead of the process dying of an illegal instruction in the first kernel:
+    a -march=native wheel or venv copied to an older machine (a Docker image, a cluster's shared venv)."""
+    flags = [f for f in cflags if f.startswith(("-march=", "-mcpu=", "-mtune=", "-m"))]
+    try:
+        r = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+        macros = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("#define ")}
+    except (OSError, IndexError):
+        macros = None
+    os.makedirs(pkg_dir, exist_ok=True)
+    with open(os.path.join(pkg_dir, "_build_cpu.py"), "w") as f:
+        f.write("# Written by setup.py when the C core was built: the CPU features its code may use (fastload/_cpucheck.py).\n")
+        f.write(f"MACHINE = {platform.machine()!r}\n")
+        f.write(f"FLAGS = {' '.join(flags)!r}\n")
+        feats = sorted(v for k, v in CPU_FEATURE_MACROS.items() if macros and k in macros)
+        f.write(f"FEATURES = {tuple(feats)!r}\n" if macros is not None else "FEATURES = None  # the compiler was not asked\n")
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         ext = self.extensions[0]
@@ -164,9 +202,18 @@ class BuildExt(build_ext):
         if not same:
             self.force = True
         super().build_extensions()
+        write_cpu_record(cc, cflags, os.path.dirname(self.get_ext_fullpath(ext.name)))
         os.makedirs(self.build_temp, exist_ok=True)
         with open(stamp, "w") as f:
             f.write(key + "\n")
+
+    def copy_extensions_to_source(self):
+        """--inplace and editable installs: the module is copied into the source tree, and its CPU record with it"""
+        super().copy_extensions_to_source()
+        built = os.path.join(self.build_lib, "fastload", "_build_cpu.py")
+        if os.path.isfile(built):
+            pkg = self.get_finalized_command("build_py").get_package_dir("fastload")
+            shutil.copyfile(built, os.path.join(pkg, "_build_cpu.py"))
 
     def build_cuda(self, ext, nvcc):
         want = env("FASTLOAD_CUDA_ARCHS", "") or local_archs() or DEFAULT_ARCHS

@@ -6,7 +6,10 @@ C/CUDA core, behind transformers' API.
     model = fastload.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", torch_dtype="float16")
     out = model.generate(**tok("Hello", return_tensors="np"), max_new_tokens=20)
 """
-from . import _C
+from ._cpucheck import check as _check_cpu
+
+_check_cpu()  # before the C core loads: a build for another CPU is an ImportError, not an illegal instruction
+from . import _C  # noqa: E402
 from . import cuda
 from . import evaluate
 from .modeling import (AutoConfig, AutoModel, AutoModelForCausalLM, CausalLMOutput, Config, FastModelForCausalLM,
@@ -32,6 +35,12 @@ def info() -> dict:
         out["cuda"] = f"built, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
     else:
         out["cuda"] = f"built, {b['cuda_devices']} device(s)"
+    try:  # the CPU features the C core was compiled to use (setup.py; fastload/_cpucheck.py checks them at import)
+        from . import _build_cpu
+        out["cpu_build_features"] = list(_build_cpu.FEATURES or ())
+        out["cpu_build_flags"] = _build_cpu.FLAGS
+    except ImportError:
+        pass
     from . import quant
     out["quantization"] = {"at_load": list(quant.SCHEMES), "checkpoints": list(quant.SUPPORTED_CHECKPOINTS),
                            "gguf_kept_quantised": list(quant.GGUF_KEPT),

@@ -42,6 +42,7 @@ so=$(ls "$T"/lib/fastload/_C*.so)
 mkdir -p "$T/pkg/fastload"
 cp "$ROOT"/fastload/*.py "$T/pkg/fastload/"
 cp "$so" "$T/pkg/fastload/"
+cp "$T/lib/fastload/_build_cpu.py" "$T/pkg/fastload/"  # this build's CPU record (setup.py write_cpu_record)
 so="$T/pkg/fastload/$(basename "$so")"
 echo "sanitize: built in $((SECONDS - t0)) s" >&2
 
