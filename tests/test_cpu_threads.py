@@ -90,3 +90,68 @@ def test_a_chosen_count_stays(monkeypatch, cpus, how):
                                                           torch_dtype="float32")
     _, seen = _under_load(m, 1.5)
     assert set(seen) == {cpus}
+
+
+def _cpu_cgroup_dir():
+    """A new cgroup with the cpu controller under this process's own (v1 cpu hierarchy, or v2 where the parent hands
+    the controller down), and whether it is v2; skips where that cannot be made (not root, a read-only mount)."""
+    own = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, ctrls, path = line.rstrip("\n").split(":", 2)
+            if hid == "0" and ctrls == "":
+                own["v2"] = path
+            elif "cpu" in ctrls.split(","):
+                own["v1"] = path
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            root, mnt = left.split()[3:5]
+            fstype, _, opts = right.split()[:3]
+            kind = "v2" if fstype == "cgroup2" else "v1" if fstype == "cgroup" and "cpu" in opts.split(",") else None
+            if kind is None or kind not in own or root != "/":
+                continue
+            base = mnt + (own[kind] if own[kind] != "/" else "")
+            if kind == "v2":
+                try:
+                    with open(os.path.join(base, "cgroup.subtree_control")) as g:
+                        if "cpu" not in g.read().split():
+                            continue
+                except OSError:
+                    continue
+            d = os.path.join(base, f"fastload-test-{os.getpid()}")
+            try:
+                os.mkdir(d)
+            except OSError:
+                continue
+            return d, kind == "v2"
+    pytest.skip("cannot make a cgroup with the cpu controller here (needs root and a writable cgroup mount)")
+
+
+def test_a_cgroup_cpu_limit_caps_the_default_count(monkeypatch, cpus):
+    d, v2 = _cpu_cgroup_dir()
+    try:
+        if v2:
+            with open(os.path.join(d, "cpu.max"), "w") as f:
+                f.write("100000 100000")
+        else:
+            with open(os.path.join(d, "cpu.cfs_period_us"), "w") as f:
+                f.write("100000")
+            with open(os.path.join(d, "cpu.cfs_quota_us"), "w") as f:
+                f.write("60000")  # 0.6 of a CPU: rounded up to 1
+        code = (f"import os, sys; open({os.path.join(d, 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+                "import fastload, numpy as np\n"
+                f"m = fastload.AutoModelForCausalLM.from_pretrained({str(model_dir('qwen2'))!r}, device_map='cpu', "
+                "torch_dtype='float32')\n"
+                "a = m._core.info['cpu_threads_now']\n"
+                "m.generate(np.array([[3, 17, 230]]), max_new_tokens=4, eos_token_id=[])\n"
+                "print(a, m._core.info['cpu_threads_now'], m._core.info['cpu_threads'])\n")
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "FASTLOAD_THREADS",
+                                                                "FASTLOAD_ADAPT_THREADS")}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        first, after, most = map(int, r.stdout.split()[-3:])
+        want = 1
+        assert most == cpus and first == want and after <= want, r.stdout
+    finally:
+        os.rmdir(d)

@@ -65,6 +65,7 @@ static inline int cpu_threads(const fl_backend *be) {
 /* cpu_threads.c: threads_now follows the cores other processes leave free (threads=0 only) */
 void cpu_threads_init(fl_backend *be, int adapt);
 void cpu_threads_free(fl_backend *be);
+int cpu_cgroup_limit(void); /* Linux: the cgroups' CPU limit, rounded up; 0 for none */
 
 fl_status cpu_gemm(fl_backend *be, float *y, const float *x, int n, const fl_weight *W, const fl_weight *bias);
 /* quantised weights (cpu_qmatmul.c) */

@@ -12,7 +12,8 @@
  * user + nice + system + irq + softirq + steal), takes off its own process's CPU time (its spinning threads included),
  * and runs on the cores the others left, floor(free + 0.25), at least 1 and at most n_threads. Each kernel splits its
  * work by rows or fixed chunks and never by the thread count, so the outputs are the same bits at any count: this
- * changes speed only. A window longer than CPU_ADAPT_STALE (the engine sat idle) is not trusted: the next one starts
+ * changes speed only. Nor past the CPU limit of the process's cgroups (a container's --cpus, a Kubernetes limit: see
+ * cpu_cgroup_limit), which holds from the backend's creation on. A window longer than CPU_ADAPT_STALE (the engine sat idle) is not trusted: the next one starts
  * there. Not Linux, /proc/stat unreadable, or a thread count given: n_threads, always. FASTLOAD_ADAPT_THREADS=0 turns
  * it off. */
 #define _GNU_SOURCE
@@ -34,6 +35,7 @@ typedef struct {
     unsigned long long busy0; /* busy ticks of the CPUs in the affinity mask at t0 */
     double hz;                /* ticks a second (/proc/stat counts in USER_HZ) */
     int ncpu;                 /* CPUs in the affinity mask */
+    int limit;                /* the cgroups' CPU limit, rounded up (0: none) */
     int have;                 /* t0 / own0 / busy0 are set */
 #ifdef __linux__
     cpu_set_t mask;
@@ -72,6 +74,108 @@ static int read_busy(const cpu_adapt_t *A, unsigned long long *busy) {
 }
 #endif
 
+#ifdef __linux__
+/* ---- CPU limits of the process's cgroups (a container's --cpus, a Kubernetes CPU limit, systemd's CPUQuota) ----
+ * The scheduler gives the whole group quota/period CPUs' worth of time a period, however many cores the machine (and
+ * OpenMP) sees: 64 threads under a limit of 2 run in bursts and then all stop until the next period, and every barrier
+ * waits for a stopped thread. So the default count never goes past ceil(quota / period) of the tightest cgroup from the
+ * process's own up to its hierarchy's root (cgroup v2 cpu.max; v1 cpu.cfs_quota_us / cpu.cfs_period_us). */
+
+/* "Q P" (v2 cpu.max: "max P" is no limit) or the v1 pair: CPUs (rounded up), 0 for none or unreadable */
+static int read_limit(const char *dir, int v2) {
+    char path[4352];
+    long long q = -1, per = 0;
+    FILE *f;
+    if (v2) {
+        snprintf(path, sizeof path, "%s/cpu.max", dir);
+        if (!(f = fopen(path, "r"))) return 0;
+        char qs[32] = {0};
+        if (fscanf(f, "%31s %lld", qs, &per) != 2 || !strcmp(qs, "max")) q = -1;
+        else q = strtoll(qs, NULL, 10);
+        fclose(f);
+    } else {
+        snprintf(path, sizeof path, "%s/cpu.cfs_quota_us", dir);
+        if (!(f = fopen(path, "r"))) return 0;
+        if (fscanf(f, "%lld", &q) != 1) q = -1;
+        fclose(f);
+        snprintf(path, sizeof path, "%s/cpu.cfs_period_us", dir);
+        if (!(f = fopen(path, "r"))) return 0;
+        if (fscanf(f, "%lld", &per) != 1) per = 0;
+        fclose(f);
+    }
+    if (q <= 0 || per <= 0) return 0;
+    const long long n = (q + per - 1) / per;
+    return n > 4096 ? 4096 : (int)n;
+}
+
+/* The tightest limit from `dir` (a cgroup directory under `mnt`) up to `mnt`; 0 for none */
+static int walk_limits(char *dir, size_t mnt_len, int v2) {
+    int best = 0;
+    for (;;) {
+        const int n = read_limit(dir, v2);
+        if (n > 0 && (best == 0 || n < best)) best = n;
+        char *slash = strrchr(dir, '/');
+        if (strlen(dir) <= mnt_len || !slash || (size_t)(slash - dir) < mnt_len) break;
+        *slash = 0;
+    }
+    return best;
+}
+
+/* Is `opt` one of the comma-separated words of `list`? */
+static int has_word(const char *list, const char *opt) {
+    const size_t n = strlen(opt);
+    for (const char *p = list; p && *p;) {
+        const char *e = strchr(p, ',');
+        const size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && !strncmp(p, opt, n)) return 1;
+        p = e ? e + 1 : NULL;
+    }
+    return 0;
+}
+
+/* CPUs' worth of time the process's cgroups allow, rounded up; 0 when there is no limit (or none could be read) */
+int cpu_cgroup_limit(void) {
+    char v2path[2048] = "", v1path[2048] = "", line[4096];
+    int have2 = 0, have1 = 0;
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f)) { /* "0::/path" (v2) or "N:cpu,cpuacct:/path" (v1) */
+        line[strcspn(line, "\n")] = 0;
+        char *a = strchr(line, ':'), *b = a ? strchr(a + 1, ':') : NULL;
+        if (!a || !b) continue;
+        *a = *b = 0;
+        if (!strcmp(line, "0") && a + 1 == b) {
+            snprintf(v2path, sizeof v2path, "%s", b + 1);
+            have2 = 1;
+        } else if (has_word(a + 1, "cpu")) {
+            snprintf(v1path, sizeof v1path, "%s", b + 1);
+            have1 = 1;
+        }
+    }
+    fclose(f);
+    if (!(f = fopen("/proc/self/mountinfo", "r"))) return 0;
+    int best = 0;
+    while (fgets(line, sizeof line, f)) { /* "id parent dev ROOT MOUNTPOINT opts ... - FSTYPE SOURCE SUPEROPTS" */
+        char root[1024], mnt[1024], fstype[64], super[512];
+        const char *dash = strstr(line, " - ");
+        if (!dash || sscanf(line, "%*s %*s %*s %1023s %1023s", root, mnt) != 2 ||
+            sscanf(dash + 3, "%63s %*s %511s", fstype, super) != 2)
+            continue;
+        const int v2 = !strcmp(fstype, "cgroup2");
+        if (!(v2 && have2) && !(!strcmp(fstype, "cgroup") && have1 && has_word(super, "cpu"))) continue;
+        const char *cg = v2 ? v2path : v1path;
+        const size_t rl = strcmp(root, "/") ? strlen(root) : 0; /* the part of the hierarchy this mount shows */
+        if (rl && strncmp(cg, root, rl)) continue;
+        char dir[4352];
+        snprintf(dir, sizeof dir, "%s%s", mnt, strcmp(cg + rl, "/") ? cg + rl : "");
+        const int n = walk_limits(dir, strlen(mnt), v2);
+        if (n > 0 && (best == 0 || n < best)) best = n;
+    }
+    fclose(f);
+    return best;
+}
+#endif
+
 static void cpu_step_begin(fl_backend *be) {
     cpu_adapt_t *A = (cpu_adapt_t *)be->impl;
     if (!A) return;
@@ -92,6 +196,7 @@ static void cpu_step_begin(fl_backend *be) {
         if (others < 0) others = 0;
         int n = (int)((double)A->ncpu - others + 0.25);
         if (n > be->n_threads) n = be->n_threads;
+        if (A->limit > 0 && n > A->limit) n = A->limit;
         if (n < 1) n = 1;
         be->threads_now = n;
     }
@@ -125,6 +230,8 @@ void cpu_threads_init(fl_backend *be, int adapt) {
         free(A);
         return;
     }
+    A->limit = cpu_cgroup_limit();
+    if (A->limit > 0 && A->limit < be->threads_now) be->threads_now = A->limit; /* from the first forward on */
     be->impl = A;
     be->step_begin = cpu_step_begin;
 #else
