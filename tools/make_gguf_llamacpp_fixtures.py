@@ -12,7 +12,7 @@ demo.json with the ids only (the demo GGUF is downloaded where the tests run).
 The GGUFs used (2026-12-06, llama-cpp-python 0.3.36): tiny models whose vocabularies were trained with HF
 `tokenizers` on a few hundred KB of mixed text and written as convert_hf_to_gguf writes them (byte-level BPE with
 tokenizer.ggml.pre "smollm", "llama-bpe" with and without add_bos_token, "deepseek-coder", "deepseek-llm",
-"falcon", "default"; 2026-12-07: "seed-coder", trained with Seed-Coder's own split regex; a sentencepiece "llama" vocabulary with byte fallback, with and without add_space_prefix)."""
+"falcon", "default"; 2026-12-07: "seed-coder", trained with Seed-Coder's own split regex, and "mellum" (one of the names llama.cpp reads as GPT-2's split) on a Llama-3-split vocabulary; a sentencepiece "llama" vocabulary with byte fallback, with and without add_space_prefix)."""
 import json
 import os
 import sys
