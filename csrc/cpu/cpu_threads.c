@@ -184,8 +184,8 @@ static void cpu_step_begin(fl_backend *be) {
     if (A->have && t - A->t0 < CPU_ADAPT_WINDOW) return;
     unsigned long long busy;
     const double own = now_s(CLOCK_PROCESS_CPUTIME_ID);
-    if (!read_busy(A, &busy)) { /* /proc/stat went away (a chroot, a sandbox): all threads from now on */
-        be->threads_now = be->n_threads;
+    if (!read_busy(A, &busy)) { /* /proc/stat went away (a chroot, a sandbox): all threads (the limit's) from now on */
+        be->threads_now = A->limit > 0 && A->limit < be->n_threads ? A->limit : be->n_threads;
         free(A);
         be->impl = NULL;
         return;
