@@ -20,6 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+from cpu_common import fl_rate, git_commit  # noqa: E402
 SETTINGS = {  # name -> environment
     "adaptive (default)": {"FASTLOAD_ADAPT_THREADS": "1"},
     "all cores, fixed": {"FASTLOAD_ADAPT_THREADS": "0"},
@@ -36,13 +37,7 @@ def child(a):
         kw = dict(do_sample=False, eos_token_id=[])
         ids = np.array([[1, 450, 4996, 17354, 1701]])
         m.generate(ids, max_new_tokens=8, **kw)
-        best = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            m.generate(ids, max_new_tokens=1, **kw)
-            t1 = time.perf_counter()
-            m.generate(ids, max_new_tokens=a.gen + 1, **kw)
-            best = max(best, a.gen / ((time.perf_counter() - t1) - (t1 - t0)))
+        best = max(fl_rate(m, ids, a.gen) for _ in range(3))
         info = m._core.info
         print(json.dumps({"gen_tok_s": best, "threads_now": info["cpu_threads_now"], "threads": info["cpu_threads"]}))
     finally:
@@ -90,11 +85,7 @@ def main():
         med[b] = {s: statistics.median(x["gen_tok_s"] for x in rows[(s, b)]) for s in SETTINGS}
         print(f"{b:>15} " + " ".join(f"{med[b][s]:20.1f}" for s in SETTINGS))
     if a.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=HERE).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = git_commit()
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "cpus": ncpu, "rounds": a.rounds, "gen": a.gen,
                        "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,6 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from cpu_common import git_commit  # noqa: E402
 
 SHAPES = {
     "tinyllama": dict(hidden=2048, ffn=5632, layers=22, heads=32, kv=4, tied=False),
@@ -168,11 +168,7 @@ def main(argv=None):
               f"prompt {a.pp}: {row['fastload_pp']:.1f} / {row['llamacpp_pp']:.1f} = {row['pp_ratio']:.2f}x, "
               f"weights {row['weights_over_file']:.3f}x the file", flush=True)
         rows.append(row)
-    try:
-        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git_commit("?")
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
                 cpu=platform.processor() or platform.machine(), threads=a.threads, shape=a.shape,
                 shape_config=SHAPES[a.shape], gen_tokens=a.gen, prompt_tokens=a.pp, reps=a.reps,

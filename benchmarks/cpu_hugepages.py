@@ -21,6 +21,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+from cpu_common import fl_rate, git_commit  # noqa: E402
 
 
 def child(a):
@@ -35,13 +36,7 @@ def child(a):
     else:
         ids = np.array([[1, 450, 4996, 17354, 1701]])
     m.generate(ids, max_new_tokens=1, **kw)  # warm-up; with --context the prompt's pages are kept for the reps
-    gen = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        m.generate(ids, max_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        m.generate(ids, max_new_tokens=a.gen + 1, **kw)
-        gen = max(gen, a.gen / ((time.perf_counter() - t1) - (t1 - t0)))
+    gen = max(fl_rate(m, ids, a.gen) for _ in range(3))
     m.configure_engine(prefix_caching=False)
     pp = np.random.default_rng(int(time.time())).integers(100, min(30000, m.config.vocab_size), size=(1, a.pp))
     t0 = time.perf_counter()
@@ -100,11 +95,7 @@ def main():
         print(f"{s:>18} {m['load_s']:8.2f} {m['gen_tok_s']:10.1f} {m['pp_tok_s']:9.1f} {m['rss_mb']:7.0f} "
               f"{m['anon_huge_mb']:8.0f}")
     if a.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=HERE).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = git_commit()
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "threads": a.threads, "rounds": a.rounds, "gen": a.gen, "pp": a.pp,
                        "context": a.context, "cpu": platform.processor() or platform.machine(),

@@ -23,16 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def fl_rate(m, ids, new):
-    kw = dict(do_sample=False, eos_token_id=[])
-    t0 = time.perf_counter()
-    m.generate(ids, max_new_tokens=1, **kw)
-    ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    m.generate(ids, max_new_tokens=new + 1, **kw)
-    return new / (time.perf_counter() - t0 - ttft)
+from cpu_common import fl_rate, git_commit  # noqa: E402
 
 
 def llama_rate(llm, ids, new):
@@ -121,11 +112,7 @@ def main():
     print("tokens the same 1 GiB pool holds: " + ", ".join(
         f"{k} {m.engine_stats()['n_pages'] * m.engine_stats()['page_tokens']}" for k, m in models.items()))
     if a.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = git_commit()
         with open(a.json, "w") as f:
             json.dump({"model": path, "threads": a.threads, "new": a.new, "rounds": a.rounds,
                        "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
