@@ -13,8 +13,8 @@
  * and runs on the cores the others left, floor(free + 0.25), at least 1 and at most n_threads. Each kernel splits its
  * work by rows or fixed chunks and never by the thread count, so the outputs are the same bits at any count: this
  * changes speed only. Nor past the CPU limit of the process's cgroups (a container's --cpus, a Kubernetes limit: see
- * cpu_cgroup_limit), which holds from the backend's creation on. A window longer than CPU_ADAPT_STALE (the engine sat idle) is not trusted: the next one starts
- * there. Not Linux, /proc/stat unreadable, or a thread count given: n_threads, always. FASTLOAD_ADAPT_THREADS=0 turns
+ * cpu_cgroup_limit), which holds from the backend's creation on. A window longer than CPU_ADAPT_STALE (the engine sat
+ * idle) is not trusted: the next one starts there. Not Linux, /proc/stat unreadable, or a thread count given: n_threads, always. FASTLOAD_ADAPT_THREADS=0 turns
  * it off. */
 #define _GNU_SOURCE
 #include "cpu_internal.h"
@@ -72,9 +72,7 @@ static int read_busy(const cpu_adapt_t *A, unsigned long long *busy) {
     *busy = sum;
     return seen > 0;
 }
-#endif
 
-#ifdef __linux__
 /* ---- CPU limits of the process's cgroups (a container's --cpus, a Kubernetes CPU limit, systemd's CPUQuota) ----
  * The scheduler gives the whole group quota/period CPUs' worth of time a period, however many cores the machine (and
  * OpenMP) sees: 64 threads under a limit of 2 run in bursts and then all stop until the next period, and every barrier
@@ -83,7 +81,7 @@ static int read_busy(const cpu_adapt_t *A, unsigned long long *busy) {
 
 /* "Q P" (v2 cpu.max: "max P" is no limit) or the v1 pair: CPUs (rounded up), 0 for none or unreadable */
 static int read_limit(const char *dir, int v2) {
-    char path[4352];
+    char path[4352 + 32]; /* dir (at most 4351 bytes) and the file name: no truncation */
     long long q = -1, per = 0;
     FILE *f;
     if (v2) {
@@ -174,6 +172,13 @@ int cpu_cgroup_limit(void) {
     fclose(f);
     return best;
 }
+
+/* n threads, within 1 .. n_threads and the cgroups' limit */
+static int clamp_threads(const fl_backend *be, const cpu_adapt_t *A, int n) {
+    if (n > be->n_threads) n = be->n_threads;
+    if (A->limit > 0 && n > A->limit) n = A->limit;
+    return n < 1 ? 1 : n;
+}
 #endif
 
 static void cpu_step_begin(fl_backend *be) {
@@ -185,7 +190,7 @@ static void cpu_step_begin(fl_backend *be) {
     unsigned long long busy;
     const double own = now_s(CLOCK_PROCESS_CPUTIME_ID);
     if (!read_busy(A, &busy)) { /* /proc/stat went away (a chroot, a sandbox): all threads (the limit's) from now on */
-        be->threads_now = A->limit > 0 && A->limit < be->n_threads ? A->limit : be->n_threads;
+        be->threads_now = clamp_threads(be, A, be->n_threads);
         free(A);
         be->impl = NULL;
         return;
@@ -194,11 +199,7 @@ static void cpu_step_begin(fl_backend *be) {
         const double wall = t - A->t0;
         double others = ((double)(busy - A->busy0) / A->hz - (own - A->own0)) / wall; /* cores others kept busy */
         if (others < 0) others = 0;
-        int n = (int)((double)A->ncpu - others + 0.25);
-        if (n > be->n_threads) n = be->n_threads;
-        if (A->limit > 0 && n > A->limit) n = A->limit;
-        if (n < 1) n = 1;
-        be->threads_now = n;
+        be->threads_now = clamp_threads(be, A, (int)((double)A->ncpu - others + 0.25));
     }
     A->t0 = t;
     A->own0 = own;
@@ -231,7 +232,7 @@ void cpu_threads_init(fl_backend *be, int adapt) {
         return;
     }
     A->limit = cpu_cgroup_limit();
-    if (A->limit > 0 && A->limit < be->threads_now) be->threads_now = A->limit; /* from the first forward on */
+    be->threads_now = clamp_threads(be, A, be->n_threads); /* the limit holds from the first forward on */
     be->impl = A;
     be->step_begin = cpu_step_begin;
 #else
