@@ -122,7 +122,7 @@ def write_cpu_record(cc, cflags, pkg_dir):
     predefined macros under the build's flags), so that `import fastload` on a CPU without them is an ImportError
     that says so (fastload/_cpucheck.py) instead of the process dying of an illegal instruction in the first kernel:
     a -march=native wheel or venv copied to an older machine (a Docker image, a cluster's shared venv)."""
-    flags = [f for f in cflags if f.startswith(("-march=", "-mcpu=", "-mtune=", "-m"))]
+    flags = [f for f in cflags if f.startswith("-m")]  # -march=native, -mcpu=, -mavx2, ...: what picks the ISA
     try:
         r = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
         macros = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("#define ")}

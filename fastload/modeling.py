@@ -2035,12 +2035,13 @@ class FastModelForCausalLM:
         {"weights": n, "bytes": b}, "float16": {...}}). workspace: activations of the largest step (per token) plus
         logits of the most logit rows asked for (one per sequence in generate)."""
         info = self._core.info
-        es = self._engine_handle().stats() or {}
-        pool = es.get("pool_bytes", 0)
         eng = self._engine_handle()
+        es = eng.stats() or {}
+        pool = es.get("pool_bytes", 0)
         # a page's keys and values (the pool is n_pages + the null page, plus the allocator's alignment: dividing it
         # overstated a page of a small pool)
-        page_bytes = enginemod.kv_bytes_per_token(self, eng.opts) * es["page_tokens"] if es else 0
+        per_tok = enginemod.kv_bytes_per_token(self, eng.opts)
+        page_bytes = per_tok * es["page_tokens"] if es else 0
         out = {"device": info["device"], "weights": info["weight_bytes"], "kv_cache_now": 0,
                "kv_cache_last": info["kv_bytes_last"], "kv_cache_pool": pool,
                "kv_cache_pool_used": es.get("pages_used", 0) * page_bytes,
@@ -2049,7 +2050,7 @@ class FastModelForCausalLM:
                "workspace": info["mem_allocated"] - info["weight_bytes"] - pool,
                "allocated": info["mem_allocated"], "peak": info["mem_peak"]}
         out["kv_cache_dtype"] = enginemod.kv_dtype(self, eng.opts)
-        out["kv_cache_bytes_per_token"] = enginemod.kv_bytes_per_token(self, eng.opts)
+        out["kv_cache_bytes_per_token"] = per_tok
         q = quantmod.report(self._core)  # weights = quantized_bytes (codes, scales, offsets) + float_bytes
         if q:
             out.update(q)
