@@ -218,6 +218,10 @@ class BuildExt(build_ext):
     def build_cuda(self, ext, nvcc):
         want = env("FASTLOAD_CUDA_ARCHS", "") or local_archs() or DEFAULT_ARCHS
         archs = [a.strip() for a in want.replace(",", ";").split(";") if a.strip()]
+        bad = [a for a in archs if not a[:1].isdigit() or not a.rstrip("af").isdigit()]
+        if bad or not archs:
+            raise SystemExit(f"fastload: FASTLOAD_CUDA_ARCHS={want!r}: expected compute capabilities without the dot, "
+                             f"separated by ';' (e.g. \"80;90\" or \"90a\"); not {', '.join(bad) or 'an empty list'}")
         print(f"fastload: CUDA architectures {';'.join(archs)}", file=sys.stderr)
         gencode = []
         for a in archs:
@@ -252,8 +256,11 @@ class BuildExt(build_ext):
 
         for src in sorted(glob.glob("csrc/cuda/*.cu")):
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
+            # FL_CUDA_ARCHS_TOKEN: the architectures as one preprocessor token (90_80: nvcc splits -D values at
+            # commas, and quotes do not survive its passes), for fastload.cuda.get_arch_list() and the check at
+            # device creation that this build has a kernel image the GPU can run (cuda_device.cu).
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "--use_fast_math",
-                   "-Xcompiler", "-fPIC,-fvisibility=hidden", *gencode]
+                   "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-DFL_CUDA_ARCHS_TOKEN={'_'.join(archs)}", *gencode]
             hdr = hashlib.sha256(nvcc_id)
             hdrs = sorted(local_headers(src, set()))
             for h in hdrs:

@@ -580,7 +580,7 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
     for (int b = 0; b < B; b++) n += e->h_need[b] && !(e->m->be->argmax_rows && e->h_greedy[b]);
     if (!n) return;
 #ifdef _OPENMP
-    const int tn = e->m->be->threads_now; /* the CPU backend's count now (fewer while other processes hold cores) */
+    const int tn = fl_backend_threads_now(e->m->be); /* the CPU backend's count now (fewer while other processes hold cores) */
     int nt = n < e->n_scratch ? n : e->n_scratch;
     if (tn > 0 && nt > tn) nt = tn;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)

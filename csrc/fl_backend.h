@@ -254,6 +254,13 @@ struct fl_backend {
     uint64_t fused_inputs;
 };
 
+/* The threads a backend's host-side parallel work should use now: threads_now where the CPU backend has lowered it
+ * (other processes hold cores), else n_threads (0 on CUDA: no cap of its own). One reading for the CPU kernels
+ * (cpu_threads), the engine's sampling team and info(). */
+static inline int fl_backend_threads_now(const fl_backend *be) {
+    return be->threads_now > 0 && be->threads_now < be->n_threads ? be->threads_now : be->n_threads;
+}
+
 /* add_lowrank on host memory (csrc/cpu/cpu_lowrank.c): the CPU backend's op, and the host-side loading paths' merge
  * into float32 rows before quantisation. b: [rows, r] (row stride r), a: [r, cols]. */
 fl_status fl_lowrank_add_host(void *w, fl_dtype dtype, int64_t rows, int64_t cols, const float *b, const float *a, int r,
@@ -279,6 +286,14 @@ typedef struct {
     int multi_processor_count;
 } fl_cuda_props;
 fl_status fl_cuda_device_props(int device, fl_cuda_props *out); /* FL_E_VALUE: no such device */
+/* The SM architectures this build has kernels for, as setup.py was given them ("90;80": SASS for each, and the
+ * last one's PTX, which the driver JIT-compiles for newer GPUs); "" without CUDA. */
+const char *fl_cuda_archs(void);
+/* Whether fastload's kernels can run on `device`: FL_OK and the SM version of the binary the driver picked (90 for
+ * sm_90 SASS or PTX JIT-compiled for it; ptx: the PTX's version where it differs, else 0), or FL_E_UNSUPPORTED naming the
+ * GPU, its compute capability and the build's architectures. Creates the device's context (backend creation
+ * calls it before anything else; fastload.cuda.get_device_properties does not). */
+fl_status fl_cuda_kernel_check(int device, int *binary, int *ptx);
 fl_status fl_cuda_synchronize(int device);        /* waits for all work fastload queued on the device */
 void fl_cuda_empty_cache(void);                   /* frees the loader's kept pinned host buffers */
 /* The PCIe ceiling of a load (fastload.bench load): GB/s (1e9 bytes/s) of `repeats` cudaMemcpyAsync host-to-device

@@ -34,7 +34,7 @@ def info() -> dict:
     elif b["cuda_devices"] == 0:
         out["cuda"] = f"built, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
     else:
-        out["cuda"] = f"built, {b['cuda_devices']} device(s)"
+        out["cuda"] = f"built for {', '.join('sm_' + a for a in b['cuda_archs'].split(';'))}, {b['cuda_devices']} device(s)"
     try:  # the CPU features the C core was compiled to use (setup.py; fastload/_cpucheck.py checks them at import)
         from . import _build_cpu
         out["cpu_build_features"] = list(_build_cpu.FEATURES or ())

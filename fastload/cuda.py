@@ -93,6 +93,14 @@ def get_device_properties(device=None) -> "DeviceProperties":
     return DeviceProperties(**_C.cuda_device_props(_dev(device)))
 
 
+def get_arch_list() -> list:
+    """The GPU architectures this build has kernels for, as torch's: ['sm_80', 'sm_90'] (set by FASTLOAD_CUDA_ARCHS at
+    build time, by default the GPUs nvidia-smi showed; the last one's PTX is embedded too, so newer GPUs JIT-compile
+    it). [] without CUDA. Loading on a GPU none of them runs raises NotImplementedError saying how to rebuild."""
+    archs = _C.build_info()["cuda_archs"]
+    return [f"sm_{a}" for a in archs.split(";") if a]
+
+
 def get_device_name(device=None) -> str:
     return get_device_properties(device).name
 

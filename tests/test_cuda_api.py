@@ -1,6 +1,12 @@
 """fastload.cuda with torch.cuda's names and meanings. Without a CUDA device (CI): memory queries are 0,
 synchronize/empty_cache do nothing, the device questions raise RuntimeError saying why. With one
 (skipped here): real values, and a model's weights show in allocated and reserved alike."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -13,7 +19,7 @@ needs_no_gpu = pytest.mark.skipif(HAVE_CUDA, reason="checks the behaviour withou
 
 ALL = ("memory_reserved", "max_memory_reserved", "empty_cache", "synchronize", "is_available", "device_count",
        "get_device_name", "get_device_properties", "get_device_capability", "current_device", "set_device",
-       "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats", "mem_get_info")
+       "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats", "mem_get_info", "get_arch_list")
 
 
 def test_the_torch_names_exist():
@@ -95,3 +101,86 @@ def test_weights_show_in_allocated_and_reserved():
     assert fastload.cuda.memory_reserved() == fastload.cuda.memory_allocated() <= before_a
     fastload.cuda.reset_peak_memory_stats()
     assert fastload.cuda.max_memory_reserved() == fastload.cuda.memory_reserved()
+
+
+# ---------------------------------------------------------------- the architectures a build has kernels for
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastload.__file__)))
+
+
+def test_arch_list_is_what_the_build_was_given():
+    info = fastload.info()
+    archs = fastload.cuda.get_arch_list()
+    if not info["cuda_compiled"]:
+        assert archs == [] and info["cuda_archs"] == ""
+        return
+    assert archs and all(re.fullmatch(r"sm_\d+[af]?", a) for a in archs), archs
+    assert archs == ["sm_" + a for a in info["cuda_archs"].split(";")]
+    assert info["cuda"].startswith("built for " + ", ".join(archs))
+
+
+@needs_no_gpu
+def test_kernel_check_without_a_device_says_why():
+    err = NotImplementedError if not fastload.info()["cuda_compiled"] else (RuntimeError, ValueError)
+    with pytest.raises(err, match="CUDA|cuda|device"):
+        fastload._C.cuda_kernel_check(0)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "setup.py")), reason="needs the source tree's setup.py")
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="no nvcc: setup.py reads FASTLOAD_CUDA_ARCHS only when it builds the CUDA part")
+@pytest.mark.parametrize("archs", ["9.0", "sm_90", "80;compute_90", ";"])
+def test_setup_refuses_malformed_archs_before_compiling(tmp_path, archs):
+    env = dict(os.environ, FASTLOAD_CUDA="1", FASTLOAD_CUDA_ARCHS=archs, PATH=os.environ.get("PATH", "") + ":/usr/local/cuda/bin")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"), "-t", str(tmp_path / "tmp")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "FASTLOAD_CUDA_ARCHS=" in r.stderr and "without the dot" in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "tmp").rglob("*.o"))  # nothing was compiled
+
+
+@needs_gpu
+def test_this_build_has_kernels_for_each_visible_gpu():
+    archs = fastload.cuda.get_arch_list()
+    for d in range(fastload.cuda.device_count()):
+        major, minor = fastload.cuda.get_device_capability(d)
+        k = fastload._C.cuda_kernel_check(d)
+        assert k["binary"] == 10 * major + minor, (k, major, minor)
+        # SASS for this GPU, or the PTX of an older architecture in the list, JIT-compiled by the driver
+        assert f"sm_{k['binary']}" in archs or (k["ptx"] and f"sm_{k['ptx']}" == archs[-1]), (k, archs)
+
+
+FOREIGN = os.environ.get("FASTLOAD_FOREIGN_BUILD", "")
+
+
+@needs_gpu
+@pytest.mark.skipif(not FOREIGN, reason="set FASTLOAD_FOREIGN_BUILD to a folder holding a fastload package built for "
+                    "GPUs other than this one (dev/cuda/foreign_arch.sh makes one)")
+def test_a_build_for_other_gpus_is_a_clear_error_at_load():
+    code = f"""
+import fastload, sys
+assert fastload.cuda.is_available() and fastload.cuda.device_count() >= 1  # device questions still answer
+print("ARCHS", fastload.cuda.get_arch_list())
+for call in (lambda: fastload._C.cuda_kernel_check(0),
+             lambda: fastload.AutoModelForCausalLM.from_pretrained({str(model_dir("llama"))!r}, device_map="cuda",
+                                                                   torch_dtype="float16")):
+    try:
+        call()
+    except NotImplementedError as e:
+        print("ERR", e)
+    else:
+        print("NO ERROR")
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=FOREIGN), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    archs = [l for l in lines if l.startswith("ARCHS")]
+    errs = [l for l in lines if l.startswith(("ERR", "NO ERROR"))]
+    assert archs and "sm_" in archs[0] and str(fastload.cuda.get_arch_list()) not in archs[0], lines  # really foreign
+    name = fastload.cuda.get_device_name(0)
+    major, minor = fastload.cuda.get_device_capability(0)
+    assert len(errs) == 2, lines
+    for e in errs:
+        assert e.startswith("ERR"), lines
+        assert "cannot run this build of fastload" in e and name in e and f"{major}.{minor}" in e
+        assert f'FASTLOAD_CUDA_ARCHS="{major}{minor}"' in e, e

@@ -58,7 +58,7 @@ static inline float cpu_elem_f32(const void *p, fl_dtype t, int64_t i) {
 }
 
 static inline int cpu_threads(const fl_backend *be) {
-    const int t = be->threads_now > 0 && be->threads_now < be->n_threads ? be->threads_now : be->n_threads;
+    const int t = fl_backend_threads_now(be);
     return t > 0 ? t : 1;
 }
 

@@ -8,15 +8,21 @@
 
 extern "C" int fl_cuda_compiled(void) { return 1; }
 
-extern "C" fl_status fl_cuda_device_count(int *count) {
-    *count = 0;
-    cudaError_t e = cudaGetDeviceCount(count);
-    if (e != cudaSuccess) {
-        *count = 0;
-        cudaGetLastError();  // clear the sticky "no driver" error so later calls start clean
-        return fl_err(FL_E_DEVICE, "cudaGetDeviceCount: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
-    }
-    return FL_OK;
+// The architectures setup.py built ("90;80"), from the one-token macro it passes to every nvcc command.
+#ifndef FL_CUDA_ARCHS_TOKEN
+#define FL_CUDA_ARCHS_TOKEN unknown
+#endif
+#define FL_STR2(x) #x
+#define FL_STR(x) FL_STR2(x)
+extern "C" const char *fl_cuda_archs(void) {
+    static const char *s = [] {  // a local static's initialiser runs once, whatever the threads
+        static char b[sizeof FL_STR(FL_CUDA_ARCHS_TOKEN)];
+        memcpy(b, FL_STR(FL_CUDA_ARCHS_TOKEN), sizeof b);
+        for (char *c = b; *c; c++)
+            if (*c == '_') *c = ';';
+        return (const char *)b;
+    }();
+    return s;
 }
 
 // FL_E_VALUE unless `device` is one of the visible CUDA devices (FL_E_DEVICE without a driver).
@@ -28,12 +34,69 @@ static fl_status check_device(int device) {
     return FL_OK;
 }
 
+// A kernel of this object's image, for asking the driver whether the image runs on a device: every .cu file is
+// compiled with the same -gencode list, so one kernel answers for all of them.
+__global__ void fl_probe_kernel(int *p) {
+    if (p) *p = 0;
+}
+
+extern "C" fl_status fl_cuda_kernel_check(int device, int *binary, int *ptx) {
+    *binary = *ptx = 0;
+    FL_TRY(check_device(device));
+    int prev = 0;
+    FL_CUDA_CHECK(cudaGetDevice(&prev));
+    FL_CUDA_CHECK(cudaSetDevice(device));
+    cudaFuncAttributes a;
+    const cudaError_t e = cudaFuncGetAttributes(&a, fl_probe_kernel);
+    cudaSetDevice(prev);
+    if (e == cudaSuccess) {
+        *binary = a.binaryVersion;
+        *ptx = a.binaryVersion == a.ptxVersion ? 0 : a.ptxVersion;  // equal for SASS compiled from its own PTX
+        return FL_OK;
+    }
+    cudaGetLastError();  // not sticky, but leave nothing behind for the next check
+    cudaDeviceProp p;
+    const bool named = cudaGetDeviceProperties(&p, device) == cudaSuccess;
+    if (e == cudaErrorUnsupportedPtxVersion)  // no SASS for the GPU, and PTX newer than the driver can compile
+        return fl_err(FL_E_UNSUPPORTED,
+                      "cuda:%d (%s, compute capability %d.%d) cannot run this build of fastload: it was built with "
+                      "FASTLOAD_CUDA_ARCHS=\"%s\", and the NVIDIA driver is too old to compile its PTX for this GPU "
+                      "(%s: %s). Update the driver, or build for this GPU: FASTLOAD_CUDA_ARCHS=\"%d%d\" pip install --no-build-isolation --force-reinstall "
+                      "<fastload source>",
+                      device, named ? p.name : "?", named ? p.major : 0, named ? p.minor : 0, fl_cuda_archs(),
+                      cudaGetErrorName(e), cudaGetErrorString(e), named ? p.major : 0, named ? p.minor : 0);
+    if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
+        return fl_err(FL_E_UNSUPPORTED,
+                      "cuda:%d (%s, compute capability %d.%d) cannot run this build of fastload: it was built with "
+                      "FASTLOAD_CUDA_ARCHS=\"%s\", which has no kernels this GPU can run (%s: %s). Build it for this GPU: FASTLOAD_CUDA_ARCHS=\"%d%d\" pip install "
+                      "--no-build-isolation --force-reinstall <fastload source> (by default the build targets the "
+                      "GPUs nvidia-smi shows where it runs; list several, e.g. \"80;90\", for a package used on "
+                      "other machines)",
+                      device, named ? p.name : "?", named ? p.major : 0, named ? p.minor : 0, fl_cuda_archs(),
+                      cudaGetErrorName(e), cudaGetErrorString(e), named ? p.major : 0, named ? p.minor : 0);
+    return fl_err(FL_E_DEVICE, "cuda:%d: cannot query fastload's kernels: %s (%s)", device, cudaGetErrorString(e),
+                  cudaGetErrorName(e));
+}
+
+extern "C" fl_status fl_cuda_device_count(int *count) {
+    *count = 0;
+    cudaError_t e = cudaGetDeviceCount(count);
+    if (e != cudaSuccess) {
+        *count = 0;
+        cudaGetLastError();  // clear the sticky "no driver" error so later calls start clean
+        return fl_err(FL_E_DEVICE, "cudaGetDeviceCount: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+    }
+    return FL_OK;
+}
+
 extern "C" fl_status fl_backend_cuda_create(int device, fl_dtype act, fl_backend **out) {
     *out = NULL;
     FL_TRY(check_device(device));
     if (act != FL_F16 && act != FL_BF16 && act != FL_F32)
         return fl_err(FL_E_UNSUPPORTED, "CUDA backend: activation dtype %s is not float16, bfloat16 or float32",
                       fl_cuda_dtype_name(act));
+    int binary = 0, ptx = 0;
+    FL_TRY(fl_cuda_kernel_check(device, &binary, &ptx));  // a build for other GPUs: say so now, not at a first launch
     int major = 0;
     FL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     if (act == FL_BF16 && major < 8)

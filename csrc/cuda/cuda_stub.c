@@ -20,6 +20,11 @@ fl_status fl_cuda_device_props(int device, fl_cuda_props *out) {
     (void)device; (void)out;
     return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA (no nvcc at install time, or FASTLOAD_CUDA=0)");
 }
+const char *fl_cuda_archs(void) { return ""; }
+fl_status fl_cuda_kernel_check(int device, int *binary, int *ptx) {
+    (void)device; *binary = *ptx = 0;
+    return fl_err(FL_E_UNSUPPORTED, "fastload was built without CUDA (no nvcc at install time, or FASTLOAD_CUDA=0)");
+}
 fl_status fl_cuda_synchronize(int device) { (void)device; return FL_OK; }
 void fl_cuda_empty_cache(void) {}
 fl_status fl_cuda_h2d_bandwidth(int device, uint64_t bytes, int repeats, double *gb_per_s) {

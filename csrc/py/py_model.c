@@ -629,7 +629,7 @@ static PyObject *model_info(FlPyModel *self, void *closure) {
                          "dtype", fl_dtype_table[m->wdtype].np_name, "weight_bytes", (unsigned long long)m->arena_bytes,
                          "load_seconds", m->stats.seconds, "bytes_read", (unsigned long long)m->stats.bytes_read,
                          "threads", m->stats.threads, "cpu_threads", self->be->n_threads,
-                         "cpu_threads_now", self->be->threads_now > 0 ? self->be->threads_now : self->be->n_threads,
+                         "cpu_threads_now", fl_backend_threads_now(self->be),
                          "mem_allocated", (unsigned long long)self->be->mem_allocated,
                          "mem_peak", (unsigned long long)self->be->mem_peak,
                          "direct_io", m->stats.direct_io ? Py_True : Py_False,

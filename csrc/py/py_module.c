@@ -60,8 +60,8 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
         "generic"
 #endif
         ;
-    return Py_BuildValue("{s:O,s:i,s:N,s:i,s:s,s:s}",
-                         "cuda_compiled", fl_cuda_compiled() ? Py_True : Py_False,
+    return Py_BuildValue("{s:O,s:s,s:i,s:N,s:i,s:s,s:s}",
+                         "cuda_compiled", fl_cuda_compiled() ? Py_True : Py_False, "cuda_archs", fl_cuda_archs(),
                          "cuda_devices", ndev, "cuda_error", cuda_err,
                          "openmp", omp, "simd", simd, "compiler",
 #if defined(__clang__)
@@ -97,6 +97,18 @@ static PyObject *py_cuda_device_props(PyObject *self, PyObject *args) {
     if (!name) return NULL;
     return Py_BuildValue("{s:N,s:K,s:i,s:i,s:i}", "name", name, "total_memory", (unsigned long long)p.total_memory,
                          "major", p.major, "minor", p.minor, "multi_processor_count", p.multi_processor_count);
+}
+
+static PyObject *py_cuda_kernel_check(PyObject *self, PyObject *args) {
+    (void)self;
+    int dev = 0, binary = 0, ptx = 0;
+    if (!PyArg_ParseTuple(args, "i", &dev)) return NULL;
+    fl_status st;
+    Py_BEGIN_ALLOW_THREADS  /* creates the device's context: a few hundred ms on a first call */
+    st = fl_cuda_kernel_check(dev, &binary, &ptx);
+    Py_END_ALLOW_THREADS
+    if (st != FL_OK) return fl_py_raise(st);
+    return Py_BuildValue("{s:i,s:i}", "binary", binary, "ptx", ptx);
 }
 
 static PyObject *py_cuda_synchronize(PyObject *self, PyObject *args) {
@@ -199,6 +211,9 @@ static PyMethodDef methods[] = {
     {"cuda_synchronize", py_cuda_synchronize, METH_VARARGS, "cuda_synchronize(device): wait for the device's work"},
     {"cuda_empty_cache", py_cuda_empty_cache, METH_NOARGS, "Free the loader's kept pinned host buffers."},
     {"cuda_memory", py_cuda_memory, METH_VARARGS, "cuda_memory(device, reset_peak=False) -> dict of bytes"},
+    {"cuda_kernel_check", py_cuda_kernel_check, METH_VARARGS,
+     "cuda_kernel_check(device) -> dict(binary, ptx): the SM version of the kernel image the driver runs there (ptx: "
+     "its PTX version when JIT-compiled, else 0); NotImplementedError naming the build's architectures when none can"},
     {"build_info", py_build_info, METH_NOARGS, "Build and device facts for fastload.info()."},
     {NULL, NULL, 0, NULL},
 };
