@@ -17,6 +17,7 @@
 #endif
 
 #include "gguf.h"
+#include "fl_utf8.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -137,24 +138,10 @@ static const char *show_name(char *buf, size_t cap, const char *s, uint64_t n) {
     const size_t limit = cap > 16 ? cap - 8 : 0; /* room for "...", an escape and the NUL */
     uint64_t i = 0;
     while (i < n && o < limit) {
-        unsigned c = p[i];
-        int len = 0;
-        if (c >= 0x20 && c < 0x7f) len = 1;
-        else if (c >= 0xc2 && c <= 0xdf) len = 2;
-        else if (c >= 0xe0 && c <= 0xef) len = 3;
-        else if (c >= 0xf0 && c <= 0xf4) len = 4;
-        int ok = len > 0 && i + (uint64_t)len <= n;
-        for (int k = 1; ok && k < len; k++) {
-            unsigned cc = p[i + (uint64_t)k];
-            unsigned lo = 0x80, hi = 0xbf;
-            if (k == 1) {
-                if (c == 0xe0) lo = 0xa0;
-                else if (c == 0xed) hi = 0x9f;
-                else if (c == 0xf0) lo = 0x90;
-                else if (c == 0xf4) hi = 0x8f;
-            }
-            ok = cc >= lo && cc <= hi;
-        }
+        const unsigned c = p[i];
+        /* printable ASCII, or a whole well-formed multi-byte character; control bytes are escaped */
+        const size_t len = c < 0x80 ? (c >= 0x20 && c < 0x7f) : fl_utf8_len(p + i, (size_t)(n - i < 4 ? n - i : 4));
+        const int ok = len > 0;
         if (ok && o + (size_t)len < limit) {
             memcpy(buf + o, p + i, (size_t)len);
             o += (size_t)len;

@@ -12,6 +12,7 @@
  * file and, where there is one, the tensor. */
 #define _GNU_SOURCE
 #include "safetensors.h"
+#include "fl_utf8.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -287,18 +288,9 @@ static const char *const known_unsupported[] = {"F4", "F6_E2M3", "F6_E3M2", "F8_
 static size_t utf8_bad_at(const unsigned char *s, size_t n) {
     size_t i = 0;
     while (i < n) {
-        unsigned char c = s[i];
-        if (c < 0x80) { i++; continue; }
-        size_t k; unsigned char lo = 0x80, hi = 0xbf;
-        if (c >= 0xc2 && c <= 0xdf) k = 1;
-        else if (c >= 0xe0 && c <= 0xef) { k = 2; if (c == 0xe0) lo = 0xa0; if (c == 0xed) hi = 0x9f; }
-        else if (c >= 0xf0 && c <= 0xf4) { k = 3; if (c == 0xf0) lo = 0x90; if (c == 0xf4) hi = 0x8f; }
-        else return i;
-        if (n - i <= k) return i;
-        if (s[i + 1] < lo || s[i + 1] > hi) return i;
-        for (size_t m = 2; m <= k; m++)
-            if ((s[i + m] & 0xc0) != 0x80) return i;
-        i += k + 1;
+        const size_t k = fl_utf8_len(s + i, n - i);
+        if (!k) return i;
+        i += k;
     }
     return n;
 }

@@ -422,6 +422,37 @@ def test_invalid_json(tmp_path, text, complaint):
     expect_error(tmp_path, st_util.pack(text, align=0), complaint)
 
 
+def test_utf8_rule_is_unicodes(tmp_path):
+    """The header's UTF-8 check (csrc/fl_utf8.h, also GGUF's name display) agrees with Python's strict decoder on every
+    sequence of up to 3 bytes drawn from the boundaries of Unicode's well-formed table (overlongs, surrogates, above
+    U+10FFFF, stray and missing continuation bytes), each followed by ASCII and by a 4th byte of the alphabet."""
+    edges = [0x41, 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc1, 0xc2, 0xdf, 0xe0, 0xe1, 0xec, 0xed, 0xee,
+             0xef, 0xf0, 0xf1, 0xf3, 0xf4, 0xf5, 0xff]
+    import itertools
+    seqs = [bytes(t) for n in (1, 2, 3) for t in itertools.product(edges, repeat=n)]
+    seqs += [b"\xf0\x90\x80\x80", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xf1\x80\x80\x7f"]
+    p = tmp_path / "u.safetensors"
+    wrong = []
+    for q in seqs:
+        key = b"k" + q + b"z"
+        try:
+            key.decode("utf-8")
+            valid, at = True, None
+        except UnicodeDecodeError as e:
+            valid, at = False, 2 + e.start  # the header starts '{"
+        p.write_bytes(st_util.pack(b'{"' + key + b'":{}}', align=0))
+        try:
+            SafetensorsFile(str(p))
+            said_bad = False
+        except CheckpointError as e:
+            said_bad = "not valid UTF-8" in str(e)
+            if said_bad and f"header byte {at})" not in str(e):  # the same first bad byte as Python's
+                wrong.append((q, str(e)[-40:]))
+        if said_bad == valid:
+            wrong.append((q, valid))
+    assert not wrong, wrong[:10]
+
+
 def test_error_message_escapes_odd_names(tmp_path):
     name = "bad\nname" + "x" * 500
     header = {name: {"dtype": "F17", "shape": [1], "data_offsets": [0, 1]}}
