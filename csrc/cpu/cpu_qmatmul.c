@@ -911,7 +911,7 @@ static fl_status qdec(fl_backend *be, float *y, const float *x, int n, const fl_
 #define DPB(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
 #define QI_X8 1
 #else
-#define DPB(acc, a, b) (acc)
+#define DPB(acc, a, b) ((void)(a), (void)(b), (acc)) /* never reached (QI_X8 0); its operands count as used */
 #define QI_X8 0
 #endif
 #ifdef __AVX512VL__
@@ -1048,8 +1048,7 @@ static inline __attribute__((always_inline)) void qi_rows(float *y, int64_t R, c
 #pragma GCC unroll 4
             for (size_t o = 0; o < bb; o += 64) _mm_prefetch((const char *)qb + 8 * bb + o, _MM_HINT_T0);
             __m256i dot[QI_N];
-#pragma GCC unroll 2
-            for (int h = 0; h < (G16 ? 2 : 1); h++) { /* G16: the block's two halves, each its own group */
+            for (int h = 0; h < (G16 ? 2 : 1); h++) { /* G16: the block's two halves, each its own group (a constant 1 or 2 trips: GCC unrolls it without a pragma, the same code; with one it warned "ignoring loop annotation" for the one-trip forms) */
                 if (G16 || jb == 0) {
                     const int64_t jj = G16 ? 2 * b + h : j;
                     s8 = qi_s8(sp, sd, ng, jj, (int)G);
