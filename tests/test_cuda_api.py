@@ -154,7 +154,7 @@ FOREIGN = os.environ.get("FASTLOAD_FOREIGN_BUILD", "")
 
 @pytest.mark.skipif(not FOREIGN, reason="set FASTLOAD_FOREIGN_BUILD to a folder holding a fastload package built for "
                     "GPUs other than this machine's (dev/cuda/foreign_arch.sh makes one)")
-def test_a_build_for_other_gpus_is_a_clear_error_at_load():
+def test_a_build_for_other_gpus_is_a_clear_error_at_load(tmp_path):
     # Everything is asked of the foreign build in a subprocess: the package under test here may be CPU-only.
     code = f"""
 import fastload
@@ -173,7 +173,7 @@ for call in (lambda: fastload._C.cuda_kernel_check(0),
         print("NO ERROR")
 """
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=FOREIGN), capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, cwd=tmp_path)  # not the source tree's cwd: `-c` puts it first on sys.path
     assert r.returncode == 0, r.stderr[-3000:]
     out = dict(l.split(" ", 1) for l in r.stdout.splitlines() if l.startswith(("ARCHS", "NAME", "CAP")))
     errs = [l for l in r.stdout.splitlines() if l.startswith(("ERR", "NO ERROR"))]
