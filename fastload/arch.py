@@ -128,6 +128,12 @@ class Arch:
     default_rms_eps: float = 1e-6
     default_window: int = 0
     default_max_window_layers: int = 28
+    # more class defaults (transformers 5.25): num_key_value_heads when the key is absent (0: num_attention_heads; an
+    # explicit null is num_attention_heads in every class), rope_theta, and max_position_embeddings where rope
+    # scaling derives a length from it (llama3's and yarn's original length, dynamic's start)
+    default_kv_heads: int = 0
+    default_rope_theta: float = 10000.0
+    default_max_pos: int = 2048
     gguf_permute_qk: bool = True # llama.cpp permutes q/k rows for its rotary layout (llama arch)
     names: str = "hf"            # HF_NAMES key: the checkpoint's tensor names
     qkv_bias_key: str = ""       # config key that turns the q/k/v biases on (ChatGLM: add_qkv_bias)
@@ -141,13 +147,16 @@ class Arch:
 
 ARCHITECTURES = {
     "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama"),
-    "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all", default_window=4096),
+    # Mistral: sliding_window on every layer, or per layer_types where a config has them (transformers reads such a
+    # config as Ministral's)
+    "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all", default_window=4096,
+                               default_kv_heads=8, default_max_pos=131072),
     "Qwen2ForCausalLM": Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, sliding="qwen2", gguf_permute_qk=False,
-                             default_window=4096),
+                             default_window=4096, default_kv_heads=32, default_max_pos=32768),
     # Qwen3 dense: Qwen2 without the q/k/v biases (attention_bias, default false, would also put one on o_proj: not
     # supported), plus q_norm / k_norm; its sliding-window keys are Qwen2's
     "Qwen3ForCausalLM": Arch("Qwen3ForCausalLM", "qwen3", "qwen3", qk_norm=True, sliding="qwen2", gguf_permute_qk=False,
-                             default_head_dim=128, default_window=4096),
+                             default_head_dim=128, default_window=4096, default_kv_heads=32, default_max_pos=32768),
     # ChatGLM2-6B / ChatGLM3-6B (and their -32k / -128k): multi-query groups, fused q|k|v with bias, fused gate|up,
     # rotary on the first half of each head in interleaved pairs with the cos / sin cache in the model dtype;
     # config.json in THUDM's own keys, read through chatglm_view
@@ -156,14 +165,15 @@ ARCHITECTURES = {
     # Mixtral: Mistral's attention (sliding_window when set; the released checkpoints have null) and a top-k routed
     # SwiGLU Mixture of Experts on every layer, top-k weights always renormalised
     "MixtralForCausalLM": Arch("MixtralForCausalLM", "mixtral", "llama", sliding="all", moe=MIXTRAL_MOE,
-                               default_rms_eps=1e-5),
+                               default_rms_eps=1e-5, default_kv_heads=8, default_rope_theta=1e6, default_max_pos=131072),
     # Qwen3-MoE: Qwen3's attention (q_norm / k_norm) and routed experts, renormalised when norm_topk_prob; every
     # layer sparse only (decoder_sparse_step 1, no mlp_only_layers), no shared expert; use_sliding_window slides every
     # layer (transformers' Qwen3MoeConfig has no max_window_layers nor layer_types: the released configs' keys are
     # not read there); no head_dim default of its own (its attention takes hidden / heads when the key is absent;
     # the released configs say 128)
     "Qwen3MoeForCausalLM": Arch("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qk_norm=True, sliding="all_if_use",
-                                gguf_permute_qk=False, default_window=4096, moe=QWEN_MOE),
+                                gguf_permute_qk=False, default_window=4096, moe=QWEN_MOE, default_kv_heads=4,
+                                default_max_pos=32768),
 }
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -190,6 +200,25 @@ def is_chatglm(config) -> bool:
     names = config.get("architectures") if isinstance(config, dict) else None
     return isinstance(config, dict) and (config.get("model_type") == "chatglm" or
                                          (isinstance(names, list) and "ChatGLMModel" in names))
+
+
+def chatglm_overrides(overrides: dict, where: str) -> dict:
+    """from_pretrained's config arguments for a ChatGLM config.json, in THUDM's keys (chatglm_view reads those, so a
+    Hugging Face name given as an argument would be thrown away): max_position_embeddings -> seq_length, rope_theta
+    -> rope_ratio (theta / 10000), the other renamed keys likewise. Rope scaling has no ChatGLM form: refused."""
+    out = {}
+    back = {hf: thudm for thudm, hf in CHATGLM_KEYS.items()}
+    for k, v in overrides.items():
+        if k in ("rope_scaling", "rope_parameters") and v:
+            raise NotImplementedError(f"{where}: {k}= is not supported for ChatGLMModel (its rotary embedding has no "
+                                      "scaling here; rope_ratio= sets its base, 10000 x rope_ratio)")
+        if k == "rope_theta" and v is not None:
+            out["rope_ratio"] = float(v) / 10000.0
+        elif k in back and k != "rope_theta":
+            out[back[k]] = v
+        else:
+            out[k] = v
+    return out
 
 
 def chatglm_view(config: dict, where: str) -> dict:
@@ -264,13 +293,22 @@ def _get(d: dict, k: str, default):
     return default if v is None else v
 
 
-def _rope(config: dict, where: str):
+def _rope(config: dict, where: str, arch: "Arch | None" = None):
     """(theta, type, factor, low, high, orig_max, attention_factor) from rope_theta/rope_scaling (transformers 4) or
     rope_parameters (transformers 5). Types and ranges were checked by checks.check_config. llama3: low / high are its
     frequency factors; yarn: the correction range (dimensions) and the attention factor, computed as transformers'
     _compute_yarn_parameters does (modeling_rope_utils.py), in double precision as it does in Python."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # transformers 5's rope parameters per layer type ({"full_attention": {...}, "sliding_attention": {...}})
+        kinds = list(params.values())
+        if any(k != kinds[0] for k in kinds[1:]):
+            raise NotImplementedError(f"{where}: rope_parameters that differ by layer type ({', '.join(map(str, params))}) "
+                                      "are not supported")
+        params = kinds[0]
+    default_theta = arch.default_rope_theta if arch else 10000.0
+    default_max = arch.default_max_pos if arch else 2048
     theta = config.get("rope_theta")
     if isinstance(params, dict):
         theta = params.get("rope_theta", theta)
@@ -278,11 +316,12 @@ def _rope(config: dict, where: str):
     # adds Qwen's YaRN block to a config.json that a newer transformers saved with rope_parameters. Its rope_theta, if
     # absent, is the model's (top level or rope_parameters), not transformers' bare default.
     if scaling:
-        theta = scaling.get("rope_theta", theta)
+        # its own theta, else config.json's top-level one (transformers' order), else rope_parameters'
+        theta = scaling.get("rope_theta", config.get("rope_theta", theta))
     elif isinstance(params, dict):
         scaling = params
     if theta is None:
-        theta = 10000.0
+        theta = default_theta  # the config class's (Mixtral 1e6)
     if not scaling:
         return float(theta), 0, 1.0, 1.0, 4.0, 8192, 1.0
     rtype = _get(scaling, "rope_type", _get(scaling, "type", "default"))
@@ -292,14 +331,17 @@ def _rope(config: dict, where: str):
     if rtype == "default":
         return float(theta), 0, 1.0, 1.0, 4.0, 8192, 1.0
     if rtype == "yarn":
-        return (float(theta), ROPE_TYPES["yarn"]) + yarn_parameters(config, scaling, float(theta), where)
+        return (float(theta), ROPE_TYPES["yarn"]) + yarn_parameters(config, scaling, float(theta), where, default_max)
+    for k in ("factor",) + (("low_freq_factor", "high_freq_factor") if rtype == "llama3" else ()):
+        if _get(scaling, k, None) is None:  # transformers reads them unguarded (a KeyError there)
+            raise checks.CheckpointError(f"{where}: {rtype} rope scaling needs '{k}'")
     factor = float(_get(scaling, "factor", 1.0))
     if rtype == "linear":
         return float(theta), 1, factor, 1.0, 4.0, 8192, 1.0
     if rtype == "dynamic":
         # transformers' _compute_dynamic_ntk_parameters: max_position_embeddings is where the frequencies start to
         # change (the core reads it from rope_orig_max_pos); attention_factor 1
-        max_pos = config.get("max_position_embeddings")
+        max_pos = config.get("max_position_embeddings") or default_max
         if not isinstance(max_pos, int) or isinstance(max_pos, bool) or not 0 < max_pos <= checks.INT32_MAX:
             raise checks.CheckpointError(f"{where}: dynamic rope scaling needs max_position_embeddings, an integer in "
                                          f"[1, 2^31-1], got {max_pos!r}")
@@ -315,14 +357,24 @@ def _rope(config: dict, where: str):
         raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
                                      f"for llama3 rope, got {high:g} <= {low:g}")
     # transformers 5 (standardize_rope_params): a top-level original_max_position_embeddings wins, then the rope
-    # dict's, then max_position_embeddings (8192, Llama 3's, only when the config has none of them)
+    # dict's, then max_position_embeddings (the config class's default when the config has none of them)
     orig = config.get("original_max_position_embeddings") or _get(scaling, "original_max_position_embeddings", None) \
-        or config.get("max_position_embeddings") or 8192
+        or config.get("max_position_embeddings") or default_max
     return float(theta), 2, factor, low, high, int(orig), 1.0
 
 
 def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def kv_heads(config: dict, arch: Arch, n_heads: int | None = None) -> int:
+    """num_key_value_heads as transformers reads it: config.json's; null: the attention heads; absent: the config
+    class's default (Mistral / Mixtral 8, Qwen2 / Qwen3 32, Qwen3-MoE 4, Llama the attention heads)."""
+    n_heads = int(n_heads or config["num_attention_heads"])
+    v = config.get("num_key_value_heads")
+    if v is not None:
+        return int(v)
+    return n_heads if "num_key_value_heads" in config else (arch.default_kv_heads or n_heads)
 
 
 def head_dim(config: dict, arch: Arch) -> int:
@@ -331,14 +383,14 @@ def head_dim(config: dict, arch: Arch) -> int:
     return int(config.get("head_dim") or arch.default_head_dim or config["hidden_size"] // config["num_attention_heads"])
 
 
-def yarn_parameters(config: dict, scaling: dict, theta: float, where: str):
+def yarn_parameters(config: dict, scaling: dict, theta: float, where: str, default_max: int = 2048):
     """(factor, low, high, original_max_position_embeddings, attention_factor) of YaRN, as transformers computes them:
     original_max_position_embeddings from the config's top level first (Phi-3 style), then rope_scaling, then
     max_position_embeddings; factor, when absent, max_position_embeddings / that; beta_fast 32, beta_slow 1;
     attention_factor, when absent, 0.1 ln(factor) + 1 (or the mscale / mscale_all_dim ratio DeepSeek configs give);
     the correction range [low, high] of dimensions floored / ceiled unless truncate is false. The kernels take the
     attention factor as a multiplier of the softmax scale: cos and sin both scaled by it make q.k scaled by its square."""
-    max_pos = config.get("max_position_embeddings")
+    max_pos = config.get("max_position_embeddings") or default_max  # the config class's where absent
     orig = config.get("original_max_position_embeddings") or _get(scaling, "original_max_position_embeddings", None) \
         or max_pos
     if not orig:
@@ -378,12 +430,12 @@ def yarn_parameters(config: dict, scaling: dict, theta: float, where: str):
     return factor, float(low), float(high), int(orig), float(attn)
 
 
-def context_length(config: dict) -> int:
+def context_length(config: dict, arch: "Arch | None" = None) -> int:
     """Tokens a request may hold: max_position_embeddings, or for YaRN factor x original_max_position_embeddings when
     that is more (Qwen2.5's instructions add YaRN factor 4 and keep max_position_embeddings at 32768). 0: unknown."""
     max_pos = int(config.get("max_position_embeddings") or 0)
     try:
-        _, rtype, factor, _, _, orig, _ = _rope(config, "config")
+        _, rtype, factor, _, _, orig, _ = _rope(config, "config", arch)
     except Exception:  # reported where the model is built
         return max_pos
     if rtype in (ROPE_TYPES["yarn"], ROPE_TYPES["dynamic"]):
@@ -415,12 +467,23 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     d = int(need("hidden_size"))
     hd = head_dim({**config, "hidden_size": d, "num_attention_heads": n_heads}, arch)
     # yarn's correction range depends on head_dim: give it the one resolved here
+    rd = [d for d in (config.get("rope_scaling"), config.get("rope_parameters")) if isinstance(d, dict)]
+    prf = next((d["partial_rotary_factor"] for d in rd if d.get("partial_rotary_factor") is not None),
+               _get(config, "partial_rotary_factor", 1.0))  # transformers 5 keeps it in rope_parameters
+    if arch.names == "hf" and prf != 1.0:
+        raise NotImplementedError(f"{where}: partial_rotary_factor={prf!r} is not supported for {arch.name} (rotary on "
+                                  "part of each head: ChatGLM's layout only)")
     theta, rtype, factor, low, high, orig, attn = _rope(config if config.get("head_dim") else {**config, "head_dim": hd},
-                                                        where)
+                                                        where, arch)
 
     window = [0] * n_layers
     sw = config.get("sliding_window") if "sliding_window" in config else arch.default_window
-    if arch.sliding == "all" and sw:
+    if arch.sliding == "all" and arch.model_type == "mistral" and config.get("layer_types"):
+        # transformers 5 builds a mistral config with layer_types as Ministral: each layer its own kind
+        types = config["layer_types"]
+        _known_layer_types(types, where, arch)
+        window = [int(sw) if sw and t == "sliding_attention" else 0 for t in types]
+    elif arch.sliding == "all" and sw:
         window = [int(sw)] * n_layers
     elif arch.sliding == "all_if_use" and sw and config.get("use_sliding_window"):
         window = [int(sw)] * n_layers  # layer_types, if a config has them, are not read (transformers' Qwen3-MoE)
@@ -439,7 +502,8 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     return {
         **moe,
         "vocab": int(need("vocab_size")), "d": d, "n_layers": n_layers, "n_heads": n_heads,
-        "n_kv_heads": int(config.get("num_key_value_heads") or n_heads), "head_dim": hd,
+        "n_kv_heads": kv_heads(config, arch, n_heads),
+        "head_dim": hd,
         "ffn": int(need("intermediate_size")), "max_pos": int(config.get("max_position_embeddings") or 0),
         "rms_eps": float(_get(config, "rms_norm_eps", arch.default_rms_eps)), "rope_theta": theta, "rope_type": rtype,
         "rope_factor": factor, "rope_low_freq_factor": low, "rope_high_freq_factor": high,

@@ -141,7 +141,7 @@ def kv_bytes_per_token(model, opts=None) -> int:
     c = model.config
     nh = c.num_attention_heads
     hd = arch.head_dim(dict(c), model.arch)  # Qwen3 without head_dim: 128, not hidden / heads
-    nkv = getattr(c, "num_key_value_heads", None) or nh
+    nkv = arch.kv_heads(dict(c), model.arch, nh)
     # the activation dtype (float32 on the CPU, the model's on CUDA), or float16 with kv_cache_dtype="float16"
     opts = opts if opts is not None else model._engine_handle().opts
     es = 4 if kv_dtype(model, opts) == "float32" else 2
@@ -151,7 +151,7 @@ def kv_bytes_per_token(model, opts=None) -> int:
 def context_length(model) -> int:
     """Tokens one request may hold: max_position_embeddings, or more where YaRN extends it (arch.context_length)."""
     from . import arch
-    return arch.context_length(dict(model.config))
+    return arch.context_length(dict(model.config), getattr(model, "arch", None))
 
 
 def pool_bytes(model, opts) -> int:
@@ -385,7 +385,10 @@ class Engine:
         have = 0
         while True:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:  # max_time: the tokens made by now (those streamed, when streaming)
+            # max_time: the tokens made by now (those streamed, when streaming), none when the request was still
+            # queued or its first token had not come (transformers makes one before it checks; waiting here for a
+            # request queued behind others could take any time: the deadline is what the caller asked for)
+            if left is not None and left <= 0:
                 if on_token is not None:
                     return cls._end_early(q, have)
                 n = q.wait(1 << 30, timeout=0)[0]
@@ -432,7 +435,7 @@ class _StopCheck:
     window of the last tokens, long enough for the longest stop string, not the whole answer each time. The window
     starts with the prompt's last tokens: as transformers' StopStringCriteria, which reads the whole sequence, a stop
     string may begin in the prompt and end in the answer ("France is" + " Paris" stops at "is Paris"); one wholly in
-    the prompt never stops (it was there before the first new token)."""
+    the prompt never stops (it ends before the first new token)."""
 
     def __init__(self, stops, tokenizer, prompt=()):
         self.stops, self.tok = list(stops), tokenizer
@@ -444,4 +447,8 @@ class _StopCheck:
         w = self.ids[-self.window:]
         cur = self.tok.decode(w, skip_special_tokens=False)
         prev = self.tok.decode(w[:-1], skip_special_tokens=False) if len(w) > 1 else ""
-        return any(s in cur and s not in prev for s in self.stops)
+        if not cur.startswith(prev):  # a decode that rewrote the text before the token: the whole-window rule
+            return any(s in cur and s not in prev for s in self.stops)
+        # an occurrence that ends inside the newest token's text: a stop string also present earlier in the window
+        # (the prompt's end, say) must not hide a fresh one
+        return any(cur.find(s, max(0, len(prev) - len(s) + 1)) != -1 for s in self.stops)

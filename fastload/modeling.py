@@ -245,6 +245,15 @@ def _apply_overrides(hf, overrides):
     """from_pretrained's config arguments over config.json's values. rope_theta= also replaces the theta inside a
     rope_parameters dict (transformers 5 writes it there, and the model reads it there first), unless
     rope_parameters= itself is given: otherwise the argument would be a silent no-op on current checkpoints."""
+    if "max_position_embeddings" in overrides and hf.get("max_position_embeddings") \
+            and not hf.get("original_max_position_embeddings"):
+        # transformers fills llama3's / yarn's original length from config.json's max_position_embeddings when it
+        # builds the config, and applies the argument after: the argument does not move the original length
+        for key in ("rope_scaling", "rope_parameters"):
+            rd = overrides.get(key, hf.get(key))
+            if isinstance(rd, dict) and rd.get("rope_type", rd.get("type")) in ("llama3", "yarn") \
+                    and not rd.get("original_max_position_embeddings"):
+                overrides = {**overrides, key: {**rd, "original_max_position_embeddings": hf["max_position_embeddings"]}}
     hf.update(overrides)
     rp = hf.get("rope_parameters")
     if "rope_theta" in overrides and "rope_parameters" not in overrides and isinstance(rp, dict) and "rope_theta" in rp:
@@ -289,15 +298,34 @@ _UNSUPPORTED_FIELDS = {
     "token_healing": False, "guidance_scale": None, "watermarking_config": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "penalty_alpha": None, "dola_layers": None,
     "num_beam_groups": 1, "constraints": None, "force_words_ids": None,
+    # transformers applies it to decoder-only models too, the prompt standing for the encoder's input
+    "encoder_no_repeat_ngram_size": 0,
 }
 _HARMLESS_FIELDS = {
     "use_cache", "cache_implementation", "cache_config", "max_cache_len", "early_stopping", "length_penalty",
     "diversity_penalty", "renormalize_logits",
-    "remove_invalid_values", "encoder_no_repeat_ngram_size", "decoder_start_token_id", "is_assistant",
+    "remove_invalid_values", "decoder_start_token_id", "is_assistant",
     "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold", "max_matching_ngram_size",
     "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type", "compile_config",
     "disable_compile", "continuous_batching_config", "low_memory", "prefill_chunk_size",
 }
+# transformers' generate() arguments that are objects, not GenerationConfig fields: accepted at their neutral value
+# (None, False or an empty list: scripts pass logits_processor=LogitsProcessorList() and the like), refused otherwise
+# (a custom processor or criterion would change the output and fastload's loop is in C)
+_NEUTRAL_CALL_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                      "assistant_model", "assistant_tokenizer", "negative_prompt_ids", "negative_prompt_attention_mask",
+                      "custom_generate")
+
+
+def _is_neutral(v):
+    if v is None or v is False:
+        return True
+    try:
+        return not isinstance(v, (str, bytes)) and hasattr(v, "__len__") and len(v) == 0
+    except TypeError:
+        return False
+
+
 # refused by generate() when set (greedy search and sampling; no attention maps or hidden states are kept)
 _REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_states": False}
 # what generate() returns: token ids, or with return_dict_in_generate a GenerateDecoderOnlyOutput with the scores /
@@ -807,7 +835,7 @@ def _resolve_settings(gc, layers) -> dict:
         if not (0 < v <= 1 if lo_open else 0 <= v < 1):
             raise ValueError(f"{source(k)}: {k}={v} must be in " + ("(0, 1]" if lo_open else "[0, 1)"))
         r[k] = v
-    r["bias"] = _token_biases(gc, source)
+    r["bias"] = _token_biases(gc, source, r.get("eos_token_id") or ())
     r["begin_suppress_tokens"] = _id_list(gc, "begin_suppress_tokens", source)
     r["forced_eos_token_id"] = _id_list(gc, "forced_eos_token_id", source)
     if r["num_return_sequences"] > 1 and not r["do_sample"]:
@@ -846,7 +874,7 @@ def _check_int32_ids(ids, source, k):
             raise ValueError(f"{source(k)}: {k} holds {t}, which is not a token id")
 
 
-def _token_biases(gc, source):
+def _token_biases(gc, source, eos=()):
     """transformers' sequence_bias, bad_words_ids and suppress_tokens as one list of (token sequence, value added to
     the logit of its last token whenever the tokens before it end the text so far; -inf bans), in that order."""
     out = []
@@ -877,6 +905,8 @@ def _token_biases(gc, source):
             raise TypeError(f"{source('bad_words_ids')}: bad_words_ids must be a non-empty list of lists of token "
                             f"ids, got {bw!r}")
         for seq in bw:
+            if _as_ids(seq) in [[int(e)] for e in eos]:
+                continue  # transformers' NoBadWordsLogitsProcessor drops a one-token bad word that is an eos id
             one("bad_words_ids", seq, float("-inf"))
     for t in _id_list(gc, "suppress_tokens", source):
         one("suppress_tokens", t, float("-inf"))
@@ -899,9 +929,10 @@ class GenerateDecoderOnlyOutput(CausalLMOutput):
     """transformers' GenerateDecoderOnlyOutput (generate with return_dict_in_generate=True): `sequences` [batch,
     prompt + new], and when asked for `scores` (output_scores) and `logits` (output_logits), tuples of one float32
     [batch, vocab] array per generated token. Fields not produced read as None and are not keys, as in
-    transformers' ModelOutput; `attentions`, `hidden_states` and `past_key_values` are never produced."""
+    transformers' ModelOutput; `attentions`, `hidden_states` and `past_key_values` (`cache`, transformers 5.25's name
+    for it) are never produced."""
 
-    FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values")
+    FIELDS = ("sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values", "cache")
 
     def __init__(self, **kw):
         bad = set(kw) - set(self.FIELDS)
@@ -1302,7 +1333,7 @@ class FastModelForCausalLM:
             raise FileNotFoundError(f"{path}: no config.json")
         hf = _files.read_json(cfg_real, cfg_path)
         if overrides and isinstance(hf, dict):
-            _apply_overrides(hf, overrides)
+            _apply_overrides(hf, archmod.chatglm_overrides(overrides, cfg_path) if archmod.is_chatglm(hf) else overrides)
         hf = archmod.chatglm_view(hf, cfg_path)  # ChatGLM's own keys, read as the Hugging Face ones
         checks.check_config(hf, cfg_path)  # types, ranges and relations, before any arithmetic
         hf = Config(hf)
@@ -1541,6 +1572,7 @@ class FastModelForCausalLM:
         (None included) over all of them. Neither the model's config nor the passed one is changed. Values are
         checked here (types, ranges, unsupported fields), so callers can validate before starting a thread.
         Returns (the merged GenerationConfig, its checked and typed values from _resolve_settings)."""
+        kwargs = {k: v for k, v in kwargs.items() if not (k in _NEUTRAL_CALL_ARGS and _is_neutral(v))}
         unknown = [k for k in kwargs if k not in GEN_KEYS and k not in GenerationConfig.FIELDS]
         if unknown:
             raise TypeError(f"generate: unsupported argument(s) {unknown}; supported: {sorted(GEN_KEYS)}")
@@ -1553,12 +1585,13 @@ class FastModelForCausalLM:
         # A sampling rule fastload does not implement, set by the model's own generation_config.json (not by this
         # call): warn and generate without it rather than refuse every generate() of that model. Passed by the
         # caller, the same field is an error (_resolve_settings).
-        for k, neutral in _UNSUPPORTED_FIELDS.items():
+        # num_beams > 1 likewise (README: "set by a model's own generation_config.json: a warning"): greedy / sampling.
+        for k, neutral in (*_UNSUPPORTED_FIELDS.items(), *_REFUSED_FIELDS.items()):
             if k in layers[0][1] and not any(k in d for _, d in layers[1:]) and not _off(k, gc.get(k), neutral):
                 warnings.warn(f"{self.name_or_path}: the model's generation config sets {k}={gc.get(k)!r}, which "
                               f"fastload does not implement; generating without it (pass {k}={neutral!r} to silence)",
                               stacklevel=3)
-                gc[k] = None
+                gc[k] = None if k in _UNSUPPORTED_FIELDS else neutral
         return gc, _resolve_settings(gc, layers)
 
     def can_generate(self) -> bool:

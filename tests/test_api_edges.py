@@ -373,3 +373,115 @@ def test_chat_takes_stop_strings(demo_model, demo_tok):
         stop = whole[len(whole) // 2:len(whole) // 2 + 1] if whole.strip() else "z"
         part = m.chat(tok, "x", do_sample=False, max_new_tokens=6, stop_strings=[stop])[0]
         assert whole.startswith(part) and (stop not in whole or stop in part)
+
+
+# ---------------------------------------------------------------- hunt 26 / 27 (44th session): generate and config
+def test_a_stop_string_also_in_the_prompts_end_still_stops(demo_tok):
+    """A fresh occurrence completed by the new token stops even when the same string is in the window before it
+    (the check was "in the text now and not before", so the prompt's copy hid it). generate's stop check itself."""
+    from fastload.engine import _StopCheck
+    prompt = demo_tok("we saw Paris and then", add_special_tokens=False)["input_ids"]
+    paris = demo_tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert len(paris) == 1
+    c = _StopCheck([" Paris"], demo_tok, prompt)
+    assert c.hit(paris[0])
+    c = _StopCheck([" Paris"], demo_tok, prompt)
+    assert not c.hit(demo_tok(" Rome", add_special_tokens=False)["input_ids"][0])
+    c = _StopCheck(["then Paris"], demo_tok, prompt)  # begun in the prompt, completed by the token
+    assert c.hit(paris[0])
+    c = _StopCheck(["saw"], demo_tok, prompt)  # wholly in the prompt: never
+    assert not c.hit(paris[0])
+
+
+def test_bad_words_that_are_eos_are_dropped_as_transformers(llama):
+    """NoBadWordsLogitsProcessor drops a one-token bad word equal to an eos id (eos 2 here); others are banned."""
+    ids = np.array([[1, 5, 9, 44]])
+    kw = dict(max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    plain = llama.generate(ids, **kw).scores[0]
+    s = llama.generate(ids, bad_words_ids=[[2], [7]], **kw).scores[0]
+    assert np.isfinite(s[0, 2]) and s[0, 2] == plain[0, 2] and s[0, 7] == -np.inf
+    assert llama.generate(ids, bad_words_ids=[[2]], eos_token_id=3, **kw).scores[0][0, 2] == -np.inf  # not eos there
+
+
+def test_encoder_no_repeat_ngram_size_is_refused(llama):
+    """transformers applies it to a decoder-only model's prompt; fastload does not implement it: refused when set."""
+    with pytest.raises(TypeError, match="encoder_no_repeat_ngram_size=2"):
+        greedy(llama, [[1, 5, 9]], encoder_no_repeat_ngram_size=2)
+    greedy(llama, [[1, 5, 9]], encoder_no_repeat_ngram_size=0)
+
+
+def test_neutral_generate_objects_are_accepted_custom_ones_refused(llama):
+    ids = [[1, 5, 9]]
+    want = greedy(llama, ids)
+    for kw in (dict(logits_processor=None), dict(logits_processor=[]), dict(stopping_criteria=None),
+               dict(stopping_criteria=()), dict(prefix_allowed_tokens_fn=None), dict(assistant_model=None),
+               dict(negative_prompt_ids=None), dict(synced_gpus=False)):
+        np.testing.assert_array_equal(greedy(llama, ids, **kw), want, err_msg=str(kw))
+    for kw in (dict(logits_processor=[lambda ids, scores: scores]), dict(stopping_criteria=[object()]),
+               dict(prefix_allowed_tokens_fn=lambda b, ids: [1])):
+        with pytest.raises(TypeError, match=list(kw)[0]):
+            greedy(llama, ids, **kw)
+
+
+def test_generate_output_has_transformers_525_cache_field(llama):
+    out = llama.generate(np.array([[1, 5]]), max_new_tokens=2, return_dict_in_generate=True)
+    assert out.cache is None and out.past_key_values is None and "cache" not in out
+
+
+def test_num_beams_in_generation_config_json_warns_and_generates(tmp_path):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(LLAMA, d)
+    (d / "generation_config.json").write_text('{"num_beams": 4, "eos_token_id": 2}')
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", torch_dtype="float32")
+    with pytest.warns(UserWarning, match="num_beams=4"):
+        out = greedy(m, [[1, 5, 9]])
+    ref = fastload.AutoModelForCausalLM.from_pretrained(str(LLAMA), device_map="cpu", torch_dtype="float32")
+    np.testing.assert_array_equal(out, greedy(ref, [[1, 5, 9]]))
+    with pytest.raises(NotImplementedError, match="num_beams=4"):  # passed by the caller: still an error
+        greedy(m, [[1, 5, 9]], num_beams=4)
+
+
+def _variant(tmp_path, src, name, edit):
+    import json
+    import shutil
+    d = tmp_path / name
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_max_position_override_keeps_the_rope_original_length(tmp_path):
+    """transformers fills llama3's / yarn's original length from config.json's max_position_embeddings before a
+    from_pretrained(max_position_embeddings=) argument applies: the argument does not move it."""
+    ids = np.arange(1, 100)[None] % 400
+    for rs in ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+               {"rope_type": "yarn", "factor": 4.0}):
+        def no_orig(c, rs=rs):
+            c.pop("rope_parameters", None)
+            c["rope_scaling"] = rs
+            c["rope_theta"] = 10000.0
+        a = _variant(tmp_path, LLAMA, "a" + rs["rope_type"], no_orig)
+        b = _variant(tmp_path, LLAMA, "b" + rs["rope_type"],
+                     lambda c, rs=rs: (no_orig(c), c["rope_scaling"].update(original_max_position_embeddings=c["max_position_embeddings"])))
+        ma = fastload.AutoModelForCausalLM.from_pretrained(a, device_map="cpu", torch_dtype="float32", max_position_embeddings=64)
+        mb = fastload.AutoModelForCausalLM.from_pretrained(b, device_map="cpu", torch_dtype="float32", max_position_embeddings=64)
+        assert ma.config["rope_scaling"]["original_max_position_embeddings"] == 128
+        np.testing.assert_array_equal(np.asarray(ma(ids).logits), np.asarray(mb(ids).logits))
+
+
+def test_chatglm_config_arguments_reach_its_own_keys(tmp_path):
+    from golden_util import FIXTURES
+    src = FIXTURES / "chatglm" / "chatglm3"
+    ids = np.array([[5, 17, 230, 9, 44, 61, 8, 100, 300, 7] * 3])
+    m = fastload.AutoModelForCausalLM.from_pretrained(str(src), device_map="cpu", torch_dtype="float32", rope_theta=123.0)
+    ref = fastload.AutoModelForCausalLM.from_pretrained(
+        _variant(tmp_path, src, "glm", lambda c: c.update(rope_ratio=0.0123)), device_map="cpu", torch_dtype="float32")
+    np.testing.assert_array_equal(np.asarray(m(ids).logits), np.asarray(ref(ids).logits))
+    plain = fastload.AutoModelForCausalLM.from_pretrained(str(src), device_map="cpu", torch_dtype="float32")
+    assert not np.allclose(np.asarray(m(ids).logits), np.asarray(plain(ids).logits))
+    for k in ("rope_scaling", "rope_parameters"):
+        with pytest.raises(NotImplementedError, match=k):
+            fastload.AutoModelForCausalLM.from_pretrained(str(src), device_map="cpu", **{k: {"rope_type": "linear", "factor": 2.0}})

@@ -559,5 +559,55 @@ def test_llama3_rope_original_length_as_transformers_reads_it():
     assert orig({**base, "rope_scaling": {**rs, "original_max_position_embeddings": 1024}}) == 1024
     assert orig({**base, "original_max_position_embeddings": 512,
                  "rope_scaling": {**rs, "original_max_position_embeddings": 1024}}) == 512
-    assert orig({**{k: v for k, v in base.items() if k != "max_position_embeddings"}, "rope_scaling": rs}) == 8192
+    # neither: the config class's max_position_embeddings (was 8192 for every architecture)
+    nomax = {k: v for k, v in base.items() if k != "max_position_embeddings"}
+    assert orig({**nomax, "rope_scaling": rs}) == 2048
+    assert orig({**nomax, "architectures": ["Qwen2ForCausalLM"], "rope_scaling": rs}) == 32768
+    assert orig({**nomax, "architectures": ["MistralForCausalLM"], "rope_scaling": rs}) == 131072
+    # transformers raises on a dict without its factors (KeyError); fastload said factor 1 (linear: a no-op)
+    for bad, key in (({"rope_type": "linear"}, "factor"), ({"rope_type": "dynamic"}, "factor"),
+                     ({k: v for k, v in rs.items() if k != "factor"}, "factor"),
+                     ({k: v for k, v in rs.items() if k != "low_freq_factor"}, "low_freq_factor")):
+        expect(CheckpointError, lambda: _core({**base, "rope_scaling": bad}), f"needs '{key}'")
+
+
+def test_more_class_defaults_and_rope_fields():
+    """num_key_value_heads absent: the class's (Mistral / Mixtral 8, Qwen2 / Qwen3 32, Qwen3-MoE 4, Llama the heads),
+    null: the heads; Mixtral's rope_theta 1e6; a mistral config with layer_types slides per layer (transformers builds
+    it as Ministral); rope_parameters per layer type; partial_rotary_factor refused; a rope_scaling block without a
+    theta takes config.json's top-level rope_theta before rope_parameters' (transformers' order)."""
+    base = {"vocab_size": 64, "hidden_size": 128, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 32}
+    moe = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    q3m = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+    for a, extra, kv in (("LlamaForCausalLM", {}, 32), ("MistralForCausalLM", {}, 8), ("MixtralForCausalLM", moe, 8),
+                         ("Qwen2ForCausalLM", {}, 32), ("Qwen3ForCausalLM", {}, 32),
+                         ("Qwen3MoeForCausalLM", q3m, 4)):
+        c = {**base, **extra, "architectures": [a], "num_attention_heads": 16}
+        assert _core(c)["n_kv_heads"] == (16 if a == "LlamaForCausalLM" else kv), a
+        assert _core({**c, "num_key_value_heads": None})["n_kv_heads"] == 16, a
+        assert _core({**c, "num_key_value_heads": 2})["n_kv_heads"] == 2, a
+    assert _core({**base, **moe, "architectures": ["MixtralForCausalLM"]})["rope_theta"] == 1e6
+    assert _core({**base, **moe, "architectures": ["MixtralForCausalLM"], "rope_theta": 5.0})["rope_theta"] == 5.0
+    assert _core({**base, "architectures": ["MistralForCausalLM"]})["rope_theta"] == 10000.0
+    m = {**base, "architectures": ["MistralForCausalLM"], "sliding_window": 7}
+    assert _core({**m, "layer_types": ["full_attention", "sliding_attention"]})["window"] == [0, 7]
+    assert _core({**m, "layer_types": ["full_attention"] * 2})["window"] == [0, 0]
+    assert _core(m)["window"] == [7, 7]
+    expect(NotImplementedError, lambda: _core({**m, "layer_types": ["full_attention", "chunked_attention"]}),
+           "chunked_attention")
+    lin = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    per = _core({**base, "architectures": ["LlamaForCausalLM"],
+                 "rope_parameters": {"full_attention": lin, "sliding_attention": lin}})
+    assert (per["rope_type"], per["rope_factor"], per["rope_theta"]) == (1, 2.0, 500.0)
+    expect(NotImplementedError, lambda: _core({**base, "architectures": ["LlamaForCausalLM"], "rope_parameters": {
+        "full_attention": lin, "sliding_attention": {**lin, "factor": 4.0}}}), "differ by layer type")
+    for where in ({"partial_rotary_factor": 0.5}, {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}):
+        expect(NotImplementedError, lambda: _core({**base, "architectures": ["LlamaForCausalLM"], **where}),
+               "partial_rotary_factor=0.5")
+    assert _core({**base, "architectures": ["LlamaForCausalLM"], "partial_rotary_factor": 1.0})["rope_type"] == 0
+    th = _core({**base, "architectures": ["LlamaForCausalLM"], "rope_theta": 500.0,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                "rope_scaling": {"type": "linear", "factor": 4.0}})
+    assert (th["rope_theta"], th["rope_factor"]) == (500.0, 4.0)
 
