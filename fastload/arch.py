@@ -143,10 +143,13 @@ class Arch:
     # config fields this architecture understands; anything else that changes results raises.
     extra_ok: tuple = field(default_factory=tuple)
     moe: MoE | None = None       # Mixture-of-Experts FFN on every layer (Mixtral, Qwen3-MoE); None: dense
+    # bias switches the transformers class reads (true: refused, no such biases here); classes that hard-code their
+    # biases (Qwen2's q/k/v, none for Mistral / Mixtral) ignore these keys, and so does fastload
+    bias_keys: tuple = ()
 
 
 ARCHITECTURES = {
-    "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama"),
+    "LlamaForCausalLM": Arch("LlamaForCausalLM", "llama", "llama", bias_keys=("attention_bias", "mlp_bias")),
     # Mistral: sliding_window on every layer, or per layer_types where a config has them (transformers reads such a
     # config as Ministral's)
     "MistralForCausalLM": Arch("MistralForCausalLM", "mistral", "llama", sliding="all", default_window=4096,
@@ -156,7 +159,8 @@ ARCHITECTURES = {
     # Qwen3 dense: Qwen2 without the q/k/v biases (attention_bias, default false, would also put one on o_proj: not
     # supported), plus q_norm / k_norm; its sliding-window keys are Qwen2's
     "Qwen3ForCausalLM": Arch("Qwen3ForCausalLM", "qwen3", "qwen3", qk_norm=True, sliding="qwen2", gguf_permute_qk=False,
-                             default_head_dim=128, default_window=4096, default_kv_heads=32, default_max_pos=32768),
+                             default_head_dim=128, default_window=4096, default_kv_heads=32, default_max_pos=32768,
+                             bias_keys=("attention_bias",)),
     # ChatGLM2-6B / ChatGLM3-6B (and their -32k / -128k): multi-query groups, fused q|k|v with bias, fused gate|up,
     # rotary on the first half of each head in interleaved pairs with the cos / sin cache in the model dtype;
     # config.json in THUDM's own keys, read through chatglm_view
@@ -173,7 +177,7 @@ ARCHITECTURES = {
     # the released configs say 128)
     "Qwen3MoeForCausalLM": Arch("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qk_norm=True, sliding="all_if_use",
                                 gguf_permute_qk=False, default_window=4096, moe=QWEN_MOE, default_kv_heads=4,
-                                default_max_pos=32768),
+                                default_max_pos=32768, bias_keys=("attention_bias",)),
 }
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -459,8 +463,8 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     act = _get(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise NotImplementedError(f"{where}: hidden_act={act[:40]!r} is not supported; supported: silu")
-    for k in ("attention_bias", "mlp_bias"):
-        if config.get(k) and arch.names == "hf":
+    for k in arch.bias_keys:
+        if config.get(k):
             raise NotImplementedError(f"{where}: {k}=true is not supported for {arch.name}")
     n_layers = int(need("num_hidden_layers"))
     n_heads = int(need("num_attention_heads"))
@@ -495,8 +499,7 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
         else:
             mwl = int(_get(config, "max_window_layers", arch.default_max_window_layers))
             window = [int(sw) if i >= mwl else 0 for i in range(n_layers)]
-    elif arch.sliding == "none" and config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
-        raise NotImplementedError(f"{where}: layer_types other than full_attention are not supported for {arch.name}")
+    # arch.sliding "none" (Llama): layer_types are not read, as LlamaModel's causal mask does not read them
 
     moe = _moe_config(config, arch, where, n_layers) if arch.moe else {}
     return {
@@ -543,7 +546,7 @@ def _moe_config(config: dict, arch: Arch, where: str, n_layers: int) -> dict:
 
 def _known_layer_types(types, where, arch):
     for t in types:
-        if t not in ("full_attention", "sliding_attention"):
+        if t not in ("full_attention", "sliding_attention", "attention"):  # "attention": transformers' legacy name
             raise NotImplementedError(f"{where}: layer_types entry {t[:40]!r} is not supported for {arch.name}; "
                                       "supported: full_attention, sliding_attention")
 

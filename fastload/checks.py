@@ -75,7 +75,9 @@ ROPE = (
     Key("rope_type", "str"), Key("type", "str"), _finite_pos("rope_theta"), _finite_pos("factor"),
     _finite_pos("low_freq_factor"), _finite_pos("high_freq_factor"),
     _pos("original_max_position_embeddings", INT32_MAX),
-    _finite_pos("beta_fast"), _finite_pos("beta_slow"), _finite_pos("mscale"), _finite_pos("mscale_all_dim"),
+    # yarn's: 0 reads as unset in transformers (`beta_fast or 32`, `if mscale and mscale_all_dim`), as here
+    Key("beta_fast", "float", 0, None), Key("beta_slow", "float", 0, None), Key("mscale", "float", 0, None),
+    Key("mscale_all_dim", "float", 0, None),
     _finite_pos("attention_factor"), Key("truncate", "bool"),
 )
 

@@ -611,3 +611,25 @@ def test_more_class_defaults_and_rope_fields():
                 "rope_scaling": {"type": "linear", "factor": 4.0}})
     assert (th["rope_theta"], th["rope_factor"]) == (500.0, 4.0)
 
+
+
+def test_keys_a_transformers_class_does_not_read_are_not_refused():
+    """Qwen2 / Mistral / Mixtral hard-code their biases and ignore attention_bias / mlp_bias; LlamaModel does not read
+    layer_types; "attention" is transformers' legacy name of full_attention; yarn's beta_fast / mscale 0 read as unset.
+    Each matched transformers 5.25's logits (hunt 27); Llama's and Qwen3's bias switches stay refused."""
+    base = {"vocab_size": 64, "hidden_size": 128, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1}
+    for a in ("Qwen2ForCausalLM", "MistralForCausalLM"):
+        assert _core({**base, "architectures": [a], "attention_bias": True, "mlp_bias": True}) == \
+            _core({**base, "architectures": [a]}), a
+    for a, k in (("LlamaForCausalLM", "attention_bias"), ("LlamaForCausalLM", "mlp_bias"),
+                 ("Qwen3ForCausalLM", "attention_bias")):
+        expect(NotImplementedError, lambda: _core({**base, "architectures": [a], k: True}), f"{k}=true")
+    llama = {**base, "architectures": ["LlamaForCausalLM"]}
+    assert _core({**llama, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8})["window"] == [0, 0]
+    q2 = {**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 7}
+    assert _core({**q2, "layer_types": ["attention", "sliding_attention"]})["window"] == [0, 7]
+    y = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    ref = _core({**llama, "max_position_embeddings": 128, "rope_parameters": y})
+    assert _core({**llama, "max_position_embeddings": 128, "rope_parameters": {**y, "beta_fast": 0}}) == ref
+    assert _core({**llama, "max_position_embeddings": 128, "rope_parameters": {**y, "mscale": 1.0, "mscale_all_dim": 0}}) == ref
