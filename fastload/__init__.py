@@ -31,10 +31,10 @@ def info() -> dict:
     out = {"version": __version__, "backends": ["cpu"] + (["cuda"] if b["cuda_compiled"] else []), **b}
     if not b["cuda_compiled"]:
         out["cuda"] = "not built (no nvcc at install time, or FASTLOAD_CUDA=0): CPU only"
-    elif b["cuda_devices"] == 0:
-        out["cuda"] = f"built, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
     else:
-        out["cuda"] = f"built for {', '.join('sm_' + a for a in b['cuda_archs'].split(';'))}, {b['cuda_devices']} device(s)"
+        built = f"built for {', '.join('sm_' + a for a in b['cuda_archs'].split(';'))}"
+        out["cuda"] = (f"{built}, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
+                       if b["cuda_devices"] == 0 else f"{built}, {b['cuda_devices']} device(s)")
     try:  # the CPU features the C core was compiled to use (setup.py; fastload/_cpucheck.py checks them at import)
         from . import _build_cpu
         out["cpu_build_features"] = list(_build_cpu.FEATURES or ())
