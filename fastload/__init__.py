@@ -32,7 +32,7 @@ def info() -> dict:
     if not b["cuda_compiled"]:
         out["cuda"] = "not built (no nvcc at install time, or FASTLOAD_CUDA=0): CPU only"
     else:
-        built = f"built for {', '.join('sm_' + a for a in b['cuda_archs'].split(';'))}"
+        built = f"built for {', '.join(cuda._arch_names(b['cuda_archs']))}"
         out["cuda"] = (f"{built}, but no CUDA device is usable here ({b['cuda_error'] or 'no device'})"
                        if b["cuda_devices"] == 0 else f"{built}, {b['cuda_devices']} device(s)")
     try:  # the CPU features the C core was compiled to use (setup.py; fastload/_cpucheck.py checks them at import)

@@ -339,7 +339,7 @@ def _rope(config: dict, where: str, arch: "Arch | None" = None):
     for k in ("factor",) + (("low_freq_factor", "high_freq_factor") if rtype == "llama3" else ()):
         if _get(scaling, k, None) is None:  # transformers reads them unguarded (a KeyError there)
             raise checks.CheckpointError(f"{where}: {rtype} rope scaling needs '{k}'")
-    factor = float(_get(scaling, "factor", 1.0))
+    factor = float(scaling["factor"])  # present: checked above
     if rtype == "linear":
         return float(theta), 1, factor, 1.0, 4.0, 8192, 1.0
     if rtype == "dynamic":
@@ -356,7 +356,7 @@ def _rope(config: dict, where: str, arch: "Arch | None" = None):
             raise checks.CheckpointError(f"{where}: dynamic rope scaling gives a context of factor x "
                                          f"max_position_embeddings = {factor:g} x {max_pos} tokens, more than 2^31-1")
         return float(theta), ROPE_TYPES["dynamic"], factor, 1.0, 4.0, int(max_pos), 1.0
-    low, high = float(_get(scaling, "low_freq_factor", 1.0)), float(_get(scaling, "high_freq_factor", 4.0))
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     if high <= low:
         raise checks.CheckpointError(f"{where}: rope 'high_freq_factor' must be greater than 'low_freq_factor' "
                                      f"for llama3 rope, got {high:g} <= {low:g}")
@@ -470,13 +470,13 @@ def core_config(config: dict, arch: Arch, where: str, names: dict | None = None)
     n_heads = int(need("num_attention_heads"))
     d = int(need("hidden_size"))
     hd = head_dim({**config, "hidden_size": d, "num_attention_heads": n_heads}, arch)
-    # yarn's correction range depends on head_dim: give it the one resolved here
-    rd = [d for d in (config.get("rope_scaling"), config.get("rope_parameters")) if isinstance(d, dict)]
-    prf = next((d["partial_rotary_factor"] for d in rd if d.get("partial_rotary_factor") is not None),
+    rope_dicts = [r for r in (config.get("rope_scaling"), config.get("rope_parameters")) if isinstance(r, dict)]
+    prf = next((r["partial_rotary_factor"] for r in rope_dicts if r.get("partial_rotary_factor") is not None),
                _get(config, "partial_rotary_factor", 1.0))  # transformers 5 keeps it in rope_parameters
     if arch.names == "hf" and prf != 1.0:
         raise NotImplementedError(f"{where}: partial_rotary_factor={prf!r} is not supported for {arch.name} (rotary on "
                                   "part of each head: ChatGLM's layout only)")
+    # yarn's correction range depends on head_dim: give it the one resolved here
     theta, rtype, factor, low, high, orig, attn = _rope(config if config.get("head_dim") else {**config, "head_dim": hd},
                                                         where, arch)
 

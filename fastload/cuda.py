@@ -97,7 +97,11 @@ def get_arch_list() -> list:
     """The GPU architectures this build has kernels for, as torch's: ['sm_80', 'sm_90'] (set by FASTLOAD_CUDA_ARCHS at
     build time, by default the GPUs nvidia-smi showed; the last one's PTX is embedded too, so newer GPUs JIT-compile
     it). [] without CUDA. Loading on a GPU none of them runs raises NotImplementedError saying how to rebuild."""
-    archs = _C.build_info()["cuda_archs"]
+    return _arch_names(_C.build_info()["cuda_archs"])
+
+
+def _arch_names(archs: str) -> list:
+    """build_info()'s "90;80" as ['sm_90', 'sm_80'] (get_arch_list and fastload.info())."""
     return [f"sm_{a}" for a in archs.split(";") if a]
 
 

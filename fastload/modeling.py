@@ -878,6 +878,7 @@ def _token_biases(gc, source, eos=()):
     """transformers' sequence_bias, bad_words_ids and suppress_tokens as one list of (token sequence, value added to
     the logit of its last token whenever the tokens before it end the text so far; -inf bans), in that order."""
     out = []
+    eos_words = [[int(e)] for e in eos]  # one-token bad words transformers drops
 
     def one(k, seq, val):
         ids = _as_ids(seq)
@@ -905,7 +906,7 @@ def _token_biases(gc, source, eos=()):
             raise TypeError(f"{source('bad_words_ids')}: bad_words_ids must be a non-empty list of lists of token "
                             f"ids, got {bw!r}")
         for seq in bw:
-            if _as_ids(seq) in [[int(e)] for e in eos]:
+            if _as_ids(seq) in eos_words:
                 continue  # transformers' NoBadWordsLogitsProcessor drops a one-token bad word that is an eos id
             one("bad_words_ids", seq, float("-inf"))
     for t in _id_list(gc, "suppress_tokens", source):
