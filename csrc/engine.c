@@ -19,7 +19,8 @@
 #include <omp.h>
 #endif
 
-enum { RQ_WAITING = 0, RQ_PREFILL, RQ_DECODE, RQ_DONE, RQ_FORWARD /* a forward being run by a step */ };
+enum { RQ_WAITING = 0, RQ_PREFILL, RQ_DECODE, RQ_DONE, RQ_FORWARD /* a forward being run by a step */,
+       RQ_BEAM_IDLE /* a beam search's beam before the first selection gives it a sequence (fl_beams) */ };
 enum { RQ_GENERATE = 0, RQ_KIND_FORWARD };
 #define FL_ENGINE_MAX_EOS 64
 
@@ -58,6 +59,8 @@ struct fl_request {
     float **rec;
     int rec_row, rec_blk, rec_nblk;
     fl_request *next;         /* waiting queue */
+    struct fl_beams *bm;      /* beam search: the group this request is a beam of (NULL: an ordinary request) */
+    int beam_row;             /* beam search: its row of the step's logits (set when the step's forward gave them) */
 };
 
 /* The page pool with its prefix table (chained hash over a page's tokens and the page before it). */
@@ -140,7 +143,42 @@ struct fl_engine {
     int32_t *la_host[2];      /* host-memory backends (tests): the slots, filled by the engine's own argmax */
     struct { int B, stride; } cap; /* the step capture_fn records */
     fl_engine *reg_next;      /* every live engine, for fork() */
+    /* beam search (driver only): KV page copies (src, dst pairs) the next forward makes first, under model_mu, and the
+     * groups whose rows a step's forward gave logits to */
+    int32_t *cp;
+    int n_cp;
+    struct fl_beams **bsel;
+    int n_bsel;
 };
+
+/* Beam search (transformers 5's _beam_search, greedy): K = num_beams physical requests, the caller's (req[0], the
+ * leader) and K - 1 followers made with it, admitted together (K rows of max_batch), never preempted. The leader reads
+ * the prompt; its first logits are every beam's (transformers starts beams 1.. at -1e9: the same candidates). Each step
+ * the beams are decode rows of the engine's batch like any request; their rows' logits become log-probabilities with
+ * the request's rules applied (choose_tokens), and beam_select picks the candidates, keeps the finished hypotheses and
+ * moves the beams: a beam that continues its own parent keeps its pages; another takes the parent's full pages shared
+ * (the pool's reference counts) and a copy of its partly filled last page (a device copy before the next forward).
+ * The logical order of the beams (best first) is transformers' order, which its ties and its early-stop test read. */
+typedef struct fl_beams {
+    int K, keep, n_ret, early;     /* num_beams; candidates a step, max(2, 1 + n_eos) * K; num_return; early_stopping */
+    float lp;                      /* length_penalty */
+    int maxlen, gmax;              /* transformers' max_length (prompt + new tokens, at most the context); new tokens */
+    int ending;                    /* its beams are being finished (finish() of one ends them all, once) */
+    int heur;                      /* transformers' is_early_stop_heuristic_unsatisfied */
+    int started;                   /* the first selection was made */
+    fl_request **req;              /* [K] physical beams */
+    int *order;                    /* [K] logical beam j (best first) -> index into req */
+    float *score;                  /* [K] running scores of the logical beams */
+    float *fin_score;              /* [K] finished hypotheses (transformers' beam_scores), best first */
+    uint8_t *fin_done;             /* [K] is_sent_finished */
+    int *fin_len;                  /* [K] generated tokens of each */
+    int32_t *fin_tok, *fin_tmp;    /* [K * gmax] their tokens, and the buffer the next set is built in */
+    float *cv, *rl, *fs;           /* [keep] candidates' accumulated scores, running scores, finished scores */
+    int32_t *cb, *ct;              /* [keep] candidates' logical beam and token */
+    uint8_t *hit;                  /* [keep] candidate ends its sequence (eos or max_length) */
+    int *sel, *phys, *taken;       /* scratch: [K + keep], [K], [K] */
+    float *tmp;                    /* [K] */
+} fl_beams;
 
 /* fork(): the child has no driver thread, and a lock the parent's driver held would stay held there forever.
  * Around fork every engine's locks are taken (a step in flight finishes its forward first); the child then
@@ -313,8 +351,16 @@ static void req_cond_init(fl_request *r) {
         pthread_cond_init(&r->cv, NULL);
 }
 
+static void beams_free(fl_beams *g) {
+    if (!g) return;
+    free(g->req); free(g->order); free(g->score); free(g->fin_score); free(g->fin_done); free(g->fin_len);
+    free(g->fin_tok); free(g->fin_tmp); free(g->cv); free(g->rl); free(g->fs); free(g->cb); free(g->ct); free(g->hit);
+    free(g->sel); free(g->phys); free(g->taken); free(g->tmp);
+    free(g);
+}
 static void req_unref(fl_request *r) { /* under mu */
     if (--r->refs) return;
+    if (r->bm && r->bm->req[0] == r) beams_free(r->bm); /* the leader owns its group (followers end before it) */
     pthread_cond_destroy(&r->cv);
     free(r->toks);
     free(r->pages);
@@ -341,6 +387,18 @@ static void run_remove(fl_engine *e, fl_request *r) {
 /* Finish r (running or waiting) with status st; frees its pages, wakes its waiters. Under mu. */
 static void finish(fl_engine *e, fl_request *r, fl_status st, const char *msg) {
     if (r->state == RQ_DONE) return;
+    fl_beams *g = r->bm;
+    if (g && !g->ending) { /* one beam ends: they all do, the followers first, the leader (which owns g) last */
+        g->ending = 1;
+        fl_request *lead = g->req[0];
+        for (int k = 1; k < g->K; k++)
+            if (g->req[k] && g->req[k] != r) finish(e, g->req[k], st, msg);
+        if (r != lead) {
+            finish(e, r, st, msg);
+            finish(e, lead, st, msg);
+            return;
+        }
+    }
     if (r->state == RQ_WAITING) {
         const int fwd = r->kind == RQ_KIND_FORWARD;
         fl_request **pp = fwd ? &e->fwd_head : &e->wait_head, *prev = NULL;
@@ -388,20 +446,43 @@ static int read_end(const fl_engine *e, const fl_request *r) {
 /* A decode row whose input token is not the last one (a preempted request feeding its generated tokens again). */
 static int replaying(const fl_request *r) { return r->n_cached + 1 < r->n_prompt + r->n_out; }
 
-/* A page for slot `slot` of r (held pages cover [0, n_pages * page)); when the pool is dry, preempt the
- * newest running request other than r, then r itself if it is the newest. Returns 0 with the page held,
- * -1 if r was preempted, -2 if r alone cannot fit (the caller fails it). Under mu. */
+/* Page for r when the pool is dry: preempt the newest running ordinary request other than r that holds pages, newer
+ * than r (or any, for a beam: beams are not preempted, their sequences cannot be read again one by one, so an older
+ * ordinary request yields and is read again later); else r itself when it is an ordinary request and others hold
+ * pages; else, with fail_beams, fail the newest beam search newer than r (not one reading its prompt: its leader may
+ * be a row of the step being planned). Returns 1 when a page may now be free, 0 when r was preempted, -1 when nothing
+ * can be done. */
+static int make_room(fl_engine *e, fl_request *r, int fail_beams) {
+    fl_request *victim = NULL, *bvictim = NULL;
+    for (int i = 0; i < e->n_run; i++) {
+        fl_request *x = e->run[i];
+        if (x == r || x->n_pages == 0) continue;
+        if (!x->bm) {
+            if (!victim || x->seq > victim->seq) victim = x;
+        } else if (fail_beams && x->bm != r->bm && x->bm->req[0]->state != RQ_PREFILL && (!bvictim || x->seq > bvictim->seq)) {
+            bvictim = x;
+        }
+    }
+    if (victim && (victim->seq > r->seq || r->bm)) { preempt(e, victim); return 1; }
+    if (victim) { preempt(e, r); return 0; } /* r is the newest holder: it waits instead */
+    if (bvictim && bvictim->seq > r->seq) {
+        finish(e, bvictim, FL_E_NOMEM, "beam search: the KV cache pool ran out of pages for its beams (an older "
+               "request needed them; beams are not preempted); give the model more kv_cache_memory");
+        return 1;
+    }
+    return -1;
+}
+
+/* A page for slot `slot` of r (held pages cover [0, n_pages * page)); when the pool is dry, make_room. Returns 0 with
+ * the page held, -1 if r was preempted, -2 if r alone cannot fit (the caller fails it). Under mu. */
 static int ensure_page(fl_engine *e, fl_request *r, int slot) {
     pool_t *P = &e->pool;
     while ((slot >> P->shift) >= r->n_pages) {
         const int id = page_alloc(P);
         if (id >= 0) { r->pages[r->n_pages++] = id; continue; }
-        fl_request *victim = NULL;
-        for (int i = 0; i < e->n_run; i++)
-            if (e->run[i] != r && e->run[i]->n_pages > 0 && (!victim || e->run[i]->seq > victim->seq)) victim = e->run[i];
-        if (victim && victim->seq > r->seq) { preempt(e, victim); continue; }
-        if (victim) { preempt(e, r); return -1; }  /* r is the newest holder: it waits instead */
-        return -2;
+        const int rc = make_room(e, r, 1);
+        if (rc == 0) return -1;
+        if (rc < 0) return -2;
     }
     return 0;
 }
@@ -462,6 +543,7 @@ static fl_status put_btab(fl_engine *e, fl_request **rq, int B, int rows, int st
  * rows write the null page), eagerly the first time for a bucket and replayed after. Tokens, positions and starts
  * go to the backend in one copy; the block table only when it changed. */
 static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int feed);
+static fl_status beam_page_copies(fl_engine *e);
 
 static fl_status engine_forward(fl_engine *e, fl_request **rq, int B, int T) {
     FL_TRY(engine_launch(e, rq, B, T, -1));
@@ -484,6 +566,7 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
     fl_model *m = e->m;
     fl_backend *be = m->be;
     const int shift = e->pool.shift;
+    FL_TRY(beam_page_copies(e));
     int rows = B, k = -1, stride = 1;
     for (int b = 0; b < B; b++) { /* pages that cover every slot written, padding included */
         const int need = (e->h_starts[b] + T + (1 << shift) - 1) >> shift;
@@ -552,13 +635,16 @@ static fl_status engine_launch(fl_engine *e, fl_request **rq, int B, int T, int 
  * or no eos ids at all), nothing kept of its tokens (a kept row needs its logits on the host). */
 static int plain_greedy(const fl_request *r) {
     const fl_gen_params *p = &r->p;
-    return !p->do_sample && !r->rec_row && (p->repetition_penalty == 1.0f || p->repetition_penalty <= 0) &&
+    return !r->bm && !p->do_sample && !r->rec_row && (p->repetition_penalty == 1.0f || p->repetition_penalty <= 0) &&
            !p->n_bias && p->presence_penalty == 0 && p->frequency_penalty == 0 && !p->no_repeat_ngram_size &&
            !(p->n_begin_ban && r->n_out == 0) &&
            /* + 2: a pipelined step chained now computes token n_out + 1, which must not be the forced last one */
            !(p->n_forced_eos && r->n_out + 2 >= p->max_new_tokens) &&
            (r->n_out >= p->min_new_tokens || p->n_eos == 0);
 }
+
+static void apply_rules(const fl_request *r, float *lg, int V, uint8_t *mark);
+static void log_softmax_row(float *x, int V);
 
 #define TOK_NO_RECORD (-2) /* choose_tokens: the block for the token's kept row could not be allocated */
 
@@ -603,25 +689,13 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
             memcpy(raw, lg, (size_t)V * sizeof *lg);
         }
         uint8_t *mark = e->mark + (size_t)t * V;
-        const int len = r->n_prompt + r->n_out;
-        for (int i = 0; i < p->n_bias; i++) { /* a sequence's last token, when the ones before it end the text */
-            const int32_t *q = p->bias_toks + p->bias_off[i];
-            const int m = p->bias_off[i + 1] - p->bias_off[i] - 1;
-            if (m <= len && !memcmp(r->toks + len - m, q, (size_t)m * sizeof *q)) lg[q[m]] += p->bias[i];
+        if (r->bm) { /* a beam: its row becomes log-probabilities, then the rules below (transformers' order) */
+            log_softmax_row(lg, V);
+            apply_rules(r, lg, V, mark);
+            e->h_next[b] = 0;
+            continue;
         }
-        if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
-            fl_repetition_penalty(lg, V, r->toks, len, p->repetition_penalty, mark);
-        if (p->presence_penalty != 0 || p->frequency_penalty != 0)
-            fl_count_penalty(lg, V, r->toks + r->n_prompt, r->n_out, p->presence_penalty, p->frequency_penalty, mark);
-        if (p->no_repeat_ngram_size > 0) fl_no_repeat_ngram(lg, r->toks, len, p->no_repeat_ngram_size);
-        if (r->n_out < p->min_new_tokens)
-            for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
-        if (p->n_forced_eos && r->n_out + 1 >= p->max_new_tokens) { /* the last token: an eos (wins over the above) */
-            for (int i = 0; i < V; i++) lg[i] = -INFINITY;
-            for (int i = 0; i < p->n_forced_eos; i++) lg[p->forced_eos[i]] = 0;
-        }
-        if (r->n_out == 0)
-            for (int i = 0; i < p->n_begin_ban; i++) lg[p->begin_ban[i]] = -INFINITY;
+        apply_rules(r, lg, V, mark);
         const int32_t tok = e->h_next[b] = fl_sample(lg, V, p, &r->rng, idx, rec && p->keep_scores ? rec : NULL);
         if (!rec || tok < 0) continue;
         rec += p->keep_scores ? V : 0;
@@ -629,6 +703,41 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
         rec += p->keep_logits ? V : 0;
         if (p->keep_logprob && fl_token_logprobs(raw, V, tok, p->top_logprobs, idx, rec) < 0) e->h_next[b] = -1;
     }
+}
+
+/* The request's rules on row lg of its next token's logits (in place): sequence biases, the repetition, presence and
+ * frequency penalties, no-repeat n-grams, eos masked below min_new_tokens, forced eos, begin bans. */
+static void apply_rules(const fl_request *r, float *lg, int V, uint8_t *mark) {
+    const fl_gen_params *p = &r->p;
+    const int len = r->n_prompt + r->n_out;
+    for (int i = 0; i < p->n_bias; i++) { /* a sequence's last token, when the ones before it end the text */
+        const int32_t *q = p->bias_toks + p->bias_off[i];
+        const int m = p->bias_off[i + 1] - p->bias_off[i] - 1;
+        if (m <= len && !memcmp(r->toks + len - m, q, (size_t)m * sizeof *q)) lg[q[m]] += p->bias[i];
+    }
+    if (p->repetition_penalty != 1.0f && p->repetition_penalty > 0)
+        fl_repetition_penalty(lg, V, r->toks, len, p->repetition_penalty, mark);
+    if (p->presence_penalty != 0 || p->frequency_penalty != 0)
+        fl_count_penalty(lg, V, r->toks + r->n_prompt, r->n_out, p->presence_penalty, p->frequency_penalty, mark);
+    if (p->no_repeat_ngram_size > 0) fl_no_repeat_ngram(lg, r->toks, len, p->no_repeat_ngram_size);
+    if (r->n_out < p->min_new_tokens)
+        for (int i = 0; i < p->n_eos; i++) if (p->eos[i] >= 0 && p->eos[i] < V) lg[p->eos[i]] = -INFINITY;
+    if (p->n_forced_eos && r->n_out + 1 >= p->max_new_tokens) { /* the last token: an eos (wins over the above) */
+        for (int i = 0; i < V; i++) lg[i] = -INFINITY;
+        for (int i = 0; i < p->n_forced_eos; i++) lg[p->forced_eos[i]] = 0;
+    }
+    if (r->n_out == 0)
+        for (int i = 0; i < p->n_begin_ban; i++) lg[p->begin_ban[i]] = -INFINITY;
+}
+
+/* x = log softmax(x) in place, as torch's: (x - max) - log(sum(exp(x - max))) (the sum in double) */
+static void log_softmax_row(float *x, int V) {
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += exp((double)x[i] - (double)mx);
+    const float ls = (float)log(sum);
+    for (int i = 0; i < V; i++) x[i] = (x[i] - mx) - ls;
 }
 
 /* Append tok (chose_tokens' or the device argmax's) to r; finish r if it is done. Under mu. */
@@ -655,6 +764,244 @@ static void take_token(fl_engine *e, fl_request *r, int32_t tok) {
         pthread_cond_broadcast(&r->cv);
     }
     if (stop) finish(e, r, FL_OK, NULL);
+}
+
+/* ---- beam search (fl_beams, above) --------------------------------------------------------------- */
+/* A page for a beam's copy of its parent's last page: a free one, else one an ordinary request gives back
+ * (make_room; no other beam search is failed for it: beam_run has its group in hand). -1 when none can be had. */
+static int beam_page(fl_engine *e, fl_request *r) {
+    for (;;) {
+        const int id = page_alloc(&e->pool);
+        if (id >= 0) return id;
+        if (make_room(e, r, 0) <= 0) return -1;
+    }
+}
+
+/* dst (a beam whose sequence was dropped) becomes a copy of src: its generated tokens, src's full pages shared, and
+ * a page of its own for src's partly filled last one, copied on the device before the next forward. 0, or -1 when no
+ * page could be had. Under mu. */
+static int beam_copy(fl_engine *e, fl_request *dst, const fl_request *src) {
+    pool_t *P = &e->pool;
+    for (int i = 0; i < dst->n_pages; i++) page_release(P, dst->pages[i]);
+    dst->pgen++; /* the device block table may describe the old pages */
+    memcpy(dst->toks + dst->n_prompt, src->toks + src->n_prompt, (size_t)src->n_out * 4);
+    dst->n_out = src->n_out;
+    dst->n_cached = src->n_cached;
+    const int full = src->n_cached >> P->shift;
+    for (int i = 0; i < full; i++) {
+        page_take(P, src->pages[i]);
+        dst->pages[i] = src->pages[i];
+    }
+    dst->n_pages = full;
+    dst->n_reg = src->n_reg < full ? src->n_reg : full;
+    dst->state = RQ_DECODE;
+    if (!(src->n_cached & (P->page - 1))) return 0;
+    const int id = beam_page(e, dst);
+    if (id < 0) return -1;
+    dst->pages[dst->n_pages++] = id;
+    e->cp[2 * e->n_cp] = src->pages[full];
+    e->cp[2 * e->n_cp + 1] = id;
+    e->n_cp++;
+    return 0;
+}
+
+/* The page copies beam_copy asked for, before the forward that reads them (under model_mu; the driver alone fills
+ * e->cp). A copy whose beams ended meanwhile writes a page nobody reads before it is written again. */
+static fl_status beam_page_copies(fl_engine *e) {
+    if (!e->n_cp) return FL_OK;
+    fl_backend *be = e->m->be;
+    const fl_kvcache *kv = &e->kv;
+    const size_t es = (size_t)fl_dtype_size(kv->dtype);
+    const size_t n = ((size_t)1 << kv->page_shift) * (size_t)kv->n_kv_heads * (size_t)kv->head_dim;
+    fl_status st = FL_OK;
+    for (int i = 0; i < e->n_cp && st == FL_OK; i++) {
+        const size_t so = (size_t)e->cp[2 * i] * n * es, dof = (size_t)e->cp[2 * i + 1] * n * es;
+        for (int l = 0; l < kv->n_layers && st == FL_OK; l++)
+            for (int h = 0; h < 2 && st == FL_OK; h++) {
+                char *base = h ? kv->v_d[l] : kv->k_d[l];
+                if (be->host_memory) memcpy(base + dof, base + so, n * es);
+                else st = be->convert_d(be, base + dof, kv->dtype, base + so, kv->dtype, n);
+            }
+    }
+    e->n_cp = 0;
+    return st;
+}
+
+/* Keep the best `keep` of values a[i] (i < n) in g's candidate arrays, sorted by value, ties in index order (the
+ * first one first); returns how many there are (< keep when n is smaller). Used for transformers' torch.topk calls,
+ * whose order for equal values is not specified (equal float scores are rare outside -inf ones). */
+static int topk_idx(const float *a, int n, int k, int *out) {
+    int c = 0;
+    for (int i = 0; i < n; i++) {
+        if (c == k && !(a[i] > a[out[k - 1]])) continue;
+        int j = c < k ? c++ : k - 1;
+        while (j > 0 && a[i] > a[out[j - 1]]) { out[j] = out[j - 1]; j--; }
+        out[j] = i;
+    }
+    return c;
+}
+
+/* One step of transformers' beam search for group g, whose beams' rows of e->logits hold their processed
+ * log-probabilities (the leader's alone at the first step, standing for every beam). Finishes the group when the
+ * search ends (or with an error); else moves its beams to their new sequences. Under mu, driver only. */
+static void beam_select(fl_engine *e, fl_beams *g) {
+    const int V = e->m->cfg.vocab, K = g->K, keep = g->keep;
+    fl_request *lead = g->req[0];
+    const int n_prompt = lead->n_prompt, n_out = lead->n_out, cur = n_prompt + n_out;
+    /* b. accumulated log-probs of every (logical beam, token); c. the top `keep` of them */
+    int c = 0;
+    for (int j = 0; j < K; j++) {
+        const float *lp = e->logits + (size_t)g->req[g->order[j]]->beam_row * V;
+        const float sc = g->score[j];
+        for (int v = 0; v < V; v++) {
+            const float a = lp[v] + sc;
+            if (c == keep && !(a > g->cv[keep - 1])) continue;
+            int i = c < keep ? c++ : keep - 1;
+            while (i > 0 && a > g->cv[i - 1]) {
+                g->cv[i] = g->cv[i - 1]; g->cb[i] = g->cb[i - 1]; g->ct[i] = g->ct[i - 1];
+                i--;
+            }
+            g->cv[i] = a; g->cb[i] = j; g->ct[i] = v;
+        }
+    }
+    if (c < keep) { /* NaN log-probabilities: fewer candidates than transformers' torch.topk would return */
+        finish(e, lead, FL_E_VALUE, "beam search: the model's log-probabilities are NaN");
+        return;
+    }
+    /* d. candidates that end their sequence: an eos, or transformers' max_length reached */
+    int all_hit = 1;
+    for (int i = 0; i < keep; i++) {
+        int h = cur + 1 >= g->maxlen;
+        for (int q = 0; q < lead->p.n_eos && !h; q++) h = g->ct[i] == lead->p.eos[q];
+        g->hit[i] = (uint8_t)h;
+        all_hit &= h;
+    }
+    /* e. the running beams of the next step: the best K that did not end */
+    for (int i = 0; i < keep; i++) g->rl[i] = g->cv[i] + (g->hit[i] ? -1.0e9f : -0.0f);
+    int *nj = g->sel;
+    topk_idx(g->rl, keep, K, nj);
+    /* f. finished hypotheses: the candidates among the top K that ended, scored with the length penalty, merged with
+     * the ones kept so far (the best K of both, those first at equal scores) */
+    int all_done = 1;
+    for (int k = 0; k < K; k++) all_done &= g->fin_done[k];
+    const float den = (float)pow((double)(cur + 1 - n_prompt), (double)g->lp);
+    for (int i = 0; i < keep; i++) {
+        float f = g->cv[i] / den;
+        f += (all_done && g->early == 1) ? -1.0e9f : -0.0f;
+        f += !g->heur ? -1.0e9f : -0.0f;
+        f += !(g->hit[i] && i < K) ? -1.0e9f : -0.0f;
+        g->fs[i] = f;
+    }
+    int *mi = g->sel + K; /* K slots after nj: the merged top K (index < K: a kept hypothesis, else candidate - K) */
+    {
+        int cnt = 0;
+        for (int i = 0; i < K + keep; i++) {
+            const float a = i < K ? g->fin_score[i] : g->fs[i - K];
+            if (cnt == K) {
+                const int l = mi[K - 1];
+                const float al = l < K ? g->fin_score[l] : g->fs[l - K];
+                if (!(a > al)) continue;
+            }
+            int j = cnt < K ? cnt++ : K - 1;
+            while (j > 0) {
+                const int l = mi[j - 1];
+                const float al = l < K ? g->fin_score[l] : g->fs[l - K];
+                if (!(a > al)) break;
+                mi[j] = mi[j - 1];
+                j--;
+            }
+            mi[j] = i;
+        }
+    }
+    for (int j = 0; j < K; j++) { /* the new finished set, built in fin_tmp */
+        const int i = mi[j];
+        int32_t *d = g->fin_tmp + (size_t)j * g->gmax;
+        if (i < K) {
+            memcpy(d, g->fin_tok + (size_t)i * g->gmax, (size_t)g->fin_len[i] * 4);
+            g->phys[j] = g->fin_len[i];
+            g->tmp[j] = g->fin_score[i];
+            g->taken[j] = g->fin_done[i];
+        } else {
+            const int q = i - K;
+            const fl_request *par = g->req[g->order[g->cb[q]]];
+            memcpy(d, par->toks + n_prompt, (size_t)n_out * 4);
+            d[n_out] = g->ct[q];
+            g->phys[j] = n_out + 1;
+            g->tmp[j] = g->fs[q];
+            g->taken[j] = g->hit[q] && q < K;
+        }
+    }
+    int32_t *t = g->fin_tok; g->fin_tok = g->fin_tmp; g->fin_tmp = t;
+    for (int j = 0; j < K; j++) {
+        g->fin_len[j] = g->phys[j];
+        g->fin_score[j] = g->tmp[j];
+        g->fin_done[j] = (uint8_t)g->taken[j];
+    }
+    /* g. the early-stop heuristic and transformers' stopping condition */
+    const int cur2 = cur + 1;
+    const float run0 = g->rl[nj[0]];
+    const int best_len = g->early == 2 && g->lp > 0 ? g->maxlen - n_prompt : cur2 - n_prompt;
+    const float bprs = run0 / (float)pow((double)best_len, (double)g->lp);
+    float fmin = g->fin_score[0];
+    int done2 = 1;
+    for (int k = 0; k < K; k++) {
+        if (g->fin_score[k] < fmin) fmin = g->fin_score[k];
+        done2 &= g->fin_done[k];
+    }
+    int better = 0;
+    for (int k = 0; k < K; k++) better |= bprs > (g->fin_done[k] ? fmin : -1.0e9f);
+    g->heur = g->heur && better;
+    g->started = 1;
+    if (!(g->heur && !(done2 && g->early == 1) && !all_hit) || cur2 >= e->cfg.max_context) {
+        finish(e, lead, FL_OK, NULL);
+        return;
+    }
+    /* the beams move: a new beam whose parent no earlier new beam continues keeps the parent's request; the others
+     * take the requests of beams nobody continues, copying their parent (no request is both read and overwritten) */
+    for (int k = 0; k < K; k++) g->taken[k] = 0;
+    for (int j = 0; j < K; j++) {
+        const int par = g->order[g->cb[nj[j]]];
+        if (!g->taken[par]) { g->taken[par] = 1; g->phys[j] = par; }
+        else g->phys[j] = -1;
+    }
+    int fr = 0;
+    for (int j = 0; j < K; j++) {
+        if (g->phys[j] >= 0) continue;
+        while (g->taken[fr]) fr++;
+        g->taken[fr] = 1;
+        g->phys[j] = fr;
+        if (beam_copy(e, g->req[fr], g->req[g->order[g->cb[nj[j]]]]) < 0) {
+            finish(e, lead, FL_E_NOMEM, "beam search: the KV cache pool has no page left for a beam; give the model "
+                   "more kv_cache_memory or use fewer beams");
+            return;
+        }
+    }
+    for (int j = 0; j < K; j++) {
+        fl_request *r = g->req[g->phys[j]];
+        r->toks[n_prompt + n_out] = g->ct[nj[j]];
+        r->n_out = n_out + 1;
+        r->state = RQ_DECODE;
+        g->tmp[j] = g->rl[nj[j]];
+    }
+    for (int j = 0; j < K; j++) {
+        g->order[j] = g->phys[j];
+        g->score[j] = g->tmp[j];
+    }
+}
+
+/* Groups whose beams got their logits in this step's forward: rows rq[0:B] that are beams, each group once. */
+static void beam_collect(fl_engine *e, fl_request *r, int row) {
+    r->beam_row = row;
+    for (int i = 0; i < e->n_bsel; i++)
+        if (e->bsel[i] == r->bm) return;
+    e->bsel[e->n_bsel++] = r->bm;
+}
+static void beam_run(fl_engine *e) {
+    for (int i = 0; i < e->n_bsel; i++) {
+        fl_beams *g = e->bsel[i];
+        if (g->req[0]->state != RQ_DONE) beam_select(e, g);
+    }
+    e->n_bsel = 0;
 }
 
 static void fail_all(fl_engine *e, fl_request **rs, int n, fl_status st, const char *msg) {
@@ -894,8 +1241,9 @@ int fl_engine_step(fl_engine *e) {
     if (e->la_active && la_step(e)) return 1;
     pthread_mutex_lock(&e->mu);
     /* 1. cancellations */
-    for (int i = e->n_run - 1; i >= 0; i--)
-        if (__atomic_load_n(&e->run[i]->cancel, __ATOMIC_RELAXED)) finish(e, e->run[i], FL_E_INTERRUPTED, "cancelled");
+    for (int i = e->n_run - 1; i >= 0; i--) /* (a beam's finish() removes its whole group: i may pass n_run) */
+        if (i < e->n_run && __atomic_load_n(&e->run[i]->cancel, __ATOMIC_RELAXED))
+            finish(e, e->run[i], FL_E_INTERRUPTED, "cancelled");
     for (fl_request *r = e->wait_head, *nx; r; r = nx) {
         nx = r->next;
         if (__atomic_load_n(&r->cancel, __ATOMIC_RELAXED)) finish(e, r, FL_E_INTERRUPTED, "cancelled");
@@ -913,12 +1261,14 @@ int fl_engine_step(fl_engine *e) {
         fl_request *r = e->wait_head;
         const int need = (r->n_prompt + r->n_out + page) / page;
         if (e->n_run > 0 && pages_available(P) - reading < need) break;
+        if (r->bm && e->n_run + r->bm->K > e->cfg.max_batch) break; /* a beam search's K rows come in together */
         e->wait_head = r->next;
         if (!e->wait_head) e->wait_tail = NULL;
         e->n_waiting--;
         r->next = NULL;
         r->state = RQ_PREFILL;
         e->run[e->n_run++] = r;
+        for (int k = 1; r->bm && k < r->bm->K; k++) e->run[e->n_run++] = r->bm->req[k]; /* RQ_BEAM_IDLE */
         reading += need;
     }
     qsort(e->run, (size_t)e->n_run, sizeof *e->run, cmp_seq);
@@ -1000,8 +1350,10 @@ int fl_engine_step(fl_engine *e) {
                 if (r->state != RQ_DECODE) continue; /* cancelled meanwhile: finish() ran */
                 r->n_cached++;
                 if (r->n_cached < r->n_prompt + r->n_out) { e->st.replayed_tokens++; continue; } /* known already */
-                take_token(e, r, e->h_next[b]);
+                if (r->bm) beam_collect(e, r, b);
+                else take_token(e, r, e->h_next[b]);
             }
+            beam_run(e);
         }
         pthread_mutex_unlock(&e->mu);
     }
@@ -1106,9 +1458,12 @@ int fl_engine_step(fl_engine *e) {
                 }
                 if (r->n_cached == read_end(e, r)) {
                     r->state = RQ_DECODE;
-                    if (r->n_cached == r->n_prompt + r->n_out) take_token(e, r, e->h_next[k]);
+                    if (r->n_cached != r->n_prompt + r->n_out) continue;
+                    if (r->bm) beam_collect(e, r, k);
+                    else take_token(e, r, e->h_next[k]);
                 }
             }
+            beam_run(e);
         }
         pthread_mutex_unlock(&e->mu);
     }
@@ -1238,6 +1593,8 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->pc0 = calloc((size_t)cfg.max_batch, sizeof(int));
     e->pT = calloc((size_t)cfg.max_batch, sizeof(int));
     e->plast = calloc((size_t)cfg.max_batch, sizeof(int32_t));
+    e->cp = calloc((size_t)cfg.max_batch * 2, sizeof(int32_t));
+    e->bsel = calloc((size_t)cfg.max_batch, sizeof *e->bsel);
     e->logits = malloc((size_t)cfg.max_batch * (size_t)c->vocab * sizeof(float));
     e->la_rows = calloc((size_t)cfg.max_batch, sizeof *e->la_rows);
     e->la_host[0] = malloc((size_t)cfg.max_batch * 4);
@@ -1281,7 +1638,7 @@ fl_status fl_engine_create(fl_model *m, const fl_engine_cfg *cfg_in, fl_engine_k
     e->graph_epoch = calloc((size_t)e->n_buckets, sizeof(uint64_t));
     if (!e->kv.k_d || !e->kv.v_d || !e->run || !e->rows || !e->logits || !e->idx || !e->mark || !e->raw || !e->h_tok || !e->h_pos ||
         !e->h_starts || !e->h_next || !e->h_greedy || !e->graph || !e->graph_epoch ||
-        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast || !e->h_need ||
+        !e->h_in || !e->sig_seq || !e->sig_gen || !e->sig_np || !e->prows || !e->pc0 || !e->pT || !e->plast || !e->cp || !e->bsel || !e->h_need ||
         !e->la_rows || !e->la_host[0] || !e->la_host[1]) {
         st = fl_err(FL_E_NOMEM, "engine: cannot allocate its tables");
         goto fail;
@@ -1407,7 +1764,7 @@ void fl_engine_free(fl_engine *e) {
     free(e->graph); free(e->graph_epoch); free(e->h_next); free(e->h_greedy);
     free(e->la_rows); free(e->la_host[0]); free(e->la_host[1]);
     free(e->h_in); free(e->sig_seq); free(e->sig_gen); free(e->sig_np);
-    free(e->prows); free(e->pc0); free(e->pT); free(e->plast); free(e->h_need);
+    free(e->prows); free(e->pc0); free(e->pT); free(e->plast); free(e->cp); free(e->bsel); free(e->h_need);
     free(e->kv.k_d); free(e->kv.v_d);
     free(e->run); free(e->rows); free(e->logits); free(e->idx); free(e->mark); free(e->raw);
     free(e->h_tok); free(e->h_pos); free(e->h_starts); free(e->h_btab);
@@ -1421,6 +1778,83 @@ void fl_engine_free(fl_engine *e) {
 
 /* A request for prompt ids[0:n], checked against the engine's limits and allocated, not yet queued (refs 2: the
  * caller's and the engine's). */
+/* The group of beam search leader r (made by req_make, num_beams > 1): its K - 1 followers (RQ_BEAM_IDLE, the engine's
+ * reference only; the settings are the leader's, pointing into its arrays: they end before it) and the search's
+ * state as transformers starts it. On failure nothing is left attached to r. */
+static fl_status beams_make(fl_engine *e, fl_request *r) {
+    const int K = r->p.num_beams, per = r->p.n_eos + 1 > 2 ? r->p.n_eos + 1 : 2, keep = per * K;
+    fl_beams *g = calloc(1, sizeof *g);
+    if (!g) return FL_E_NOMEM;
+    const int64_t ml = (int64_t)r->n_prompt + r->p.max_new_tokens;
+    g->K = K; g->keep = keep; g->n_ret = r->p.num_return > 0 ? r->p.num_return : 1; g->early = r->p.early_stopping;
+    g->lp = r->p.length_penalty;
+    g->maxlen = ml < e->cfg.max_context ? (int)ml : e->cfg.max_context;
+    g->gmax = g->maxlen - r->n_prompt > 1 ? g->maxlen - r->n_prompt : 1;
+    g->heur = 1;
+    g->req = calloc((size_t)K, sizeof *g->req);
+    g->order = calloc((size_t)K, sizeof(int));
+    g->score = malloc((size_t)K * sizeof(float));
+    g->fin_score = malloc((size_t)K * sizeof(float));
+    g->fin_done = calloc((size_t)K, 1);
+    g->fin_len = calloc((size_t)K, sizeof(int));
+    g->fin_tok = malloc((size_t)K * (size_t)g->gmax * 4);
+    g->fin_tmp = malloc((size_t)K * (size_t)g->gmax * 4);
+    g->cv = malloc((size_t)keep * sizeof(float)); g->rl = malloc((size_t)keep * sizeof(float));
+    g->fs = malloc((size_t)keep * sizeof(float));
+    g->cb = malloc((size_t)keep * 4); g->ct = malloc((size_t)keep * 4); g->hit = malloc((size_t)keep);
+    g->sel = malloc((size_t)(K + keep) * sizeof(int)); g->phys = malloc((size_t)K * sizeof(int));
+    g->taken = malloc((size_t)K * sizeof(int)); g->tmp = malloc((size_t)K * sizeof(float));
+    int ok = g->req && g->order && g->score && g->fin_score && g->fin_done && g->fin_len && g->fin_tok && g->fin_tmp &&
+             g->cv && g->rl && g->fs && g->cb && g->ct && g->hit && g->sel && g->phys && g->taken && g->tmp;
+    if (ok) g->req[0] = r;
+    for (int k = 1; ok && k < K; k++) {
+        fl_request *f = calloc(1, sizeof *f);
+        if (f) {
+            f->toks = malloc((size_t)r->cap * 4);
+            f->pages = malloc((size_t)e->max_pages * 4);
+        }
+        if (!f || !f->toks || !f->pages) {
+            if (f) { free(f->toks); free(f->pages); }
+            free(f);
+            ok = 0;
+            break;
+        }
+        memcpy(f->toks, r->toks, (size_t)r->n_prompt * 4);
+        f->cap = r->cap;
+        f->n_prompt = r->n_prompt;
+        f->e = e;
+        f->p = r->p;
+        req_cond_init(f);
+        f->wake_at = INT_MAX;
+        f->refs = 1;
+        f->state = RQ_BEAM_IDLE;
+        f->bm = g;
+        g->req[k] = f;
+    }
+    if (!ok) {
+        for (int k = 1; g->req && k < K; k++)
+            if (g->req[k]) { g->req[k]->bm = NULL; req_unref(g->req[k]); }
+        beams_free(g);
+        return FL_E_NOMEM;
+    }
+    for (int k = 0; k < K; k++) {
+        g->score[k] = k ? -1.0e9f : 0.0f; /* transformers: only the first beam's candidates at the first step */
+        g->fin_score[k] = -1.0e9f;
+    }
+    r->bm = g;
+    return FL_OK;
+}
+
+/* A request never queued (submit failed, or nothing to generate): its beams' followers go with it. Under mu or not
+ * yet shared. */
+static void req_discard(fl_request *r) {
+    fl_beams *g = r->bm;
+    for (int k = 1; g && k < g->K; k++)
+        if (g->req[k]) { req_unref(g->req[k]); g->req[k] = NULL; }
+    r->refs = 1;
+    req_unref(r);
+}
+
 static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_params *p, fl_request **out) {
     *out = NULL;
     const int V = e->m->cfg.vocab, page = e->pool.page;
@@ -1459,6 +1893,25 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
         if (t < 0 || t >= V)
             return fl_err(FL_E_VALUE, "generate: %s token %d is outside the vocabulary [0, %d)",
                           i < p->n_begin_ban ? "begin_suppress_tokens" : "forced_eos_token_id", (int)t, V);
+    }
+    if (p->num_beams > 1) {
+        const int K = p->num_beams, per = p->n_eos + 1 > 2 ? p->n_eos + 1 : 2;
+        if (K > e->cfg.max_batch)
+            return fl_err(FL_E_VALUE, "generate: num_beams=%d is more beams than the engine's batch of %d rows "
+                          "(max_num_seqs): the beams are rows of one batch", K, e->cfg.max_batch);
+        if (p->do_sample)
+            return fl_err(FL_E_VALUE, "generate: beam search with do_sample=True (beam sampling) is not supported");
+        if (p->keep_scores || p->keep_logits || p->keep_logprob)
+            return fl_err(FL_E_VALUE, "generate: nothing is kept of a beam search's tokens (scores, logits, logprobs)");
+        if (p->num_return < 0 || p->num_return > K)
+            return fl_err(FL_E_VALUE, "generate: num_return_sequences=%d must be at most num_beams=%d", p->num_return, K);
+        if (!isfinite(p->length_penalty) || p->early_stopping < 0 || p->early_stopping > 2)
+            return fl_err(FL_E_VALUE, "generate: length_penalty must be finite and early_stopping 0, 1 or 2");
+        if ((int64_t)per > V)
+            return fl_err(FL_E_VALUE, "generate: beam search keeps %d candidates a beam, more than the vocabulary of "
+                          "%d tokens", per, V);
+    } else if (p->num_beams < 0) {
+        return fl_err(FL_E_VALUE, "generate: num_beams=%d must be positive", p->num_beams);
     }
     if (p->top_logprobs < 0 || p->top_logprobs > FL_MAX_TOP_LOGPROBS || p->top_logprobs > V ||
         (p->top_logprobs && !p->keep_logprob))
@@ -1517,6 +1970,11 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
     r->wake_at = INT_MAX;
     r->refs = 2;
     r->state = RQ_WAITING;
+    if (p->num_beams > 1 && beams_make(e, r) != FL_OK) {
+        r->refs = 1;
+        req_unref(r);
+        return fl_err(FL_E_NOMEM, "generate: cannot allocate the beam search's %d beams", p->num_beams);
+    }
     *out = r;
     return FL_OK;
 }
@@ -1557,7 +2015,7 @@ fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids,
     if (st != FL_OK || why) {
         pthread_mutex_unlock(&e->mu);
         for (int b = 0; b < B; b++)
-            if (out[b]) { out[b]->refs = 1; req_unref(out[b]); out[b] = NULL; }
+            if (out[b]) { req_discard(out[b]); out[b] = NULL; }
         if (st != FL_OK) return st;
         if (why[0] == 'c') return fl_err(FL_E_INTERRUPTED, "the engine is closing");
         return fl_err(FL_E_BUSY, "the engine's queue is full (%d requests waiting)", w);
@@ -1570,11 +2028,14 @@ fl_status fl_engine_submit_group(fl_engine *e, int B, const int32_t *const *ids,
     for (int b = 0; b < B; b++) {
         fl_request *r = out[b];
         if (r->p.max_new_tokens == 0) { /* nothing to generate */
+            fl_beams *g = r->bm;
+            for (int k = 1; g && k < g->K; k++) { req_unref(g->req[k]); g->req[k] = NULL; }
             r->state = RQ_DONE;
             r->refs = 1;
             continue;
         }
         r->seq = e->next_seq++;
+        for (int k = 1; r->bm && k < r->bm->K; k++) r->bm->req[k]->seq = r->seq;
         if (e->wait_tail) e->wait_tail->next = r; else e->wait_head = r;
         e->wait_tail = r;
         e->n_waiting++;
@@ -1675,6 +2136,26 @@ int fl_request_wait(fl_request *r, int have, int timeout_ms, int *done) {
     *done = r->state == RQ_DONE;
     pthread_mutex_unlock(&e->mu);
     return n;
+}
+
+int fl_request_n_beams(fl_request *r) {
+    pthread_mutex_lock(&r->e->mu);
+    const int n = r->bm && r->state == RQ_DONE && r->st == FL_OK ? r->bm->n_ret : 0;
+    pthread_mutex_unlock(&r->e->mu);
+    return n;
+}
+
+int fl_request_beam(fl_request *r, int i, int32_t *dst, int cap, float *score) {
+    pthread_mutex_lock(&r->e->mu);
+    int len = -1;
+    const fl_beams *g = r->bm;
+    if (g && r->state == RQ_DONE && r->st == FL_OK && i >= 0 && i < g->n_ret) {
+        len = g->fin_len[i];
+        if (dst && cap > 0) memcpy(dst, g->fin_tok + (size_t)i * g->gmax, (size_t)(len < cap ? len : cap) * 4);
+        if (score) *score = g->fin_score[i];
+    }
+    pthread_mutex_unlock(&r->e->mu);
+    return len;
 }
 
 void fl_request_tokens(fl_request *r, int from, int to, int32_t *dst) {

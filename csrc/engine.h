@@ -127,6 +127,12 @@ void fl_request_tokens(fl_request *r, int from, int to, int32_t *dst);
  * to the tokens generated so far) into dst; returns the rows copied. */
 int fl_request_record_size(const fl_request *r);
 int fl_request_records(fl_request *r, int from, int to, float *dst);
+/* A beam search request (fl_gen_params.num_beams > 1), once finished with FL_OK: its num_return hypotheses, best
+ * first (transformers' sequences[:num_return_sequences]). fl_request_n_beams: how many (0 for other requests or
+ * before it finished); fl_request_beam: hypothesis i's generated tokens (the eos that ended it included) into
+ * dst[0:min(len, cap)] and its score (sequences_scores) into *score; returns len, or -1 when there is no such one. */
+int fl_request_n_beams(fl_request *r);
+int fl_request_beam(fl_request *r, int i, int32_t *dst, int cap, float *score);
 /* A finished request's outcome: FL_OK, or the error (message copied into msg[cap]). */
 fl_status fl_request_status(fl_request *r, char *msg, size_t cap);
 /* Stop it: the next step drops it and frees its pages; waiters see it finished (FL_E_INTERRUPTED). */

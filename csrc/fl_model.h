@@ -270,6 +270,13 @@ typedef struct {
      *   top_logprobs = k the k most likely tokens' ids (int32 bits) and their log-probabilities (OpenAI's / vLLM's
      *   logprobs). Row: [scores vocab][logits vocab][logprob 1, ids k, logprobs k], each part only when asked for. */
     int keep_scores, keep_logits, keep_logprob, top_logprobs;
+    /* Beam search (num_beams > 1; 0 or 1: off): transformers' _beam_search (5.x), greedy, on the rules above applied to
+     * each beam's log-probabilities (engine.c "beam search"). num_return: hypotheses returned (1..num_beams, 0: 1);
+     * length_penalty: a finished hypothesis scores sum(log-probs) / generated_length ^ length_penalty;
+     * early_stopping: 0 (transformers' False: a heuristic), 1 (True: stop once num_beams are finished), 2 ("never") */
+    int num_beams, num_return;
+    float length_penalty;
+    int early_stopping;
 } fl_gen_params;
 #define FL_MAX_TOP_LOGPROBS 20
 

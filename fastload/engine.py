@@ -337,6 +337,66 @@ class Engine:
             out[b, T:T + len(o)] = o
         return out if keep is None else (out, recs)
 
+    def beam_generate(self, ids, mask, max_new, min_new, r, eos, fill):
+        """Beam search (transformers' _beam_search, greedy): one engine request of num_beams beams a row (csrc/engine.c
+        "beam search"). Returns ([B * num_return_sequences, T + n_new] int64 ids, float32 scores of each row: the
+        hypotheses of row b, best first, at rows b * n .. b * n + n - 1, as transformers orders them), the rows padded
+        with `fill` after their end."""
+        core = self._enter(pool=True)
+        if core is None:
+            return self._next.beam_generate(ids, mask, max_new, min_new, r, eos, fill)
+        try:
+            return self._beam_generate(core, ids, mask, max_new, min_new, r, eos, fill)
+        finally:
+            self._leave()
+
+    def _beam_generate(self, core, ids, mask, max_new, min_new, r, eos, fill):
+        B, T = ids.shape
+        K, n_ret = int(r["num_beams"]), int(r["num_return_sequences"])
+        rows = []
+        for b in range(B):
+            row = ids[b] if mask is None else ids[b][mask[b] != 0]
+            if row.size == 0:
+                raise ValueError(f"input row {b} has no token" + ("" if ids.shape[1] == 0 or mask is None else
+                                                                  " (its attention_mask is all zeros)"))
+            rows.append(row.astype(np.int32))
+        reqs = []
+        try:
+            reqs = core.engine_submit(
+                rows, max_new_tokens=int(max_new), min_new_tokens=int(min_new),
+                repetition_penalty=float(r["repetition_penalty"]),
+                presence_penalty=float(r.get("presence_penalty", 0.0)),
+                frequency_penalty=float(r.get("frequency_penalty", 0.0)),
+                no_repeat_ngram_size=int(r.get("no_repeat_ngram_size", 0)),
+                begin_suppress=r.get("begin_suppress_tokens") or None, forced_eos=r.get("forced_eos_token_id") or None,
+                **_bias_arrays(r.get("bias")), eos_token_ids=eos, num_beams=K, num_return_sequences=n_ret,
+                length_penalty=float(r["length_penalty"]), early_stopping=int(r["early_stopping"]))
+            hyps = []
+            for q in reqs:
+                _wait_done(q)
+                q.check()
+                hyps.append(q.beams())
+        except BaseException:
+            for q in reqs:
+                q.cancel()
+            try:
+                for q in reqs:
+                    _wait_done(q)
+            except BaseException:  # noqa: BLE001 - a second Ctrl-C: leave them to the engine
+                pass
+            raise
+        if max_new == 0:  # nothing generated: the prompt, n_ret times (scores as transformers' unfilled slots)
+            hyps = [[(np.zeros(0, np.int64), -1e9)] * n_ret for _ in range(B)]
+        n_new = max((len(h[0]) for hs in hyps for h in hs), default=0)
+        out = np.full((B * n_ret, T + n_new), fill, dtype=np.int64)
+        scores = np.zeros(B * n_ret, dtype=np.float32)
+        for b, hs in enumerate(hyps):
+            for i, (toks, sc) in enumerate(hs):
+                out[b * n_ret + i, :T] = ids[b]
+                out[b * n_ret + i, T:T + len(toks)] = toks
+                scores[b * n_ret + i] = sc
+        return out, scores
+
     @classmethod
     def _collect_steps(cls, reqs, on_step, pad, deadline):
         """Streaming a batch (transformers' streamers get one array of B tokens per step): step k's array holds each

@@ -301,6 +301,7 @@ _UNSUPPORTED_FIELDS = {
     # transformers applies it to decoder-only models too, the prompt standing for the encoder's input
     "encoder_no_repeat_ngram_size": 0,
 }
+# (length_penalty and early_stopping are read by beam search, num_beams > 1: _resolve_settings)
 _HARMLESS_FIELDS = {
     "use_cache", "cache_implementation", "cache_config", "max_cache_len", "early_stopping", "length_penalty",
     "diversity_penalty", "renormalize_logits",
@@ -326,8 +327,8 @@ def _is_neutral(v):
         return False
 
 
-# refused by generate() when set (greedy search and sampling; no attention maps or hidden states are kept)
-_REFUSED_FIELDS = {"num_beams": 1, "output_attentions": False, "output_hidden_states": False}
+# refused by generate() when set (no attention maps or hidden states are kept)
+_REFUSED_FIELDS = {"output_attentions": False, "output_hidden_states": False}
 # what generate() returns: token ids, or with return_dict_in_generate a GenerateDecoderOnlyOutput with the scores /
 # logits of every step when asked for (kept by the engine per request: csrc/fl_model.h, fl_gen_params.keep_*)
 _OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
@@ -838,8 +839,28 @@ def _resolve_settings(gc, layers) -> dict:
     r["bias"] = _token_biases(gc, source, r.get("eos_token_id") or ())
     r["begin_suppress_tokens"] = _id_list(gc, "begin_suppress_tokens", source)
     r["forced_eos_token_id"] = _id_list(gc, "forced_eos_token_id", source)
-    if r["num_return_sequences"] > 1 and not r["do_sample"]:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+    r["num_beams"] = _int_arg(gc, "num_beams", 1, 1)
+    r["num_beams_source"] = source("num_beams")
+    r["length_penalty"] = _float_arg(gc, "length_penalty", 1.0)
+    es = gc.get("early_stopping")
+    if es is None or es is False or es is True or es == "never":
+        r["early_stopping"] = 2 if es == "never" else int(bool(es))
+    else:
+        raise ValueError(f"{source('early_stopping')}: early_stopping={es!r} must be True, False or 'never'")
+    if r["num_beams"] > 1:
+        if not np.isfinite(r["length_penalty"]):
+            raise ValueError(f"length_penalty={r['length_penalty']} must be finite")
+        if r["num_return_sequences"] > r["num_beams"]:
+            raise ValueError(f"`num_return_sequences` ({r['num_return_sequences']}) has to be smaller or equal to "
+                             f"`num_beams` ({r['num_beams']}).")
+        for k, on in (("do_sample", r["do_sample"]), ("stop_strings", bool(r["stop_strings"])),
+                      ("max_time", r["max_time"] is not None), ("output_logits", r["output_logits"]),
+                      ("renormalize_logits", bool(gc.get("renormalize_logits")))):
+            if on:
+                raise NotImplementedError(f"{source(k)}: {k} with num_beams={r['num_beams']} is not supported (beam "
+                                          "search here is transformers' greedy beam search with eos and length stops)")
+    elif r["num_return_sequences"] > 1 and not r["do_sample"]:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True or num_beams > 1 (greedy rows would be identical)")
     return r
 
 
@@ -943,6 +964,26 @@ class GenerateDecoderOnlyOutput(CausalLMOutput):
 
     def __getattr__(self, k):
         if k in GenerateDecoderOnlyOutput.FIELDS:
+            return self.get(k)
+        return super().__getattr__(k)
+
+
+class GenerateBeamDecoderOnlyOutput(GenerateDecoderOnlyOutput):
+    """transformers' GenerateBeamDecoderOnlyOutput (beam search with return_dict_in_generate=True): `sequences`
+    [batch * num_return_sequences, prompt + new] and, with output_scores=True, `sequences_scores` (float32, each
+    hypothesis' sum of log-probabilities over its length ** length_penalty). **Differs**: the per-step `scores` and
+    `beam_indices` are not produced (None)."""
+
+    FIELDS = GenerateDecoderOnlyOutput.FIELDS + ("sequences_scores", "beam_indices")
+
+    def __init__(self, **kw):
+        bad = set(kw) - set(self.FIELDS)
+        if bad:
+            raise TypeError(f"GenerateBeamDecoderOnlyOutput: unknown field(s) {sorted(bad)}")
+        CausalLMOutput.__init__(self, {k: v for k, v in kw.items() if v is not None})
+
+    def __getattr__(self, k):
+        if k in GenerateBeamDecoderOnlyOutput.FIELDS:
             return self.get(k)
         return super().__getattr__(k)
 
@@ -1716,6 +1757,26 @@ class FastModelForCausalLM:
         pad = r["pad_token_id"]
         if pad is None:
             pad = eos[0] if eos else 0
+        if r["num_beams"] > 1 and streamer is not None:
+            if r["num_beams_source"] != "model.generation_config":
+                raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that `num_beams` is set "
+                                 "to 1.")
+            # the model's own generation_config.json asks for beams: streaming callers (stream_chat, the server, a
+            # TextIteratorStreamer) go on greedy / sampling instead of failing every streamed request of that model
+            warnings.warn(f"{self.name_or_path}: the model's generation config sets num_beams={r['num_beams']}, which "
+                          "cannot stream; generating without beams", stacklevel=3)
+            r["num_beams"] = 1
+            if r["num_return_sequences"] > 1 and not r["do_sample"]:
+                r["num_return_sequences"] = 1
+        if r["num_beams"] > 1:
+            # transformers' output_fill_value: `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1`
+            fill = (r["pad_token_id"] or eos[0]) if eos else -1
+            out, seq_scores = self._engine_handle().beam_generate(ids, mask, max_new, min_new, r, eos, int(fill))
+            if not r["return_dict_in_generate"]:
+                return _to_user(out, like_torch)
+            return GenerateBeamDecoderOnlyOutput(
+                sequences=_to_user(out, like_torch),
+                sequences_scores=_to_user(seq_scores, like_torch) if r["output_scores"] else None)
         nrs = r["num_return_sequences"]
         if nrs > 1:
             ids = np.repeat(ids, nrs, axis=0)

@@ -181,8 +181,8 @@ def test_generate_sampling(model, case):
 
 
 def test_generate_unsupported(model, case):
-    with pytest.raises(NotImplementedError, match="num_beams"):
-        model.generate(case["single_ids"], num_beams=4)
+    with pytest.raises(NotImplementedError, match="num_beams"):  # beam sampling (beam search: test_beam_search.py)
+        model.generate(case["single_ids"], num_beams=4, do_sample=True)
     with pytest.raises(TypeError, match="penalty_alpha"):
         model.generate(case["single_ids"], penalty_alpha=0.6, top_k=4)
 

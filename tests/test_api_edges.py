@@ -176,8 +176,9 @@ def test_small_api_pieces(llama):
     fastload.GenerationConfig(max_new_tokens=3, temperature=0.5).validate()
     with pytest.raises(ValueError, match="top_p"):
         fastload.GenerationConfig(top_p=2.0, do_sample=True).validate()
+    fastload.GenerationConfig(num_beams=2, length_penalty=0.5, early_stopping="never").validate()
     with pytest.raises(NotImplementedError, match="num_beams"):
-        fastload.GenerationConfig(num_beams=2).validate()
+        fastload.GenerationConfig(num_beams=2, do_sample=True).validate()
 
 
 def test_thread_counts_out_of_range_are_refused(monkeypatch):
@@ -428,18 +429,17 @@ def test_generate_output_has_transformers_525_cache_field(llama):
     assert out.cache is None and out.past_key_values is None and "cache" not in out
 
 
-def test_num_beams_in_generation_config_json_warns_and_generates(tmp_path):
+def test_num_beams_in_generation_config_json_is_beam_search(tmp_path):
+    """num_beams from the model's generation_config.json is beam search, as in transformers (it warned and ran greedy
+    before beam search existed); num_beams=1 passed by the caller turns it off."""
     import shutil
     d = tmp_path / "m"
     shutil.copytree(LLAMA, d)
     (d / "generation_config.json").write_text('{"num_beams": 4, "eos_token_id": 2}')
     m = fastload.AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", torch_dtype="float32")
-    with pytest.warns(UserWarning, match="num_beams=4"):
-        out = greedy(m, [[1, 5, 9]])
     ref = fastload.AutoModelForCausalLM.from_pretrained(str(LLAMA), device_map="cpu", torch_dtype="float32")
-    np.testing.assert_array_equal(out, greedy(ref, [[1, 5, 9]]))
-    with pytest.raises(NotImplementedError, match="num_beams=4"):  # passed by the caller: still an error
-        greedy(m, [[1, 5, 9]], num_beams=4)
+    np.testing.assert_array_equal(greedy(m, [[1, 5, 9]]), greedy(ref, [[1, 5, 9]], num_beams=4))
+    np.testing.assert_array_equal(greedy(m, [[1, 5, 9]], num_beams=1), greedy(ref, [[1, 5, 9]]))
 
 
 def _variant(tmp_path, src, name, edit):

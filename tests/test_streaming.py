@@ -64,7 +64,7 @@ def consume(streamer):
 
 
 BAD = [({"max_new_tokens": -1}, ValueError, "max_new_tokens"), ({"max_new_tokens": "5"}, TypeError, "max_new_tokens"),
-       ({"bogus_argument": 1}, TypeError, "bogus_argument"), ({"num_beams": 4}, NotImplementedError, "num_beams"),
+       ({"bogus_argument": 1}, TypeError, "bogus_argument"), ({"num_beams": 4}, ValueError, "beam search"),
        ({"do_sample": True, "temperature": 0.0}, ValueError, "temperature"),
        ({"generation_config": "nope"}, TypeError, "generation_config"), ({"input_ids": [[1.5, 2.5]]}, TypeError, "input_ids")]
 

@@ -189,6 +189,38 @@ static PyObject *req_records(FlPyRequest *self, PyObject *args) {
     return a;
 }
 
+/* beams() -> [(int64 array of generated ids, score), ...]: a finished beam search's hypotheses, best first
+ * (fl_request_beam); [] for other requests and before it finished. */
+static PyObject *req_beams(FlPyRequest *self, PyObject *noargs) {
+    (void)noargs;
+    const int n = fl_request_n_beams(self->r);
+    PyObject *res = PyList_New(n);
+    for (int i = 0; res && i < n; i++) {
+        float score = 0;
+        const int len = fl_request_beam(self->r, i, NULL, 0, &score);
+        npy_intp dims[1] = {len > 0 ? len : 0};
+        PyObject *a = PyArray_SimpleNew(1, dims, NPY_INT64);
+        int32_t *tmp = len > 0 ? malloc((size_t)len * 4) : NULL;
+        if (!a || (len > 0 && !tmp)) {
+            Py_XDECREF(a);
+            free(tmp);
+            Py_CLEAR(res);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
+            break;
+        }
+        if (len > 0) {
+            fl_request_beam(self->r, i, tmp, len, &score);
+            int64_t *d = PyArray_DATA((PyArrayObject *)a);
+            for (int k = 0; k < len; k++) d[k] = tmp[k];
+        }
+        free(tmp);
+        PyObject *t = Py_BuildValue("(Nd)", a, (double)score);
+        if (!t) { Py_CLEAR(res); break; }
+        PyList_SET_ITEM(res, i, t);
+    }
+    return res;
+}
+
 static PyObject *req_record_size(FlPyRequest *self, void *c) {
     (void)c;
     return PyLong_FromLong(fl_request_record_size(self->r));
@@ -229,6 +261,8 @@ static PyMethodDef req_methods[] = {
     {"tokens", (PyCFunction)req_tokens, METH_VARARGS, "tokens(start=0, stop=None) -> int64 array of generated ids."},
     {"records", (PyCFunction)req_records, METH_VARARGS,
      "records(start=0, stop=None) -> float32 [n, record_size]: what was kept of each token (engine_submit's keep_*)."},
+    {"beams", (PyCFunction)req_beams, METH_NOARGS,
+     "beams() -> [(int64 ids, score), ...]: a finished beam search's hypotheses, best first (num_return_sequences)."},
     {"check", (PyCFunction)req_check, METH_NOARGS, "Raise the request's error if it failed; return whether it finished."},
     {"cancel", (PyCFunction)req_cancel, METH_NOARGS, "Stop the request; its KV pages are freed at the next step."},
     {NULL, NULL, 0, NULL},

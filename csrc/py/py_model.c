@@ -892,7 +892,8 @@ static PyObject *model_engine_stop(FlPyModel *self, PyObject *noargs) {
  *               repetition_penalty=1, seed=0, eos_token_ids=None, keep_scores=False, keep_logits=False, logprobs=-1,
  *               min_p=0, presence_penalty=0, frequency_penalty=0, no_repeat_ngram_size=0, bias_tokens=None,
  *               bias_offsets=None, bias_values=None, begin_suppress=None, forced_eos=None, typical_p=0,
- *               epsilon_cutoff=0, eta_cutoff=0)
+ *               epsilon_cutoff=0, eta_cutoff=0, num_beams=1, num_return_sequences=1, length_penalty=1,
+ *               early_stopping=0)
  *   -> Request, or a list of Requests (fl_gen_params says what each setting does). keep_* / logprobs (k >= 0: the
  *   token's log-probability and the k most likely): what is kept of each token, read back with Request.records()
  * ids: one prompt (1-D ints), or a list of prompts submitted as one group (fl_engine_submit_group), row b sampling
@@ -903,15 +904,18 @@ static PyObject *model_engine_submit(FlPyModel *self, PyObject *args, PyObject *
     static char *kwlist[] = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                              "repetition_penalty", "seed", "eos_token_ids", "keep_scores", "keep_logits", "logprobs", "min_p",
                              "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "bias_tokens", "bias_offsets",
-                             "bias_values", "begin_suppress", "forced_eos", "typical_p", "epsilon_cutoff", "eta_cutoff", NULL};
+                             "bias_values", "begin_suppress", "forced_eos", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                             "num_beams", "num_return_sequences", "length_penalty", "early_stopping", NULL};
     PyObject *ids_o, *eos_o = Py_None, *seed_o = NULL, *o[5] = {Py_None, Py_None, Py_None, Py_None, Py_None};
-    fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f};
+    fl_gen_params p = {.max_new_tokens = 20, .temperature = 1.f, .top_p = 1.f, .repetition_penalty = 1.f,
+                       .num_beams = 1, .num_return = 1, .length_penalty = 1.f};
     int logprobs = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppifffiOOOOOfff", kwlist, &ids_o, &p.max_new_tokens,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iipfiffOOppifffiOOOOOfffiifi", kwlist, &ids_o, &p.max_new_tokens,
                                      &p.min_new_tokens, &p.do_sample, &p.temperature, &p.top_k, &p.top_p,
                                      &p.repetition_penalty, &seed_o, &eos_o, &p.keep_scores, &p.keep_logits, &logprobs,
                                      &p.min_p, &p.presence_penalty, &p.frequency_penalty, &p.no_repeat_ngram_size, &o[0],
-                                     &o[1], &o[2], &o[3], &o[4], &p.typical_p, &p.epsilon_cutoff, &p.eta_cutoff))
+                                     &o[1], &o[2], &o[3], &o[4], &p.typical_p, &p.epsilon_cutoff, &p.eta_cutoff,
+                                     &p.num_beams, &p.num_return, &p.length_penalty, &p.early_stopping))
         return NULL;
     /* the arrays of fl_gen_params: bias_tokens / bias_offsets (n + 1) / bias_values (n) (token sequences and what is
      * added to their last token's logit), begin_suppress, forced_eos (token ids) */
