@@ -7,6 +7,7 @@
  * waits until it is finished; the driver writes its logits under model_mu and finishes it under mu. */
 #include "engine.h"
 #include "sampling.h"
+#include "fl_exp.h"
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -730,12 +731,13 @@ static void apply_rules(const fl_request *r, float *lg, int V, uint8_t *mark) {
         for (int i = 0; i < p->n_begin_ban; i++) lg[p->begin_ban[i]] = -INFINITY;
 }
 
-/* x = log softmax(x) in place, as torch's: (x - max) - log(sum(exp(x - max))) (the sum in double) */
+/* x = log softmax(x) in place, as torch's: (x - max) - log(sum(exp(x - max))) (float32 exps, fl_exp.h's vectorised
+ * polynomial within 2 ulp, summed in double) */
 static void log_softmax_row(float *x, int V) {
     float mx = -INFINITY;
     for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
     double sum = 0;
-    for (int i = 0; i < V; i++) sum += exp((double)x[i] - (double)mx);
+    for (int i = 0; i < V; i++) sum += (double)fl_exp_nonpos(x[i] - mx);
     const float ls = (float)log(sum);
     for (int i = 0; i < V; i++) x[i] = (x[i] - mx) - ls;
 }

@@ -102,6 +102,8 @@ def _gen_kwargs(args):
 
 def cmd_generate(args):
     import fastload
+    if args.num_beams > 1 and (args.sample or args.logprobs is not None):  # before a model loads
+        raise ValueError("--num-beams > 1 is beam search: not with --sample or --logprobs")
     tok, model = _load(args)
     prompt = _text_arg(args.prompt, "--prompt")
     if args.raw or tok.chat_template is None:
@@ -113,17 +115,22 @@ def cmd_generate(args):
     eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
-    streamer = None if args.no_stream else fastload.TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    beams = args.num_beams > 1
+    # beam search picks its answer at the end: nothing to stream
+    streamer = None if args.no_stream or beams else fastload.TextStreamer(tok, skip_prompt=True,
+                                                                         skip_special_tokens=True)
     extra = {} if args.logprobs is None else dict(return_dict_in_generate=True, output_logits=True)
+    if beams:
+        extra = dict(num_beams=args.num_beams, length_penalty=args.length_penalty)
     t0 = time.perf_counter()
     out = model.generate(**enc, eos_token_id=eos, streamer=streamer, **_gen_kwargs(args), **extra)
     dt = time.perf_counter() - t0
-    res, out = out, (out.sequences if extra else out)
+    res, out = out, (out.sequences if args.logprobs is not None else out)
     T = enc["input_ids"].shape[1]
     n = out.shape[1] - T
-    if args.no_stream:
+    if args.no_stream or beams:
         print(tok.decode(out[0, T:], skip_special_tokens=True))
-    if extra:
+    if args.logprobs is not None:
         _print_logprobs(tok, out[0, T:], res.logits, args.logprobs)
     if args.stats:
         print(json.dumps({"new_tokens": int(n), "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 2),
@@ -321,6 +328,10 @@ def main(argv=None):
             sp.add_argument("--logprobs", type=_logprob_count, metavar="K", default=None,
                             help="after the answer, each token's log-probability and the K (0-20) most likely (stderr)")
             sp.add_argument("--stats", action="store_true", help="print tokens/s and load statistics to stderr")
+            sp.add_argument("--num-beams", type=_count, default=1, metavar="K",
+                            help="beam search with K beams (transformers' num_beams; the answer is printed at the end)")
+            sp.add_argument("--length-penalty", type=float, default=1.0,
+                            help="beam search: a finished answer scores its log-probability / length ** this")
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
     from .serve import add_parser as add_serve_parser

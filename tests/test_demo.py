@@ -102,3 +102,27 @@ def test_cli_main_command(demo_gguf):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "5" in r.stdout, r.stdout
+
+
+def test_cli_beam_search(demo_gguf):
+    """generate --num-beams 4 prints the best hypothesis (the API's num_beams=4 answer, decoded); with --sample it is a
+    usage error (exit 2) before any model loads."""
+    env = dict(os.environ, FASTLOAD_DEVICE="cpu")
+    r = subprocess.run([sys.executable, "-m", "fastload", "generate", "--prompt", "What is the capital of France?",
+                        "--max-new-tokens", "24", "--num-beams", "4"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    tok = fastload.AutoTokenizer.from_pretrained(demo_gguf)
+    m = fastload.AutoModelForCausalLM.from_pretrained(demo_gguf, device_map="cpu")
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_dict=True, return_tensors="np")
+    eos = m.generation_config.get("eos_token_id")
+    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    out = m.generate(**enc, num_beams=4, max_new_tokens=24, eos_token_id=eos)
+    want = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert r.stdout.strip() == want.strip() and "Paris" in want, (r.stdout, want)
+    r = subprocess.run([sys.executable, "-m", "fastload", "generate", "--prompt", "x", "--num-beams", "2", "--sample"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "--num-beams" in r.stderr, r.stderr

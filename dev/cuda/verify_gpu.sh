@@ -15,6 +15,7 @@
 #   quant     Qwen2.5-7B-shaped bf16 (/tmp/fl_qwen7b, made during the tests): decode b1 per QUANT_MODES
 #             (dev/cuda/decode_ab.py; default bf16,int8,int4,nf4), and bf16 once more under QUANT_ALSO (env settings)
 #   gap       benchmarks/step_gap.py: the host's share of a decode step, ChatGLM2 (and Qwen int4 with quant)
+#   beam      benchmarks/beam_search.py on the Qwen2.5-7B shape, bf16, K = 1, 2, 4, 8, transformers beside it
 #   OUT=/tmp/o STAGES="build tests thudm binload" bash dev/cuda/verify_gpu.sh      carry [".devobj", ".thudm"]
 #   OUT=/tmp/o STAGES="build glm" GLM_SETTINGS="FASTLOAD_ENGINE_PIPELINE=1 FASTLOAD_ENGINE_PIPELINE=0" REPS=2 \
 #       bash dev/cuda/verify_gpu.sh                                                 carry [".devobj"]
@@ -35,9 +36,9 @@ if has build; then
   FASTLOAD_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   python3 -c "import fastload; print(fastload.info()['cuda'])"
 fi
-if has glm || has quant || has gap; then  # checkpoints drawn while the tests run
+if has glm || has quant || has gap || has beam; then  # checkpoints drawn while the tests run
   ( if has glm || has gap; then python3 dev/cuda/make_ckpt.py glm > "$OUT/ckpt.log" 2>&1 || echo "glm ckpt failed" >> "$OUT/ckpt.log"; fi
-    if has quant; then python3 dev/cuda/make_ckpt.py qwen7b >> "$OUT/ckpt.log" 2>&1 || echo "qwen ckpt failed" >> "$OUT/ckpt.log"; fi ) &
+    if has quant || has beam; then python3 dev/cuda/make_ckpt.py qwen7b >> "$OUT/ckpt.log" 2>&1 || echo "qwen ckpt failed" >> "$OUT/ckpt.log"; fi ) &
   ck=$!
 fi
 if has tests; then
@@ -83,5 +84,10 @@ if has gap; then  # the host's share of a decode step (benchmarks/step_gap.py)
   stamp gap
   timeout 200 python3 benchmarks/step_gap.py --dir /tmp/glm_st --dtype float16 --out "$OUT/gap_glm.json" | tail -4
   has quant && timeout 150 python3 benchmarks/step_gap.py --dir /tmp/fl_qwen7b --quant int4 --out "$OUT/gap_qwen_int4.json" | tail -4
+fi
+if has beam; then
+  stamp beam
+  timeout ${BEAM_S:-300} python3 benchmarks/beam_search.py --dir /tmp/fl_qwen7b --device cuda --dtype bfloat16 --hf \
+      --json "$OUT/beam.json" 2>&1 | tail -8
 fi
 stamp end
