@@ -179,6 +179,11 @@ typedef struct fl_beams {
     uint8_t *hit;                  /* [keep] candidate ends its sequence (eos or max_length) */
     int *sel, *phys, *taken;       /* scratch: [K + keep], [K], [K] */
     float *tmp;                    /* [K] */
+    /* transformers' beam_indices: for each running beam (logical order) and each finished hypothesis, the logical
+     * beam its token of each step came from; [K * gmax] each, and the buffers the next sets are built in */
+    int32_t *hist, *hist_tmp, *fin_hist, *fin_hist_tmp;
+    float **sc;                    /* keep_scores: [gmax] steps of [K, vocab] processed log-probs (transformers' scores) */
+    int n_sc;
 } fl_beams;
 
 /* fork(): the child has no driver thread, and a lock the parent's driver held would stay held there forever.
@@ -357,6 +362,9 @@ static void beams_free(fl_beams *g) {
     free(g->req); free(g->order); free(g->score); free(g->fin_score); free(g->fin_done); free(g->fin_len);
     free(g->fin_tok); free(g->fin_tmp); free(g->cv); free(g->rl); free(g->fs); free(g->cb); free(g->ct); free(g->hit);
     free(g->sel); free(g->phys); free(g->taken); free(g->tmp);
+    free(g->hist); free(g->hist_tmp); free(g->fin_hist); free(g->fin_hist_tmp);
+    for (int i = 0; i < g->n_sc; i++) free(g->sc[i]);
+    free(g->sc);
     free(g);
 }
 static void req_unref(fl_request *r) { /* under mu */
@@ -850,6 +858,16 @@ static void beam_select(fl_engine *e, fl_beams *g) {
     const int V = e->m->cfg.vocab, K = g->K, keep = g->keep;
     fl_request *lead = g->req[0];
     const int n_prompt = lead->n_prompt, n_out = lead->n_out, cur = n_prompt + n_out;
+    if (g->sc && g->n_sc < g->gmax) { /* transformers' scores: this step's processed log-probs, logical beam order */
+        float *row = malloc((size_t)K * (size_t)V * sizeof(float));
+        if (!row) {
+            finish(e, lead, FL_E_NOMEM, "beam search: cannot allocate memory to keep its scores");
+            return;
+        }
+        for (int j = 0; j < K; j++)
+            memcpy(row + (size_t)j * V, e->logits + (size_t)g->req[g->order[j]]->beam_row * V, (size_t)V * sizeof(float));
+        g->sc[g->n_sc++] = row;
+    }
     /* b. accumulated log-probs of every (logical beam, token); c. the top `keep` of them */
     int c = 0;
     for (int j = 0; j < K; j++) {
@@ -918,8 +936,10 @@ static void beam_select(fl_engine *e, fl_beams *g) {
     for (int j = 0; j < K; j++) { /* the new finished set, built in fin_tmp */
         const int i = mi[j];
         int32_t *d = g->fin_tmp + (size_t)j * g->gmax;
+        int32_t *dh = g->fin_hist_tmp + (size_t)j * g->gmax;
         if (i < K) {
             memcpy(d, g->fin_tok + (size_t)i * g->gmax, (size_t)g->fin_len[i] * 4);
+            memcpy(dh, g->fin_hist + (size_t)i * g->gmax, (size_t)g->fin_len[i] * 4);
             g->phys[j] = g->fin_len[i];
             g->tmp[j] = g->fin_score[i];
             g->taken[j] = g->fin_done[i];
@@ -928,12 +948,15 @@ static void beam_select(fl_engine *e, fl_beams *g) {
             const fl_request *par = g->req[g->order[g->cb[q]]];
             memcpy(d, par->toks + n_prompt, (size_t)n_out * 4);
             d[n_out] = g->ct[q];
+            memcpy(dh, g->hist + (size_t)g->cb[q] * g->gmax, (size_t)n_out * 4);
+            dh[n_out] = g->cb[q];
             g->phys[j] = n_out + 1;
             g->tmp[j] = g->fs[q];
             g->taken[j] = g->hit[q] && q < K;
         }
     }
     int32_t *t = g->fin_tok; g->fin_tok = g->fin_tmp; g->fin_tmp = t;
+    t = g->fin_hist; g->fin_hist = g->fin_hist_tmp; g->fin_hist_tmp = t;
     for (int j = 0; j < K; j++) {
         g->fin_len[j] = g->phys[j];
         g->fin_score[j] = g->tmp[j];
@@ -988,7 +1011,11 @@ static void beam_select(fl_engine *e, fl_beams *g) {
     for (int j = 0; j < K; j++) {
         g->order[j] = g->phys[j];
         g->score[j] = g->tmp[j];
+        int32_t *h = g->hist_tmp + (size_t)j * g->gmax;
+        memcpy(h, g->hist + (size_t)g->cb[nj[j]] * g->gmax, (size_t)n_out * 4);
+        h[n_out] = g->cb[nj[j]];
     }
+    t = g->hist; g->hist = g->hist_tmp; g->hist_tmp = t;
 }
 
 /* Groups whose beams got their logits in this step's forward: rows rq[0:B] that are beams, each group once. */
@@ -1806,8 +1833,12 @@ static fl_status beams_make(fl_engine *e, fl_request *r) {
     g->cb = malloc((size_t)keep * 4); g->ct = malloc((size_t)keep * 4); g->hit = malloc((size_t)keep);
     g->sel = malloc((size_t)(K + keep) * sizeof(int)); g->phys = malloc((size_t)K * sizeof(int));
     g->taken = malloc((size_t)K * sizeof(int)); g->tmp = malloc((size_t)K * sizeof(float));
+    const size_t nh = (size_t)K * (size_t)g->gmax * 4;
+    g->hist = malloc(nh); g->hist_tmp = malloc(nh); g->fin_hist = malloc(nh); g->fin_hist_tmp = malloc(nh);
+    if (r->p.keep_scores) g->sc = calloc((size_t)g->gmax, sizeof *g->sc);
     int ok = g->req && g->order && g->score && g->fin_score && g->fin_done && g->fin_len && g->fin_tok && g->fin_tmp &&
-             g->cv && g->rl && g->fs && g->cb && g->ct && g->hit && g->sel && g->phys && g->taken && g->tmp;
+             g->cv && g->rl && g->fs && g->cb && g->ct && g->hit && g->sel && g->phys && g->taken && g->tmp &&
+             g->hist && g->hist_tmp && g->fin_hist && g->fin_hist_tmp && (!r->p.keep_scores || g->sc);
     if (ok) g->req[0] = r;
     for (int k = 1; ok && k < K; k++) {
         fl_request *f = calloc(1, sizeof *f);
@@ -1903,8 +1934,8 @@ static fl_status req_make(fl_engine *e, const int32_t *ids, int n, const fl_gen_
                           "(max_num_seqs): the beams are rows of one batch", K, e->cfg.max_batch);
         if (p->do_sample)
             return fl_err(FL_E_VALUE, "generate: beam search with do_sample=True (beam sampling) is not supported");
-        if (p->keep_scores || p->keep_logits || p->keep_logprob)
-            return fl_err(FL_E_VALUE, "generate: nothing is kept of a beam search's tokens (scores, logits, logprobs)");
+        if (p->keep_logits || p->keep_logprob)
+            return fl_err(FL_E_VALUE, "generate: a beam search keeps its scores only (not logits or logprobs)");
         if (p->num_return < 0 || p->num_return > K)
             return fl_err(FL_E_VALUE, "generate: num_return_sequences=%d must be at most num_beams=%d", p->num_return, K);
         if (!isfinite(p->length_penalty) || p->early_stopping < 0 || p->early_stopping > 2)
@@ -2147,17 +2178,31 @@ int fl_request_n_beams(fl_request *r) {
     return n;
 }
 
-int fl_request_beam(fl_request *r, int i, int32_t *dst, int cap, float *score) {
+int fl_request_beam(fl_request *r, int i, int32_t *dst, int32_t *idx, int cap, float *score) {
     pthread_mutex_lock(&r->e->mu);
     int len = -1;
     const fl_beams *g = r->bm;
     if (g && r->state == RQ_DONE && r->st == FL_OK && i >= 0 && i < g->n_ret) {
         len = g->fin_len[i];
-        if (dst && cap > 0) memcpy(dst, g->fin_tok + (size_t)i * g->gmax, (size_t)(len < cap ? len : cap) * 4);
+        const size_t n = (size_t)(len < cap ? len : cap) * 4;
+        if (dst && cap > 0) memcpy(dst, g->fin_tok + (size_t)i * g->gmax, n);
+        if (idx && cap > 0) memcpy(idx, g->fin_hist + (size_t)i * g->gmax, n);
         if (score) *score = g->fin_score[i];
     }
     pthread_mutex_unlock(&r->e->mu);
     return len;
+}
+
+int fl_request_beam_width(const fl_request *r) { return r->bm ? r->bm->K : 1; }
+int fl_request_vocab(const fl_request *r) { return r->e->m->cfg.vocab; }
+
+int fl_request_beam_scores(fl_request *r, int step, float *dst) {
+    pthread_mutex_lock(&r->e->mu);
+    const fl_beams *g = r->bm;
+    int n = g && r->state == RQ_DONE && r->st == FL_OK && g->sc ? g->n_sc : 0;
+    if (dst && step >= 0 && step < n) memcpy(dst, g->sc[step], (size_t)g->K * (size_t)r->e->m->cfg.vocab * sizeof(float));
+    pthread_mutex_unlock(&r->e->mu);
+    return n;
 }
 
 void fl_request_tokens(fl_request *r, int from, int to, int32_t *dst) {

@@ -130,9 +130,15 @@ int fl_request_records(fl_request *r, int from, int to, float *dst);
 /* A beam search request (fl_gen_params.num_beams > 1), once finished with FL_OK: its num_return hypotheses, best
  * first (transformers' sequences[:num_return_sequences]). fl_request_n_beams: how many (0 for other requests or
  * before it finished); fl_request_beam: hypothesis i's generated tokens (the eos that ended it included) into
- * dst[0:min(len, cap)] and its score (sequences_scores) into *score; returns len, or -1 when there is no such one. */
+ * dst[0:min(len, cap)], the beam each token came from at its step (transformers' beam_indices, without the batch
+ * offset) into idx, its score (sequences_scores) into *score (each may be NULL); returns len, or -1 when there is no
+ * such one. fl_request_beam_scores: the steps whose scores were kept (keep_scores; 0 otherwise), and step's
+ * [num_beams, vocab] processed log-probs (transformers' scores) into dst when step is one of them. */
 int fl_request_n_beams(fl_request *r);
-int fl_request_beam(fl_request *r, int i, int32_t *dst, int cap, float *score);
+int fl_request_beam(fl_request *r, int i, int32_t *dst, int32_t *idx, int cap, float *score);
+int fl_request_beam_scores(fl_request *r, int step, float *dst);
+int fl_request_beam_width(const fl_request *r); /* num_beams (1 for other requests) */
+int fl_request_vocab(const fl_request *r);
 /* A finished request's outcome: FL_OK, or the error (message copied into msg[cap]). */
 fl_status fl_request_status(fl_request *r, char *msg, size_t cap);
 /* Stop it: the next step drops it and frees its pages; waiters see it finished (FL_E_INTERRUPTED). */

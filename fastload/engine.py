@@ -339,9 +339,11 @@ class Engine:
 
     def beam_generate(self, ids, mask, max_new, min_new, r, eos, fill):
         """Beam search (transformers' _beam_search, greedy): one engine request of num_beams beams a row (csrc/engine.c
-        "beam search"). Returns ([B * num_return_sequences, T + n_new] int64 ids, float32 scores of each row: the
-        hypotheses of row b, best first, at rows b * n .. b * n + n - 1, as transformers orders them), the rows padded
-        with `fill` after their end."""
+        "beam search"). Returns ([B * num_return_sequences, T + n_new] int64 ids, float32 scores of each row, int64
+        beam_indices [B * num_return_sequences, n_new] (the beam of each step, + b * num_beams, -1 past a hypothesis'
+        end), and with r["output_scores"] the steps' float32 [B * num_beams, vocab] processed log-probs, else None):
+        the hypotheses of row b, best first, at rows b * n .. b * n + n - 1 as transformers orders them, padded with
+        `fill` after their end. A row whose search ended before the others' reads -inf there, 0 at `fill`."""
         core = self._enter(pool=True)
         if core is None:
             return self._next.beam_generate(ids, mask, max_new, min_new, r, eos, fill)
@@ -370,12 +372,14 @@ class Engine:
                 no_repeat_ngram_size=int(r.get("no_repeat_ngram_size", 0)),
                 begin_suppress=r.get("begin_suppress_tokens") or None, forced_eos=r.get("forced_eos_token_id") or None,
                 **_bias_arrays(r.get("bias")), eos_token_ids=eos, num_beams=K, num_return_sequences=n_ret,
-                length_penalty=float(r["length_penalty"]), early_stopping=int(r["early_stopping"]))
-            hyps = []
+                length_penalty=float(r["length_penalty"]), early_stopping=int(r["early_stopping"]),
+                keep_scores=bool(r.get("output_scores")))
+            hyps, steps = [], []
             for q in reqs:
                 _wait_done(q)
                 q.check()
                 hyps.append(q.beams())
+                steps.append(q.beam_scores() if r.get("output_scores") else None)
         except BaseException:
             for q in reqs:
                 q.cancel()
@@ -386,16 +390,28 @@ class Engine:
                 pass
             raise
         if max_new == 0:  # nothing generated: the prompt, n_ret times (scores as transformers' unfilled slots)
-            hyps = [[(np.zeros(0, np.int64), -1e9)] * n_ret for _ in range(B)]
+            hyps = [[(np.zeros(0, np.int64), -1e9, np.zeros(0, np.int64))] * n_ret for _ in range(B)]
         n_new = max((len(h[0]) for hs in hyps for h in hs), default=0)
         out = np.full((B * n_ret, T + n_new), fill, dtype=np.int64)
         scores = np.zeros(B * n_ret, dtype=np.float32)
+        bidx = np.full((B * n_ret, n_new), -1, dtype=np.int64)
         for b, hs in enumerate(hyps):
-            for i, (toks, sc) in enumerate(hs):
+            for i, (toks, sc, bi) in enumerate(hs):
                 out[b * n_ret + i, :T] = ids[b]
                 out[b * n_ret + i, T:T + len(toks)] = toks
                 scores[b * n_ret + i] = sc
-        return out, scores
+                bidx[b * n_ret + i, :len(bi)] = bi + b * K
+        per_step = None
+        if r.get("output_scores") and max_new > 0:
+            V = max(s.shape[2] for s in steps)
+            n_steps = max(s.shape[0] for s in steps)
+            arr = np.full((n_steps, B * K, V), -np.inf, dtype=np.float32)
+            for b, s in enumerate(steps):
+                arr[:s.shape[0], b * K:(b + 1) * K] = s
+                if s.shape[0] < n_steps and 0 <= fill < V:
+                    arr[s.shape[0]:, b * K:(b + 1) * K, fill] = 0
+            per_step = tuple(arr)
+        return out, scores, bidx, per_step
 
     @classmethod
     def _collect_steps(cls, reqs, on_step, pad, deadline):

@@ -970,9 +970,10 @@ class GenerateDecoderOnlyOutput(CausalLMOutput):
 
 class GenerateBeamDecoderOnlyOutput(GenerateDecoderOnlyOutput):
     """transformers' GenerateBeamDecoderOnlyOutput (beam search with return_dict_in_generate=True): `sequences`
-    [batch * num_return_sequences, prompt + new] and, with output_scores=True, `sequences_scores` (float32, each
-    hypothesis' sum of log-probabilities over its length ** length_penalty). **Differs**: the per-step `scores` and
-    `beam_indices` are not produced (None)."""
+    [batch * num_return_sequences, prompt + new], `beam_indices` [batch * num_return_sequences, new] (the beam each
+    token came from at its step, + b * num_beams; -1 past a hypothesis' end) and, with output_scores=True,
+    `sequences_scores` (float32, each hypothesis' sum of log-probabilities over its length ** length_penalty) and
+    `scores` (a tuple of one float32 [batch * num_beams, vocab] array of processed log-probs per step)."""
 
     FIELDS = GenerateDecoderOnlyOutput.FIELDS + ("sequences_scores", "beam_indices")
 
@@ -1661,9 +1662,9 @@ class FastModelForCausalLM:
         each generated token at its step (scores: generate's output_scores or output_logits tuple);
         normalize_logits=True takes the log softmax of each step's row first (log-probabilities). float32, torch
         when `sequences` is a torch tensor."""
-        if beam_indices is not None:
-            raise NotImplementedError("compute_transition_scores: beam_indices (fastload has no beam search)")
         like_torch = is_torch(sequences)
+        if beam_indices is not None:
+            return self._beam_transition_scores(sequences, scores, beam_indices, normalize_logits, like_torch)
         seq = _ids2d(sequences, "sequences")
         if not isinstance(scores, (tuple, list)) or not scores:
             raise ValueError("compute_transition_scores: scores must be generate's non-empty tuple of [batch, vocab] "
@@ -1682,6 +1683,34 @@ class FastModelForCausalLM:
             with np.errstate(invalid="ignore", over="ignore"):
                 sc = sc - (mx + np.log(np.exp(sc - mx).sum(axis=2, keepdims=True)))
         out = np.take_along_axis(sc, tok[:, :, None], axis=2)[:, :, 0].T
+        return _to_user(np.ascontiguousarray(out), like_torch)
+
+    def _beam_transition_scores(self, sequences, scores, beam_indices, normalize_logits, like_torch):
+        """compute_transition_scores with beam_indices (beam search's output), transformers' steps: each step's score
+        of each hypothesis' token, read from the row of the beam it came from; 0 past a hypothesis' end."""
+        seq = _ids2d(sequences, "sequences")
+        bi = _ids2d(beam_indices, "beam_indices").astype(np.int64)
+        if not isinstance(scores, (tuple, list)) or not scores:
+            raise ValueError("compute_transition_scores: scores must be generate's non-empty tuple of [batch * num_beams, "
+                             "vocab] arrays (return_dict_in_generate=True, output_scores=True)")
+        sc = np.stack([np.asarray(_as_numpy(x, "scores"), dtype=np.float32) for x in scores])  # [steps, B*K, V]
+        steps, rows, V = sc.shape
+        if normalize_logits:
+            mx = sc.max(axis=2, keepdims=True)
+            with np.errstate(invalid="ignore", over="ignore"):
+                sc = sc - (mx + np.log(np.exp(sc - mx).sum(axis=2, keepdims=True)))
+        masked = bi < 0
+        n = int((~masked).sum(axis=1).max(initial=0))
+        bi, masked = bi[:, :n].copy(), masked[:, :n]
+        bi[masked] = 0
+        if n > steps or bi.size and (bi.max() >= rows) or bi.shape[0] != seq.shape[0] or n > seq.shape[1]:
+            raise ValueError(f"compute_transition_scores: beam_indices of shape {bi.shape} do not match scores of "
+                             f"{steps} steps of {rows} rows and sequences of shape {seq.shape}")
+        tok = seq[:, seq.shape[1] - n:].astype(np.int64)
+        if tok.size and (tok.min() < 0 or tok.max() >= V):
+            raise ValueError(f"compute_transition_scores: a token id of sequences is outside the scores' {V} columns")
+        out = sc[np.arange(n)[None, :], bi, tok] if n else np.zeros((seq.shape[0], 0), np.float32)
+        out = np.where(masked, np.float32(0), out).astype(np.float32)
         return _to_user(np.ascontiguousarray(out), like_torch)
 
     def _generate(self, input_ids, attention_mask, generation_config, streamer, inputs, kwargs):
@@ -1771,12 +1800,15 @@ class FastModelForCausalLM:
         if r["num_beams"] > 1:
             # transformers' output_fill_value: `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1`
             fill = (r["pad_token_id"] or eos[0]) if eos else -1
-            out, seq_scores = self._engine_handle().beam_generate(ids, mask, max_new, min_new, r, eos, int(fill))
+            out, seq_scores, bidx, steps = self._engine_handle().beam_generate(ids, mask, max_new, min_new, r, eos,
+                                                                               int(fill))
             if not r["return_dict_in_generate"]:
                 return _to_user(out, like_torch)
+            sc = r["output_scores"]
             return GenerateBeamDecoderOnlyOutput(
-                sequences=_to_user(out, like_torch),
-                sequences_scores=_to_user(seq_scores, like_torch) if r["output_scores"] else None)
+                sequences=_to_user(out, like_torch), beam_indices=_to_user(bidx, like_torch),
+                sequences_scores=_to_user(seq_scores, like_torch) if sc else None,
+                scores=tuple(_to_user(np.ascontiguousarray(x), like_torch) for x in steps) if sc and steps else None)
         nrs = r["num_return_sequences"]
         if nrs > 1:
             ids = np.repeat(ids, nrs, axis=0)

@@ -42,13 +42,15 @@ def _log_softmax(x):
 def reference_beam_search(model, prompt, K, max_new, eos=(), length_penalty=1.0, early_stopping=False, n_ret=1,
                           process=None):
     """transformers' _beam_search for one row, on `model`'s logits of each whole sequence. process(seq, logprobs,
-    n_new) -> logprobs: the logits processors. Returns [(generated ids, score)] of the first n_ret hypotheses."""
+    n_new) -> logprobs: the logits processors. Returns [(generated ids, score, beam indices)] of the first n_ret
+    hypotheses, and the steps' [K, V] processed log-probs (transformers' scores)."""
     P = len(prompt)
     max_length = P + max_new
     keep = max(2, 1 + len(eos)) * K
     running = np.zeros((K, max_length), np.int64)
     running[:, :P] = prompt
     seqs, lens = running.copy(), np.zeros(K, int)
+    hist, fhist, all_scores = np.full((K, max_new), -1), np.full((K, max_new), -1), []
     run_scores = np.full(K, -1e9, np.float32)
     run_scores[0] = 0
     beam_scores, fin, heur, cur = np.full(K, -1e9, np.float32), np.zeros(K, bool), True, P
@@ -57,11 +59,14 @@ def reference_beam_search(model, prompt, K, max_new, eos=(), length_penalty=1.0,
         lp = _log_softmax(lg)
         if process is not None:
             lp = np.stack([process(running[k, :cur], lp[k].copy(), cur - P) for k in range(K)])
+        all_scores.append(lp)
         V = lg.shape[1]
         tv, ti = _topk((lp + run_scores[:, None]).reshape(-1).astype(np.float32), keep)
         cb, ct = ti // V, ti % V
         tseq = running[cb].copy()
         tseq[:, cur] = ct
+        thist = hist[cb].copy()
+        thist[:, cur - P] = cb
         hits = np.array([int(t) in eos or cur + 1 >= max_length for t in ct])
         rl = (tv + hits.astype(np.float32) * np.float32(-1e9)).astype(np.float32)
         nj = _topk(rl, K)[1]
@@ -74,6 +79,8 @@ def reference_beam_search(model, prompt, K, max_new, eos=(), length_penalty=1.0,
         mi = _topk(ms, K)[1]
         seqs = np.concatenate([seqs, tseq])[mi]
         lens = np.concatenate([lens, np.full(keep, cur + 1 - P)])[mi]
+        fhist = np.concatenate([fhist, thist])[mi]
+        hist = thist[nj]
         beam_scores, fin = ms[mi], np.concatenate([fin, just])[mi]
         running, run_scores = tseq[nj], rl[nj]
         cur += 1
@@ -82,7 +89,7 @@ def reference_beam_search(model, prompt, K, max_new, eos=(), length_penalty=1.0,
         heur = heur and bool((best > np.where(fin, beam_scores.min(), np.float32(-1e9))).any())
         if not (heur and not (fin.all() and early_stopping is True) and not hits.all()):
             break
-    return [(seqs[i, P:P + lens[i]], float(beam_scores[i])) for i in range(n_ret)]
+    return [(seqs[i, P:P + lens[i]], float(beam_scores[i]), fhist[i, :lens[i]]) for i in range(n_ret)], all_scores
 
 
 # n_eos: eos ids taken from the prompt's greedy continuation (its 3rd, 5th and 2nd new tokens), which the beams meet
@@ -120,18 +127,30 @@ def _check(model, prompt, kw, process=None, **gen):
     out = model.generate(prompt[None], do_sample=False, return_dict_in_generate=True, output_scores=True,
                          pad_token_id=0, **kw, **gen)
     eos = tuple(kw.get("eos_token_id") or ())
-    ref = reference_beam_search(model, prompt, kw["num_beams"], kw["max_new_tokens"], eos=eos,
-                                length_penalty=kw.get("length_penalty", 1.0),
-                                early_stopping=kw.get("early_stopping", False),
-                                n_ret=kw.get("num_return_sequences", 1), process=process)
-    seq, sc = np.asarray(out.sequences), np.asarray(out.sequences_scores)
-    P, n_new = len(prompt), max(len(t) for t, _ in ref)
-    assert seq.shape == (len(ref), P + n_new), (seq.shape, [t.tolist() for t, _ in ref])
-    for i, (toks, score) in enumerate(ref):
+    ref, steps = reference_beam_search(model, prompt, kw["num_beams"], kw["max_new_tokens"], eos=eos,
+                                       length_penalty=kw.get("length_penalty", 1.0),
+                                       early_stopping=kw.get("early_stopping", False),
+                                       n_ret=kw.get("num_return_sequences", 1), process=process)
+    seq, sc, bi = np.asarray(out.sequences), np.asarray(out.sequences_scores), np.asarray(out.beam_indices)
+    P, n_new = len(prompt), max(len(t) for t, _, _ in ref)
+    assert seq.shape == (len(ref), P + n_new), (seq.shape, [t.tolist() for t, _, _ in ref])
+    assert bi.shape == (len(ref), n_new)
+    for i, (toks, score, hist) in enumerate(ref):
         assert (seq[i, :P] == prompt).all()
-        assert seq[i, P:P + len(toks)].tolist() == toks.tolist(), (i, seq[:, P:].tolist(), [t.tolist() for t, _ in ref])
+        assert seq[i, P:P + len(toks)].tolist() == toks.tolist(), (i, seq[:, P:].tolist(), [t.tolist() for t, _, _ in ref])
         assert (seq[i, P + len(toks):] == (eos[0] if eos else -1)).all()  # transformers' fill after a short hypothesis
-        assert abs(sc[i] - score) <= 1e-5 * max(1.0, abs(score)), (i, sc.tolist(), [s for _, s in ref])
+        assert abs(sc[i] - score) <= 1e-5 * max(1.0, abs(score)), (i, sc.tolist(), [s for _, s, _ in ref])
+        assert bi[i, :len(hist)].tolist() == hist.tolist() and (bi[i, len(hist):] == -1).all(), (i, bi.tolist())
+    # transformers' scores: every step's processed log-probs of the running beams
+    assert len(out.scores) == len(steps)
+    for a, b in zip(out.scores, steps):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5)
+    # compute_transition_scores with beam_indices: summed over a hypothesis and length-penalised, its sequence score
+    # (transformers' docstring's check)
+    ts = np.asarray(model.compute_transition_scores(out.sequences, out.scores, out.beam_indices))
+    lens = (bi >= 0).sum(axis=1)
+    lp = kw.get("length_penalty", 1.0)
+    np.testing.assert_allclose(ts.sum(axis=1) / lens.astype(np.float64) ** lp, sc, rtol=1e-4, atol=1e-5)
     return ref
 
 
@@ -151,9 +170,9 @@ def test_reference_cases_end_hypotheses_early(qwen):
         for plen in (5, 33):
             p = _prompt(plen, i)
             kw = _case(qwen, p, case)
-            ref = reference_beam_search(qwen, p, kw["num_beams"], kw["max_new_tokens"], eos=tuple(kw["eos_token_id"]),
-                                        n_ret=kw.get("num_return_sequences", 1))
-            short += sum(len(t) < kw["max_new_tokens"] for t, _ in ref)
+            ref, _ = reference_beam_search(qwen, p, kw["num_beams"], kw["max_new_tokens"], eos=tuple(kw["eos_token_id"]),
+                                           n_ret=kw.get("num_return_sequences", 1))
+            short += sum(len(t) < kw["max_new_tokens"] for t, _, _ in ref)
     assert short >= 5, short
 
 
@@ -332,3 +351,14 @@ def test_beam_search_equals_transformers(name):
             assert np.asarray(f.sequences).tolist() == o.sequences.numpy().tolist(), (i, plen, kw)
             np.testing.assert_allclose(np.asarray(f.sequences_scores), o.sequences_scores.numpy(), rtol=1e-5,
                                        atol=1e-5)
+            assert np.asarray(f.beam_indices).tolist() == o.beam_indices.numpy().tolist(), (i, plen, kw)
+            assert len(f.scores) == len(o.scores)
+            for a, b in zip(f.scores, o.scores):
+                b = b.numpy()
+                fin = np.isfinite(b)
+                assert (np.isfinite(np.asarray(a)) == fin).all()
+                # log-probs of ~-40 over a vocabulary: float32 logits that differ by matmul order differ by ~5e-5
+                np.testing.assert_allclose(np.asarray(a)[fin], b[fin], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(
+                np.asarray(m.compute_transition_scores(f.sequences, f.scores, f.beam_indices)),
+                hf.compute_transition_scores(o.sequences, o.scores, o.beam_indices).numpy(), rtol=1e-4, atol=1e-4)

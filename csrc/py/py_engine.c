@@ -189,7 +189,7 @@ static PyObject *req_records(FlPyRequest *self, PyObject *args) {
     return a;
 }
 
-/* beams() -> [(int64 array of generated ids, score), ...]: a finished beam search's hypotheses, best first
+/* beams() -> [(int64 ids, score, int64 beam indices), ...]: a finished beam search's hypotheses, best first
  * (fl_request_beam); [] for other requests and before it finished. */
 static PyObject *req_beams(FlPyRequest *self, PyObject *noargs) {
     (void)noargs;
@@ -197,28 +197,46 @@ static PyObject *req_beams(FlPyRequest *self, PyObject *noargs) {
     PyObject *res = PyList_New(n);
     for (int i = 0; res && i < n; i++) {
         float score = 0;
-        const int len = fl_request_beam(self->r, i, NULL, 0, &score);
+        const int len = fl_request_beam(self->r, i, NULL, NULL, 0, &score);
         npy_intp dims[1] = {len > 0 ? len : 0};
-        PyObject *a = PyArray_SimpleNew(1, dims, NPY_INT64);
-        int32_t *tmp = len > 0 ? malloc((size_t)len * 4) : NULL;
-        if (!a || (len > 0 && !tmp)) {
+        PyObject *a = PyArray_SimpleNew(1, dims, NPY_INT64), *b = PyArray_SimpleNew(1, dims, NPY_INT64);
+        int32_t *tmp = len > 0 ? malloc((size_t)len * 8) : NULL;
+        if (!a || !b || (len > 0 && !tmp)) {
             Py_XDECREF(a);
+            Py_XDECREF(b);
             free(tmp);
             Py_CLEAR(res);
             if (!PyErr_Occurred()) PyErr_NoMemory();
             break;
         }
         if (len > 0) {
-            fl_request_beam(self->r, i, tmp, len, &score);
-            int64_t *d = PyArray_DATA((PyArrayObject *)a);
-            for (int k = 0; k < len; k++) d[k] = tmp[k];
+            fl_request_beam(self->r, i, tmp, tmp + len, len, &score);
+            int64_t *d = PyArray_DATA((PyArrayObject *)a), *di = PyArray_DATA((PyArrayObject *)b);
+            for (int k = 0; k < len; k++) {
+                d[k] = tmp[k];
+                di[k] = tmp[len + k];
+            }
         }
         free(tmp);
-        PyObject *t = Py_BuildValue("(Nd)", a, (double)score);
+        PyObject *t = Py_BuildValue("(NdN)", a, (double)score, b);
         if (!t) { Py_CLEAR(res); break; }
         PyList_SET_ITEM(res, i, t);
     }
     return res;
+}
+
+/* beam_scores() -> float32 [steps, num_beams, vocab]: a finished beam search's kept scores (keep_scores: transformers'
+ * scores, each step's processed log-probs of the running beams), [0, 0, 0] when none were kept. */
+static PyObject *req_beam_scores(FlPyRequest *self, PyObject *noargs) {
+    (void)noargs;
+    const int steps = fl_request_beam_scores(self->r, -1, NULL);
+    const int K = steps ? fl_request_beam_width(self->r) : 0, V = steps ? fl_request_vocab(self->r) : 0;
+    npy_intp dims[3] = {steps, K, V};
+    PyObject *a = PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    if (!a) return NULL;
+    float *d = PyArray_DATA((PyArrayObject *)a);
+    for (int t = 0; t < steps; t++) fl_request_beam_scores(self->r, t, d + (size_t)t * K * V);
+    return a;
 }
 
 static PyObject *req_record_size(FlPyRequest *self, void *c) {
@@ -262,7 +280,9 @@ static PyMethodDef req_methods[] = {
     {"records", (PyCFunction)req_records, METH_VARARGS,
      "records(start=0, stop=None) -> float32 [n, record_size]: what was kept of each token (engine_submit's keep_*)."},
     {"beams", (PyCFunction)req_beams, METH_NOARGS,
-     "beams() -> [(int64 ids, score), ...]: a finished beam search's hypotheses, best first (num_return_sequences)."},
+     "beams() -> [(int64 ids, score, int64 beam indices), ...]: a finished beam search's hypotheses, best first."},
+    {"beam_scores", (PyCFunction)req_beam_scores, METH_NOARGS,
+     "beam_scores() -> float32 [steps, num_beams, vocab]: a finished beam search's kept scores (keep_scores)."},
     {"check", (PyCFunction)req_check, METH_NOARGS, "Raise the request's error if it failed; return whether it finished."},
     {"cancel", (PyCFunction)req_cancel, METH_NOARGS, "Stop the request; its KV pages are freed at the next step."},
     {NULL, NULL, 0, NULL},
