@@ -265,8 +265,11 @@ def test_output_flags(demo_model, enc):
     assert len(o.scores) == 2
     with pytest.raises(ValueError, match="sequences"):
         m.compute_transition_scores(o.sequences[:, :1], o.scores + o.scores + o.scores)
-    with pytest.raises(NotImplementedError, match="beam"):
-        m.compute_transition_scores(o.sequences, o.scores, beam_indices=np.zeros((1, 2), np.int64))
+    # beam_indices of greedy search (beam 0 every step, as transformers assumes without them): the same scores
+    np.testing.assert_array_equal(m.compute_transition_scores(o.sequences, o.scores, beam_indices=np.zeros((1, 2), np.int64)),
+                                  m.compute_transition_scores(o.sequences, o.scores))
+    with pytest.raises(ValueError, match="beam_indices"):
+        m.compute_transition_scores(o.sequences, o.scores, beam_indices=np.full((1, 2), 5, np.int64))
 
 
 def test_concurrent_callers_get_their_own_scores(demo_model, demo_tok):
