@@ -14,26 +14,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import decode_rate, need_cuda  # noqa: E402
-
-
-def rate(fn, new, reps=3):
-    rs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(1)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n = fn(new)
-        rs.append(decode_rate(n, time.perf_counter() - t0, ttft))
-    ok = [r for r in rs if r is not None]
-    return (float(np.median(ok)) if ok else None), [None if r is None else round(r, 2) for r in rs]
+from gpu_bench import median_rate as rate, need_cuda  # noqa: E402
 
 
 def main():

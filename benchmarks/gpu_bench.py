@@ -148,6 +148,23 @@ def decode_rate(n, dt, ttft):
     return (n - 1) / (dt - ttft) if dt > ttft and n >= 2 else None
 
 
+def median_rate(fn, new, reps=3):
+    """Decode tokens/s of fn(n) (it generates and returns the tokens it made): `reps` pairs of a 1-token call and a
+    `new`-token call (decode_rate). Returns (the median of the runs that gave a rate or None when none did, every
+    run's rate rounded to 0.01 or None)."""
+    rs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(1)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = fn(new)
+        rs.append(decode_rate(n, time.perf_counter() - t0, ttft))
+    ok = sorted(r for r in rs if r is not None)
+    med = None if not ok else (ok[len(ok) // 2] if len(ok) % 2 else (ok[len(ok) // 2 - 1] + ok[len(ok) // 2]) / 2)
+    return med, [None if r is None else round(r, 2) for r in rs]
+
+
 def _decode_rates(B, T, n, dt, ttft):
     """fl_decode's / hf_decode's figures (decode_rate's; an error where it has none)."""
     if decode_rate(n, dt, ttft) is None:

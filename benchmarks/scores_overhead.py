@@ -12,30 +12,21 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import decode_rate, need_cuda  # noqa: E402
+from gpu_bench import median_rate, need_cuda  # noqa: E402
 
 
 def rate(fn, new, reps=3):
-    rs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(1)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n = fn(new)
-        rs.append(decode_rate(n, time.perf_counter() - t0, ttft))  # None: the noise between two calls exceeded the decode
-    ok = [r for r in rs if r is not None]
-    if len(ok) < 2:
-        raise SystemExit(f"scores_overhead: {reps - len(ok)} of {reps} runs had the {new}-token call no slower than the "
-                         "1-token call: the timing noise exceeds the decode, no rate to report (a larger --new, a "
-                         "quieter machine)")
-    return float(np.median(ok)), [None if r is None else round(r, 1) for r in rs]
+    med, rs = median_rate(fn, new, reps)  # a None run: the noise between two calls exceeded the decode
+    if sum(r is not None for r in rs) < 2:
+        raise SystemExit(f"scores_overhead: {sum(r is None for r in rs)} of {reps} runs had the {new}-token call no "
+                         "slower than the 1-token call: the timing noise exceeds the decode, no rate to report (a "
+                         "larger --new, a quieter machine)")
+    return med, rs
 
 
 def main():

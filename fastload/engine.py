@@ -290,13 +290,7 @@ class Engine:
         B, T = ids.shape
         reqs = []
         try:
-            rows = []
-            for b in range(B):
-                row = ids[b] if mask is None else ids[b][mask[b] != 0]
-                if row.size == 0:
-                    raise ValueError(f"input row {b} has no token" + ("" if ids.shape[1] == 0 or mask is None else
-                                                                      " (its attention_mask is all zeros)"))
-                rows.append(row.astype(np.int32))
+            rows = _prompt_rows(ids, mask)
             # one group: the engine queues every row under one lock, so the batches it forms from them (and a
             # batched matmul's rounding) are the same on every run, whatever its driver was doing meanwhile
             reqs = core.engine_submit(
@@ -355,13 +349,7 @@ class Engine:
     def _beam_generate(self, core, ids, mask, max_new, min_new, r, eos, fill):
         B, T = ids.shape
         K, n_ret = int(r["num_beams"]), int(r["num_return_sequences"])
-        rows = []
-        for b in range(B):
-            row = ids[b] if mask is None else ids[b][mask[b] != 0]
-            if row.size == 0:
-                raise ValueError(f"input row {b} has no token" + ("" if ids.shape[1] == 0 or mask is None else
-                                                                  " (its attention_mask is all zeros)"))
-            rows.append(row.astype(np.int32))
+        rows = _prompt_rows(ids, mask)
         reqs = []
         try:
             reqs = core.engine_submit(
@@ -488,6 +476,18 @@ class Engine:
             if done:
                 q.check()
                 return q.tokens(0, have)
+
+
+def _prompt_rows(ids, mask):
+    """Each row's tokens where the mask is 1 (left padding dropped), int32, for engine_submit."""
+    rows = []
+    for b in range(ids.shape[0]):
+        row = ids[b] if mask is None else ids[b][mask[b] != 0]
+        if row.size == 0:
+            raise ValueError(f"input row {b} has no token" + ("" if ids.shape[1] == 0 or mask is None else
+                                                              " (its attention_mask is all zeros)"))
+        rows.append(row.astype(np.int32))
+    return rows
 
 
 def _bias_arrays(bias):

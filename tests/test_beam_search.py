@@ -236,7 +236,12 @@ def test_beams_share_the_prompt_pages(qwen):
 def test_beam_search_beside_other_requests_from_threads(qwen):
     """Beam searches and greedy requests from several threads at once, in one engine: every answer is the one its
     request gives alone."""
-    m = load()
+    threads_match_alone(load())
+
+
+def threads_match_alone(m, rounds=2):
+    """Two beam searches and two greedy requests from four threads at once, `rounds` times: each answer equals the
+    request alone; nothing is left running. (The GPU test runs it too.)"""
     ps = [_prompt(n, 100 + n) for n in (6, 20, 35, 11)]
     kws = [dict(num_beams=3, max_new_tokens=8, eos_token_id=_eos_ids(m, ps[0], 1)),
            dict(max_new_tokens=12, eos_token_id=None),
@@ -247,7 +252,7 @@ def test_beam_search_beside_other_requests_from_threads(qwen):
 
     def run(i):
         got[i] = np.asarray(m.generate(ps[i][None], pad_token_id=0, **kws[i]))
-    for _ in range(2):
+    for _ in range(rounds):
         ths = [threading.Thread(target=run, args=(i,)) for i in range(len(ps))]
         for t in ths:
             t.start()
@@ -255,7 +260,7 @@ def test_beam_search_beside_other_requests_from_threads(qwen):
             t.join()
         for a, g in zip(alone, got):
             assert g.tolist() == a.tolist()
-    assert m.engine_stats()["running"] == 0
+    assert m.engine_stats()["running"] == 0 and m.engine_stats()["pages_used"] == 0
 
 
 def test_beam_search_in_a_small_pool_fails_clearly_and_frees_its_pages():

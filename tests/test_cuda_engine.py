@@ -520,26 +520,10 @@ def test_beam_search_on_the_gpu_equals_the_reference():
 def test_beam_search_on_the_gpu_shares_pages_and_runs_beside_others():
     """K beams of a 100-token prompt hold its full pages once; beam searches and greedy requests from threads give the
     answers each gives alone (float32: batch sizes change only the rounding), and every page comes back."""
-    import threading
     import test_beam_search as tb
     m = _load("float32")
     m.configure_engine(kv_page_tokens=16)
     p = tb._prompt(100, 3)
     out = np.asarray(m.generate(p[None], num_beams=4, max_new_tokens=6, eos_token_id=None, pad_token_id=0))
     assert out.shape == (1, 106) and m.engine_stats()["peak_pages_used"] <= 6 + 4 + 4, m.engine_stats()
-    ps = [tb._prompt(n, 100 + n) for n in (6, 20, 35, 11)]
-    kws = [dict(num_beams=3, max_new_tokens=8), dict(max_new_tokens=12, eos_token_id=None),
-           dict(num_beams=2, max_new_tokens=10, num_return_sequences=2), dict(max_new_tokens=9, eos_token_id=None)]
-    alone = [np.asarray(m.generate(q[None], pad_token_id=0, **kw)) for q, kw in zip(ps, kws)]
-    got = [None] * len(ps)
-
-    def run(i):
-        got[i] = np.asarray(m.generate(ps[i][None], pad_token_id=0, **kws[i]))
-    ths = [threading.Thread(target=run, args=(i,)) for i in range(len(ps))]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
-    for a, g in zip(alone, got):
-        assert g.tolist() == a.tolist()
-    assert m.engine_stats()["pages_used"] == 0
+    tb.threads_match_alone(m, rounds=1)
