@@ -349,6 +349,9 @@ class Engine:
     def _beam_generate(self, core, ids, mask, max_new, min_new, r, eos, fill):
         B, T = ids.shape
         K, n_ret = int(r["num_beams"]), int(r["num_return_sequences"])
+        if not self.opts["engine"]:
+            raise ValueError(f"num_beams={K}: beam search runs its beams as rows of the engine's batch, and this model "
+                             "was loaded with engine=False (one row at a time); load it with the engine (the default)")
         rows = _prompt_rows(ids, mask)
         reqs = []
         try:

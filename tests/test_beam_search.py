@@ -294,6 +294,8 @@ def test_beam_search_arguments():
     m.configure_engine(max_num_seqs=2)
     with pytest.raises(ValueError, match="max_num_seqs"):
         m.generate(p, num_beams=3, max_new_tokens=3)
+    with pytest.raises(ValueError, match="engine=False"):
+        load(engine=False).generate(p, num_beams=2, max_new_tokens=3)
     out = m.generate(p, num_beams=2, max_new_tokens=0)  # nothing to generate: the prompt
     assert np.asarray(out).tolist() == p.tolist()
 
