@@ -123,7 +123,10 @@ def _case(model, prompt, case):
     return kw
 
 
-def _check(model, prompt, kw, process=None, **gen):
+def _check(model, prompt, kw, process=None, tol=1e-5, **gen):
+    """model's beam search against the reference on its own logits: the same tokens, beam_indices and fill;
+    sequences_scores and every step's scores within tol (relative, at least absolute 1e-5); compute_transition_scores
+    consistent with sequences_scores."""
     out = model.generate(prompt[None], do_sample=False, return_dict_in_generate=True, output_scores=True,
                          pad_token_id=0, **kw, **gen)
     eos = tuple(kw.get("eos_token_id") or ())
@@ -139,12 +142,12 @@ def _check(model, prompt, kw, process=None, **gen):
         assert (seq[i, :P] == prompt).all()
         assert seq[i, P:P + len(toks)].tolist() == toks.tolist(), (i, seq[:, P:].tolist(), [t.tolist() for t, _, _ in ref])
         assert (seq[i, P + len(toks):] == (eos[0] if eos else -1)).all()  # transformers' fill after a short hypothesis
-        assert abs(sc[i] - score) <= 1e-5 * max(1.0, abs(score)), (i, sc.tolist(), [s for _, s, _ in ref])
+        assert abs(sc[i] - score) <= tol * max(1.0, abs(score)), (i, sc.tolist(), [s for _, s, _ in ref])
         assert bi[i, :len(hist)].tolist() == hist.tolist() and (bi[i, len(hist):] == -1).all(), (i, bi.tolist())
     # transformers' scores: every step's processed log-probs of the running beams
     assert len(out.scores) == len(steps)
     for a, b in zip(out.scores, steps):
-        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=tol, atol=tol)
     # compute_transition_scores with beam_indices: summed over a hypothesis and length-penalised, its sequence score
     # (transformers' docstring's check)
     ts = np.asarray(model.compute_transition_scores(out.sequences, out.scores, out.beam_indices))

@@ -508,13 +508,14 @@ def test_beam_search_on_the_gpu_equals_the_reference():
     """Beam search on CUDA (tests/test_beam_search.py on the CPU): the beams are rows of the engine's decode steps, a
     forking beam's partly filled last page is copied on the device (convert_d) before the next step reads it. Held to
     the numpy port of transformers' algorithm on this model's own logits, float32, every case, prompts that end inside
-    a page and past one."""
+    a page and past one. Scores within 1e-4: the reference reads every step as a whole-sequence forward, the engine
+    through its decode kernels (the split-K attention), which differ by a few 1e-5 on log-probs of ~1-50."""
     import test_beam_search as tb
     m = _load("float32")
     for i, case in enumerate(tb.CASES):
         for plen in (5, 33):
             p = tb._prompt(plen, i)
-            tb._check(m, p, tb._case(m, p, case))
+            tb._check(m, p, tb._case(m, p, case), tol=1e-4)
 
 
 def test_beam_search_on_the_gpu_shares_pages_and_runs_beside_others():
