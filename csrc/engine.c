@@ -62,6 +62,7 @@ struct fl_request {
     fl_request *next;         /* waiting queue */
     struct fl_beams *bm;      /* beam search: the group this request is a beam of (NULL: an ordinary request) */
     int beam_row;             /* beam search: its row of the step's logits (set when the step's forward gave them) */
+    int beam_i;               /* beam search: its index in its group's req[] */
 };
 
 /* The page pool with its prefix table (chained hash over a page's tokens and the page before it). */
@@ -184,6 +185,11 @@ typedef struct fl_beams {
     int32_t *hist, *hist_tmp, *fin_hist, *fin_hist_tmp;
     float **sc;                    /* keep_scores: [gmax] steps of [K, vocab] processed log-probs (transformers' scores) */
     int n_sc;
+    /* each logical beam's best `keep` accumulated scores of the step and their tokens (value order, ties by token),
+     * found by choose_tokens for the beam's row (rows in parallel); beam_select merges them */
+    float *bv;                     /* [K * keep] */
+    int32_t *bt;                   /* [K * keep] */
+    int *bn;                       /* [K] how many each holds (keep, fewer where NaNs are) */
 } fl_beams;
 
 /* fork(): the child has no driver thread, and a lock the parent's driver held would stay held there forever.
@@ -363,6 +369,7 @@ static void beams_free(fl_beams *g) {
     free(g->fin_tok); free(g->fin_tmp); free(g->cv); free(g->rl); free(g->fs); free(g->cb); free(g->ct); free(g->hit);
     free(g->sel); free(g->phys); free(g->taken); free(g->tmp);
     free(g->hist); free(g->hist_tmp); free(g->fin_hist); free(g->fin_hist_tmp);
+    free(g->bv); free(g->bt); free(g->bn);
     for (int i = 0; i < g->n_sc; i++) free(g->sc[i]);
     free(g->sc);
     free(g);
@@ -653,6 +660,7 @@ static int plain_greedy(const fl_request *r) {
 }
 
 static void apply_rules(const fl_request *r, float *lg, int V, uint8_t *mark);
+static void beam_row_candidates(fl_beams *g, int phys, const float *lp, int V);
 static void log_softmax_row(float *x, int V);
 
 #define TOK_NO_RECORD (-2) /* choose_tokens: the block for the token's kept row could not be allocated */
@@ -701,6 +709,7 @@ static void choose_tokens(fl_engine *e, fl_request **rq, int B) {
         if (r->bm) { /* a beam: its row becomes log-probabilities, then the rules below (transformers' order) */
             log_softmax_row(lg, V);
             apply_rules(r, lg, V, mark);
+            beam_row_candidates(r->bm, r->beam_i, lg, V);
             e->h_next[b] = 0;
             continue;
         }
@@ -777,6 +786,30 @@ static void take_token(fl_engine *e, fl_request *r, int32_t tok) {
 }
 
 /* ---- beam search (fl_beams, above) --------------------------------------------------------------- */
+/* For each logical beam j whose sequence is physical beam `phys` (one; every j at the first step, when the leader's
+ * row stands for all): the best `keep` of lp[v] + score[j], in value order with ties by token (the order of
+ * transformers' flat top-k over beam * vocab + token, which beam_select keeps when it merges the beams in j order).
+ * Runs in choose_tokens' parallel rows: each j's lists are written by its own row only. */
+static void beam_row_candidates(fl_beams *g, int phys, const float *lp, int V) {
+    const int keep = g->keep;
+    for (int j = 0; j < g->K; j++) {
+        if (g->order[j] != phys) continue;
+        float *cv = g->bv + (size_t)j * keep;
+        int32_t *ct = g->bt + (size_t)j * keep;
+        const float sc = g->score[j];
+        int c = 0;
+        for (int v = 0; v < V; v++) {
+            const float a = lp[v] + sc;
+            if (c == keep && !(a > cv[keep - 1])) continue;
+            int i = c < keep ? c++ : keep - 1;
+            while (i > 0 && a > cv[i - 1]) { cv[i] = cv[i - 1]; ct[i] = ct[i - 1]; i--; }
+            cv[i] = a;
+            ct[i] = v;
+        }
+        g->bn[j] = c;
+    }
+}
+
 /* A page for a beam's copy of its parent's last page: a free one, else one an ordinary request gives back
  * (make_room; no other beam search is failed for it: beam_run has its group in hand). -1 when none can be had. */
 static int beam_page(fl_engine *e, fl_request *r) {
@@ -868,20 +901,21 @@ static void beam_select(fl_engine *e, fl_beams *g) {
             memcpy(row + (size_t)j * V, e->logits + (size_t)g->req[g->order[j]]->beam_row * V, (size_t)V * sizeof(float));
         g->sc[g->n_sc++] = row;
     }
-    /* b. accumulated log-probs of every (logical beam, token); c. the top `keep` of them */
+    /* b. accumulated log-probs of every (logical beam, token); c. the top `keep` of them: each beam's best `keep`
+     * (beam_row_candidates) merged in beam order, so equal values keep transformers' flat order */
     int c = 0;
     for (int j = 0; j < K; j++) {
-        const float *lp = e->logits + (size_t)g->req[g->order[j]]->beam_row * V;
-        const float sc = g->score[j];
-        for (int v = 0; v < V; v++) {
-            const float a = lp[v] + sc;
-            if (c == keep && !(a > g->cv[keep - 1])) continue;
+        const float *bv = g->bv + (size_t)j * keep;
+        const int32_t *bt = g->bt + (size_t)j * keep;
+        for (int t = 0; t < g->bn[j]; t++) {
+            const float a = bv[t];
+            if (c == keep && !(a > g->cv[keep - 1])) break; /* the beam's next ones are no larger */
             int i = c < keep ? c++ : keep - 1;
             while (i > 0 && a > g->cv[i - 1]) {
                 g->cv[i] = g->cv[i - 1]; g->cb[i] = g->cb[i - 1]; g->ct[i] = g->ct[i - 1];
                 i--;
             }
-            g->cv[i] = a; g->cb[i] = j; g->ct[i] = v;
+            g->cv[i] = a; g->cb[i] = j; g->ct[i] = bt[t];
         }
     }
     if (c < keep) { /* NaN log-probabilities: fewer candidates than transformers' torch.topk would return */
@@ -1835,10 +1869,12 @@ static fl_status beams_make(fl_engine *e, fl_request *r) {
     g->taken = malloc((size_t)K * sizeof(int)); g->tmp = malloc((size_t)K * sizeof(float));
     const size_t nh = (size_t)K * (size_t)g->gmax * 4;
     g->hist = malloc(nh); g->hist_tmp = malloc(nh); g->fin_hist = malloc(nh); g->fin_hist_tmp = malloc(nh);
+    g->bv = malloc((size_t)K * keep * sizeof(float)); g->bt = malloc((size_t)K * keep * 4); g->bn = calloc((size_t)K, sizeof(int));
     if (r->p.keep_scores) g->sc = calloc((size_t)g->gmax, sizeof *g->sc);
     int ok = g->req && g->order && g->score && g->fin_score && g->fin_done && g->fin_len && g->fin_tok && g->fin_tmp &&
              g->cv && g->rl && g->fs && g->cb && g->ct && g->hit && g->sel && g->phys && g->taken && g->tmp &&
-             g->hist && g->hist_tmp && g->fin_hist && g->fin_hist_tmp && (!r->p.keep_scores || g->sc);
+             g->hist && g->hist_tmp && g->fin_hist && g->fin_hist_tmp && g->bv && g->bt && g->bn &&
+             (!r->p.keep_scores || g->sc);
     if (ok) g->req[0] = r;
     for (int k = 1; ok && k < K; k++) {
         fl_request *f = calloc(1, sizeof *f);
@@ -1862,6 +1898,7 @@ static fl_status beams_make(fl_engine *e, fl_request *r) {
         f->refs = 1;
         f->state = RQ_BEAM_IDLE;
         f->bm = g;
+        f->beam_i = k;
         g->req[k] = f;
     }
     if (!ok) {
