@@ -771,12 +771,13 @@ def _resolve_settings(gc, layers) -> dict:
         return "generate"
     for k, neutral in _REFUSED_FIELDS.items():
         if not _off(k, gc.get(k), neutral):
-            raise NotImplementedError(f"{source(k)}: {k}={gc.get(k)!r} is not supported (greedy and sampling only, "
-                                      "token ids returned)")
+            raise NotImplementedError(f"{source(k)}: {k}={gc.get(k)!r} is not supported (attention maps and hidden "
+                                      "states are not kept; token ids and scores are returned)")
     for k, neutral in _UNSUPPORTED_FIELDS.items():
         if not _off(k, gc.get(k), neutral):
-            raise TypeError(f"{source(k)}: unsupported argument {k}={gc.get(k)!r}: fastload implements greedy search "
-                            "and sampling (temperature, top_k, top_p, repetition_penalty, min/max lengths); "
+            raise TypeError(f"{source(k)}: unsupported argument {k}={gc.get(k)!r}: fastload implements greedy search, "
+                            "sampling (temperature, top_k, top_p, min_p, ...) and beam search (num_beams), with "
+                            "transformers' logits processors; "
                             f"leave {k} unset (or {neutral!r}) or pass {k}={neutral!r} to override the model's")
     # lengths, top_k and the n-gram size past int32 all mean "no limit here": clamped (generation stops at the context)
     r = dict(max_new_tokens=_int_arg(gc, "max_new_tokens", 0, clamp=True),
@@ -843,8 +844,9 @@ def _resolve_settings(gc, layers) -> dict:
     r["num_beams_source"] = source("num_beams")
     r["length_penalty"] = _float_arg(gc, "length_penalty", 1.0)
     es = gc.get("early_stopping")
-    if es is None or es is False or es is True or es == "never":
-        r["early_stopping"] = 2 if es == "never" else int(bool(es))
+    if es is None or isinstance(es, (bool, np.bool_)) or (isinstance(es, (int, np.integer)) and es in (0, 1)) or \
+            (isinstance(es, str) and es == "never"):
+        r["early_stopping"] = 2 if isinstance(es, str) else int(bool(es))  # 0 / 1: False / True, as transformers
     else:
         raise ValueError(f"{source('early_stopping')}: early_stopping={es!r} must be True, False or 'never'")
     if r["num_beams"] > 1:
@@ -1658,7 +1660,7 @@ class FastModelForCausalLM:
         return out
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
-        """transformers' compute_transition_scores for greedy search and sampling: [batch, new tokens], the score of
+        """transformers' compute_transition_scores: [batch, new tokens], the score of
         each generated token at its step (scores: generate's output_scores or output_logits tuple);
         normalize_logits=True takes the log softmax of each step's row first (log-probabilities). float32, torch
         when `sequences` is a torch tensor."""
