@@ -462,31 +462,47 @@ static int read_end(const fl_engine *e, const fl_request *r) {
 /* A decode row whose input token is not the last one (a preempted request feeding its generated tokens again). */
 static int replaying(const fl_request *r) { return r->n_cached + 1 < r->n_prompt + r->n_out; }
 
-/* Page for r when the pool is dry: preempt the newest running ordinary request other than r that holds pages, newer
- * than r (or any, for a beam: beams are not preempted, their sequences cannot be read again one by one, so an older
- * ordinary request yields and is read again later); else r itself when it is an ordinary request and others hold
- * pages; else, with fail_beams, fail the newest beam search newer than r (not one reading its prompt: its leader may
- * be a row of the step being planned). Returns 1 when a page may now be free, 0 when r was preempted, -1 when nothing
- * can be done. */
-static int make_room(fl_engine *e, fl_request *r, int fail_beams) {
-    fl_request *victim = NULL, *bvictim = NULL;
+static void beams_reset(fl_beams *g);
+/* A beam search back to the head of the queue, to start again from its prompt (beam search is deterministic: it
+ * gives the same answer; its beams' sequences could not be read again one by one). Under mu. */
+static void beams_restart(fl_engine *e, fl_beams *g) {
+    fl_request *lead = g->req[0];
+    for (int k = 0; k < g->K; k++) {
+        fl_request *x = g->req[k];
+        run_remove(e, x);
+        release_pages(e, x);
+        x->n_out = 0;
+        x->state = k ? RQ_BEAM_IDLE : RQ_WAITING;
+    }
+    lead->hit1 = 0;
+    lead->next = e->wait_head;
+    e->wait_head = lead;
+    if (!e->wait_tail) e->wait_tail = lead;
+    e->n_waiting++;
+    e->st.preemptions++;
+    beams_reset(g);
+}
+
+/* Page for r when the pool is dry: the newest holder of pages other than r (an ordinary request, or a beam search as a
+ * whole, not r's own) yields when it is newer than r: an ordinary request is preempted, a beam search starts again
+ * from its prompt (beams_restart). Else r yields itself (r's whole search, for a beam). Returns 1 when a page may now
+ * be free, 0 when r yielded, -1 when nobody else holds pages (r alone cannot fit). */
+static int make_room(fl_engine *e, fl_request *r) {
+    fl_request *victim = NULL;
     for (int i = 0; i < e->n_run; i++) {
         fl_request *x = e->run[i];
-        if (x == r || x->n_pages == 0) continue;
-        if (!x->bm) {
-            if (!victim || x->seq > victim->seq) victim = x;
-        } else if (fail_beams && x->bm != r->bm && x->bm->req[0]->state != RQ_PREFILL && (!bvictim || x->seq > bvictim->seq)) {
-            bvictim = x;
-        }
+        if (x == r || x->n_pages == 0 || (r->bm && x->bm == r->bm)) continue;
+        if (!victim || x->seq > victim->seq) victim = x;
     }
-    if (victim && (victim->seq > r->seq || r->bm)) { preempt(e, victim); return 1; }
-    if (victim) { preempt(e, r); return 0; } /* r is the newest holder: it waits instead */
-    if (bvictim && bvictim->seq > r->seq) {
-        finish(e, bvictim, FL_E_NOMEM, "beam search: the KV cache pool ran out of pages for its beams (an older "
-               "request needed them; beams are not preempted); give the model more kv_cache_memory");
+    if (!victim) return -1;
+    if (victim->seq > r->seq) {
+        if (victim->bm) beams_restart(e, victim->bm);
+        else preempt(e, victim);
         return 1;
     }
-    return -1;
+    if (r->bm) beams_restart(e, r->bm);
+    else preempt(e, r);
+    return 0;
 }
 
 /* A page for slot `slot` of r (held pages cover [0, n_pages * page)); when the pool is dry, make_room. Returns 0 with
@@ -496,7 +512,7 @@ static int ensure_page(fl_engine *e, fl_request *r, int slot) {
     while ((slot >> P->shift) >= r->n_pages) {
         const int id = page_alloc(P);
         if (id >= 0) { r->pages[r->n_pages++] = id; continue; }
-        const int rc = make_room(e, r, 1);
+        const int rc = make_room(e, r);
         if (rc == 0) return -1;
         if (rc < 0) return -2;
     }
@@ -810,19 +826,20 @@ static void beam_row_candidates(fl_beams *g, int phys, const float *lp, int V) {
     }
 }
 
-/* A page for a beam's copy of its parent's last page: a free one, else one an ordinary request gives back
- * (make_room; no other beam search is failed for it: beam_run has its group in hand). -1 when none can be had. */
+/* A page for a beam's copy of its parent's last page: a free one, else one a newer holder gives back (make_room).
+ * -1: r's search was restarted instead (it is the newest holder); -2: nobody else holds pages. */
 static int beam_page(fl_engine *e, fl_request *r) {
     for (;;) {
         const int id = page_alloc(&e->pool);
         if (id >= 0) return id;
-        if (make_room(e, r, 0) <= 0) return -1;
+        const int rc = make_room(e, r);
+        if (rc <= 0) return rc == 0 ? -1 : -2;
     }
 }
 
 /* dst (a beam whose sequence was dropped) becomes a copy of src: its generated tokens, src's full pages shared, and
- * a page of its own for src's partly filled last one, copied on the device before the next forward. 0, or -1 when no
- * page could be had. Under mu. */
+ * a page of its own for src's partly filled last one, copied on the device before the next forward. 0, or beam_page's
+ * -1 (the search was restarted) / -2 (no page can be had). Under mu. */
 static int beam_copy(fl_engine *e, fl_request *dst, const fl_request *src) {
     pool_t *P = &e->pool;
     for (int i = 0; i < dst->n_pages; i++) page_release(P, dst->pages[i]);
@@ -840,7 +857,7 @@ static int beam_copy(fl_engine *e, fl_request *dst, const fl_request *src) {
     dst->state = RQ_DECODE;
     if (!(src->n_cached & (P->page - 1))) return 0;
     const int id = beam_page(e, dst);
-    if (id < 0) return -1;
+    if (id < 0) return id;
     dst->pages[dst->n_pages++] = id;
     e->cp[2 * e->n_cp] = src->pages[full];
     e->cp[2 * e->n_cp + 1] = id;
@@ -1029,9 +1046,11 @@ static void beam_select(fl_engine *e, fl_beams *g) {
         while (g->taken[fr]) fr++;
         g->taken[fr] = 1;
         g->phys[j] = fr;
-        if (beam_copy(e, g->req[fr], g->req[g->order[g->cb[nj[j]]]]) < 0) {
-            finish(e, lead, FL_E_NOMEM, "beam search: the KV cache pool has no page left for a beam; give the model "
-                   "more kv_cache_memory or use fewer beams");
+        const int rc = beam_copy(e, g->req[fr], g->req[g->order[g->cb[nj[j]]]]);
+        if (rc == -1) return; /* restarted from its prompt: an older request needed the pages */
+        if (rc < 0) {
+            finish(e, lead, FL_E_NOMEM, "beam search: the KV cache pool cannot hold this search's beams alone; give "
+                   "the model more kv_cache_memory or use fewer beams");
             return;
         }
     }
@@ -1062,7 +1081,7 @@ static void beam_collect(fl_engine *e, fl_request *r, int row) {
 static void beam_run(fl_engine *e) {
     for (int i = 0; i < e->n_bsel; i++) {
         fl_beams *g = e->bsel[i];
-        if (g->req[0]->state != RQ_DONE) beam_select(e, g);
+        if (g->req[0]->state == RQ_DECODE) beam_select(e, g); /* not one finished or restarted meanwhile */
     }
     e->n_bsel = 0;
 }
@@ -1907,12 +1926,25 @@ static fl_status beams_make(fl_engine *e, fl_request *r) {
         beams_free(g);
         return FL_E_NOMEM;
     }
-    for (int k = 0; k < K; k++) {
-        g->score[k] = k ? -1.0e9f : 0.0f; /* transformers: only the first beam's candidates at the first step */
-        g->fin_score[k] = -1.0e9f;
-    }
+    beams_reset(g);
     r->bm = g;
     return FL_OK;
+}
+
+/* The search's state as transformers starts it (at submit, and when it starts again: beams_restart). */
+static void beams_reset(fl_beams *g) {
+    for (int k = 0; k < g->K; k++) {
+        g->order[k] = 0;
+        g->score[k] = k ? -1.0e9f : 0.0f; /* transformers: only the first beam's candidates at the first step */
+        g->fin_score[k] = -1.0e9f;
+        g->fin_done[k] = 0;
+        g->fin_len[k] = 0;
+        g->bn[k] = 0;
+    }
+    g->heur = 1;
+    g->started = 0;
+    for (int i = 0; i < g->n_sc; i++) { free(g->sc[i]); g->sc[i] = NULL; }
+    g->n_sc = 0;
 }
 
 /* A request never queued (submit failed, or nothing to generate): its beams' followers go with it. Under mu or not

@@ -281,6 +281,33 @@ def test_beam_search_in_a_small_pool_fails_clearly_and_frees_its_pages():
     assert np.asarray(m.generate(p[None], max_new_tokens=3, eos_token_id=None)).shape == (1, 23)
 
 
+def test_beam_searches_that_outgrow_the_pool_together_wait_and_give_their_answers():
+    """A pool that holds each of these beam searches alone but not all at once: the newest yields and starts again
+    from its prompt (beam search is deterministic), nothing fails, every answer is the one it gives alone, and every
+    page comes back. Submitted to the engine together (no waiting in between), so they do run at once."""
+    m = load()
+    c = m.config
+    hd = c.hidden_size // c.num_attention_heads
+    page = 16 * 2 * c.num_hidden_layers * c.num_key_value_heads * hd * 4
+    m.configure_engine(kv_cache_memory=18 * page, kv_page_tokens=16)
+    core = m._engine_handle().core()
+    ps = [_prompt(n, 300 + n).astype(np.int32) for n in (20, 24, 9, 30)]
+    kws = [dict(num_beams=4, max_new_tokens=30), dict(num_beams=3, max_new_tokens=28), dict(max_new_tokens=40),
+           dict(num_beams=2, max_new_tokens=25, num_return_sequences=2)]
+
+    def answer(q, kw):
+        while not q.wait(1 << 30, timeout=60)[1]:
+            pass
+        q.check()
+        return [b[0].tolist() for b in q.beams()] if kw.get("num_beams", 1) > 1 else q.tokens().tolist()
+    alone = [answer(core.engine_submit(p, eos_token_ids=[], **kw), kw) for p, kw in zip(ps, kws)]
+    pre = m.engine_stats()["preemptions"]
+    qs = [core.engine_submit(p, eos_token_ids=[], **kw) for p, kw in zip(ps, kws)]
+    assert [answer(q, kw) for q, kw in zip(qs, kws)] == alone
+    st = m.engine_stats()
+    assert st["preemptions"] > pre and st["pages_used"] == 0, st  # the case must make someone yield
+
+
 def test_beam_search_arguments():
     m = load()
     p = _prompt(5, 0)[None]
