@@ -167,7 +167,6 @@ typedef struct fl_beams {
     int maxlen, gmax;              /* transformers' max_length (prompt + new tokens, at most the context); new tokens */
     int ending;                    /* its beams are being finished (finish() of one ends them all, once) */
     int heur;                      /* transformers' is_early_stop_heuristic_unsatisfied */
-    int started;                   /* the first selection was made */
     fl_request **req;              /* [K] physical beams */
     int *order;                    /* [K] logical beam j (best first) -> index into req */
     float *score;                  /* [K] running scores of the logical beams */
@@ -175,7 +174,8 @@ typedef struct fl_beams {
     uint8_t *fin_done;             /* [K] is_sent_finished */
     int *fin_len;                  /* [K] generated tokens of each */
     int32_t *fin_tok, *fin_tmp;    /* [K * gmax] their tokens, and the buffer the next set is built in */
-    float *cv, *rl, *fs;           /* [keep] candidates' accumulated scores, running scores, finished scores */
+    float *cv, *rl;                /* [keep] candidates' accumulated scores, running scores */
+    float *fs;                     /* [K + keep] the kept hypotheses' scores, then the candidates' finished scores */
     int32_t *cb, *ct;              /* [keep] candidates' logical beam and token */
     uint8_t *hit;                  /* [keep] candidate ends its sequence (eos or max_length) */
     int *sel, *phys, *taken;       /* scratch: [K + keep], [K], [K] */
@@ -806,6 +806,17 @@ static void take_token(fl_engine *e, fl_request *r, int32_t tok) {
  * row stands for all): the best `keep` of lp[v] + score[j], in value order with ties by token (the order of
  * transformers' flat top-k over beam * vocab + token, which beam_select keeps when it merges the beams in j order).
  * Runs in choose_tokens' parallel rows: each j's lists are written by its own row only. */
+/* (a, x) into the best-first list v / id of c entries and capacity k, after the entries of equal value: the new count,
+ * or -1 when a is not among the best k (NaN never is). The top-k of beam search's candidate lists. */
+static int topk_push(float *v, int32_t *id, int c, int k, float a, int32_t x) {
+    if (c == k && !(a > v[k - 1])) return -1;
+    int i = c < k ? c++ : k - 1;
+    while (i > 0 && a > v[i - 1]) { v[i] = v[i - 1]; id[i] = id[i - 1]; i--; }
+    v[i] = a;
+    id[i] = x;
+    return c;
+}
+
 static void beam_row_candidates(fl_beams *g, int phys, const float *lp, int V) {
     const int keep = g->keep;
     for (int j = 0; j < g->K; j++) {
@@ -815,12 +826,8 @@ static void beam_row_candidates(fl_beams *g, int phys, const float *lp, int V) {
         const float sc = g->score[j];
         int c = 0;
         for (int v = 0; v < V; v++) {
-            const float a = lp[v] + sc;
-            if (c == keep && !(a > cv[keep - 1])) continue;
-            int i = c < keep ? c++ : keep - 1;
-            while (i > 0 && a > cv[i - 1]) { cv[i] = cv[i - 1]; ct[i] = ct[i - 1]; i--; }
-            cv[i] = a;
-            ct[i] = v;
+            const int n = topk_push(cv, ct, c, keep, lp[v] + sc, v);
+            if (n >= 0) c = n;
         }
         g->bn[j] = c;
     }
@@ -887,8 +894,8 @@ static fl_status beam_page_copies(fl_engine *e) {
     return st;
 }
 
-/* Keep the best `keep` of values a[i] (i < n) in g's candidate arrays, sorted by value, ties in index order (the
- * first one first); returns how many there are (< keep when n is smaller). Used for transformers' torch.topk calls,
+/* The indices of the best k of a[i] (i < n) in out, sorted by value, ties in index order (the first one first); returns
+ * how many there are (< k when n is smaller, or where NaNs are). Used for transformers' torch.topk calls,
  * whose order for equal values is not specified (equal float scores are rare outside -inf ones). */
 static int topk_idx(const float *a, int n, int k, int *out) {
     int c = 0;
@@ -921,19 +928,15 @@ static void beam_select(fl_engine *e, fl_beams *g) {
     /* b. accumulated log-probs of every (logical beam, token); c. the top `keep` of them: each beam's best `keep`
      * (beam_row_candidates) merged in beam order, so equal values keep transformers' flat order */
     int c = 0;
-    for (int j = 0; j < K; j++) {
-        const float *bv = g->bv + (size_t)j * keep;
-        const int32_t *bt = g->bt + (size_t)j * keep;
-        for (int t = 0; t < g->bn[j]; t++) {
-            const float a = bv[t];
-            if (c == keep && !(a > g->cv[keep - 1])) break; /* the beam's next ones are no larger */
-            int i = c < keep ? c++ : keep - 1;
-            while (i > 0 && a > g->cv[i - 1]) {
-                g->cv[i] = g->cv[i - 1]; g->cb[i] = g->cb[i - 1]; g->ct[i] = g->ct[i - 1];
-                i--;
-            }
-            g->cv[i] = a; g->cb[i] = j; g->ct[i] = bt[t];
+    for (int j = 0; j < K; j++)
+        for (int t = 0; t < g->bn[j]; t++) { /* cb holds the candidate's place in bv / bt until the merge is done */
+            const int n = topk_push(g->cv, g->cb, c, keep, g->bv[(size_t)j * keep + t], j * keep + t);
+            if (n < 0) break; /* the beam's next ones are no larger */
+            c = n;
         }
+    for (int i = 0; i < c; i++) {
+        g->ct[i] = g->bt[g->cb[i]];
+        g->cb[i] /= keep;
     }
     if (c < keep) { /* NaN log-probabilities: fewer candidates than transformers' torch.topk would return */
         finish(e, lead, FL_E_VALUE, "beam search: the model's log-probabilities are NaN");
@@ -961,29 +964,11 @@ static void beam_select(fl_engine *e, fl_beams *g) {
         f += (all_done && g->early == 1) ? -1.0e9f : -0.0f;
         f += !g->heur ? -1.0e9f : -0.0f;
         f += !(g->hit[i] && i < K) ? -1.0e9f : -0.0f;
-        g->fs[i] = f;
+        g->fs[K + i] = f;
     }
+    memcpy(g->fs, g->fin_score, (size_t)K * sizeof(float));
     int *mi = g->sel + K; /* K slots after nj: the merged top K (index < K: a kept hypothesis, else candidate - K) */
-    {
-        int cnt = 0;
-        for (int i = 0; i < K + keep; i++) {
-            const float a = i < K ? g->fin_score[i] : g->fs[i - K];
-            if (cnt == K) {
-                const int l = mi[K - 1];
-                const float al = l < K ? g->fin_score[l] : g->fs[l - K];
-                if (!(a > al)) continue;
-            }
-            int j = cnt < K ? cnt++ : K - 1;
-            while (j > 0) {
-                const int l = mi[j - 1];
-                const float al = l < K ? g->fin_score[l] : g->fs[l - K];
-                if (!(a > al)) break;
-                mi[j] = mi[j - 1];
-                j--;
-            }
-            mi[j] = i;
-        }
-    }
+    topk_idx(g->fs, K + keep, K, mi);
     for (int j = 0; j < K; j++) { /* the new finished set, built in fin_tmp */
         const int i = mi[j];
         int32_t *d = g->fin_tmp + (size_t)j * g->gmax;
@@ -1002,7 +987,7 @@ static void beam_select(fl_engine *e, fl_beams *g) {
             memcpy(dh, g->hist + (size_t)g->cb[q] * g->gmax, (size_t)n_out * 4);
             dh[n_out] = g->cb[q];
             g->phys[j] = n_out + 1;
-            g->tmp[j] = g->fs[q];
+            g->tmp[j] = g->fs[i];
             g->taken[j] = g->hit[q] && q < K;
         }
     }
@@ -1027,7 +1012,6 @@ static void beam_select(fl_engine *e, fl_beams *g) {
     int better = 0;
     for (int k = 0; k < K; k++) better |= bprs > (g->fin_done[k] ? fmin : -1.0e9f);
     g->heur = g->heur && better;
-    g->started = 1;
     if (!(g->heur && !(done2 && g->early == 1) && !all_hit) || cur2 >= e->cfg.max_context) {
         finish(e, lead, FL_OK, NULL);
         return;
@@ -1882,7 +1866,7 @@ static fl_status beams_make(fl_engine *e, fl_request *r) {
     g->fin_tok = malloc((size_t)K * (size_t)g->gmax * 4);
     g->fin_tmp = malloc((size_t)K * (size_t)g->gmax * 4);
     g->cv = malloc((size_t)keep * sizeof(float)); g->rl = malloc((size_t)keep * sizeof(float));
-    g->fs = malloc((size_t)keep * sizeof(float));
+    g->fs = malloc((size_t)(K + keep) * sizeof(float));
     g->cb = malloc((size_t)keep * 4); g->ct = malloc((size_t)keep * 4); g->hit = malloc((size_t)keep);
     g->sel = malloc((size_t)(K + keep) * sizeof(int)); g->phys = malloc((size_t)K * sizeof(int));
     g->taken = malloc((size_t)K * sizeof(int)); g->tmp = malloc((size_t)K * sizeof(float));
@@ -1942,7 +1926,6 @@ static void beams_reset(fl_beams *g) {
         g->bn[k] = 0;
     }
     g->heur = 1;
-    g->started = 0;
     for (int i = 0; i < g->n_sc; i++) { free(g->sc[i]); g->sc[i] = NULL; }
     g->n_sc = 0;
 }
