@@ -86,6 +86,12 @@ def load_cpu(path, **kw):
     return fastload.AutoModelForCausalLM.from_pretrained(str(path), **kw)
 
 
+def load_fixture(name: str = "qwen2", **kw):
+    """A tiny fixture model on the CPU in float32 with 2 threads (load_cpu), unless kw says otherwise."""
+    kw.setdefault("threads", 2)
+    return load_cpu(model_dir(name), **kw)
+
+
 def load_case(name: str) -> dict:
     """Every array of a fixture's golden .npz, plus "meta": the parsed golden .json.
 

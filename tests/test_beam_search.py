@@ -13,12 +13,7 @@ import numpy as np
 import pytest
 
 import fastload
-from golden_util import model_dir
-
-
-def load(name="qwen2", **kw):
-    return fastload.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), device_map="cpu", torch_dtype="float32",
-                                                         threads=2, **kw)
+from golden_util import load_fixture as load, model_dir
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,8 @@ import pytest
 
 import fastload
 from fastload import _C
-from golden_util import model_dir
+from golden_util import load_fixture as load
 from paged_util import paged_attention, paged_case, per_row_reference
-
-
-def load(name="qwen2", **kw):
-    return fastload.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), device_map="cpu", torch_dtype="float32",
-                                                         threads=2, **kw)
 
 
 @pytest.fixture(scope="module")

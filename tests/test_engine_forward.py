@@ -16,14 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import fastload
-from golden_util import load_case, model_dir
+from golden_util import load_case, load_fixture, model_dir
 from test_concurrency import run_py
 
 
 def load(name="llama", **kw):
-    return fastload.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), device_map="cpu", torch_dtype="float32",
-                                                         threads=2, **kw)
+    return load_fixture(name, **kw)
 
 
 def kv_bytes(model, B, T):
