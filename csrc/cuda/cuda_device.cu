@@ -57,23 +57,23 @@ extern "C" fl_status fl_cuda_kernel_check(int device, int *binary, int *ptx) {
     cudaGetLastError();  // not sticky, but leave nothing behind for the next check
     cudaDeviceProp p;
     const bool named = cudaGetDeviceProperties(&p, device) == cudaSuccess;
-    if (e == cudaErrorUnsupportedPtxVersion)  // no SASS for the GPU, and PTX newer than the driver can compile
+    const char *why = NULL, *fix = NULL;
+    if (e == cudaErrorUnsupportedPtxVersion) {  // no SASS for the GPU, and PTX newer than the driver can compile
+        why = "and the NVIDIA driver is too old to compile its PTX for this GPU";
+        fix = "Update the driver, or build for this GPU";
+    } else if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) {
+        why = "which has no kernels this GPU can run";
+        fix = "Build it for this GPU";
+    }
+    if (why)
         return fl_err(FL_E_UNSUPPORTED,
                       "cuda:%d (%s, compute capability %d.%d) cannot run this build of fastload: it was built with "
-                      "FASTLOAD_CUDA_ARCHS=\"%s\", and the NVIDIA driver is too old to compile its PTX for this GPU "
-                      "(%s: %s). Update the driver, or build for this GPU: FASTLOAD_CUDA_ARCHS=\"%d%d\" pip install --no-build-isolation --force-reinstall "
-                      "<fastload source>",
-                      device, named ? p.name : "?", named ? p.major : 0, named ? p.minor : 0, fl_cuda_archs(),
-                      cudaGetErrorName(e), cudaGetErrorString(e), named ? p.major : 0, named ? p.minor : 0);
-    if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction)
-        return fl_err(FL_E_UNSUPPORTED,
-                      "cuda:%d (%s, compute capability %d.%d) cannot run this build of fastload: it was built with "
-                      "FASTLOAD_CUDA_ARCHS=\"%s\", which has no kernels this GPU can run (%s: %s). Build it for this GPU: FASTLOAD_CUDA_ARCHS=\"%d%d\" pip install "
+                      "FASTLOAD_CUDA_ARCHS=\"%s\", %s (%s: %s). %s: FASTLOAD_CUDA_ARCHS=\"%d%d\" pip install "
                       "--no-build-isolation --force-reinstall <fastload source> (by default the build targets the "
                       "GPUs nvidia-smi shows where it runs; list several, e.g. \"80;90\", for a package used on "
                       "other machines)",
-                      device, named ? p.name : "?", named ? p.major : 0, named ? p.minor : 0, fl_cuda_archs(),
-                      cudaGetErrorName(e), cudaGetErrorString(e), named ? p.major : 0, named ? p.minor : 0);
+                      device, named ? p.name : "?", named ? p.major : 0, named ? p.minor : 0, fl_cuda_archs(), why,
+                      cudaGetErrorName(e), cudaGetErrorString(e), fix, named ? p.major : 0, named ? p.minor : 0);
     return fl_err(FL_E_DEVICE, "cuda:%d: cannot query fastload's kernels: %s (%s)", device, cudaGetErrorString(e),
                   cudaGetErrorName(e));
 }
