@@ -360,7 +360,7 @@ HAVE_PEER = all(importlib.util.find_spec(x) for x in ("torch", "transformers"))
 @pytest.mark.parametrize("name", ["qwen2", "llama"])
 def test_beam_search_equals_transformers(name):
     """transformers' own generate(num_beams=...) on the fixtures in float32: the same sequences, sequences_scores
-    within 1e-5 (relative), every case of CASES and the logits processors, and a left-padded batch."""
+    within 1e-4, every case of CASES and the logits processors, and a left-padded batch."""
     import torch
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir(name)), dtype=torch.float32).eval()
@@ -381,8 +381,10 @@ def test_beam_search_equals_transformers(name):
             f = m.generate(p[None], do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0,
                            **kw)
             assert np.asarray(f.sequences).tolist() == o.sequences.numpy().tolist(), (i, plen, kw)
-            np.testing.assert_allclose(np.asarray(f.sequences_scores), o.sequences_scores.numpy(), rtol=1e-5,
-                                       atol=1e-5)
+            # sums of up to 15 log-probs, each off by matmul order (below), times len ** -length_penalty: 1e-5 was
+            # too tight (1.6e-5 at length_penalty -1 with torch 2.15's CUDA wheel on the CPU)
+            np.testing.assert_allclose(np.asarray(f.sequences_scores), o.sequences_scores.numpy(), rtol=1e-4,
+                                       atol=1e-4, err_msg=str((i, plen, kw)))
             assert np.asarray(f.beam_indices).tolist() == o.beam_indices.numpy().tolist(), (i, plen, kw)
             assert len(f.scores) == len(o.scores)
             for a, b in zip(f.scores, o.scores):
