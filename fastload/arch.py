@@ -589,6 +589,10 @@ def _expert_plan(m: MoE, i: int, E: int, have):
     return out
 
 
+# GGUF hyperparameters llama.cpp also accepts as one value a layer (get_key_or_arr)
+PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+
+
 def gguf_names(ga: str) -> dict:
     """config key -> the GGUF metadata key it is read from, for messages."""
     return {k: f"{ga}.{v}" for k, v in checks.GGUF_KEYS.items()}
@@ -611,7 +615,24 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
         v = meta.get(f"{ga}.{k}", default)
         if v is None:
             raise checks.CheckpointError(f"{where}: GGUF metadata is missing '{ga}.{k}'")
+        if isinstance(v, list) and k in PER_LAYER_KEYS and v:
+            # llama.cpp reads these as one value or one a layer (get_key_or_arr): equal values are the one value
+            if any(x != v[0] for x in v):
+                raise NotImplementedError(f"{where}: '{ga}.{k}' differs between layers ({checks._got(v)}); models "
+                                          "whose layers differ in shape are not supported")
+            v = v[0]
         return v
+
+    # keys llama.cpp reads for these architectures that would change the model, and fastload does not implement:
+    # refused rather than ignored (a bug hunt against llama.cpp found them silently dropped)
+    causal = meta.get(f"{ga}.attention.causal")
+    if causal is not None and causal is not True and causal != 1:
+        raise NotImplementedError(f"{where}: '{ga}.attention.causal' = {causal!r}: bidirectional (non-causal) attention "
+                                  "is not supported; fastload runs causal language models")
+    af = meta.get(f"{ga}.rope.scaling.attn_factor")
+    if af is not None and af != 1:
+        raise NotImplementedError(f"{where}: '{ga}.rope.scaling.attn_factor' = {af!r}: scaled rotary embeddings "
+                                  "(llama.cpp multiplies cos / sin by it) are not supported; supported: 1.0")
 
     vocab = meta.get(f"{ga}.vocab_size")
     if vocab is None:
@@ -641,12 +662,19 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     rs = meta.get(f"{ga}.rope.scaling.type")
     if rs is not None and not isinstance(rs, str):
         raise checks.CheckpointError(f"{where}: '{ga}.rope.scaling.type' must be a string, got {checks._got(rs)}")
+    # llama.cpp (load_hparams): the type defaults to linear; the factor is rope.scaling.factor, else the old key
+    # rope.scale_linear; a factor of 0 (or none) is no scaling, and type "none" never scales
+    fk = next((f"{ga}.{k}" for k in ("rope.scaling.factor", "rope.scale_linear") if meta.get(f"{ga}.{k}") is not None),
+              None)
+    if rs is None and fk is not None:
+        rs = "linear"
     if rs and rs != "none":
         if rs != "linear":
             raise NotImplementedError(f"{where}: GGUF rope scaling {rs[:40]!r} is not supported; supported: linear")
-        factor = checks.check_value(checks.ROPE[3], meta.get(f"{ga}.rope.scaling.factor", 1.0), where,
-                                    f"{ga}.rope.scaling.factor")
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        factor = meta.get(fk, 1.0) if fk else 1.0
+        if factor != 0:
+            factor = checks.check_value(checks.ROPE[3], factor, where, fk)
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     sw = meta.get(f"{ga}.attention.sliding_window")
     if sw:
         hf["sliding_window"] = sw

@@ -2491,7 +2491,13 @@ def _gguf_hf_config(g, path):
         f = np.asarray(g.dequantize("rope_freqs.weight"), np.float64).reshape(-1)
         rs = _llama3_from_rope_freqs(f, float(hf.get("rope_theta") or 10000.0), hd, path)
         if rs is not None:
+            if hf.get("rope_scaling") and hf["rope_scaling"]["factor"] != 1:  # llama.cpp applies both
+                raise NotImplementedError(f"{path}: linear rope scaling ({ga}.rope.scaling) together with per-frequency "
+                                          "factors (tensor 'rope_freqs.weight') is not supported")
             hf["rope_scaling"] = rs
+    if "blk.0.attn_qkv.weight" in tensors:
+        raise NotImplementedError(f"{path}: fused q|k|v tensors ('blk.0.attn_qkv.weight', convert_hf_to_gguf.py "
+                                  "--fuse-qkv) are not supported for GGUF files; convert without --fuse-qkv")
     biases = sorted(n for n in tensors if n.startswith("blk.") and n.endswith(".bias"))
     if biases and not (arch.qkv_bias and all(n.rsplit(".", 2)[-2] in ("attn_q", "attn_k", "attn_v") for n in biases)):
         raise NotImplementedError(f"{path}: tensor '{biases[0]}' ({len(biases)} bias tensors): biases on a {ga!r} GGUF "

@@ -352,7 +352,8 @@ BAD_GGUF = [
     ("blocks_float", {"llama.block_count": (2.0, T.FLOAT32)}, "llama.block_count", "integer"),
     ("blocks_str", {"llama.block_count": ("1", T.STRING)}, "llama.block_count", "'1'"),
     ("blocks_bool", {"llama.block_count": (True, T.BOOL)}, "llama.block_count", "true"),
-    ("heads_array", {"llama.attention.head_count": (([4], T.UINT32), T.ARRAY)}, "llama.attention.head_count", "list"),
+    ("heads_empty_array", {"llama.attention.head_count": (([], T.UINT32), T.ARRAY)}, "llama.attention.head_count",
+     "list"),
     ("ffn_nan", {"llama.feed_forward_length": (float("nan"), T.FLOAT32)}, "llama.feed_forward_length", "integer"),
     ("eps_str", {"llama.attention.layer_norm_rms_epsilon": ("tiny", T.STRING)},
      "llama.attention.layer_norm_rms_epsilon", "finite number"),
@@ -403,6 +404,58 @@ def test_bad_gguf_metadata(tmp_path, changes, key, extra):
 def test_gguf_unsupported_rope_scaling_is_not_implemented(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", {"llama.rope.scaling.type": ("yarn", T.STRING)})
     expect(NotImplementedError, lambda: load(path), path, "'yarn'")
+
+
+def _logits(path, ids=np.array([[1, 5, 9, 3, 7, 11, 2, 4, 8, 6, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])):
+    return np.asarray(load(path)(ids).logits)
+
+
+def test_gguf_rope_scaling_as_llama_cpp_reads_it(tmp_path):
+    """llama.cpp's load_hparams: a missing rope.scaling.type is linear; the factor is rope.scaling.factor, else the old
+    key rope.scale_linear; 0 or type "none" is no scaling. Both were ignored here when the type key was absent (bug hunt
+    29 against llama.cpp: logits 1.4-3.6 std off, other greedy tokens)."""
+    linear = _logits(write_gguf(tmp_path / "l.gguf", {"llama.rope.scaling.type": ("linear", T.STRING),
+                                                      "llama.rope.scaling.factor": (4.0, T.FLOAT32)}))
+    plain = _logits(write_gguf(tmp_path / "p.gguf"))
+    assert not np.allclose(linear, plain, atol=1e-4)
+    no_type = write_gguf(tmp_path / "n.gguf", {"llama.rope.scaling.factor": (4.0, T.FLOAT32)})
+    assert load(no_type).config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert np.array_equal(_logits(no_type), linear)
+    assert np.array_equal(_logits(write_gguf(tmp_path / "o.gguf", {"llama.rope.scale_linear": (4.0, T.FLOAT32)})),
+                          linear)
+    for ch in ({"llama.rope.scaling.type": ("none", T.STRING), "llama.rope.scaling.factor": (4.0, T.FLOAT32)},
+               {"llama.rope.scaling.factor": (0.0, T.FLOAT32)}):
+        assert np.array_equal(_logits(write_gguf(tmp_path / "u.gguf", ch)), plain)
+    both = write_gguf(tmp_path / "b.gguf", {"llama.rope.scaling.factor": (2.0, T.FLOAT32)},
+                      extra={"rope_freqs.weight": _llama3_divisors(8.0, 1.0, 4.0, 16)})
+    expect(NotImplementedError, lambda: load(both), both, "rope_freqs.weight", "linear rope scaling")
+
+
+def test_gguf_keys_that_change_the_model_are_refused(tmp_path):
+    """llama.cpp honours attention.causal = false (bidirectional attention) and rope.scaling.attn_factor (cos / sin
+    scaled) on llama / qwen2 / qwen3; fastload ran such files as if the keys were absent (bug hunt 29)."""
+    plain = _logits(write_gguf(tmp_path / "p.gguf"))
+    p = write_gguf(tmp_path / "c.gguf", {"llama.attention.causal": (False, T.BOOL)})
+    expect(NotImplementedError, lambda: load(p), p, "'llama.attention.causal'", "bidirectional")
+    p = write_gguf(tmp_path / "a.gguf", {"llama.rope.scaling.attn_factor": (2.0, T.FLOAT32)})
+    expect(NotImplementedError, lambda: load(p), p, "'llama.rope.scaling.attn_factor'", "1.0")
+    for ch in ({"llama.attention.causal": (True, T.BOOL)}, {"llama.rope.scaling.attn_factor": (1.0, T.FLOAT32)}):
+        assert np.array_equal(_logits(write_gguf(tmp_path / "ok.gguf", ch)), plain)
+    fused = write_gguf(tmp_path / "f.gguf", extra={"blk.0.attn_qkv.weight": np.ones((HEADS * HD + 2 * KV * HD, D))})
+    expect(NotImplementedError, lambda: load(fused), fused, "attn_qkv", "--fuse-qkv")
+
+
+def test_gguf_per_layer_arrays(tmp_path):
+    """head_count / head_count_kv / feed_forward_length may be one value a layer (llama.cpp's get_key_or_arr): equal
+    values load as the one value; values that differ between layers are refused by name."""
+    plain = _logits(write_gguf(tmp_path / "p.gguf"))
+    arr = write_gguf(tmp_path / "a.gguf", {"llama.attention.head_count_kv": (([KV], T.UINT32), T.ARRAY),
+                                           "llama.feed_forward_length": (([FFN], T.UINT32), T.ARRAY),
+                                           "llama.attention.head_count": (([HEADS], T.UINT32), T.ARRAY)})
+    assert load(arr).config["num_key_value_heads"] == KV
+    assert np.array_equal(_logits(arr), plain)
+    two = write_gguf(tmp_path / "t.gguf", {"llama.feed_forward_length": (([FFN, 2 * FFN], T.UINT32), T.ARRAY)})
+    expect(NotImplementedError, lambda: load(two), two, "'llama.feed_forward_length'", "differs between layers")
 
 
 def _llama3_divisors(factor, low, high, orig, theta=10000.0, hd=HD):
