@@ -128,7 +128,7 @@ ROPE_KEYS = ["rope_type", "type", "factor", "low_freq_factor", "high_freq_factor
 GGUF_SUFFIXES = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
                  "attention.head_count_kv", "attention.key_length", "attention.layer_norm_rms_epsilon",
                  "rope.freq_base", "rope.scaling.type", "rope.scaling.factor", "attention.sliding_window",
-                 "vocab_size"]
+                 "vocab_size", "rope.scale_linear", "rope.scaling.attn_factor", "attention.causal"]
 GGUF_KEYS = ["general.architecture", "general.alignment", "tokenizer.ggml.model", "tokenizer.ggml.pre",
              "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
              "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
