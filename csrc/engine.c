@@ -802,10 +802,6 @@ static void take_token(fl_engine *e, fl_request *r, int32_t tok) {
 }
 
 /* ---- beam search (fl_beams, above) --------------------------------------------------------------- */
-/* For each logical beam j whose sequence is physical beam `phys` (one; every j at the first step, when the leader's
- * row stands for all): the best `keep` of lp[v] + score[j], in value order with ties by token (the order of
- * transformers' flat top-k over beam * vocab + token, which beam_select keeps when it merges the beams in j order).
- * Runs in choose_tokens' parallel rows: each j's lists are written by its own row only. */
 /* (a, x) into the best-first list v / id of c entries and capacity k, after the entries of equal value: the new count,
  * or -1 when a is not among the best k (NaN never is). The top-k of beam search's candidate lists. */
 static int topk_push(float *v, int32_t *id, int c, int k, float a, int32_t x) {
@@ -817,6 +813,10 @@ static int topk_push(float *v, int32_t *id, int c, int k, float a, int32_t x) {
     return c;
 }
 
+/* For each logical beam j whose sequence is physical beam `phys` (one; every j at the first step, when the leader's
+ * row stands for all): the best `keep` of lp[v] + score[j], in value order with ties by token (the order of
+ * transformers' flat top-k over beam * vocab + token, which beam_select keeps when it merges the beams in j order).
+ * Runs in choose_tokens' parallel rows: each j's lists are written by its own row only. */
 static void beam_row_candidates(fl_beams *g, int phys, const float *lp, int V) {
     const int keep = g->keep;
     for (int j = 0; j < g->K; j++) {

@@ -626,7 +626,7 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     # keys llama.cpp reads for these architectures that would change the model, and fastload does not implement:
     # refused rather than ignored (a bug hunt against llama.cpp found them silently dropped)
     causal = meta.get(f"{ga}.attention.causal")
-    if causal is not None and causal is not True and causal != 1:
+    if causal is not None and causal != 1:  # True == 1
         raise NotImplementedError(f"{where}: '{ga}.attention.causal' = {causal!r}: bidirectional (non-causal) attention "
                                   "is not supported; fastload runs causal language models")
     af = meta.get(f"{ga}.rope.scaling.attn_factor")
@@ -671,7 +671,7 @@ def gguf_config(meta: dict, where: str) -> tuple[Arch, dict]:
     if rs and rs != "none":
         if rs != "linear":
             raise NotImplementedError(f"{where}: GGUF rope scaling {rs[:40]!r} is not supported; supported: linear")
-        factor = meta.get(fk, 1.0) if fk else 1.0
+        factor = meta[fk] if fk else 1.0
         if factor != 0:
             factor = checks.check_value(checks.ROPE[3], factor, where, fk)
             hf["rope_scaling"] = {"rope_type": "linear", "factor": factor}
